@@ -1,0 +1,103 @@
+// Package config owns rtm's configuration: the typed sections of every role,
+// their defaults, validation, and the layering of a YAML file, RTM_*
+// environment variables and command-line flags (flag > env > file > default).
+//
+// It is a leaf package: it imports nothing from rtm, so every role, the CLI,
+// `rtm config` and the documentation table read one definition. A Config is a
+// plain value; nothing here is safe for concurrent mutation, and nothing needs
+// to be once Load has returned.
+package config
+
+import "time"
+
+// Config is the whole configuration of one rtm process. Each role reads the
+// sections it needs.
+type Config struct {
+	// Data is the directory for local state: the embedded store's files.
+	Data string `koanf:"data" doc:"Directory for local state (the embedded store's files)."`
+	Log  Log    `koanf:"log"`
+	// Store selects MongoDB: an external server, or the embedded one.
+	Store  Store  `koanf:"store"`
+	Auth   Auth   `koanf:"auth"`
+	Broker Broker `koanf:"broker"`
+}
+
+// Log configures the process-wide structured logger.
+type Log struct {
+	Level  string `koanf:"level" doc:"Minimum log level: debug, info, warn or error."`
+	Format string `koanf:"format" doc:"Log line format: text or json."`
+}
+
+// Store configures persistence.
+type Store struct {
+	URI            string        `koanf:"uri" secret:"uri" doc:"MongoDB URI (mongodb:// or mongodb+srv://). Empty starts the embedded store in <data>/store."`
+	Database       string        `koanf:"database" doc:"Database name."`
+	ConnectTimeout time.Duration `koanf:"connect_timeout" doc:"How long to retry an unreachable store at start before failing."`
+}
+
+// Auth configures how devices prove who they are.
+type Auth struct {
+	Devices string `koanf:"devices" doc:"Device authentication: anonymous (any client may connect; logged loudly at start)."`
+}
+
+// Broker configures one MQTT broker node.
+type Broker struct {
+	NodeName        string        `koanf:"node_name" doc:"Unique name of this node. Empty means the host name."`
+	MQTTAddr        string        `koanf:"mqtt_addr" doc:"MQTT over TCP listen address (host:port, port 0 picks a free port)."`
+	WSAddr          string        `koanf:"ws_addr" doc:"MQTT over WebSocket listen address, path /mqtt. Empty disables it."`
+	TLSAddr         string        `koanf:"tls_addr" doc:"MQTT over TLS listen address; used only when tls_cert and tls_key are set."`
+	WSSAddr         string        `koanf:"wss_addr" doc:"MQTT over secure WebSocket listen address, path /mqtt; used only when tls_cert and tls_key are set."`
+	TLSCert         string        `koanf:"tls_cert" doc:"PEM certificate file (chain) for the TLS and WSS listeners."`
+	TLSKey          string        `koanf:"tls_key" secret:"path" doc:"PEM private key file for the TLS and WSS listeners."`
+	AdminAddr       string        `koanf:"admin_addr" doc:"Admin HTTP listen address: /healthz, /readyz, /metrics, /v1/stats."`
+	Capacity        int           `koanf:"capacity" doc:"Maximum concurrent client connections of this node; CONNECTs beyond it are refused (v5 0x97, v3 code 3)."`
+	MaxPacketSize   int           `koanf:"max_packet_size" doc:"Largest MQTT packet accepted, in bytes; larger packets close the connection (v5 0x95)."`
+	MaxInflight     int           `koanf:"max_inflight" doc:"Receive Maximum: QoS 1/2 messages a client may have unacknowledged in each direction (1-65535)."`
+	MaxQueued       int           `koanf:"max_queued" doc:"Messages held per client: queued for writing, plus QoS 1/2 kept while offline or unacknowledged (1-65535). Beyond it messages are dropped and counted."`
+	KeepaliveMin    time.Duration `koanf:"keepalive_min" doc:"Smallest keepalive a v5 client may use; lower requests are raised (Server Keep Alive). 0 disables the floor."`
+	KeepaliveMax    time.Duration `koanf:"keepalive_max" doc:"Largest keepalive a v5 client may use (0 = none requested also gets this); higher requests are lowered (Server Keep Alive)."`
+	SessionExpiry   time.Duration `koanf:"session_expiry_max" doc:"Longest time a disconnected persistent session is kept (v5 requests are capped; v3.1.1 clean_session=false sessions get this)."`
+	MessageExpiry   time.Duration `koanf:"message_expiry_max" doc:"Longest time a queued or retained message is kept; 0 keeps messages without an expiry of their own forever."`
+	ShutdownTimeout time.Duration `koanf:"shutdown_timeout" doc:"Bound on a graceful shutdown; past it the process exits anyway."`
+}
+
+// Defaults returns the configuration used for every key that no file,
+// environment variable or flag sets.
+func Defaults() Config {
+	return Config{
+		Data: "./data",
+		Log:  Log{Level: "info", Format: "text"},
+		Store: Store{
+			Database:       "rtm",
+			ConnectTimeout: 30 * time.Second,
+		},
+		Auth: Auth{Devices: "anonymous"},
+		Broker: Broker{
+			MQTTAddr:        ":1883",
+			WSAddr:          ":8083",
+			TLSAddr:         ":8883",
+			WSSAddr:         ":8084",
+			AdminAddr:       ":9101",
+			Capacity:        100000,
+			MaxPacketSize:   1 << 20,
+			MaxInflight:     128,
+			MaxQueued:       1000,
+			KeepaliveMax:    20 * time.Minute,
+			SessionExpiry:   24 * time.Hour,
+			ShutdownTimeout: 15 * time.Second,
+		},
+	}
+}
+
+// DevDefaults returns the defaults of `rtm dev`: everything on loopback, so
+// an anonymous development broker is not exposed to the network by accident.
+func DevDefaults() Config {
+	c := Defaults()
+	c.Broker.NodeName = "dev"
+	c.Broker.MQTTAddr = "127.0.0.1:1883"
+	c.Broker.WSAddr = "127.0.0.1:8083"
+	c.Broker.TLSAddr = "127.0.0.1:8883"
+	c.Broker.WSSAddr = "127.0.0.1:8084"
+	c.Broker.AdminAddr = "127.0.0.1:9101"
+	return c
+}
