@@ -1,0 +1,47 @@
+# rtm: make help lists the targets.
+SHELL := bash
+.SHELLFLAGS := -o pipefail -euc
+.DEFAULT_GOAL := help
+
+GO          ?= go
+BIN         := bin/rtm
+VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS     := -s -w -X main.version=$(VERSION)
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.7.0
+# The whole suite stays under 15 minutes on 2 cores; -race is always on.
+TEST_FLAGS  ?= -race -count=1 -timeout 14m
+
+.PHONY: help build run test test-fork bench lint fuzz clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+build: ## build bin/rtm
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/rtm
+
+run: build ## start rtm dev: every role, embedded store in ./data
+	./$(BIN) dev
+
+test: ## run every test with the race detector (also compiles benchmarks, runs the mochi fork's tests)
+	$(GO) test $(TEST_FLAGS) ./...
+	$(GO) test -run '^$$' -bench . -benchtime 1x ./... > /dev/null
+	$(MAKE) test-fork
+
+test-fork: ## run the tests of our patched mochi-mqtt fork (third_party/mochi)
+	cd third_party/mochi && $(GO) test $(TEST_FLAGS) ./...
+
+bench: ## run the benchmark harness (results belong in BENCHMARKS.md)
+	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./... | tee bench.out
+
+lint: ## gofmt, go vet, staticcheck, go mod tidy check
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	cd third_party/mochi && $(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
+	$(GO) mod tidy -diff
+
+fuzz: ## run each fuzz target for FUZZTIME (default 30s)
+	cd third_party/mochi && $(GO) test ./packets -run '^$$' -fuzz FuzzDecode -fuzztime $${FUZZTIME:-30s}
+
+clean: ## remove build output (not ./data)
+	rm -rf bin bench.out

@@ -1,0 +1,356 @@
+// Package broker is rtm's MQTT broker role: one node built on mochi-mqtt v2
+// that speaks MQTT 3.1.1 and 5.0 over TCP, WebSocket (/mqtt) and, when a
+// certificate is configured, TLS and secure WebSocket, and serves the admin
+// HTTP endpoints /healthz, /readyz, /metrics and /v1/stats.
+//
+// A Broker is created by New (no I/O), started by Start (returns once every
+// listener is bound) and stopped by Shutdown (idempotent, bounded by its
+// context). Its methods are safe for concurrent use.
+package broker
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"net"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/hooks/auth"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/rtm-dev/rtm/internal/config"
+	"github.com/rtm-dev/rtm/internal/obs"
+)
+
+// Listener IDs, also the keys of Stats.Listeners.
+const (
+	ListenerTCP   = "tcp"
+	ListenerWS    = "ws"
+	ListenerTLS   = "tls"
+	ListenerWSS   = "wss"
+	ListenerAdmin = "admin"
+)
+
+// ErrStarted reports a second call to Start.
+var ErrStarted = errors.New("broker: already started")
+
+// Options are a broker's dependencies besides its configuration.
+type Options struct {
+	Config config.Broker
+	Auth   config.Auth
+	// Version is reported in /v1/stats; "" means "dev".
+	Version string
+	// Logger receives the broker's logs; nil discards them.
+	Logger *slog.Logger
+	// Registry receives the broker's metrics and is served on /metrics;
+	// nil means a new registry with the Go and process collectors.
+	Registry *prometheus.Registry
+	// Ready, when set, is also asked by /readyz (e.g. the store's ping).
+	Ready func(context.Context) error
+}
+
+// Broker is one MQTT broker node.
+type Broker struct {
+	cfg     config.Broker
+	opts    Options
+	log     *slog.Logger
+	reg     *prometheus.Registry
+	mq      *mqtt.Server
+	limits  *limitsHook
+	admin   *adminServer
+	started atomic.Bool
+	ready   atomic.Bool
+	addrs   map[string]string // listener ID → bound address, written by Start only
+
+	rejectedFull atomic.Int64 // CONNECTs refused at capacity
+
+	stopOnce sync.Once
+	stopErr  error
+	loopStop context.CancelFunc
+	loopDone chan struct{}
+	startAt  time.Time
+}
+
+// New validates the configuration and builds a broker; it binds nothing.
+func New(opts Options) (*Broker, error) {
+	cfg := opts.Config
+	if err := (config.Config{Data: ".", Log: config.Defaults().Log, Store: config.Defaults().Store, Auth: opts.Auth, Broker: cfg}).Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.NodeName == "" {
+		host, err := os.Hostname()
+		if err != nil {
+			return nil, fmt.Errorf("broker: node name not set and host name unknown: %w", err)
+		}
+		cfg.NodeName = host
+	}
+	if opts.Version == "" {
+		opts.Version = "dev"
+	}
+	log := opts.Logger
+	if log == nil {
+		log = obs.Discard()
+	}
+	reg := opts.Registry
+	if reg == nil {
+		reg = obs.NewRegistry()
+	}
+	b := &Broker{cfg: cfg, opts: opts, log: log.With("component", "broker", "node", cfg.NodeName), reg: reg, addrs: map[string]string{}}
+
+	caps := mqtt.NewDefaultServerCapabilities()
+	caps.MaximumClients = math.MaxInt64 // enforced by limitsHook, which answers v5 with 0x97
+	caps.MaximumPacketSize = uint32(cfg.MaxPacketSize)
+	caps.ReceiveMaximum = uint16(cfg.MaxInflight)
+	caps.MaximumInflight = uint16(cfg.MaxQueued)
+	caps.MaximumClientWritesPending = int32(cfg.MaxQueued)
+	caps.MaximumSessionExpiryInterval = uint32(cfg.SessionExpiry / time.Second)
+	caps.MaximumMessageExpiryInterval = int64(cfg.MessageExpiry / time.Second)
+	// Paho's interoperability suite, and the spec, forbid echoing a PUBLISH's
+	// user properties on its acknowledgement.
+	caps.Compatibilities.NoInheritedPropertiesOnAck = true
+	b.mq = mqtt.New(&mqtt.Options{
+		Capabilities:             caps,
+		ClientNetReadBufferSize:  1024,
+		ClientNetWriteBufferSize: 1024,
+		Logger:                   b.log.With("component", "mqtt"),
+		SysTopicResendInterval:   10,
+	})
+	b.limits = &limitsHook{b: b}
+	if err := b.mq.AddHook(b.limits, nil); err != nil {
+		return nil, err
+	}
+	if opts.Auth.Devices == "anonymous" {
+		if err := b.mq.AddHook(new(auth.AllowHook), nil); err != nil {
+			return nil, err
+		}
+	}
+	if err := reg.Register(&collector{b: b}); err != nil {
+		return nil, fmt.Errorf("broker: metrics: %w", err)
+	}
+	return b, nil
+}
+
+// Start binds every configured listener, starts serving, and returns once
+// clients can connect. On error nothing is left running.
+func (b *Broker) Start(ctx context.Context) (err error) {
+	if !b.started.CompareAndSwap(false, true) {
+		return ErrStarted
+	}
+	b.startAt = time.Now()
+	var bound []net.Listener
+	defer func() {
+		if err != nil {
+			for _, ln := range bound {
+				_ = ln.Close()
+			}
+		}
+	}()
+	bind := func(id, addr string, tlsConf *tls.Config) (net.Listener, error) {
+		ln, err := listen(addr, tlsConf)
+		if err != nil {
+			return nil, fmt.Errorf("broker: %s listener on %s: %w", id, addr, err)
+		}
+		bound = append(bound, ln)
+		b.addrs[id] = ln.Addr().String()
+		return ln, nil
+	}
+
+	var mls []listeners.Listener
+	ln, err := bind(ListenerTCP, b.cfg.MQTTAddr, nil)
+	if err != nil {
+		return err
+	}
+	mls = append(mls, &streamListener{id: ListenerTCP, ln: ln})
+	if b.cfg.WSAddr != "" {
+		ln, err := bind(ListenerWS, b.cfg.WSAddr, nil)
+		if err != nil {
+			return err
+		}
+		mls = append(mls, newWSListener(ListenerWS, ln))
+	}
+	if b.cfg.TLSCert != "" {
+		cert, err := tls.LoadX509KeyPair(b.cfg.TLSCert, b.cfg.TLSKey)
+		if err != nil {
+			return fmt.Errorf("broker: broker.tls_cert %s / broker.tls_key: %w", b.cfg.TLSCert, err)
+		}
+		tlsConf := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		if b.cfg.TLSAddr != "" {
+			ln, err := bind(ListenerTLS, b.cfg.TLSAddr, tlsConf)
+			if err != nil {
+				return err
+			}
+			mls = append(mls, &streamListener{id: ListenerTLS, ln: ln})
+		}
+		if b.cfg.WSSAddr != "" {
+			ln, err := bind(ListenerWSS, b.cfg.WSSAddr, tlsConf)
+			if err != nil {
+				return err
+			}
+			mls = append(mls, newWSListener(ListenerWSS, ln))
+		}
+	}
+	adminLn, err := bind(ListenerAdmin, b.cfg.AdminAddr, nil)
+	if err != nil {
+		return err
+	}
+
+	for _, l := range mls {
+		if err := b.mq.AddListener(l); err != nil {
+			return fmt.Errorf("broker: %w", err)
+		}
+	}
+	if err := b.mq.Serve(); err != nil {
+		return fmt.Errorf("broker: %w", err)
+	}
+	b.admin = newAdminServer(b, adminLn)
+	go b.admin.serve()
+
+	loopCtx, cancel := context.WithCancel(context.Background())
+	b.loopStop, b.loopDone = cancel, make(chan struct{})
+	go b.loop(loopCtx)
+
+	b.ready.Store(true)
+	if b.opts.Auth.Devices == "anonymous" {
+		b.log.Warn("ANONYMOUS DEVICES ALLOWED: any client may connect without credentials (auth.devices=anonymous)")
+	}
+	b.log.Info("broker started", "listeners", b.addrs, "capacity", b.cfg.Capacity)
+	return nil
+}
+
+// loop is the broker's periodic work.
+func (b *Broker) loop(ctx context.Context) {
+	defer close(b.loopDone)
+	t := time.NewTicker(dropLogInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			b.limits.flushDrops(b.log)
+			return
+		case <-t.C:
+			b.limits.flushDrops(b.log)
+		}
+	}
+}
+
+// Addr returns the bound address of a listener (ListenerTCP, ListenerWS, …),
+// or "" when it is not running.
+func (b *Broker) Addr(id string) string { return b.addrs[id] }
+
+// Name returns the node's name.
+func (b *Broker) Name() string { return b.cfg.NodeName }
+
+// Ready reports whether the broker accepts clients.
+func (b *Broker) Ready() bool { return b.ready.Load() }
+
+// Shutdown stops accepting connections, disconnects every client (v5:
+// DISCONNECT 0x8B server shutting down) and stops the admin server. It is
+// idempotent and returns ctx's error if ctx ends first.
+func (b *Broker) Shutdown(ctx context.Context) error {
+	b.stopOnce.Do(func() {
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			// 1. /readyz turns 503 at once, so load balancers stop sending.
+			b.ready.Store(false)
+			if !b.started.Load() {
+				return
+			}
+			// 2. Each listener stops accepting, then sends its clients
+			// DISCONNECT 0x8B and closes them; hooks stop.
+			_ = b.mq.Close()
+			b.loopStop()
+			<-b.loopDone
+			// 3. The admin server goes last, so /metrics stays scrapeable
+			// while clients are disconnected.
+			b.stopErr = b.admin.shutdown(ctx)
+			b.log.Info("broker stopped")
+		}()
+		select {
+		case <-done:
+		case <-ctx.Done():
+			b.stopErr = fmt.Errorf("broker: shutdown: %w", ctx.Err())
+		}
+	})
+	return b.stopErr
+}
+
+// Stats is a snapshot of a broker's state and counters, served as JSON on
+// /v1/stats and exported on /metrics.
+type Stats struct {
+	Node      string            `json:"node"`
+	Version   string            `json:"version"`
+	Started   time.Time         `json:"started"`
+	Uptime    float64           `json:"uptime_seconds"`
+	Ready     bool              `json:"ready"`
+	Listeners map[string]string `json:"listeners"`
+
+	Connections      int64 `json:"connections"`
+	Capacity         int   `json:"capacity"`
+	RejectedCapacity int64 `json:"connections_rejected_capacity"`
+	Sessions         int64 `json:"sessions"`
+	Subscriptions    int64 `json:"subscriptions"`
+	Retained         int64 `json:"retained"`
+	Inflight         int64 `json:"inflight"`
+
+	MessagesReceived int64 `json:"messages_received"`
+	MessagesSent     int64 `json:"messages_sent"`
+	// MessagesDropped counts messages dropped because a client's queue was
+	// full, by QoS ("0", "1", "2").
+	MessagesDropped map[string]int64 `json:"messages_dropped"`
+	// InflightDropped counts QoS 1/2 messages not queued because the
+	// client's session already held broker.max_queued of them.
+	InflightDropped int64 `json:"inflight_dropped"`
+	BytesReceived   int64 `json:"bytes_received"`
+	BytesSent       int64 `json:"bytes_sent"`
+	PacketsReceived int64 `json:"packets_received"`
+	PacketsSent     int64 `json:"packets_sent"`
+
+	HeapBytes  uint64 `json:"heap_bytes"`
+	Goroutines int    `json:"goroutines"`
+}
+
+// Stats returns a snapshot of the broker's counters.
+func (b *Broker) Stats() Stats {
+	in := b.mq.Info
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	s := Stats{
+		Node:             b.cfg.NodeName,
+		Version:          b.opts.Version,
+		Started:          b.startAt.UTC(),
+		Uptime:           time.Since(b.startAt).Seconds(),
+		Ready:            b.Ready(),
+		Listeners:        b.addrs,
+		Connections:      atomic.LoadInt64(&in.ClientsConnected),
+		Capacity:         b.cfg.Capacity,
+		RejectedCapacity: b.rejectedFull.Load(),
+		Sessions:         int64(b.mq.Clients.Len()),
+		Subscriptions:    atomic.LoadInt64(&in.Subscriptions),
+		Retained:         atomic.LoadInt64(&in.Retained),
+		Inflight:         atomic.LoadInt64(&in.Inflight),
+		MessagesReceived: atomic.LoadInt64(&in.MessagesReceived),
+		MessagesSent:     atomic.LoadInt64(&in.MessagesSent),
+		MessagesDropped:  map[string]int64{},
+		InflightDropped:  atomic.LoadInt64(&in.InflightDropped),
+		BytesReceived:    atomic.LoadInt64(&in.BytesReceived),
+		BytesSent:        atomic.LoadInt64(&in.BytesSent),
+		PacketsReceived:  atomic.LoadInt64(&in.PacketsReceived),
+		PacketsSent:      atomic.LoadInt64(&in.PacketsSent),
+		HeapBytes:        m.HeapInuse,
+		Goroutines:       runtime.NumGoroutine(),
+	}
+	for q := range b.limits.dropsQoS {
+		s.MessagesDropped[fmt.Sprint(q)] = b.limits.dropsQoS[q].Load()
+	}
+	return s
+}
