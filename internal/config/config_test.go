@@ -127,15 +127,22 @@ func TestYAMLRoundTrip(t *testing.T) {
 }
 
 func TestMaskURI(t *testing.T) {
-	for in, want := range map[string]string{
-		"":                                   "",
-		"mongodb://127.0.0.1:27017/":         "mongodb://127.0.0.1:27017/",
-		"mongodb://u:p@h:1/db?authSource=x":  "mongodb://u:xxxxx@h:1/db?authSource=x",
-		"mongodb+srv://u:p%40ss@cluster.net": "mongodb+srv://u:xxxxx@cluster.net",
-		"mongodb://u@h/":                     "mongodb://u@h/",
+	for _, tc := range []struct{ in, want string }{
+		{"", ""},
+		{"mongodb://127.0.0.1:27017/", "mongodb://127.0.0.1:27017/"},
+		{"mongodb://user@h/", "mongodb://user@h/"},
+		{"mongodb://user:@h/", "mongodb://user:@h/"},
+		{"mongodb://user:pass@h:27017/db", "mongodb://user:xxxxx@h:27017/db"},
+		{"mongodb://user:pass@h1:1,h2:2,h3:3/db?replicaSet=rs0&authSource=admin", "mongodb://user:xxxxx@h1:1,h2:2,h3:3/db?replicaSet=rs0&authSource=admin"},
+		{"mongodb+srv://user:p%40ss@cluster.example.com/?retryWrites=true", "mongodb+srv://user:xxxxx@cluster.example.com/?retryWrites=true"},
+		{"mongodb://user:p@ss:w@rd@h/db", "mongodb://user:xxxxx@h/db"},
+		{"mongodb://user:pa/ss?#@h/db", "mongodb://user:xxxxx@h/db"},
+		{"mongodb://user:pass@h/db?appName=a@b", "mongodb://user:xxxxx@h/db?appName=a@b"},
+		{"mongodb://h", "mongodb://h"},
+		{"not a uri", "not a uri"},
 	} {
-		if got := config.MaskURI(in); got != want {
-			t.Errorf("MaskURI(%q) = %q, want %q", in, got, want)
+		if got := config.MaskURI(tc.in); got != tc.want {
+			t.Errorf("MaskURI(%q) = %q, want %q", tc.in, got, tc.want)
 		}
 	}
 }

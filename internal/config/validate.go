@@ -110,17 +110,35 @@ func (c Config) Validate() error {
 	return errors.Join(errs...)
 }
 
-// MaskURI hides the password of a connection URI, keeping the rest readable.
-func MaskURI(s string) string {
-	u, err := url.Parse(s)
-	if err != nil || u.User == nil {
-		if i := strings.Index(s, "@"); err != nil && i >= 0 {
-			return "xxxxx" + s[i:]
+// MaskURI returns uri with the password, if any, replaced by "xxxxx", so it
+// can be logged and put into errors. It expects the userinfo to be
+// percent-encoded as the MongoDB URI format requires, but also copes with an
+// unescaped '@' in the password. Strings without "://" are returned as is.
+func MaskURI(uri string) string {
+	scheme, rest, ok := strings.Cut(uri, "://")
+	if !ok {
+		return uri
+	}
+	// The userinfo ends at the last '@' of the authority, which ends at the
+	// first '/', '?' or '#' after that '@'.
+	end := len(rest)
+	at := -1
+	for i := 0; i < end; i++ {
+		switch rest[i] {
+		case '@':
+			at = i
+		case '/', '?', '#':
+			if at >= 0 || !strings.Contains(rest[i:], "@") {
+				end = i
+			}
 		}
-		return s
 	}
-	if _, ok := u.User.Password(); ok {
-		u.User = url.UserPassword(u.User.Username(), "xxxxx")
+	if at < 0 {
+		return uri
 	}
-	return u.String()
+	user, pass, hasPass := strings.Cut(rest[:at], ":")
+	if !hasPass || pass == "" {
+		return uri
+	}
+	return scheme + "://" + user + ":xxxxx" + rest[at:]
 }

@@ -1,0 +1,167 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/app"
+	"github.com/rtm-dev/rtm/internal/config"
+	"github.com/rtm-dev/rtm/internal/obs"
+	"github.com/rtm-dev/rtm/internal/store"
+)
+
+func devCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "dev",
+		Short: "Run every role in one process with the embedded store (for development)",
+		Long: `Run every role of rtm in one process: today the MQTT broker and the embedded
+MongoDB-compatible store (in <data>/store, default ./data/store).
+
+Listeners bind to 127.0.0.1 by default and anonymous devices are allowed, so
+do not expose 'rtm dev' to a network. Stop it with Ctrl-C.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runRoles(cmd, config.DevDefaults(), true, app.RoleBroker)
+		},
+	}
+	addConfigFlags(cmd, config.DevDefaults(), append(commonFlags, brokerFlags...)...)
+	return cmd
+}
+
+func brokerCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "broker",
+		Short: "Run an MQTT broker node",
+		Long: `Run one MQTT 3.1.1/5.0 broker node: TCP, WebSocket (/mqtt), and TLS and
+secure WebSocket when broker.tls_cert and broker.tls_key are set, plus the
+admin HTTP server (/healthz, /readyz, /metrics, /v1/stats).
+
+The broker uses the store given by --store-uri, or starts the embedded one in
+<data>/store. SIGINT or SIGTERM stops it gracefully: it stops accepting,
+disconnects clients (MQTT 5: reason 0x8B), closes the store and exits 0.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runRoles(cmd, config.Defaults(), false, app.RoleBroker)
+		},
+	}
+	addConfigFlags(cmd, config.Defaults(), append(commonFlags, brokerFlags...)...)
+	return cmd
+}
+
+// runRoles runs the roles until a signal, then shuts them down within
+// broker.shutdown_timeout.
+func runRoles(cmd *cobra.Command, base config.Config, banner bool, roles ...app.Role) error {
+	cfg, err := loadConfig(cmd, base)
+	if err != nil {
+		return err
+	}
+	log, err := obs.NewLogger(cmd.ErrOrStderr(), cfg.Log.Level, cfg.Log.Format)
+	if err != nil {
+		return usageError{err}
+	}
+	a, err := app.New(cfg, app.Options{Roles: roles, Version: version, Logger: log})
+	if err != nil {
+		return usageError{err}
+	}
+	ctx, stop := signalContext(cmd.ErrOrStderr())
+	defer stop()
+	if err := a.Start(ctx); err != nil {
+		return err
+	}
+	if banner {
+		printBanner(cmd.OutOrStdout(), cfg, a)
+	}
+	<-ctx.Done()
+	log.Info("signal received, shutting down", "timeout", cfg.Broker.ShutdownTimeout)
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.Broker.ShutdownTimeout)
+	defer cancel()
+	if err := a.Shutdown(sctx); err != nil {
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	log.Info("stopped")
+	return nil
+}
+
+func printBanner(w io.Writer, cfg config.Config, a *app.App) {
+	b := a.Broker()
+	fmt.Fprintf(w, "\nrtm %s dev: all roles in one process, data in %s\n\n", version, cfg.Data)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tw, "  MQTT\tmqtt://%s\n", b.Addr(broker.ListenerTCP))
+	if addr := b.Addr(broker.ListenerWS); addr != "" {
+		fmt.Fprintf(tw, "  WebSocket\tws://%s/mqtt\n", addr)
+	}
+	if addr := b.Addr(broker.ListenerTLS); addr != "" {
+		fmt.Fprintf(tw, "  TLS\tmqtts://%s\n", addr)
+	}
+	if addr := b.Addr(broker.ListenerWSS); addr != "" {
+		fmt.Fprintf(tw, "  Secure WebSocket\twss://%s/mqtt\n", addr)
+	}
+	admin := "http://" + b.Addr(broker.ListenerAdmin)
+	fmt.Fprintf(tw, "  Admin\t%s/healthz  %s/readyz  %s/metrics  %s/v1/stats\n", admin, admin, admin, admin)
+	kind := "external"
+	if a.Store().Embedded() {
+		kind = "embedded"
+	}
+	fmt.Fprintf(tw, "  Store\t%s (%s, database %s)\n", a.Store().URI(), kind, cfg.Store.Database)
+	_ = tw.Flush()
+	if cfg.Auth.Devices == "anonymous" {
+		fmt.Fprint(w, "\n  !! ANONYMOUS DEVICES ALLOWED: any client can connect without credentials.\n")
+	}
+	fmt.Fprintf(w, "\nTry it:\n  mosquitto_sub -h %[1]s -p %[2]s -t 'demo/#' -v\n  mosquitto_pub -h %[1]s -p %[2]s -t demo/hello -m hi\n\nStop with Ctrl-C.\n\n",
+		hostOf(b.Addr(broker.ListenerTCP)), portOf(b.Addr(broker.ListenerTCP)))
+}
+
+func storeCmd() *cobra.Command {
+	var addr, data string
+	cmd := &cobra.Command{
+		Use:   "store",
+		Short: "Run the embedded MongoDB-compatible store alone, for several rtm processes to share",
+		Long: `Run the embedded MongoDB-compatible store (FerretDB with SQLite files in
+--data) as a process of its own, so that several rtm processes on this machine
+share one store:
+
+  rtm store --addr 127.0.0.1:27017 --data ./data/shared-store
+  rtm broker --store-uri mongodb://127.0.0.1:27017/ ...
+
+It listens on loopback only. For more than one machine, use MongoDB.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := loadConfig(cmd, config.Defaults())
+			if err != nil {
+				return err
+			}
+			if data == "" {
+				data = cfg.Data + "/store"
+			}
+			log, err := obs.NewLogger(cmd.ErrOrStderr(), cfg.Log.Level, cfg.Log.Format)
+			if err != nil {
+				return usageError{err}
+			}
+			ctx, stop := signalContext(cmd.ErrOrStderr())
+			defer stop()
+			e, err := store.StartEmbedded(ctx, store.EmbeddedOptions{Addr: addr, DataDir: data, Logger: log})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "rtm store: %s (data in %s); use --store-uri %s\n", e.URI(), data, e.URI())
+			<-ctx.Done()
+			sctx, cancel := context.WithTimeout(context.Background(), cfg.Broker.ShutdownTimeout)
+			defer cancel()
+			if err := e.Close(sctx); err != nil && !errors.Is(err, context.Canceled) {
+				return fmt.Errorf("store shutdown: %w", err)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&addr, "addr", "127.0.0.1:27017", "listen address (loopback; port 0 picks a free one)")
+	cmd.Flags().StringVar(&data, "data", "", "directory of the store's files (default <data>/store from the configuration)")
+	cmd.Flags().String("config", "", "YAML configuration file (for log.* and data)")
+	config.AddFlags(cmd.Flags(), config.Defaults(), "log-level", "log-format")
+	return cmd
+}

@@ -1,0 +1,138 @@
+// Package app is rtm's composition root: it builds the roles a process runs
+// from one configuration, starts them in dependency order (store, then the
+// roles that use it) and stops them in reverse. `rtm dev` is every role in
+// one App; `rtm broker` is the broker role alone.
+//
+// An App is started once and shut down once; Shutdown may be called from
+// any goroutine and is idempotent.
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/config"
+	"github.com/rtm-dev/rtm/internal/obs"
+	"github.com/rtm-dev/rtm/internal/store"
+)
+
+// Role names a part of rtm that a process can run.
+type Role string
+
+// The roles an App can run.
+const (
+	RoleBroker Role = "broker"
+)
+
+// Options are an App's dependencies besides its configuration.
+type Options struct {
+	Roles    []Role
+	Version  string
+	Logger   *slog.Logger         // nil discards
+	Registry *prometheus.Registry // nil: a new one with Go and process collectors
+}
+
+// App is a set of running roles sharing one store and one metrics registry.
+type App struct {
+	cfg    config.Config
+	opts   Options
+	log    *slog.Logger
+	store  *store.Store
+	broker *broker.Broker
+
+	stopOnce sync.Once
+	stopErr  error
+}
+
+// New builds the roles; it starts nothing.
+func New(cfg config.Config, opts Options) (*App, error) {
+	if opts.Logger == nil {
+		opts.Logger = obs.Discard()
+	}
+	if opts.Registry == nil {
+		opts.Registry = obs.NewRegistry()
+	}
+	a := &App{cfg: cfg, opts: opts, log: opts.Logger}
+	for _, r := range opts.Roles {
+		switch r {
+		case RoleBroker:
+			b, err := broker.New(broker.Options{
+				Config:   cfg.Broker,
+				Auth:     cfg.Auth,
+				Version:  opts.Version,
+				Logger:   opts.Logger,
+				Registry: opts.Registry,
+				Ready:    a.storeReady,
+			})
+			if err != nil {
+				return nil, err
+			}
+			a.broker = b
+		default:
+			return nil, fmt.Errorf("app: unknown role %q", r)
+		}
+	}
+	return a, nil
+}
+
+func (a *App) storeReady(ctx context.Context) error {
+	if a.store == nil {
+		return errors.New("store not open")
+	}
+	if err := a.store.Ping(ctx); err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	return nil
+}
+
+// Start opens the store, then starts each role. If any step fails, what was
+// started is stopped again and the error names the failing part.
+func (a *App) Start(ctx context.Context) error {
+	st, err := store.Open(ctx, store.Options{
+		URI:            a.cfg.Store.URI,
+		Database:       a.cfg.Store.Database,
+		DataDir:        filepath.Join(a.cfg.Data, "store"),
+		ConnectTimeout: a.cfg.Store.ConnectTimeout,
+		Logger:         a.log,
+	})
+	if err != nil {
+		return err
+	}
+	a.store = st
+	if a.broker != nil {
+		if err := a.broker.Start(ctx); err != nil {
+			_ = a.Shutdown(context.Background())
+			return err
+		}
+	}
+	return nil
+}
+
+// Shutdown stops the roles in reverse order of Start, then closes the
+// store. It returns the first error, or ctx's if ctx ends first.
+func (a *App) Shutdown(ctx context.Context) error {
+	a.stopOnce.Do(func() {
+		var errs []error
+		if a.broker != nil {
+			errs = append(errs, a.broker.Shutdown(ctx))
+		}
+		if a.store != nil {
+			errs = append(errs, a.store.Close(ctx))
+		}
+		a.stopErr = errors.Join(errs...)
+	})
+	return a.stopErr
+}
+
+// Broker returns the broker role, or nil when the App does not run one.
+func (a *App) Broker() *broker.Broker { return a.broker }
+
+// Store returns the open store (nil before Start).
+func (a *App) Store() *store.Store { return a.store }

@@ -1,0 +1,97 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"go.mongodb.org/mongo-driver/v2/bson"
+	"go.mongodb.org/mongo-driver/v2/mongo"
+	"go.mongodb.org/mongo-driver/v2/mongo/options"
+)
+
+// Collection names in rtm's database.
+const (
+	CollMeta              = "meta"               // one document per store-wide fact, e.g. the schema version
+	CollDevices           = "devices"            // registered devices, keyed by MQTT client id
+	CollPushSubscriptions = "push_subscriptions" // which device receives which push channel
+	CollGroups            = "groups"             // named device groups
+	CollHistory           = "history"            // retained message history per topic
+	CollAlerts            = "alerts"             // watchdog alerts
+)
+
+// SchemaVersion is the version of the database layout this code writes. Open
+// records it in the meta collection and refuses a database written by a
+// newer rtm (ErrSchemaTooNew).
+const SchemaVersion = 1
+
+// schemaDocID is the _id of the schema-version document in CollMeta.
+const schemaDocID = "schema"
+
+// ErrSchemaTooNew reports a database whose recorded schema version is newer
+// than SchemaVersion: it was written by a newer rtm, and this one may
+// misread it.
+var ErrSchemaTooNew = errors.New("database schema is newer than this rtm")
+
+// index is one index Open creates. Name is explicit so that creating it
+// again is a no-op on every server (MongoDB rejects the same keys under a
+// different name).
+type index struct {
+	coll   string
+	name   string
+	keys   bson.D
+	unique bool
+}
+
+// indexes lists every index rtm needs. Add new ones here; never change an
+// existing entry in place (servers reject a changed spec under an existing
+// name): add one with a new name instead. TTL indexes do not belong here:
+// FerretDB v1 has none.
+var indexes = []index{
+	{CollDevices, "client_id_unique", bson.D{{Key: "client_id", Value: 1}}, true},
+	{CollPushSubscriptions, "channel_device_unique", bson.D{{Key: "channel", Value: 1}, {Key: "device", Value: 1}}, true},
+	{CollPushSubscriptions, "device", bson.D{{Key: "device", Value: 1}}, false},
+	{CollGroups, "members", bson.D{{Key: "members", Value: 1}}, false},
+	{CollHistory, "topic_id_desc", bson.D{{Key: "topic", Value: 1}, {Key: "_id", Value: -1}}, false},
+	{CollAlerts, "state_fired_at", bson.D{{Key: "state", Value: 1}, {Key: "fired_at", Value: 1}}, false},
+}
+
+// ensureSchema records the schema version and creates the indexes. Both
+// steps are idempotent.
+func ensureSchema(ctx context.Context, db *mongo.Database) error {
+	var meta struct {
+		Version int `bson:"version"`
+	}
+	now := time.Now().UTC()
+	err := db.Collection(CollMeta).FindOneAndUpdate(ctx,
+		bson.D{{Key: "_id", Value: schemaDocID}},
+		bson.D{
+			{Key: "$setOnInsert", Value: bson.D{{Key: "created_at", Value: now}}},
+			{Key: "$max", Value: bson.D{{Key: "version", Value: SchemaVersion}}},
+		},
+		options.FindOneAndUpdate().SetUpsert(true).SetReturnDocument(options.After),
+	).Decode(&meta)
+	if err != nil {
+		return fmt.Errorf("record schema version: %w", err)
+	}
+	if meta.Version > SchemaVersion {
+		return fmt.Errorf("%w: database has version %d, this rtm writes %d", ErrSchemaTooNew, meta.Version, SchemaVersion)
+	}
+
+	// One createIndexes command per index: FerretDB v1.24 panics (and drops
+	// the connection) when one command lists two or more indexes that already
+	// exist, because it deletes them from its to-do list by their original
+	// position.
+	for _, ix := range indexes {
+		o := options.Index().SetName(ix.name)
+		if ix.unique {
+			o.SetUnique(true)
+		}
+		_, err := db.Collection(ix.coll).Indexes().CreateOne(ctx, mongo.IndexModel{Keys: ix.keys, Options: o})
+		if err != nil {
+			return fmt.Errorf("create index %s on %s: %w", ix.name, ix.coll, err)
+		}
+	}
+	return nil
+}
