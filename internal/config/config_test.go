@@ -82,7 +82,7 @@ func TestInvalidEnvAndFlag(t *testing.T) {
 	_, err := config.Load(config.Defaults(), config.Source{Env: []string{"RTM_STORE_CONNECT_TIMEOUT=soon"}, Flags: fs})
 	for _, want := range []string{
 		`store.connect_timeout: invalid value "soon" (from environment RTM_STORE_CONNECT_TIMEOUT)`,
-		`broker.mqtt_addr: invalid value "nonsense": want host:port`,
+		`broker.mqtt_addr: invalid value "nonsense" (from flag --mqtt-addr): want host:port`,
 	} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("error %v does not contain %q", err, want)

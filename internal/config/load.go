@@ -105,10 +105,13 @@ func Load(base Config, src Source) (Config, error) {
 		byEnv[k.Env] = k
 	}
 	var errs []error
+	origins := map[string]string{}
 	set := func(k Key, v any, origin string) {
 		if err := assign(&cfg, k, v); err != nil {
-			errs = append(errs, fmt.Errorf("%s: invalid value %s (from %s): %w", k.Name, quote(v), origin, err))
+			errs = append(errs, &FieldError{Key: k.Name, Value: v, Origin: origin, Why: err.Error()})
+			return
 		}
+		origins[k.Name] = origin
 	}
 
 	if src.File != "" {
@@ -144,7 +147,14 @@ func Load(base Config, src Source) (Config, error) {
 			}
 		})
 	}
-	errs = append(errs, cfg.Validate())
+	if err := cfg.Validate(); err != nil {
+		for _, e := range err.(interface{ Unwrap() []error }).Unwrap() {
+			if fe, ok := e.(*FieldError); ok {
+				fe.Origin = origins[fe.Key]
+			}
+			errs = append(errs, e)
+		}
+	}
 	if err := errors.Join(errs...); err != nil {
 		return base, err
 	}

@@ -15,7 +15,7 @@ import (
 func (c Config) Validate() error {
 	var errs []error
 	bad := func(key string, v any, why string) {
-		errs = append(errs, fmt.Errorf("%s: invalid value %s: %s", key, quote(v), why))
+		errs = append(errs, &FieldError{Key: key, Value: v, Why: why})
 	}
 	oneOf := func(key, v string, allowed ...string) {
 		for _, a := range allowed {
@@ -108,6 +108,22 @@ func (c Config) Validate() error {
 		bad("broker.shutdown_timeout", b.ShutdownTimeout.String(), "must be positive")
 	}
 	return errors.Join(errs...)
+}
+
+// FieldError reports an invalid value of one key; Origin says where the
+// value came from when Load knows it.
+type FieldError struct {
+	Key    string
+	Value  any
+	Origin string // e.g. "environment RTM_LOG_LEVEL", "flag --capacity", a file name
+	Why    string
+}
+
+func (e *FieldError) Error() string {
+	if e.Origin != "" {
+		return fmt.Sprintf("%s: invalid value %s (from %s): %s", e.Key, quote(e.Value), e.Origin, e.Why)
+	}
+	return fmt.Sprintf("%s: invalid value %s: %s", e.Key, quote(e.Value), e.Why)
 }
 
 // MaskURI returns uri with the password, if any, replaced by "xxxxx", so it
