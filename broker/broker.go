@@ -40,6 +40,9 @@ const (
 	ListenerAdmin = "admin"
 )
 
+// shutdownWriteGrace bounds each write to a client once Shutdown starts.
+const shutdownWriteGrace = time.Second
+
 // ErrStarted reports a second call to Start.
 var ErrStarted = errors.New("broker: already started")
 
@@ -121,7 +124,7 @@ func New(opts Options) (*Broker, error) {
 		Capabilities:             caps,
 		ClientNetReadBufferSize:  1024,
 		ClientNetWriteBufferSize: 1024,
-		Logger:                   b.log.With("component", "mqtt"),
+		Logger:                   log.With("component", "mqtt", "node", cfg.NodeName),
 		SysTopicResendInterval:   10,
 	})
 	b.limits = &limitsHook{b: b}
@@ -266,7 +269,15 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 				return
 			}
 			// 2. Each listener stops accepting, then sends its clients
-			// DISCONNECT 0x8B and closes them; hooks stop.
+			// DISCONNECT 0x8B and closes them; hooks stop. A client that
+			// stopped reading leaves mochi's writer blocked in write(2)
+			// holding the client's lock, which the DISCONNECT needs: bound
+			// every write, or Shutdown waits for that client's keepalive.
+			for _, cl := range b.mq.Clients.GetAll() {
+				if cl.Net.Conn != nil {
+					_ = cl.Net.Conn.SetWriteDeadline(time.Now().Add(shutdownWriteGrace))
+				}
+			}
 			_ = b.mq.Close()
 			b.loopStop()
 			<-b.loopDone
@@ -299,8 +310,9 @@ type Stats struct {
 	RejectedCapacity int64 `json:"connections_rejected_capacity"`
 	Sessions         int64 `json:"sessions"`
 	Subscriptions    int64 `json:"subscriptions"`
-	Retained         int64 `json:"retained"`
-	Inflight         int64 `json:"inflight"`
+	// Retained counts retained messages held, mochi's $SYS topics included.
+	Retained int64 `json:"retained"`
+	Inflight int64 `json:"inflight"`
 
 	MessagesReceived int64 `json:"messages_received"`
 	MessagesSent     int64 `json:"messages_sent"`
@@ -336,7 +348,9 @@ func (b *Broker) Stats() Stats {
 		RejectedCapacity: b.rejectedFull.Load(),
 		Sessions:         int64(b.mq.Clients.Len()),
 		Subscriptions:    atomic.LoadInt64(&in.Subscriptions),
-		Retained:         atomic.LoadInt64(&in.Retained),
+		// mochi's Info.Retained is updated only when a client retains a
+		// message, so it misses $SYS topics and expiries; count live.
+		Retained:         int64(b.mq.Topics.Retained.Len()),
 		Inflight:         atomic.LoadInt64(&in.Inflight),
 		MessagesReceived: atomic.LoadInt64(&in.MessagesReceived),
 		MessagesSent:     atomic.LoadInt64(&in.MessagesSent),

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"strings"
 	"testing"
@@ -21,6 +22,14 @@ import (
 // the defaults changed by mutate, and stops it when the test ends.
 func startBroker(t testing.TB, mutate func(*config.Broker)) (*broker.Broker, *testutil.LogBuffer) {
 	t.Helper()
+	return startBrokerLevel(t, slog.LevelDebug, mutate)
+}
+
+// startBrokerLevel is startBroker logging from level on; tests that make
+// mochi fail thousands of deliveries use Info, since its debug lines print
+// each failed packet whole, payload included.
+func startBrokerLevel(t testing.TB, level slog.Level, mutate func(*config.Broker)) (*broker.Broker, *testutil.LogBuffer) {
+	t.Helper()
 	cfg := config.Defaults().Broker
 	cfg.NodeName = "test"
 	cfg.MQTTAddr, cfg.WSAddr, cfg.AdminAddr = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
@@ -28,7 +37,8 @@ func startBroker(t testing.TB, mutate func(*config.Broker)) (*broker.Broker, *te
 	if mutate != nil {
 		mutate(&cfg)
 	}
-	log, logs := testutil.Logger(t)
+	_, logs := testutil.Logger(t)
+	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: level}))
 	b, err := broker.New(broker.Options{Config: cfg, Auth: config.Auth{Devices: "anonymous"}, Logger: log, Version: "test"})
 	if err != nil {
 		t.Fatal(err)
