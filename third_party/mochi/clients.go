@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -29,6 +30,10 @@ const (
 
 var (
 	ErrMinimumKeepalive = errors.New("client keepalive is below minimum recommended value and may exhibit connection instability")
+
+	// ErrClientPanic is the stop cause of a client whose connection handling
+	// panicked (rtm patch, https://github.com/mochi-mqtt/server/issues/501).
+	ErrClientPanic = errors.New("recovered panic while serving client")
 )
 
 // ReadFn is the function signature for the function used for reading and processing new packets.
@@ -92,7 +97,10 @@ func (cl *Clients) Delete(id string) {
 func (cl *Clients) GetByListener(id string) []*Client {
 	cl.RLock()
 	defer cl.RUnlock()
-	clients := make([]*Client, 0, cl.Len())
+	// rtm patch: len, not cl.Len(): a second RLock in the same goroutine
+	// deadlocks once a writer waits in between.
+	// https://github.com/mochi-mqtt/server/issues/488
+	clients := make([]*Client, 0, len(cl.internal))
 	for _, client := range cl.internal {
 		if client.Net.Listener == id && !client.Closed() {
 			clients = append(clients, client)
@@ -143,20 +151,20 @@ type Will struct {
 
 // ClientState tracks the state of the client.
 type ClientState struct {
-	TopicAliases    TopicAliases         // a map of topic aliases
-	stopCause       atomic.Value         // reason for stopping
-	Inflight        *Inflight            // a map of in-flight qos messages
-	Subscriptions   *Subscriptions       // a map of the subscription filters a client maintains
-	disconnected    int64                // the time the client disconnected in unix time, for calculating expiry
-	outbound        chan *packets.Packet // queue for pending outbound packets
-	endOnce         sync.Once            // only end once
-	isTakenOver     atomic.Bool          // used to identify orphaned clients
-	packetID        uint32               // the current highest packetID
-	open            context.Context      // indicate that the client is open for packet exchange
-	cancelOpen      context.CancelFunc   // cancel function for open context
-	outboundQty     int32                // number of messages currently in the outbound queue
-	Keepalive       uint16               // the number of seconds the connection can wait
-	ServerKeepalive bool                 // keepalive was set by the server
+	TopicAliases    TopicAliases       // a map of topic aliases
+	stopCause       atomic.Value       // reason for stopping
+	Inflight        *Inflight          // a map of in-flight qos messages
+	Subscriptions   *Subscriptions     // a map of the subscription filters a client maintains
+	disconnected    int64              // the time the client disconnected in unix time, for calculating expiry
+	outbound        outboundQueue      // queue for pending outbound packets (rtm patch: was a chan, see outbound.go)
+	endOnce         sync.Once          // only end once
+	isTakenOver     atomic.Bool        // used to identify orphaned clients
+	packetID        uint32             // the current highest packetID
+	open            context.Context    // indicate that the client is open for packet exchange
+	cancelOpen      context.CancelFunc // cancel function for open context
+	outboundQty     int32              // number of messages currently in the outbound queue
+	Keepalive       uint16             // the number of seconds the connection can wait
+	ServerKeepalive bool               // keepalive was set by the server
 }
 
 // newClient returns a new instance of Client. This is almost exclusively used by Server
@@ -171,7 +179,7 @@ func newClient(c net.Conn, o *ops) *Client {
 			open:          ctx,
 			cancelOpen:    cancel,
 			Keepalive:     defaultKeepalive,
-			outbound:      make(chan *packets.Packet, o.options.Capabilities.MaximumClientWritesPending),
+			outbound:      newOutboundQueue(o.options.Capabilities.MaximumClientWritesPending), // rtm patch
 		},
 		Properties: ClientProperties{
 			ProtocolVersion: defaultClientProtocolVersion, // default protocol version
@@ -190,16 +198,43 @@ func newClient(c net.Conn, o *ops) *Client {
 	return cl
 }
 
+// recoverPanic logs a recovered panic with the client id and the stack, and
+// returns the error the connection is stopped with.
+// rtm patch: https://github.com/mochi-mqtt/server/issues/501
+func (cl *Client) recoverPanic(r any) error {
+	cl.ops.log.Error("recovered panic while serving client; closing its connection",
+		"client", cl.ID, "remote", cl.Net.Remote, "listener", cl.Net.Listener,
+		"panic", fmt.Sprint(r), "stack", string(debug.Stack()))
+	return fmt.Errorf("%w: %v", ErrClientPanic, r)
+}
+
 // WriteLoop ranges over pending outbound messages and writes them to the client connection.
 func (cl *Client) WriteLoop() {
+	// rtm patch: a panic while encoding or writing a packet to this client
+	// closes this client only. https://github.com/mochi-mqtt/server/issues/501
+	defer func() {
+		if r := recover(); r != nil {
+			cl.Stop(cl.recoverPanic(r))
+		}
+	}()
+
 	for {
 		select {
-		case pk := <-cl.State.outbound:
-			if err := cl.WritePacket(*pk); err != nil {
-				// TODO : Figure out what to do with error
-				cl.ops.log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
+		case <-cl.State.outbound.notify: // rtm patch: drain the queue on each wake-up
+			for {
+				pk, ok := cl.State.outbound.pop()
+				if !ok {
+					break
+				}
+				if err := cl.WritePacket(*pk); err != nil {
+					// TODO : Figure out what to do with error
+					cl.ops.log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
+				}
+				atomic.AddInt32(&cl.State.outboundQty, -1)
+				if cl.Closed() {
+					return
+				}
 			}
-			atomic.AddInt32(&cl.State.outboundQty, -1)
 		case <-cl.State.open.Done():
 			return
 		}
@@ -362,8 +397,16 @@ func (cl *Client) ClearExpiredInflights(now, maximumExpiry int64) []uint16 {
 
 // Read reads incoming packets from the connected client and transforms them into
 // packets to be handled by the packetHandler.
-func (cl *Client) Read(packetHandler ReadFn) error {
-	var err error
+func (cl *Client) Read(packetHandler ReadFn) (err error) {
+	// rtm patch: a panic while decoding or processing a packet from this client
+	// is returned as an error, so the server closes this connection only (with
+	// the usual LWT/disconnect handling) instead of crashing the process.
+	// https://github.com/mochi-mqtt/server/issues/501
+	defer func() {
+		if r := recover(); r != nil {
+			err = cl.recoverPanic(r)
+		}
+	}()
 
 	for {
 		if cl.Closed() {
@@ -602,7 +645,7 @@ func (cl *Client) WritePacket(pk packets.Packet) error {
 	n, err := func() (int64, error) {
 		cl.Lock()
 		defer cl.Unlock()
-		if len(cl.State.outbound) == 0 {
+		if cl.State.outbound.len() == 0 { // rtm patch: was len(chan)
 			if cl.Net.outbuf == nil {
 				return buf.WriteTo(cl.Net.Conn)
 			}

@@ -16,6 +16,7 @@ import (
 type Inflight struct {
 	sync.RWMutex
 	internal            map[uint16]packets.Packet // internal contains the inflight packets
+	immediate           []uint16                  // rtm patch: ids of packets waiting for send quota (Expiry < 0), oldest first
 	receiveQuota        int32                     // remaining inbound qos quota for flow control
 	sendQuota           int32                     // remaining outbound qos quota for flow control
 	maximumReceiveQuota int32                     // maximum allowed receive quota
@@ -34,8 +35,16 @@ func (i *Inflight) Set(m packets.Packet) bool {
 	i.Lock()
 	defer i.Unlock()
 
-	_, ok := i.internal[m.PacketID]
+	prev, ok := i.internal[m.PacketID]
 	i.internal[m.PacketID] = m
+
+	// rtm patch: remember packets waiting for send quota in arrival order, so
+	// NextImmediate neither copies nor sorts the whole inflight map (which made
+	// draining a backlog quadratic) and releases them in FIFO order.
+	if m.Expiry < 0 && (!ok || prev.Expiry >= 0) {
+		i.immediate = append(i.immediate, m.PacketID)
+	}
+
 	return !ok
 }
 
@@ -67,6 +76,7 @@ func (i *Inflight) Clone() *Inflight {
 	for k, v := range i.internal {
 		c.internal[k] = v
 	}
+	c.immediate = append([]uint16(nil), i.immediate...) // rtm patch
 	return c
 }
 
@@ -92,14 +102,32 @@ func (i *Inflight) GetAll(immediate bool) []packets.Packet {
 // NextImmediate returns the next inflight packet which is indicated to be sent immediately.
 // This typically occurs when the quota has been exhausted, and we need to wait until new quota
 // is free to continue sending.
+//
+// rtm patch: it takes the oldest packet waiting for quota and marks it as sent
+// (Expiry 0): the packet stays inflight until its PUBACK/PUBCOMP, which returns
+// the send quota. Two goroutines never get the same packet. It takes the lock
+// once: v2.7.9 read-locked here and again in GetAll, which deadlocks as soon as
+// a writer (Set/Delete) waits in between. The returned packet is the one that
+// was queued (Expiry -1).
+// https://github.com/mochi-mqtt/server/issues/488 (same bug class)
 func (i *Inflight) NextImmediate() (packets.Packet, bool) {
-	i.RLock()
-	defer i.RUnlock()
+	i.Lock()
+	defer i.Unlock()
 
-	m := i.GetAll(true)
-	if len(m) > 0 {
-		return m[0], true
+	for len(i.immediate) > 0 {
+		id := i.immediate[0]
+		i.immediate = i.immediate[1:]
+		if m, ok := i.internal[id]; ok && m.Expiry < 0 {
+			sent := m
+			sent.Expiry = 0
+			i.internal[id] = sent
+			if len(i.immediate) == 0 {
+				i.immediate = nil // release the backing array
+			}
+			return m, true
+		}
 	}
+	i.immediate = nil
 
 	return packets.Packet{}, false
 }
@@ -137,15 +165,35 @@ func (i *Inflight) ResetReceiveQuota(n int32) {
 
 // DecreaseSendQuota reduces the send quota by 1.
 func (i *Inflight) DecreaseSendQuota() {
-	if atomic.LoadInt32(&i.sendQuota) > 0 {
-		atomic.AddInt32(&i.sendQuota, -1)
+	_ = i.TakeSendQuota()
+}
+
+// TakeSendQuota takes one unit of send quota and reports whether there was any.
+// rtm patch: check-and-decrement is one atomic step; v2.7.9's load-then-add let
+// concurrent publishers and acks drive the quota below zero or lose a unit,
+// which stalls a Receive Maximum client for good.
+func (i *Inflight) TakeSendQuota() bool {
+	for {
+		q := atomic.LoadInt32(&i.sendQuota)
+		if q <= 0 {
+			return false
+		}
+		if atomic.CompareAndSwapInt32(&i.sendQuota, q, q-1) {
+			return true
+		}
 	}
 }
 
 // IncreaseSendQuota increases the send quota by 1.
 func (i *Inflight) IncreaseSendQuota() {
-	if atomic.LoadInt32(&i.sendQuota) < atomic.LoadInt32(&i.maximumSendQuota) {
-		atomic.AddInt32(&i.sendQuota, 1)
+	for { // rtm patch: atomic check-and-increment, see TakeSendQuota
+		q := atomic.LoadInt32(&i.sendQuota)
+		if q >= atomic.LoadInt32(&i.maximumSendQuota) {
+			return
+		}
+		if atomic.CompareAndSwapInt32(&i.sendQuota, q, q+1) {
+			return
+		}
 	}
 }
 

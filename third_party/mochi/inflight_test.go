@@ -5,8 +5,11 @@
 package mqtt
 
 import (
+	"runtime"
+	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/stretchr/testify/require"
@@ -196,4 +199,64 @@ func TestNextImmediate(t *testing.T) {
 
 	_, ok = cl.State.Inflight.NextImmediate()
 	require.False(t, ok)
+}
+
+// TestNextImmediateConcurrentWriterNoDeadlock (rtm patch) provokes the
+// recursive read lock in NextImmediate on v2.7.9: NextImmediate held the read
+// lock and called GetAll, which read-locks again; a writer (Set/Delete, as
+// publishToClient and processPuback do from other goroutines) arriving between
+// the two RLock calls blocks the second one forever, because sync.RWMutex
+// blocks new readers once a writer waits. Readers and a writer hammer the same
+// Inflight for 2s; on the old code they hang within milliseconds and never
+// stop, which is reported as a failure after a bounded 10s wait.
+// https://github.com/mochi-mqtt/server/issues/488 (same bug class)
+func TestNextImmediateConcurrentWriterNoDeadlock(t *testing.T) {
+	if runtime.GOMAXPROCS(0) < 2 {
+		t.Skip("needs GOMAXPROCS >= 2 to interleave reader and writer")
+	}
+
+	in := NewInflights()
+	for id := uint16(1); id <= 4; id++ {
+		in.Set(packets.Packet{PacketID: id, Created: int64(id), Expiry: -1})
+	}
+
+	var stop atomic.Bool
+	var calls atomic.Int64
+	var wg sync.WaitGroup
+
+	for r := 0; r < 2; r++ { // readers: the client read goroutine calling NextImmediate
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for !stop.Load() {
+				_, _ = in.NextImmediate()
+				calls.Add(1)
+			}
+		}()
+	}
+
+	wg.Add(1)
+	go func() { // writer: publishes to this client and acks from it
+		defer wg.Done()
+		for id := uint16(100); !stop.Load(); id++ {
+			in.Set(packets.Packet{PacketID: id, Expiry: -1})
+			in.Delete(id)
+		}
+	}()
+
+	time.Sleep(2 * time.Second)
+	stop.Store(true)
+
+	finished := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(finished)
+	}()
+
+	select {
+	case <-finished:
+		t.Logf("%d NextImmediate calls with a concurrent writer, no deadlock", calls.Load())
+	case <-time.After(10 * time.Second):
+		t.Fatalf("deadlock: goroutines stuck after %d NextImmediate calls with a concurrent writer (recursive RLock)", calls.Load())
+	}
 }

@@ -403,9 +403,20 @@ func (s *Server) EstablishConnection(listener string, c net.Conn) error {
 
 // attachClient validates an incoming client connection and if viable, attaches the client
 // to the server, performs session housekeeping, and reads incoming packets.
-func (s *Server) attachClient(cl *Client, listener string) error {
+func (s *Server) attachClient(cl *Client, listener string) (err error) {
 	defer s.Listeners.ClientsWg.Done()
 	s.Listeners.ClientsWg.Add(1)
+
+	// rtm patch: a panic while serving one connection (connect phase, or
+	// disconnect handling; the packet loop has its own recover in Client.Read)
+	// closes that connection only, instead of crashing the whole process.
+	// https://github.com/mochi-mqtt/server/issues/501
+	defer func() {
+		if r := recover(); r != nil {
+			err = cl.recoverPanic(r)
+			cl.Stop(err)
+		}
+	}()
 
 	go cl.WriteLoop()
 	defer cl.Stop(nil)
@@ -716,18 +727,30 @@ func (s *Server) processPacket(cl *Client, pk packets.Packet) error {
 		return err
 	}
 
-	if cl.State.Inflight.Len() > 0 && atomic.LoadInt32(&cl.State.Inflight.sendQuota) > 0 {
-		next, ok := cl.State.Inflight.NextImmediate()
-		if ok {
-			_ = cl.WritePacket(next)
-			if ok := cl.State.Inflight.Delete(next.PacketID); ok {
-				atomic.AddInt64(&s.Info.Inflight, -1)
-			}
-			cl.State.Inflight.DecreaseSendQuota()
-		}
-	}
+	s.sendNextImmediate(cl) // rtm patch: see sendNextImmediate
 
 	return nil
+}
+
+// sendNextImmediate sends the oldest QoS packet that waits for send quota
+// (Receive Maximum flow control), if there is quota.
+//
+// rtm patch: v2.7.9 deleted the packet from inflight once written, so its
+// PUBACK found nothing and never returned the quota: after Receive Maximum
+// such packets the client received nothing more, ever. Now the packet stays
+// inflight until acked, and the quota is claimed atomically.
+func (s *Server) sendNextImmediate(cl *Client) {
+	if cl.State.Inflight.Len() == 0 || !cl.State.Inflight.TakeSendQuota() {
+		return
+	}
+
+	next, ok := cl.State.Inflight.NextImmediate() // marked as sent, stays inflight
+	if !ok {
+		cl.State.Inflight.IncreaseSendQuota() // nothing waiting: give the quota back
+		return
+	}
+
+	_ = cl.WritePacket(next)
 }
 
 // processConnect processes a Connect packet. The packet cannot be used to establish
@@ -1078,17 +1101,20 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 		}
 
 		out.PacketID = uint16(i) // [MQTT-2.2.1-4]
-		sentQuota := atomic.LoadInt32(&cl.State.Inflight.sendQuota)
 
 		if ok := cl.State.Inflight.Set(out); ok { // [MQTT-4.3.2-3] [MQTT-4.3.3-3]
 			atomic.AddInt64(&s.Info.Inflight, 1)
 			s.hooks.OnQosPublish(cl, out, out.Created, 0)
-			cl.State.Inflight.DecreaseSendQuota()
 		}
 
-		if sentQuota == 0 && atomic.LoadInt32(&cl.State.Inflight.maximumSendQuota) > 0 {
+		// rtm patch: claim the send quota atomically (was: a stale load, then a
+		// separate decrement), and if none is left queue the packet, then retry
+		// once, because an ack may have returned quota after the claim failed and
+		// before the packet was queued; nobody would release it otherwise.
+		if atomic.LoadInt32(&cl.State.Inflight.maximumSendQuota) > 0 && !cl.State.Inflight.TakeSendQuota() {
 			out.Expiry = -1
 			cl.State.Inflight.Set(out)
+			s.sendNextImmediate(cl)
 			return out, nil
 		}
 	}
@@ -1097,10 +1123,9 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 		return out, packets.CodeDisconnect
 	}
 
-	select {
-	case cl.State.outbound <- &out:
+	if cl.State.outbound.push(&out) { // rtm patch: was a non-blocking chan send
 		atomic.AddInt32(&cl.State.outboundQty, 1)
-	default:
+	} else {
 		atomic.AddInt64(&s.Info.MessagesDropped, 1)
 		cl.ops.hooks.OnPublishDropped(cl, pk)
 		if out.FixedHeader.Qos > 0 {

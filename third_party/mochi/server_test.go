@@ -1509,7 +1509,12 @@ func TestServerProcessPacketAndNextImmediate(t *testing.T) {
 	buf, err := io.ReadAll(r)
 	require.NoError(t, err)
 	require.Equal(t, packets.TPacketData[packets.Publish].Get(packets.TPublishQos1).RawBytes, buf)
-	require.Equal(t, int64(0), atomic.LoadInt64(&s.Info.Inflight))
+	// rtm patch: the sent packet stays inflight until its PUBACK (v2.7.9 deleted
+	// it here, so the PUBACK never returned the send quota); see PATCHES.md.
+	require.Equal(t, int64(1), atomic.LoadInt64(&s.Info.Inflight))
+	sent, ok := cl.State.Inflight.Get(next.PacketID)
+	require.True(t, ok)
+	require.Equal(t, int64(0), sent.Expiry)
 	require.Equal(t, int32(4), cl.State.Inflight.sendQuota)
 }
 
@@ -2103,7 +2108,7 @@ func TestPublishToClientExceedClientWritesPending(t *testing.T) {
 	s.Clients.Add(cl)
 
 	for i := int32(0); i < cl.ops.options.Capabilities.MaximumClientWritesPending; i++ {
-		cl.State.outbound <- new(packets.Packet)
+		cl.State.outbound.push(new(packets.Packet)) // rtm patch: outbound is a queue, not a chan
 		atomic.AddInt32(&cl.State.outboundQty, 1)
 	}
 

@@ -956,8 +956,14 @@ func (pk *Packet) SubscribeDecode(buf []byte) error {
 		}
 
 		if pk.ProtocolVersion == 5 {
-			sub.decode(buf[offset])
-			offset += 1
+			// rtm patch: bounds-check the subscription options byte; a SUBSCRIBE
+			// truncated after a topic filter panicked with index out of range.
+			// https://github.com/mochi-mqtt/server/issues/501
+			option, offset, err = decodeByte(buf, offset)
+			if err != nil {
+				return ErrMalformedQos
+			}
+			sub.decode(option)
 		} else {
 			option, offset, err = decodeByte(buf, offset)
 			if err != nil {

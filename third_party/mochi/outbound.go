@@ -1,0 +1,111 @@
+// SPDX-License-Identifier: MIT
+// rtm patch: on-demand outbound queue, see PATCHES.md.
+
+package mqtt
+
+import (
+	"sync"
+	"sync/atomic"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+// outboundQueueKeep is the largest backing array (in packets) an outbound
+// queue keeps once drained; larger ones are released, so a client that had a
+// burst goes back to costing (almost) nothing, while a client that receives a
+// message now and then does not allocate a new array per message.
+const outboundQueueKeep = 16
+
+// outboundQueue is the FIFO of packets waiting for a client's WriteLoop.
+//
+// rtm patch: it replaces `make(chan *packets.Packet, MaximumClientWritesPending)`,
+// which cost 8 bytes per slot (64 KiB per connection with the default 8192)
+// even when idle. The queue holds no array until a packet is queued, grows by
+// doubling up to limit, and releases its array when drained. push fails when
+// limit packets are pending, exactly when the channel send used to fail.
+type outboundQueue struct {
+	mu     sync.Mutex
+	buf    []*packets.Packet // ring buffer, nil until needed
+	head   int               // index of the oldest packet in buf
+	n      atomic.Int32      // number of queued packets; written under mu
+	limit  int32             // maximum number of queued packets
+	notify chan struct{}     // capacity 1; signalled after every push
+}
+
+func newOutboundQueue(limit int32) outboundQueue {
+	return outboundQueue{limit: limit, notify: make(chan struct{}, 1)}
+}
+
+// push appends pk and wakes the WriteLoop. It returns false, queueing
+// nothing, if limit packets are already pending.
+func (q *outboundQueue) push(pk *packets.Packet) bool {
+	q.mu.Lock()
+	n := int(q.n.Load())
+	if n >= int(q.limit) {
+		q.mu.Unlock()
+		return false
+	}
+	if n == len(q.buf) {
+		q.grow()
+	}
+	i := q.head + n
+	if i >= len(q.buf) {
+		i -= len(q.buf)
+	}
+	q.buf[i] = pk
+	q.n.Store(int32(n + 1))
+	q.mu.Unlock()
+
+	select {
+	case q.notify <- struct{}{}:
+	default: // a wake-up is already pending
+	}
+	return true
+}
+
+// grow doubles the ring (at least 4, at most limit), keeping the order.
+func (q *outboundQueue) grow() {
+	size := 2 * len(q.buf)
+	if size < 4 {
+		size = 4
+	}
+	if size > int(q.limit) {
+		size = int(q.limit)
+	}
+	buf := make([]*packets.Packet, size)
+	n := copy(buf, q.buf[q.head:])
+	copy(buf[n:], q.buf[:q.head])
+	q.buf = buf
+	q.head = 0
+}
+
+// pop removes and returns the oldest packet, or false if the queue is empty.
+func (q *outboundQueue) pop() (*packets.Packet, bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+
+	n := int(q.n.Load())
+	if n == 0 {
+		return nil, false
+	}
+	pk := q.buf[q.head]
+	q.buf[q.head] = nil // let the packet be collected once written
+	q.head++
+	if q.head == len(q.buf) {
+		q.head = 0
+	}
+	n--
+	q.n.Store(int32(n))
+	if n == 0 {
+		q.head = 0
+		if len(q.buf) > outboundQueueKeep {
+			q.buf = nil // drained after a burst: release the array
+		}
+	}
+	return pk, true
+}
+
+// len returns the number of queued packets.
+func (q *outboundQueue) len() int {
+	return int(q.n.Load())
+}
