@@ -11,7 +11,7 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.7.0
 # The whole suite stays under 15 minutes on 2 cores; -race is always on.
 TEST_FLAGS  ?= -race -count=1 -timeout 14m
 
-.PHONY: help build run test test-fork bench lint fuzz clean
+.PHONY: help build run test test-fork bench bench-go memory lint fuzz clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -30,8 +30,14 @@ test: ## run every test with the race detector (also compiles benchmarks, runs t
 test-fork: ## run the tests of our patched mochi-mqtt fork (third_party/mochi)
 	cd third_party/mochi && $(GO) test $(TEST_FLAGS) ./...
 
-bench: ## run the benchmark harness (results belong in BENCHMARKS.md)
-	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./... | tee bench.out
+bench: ## throughput against Mosquitto in one run (results belong in BENCHMARKS.md; see it for flags)
+	$(GO) run ./bench/throughput | tee bench.out
+
+bench-go: ## the Go micro-benchmarks (mochi fork's publish path)
+	cd third_party/mochi && $(GO) test -run '^$$' -bench . -benchmem -count 5 . | tee ../../bench-go.out
+
+memory: ## RSS per idle connection, rtm and Mosquitto, 10,000 connections each (about 10 minutes)
+	scripts/memory.sh both
 
 lint: ## gofmt, go vet, staticcheck, go mod tidy check
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
@@ -44,4 +50,4 @@ fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	cd third_party/mochi && $(GO) test ./packets -run '^$$' -fuzz FuzzDecode -fuzztime $${FUZZTIME:-30s}
 
 clean: ## remove build output (not ./data)
-	rm -rf bin bench.out
+	rm -rf bin bench.out bench-go.out

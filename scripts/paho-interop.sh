@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# Run the Eclipse Paho MQTT interoperability suite (client_test.py for MQTT
+# 3.1.1, client_test5.py for MQTT 5) against `rtm dev`.
+#
+#   git clone https://github.com/eclipse/paho.mqtt.testing /tmp/paho-testing
+#   scripts/paho-interop.sh /tmp/paho-testing/interoperability
+#
+# Each suite gets a fresh broker (free ports on 127.0.0.1, fresh temp data
+# directory), which is stopped by PID afterwards. Prints one summary line per
+# suite plus the failing tests, and exits 1 if any test failed or errored
+# (2 on a usage or setup error).
+#
+# Environment:
+#   RTM_BIN          rtm binary (default: <repo>/bin/rtm, built with make build if missing)
+#   PYTHON           python 3 interpreter (default: python3); the suite needs only the stdlib
+#   PAHO_SUITES      suites to run (default: "client_test.py client_test5.py")
+#   PAHO_TIMEOUT     bound on one suite run in seconds (default: 600)
+#   PAHO_ALLOW_FAIL  test names allowed to fail without failing the script,
+#                    e.g. "test_subscribe_failure" (needs an ACL denying
+#                    test/nosubscribe, which rtm does not have yet)
+#   PAHO_LOG_DIR     keep suite and broker logs here (default: a temp dir, removed)
+# Extra arguments after the suite directory are passed to `rtm dev`; RTM_*
+# environment variables reach the broker too (e.g. RTM_BROKER_MAX_INFLIGHT=2
+# RTM_BROKER_KEEPALIVE_MAX=60s mirrors the suite's own reference broker).
+#
+# Why a Python wrapper instead of `python3 client_test.py -h H -p P`: both
+# scripts hand sys.argv to unittest.main() unchanged (client_test5.py removes
+# only -p), which rejects -p/-h; and their `o in ("--help")` test is a
+# substring match, so -h prints usage and exits. The wrapper sets the
+# options the scripts understand (--hostname=, -p) and gives unittest its own
+# argv. -n/--nosubscribe_topic_filter is accepted by the scripts but never
+# used: the denied filter is hard-coded as test/nosubscribe.
+set -uo pipefail
+
+usage() { echo "usage: $0 PAHO_INTEROPERABILITY_DIR [rtm dev flags...]" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+SUITE=$(cd "$1" 2>/dev/null && pwd) || { echo "no such directory: $1" >&2; exit 2; }
+shift
+[ -f "$SUITE/client_test.py" ] && [ -d "$SUITE/mqtt" ] || { echo "$SUITE does not look like paho.mqtt.testing/interoperability" >&2; exit 2; }
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+RTM_BIN=${RTM_BIN:-$REPO/bin/rtm}
+PYTHON=${PYTHON:-python3}
+PAHO_SUITES=${PAHO_SUITES:-client_test.py client_test5.py}
+PAHO_TIMEOUT=${PAHO_TIMEOUT:-600}
+PAHO_ALLOW_FAIL=${PAHO_ALLOW_FAIL:-}
+
+if [ ! -x "$RTM_BIN" ]; then
+	(cd "$REPO" && make build) >&2 || { echo "build failed" >&2; exit 2; }
+fi
+command -v "$PYTHON" >/dev/null || { echo "$PYTHON not found" >&2; exit 2; }
+
+WORK=$(mktemp -d /tmp/paho-interop.XXXXXX)
+LOGS=${PAHO_LOG_DIR:-$WORK/logs}
+mkdir -p "$LOGS"
+BROKER_PID=""
+
+stop_broker() {
+	[ -n "$BROKER_PID" ] || return 0
+	if kill -0 "$BROKER_PID" 2>/dev/null; then
+		kill -TERM "$BROKER_PID" 2>/dev/null
+		for _ in $(seq 100); do kill -0 "$BROKER_PID" 2>/dev/null || break; sleep 0.2; done
+		kill -0 "$BROKER_PID" 2>/dev/null && kill -KILL "$BROKER_PID" 2>/dev/null
+	fi
+	wait "$BROKER_PID" 2>/dev/null
+	BROKER_PID=""
+}
+cleanup() {
+	stop_broker
+	rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start_broker NAME: rtm dev on free loopback ports; sets BROKER_PID, PORT.
+start_broker() {
+	local data="$WORK/data-$1" log="$LOGS/$1.broker.log"
+	shift
+	mkdir -p "$data"
+	"$RTM_BIN" dev --data "$data" --mqtt-addr 127.0.0.1:0 --ws-addr 127.0.0.1:0 \
+		--admin-addr 127.0.0.1:0 "$@" >"$log" 2>&1 &
+	BROKER_PID=$!
+	PORT=""
+	for _ in $(seq 150); do
+		PORT=$(grep -o 'mqtt://127\.0\.0\.1:[0-9]*' "$log" | head -1 | sed 's/.*://')
+		[ -n "$PORT" ] && return 0
+		kill -0 "$BROKER_PID" 2>/dev/null || break
+		sleep 0.2
+	done
+	echo "rtm dev did not start; its log:" >&2
+	cat "$log" >&2
+	return 1
+}
+
+cat >"$WORK/run_suite.py" <<'EOF'
+import os, runpy, sys, unittest
+suite, script, host, port = sys.argv[1:5]
+os.chdir(suite)
+sys.path.insert(0, suite)
+_main = unittest.main
+def main(*a, **k):
+    k["argv"] = [script, "-v"]   # run every test of the module, verbosely
+    return _main(*a, **k)
+unittest.main = main
+sys.argv = [script, "--hostname=" + host, "-p", port]
+runpy.run_path(os.path.join(suite, script), run_name="__main__")
+EOF
+
+# Known causes, as diagnosed against rtm (see the header of this script).
+hint() {
+	local h=""
+	case $1 in
+	test_subscribe_failure) h="needs the broker to refuse subscriptions to test/nosubscribe (SUBACK 0x80); rtm has no ACL yet" ;;
+	test_server_keep_alive) h="the suite expects Server Keep Alive 60 for a keepalive of 120 (its own broker's setting): run with RTM_BROKER_KEEPALIVE_MAX=60s" ;;
+	test_flow_control2) h="rtm correctly sends Receive Maximum (128) PUBRECs, then DISCONNECT 0x93, and closes the socket at once; the suite's client answers the queued PUBRECs with PUBRELs into the closed socket and dies on EPIPE or ECONNRESET before reading the DISCONNECT (flaky with RTM_BROKER_MAX_INFLIGHT=2; passes when the broker half-closes and drains before closing)" ;;
+	test_subscribe_options | test_request_response) h="flaky in the suite: it publishes without waiting for bclient's SUBACK (it waits on callback.subscribeds, not callback2's), so the PUBLISH can be routed before bclient's subscription exists" ;;
+	esac
+	[ -z "$h" ] || echo "      known cause: $h"
+}
+
+status=0
+summary=()
+for s in $PAHO_SUITES; do
+	name=${s%.py}
+	# start_broker takes the rtm flags after the name
+	start_broker "$name" "$@" || exit 2
+	echo "== $s against rtm dev (pid $BROKER_PID, 127.0.0.1:$PORT)"
+	timeout -k 10 "$PAHO_TIMEOUT" "$PYTHON" -W ignore "$WORK/run_suite.py" "$SUITE" "$s" 127.0.0.1 "$PORT" \
+		>"$LOGS/$name.log" 2>&1
+	rc=$?
+	stop_broker
+	ran=$(grep -oE '^Ran [0-9]+ tests?' "$LOGS/$name.log" | grep -oE '[0-9]+' | tail -1)
+	failed=$(grep -cE '^(FAIL|ERROR): ' "$LOGS/$name.log")
+	if [ -z "$ran" ]; then
+		line="$s: did not complete (exit $rc, timeout ${PAHO_TIMEOUT}s?)"
+		status=1
+		tail -30 "$LOGS/$name.log"
+	else
+		line="$s: $((ran - failed))/$ran passed, $failed failed"
+		unexpected=0
+		while read -r kind test; do
+			[ -n "$test" ] || continue
+			if [[ " $PAHO_ALLOW_FAIL " == *" $test "* ]]; then
+				echo "  $kind $test (allowed by PAHO_ALLOW_FAIL)"
+			else
+				echo "  $kind $test"
+				unexpected=1
+			fi
+			hint "$test"
+		done < <(grep -E '^(FAIL|ERROR): ' "$LOGS/$name.log" | sed -E 's/^(FAIL|ERROR): (test[A-Za-z0-9_]*).*/\1 \2/')
+		[ "$unexpected" = 0 ] || status=1
+		# For each failing test: the exceptions printed while it ran (the
+		# 3.1.1 suite catches them and prints the traceback, then fails
+		# with a bare "False != True"), then unittest's final exception line.
+		awk '
+			/^test[A-Za-z0-9_]* \(__main__\./ {cur=$1}
+			/^[A-Za-z.]*(Error|Exception)[A-Za-z]*: / && cur!="" && !/^AssertionError: False != True$/ {inline[cur]=inline[cur] "    " cur ": " $0 "\n"}
+			/^(FAIL|ERROR): /{p=1; d=0; name=$2; cur=""; next}
+			p && /^(-+|=+)$/ {if (d) {printf "%s", inline[name]; print "    " name ": " last; p=0} else d=1; next}
+			p && d && NF {last=$0}' "$LOGS/$name.log"
+	fi
+	summary+=("$line")
+done
+
+echo
+echo "== summary"
+printf '%s\n' "${summary[@]}"
+[ -n "${PAHO_LOG_DIR:-}" ] && echo "logs in $LOGS"
+exit $status
