@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math"
 	"net"
 	"os"
@@ -316,16 +317,28 @@ type Stats struct {
 
 	MessagesReceived int64 `json:"messages_received"`
 	MessagesSent     int64 `json:"messages_sent"`
-	// MessagesDropped counts messages dropped because a client's queue was
-	// full, by QoS ("0", "1", "2").
+	// Messages not delivered to a client, each counted once, by the QoS it
+	// was published with:
+	//
+	// MessagesDropped counts those dropped because the client's write queue
+	// already held broker.max_queued packets (reason "queue_full"), by QoS
+	// ("0", "1", "2").
 	MessagesDropped map[string]int64 `json:"messages_dropped"`
-	// InflightDropped counts QoS 1/2 messages not queued because the
-	// client's session already held broker.max_queued of them.
+	// InflightDropped counts the QoS 1/2 messages dropped because the
+	// client's session already held broker.max_queued of them, unacknowledged
+	// or kept while it is offline (reason "session_full"), or, in theory, had
+	// no free packet identifier (reason "packet_ids").
 	InflightDropped int64 `json:"inflight_dropped"`
-	BytesReceived   int64 `json:"bytes_received"`
-	BytesSent       int64 `json:"bytes_sent"`
-	PacketsReceived int64 `json:"packets_received"`
-	PacketsSent     int64 `json:"packets_sent"`
+	// DroppedByReason is the same by reason, then QoS: the series of
+	// rtm_broker_messages_dropped_total{reason,qos}, e.g.
+	//
+	//	{"queue_full": {"0": 12, "1": 0, "2": 0},
+	//	 "session_full": {"1": 290, "2": 0}, "packet_ids": {"1": 0, "2": 0}}
+	DroppedByReason map[string]map[string]int64 `json:"messages_dropped_by_reason"`
+	BytesReceived   int64                       `json:"bytes_received"`
+	BytesSent       int64                       `json:"bytes_sent"`
+	PacketsReceived int64                       `json:"packets_received"`
+	PacketsSent     int64                       `json:"packets_sent"`
 
 	HeapBytes  uint64 `json:"heap_bytes"`
 	Goroutines int    `json:"goroutines"`
@@ -354,8 +367,7 @@ func (b *Broker) Stats() Stats {
 		Inflight:         atomic.LoadInt64(&in.Inflight),
 		MessagesReceived: atomic.LoadInt64(&in.MessagesReceived),
 		MessagesSent:     atomic.LoadInt64(&in.MessagesSent),
-		MessagesDropped:  map[string]int64{},
-		InflightDropped:  atomic.LoadInt64(&in.InflightDropped),
+		DroppedByReason:  b.limits.dropCounts(),
 		BytesReceived:    atomic.LoadInt64(&in.BytesReceived),
 		BytesSent:        atomic.LoadInt64(&in.BytesSent),
 		PacketsReceived:  atomic.LoadInt64(&in.PacketsReceived),
@@ -363,8 +375,13 @@ func (b *Broker) Stats() Stats {
 		HeapBytes:        m.HeapInuse,
 		Goroutines:       runtime.NumGoroutine(),
 	}
-	for q := range b.limits.dropsQoS {
-		s.MessagesDropped[fmt.Sprint(q)] = b.limits.dropsQoS[q].Load()
+	s.MessagesDropped = maps.Clone(s.DroppedByReason[dropReasonNames[dropQueueFull]])
+	for r, byQoS := range s.DroppedByReason {
+		if r != dropReasonNames[dropQueueFull] {
+			for _, n := range byQoS {
+				s.InflightDropped += n
+			}
+		}
 	}
 	return s
 }

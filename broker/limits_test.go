@@ -249,9 +249,17 @@ func testDrops(t *testing.T, qos byte, n, size int) {
 		}
 		return nil
 	})
-	// The first drop of a client is logged as it happens.
-	if !logs.Contains("client_id=stuck", "dropped") {
-		t.Error(`no log line with "client_id=stuck" and "dropped": the drops are not attributed to the client`)
+	// The per-reason breakdown adds up to the same drops.
+	st := b.Stats()
+	if got := st.DroppedByReason["queue_full"][fmt.Sprint(qos)]; got != st.MessagesDropped[fmt.Sprint(qos)] {
+		t.Errorf("messages_dropped_by_reason.queue_full[%d] = %d, messages_dropped[%d] = %d", qos, got, qos, st.MessagesDropped[fmt.Sprint(qos)])
+	}
+	if got := st.DroppedByReason["session_full"]["1"] + st.DroppedByReason["packet_ids"]["1"]; got != st.InflightDropped {
+		t.Errorf("messages_dropped_by_reason session_full+packet_ids at QoS 1 = %d, inflight_dropped = %d", got, st.InflightDropped)
+	}
+	// The first drop of a client is logged as it happens, with its reason.
+	if !logs.Contains("client_id=stuck", "dropped", "reason=") {
+		t.Error(`no log line with "client_id=stuck", "dropped" and "reason=": the drops are not attributed to the client`)
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), waitCond)

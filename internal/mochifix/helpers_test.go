@@ -90,17 +90,28 @@ func (c *childRecorder) WithGroup(string) slog.Handler { return c }
 // The server is closed when the test ends.
 func startBroker(t *testing.T, caps func(*mqtt.Capabilities)) (*mqtt.Server, string, *logRecorder) {
 	t.Helper()
+	return startBrokerWith(t, func(o *mqtt.Options) {
+		if caps != nil {
+			caps(o.Capabilities)
+		}
+	})
+}
+
+// startBrokerWith is startBroker with access to all the server options
+// (Capabilities is set to the defaults before opts is called).
+func startBrokerWith(t *testing.T, opts func(*mqtt.Options)) (*mqtt.Server, string, *logRecorder) {
+	t.Helper()
 
 	rec := &logRecorder{}
-	c := mqtt.NewDefaultServerCapabilities()
-	if caps != nil {
-		caps(c)
-	}
-	s := mqtt.New(&mqtt.Options{
+	o := &mqtt.Options{
 		InlineClient: false,
-		Capabilities: c,
+		Capabilities: mqtt.NewDefaultServerCapabilities(),
 		Logger:       slog.New(rec),
-	})
+	}
+	if opts != nil {
+		opts(o)
+	}
+	s := mqtt.New(o)
 	if err := s.AddHook(new(auth.AllowHook), nil); err != nil {
 		t.Fatal(err)
 	}
@@ -112,9 +123,21 @@ func startBroker(t *testing.T, caps func(*mqtt.Capabilities)) (*mqtt.Server, str
 	if err := s.Serve(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = s.Close() })
+	t.Cleanup(func() { closeServer(s) })
 
 	return s, tcp.Address(), rec // Address() is the bound address once Init ran
+}
+
+// closed holds the servers closed by closeServer (mqtt.Server.Close panics
+// when called twice).
+var closed sync.Map
+
+// closeServer closes s once; tests may close their server before the
+// cleanup does.
+func closeServer(s *mqtt.Server) {
+	if _, done := closed.LoadOrStore(s, true); !done {
+		_ = s.Close()
+	}
 }
 
 // connectPaho connects a paho v5 client with a clean session.

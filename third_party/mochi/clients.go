@@ -160,6 +160,7 @@ type ClientState struct {
 	endOnce         sync.Once          // only end once
 	isTakenOver     atomic.Bool        // used to identify orphaned clients
 	packetID        uint32             // the current highest packetID
+	packetIDMu      sync.Mutex         // rtm patch: guards packetID allocation (was the client's lock, held by writes)
 	open            context.Context    // indicate that the client is open for packet exchange
 	cancelOpen      context.CancelFunc // cancel function for open context
 	outboundQty     int32              // number of messages currently in the outbound queue
@@ -208,8 +209,24 @@ func (cl *Client) recoverPanic(r any) error {
 	return fmt.Errorf("%w: %v", ErrClientPanic, r)
 }
 
-// WriteLoop ranges over pending outbound messages and writes them to the client connection.
+// WriteLoop writes the pending outbound packets to the client connection, in
+// order, and returns when none is left.
+//
+// rtm patch: the server no longer runs it as a goroutine per connection that
+// waits for packets (a 4 KiB stack per idle connection): publishToClient
+// starts a writer (writeQueued) when it queues a packet and none is running,
+// and the writer exits once the queue is empty (see outboundQueue). Called
+// directly, WriteLoop drains the queue unless a writer is running already.
 func (cl *Client) WriteLoop() {
+	if cl.State.outbound.claim() {
+		cl.writeQueued()
+	}
+}
+
+// writeQueued writes queued packets until the queue is empty; the caller is
+// the queue's writer (push returned start, or claim true). After the client
+// closes it keeps going, each write failing at once, so the queue is emptied.
+func (cl *Client) writeQueued() {
 	// rtm patch: a panic while encoding or writing a packet to this client
 	// closes this client only. https://github.com/mochi-mqtt/server/issues/501
 	defer func() {
@@ -219,25 +236,15 @@ func (cl *Client) WriteLoop() {
 	}()
 
 	for {
-		select {
-		case <-cl.State.outbound.notify: // rtm patch: drain the queue on each wake-up
-			for {
-				pk, ok := cl.State.outbound.pop()
-				if !ok {
-					break
-				}
-				if err := cl.WritePacket(*pk); err != nil {
-					// TODO : Figure out what to do with error
-					cl.ops.log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
-				}
-				atomic.AddInt32(&cl.State.outboundQty, -1)
-				if cl.Closed() {
-					return
-				}
-			}
-		case <-cl.State.open.Done():
+		pk, ok := cl.State.outbound.pop()
+		if !ok {
 			return
 		}
+		if err := cl.WritePacket(*pk); err != nil {
+			// TODO : Figure out what to do with error
+			cl.ops.log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
+		}
+		atomic.AddInt32(&cl.State.outboundQty, -1)
 	}
 }
 
@@ -308,9 +315,16 @@ func (cl *Client) refreshDeadline(keepalive uint16) {
 // NextPacketID returns the next available (unused) packet id for the client.
 // If no unused packet ids are available, an error is returned and the client
 // should be disconnected.
+//
+// rtm patch: it takes its own mutex. v2.7.9 took the client's lock, which
+// WritePacket holds across the network write: with a subscriber that stopped
+// reading, every publisher to it blocked here behind the writer stuck in
+// write(2), and with them their own clients.
+// https://github.com/mochi-mqtt/server/issues/196 (the lock in WritePacket),
+// https://github.com/mochi-mqtt/server/pull/160 (the lock here)
 func (cl *Client) NextPacketID() (i uint32, err error) {
-	cl.Lock()
-	defer cl.Unlock()
+	cl.State.packetIDMu.Lock()
+	defer cl.State.packetIDMu.Unlock()
 
 	i = atomic.LoadUint32(&cl.State.packetID)
 	started := i
@@ -415,21 +429,32 @@ func (cl *Client) Read(packetHandler ReadFn) (err error) {
 
 		cl.refreshDeadline(cl.State.Keepalive)
 		fh := new(packets.FixedHeader)
-		err = cl.ReadFixedHeader(fh)
+		err = cl.ReadFixedHeader(fh) // an idle connection waits here
 		if err != nil {
 			return err
 		}
 
-		pk, err := cl.ReadPacket(fh)
-		if err != nil {
-			return err
-		}
-
-		err = packetHandler(cl, pk) // Process inbound packet.
+		err = cl.readAndHandle(fh, packetHandler)
 		if err != nil {
 			return err
 		}
 	}
+}
+
+// readAndHandle reads the rest of the packet whose fixed header is fh and
+// processes it.
+// rtm patch: split out of Read, so the packets.Packet values (800 bytes
+// each) are on the stack only while a packet is handled, not while the
+// connection idles in ReadFixedHeader (see attachClient).
+//
+//go:noinline
+func (cl *Client) readAndHandle(fh *packets.FixedHeader, packetHandler ReadFn) error {
+	pk, err := cl.ReadPacket(fh)
+	if err != nil {
+		return err
+	}
+
+	return packetHandler(cl, pk) // Process inbound packet.
 }
 
 // Stop instructs the client to shut down all processing goroutines and disconnect.

@@ -16,11 +16,21 @@ import (
 type Inflight struct {
 	sync.RWMutex
 	internal            map[uint16]packets.Packet // internal contains the inflight packets
-	immediate           []uint16                  // rtm patch: ids of packets waiting for send quota (Expiry < 0), oldest first
+	seq                 map[uint16]uint64         // rtm patch: arrival order of each packet in internal (nil until the first Set)
+	lastSeq             uint64                    // rtm patch: the last sequence number given
+	immediate           []inflightRef             // rtm patch: packets waiting for send quota (Expiry < 0), oldest first
 	receiveQuota        int32                     // remaining inbound qos quota for flow control
 	sendQuota           int32                     // remaining outbound qos quota for flow control
 	maximumReceiveQuota int32                     // maximum allowed receive quota
 	maximumSendQuota    int32                     // maximum allowed send quota
+}
+
+// inflightRef names one inflight packet: its id and its arrival sequence
+// number, so a reused packet id is not mistaken for the packet it replaced.
+// rtm patch.
+type inflightRef struct {
+	id  uint16
+	seq uint64
 }
 
 // NewInflights returns a new instance of an Inflight packets map.
@@ -38,11 +48,24 @@ func (i *Inflight) Set(m packets.Packet) bool {
 	prev, ok := i.internal[m.PacketID]
 	i.internal[m.PacketID] = m
 
+	// rtm patch: number packets in arrival order (an update keeps its
+	// place), so GetAll, and with it the resend of a session's messages on
+	// reconnect, keeps the order they were queued in [MQTT-4.6.0-1]; v2.7.9
+	// sorted by Created, whole seconds, and returned packets of the same
+	// second in map order. No upstream issue found.
+	if !ok {
+		if i.seq == nil {
+			i.seq = map[uint16]uint64{}
+		}
+		i.lastSeq++
+		i.seq[m.PacketID] = i.lastSeq
+	}
+
 	// rtm patch: remember packets waiting for send quota in arrival order, so
 	// NextImmediate neither copies nor sorts the whole inflight map (which made
 	// draining a backlog quadratic) and releases them in FIFO order.
 	if m.Expiry < 0 && (!ok || prev.Expiry >= 0) {
-		i.immediate = append(i.immediate, m.PacketID)
+		i.immediate = append(i.immediate, inflightRef{id: m.PacketID, seq: i.seq[m.PacketID]})
 	}
 
 	return !ok
@@ -76,11 +99,22 @@ func (i *Inflight) Clone() *Inflight {
 	for k, v := range i.internal {
 		c.internal[k] = v
 	}
-	c.immediate = append([]uint16(nil), i.immediate...) // rtm patch
+	// rtm patch: the clone keeps the arrival order.
+	if i.seq != nil {
+		c.seq = make(map[uint16]uint64, len(i.seq))
+		for k, v := range i.seq {
+			c.seq[k] = v
+		}
+	}
+	c.lastSeq = i.lastSeq
+	c.immediate = append([]inflightRef(nil), i.immediate...)
 	return c
 }
 
 // GetAll returns all the inflight messages.
+// rtm patch: oldest first, in the order they were added (see Set); v2.7.9
+// sorted by uint16(Created), which left packets of the same second in random
+// map order (and wrapped every 18 hours).
 func (i *Inflight) GetAll(immediate bool) []packets.Packet {
 	i.RLock()
 	defer i.RUnlock()
@@ -92,8 +126,8 @@ func (i *Inflight) GetAll(immediate bool) []packets.Packet {
 		}
 	}
 
-	sort.Slice(m, func(i, j int) bool {
-		return uint16(m[i].Created) < uint16(m[j].Created)
+	sort.Slice(m, func(a, b int) bool {
+		return i.seq[m[a].PacketID] < i.seq[m[b].PacketID]
 	})
 
 	return m
@@ -115,12 +149,12 @@ func (i *Inflight) NextImmediate() (packets.Packet, bool) {
 	defer i.Unlock()
 
 	for len(i.immediate) > 0 {
-		id := i.immediate[0]
+		ref := i.immediate[0]
 		i.immediate = i.immediate[1:]
-		if m, ok := i.internal[id]; ok && m.Expiry < 0 {
+		if m, ok := i.internal[ref.id]; ok && m.Expiry < 0 && i.seq[ref.id] == ref.seq {
 			sent := m
 			sent.Expiry = 0
-			i.internal[id] = sent
+			i.internal[ref.id] = sent
 			if len(i.immediate) == 0 {
 				i.immediate = nil // release the backing array
 			}
@@ -139,6 +173,7 @@ func (i *Inflight) Delete(id uint16) bool {
 
 	_, ok := i.internal[id]
 	delete(i.internal, id)
+	delete(i.seq, id) // rtm patch
 
 	return ok
 }

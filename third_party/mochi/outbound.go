@@ -16,34 +16,43 @@ import (
 // message now and then does not allocate a new array per message.
 const outboundQueueKeep = 16
 
-// outboundQueue is the FIFO of packets waiting for a client's WriteLoop.
+// outboundQueue is the FIFO of packets waiting for a client's writer.
 //
 // rtm patch: it replaces `make(chan *packets.Packet, MaximumClientWritesPending)`,
 // which cost 8 bytes per slot (64 KiB per connection with the default 8192)
 // even when idle. The queue holds no array until a packet is queued, grows by
 // doubling up to limit, and releases its array when drained. push fails when
 // limit packets are pending, exactly when the channel send used to fail.
+//
+// It also decides when a writer goroutine runs: v2.7.9 kept one per
+// connection (WriteLoop) waiting on the channel, a 4 KiB stack (and a
+// goroutine) per idle connection. Now the push that finds no writer running
+// asks its caller to start one (Client.writeQueued), which writes until it
+// finds the queue empty and exits. Both decisions are taken under mu, so
+// there is at most one writer, packets are written in FIFO order, and no
+// queued packet is left without a writer.
 type outboundQueue struct {
-	mu     sync.Mutex
-	buf    []*packets.Packet // ring buffer, nil until needed
-	head   int               // index of the oldest packet in buf
-	n      atomic.Int32      // number of queued packets; written under mu
-	limit  int32             // maximum number of queued packets
-	notify chan struct{}     // capacity 1; signalled after every push
+	mu      sync.Mutex
+	buf     []*packets.Packet // ring buffer, nil until needed
+	head    int               // index of the oldest packet in buf
+	n       atomic.Int32      // number of queued packets; written under mu
+	limit   int32             // maximum number of queued packets
+	writing bool              // a writer is draining the queue
 }
 
 func newOutboundQueue(limit int32) outboundQueue {
-	return outboundQueue{limit: limit, notify: make(chan struct{}, 1)}
+	return outboundQueue{limit: limit}
 }
 
-// push appends pk and wakes the WriteLoop. It returns false, queueing
-// nothing, if limit packets are already pending.
-func (q *outboundQueue) push(pk *packets.Packet) bool {
+// push appends pk. It returns ok false, queueing nothing, if limit packets
+// are already pending. It returns start true if no writer is running: one is
+// then counted as running, and the caller must start it.
+func (q *outboundQueue) push(pk *packets.Packet) (ok, start bool) {
 	q.mu.Lock()
 	n := int(q.n.Load())
 	if n >= int(q.limit) {
 		q.mu.Unlock()
-		return false
+		return false, false
 	}
 	if n == len(q.buf) {
 		q.grow()
@@ -54,12 +63,21 @@ func (q *outboundQueue) push(pk *packets.Packet) bool {
 	}
 	q.buf[i] = pk
 	q.n.Store(int32(n + 1))
+	start = !q.writing
+	q.writing = true
 	q.mu.Unlock()
+	return true, start
+}
 
-	select {
-	case q.notify <- struct{}{}:
-	default: // a wake-up is already pending
+// claim counts a writer as running, unless one is; it reports whether the
+// caller is now the writer.
+func (q *outboundQueue) claim() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.writing {
+		return false
 	}
+	q.writing = true
 	return true
 }
 
@@ -79,13 +97,16 @@ func (q *outboundQueue) grow() {
 	q.head = 0
 }
 
-// pop removes and returns the oldest packet, or false if the queue is empty.
+// pop removes and returns the oldest packet. If the queue is empty it
+// returns false and counts the writer as stopped: the caller, the writer,
+// must exit (the next push starts a new one).
 func (q *outboundQueue) pop() (*packets.Packet, bool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 
 	n := int(q.n.Load())
 	if n == 0 {
+		q.writing = false
 		return nil, false
 	}
 	pk := q.buf[q.head]

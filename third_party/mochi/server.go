@@ -418,9 +418,36 @@ func (s *Server) attachClient(cl *Client, listener string) (err error) {
 		}
 	}()
 
-	go cl.WriteLoop()
-	defer cl.Stop(nil)
+	defer cl.Stop(nil) // rtm patch: no WriteLoop goroutine here; publishToClient starts writers
 
+	// rtm patch: the CONNECT handling and the disconnect handling are in
+	// functions of their own, so their frames (large packets.Packet values)
+	// are not on the stack while the connection idles in cl.Read: an idle
+	// read goroutine then uses little enough of its stack (grown to 16 KiB
+	// while handling the CONNECT) for the GC to shrink it to 4 KiB. v2.7.9's
+	// 3 KiB attachClient frame (plus Read's 1.7 KiB) kept it at 16 KiB.
+	var counted bool // ClientsConnected was incremented for cl
+	defer func() {
+		if counted {
+			atomic.AddInt64(&s.Info.ClientsConnected, -1)
+		}
+	}()
+	if err = s.connectClient(cl, listener, &counted); err != nil {
+		return err
+	}
+
+	err = cl.Read(s.receivePacket)
+	s.disconnectedClient(cl, listener, err)
+	return err
+}
+
+// connectClient reads, validates and answers the CONNECT of a new connection
+// and establishes its session; it sets *counted once it has incremented
+// Info.ClientsConnected for cl (the caller decrements it when cl goes).
+// rtm patch: split out of attachClient, see there.
+//
+//go:noinline
+func (s *Server) connectClient(cl *Client, listener string, counted *bool) error {
 	pk, err := s.readConnectionPacket(cl)
 	if err != nil {
 		return fmt.Errorf("read connection: %w", err)
@@ -461,7 +488,7 @@ func (s *Server) attachClient(cl *Client, listener string) (err error) {
 	}
 
 	atomic.AddInt64(&s.Info.ClientsConnected, 1)
-	defer atomic.AddInt64(&s.Info.ClientsConnected, -1)
+	*counted = true
 
 	s.hooks.OnSessionEstablish(cl, pk)
 
@@ -483,9 +510,30 @@ func (s *Server) attachClient(cl *Client, listener string) (err error) {
 	}
 
 	s.hooks.OnSessionEstablished(cl, pk)
+	return nil
+}
 
-	err = cl.Read(s.receivePacket)
+// disconnectedClient handles the end of a connection whose packet loop
+// ended with err: LWT, OnDisconnect, and the session's cleanup if it expires
+// now. rtm patch: split out of attachClient, see there.
+//
+//go:noinline
+func (s *Server) disconnectedClient(cl *Client, listener string, err error) {
 	if err != nil {
+		// rtm patch: a v5 client whose packet could not be read (too large,
+		// malformed) is told why with a DISCONNECT, as receivePacket does for
+		// a packet that fails processing [MQTT-4.13.1-1]; v2.7.9 just closed
+		// the connection. (After receivePacket's DISCONNECT the client is
+		// closed already and nothing more is sent; in PassiveClientDisconnect
+		// mode it is not, so nothing is sent here, as in v2.7.9.)
+		// https://github.com/mochi-mqtt/server/issues/120,
+		// https://github.com/mochi-mqtt/server/pull/121 (0x95 intended)
+		var code packets.Code
+		if errors.As(err, &code) && code.Code >= packets.ErrUnspecifiedError.Code &&
+			cl.Properties.ProtocolVersion == 5 && !cl.Closed() &&
+			!s.Options.Capabilities.Compatibilities.PassiveClientDisconnect {
+			_ = s.DisconnectClient(cl, code)
+		}
 		s.sendLWT(cl)
 		cl.Stop(err)
 	} else {
@@ -501,8 +549,6 @@ func (s *Server) attachClient(cl *Client, listener string) (err error) {
 		s.UnsubscribeClient(cl)
 		s.Clients.Delete(cl.ID) // [MQTT-4.1.0-2] ![MQTT-3.1.2-23]
 	}
-
-	return err
 }
 
 // readConnectionPacket reads the first incoming header for a connection, and if
@@ -1086,9 +1132,13 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 
 	if out.FixedHeader.Qos > 0 {
 		if cl.State.Inflight.Len() >= int(s.Options.Capabilities.MaximumInflight) {
-			// add hook?
+			// rtm patch: the message is dropped for this client: tell the
+			// OnPublishDropped hooks, as for a full write queue, instead of a
+			// Warn per message (a stuck subscriber flooded the log with them,
+			// without a count a hook could attribute to the client).
 			atomic.AddInt64(&s.Info.InflightDropped, 1)
-			s.Log.Warn("client store quota reached", "client", cl.ID, "listener", cl.Net.Listener)
+			s.Log.Debug("client store quota reached", "client", cl.ID, "listener", cl.Net.Listener)
+			cl.ops.hooks.OnPublishDropped(cl, pk)
 			return out, packets.ErrQuotaExceeded
 		}
 
@@ -1123,15 +1173,24 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 		return out, packets.CodeDisconnect
 	}
 
-	if cl.State.outbound.push(&out) { // rtm patch: was a non-blocking chan send
+	if ok, start := cl.State.outbound.push(&out); ok { // rtm patch: was a non-blocking chan send
 		atomic.AddInt32(&cl.State.outboundQty, 1)
+		if start {
+			go cl.writeQueued() // rtm patch: a writer runs only while packets are queued
+		}
 	} else {
 		atomic.AddInt64(&s.Info.MessagesDropped, 1)
-		cl.ops.hooks.OnPublishDropped(cl, pk)
 		if out.FixedHeader.Qos > 0 {
-			cl.State.Inflight.Delete(out.PacketID) // packet was dropped due to irregular circumstances, so rollback inflight.
+			// packet was dropped due to irregular circumstances, so rollback inflight.
+			if cl.State.Inflight.Delete(out.PacketID) {
+				atomic.AddInt64(&s.Info.Inflight, -1) // rtm patch: v2.7.9 left Info.Inflight counting it
+			}
 			cl.State.Inflight.IncreaseSendQuota()
 		}
+		// rtm patch: after the rollback, so a hook sees the session without
+		// the dropped packet and can tell a full write queue from a full
+		// session (see the Inflight.Len check above).
+		cl.ops.hooks.OnPublishDropped(cl, pk)
 		return out, packets.ErrPendingClientWritesExceeded
 	}
 
@@ -1447,6 +1506,19 @@ func (s *Server) DisconnectClient(cl *Client, code packets.Code) error {
 
 	if code.Code >= packets.ErrUnspecifiedError.Code {
 		out.Properties.ReasonString = code.Reason //  // [MQTT-3.14.2-1]
+	}
+
+	// rtm patch: MQTT 3.1.1 has no server-to-client DISCONNECT (3.14: "sent
+	// from the Client to the Server"): a v3 client is only disconnected, by
+	// closing its connection, whatever PassiveClientDisconnect says, since
+	// nothing else would tell it. v2.7.9 sent a DISCONNECT packet to every
+	// client (server shutdown, session takeover, ...). No upstream issue found.
+	if cl.Properties.ProtocolVersion < 5 {
+		cl.Stop(code)
+		if code.Code >= packets.ErrUnspecifiedError.Code {
+			return code
+		}
+		return nil
 	}
 
 	// We already have a code we are using to disconnect the client, so we are not
