@@ -90,6 +90,21 @@ func (i *Inflight) Len() int {
 	return len(i.internal)
 }
 
+// hasExpired reports whether any inflight message has expired (see
+// Client.ClearExpiredInflights), without copying them.
+// rtm patch: the event loop calls it every second for every client; see
+// PATCHES.md, patch 13.
+func (i *Inflight) hasExpired(now, maximumExpiry int64) bool {
+	i.RLock()
+	defer i.RUnlock()
+	for _, tk := range i.internal {
+		if inflightExpired(&tk, now, maximumExpiry) {
+			return true
+		}
+	}
+	return false
+}
+
 // Clone returns a new instance of Inflight with the same message data.
 // This is used when transferring inflights from a taken-over session.
 func (i *Inflight) Clone() *Inflight {

@@ -93,6 +93,21 @@ func (p *Packets) GetAll() map[string]Packet {
 	return m
 }
 
+// Range calls fn for each packet, in no particular order, until fn returns
+// false. The read lock is held throughout: fn must not call the methods of p.
+//
+// rtm patch: the server's event loop iterated over GetAll, a copy of the
+// whole map (retained messages, delayed wills), every second.
+func (p *Packets) Range(fn func(id string, pk Packet) bool) {
+	p.RLock()
+	defer p.RUnlock()
+	for id, pk := range p.internal {
+		if !fn(id, pk) {
+			return
+		}
+	}
+}
+
 // Get returns a specific packet in the map by packet id.
 func (p *Packets) Get(id string) (val Packet, ok bool) {
 	p.RLock()
