@@ -299,6 +299,9 @@ func TestOutboundQueueLimitAndOrder(t *testing.T) {
 	hook := new(droppedHook)
 	require.NoError(t, s.AddHook(hook, nil))
 
+	// Each packet goes straight to the socket, so the writer blocks on the
+	// first one; otherwise it batches into its buffer and drains the queue.
+	s.Options.ClientNetWriteBufferSize = 1
 	r, w := net.Pipe()
 	defer func() { _ = r.Close(); _ = w.Close() }()
 	cl := s.NewClient(w, "t", "sub", false)
@@ -659,6 +662,7 @@ func TestSessionFullCallsOnPublishDropped(t *testing.T) {
 	// packet the writer holds) fills while the session (10) has room; the
 	// hook runs after the rollback.
 	s.Options.Capabilities.MaximumInflight = 10
+	s.Options.ClientNetWriteBufferSize = 1 // the writer blocks on its first packet
 	r, w := net.Pipe()
 	defer func() { _ = r.Close(); _ = w.Close() }()
 	cl := s.NewClient(w, "t", "stuck", false)
