@@ -780,3 +780,58 @@ func TestDisconnectClientV3SendsNothing(t *testing.T) {
 		})
 	}
 }
+
+// ackOrderHook records, when a PUBACK or PUBREC is written, how many
+// messages an offline subscriber's session holds.
+type ackOrderHook struct {
+	HookBase
+	sub  *Client
+	seen chan int
+}
+
+func (h *ackOrderHook) ID() string { return "ack-order" }
+func (h *ackOrderHook) Provides(b byte) bool {
+	return b == OnPacketSent
+}
+func (h *ackOrderHook) OnPacketSent(cl *Client, pk packets.Packet, _ []byte) {
+	if pk.FixedHeader.Type == packets.Puback || pk.FixedHeader.Type == packets.Pubrec {
+		h.seen <- h.sub.State.Inflight.Len()
+	}
+}
+
+// TestAckAfterFanOut: a QoS 1 or 2 PUBLISH is acknowledged only once it is
+// in every matching session. On v2.7.9 the acknowledgement was written
+// first, so the session of an offline subscriber was still empty then.
+func TestAckAfterFanOut(t *testing.T) {
+	for _, qos := range []byte{1, 2} {
+		s := newServer()
+		sub := s.NewClient(nil, "t", "offline-sub", false)
+		sub.Properties.ProtocolVersion = 5
+		s.Clients.Add(sub)
+		s.Topics.Subscribe(sub.ID, packets.Subscription{Filter: "a/b", Qos: 1})
+		sub.State.Subscriptions.Add("a/b", packets.Subscription{Filter: "a/b", Qos: 1})
+		hook := &ackOrderHook{sub: sub, seen: make(chan int, 1)}
+		require.NoError(t, s.AddHook(hook, nil))
+
+		r, w := net.Pipe()
+		pub := s.NewClient(w, "t", "publisher", false)
+		pub.Properties.ProtocolVersion = 5
+		pub.State.Inflight.ResetReceiveQuota(10)
+		go func() { _, _ = io.Copy(io.Discard, r) }()
+		err := s.processPacket(pub, packets.Packet{
+			FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: qos},
+			TopicName:   "a/b",
+			Payload:     []byte("x"),
+			PacketID:    7,
+		})
+		require.NoError(t, err)
+		select {
+		case n := <-hook.seen:
+			require.Equal(t, 1, n, "QoS %d: the subscriber's session when the publisher was acknowledged", qos)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("QoS %d: no acknowledgement written", qos)
+		}
+		_ = w.Close()
+		_ = r.Close()
+	}
+}

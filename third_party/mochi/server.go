@@ -1018,6 +1018,13 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		s.hooks.OnQosPublish(cl, ack, ack.Created, 0)
 	}
 
+	// rtm patch: hand the message to every subscriber's session before
+	// acknowledging it. v2.7.9 sent the PUBACK/PUBREC first, so a publisher
+	// could be told a message was accepted while it was not yet queued for
+	// anyone, and a subscriber reconnecting in that window never got it.
+	// No upstream issue.
+	s.publishToSubscribers(pk)
+
 	err = cl.WritePacket(ack)
 	if err != nil {
 		return err
@@ -1031,7 +1038,6 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		s.hooks.OnQosComplete(cl, ack)
 	}
 
-	s.publishToSubscribers(pk)
 	s.hooks.OnPublished(cl, pk)
 
 	return nil
