@@ -59,18 +59,7 @@ const dropLogInterval = time.Second
 func (h *limitsHook) ID() string { return "rtm-limits" }
 
 func (h *limitsHook) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnPublishDropped, mqtt.OnPacketIDExhausted, mqtt.OnClientExpired,
-		mqtt.OnPacketEncode}, []byte{b})
-}
-
-// OnPacketEncode advertises broker.max_packet_size in v5 CONNACKs (3.2.2.3.6):
-// mochi enforces the limit but does not tell clients, which then send a
-// larger packet and lose their connection instead of refusing it locally.
-func (h *limitsHook) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
-	if pk.FixedHeader.Type == packets.Connack && cl.Properties.ProtocolVersion == 5 && h.b.cfg.MaxPacketSize > 0 {
-		pk.Properties.MaximumPacketSize = uint32(h.b.cfg.MaxPacketSize)
-	}
-	return pk
+	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnPublishDropped, mqtt.OnPacketIDExhausted, mqtt.OnClientExpired}, []byte{b})
 }
 
 // OnClientExpired releases what an expired session still holds. mochi only

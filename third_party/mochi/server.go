@@ -669,7 +669,11 @@ func (s *Server) SendConnack(cl *Client, reason packets.Code, present bool, prop
 	}
 
 	properties.ReceiveMaximum = s.Options.Capabilities.ReceiveMaximum // 3.2.2.3.3 Receive Maximum
-	if cl.State.ServerKeepalive {                                     // You can set this dynamically using the OnConnect hook.
+	// rtm patch: advertise the Maximum Packet Size the server enforces
+	// (3.2.2.3.6), so a v5 client refuses a larger packet locally instead of
+	// losing its connection. No upstream issue found.
+	properties.MaximumPacketSize = s.Options.Capabilities.MaximumPacketSize
+	if cl.State.ServerKeepalive { // You can set this dynamically using the OnConnect hook.
 		properties.ServerKeepAlive = cl.State.Keepalive // [MQTT-3.1.2-21]
 		properties.ServerKeepAliveFlag = true
 	}
