@@ -835,3 +835,19 @@ func TestAckAfterFanOut(t *testing.T) {
 		_ = r.Close()
 	}
 }
+
+// waitOutboundDrained waits until cl's write queue is empty and its writer
+// has finished, replacing upstream tests' fixed sleeps, which were too short
+// once the writer goroutine is started on demand (patch 12).
+func waitOutboundDrained(cl *Client) {
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		cl.State.outbound.mu.Lock()
+		idle := cl.State.outbound.n.Load() == 0 && !cl.State.outbound.writing
+		cl.State.outbound.mu.Unlock()
+		if idle {
+			return
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+}

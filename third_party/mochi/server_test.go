@@ -1873,7 +1873,7 @@ func TestPublishToSubscribersSelfNoLocal(t *testing.T) {
 		pkx := *packets.TPacketData[packets.Publish].Get(packets.TPublishBasic).Packet
 		pkx.Origin = cl.ID
 		s.publishToSubscribers(pkx)
-		time.Sleep(time.Millisecond)
+		waitOutboundDrained(cl) // rtm patch: the writer runs on demand; wait for it, not a fixed time
 		_ = w.Close()
 	}()
 
@@ -1992,7 +1992,7 @@ func TestPublishToSubscribersIdentifiers(t *testing.T) {
 
 	go func() {
 		s.publishToSubscribers(*packets.TPacketData[packets.Publish].Get(packets.TPublishBasic).Packet)
-		time.Sleep(time.Millisecond)
+		waitOutboundDrained(cl) // rtm patch: the writer runs on demand; wait for it, not a fixed time
 		_ = w.Close()
 	}()
 
@@ -2017,7 +2017,7 @@ func TestPublishToSubscribersPkIgnore(t *testing.T) {
 		pk := *packets.TPacketData[packets.Publish].Get(packets.TPublishBasic).Packet
 		pk.Ignore = true
 		s.publishToSubscribers(pk)
-		time.Sleep(time.Millisecond)
+		waitOutboundDrained(cl) // rtm patch: the writer runs on demand; wait for it, not a fixed time
 		_ = w.Close()
 	}()
 
@@ -2046,7 +2046,7 @@ func TestPublishToClientServerDowngradeQos(t *testing.T) {
 		pkx := *packets.TPacketData[packets.Publish].Get(packets.TPublishQos1).Packet
 		pkx.FixedHeader.Qos = 2
 		_, _ = s.publishToClient(cl, packets.Subscription{Filter: "a/b/c", Qos: 2}, pkx)
-		time.Sleep(time.Microsecond * 100)
+		waitOutboundDrained(cl) // rtm patch: the writer runs on demand; wait for it, not a fixed time
 		_ = w.Close()
 	}()
 
@@ -2075,7 +2075,7 @@ func TestPublishToClientSubscriptionDowngradeQos(t *testing.T) {
 		pkx := *packets.TPacketData[packets.Publish].Get(packets.TPublishQos1).Packet
 		pkx.FixedHeader.Qos = 2
 		_, _ = s.publishToClient(cl, packets.Subscription{Filter: "a/b/c", Qos: 1}, pkx)
-		time.Sleep(time.Microsecond * 100)
+		waitOutboundDrained(cl) // rtm patch: the writer runs on demand; wait for it, not a fixed time
 		_ = w.Close()
 	}()
 
@@ -2142,7 +2142,7 @@ func TestPublishToClientServerTopicAlias(t *testing.T) {
 		pkx := *packets.TPacketData[packets.Publish].Get(packets.TPublishBasicMqtt5).Packet
 		_, _ = s.publishToClient(cl, packets.Subscription{Filter: pkx.TopicName}, pkx)
 		_, _ = s.publishToClient(cl, packets.Subscription{Filter: pkx.TopicName}, pkx)
-		time.Sleep(time.Millisecond)
+		waitOutboundDrained(cl) // rtm patch: the writer runs on demand; wait for it, not a fixed time
 		_ = w.Close()
 	}()
 
@@ -2278,7 +2278,7 @@ func TestPublishToSubscribersExhaustedSendQuota(t *testing.T) {
 	pkx := *packets.TPacketData[packets.Publish].Get(packets.TPublishQos1).Packet
 	pkx.PacketID = 0
 	s.publishToSubscribers(pkx)
-	time.Sleep(time.Millisecond)
+	waitOutboundDrained(cl) // rtm patch: the writer runs on demand; wait for it, not a fixed time
 	_ = w.Close()
 }
 
@@ -2299,7 +2299,7 @@ func TestPublishToSubscribersExhaustedPacketIDs(t *testing.T) {
 	pkx := *packets.TPacketData[packets.Publish].Get(packets.TPublishQos1).Packet
 	pkx.PacketID = 0
 	s.publishToSubscribers(pkx)
-	time.Sleep(time.Millisecond)
+	waitOutboundDrained(cl) // rtm patch: the writer runs on demand; wait for it, not a fixed time
 	_ = w.Close()
 }
 
@@ -2314,7 +2314,7 @@ func TestPublishToSubscribersNoConnection(t *testing.T) {
 	// can we hook into log/slog ?
 	_ = r.Close()
 	s.publishToSubscribers(*packets.TPacketData[packets.Publish].Get(packets.TPublishBasic).Packet)
-	time.Sleep(time.Millisecond)
+	waitOutboundDrained(cl) // rtm patch: the writer runs on demand; wait for it, not a fixed time
 	_ = w.Close()
 }
 
@@ -2331,7 +2331,7 @@ func TestPublishRetainedToClient(t *testing.T) {
 
 	go func() {
 		s.publishRetainedToClient(cl, packets.Subscription{Filter: "a/b/c"}, false)
-		time.Sleep(time.Millisecond)
+		waitOutboundDrained(cl) // rtm patch: the writer runs on demand; wait for it, not a fixed time
 		_ = w.Close()
 	}()
 
@@ -2773,7 +2773,7 @@ func TestServerProcessOutboundQos2Flow(t *testing.T) {
 				require.NoError(t, err)
 			}
 
-			time.Sleep(time.Millisecond)
+			waitOutboundDrained(cl) // rtm patch: the writer runs on demand; wait for it, not a fixed time
 			_ = w.Close()
 
 			if i != 2 {
@@ -2877,7 +2877,7 @@ func TestServerProcessSubscribeWithRetain(t *testing.T) {
 		err := s.processPacket(cl, *packets.TPacketData[packets.Subscribe].Get(packets.TSubscribe).Packet)
 		require.NoError(t, err)
 
-		time.Sleep(time.Millisecond)
+		waitOutboundDrained(cl) // rtm patch: the writer runs on demand; wait for it, not a fixed time
 		_ = w.Close()
 	}()
 
@@ -2898,7 +2898,7 @@ func TestServerProcessSubscribeDowngradeQos(t *testing.T) {
 		err := s.processPacket(cl, *packets.TPacketData[packets.Subscribe].Get(packets.TSubscribeMany).Packet)
 		require.NoError(t, err)
 
-		time.Sleep(time.Millisecond)
+		waitOutboundDrained(cl) // rtm patch: the writer runs on demand; wait for it, not a fixed time
 		_ = w.Close()
 	}()
 
@@ -2920,7 +2920,7 @@ func TestServerProcessSubscribeWithRetainHandling1(t *testing.T) {
 		err := s.processPacket(cl, *packets.TPacketData[packets.Subscribe].Get(packets.TSubscribeRetainHandling1).Packet)
 		require.NoError(t, err)
 
-		time.Sleep(time.Millisecond)
+		waitOutboundDrained(cl) // rtm patch: the writer runs on demand; wait for it, not a fixed time
 		_ = w.Close()
 	}()
 
@@ -2941,7 +2941,7 @@ func TestServerProcessSubscribeWithRetainHandling2(t *testing.T) {
 		err := s.processPacket(cl, *packets.TPacketData[packets.Subscribe].Get(packets.TSubscribeRetainHandling2).Packet)
 		require.NoError(t, err)
 
-		time.Sleep(time.Millisecond)
+		waitOutboundDrained(cl) // rtm patch: the writer runs on demand; wait for it, not a fixed time
 		_ = w.Close()
 	}()
 
@@ -2962,7 +2962,7 @@ func TestServerProcessSubscribeWithNotRetainAsPublished(t *testing.T) {
 		err := s.processPacket(cl, *packets.TPacketData[packets.Subscribe].Get(packets.TSubscribeRetainAsPublished).Packet)
 		require.NoError(t, err)
 
-		time.Sleep(time.Millisecond)
+		waitOutboundDrained(cl) // rtm patch: the writer runs on demand; wait for it, not a fixed time
 		_ = w.Close()
 	}()
 
