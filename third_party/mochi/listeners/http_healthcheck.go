@@ -69,7 +69,7 @@ func (l *HTTPHealthCheck) Init(_ *slog.Logger) error {
 	}
 
 	if l.config.TLSConfig != nil {
-		l.listen.TLSConfig = l.config.TLSConfig
+		l.listen.TLSConfig = l.config.TLSConfig.Clone() // rtm patch: see websocket.go Init
 	}
 
 	return nil

@@ -73,7 +73,7 @@ func (l *HTTPStats) Init(log *slog.Logger) error {
 	}
 
 	if l.config.TLSConfig != nil {
-		l.listen.TLSConfig = l.config.TLSConfig
+		l.listen.TLSConfig = l.config.TLSConfig.Clone() // rtm patch: see websocket.go Init
 	}
 
 	return nil

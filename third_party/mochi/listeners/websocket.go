@@ -80,9 +80,12 @@ func (l *Websocket) Init(log *slog.Logger) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/", l.handler)
 	l.listen = &http.Server{
-		Addr:         l.address,
-		Handler:      mux,
-		TLSConfig:    l.config.TLSConfig,
+		Addr:    l.address,
+		Handler: mux,
+		// rtm patch: net/http writes to the server's TLS config when it
+		// starts (HTTP/2 setup), so a config shared between listeners is a
+		// data race; give this server its own copy. No upstream issue found.
+		TLSConfig:    l.config.TLSConfig.Clone(),
 		ReadTimeout:  60 * time.Second,
 		WriteTimeout: 60 * time.Second,
 	}
