@@ -24,6 +24,9 @@ run: build ## start rtm dev: every role, embedded store in ./data
 
 test: ## run every test with the race detector (also compiles benchmarks, runs the mochi fork's tests)
 	$(GO) test $(TEST_FLAGS) ./...
+	# memory per idle connection is asserted without the race detector, whose
+	# instrumentation inflates frames
+	$(GO) test -count=1 -run 'TestIdleConnectionMemory' -v ./internal/mochifix | grep -E '^(---|ok|FAIL)|per connection'
 	$(GO) test -run '^$$' -bench . -benchtime 1x ./... > /dev/null
 	$(MAKE) test-fork
 
