@@ -7,6 +7,7 @@ import (
 	"os"
 	"runtime"
 	"runtime/pprof"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -72,7 +73,7 @@ func idleConnectionMemory(t *testing.T, n, readBuf, writeBuf int) (heap, stack, 
 		defer func() { runtime.MemProfileRate = 512 * 1024 }()
 		defer writeHeapProfile(t, path) // runs before the connections close
 	}
-	_, addr, _ := startBrokerWith(t, func(o *mqtt.Options) {
+	s, addr, _ := startBrokerWith(t, func(o *mqtt.Options) {
 		o.ClientNetReadBufferSize, o.ClientNetWriteBufferSize = readBuf, writeBuf
 	})
 	// Once the connections are closed, wait for the broker to let them go,
@@ -120,7 +121,15 @@ func idleConnectionMemory(t *testing.T, n, readBuf, writeBuf int) (heap, stack, 
 		conns = append(conns, c)
 		readConnack(t, c, "idle-"+itoa(i))
 	}
-	time.Sleep(200 * time.Millisecond) // let every connection go idle
+	// Every client is attached (its CONNACK came after that); measure()
+	// then runs the GC twice so idle stacks shrink.
+	deadline := time.Now().Add(10 * time.Second)
+	for atomic.LoadInt64(&s.Info.ClientsConnected) < int64(n) && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if got := atomic.LoadInt64(&s.Info.ClientsConnected); got < int64(n) {
+		t.Fatalf("%d of %d clients attached", got, n)
+	}
 	alloc1, heap1, stack1, g1 := measure()
 
 	heap = (float64(heap1) - float64(heap0)) / float64(n)
