@@ -87,7 +87,7 @@ type Broker struct {
 // New validates the configuration and builds a broker; it binds nothing.
 func New(opts Options) (*Broker, error) {
 	cfg := opts.Config
-	if err := (config.Config{Data: ".", Log: config.Defaults().Log, Store: config.Defaults().Store, Auth: opts.Auth, Broker: cfg}).Validate(); err != nil {
+	if err := errors.Join(cfg.Validate(), opts.Auth.Validate()); err != nil {
 		return nil, err
 	}
 	if cfg.NodeName == "" {
@@ -355,7 +355,7 @@ func (b *Broker) Stats() Stats {
 		Started:          b.startAt.UTC(),
 		Uptime:           time.Since(b.startAt).Seconds(),
 		Ready:            b.Ready(),
-		Listeners:        b.addrs,
+		Listeners:        maps.Clone(b.addrs), // callers may keep and change it
 		Connections:      atomic.LoadInt64(&in.ClientsConnected),
 		Capacity:         b.cfg.Capacity,
 		RejectedCapacity: b.rejectedFull.Load(),

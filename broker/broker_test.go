@@ -3,7 +3,6 @@ package broker_test
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -131,5 +130,3 @@ func TestShutdownDisconnectsWithServerShuttingDown(t *testing.T) {
 		t.Fatalf("second shutdown: %v", err)
 	}
 }
-
-var _ = fmt.Sprint

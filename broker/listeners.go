@@ -28,7 +28,6 @@ type streamListener struct {
 	id    string
 	ln    net.Listener
 	log   *slog.Logger
-	wg    sync.WaitGroup
 	close sync.Once
 }
 
@@ -44,9 +43,7 @@ func (l *streamListener) Serve(establish listeners.EstablishFn) {
 			return // closed
 		}
 		_ = conn.SetReadDeadline(time.Now().Add(connectTimeout))
-		l.wg.Add(1)
 		go func() {
-			defer l.wg.Done()
 			if err := establish(l.id, conn); err != nil && !expectedClose(err) {
 				l.log.Debug("connection ended", "listener", l.id, "remote", conn.RemoteAddr().String(), "error", err)
 			}

@@ -17,8 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/eclipse/paho.golang/paho"
-
 	"github.com/rtm-dev/rtm/internal/testutil"
 )
 
@@ -367,5 +365,3 @@ func (b *lineBuffer) Lines() []string {
 	}
 	return lines
 }
-
-var _ = paho.Connect{}

@@ -13,101 +13,131 @@ import (
 // Validate reports every invalid value of c at once, each naming its key and
 // value.
 func (c Config) Validate() error {
-	var errs []error
-	bad := func(key string, v any, why string) {
-		errs = append(errs, &FieldError{Key: key, Value: v, Why: why})
-	}
-	oneOf := func(key, v string, allowed ...string) {
-		for _, a := range allowed {
-			if v == a {
-				return
-			}
-		}
-		bad(key, v, "want one of "+strings.Join(allowed, ", "))
-	}
-	addr := func(key, v string, optional bool) {
-		if v == "" {
-			if !optional {
-				bad(key, v, "an address is required (host:port)")
-			}
-			return
-		}
-		_, port, err := net.SplitHostPort(v)
-		if err != nil {
-			bad(key, v, "want host:port, e.g. :1883 or 127.0.0.1:1883")
-			return
-		}
-		if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
-			bad(key, v, "port must be 0-65535")
-		}
-	}
-	between := func(key string, v, lo, hi int) {
-		if v < lo || v > hi {
-			bad(key, v, fmt.Sprintf("must be between %d and %d", lo, hi))
-		}
-	}
-	nonNegative := func(key string, d time.Duration) {
-		if d < 0 {
-			bad(key, d.String(), "must not be negative")
-		}
-	}
-
+	v := &validator{}
 	if c.Data == "" {
-		bad("data", c.Data, "a directory is required")
+		v.bad("data", c.Data, "a directory is required")
 	}
-	oneOf("log.level", c.Log.Level, "debug", "info", "warn", "error")
-	oneOf("log.format", c.Log.Format, "text", "json")
+	v.oneOf("log.level", c.Log.Level, "debug", "info", "warn", "error")
+	v.oneOf("log.format", c.Log.Format, "text", "json")
 
 	if c.Store.URI != "" {
 		u, err := url.Parse(c.Store.URI)
 		if err != nil || (u.Scheme != "mongodb" && u.Scheme != "mongodb+srv") || u.Host == "" {
-			bad("store.uri", MaskURI(c.Store.URI), "want mongodb://host:port/ or mongodb+srv://host/")
+			v.bad("store.uri", MaskURI(c.Store.URI), "want mongodb://host:port/ or mongodb+srv://host/")
 		}
 	}
 	if c.Store.Database == "" || strings.ContainsAny(c.Store.Database, "/\\. \"$") {
-		bad("store.database", c.Store.Database, "want a MongoDB database name (no spaces, dots, slashes, quotes or $)")
+		v.bad("store.database", c.Store.Database, "want a MongoDB database name (no spaces, dots, slashes, quotes or $)")
 	}
 	if c.Store.ConnectTimeout <= 0 {
-		bad("store.connect_timeout", c.Store.ConnectTimeout.String(), "must be positive")
+		v.bad("store.connect_timeout", c.Store.ConnectTimeout.String(), "must be positive")
 	}
-	oneOf("auth.devices", c.Auth.Devices, "anonymous")
+	c.Auth.check(v)
+	c.Broker.check(v)
+	return v.err()
+}
 
-	b := c.Broker
-	addr("broker.mqtt_addr", b.MQTTAddr, false)
-	addr("broker.ws_addr", b.WSAddr, true)
-	addr("broker.tls_addr", b.TLSAddr, true)
-	addr("broker.wss_addr", b.WSSAddr, true)
-	addr("broker.admin_addr", b.AdminAddr, false)
+// Validate reports every invalid value of the auth section.
+func (a Auth) Validate() error {
+	v := &validator{}
+	a.check(v)
+	return v.err()
+}
+
+func (a Auth) check(v *validator) {
+	v.oneOf("auth.devices", a.Devices, "anonymous")
+}
+
+// Validate reports every invalid value of the broker section, for roles
+// built from a Broker value rather than loaded by Load.
+func (b Broker) Validate() error {
+	v := &validator{}
+	b.check(v)
+	return v.err()
+}
+
+func (b Broker) check(v *validator) {
+	v.addr("broker.mqtt_addr", b.MQTTAddr, false)
+	v.addr("broker.ws_addr", b.WSAddr, true)
+	v.addr("broker.tls_addr", b.TLSAddr, true)
+	v.addr("broker.wss_addr", b.WSSAddr, true)
+	v.addr("broker.admin_addr", b.AdminAddr, false)
 	if (b.TLSCert == "") != (b.TLSKey == "") {
-		bad("broker.tls_cert", b.TLSCert, "tls_cert and tls_key must be set together")
+		v.bad("broker.tls_cert", b.TLSCert, "tls_cert and tls_key must be set together")
 	}
 	if strings.ContainsAny(b.NodeName, " /#+\t\n") {
-		bad("broker.node_name", b.NodeName, "must not contain spaces, '/', '#' or '+'")
+		v.bad("broker.node_name", b.NodeName, "must not contain spaces, '/', '#' or '+'")
 	}
-	between("broker.capacity", b.Capacity, 1, 10_000_000)
-	between("broker.max_packet_size", b.MaxPacketSize, 64, 268_435_455)
-	between("broker.max_inflight", b.MaxInflight, 1, 65535)
-	between("broker.max_queued", b.MaxQueued, 1, 65535)
+	v.between("broker.capacity", b.Capacity, 1, 10_000_000)
+	v.between("broker.max_packet_size", b.MaxPacketSize, 64, 268_435_455)
+	v.between("broker.max_inflight", b.MaxInflight, 1, 65535)
+	v.between("broker.max_queued", b.MaxQueued, 1, 65535)
 	if b.MaxQueued < b.MaxInflight {
-		bad("broker.max_queued", b.MaxQueued, fmt.Sprintf("must be at least broker.max_inflight (%d)", b.MaxInflight))
+		v.bad("broker.max_queued", b.MaxQueued, fmt.Sprintf("must be at least broker.max_inflight (%d)", b.MaxInflight))
 	}
-	nonNegative("broker.keepalive_min", b.KeepaliveMin)
-	nonNegative("broker.keepalive_max", b.KeepaliveMax)
+	v.nonNegative("broker.keepalive_min", b.KeepaliveMin)
+	v.nonNegative("broker.keepalive_max", b.KeepaliveMax)
 	if b.KeepaliveMax > 65535*time.Second {
-		bad("broker.keepalive_max", b.KeepaliveMax.String(), "MQTT keepalive is at most 65535s")
+		v.bad("broker.keepalive_max", b.KeepaliveMax.String(), "MQTT keepalive is at most 65535s")
 	}
 	if b.KeepaliveMax > 0 && b.KeepaliveMin > b.KeepaliveMax {
-		bad("broker.keepalive_min", b.KeepaliveMin.String(), "must not exceed broker.keepalive_max")
+		v.bad("broker.keepalive_min", b.KeepaliveMin.String(), "must not exceed broker.keepalive_max")
 	}
-	nonNegative("broker.session_expiry_max", b.SessionExpiry)
+	v.nonNegative("broker.session_expiry_max", b.SessionExpiry)
 	if b.SessionExpiry > (1<<32-1)*time.Second {
-		bad("broker.session_expiry_max", b.SessionExpiry.String(), "MQTT session expiry is at most 4294967295s")
+		v.bad("broker.session_expiry_max", b.SessionExpiry.String(), "MQTT session expiry is at most 4294967295s")
 	}
-	nonNegative("broker.message_expiry_max", b.MessageExpiry)
+	v.nonNegative("broker.message_expiry_max", b.MessageExpiry)
 	if b.ShutdownTimeout <= 0 {
-		bad("broker.shutdown_timeout", b.ShutdownTimeout.String(), "must be positive")
+		v.bad("broker.shutdown_timeout", b.ShutdownTimeout.String(), "must be positive")
 	}
-	return errors.Join(errs...)
+}
+
+// validator collects FieldErrors.
+type validator struct{ errs []error }
+
+func (v *validator) err() error { return errors.Join(v.errs...) }
+
+func (v *validator) bad(key string, val any, why string) {
+	v.errs = append(v.errs, &FieldError{Key: key, Value: val, Why: why})
+}
+
+func (v *validator) oneOf(key, val string, allowed ...string) {
+	for _, a := range allowed {
+		if val == a {
+			return
+		}
+	}
+	v.bad(key, val, "want one of "+strings.Join(allowed, ", "))
+}
+
+func (v *validator) addr(key, val string, optional bool) {
+	if val == "" {
+		if !optional {
+			v.bad(key, val, "an address is required (host:port)")
+		}
+		return
+	}
+	_, port, err := net.SplitHostPort(val)
+	if err != nil {
+		v.bad(key, val, "want host:port, e.g. :1883 or 127.0.0.1:1883")
+		return
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		v.bad(key, val, "port must be 0-65535")
+	}
+}
+
+func (v *validator) between(key string, val, lo, hi int) {
+	if val < lo || val > hi {
+		v.bad(key, val, fmt.Sprintf("must be between %d and %d", lo, hi))
+	}
+}
+
+func (v *validator) nonNegative(key string, d time.Duration) {
+	if d < 0 {
+		v.bad(key, d.String(), "must not be negative")
+	}
 }
 
 // FieldError reports an invalid value of one key; Origin says where the
