@@ -150,6 +150,21 @@ func (s *SharedSubscriptions) Get(group, id string) (val packets.Subscription, o
 	return val, ok
 }
 
+// groupLen returns the number of subscriptions in one share group.
+func (s *SharedSubscriptions) groupLen(group string) int {
+	s.RLock()
+	defer s.RUnlock()
+	return len(s.internal[group])
+}
+
+// sharedRoute is the route of a share group: "$share/{group}/{filter}", with
+// the prefix spelled in lower case whatever the client used, so a route means
+// one group on every node.
+func sharedRoute(group, filter string) string {
+	_, rest, _ := strings.Cut(filter[len(SharePrefix)+1:], "/")
+	return "$share/" + group + "/" + rest
+}
+
 // GroupLen returns the number of groups subscribed to the filter.
 func (s *SharedSubscriptions) GroupLen() int {
 	s.RLock()
@@ -350,6 +365,20 @@ func (s *Subscribers) MergeSharedSelected() {
 type TopicsIndex struct {
 	Retained *packets.Packets
 	root     *particle // a leaf containing a message and more leaves.
+
+	// OnRoute, when set, is called when a topic filter gains its first
+	// client subscription (added is true) or loses its last one; a shared
+	// filter counts per group, with filter "$share/{group}/{filter}". It is
+	// called with the index locked, in the order the changes happen, so it
+	// must not block nor call back into the index. Set it before use.
+	//
+	// rtm patch: a cluster node announces the filters its clients subscribe
+	// to, reference-counted by the index itself: every path that changes
+	// subscriptions (SUBSCRIBE, UNSUBSCRIBE, session takeover, expiry,
+	// clean disconnect) goes through Subscribe and Unsubscribe, while the
+	// OnSubscribed/OnUnsubscribed hooks miss the inherited subscriptions of
+	// a takeover. No upstream issue (clustering is not in mochi).
+	OnRoute func(filter string, added bool)
 }
 
 // NewTopicsIndex returns a pointer to a new instance of Index.
@@ -408,11 +437,18 @@ func (x *TopicsIndex) Subscribe(client string, subscription packets.Subscription
 		group, _ := isolateParticle(subscription.Filter, 1)
 		n := x.set(subscription.Filter, 2)
 		_, existed = n.shared.Get(group, client)
+		first := x.OnRoute != nil && n.shared.groupLen(group) == 0
 		n.shared.Add(group, client, subscription)
+		if first {
+			x.OnRoute(sharedRoute(group, subscription.Filter), true)
+		}
 	} else {
 		n := x.set(subscription.Filter, 0)
 		_, existed = n.subscriptions.Get(client)
 		n.subscriptions.Add(client, subscription)
+		if x.OnRoute != nil && !existed && n.subscriptions.Len() == 1 {
+			x.OnRoute(subscription.Filter, true)
+		}
 	}
 
 	return !existed
@@ -438,9 +474,17 @@ func (x *TopicsIndex) Unsubscribe(filter, client string) bool {
 
 	if shareSub {
 		group, _ := isolateParticle(filter, 1)
+		_, had := particle.shared.Get(group, client)
 		particle.shared.Delete(group, client)
+		if x.OnRoute != nil && had && particle.shared.groupLen(group) == 0 {
+			x.OnRoute(sharedRoute(group, filter), false)
+		}
 	} else {
+		_, had := particle.subscriptions.Get(client)
 		particle.subscriptions.Delete(client)
+		if x.OnRoute != nil && had && particle.subscriptions.Len() == 0 {
+			x.OnRoute(filter, false)
+		}
 	}
 
 	x.trim(particle)

@@ -1,0 +1,148 @@
+// rtm patch 17: entry points for a cluster of servers (rtm's node link).
+// mochi has no clustering; these let an embedding application move messages
+// and sessions between servers with the same semantics as inside one. No
+// upstream issue.
+
+package mqtt
+
+import (
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+// DeliverFromPeer delivers a message that another server of the cluster
+// accepted from its client pk.Origin: it is retained here if pk.Retain is
+// set, and published to this server's subscribers as publishToSubscribers
+// does, keeping pk.Origin (so No Local holds) and pk.Expiry. Hooks are not
+// called for it (OnPublish, OnPublished), so it is not forwarded again.
+//
+// Shared subscriptions get it only for the groups shared reports true for,
+// by route ("$share/{group}/{filter}", see TopicsIndex.OnRoute): the sending
+// server chose this one for those groups, and each message goes to one
+// member of a group cluster-wide.
+func (s *Server) DeliverFromPeer(pk packets.Packet, shared func(route string) bool) {
+	if pk.Created == 0 {
+		pk.Created = time.Now().Unix()
+	}
+	if pk.FixedHeader.Retain && s.Options.Capabilities.RetainAvailable != 0 {
+		s.Topics.RetainMessage(pk.Copy(false))
+		atomic.StoreInt64(&s.Info.Retained, int64(s.Topics.Retained.Len()))
+	}
+	subscribers := s.Topics.Subscribers(pk.TopicName)
+	for filter := range subscribers.Shared {
+		if shared == nil || !shared(SharedRoute(filter)) {
+			delete(subscribers.Shared, filter)
+		}
+	}
+	if len(subscribers.Shared) > 0 {
+		subscribers = s.hooks.OnSelectSubscribers(subscribers, pk)
+		if len(subscribers.SharedSelected) == 0 {
+			subscribers.SelectShared()
+		}
+		subscribers.MergeSharedSelected()
+	}
+	for _, inline := range subscribers.InlineSubscriptions {
+		inline.Handler(s.inlineClient, inline.Subscription, pk)
+	}
+	for id, sub := range subscribers.Subscriptions {
+		if cl, ok := s.Clients.Get(id); ok {
+			if _, err := s.publishToClient(cl, sub, pk); err != nil {
+				s.Log.Debug("failed publishing packet from peer", "error", err, "client", cl.ID)
+			}
+		}
+	}
+	atomic.AddInt64(&s.Info.MessagesReceived, 1)
+}
+
+// RetainFromPeer sets (or, with an empty payload, clears) the retained
+// message of pk.TopicName as another server of the cluster did, without
+// publishing it.
+func (s *Server) RetainFromPeer(pk packets.Packet) {
+	if s.Options.Capabilities.RetainAvailable == 0 {
+		return
+	}
+	s.Topics.RetainMessage(pk.Copy(false))
+	atomic.StoreInt64(&s.Info.Retained, int64(s.Topics.Retained.Len()))
+}
+
+// SharedRoute returns the route of a shared subscription filter:
+// "$share/{group}/{filter}" with the prefix in lower case; other filters are
+// returned as they are.
+func SharedRoute(filter string) string {
+	if len(filter) > len(SharePrefix) && strings.EqualFold(filter[:len(SharePrefix)], SharePrefix) && filter[len(SharePrefix)] == '/' {
+		group, _ := isolateParticle(filter, 1)
+		return sharedRoute(group, filter)
+	}
+	return filter
+}
+
+// Session is what moves with a client between servers: its subscriptions
+// and its QoS 1/2 messages not acknowledged or not sent yet.
+type Session struct {
+	Subscriptions []packets.Subscription
+	Inflight      []packets.Packet // in packet order
+	// Expiry is the session expiry interval in seconds, if ExpirySet
+	// (MQTT 5); otherwise the server's maximum applies.
+	Expiry    uint32
+	ExpirySet bool
+}
+
+// DetachSession ends the session of client id on this server because the
+// client connected to another server: a connected client gets DISCONNECT
+// 0x8E (session taken over), and the session is removed from this server
+// (its subscriptions leave the index) and returned. found is false if this
+// server has no session for id.
+func (s *Server) DetachSession(id string) (sess Session, found bool) {
+	existing, ok := s.Clients.Get(id)
+	if !ok {
+		return sess, false
+	}
+	_ = s.DisconnectClient(existing, packets.ErrSessionTakenOver) // [MQTT-3.1.4-3]
+	for _, sub := range existing.State.Subscriptions.GetAll() {
+		sess.Subscriptions = append(sess.Subscriptions, sub)
+	}
+	sess.Inflight = existing.State.Inflight.GetAll(false)
+	if existing.Properties.ProtocolVersion == 5 && existing.Properties.Props.SessionExpiryIntervalFlag {
+		sess.Expiry, sess.ExpirySet = existing.Properties.Props.SessionExpiryInterval, true
+	}
+	s.UnsubscribeClient(existing)
+	existing.ClearInflights()
+	existing.State.isTakenOver.Store(true) // after UnsubscribeClient, which skips taken-over clients
+	s.Clients.Delete(id)
+	return sess, true
+}
+
+// AdoptSession installs a session that moved here from another server, as
+// if client id had been connected here and gone: the client's CONNECT (with
+// clean start false) inherits it, and messages for its subscriptions are
+// queued in it meanwhile. A session this server already holds for id is
+// merged into.
+func (s *Server) AdoptSession(id string, protocolVersion byte, sess Session) {
+	cl, ok := s.Clients.Get(id)
+	if !ok {
+		cl = s.NewClient(nil, "cluster", id, false)
+		cl.Properties.ProtocolVersion = protocolVersion
+		cl.Properties.Clean = false
+		cl.Properties.Props.SessionExpiryInterval = sess.Expiry
+		cl.Properties.Props.SessionExpiryIntervalFlag = sess.ExpirySet
+		cl.Stop(packets.ErrSessionTakenOver) // offline: publishToClient only queues
+		s.Clients.Add(cl)
+	}
+	for _, sub := range sess.Subscriptions {
+		if s.Topics.Subscribe(id, sub) {
+			atomic.AddInt64(&s.Info.Subscriptions, 1)
+		}
+		cl.State.Subscriptions.Add(sub.Filter, sub)
+	}
+	for _, pk := range sess.Inflight {
+		if _, ok := cl.State.Inflight.Get(pk.PacketID); ok {
+			continue
+		}
+		if cl.State.Inflight.Set(pk) {
+			atomic.AddInt64(&s.Info.Inflight, 1)
+		}
+	}
+}
