@@ -62,6 +62,10 @@ type Options struct {
 	Secret string
 	Tags   Tags
 	Timing Timing
+	// ProbeInterval, when set, replaces the LAN profile's failure-detection
+	// probe interval (1 s); the time to declare a dead member failed scales
+	// with it (about 4 intervals of suspicion after a missed probe).
+	ProbeInterval time.Duration
 	// JoinMaxWait bounds the backoff between join attempts; 0 means 30s.
 	JoinMaxWait time.Duration
 	Logger      *slog.Logger // nil discards
@@ -181,6 +185,11 @@ func (n *Node) Start(ctx context.Context) error {
 		conf.ReconnectTimeout = 10 * time.Second
 		conf.TombstoneTimeout = 10 * time.Second
 		conf.LeavePropagateDelay = 100 * time.Millisecond
+	}
+	if p := n.opts.ProbeInterval; p > 0 && n.opts.Timing != TimingFast {
+		ml.ProbeInterval = p
+		ml.ProbeTimeout = p / 2
+		ml.GossipInterval = min(ml.GossipInterval, p/5)
 	}
 	host, port, _ := net.SplitHostPort(n.opts.BindAddr)
 	p, err := strconv.Atoi(port)

@@ -17,9 +17,10 @@ type Config struct {
 	Data string `koanf:"data" doc:"Directory for local state (the embedded store's files)."`
 	Log  Log    `koanf:"log"`
 	// Store selects MongoDB: an external server, or the embedded one.
-	Store  Store  `koanf:"store"`
-	Auth   Auth   `koanf:"auth"`
-	Broker Broker `koanf:"broker"`
+	Store   Store   `koanf:"store"`
+	Auth    Auth    `koanf:"auth"`
+	Broker  Broker  `koanf:"broker"`
+	Cluster Cluster `koanf:"cluster"`
 }
 
 // Log configures the process-wide structured logger.
@@ -61,6 +62,20 @@ type Broker struct {
 	ShutdownTimeout time.Duration `koanf:"shutdown_timeout" doc:"Bound on a graceful shutdown; past it the process exits anyway."`
 }
 
+// Cluster configures membership (Serf gossip) and the node link between
+// brokers.
+type Cluster struct {
+	GossipAddr     string        `koanf:"gossip_addr" doc:"Gossip (Serf) listen address, TCP and UDP. Empty disables clustering: the broker runs alone."`
+	AdvertiseHost  string        `koanf:"advertise_host" doc:"Host other nodes and devices reach this node at (published in gossip tags). Empty: the gossip bind IP, or a private IP of this machine when bound to all interfaces."`
+	Join           string        `koanf:"join" doc:"Comma-separated gossip addresses (host:port) of members to join, retried with backoff until one answers. Empty starts a new cluster."`
+	Secret         string        `koanf:"secret" secret:"value" doc:"Shared cluster secret: encrypts gossip and authenticates node links. Empty: no authentication (warned at start)."`
+	LinkAddr       string        `koanf:"link_addr" doc:"Node link listen address: forwarded messages, routes, retained messages and sessions between brokers."`
+	LinkAdvertise  string        `koanf:"link_advertise_addr" doc:"Node link address published to peers (host:port), when it differs from link_addr as they see it (NAT, port mapping, a proxy). Empty: link_addr with advertise_host."`
+	LinkQueueBytes int           `koanf:"link_queue_bytes" doc:"Bytes of messages held per peer while its link is slow or down; beyond it messages to that peer are dropped and counted."`
+	ProbeInterval  time.Duration `koanf:"probe_interval" doc:"Gossip failure-detection probe interval; a dead node is declared failed after a few intervals (about 5 s at 1s)."`
+	ClaimTimeout   time.Duration `koanf:"claim_timeout" doc:"How long a CONNECT waits for the other brokers to end a connection with the same client ID and hand over its session."`
+}
+
 // Defaults returns the configuration used for every key that no file,
 // environment variable or flag sets.
 func Defaults() Config {
@@ -86,6 +101,13 @@ func Defaults() Config {
 			SessionExpiry:   24 * time.Hour,
 			ShutdownTimeout: 15 * time.Second,
 		},
+		Cluster: Cluster{
+			GossipAddr:     ":7946",
+			LinkAddr:       ":7947",
+			LinkQueueBytes: 64 << 20,
+			ProbeInterval:  time.Second,
+			ClaimTimeout:   2 * time.Second,
+		},
 	}
 }
 
@@ -99,5 +121,7 @@ func DevDefaults() Config {
 	c.Broker.TLSAddr = "127.0.0.1:8883"
 	c.Broker.WSSAddr = "127.0.0.1:8084"
 	c.Broker.AdminAddr = "127.0.0.1:9101"
+	c.Cluster.GossipAddr = "127.0.0.1:7946"
+	c.Cluster.LinkAddr = "127.0.0.1:7947"
 	return c
 }

@@ -49,6 +49,12 @@ var flagKeys = map[string]string{
 	"admin-addr":   "broker.admin_addr",
 	"capacity":     "broker.capacity",
 	"auth-devices": "auth.devices",
+
+	"gossip-addr":    "cluster.gossip_addr",
+	"advertise-host": "cluster.advertise_host",
+	"join":           "cluster.join",
+	"cluster-secret": "cluster.secret",
+	"link-addr":      "cluster.link_addr",
 }
 
 var durationType = reflect.TypeOf(time.Duration(0))

@@ -34,7 +34,51 @@ func (c Config) Validate() error {
 	}
 	c.Auth.check(v)
 	c.Broker.check(v)
+	c.Cluster.check(v)
 	return v.err()
+}
+
+// Validate reports every invalid value of the cluster section.
+func (c Cluster) Validate() error {
+	v := &validator{}
+	c.check(v)
+	return v.err()
+}
+
+func (c Cluster) check(v *validator) {
+	v.addr("cluster.gossip_addr", c.GossipAddr, true)
+	if c.GossipAddr == "" {
+		return
+	}
+	v.addr("cluster.link_addr", c.LinkAddr, false)
+	v.addr("cluster.link_advertise_addr", c.LinkAdvertise, true)
+	if strings.ContainsAny(c.AdvertiseHost, " :/") && net.ParseIP(c.AdvertiseHost) == nil {
+		v.bad("cluster.advertise_host", c.AdvertiseHost, "want a host name or IP address, without a port")
+	}
+	for _, seed := range c.Seeds() {
+		if _, _, err := net.SplitHostPort(seed); err != nil {
+			v.bad("cluster.join", c.Join, "want comma-separated host:port gossip addresses")
+			break
+		}
+	}
+	v.between("cluster.link_queue_bytes", c.LinkQueueBytes, 1<<20, 1<<40)
+	if c.ProbeInterval < 10*time.Millisecond {
+		v.bad("cluster.probe_interval", c.ProbeInterval.String(), "must be at least 10ms")
+	}
+	if c.ClaimTimeout <= 0 {
+		v.bad("cluster.claim_timeout", c.ClaimTimeout.String(), "must be positive")
+	}
+}
+
+// Seeds returns the gossip addresses of cluster.join.
+func (c Cluster) Seeds() []string {
+	var out []string
+	for _, s := range strings.Split(c.Join, ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			out = append(out, s)
+		}
+	}
+	return out
 }
 
 // Validate reports every invalid value of the auth section.
