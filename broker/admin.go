@@ -30,6 +30,13 @@ func newAdminServer(b *Broker, ln net.Listener) *adminServer {
 	mux.HandleFunc("GET /v1/stats", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, http.StatusOK, b.Stats())
 	})
+	mux.HandleFunc("GET /v1/cluster", func(w http.ResponseWriter, _ *http.Request) {
+		if b.cluster == nil {
+			writeJSON(w, http.StatusNotFound, map[string]string{"error": "not_clustered", "message": "this broker runs alone (cluster.gossip_addr is empty)"})
+			return
+		}
+		writeJSON(w, http.StatusOK, b.cluster.stats())
+	})
 	a.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	return a
 }
@@ -86,11 +93,33 @@ var (
 	descPktIn       = prometheus.NewDesc("rtm_broker_packets_received_total", "MQTT packets received.", nil, nil)
 	descPktOut      = prometheus.NewDesc("rtm_broker_packets_sent_total", "MQTT packets sent.", nil, nil)
 	descUp          = prometheus.NewDesc("rtm_broker_ready", "1 while the broker accepts clients.", nil, nil)
+
+	descMembers      = prometheus.NewDesc("rtm_cluster_members", "Gossip members this node knows, by status and role.", []string{"status", "role"}, nil)
+	descLinkUp       = prometheus.NewDesc("rtm_cluster_link_up", "1 while the node link to the peer is connected and authenticated.", []string{"peer"}, nil)
+	descLinkMsgs     = prometheus.NewDesc("rtm_cluster_link_sent_messages_total", "Messages written to the peer's link (first sends).", []string{"peer"}, nil)
+	descLinkBytes    = prometheus.NewDesc("rtm_cluster_link_sent_bytes_total", "Message bytes written to the peer's link.", []string{"peer"}, nil)
+	descLinkResends  = prometheus.NewDesc("rtm_cluster_link_resent_messages_total", "Reliable messages written again after the peer's link reconnected.", []string{"peer"}, nil)
+	descLinkQueue    = prometheus.NewDesc("rtm_cluster_link_queue_messages", "Messages queued for the peer, not yet acknowledged.", []string{"peer"}, nil)
+	descLinkQueueB   = prometheus.NewDesc("rtm_cluster_link_queue_bytes", "Bytes queued for the peer, not yet acknowledged.", []string{"peer"}, nil)
+	descLinkDropped  = prometheus.NewDesc("rtm_cluster_link_dropped_messages_total", "Messages for the peer dropped because its queue held cluster.link_queue_bytes, by reliability.", []string{"peer", "reliable"}, nil)
+	descLinkRecv     = prometheus.NewDesc("rtm_cluster_link_received_messages_total", "Messages received from the peer's link.", []string{"peer"}, nil)
+	descLinkRecvB    = prometheus.NewDesc("rtm_cluster_link_received_bytes_total", "Message bytes received from the peer's link.", []string{"peer"}, nil)
+	descLinkDup      = prometheus.NewDesc("rtm_cluster_link_duplicates_total", "Re-sent messages from the peer skipped as already delivered.", []string{"peer"}, nil)
+	descLinkAuthFail = prometheus.NewDesc("rtm_cluster_link_auth_failures_total", "Inbound node links refused (bad secret, protocol or handshake).", nil, nil)
+	descRoutesLocal  = prometheus.NewDesc("rtm_cluster_routes_local", "Topic filters (and share groups) this node's clients subscribe to, announced to peers.", nil, nil)
+	descRoutesRemote = prometheus.NewDesc("rtm_cluster_routes_remote", "Routes held for the peer.", []string{"peer"}, nil)
+	descForwarded    = prometheus.NewDesc("rtm_cluster_forwarded_messages_total", "Publishes forwarded to peers (one per peer).", nil, nil)
+	descFromPeers    = prometheus.NewDesc("rtm_cluster_received_messages_total", "Publishes received from peers for local subscribers.", nil, nil)
+	descClaimTimeout = prometheus.NewDesc("rtm_cluster_claim_timeouts_total", "CONNECTs that stopped waiting for other nodes to end a connection with the same client ID (cluster.claim_timeout).", nil, nil)
+	descMoved        = prometheus.NewDesc("rtm_cluster_sessions_moved_total", "Sessions received from another node when their client connected here.", nil, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConnections, descCapacity, descRejected, descSessions, descSubs, descRetained,
-		descInflight, descMsgIn, descMsgOut, descDropped, descBytesIn, descBytesOut, descPktIn, descPktOut, descUp} {
+		descInflight, descMsgIn, descMsgOut, descDropped, descBytesIn, descBytesOut, descPktIn, descPktOut, descUp,
+		descMembers, descLinkUp, descLinkMsgs, descLinkBytes, descLinkResends, descLinkQueue, descLinkQueueB, descLinkDropped,
+		descLinkRecv, descLinkRecvB, descLinkDup, descLinkAuthFail, descRoutesLocal, descRoutesRemote, descForwarded,
+		descFromPeers, descClaimTimeout, descMoved} {
 		ch <- d
 	}
 }
@@ -126,6 +155,43 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ready = 1
 	}
 	gauge(descUp, ready)
+	if cs := s.Cluster; cs != nil {
+		members := map[[2]string]int{}
+		for _, m := range cs.Members {
+			members[[2]string{m.Status, m.Role}]++
+		}
+		for k, n := range members {
+			gauge(descMembers, float64(n), k[0], k[1])
+		}
+		for _, l := range cs.Links {
+			up := 0.0
+			if l.State == "up" {
+				up = 1
+			}
+			gauge(descLinkUp, up, l.Peer)
+			counter(descLinkMsgs, l.Messages, l.Peer)
+			counter(descLinkBytes, l.Bytes, l.Peer)
+			counter(descLinkResends, l.Resends, l.Peer)
+			gauge(descLinkQueue, float64(l.QueueLen), l.Peer)
+			gauge(descLinkQueueB, float64(l.QueueBytes), l.Peer)
+			counter(descLinkDropped, l.DroppedReliable, l.Peer, "true")
+			counter(descLinkDropped, l.DroppedUnreliable, l.Peer, "false")
+		}
+		for peer, in := range cs.Inbound {
+			counter(descLinkRecv, in.Messages, peer)
+			counter(descLinkRecvB, in.Bytes, peer)
+			counter(descLinkDup, in.Duplicates, peer)
+		}
+		counter(descLinkAuthFail, cs.AuthFailures)
+		gauge(descRoutesLocal, float64(cs.LocalRoutes))
+		for peer, n := range cs.RemoteRoutes {
+			gauge(descRoutesRemote, float64(n), peer)
+		}
+		counter(descForwarded, cs.Forwarded)
+		counter(descFromPeers, cs.Received)
+		counter(descClaimTimeout, cs.ClaimTimeouts)
+		counter(descMoved, cs.SessionsMoved)
+	}
 }
 
 var _ prometheus.Collector = (*collector)(nil)

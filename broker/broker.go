@@ -28,6 +28,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/rtm-dev/rtm/internal/cluster"
 	"github.com/rtm-dev/rtm/internal/config"
 	"github.com/rtm-dev/rtm/internal/obs"
 )
@@ -51,6 +52,11 @@ var ErrStarted = errors.New("broker: already started")
 type Options struct {
 	Config config.Broker
 	Auth   config.Auth
+	// Cluster configures gossip and node links; an empty GossipAddr runs
+	// the broker alone.
+	Cluster config.Cluster
+	// GossipTiming selects gossip timers; tests use cluster.TimingFast.
+	GossipTiming cluster.Timing
 	// Version is reported in /v1/stats; "" means "dev".
 	Version string
 	// Logger receives the broker's logs; nil discards them.
@@ -70,6 +76,7 @@ type Broker struct {
 	reg     *prometheus.Registry
 	mq      *mqtt.Server
 	limits  *limitsHook
+	cluster *clusterNode // nil when the broker runs alone
 	admin   *adminServer
 	started atomic.Bool
 	ready   atomic.Bool
@@ -87,7 +94,7 @@ type Broker struct {
 // New validates the configuration and builds a broker; it binds nothing.
 func New(opts Options) (*Broker, error) {
 	cfg := opts.Config
-	if err := errors.Join(cfg.Validate(), opts.Auth.Validate()); err != nil {
+	if err := errors.Join(cfg.Validate(), opts.Auth.Validate(), opts.Cluster.Validate()); err != nil {
 		return nil, err
 	}
 	if cfg.NodeName == "" {
@@ -137,6 +144,14 @@ func New(opts Options) (*Broker, error) {
 			return nil, err
 		}
 	}
+	if opts.Cluster.GossipAddr != "" {
+		// Last, so it sees a publish only once every other hook let it through.
+		b.cluster = newClusterNode(b, opts.Cluster, opts.GossipTiming)
+		b.mq.Topics.OnRoute = b.cluster.onRoute
+		if err := b.mq.AddHook(b.cluster, nil); err != nil {
+			return nil, err
+		}
+	}
 	if err := reg.Register(&collector{b: b}); err != nil {
 		return nil, fmt.Errorf("broker: metrics: %w", err)
 	}
@@ -155,6 +170,9 @@ func (b *Broker) Start(ctx context.Context) (err error) {
 		if err != nil {
 			for _, ln := range bound {
 				_ = ln.Close()
+			}
+			if b.cluster != nil {
+				b.cluster.shutdown()
 			}
 		}
 	}()
@@ -207,6 +225,11 @@ func (b *Broker) Start(ctx context.Context) (err error) {
 		return err
 	}
 
+	if b.cluster != nil {
+		if err := b.cluster.start(ctx); err != nil {
+			return err
+		}
+	}
 	for _, l := range mls {
 		if err := b.mq.AddListener(l); err != nil {
 			return fmt.Errorf("broker: %w", err)
@@ -269,7 +292,14 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			if !b.started.Load() {
 				return
 			}
-			// 2. Each listener stops accepting, then sends its clients
+			// 2. Leave gossip first, so routers stop sending devices here
+			// and peers drop this node's routes at once instead of
+			// detecting a failure. The links stay open for the wills of the
+			// clients disconnected next.
+			if b.cluster != nil {
+				b.cluster.leave(ctx)
+			}
+			// 3. Each listener stops accepting, then sends its clients
 			// DISCONNECT 0x8B and closes them; hooks stop. A client that
 			// stopped reading leaves mochi's writer blocked in write(2)
 			// holding the client's lock, which the DISCONNECT needs: bound
@@ -282,7 +312,12 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			_ = b.mq.Close()
 			b.loopStop()
 			<-b.loopDone
-			// 3. The admin server goes last, so /metrics stays scrapeable
+			// 4. Links and gossip close; messages still queued for peers
+			// are lost with this process.
+			if b.cluster != nil {
+				b.cluster.shutdown()
+			}
+			// 5. The admin server goes last, so /metrics stays scrapeable
 			// while clients are disconnected.
 			b.stopErr = b.admin.shutdown(ctx)
 			b.log.Info("broker stopped")
@@ -342,6 +377,9 @@ type Stats struct {
 
 	HeapBytes  uint64 `json:"heap_bytes"`
 	Goroutines int    `json:"goroutines"`
+
+	// Cluster is nil when the broker runs alone.
+	Cluster *ClusterStats `json:"cluster,omitempty"`
 }
 
 // Stats returns a snapshot of the broker's counters.
@@ -374,6 +412,9 @@ func (b *Broker) Stats() Stats {
 		PacketsSent:      atomic.LoadInt64(&in.PacketsSent),
 		HeapBytes:        m.HeapInuse,
 		Goroutines:       runtime.NumGoroutine(),
+	}
+	if b.cluster != nil && b.started.Load() {
+		s.Cluster = b.cluster.stats()
 	}
 	s.MessagesDropped = maps.Clone(s.DroppedByReason[dropReasonNames[dropQueueFull]])
 	for r, byQoS := range s.DroppedByReason {

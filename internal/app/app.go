@@ -65,6 +65,7 @@ func New(cfg config.Config, opts Options) (*App, error) {
 		case RoleBroker:
 			b, err := broker.New(broker.Options{
 				Config:   cfg.Broker,
+				Cluster:  cfg.Cluster,
 				Auth:     cfg.Auth,
 				Version:  opts.Version,
 				Logger:   opts.Logger,

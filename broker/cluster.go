@@ -1,0 +1,814 @@
+package broker
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/rtm-dev/rtm/broker/link"
+	"github.com/rtm-dev/rtm/internal/cluster"
+	"github.com/rtm-dev/rtm/internal/config"
+)
+
+// clusterNode is a broker's part of the cluster: its gossip membership, its
+// node links to the other brokers, the routes (topic filters) each of them
+// subscribes to, and the mochi hooks that forward what local clients publish
+// to the peers whose routes match it, and hand sessions over when a client ID
+// moves between nodes. See docs/clustering.md for the protocol.
+type clusterNode struct {
+	mqtt.HookBase
+	b           *Broker
+	cfg         config.Cluster
+	log         *slog.Logger
+	timing      cluster.Timing
+	incarnation uint64
+
+	node  *cluster.Node
+	links *link.Server
+
+	// remote indexes the routes of every peer, the peer's name standing for
+	// the client ID: Subscribers(topic) names the peers to forward to.
+	remote *mqtt.TopicsIndex
+
+	mu          sync.Mutex
+	peers       map[string]*peer               // alive brokers with a link, by name
+	localRoutes map[string]struct{}            // filters local clients subscribe to (and share groups)
+	routeVer    uint64                         // bumped by every local route change
+	remoteSets  map[string]map[string]struct{} // peer → its routes, as held in remote
+	remoteVer   map[string]uint64              // peer → version of its routes held
+	shareNext   map[string]uint64              // share route → round-robin counter
+
+	remoteCount atomic.Int64 // routes held in remote, all peers
+
+	retMu     sync.Mutex
+	retMeta   map[string]retainStamp // topic → who set its retained message last, and when
+	lastStamp int64
+
+	claimSeq atomic.Uint64
+	claimMu  sync.Mutex
+	claims   map[uint64]chan claimReplyMsg
+
+	forwarded, forwardedBytes, received atomic.Int64
+	claimsSent, claimsTimedOut, moved   atomic.Int64
+
+	stop     chan struct{}
+	stopOnce sync.Once
+	wg       sync.WaitGroup
+}
+
+// peer is another broker node and the link to it.
+type peer struct {
+	name, linkAddr string
+	link           *link.Link
+}
+
+type retainStamp struct {
+	at   int64 // unix nanoseconds at the node that set it
+	node string
+}
+
+// newer reports whether (at, node) was set after s: last writer wins, ties
+// broken by node name so every node picks the same one.
+func (s retainStamp) newer(at int64, node string) bool {
+	return at > s.at || (at == s.at && node > s.node)
+}
+
+func newClusterNode(b *Broker, cfg config.Cluster, timing cluster.Timing) *clusterNode {
+	var seed [8]byte
+	_, _ = rand.Read(seed[:])
+	return &clusterNode{
+		b: b, cfg: cfg, timing: timing,
+		log:         b.log.With("component", "cluster"),
+		incarnation: binary.LittleEndian.Uint64(seed[:]) | 1,
+		remote:      mqtt.NewTopicsIndex(),
+		peers:       map[string]*peer{},
+		localRoutes: map[string]struct{}{},
+		remoteSets:  map[string]map[string]struct{}{},
+		remoteVer:   map[string]uint64{},
+		shareNext:   map[string]uint64{},
+		retMeta:     map[string]retainStamp{},
+		claims:      map[uint64]chan claimReplyMsg{},
+		stop:        make(chan struct{}),
+	}
+}
+
+func (c *clusterNode) ID() string { return "rtm-cluster" }
+
+func (c *clusterNode) Provides(b byte) bool {
+	return b == mqtt.OnPublish || b == mqtt.OnWillSent || b == mqtt.OnSessionEstablish
+}
+
+// start binds the node link and joins gossip. The broker's listeners are
+// bound already, so the tags carry real addresses.
+func (c *clusterNode) start(ctx context.Context) error {
+	lcfg := c.linkConfig()
+	srv, err := link.Listen(c.cfg.LinkAddr, lcfg, link.HandlerFunc(c.deliver))
+	if err != nil {
+		return fmt.Errorf("broker: node link on %s: %w", c.cfg.LinkAddr, err)
+	}
+	c.links = srv
+	if c.cfg.Secret == "" {
+		c.log.Warn("cluster.secret is not set: gossip is not encrypted and node links are not authenticated; any process that reaches the gossip and link ports can join")
+	}
+	opts := cluster.Options{
+		NodeName:      c.b.cfg.NodeName,
+		BindAddr:      c.cfg.GossipAddr,
+		Join:          c.cfg.Seeds(),
+		Secret:        c.cfg.Secret,
+		Timing:        c.timing,
+		ProbeInterval: c.cfg.ProbeInterval,
+		Tags:          c.tags(),
+		Logger:        c.b.log,
+	}
+	if c.cfg.AdvertiseHost != "" {
+		if _, port, err := net.SplitHostPort(c.cfg.GossipAddr); err == nil && port != "0" {
+			opts.AdvertiseAddr = net.JoinHostPort(c.cfg.AdvertiseHost, port)
+		}
+	}
+	node, err := cluster.New(opts)
+	if err != nil {
+		_ = srv.Close()
+		return err
+	}
+	events, _ := node.Subscribe(256)
+	if err := node.Start(ctx); err != nil {
+		_ = srv.Close()
+		return fmt.Errorf("broker: %w", err)
+	}
+	c.node = node
+	// The tags need the advertised gossip IP when listeners bind to all
+	// interfaces: set them again now that it is known.
+	if err := node.SetTags(c.tags()); err != nil {
+		c.log.Warn("gossip tags not updated", "error", err)
+	}
+	c.wg.Add(1)
+	go c.watch(events)
+	c.log.Info("cluster started", "gossip", node.Addr(), "link", srv.Addr(), "seeds", c.cfg.Seeds())
+	return nil
+}
+
+func (c *clusterNode) linkConfig() link.Config {
+	lc := link.Config{
+		NodeName:    c.b.cfg.NodeName,
+		Incarnation: c.incarnation,
+		Secret:      c.cfg.Secret,
+		QueueBytes:  c.cfg.LinkQueueBytes,
+		MaxFrame:    c.b.cfg.MaxPacketSize + 64<<10,
+		Logger:      c.b.log,
+	}
+	if c.timing == cluster.TimingFast {
+		lc.RedialMax = 200 * time.Millisecond
+		lc.Heartbeat = 200 * time.Millisecond
+	}
+	return lc
+}
+
+// publicAddr is the address others reach a listener at: its bound address,
+// with the advertised host when it binds to every interface.
+func (c *clusterNode) publicAddr(bound string) string {
+	if bound == "" {
+		return ""
+	}
+	host, port, err := net.SplitHostPort(bound)
+	if err != nil {
+		return bound
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		h := c.cfg.AdvertiseHost
+		if h == "" && c.node != nil {
+			h, _, _ = net.SplitHostPort(c.node.Addr())
+		}
+		if h == "" {
+			return bound
+		}
+		return net.JoinHostPort(h, port)
+	}
+	return bound
+}
+
+func (c *clusterNode) tags() cluster.Tags {
+	t := cluster.Tags{
+		Role:        cluster.RoleBroker,
+		Version:     c.b.opts.Version,
+		MQTT:        c.publicAddr(c.b.addrs[ListenerTCP]),
+		WS:          c.publicAddr(c.b.addrs[ListenerWS]),
+		TLS:         c.publicAddr(c.b.addrs[ListenerTLS]),
+		WSS:         c.publicAddr(c.b.addrs[ListenerWSS]),
+		Admin:       c.publicAddr(c.b.addrs[ListenerAdmin]),
+		Capacity:    c.b.cfg.Capacity,
+		Connections: int(atomic.LoadInt64(&c.b.mq.Info.ClientsConnected)),
+	}
+	if c.links != nil {
+		t.Link = c.publicAddr(c.links.Addr())
+	}
+	if c.cfg.LinkAdvertise != "" {
+		t.Link = c.cfg.LinkAdvertise
+	}
+	return t
+}
+
+// watch follows membership: a link to every alive broker, none to others.
+// It resyncs from the full member list on every event and every second, so
+// an event lost to a slow reader costs at most a second.
+func (c *clusterNode) watch(events <-chan cluster.Event) {
+	defer c.wg.Done()
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	lastConns := -1
+	for {
+		select {
+		case <-c.stop:
+			return
+		case <-events:
+		case <-tick.C:
+			// Load travels in the tags for the router; gossip them only
+			// when they change.
+			if n := int(atomic.LoadInt64(&c.b.mq.Info.ClientsConnected)); n != lastConns {
+				lastConns = n
+				if err := c.node.SetTags(c.tags()); err != nil {
+					c.log.Debug("gossip tags not updated", "error", err)
+				}
+			}
+		}
+		c.syncPeers()
+	}
+}
+
+func (c *clusterNode) syncPeers() {
+	want := map[string]string{}
+	for _, m := range c.node.Members() {
+		if m.Name == c.node.Name() || m.Tags.Role != cluster.RoleBroker || m.Tags.Link == "" || m.Status != cluster.StatusAlive {
+			continue
+		}
+		want[m.Name] = m.Tags.Link
+	}
+	c.mu.Lock()
+	var closing []*peer
+	for name, p := range c.peers {
+		if addr, ok := want[name]; !ok || addr != p.linkAddr {
+			closing = append(closing, p)
+			delete(c.peers, name)
+			c.dropRoutesLocked(name)
+		}
+	}
+	for name, addr := range want {
+		if _, ok := c.peers[name]; ok {
+			continue
+		}
+		p := &peer{name: name, linkAddr: addr}
+		p.link = link.Dial(name, addr, c.linkConfig(), func() []link.Message { return c.snapshot(name) })
+		c.peers[name] = p
+		c.log.Info("peer added", "peer", name, "link", addr)
+	}
+	// Routes of nodes that are no peer and gone from gossip (or never
+	// there) and not linked to this one: a dead node's stale routes.
+	inbound := c.links.Stats().Peers
+	for name := range c.remoteSets {
+		if _, ok := c.peers[name]; !ok && !inbound[name].Connected {
+			if _, alive := want[name]; !alive {
+				c.dropRoutesLocked(name)
+			}
+		}
+	}
+	c.mu.Unlock()
+	for _, p := range closing {
+		c.log.Info("peer removed: its routes are dropped", "peer", p.name)
+		p.link.Close()
+		c.links.Forget(p.name)
+	}
+}
+
+// dropRoutesLocked forgets every route of a peer. c.mu is held.
+func (c *clusterNode) dropRoutesLocked(name string) {
+	for f := range c.remoteSets[name] {
+		c.remote.Unsubscribe(f, name)
+	}
+	c.remoteCount.Add(-int64(len(c.remoteSets[name])))
+	delete(c.remoteSets, name)
+	delete(c.remoteVer, name)
+}
+
+// snapshot is what a link sends first on every (re)connect: all local
+// routes, then every retained message (and every clear still remembered),
+// so a peer that joins or comes back converges.
+func (c *clusterNode) snapshot(peerName string) []link.Message {
+	c.mu.Lock()
+	rm := routesMsg{Version: c.routeVer, Filters: slices.Sorted(maps.Keys(c.localRoutes))}
+	c.mu.Unlock()
+	out := []link.Message{{Type: msgRoutes, Body: rm.encode()}}
+
+	c.retMu.Lock()
+	meta := maps.Clone(c.retMeta)
+	c.retMu.Unlock()
+	held := c.b.mq.Topics.Retained.GetAll()
+	for topic, pk := range held {
+		if strings.HasPrefix(topic, "$SYS") {
+			continue
+		}
+		st := meta[topic]
+		m := retainedMsg{Stamp: st.at, Node: st.node, Expiry: expiryLeft(pk.Expiry), Packet: pk}
+		if m.Node == "" {
+			m.Node = c.node.Name()
+		}
+		if body, err := m.encode(); err == nil {
+			out = append(out, link.Message{Type: msgRetained, Body: body})
+		}
+	}
+	for topic, st := range meta {
+		if _, ok := held[topic]; ok {
+			continue
+		}
+		clear := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true}, TopicName: topic}
+		if body, err := (retainedMsg{Stamp: st.at, Node: st.node, Packet: clear}).encode(); err == nil {
+			out = append(out, link.Message{Type: msgRetained, Body: body})
+		}
+	}
+	c.log.Debug("link snapshot", "peer", peerName, "routes", len(rm.Filters), "retained", len(out)-1)
+	return out
+}
+
+// onRoute is mochi's TopicsIndex.OnRoute: a local filter gained its first
+// subscriber or lost its last. Called with the index locked: it only
+// queues messages.
+func (c *clusterNode) onRoute(filter string, added bool) {
+	if strings.HasPrefix(filter, "$SYS") {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.routeVer++
+	if added {
+		c.localRoutes[filter] = struct{}{}
+	} else {
+		delete(c.localRoutes, filter)
+	}
+	body := routeDeltaMsg{Version: c.routeVer, Added: added, Filter: filter}.encode()
+	for _, p := range c.peers {
+		// Reliable: a delta lost to a reconnect is sent again (and ignored
+		// if the snapshot that opens the new connection covers it).
+		if !p.link.Send(link.Message{Type: msgRouteDelta, Body: body}, true) {
+			c.log.Error("route update not queued: link queue full; the peer resyncs on reconnect", "peer", p.name, "filter", filter)
+		}
+	}
+}
+
+// OnPublish forwards what a local client publishes. It runs before mochi
+// acknowledges the message, so an acknowledged QoS 1/2 message is already
+// queued on every link it needs (and re-sent if a link drops).
+func (c *clusterNode) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if !cl.Net.Inline {
+		c.forward(pk)
+	}
+	return pk, nil
+}
+
+// OnWillSent forwards a will message once it was published locally.
+func (c *clusterNode) OnWillSent(_ *mqtt.Client, pk packets.Packet) { c.forward(pk) }
+
+func (c *clusterNode) forward(pk packets.Packet) {
+	if strings.HasPrefix(pk.TopicName, "$SYS") {
+		return
+	}
+	if pk.FixedHeader.Retain {
+		c.forwardRetained(pk)
+	}
+	if c.remoteCount.Load() == 0 {
+		return // no peer subscribes to anything: skip the lookup
+	}
+	subs := c.remote.Subscribers(pk.TopicName)
+	if len(subs.Subscriptions) == 0 && len(subs.Shared) == 0 {
+		return // no peer wants it: nothing crosses a link
+	}
+	type target struct {
+		p      *peer
+		shared []string // share groups this peer is chosen for
+	}
+	targets := make([]target, 0, len(subs.Subscriptions)+len(subs.Shared))
+	c.mu.Lock()
+	for name := range subs.Subscriptions {
+		if p := c.peers[name]; p != nil {
+			targets = append(targets, target{p: p})
+		}
+	}
+	for route, members := range subs.Shared {
+		if _, ok := c.localRoutes[route]; ok {
+			continue // a local member takes it (mochi picks one)
+		}
+		var names []string
+		for name := range members {
+			if _, ok := c.peers[name]; ok {
+				names = append(names, name)
+			}
+		}
+		if len(names) == 0 {
+			continue
+		}
+		slices.Sort(names)
+		n := c.shareNext[route]
+		c.shareNext[route] = n + 1
+		p := c.peers[names[n%uint64(len(names))]]
+		i := slices.IndexFunc(targets, func(t target) bool { return t.p == p })
+		if i < 0 {
+			targets = append(targets, target{p: p})
+			i = len(targets) - 1
+		}
+		targets[i].shared = append(targets[i].shared, route)
+	}
+	c.mu.Unlock()
+
+	// Encoding and queueing happen outside the lock, so publishers on
+	// different connections forward in parallel; each one's messages still
+	// queue in its order.
+	m := publishMsg{Origin: pk.Origin, Expiry: expiryLeft(pk.Expiry), Packet: pk}
+	var plain []byte // the body for peers with no share group, encoded once
+	for _, t := range targets {
+		body := plain
+		if t.shared != nil || plain == nil {
+			m.Shared = t.shared
+			var err error
+			if body, err = m.encode(); err != nil {
+				c.log.Error("message not forwarded: cannot encode it", "topic", pk.TopicName, "error", err)
+				return
+			}
+			if t.shared == nil {
+				plain = body
+			}
+		}
+		if t.p.link.Send(link.Message{Type: msgPublish, Body: body}, pk.FixedHeader.Qos > 0) {
+			c.forwarded.Add(1)
+			c.forwardedBytes.Add(int64(len(body)))
+		}
+	}
+}
+
+// forwardRetained tells every peer the topic's new retained message (or its
+// clear), whatever their routes: a later subscriber on any node gets it.
+func (c *clusterNode) forwardRetained(pk packets.Packet) {
+	c.retMu.Lock()
+	at := time.Now().UnixNano()
+	if at <= c.lastStamp {
+		at = c.lastStamp + 1
+	}
+	c.lastStamp = at
+	c.retMeta[pk.TopicName] = retainStamp{at: at, node: c.node.Name()}
+	c.retMu.Unlock()
+	body, err := retainedMsg{Stamp: at, Node: c.node.Name(), Expiry: expiryLeft(pk.Expiry), Packet: pk}.encode()
+	if err != nil {
+		c.log.Error("retained message not forwarded: cannot encode it", "topic", pk.TopicName, "error", err)
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, p := range c.peers {
+		p.link.Send(link.Message{Type: msgRetained, Body: body}, true)
+	}
+}
+
+// expiryLeft converts mochi's absolute expiry (unix seconds) to the
+// seconds left, at least 1 so a message about to expire still does.
+func expiryLeft(at int64) uint32 {
+	if at <= 0 {
+		return 0
+	}
+	return uint32(max(at-time.Now().Unix(), 1))
+}
+
+// deliver handles one message from a peer's link, in the order it sent them.
+func (c *clusterNode) deliver(from string, m link.Message) {
+	var err error
+	switch m.Type {
+	case msgRoutes:
+		var rm routesMsg
+		if rm, err = decodeRoutes(m.Body); err == nil {
+			c.setRoutes(from, rm)
+		}
+	case msgRouteDelta:
+		var d routeDeltaMsg
+		if d, err = decodeRouteDelta(m.Body); err == nil {
+			c.applyRoute(from, d)
+		}
+	case msgPublish:
+		var pm publishMsg
+		if pm, err = decodePublish(m.Body); err == nil {
+			c.received.Add(1)
+			pk := pm.Packet
+			pk.Origin, pk.Created, pk.PacketID = pm.Origin, time.Now().Unix(), 0
+			if pm.Expiry > 0 {
+				pk.Expiry = pk.Created + int64(pm.Expiry)
+			}
+			var shared func(string) bool
+			if len(pm.Shared) > 0 {
+				shared = func(route string) bool { return slices.Contains(pm.Shared, route) }
+			}
+			c.b.mq.DeliverFromPeer(pk, shared)
+		}
+	case msgRetained:
+		var rm retainedMsg
+		if rm, err = decodeRetained(m.Body); err == nil {
+			c.applyRetained(rm)
+		}
+	case msgClaim:
+		var cm claimMsg
+		if cm, err = decodeClaim(m.Body); err == nil {
+			c.answerClaim(from, cm)
+		}
+	case msgClaimReply:
+		var r claimReplyMsg
+		if r, err = decodeClaimReply(m.Body); err == nil {
+			c.claimAnswered(r)
+		}
+	default:
+		err = fmt.Errorf("unknown message type %d", m.Type)
+	}
+	if err != nil {
+		c.log.Error("bad message from peer ignored", "peer", from, "type", m.Type, "error", err)
+	}
+}
+
+func (c *clusterNode) setRoutes(from string, rm routesMsg) {
+	// Routes are kept even from a node this one has not seen join yet:
+	// the link is authenticated, and gossip may simply be behind. They are
+	// used once it is a peer, and dropped if gossip says it is gone.
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	old := c.remoteSets[from]
+	set := make(map[string]struct{}, len(rm.Filters))
+	for _, f := range rm.Filters {
+		if !mqtt.IsValidFilter(f, false) {
+			c.log.Warn("invalid route from peer ignored", "peer", from, "filter", f)
+			continue
+		}
+		set[f] = struct{}{}
+		if _, ok := old[f]; !ok {
+			c.remote.Subscribe(from, packets.Subscription{Filter: f})
+		}
+	}
+	for f := range old {
+		if _, ok := set[f]; !ok {
+			c.remote.Unsubscribe(f, from)
+		}
+	}
+	c.remoteCount.Add(int64(len(set) - len(old)))
+	c.remoteSets[from] = set
+	c.remoteVer[from] = rm.Version
+}
+
+func (c *clusterNode) applyRoute(from string, d routeDeltaMsg) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	set, ok := c.remoteSets[from]
+	if !ok || d.Version <= c.remoteVer[from] {
+		return // before the snapshot, or already in it
+	}
+	c.remoteVer[from] = d.Version
+	if !mqtt.IsValidFilter(d.Filter, false) {
+		c.log.Warn("invalid route from peer ignored", "peer", from, "filter", d.Filter)
+		return
+	}
+	_, had := set[d.Filter]
+	if d.Added && !had {
+		set[d.Filter] = struct{}{}
+		c.remoteCount.Add(1)
+		c.remote.Subscribe(from, packets.Subscription{Filter: d.Filter})
+	} else if !d.Added && had {
+		delete(set, d.Filter)
+		c.remoteCount.Add(-1)
+		c.remote.Unsubscribe(d.Filter, from)
+	}
+}
+
+func (c *clusterNode) applyRetained(m retainedMsg) {
+	if strings.HasPrefix(m.Packet.TopicName, "$SYS") || !mqtt.IsValidFilter(m.Packet.TopicName, true) {
+		return
+	}
+	c.retMu.Lock()
+	defer c.retMu.Unlock()
+	if !c.retMeta[m.Packet.TopicName].newer(m.Stamp, m.Node) {
+		return
+	}
+	c.retMeta[m.Packet.TopicName] = retainStamp{at: m.Stamp, node: m.Node}
+	pk := m.Packet
+	pk.FixedHeader.Retain = true
+	pk.Created = time.Now().Unix()
+	if m.Expiry > 0 {
+		pk.Expiry = pk.Created + int64(m.Expiry)
+	}
+	c.b.mq.RetainFromPeer(pk)
+}
+
+// OnSessionEstablish runs when a client has authenticated, before mochi
+// looks for its session: every peer is told, ends a connection or session
+// with the same ID (DISCONNECT 0x8E) and, unless the client starts clean,
+// hands the session over, which is installed here for mochi to inherit.
+// The CONNECT waits one round trip, at most cluster.claim_timeout.
+func (c *clusterNode) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
+	c.mu.Lock()
+	var up []*peer
+	for _, p := range c.peers {
+		if p.link.Up() {
+			up = append(up, p)
+		}
+	}
+	c.mu.Unlock()
+	if len(up) == 0 {
+		return
+	}
+	id := c.claimSeq.Add(1)
+	ch := make(chan claimReplyMsg, len(up))
+	c.claimMu.Lock()
+	c.claims[id] = ch
+	c.claimMu.Unlock()
+	defer func() {
+		c.claimMu.Lock()
+		delete(c.claims, id)
+		c.claimMu.Unlock()
+	}()
+	body := claimMsg{ID: id, ClientID: cl.ID, Clean: pk.Connect.Clean}.encode()
+	sent := 0
+	for _, p := range up {
+		if p.link.Send(link.Message{Type: msgClaim, Body: body}, false) {
+			sent++
+		}
+	}
+	c.claimsSent.Add(1)
+	timeout := time.NewTimer(c.cfg.ClaimTimeout)
+	defer timeout.Stop()
+	for range sent {
+		select {
+		case r := <-ch:
+			if r.Found && !pk.Connect.Clean {
+				c.adopt(cl.ID, cl.Properties.ProtocolVersion, r)
+			}
+		case <-timeout.C:
+			c.claimsTimedOut.Add(1)
+			c.log.Warn("client ID claim: not every node answered in time; a connection with this ID may still be open elsewhere",
+				"client_id", cl.ID, "timeout", c.cfg.ClaimTimeout)
+			return
+		}
+	}
+}
+
+func (c *clusterNode) adopt(id string, version byte, r claimReplyMsg) {
+	if len(r.Session.Subscriptions) == 0 && len(r.Session.Inflight) == 0 {
+		return
+	}
+	c.b.mq.AdoptSession(id, version, r.Session)
+	c.moved.Add(1)
+	c.log.Debug("session moved here", "client_id", id, "subscriptions", len(r.Session.Subscriptions), "queued", len(r.Session.Inflight))
+}
+
+func (c *clusterNode) answerClaim(from string, m claimMsg) {
+	sess, found := c.b.mq.DetachSession(m.ClientID)
+	reply := claimReplyMsg{ID: m.ID, ClientID: m.ClientID, Found: found}
+	if found && !m.Clean {
+		reply.Session = sess
+		// PUBLISHes move; a QoS 2 exchange half done (PUBREC/PUBREL state)
+		// does not (see third_party/mochi/PATCHES.md, patch 17).
+		reply.Session.Inflight = slices.DeleteFunc(sess.Inflight, func(pk packets.Packet) bool { return pk.FixedHeader.Type != packets.Publish })
+	}
+	if found {
+		c.log.Debug("client connected to another node: session ended here", "client_id", m.ClientID, "node", from, "moved", !m.Clean)
+	}
+	body, err := reply.encode()
+	if err != nil {
+		c.log.Error("claim answer not sent: cannot encode the session", "client_id", m.ClientID, "error", err)
+		return
+	}
+	c.mu.Lock()
+	p := c.peers[from]
+	c.mu.Unlock()
+	if p == nil || !p.link.Send(link.Message{Type: msgClaimReply, Body: body}, true) {
+		c.log.Warn("claim answer not sent: no link to the node", "client_id", m.ClientID, "node", from)
+	}
+}
+
+func (c *clusterNode) claimAnswered(r claimReplyMsg) {
+	c.claimMu.Lock()
+	ch, ok := c.claims[r.ID]
+	c.claimMu.Unlock()
+	if ok {
+		ch <- r // buffered for every peer asked
+		return
+	}
+	// The CONNECT stopped waiting: keep a session that moved anyway.
+	if r.Found && (len(r.Session.Subscriptions) > 0 || len(r.Session.Inflight) > 0) {
+		c.log.Warn("session handed over after its CONNECT stopped waiting: adopted late", "client_id", r.ClientID)
+		c.adopt(r.ClientID, 5, r)
+	}
+}
+
+// leave tells the cluster this node goes, bounded by ctx, so routers and
+// peers drop it at once instead of detecting a failure.
+func (c *clusterNode) leave(ctx context.Context) {
+	if c.node == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	if err := c.node.Leave(ctx); err != nil {
+		c.log.Warn("gossip leave not confirmed", "error", err)
+	}
+}
+
+// shutdown closes the links and gossip; messages still queued are lost.
+func (c *clusterNode) shutdown() {
+	c.stopOnce.Do(c.close)
+}
+
+func (c *clusterNode) close() {
+	close(c.stop)
+	c.wg.Wait()
+	c.mu.Lock()
+	peers := slices.Collect(maps.Values(c.peers))
+	c.peers = map[string]*peer{}
+	c.mu.Unlock()
+	for _, p := range peers {
+		p.link.Close()
+	}
+	if c.links != nil {
+		_ = c.links.Close()
+	}
+	if c.node != nil {
+		_ = c.node.Shutdown()
+	}
+}
+
+// ClusterStats is the cluster as this node sees it (/v1/stats, /v1/cluster).
+type ClusterStats struct {
+	Node           string                       `json:"node"`
+	Gossip         string                       `json:"gossip_addr"`
+	Link           string                       `json:"link_addr"`
+	Members        []MemberStats                `json:"members"`
+	Links          []link.LinkStats             `json:"links"`
+	Inbound        map[string]link.InboundStats `json:"inbound"`
+	AuthFailures   int64                        `json:"link_auth_failures"`
+	LocalRoutes    int                          `json:"local_routes"`
+	RemoteRoutes   map[string]int               `json:"remote_routes"`
+	Forwarded      int64                        `json:"messages_forwarded"`
+	ForwardedBytes int64                        `json:"bytes_forwarded"`
+	Received       int64                        `json:"messages_received_from_peers"`
+	Claims         int64                        `json:"client_id_claims"`
+	ClaimTimeouts  int64                        `json:"client_id_claim_timeouts"`
+	SessionsMoved  int64                        `json:"sessions_moved_here"`
+}
+
+// MemberStats is one member of the gossip cluster.
+type MemberStats struct {
+	Name        string `json:"name"`
+	Addr        string `json:"gossip_addr"`
+	Status      string `json:"status"`
+	Role        string `json:"role"`
+	Version     string `json:"version,omitempty"`
+	MQTT        string `json:"mqtt,omitempty"`
+	WS          string `json:"ws,omitempty"`
+	Admin       string `json:"admin,omitempty"`
+	Connections int    `json:"connections"`
+	Capacity    int    `json:"capacity,omitempty"`
+	Draining    bool   `json:"draining,omitempty"`
+}
+
+func (c *clusterNode) stats() *ClusterStats {
+	s := &ClusterStats{Node: c.b.cfg.NodeName, RemoteRoutes: map[string]int{}}
+	if c.node != nil {
+		s.Gossip = c.node.Addr()
+		for _, m := range c.node.Members() {
+			s.Members = append(s.Members, MemberStats{Name: m.Name, Addr: m.Addr, Status: string(m.Status), Role: m.Tags.Role,
+				Version: m.Tags.Version, MQTT: m.Tags.MQTT, WS: m.Tags.WS, Admin: m.Tags.Admin,
+				Connections: m.Tags.Connections, Capacity: m.Tags.Capacity, Draining: m.Tags.Draining})
+		}
+		sort.Slice(s.Members, func(i, j int) bool { return s.Members[i].Name < s.Members[j].Name })
+	}
+	if c.links != nil {
+		s.Link = c.links.Addr()
+		ls := c.links.Stats()
+		s.Inbound, s.AuthFailures = ls.Peers, ls.AuthFailures
+	}
+	c.mu.Lock()
+	for _, p := range c.peers {
+		s.Links = append(s.Links, p.link.Stats())
+	}
+	s.LocalRoutes = len(c.localRoutes)
+	for name, set := range c.remoteSets {
+		s.RemoteRoutes[name] = len(set)
+	}
+	c.mu.Unlock()
+	sort.Slice(s.Links, func(i, j int) bool { return s.Links[i].Peer < s.Links[j].Peer })
+	s.Forwarded, s.ForwardedBytes, s.Received = c.forwarded.Load(), c.forwardedBytes.Load(), c.received.Load()
+	s.Claims, s.ClaimTimeouts, s.SessionsMoved = c.claimsSent.Load(), c.claimsTimedOut.Load(), c.moved.Load()
+	return s
+}
+
+var _ mqtt.Hook = (*clusterNode)(nil)
