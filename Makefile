@@ -51,6 +51,8 @@ lint: ## gofmt, go vet, staticcheck, go mod tidy check
 
 fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	cd third_party/mochi && $(GO) test ./packets -run '^$$' -fuzz FuzzDecode -fuzztime $${FUZZTIME:-30s}
+	$(GO) test ./broker/link -run '^$$' -fuzz FuzzFrame -fuzztime $${FUZZTIME:-30s}
+	$(GO) test ./broker -run '^$$' -fuzz FuzzClusterMessage -fuzztime $${FUZZTIME:-30s}
 
 clean: ## remove build output (not ./data)
 	rm -rf bin bench.out bench-go.out

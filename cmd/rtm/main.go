@@ -64,7 +64,7 @@ and flags, in increasing order of precedence; 'rtm config' prints the result.`,
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
-	root.AddCommand(devCmd(), brokerCmd(), storeCmd(), configCmd(), versionCmd())
+	root.AddCommand(devCmd(), brokerCmd(), storeCmd(), clusterCmd(), configCmd(), versionCmd())
 	return root
 }
 
@@ -72,7 +72,8 @@ and flags, in increasing order of precedence; 'rtm config' prints the result.`,
 var commonFlags = []string{"data", "store-uri", "log-level", "log-format"}
 
 // brokerFlags are the broker role's own.
-var brokerFlags = []string{"node-name", "mqtt-addr", "ws-addr", "tls-addr", "wss-addr", "tls-cert", "tls-key", "admin-addr", "capacity", "auth-devices"}
+var brokerFlags = []string{"node-name", "mqtt-addr", "ws-addr", "tls-addr", "wss-addr", "tls-cert", "tls-key", "admin-addr", "capacity", "auth-devices",
+	"gossip-addr", "advertise-host", "join", "cluster-secret", "link-addr"}
 
 // loadConfig reads the configuration of cmd: defaults, then --config,
 // environment and flags.

@@ -193,7 +193,10 @@ func (p *proc) listeners(t *testing.T) map[string]string {
 	return addrs
 }
 
-var loopbackFlags = []string{"--mqtt-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--log-format", "json"}
+// loopbackFlags put every listener of a broker on a free loopback port, so
+// process tests run beside each other and anything else on the machine.
+var loopbackFlags = []string{"--mqtt-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+	"--gossip-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0", "--log-format", "json"}
 
 func TestBrokerProcessSIGTERMDisconnectsClientsAndExits0(t *testing.T) {
 	p := start(t, nil, append([]string{"broker", "--data", t.TempDir(), "--node-name", "p1"}, loopbackFlags...)...)
@@ -276,7 +279,8 @@ func TestDevQuickStart(t *testing.T) {
 		}
 	}
 	dir := t.TempDir()
-	p := start(t, nil, "dev", "--data", filepath.Join(dir, "data"), "--mqtt-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0")
+	p := start(t, nil, "dev", "--data", filepath.Join(dir, "data"), "--mqtt-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+		"--gossip-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0")
 	re := regexp.MustCompile(`MQTT\s+mqtt://127\.0\.0\.1:(\d+)`)
 	var port string
 	testutil.WaitFor(t, 60*time.Second, func() error {
