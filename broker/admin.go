@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -36,6 +37,25 @@ func newAdminServer(b *Broker, ln net.Listener) *adminServer {
 			return
 		}
 		writeJSON(w, http.StatusOK, b.cluster.stats())
+	})
+	// Drain and undrain (rtm node drain/undrain). The admin port has no
+	// authentication: it belongs on the operators' network only.
+	mux.HandleFunc("POST /v1/drain", func(w http.ResponseWriter, r *http.Request) {
+		evacuate := false
+		if v := r.URL.Query().Get("evacuate"); v != "" {
+			var err error
+			if evacuate, err = strconv.ParseBool(v); err != nil {
+				writeJSON(w, http.StatusBadRequest, map[string]string{"error": "bad_request", "message": "evacuate: want true or false"})
+				return
+			}
+		}
+		writeJSON(w, http.StatusOK, b.Drain(evacuate))
+	})
+	mux.HandleFunc("POST /v1/undrain", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, http.StatusOK, b.Undrain())
+	})
+	mux.HandleFunc("GET /v1/drain", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, http.StatusOK, b.drain.state())
 	})
 	a.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	return a

@@ -26,6 +26,7 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/hooks/auth"
 	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/rtm-dev/rtm/internal/cluster"
@@ -77,6 +78,7 @@ type Broker struct {
 	mq      *mqtt.Server
 	limits  *limitsHook
 	cluster *clusterNode // nil when the broker runs alone
+	drain   *drainer
 	admin   *adminServer
 	started atomic.Bool
 	ready   atomic.Bool
@@ -116,6 +118,7 @@ func New(opts Options) (*Broker, error) {
 		reg = obs.NewRegistry()
 	}
 	b := &Broker{cfg: cfg, opts: opts, log: log.With("component", "broker", "node", cfg.NodeName), reg: reg, addrs: map[string]string{}}
+	b.drain = &drainer{b: b}
 
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumClients = math.MaxInt64 // enforced by limitsHook, which answers v5 with 0x97
@@ -285,6 +288,7 @@ func (b *Broker) Ready() bool { return b.ready.Load() }
 func (b *Broker) Shutdown(ctx context.Context) error {
 	b.stopOnce.Do(func() {
 		done := make(chan struct{})
+		var err error // written by the goroutine, read once it is done
 		go func() {
 			defer close(done)
 			// 1. /readyz turns 503 at once, so load balancers stop sending.
@@ -304,9 +308,23 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			// stopped reading leaves mochi's writer blocked in write(2)
 			// holding the client's lock, which the DISCONNECT needs: bound
 			// every write, or Shutdown waits for that client's keepalive.
+			b.drain.stopEvacuation()
+			refs := map[string]string{} // by listener: where its clients should go
 			for _, cl := range b.mq.Clients.GetAll() {
-				if cl.Net.Conn != nil {
-					_ = cl.Net.Conn.SetWriteDeadline(time.Now().Add(shutdownWriteGrace))
+				if cl.Net.Conn == nil || cl.Closed() {
+					continue
+				}
+				_ = cl.Net.Conn.SetWriteDeadline(time.Now().Add(shutdownWriteGrace))
+				// MQTT 5 clients are told where to go instead (SPEC 4).
+				if cl.Properties.ProtocolVersion == 5 && b.cluster != nil {
+					ref, ok := refs[cl.Net.Listener]
+					if !ok {
+						ref = b.reference(cl.Net.Listener)
+						refs[cl.Net.Listener] = ref
+					}
+					if ref != "" {
+						b.redirect(cl, packets.ErrServerShuttingDown, ref)
+					}
 				}
 			}
 			_ = b.mq.Close()
@@ -319,11 +337,12 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			}
 			// 5. The admin server goes last, so /metrics stays scrapeable
 			// while clients are disconnected.
-			b.stopErr = b.admin.shutdown(ctx)
+			err = b.admin.shutdown(ctx)
 			b.log.Info("broker stopped")
 		}()
 		select {
 		case <-done:
+			b.stopErr = err
 		case <-ctx.Done():
 			b.stopErr = fmt.Errorf("broker: shutdown: %w", ctx.Err())
 		}

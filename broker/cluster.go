@@ -64,9 +64,10 @@ type clusterNode struct {
 	forwarded, forwardedBytes, received atomic.Int64
 	claimsSent, claimsTimedOut, moved   atomic.Int64
 
-	stop     chan struct{}
-	stopOnce sync.Once
-	wg       sync.WaitGroup
+	stop      chan struct{}
+	watchOnce sync.Once
+	stopOnce  sync.Once
+	wg        sync.WaitGroup
 }
 
 // peer is another broker node and the link to it.
@@ -210,6 +211,8 @@ func (c *clusterNode) tags() cluster.Tags {
 		Admin:       c.publicAddr(c.b.addrs[ListenerAdmin]),
 		Capacity:    c.b.cfg.Capacity,
 		Connections: int(atomic.LoadInt64(&c.b.mq.Info.ClientsConnected)),
+		LoadAt:      time.Now().Unix(),
+		Draining:    c.b.Draining(),
 	}
 	if c.links != nil {
 		t.Link = c.publicAddr(c.links.Addr())
@@ -225,25 +228,41 @@ func (c *clusterNode) tags() cluster.Tags {
 // an event lost to a slow reader costs at most a second.
 func (c *clusterNode) watch(events <-chan cluster.Event) {
 	defer c.wg.Done()
-	tick := time.NewTicker(time.Second)
+	tick := time.NewTicker(loadCheckInterval)
 	defer tick.Stop()
-	lastConns := -1
+	var lastConns int
+	var lastTag time.Time
 	for {
 		select {
 		case <-c.stop:
 			return
 		case <-events:
 		case <-tick.C:
-			// Load travels in the tags for the router; gossip them only
-			// when they change.
-			if n := int(atomic.LoadInt64(&c.b.mq.Info.ClientsConnected)); n != lastConns {
-				lastConns = n
-				if err := c.node.SetTags(c.tags()); err != nil {
-					c.log.Debug("gossip tags not updated", "error", err)
-				}
+			// Load travels in the tags, for routers: soon after it
+			// changes, and at least every loadRefresh, so a router can
+			// tell a quiet node from a silent one.
+			if n := int(atomic.LoadInt64(&c.b.mq.Info.ClientsConnected)); n != lastConns || time.Since(lastTag) >= loadRefresh {
+				lastConns, lastTag = n, time.Now()
+				c.retag()
 			}
 		}
 		c.syncPeers()
+	}
+}
+
+// Load reporting in the gossip tags (see watch; docs/router.md).
+const (
+	loadCheckInterval = 500 * time.Millisecond
+	loadRefresh       = 5 * time.Second
+)
+
+// retag gossips the node's tags now (load, draining).
+func (c *clusterNode) retag() {
+	if c.node == nil {
+		return
+	}
+	if err := c.node.SetTags(c.tags()); err != nil {
+		c.log.Debug("gossip tags not updated", "error", err)
 	}
 }
 
@@ -716,6 +735,10 @@ func (c *clusterNode) leave(ctx context.Context) {
 	if c.node == nil {
 		return
 	}
+	// Stop following membership first: retagging a node that has left
+	// blocks in memberlist until its broadcast timeout, and peers that
+	// leave now need no links.
+	c.stopWatch()
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
 	if err := c.node.Leave(ctx); err != nil {
@@ -728,9 +751,15 @@ func (c *clusterNode) shutdown() {
 	c.stopOnce.Do(c.close)
 }
 
+func (c *clusterNode) stopWatch() {
+	c.watchOnce.Do(func() {
+		close(c.stop)
+		c.wg.Wait()
+	})
+}
+
 func (c *clusterNode) close() {
-	close(c.stop)
-	c.wg.Wait()
+	c.stopWatch()
 	c.mu.Lock()
 	peers := slices.Collect(maps.Values(c.peers))
 	c.peers = map[string]*peer{}

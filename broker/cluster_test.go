@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"os"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"testing"
@@ -36,7 +38,7 @@ func startCluster(t testing.TB, n int) []*broker.Broker {
 	return nodes
 }
 
-func startClusterNode(t testing.TB, name, seed string, mutate func(*config.Cluster)) *broker.Broker {
+func startClusterNode(t testing.TB, name, seed string, mutate func(*config.Broker, *config.Cluster)) *broker.Broker {
 	t.Helper()
 	cfg := config.Defaults().Broker
 	cfg.NodeName = name
@@ -44,7 +46,7 @@ func startClusterNode(t testing.TB, name, seed string, mutate func(*config.Clust
 	cc := config.Defaults().Cluster
 	cc.GossipAddr, cc.LinkAddr, cc.Join, cc.Secret = "127.0.0.1:0", "127.0.0.1:0", seed, "test secret"
 	if mutate != nil {
-		mutate(&cc)
+		mutate(&cfg, &cc)
 	}
 	_, logs := testutil.Logger(t)
 	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo})).With("test_node", name)
@@ -61,6 +63,7 @@ func startClusterNode(t testing.TB, name, seed string, mutate func(*config.Clust
 		defer cancel()
 		if err := b.Shutdown(ctx); err != nil {
 			t.Errorf("shutdown %s: %v", name, err)
+			_ = pprof.Lookup("goroutine").WriteTo(os.Stderr, 1)
 		}
 		logs.Stop()
 	})

@@ -80,11 +80,15 @@ func (h *limitsHook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 			h.b.rejectedFull.Add(1)
 			// mochi sends no CONNACK when OnConnect fails: send ours.
 			// v3.1.1 clients get code 3 (server unavailable) by mochi's mapping.
-			code := packets.ErrQuotaExceeded
+			// In a cluster, an MQTT 5 client is sent to the broker the
+			// router would pick (0x9C with a Server Reference).
+			code, props := packets.ErrQuotaExceeded, (*packets.Properties)(nil)
 			if cl.Properties.ProtocolVersion < 5 {
 				code = packets.ErrServerUnavailable
+			} else if ref := h.b.reference(cl.Net.Listener); ref != "" {
+				code, props = packets.ErrUseAnotherServer, &packets.Properties{ServerReference: ref}
 			}
-			_ = s.SendConnack(cl, code, false, nil)
+			_ = s.SendConnack(cl, code, false, props)
 			return code
 		}
 	}

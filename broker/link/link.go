@@ -51,32 +51,40 @@ type entry struct {
 
 // LinkStats are a Link's state and counters.
 type LinkStats struct {
-	Peer, Addr string
+	Peer string `json:"peer"`
+	Addr string `json:"addr"`
 	// State is StateConnecting, StateUp or StateClosed.
-	State string
+	State string `json:"state"`
 	// Connects counts successful handshakes; HandshakeFailures counts
 	// failed ones (bad secret, wrong peer, rejected, timeout), not failed
 	// dials.
-	Connects, HandshakeFailures int64
+	Connects          int64 `json:"connects"`
+	HandshakeFailures int64 `json:"handshake_failures"`
 	// Messages and Bytes count queued messages and their body bytes written
 	// for the first time; OnUpMessages counts the unsequenced messages
 	// returned by OnUp and written.
-	Messages, Bytes, OnUpMessages int64
+	Messages     int64 `json:"messages"`
+	Bytes        int64 `json:"bytes"`
+	OnUpMessages int64 `json:"onup_messages"`
 	// Resends counts reliable messages written again after a reconnect;
 	// Skipped counts unreliable ones dropped instead because they had
 	// already been written once.
-	Resends, Skipped int64
+	Resends int64 `json:"resends"`
+	Skipped int64 `json:"skipped"`
 	// Acked counts messages the peer acknowledged.
-	Acked int64
+	Acked int64 `json:"acked"`
 	// QueueLen and QueueBytes are the messages (and their body bytes)
 	// waiting to be written or acked.
-	QueueLen, QueueBytes int
+	QueueLen   int `json:"queue_len"`
+	QueueBytes int `json:"queue_bytes"`
 	// DroppedReliable and DroppedUnreliable count messages Send refused
 	// because the queue was full; Oversize counts those refused because
 	// the body exceeds MaxFrame-12 bytes (also OnUp messages).
-	DroppedReliable, DroppedUnreliable, Oversize int64
+	DroppedReliable   int64 `json:"dropped_reliable"`
+	DroppedUnreliable int64 `json:"dropped_unreliable"`
+	Oversize          int64 `json:"oversize"`
 	// LastError is the last dial, handshake or connection error.
-	LastError string
+	LastError string `json:"last_error,omitempty"`
 }
 
 // Dial starts a Link from cfg.NodeName to the node peer at addr and returns

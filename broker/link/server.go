@@ -51,19 +51,21 @@ type ServerStats struct {
 	// AuthFailures counts inbound connections that failed the handshake:
 	// bad secret, unsupported version, garbage, or silence until
 	// HandshakeTimeout.
-	AuthFailures int64
+	AuthFailures int64 `json:"auth_failures"`
 	// Peers holds the inbound state by sender node name.
-	Peers map[string]InboundStats
+	Peers map[string]InboundStats `json:"peers"`
 }
 
 // InboundStats are the counters of one sender.
 type InboundStats struct {
-	Connected bool
+	Connected bool `json:"connected"`
 	// Incarnation is the sender's current incarnation.
-	Incarnation uint64
+	Incarnation uint64 `json:"incarnation"`
 	// Messages and Bytes count delivered messages and their body bytes;
 	// Duplicates counts re-sent messages skipped as already delivered.
-	Messages, Bytes, Duplicates int64
+	Messages   int64 `json:"messages"`
+	Bytes      int64 `json:"bytes"`
+	Duplicates int64 `json:"duplicates"`
 }
 
 // Listen binds addr, starts accepting inbound links in the background and

@@ -26,6 +26,7 @@ type Tags struct {
 	Admin       string // host:port of the admin HTTP server
 	Capacity    int    // connections the broker accepts
 	Connections int    // connections at the last tag update
+	LoadAt      int64  // unix seconds when Connections was measured; refreshed even when unchanged
 	Draining    bool   // the broker takes no new devices
 }
 
@@ -49,6 +50,9 @@ func (t Tags) Encode() map[string]string {
 	}
 	if t.Connections > 0 {
 		m["conns"] = strconv.Itoa(t.Connections)
+	}
+	if t.LoadAt > 0 {
+		m["lt"] = strconv.FormatInt(t.LoadAt, 10)
 	}
 	if t.Draining {
 		m["drain"] = "1"
@@ -78,6 +82,11 @@ func DecodeTags(m map[string]string) (Tags, error) {
 	}
 	if t.Connections, err = num("conns"); err != nil {
 		return t, err
+	}
+	if v, ok := m["lt"]; ok {
+		if t.LoadAt, err = strconv.ParseInt(v, 10, 64); err != nil || t.LoadAt < 0 {
+			return t, fmt.Errorf("cluster: tag lt=%q: want unix seconds", v)
+		}
 	}
 	return t, nil
 }

@@ -21,6 +21,7 @@ type Config struct {
 	Auth    Auth    `koanf:"auth"`
 	Broker  Broker  `koanf:"broker"`
 	Cluster Cluster `koanf:"cluster"`
+	Router  Router  `koanf:"router"`
 }
 
 // Log configures the process-wide structured logger.
@@ -59,6 +60,7 @@ type Broker struct {
 	KeepaliveMax    time.Duration `koanf:"keepalive_max" doc:"Largest keepalive a v5 client may use (0 = none requested also gets this); higher requests are lowered (Server Keep Alive)."`
 	SessionExpiry   time.Duration `koanf:"session_expiry_max" doc:"Longest time a disconnected persistent session is kept (v5 requests are capped; v3.1.1 clean_session=false sessions get this)."`
 	MessageExpiry   time.Duration `koanf:"message_expiry_max" doc:"Longest time a queued or retained message is kept; 0 keeps messages without an expiry of their own forever."`
+	EvacuateRate    int           `koanf:"evacuate_rate" doc:"Clients per second a draining node disconnects when asked to evacuate (rtm node drain --evacuate); MQTT 5 clients get 0x9C with a Server Reference."`
 	ShutdownTimeout time.Duration `koanf:"shutdown_timeout" doc:"Bound on a graceful shutdown; past it the process exits anyway."`
 }
 
@@ -74,6 +76,14 @@ type Cluster struct {
 	LinkQueueBytes int           `koanf:"link_queue_bytes" doc:"Bytes of messages held per peer while its link is slow or down; beyond it messages to that peer are dropped and counted."`
 	ProbeInterval  time.Duration `koanf:"probe_interval" doc:"Gossip failure-detection probe interval; a dead node is declared failed after a few intervals (about 5 s at 1s)."`
 	ClaimTimeout   time.Duration `koanf:"claim_timeout" doc:"How long a CONNECT waits for the other brokers to end a connection with the same client ID and hand over its session."`
+}
+
+// Router configures the router role, which tells devices which broker to
+// connect to.
+type Router struct {
+	Name       string        `koanf:"name" doc:"Gossip member name of this router, unique in the cluster. Empty: router-<host name>."`
+	Addr       string        `koanf:"addr" doc:"Router HTTP listen address: /v1/route, /v1/nodes, /healthz, /metrics."`
+	StaleAfter time.Duration `koanf:"load_stale_after" doc:"A broker whose last load report is older than this is treated as of unknown load and picked last (brokers report at least every 5s)."`
 }
 
 // Defaults returns the configuration used for every key that no file,
@@ -99,6 +109,7 @@ func Defaults() Config {
 			MaxQueued:       1000,
 			KeepaliveMax:    20 * time.Minute,
 			SessionExpiry:   24 * time.Hour,
+			EvacuateRate:    100,
 			ShutdownTimeout: 15 * time.Second,
 		},
 		Cluster: Cluster{
@@ -107,6 +118,10 @@ func Defaults() Config {
 			LinkQueueBytes: 64 << 20,
 			ProbeInterval:  time.Second,
 			ClaimTimeout:   2 * time.Second,
+		},
+		Router: Router{
+			Addr:       ":8090",
+			StaleAfter: 15 * time.Second,
 		},
 	}
 }
@@ -123,5 +138,7 @@ func DevDefaults() Config {
 	c.Broker.AdminAddr = "127.0.0.1:9101"
 	c.Cluster.GossipAddr = "127.0.0.1:7946"
 	c.Cluster.LinkAddr = "127.0.0.1:7947"
+	c.Router.Name = "dev-router"
+	c.Router.Addr = "127.0.0.1:8090"
 	return c
 }

@@ -35,7 +35,25 @@ func (c Config) Validate() error {
 	c.Auth.check(v)
 	c.Broker.check(v)
 	c.Cluster.check(v)
+	c.Router.check(v)
 	return v.err()
+}
+
+// Validate reports every invalid value of the router section.
+func (r Router) Validate() error {
+	v := &validator{}
+	r.check(v)
+	return v.err()
+}
+
+func (r Router) check(v *validator) {
+	v.addr("router.addr", r.Addr, false)
+	if strings.ContainsAny(r.Name, " /#+\t\n") {
+		v.bad("router.name", r.Name, "must not contain spaces, '/', '#' or '+'")
+	}
+	if r.StaleAfter < time.Second {
+		v.bad("router.load_stale_after", r.StaleAfter.String(), "must be at least 1s")
+	}
 }
 
 // Validate reports every invalid value of the cluster section.
@@ -113,6 +131,7 @@ func (b Broker) check(v *validator) {
 		v.bad("broker.node_name", b.NodeName, "must not contain spaces, '/', '#' or '+'")
 	}
 	v.between("broker.capacity", b.Capacity, 1, 10_000_000)
+	v.between("broker.evacuate_rate", b.EvacuateRate, 1, 100_000)
 	v.between("broker.max_packet_size", b.MaxPacketSize, 64, 268_435_455)
 	v.between("broker.max_inflight", b.MaxInflight, 1, 65535)
 	v.between("broker.max_queued", b.MaxQueued, 1, 65535)
