@@ -67,7 +67,22 @@ func (a *adminServer) serve() {
 	}
 }
 
-func (a *adminServer) shutdown(ctx context.Context) error { return a.srv.Shutdown(ctx) }
+// adminShutdownGrace bounds how long Shutdown lets admin requests in
+// progress finish. net/http also waits up to 5 s for connections that were
+// opened but sent no request yet (HTTP clients, load balancers and scrapers
+// leave such connections), which would hold SIGTERM for nothing.
+const adminShutdownGrace = 500 * time.Millisecond
+
+func (a *adminServer) shutdown(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, adminShutdownGrace)
+	defer cancel()
+	if err := a.srv.Shutdown(ctx); errors.Is(err, context.DeadlineExceeded) {
+		return a.srv.Close()
+	} else if err != nil {
+		return err
+	}
+	return nil
+}
 
 // readyz is 200 only while the listeners serve and every dependency (the
 // store) answers; it turns 503 the moment shutdown starts.
