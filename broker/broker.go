@@ -276,6 +276,15 @@ func (b *Broker) loop(ctx context.Context) {
 // or "" when it is not running.
 func (b *Broker) Addr(id string) string { return b.addrs[id] }
 
+// GossipAddr returns the gossip address the node advertises, or "" when it
+// runs alone.
+func (b *Broker) GossipAddr() string {
+	if b.cluster == nil || b.cluster.node == nil {
+		return ""
+	}
+	return b.cluster.node.Addr()
+}
+
 // Name returns the node's name.
 func (b *Broker) Name() string { return b.cfg.NodeName }
 

@@ -203,12 +203,15 @@ Ports of node i (1 to N):
 so n1 has the MQTT, WebSocket, admin and gossip ports of 'rtm dev' (1883,
 8083, 9101, 7946) and link port 7956. With --base-port P, node i takes the
 five ports from P+5(i-1) instead, in the same order: --base-port 20000 gives
-n1 20000-20004 and n2 20005-20009. Every port is checked before anything
-starts.
+n1 20000-20004 and n2 20005-20009. The router serves HTTP on 8090 (with
+--base-port, on the port after the brokers'). Every port is checked before
+anything starts.
 
 The brokers share a cluster secret (gossip encryption, link
 authentication), random unless --secret sets it; children get it in
-RTM_CLUSTER_SECRET. Other RTM_* variables reach every child.
+RTM_CLUSTER_SECRET. Devices connect anonymously (RTM_AUTH_DEVICES=anonymous),
+and a random device-token key is shared (RTM_AUTH_TOKEN_KEYS). Other RTM_*
+variables reach every child and can override these.
 
 The processes run in process groups of their own, so only 'rtm cluster up'
 sees Ctrl-C; should it be killed (SIGKILL), stop them by the PIDs it
@@ -302,6 +305,7 @@ type localCluster struct {
 	o        upOptions
 	exe      string
 	secret   string
+	tokenKey string // device tokens, shared by every node
 	storeURI string
 	children []*child
 	exits    chan *child
@@ -320,7 +324,9 @@ func runClusterUp(ctx context.Context, o upOptions, stdout, stderr io.Writer) er
 		_, _ = rand.Read(b[:])
 		secret = hex.EncodeToString(b[:])
 	}
-	lc := &localCluster{o: o, exe: exe, secret: secret, stdout: stdout, stderr: stderr}
+	var key [24]byte
+	_, _ = rand.Read(key[:])
+	lc := &localCluster{o: o, exe: exe, secret: secret, tokenKey: hex.EncodeToString(key[:]), stdout: stdout, stderr: stderr}
 	lc.plan()
 	lc.exits = make(chan *child, len(lc.children))
 	if err := lc.checkPorts(); err != nil {
@@ -330,7 +336,7 @@ func runClusterUp(ctx context.Context, o upOptions, stdout, stderr io.Writer) er
 		return err
 	}
 
-	fmt.Fprintf(stdout, "rtm cluster: starting a store and %d brokers on 127.0.0.1, logs in %s\n", o.brokers, o.data)
+	fmt.Fprintf(stdout, "rtm cluster: starting a store, %d brokers and a router on 127.0.0.1, logs in %s\n", o.brokers, o.data)
 	upCtx, cancel := context.WithTimeout(ctx, upTimeout)
 	err = lc.start(upCtx)
 	cancel()
@@ -377,7 +383,10 @@ func (lc *localCluster) plan() {
 		name := fmt.Sprintf("n%d", i)
 		c := &child{
 			name: name, role: "broker", stage: 1,
-			env:   []string{"RTM_CLUSTER_SECRET=" + lc.secret},
+			// A local cluster is for trying rtm out: devices connect
+			// without credentials (each broker warns), while the token keys
+			// let the push API issue tokens to try token auth.
+			env:   []string{"RTM_CLUSTER_SECRET=" + lc.secret, "RTM_AUTH_DEVICES=anonymous", "RTM_AUTH_TOKEN_KEYS=" + lc.tokenKey},
 			mqtt:  fmt.Sprintf("127.0.0.1:%d", p.mqtt),
 			ws:    fmt.Sprintf("127.0.0.1:%d", p.ws),
 			admin: fmt.Sprintf("127.0.0.1:%d", p.admin),
@@ -402,6 +411,23 @@ func (lc *localCluster) plan() {
 		}
 		lc.children = append(lc.children, c)
 	}
+	rp := lc.o.routerPort()
+	rt := &child{name: "router", role: "router", stage: 2, env: []string{"RTM_CLUSTER_SECRET=" + lc.secret},
+		admin: fmt.Sprintf("127.0.0.1:%d", rp), log: filepath.Join(o.data, "router.log")}
+	rt.args = func() []string {
+		return []string{"router", "--addr", rt.admin, "--gossip-addr", "127.0.0.1:0", "--join", seed}
+	}
+	rt.ready = func(ctx context.Context) error { return httpOK(ctx, "http://"+rt.admin+"/v1/route?client_id=probe") }
+	lc.children = append(lc.children, rt)
+}
+
+// routerPort is the router's HTTP port: 8090, or the one after the
+// brokers' ports with --base-port.
+func (o upOptions) routerPort() int {
+	if o.basePort == 0 {
+		return 8090
+	}
+	return o.basePort + 5*o.brokers
 }
 
 // checkPorts fails, before anything starts, if a port of the plan is taken.
@@ -429,6 +455,11 @@ func (lc *localCluster) checkPorts() error {
 				errs = append(errs, fmt.Errorf("port %d (n%d %s) is not free: %w", q.port, i, q.what, err))
 			}
 		}
+	}
+	if ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", lc.o.routerPort())); err != nil {
+		errs = append(errs, fmt.Errorf("port %d (router) is not free: %w", lc.o.routerPort(), err))
+	} else {
+		ln.Close()
 	}
 	if len(errs) > 0 {
 		errs = append(errs, errors.New("stop what uses them, or choose other ports with --base-port"))
@@ -614,12 +645,22 @@ func (lc *localCluster) printTable() {
 		brokers = append(brokers, c)
 		fmt.Fprintf(tw, "  %s\t%d\tmqtt://%s\tws://%s/mqtt\thttp://%s\t%s\n", c.name, c.cmd.Process.Pid, c.mqtt, c.ws, c.admin, c.log)
 	}
+	for _, c := range lc.children {
+		if c.role == "router" {
+			fmt.Fprintf(tw, "  %s\t%d\thttp://%s/v1/route?client_id=ID\t\t\t%s\n", c.name, c.cmd.Process.Pid, c.admin, c.log)
+		}
+	}
 	_ = tw.Flush()
 	first, last := brokers[0], brokers[len(brokers)-1]
 	fmt.Fprintf(w, "\nTry it: subscribe on %s, publish on %s:\n", first.name, last.name)
 	fmt.Fprintf(w, "  mosquitto_sub -h 127.0.0.1 -p %s -t 'demo/#' -v\n", portOf(first.mqtt))
 	fmt.Fprintf(w, "  mosquitto_pub -h 127.0.0.1 -p %s -t demo/hello -m hi\n", portOf(last.mqtt))
 	fmt.Fprintf(w, "  rtm cluster status --admin %s\n", first.admin)
+	for _, c := range lc.children {
+		if c.role == "router" {
+			fmt.Fprintf(w, "  curl 'http://%s/v1/route?client_id=dev1'\n", c.admin)
+		}
+	}
 	fmt.Fprint(w, "\nCtrl-C stops the cluster.\n\n")
 }
 

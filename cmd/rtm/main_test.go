@@ -127,7 +127,9 @@ type proc struct {
 func start(t *testing.T, env []string, args ...string) *proc {
 	t.Helper()
 	p := &proc{cmd: exec.Command(rtmBin, args...), stdout: newLineBuffer(), stderr: newLineBuffer(), done: make(chan error, 1)}
-	p.cmd.Env = append(os.Environ(), env...)
+	// Devices connect without credentials unless a test says otherwise
+	// (later entries win).
+	p.cmd.Env = append(append(os.Environ(), "RTM_AUTH_DEVICES=anonymous"), env...)
 	p.cmd.Stdout, p.cmd.Stderr = p.stdout, p.stderr
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -20,17 +20,42 @@ func devCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "dev",
 		Short: "Run every role in one process with the embedded store (for development)",
-		Long: `Run every role of rtm in one process: today the MQTT broker and the embedded
-MongoDB-compatible store (in <data>/store, default ./data/store).
+		Long: `Run every role of rtm in one process: the MQTT broker, the router and the
+embedded MongoDB-compatible store (in <data>/store, default ./data/store).
 
 Listeners bind to 127.0.0.1 by default and anonymous devices are allowed, so
 do not expose 'rtm dev' to a network. Stop it with Ctrl-C.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return runRoles(cmd, config.DevDefaults(), true, app.RoleBroker)
+			return runRoles(cmd, config.DevDefaults(), true, app.RoleBroker, app.RoleRouter)
 		},
 	}
 	addConfigFlags(cmd, config.DevDefaults(), append(commonFlags, brokerFlags...)...)
+	return cmd
+}
+
+// routerFlags are the router role's own, besides the gossip ones it shares
+// with the broker.
+var routerFlags = []string{"router.addr", "gossip-addr", "advertise-host", "join", "cluster-secret"}
+
+func routerCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "router",
+		Short: "Run a router: tells each device which broker to connect to",
+		Long: `Run a router. It joins the gossip cluster (--join a broker's gossip address)
+and learns the brokers and their load from it; devices ask it
+GET /v1/route?client_id=ID&transport=tcp|ws|tls|wss and get the least-loaded
+healthy broker. Several routers may run side by side; they share nothing.
+See docs/router.md.
+
+On a host that also runs a broker, give the router another gossip port
+(--gossip-addr :7948).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runRoles(cmd, config.Defaults(), false, app.RoleRouter)
+		},
+	}
+	addConfigFlags(cmd, config.Defaults(), append(commonFlags, routerFlags...)...)
 	return cmd
 }
 
@@ -104,6 +129,9 @@ func printBanner(w io.Writer, cfg config.Config, a *app.App) {
 	}
 	admin := "http://" + b.Addr(broker.ListenerAdmin)
 	fmt.Fprintf(tw, "  Admin\t%s/healthz  %s/readyz  %s/metrics  %s/v1/stats\n", admin, admin, admin, admin)
+	if r := a.Router(); r != nil {
+		fmt.Fprintf(tw, "  Router\thttp://%s/v1/route?client_id=ID  http://%s/v1/nodes\n", r.Addr(), r.Addr())
+	}
 	kind := "external"
 	if a.Store().Embedded() {
 		kind = "embedded"

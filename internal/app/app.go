@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"path/filepath"
 	"sync"
 
@@ -21,6 +22,7 @@ import (
 	"github.com/rtm-dev/rtm/internal/config"
 	"github.com/rtm-dev/rtm/internal/obs"
 	"github.com/rtm-dev/rtm/internal/store"
+	"github.com/rtm-dev/rtm/router"
 )
 
 // Role names a part of rtm that a process can run.
@@ -29,6 +31,7 @@ type Role string
 // The roles an App can run.
 const (
 	RoleBroker Role = "broker"
+	RoleRouter Role = "router"
 )
 
 // Options are an App's dependencies besides its configuration.
@@ -46,6 +49,8 @@ type App struct {
 	log    *slog.Logger
 	store  *store.Store
 	broker *broker.Broker
+	router *router.Router
+	roles  map[Role]bool
 
 	stopOnce sync.Once
 	stopErr  error
@@ -59,8 +64,9 @@ func New(cfg config.Config, opts Options) (*App, error) {
 	if opts.Registry == nil {
 		opts.Registry = obs.NewRegistry()
 	}
-	a := &App{cfg: cfg, opts: opts, log: opts.Logger}
+	a := &App{cfg: cfg, opts: opts, log: opts.Logger, roles: map[Role]bool{}}
 	for _, r := range opts.Roles {
+		a.roles[r] = true
 		switch r {
 		case RoleBroker:
 			b, err := broker.New(broker.Options{
@@ -76,12 +82,28 @@ func New(cfg config.Config, opts Options) (*App, error) {
 				return nil, err
 			}
 			a.broker = b
+		case RoleRouter:
+			// Built in Start, which knows the gossip address of a broker
+			// in the same process; this one only checks the
+			// configuration now (on a registry of its own).
+			o := a.routerOptions(cfg.Cluster)
+			o.Registry = prometheus.NewRegistry()
+			if _, err := router.New(o); err != nil {
+				return nil, err
+			}
 		default:
 			return nil, fmt.Errorf("app: unknown role %q", r)
 		}
 	}
 	return a, nil
 }
+
+func (a *App) routerOptions(cc config.Cluster) router.Options {
+	return router.Options{Config: a.cfg.Router, Cluster: cc, Version: a.opts.Version, Logger: a.opts.Logger, Registry: a.opts.Registry}
+}
+
+// needsStore reports whether a role of the App uses the store.
+func (a *App) needsStore() bool { return a.roles[RoleBroker] }
 
 func (a *App) storeReady(ctx context.Context) error {
 	if a.store == nil {
@@ -96,21 +118,44 @@ func (a *App) storeReady(ctx context.Context) error {
 // Start opens the store, then starts each role. If any step fails, what was
 // started is stopped again and the error names the failing part.
 func (a *App) Start(ctx context.Context) error {
-	st, err := store.Open(ctx, store.Options{
-		URI:            a.cfg.Store.URI,
-		Database:       a.cfg.Store.Database,
-		DataDir:        filepath.Join(a.cfg.Data, "store"),
-		ConnectTimeout: a.cfg.Store.ConnectTimeout,
-		Logger:         a.log,
-	})
-	if err != nil {
+	if a.needsStore() {
+		st, err := store.Open(ctx, store.Options{
+			URI:            a.cfg.Store.URI,
+			Database:       a.cfg.Store.Database,
+			DataDir:        filepath.Join(a.cfg.Data, "store"),
+			ConnectTimeout: a.cfg.Store.ConnectTimeout,
+			Logger:         a.log,
+		})
+		if err != nil {
+			return err
+		}
+		a.store = st
+	}
+	fail := func(err error) error {
+		_ = a.Shutdown(context.Background())
 		return err
 	}
-	a.store = st
 	if a.broker != nil {
 		if err := a.broker.Start(ctx); err != nil {
-			_ = a.Shutdown(context.Background())
-			return err
+			return fail(err)
+		}
+	}
+	if a.roles[RoleRouter] {
+		cc := a.cfg.Cluster
+		if a.broker != nil {
+			// One process, two gossip members: the router binds a port
+			// of its own on the broker's host and joins the broker.
+			gossip := a.broker.GossipAddr()
+			host, _, _ := net.SplitHostPort(gossip)
+			cc.GossipAddr, cc.Join = net.JoinHostPort(host, "0"), gossip
+		}
+		rt, err := router.New(a.routerOptions(cc))
+		if err != nil {
+			return fail(err)
+		}
+		a.router = rt
+		if err := a.router.Start(ctx); err != nil {
+			return fail(fmt.Errorf("router: %w", err))
 		}
 	}
 	return nil
@@ -121,6 +166,9 @@ func (a *App) Start(ctx context.Context) error {
 func (a *App) Shutdown(ctx context.Context) error {
 	a.stopOnce.Do(func() {
 		var errs []error
+		if a.router != nil {
+			errs = append(errs, a.router.Shutdown(ctx))
+		}
 		if a.broker != nil {
 			errs = append(errs, a.broker.Shutdown(ctx))
 		}
@@ -134,6 +182,9 @@ func (a *App) Shutdown(ctx context.Context) error {
 
 // Broker returns the broker role, or nil when the App does not run one.
 func (a *App) Broker() *broker.Broker { return a.broker }
+
+// Router returns the router role, or nil when the App does not run one.
+func (a *App) Router() *router.Router { return a.router }
 
 // Store returns the open store (nil before Start).
 func (a *App) Store() *store.Store { return a.store }

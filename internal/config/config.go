@@ -8,7 +8,10 @@
 // to be once Load has returned.
 package config
 
-import "time"
+import (
+	"strings"
+	"time"
+)
 
 // Config is the whole configuration of one rtm process. Each role reads the
 // sections it needs.
@@ -22,6 +25,7 @@ type Config struct {
 	Broker  Broker  `koanf:"broker"`
 	Cluster Cluster `koanf:"cluster"`
 	Router  Router  `koanf:"router"`
+	PushAPI PushAPI `koanf:"pushapi"`
 }
 
 // Log configures the process-wide structured logger.
@@ -37,9 +41,39 @@ type Store struct {
 	ConnectTimeout time.Duration `koanf:"connect_timeout" doc:"How long to retry an unreachable store at start before failing."`
 }
 
-// Auth configures how devices prove who they are.
+// Auth configures how devices prove who they are, and what they may do.
 type Auth struct {
-	Devices string `koanf:"devices" doc:"Device authentication: anonymous (any client may connect; logged loudly at start)."`
+	Devices   string        `koanf:"devices" doc:"Device authentication: token (username = client ID, password = a token issued by the push API) or anonymous (any client may connect; logged loudly at start)."`
+	TokenKeys string        `koanf:"token_keys" secret:"value" doc:"Comma-separated keys of at least 16 characters that sign and verify device tokens (HMAC-SHA256): the first signs, every one verifies, so a new key is rolled in first and an old one removed later. Required with devices=token and by the push API."`
+	TokenTTL  time.Duration `koanf:"token_ttl" doc:"Lifetime of a device token when the request does not ask for a shorter one."`
+	ACL       string        `koanf:"acl" doc:"Extra topic rules for devices, ';'-separated, checked in order before the built-in ones: allow|deny pub|sub|all FILTER, where FILTER may use %c (client ID) and %u (username), e.g. 'allow sub $SYS/#; deny all secret/#'."`
+}
+
+// Keys returns the token keys of auth.token_keys, the signing one first.
+func (a Auth) Keys() []string { return splitList(a.TokenKeys) }
+
+// PushAPI configures the push API role: the HTTP API applications use to
+// reach devices.
+type PushAPI struct {
+	Name           string        `koanf:"name" doc:"Gossip member name of this push API, unique in the cluster. Empty: pushapi-<host name>."`
+	Addr           string        `koanf:"addr" doc:"Push API HTTP listen address."`
+	APIKeys        string        `koanf:"api_keys" secret:"value" doc:"Comma-separated API keys accepted as 'Authorization: Bearer <key>'. rtm dev generates one and prints it."`
+	MaxBody        int           `koanf:"max_body" doc:"Largest request body accepted, in bytes (413 beyond)."`
+	MaxPayload     int           `koanf:"max_payload" doc:"Largest message payload accepted, in bytes after base64 decoding (413 beyond)."`
+	PublishTimeout time.Duration `koanf:"publish_timeout" doc:"How long a publish waits for a broker to acknowledge it before the request fails with 503."`
+}
+
+// Keys returns the API keys of pushapi.api_keys.
+func (p PushAPI) Keys() []string { return splitList(p.APIKeys) }
+
+func splitList(s string) []string {
+	var out []string
+	for _, v := range strings.Split(s, ",") {
+		if v = strings.TrimSpace(v); v != "" {
+			out = append(out, v)
+		}
+	}
+	return out
 }
 
 // Broker configures one MQTT broker node.
@@ -74,7 +108,7 @@ type Cluster struct {
 	LinkAddr       string        `koanf:"link_addr" doc:"Node link listen address: forwarded messages, routes, retained messages and sessions between brokers."`
 	LinkAdvertise  string        `koanf:"link_advertise_addr" doc:"Node link address published to peers (host:port), when it differs from link_addr as they see it (NAT, port mapping, a proxy). Empty: link_addr with advertise_host."`
 	LinkQueueBytes int           `koanf:"link_queue_bytes" doc:"Bytes of messages held per peer while its link is slow or down; beyond it messages to that peer are dropped and counted."`
-	ProbeInterval  time.Duration `koanf:"probe_interval" doc:"Gossip failure-detection probe interval; a dead node is declared failed after a few intervals (about 5 s at 1s)."`
+	ProbeInterval  time.Duration `koanf:"probe_interval" doc:"Gossip failure-detection probe interval; a dead node is declared failed after a few intervals (about 6 s at 1s, 1.5 s at 200ms)."`
 	ClaimTimeout   time.Duration `koanf:"claim_timeout" doc:"How long a CONNECT waits for the other brokers to end a connection with the same client ID and hand over its session."`
 }
 
@@ -96,7 +130,7 @@ func Defaults() Config {
 			Database:       "rtm",
 			ConnectTimeout: 30 * time.Second,
 		},
-		Auth: Auth{Devices: "anonymous"},
+		Auth: Auth{Devices: "token", TokenTTL: 30 * 24 * time.Hour},
 		Broker: Broker{
 			MQTTAddr:        ":1883",
 			WSAddr:          ":8083",
@@ -123,6 +157,12 @@ func Defaults() Config {
 			Addr:       ":8090",
 			StaleAfter: 15 * time.Second,
 		},
+		PushAPI: PushAPI{
+			Addr:           ":8080",
+			MaxBody:        8 << 20,
+			MaxPayload:     256 << 10,
+			PublishTimeout: 5 * time.Second,
+		},
 	}
 }
 
@@ -140,5 +180,8 @@ func DevDefaults() Config {
 	c.Cluster.LinkAddr = "127.0.0.1:7947"
 	c.Router.Name = "dev-router"
 	c.Router.Addr = "127.0.0.1:8090"
+	c.PushAPI.Name = "dev-pushapi"
+	c.PushAPI.Addr = "127.0.0.1:8080"
+	c.Auth.Devices = "anonymous"
 	return c
 }

@@ -57,12 +57,28 @@ var flagKeys = map[string]string{
 	"link-addr":      "cluster.link_addr",
 }
 
+// keyFlags names the flags of keys whose flag name is shared by several
+// roles (each role's HTTP listen address is --addr). Commands register them
+// by key (AddFlags(fs, base, "router.addr")), and the flag is annotated
+// with its key so Load knows which one it sets.
+var keyFlags = map[string]string{
+	"router.addr":      "addr",
+	"pushapi.addr":     "addr",
+	"pushapi.api_keys": "api-key",
+}
+
+// flagKeyAnnotation is the pflag annotation holding a flag's key.
+const flagKeyAnnotation = "rtm-config-key"
+
 var durationType = reflect.TypeOf(time.Duration(0))
 
 // Keys lists every configuration key in declaration order.
 func Keys() []Key {
 	byKey := map[string]string{}
 	for f, k := range flagKeys {
+		byKey[k] = f
+	}
+	for k, f := range keyFlags {
 		byKey[k] = f
 	}
 	var out []Key
@@ -148,7 +164,9 @@ func Load(base Config, src Source) (Config, error) {
 	}
 	if src.Flags != nil {
 		src.Flags.Visit(func(f *pflag.Flag) {
-			if name, ok := flagKeys[f.Name]; ok {
+			if a := f.Annotations[flagKeyAnnotation]; len(a) == 1 {
+				set(known[a[0]], f.Value.String(), "flag --"+f.Name)
+			} else if name, ok := flagKeys[f.Name]; ok {
 				set(known[name], f.Value.String(), "flag --"+f.Name)
 			}
 		})
@@ -182,6 +200,9 @@ func AddFlags(fs *pflag.FlagSet, base Config, names ...string) {
 	}
 	for _, f := range names {
 		name, ok := flagKeys[f]
+		if flag, byKey := keyFlags[f]; byKey {
+			name, f, ok = f, flag, true
+		}
 		if !ok {
 			panic("config: no key for flag --" + f)
 		}
@@ -196,6 +217,7 @@ func AddFlags(fs *pflag.FlagSet, base Config, names ...string) {
 		default:
 			fs.String(f, def.String(), usage)
 		}
+		_ = fs.SetAnnotation(f, flagKeyAnnotation, []string{name})
 	}
 }
 

@@ -36,6 +36,7 @@ func (c Config) Validate() error {
 	c.Broker.check(v)
 	c.Cluster.check(v)
 	c.Router.check(v)
+	c.PushAPI.check(v)
 	return v.err()
 }
 
@@ -99,15 +100,63 @@ func (c Cluster) Seeds() []string {
 	return out
 }
 
-// Validate reports every invalid value of the auth section.
+// Validate reports every invalid value of the auth section, for the roles
+// that authenticate devices: unlike Config.Validate, it also requires token
+// keys with auth.devices=token (a router, say, needs none).
 func (a Auth) Validate() error {
 	v := &validator{}
 	a.check(v)
+	if a.Devices == "token" && len(a.Keys()) == 0 {
+		v.bad("auth.token_keys", "", "required with auth.devices=token (or set auth.devices=anonymous)")
+	}
 	return v.err()
 }
 
 func (a Auth) check(v *validator) {
-	v.oneOf("auth.devices", a.Devices, "anonymous")
+	v.oneOf("auth.devices", a.Devices, "token", "anonymous")
+	for _, k := range a.Keys() {
+		if len(k) < 16 {
+			v.bad("auth.token_keys", "xxxxx", "every key needs at least 16 characters")
+			break
+		}
+	}
+	if a.TokenTTL != 0 && a.TokenTTL < time.Minute { // 0: a role that issues no tokens
+		v.bad("auth.token_ttl", a.TokenTTL.String(), "must be at least 1m")
+	}
+	for _, r := range strings.Split(a.ACL, ";") {
+		if r = strings.TrimSpace(r); r == "" {
+			continue
+		}
+		f := strings.Fields(r)
+		if len(f) != 3 || (f[0] != "allow" && f[0] != "deny") || (f[1] != "pub" && f[1] != "sub" && f[1] != "all") {
+			v.bad("auth.acl", r, "want 'allow|deny pub|sub|all FILTER'")
+		}
+	}
+}
+
+// Validate reports every invalid value of the push API section.
+func (p PushAPI) Validate() error {
+	v := &validator{}
+	p.check(v)
+	return v.err()
+}
+
+func (p PushAPI) check(v *validator) {
+	v.addr("pushapi.addr", p.Addr, false)
+	if strings.ContainsAny(p.Name, " /#+\t\n") {
+		v.bad("pushapi.name", p.Name, "must not contain spaces, '/', '#' or '+'")
+	}
+	for _, k := range p.Keys() {
+		if len(k) < 16 {
+			v.bad("pushapi.api_keys", "xxxxx", "every key needs at least 16 characters")
+			break
+		}
+	}
+	v.between("pushapi.max_body", p.MaxBody, 1024, 1<<30)
+	v.between("pushapi.max_payload", p.MaxPayload, 1, 268_435_455)
+	if p.PublishTimeout <= 0 {
+		v.bad("pushapi.publish_timeout", p.PublishTimeout.String(), "must be positive")
+	}
 }
 
 // Validate reports every invalid value of the broker section, for roles
