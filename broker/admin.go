@@ -4,11 +4,14 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"strconv"
 	"time"
 
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
@@ -54,6 +57,11 @@ func newAdminServer(b *Broker, ln net.Listener) *adminServer {
 	mux.HandleFunc("POST /v1/undrain", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, http.StatusOK, b.Undrain())
 	})
+	// Server-side subscriptions and kicks (the push API). A client here
+	// may be connected or an offline session.
+	mux.HandleFunc("POST /v1/clients/{id}/subscriptions", a.subscribe)
+	mux.HandleFunc("DELETE /v1/clients/{id}/subscriptions", a.unsubscribe)
+	mux.HandleFunc("POST /v1/clients/{id}/disconnect", a.disconnect)
 	mux.HandleFunc("GET /v1/drain", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, http.StatusOK, b.drain.state())
 	})
@@ -100,6 +108,62 @@ func (a *adminServer) readyz(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+}
+
+func (a *adminServer) client(w http.ResponseWriter, r *http.Request) (*mqtt.Client, bool) {
+	id := r.PathValue("id")
+	cl, ok := a.b.mq.Clients.Get(id)
+	if !ok {
+		writeJSON(w, http.StatusNotFound, map[string]string{"error": "unknown_client", "message": fmt.Sprintf("no session for client %q on node %s", id, a.b.cfg.NodeName)})
+	}
+	return cl, ok
+}
+
+func (a *adminServer) subscribe(w http.ResponseWriter, r *http.Request) {
+	var body struct {
+		Filter string `json:"filter"`
+		QoS    byte   `json:"qos"`
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&body); err != nil || body.QoS > 2 || !mqtt.IsValidFilter(body.Filter, false) {
+		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "bad_request", "message": `want {"filter": a valid topic filter, "qos": 0, 1 or 2}`})
+		return
+	}
+	cl, ok := a.client(w, r)
+	if !ok {
+		return
+	}
+	existed := a.b.mq.SubscribeClient(cl, packets.Subscription{Filter: body.Filter, Qos: body.QoS})
+	writeJSON(w, http.StatusOK, map[string]any{"client_id": cl.ID, "filter": body.Filter, "subscribed": true, "existed": existed, "node": a.b.cfg.NodeName})
+}
+
+func (a *adminServer) unsubscribe(w http.ResponseWriter, r *http.Request) {
+	filter := r.URL.Query().Get("filter")
+	cl, ok := a.client(w, r)
+	if !ok {
+		return
+	}
+	if !a.b.mq.UnsubscribeClientFilter(cl, filter) {
+		writeJSON(w, http.StatusNotFound, map[string]string{"error": "unknown_subscription", "message": fmt.Sprintf("client %q is not subscribed to %q", cl.ID, filter)})
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"client_id": cl.ID, "filter": filter, "subscribed": false})
+}
+
+// disconnect kicks a connected client: MQTT 5 clients get DISCONNECT 0x98
+// (administrative action). Its session stays, as after any disconnect.
+func (a *adminServer) disconnect(w http.ResponseWriter, r *http.Request) {
+	cl, ok := a.client(w, r)
+	if !ok {
+		return
+	}
+	if cl.Closed() || cl.Net.Conn == nil {
+		writeJSON(w, http.StatusNotFound, map[string]string{"error": "not_connected", "message": fmt.Sprintf("client %q is not connected to node %s", cl.ID, a.b.cfg.NodeName)})
+		return
+	}
+	a.b.redirect(cl, packets.ErrAdministrativeAction, "")
+	writeJSON(w, http.StatusOK, map[string]any{"client_id": cl.ID, "disconnected": true, "node": a.b.cfg.NodeName})
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

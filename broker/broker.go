@@ -10,7 +10,9 @@ package broker
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -32,6 +34,7 @@ import (
 	"github.com/rtm-dev/rtm/internal/cluster"
 	"github.com/rtm-dev/rtm/internal/config"
 	"github.com/rtm-dev/rtm/internal/obs"
+	"github.com/rtm-dev/rtm/internal/store"
 )
 
 // Listener IDs, also the keys of Stats.Listeners.
@@ -67,6 +70,10 @@ type Options struct {
 	Registry *prometheus.Registry
 	// Ready, when set, is also asked by /readyz (e.g. the store's ping).
 	Ready func(context.Context) error
+	// Store, when set, receives device presence and push subscriptions
+	// made over MQTT, and is asked for a device's push subscriptions when
+	// it connects (see devicesHook).
+	Store *store.Store
 }
 
 // Broker is one MQTT broker node.
@@ -79,10 +86,14 @@ type Broker struct {
 	limits  *limitsHook
 	cluster *clusterNode // nil when the broker runs alone
 	drain   *drainer
-	admin   *adminServer
-	started atomic.Bool
-	ready   atomic.Bool
-	addrs   map[string]string // listener ID → bound address, written by Start only
+	devices *devicesHook // nil without a store
+	// incarnation tells this process's connections from an earlier one's
+	// with the same node name (presence records).
+	incarnation uint64
+	admin       *adminServer
+	started     atomic.Bool
+	ready       atomic.Bool
+	addrs       map[string]string // listener ID → bound address, written by Start only
 
 	rejectedFull atomic.Int64 // CONNECTs refused at capacity
 
@@ -119,6 +130,9 @@ func New(opts Options) (*Broker, error) {
 	}
 	b := &Broker{cfg: cfg, opts: opts, log: log.With("component", "broker", "node", cfg.NodeName), reg: reg, addrs: map[string]string{}}
 	b.drain = &drainer{b: b}
+	var seed [8]byte
+	_, _ = rand.Read(seed[:])
+	b.incarnation = binary.LittleEndian.Uint64(seed[:])
 
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumClients = math.MaxInt64 // enforced by limitsHook, which answers v5 with 0x97
@@ -144,6 +158,12 @@ func New(opts Options) (*Broker, error) {
 	}
 	if opts.Auth.Devices == "anonymous" {
 		if err := b.mq.AddHook(new(auth.AllowHook), nil); err != nil {
+			return nil, err
+		}
+	}
+	if opts.Store != nil {
+		b.devices = newDevicesHook(b, opts.Store)
+		if err := b.mq.AddHook(b.devices, nil); err != nil {
 			return nil, err
 		}
 	}
@@ -247,6 +267,9 @@ func (b *Broker) Start(ctx context.Context) (err error) {
 	loopCtx, cancel := context.WithCancel(context.Background())
 	b.loopStop, b.loopDone = cancel, make(chan struct{})
 	go b.loop(loopCtx)
+	if b.devices != nil {
+		go b.devices.run(loopCtx.Done())
+	}
 
 	b.ready.Store(true)
 	if b.opts.Auth.Devices == "anonymous" {
@@ -339,6 +362,10 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			_ = b.mq.Close()
 			b.loopStop()
 			<-b.loopDone
+			// The disconnects of step 3 are the last presence records.
+			if b.devices != nil {
+				<-b.devices.done
+			}
 			// 4. Links and gossip close; messages still queued for peers
 			// are lost with this process.
 			if b.cluster != nil {

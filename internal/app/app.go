@@ -69,19 +69,14 @@ func New(cfg config.Config, opts Options) (*App, error) {
 		a.roles[r] = true
 		switch r {
 		case RoleBroker:
-			b, err := broker.New(broker.Options{
-				Config:   cfg.Broker,
-				Cluster:  cfg.Cluster,
-				Auth:     cfg.Auth,
-				Version:  opts.Version,
-				Logger:   opts.Logger,
-				Registry: opts.Registry,
-				Ready:    a.storeReady,
-			})
-			if err != nil {
+			// Built in Start, once the store it writes to is open; this
+			// one only checks the configuration now (on a registry of
+			// its own).
+			o := a.brokerOptions()
+			o.Registry = prometheus.NewRegistry()
+			if _, err := broker.New(o); err != nil {
 				return nil, err
 			}
-			a.broker = b
 		case RoleRouter:
 			// Built in Start, which knows the gossip address of a broker
 			// in the same process; this one only checks the
@@ -96,6 +91,19 @@ func New(cfg config.Config, opts Options) (*App, error) {
 		}
 	}
 	return a, nil
+}
+
+func (a *App) brokerOptions() broker.Options {
+	return broker.Options{
+		Config:   a.cfg.Broker,
+		Cluster:  a.cfg.Cluster,
+		Auth:     a.cfg.Auth,
+		Version:  a.opts.Version,
+		Logger:   a.opts.Logger,
+		Registry: a.opts.Registry,
+		Ready:    a.storeReady,
+		Store:    a.store,
+	}
 }
 
 func (a *App) routerOptions(cc config.Cluster) router.Options {
@@ -135,7 +143,12 @@ func (a *App) Start(ctx context.Context) error {
 		_ = a.Shutdown(context.Background())
 		return err
 	}
-	if a.broker != nil {
+	if a.roles[RoleBroker] {
+		b, err := broker.New(a.brokerOptions())
+		if err != nil {
+			return fail(err)
+		}
+		a.broker = b
 		if err := a.broker.Start(ctx); err != nil {
 			return fail(err)
 		}

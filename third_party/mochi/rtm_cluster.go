@@ -146,3 +146,39 @@ func (s *Server) AdoptSession(id string, protocolVersion byte, sess Session) {
 		}
 	}
 }
+
+// SubscribeClient subscribes client cl to sub on the server's initiative
+// (an application's "server-side" subscription), as a SUBSCRIBE from it
+// would, without SUBACK: cl may be connected or an offline session, whose
+// matching messages are then kept for it. A connected client gets the
+// filter's retained messages per sub's retain handling. No hook is called.
+// existed reports that cl was already subscribed to the filter (it is
+// updated to sub).
+func (s *Server) SubscribeClient(cl *Client, sub packets.Subscription) (existed bool) {
+	if sub.Qos > s.Options.Capabilities.MaximumQos {
+		sub.Qos = s.Options.Capabilities.MaximumQos
+	}
+	isNew := s.Topics.Subscribe(cl.ID, sub)
+	if isNew {
+		atomic.AddInt64(&s.Info.Subscriptions, 1)
+	}
+	cl.State.Subscriptions.Add(sub.Filter, sub)
+	if !cl.Closed() && cl.Net.Conn != nil {
+		s.publishRetainedToClient(cl, sub, !isNew)
+	}
+	return !isNew
+}
+
+// UnsubscribeClientFilter removes one subscription of cl on the server's
+// initiative, as an UNSUBSCRIBE would, without UNSUBACK or hooks. It
+// reports whether cl had it.
+func (s *Server) UnsubscribeClientFilter(cl *Client, filter string) bool {
+	if _, ok := cl.State.Subscriptions.Get(filter); !ok {
+		return false
+	}
+	cl.State.Subscriptions.Delete(filter)
+	if s.Topics.Unsubscribe(filter, cl.ID) {
+		atomic.AddInt64(&s.Info.Subscriptions, -1)
+	}
+	return true
+}

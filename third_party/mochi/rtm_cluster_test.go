@@ -135,3 +135,28 @@ func TestDetachAndAdoptSession(t *testing.T) {
 	b.DeliverFromPeer(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, TopicName: "in/dev", Payload: []byte("x")}, nil)
 	require.Equal(t, 4, held.State.Inflight.Len())
 }
+
+func TestSubscribeClientServerSide(t *testing.T) {
+	s := newServer()
+	cl, r, w := newTestClient()
+	defer func() { _ = w.Close(); _ = r.Close() }()
+	go func() { _, _ = io.Copy(io.Discard, r) }()
+	cl.ID = "dev"
+	cl.Properties.ProtocolVersion = 5
+	s.Clients.Add(cl)
+	var routes []string
+	s.Topics.OnRoute = func(f string, added bool) { routes = append(routes, fmt.Sprintf("%s %t", f, added)) }
+
+	require.False(t, s.SubscribeClient(cl, packets.Subscription{Filter: "push/news", Qos: 1}))
+	require.True(t, s.SubscribeClient(cl, packets.Subscription{Filter: "push/news", Qos: 1}))
+	require.Contains(t, s.Topics.Subscribers("push/news").Subscriptions, "dev")
+	_, ok := cl.State.Subscriptions.Get("push/news")
+	require.True(t, ok)
+	require.Equal(t, int64(1), s.Info.Subscriptions)
+
+	require.True(t, s.UnsubscribeClientFilter(cl, "push/news"))
+	require.False(t, s.UnsubscribeClientFilter(cl, "push/news"))
+	require.Empty(t, s.Topics.Subscribers("push/news").Subscriptions)
+	require.Equal(t, int64(0), s.Info.Subscriptions)
+	require.Equal(t, []string{"push/news true", "push/news false"}, routes)
+}

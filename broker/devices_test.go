@@ -1,0 +1,186 @@
+package broker_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+
+	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/config"
+	"github.com/rtm-dev/rtm/internal/store"
+	"github.com/rtm-dev/rtm/internal/store/storetest"
+	"github.com/rtm-dev/rtm/internal/testutil"
+)
+
+func TestMain(m *testing.M) { storetest.Main(m) }
+
+func startBrokerWithStore(t *testing.T) (*broker.Broker, *store.Store) {
+	t.Helper()
+	st := storetest.Open(t)
+	cfg := config.Defaults().Broker
+	cfg.NodeName = "dev-node"
+	cfg.MQTTAddr, cfg.WSAddr, cfg.AdminAddr = "127.0.0.1:0", "", "127.0.0.1:0"
+	_, logs := testutil.Logger(t)
+	b, err := broker.New(broker.Options{Config: cfg, Auth: config.Auth{Devices: "anonymous"}, Store: st, Version: "test",
+		Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := b.Shutdown(ctx); err != nil {
+			t.Errorf("shutdown: %v", err)
+		}
+		logs.Stop()
+	})
+	return b, st
+}
+
+func waitPresence(t *testing.T, st *store.Store, id string, online bool) store.Presence {
+	t.Helper()
+	var p store.Presence
+	testutil.WaitFor(t, waitCond, func() error {
+		var err error
+		if p, err = st.Presence(context.Background(), id); err != nil {
+			return err
+		}
+		if !p.Seen || p.Online != online {
+			return fmt.Errorf("presence of %s: %+v, want online=%t", id, p, online)
+		}
+		return nil
+	})
+	return p
+}
+
+func adminDo(t *testing.T, b *broker.Broker, method, path, body string) (int, map[string]any) {
+	t.Helper()
+	req, _ := http.NewRequest(method, "http://"+b.Addr(broker.ListenerAdmin)+path, strings.NewReader(body))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var m map[string]any
+	_ = json.NewDecoder(resp.Body).Decode(&m)
+	return resp.StatusCode, m
+}
+
+// TestDevicePresenceAndPushSubscriptions: the broker records presence and
+// push subscriptions made over MQTT, and re-applies recorded ones at the
+// next connect.
+func TestDevicePresenceAndPushSubscriptions(t *testing.T) {
+	b, st := startBrokerWithStore(t)
+	ctx := testutil.Context(t, waitCond)
+	dev, _ := dialV5(t, b, &paho.Connect{ClientID: "dev1", CleanStart: true})
+	p := waitPresence(t, st, "dev1", true)
+	if p.Node != "dev-node" {
+		t.Errorf("presence node %q", p.Node)
+	}
+	subscribe(t, dev, 0, paho.SubscribeOptions{Topic: "push/news", QoS: 1})
+	testutil.WaitFor(t, waitCond, func() error {
+		subs, err := st.DeviceChannels(ctx, "dev1")
+		if err != nil || len(subs) != 1 || subs[0].Channel != "news" || subs[0].Via != store.ViaMQTT {
+			return fmt.Errorf("channels of dev1: %+v %v", subs, err)
+		}
+		return nil
+	})
+	_ = dev.Disconnect(&paho.Disconnect{})
+	waitPresence(t, st, "dev1", false)
+
+	// Subscribed through the API while away: applied when it connects
+	// (clean start: nothing of the old session is left).
+	if _, err := st.AddPushSubscription(ctx, "dev1", "sport", store.ViaAPI); err != nil {
+		t.Fatal(err)
+	}
+	dev, _ = dialV5(t, b, &paho.Connect{ClientID: "dev1", CleanStart: true})
+	pub := testutil.MustV5(t, b.Addr(broker.ListenerTCP), "api")
+	testutil.WaitFor(t, waitCond, func() error {
+		pub.Pub(t, "push/sport", 1, false, "goal")
+		pub.Pub(t, "push/news", 1, false, "headline")
+		got := map[string]bool{}
+		for range 2 {
+			select {
+			case m := <-dev.Messages:
+				got[m.Topic] = true
+			case <-time.After(time.Second):
+				return fmt.Errorf("got %v, want push/sport and push/news", got)
+			}
+		}
+		return nil
+	})
+
+	// An explicit UNSUBSCRIBE forgets the channel.
+	if _, err := dev.Unsubscribe(ctx, &paho.Unsubscribe{Topics: []string{"push/news"}}); err != nil {
+		t.Fatal(err)
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		subs, _ := st.DeviceChannels(ctx, "dev1")
+		if len(subs) != 1 || subs[0].Channel != "sport" {
+			return fmt.Errorf("channels of dev1: %+v", subs)
+		}
+		return nil
+	})
+}
+
+// TestAdminClientEndpoints: server-side subscriptions reach offline
+// sessions (their messages queue), and kick disconnects with 0x98.
+func TestAdminClientEndpoints(t *testing.T) {
+	b, _ := startBrokerWithStore(t)
+	expiry := ptr(uint32(300))
+	dev, _ := dialV5(t, b, &paho.Connect{ClientID: "dev2", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+	_ = dev.Disconnect(&paho.Disconnect{})
+	testutil.WaitFor(t, waitCond, func() error {
+		if n := b.Stats().Connections; n != 0 {
+			return fmt.Errorf("%d connections", n)
+		}
+		return nil
+	})
+	if code, body := adminDo(t, b, "POST", "/v1/clients/dev2/subscriptions", `{"filter":"push/alerts","qos":1}`); code != 200 {
+		t.Fatalf("subscribe offline session: %d %v", code, body)
+	}
+	if code, _ := adminDo(t, b, "POST", "/v1/clients/nobody/subscriptions", `{"filter":"push/alerts","qos":1}`); code != 404 {
+		t.Errorf("unknown client: %d, want 404", code)
+	}
+	if code, _ := adminDo(t, b, "POST", "/v1/clients/dev2/subscriptions", `{"filter":"a/#/b","qos":1}`); code != 400 {
+		t.Errorf("bad filter: %d, want 400", code)
+	}
+	testutil.MustV5(t, b.Addr(broker.ListenerTCP), "api").Pub(t, "push/alerts", 1, false, "while away")
+	dev, ca := dialV5(t, b, &paho.Connect{ClientID: "dev2", CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+	if !ca.SessionPresent {
+		t.Fatal("session lost")
+	}
+	if m := dev.Next(t, waitMsg); string(m.Payload) != "while away" {
+		t.Fatalf("got %q", m.Payload)
+	}
+	if code, _ := adminDo(t, b, "DELETE", "/v1/clients/dev2/subscriptions?filter=push/alerts", ""); code != 200 {
+		t.Errorf("unsubscribe: %d", code)
+	}
+	if code, body := adminDo(t, b, "POST", "/v1/clients/dev2/disconnect", ""); code != 200 {
+		t.Fatalf("kick: %d %v", code, body)
+	}
+	select {
+	case d := <-dev.Disconnects:
+		if d.ReasonCode != 0x98 {
+			t.Errorf("kick: DISCONNECT 0x%02X, want 0x98", d.ReasonCode)
+		}
+	case <-time.After(waitMsg):
+		t.Fatal("not kicked")
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if code, _ := adminDo(t, b, "POST", "/v1/clients/dev2/disconnect", ""); code != 404 {
+			return fmt.Errorf("kick of a disconnected client: %d, want 404", code)
+		}
+		return nil
+	})
+}
