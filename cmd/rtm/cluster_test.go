@@ -222,6 +222,17 @@ func TestClusterKillAndRejoin(t *testing.T) {
 	n3 := f.start("n3")
 	waitFormed(t, n1, n2, n3)
 
+	// A router process watches too: it must stop naming n3.
+	rt := start(t, []string{"RTM_CLUSTER_PROBE_INTERVAL=" + probeInterval.String()}, "router", "--addr", "127.0.0.1:0",
+		"--gossip-addr", "127.0.0.1:0", "--join", f.seed, "--cluster-secret", f.secret, "--log-format", "json")
+	routerAddr := rt.jsonField(t, "router started", "addr")
+	testutil.WaitFor(t, 30*time.Second, func() error {
+		if seen := routeSpread(t, routerAddr, 30); !seen["n3"] {
+			return fmt.Errorf("the router has not named n3 yet: %v", seen)
+		}
+		return nil
+	})
+
 	testutil.MustV5(t, n1.mqtt, "retainer").Pub(t, "r/x", 1, true, "kept")
 	old := testutil.MustV5(t, n3.mqtt, "old-sub")
 	old.Sub(t, "old/#", 1)
@@ -296,6 +307,22 @@ func TestClusterKillAndRejoin(t *testing.T) {
 		t.Errorf("failure detected after %v, want within 5s at probe interval %v", worst, probeInterval)
 	}
 	waitRoutes(t, n1, "n3", 0)
+	// The router too, within the same bound.
+	for {
+		if seen := routeSpread(t, routerAddr, 30); !seen["n3"] {
+			t.Logf("router stopped naming n3 %v after kill -9", time.Since(killed).Round(time.Millisecond))
+			break
+		}
+		if time.Since(killed) > 5*time.Second {
+			t.Fatalf("the router still names n3 %v after kill -9", time.Since(killed))
+		}
+		time.Sleep(20 * time.Millisecond) // polling interval
+	}
+	for range 5 {
+		if seen := routeSpread(t, routerAddr, 30); seen["n3"] {
+			t.Fatal("the router named the killed n3 again")
+		}
+	}
 
 	// A few more after the failure, then every one must have arrived, in
 	// order.
@@ -897,4 +924,24 @@ func (p *tcpProxy) cutConns() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.cutTotal
+}
+
+// routeSpread asks the router at addr n times for a broker and returns the
+// nodes it named.
+func routeSpread(t *testing.T, addr string, n int) map[string]bool {
+	t.Helper()
+	seen := map[string]bool{}
+	for i := range n {
+		resp, err := http.Get(fmt.Sprintf("http://%s/v1/route?client_id=probe%d", addr, i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var r struct{ Node string }
+		_ = json.NewDecoder(resp.Body).Decode(&r)
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			seen[r.Node] = true
+		}
+	}
+	return seen
 }

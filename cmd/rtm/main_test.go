@@ -371,3 +371,29 @@ func (b *lineBuffer) Lines() []string {
 	}
 	return lines
 }
+
+// jsonField waits for the JSON log line with message msg and returns its
+// string field key.
+func (p *proc) jsonField(t *testing.T, msg, key string) string {
+	t.Helper()
+	var v string
+	testutil.WaitFor(t, 60*time.Second, func() error {
+		for _, line := range p.stderr.Lines() {
+			var rec map[string]any
+			if json.Unmarshal([]byte(line), &rec) == nil && rec["msg"] == msg {
+				if s, ok := rec[key].(string); ok {
+					v = s
+					return nil
+				}
+			}
+		}
+		select {
+		case err := <-p.done:
+			p.done <- err
+			return fmt.Errorf("rtm exited (%v) before logging %q", err, msg)
+		default:
+		}
+		return fmt.Errorf("no %q line yet", msg)
+	})
+	return v
+}
