@@ -26,7 +26,6 @@ import (
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
-	"github.com/mochi-mqtt/server/v2/hooks/auth"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus"
@@ -35,6 +34,7 @@ import (
 	"github.com/rtm-dev/rtm/internal/config"
 	"github.com/rtm-dev/rtm/internal/obs"
 	"github.com/rtm-dev/rtm/internal/store"
+	"github.com/rtm-dev/rtm/plugins"
 )
 
 // Listener IDs, also the keys of Stats.Listeners.
@@ -156,8 +156,15 @@ func New(opts Options) (*Broker, error) {
 	if err := b.mq.AddHook(b.limits, nil); err != nil {
 		return nil, err
 	}
-	if opts.Auth.Devices == "anonymous" {
-		if err := b.mq.AddHook(new(auth.AllowHook), nil); err != nil {
+	// Authentication and topic rights (token or anonymous devices, ACL):
+	// one set of hooks chosen from the configuration, never an allow-all
+	// hook beside them (mochi ORs auth hooks).
+	authHooks, err := plugins.Hooks(plugins.Options{Auth: opts.Auth, Logger: log.With("node", cfg.NodeName)})
+	if err != nil {
+		return nil, err
+	}
+	for _, h := range authHooks {
+		if err := b.mq.AddHook(h, nil); err != nil {
 			return nil, err
 		}
 	}

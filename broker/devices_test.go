@@ -13,10 +13,12 @@ import (
 	"github.com/eclipse/paho.golang/paho"
 
 	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/cluster"
 	"github.com/rtm-dev/rtm/internal/config"
 	"github.com/rtm-dev/rtm/internal/store"
 	"github.com/rtm-dev/rtm/internal/store/storetest"
 	"github.com/rtm-dev/rtm/internal/testutil"
+	"github.com/rtm-dev/rtm/plugins/token"
 )
 
 func TestMain(m *testing.M) { storetest.Main(m) }
@@ -28,7 +30,7 @@ func startBrokerWithStore(t *testing.T) (*broker.Broker, *store.Store) {
 	cfg.NodeName = "dev-node"
 	cfg.MQTTAddr, cfg.WSAddr, cfg.AdminAddr = "127.0.0.1:0", "", "127.0.0.1:0"
 	_, logs := testutil.Logger(t)
-	b, err := broker.New(broker.Options{Config: cfg, Auth: config.Auth{Devices: "anonymous"}, Store: st, Version: "test",
+	b, err := broker.New(broker.Options{Config: cfg, Auth: config.Auth{Devices: "anonymous", TokenKeys: testTokenKey}, Store: st, Version: "test",
 		Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))})
 	if err != nil {
 		t.Fatal(err)
@@ -45,6 +47,24 @@ func startBrokerWithStore(t *testing.T) (*broker.Broker, *store.Store) {
 		logs.Stop()
 	})
 	return b, st
+}
+
+const testTokenKey = "test-token-key-0123456789"
+
+// serviceClient connects as rtm's push API does: a service token, which
+// may publish to push/# (devices may not).
+func serviceClient(t *testing.T, b *broker.Broker, name string) *testutil.V5 {
+	t.Helper()
+	s, err := token.NewSigner([]string{testTokenKey})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, _, err := s.IssueService(name, time.Hour, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := dialV5(t, b, &paho.Connect{ClientID: name, CleanStart: true, Username: name, UsernameFlag: true, Password: []byte(tok), PasswordFlag: true})
+	return c
 }
 
 func waitPresence(t *testing.T, st *store.Store, id string, online bool) store.Presence {
@@ -104,7 +124,7 @@ func TestDevicePresenceAndPushSubscriptions(t *testing.T) {
 		t.Fatal(err)
 	}
 	dev, _ = dialV5(t, b, &paho.Connect{ClientID: "dev1", CleanStart: true})
-	pub := testutil.MustV5(t, b.Addr(broker.ListenerTCP), "api")
+	pub := serviceClient(t, b, "pushapi-test")
 	testutil.WaitFor(t, waitCond, func() error {
 		pub.Pub(t, "push/sport", 1, false, "goal")
 		pub.Pub(t, "push/news", 1, false, "headline")
@@ -155,7 +175,7 @@ func TestAdminClientEndpoints(t *testing.T) {
 	if code, _ := adminDo(t, b, "POST", "/v1/clients/dev2/subscriptions", `{"filter":"a/#/b","qos":1}`); code != 400 {
 		t.Errorf("bad filter: %d, want 400", code)
 	}
-	testutil.MustV5(t, b.Addr(broker.ListenerTCP), "api").Pub(t, "push/alerts", 1, false, "while away")
+	serviceClient(t, b, "pushapi-test").Pub(t, "push/alerts", 1, false, "while away")
 	dev, ca := dialV5(t, b, &paho.Connect{ClientID: "dev2", CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
 	if !ca.SessionPresent {
 		t.Fatal("session lost")
@@ -183,4 +203,81 @@ func TestAdminClientEndpoints(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestTokenAuthAndACLAcrossNodes: with auth.devices=token, a device needs
+// its token; and a forwarded message obeys the receiving node's ACL as a
+// local one does: a device never receives another device's inbox.
+func TestTokenAuthAndACLAcrossNodes(t *testing.T) {
+	auth := config.Auth{Devices: "token", TokenKeys: testTokenKey}
+	n0 := startClusterNodeAuth(t, "n0", "", auth)
+	n1 := startClusterNodeAuth(t, "n1", n0.Stats().Cluster.Gossip, auth)
+	waitMesh(t, n0, n1)
+	signer, err := token.NewSigner([]string{testTokenKey})
+	if err != nil {
+		t.Fatal(err)
+	}
+	device := func(b *broker.Broker, id string) (*testutil.V5, *paho.Connack, error) {
+		tok, _, err := signer.Issue(id, time.Hour, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return testutil.DialV5(t, b.Addr(broker.ListenerTCP), &paho.Connect{ClientID: id, CleanStart: true,
+			Username: id, UsernameFlag: true, Password: []byte(tok), PasswordFlag: true})
+	}
+	if _, ca, err := testutil.DialV5(t, n0.Addr(broker.ListenerTCP), &paho.Connect{ClientID: "anon", CleanStart: true}); err == nil || ca == nil || ca.ReasonCode != 0x86 {
+		t.Fatalf("no token: CONNACK %+v, err %v; want 0x86", ca, err)
+	}
+	alice, _, err := device(n1, "alice")
+	if err != nil {
+		t.Fatal(err)
+	}
+	snoop, _, err := device(n1, "snoop")
+	if err != nil {
+		t.Fatal(err)
+	}
+	subscribe(t, alice, 0, paho.SubscribeOptions{Topic: "devices/alice/inbox", QoS: 1})
+	subscribe(t, snoop, 0, paho.SubscribeOptions{Topic: "devices/+/inbox", QoS: 1}) // allowed, but only its own is delivered
+	waitRoutes(t, []*broker.Broker{n0, n1}, n1, 2)
+
+	s, err := token.NewSigner([]string{testTokenKey})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, _, _ := s.IssueService("pushapi-test", time.Hour, time.Now())
+	svc, _ := dialV5(t, n0, &paho.Connect{ClientID: "pushapi-test", CleanStart: true, Username: "pushapi-test", UsernameFlag: true, Password: []byte(tok), PasswordFlag: true})
+	svc.Pub(t, "devices/alice/inbox", 1, false, "for alice")
+	svc.Pub(t, "devices/snoop/inbox", 1, false, "for snoop")
+	if m := alice.Next(t, waitMsg); string(m.Payload) != "for alice" {
+		t.Fatalf("alice got %q", m.Payload)
+	}
+	if m := snoop.Next(t, waitMsg); string(m.Payload) != "for snoop" {
+		t.Fatalf("snoop got %q (another device's inbox crossed the cluster)", m.Payload)
+	}
+	snoop.None(t, 200*time.Millisecond)
+}
+
+func startClusterNodeAuth(t *testing.T, name, seed string, auth config.Auth) *broker.Broker {
+	t.Helper()
+	cfg := config.Defaults().Broker
+	cfg.NodeName = name
+	cfg.MQTTAddr, cfg.WSAddr, cfg.AdminAddr = "127.0.0.1:0", "", "127.0.0.1:0"
+	cc := config.Defaults().Cluster
+	cc.GossipAddr, cc.LinkAddr, cc.Join, cc.Secret = "127.0.0.1:0", "127.0.0.1:0", seed, "test secret"
+	_, logs := testutil.Logger(t)
+	b, err := broker.New(broker.Options{Config: cfg, Cluster: cc, GossipTiming: cluster.TimingFast, Auth: auth, Version: "test",
+		Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = b.Shutdown(ctx)
+		logs.Stop()
+	})
+	return b
 }

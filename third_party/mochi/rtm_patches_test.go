@@ -851,3 +851,30 @@ func waitOutboundDrained(cl *Client) {
 		time.Sleep(100 * time.Microsecond)
 	}
 }
+
+// TestPublishToForbiddenTopicIsAcknowledged: a QoS 1 PUBLISH to $SYS gets a
+// negative PUBACK (MQTT 5); v2.7.9 sent nothing and the client waited
+// forever. (Wildcards in a topic name are a protocol error, caught before.)
+func TestPublishToForbiddenTopicIsAcknowledged(t *testing.T) {
+	for _, tc := range []struct {
+		topic string
+		code  byte
+	}{{"$SYS/x", packets.ErrNotAuthorized.Code}, {"$sys/y", packets.ErrNotAuthorized.Code}} {
+		s := newServer()
+		cl, r, w := newTestClient()
+		cl.Properties.ProtocolVersion = 5
+		done := make(chan error, 1)
+		go func() {
+			done <- s.processPacket(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+				TopicName: tc.topic, PacketID: 7, ProtocolVersion: 5})
+		}()
+		hdr, body, err := readRawPacket(r)
+		require.NoError(t, err)
+		require.Equal(t, packets.Puback, hdr>>4, tc.topic)
+		require.GreaterOrEqual(t, len(body), 3)
+		require.Equal(t, tc.code, body[2], tc.topic)
+		require.NoError(t, <-done)
+		_ = w.Close()
+		_ = r.Close()
+	}
+}

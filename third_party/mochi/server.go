@@ -930,7 +930,29 @@ func (s *Server) InjectPacket(cl *Client, pk packets.Packet) error {
 // processPublish processes a Publish packet.
 func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	if !cl.Net.Inline && !IsValidFilter(pk.TopicName, true) {
-		return nil
+		// rtm patch: a QoS 1/2 PUBLISH to a topic a client may not use
+		// ($SYS/...) was dropped without an acknowledgement, so the client
+		// waited for it forever. An MQTT 5 client now gets PUBACK/PUBREC
+		// 0x87 (not authorized) for $SYS (0x90 topic name invalid for
+		// anything else IsValidFilter refuses; wildcards are refused
+		// earlier, by PublishValidate); an MQTT 3.1.1 client, which has no
+		// negative acknowledgement, is disconnected. QoS 0 is still
+		// dropped: MQTT has no way to say so. No upstream issue found.
+		if pk.FixedHeader.Qos == 0 {
+			return nil
+		}
+		code := packets.ErrTopicNameInvalid
+		if len(pk.TopicName) >= len(SysPrefix) && strings.EqualFold(pk.TopicName[:len(SysPrefix)], SysPrefix) {
+			code = packets.ErrNotAuthorized
+		}
+		if cl.Properties.ProtocolVersion < 5 {
+			return s.DisconnectClient(cl, code)
+		}
+		ackType := packets.Puback
+		if pk.FixedHeader.Qos == 2 {
+			ackType = packets.Pubrec
+		}
+		return cl.WritePacket(s.buildAck(pk.PacketID, ackType, 0, pk.Properties, code))
 	}
 
 	if atomic.LoadInt32(&cl.State.Inflight.receiveQuota) == 0 {

@@ -1,0 +1,14 @@
+// Package plugins holds rtm's mochi-mqtt hooks. Hooks chooses the hook set
+// from configuration; today that is one hook, AuthHook ("rtm-auth"), which
+// authenticates devices by token (or lets them in anonymously) and enforces
+// the topic namespace of SPEC section 3 plus the extra rules of auth.acl.
+//
+// Device credentials themselves (signing and verifying tokens) live in the
+// subpackage token, which the push API uses without importing mochi.
+//
+// Concurrency: mochi calls the hooks from every client's goroutine at once.
+// An AuthHook is configured before the server starts and read-only after,
+// except for its table of connected identities (a sync.Map). OnACLCheck runs
+// for every delivery of every message, so it allocates nothing and takes no
+// lock on that path.
+package plugins

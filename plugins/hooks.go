@@ -1,0 +1,314 @@
+package plugins
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+	"unicode/utf8"
+
+	"github.com/golang-jwt/jwt/v5"
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/rtm-dev/rtm/internal/config"
+	"github.com/rtm-dev/rtm/plugins/token"
+)
+
+// Options configures the hooks of Hooks.
+type Options struct {
+	// Auth is the auth section of the configuration. An empty Devices means
+	// "token".
+	Auth config.Auth
+	// Logger receives refused connections (Info, rate-limited) and ACL
+	// denials (Debug). Nil discards.
+	Logger *slog.Logger
+}
+
+// Hooks returns the hooks that authenticate devices and enforce topic
+// rights for opts.Auth; the broker adds them in order, each with a nil
+// config. (Never both an allow-all hook and real auth: mochi ORs auth
+// hooks.) Every configuration error is reported, each naming its key.
+func Hooks(opts Options) ([]mqtt.Hook, error) {
+	h := new(AuthHook)
+	if err := h.configure(opts); err != nil {
+		return nil, err
+	}
+	return []mqtt.Hook{h}, nil
+}
+
+// authLogPerSecond bounds the lines logged about refused connections, so a
+// flood of bad CONNECTs cannot fill the log; the next line logged says how
+// many were left out.
+const authLogPerSecond = 10
+
+// maxLoggedID is how much of a client ID a log line shows: client IDs come
+// from the network and may be 64 KiB long.
+const maxLoggedID = 128
+
+// AuthHook authenticates clients at CONNECT and decides what they may
+// publish, subscribe to and receive. Build it with Hooks (or add a new one
+// with a *Options config).
+//
+// Authentication, with auth.devices=token: the username must equal the
+// client ID and the password must be an unexpired token for that client ID
+// (a service token for a service's own name). With auth.devices=anonymous
+// every client is accepted, and one presenting such a token gets its
+// identity (so the push API's service token works in `rtm dev`).
+//
+// Topic rights, first match wins: services may do anything; then the rules
+// of auth.acl; then the built-in namespace of SPEC section 3 for devices:
+// devices/{id}/inbox is read by that device only and written by no device;
+// push/... is read by any device and written by none; groups/... is closed
+// to devices until group membership exists; topics starting with '$' are
+// closed; everything else is open. Subscription filters with wildcards are
+// granted where a match could be allowed, because every delivery is checked
+// again against its topic.
+type AuthHook struct {
+	mqtt.HookBase
+
+	log        *slog.Logger
+	signer     *token.Signer // nil: anonymous without keys
+	anonymous  bool
+	rules      []aclRule
+	ruleUser   bool // some rule uses %u
+	configured bool
+
+	// ids holds the identity of each authenticated connection
+	// (*mqtt.Client → *identity) until it disconnects. A client without one
+	// (an offline persistent session, one adopted from another node) is
+	// checked as the device its client ID names.
+	ids sync.Map
+	// byID maps a client ID to the *mqtt.Client whose identity ids holds, so
+	// ids keeps at most one entry per client ID even when mochi drops a
+	// connection between OnConnectAuthenticate and the CONNACK without
+	// calling OnDisconnect.
+	byID sync.Map
+
+	limit logLimiter
+}
+
+// identity is who a connection is.
+type identity struct {
+	clientID      string
+	username      string
+	service       bool // rtm's own service: every right
+	authenticated bool // by a token; false: an anonymous device
+}
+
+func (h *AuthHook) configure(opts Options) error {
+	var errs []error
+	keys := opts.Auth.Keys()
+	var signer *token.Signer
+	switch opts.Auth.Devices {
+	case "", "token":
+		if len(keys) == 0 {
+			errs = append(errs, errors.New("auth.token_keys: required with auth.devices=token"))
+		}
+	case "anonymous":
+	default:
+		errs = append(errs, fmt.Errorf("auth.devices: %q: want token or anonymous", opts.Auth.Devices))
+	}
+	if len(keys) > 0 {
+		s, err := token.NewSigner(keys)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("auth.token_keys: %w", err))
+		}
+		signer = s
+	}
+	rules, err := parseACL(opts.Auth.ACL)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	h.signer, h.anonymous = signer, opts.Auth.Devices == "anonymous"
+	h.rules, h.ruleUser = rules, usesUsername(rules)
+	h.log = opts.Logger
+	if h.log == nil {
+		h.log = slog.New(slog.DiscardHandler)
+	}
+	h.log = h.log.With("component", "auth")
+	h.configured = true
+	return nil
+}
+
+// ID returns the hook's ID, "rtm-auth".
+func (h *AuthHook) ID() string { return "rtm-auth" }
+
+// Provides reports the events the hook handles: OnConnectAuthenticate,
+// OnACLCheck and OnDisconnect.
+func (h *AuthHook) Provides(b byte) bool {
+	switch b {
+	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnDisconnect:
+		return true
+	}
+	return false
+}
+
+// Init accepts a nil config for a hook made by Hooks, or a *Options to
+// configure a new one.
+func (h *AuthHook) Init(config any) error {
+	switch c := config.(type) {
+	case nil:
+		if !h.configured {
+			return errors.New("rtm-auth: not configured: build it with plugins.Hooks or pass *plugins.Options")
+		}
+		return nil
+	case *Options:
+		if c != nil {
+			return h.configure(*c)
+		}
+	}
+	return mqtt.ErrInvalidConfigType
+}
+
+// OnConnectAuthenticate accepts or refuses a CONNECT; refused, mochi answers
+// CONNACK 0x86 (v5) or 4 (v3.1.1), bad username or password.
+func (h *AuthHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	id := &identity{clientID: cl.ID, username: string(pk.Connect.Username)}
+	if h.anonymous {
+		if h.signer != nil && len(pk.Connect.Password) > 0 {
+			if c, why := h.verify(cl, pk); why == "" {
+				id.service, id.authenticated = c.Service, true
+			} else {
+				h.logRefusal(cl, "token ignored, connecting as an anonymous device", why)
+			}
+		}
+		h.remember(cl, id)
+		return true
+	}
+	c, why := h.verify(cl, pk)
+	if why != "" {
+		h.logRefusal(cl, "connection refused", why)
+		return false
+	}
+	id.service, id.authenticated = c.Service, true
+	h.remember(cl, id)
+	return true
+}
+
+// verify checks the CONNECT's credentials against a token; why says what is
+// wrong, "" if nothing.
+func (h *AuthHook) verify(cl *mqtt.Client, pk packets.Packet) (c token.Claims, why string) {
+	switch {
+	case !pk.Connect.PasswordFlag || len(pk.Connect.Password) == 0:
+		return c, "no token"
+	case pk.Connect.ClientIdentifier == "":
+		return c, "empty client ID"
+	case string(pk.Connect.Username) != cl.ID:
+		return c, "username must equal the client ID"
+	}
+	c, err := h.signer.Verify(string(pk.Connect.Password), time.Now())
+	switch {
+	case errors.Is(err, token.ErrTokenExpired):
+		return c, "expired token"
+	case errors.Is(err, token.ErrTokenUnknownKey):
+		return c, "unknown key"
+	case errors.Is(err, jwt.ErrTokenSignatureInvalid):
+		return c, "bad signature"
+	case err != nil:
+		return c, "malformed token"
+	case c.ClientID != cl.ID:
+		return c, "token for another client"
+	}
+	return c, ""
+}
+
+func (h *AuthHook) remember(cl *mqtt.Client, id *identity) {
+	h.ids.Store(cl, id)
+	if old, loaded := h.byID.Swap(cl.ID, cl); loaded && old != cl {
+		// An older connection with this ID: mochi is taking it over, or
+		// lost it before its CONNACK. Until it goes it is a plain device.
+		h.ids.Delete(old)
+	}
+}
+
+// OnDisconnect forgets the connection's identity.
+func (h *AuthHook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
+	h.ids.Delete(cl)
+	h.byID.CompareAndDelete(cl.ID, cl)
+}
+
+// OnACLCheck reports whether cl may publish to topic (write) or subscribe to
+// the filter topic, or receive a message on topic (!write). mochi calls it
+// for every delivery, so the path for an allowed topic allocates nothing.
+func (h *AuthHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
+	if cl.Net.Inline {
+		return true // the broker's own client
+	}
+	var fallback identity
+	id := &fallback
+	if v, ok := h.ids.Load(cl); ok {
+		id = v.(*identity)
+	} else {
+		fallback.clientID = cl.ID
+		if h.ruleUser {
+			fallback.username = string(cl.Properties.Username)
+		}
+	}
+	if id.service {
+		return true
+	}
+	ok, why := h.check(id, topic, write)
+	if !ok && h.log.Enabled(context.Background(), slog.LevelDebug) {
+		h.log.Debug("acl denied", "client_id", truncate(id.clientID), "anonymous", !id.authenticated,
+			"topic", topic, "write", write, "reason", why)
+	}
+	return ok
+}
+
+func (h *AuthHook) logRefusal(cl *mqtt.Client, msg, why string) {
+	ok, left := h.limit.allow(time.Now())
+	if !ok {
+		return
+	}
+	args := []any{"client_id", truncate(cl.ID), "remote", cl.Net.Remote, "reason", why}
+	if left > 0 {
+		args = append(args, "not_logged", left)
+	}
+	h.log.Info(msg, args...)
+}
+
+func truncate(s string) string {
+	if len(s) <= maxLoggedID {
+		return s
+	}
+	n := maxLoggedID
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "…"
+}
+
+// logLimiter lets through at most authLogPerSecond lines per second and
+// counts the rest.
+type logLimiter struct {
+	mu     sync.Mutex
+	second int64
+	n      int
+	left   int // lines not logged since the last one that was
+}
+
+// allow reports whether a line may be logged now and, if so, how many were
+// left out before it.
+func (l *logLimiter) allow(now time.Time) (ok bool, left int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if s := now.Unix(); s != l.second {
+		l.second, l.n = s, 0
+	}
+	if l.n >= authLogPerSecond {
+		l.left++
+		return false, 0
+	}
+	l.n++
+	left, l.left = l.left, 0
+	return true, left
+}
+
+// Interface guards.
+var _ mqtt.Hook = (*AuthHook)(nil)
