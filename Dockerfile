@@ -19,6 +19,7 @@ USER 65532:65532
 WORKDIR /data
 ENV RTM_DATA=/data
 VOLUME ["/data"]
-EXPOSE 1883 8083 8883 8084 9101
+# MQTT tcp/ws/tls/wss, broker admin, gossip (tcp+udp), node link, router, push API
+EXPOSE 1883 8083 8883 8084 9101 7946 7946/udp 7947 8090 8080
 ENTRYPOINT ["/usr/local/bin/rtm"]
 CMD ["broker"]
