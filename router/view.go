@@ -17,10 +17,55 @@ type brokerState struct {
 	// or Tags.LoadAt) last changed, or when the router first saw it. Local
 	// time, so clock skew between machines does not matter.
 	changedAt time.Time
-	// assigned counts the route answers that named this broker since
-	// changedAt: devices that may not be in its reported connections yet.
-	assigned int
-	gen      uint64 // the sync that last saw it in the member list
+	// recent counts the route answers that named this broker, by time
+	// bucket: devices that may not be in its reported connections yet.
+	// A load report forgets the answers given more than connectGrace
+	// before it (those devices have connected, or will not), and keeps
+	// the later ones, which a burst straddling the report would otherwise
+	// forget and pile onto this broker again.
+	recent []bucket
+	gen    uint64 // the sync that last saw it in the member list
+}
+
+// bucket counts assignments made within bucketWidth after at.
+type bucket struct {
+	at time.Time
+	n  int
+}
+
+const (
+	// connectGrace is how long after its route answer a device is assumed
+	// to be connected, and so counted in the broker's own report.
+	connectGrace = 2 * time.Second
+	bucketWidth  = 100 * time.Millisecond
+)
+
+// assign counts one route answer naming the broker at now.
+func (st *brokerState) assign(now time.Time) {
+	if k := len(st.recent); k > 0 && now.Sub(st.recent[k-1].at) < bucketWidth {
+		st.recent[k-1].n++
+		return
+	}
+	st.recent = append(st.recent, bucket{at: now, n: 1})
+}
+
+// reported forgets the answers older than connectGrace at a load report
+// received at now.
+func (st *brokerState) reported(now time.Time) {
+	i := 0
+	for i < len(st.recent) && now.Sub(st.recent[i].at) > connectGrace {
+		i++
+	}
+	st.recent = append(st.recent[:0], st.recent[i:]...)
+}
+
+// assigned is the number of answers not yet covered by a load report.
+func (st *brokerState) assigned() int {
+	n := 0
+	for _, b := range st.recent {
+		n += b.n
+	}
+	return n
 }
 
 // view is the router's picture of the brokers: gossip's member list, plus
@@ -90,7 +135,8 @@ func (v *view) syncLocked() ([]cluster.Member, time.Time) {
 		old := st.member
 		st.member = m
 		if m.Tags.Connections != old.Tags.Connections || m.Tags.LoadAt != old.Tags.LoadAt {
-			st.changedAt, st.assigned = now, 0
+			st.changedAt = now
+			st.reported(now)
 		}
 		if m.Status != old.Status {
 			v.logStatus(m, old.Status)
@@ -134,7 +180,7 @@ func (v *view) pick(transport string) (cluster.Member, bool) {
 	m, ok := cluster.Pick(ms, transport, cluster.PickOptions{
 		Extra: func(name string) int {
 			if st := v.brokers[name]; st != nil {
-				return st.assigned
+				return st.assigned()
 			}
 			return 0
 		},
@@ -144,7 +190,7 @@ func (v *view) pick(transport string) (cluster.Member, bool) {
 		},
 	})
 	if ok {
-		v.brokers[m.Name].assigned++
+		v.brokers[m.Name].assign(now)
 	}
 	return m, ok
 }
@@ -185,7 +231,7 @@ func (v *view) nodes() []Node {
 		n := Node{
 			Name: st.member.Name, Status: string(st.member.Status), Draining: t.Draining, Version: t.Version,
 			Endpoints: map[string]string{}, Connections: t.Connections, Capacity: t.Capacity, Load: 1,
-			Assigned: st.assigned,
+			Assigned: st.assigned(),
 		}
 		for _, tr := range cluster.Transports {
 			if e := t.Endpoint(tr); e != "" {
@@ -193,7 +239,7 @@ func (v *view) nodes() []Node {
 			}
 		}
 		if t.Capacity > 0 {
-			n.Load = min(1, float64(t.Connections+st.assigned)/float64(t.Capacity))
+			n.Load = min(1, float64(t.Connections+st.assigned())/float64(t.Capacity))
 		}
 		age := now.Sub(st.changedAt)
 		n.LoadAge = math.Round(age.Seconds()*1000) / 1000

@@ -40,29 +40,37 @@ func TestViewCountsAssignmentsUntilTheNextReport(t *testing.T) {
 			t.Fatalf("pick %d = %s, want a", i, m.Name)
 		}
 	}
-	if got := v.brokers["a"].assigned; got != 2 {
+	if got := v.brokers["a"].assigned(); got != 2 {
 		t.Fatalf("a assigned %d, want 2", got)
 	}
 
 	// A tag change that is not a load report keeps the count.
 	src.members[0].Tags.Version = "2"
 	v.sync()
-	if got := v.brokers["a"].assigned; got != 2 {
+	if got := v.brokers["a"].assigned(); got != 2 {
 		t.Errorf("after a version change: a assigned %d, want 2", got)
 	}
-	// A fresh report with the same connections resets it: the devices
-	// counted did not arrive by then.
+	// A report within connectGrace of the answers keeps them: those
+	// devices may not have connected yet.
 	src.now = src.now.Add(time.Second)
 	src.members[0].Tags.LoadAt = 2
 	v.sync()
-	if st := v.brokers["a"]; st.assigned != 0 || !st.changedAt.Equal(src.now) {
-		t.Errorf("after a report: a assigned %d changed %v, want 0 at %v", st.assigned, st.changedAt, src.now)
+	if st := v.brokers["a"]; st.assigned() != 2 || !st.changedAt.Equal(src.now) {
+		t.Errorf("report 1 s after: a assigned %d changed %v, want 2 at %v", st.assigned(), st.changedAt, src.now)
 	}
-	// So does a report with other connections.
+	// A later one forgets them: they are in its connections, or gone.
+	src.now = src.now.Add(2 * time.Second)
+	src.members[0].Tags.LoadAt = 3
+	v.sync()
+	if got := v.brokers["a"].assigned(); got != 0 {
+		t.Errorf("report 3 s after: a assigned %d, want 0", got)
+	}
+	// So does a report with other connections, for answers that old.
 	v.pick(cluster.TransportTCP)
+	src.now = src.now.Add(3 * time.Second)
 	src.members[0].Tags.Connections = 11
 	v.sync()
-	if got := v.brokers["a"].assigned; got != 0 {
+	if got := v.brokers["a"].assigned(); got != 0 {
 		t.Errorf("after a connections change: a assigned %d, want 0", got)
 	}
 	if _, ok := v.brokers["r"]; ok {
