@@ -203,15 +203,16 @@ Ports of node i (1 to N):
 so n1 has the MQTT, WebSocket, admin and gossip ports of 'rtm dev' (1883,
 8083, 9101, 7946) and link port 7956. With --base-port P, node i takes the
 five ports from P+5(i-1) instead, in the same order: --base-port 20000 gives
-n1 20000-20004 and n2 20005-20009. The router serves HTTP on 8090 (with
---base-port, on the port after the brokers'). Every port is checked before
-anything starts.
+n1 20000-20004 and n2 20005-20009. The router serves HTTP on 8090 and the
+push API on 8080 (with --base-port, on the two ports after the brokers').
+Every port is checked before anything starts.
 
 The brokers share a cluster secret (gossip encryption, link
 authentication), random unless --secret sets it; children get it in
 RTM_CLUSTER_SECRET. Devices connect anonymously (RTM_AUTH_DEVICES=anonymous),
-and a random device-token key is shared (RTM_AUTH_TOKEN_KEYS). Other RTM_*
-variables reach every child and can override these.
+a random device-token key is shared (RTM_AUTH_TOKEN_KEYS), and the push API
+gets a random API key, printed with the addresses. Other RTM_* variables
+reach every child and can override these.
 
 The processes run in process groups of their own, so only 'rtm cluster up'
 sees Ctrl-C; should it be killed (SIGKILL), stop them by the PIDs it
@@ -306,6 +307,7 @@ type localCluster struct {
 	exe      string
 	secret   string
 	tokenKey string // device tokens, shared by every node
+	apiKey   string // the push API's, printed
 	storeURI string
 	children []*child
 	exits    chan *child
@@ -326,7 +328,10 @@ func runClusterUp(ctx context.Context, o upOptions, stdout, stderr io.Writer) er
 	}
 	var key [24]byte
 	_, _ = rand.Read(key[:])
-	lc := &localCluster{o: o, exe: exe, secret: secret, tokenKey: hex.EncodeToString(key[:]), stdout: stdout, stderr: stderr}
+	var api [16]byte
+	_, _ = rand.Read(api[:])
+	lc := &localCluster{o: o, exe: exe, secret: secret, tokenKey: hex.EncodeToString(key[:]), apiKey: "local-" + hex.EncodeToString(api[:]),
+		stdout: stdout, stderr: stderr}
 	lc.plan()
 	lc.exits = make(chan *child, len(lc.children))
 	if err := lc.checkPorts(); err != nil {
@@ -336,7 +341,7 @@ func runClusterUp(ctx context.Context, o upOptions, stdout, stderr io.Writer) er
 		return err
 	}
 
-	fmt.Fprintf(stdout, "rtm cluster: starting a store, %d brokers and a router on 127.0.0.1, logs in %s\n", o.brokers, o.data)
+	fmt.Fprintf(stdout, "rtm cluster: starting a store, %d brokers, a router and a push API on 127.0.0.1, logs in %s\n", o.brokers, o.data)
 	upCtx, cancel := context.WithTimeout(ctx, upTimeout)
 	err = lc.start(upCtx)
 	cancel()
@@ -419,6 +424,25 @@ func (lc *localCluster) plan() {
 	}
 	rt.ready = func(ctx context.Context) error { return httpOK(ctx, "http://"+rt.admin+"/v1/route?client_id=probe") }
 	lc.children = append(lc.children, rt)
+
+	push := &child{name: "pushapi", role: "pushapi", stage: 2,
+		env:   []string{"RTM_CLUSTER_SECRET=" + lc.secret, "RTM_AUTH_TOKEN_KEYS=" + lc.tokenKey, "RTM_PUSHAPI_API_KEYS=" + lc.apiKey},
+		admin: fmt.Sprintf("127.0.0.1:%d", lc.o.pushPort()), log: filepath.Join(o.data, "pushapi.log")}
+	push.args = func() []string {
+		return []string{"pushapi", "--addr", push.admin, "--gossip-addr", "127.0.0.1:0", "--join", seed,
+			"--store-uri", lc.storeURI, "--data", filepath.Join(o.data, "pushapi")}
+	}
+	push.ready = func(ctx context.Context) error { return httpOK(ctx, "http://"+push.admin+"/readyz") }
+	lc.children = append(lc.children, push)
+}
+
+// pushPort is the push API's HTTP port: 8080, or the one after the
+// router's with --base-port.
+func (o upOptions) pushPort() int {
+	if o.basePort == 0 {
+		return 8080
+	}
+	return o.basePort + 5*o.brokers + 1
 }
 
 // routerPort is the router's HTTP port: 8090, or the one after the
@@ -456,10 +480,15 @@ func (lc *localCluster) checkPorts() error {
 			}
 		}
 	}
-	if ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", lc.o.routerPort())); err != nil {
-		errs = append(errs, fmt.Errorf("port %d (router) is not free: %w", lc.o.routerPort(), err))
-	} else {
-		ln.Close()
+	for _, q := range []struct {
+		what string
+		port int
+	}{{"router", lc.o.routerPort()}, {"push API", lc.o.pushPort()}} {
+		if ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", q.port)); err != nil {
+			errs = append(errs, fmt.Errorf("port %d (%s) is not free: %w", q.port, q.what, err))
+		} else {
+			ln.Close()
+		}
 	}
 	if len(errs) > 0 {
 		errs = append(errs, errors.New("stop what uses them, or choose other ports with --base-port"))
@@ -646,8 +675,11 @@ func (lc *localCluster) printTable() {
 		fmt.Fprintf(tw, "  %s\t%d\tmqtt://%s\tws://%s/mqtt\thttp://%s\t%s\n", c.name, c.cmd.Process.Pid, c.mqtt, c.ws, c.admin, c.log)
 	}
 	for _, c := range lc.children {
-		if c.role == "router" {
+		switch c.role {
+		case "router":
 			fmt.Fprintf(tw, "  %s\t%d\thttp://%s/v1/route?client_id=ID\t\t\t%s\n", c.name, c.cmd.Process.Pid, c.admin, c.log)
+		case "pushapi":
+			fmt.Fprintf(tw, "  %s\t%d\thttp://%s/v1/...\t\t\t%s\n", c.name, c.cmd.Process.Pid, c.admin, c.log)
 		}
 	}
 	_ = tw.Flush()
@@ -657,8 +689,12 @@ func (lc *localCluster) printTable() {
 	fmt.Fprintf(w, "  mosquitto_pub -h 127.0.0.1 -p %s -t demo/hello -m hi\n", portOf(last.mqtt))
 	fmt.Fprintf(w, "  rtm cluster status --admin %s\n", first.admin)
 	for _, c := range lc.children {
-		if c.role == "router" {
+		switch c.role {
+		case "router":
 			fmt.Fprintf(w, "  curl 'http://%s/v1/route?client_id=dev1'\n", c.admin)
+		case "pushapi":
+			fmt.Fprintf(w, "  mosquitto_sub -h 127.0.0.1 -p %s -t push/news -v\n", portOf(first.mqtt))
+			fmt.Fprintf(w, "  curl -H 'Authorization: Bearer %s' -d '{\"payload\":\"hello\"}' http://%s/v1/channels/news/messages\n", lc.apiKey, c.admin)
 		}
 	}
 	fmt.Fprint(w, "\nCtrl-C stops the cluster.\n\n")

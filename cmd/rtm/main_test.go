@@ -281,7 +281,8 @@ func TestDevQuickStart(t *testing.T) {
 		}
 	}
 	dir := t.TempDir()
-	p := start(t, nil, "dev", "--data", filepath.Join(dir, "data"), "--mqtt-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+	p := start(t, []string{"RTM_ROUTER_ADDR=127.0.0.1:0", "RTM_PUSHAPI_ADDR=127.0.0.1:0"},
+		"dev", "--data", filepath.Join(dir, "data"), "--mqtt-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
 		"--gossip-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0")
 	re := regexp.MustCompile(`MQTT\s+mqtt://127\.0\.0\.1:(\d+)`)
 	var port string
@@ -319,6 +320,41 @@ func TestDevQuickStart(t *testing.T) {
 	})
 	if err := sub.Wait(); err != nil {
 		t.Fatalf("mosquitto_sub: %v", err)
+	}
+
+	// The README's push: curl to the push API with the key from the banner
+	// reaches mosquitto_sub on push/news.
+	m := regexp.MustCompile(`curl -H 'Authorization: Bearer (\S+)' -d '(\{[^']*\})' (http://\S+)`).FindStringSubmatch(p.stdout.String())
+	if m == nil {
+		t.Fatalf("banner lacks the curl push:\n%s", p.stdout.String())
+	}
+	key, body, url := m[1], m[2], m[3]
+	push := exec.CommandContext(ctx, "mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-t", "push/news", "-v", "-C", "1", "-W", "15")
+	pushOut := newLineBuffer()
+	push.Stdout = pushOut
+	if err := push.Start(); err != nil {
+		t.Fatal(err)
+	}
+	testutil.WaitFor(t, 15*time.Second, func() error {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url, strings.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+key)
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return err
+		}
+		out, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("push: %s %s", resp.Status, out)
+		}
+		if strings.Contains(pushOut.String(), "push/news hello") {
+			return nil
+		}
+		return fmt.Errorf("mosquitto_sub printed %q", pushOut.String())
+	})
+	if err := push.Wait(); err != nil {
+		t.Fatalf("mosquitto_sub push/news: %v", err)
 	}
 	if err := p.cmd.Process.Signal(os.Interrupt); err != nil {
 		t.Fatal(err)

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -20,18 +22,63 @@ func devCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "dev",
 		Short: "Run every role in one process with the embedded store (for development)",
-		Long: `Run every role of rtm in one process: the MQTT broker, the router and the
-embedded MongoDB-compatible store (in <data>/store, default ./data/store).
+		Long: `Run every role of rtm in one process: the MQTT broker, the router, the push
+API and the embedded MongoDB-compatible store (in <data>/store, default
+./data/store). Unless configured, an API key and a device-token key are
+generated at start; the banner prints the API key.
 
 Listeners bind to 127.0.0.1 by default and anonymous devices are allowed, so
 do not expose 'rtm dev' to a network. Stop it with Ctrl-C.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return runRoles(cmd, config.DevDefaults(), true, app.RoleBroker, app.RoleRouter)
+			return runRoles(cmd, config.DevDefaults(), true, app.RoleBroker, app.RoleRouter, app.RolePushAPI)
 		},
 	}
 	addConfigFlags(cmd, config.DevDefaults(), append(commonFlags, brokerFlags...)...)
 	return cmd
+}
+
+// pushFlags are the push API's own, besides the gossip ones.
+var pushFlags = []string{"pushapi.addr", "pushapi.api_keys", "gossip-addr", "advertise-host", "join", "cluster-secret"}
+
+func pushapiCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "pushapi",
+		Short: "Run the push API: HTTP for applications to reach devices",
+		Long: `Run the push API (HTTP, Echo): publish, push to channels, direct messages to
+device inboxes, server-side channel subscriptions, presence, device tokens,
+kick. Every endpoint but /healthz needs 'Authorization: Bearer <key>' with a
+key of pushapi.api_keys (--api-key, comma-separated). It reaches the brokers
+as an MQTT 5 client (found through gossip: --join a broker's gossip address)
+with a service token signed by auth.token_keys, which must be the brokers'.
+See docs/api.md.
+
+On a host that also runs a broker, give it another gossip port
+(--gossip-addr :7949).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runRoles(cmd, config.Defaults(), false, app.RolePushAPI)
+		},
+	}
+	addConfigFlags(cmd, config.Defaults(), append(commonFlags, pushFlags...)...)
+	return cmd
+}
+
+// devSecrets fills the keys rtm dev needs and the user did not set: an API
+// key (printed in the banner) and a device-token key (which the push API
+// signs its own connection with).
+func devSecrets(cfg *config.Config) {
+	random := func() string {
+		var b [24]byte
+		_, _ = rand.Read(b[:])
+		return hex.EncodeToString(b[:])
+	}
+	if cfg.PushAPI.APIKeys == "" {
+		cfg.PushAPI.APIKeys = "dev-" + random()
+	}
+	if cfg.Auth.TokenKeys == "" {
+		cfg.Auth.TokenKeys = random()
+	}
 }
 
 // routerFlags are the router role's own, besides the gossip ones it shares
@@ -86,6 +133,9 @@ func runRoles(cmd *cobra.Command, base config.Config, banner bool, roles ...app.
 	if err != nil {
 		return err
 	}
+	if banner {
+		devSecrets(&cfg)
+	}
 	log, err := obs.NewLogger(cmd.ErrOrStderr(), cfg.Log.Level, cfg.Log.Format)
 	if err != nil {
 		return usageError{err}
@@ -132,6 +182,10 @@ func printBanner(w io.Writer, cfg config.Config, a *app.App) {
 	if r := a.Router(); r != nil {
 		fmt.Fprintf(tw, "  Router\thttp://%s/v1/route?client_id=ID  http://%s/v1/nodes\n", r.Addr(), r.Addr())
 	}
+	if p := a.PushAPI(); p != nil {
+		fmt.Fprintf(tw, "  Push API\thttp://%s/v1/...  http://%s/openapi.json\n", p.Addr(), p.Addr())
+		fmt.Fprintf(tw, "  API key\t%s\n", cfg.PushAPI.Keys()[0])
+	}
 	kind := "external"
 	if a.Store().Embedded() {
 		kind = "embedded"
@@ -141,8 +195,13 @@ func printBanner(w io.Writer, cfg config.Config, a *app.App) {
 	if cfg.Auth.Devices == "anonymous" {
 		fmt.Fprint(w, "\n  !! ANONYMOUS DEVICES ALLOWED: any client can connect without credentials.\n")
 	}
-	fmt.Fprintf(w, "\nTry it:\n  mosquitto_sub -h %[1]s -p %[2]s -t 'demo/#' -v\n  mosquitto_pub -h %[1]s -p %[2]s -t demo/hello -m hi\n\nStop with Ctrl-C.\n\n",
+	fmt.Fprintf(w, "\nTry it:\n  mosquitto_sub -h %[1]s -p %[2]s -t 'demo/#' -v\n  mosquitto_pub -h %[1]s -p %[2]s -t demo/hello -m hi\n",
 		hostOf(b.Addr(broker.ListenerTCP)), portOf(b.Addr(broker.ListenerTCP)))
+	if p := a.PushAPI(); p != nil {
+		fmt.Fprintf(w, "  mosquitto_sub -h %[1]s -p %[2]s -t push/news -v\n  curl -H 'Authorization: Bearer %[3]s' -d '{\"payload\":\"hello\"}' http://%[4]s/v1/channels/news/messages\n",
+			hostOf(b.Addr(broker.ListenerTCP)), portOf(b.Addr(broker.ListenerTCP)), cfg.PushAPI.Keys()[0], p.Addr())
+	}
+	fmt.Fprint(w, "\nStop with Ctrl-C.\n\n")
 }
 
 func storeCmd() *cobra.Command {

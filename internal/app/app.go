@@ -22,6 +22,7 @@ import (
 	"github.com/rtm-dev/rtm/internal/config"
 	"github.com/rtm-dev/rtm/internal/obs"
 	"github.com/rtm-dev/rtm/internal/store"
+	"github.com/rtm-dev/rtm/pushapi"
 	"github.com/rtm-dev/rtm/router"
 )
 
@@ -30,8 +31,9 @@ type Role string
 
 // The roles an App can run.
 const (
-	RoleBroker Role = "broker"
-	RoleRouter Role = "router"
+	RoleBroker  Role = "broker"
+	RoleRouter  Role = "router"
+	RolePushAPI Role = "pushapi"
 )
 
 // Options are an App's dependencies besides its configuration.
@@ -50,6 +52,7 @@ type App struct {
 	store  *store.Store
 	broker *broker.Broker
 	router *router.Router
+	push   *pushapi.PushAPI
 	roles  map[Role]bool
 
 	stopOnce sync.Once
@@ -86,6 +89,12 @@ func New(cfg config.Config, opts Options) (*App, error) {
 			if _, err := router.New(o); err != nil {
 				return nil, err
 			}
+		case RolePushAPI:
+			o := a.pushOptions(cfg.Cluster)
+			o.Registry = prometheus.NewRegistry()
+			if _, err := pushapi.New(o); err != nil {
+				return nil, err
+			}
 		default:
 			return nil, fmt.Errorf("app: unknown role %q", r)
 		}
@@ -110,8 +119,26 @@ func (a *App) routerOptions(cc config.Cluster) router.Options {
 	return router.Options{Config: a.cfg.Router, Cluster: cc, Version: a.opts.Version, Logger: a.opts.Logger, Registry: a.opts.Registry}
 }
 
+func (a *App) pushOptions(cc config.Cluster) pushapi.Options {
+	return pushapi.Options{Config: a.cfg.PushAPI, Auth: a.cfg.Auth, Cluster: cc, Store: a.store,
+		Version: a.opts.Version, Logger: a.opts.Logger, Registry: a.opts.Registry}
+}
+
 // needsStore reports whether a role of the App uses the store.
-func (a *App) needsStore() bool { return a.roles[RoleBroker] }
+func (a *App) needsStore() bool { return a.roles[RoleBroker] || a.roles[RolePushAPI] }
+
+// sideCluster is the gossip configuration of a role sharing the process
+// with a broker: a port of its own on the broker's host, joined to the
+// broker. Without a broker it is the configuration as given.
+func (a *App) sideCluster() config.Cluster {
+	cc := a.cfg.Cluster
+	if a.broker != nil {
+		gossip := a.broker.GossipAddr()
+		host, _, _ := net.SplitHostPort(gossip)
+		cc.GossipAddr, cc.Join = net.JoinHostPort(host, "0"), gossip
+	}
+	return cc
+}
 
 func (a *App) storeReady(ctx context.Context) error {
 	if a.store == nil {
@@ -154,21 +181,23 @@ func (a *App) Start(ctx context.Context) error {
 		}
 	}
 	if a.roles[RoleRouter] {
-		cc := a.cfg.Cluster
-		if a.broker != nil {
-			// One process, two gossip members: the router binds a port
-			// of its own on the broker's host and joins the broker.
-			gossip := a.broker.GossipAddr()
-			host, _, _ := net.SplitHostPort(gossip)
-			cc.GossipAddr, cc.Join = net.JoinHostPort(host, "0"), gossip
-		}
-		rt, err := router.New(a.routerOptions(cc))
+		rt, err := router.New(a.routerOptions(a.sideCluster()))
 		if err != nil {
 			return fail(err)
 		}
 		a.router = rt
 		if err := a.router.Start(ctx); err != nil {
 			return fail(fmt.Errorf("router: %w", err))
+		}
+	}
+	if a.roles[RolePushAPI] {
+		p, err := pushapi.New(a.pushOptions(a.sideCluster()))
+		if err != nil {
+			return fail(err)
+		}
+		a.push = p
+		if err := a.push.Start(ctx); err != nil {
+			return fail(fmt.Errorf("pushapi: %w", err))
 		}
 	}
 	return nil
@@ -179,6 +208,9 @@ func (a *App) Start(ctx context.Context) error {
 func (a *App) Shutdown(ctx context.Context) error {
 	a.stopOnce.Do(func() {
 		var errs []error
+		if a.push != nil {
+			errs = append(errs, a.push.Shutdown(ctx))
+		}
 		if a.router != nil {
 			errs = append(errs, a.router.Shutdown(ctx))
 		}
@@ -195,6 +227,9 @@ func (a *App) Shutdown(ctx context.Context) error {
 
 // Broker returns the broker role, or nil when the App does not run one.
 func (a *App) Broker() *broker.Broker { return a.broker }
+
+// PushAPI returns the push API role, or nil when the App does not run one.
+func (a *App) PushAPI() *pushapi.PushAPI { return a.push }
 
 // Router returns the router role, or nil when the App does not run one.
 func (a *App) Router() *router.Router { return a.router }
