@@ -323,7 +323,13 @@ func (p *Properties) Encode(pkt byte, mods Mods, b *bytes.Buffer, n int) {
 		buf.WriteByte(p.RetainAvailable)
 	}
 
-	if !mods.DisallowProblemInfo && p.canEncode(pkt, PropUser) {
+	// rtm patch: a PUBLISH keeps its user properties when the client set
+	// Request Problem Information to 0: they are the application's data,
+	// and [MQTT-3.1.2-29] forbids problem information only on packets other
+	// than PUBLISH, CONNACK and DISCONNECT. v2.7.9 stripped them from every
+	// PUBLISH to such a client (paho.golang sends 0 whenever a CONNECT has
+	// properties). No upstream issue found.
+	if (!mods.DisallowProblemInfo || pkt == Publish) && p.canEncode(pkt, PropUser) {
 		pb := mempool.GetBuffer()
 		defer mempool.PutBuffer(pb)
 		for _, v := range p.User {

@@ -216,6 +216,15 @@ func TestEncodePropertiesDisallowProblemInfo(t *testing.T) {
 	require.False(t, bytes.Contains(b.Bytes(), []byte{26, 0, 8}))
 }
 
+// TestEncodePublishUserPropertiesWithoutProblemInfo: a PUBLISH keeps its
+// user properties for a client that asked for no problem information.
+func TestEncodePublishUserPropertiesWithoutProblemInfo(t *testing.T) {
+	props := Properties{User: []UserProperty{{Key: "k", Val: "v"}}, ReasonString: "no"}
+	b := bytes.NewBuffer([]byte{})
+	props.Encode(Publish, Mods{DisallowProblemInfo: true}, b, 0)
+	require.Equal(t, []byte{7, 38, 0, 1, 'k', 0, 1, 'v'}, b.Bytes())
+}
+
 func TestEncodePropertiesDisallowResponseInfo(t *testing.T) {
 	props := propertiesStruct
 	b := bytes.NewBuffer([]byte{})
