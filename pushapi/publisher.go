@@ -5,11 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"sync"
 	"time"
 
+	"github.com/cenkalti/backoff/v5"
 	"github.com/eclipse/paho.golang/packets"
 	"github.com/eclipse/paho.golang/paho"
 	"github.com/eclipse/paho.golang/paho/session"
@@ -87,9 +87,11 @@ func (p *publisher) connected() string {
 // again, until ctx ends; then it disconnects.
 func (p *publisher) run(ctx context.Context) {
 	attempt, avoid := 0, ""
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval, bo.MaxInterval, bo.RandomizationFactor = backoffMin, backoffMax, 0.2
 	for {
 		if attempt > 0 {
-			t := time.NewTimer(backoff(attempt))
+			t := time.NewTimer(bo.NextBackOff())
 			select {
 			case <-ctx.Done():
 				t.Stop()
@@ -122,6 +124,7 @@ func (p *publisher) run(ctx context.Context) {
 			continue
 		}
 		attempt, avoid = 0, m.Name
+		bo.Reset()
 		var maxPacket uint32
 		if ca.Properties != nil && ca.Properties.MaximumPacketSize != nil {
 			maxPacket = *ca.Properties.MaximumPacketSize
@@ -152,14 +155,6 @@ func (p *publisher) run(ctx context.Context) {
 		}
 		p.log.Warn("broker connection lost, picking a broker again", "broker", m.Name)
 	}
-}
-
-// backoff is the wait before connection attempt n (n ≥ 1): exponential
-// from backoffMin to backoffMax, with ±20% jitter.
-func backoff(n int) time.Duration {
-	d := backoffMin << min(n-1, 16)
-	d = min(d, backoffMax)
-	return d - d/5 + time.Duration(rand.Int64N(int64(d)*2/5+1))
 }
 
 // pick returns the least-loaded alive broker, other than avoid unless it is
