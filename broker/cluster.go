@@ -177,27 +177,13 @@ func (c *clusterNode) linkConfig() link.Config {
 	return lc
 }
 
-// publicAddr is the address others reach a listener at: its bound address,
-// with the advertised host when it binds to every interface.
+// publicAddr is the address others reach a listener at.
 func (c *clusterNode) publicAddr(bound string) string {
-	if bound == "" {
-		return ""
+	gossip := ""
+	if c.node != nil {
+		gossip = c.node.Addr()
 	}
-	host, port, err := net.SplitHostPort(bound)
-	if err != nil {
-		return bound
-	}
-	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
-		h := c.cfg.AdvertiseHost
-		if h == "" && c.node != nil {
-			h, _, _ = net.SplitHostPort(c.node.Addr())
-		}
-		if h == "" {
-			return bound
-		}
-		return net.JoinHostPort(h, port)
-	}
-	return bound
+	return cluster.PublicAddr(bound, c.cfg.AdvertiseHost, gossip)
 }
 
 func (c *clusterNode) tags() cluster.Tags {

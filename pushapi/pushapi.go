@@ -302,23 +302,9 @@ func (p *PushAPI) Start(ctx context.Context) (err error) {
 	return nil
 }
 
-// publicAddr is the address others reach a listener at: its bound address,
-// with the advertised host when it binds to every interface.
+// publicAddr is the address others reach a listener at.
 func (p *PushAPI) publicAddr(bound string) string {
-	host, port, err := net.SplitHostPort(bound)
-	if err != nil {
-		return bound
-	}
-	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
-		h := p.opts.Cluster.AdvertiseHost
-		if h == "" {
-			h, _, _ = net.SplitHostPort(p.node.Addr())
-		}
-		if h != "" {
-			return net.JoinHostPort(h, port)
-		}
-	}
-	return bound
+	return cluster.PublicAddr(bound, p.opts.Cluster.AdvertiseHost, p.node.Addr())
 }
 
 // Addr returns the bound HTTP address, or "" before Start.

@@ -234,23 +234,9 @@ func (r *Router) watch(events <-chan cluster.Event) {
 	}
 }
 
-// publicAddr is the address others reach a listener at: its bound address,
-// with the advertised host when it binds to every interface.
+// publicAddr is the address others reach a listener at.
 func (r *Router) publicAddr(bound string) string {
-	host, port, err := net.SplitHostPort(bound)
-	if err != nil {
-		return bound
-	}
-	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
-		h := r.opts.Cluster.AdvertiseHost
-		if h == "" {
-			h, _, _ = net.SplitHostPort(r.node.Addr())
-		}
-		if h != "" {
-			return net.JoinHostPort(h, port)
-		}
-	}
-	return bound
+	return cluster.PublicAddr(bound, r.opts.Cluster.AdvertiseHost, r.node.Addr())
 }
 
 // Addr returns the bound HTTP address, or "" before Start.

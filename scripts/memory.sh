@@ -111,8 +111,9 @@ RESULTS=$WORK/results
 run_rtm() {
 	local i=$1 data="$WORK/rtm-data-$1" log="$LOGS/rtm-$1.log"
 	mkdir -p "$data"
-	"$RTM_BIN" dev --data "$data" --mqtt-addr 127.0.0.1:0 --ws-addr 127.0.0.1:0 \
-		--admin-addr 127.0.0.1:0 --log-level warn >"$log" 2>&1 &
+	RTM_ROUTER_ADDR=127.0.0.1:0 RTM_PUSHAPI_ADDR=127.0.0.1:0 \
+		"$RTM_BIN" dev --data "$data" --mqtt-addr 127.0.0.1:0 --ws-addr 127.0.0.1:0 \
+		--admin-addr 127.0.0.1:0 --gossip-addr 127.0.0.1:0 --link-addr 127.0.0.1:0 --log-level warn >"$log" 2>&1 &
 	local pid=$!
 	PIDS+=("$pid")
 	ADM="" MQTT=""

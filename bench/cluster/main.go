@@ -149,6 +149,7 @@ func run(ctx context.Context, cfg config) (err error) {
 		return err
 	}
 	nodeEnv := []string{
+		"RTM_AUTH_DEVICES=anonymous", // the clients have no tokens; ACLs still apply
 		"RTM_BROKER_MAX_QUEUED=" + strconv.Itoa(cfg.maxQueued),
 		"RTM_BROKER_MAX_INFLIGHT=" + strconv.Itoa(cfg.maxInflight),
 	}

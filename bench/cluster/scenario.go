@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/eclipse/paho.golang/paho"
+
+	"github.com/rtm-dev/rtm/bench/internal/benchclient"
 )
 
 // params sizes every scenario; scaled down for the warm-up pass.
@@ -229,26 +231,26 @@ func stamp(buf []byte, seq int64) {
 // until a publish can reach the subscriber. The returned function hangs up
 // both.
 func connectPair(ctx context.Context, pl placement, tag, topic string, qos byte, in *inbox, cerrs *atomic.Int64) (pub *paho.Client, ca *paho.Connack, hang func(), err error) {
-	sub, _, err := dial(ctx, pl.sub.mqtt, clientOpts{id: tag + "-sub", onPublish: in.onPublish, clientErrs: cerrs})
+	sub, _, err := benchclient.Dial(ctx, pl.sub.mqtt, benchclient.Options{ID: tag + "-sub", OnPublish: in.onPublish, ClientErrs: cerrs})
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	if err := subscribe(ctx, sub, topic, qos); err != nil {
-		hangUp(sub)
+	if err := benchclient.Subscribe(ctx, sub, topic, qos); err != nil {
+		benchclient.HangUp(sub)
 		return nil, nil, nil, err
 	}
 	if pl.ready != nil {
 		if err := pl.ready(ctx); err != nil {
-			hangUp(sub)
+			benchclient.HangUp(sub)
 			return nil, nil, nil, err
 		}
 	}
-	pub, ca, err = dial(ctx, pl.pub.mqtt, clientOpts{id: tag + "-pub", receiveMax: 16, clientErrs: cerrs})
+	pub, ca, err = benchclient.Dial(ctx, pl.pub.mqtt, benchclient.Options{ID: tag + "-pub", ReceiveMax: 16, ClientErrs: cerrs})
 	if err != nil {
-		hangUp(sub)
+		benchclient.HangUp(sub)
 		return nil, nil, nil, err
 	}
-	return pub, ca, func() { hangUp(pub); hangUp(sub) }, nil
+	return pub, ca, func() { benchclient.HangUp(pub); benchclient.HangUp(sub) }, nil
 }
 
 // runQoS0: one publisher sends msgs QoS 0 messages as fast as it can; one

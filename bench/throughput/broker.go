@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/eclipse/paho.golang/paho"
+
+	"github.com/rtm-dev/rtm/bench/internal/benchclient"
 )
 
 // counters are a broker's own cumulative counters, read before and after a
@@ -154,9 +156,11 @@ func startRTM(ctx context.Context, dir, bin string, maxQueued, maxInflight int) 
 		return nil, err
 	}
 	data := filepath.Join(dir, "rtm-data")
+	// One node, compared with one Mosquitto: no gossip, no node link.
 	args := []string{"broker", "--data", data, "--mqtt-addr", mqttAddr, "--ws-addr", "",
-		"--admin-addr", adminAddr, "--log-level", "warn", "--log-format", "json"}
+		"--admin-addr", adminAddr, "--gossip-addr", "", "--log-level", "warn", "--log-format", "json"}
 	env := []string{
+		"RTM_AUTH_DEVICES=anonymous", // the clients have no tokens; ACLs still apply
 		"RTM_BROKER_MAX_QUEUED=" + strconv.Itoa(maxQueued),
 		"RTM_BROKER_MAX_INFLIGHT=" + strconv.Itoa(maxInflight),
 	}
@@ -265,7 +269,7 @@ func startMosquitto(ctx context.Context, dir, bin string, maxQueued int) (*targe
 	}
 	t.read = m.read
 	t.baseConns = 1
-	t.cleanup = func() { hangUp(m.c) }
+	t.cleanup = func() { benchclient.HangUp(m.c) }
 	return t, nil
 }
 
@@ -292,7 +296,7 @@ func newSysMonitor(ctx context.Context, t *target, timeout time.Duration) (*sysM
 		if err := t.alive(); err != nil {
 			return nil, err
 		}
-		c, _, err = dial(ctx, t.addr, clientOpts{id: "bench-sys-monitor", receiveMax: 1024, onPublish: m.onPublish})
+		c, _, err = benchclient.Dial(ctx, t.addr, benchclient.Options{ID: "bench-sys-monitor", ReceiveMax: 1024, OnPublish: m.onPublish})
 		if err == nil {
 			break
 		}
@@ -304,8 +308,8 @@ func newSysMonitor(ctx context.Context, t *target, timeout time.Duration) (*sysM
 	}
 	m.c = c
 	for _, f := range []string{"$SYS/broker/uptime", "$SYS/broker/publish/messages/dropped", "$SYS/broker/clients/connected"} {
-		if err := subscribe(ctx, c, f, 0); err != nil {
-			hangUp(c)
+		if err := benchclient.Subscribe(ctx, c, f, 0); err != nil {
+			benchclient.HangUp(c)
 			return nil, err
 		}
 	}

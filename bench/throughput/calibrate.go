@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/eclipse/paho.golang/paho"
+
+	"github.com/rtm-dev/rtm/bench/internal/benchclient"
 )
 
 // ceilings are the client's own limits on this machine, measured against a
@@ -34,7 +36,7 @@ func calibrate(ctx context.Context, pubs, msgs, size int) (ceilings, error) {
 		return c, err
 	}
 	defer sink.Close()
-	clients, err := dialAll(ctx, sink.Addr().String(), "cal-pub", pubs, pubs, clientOpts{receiveMax: 16})
+	clients, err := dialAll(ctx, sink.Addr().String(), "cal-pub", pubs, pubs, benchclient.Options{ReceiveMax: 16})
 	defer hangUpAll(clients)
 	if err != nil {
 		return c, err
@@ -72,11 +74,11 @@ func calibrate(ctx context.Context, pubs, msgs, size int) (ceilings, error) {
 	}
 	defer src.Close()
 	tr := newTracker(int64(msgs))
-	rc, _, err := dial(ctx, src.Addr().String(), clientOpts{id: "cal-sub", onPublish: func(*paho.Publish) { tr.hit() }})
+	rc, _, err := benchclient.Dial(ctx, src.Addr().String(), benchclient.Options{ID: "cal-sub", OnPublish: func(*paho.Publish) { tr.hit() }})
 	if err != nil {
 		return c, err
 	}
-	defer hangUp(rc)
+	defer benchclient.HangUp(rc)
 	start = time.Now()
 	select {
 	case <-tr.done:

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/eclipse/paho.golang/paho"
+
+	"github.com/rtm-dev/rtm/bench/internal/benchclient"
 )
 
 // params sizes every scenario; scaled down for the warm-up pass.
@@ -151,7 +153,7 @@ func (tr *tracker) rate(start int64) float64 {
 }
 
 // dialAll connects n clients named tag-i, at most conc at a time.
-func dialAll(ctx context.Context, addr, tag string, n, conc int, o clientOpts) ([]*paho.Client, error) {
+func dialAll(ctx context.Context, addr, tag string, n, conc int, o benchclient.Options) ([]*paho.Client, error) {
 	clients := make([]*paho.Client, n)
 	errs := make([]error, n)
 	var next atomic.Int64
@@ -162,8 +164,8 @@ func dialAll(ctx context.Context, addr, tag string, n, conc int, o clientOpts) (
 			defer wg.Done()
 			for i := int(next.Add(1) - 1); i < n; i = int(next.Add(1) - 1) {
 				oo := o
-				oo.id = fmt.Sprintf("%s-%d", tag, i)
-				clients[i], _, errs[i] = dial(ctx, addr, oo)
+				oo.ID = fmt.Sprintf("%s-%d", tag, i)
+				clients[i], _, errs[i] = benchclient.Dial(ctx, addr, oo)
 			}
 		}()
 	}
@@ -180,7 +182,7 @@ func hangUpAll(clients []*paho.Client) {
 		go func() {
 			defer wg.Done()
 			for i := int(next.Add(1) - 1); i < len(clients); i = int(next.Add(1) - 1) {
-				hangUp(clients[i])
+				benchclient.HangUp(clients[i])
 			}
 		}()
 	}
@@ -195,17 +197,17 @@ func runFanIn(ctx context.Context, t *target, p params, tag string) (res result)
 	res.expected = int64(p.faninMsgs)
 	var cerrs atomic.Int64
 	tr := newTracker(res.expected)
-	sub, _, err := dial(ctx, t.addr, clientOpts{id: tag + "-sub", onPublish: func(*paho.Publish) { tr.hit() }, clientErrs: &cerrs})
+	sub, _, err := benchclient.Dial(ctx, t.addr, benchclient.Options{ID: tag + "-sub", OnPublish: func(*paho.Publish) { tr.hit() }, ClientErrs: &cerrs})
 	if err != nil {
 		res.fail("%v", err)
 		return res
 	}
-	defer hangUp(sub)
-	if err := subscribe(ctx, sub, "bench/#", 0); err != nil {
+	defer benchclient.HangUp(sub)
+	if err := benchclient.Subscribe(ctx, sub, "bench/#", 0); err != nil {
 		res.fail("%v", err)
 		return res
 	}
-	pubs, err := dialAll(ctx, t.addr, tag+"-pub", p.faninPubs, p.faninPubs, clientOpts{receiveMax: 16, clientErrs: &cerrs})
+	pubs, err := dialAll(ctx, t.addr, tag+"-pub", p.faninPubs, p.faninPubs, benchclient.Options{ReceiveMax: 16, ClientErrs: &cerrs})
 	defer hangUpAll(pubs)
 	if err != nil {
 		res.fail("%v", err)
@@ -283,22 +285,22 @@ func runQoS1(ctx context.Context, t *target, p params, tag string) (res result) 
 		lat[seq] = max(now-sentAt, 1)
 		tr.hit()
 	}
-	sub, _, err := dial(ctx, t.addr, clientOpts{id: tag + "-sub", onPublish: onMsg, clientErrs: &cerrs})
+	sub, _, err := benchclient.Dial(ctx, t.addr, benchclient.Options{ID: tag + "-sub", OnPublish: onMsg, ClientErrs: &cerrs})
 	if err != nil {
 		res.fail("%v", err)
 		return res
 	}
-	defer hangUp(sub)
-	if err := subscribe(ctx, sub, "bench/q1", 1); err != nil {
+	defer benchclient.HangUp(sub)
+	if err := benchclient.Subscribe(ctx, sub, "bench/q1", 1); err != nil {
 		res.fail("%v", err)
 		return res
 	}
-	pub, ca, err := dial(ctx, t.addr, clientOpts{id: tag + "-pub", receiveMax: 16, clientErrs: &cerrs})
+	pub, ca, err := benchclient.Dial(ctx, t.addr, benchclient.Options{ID: tag + "-pub", ReceiveMax: 16, ClientErrs: &cerrs})
 	if err != nil {
 		res.fail("%v", err)
 		return res
 	}
-	defer hangUp(pub)
+	defer benchclient.HangUp(pub)
 	window := p.qos1Window
 	if ca.Properties != nil && ca.Properties.ReceiveMaximum != nil && int(*ca.Properties.ReceiveMaximum) < window {
 		window = int(*ca.Properties.ReceiveMaximum)
@@ -369,24 +371,24 @@ func runFanOut(ctx context.Context, t *target, p params, tag string) (res result
 	var cerrs atomic.Int64
 	tr := newTracker(res.expected)
 	subs, err := dialAll(ctx, t.addr, tag+"-sub", p.fanoutSubs, 20,
-		clientOpts{receiveMax: 4096, onPublish: func(*paho.Publish) { tr.hit() }, clientErrs: &cerrs})
+		benchclient.Options{ReceiveMax: 4096, OnPublish: func(*paho.Publish) { tr.hit() }, ClientErrs: &cerrs})
 	defer hangUpAll(subs)
 	if err != nil {
 		res.fail("%v", err)
 		return res
 	}
 	for _, s := range subs {
-		if err := subscribe(ctx, s, "bench/fan", 0); err != nil {
+		if err := benchclient.Subscribe(ctx, s, "bench/fan", 0); err != nil {
 			res.fail("%v", err)
 			return res
 		}
 	}
-	pub, _, err := dial(ctx, t.addr, clientOpts{id: tag + "-pub", receiveMax: 16, clientErrs: &cerrs})
+	pub, _, err := benchclient.Dial(ctx, t.addr, benchclient.Options{ID: tag + "-pub", ReceiveMax: 16, ClientErrs: &cerrs})
 	if err != nil {
 		res.fail("%v", err)
 		return res
 	}
-	defer hangUp(pub)
+	defer benchclient.HangUp(pub)
 
 	sent := make(chan struct{})
 	start := mono()
@@ -420,7 +422,7 @@ func runConnect(ctx context.Context, t *target, p params, tag string) (res resul
 	res.expected = int64(p.conns)
 	var cerrs atomic.Int64
 	start := mono()
-	clients, err := dialAll(ctx, t.addr, tag, p.conns, p.connConc, clientOpts{receiveMax: 16, clientErrs: &cerrs})
+	clients, err := dialAll(ctx, t.addr, tag, p.conns, p.connConc, benchclient.Options{ReceiveMax: 16, ClientErrs: &cerrs})
 	end := mono()
 	defer hangUpAll(clients)
 	for _, c := range clients {

@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"fmt"
+	"net"
 	"strconv"
 )
 
@@ -89,4 +90,25 @@ func DecodeTags(m map[string]string) (Tags, error) {
 		}
 	}
 	return t, nil
+}
+
+// PublicAddr is the address other members and devices reach a listener
+// bound at bound: bound itself, or, when it binds to every interface, the
+// same port on advertiseHost, else on the host of gossip (the member's
+// advertised gossip address). "" stays "".
+func PublicAddr(bound, advertiseHost, gossip string) string {
+	host, port, err := net.SplitHostPort(bound)
+	if err != nil {
+		return bound
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		h := advertiseHost
+		if h == "" {
+			h, _, _ = net.SplitHostPort(gossip)
+		}
+		if h != "" {
+			return net.JoinHostPort(h, port)
+		}
+	}
+	return bound
 }

@@ -1,4 +1,7 @@
-package main
+// Package benchclient is the MQTT 5 client the benchmark harnesses drive
+// brokers with: paho.golang over a buffered connection, so the client does
+// not bound what is measured.
+package benchclient
 
 import (
 	"bufio"
@@ -27,40 +30,40 @@ type bufConn struct {
 
 func (c *bufConn) Read(p []byte) (int, error) { return c.r.Read(p) }
 
-// clientOpts configures one benchmark client.
-type clientOpts struct {
-	id string
-	// receiveMax is the Receive Maximum sent in CONNECT. paho also sizes
+// Options configure one benchmark client.
+type Options struct {
+	ID string
+	// ReceiveMax is the Receive Maximum sent in CONNECT. paho also sizes
 	// its inbound channel with it (8 bytes a slot), so clients that expect
 	// nothing use a small value. Zero means 65535.
-	receiveMax uint16
-	// onPublish is called for every PUBLISH received, on paho's routing
+	ReceiveMax uint16
+	// OnPublish is called for every PUBLISH received, on paho's routing
 	// goroutine; nil means the client expects none.
-	onPublish func(*paho.Publish)
-	// clientErrs counts errors paho reports on the connection after CONNACK.
-	clientErrs *atomic.Int64
+	OnPublish func(*paho.Publish)
+	// ClientErrs counts errors paho reports on the connection after CONNACK.
+	ClientErrs *atomic.Int64
 }
 
-// dial connects an MQTT 5 client with a clean session that expires on
+// Dial connects an MQTT 5 client with a clean session that expires on
 // disconnect, and returns it with the server's CONNACK.
-func dial(ctx context.Context, addr string, o clientOpts) (*paho.Client, *paho.Connack, error) {
+func Dial(ctx context.Context, addr string, o Options) (*paho.Client, *paho.Connack, error) {
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, nil, err
 	}
 	cfg := paho.ClientConfig{
-		ClientID:      o.id,
+		ClientID:      o.ID,
 		Conn:          &bufConn{TCPConn: conn.(*net.TCPConn), r: bufio.NewReaderSize(conn, 64<<10)},
 		PacketTimeout: 30 * time.Second,
 		OnClientError: func(error) {
-			if o.clientErrs != nil {
-				o.clientErrs.Add(1)
+			if o.ClientErrs != nil {
+				o.ClientErrs.Add(1)
 			}
 		},
 	}
-	if o.onPublish != nil {
-		f := o.onPublish
+	if o.OnPublish != nil {
+		f := o.OnPublish
 		cfg.OnPublishReceived = []func(paho.PublishReceived) (bool, error){
 			func(pr paho.PublishReceived) (bool, error) { f(pr.Packet); return true, nil },
 		}
@@ -70,30 +73,30 @@ func dial(ctx context.Context, addr string, o clientOpts) (*paho.Client, *paho.C
 		}
 	}
 	c := paho.NewClient(cfg)
-	rm := o.receiveMax
+	rm := o.ReceiveMax
 	if rm == 0 {
 		rm = 65535
 	}
 	expiry := uint32(0)
 	ca, err := c.Connect(ctx, &paho.Connect{
-		ClientID:   o.id,
+		ClientID:   o.ID,
 		KeepAlive:  60,
 		CleanStart: true,
 		Properties: &paho.ConnectProperties{ReceiveMaximum: &rm, SessionExpiryInterval: &expiry},
 	})
 	if err != nil {
 		_ = conn.Close()
-		return nil, ca, fmt.Errorf("connect %s: %w", o.id, err)
+		return nil, ca, fmt.Errorf("connect %s: %w", o.ID, err)
 	}
 	if ca.ReasonCode != 0 {
 		_ = conn.Close()
-		return nil, ca, fmt.Errorf("connect %s: reason code %#x", o.id, ca.ReasonCode)
+		return nil, ca, fmt.Errorf("connect %s: reason code %#x", o.ID, ca.ReasonCode)
 	}
 	return c, ca, nil
 }
 
-// subscribe subscribes c to filter and checks the SUBACK.
-func subscribe(ctx context.Context, c *paho.Client, filter string, qos byte) error {
+// Subscribe subscribes c to filter and checks the SUBACK.
+func Subscribe(ctx context.Context, c *paho.Client, filter string, qos byte) error {
 	sa, err := c.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: filter, QoS: qos}}})
 	if err != nil {
 		return fmt.Errorf("subscribe %s: %w", filter, err)
@@ -104,8 +107,8 @@ func subscribe(ctx context.Context, c *paho.Client, filter string, qos byte) err
 	return nil
 }
 
-// hangUp sends DISCONNECT (normal, session ends) and closes the connection.
-func hangUp(c *paho.Client) {
+// HangUp sends DISCONNECT (normal, session ends) and closes the connection.
+func HangUp(c *paho.Client) {
 	if c != nil {
 		_ = c.Disconnect(&paho.Disconnect{ReasonCode: 0})
 	}
