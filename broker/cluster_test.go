@@ -1,11 +1,7 @@
 package broker_test
 
 import (
-	"context"
 	"fmt"
-	"log/slog"
-	"os"
-	"runtime/pprof"
 	"slices"
 	"strconv"
 	"testing"
@@ -15,8 +11,8 @@ import (
 	mqtt3 "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/rtm-dev/rtm/broker"
-	"github.com/rtm-dev/rtm/internal/cluster"
 	"github.com/rtm-dev/rtm/internal/config"
+	"github.com/rtm-dev/rtm/internal/testcluster"
 	"github.com/rtm-dev/rtm/internal/testutil"
 )
 
@@ -30,7 +26,7 @@ func startCluster(t testing.TB, n int) []*broker.Broker {
 	for i := range n {
 		b := startClusterNode(t, fmt.Sprintf("n%d", i), seed, nil)
 		if seed == "" {
-			seed = b.Stats().Cluster.Gossip
+			seed = b.GossipAddr()
 		}
 		nodes = append(nodes, b)
 	}
@@ -40,34 +36,11 @@ func startCluster(t testing.TB, n int) []*broker.Broker {
 
 func startClusterNode(t testing.TB, name, seed string, mutate func(*config.Broker, *config.Cluster)) *broker.Broker {
 	t.Helper()
-	cfg := config.Defaults().Broker
-	cfg.NodeName = name
-	cfg.MQTTAddr, cfg.WSAddr, cfg.AdminAddr = "127.0.0.1:0", "", "127.0.0.1:0"
-	cc := config.Defaults().Cluster
-	cc.GossipAddr, cc.LinkAddr, cc.Join, cc.Secret = "127.0.0.1:0", "127.0.0.1:0", seed, "test secret"
-	if mutate != nil {
-		mutate(&cfg, &cc)
-	}
-	_, logs := testutil.Logger(t)
-	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo})).With("test_node", name)
-	b, err := broker.New(broker.Options{Config: cfg, Cluster: cc, GossipTiming: cluster.TimingFast,
-		Auth: config.Auth{Devices: "anonymous"}, Logger: log, Version: "test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := b.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown %s: %v", name, err)
-			_ = pprof.Lookup("goroutine").WriteTo(os.Stderr, 1)
+	return testcluster.Broker(t, name, seed, func(o *broker.Options) {
+		if mutate != nil {
+			mutate(&o.Config, &o.Cluster)
 		}
-		logs.Stop()
 	})
-	return b
 }
 
 // waitMesh waits until every node has an up link to every other.

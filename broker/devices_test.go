@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"log/slog"
 	"net/http"
 	"strings"
 	"testing"
@@ -13,10 +12,10 @@ import (
 	"github.com/eclipse/paho.golang/paho"
 
 	"github.com/rtm-dev/rtm/broker"
-	"github.com/rtm-dev/rtm/internal/cluster"
 	"github.com/rtm-dev/rtm/internal/config"
 	"github.com/rtm-dev/rtm/internal/store"
 	"github.com/rtm-dev/rtm/internal/store/storetest"
+	"github.com/rtm-dev/rtm/internal/testcluster"
 	"github.com/rtm-dev/rtm/internal/testutil"
 	"github.com/rtm-dev/rtm/plugins/token"
 )
@@ -26,25 +25,8 @@ func TestMain(m *testing.M) { storetest.Main(m) }
 func startBrokerWithStore(t *testing.T) (*broker.Broker, *store.Store) {
 	t.Helper()
 	st := storetest.Open(t)
-	cfg := config.Defaults().Broker
-	cfg.NodeName = "dev-node"
-	cfg.MQTTAddr, cfg.WSAddr, cfg.AdminAddr = "127.0.0.1:0", "", "127.0.0.1:0"
-	_, logs := testutil.Logger(t)
-	b, err := broker.New(broker.Options{Config: cfg, Auth: config.Auth{Devices: "anonymous", TokenKeys: testTokenKey}, Store: st, Version: "test",
-		Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := b.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown: %v", err)
-		}
-		logs.Stop()
+	b := testcluster.Broker(t, "dev-node", "", func(o *broker.Options) {
+		o.Cluster.GossipAddr, o.Store, o.Auth.TokenKeys = "", st, testTokenKey
 	})
 	return b, st
 }
@@ -259,25 +241,5 @@ func TestTokenAuthAndACLAcrossNodes(t *testing.T) {
 
 func startClusterNodeAuth(t *testing.T, name, seed string, auth config.Auth) *broker.Broker {
 	t.Helper()
-	cfg := config.Defaults().Broker
-	cfg.NodeName = name
-	cfg.MQTTAddr, cfg.WSAddr, cfg.AdminAddr = "127.0.0.1:0", "", "127.0.0.1:0"
-	cc := config.Defaults().Cluster
-	cc.GossipAddr, cc.LinkAddr, cc.Join, cc.Secret = "127.0.0.1:0", "127.0.0.1:0", seed, "test secret"
-	_, logs := testutil.Logger(t)
-	b, err := broker.New(broker.Options{Config: cfg, Cluster: cc, GossipTiming: cluster.TimingFast, Auth: auth, Version: "test",
-		Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		_ = b.Shutdown(ctx)
-		logs.Stop()
-	})
-	return b
+	return testcluster.Broker(t, name, seed, func(o *broker.Options) { o.Auth = auth })
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/rtm-dev/rtm/internal/config"
 	"github.com/rtm-dev/rtm/internal/store"
 	"github.com/rtm-dev/rtm/internal/store/storetest"
+	"github.com/rtm-dev/rtm/internal/testcluster"
 	"github.com/rtm-dev/rtm/internal/testutil"
 	"github.com/rtm-dev/rtm/pushapi"
 )
@@ -39,35 +40,12 @@ const (
 // timers, recording devices in st, and stops it when the test ends.
 func startBroker(t testing.TB, name, seed string, st *store.Store, mutate func(*broker.Options)) *broker.Broker {
 	t.Helper()
-	cfg := config.Defaults().Broker
-	cfg.NodeName = name
-	cfg.MQTTAddr, cfg.WSAddr, cfg.AdminAddr = "127.0.0.1:0", "", "127.0.0.1:0"
-	cc := config.Defaults().Cluster
-	cc.GossipAddr, cc.LinkAddr, cc.Join, cc.Secret = "127.0.0.1:0", "127.0.0.1:0", seed, testSecret
-	auth := config.Auth{Devices: "anonymous", TokenKeys: tokenKey}
-	_, logs := testutil.Logger(t)
-	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo})).With("test_node", name)
-	opts := broker.Options{Config: cfg, Cluster: cc, GossipTiming: cluster.TimingFast, Auth: auth, Logger: log,
-		Version: "test", Store: st}
-	if mutate != nil {
-		mutate(&opts)
-	}
-	b, err := broker.New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := b.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown %s: %v", name, err)
+	return testcluster.Broker(t, name, seed, func(o *broker.Options) {
+		o.Auth.TokenKeys, o.Store = tokenKey, st
+		if mutate != nil {
+			mutate(o)
 		}
-		logs.Stop()
 	})
-	return b
 }
 
 // startCluster starts n brokers named b0, b1, ... joined to the first, and

@@ -18,12 +18,13 @@ import (
 	"github.com/rtm-dev/rtm/broker"
 	"github.com/rtm-dev/rtm/internal/cluster"
 	"github.com/rtm-dev/rtm/internal/config"
+	"github.com/rtm-dev/rtm/internal/testcluster"
 	"github.com/rtm-dev/rtm/internal/testutil"
 	"github.com/rtm-dev/rtm/router"
 )
 
 const (
-	testSecret = "test secret"
+	testSecret = testcluster.Secret
 	waitCond   = 10 * time.Second * raceScale // a state gossip should reach
 )
 
@@ -32,32 +33,7 @@ const (
 // timers, and stops it when the test ends.
 func startBroker(t testing.TB, name, seed string, capacity int) *broker.Broker {
 	t.Helper()
-	cfg := config.Defaults().Broker
-	cfg.NodeName, cfg.Capacity = name, capacity
-	cfg.MQTTAddr, cfg.WSAddr, cfg.AdminAddr = "127.0.0.1:0", "", "127.0.0.1:0"
-	cc := config.Defaults().Cluster
-	cc.GossipAddr, cc.LinkAddr, cc.Join, cc.Secret = "127.0.0.1:0", "127.0.0.1:0", seed, testSecret
-	auth := config.Defaults().Auth
-	auth.Devices = "anonymous"
-	_, logs := testutil.Logger(t)
-	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo})).With("test_node", name)
-	b, err := broker.New(broker.Options{Config: cfg, Cluster: cc, GossipTiming: cluster.TimingFast,
-		Auth: auth, Logger: log, Version: "test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := b.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown %s: %v", name, err)
-		}
-		logs.Stop()
-	})
-	return b
+	return testcluster.Broker(t, name, seed, func(o *broker.Options) { o.Config.Capacity = capacity })
 }
 
 // startBrokers starts n brokers named b0, b1, ..., joined to the first.
@@ -75,7 +51,7 @@ func startBrokers(t testing.TB, n, capacity int) []*broker.Broker {
 	return bs
 }
 
-func gossipAddr(b *broker.Broker) string { return b.Stats().Cluster.Gossip }
+func gossipAddr(b *broker.Broker) string { return b.GossipAddr() }
 
 // testRouter is a router under test and an HTTP client for it.
 type testRouter struct {

@@ -288,10 +288,13 @@ func (n *Node) joinLoop() {
 // Joined is closed once the node has joined its seeds (at once without).
 func (n *Node) Joined() <-chan struct{} { return n.joined }
 
-// Addr returns the gossip address the node advertises.
+// Addr returns the gossip address the node advertises. It is the one
+// cached at Start: memberlist's LocalNode returns its live record, which
+// it rewrites (without a lock the caller could take) on every tag update.
 func (n *Node) Addr() string {
-	m := n.serf.Memberlist().LocalNode()
-	return net.JoinHostPort(m.Addr.String(), strconv.Itoa(int(m.Port)))
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return net.JoinHostPort(n.localAddr.String(), strconv.Itoa(int(n.localPort)))
 }
 
 // Name returns the node's name.
