@@ -210,8 +210,8 @@ func (c *clusterNode) tags() cluster.Tags {
 }
 
 // watch follows membership: a link to every alive broker, none to others.
-// It resyncs from the full member list on every event and every second, so
-// an event lost to a slow reader costs at most a second.
+// It resyncs from the full member list on every event and every
+// loadCheckInterval, so an event lost to a slow reader costs at most that.
 func (c *clusterNode) watch(events <-chan cluster.Event) {
 	defer c.wg.Done()
 	tick := time.NewTicker(loadCheckInterval)
