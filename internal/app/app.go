@@ -1,7 +1,8 @@
 // Package app is rtm's composition root: it builds the roles a process runs
-// from one configuration, starts them in dependency order (store, then the
-// roles that use it) and stops them in reverse. `rtm dev` is every role in
-// one App; `rtm broker` is the broker role alone.
+// from one configuration, starts them in dependency order (store, broker,
+// router, push API) and stops them in reverse. `rtm dev` is every role in
+// one App, where the router and the push API join the broker's gossip on
+// ports of their own; `rtm broker` is the broker role alone.
 //
 // An App is started once and shut down once; Shutdown may be called from
 // any goroutine and is idempotent.
@@ -132,8 +133,10 @@ func (a *App) needsStore() bool { return a.roles[RoleBroker] || a.roles[RolePush
 // broker. Without a broker it is the configuration as given.
 func (a *App) sideCluster() config.Cluster {
 	cc := a.cfg.Cluster
-	if a.broker != nil {
-		gossip := a.broker.GossipAddr()
+	if a.broker == nil {
+		return cc
+	}
+	if gossip := a.broker.GossipAddr(); gossip != "" {
 		host, _, _ := net.SplitHostPort(gossip)
 		cc.GossipAddr, cc.Join = net.JoinHostPort(host, "0"), gossip
 	}
