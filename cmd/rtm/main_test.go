@@ -338,7 +338,7 @@ func TestDevQuickStart(t *testing.T) {
 	testutil.WaitFor(t, 15*time.Second, func() error {
 		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url, strings.NewReader(body))
 		req.Header.Set("Authorization", "Bearer "+key)
-		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded") // what curl -d sends
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			return err
