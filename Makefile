@@ -11,7 +11,7 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.7.0
 # The whole suite stays under 15 minutes on 2 cores; -race is always on.
 TEST_FLAGS  ?= -race -count=1 -timeout 14m
 
-.PHONY: help build run test test-fork bench bench-cluster bench-go memory lint fuzz clean
+.PHONY: help build run test test-fork bench bench-cluster bench-router bench-pushapi bench-go memory lint fuzz clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,12 @@ bench: ## throughput against Mosquitto in one run (results belong in BENCHMARKS.
 
 bench-cluster: ## what the cluster costs: cross-node vs same-node throughput and latency (about 2 minutes)
 	$(GO) run ./bench/cluster | tee bench-cluster.out
+
+bench-router: ## router decisions per second and latency (10 s)
+	$(GO) run ./bench/router
+
+bench-pushapi: ## push API REST publishes against direct MQTT publishes, same run (about 20 s)
+	$(GO) run ./bench/pushapi
 
 bench-go: ## the Go micro-benchmarks (mochi fork's publish path)
 	cd third_party/mochi && $(GO) test -run '^$$' -bench . -benchmem -count 5 . | tee ../../bench-go.out

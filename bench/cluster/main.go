@@ -34,6 +34,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/rtm-dev/rtm/bench/internal/benchkit"
 )
 
 type config struct {
@@ -106,16 +108,12 @@ func main() {
 	go func() {
 		<-ctx.Done()
 		stop() // a second signal now kills the harness; Pdeathsig takes the children along
-		logf("interrupted: stopping (Ctrl-C again to abort at once)")
+		benchkit.Logf("interrupted: stopping (Ctrl-C again to abort at once)")
 	}()
 	if err := run(ctx, cfg); err != nil {
-		logf("error: %v", err)
+		benchkit.Logf("error: %v", err)
 		os.Exit(1)
 	}
-}
-
-func logf(format string, args ...any) {
-	fmt.Fprintf(os.Stderr, time.Now().Format("15:04:05 ")+format+"\n", args...)
 }
 
 func run(ctx context.Context, cfg config) (err error) {
@@ -132,9 +130,9 @@ func run(ctx context.Context, cfg config) (err error) {
 			printLogTails(dir, 20)
 		}
 		if cfg.keep {
-			logf("temporary directory kept: %s", dir)
+			benchkit.Logf("temporary directory kept: %s", dir)
 		} else if rerr := os.RemoveAll(dir); rerr != nil {
-			logf("remove %s: %v", dir, rerr)
+			benchkit.Logf("remove %s: %v", dir, rerr)
 		}
 	}()
 
@@ -162,7 +160,7 @@ func run(ctx context.Context, cfg config) (err error) {
 	if err = c.waitFormed(ctx, 60*time.Second); err != nil {
 		return err
 	}
-	logf("cluster formed: a and b alive, links a→b and b→a up")
+	benchkit.Logf("cluster formed: a and b alive, links a→b and b→a up")
 	var start clusterStats
 	if err = c.a.get(ctx, "/v1/cluster", &start); err != nil {
 		return err
@@ -175,10 +173,10 @@ func run(ctx context.Context, cfg config) (err error) {
 		results[sc.key] = map[string][]result{}
 	}
 	var crossSent int64 // messages published in cross-node runs, warm-up included
-	env.loadBefore = loadavg()
+	env.loadBefore = benchkit.Loadavg()
 	measured := time.Now()
 	if cfg.warmup {
-		logf("warm-up at a tenth of the sizes")
+		benchkit.Logf("warm-up at a tenth of the sizes")
 		for _, sc := range scenarios {
 			for _, pl := range []placement{same, cross} {
 				if ctx.Err() != nil {
@@ -218,7 +216,7 @@ func run(ctx context.Context, cfg config) (err error) {
 		}
 	}
 	env.measured = time.Since(measured)
-	env.loadAfter = loadavg()
+	env.loadAfter = benchkit.Loadavg()
 
 	var endA, endB clusterStats
 	if err = errors.Join(c.a.get(ctx, "/v1/cluster", &endA), c.b.get(ctx, "/v1/cluster", &endB)); err != nil {
@@ -251,9 +249,9 @@ func logRun(phase string, sc scenario, pl placement, r result) {
 	var vals []string
 	for _, m := range sc.metrics {
 		if v, ok := r.values[m.key]; ok {
-			vals = append(vals, fmt.Sprintf("%s=%s", m.key, num(v)))
+			vals = append(vals, fmt.Sprintf("%s=%s", m.key, benchkit.Num(v)))
 		}
 	}
-	logf("%s %-7s %-10s %s lost=%d dups=%d dropped(a/b/link)=%d/%d/%d %s", phase, sc.key, pl.title, strings.Join(vals, " "),
+	benchkit.Logf("%s %-7s %-10s %s lost=%d dups=%d dropped(a/b/link)=%d/%d/%d %s", phase, sc.key, pl.title, strings.Join(vals, " "),
 		r.lost(), r.dups, r.drops.a, r.drops.b, r.drops.link, strings.Join(append(r.errs, r.notes...), "; "))
 }

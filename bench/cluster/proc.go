@@ -12,6 +12,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/rtm-dev/rtm/bench/internal/benchkit"
 )
 
 // proc is one child process: the store or a broker.
@@ -34,12 +36,12 @@ func (p *proc) stop(timeout time.Duration) {
 			return
 		default:
 		}
-		logf("stopping %s (pid %d)", p.name, p.pid())
+		benchkit.Logf("stopping %s (pid %d)", p.name, p.pid())
 		_ = p.cmd.Process.Signal(syscall.SIGTERM)
 		select {
 		case <-p.exited:
 		case <-time.After(timeout):
-			logf("%s (pid %d) did not stop within %s, killing it", p.name, p.pid(), timeout)
+			benchkit.Logf("%s (pid %d) did not stop within %s, killing it", p.name, p.pid(), timeout)
 			_ = p.cmd.Process.Kill()
 			<-p.exited
 		}
@@ -80,20 +82,8 @@ func startChild(dir, name, bin string, args, env []string) (*proc, error) {
 		lf.Close()
 		close(p.exited)
 	}()
-	logf("%s started: pid %d, log %s", name, p.pid(), logPath)
+	benchkit.Logf("%s started: pid %d, log %s", name, p.pid(), logPath)
 	return p, nil
-}
-
-// freePort asks the kernel for a free loopback port. The port is released
-// before the child binds it; on a quiet loopback-only host nothing else
-// takes it in between.
-func freePort() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
 }
 
 // poll calls check every 100 ms until it returns nil, p exits, ctx ends or
@@ -120,7 +110,7 @@ func poll(ctx context.Context, p *proc, timeout time.Duration, what string, chec
 // startStore runs `rtm store` on a free port with its files in dir/store
 // and waits until it accepts TCP connections.
 func startStore(ctx context.Context, dir, bin string) (*proc, string, error) {
-	addr, err := freePort()
+	addr, err := benchkit.FreePort()
 	if err != nil {
 		return nil, "", err
 	}
@@ -157,7 +147,7 @@ func startNode(ctx context.Context, dir, bin, name, storeURI, join string, env [
 	n := &node{hc: &http.Client{Timeout: 5 * time.Second}}
 	for _, a := range []*string{&n.mqtt, &n.admin, &n.gossip, &n.link} {
 		var err error
-		if *a, err = freePort(); err != nil {
+		if *a, err = benchkit.FreePort(); err != nil {
 			return nil, err
 		}
 	}
@@ -180,7 +170,7 @@ func startNode(ctx context.Context, dir, bin, name, storeURI, join string, env [
 		n.stop(20 * time.Second)
 		return nil, err
 	}
-	logf("%s ready: mqtt %s, admin %s, gossip %s, link %s", name, n.mqtt, n.admin, n.gossip, n.link)
+	benchkit.Logf("%s ready: mqtt %s, admin %s, gossip %s, link %s", name, n.mqtt, n.admin, n.gossip, n.link)
 	return n, nil
 }
 
@@ -220,7 +210,7 @@ func buildRTM(ctx context.Context, dir string) (string, error) {
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	cmd.Stderr = os.Stderr
-	logf("building rtm: %s (in %s)", strings.Join(cmd.Args, " "), cmd.Dir)
+	benchkit.Logf("building rtm: %s (in %s)", strings.Join(cmd.Args, " "), cmd.Dir)
 	if err := cmd.Run(); err != nil {
 		return "", fmt.Errorf("build rtm: %w", err)
 	}

@@ -12,9 +12,10 @@ import (
 	"runtime"
 	"runtime/debug"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
+
+	"github.com/rtm-dev/rtm/bench/internal/benchkit"
 )
 
 // environment describes the machine and the versions measured.
@@ -66,61 +67,12 @@ func gitDescribe() string {
 	return strings.TrimSpace(string(out))
 }
 
-func loadavg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "?"
-	}
-	f := strings.Fields(string(b))
-	if len(f) < 3 {
-		return "?"
-	}
-	return strings.Join(f[:3], " ")
-}
-
-// num formats v with three significant digits, thousands separated.
-func num(v float64) string {
-	switch {
-	case v >= 1000:
-		// Three significant digits: 123456 → 123,000.
-		r, _ := strconv.ParseFloat(strconv.FormatFloat(v, 'g', 3, 64), 64)
-		return thousands(strconv.FormatFloat(r, 'f', 0, 64))
-	case v >= 100:
-		return strconv.FormatFloat(v, 'f', 0, 64)
-	case v >= 10:
-		return strconv.FormatFloat(v, 'f', 1, 64)
-	default:
-		return strconv.FormatFloat(v, 'f', 2, 64)
-	}
-}
-
-func thousands(s string) string {
-	var b strings.Builder
-	for i, r := range s {
-		if i > 0 && (len(s)-i)%3 == 0 {
-			b.WriteByte(',')
-		}
-		b.WriteRune(r)
-	}
-	return b.String()
-}
-
 // signed formats a difference with its sign.
 func signed(v float64) string {
 	if v < 0 {
-		return "−" + num(-v)
+		return "−" + benchkit.Num(-v)
 	}
-	return "+" + num(v)
-}
-
-func median(v []float64) float64 {
-	s := slices.Clone(v)
-	slices.Sort(s)
-	n := len(s)
-	if n%2 == 1 {
-		return s[n/2]
-	}
-	return (s[n/2-1] + s[n/2]) / 2
+	return "+" + benchkit.Num(v)
 }
 
 // linkReport holds the link counters read at the start and at the end.
@@ -169,8 +121,8 @@ func report(w io.Writer, cfg config, e environment, results map[string]map[strin
 					fmt.Fprintf(w, " n/a |")
 					continue
 				}
-				med[pl.key] = median(vals)
-				fmt.Fprintf(w, " **%s** (%s–%s) |", num(med[pl.key]), num(slices.Min(vals)), num(slices.Max(vals)))
+				med[pl.key] = benchkit.Median(vals)
+				fmt.Fprintf(w, " **%s** (%s–%s) |", benchkit.Num(med[pl.key]), benchkit.Num(slices.Min(vals)), benchkit.Num(slices.Max(vals)))
 			}
 			s, okS := med["same"]
 			x, okX := med["cross"]
@@ -331,6 +283,6 @@ func printLogTails(dir string, n int) {
 		}
 		lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
 		lines = lines[max(len(lines)-n, 0):]
-		logf("last %d lines of %s.log:\n%s", len(lines), name, strings.Join(lines, "\n"))
+		benchkit.Logf("last %d lines of %s.log:\n%s", len(lines), name, strings.Join(lines, "\n"))
 	}
 }

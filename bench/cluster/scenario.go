@@ -11,7 +11,7 @@ import (
 
 	"github.com/eclipse/paho.golang/paho"
 
-	"github.com/rtm-dev/rtm/bench/internal/benchclient"
+	"github.com/rtm-dev/rtm/bench/internal/benchkit"
 )
 
 // params sizes every scenario; scaled down for the warm-up pass.
@@ -108,78 +108,20 @@ var scenarios = []scenario{
 	},
 }
 
-// epoch anchors mono: durations on the monotonic clock as int64, cheap to
-// store atomically and to carry in a payload. Publisher and subscriber run
-// in this process, so their clocks agree.
-var epoch = time.Now()
-
-func mono() int64 { return int64(time.Since(epoch)) }
-
-// tracker counts deliveries and remembers when the last one arrived.
-type tracker struct {
-	want int64
-	n    atomic.Int64
-	last atomic.Int64 // mono() of the latest delivery
-	done chan struct{}
-}
-
-func newTracker(want int64) *tracker { return &tracker{want: want, done: make(chan struct{})} }
-
-func (tr *tracker) hit() {
-	tr.last.Store(mono())
-	if tr.n.Add(1) == tr.want {
-		close(tr.done)
-	}
-}
-
-// wait returns when every delivery arrived, when the sender is done and
-// nothing arrived for idle (messages lost), or when ctx ends.
-func (tr *tracker) wait(ctx context.Context, sent <-chan struct{}, idle time.Duration) error {
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	var sentAt int64
-	for {
-		select {
-		case <-tr.done:
-			return nil
-		case <-ctx.Done():
-			return fmt.Errorf("timed out with %d of %d delivered: %w", tr.n.Load(), tr.want, ctx.Err())
-		case <-sent:
-			sentAt, sent = mono(), nil
-		case <-tick.C:
-			if sent != nil {
-				continue
-			}
-			if quiet := time.Duration(mono() - max(sentAt, tr.last.Load())); quiet > idle {
-				return fmt.Errorf("%d of %d delivered, nothing for %s after the last send", tr.n.Load(), tr.want, idle)
-			}
-		}
-	}
-}
-
-// rate is deliveries per second from start to the last delivery.
-func (tr *tracker) rate(start int64) float64 {
-	d := time.Duration(tr.last.Load() - start)
-	if d <= 0 {
-		return 0
-	}
-	return float64(tr.n.Load()) / d.Seconds()
-}
-
 // inbox records one run's deliveries by sequence number: every payload
-// starts with the sequence number and the mono() time it was sent at.
+// starts with the sequence number and the benchkit.Mono() time it was sent at.
 type inbox struct {
-	tr   *tracker
+	tr   *benchkit.Tracker
 	mu   sync.Mutex // guards the rest; written on the subscriber's routing goroutine
 	lat  []int64    // receive − send in ns by sequence, 0 until received
 	dups int64
 	bad  int64 // payloads that are not this run's
 }
 
-func newInbox(n int) *inbox { return &inbox{tr: newTracker(int64(n)), lat: make([]int64, n)} }
+func newInbox(n int) *inbox { return &inbox{tr: benchkit.NewTracker(int64(n)), lat: make([]int64, n)} }
 
 func (in *inbox) onPublish(pk *paho.Publish) {
-	now := mono()
+	now := benchkit.Mono()
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	if len(pk.Payload) < 16 {
@@ -197,7 +139,7 @@ func (in *inbox) onPublish(pk *paho.Publish) {
 		return
 	}
 	in.lat[seq] = max(now-sentAt, 1)
-	in.tr.hit()
+	in.tr.Hit()
 }
 
 // close records the inbox's counts into res and returns the latencies of
@@ -205,7 +147,7 @@ func (in *inbox) onPublish(pk *paho.Publish) {
 func (in *inbox) close(res *result) []int64 {
 	in.mu.Lock()
 	defer in.mu.Unlock()
-	res.received = in.tr.n.Load()
+	res.received = in.tr.Received()
 	res.dups = in.dups
 	if in.bad > 0 {
 		res.fail("%d deliveries carried a foreign payload", in.bad)
@@ -220,10 +162,10 @@ func (in *inbox) close(res *result) []int64 {
 	return got
 }
 
-// stamp writes seq and the current mono() time at the start of buf.
+// stamp writes seq and the current benchkit.Mono() time at the start of buf.
 func stamp(buf []byte, seq int64) {
 	binary.BigEndian.PutUint64(buf, uint64(seq))
-	binary.BigEndian.PutUint64(buf[8:], uint64(mono()))
+	binary.BigEndian.PutUint64(buf[8:], uint64(benchkit.Mono()))
 }
 
 // connectPair connects the subscriber (to pl.sub, subscribed to topic at
@@ -231,26 +173,26 @@ func stamp(buf []byte, seq int64) {
 // until a publish can reach the subscriber. The returned function hangs up
 // both.
 func connectPair(ctx context.Context, pl placement, tag, topic string, qos byte, in *inbox, cerrs *atomic.Int64) (pub *paho.Client, ca *paho.Connack, hang func(), err error) {
-	sub, _, err := benchclient.Dial(ctx, pl.sub.mqtt, benchclient.Options{ID: tag + "-sub", OnPublish: in.onPublish, ClientErrs: cerrs})
+	sub, _, err := benchkit.Dial(ctx, pl.sub.mqtt, benchkit.Options{ID: tag + "-sub", OnPublish: in.onPublish, ClientErrs: cerrs})
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	if err := benchclient.Subscribe(ctx, sub, topic, qos); err != nil {
-		benchclient.HangUp(sub)
+	if err := benchkit.Subscribe(ctx, sub, topic, qos); err != nil {
+		benchkit.HangUp(sub)
 		return nil, nil, nil, err
 	}
 	if pl.ready != nil {
 		if err := pl.ready(ctx); err != nil {
-			benchclient.HangUp(sub)
+			benchkit.HangUp(sub)
 			return nil, nil, nil, err
 		}
 	}
-	pub, ca, err = benchclient.Dial(ctx, pl.pub.mqtt, benchclient.Options{ID: tag + "-pub", ReceiveMax: 16, ClientErrs: cerrs})
+	pub, ca, err = benchkit.Dial(ctx, pl.pub.mqtt, benchkit.Options{ID: tag + "-pub", ReceiveMax: 16, ClientErrs: cerrs})
 	if err != nil {
-		benchclient.HangUp(sub)
+		benchkit.HangUp(sub)
 		return nil, nil, nil, err
 	}
-	return pub, ca, func() { benchclient.HangUp(pub); benchclient.HangUp(sub) }, nil
+	return pub, ca, func() { benchkit.HangUp(pub); benchkit.HangUp(sub) }, nil
 }
 
 // runQoS0: one publisher sends msgs QoS 0 messages as fast as it can; one
@@ -272,7 +214,7 @@ func runQoS0(ctx context.Context, pl placement, p params, tag string) (res resul
 
 	sent := make(chan struct{})
 	var perr atomic.Value
-	start := mono()
+	start := benchkit.Mono()
 	go func() {
 		defer close(sent)
 		// QoS 0: paho writes the packet before Publish returns, so one
@@ -286,13 +228,13 @@ func runQoS0(ctx context.Context, pl placement, p params, tag string) (res resul
 			}
 		}
 	}()
-	if err := in.tr.wait(ctx, sent, p.idle); err != nil {
+	if err := in.tr.Wait(ctx, sent, p.idle); err != nil {
 		res.fail("%v", err)
 	}
 	<-sent
 	in.close(&res)
 	res.values = map[string]float64{
-		"rate": in.tr.rate(start),
+		"rate": in.tr.Rate(start),
 		"loss": 100 * float64(res.lost()) / float64(res.expected),
 	}
 	if e := perr.Load(); e != nil {
@@ -322,14 +264,14 @@ func runQoS1(ctx context.Context, pl placement, p params, tag string) (res resul
 	window := p.window
 	if ca.Properties != nil && ca.Properties.ReceiveMaximum != nil && int(*ca.Properties.ReceiveMaximum) < window {
 		window = int(*ca.Properties.ReceiveMaximum)
-		logf("%s: server Receive Maximum %d caps the QoS 1 window", pl.pub.name, window)
+		benchkit.Logf("%s: server Receive Maximum %d caps the QoS 1 window", pl.pub.name, window)
 	}
 
 	var next, perr atomic.Int64
 	var firstErr atomic.Value
 	var wg sync.WaitGroup
 	sent := make(chan struct{})
-	start := mono()
+	start := benchkit.Mono()
 	for range window {
 		wg.Add(1)
 		go func() {
@@ -348,12 +290,12 @@ func runQoS1(ctx context.Context, pl placement, p params, tag string) (res resul
 		}()
 	}
 	go func() { wg.Wait(); close(sent) }()
-	if err := in.tr.wait(ctx, sent, p.idle); err != nil {
+	if err := in.tr.Wait(ctx, sent, p.idle); err != nil {
 		res.fail("%v", err)
 	}
 	<-sent
 	in.close(&res)
-	res.values = map[string]float64{"rate": in.tr.rate(start)}
+	res.values = map[string]float64{"rate": in.tr.Rate(start)}
 	if n := perr.Load(); n > 0 {
 		res.fail("%d publishes failed (first: %v)", n, firstErr.Load())
 	}
@@ -390,7 +332,7 @@ func runLatency(ctx context.Context, pl placement, p params, tag string) (res re
 	var wg sync.WaitGroup
 	jobs := make(chan int64)
 	sent := make(chan struct{})
-	start := mono()
+	start := benchkit.Mono()
 	for range p.window {
 		wg.Add(1)
 		go func() {
@@ -414,7 +356,7 @@ func runLatency(ctx context.Context, pl placement, p params, tag string) (res re
 		defer timer.Stop()
 		<-timer.C
 		for seq := range int64(n) {
-			if d := time.Duration(start + seq*interval - mono()); d > 0 {
+			if d := time.Duration(start + seq*interval - benchkit.Mono()); d > 0 {
 				timer.Reset(d)
 				select {
 				case <-timer.C:
@@ -430,7 +372,7 @@ func runLatency(ctx context.Context, pl placement, p params, tag string) (res re
 		}
 	}()
 	go func() { wg.Wait(); close(sent) }()
-	if err := in.tr.wait(ctx, sent, p.idle); err != nil {
+	if err := in.tr.Wait(ctx, sent, p.idle); err != nil {
 		res.fail("%v", err)
 	}
 	<-sent

@@ -18,7 +18,7 @@ import (
 
 	"github.com/eclipse/paho.golang/paho"
 
-	"github.com/rtm-dev/rtm/bench/internal/benchclient"
+	"github.com/rtm-dev/rtm/bench/internal/benchkit"
 )
 
 // counters are a broker's own cumulative counters, read before and after a
@@ -60,7 +60,7 @@ func (t *target) stop(timeout time.Duration) {
 		select {
 		case <-t.exited:
 		case <-time.After(timeout):
-			logf("%s (pid %d) did not stop within %s, killing it", t.name, t.pid(), timeout)
+			benchkit.Logf("%s (pid %d) did not stop within %s, killing it", t.name, t.pid(), timeout)
 			_ = t.cmd.Process.Kill()
 			<-t.exited
 		}
@@ -106,18 +106,6 @@ func (t *target) drained(ctx context.Context, timeout time.Duration) (counters, 
 	}
 }
 
-// freePort asks the kernel for a free loopback port. The port is released
-// before the broker binds it; on a quiet loopback-only host nothing else
-// takes it in between.
-func freePort() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
-}
-
 // startChild starts bin with args and env (added to this process's),
 // logging to dir/name.log, in its own process group so a terminal Ctrl-C
 // reaches only the harness, which then stops the child itself.
@@ -147,11 +135,11 @@ func startChild(dir, name, bin string, args, env []string) (*target, error) {
 // startRTM runs `rtm broker` with a fresh data directory (its embedded
 // store included) and the given limits, and waits for /readyz.
 func startRTM(ctx context.Context, dir, bin string, maxQueued, maxInflight int) (*target, error) {
-	mqttAddr, err := freePort()
+	mqttAddr, err := benchkit.FreePort()
 	if err != nil {
 		return nil, err
 	}
-	adminAddr, err := freePort()
+	adminAddr, err := benchkit.FreePort()
 	if err != nil {
 		return nil, err
 	}
@@ -230,7 +218,7 @@ func waitHTTP(ctx context.Context, hc *http.Client, url string, t *target, timeo
 // startMosquitto runs mosquitto with a temporary configuration and connects
 // a monitor client to its $SYS tree for drop and connection counts.
 func startMosquitto(ctx context.Context, dir, bin string, maxQueued int) (*target, error) {
-	addr, err := freePort()
+	addr, err := benchkit.FreePort()
 	if err != nil {
 		return nil, err
 	}
@@ -269,7 +257,7 @@ func startMosquitto(ctx context.Context, dir, bin string, maxQueued int) (*targe
 	}
 	t.read = m.read
 	t.baseConns = 1
-	t.cleanup = func() { benchclient.HangUp(m.c) }
+	t.cleanup = func() { benchkit.HangUp(m.c) }
 	return t, nil
 }
 
@@ -296,7 +284,7 @@ func newSysMonitor(ctx context.Context, t *target, timeout time.Duration) (*sysM
 		if err := t.alive(); err != nil {
 			return nil, err
 		}
-		c, _, err = benchclient.Dial(ctx, t.addr, benchclient.Options{ID: "bench-sys-monitor", ReceiveMax: 1024, OnPublish: m.onPublish})
+		c, _, err = benchkit.Dial(ctx, t.addr, benchkit.Options{ID: "bench-sys-monitor", ReceiveMax: 1024, OnPublish: m.onPublish})
 		if err == nil {
 			break
 		}
@@ -308,8 +296,8 @@ func newSysMonitor(ctx context.Context, t *target, timeout time.Duration) (*sysM
 	}
 	m.c = c
 	for _, f := range []string{"$SYS/broker/uptime", "$SYS/broker/publish/messages/dropped", "$SYS/broker/clients/connected"} {
-		if err := benchclient.Subscribe(ctx, c, f, 0); err != nil {
-			benchclient.HangUp(c)
+		if err := benchkit.Subscribe(ctx, c, f, 0); err != nil {
+			benchkit.HangUp(c)
 			return nil, err
 		}
 	}

@@ -12,7 +12,7 @@ import (
 
 	"github.com/eclipse/paho.golang/paho"
 
-	"github.com/rtm-dev/rtm/bench/internal/benchclient"
+	"github.com/rtm-dev/rtm/bench/internal/benchkit"
 )
 
 // ceilings are the client's own limits on this machine, measured against a
@@ -36,7 +36,7 @@ func calibrate(ctx context.Context, pubs, msgs, size int) (ceilings, error) {
 		return c, err
 	}
 	defer sink.Close()
-	clients, err := dialAll(ctx, sink.Addr().String(), "cal-pub", pubs, pubs, benchclient.Options{ReceiveMax: 16})
+	clients, err := dialAll(ctx, sink.Addr().String(), "cal-pub", pubs, pubs, benchkit.Options{ReceiveMax: 16})
 	defer hangUpAll(clients)
 	if err != nil {
 		return c, err
@@ -73,17 +73,17 @@ func calibrate(ctx context.Context, pubs, msgs, size int) (ceilings, error) {
 		return c, err
 	}
 	defer src.Close()
-	tr := newTracker(int64(msgs))
-	rc, _, err := benchclient.Dial(ctx, src.Addr().String(), benchclient.Options{ID: "cal-sub", OnPublish: func(*paho.Publish) { tr.hit() }})
+	tr := benchkit.NewTracker(int64(msgs))
+	rc, _, err := benchkit.Dial(ctx, src.Addr().String(), benchkit.Options{ID: "cal-sub", OnPublish: func(*paho.Publish) { tr.Hit() }})
 	if err != nil {
 		return c, err
 	}
-	defer benchclient.HangUp(rc)
+	defer benchkit.HangUp(rc)
 	start = time.Now()
 	select {
-	case <-tr.done:
+	case <-tr.Done():
 	case <-ctx.Done():
-		return c, fmt.Errorf("receive ceiling: %d of %d received: %w", tr.n.Load(), msgs, ctx.Err())
+		return c, fmt.Errorf("receive ceiling: %d of %d received: %w", tr.Received(), msgs, ctx.Err())
 	}
 	c.recv = float64(msgs) / time.Since(start).Seconds()
 	return c, nil

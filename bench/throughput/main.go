@@ -30,6 +30,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/rtm-dev/rtm/bench/internal/benchkit"
 )
 
 type config struct {
@@ -102,13 +104,9 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, cfg); err != nil {
-		logf("error: %v", err)
+		benchkit.Logf("error: %v", err)
 		os.Exit(1)
 	}
-}
-
-func logf(format string, args ...any) {
-	fmt.Fprintf(os.Stderr, time.Now().Format("15:04:05 ")+format+"\n", args...)
 }
 
 func run(ctx context.Context, cfg config) error {
@@ -127,7 +125,7 @@ func run(ctx context.Context, cfg config) error {
 		return err
 	}
 	if cfg.keep {
-		logf("temporary directory kept: %s", dir)
+		benchkit.Logf("temporary directory kept: %s", dir)
 	} else {
 		defer os.RemoveAll(dir)
 	}
@@ -136,7 +134,7 @@ func run(ctx context.Context, cfg config) error {
 	var targets []*target
 	defer func() {
 		for _, t := range targets {
-			logf("stopping %s (pid %d)", t.name, t.pid())
+			benchkit.Logf("stopping %s (pid %d)", t.name, t.pid())
 			t.stop(20 * time.Second)
 		}
 	}()
@@ -159,7 +157,7 @@ func run(ctx context.Context, cfg config) error {
 		if err != nil {
 			return err
 		}
-		logf("%s started: pid %d, mqtt %s, log %s", t.name, t.pid(), t.addr, t.logPath)
+		benchkit.Logf("%s started: pid %d, mqtt %s, log %s", t.name, t.pid(), t.addr, t.logPath)
 		targets = append(targets, t)
 		if t.last, err = t.read(ctx); err != nil {
 			return fmt.Errorf("%s counters: %w", t.name, err)
@@ -170,7 +168,7 @@ func run(ctx context.Context, cfg config) error {
 	for _, sc := range scs {
 		results[sc.key] = map[string][]result{}
 	}
-	env.loadBefore = loadavg()
+	env.loadBefore = benchkit.Loadavg()
 	began := time.Now()
 	if cfg.calibrate {
 		c, err := calibrate(ctx, cfg.faninPubs, cfg.faninMsgs, cfg.size)
@@ -178,10 +176,10 @@ func run(ctx context.Context, cfg config) error {
 			return fmt.Errorf("calibrate: %w", err)
 		}
 		env.ceilings = &c
-		logf("client ceilings: send %s msg/s (%d publishers), receive %s msg/s", num(c.send), cfg.faninPubs, num(c.recv))
+		benchkit.Logf("client ceilings: send %s msg/s (%d publishers), receive %s msg/s", benchkit.Num(c.send), cfg.faninPubs, benchkit.Num(c.recv))
 	}
 	if cfg.warmup {
-		logf("warm-up at a tenth of the sizes")
+		benchkit.Logf("warm-up at a tenth of the sizes")
 		for _, sc := range scs {
 			for _, t := range targets {
 				r := runOne(ctx, sc, t, cfg.params.scaled(10), fmt.Sprintf("w-%s", sc.key), "")
@@ -209,7 +207,7 @@ func run(ctx context.Context, cfg config) error {
 			}
 		}
 	}
-	env.loadAfter = loadavg()
+	env.loadAfter = benchkit.Loadavg()
 	env.elapsed = time.Since(began)
 	report(os.Stdout, cfg, env, scs, targets, results)
 	for _, t := range targets {
@@ -252,10 +250,10 @@ func logRun(phase string, sc scenario, t *target, r result) {
 	var vals []string
 	for _, m := range sc.metrics {
 		if v, ok := r.values[m.key]; ok {
-			vals = append(vals, fmt.Sprintf("%s=%s", m.key, num(v)))
+			vals = append(vals, fmt.Sprintf("%s=%s", m.key, benchkit.Num(v)))
 		}
 	}
-	logf("%s %-8s %-10s %s lost=%d dropped=%d dups=%d %s", phase, sc.key, t.name, strings.Join(vals, " "),
+	benchkit.Logf("%s %-8s %-10s %s lost=%d dropped=%d dups=%d %s", phase, sc.key, t.name, strings.Join(vals, " "),
 		r.lost(), r.dropped, r.dups, strings.Join(r.errs, "; "))
 }
 
@@ -266,10 +264,10 @@ func startPerf(t *target, out string) func() {
 	cmd := exec.Command("perf", "record", "-e", "cpu-clock", "-F", "999", "-g", "-p", fmt.Sprint(t.pid()), "-o", out)
 	cmd.Stdout, cmd.Stderr = nil, nil
 	if err := cmd.Start(); err != nil {
-		logf("perf: %v (profile skipped)", err)
+		benchkit.Logf("perf: %v (profile skipped)", err)
 		return nil
 	}
-	logf("perf recording %s (pid %d) into %s", t.name, t.pid(), out)
+	benchkit.Logf("perf recording %s (pid %d) into %s", t.name, t.pid(), out)
 	return func() {
 		_ = cmd.Process.Signal(os.Interrupt)
 		done := make(chan struct{})
@@ -280,7 +278,7 @@ func startPerf(t *target, out string) func() {
 			_ = cmd.Process.Kill()
 			<-done
 		}
-		logf("perf data: %s (perf report -i %s --no-children)", out, out)
+		benchkit.Logf("perf data: %s (perf report -i %s --no-children)", out, out)
 	}
 }
 
@@ -314,7 +312,7 @@ func buildRTM(ctx context.Context, dir, rev string) (string, error) {
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	cmd.Stderr = os.Stderr
-	logf("building rtm: %s (in %s)", strings.Join(cmd.Args, " "), cmd.Dir)
+	benchkit.Logf("building rtm: %s (in %s)", strings.Join(cmd.Args, " "), cmd.Dir)
 	if err := cmd.Run(); err != nil {
 		return "", fmt.Errorf("build rtm: %w", err)
 	}

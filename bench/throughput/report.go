@@ -8,9 +8,10 @@ import (
 	"runtime"
 	"runtime/debug"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
+
+	"github.com/rtm-dev/rtm/bench/internal/benchkit"
 )
 
 // environment describes the machine and the versions measured.
@@ -74,55 +75,6 @@ func gitDescribe() string {
 	return s
 }
 
-func loadavg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "?"
-	}
-	f := strings.Fields(string(b))
-	if len(f) < 3 {
-		return "?"
-	}
-	return strings.Join(f[:3], " ")
-}
-
-// num formats v with three significant digits, thousands separated.
-func num(v float64) string {
-	switch {
-	case v >= 1000:
-		// Three significant digits: 123456 → 123,000.
-		r, _ := strconv.ParseFloat(strconv.FormatFloat(v, 'g', 3, 64), 64)
-		return thousands(strconv.FormatFloat(r, 'f', 0, 64))
-	case v >= 100:
-		return strconv.FormatFloat(v, 'f', 0, 64)
-	case v >= 10:
-		return strconv.FormatFloat(v, 'f', 1, 64)
-	default:
-		return strconv.FormatFloat(v, 'f', 2, 64)
-	}
-}
-
-func thousands(s string) string {
-	var b strings.Builder
-	for i, r := range s {
-		if i > 0 && (len(s)-i)%3 == 0 {
-			b.WriteByte(',')
-		}
-		b.WriteRune(r)
-	}
-	return b.String()
-}
-
-func median(v []float64) float64 {
-	s := slices.Clone(v)
-	slices.Sort(s)
-	n := len(s)
-	if n%2 == 1 {
-		return s[n/2]
-	}
-	return (s[n/2-1] + s[n/2]) / 2
-}
-
 // report prints the Markdown report: environment, medians and ratios, and
 // every loss, drop and error.
 func report(w io.Writer, cfg config, e environment, scs []scenario, targets []*target, results map[string]map[string][]result) {
@@ -135,7 +87,7 @@ func report(w io.Writer, cfg config, e environment, scs []scenario, targets []*t
 	fmt.Fprintf(w, "| load average before / after | %s / %s |\n\n", e.loadBefore, e.loadAfter)
 	if c := e.ceilings; c != nil {
 		fmt.Fprintf(w, "Client ceilings, no broker (paho against a null server, %d B QoS 0): %d publishers send %s msg/s; one client receives %s msg/s.\n\n",
-			cfg.size, cfg.faninPubs, num(c.send), num(c.recv))
+			cfg.size, cfg.faninPubs, benchkit.Num(c.send), benchkit.Num(c.recv))
 	}
 	fmt.Fprintf(w, "Sizes: fan-in %d publishers → 1 subscriber, %d messages; QoS 1 %d messages, window %d; fan-out 1 → %d subscribers, %d messages; connect %d clients, %d at once. Payload %d B.\n\n",
 		cfg.faninPubs, cfg.faninMsgs, cfg.qos1Msgs, cfg.qos1Window, cfg.fanoutSubs, cfg.fanoutMsgs, cfg.conns, cfg.connConc, cfg.size)
@@ -178,8 +130,8 @@ func report(w io.Writer, cfg config, e environment, scs []scenario, targets []*t
 					fmt.Fprintf(w, " n/a |")
 					continue
 				}
-				med[n] = median(vals)
-				fmt.Fprintf(w, " **%s** (%s–%s) |", num(med[n]), num(slices.Min(vals)), num(slices.Max(vals)))
+				med[n] = benchkit.Median(vals)
+				fmt.Fprintf(w, " **%s** (%s–%s) |", benchkit.Num(med[n]), benchkit.Num(slices.Min(vals)), benchkit.Num(slices.Max(vals)))
 			}
 			if pair {
 				a, okA := med["rtm"]

@@ -12,7 +12,7 @@ import (
 
 	"github.com/eclipse/paho.golang/paho"
 
-	"github.com/rtm-dev/rtm/bench/internal/benchclient"
+	"github.com/rtm-dev/rtm/bench/internal/benchkit"
 )
 
 // params sizes every scenario; scaled down for the warm-up pass.
@@ -95,65 +95,8 @@ var scenarios = []scenario{
 	},
 }
 
-// epoch anchors mono: durations on the monotonic clock as int64, cheap to
-// store atomically and to carry in a payload.
-var epoch = time.Now()
-
-func mono() int64 { return int64(time.Since(epoch)) }
-
-// tracker counts deliveries and remembers when the last one arrived.
-type tracker struct {
-	want int64
-	n    atomic.Int64
-	last atomic.Int64 // mono() of the latest delivery
-	done chan struct{}
-}
-
-func newTracker(want int64) *tracker { return &tracker{want: want, done: make(chan struct{})} }
-
-func (tr *tracker) hit() {
-	tr.last.Store(mono())
-	if tr.n.Add(1) == tr.want {
-		close(tr.done)
-	}
-}
-
-// wait returns when every delivery arrived, when the senders are done and
-// nothing arrived for idle (messages lost), or when ctx ends.
-func (tr *tracker) wait(ctx context.Context, sent <-chan struct{}, idle time.Duration) error {
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	var sentAt int64
-	for {
-		select {
-		case <-tr.done:
-			return nil
-		case <-ctx.Done():
-			return fmt.Errorf("timed out with %d of %d delivered: %w", tr.n.Load(), tr.want, ctx.Err())
-		case <-sent:
-			sentAt, sent = mono(), nil
-		case <-tick.C:
-			if sent != nil {
-				continue
-			}
-			if quiet := time.Duration(mono() - max(sentAt, tr.last.Load())); quiet > idle {
-				return fmt.Errorf("%d of %d delivered, nothing for %s after the last send", tr.n.Load(), tr.want, idle)
-			}
-		}
-	}
-}
-
-// rate is deliveries per second from start to the last delivery.
-func (tr *tracker) rate(start int64) float64 {
-	d := time.Duration(tr.last.Load() - start)
-	if d <= 0 {
-		return 0
-	}
-	return float64(tr.n.Load()) / d.Seconds()
-}
-
 // dialAll connects n clients named tag-i, at most conc at a time.
-func dialAll(ctx context.Context, addr, tag string, n, conc int, o benchclient.Options) ([]*paho.Client, error) {
+func dialAll(ctx context.Context, addr, tag string, n, conc int, o benchkit.Options) ([]*paho.Client, error) {
 	clients := make([]*paho.Client, n)
 	errs := make([]error, n)
 	var next atomic.Int64
@@ -165,7 +108,7 @@ func dialAll(ctx context.Context, addr, tag string, n, conc int, o benchclient.O
 			for i := int(next.Add(1) - 1); i < n; i = int(next.Add(1) - 1) {
 				oo := o
 				oo.ID = fmt.Sprintf("%s-%d", tag, i)
-				clients[i], _, errs[i] = benchclient.Dial(ctx, addr, oo)
+				clients[i], _, errs[i] = benchkit.Dial(ctx, addr, oo)
 			}
 		}()
 	}
@@ -182,7 +125,7 @@ func hangUpAll(clients []*paho.Client) {
 		go func() {
 			defer wg.Done()
 			for i := int(next.Add(1) - 1); i < len(clients); i = int(next.Add(1) - 1) {
-				benchclient.HangUp(clients[i])
+				benchkit.HangUp(clients[i])
 			}
 		}()
 	}
@@ -196,18 +139,18 @@ func runFanIn(ctx context.Context, t *target, p params, tag string) (res result)
 	defer cancel()
 	res.expected = int64(p.faninMsgs)
 	var cerrs atomic.Int64
-	tr := newTracker(res.expected)
-	sub, _, err := benchclient.Dial(ctx, t.addr, benchclient.Options{ID: tag + "-sub", OnPublish: func(*paho.Publish) { tr.hit() }, ClientErrs: &cerrs})
+	tr := benchkit.NewTracker(res.expected)
+	sub, _, err := benchkit.Dial(ctx, t.addr, benchkit.Options{ID: tag + "-sub", OnPublish: func(*paho.Publish) { tr.Hit() }, ClientErrs: &cerrs})
 	if err != nil {
 		res.fail("%v", err)
 		return res
 	}
-	defer benchclient.HangUp(sub)
-	if err := benchclient.Subscribe(ctx, sub, "bench/#", 0); err != nil {
+	defer benchkit.HangUp(sub)
+	if err := benchkit.Subscribe(ctx, sub, "bench/#", 0); err != nil {
 		res.fail("%v", err)
 		return res
 	}
-	pubs, err := dialAll(ctx, t.addr, tag+"-pub", p.faninPubs, p.faninPubs, benchclient.Options{ReceiveMax: 16, ClientErrs: &cerrs})
+	pubs, err := dialAll(ctx, t.addr, tag+"-pub", p.faninPubs, p.faninPubs, benchkit.Options{ReceiveMax: 16, ClientErrs: &cerrs})
 	defer hangUpAll(pubs)
 	if err != nil {
 		res.fail("%v", err)
@@ -217,7 +160,7 @@ func runFanIn(ctx context.Context, t *target, p params, tag string) (res result)
 	var perr atomic.Int64
 	var wg sync.WaitGroup
 	sent := make(chan struct{})
-	start := mono()
+	start := benchkit.Mono()
 	for i, pc := range pubs {
 		share := p.faninMsgs / p.faninPubs
 		if i == 0 {
@@ -238,12 +181,12 @@ func runFanIn(ctx context.Context, t *target, p params, tag string) (res result)
 		}()
 	}
 	go func() { wg.Wait(); close(sent) }()
-	if err := tr.wait(ctx, sent, p.idle); err != nil {
+	if err := tr.Wait(ctx, sent, p.idle); err != nil {
 		res.fail("%v", err)
 	}
 	<-sent
-	res.received = tr.n.Load()
-	res.values = map[string]float64{"rate": tr.rate(start)}
+	res.received = tr.Received()
+	res.values = map[string]float64{"rate": tr.Rate(start)}
 	if n := perr.Load(); n > 0 {
 		res.fail("%d publishers stopped on a write error", n)
 	}
@@ -262,12 +205,12 @@ func runQoS1(ctx context.Context, t *target, p params, tag string) (res result) 
 	res.expected = int64(p.qos1Msgs)
 	size := max(p.size, 16)
 	var cerrs atomic.Int64
-	tr := newTracker(res.expected)
+	tr := benchkit.NewTracker(res.expected)
 	var mu sync.Mutex // guards lat and dups, written on the subscriber's routing goroutine
 	var dups int64
 	lat := make([]int64, p.qos1Msgs) // publish→receive ns by sequence, 0 until received
 	onMsg := func(pk *paho.Publish) {
-		now := mono()
+		now := benchkit.Mono()
 		if len(pk.Payload) < 16 {
 			return
 		}
@@ -283,35 +226,35 @@ func runQoS1(ctx context.Context, t *target, p params, tag string) (res result) 
 			return
 		}
 		lat[seq] = max(now-sentAt, 1)
-		tr.hit()
+		tr.Hit()
 	}
-	sub, _, err := benchclient.Dial(ctx, t.addr, benchclient.Options{ID: tag + "-sub", OnPublish: onMsg, ClientErrs: &cerrs})
+	sub, _, err := benchkit.Dial(ctx, t.addr, benchkit.Options{ID: tag + "-sub", OnPublish: onMsg, ClientErrs: &cerrs})
 	if err != nil {
 		res.fail("%v", err)
 		return res
 	}
-	defer benchclient.HangUp(sub)
-	if err := benchclient.Subscribe(ctx, sub, "bench/q1", 1); err != nil {
+	defer benchkit.HangUp(sub)
+	if err := benchkit.Subscribe(ctx, sub, "bench/q1", 1); err != nil {
 		res.fail("%v", err)
 		return res
 	}
-	pub, ca, err := benchclient.Dial(ctx, t.addr, benchclient.Options{ID: tag + "-pub", ReceiveMax: 16, ClientErrs: &cerrs})
+	pub, ca, err := benchkit.Dial(ctx, t.addr, benchkit.Options{ID: tag + "-pub", ReceiveMax: 16, ClientErrs: &cerrs})
 	if err != nil {
 		res.fail("%v", err)
 		return res
 	}
-	defer benchclient.HangUp(pub)
+	defer benchkit.HangUp(pub)
 	window := p.qos1Window
 	if ca.Properties != nil && ca.Properties.ReceiveMaximum != nil && int(*ca.Properties.ReceiveMaximum) < window {
 		window = int(*ca.Properties.ReceiveMaximum)
-		logf("%s: server Receive Maximum %d caps the QoS 1 window", t.name, window)
+		benchkit.Logf("%s: server Receive Maximum %d caps the QoS 1 window", t.name, window)
 	}
 
 	var next, perr atomic.Int64
 	var firstErr atomic.Value
 	var wg sync.WaitGroup
 	sent := make(chan struct{})
-	start := mono()
+	start := benchkit.Mono()
 	for range window {
 		wg.Add(1)
 		go func() {
@@ -319,7 +262,7 @@ func runQoS1(ctx context.Context, t *target, p params, tag string) (res result) 
 			buf := make([]byte, size) // reused only once its PUBACK is in
 			for seq := next.Add(1) - 1; seq < res.expected; seq = next.Add(1) - 1 {
 				binary.BigEndian.PutUint64(buf, uint64(seq))
-				binary.BigEndian.PutUint64(buf[8:], uint64(mono()))
+				binary.BigEndian.PutUint64(buf[8:], uint64(benchkit.Mono()))
 				if _, err := pub.Publish(ctx, &paho.Publish{Topic: "bench/q1", QoS: 1, Payload: buf}); err != nil {
 					firstErr.CompareAndSwap(nil, err.Error())
 					perr.Add(1)
@@ -331,7 +274,7 @@ func runQoS1(ctx context.Context, t *target, p params, tag string) (res result) 
 		}()
 	}
 	go func() { wg.Wait(); close(sent) }()
-	if err := tr.wait(ctx, sent, p.idle); err != nil {
+	if err := tr.Wait(ctx, sent, p.idle); err != nil {
 		res.fail("%v", err)
 	}
 	<-sent
@@ -343,7 +286,7 @@ func runQoS1(ctx context.Context, t *target, p params, tag string) (res result) 
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	res.received = tr.n.Load()
+	res.received = tr.Received()
 	res.dups = dups
 	got := make([]int64, 0, res.received)
 	for _, d := range lat {
@@ -351,7 +294,7 @@ func runQoS1(ctx context.Context, t *target, p params, tag string) (res result) 
 			got = append(got, d)
 		}
 	}
-	res.values = map[string]float64{"rate": tr.rate(start)}
+	res.values = map[string]float64{"rate": tr.Rate(start)}
 	if len(got) > 0 {
 		slices.Sort(got)
 		res.values["p50"] = ms(got[len(got)*50/100])
@@ -369,29 +312,29 @@ func runFanOut(ctx context.Context, t *target, p params, tag string) (res result
 	defer cancel()
 	res.expected = int64(p.fanoutMsgs) * int64(p.fanoutSubs)
 	var cerrs atomic.Int64
-	tr := newTracker(res.expected)
+	tr := benchkit.NewTracker(res.expected)
 	subs, err := dialAll(ctx, t.addr, tag+"-sub", p.fanoutSubs, 20,
-		benchclient.Options{ReceiveMax: 4096, OnPublish: func(*paho.Publish) { tr.hit() }, ClientErrs: &cerrs})
+		benchkit.Options{ReceiveMax: 4096, OnPublish: func(*paho.Publish) { tr.Hit() }, ClientErrs: &cerrs})
 	defer hangUpAll(subs)
 	if err != nil {
 		res.fail("%v", err)
 		return res
 	}
 	for _, s := range subs {
-		if err := benchclient.Subscribe(ctx, s, "bench/fan", 0); err != nil {
+		if err := benchkit.Subscribe(ctx, s, "bench/fan", 0); err != nil {
 			res.fail("%v", err)
 			return res
 		}
 	}
-	pub, _, err := benchclient.Dial(ctx, t.addr, benchclient.Options{ID: tag + "-pub", ReceiveMax: 16, ClientErrs: &cerrs})
+	pub, _, err := benchkit.Dial(ctx, t.addr, benchkit.Options{ID: tag + "-pub", ReceiveMax: 16, ClientErrs: &cerrs})
 	if err != nil {
 		res.fail("%v", err)
 		return res
 	}
-	defer benchclient.HangUp(pub)
+	defer benchkit.HangUp(pub)
 
 	sent := make(chan struct{})
-	start := mono()
+	start := benchkit.Mono()
 	go func() {
 		defer close(sent)
 		pk := &paho.Publish{Topic: "bench/fan", Payload: make([]byte, p.size)}
@@ -402,12 +345,12 @@ func runFanOut(ctx context.Context, t *target, p params, tag string) (res result
 			}
 		}
 	}()
-	if err := tr.wait(ctx, sent, p.idle); err != nil {
+	if err := tr.Wait(ctx, sent, p.idle); err != nil {
 		res.fail("%v", err)
 	}
 	<-sent
-	res.received = tr.n.Load()
-	res.values = map[string]float64{"rate": tr.rate(start)}
+	res.received = tr.Received()
+	res.values = map[string]float64{"rate": tr.Rate(start)}
 	if n := cerrs.Load(); n > 0 {
 		res.fail("%d client errors", n)
 	}
@@ -421,9 +364,9 @@ func runConnect(ctx context.Context, t *target, p params, tag string) (res resul
 	defer cancel()
 	res.expected = int64(p.conns)
 	var cerrs atomic.Int64
-	start := mono()
-	clients, err := dialAll(ctx, t.addr, tag, p.conns, p.connConc, benchclient.Options{ReceiveMax: 16, ClientErrs: &cerrs})
-	end := mono()
+	start := benchkit.Mono()
+	clients, err := dialAll(ctx, t.addr, tag, p.conns, p.connConc, benchkit.Options{ReceiveMax: 16, ClientErrs: &cerrs})
+	end := benchkit.Mono()
 	defer hangUpAll(clients)
 	for _, c := range clients {
 		if c != nil {

@@ -1,7 +1,8 @@
-// Package benchclient is the MQTT 5 client the benchmark harnesses drive
-// brokers with: paho.golang over a buffered connection, so the client does
-// not bound what is measured.
-package benchclient
+// Package benchkit is what rtm's benchmark harnesses share: the MQTT 5
+// client they drive brokers with (paho.golang over a buffered connection,
+// so the client does not bound what is measured), delivery tracking, and
+// the formatting of their reports.
+package benchkit
 
 import (
 	"bufio"
