@@ -1,7 +1,13 @@
 # syntax=docker/dockerfile:1
 # rtm: a static binary on a distroless base, running as a non-root user.
 #   docker build -t rtm .
-#   docker run -p 1883:1883 -p 8083:8083 -p 9101:9101 -v rtm-data:/data rtm broker
+# Try it (every role in one container, ANONYMOUS devices, embedded store):
+#   docker run -p 1883:1883 -p 8080:8080 -p 9101:9101 rtm
+# Production: one role per container, device tokens required, e.g. a broker:
+#   docker run -p 1883:1883 -p 9101:9101 -v rtm-data:/data \
+#     -e RTM_AUTH_TOKEN_KEYS=<a secret of 16+ characters> \
+#     -e RTM_STORE_URI=mongodb://db:27017/ -e RTM_CLUSTER_SECRET=<secret> rtm broker
+# (docs/deployment.md lists what each role needs.)
 FROM golang:1.26-bookworm AS build
 WORKDIR /src
 COPY go.mod go.sum ./
@@ -18,8 +24,13 @@ COPY --from=build --chown=65532:65532 /out/data /data
 USER 65532:65532
 WORKDIR /data
 ENV RTM_DATA=/data
+# rtm dev binds loopback unless told otherwise: in a container the published
+# ports must listen on every interface. The roles' own defaults are the same.
+ENV RTM_BROKER_MQTT_ADDR=:1883 RTM_BROKER_WS_ADDR=:8083 RTM_BROKER_ADMIN_ADDR=:9101 RTM_ROUTER_ADDR=:8090 RTM_PUSHAPI_ADDR=:8080
 VOLUME ["/data"]
 # MQTT tcp/ws/tls/wss, broker admin, gossip (tcp+udp), node link, router, push API
 EXPOSE 1883 8083 8883 8084 9101 7946 7946/udp 7947 8090 8080
 ENTRYPOINT ["/usr/local/bin/rtm"]
-CMD ["broker"]
+# The default command starts at once with nothing to configure; it warns
+# loudly that devices are anonymous. Name a role to run it alone.
+CMD ["dev"]

@@ -46,6 +46,13 @@ const (
 	ListenerAdmin = "admin"
 )
 
+// listenerKeys are the configuration keys of the listeners' addresses, by
+// listener ID, named when an address cannot be bound.
+var listenerKeys = map[string]string{
+	ListenerTCP: "broker.mqtt_addr", ListenerWS: "broker.ws_addr", ListenerTLS: "broker.tls_addr",
+	ListenerWSS: "broker.wss_addr", ListenerAdmin: "broker.admin_addr",
+}
+
 // shutdownWriteGrace bounds each write to a client once Shutdown starts.
 const shutdownWriteGrace = time.Second
 
@@ -92,6 +99,7 @@ type Broker struct {
 	incarnation uint64
 	admin       *adminServer
 	started     atomic.Bool
+	serving     atomic.Bool // Start succeeded: there is something to shut down
 	ready       atomic.Bool
 	addrs       map[string]string // listener ID → bound address, written by Start only
 
@@ -209,7 +217,7 @@ func (b *Broker) Start(ctx context.Context) (err error) {
 	bind := func(id, addr string, tlsConf *tls.Config) (net.Listener, error) {
 		ln, err := listen(addr, tlsConf)
 		if err != nil {
-			return nil, fmt.Errorf("broker: %s listener on %s: %w", id, addr, err)
+			return nil, &config.ListenError{Key: listenerKeys[id], Addr: addr, Err: err}
 		}
 		bound = append(bound, ln)
 		b.addrs[id] = ln.Addr().String()
@@ -278,6 +286,7 @@ func (b *Broker) Start(ctx context.Context) (err error) {
 		go b.devices.run(loopCtx.Done())
 	}
 
+	b.serving.Store(true)
 	b.ready.Store(true)
 	if b.opts.Auth.Devices == "anonymous" {
 		b.log.Warn("ANONYMOUS DEVICES ALLOWED: any client may connect without credentials (auth.devices=anonymous)")
@@ -332,8 +341,8 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			defer close(done)
 			// 1. /readyz turns 503 at once, so load balancers stop sending.
 			b.ready.Store(false)
-			if !b.started.Load() {
-				return
+			if !b.serving.Load() {
+				return // Start failed and left nothing running
 			}
 			// 2. Leave gossip first, so routers stop sending devices here
 			// and peers drop this node's routes at once instead of

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -117,8 +118,10 @@ func (c *clusterNode) Provides(b byte) bool {
 func (c *clusterNode) start(ctx context.Context) error {
 	lcfg := c.linkConfig()
 	srv, err := link.Listen(c.cfg.LinkAddr, lcfg, link.HandlerFunc(c.deliver))
-	if err != nil {
-		return fmt.Errorf("broker: node link on %s: %w", c.cfg.LinkAddr, err)
+	if oe := (*net.OpError)(nil); errors.As(err, &oe) {
+		return &config.ListenError{Key: "cluster.link_addr", Addr: c.cfg.LinkAddr, Err: oe}
+	} else if err != nil {
+		return fmt.Errorf("broker: node link: %w", err)
 	}
 	c.links = srv
 	if c.cfg.Secret == "" {

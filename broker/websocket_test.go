@@ -169,7 +169,7 @@ func TestWebSocketWrongPath(t *testing.T) {
 // certificate, or speaks plain MQTT to the TLS port, gets no session.
 func TestTLS(t *testing.T) {
 	t.Parallel()
-	certFile, keyFile, pool := selfSignedCert(t)
+	certFile, keyFile, pool := testutil.SelfSignedCert(t)
 	b, _ := startBroker(t, func(c *config.Broker) { c.TLSCert, c.TLSKey = certFile, keyFile })
 	tcp, tlsAddr, wss := b.Addr(broker.ListenerTCP), b.Addr(broker.ListenerTLS), b.Addr(broker.ListenerWSS)
 	if tlsAddr == "" || wss == "" {

@@ -226,7 +226,7 @@ func (p *PushAPI) Start(ctx context.Context) (err error) {
 	}
 	ln, err := net.Listen("tcp", p.cfg.Addr)
 	if err != nil {
-		return fmt.Errorf("pushapi: HTTP listener on %s: %w", p.cfg.Addr, err)
+		return &config.ListenError{Key: "pushapi.addr", Addr: p.cfg.Addr, Err: err}
 	}
 	defer func() {
 		if err != nil {

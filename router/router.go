@@ -137,7 +137,7 @@ func (r *Router) Start(ctx context.Context) (err error) {
 	}
 	ln, err := net.Listen("tcp", r.cfg.Addr)
 	if err != nil {
-		return fmt.Errorf("router: HTTP listener on %s: %w", r.cfg.Addr, err)
+		return &config.ListenError{Key: "router.addr", Addr: r.cfg.Addr, Err: err}
 	}
 	defer func() {
 		if err != nil {

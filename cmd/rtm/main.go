@@ -2,7 +2,8 @@
 // platform: one subcommand per role, and `rtm dev` for all of them at once.
 //
 // Exit codes: 0 after a clean stop, 1 when a role fails or a shutdown
-// overruns its deadline, 2 for a usage or configuration error.
+// overruns its deadline, 2 for a usage or configuration error (an unknown
+// command or flag, an invalid value, a listen address already in use).
 package main
 
 import (
@@ -42,7 +43,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stderr, "rtm: %v\n", err)
 	var ue usageError
-	if errors.As(err, &ue) {
+	var le *config.ListenError
+	if errors.As(err, &ue) || errors.As(err, &le) {
 		return 2
 	}
 	return 1
@@ -65,7 +67,26 @@ and flags, in increasing order of precedence; 'rtm config' prints the result.`,
 	root.SetErr(stderr)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.AddCommand(devCmd(), brokerCmd(), routerCmd(), pushapiCmd(), storeCmd(), clusterCmd(), nodeCmd(), configCmd(), versionCmd())
+	refuseUnknownCommands(root)
 	return root
+}
+
+// refuseUnknownCommands makes `rtm nosuch` (and `rtm cluster nosuch`) a
+// usage error, exit code 2: cobra reports an unknown command of a group as a
+// plain error. A group named alone prints its help.
+func refuseUnknownCommands(cmd *cobra.Command) {
+	if cmd.HasSubCommands() && !cmd.Runnable() {
+		cmd.Args = cobra.ArbitraryArgs
+		cmd.RunE = func(cmd *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				return cmd.Help()
+			}
+			return usageError{fmt.Errorf("unknown command %q for %q\nRun '%s --help' for usage", args[0], cmd.CommandPath(), cmd.CommandPath())}
+		}
+	}
+	for _, c := range cmd.Commands() {
+		refuseUnknownCommands(c)
+	}
 }
 
 // commonFlags are taken by every role (SPEC section 9).

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -128,8 +129,15 @@ func start(t *testing.T, env []string, args ...string) *proc {
 	t.Helper()
 	p := &proc{cmd: exec.Command(rtmBin, args...), stdout: newLineBuffer(), stderr: newLineBuffer(), done: make(chan error, 1)}
 	// Devices connect without credentials unless a test says otherwise
-	// (later entries win).
-	p.cmd.Env = append(append(os.Environ(), "RTM_AUTH_DEVICES=anonymous"), env...)
+	// (later entries win; a bare "KEY" unsets KEY).
+	p.cmd.Env = append(os.Environ(), "RTM_AUTH_DEVICES=anonymous")
+	for _, kv := range env {
+		if !strings.Contains(kv, "=") {
+			p.cmd.Env = slices.DeleteFunc(p.cmd.Env, func(e string) bool { return strings.HasPrefix(e, kv+"=") })
+			continue
+		}
+		p.cmd.Env = append(p.cmd.Env, kv)
+	}
 	p.cmd.Stdout, p.cmd.Stderr = p.stdout, p.stderr
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -187,7 +195,7 @@ func (p *proc) listeners(t *testing.T) map[string]string {
 		select {
 		case err := <-p.done:
 			p.done <- err
-			return fmt.Errorf("rtm exited (%v) before starting", err)
+			t.Fatalf("rtm exited (%v) before starting", err)
 		default:
 		}
 		return fmt.Errorf("no 'broker started' line yet")
@@ -432,4 +440,18 @@ func (p *proc) jsonField(t *testing.T, msg, key string) string {
 		return fmt.Errorf("no %q line yet", msg)
 	})
 	return v
+}
+
+// TestUnknownCommandExits2: a mistyped command is a usage error (exit 2, as
+// the README says), at the top level and inside a command group.
+func TestUnknownCommandExits2(t *testing.T) {
+	for _, args := range [][]string{{"nosuch"}, {"cluster", "nosuch"}, {"node", "nosuch"}} {
+		code, _, stderr := runInProcess(t, nil, args...)
+		if code != 2 || !strings.Contains(stderr, `unknown command "nosuch"`) {
+			t.Errorf("rtm %v: exit %d, stderr %q; want 2 and unknown command", args, code, stderr)
+		}
+	}
+	if code, out, _ := runInProcess(t, nil, "cluster"); code != 0 || !strings.Contains(out, "Available Commands") {
+		t.Errorf("rtm cluster: exit %d, want 0 and its help:\n%s", code, out)
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -232,6 +233,13 @@ It listens on loopback only. For more than one machine, use MongoDB.`,
 			}
 			ctx, stop := signalContext(cmd.ErrOrStderr())
 			defer stop()
+			// FerretDB formats its bind error instead of wrapping it: try
+			// the address first, so a port in use is said as such.
+			ln, err := net.Listen("tcp", addr)
+			if err != nil {
+				return &config.ListenError{Key: "--addr", Addr: addr, Err: err}
+			}
+			_ = ln.Close()
 			e, err := store.StartEmbedded(ctx, store.EmbeddedOptions{Addr: addr, DataDir: data, Logger: log})
 			if err != nil {
 				return err

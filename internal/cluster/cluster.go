@@ -27,6 +27,8 @@ import (
 	"github.com/cenkalti/backoff/v5"
 	"github.com/hashicorp/memberlist"
 	"github.com/hashicorp/serf/serf"
+
+	"github.com/rtm-dev/rtm/internal/config"
 )
 
 // ErrNameClash reports that another member already uses this node's name.
@@ -218,7 +220,9 @@ func (n *Node) Start(ctx context.Context) error {
 
 	s, err := serf.Create(conf)
 	if err != nil {
-		return fmt.Errorf("cluster: gossip on %s: %w", n.opts.BindAddr, err)
+		// memberlist's bind errors are formatted, not wrapped; binding the
+		// gossip address is what fails here in practice.
+		return &config.ListenError{Key: "cluster.gossip_addr", Addr: n.opts.BindAddr, Err: err}
 	}
 	local := s.Memberlist().LocalNode()
 	n.mu.Lock()
