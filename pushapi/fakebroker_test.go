@@ -198,26 +198,27 @@ func (f *fakeBroker) serve(conn net.Conn) {
 	}
 }
 
-// nextPublish returns the next PUBLISH the fake received.
-func (f *fakeBroker) nextPublish() *packets.Publish {
-	f.t.Helper()
+// nextPublish returns the next PUBLISH the fake received. It takes the
+// calling (sub)test: FailNow must be called by the test that runs.
+func (f *fakeBroker) nextPublish(t testing.TB) *packets.Publish {
+	t.Helper()
 	select {
 	case p := <-f.publishes:
 		return p
 	case <-time.After(waitMsg):
-		f.t.Fatalf("fake broker: no PUBLISH within %v", waitMsg)
+		t.Fatalf("fake broker: no PUBLISH within %v", waitMsg)
 		return nil
 	}
 }
 
 // nextConnect returns the next CONNECT the fake received.
-func (f *fakeBroker) nextConnect() *packets.Connect {
-	f.t.Helper()
+func (f *fakeBroker) nextConnect(t testing.TB) *packets.Connect {
+	t.Helper()
 	select {
 	case c := <-f.connects:
 		return c
 	case <-time.After(waitCond):
-		f.t.Fatalf("fake broker: no CONNECT within %v", waitCond)
+		t.Fatalf("fake broker: no CONNECT within %v", waitCond)
 		return nil
 	}
 }

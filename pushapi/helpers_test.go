@@ -87,6 +87,14 @@ type testAPI struct {
 	logs *testutil.LogBuffer
 }
 
+// in returns the push API's client bound to t, for use inside subtest t:
+// FailNow must be called from the (sub)test that runs, not its parent.
+func (a *testAPI) in(t testing.TB) *testAPI {
+	c := *a
+	c.t = t
+	return &c
+}
+
 // startAPI starts a push API named api1 on loopback, joined to seed, on
 // store st, and stops it when the test ends. mutate may change the options
 // first.

@@ -98,6 +98,7 @@ func TestBadInput(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			api := api.in(t)
 			r := api.do(tt.method, tt.path, tt.body)
 			if r.status != tt.status {
 				t.Fatalf("%s %.80s: %.300s, want %d %s", tt.method, tt.path, r, tt.status, tt.code)
@@ -112,6 +113,7 @@ func TestBadInput(t *testing.T) {
 	}
 
 	t.Run("405 names the allowed methods", func(t *testing.T) {
+		api := api.in(t)
 		r := api.do(http.MethodPatch, "/v1/devices/d/channels/c", nil)
 		if r.status != 405 || !strings.Contains(r.header.Get("Allow"), "PUT") || !strings.Contains(r.header.Get("Allow"), "DELETE") {
 			t.Fatalf("%s, Allow %q", r, r.header.Get("Allow"))
@@ -119,6 +121,7 @@ func TestBadInput(t *testing.T) {
 	})
 
 	t.Run("body over the limit without a length", func(t *testing.T) {
+		api := api.in(t)
 		// A chunked body has no Content-Length to refuse early.
 		pr, pw := io.Pipe()
 		go func() {
@@ -164,6 +167,7 @@ func TestAuth(t *testing.T) {
 		{"no scheme", apiKey},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
+			api := api.in(t)
 			h := http.Header{}
 			if tt.header != "" {
 				h.Set("Authorization", tt.header)

@@ -36,6 +36,7 @@ func TestPublishAcrossCluster(t *testing.T) {
 
 	for _, qos := range []int{0, 1, 2} {
 		t.Run(fmt.Sprintf("qos%d", qos), func(t *testing.T) {
+			api := api.in(t)
 			topic := fmt.Sprintf("t/q%d", qos)
 			p := api.publish(map[string]any{"topic": topic, "payload": "hello", "qos": qos,
 				"properties": map[string]any{"content_type": "text/plain", "response_topic": "r/1",
@@ -57,6 +58,7 @@ func TestPublishAcrossCluster(t *testing.T) {
 	}
 
 	t.Run("binary", func(t *testing.T) {
+		api := api.in(t)
 		p := api.publish(map[string]any{"topic": "t/bin", "payload_base64": base64.StdEncoding.EncodeToString([]byte{0, 255, 1})})
 		if m := nextOn(t, sub, "t/bin"); !slices.Equal(m.Payload, []byte{0, 255, 1}) || messageID(m) != p.ID || m.QoS != 1 {
 			t.Fatalf("got payload %v qos %d, want [0 255 1] at the default QoS 1", m.Payload, m.QoS)
@@ -64,6 +66,7 @@ func TestPublishAcrossCluster(t *testing.T) {
 	})
 
 	t.Run("batch", func(t *testing.T) {
+		api := api.in(t)
 		const n = 300
 		msgs := make([]map[string]any, n)
 		for i := range msgs {
@@ -99,6 +102,7 @@ func TestPublishAcrossCluster(t *testing.T) {
 	})
 
 	t.Run("channel and inbox topics", func(t *testing.T) {
+		api := api.in(t)
 		c := testutil.MustV5(t, far.Addr(broker.ListenerTCP), "dev-1")
 		c.Sub(t, "push/news", 1)
 		c.Sub(t, "devices/dev-1/inbox", 1)

@@ -38,7 +38,7 @@ func TestPublishWaitsForAcknowledgement(t *testing.T) {
 
 	// The connection: clean start, no session expiry, the push API's name
 	// as client ID and username, a service token as password.
-	c := fake.nextConnect()
+	c := fake.nextConnect(t)
 	claims, err := mustSigner(t).Verify(string(c.Password), time.Now())
 	if err != nil || !claims.Service || claims.ClientID != "api1" {
 		t.Fatalf("password is not a service token for api1: %+v, %v", claims, err)
@@ -50,9 +50,10 @@ func TestPublishWaitsForAcknowledgement(t *testing.T) {
 	api.waitBroker()
 
 	t.Run("answer after PUBACK", func(t *testing.T) {
+		api := api.in(t)
 		fake.set(true, 0)
 		ch := async(api, http.MethodPost, "/v1/messages", map[string]any{"topic": "a/b", "payload": "x"})
-		p := fake.nextPublish()
+		p := fake.nextPublish(t)
 		time.Sleep(answerWindow) // the window in which no answer may come
 		pending(t, ch, "publish before its PUBACK")
 		fake.release()
@@ -65,28 +66,31 @@ func TestPublishWaitsForAcknowledgement(t *testing.T) {
 	})
 
 	t.Run("QoS 0 needs no acknowledgement", func(t *testing.T) {
+		api := api.in(t)
 		fake.set(true, 0)
 		api.publish(map[string]any{"topic": "a/b", "payload": "x", "qos": 0})
-		if p := fake.nextPublish(); p.QoS != 0 {
+		if p := fake.nextPublish(t); p.QoS != 0 {
 			t.Fatalf("QoS %d on the wire", p.QoS)
 		}
 		fake.release()
 	})
 
 	t.Run("refused", func(t *testing.T) {
+		api := api.in(t)
 		fake.set(false, 0x87)
 		e := api.expectError(http.MethodPost, "/v1/messages", map[string]any{"topic": "a/b", "payload": "x"}, http.StatusBadGateway, pushapi.CodePublishRejected)
 		if !strings.Contains(e.Message, "0x87") {
 			t.Errorf("message %q does not name the reason code 0x87", e.Message)
 		}
-		fake.nextPublish()
+		fake.nextPublish(t)
 		fake.set(false, 0x97) // quota exceeded: try again later
 		api.expectError(http.MethodPost, "/v1/messages", map[string]any{"topic": "a/b", "payload": "x", "qos": 2}, http.StatusServiceUnavailable, pushapi.CodeBrokerUnavailable)
-		fake.nextPublish()
+		fake.nextPublish(t)
 		fake.set(false, 0)
 	})
 
 	t.Run("timeout", func(t *testing.T) {
+		api := api.in(t)
 		fake.set(true, 0)
 		r := waitAnswer(t, async(api, http.MethodPost, "/v1/messages", map[string]any{"topic": "a/b", "payload": "x"}))
 		if r.status != http.StatusServiceUnavailable || r.apiError(t).Code != pushapi.CodeBrokerUnavailable {
@@ -95,11 +99,12 @@ func TestPublishWaitsForAcknowledgement(t *testing.T) {
 		if r.took < timeout || r.took > timeout+time.Second {
 			t.Errorf("answered after %v, want the publish timeout %v", r.took, timeout)
 		}
-		fake.nextPublish()
+		fake.nextPublish(t)
 		fake.release()
 	})
 
 	t.Run("larger than the broker's maximum packet", func(t *testing.T) {
+		api := api.in(t)
 		fake.set(false, 0)
 		api.expectError(http.MethodPost, "/v1/messages", map[string]any{"topic": "a/b", "payload": strings.Repeat("x", 70<<10)},
 			http.StatusRequestEntityTooLarge, pushapi.CodePayloadTooLarge)
@@ -111,6 +116,7 @@ func TestPublishWaitsForAcknowledgement(t *testing.T) {
 	})
 
 	t.Run("batch is pipelined and in order", func(t *testing.T) {
+		api := api.in(t)
 		fake.set(true, 0)
 		const n = 200
 		msgs := make([]map[string]any, n)
@@ -122,7 +128,7 @@ func TestPublishWaitsForAcknowledgement(t *testing.T) {
 		// one round trip for the batch, not one per message.
 		ids := make([]string, n)
 		for i := range n {
-			p := fake.nextPublish()
+			p := fake.nextPublish(t)
 			if string(p.Payload) != fmt.Sprint(i) {
 				t.Fatalf("PUBLISH %d has payload %q: not in batch order", i, p.Payload)
 			}
@@ -141,9 +147,10 @@ func TestPublishWaitsForAcknowledgement(t *testing.T) {
 	})
 
 	t.Run("connection lost before the acknowledgement", func(t *testing.T) {
+		api := api.in(t)
 		fake.set(true, 0)
 		ch := async(api, http.MethodPost, "/v1/messages", map[string]any{"topic": "a/b", "payload": "x"})
-		fake.nextPublish()
+		fake.nextPublish(t)
 		start := time.Now()
 		fake.drop()
 		r := waitAnswer(t, ch)
@@ -156,7 +163,7 @@ func TestPublishWaitsForAcknowledgement(t *testing.T) {
 		// The push API reconnects (the only broker: it is picked again)
 		// and publishes again.
 		fake.set(false, 0)
-		fake.nextConnect()
+		fake.nextConnect(t)
 		testutil.WaitFor(t, waitCond, func() error {
 			if r := api.do(http.MethodPost, "/v1/messages", map[string]any{"topic": "a/b", "payload": "again"}); r.status != http.StatusOK {
 				return fmt.Errorf("publish after reconnect: %s", r)
@@ -176,7 +183,7 @@ func TestBrokerStopsReading(t *testing.T) {
 	fake := startFakeBroker(t, "stuck")
 	const timeout = time.Second
 	api := startAPI(t, fake.node.Addr(), st, func(o *pushapi.Options) { o.Config.PublishTimeout = timeout })
-	fake.nextConnect()
+	fake.nextConnect(t)
 	api.waitBroker()
 	fake.stall()
 	// QoS 0 messages need no acknowledgement: they are answered once
@@ -209,7 +216,7 @@ func TestBrokerStopsReading(t *testing.T) {
 	}
 	t.Logf("%d written before the broker's buffers filled, %d failed", ok, failed)
 	fake.resume()
-	fake.nextConnect() // dropped, then connected again
+	fake.nextConnect(t) // dropped, then connected again
 	testutil.WaitFor(t, waitCond, func() error {
 		if r := api.do(http.MethodPost, "/v1/messages", map[string]any{"topic": "a/b", "payload": "again"}); r.status != http.StatusOK {
 			return fmt.Errorf("publish after the stall: %s", r)

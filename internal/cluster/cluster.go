@@ -42,7 +42,7 @@ const (
 	// dead within about 5 seconds on a small cluster.
 	TimingLAN Timing = iota
 	// TimingFast shrinks every timer for tests on loopback: failure is
-	// detected within about a second.
+	// detected within about 1.5 seconds.
 	TimingFast
 )
 
@@ -175,12 +175,15 @@ func (n *Node) Start(ctx context.Context) error {
 	conf.EnableNameConflictResolution = false
 	ml := memberlist.DefaultLANConfig()
 	if n.opts.Timing == TimingFast {
+		// Fast, but not so fast that a test process starved by -race on
+		// a loaded 2-core machine declares its own live members failed: a
+		// 50 ms probe timeout did (a broker dropped out of a push API test).
 		ml = memberlist.DefaultLocalConfig()
-		ml.ProbeInterval = 100 * time.Millisecond
-		ml.ProbeTimeout = 50 * time.Millisecond
+		ml.ProbeInterval = 250 * time.Millisecond
+		ml.ProbeTimeout = 200 * time.Millisecond
 		ml.GossipInterval = 20 * time.Millisecond
 		ml.PushPullInterval = time.Second
-		ml.SuspicionMult = 2
+		ml.SuspicionMult = 3
 		ml.TCPTimeout = time.Second
 		conf.ReapInterval = time.Second
 		conf.ReconnectInterval = 200 * time.Millisecond
