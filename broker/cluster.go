@@ -177,6 +177,19 @@ func (c *clusterNode) linkConfig() link.Config {
 	return lc
 }
 
+// peerMaxWait bounds how long a message from a peer waits for a congested
+// local subscriber (see mqtt.FlowControl): the link's receive goroutine
+// delivers it and neither reads pings nor writes acks meanwhile, and the
+// sender drops a link silent for three heartbeats. Two heartbeats leave
+// one for the acks to get through.
+func (c *clusterNode) peerMaxWait() time.Duration {
+	hb := c.linkConfig().Heartbeat
+	if hb <= 0 {
+		hb = link.DefaultHeartbeat
+	}
+	return 2 * hb
+}
+
 // publicAddr is the address others reach a listener at.
 func (c *clusterNode) publicAddr(bound string) string {
 	gossip := ""
