@@ -505,6 +505,12 @@ func expiryLeft(at int64) uint32 {
 }
 
 // deliver handles one message from a peer's link, in the order it sent them.
+// A publish may wait here for congested local subscribers (flow control,
+// at most peerMaxWait): the link's receiver, and with it the peer's
+// messages behind this one, waits too, while the peer keeps them queued.
+// Nothing this goroutine waits for depends on the link, so the wait cannot
+// deadlock; it only delays the next messages, acks and ping answers by at
+// most two heartbeats.
 func (c *clusterNode) deliver(from string, m link.Message) {
 	var err error
 	switch m.Type {
