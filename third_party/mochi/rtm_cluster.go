@@ -47,9 +47,10 @@ func (s *Server) DeliverFromPeer(pk packets.Packet, shared func(route string) bo
 	for _, inline := range subscribers.InlineSubscriptions {
 		inline.Handler(s.inlineClient, inline.Subscription, pk)
 	}
-	// rtm patch 20: a message from a peer waits for congested subscribers
+	// rtm patch 23: a message from a peer waits for congested subscribers
 	// like one from a local client (the caller's link receive goroutine is
-	// blocked meanwhile, at most FlowControl.MaxWait per message).
+	// blocked meanwhile, at most FlowControl.PeerMaxWait, or MaxWait, per
+	// message).
 	var deadline time.Time
 	for id, sub := range subscribers.Subscriptions {
 		if cl, ok := s.Clients.Get(id); ok {
