@@ -573,3 +573,52 @@ func benchFanOut(b *testing.B, maxWait time.Duration) {
 
 func BenchmarkFanOutFlowControlOff(b *testing.B) { benchFanOut(b, 0) }
 func BenchmarkFanOutFlowControlOn(b *testing.B)  { benchFanOut(b, time.Second) }
+
+// TestFlowQoS2PubcompWakesWaiter (patch 20): a QoS 2 publish to a
+// congested subscriber waits (its PUBREC held) and the subscriber's
+// PUBCOMP, which ends a QoS 2 flow, wakes it.
+func TestFlowQoS2PubcompWakesWaiter(t *testing.T) {
+	s := flowTestServer(time.Minute)
+	sub := pipeClient(t, s, "sub", "a/b")
+	congest(t, s, sub)
+	pub := pipeClient(t, s, "pub", "")
+	done := make(chan error, 1)
+	go func() {
+		done <- s.processPacket(pub, packets.Packet{
+			FixedHeader:     packets.FixedHeader{Type: packets.Publish, Qos: 2},
+			TopicName:       "a/b",
+			PacketID:        9,
+			Payload:         []byte("x"),
+			ProtocolVersion: 4,
+		})
+	}()
+	waitFor(t, "the publisher to wait", func() bool { return sub.State.flow.nwait.Load() == 1 })
+	_, held := pub.State.Inflight.Get(9)
+	require.True(t, held, "the publisher's PUBREC is pending while it waits")
+	require.NoError(t, s.processPacket(sub, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubcomp}, PacketID: 3}))
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("PUBCOMP did not wake the publisher")
+	}
+}
+
+// TestFlowWillDoesNotWait (patch 20): a will is published without waiting
+// for a congested subscriber (it may be sent from the event loop).
+func TestFlowWillDoesNotWait(t *testing.T) {
+	s := flowTestServer(time.Minute)
+	sub := pipeClient(t, s, "sub", "will/t")
+	congest(t, s, sub)
+	gone := pipeClient(t, s, "gone", "")
+	gone.Properties.Will = Will{Flag: 1, TopicName: "will/t", Payload: []byte("bye"), Qos: 1}
+	done := make(chan struct{})
+	go func() { s.sendLWT(gone); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a will waited for a congested subscriber")
+	}
+	require.Equal(t, 6, sub.State.Inflight.Len(), "the will is in the subscriber's session")
+	require.Zero(t, s.Flow.Waits.Load())
+}
