@@ -11,7 +11,7 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.7.0
 # The whole suite stays under 15 minutes on 2 cores; -race is always on.
 TEST_FLAGS  ?= -race -count=1 -timeout 14m
 
-.PHONY: help build run test test-fork bench bench-cluster bench-router bench-pushapi bench-go memory lint fuzz clean
+.PHONY: help build run test test-fork bench bench-flow bench-cluster bench-router bench-pushapi bench-go memory lint fuzz clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ test-fork: ## run the tests of our patched mochi-mqtt fork (third_party/mochi)
 
 bench: ## throughput against Mosquitto in one run (results belong in BENCHMARKS.md; see it for flags)
 	$(GO) run ./bench/throughput | tee bench.out
+
+bench-flow: ## flow control against Mosquitto, both with default limits: QoS 1 burst, sustained QoS 1 fan-in, stuck subscriber (about 5 minutes)
+	$(GO) run ./bench/throughput -defaults -scenarios burst,fanin1,stuck -rounds 3 | tee bench-flow.out
 
 bench-cluster: ## what the cluster costs: cross-node vs same-node throughput and latency (about 2 minutes)
 	$(GO) run ./bench/cluster | tee bench-cluster.out
@@ -65,4 +68,4 @@ fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	$(GO) test ./plugins/token -run '^$$' -fuzz FuzzVerify -fuzztime $${FUZZTIME:-30s}
 
 clean: ## remove build output (not ./data)
-	rm -rf bin bench.out bench-cluster.out bench-go.out
+	rm -rf bin bench.out bench-flow.out bench-cluster.out bench-go.out

@@ -193,6 +193,11 @@ var (
 	descPktOut      = prometheus.NewDesc("rtm_broker_packets_sent_total", "MQTT packets sent.", nil, nil)
 	descUp          = prometheus.NewDesc("rtm_broker_ready", "1 while the broker accepts clients.", nil, nil)
 
+	descBPWaits   = prometheus.NewDesc("rtm_broker_backpressure_waits_total", "Waits of a publish (or a message from a peer) for a subscriber whose session or write queue was over half of broker.max_queued.", nil, nil)
+	descBPSeconds = prometheus.NewDesc("rtm_broker_backpressure_wait_seconds_total", "Time publishes spent waiting for congested subscribers.", nil, nil)
+	descBPStalls  = prometheus.NewDesc("rtm_broker_backpressure_stalls_total", "Subscribers marked stalled: still congested after broker.backpressure_max_wait; messages to them are no longer waited for until they drain.", nil, nil)
+	descBPSkips   = prometheus.NewDesc("rtm_broker_backpressure_stalled_skips_total", "Messages to a stalled subscriber not waited for (queued while it had room, else dropped and counted in rtm_broker_messages_dropped_total).", nil, nil)
+
 	descMembers      = prometheus.NewDesc("rtm_cluster_members", "Gossip members this node knows, by status and role.", []string{"status", "role"}, nil)
 	descLinkUp       = prometheus.NewDesc("rtm_cluster_link_up", "1 while the node link to the peer is connected and authenticated.", []string{"peer"}, nil)
 	descLinkMsgs     = prometheus.NewDesc("rtm_cluster_link_sent_messages_total", "Messages written to the peer's link (first sends).", []string{"peer"}, nil)
@@ -216,6 +221,7 @@ var (
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConnections, descCapacity, descRejected, descSessions, descSubs, descRetained,
 		descInflight, descMsgIn, descMsgOut, descDropped, descBytesIn, descBytesOut, descPktIn, descPktOut, descUp,
+		descBPWaits, descBPSeconds, descBPStalls, descBPSkips,
 		descMembers, descLinkUp, descLinkMsgs, descLinkBytes, descLinkResends, descLinkQueue, descLinkQueueB, descLinkDropped,
 		descLinkRecv, descLinkRecvB, descLinkDup, descLinkAuthFail, descRoutesLocal, descRoutesRemote, descForwarded,
 		descFromPeers, descClaimTimeout, descMoved} {
@@ -245,6 +251,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			counter(descDropped, n, reason, q)
 		}
 	}
+	counter(descBPWaits, s.Backpressure.Waits)
+	ch <- prometheus.MustNewConstMetric(descBPSeconds, prometheus.CounterValue, s.Backpressure.WaitSeconds)
+	counter(descBPStalls, s.Backpressure.Stalls)
+	counter(descBPSkips, s.Backpressure.StalledSkips)
 	counter(descBytesIn, s.BytesReceived)
 	counter(descBytesOut, s.BytesSent)
 	counter(descPktIn, s.PacketsReceived)

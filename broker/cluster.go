@@ -180,6 +180,19 @@ func (c *clusterNode) linkConfig() link.Config {
 	return lc
 }
 
+// peerMaxWait bounds how long a message from a peer waits for a congested
+// local subscriber (see mqtt.FlowControl): the link's receive goroutine
+// delivers it and neither reads pings nor writes acks meanwhile, and the
+// sender drops a link silent for three heartbeats. Two heartbeats leave
+// one for the acks to get through.
+func (c *clusterNode) peerMaxWait() time.Duration {
+	hb := c.linkConfig().Heartbeat
+	if hb <= 0 {
+		hb = link.DefaultHeartbeat
+	}
+	return 2 * hb
+}
+
 // publicAddr is the address others reach a listener at.
 func (c *clusterNode) publicAddr(bound string) string {
 	gossip := ""
@@ -495,6 +508,12 @@ func expiryLeft(at int64) uint32 {
 }
 
 // deliver handles one message from a peer's link, in the order it sent them.
+// A publish may wait here for congested local subscribers (flow control,
+// at most peerMaxWait): the link's receiver, and with it the peer's
+// messages behind this one, waits too, while the peer keeps them queued.
+// Nothing this goroutine waits for depends on the link, so the wait cannot
+// deadlock; it only delays the next messages, acks and ping answers by at
+// most two heartbeats.
 func (c *clusterNode) deliver(from string, m link.Message) {
 	var err error
 	switch m.Type {

@@ -147,10 +147,12 @@ func startRTM(ctx context.Context, dir, bin string, maxQueued, maxInflight int) 
 	// One node, compared with one Mosquitto: no gossip, no node link.
 	args := []string{"broker", "--data", data, "--mqtt-addr", mqttAddr, "--ws-addr", "",
 		"--admin-addr", adminAddr, "--gossip-addr", "", "--log-level", "warn", "--log-format", "json"}
-	env := []string{
-		"RTM_AUTH_DEVICES=anonymous", // the clients have no tokens; ACLs still apply
-		"RTM_BROKER_MAX_QUEUED=" + strconv.Itoa(maxQueued),
-		"RTM_BROKER_MAX_INFLIGHT=" + strconv.Itoa(maxInflight),
+	env := []string{"RTM_AUTH_DEVICES=anonymous"} // the clients have no tokens; ACLs still apply
+	if maxQueued > 0 {                            // 0: rtm's default
+		env = append(env, "RTM_BROKER_MAX_QUEUED="+strconv.Itoa(maxQueued))
+	}
+	if maxInflight > 0 {
+		env = append(env, "RTM_BROKER_MAX_INFLIGHT="+strconv.Itoa(maxInflight))
 	}
 	t, err := startChild(dir, "rtm", bin, args, env)
 	if err != nil {
@@ -217,31 +219,38 @@ func waitHTTP(ctx context.Context, hc *http.Client, url string, t *target, timeo
 
 // startMosquitto runs mosquitto with a temporary configuration and connects
 // a monitor client to its $SYS tree for drop and connection counts.
-func startMosquitto(ctx context.Context, dir, bin string, maxQueued int) (*target, error) {
+func startMosquitto(ctx context.Context, dir, bin string, maxQueued, maxInflight int) (*target, error) {
 	addr, err := benchkit.FreePort()
 	if err != nil {
 		return nil, err
 	}
 	_, port, _ := net.SplitHostPort(addr)
 	conf := filepath.Join(dir, "mosquitto.conf")
-	body := strings.Join([]string{
+	lines := []string{
 		"listener " + port + " 127.0.0.1",
 		"allow_anonymous true",
 		"persistence false",
+	}
+	// 0 leaves mosquitto's default (-defaults).
+	if maxInflight > 0 {
 		// Outgoing QoS 1/2 in flight per client, as rtm's max_inflight; an
 		// MQTT 5 subscriber's Receive Maximum lowers it further. (0 would
 		// mean no limit, and mosquitto would then never drop QoS 0.)
-		"max_inflight_messages 65535",
+		lines = append(lines, fmt.Sprintf("max_inflight_messages %d", maxInflight))
+	}
+	if maxQueued > 0 {
 		// Packets waiting to be written to a client before mosquitto drops
 		// QoS 0 (and queues QoS 1/2 beyond those in flight); its default of
 		// 1000 drops in the fan-in scenario.
-		fmt.Sprintf("max_queued_messages %d", maxQueued),
+		lines = append(lines, fmt.Sprintf("max_queued_messages %d", maxQueued))
+	}
+	body := strings.Join(append(lines,
 		"sys_interval 1",
 		"log_dest stderr",
 		"log_type error",
 		"log_type warning",
 		"",
-	}, "\n")
+	), "\n")
 	if err := os.WriteFile(conf, []byte(body), 0o644); err != nil {
 		return nil, err
 	}

@@ -49,6 +49,8 @@ type config struct {
 	maxQueued  int
 	rtmInfl    int
 	mosqQueued int
+	mosqInfl   int
+	defaults   bool
 }
 
 func parseFlags() config {
@@ -67,9 +69,19 @@ func parseFlags() config {
 	flag.IntVar(&c.fanoutMsgs, "fanout-msgs", 2000, "fan-out: messages published (deliveries = msgs × subs)")
 	flag.IntVar(&c.conns, "conns", 2000, "connection rate: clients")
 	flag.IntVar(&c.connConc, "conn-concurrency", 50, "connection rate: clients connecting at once")
+	flag.IntVar(&c.burstPubs, "burst-pubs", 4, "burst: publishers")
+	flag.IntVar(&c.burstMsgs, "burst-msgs", 5000, "burst: QoS 1 messages per publisher")
+	flag.IntVar(&c.burstWindow, "burst-window", 64, "burst: publishes in flight per publisher (capped by the broker's Receive Maximum)")
+	flag.IntVar(&c.fanin1Pubs, "fanin1-pubs", 10, "sustained QoS 1 fan-in: publishers")
+	flag.IntVar(&c.fanin1Window, "fanin1-window", 64, "sustained QoS 1 fan-in: publishes in flight per publisher (capped by the broker's Receive Maximum)")
+	flag.DurationVar(&c.fanin1Dur, "fanin1-duration", 10*time.Second, "sustained QoS 1 fan-in: how long the publishers publish")
+	flag.IntVar(&c.stuckMsgs, "stuck-msgs", 20000, "stuck: QoS 1 messages of the measured pair")
+	flag.IntVar(&c.stuckWindow, "stuck-window", 64, "stuck: the pair's publishes in flight")
+	flag.IntVar(&c.stuckSideRate, "stuck-side-rate", 500, "stuck: msg/s published to the stuck subscriber's topic meanwhile")
+	flag.BoolVar(&c.defaults, "defaults", false, "run both brokers with their default queue and in-flight limits (overrides -rtm-max-queued, -rtm-max-inflight, -mosquitto-max-queued, -mosquitto-max-inflight); meant for -scenarios burst,fanin1,stuck")
 	flag.DurationVar(&c.timeout, "timeout", 60*time.Second, "bound on one run of one scenario")
 	flag.DurationVar(&c.idle, "idle", 3*time.Second, "a run ends as lossy after this long without a delivery once sending is done")
-	flag.StringVar(&only, "scenarios", "fanin,qos1,fanout,connect", "scenarios to run, comma-separated")
+	flag.StringVar(&only, "scenarios", "fanin,qos1,fanout,connect", "scenarios to run, comma-separated (also: burst, fanin1, stuck)")
 	flag.StringVar(&targets, "targets", "rtm,mosquitto", "brokers to run, comma-separated")
 	flag.StringVar(&c.rtmBin, "rtm", "", "rtm binary; empty builds ./cmd/rtm into the temporary directory (not stripped, so perf can symbolize it)")
 	flag.StringVar(&c.rev, "rev", "", "build rtm from this git revision (git archive) instead of the working tree")
@@ -77,6 +89,7 @@ func parseFlags() config {
 	flag.IntVar(&c.maxQueued, "rtm-max-queued", 65535, "rtm broker.max_queued (RTM_BROKER_MAX_QUEUED)")
 	flag.IntVar(&c.rtmInfl, "rtm-max-inflight", 65535, "rtm broker.max_inflight, its Receive Maximum (RTM_BROKER_MAX_INFLIGHT)")
 	flag.IntVar(&c.mosqQueued, "mosquitto-max-queued", 100000, "mosquitto max_queued_messages")
+	flag.IntVar(&c.mosqInfl, "mosquitto-max-inflight", 65535, "mosquitto max_inflight_messages")
 	flag.StringVar(&c.perf, "perf", "", "record perf CPU profiles of both brokers during this `scenario` of the last round")
 	flag.BoolVar(&c.keep, "keep", false, "keep the temporary directory (broker logs, perf data)")
 	flag.BoolVar(&quick, "quick", false, "small sizes and 2 rounds, for development")
@@ -88,6 +101,9 @@ func parseFlags() config {
 			c.rounds = 2
 		}
 		c.params = c.params.scaled(20)
+	}
+	if c.defaults {
+		c.maxQueued, c.rtmInfl, c.mosqQueued, c.mosqInfl = 0, 0, 0, 0 // 0: not set, the broker's default
 	}
 	c.only = map[string]bool{}
 	for _, s := range strings.Split(only, ",") {
@@ -118,7 +134,7 @@ func run(ctx context.Context, cfg config) error {
 		}
 	}
 	if len(cfg.only) > 0 {
-		return fmt.Errorf("unknown scenarios %q (want fanin, qos1, fanout, connect)", slices.Sorted(maps.Keys(cfg.only)))
+		return fmt.Errorf("unknown scenarios %q (want fanin, qos1, fanout, connect, burst, fanin1, stuck)", slices.Sorted(maps.Keys(cfg.only)))
 	}
 	dir, err := os.MkdirTemp("", "rtm-throughput-")
 	if err != nil {
@@ -150,7 +166,7 @@ func run(ctx context.Context, cfg config) error {
 			}
 			t, err = startRTM(ctx, dir, bin, cfg.maxQueued, cfg.rtmInfl)
 		case "mosquitto":
-			t, err = startMosquitto(ctx, dir, cfg.mosqBin, cfg.mosqQueued)
+			t, err = startMosquitto(ctx, dir, cfg.mosqBin, cfg.mosqQueued, cfg.mosqInfl)
 		default:
 			return fmt.Errorf("unknown target %q (want rtm or mosquitto)", name)
 		}

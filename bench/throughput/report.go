@@ -91,8 +91,16 @@ func report(w io.Writer, cfg config, e environment, scs []scenario, targets []*t
 	}
 	fmt.Fprintf(w, "Sizes: fan-in %d publishers → 1 subscriber, %d messages; QoS 1 %d messages, window %d; fan-out 1 → %d subscribers, %d messages; connect %d clients, %d at once. Payload %d B.\n\n",
 		cfg.faninPubs, cfg.faninMsgs, cfg.qos1Msgs, cfg.qos1Window, cfg.fanoutSubs, cfg.fanoutMsgs, cfg.conns, cfg.connConc, cfg.size)
-	fmt.Fprintf(w, "Limits: rtm broker.max_queued %d, broker.max_inflight %d; Mosquitto max_queued_messages %d, max_inflight_messages 65535.\n\n",
-		cfg.maxQueued, cfg.rtmInfl, cfg.mosqQueued)
+	lim := func(n int) string {
+		if n == 0 {
+			return "default"
+		}
+		return fmt.Sprint(n)
+	}
+	fmt.Fprintf(w, "Limits: rtm broker.max_queued %s, broker.max_inflight %s (broker.backpressure_max_wait default); Mosquitto max_queued_messages %s, max_inflight_messages %s.\n\n",
+		lim(cfg.maxQueued), lim(cfg.rtmInfl), lim(cfg.mosqQueued), lim(cfg.mosqInfl))
+	fmt.Fprintf(w, "Flow control: burst %d publishers × %d QoS 1, window %d; sustained QoS 1 fan-in %d publishers, window %d, %s; stuck: pair of %d QoS 1 (window %d) beside a subscriber that never reads, fed %d msg/s.\n\n",
+		cfg.burstPubs, cfg.burstMsgs, cfg.burstWindow, cfg.fanin1Pubs, cfg.fanin1Window, cfg.fanin1Dur, cfg.stuckMsgs, cfg.stuckWindow, cfg.stuckSideRate)
 
 	names := make([]string, len(targets))
 	for i, t := range targets {

@@ -26,8 +26,14 @@ type params struct {
 	fanoutMsgs int
 	conns      int
 	connConc   int
-	timeout    time.Duration // bound on one run of one scenario
-	idle       time.Duration // no delivery for this long after the last send ends a run as lossy
+	// Flow-control scenarios (flow.go).
+	burstPubs, burstMsgs, burstWindow int
+	fanin1Pubs, fanin1Window          int
+	fanin1Dur                         time.Duration
+	stuckMsgs, stuckWindow            int
+	stuckSideRate                     int           // msg/s fed to the stuck subscriber's topic
+	timeout                           time.Duration // bound on one run of one scenario
+	idle                              time.Duration // no delivery for this long after the last send ends a run as lossy
 }
 
 func (p params) scaled(div int) params {
@@ -36,6 +42,9 @@ func (p params) scaled(div int) params {
 	q.qos1Msgs = max(p.qos1Msgs/div, 1)
 	q.fanoutMsgs = max(p.fanoutMsgs/div, 1)
 	q.conns = max(p.conns/div, 1)
+	q.burstMsgs = max(p.burstMsgs/div, 1)
+	q.fanin1Dur = max(p.fanin1Dur/time.Duration(div), time.Second)
+	q.stuckMsgs = max(p.stuckMsgs/div, 1)
 	return q
 }
 
@@ -92,6 +101,33 @@ var scenarios = []scenario{
 		key: "connect", title: "Connection rate",
 		metrics: []metric{{"rate", "CONNECT→CONNACK/s", true}},
 		run:     runConnect,
+	},
+	{
+		key: "burst", title: "QoS 1 burst into 1 subscriber",
+		metrics: []metric{
+			{"delivered", "% of acknowledged delivered", true},
+			{"rate", "msg/s received", true},
+		},
+		run: runBurst,
+	},
+	{
+		key: "fanin1", title: "QoS 1 fan-in, sustained",
+		metrics: []metric{
+			{"delivered", "% of acknowledged delivered", true},
+			{"ackedlost", "acknowledged, not delivered", false},
+			{"rate", "msg/s received", true},
+			{"percpu", "msg received per broker CPU-second", true},
+		},
+		run: runFanIn1,
+	},
+	{
+		key: "stuck", title: "Pair beside a stuck subscriber",
+		metrics: []metric{
+			{"ratio", "pair msg/s with ÷ without the stuck subscriber", true},
+			{"with", "pair msg/s, stuck subscriber present", true},
+			{"without", "pair msg/s, no stuck subscriber", true},
+		},
+		run: runStuck,
 	},
 }
 

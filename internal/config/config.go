@@ -78,24 +78,33 @@ func splitList(s string) []string {
 
 // Broker configures one MQTT broker node.
 type Broker struct {
-	NodeName        string        `koanf:"node_name" doc:"Unique name of this node. Empty means the host name."`
-	MQTTAddr        string        `koanf:"mqtt_addr" doc:"MQTT over TCP listen address (host:port, port 0 picks a free port)."`
-	WSAddr          string        `koanf:"ws_addr" doc:"MQTT over WebSocket listen address, path /mqtt. Empty disables it."`
-	TLSAddr         string        `koanf:"tls_addr" doc:"MQTT over TLS listen address; used only when tls_cert and tls_key are set."`
-	WSSAddr         string        `koanf:"wss_addr" doc:"MQTT over secure WebSocket listen address, path /mqtt; used only when tls_cert and tls_key are set."`
-	TLSCert         string        `koanf:"tls_cert" doc:"PEM certificate file (chain) for the TLS and WSS listeners."`
-	TLSKey          string        `koanf:"tls_key" secret:"path" doc:"PEM private key file for the TLS and WSS listeners."`
-	AdminAddr       string        `koanf:"admin_addr" doc:"Admin HTTP listen address: /healthz, /readyz, /metrics, /v1/stats."`
-	Capacity        int           `koanf:"capacity" doc:"Maximum concurrent client connections of this node; CONNECTs beyond it are refused (v5 0x97, v3 code 3)."`
-	MaxPacketSize   int           `koanf:"max_packet_size" doc:"Largest MQTT packet accepted, in bytes; larger packets close the connection (v5 0x95)."`
-	MaxInflight     int           `koanf:"max_inflight" doc:"Receive Maximum: QoS 1/2 messages a client may have unacknowledged in each direction (1-65535)."`
-	MaxQueued       int           `koanf:"max_queued" doc:"Messages held per client: queued for writing, plus QoS 1/2 kept while offline or unacknowledged (1-65535). Beyond it messages are dropped and counted."`
-	KeepaliveMin    time.Duration `koanf:"keepalive_min" doc:"Smallest keepalive a v5 client may use; lower requests are raised (Server Keep Alive). 0 disables the floor."`
-	KeepaliveMax    time.Duration `koanf:"keepalive_max" doc:"Largest keepalive a v5 client may use (0 = none requested also gets this); higher requests are lowered (Server Keep Alive)."`
-	SessionExpiry   time.Duration `koanf:"session_expiry_max" doc:"Longest time a disconnected persistent session is kept (v5 requests are capped; v3.1.1 clean_session=false sessions get this)."`
-	MessageExpiry   time.Duration `koanf:"message_expiry_max" doc:"Longest time a queued or retained message is kept; 0 keeps messages without an expiry of their own forever."`
-	EvacuateRate    int           `koanf:"evacuate_rate" doc:"Clients per second a draining node disconnects when asked to evacuate (rtm node drain --evacuate); MQTT 5 clients get 0x9C with a Server Reference."`
-	ShutdownTimeout time.Duration `koanf:"shutdown_timeout" doc:"Bound on a graceful shutdown; past it the process exits anyway."`
+	NodeName      string `koanf:"node_name" doc:"Unique name of this node. Empty means the host name."`
+	MQTTAddr      string `koanf:"mqtt_addr" doc:"MQTT over TCP listen address (host:port, port 0 picks a free port)."`
+	WSAddr        string `koanf:"ws_addr" doc:"MQTT over WebSocket listen address, path /mqtt. Empty disables it."`
+	TLSAddr       string `koanf:"tls_addr" doc:"MQTT over TLS listen address; used only when tls_cert and tls_key are set."`
+	WSSAddr       string `koanf:"wss_addr" doc:"MQTT over secure WebSocket listen address, path /mqtt; used only when tls_cert and tls_key are set."`
+	TLSCert       string `koanf:"tls_cert" doc:"PEM certificate file (chain) for the TLS and WSS listeners."`
+	TLSKey        string `koanf:"tls_key" secret:"path" doc:"PEM private key file for the TLS and WSS listeners."`
+	AdminAddr     string `koanf:"admin_addr" doc:"Admin HTTP listen address: /healthz, /readyz, /metrics, /v1/stats."`
+	Capacity      int    `koanf:"capacity" doc:"Maximum concurrent client connections of this node; CONNECTs beyond it are refused (v5 0x97, v3 code 3)."`
+	MaxPacketSize int    `koanf:"max_packet_size" doc:"Largest MQTT packet accepted, in bytes; larger packets close the connection (v5 0x95)."`
+	MaxInflight   int    `koanf:"max_inflight" doc:"Receive Maximum: QoS 1/2 messages a client may have unacknowledged in each direction (1-65535)."`
+	MaxQueued     int    `koanf:"max_queued" doc:"Messages held per client: queued for writing, plus QoS 1/2 kept while offline or unacknowledged (1-65535). Beyond it messages are dropped and counted."`
+	// BackpressureMaxWait bounds how long a publish waits for a connected
+	// subscriber whose session or write queue is half full (docs/broker.md,
+	// "Overload policy"). The default, 1 s, is far above what a subscriber
+	// that keeps up ever needs (waits end at its next acknowledgement or
+	// write, milliseconds), above a GC pause or a TCP retransmission, and
+	// short enough that a subscriber that stopped reading costs the
+	// publishers feeding it one second once, and that a node link blocked
+	// by it keeps within its 3 s silence limit.
+	BackpressureMaxWait time.Duration `koanf:"backpressure_max_wait" doc:"Longest a publish waits for a connected subscriber whose session or write queue is over half of max_queued (the publisher's socket is not read and its PUBACK is held meanwhile). A subscriber still over it after this long is marked stalled: messages to it are no longer waited for, and dropped and counted beyond max_queued, until it drains below a quarter. 0 disables waiting (drop at max_queued). 0-30s."`
+	KeepaliveMin        time.Duration `koanf:"keepalive_min" doc:"Smallest keepalive a v5 client may use; lower requests are raised (Server Keep Alive). 0 disables the floor."`
+	KeepaliveMax        time.Duration `koanf:"keepalive_max" doc:"Largest keepalive a v5 client may use (0 = none requested also gets this); higher requests are lowered (Server Keep Alive)."`
+	SessionExpiry       time.Duration `koanf:"session_expiry_max" doc:"Longest time a disconnected persistent session is kept (v5 requests are capped; v3.1.1 clean_session=false sessions get this)."`
+	MessageExpiry       time.Duration `koanf:"message_expiry_max" doc:"Longest time a queued or retained message is kept; 0 keeps messages without an expiry of their own forever."`
+	EvacuateRate        int           `koanf:"evacuate_rate" doc:"Clients per second a draining node disconnects when asked to evacuate (rtm node drain --evacuate); MQTT 5 clients get 0x9C with a Server Reference."`
+	ShutdownTimeout     time.Duration `koanf:"shutdown_timeout" doc:"Bound on a graceful shutdown; past it the process exits anyway."`
 }
 
 // Cluster configures membership (Serf gossip) and the node link between
@@ -132,19 +141,20 @@ func Defaults() Config {
 		},
 		Auth: Auth{Devices: "token", TokenTTL: 30 * 24 * time.Hour},
 		Broker: Broker{
-			MQTTAddr:        ":1883",
-			WSAddr:          ":8083",
-			TLSAddr:         ":8883",
-			WSSAddr:         ":8084",
-			AdminAddr:       ":9101",
-			Capacity:        100000,
-			MaxPacketSize:   1 << 20,
-			MaxInflight:     128,
-			MaxQueued:       1000,
-			KeepaliveMax:    20 * time.Minute,
-			SessionExpiry:   24 * time.Hour,
-			EvacuateRate:    100,
-			ShutdownTimeout: 15 * time.Second,
+			MQTTAddr:            ":1883",
+			WSAddr:              ":8083",
+			TLSAddr:             ":8883",
+			WSSAddr:             ":8084",
+			AdminAddr:           ":9101",
+			Capacity:            100000,
+			MaxPacketSize:       1 << 20,
+			MaxInflight:         128,
+			MaxQueued:           1000,
+			BackpressureMaxWait: time.Second,
+			KeepaliveMax:        20 * time.Minute,
+			SessionExpiry:       24 * time.Hour,
+			EvacuateRate:        100,
+			ShutdownTimeout:     15 * time.Second,
 		},
 		Cluster: Cluster{
 			GossipAddr:     ":7946",

@@ -187,6 +187,10 @@ func (b Broker) check(v *validator) {
 	if b.MaxQueued < b.MaxInflight {
 		v.bad("broker.max_queued", b.MaxQueued, fmt.Sprintf("must be at least broker.max_inflight (%d)", b.MaxInflight))
 	}
+	v.nonNegative("broker.backpressure_max_wait", b.BackpressureMaxWait)
+	if b.BackpressureMaxWait > 30*time.Second {
+		v.bad("broker.backpressure_max_wait", b.BackpressureMaxWait.String(), "must be at most 30s: a publisher's connection is not read while it waits")
+	}
 	v.nonNegative("broker.keepalive_min", b.KeepaliveMin)
 	v.nonNegative("broker.keepalive_max", b.KeepaliveMax)
 	if b.KeepaliveMax > 65535*time.Second {

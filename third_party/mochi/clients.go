@@ -174,6 +174,7 @@ type ClientState struct {
 	Subscriptions   *Subscriptions     // a map of the subscription filters a client maintains
 	disconnected    int64              // the time the client disconnected in unix time, for calculating expiry
 	outbound        outboundQueue      // queue for pending outbound packets (rtm patch: was a chan, see outbound.go)
+	flow            flowGate           // rtm patch 20: publishers waiting for this client to drain
 	endOnce         sync.Once          // only end once
 	isTakenOver     atomic.Bool        // used to identify orphaned clients
 	packetID        uint32             // the current highest packetID
@@ -262,6 +263,7 @@ func (cl *Client) writeQueued() {
 			cl.ops.log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
 		}
 		atomic.AddInt32(&cl.State.outboundQty, -1)
+		cl.flowDrained() // rtm patch 20: a place in the queue is free
 	}
 }
 
@@ -402,6 +404,7 @@ func (cl *Client) ClearInflights() {
 			atomic.AddInt64(&cl.ops.info.Inflight, -1)
 		}
 	}
+	cl.flowDrained() // rtm patch 20
 }
 
 // ClearExpiredInflights deletes any inflight messages which have expired.
@@ -415,6 +418,9 @@ func (cl *Client) ClearExpiredInflights(now, maximumExpiry int64) []uint16 {
 				deleted = append(deleted, tk.PacketID)
 			}
 		}
+	}
+	if len(deleted) > 0 {
+		cl.flowDrained() // rtm patch 20
 	}
 
 	return deleted

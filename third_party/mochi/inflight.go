@@ -19,6 +19,7 @@ type Inflight struct {
 	seq                 map[uint16]uint64         // rtm patch: arrival order of each packet in internal (nil until the first Set)
 	lastSeq             uint64                    // rtm patch: the last sequence number given
 	immediate           []inflightRef             // rtm patch: packets waiting for send quota (Expiry < 0), oldest first
+	size                atomic.Int32              // rtm patch 20: len(internal), read without the lock by flow control
 	receiveQuota        int32                     // remaining inbound qos quota for flow control
 	sendQuota           int32                     // remaining outbound qos quota for flow control
 	maximumReceiveQuota int32                     // maximum allowed receive quota
@@ -47,6 +48,7 @@ func (i *Inflight) Set(m packets.Packet) bool {
 
 	prev, ok := i.internal[m.PacketID]
 	i.internal[m.PacketID] = m
+	i.size.Store(int32(len(i.internal))) // rtm patch 20
 
 	// rtm patch: number packets in arrival order (an update keeps its
 	// place), so GetAll, and with it the resend of a session's messages on
@@ -122,6 +124,7 @@ func (i *Inflight) Clone() *Inflight {
 		}
 	}
 	c.lastSeq = i.lastSeq
+	c.size.Store(int32(len(c.internal))) // rtm patch 20
 	c.immediate = append([]inflightRef(nil), i.immediate...)
 	return c
 }
@@ -188,7 +191,8 @@ func (i *Inflight) Delete(id uint16) bool {
 
 	_, ok := i.internal[id]
 	delete(i.internal, id)
-	delete(i.seq, id) // rtm patch
+	delete(i.seq, id)                    // rtm patch
+	i.size.Store(int32(len(i.internal))) // rtm patch 20
 
 	return ok
 }

@@ -47,8 +47,14 @@ func (s *Server) DeliverFromPeer(pk packets.Packet, shared func(route string) bo
 	for _, inline := range subscribers.InlineSubscriptions {
 		inline.Handler(s.inlineClient, inline.Subscription, pk)
 	}
+	// rtm patch 23: a message from a peer waits for congested subscribers
+	// like one from a local client (the caller's link receive goroutine is
+	// blocked meanwhile, at most FlowControl.PeerMaxWait, or MaxWait, per
+	// message).
+	var deadline time.Time
 	for id, sub := range subscribers.Subscriptions {
 		if cl, ok := s.Clients.Get(id); ok {
+			cl = s.pace(nil, cl, &deadline)
 			if _, err := s.publishToClient(cl, sub, pk); err != nil {
 				s.Log.Debug("failed publishing packet from peer", "error", err, "client", cl.ID)
 			}

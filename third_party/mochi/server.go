@@ -129,6 +129,10 @@ type Options struct {
 	// Enable Inline client to allow direct subscribing and publishing from the parent codebase,
 	// with negligible performance difference (disabled by default to prevent confusion in statistics).
 	InlineClient bool `yaml:"inline_client" json:"inline_client"`
+
+	// FlowControl paces publishers feeding a subscriber that does not keep
+	// up (rtm patch 20); the zero value disables it.
+	FlowControl FlowControl `yaml:"flow_control" json:"flow_control"`
 }
 
 // Server is an MQTT broker server. It should be created with server.New()
@@ -144,6 +148,7 @@ type Server struct {
 	Log          *slog.Logger         // minimal no-alloc logger
 	hooks        *Hooks               // hooks contains hooks for extra functionality such as auth and persistent storage
 	inlineClient *Client              // inlineClient is a special client used for inline subscriptions and inline Publish
+	Flow         FlowStats            // rtm patch 20: pacing counters
 }
 
 // loop contains interval tickers for the system events loop.
@@ -1028,7 +1033,7 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	// When it publishes a package with a qos > 0, the server treats
 	// the package as qos=0, and the client receives it as qos=1 or 2.
 	if pk.FixedHeader.Qos == 0 || cl.Net.Inline {
-		s.publishToSubscribers(pk)
+		s.publishToSubscribersFrom(cl, pk) // rtm patch 20: paced, see FlowControl
 		s.hooks.OnPublished(cl, pk)
 		return nil
 	}
@@ -1049,7 +1054,9 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	// could be told a message was accepted while it was not yet queued for
 	// anyone, and a subscriber reconnecting in that window never got it.
 	// No upstream issue.
-	s.publishToSubscribers(pk)
+	// rtm patch 20: and wait (bounded) for subscribers that are congested,
+	// holding this publisher's acknowledgement, see FlowControl.
+	s.publishToSubscribersFrom(cl, pk)
 
 	err = cl.WritePacket(ack)
 	if err != nil {
@@ -1084,6 +1091,14 @@ func (s *Server) retainMessage(cl *Client, pk packets.Packet) {
 
 // publishToSubscribers publishes a publish packet to all subscribers with matching topic filters.
 func (s *Server) publishToSubscribers(pk packets.Packet) {
+	s.publishToSubscribersFrom(nil, pk)
+}
+
+// publishToSubscribersFrom is publishToSubscribers for a message published
+// by client pub, which waits for congested subscribers as FlowControl says;
+// a nil or inline pub never waits.
+// rtm patch 20.
+func (s *Server) publishToSubscribersFrom(pub *Client, pk packets.Packet) {
 	if pk.Ignore {
 		return
 	}
@@ -1112,8 +1127,12 @@ func (s *Server) publishToSubscribers(pk packets.Packet) {
 		inlineSubscription.Handler(s.inlineClient, inlineSubscription.Subscription, pk)
 	}
 
+	var deadline time.Time // rtm patch 20: one MaxWait for all subscribers of pk
 	for id, subs := range subscribers.Subscriptions {
 		if cl, ok := s.Clients.Get(id); ok {
+			if pub != nil && !pub.Net.Inline {
+				cl = s.pace(pub, cl, &deadline)
+			}
 			_, err := s.publishToClient(cl, subs, pk)
 			if err != nil {
 				s.Log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
@@ -1282,6 +1301,7 @@ func (s *Server) processPuback(cl *Client, pk packets.Packet) error {
 	if ok := cl.State.Inflight.Delete(pk.PacketID); ok { // [MQTT-4.3.2-5]
 		cl.State.Inflight.IncreaseSendQuota()
 		atomic.AddInt64(&s.Info.Inflight, -1)
+		cl.flowDrained() // rtm patch 20: wake publishers waiting for cl
 		s.hooks.OnQosComplete(cl, pk)
 	}
 
@@ -1297,6 +1317,7 @@ func (s *Server) processPubrec(cl *Client, pk packets.Packet) error {
 	if pk.ReasonCode >= packets.ErrUnspecifiedError.Code || !pk.ReasonCodeValid() { // [MQTT-4.3.3-4]
 		if ok := cl.State.Inflight.Delete(pk.PacketID); ok {
 			atomic.AddInt64(&s.Info.Inflight, -1)
+			cl.flowDrained() // rtm patch 20
 		}
 		cl.ops.hooks.OnQosDropped(cl, pk)
 		return nil // as per MQTT5 Section 4.13.2 paragraph 2
@@ -1347,6 +1368,7 @@ func (s *Server) processPubcomp(cl *Client, pk packets.Packet) error {
 	cl.State.Inflight.IncreaseSendQuota()    // +1 SENT QUOTA
 	if ok := cl.State.Inflight.Delete(pk.PacketID); ok {
 		atomic.AddInt64(&s.Info.Inflight, -1)
+		cl.flowDrained() // rtm patch 20
 		s.hooks.OnQosComplete(cl, pk)
 	}
 
