@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -215,9 +216,10 @@ func markFailed(b *broker.Broker, peer string) {
 
 // linkProxy is a loopback TCP proxy for a node's link address: it forwards
 // to target, and cut closes every connection and refuses new ones until
-// the next setTarget.
+// the next setTarget. While frozen, what the dialer sends is thrown away.
 type linkProxy struct {
 	ln     net.Listener
+	frozen atomic.Bool
 	mu     sync.Mutex
 	target string
 	conns  map[net.Conn]struct{}
@@ -282,14 +284,25 @@ func (p *linkProxy) accept() {
 		p.conns[in], p.conns[out] = struct{}{}, struct{}{}
 		p.mu.Unlock()
 		p.wg.Add(2)
-		pipe := func(dst, src net.Conn) {
+		pipe := func(dst, src net.Conn, freezes bool) {
 			defer p.wg.Done()
-			_, _ = io.Copy(dst, src)
+			buf := make([]byte, 32<<10)
+			for {
+				n, err := src.Read(buf)
+				if n > 0 && !(freezes && p.frozen.Load()) {
+					if _, werr := dst.Write(buf[:n]); werr != nil {
+						break
+					}
+				}
+				if err != nil {
+					break
+				}
+			}
 			_ = dst.Close()
 			_ = src.Close()
 		}
-		go pipe(out, in)
-		go pipe(in, out)
+		go pipe(out, in, true)
+		go pipe(in, out, false)
 	}
 }
 
@@ -431,6 +444,41 @@ func TestClusterLostQueueCounted(t *testing.T) {
 			waitDropped(t, nodes[0], tc.reason, [3]int64{1, 5, 0})
 		})
 	}
+}
+
+// TestClusterLinkResetCounted: a QoS 0 message written on a link
+// connection that breaks before the peer delivers it is not sent again
+// (at most once), and is counted as "link_reset"; QoS 1 messages on the
+// same connection are resent. Before the fix it was lost uncounted.
+func TestClusterLinkResetCounted(t *testing.T) {
+	nodes, px := proxiedPair(t, nil)
+	far := testutil.MustV5(t, nodes[1].Addr(broker.ListenerTCP), "far")
+	far.Sub(t, "z/#", 1)
+	waitRoutes(t, nodes, nodes[1], 1)
+	pub := testutil.MustV5(t, nodes[0].Addr(broker.ListenerTCP), "pub")
+	written := func() int64 {
+		for _, l := range nodes[0].Stats().Cluster.Links {
+			if l.Peer == "n1" {
+				return l.Messages
+			}
+		}
+		return -1
+	}
+	before := written()
+	px.frozen.Store(true) // n0's frames to n1 vanish, the connection stays open
+	pub.Pub(t, "z/0", 0, false, "lost")
+	pub.Pub(t, "z/1", 1, false, "resent")
+	testutil.WaitFor(t, waitCond, func() error {
+		if w := written(); w != before+2 {
+			return fmt.Errorf("n0 wrote %d messages to n1, want %d", w-before, 2)
+		}
+		return nil
+	})
+	px.cut()
+	px.frozen.Store(false)
+	px.setTarget(nodes[1].Stats().Cluster.Link)
+	expectPayloads(t, far, "resent")
+	waitDropped(t, nodes[0], "link_reset", [3]int64{1, 0, 0})
 }
 
 // TestDropOfflineQos0Counted: a message delivered at QoS 0 to a client
