@@ -50,6 +50,7 @@ func publishCode(t testing.TB, c *testutil.V5, topic string, qos byte, payload [
 	pr, err := c.Publish(testutil.Context(t, waitMsg), &paho.Publish{Topic: topic, QoS: qos, Payload: payload})
 	if pr == nil {
 		t.Fatalf("publish %s at QoS %d: no acknowledgement: %v", topic, qos, err)
+		return 0
 	}
 	return pr.ReasonCode
 }
