@@ -454,21 +454,25 @@ func (c *clusterNode) forward(pk packets.Packet) error {
 		return nil
 	}
 	var refuse error
+	var missed map[string]bool
 	if c.remoteCount.Load() > 0 { // else no peer subscribes to anything: skip the lookup
-		refuse = c.forwardPublish(pk)
+		missed, refuse = c.forwardPublish(pk)
 	}
 	// A refused message is not retained here (mochi skips it), so not on
 	// the peers either.
 	if pk.FixedHeader.Retain && (refuse == nil || pk.FixedHeader.Qos == 0) {
-		c.forwardRetained(pk)
+		c.forwardRetained(pk, missed)
 	}
 	return refuse
 }
 
-func (c *clusterNode) forwardPublish(pk packets.Packet) error {
+// forwardPublish queues pk for the peers whose routes match it. It returns
+// the peers it could not be queued for, each counted once, and the refusal
+// for a QoS 1/2 publisher (see forward).
+func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, error) {
 	subs := c.remote.Subscribers(pk.TopicName)
 	if len(subs.Subscriptions) == 0 && len(subs.Shared) == 0 {
-		return nil // no peer wants it: nothing crosses a link
+		return nil, nil // no peer wants it: nothing crosses a link
 	}
 	type target struct {
 		p      *peer
@@ -522,8 +526,13 @@ func (c *clusterNode) forwardPublish(pk packets.Packet) error {
 
 	qos := pk.FixedHeader.Qos
 	var refuse error
+	var missed map[string]bool
 	fail := func(peer string, reason dropReason) {
 		c.b.limits.linkDropped(peer, reason, qos, 1, pk.TopicName)
+		if missed == nil {
+			missed = map[string]bool{}
+		}
+		missed[peer] = true
 		if refuse == nil || reason == dropLinkQueueFull {
 			refuse = packets.ErrUnspecifiedError
 			if reason == dropLinkQueueFull {
@@ -562,7 +571,7 @@ func (c *clusterNode) forwardPublish(pk packets.Packet) error {
 		c.forwarded.Add(1)
 		c.forwardedBytes.Add(int64(len(body)))
 	}
-	return refuse
+	return missed, refuse
 }
 
 // linkDropReason is the drop reason of a link.Queue error.
@@ -612,9 +621,10 @@ func (c *clusterNode) discarded(peer string, why link.Discard, msgs []link.Messa
 
 // forwardRetained tells every peer the topic's new retained message (or its
 // clear), whatever their routes: a later subscriber on any node gets it.
-// A peer it cannot be queued for is counted; it gets the message in the
+// A peer it cannot be queued for is counted (unless counted already, in
+// counted, for the same message as a publish); it gets the message in the
 // snapshot that opens its link's next connection.
-func (c *clusterNode) forwardRetained(pk packets.Packet) {
+func (c *clusterNode) forwardRetained(pk packets.Packet, counted map[string]bool) {
 	c.retMu.Lock()
 	at := time.Now().UnixNano()
 	if at <= c.lastStamp {
@@ -635,7 +645,7 @@ func (c *clusterNode) forwardRetained(pk packets.Packet) {
 	var missed []miss
 	c.mu.Lock()
 	for _, p := range c.peers {
-		if err := p.link.Queue(link.Message{Type: msgRetained, Body: body}, true); err != nil {
+		if err := p.link.Queue(link.Message{Type: msgRetained, Body: body}, true); err != nil && !counted[p.name] {
 			missed = append(missed, miss{p.name, linkDropReason(err)})
 		}
 	}
