@@ -199,7 +199,15 @@ func TestClusterRefusesWhatItCannotQueue(t *testing.T) {
 		v3, lost := dialV3Lost(t, nodes[0], "pub3")
 		expectV3Closed(t, v3, lost, "r/3", []byte("refused v3"))
 		expectPayloads(t, near, "qos0")
-		waitDropped(t, nodes[0], "no_link", [3]int64{1, 2, 0})
+		// A will has nobody to refuse: published here, counted for n1.
+		willer, _, err := testutil.DialV5(t, nodes[0].Addr(broker.ListenerTCP), &paho.Connect{ClientID: "willer", CleanStart: true,
+			WillMessage: &paho.WillMessage{Topic: "r/will", QoS: 1, Payload: []byte("will")}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = willer.Conn.Close() // without DISCONNECT: the will is published
+		expectPayloads(t, near, "will")
+		waitDropped(t, nodes[0], "no_link", [3]int64{1, 3, 0})
 
 		nodes[0].SetTestMembers(nil)
 		waitMesh(t, nodes...)
