@@ -111,6 +111,7 @@ func FuzzFrame(f *testing.F) {
 	}
 	f.Add(all)
 	f.Add(AppendFrame(nil, Frame{Type: FrameData, Seq: 1, Msg: Message{Type: typeData, Body: bytes.Repeat([]byte("x"), 200)}}))
+	f.Add([]byte{0, 0, 0, 2, byte(FrameReady), 5}) // a ready without the incarnation (older nodes)
 	f.Add([]byte{0, 0, 0, 0})
 	f.Add([]byte{0xff, 0xff, 0xff, 0xff, 1})
 	f.Add([]byte("GET / HTTP/1.1\r\n\r\n"))
