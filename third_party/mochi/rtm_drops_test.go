@@ -7,6 +7,8 @@ package mqtt
 import (
 	"errors"
 	"io"
+	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -119,6 +121,28 @@ func TestPublishRefusedByHook(t *testing.T) {
 			require.Empty(t, s.Topics.Messages("a/b"), "the refused message was retained")
 			_ = r.Close()
 		})
+	}
+}
+
+// TestPublishRefusalLoggedAtDebug (patch 25): a reason code returned by an
+// OnPublish hook is the hook's answer, logged at debug level; v2.7.9 logged
+// an error per refused message. Other errors are still errors.
+func TestPublishRefusalLoggedAtDebug(t *testing.T) {
+	for _, tc := range []struct {
+		err       error
+		wantError bool
+	}{{packets.ErrQuotaExceeded, false}, {errors.New("broken"), true}} {
+		logs := new(safeBuffer)
+		s := New(&Options{Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo}))})
+		require.NoError(t, s.AddHook(&refuseHook{err: tc.err}, nil))
+		cl, r, w := newTestClient()
+		cl.Properties.ProtocolVersion = 5
+		go func() { _, _ = io.Copy(io.Discard, r) }()
+		_, err := s.hooks.OnPublish(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, TopicName: "a/b"})
+		require.ErrorIs(t, err, tc.err)
+		require.Equal(t, tc.wantError, strings.Contains(logs.String(), "level=ERROR"), "%v: logs %q", tc.err, logs.String())
+		_ = w.Close()
+		_ = r.Close()
 	}
 }
 
