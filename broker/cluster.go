@@ -76,6 +76,10 @@ type clusterNode struct {
 	wg        sync.WaitGroup
 }
 
+// linkStateHeld is the state ClusterStats gives a link held for a failed
+// peer (see syncPeers), whatever its connection's state.
+const linkStateHeld = "held"
+
 // peer is another broker node and the link to it.
 type peer struct {
 	name, linkAddr string
@@ -498,11 +502,13 @@ func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, error)
 		if _, ok := c.localRoutes[route]; ok {
 			continue // a local member takes it (mochi picks one)
 		}
-		var names []string
-		for name := range members {
-			if _, ok := c.peers[name]; ok {
-				names = append(names, name)
-			}
+		// Members on alive peers first; if there are none, on held ones
+		// (as for plain routes above).
+		pool := c.peers
+		names := memberNames(members, pool)
+		if len(names) == 0 {
+			pool = c.held
+			names = memberNames(members, pool)
 		}
 		if len(names) == 0 {
 			for name := range members {
@@ -514,7 +520,7 @@ func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, error)
 		slices.Sort(names)
 		n := c.shareNext[route]
 		c.shareNext[route] = n + 1
-		p := c.peers[names[n%uint64(len(names))]]
+		p := pool[names[n%uint64(len(names))]]
 		i := slices.IndexFunc(targets, func(t target) bool { return t.p == p })
 		if i < 0 {
 			targets = append(targets, target{p: p})
@@ -572,6 +578,17 @@ func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, error)
 		c.forwardedBytes.Add(int64(len(body)))
 	}
 	return missed, refuse
+}
+
+// memberNames returns the names of the share group's members found in pool.
+func memberNames(members map[string]packets.Subscription, pool map[string]*peer) []string {
+	var names []string
+	for name := range members {
+		if _, ok := pool[name]; ok {
+			names = append(names, name)
+		}
+	}
+	return names
 }
 
 // linkDropReason is the drop reason of a link.Queue error.
@@ -992,7 +1009,7 @@ func (c *clusterNode) stats() *ClusterStats {
 	}
 	for _, p := range c.held {
 		st := p.link.Stats()
-		st.State = "held"
+		st.State = linkStateHeld
 		s.Links = append(s.Links, st)
 	}
 	s.LocalRoutes = len(c.localRoutes)
