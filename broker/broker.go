@@ -374,7 +374,7 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 				<-b.devices.done
 			}
 			// 4. Links and gossip close; messages still queued for peers
-			// are lost with this process.
+			// are lost with this process (counted: link_closed).
 			if b.cluster != nil {
 				b.cluster.shutdown()
 			}
