@@ -398,14 +398,15 @@ func TestClusterSuspicionHealsWithoutLoss(t *testing.T) {
 
 // TestClusterLostQueueCounted: what was queued for a peer and can no longer
 // reach it is counted, by reason: the peer restarted (a new process got
-// the link: its old sessions are gone), or it left. Before the fix the
-// queue was resent to the restarted process, or thrown away uncounted.
+// the link: its old sessions are gone), it left, or it stayed failed past
+// cluster.failed_peer_hold. Before the fix the queue was resent to the
+// restarted process, or thrown away uncounted.
 func TestClusterLostQueueCounted(t *testing.T) {
 	for _, tc := range []struct {
 		name, reason string
-	}{{"peer restarted", "peer_restarted"}, {"peer left", "link_closed"}} {
+	}{{"peer restarted", "peer_restarted"}, {"peer left", "link_closed"}, {"failed too long", "link_closed"}} {
 		t.Run(tc.name, func(t *testing.T) {
-			nodes, px := proxiedPair(t, nil)
+			nodes, px := proxiedPair(t, func(_ *config.Broker, c *config.Cluster) { c.FailedPeerHold = time.Second })
 			far := testutil.MustV5(t, nodes[1].Addr(broker.ListenerTCP), "far")
 			far.Sub(t, "l/#", 1)
 			far0 := testutil.MustV5(t, nodes[1].Addr(broker.ListenerTCP), "far0")
@@ -436,6 +437,13 @@ func TestClusterLostQueueCounted(t *testing.T) {
 				pub.Pub(t, "l/t", 1, false, strconv.Itoa(i))
 			}
 			pub.Pub(t, "l/t", 0, false, "qos0")
+			if tc.name == "failed too long" {
+				// n1 stays up but unreachable, marked failed, past the hold.
+				markFailed(nodes[0], "n1")
+				waitDropped(t, nodes[0], tc.reason, [3]int64{1, 5, 0})
+				nodes[0].SetTestMembers(nil)
+				return
+			}
 			gossip := nodes[1].GossipAddr()
 			ctx := testutil.Context(t, waitCond)
 			if err := nodes[1].Shutdown(ctx); err != nil {
