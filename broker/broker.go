@@ -388,7 +388,7 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 				<-b.devices.done
 			}
 			// 4. Links and gossip close; messages still queued for peers
-			// are lost with this process.
+			// are lost with this process (counted: link_closed).
 			if b.cluster != nil {
 				b.cluster.shutdown()
 			}
@@ -440,11 +440,21 @@ type Stats struct {
 	// or kept while it is offline (reason "session_full"), or, in theory, had
 	// no free packet identifier (reason "packet_ids").
 	InflightDropped int64 `json:"inflight_dropped"`
-	// DroppedByReason is the same by reason, then QoS: the series of
-	// rtm_broker_messages_dropped_total{reason,qos}, e.g.
+	// DroppedByReason counts every message lost, by reason, then QoS (as
+	// published; as held for "expired" and "session_expired"): the series
+	// of rtm_broker_messages_dropped_total{reason,qos}, e.g.
 	//
 	//	{"queue_full": {"0": 12, "1": 0, "2": 0},
-	//	 "session_full": {"1": 290, "2": 0}, "packet_ids": {"1": 0, "2": 0}}
+	//	 "session_full": {"1": 290, "2": 0}, "packet_ids": {"1": 0, "2": 0},
+	//	 "offline": {"0": 3, ...}, "link_queue_full": {"0": 0, "1": 4, ...}, ...}
+	//
+	// The reasons are those above plus "offline" (QoS 0 to a client that
+	// is not connected), "expired", "session_expired", and the node link
+	// reasons "link_queue_full", "link_oversize", "no_link",
+	// "link_closed", "link_reset" and "peer_restarted" (see
+	// docs/clustering.md). A QoS 1/2 publish refused at a link (the
+	// publisher got 0x97/0x80 or was disconnected) is counted too, once
+	// per peer it could not be queued for.
 	DroppedByReason map[string]map[string]int64 `json:"messages_dropped_by_reason"`
 	BytesReceived   int64                       `json:"bytes_received"`
 	BytesSent       int64                       `json:"bytes_sent"`
@@ -519,11 +529,9 @@ func (b *Broker) Stats() Stats {
 		s.Cluster = b.cluster.stats()
 	}
 	s.MessagesDropped = maps.Clone(s.DroppedByReason[dropReasonNames[dropQueueFull]])
-	for r, byQoS := range s.DroppedByReason {
-		if r != dropReasonNames[dropQueueFull] {
-			for _, n := range byQoS {
-				s.InflightDropped += n
-			}
+	for _, r := range []dropReason{dropSessionFull, dropPacketIDs} {
+		for _, n := range s.DroppedByReason[dropReasonNames[r]] {
+			s.InflightDropped += n
 		}
 	}
 	return s

@@ -46,6 +46,7 @@ type clusterNode struct {
 
 	mu          sync.Mutex
 	peers       map[string]*peer               // alive brokers with a link, by name
+	held        map[string]*peer               // failed brokers whose link keeps what was queued (cluster.failed_peer_hold)
 	localRoutes map[string]struct{}            // filters local clients subscribe to (and share groups)
 	routeVer    uint64                         // bumped by every local route change
 	remoteSets  map[string]map[string]struct{} // peer → its routes, as held in remote
@@ -62,6 +63,10 @@ type clusterNode struct {
 	claimMu  sync.Mutex
 	claims   map[uint64]chan claimReplyMsg
 
+	// testMembers, if set, rewrites the member list syncPeers sees: tests
+	// make a peer look failed without stopping it.
+	testMembers atomic.Pointer[func([]cluster.Member) []cluster.Member]
+
 	forwarded, forwardedBytes, received atomic.Int64
 	claimsSent, claimsTimedOut, moved   atomic.Int64
 
@@ -71,10 +76,15 @@ type clusterNode struct {
 	wg        sync.WaitGroup
 }
 
+// linkStateHeld is the state ClusterStats gives a link held for a failed
+// peer (see syncPeers), whatever its connection's state.
+const linkStateHeld = "held"
+
 // peer is another broker node and the link to it.
 type peer struct {
 	name, linkAddr string
 	link           *link.Link
+	heldUntil      time.Time // while in clusterNode.held: when its queue is given up
 }
 
 type retainStamp struct {
@@ -97,6 +107,7 @@ func newClusterNode(b *Broker, cfg config.Cluster, timing cluster.Timing) *clust
 		incarnation: binary.LittleEndian.Uint64(seed[:]) | 1,
 		remote:      mqtt.NewTopicsIndex(),
 		peers:       map[string]*peer{},
+		held:        map[string]*peer{},
 		localRoutes: map[string]struct{}{},
 		remoteSets:  map[string]map[string]struct{}{},
 		remoteVer:   map[string]uint64{},
@@ -172,6 +183,7 @@ func (c *clusterNode) linkConfig() link.Config {
 		QueueBytes:  c.cfg.LinkQueueBytes,
 		MaxFrame:    c.b.cfg.MaxPacketSize + 64<<10,
 		Logger:      c.b.log,
+		OnDiscard:   c.discarded,
 	}
 	if c.timing == cluster.TimingFast {
 		lc.RedialMax = 200 * time.Millisecond
@@ -268,21 +280,54 @@ func (c *clusterNode) retag() {
 	}
 }
 
+// syncPeers makes the links follow membership. A peer gossip marks failed
+// may only be suspected (a lost probe, a short partition): its routes are
+// dropped, so what is published from now on is not queued for it, but its
+// link is held for cluster.failed_peer_hold with what was queued before,
+// and resent if the same process comes back (the link tells a restarted
+// one by its incarnation, and discards that queue: see link.Discard).
 func (c *clusterNode) syncPeers() {
 	want := map[string]string{}
-	for _, m := range c.node.Members() {
-		if m.Name == c.node.Name() || m.Tags.Role != cluster.RoleBroker || m.Tags.Link == "" || m.Status != cluster.StatusAlive {
+	failed := map[string]bool{}
+	for _, m := range c.members() {
+		if m.Name == c.node.Name() || m.Tags.Role != cluster.RoleBroker || m.Tags.Link == "" {
 			continue
 		}
-		want[m.Name] = m.Tags.Link
+		switch m.Status {
+		case cluster.StatusAlive:
+			want[m.Name] = m.Tags.Link
+		case cluster.StatusFailed:
+			failed[m.Name] = true
+		}
 	}
+	now := time.Now()
 	c.mu.Lock()
-	var closing []*peer
+	var closing, forget []*peer
 	for name, p := range c.peers {
 		if addr, ok := want[name]; !ok || addr != p.linkAddr {
-			closing = append(closing, p)
 			delete(c.peers, name)
 			c.dropRoutesLocked(name)
+			forget = append(forget, p)
+			if !ok && failed[name] && c.cfg.FailedPeerHold > 0 {
+				p.heldUntil = now.Add(c.cfg.FailedPeerHold)
+				c.held[name] = p
+				c.log.Info("peer failed: its routes are dropped; what was queued for it is kept in case it comes back",
+					"peer", name, "queued", p.link.Stats().QueueLen, "hold", c.cfg.FailedPeerHold)
+			} else {
+				closing = append(closing, p)
+			}
+		}
+	}
+	for name, p := range c.held {
+		addr, alive := want[name]
+		switch {
+		case alive && addr == p.linkAddr:
+			delete(c.held, name)
+			c.peers[name] = p
+			c.log.Info("failed peer alive again: its link resends what was queued", "peer", name, "queued", p.link.Stats().QueueLen)
+		case alive || !failed[name] || now.After(p.heldUntil):
+			delete(c.held, name)
+			closing = append(closing, p)
 		}
 	}
 	for name, addr := range want {
@@ -305,11 +350,24 @@ func (c *clusterNode) syncPeers() {
 		}
 	}
 	c.mu.Unlock()
-	for _, p := range closing {
-		c.log.Info("peer removed: its routes are dropped", "peer", p.name)
-		p.link.Close()
+	// Forget closes the peer's inbound connection: should it be alive
+	// after all, it redials and sends the routes dropped here again.
+	for _, p := range forget {
 		c.links.Forget(p.name)
 	}
+	for _, p := range closing {
+		c.log.Info("peer removed: its routes are dropped", "peer", p.name)
+		p.link.Close() // what is still queued is counted (discarded)
+	}
+}
+
+// members is the gossip member list, as filtered by testMembers in tests.
+func (c *clusterNode) members() []cluster.Member {
+	ms := c.node.Members()
+	if f := c.testMembers.Load(); f != nil {
+		ms = (*f)(ms)
+	}
+	return ms
 }
 
 // dropRoutesLocked forgets every route of a peer. c.mu is held.
@@ -388,59 +446,96 @@ func (c *clusterNode) onRoute(filter string, added bool) {
 
 // OnPublish forwards what a local client publishes. It runs before mochi
 // acknowledges the message, so an acknowledged QoS 1/2 message is already
-// queued on every link it needs (and re-sent if a link drops).
+// queued on every link it needs (and re-sent if a link drops). A QoS 1/2
+// message that cannot be queued for every peer that needs it is refused
+// (mochi answers with the code returned: rtm patch 25), and not delivered
+// here either; peers that did queue it deliver it, so the publisher's
+// retry may reach them twice, which QoS 1 allows.
 func (c *clusterNode) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if !cl.Net.Inline {
-		c.forward(pk)
+		if err := c.forward(pk); err != nil && pk.FixedHeader.Qos > 0 {
+			return pk, err
+		}
 	}
 	return pk, nil
 }
 
-// OnWillSent forwards a will message once it was published locally.
-func (c *clusterNode) OnWillSent(_ *mqtt.Client, pk packets.Packet) { c.forward(pk) }
+// OnWillSent forwards a will message once it was published locally. There
+// is nobody to refuse: what cannot be queued is counted.
+func (c *clusterNode) OnWillSent(_ *mqtt.Client, pk packets.Packet) { _ = c.forward(pk) }
 
-func (c *clusterNode) forward(pk packets.Packet) {
+// forward queues pk for every peer whose routes match it, and its retained
+// state for every peer, counting each peer it could not be queued for. It
+// returns the reason code to refuse a QoS 1/2 publish with if any peer was
+// missed: 0x97 (quota exceeded) for a full link queue, else 0x80.
+func (c *clusterNode) forward(pk packets.Packet) error {
 	if strings.HasPrefix(pk.TopicName, "$SYS") {
-		return
+		return nil
 	}
-	if pk.FixedHeader.Retain {
-		c.forwardRetained(pk)
+	var refuse error
+	var missed map[string]bool
+	if c.remoteCount.Load() > 0 { // else no peer subscribes to anything: skip the lookup
+		missed, refuse = c.forwardPublish(pk)
 	}
-	if c.remoteCount.Load() == 0 {
-		return // no peer subscribes to anything: skip the lookup
+	// A refused message is not retained here (mochi skips it), so not on
+	// the peers either.
+	if pk.FixedHeader.Retain && (refuse == nil || pk.FixedHeader.Qos == 0) {
+		c.forwardRetained(pk, missed)
 	}
+	return refuse
+}
+
+// forwardPublish queues pk for the peers whose routes match it. It returns
+// the peers it could not be queued for, each counted once, and the refusal
+// for a QoS 1/2 publisher (see forward).
+func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, error) {
 	subs := c.remote.Subscribers(pk.TopicName)
 	if len(subs.Subscriptions) == 0 && len(subs.Shared) == 0 {
-		return // no peer wants it: nothing crosses a link
+		return nil, nil // no peer wants it: nothing crosses a link
 	}
 	type target struct {
 		p      *peer
 		shared []string // share groups this peer is chosen for
 	}
 	targets := make([]target, 0, len(subs.Subscriptions)+len(subs.Shared))
+	var missing []string // peers with matching routes and no link
 	c.mu.Lock()
 	for name := range subs.Subscriptions {
-		if p := c.peers[name]; p != nil {
-			targets = append(targets, target{p: p})
+		p := c.peers[name]
+		if p == nil {
+			// Failed, and sending its routes again: it may be alive after
+			// all. Its held link takes the message, resent if it heals.
+			p = c.held[name]
 		}
+		if p == nil {
+			missing = append(missing, name)
+			continue
+		}
+		targets = append(targets, target{p: p})
 	}
 	for route, members := range subs.Shared {
 		if _, ok := c.localRoutes[route]; ok {
 			continue // a local member takes it (mochi picks one)
 		}
-		var names []string
-		for name := range members {
-			if _, ok := c.peers[name]; ok {
-				names = append(names, name)
-			}
+		// Members on alive peers first; if there are none, on held ones
+		// (as for plain routes above).
+		pool := c.peers
+		names := memberNames(members, pool)
+		if len(names) == 0 {
+			pool = c.held
+			names = memberNames(members, pool)
 		}
 		if len(names) == 0 {
+			for name := range members {
+				missing = append(missing, name) // one is enough to count the group
+				break
+			}
 			continue
 		}
 		slices.Sort(names)
 		n := c.shareNext[route]
 		c.shareNext[route] = n + 1
-		p := c.peers[names[n%uint64(len(names))]]
+		p := pool[names[n%uint64(len(names))]]
 		i := slices.IndexFunc(targets, func(t target) bool { return t.p == p })
 		if i < 0 {
 			targets = append(targets, target{p: p})
@@ -450,9 +545,30 @@ func (c *clusterNode) forward(pk packets.Packet) {
 	}
 	c.mu.Unlock()
 
+	qos := pk.FixedHeader.Qos
+	var refuse error
+	var missed map[string]bool
+	fail := func(peer string, reason dropReason) {
+		c.b.limits.linkDropped(peer, reason, qos, 1, pk.TopicName)
+		if missed == nil {
+			missed = map[string]bool{}
+		}
+		missed[peer] = true
+		if refuse == nil || reason == dropLinkQueueFull {
+			refuse = packets.ErrUnspecifiedError
+			if reason == dropLinkQueueFull {
+				refuse = packets.ErrQuotaExceeded
+			}
+		}
+	}
+	for _, name := range missing {
+		fail(name, dropNoLink)
+	}
+
 	// Encoding and queueing happen outside the lock, so publishers on
 	// different connections forward in parallel; each one's messages still
-	// queue in its order.
+	// queue in its order. Every target is tried, even after a failure, so
+	// a publisher that does not retry still reaches every peer it can.
 	m := publishMsg{Origin: pk.Origin, Expiry: expiryLeft(pk.Expiry), Packet: pk}
 	var plain []byte // the body for peers with no share group, encoded once
 	for _, t := range targets {
@@ -461,23 +577,86 @@ func (c *clusterNode) forward(pk packets.Packet) {
 			m.Shared = t.shared
 			var err error
 			if body, err = m.encode(); err != nil {
-				c.log.Error("message not forwarded: cannot encode it", "topic", pk.TopicName, "error", err)
-				return
+				c.log.Error("message not forwarded: cannot encode it", "topic", pk.TopicName, "peer", t.p.name, "error", err)
+				fail(t.p.name, dropNoLink)
+				continue
 			}
 			if t.shared == nil {
 				plain = body
 			}
 		}
-		if t.p.link.Send(link.Message{Type: msgPublish, Body: body}, pk.FixedHeader.Qos > 0) {
-			c.forwarded.Add(1)
-			c.forwardedBytes.Add(int64(len(body)))
+		if err := t.p.link.Queue(link.Message{Type: msgPublish, Body: body}, qos > 0); err != nil {
+			fail(t.p.name, linkDropReason(err))
+			continue
+		}
+		c.forwarded.Add(1)
+		c.forwardedBytes.Add(int64(len(body)))
+	}
+	return missed, refuse
+}
+
+// memberNames returns the names of the share group's members found in pool.
+func memberNames(members map[string]packets.Subscription, pool map[string]*peer) []string {
+	var names []string
+	for name := range members {
+		if _, ok := pool[name]; ok {
+			names = append(names, name)
+		}
+	}
+	return names
+}
+
+// linkDropReason is the drop reason of a link.Queue error.
+func linkDropReason(err error) dropReason {
+	switch {
+	case errors.Is(err, link.ErrQueueFull):
+		return dropLinkQueueFull
+	case errors.Is(err, link.ErrOversize):
+		return dropLinkOversize
+	default: // closed while a peer was removed
+		return dropNoLink
+	}
+}
+
+// discarded is link.Config.OnDiscard: publishes a link threw away are
+// counted by reason and QoS. Retained updates are not: a peer that comes
+// back gets every retained message in its link's opening snapshot.
+func (c *clusterNode) discarded(peer string, why link.Discard, msgs []link.Message) {
+	reason := dropLinkClosed
+	switch why {
+	case link.DiscardRestarted:
+		reason = dropPeerRestarted
+	case link.DiscardUnreliable:
+		reason = dropLinkReset
+	}
+	var n [3]int64
+	topic := ""
+	for _, m := range msgs {
+		if m.Type != msgPublish {
+			continue
+		}
+		pm, err := decodePublish(m.Body)
+		if err != nil {
+			continue
+		}
+		if q := pm.Packet.FixedHeader.Qos; q <= 2 {
+			n[q]++
+		}
+		topic = pm.Packet.TopicName
+	}
+	for q, k := range n {
+		if k > 0 {
+			c.b.limits.linkDropped(peer, reason, byte(q), k, topic)
 		}
 	}
 }
 
 // forwardRetained tells every peer the topic's new retained message (or its
 // clear), whatever their routes: a later subscriber on any node gets it.
-func (c *clusterNode) forwardRetained(pk packets.Packet) {
+// A peer it cannot be queued for is counted (unless counted already, in
+// counted, for the same message as a publish); it gets the message in the
+// snapshot that opens its link's next connection.
+func (c *clusterNode) forwardRetained(pk packets.Packet, counted map[string]bool) {
 	c.retMu.Lock()
 	at := time.Now().UnixNano()
 	if at <= c.lastStamp {
@@ -491,10 +670,20 @@ func (c *clusterNode) forwardRetained(pk packets.Packet) {
 		c.log.Error("retained message not forwarded: cannot encode it", "topic", pk.TopicName, "error", err)
 		return
 	}
+	type miss struct {
+		peer   string
+		reason dropReason
+	}
+	var missed []miss
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	for _, p := range c.peers {
-		p.link.Send(link.Message{Type: msgRetained, Body: body}, true)
+		if err := p.link.Queue(link.Message{Type: msgRetained, Body: body}, true); err != nil && !counted[p.name] {
+			missed = append(missed, miss{p.name, linkDropReason(err)})
+		}
+	}
+	c.mu.Unlock()
+	for _, m := range missed {
+		c.b.limits.linkDropped(m.peer, m.reason, pk.FixedHeader.Qos, 1, pk.TopicName)
 	}
 }
 
@@ -754,7 +943,8 @@ func (c *clusterNode) leave(ctx context.Context) {
 	}
 }
 
-// shutdown closes the links and gossip; messages still queued are lost.
+// shutdown closes the links and gossip; messages still queued are lost,
+// and counted (link_closed).
 func (c *clusterNode) shutdown() {
 	c.stopOnce.Do(c.close)
 }
@@ -770,7 +960,8 @@ func (c *clusterNode) close() {
 	c.stopWatch()
 	c.mu.Lock()
 	peers := slices.Collect(maps.Values(c.peers))
-	c.peers = map[string]*peer{}
+	peers = slices.AppendSeq(peers, maps.Values(c.held))
+	c.peers, c.held = map[string]*peer{}, map[string]*peer{}
 	c.mu.Unlock()
 	for _, p := range peers {
 		p.link.Close()
@@ -836,6 +1027,11 @@ func (c *clusterNode) stats() *ClusterStats {
 	c.mu.Lock()
 	for _, p := range c.peers {
 		s.Links = append(s.Links, p.link.Stats())
+	}
+	for _, p := range c.held {
+		st := p.link.Stats()
+		st.State = linkStateHeld
+		s.Links = append(s.Links, st)
 	}
 	s.LocalRoutes = len(c.localRoutes)
 	for name, set := range c.remoteSets {

@@ -14,9 +14,11 @@ import (
 )
 
 // limitsHook enforces the node's capacity and keepalive bounds at CONNECT,
-// and makes every dropped message visible: counted by reason and QoS, and
-// logged with the client ID and the reason once per dropLogInterval per
-// client, so an overload cannot flood the log but no drop goes unsaid.
+// and makes every lost message visible: counted by reason and QoS, and
+// logged with the client ID (or the peer) and the reason once per
+// dropLogInterval per client or peer, so an overload cannot flood the log
+// but no drop goes unsaid. It is the one place drops are counted: the
+// cluster reports its link losses here too (linkDropped).
 type limitsHook struct {
 	mqtt.HookBase
 	b *Broker
@@ -24,10 +26,15 @@ type limitsHook struct {
 	drops [numDropReasons][3]atomic.Int64 // messages dropped, by reason and QoS
 
 	mu      sync.Mutex
-	pending map[string]*dropCount // client ID → drops not yet logged
+	pending map[dropKey]*dropCount // client or peer → drops not yet logged
 }
 
-// dropReason is why a message was not delivered to a client.
+// dropKey names who a drop is logged for: a client ("client_id") or a
+// peer node ("peer").
+type dropKey struct{ attr, id string }
+
+// dropReason is why a message was not delivered (or, for a QoS 1/2
+// publish refused at the link, not accepted).
 type dropReason int
 
 const (
@@ -40,14 +47,57 @@ const (
 	// dropPacketIDs: no free packet identifier for a QoS 1/2 message (all
 	// 65,535 in use; not reachable while broker.max_queued < 65,535).
 	dropPacketIDs
+	// dropOffline: a message delivered at QoS 0 (published at 0, or
+	// downgraded by the subscription) to a client that is not connected;
+	// a session keeps QoS 1/2 messages only.
+	dropOffline
+	// dropExpired: a message held for a client (sent and not acknowledged,
+	// or kept while it is offline) whose message expiry interval, or
+	// broker.message_expiry_max, passed.
+	dropExpired
+	// dropSessionExpired: QoS 1/2 messages still held by a session that
+	// expired (broker.session_expiry_max, or the client's own interval).
+	dropSessionExpired
+	// dropLinkQueueFull: a peer's link queue already held
+	// cluster.link_queue_bytes. QoS 1/2 publishes are refused (0x97), QoS 0
+	// is dropped for that peer.
+	dropLinkQueueFull
+	// dropLinkOversize: the message does not fit a link frame (a client ID
+	// and topic far above the usual sizes on a packet near
+	// broker.max_packet_size). QoS 1/2 refused (0x80).
+	dropLinkOversize
+	// dropNoLink: a peer holds routes for the topic but this node has no
+	// link to it (gossip does not show it alive yet, or it is being
+	// removed). QoS 1/2 refused (0x80). Also a message that cannot be
+	// encoded for a link (not seen in practice).
+	dropNoLink
+	// dropLinkClosed: queued for a peer, not yet acknowledged, and thrown
+	// away: the peer left, stayed failed longer than
+	// cluster.failed_peer_hold, or this node shut down.
+	dropLinkClosed
+	// dropLinkReset: a QoS 0 message written to a link connection that
+	// broke before the peer delivered it (QoS 0 is not sent twice).
+	dropLinkReset
+	// dropPeerRestarted: queued for a peer that came back as a new process
+	// (restarted): meant for sessions that are gone, thrown away.
+	dropPeerRestarted
 	numDropReasons
 )
 
 // dropReasonNames are the reason label values, in dropReason order.
-var dropReasonNames = [numDropReasons]string{"queue_full", "session_full", "packet_ids"}
+var dropReasonNames = [numDropReasons]string{"queue_full", "session_full", "packet_ids",
+	"offline", "expired", "session_expired",
+	"link_queue_full", "link_oversize", "no_link", "link_closed", "link_reset", "peer_restarted"}
 
 // dropReasonText are the reasons as said in the log, in dropReason order.
-var dropReasonText = [numDropReasons]string{"client queue full", "client session full", "no free packet identifier"}
+var dropReasonText = [numDropReasons]string{"client queue full", "client session full", "no free packet identifier",
+	"client offline (QoS 0)", "message expired", "session expired",
+	"link queue full", "too large for a node link", "no link to a peer with matching routes",
+	"link closed with messages queued", "QoS 0 lost when a link connection broke", "peer restarted"}
+
+// dropNoQoS0 marks the reasons that apply to QoS 1/2 messages only: their
+// QoS 0 series are not exported.
+var dropNoQoS0 = [numDropReasons]bool{dropSessionFull: true, dropPacketIDs: true, dropExpired: true, dropSessionExpired: true}
 
 type dropCount struct {
 	n     [numDropReasons]int64
@@ -59,14 +109,21 @@ const dropLogInterval = time.Second
 func (h *limitsHook) ID() string { return "rtm-limits" }
 
 func (h *limitsHook) Provides(b byte) bool {
-	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnPublishDropped, mqtt.OnPacketIDExhausted, mqtt.OnClientExpired}, []byte{b})
+	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnPublishDropped, mqtt.OnPacketIDExhausted, mqtt.OnClientExpired,
+		mqtt.OnPublishDroppedOffline, mqtt.OnPublishExpired}, []byte{b})
 }
 
 // OnClientExpired releases what an expired session still holds. mochi only
 // forgets the client, leaving its subscriptions in the topic index and its
 // queued messages counted as in flight; a later client reusing the ID would
-// then receive messages for the old subscriptions [MQTT-3.1.2-23].
+// then receive messages for the old subscriptions [MQTT-3.1.2-23]. The
+// messages it still held are lost: counted.
 func (h *limitsHook) OnClientExpired(cl *mqtt.Client) {
+	for _, pk := range cl.State.Inflight.GetAll(false) {
+		if pk.FixedHeader.Type == packets.Publish {
+			h.dropped(cl, pk, dropSessionExpired)
+		}
+	}
 	cl.ClearInflights()
 	h.b.mq.UnsubscribeClient(cl)
 }
@@ -130,26 +187,64 @@ func (h *limitsHook) OnPacketIDExhausted(cl *mqtt.Client, pk packets.Packet) {
 	h.dropped(cl, pk, dropPacketIDs)
 }
 
-// dropped counts a message not delivered to cl, and logs it: the first drop
-// of a client at once, later ones summed into one line per interval by
-// flushDrops.
+// OnPublishDroppedOffline is called by mochi (rtm patch 26) when a message
+// for a client that is not connected is delivered at QoS 0.
+func (h *limitsHook) OnPublishDroppedOffline(cl *mqtt.Client, pk packets.Packet) {
+	h.dropped(cl, pk, dropOffline)
+}
+
+// OnPublishExpired is called by mochi (rtm patch 27) when a message held
+// for cl expires; pk is the held copy, at the QoS it is delivered with.
+func (h *limitsHook) OnPublishExpired(cl *mqtt.Client, pk packets.Packet) {
+	h.dropped(cl, pk, dropExpired)
+}
+
+// dropped counts a message not delivered to cl, and logs it (see logDrop).
 func (h *limitsHook) dropped(cl *mqtt.Client, pk packets.Packet, reason dropReason) {
-	if q := pk.FixedHeader.Qos; q <= 2 {
-		h.drops[reason][q].Add(1)
+	h.count(reason, pk.FixedHeader.Qos, 1)
+	h.logDrop(dropKey{"client_id", cl.ID}, reason, 1, pk.TopicName, pk.FixedHeader.Qos)
+}
+
+// linkDropped counts n messages of QoS qos lost (or, QoS 1/2 at Send,
+// refused) on the way to peer, and logs them (see logDrop).
+func (h *limitsHook) linkDropped(peer string, reason dropReason, qos byte, n int64, topic string) {
+	h.count(reason, qos, n)
+	h.logDrop(dropKey{"peer", peer}, reason, n, topic, qos)
+}
+
+func (h *limitsHook) count(reason dropReason, qos byte, n int64) {
+	if qos <= 2 {
+		h.drops[reason][qos].Add(n)
 	}
+}
+
+// logDrop logs drops: the first of a client or peer at once, later ones
+// summed into one line per interval by flushDrops.
+func (h *limitsHook) logDrop(k dropKey, reason dropReason, n int64, topic string, qos byte) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.pending == nil {
-		h.pending = map[string]*dropCount{}
+		h.pending = map[dropKey]*dropCount{}
 	}
-	d := h.pending[cl.ID]
+	d := h.pending[k]
 	if d == nil {
-		h.pending[cl.ID] = &dropCount{first: time.Now()}
-		h.b.log.Warn("message dropped: "+dropReasonText[reason], "client_id", cl.ID, "reason", dropReasonNames[reason],
-			"topic", pk.TopicName, "qos", pk.FixedHeader.Qos, "max_queued", h.b.cfg.MaxQueued)
+		h.pending[k] = &dropCount{first: time.Now()}
+		attrs := []any{k.attr, k.id, "reason", dropReasonNames[reason], "topic", topic, "qos", qos}
+		if n > 1 {
+			attrs = append(attrs, "count", n)
+		}
+		switch reason {
+		case dropQueueFull, dropSessionFull:
+			attrs = append(attrs, "max_queued", h.b.cfg.MaxQueued)
+		case dropLinkQueueFull:
+			if h.b.cluster != nil {
+				attrs = append(attrs, "link_queue_bytes", h.b.cluster.cfg.LinkQueueBytes)
+			}
+		}
+		h.b.log.Warn("message dropped: "+dropReasonText[reason], attrs...)
 		return
 	}
-	d.n[reason]++
+	d.n[reason] += n
 }
 
 // flushDrops logs the drops summed since the last call, one line per client
@@ -158,7 +253,7 @@ func (h *limitsHook) dropped(cl *mqtt.Client, pk packets.Packet, reason dropReas
 func (h *limitsHook) flushDrops(log *slog.Logger) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	for id, d := range h.pending {
+	for k, d := range h.pending {
 		var total int64
 		var reasons []dropReason
 		for r, n := range d.n {
@@ -169,16 +264,16 @@ func (h *limitsHook) flushDrops(log *slog.Logger) {
 		}
 		if total == 0 {
 			if time.Since(d.first) > dropLogInterval {
-				delete(h.pending, id)
+				delete(h.pending, k)
 			}
 			continue
 		}
 		if len(reasons) == 1 {
 			r := reasons[0]
-			log.Warn("messages dropped: "+dropReasonText[r], "client_id", id, "reason", dropReasonNames[r],
+			log.Warn("messages dropped: "+dropReasonText[r], k.attr, k.id, "reason", dropReasonNames[r],
 				"count", total, "max_queued", h.b.cfg.MaxQueued)
 		} else {
-			attrs := []any{"client_id", id}
+			attrs := []any{k.attr, k.id}
 			names := make([]string, len(reasons))
 			for i, r := range reasons {
 				names[i] = dropReasonNames[r]
@@ -197,7 +292,7 @@ func (h *limitsHook) dropCounts() map[string]map[string]int64 {
 	for r := range h.drops {
 		byQoS := map[string]int64{}
 		for q := range h.drops[r] {
-			if q == 0 && dropReason(r) != dropQueueFull {
+			if q == 0 && dropNoQoS0[r] {
 				continue // a session holds QoS 1/2 messages only
 			}
 			byQoS[strconv.Itoa(q)] = h.drops[r][q].Load()

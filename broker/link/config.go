@@ -85,6 +85,11 @@ type Config struct {
 	HandshakeTimeout time.Duration
 	// Logger receives the link's logs; nil discards them.
 	Logger *slog.Logger
+	// OnDiscard, if not nil, is told about queued messages a Link throws
+	// away (see Discard), with no link lock held, from Close's caller or
+	// the Link's goroutine; it must not call Close on that Link. Messages
+	// Send refuses are not reported: Send's caller knows.
+	OnDiscard func(peer string, why Discard, msgs []Message)
 }
 
 // withDefaults returns c with its zero values replaced by the defaults.
@@ -169,6 +174,11 @@ func (f HandlerFunc) Deliver(from string, m Message) { f(from, m) }
 var (
 	// ErrClosed reports use of a closed Link or Server.
 	ErrClosed = errors.New("link: closed")
+	// ErrQueueFull reports a message not queued because the Link's queue
+	// would exceed Config.QueueBytes.
+	ErrQueueFull = errors.New("link: queue full")
+	// ErrOversize reports a message whose body exceeds MaxFrame-12 bytes.
+	ErrOversize = errors.New("link: message too large")
 	// ErrBadSecret reports a peer whose handshake proof did not verify
 	// against the cluster secret.
 	ErrBadSecret = errors.New("bad cluster secret")

@@ -26,7 +26,9 @@ const (
 	FrameChallenge FrameType = 2
 	// FrameAuth proves the dialer's knowledge of the secret: [32] proof.
 	FrameAuth FrameType = 3
-	// FrameReady ends the handshake (acceptor): uvarint last delivered seq.
+	// FrameReady ends the handshake (acceptor): uvarint last delivered seq,
+	// then (since rtm issue 11) uvarint acceptor incarnation; a ready
+	// without it decodes with Incarnation 0 (unknown).
 	FrameReady FrameType = 4
 	// FrameData carries a message: uvarint seq, message type byte, body.
 	FrameData FrameType = 5
@@ -65,7 +67,8 @@ type Frame struct {
 	// Node is the dialer's name in a hello and the acceptor's in a
 	// challenge.
 	Node string
-	// Incarnation, Stream and Heartbeat describe the dialer in a hello.
+	// Incarnation, Stream and Heartbeat describe the dialer in a hello;
+	// Incarnation is also the acceptor's in a ready.
 	Incarnation uint64
 	Stream      uint64
 	Heartbeat   time.Duration
@@ -99,7 +102,10 @@ func AppendFrame(dst []byte, f Frame) []byte {
 		dst = append(dst, f.MAC[:]...)
 	case FrameAuth:
 		dst = append(dst, f.MAC[:]...)
-	case FrameReady, FrameAck:
+	case FrameReady:
+		dst = binary.AppendUvarint(dst, f.Seq)
+		dst = binary.AppendUvarint(dst, f.Incarnation)
+	case FrameAck:
 		dst = binary.AppendUvarint(dst, f.Seq)
 	case FrameData:
 		dst = binary.AppendUvarint(dst, f.Seq)
@@ -169,7 +175,12 @@ func decodeBody(t FrameType, body []byte) (Frame, error) {
 		d.array(&f.MAC, "mac")
 	case FrameAuth:
 		d.array(&f.MAC, "mac")
-	case FrameReady, FrameAck:
+	case FrameReady:
+		f.Seq = d.uvarint("seq")
+		if d.err == nil && len(d.b) > 0 {
+			f.Incarnation = d.uvarint("incarnation")
+		}
+	case FrameAck:
 		f.Seq = d.uvarint("seq")
 	case FrameData:
 		f.Seq = d.uvarint("seq")

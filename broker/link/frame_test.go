@@ -23,6 +23,7 @@ func sampleFrames() []Frame {
 		{Type: FrameChallenge, Node: "node-b", Nonce: n, MAC: mac},
 		{Type: FrameAuth, MAC: mac},
 		{Type: FrameReady, Seq: 12345},
+		{Type: FrameReady, Seq: 9, Incarnation: 1<<63 + 3},
 		{Type: FrameData, Seq: 7, Msg: Message{Type: typeData, Body: []byte("hello")}},
 		{Type: FrameData, Seq: 0, Msg: Message{Type: 255, Body: []byte{}}},
 		{Type: FrameAck, Seq: 1<<64 - 1},
@@ -55,6 +56,15 @@ func TestFrameRoundTrip(t *testing.T) {
 	}
 	if _, err := r.next(); err != io.EOF {
 		t.Fatalf("reader at the end: %v, want EOF", err)
+	}
+}
+
+// TestReadyWithoutIncarnation: a ready frame from a node that does not send
+// its incarnation decodes, with incarnation 0 (unknown).
+func TestReadyWithoutIncarnation(t *testing.T) {
+	f, n, err := DecodeFrame([]byte{0, 0, 0, 2, byte(FrameReady), 5}, 1<<10)
+	if err != nil || n != 6 || !reflect.DeepEqual(f, Frame{Type: FrameReady, Seq: 5}) {
+		t.Fatalf("DecodeFrame = %+v, %d, %v; want ready seq 5, incarnation 0", f, n, err)
 	}
 }
 
@@ -101,6 +111,7 @@ func FuzzFrame(f *testing.F) {
 	}
 	f.Add(all)
 	f.Add(AppendFrame(nil, Frame{Type: FrameData, Seq: 1, Msg: Message{Type: typeData, Body: bytes.Repeat([]byte("x"), 200)}}))
+	f.Add([]byte{0, 0, 0, 2, byte(FrameReady), 5}) // a ready without the incarnation (older nodes)
 	f.Add([]byte{0, 0, 0, 0})
 	f.Add([]byte{0xff, 0xff, 0xff, 0xff, 1})
 	f.Add([]byte("GET / HTTP/1.1\r\n\r\n"))

@@ -74,9 +74,9 @@ func expect(r *frameReader, t FrameType) (Frame, error) {
 }
 
 // dialHandshake runs the dialer's side of the handshake on conn and returns
-// the last seq the acceptor delivered from this Link's stream. The caller
-// has set the handshake deadline.
-func (l *Link) dialHandshake(conn net.Conn, r *frameReader, w *frameWriter) (uint64, error) {
+// the acceptor's ready frame: the last seq it delivered from this Link's
+// stream, and its incarnation. The caller has set the handshake deadline.
+func (l *Link) dialHandshake(conn net.Conn, r *frameReader, w *frameWriter) (Frame, error) {
 	nonceD := nonce()
 	hello := Frame{
 		Type:        FrameHello,
@@ -88,37 +88,33 @@ func (l *Link) dialHandshake(conn net.Conn, r *frameReader, w *frameWriter) (uin
 		Nonce:       nonceD,
 	}
 	if err := w.frame(hello); err != nil {
-		return 0, err
+		return Frame{}, err
 	}
 	if err := w.flush(); err != nil {
-		return 0, err
+		return Frame{}, err
 	}
 	ch, err := expect(r, FrameChallenge)
 	if err != nil {
-		return 0, err
+		return Frame{}, err
 	}
 	if ch.Node != l.peer {
 		err := detailed(ErrWrongPeer, "dialled %q but %q answered", l.peer, ch.Node)
 		reject(conn, w, err.Error())
-		return 0, err
+		return Frame{}, err
 	}
 	want := proof(l.cfg.Secret, labelAcceptor, &nonceD, &ch.Nonce, ch.Node, l.cfg.NodeName)
 	if !hmac.Equal(want[:], ch.MAC[:]) {
 		reject(conn, w, ErrBadSecret.Error())
-		return 0, fmt.Errorf("%w: the acceptor's proof does not verify", ErrBadSecret)
+		return Frame{}, fmt.Errorf("%w: the acceptor's proof does not verify", ErrBadSecret)
 	}
 	auth := Frame{Type: FrameAuth, MAC: proof(l.cfg.Secret, labelDialer, &ch.Nonce, &nonceD, l.cfg.NodeName, ch.Node)}
 	if err := w.frame(auth); err != nil {
-		return 0, err
+		return Frame{}, err
 	}
 	if err := w.flush(); err != nil {
-		return 0, err
+		return Frame{}, err
 	}
-	ready, err := expect(r, FrameReady)
-	if err != nil {
-		return 0, err
-	}
-	return ready.Seq, nil
+	return expect(r, FrameReady)
 }
 
 // errNoHello means a client connected and left without a byte, as TCP

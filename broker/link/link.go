@@ -38,6 +38,7 @@ type Link struct {
 	next    int           // q[:next] are written on the current connection
 	seq     uint64        // last seq handed out
 	qBytes  int
+	peerInc uint64    // the peer's incarnation at the last handshake; 0 before the first
 	st      LinkStats // counters; the other fields are filled by Stats
 }
 
@@ -83,8 +84,46 @@ type LinkStats struct {
 	DroppedReliable   int64 `json:"dropped_reliable"`
 	DroppedUnreliable int64 `json:"dropped_unreliable"`
 	Oversize          int64 `json:"oversize"`
+	// Discarded counts queued messages thrown away: by Close, because the
+	// peer came back as another process (incarnation), or, for
+	// unreliable ones, because a connection broke after they were written
+	// and before the peer delivered them (see Config.OnDiscard).
+	Discarded int64 `json:"discarded"`
+	// PeerIncarnation is the peer's incarnation as of the last handshake
+	// (0 before the first, or from a peer too old to say).
+	PeerIncarnation uint64 `json:"peer_incarnation,omitempty"`
 	// LastError is the last dial, handshake or connection error.
 	LastError string `json:"last_error,omitempty"`
+}
+
+// Discard says why a Link threw queued messages away (Config.OnDiscard).
+type Discard int
+
+const (
+	// DiscardClosed: Close was called with messages still queued (the
+	// peer left or failed for good, or this node shuts down).
+	DiscardClosed Discard = iota + 1
+	// DiscardRestarted: the peer answered a reconnect with another
+	// incarnation. The queue was meant for a process that is gone, whose
+	// sessions and routes went with it; the new one gets a fresh OnUp
+	// snapshot instead.
+	DiscardRestarted
+	// DiscardUnreliable: unreliable messages written on a connection that
+	// broke, which the peer's ready frame shows it never delivered. They
+	// are not written again (at most once).
+	DiscardUnreliable
+)
+
+func (d Discard) String() string {
+	switch d {
+	case DiscardClosed:
+		return "closed"
+	case DiscardRestarted:
+		return "peer restarted"
+	case DiscardUnreliable:
+		return "unreliable, connection lost"
+	}
+	return fmt.Sprintf("discard %d", int(d))
 }
 
 // Dial starts a Link from cfg.NodeName to the node peer at addr and returns
@@ -132,6 +171,12 @@ func (l *Link) Peer() string { return l.peer }
 // Config.QueueBytes, or if the body exceeds MaxFrame-12 bytes. It panics if
 // m.Type is below MinMessageType.
 func (l *Link) Send(m Message, reliable bool) bool {
+	return l.Queue(m, reliable) == nil
+}
+
+// Queue is Send that says why m was not queued: ErrClosed, ErrQueueFull or
+// ErrOversize.
+func (l *Link) Queue(m Message, reliable bool) error {
 	if m.Type < MinMessageType {
 		panic(fmt.Sprintf("link: Send with reserved message type %d", m.Type))
 	}
@@ -139,11 +184,11 @@ func (l *Link) Send(m Message, reliable bool) bool {
 	switch {
 	case l.closed:
 		l.mu.Unlock()
-		return false
+		return ErrClosed
 	case len(m.Body) > l.maxBody:
 		l.st.Oversize++
 		l.mu.Unlock()
-		return false
+		return ErrOversize
 	case l.qBytes+len(m.Body) > l.cfg.QueueBytes:
 		if reliable {
 			l.st.DroppedReliable++
@@ -151,7 +196,7 @@ func (l *Link) Send(m Message, reliable bool) bool {
 			l.st.DroppedUnreliable++
 		}
 		l.mu.Unlock()
-		return false
+		return ErrQueueFull
 	}
 	l.seq++
 	l.q = append(l.q, entry{seq: l.seq, m: m, reliable: reliable})
@@ -161,12 +206,14 @@ func (l *Link) Send(m Message, reliable bool) bool {
 	case l.wake <- struct{}{}:
 	default:
 	}
-	return true
+	return nil
 }
 
-// Close stops the Link, discards its queue and waits for its goroutines,
-// including an OnUp call in progress. It is idempotent.
+// Close stops the Link, discards its queue (reported to Config.OnDiscard
+// as DiscardClosed once the goroutines are done) and waits for its
+// goroutines, including an OnUp call in progress. It is idempotent.
 func (l *Link) Close() {
+	var lost []Message
 	l.mu.Lock()
 	if !l.closed {
 		l.closed = true
@@ -175,12 +222,40 @@ func (l *Link) Close() {
 		if l.conn != nil {
 			_ = l.conn.Close()
 		}
-		clear(l.q)
+		lost = l.discardLocked(l.q)
 		l.q, l.next, l.qBytes = nil, 0, 0
 		l.setStateLocked(StateClosed)
 	}
 	l.mu.Unlock()
 	l.wg.Wait()
+	l.report(DiscardClosed, lost)
+}
+
+// discardLocked returns the messages of es, counted as discarded, and
+// clears es. l.mu is held.
+func (l *Link) discardLocked(es []entry) []Message {
+	if len(es) == 0 {
+		return nil
+	}
+	out := make([]Message, len(es))
+	for i, e := range es {
+		out[i] = e.m
+		l.qBytes -= len(e.m.Body)
+	}
+	l.st.Discarded += int64(len(es))
+	clear(es)
+	return out
+}
+
+// report tells Config.OnDiscard about lost messages; no lock is held.
+func (l *Link) report(why Discard, lost []Message) {
+	if len(lost) == 0 {
+		return
+	}
+	l.log.Warn("link discarded queued messages", "reason", why.String(), "count", len(lost))
+	if l.cfg.OnDiscard != nil {
+		l.cfg.OnDiscard(l.peer, why, lost)
+	}
 }
 
 // Stats returns a snapshot of the Link's state and counters.
@@ -190,6 +265,7 @@ func (l *Link) Stats() LinkStats {
 	st := l.st
 	st.Peer, st.Addr, st.State = l.peer, l.addr, l.state
 	st.QueueLen, st.QueueBytes = len(l.q), l.qBytes
+	st.PeerIncarnation = l.peerInc
 	return st
 }
 
@@ -324,8 +400,13 @@ func (l *Link) session() (wasUp bool, err error) {
 		return false, err
 	}
 	_ = conn.SetDeadline(time.Time{})
-	l.resume(ready)
-	l.log.Info("link up", "resume_after", ready)
+	restarted, lost := l.resume(ready)
+	if restarted {
+		l.report(DiscardRestarted, lost)
+	} else {
+		l.report(DiscardUnreliable, lost)
+	}
+	l.log.Info("link up", "resume_after", ready.Seq, "peer_incarnation", ready.Incarnation)
 
 	// The reader owns the read side from here on, so the heartbeat also
 	// guards the OnUp writes. Whichever of reader and writer fails first
@@ -356,26 +437,42 @@ func (l *Link) session() (wasUp bool, err error) {
 }
 
 // resume prepares the queue for a new connection whose peer has delivered
-// everything up to ready: acked messages go, written unreliable ones are
-// skipped, and the rest is written from the start.
-func (l *Link) resume(ready uint64) {
+// everything up to ready.Seq: acked messages go, written unreliable ones are
+// skipped, and the rest is written from the start. If the peer is another
+// process than at the last handshake (its incarnation changed), the whole
+// queue goes instead: it was meant for the process that is gone. It returns
+// the messages thrown away, and whether the peer restarted.
+func (l *Link) resume(ready Frame) (restarted bool, lost []Message) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	l.popLocked(ready)
-	keep := l.q[:0]
-	for _, e := range l.q {
-		if e.written && !e.reliable {
-			l.qBytes -= len(e.m.Body)
-			l.st.Skipped++
-			continue
-		}
-		keep = append(keep, e)
+	if ready.Incarnation != 0 {
+		restarted = l.peerInc != 0 && ready.Incarnation != l.peerInc
+		l.peerInc = ready.Incarnation
 	}
-	clear(l.q[len(keep):])
-	l.q, l.next = keep, 0
+	if restarted {
+		lost = l.discardLocked(l.q)
+		l.q = nil
+	} else {
+		l.popLocked(ready.Seq)
+		keep := l.q[:0]
+		var skipped []entry
+		for _, e := range l.q {
+			if e.written && !e.reliable {
+				skipped = append(skipped, e)
+				l.st.Skipped++
+				continue
+			}
+			keep = append(keep, e)
+		}
+		lost = l.discardLocked(skipped)
+		clear(l.q[len(keep):])
+		l.q = keep
+	}
+	l.next = 0
 	l.st.Connects++
 	l.st.LastError = ""
 	l.setStateLocked(StateUp)
+	return restarted, lost
 }
 
 // writeOnUp calls onUp without any lock and writes its messages, seq 0.

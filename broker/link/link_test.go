@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"runtime"
+	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -14,7 +17,9 @@ import (
 
 func TestBasicOrderAndStats(t *testing.T) {
 	rec := &recorder{}
-	s := startServer(t, testConfig(t, "b"), rec)
+	scfg := testConfig(t, "b")
+	scfg.Incarnation = 42
+	s := startServer(t, scfg, rec)
 	l := dial(t, "b", s.Addr(), testConfig(t, "a"), nil)
 
 	const n = 10000
@@ -43,7 +48,7 @@ func TestBasicOrderAndStats(t *testing.T) {
 		return nil
 	})
 	st := l.Stats()
-	want := LinkStats{Peer: "b", Addr: s.Addr(), State: StateUp, Connects: 1, Messages: n, Bytes: body, Acked: n}
+	want := LinkStats{Peer: "b", Addr: s.Addr(), State: StateUp, Connects: 1, Messages: n, Bytes: body, Acked: n, PeerIncarnation: 42}
 	if st != want {
 		t.Errorf("link stats\n got %+v\nwant %+v", st, want)
 	}
@@ -56,6 +61,9 @@ func TestBasicOrderAndStats(t *testing.T) {
 func TestOnUpFirst(t *testing.T) {
 	rec := &recorder{}
 	srvCfg := testConfig(t, "b")
+	// The successor below is the same process listening again: a
+	// restarted one would not get the queue (see TestRestarts).
+	srvCfg.Incarnation = 1
 	s := startServer(t, srvCfg, rec)
 	p := newProxy(t, s.Addr())
 	var gen atomic.Int64
@@ -290,51 +298,174 @@ func TestRestarts(t *testing.T) {
 		})
 	})
 
-	t.Run("receiver", func(t *testing.T) {
-		rec := &recorder{}
-		cfg := testConfig(t, "b")
-		s := startServer(t, cfg, rec)
-		l := dial(t, "b", s.Addr(), testConfig(t, "a"), nil)
-		for i := range 50 {
-			l.Send(Message{Type: typeData, Body: payload(i, true, 0)}, true)
-		}
-		waitFor(t, 5*time.Second, rec.count(50))
-		waitFor(t, 5*time.Second, func() error {
-			if q := l.Stats().QueueLen; q != 0 {
-				return fmt.Errorf("%d messages unacked", q)
+	// A receiver that comes back as the same process (same incarnation:
+	// its Server closed and listened again) gets what was queued while it
+	// was away; one that restarted (new incarnation) does not: the queue
+	// was meant for a process that is gone, and is reported discarded.
+	for _, tc := range []struct {
+		name      string
+		sameInc   bool
+		delivered int
+	}{{"receiver same incarnation", true, 50}, {"receiver restarted", false, 0}} {
+		t.Run(tc.name, func(t *testing.T) {
+			rec := &recorder{}
+			cfg := testConfig(t, "b")
+			cfg.Incarnation = 7
+			s := startServer(t, cfg, rec)
+			dcfg := testConfig(t, "a")
+			var mu sync.Mutex
+			discarded := map[Discard]int{}
+			dcfg.OnDiscard = func(peer string, why Discard, msgs []Message) {
+				mu.Lock()
+				defer mu.Unlock()
+				if peer == "b" {
+					discarded[why] += len(msgs)
+				}
 			}
-			return nil
+			l := dial(t, "b", s.Addr(), dcfg, nil)
+			for i := range 50 {
+				l.Send(Message{Type: typeData, Body: payload(i, true, 0)}, true)
+			}
+			waitFor(t, 5*time.Second, rec.count(50))
+			waitFor(t, 5*time.Second, func() error {
+				if q := l.Stats().QueueLen; q != 0 {
+					return fmt.Errorf("%d messages unacked", q)
+				}
+				return nil
+			})
+			if inc := l.Stats().PeerIncarnation; inc != 7 {
+				t.Fatalf("peer incarnation %d, want 7", inc)
+			}
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Close(); err != nil {
+				t.Fatalf("second Close: %v", err)
+			}
+			waitFor(t, 5*time.Second, func() error {
+				if st := l.Stats(); st.State != StateConnecting {
+					return fmt.Errorf("link state %q after the server closed, want %q", st.State, StateConnecting)
+				}
+				return nil
+			})
+			for i := 50; i < 100; i++ {
+				l.Send(Message{Type: typeData, Body: payload(i, true, 0)}, true)
+			}
+			if !tc.sameInc {
+				cfg.Incarnation = 8
+			}
+			rec2 := &recorder{}
+			s2 := startServerAt(t, s.Addr(), cfg, rec2)
+			waitFor(t, 5*time.Second, func() error {
+				if st := l.Stats(); st.Connects != 2 || st.QueueLen != 0 {
+					return fmt.Errorf("%d connects, %d queued; want 2 and 0", st.Connects, st.QueueLen)
+				}
+				return nil
+			})
+			// One more message shows the link works, and orders after the rest.
+			l.Send(Message{Type: typeData, Body: payload(100, true, 0)}, true)
+			waitFor(t, 5*time.Second, rec2.count(tc.delivered+1))
+			for i, m := range rec2.messages() {
+				want := 50 + i
+				if i == tc.delivered {
+					want = 100
+				}
+				if got, _ := decodePayload(t, m); got != want {
+					t.Fatalf("message %d has index %d, want %d", i, got, want)
+				}
+			}
+			mu.Lock()
+			got := maps.Clone(discarded)
+			mu.Unlock()
+			want := map[Discard]int{}
+			if !tc.sameInc {
+				want[DiscardRestarted] = 50
+			}
+			if !maps.Equal(got, want) {
+				t.Errorf("discarded %v, want %v", got, want)
+			}
+			if st := l.Stats(); st.Discarded != int64(50-tc.delivered) || st.PeerIncarnation != cfg.Incarnation {
+				t.Errorf("stats %+v: want %d discarded, peer incarnation %d", st, 50-tc.delivered, cfg.Incarnation)
+			}
+			if in := s2.Stats().Peers["a"]; !in.Connected || in.Messages != int64(tc.delivered+1) {
+				t.Errorf("new server's inbound stats %+v", in)
+			}
 		})
-		if err := s.Close(); err != nil {
-			t.Fatal(err)
+	}
+}
+
+// TestDiscardReported: what a Link throws away is reported to OnDiscard,
+// by reason: the queue on Close, and unreliable messages written on a
+// connection that broke before the peer delivered them.
+func TestDiscardReported(t *testing.T) {
+	var mu sync.Mutex
+	discarded := map[Discard][]int{}
+	cfg := testConfig(t, "a")
+	cfg.OnDiscard = func(_ string, why Discard, msgs []Message) {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, m := range msgs {
+			i, _ := decodePayload(t, m)
+			discarded[why] = append(discarded[why], i)
 		}
-		if err := s.Close(); err != nil {
-			t.Fatalf("second Close: %v", err)
+	}
+	get := func() map[Discard][]int {
+		mu.Lock()
+		defer mu.Unlock()
+		out := map[Discard][]int{}
+		for k, v := range discarded {
+			out[k] = slices.Clone(v)
 		}
-		waitFor(t, 5*time.Second, func() error {
-			if st := l.Stats(); st.State != StateConnecting {
-				return fmt.Errorf("link state %q after the server closed, want %q", st.State, StateConnecting)
-			}
-			return nil
-		})
-		for i := 50; i < 100; i++ {
-			l.Send(Message{Type: typeData, Body: payload(i, true, 0)}, true)
+		return out
+	}
+
+	// A receiver that never delivers: the proxy passes the dialer's
+	// frames to nobody once frozen.
+	rec := &recorder{}
+	s := startServer(t, testConfig(t, "b"), rec)
+	px := newProxy(t, s.Addr())
+	l := dial(t, "b", px.addr(), cfg, nil)
+	waitUp(t, l)
+	px.freeze()
+	l.Send(Message{Type: typeData, Body: payload(1, false, 0)}, false)
+	l.Send(Message{Type: typeData, Body: payload(2, true, 0)}, true)
+	waitFor(t, 5*time.Second, func() error {
+		if st := l.Stats(); st.Messages < 2 {
+			return fmt.Errorf("%d messages written, want 2", st.Messages)
 		}
-		rec2 := &recorder{}
-		s2 := startServerAt(t, s.Addr(), cfg, rec2)
-		waitFor(t, 5*time.Second, rec2.count(50))
-		for i, m := range rec2.messages() {
-			if got, _ := decodePayload(t, m); got != 50+i {
-				t.Fatalf("message %d has index %d, want %d", i, got, 50+i)
-			}
-		}
-		if st := l.Stats(); st.Connects != 2 {
-			t.Errorf("%d connects, want 2", st.Connects)
-		}
-		if in := s2.Stats().Peers["a"]; !in.Connected || in.Messages != 50 {
-			t.Errorf("new server's inbound stats %+v", in)
-		}
+		return nil
 	})
+	px.cut()
+	// The link reconnects: the unreliable message was written and not
+	// delivered, so it is gone, reported; the reliable one is sent again.
+	waitFor(t, 10*time.Second, rec.count(1))
+	if i, _ := decodePayload(t, rec.messages()[0]); i != 2 {
+		t.Fatalf("delivered %d after the reconnect, want 2", i)
+	}
+	if got := get(); !slices.Equal(got[DiscardUnreliable], []int{1}) {
+		t.Fatalf("discarded %v, want the unreliable message 1", got)
+	}
+
+	// Close with a queue: reported as closed.
+	waitFor(t, 5*time.Second, func() error {
+		if q := l.Stats().QueueLen; q != 0 {
+			return fmt.Errorf("%d messages unacked", q)
+		}
+		return nil
+	})
+	px.freeze()
+	l.Send(Message{Type: typeData, Body: payload(3, true, 0)}, true)
+	l.Send(Message{Type: typeData, Body: payload(4, false, 0)}, false)
+	l.Close()
+	if got := get(); !slices.Equal(got[DiscardClosed], []int{3, 4}) {
+		t.Fatalf("discarded %v, want 3 and 4 closed", got)
+	}
+	if st := l.Stats(); st.Discarded != 3 || st.QueueLen != 0 || st.QueueBytes != 0 {
+		t.Errorf("stats %+v: want 3 discarded, empty queue", st)
+	}
+	if err := l.Queue(Message{Type: typeData, Body: payload(5, true, 0)}, true); !errors.Is(err, ErrClosed) {
+		t.Errorf("Queue on a closed link: %v, want ErrClosed", err)
+	}
 }
 
 func TestAuth(t *testing.T) {
@@ -466,18 +597,18 @@ func TestQueueBound(t *testing.T) {
 			t.Fatalf("Send %d refused with the queue at %+v", i, l.Stats())
 		}
 	}
-	if l.Send(Message{Type: typeData, Body: payload(10, true, 0)}, true) {
-		t.Error("reliable Send beyond QueueBytes accepted")
+	if err := l.Queue(Message{Type: typeData, Body: payload(10, true, 0)}, true); !errors.Is(err, ErrQueueFull) {
+		t.Errorf("reliable Queue beyond QueueBytes: %v, want ErrQueueFull", err)
 	}
 	if l.Send(Message{Type: typeData, Body: payload(10, false, 0)}, false) {
 		t.Error("unreliable Send beyond QueueBytes accepted")
 	}
-	if l.Send(Message{Type: typeData, Body: make([]byte, 512-11)}, true) {
-		t.Error("Send of a body over MaxFrame-12 accepted")
+	if err := l.Queue(Message{Type: typeData, Body: make([]byte, 512-11)}, true); !errors.Is(err, ErrOversize) {
+		t.Errorf("Queue of a body over MaxFrame-12: %v, want ErrOversize", err)
 	}
 	st := l.Stats()
 	if st.State != StateConnecting || st.QueueLen != 10 || st.QueueBytes != 1000 ||
-		st.DroppedReliable != 1 || st.DroppedUnreliable != 1 || st.Oversize != 1 {
+		st.DroppedReliable != 1 || st.DroppedUnreliable != 1 || st.Oversize != 1 || st.Discarded != 0 {
 		t.Errorf("stats %+v; want connecting, 10 queued (1000 bytes), one drop of each kind, one oversize", st)
 	}
 

@@ -238,7 +238,7 @@ func (s *Server) serve(c *inConn) {
 	}
 	defer s.release(c, hello.Node, p)
 	last := p.last.Load()
-	err = w.frame(Frame{Type: FrameReady, Seq: last})
+	err = w.frame(Frame{Type: FrameReady, Seq: last, Incarnation: s.cfg.Incarnation})
 	if err == nil {
 		err = w.flush()
 	}

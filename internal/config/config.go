@@ -116,7 +116,8 @@ type Cluster struct {
 	Secret         string        `koanf:"secret" secret:"value" doc:"Shared cluster secret: encrypts gossip and authenticates node links. Empty: no authentication (warned at start)."`
 	LinkAddr       string        `koanf:"link_addr" doc:"Node link listen address: forwarded messages, routes, retained messages and sessions between brokers."`
 	LinkAdvertise  string        `koanf:"link_advertise_addr" doc:"Node link address published to peers (host:port), when it differs from link_addr as they see it (NAT, port mapping, a proxy). Empty: link_addr with advertise_host."`
-	LinkQueueBytes int           `koanf:"link_queue_bytes" doc:"Bytes of messages held per peer while its link is slow or down; beyond it messages to that peer are dropped and counted."`
+	LinkQueueBytes int           `koanf:"link_queue_bytes" doc:"Bytes of messages held per peer while its link is slow or down. Beyond it a QoS 1/2 publish that needs that peer is refused (v5 PUBACK/PUBREC 0x97, v3.1.1 connection closed) and QoS 0 is dropped; both are counted (rtm_broker_messages_dropped_total{reason=\"link_queue_full\"})."`
+	FailedPeerHold time.Duration `koanf:"failed_peer_hold" doc:"How long the messages queued for a peer that gossip marks failed are kept, and resent if the same process comes back; after it, or at once if the peer leaves or comes back restarted, they are dropped and counted. 0 drops them when the peer is marked failed."`
 	ProbeInterval  time.Duration `koanf:"probe_interval" doc:"Gossip failure-detection probe interval; a dead node is declared failed after a few intervals (about 6 s at 1s, 1.5 s at 200ms)."`
 	ClaimTimeout   time.Duration `koanf:"claim_timeout" doc:"How long a CONNECT waits for the other brokers to end a connection with the same client ID and hand over its session."`
 }
@@ -160,6 +161,7 @@ func Defaults() Config {
 			GossipAddr:     ":7946",
 			LinkAddr:       ":7947",
 			LinkQueueBytes: 64 << 20,
+			FailedPeerHold: 2 * time.Minute,
 			ProbeInterval:  time.Second,
 			ClaimTimeout:   2 * time.Second,
 		},

@@ -81,6 +81,9 @@ func (c Cluster) check(v *validator) {
 		}
 	}
 	v.between("cluster.link_queue_bytes", c.LinkQueueBytes, 1<<20, 1<<40)
+	if c.FailedPeerHold < 0 {
+		v.bad("cluster.failed_peer_hold", c.FailedPeerHold.String(), "must not be negative")
+	}
 	if c.ProbeInterval < 10*time.Millisecond {
 		v.bad("cluster.probe_interval", c.ProbeInterval.String(), "must be at least 10ms")
 	}

@@ -414,6 +414,9 @@ func (cl *Client) ClearExpiredInflights(now, maximumExpiry int64) []uint16 {
 		if inflightExpired(&tk, now, maximumExpiry) { // rtm patch: shared with Inflight.hasExpired
 			if ok := cl.State.Inflight.Delete(tk.PacketID); ok {
 				cl.ops.hooks.OnQosDropped(cl, tk)
+				if tk.FixedHeader.Type == packets.Publish {
+					cl.ops.hooks.OnPublishExpired(cl, tk) // rtm patch 27
+				}
 				atomic.AddInt64(&cl.ops.info.Inflight, -1)
 				deleted = append(deleted, tk.PacketID)
 			}

@@ -5,6 +5,7 @@
 package mqtt
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -55,6 +56,8 @@ const (
 	StoredInflightMessages
 	StoredRetainedMessages
 	StoredSysInfo
+	OnPublishDroppedOffline // rtm patch 26
+	OnPublishExpired        // rtm patch 27
 )
 
 var (
@@ -99,6 +102,8 @@ type Hook interface {
 	OnPublish(cl *Client, pk packets.Packet) (packets.Packet, error)
 	OnPublished(cl *Client, pk packets.Packet)
 	OnPublishDropped(cl *Client, pk packets.Packet)
+	OnPublishDroppedOffline(cl *Client, pk packets.Packet) // rtm patch 26
+	OnPublishExpired(cl *Client, pk packets.Packet)        // rtm patch 27
 	OnRetainMessage(cl *Client, pk packets.Packet, r int64)
 	OnRetainPublished(cl *Client, pk packets.Packet)
 	OnQosPublish(cl *Client, pk packets.Packet, sent int64, resends int)
@@ -408,7 +413,14 @@ func (h *Hooks) OnPublish(cl *Client, pk packets.Packet) (pkx packets.Packet, er
 				} else if errors.Is(err, packets.CodeSuccessIgnore) {
 					return pk, err
 				}
-				h.Log.Error("publish packet error",
+				// rtm patch 25: a reason code is the hook's answer to the
+				// client (see Server.refusePublish), not a fault: an Error
+				// per refused message flooded the log while a limit held.
+				level := slog.LevelError
+				if errors.As(err, new(packets.Code)) {
+					level = slog.LevelDebug
+				}
+				h.Log.Log(context.Background(), level, "publish packet error",
 					"error", err,
 					"hook", hook.ID(),
 					"packet", pkx)
@@ -487,6 +499,32 @@ func (h *Hooks) OnQosDropped(cl *Client, pk packets.Packet) {
 	for _, hook := range h.GetAll() {
 		if hook.Provides(OnQosDropped) {
 			hook.OnQosDropped(cl, pk)
+		}
+	}
+}
+
+// OnPublishDroppedOffline is called when a message is not delivered to cl
+// at QoS 0 because cl is not connected (its session keeps QoS 1/2 messages
+// only). pk is the message as published.
+// rtm patch 26: v2.7.9 dropped it without a word.
+func (h *Hooks) OnPublishDroppedOffline(cl *Client, pk packets.Packet) {
+	for _, hook := range h.GetAll() {
+		if hook.Provides(OnPublishDroppedOffline) {
+			hook.OnPublishDroppedOffline(cl, pk)
+		}
+	}
+}
+
+// OnPublishExpired is called when a message held for cl (sent and not
+// acknowledged, or queued while it is offline) is deleted because its
+// message expiry interval, or the server's maximum, passed. pk is the held
+// copy, as it would have been sent to cl.
+// rtm patch 27: v2.7.9 called only OnQosDropped, which also reports
+// messages that are not lost (a session taken over or moved).
+func (h *Hooks) OnPublishExpired(cl *Client, pk packets.Packet) {
+	for _, hook := range h.GetAll() {
+		if hook.Provides(OnPublishExpired) {
+			hook.OnPublishExpired(cl, pk)
 		}
 	}
 }
@@ -822,6 +860,14 @@ func (h *HookBase) OnQosDropped(cl *Client, pk packets.Packet) {}
 
 // OnPacketIDExhausted is called when the client runs out of unused packet ids to assign to a packet.
 func (h *HookBase) OnPacketIDExhausted(cl *Client, pk packets.Packet) {}
+
+// OnPublishDroppedOffline is called when a QoS 0 message is not delivered
+// to a client that is not connected (rtm patch 26).
+func (h *HookBase) OnPublishDroppedOffline(cl *Client, pk packets.Packet) {}
+
+// OnPublishExpired is called when a message held for a client expires
+// (rtm patch 27).
+func (h *HookBase) OnPublishExpired(cl *Client, pk packets.Packet) {}
 
 // OnWill is called when a client disconnects and publishes an LWT message.
 func (h *HookBase) OnWill(cl *Client, will Will) (Will, error) {

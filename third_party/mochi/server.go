@@ -1017,12 +1017,8 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		return nil
 	} else if errors.Is(err, packets.CodeSuccessIgnore) {
 		pk.Ignore = true
-	} else if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 && errors.As(err, new(packets.Code)) {
-		err = cl.WritePacket(s.buildAck(pk.PacketID, packets.Puback, 0, pk.Properties, err.(packets.Code)))
-		if err != nil {
-			return err
-		}
-		return nil
+	} else {
+		return s.refusePublish(cl, pk, err) // rtm patch 25
 	}
 
 	if pk.FixedHeader.Retain { // [MQTT-3.3.1-5] ![MQTT-3.3.1-8]
@@ -1087,6 +1083,33 @@ func (s *Server) retainMessage(cl *Client, pk packets.Packet) {
 	r := s.Topics.RetainMessage(out)
 	s.hooks.OnRetainMessage(cl, pk, r)
 	atomic.StoreInt64(&s.Info.Retained, int64(s.Topics.Retained.Len()))
+}
+
+// refusePublish answers a PUBLISH that an OnPublish hook refused with err,
+// which is not delivered or retained: an MQTT 5 client gets PUBACK (QoS 1)
+// or PUBREC (QoS 2) with err's reason code if it is one (0x80 or above),
+// else 0x80 (unspecified error); an MQTT 3.1.1 client, which has no
+// negative acknowledgement, is disconnected [MQTT-3.3.5-2]; QoS 0 is
+// dropped, the hook having accounted for it.
+// rtm patch 25: v2.7.9 answered a QoS 2 refusal with a PUBACK (not
+// PUBREC) and, for MQTT 3.1.1, QoS 0 or an error that is not a reason code,
+// published and acknowledged the message as if the hook had accepted it.
+func (s *Server) refusePublish(cl *Client, pk packets.Packet, err error) error {
+	if pk.FixedHeader.Qos == 0 {
+		return nil
+	}
+	code := packets.ErrUnspecifiedError
+	if c := (packets.Code{}); errors.As(err, &c) && c.Code >= packets.ErrUnspecifiedError.Code {
+		code = c
+	}
+	if cl.Properties.ProtocolVersion < 5 {
+		return s.DisconnectClient(cl, code)
+	}
+	ackType := packets.Puback
+	if pk.FixedHeader.Qos == 2 {
+		ackType = packets.Pubrec
+	}
+	return cl.WritePacket(s.buildAck(pk.PacketID, ackType, 0, pk.Properties, code))
 }
 
 // publishToSubscribers publishes a publish packet to all subscribers with matching topic filters.
@@ -1221,6 +1244,12 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 	}
 
 	if cl.Net.Conn == nil || cl.Closed() {
+		if out.FixedHeader.Qos == 0 {
+			// rtm patch 26: a QoS 0 message for a client that is not
+			// connected is lost (its session keeps QoS 1/2 only): tell the
+			// hooks, which count it, instead of dropping it without a word.
+			cl.ops.hooks.OnPublishDroppedOffline(cl, pk)
+		}
 		return out, packets.CodeDisconnect
 	}
 
@@ -1921,11 +1950,10 @@ func (s *Server) clearExpiredInflights(now int64) {
 	})
 
 	for _, client := range due {
-		if deleted := client.ClearExpiredInflights(now, s.Options.Capabilities.MaximumMessageExpiryInterval); len(deleted) > 0 {
-			for _, id := range deleted {
-				s.hooks.OnQosDropped(client, packets.Packet{PacketID: id})
-			}
-		}
+		// rtm patch 27: ClearExpiredInflights calls OnQosDropped (with the
+		// packet) and OnPublishExpired; v2.7.9 called OnQosDropped a second
+		// time here, with a packet holding only the packet ID.
+		client.ClearExpiredInflights(now, s.Options.Capabilities.MaximumMessageExpiryInterval)
 	}
 }
 
