@@ -387,9 +387,12 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			if b.devices != nil {
 				<-b.devices.done
 			}
-			// 4. Links and gossip close; messages still queued for peers
-			// are lost with this process (counted: link_closed).
+			// 4. Peers acknowledge what was forwarded to them (bounded, so
+			// the messages acknowledged to publishers here are delivered),
+			// then links and gossip close; what a peer still has not
+			// acknowledged is dropped and counted (link_closed).
 			if b.cluster != nil {
+				b.cluster.flush(ctx)
 				b.cluster.shutdown()
 			}
 			// 5. The admin server goes last, so /metrics stays scrapeable

@@ -943,6 +943,38 @@ func (c *clusterNode) leave(ctx context.Context) {
 	}
 }
 
+// flushWait bounds how long a graceful stop waits for peers to acknowledge
+// what this node queued for them (a peer that is down cannot).
+const flushWait = 5 * time.Second
+
+// flush waits until every live peer acknowledged what is queued for it, or
+// flushWait or ctx ends: the messages this node acknowledged to its
+// publishers before it stopped are delivered, not discarded with the links.
+func (c *clusterNode) flush(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, flushWait)
+	defer cancel()
+	c.mu.Lock()
+	peers := slices.Collect(maps.Values(c.peers))
+	c.mu.Unlock()
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		queued := 0
+		for _, p := range peers {
+			queued += p.link.Stats().QueueLen
+		}
+		if queued == 0 {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			c.log.Warn("stopping with messages peers have not acknowledged: they are dropped (link_closed)", "queued", queued)
+			return
+		case <-tick.C:
+		}
+	}
+}
+
 // shutdown closes the links and gossip; messages still queued are lost,
 // and counted (link_closed).
 func (c *clusterNode) shutdown() {
