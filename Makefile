@@ -66,6 +66,7 @@ fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	$(GO) test ./broker/link -run '^$$' -fuzz FuzzFrame -fuzztime $${FUZZTIME:-30s}
 	$(GO) test ./broker -run '^$$' -fuzz FuzzClusterMessage -fuzztime $${FUZZTIME:-30s}
 	$(GO) test ./plugins/token -run '^$$' -fuzz FuzzVerify -fuzztime $${FUZZTIME:-30s}
+	$(GO) test ./pushapi -run '^$$' -fuzz FuzzInvalidUTF8 -fuzztime $${FUZZTIME:-30s}
 
 clean: ## remove build output (not ./data)
 	rm -rf bin bench.out bench-flow.out bench-cluster.out bench-go.out

@@ -1,6 +1,7 @@
 package pushapi
 
 import (
+	"bytes"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -31,8 +32,17 @@ func decodeBody(c echo.Context, maxBody int, v any) error {
 	if r.ContentLength > int64(maxBody) {
 		return apiErr(CodeBodyTooLarge, "the request body has %d bytes, more than the %d allowed", r.ContentLength, maxBody)
 	}
-	body := http.MaxBytesReader(c.Response(), r.Body, int64(maxBody))
-	dec := json.NewDecoder(body)
+	raw, err := io.ReadAll(http.MaxBytesReader(c.Response(), r.Body, int64(maxBody)))
+	if err != nil {
+		return jsonError(err, maxBody)
+	}
+	// encoding/json turns invalid UTF-8, raw or as a lone surrogate escape,
+	// into U+FFFD without a word: a topic or text payload would be
+	// published rewritten. JSON text is UTF-8 (RFC 8259): refuse it.
+	if at := invalidUTF8(raw); at >= 0 {
+		return apiErr(CodeMalformedJSON, "the request body is not valid UTF-8 at byte %d (JSON text is UTF-8; send binary data as payload_base64)", at)
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		return jsonError(err, maxBody)
@@ -206,4 +216,67 @@ func decodeBase64(s string) ([]byte, error) {
 		return base64.StdEncoding.DecodeString(s)
 	}
 	return base64.RawStdEncoding.DecodeString(s)
+}
+
+// invalidUTF8 returns the offset of the first byte of raw that is not valid
+// UTF-8, or of a \u escape in a JSON string that is a lone UTF-16
+// surrogate (it would decode to U+FFFD), or -1.
+func invalidUTF8(raw []byte) int {
+	if !utf8.Valid(raw) {
+		for i := 0; i < len(raw); {
+			r, n := utf8.DecodeRune(raw[i:])
+			if r == utf8.RuneError && n <= 1 {
+				return i
+			}
+			i += n
+		}
+	}
+	inString := false
+	for i := 0; i < len(raw); i++ {
+		switch b := raw[i]; {
+		case b == '"':
+			inString = !inString
+		case b == '\\' && inString:
+			if i+1 < len(raw) && raw[i+1] == 'u' {
+				r, ok := hex4(raw, i+2)
+				switch {
+				case ok && r >= 0xD800 && r < 0xDC00: // high: a low must follow
+					lo, lok := rune(0), false
+					if i+7 < len(raw) && raw[i+6] == '\\' && raw[i+7] == 'u' {
+						lo, lok = hex4(raw, i+8)
+					}
+					if !lok || lo < 0xDC00 || lo >= 0xE000 {
+						return i
+					}
+					i += 11 // both escapes
+					continue
+				case ok && r >= 0xDC00 && r < 0xE000: // low without a high
+					return i
+				}
+			}
+			i++ // the escaped character
+		}
+	}
+	return -1
+}
+
+// hex4 decodes the four hex digits of a \u escape at raw[at:].
+func hex4(raw []byte, at int) (rune, bool) {
+	if at+4 > len(raw) {
+		return 0, false
+	}
+	var r rune
+	for _, c := range raw[at : at+4] {
+		switch {
+		case c >= '0' && c <= '9':
+			r = r<<4 | rune(c-'0')
+		case c >= 'a' && c <= 'f':
+			r = r<<4 | rune(c-'a'+10)
+		case c >= 'A' && c <= 'F':
+			r = r<<4 | rune(c-'A'+10)
+		default:
+			return 0, false
+		}
+	}
+	return r, true
 }

@@ -42,6 +42,11 @@ func TestBadInput(t *testing.T) {
 	}{
 		{"malformed JSON", "POST", "/v1/messages", `{"topic":`, 400, pushapi.CodeMalformedJSON},
 		{"syntax error", "POST", "/v1/messages", `{"topic" "a"}`, 400, pushapi.CodeMalformedJSON},
+		// encoding/json would publish these with U+FFFD in place.
+		{"invalid UTF-8 in topic", "POST", "/v1/messages", "{\"topic\":\"a/\xff\",\"payload\":\"x\"}", 400, pushapi.CodeMalformedJSON},
+		{"invalid UTF-8 in payload", "POST", "/v1/messages", "{\"topic\":\"a\",\"payload\":\"\xc3\x28\"}", 400, pushapi.CodeMalformedJSON},
+		{"lone surrogate escape in payload", "POST", "/v1/channels/news/messages", `{"payload":"\ud800x"}`, 400, pushapi.CodeMalformedJSON},
+		{"lone low surrogate in topic", "POST", "/v1/messages", `{"topic":"a/\udc00","payload":"x"}`, 400, pushapi.CodeMalformedJSON},
 		{"trailing data", "POST", "/v1/messages", msg("") + ` {}`, 400, pushapi.CodeMalformedJSON},
 		{"empty body", "POST", "/v1/messages", "", 400, pushapi.CodeMalformedJSON},
 		{"unknown field", "POST", "/v1/messages", msg(`,"qso":1`), 400, pushapi.CodeUnknownField},
