@@ -37,6 +37,7 @@ const (
 	CodeBrokerUnavailable = "broker_unavailable"
 	CodeNodeUnavailable   = "node_unavailable"
 	CodeStoreUnavailable  = "store_unavailable"
+	CodeStoreTimeout      = "store_timeout"
 )
 
 // ErrorCode describes one error code.
@@ -71,7 +72,8 @@ var ErrorCodes = []ErrorCode{
 	{CodePublishRejected, http.StatusBadGateway, "The broker refused the message; the message names its MQTT reason code."},
 	{CodeBrokerUnavailable, http.StatusServiceUnavailable, "No broker connection, the connection was lost before the broker acknowledged, or no acknowledgement within pushapi.publish_timeout. Retry."},
 	{CodeNodeUnavailable, http.StatusServiceUnavailable, "The broker holding the device's connection did not answer. Retry."},
-	{CodeStoreUnavailable, http.StatusServiceUnavailable, "The store (MongoDB) did not answer. Retry."},
+	{CodeStoreUnavailable, http.StatusServiceUnavailable, "The store (MongoDB) cannot be reached or failed. Retry."},
+	{CodeStoreTimeout, http.StatusServiceUnavailable, "Timed out: the store did not answer within 5 seconds, or more requests than the push API sends to the store at once waited that long for their turn. Retry."},
 }
 
 // Error is an API error: rendered as {"error": {"code": ..., "message": ...}}

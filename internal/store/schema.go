@@ -24,7 +24,10 @@ const (
 // SchemaVersion is the version of the database layout this code writes. Open
 // records it in the meta collection and refuses a database written by a
 // newer rtm (ErrSchemaTooNew).
-const SchemaVersion = 1
+//
+// Version 2 keys device records (CollDevices) by client ID: _id is the
+// client ID; Open rewrites version 1 records.
+const SchemaVersion = 2
 
 // schemaDocID is the _id of the schema-version document in CollMeta.
 const schemaDocID = "schema"
@@ -77,6 +80,10 @@ func ensureSchema(ctx context.Context, db *mongo.Database) error {
 	}
 	if meta.Version > SchemaVersion {
 		return fmt.Errorf("%w: database has version %d, this rtm writes %d", ErrSchemaTooNew, meta.Version, SchemaVersion)
+	}
+
+	if err := migratePresenceIDs(ctx, db); err != nil {
+		return fmt.Errorf("rewrite device records under their client ID: %w", err)
 	}
 
 	// One createIndexes command per index: FerretDB v1.24 panics (and drops
