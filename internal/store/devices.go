@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"go.mongodb.org/mongo-driver/v2/bson"
@@ -152,15 +153,8 @@ func migratePresenceIDs(ctx context.Context, db *mongo.Database) error {
 		if clientID == "" {
 			continue
 		}
-		rest := bson.D{}
-		for _, e := range doc {
-			if e.Key != "_id" {
-				rest = append(rest, e)
-			}
-		}
-		_, err := c.UpdateOne(ctx, bson.D{{Key: "_id", Value: clientID}},
-			bson.D{{Key: "$setOnInsert", Value: rest}}, options.UpdateOne().SetUpsert(true))
-		if err != nil {
+		doc := append(bson.D{{Key: "_id", Value: clientID}}, slices.DeleteFunc(doc, func(e bson.E) bool { return e.Key == "_id" })...)
+		if _, err := c.InsertOne(ctx, doc); err != nil && !mongo.IsDuplicateKeyError(err) {
 			return err
 		}
 	}

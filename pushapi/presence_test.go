@@ -1,0 +1,40 @@
+package pushapi
+
+import (
+	"testing"
+
+	"github.com/rtm-dev/rtm/internal/cluster"
+	"github.com/rtm-dev/rtm/internal/store"
+)
+
+// TestOnline: a device is online only while its record says so and the
+// broker that wrote it is alive in gossip, as the same process. A leaving
+// broker (shutting down) used to count as alive, and a broker restarted
+// under the same name made its previous process's records online again.
+func TestOnline(t *testing.T) {
+	broker := func(name string, status cluster.Status, inc string) cluster.Member {
+		return cluster.Member{Name: name, Status: status, Tags: cluster.Tags{Role: cluster.RoleBroker, Admin: "127.0.0.1:1", Incarnation: inc}}
+	}
+	rec := store.Presence{Seen: true, Online: true, Node: "b1", Incarnation: "aaaa"}
+	for _, tc := range []struct {
+		name    string
+		rec     store.Presence
+		members []cluster.Member
+		want    bool
+	}{
+		{"alive, same process", rec, []cluster.Member{broker("b1", cluster.StatusAlive, "aaaa")}, true},
+		{"recorded offline", store.Presence{Seen: true, Node: "b1", Incarnation: "aaaa"}, []cluster.Member{broker("b1", cluster.StatusAlive, "aaaa")}, false},
+		{"restarted under the same name", rec, []cluster.Member{broker("b1", cluster.StatusAlive, "bbbb")}, false},
+		{"leaving", rec, []cluster.Member{broker("b1", cluster.StatusLeaving, "aaaa")}, false},
+		{"left", rec, []cluster.Member{broker("b1", cluster.StatusLeft, "aaaa")}, false},
+		{"failed", rec, []cluster.Member{broker("b1", cluster.StatusFailed, "aaaa")}, false},
+		{"gone from gossip", rec, []cluster.Member{broker("b2", cluster.StatusAlive, "aaaa")}, false},
+		{"record from before incarnations", store.Presence{Seen: true, Online: true, Node: "b1"}, []cluster.Member{broker("b1", cluster.StatusAlive, "bbbb")}, true},
+		{"broker from before incarnations", rec, []cluster.Member{broker("b1", cluster.StatusAlive, "")}, true},
+		{"a push API of that name", rec, []cluster.Member{{Name: "b1", Status: cluster.StatusAlive, Tags: cluster.Tags{Role: cluster.RolePushAPI}}}, false},
+	} {
+		if got := online(tc.rec, tc.members); got != tc.want {
+			t.Errorf("%s: online = %t, want %t", tc.name, got, tc.want)
+		}
+	}
+}
