@@ -73,7 +73,7 @@ var ErrorCodes = []ErrorCode{
 	{CodeBrokerUnavailable, http.StatusServiceUnavailable, "No broker connection, the connection was lost before the broker acknowledged, or no acknowledgement within pushapi.publish_timeout. Retry."},
 	{CodeNodeUnavailable, http.StatusServiceUnavailable, "The broker holding the device's connection did not answer. Retry."},
 	{CodeStoreUnavailable, http.StatusServiceUnavailable, "The store (MongoDB) cannot be reached or failed. Retry."},
-	{CodeStoreTimeout, http.StatusServiceUnavailable, "Timed out: the store did not answer within 5 seconds, or more requests than the push API sends to the store at once waited that long for their turn. Retry."},
+	{CodeStoreTimeout, http.StatusServiceUnavailable, "Timed out: the store did not answer within 5 seconds, or the request waited 10 seconds for its turn (the push API makes at most 64 store calls at once). Retry."},
 }
 
 // Error is an API error: rendered as {"error": {"code": ..., "message": ...}}

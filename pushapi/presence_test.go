@@ -1,7 +1,14 @@
 package pushapi
 
 import (
+	"context"
+	"fmt"
+	"net/http"
+	"strings"
 	"testing"
+
+	"go.mongodb.org/mongo-driver/v2/mongo"
+	"go.mongodb.org/mongo-driver/v2/x/mongo/driver/topology"
 
 	"github.com/rtm-dev/rtm/internal/cluster"
 	"github.com/rtm-dev/rtm/internal/store"
@@ -35,6 +42,35 @@ func TestOnline(t *testing.T) {
 	} {
 		if got := online(tc.rec, tc.members); got != tc.want {
 			t.Errorf("%s: online = %t, want %t", tc.name, got, tc.want)
+		}
+	}
+}
+
+// TestStoreErrors: a store call that ran out of time answers 503
+// store_timeout saying "timed out"; a store that cannot be reached, 503
+// store_unavailable. Every store failure used to be store_unavailable,
+// including requests that timed out queueing for a connection to a healthy
+// store.
+func TestStoreErrors(t *testing.T) {
+	p := &PushAPI{}
+	for _, tc := range []struct {
+		name string
+		err  error
+		code string
+	}{
+		{"deadline", fmt.Errorf("store: presence: %w", context.DeadlineExceeded), CodeStoreTimeout},
+		{"driver refused: no time left", fmt.Errorf("calculated server-side timeout (0 ms) is less than or equal to 0: %w", context.DeadlineExceeded), CodeStoreTimeout},
+		{"no slot", errSlotTimeout, CodeStoreTimeout},
+		{"no server", topology.ServerSelectionError{Wrapped: context.DeadlineExceeded}, CodeStoreUnavailable},
+		{"disconnected", mongo.ErrClientDisconnected, CodeStoreUnavailable},
+		{"client gone", context.Canceled, CodeStoreUnavailable},
+	} {
+		e := p.storeError(tc.err)
+		if e.Code != tc.code || e.Status != http.StatusServiceUnavailable {
+			t.Errorf("%s: %d %s %q, want 503 %s", tc.name, e.Status, e.Code, e.Message, tc.code)
+		}
+		if tc.code == CodeStoreTimeout && !strings.HasPrefix(e.Message, "timed out") {
+			t.Errorf("%s: message %q, want it to say timed out", tc.name, e.Message)
 		}
 	}
 }

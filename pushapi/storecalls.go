@@ -21,17 +21,24 @@ import (
 // requests spent their whole deadline waiting for a pooled connection, and
 // the driver then refused to send the query ("calculated server-side
 // timeout (0 ms)"), which answered 503 although the store was healthy.
-const storeSlots = 32
+const storeSlots = 64
 
-// errSlotTimeout reports a request that waited storeTimeout for a slot.
+// storeQueueWait bounds a request's wait for a slot. It is longer than
+// storeTimeout: a burst of thousands of requests arriving together is
+// served at the store's pace (about a thousand device reads a second on the
+// embedded store of a small machine) rather than refused after a few
+// seconds.
+const storeQueueWait = 10 * time.Second
+
+// errSlotTimeout reports a request that waited storeQueueWait for a slot.
 var errSlotTimeout = errors.New("pushapi: no store slot free within the store timeout")
 
 // withStore runs f, the store work of one request, once a slot is free:
-// the wait for the slot and f each get storeTimeout. A failure is
+// the wait for the slot gets storeQueueWait, f storeTimeout. A failure is
 // returned as the API error to answer with.
 func (p *PushAPI) withStore(c echo.Context, f func(ctx context.Context) error) error {
 	ctx := c.Request().Context()
-	wait := time.NewTimer(storeTimeout)
+	wait := time.NewTimer(storeQueueWait)
 	defer wait.Stop()
 	select {
 	case p.storeSem <- struct{}{}:
