@@ -14,6 +14,7 @@ import (
 	"github.com/eclipse/paho.golang/paho"
 
 	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/config"
 	"github.com/rtm-dev/rtm/internal/store"
 	"github.com/rtm-dev/rtm/internal/store/storetest"
 	"github.com/rtm-dev/rtm/internal/testcluster"
@@ -238,4 +239,85 @@ func grepLines(s, sub string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// TestStoreOutageOverflow: when more device records pile up during a store
+// outage than the broker keeps, the dropped ones are counted, and once the
+// store answers the broker reconciles it with its clients: devices that
+// left are offline, devices that came are online, and push channels they
+// subscribed to are recorded.
+func TestStoreOutageOverflow(t *testing.T) {
+	o := newOutageStore(t)
+	cfg := config.Defaults().Broker
+	cfg.NodeName, cfg.MQTTAddr, cfg.WSAddr, cfg.AdminAddr = "overflow-node", "127.0.0.1:0", "", "127.0.0.1:0"
+	auth := config.Defaults().Auth
+	auth.Devices = "anonymous"
+	b, err := broker.New(broker.Options{Config: cfg, Auth: auth, Store: o.st, Version: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	broker.SetDeviceQueueLen(b, 4)
+	if err := b.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		_ = b.Shutdown(ctx)
+	})
+	ctx := testutil.Context(t, 4*waitCond)
+	var before []*testutil.V5
+	for i := range 3 {
+		c, _ := dialV5(t, b, &paho.Connect{ClientID: fmt.Sprintf("before-%d", i), CleanStart: true})
+		before = append(before, c)
+		waitPresence(t, o.st, fmt.Sprintf("before-%d", i), true)
+	}
+
+	o.stop()
+	for _, c := range before {
+		_ = c.Disconnect(&paho.Disconnect{})
+	}
+	var during []string
+	for i := range 12 {
+		id := fmt.Sprintf("during-%d", i)
+		c, _ := dialV5(t, b, &paho.Connect{ClientID: id, CleanStart: true})
+		during = append(during, id)
+		if i == 0 {
+			subscribe(t, c, 0, paho.SubscribeOptions{Topic: "push/news", QoS: 1})
+		}
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if s := b.Stats().Store; s == nil || s.Dropped == 0 {
+			return fmt.Errorf("store stats %+v, want dropped writes", s)
+		}
+		return nil
+	})
+
+	o.start()
+	testutil.WaitFor(t, 2*waitCond, func() error {
+		want := map[string]bool{}
+		for i := range before {
+			want[fmt.Sprintf("before-%d", i)] = false
+		}
+		for _, id := range during {
+			want[id] = true
+		}
+		for id, online := range want {
+			p, err := o.st.Presence(ctx, id)
+			if err != nil {
+				return err
+			}
+			if !p.Seen || p.Online != online {
+				return fmt.Errorf("presence of %s: %+v, want online=%t", id, p, online)
+			}
+		}
+		subs, err := o.st.DeviceChannels(ctx, "during-0")
+		if err != nil || len(subs) != 1 || subs[0].Channel != "news" {
+			return fmt.Errorf("channels of during-0: %+v %v, want news", subs, err)
+		}
+		return nil
+	})
+	if s := b.Stats().Store; s.Reconciles == 0 || !s.Up {
+		t.Errorf("store stats %+v, want up after a reconciliation", s)
+	}
 }
