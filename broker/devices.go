@@ -51,17 +51,20 @@ type devicesHook struct {
 	incarnation string
 	seq         atomic.Uint64
 
-	conns sync.Map // *mqtt.Client → connRecord written with its presence
-	queue chan deviceOp
-	// unsubscribed holds client ID + "\x00" + channel for push channels a
-	// device unsubscribed from itself since it connected, so that
-	// re-applying the recorded ones (read asynchronously, maybe before the
-	// removal is written) does not subscribe it again.
-	unsubscribed sync.Map
-
+	conns     sync.Map // *mqtt.Client → connRecord written with its presence
+	queue     chan deviceOp
 	reapplyMu sync.Mutex
 	reapply   map[string]struct{} // client IDs whose recorded push subscriptions are to be applied
-	wake      chan struct{}       // a reapply was added
+	// unsubscribed holds, by client ID, the push channels a connected
+	// device unsubscribed from itself, so that re-applying its recorded
+	// ones (read asynchronously, maybe before the removal is written) does
+	// not subscribe it again.
+	unsubscribed map[string]map[string]struct{}
+	wake         chan struct{} // a reapply was added
+
+	// ctx ends when the writer is told to stop, so that no store call
+	// holds up a shutdown.
+	ctx context.Context
 
 	storeUp    atomic.Bool
 	storeErr   atomic.Pointer[string] // the last failure, while down
@@ -101,7 +104,8 @@ const (
 
 func newDevicesHook(b *Broker, st *store.Store) *devicesHook {
 	h := &devicesHook{b: b, st: st, incarnation: b.Incarnation(), queue: make(chan deviceOp, deviceQueueLen),
-		reapply: map[string]struct{}{}, wake: make(chan struct{}, 1), done: make(chan struct{})}
+		reapply: map[string]struct{}{}, unsubscribed: map[string]map[string]struct{}{}, wake: make(chan struct{}, 1),
+		ctx: context.Background(), done: make(chan struct{})}
 	h.storeUp.Store(true) // Open pinged it
 	return h
 }
@@ -144,9 +148,9 @@ func (h *devicesHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	rec := connRecord{id: fmt.Sprintf("%s/%s/%d", h.b.cfg.NodeName, h.incarnation, h.seq.Add(1)), at: time.Now()}
 	h.conns.Store(cl, rec)
 	h.enqueue(deviceOp{presence: h.online(cl.ID, rec)})
-	h.clearUnsubscribed(cl.ID)
 	h.reapplyMu.Lock()
 	h.reapply[cl.ID] = struct{}{}
+	delete(h.unsubscribed, cl.ID)
 	h.reapplyMu.Unlock()
 	select {
 	case h.wake <- struct{}{}:
@@ -158,20 +162,14 @@ func (h *devicesHook) online(clientID string, rec connRecord) *store.PresenceUpd
 	return &store.PresenceUpdate{ClientID: clientID, Online: true, Node: h.b.cfg.NodeName, Incarnation: h.incarnation, Conn: rec.id, At: rec.at}
 }
 
-func (h *devicesHook) clearUnsubscribed(clientID string) {
-	h.unsubscribed.Range(func(k, _ any) bool {
-		if id, _, _ := strings.Cut(k.(string), "\x00"); id == clientID {
-			h.unsubscribed.Delete(k)
-		}
-		return true
-	})
-}
-
 func (h *devicesHook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
 	v, ok := h.conns.LoadAndDelete(cl)
 	if !ok {
 		return
 	}
+	h.reapplyMu.Lock()
+	delete(h.unsubscribed, cl.ID)
+	h.reapplyMu.Unlock()
 	h.enqueue(deviceOp{presence: &store.PresenceUpdate{ClientID: cl.ID, Node: h.b.cfg.NodeName, Conn: v.(connRecord).id, At: time.Now()}})
 }
 
@@ -182,7 +180,7 @@ func (h *devicesHook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []b
 	}
 	for i, f := range pk.Filters {
 		if ch := channelOf(f.Filter); ch != "" && i < len(codes) && codes[i] < 0x80 {
-			h.unsubscribed.Delete(cl.ID + "\x00" + ch)
+			h.setUnsubscribed(cl.ID, ch, false)
 			h.enqueue(deviceOp{device: cl.ID, channel: ch, add: true})
 		}
 	}
@@ -197,9 +195,25 @@ func (h *devicesHook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 	}
 	for _, f := range pk.Filters {
 		if ch := channelOf(f.Filter); ch != "" {
-			h.unsubscribed.Store(cl.ID+"\x00"+ch, struct{}{})
+			h.setUnsubscribed(cl.ID, ch, true)
 			h.enqueue(deviceOp{device: cl.ID, channel: ch})
 		}
+	}
+}
+
+// setUnsubscribed notes (or forgets) that the device left channel itself.
+func (h *devicesHook) setUnsubscribed(clientID, ch string, left bool) {
+	h.reapplyMu.Lock()
+	defer h.reapplyMu.Unlock()
+	m := h.unsubscribed[clientID]
+	if left {
+		if m == nil {
+			m = map[string]struct{}{}
+			h.unsubscribed[clientID] = m
+		}
+		m[ch] = struct{}{}
+	} else if m != nil {
+		delete(m, ch)
 	}
 }
 
@@ -208,6 +222,16 @@ func (h *devicesHook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 // closed, then writes what is left (bounded by deviceFlushWait).
 func (h *devicesHook) run(stop <-chan struct{}) {
 	defer close(h.done)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	h.ctx = ctx // before any store call; only this goroutine reads it
 	var (
 		batch     []deviceOp
 		swept     bool
@@ -285,7 +309,7 @@ func (h *devicesHook) run(stop <-chan struct{}) {
 // the work is kept, to be done again.
 func (h *devicesHook) step(swept *bool, batch *[]deviceOp, before *int) error {
 	if !*swept {
-		ctx, cancel := context.WithTimeout(context.Background(), deviceWriteWait)
+		ctx, cancel := context.WithTimeout(h.ctx, deviceWriteWait)
 		n, err := h.st.SweepPresence(ctx, h.b.cfg.NodeName, h.incarnation)
 		cancel()
 		if err != nil {
@@ -297,7 +321,7 @@ func (h *devicesHook) step(swept *bool, batch *[]deviceOp, before *int) error {
 		}
 	}
 	if len(*batch) > 0 {
-		if err := h.write(*batch); err != nil {
+		if err := h.write(h.ctx, *batch); err != nil {
 			return err
 		}
 		if *before > 0 {
@@ -318,8 +342,8 @@ func (h *devicesHook) step(swept *bool, batch *[]deviceOp, before *int) error {
 // write writes one batch in order: consecutive presence updates in one
 // bulk write, push subscriptions one by one. Every write is idempotent, so
 // a batch that failed half way is written again whole.
-func (h *devicesHook) write(batch []deviceOp) error {
-	ctx, cancel := context.WithTimeout(context.Background(), deviceWriteWait)
+func (h *devicesHook) write(ctx context.Context, batch []deviceOp) error {
+	ctx, cancel := context.WithTimeout(ctx, deviceWriteWait)
 	defer cancel()
 	var presence []store.PresenceUpdate
 	for _, op := range batch {
@@ -352,8 +376,12 @@ func (h *devicesHook) write(batch []deviceOp) error {
 // recorded (a push channel a device left while its removal was dropped
 // stays recorded, and is applied at its next connect).
 func (h *devicesHook) reconcileNow() error {
-	ctx, cancel := context.WithTimeout(context.Background(), 4*deviceWriteWait)
-	defer cancel()
+	// Each call gets deviceWriteWait: a large node writes many batches.
+	call := func(f func(ctx context.Context) error) error {
+		ctx, cancel := context.WithTimeout(h.ctx, deviceWriteWait)
+		defer cancel()
+		return f(ctx)
+	}
 	live := map[string]string{} // client ID → connection ID
 	var ups []store.PresenceUpdate
 	h.conns.Range(func(k, v any) bool {
@@ -362,7 +390,11 @@ func (h *devicesHook) reconcileNow() error {
 		ups = append(ups, *h.online(cl.ID, rec))
 		return true
 	})
-	recorded, err := h.st.OnlineAt(ctx, h.b.cfg.NodeName)
+	var recorded []store.Presence
+	err := call(func(ctx context.Context) (err error) {
+		recorded, err = h.st.OnlineAt(ctx, h.b.cfg.NodeName)
+		return err
+	})
 	if err != nil {
 		return err
 	}
@@ -374,7 +406,7 @@ func (h *devicesHook) reconcileNow() error {
 	}
 	for len(ups) > 0 {
 		n := min(len(ups), deviceBatch)
-		if err := h.st.WritePresence(ctx, ups[:n]); err != nil {
+		if err := call(func(ctx context.Context) error { return h.st.WritePresence(ctx, ups[:n]) }); err != nil {
 			return err
 		}
 		ups = ups[n:]
@@ -392,7 +424,7 @@ func (h *devicesHook) reconcileNow() error {
 	}
 	for len(subs) > 0 {
 		n := min(len(subs), deviceBatch)
-		if err := h.st.AddPushSubscriptions(ctx, subs[:n]); err != nil {
+		if err := call(func(ctx context.Context) error { return h.st.AddPushSubscriptions(ctx, subs[:n]) }); err != nil {
 			return err
 		}
 		subs = subs[n:]
@@ -424,7 +456,7 @@ func (h *devicesHook) reapplyBatch() error {
 	if len(ids) == 0 {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), deviceWriteWait)
+	ctx, cancel := context.WithTimeout(h.ctx, deviceWriteWait)
 	defer cancel()
 	subs, err := h.st.DevicesChannels(ctx, ids)
 	if err != nil {
@@ -435,6 +467,12 @@ func (h *devicesHook) reapplyBatch() error {
 		delete(h.reapply, id)
 	}
 	h.reapplyMu.Unlock()
+	left := func(id, ch string) bool {
+		h.reapplyMu.Lock()
+		defer h.reapplyMu.Unlock()
+		_, ok := h.unsubscribed[id][ch]
+		return ok
+	}
 	for id, list := range subs {
 		// The session now, which may have been taken over since.
 		cl, ok := h.b.mq.Clients.Get(id)
@@ -442,7 +480,7 @@ func (h *devicesHook) reapplyBatch() error {
 			continue
 		}
 		for _, s := range list {
-			if _, gone := h.unsubscribed.Load(id + "\x00" + s.Channel); gone {
+			if left(id, s.Channel) {
 				continue
 			}
 			filter := PushPrefix + s.Channel
@@ -450,6 +488,11 @@ func (h *devicesHook) reapplyBatch() error {
 				continue
 			}
 			h.b.mq.SubscribeClient(cl, packets.Subscription{Filter: filter, Qos: 1})
+			// An UNSUBSCRIBE that came meanwhile wins (no lock is held
+			// across SubscribeClient, which may write to the client).
+			if left(id, s.Channel) {
+				h.b.mq.UnsubscribeClientFilter(cl, filter)
+			}
 		}
 	}
 	return nil
@@ -457,7 +500,7 @@ func (h *devicesHook) reapplyBatch() error {
 
 // check pings the store within d and records whether it answered.
 func (h *devicesHook) check(d time.Duration) bool {
-	ctx, cancel := context.WithTimeout(context.Background(), d)
+	ctx, cancel := context.WithTimeout(h.ctx, d)
 	defer cancel()
 	if err := h.st.Ping(ctx); err != nil {
 		h.down(err)
@@ -505,7 +548,7 @@ func (h *devicesHook) flush(batch []deviceOp) {
 	ctx, cancel := context.WithTimeout(context.Background(), deviceFlushWait)
 	defer cancel()
 	done := make(chan error, 1)
-	go func() { done <- h.write(batch) }()
+	go func() { done <- h.write(ctx, batch) }()
 	select {
 	case err := <-done:
 		if err != nil {
