@@ -30,7 +30,8 @@ const (
 type Device struct {
 	ID string `json:"id"`
 	// Online is true while the device is connected: its broker recorded a
-	// connection, and that broker is alive in the cluster.
+	// connection, and that broker is alive in the cluster as the same
+	// process (see online).
 	Online bool `json:"online"`
 	// Node is the broker of the last connection; null if none was seen.
 	Node *string `json:"node"`
@@ -155,7 +156,7 @@ func (p *PushAPI) putDeviceChannel(c echo.Context) error {
 			out.Applied = AppliedNow
 		case errors.Is(err, errUnknownClient):
 			// No session there: the next connect applies it.
-		case pr.Online:
+		case online(pr, p.members()):
 			return &Error{Status: http.StatusServiceUnavailable, Code: CodeNodeUnavailable, cause: err,
 				Message: "the subscription is recorded, but broker " + pr.Node + ", where the device is connected, did not apply it; retry (PUT is idempotent)"}
 		default:
@@ -222,7 +223,7 @@ func (p *PushAPI) deleteDeviceChannel(c echo.Context) error {
 		err := p.admin.unsubscribe(c.Request().Context(), admin, id, pushTopic(ch))
 		switch {
 		case err == nil, errors.Is(err, errUnknownClient):
-		case pr.Online:
+		case online(pr, p.members()):
 			return &Error{Status: http.StatusServiceUnavailable, Code: CodeNodeUnavailable, cause: err,
 				Message: "broker " + pr.Node + ", where the device is connected, did not remove the subscription; nothing changed, retry"}
 		default:

@@ -252,6 +252,9 @@ func TestSharedStore(t *testing.T) {
 		}
 		return nil
 	})
+	if code := httpStatus(t, admin+"/healthz"); code != 200 {
+		t.Fatalf("/healthz = %d with the store gone", code)
+	}
 	c := testutil.MustV5(t, b.listeners(t)["tcp"], "no-store-needed")
 	c.Sub(t, "t/x", 1)
 	c.Pub(t, "t/x", 1, false, "hi")
