@@ -282,6 +282,10 @@ func (h *devicesHook) run(stop <-chan struct{}) {
 			retry = deviceRetryFirst
 			continue
 		}
+		if ctx.Err() != nil { // stopping: not the store's fault
+			h.flush(batch)
+			return
+		}
 		h.down(err)
 		select {
 		case <-time.After(retry):
