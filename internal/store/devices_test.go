@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"go.mongodb.org/mongo-driver/v2/bson"
+	"go.mongodb.org/mongo-driver/v2/mongo"
+	"go.mongodb.org/mongo-driver/v2/mongo/options"
 
 	"github.com/rtm-dev/rtm/internal/store"
 	"github.com/rtm-dev/rtm/internal/store/storetest"
@@ -143,7 +145,13 @@ func TestPresenceRecordsOfVersion1(t *testing.T) {
 	s := storetest.Open(t)
 	ctx := testutil.Context(t, 30*time.Second)
 	at := time.Now().UTC().Truncate(time.Millisecond)
-	_, err := s.DB().Collection(store.CollDevices).InsertOne(ctx, bson.D{{Key: "client_id", Value: "v1-dev"}, {Key: "online", Value: true},
+	// Version 1's index, which version 2 drops.
+	_, err := s.DB().Collection(store.CollDevices).Indexes().CreateOne(ctx, mongo.IndexModel{Keys: bson.D{{Key: "client_id", Value: 1}},
+		Options: options.Index().SetName("client_id_unique").SetUnique(true)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.DB().Collection(store.CollDevices).InsertOne(ctx, bson.D{{Key: "client_id", Value: "v1-dev"}, {Key: "online", Value: true},
 		{Key: "node", Value: "n1"}, {Key: "since", Value: at}, {Key: "last_seen", Value: at}, {Key: "conn", Value: "n1/1/1"}, {Key: "created_at", Value: at}})
 	if err != nil {
 		t.Fatal(err)
@@ -159,5 +167,14 @@ func TestPresenceRecordsOfVersion1(t *testing.T) {
 	}
 	if n, err := s2.DB().Collection(store.CollDevices).CountDocuments(ctx, bson.D{}); err != nil || n != 1 {
 		t.Fatalf("%d device records, %v; want the one rewritten", n, err)
+	}
+	specs, err := s2.DB().Collection(store.CollDevices).Indexes().ListSpecifications(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sp := range specs {
+		if sp.Name == "client_id_unique" {
+			t.Errorf("index client_id_unique kept: a record a version 1 broker inserts would fail every presence write of its client")
+		}
 	}
 }

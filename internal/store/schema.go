@@ -52,7 +52,7 @@ type index struct {
 // name): add one with a new name instead. TTL indexes do not belong here:
 // FerretDB v1 has none.
 var indexes = []index{
-	{CollDevices, "client_id_unique", bson.D{{Key: "client_id", Value: 1}}, true},
+	{CollDevices, "node_online", bson.D{{Key: "node", Value: 1}, {Key: "online", Value: 1}}, false},
 	{CollPushSubscriptions, "channel_device_unique", bson.D{{Key: "channel", Value: 1}, {Key: "device", Value: 1}}, true},
 	{CollPushSubscriptions, "device", bson.D{{Key: "device", Value: 1}}, false},
 	{CollGroups, "members", bson.D{{Key: "members", Value: 1}}, false},
@@ -85,6 +85,13 @@ func ensureSchema(ctx context.Context, db *mongo.Database) error {
 	if err := migratePresenceIDs(ctx, db); err != nil {
 		return fmt.Errorf("rewrite device records under their client ID: %w", err)
 	}
+	// Version 1's unique index on client_id: _id is the client ID now, and
+	// the index would make a broker's presence writes fail (and retry
+	// forever) on any record a version 1 broker inserts during a rolling
+	// upgrade; such records are rewritten at the next Open.
+	if err := db.Collection(CollDevices).Indexes().DropOne(ctx, "client_id_unique"); err != nil && !indexNotFound(err) {
+		return fmt.Errorf("drop index client_id_unique on %s: %w", CollDevices, err)
+	}
 
 	// One createIndexes command per index: FerretDB v1.24 panics (and drops
 	// the connection) when one command lists two or more indexes that already
@@ -101,4 +108,12 @@ func ensureSchema(ctx context.Context, db *mongo.Database) error {
 		}
 	}
 	return nil
+}
+
+// indexNotFound reports the server's answer to dropping an index that does
+// not exist (MongoDB: IndexNotFound, code 27; FerretDB answers the same, or
+// NamespaceNotFound, 26, when the collection does not exist either).
+func indexNotFound(err error) bool {
+	var ce mongo.CommandError
+	return errors.As(err, &ce) && (ce.Code == 27 || ce.Code == 26)
 }
