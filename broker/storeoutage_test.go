@@ -124,7 +124,9 @@ func TestStoreOutage(t *testing.T) {
 	case <-time.After(waitMsg):
 		t.Fatal("no round trip")
 	}
-	if took := time.Since(start); took > 1500*time.Millisecond {
+	took := time.Since(start)
+	t.Logf("CONNECT, SUBSCRIBE, PUBLISH round trip with the store down: %v", took)
+	if took > time.Second {
 		t.Errorf("CONNECT, SUBSCRIBE and PUBLISH round trip took %v with the store down, want well under the store timeouts", took)
 	}
 	var more []string
@@ -152,6 +154,7 @@ func TestStoreOutage(t *testing.T) {
 	}
 
 	o.start()
+	back := time.Now()
 	testutil.WaitFor(t, 2*waitCond, func() error {
 		want := map[string]bool{"stays": true, "leaves": false, "arrives": true}
 		for _, id := range more {
@@ -168,6 +171,7 @@ func TestStoreOutage(t *testing.T) {
 		}
 		return nil
 	})
+	t.Logf("presence right %v after the store returned", time.Since(back).Round(time.Millisecond))
 	// The push subscription recorded before the outage reached the device
 	// that connected during it.
 	pub := serviceClient(t, b, "pushapi-test")
