@@ -92,22 +92,45 @@ func (a *adminServer) shutdown(ctx context.Context) error {
 	return nil
 }
 
-// readyz is 200 only while the listeners serve and every dependency (the
-// store) answers; it turns 503 the moment shutdown starts.
+// Readiness is the body of /readyz.
+type Readiness struct {
+	Status string `json:"status"`           // "ready" or "not ready"
+	Reason string `json:"reason,omitempty"` // why not ready
+	// Store is the store's state ("up", "down", or "none" without one).
+	// It does not change the status: MQTT works without the store, and
+	// device records are written when it answers again.
+	Store      string `json:"store"`
+	StoreError string `json:"store_error,omitempty"`
+	Pending    int64  `json:"store_pending_writes,omitempty"`
+	Checks     string `json:"checks,omitempty"` // Options.Ready's error
+}
+
+// readyz is 200 while the broker can serve MQTT: its listeners serve and
+// it is not shutting down (503 from the moment shutdown starts). The store
+// is reported in the body, from the state the device record writer last
+// saw, so a probe never waits for it.
 func (a *adminServer) readyz(w http.ResponseWriter, r *http.Request) {
-	if !a.b.Ready() {
-		writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not ready", "reason": "listeners not serving"})
-		return
+	res := Readiness{Status: "ready", Store: "none"}
+	if a.b.devices != nil {
+		s := a.b.devices.stats()
+		res.Store, res.StoreError, res.Pending = "up", s.Error, s.Pending
+		if !s.Up {
+			res.Store = "down"
+		}
 	}
 	if check := a.b.opts.Ready; check != nil {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
 		if err := check(ctx); err != nil {
-			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "not ready", "reason": err.Error()})
-			return
+			res.Checks = err.Error()
 		}
 	}
-	writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+	if !a.b.Ready() {
+		res.Status, res.Reason = "not ready", "listeners not serving"
+		writeJSON(w, http.StatusServiceUnavailable, res)
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
 }
 
 func (a *adminServer) client(w http.ResponseWriter, r *http.Request) (*mqtt.Client, bool) {

@@ -75,7 +75,9 @@ type Options struct {
 	// Registry receives the broker's metrics and is served on /metrics;
 	// nil means a new registry with the Go and process collectors.
 	Registry *prometheus.Registry
-	// Ready, when set, is also asked by /readyz (e.g. the store's ping).
+	// Ready, when set, is asked by /readyz and reported in its body as
+	// "checks"; it does not make the broker unready: readiness means the
+	// broker serves MQTT, which needs nothing else.
 	Ready func(context.Context) error
 	// Store, when set, receives device presence and push subscriptions
 	// made over MQTT, and is asked for a device's push subscriptions when
@@ -184,6 +186,9 @@ func New(opts Options) (*Broker, error) {
 		b.devices = newDevicesHook(b, opts.Store)
 		if err := b.mq.AddHook(b.devices, nil); err != nil {
 			return nil, err
+		}
+		if err := reg.Register(storeCollector{b.devices}); err != nil {
+			return nil, fmt.Errorf("broker: metrics: %w", err)
 		}
 	}
 	if opts.Cluster.GossipAddr != "" {
@@ -332,6 +337,10 @@ func (b *Broker) GossipAddr() string {
 // Name returns the node's name.
 func (b *Broker) Name() string { return b.cfg.NodeName }
 
+// Incarnation identifies this process among those that run, or ran, under
+// the broker's name: recorded with device presence and published in gossip.
+func (b *Broker) Incarnation() string { return fmt.Sprintf("%016x", b.incarnation) }
+
 // Ready reports whether the broker accepts clients.
 func (b *Broker) Ready() bool { return b.ready.Load() }
 
@@ -473,6 +482,8 @@ type Stats struct {
 
 	// Cluster is nil when the broker runs alone.
 	Cluster *ClusterStats `json:"cluster,omitempty"`
+	// Store is nil without a store.
+	Store *StoreStats `json:"store,omitempty"`
 }
 
 // BackpressureStats count the pacing of publishers by subscribers that do
@@ -530,6 +541,9 @@ func (b *Broker) Stats() Stats {
 	}
 	if b.cluster != nil && b.started.Load() {
 		s.Cluster = b.cluster.stats()
+	}
+	if b.devices != nil {
+		s.Store = b.devices.stats()
 	}
 	s.MessagesDropped = maps.Clone(s.DroppedByReason[dropReasonNames[dropQueueFull]])
 	for _, r := range []dropReason{dropSessionFull, dropPacketIDs} {

@@ -227,6 +227,7 @@ func (c *clusterNode) tags() cluster.Tags {
 		Connections: int(atomic.LoadInt64(&c.b.mq.Info.ClientsConnected)),
 		LoadAt:      time.Now().Unix(),
 		Draining:    c.b.Draining(),
+		Incarnation: c.b.Incarnation(),
 	}
 	if c.links != nil {
 		t.Link = c.publicAddr(c.links.Addr())

@@ -3,13 +3,14 @@ package pushapi
 import (
 	"context"
 	"encoding/base64"
-	"errors"
 	"net/http"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/labstack/echo/v4"
+
+	"github.com/rtm-dev/rtm/internal/store"
 )
 
 // Page sizes of GET /v1/channels/{channel}/subscribers.
@@ -58,11 +59,16 @@ func (p *PushAPI) getSubscribers(c echo.Context) error {
 			return err
 		}
 	}
-	ctx, cancel := context.WithTimeout(c.Request().Context(), storeTimeout)
-	defer cancel()
-	subs, next, err := p.st.ChannelSubscribers(ctx, ch, after, limit)
+	var (
+		subs []store.PushSubscription
+		next string
+	)
+	err = p.withStore(c, func(ctx context.Context) (err error) {
+		subs, next, err = p.st.ChannelSubscribers(ctx, ch, after, limit)
+		return err
+	})
 	if err != nil {
-		return p.storeError(err)
+		return err
 	}
 	out := Subscribers{Subscribers: make([]Subscriber, 0, len(subs))}
 	for _, s := range subs {
@@ -85,14 +91,4 @@ func decodeCursor(s string) (string, error) {
 		return "", apiErr(CodeBadCursor, "cursor %q was not returned by a previous page", s)
 	}
 	return string(b[len(cursorPrefix):]), nil
-}
-
-// storeError turns a store failure into 503 store_unavailable; the cause
-// is logged, not sent.
-func (p *PushAPI) storeError(err error) *Error {
-	msg := "the store did not answer; retry"
-	if errors.Is(err, context.Canceled) {
-		msg = "the request ended before the store answered"
-	}
-	return &Error{Status: http.StatusServiceUnavailable, Code: CodeStoreUnavailable, Message: msg, cause: err}
 }

@@ -30,7 +30,8 @@ const (
 type Device struct {
 	ID string `json:"id"`
 	// Online is true while the device is connected: its broker recorded a
-	// connection, and that broker is alive in the cluster.
+	// connection, and that broker is alive in the cluster as the same
+	// process (see online).
 	Online bool `json:"online"`
 	// Node is the broker of the last connection; null if none was seen.
 	Node *string `json:"node"`
@@ -73,11 +74,6 @@ type DeviceToken struct {
 	ExpiresAt time.Time `json:"expires_at"`
 }
 
-// storeCtx bounds one store operation of a request.
-func storeCtx(c echo.Context) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(c.Request().Context(), storeTimeout)
-}
-
 // members returns the gossip view.
 func (p *PushAPI) members() []cluster.Member { return p.node.Members() }
 
@@ -87,23 +83,26 @@ func (p *PushAPI) getDevice(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	ctx, cancel := storeCtx(c)
-	defer cancel()
-	pr, err := p.st.Presence(ctx, id)
+	var (
+		pr   store.Presence
+		subs []store.PushSubscription
+	)
+	err = p.withStore(c, func(ctx context.Context) (err error) {
+		if pr, err = p.st.Presence(ctx, id); err != nil {
+			return err
+		}
+		subs, err = p.st.DeviceChannels(ctx, id)
+		return err
+	})
 	if err != nil {
-		return p.storeError(err)
-	}
-	subs, err := p.st.DeviceChannels(ctx, id)
-	if err != nil {
-		return p.storeError(err)
+		return err
 	}
 	if !pr.Seen && len(subs) == 0 {
 		return apiErr(CodeNotFound, "device %q was never connected and has no push subscription", id)
 	}
 	d := Device{ID: id, Channels: make([]DeviceChannel, 0, len(subs))}
 	if pr.Seen {
-		_, alive := brokerAdmin(p.members(), pr.Node)
-		d.Online = pr.Online && alive
+		d.Online = online(pr, p.members())
 		node, since, seen := pr.Node, pr.Since.UTC(), pr.LastSeen.UTC()
 		d.Node, d.Since, d.LastSeen = &node, &since, &seen
 	}
@@ -131,19 +130,23 @@ func (p *PushAPI) putDeviceChannel(c echo.Context) error {
 	if err := decodeOptionalBody(c, p.cfg.MaxBody, &struct{}{}); err != nil {
 		return err
 	}
-	ctx, cancel := storeCtx(c)
-	defer cancel()
-	created, err := p.st.AddPushSubscription(ctx, id, ch, store.ViaAPI)
+	var (
+		created bool
+		rec     store.PushSubscription
+		pr      store.Presence
+	)
+	err = p.withStore(c, func(ctx context.Context) (err error) {
+		if created, err = p.st.AddPushSubscription(ctx, id, ch, store.ViaAPI); err != nil {
+			return err
+		}
+		if rec, err = p.subscription(ctx, id, ch); err != nil {
+			return err
+		}
+		pr, err = p.st.Presence(ctx, id)
+		return err
+	})
 	if err != nil {
-		return p.storeError(err)
-	}
-	rec, err := p.subscription(ctx, id, ch)
-	if err != nil {
-		return p.storeError(err)
-	}
-	pr, err := p.st.Presence(ctx, id)
-	if err != nil {
-		return p.storeError(err)
+		return err
 	}
 	out := ChannelSubscription{Device: id, Channel: ch, Via: rec.Via, Since: rec.Since.UTC(), Applied: AppliedAtNextConnect}
 	if admin, ok := brokerAdmin(p.members(), pr.Node); ok && pr.Seen {
@@ -153,7 +156,7 @@ func (p *PushAPI) putDeviceChannel(c echo.Context) error {
 			out.Applied = AppliedNow
 		case errors.Is(err, errUnknownClient):
 			// No session there: the next connect applies it.
-		case pr.Online:
+		case online(pr, p.members()):
 			return &Error{Status: http.StatusServiceUnavailable, Code: CodeNodeUnavailable, cause: err,
 				Message: "the subscription is recorded, but broker " + pr.Node + ", where the device is connected, did not apply it; retry (PUT is idempotent)"}
 		default:
@@ -195,11 +198,19 @@ func (p *PushAPI) deleteDeviceChannel(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	ctx, cancel := storeCtx(c)
-	defer cancel()
-	subs, err := p.st.DeviceChannels(ctx, id)
+	var (
+		subs []store.PushSubscription
+		pr   store.Presence
+	)
+	err = p.withStore(c, func(ctx context.Context) (err error) {
+		if subs, err = p.st.DeviceChannels(ctx, id); err != nil {
+			return err
+		}
+		pr, err = p.st.Presence(ctx, id)
+		return err
+	})
 	if err != nil {
-		return p.storeError(err)
+		return err
 	}
 	found := false
 	for _, s := range subs {
@@ -208,23 +219,23 @@ func (p *PushAPI) deleteDeviceChannel(c echo.Context) error {
 	if !found {
 		return apiErr(CodeNotFound, "device %q is not subscribed to channel %q", id, ch)
 	}
-	pr, err := p.st.Presence(ctx, id)
-	if err != nil {
-		return p.storeError(err)
-	}
 	if admin, ok := brokerAdmin(p.members(), pr.Node); ok && pr.Seen {
 		err := p.admin.unsubscribe(c.Request().Context(), admin, id, pushTopic(ch))
 		switch {
 		case err == nil, errors.Is(err, errUnknownClient):
-		case pr.Online:
+		case online(pr, p.members()):
 			return &Error{Status: http.StatusServiceUnavailable, Code: CodeNodeUnavailable, cause: err,
 				Message: "broker " + pr.Node + ", where the device is connected, did not remove the subscription; nothing changed, retry"}
 		default:
 			p.log.Warn("push subscription not removed from an offline session", "client_id", id, "broker", pr.Node, "error", err)
 		}
 	}
-	if _, err := p.st.RemovePushSubscription(ctx, id, ch); err != nil {
-		return p.storeError(err)
+	err = p.withStore(c, func(ctx context.Context) error {
+		_, err := p.st.RemovePushSubscription(ctx, id, ch)
+		return err
+	})
+	if err != nil {
+		return err
 	}
 	return c.NoContent(http.StatusNoContent)
 }
@@ -280,11 +291,13 @@ func (p *PushAPI) deleteDeviceConnection(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	ctx, cancel := storeCtx(c)
-	defer cancel()
-	pr, err := p.st.Presence(ctx, id)
+	var pr store.Presence
+	err = p.withStore(c, func(ctx context.Context) (err error) {
+		pr, err = p.st.Presence(ctx, id)
+		return err
+	})
 	if err != nil {
-		return p.storeError(err)
+		return err
 	}
 	if !pr.Seen {
 		return apiErr(CodeNotFound, "device %q was never connected", id)

@@ -37,6 +37,7 @@ const (
 	CodeBrokerUnavailable = "broker_unavailable"
 	CodeNodeUnavailable   = "node_unavailable"
 	CodeStoreUnavailable  = "store_unavailable"
+	CodeStoreTimeout      = "store_timeout"
 )
 
 // ErrorCode describes one error code.
@@ -71,7 +72,8 @@ var ErrorCodes = []ErrorCode{
 	{CodePublishRejected, http.StatusBadGateway, "The broker refused the message; the message names its MQTT reason code."},
 	{CodeBrokerUnavailable, http.StatusServiceUnavailable, "No broker connection, the connection was lost before the broker acknowledged, or no acknowledgement within pushapi.publish_timeout. Retry."},
 	{CodeNodeUnavailable, http.StatusServiceUnavailable, "The broker holding the device's connection did not answer. Retry."},
-	{CodeStoreUnavailable, http.StatusServiceUnavailable, "The store (MongoDB) did not answer. Retry."},
+	{CodeStoreUnavailable, http.StatusServiceUnavailable, "The store (MongoDB) cannot be reached or failed. Retry."},
+	{CodeStoreTimeout, http.StatusServiceUnavailable, "Timed out: the store did not answer within 5 seconds, or the request waited 10 seconds for its turn (the push API makes at most 64 store calls at once). Retry."},
 }
 
 // Error is an API error: rendered as {"error": {"code": ..., "message": ...}}

@@ -17,6 +17,7 @@ type metrics struct {
 	brokerUp        prometheus.Gauge
 	connects        prometheus.Counter
 	connectFailures prometheus.Counter
+	storeTimeouts   prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -53,12 +54,16 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "rtm_pushapi_broker_connect_failures_total",
 			Help: "MQTT connection attempts to a broker that failed.",
 		}),
+		storeTimeouts: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "rtm_pushapi_store_timeouts_total",
+			Help: "Requests answered 503 store_timeout: no store slot free, or no answer from the store, within the store timeout.",
+		}),
 	}
 	for _, r := range []string{"ok", "rejected", "unavailable", "timeout"} {
 		m.publishes.WithLabelValues(r)
 	}
 	for _, c := range []prometheus.Collector{m.requests, m.duration, m.publishes, m.publishLatency, m.brokerUp,
-		m.connects, m.connectFailures} {
+		m.connects, m.connectFailures, m.storeTimeouts} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -80,6 +80,7 @@ type PushAPI struct {
 	e        *echo.Echo
 	pub      *publisher
 	admin    *nodeAdmin
+	storeSem chan struct{} // one element per store call in progress (withStore)
 
 	// Written by Start only, before it returns.
 	node *cluster.Node
@@ -144,7 +145,7 @@ func New(opts Options) (*PushAPI, error) {
 		return nil, fmt.Errorf("pushapi: metrics: %w", err)
 	}
 	p := &PushAPI{cfg: cfg, opts: opts, log: log, reg: reg, m: m, st: opts.Store, issuer: issuer,
-		tokenTTL: opts.Auth.TokenTTL, admin: newNodeAdmin()}
+		tokenTTL: opts.Auth.TokenTTL, admin: newNodeAdmin(), storeSem: make(chan struct{}, storeSlots)}
 	if p.tokenTTL == 0 {
 		p.tokenTTL = config.Defaults().Auth.TokenTTL
 	}

@@ -229,7 +229,9 @@ func TestBrokerProcessSIGTERMDisconnectsClientsAndExits0(t *testing.T) {
 }
 
 // TestSharedStore runs the store as its own process and a broker that uses
-// it; /readyz follows the store.
+// it. /readyz reports the store, and stays 200 when the store goes away:
+// the broker still serves MQTT (a readiness probe must not pull the MQTT
+// tier out of service when the store fails).
 func TestSharedStore(t *testing.T) {
 	s := start(t, nil, "store", "--addr", "127.0.0.1:0", "--data", t.TempDir())
 	var uri string
@@ -243,8 +245,8 @@ func TestSharedStore(t *testing.T) {
 	})
 	b := start(t, nil, append([]string{"broker", "--data", t.TempDir(), "--store-uri", uri}, loopbackFlags...)...)
 	admin := "http://" + b.listeners(t)["admin"]
-	if code := httpStatus(t, admin+"/readyz"); code != 200 {
-		t.Fatalf("/readyz = %d with the store up", code)
+	if code, body := readyzBody(t, admin); code != 200 || !strings.Contains(body, `"store":"up"`) {
+		t.Fatalf("/readyz = %d %s with the store up", code, body)
 	}
 	if err := s.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
@@ -252,16 +254,39 @@ func TestSharedStore(t *testing.T) {
 	if code := s.wait(t, 15*time.Second); code != 0 {
 		t.Fatalf("rtm store exit code %d after SIGTERM", code)
 	}
-	testutil.WaitFor(t, 10*time.Second, func() error {
-		if code := httpStatus(t, admin+"/readyz"); code != 503 {
-			return fmt.Errorf("/readyz = %d with the store gone, want 503", code)
+	testutil.WaitFor(t, 30*time.Second, func() error {
+		if code, body := readyzBody(t, admin); code != 200 || !strings.Contains(body, `"store":"down"`) {
+			return fmt.Errorf("/readyz = %d %s with the store gone, want 200 with the store down", code, body)
 		}
 		return nil
 	})
+	if code := httpStatus(t, admin+"/healthz"); code != 200 {
+		t.Fatalf("/healthz = %d with the store gone", code)
+	}
+	c := testutil.MustV5(t, b.listeners(t)["tcp"], "no-store-needed")
+	c.Sub(t, "t/x", 1)
+	c.Pub(t, "t/x", 1, false, "hi")
+	select {
+	case <-c.Messages:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no MQTT round trip with the store gone")
+	}
 	_ = b.cmd.Process.Signal(syscall.SIGTERM)
 	if code := b.wait(t, 20*time.Second); code != 0 {
 		t.Fatalf("broker exit code %d", code)
 	}
+}
+
+// readyzBody returns /readyz's status and body.
+func readyzBody(t *testing.T, admin string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(admin + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
 }
 
 func TestUnreachableStoreFailsClearly(t *testing.T) {

@@ -111,7 +111,6 @@ func (a *App) brokerOptions() broker.Options {
 		Version:  a.opts.Version,
 		Logger:   a.opts.Logger,
 		Registry: a.opts.Registry,
-		Ready:    a.storeReady,
 		Store:    a.store,
 	}
 }
@@ -141,16 +140,6 @@ func (a *App) sideCluster() config.Cluster {
 		cc.GossipAddr, cc.Join = net.JoinHostPort(host, "0"), gossip
 	}
 	return cc
-}
-
-func (a *App) storeReady(ctx context.Context) error {
-	if a.store == nil {
-		return errors.New("store not open")
-	}
-	if err := a.store.Ping(ctx); err != nil {
-		return fmt.Errorf("store: %w", err)
-	}
-	return nil
 }
 
 // Start opens the store, then starts each role. If any step fails, what was

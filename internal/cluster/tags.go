@@ -29,6 +29,10 @@ type Tags struct {
 	Connections int    // connections at the last tag update
 	LoadAt      int64  // unix seconds when Connections was measured; refreshed even when unchanged
 	Draining    bool   // the broker takes no new devices
+	// Incarnation identifies the broker process: it changes when a broker
+	// starts again under the same name, so the connections the previous
+	// process recorded in the store can be told from the current ones.
+	Incarnation string
 }
 
 // Encode returns the tags as a Serf tag map; empty fields are left out.
@@ -46,6 +50,7 @@ func (t Tags) Encode() map[string]string {
 	set("wss", t.WSS)
 	set("link", t.Link)
 	set("admin", t.Admin)
+	set("inc", t.Incarnation)
 	if t.Capacity > 0 {
 		m["cap"] = strconv.Itoa(t.Capacity)
 	}
@@ -65,7 +70,7 @@ func (t Tags) Encode() map[string]string {
 // newer member's extra tags do not break an older one.
 func DecodeTags(m map[string]string) (Tags, error) {
 	t := Tags{Role: m["role"], Version: m["ver"], MQTT: m["mqtt"], WS: m["ws"], TLS: m["tls"], WSS: m["wss"],
-		Link: m["link"], Admin: m["admin"], Draining: m["drain"] == "1"}
+		Link: m["link"], Admin: m["admin"], Draining: m["drain"] == "1", Incarnation: m["inc"]}
 	num := func(k string) (int, error) {
 		v, ok := m[k]
 		if !ok {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"go.mongodb.org/mongo-driver/v2/bson"
@@ -12,7 +13,9 @@ import (
 )
 
 // Presence is where a device is, as the brokers record it in CollDevices:
-// one document per client ID, written when it connects and disconnects.
+// one document per client ID (its _id, so that reading one is a lookup by
+// key on every server, FerretDB's SQLite backend included), written when it
+// connects and disconnects.
 type Presence struct {
 	ClientID string    `bson:"client_id"`
 	Online   bool      `bson:"online"`
@@ -22,21 +25,27 @@ type Presence struct {
 	Conn     string    `bson:"conn"`       // ID of the last connection
 	Seen     bool      `bson:"-"`          // a document exists
 	Created  time.Time `bson:"created_at"` // first connect
+	// Incarnation is the broker process that recorded the last connection
+	// (Node names the broker, which may have restarted since): "" in
+	// records written before rtm recorded it.
+	Incarnation string `bson:"incarnation,omitempty"`
 }
 
 // PresenceUpdate is one connect or disconnect to record.
 type PresenceUpdate struct {
-	ClientID string
-	Online   bool
-	Node     string
-	Conn     string // unique per connection, e.g. node/incarnation/sequence
-	At       time.Time
+	ClientID    string
+	Online      bool
+	Node        string
+	Incarnation string // the broker process, recorded with a connect
+	Conn        string // unique per connection, e.g. node/incarnation/sequence
+	At          time.Time
 }
 
 // WritePresence records connects and disconnects in one round trip. A
 // disconnect marks the device offline only if it is the connection last
 // recorded: after a takeover by another node, the old connection's
-// disconnect may arrive after the new connect.
+// disconnect may arrive after the new connect. Writing the same updates
+// again changes nothing, so a failed batch may be retried whole.
 func (s *Store) WritePresence(ctx context.Context, ups []PresenceUpdate) error {
 	if len(ups) == 0 {
 		return nil
@@ -46,16 +55,16 @@ func (s *Store) WritePresence(ctx context.Context, ups []PresenceUpdate) error {
 		at := u.At.UTC()
 		if u.Online {
 			models = append(models, mongo.NewUpdateOneModel().
-				SetFilter(bson.D{{Key: "client_id", Value: u.ClientID}}).
+				SetFilter(bson.D{{Key: "_id", Value: u.ClientID}}).
 				SetUpdate(bson.D{
-					{Key: "$set", Value: bson.D{{Key: "online", Value: true}, {Key: "node", Value: u.Node}, {Key: "since", Value: at},
-						{Key: "last_seen", Value: at}, {Key: "conn", Value: u.Conn}}},
+					{Key: "$set", Value: bson.D{{Key: "client_id", Value: u.ClientID}, {Key: "online", Value: true}, {Key: "node", Value: u.Node},
+						{Key: "incarnation", Value: u.Incarnation}, {Key: "since", Value: at}, {Key: "last_seen", Value: at}, {Key: "conn", Value: u.Conn}}},
 					{Key: "$setOnInsert", Value: bson.D{{Key: "created_at", Value: at}}},
 				}).SetUpsert(true))
 			continue
 		}
 		models = append(models, mongo.NewUpdateOneModel().
-			SetFilter(bson.D{{Key: "client_id", Value: u.ClientID}, {Key: "conn", Value: u.Conn}}).
+			SetFilter(bson.D{{Key: "_id", Value: u.ClientID}, {Key: "conn", Value: u.Conn}}).
 			SetUpdate(bson.D{{Key: "$set", Value: bson.D{{Key: "online", Value: false}, {Key: "last_seen", Value: at}}}}))
 	}
 	// Ordered: a connect and a disconnect of one client in one batch must
@@ -67,11 +76,43 @@ func (s *Store) WritePresence(ctx context.Context, ups []PresenceUpdate) error {
 	return nil
 }
 
+// SweepPresence marks offline every device recorded online at node by a
+// process other than incarnation: a broker that starts again under the
+// same name calls it, because the connections of its previous process
+// ended with that process, which may not have recorded it (kill -9, a
+// crash, a store outage). last_seen is left as it was: when they ended is
+// not known. It returns how many records it changed.
+func (s *Store) SweepPresence(ctx context.Context, node, incarnation string) (int64, error) {
+	res, err := s.db.Collection(CollDevices).UpdateMany(ctx,
+		bson.D{{Key: "node", Value: node}, {Key: "online", Value: true}, {Key: "incarnation", Value: bson.D{{Key: "$ne", Value: incarnation}}}},
+		bson.D{{Key: "$set", Value: bson.D{{Key: "online", Value: false}}}})
+	if err != nil {
+		return 0, fmt.Errorf("store: sweep presence of %s: %w", node, err)
+	}
+	return res.ModifiedCount, nil
+}
+
+// OnlineAt returns the records of devices online at node (client ID,
+// connection, incarnation), for a broker that reconciles the store with the
+// clients it holds.
+func (s *Store) OnlineAt(ctx context.Context, node string) ([]Presence, error) {
+	cur, err := s.db.Collection(CollDevices).Find(ctx, bson.D{{Key: "node", Value: node}, {Key: "online", Value: true}},
+		options.Find().SetProjection(bson.D{{Key: "client_id", Value: 1}, {Key: "conn", Value: 1}, {Key: "incarnation", Value: 1}, {Key: "node", Value: 1}, {Key: "online", Value: 1}}))
+	if err != nil {
+		return nil, fmt.Errorf("store: devices online at %s: %w", node, err)
+	}
+	var out []Presence
+	if err := cur.All(ctx, &out); err != nil {
+		return nil, fmt.Errorf("store: devices online at %s: %w", node, err)
+	}
+	return out, nil
+}
+
 // Presence returns the device's presence; Seen is false if no broker ever
 // recorded it.
 func (s *Store) Presence(ctx context.Context, clientID string) (Presence, error) {
 	var p Presence
-	err := s.db.Collection(CollDevices).FindOne(ctx, bson.D{{Key: "client_id", Value: clientID}}).Decode(&p)
+	err := s.db.Collection(CollDevices).FindOne(ctx, bson.D{{Key: "_id", Value: clientID}}).Decode(&p)
 	switch {
 	case errors.Is(err, mongo.ErrNoDocuments):
 		return Presence{ClientID: clientID}, nil
@@ -80,6 +121,44 @@ func (s *Store) Presence(ctx context.Context, clientID string) (Presence, error)
 	}
 	p.Seen = true
 	return p, nil
+}
+
+// migratePresenceIDs rewrites device records written before schema
+// version 2, whose _id was generated, under their client ID. Idempotent;
+// a record already rewritten wins over the old one.
+func migratePresenceIDs(ctx context.Context, db *mongo.Database) error {
+	c := db.Collection(CollDevices)
+	cur, err := c.Find(ctx, bson.D{{Key: "_id", Value: bson.D{{Key: "$type", Value: "objectId"}}}})
+	if err != nil {
+		return err
+	}
+	var old []bson.D
+	if err := cur.All(ctx, &old); err != nil {
+		return err
+	}
+	for _, doc := range old {
+		var id any
+		clientID := ""
+		for _, e := range doc {
+			switch e.Key {
+			case "_id":
+				id = e.Value
+			case "client_id":
+				clientID, _ = e.Value.(string)
+			}
+		}
+		if _, err := c.DeleteOne(ctx, bson.D{{Key: "_id", Value: id}}); err != nil {
+			return err
+		}
+		if clientID == "" {
+			continue
+		}
+		doc := append(bson.D{{Key: "_id", Value: clientID}}, slices.DeleteFunc(doc, func(e bson.E) bool { return e.Key == "_id" })...)
+		if _, err := c.InsertOne(ctx, doc); err != nil && !mongo.IsDuplicateKeyError(err) {
+			return err
+		}
+	}
+	return nil
 }
 
 // How a push subscription was made.
@@ -144,6 +223,48 @@ func (s *Store) ChannelSubscribers(ctx context.Context, channel, after string, l
 		next = subs[limit-1].Device
 	}
 	return subs, next, nil
+}
+
+// DevicesChannels returns the push subscriptions of each of devices, in
+// one round trip (a broker re-applying them to devices that connected).
+func (s *Store) DevicesChannels(ctx context.Context, devices []string) (map[string][]PushSubscription, error) {
+	out := make(map[string][]PushSubscription, len(devices))
+	if len(devices) == 0 {
+		return out, nil
+	}
+	cur, err := s.db.Collection(CollPushSubscriptions).Find(ctx, bson.D{{Key: "device", Value: bson.D{{Key: "$in", Value: devices}}}})
+	if err != nil {
+		return nil, fmt.Errorf("store: channels of %d devices: %w", len(devices), err)
+	}
+	var subs []PushSubscription
+	if err := cur.All(ctx, &subs); err != nil {
+		return nil, fmt.Errorf("store: channels of %d devices: %w", len(devices), err)
+	}
+	for _, sub := range subs {
+		out[sub.Device] = append(out[sub.Device], sub)
+	}
+	return out, nil
+}
+
+// AddPushSubscriptions records each subscription in one round trip, as
+// AddPushSubscription does (an existing record keeps its via and since).
+func (s *Store) AddPushSubscriptions(ctx context.Context, subs []PushSubscription) error {
+	if len(subs) == 0 {
+		return nil
+	}
+	models := make([]mongo.WriteModel, 0, len(subs))
+	now := time.Now().UTC()
+	for _, sub := range subs {
+		models = append(models, mongo.NewUpdateOneModel().
+			SetFilter(bson.D{{Key: "channel", Value: sub.Channel}, {Key: "device", Value: sub.Device}}).
+			SetUpdate(bson.D{{Key: "$setOnInsert", Value: bson.D{{Key: "via", Value: sub.Via}, {Key: "since", Value: now}}}}).
+			SetUpsert(true))
+	}
+	_, err := s.db.Collection(CollPushSubscriptions).BulkWrite(ctx, models, options.BulkWrite().SetOrdered(false))
+	if err != nil && !mongo.IsDuplicateKeyError(err) { // a duplicate: two upserts raced, the other one created it
+		return fmt.Errorf("store: add %d push subscriptions: %w", len(subs), err)
+	}
+	return nil
 }
 
 // DeviceChannels returns every push subscription of a device, by channel.

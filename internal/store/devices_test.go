@@ -5,6 +5,10 @@ import (
 	"testing"
 	"time"
 
+	"go.mongodb.org/mongo-driver/v2/bson"
+	"go.mongodb.org/mongo-driver/v2/mongo"
+	"go.mongodb.org/mongo-driver/v2/mongo/options"
+
 	"github.com/rtm-dev/rtm/internal/store"
 	"github.com/rtm-dev/rtm/internal/store/storetest"
 	"github.com/rtm-dev/rtm/internal/testutil"
@@ -83,5 +87,94 @@ func TestPushSubscriptions(t *testing.T) {
 	}
 	if removed, _ := s.RemovePushSubscription(ctx, "d1", "news"); removed {
 		t.Error("removed twice")
+	}
+}
+
+// TestSweepPresence: a broker restarted under the same name marks offline
+// what its previous processes recorded online there, and nothing else.
+func TestSweepPresence(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := testutil.Context(t, 30*time.Second)
+	now := time.Now()
+	err := s.WritePresence(ctx, []store.PresenceUpdate{
+		{ClientID: "old", Online: true, Node: "n1", Incarnation: "1", Conn: "n1/1/1", At: now},
+		{ClientID: "legacy", Online: true, Node: "n1", Conn: "n1/0/1", At: now},
+		{ClientID: "current", Online: true, Node: "n1", Incarnation: "2", Conn: "n1/2/1", At: now},
+		{ClientID: "other", Online: true, Node: "n2", Incarnation: "1", Conn: "n2/1/1", At: now},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := s.SweepPresence(ctx, "n1", "2")
+	if err != nil || n != 2 {
+		t.Fatalf("sweep: %d, %v; want 2 records changed", n, err)
+	}
+	for id, want := range map[string]bool{"old": false, "legacy": false, "current": true, "other": true} {
+		p, err := s.Presence(ctx, id)
+		if err != nil || p.Online != want {
+			t.Errorf("%s: %+v %v, want online=%t", id, p, err, want)
+		}
+	}
+	online, err := s.OnlineAt(ctx, "n1")
+	if err != nil || len(online) != 1 || online[0].ClientID != "current" || online[0].Conn != "n1/2/1" {
+		t.Fatalf("online at n1: %+v %v", online, err)
+	}
+}
+
+// TestDevicesChannels reads the push subscriptions of many devices at once.
+func TestDevicesChannels(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := testutil.Context(t, 30*time.Second)
+	if err := s.AddPushSubscriptions(ctx, []store.PushSubscription{
+		{Device: "a", Channel: "x", Via: store.ViaMQTT}, {Device: "a", Channel: "y", Via: store.ViaMQTT}, {Device: "b", Channel: "x", Via: store.ViaMQTT},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if created, err := s.AddPushSubscription(ctx, "a", "x", store.ViaAPI); err != nil || created {
+		t.Fatalf("bulk add did not record a/x: %t %v", created, err)
+	}
+	got, err := s.DevicesChannels(ctx, []string{"a", "c"})
+	if err != nil || len(got["a"]) != 2 || len(got["c"]) != 0 || len(got["b"]) != 0 {
+		t.Fatalf("channels of a, c: %+v %v", got, err)
+	}
+}
+
+// TestPresenceRecordsOfVersion1: records written by an rtm that keyed them
+// by a generated _id are found after Open rewrites them.
+func TestPresenceRecordsOfVersion1(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := testutil.Context(t, 30*time.Second)
+	at := time.Now().UTC().Truncate(time.Millisecond)
+	// Version 1's index, which version 2 drops.
+	_, err := s.DB().Collection(store.CollDevices).Indexes().CreateOne(ctx, mongo.IndexModel{Keys: bson.D{{Key: "client_id", Value: 1}},
+		Options: options.Index().SetName("client_id_unique").SetUnique(true)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.DB().Collection(store.CollDevices).InsertOne(ctx, bson.D{{Key: "client_id", Value: "v1-dev"}, {Key: "online", Value: true},
+		{Key: "node", Value: "n1"}, {Key: "since", Value: at}, {Key: "last_seen", Value: at}, {Key: "conn", Value: "n1/1/1"}, {Key: "created_at", Value: at}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close(ctx)
+	p, err := s2.Presence(ctx, "v1-dev")
+	if err != nil || !p.Seen || !p.Online || p.Node != "n1" || !p.Since.Equal(at) || p.Conn != "n1/1/1" {
+		t.Fatalf("v1 record after the rewrite: %+v %v", p, err)
+	}
+	if n, err := s2.DB().Collection(store.CollDevices).CountDocuments(ctx, bson.D{}); err != nil || n != 1 {
+		t.Fatalf("%d device records, %v; want the one rewritten", n, err)
+	}
+	specs, err := s2.DB().Collection(store.CollDevices).Indexes().ListSpecifications(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sp := range specs {
+		if sp.Name == "client_id_unique" {
+			t.Errorf("index client_id_unique kept: a record a version 1 broker inserts would fail every presence write of its client")
+		}
 	}
 }

@@ -24,7 +24,10 @@ const (
 // SchemaVersion is the version of the database layout this code writes. Open
 // records it in the meta collection and refuses a database written by a
 // newer rtm (ErrSchemaTooNew).
-const SchemaVersion = 1
+//
+// Version 2 keys device records (CollDevices) by client ID: _id is the
+// client ID; Open rewrites version 1 records.
+const SchemaVersion = 2
 
 // schemaDocID is the _id of the schema-version document in CollMeta.
 const schemaDocID = "schema"
@@ -49,7 +52,7 @@ type index struct {
 // name): add one with a new name instead. TTL indexes do not belong here:
 // FerretDB v1 has none.
 var indexes = []index{
-	{CollDevices, "client_id_unique", bson.D{{Key: "client_id", Value: 1}}, true},
+	{CollDevices, "node_online", bson.D{{Key: "node", Value: 1}, {Key: "online", Value: 1}}, false},
 	{CollPushSubscriptions, "channel_device_unique", bson.D{{Key: "channel", Value: 1}, {Key: "device", Value: 1}}, true},
 	{CollPushSubscriptions, "device", bson.D{{Key: "device", Value: 1}}, false},
 	{CollGroups, "members", bson.D{{Key: "members", Value: 1}}, false},
@@ -79,6 +82,17 @@ func ensureSchema(ctx context.Context, db *mongo.Database) error {
 		return fmt.Errorf("%w: database has version %d, this rtm writes %d", ErrSchemaTooNew, meta.Version, SchemaVersion)
 	}
 
+	if err := migratePresenceIDs(ctx, db); err != nil {
+		return fmt.Errorf("rewrite device records under their client ID: %w", err)
+	}
+	// Version 1's unique index on client_id: _id is the client ID now, and
+	// the index would make a broker's presence writes fail (and retry
+	// forever) on any record a version 1 broker inserts during a rolling
+	// upgrade; such records are rewritten at the next Open.
+	if err := db.Collection(CollDevices).Indexes().DropOne(ctx, "client_id_unique"); err != nil && !indexNotFound(err) {
+		return fmt.Errorf("drop index client_id_unique on %s: %w", CollDevices, err)
+	}
+
 	// One createIndexes command per index: FerretDB v1.24 panics (and drops
 	// the connection) when one command lists two or more indexes that already
 	// exist, because it deletes them from its to-do list by their original
@@ -94,4 +108,12 @@ func ensureSchema(ctx context.Context, db *mongo.Database) error {
 		}
 	}
 	return nil
+}
+
+// indexNotFound reports the server's answer to dropping an index that does
+// not exist (MongoDB: IndexNotFound, code 27; FerretDB answers the same, or
+// NamespaceNotFound, 26, when the collection does not exist either).
+func indexNotFound(err error) bool {
+	var ce mongo.CommandError
+	return errors.As(err, &ce) && (ce.Code == 27 || ce.Code == 26)
 }

@@ -85,14 +85,14 @@ func TestOpenCreatesSchema(t *testing.T) {
 	t.Cleanup(func() { closeStore(t, s2) })
 	checkSchema(t, s2.DB())
 
-	// The unique index holds.
-	devices := s.DB().Collection(store.CollDevices)
-	if _, err := devices.InsertOne(ctx, bson.D{{Key: "client_id", Value: "d1"}}); err != nil {
-		t.Fatalf("insert device: %v", err)
+	// A unique index holds.
+	subs := s.DB().Collection(store.CollPushSubscriptions)
+	if _, err := subs.InsertOne(ctx, bson.D{{Key: "channel", Value: "c"}, {Key: "device", Value: "d1"}}); err != nil {
+		t.Fatalf("insert push subscription: %v", err)
 	}
-	_, err = devices.InsertOne(ctx, bson.D{{Key: "client_id", Value: "d1"}})
+	_, err = subs.InsertOne(ctx, bson.D{{Key: "channel", Value: "c"}, {Key: "device", Value: "d1"}})
 	if !mongo.IsDuplicateKeyError(err) {
-		t.Fatalf("second insert of client_id d1: err = %v, want a duplicate key error", err)
+		t.Fatalf("second insert of c/d1: err = %v, want a duplicate key error", err)
 	}
 }
 
@@ -299,7 +299,7 @@ func checkSchema(t *testing.T, db *mongo.Database) {
 		coll, name, keys string
 		unique           bool
 	}{
-		{"devices", "client_id_unique", `{"client_id": 1}`, true},
+		{"devices", "node_online", `{"node": 1,"online": 1}`, false},
 		{"push_subscriptions", "channel_device_unique", `{"channel": 1,"device": 1}`, true},
 		{"push_subscriptions", "device", `{"device": 1}`, false},
 		{"groups", "members", `{"members": 1}`, false},
