@@ -186,7 +186,7 @@ var (
 	descInflight    = prometheus.NewDesc("rtm_broker_inflight_messages", "QoS 1/2 messages awaiting acknowledgement or held for offline sessions.", nil, nil)
 	descMsgIn       = prometheus.NewDesc("rtm_broker_messages_received_total", "PUBLISH packets received from clients.", nil, nil)
 	descMsgOut      = prometheus.NewDesc("rtm_broker_messages_sent_total", "PUBLISH packets sent to clients.", nil, nil)
-	descDropped     = prometheus.NewDesc("rtm_broker_messages_dropped_total", "Messages not delivered to a client because its write queue (queue_full) or its session (session_full) already held broker.max_queued messages, or it had no free packet identifier (packet_ids), by reason and published QoS.", []string{"reason", "qos"}, nil)
+	descDropped     = prometheus.NewDesc("rtm_broker_messages_dropped_total", "Messages not delivered to a client because its write queue (queue_full) or its session (session_full) already held broker.max_queued messages, or it had no free packet identifier (packet_ids), or the message exceeds the client's MQTT 5 Maximum Packet Size (too_large), by reason and published QoS.", []string{"reason", "qos"}, nil)
 	descBytesIn     = prometheus.NewDesc("rtm_broker_received_bytes_total", "Bytes received from clients.", nil, nil)
 	descBytesOut    = prometheus.NewDesc("rtm_broker_sent_bytes_total", "Bytes sent to clients.", nil, nil)
 	descPktIn       = prometheus.NewDesc("rtm_broker_packets_received_total", "MQTT packets received.", nil, nil)

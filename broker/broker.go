@@ -145,6 +145,11 @@ func New(opts Options) (*Broker, error) {
 	// Paho's interoperability suite, and the spec, forbid echoing a PUBLISH's
 	// user properties on its acknowledgement.
 	caps.Compatibilities.NoInheritedPropertiesOnAck = true
+	caps.Compatibilities.ObscureNotAuthorized = opts.Auth.ACLSubscribeRefusal == "unspecified"
+	// Topic aliases a client may set (advertised in the CONNACK, mochi patch
+	// 33): each holds a topic name for the connection's life, so the bound
+	// is per-connection memory. 10 is Mosquitto's default max_topic_alias.
+	caps.TopicAliasMaximum = topicAliasMaximum
 	b.mq = mqtt.New(&mqtt.Options{
 		Capabilities:             caps,
 		ClientNetReadBufferSize:  1024,
@@ -430,7 +435,11 @@ type Stats struct {
 	// rtm_broker_messages_dropped_total{reason,qos}, e.g.
 	//
 	//	{"queue_full": {"0": 12, "1": 0, "2": 0},
-	//	 "session_full": {"1": 290, "2": 0}, "packet_ids": {"1": 0, "2": 0}}
+	//	 "session_full": {"1": 290, "2": 0}, "packet_ids": {"1": 0, "2": 0},
+	//	 "too_large": {"0": 0, "1": 1, "2": 0}}
+	//
+	// too_large: bigger than the Maximum Packet Size the client asked for
+	// (MQTT 5), so skipped for that client as the specification requires.
 	DroppedByReason map[string]map[string]int64 `json:"messages_dropped_by_reason"`
 	BytesReceived   int64                       `json:"bytes_received"`
 	BytesSent       int64                       `json:"bytes_sent"`
@@ -443,6 +452,10 @@ type Stats struct {
 	// Cluster is nil when the broker runs alone.
 	Cluster *ClusterStats `json:"cluster,omitempty"`
 }
+
+// topicAliasMaximum is the Topic Alias Maximum rtm accepts from an MQTT 5
+// client.
+const topicAliasMaximum = 10
 
 // Stats returns a snapshot of the broker's counters.
 func (b *Broker) Stats() Stats {
@@ -480,7 +493,7 @@ func (b *Broker) Stats() Stats {
 	}
 	s.MessagesDropped = maps.Clone(s.DroppedByReason[dropReasonNames[dropQueueFull]])
 	for r, byQoS := range s.DroppedByReason {
-		if r != dropReasonNames[dropQueueFull] {
+		if r == dropReasonNames[dropSessionFull] || r == dropReasonNames[dropPacketIDs] {
 			for _, n := range byQoS {
 				s.InflightDropped += n
 			}

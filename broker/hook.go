@@ -40,14 +40,19 @@ const (
 	// dropPacketIDs: no free packet identifier for a QoS 1/2 message (all
 	// 65,535 in use; not reachable while broker.max_queued < 65,535).
 	dropPacketIDs
+	// dropTooLarge: the message, as it would be sent to the client, exceeds
+	// the Maximum Packet Size of the client's CONNECT; MQTT 5 says to skip
+	// it for that client [MQTT-3.1.2-25] (rtm patch 31 in mochi).
+	dropTooLarge
 	numDropReasons
 )
 
 // dropReasonNames are the reason label values, in dropReason order.
-var dropReasonNames = [numDropReasons]string{"queue_full", "session_full", "packet_ids"}
+var dropReasonNames = [numDropReasons]string{"queue_full", "session_full", "packet_ids", "too_large"}
 
 // dropReasonText are the reasons as said in the log, in dropReason order.
-var dropReasonText = [numDropReasons]string{"client queue full", "client session full", "no free packet identifier"}
+var dropReasonText = [numDropReasons]string{"client queue full", "client session full", "no free packet identifier",
+	"larger than the client's maximum packet size"}
 
 type dropCount struct {
 	n     [numDropReasons]int64
@@ -116,9 +121,15 @@ func (h *limitsHook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 // broker.max_queued QoS 1/2 messages now means the session was the limit.
 // (A concurrent acknowledgement or publish to the same client can tip a drop
 // to the other reason; every drop is still counted exactly once.)
+//
+// mochi also calls it for a message it did not write because it exceeds the
+// client's Maximum Packet Size (rtm patch 31), and only then with
+// pk.Mods.MaxSize set: WritePacket sets it on its copy of the packet.
 func (h *limitsHook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
 	reason := dropQueueFull
-	if pk.FixedHeader.Qos > 0 && cl.State.Inflight.Len() >= int(h.b.mq.Options.Capabilities.MaximumInflight) {
+	if pk.Mods.MaxSize > 0 {
+		reason = dropTooLarge
+	} else if pk.FixedHeader.Qos > 0 && cl.State.Inflight.Len() >= int(h.b.mq.Options.Capabilities.MaximumInflight) {
 		reason = dropSessionFull
 	}
 	h.dropped(cl, pk, reason)
@@ -197,7 +208,7 @@ func (h *limitsHook) dropCounts() map[string]map[string]int64 {
 	for r := range h.drops {
 		byQoS := map[string]int64{}
 		for q := range h.drops[r] {
-			if q == 0 && dropReason(r) != dropQueueFull {
+			if q == 0 && dropReason(r) != dropQueueFull && dropReason(r) != dropTooLarge {
 				continue // a session holds QoS 1/2 messages only
 			}
 			byQoS[strconv.Itoa(q)] = h.drops[r][q].Load()

@@ -259,3 +259,23 @@ func TestDisconnectHalfClosesAndDrains(t *testing.T) {
 	_, err = client.Read(make([]byte, 1))
 	require.ErrorIs(t, err, io.EOF, "after the DISCONNECT: a half-close, not a reset")
 }
+
+// TestConnackAdvertisesTopicAliasMaximum (patch 33): a successful v5
+// CONNACK carries the Topic Alias Maximum the server accepts. v2.7.9 left
+// it out, which tells the client 0: no topic aliases.
+func TestConnackAdvertisesTopicAliasMaximum(t *testing.T) {
+	s := newServer()
+	s.Options.Capabilities.TopicAliasMaximum = 64
+	cl, r, w := newTestClient()
+	defer func() { _ = r.Close(); _ = w.Close() }()
+	cl.Properties.ProtocolVersion = 5
+	done := make(chan error, 1)
+	go func() { done <- s.SendConnack(cl, packets.CodeSuccess, false, nil) }()
+	hdr, body, err := readRawPacket(r)
+	require.NoError(t, err)
+	require.NoError(t, <-done)
+	require.Equal(t, packets.Connack, hdr>>4)
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connack, Remaining: len(body)}, ProtocolVersion: 5}
+	require.NoError(t, pk.ConnackDecode(body))
+	require.Equal(t, uint16(64), pk.Properties.TopicAliasMaximum)
+}

@@ -697,6 +697,12 @@ func (s *Server) SendConnack(cl *Client, reason packets.Code, present bool, prop
 		return cl.WritePacket(ack)
 	}
 
+	// rtm patch: advertise the Topic Alias Maximum the server accepts
+	// (3.2.2.3.8). v2.7.9 accepted aliases up to it but never said so, and
+	// an absent property means 0, so a conforming client never used them.
+	// No upstream issue found.
+	properties.TopicAliasMaximum = s.Options.Capabilities.TopicAliasMaximum
+
 	if s.Options.Capabilities.MaximumQos < 2 {
 		properties.MaximumQos = s.Options.Capabilities.MaximumQos // [MQTT-3.2.2-9]
 		properties.MaximumQosFlag = true
