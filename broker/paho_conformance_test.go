@@ -322,3 +322,35 @@ func TestPahoTopicAliasInbound(t *testing.T) {
 		}
 	})
 }
+
+// TestRefusedPublishReasonString: a refused QoS 1 publish gets PUBACK 0x87
+// with a Reason String, unless the client's CONNECT set Request Problem
+// Information to 0 [MQTT-3.1.2-29]. (The Paho MQTT 5 suite's parser
+// rejects any PUBACK with properties, which is how its test_dollar_topics
+// failed while rtm refused $ topics; the reason string itself is correct.)
+func TestRefusedPublishReasonString(t *testing.T) {
+	b := testcluster.Broker(t, "solo", "", func(o *broker.Options) {
+		o.Cluster.GossipAddr = ""
+		o.Auth.ACL = "deny pub refused/#"
+	})
+	addr := b.Addr(broker.ListenerTCP)
+	for _, problemInfo := range []bool{true, false} {
+		c, _, err := testutil.DialV5(t, addr, &paho.Connect{ClientID: "p", CleanStart: true,
+			Properties: &paho.ConnectProperties{RequestProblemInfo: problemInfo}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, _ := c.Publish(testutil.Context(t, waitMsg), &paho.Publish{Topic: "refused/x", QoS: 1, Payload: []byte("x")})
+		if resp == nil || resp.ReasonCode != 0x87 {
+			t.Fatalf("problem info %t: PUBACK %+v, want 0x87", problemInfo, resp)
+		}
+		got := ""
+		if resp.Properties != nil {
+			got = resp.Properties.ReasonString
+		}
+		if (got != "") != problemInfo {
+			t.Errorf("problem info %t: reason string %q", problemInfo, got)
+		}
+		_ = c.Disconnect(&paho.Disconnect{})
+	}
+}

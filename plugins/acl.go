@@ -236,7 +236,7 @@ func builtin(id *identity, subject string, write bool) (bool, string) {
 		return false, reasonEmpty
 	}
 	first, rest, _ := strings.Cut(subject, "/")
-	if first[0] == '$' {
+	if subject[0] == '$' {
 		// SPEC section 3 reserves $SYS only; other $ topics are open as in
 		// Mosquitto (and the Paho interoperability suites rely on
 		// $TopicA/B). Wildcard rules and subscriptions starting with a

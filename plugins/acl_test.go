@@ -115,6 +115,10 @@ func TestACLBuiltin(t *testing.T) {
 		{alice, deliver, "$TopicA/B", true},
 		{alice, pub, "$share/g/sensors", false}, // the prefix of shared subscriptions
 		{alice, pub, "", false},
+		// An empty first level is an ordinary topic.
+		{alice, pub, "/TopicA", true},
+		{alice, sub, "/#", true},
+		{alice, deliver, "/TopicA", true},
 		// Shared subscriptions are checked as the filter they share.
 		{alice, sub, "$share/g/push/news", true},
 		{alice, sub, "$share/g/sensors/#", true},
