@@ -507,13 +507,14 @@ const (
 //
 // rtm patch: v2.7.9 closed at once. A client still sending (the PUBRELs for
 // the PUBRECs it got before the DISCONNECT 0x93, in Paho client_test5
-// test_flow_control2) then left unread bytes in the server's socket, so the
-// server's kernel answered with a TCP reset, and a reset makes the client's
-// kernel discard data not read yet: the client saw ECONNRESET instead of the
-// DISCONNECT and its reason code. The caller is the client's read
-// goroutine, which has stopped reading. Connections without a half-close
-// (WebSocket, net.Pipe) are closed at once, as before. No upstream issue
-// found.
+// test_flow_control2) then had unread bytes in the server's socket, so the
+// server's kernel answered with a TCP reset, and the client's next write
+// failed (ECONNRESET, EPIPE) before it read the DISCONNECT and its reason
+// code. The caller is usually the client's read goroutine, which then stops
+// reading; from elsewhere, that goroutine ignores what it still reads
+// (readAndHandle) and its read ends at the drain deadline. Connections
+// without a half-close (WebSocket, net.Pipe) are closed at once, as before.
+// No upstream issue found.
 func (cl *Client) stopAfterDrain(err error) {
 	cl.stop(err, true)
 }

@@ -1083,10 +1083,10 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 //
 // rtm patch: v2.7.9 resolved the alias after the topic validity check and
 // the ACL check, so both saw the empty topic name of an alias-only PUBLISH:
-// an ACL refused it (rtm refused every such publish with 0x87 while its
-// CONNACK advertised Topic Alias Maximum 65535), and an alias naming a
-// $SYS topic or a denied one would have bypassed the checks of a topic-name
-// PUBLISH. An alias the client never set is a Protocol Error (3.3.2.3.4):
+// an ACL refused it (rtm refused every such publish with 0x87, though the
+// server accepts aliases up to Capabilities.TopicAliasMaximum; see patch 33
+// for advertising it), and an alias naming a $SYS topic would have bypassed
+// the $SYS check. An alias the client never set is a Protocol Error (3.3.2.3.4):
 // v2.7.9 published it on the empty topic. No upstream issue found.
 func (s *Server) resolveInboundTopicAlias(cl *Client, pk *packets.Packet) (ok bool, err error) {
 	if !pk.Properties.TopicAliasFlag || pk.Properties.TopicAlias == 0 || cl.Net.Inline {
