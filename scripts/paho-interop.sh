@@ -176,6 +176,7 @@ hint() {
 	case $1 in
 	test_subscribe_failure) h="needs the broker to refuse test/nosubscribe with SUBACK 0x80: RTM_AUTH_ACL and RTM_AUTH_ACL_SUBSCRIBE_REFUSAL of testdata/paho/interop.env" ;;
 	test_server_keep_alive) h="the suite expects Server Keep Alive 60 for a keepalive of 120 (its own broker's setting): RTM_BROKER_KEEPALIVE_MAX=60s of testdata/paho/interop.env" ;;
+	test_client_topic_alias) h="flaky in the suite's client: it may send DISCONNECT before the PUBACK of the last message it received, which the broker then redelivers after the reconnect with the session (see docs/broker.md)" ;;
 	test_subscribe_options | test_request_response) h="flaky in the suite: it publishes without waiting for bclient's SUBACK (it waits on callback.subscribeds, not callback2's), so the PUBLISH can be routed before bclient's subscription exists (fix pending upstream: eclipse-paho/paho.mqtt.testing#87)" ;;
 	esac
 	[ -z "$h" ] || echo "      known cause: $h"
