@@ -155,6 +155,11 @@ func New(opts Options) (*Broker, error) {
 	// Paho's interoperability suite, and the spec, forbid echoing a PUBLISH's
 	// user properties on its acknowledgement.
 	caps.Compatibilities.NoInheritedPropertiesOnAck = true
+	caps.Compatibilities.ObscureNotAuthorized = opts.Auth.ACLSubscribeRefusal == "unspecified"
+	// Topic aliases a client may set (advertised in the CONNACK, mochi patch
+	// 33): each holds a topic name for the connection's life, so the bound
+	// is per-connection memory. 10 is Mosquitto's default max_topic_alias.
+	caps.TopicAliasMaximum = topicAliasMaximum
 	b.mq = mqtt.New(&mqtt.Options{
 		Capabilities:             caps,
 		ClientNetReadBufferSize:  1024,
@@ -466,7 +471,9 @@ type Stats struct {
 	// "link_closed", "link_reset" and "peer_restarted" (see
 	// docs/clustering.md). A QoS 1/2 publish refused at a link (the
 	// publisher got 0x97/0x80 or was disconnected) is counted too, once
-	// per peer it could not be queued for.
+	// per peer it could not be queued for. "too_large": bigger than the
+	// Maximum Packet Size the client asked for (MQTT 5), so skipped for
+	// that client as the specification requires.
 	DroppedByReason map[string]map[string]int64 `json:"messages_dropped_by_reason"`
 	BytesReceived   int64                       `json:"bytes_received"`
 	BytesSent       int64                       `json:"bytes_sent"`
@@ -501,6 +508,10 @@ type BackpressureStats struct {
 	// messages_dropped_by_reason).
 	StalledSkips int64 `json:"stalled_skips"`
 }
+
+// topicAliasMaximum is the Topic Alias Maximum rtm accepts from an MQTT 5
+// client.
+const topicAliasMaximum = 10
 
 // Stats returns a snapshot of the broker's counters.
 func (b *Broker) Stats() Stats {

@@ -81,19 +81,24 @@ const (
 	// dropPeerRestarted: queued for a peer that came back as a new process
 	// (restarted): meant for sessions that are gone, thrown away.
 	dropPeerRestarted
+	// dropTooLarge: the message, as it would be sent to the client, exceeds
+	// the Maximum Packet Size of the client's CONNECT; MQTT 5 says to skip
+	// it for that client [MQTT-3.1.2-25] (rtm patch 31 in mochi).
+	dropTooLarge
 	numDropReasons
 )
 
 // dropReasonNames are the reason label values, in dropReason order.
 var dropReasonNames = [numDropReasons]string{"queue_full", "session_full", "packet_ids",
 	"offline", "expired", "session_expired",
-	"link_queue_full", "link_oversize", "no_link", "link_closed", "link_reset", "peer_restarted"}
+	"link_queue_full", "link_oversize", "no_link", "link_closed", "link_reset", "peer_restarted", "too_large"}
 
 // dropReasonText are the reasons as said in the log, in dropReason order.
 var dropReasonText = [numDropReasons]string{"client queue full", "client session full", "no free packet identifier",
 	"client offline (QoS 0)", "message expired", "session expired",
 	"link queue full", "too large for a node link", "no link to a peer with matching routes",
-	"link closed with messages queued", "QoS 0 lost when a link connection broke", "peer restarted"}
+	"link closed with messages queued", "QoS 0 lost when a link connection broke", "peer restarted",
+	"larger than the client's maximum packet size"}
 
 // dropNoQoS0 marks the reasons that apply to QoS 1/2 messages only: their
 // QoS 0 series are not exported.
@@ -173,9 +178,15 @@ func (h *limitsHook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 // broker.max_queued QoS 1/2 messages now means the session was the limit.
 // (A concurrent acknowledgement or publish to the same client can tip a drop
 // to the other reason; every drop is still counted exactly once.)
+//
+// mochi also calls it for a message it did not write because it exceeds the
+// client's Maximum Packet Size (rtm patch 31), and only then with
+// pk.Mods.MaxSize set: WritePacket sets it on its copy of the packet.
 func (h *limitsHook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
 	reason := dropQueueFull
-	if pk.FixedHeader.Qos > 0 && cl.State.Inflight.Len() >= int(h.b.mq.Options.Capabilities.MaximumInflight) {
+	if pk.Mods.MaxSize > 0 {
+		reason = dropTooLarge
+	} else if pk.FixedHeader.Qos > 0 && cl.State.Inflight.Len() >= int(h.b.mq.Options.Capabilities.MaximumInflight) {
 		reason = dropSessionFull
 	}
 	h.dropped(cl, pk, reason)

@@ -195,7 +195,9 @@ func (lv *ruleLevel) matchTemplate(seg string, id *identity) bool {
 // Decisions of the ACL, for the debug log.
 const (
 	reasonRule     = "acl rule"
-	reasonSys      = "$ topics are reserved"
+	reasonSys      = "$SYS is the broker's own"
+	reasonShare    = "$share/ is the shared-subscription prefix, not a topic"
+	reasonEmpty    = "empty topic"
 	reasonInbox    = "another device's inbox"
 	reasonInboxPub = "only the push API publishes to inboxes"
 	reasonPushPub  = "only the push API publishes to push channels"
@@ -211,7 +213,7 @@ func (h *AuthHook) check(id *identity, subject string, write bool) (ok bool, why
 		if s, shared := strings.CutPrefix(subject, "$share/"); shared {
 			j := strings.IndexByte(s, '/')
 			if j < 0 {
-				return false, reasonSys
+				return false, reasonShare
 			}
 			subject = s[j+1:]
 		}
@@ -230,10 +232,25 @@ func (h *AuthHook) check(id *identity, subject string, write bool) (ok bool, why
 
 // builtin applies the default topic namespace of SPEC section 3 to a device.
 func builtin(id *identity, subject string, write bool) (bool, string) {
-	if subject == "" || subject[0] == '$' {
-		return false, reasonSys // $SYS/# and the like: the broker's own
+	if subject == "" {
+		return false, reasonEmpty
 	}
 	first, rest, _ := strings.Cut(subject, "/")
+	if subject[0] == '$' {
+		// SPEC section 3 reserves $SYS only; other $ topics are open as in
+		// Mosquitto (and the Paho interoperability suites rely on
+		// $TopicA/B). Wildcard rules and subscriptions starting with a
+		// wildcard still never match them [MQTT-4.7.2-1]. $SYS is refused
+		// in any letter case, like mochi's publish check, so "$sys/x"
+		// cannot pass for the broker's statistics.
+		switch {
+		case strings.EqualFold(first, "$SYS"):
+			return false, reasonSys
+		case write && strings.EqualFold(first, "$share"):
+			return false, reasonShare
+		}
+		return true, ""
+	}
 	switch first {
 	case "devices":
 		// devices/{id}/inbox: only the device reads it, only the push API

@@ -100,12 +100,25 @@ func TestACLBuiltin(t *testing.T) {
 		{alice, deliver, "groups/g1", false},
 		{alice, pub, "groups/g1", false},
 		{alice, sub, "+/g1", true}, // deliveries of groups/g1 are still refused
-		// $ topics belong to the broker.
+		// $SYS belongs to the broker (in any letter case); other $ topics
+		// are open, as in Mosquitto (SPEC section 3 reserves $SYS only).
 		{alice, sub, "$SYS/#", false},
 		{alice, sub, "$SYS/broker/uptime", false},
 		{alice, deliver, "$SYS/broker/uptime", false},
 		{alice, pub, "$SYS/broker/uptime", false},
-		{alice, pub, "$other", false},
+		{alice, pub, "$SYS", false},
+		{alice, pub, "$sys/broker/uptime", false},
+		{alice, sub, "$Sys/#", false},
+		{alice, pub, "$other", true},
+		{alice, pub, "$TopicA/B", true},
+		{alice, sub, "$TopicA/#", true},
+		{alice, deliver, "$TopicA/B", true},
+		{alice, pub, "$share/g/sensors", false}, // the prefix of shared subscriptions
+		{alice, pub, "", false},
+		// An empty first level is an ordinary topic.
+		{alice, pub, "/TopicA", true},
+		{alice, sub, "/#", true},
+		{alice, deliver, "/TopicA", true},
 		// Shared subscriptions are checked as the filter they share.
 		{alice, sub, "$share/g/push/news", true},
 		{alice, sub, "$share/g/sensors/#", true},
@@ -208,7 +221,19 @@ func TestACLRules(t *testing.T) {
 		{alice, deliver, "devices/bob/inbox", true},
 		{alice, sub, "$SYS/#", false},
 		{alice, deliver, "$SYS/broker/uptime", false},
-		{alice, pub, "$other", false},
+		{alice, pub, "$other", true}, // "#" does not match it: the built-in rule opens it
+	})
+
+	// A rule naming a $ topic does match it.
+	auth = config.Auth{Devices: "anonymous", ACL: "deny all $private/#"}
+	h = hook(t, auth, testLogger(t))
+	if cls[alice], ok = connect(h, alice, "", ""); !ok {
+		t.Fatal("alice refused")
+	}
+	runACL(t, h, cls, []aclCase{
+		{alice, pub, "$private/x", false},
+		{alice, sub, "$private/#", false},
+		{alice, pub, "$public/x", true},
 	})
 }
 

@@ -62,8 +62,9 @@ const maxLoggedID = 128
 // of auth.acl; then the built-in namespace of SPEC section 3 for devices:
 // devices/{id}/inbox is read by that device only and written by no device;
 // push/... is read by any device and written by none; groups/... is closed
-// to devices until group membership exists; topics starting with '$' are
-// closed; everything else is open. Subscription filters with wildcards are
+// to devices until group membership exists; $SYS/... is closed (the
+// broker's own) and no device publishes to a $share/... topic; everything
+// else, other $ topics included, is open. Subscription filters with wildcards are
 // granted where a match could be allowed, because every delivery is checked
 // again against its topic.
 type AuthHook struct {

@@ -47,6 +47,10 @@ type Auth struct {
 	TokenKeys string        `koanf:"token_keys" secret:"value" doc:"Comma-separated keys of at least 16 characters that sign and verify device tokens (HMAC-SHA256): the first signs, every one verifies, so a new key is rolled in first and an old one removed later. Required with devices=token and by the push API."`
 	TokenTTL  time.Duration `koanf:"token_ttl" doc:"Lifetime of a device token when the request does not ask for a shorter one."`
 	ACL       string        `koanf:"acl" doc:"Extra topic rules for devices, ';'-separated, checked in order before the built-in ones: allow|deny pub|sub|all FILTER, where FILTER may use %c (client ID) and %u (username), e.g. 'allow sub $SYS/#; deny all secret/#'."`
+	// ACLSubscribeRefusal exists for clients and test suites that expect
+	// 0x80 (the Eclipse Paho interoperability suite does); "" means
+	// not_authorized.
+	ACLSubscribeRefusal string `koanf:"acl_subscribe_refusal" doc:"Reason code of an MQTT 5 SUBACK for a filter the ACL refuses: not_authorized (0x87) or unspecified (0x80, which tells the client nothing about the rules). MQTT 3.1.1 clients always get 0x80."`
 }
 
 // Keys returns the token keys of auth.token_keys, the signing one first.
@@ -140,7 +144,7 @@ func Defaults() Config {
 			Database:       "rtm",
 			ConnectTimeout: 30 * time.Second,
 		},
-		Auth: Auth{Devices: "token", TokenTTL: 30 * 24 * time.Hour},
+		Auth: Auth{Devices: "token", TokenTTL: 30 * 24 * time.Hour, ACLSubscribeRefusal: "not_authorized"},
 		Broker: Broker{
 			MQTTAddr:            ":1883",
 			WSAddr:              ":8083",

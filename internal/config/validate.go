@@ -126,6 +126,9 @@ func (a Auth) check(v *validator) {
 	if a.TokenTTL != 0 && a.TokenTTL < time.Minute { // 0: a role that issues no tokens
 		v.bad("auth.token_ttl", a.TokenTTL.String(), "must be at least 1m")
 	}
+	if a.ACLSubscribeRefusal != "" {
+		v.oneOf("auth.acl_subscribe_refusal", a.ACLSubscribeRefusal, "not_authorized", "unspecified")
+	}
 	for _, r := range strings.Split(a.ACL, ";") {
 		if r = strings.TrimSpace(r); r == "" {
 			continue

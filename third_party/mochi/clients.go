@@ -487,15 +487,61 @@ func (cl *Client) readAndHandle(fh *packets.FixedHeader, packetHandler ReadFn) e
 		return err
 	}
 
+	if cl.Closed() {
+		// rtm patch: stopped meanwhile; its connection may be draining (see
+		// stopAfterDrain), so it can still deliver packets: ignore them.
+		return nil
+	}
+
 	return packetHandler(cl, pk) // Process inbound packet.
 }
 
 // Stop instructs the client to shut down all processing goroutines and disconnect.
 func (cl *Client) Stop(err error) {
+	cl.stop(err, false)
+}
+
+// Bounds of the drain after a DISCONNECT refusing what the client sent (see
+// stopAfterDrain).
+const (
+	disconnectDrainTimeout = 2 * time.Second
+	disconnectDrainBytes   = 1 << 20
+)
+
+// stopAfterDrain is Stop for a connection just sent a DISCONNECT because of
+// the client's own packets (receive maximum exceeded, protocol error, ...):
+// it half-closes the connection (FIN after the DISCONNECT) and reads and
+// discards what the client still sends, for at most
+// disconnectDrainTimeout or disconnectDrainBytes, before closing it.
+//
+// rtm patch: v2.7.9 closed at once. A client still sending (the PUBRELs for
+// the PUBRECs it got before the DISCONNECT 0x93, in Paho client_test5
+// test_flow_control2) then had unread bytes in the server's socket, so the
+// server's kernel answered with a TCP reset, and the client's next write
+// failed (ECONNRESET, EPIPE) before it read the DISCONNECT and its reason
+// code. The caller is usually the client's read goroutine, which then stops
+// reading; from elsewhere, that goroutine ignores what it still reads
+// (readAndHandle) and its read ends at the drain deadline. Connections
+// without a half-close (WebSocket, net.Pipe) are closed at once, as before.
+// No upstream issue found.
+func (cl *Client) stopAfterDrain(err error) {
+	cl.stop(err, true)
+}
+
+func (cl *Client) stop(err error, drain bool) {
 	cl.State.endOnce.Do(func() {
 
-		if cl.Net.Conn != nil {
-			_ = cl.Net.Conn.Close() // omit close error
+		if conn := cl.Net.Conn; conn != nil {
+			hc, ok := conn.(interface{ CloseWrite() error })
+			if drain && ok && hc.CloseWrite() == nil {
+				_ = conn.SetReadDeadline(time.Now().Add(disconnectDrainTimeout))
+				go func() {
+					_, _ = io.CopyN(io.Discard, conn, disconnectDrainBytes)
+					_ = conn.Close()
+				}()
+			} else {
+				_ = conn.Close() // omit close error
+			}
 		}
 
 		if err != nil {
@@ -697,6 +743,7 @@ func (cl *Client) WritePacket(pk packets.Packet) error {
 	}
 
 	if pk.Mods.MaxSize > 0 && uint32(buf.Len()) > pk.Mods.MaxSize {
+		cl.discardTooLarge(pk)           // rtm patch: see discardTooLarge
 		return packets.ErrPacketTooLarge // [MQTT-3.1.2-24] [MQTT-3.1.2-25]
 	}
 
@@ -743,6 +790,35 @@ func (cl *Client) WritePacket(pk packets.Packet) error {
 	cl.ops.hooks.OnPacketSent(cl, pk, buf.Bytes())
 
 	return err
+}
+
+// discardTooLarge handles a packet WritePacket will not send because it
+// exceeds the client's Maximum Packet Size: the server must "discard it
+// without sending it and then behave as if it had completed sending that
+// Application Message" [MQTT-3.1.2-25].
+//
+// rtm patch: v2.7.9 returned the error and nothing else. A QoS 1/2 PUBLISH
+// stayed in the session forever, holding a unit of the client's send quota
+// (and was resent, and refused again, on every reconnect); and bytes other
+// goroutines had buffered in outbuf behind the queued packet (a PUBACK to
+// the same client, written while its queue was not empty) were never
+// flushed, so that client's publish was never acknowledged (Paho
+// client_test5 test_maximum_packet_size). The message is reported to
+// OnPublishDropped, with pk.Mods.MaxSize set (the only drop reported with
+// it set), so the drop is counted. No upstream issue found.
+func (cl *Client) discardTooLarge(pk packets.Packet) {
+	if pk.FixedHeader.Type == packets.Publish {
+		if pk.FixedHeader.Qos > 0 && cl.State.Inflight.Delete(pk.PacketID) {
+			atomic.AddInt64(&cl.ops.info.Inflight, -1)
+			cl.State.Inflight.IncreaseSendQuota()
+		}
+		cl.ops.hooks.OnPublishDropped(cl, pk)
+	}
+	cl.Lock()
+	defer cl.Unlock()
+	if cl.State.outbound.len() == 0 { // otherwise the next queued packet flushes it
+		_ = cl.flushOutbuf()
+	}
 }
 
 func (cl *Client) flushOutbuf() (err error) {

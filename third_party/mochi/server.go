@@ -702,6 +702,12 @@ func (s *Server) SendConnack(cl *Client, reason packets.Code, present bool, prop
 		return cl.WritePacket(ack)
 	}
 
+	// rtm patch: advertise the Topic Alias Maximum the server accepts
+	// (3.2.2.3.8). v2.7.9 accepted aliases up to it but never said so, and
+	// an absent property means 0, so a conforming client never used them.
+	// No upstream issue found.
+	properties.TopicAliasMaximum = s.Options.Capabilities.TopicAliasMaximum
+
 	if s.Options.Capabilities.MaximumQos < 2 {
 		properties.MaximumQos = s.Options.Capabilities.MaximumQos // [MQTT-3.2.2-9]
 		properties.MaximumQosFlag = true
@@ -934,6 +940,10 @@ func (s *Server) InjectPacket(cl *Client, pk packets.Packet) error {
 
 // processPublish processes a Publish packet.
 func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
+	if ok, err := s.resolveInboundTopicAlias(cl, &pk); !ok { // rtm patch: see resolveInboundTopicAlias
+		return err
+	}
+
 	if !cl.Net.Inline && !IsValidFilter(pk.TopicName, true) {
 		// rtm patch: a QoS 1/2 PUBLISH to a topic a client may not use
 		// ($SYS/...) was dropped without an acknowledgement, so the client
@@ -1002,10 +1012,6 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		}
 	}
 
-	if pk.Properties.TopicAliasFlag && pk.Properties.TopicAlias > 0 { // [MQTT-3.3.2-11]
-		pk.TopicName = cl.State.TopicAliases.Inbound.Set(pk.Properties.TopicAlias, pk.TopicName)
-	}
-
 	if pk.FixedHeader.Qos > s.Options.Capabilities.MaximumQos {
 		pk.FixedHeader.Qos = s.Options.Capabilities.MaximumQos // [MQTT-3.2.2-9] Reduce qos based on server max qos capability
 	}
@@ -1070,6 +1076,30 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	s.hooks.OnPublished(cl, pk)
 
 	return nil
+}
+
+// resolveInboundTopicAlias gives a PUBLISH that carries a topic alias its
+// topic name: it records the alias when the packet names the topic, and
+// looks it up when the topic name is empty [MQTT-3.3.2-11] [MQTT-3.3.2-12].
+// ok is false when the packet must not be processed; err is then what
+// processPublish returns.
+//
+// rtm patch: v2.7.9 resolved the alias after the topic validity check and
+// the ACL check, so both saw the empty topic name of an alias-only PUBLISH:
+// an ACL refused it (rtm refused every such publish with 0x87, though the
+// server accepts aliases up to Capabilities.TopicAliasMaximum; see patch 33
+// for advertising it), and an alias naming a $SYS topic would have bypassed
+// the $SYS check. An alias the client never set is a Protocol Error (3.3.2.3.4):
+// v2.7.9 published it on the empty topic. No upstream issue found.
+func (s *Server) resolveInboundTopicAlias(cl *Client, pk *packets.Packet) (ok bool, err error) {
+	if !pk.Properties.TopicAliasFlag || pk.Properties.TopicAlias == 0 || cl.Net.Inline {
+		return true, nil
+	}
+	pk.TopicName = cl.State.TopicAliases.Inbound.Set(pk.Properties.TopicAlias, pk.TopicName)
+	if pk.TopicName == "" {
+		return false, s.DisconnectClient(cl, packets.ErrProtocolViolationNoTopic)
+	}
+	return true, nil
 }
 
 // retainMessage adds a message to a topic, and if a persistent store is provided,
@@ -1608,13 +1638,32 @@ func (s *Server) DisconnectClient(cl *Client, code packets.Code) error {
 	// interested if the write packet fails due to a closed connection (as we are closing it).
 	err := cl.WritePacket(out)
 	if !s.Options.Capabilities.Compatibilities.PassiveClientDisconnect {
-		cl.Stop(code)
+		if refusesClientPackets(code) {
+			cl.stopAfterDrain(code) // rtm patch: see stopAfterDrain
+		} else {
+			cl.Stop(code)
+		}
 		if code.Code >= packets.ErrUnspecifiedError.Code {
 			return code
 		}
 	}
 
 	return err
+}
+
+// refusesClientPackets reports whether a DISCONNECT with code answers the
+// client's own packets, so the client may still be sending when it is
+// written (see Client.stopAfterDrain).
+// rtm patch: no upstream issue found.
+func refusesClientPackets(code packets.Code) bool {
+	switch code.Code {
+	case packets.ErrMalformedPacket.Code, packets.ErrProtocolViolation.Code, packets.ErrTopicNameInvalid.Code,
+		packets.ErrReceiveMaximum.Code, packets.ErrTopicAliasInvalid.Code, packets.ErrPacketTooLarge.Code,
+		packets.ErrMessageRateTooHigh.Code, packets.ErrQuotaExceeded.Code, packets.ErrPayloadFormatInvalid.Code,
+		packets.ErrRetainNotSupported.Code, packets.ErrQosNotSupported.Code:
+		return true
+	}
+	return false
 }
 
 // publishSysTopics publishes the current values to the server $SYS topics.

@@ -564,6 +564,7 @@ func TestEstablishConnectionAckFailure(t *testing.T) {
 
 func TestEstablishConnectionReadError(t *testing.T) {
 	s := newServer()
+	s.Options.Capabilities.TopicAliasMaximum = 0 // rtm patch 33: the expected CONNACK has no Topic Alias Maximum
 	defer s.Close()
 
 	r, w := net.Pipe()
@@ -1084,6 +1085,7 @@ func TestServerEstablishConnectionOnConnectError(t *testing.T) {
 
 func TestServerSendConnack(t *testing.T) {
 	s := newServer()
+	s.Options.Capabilities.TopicAliasMaximum = 0 // rtm patch 33: the expected CONNACK has no Topic Alias Maximum
 	cl, r, w := newTestClient()
 	cl.Properties.ProtocolVersion = 5
 	s.Options.Capabilities.MaximumQos = 1
@@ -1118,6 +1120,7 @@ func TestServerSendConnackFailureReason(t *testing.T) {
 
 func TestServerSendConnackWithServerKeepalive(t *testing.T) {
 	s := newServer()
+	s.Options.Capabilities.TopicAliasMaximum = 0 // rtm patch 33: the expected CONNACK has no Topic Alias Maximum
 	cl, r, w := newTestClient()
 	cl.Properties.ProtocolVersion = 5
 	cl.State.Keepalive = 10
@@ -1197,6 +1200,7 @@ func TestServerValidateConnect(t *testing.T) {
 
 func TestServerSendConnackAdjustedExpiryInterval(t *testing.T) {
 	s := newServer()
+	s.Options.Capabilities.TopicAliasMaximum = 0 // rtm patch 33: the expected CONNACK has no Topic Alias Maximum
 	cl, r, w := newTestClient()
 	cl.Properties.ProtocolVersion = 5
 	cl.Properties.Props.SessionExpiryInterval = uint32(300)
