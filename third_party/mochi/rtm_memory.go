@@ -151,7 +151,8 @@ var ErrReadBudgetExceeded = packets.ErrQuotaExceeded
 // client) before reading any, and then a second copy: a client could make
 // the server hold the declared size by sending a fixed header and
 // stalling. Now a body larger than readInitial is read into a buffer that
-// doubles as bytes arrive (so it holds at most twice what was received) and
+// doubles when full and more bytes have arrived (so it holds at most twice
+// what was received) and
 // is counted against MaxReadingBytes while it is read, and (patch 43) the
 // body must arrive within ReadTimeout, or before the CONNECT deadline for
 // the first packet.
@@ -181,6 +182,14 @@ func (cl *Client) readBody(n int) ([]byte, error) {
 	p := make([]byte, 0, readInitial)
 	for len(p) < n {
 		if len(p) == cap(p) {
+			// Grow only once more bytes have arrived: a client that
+			// stalls exactly at a power of two holds what it sent.
+			if _, err := r.Peek(1); err != nil {
+				if errors.Is(err, io.EOF) {
+					err = io.ErrUnexpectedEOF
+				}
+				return nil, err
+			}
 			size := min(2*cap(p), n)
 			if mem != nil {
 				grow := int64(size) - counted

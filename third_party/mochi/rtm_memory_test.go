@@ -205,7 +205,7 @@ func TestReadBodyGrowsAsBytesArrive(t *testing.T) {
 	for i := 0; i < conns; i++ {
 		stalledBody(t, s, packets.Publish, 1<<20, 8<<10)
 	}
-	waitFor(t, "bodies being read", func() bool { return s.Mem.Reading.Load() == conns*16<<10 })
+	waitFor(t, "bodies being read", func() bool { return s.Mem.Reading.Load() == conns*8<<10 })
 	var after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&after)
