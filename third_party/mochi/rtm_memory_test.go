@@ -27,7 +27,7 @@ type bytesHook struct {
 	reasons map[error]int
 }
 
-func (h *bytesHook) ID() string            { return "bytes-hook" }
+func (h *bytesHook) ID() string           { return "bytes-hook" }
 func (h *bytesHook) Provides(b byte) bool { return b == OnPublishDroppedBytes }
 func (h *bytesHook) OnPublishDroppedBytes(_ *Client, _ packets.Packet, reason error) {
 	h.mu.Lock()
