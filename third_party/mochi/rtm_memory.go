@@ -53,7 +53,10 @@ type MemoryLimits struct {
 	// part) on all connections together; each packet body larger than
 	// readInitial is counted while it is read, by the buffer it has grown
 	// to (at most twice the bytes received, see readBody). A packet that
-	// would exceed it ends its connection (v5: DISCONNECT 0x97).
+	// would exceed it ends its connection (v5: DISCONNECT 0x97). CONNECT
+	// bodies (clients not yet authenticated) may use a quarter of it only,
+	// so strangers cannot use it all up and close the connections of
+	// authenticated clients sending large packets.
 	MaxReadingBytes int64 `yaml:"max_reading_bytes" json:"max_reading_bytes"`
 	// MaxConnectSize bounds the remaining length of a CONNECT, the only
 	// packet a client that has not authenticated can send; a larger one
@@ -74,6 +77,9 @@ type MemoryStats struct {
 	Queued atomic.Int64
 	// Reading is the bytes of packet bodies being read (MaxReadingBytes).
 	Reading atomic.Int64
+	// ReadingConnect is the part of Reading that is CONNECT bodies
+	// (at most a quarter of MaxReadingBytes).
+	ReadingConnect atomic.Int64
 	// ReadRefused counts connections ended because a packet body would
 	// have exceeded MaxReadingBytes.
 	ReadRefused atomic.Int64
@@ -172,10 +178,17 @@ func (cl *Client) readBody(n int) ([]byte, error) {
 	if cl.ops != nil {
 		mem, limit = cl.ops.mem, cl.ops.options.Memory.MaxReadingBytes
 	}
-	var counted int64 // bytes of buf counted in mem.Reading
+	var sub *atomic.Int64 // a CONNECT's bytes also count here, bounded by limit/4
+	if mem != nil && cl.State.rtm.connecting {
+		sub = &mem.ReadingConnect
+	}
+	var counted int64 // bytes of buf counted in mem.Reading (and sub)
 	defer func() {
 		if counted > 0 {
 			mem.Reading.Add(-counted)
+			if sub != nil {
+				sub.Add(-counted)
+			}
 		}
 	}()
 
@@ -193,12 +206,18 @@ func (cl *Client) readBody(n int) ([]byte, error) {
 			size := min(2*cap(p), n)
 			if mem != nil {
 				grow := int64(size) - counted
-				if limit > 0 && mem.Reading.Add(grow) > limit {
+				total := mem.Reading.Add(grow)
+				part := int64(0)
+				if sub != nil {
+					part = sub.Add(grow)
+				}
+				if limit > 0 && (total > limit || part > limit/4) {
 					mem.Reading.Add(-grow)
+					if sub != nil {
+						sub.Add(-grow)
+					}
 					mem.ReadRefused.Add(1)
 					return nil, ErrReadBudgetExceeded
-				} else if limit <= 0 {
-					mem.Reading.Add(grow)
 				}
 				counted += grow
 			}
@@ -222,6 +241,8 @@ func (cl *Client) readBody(n int) ([]byte, error) {
 
 // rtmClientState is rtm's per-connection read state (patches 42-44).
 type rtmClientState struct {
+	// connecting is true while the CONNECT is read (MaxReadingBytes).
+	connecting bool
 	// connectDeadline is when the CONNECT must have been read
 	// (MemoryLimits.ConnectTimeout); zero once connected, or without one.
 	connectDeadline time.Time
@@ -252,6 +273,7 @@ func (cl *Client) setBodyDeadline() {
 // (MemoryLimits.ConnectTimeout). rtm patch 44: v2.7.9 set no deadline before
 // the CONNECT, so a connection that never sent one was held forever.
 func (cl *Client) startConnectDeadline() {
+	cl.State.rtm.connecting = true
 	t := cl.ops.options.Memory.ConnectTimeout
 	if t <= 0 || cl.Net.Conn == nil {
 		return
@@ -263,6 +285,7 @@ func (cl *Client) startConnectDeadline() {
 // endConnectDeadline is called once the CONNECT is read: later packets have
 // the keepalive and ReadTimeout bounds (refreshDeadline, setBodyDeadline).
 func (cl *Client) endConnectDeadline() {
+	cl.State.rtm.connecting = false
 	if cl.State.rtm.connectDeadline.IsZero() {
 		return
 	}

@@ -362,3 +362,43 @@ func FuzzReadBody(f *testing.F) {
 		require.Zero(t, s.Mem.Reading.Load(), "every counted byte released")
 	})
 }
+
+// TestReadBudgetConnect (patch 42): CONNECT bodies, sent before any
+// authentication, may use a quarter of MaxReadingBytes only: a stranger
+// cannot use up the budget of authenticated clients' large packets.
+func TestReadBudgetConnect(t *testing.T) {
+	s := newServer()
+	s.Options.Memory.MaxReadingBytes = 256 << 10 // CONNECTs: 64 KiB
+	s.Options.Memory.ConnectTimeout = time.Minute
+	connect := func(sent int) chan error {
+		r, w := net.Pipe()
+		t.Cleanup(func() { _ = r.Close(); _ = w.Close() })
+		done := make(chan error, 1)
+		go func() { done <- s.EstablishConnection("tcp", r) }()
+		var hdr bytes.Buffer
+		hdr.WriteByte(packets.Connect << 4)
+		encodeLen(&hdr, 60<<10)
+		go func() { _, _ = w.Write(append(hdr.Bytes(), make([]byte, sent)...)) }()
+		return done
+	}
+	first := connect(40 << 10)
+	waitFor(t, "the first CONNECT counted", func() bool { return s.Mem.ReadingConnect.Load() == 60<<10 })
+	second := connect(40 << 10)
+	select {
+	case err := <-second:
+		require.ErrorIs(t, err, packets.ErrQuotaExceeded)
+	case err := <-first:
+		t.Fatalf("first CONNECT ended: %v", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("a CONNECT beyond a quarter of the budget was not refused")
+	}
+	// An authenticated client's large body still fits the rest.
+	publish := stalledBody(t, s, packets.Publish, 1<<20, 100<<10)
+	waitFor(t, "the PUBLISH counted", func() bool { return s.Mem.Reading.Load() == 60<<10+128<<10 })
+	select {
+	case err := <-publish:
+		t.Fatalf("PUBLISH read ended: %v", err)
+	default:
+	}
+	require.Equal(t, int64(60<<10), s.Mem.ReadingConnect.Load())
+}
