@@ -513,6 +513,9 @@ type MemoryStats struct {
 	// ReadingBytes is the bytes of partly received packets
 	// (broker.max_reading_bytes).
 	ReadingBytes int64 `json:"reading_bytes"`
+	// ReadingConnectBytes is the part of ReadingBytes that is CONNECTs
+	// (at most a quarter of broker.max_reading_bytes).
+	ReadingConnectBytes int64 `json:"reading_connect_bytes"`
 	// ReadRefused counts connections closed because a packet would have
 	// exceeded broker.max_reading_bytes; ConnectTooLarge those whose
 	// CONNECT exceeded broker.max_connect_size.
@@ -555,10 +558,11 @@ func (b *Broker) Stats() Stats {
 			StalledSkips: b.mq.Flow.StalledSkips.Load(),
 		},
 		Memory: MemoryStats{
-			QueuedBytes:     b.mq.Mem.Queued.Load(),
-			ReadingBytes:    b.mq.Mem.Reading.Load(),
-			ReadRefused:     b.mq.Mem.ReadRefused.Load(),
-			ConnectTooLarge: b.mq.Mem.ConnectTooLarge.Load(),
+			QueuedBytes:         b.mq.Mem.Queued.Load(),
+			ReadingBytes:        b.mq.Mem.Reading.Load(),
+			ReadingConnectBytes: b.mq.Mem.ReadingConnect.Load(),
+			ReadRefused:         b.mq.Mem.ReadRefused.Load(),
+			ConnectTooLarge:     b.mq.Mem.ConnectTooLarge.Load(),
 		},
 		HeapBytes:  m.HeapInuse,
 		Goroutines: runtime.NumGoroutine(),

@@ -105,7 +105,7 @@ type Broker struct {
 	// MaxReadingBytes bounds the bytes of packets being received, for
 	// all connections together: 64 MiB is 64 packets of the default
 	// max_packet_size arriving at once.
-	MaxReadingBytes int `koanf:"max_reading_bytes" doc:"Bytes of partly received packets held for all connections together (bodies over 4 KiB, counted as they arrive). A packet that would exceed it closes its connection (v5 DISCONNECT 0x97). At least max_packet_size."`
+	MaxReadingBytes int `koanf:"max_reading_bytes" doc:"Bytes of partly received packets held for all connections together (bodies over 4 KiB, counted as they arrive). A packet that would exceed it closes its connection (v5 DISCONNECT 0x97). CONNECTs (not yet authenticated) may use a quarter of it. At least max_packet_size."`
 	// MaxConnectSize bounds the one packet an unauthenticated client can
 	// send. 64 KiB holds a token, a client ID and a will with a 60 KiB
 	// payload.
