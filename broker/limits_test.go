@@ -3,14 +3,17 @@ package broker_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"testing"
 	"time"
 
 	"github.com/eclipse/paho.golang/packets"
 	"github.com/eclipse/paho.golang/paho"
+	"github.com/gorilla/websocket"
 
 	"github.com/rtm-dev/rtm/broker"
 	"github.com/rtm-dev/rtm/internal/config"
@@ -335,4 +338,50 @@ func TestDropsAtByteBounds(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestConnectBoundsOnListeners (issue 12 item 7): a connection that sends
+// nothing (TCP or WebSocket), or half a CONNECT, is closed after
+// broker.connect_timeout, and a CONNECT over broker.max_connect_size at its
+// header.
+func TestConnectBoundsOnListeners(t *testing.T) {
+	t.Parallel()
+	b, _ := startBroker(t, func(c *config.Broker) { c.ConnectTimeout = time.Second })
+	for _, tc := range []struct {
+		name string
+		send []byte
+	}{
+		{"silent", nil},
+		{"half a CONNECT", []byte{0x10, 100, 0, 4, 'M'}},
+		{"CONNECT over max_connect_size", []byte{0x10, 0x80, 0x80, 0x08}}, // 128 KiB declared
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			conn, err := net.DialTimeout("tcp", b.Addr(broker.ListenerTCP), 5*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			if _, err := conn.Write(tc.send); err != nil {
+				t.Fatal(err)
+			}
+			start := time.Now()
+			_ = conn.SetReadDeadline(time.Now().Add(waitCond))
+			if n, err := conn.Read(make([]byte, 16)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("read %d bytes, %v: the connection is still open after %v", n, err, time.Since(start))
+			}
+		})
+	}
+	t.Run("silent WebSocket", func(t *testing.T) {
+		d := websocket.Dialer{Subprotocols: []string{"mqtt"}, HandshakeTimeout: waitMsg}
+		conn, _, err := d.Dial("ws://"+b.Addr(broker.ListenerWS)+"/mqtt", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		start := time.Now()
+		_ = conn.SetReadDeadline(time.Now().Add(waitCond))
+		if _, _, err := conn.ReadMessage(); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("%v: the connection is still open after %v", err, time.Since(start))
+		}
+	})
 }
