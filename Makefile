@@ -63,6 +63,7 @@ lint: ## gofmt, go vet, staticcheck, go mod tidy check
 
 fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	cd third_party/mochi && $(GO) test ./packets -run '^$$' -fuzz FuzzDecode -fuzztime $${FUZZTIME:-30s}
+	cd third_party/mochi && $(GO) test . -run '^$$' -fuzz FuzzReadBody -fuzztime $${FUZZTIME:-30s}
 	$(GO) test ./broker/link -run '^$$' -fuzz FuzzFrame -fuzztime $${FUZZTIME:-30s}
 	$(GO) test ./broker -run '^$$' -fuzz FuzzClusterMessage -fuzztime $${FUZZTIME:-30s}
 	$(GO) test ./plugins/token -run '^$$' -fuzz FuzzVerify -fuzztime $${FUZZTIME:-30s}

@@ -209,12 +209,16 @@ var (
 	descInflight    = prometheus.NewDesc("rtm_broker_inflight_messages", "QoS 1/2 messages awaiting acknowledgement or held for offline sessions.", nil, nil)
 	descMsgIn       = prometheus.NewDesc("rtm_broker_messages_received_total", "PUBLISH packets received from clients.", nil, nil)
 	descMsgOut      = prometheus.NewDesc("rtm_broker_messages_sent_total", "PUBLISH packets sent to clients.", nil, nil)
-	descDropped     = prometheus.NewDesc("rtm_broker_messages_dropped_total", "Messages lost, by reason and QoS: for a client, its write queue (queue_full) or session (session_full) held broker.max_queued messages, no free packet identifier (packet_ids), bigger than its MQTT 5 Maximum Packet Size (too_large), QoS 0 while it is not connected (offline), expired while held (expired), held by a session that expired (session_expired); for a peer node, its link queue held cluster.link_queue_bytes (link_queue_full), too large for a link frame (link_oversize), no link to a peer with matching routes (no_link), discarded when its link closed (link_closed: the peer left, stayed failed past cluster.failed_peer_hold, or shutdown), QoS 0 lost when a link connection broke (link_reset), queued for a process that restarted (peer_restarted). A QoS 1/2 publish refused at a link is counted once per peer. See docs/broker.md.", []string{"reason", "qos"}, nil)
+	descDropped     = prometheus.NewDesc("rtm_broker_messages_dropped_total", "Messages lost, by reason and QoS: for a client, its write queue (queue_full) or session (session_full) held broker.max_queued messages, no free packet identifier (packet_ids), bigger than its MQTT 5 Maximum Packet Size (too_large), QoS 0 while it is not connected (offline), expired while held (expired), held by a session that expired (session_expired), the client held broker.max_queued_bytes (queue_bytes), the node's clients held broker.max_queued_bytes_total (memory_budget); for a peer node, its link queue held cluster.link_queue_bytes (link_queue_full), too large for a link frame (link_oversize), no link to a peer with matching routes (no_link), discarded when its link closed (link_closed: the peer left, stayed failed past cluster.failed_peer_hold, or shutdown), QoS 0 lost when a link connection broke (link_reset), queued for a process that restarted (peer_restarted). A QoS 1/2 publish refused at a link is counted once per peer. See docs/broker.md.", []string{"reason", "qos"}, nil)
 	descBytesIn     = prometheus.NewDesc("rtm_broker_received_bytes_total", "Bytes received from clients.", nil, nil)
 	descBytesOut    = prometheus.NewDesc("rtm_broker_sent_bytes_total", "Bytes sent to clients.", nil, nil)
 	descPktIn       = prometheus.NewDesc("rtm_broker_packets_received_total", "MQTT packets received.", nil, nil)
 	descPktOut      = prometheus.NewDesc("rtm_broker_packets_sent_total", "MQTT packets sent.", nil, nil)
 	descUp          = prometheus.NewDesc("rtm_broker_ready", "1 while the broker accepts clients.", nil, nil)
+
+	descQueuedB   = prometheus.NewDesc("rtm_broker_queued_bytes", "Bytes of messages (payload and topic) held for clients: write queues and sessions (bounded by broker.max_queued_bytes_total).", nil, nil)
+	descReadingB  = prometheus.NewDesc("rtm_broker_reading_bytes", "Bytes of partly received packets over 4 KiB (bounded by broker.max_reading_bytes).", nil, nil)
+	descReadClose = prometheus.NewDesc("rtm_broker_read_limit_closes_total", "Connections closed because a packet exceeded a read bound: broker.max_reading_bytes (read_budget) or broker.max_connect_size (connect_size).", []string{"reason"}, nil)
 
 	descBPWaits   = prometheus.NewDesc("rtm_broker_backpressure_waits_total", "Waits of a publish (or a message from a peer) for a subscriber whose session or write queue was over half of broker.max_queued.", nil, nil)
 	descBPSeconds = prometheus.NewDesc("rtm_broker_backpressure_wait_seconds_total", "Time publishes spent waiting for congested subscribers.", nil, nil)
@@ -244,7 +248,7 @@ var (
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConnections, descCapacity, descRejected, descSessions, descSubs, descRetained,
 		descInflight, descMsgIn, descMsgOut, descDropped, descBytesIn, descBytesOut, descPktIn, descPktOut, descUp,
-		descBPWaits, descBPSeconds, descBPStalls, descBPSkips,
+		descBPWaits, descBPSeconds, descBPStalls, descBPSkips, descQueuedB, descReadingB, descReadClose,
 		descMembers, descLinkUp, descLinkMsgs, descLinkBytes, descLinkResends, descLinkQueue, descLinkQueueB, descLinkDropped,
 		descLinkRecv, descLinkRecvB, descLinkDup, descLinkAuthFail, descRoutesLocal, descRoutesRemote, descForwarded,
 		descFromPeers, descClaimTimeout, descMoved} {
@@ -278,6 +282,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descBPSeconds, prometheus.CounterValue, s.Backpressure.WaitSeconds)
 	counter(descBPStalls, s.Backpressure.Stalls)
 	counter(descBPSkips, s.Backpressure.StalledSkips)
+	gauge(descQueuedB, float64(s.Memory.QueuedBytes))
+	gauge(descReadingB, float64(s.Memory.ReadingBytes))
+	counter(descReadClose, s.Memory.ReadRefused, "read_budget")
+	counter(descReadClose, s.Memory.ConnectTooLarge, "connect_size")
 	counter(descBytesIn, s.BytesReceived)
 	counter(descBytesOut, s.BytesSent)
 	counter(descPktIn, s.PacketsReceived)

@@ -170,6 +170,16 @@ func New(opts Options) (*Broker, error) {
 		// losing messages they were acknowledged for; docs/broker.md,
 		// "Overload policy".
 		FlowControl: mqtt.FlowControl{MaxWait: cfg.BackpressureMaxWait},
+		// What a client, or a stranger, can make the node hold
+		// (docs/broker.md "Limits", docs/security.md).
+		Memory: mqtt.MemoryLimits{
+			MaxClientBytes:  int64(cfg.MaxQueuedBytes),
+			MaxTotalBytes:   int64(cfg.MaxQueuedBytesTotal),
+			MaxReadingBytes: int64(cfg.MaxReadingBytes),
+			MaxConnectSize:  uint32(cfg.MaxConnectSize),
+			ConnectTimeout:  cfg.ConnectTimeout,
+			ReadTimeout:     cfg.ReadTimeout,
+		},
 	})
 	b.limits = &limitsHook{b: b}
 	if err := b.mq.AddHook(b.limits, nil); err != nil {
@@ -466,7 +476,9 @@ type Stats struct {
 	//	 "offline": {"0": 3, ...}, "link_queue_full": {"0": 0, "1": 4, ...}, ...}
 	//
 	// The reasons are those above plus "offline" (QoS 0 to a client that
-	// is not connected), "expired", "session_expired", and the node link
+	// is not connected), "expired", "session_expired", "queue_bytes" (the
+	// client held broker.max_queued_bytes), "memory_budget" (the node's
+	// clients held broker.max_queued_bytes_total), and the node link
 	// reasons "link_queue_full", "link_oversize", "no_link",
 	// "link_closed", "link_reset" and "peer_restarted" (see
 	// docs/clustering.md). A QoS 1/2 publish refused at a link (the
@@ -483,6 +495,8 @@ type Stats struct {
 	// Backpressure counts publishers paced by congested subscribers
 	// (broker.backpressure_max_wait).
 	Backpressure BackpressureStats `json:"backpressure"`
+	// Memory is what the byte bounds count (docs/broker.md, "Limits").
+	Memory MemoryStats `json:"memory"`
 
 	HeapBytes  uint64 `json:"heap_bytes"`
 	Goroutines int    `json:"goroutines"`
@@ -512,6 +526,24 @@ type BackpressureStats struct {
 // topicAliasMaximum is the Topic Alias Maximum rtm accepts from an MQTT 5
 // client.
 const topicAliasMaximum = 10
+
+// MemoryStats report the byte bounds on what clients make the node hold.
+type MemoryStats struct {
+	// QueuedBytes is the message bytes held for all clients
+	// (broker.max_queued_bytes_total bounds it).
+	QueuedBytes int64 `json:"queued_bytes"`
+	// ReadingBytes is the bytes of partly received packets
+	// (broker.max_reading_bytes).
+	ReadingBytes int64 `json:"reading_bytes"`
+	// ReadingConnectBytes is the part of ReadingBytes that is CONNECTs
+	// (at most a quarter of broker.max_reading_bytes).
+	ReadingConnectBytes int64 `json:"reading_connect_bytes"`
+	// ReadRefused counts connections closed because a packet would have
+	// exceeded broker.max_reading_bytes; ConnectTooLarge those whose
+	// CONNECT exceeded broker.max_connect_size.
+	ReadRefused     int64 `json:"read_refused"`
+	ConnectTooLarge int64 `json:"connect_too_large"`
+}
 
 // Stats returns a snapshot of the broker's counters.
 func (b *Broker) Stats() Stats {
@@ -546,6 +578,13 @@ func (b *Broker) Stats() Stats {
 			WaitSeconds:  time.Duration(b.mq.Flow.WaitNanos.Load()).Seconds(),
 			Stalls:       b.mq.Flow.Stalls.Load(),
 			StalledSkips: b.mq.Flow.StalledSkips.Load(),
+		},
+		Memory: MemoryStats{
+			QueuedBytes:         b.mq.Mem.Queued.Load(),
+			ReadingBytes:        b.mq.Mem.Reading.Load(),
+			ReadingConnectBytes: b.mq.Mem.ReadingConnect.Load(),
+			ReadRefused:         b.mq.Mem.ReadRefused.Load(),
+			ConnectTooLarge:     b.mq.Mem.ConnectTooLarge.Load(),
 		},
 		HeapBytes:  m.HeapInuse,
 		Goroutines: runtime.NumGoroutine(),

@@ -147,7 +147,12 @@ func TestClusterRefusesWhatItCannotQueue(t *testing.T) {
 	})
 
 	t.Run("oversize", func(t *testing.T) {
-		nodes := startCluster(t, 2)
+		// A CONNECT with the longest client ID exceeds the default
+		// broker.max_connect_size (64 KiB).
+		bigConnect := func(b *config.Broker, _ *config.Cluster) { b.MaxConnectSize = 128 << 10 }
+		n0 := startClusterNode(t, "n0", "", bigConnect)
+		nodes := []*broker.Broker{n0, startClusterNode(t, "n1", n0.GossipAddr(), bigConnect)}
+		waitMesh(t, nodes...)
 		far := testutil.MustV5(t, nodes[1].Addr(broker.ListenerTCP), "far")
 		far.Sub(t, "o/#", 1)
 		waitRoutes(t, nodes, nodes[1], 1)

@@ -85,20 +85,28 @@ const (
 	// the Maximum Packet Size of the client's CONNECT; MQTT 5 says to skip
 	// it for that client [MQTT-3.1.2-25] (rtm patch 31 in mochi).
 	dropTooLarge
+	// dropQueueBytes: the client already held broker.max_queued_bytes of
+	// messages (write queue plus session).
+	dropQueueBytes
+	// dropMemoryBudget: the clients of this node together held
+	// broker.max_queued_bytes_total (half of it, for a client that already
+	// held messages).
+	dropMemoryBudget
 	numDropReasons
 )
 
 // dropReasonNames are the reason label values, in dropReason order.
 var dropReasonNames = [numDropReasons]string{"queue_full", "session_full", "packet_ids",
 	"offline", "expired", "session_expired",
-	"link_queue_full", "link_oversize", "no_link", "link_closed", "link_reset", "peer_restarted", "too_large"}
+	"link_queue_full", "link_oversize", "no_link", "link_closed", "link_reset", "peer_restarted", "too_large",
+	"queue_bytes", "memory_budget"}
 
 // dropReasonText are the reasons as said in the log, in dropReason order.
 var dropReasonText = [numDropReasons]string{"client queue full", "client session full", "no free packet identifier",
 	"client offline (QoS 0)", "message expired", "session expired",
 	"link queue full", "too large for a node link", "no link to a peer with matching routes",
 	"link closed with messages queued", "QoS 0 lost when a link connection broke", "peer restarted",
-	"larger than the client's maximum packet size"}
+	"larger than the client's maximum packet size", "client queue bytes full", "node queue memory budget full"}
 
 // dropNoQoS0 marks the reasons that apply to QoS 1/2 messages only: their
 // QoS 0 series are not exported.
@@ -115,7 +123,7 @@ func (h *limitsHook) ID() string { return "rtm-limits" }
 
 func (h *limitsHook) Provides(b byte) bool {
 	return bytes.Contains([]byte{mqtt.OnConnect, mqtt.OnPublishDropped, mqtt.OnPacketIDExhausted, mqtt.OnClientExpired,
-		mqtt.OnPublishDroppedOffline, mqtt.OnPublishExpired}, []byte{b})
+		mqtt.OnPublishDroppedOffline, mqtt.OnPublishExpired, mqtt.OnPublishDroppedBytes}, []byte{b})
 }
 
 // OnClientExpired releases what an expired session still holds. mochi only
@@ -190,6 +198,16 @@ func (h *limitsHook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
 		reason = dropSessionFull
 	}
 	h.dropped(cl, pk, reason)
+}
+
+// OnPublishDroppedBytes is called by mochi (rtm patches 40, 41) when a
+// message is not delivered to cl because of a byte bound.
+func (h *limitsHook) OnPublishDroppedBytes(cl *mqtt.Client, pk packets.Packet, reason error) {
+	r := dropQueueBytes
+	if reason == mqtt.ErrMemoryBudgetExceeded {
+		r = dropMemoryBudget
+	}
+	h.dropped(cl, pk, r)
 }
 
 // OnPacketIDExhausted is called by mochi when a QoS 1/2 message is dropped

@@ -3,14 +3,17 @@ package broker_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"testing"
 	"time"
 
 	"github.com/eclipse/paho.golang/packets"
 	"github.com/eclipse/paho.golang/paho"
+	"github.com/gorilla/websocket"
 
 	"github.com/rtm-dev/rtm/broker"
 	"github.com/rtm-dev/rtm/internal/config"
@@ -228,12 +231,18 @@ func testDrops(t *testing.T, qos byte, n, size int) {
 	}
 	t.Logf("%d × %d KiB published at QoS %d in %v; %d bytes written to clients", n, size>>10, qos, time.Since(start), b.Stats().BytesSent)
 
+	// 10 messages of 512 KiB exceed broker.max_queued_bytes (4 MiB): those
+	// drops are counted as queue_bytes.
+	bytesDropped := func(st broker.Stats) int64 {
+		q := fmt.Sprint(qos)
+		return st.DroppedByReason["queue_bytes"][q] + st.DroppedByReason["memory_budget"][q]
+	}
 	testutil.WaitFor(t, waitCond, func() error {
 		st := b.Stats()
 		if qos == 0 {
 			// Written, waiting in the write queue (at most max_queued, plus
 			// one being written) or dropped.
-			dropped := st.MessagesDropped["0"]
+			dropped := st.MessagesDropped["0"] + bytesDropped(st)
 			if dropped == 0 || st.MessagesSent+dropped > int64(n) || st.MessagesSent+dropped < int64(n-maxQueued-1) {
 				return fmt.Errorf("sent %d + dropped %d = %d, want %d less at most %d queued, with drops > 0",
 					st.MessagesSent, dropped, st.MessagesSent+dropped, n, maxQueued+1)
@@ -242,7 +251,7 @@ func testDrops(t *testing.T, qos byte, n, size int) {
 		}
 		// Held for the stuck client (in flight, at most max_inflight of
 		// them) or counted as dropped, once.
-		dropped := st.MessagesDropped["1"] + st.InflightDropped
+		dropped := st.MessagesDropped["1"] + st.InflightDropped + bytesDropped(st)
 		if dropped == 0 || st.Inflight+dropped != int64(n) || st.Inflight > maxInflight {
 			return fmt.Errorf("in flight %d (at most %d) + dropped %d (messages_dropped[1] %d, inflight_dropped %d) = %d, want %d with drops > 0",
 				st.Inflight, maxInflight, dropped, st.MessagesDropped["1"], st.InflightDropped, st.Inflight+dropped, n)
@@ -268,4 +277,111 @@ func testDrops(t *testing.T, qos byte, n, size int) {
 	if err := b.Shutdown(ctx); err != nil {
 		t.Fatalf("shutdown with a client that stopped reading: %v after %v", err, time.Since(start))
 	}
+}
+
+// TestDropsAtByteBounds (issue 12 item 6): a subscriber that stops reading
+// holds at most broker.max_queued_bytes, and all clients together at most
+// broker.max_queued_bytes_total (half of it for clients already holding
+// messages); the rest is dropped and counted by reason (queue_bytes,
+// memory_budget) and logged with the client ID. The publisher is paced
+// once, then every QoS 1 publish is acknowledged.
+func TestDropsAtByteBounds(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		reason       string
+		client, node int
+	}{
+		{"queue_bytes", 512 << 10, 256 << 20},
+		{"memory_budget", 1 << 20, 1 << 20}, // stuck clients get half of the node's budget first
+	} {
+		t.Run(tc.reason, func(t *testing.T) {
+			t.Parallel()
+			b, logs := startBrokerLevel(t, slog.LevelInfo, func(c *config.Broker) {
+				c.MaxQueuedBytes, c.MaxQueuedBytesTotal = tc.client, tc.node
+			})
+			addr := b.Addr(broker.ListenerTCP)
+			stuck := dialRaw(t, addr)
+			_ = stuck.Conn.(*net.TCPConn).SetReadBuffer(4096)
+			if ca := stuck.connect(t, &packets.Connect{ClientID: "stuck", CleanStart: true, KeepAlive: 60}); ca.ReasonCode != 0 {
+				t.Fatalf("CONNACK reason 0x%02X", ca.ReasonCode)
+			}
+			stuck.send(t, &packets.Subscribe{PacketID: 1, Properties: &packets.Properties{},
+				Subscriptions: []packets.SubOptions{{Topic: "flood", QoS: 1}}})
+			if p, err := stuck.read(waitMsg); err != nil || p.Type != packets.SUBACK {
+				t.Fatalf("SUBACK: %v %v", p, err)
+			}
+			pub := testutil.MustV5(t, addr, "flooder")
+			const n, size = 60, 128 << 10
+			payload := bytes.Repeat([]byte{0xA5}, size)
+			for i := 0; i < n; i++ {
+				ctx, cancel := context.WithTimeout(context.Background(), waitMsg)
+				resp, err := pub.Publish(ctx, &paho.Publish{Topic: "flood", QoS: 1, Payload: payload})
+				cancel()
+				if err != nil || resp.ReasonCode != 0 {
+					t.Fatalf("publish %d: %v %+v", i, err, resp)
+				}
+			}
+			st := b.Stats()
+			limit := int64(tc.client)
+			if tc.reason == "memory_budget" {
+				limit = int64(tc.node / 2)
+			}
+			t.Logf("queued %d bytes (limit %d), dropped %v", st.Memory.QueuedBytes, limit, st.DroppedByReason[tc.reason])
+			if st.Memory.QueuedBytes > limit+size {
+				t.Errorf("queued %d bytes, over %d", st.Memory.QueuedBytes, limit)
+			}
+			if d := st.DroppedByReason[tc.reason]["1"]; d == 0 || st.Inflight+d != n {
+				t.Errorf("held %d + dropped (%s) %d, want %d with drops > 0: %v", st.Inflight, tc.reason, d, n, st.DroppedByReason)
+			}
+			if !logs.Contains("client_id=stuck", "reason="+tc.reason) {
+				t.Errorf("no log line with the client ID and reason=%s", tc.reason)
+			}
+		})
+	}
+}
+
+// TestConnectBoundsOnListeners (issue 12 item 7): a connection that sends
+// nothing (TCP or WebSocket), or half a CONNECT, is closed after
+// broker.connect_timeout, and a CONNECT over broker.max_connect_size at its
+// header.
+func TestConnectBoundsOnListeners(t *testing.T) {
+	t.Parallel()
+	b, _ := startBroker(t, func(c *config.Broker) { c.ConnectTimeout = time.Second })
+	for _, tc := range []struct {
+		name string
+		send []byte
+	}{
+		{"silent", nil},
+		{"half a CONNECT", []byte{0x10, 100, 0, 4, 'M'}},
+		{"CONNECT over max_connect_size", []byte{0x10, 0x80, 0x80, 0x08}}, // 128 KiB declared
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			conn, err := net.DialTimeout("tcp", b.Addr(broker.ListenerTCP), 5*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			if _, err := conn.Write(tc.send); err != nil {
+				t.Fatal(err)
+			}
+			start := time.Now()
+			_ = conn.SetReadDeadline(time.Now().Add(waitCond))
+			if n, err := conn.Read(make([]byte, 16)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("read %d bytes, %v: the connection is still open after %v", n, err, time.Since(start))
+			}
+		})
+	}
+	t.Run("silent WebSocket", func(t *testing.T) {
+		d := websocket.Dialer{Subprotocols: []string{"mqtt"}, HandshakeTimeout: waitMsg}
+		conn, _, err := d.Dial("ws://"+b.Addr(broker.ListenerWS)+"/mqtt", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		start := time.Now()
+		_ = conn.SetReadDeadline(time.Now().Add(waitCond))
+		if _, _, err := conn.ReadMessage(); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("%v: the connection is still open after %v", err, time.Since(start))
+		}
+	})
 }

@@ -15,10 +15,11 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 )
 
-// connectTimeout bounds the time between accepting a connection and reading
-// its CONNECT; mochi has no such bound, so a silent socket would otherwise
-// hold a file descriptor forever. mochi replaces the deadline with the
-// keepalive one once the CONNECT is read.
+// connectTimeout bounds the WebSocket handshake and its HTTP request. The
+// time from there to a read CONNECT is bounded by broker.connect_timeout,
+// which mochi applies (fork patch 44: mochi.MemoryLimits.ConnectTimeout,
+// covering the CONNECT's body too; a deadline set here was extended by the
+// body deadline of patch 43).
 const connectTimeout = 10 * time.Second
 
 // streamListener serves MQTT over an already bound net.Listener (TCP or
@@ -42,7 +43,6 @@ func (l *streamListener) Serve(establish listeners.EstablishFn) {
 		if err != nil {
 			return // closed
 		}
-		_ = conn.SetReadDeadline(time.Now().Add(connectTimeout))
 		go func() {
 			if err := establish(l.id, conn); err != nil && !expectedClose(err) {
 				l.log.Debug("connection ended", "listener", l.id, "remote", conn.RemoteAddr().String(), "error", err)
@@ -107,7 +107,6 @@ func (l *wsListener) handle(w http.ResponseWriter, r *http.Request) {
 	}
 	defer c.Close()
 	conn := &wsConn{Conn: c.UnderlyingConn(), ws: c}
-	_ = conn.SetReadDeadline(time.Now().Add(connectTimeout))
 	if err := l.est(l.id, conn); err != nil && !expectedClose(err) {
 		l.log.Debug("connection ended", "listener", l.id, "remote", r.RemoteAddr, "error", err)
 	}

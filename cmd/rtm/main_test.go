@@ -25,6 +25,12 @@ import (
 var rtmBin string
 
 func TestMain(m *testing.M) {
+	// RTM_TEST_BINARY runs the process tests against another build, e.g.
+	// one from before a fix, to measure it.
+	if bin := os.Getenv("RTM_TEST_BINARY"); bin != "" {
+		rtmBin = bin
+		os.Exit(m.Run())
+	}
 	dir, err := os.MkdirTemp("", "rtm-bin-")
 	if err != nil {
 		panic(err)

@@ -94,6 +94,30 @@ type Broker struct {
 	MaxPacketSize int    `koanf:"max_packet_size" doc:"Largest MQTT packet accepted, in bytes; larger packets close the connection (v5 0x95)."`
 	MaxInflight   int    `koanf:"max_inflight" doc:"Receive Maximum: QoS 1/2 messages a client may have unacknowledged in each direction (1-65535)."`
 	MaxQueued     int    `koanf:"max_queued" doc:"Messages held per client: queued for writing, plus QoS 1/2 kept while offline or unacknowledged (1-65535). Beyond it messages are dropped and counted."`
+	// MaxQueuedBytes is max_queued in bytes (payload and topic of each
+	// message held). The default, 4 MiB, is four messages of the default
+	// max_packet_size, or the whole max_queued of 4 KiB messages: typical
+	// telemetry (under 1 KiB) never meets it, while one client that stops
+	// reading 1 MB messages no longer pins gigabytes (issue 12).
+	MaxQueuedBytes int `koanf:"max_queued_bytes" doc:"Bytes of messages (payload and topic) held per client, counted like max_queued; a client holding nothing always takes one message. Beyond it messages are dropped and counted (reason queue_bytes). Flow control's high-water mark is half of it."`
+	// MaxQueuedBytesTotal bounds the bytes held for all clients of this
+	// node. The default, 256 MiB, is 64 clients stuck at max_queued_bytes;
+	// it keeps a node sized for its 100,000-connection capacity (about
+	// 2 GiB of connections) within a few GiB, and a healthy node holds
+	// almost nothing (subscribers keep up; publishers are paced).
+	MaxQueuedBytesTotal int `koanf:"max_queued_bytes_total" doc:"Bytes of messages held for all clients of this node together. Clients already holding messages may fill half of it; the other half is for clients holding nothing, so stuck clients cannot stop delivery to healthy ones. Beyond it messages are dropped and counted (reason memory_budget)."`
+	// MaxReadingBytes bounds the bytes of packets being received, for
+	// all connections together: 64 MiB is 64 packets of the default
+	// max_packet_size arriving at once.
+	MaxReadingBytes int `koanf:"max_reading_bytes" doc:"Bytes of partly received packets held for all connections together (bodies over 4 KiB, counted as they arrive). A packet that would exceed it closes its connection (v5 DISCONNECT 0x97). CONNECTs (not yet authenticated) may use a quarter of it. At least max_packet_size."`
+	// MaxConnectSize bounds the one packet an unauthenticated client can
+	// send. 64 KiB holds a token, a client ID and a will with a 60 KiB
+	// payload.
+	MaxConnectSize int `koanf:"max_connect_size" doc:"Largest CONNECT accepted, in bytes (what a client that is not yet authenticated can send); a larger one closes the connection."`
+	// ConnectTimeout and ReadTimeout bound how long half-sent packets are
+	// held (docs/security.md).
+	ConnectTimeout time.Duration `koanf:"connect_timeout" doc:"Time a new connection has to send its whole CONNECT; then it is closed. 1s-5m."`
+	ReadTimeout    time.Duration `koanf:"read_timeout" doc:"Time a packet's body has to arrive once its first bytes have (also with keepalive 0); then the connection is closed. A 1 MiB packet needs 35 KB/s at 30s. 1s-10m."`
 	// BackpressureMaxWait bounds how long a publish waits for a connected
 	// subscriber whose session or write queue is half full (docs/broker.md,
 	// "Overload policy"). The default, 1 s, is far above what a subscriber
@@ -155,6 +179,12 @@ func Defaults() Config {
 			MaxPacketSize:       1 << 20,
 			MaxInflight:         128,
 			MaxQueued:           1000,
+			MaxQueuedBytes:      4 << 20,
+			MaxQueuedBytesTotal: 256 << 20,
+			MaxReadingBytes:     64 << 20,
+			MaxConnectSize:      64 << 10,
+			ConnectTimeout:      10 * time.Second,
+			ReadTimeout:         30 * time.Second,
 			BackpressureMaxWait: time.Second,
 			KeepaliveMax:        20 * time.Minute,
 			SessionExpiry:       24 * time.Hour,

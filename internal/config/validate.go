@@ -193,6 +193,22 @@ func (b Broker) check(v *validator) {
 	if b.MaxQueued < b.MaxInflight {
 		v.bad("broker.max_queued", b.MaxQueued, fmt.Sprintf("must be at least broker.max_inflight (%d)", b.MaxInflight))
 	}
+	v.between("broker.max_queued_bytes", b.MaxQueuedBytes, 64<<10, 1<<40)
+	v.between("broker.max_queued_bytes_total", b.MaxQueuedBytesTotal, 1<<20, 1<<44)
+	if b.MaxQueuedBytesTotal < b.MaxQueuedBytes {
+		v.bad("broker.max_queued_bytes_total", b.MaxQueuedBytesTotal, fmt.Sprintf("must be at least broker.max_queued_bytes (%d)", b.MaxQueuedBytes))
+	}
+	v.between("broker.max_reading_bytes", b.MaxReadingBytes, 1<<20, 1<<44)
+	if b.MaxReadingBytes < b.MaxPacketSize {
+		v.bad("broker.max_reading_bytes", b.MaxReadingBytes, fmt.Sprintf("must be at least broker.max_packet_size (%d)", b.MaxPacketSize))
+	}
+	v.between("broker.max_connect_size", b.MaxConnectSize, 1024, 268_435_455)
+	if b.ConnectTimeout < time.Second || b.ConnectTimeout > 5*time.Minute {
+		v.bad("broker.connect_timeout", b.ConnectTimeout.String(), "must be between 1s and 5m")
+	}
+	if b.ReadTimeout < time.Second || b.ReadTimeout > 10*time.Minute {
+		v.bad("broker.read_timeout", b.ReadTimeout.String(), "must be between 1s and 10m")
+	}
 	v.nonNegative("broker.backpressure_max_wait", b.BackpressureMaxWait)
 	if b.BackpressureMaxWait > 30*time.Second {
 		v.bad("broker.backpressure_max_wait", b.BackpressureMaxWait.String(), "must be at most 30s: a publisher's connection is not read while it waits")

@@ -175,6 +175,7 @@ type ClientState struct {
 	disconnected    int64              // the time the client disconnected in unix time, for calculating expiry
 	outbound        outboundQueue      // queue for pending outbound packets (rtm patch: was a chan, see outbound.go)
 	flow            flowGate           // rtm patch 20: publishers waiting for this client to drain
+	rtm             rtmClientState     // rtm patches 42-44: read deadlines
 	endOnce         sync.Once          // only end once
 	isTakenOver     atomic.Bool        // used to identify orphaned clients
 	packetID        uint32             // the current highest packetID
@@ -212,6 +213,11 @@ func newClient(c net.Conn, o *ops) *Client {
 			bconn:  bufio.NewReaderSize(c, o.options.ClientNetReadBufferSize),
 			Remote: c.RemoteAddr().String(),
 		}
+	}
+
+	if o.mem != nil { // rtm patch 41: the client's held bytes count in the server's total
+		cl.State.Inflight.budget = &o.mem.Queued
+		cl.State.outbound.budget = &o.mem.Queued
 	}
 
 	return cl
@@ -262,6 +268,7 @@ func (cl *Client) writeQueued() {
 			// TODO : Figure out what to do with error
 			cl.ops.log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
 		}
+		cl.State.outbound.addBytes(pk, -1) // rtm patch 40: written (or failed), no longer held
 		atomic.AddInt32(&cl.State.outboundQty, -1)
 		cl.flowDrained() // rtm patch 20: a place in the queue is free
 	}
@@ -614,17 +621,17 @@ func (cl *Client) ReadPacket(fh *packets.FixedHeader) (pk packets.Packet, err er
 
 	pk.ProtocolVersion = cl.Properties.ProtocolVersion // inherit client protocol version for decoding
 	pk.FixedHeader = *fh
-	p := make([]byte, pk.FixedHeader.Remaining)
-	n, err := io.ReadFull(cl.Net.bconn, p)
+	// rtm patch 42: read as the bytes arrive, counted against
+	// MemoryLimits.MaxReadingBytes, within MemoryLimits.ReadTimeout (see
+	// readBody); v2.7.9 allocated the declared length before reading, then
+	// copied it ("a fresh copy", but p is allocated for this packet alone).
+	px, err := cl.readBody(pk.FixedHeader.Remaining)
 	if err != nil {
 		return pk, err
 	}
 
-	atomic.AddInt64(&cl.ops.info.BytesReceived, int64(n))
+	atomic.AddInt64(&cl.ops.info.BytesReceived, int64(len(px)))
 
-	// Decode the remaining packet values using a fresh copy of the bytes,
-	// otherwise the next packet will change the data of this one.
-	px := append([]byte{}, p[:]...)
 	switch pk.FixedHeader.Type {
 	case packets.Connect:
 		err = pk.ConnectDecode(px)

@@ -58,6 +58,7 @@ const (
 	StoredSysInfo
 	OnPublishDroppedOffline // rtm patch 26
 	OnPublishExpired        // rtm patch 27
+	OnPublishDroppedBytes   // rtm patch 40
 )
 
 var (
@@ -102,8 +103,9 @@ type Hook interface {
 	OnPublish(cl *Client, pk packets.Packet) (packets.Packet, error)
 	OnPublished(cl *Client, pk packets.Packet)
 	OnPublishDropped(cl *Client, pk packets.Packet)
-	OnPublishDroppedOffline(cl *Client, pk packets.Packet) // rtm patch 26
-	OnPublishExpired(cl *Client, pk packets.Packet)        // rtm patch 27
+	OnPublishDroppedOffline(cl *Client, pk packets.Packet)             // rtm patch 26
+	OnPublishExpired(cl *Client, pk packets.Packet)                    // rtm patch 27
+	OnPublishDroppedBytes(cl *Client, pk packets.Packet, reason error) // rtm patch 40
 	OnRetainMessage(cl *Client, pk packets.Packet, r int64)
 	OnRetainPublished(cl *Client, pk packets.Packet)
 	OnQosPublish(cl *Client, pk packets.Packet, sent int64, resends int)
@@ -529,6 +531,20 @@ func (h *Hooks) OnPublishExpired(cl *Client, pk packets.Packet) {
 	}
 }
 
+// OnPublishDroppedBytes is called when a message is not delivered to cl
+// because holding it would exceed a byte bound: reason is
+// ErrClientBytesExceeded (MemoryLimits.MaxClientBytes) or
+// ErrMemoryBudgetExceeded (MemoryLimits.MaxTotalBytes). pk is the message as
+// published.
+// rtm patch 40: a byte bound did not exist in v2.7.9.
+func (h *Hooks) OnPublishDroppedBytes(cl *Client, pk packets.Packet, reason error) {
+	for _, hook := range h.GetAll() {
+		if hook.Provides(OnPublishDroppedBytes) {
+			hook.OnPublishDroppedBytes(cl, pk, reason)
+		}
+	}
+}
+
 // OnPacketIDExhausted is called when the client runs out of unused packet ids to
 // assign to a packet.
 func (h *Hooks) OnPacketIDExhausted(cl *Client, pk packets.Packet) {
@@ -868,6 +884,10 @@ func (h *HookBase) OnPublishDroppedOffline(cl *Client, pk packets.Packet) {}
 // OnPublishExpired is called when a message held for a client expires
 // (rtm patch 27).
 func (h *HookBase) OnPublishExpired(cl *Client, pk packets.Packet) {}
+
+// OnPublishDroppedBytes is called when a message is not delivered because of
+// a byte bound (rtm patch 40).
+func (h *HookBase) OnPublishDroppedBytes(cl *Client, pk packets.Packet, reason error) {}
 
 // OnWill is called when a client disconnects and publishes an LWT message.
 func (h *HookBase) OnWill(cl *Client, will Will) (Will, error) {

@@ -20,6 +20,8 @@ type Inflight struct {
 	lastSeq             uint64                    // rtm patch: the last sequence number given
 	immediate           []inflightRef             // rtm patch: packets waiting for send quota (Expiry < 0), oldest first
 	size                atomic.Int32              // rtm patch 20: len(internal), read without the lock by flow control
+	bytes               atomic.Int64              // rtm patch 40: heldBytes of the packets in internal
+	budget              *atomic.Int64             // rtm patch 41: the server's total of held bytes, or nil
 	receiveQuota        int32                     // remaining inbound qos quota for flow control
 	sendQuota           int32                     // remaining outbound qos quota for flow control
 	maximumReceiveQuota int32                     // maximum allowed receive quota
@@ -49,6 +51,11 @@ func (i *Inflight) Set(m packets.Packet) bool {
 	prev, ok := i.internal[m.PacketID]
 	i.internal[m.PacketID] = m
 	i.size.Store(int32(len(i.internal))) // rtm patch 20
+	d := heldBytes(&m)                   // rtm patch 40: an update (PUBLISH to PUBREL) replaces the bytes
+	if ok {
+		d -= heldBytes(&prev)
+	}
+	i.addBytes(d)
 
 	// rtm patch: number packets in arrival order (an update keeps its
 	// place), so GetAll, and with it the resend of a session's messages on
@@ -125,6 +132,10 @@ func (i *Inflight) Clone() *Inflight {
 	}
 	c.lastSeq = i.lastSeq
 	c.size.Store(int32(len(c.internal))) // rtm patch 20
+	// rtm patch 41: the clone holds the bytes too (counted in the total
+	// until the original is cleared, as inheritClientSession does next).
+	c.budget = i.budget
+	c.addBytes(i.bytes.Load())
 	c.immediate = append([]inflightRef(nil), i.immediate...)
 	return c
 }
@@ -189,10 +200,13 @@ func (i *Inflight) Delete(id uint16) bool {
 	i.Lock()
 	defer i.Unlock()
 
-	_, ok := i.internal[id]
+	prev, ok := i.internal[id]
 	delete(i.internal, id)
 	delete(i.seq, id)                    // rtm patch
 	i.size.Store(int32(len(i.internal))) // rtm patch 20
+	if ok {
+		i.addBytes(-heldBytes(&prev)) // rtm patch 40
+	}
 
 	return ok
 }
@@ -255,4 +269,16 @@ func (i *Inflight) IncreaseSendQuota() {
 func (i *Inflight) ResetSendQuota(n int32) {
 	atomic.StoreInt32(&i.sendQuota, n)
 	atomic.StoreInt32(&i.maximumSendQuota, n)
+}
+
+// addBytes changes the bytes held by i, and the server's total with them.
+// rtm patches 40, 41.
+func (i *Inflight) addBytes(d int64) {
+	if d == 0 {
+		return
+	}
+	i.bytes.Add(d)
+	if i.budget != nil {
+		i.budget.Add(d)
+	}
 }

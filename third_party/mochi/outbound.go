@@ -38,6 +38,8 @@ type outboundQueue struct {
 	n       atomic.Int32      // number of queued packets; written under mu
 	limit   int32             // maximum number of queued packets
 	writing bool              // a writer is draining the queue
+	bytes   atomic.Int64      // rtm patch 40: heldBytes of the queued QoS 0 packets (QoS 1/2 count in the session)
+	budget  *atomic.Int64     // rtm patch 41: the server's total of held bytes, or nil
 }
 
 func newOutboundQueue(limit int32) outboundQueue {
@@ -63,6 +65,7 @@ func (q *outboundQueue) push(pk *packets.Packet) (ok, start bool) {
 	}
 	q.buf[i] = pk
 	q.n.Store(int32(n + 1))
+	q.addBytes(pk, 1) // rtm patch 40
 	start = !q.writing
 	q.writing = true
 	q.mu.Unlock()
@@ -129,4 +132,18 @@ func (q *outboundQueue) pop() (*packets.Packet, bool) {
 // len returns the number of queued packets.
 func (q *outboundQueue) len() int {
 	return int(q.n.Load())
+}
+
+// addBytes counts (sign 1) or releases (sign -1) a QoS 0 packet's bytes: the
+// writer releases them once the packet is written. rtm patches 40, 41.
+func (q *outboundQueue) addBytes(pk *packets.Packet, sign int64) {
+	if pk.FixedHeader.Qos != 0 {
+		return
+	}
+	if d := sign * heldBytes(pk); d != 0 {
+		q.bytes.Add(d)
+		if q.budget != nil {
+			q.budget.Add(d)
+		}
+	}
 }

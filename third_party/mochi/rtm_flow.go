@@ -129,10 +129,20 @@ func (o *Options) flowMarks() (inflight, writes int32) {
 }
 
 // congested reports whether cl's session or write queue is at or above its
-// high-water mark. Two atomic loads: this is the cost of flow control on
-// the publish path when nobody is congested.
+// high-water mark, in messages or (rtm patch 40) in bytes. A few atomic
+// loads: this is the cost of flow control on the publish path when nobody
+// is congested.
 func (cl *Client) congested(hiInflight, hiWrites int32) bool {
-	return cl.State.Inflight.size.Load() >= hiInflight || cl.State.outbound.n.Load() >= hiWrites
+	return cl.State.Inflight.size.Load() >= hiInflight || cl.State.outbound.n.Load() >= hiWrites ||
+		cl.overBytes(1)
+}
+
+// overBytes reports whether the bytes cl holds are at or above the bytes
+// high-water mark (half of MemoryLimits.MaxClientBytes) divided by div.
+// rtm patch 40.
+func (cl *Client) overBytes(div int64) bool {
+	hi := cl.ops.options.Memory.MaxClientBytes / 2 / div
+	return hi > 0 && cl.HeldBytes() >= hi
 }
 
 // flowDrained is called after cl's session or write queue shrank (an
@@ -147,10 +157,10 @@ func (cl *Client) flowDrained() {
 	}
 	hiIn, hiOut := cl.ops.options.flowMarks()
 	in, out := cl.State.Inflight.size.Load(), cl.State.outbound.n.Load()
-	if g.stalled.Load() && in < max(hiIn/2, 1) && out < max(hiOut/2, 1) {
+	if g.stalled.Load() && in < max(hiIn/2, 1) && out < max(hiOut/2, 1) && !cl.overBytes(2) {
 		g.stalled.Store(false)
 	}
-	if g.nwait.Load() > 0 {
+	if g.nwait.Load() > 0 && !cl.overBytes(1) {
 		if free := min(hiIn-in, hiOut-out); free > 0 {
 			g.wake(int(free))
 		}

@@ -133,6 +133,10 @@ type Options struct {
 	// FlowControl paces publishers feeding a subscriber that does not keep
 	// up (rtm patch 20); the zero value disables it.
 	FlowControl FlowControl `yaml:"flow_control" json:"flow_control"`
+
+	// Memory bounds what clients can make the server hold, in bytes and
+	// time (rtm patches 40-44); the zero value bounds nothing.
+	Memory MemoryLimits `yaml:"memory" json:"memory"`
 }
 
 // Server is an MQTT broker server. It should be created with server.New()
@@ -149,6 +153,7 @@ type Server struct {
 	hooks        *Hooks               // hooks contains hooks for extra functionality such as auth and persistent storage
 	inlineClient *Client              // inlineClient is a special client used for inline subscriptions and inline Publish
 	Flow         FlowStats            // rtm patch 20: pacing counters
+	Mem          MemoryStats          // rtm patches 40-44: bytes held, see MemoryLimits
 }
 
 // loop contains interval tickers for the system events loop.
@@ -167,6 +172,7 @@ type ops struct {
 	info    *system.Info // pointers to server system info
 	hooks   *Hooks       // pointer to the server hooks
 	log     *slog.Logger // a structured logger for the client
+	mem     *MemoryStats // rtm patches 40-44: the server's byte counts (nil in some tests)
 }
 
 // New returns a new instance of mochi mqtt broker. Optional parameters
@@ -250,6 +256,7 @@ func (s *Server) NewClient(c net.Conn, listener string, id string, inline bool) 
 		info:    s.Info,
 		hooks:   s.hooks,
 		log:     s.Log,
+		mem:     &s.Mem, // rtm patch 40
 	})
 
 	cl.ID = id
@@ -559,6 +566,7 @@ func (s *Server) disconnectedClient(cl *Client, listener string, err error) {
 // readConnectionPacket reads the first incoming header for a connection, and if
 // acceptable, returns the valid connection packet.
 func (s *Server) readConnectionPacket(cl *Client) (pk packets.Packet, err error) {
+	cl.startConnectDeadline() // rtm patch 44: the CONNECT must arrive within MemoryLimits.ConnectTimeout
 	fh := new(packets.FixedHeader)
 	err = cl.ReadFixedHeader(fh)
 	if err != nil {
@@ -569,7 +577,13 @@ func (s *Server) readConnectionPacket(cl *Client) (pk packets.Packet, err error)
 		return pk, packets.ErrProtocolViolationRequireFirstConnect // [MQTT-3.1.0-1]
 	}
 
+	// rtm patch 44: an unauthenticated client may send a small CONNECT only.
+	if s.connectTooLarge(fh.Remaining) {
+		return pk, packets.ErrPacketTooLarge
+	}
+
 	pk, err = cl.ReadPacket(fh)
+	cl.endConnectDeadline() // rtm patch 44
 	if err != nil {
 		return
 	}
@@ -1246,6 +1260,13 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 			return out, packets.ErrQuotaExceeded
 		}
 
+		// rtm patches 40, 41: the session is bounded in bytes as well
+		// (v2.7.9: only in messages, so 1 MB messages pinned gigabytes).
+		if err := s.admitBytes(cl, &out); err != nil {
+			s.dropBytes(cl, pk, err)
+			return out, err
+		}
+
 		i, err := cl.NextPacketID() // [MQTT-4.3.2-1] [MQTT-4.3.3-1]
 		if err != nil {
 			s.hooks.OnPacketIDExhausted(cl, pk)
@@ -1281,6 +1302,13 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 			cl.ops.hooks.OnPublishDroppedOffline(cl, pk)
 		}
 		return out, packets.CodeDisconnect
+	}
+
+	if out.FixedHeader.Qos == 0 { // rtm patches 40, 41: QoS 1/2 were checked with the session
+		if err := s.admitBytes(cl, &out); err != nil {
+			s.dropBytes(cl, pk, err)
+			return out, err
+		}
 	}
 
 	if ok, start := cl.State.outbound.push(&out); ok { // rtm patch: was a non-blocking chan send
