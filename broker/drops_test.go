@@ -378,8 +378,10 @@ func TestClusterSuspicionHealsWithoutLoss(t *testing.T) {
 	markFailed(nodes[0], "n1")
 	testutil.WaitFor(t, waitCond, func() error {
 		// (Before the fix the link was gone at this point, with its queue.)
-		if st, q := linkState(nodes[0], "n1"); st == "connecting" || st == "held" && q != n {
-			return fmt.Errorf("n0's link to n1 %q with %d queued, want held with %d", st, q, n)
+		// At least n: a claim or route message sent before the cut may
+		// still be unacknowledged on a loaded machine.
+		if st, q := linkState(nodes[0], "n1"); st == "connecting" || st == "held" && q < n {
+			return fmt.Errorf("n0's link to n1 %q with %d queued, want held with at least %d", st, q, n)
 		}
 		return nil
 	})
