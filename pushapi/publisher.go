@@ -21,7 +21,7 @@ import (
 const (
 	connectTimeout  = 5 * time.Second // TCP dial, then CONNECT to CONNACK
 	keepAlive       = 30              // seconds; gossip detects a dead broker sooner
-	serviceTokenTTL = 24 * time.Hour  // a fresh service token is issued for every connection
+	serviceTokenTTL = 24 * time.Hour  // default; a fresh service token is issued for every connection
 	backoffMin      = 50 * time.Millisecond
 	backoffMax      = 2 * time.Second
 )
@@ -52,14 +52,15 @@ func (e *rejectError) Error() string {
 // publishes over it. See the package documentation for why it drives
 // paho.Client itself instead of using autopaho.
 type publisher struct {
-	name    string
-	timeout time.Duration // pushapi.publish_timeout
-	issuer  tokenIssuer
-	log     *slog.Logger
-	m       *metrics
-	sess    *mqttSession
-	members func() []cluster.Member
-	wake    chan struct{} // cap 1: gossip changed, retry a pick now
+	name     string
+	timeout  time.Duration // pushapi.publish_timeout
+	tokenTTL time.Duration // of the service token of each connection
+	issuer   tokenIssuer
+	log      *slog.Logger
+	m        *metrics
+	sess     *mqttSession
+	members  func() []cluster.Member
+	wake     chan struct{} // cap 1: gossip changed, retry a pick now
 
 	mu        sync.Mutex
 	cli       *paho.Client // nil while down
@@ -69,7 +70,7 @@ type publisher struct {
 }
 
 func newPublisher(name string, timeout time.Duration, issuer tokenIssuer, log *slog.Logger, m *metrics) *publisher {
-	return &publisher{name: name, timeout: timeout, issuer: issuer, log: log.With("component", "publisher"), m: m,
+	return &publisher{name: name, timeout: timeout, tokenTTL: serviceTokenTTL, issuer: issuer, log: log.With("component", "publisher"), m: m,
 		sess: newMQTTSession(), wake: make(chan struct{}, 1)}
 }
 
@@ -177,7 +178,10 @@ func (p *publisher) pick(avoid string) (cluster.Member, bool) {
 // expiry 0, client ID and username the push API's name, password a fresh
 // service token.
 func (p *publisher) connect(ctx context.Context, m cluster.Member) (*paho.Client, *paho.Connack, net.Conn, error) {
-	token, _, err := p.issuer.issueService(p.name, serviceTokenTTL, time.Now())
+	// The broker closes the connection when this token expires (0xA0,
+	// maximum connect time); run then connects again, with a new one.
+	// Requests in flight at that moment fail as for any lost connection.
+	token, _, err := p.issuer.issueService(p.name, p.tokenTTL, time.Now())
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("service token: %w", err)
 	}
