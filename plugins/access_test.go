@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +14,7 @@ import (
 	mqtt3 "github.com/eclipse/paho.mqtt.golang"
 	mqtt3packets "github.com/eclipse/paho.mqtt.golang/packets"
 	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/rtm-dev/rtm/internal/config"
 	"github.com/rtm-dev/rtm/internal/testutil"
@@ -297,4 +299,45 @@ func TestE2ETokenExpiry(t *testing.T) {
 	if _, ca, err := dialV5(t, addr, "dev5", "dev5", short("dev5")); err != nil {
 		t.Fatalf("reconnect with a fresh token: %v, %+v", err, ca)
 	}
+}
+
+// BenchmarkTokenConnectionHeld reports the heap a connection authenticated
+// by a token keeps in the hook between CONNECT and disconnect (its identity
+// and, from the CONNACK, its expiry timer): bytes/conn; the client itself,
+// which mochi holds anyway, is not counted.
+func BenchmarkTokenConnectionHeld(b *testing.B) {
+	h := hook(b, tokenAuth(""), nil)
+	sg := newSigner(b, keyA)
+	const n = 10000
+	toks := make([]string, n)
+	cls := make([]*mqtt.Client, n)
+	for i := range n {
+		toks[i] = deviceToken(b, sg, fmt.Sprintf("dev-%d", i))
+		cls[i] = &mqtt.Client{ID: fmt.Sprintf("dev-%d", i)}
+	}
+	b.ResetTimer()
+	var held float64
+	for range b.N {
+		before := heapAlloc()
+		for i, cl := range cls {
+			pk := packets.Packet{Connect: packets.ConnectParams{ClientIdentifier: cl.ID,
+				Username: []byte(cl.ID), UsernameFlag: true, Password: []byte(toks[i]), PasswordFlag: true}}
+			if h.OnConnect(cl, pk) != nil || !h.OnConnectAuthenticate(cl, pk) {
+				b.Fatal("refused")
+			}
+			h.OnSessionEstablished(cl, pk)
+		}
+		held += float64(heapAlloc()-before) / n
+		for _, cl := range cls {
+			h.OnDisconnect(cl, nil, true)
+		}
+	}
+	b.ReportMetric(held/float64(b.N), "bytes/conn")
+}
+
+func heapAlloc() uint64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapAlloc
 }
