@@ -66,8 +66,9 @@ type Options struct {
 	Registry *prometheus.Registry
 	// ServiceTokenTTL is the lifetime of the service token the push API
 	// signs for each of its broker connections; 0 means 24 hours. Brokers
-	// close a connection when its token expires (DISCONNECT 0xA0), and the
-	// push API connects again at once with a fresh token. Tests shorten it.
+	// close a connection when its token expires (DISCONNECT 0xA0): the push
+	// API replaces it a third of the lifetime (at most an hour) before,
+	// holding new publishes meanwhile. Tests shorten it.
 	ServiceTokenTTL time.Duration
 }
 
