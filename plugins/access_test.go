@@ -341,3 +341,30 @@ func heapAlloc() uint64 {
 	runtime.ReadMemStats(&m)
 	return m.HeapAlloc
 }
+
+// TestExpiryWithoutIdentity: a connection whose identity a newer connection
+// with the same client ID took (and which stays up if that one fails before
+// its CONNACK) is still closed when its token expires.
+func TestExpiryWithoutIdentity(t *testing.T) {
+	h := hook(t, tokenAuth(""), nil)
+	sg := newSigner(t, keyA)
+	short, _, err := sg.Issue("alice", time.Second, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, ok := connect(h, "alice", "alice", short)
+	if !ok {
+		t.Fatal("first connection refused")
+	}
+	if _, ok := connect(h, "alice", "alice", deviceToken(t, sg, "alice")); !ok {
+		t.Fatal("second connection refused")
+	}
+	h.OnSessionEstablished(first, packets.Packet{Connect: packets.ConnectParams{ClientIdentifier: "alice",
+		Username: []byte("alice"), UsernameFlag: true, Password: []byte(short), PasswordFlag: true}})
+	testutil.WaitFor(t, 3*wait, func() error {
+		if err := first.StopCause(); !errors.Is(err, packets.ErrMaxConnectTime) {
+			return fmt.Errorf("first connection: stop cause %v, want %v", err, packets.ErrMaxConnectTime)
+		}
+		return nil
+	})
+}

@@ -246,16 +246,31 @@ func (h *AuthHook) OnConnectAuthenticate(cl *mqtt.Client, _ packets.Packet) bool
 // connection is closed (MQTT 5: DISCONNECT 0xA0, maximum connect time), as
 // if it had been refused at CONNECT by then. A timer, not a goroutine, per
 // connection; OnDisconnect stops it.
-func (h *AuthHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
-	v, ok := h.ids.Load(cl)
-	if !ok {
+func (h *AuthHook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
+	var exp time.Time
+	if v, ok := h.ids.Load(cl); ok {
+		id := v.(*identity)
+		if !id.authenticated {
+			return
+		}
+		exp = id.expires
+	} else if h.signer != nil && len(pk.Connect.Password) > 0 {
+		// A newer connection with the same client ID took the identity
+		// (see remember) and may yet fail, leaving this one up: the token
+		// bounds it all the same.
+		c, err := h.signer.Verify(string(pk.Connect.Password), time.Now())
+		switch {
+		case err == nil && c.ClientID == cl.ID:
+			exp = c.Expires
+		case errors.Is(err, token.ErrTokenExpired) && !h.anonymous:
+			exp = time.Now()
+		default:
+			return // anonymous: an unusable token was ignored
+		}
+	} else {
 		return
 	}
-	id := v.(*identity)
-	if !id.authenticated || id.expires.IsZero() {
-		return
-	}
-	t := time.AfterFunc(time.Until(id.expires), func() { h.expire(cl) })
+	t := time.AfterFunc(time.Until(exp), func() { h.expire(cl) })
 	h.timers.Store(cl, t)
 }
 
@@ -264,9 +279,6 @@ func (h *AuthHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 // [MQTT-3.1.2-8] (it was allowed at CONNECT, by the same rules).
 func (h *AuthHook) expire(cl *mqtt.Client) {
 	h.timers.Delete(cl)
-	if cl.Closed() {
-		return
-	}
 	h.logRefusal(cl, "token expired: disconnecting", "expired token")
 	if cl.Properties.ProtocolVersion >= 5 {
 		// MQTT 3.1.1 has no DISCONNECT from the server: closing says it.
