@@ -26,7 +26,7 @@ var connectsRE = regexp.MustCompile(`(?m)^rtm_pushapi_broker_connects_total (\d+
 func TestServiceTokenRenewal(t *testing.T) {
 	t.Parallel()
 	const (
-		ttl        = 6 * time.Second // renewed 2 s before it expires
+		ttl        = 9 * time.Second // renewed 3 s before it expires
 		publishers = 3
 		pace       = 5 * time.Millisecond
 	)
