@@ -167,3 +167,27 @@ func TestClusterTokenExpiry(t *testing.T) {
 		t.Fatalf("watcher got %s %q, want the will", m.Topic, m.Payload)
 	}
 }
+
+// TestClusterDelayedWillCrossesNodes: a will with a delay, of a client
+// whose session ends when it disconnects (session expiry 0), reaches the
+// subscribers on the other node and is retained there, as an immediate
+// will is (mochi patch 46: it was published on its own node only).
+func TestClusterDelayedWillCrossesNodes(t *testing.T) {
+	nodes := startCluster(t, 2)
+	watcher, _ := dialV5(t, nodes[1], &paho.Connect{ClientID: "watcher", CleanStart: true})
+	subscribe(t, watcher, 0, paho.SubscribeOptions{Topic: "status/+", QoS: 1})
+	waitRoutes(t, nodes, nodes[1], 1)
+	delay := uint32(1)
+	dev, _ := dialV5(t, nodes[0], &paho.Connect{ClientID: "dev", CleanStart: true,
+		WillMessage:    &paho.WillMessage{Topic: "status/dev", QoS: 1, Retain: true, Payload: []byte("gone")},
+		WillProperties: &paho.WillProperties{WillDelayInterval: &delay}})
+	_ = dev.Conn.Close() // abrupt: no DISCONNECT
+	if m := watcher.Next(t, waitMsg); m.Topic != "status/dev" || string(m.Payload) != "gone" {
+		t.Fatalf("watcher got %s %q, want the will", m.Topic, m.Payload)
+	}
+	late, _ := dialV5(t, nodes[1], &paho.Connect{ClientID: "late", CleanStart: true})
+	subscribe(t, late, 0, paho.SubscribeOptions{Topic: "status/dev", QoS: 1})
+	if m := late.Next(t, waitMsg); string(m.Payload) != "gone" || !m.Retain {
+		t.Fatalf("late subscriber on the other node got %q retain=%v, want the retained will", m.Payload, m.Retain)
+	}
+}
