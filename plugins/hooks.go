@@ -56,7 +56,10 @@ const maxLoggedID = 128
 // client ID and the password must be an unexpired token for that client ID
 // (a service token for a service's own name). With auth.devices=anonymous
 // every client is accepted, and one presenting such a token gets its
-// identity (so the push API's service token works in `rtm dev`).
+// identity (so the push API's service token works in `rtm dev`). In both
+// modes a client ID must be one topic level (token.CheckClientID), a will
+// must be a topic the client may publish to, and a connection authenticated
+// by a token is closed when the token expires.
 //
 // Topic rights, first match wins: services may do anything; then the rules
 // of auth.acl; then the built-in namespace of SPEC section 3 for devices:
