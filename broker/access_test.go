@@ -152,7 +152,7 @@ func TestClusterTokenExpiry(t *testing.T) {
 	watcher, _ := dialV5(t, nodes[1], tokenConnect(t, s, "watcher", false, time.Hour))
 	subscribe(t, watcher, 0, paho.SubscribeOptions{Topic: "status/+", QoS: 1})
 	waitRoutes(t, nodes, nodes[1], 1)
-	cp := tokenConnect(t, s, "dev", false, 2*time.Second)
+	cp := tokenConnect(t, s, "dev", false, 3*time.Second) // expires 2 to 3 s from now
 	cp.WillMessage = &paho.WillMessage{Topic: "status/dev", QoS: 1, Payload: []byte("expired")}
 	dev, _ := dialV5(t, nodes[0], cp)
 	select {
