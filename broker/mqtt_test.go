@@ -193,7 +193,8 @@ func TestWill(t *testing.T) {
 	waitConnections(t, b, 1)
 
 	v5will := func(t *testing.T, topic string) *testutil.V5 {
-		c, _, err := testutil.DialV5(t, addr, &paho.Connect{ClientID: topic, CleanStart: true,
+		// A client ID is one topic level: brokers refuse '/' in it.
+		c, _, err := testutil.DialV5(t, addr, &paho.Connect{ClientID: strings.ReplaceAll(topic, "/", "-"), CleanStart: true,
 			WillMessage: &paho.WillMessage{Topic: topic, QoS: 1, Payload: []byte("gone " + topic)}})
 		if err != nil {
 			t.Fatal(err)
@@ -203,7 +204,7 @@ func TestWill(t *testing.T) {
 	// v3will returns a v3.1.1 client with a will and its TCP connection.
 	v3will := func(t *testing.T, topic string) (*testutil.V3, func() net.Conn) {
 		var conn net.Conn
-		c, _, _, err := dialV3(t, "tcp://"+addr, topic, func(o *mqtt3.ClientOptions) {
+		c, _, _, err := dialV3(t, "tcp://"+addr, strings.ReplaceAll(topic, "/", "-"), func(o *mqtt3.ClientOptions) {
 			o.SetWill(topic, "gone "+topic, 1, false)
 			o.SetCustomOpenConnectionFn(func(u *url.URL, _ mqtt3.ClientOptions) (net.Conn, error) {
 				var err error

@@ -282,7 +282,8 @@ func contains(s, sub string) bool {
 func TestHookProvides(t *testing.T) {
 	h := hook(t, config.Auth{Devices: "anonymous"}, nil)
 	for b := byte(0); b <= mqtt.StoredSysInfo; b++ {
-		want := b == mqtt.OnConnectAuthenticate || b == mqtt.OnACLCheck || b == mqtt.OnDisconnect
+		want := b == mqtt.OnConnect || b == mqtt.OnConnectAuthenticate || b == mqtt.OnSessionEstablished ||
+			b == mqtt.OnACLCheck || b == mqtt.OnDisconnect
 		if h.Provides(b) != want {
 			t.Errorf("Provides(%d) = %v, want %v", b, !want, want)
 		}

@@ -8,7 +8,8 @@
 //
 // Concurrency: mochi calls the hooks from every client's goroutine at once.
 // An AuthHook is configured before the server starts and read-only after,
-// except for its table of connected identities (a sync.Map). OnACLCheck runs
+// except for its tables of connected identities and of their expiry timers
+// (sync.Maps; a timer fires on a goroutine of its own). OnACLCheck runs
 // for every delivery of every message, so it allocates nothing and takes no
 // lock on that path.
 package plugins

@@ -72,8 +72,9 @@ func hook(t testing.TB, auth config.Auth, log *slog.Logger) mqtt.Hook {
 	return hs[0]
 }
 
-// connect runs h's CONNECT check for a client without a server, as mochi
-// does, and returns the client and the verdict. An empty password is sent
+// connect runs h's CONNECT checks (OnConnect, then OnConnectAuthenticate)
+// for a client without a server, as mochi does, and returns the client and
+// the verdict. An empty password is sent
 // without the password flag.
 func connect(h mqtt.Hook, clientID, username, password string) (*mqtt.Client, bool) {
 	cl := &mqtt.Client{ID: clientID}
@@ -86,6 +87,9 @@ func connect(h mqtt.Hook, clientID, username, password string) (*mqtt.Client, bo
 		Password:         []byte(password),
 		PasswordFlag:     password != "",
 	}}
+	if err := h.OnConnect(cl, pk); err != nil {
+		return cl, false
+	}
 	return cl, h.OnConnectAuthenticate(cl, pk)
 }
 

@@ -56,7 +56,10 @@ const maxLoggedID = 128
 // client ID and the password must be an unexpired token for that client ID
 // (a service token for a service's own name). With auth.devices=anonymous
 // every client is accepted, and one presenting such a token gets its
-// identity (so the push API's service token works in `rtm dev`).
+// identity (so the push API's service token works in `rtm dev`). In both
+// modes a client ID must be one topic level (token.CheckClientID), a will
+// must be a topic the client may publish to, and a connection authenticated
+// by a token is closed when the token expires.
 //
 // Topic rights, first match wins: services may do anything; then the rules
 // of auth.acl; then the built-in namespace of SPEC section 3 for devices:
@@ -87,6 +90,10 @@ type AuthHook struct {
 	// connection between OnConnectAuthenticate and the CONNACK without
 	// calling OnDisconnect.
 	byID sync.Map
+	// timers holds the expiry timer of each connection authenticated by a
+	// token (*mqtt.Client → *time.Timer), from its CONNACK until it
+	// disconnects.
+	timers sync.Map
 
 	limit logLimiter
 }
@@ -95,8 +102,9 @@ type AuthHook struct {
 type identity struct {
 	clientID      string
 	username      string
-	service       bool // rtm's own service: every right
-	authenticated bool // by a token; false: an anonymous device
+	service       bool      // rtm's own service: every right
+	authenticated bool      // by a token; false: an anonymous device
+	expires       time.Time // the token's expiry, when authenticated
 }
 
 func (h *AuthHook) configure(opts Options) error {
@@ -140,11 +148,11 @@ func (h *AuthHook) configure(opts Options) error {
 // ID returns the hook's ID, "rtm-auth".
 func (h *AuthHook) ID() string { return "rtm-auth" }
 
-// Provides reports the events the hook handles: OnConnectAuthenticate,
-// OnACLCheck and OnDisconnect.
+// Provides reports the events the hook handles: OnConnect,
+// OnConnectAuthenticate, OnSessionEstablished, OnACLCheck and OnDisconnect.
 func (h *AuthHook) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnDisconnect:
+	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnSessionEstablished, mqtt.OnACLCheck, mqtt.OnDisconnect:
 		return true
 	}
 	return false
@@ -167,29 +175,124 @@ func (h *AuthHook) Init(config any) error {
 	return mqtt.ErrInvalidConfigType
 }
 
-// OnConnectAuthenticate accepts or refuses a CONNECT; refused, mochi answers
-// CONNACK 0x86 (v5) or 4 (v3.1.1), bad username or password.
-func (h *AuthHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+// OnConnect checks a CONNECT: its client ID, its credentials and its will.
+// mochi calls it before OnConnectAuthenticate and, when it fails, sends no
+// CONNACK: refusals with a code of their own are answered here.
+//
+//   - A client ID that cannot be one topic level (token.CheckClientID: '/',
+//     '+', '#', a leading '$') is refused with CONNACK 0x85 (v3.1.1: 2,
+//     identifier rejected), in both auth modes: it would be a level of its
+//     inbox and of the %c of auth.acl.
+//   - Bad credentials leave no identity: OnConnectAuthenticate then refuses
+//     and mochi answers 0x86 (v3.1.1: 5).
+//   - A will the client could not publish as a PUBLISH is refused with 0x87
+//     (v3.1.1: 5, not authorized): mochi would send it without any ACL
+//     check, as the client's message, when the connection drops.
+func (h *AuthHook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
+	if err := token.CheckClientID(cl.ID); err != nil { // an empty one was replaced by an assigned ID
+		h.logRefusal(cl, "connection refused", err.Error())
+		return refuse(cl, packets.ErrClientIdentifierNotValid)
+	}
 	id := &identity{clientID: cl.ID, username: string(pk.Connect.Username)}
 	if h.anonymous {
 		if h.signer != nil && len(pk.Connect.Password) > 0 {
 			if c, why := h.verify(cl, pk); why == "" {
-				id.service, id.authenticated = c.Service, true
+				id.service, id.authenticated, id.expires = c.Service, true, c.Expires
 			} else {
 				h.logRefusal(cl, "token ignored, connecting as an anonymous device", why)
 			}
 		}
-		h.remember(cl, id)
-		return true
+	} else {
+		c, why := h.verify(cl, pk)
+		if why != "" {
+			h.logRefusal(cl, "connection refused", why)
+			return nil // OnConnectAuthenticate refuses: no identity
+		}
+		id.service, id.authenticated, id.expires = c.Service, true, c.Expires
 	}
-	c, why := h.verify(cl, pk)
-	if why != "" {
-		h.logRefusal(cl, "connection refused", why)
-		return false
+	if w := &cl.Properties.Will; w.Flag != 0 && !id.service {
+		if ok, why := h.check(id, w.TopicName, true); !ok {
+			h.logRefusal(cl, "connection refused: will topic not allowed", why)
+			return refuse(cl, packets.ErrNotAuthorized)
+		}
 	}
-	id.service, id.authenticated = c.Service, true
 	h.remember(cl, id)
-	return true
+	return nil
+}
+
+// refuse answers a CONNECT with code, mapped to its MQTT 3.1.1 return code
+// for an older client, and returns it for mochi to end the connection.
+func refuse(cl *mqtt.Client, code packets.Code) error {
+	ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connack}, ReasonCode: code.Code}
+	if cl.Properties.ProtocolVersion < 5 {
+		switch code {
+		case packets.ErrClientIdentifierNotValid:
+			ack.ReasonCode = packets.Err3ClientIdentifierNotValid.Code
+		default:
+			ack.ReasonCode = packets.Err3NotAuthorized.Code
+		}
+	} else {
+		ack.Properties.ReasonString = code.Reason
+	}
+	_ = cl.WritePacket(ack)
+	return code
+}
+
+// OnConnectAuthenticate accepts a CONNECT that OnConnect gave an identity;
+// refused, mochi answers CONNACK 0x86 (v5) or 5 (v3.1.1).
+func (h *AuthHook) OnConnectAuthenticate(cl *mqtt.Client, _ packets.Packet) bool {
+	_, ok := h.ids.Load(cl)
+	return ok
+}
+
+// OnSessionEstablished starts the expiry of a connection authenticated by a
+// token, now that its CONNACK is sent: when the token expires the
+// connection is closed (MQTT 5: DISCONNECT 0xA0, maximum connect time), as
+// if it had been refused at CONNECT by then. A timer, not a goroutine, per
+// connection; OnDisconnect stops it.
+func (h *AuthHook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
+	var exp time.Time
+	if v, ok := h.ids.Load(cl); ok {
+		id := v.(*identity)
+		if !id.authenticated {
+			return
+		}
+		exp = id.expires
+	} else if h.signer != nil && len(pk.Connect.Password) > 0 {
+		// A newer connection with the same client ID took the identity
+		// (see remember) and may yet fail, leaving this one up: the token
+		// bounds it all the same.
+		c, err := h.signer.Verify(string(pk.Connect.Password), time.Now())
+		switch {
+		case err == nil && c.ClientID == cl.ID:
+			exp = c.Expires
+		case errors.Is(err, token.ErrTokenExpired) && !h.anonymous:
+			exp = time.Now()
+		default:
+			return // anonymous: an unusable token was ignored
+		}
+	} else {
+		return
+	}
+	t := time.AfterFunc(time.Until(exp), func() { h.expire(cl) })
+	h.timers.Store(cl, t)
+}
+
+// expire disconnects cl, whose token has expired. The connection ends as
+// any the server closes: its will, if it has one, is published
+// [MQTT-3.1.2-8] (it was allowed at CONNECT, by the same rules).
+func (h *AuthHook) expire(cl *mqtt.Client) {
+	h.timers.Delete(cl)
+	h.logRefusal(cl, "token expired: disconnecting", "expired token")
+	if cl.Properties.ProtocolVersion >= 5 {
+		// MQTT 3.1.1 has no DISCONNECT from the server: closing says it.
+		_ = cl.WritePacket(packets.Packet{
+			FixedHeader: packets.FixedHeader{Type: packets.Disconnect},
+			ReasonCode:  packets.ErrMaxConnectTime.Code,
+			Properties:  packets.Properties{ReasonString: "token expired"},
+		})
+	}
+	cl.Stop(packets.ErrMaxConnectTime)
 }
 
 // verify checks the CONNECT's credentials against a token; why says what is
@@ -228,8 +331,11 @@ func (h *AuthHook) remember(cl *mqtt.Client, id *identity) {
 	}
 }
 
-// OnDisconnect forgets the connection's identity.
+// OnDisconnect forgets the connection's identity and stops its expiry.
 func (h *AuthHook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
+	if t, ok := h.timers.LoadAndDelete(cl); ok {
+		t.(*time.Timer).Stop()
+	}
 	h.ids.Delete(cl)
 	h.byID.CompareAndDelete(cl.ID, cl)
 }

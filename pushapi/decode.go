@@ -195,6 +195,11 @@ func deviceParam(c echo.Context) (string, error) {
 	if why := checkLevel(id, maxDeviceID); why != "" {
 		return "", apiErr(CodeInvalidDeviceID, "device ID %s", why)
 	}
+	// Brokers refuse such a client ID (see token.CheckClientID): a token,
+	// subscription or message for it would serve no device.
+	if id[0] == '$' {
+		return "", apiErr(CodeInvalidDeviceID, "device ID must not start with '$' (reserved for the broker's topics)")
+	}
 	return id, nil
 }
 

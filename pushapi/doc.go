@@ -18,6 +18,12 @@
 // once it was written to the connection; otherwise the request fails with
 // 503 within Config.PublishTimeout, and at once when the connection drops.
 //
+// Brokers close a connection when its token expires (0xA0). Each connection
+// gets a fresh service token, and the loop replaces the connection before
+// that token expires: new sends wait, the messages in flight are
+// acknowledged (amu counts them in mqttSession), then it disconnects
+// normally and connects again, so a renewal fails no request.
+//
 // The connection is managed by a small loop around paho.Client rather than
 // autopaho. autopaho v0.23.0 would let each (re)connection choose its broker
 // (AttemptConnection, ConnectPacketBuilder), but its ConnectionManager only
@@ -37,8 +43,8 @@
 // safe for concurrent use. Every goroutine it starts is owned by the
 // PushAPI and awaited by Shutdown.
 //
-// Locks: publisher.mu guards the connection fields only and is never held
-// while calling out. In mqttSession, mu (held for reading across paho's
-// AddToSession) comes before wmu; paho's own state lock is taken inside mu,
-// never the other way round.
+// Locks: publisher.mu guards the connection fields (and the renewal gate)
+// only and is never held while calling out. In mqttSession, mu (held for
+// reading across paho's AddToSession) comes before wmu and amu; paho's own
+// state lock is taken inside mu, never the other way round.
 package pushapi

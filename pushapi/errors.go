@@ -65,7 +65,7 @@ var ErrorCodes = []ErrorCode{
 	{CodeInvalidQoS, http.StatusUnprocessableEntity, "qos is not 0, 1 or 2."},
 	{CodeInvalidProperties, http.StatusUnprocessableEntity, "A message property is not valid (UTF-8 without NUL, message_expiry 1-4294967295, reserved user property)."},
 	{CodeInvalidChannel, http.StatusUnprocessableEntity, "The channel is not one topic level: empty, over 256 bytes, not UTF-8, or has NUL, / + or #."},
-	{CodeInvalidDeviceID, http.StatusUnprocessableEntity, "The device ID is empty, over 256 bytes, not UTF-8, has NUL, / + or #, or names a cluster member."},
+	{CodeInvalidDeviceID, http.StatusUnprocessableEntity, "The device ID is empty, over 256 bytes, not UTF-8, has NUL, / + or #, starts with $, or names a cluster member."},
 	{CodeInvalidTTL, http.StatusUnprocessableEntity, "ttl_seconds is not between 60 and auth.token_ttl."},
 	{CodeInvalidBatch, http.StatusUnprocessableEntity, "A batch holds no message or more than 1000."},
 	{CodeInternal, http.StatusInternalServerError, "A bug: the server logged it. Please report it."},

@@ -21,7 +21,7 @@ import (
 const (
 	connectTimeout  = 5 * time.Second // TCP dial, then CONNECT to CONNACK
 	keepAlive       = 30              // seconds; gossip detects a dead broker sooner
-	serviceTokenTTL = 24 * time.Hour  // a fresh service token is issued for every connection
+	serviceTokenTTL = 24 * time.Hour  // default; a fresh service token is issued for every connection
 	backoffMin      = 50 * time.Millisecond
 	backoffMax      = 2 * time.Second
 )
@@ -52,24 +52,28 @@ func (e *rejectError) Error() string {
 // publishes over it. See the package documentation for why it drives
 // paho.Client itself instead of using autopaho.
 type publisher struct {
-	name    string
-	timeout time.Duration // pushapi.publish_timeout
-	issuer  tokenIssuer
-	log     *slog.Logger
-	m       *metrics
-	sess    *mqttSession
-	members func() []cluster.Member
-	wake    chan struct{} // cap 1: gossip changed, retry a pick now
+	name     string
+	timeout  time.Duration // pushapi.publish_timeout
+	tokenTTL time.Duration // of the service token of each connection
+	issuer   tokenIssuer
+	log      *slog.Logger
+	m        *metrics
+	sess     *mqttSession
+	members  func() []cluster.Member
+	wake     chan struct{} // cap 1: gossip changed, retry a pick now
 
 	mu        sync.Mutex
-	cli       *paho.Client // nil while down
-	broker    string       // the broker of cli
-	conn      net.Conn     // cli's connection, closed when gossip says its broker failed
-	maxPacket uint32       // the broker's Maximum Packet Size; 0 means none
+	renewing  chan struct{} // non-nil while the connection is renewed: new sends wait, closed after
+	sending   int           // send calls using cli
+	sendsDone chan struct{} // closed when sending drops to 0; nil if nobody waits
+	cli       *paho.Client  // nil while down
+	broker    string        // the broker of cli
+	conn      net.Conn      // cli's connection, closed when gossip says its broker failed
+	maxPacket uint32        // the broker's Maximum Packet Size; 0 means none
 }
 
 func newPublisher(name string, timeout time.Duration, issuer tokenIssuer, log *slog.Logger, m *metrics) *publisher {
-	return &publisher{name: name, timeout: timeout, issuer: issuer, log: log.With("component", "publisher"), m: m,
+	return &publisher{name: name, timeout: timeout, tokenTTL: serviceTokenTTL, issuer: issuer, log: log.With("component", "publisher"), m: m,
 		sess: newMQTTSession(), wake: make(chan struct{}, 1)}
 }
 
@@ -86,6 +90,7 @@ func (p *publisher) connected() string {
 // run connects to a broker, waits for the connection to end, and connects
 // again, until ctx ends; then it disconnects.
 func (p *publisher) run(ctx context.Context) {
+	defer p.endRenewal()
 	attempt, avoid := 0, ""
 	bo := backoff.NewExponentialBackOff()
 	bo.InitialInterval, bo.MaxInterval, bo.RandomizationFactor = backoffMin, backoffMax, 0.2
@@ -106,14 +111,16 @@ func (p *publisher) run(ctx context.Context) {
 		}
 		m, ok := p.pick(avoid)
 		if !ok {
+			p.endRenewal()
 			if attempt == 0 {
 				p.log.Warn("no broker to connect to yet: publishes fail with 503 until one is alive in the gossip view")
 			}
 			attempt++
 			continue
 		}
-		cli, ca, conn, err := p.connect(ctx, m)
+		cli, ca, exp, conn, err := p.connect(ctx, m)
 		if err != nil {
+			p.endRenewal()
 			if ctx.Err() != nil {
 				return
 			}
@@ -132,10 +139,13 @@ func (p *publisher) run(ctx context.Context) {
 		p.mu.Lock()
 		p.cli, p.broker, p.conn, p.maxPacket = cli, m.Name, conn, maxPacket
 		p.mu.Unlock()
+		p.endRenewal()
 		p.m.brokerUp.Set(1)
 		p.m.connects.Inc()
 		p.log.Info("connected to broker", "broker", m.Name, "mqtt", m.Tags.MQTT, "max_packet_size", maxPacket)
 
+		renew := time.NewTimer(renewIn(exp, p.tokenTTL))
+		renewed := false
 		select {
 		case <-cli.Done():
 		case <-ctx.Done():
@@ -144,7 +154,11 @@ func (p *publisher) run(ctx context.Context) {
 			// normal disconnect.
 			_ = cli.Disconnect(&paho.Disconnect{ReasonCode: 0})
 			<-cli.Done()
+		case <-renew.C:
+			p.renew(cli, exp)
+			renewed = true
 		}
+		renew.Stop()
 		p.mu.Lock()
 		p.cli, p.broker, p.conn, p.maxPacket = nil, "", nil, 0
 		p.mu.Unlock()
@@ -153,8 +167,73 @@ func (p *publisher) run(ctx context.Context) {
 			p.log.Info("disconnected from broker", "broker", m.Name)
 			return
 		}
+		if renewed {
+			p.log.Info("service token renewed: connecting again", "broker", m.Name, "token_expiry", exp)
+			avoid = ""
+			continue
+		}
 		p.log.Warn("broker connection lost, picking a broker again", "broker", m.Name)
 	}
+}
+
+// renewIn returns when to replace a connection whose service token, of
+// lifetime ttl, expires at exp: a third of ttl (at most an hour) before, so
+// the broker never has to close it (0xA0).
+func renewIn(exp time.Time, ttl time.Duration) time.Duration {
+	return max(time.Until(exp)-min(ttl/3, time.Hour), 0)
+}
+
+// renew ends cli, whose service token expires at exp, without failing a
+// request: new sends wait (see send) until the next connection is up or
+// failed, and cli is closed once every send on it has returned and every
+// QoS 1/2 message on it is acknowledged, or when the wait reaches the
+// publish timeout or exp (then those requests fail as for a lost
+// connection).
+func (p *publisher) renew(cli *paho.Client, exp time.Time) {
+	p.mu.Lock()
+	p.renewing = make(chan struct{})
+	sends := make(chan struct{})
+	if p.sending == 0 {
+		close(sends)
+	} else {
+		p.sendsDone = sends
+	}
+	p.mu.Unlock()
+	limit := time.NewTimer(min(p.timeout, time.Until(exp)))
+	defer limit.Stop()
+	select {
+	case <-sends:
+		select {
+		case <-p.sess.drained():
+		case <-limit.C:
+		case <-cli.Done():
+		}
+	case <-limit.C:
+	case <-cli.Done():
+	}
+	_ = cli.Disconnect(&paho.Disconnect{ReasonCode: 0})
+	<-cli.Done()
+}
+
+// endRenewal lets the sends held by renew go on.
+func (p *publisher) endRenewal() {
+	p.mu.Lock()
+	if p.renewing != nil {
+		close(p.renewing)
+		p.renewing = nil
+	}
+	p.mu.Unlock()
+}
+
+// sendDone ends a send counted in p.sending.
+func (p *publisher) sendDone() {
+	p.mu.Lock()
+	p.sending--
+	if p.sending == 0 && p.sendsDone != nil {
+		close(p.sendsDone)
+		p.sendsDone = nil
+	}
+	p.mu.Unlock()
 }
 
 // pick returns the least-loaded alive broker, other than avoid unless it is
@@ -176,17 +255,20 @@ func (p *publisher) pick(avoid string) (cluster.Member, bool) {
 // connect dials m and completes the MQTT handshake: clean start, session
 // expiry 0, client ID and username the push API's name, password a fresh
 // service token.
-func (p *publisher) connect(ctx context.Context, m cluster.Member) (*paho.Client, *paho.Connack, net.Conn, error) {
-	token, _, err := p.issuer.issueService(p.name, serviceTokenTTL, time.Now())
+func (p *publisher) connect(ctx context.Context, m cluster.Member) (*paho.Client, *paho.Connack, time.Time, net.Conn, error) {
+	// The broker closes the connection when this token expires (0xA0,
+	// maximum connect time); run renews the connection before (renew), or
+	// connects again after.
+	token, exp, err := p.issuer.issueService(p.name, p.tokenTTL, time.Now())
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("service token: %w", err)
+		return nil, nil, exp, nil, fmt.Errorf("service token: %w", err)
 	}
 	ctx, cancel := context.WithTimeout(ctx, connectTimeout)
 	defer cancel()
 	var d net.Dialer
 	raw, err := d.DialContext(ctx, "tcp", m.Tags.MQTT)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, exp, nil, err
 	}
 	log := p.log.With("broker", m.Name)
 	conn := &boundedConn{Conn: raw, timeout: max(p.timeout, time.Second)}
@@ -213,11 +295,11 @@ func (p *publisher) connect(ctx context.Context, m cluster.Member) (*paho.Client
 	if err != nil {
 		_ = raw.Close()
 		if ca != nil {
-			return nil, nil, nil, fmt.Errorf("CONNACK reason 0x%02X: %w", ca.ReasonCode, err)
+			return nil, nil, exp, nil, fmt.Errorf("CONNACK reason 0x%02X: %w", ca.ReasonCode, err)
 		}
-		return nil, nil, nil, err
+		return nil, nil, exp, nil, err
 	}
-	return cli, ca, raw, nil
+	return cli, ca, exp, raw, nil
 }
 
 // boundedConn bounds every write to the broker and closes the connection
@@ -299,10 +381,26 @@ func (p *publisher) send(ctx context.Context, m *message) (s sent, err error) {
 			p.m.publishes.WithLabelValues(sendResult(err)).Inc()
 		}
 	}()
-	p.mu.Lock()
-	cli, maxPacket := p.cli, p.maxPacket
-	p.mu.Unlock()
 	s = sent{start: time.Now(), qos: m.pub.QoS}
+	p.mu.Lock()
+	for p.renewing != nil {
+		// The connection is being renewed (a fresh service token): wait
+		// for the next one rather than fail.
+		ch := p.renewing
+		p.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return s, ctx.Err()
+		}
+		p.mu.Lock()
+	}
+	cli, maxPacket := p.cli, p.maxPacket
+	if cli != nil {
+		p.sending++
+		defer p.sendDone()
+	}
+	p.mu.Unlock()
 	if cli == nil {
 		return s, errNoBroker
 	}

@@ -64,6 +64,12 @@ type Options struct {
 	// Registry receives the push API's metrics and is served on /metrics;
 	// nil means a new registry with the Go and process collectors.
 	Registry *prometheus.Registry
+	// ServiceTokenTTL is the lifetime of the service token the push API
+	// signs for each of its broker connections; 0 means 24 hours. Brokers
+	// close a connection when its token expires (DISCONNECT 0xA0): the push
+	// API replaces it a third of the lifetime (at most an hour) before,
+	// holding new publishes meanwhile. Tests shorten it.
+	ServiceTokenTTL time.Duration
 }
 
 // PushAPI is the push API role.
@@ -153,6 +159,9 @@ func New(opts Options) (*PushAPI, error) {
 		p.keys = append(p.keys, sha256.Sum256([]byte(k)))
 	}
 	p.pub = newPublisher(cfg.Name, cfg.PublishTimeout, issuer, log, m)
+	if opts.ServiceTokenTTL > 0 {
+		p.pub.tokenTTL = opts.ServiceTokenTTL
+	}
 	p.e = p.routes()
 	return p, nil
 }

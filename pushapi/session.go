@@ -35,6 +35,14 @@ type mqttSession struct {
 	conn    *connGen             // the connection up now; nil while down
 	waiting map[string]*inflight // messages about to be added, by message id
 	wmu     sync.Mutex           // guards waiting
+
+	// unacked counts the QoS 1/2 messages of the connection not finally
+	// acknowledged yet, so a renewal of the connection can wait until none
+	// is (see drained). A PUBACK for an unknown packet ID can make it low:
+	// a renewal then loses what any lost connection loses.
+	amu     sync.Mutex
+	unacked int
+	idle    chan struct{} // closed when unacked drops to 0; nil if nobody waits
 }
 
 // connGen is one MQTT connection, as the session sees it.
@@ -75,6 +83,7 @@ func (s *mqttSession) forget(id string) {
 
 // ConAckReceived starts a new connection generation.
 func (s *mqttSession) ConAckReceived(w io.Writer, cp *packets.Connect, ca *packets.Connack) error {
+	s.resetUnacked()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.conn != nil {
@@ -93,6 +102,7 @@ func (s *mqttSession) ConnectionLost(dp *packets.Disconnect) error {
 	// First the inner state: it cancels AddToSession calls blocked for a
 	// send quota slot, which hold mu for reading.
 	err := s.State.ConnectionLost(dp)
+	s.resetUnacked()
 	s.mu.Lock()
 	if s.conn != nil {
 		s.conn.lost()
@@ -131,7 +141,62 @@ func (s *mqttSession) AddToSession(ctx context.Context, p session.Packet, resp c
 	if f != nil {
 		f.conn = gen
 	}
+	if pub, ok := p.(*packets.Publish); ok && pub.QoS > 0 {
+		s.amu.Lock()
+		s.unacked++
+		s.amu.Unlock()
+	}
 	return nil
+}
+
+// PacketReceived counts the final acknowledgements of QoS 1/2 messages.
+func (s *mqttSession) PacketReceived(recv *packets.ControlPacket, pubChan chan<- *packets.Publish) error {
+	err := s.State.PacketReceived(recv, pubChan)
+	final := false
+	switch c := recv.Content.(type) {
+	case *packets.Puback, *packets.Pubcomp:
+		final = true
+	case *packets.Pubrec:
+		final = c.ReasonCode >= 0x80
+	}
+	if final {
+		s.amu.Lock()
+		if s.unacked > 0 {
+			s.unacked--
+		}
+		if s.unacked == 0 && s.idle != nil {
+			close(s.idle)
+			s.idle = nil
+		}
+		s.amu.Unlock()
+	}
+	return err
+}
+
+// drained returns a channel closed once no QoS 1/2 message of the
+// connection awaits its acknowledgement (or the connection is gone).
+func (s *mqttSession) drained() <-chan struct{} {
+	s.amu.Lock()
+	defer s.amu.Unlock()
+	if s.unacked == 0 {
+		ch := make(chan struct{})
+		close(ch)
+		return ch
+	}
+	if s.idle == nil {
+		s.idle = make(chan struct{})
+	}
+	return s.idle
+}
+
+func (s *mqttSession) resetUnacked() {
+	s.amu.Lock()
+	s.unacked = 0
+	if s.idle != nil {
+		close(s.idle)
+		s.idle = nil
+	}
+	s.amu.Unlock()
 }
 
 var _ session.SessionManager = (*mqttSession)(nil)

@@ -124,7 +124,8 @@ func (r *Router) route(w http.ResponseWriter, req *http.Request) int {
 	return http.StatusOK
 }
 
-// checkClientID returns why id is not an MQTT client identifier, or "".
+// checkClientID returns why id is not a client identifier a broker accepts,
+// or "".
 func checkClientID(id string) string {
 	switch {
 	case id == "" || len(id) > maxClientID:
@@ -133,6 +134,10 @@ func checkClientID(id string) string {
 		return "client_id must be valid UTF-8"
 	case strings.IndexByte(id, 0) >= 0:
 		return "client_id must not contain NUL (U+0000)"
+	case strings.ContainsAny(id, "/+#") || id[0] == '$':
+		// Brokers refuse it (CONNACK 0x85): it is a topic level of the
+		// device's inbox (token.CheckClientID).
+		return "client_id must be one topic level: no '/', '+' or '#', and not starting with '$'"
 	}
 	return ""
 }

@@ -485,11 +485,16 @@ func TestErrors(t *testing.T) {
 		{"NUL", "a\x00b"},
 		{"invalid UTF-8", "a\xffb"},
 		{"65536 bytes", strings.Repeat("x", 65536)},
+		// Brokers refuse these (0x85): a client ID is a topic level.
+		{"slash", "a/b"},
+		{"plus", "a+"},
+		{"hash", "#"},
+		{"dollar first", "$SYS"},
 	} {
 		r.routeError("client_id="+url.QueryEscape(c.id), http.StatusBadRequest, router.CodeBadClientID)
 	}
 	r.routeError("client_id=%zz", http.StatusBadRequest, router.CodeBadRequest)
-	for _, id := range []string{"dev-1", "日本", strings.Repeat("x", 65535)} {
+	for _, id := range []string{"dev-1", "日本", "a$b", strings.Repeat("x", 65535)} {
 		var rt router.Route
 		if code := r.get("/v1/route?client_id="+url.QueryEscape(id), &rt); code != http.StatusOK || rt.Node != "b0" {
 			t.Errorf("client_id %.20q: %d %+v, want b0", id, code, rt)

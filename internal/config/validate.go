@@ -151,6 +151,9 @@ func (p PushAPI) check(v *validator) {
 	v.addr("pushapi.addr", p.Addr, false)
 	if strings.ContainsAny(p.Name, " /#+\t\n") {
 		v.bad("pushapi.name", p.Name, "must not contain spaces, '/', '#' or '+'")
+	} else if strings.HasPrefix(p.Name, "$") {
+		// It is the push API's MQTT client ID: brokers refuse '$' IDs.
+		v.bad("pushapi.name", p.Name, "must not start with '$'")
 	}
 	for _, k := range p.Keys() {
 		if len(k) < 16 {

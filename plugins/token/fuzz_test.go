@@ -22,7 +22,12 @@ func FuzzVerify(f *testing.F) {
 	f.Add(svc)
 	f.Add(old)
 	f.Add(other)
-	f.Add(issue(f, s, "日本/+/#", time.Minute, t0))
+	f.Add(issue(f, s, "日本", time.Minute, t0))
+	// Signed with the right key for client IDs Verify refuses.
+	for _, id := range []string{"日本/+/#", "a/b", "+", "#", "$SYS", ""} {
+		f.Add(forge(f, map[string]any{"alg": "HS256", "kid": token.KeyID(keyA)},
+			map[string]any{"sub": id, "iat": t0.Unix(), "exp": t0.Add(time.Hour).Unix()}, keyA))
+	}
 	f.Add(good[:len(good)-1])
 	f.Add(strings.Replace(good, ".", "..", 1))
 	f.Add(good + ".")
@@ -38,7 +43,7 @@ func FuzzVerify(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if c.ClientID == "" || !utf8.ValidString(c.ClientID) || !t0.Before(c.Expires) {
+		if token.CheckClientID(c.ClientID) != nil || !utf8.ValidString(c.ClientID) || !t0.Before(c.Expires) {
 			t.Fatalf("accepted %q with claims %+v", tok, c)
 		}
 		if c.KeyID != token.KeyID(keyA) && c.KeyID != token.KeyID(keyB) {

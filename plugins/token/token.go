@@ -50,9 +50,8 @@ var ErrTokenInvalid = errors.New("invalid token")
 var ErrTokenUnknownKey = errors.New("token signed by an unknown key")
 
 // ErrInvalidClientID reports a client ID (or service name) that cannot be put
-// in a token: empty, longer than 65535 bytes, not UTF-8, containing U+0000
-// (MQTT forbids it), or so long that the token would not fit in an MQTT
-// password.
+// in a token: one CheckClientID refuses, or so long that the token would not
+// fit in an MQTT password.
 var ErrInvalidClientID = errors.New("invalid client ID")
 
 // Claims are what a token says.
@@ -135,7 +134,7 @@ func (s *Signer) IssueService(name string, ttl time.Duration, now time.Time) (st
 }
 
 func (s *Signer) issue(id string, service bool, ttl time.Duration, now time.Time) (string, Claims, error) {
-	if err := checkClientID(id); err != nil {
+	if err := CheckClientID(id); err != nil {
 		return "", Claims{}, err
 	}
 	if ttl < time.Second {
@@ -164,7 +163,16 @@ func (s *Signer) issue(id string, service bool, ttl time.Duration, now time.Time
 	return signed, Claims{ClientID: id, Service: service, Expires: exp, IssuedAt: iat, KeyID: s.signKID}, nil
 }
 
-func checkClientID(id string) error {
+// CheckClientID returns an error wrapping ErrInvalidClientID if id cannot be
+// a device's client ID (or a service's name) in rtm: empty, longer than 65535
+// bytes, not UTF-8, containing U+0000 (MQTT forbids these), or not usable as
+// one topic level. A client ID becomes a level of devices/{id}/inbox and of
+// the %c of auth.acl rules: with a '/' it would be several levels ("a/b" has
+// the inbox devices/a/b/inbox, which the ACL cannot tell from a topic that
+// is no inbox), with '+' or '#' a wildcard, and starting with '$' a reserved
+// topic where %c is the first level of a rule ("allow sub %c/#" would give
+// device "$SYS" the broker's $SYS topics).
+func CheckClientID(id string) error {
 	switch {
 	case id == "":
 		return fmt.Errorf("%w: empty", ErrInvalidClientID)
@@ -174,6 +182,10 @@ func checkClientID(id string) error {
 		return fmt.Errorf("%w: not UTF-8", ErrInvalidClientID)
 	case strings.IndexByte(id, 0) >= 0:
 		return fmt.Errorf("%w: contains U+0000", ErrInvalidClientID)
+	case strings.ContainsAny(id, "/+#"):
+		return fmt.Errorf("%w: contains '/', '+' or '#' (it must be one topic level)", ErrInvalidClientID)
+	case id[0] == '$':
+		return fmt.Errorf("%w: starts with '$' (reserved for the broker's topics)", ErrInvalidClientID)
 	}
 	return nil
 }
@@ -208,7 +220,9 @@ func (s *Signer) Verify(token string, now time.Time) (Claims, error) {
 
 	// The signature is good: the claims are ours, but check them all the same.
 	c := Claims{ClientID: jc.Subject, Service: jc.Service, KeyID: kid}
-	if err := checkClientID(c.ClientID); err != nil {
+	// Tokens issued before CheckClientID refused topic characters are
+	// refused here.
+	if err := CheckClientID(c.ClientID); err != nil {
 		return Claims{}, fmt.Errorf("%w: sub: %w", ErrTokenInvalid, err)
 	}
 	if jc.ExpiresAt == nil {

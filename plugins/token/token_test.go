@@ -90,16 +90,33 @@ func TestRoundTrip(t *testing.T) {
 
 func TestClientIDs(t *testing.T) {
 	s := signer(t, keyA)
-	for _, id := range []string{"a", "device-ÄÖ-日本", "with/slash", strings.Repeat("x", 40000)} {
+	for _, id := range []string{"a", "device-ÄÖ-日本", "a$b", "with space", strings.Repeat("x", 40000)} {
 		tok := issue(t, s, id, time.Hour, t0)
 		c, err := s.Verify(tok, t0)
 		if err != nil || c.ClientID != id {
 			t.Fatalf("round trip of a %d-byte ID: %v, %q", len(id), err, c.ClientID)
 		}
 	}
-	for _, id := range []string{"", "a\x00b", "\xff\xfe", strings.Repeat("x", 65536), strings.Repeat("x", 65535)} {
+	bad := []string{"", "a\x00b", "\xff\xfe", strings.Repeat("x", 65536), strings.Repeat("x", 65535),
+		"a/b", "/", "a/", "/a", "a//b", "+", "a+", "#", "a#b", "$SYS", "$x"}
+	for _, id := range bad {
 		if _, _, err := s.Issue(id, time.Hour, t0); !errors.Is(err, token.ErrInvalidClientID) {
 			t.Errorf("Issue(%d-byte ID %.10q) = %v, want ErrInvalidClientID", len(id), id, err)
+		}
+		if _, _, err := s.IssueService(id, time.Hour, t0); !errors.Is(err, token.ErrInvalidClientID) {
+			t.Errorf("IssueService(%d-byte ID %.10q) = %v, want ErrInvalidClientID", len(id), id, err)
+		}
+		if err := token.CheckClientID(id); len(id) != 65535 && !errors.Is(err, token.ErrInvalidClientID) { // 65535 bytes: only the token is too long
+			t.Errorf("CheckClientID(%d-byte ID %.10q) = %v, want ErrInvalidClientID", len(id), id, err)
+		}
+	}
+	// A token for such an ID, signed with the right key (as the push API did
+	// before it refused them), is refused as well.
+	kid := token.KeyID(keyA)
+	for _, id := range []string{"a/b", "devices/+", "#", "$SYS"} {
+		tok := forge(t, map[string]any{"alg": "HS256", "kid": kid}, map[string]any{"sub": id, "iat": t0.Unix(), "exp": t0.Add(time.Hour).Unix()}, keyA)
+		if c, err := s.Verify(tok, t0); !errors.Is(err, token.ErrTokenInvalid) || !errors.Is(err, token.ErrInvalidClientID) {
+			t.Errorf("Verify(token for %q) = %+v, %v; want ErrTokenInvalid wrapping ErrInvalidClientID", id, c, err)
 		}
 	}
 	if _, _, err := s.Issue("a", 0, t0); err == nil {

@@ -2051,13 +2051,23 @@ func (s *Server) sendDelayedLWT(dt int64) {
 	for _, w := range due {
 		id, pk := w.id, w.pk
 		s.publishToSubscribers(pk) // [MQTT-3.1.2-8]
-		if cl, ok := s.Clients.Get(id); ok {
-			if pk.FixedHeader.Retain {
-				s.retainMessage(cl, pk)
-			}
-			cl.Properties.Will = Will{} // [MQTT-3.1.2-10]
-			s.hooks.OnWillSent(cl, pk)
+		// rtm patch 46: a delayed will whose client is gone (its session
+		// ended before the delay passed, e.g. session expiry 0) is retained
+		// and reported to OnWillSent like any other will, with a stand-in
+		// client carrying its ID; v2.7.9 only published it locally, so it
+		// was never retained, and a hook that forwards wills (rtm's
+		// cluster) never saw it. No upstream issue found.
+		cl, ok := s.Clients.Get(id)
+		if !ok {
+			cl = &Client{ID: id}
 		}
+		if pk.FixedHeader.Retain {
+			s.retainMessage(cl, pk)
+		}
+		if ok {
+			cl.Properties.Will = Will{} // [MQTT-3.1.2-10]
+		}
+		s.hooks.OnWillSent(cl, pk)
 		s.loop.willDelayed.Delete(id)
 	}
 }
