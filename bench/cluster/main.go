@@ -148,6 +148,7 @@ func run(ctx context.Context, cfg config) (err error) {
 	}
 	nodeEnv := []string{
 		"RTM_AUTH_DEVICES=anonymous", // the clients have no tokens; ACLs still apply
+		"RTM_BROKER_ADMIN_KEYS=" + adminKey,
 		"RTM_BROKER_MAX_QUEUED=" + strconv.Itoa(cfg.maxQueued),
 		"RTM_BROKER_MAX_INFLIGHT=" + strconv.Itoa(cfg.maxInflight),
 	}

@@ -125,12 +125,16 @@ type proc struct {
 	done   chan error
 }
 
+// testAdminKey is broker.admin_keys of the brokers started by start.
+const testAdminKey = "test-admin-key-0123456789"
+
 func start(t *testing.T, env []string, args ...string) *proc {
 	t.Helper()
 	p := &proc{cmd: exec.Command(rtmBin, args...), stdout: newLineBuffer(), stderr: newLineBuffer(), done: make(chan error, 1)}
 	// Devices connect without credentials unless a test says otherwise
-	// (later entries win; a bare "KEY" unsets KEY).
-	p.cmd.Env = append(os.Environ(), "RTM_AUTH_DEVICES=anonymous")
+	// (later entries win; a bare "KEY" unsets KEY); the admin endpoints
+	// take testAdminKey.
+	p.cmd.Env = append(os.Environ(), "RTM_AUTH_DEVICES=anonymous", "RTM_BROKER_ADMIN_KEYS="+testAdminKey)
 	for _, kv := range env {
 		if !strings.Contains(kv, "=") {
 			p.cmd.Env = slices.DeleteFunc(p.cmd.Env, func(e string) bool { return strings.HasPrefix(e, kv+"=") })

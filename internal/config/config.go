@@ -85,7 +85,8 @@ type Broker struct {
 	WSSAddr       string `koanf:"wss_addr" doc:"MQTT over secure WebSocket listen address, path /mqtt; used only when tls_cert and tls_key are set."`
 	TLSCert       string `koanf:"tls_cert" doc:"PEM certificate file (chain) for the TLS and WSS listeners."`
 	TLSKey        string `koanf:"tls_key" secret:"path" doc:"PEM private key file for the TLS and WSS listeners."`
-	AdminAddr     string `koanf:"admin_addr" doc:"Admin HTTP listen address: /healthz, /readyz, /metrics, /v1/stats."`
+	AdminAddr     string `koanf:"admin_addr" doc:"Admin HTTP listen address: /healthz, /readyz and /metrics (open), /v1/... (need an admin key)."`
+	AdminKeys     string `koanf:"admin_keys" secret:"value" doc:"Comma-separated keys of at least 16 characters accepted on the admin /v1 endpoints as 'Authorization: Bearer <key>' (drain, server-side subscriptions, kicks, stats, cluster view); the push API and rtm node send the first. Required with auth.devices=token; without one the /v1 endpoints answer 403. rtm dev and rtm cluster up generate one."`
 	Capacity      int    `koanf:"capacity" doc:"Maximum concurrent client connections of this node; CONNECTs beyond it are refused (v5 0x97, v3 code 3)."`
 	MaxPacketSize int    `koanf:"max_packet_size" doc:"Largest MQTT packet accepted, in bytes; larger packets close the connection (v5 0x95)."`
 	MaxInflight   int    `koanf:"max_inflight" doc:"Receive Maximum: QoS 1/2 messages a client may have unacknowledged in each direction (1-65535)."`
@@ -106,6 +107,9 @@ type Broker struct {
 	EvacuateRate        int           `koanf:"evacuate_rate" doc:"Clients per second a draining node disconnects when asked to evacuate (rtm node drain --evacuate); MQTT 5 clients get 0x9C with a Server Reference."`
 	ShutdownTimeout     time.Duration `koanf:"shutdown_timeout" doc:"Bound on a graceful shutdown; past it the process exits anyway."`
 }
+
+// AdminKeyList returns the keys of broker.admin_keys, the one to send first.
+func (b Broker) AdminKeyList() []string { return splitList(b.AdminKeys) }
 
 // Cluster configures membership (Serf gossip) and the node link between
 // brokers.

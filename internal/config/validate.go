@@ -176,6 +176,12 @@ func (b Broker) check(v *validator) {
 	v.addr("broker.tls_addr", b.TLSAddr, true)
 	v.addr("broker.wss_addr", b.WSSAddr, true)
 	v.addr("broker.admin_addr", b.AdminAddr, false)
+	for _, k := range b.AdminKeyList() {
+		if len(k) < 16 {
+			v.bad("broker.admin_keys", "xxxxx", "every key needs at least 16 characters")
+			break
+		}
+	}
 	if (b.TLSCert == "") != (b.TLSKey == "") {
 		v.bad("broker.tls_cert", b.TLSCert, "tls_cert and tls_key must be set together")
 	}
@@ -210,6 +216,17 @@ func (b Broker) check(v *validator) {
 	if b.ShutdownTimeout <= 0 {
 		v.bad("broker.shutdown_timeout", b.ShutdownTimeout.String(), "must be positive")
 	}
+}
+
+// RequireAdminKeys reports a broker whose admin endpoints nobody could use
+// although it runs in production mode (auth.devices=token): drain and the
+// push API's server-side subscriptions and kicks need an admin key.
+func (b Broker) RequireAdminKeys(a Auth) error {
+	if a.Devices == "token" && len(b.AdminKeyList()) == 0 {
+		return &FieldError{Key: "broker.admin_keys", Value: "",
+			Why: "required with auth.devices=token: the admin /v1 endpoints (drain, server-side subscriptions, kicks) accept only a key of it (or set auth.devices=anonymous)"}
+	}
+	return nil
 }
 
 // validator collects FieldErrors.
