@@ -109,7 +109,9 @@ func (f *clusterFixture) run(n *clusterNode) {
 }
 
 // clusterStats reads a broker's /v1/cluster with testAdminKey.
-func clusterStats(admin string) (*broker.ClusterStats, error) { return clusterStatsKey(admin, testAdminKey) }
+func clusterStats(admin string) (*broker.ClusterStats, error) {
+	return clusterStatsKey(admin, testAdminKey)
+}
 
 // clusterStatsKey reads a broker's /v1/cluster with the admin key key.
 func clusterStatsKey(admin, key string) (*broker.ClusterStats, error) {

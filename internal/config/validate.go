@@ -71,6 +71,12 @@ func (c Cluster) check(v *validator) {
 	}
 	v.addr("cluster.link_addr", c.LinkAddr, false)
 	v.addr("cluster.link_advertise_addr", c.LinkAdvertise, true)
+	if c.LinkTLS != "" { // "": a Cluster built in code, auto
+		v.oneOf("cluster.link_tls", c.LinkTLS, "auto", "off")
+	}
+	if set := btoi(c.LinkTLSCert != "") + btoi(c.LinkTLSKey != "") + btoi(c.LinkTLSCA != ""); set != 0 && set != 3 {
+		v.bad("cluster.link_tls_cert", c.LinkTLSCert, "link_tls_cert, link_tls_key and link_tls_ca must be set together")
+	}
 	if strings.ContainsAny(c.AdvertiseHost, " :/") && net.ParseIP(c.AdvertiseHost) == nil {
 		v.bad("cluster.advertise_host", c.AdvertiseHost, "want a host name or IP address, without a port")
 	}
@@ -90,6 +96,13 @@ func (c Cluster) check(v *validator) {
 	if c.ClaimTimeout <= 0 {
 		v.bad("cluster.claim_timeout", c.ClaimTimeout.String(), "must be positive")
 	}
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // Seeds returns the gossip addresses of cluster.join.
