@@ -144,7 +144,10 @@ func (c *clusterNode) start(ctx context.Context) error {
 		return fmt.Errorf("broker: node link: %w", err)
 	}
 	c.links = srv
-	if c.cfg.Secret == "" {
+	switch {
+	case c.cfg.Secret == "" && c.tls != nil:
+		c.log.Warn("cluster.secret is not set: gossip is not encrypted or authenticated; any process that reaches the gossip port can join (node links are authenticated by their certificates)")
+	case c.cfg.Secret == "":
 		c.log.Warn("cluster.secret is not set: gossip is not encrypted and node links are not authenticated; any process that reaches the gossip and link ports can join")
 	}
 	if c.tls == nil {

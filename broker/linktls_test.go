@@ -2,10 +2,16 @@ package broker_test
 
 import (
 	"bytes"
+	"context"
+	"log/slog"
+	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/rtm-dev/rtm/broker"
 	"github.com/rtm-dev/rtm/internal/config"
+	"github.com/rtm-dev/rtm/internal/testcluster"
 	"github.com/rtm-dev/rtm/internal/testutil"
 )
 
@@ -72,5 +78,32 @@ func TestLinkTLSAcrossNodes(t *testing.T) {
 				t.Errorf("n0's link to n1 does not start with a TLS handshake record: % x", got[:8])
 			}
 		})
+	}
+}
+
+// TestLinkTLSBadFilesFailStart: link certificate files that do not load
+// stop the broker at start, naming the keys.
+func TestLinkTLSBadFilesFailStart(t *testing.T) {
+	cfg := config.Defaults().Broker
+	cfg.NodeName, cfg.MQTTAddr, cfg.WSAddr, cfg.AdminAddr = "badtls", "127.0.0.1:0", "", "127.0.0.1:0"
+	cfg.TLSAddr, cfg.WSSAddr = "", ""
+	cc := config.Defaults().Cluster
+	cc.GossipAddr, cc.LinkAddr, cc.Secret = "127.0.0.1:0", "127.0.0.1:0", testcluster.Secret
+	missing := filepath.Join(t.TempDir(), "missing.pem")
+	cc.LinkTLSCert, cc.LinkTLSKey, cc.LinkTLSCA = missing, missing, missing
+	b, err := broker.New(broker.Options{Config: cfg, Cluster: cc, Auth: config.Auth{Devices: "anonymous"},
+		Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = b.Start(context.Background())
+	if err == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = b.Shutdown(ctx)
+		t.Fatal("a broker with missing link certificate files started")
+	}
+	if !strings.Contains(err.Error(), "cluster.link_tls_cert") || !strings.Contains(err.Error(), "missing.pem") {
+		t.Fatalf("start error %q does not name cluster.link_tls_cert and the file", err)
 	}
 }

@@ -133,5 +133,8 @@ func linkTLS(cert tls.Certificate, verify func([][]byte, [][]*x509.Certificate) 
 		ClientAuth:            tls.RequireAnyClientCert,
 		InsecureSkipVerify:    true, // the client side verifies with verify instead
 		VerifyPeerCertificate: verify,
+		// Links are long-lived and never resume a session: tickets would
+		// be sent for nothing.
+		SessionTicketsDisabled: true,
 	}
 }
