@@ -91,6 +91,25 @@ func TestInvalidConfigurationExits2NamingEveryKey(t *testing.T) {
 	}
 }
 
+// TestProductionRolesNeedTheAdminKey: with token auth (the default outside
+// rtm dev), a broker and a push API without broker.admin_keys exit 2 at
+// once naming the key: the admin endpoints they serve or call would refuse
+// everything. (Processes, so that a role that starts anyway is stopped.)
+func TestProductionRolesNeedTheAdminKey(t *testing.T) {
+	t.Parallel()
+	env := []string{"RTM_AUTH_DEVICES=token", "RTM_AUTH_TOKEN_KEYS=token-key-0123456789abcdef",
+		"RTM_BROKER_ADMIN_KEYS", "RTM_PUSHAPI_API_KEYS=api-key-0123456789abcdef"}
+	for _, args := range [][]string{
+		{"broker", "--data", t.TempDir(), "--mqtt-addr", "127.0.0.1:0", "--ws-addr", "", "--admin-addr", "127.0.0.1:0", "--gossip-addr", ""},
+		{"pushapi", "--data", t.TempDir(), "--addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0"},
+	} {
+		p := start(t, env, args...)
+		if code := p.wait(t, 30*time.Second); code != 2 || !strings.Contains(p.stderr.String(), "broker.admin_keys") {
+			t.Errorf("rtm %s without an admin key: exit %d, stderr %q; want 2 naming broker.admin_keys", args[0], code, p.stderr.String())
+		}
+	}
+}
+
 // TestHelpIsAccurate checks that each command's help lists the flags it
 // takes with the defaults it really uses.
 func TestHelpIsAccurate(t *testing.T) {
