@@ -6,6 +6,7 @@
 # Production: one role per container, device tokens required, e.g. a broker:
 #   docker run -p 1883:1883 -p 9101:9101 -v rtm-data:/data \
 #     -e RTM_AUTH_TOKEN_KEYS=<a secret of 16+ characters> \
+#     -e RTM_BROKER_ADMIN_KEYS=<another secret of 16+ characters> \
 #     -e RTM_STORE_URI=mongodb://db:27017/ -e RTM_CLUSTER_SECRET=<secret> rtm broker
 # (docs/deployment.md lists what each role needs.)
 FROM golang:1.26-bookworm AS build

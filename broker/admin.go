@@ -41,8 +41,7 @@ func newAdminServer(b *Broker, ln net.Listener) *adminServer {
 		}
 		writeJSON(w, http.StatusOK, b.cluster.stats())
 	})
-	// Drain and undrain (rtm node drain/undrain). The admin port has no
-	// authentication: it belongs on the operators' network only.
+	// Drain and undrain (rtm node drain/undrain).
 	mux.HandleFunc("POST /v1/drain", func(w http.ResponseWriter, r *http.Request) {
 		evacuate := false
 		if v := r.URL.Query().Get("evacuate"); v != "" {
@@ -65,7 +64,7 @@ func newAdminServer(b *Broker, ln net.Listener) *adminServer {
 	mux.HandleFunc("GET /v1/drain", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, http.StatusOK, b.drain.state())
 	})
-	a.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	a.srv = &http.Server{Handler: newAdminAuth(b.cfg.AdminKeyList(), mux), ReadHeaderTimeout: 5 * time.Second}
 	return a
 }
 

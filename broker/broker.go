@@ -117,7 +117,7 @@ type Broker struct {
 // New validates the configuration and builds a broker; it binds nothing.
 func New(opts Options) (*Broker, error) {
 	cfg := opts.Config
-	if err := errors.Join(cfg.Validate(), opts.Auth.Validate(), opts.Cluster.Validate()); err != nil {
+	if err := errors.Join(cfg.Validate(), opts.Auth.Validate(), cfg.RequireAdminKeys(opts.Auth), opts.Cluster.Validate()); err != nil {
 		return nil, err
 	}
 	if cfg.NodeName == "" {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/rtm-dev/rtm/broker"
 	"github.com/rtm-dev/rtm/internal/config"
+	"github.com/rtm-dev/rtm/internal/testcluster"
 	"github.com/rtm-dev/rtm/internal/testutil"
 )
 
@@ -33,6 +34,7 @@ func startBrokerLevel(t testing.TB, level slog.Level, mutate func(*config.Broker
 	cfg.NodeName = "test"
 	cfg.MQTTAddr, cfg.WSAddr, cfg.AdminAddr = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
 	cfg.TLSAddr, cfg.WSSAddr = "127.0.0.1:0", "127.0.0.1:0"
+	cfg.AdminKeys = testcluster.AdminKey
 	if mutate != nil {
 		mutate(&cfg)
 	}
@@ -56,9 +58,12 @@ func startBrokerLevel(t testing.TB, level slog.Level, mutate func(*config.Broker
 	return b, logs
 }
 
+// getJSON GETs url with the admin key.
 func getJSON(t testing.TB, url string, v any) int {
 	t.Helper()
-	resp, err := http.Get(url)
+	req, _ := http.NewRequest(http.MethodGet, url, nil)
+	req.Header.Set("Authorization", "Bearer "+testcluster.AdminKey)
+	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -70,6 +71,9 @@ type clusterNode struct {
 	forwarded, forwardedBytes, received atomic.Int64
 	claimsSent, claimsTimedOut, moved   atomic.Int64
 
+	// tls secures the node links (nil: plaintext); set by start.
+	tls *tls.Config
+
 	stop      chan struct{}
 	watchOnce sync.Once
 	stopOnce  sync.Once
@@ -127,6 +131,11 @@ func (c *clusterNode) Provides(b byte) bool {
 // start binds the node link and joins gossip. The broker's listeners are
 // bound already, so the tags carry real addresses.
 func (c *clusterNode) start(ctx context.Context) error {
+	tlsCfg, mode, err := c.linkTLS()
+	if err != nil {
+		return err
+	}
+	c.tls = tlsCfg
 	lcfg := c.linkConfig()
 	srv, err := link.Listen(c.cfg.LinkAddr, lcfg, link.HandlerFunc(c.deliver))
 	if oe := (*net.OpError)(nil); errors.As(err, &oe) {
@@ -135,8 +144,16 @@ func (c *clusterNode) start(ctx context.Context) error {
 		return fmt.Errorf("broker: node link: %w", err)
 	}
 	c.links = srv
-	if c.cfg.Secret == "" {
+	switch {
+	case c.cfg.Secret == "" && c.tls != nil:
+		c.log.Warn("cluster.secret is not set: gossip is not encrypted or authenticated; any process that reaches the gossip port can join (node links are authenticated by their certificates)")
+	case c.cfg.Secret == "":
 		c.log.Warn("cluster.secret is not set: gossip is not encrypted and node links are not authenticated; any process that reaches the gossip and link ports can join")
+	}
+	if c.tls == nil {
+		c.log.Warn("node links are not encrypted: what brokers forward crosses the network in clear", "link_tls", mode)
+	} else {
+		c.log.Info("node links use mutual TLS", "trust", mode)
 	}
 	opts := cluster.Options{
 		NodeName:      c.b.cfg.NodeName,
@@ -175,11 +192,34 @@ func (c *clusterNode) start(ctx context.Context) error {
 	return nil
 }
 
+// linkTLS builds the node links' TLS configuration (nil: plaintext) from
+// cluster.link_tls*, and names the trust model for the logs.
+func (c *clusterNode) linkTLS() (*tls.Config, string, error) {
+	switch {
+	case c.cfg.LinkTLS == "off":
+		return nil, "off", nil
+	case c.cfg.LinkTLSCert != "":
+		t, err := link.FileTLS(c.cfg.LinkTLSCert, c.cfg.LinkTLSKey, c.cfg.LinkTLSCA)
+		if err != nil {
+			return nil, "", fmt.Errorf("broker: cluster.link_tls_cert/key/ca: %w", err)
+		}
+		return t, "certificates from cluster.link_tls_ca", nil
+	case c.cfg.Secret != "":
+		t, err := link.SecretTLS(c.cfg.Secret)
+		if err != nil {
+			return nil, "", fmt.Errorf("broker: node link TLS: %w", err)
+		}
+		return t, "key derived from cluster.secret", nil
+	}
+	return nil, "auto, but neither cluster.secret nor cluster.link_tls_cert is set", nil
+}
+
 func (c *clusterNode) linkConfig() link.Config {
 	lc := link.Config{
 		NodeName:    c.b.cfg.NodeName,
 		Incarnation: c.incarnation,
 		Secret:      c.cfg.Secret,
+		TLS:         c.tls,
 		QueueBytes:  c.cfg.LinkQueueBytes,
 		MaxFrame:    c.b.cfg.MaxPacketSize + 64<<10,
 		Logger:      c.b.log,

@@ -68,6 +68,7 @@ func waitPresence(t *testing.T, st *store.Store, id string, online bool) store.P
 func adminDo(t *testing.T, b *broker.Broker, method, path, body string) (int, map[string]any) {
 	t.Helper()
 	req, _ := http.NewRequest(method, "http://"+b.Addr(broker.ListenerAdmin)+path, strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+testcluster.AdminKey)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)

@@ -11,12 +11,15 @@ import (
 
 	"github.com/rtm-dev/rtm/broker"
 	"github.com/rtm-dev/rtm/internal/config"
+	"github.com/rtm-dev/rtm/internal/testcluster"
 	"github.com/rtm-dev/rtm/internal/testutil"
 )
 
 func post(t testing.TB, url string) {
 	t.Helper()
-	resp, err := http.Post(url, "application/json", nil)
+	req, _ := http.NewRequest(http.MethodPost, url, nil)
+	req.Header.Set("Authorization", "Bearer "+testcluster.AdminKey)
+	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}

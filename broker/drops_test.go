@@ -243,6 +243,11 @@ type linkProxy struct {
 	target string
 	conns  map[net.Conn]struct{}
 	wg     sync.WaitGroup
+
+	// record, when set, keeps every byte forwarded, both ways, in recorded.
+	record   atomic.Bool
+	recMu    sync.Mutex
+	recorded []byte
 }
 
 func newLinkProxy(t testing.TB) *linkProxy {
@@ -263,6 +268,13 @@ func newLinkProxy(t testing.TB) *linkProxy {
 }
 
 func (p *linkProxy) addr() string { return p.ln.Addr().String() }
+
+// bytes returns what the proxy recorded.
+func (p *linkProxy) bytes() []byte {
+	p.recMu.Lock()
+	defer p.recMu.Unlock()
+	return append([]byte(nil), p.recorded...)
+}
 
 func (p *linkProxy) setTarget(addr string) {
 	p.mu.Lock()
@@ -308,6 +320,11 @@ func (p *linkProxy) accept() {
 			buf := make([]byte, 32<<10)
 			for {
 				n, err := src.Read(buf)
+				if n > 0 && p.record.Load() {
+					p.recMu.Lock()
+					p.recorded = append(p.recorded, buf[:n]...)
+					p.recMu.Unlock()
+				}
 				if n > 0 && !(freezes && p.frozen.Load()) {
 					if _, werr := dst.Write(buf[:n]); werr != nil {
 						break

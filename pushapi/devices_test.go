@@ -228,3 +228,50 @@ func TestDeviceToken(t *testing.T) {
 	}
 	api.publish(map[string]any{"topic": "devices/dev-7/inbox", "payload": "x"})
 }
+
+// TestAdminKeyToBrokers (issue 12 item 4): the push API subscribes and
+// kicks devices through the brokers' admin endpoints with the admin key of
+// its configuration. With a key the brokers do not hold, both fail with
+// 503 node_unavailable and change nothing; with theirs, both work.
+func TestAdminKeyToBrokers(t *testing.T) {
+	t.Parallel()
+	st := storetest.Open(t)
+	bs := startCluster(t, 1, st)
+	wrong := startAPI(t, bs[0].GossipAddr(), st, func(o *pushapi.Options) {
+		o.Config.Name, o.AdminKey = "api-wrong-key", "not-the-brokers-admin-key"
+	})
+	dev := testutil.MustV5(t, bs[0].Addr(broker.ListenerTCP), "keyed-dev")
+	wrong.waitPresence("keyed-dev", true, "b0")
+
+	wrong.expectError(http.MethodPut, "/v1/devices/keyed-dev/channels/alerts", nil, http.StatusServiceUnavailable, pushapi.CodeNodeUnavailable)
+	wrong.expectError(http.MethodDelete, "/v1/devices/keyed-dev/connection", nil, http.StatusServiceUnavailable, pushapi.CodeNodeUnavailable)
+	// Neither took effect: the device is connected and not subscribed.
+	wrong.expect(http.MethodPost, "/v1/channels/alerts/messages", map[string]any{"payload": "not for keyed-dev"}, http.StatusOK, nil)
+	dev.None(t, 500*time.Millisecond)
+	select {
+	case d := <-dev.Disconnects:
+		t.Fatalf("kicked (0x%02X) by a push API with a wrong admin key", d.ReasonCode)
+	default:
+	}
+
+	good := startAPI(t, bs[0].GossipAddr(), st, nil)
+	var sub pushapi.ChannelSubscription
+	good.expect(http.MethodPut, "/v1/devices/keyed-dev/channels/alerts", nil, http.StatusOK, &sub) // recorded by the failed PUT
+	if sub.Applied != pushapi.AppliedNow {
+		t.Fatalf("PUT with the admin key: applied %q, want now", sub.Applied)
+	}
+	var p pushapi.Published
+	good.expect(http.MethodPost, "/v1/channels/alerts/messages", map[string]any{"payload": "keyed"}, http.StatusOK, &p)
+	if m := nextOn(t, dev, "push/alerts"); messageID(m) != p.ID {
+		t.Fatalf("device got %s, want %s", messageID(m), p.ID)
+	}
+	good.expect(http.MethodDelete, "/v1/devices/keyed-dev/connection", nil, http.StatusNoContent, nil)
+	select {
+	case d := <-dev.Disconnects:
+		if d.ReasonCode != 0x98 {
+			t.Errorf("kicked with reason 0x%02X, want 0x98", d.ReasonCode)
+		}
+	case <-time.After(waitMsg):
+		t.Fatal("the device was not disconnected by the push API with the admin key")
+	}
+}

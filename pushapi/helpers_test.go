@@ -106,7 +106,7 @@ func startAPI(t testing.TB, seed string, st *store.Store, mutate func(*pushapi.O
 	cc.GossipAddr, cc.Join, cc.Secret = "127.0.0.1:0", seed, testSecret
 	_, logs := testutil.Logger(t)
 	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})).With("test_node", "api1")
-	opts := pushapi.Options{Config: cfg, Auth: config.Auth{Devices: "token", TokenKeys: tokenKey, TokenTTL: time.Hour},
+	opts := pushapi.Options{Config: cfg, Auth: config.Auth{Devices: "token", TokenKeys: tokenKey, TokenTTL: time.Hour}, AdminKey: testcluster.AdminKey,
 		Cluster: cc, GossipTiming: cluster.TimingFast, Store: st, Version: "test", Logger: log}
 	if mutate != nil {
 		mutate(&opts)

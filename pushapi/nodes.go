@@ -25,10 +25,11 @@ var errUnknownClient = errors.New("the broker holds no such client")
 // Tags.Admin address), which act on the clients connected there.
 type nodeAdmin struct {
 	http *http.Client
+	key  string // broker.admin_keys, sent as a bearer token
 }
 
-func newNodeAdmin() *nodeAdmin {
-	return &nodeAdmin{http: &http.Client{
+func newNodeAdmin(key string) *nodeAdmin {
+	return &nodeAdmin{key: key, http: &http.Client{
 		Timeout:   adminTimeout,
 		Transport: &http.Transport{MaxIdleConnsPerHost: 8, IdleConnTimeout: 30 * time.Second},
 	}}
@@ -70,6 +71,7 @@ func (a *nodeAdmin) call(ctx context.Context, method, admin, path string, body [
 	if body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
+	req.Header.Set("Authorization", "Bearer "+a.key)
 	res, err := a.http.Do(req)
 	if err != nil {
 		return err

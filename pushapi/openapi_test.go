@@ -69,7 +69,7 @@ func newUnstarted(t testing.TB) *PushAPI {
 	cfg := config.Defaults()
 	cfg.PushAPI.APIKeys = "0123456789abcdef"
 	cfg.Auth.TokenKeys = "0123456789abcdef"
-	p, err := New(Options{Config: cfg.PushAPI, Auth: cfg.Auth, Cluster: cfg.Cluster})
+	p, err := New(Options{Config: cfg.PushAPI, Auth: cfg.Auth, AdminKey: "0123456789abcdef", Cluster: cfg.Cluster})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -51,6 +51,10 @@ type Options struct {
 	// (bind; required), Join (seeds), Secret, AdvertiseHost, ProbeInterval.
 	// The node-link keys are not used.
 	Cluster config.Cluster
+	// AdminKey is the brokers' admin key (the first of broker.admin_keys),
+	// sent to their admin endpoints for server-side subscriptions and
+	// kicks. Required.
+	AdminKey string
 	// GossipTiming selects gossip timers; tests use cluster.TimingFast.
 	GossipTiming cluster.Timing
 	// Store holds presence and push subscriptions. Required by Start; New
@@ -115,6 +119,10 @@ func New(opts Options) (*PushAPI, error) {
 		errs = append(errs, &config.FieldError{Key: "auth.token_keys", Value: "",
 			Why: "the push API needs a token key: it signs its own service token and the device tokens it issues"})
 	}
+	if opts.AdminKey == "" {
+		errs = append(errs, &config.FieldError{Key: "broker.admin_keys", Value: "",
+			Why: "the push API needs the brokers' admin key: it subscribes and disconnects devices through their admin endpoints"})
+	}
 	if opts.Cluster.GossipAddr == "" {
 		errs = append(errs, &config.FieldError{Key: "cluster.gossip_addr", Value: "",
 			Why: "the push API needs gossip: it finds the brokers through it"})
@@ -151,7 +159,7 @@ func New(opts Options) (*PushAPI, error) {
 		return nil, fmt.Errorf("pushapi: metrics: %w", err)
 	}
 	p := &PushAPI{cfg: cfg, opts: opts, log: log, reg: reg, m: m, st: opts.Store, issuer: issuer,
-		tokenTTL: opts.Auth.TokenTTL, admin: newNodeAdmin(), storeSem: make(chan struct{}, storeSlots)}
+		tokenTTL: opts.Auth.TokenTTL, admin: newNodeAdmin(opts.AdminKey), storeSem: make(chan struct{}, storeSlots)}
 	if p.tokenTTL == 0 {
 		p.tokenTTL = config.Defaults().Auth.TokenTTL
 	}

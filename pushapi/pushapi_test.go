@@ -10,6 +10,7 @@ import (
 
 	"github.com/rtm-dev/rtm/internal/config"
 	"github.com/rtm-dev/rtm/internal/store/storetest"
+	"github.com/rtm-dev/rtm/internal/testcluster"
 	"github.com/rtm-dev/rtm/pushapi"
 )
 
@@ -24,14 +25,14 @@ func TestNewReportsEveryProblem(t *testing.T) {
 	if err == nil {
 		t.Fatal("New accepted options without keys or gossip")
 	}
-	for _, want := range []string{"pushapi.addr", "pushapi.api_keys", "auth.token_keys", "cluster.gossip_addr"} {
+	for _, want := range []string{"pushapi.addr", "pushapi.api_keys", "auth.token_keys", "broker.admin_keys", "cluster.gossip_addr"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error does not name %s:\n%v", want, err)
 		}
 	}
 	cfg = config.Defaults()
 	cfg.PushAPI.APIKeys, cfg.Auth.TokenKeys = apiKey, tokenKey
-	p, err := pushapi.New(pushapi.Options{Config: cfg.PushAPI, Auth: cfg.Auth, Cluster: cfg.Cluster})
+	p, err := pushapi.New(pushapi.Options{Config: cfg.PushAPI, Auth: cfg.Auth, AdminKey: testcluster.AdminKey, Cluster: cfg.Cluster})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -66,7 +67,7 @@ func TestLifecycle(t *testing.T) {
 	// Never started: Shutdown is a no-op.
 	cfg := config.Defaults()
 	cfg.PushAPI.APIKeys, cfg.Auth.TokenKeys = apiKey, tokenKey
-	p, err := pushapi.New(pushapi.Options{Config: cfg.PushAPI, Auth: cfg.Auth, Cluster: cfg.Cluster, Store: st})
+	p, err := pushapi.New(pushapi.Options{Config: cfg.PushAPI, Auth: cfg.Auth, AdminKey: testcluster.AdminKey, Cluster: cfg.Cluster, Store: st})
 	if err != nil {
 		t.Fatal(err)
 	}

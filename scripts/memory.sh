@@ -79,7 +79,9 @@ stop() {
 
 rss_kib() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
 metric() { curl -sf "$ADM/metrics" | awk -v m="$1" '$1==m{printf "%.0f\n", $2}'; }
-stat_field() { curl -sf "$ADM/v1/stats" | grep -o "\"$1\":[0-9]*" | cut -d: -f2; }
+# The admin key the rtm dev below runs with (/v1 needs it).
+ADMIN_KEY=memory-script-admin-key
+stat_field() { curl -sf -H "Authorization: Bearer $ADMIN_KEY" "$ADM/v1/stats" | grep -o "\"$1\":[0-9]*" | cut -d: -f2; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 median() { sort -g | awk '{a[NR]=$1} END{if (NR%2) print a[(NR+1)/2]; else printf "%.2f\n", (a[NR/2]+a[NR/2+1])/2}'; }
 per_conn() { awk -v a="$1" -v b="$2" -v n="$N" 'BEGIN{printf "%.2f\n", (b-a)/n}'; }
@@ -111,7 +113,7 @@ RESULTS=$WORK/results
 run_rtm() {
 	local i=$1 data="$WORK/rtm-data-$1" log="$LOGS/rtm-$1.log"
 	mkdir -p "$data"
-	RTM_ROUTER_ADDR=127.0.0.1:0 RTM_PUSHAPI_ADDR=127.0.0.1:0 \
+	RTM_ROUTER_ADDR=127.0.0.1:0 RTM_PUSHAPI_ADDR=127.0.0.1:0 RTM_BROKER_ADMIN_KEYS=$ADMIN_KEY \
 		"$RTM_BIN" dev --data "$data" --mqtt-addr 127.0.0.1:0 --ws-addr 127.0.0.1:0 \
 		--admin-addr 127.0.0.1:0 --gossip-addr 127.0.0.1:0 --link-addr 127.0.0.1:0 --log-level warn >"$log" 2>&1 &
 	local pid=$!

@@ -46,6 +46,7 @@ type config struct {
 	keep        bool
 	maxQueued   int
 	maxInflight int
+	linkTLS     string
 }
 
 func parseFlags() (config, error) {
@@ -64,6 +65,7 @@ func parseFlags() (config, error) {
 	flag.StringVar(&c.rtmBin, "rtm", "", "rtm binary; empty builds ./cmd/rtm of the working tree into the temporary directory")
 	flag.IntVar(&c.maxQueued, "max-queued", 65535, "broker.max_queued of both nodes (RTM_BROKER_MAX_QUEUED); its default 1000 drops QoS 0 at the first burst")
 	flag.IntVar(&c.maxInflight, "max-inflight", 65535, "broker.max_inflight of both nodes, their Receive Maximum (RTM_BROKER_MAX_INFLIGHT); its default 128 is near -window")
+	flag.StringVar(&c.linkTLS, "link-tls", "auto", "cluster.link_tls of both nodes (RTM_CLUSTER_LINK_TLS): auto (TLS keyed by the cluster secret) or off (plaintext), to measure what link TLS costs")
 	flag.BoolVar(&c.keep, "keep", false, "keep the temporary directory (store and broker logs)")
 	flag.BoolVar(&quick, "quick", false, "small sizes, 1 round, no warm-up: a smoke test (under a minute)")
 	flag.Parse()
@@ -84,6 +86,9 @@ func parseFlags() (config, error) {
 		if f.v < 1 {
 			errs = append(errs, fmt.Errorf("-%s %d: want at least 1", f.name, f.v))
 		}
+	}
+	if c.linkTLS != "auto" && c.linkTLS != "off" {
+		errs = append(errs, fmt.Errorf("-link-tls %q: want auto or off", c.linkTLS))
 	}
 	if c.size < 16 || c.size > 1<<20 {
 		errs = append(errs, fmt.Errorf("-size %d: want 16 to 1048576 (the payload carries a sequence number and a send time)", c.size))
@@ -148,6 +153,8 @@ func run(ctx context.Context, cfg config) (err error) {
 	}
 	nodeEnv := []string{
 		"RTM_AUTH_DEVICES=anonymous", // the clients have no tokens; ACLs still apply
+		"RTM_BROKER_ADMIN_KEYS=" + adminKey,
+		"RTM_CLUSTER_LINK_TLS=" + cfg.linkTLS,
 		"RTM_BROKER_MAX_QUEUED=" + strconv.Itoa(cfg.maxQueued),
 		"RTM_BROKER_MAX_INFLIGHT=" + strconv.Itoa(cfg.maxInflight),
 	}

@@ -176,11 +176,15 @@ func startNode(ctx context.Context, dir, bin, name, storeURI, join string, env [
 
 // get fetches path from the node's admin server and decodes its JSON body
 // into v (unless v is nil); any status but 200 is an error.
+// adminKey is broker.admin_keys of the nodes (/v1 needs it).
+const adminKey = "bench-admin-key-0123456789"
+
 func (n *node) get(ctx context.Context, path string, v any) error {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+n.admin+path, nil)
 	if err != nil {
 		return err
 	}
+	req.Header.Set("Authorization", "Bearer "+adminKey)
 	resp, err := n.hc.Do(req)
 	if err != nil {
 		return err

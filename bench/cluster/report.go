@@ -94,8 +94,12 @@ func report(w io.Writer, cfg config, e environment, results map[string]map[strin
 	fmt.Fprintf(w, "| date | %s |\n| CPU | %s × %d (nproc) |\n| kernel | %s |\n| Go | %s |\n", e.date, e.cpu, e.cores, e.kernel, e.goVersion)
 	fmt.Fprintf(w, "| rtm | %s |\n| client | %s, MQTT 5, clean sessions |\n", e.rtm, e.paho)
 	fmt.Fprintf(w, "| load average before / after | %s / %s |\n\n", e.loadBefore, e.loadAfter)
-	fmt.Fprintf(w, "Setup: one `rtm store` shared by two `rtm broker` nodes, a and b (b joins a), on loopback, with the node link authenticated by a cluster secret; both nodes run with RTM_BROKER_MAX_QUEUED=%d and RTM_BROKER_MAX_INFLIGHT=%d. ",
-		cfg.maxQueued, cfg.maxInflight)
+	linkTLS := "encrypted with TLS keyed by it (cluster.link_tls=auto)"
+	if cfg.linkTLS == "off" {
+		linkTLS = "in plaintext (cluster.link_tls=off)"
+	}
+	fmt.Fprintf(w, "Setup: one `rtm store` shared by two `rtm broker` nodes, a and b (b joins a), on loopback, with the node link authenticated by a cluster secret and %s; both nodes run with RTM_BROKER_MAX_QUEUED=%d and RTM_BROKER_MAX_INFLIGHT=%d. ",
+		linkTLS, cfg.maxQueued, cfg.maxInflight)
 	fmt.Fprintf(w, "*Same node*: publisher and subscriber on a. *Cross node*: publisher on a, subscriber on b; each cross-node run starts once a lists b's route.\n\n")
 	fmt.Fprintf(w, "Sizes: QoS 0 throughput %d messages as fast as one publisher can; QoS 1 throughput %d messages, %d in flight; latency: QoS 1 at %d msg/s for %s (%d messages). Payload %d B.\n\n",
 		cfg.msgs, cfg.qos1Msgs, cfg.window, cfg.rate, cfg.duration, int(cfg.duration.Seconds()*float64(cfg.rate)), cfg.size)

@@ -55,11 +55,12 @@ import (
 )
 
 const (
-	size   = 64  // payload bytes
-	batch  = 100 // messages per batch request
-	apiKey = "bench-api-key-0123456789"
-	secret = "bench secret"
-	tokKey = "bench-token-key-0123456789"
+	size     = 64  // payload bytes
+	batch    = 100 // messages per batch request
+	apiKey   = "bench-api-key-0123456789"
+	secret   = "bench secret"
+	tokKey   = "bench-token-key-0123456789"
+	adminKey = "bench-admin-key-0123456789"
 )
 
 func main() {
@@ -111,6 +112,7 @@ func run(ctx context.Context, duration time.Duration, concurrency, deviceReads i
 	auth := config.Auth{Devices: "anonymous", TokenKeys: tokKey, TokenTTL: time.Hour}
 	cfg := config.Defaults().Broker
 	cfg.NodeName, cfg.MQTTAddr, cfg.WSAddr, cfg.AdminAddr = "b0", "127.0.0.1:0", "", "127.0.0.1:0"
+	cfg.AdminKeys = adminKey
 	cc := config.Defaults().Cluster
 	cc.GossipAddr, cc.LinkAddr, cc.Secret = "127.0.0.1:0", "127.0.0.1:0", secret
 	b, err := broker.New(broker.Options{Config: cfg, Cluster: cc, GossipTiming: cluster.TimingFast, Auth: auth,
@@ -126,7 +128,7 @@ func run(ctx context.Context, duration time.Duration, concurrency, deviceReads i
 	pcfg.Name, pcfg.Addr, pcfg.APIKeys = "pushapi", "127.0.0.1:0", apiKey
 	pcc := config.Defaults().Cluster
 	pcc.GossipAddr, pcc.Join, pcc.Secret = "127.0.0.1:0", b.GossipAddr(), secret
-	p, err := pushapi.New(pushapi.Options{Config: pcfg, Auth: auth, Cluster: pcc, GossipTiming: cluster.TimingFast,
+	p, err := pushapi.New(pushapi.Options{Config: pcfg, Auth: auth, AdminKey: adminKey, Cluster: pcc, GossipTiming: cluster.TimingFast,
 		Store: st, Logger: obs.Discard(), Version: "bench"})
 	if err != nil {
 		return err

@@ -147,8 +147,10 @@ func startRTM(ctx context.Context, dir, bin string, maxQueued, maxInflight int) 
 	// One node, compared with one Mosquitto: no gossip, no node link.
 	args := []string{"broker", "--data", data, "--mqtt-addr", mqttAddr, "--ws-addr", "",
 		"--admin-addr", adminAddr, "--gossip-addr", "", "--log-level", "warn", "--log-format", "json"}
-	env := []string{"RTM_AUTH_DEVICES=anonymous"} // the clients have no tokens; ACLs still apply
-	if maxQueued > 0 {                            // 0: rtm's default
+	// The clients have no tokens (ACLs still apply); /v1/stats needs the
+	// admin key.
+	env := []string{"RTM_AUTH_DEVICES=anonymous", "RTM_BROKER_ADMIN_KEYS=" + adminKey}
+	if maxQueued > 0 { // 0: rtm's default
 		env = append(env, "RTM_BROKER_MAX_QUEUED="+strconv.Itoa(maxQueued))
 	}
 	if maxInflight > 0 {
@@ -168,6 +170,9 @@ func startRTM(ctx context.Context, dir, bin string, maxQueued, maxInflight int) 
 	return t, nil
 }
 
+// adminKey is broker.admin_keys of the measured broker.
+const adminKey = "bench-admin-key-0123456789"
+
 // rtmCounters reads /v1/stats: drops are messages_dropped (queue full, all
 // QoS) plus inflight_dropped (session full).
 func rtmCounters(ctx context.Context, hc *http.Client, adminAddr string) (counters, error) {
@@ -175,6 +180,7 @@ func rtmCounters(ctx context.Context, hc *http.Client, adminAddr string) (counte
 	if err != nil {
 		return counters{}, err
 	}
+	req.Header.Set("Authorization", "Bearer "+adminKey)
 	resp, err := hc.Do(req)
 	if err != nil {
 		return counters{}, err

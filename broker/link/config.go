@@ -2,6 +2,7 @@ package link
 
 import (
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -65,6 +66,11 @@ type Config struct {
 	// Secret is the shared cluster secret both ends prove they know; "" runs
 	// the handshake with an empty key, which authenticates nothing.
 	Secret string
+	// TLS, if not nil, wraps every connection in mutual TLS 1.3 before the
+	// HMAC handshake (which still runs, inside it): a Server uses it as its
+	// server configuration, a Link as its client configuration. Build it
+	// with SecretTLS or FileTLS. nil: plaintext.
+	TLS *tls.Config
 	// MaxFrame is the largest frame accepted or sent, in bytes (length field
 	// value); 0 means DefaultMaxFrame (16 MiB + 1 KiB). A message body may
 	// be up to MaxFrame-12 bytes.

@@ -63,9 +63,18 @@
 // the cluster, so both ends prove knowledge of the shared cluster secret with
 // HMAC-SHA256 over fresh nonces from both sides and both node names, with a
 // different label per direction so a proof cannot be reflected. The secret
-// itself never crosses the wire. Traffic is not encrypted; run links over a
-// trusted network or a tunnel. An empty secret still runs the handshake (an
-// HMAC with an empty key), which authenticates nothing; the caller warns.
+// itself never crosses the wire. An empty secret still runs the handshake
+// (an HMAC with an empty key), which authenticates nothing; the caller warns.
+//
+// # Encryption
+//
+// With Config.TLS set, every connection is wrapped in mutual TLS 1.3 before
+// the first frame, and the handshake above runs inside it (see SecretTLS and
+// FileTLS for the two trust models). TLS wraps the TCP connection under the
+// buffered frame reader and writer; Close, Forget and a failing reader or
+// writer still close the TCP connection itself, since closing the TLS one
+// would first send a close alert, which can block on a peer that stopped
+// reading.
 //
 // # Concurrency and locks
 //

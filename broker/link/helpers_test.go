@@ -163,6 +163,18 @@ type proxy struct {
 	mu     sync.Mutex
 	closed bool
 	pairs  map[*proxyPair]struct{}
+
+	// record, when set, keeps every byte forwarded, both ways, in recorded.
+	record   atomic.Bool
+	recMu    sync.Mutex
+	recorded []byte
+}
+
+// bytes returns what the proxy recorded.
+func (p *proxy) bytes() []byte {
+	p.recMu.Lock()
+	defer p.recMu.Unlock()
+	return append([]byte(nil), p.recorded...)
 }
 
 type proxyPair struct {
@@ -224,6 +236,11 @@ func (p *proxy) pipe(pr *proxyPair, dst, src net.Conn) {
 	for {
 		n, err := src.Read(buf)
 		if n > 0 && !pr.frozen.Load() {
+			if p.record.Load() {
+				p.recMu.Lock()
+				p.recorded = append(p.recorded, buf[:n]...)
+				p.recMu.Unlock()
+			}
 			if _, werr := dst.Write(buf[:n]); werr != nil {
 				break
 			}

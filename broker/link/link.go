@@ -2,6 +2,7 @@ package link
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -365,30 +366,49 @@ var errDial = errors.New("dial")
 func (l *Link) session() (wasUp bool, err error) {
 	deadline := time.Now().Add(l.cfg.HandshakeTimeout)
 	d := net.Dialer{Deadline: deadline}
-	conn, err := d.DialContext(l.ctx, "tcp", l.addr)
+	raw, err := d.DialContext(l.ctx, "tcp", l.addr)
 	if err != nil {
 		return false, detailed(errDial, "%v", err)
 	}
 	l.mu.Lock()
 	if l.closed {
 		l.mu.Unlock()
-		_ = conn.Close()
+		_ = raw.Close()
 		return false, ErrClosed
 	}
-	l.conn = conn
+	l.conn = raw
 	l.mu.Unlock()
 	defer func() {
-		_ = conn.Close()
+		_ = raw.Close()
 		l.mu.Lock()
 		l.conn = nil
 		l.setStateLocked(StateConnecting)
 		l.mu.Unlock()
 	}()
 
+	// conn carries the frames; raw is what gets closed, by this function,
+	// the reader or Close: closing a TLS connection would first try to
+	// send a close alert, which can block on a peer that does not read.
+	conn := raw
+	_ = conn.SetDeadline(deadline)
+	if l.cfg.TLS != nil {
+		tc := tls.Client(raw, l.cfg.TLS)
+		if err := tc.HandshakeContext(l.ctx); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				err = fmt.Errorf("TLS handshake not done within %v: %w", l.cfg.HandshakeTimeout, err)
+			} else {
+				err = fmt.Errorf("TLS handshake: %w", err)
+			}
+			l.mu.Lock()
+			l.st.HandshakeFailures++
+			l.mu.Unlock()
+			return false, err
+		}
+		conn = tc
+	}
 	dr := &deadlineReader{conn: conn}
 	r := newFrameReader(dr, 4<<10, handshakeMaxFrame)
 	w := newFrameWriter(conn)
-	_ = conn.SetDeadline(deadline)
 	ready, err := l.dialHandshake(conn, r, w)
 	if err != nil {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
@@ -419,13 +439,13 @@ func (l *Link) session() (wasUp bool, err error) {
 		defer l.wg.Done()
 		defer close(readDone)
 		readErr = l.readAcks(r)
-		_ = conn.Close()
+		_ = raw.Close()
 	}()
 	err = l.writeOnUp(w)
 	if err == nil {
 		err = l.write(w, readDone)
 	}
-	_ = conn.Close()
+	_ = raw.Close()
 	<-readDone
 	if errors.Is(err, net.ErrClosed) || errors.Is(err, errReaderDone) {
 		err = readErr // the reader saw the cause first

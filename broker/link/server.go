@@ -1,8 +1,10 @@
 package link
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -218,11 +220,27 @@ func (s *Server) serve(c *inConn) {
 	defer close(c.done)
 
 	remote := c.conn.RemoteAddr().String()
-	dr := &deadlineReader{conn: c.conn}
-	r := newFrameReader(dr, bufSize, handshakeMaxFrame)
-	w := newFrameWriter(c.conn)
 	deadline := time.Now().Add(s.cfg.HandshakeTimeout)
 	_ = c.conn.SetDeadline(deadline)
+	// conn carries the frames; c.conn, the TCP connection, is what Close
+	// and Forget close (see Link.session).
+	conn := c.conn
+	if s.cfg.TLS != nil {
+		tc := tls.Server(c.conn, s.cfg.TLS)
+		if err := tc.Handshake(); err != nil {
+			if errors.Is(err, io.EOF) {
+				err = errNoHello // a TCP health check
+			} else {
+				err = fmt.Errorf("TLS handshake: %w", err)
+			}
+			s.handshakeFailed(remote, err)
+			return
+		}
+		conn = tc
+	}
+	dr := &deadlineReader{conn: conn}
+	r := newFrameReader(dr, bufSize, handshakeMaxFrame)
+	w := newFrameWriter(conn)
 
 	hello, err := s.acceptHandshake(c, r, w)
 	if err != nil {

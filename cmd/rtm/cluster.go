@@ -46,13 +46,14 @@ func clusterCmd() *cobra.Command {
 const defaultAdmin = "127.0.0.1:9101"
 
 func clusterStatusCmd() *cobra.Command {
-	var admin string
+	var admin, key string
 	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "status",
 		Short: "Print the cluster as one broker sees it: members, links, routes",
 		Long: `Print the cluster as the broker at --admin sees it (GET /v1/cluster on its
-admin address): every gossip member with its role, status (alive, leaving,
+admin address, with the admin key of --admin-key or $RTM_BROKER_ADMIN_KEYS):
+every gossip member with its role, status (alive, leaving,
 left, failed), MQTT address, connections and capacity, whether it drains,
 and for brokers the state of this node's link to it and the messages queued
 for it; then the routes (topic filters) of this node and of each peer.
@@ -63,7 +64,7 @@ Exits 1 when the broker cannot be reached or runs alone.`,
 			url := clusterURL(admin)
 			ctx, cancel := context.WithTimeout(cmd.Context(), 5*time.Second)
 			defer cancel()
-			body, err := getOK(ctx, url)
+			body, err := getOK(ctx, url, adminKey(key))
 			if err != nil {
 				return err
 			}
@@ -80,6 +81,7 @@ Exits 1 when the broker cannot be reached or runs alone.`,
 		},
 	}
 	cmd.Flags().StringVar(&admin, "admin", defaultAdmin, "admin address (host:port or http:// URL) of the broker to ask")
+	addAdminKeyFlag(cmd, &key)
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the JSON of /v1/cluster as served")
 	return cmd
 }
@@ -97,13 +99,34 @@ func clusterURL(admin string) string {
 	return admin + "/v1/cluster"
 }
 
-// getOK fetches url and returns the body of a 200 answer. Any other status
-// is an error carrying the API error's code and message.
-func getOK(ctx context.Context, url string) ([]byte, error) {
+// addAdminKeyFlag registers --admin-key.
+func addAdminKeyFlag(cmd *cobra.Command, key *string) {
+	cmd.Flags().StringVar(key, "admin-key", "", "the brokers' admin key (default: the first key of $"+adminKeysEnv+")")
+}
+
+// adminKeysEnv holds broker.admin_keys in the environment, as the brokers
+// read it.
+const adminKeysEnv = "RTM_BROKER_ADMIN_KEYS"
+
+// adminKey is the key to send: the flag's, else the first of
+// RTM_BROKER_ADMIN_KEYS.
+func adminKey(flag string) string {
+	if flag != "" {
+		return flag
+	}
+	first, _, _ := strings.Cut(os.Getenv(adminKeysEnv), ",")
+	return strings.TrimSpace(first)
+}
+
+// getOK fetches url with the admin key and returns the body of a 200
+// answer. Any other status is an error carrying the API error's code and
+// message.
+func getOK(ctx context.Context, url, key string) ([]byte, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return nil, usageError{fmt.Errorf("bad admin address: %w", err)}
 	}
+	setAdminKey(req, key)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		var ue *neturl.Error
@@ -118,13 +141,30 @@ func getOK(ctx context.Context, url string) ([]byte, error) {
 		return nil, fmt.Errorf("%s: %w", url, err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		var e struct{ Error, Message string }
-		if json.Unmarshal(body, &e) == nil && e.Error != "" {
-			return nil, fmt.Errorf("%s: %s (%s): %s", url, resp.Status, e.Error, e.Message)
-		}
-		return nil, fmt.Errorf("%s: %s: %s", url, resp.Status, strings.TrimSpace(string(body)))
+		return nil, adminError(url, resp, body)
 	}
 	return body, nil
+}
+
+// setAdminKey authenticates req to a broker's admin port.
+func setAdminKey(req *http.Request, key string) {
+	if key != "" {
+		req.Header.Set("Authorization", "Bearer "+key)
+	}
+}
+
+// adminError describes an admin answer other than 200, with a hint where
+// the key is missing or wrong.
+func adminError(url string, resp *http.Response, body []byte) error {
+	var e struct{ Error, Message string }
+	if json.Unmarshal(body, &e) == nil && e.Error != "" {
+		err := fmt.Errorf("%s: %s (%s): %s", url, resp.Status, e.Error, e.Message)
+		if resp.StatusCode == http.StatusUnauthorized {
+			err = fmt.Errorf("%w; give a key of the brokers' broker.admin_keys with --admin-key or $%s", err, adminKeysEnv)
+		}
+		return err
+	}
+	return fmt.Errorf("%s: %s: %s", url, resp.Status, strings.TrimSpace(string(body)))
 }
 
 const none = "—"
@@ -210,8 +250,9 @@ Every port is checked before anything starts.
 The brokers share a cluster secret (gossip encryption, link
 authentication), random unless --secret sets it; children get it in
 RTM_CLUSTER_SECRET. Devices connect anonymously (RTM_AUTH_DEVICES=anonymous),
-a random device-token key is shared (RTM_AUTH_TOKEN_KEYS), and the push API
-gets a random API key, printed with the addresses. Other RTM_* variables
+a random device-token key is shared (RTM_AUTH_TOKEN_KEYS), the brokers and
+the push API share a random admin key (RTM_BROKER_ADMIN_KEYS), and the push
+API gets a random API key; both keys are printed with the addresses. Other RTM_* variables
 reach every child and can override these.
 
 The processes run in process groups of their own, so only 'rtm cluster up'
@@ -307,6 +348,7 @@ type localCluster struct {
 	exe      string
 	secret   string
 	tokenKey string // device tokens, shared by every node
+	adminKey string // the brokers' admin endpoints, printed
 	apiKey   string // the push API's, printed
 	storeURI string
 	children []*child
@@ -328,10 +370,12 @@ func runClusterUp(ctx context.Context, o upOptions, stdout, stderr io.Writer) er
 	}
 	var key [24]byte
 	_, _ = rand.Read(key[:])
-	var api [16]byte
+	var api, admin [16]byte
 	_, _ = rand.Read(api[:])
+	_, _ = rand.Read(admin[:])
 	lc := &localCluster{o: o, exe: exe, secret: secret, tokenKey: hex.EncodeToString(key[:]), apiKey: "local-" + hex.EncodeToString(api[:]),
-		stdout: stdout, stderr: stderr}
+		adminKey: "admin-" + hex.EncodeToString(admin[:]),
+		stdout:   stdout, stderr: stderr}
 	lc.plan()
 	lc.exits = make(chan *child, len(lc.children))
 	if err := lc.checkPorts(); err != nil {
@@ -391,7 +435,8 @@ func (lc *localCluster) plan() {
 			// A local cluster is for trying rtm out: devices connect
 			// without credentials (each broker warns), while the token keys
 			// let the push API issue tokens to try token auth.
-			env:   []string{"RTM_CLUSTER_SECRET=" + lc.secret, "RTM_AUTH_DEVICES=anonymous", "RTM_AUTH_TOKEN_KEYS=" + lc.tokenKey},
+			env: []string{"RTM_CLUSTER_SECRET=" + lc.secret, "RTM_AUTH_DEVICES=anonymous", "RTM_AUTH_TOKEN_KEYS=" + lc.tokenKey,
+				adminKeysEnv + "=" + lc.adminKey},
 			mqtt:  fmt.Sprintf("127.0.0.1:%d", p.mqtt),
 			ws:    fmt.Sprintf("127.0.0.1:%d", p.ws),
 			admin: fmt.Sprintf("127.0.0.1:%d", p.admin),
@@ -426,7 +471,8 @@ func (lc *localCluster) plan() {
 	lc.children = append(lc.children, rt)
 
 	push := &child{name: "pushapi", role: "pushapi", stage: 2,
-		env:   []string{"RTM_CLUSTER_SECRET=" + lc.secret, "RTM_AUTH_TOKEN_KEYS=" + lc.tokenKey, "RTM_PUSHAPI_API_KEYS=" + lc.apiKey},
+		env: []string{"RTM_CLUSTER_SECRET=" + lc.secret, "RTM_AUTH_TOKEN_KEYS=" + lc.tokenKey, "RTM_PUSHAPI_API_KEYS=" + lc.apiKey,
+			adminKeysEnv + "=" + lc.adminKey},
 		admin: fmt.Sprintf("127.0.0.1:%d", lc.o.pushPort()), log: filepath.Join(o.data, "pushapi.log")}
 	push.args = func() []string {
 		return []string{"pushapi", "--addr", push.admin, "--gossip-addr", "127.0.0.1:0", "--join", seed,
@@ -614,7 +660,7 @@ func (lc *localCluster) brokerReady(ctx context.Context, c *child) error {
 	if err := httpOK(ctx, "http://"+c.admin+"/readyz"); err != nil {
 		return err
 	}
-	body, err := getOK(ctx, clusterURL(c.admin))
+	body, err := getOK(ctx, clusterURL(c.admin), lc.adminKey)
 	if err != nil {
 		return err
 	}
@@ -687,7 +733,7 @@ func (lc *localCluster) printTable() {
 	fmt.Fprintf(w, "\nTry it: subscribe on %s, publish on %s:\n", first.name, last.name)
 	fmt.Fprintf(w, "  mosquitto_sub -h 127.0.0.1 -p %s -t 'demo/#' -v\n", portOf(first.mqtt))
 	fmt.Fprintf(w, "  mosquitto_pub -h 127.0.0.1 -p %s -t demo/hello -m hi\n", portOf(last.mqtt))
-	fmt.Fprintf(w, "  rtm cluster status --admin %s\n", first.admin)
+	fmt.Fprintf(w, "  rtm cluster status --admin %s --admin-key %s\n", first.admin, lc.adminKey)
 	for _, c := range lc.children {
 		switch c.role {
 		case "router":

@@ -108,11 +108,17 @@ func (f *clusterFixture) run(n *clusterNode) {
 	n.gossip, n.link = s.Gossip, s.Link
 }
 
-// clusterStats reads a broker's /v1/cluster.
+// clusterStats reads a broker's /v1/cluster with testAdminKey.
 func clusterStats(admin string) (*broker.ClusterStats, error) {
+	return clusterStatsKey(admin, testAdminKey)
+}
+
+// clusterStatsKey reads a broker's /v1/cluster with the admin key key.
+func clusterStatsKey(admin, key string) (*broker.ClusterStats, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+admin+"/v1/cluster", nil)
+	req.Header.Set("Authorization", "Bearer "+key)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return nil, err
@@ -477,7 +483,7 @@ func TestClusterSIGTERMLeaves(t *testing.T) {
 
 	t.Run("status", func(t *testing.T) {
 		var out, errOut strings.Builder
-		if code := run([]string{"cluster", "status", "--admin", n1.admin}, &out, &errOut); code != 0 {
+		if code := run([]string{"cluster", "status", "--admin", n1.admin, "--admin-key", testAdminKey}, &out, &errOut); code != 0 {
 			t.Fatalf("rtm cluster status: exit %d: %s", code, errOut.String())
 		}
 		for _, re := range []string{`(?m)^NAME\s+ROLE\s+STATUS\s+MQTT\s+CONNECTIONS\s+DRAINING\s+LINK\s+QUEUE$`,
@@ -489,7 +495,7 @@ func TestClusterSIGTERMLeaves(t *testing.T) {
 			}
 		}
 		out.Reset()
-		if code := run([]string{"cluster", "status", "--json", "--admin", "http://" + n2.admin + "/"}, &out, &errOut); code != 0 {
+		if code := run([]string{"cluster", "status", "--json", "--admin", "http://" + n2.admin + "/", "--admin-key", testAdminKey}, &out, &errOut); code != 0 {
 			t.Fatalf("rtm cluster status --json: exit %d: %s", code, errOut.String())
 		}
 		var s broker.ClusterStats
@@ -512,10 +518,58 @@ func TestClusterSIGTERMLeaves(t *testing.T) {
 			"--ws-addr", "", "--admin-addr", "127.0.0.1:0", "--gossip-addr", "", "--log-format", "json")
 		admin := alone.listeners(t)["admin"]
 		errOut.Reset()
-		if code := run([]string{"cluster", "status", "--admin", admin}, io.Discard, &errOut); code != 1 ||
+		if code := run([]string{"cluster", "status", "--admin", admin, "--admin-key", testAdminKey}, io.Discard, &errOut); code != 1 ||
 			!strings.Contains(errOut.String(), "404 Not Found (not_clustered): this broker runs alone") {
 			t.Fatalf("status of a broker running alone: exit %d, stderr %q; want 1 and its not_clustered error", code, errOut.String())
 		}
+	})
+
+	// The admin endpoints refuse rtm node and rtm cluster status without
+	// the brokers' admin key (issue 12 item 4); with it, drain and undrain
+	// work and travel in gossip.
+	t.Run("drain needs the admin key", func(t *testing.T) {
+		for _, c := range []struct {
+			name string
+			args []string
+		}{
+			{"drain without a key", []string{"node", "drain", "n2", "--admin", n1.admin}},
+			{"drain with a wrong key", []string{"node", "drain", "n2", "--admin", n1.admin, "--admin-key", "not-the-admin-key-0123"}},
+			{"status without a key", []string{"cluster", "status", "--admin", n1.admin}},
+		} {
+			var errOut strings.Builder
+			if code := run(c.args, io.Discard, &errOut); code != 1 || !strings.Contains(errOut.String(), "401 Unauthorized (unauthorized)") ||
+				!strings.Contains(errOut.String(), "--admin-key") {
+				t.Errorf("%s: exit %d, stderr %q; want 1 and a 401 naming --admin-key", c.name, code, errOut.String())
+			}
+		}
+		draining := func(want bool) {
+			t.Helper()
+			testutil.WaitFor(t, 10*time.Second, func() error {
+				s, err := clusterStats(n1.admin)
+				if err != nil {
+					return err
+				}
+				for _, m := range s.Members {
+					if m.Name == "n2" && m.Draining == want {
+						return nil
+					}
+				}
+				return fmt.Errorf("n1 does not see n2 with draining=%t: %+v", want, s.Members)
+			})
+		}
+		draining(false) // the refused drains changed nothing
+		var out, errOut strings.Builder
+		if code := run([]string{"node", "drain", "n2", "--admin", n1.admin, "--admin-key", testAdminKey}, &out, &errOut); code != 0 ||
+			!strings.Contains(out.String(), "n2 is draining") {
+			t.Fatalf("rtm node drain with the key: exit %d, stdout %q, stderr %q", code, out.String(), errOut.String())
+		}
+		draining(true)
+		out.Reset()
+		if code := run([]string{"node", "undrain", "n2", "--admin", n1.admin, "--admin-key", testAdminKey}, &out, &errOut); code != 0 ||
+			!strings.Contains(out.String(), "n2 takes new devices again") {
+			t.Fatalf("rtm node undrain with the key: exit %d, stdout %q, stderr %q", code, out.String(), errOut.String())
+		}
+		draining(false)
 	})
 
 	if err := n2.p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
@@ -551,7 +605,8 @@ func TestClusterUp(t *testing.T) {
 	t.Parallel()
 	const brokers = 2
 	base := freePortRange(t, 5*brokers, func(p int) bool { return (p-3)%5 == 0 })
-	p := start(t, nil, "cluster", "up", "--brokers", strconv.Itoa(brokers), "--base-port", strconv.Itoa(base), "--data", t.TempDir())
+	// Without RTM_BROKER_ADMIN_KEYS: cluster up generates the admin key.
+	p := start(t, []string{"RTM_BROKER_ADMIN_KEYS"}, "cluster", "up", "--brokers", strconv.Itoa(brokers), "--base-port", strconv.Itoa(base), "--data", t.TempDir())
 	testutil.WaitFor(t, 90*time.Second, func() error {
 		if strings.Contains(p.stdout.String(), "Ctrl-C stops the cluster") {
 			return nil
@@ -596,10 +651,20 @@ func TestClusterUp(t *testing.T) {
 		}
 	}
 
+	m := regexp.MustCompile(`rtm cluster status --admin (\S+) --admin-key (admin-[0-9a-f]{32})\n`).FindStringSubmatch(out)
+	if m == nil || m[1] != nodes["n1"].admin {
+		t.Fatalf("no 'rtm cluster status' line with n1's admin address and the generated admin key:\n%s", out)
+	}
+	adminKey := m[2]
+	var status, errOut strings.Builder
+	if code := run([]string{"cluster", "status", "--admin", m[1], "--admin-key", adminKey}, &status, &errOut); code != 0 || !strings.Contains(status.String(), "Cluster as n1 sees it") {
+		t.Fatalf("the printed rtm cluster status command: exit %d, stdout %q, stderr %q", code, status.String(), errOut.String())
+	}
+
 	sub := testutil.MustV5(t, nodes["n1"].mqtt, "up-sub")
 	sub.Sub(t, "demo/#", 1)
 	testutil.WaitFor(t, 15*time.Second, func() error {
-		s, err := clusterStats(nodes["n2"].admin)
+		s, err := clusterStatsKey(nodes["n2"].admin, adminKey)
 		if err != nil {
 			return err
 		}

@@ -39,6 +39,7 @@ func brokerStats(t *testing.T, admin string) broker.Stats {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+admin+"/v1/stats", nil)
+	req.Header.Set("Authorization", "Bearer "+testAdminKey)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)

@@ -97,6 +97,25 @@ func TestInvalidConfigurationExits2NamingEveryKey(t *testing.T) {
 	}
 }
 
+// TestProductionRolesNeedTheAdminKey: with token auth (the default outside
+// rtm dev), a broker and a push API without broker.admin_keys exit 2 at
+// once naming the key: the admin endpoints they serve or call would refuse
+// everything. (Processes, so that a role that starts anyway is stopped.)
+func TestProductionRolesNeedTheAdminKey(t *testing.T) {
+	t.Parallel()
+	env := []string{"RTM_AUTH_DEVICES=token", "RTM_AUTH_TOKEN_KEYS=token-key-0123456789abcdef",
+		"RTM_BROKER_ADMIN_KEYS", "RTM_PUSHAPI_API_KEYS=api-key-0123456789abcdef"}
+	for _, args := range [][]string{
+		{"broker", "--data", t.TempDir(), "--mqtt-addr", "127.0.0.1:0", "--ws-addr", "", "--admin-addr", "127.0.0.1:0", "--gossip-addr", ""},
+		{"pushapi", "--data", t.TempDir(), "--addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0"},
+	} {
+		p := start(t, env, args...)
+		if code := p.wait(t, 30*time.Second); code != 2 || !strings.Contains(p.stderr.String(), "broker.admin_keys") {
+			t.Errorf("rtm %s without an admin key: exit %d, stderr %q; want 2 naming broker.admin_keys", args[0], code, p.stderr.String())
+		}
+	}
+}
+
 // TestHelpIsAccurate checks that each command's help lists the flags it
 // takes with the defaults it really uses.
 func TestHelpIsAccurate(t *testing.T) {
@@ -131,12 +150,16 @@ type proc struct {
 	done   chan error
 }
 
+// testAdminKey is broker.admin_keys of the brokers started by start.
+const testAdminKey = "test-admin-key-0123456789"
+
 func start(t *testing.T, env []string, args ...string) *proc {
 	t.Helper()
 	p := &proc{cmd: exec.Command(rtmBin, args...), stdout: newLineBuffer(), stderr: newLineBuffer(), done: make(chan error, 1)}
 	// Devices connect without credentials unless a test says otherwise
-	// (later entries win; a bare "KEY" unsets KEY).
-	p.cmd.Env = append(os.Environ(), "RTM_AUTH_DEVICES=anonymous")
+	// (later entries win; a bare "KEY" unsets KEY); the admin endpoints
+	// take testAdminKey.
+	p.cmd.Env = append(os.Environ(), "RTM_AUTH_DEVICES=anonymous", "RTM_BROKER_ADMIN_KEYS="+testAdminKey)
 	for _, kv := range env {
 		if !strings.Contains(kv, "=") {
 			p.cmd.Env = slices.DeleteFunc(p.cmd.Env, func(e string) bool { return strings.HasPrefix(e, kv+"=") })

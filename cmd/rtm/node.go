@@ -25,14 +25,15 @@ func nodeCmd() *cobra.Command {
 }
 
 func nodeDrainCmd(drain bool) *cobra.Command {
-	var admin string
+	var admin, key string
 	var evacuate bool
 	cmd := &cobra.Command{
 		Use:   "undrain NODE",
 		Short: "Let a drained broker take new devices again (stops an evacuation)",
 		Long: `Let a drained broker take new devices again, and stop an evacuation in
 progress. NODE is found in the cluster view of the broker at --admin (any
-node), and asked on its own admin address (POST /v1/undrain).`,
+node), and asked on its own admin address (POST /v1/undrain), with the
+brokers' admin key (--admin-key, or the first key of $RTM_BROKER_ADMIN_KEYS).`,
 		Args: cobra.ExactArgs(1),
 	}
 	if drain {
@@ -46,13 +47,15 @@ another server) with a Server Reference to the broker the router would pick,
 MQTT 3.1.1 devices are disconnected and ask the router again.
 
 NODE is found in the cluster view of the broker at --admin (any node), and
-asked on its own admin address (POST /v1/drain). 'rtm node undrain NODE'
-reverses it.`
+asked on its own admin address (POST /v1/drain), with the brokers' admin key
+(--admin-key, or the first key of $RTM_BROKER_ADMIN_KEYS). 'rtm node undrain
+NODE' reverses it.`
 	}
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
 		ctx, cancel := context.WithTimeout(cmd.Context(), 10*time.Second)
 		defer cancel()
-		target, err := nodeAdmin(ctx, admin, args[0])
+		k := adminKey(key)
+		target, err := nodeAdmin(ctx, admin, args[0], k)
 		if err != nil {
 			return err
 		}
@@ -61,7 +64,7 @@ reverses it.`
 			url = fmt.Sprintf("http://%s/v1/drain?evacuate=%t", target, evacuate)
 		}
 		var st broker.DrainState
-		if err := postJSON(ctx, url, &st); err != nil {
+		if err := postJSON(ctx, url, k, &st); err != nil {
 			return err
 		}
 		switch {
@@ -75,6 +78,7 @@ reverses it.`
 		return nil
 	}
 	cmd.Flags().StringVar(&admin, "admin", defaultAdmin, "admin address (host:port or http:// URL) of any broker of the cluster")
+	addAdminKeyFlag(cmd, &key)
 	if drain {
 		cmd.Flags().BoolVar(&evacuate, "evacuate", false, "also disconnect the node's devices gradually, pointing them at other brokers")
 	}
@@ -83,9 +87,9 @@ reverses it.`
 
 // nodeAdmin returns the admin address of broker name, from the cluster view
 // of the broker at admin.
-func nodeAdmin(ctx context.Context, admin, name string) (string, error) {
+func nodeAdmin(ctx context.Context, admin, name, key string) (string, error) {
 	url := clusterURL(admin)
-	body, err := getOK(ctx, url)
+	body, err := getOK(ctx, url, key)
 	if err != nil {
 		return "", err
 	}
@@ -109,12 +113,13 @@ func nodeAdmin(ctx context.Context, admin, name string) (string, error) {
 	return "", usageError{fmt.Errorf("no broker named %q in the cluster seen by %s (brokers: %s)", name, admin, strings.Join(names, ", "))}
 }
 
-// postJSON POSTs to url and decodes a 200 answer into v.
-func postJSON(ctx context.Context, url string, v any) error {
+// postJSON POSTs to url with the admin key and decodes a 200 answer into v.
+func postJSON(ctx context.Context, url, key string, v any) error {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, nil)
 	if err != nil {
 		return err
 	}
+	setAdminKey(req, key)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return fmt.Errorf("cannot reach %s: %w", url, err)
@@ -122,7 +127,7 @@ func postJSON(ctx context.Context, url string, v any) error {
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("%s: %s: %s", url, resp.Status, strings.TrimSpace(string(body)))
+		return adminError(url, resp, body)
 	}
 	return json.Unmarshal(body, v)
 }

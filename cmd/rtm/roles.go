@@ -25,8 +25,8 @@ func devCmd() *cobra.Command {
 		Short: "Run every role in one process with the embedded store (for development)",
 		Long: `Run every role of rtm in one process: the MQTT broker, the router, the push
 API and the embedded MongoDB-compatible store (in <data>/store, default
-./data/store). Unless configured, an API key and a device-token key are
-generated at start; the banner prints the API key.
+./data/store). Unless configured, an API key, a device-token key and an admin
+key are generated at start; the banner prints the API and admin keys.
 
 Listeners bind to 127.0.0.1 by default and anonymous devices are allowed, so
 do not expose 'rtm dev' to a network. Stop it with Ctrl-C.`,
@@ -66,8 +66,8 @@ On a host that also runs a broker, give it another gossip port
 }
 
 // devSecrets fills the keys rtm dev needs and the user did not set: an API
-// key (printed in the banner) and a device-token key (which the push API
-// signs its own connection with).
+// key and an admin key (printed in the banner) and a device-token key
+// (which the push API signs its own connection with).
 func devSecrets(cfg *config.Config) {
 	random := func() string {
 		var b [24]byte
@@ -79,6 +79,9 @@ func devSecrets(cfg *config.Config) {
 	}
 	if cfg.Auth.TokenKeys == "" {
 		cfg.Auth.TokenKeys = random()
+	}
+	if cfg.Broker.AdminKeys == "" {
+		cfg.Broker.AdminKeys = "admin-" + random()
 	}
 }
 
@@ -113,7 +116,8 @@ func brokerCmd() *cobra.Command {
 		Short: "Run an MQTT broker node",
 		Long: `Run one MQTT 3.1.1/5.0 broker node: TCP, WebSocket (/mqtt), and TLS and
 secure WebSocket when broker.tls_cert and broker.tls_key are set, plus the
-admin HTTP server (/healthz, /readyz, /metrics, /v1/stats).
+admin HTTP server (/healthz, /readyz, /metrics open; /v1/... with a key of
+broker.admin_keys, required with auth.devices=token).
 
 The broker uses the store given by --store-uri, or starts the embedded one in
 <data>/store. SIGINT or SIGTERM stops it gracefully: it stops accepting,
@@ -180,6 +184,7 @@ func printBanner(w io.Writer, cfg config.Config, a *app.App) {
 	}
 	admin := "http://" + b.Addr(broker.ListenerAdmin)
 	fmt.Fprintf(tw, "  Admin\t%s/healthz  %s/readyz  %s/metrics  %s/v1/stats\n", admin, admin, admin, admin)
+	fmt.Fprintf(tw, "  Admin key\t%s\n", cfg.Broker.AdminKeyList()[0])
 	if r := a.Router(); r != nil {
 		fmt.Fprintf(tw, "  Router\thttp://%s/v1/route?client_id=ID  http://%s/v1/nodes\n", r.Addr(), r.Addr())
 	}

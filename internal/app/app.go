@@ -120,7 +120,11 @@ func (a *App) routerOptions(cc config.Cluster) router.Options {
 }
 
 func (a *App) pushOptions(cc config.Cluster) pushapi.Options {
-	return pushapi.Options{Config: a.cfg.PushAPI, Auth: a.cfg.Auth, Cluster: cc, Store: a.store,
+	var adminKey string
+	if keys := a.cfg.Broker.AdminKeyList(); len(keys) > 0 {
+		adminKey = keys[0]
+	}
+	return pushapi.Options{Config: a.cfg.PushAPI, Auth: a.cfg.Auth, AdminKey: adminKey, Cluster: cc, Store: a.store,
 		Version: a.opts.Version, Logger: a.opts.Logger, Registry: a.opts.Registry}
 }
 

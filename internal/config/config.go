@@ -89,7 +89,8 @@ type Broker struct {
 	WSSAddr       string `koanf:"wss_addr" doc:"MQTT over secure WebSocket listen address, path /mqtt; used only when tls_cert and tls_key are set."`
 	TLSCert       string `koanf:"tls_cert" doc:"PEM certificate file (chain) for the TLS and WSS listeners."`
 	TLSKey        string `koanf:"tls_key" secret:"path" doc:"PEM private key file for the TLS and WSS listeners."`
-	AdminAddr     string `koanf:"admin_addr" doc:"Admin HTTP listen address: /healthz, /readyz, /metrics, /v1/stats."`
+	AdminAddr     string `koanf:"admin_addr" doc:"Admin HTTP listen address: /healthz, /readyz and /metrics (open), /v1/... (need an admin key)."`
+	AdminKeys     string `koanf:"admin_keys" secret:"value" doc:"Comma-separated keys of at least 16 characters accepted on the admin /v1 endpoints as 'Authorization: Bearer <key>' (drain, server-side subscriptions, kicks, stats, cluster view); the push API and rtm node send the first. Required with auth.devices=token; without one the /v1 endpoints answer 403. rtm dev and rtm cluster up generate one."`
 	Capacity      int    `koanf:"capacity" doc:"Maximum concurrent client connections of this node; CONNECTs beyond it are refused (v5 0x97, v3 code 3)."`
 	MaxPacketSize int    `koanf:"max_packet_size" doc:"Largest MQTT packet accepted, in bytes; larger packets close the connection (v5 0x95)."`
 	MaxInflight   int    `koanf:"max_inflight" doc:"Receive Maximum: QoS 1/2 messages a client may have unacknowledged in each direction (1-65535)."`
@@ -135,14 +136,21 @@ type Broker struct {
 	ShutdownTimeout     time.Duration `koanf:"shutdown_timeout" doc:"Bound on a graceful shutdown; past it the process exits anyway."`
 }
 
+// AdminKeyList returns the keys of broker.admin_keys, the one to send first.
+func (b Broker) AdminKeyList() []string { return splitList(b.AdminKeys) }
+
 // Cluster configures membership (Serf gossip) and the node link between
 // brokers.
 type Cluster struct {
 	GossipAddr     string        `koanf:"gossip_addr" doc:"Gossip (Serf) listen address, TCP and UDP. Empty disables clustering: the broker runs alone."`
 	AdvertiseHost  string        `koanf:"advertise_host" doc:"Host other nodes and devices reach this node at (published in gossip tags). Empty: the gossip bind IP, or a private IP of this machine when bound to all interfaces."`
 	Join           string        `koanf:"join" doc:"Comma-separated gossip addresses (host:port) of members to join, retried with backoff until one answers. Empty starts a new cluster."`
-	Secret         string        `koanf:"secret" secret:"value" doc:"Shared cluster secret: encrypts gossip and authenticates node links. Empty: no authentication (warned at start)."`
+	Secret         string        `koanf:"secret" secret:"value" doc:"Shared cluster secret: encrypts gossip, authenticates node links and (without link_tls_cert) keys their TLS. Empty: no authentication and no link encryption (warned at start)."`
 	LinkAddr       string        `koanf:"link_addr" doc:"Node link listen address: forwarded messages, routes, retained messages and sessions between brokers."`
+	LinkTLS        string        `koanf:"link_tls" doc:"Node link encryption: auto (mutual TLS 1.3 with link_tls_cert/key/ca when set, else with a certificate derived from cluster.secret and pinned by every node, else plaintext, warned) or off (plaintext, warned: only while upgrading a cluster whose older nodes speak plaintext). Every node of a cluster must agree."`
+	LinkTLSCert    string        `koanf:"link_tls_cert" doc:"PEM certificate (chain) this node presents on node links; with link_tls_key and link_tls_ca."`
+	LinkTLSKey     string        `koanf:"link_tls_key" secret:"path" doc:"PEM private key of link_tls_cert."`
+	LinkTLSCA      string        `koanf:"link_tls_ca" doc:"PEM CA certificate(s) that node link peers' certificates must chain to: any certificate it issued is accepted as a node, so use a CA of the cluster's own."`
 	LinkAdvertise  string        `koanf:"link_advertise_addr" doc:"Node link address published to peers (host:port), when it differs from link_addr as they see it (NAT, port mapping, a proxy). Empty: link_addr with advertise_host."`
 	LinkQueueBytes int           `koanf:"link_queue_bytes" doc:"Bytes of messages held per peer while its link is slow or down. Beyond it a QoS 1/2 publish that needs that peer is refused (v5 PUBACK/PUBREC 0x97, v3.1.1 connection closed) and QoS 0 is dropped; both are counted (rtm_broker_messages_dropped_total{reason=\"link_queue_full\"})."`
 	FailedPeerHold time.Duration `koanf:"failed_peer_hold" doc:"How long the messages queued for a peer that gossip marks failed are kept, and resent if the same process comes back; after it, or at once if the peer leaves or comes back restarted, they are dropped and counted. 0 drops them when the peer is marked failed."`
@@ -194,6 +202,7 @@ func Defaults() Config {
 		Cluster: Cluster{
 			GossipAddr:     ":7946",
 			LinkAddr:       ":7947",
+			LinkTLS:        "auto",
 			LinkQueueBytes: 64 << 20,
 			FailedPeerHold: 2 * time.Minute,
 			ProbeInterval:  time.Second,

@@ -71,6 +71,12 @@ func (c Cluster) check(v *validator) {
 	}
 	v.addr("cluster.link_addr", c.LinkAddr, false)
 	v.addr("cluster.link_advertise_addr", c.LinkAdvertise, true)
+	if c.LinkTLS != "" { // "": a Cluster built in code, auto
+		v.oneOf("cluster.link_tls", c.LinkTLS, "auto", "off")
+	}
+	if set := btoi(c.LinkTLSCert != "") + btoi(c.LinkTLSKey != "") + btoi(c.LinkTLSCA != ""); set != 0 && set != 3 {
+		v.bad("cluster.link_tls_cert", c.LinkTLSCert, "link_tls_cert, link_tls_key and link_tls_ca must be set together")
+	}
 	if strings.ContainsAny(c.AdvertiseHost, " :/") && net.ParseIP(c.AdvertiseHost) == nil {
 		v.bad("cluster.advertise_host", c.AdvertiseHost, "want a host name or IP address, without a port")
 	}
@@ -90,6 +96,13 @@ func (c Cluster) check(v *validator) {
 	if c.ClaimTimeout <= 0 {
 		v.bad("cluster.claim_timeout", c.ClaimTimeout.String(), "must be positive")
 	}
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // Seeds returns the gossip addresses of cluster.join.
@@ -182,6 +195,12 @@ func (b Broker) check(v *validator) {
 	v.addr("broker.tls_addr", b.TLSAddr, true)
 	v.addr("broker.wss_addr", b.WSSAddr, true)
 	v.addr("broker.admin_addr", b.AdminAddr, false)
+	for _, k := range b.AdminKeyList() {
+		if len(k) < 16 {
+			v.bad("broker.admin_keys", "xxxxx", "every key needs at least 16 characters")
+			break
+		}
+	}
 	if (b.TLSCert == "") != (b.TLSKey == "") {
 		v.bad("broker.tls_cert", b.TLSCert, "tls_cert and tls_key must be set together")
 	}
@@ -232,6 +251,17 @@ func (b Broker) check(v *validator) {
 	if b.ShutdownTimeout <= 0 {
 		v.bad("broker.shutdown_timeout", b.ShutdownTimeout.String(), "must be positive")
 	}
+}
+
+// RequireAdminKeys reports a broker whose admin endpoints nobody could use
+// although it runs in production mode (auth.devices=token): drain and the
+// push API's server-side subscriptions and kicks need an admin key.
+func (b Broker) RequireAdminKeys(a Auth) error {
+	if a.Devices == "token" && len(b.AdminKeyList()) == 0 {
+		return &FieldError{Key: "broker.admin_keys", Value: "",
+			Why: "required with auth.devices=token: the admin /v1 endpoints (drain, server-side subscriptions, kicks) accept only a key of it (or set auth.devices=anonymous)"}
+	}
+	return nil
 }
 
 // validator collects FieldErrors.

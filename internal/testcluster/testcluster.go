@@ -21,6 +21,9 @@ import (
 // Secret is the cluster secret of every node started here.
 const Secret = "test secret"
 
+// AdminKey is the admin key (broker.admin_keys) of every node started here.
+const AdminKey = "test-admin-key-0123456789"
+
 // Broker starts a broker named name, joined to the gossip address seed
 // ("" starts a new cluster). mutate, if not nil, changes its options first
 // (capacity, auth, store; an empty Cluster.GossipAddr runs it alone).
@@ -29,6 +32,7 @@ func Broker(t testing.TB, name, seed string, mutate func(*broker.Options)) *brok
 	cfg := config.Defaults().Broker
 	cfg.NodeName = name
 	cfg.MQTTAddr, cfg.WSAddr, cfg.AdminAddr = "127.0.0.1:0", "", "127.0.0.1:0"
+	cfg.AdminKeys = AdminKey
 	cc := config.Defaults().Cluster
 	cc.GossipAddr, cc.LinkAddr, cc.Join, cc.Secret = "127.0.0.1:0", "127.0.0.1:0", seed, Secret
 	auth := config.Defaults().Auth
