@@ -24,6 +24,9 @@ type Server struct {
 	wg   sync.WaitGroup
 
 	authFailures atomic.Int64
+	failMu       sync.Mutex
+	failLogged   time.Time // when a failed handshake was last logged
+	failUnlogged int64     // failed handshakes not logged since
 
 	mu     sync.Mutex
 	closed bool
@@ -304,8 +307,24 @@ func (s *Server) handshakeFailed(remote string, err error) {
 		err = fmt.Errorf("handshake not done within %v: %w", s.cfg.HandshakeTimeout, err)
 	}
 	s.authFailures.Add(1)
-	s.log.Warn("link handshake failed", "remote_addr", remote, "error", err)
+	// Anyone who reaches the port can fail handshakes by the thousand: log
+	// the first at once, then at most one line a second, saying how many
+	// were not logged (all are counted in the stats).
+	s.failMu.Lock()
+	now := time.Now()
+	if now.Sub(s.failLogged) < failLogInterval {
+		s.failUnlogged++
+		s.failMu.Unlock()
+		return
+	}
+	unlogged := s.failUnlogged
+	s.failLogged, s.failUnlogged = now, 0
+	s.failMu.Unlock()
+	s.log.Warn("link handshake failed", "remote_addr", remote, "error", err, "failed_since_last_line", unlogged)
 }
+
+// failLogInterval is the least time between two logged handshake failures.
+const failLogInterval = time.Second
 
 // claim makes c the active connection of hello's sender. A sender has at
 // most one: an older connection is closed and waited for, so its Deliver

@@ -75,6 +75,23 @@ func (b *LogBuffer) Stop() {
 	b.done = true
 }
 
+// Count returns how many lines hold every one of parts.
+func (b *LogBuffer) Count(parts ...string) int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	n := 0
+	for _, line := range strings.Split(b.buf.String(), "\n") {
+		ok := line != ""
+		for _, p := range parts {
+			ok = ok && strings.Contains(line, p)
+		}
+		if ok {
+			n++
+		}
+	}
+	return n
+}
+
 // Contains reports whether any line holds every one of parts.
 func (b *LogBuffer) Contains(parts ...string) bool {
 	b.mu.Lock()
