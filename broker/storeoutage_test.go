@@ -97,8 +97,11 @@ func readyz(t *testing.T, b *broker.Broker) (int, broker.Readiness) {
 // and a push subscription recorded for one of them is applied.
 func TestStoreOutage(t *testing.T) {
 	o := newOutageStore(t)
+	log, logs := testutil.Logger(t)
+	t.Cleanup(logs.Stop)
 	b := testcluster.Broker(t, "outage-node", "", func(opts *broker.Options) {
 		opts.Cluster.GossipAddr, opts.Store, opts.Auth.TokenKeys = "", o.st, testTokenKey
+		opts.Logger = log
 	})
 	ctx := testutil.Context(t, 4*waitCond)
 	dialV5(t, b, &paho.Connect{ClientID: "stays", CleanStart: true})
@@ -148,6 +151,10 @@ func TestStoreOutage(t *testing.T) {
 		}
 		return nil
 	})
+	// The outage is said once, not once per device that connects in it.
+	if n := logs.Count("level=WARN", "store"); n != 1 {
+		t.Errorf("%d WARN lines about the store for one outage and 22 connects, want 1", n)
+	}
 	metrics := getText(t, "http://"+b.Addr(broker.ListenerAdmin)+"/metrics")
 	if !strings.Contains(metrics, "rtm_broker_store_up 0") || !strings.Contains(metrics, "rtm_broker_store_pending_writes") {
 		t.Errorf("/metrics lacks the store's state:\n%s", grepLines(metrics, "rtm_broker_store"))
