@@ -451,6 +451,11 @@ type Stats struct {
 	Subscriptions    int64 `json:"subscriptions"`
 	// Retained counts retained messages held, mochi's $SYS topics included.
 	Retained int64 `json:"retained"`
+	// Inflight is mochi's Info.Inflight: the QoS 1/2 packets held in
+	// sessions. Besides messages for subscribers it counts a publisher's
+	// QoS 2 PUBREC until its PUBREL and, briefly, its QoS 1 PUBACK: mochi
+	// holds it from receipt until just after it is written, so a client can
+	// have its PUBACK while it is still counted.
 	Inflight int64 `json:"inflight"`
 
 	MessagesReceived int64 `json:"messages_received"`
