@@ -14,9 +14,9 @@ func TestInvalidUTF8(t *testing.T) {
 	}{
 		{`{"payload":"plain"}`, -1},
 		{`{"payload":"h\u00e9 \ud83d\ude00"}`, -1}, // é and a surrogate pair (😀)
-		{"{\"payload\":\"h\xc3\xa9\"}", -1},         // é as UTF-8
-		{`{"payload":"\\ud800"}`, -1},               // an escaped backslash, then text
-		{`{"payload":"\ufffd"}`, -1},                // U+FFFD asked for is kept
+		{"{\"payload\":\"h\xc3\xa9\"}", -1},        // é as UTF-8
+		{`{"payload":"\\ud800"}`, -1},              // an escaped backslash, then text
+		{`{"payload":"\ufffd"}`, -1},               // U+FFFD asked for is kept
 		{"{\"payload\":\"\xff\"}", 12},
 		{`{"payload":"x\ud800"}`, 13},
 		{`{"payload":"\ud800\u0041"}`, 12},
