@@ -101,7 +101,6 @@ type Readiness struct {
 	Store      string `json:"store"`
 	StoreError string `json:"store_error,omitempty"`
 	Pending    int64  `json:"store_pending_writes,omitempty"`
-	Checks     string `json:"checks,omitempty"` // Options.Ready's error
 }
 
 // readyz is 200 while the broker can serve MQTT: its listeners serve and
@@ -115,13 +114,6 @@ func (a *adminServer) readyz(w http.ResponseWriter, r *http.Request) {
 		res.Store, res.StoreError, res.Pending = "up", s.Error, s.Pending
 		if !s.Up {
 			res.Store = "down"
-		}
-	}
-	if check := a.b.opts.Ready; check != nil {
-		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
-		defer cancel()
-		if err := check(ctx); err != nil {
-			res.Checks = err.Error()
 		}
 	}
 	if !a.b.Ready() {

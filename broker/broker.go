@@ -75,10 +75,6 @@ type Options struct {
 	// Registry receives the broker's metrics and is served on /metrics;
 	// nil means a new registry with the Go and process collectors.
 	Registry *prometheus.Registry
-	// Ready, when set, is asked by /readyz and reported in its body as
-	// "checks"; it does not make the broker unready: readiness means the
-	// broker serves MQTT, which needs nothing else.
-	Ready func(context.Context) error
 	// Store, when set, receives device presence and push subscriptions
 	// made over MQTT, and is asked for a device's push subscriptions when
 	// it connects (see devicesHook).

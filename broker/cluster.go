@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"iter"
 	"log/slog"
 	"maps"
 	"net"
@@ -476,11 +477,27 @@ func (c *clusterNode) onRoute(filter string, added bool) {
 		delete(c.localRoutes, filter)
 	}
 	body := routeDeltaMsg{Version: c.routeVer, Added: added, Filter: filter}.encode()
-	for _, p := range c.peers {
+	for p := range c.linkedLocked() {
 		// Reliable: a delta lost to a reconnect is sent again (and ignored
 		// if the snapshot that opens the new connection covers it).
 		if !p.link.Send(link.Message{Type: msgRouteDelta, Body: body}, true) {
 			c.log.Error("route update not queued: link queue full; the peer resyncs on reconnect", "peer", p.name, "filter", filter)
+		}
+	}
+}
+
+// linkedLocked yields every peer with a link: alive ones and held ones.
+// Route and retained updates go to held peers too: a peer marked failed
+// while its link stays connected gets no snapshot when it heals, so an
+// update skipped during the suspicion would be missing for good.
+func (c *clusterNode) linkedLocked() iter.Seq[*peer] {
+	return func(yield func(*peer) bool) {
+		for _, set := range []map[string]*peer{c.peers, c.held} {
+			for _, p := range set {
+				if !yield(p) {
+					return
+				}
+			}
 		}
 	}
 }
@@ -717,7 +734,7 @@ func (c *clusterNode) forwardRetained(pk packets.Packet, counted map[string]bool
 	}
 	var missed []miss
 	c.mu.Lock()
-	for _, p := range c.peers {
+	for p := range c.linkedLocked() {
 		if err := p.link.Queue(link.Message{Type: msgRetained, Body: body}, true); err != nil && !counted[p.name] {
 			missed = append(missed, miss{p.name, linkDropReason(err)})
 		}

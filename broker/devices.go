@@ -167,9 +167,13 @@ func (h *devicesHook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
 	if !ok {
 		return
 	}
-	h.reapplyMu.Lock()
-	delete(h.unsubscribed, cl.ID)
-	h.reapplyMu.Unlock()
+	// A takeover's old connection may end after the new one unsubscribed
+	// from channels: those marks are the new connection's to keep.
+	if cur, ok := h.b.mq.Clients.Get(cl.ID); !ok || cur == cl {
+		h.reapplyMu.Lock()
+		delete(h.unsubscribed, cl.ID)
+		h.reapplyMu.Unlock()
+	}
 	h.enqueue(deviceOp{presence: &store.PresenceUpdate{ClientID: cl.ID, Node: h.b.cfg.NodeName, Conn: v.(connRecord).id, At: time.Now()}})
 }
 

@@ -64,3 +64,32 @@ func TestClusterGracefulStopDeliversQueued(t *testing.T) {
 		t.Errorf("%d QoS 1 messages dropped as link_closed", d)
 	}
 }
+
+// TestClusterHeldLinkCarriesRouteChanges: gossip marks a peer failed while
+// the link to it stays connected (lost probes, a pause); subscriptions made
+// here during the suspicion still reach the peer, so once it heals it
+// forwards what they match. Before the fix route updates went to live peers
+// only, the held link was never reconnected (no snapshot), and the peer
+// never learnt the route: its publishes were lost without a count.
+func TestClusterHeldLinkCarriesRouteChanges(t *testing.T) {
+	nodes := startCluster(t, 2)
+	n0, n1 := nodes[0], nodes[1]
+	markFailed(n0, n1.Name())
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n0, n1.Name()); st != "held" {
+			return fmt.Errorf("n0's link to n1 %q, want held", st)
+		}
+		return nil
+	})
+	late := testutil.MustV5(t, n0.Addr(broker.ListenerTCP), "late")
+	late.Sub(t, "late/t", 1)
+
+	n0.SetTestMembers(nil)
+	waitMesh(t, nodes...)
+	waitRoutes(t, nodes, n0, 1)
+	pub := testutil.MustV5(t, n1.Addr(broker.ListenerTCP), "pub")
+	pub.Pub(t, "late/t", 1, false, "after the suspicion")
+	if m := late.Next(t, waitMsg); string(m.Payload) != "after the suspicion" {
+		t.Fatalf("got %q", m.Payload)
+	}
+}

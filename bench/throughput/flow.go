@@ -26,7 +26,7 @@ import (
 type uniq struct {
 	mu   sync.Mutex
 	seen map[uint64]struct{}
-	dups int64
+	dups atomic.Int64
 	n    atomic.Int64
 	last atomic.Int64 // Mono() of the last new message
 }
@@ -40,8 +40,8 @@ func (u *uniq) hit(p *paho.Publish) {
 	k := binary.BigEndian.Uint64(p.Payload)
 	u.mu.Lock()
 	if _, ok := u.seen[k]; ok {
-		u.dups++
 		u.mu.Unlock()
+		u.dups.Add(1)
 		return
 	}
 	u.seen[k] = struct{}{}
@@ -169,13 +169,13 @@ func runBurst(ctx context.Context, t *target, p params, tag string) (res result)
 	}
 	u.settle(ctx, acked, p.idle)
 	res.received = u.n.Load()
-	res.dups = u.dups
+	res.dups = u.dups.Load()
 	res.values = map[string]float64{
 		"delivered": 100 * float64(res.received) / float64(max(acked, 1)),
 		"rate":      float64(res.received) / time.Duration(max(u.last.Load()-start, 1)).Seconds(),
 	}
 	if failed > 0 {
-		res.fail("%d publishes failed (first: %v)", failed, pubs[0].firstErr.Load())
+		res.fail("%d publishes failed (first: %v)", failed, firstErr(pubs))
 	}
 	return res
 }
@@ -225,7 +225,7 @@ func runFanIn1(ctx context.Context, t *target, p params, tag string) (res result
 	cpu := t.cpuSeconds() - cpu0
 	res.expected = acked
 	res.received = u.n.Load()
-	res.dups = u.dups
+	res.dups = u.dups.Load()
 	res.values = map[string]float64{
 		"rate":      float64(res.received) / time.Duration(max(u.last.Load()-start, 1)).Seconds(),
 		"delivered": 100 * float64(res.received) / float64(max(acked, 1)),
@@ -235,7 +235,7 @@ func runFanIn1(ctx context.Context, t *target, p params, tag string) (res result
 		res.values["percpu"] = float64(res.received) / cpu
 	}
 	if failed > 0 {
-		res.fail("%d publishes failed (first: %v)", failed, pubs[0].firstErr.Load())
+		res.fail("%d publishes failed (first: %v)", failed, firstErr(pubs))
 	}
 	return res
 }
@@ -303,7 +303,7 @@ func runStuck(ctx context.Context, t *target, p params, tag string) (res result)
 		u.settle(ctx, pub.acked.Load(), p.idle)
 		res.expected += int64(p.stuckMsgs)
 		res.received += u.n.Load()
-		res.dups += u.dups
+		res.dups += u.dups.Load()
 		if n := pub.failed.Load(); n > 0 {
 			return 0, fmt.Errorf("%d pair publishes failed (first: %v)", n, pub.firstErr.Load())
 		}
@@ -397,4 +397,14 @@ func (t *target) cpuSeconds() float64 {
 	utime, _ := strconv.ParseFloat(f[11], 64)
 	stime, _ := strconv.ParseFloat(f[12], 64)
 	return (utime + stime) / 100 // USER_HZ, 100 on Linux
+}
+
+// firstErr is the first error any of pubs recorded.
+func firstErr(pubs []*qos1Publisher) any {
+	for _, pb := range pubs {
+		if e := pb.firstErr.Load(); e != nil {
+			return e
+		}
+	}
+	return nil
 }

@@ -45,6 +45,9 @@ func brokerStats(t *testing.T, admin string) broker.Stats {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /v1/stats: HTTP %d", resp.StatusCode) // an error body would decode as zero counters
+	}
 	var s broker.Stats
 	if err := json.NewDecoder(resp.Body).Decode(&s); err != nil {
 		t.Fatal(err)
@@ -96,6 +99,13 @@ type uniqueCounter struct {
 
 func newUniqueCounter() *uniqueCounter { return &uniqueCounter{seen: map[uint64]bool{}} }
 
+// duplicates returns how many payloads arrived more than once.
+func (u *uniqueCounter) duplicates() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.dups
+}
+
 func (u *uniqueCounter) add(payload []byte) {
 	if len(payload) < 8 {
 		return
@@ -116,12 +126,28 @@ func (u *uniqueCounter) add(payload []byte) {
 // were acknowledged with success. Payloads are unique (publisher, seq).
 func publishBurst(t *testing.T, addr, tag, topic string, pubs, per, window int) int64 {
 	t.Helper()
+	return publishFrom(t, dialPublishers(t, addr, tag, pubs), topic, per, window)
+}
+
+// dialPublishers connects n MQTT 5 publishers (on the test's goroutine:
+// dialPaho may call t.Fatal).
+func dialPublishers(t *testing.T, addr, tag string, n int) []*paho.Client {
+	t.Helper()
+	cs := make([]*paho.Client, n)
+	for p := range cs {
+		cs[p] = dialPaho(t, addr, fmt.Sprintf("%s-pub-%d", tag, p), nil)
+	}
+	return cs
+}
+
+// publishFrom is publishBurst with connected clients; it may run on any
+// goroutine (it reports with t.Errorf only).
+func publishFrom(t *testing.T, clients []*paho.Client, topic string, per, window int) int64 {
 	var acked, failed atomic.Int64
 	var wg sync.WaitGroup
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	for p := range pubs {
-		c := dialPaho(t, addr, fmt.Sprintf("%s-pub-%d", tag, p), nil)
+	for p, c := range clients {
 		var next atomic.Int64
 		for range window {
 			wg.Add(1)
@@ -181,7 +207,7 @@ func TestBurstToOneSubscriberDeliversAll(t *testing.T) {
 	acked := publishBurst(t, mqttAddr, "burst", "burst/t", burstPublishers, burstPerPub, burstWindow)
 	n := waitDelivered(t, got.n.Load, want)
 	st := brokerStats(t, admin)
-	t.Logf("acknowledged %d, delivered %d (dups %d), dropped %v, backpressure %+v", acked, n, got.dups, st.DroppedByReason, st.Backpressure)
+	t.Logf("acknowledged %d, delivered %d (dups %d), dropped %v, backpressure %+v", acked, n, got.duplicates(), st.DroppedByReason, st.Backpressure)
 	if acked != want {
 		t.Errorf("acknowledged %d of %d", acked, want)
 	}
@@ -211,7 +237,7 @@ func TestBurstToOneSubscriberV3DeliversAll(t *testing.T) {
 	acked := publishBurst(t, mqttAddr, "burst3", "burst/t", burstPublishers, burstPerPub, burstWindow)
 	n := waitDelivered(t, got.n.Load, want)
 	st := brokerStats(t, admin)
-	t.Logf("acknowledged %d, delivered %d (dups %d), dropped %v, backpressure %+v", acked, n, got.dups, st.DroppedByReason, st.Backpressure)
+	t.Logf("acknowledged %d, delivered %d (dups %d), dropped %v, backpressure %+v", acked, n, got.duplicates(), st.DroppedByReason, st.Backpressure)
 	if n != want || acked != want {
 		t.Errorf("acknowledged %d, delivered %d, want %d", acked, n, want)
 	}
@@ -237,7 +263,7 @@ func TestBurstAcrossNodesDeliversAll(t *testing.T) {
 	acked := publishBurst(t, n1.mqtt, "xburst", "xburst/t", burstPublishers, burstPerPub, burstWindow)
 	n := waitDelivered(t, got.n.Load, want)
 	st := brokerStats(t, n2.admin)
-	t.Logf("acknowledged %d, delivered %d (dups %d), subscriber node dropped %v, backpressure %+v", acked, n, got.dups, st.DroppedByReason, st.Backpressure)
+	t.Logf("acknowledged %d, delivered %d (dups %d), subscriber node dropped %v, backpressure %+v", acked, n, got.duplicates(), st.DroppedByReason, st.Backpressure)
 	if n != want || acked != want {
 		t.Errorf("acknowledged %d, delivered %d, want %d", acked, n, want)
 	}
@@ -307,15 +333,16 @@ func TestStuckSubscriberDoesNotStallOthers(t *testing.T) {
 	var wg sync.WaitGroup
 	var pairAcked, sharedAcked int64
 	var sharedTook time.Duration
+	pairPubs, sharedPubs := dialPublishers(t, mqttAddr, "pair", 1), dialPublishers(t, mqttAddr, "shared", 1)
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		pairAcked = publishBurst(t, mqttAddr, "pair", "pair/t", 1, pair, 16)
+		pairAcked = publishFrom(t, pairPubs, "pair/t", pair, 16)
 	}()
 	go func() {
 		defer wg.Done()
 		start := time.Now()
-		sharedAcked = publishBurst(t, mqttAddr, "shared", "shared/t", 1, shared, 16)
+		sharedAcked = publishFrom(t, sharedPubs, "shared/t", shared, 16)
 		sharedTook = time.Since(start)
 	}()
 	wg.Wait()

@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rtm-dev/rtm/internal/testcluster"
 	"github.com/rtm-dev/rtm/internal/testutil"
 )
 
@@ -151,7 +152,7 @@ type proc struct {
 }
 
 // testAdminKey is broker.admin_keys of the brokers started by start.
-const testAdminKey = "test-admin-key-0123456789"
+const testAdminKey = testcluster.AdminKey
 
 func start(t *testing.T, env []string, args ...string) *proc {
 	t.Helper()

@@ -357,10 +357,10 @@ func TestStuckClientMemoryBounded(t *testing.T) {
 	}
 	var wg sync.WaitGroup
 	var acked atomic.Int64
+	pub := dialPaho(t, mqttAddr, "big-pub", nil) // here: dialPaho may call t.Fatal
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		pub := dialPaho(t, mqttAddr, "big-pub", nil)
 		payload := make([]byte, size)
 		for i := 0; i < qos1Msgs; i++ {
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)

@@ -388,6 +388,9 @@ func (cl *Client) ResendInflightMessages(force bool) error {
 
 		cl.ops.hooks.OnQosPublish(cl, tk, tk.Created, 0)
 		err := cl.WritePacket(tk)
+		if errors.Is(err, packets.ErrPacketTooLarge) {
+			continue // rtm patch 31: dropped and reported by discardTooLarge; send the rest
+		}
 		if err != nil {
 			return err
 		}
@@ -818,6 +821,7 @@ func (cl *Client) discardTooLarge(pk packets.Packet) {
 		if pk.FixedHeader.Qos > 0 && cl.State.Inflight.Delete(pk.PacketID) {
 			atomic.AddInt64(&cl.ops.info.Inflight, -1)
 			cl.State.Inflight.IncreaseSendQuota()
+			cl.flowDrained() // rtm patch 20: a place in the session is free
 		}
 		cl.ops.hooks.OnPublishDropped(cl, pk)
 	}

@@ -54,7 +54,9 @@ func (s *Server) DeliverFromPeer(pk packets.Packet, shared func(route string) bo
 	var deadline time.Time
 	for id, sub := range subscribers.Subscriptions {
 		if cl, ok := s.Clients.Get(id); ok {
-			cl = s.pace(nil, cl, &deadline)
+			if cl = s.pace(nil, cl, sub.Filter, &deadline); cl == nil {
+				continue
+			}
 			if _, err := s.publishToClient(cl, sub, pk); err != nil {
 				s.Log.Debug("failed publishing packet from peer", "error", err, "client", cl.ID)
 			}

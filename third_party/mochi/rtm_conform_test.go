@@ -6,6 +6,7 @@ package mqtt
 
 import (
 	"bytes"
+	"encoding/binary"
 	"io"
 	"net"
 	"strings"
@@ -278,4 +279,49 @@ func TestConnackAdvertisesTopicAliasMaximum(t *testing.T) {
 	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connack, Remaining: len(body)}, ProtocolVersion: 5}
 	require.NoError(t, pk.ConnackDecode(body))
 	require.Equal(t, uint16(64), pk.Properties.TopicAliasMaximum)
+}
+
+// TestResendSkipsPacketTooLarge (patch 31): a message queued for a session
+// while its client was away, larger than the Maximum Packet Size the client
+// now connects with, is dropped (reported) when the session is resent, and
+// the messages after it are still sent; the resend does not fail, which
+// failed the reconnect.
+func TestResendSkipsPacketTooLarge(t *testing.T) {
+	s := newServer()
+	drops := &dropCountHook{dropped: make(chan packets.Packet, 10)}
+	require.NoError(t, s.AddHook(drops, nil))
+	r, w := net.Pipe()
+	defer func() { _ = r.Close(); _ = w.Close() }()
+	cl := s.NewClient(w, "t", "small", false)
+	cl.Properties.ProtocolVersion = 5
+	cl.Properties.Props.MaximumPacketSize = 64
+	for i, size := range []int{10, 500, 20} { // in this order: resent in the order queued
+		cl.State.Inflight.Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+			TopicName: "a/b", PacketID: uint16(i + 1), Payload: make([]byte, size)})
+	}
+	got := make(chan uint16, 10)
+	go func() {
+		for {
+			hdr, body, err := readRawPacket(r)
+			if err != nil {
+				close(got)
+				return
+			}
+			if hdr>>4 == packets.Publish {
+				got <- binary.BigEndian.Uint16(body[2+len("a/b"):])
+			}
+		}
+	}()
+	require.NoError(t, cl.ResendInflightMessages(true))
+	for _, want := range []uint16{1, 3} {
+		select {
+		case id := <-got:
+			require.Equal(t, want, id)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("message %d not resent", want)
+		}
+	}
+	require.Equal(t, uint16(2), (<-drops.dropped).PacketID)
+	_, held := cl.State.Inflight.Get(2)
+	require.False(t, held, "the dropped message left the session")
 }

@@ -5,9 +5,12 @@
 package mqtt
 
 import (
+	"errors"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
 )
 
 // FlowControl configures how a publisher is paced by a subscriber that
@@ -171,8 +174,9 @@ func (cl *Client) flowDrained() {
 // pub is the publishing client (nil for a message from a peer server);
 // deadline is shared by all subscribers of one message: zero until the
 // first wait sets it to now + MaxWait. It returns the client to deliver to:
-// cl, or the client that took over cl's session while waiting.
-func (s *Server) pace(pub, cl *Client, deadline *time.Time) *Client {
+// cl, the client that took over cl's session while waiting, or nil when
+// the message is no longer owed to anyone (see takenOver).
+func (s *Server) pace(pub, cl *Client, filter string, deadline *time.Time) *Client {
 	maxWait := s.Options.FlowControl.MaxWait
 	if maxWait <= 0 {
 		return cl
@@ -226,14 +230,38 @@ wait:
 	if timedOut && cl.congested(hiIn, hiOut) {
 		s.stall(cl)
 	}
-	if closed {
-		// Taken over (or reconnected) while we waited: deliver to the
-		// session's new client, as a publish arriving now would.
-		if now, ok := s.Clients.Get(cl.ID); ok {
-			return now
-		}
+	if closed && errors.Is(cl.StopCause(), packets.ErrSessionTakenOver) {
+		return s.takenOver(cl, filter, *deadline)
 	}
 	return cl
+}
+
+// takenOver returns the client that took over cl's session, for a message
+// cl was owed through filter, or nil if none is owed it (the new client
+// started clean, or did not arrive by the deadline). The takeover stops cl
+// (which woke the waiter) before it copies the session and before the new
+// client is in s.Clients: delivering to cl in that window would put the
+// message in a session that is being copied and then cleared, lost after
+// the publisher's PUBACK. So wait, briefly and rarely, for the new client.
+func (s *Server) takenOver(cl *Client, filter string, deadline time.Time) *Client {
+	for {
+		now, ok := s.Clients.Get(cl.ID)
+		if !ok {
+			return nil // the session left this server (moved to another node)
+		}
+		if now != cl {
+			if _, subscribed := now.State.Subscriptions.Get(filter); !subscribed {
+				return nil // clean start: the old session, and what it was owed, ended
+			}
+			return now
+		}
+		if !time.Now().Before(deadline) {
+			s.Log.Warn("message for a session being taken over not delivered: the new client did not arrive in time",
+				"client", cl.ID, "filter", filter)
+			return nil
+		}
+		time.Sleep(time.Millisecond) // a takeover in progress: microseconds, and rare
+	}
 }
 
 // stall marks cl stalled and releases everyone waiting for it.

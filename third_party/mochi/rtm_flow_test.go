@@ -419,25 +419,43 @@ func TestFlowDisconnectWakesWaiter(t *testing.T) {
 	require.Equal(t, 6, sub.State.Inflight.Len(), "kept in the offline session")
 }
 
-// TestFlowTakeoverDeliversToNewClient (patch 22): when the subscriber's
-// session is taken over while a publisher waits for it, the message goes
-// to the client that now holds the session.
-func TestFlowTakeoverDeliversToNewClient(t *testing.T) {
-	s := flowTestServer(time.Minute)
-	old := pipeClient(t, s, "sub", "a/b")
-	congest(t, s, old)
-	pub := pipeClient(t, s, "pub", "")
-	done := publishFrom(s, pub, "a/b", 1)
-	waitFor(t, "the publisher to wait", func() bool { return old.State.flow.nwait.Load() == 1 })
-	nu := pipeClient(t, s, "sub", "") // replaces old in s.Clients
-	old.Stop(packets.ErrSessionTakenOver)
-	select {
-	case err := <-done:
-		require.NoError(t, err)
-	case <-time.After(10 * time.Second):
-		t.Fatal("the takeover did not wake the publisher")
+// TestFlowTakeoverInConnectOrder drives the takeover as a CONNECT does:
+// inheritClientSession stops the old client (waking the publisher), copies
+// and clears its session, and only then is the new client added. The
+// woken publisher must deliver into the new session, not into the old one
+// being copied and cleared (lost after its PUBACK). A clean start ends the
+// old session: the message is owed to nobody and the new client gets
+// nothing it did not subscribe to.
+func TestFlowTakeoverInConnectOrder(t *testing.T) {
+	for _, clean := range []bool{false, true} {
+		s := flowTestServer(time.Minute)
+		old := pipeClient(t, s, "sub", "a/b")
+		congest(t, s, old)
+		hi, _ := s.Options.flowMarks()
+		pub := pipeClient(t, s, "pub", "")
+		done := publishFrom(s, pub, "a/b", 1)
+		waitFor(t, "the publisher to wait", func() bool { return old.State.flow.nwait.Load() == 1 })
+		r, w := net.Pipe()
+		t.Cleanup(func() { _ = r.Close(); _ = w.Close() })
+		go func() { _, _ = io.Copy(io.Discard, r) }()
+		nu := s.NewClient(w, "t", "sub", false)
+		nu.Properties.ProtocolVersion = 4
+		nu.State.Inflight.ResetReceiveQuota(100)
+		s.inheritClientSession(packets.Packet{Connect: packets.ConnectParams{Clean: clean}}, nu)
+		s.Clients.Add(nu)
+		select {
+		case err := <-done:
+			require.NoError(t, err)
+		case <-time.After(10 * time.Second):
+			t.Fatal("the takeover did not release the publisher")
+		}
+		require.Equal(t, 0, old.State.Inflight.Len(), "clean %v: nothing left in the old session", clean)
+		if clean {
+			require.Equal(t, 0, nu.State.Inflight.Len(), "clean start: nothing owed")
+		} else {
+			require.Equal(t, int(hi)+1, nu.State.Inflight.Len(), "the session and the new message moved")
+		}
 	}
-	require.Equal(t, 1, nu.State.Inflight.Len(), "delivered to the new client")
 }
 
 // TestFlowServerCloseWakesWaiter (patch 22): Server.Close releases

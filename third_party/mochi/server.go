@@ -1198,7 +1198,9 @@ func (s *Server) publishToSubscribersFrom(pub *Client, pk packets.Packet) {
 	for id, subs := range subscribers.Subscriptions {
 		if cl, ok := s.Clients.Get(id); ok {
 			if pub != nil && !pub.Net.Inline {
-				cl = s.pace(pub, cl, &deadline)
+				if cl = s.pace(pub, cl, subs.Filter, &deadline); cl == nil {
+					continue
+				}
 			}
 			_, err := s.publishToClient(cl, subs, pk)
 			if err != nil {
