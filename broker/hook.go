@@ -126,19 +126,15 @@ func (h *limitsHook) Provides(b byte) bool {
 		mqtt.OnPublishDroppedOffline, mqtt.OnPublishExpired, mqtt.OnPublishDroppedBytes}, []byte{b})
 }
 
-// OnClientExpired releases what an expired session still holds. mochi only
-// forgets the client, leaving its subscriptions in the topic index and its
-// queued messages counted as in flight; a later client reusing the ID would
-// then receive messages for the old subscriptions [MQTT-3.1.2-23]. The
-// messages it still held are lost: counted.
+// OnClientExpired counts the messages an expired session still held: they
+// are lost. mochi (rtm patch 41) then releases the session's messages and
+// subscriptions.
 func (h *limitsHook) OnClientExpired(cl *mqtt.Client) {
 	for _, pk := range cl.State.Inflight.GetAll(false) {
 		if pk.FixedHeader.Type == packets.Publish {
 			h.dropped(cl, pk, dropSessionExpired)
 		}
 	}
-	cl.ClearInflights()
-	h.b.mq.UnsubscribeClient(cl)
 }
 
 func (h *limitsHook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {

@@ -147,14 +147,15 @@ func migratePresenceIDs(ctx context.Context, db *mongo.Database) error {
 				clientID, _ = e.Value.(string)
 			}
 		}
+		// The new copy first: a failure leaves the old record, rewritten
+		// at the next Open, instead of neither.
+		if clientID != "" {
+			doc := append(bson.D{{Key: "_id", Value: clientID}}, slices.DeleteFunc(doc, func(e bson.E) bool { return e.Key == "_id" })...)
+			if _, err := c.InsertOne(ctx, doc); err != nil && !mongo.IsDuplicateKeyError(err) {
+				return err
+			}
+		}
 		if _, err := c.DeleteOne(ctx, bson.D{{Key: "_id", Value: id}}); err != nil {
-			return err
-		}
-		if clientID == "" {
-			continue
-		}
-		doc := append(bson.D{{Key: "_id", Value: clientID}}, slices.DeleteFunc(doc, func(e bson.E) bool { return e.Key == "_id" })...)
-		if _, err := c.InsertOne(ctx, doc); err != nil && !mongo.IsDuplicateKeyError(err) {
 			return err
 		}
 	}

@@ -82,15 +82,16 @@ func ensureSchema(ctx context.Context, db *mongo.Database) error {
 		return fmt.Errorf("%w: database has version %d, this rtm writes %d", ErrSchemaTooNew, meta.Version, SchemaVersion)
 	}
 
-	if err := migratePresenceIDs(ctx, db); err != nil {
-		return fmt.Errorf("rewrite device records under their client ID: %w", err)
-	}
 	// Version 1's unique index on client_id: _id is the client ID now, and
 	// the index would make a broker's presence writes fail (and retry
 	// forever) on any record a version 1 broker inserts during a rolling
-	// upgrade; such records are rewritten at the next Open.
+	// upgrade; such records are rewritten at the next Open. Dropped first,
+	// so the rewrite can insert a record's new copy before deleting the old.
 	if err := db.Collection(CollDevices).Indexes().DropOne(ctx, "client_id_unique"); err != nil && !indexNotFound(err) {
 		return fmt.Errorf("drop index client_id_unique on %s: %w", CollDevices, err)
+	}
+	if err := migratePresenceIDs(ctx, db); err != nil {
+		return fmt.Errorf("rewrite device records under their client ID: %w", err)
 	}
 
 	// One createIndexes command per index: FerretDB v1.24 panics (and drops

@@ -164,7 +164,15 @@ func (cl *Client) flowDrained() {
 		g.stalled.Store(false)
 	}
 	if g.nwait.Load() > 0 && !cl.overBytes(1) {
-		if free := min(hiIn-in, hiOut-out); free > 0 {
+		free := min(hiIn-in, hiOut-out)
+		if free > 1 && cl.overBytes(2) {
+			// Bytes are what is short: the free places counted in messages
+			// would let a crowd of (possibly large) messages past the byte
+			// mark at once, to be dropped after their PUBACKs. Wake one;
+			// the next drain wakes the next.
+			free = 1
+		}
+		if free > 0 {
 			g.wake(int(free))
 		}
 	}

@@ -640,3 +640,32 @@ func TestFlowWillDoesNotWait(t *testing.T) {
 	require.Equal(t, 6, sub.State.Inflight.Len(), "the will is in the subscriber's session")
 	require.Zero(t, s.Flow.Waits.Load())
 }
+
+// TestFlowByteDrainWakesOne (patch 20 with 40): when bytes, not messages,
+// are what a congested subscriber is short of, a drain wakes one waiting
+// publisher, not as many as there are free places in messages: woken
+// together, large messages would overshoot the byte mark and be dropped
+// after their PUBACKs.
+func TestFlowByteDrainWakesOne(t *testing.T) {
+	s := flowTestServer(time.Minute)
+	s.Options.Capabilities.MaximumInflight = 1000
+	s.Options.Memory.MaxClientBytes = 100 << 10 // high-water 50 KiB, low 25 KiB
+	cl := pipeClient(t, s, "sub", "a/b")
+	cl.State.Inflight.Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+		PacketID: 1, TopicName: "a/b", Payload: make([]byte, 30<<10)}) // between the marks
+	g := &cl.State.flow
+	var chs []chan struct{}
+	for i := 0; i < 5; i++ {
+		chs = append(chs, g.add())
+	}
+	cl.flowDrained()
+	woken := 0
+	for _, ch := range chs {
+		select {
+		case <-ch:
+			woken++
+		default:
+		}
+	}
+	require.Equal(t, 1, woken, "one waiter woken while bytes are above the low-water mark")
+}

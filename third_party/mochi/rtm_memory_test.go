@@ -13,6 +13,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -401,4 +402,26 @@ func TestReadBudgetConnect(t *testing.T) {
 	default:
 	}
 	require.Equal(t, int64(60<<10), s.Mem.ReadingConnect.Load())
+}
+
+// TestExpiredSessionReleasesBytes (patch 41): a session that expires gives
+// back what it held (its bytes in the node's total, its in-flight count, its
+// subscriptions) without any hook's help; the total would otherwise leak
+// until MaxTotalBytes refused every delivery.
+func TestExpiredSessionReleasesBytes(t *testing.T) {
+	s := newServer()
+	s.Options.Capabilities.MaximumInflight = 1000
+	s.Options.Capabilities.MaximumSessionExpiryInterval = 1
+	cl := stuckClient(t, s, "gone", "t/g", 1)
+	for i := 0; i < 3; i++ {
+		s.publishToSubscribers(bigPublish("t/g", 1, 10<<10))
+	}
+	require.Positive(t, s.Mem.Queued.Load())
+	cl.Stop(packets.ErrServerShuttingDown) // offline: the session stays until it expires
+	s.clearExpiredClients(time.Now().Unix() + 10)
+	_, held := s.Clients.Get("gone")
+	require.False(t, held, "expired")
+	require.Zero(t, s.Mem.Queued.Load(), "bytes of the expired session released")
+	require.Zero(t, atomic.LoadInt64(&s.Info.Inflight), "in-flight count released")
+	require.Empty(t, s.Topics.Subscribers("t/g").Subscriptions, "subscriptions removed")
 }

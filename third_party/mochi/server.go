@@ -1985,6 +1985,11 @@ func (s *Server) clearExpiredClients(dt int64) {
 
 	for _, e := range expired {
 		s.hooks.OnClientExpired(e.client)
+		// rtm patch 41: release what the session holds (its bytes count in
+		// the node's total, MemoryLimits.MaxTotalBytes), after the hooks,
+		// which may count what is lost; v2.7.9 left it all behind.
+		e.client.ClearInflights()
+		s.UnsubscribeClient(e.client)
 		s.Clients.Delete(e.id) // [MQTT-4.1.0-2]
 	}
 }
