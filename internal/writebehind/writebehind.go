@@ -1,0 +1,611 @@
+// Package writebehind is rtm's one way of writing to the store from a hot
+// path: durable sessions and retained messages (broker) and message history
+// (plugins) both go through it.
+//
+// A caller hands items to a Writer and goes on; one goroutine per Writer
+// takes whatever has queued, up to Options.MaxBatch items, and writes them
+// with one call of Options.Write (group commit: while a write is in flight
+// the next batch gathers, so the batch grows with the load and the store
+// sees one round trip per batch instead of one per item). A failed write is
+// retried whole, with exponential backoff, until it succeeds, the error is
+// permanent (Options.Permanent), or the Writer is closed; Write must
+// therefore be idempotent (upserts, inserts keyed by an id with duplicate
+// keys ignored).
+//
+// Items are written in the order they were added. Memory is bounded by
+// Options.QueueLen items. What happens past that bound is the caller's
+// choice:
+//
+//   - Put waits for room (and returns a Ticket that settles when the item's
+//     batch is written), for writes a client's acknowledgement depends on:
+//     the caller holds the acknowledgement, so a slow store slows the
+//     publisher instead of losing what was acknowledged.
+//   - Add never waits: an item that does not fit in memory goes to the
+//     Overflow (e.g. a disk spool) and, once something has overflowed, every
+//     later item follows it there until the Overflow is empty, so order is
+//     kept; an item that fits nowhere is dropped, counted, and reported to
+//     Options.OnDrop, so the caller can record the gap.
+package writebehind
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cenkalti/backoff/v5"
+)
+
+// Defaults applied to zero-valued Options fields.
+const (
+	DefaultMaxBatch   = 256
+	DefaultQueueLen   = 8192
+	DefaultRetryFirst = 50 * time.Millisecond
+	DefaultRetryMax   = 5 * time.Second
+)
+
+// ErrClosed is returned for items added after Close began.
+var ErrClosed = errors.New("writebehind: writer closed")
+
+// ErrFull is returned by Add for an item that fitted neither in memory nor
+// in the Overflow; the item was dropped and counted.
+var ErrFull = errors.New("writebehind: queue and overflow full")
+
+// Overflow holds, out of memory, items that Add could not queue. It is used
+// by one Writer goroutine for Take and Ack and by callers of Add for Put,
+// possibly concurrently: implementations must be safe for that.
+type Overflow[T any] interface {
+	// Put appends items, in order. It returns ErrFull (or any error) for
+	// items it cannot hold; none of them is kept then.
+	Put(items []T) error
+	// Take returns up to max of the oldest items not yet acknowledged,
+	// without removing them; the same items again until Ack.
+	Take(max int) ([]T, error)
+	// Ack removes the n oldest items (those of the last Take, written).
+	Ack(n int) error
+	// Len is the number of items held.
+	Len() int
+}
+
+// Options configure a Writer. Write is required.
+type Options[T any] struct {
+	// Name identifies the writer in logs and errors, e.g. "history".
+	Name string
+
+	// Write stores a batch, in order. It must be idempotent: after an
+	// error the same batch is written again.
+	Write func(ctx context.Context, batch []T) error
+
+	// MaxBatch bounds the items of one Write. 0 means DefaultMaxBatch.
+	MaxBatch int
+
+	// Linger is how long the writer waits for a batch to fill once it
+	// holds fewer than MaxBatch items, when the previous write did not
+	// leave a full batch behind. 0 (the default) writes at once: group
+	// commit alone batches under load, and a lone item pays no delay.
+	Linger time.Duration
+
+	// QueueLen bounds the items held in memory. 0 means DefaultQueueLen.
+	QueueLen int
+
+	// Overflow, when set, takes what Add cannot queue in memory.
+	Overflow Overflow[T]
+
+	// Permanent reports errors that retrying cannot fix (e.g. a document
+	// the server refuses): the batch is dropped and reported to OnDrop.
+	// nil retries every error.
+	Permanent func(error) bool
+
+	// OnDrop is told about items dropped: by Add when memory and the
+	// Overflow are full (err is ErrFull), or after a permanent write error.
+	// It is called without the writer's locks held, from the goroutine
+	// that dropped them; it must not call Add or Put.
+	OnDrop func(items []T, err error)
+
+	// RetryFirst and RetryMax shape the exponential backoff between
+	// attempts at a failed batch. 0 means DefaultRetryFirst/RetryMax.
+	RetryFirst, RetryMax time.Duration
+
+	// Logger receives write failures and recoveries. nil discards.
+	Logger *slog.Logger
+}
+
+// Stats are a Writer's counters, for metrics and /v1/stats.
+type Stats struct {
+	Queued     int           // items in memory, not yet written (the batch being written included)
+	Overflowed int           // items in the Overflow
+	Written    int64         // items written
+	Batches    int64         // successful writes
+	Dropped    int64         // items dropped (full, or a permanent error)
+	Failures   int64         // failed write attempts (each retried unless permanent)
+	Up         bool          // the last write attempt succeeded (true before the first)
+	LastError  string        // the last failure, while !Up
+	LastWrite  time.Duration // duration of the last successful Write
+}
+
+// Writer writes items in batches from one goroutine. It is safe for
+// concurrent use.
+type Writer[T any] struct {
+	o   Options[T]
+	log *slog.Logger
+
+	mu        sync.Mutex
+	queue     []T // items in memory, oldest first; written from the front
+	spilling  bool
+	closed    bool
+	room      chan struct{} // closed and replaced when queue space frees
+	work      chan struct{} // capacity 1: something to write
+	nextSeq   uint64        // sequence number of the next item put in memory
+	committed uint64        // every item with seq < committed is settled
+	settled   chan struct{} // closed and replaced when committed moves
+	failed    []seqRange    // dropped after a permanent error, for tickets
+
+	written  atomic.Int64
+	batches  atomic.Int64
+	dropped  atomic.Int64
+	failures atomic.Int64
+	up       atomic.Bool
+	lastErr  atomic.Pointer[string]
+	lastDur  atomic.Int64
+
+	ctx    context.Context // ends at Close's deadline: stops retries
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+type seqRange struct {
+	from, to uint64 // [from, to)
+	err      error
+}
+
+// New starts a Writer's goroutine. Close stops it.
+func New[T any](o Options[T]) (*Writer[T], error) {
+	if o.Write == nil {
+		return nil, errors.New("writebehind: Options.Write is required")
+	}
+	if o.MaxBatch < 0 || o.QueueLen < 0 || o.Linger < 0 {
+		return nil, fmt.Errorf("writebehind %s: MaxBatch, QueueLen and Linger must not be negative", o.Name)
+	}
+	if o.MaxBatch == 0 {
+		o.MaxBatch = DefaultMaxBatch
+	}
+	if o.QueueLen == 0 {
+		o.QueueLen = DefaultQueueLen
+	}
+	if o.RetryFirst == 0 {
+		o.RetryFirst = DefaultRetryFirst
+	}
+	if o.RetryMax == 0 {
+		o.RetryMax = DefaultRetryMax
+	}
+	log := o.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	w := &Writer[T]{
+		o: o, log: log.With("writer", o.Name),
+		room: make(chan struct{}), work: make(chan struct{}, 1), settled: make(chan struct{}),
+		ctx: ctx, cancel: cancel, done: make(chan struct{}),
+	}
+	w.up.Store(true)
+	if o.Overflow != nil && o.Overflow.Len() > 0 {
+		// Left by an earlier process (a spool after a crash): written
+		// first, and new items queue behind it.
+		w.spilling = true
+		w.signal()
+	}
+	go w.run()
+	return w, nil
+}
+
+// Ticket settles when its item has been written, or dropped after a
+// permanent error.
+type Ticket struct {
+	w   interface{ wait(context.Context, uint64) error }
+	seq uint64
+}
+
+// Wait blocks until the item is written (nil), was dropped (the permanent
+// error), the writer closed before writing it (ErrClosed), or ctx ends.
+func (t Ticket) Wait(ctx context.Context) error {
+	if t.w == nil {
+		return nil
+	}
+	return t.w.wait(ctx, t.seq)
+}
+
+// Put queues item in memory, waiting for room while the queue is full or
+// items are overflowed, and returns its Ticket. It fails only when ctx ends
+// first or the writer is closed.
+func (w *Writer[T]) Put(ctx context.Context, item T) (Ticket, error) {
+	for {
+		w.mu.Lock()
+		if w.closed {
+			w.mu.Unlock()
+			return Ticket{}, ErrClosed
+		}
+		if !w.spilling && len(w.queue) < w.o.QueueLen {
+			seq := w.nextSeq
+			w.nextSeq++
+			w.queue = append(w.queue, item)
+			w.mu.Unlock()
+			w.signal()
+			return Ticket{w: w, seq: seq}, nil
+		}
+		room := w.room
+		w.mu.Unlock()
+		select {
+		case <-room:
+		case <-ctx.Done():
+			return Ticket{}, ctx.Err()
+		}
+	}
+}
+
+// Add queues item without waiting: in memory, else in the Overflow. It
+// returns ErrFull when the item fitted in neither (it was dropped, counted
+// and reported to OnDrop), or ErrClosed.
+func (w *Writer[T]) Add(item T) error {
+	w.mu.Lock()
+	if w.closed {
+		w.mu.Unlock()
+		return ErrClosed
+	}
+	if !w.spilling && len(w.queue) < w.o.QueueLen {
+		w.nextSeq++
+		w.queue = append(w.queue, item)
+		w.mu.Unlock()
+		w.signal()
+		return nil
+	}
+	var err error
+	if w.o.Overflow == nil {
+		err = ErrFull
+	} else if err = w.o.Overflow.Put([]T{item}); err == nil {
+		w.spilling = true
+	}
+	w.mu.Unlock()
+	if err != nil {
+		w.dropped.Add(1)
+		if w.o.OnDrop != nil {
+			w.o.OnDrop([]T{item}, ErrFull)
+		}
+		return fmt.Errorf("%w: %w", ErrFull, err)
+	}
+	w.signal()
+	return nil
+}
+
+// Flush waits until every item added before the call is written (or
+// dropped), items in the Overflow included, or ctx ends.
+func (w *Writer[T]) Flush(ctx context.Context) error {
+	w.mu.Lock()
+	target := w.nextSeq
+	w.mu.Unlock()
+	for {
+		w.mu.Lock()
+		done := w.committed >= target && !w.spilling
+		settled := w.settled
+		w.mu.Unlock()
+		if done {
+			return nil
+		}
+		select {
+		case <-settled:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-w.done:
+			return ErrClosed
+		}
+	}
+}
+
+// Close stops accepting items, writes what it holds until ctx ends, then
+// stops retrying and returns. Items still in memory then are lost (counted
+// in Stats.Dropped); items in the Overflow stay there for the next process.
+func (w *Writer[T]) Close(ctx context.Context) error {
+	w.mu.Lock()
+	already := w.closed
+	w.closed = true
+	close(w.room)
+	w.room = make(chan struct{})
+	w.mu.Unlock()
+	if !already {
+		w.signal()
+	}
+	var err error
+	select {
+	case <-w.idle():
+	case <-ctx.Done():
+		err = fmt.Errorf("writebehind %s: %d items unwritten at close: %w", w.o.Name, w.Stats().Queued, ctx.Err())
+	}
+	w.cancel()
+	<-w.done
+	return err
+}
+
+// idle is closed once the writer holds nothing to write (memory and
+// overflow empty) after Close.
+func (w *Writer[T]) idle() <-chan struct{} {
+	ch := make(chan struct{})
+	go func() {
+		defer close(ch)
+		for {
+			w.mu.Lock()
+			empty := len(w.queue) == 0 && !w.spilling
+			settled := w.settled
+			w.mu.Unlock()
+			if empty {
+				return
+			}
+			select {
+			case <-settled:
+			case <-w.done:
+				return
+			}
+		}
+	}()
+	return ch
+}
+
+// Stats returns the writer's counters.
+func (w *Writer[T]) Stats() Stats {
+	w.mu.Lock()
+	q := len(w.queue)
+	w.mu.Unlock()
+	s := Stats{
+		Queued:    q,
+		Written:   w.written.Load(),
+		Batches:   w.batches.Load(),
+		Dropped:   w.dropped.Load(),
+		Failures:  w.failures.Load(),
+		Up:        w.up.Load(),
+		LastWrite: time.Duration(w.lastDur.Load()),
+	}
+	if w.o.Overflow != nil {
+		s.Overflowed = w.o.Overflow.Len()
+	}
+	if p := w.lastErr.Load(); p != nil && !s.Up {
+		s.LastError = *p
+	}
+	return s
+}
+
+func (w *Writer[T]) signal() {
+	select {
+	case w.work <- struct{}{}:
+	default:
+	}
+}
+
+func (w *Writer[T]) wait(ctx context.Context, seq uint64) error {
+	for {
+		w.mu.Lock()
+		if seq < w.committed {
+			err := w.failedErr(seq)
+			w.mu.Unlock()
+			return err
+		}
+		settled := w.settled
+		w.mu.Unlock()
+		select {
+		case <-settled:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-w.done:
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			if seq < w.committed {
+				return w.failedErr(seq)
+			}
+			return ErrClosed
+		}
+	}
+}
+
+// failedErr is the permanent error that dropped seq, if any. w.mu is held.
+func (w *Writer[T]) failedErr(seq uint64) error {
+	for _, r := range w.failed {
+		if seq >= r.from && seq < r.to {
+			return r.err
+		}
+	}
+	return nil
+}
+
+func (w *Writer[T]) run() {
+	defer close(w.done)
+	for {
+		select {
+		case <-w.work:
+		case <-w.ctx.Done():
+			w.loseQueued()
+			return
+		}
+		for w.writeOne() {
+		}
+		w.mu.Lock()
+		stop := w.closed && len(w.queue) == 0 && !w.spilling
+		w.mu.Unlock()
+		if stop {
+			return
+		}
+	}
+}
+
+// writeOne writes one batch, from memory (older items) or else the
+// Overflow, and reports whether there may be more.
+func (w *Writer[T]) writeOne() bool {
+	if w.o.Linger > 0 {
+		w.mu.Lock()
+		short := len(w.queue) > 0 && len(w.queue) < w.o.MaxBatch && !w.closed
+		w.mu.Unlock()
+		if short {
+			t := time.NewTimer(w.o.Linger)
+			select {
+			case <-t.C:
+			case <-w.ctx.Done():
+				t.Stop()
+			}
+		}
+	}
+	w.mu.Lock()
+	n := min(len(w.queue), w.o.MaxBatch)
+	batch := w.queue[:n:n]
+	first := w.committed
+	spilling := w.spilling
+	w.mu.Unlock()
+
+	fromOverflow := false
+	if n == 0 {
+		if !spilling {
+			return false
+		}
+		var err error
+		batch, err = w.o.Overflow.Take(w.o.MaxBatch)
+		if err != nil || len(batch) == 0 {
+			if err != nil {
+				w.log.Error("read overflow; retrying", "err", err)
+				t := time.NewTimer(w.o.RetryMax)
+				defer t.Stop()
+				select {
+				case <-t.C:
+					return true
+				case <-w.ctx.Done():
+					return false
+				}
+			}
+			w.mu.Lock()
+			// Empty: new items queue in memory again.
+			w.spilling = w.o.Overflow.Len() > 0
+			w.broadcastLocked()
+			w.mu.Unlock()
+			return w.spillingNow()
+		}
+		fromOverflow = true
+	}
+
+	err := w.writeWithRetry(batch)
+	if err != nil && w.ctx.Err() != nil && !w.permanent(err) {
+		return false // closing: what is left is lost or stays in the overflow
+	}
+	var dropErr error
+	if err != nil {
+		dropErr = err
+		w.dropped.Add(int64(len(batch)))
+		if w.o.OnDrop != nil {
+			w.o.OnDrop(batch, err)
+		}
+	} else {
+		w.written.Add(int64(len(batch)))
+	}
+	if fromOverflow {
+		if err := w.o.Overflow.Ack(len(batch)); err != nil {
+			w.log.Error("acknowledge overflow", "err", err)
+		}
+		w.mu.Lock()
+		w.broadcastLocked()
+		w.mu.Unlock()
+		return true
+	}
+	w.mu.Lock()
+	var zero T
+	for i := range n {
+		w.queue[i] = zero // let the GC have the items
+	}
+	w.queue = w.queue[n:]
+	if len(w.queue) == 0 {
+		w.queue = w.queue[:0:0]
+		if cap(w.queue) > w.o.MaxBatch*4 {
+			w.queue = nil
+		}
+	}
+	w.committed = first + uint64(n)
+	if dropErr != nil {
+		w.failed = append(w.failed, seqRange{from: first, to: w.committed, err: dropErr})
+		if len(w.failed) > 64 {
+			w.failed = w.failed[len(w.failed)-64:]
+		}
+	}
+	w.broadcastLocked()
+	w.mu.Unlock()
+	return true
+}
+
+func (w *Writer[T]) spillingNow() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.spilling || len(w.queue) > 0
+}
+
+// broadcastLocked wakes Put, Flush and ticket waiters. w.mu is held.
+func (w *Writer[T]) broadcastLocked() {
+	close(w.settled)
+	w.settled = make(chan struct{})
+	close(w.room)
+	w.room = make(chan struct{})
+}
+
+func (w *Writer[T]) permanent(err error) bool {
+	return w.o.Permanent != nil && w.o.Permanent(err)
+}
+
+func (w *Writer[T]) writeWithRetry(batch []T) error {
+	b := backoff.NewExponentialBackOff()
+	b.InitialInterval = w.o.RetryFirst
+	b.MaxInterval = w.o.RetryMax
+	b.Reset()
+	for {
+		start := time.Now()
+		err := w.o.Write(w.ctx, batch)
+		if err == nil {
+			w.lastDur.Store(int64(time.Since(start)))
+			w.batches.Add(1)
+			if !w.up.Swap(true) {
+				w.log.Info("store writes resumed", "items", len(batch))
+			}
+			return nil
+		}
+		w.failures.Add(1)
+		msg := err.Error()
+		w.lastErr.Store(&msg)
+		if w.permanent(err) {
+			w.log.Error("store refused a batch; dropped", "items", len(batch), "err", err)
+			return err
+		}
+		if w.up.Swap(false) {
+			w.log.Warn("store write failed; retrying with backoff", "items", len(batch), "err", err)
+		}
+		t := time.NewTimer(b.NextBackOff())
+		select {
+		case <-t.C:
+		case <-w.ctx.Done():
+			t.Stop()
+			return w.ctx.Err()
+		}
+	}
+}
+
+// loseQueued counts the items left in memory when Close gave up.
+func (w *Writer[T]) loseQueued() {
+	w.mu.Lock()
+	lost := w.queue
+	w.queue = nil
+	if len(lost) > 0 {
+		w.failed = append(w.failed, seqRange{from: w.committed, to: w.committed + uint64(len(lost)), err: ErrClosed})
+	}
+	w.committed += uint64(len(lost))
+	w.broadcastLocked()
+	w.mu.Unlock()
+	if len(lost) == 0 {
+		return
+	}
+	w.dropped.Add(int64(len(lost)))
+	if w.o.OnDrop != nil {
+		w.o.OnDrop(lost, ErrClosed)
+	}
+}

@@ -1,0 +1,393 @@
+package writebehind_test
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/rtm-dev/rtm/internal/writebehind"
+)
+
+// sink records what was written, and can be made to fail or to hold writes.
+type sink struct {
+	mu      sync.Mutex
+	items   []int
+	batches []int
+	down    atomic.Bool
+	gate    chan struct{} // when set, each write waits on it
+}
+
+var errDown = errors.New("store down")
+
+func (s *sink) write(ctx context.Context, batch []int) error {
+	if g := s.gate; g != nil {
+		select {
+		case <-g:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	if s.down.Load() {
+		return errDown
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.items = append(s.items, batch...)
+	s.batches = append(s.batches, len(batch))
+	return nil
+}
+
+func (s *sink) written() []int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.items)
+}
+
+func seq(n int) []int {
+	v := make([]int, n)
+	for i := range v {
+		v[i] = i
+	}
+	return v
+}
+
+func newWriter(t *testing.T, o writebehind.Options[int]) *writebehind.Writer[int] {
+	t.Helper()
+	o.RetryFirst, o.RetryMax = time.Millisecond, 10*time.Millisecond
+	w, err := writebehind.New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = w.Close(ctx)
+	})
+	return w
+}
+
+func ctx(t *testing.T) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	return c
+}
+
+func TestPutGroupCommitsInOrder(t *testing.T) {
+	s := &sink{gate: make(chan struct{})}
+	w := newWriter(t, writebehind.Options[int]{Name: "t", Write: s.write, MaxBatch: 100})
+	var tickets []writebehind.Ticket
+	for i := range 250 {
+		tk, err := w.Put(ctx(t), i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tickets = append(tickets, tk)
+	}
+	// The first write took what was there when it started; the rest
+	// gathered behind it while it was held.
+	close(s.gate)
+	for i, tk := range tickets {
+		if err := tk.Wait(ctx(t)); err != nil {
+			t.Fatalf("ticket %d: %v", i, err)
+		}
+	}
+	if got := s.written(); !slices.Equal(got, seq(250)) {
+		t.Fatalf("written out of order or incomplete: %v", got)
+	}
+	s.mu.Lock()
+	nb := len(s.batches)
+	s.mu.Unlock()
+	if nb > 4 {
+		t.Errorf("%d writes for 250 items in batches of at most 100: not group committed", nb)
+	}
+	if st := w.Stats(); st.Written != 250 || st.Queued != 0 || st.Dropped != 0 {
+		t.Errorf("stats %+v", st)
+	}
+}
+
+func TestTicketWaitsForTheWrite(t *testing.T) {
+	s := &sink{gate: make(chan struct{})}
+	w := newWriter(t, writebehind.Options[int]{Write: s.write})
+	tk, err := w.Put(ctx(t), 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	short, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if err := tk.Wait(short); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("ticket settled before its write: %v", err)
+	}
+	close(s.gate)
+	if err := tk.Wait(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.written(); !slices.Equal(got, []int{7}) {
+		t.Fatalf("written %v", got)
+	}
+}
+
+func TestRetriesUntilTheStoreAnswers(t *testing.T) {
+	s := &sink{}
+	s.down.Store(true)
+	w := newWriter(t, writebehind.Options[int]{Write: s.write, MaxBatch: 10})
+	var last writebehind.Ticket
+	for i := range 50 {
+		tk, err := w.Put(ctx(t), i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = tk
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for w.Stats().Failures < 3 {
+		if time.Now().After(deadline) {
+			t.Fatal("no retries")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if st := w.Stats(); st.Up || st.LastError == "" {
+		t.Errorf("down store not reported: %+v", st)
+	}
+	s.down.Store(false)
+	if err := last.Wait(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.written(); !slices.Equal(got, seq(50)) {
+		t.Fatalf("after an outage, written %v", got)
+	}
+	if st := w.Stats(); !st.Up || st.Written != 50 {
+		t.Errorf("stats after recovery %+v", st)
+	}
+}
+
+func TestPermanentErrorDropsTheBatchAndTellsTheTicket(t *testing.T) {
+	bad := errors.New("document too large")
+	var dropped atomic.Int64
+	var calls atomic.Int64
+	w := newWriter(t, writebehind.Options[int]{
+		Write: func(_ context.Context, b []int) error {
+			calls.Add(1)
+			if slices.Contains(b, 13) {
+				return bad
+			}
+			return nil
+		},
+		MaxBatch:  1,
+		Permanent: func(err error) bool { return errors.Is(err, bad) },
+		OnDrop:    func(items []int, _ error) { dropped.Add(int64(len(items))) },
+	})
+	t13, _ := w.Put(ctx(t), 13)
+	t14, _ := w.Put(ctx(t), 14)
+	if err := t13.Wait(ctx(t)); !errors.Is(err, bad) {
+		t.Fatalf("dropped item's ticket: %v", err)
+	}
+	if err := t14.Wait(ctx(t)); err != nil {
+		t.Fatalf("next item: %v", err)
+	}
+	if dropped.Load() != 1 || w.Stats().Dropped != 1 || calls.Load() != 2 {
+		t.Fatalf("dropped %d (stats %d), %d calls: a permanent error must not be retried", dropped.Load(), w.Stats().Dropped, calls.Load())
+	}
+}
+
+func TestPutWaitsForRoom(t *testing.T) {
+	s := &sink{gate: make(chan struct{})}
+	w := newWriter(t, writebehind.Options[int]{Write: s.write, QueueLen: 4, MaxBatch: 4})
+	for i := range 4 {
+		if _, err := w.Put(ctx(t), i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	short, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := w.Put(short, 4); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Put into a full queue: %v", err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := w.Put(ctx(t), 4)
+		done <- err
+	}()
+	close(s.gate)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Flush(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.written(); !slices.Equal(got, seq(5)) {
+		t.Fatalf("written %v", got)
+	}
+}
+
+func TestAddWithoutOverflowDropsAndCounts(t *testing.T) {
+	s := &sink{gate: make(chan struct{})}
+	var reported []int
+	var mu sync.Mutex
+	w := newWriter(t, writebehind.Options[int]{Write: s.write, QueueLen: 10, MaxBatch: 10,
+		OnDrop: func(items []int, err error) {
+			if !errors.Is(err, writebehind.ErrFull) {
+				t.Errorf("drop reason %v", err)
+			}
+			mu.Lock()
+			reported = append(reported, items...)
+			mu.Unlock()
+		}})
+	// The writer may take the first item into a held write at once; so
+	// the queue holds 10 or 11 before the first drop.
+	full := 0
+	for i := range 30 {
+		if err := w.Add(i); errors.Is(err, writebehind.ErrFull) {
+			full++
+		} else if err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(s.gate)
+	if err := w.Flush(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	got := s.written()
+	mu.Lock()
+	defer mu.Unlock()
+	if len(got)+len(reported) != 30 || int64(full) != w.Stats().Dropped || len(reported) != full {
+		t.Fatalf("written %d + reported dropped %d != 30 (ErrFull %d, stats %d)", len(got), len(reported), full, w.Stats().Dropped)
+	}
+	if full < 19 {
+		t.Fatalf("only %d dropped past a queue of 10", full)
+	}
+}
+
+// memOverflow is an Overflow in memory with a bound, standing in for a
+// spool file (the spool has its own tests).
+type memOverflow struct {
+	mu    sync.Mutex
+	items []int
+	max   int
+}
+
+func (m *memOverflow) Put(items []int) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if len(m.items)+len(items) > m.max {
+		return writebehind.ErrFull
+	}
+	m.items = append(m.items, items...)
+	return nil
+}
+
+func (m *memOverflow) Take(n int) ([]int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return slices.Clone(m.items[:min(n, len(m.items))]), nil
+}
+
+func (m *memOverflow) Ack(n int) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.items = m.items[n:]
+	return nil
+}
+
+func (m *memOverflow) Len() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.items)
+}
+
+func TestOverflowKeepsOrderThroughAnOutage(t *testing.T) {
+	s := &sink{}
+	s.down.Store(true)
+	ov := &memOverflow{max: 1000}
+	w := newWriter(t, writebehind.Options[int]{Write: s.write, QueueLen: 8, MaxBatch: 8, Overflow: ov})
+	for i := range 500 {
+		if err := w.Add(i); err != nil {
+			t.Fatalf("add %d: %v", i, err)
+		}
+	}
+	if ov.Len() < 490 {
+		t.Fatalf("overflow holds %d", ov.Len())
+	}
+	// A gap in the store's availability must not let a new item jump the
+	// queue into memory ahead of overflowed ones.
+	s.down.Store(false)
+	for i := 500; i < 600; i++ {
+		if err := w.Add(i); err != nil {
+			t.Fatalf("add %d: %v", i, err)
+		}
+	}
+	if err := w.Flush(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.written(); !slices.Equal(got, seq(600)) {
+		t.Fatalf("written out of order: first differences in %v", got[:min(len(got), 40)])
+	}
+	if ov.Len() != 0 || w.Stats().Overflowed != 0 {
+		t.Fatal("overflow not drained")
+	}
+}
+
+func TestOverflowFromAnEarlierProcessIsWrittenFirst(t *testing.T) {
+	s := &sink{}
+	ov := &memOverflow{max: 100, items: []int{0, 1, 2}}
+	w := newWriter(t, writebehind.Options[int]{Write: s.write, Overflow: ov})
+	if err := w.Add(3); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Flush(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.written(); !slices.Equal(got, seq(4)) {
+		t.Fatalf("written %v", got)
+	}
+}
+
+func TestCloseGivesUpAtItsDeadline(t *testing.T) {
+	s := &sink{}
+	s.down.Store(true)
+	o := writebehind.Options[int]{Write: s.write, RetryFirst: time.Millisecond, RetryMax: 5 * time.Millisecond}
+	w, err := writebehind.New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tk, err := w.Put(ctx(t), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	short, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if err := w.Close(short); err == nil {
+		t.Fatal("Close with an unwritable item reported success")
+	}
+	if err := tk.Wait(ctx(t)); !errors.Is(err, writebehind.ErrClosed) {
+		t.Fatalf("ticket of an item lost at close: %v", err)
+	}
+	if st := w.Stats(); st.Dropped != 1 {
+		t.Fatalf("lost item not counted: %+v", st)
+	}
+	if _, err := w.Put(ctx(t), 2); !errors.Is(err, writebehind.ErrClosed) {
+		t.Fatalf("Put after Close: %v", err)
+	}
+}
+
+func TestCloseWritesWhatItHolds(t *testing.T) {
+	s := &sink{}
+	w, err := writebehind.New(writebehind.Options[int]{Write: s.write, MaxBatch: 7})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 100 {
+		if err := w.Add(i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Close(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.written(); !slices.Equal(got, seq(100)) {
+		t.Fatalf("written %v", got)
+	}
+}
