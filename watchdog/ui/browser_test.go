@@ -65,14 +65,14 @@ func newTestAPI(key string) *testAPI {
 	a.alerts = append(a.alerts, map[string]any{
 		"id": "01JTESTMEMORY000000000000", "rule": "memory_over_bytes", "node": "n3", "severity": "warning",
 		"state": "firing", "value": 237 << 20, "threshold": 200 << 20, "action": "drain", "action_taken": "drained n3",
-		"message": "n3 uses 237 MiB, over 200 MiB for 30s: drained (router sends it no new devices)",
+		"message":    "n3 uses 237 MiB, over 200 MiB for 30s: drained (router sends it no new devices)",
 		"started_at": now.Add(-3 * time.Minute).Format(time.RFC3339), "fired_at": now.Add(-150 * time.Second).Format(time.RFC3339),
 	})
 	// An alert resolved earlier, so the list shows history as well.
 	a.alerts = append(a.alerts, map[string]any{
 		"id": "01JTESTRESOLVED0000000000", "rule": "connections_over_capacity_pct", "node": "n1", "severity": "warning",
 		"state": "resolved", "value": 91.2, "threshold": 90, "action": "", "action_taken": "",
-		"message": "n1 holds 91.2% of its capacity (threshold 90% for 1m)",
+		"message":    "n1 holds 91.2% of its capacity (threshold 90% for 1m)",
 		"started_at": now.Add(-40 * time.Minute).Format(time.RFC3339), "fired_at": now.Add(-39 * time.Minute).Format(time.RFC3339),
 		"resolved_at": now.Add(-31 * time.Minute).Format(time.RFC3339),
 	})
