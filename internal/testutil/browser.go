@@ -15,7 +15,8 @@ import (
 // ChromiumPath returns the headless browser that browser tests drive:
 // $RTM_CHROMIUM if set, else the first of chromium, chromium-browser,
 // google-chrome on PATH, or "" when there is none. CI installs Debian's
-// chromium (.ci/run), so there the tests never skip.
+// chromium and sets RTM_REQUIRE_BROWSER (.ci/run), so there the browser
+// tests never skip.
 func ChromiumPath() string {
 	if p := os.Getenv("RTM_CHROMIUM"); p != "" {
 		return p
@@ -38,13 +39,17 @@ type Browser struct {
 }
 
 // NewBrowser starts Chromium with a window of width x height pixels. It
-// skips the test, saying why, only when no browser binary is installed; any
-// other failure to start fails the test.
+// skips the test, saying why, only when no browser binary is installed (and
+// RTM_REQUIRE_BROWSER is unset); any other failure to start fails the test.
 func NewBrowser(t testing.TB, width, height int) *Browser {
 	t.Helper()
 	path := ChromiumPath()
 	if path == "" {
-		t.Skip("no chromium binary on PATH (apt-get install chromium, or set RTM_CHROMIUM): the browser test cannot run")
+		msg := "no chromium binary on PATH (apt-get install chromium, or set RTM_CHROMIUM): the browser test cannot run"
+		if os.Getenv("RTM_REQUIRE_BROWSER") != "" {
+			t.Fatal(msg + "; RTM_REQUIRE_BROWSER is set (CI), so this is a failure")
+		}
+		t.Skip(msg)
 	}
 	opts := append(chromedp.DefaultExecAllocatorOptions[:],
 		chromedp.ExecPath(path),
