@@ -33,13 +33,14 @@ type testAPI struct {
 	alerts  []map[string]any
 	frames  []string      // every event published, in order
 	changed chan struct{} // closed and replaced on publish
+	kick    chan struct{} // closed and replaced to end every open stream
 
 	pageLoads atomic.Int32 // GETs of "/": a reload shows here
 	streams   atomic.Int32
 }
 
 func newTestAPI(key string) *testAPI {
-	a := &testAPI{key: key, changed: make(chan struct{})}
+	a := &testAPI{key: key, changed: make(chan struct{}), kick: make(chan struct{})}
 	now := time.Now().UTC()
 	for i, c := range []struct {
 		conns int
@@ -140,6 +141,28 @@ func (a *testAPI) failNode(node string) {
 	a.publish("alert", alert)
 }
 
+// resolveWhileDisconnected ends every event stream and resolves the
+// alert on node before the dashboard can reconnect: no stream carries the
+// change, so the dashboard learns it only by asking again.
+func (a *testAPI) resolveWhileDisconnected(rule, node string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	close(a.kick)
+	a.kick = make(chan struct{})
+	for _, al := range a.alerts {
+		if al["rule"] == rule && al["node"] == node && al["state"] != "resolved" {
+			al["state"] = "resolved"
+			al["resolved_at"] = time.Now().UTC().Format(time.RFC3339)
+		}
+	}
+	for _, n := range a.nodes {
+		if n["name"] == node {
+			n["state"] = "alive"
+			n["poll_error"] = ""
+		}
+	}
+}
+
 func (a *testAPI) writeJSON(w http.ResponseWriter, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
@@ -180,7 +203,7 @@ func (a *testAPI) handler(t *testing.T) http.Handler {
 			}
 		}
 		snap, _ := json.Marshal(map[string]any{"nodes": a.nodes, "alerts": open})
-		next := len(a.frames)
+		next, kick := len(a.frames), a.kick
 		a.mu.Unlock()
 		fmt.Fprintf(w, ": hello\n\nevent: snapshot\ndata: %s\n\n", snap)
 		fl.Flush()
@@ -197,6 +220,8 @@ func (a *testAPI) handler(t *testing.T) http.Handler {
 			fl.Flush()
 			select {
 			case <-changed:
+			case <-kick:
+				return
 			case <-r.Context().Done():
 				return
 			}
@@ -256,6 +281,25 @@ func TestDashboardInBrowser(t *testing.T) {
 	b.Screenshot(t, shot)
 	if *updateScreenshot {
 		b.Screenshot(t, filepath.Join("..", "..", "docs", "img", "dashboard.png"))
+	}
+
+	// The stream breaks and the alert resolves meanwhile: the dashboard
+	// reconnects by itself and shows the alert resolved, still without a
+	// reload.
+	api.resolveWhileDisconnected("node_down", "n2")
+	b.WaitTrue(t, testutil.DashboardAlertShown("node_down", "n2", "resolved"), 30*time.Second, "node_down on n2 resolved after a reconnect")
+	b.WaitTrue(t, testutil.DashboardNodeState("n2", "alive"), 10*time.Second, "n2 alive after a reconnect")
+	b.WaitTrue(t, testutil.DashboardLive, 10*time.Second, "the stream followed again")
+	if n := api.streams.Load(); n != 2 {
+		t.Errorf("%d event streams opened, want 2 (one reconnect)", n)
+	}
+	if n := api.pageLoads.Load(); n != 1 {
+		t.Errorf("the page was loaded %d times after the reconnect, want 1", n)
+	}
+	for _, m := range b.Messages() {
+		if m.Type == chromedp.ConsoleError || m.IsException() {
+			t.Errorf("console error: %v", m)
+		}
 	}
 }
 

@@ -161,8 +161,14 @@ function setSeries(body) {
   renderCharts();
 }
 
+const stateRank = { pending: 0, firing: 1, resolved: 2 };
+
+// setAlert keeps the later of two versions of an alert: a fetch of
+// /v1/alerts may answer after the stream has told a newer state.
 function setAlert(a) {
   if (!a || !a.id) return;
+  const cur = state.alerts.get(a.id);
+  if (cur && (stateRank[cur.state] ?? 0) > (stateRank[a.state] ?? 0)) return;
   state.alerts.set(a.id, a);
 }
 
@@ -220,11 +226,11 @@ function renderNodes() {
   d.classList.toggle("alarm", drained > 0);
 }
 
-const stateOrder = { firing: 0, pending: 1, resolved: 2 };
+const listOrder = { firing: 0, pending: 1, resolved: 2 };
 
 function renderAlerts() {
   const list = [...state.alerts.values()].sort((a, b) =>
-    (stateOrder[a.state] ?? 3) - (stateOrder[b.state] ?? 3) ||
+    (listOrder[a.state] ?? 3) - (listOrder[b.state] ?? 3) ||
     Date.parse(b.fired_at || b.started_at || 0) - Date.parse(a.fired_at || a.started_at || 0));
   // keep memory bounded on a page left open for days
   for (const a of list.slice(MAX_ALERTS_SHOWN)) state.alerts.delete(a.id);
@@ -314,11 +320,20 @@ function handleEvent(type, data) {
   try { body = JSON.parse(data); } catch (e) { console.warn("rtm: bad event data", type, e); return; }
   const now = Date.now() / 1000;
   switch (type) {
-    case "snapshot":
+    case "snapshot": {
+      // Alerts that closed while the stream was down are not in a
+      // snapshot (it has the open ones): drop them and fetch their end.
+      const open = new Set((body.alerts || []).map((a) => a.id));
+      let missed = false;
+      for (const [id, a] of state.alerts) {
+        if (a.state !== "resolved" && !open.has(id)) { state.alerts.delete(id); missed = true; }
+      }
+      if (missed) loadAlerts().catch((e) => console.warn("rtm:", e.message || e));
       for (const a of body.alerts || []) setAlert(a);
       setNodes(body.nodes, now);
       renderAlerts();
       break;
+    }
     case "nodes":
       setNodes(body.nodes, now);
       break;
@@ -379,13 +394,19 @@ async function follow() {
   }
 }
 
+async function loadAlerts() {
+  const body = await (await api("/v1/alerts")).json();
+  for (const a of body.alerts || []) setAlert(a);
+  renderAlerts();
+}
+
 async function loadInitial() {
   // Each part is optional: the stream's snapshot fills nodes and open alerts
   // even if one of these fails.
   const parts = await Promise.allSettled([
     api("/v1/nodes").then((r) => r.json()).then((b) => setNodes(b.nodes)),
     api("/v1/series").then((r) => r.json()).then(setSeries),
-    api("/v1/alerts").then((r) => r.json()).then((b) => { for (const a of b.alerts || []) setAlert(a); renderAlerts(); }),
+    loadAlerts(),
   ]);
   for (const p of parts) if (p.status === "rejected") console.warn("rtm:", p.reason && p.reason.message);
 }
