@@ -20,8 +20,6 @@ const $ = (id) => document.getElementById(id);
 
 // --- API access and the key prompt -------------------------------------
 
-class Unauthorized extends Error {}
-
 function authHeaders() {
   const key = sessionStorage.getItem(KEY_STORAGE);
   return key ? { Authorization: "Bearer " + key } : {};
@@ -57,6 +55,8 @@ function askKey(wasRefused) {
       keyPromise = null;
       resolve();
     };
+    // Escape would close the dialog and leave every request waiting.
+    dlg.oncancel = (ev) => ev.preventDefault();
     if (!dlg.open) dlg.showModal();
   });
   return keyPromise;
