@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/prometheus/promql/parser"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	policyv1 "k8s.io/api/policy/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
@@ -148,6 +149,9 @@ func TestKubernetesManifests(t *testing.T) {
 	if err := corev1.AddToScheme(scheme); err != nil {
 		t.Fatal(err)
 	}
+	if err := policyv1.AddToScheme(scheme); err != nil {
+		t.Fatal(err)
+	}
 	decoder := serializer.NewCodecFactory(scheme, serializer.EnableStrict).UniversalDeserializer()
 
 	var kust struct {
@@ -178,6 +182,7 @@ func TestKubernetesManifests(t *testing.T) {
 		secrets      = map[string]*corev1.Secret{}
 		statefulSets []*appsv1.StatefulSet
 		deployments  []*appsv1.Deployment
+		budgets      []*policyv1.PodDisruptionBudget
 	)
 	for _, f := range listed {
 		body, err := os.ReadFile(path("deploy/k8s/" + f))
@@ -210,6 +215,8 @@ func TestKubernetesManifests(t *testing.T) {
 				statefulSets = append(statefulSets, o)
 			case *appsv1.Deployment:
 				deployments = append(deployments, o)
+			case *policyv1.PodDisruptionBudget:
+				budgets = append(budgets, o)
 			default:
 				t.Errorf("%s document %d: unexpected kind %v", f, i, gvk)
 			}
@@ -295,6 +302,14 @@ func TestKubernetesManifests(t *testing.T) {
 		if !matched {
 			t.Errorf("Service %s: selector %v matches no pods here", svc.Name, svc.Spec.Selector)
 		}
+	}
+	for _, b := range budgets {
+		if b.Spec.Selector == nil || !subset(b.Spec.Selector.MatchLabels, statefulSets[0].Spec.Template.Labels) {
+			t.Errorf("PodDisruptionBudget %s does not select the brokers", b.Name)
+		}
+	}
+	if len(budgets) != 1 {
+		t.Errorf("%d PodDisruptionBudgets, want one for the brokers", len(budgets))
 	}
 	for _, s := range secrets {
 		for k, v := range s.StringData {
