@@ -383,10 +383,25 @@ func definedMetrics(t *testing.T) map[string]bool {
 	return names
 }
 
+// watchdogDefined tells whether the sources define the watchdog's metrics.
+// Until the watchdog role is merged, its names (docs/watchdog.md) are taken
+// on trust; from then on they are checked like every other.
+func watchdogDefined(defined map[string]bool) bool {
+	for name := range defined {
+		if strings.HasPrefix(name, "rtm_watchdog_") {
+			return true
+		}
+	}
+	return false
+}
+
 // metricExists tells whether a series name of a query is one rtm exports:
 // a defined metric, a histogram's series, or the Go and process
 // collectors' (every role registers them) and Prometheus's own up.
 func metricExists(defined map[string]bool, name string) bool {
+	if strings.HasPrefix(name, "rtm_watchdog_") && !watchdogDefined(defined) {
+		return true // the watchdog role is not on this branch yet
+	}
 	if defined[name] || name == "up" || strings.HasPrefix(name, "go_") || strings.HasPrefix(name, "process_") {
 		return true
 	}
@@ -542,16 +557,12 @@ func TestMonitoringDocListsEveryMetric(t *testing.T) {
 			t.Errorf("docs/monitoring.md does not describe %s", name)
 		}
 	}
-	watchdogDefined := false
-	for name := range defined {
-		watchdogDefined = watchdogDefined || strings.HasPrefix(name, "rtm_watchdog_")
-	}
 	for _, m := range regexp.MustCompile("`(rtm_[a-z0-9_]+)`").FindAllStringSubmatch(doc, -1) {
 		name := m[1]
 		if defined[name] {
 			continue
 		}
-		if !watchdogDefined && strings.HasPrefix(name, "rtm_watchdog_") {
+		if !watchdogDefined(defined) && strings.HasPrefix(name, "rtm_watchdog_") {
 			continue // the watchdog role is not on this branch yet
 		}
 		t.Errorf("docs/monitoring.md describes %s, which rtm does not define", name)
