@@ -252,13 +252,13 @@ func TestDashboardInBrowser(t *testing.T) {
 	b.WaitTrue(t, testutil.DashboardNodeRows+" === 3", 30*time.Second, "3 nodes listed")
 	b.WaitTrue(t, testutil.DashboardLive, 30*time.Second, "the event stream followed")
 	for _, n := range []string{"n1", "n2", "n3"} {
-		b.WaitTrue(t, testutil.DashboardNodeState(n, "alive"), 5*time.Second, n+" alive")
+		b.WaitTrue(t, testutil.DashboardNodeState(n, "alive"), 15*time.Second, n+" alive")
 	}
 	b.WaitTrue(t, `document.querySelectorAll("#chart-msgs polyline").length === 3`, 10*time.Second, "a rate line per node")
-	b.WaitTrue(t, testutil.DashboardAlertShown("connections_over_capacity_pct", "n1", "resolved"), 5*time.Second, "the resolved alert from /v1/alerts")
-	b.WaitTrue(t, testutil.DashboardAlertShown("memory_over_bytes", "n3", "firing"), 5*time.Second, "the firing alert of the snapshot")
-	b.WaitTrue(t, `document.querySelector('#nodes tr[data-node="n3"] .draining').textContent === "drained by watchdog"`, 5*time.Second, "n3 shown drained")
-	b.WaitTrue(t, `document.querySelector('#alerts tr[data-rule="memory_over_bytes"]').textContent.includes("drained n3")`, 5*time.Second, "the action taken shown")
+	b.WaitTrue(t, testutil.DashboardAlertShown("connections_over_capacity_pct", "n1", "resolved"), 15*time.Second, "the resolved alert from /v1/alerts")
+	b.WaitTrue(t, testutil.DashboardAlertShown("memory_over_bytes", "n3", "firing"), 15*time.Second, "the firing alert of the snapshot")
+	b.WaitTrue(t, `document.querySelector('#nodes tr[data-node="n3"] .draining').textContent === "drained by watchdog"`, 15*time.Second, "n3 shown drained")
+	b.WaitTrue(t, `document.querySelector('#alerts tr[data-rule="memory_over_bytes"]').textContent.includes("drained n3")`, 15*time.Second, "the action taken shown")
 	if b, err := chromedp.Run(b.Context(), chromedp.Evaluate[bool](testutil.DashboardAlertShown("node_down", "n2", "firing"))); err != nil || b {
 		t.Fatalf("node_down shown before it fired (%v, %v)", b, err)
 	}
@@ -266,7 +266,7 @@ func TestDashboardInBrowser(t *testing.T) {
 	api.failNode("n2")
 	b.WaitTrue(t, testutil.DashboardAlertShown("node_down", "n2", "firing"), 30*time.Second, "node_down on n2 firing")
 	b.WaitTrue(t, testutil.DashboardNodeState("n2", "failed"), 10*time.Second, "n2 failed")
-	b.WaitTrue(t, `document.getElementById("sum-firing").textContent === "2 firing"`, 5*time.Second, "the firing count")
+	b.WaitTrue(t, `document.getElementById("sum-firing").textContent === "2 firing"`, 15*time.Second, "the firing count")
 
 	if n := api.pageLoads.Load(); n != 1 {
 		t.Errorf("the page was loaded %d times, want 1: the alert must show without a reload", n)
@@ -321,7 +321,7 @@ func TestDashboardAsksForKey(t *testing.T) {
 	b.Do(t, chromedp.SendKeys("#key-input", "wrong-key"), chromedp.Click(`#key-form button`))
 	b.WaitTrue(t, `document.getElementById("key-dialog").open && !document.getElementById("key-error").classList.contains("hidden")`,
 		30*time.Second, "the dialog again, saying the key was refused")
-	b.WaitTrue(t, `document.getElementById("key-input").value === ""`, 5*time.Second, "the refused key cleared")
+	b.WaitTrue(t, `document.getElementById("key-input").value === ""`, 15*time.Second, "the refused key cleared")
 	b.Do(t, chromedp.SendKeys("#key-input", key), chromedp.Click(`#key-form button`))
 	b.WaitTrue(t, testutil.DashboardNodeRows+" === 3", 30*time.Second, "3 nodes listed with the key")
 	b.WaitTrue(t, testutil.DashboardLive, 30*time.Second, "the event stream followed with the key")
