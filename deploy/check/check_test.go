@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"log/slog"
@@ -27,6 +28,7 @@ import (
 	policyv1 "k8s.io/api/policy/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
+	"k8s.io/apimachinery/pkg/util/validation"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
 )
@@ -206,6 +208,12 @@ func TestKubernetesManifests(t *testing.T) {
 				t.Errorf("%s document %d: %v", f, i, err)
 				continue
 			}
+			if m, ok := obj.(interface {
+				GetName() string
+				GetLabels() map[string]string
+			}); ok {
+				apiChecks(t, fmt.Sprintf("%s %s", gvk.Kind, m.GetName()), m.GetName(), m.GetLabels(), gvk.Kind == "Service")
+			}
 			switch o := obj.(type) {
 			case *corev1.Service:
 				services = append(services, o)
@@ -256,7 +264,18 @@ func TestKubernetesManifests(t *testing.T) {
 		if len(w.selector) == 0 || !subset(w.selector, w.tmpl.Labels) {
 			t.Errorf("%s: selector %v does not match its pod labels %v", w.name, w.selector, w.tmpl.Labels)
 		}
+		apiChecks(t, w.name+" pod template", "", w.tmpl.Labels, false)
 		for _, c := range w.tmpl.Spec.Containers {
+			for _, p := range c.Ports {
+				for _, msg := range validation.IsValidPortName(p.Name) {
+					t.Errorf("%s: port name %q: %s", w.name, p.Name, msg)
+				}
+			}
+			for _, e := range c.Env {
+				for _, msg := range validation.IsEnvVarName(e.Name) {
+					t.Errorf("%s: variable %q: %s", w.name, e.Name, msg)
+				}
+			}
 			var names []string
 			defined := map[string]bool{}
 			for _, e := range c.Env {
@@ -295,12 +314,31 @@ func TestKubernetesManifests(t *testing.T) {
 		}
 	}
 	for _, svc := range services {
-		matched := false
+		var pods []corev1.PodTemplateSpec
 		for _, w := range workloads {
-			matched = matched || subset(svc.Spec.Selector, w.tmpl.Labels)
+			if subset(svc.Spec.Selector, w.tmpl.Labels) {
+				pods = append(pods, w.tmpl)
+			}
 		}
-		if !matched {
+		if len(pods) == 0 {
 			t.Errorf("Service %s: selector %v matches no pods here", svc.Name, svc.Spec.Selector)
+		}
+		// A named target port must be a port of every pod it selects.
+		for _, sp := range svc.Spec.Ports {
+			if sp.TargetPort.StrVal == "" {
+				continue
+			}
+			for _, pod := range pods {
+				found := false
+				for _, c := range pod.Spec.Containers {
+					for _, cp := range c.Ports {
+						found = found || cp.Name == sp.TargetPort.StrVal
+					}
+				}
+				if !found {
+					t.Errorf("Service %s: target port %q is not a port of its pods", svc.Name, sp.TargetPort.StrVal)
+				}
+			}
 		}
 	}
 	for _, b := range budgets {
@@ -316,6 +354,27 @@ func TestKubernetesManifests(t *testing.T) {
 			if !strings.Contains(v, "change-me") {
 				t.Errorf("Secret %s key %s: not a placeholder: never commit a real secret", s.Name, k)
 			}
+		}
+	}
+}
+
+// apiChecks applies the API server's rules for names and labels, which
+// strict decoding does not: a Service's name is a DNS-1035 label, other
+// names DNS-1123 subdomains, label keys qualified names.
+func apiChecks(t *testing.T, what, name string, labels map[string]string, service bool) {
+	t.Helper()
+	if name != "" {
+		msgs := validation.IsDNS1123Subdomain(name)
+		if service {
+			msgs = validation.IsDNS1035Label(name)
+		}
+		for _, msg := range msgs {
+			t.Errorf("%s: name: %s", what, msg)
+		}
+	}
+	for k, v := range labels {
+		for _, msg := range append(validation.IsQualifiedName(k), validation.IsValidLabelValue(v)...) {
+			t.Errorf("%s: label %s=%s: %s", what, k, v, msg)
 		}
 	}
 }
