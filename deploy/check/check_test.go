@@ -101,6 +101,16 @@ func TestComposeFile(t *testing.T) {
 		t.Errorf("services %v, want %v", sorted(got), want)
 	}
 	roles := map[string]int{}
+	published := map[string]string{}
+	for name, s := range p.Services {
+		for _, port := range s.Ports {
+			key := port.HostIP + ":" + port.Published + "/" + port.Protocol
+			if other, dup := published[key]; dup {
+				t.Errorf("%s and %s both publish host port %s", other, name, key)
+			}
+			published[key] = name
+		}
+	}
 	for name, s := range p.Services {
 		if strings.HasPrefix(name, "mongo") {
 			if name != "mongo-init" && !slices.Contains(s.Command, "--replSet") {
