@@ -11,7 +11,7 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.7.0
 # The whole suite stays under 15 minutes on 2 cores; -race is always on.
 TEST_FLAGS  ?= -race -count=1 -timeout 14m
 
-.PHONY: help build run test test-fork bench bench-flow bench-cluster bench-router bench-pushapi bench-go memory lint fuzz clean
+.PHONY: help build run test test-fork deploy-check bench bench-flow bench-cluster bench-router bench-pushapi bench-go memory lint fuzz clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -54,12 +54,23 @@ bench-go: ## the Go micro-benchmarks (mochi fork's publish path)
 memory: ## RSS per idle connection, rtm and Mosquitto, 10,000 connections each (about 10 minutes)
 	scripts/memory.sh both
 
-lint: ## gofmt, go vet, staticcheck, go mod tidy check
+lint: ## gofmt, go vet, staticcheck, go mod tidy check, deployment files
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	cd third_party/mochi && $(GO) vet ./...
+	cd deploy/check && $(GO) vet ./...
 	$(GO) run $(STATICCHECK) ./...
+	cd deploy/check && $(GO) run $(STATICCHECK) ./...
 	$(GO) mod tidy -diff
+	cd deploy/check && $(GO) mod tidy -diff
+	$(MAKE) deploy-check
+
+deploy-check: ## check deploy/ (compose, Kubernetes, Prometheus rules, Grafana, docs/monitoring.md) and build the image where Docker runs
+	cd deploy/check && $(GO) test -count=1 ./...
+	@if command -v yamllint >/dev/null; then yamllint -s -c deploy/.yamllint deploy && echo "yamllint: deploy/ ok"; \
+	  else echo "deploy-check: yamllint not installed (apt-get install yamllint): YAML style NOT checked"; fi
+	@if docker info >/dev/null 2>&1; then docker build -q -t rtm:check . && echo "docker build: ok"; \
+	  else echo "deploy-check: no Docker engine answers: image build skipped"; fi
 
 fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	cd third_party/mochi && $(GO) test ./packets -run '^$$' -fuzz FuzzDecode -fuzztime $${FUZZTIME:-30s}
