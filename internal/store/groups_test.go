@@ -66,7 +66,11 @@ func TestGroupMembership(t *testing.T) {
 	if err != nil || g.Name != "renamed" || g.Attributes["k"] != "x" {
 		t.Fatalf("update: %+v %v", g, err)
 	}
-	if _, err := s.UpdateGroup(ctx, "g1", nil, map[string]*string{"k": nil}); err != nil {
+	w := "w"
+	if g, err = s.UpdateGroup(ctx, "g1", nil, map[string]*string{"k": nil, "w": &w}); err != nil || len(g.Attributes) != 1 || g.Attributes["w"] != "w" {
+		t.Fatalf("set w, unset k: %+v %v", g, err)
+	}
+	if _, err := s.UpdateGroup(ctx, "g1", nil, map[string]*string{"w": nil}); err != nil {
 		t.Fatal(err)
 	}
 	if g, n, _ := s.GetGroup(ctx, "g1"); len(g.Attributes) != 0 || g.Name != "renamed" || n != 2 {
