@@ -10,6 +10,7 @@ import (
 	"github.com/eclipse/paho.golang/paho"
 
 	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/store"
 	"github.com/rtm-dev/rtm/internal/store/storetest"
 	"github.com/rtm-dev/rtm/internal/testutil"
 	"github.com/rtm-dev/rtm/pushapi"
@@ -357,4 +358,40 @@ func TestGroupMembershipChangesApplyEverywhere(t *testing.T) {
 	if rc := subReason(t, m1, "groups/g"); rc != 0x87 {
 		t.Fatalf("member of a deleted group: SUBACK 0x%02X, want 0x87", rc)
 	}
+}
+
+// TestGroupRefreshRepairsMissedChange: a broker that missed a change
+// notice (here: changes written to the store behind the push API's back)
+// is right after its next refresh (groups.refresh_interval).
+func TestGroupRefreshRepairsMissedChange(t *testing.T) {
+	t.Parallel()
+	st := storetest.Open(t)
+	b := startBroker(t, "b0", "", st, func(o *broker.Options) { o.Groups.RefreshInterval = time.Second })
+	ctx := testutil.Context(t, waitCond)
+	if err := st.CreateGroup(ctx, &store.Group{ID: "g"}, []string{"in"}); err != nil {
+		t.Fatal(err)
+	}
+	in := testutil.MustV5(t, b.Addr(broker.ListenerTCP), "in")
+	out := testutil.MustV5(t, b.Addr(broker.ListenerTCP), "out")
+	if rc := pubReason(t, in, "groups/g", "x"); rc != 0 {
+		t.Fatalf("member PUBACK 0x%02X", rc)
+	}
+	if rc := pubReason(t, out, "groups/g", "x"); rc != 0x87 {
+		t.Fatalf("non-member PUBACK 0x%02X", rc)
+	}
+	if _, err := st.RemoveGroupMember(ctx, "g", "in"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.AddGroupMember(ctx, "g", "out", 10); err != nil {
+		t.Fatal(err)
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if rc := pubReason(t, in, "groups/g", "x"); rc != 0x87 {
+			return fmt.Errorf("removed member's PUBACK 0x%02X, want 0x87", rc)
+		}
+		if rc := pubReason(t, out, "groups/g", "x"); rc != 0 {
+			return fmt.Errorf("added member's PUBACK 0x%02X, want 0", rc)
+		}
+		return nil
+	})
 }

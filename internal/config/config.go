@@ -233,7 +233,7 @@ func Defaults() Config {
 		},
 		Groups: Groups{
 			MaxMembers:      1000,
-			RefreshInterval: 30 * time.Second,
+			RefreshInterval: 10 * time.Second,
 		},
 	}
 }
