@@ -211,6 +211,9 @@ func New(opts Options) (*Broker, error) {
 		if err := reg.Register(storeCollector{b.devices}); err != nil {
 			return nil, fmt.Errorf("broker: metrics: %w", err)
 		}
+		if err := reg.Register(groupsCollector{b.groups}); err != nil {
+			return nil, fmt.Errorf("broker: metrics: %w", err)
+		}
 	}
 	if opts.Cluster.GossipAddr != "" {
 		// Last, so it sees a publish only once every other hook let it through.
@@ -515,6 +518,9 @@ type Stats struct {
 	Backpressure BackpressureStats `json:"backpressure"`
 	// Memory is what the byte bounds count (docs/broker.md, "Limits").
 	Memory MemoryStats `json:"memory"`
+	// Groups is the group membership cache (docs/security.md, "Devices:
+	// group topics"); nil without a store.
+	Groups *plugins.GroupCacheStats `json:"groups,omitempty"`
 
 	HeapBytes  uint64 `json:"heap_bytes"`
 	Goroutines int    `json:"goroutines"`
@@ -612,6 +618,10 @@ func (b *Broker) Stats() Stats {
 	}
 	if b.devices != nil {
 		s.Store = b.devices.stats()
+	}
+	if b.groups != nil {
+		gs := b.groups.Stats()
+		s.Groups = &gs
 	}
 	s.MessagesDropped = maps.Clone(s.DroppedByReason[dropReasonNames[dropQueueFull]])
 	for _, r := range []dropReason{dropSessionFull, dropPacketIDs} {

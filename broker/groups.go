@@ -8,6 +8,7 @@ import (
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/rtm-dev/rtm/plugins"
 )
@@ -68,6 +69,16 @@ func (b *Broker) unsubscribeGroup(cl *mqtt.Client, group string) int {
 	return n
 }
 
+// mayCoverGroups reports whether a subscription filter can match a group
+// topic (groups/...), its shared-subscription prefix aside.
+func mayCoverGroups(filter string) bool {
+	if s, shared := strings.CutPrefix(filter, "$share/"); shared {
+		_, filter, _ = strings.Cut(s, "/")
+	}
+	first, _, _ := strings.Cut(filter, "/")
+	return first == "groups" || first == "+" || first == "#"
+}
+
 // refreshGroups re-reads the cached memberships every interval, the safety
 // net for a change notice the broker missed.
 func (b *Broker) refreshGroups(ctx context.Context, every time.Duration) {
@@ -89,4 +100,30 @@ func (b *Broker) refreshGroups(ctx context.Context, every time.Duration) {
 			b.log.Warn("group memberships not refreshed", "error", err)
 		}
 	}
+}
+
+var (
+	descGroupDevices = prometheus.NewDesc("rtm_broker_group_cache_devices", "Devices whose group memberships this broker caches (those that used a group topic here and still have a session).", nil, nil)
+	descGroupReads   = prometheus.NewDesc("rtm_broker_group_membership_reads_total", "Store reads of group memberships: one per device first asked about, one per refresh.", nil, nil)
+	descGroupErrors  = prometheus.NewDesc("rtm_broker_group_membership_read_errors_total", "Store reads of group memberships that failed.", nil, nil)
+	descGroupDenied  = prometheus.NewDesc("rtm_broker_group_denied_unread_total", "Group topic checks refused because the device's memberships could not be read (store down at its first use of a group topic on this broker).", nil, nil)
+	descGroupNotices = prometheus.NewDesc("rtm_broker_group_change_notices_total", "Group membership changes the push API told this broker of.", nil, nil)
+)
+
+// groupsCollector exports the membership cache's counters at scrape time.
+type groupsCollector struct{ c *plugins.GroupCache }
+
+func (g groupsCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descGroupDevices, descGroupReads, descGroupErrors, descGroupDenied, descGroupNotices} {
+		ch <- d
+	}
+}
+
+func (g groupsCollector) Collect(ch chan<- prometheus.Metric) {
+	s := g.c.Stats()
+	ch <- prometheus.MustNewConstMetric(descGroupDevices, prometheus.GaugeValue, float64(s.Devices))
+	ch <- prometheus.MustNewConstMetric(descGroupReads, prometheus.CounterValue, float64(s.Loads))
+	ch <- prometheus.MustNewConstMetric(descGroupErrors, prometheus.CounterValue, float64(s.LoadErrors))
+	ch <- prometheus.MustNewConstMetric(descGroupDenied, prometheus.CounterValue, float64(s.Denied))
+	ch <- prometheus.MustNewConstMetric(descGroupNotices, prometheus.CounterValue, float64(s.Notices))
 }

@@ -29,8 +29,16 @@ type GroupChange struct {
 	Deleted bool     `json:"deleted,omitempty"`
 }
 
-// loadTimeout bounds the store read of one device's groups.
-const loadTimeout = 3 * time.Second
+// loadTimeout bounds the store read of one device's groups. A read can
+// happen in a delivery (a session moved here from another node before
+// Warm read it), on a publisher's or a node link's goroutine: well under
+// the link's 3 s silence limit.
+const loadTimeout = 2 * time.Second
+
+// retryAfterFailure is how long a device whose read failed is denied
+// without another read, so a store outage costs a delivery path at most
+// one loadTimeout per device per second, not one per message.
+const retryAfterFailure = time.Second
 
 // GroupCache is a broker's Membership: the groups of each device this
 // broker was asked about, read from the store the first time and kept
@@ -57,7 +65,8 @@ type GroupCache struct {
 	log     *slog.Logger
 	entries sync.Map // client ID → *groupEntry
 
-	loads, loadErrors, notices atomic.Int64
+	loads, loadErrors, notices, denied atomic.Int64
+	limit                          logLimiter
 }
 
 type groupEntry struct {
@@ -65,6 +74,7 @@ type groupEntry struct {
 	mu     sync.Mutex // guards ver and the swap of groups
 	ver    uint64
 	groups atomic.Pointer[map[string]struct{}] // nil until read
+	failed atomic.Int64                        // unix nanoseconds of the last failed read
 }
 
 // NewGroupCache returns an empty cache reading from load.
@@ -85,13 +95,29 @@ func (c *GroupCache) Member(clientID, group string) bool {
 	if s == nil {
 		var err error
 		if s, err = c.read(e, clientID); err != nil {
-			c.loadErrors.Add(1)
-			c.log.Warn("group membership not read: denying", "client_id", truncate(clientID), "group", group, "error", err)
+			c.denied.Add(1)
+			if ok, left := c.limit.allow(time.Now()); ok {
+				args := []any{"client_id", truncate(clientID), "group", group, "error", err}
+				if left > 0 {
+					args = append(args, "not_logged", left)
+				}
+				c.log.Warn("group membership not read from the store: denying", args...)
+			}
 			return false
 		}
 	}
 	_, ok := (*s)[group]
 	return ok
+}
+
+// Warm reads the device's groups unless they are cached, so that a
+// session that arrives with group subscriptions (moved from another node)
+// does not make its first delivery wait for the store.
+func (c *GroupCache) Warm(clientID string) {
+	e := c.entry(clientID)
+	if e.groups.Load() == nil {
+		_, _ = c.read(e, clientID)
+	}
 }
 
 func (c *GroupCache) entry(clientID string) *groupEntry {
@@ -112,6 +138,22 @@ func (c *GroupCache) read(e *groupEntry, clientID string) (*map[string]struct{},
 	if s := e.groups.Load(); s != nil {
 		return s, nil
 	}
+	if f := e.failed.Load(); f != 0 && time.Since(time.Unix(0, f)) < retryAfterFailure {
+		return nil, errRecentFailure
+	}
+	s, err := c.readLocked(e, clientID)
+	if err != nil {
+		c.loadErrors.Add(1)
+		e.failed.Store(time.Now().UnixNano())
+	}
+	return s, err
+}
+
+// errRecentFailure reports a read not tried because the last one failed
+// less than retryAfterFailure ago.
+var errRecentFailure = errors.New("the last read failed less than a second ago")
+
+func (c *GroupCache) readLocked(e *groupEntry, clientID string) (*map[string]struct{}, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), loadTimeout)
 	defer cancel()
 	for range 5 {
@@ -243,11 +285,14 @@ type GroupCacheStats struct {
 	Loads      int64 `json:"loads"`       // store reads (one per device first asked about, one per refresh)
 	LoadErrors int64 `json:"load_errors"` // failed store reads (a first read that failed denied)
 	Notices    int64 `json:"notices"`     // change notices applied
+	// Denied counts checks refused because the device's groups could not
+	// be read (the store was down at its first use of a group topic here).
+	Denied int64 `json:"denied_unread"`
 }
 
 // Stats returns the cache's counters.
 func (c *GroupCache) Stats() GroupCacheStats {
 	n := 0
 	c.entries.Range(func(_, _ any) bool { n++; return true })
-	return GroupCacheStats{Devices: n, Loads: c.loads.Load(), LoadErrors: c.loadErrors.Load(), Notices: c.notices.Load()}
+	return GroupCacheStats{Devices: n, Loads: c.loads.Load(), LoadErrors: c.loadErrors.Load(), Notices: c.notices.Load(), Denied: c.denied.Load()}
 }
