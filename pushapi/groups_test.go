@@ -395,3 +395,51 @@ func TestGroupRefreshRepairsMissedChange(t *testing.T) {
 		return nil
 	})
 }
+
+// TestGroupSessionsAcrossNodes: a member's persistent session keeps its
+// group subscription when the device reconnects to the other node (its
+// memberships are read there), and a member removed while away gets
+// nothing of the group when it comes back (its offline session lost the
+// subscription).
+func TestGroupSessionsAcrossNodes(t *testing.T) {
+	t.Parallel()
+	b0, b1, api := groupsCluster(t)
+	persistent := func(id string, clean bool) *paho.Connect {
+		return &paho.Connect{ClientID: id, CleanStart: clean, Properties: &paho.ConnectProperties{
+			SessionExpiryInterval: ptr(uint32(300)), RequestProblemInfo: true}}
+	}
+	dial := func(b *broker.Broker, id string, clean bool) *testutil.V5 {
+		c, _, err := testutil.DialV5(t, b.Addr(broker.ListenerTCP), persistent(id, clean))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	// m1 subscribes on b1, then reconnects to b0: its session moves.
+	c := dial(b1, "m1", true)
+	c.Sub(t, "groups/g", 1)
+	_ = c.Disconnect(&paho.Disconnect{})
+	// w1 subscribes on b1 and goes away; removed meanwhile.
+	w := dial(b1, "w1", true)
+	w.Sub(t, "groups/g", 1)
+	_ = w.Disconnect(&paho.Disconnect{})
+	api.waitPresence("w1", false, "b1")
+	api.expect(http.MethodDelete, "/v1/groups/g/members/w1", nil, http.StatusNoContent, nil)
+
+	c = dial(b0, "m1", false)
+	testutil.WaitFor(t, waitCond, func() error {
+		if s := b0.Stats(); s.Groups == nil || s.Groups.Devices == 0 {
+			return fmt.Errorf("b0 has not read m1's memberships: %+v", s.Groups)
+		}
+		return nil
+	})
+	var pub pushapi.Published
+	api.expect(http.MethodPost, "/v1/groups/g/messages", map[string]any{"payload": "moved"}, http.StatusOK, &pub)
+	if got := nextOn(t, c, "groups/g"); string(got.Payload) != "moved" || messageID(got) != pub.ID {
+		t.Fatalf("m1 on b0 got %q", got.Payload)
+	}
+	w = dial(b1, "w1", false)
+	api.expect(http.MethodPost, "/v1/groups/g/messages", map[string]any{"payload": "after"}, http.StatusOK, nil)
+	nextOn(t, c, "groups/g")
+	w.None(t, 300*time.Millisecond)
+}
