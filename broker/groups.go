@@ -21,8 +21,10 @@ import (
 // stops them receiving).
 func (a *adminServer) groupChange(w http.ResponseWriter, r *http.Request) {
 	if a.b.groups == nil {
-		writeJSON(w, http.StatusConflict, map[string]string{"error": "no_store",
-			"message": "this broker has no store: group topics are closed to devices"})
+		// Nothing to apply: without a store, group topics are closed to
+		// devices here.
+		writeJSON(w, http.StatusOK, map[string]any{"applied": false, "node": a.b.cfg.NodeName,
+			"reason": "this broker has no store: group topics are closed to devices"})
 		return
 	}
 	var ch plugins.GroupChange
