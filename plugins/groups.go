@@ -66,7 +66,7 @@ type GroupCache struct {
 	entries sync.Map // client ID → *groupEntry
 
 	loads, loadErrors, notices, denied atomic.Int64
-	limit                          logLimiter
+	limit                              logLimiter
 }
 
 type groupEntry struct {
