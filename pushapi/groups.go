@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -232,7 +233,7 @@ func (p *PushAPI) postGroup(c echo.Context) error {
 		_ = p.notifyGroup(c.Request().Context(), plugins.GroupChange{Group: g.ID, Added: members})
 	}
 	n := len(members)
-	c.Response().Header().Set(echo.HeaderLocation, "/v1/groups/"+g.ID)
+	c.Response().Header().Set(echo.HeaderLocation, "/v1/groups/"+url.PathEscape(g.ID))
 	return c.JSON(http.StatusCreated, groupView(g, &n))
 }
 
