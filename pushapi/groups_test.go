@@ -433,6 +433,7 @@ func TestGroupSessionsAcrossNodes(t *testing.T) {
 		}
 		return nil
 	})
+	waitRoutes(t, b1, "b0", 1) // the push API may be connected to b1
 	var pub pushapi.Published
 	api.expect(http.MethodPost, "/v1/groups/g/messages", map[string]any{"payload": "moved"}, http.StatusOK, &pub)
 	if got := nextOn(t, c, "groups/g"); string(got.Payload) != "moved" || messageID(got) != pub.ID {
