@@ -20,19 +20,19 @@ import (
 // messages (every delivery is also checked against the cache, which alone
 // stops them receiving).
 func (a *adminServer) groupChange(w http.ResponseWriter, r *http.Request) {
-	if a.b.groups == nil {
-		// Nothing to apply: without a store, group topics are closed to
-		// devices here.
-		writeJSON(w, http.StatusOK, map[string]any{"applied": false, "node": a.b.cfg.NodeName,
-			"reason": "this broker has no store: group topics are closed to devices"})
-		return
-	}
 	var ch plugins.GroupChange
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 8<<20))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&ch); err != nil || ch.Group == "" || strings.ContainsAny(ch.Group, "/+#") {
 		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "bad_request",
 			"message": `want {"group": a group ID, "added": [...], "removed": [...], "deleted": bool}`})
+		return
+	}
+	if a.b.groups == nil {
+		// Nothing to apply: without a store, group topics are closed to
+		// devices here.
+		writeJSON(w, http.StatusOK, map[string]any{"applied": false, "node": a.b.cfg.NodeName,
+			"reason": "this broker has no store: group topics are closed to devices"})
 		return
 	}
 	a.b.groups.Apply(ch)
