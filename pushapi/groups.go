@@ -437,7 +437,7 @@ func (p *PushAPI) putMember(c echo.Context) error {
 	err = p.storeCall(c, func(ctx context.Context) (err error) {
 		added, err = p.st.AddGroupMember(ctx, id, dev, p.groups.MaxMembers)
 		if errors.Is(err, store.ErrGroupFull) {
-			return apiErr(CodeGroupFull, "group %q has %d members, groups.max_members", id, p.groups.MaxMembers)
+			return apiErr(CodeGroupFull, "group %q is full: it has groups.max_members (%d) members", id, p.groups.MaxMembers)
 		}
 		return groupStoreError(id, err)
 	})
