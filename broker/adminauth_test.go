@@ -37,7 +37,7 @@ func adminCall(t *testing.T, b *broker.Broker, method, path, body, auth string) 
 
 // TestAdminEndpointsNeedTheAdminKey (issue 12 item 4): every /v1 endpoint
 // of the admin port (drain, undrain, server-side subscribe and unsubscribe,
-// kick, stats, cluster view, drain state) answers 401 with a
+// kick, stats, cluster view, drain state, group changes) answers 401 with a
 // WWW-Authenticate challenge and a JSON error without a key, with a wrong
 // one, or with another scheme, and does nothing; with a key of
 // broker.admin_keys (either one: keys rotate) it works. /healthz, /readyz
@@ -57,6 +57,7 @@ func TestAdminEndpointsNeedTheAdminKey(t *testing.T) {
 		{"GET", "/v1/stats", ""},
 		{"GET", "/v1/cluster", ""},
 		{"GET", "/v1/drain", ""},
+		{"POST", "/v1/groups/changes", `{"group":"g","removed":["victim"],"deleted":true}`},
 		{"GET", "/v1/nosuch", ""}, // unknown paths are not probed for free either
 	}
 	for _, e := range endpoints {
@@ -89,6 +90,9 @@ func TestAdminEndpointsNeedTheAdminKey(t *testing.T) {
 		{"POST", "/v1/undrain", "", "Bearer " + other, 200},
 		{"POST", "/v1/clients/victim/subscriptions", `{"filter":"push/alerts","qos":1}`, good, 200},
 		{"DELETE", "/v1/clients/victim/subscriptions?filter=push/alerts", "", good, 200},
+		{"POST", "/v1/groups/changes", `{"group":"g","added":["victim"]}`, good, 200}, // nothing to apply without a store
+		{"POST", "/v1/groups/changes", `{"group":"a/b"}`, good, 400},
+		{"POST", "/v1/groups/changes", `{"group":"g","extra":1}`, good, 400},
 		{"POST", "/v1/clients/victim/disconnect", "", good, 200},
 	} {
 		if code, _, body := adminCall(t, b, e.method, e.path, e.body, e.auth); code != e.want {

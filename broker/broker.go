@@ -77,8 +77,12 @@ type Options struct {
 	Registry *prometheus.Registry
 	// Store, when set, receives device presence and push subscriptions
 	// made over MQTT, and is asked for a device's push subscriptions when
-	// it connects (see devicesHook).
+	// it connects (see devicesHook), and holds group memberships (without
+	// it, group topics are closed to devices).
 	Store *store.Store
+	// Groups configures the group membership cache; zero values mean the
+	// defaults.
+	Groups config.Groups
 }
 
 // Broker is one MQTT broker node.
@@ -91,7 +95,8 @@ type Broker struct {
 	limits  *limitsHook
 	cluster *clusterNode // nil when the broker runs alone
 	drain   *drainer
-	devices *devicesHook // nil without a store
+	devices *devicesHook        // nil without a store
+	groups  *plugins.GroupCache // nil without a store
 	// incarnation tells this process's connections from an earlier one's
 	// with the same node name (presence records).
 	incarnation uint64
@@ -184,7 +189,12 @@ func New(opts Options) (*Broker, error) {
 	// Authentication and topic rights (token or anonymous devices, ACL):
 	// one set of hooks chosen from the configuration, never an allow-all
 	// hook beside them (mochi ORs auth hooks).
-	authHooks, err := plugins.Hooks(plugins.Options{Auth: opts.Auth, Logger: log.With("node", cfg.NodeName)})
+	popts := plugins.Options{Auth: opts.Auth, Logger: log.With("node", cfg.NodeName)}
+	if opts.Store != nil {
+		b.groups = plugins.NewGroupCache(opts.Store.GroupsOf, log.With("node", cfg.NodeName))
+		popts.Groups = b.groups
+	}
+	authHooks, err := plugins.Hooks(popts)
 	if err != nil {
 		return nil, err
 	}
@@ -199,6 +209,9 @@ func New(opts Options) (*Broker, error) {
 			return nil, err
 		}
 		if err := reg.Register(storeCollector{b.devices}); err != nil {
+			return nil, fmt.Errorf("broker: metrics: %w", err)
+		}
+		if err := reg.Register(groupsCollector{b.groups}); err != nil {
 			return nil, fmt.Errorf("broker: metrics: %w", err)
 		}
 	}
@@ -305,6 +318,13 @@ func (b *Broker) Start(ctx context.Context) (err error) {
 	go b.loop(loopCtx)
 	if b.devices != nil {
 		go b.devices.run(loopCtx.Done())
+	}
+	if b.groups != nil {
+		every := b.opts.Groups.RefreshInterval
+		if every <= 0 {
+			every = config.Defaults().Groups.RefreshInterval
+		}
+		go b.refreshGroups(loopCtx, every)
 	}
 
 	b.serving.Store(true)
@@ -498,6 +518,9 @@ type Stats struct {
 	Backpressure BackpressureStats `json:"backpressure"`
 	// Memory is what the byte bounds count (docs/broker.md, "Limits").
 	Memory MemoryStats `json:"memory"`
+	// Groups is the group membership cache (docs/security.md, "Devices:
+	// group topics"); nil without a store.
+	Groups *plugins.GroupCacheStats `json:"groups,omitempty"`
 
 	HeapBytes  uint64 `json:"heap_bytes"`
 	Goroutines int    `json:"goroutines"`
@@ -595,6 +618,10 @@ func (b *Broker) Stats() Stats {
 	}
 	if b.devices != nil {
 		s.Store = b.devices.stats()
+	}
+	if b.groups != nil {
+		gs := b.groups.Stats()
+		s.Groups = &gs
 	}
 	s.MessagesDropped = maps.Clone(s.DroppedByReason[dropReasonNames[dropQueueFull]])
 	for _, r := range []dropReason{dropSessionFull, dropPacketIDs} {

@@ -941,6 +941,16 @@ func (c *clusterNode) adopt(id string, version byte, r claimReplyMsg) {
 	}
 	c.b.mq.AdoptSession(id, version, r.Session)
 	c.moved.Add(1)
+	if c.b.groups != nil {
+		for _, sub := range r.Session.Subscriptions {
+			if mayCoverGroups(sub.Filter) {
+				// Off this goroutine (it may be a node link's): a delivery
+				// that comes first waits for this read, not for another.
+				go c.b.groups.Warm(id)
+				break
+			}
+		}
+	}
 	c.log.Debug("session moved here", "client_id", id, "subscriptions", len(r.Session.Subscriptions), "queued", len(r.Session.Inflight))
 }
 

@@ -201,7 +201,9 @@ const (
 	reasonInbox    = "another device's inbox"
 	reasonInboxPub = "only the push API publishes to inboxes"
 	reasonPushPub  = "only the push API publishes to push channels"
-	reasonGroups   = "groups are not open to devices yet"
+	reasonGroups   = "groups need a store: no membership to check"
+	reasonGroup    = "not a group topic: groups/{groupId}"
+	reasonMember   = "not a member of the group"
 )
 
 // check decides whether device id may publish to topic (write) or subscribe
@@ -227,11 +229,12 @@ func (h *AuthHook) check(id *identity, subject string, write bool) (ok bool, why
 			return false, r.text
 		}
 	}
-	return builtin(id, subject, write)
+	return builtin(id, subject, write, h.groups)
 }
 
-// builtin applies the default topic namespace of SPEC section 3 to a device.
-func builtin(id *identity, subject string, write bool) (bool, string) {
+// builtin applies the default topic namespace of SPEC section 3 to a device;
+// groups answers group membership (nil: groups are closed to devices).
+func builtin(id *identity, subject string, write bool, groups Membership) (bool, string) {
 	if subject == "" {
 		return false, reasonEmpty
 	}
@@ -278,10 +281,23 @@ func builtin(id *identity, subject string, write bool) (bool, string) {
 		}
 		return true, ""
 	case "groups":
-		// groups/{id}: for members only. Group membership arrives with the
-		// next issue (a lookup the hook will consult); until then devices
-		// have no access at all, while services (the push API) do.
-		return false, reasonGroups
+		// groups/{id} and the topics under it: members only, both ways.
+		// A filter with a wildcard for the group (groups/+, groups/#) is
+		// granted like devices/+/inbox: every delivery is checked on its
+		// topic, so it delivers only the device's own groups.
+		if groups == nil {
+			return false, reasonGroups
+		}
+		g, _, _ := strings.Cut(rest, "/")
+		switch {
+		case g == "" || subject == "groups":
+			return false, reasonGroup
+		case !write && (g == "+" || g == "#"):
+			return true, ""
+		case groups.Member(id.clientID, g):
+			return true, ""
+		}
+		return false, reasonMember
 	}
 	return true, ""
 }

@@ -94,7 +94,7 @@ func TestACLBuiltin(t *testing.T) {
 		{alice, pub, "push/news", false},
 		{alice, pub, "push/news/extra", false},
 		{alice, pub, "push", false},
-		// groups: closed to devices until membership exists.
+		// groups: closed to devices without a membership source (no store).
 		{alice, sub, "groups/g1", false},
 		{alice, sub, "groups/#", false},
 		{alice, deliver, "groups/g1", false},

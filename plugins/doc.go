@@ -2,6 +2,8 @@
 // from configuration; today that is one hook, AuthHook ("rtm-auth"), which
 // authenticates devices by token (or lets them in anonymously) and enforces
 // the topic namespace of SPEC section 3 plus the extra rules of auth.acl.
+// Group topics are checked against a Membership: GroupCache, a broker's
+// per-device cache of group memberships (groups.go).
 //
 // Device credentials themselves (signing and verifying tokens) live in the
 // subpackage token, which the push API uses without importing mochi.
@@ -11,5 +13,6 @@
 // except for its tables of connected identities and of their expiry timers
 // (sync.Maps; a timer fires on a goroutine of its own). OnACLCheck runs
 // for every delivery of every message, so it allocates nothing and takes no
-// lock on that path.
+// lock on that path; a GroupCache answer it holds is a sync.Map load and a
+// map lookup, and its first question about a device reads the store.
 package plugins

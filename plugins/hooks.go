@@ -25,6 +25,9 @@ type Options struct {
 	// Logger receives refused connections (Info, rate-limited) and ACL
 	// denials (Debug). Nil discards.
 	Logger *slog.Logger
+	// Groups answers group membership for groups/{id}; nil closes group
+	// topics to devices (a broker without a store).
+	Groups Membership
 }
 
 // Hooks returns the hooks that authenticate devices and enforce topic
@@ -64,8 +67,8 @@ const maxLoggedID = 128
 // Topic rights, first match wins: services may do anything; then the rules
 // of auth.acl; then the built-in namespace of SPEC section 3 for devices:
 // devices/{id}/inbox is read by that device only and written by no device;
-// push/... is read by any device and written by none; groups/... is closed
-// to devices until group membership exists; $SYS/... is closed (the
+// push/... is read by any device and written by none; groups/{id}/... is
+// read and written by the group's members (Options.Groups); $SYS/... is closed (the
 // broker's own) and no device publishes to a $share/... topic; everything
 // else, other $ topics included, is open. Subscription filters with wildcards are
 // granted where a match could be allowed, because every delivery is checked
@@ -77,7 +80,8 @@ type AuthHook struct {
 	signer     *token.Signer // nil: anonymous without keys
 	anonymous  bool
 	rules      []aclRule
-	ruleUser   bool // some rule uses %u
+	ruleUser   bool       // some rule uses %u
+	groups     Membership // nil: group topics closed to devices
 	configured bool
 
 	// ids holds the identity of each authenticated connection
@@ -136,6 +140,7 @@ func (h *AuthHook) configure(opts Options) error {
 	}
 	h.signer, h.anonymous = signer, opts.Auth.Devices == "anonymous"
 	h.rules, h.ruleUser = rules, usesUsername(rules)
+	h.groups = opts.Groups
 	h.log = opts.Logger
 	if h.log == nil {
 		h.log = slog.New(slog.DiscardHandler)

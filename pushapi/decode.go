@@ -187,20 +187,31 @@ func pathParam(c echo.Context, name string) (string, error) {
 }
 
 // deviceParam returns the {id} path parameter, checked.
-func deviceParam(c echo.Context) (string, error) {
-	id, err := pathParam(c, "id")
+func deviceParam(c echo.Context) (string, error) { return deviceParamNamed(c, "id") }
+
+// deviceParamNamed returns the path parameter name, checked as a device ID.
+func deviceParamNamed(c echo.Context, name string) (string, error) {
+	id, err := pathParam(c, name)
 	if err != nil {
 		return "", err
 	}
+	if e := checkDeviceID(id); e != nil {
+		return "", e
+	}
+	return id, nil
+}
+
+// checkDeviceID returns why id cannot be a device's client ID, or nil.
+func checkDeviceID(id string) *Error {
 	if why := checkLevel(id, maxDeviceID); why != "" {
-		return "", apiErr(CodeInvalidDeviceID, "device ID %s", why)
+		return apiErr(CodeInvalidDeviceID, "device ID %s", why)
 	}
 	// Brokers refuse such a client ID (see token.CheckClientID): a token,
 	// subscription or message for it would serve no device.
 	if id[0] == '$' {
-		return "", apiErr(CodeInvalidDeviceID, "device ID must not start with '$' (reserved for the broker's topics)")
+		return apiErr(CodeInvalidDeviceID, "device ID must not start with '$' (reserved for the broker's topics)")
 	}
-	return id, nil
+	return nil
 }
 
 // channelParam returns the {channel} path parameter, checked.

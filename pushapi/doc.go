@@ -2,7 +2,9 @@
 // that applications use to reach devices. It publishes messages to any
 // topic, to push channels (push/{channel}) and to device inboxes
 // (devices/{id}/inbox); subscribes devices to push channels server side;
-// reports presence; issues device tokens; and disconnects devices. See
+// reports presence; issues device tokens; disconnects devices; and manages
+// groups (groups.go: groups and members in the store, each membership change
+// told to every broker before the answer, see notifyGroup). See
 // docs/api.md for users, and openapi.json (served at /openapi.json) for the
 // contract that the tests hold the routes to.
 //

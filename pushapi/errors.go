@@ -32,6 +32,10 @@ const (
 	CodeInvalidDeviceID   = "invalid_device_id"
 	CodeInvalidTTL        = "invalid_ttl"
 	CodeInvalidBatch      = "invalid_batch"
+	CodeInvalidGroupID    = "invalid_group_id"
+	CodeInvalidGroup      = "invalid_group"
+	CodeGroupExists       = "group_exists"
+	CodeGroupFull         = "group_full"
 	CodeInternal          = "internal"
 	CodePublishRejected   = "publish_rejected"
 	CodeBrokerUnavailable = "broker_unavailable"
@@ -55,7 +59,7 @@ var ErrorCodes = []ErrorCode{
 	{CodeBadCursor, http.StatusBadRequest, "The cursor was not returned by a previous page."},
 	{CodeBadParameter, http.StatusBadRequest, "A query parameter is not valid, e.g. limit outside 1-1000."},
 	{CodeUnauthorized, http.StatusUnauthorized, "No Authorization header, or not a valid API key."},
-	{CodeNotFound, http.StatusNotFound, "No such endpoint, device or push subscription."},
+	{CodeNotFound, http.StatusNotFound, "No such endpoint, device, push subscription or group."},
 	{CodeNotConnected, http.StatusNotFound, "The device is known but not connected now."},
 	{CodeMethodNotAllowed, http.StatusMethodNotAllowed, "The endpoint exists but not with this method; see the Allow header."},
 	{CodeBodyTooLarge, http.StatusRequestEntityTooLarge, "The request body is larger than pushapi.max_body."},
@@ -68,10 +72,14 @@ var ErrorCodes = []ErrorCode{
 	{CodeInvalidDeviceID, http.StatusUnprocessableEntity, "The device ID is empty, over 256 bytes, not UTF-8, has NUL, / + or #, starts with $, or names a cluster member."},
 	{CodeInvalidTTL, http.StatusUnprocessableEntity, "ttl_seconds is not between 60 and auth.token_ttl."},
 	{CodeInvalidBatch, http.StatusUnprocessableEntity, "A batch holds no message or more than 1000."},
+	{CodeInvalidGroupID, http.StatusUnprocessableEntity, "The group ID is empty, over 256 bytes, not UTF-8, or has NUL, / + or # (it is a level of the topic groups/{id})."},
+	{CodeInvalidGroup, http.StatusUnprocessableEntity, "The group's name (UTF-8, at most 256 bytes) or attributes (at most 64; keys 1-256 bytes without '.' or a leading '$'; values UTF-8, at most 4096 bytes) are not valid."},
+	{CodeGroupExists, http.StatusConflict, "A group with the ID given exists already."},
+	{CodeGroupFull, http.StatusConflict, "The group would have more members than groups.max_members."},
 	{CodeInternal, http.StatusInternalServerError, "A bug: the server logged it. Please report it."},
 	{CodePublishRejected, http.StatusBadGateway, "The broker refused the message; the message names its MQTT reason code."},
 	{CodeBrokerUnavailable, http.StatusServiceUnavailable, "No broker connection, the connection was lost before the broker acknowledged, or no acknowledgement within pushapi.publish_timeout. Retry."},
-	{CodeNodeUnavailable, http.StatusServiceUnavailable, "The broker holding the device's connection did not answer. Retry."},
+	{CodeNodeUnavailable, http.StatusServiceUnavailable, "The broker holding the device's connection did not answer; or, for a group membership change, a broker did not confirm it (the change is recorded and applied at that broker's next refresh). Retry."},
 	{CodeStoreUnavailable, http.StatusServiceUnavailable, "The store (MongoDB) cannot be reached or failed. Retry."},
 	{CodeStoreTimeout, http.StatusServiceUnavailable, "Timed out: the store did not answer within 5 seconds, or the request waited 10 seconds for its turn (the push API makes at most 64 store calls at once). Retry."},
 }

@@ -119,6 +119,26 @@ func TestOpenAPIDocument(t *testing.T) {
 	check("POST", "/v1/devices/d1/token", nil, apiKey, 201)
 	check("POST", "/v1/devices/d1/token", map[string]any{"ttl_seconds": 1}, apiKey, 422)
 	check("DELETE", "/v1/devices/nobody/connection", nil, apiKey, 404)
+	check("POST", "/v1/groups", map[string]any{"id": "g1", "name": "G", "attributes": map[string]string{"a": "1"}}, apiKey, 201)
+	check("POST", "/v1/groups", map[string]any{}, apiKey, 201)
+	check("POST", "/v1/groups", map[string]any{"id": "g1"}, apiKey, 409)
+	check("POST", "/v1/groups", map[string]any{"id": "a/b"}, apiKey, 422)
+	check("GET", "/v1/groups/g1", nil, apiKey, 200)
+	check("GET", "/v1/groups/nope", nil, apiKey, 404)
+	check("PATCH", "/v1/groups/g1", map[string]any{"attributes": map[string]any{"a": nil, "b": "2"}}, apiKey, 200)
+	check("GET", "/v1/groups?limit=1", nil, apiKey, 200)
+	check("GET", "/v1/groups?member=d1", nil, apiKey, 200)
+	check("GET", "/v1/groups?cursor=x", nil, apiKey, 400)
+	check("GET", "/v1/groups/g1/members", nil, apiKey, 200)
+	// The fake broker has no admin endpoint: membership changes are
+	// recorded, and the answer says a broker did not confirm them.
+	check("PUT", "/v1/groups/g1/members/d1", nil, apiKey, 503)
+	check("PUT", "/v1/groups/nope/members/d1", nil, apiKey, 404)
+	check("DELETE", "/v1/groups/g1/members/d1", nil, apiKey, 503)
+	check("POST", "/v1/groups/g1/messages", map[string]any{"payload": "x"}, apiKey, 200)
+	check("POST", "/v1/groups/nope/messages", map[string]any{"payload": "x"}, apiKey, 404)
+	check("DELETE", "/v1/groups/g1", nil, apiKey, 503)
+	check("DELETE", "/v1/groups/g1", nil, apiKey, 404)
 
 	for path, item := range doc.Paths.Map() {
 		for method := range item.Operations() {

@@ -61,6 +61,9 @@ type Options struct {
 	// accepts nil so a composition root can check the configuration before
 	// it opens the store.
 	Store *store.Store
+	// Groups bounds groups (max_members) and names the brokers' refresh
+	// interval in errors; zero values mean the defaults.
+	Groups config.Groups
 	// Version is published in gossip tags; "" means "dev".
 	Version string
 	// Logger receives the push API's logs; nil discards them.
@@ -79,6 +82,7 @@ type Options struct {
 // PushAPI is the push API role.
 type PushAPI struct {
 	cfg      config.PushAPI
+	groups   config.Groups
 	opts     Options
 	log      *slog.Logger
 	reg      *prometheus.Registry
@@ -144,6 +148,16 @@ func New(opts Options) (*PushAPI, error) {
 	if opts.Version == "" {
 		opts.Version = "dev"
 	}
+	groups := opts.Groups
+	if groups.MaxMembers == 0 {
+		groups.MaxMembers = config.Defaults().Groups.MaxMembers
+	}
+	if groups.RefreshInterval == 0 {
+		groups.RefreshInterval = config.Defaults().Groups.RefreshInterval
+	}
+	if err := groups.Validate(); err != nil {
+		return nil, err
+	}
 	log := opts.Logger
 	if log == nil {
 		log = obs.Discard()
@@ -158,7 +172,7 @@ func New(opts Options) (*PushAPI, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pushapi: metrics: %w", err)
 	}
-	p := &PushAPI{cfg: cfg, opts: opts, log: log, reg: reg, m: m, st: opts.Store, issuer: issuer,
+	p := &PushAPI{cfg: cfg, groups: groups, opts: opts, log: log, reg: reg, m: m, st: opts.Store, issuer: issuer,
 		tokenTTL: opts.Auth.TokenTTL, admin: newNodeAdmin(opts.AdminKey), storeSem: make(chan struct{}, storeSlots)}
 	if p.tokenTTL == 0 {
 		p.tokenTTL = config.Defaults().Auth.TokenTTL
@@ -202,6 +216,15 @@ func (p *PushAPI) routes() *echo.Echo {
 	e.POST("/v1/devices/:id/messages", p.postDeviceMessage, key)
 	e.POST("/v1/devices/:id/token", p.postDeviceToken, key)
 	e.DELETE("/v1/devices/:id/connection", p.deleteDeviceConnection, key)
+	e.POST("/v1/groups", p.postGroup, key)
+	e.GET("/v1/groups", p.listGroups, key)
+	e.GET("/v1/groups/:id", p.getGroup, key)
+	e.PATCH("/v1/groups/:id", p.patchGroup, key)
+	e.DELETE("/v1/groups/:id", p.deleteGroup, key)
+	e.GET("/v1/groups/:id/members", p.listMembers, key)
+	e.PUT("/v1/groups/:id/members/:deviceId", p.putMember, key)
+	e.DELETE("/v1/groups/:id/members/:deviceId", p.deleteMember, key)
+	e.POST("/v1/groups/:id/messages", p.postGroupMessage, key)
 	return e
 }
 

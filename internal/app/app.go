@@ -112,6 +112,7 @@ func (a *App) brokerOptions() broker.Options {
 		Logger:   a.opts.Logger,
 		Registry: a.opts.Registry,
 		Store:    a.store,
+		Groups:   a.cfg.Groups,
 	}
 }
 
@@ -124,7 +125,7 @@ func (a *App) pushOptions(cc config.Cluster) pushapi.Options {
 	if keys := a.cfg.Broker.AdminKeyList(); len(keys) > 0 {
 		adminKey = keys[0]
 	}
-	return pushapi.Options{Config: a.cfg.PushAPI, Auth: a.cfg.Auth, AdminKey: adminKey, Cluster: cc, Store: a.store,
+	return pushapi.Options{Config: a.cfg.PushAPI, Auth: a.cfg.Auth, AdminKey: adminKey, Cluster: cc, Store: a.store, Groups: a.cfg.Groups,
 		Version: a.opts.Version, Logger: a.opts.Logger, Registry: a.opts.Registry}
 }
 

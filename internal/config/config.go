@@ -26,6 +26,7 @@ type Config struct {
 	Cluster Cluster `koanf:"cluster"`
 	Router  Router  `koanf:"router"`
 	PushAPI PushAPI `koanf:"pushapi"`
+	Groups  Groups  `koanf:"groups"`
 }
 
 // Log configures the process-wide structured logger.
@@ -65,6 +66,18 @@ type PushAPI struct {
 	MaxBody        int           `koanf:"max_body" doc:"Largest request body accepted, in bytes (413 beyond)."`
 	MaxPayload     int           `koanf:"max_payload" doc:"Largest message payload accepted, in bytes after base64 decoding (413 beyond)."`
 	PublishTimeout time.Duration `koanf:"publish_timeout" doc:"How long a publish waits for a broker to acknowledge it before the request fails with 503."`
+}
+
+// Groups configures device groups: the push API enforces max_members,
+// every broker refreshes its membership cache at refresh_interval.
+type Groups struct {
+	// MaxMembers bounds a group: its members live in one store document,
+	// which MongoDB caps at 16 MiB (10,000 IDs of 256 bytes fit).
+	MaxMembers int `koanf:"max_members" doc:"Most members a group may have; adding one more answers 409 group_full. 1-10000. Read by the push API."`
+	// RefreshInterval is the safety net of the brokers' membership caches:
+	// the push API tells every broker of each change at once, and a broker
+	// it could not reach re-reads the memberships it holds within this.
+	RefreshInterval time.Duration `koanf:"refresh_interval" doc:"How often a broker re-reads from the store the group memberships it caches, in case it missed a change notice from the push API (changes normally apply on every broker before the API answers). 1s-10m. Read by brokers."`
 }
 
 // Keys returns the API keys of pushapi.api_keys.
@@ -217,6 +230,10 @@ func Defaults() Config {
 			MaxBody:        8 << 20,
 			MaxPayload:     256 << 10,
 			PublishTimeout: 5 * time.Second,
+		},
+		Groups: Groups{
+			MaxMembers:      1000,
+			RefreshInterval: 10 * time.Second,
 		},
 	}
 }

@@ -37,6 +37,7 @@ func (c Config) Validate() error {
 	c.Cluster.check(v)
 	c.Router.check(v)
 	c.PushAPI.check(v)
+	c.Groups.check(v)
 	return v.err()
 }
 
@@ -178,6 +179,20 @@ func (p PushAPI) check(v *validator) {
 	v.between("pushapi.max_payload", p.MaxPayload, 1, 268_435_455)
 	if p.PublishTimeout <= 0 {
 		v.bad("pushapi.publish_timeout", p.PublishTimeout.String(), "must be positive")
+	}
+}
+
+// Validate reports every invalid value of the groups section.
+func (g Groups) Validate() error {
+	v := &validator{}
+	g.check(v)
+	return v.err()
+}
+
+func (g Groups) check(v *validator) {
+	v.between("groups.max_members", g.MaxMembers, 1, 10000)
+	if g.RefreshInterval < time.Second || g.RefreshInterval > 10*time.Minute {
+		v.bad("groups.refresh_interval", g.RefreshInterval.String(), "must be between 1s and 10m")
 	}
 }
 

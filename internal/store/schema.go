@@ -17,6 +17,7 @@ const (
 	CollDevices           = "devices"            // registered devices, keyed by MQTT client id
 	CollPushSubscriptions = "push_subscriptions" // which device receives which push channel
 	CollGroups            = "groups"             // named device groups
+	CollGroupMembers      = "group_members"      // one document per device in a group
 	CollHistory           = "history"            // retained message history per topic
 	CollAlerts            = "alerts"             // watchdog alerts
 )
@@ -55,7 +56,12 @@ var indexes = []index{
 	{CollDevices, "node_online", bson.D{{Key: "node", Value: 1}, {Key: "online", Value: 1}}, false},
 	{CollPushSubscriptions, "channel_device_unique", bson.D{{Key: "channel", Value: 1}, {Key: "device", Value: 1}}, true},
 	{CollPushSubscriptions, "device", bson.D{{Key: "device", Value: 1}}, false},
+	// Unused: members live in CollGroupMembers (concurrent updates of one
+	// document lose writes on FerretDB v1). Kept, as entries are never
+	// changed in place.
 	{CollGroups, "members", bson.D{{Key: "members", Value: 1}}, false},
+	{CollGroupMembers, "group_device", bson.D{{Key: "group", Value: 1}, {Key: "device", Value: 1}}, false},
+	{CollGroupMembers, "device_group", bson.D{{Key: "device", Value: 1}, {Key: "group", Value: 1}}, false},
 	{CollHistory, "topic_id_desc", bson.D{{Key: "topic", Value: 1}, {Key: "_id", Value: -1}}, false},
 	{CollAlerts, "state_fired_at", bson.D{{Key: "state", Value: 1}, {Key: "fired_at", Value: 1}}, false},
 }
