@@ -151,18 +151,29 @@ func runRoles(cmd *cobra.Command, base config.Config, banner bool, roles ...app.
 	}
 	ctx, stop := signalContext(cmd.ErrOrStderr())
 	defer stop()
-	if err := a.Start(ctx); err != nil {
+	if _, err := a.Start(ctx); err != nil {
 		return err
 	}
 	if banner {
 		printBanner(cmd.OutOrStdout(), cfg, a)
 	}
-	<-ctx.Done()
-	log.Info("signal received, shutting down", "timeout", cfg.Broker.ShutdownTimeout)
+	// A role that fails while running (its HTTP server or gossip died)
+	// stops the process with exit code 1, so a supervisor restarts it.
+	var failed error
+	select {
+	case <-ctx.Done():
+		log.Info("signal received, shutting down", "timeout", cfg.Broker.ShutdownTimeout)
+	case <-a.Done():
+		failed = a.Err()
+		log.Error("a role failed, shutting down", "error", failed, "timeout", cfg.Broker.ShutdownTimeout)
+	}
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.Broker.ShutdownTimeout)
 	defer cancel()
 	if err := a.Shutdown(sctx); err != nil {
-		return fmt.Errorf("shutdown: %w", err)
+		return errors.Join(failed, fmt.Errorf("shutdown: %w", err))
+	}
+	if failed != nil {
+		return failed
 	}
 	log.Info("stopped")
 	return nil
