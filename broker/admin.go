@@ -63,6 +63,7 @@ func newAdminServer(b *Broker, ln net.Listener) *adminServer {
 	mux.HandleFunc("POST /v1/clients/{id}/subscriptions", a.subscribe)
 	mux.HandleFunc("DELETE /v1/clients/{id}/subscriptions", a.unsubscribe)
 	mux.HandleFunc("POST /v1/clients/{id}/disconnect", a.disconnect)
+	mux.HandleFunc("POST /v1/sys/alerts", a.postSysAlert)
 	mux.HandleFunc("GET /v1/drain", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, http.StatusOK, b.drain.state())
 	})

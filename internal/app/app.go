@@ -29,6 +29,7 @@ import (
 	"github.com/rtm-dev/rtm/internal/store"
 	"github.com/rtm-dev/rtm/pushapi"
 	"github.com/rtm-dev/rtm/router"
+	"github.com/rtm-dev/rtm/watchdog"
 )
 
 // Role names a part of rtm that a process can run.
@@ -36,9 +37,10 @@ type Role string
 
 // The roles an App can run.
 const (
-	RoleBroker  Role = "broker"
-	RoleRouter  Role = "router"
-	RolePushAPI Role = "pushapi"
+	RoleBroker   Role = "broker"
+	RoleRouter   Role = "router"
+	RolePushAPI  Role = "pushapi"
+	RoleWatchdog Role = "watchdog"
 )
 
 // Options are an App's dependencies besides its configuration.
@@ -58,6 +60,7 @@ type App struct {
 	broker *broker.Broker
 	router *router.Router
 	push   *pushapi.PushAPI
+	watch  *watchdog.Watchdog
 	// running are the roles in start order, each with its name.
 	running []named
 
@@ -106,13 +109,13 @@ func New(cfg config.Config, opts Options) (*App, error) {
 	roles := map[Role]bool{}
 	for _, r := range opts.Roles {
 		switch r {
-		case RoleBroker, RoleRouter, RolePushAPI:
+		case RoleBroker, RoleRouter, RolePushAPI, RoleWatchdog:
 			roles[r] = true
 		default:
 			return nil, fmt.Errorf("app: unknown role %q", r)
 		}
 	}
-	if roles[RoleBroker] || roles[RolePushAPI] {
+	if roles[RoleBroker] || roles[RolePushAPI] || roles[RoleWatchdog] {
 		st, err := store.New(store.Options{
 			URI:            cfg.Store.URI,
 			Database:       cfg.Store.Database,
@@ -151,6 +154,16 @@ func New(cfg config.Config, opts Options) (*App, error) {
 		}
 		a.push = p
 		a.running = append(a.running, named{RolePushAPI, adapt{p}})
+	}
+	if roles[RoleWatchdog] {
+		cc, seeds := a.sideCluster()
+		wd, err := watchdog.New(watchdog.Options{Config: cfg.Watchdog, Cluster: cc, Seeds: seeds, AdminKey: a.adminKey(),
+			Store: a.store, Version: opts.Version, Logger: opts.Logger, Registry: opts.Registry})
+		if err != nil {
+			return nil, err
+		}
+		a.watch = wd
+		a.running = append(a.running, named{RoleWatchdog, wd})
 	}
 	return a, nil
 }
@@ -273,6 +286,9 @@ func (a *App) PushAPI() *pushapi.PushAPI { return a.push }
 
 // Router returns the router role, or nil when the App does not run one.
 func (a *App) Router() *router.Router { return a.router }
+
+// Watchdog returns the watchdog role, or nil when the App does not run one.
+func (a *App) Watchdog() *watchdog.Watchdog { return a.watch }
 
 // Store returns the store (open once Start succeeded), or nil.
 func (a *App) Store() *store.Store { return a.store }
