@@ -230,4 +230,3 @@ func (r *webhookReceiver) count(rule, node, state string) int {
 	}
 	return n
 }
-
