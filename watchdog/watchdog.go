@@ -625,14 +625,16 @@ func (w *Watchdog) drain(a *Alert) {
 		return
 	}
 	drained, healthy := 0, 0
+	ours := map[string]bool{} // drained by this watchdog: gossip may not say so yet
 	for _, x := range w.active {
 		if x.drained {
 			drained++
+			ours[x.Node] = true
 		}
 	}
 	n := w.nodes[a.Node]
 	for _, o := range w.nodes {
-		if o.name != a.Node && (o.status == "alive") && !o.draining {
+		if o.name != a.Node && o.status == "alive" && !o.draining && !ours[o.name] {
 			healthy++
 		}
 	}
