@@ -110,12 +110,25 @@ func (s alertStore) open(a *Alert) (*Alert, error) {
 
 // transition moves the alert from state from to a's state; won reports
 // whether this call made the change (others saw it already done).
+//
+// The claim is an insert of "<ULID>/<state>": FerretDB v1 has no
+// transactions and runs a conditional update as a read then a write, so two
+// watchdogs could both match "state: pending"; a duplicate _id, though, is
+// refused atomically. The claim documents stay (a few bytes per change) so
+// that a late watchdog still finds the change made.
 func (s alertStore) transition(a *Alert, from string) (won bool, err error) {
 	if s.st == nil {
 		return true, errNoStore
 	}
 	ctx, cancel := storeCtx()
 	defer cancel()
+	_, err = s.coll().InsertOne(ctx, bson.M{"_id": a.ID + "/" + a.State, "claim": true, "at": time.Now().UTC()})
+	if mongo.IsDuplicateKeyError(err) {
+		return false, nil
+	}
+	if err != nil {
+		return true, err // not recorded: tell rather than stay silent
+	}
 	set := bson.M{"state": a.State, "value": a.Value, "message": a.Message, "action_taken": a.ActionTaken}
 	if a.FiredAt != nil {
 		set["fired_at"] = *a.FiredAt
@@ -123,17 +136,8 @@ func (s alertStore) transition(a *Alert, from string) (won bool, err error) {
 	if a.ResolvedAt != nil {
 		set["resolved_at"] = *a.ResolvedAt
 	}
-	res, err := s.coll().UpdateOne(ctx, bson.M{"_id": a.key(), "id": a.ID, "state": from}, bson.M{"$set": set})
-	if err != nil {
+	if _, err := s.coll().UpdateOne(ctx, bson.M{"_id": a.key(), "id": a.ID, "state": from}, bson.M{"$set": set}); err != nil {
 		return true, err
-	}
-	if res.MatchedCount == 0 {
-		// Gone (the store lost it) or moved by another watchdog.
-		n, err := s.coll().CountDocuments(ctx, bson.M{"_id": a.key(), "id": a.ID})
-		if err != nil || n == 0 {
-			return true, err // not recorded anywhere: tell rather than stay silent
-		}
-		return false, nil
 	}
 	if a.State == StateResolved {
 		s.archive(ctx, a)
@@ -180,7 +184,7 @@ func (s alertStore) load(limit int) ([]*Alert, error) {
 	}
 	ctx, cancel := storeCtx()
 	defer cancel()
-	cur, err := s.coll().Find(ctx, bson.M{}, options.Find().SetSort(bson.D{{Key: "id", Value: -1}}).SetLimit(int64(limit)))
+	cur, err := s.coll().Find(ctx, bson.M{"claim": bson.M{"$exists": false}}, options.Find().SetSort(bson.D{{Key: "id", Value: -1}}).SetLimit(int64(limit)))
 	if err != nil {
 		return nil, err
 	}

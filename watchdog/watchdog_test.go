@@ -3,6 +3,7 @@ package watchdog_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"strings"
@@ -303,4 +304,35 @@ func TestRestartedWatchdogDoesNotNotifyAgain(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestTwoWatchdogsNotifyOnce: two watchdogs sharing a store watch the same
+// broker; each alert change is notified once between them.
+func TestTwoWatchdogsNotifyOnce(t *testing.T) {
+	st := storetest.Open(t)
+	bs := brokers(t, 1, 10)
+	hook := newHookSink(t)
+	mutate := func(c *config.Watchdog) {
+		capacityRule(20, 0, "", "")(c)
+		c.Webhooks = hook.srv.URL
+	}
+	w1 := startWatchdog(t, "wd1", bs[0].GossipAddr(), st, mutate)
+	w2 := startWatchdog(t, "wd2", bs[0].GossipAddr(), st, mutate)
+	waitWatched(t, w1, 1)
+	waitWatched(t, w2, 1)
+	for round := range 2 {
+		drop := connectN(t, bs[0], 3, fmt.Sprintf("c%d", round))
+		a1 := waitAlert(t, w1, "firing", "connections_over_capacity_pct", "b0", 20*time.Second)
+		a2 := waitAlert(t, w2, "firing", "connections_over_capacity_pct", "b0", 20*time.Second)
+		if a1.ID != a2.ID {
+			t.Fatalf("round %d: the watchdogs have different alerts %s and %s for one incident", round, a1.ID, a2.ID)
+		}
+		drop()
+		waitAlert(t, w1, "resolved", "connections_over_capacity_pct", "b0", 20*time.Second)
+		waitAlert(t, w2, "resolved", "connections_over_capacity_pct", "b0", 20*time.Second)
+		time.Sleep(time.Second) // any duplicate would be on its way by now
+		if f, r := len(hook.events("connections_over_capacity_pct", "b0", "firing")), len(hook.events("connections_over_capacity_pct", "b0", "resolved")); f != round+1 || r != round+1 {
+			t.Fatalf("after %d incidents: %d firing and %d resolved notifications, want %d each", round+1, f, r, round+1)
+		}
+	}
 }
