@@ -175,7 +175,7 @@ type Watchdog struct {
 	APIKeys        string        `koanf:"api_keys" secret:"value" doc:"Comma-separated keys for the watchdog's /v1 endpoints (Authorization: Bearer <key>). Empty: /v1 is open (bind addr to a private network)."`
 	Interval       time.Duration `koanf:"interval" doc:"How often every broker's admin /v1/stats is polled and the rules evaluated."`
 	PollTimeout    time.Duration `koanf:"poll_timeout" doc:"Bound on one poll of one broker; a broker that does not answer in time gets a poll error, the others are not delayed. 0: the interval."`
-	Webhooks       string        `koanf:"webhooks" doc:"Comma-separated URLs that receive every alert change as a JSON POST, retried with exponential backoff."`
+	Webhooks       string        `koanf:"webhooks" secret:"value" doc:"Comma-separated URLs that receive every alert change as a JSON POST, retried with exponential backoff. Masked by rtm config: such URLs often hold a token."`
 	WebhookSecret  string        `koanf:"webhook_secret" secret:"value" doc:"When set, each webhook request carries X-RTM-Signature: sha256=<hex HMAC-SHA256 of the body with this secret>."`
 	WebhookTimeout time.Duration `koanf:"webhook_timeout" doc:"Bound on one webhook request; a slower answer counts as a failure and is retried."`
 	WebhookRetry   time.Duration `koanf:"webhook_retry_for" doc:"How long a failing webhook delivery is retried (exponential backoff from 500ms to 30s) before it is given up and logged."`
