@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -229,4 +231,53 @@ func (r *webhookReceiver) count(rule, node, state string) int {
 		}
 	}
 	return n
+}
+
+// TestRoleExitsWhenItsGossipNameIsTaken: a router still joining its seed in
+// the background finds, once the seed is up, that another member uses its
+// name. It cannot take part in the cluster: the process exits 1 instead of
+// running on with only a log line.
+func TestRoleExitsWhenItsGossipNameIsTaken(t *testing.T) {
+	f := newClusterFixture(t)
+	f.start("b1")
+	late := freeGossipAddr(t)
+	env := []string{"RTM_ROUTER_NAME=dup", "RTM_CLUSTER_PROBE_INTERVAL=" + probeInterval.String()}
+	r1 := start(t, env, "router", "--addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0", "--join", late,
+		"--cluster-secret", f.secret, "--log-format", "json")
+	r2 := start(t, env, "router", "--addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0", "--join", f.seed,
+		"--cluster-secret", f.secret, "--log-format", "json")
+	testutil.WaitFor(t, 30*time.Second, func() error {
+		if !strings.Contains(r2.stderr.String(), "router started") {
+			return fmt.Errorf("second router not started")
+		}
+		return nil
+	})
+	// The seed r1 waits for comes up, in the cluster where r2 is "dup".
+	f.run(&clusterNode{name: "b2", data: t.TempDir(), mqtt: "127.0.0.1:0", admin: "127.0.0.1:0", gossip: late, link: "127.0.0.1:0"})
+	if code := r1.wait(t, 60*time.Second); code != 1 {
+		t.Fatalf("exit code %d, want 1", code)
+	}
+	if !strings.Contains(r1.stderr.String(), "name already in use") {
+		t.Fatalf("stderr does not name the clash:\n%s", r1.stderr.String())
+	}
+}
+
+// freeGossipAddr returns a loopback address whose port is free for TCP and
+// UDP now.
+func freeGossipAddr(t *testing.T) string {
+	t.Helper()
+	for range 20 {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := ln.Addr().String()
+		ln.Close()
+		if pc, err := net.ListenPacket("udp", addr); err == nil {
+			pc.Close()
+			return addr
+		}
+	}
+	t.Fatal("no free gossip port")
+	return ""
 }
