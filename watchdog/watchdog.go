@@ -627,7 +627,7 @@ func (w *Watchdog) drain(a *Alert) {
 	drained, healthy := 0, 0
 	ours := map[string]bool{} // drained by this watchdog: gossip may not say so yet
 	for _, x := range w.active {
-		if x.drained {
+		if x.holdsDrain() {
 			drained++
 			ours[x.Node] = true
 		}
@@ -680,6 +680,12 @@ func (w *Watchdog) drain(a *Alert) {
 	}
 	w.alerts.update(a)
 	w.publish("action", a)
+}
+
+// holdsDrain reports whether the alert keeps its node drained: drained by
+// this watchdog, or, adopted from the store, by the one before it.
+func (a *Alert) holdsDrain() bool {
+	return a.drained || (a.State != StateResolved && strings.HasPrefix(a.ActionTaken, "drained "))
 }
 
 // undrain reverses the drain of a resolved alert.
@@ -774,7 +780,7 @@ func (w *Watchdog) Nodes() []NodeJSON {
 	defer w.mu.Unlock()
 	drained := map[string]bool{}
 	for _, a := range w.active {
-		if a.drained {
+		if a.holdsDrain() {
 			drained[a.Node] = true
 		}
 	}
