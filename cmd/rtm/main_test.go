@@ -99,7 +99,7 @@ func TestInvalidConfigurationExits2NamingEveryKey(t *testing.T) {
 }
 
 // TestProductionRolesNeedTheAdminKey: with token auth (the default outside
-// rtm dev), a broker and a push API without broker.admin_keys exit 2 at
+// rtm dev), a broker, a push API and a watchdog without broker.admin_keys exit 2 at
 // once naming the key: the admin endpoints they serve or call would refuse
 // everything. (Processes, so that a role that starts anyway is stopped.)
 func TestProductionRolesNeedTheAdminKey(t *testing.T) {
@@ -109,6 +109,7 @@ func TestProductionRolesNeedTheAdminKey(t *testing.T) {
 	for _, args := range [][]string{
 		{"broker", "--data", t.TempDir(), "--mqtt-addr", "127.0.0.1:0", "--ws-addr", "", "--admin-addr", "127.0.0.1:0", "--gossip-addr", ""},
 		{"pushapi", "--data", t.TempDir(), "--addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0"},
+		{"watchdog", "--data", t.TempDir(), "--addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0"},
 	} {
 		p := start(t, env, args...)
 		if code := p.wait(t, 30*time.Second); code != 2 || !strings.Contains(p.stderr.String(), "broker.admin_keys") {
