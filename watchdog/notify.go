@@ -144,4 +144,13 @@ func (n *notifier) notify(ev Event) {
 	}
 }
 
-func (n *notifier) wait() { n.wg.Wait() }
+// wait returns once every sender stopped, logging what they left unsent.
+func (n *notifier) wait() {
+	n.wg.Wait()
+	for _, s := range n.sinks {
+		if k := len(s.q); k > 0 {
+			n.sent.WithLabelValues(s.name, "dropped").Add(float64(k))
+			n.log.Warn("notifications not sent before shutdown", "sink", s.name, "count", k)
+		}
+	}
+}
