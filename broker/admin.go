@@ -14,6 +14,8 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/rtm-dev/rtm/internal/lifecycle"
 )
 
 // adminServer serves the broker's admin HTTP endpoints.
@@ -63,6 +65,7 @@ func newAdminServer(b *Broker, ln net.Listener) *adminServer {
 	mux.HandleFunc("POST /v1/clients/{id}/disconnect", a.disconnect)
 	// Group membership changes (the push API), see groupChange.
 	mux.HandleFunc("POST /v1/groups/changes", a.groupChange)
+	mux.HandleFunc("POST /v1/sys/alerts", a.postSysAlert)
 	mux.HandleFunc("GET /v1/drain", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, http.StatusOK, b.drain.state())
 	})
@@ -71,9 +74,7 @@ func newAdminServer(b *Broker, ln net.Listener) *adminServer {
 }
 
 func (a *adminServer) serve() {
-	if err := a.srv.Serve(a.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		a.b.log.Error("admin server stopped", "error", err)
-	}
+	lifecycle.Serve(a.srv, a.ln, &a.b.fault, "broker: admin server")
 }
 
 // adminShutdownGrace bounds how long Shutdown lets admin requests in

@@ -32,6 +32,7 @@ import (
 
 	"github.com/rtm-dev/rtm/internal/cluster"
 	"github.com/rtm-dev/rtm/internal/config"
+	"github.com/rtm-dev/rtm/internal/lifecycle"
 	"github.com/rtm-dev/rtm/internal/obs"
 	"github.com/rtm-dev/rtm/internal/store"
 	"github.com/rtm-dev/rtm/plugins"
@@ -107,6 +108,10 @@ type Broker struct {
 	addrs       map[string]string // listener ID → bound address, written by Start only
 
 	rejectedFull atomic.Int64 // CONNECTs refused at capacity
+
+	// collectors are registered on reg by Start (New registers nothing).
+	collectors []prometheus.Collector
+	fault      lifecycle.Fault
 
 	stopOnce sync.Once
 	stopErr  error
@@ -208,12 +213,7 @@ func New(opts Options) (*Broker, error) {
 		if err := b.mq.AddHook(b.devices, nil); err != nil {
 			return nil, err
 		}
-		if err := reg.Register(storeCollector{b.devices}); err != nil {
-			return nil, fmt.Errorf("broker: metrics: %w", err)
-		}
-		if err := reg.Register(groupsCollector{b.groups}); err != nil {
-			return nil, fmt.Errorf("broker: metrics: %w", err)
-		}
+		b.collectors = append(b.collectors, storeCollector{b.devices}, groupsCollector{b.groups})
 	}
 	if opts.Cluster.GossipAddr != "" {
 		// Last, so it sees a publish only once every other hook let it through.
@@ -224,9 +224,7 @@ func New(opts Options) (*Broker, error) {
 			return nil, err
 		}
 	}
-	if err := reg.Register(&collector{b: b}); err != nil {
-		return nil, fmt.Errorf("broker: metrics: %w", err)
-	}
+	b.collectors = append(b.collectors, &collector{b: b})
 	return b, nil
 }
 
@@ -237,6 +235,11 @@ func (b *Broker) Start(ctx context.Context) (err error) {
 		return ErrStarted
 	}
 	b.startAt = time.Now()
+	for _, c := range b.collectors {
+		if err := b.reg.Register(c); err != nil {
+			return fmt.Errorf("broker: metrics: %w", err)
+		}
+	}
 	var bound []net.Listener
 	defer func() {
 		if err != nil {
@@ -316,6 +319,9 @@ func (b *Broker) Start(ctx context.Context) (err error) {
 	loopCtx, cancel := context.WithCancel(context.Background())
 	b.loopStop, b.loopDone = cancel, make(chan struct{})
 	go b.loop(loopCtx)
+	if b.cluster != nil {
+		go lifecycle.Watch(b.cluster.node, loopCtx.Done(), &b.fault, "broker: gossip")
+	}
 	if b.devices != nil {
 		go b.devices.run(loopCtx.Done())
 	}
@@ -355,6 +361,26 @@ func (b *Broker) loop(ctx context.Context) {
 // Addr returns the bound address of a listener (ListenerTCP, ListenerWS, …),
 // or "" when it is not running.
 func (b *Broker) Addr(id string) string { return b.addrs[id] }
+
+// Addrs returns the bound addresses by listener ID, plus "gossip" and
+// "link" in a cluster; empty before Start.
+func (b *Broker) Addrs() lifecycle.Addrs {
+	out := lifecycle.Addrs(maps.Clone(b.addrs))
+	if g := b.GossipAddr(); g != "" {
+		out["gossip"] = g
+		if l := b.cluster.links; l != nil {
+			out["link"] = l.Addr()
+		}
+	}
+	return out
+}
+
+// Done is closed when the broker failed while running (its admin server or
+// gossip member stopped); Err says why.
+func (b *Broker) Done() <-chan struct{} { return b.fault.Done() }
+
+// Err is the reason Done was closed, or nil.
+func (b *Broker) Err() error { return b.fault.Err() }
 
 // GossipAddr returns the gossip address the node advertises, or "" when it
 // runs alone.

@@ -20,7 +20,7 @@ type metrics struct {
 	storeTimeouts   prometheus.Counter
 }
 
-func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+func newMetrics() *metrics {
 	m := &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "rtm_pushapi_requests_total",
@@ -62,13 +62,18 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, r := range []string{"ok", "rejected", "unavailable", "timeout"} {
 		m.publishes.WithLabelValues(r)
 	}
+	return m
+}
+
+// register adds the series to reg (at Start: New registers nothing).
+func (m *metrics) register(reg prometheus.Registerer) error {
 	for _, c := range []prometheus.Collector{m.requests, m.duration, m.publishes, m.publishLatency, m.brokerUp,
 		m.connects, m.connectFailures, m.storeTimeouts} {
 		if err := reg.Register(c); err != nil {
-			return nil, err
+			return err
 		}
 	}
-	return m, nil
+	return nil
 }
 
 // observe is the middleware that counts requests. It runs outside the

@@ -21,6 +21,7 @@ import (
 
 	"github.com/rtm-dev/rtm/internal/cluster"
 	"github.com/rtm-dev/rtm/internal/config"
+	"github.com/rtm-dev/rtm/internal/lifecycle"
 	"github.com/rtm-dev/rtm/internal/obs"
 	"github.com/rtm-dev/rtm/internal/store"
 )
@@ -57,6 +58,10 @@ type Options struct {
 	AdminKey string
 	// GossipTiming selects gossip timers; tests use cluster.TimingFast.
 	GossipTiming cluster.Timing
+	// Seeds, when set, replaces Cluster's seeds at Start: a push API
+	// sharing its process with a broker joins that broker, whose gossip
+	// port is known only once the broker started.
+	Seeds func() []string
 	// Store holds presence and push subscriptions. Required by Start; New
 	// accepts nil so a composition root can check the configuration before
 	// it opens the store.
@@ -103,6 +108,7 @@ type PushAPI struct {
 
 	started atomic.Bool
 	ready   atomic.Bool
+	fault   lifecycle.Fault
 
 	cancel   context.CancelFunc // ends the publisher and the gossip watch
 	wg       sync.WaitGroup
@@ -168,10 +174,7 @@ func New(opts Options) (*PushAPI, error) {
 	}
 	opts.Logger = log // the gossip member's logger names its own component
 	log = log.With("component", "pushapi", "node", cfg.Name)
-	m, err := newMetrics(reg)
-	if err != nil {
-		return nil, fmt.Errorf("pushapi: metrics: %w", err)
-	}
+	m := newMetrics()
 	p := &PushAPI{cfg: cfg, groups: groups, opts: opts, log: log, reg: reg, m: m, st: opts.Store, issuer: issuer,
 		tokenTTL: opts.Auth.TokenTTL, admin: newNodeAdmin(opts.AdminKey), storeSem: make(chan struct{}, storeSlots)}
 	if p.tokenTTL == 0 {
@@ -265,6 +268,9 @@ func (p *PushAPI) Start(ctx context.Context) (err error) {
 	if !p.started.CompareAndSwap(false, true) {
 		return ErrStarted
 	}
+	if err := p.m.register(p.reg); err != nil {
+		return fmt.Errorf("pushapi: metrics: %w", err)
+	}
 	ln, err := net.Listen("tcp", p.cfg.Addr)
 	if err != nil {
 		return &config.ListenError{Key: "pushapi.addr", Addr: p.cfg.Addr, Err: err}
@@ -275,11 +281,15 @@ func (p *PushAPI) Start(ctx context.Context) (err error) {
 		}
 	}()
 	cc := p.opts.Cluster
+	seeds := cc.Seeds()
+	if p.opts.Seeds != nil {
+		seeds = p.opts.Seeds()
+	}
 	tags := cluster.Tags{Role: cluster.RolePushAPI, Version: p.opts.Version, Admin: ln.Addr().String()}
 	copts := cluster.Options{
 		NodeName:      p.cfg.Name,
 		BindAddr:      cc.GossipAddr,
-		Join:          cc.Seeds(),
+		Join:          seeds,
 		Secret:        cc.Secret,
 		Timing:        p.opts.GossipTiming,
 		ProbeInterval: cc.ProbeInterval,
@@ -321,12 +331,14 @@ func (p *PushAPI) Start(ctx context.Context) (err error) {
 	}
 	runCtx, cancel := context.WithCancel(context.Background())
 	p.cancel = cancel
-	p.wg.Add(3)
+	p.wg.Add(4)
 	go func() {
 		defer p.wg.Done()
-		if err := p.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			p.log.Error("HTTP server stopped", "error", err)
-		}
+		lifecycle.Serve(p.srv, ln, &p.fault, "pushapi: HTTP server")
+	}()
+	go func() {
+		defer p.wg.Done()
+		lifecycle.Watch(node, runCtx.Done(), &p.fault, "pushapi: gossip")
 	}()
 	go func() {
 		defer p.wg.Done()
@@ -363,6 +375,21 @@ func (p *PushAPI) GossipAddr() string {
 		return ""
 	}
 	return p.node.Addr()
+}
+
+// Done is closed when the push API failed while running (its HTTP server
+// or gossip member stopped); Err says why.
+func (p *PushAPI) Done() <-chan struct{} { return p.fault.Done() }
+
+// Err is the reason Done was closed, or nil.
+func (p *PushAPI) Err() error { return p.fault.Err() }
+
+// Addrs returns the bound addresses ("http", "gossip"), empty before Start.
+func (p *PushAPI) Addrs() lifecycle.Addrs {
+	if p.ln == nil {
+		return lifecycle.Addrs{}
+	}
+	return lifecycle.Addrs{"http": p.Addr(), "gossip": p.GossipAddr()}
 }
 
 // Name returns the push API's gossip member name, also its MQTT client ID.

@@ -9,15 +9,17 @@ import (
 	"github.com/rtm-dev/rtm/internal/cluster"
 )
 
-// metrics are the router's series, registered on the injected registry.
+// metrics are the router's series, registered on the injected registry by
+// Start.
 type metrics struct {
+	all         []prometheus.Collector
 	requests    *prometheus.CounterVec
 	decisions   *prometheus.CounterVec
 	unavailable *prometheus.CounterVec
 	latency     prometheus.Histogram
 }
 
-func newMetrics(reg prometheus.Registerer, v *view) (*metrics, error) {
+func newMetrics(v *view) *metrics {
 	m := &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "rtm_router_requests_total",
@@ -44,16 +46,22 @@ func newMetrics(reg prometheus.Registerer, v *view) (*metrics, error) {
 	for _, t := range cluster.Transports {
 		m.unavailable.WithLabelValues(t)
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.decisions, m.unavailable, m.latency, &brokersCollector{v: v}} {
-		if err := reg.Register(c); err != nil {
-			return nil, err
-		}
-	}
+	m.all = []prometheus.Collector{m.requests, m.decisions, m.unavailable, m.latency, &brokersCollector{v: v}}
 	// A broker that gossip has forgotten takes its series with it, so a
 	// cluster whose node names change (containers) does not grow them
 	// without bound.
 	v.forget = func(name string) { m.decisions.DeleteLabelValues(name) }
-	return m, nil
+	return m
+}
+
+// register adds the series to reg.
+func (m *metrics) register(reg prometheus.Registerer) error {
+	for _, c := range m.all {
+		if err := reg.Register(c); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // brokersCollector exports the view's brokers by status at scrape time.

@@ -34,6 +34,7 @@ import (
 
 	"github.com/rtm-dev/rtm/internal/cluster"
 	"github.com/rtm-dev/rtm/internal/config"
+	"github.com/rtm-dev/rtm/internal/lifecycle"
 	"github.com/rtm-dev/rtm/internal/obs"
 )
 
@@ -53,6 +54,10 @@ type Options struct {
 	Cluster config.Cluster
 	// GossipTiming selects gossip timers; tests use cluster.TimingFast.
 	GossipTiming cluster.Timing
+	// Seeds, when set, replaces Cluster's seeds at Start: a router sharing
+	// its process with a broker joins that broker, whose gossip port is
+	// known only once the broker started.
+	Seeds func() []string
 	// Version is published in the router's gossip tags; "" means "dev".
 	Version string
 	// Logger receives the router's logs; nil discards them.
@@ -78,6 +83,7 @@ type Router struct {
 
 	started atomic.Bool
 	ready   atomic.Bool
+	fault   lifecycle.Fault
 
 	stop     chan struct{} // closed by Shutdown: the watch loop ends
 	wg       sync.WaitGroup
@@ -119,11 +125,7 @@ func New(opts Options) (*Router, error) {
 	opts.Logger = log // the gossip member's logger names its own component
 	log = log.With("component", "router", "node", cfg.Name)
 	r := &Router{cfg: cfg, opts: opts, log: log, reg: reg, view: newView(cfg.StaleAfter, log), stop: make(chan struct{})}
-	m, err := newMetrics(reg, r.view)
-	if err != nil {
-		return nil, fmt.Errorf("router: metrics: %w", err)
-	}
-	r.m = m
+	r.m = newMetrics(r.view)
 	return r, nil
 }
 
@@ -135,6 +137,9 @@ func (r *Router) Start(ctx context.Context) (err error) {
 	if !r.started.CompareAndSwap(false, true) {
 		return ErrStarted
 	}
+	if err := r.m.register(r.reg); err != nil {
+		return fmt.Errorf("router: metrics: %w", err)
+	}
 	ln, err := net.Listen("tcp", r.cfg.Addr)
 	if err != nil {
 		return &config.ListenError{Key: "router.addr", Addr: r.cfg.Addr, Err: err}
@@ -145,10 +150,14 @@ func (r *Router) Start(ctx context.Context) (err error) {
 		}
 	}()
 	cc := r.opts.Cluster
+	seeds := cc.Seeds()
+	if r.opts.Seeds != nil {
+		seeds = r.opts.Seeds()
+	}
 	copts := cluster.Options{
 		NodeName:      r.cfg.Name,
 		BindAddr:      cc.GossipAddr,
-		Join:          cc.Seeds(),
+		Join:          seeds,
 		Secret:        cc.Secret,
 		Timing:        r.opts.GossipTiming,
 		ProbeInterval: cc.ProbeInterval,
@@ -188,11 +197,15 @@ func (r *Router) Start(ctx context.Context) (err error) {
 		IdleTimeout:       2 * time.Minute,
 		ErrorLog:          slog.NewLogLogger(r.log.Handler(), slog.LevelDebug),
 	}
-	r.wg.Add(2)
+	r.wg.Add(3)
 	go r.serve()
 	go func() {
 		defer unsubscribe()
 		r.watch(events)
+	}()
+	go func() {
+		defer r.wg.Done()
+		lifecycle.Watch(node, r.stop, &r.fault, "router: gossip")
 	}()
 	r.ready.Store(true)
 	r.log.Info("router started", "addr", ln.Addr().String(), "gossip", node.Addr(), "seeds", cc.Seeds(),
@@ -202,9 +215,22 @@ func (r *Router) Start(ctx context.Context) (err error) {
 
 func (r *Router) serve() {
 	defer r.wg.Done()
-	if err := r.srv.Serve(r.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		r.log.Error("HTTP server stopped", "error", err)
+	lifecycle.Serve(r.srv, r.ln, &r.fault, "router: HTTP server")
+}
+
+// Done is closed when the router failed while running (its HTTP server or
+// gossip member stopped); Err says why.
+func (r *Router) Done() <-chan struct{} { return r.fault.Done() }
+
+// Err is the reason Done was closed, or nil.
+func (r *Router) Err() error { return r.fault.Err() }
+
+// Addrs returns the bound addresses ("http", "gossip"), empty before Start.
+func (r *Router) Addrs() lifecycle.Addrs {
+	if r.ln == nil {
+		return lifecycle.Addrs{}
 	}
+	return lifecycle.Addrs{"http": r.Addr(), "gossip": r.GossipAddr()}
 }
 
 // watch drains the member events and resyncs the view from the member list

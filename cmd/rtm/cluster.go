@@ -243,15 +243,16 @@ Ports of node i (1 to N):
 so n1 has the MQTT, WebSocket, admin and gossip ports of 'rtm dev' (1883,
 8083, 9101, 7946) and link port 7956. With --base-port P, node i takes the
 five ports from P+5(i-1) instead, in the same order: --base-port 20000 gives
-n1 20000-20004 and n2 20005-20009. The router serves HTTP on 8090 and the
-push API on 8080 (with --base-port, on the two ports after the brokers').
+n1 20000-20004 and n2 20005-20009. The router serves HTTP on 8090, the
+push API on 8080 and the watchdog (dashboard and alerts) on 8082 (with
+--base-port, on the three ports after the brokers').
 Every port is checked before anything starts.
 
 The brokers share a cluster secret (gossip encryption, link
 authentication), random unless --secret sets it; children get it in
 RTM_CLUSTER_SECRET. Devices connect anonymously (RTM_AUTH_DEVICES=anonymous),
 a random device-token key is shared (RTM_AUTH_TOKEN_KEYS), the brokers and
-the push API share a random admin key (RTM_BROKER_ADMIN_KEYS), and the push
+the push API and the watchdog share a random admin key (RTM_BROKER_ADMIN_KEYS), and the push
 API gets a random API key; both keys are printed with the addresses. Other RTM_* variables
 reach every child and can override these.
 
@@ -385,7 +386,7 @@ func runClusterUp(ctx context.Context, o upOptions, stdout, stderr io.Writer) er
 		return err
 	}
 
-	fmt.Fprintf(stdout, "rtm cluster: starting a store, %d brokers, a router and a push API on 127.0.0.1, logs in %s\n", o.brokers, o.data)
+	fmt.Fprintf(stdout, "rtm cluster: starting a store, %d brokers, a router, a push API and a watchdog on 127.0.0.1, logs in %s\n", o.brokers, o.data)
 	upCtx, cancel := context.WithTimeout(ctx, upTimeout)
 	err = lc.start(upCtx)
 	cancel()
@@ -480,6 +481,25 @@ func (lc *localCluster) plan() {
 	}
 	push.ready = func(ctx context.Context) error { return httpOK(ctx, "http://"+push.admin+"/readyz") }
 	lc.children = append(lc.children, push)
+
+	wd := &child{name: "watchdog", role: "watchdog", stage: 2,
+		env:   []string{"RTM_CLUSTER_SECRET=" + lc.secret, adminKeysEnv + "=" + lc.adminKey},
+		admin: fmt.Sprintf("127.0.0.1:%d", lc.o.watchdogPort()), log: filepath.Join(o.data, "watchdog.log")}
+	wd.args = func() []string {
+		return []string{"watchdog", "--addr", wd.admin, "--gossip-addr", "127.0.0.1:0", "--join", seed,
+			"--store-uri", lc.storeURI, "--data", filepath.Join(o.data, "watchdog")}
+	}
+	wd.ready = func(ctx context.Context) error { return httpOK(ctx, "http://"+wd.admin+"/readyz") }
+	lc.children = append(lc.children, wd)
+}
+
+// watchdogPort is the watchdog's HTTP port: 8082, or the one after the
+// push API's with --base-port.
+func (o upOptions) watchdogPort() int {
+	if o.basePort == 0 {
+		return 8082
+	}
+	return o.basePort + 5*o.brokers + 2
 }
 
 // pushPort is the push API's HTTP port: 8080, or the one after the
@@ -529,7 +549,7 @@ func (lc *localCluster) checkPorts() error {
 	for _, q := range []struct {
 		what string
 		port int
-	}{{"router", lc.o.routerPort()}, {"push API", lc.o.pushPort()}} {
+	}{{"router", lc.o.routerPort()}, {"push API", lc.o.pushPort()}, {"watchdog", lc.o.watchdogPort()}} {
 		if ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", q.port)); err != nil {
 			errs = append(errs, fmt.Errorf("port %d (%s) is not free: %w", q.port, q.what, err))
 		} else {
@@ -726,6 +746,8 @@ func (lc *localCluster) printTable() {
 			fmt.Fprintf(tw, "  %s\t%d\thttp://%s/v1/route?client_id=ID\t\t\t%s\n", c.name, c.cmd.Process.Pid, c.admin, c.log)
 		case "pushapi":
 			fmt.Fprintf(tw, "  %s\t%d\thttp://%s/v1/...\t\t\t%s\n", c.name, c.cmd.Process.Pid, c.admin, c.log)
+		case "watchdog":
+			fmt.Fprintf(tw, "  %s\t%d\thttp://%s/ (dashboard)\t\t\t%s\n", c.name, c.cmd.Process.Pid, c.admin, c.log)
 		}
 	}
 	_ = tw.Flush()

@@ -19,7 +19,7 @@ func TestBusyPortExits2NamingTheKey(t *testing.T) {
 		"--gossip-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0"}
 	certFile, keyFile, _ := testutil.SelfSignedCert(t)
 	free = append(free, "--tls-addr", "127.0.0.1:0", "--wss-addr", "127.0.0.1:0", "--tls-cert", certFile, "--tls-key", keyFile)
-	freeEnv := []string{"RTM_ROUTER_ADDR=127.0.0.1:0", "RTM_PUSHAPI_ADDR=127.0.0.1:0"}
+	freeEnv := []string{"RTM_ROUTER_ADDR=127.0.0.1:0", "RTM_PUSHAPI_ADDR=127.0.0.1:0", "RTM_WATCHDOG_ADDR=127.0.0.1:0"}
 	cases := []struct {
 		name, key string
 		role      string
@@ -33,6 +33,7 @@ func TestBusyPortExits2NamingTheKey(t *testing.T) {
 		{"dev node link", "cluster.link_addr", "dev", "--link-addr", ""},
 		{"dev router", "router.addr", "dev", "", "RTM_ROUTER_ADDR"},
 		{"dev push API", "pushapi.addr", "dev", "", "RTM_PUSHAPI_ADDR"},
+		{"dev watchdog", "watchdog.addr", "dev", "", "RTM_WATCHDOG_ADDR"},
 		{"dev tls", "broker.tls_addr", "dev", "--tls-addr", ""},
 		{"dev secure websocket", "broker.wss_addr", "dev", "--wss-addr", ""},
 		{"broker mqtt", "broker.mqtt_addr", "broker", "--mqtt-addr", ""},

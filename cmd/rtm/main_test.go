@@ -99,7 +99,7 @@ func TestInvalidConfigurationExits2NamingEveryKey(t *testing.T) {
 }
 
 // TestProductionRolesNeedTheAdminKey: with token auth (the default outside
-// rtm dev), a broker and a push API without broker.admin_keys exit 2 at
+// rtm dev), a broker, a push API and a watchdog without broker.admin_keys exit 2 at
 // once naming the key: the admin endpoints they serve or call would refuse
 // everything. (Processes, so that a role that starts anyway is stopped.)
 func TestProductionRolesNeedTheAdminKey(t *testing.T) {
@@ -109,6 +109,7 @@ func TestProductionRolesNeedTheAdminKey(t *testing.T) {
 	for _, args := range [][]string{
 		{"broker", "--data", t.TempDir(), "--mqtt-addr", "127.0.0.1:0", "--ws-addr", "", "--admin-addr", "127.0.0.1:0", "--gossip-addr", ""},
 		{"pushapi", "--data", t.TempDir(), "--addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0"},
+		{"watchdog", "--data", t.TempDir(), "--addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0"},
 	} {
 		p := start(t, env, args...)
 		if code := p.wait(t, 30*time.Second); code != 2 || !strings.Contains(p.stderr.String(), "broker.admin_keys") {
@@ -344,7 +345,7 @@ func TestDevQuickStart(t *testing.T) {
 		}
 	}
 	dir := t.TempDir()
-	p := start(t, []string{"RTM_ROUTER_ADDR=127.0.0.1:0", "RTM_PUSHAPI_ADDR=127.0.0.1:0"},
+	p := start(t, []string{"RTM_ROUTER_ADDR=127.0.0.1:0", "RTM_PUSHAPI_ADDR=127.0.0.1:0", "RTM_WATCHDOG_ADDR=127.0.0.1:0"},
 		"dev", "--data", filepath.Join(dir, "data"), "--mqtt-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
 		"--gossip-addr", "127.0.0.1:0", "--link-addr", "127.0.0.1:0")
 	re := regexp.MustCompile(`MQTT\s+mqtt://127\.0\.0\.1:(\d+)`)
@@ -362,6 +363,27 @@ func TestDevQuickStart(t *testing.T) {
 			t.Errorf("banner lacks %q:\n%s", want, p.stdout.String())
 		}
 	}
+	// The dashboard's URL is in the banner, and the watchdog there watches
+	// the dev broker.
+	dm := regexp.MustCompile(`Dashboard\s+(http://127\.0\.0\.1:\d+)/`).FindStringSubmatch(p.stdout.String())
+	if dm == nil {
+		t.Fatalf("banner lacks the dashboard URL:\n%s", p.stdout.String())
+	}
+	if code := httpStatus(t, dm[1]+"/"); code != http.StatusOK {
+		t.Fatalf("dashboard %s/: status %d", dm[1], code)
+	}
+	testutil.WaitFor(t, 30*time.Second, func() error {
+		resp, err := http.Get(dm[1] + "/v1/nodes")
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if !strings.Contains(string(b), `"name":"dev"`) || !strings.Contains(string(b), `"last_poll":"`) {
+			return fmt.Errorf("watchdog nodes: %s", b)
+		}
+		return nil
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	sub := exec.CommandContext(ctx, "mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-t", "demo/#", "-v", "-C", "1", "-W", "15")

@@ -24,7 +24,7 @@ func devCmd() *cobra.Command {
 		Use:   "dev",
 		Short: "Run every role in one process with the embedded store (for development)",
 		Long: `Run every role of rtm in one process: the MQTT broker, the router, the push
-API and the embedded MongoDB-compatible store (in <data>/store, default
+API, the watchdog (dashboard) and the embedded MongoDB-compatible store (in <data>/store, default
 ./data/store). Unless configured, an API key, a device-token key and an admin
 key are generated at start; the banner prints the API and admin keys.
 
@@ -32,7 +32,7 @@ Listeners bind to 127.0.0.1 by default and anonymous devices are allowed, so
 do not expose 'rtm dev' to a network. Stop it with Ctrl-C.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return runRoles(cmd, config.DevDefaults(), true, app.RoleBroker, app.RoleRouter, app.RolePushAPI)
+			return runRoles(cmd, config.DevDefaults(), true, app.RoleBroker, app.RoleRouter, app.RolePushAPI, app.RoleWatchdog)
 		},
 	}
 	addConfigFlags(cmd, config.DevDefaults(), append(commonFlags, brokerFlags...)...)
@@ -83,6 +83,33 @@ func devSecrets(cfg *config.Config) {
 	if cfg.Broker.AdminKeys == "" {
 		cfg.Broker.AdminKeys = "admin-" + random()
 	}
+}
+
+// watchdogFlags are the watchdog's own, besides the gossip ones.
+var watchdogFlags = []string{"watchdog.addr", "gossip-addr", "advertise-host", "join", "cluster-secret"}
+
+func watchdogCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "watchdog",
+		Short: "Run the watchdog: polls every broker, raises alerts, serves the dashboard",
+		Long: `Run the watchdog. It joins the gossip cluster (--join a broker's gossip
+address) and watches every broker that joins, with nothing configured per
+broker: it polls each one's admin /v1/stats every watchdog.interval (it needs
+the brokers' admin key, broker.admin_keys), evaluates the alert rules of
+watchdog.rules, keeps alerts in the store (--store-uri), notifies
+watchdog.webhooks, $SYS/rtm/alerts and the log, and serves the dashboard at /
+and its API (/v1/alerts, /v1/nodes, /v1/series, /v1/events). See
+docs/watchdog.md.
+
+On a host that also runs a broker, give it another gossip port
+(--gossip-addr :7950).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runRoles(cmd, config.Defaults(), false, app.RoleWatchdog)
+		},
+	}
+	addConfigFlags(cmd, config.Defaults(), append(commonFlags, watchdogFlags...)...)
+	return cmd
 }
 
 // routerFlags are the router role's own, besides the gossip ones it shares
@@ -151,18 +178,29 @@ func runRoles(cmd *cobra.Command, base config.Config, banner bool, roles ...app.
 	}
 	ctx, stop := signalContext(cmd.ErrOrStderr())
 	defer stop()
-	if err := a.Start(ctx); err != nil {
+	if _, err := a.Start(ctx); err != nil {
 		return err
 	}
 	if banner {
 		printBanner(cmd.OutOrStdout(), cfg, a)
 	}
-	<-ctx.Done()
-	log.Info("signal received, shutting down", "timeout", cfg.Broker.ShutdownTimeout)
+	// A role that fails while running (its HTTP server or gossip died)
+	// stops the process with exit code 1, so a supervisor restarts it.
+	var failed error
+	select {
+	case <-ctx.Done():
+		log.Info("signal received, shutting down", "timeout", cfg.Broker.ShutdownTimeout)
+	case <-a.Done():
+		failed = a.Err()
+		log.Error("a role failed, shutting down", "error", failed, "timeout", cfg.Broker.ShutdownTimeout)
+	}
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.Broker.ShutdownTimeout)
 	defer cancel()
 	if err := a.Shutdown(sctx); err != nil {
-		return fmt.Errorf("shutdown: %w", err)
+		return errors.Join(failed, fmt.Errorf("shutdown: %w", err))
+	}
+	if failed != nil {
+		return failed
 	}
 	log.Info("stopped")
 	return nil
@@ -191,6 +229,9 @@ func printBanner(w io.Writer, cfg config.Config, a *app.App) {
 	if p := a.PushAPI(); p != nil {
 		fmt.Fprintf(tw, "  Push API\thttp://%s/v1/...  http://%s/openapi.json\n", p.Addr(), p.Addr())
 		fmt.Fprintf(tw, "  API key\t%s\n", cfg.PushAPI.Keys()[0])
+	}
+	if wd := a.Watchdog(); wd != nil {
+		fmt.Fprintf(tw, "  Dashboard\thttp://%s/  (watchdog: http://%s/v1/alerts  http://%s/v1/nodes)\n", wd.Addr(), wd.Addr(), wd.Addr())
 	}
 	kind := "external"
 	if a.Store().Embedded() {

@@ -4,8 +4,11 @@
 // one App, where the router and the push API join the broker's gossip on
 // ports of their own; `rtm broker` is the broker role alone.
 //
-// An App is started once and shut down once; Shutdown may be called from
-// any goroutine and is idempotent.
+// Every role keeps the lifecycle of package lifecycle: New builds every
+// role once, from the configuration, without I/O; Start opens the store and
+// starts the roles; Done reports a role that failed while running, so the
+// process exits non-zero. An App is started once and shut down once;
+// Shutdown may be called from any goroutine and is idempotent.
 package app
 
 import (
@@ -21,10 +24,12 @@ import (
 
 	"github.com/rtm-dev/rtm/broker"
 	"github.com/rtm-dev/rtm/internal/config"
+	"github.com/rtm-dev/rtm/internal/lifecycle"
 	"github.com/rtm-dev/rtm/internal/obs"
 	"github.com/rtm-dev/rtm/internal/store"
 	"github.com/rtm-dev/rtm/pushapi"
 	"github.com/rtm-dev/rtm/router"
+	"github.com/rtm-dev/rtm/watchdog"
 )
 
 // Role names a part of rtm that a process can run.
@@ -32,9 +37,10 @@ type Role string
 
 // The roles an App can run.
 const (
-	RoleBroker  Role = "broker"
-	RoleRouter  Role = "router"
-	RolePushAPI Role = "pushapi"
+	RoleBroker   Role = "broker"
+	RoleRouter   Role = "router"
+	RolePushAPI  Role = "pushapi"
+	RoleWatchdog Role = "watchdog"
 )
 
 // Options are an App's dependencies besides its configuration.
@@ -50,17 +56,48 @@ type App struct {
 	cfg    config.Config
 	opts   Options
 	log    *slog.Logger
-	store  *store.Store
+	store  *store.Store // nil when no role uses it
 	broker *broker.Broker
 	router *router.Router
 	push   *pushapi.PushAPI
-	roles  map[Role]bool
+	watch  *watchdog.Watchdog
+	// running are the roles in start order, each with its name.
+	running []named
 
+	fault    lifecycle.Fault
+	stop     chan struct{} // closed by Shutdown: the role watchers end
 	stopOnce sync.Once
 	stopErr  error
 }
 
-// New builds the roles; it starts nothing.
+type named struct {
+	name Role
+	role lifecycle.Role
+}
+
+// legacy is the lifecycle of the roles whose Start predates lifecycle.Role
+// (it returns only an error; their tests call it so).
+type legacy interface {
+	Start(ctx context.Context) error
+	Shutdown(ctx context.Context) error
+	Done() <-chan struct{}
+	Err() error
+	Addrs() lifecycle.Addrs
+}
+
+// adapt gives a legacy role lifecycle.Role's Start.
+type adapt struct{ legacy }
+
+func (r adapt) Start(ctx context.Context) (lifecycle.Addrs, error) {
+	if err := r.legacy.Start(ctx); err != nil {
+		return nil, err
+	}
+	return r.Addrs(), nil
+}
+
+// New builds every role of opts.Roles from cfg, once. It does no I/O and
+// registers nothing: configuration errors surface here, before anything is
+// opened.
 func New(cfg config.Config, opts Options) (*App, error) {
 	if opts.Logger == nil {
 		opts.Logger = obs.Discard()
@@ -68,37 +105,65 @@ func New(cfg config.Config, opts Options) (*App, error) {
 	if opts.Registry == nil {
 		opts.Registry = obs.NewRegistry()
 	}
-	a := &App{cfg: cfg, opts: opts, log: opts.Logger, roles: map[Role]bool{}}
+	a := &App{cfg: cfg, opts: opts, log: opts.Logger, stop: make(chan struct{})}
+	roles := map[Role]bool{}
 	for _, r := range opts.Roles {
-		a.roles[r] = true
 		switch r {
-		case RoleBroker:
-			// Built in Start, once the store it writes to is open; this
-			// one only checks the configuration now (on a registry of
-			// its own).
-			o := a.brokerOptions()
-			o.Registry = prometheus.NewRegistry()
-			if _, err := broker.New(o); err != nil {
-				return nil, err
-			}
-		case RoleRouter:
-			// Built in Start, which knows the gossip address of a broker
-			// in the same process; this one only checks the
-			// configuration now (on a registry of its own).
-			o := a.routerOptions(cfg.Cluster)
-			o.Registry = prometheus.NewRegistry()
-			if _, err := router.New(o); err != nil {
-				return nil, err
-			}
-		case RolePushAPI:
-			o := a.pushOptions(cfg.Cluster)
-			o.Registry = prometheus.NewRegistry()
-			if _, err := pushapi.New(o); err != nil {
-				return nil, err
-			}
+		case RoleBroker, RoleRouter, RolePushAPI, RoleWatchdog:
+			roles[r] = true
 		default:
 			return nil, fmt.Errorf("app: unknown role %q", r)
 		}
+	}
+	if roles[RoleBroker] || roles[RolePushAPI] || roles[RoleWatchdog] {
+		st, err := store.New(store.Options{
+			URI:            cfg.Store.URI,
+			Database:       cfg.Store.Database,
+			DataDir:        filepath.Join(cfg.Data, "store"),
+			ConnectTimeout: cfg.Store.ConnectTimeout,
+			Logger:         a.log,
+		})
+		if err != nil {
+			return nil, err
+		}
+		a.store = st
+	}
+	// Start order: the broker first, so the other roles of the process can
+	// join its gossip.
+	if roles[RoleBroker] {
+		b, err := broker.New(a.brokerOptions())
+		if err != nil {
+			return nil, err
+		}
+		a.broker = b
+		a.running = append(a.running, named{RoleBroker, adapt{b}})
+	}
+	if roles[RoleRouter] {
+		o := a.routerOptions()
+		rt, err := router.New(o)
+		if err != nil {
+			return nil, err
+		}
+		a.router = rt
+		a.running = append(a.running, named{RoleRouter, adapt{rt}})
+	}
+	if roles[RolePushAPI] {
+		p, err := pushapi.New(a.pushOptions())
+		if err != nil {
+			return nil, err
+		}
+		a.push = p
+		a.running = append(a.running, named{RolePushAPI, adapt{p}})
+	}
+	if roles[RoleWatchdog] {
+		cc, seeds := a.sideCluster()
+		wd, err := watchdog.New(watchdog.Options{Config: cfg.Watchdog, Cluster: cc, Seeds: seeds, AdminKey: a.adminKey(),
+			Store: a.store, Version: opts.Version, Logger: opts.Logger, Registry: opts.Registry})
+		if err != nil {
+			return nil, err
+		}
+		a.watch = wd
+		a.running = append(a.running, named{RoleWatchdog, wd})
 	}
 	return a, nil
 }
@@ -116,103 +181,95 @@ func (a *App) brokerOptions() broker.Options {
 	}
 }
 
-func (a *App) routerOptions(cc config.Cluster) router.Options {
-	return router.Options{Config: a.cfg.Router, Cluster: cc, Version: a.opts.Version, Logger: a.opts.Logger, Registry: a.opts.Registry}
+func (a *App) routerOptions() router.Options {
+	cc, seeds := a.sideCluster()
+	return router.Options{Config: a.cfg.Router, Cluster: cc, Seeds: seeds, Version: a.opts.Version, Logger: a.opts.Logger, Registry: a.opts.Registry}
 }
 
-func (a *App) pushOptions(cc config.Cluster) pushapi.Options {
-	var adminKey string
-	if keys := a.cfg.Broker.AdminKeyList(); len(keys) > 0 {
-		adminKey = keys[0]
-	}
-	return pushapi.Options{Config: a.cfg.PushAPI, Auth: a.cfg.Auth, AdminKey: adminKey, Cluster: cc, Store: a.store, Groups: a.cfg.Groups,
+func (a *App) pushOptions() pushapi.Options {
+	cc, seeds := a.sideCluster()
+	return pushapi.Options{Config: a.cfg.PushAPI, Auth: a.cfg.Auth, AdminKey: a.adminKey(), Cluster: cc, Seeds: seeds, Store: a.store, Groups: a.cfg.Groups,
 		Version: a.opts.Version, Logger: a.opts.Logger, Registry: a.opts.Registry}
 }
 
-// needsStore reports whether a role of the App uses the store.
-func (a *App) needsStore() bool { return a.roles[RoleBroker] || a.roles[RolePushAPI] }
+// adminKey is the key the roles send to the brokers' admin endpoints.
+func (a *App) adminKey() string {
+	if keys := a.cfg.Broker.AdminKeyList(); len(keys) > 0 {
+		return keys[0]
+	}
+	return ""
+}
 
 // sideCluster is the gossip configuration of a role sharing the process
-// with a broker: a port of its own on the broker's host, joined to the
-// broker. Without a broker it is the configuration as given.
-func (a *App) sideCluster() config.Cluster {
+// with a broker: a port of its own on the broker's gossip host, joined to
+// the broker (whose port is known once it started: seeds is asked at
+// Start). Without a gossiping broker it is the configuration as given.
+func (a *App) sideCluster() (config.Cluster, func() []string) {
 	cc := a.cfg.Cluster
-	if a.broker == nil {
-		return cc
+	if a.broker == nil || cc.GossipAddr == "" {
+		return cc, nil
 	}
-	if gossip := a.broker.GossipAddr(); gossip != "" {
-		host, _, _ := net.SplitHostPort(gossip)
-		cc.GossipAddr, cc.Join = net.JoinHostPort(host, "0"), gossip
+	host, _, _ := net.SplitHostPort(cc.GossipAddr)
+	cc.GossipAddr = net.JoinHostPort(host, "0")
+	b := a.broker
+	return cc, func() []string {
+		if g := b.GossipAddr(); g != "" {
+			return []string{g}
+		}
+		return a.cfg.Cluster.Seeds()
 	}
-	return cc
 }
 
-// Start opens the store, then starts each role. If any step fails, what was
-// started is stopped again and the error names the failing part.
-func (a *App) Start(ctx context.Context) error {
-	if a.needsStore() {
-		st, err := store.Open(ctx, store.Options{
-			URI:            a.cfg.Store.URI,
-			Database:       a.cfg.Store.Database,
-			DataDir:        filepath.Join(a.cfg.Data, "store"),
-			ConnectTimeout: a.cfg.Store.ConnectTimeout,
-			Logger:         a.log,
-		})
+// Start opens the store, then starts each role, and returns their bound
+// addresses by role. If any step fails, what was started is stopped again
+// and the error names the failing part.
+func (a *App) Start(ctx context.Context) (map[Role]lifecycle.Addrs, error) {
+	if a.store != nil {
+		if err := a.store.Start(ctx); err != nil {
+			return nil, err
+		}
+	}
+	out := map[Role]lifecycle.Addrs{}
+	for i, r := range a.running {
+		addrs, err := r.role.Start(ctx)
 		if err != nil {
-			return err
+			a.running = a.running[:i] // only the started ones are shut down
+			_ = a.Shutdown(context.Background())
+			if r.name == RoleBroker {
+				return nil, err
+			}
+			return nil, fmt.Errorf("%s: %w", r.name, err)
 		}
-		a.store = st
+		out[r.name] = addrs
 	}
-	fail := func(err error) error {
-		_ = a.Shutdown(context.Background())
-		return err
+	for _, r := range a.running {
+		go func() {
+			select {
+			case <-r.role.Done():
+				a.log.Error("role failed", "role", r.name, "error", r.role.Err())
+				a.fault.Fail(fmt.Errorf("%s: %w", r.name, r.role.Err()))
+			case <-a.stop:
+			}
+		}()
 	}
-	if a.roles[RoleBroker] {
-		b, err := broker.New(a.brokerOptions())
-		if err != nil {
-			return fail(err)
-		}
-		a.broker = b
-		if err := a.broker.Start(ctx); err != nil {
-			return fail(err)
-		}
-	}
-	if a.roles[RoleRouter] {
-		rt, err := router.New(a.routerOptions(a.sideCluster()))
-		if err != nil {
-			return fail(err)
-		}
-		a.router = rt
-		if err := a.router.Start(ctx); err != nil {
-			return fail(fmt.Errorf("router: %w", err))
-		}
-	}
-	if a.roles[RolePushAPI] {
-		p, err := pushapi.New(a.pushOptions(a.sideCluster()))
-		if err != nil {
-			return fail(err)
-		}
-		a.push = p
-		if err := a.push.Start(ctx); err != nil {
-			return fail(fmt.Errorf("pushapi: %w", err))
-		}
-	}
-	return nil
+	return out, nil
 }
+
+// Done is closed when a role failed while running; Err says which and why.
+// The App still has to be shut down.
+func (a *App) Done() <-chan struct{} { return a.fault.Done() }
+
+// Err is the failure that closed Done, or nil.
+func (a *App) Err() error { return a.fault.Err() }
 
 // Shutdown stops the roles in reverse order of Start, then closes the
 // store. It returns the first error, or ctx's if ctx ends first.
 func (a *App) Shutdown(ctx context.Context) error {
 	a.stopOnce.Do(func() {
+		close(a.stop)
 		var errs []error
-		if a.push != nil {
-			errs = append(errs, a.push.Shutdown(ctx))
-		}
-		if a.router != nil {
-			errs = append(errs, a.router.Shutdown(ctx))
-		}
-		if a.broker != nil {
-			errs = append(errs, a.broker.Shutdown(ctx))
+		for i := len(a.running) - 1; i >= 0; i-- {
+			errs = append(errs, a.running[i].role.Shutdown(ctx))
 		}
 		if a.store != nil {
 			errs = append(errs, a.store.Close(ctx))
@@ -231,5 +288,8 @@ func (a *App) PushAPI() *pushapi.PushAPI { return a.push }
 // Router returns the router role, or nil when the App does not run one.
 func (a *App) Router() *router.Router { return a.router }
 
-// Store returns the open store (nil before Start).
+// Watchdog returns the watchdog role, or nil when the App does not run one.
+func (a *App) Watchdog() *watchdog.Watchdog { return a.watch }
+
+// Store returns the store (open once Start succeeded), or nil.
 func (a *App) Store() *store.Store { return a.store }

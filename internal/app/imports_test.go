@@ -59,11 +59,11 @@ func forbidden(pkg, dep string, roles []string) string {
 		return "plugins are wired by the broker, never the reverse"
 	}
 	switch pkg {
-	case "internal/config", "internal/obs", "internal/token":
+	case "internal/config", "internal/obs", "internal/token", "internal/lifecycle":
 		return "a leaf package imports nothing from rtm"
 	case "internal/store", "internal/cluster":
-		if dep != "internal/config" {
-			return "may import only internal/config"
+		if dep != "internal/config" && dep != "internal/lifecycle" {
+			return "may import only internal/config and internal/lifecycle"
 		}
 	}
 	if !strings.HasPrefix(pkg, "internal/testutil") && !strings.HasSuffix(pkg, "storetest") && !strings.HasPrefix(pkg, "internal/testcluster") &&

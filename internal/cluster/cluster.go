@@ -29,6 +29,7 @@ import (
 	"github.com/hashicorp/serf/serf"
 
 	"github.com/rtm-dev/rtm/internal/config"
+	"github.com/rtm-dev/rtm/internal/lifecycle"
 )
 
 // ErrNameClash reports that another member already uses this node's name.
@@ -126,6 +127,10 @@ type Node struct {
 	// Start for mergeGuard.
 	localAddr net.IP
 	localPort uint16
+
+	// fault is set when the member stops working while running: its
+	// background join found its name taken, or Serf shut down on its own.
+	fault lifecycle.Fault
 
 	events   chan serf.Event
 	stop     chan struct{}
@@ -233,8 +238,20 @@ func (n *Node) Start(ctx context.Context) error {
 	n.localAddr, n.localPort = local.Addr, local.Port
 	n.mu.Unlock()
 
-	n.wg.Add(1)
+	n.wg.Add(2)
 	go n.dispatch()
+	go func() {
+		defer n.wg.Done()
+		select {
+		case <-s.ShutdownCh():
+			select {
+			case <-n.stop:
+			default:
+				n.fault.Fail(errors.New("cluster: gossip shut down unexpectedly"))
+			}
+		case <-n.stop:
+		}
+	}()
 
 	if len(n.opts.Join) == 0 {
 		close(n.joined)
@@ -280,6 +297,7 @@ func (n *Node) joinLoop() {
 		n.mu.Unlock()
 		if clash != nil {
 			n.log.Error("not joining: node name in use", "error", clash)
+			n.fault.Fail(clash)
 			return
 		}
 		if err != nil {
@@ -291,6 +309,14 @@ func (n *Node) joinLoop() {
 		return
 	}
 }
+
+// Done is closed when the member stopped working on its own: a join in the
+// background found its name in use, or gossip shut down without Shutdown.
+// Err says why.
+func (n *Node) Done() <-chan struct{} { return n.fault.Done() }
+
+// Err is the reason Done was closed, or nil.
+func (n *Node) Err() error { return n.fault.Err() }
 
 // Joined is closed once the node has joined its seeds (at once without).
 func (n *Node) Joined() <-chan struct{} { return n.joined }

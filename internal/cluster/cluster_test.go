@@ -179,3 +179,44 @@ func TestDecodeTagsRejectsBadNumbers(t *testing.T) {
 		t.Fatal("negative capacity accepted")
 	}
 }
+
+// A member whose background join finds its name taken is of no use to its
+// role: Done must say so, so the process stops instead of running outside
+// the cluster with only a log line.
+func TestBackgroundNameClashClosesDone(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	seedAddr := l.Addr().String()
+	l.Close()
+	late := startNode(t, "same", []string{seedAddr}, nil)
+	select {
+	case <-late.Done():
+		t.Fatal("Done closed before any clash")
+	default:
+	}
+	seed := startNode(t, "seed", nil, func(o *cluster.Options) { o.BindAddr = seedAddr })
+	startNode(t, "same", []string{seed.Addr()}, nil)
+	select {
+	case <-late.Done():
+		if !errors.Is(late.Err(), cluster.ErrNameClash) {
+			t.Fatalf("Err = %v, want ErrNameClash", late.Err())
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Done not closed within 20s of the clash")
+	}
+}
+
+// A Shutdown is not a failure.
+func TestShutdownDoesNotCloseDone(t *testing.T) {
+	n := startNode(t, "a", nil, nil)
+	if err := n.Shutdown(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-n.Done():
+		t.Fatalf("Done closed by Shutdown: %v", n.Err())
+	case <-time.After(300 * time.Millisecond):
+	}
+}

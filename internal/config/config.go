@@ -20,13 +20,14 @@ type Config struct {
 	Data string `koanf:"data" doc:"Directory for local state (the embedded store's files)."`
 	Log  Log    `koanf:"log"`
 	// Store selects MongoDB: an external server, or the embedded one.
-	Store   Store   `koanf:"store"`
-	Auth    Auth    `koanf:"auth"`
-	Broker  Broker  `koanf:"broker"`
-	Cluster Cluster `koanf:"cluster"`
-	Router  Router  `koanf:"router"`
-	PushAPI PushAPI `koanf:"pushapi"`
-	Groups  Groups  `koanf:"groups"`
+	Store    Store    `koanf:"store"`
+	Auth     Auth     `koanf:"auth"`
+	Broker   Broker   `koanf:"broker"`
+	Cluster  Cluster  `koanf:"cluster"`
+	Router   Router   `koanf:"router"`
+	PushAPI  PushAPI  `koanf:"pushapi"`
+	Groups   Groups   `koanf:"groups"`
+	Watchdog Watchdog `koanf:"watchdog"`
 }
 
 // Log configures the process-wide structured logger.
@@ -179,6 +180,57 @@ type Router struct {
 	StaleAfter time.Duration `koanf:"load_stale_after" doc:"A broker whose last load report is older than this is treated as of unknown load and picked last (brokers report at least every 5s)."`
 }
 
+// Watchdog configures the watchdog role, which polls every broker, raises
+// alerts and serves the dashboard (docs/watchdog.md).
+type Watchdog struct {
+	Name           string        `koanf:"name" doc:"Gossip member name of this watchdog, unique in the cluster. Empty: watchdog-<host name>."`
+	Addr           string        `koanf:"addr" doc:"Watchdog HTTP listen address: the dashboard (/), /v1/alerts, /v1/nodes, /v1/series, /v1/events, /healthz, /readyz, /metrics."`
+	APIKeys        string        `koanf:"api_keys" secret:"value" doc:"Comma-separated keys for the watchdog's /v1 endpoints (Authorization: Bearer <key>). Empty: /v1 is open (bind addr to a private network)."`
+	Interval       time.Duration `koanf:"interval" doc:"How often every broker's admin /v1/stats is polled and the rules evaluated."`
+	PollTimeout    time.Duration `koanf:"poll_timeout" doc:"Bound on one poll of one broker; a broker that does not answer in time gets a poll error, the others are not delayed. 0: the interval."`
+	Webhooks       string        `koanf:"webhooks" secret:"value" doc:"Comma-separated URLs that receive every alert change as a JSON POST, retried with exponential backoff. Masked by rtm config: such URLs often hold a token."`
+	WebhookSecret  string        `koanf:"webhook_secret" secret:"value" doc:"When set, each webhook request carries X-RTM-Signature: sha256=<hex HMAC-SHA256 of the body with this secret>."`
+	WebhookTimeout time.Duration `koanf:"webhook_timeout" doc:"Bound on one webhook request; a slower answer counts as a failure and is retried."`
+	WebhookRetry   time.Duration `koanf:"webhook_retry_for" doc:"How long a failing webhook delivery is retried (exponential backoff from 500ms to 30s) before it is given up and logged."`
+	MaxDrained     int           `koanf:"max_drained" doc:"At most this many brokers are drained by the watchdog's drain actions at once; it never drains the last healthy broker. 0 disables drain actions."`
+	ImbalanceMin   int           `koanf:"imbalance_min_connections" doc:"load_imbalance is evaluated only when the busiest broker has at least this many connections."`
+	Rules          WatchdogRules `koanf:"rules"`
+}
+
+// WatchdogRules are the watchdog's alert rules, each with the meaning of its
+// threshold given in docs/watchdog.md.
+type WatchdogRules struct {
+	NodeDown       Rule `koanf:"node_down"`
+	NodeNotReady   Rule `koanf:"node_not_ready"`
+	ClusterSize    Rule `koanf:"cluster_size_below"`
+	CapacityPct    Rule `koanf:"connections_over_capacity_pct"`
+	Memory         Rule `koanf:"memory_over_bytes"`
+	DroppedRate    Rule `koanf:"dropped_messages_rate"`
+	LinkDown       Rule `koanf:"link_down"`
+	LinkQueue      Rule `koanf:"link_queue_over_bytes"`
+	Store          Rule `koanf:"store_unreachable"`
+	HistoryBacklog Rule `koanf:"history_backlog_over"`
+	LoadImbalance  Rule `koanf:"load_imbalance"`
+}
+
+// Rule is one alert rule of the watchdog.
+type Rule struct {
+	Threshold int           `koanf:"threshold" doc:"Threshold of the rule (its unit is in the rule's name; docs/watchdog.md)."`
+	For       time.Duration `koanf:"for" doc:"How long the condition must hold before the alert fires (pending until then); a shorter flap never fires."`
+	Severity  string        `koanf:"severity" doc:"critical, warning or info; off disables the rule."`
+	Action    string        `koanf:"action" doc:"none, or drain: the node is drained while the alert fires and undrained when it resolves (within watchdog.max_drained)."`
+	Nodes     string        `koanf:"nodes" doc:"Comma-separated broker names the rule applies to. Empty: every broker."`
+}
+
+// Keys returns the API keys of the watchdog, split.
+func (w Watchdog) Keys() []string { return splitList(w.APIKeys) }
+
+// WebhookList returns the webhook URLs, split.
+func (w Watchdog) WebhookList() []string { return splitList(w.Webhooks) }
+
+// NodeList returns the node names a rule is limited to, or nil for all.
+func (r Rule) NodeList() []string { return splitList(r.Nodes) }
+
 // Defaults returns the configuration used for every key that no file,
 // environment variable or flag sets.
 func Defaults() Config {
@@ -235,6 +287,27 @@ func Defaults() Config {
 			MaxMembers:      1000,
 			RefreshInterval: 10 * time.Second,
 		},
+		Watchdog: Watchdog{
+			Addr:           ":8082",
+			Interval:       5 * time.Second,
+			WebhookTimeout: 5 * time.Second,
+			WebhookRetry:   10 * time.Minute,
+			MaxDrained:     1,
+			ImbalanceMin:   100,
+			Rules: WatchdogRules{
+				NodeDown:       Rule{Severity: "critical"},
+				NodeNotReady:   Rule{For: 30 * time.Second, Severity: "critical"},
+				ClusterSize:    Rule{Threshold: 1, Severity: "critical"},
+				CapacityPct:    Rule{Threshold: 90, For: time.Minute, Severity: "warning"},
+				Memory:         Rule{Threshold: 2 << 30, For: time.Minute, Severity: "warning"},
+				DroppedRate:    Rule{Threshold: 10, For: time.Minute, Severity: "warning"},
+				LinkDown:       Rule{For: 30 * time.Second, Severity: "critical"},
+				LinkQueue:      Rule{Threshold: 32 << 20, For: 30 * time.Second, Severity: "warning"},
+				Store:          Rule{For: 30 * time.Second, Severity: "critical"},
+				HistoryBacklog: Rule{Threshold: 10000, For: time.Minute, Severity: "warning"},
+				LoadImbalance:  Rule{Threshold: 3, For: 5 * time.Minute, Severity: "info"},
+			},
+		},
 	}
 }
 
@@ -254,6 +327,8 @@ func DevDefaults() Config {
 	c.Router.Addr = "127.0.0.1:8090"
 	c.PushAPI.Name = "dev-pushapi"
 	c.PushAPI.Addr = "127.0.0.1:8080"
+	c.Watchdog.Name = "dev-watchdog"
+	c.Watchdog.Addr = "127.0.0.1:8082"
 	c.Auth.Devices = "anonymous"
 	return c
 }

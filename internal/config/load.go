@@ -65,6 +65,7 @@ var keyFlags = map[string]string{
 	"router.addr":      "addr",
 	"pushapi.addr":     "addr",
 	"pushapi.api_keys": "api-key",
+	"watchdog.addr":    "addr",
 }
 
 // flagKeyAnnotation is the pflag annotation holding a flag's key.

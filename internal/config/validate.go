@@ -38,7 +38,68 @@ func (c Config) Validate() error {
 	c.Router.check(v)
 	c.PushAPI.check(v)
 	c.Groups.check(v)
+	c.Watchdog.check(v)
 	return v.err()
+}
+
+// Validate reports every invalid value of the watchdog section.
+func (w Watchdog) Validate() error {
+	v := &validator{}
+	w.check(v)
+	return v.err()
+}
+
+func (w Watchdog) check(v *validator) {
+	v.addr("watchdog.addr", w.Addr, false)
+	if strings.ContainsAny(w.Name, " /#+\t\n") {
+		v.bad("watchdog.name", w.Name, "must not contain spaces, '/', '#' or '+'")
+	}
+	if w.Interval < 100*time.Millisecond {
+		v.bad("watchdog.interval", w.Interval.String(), "must be at least 100ms")
+	}
+	if w.PollTimeout < 0 {
+		v.bad("watchdog.poll_timeout", w.PollTimeout.String(), "must not be negative")
+	}
+	if w.WebhookTimeout <= 0 {
+		v.bad("watchdog.webhook_timeout", w.WebhookTimeout.String(), "must be positive")
+	}
+	if w.WebhookRetry < 0 {
+		v.bad("watchdog.webhook_retry_for", w.WebhookRetry.String(), "must not be negative")
+	}
+	if w.MaxDrained < 0 {
+		v.bad("watchdog.max_drained", strconv.Itoa(w.MaxDrained), "must not be negative")
+	}
+	for _, u := range w.WebhookList() {
+		p, err := url.Parse(u)
+		if err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "" {
+			v.bad("watchdog.webhooks", u, "want http:// or https:// URLs, comma-separated")
+		}
+	}
+	rules := []struct {
+		name string
+		r    Rule
+	}{
+		{"node_down", w.Rules.NodeDown}, {"node_not_ready", w.Rules.NodeNotReady}, {"cluster_size_below", w.Rules.ClusterSize},
+		{"connections_over_capacity_pct", w.Rules.CapacityPct}, {"memory_over_bytes", w.Rules.Memory},
+		{"dropped_messages_rate", w.Rules.DroppedRate}, {"link_down", w.Rules.LinkDown}, {"link_queue_over_bytes", w.Rules.LinkQueue},
+		{"store_unreachable", w.Rules.Store}, {"history_backlog_over", w.Rules.HistoryBacklog}, {"load_imbalance", w.Rules.LoadImbalance},
+	}
+	for _, x := range rules {
+		k := "watchdog.rules." + x.name + "."
+		v.oneOf(k+"severity", x.r.Severity, "critical", "warning", "info", "off")
+		if x.r.Action != "" {
+			v.oneOf(k+"action", x.r.Action, "none", "drain")
+		}
+		if x.r.For < 0 {
+			v.bad(k+"for", x.r.For.String(), "must not be negative")
+		}
+		if x.r.Threshold < 0 {
+			v.bad(k+"threshold", strconv.Itoa(x.r.Threshold), "must not be negative")
+		}
+	}
+	if w.Rules.NodeDown.Action == "drain" || w.Rules.ClusterSize.Action == "drain" || w.Rules.LoadImbalance.Action == "drain" {
+		v.bad("watchdog.rules", "action: drain", "drain applies to a sick node that is alive: not to node_down, cluster_size_below or load_imbalance")
+	}
 }
 
 // Validate reports every invalid value of the router section.

@@ -106,9 +106,32 @@ type Store struct {
 	embedded *Embedded // nil with an external server
 	uri      string    // masked
 	log      *slog.Logger
+	opts     Options // for Start, when made by New
 
 	closeOnce sync.Once
 	closeErr  error
+}
+
+// New checks opts and returns a store that Start opens; it does no I/O, so
+// a composition root can hand the store to the roles it builds before it
+// opens anything. Its methods other than Start, Close and URI need Start
+// to have succeeded.
+func New(opts Options) (*Store, error) {
+	opts = opts.withDefaults()
+	if err := opts.validate(); err != nil {
+		return nil, err
+	}
+	return &Store{opts: opts, log: opts.Logger.With("component", "store")}, nil
+}
+
+// Start opens a store made by New: see Open.
+func (s *Store) Start(ctx context.Context) error {
+	o, err := Open(ctx, s.opts)
+	if err != nil {
+		return err
+	}
+	s.client, s.db, s.embedded, s.uri, s.log = o.client, o.db, o.embedded, o.uri, o.log
+	return nil
 }
 
 // Open connects to the server described by opts, starting an embedded one
