@@ -242,6 +242,19 @@ func TestAdminKeyToBrokers(t *testing.T) {
 	})
 	dev := testutil.MustV5(t, bs[0].Addr(broker.ListenerTCP), "keyed-dev")
 	wrong.waitPresence("keyed-dev", true, "b0")
+	// The device's broker applies the device's recorded push subscriptions
+	// once after its connect, behind the presence write: let that pass, or
+	// it may apply the record the failed PUT below leaves (rightly). A
+	// subscription the device makes now is written by the same writer
+	// after it, so once the store shows it, the re-apply is done.
+	dev.Sub(t, "push/sentinel", 1)
+	testutil.WaitFor(t, waitCond, func() error {
+		d, _ := wrong.device("keyed-dev")
+		if !slices.ContainsFunc(d.Channels, func(c pushapi.DeviceChannel) bool { return c.Channel == "sentinel" }) {
+			return fmt.Errorf("channels %v, want sentinel recorded", d.Channels)
+		}
+		return nil
+	})
 
 	wrong.expectError(http.MethodPut, "/v1/devices/keyed-dev/channels/alerts", nil, http.StatusServiceUnavailable, pushapi.CodeNodeUnavailable)
 	wrong.expectError(http.MethodDelete, "/v1/devices/keyed-dev/connection", nil, http.StatusServiceUnavailable, pushapi.CodeNodeUnavailable)
