@@ -8,10 +8,13 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/chromedp/chromedp"
 
 	"github.com/rtm-dev/rtm/internal/testutil"
 	"github.com/rtm-dev/rtm/watchdog"
@@ -155,6 +158,15 @@ func TestWatchdogNodeDown(t *testing.T) {
 	sub := testutil.MustV5(t, n1.mqtt, "alerts-reader")
 	sub.Sub(t, "$SYS/rtm/alerts", 1)
 
+	// The dashboard in a real browser, against these processes: three
+	// nodes, following the event stream. A marker set on the page now
+	// would be gone after a reload.
+	b := testutil.NewBrowser(t, 1280, 900)
+	b.Do(t, chromedp.Navigate("http://"+wd.addr+"/"))
+	b.WaitTrue(t, testutil.DashboardNodeRows+" === 3", 30*time.Second, "the dashboard lists the 3 brokers")
+	b.WaitTrue(t, testutil.DashboardLive, 30*time.Second, "the dashboard follows the event stream")
+	b.Do(t, chromedp.Evaluate[chromedp.Void]("window.rtmE2E = 1"))
+
 	killed := time.Now()
 	if err := n3.p.cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
@@ -187,6 +199,16 @@ func TestWatchdogNodeDown(t *testing.T) {
 	if d := firedAt.Sub(killed); d > 15*time.Second {
 		t.Fatalf("node_down fired %v after kill -9, want well within 15s at a %v probe interval", d, probeInterval)
 	}
+	// The dashboard shows it without a reload, and nothing went wrong on
+	// the page.
+	b.WaitTrue(t, testutil.DashboardAlertShown("node_down", "n3", "firing"), 30*time.Second, "the dashboard shows node_down n3 firing")
+	b.WaitTrue(t, testutil.DashboardNodeState("n3", "failed"), 30*time.Second, "the dashboard shows n3 failed")
+	b.WaitTrue(t, "window.rtmE2E === 1", 5*time.Second, "the same page, not reloaded")
+	if errs := b.Errors(); len(errs) > 0 {
+		t.Fatalf("dashboard console errors: %v", errs)
+	}
+	b.Screenshot(t, filepath.Join(t.TempDir(), "dashboard-node-down.png"))
+
 	// $SYS/rtm/alerts carries it (other alerts, e.g. link_down, may come
 	// first).
 	deadline := time.Now().Add(20 * time.Second)
