@@ -112,6 +112,8 @@ func (a *App) brokerOptions() broker.Options {
 		Logger:   a.opts.Logger,
 		Registry: a.opts.Registry,
 		Store:    a.store,
+		History:  a.cfg.History,
+		DataDir:  a.cfg.Data,
 	}
 }
 
