@@ -2,6 +2,7 @@ package writebehind_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"os"
@@ -9,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/rtm-dev/rtm/internal/writebehind"
 )
@@ -307,4 +309,42 @@ func FuzzSpoolOpen(f *testing.F) {
 		}
 		_ = s.Ack(len(got))
 	})
+}
+
+// When the store fails, what Add queued in memory moves to the spool, so a
+// crash during the outage (here: a Close that gives up at once, which
+// loses what memory holds, as kill -9 would) loses none of it. Before,
+// up to QueueLen acknowledged items waited in memory for the store.
+func TestOutageMovesMemoryToTheSpool(t *testing.T) {
+	dir := t.TempDir()
+	sp := intSpool(t, dir, 1<<20, 0)
+	s := &sink{}
+	s.down.Store(true)
+	w, err := writebehind.New(writebehind.Options[int]{Write: s.write, QueueLen: 1000, Overflow: sp,
+		RetryFirst: time.Millisecond, RetryMax: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 100 {
+		if err := w.Add(i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for sp.Len() != 100 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := w.Add(100); err != nil { // after the move: behind the others
+		t.Fatal(err)
+	}
+	gone, cancel := context.WithCancel(context.Background())
+	cancel()
+	_ = w.Close(gone)
+	sp.Close()
+
+	sp = intSpool(t, dir, 1<<20, 0)
+	defer sp.Close()
+	if got := takeAll(t, sp, 1000); !slices.Equal(got, seq(101)) {
+		t.Fatalf("after the crash the spool holds %d items, want 0..100 in order", len(got))
+	}
 }

@@ -24,7 +24,10 @@
 //     Overflow (e.g. a disk spool) and, once something has overflowed, every
 //     later item follows it there until the Overflow is empty, so order is
 //     kept; an item that fits nowhere is dropped, counted, and reported to
-//     Options.OnDrop, so the caller can record the gap.
+//     Options.OnDrop, so the caller can record the gap. When a write fails
+//     and the Overflow is empty, the items in memory move to it too (for a
+//     Writer that only Add is used on), so a crash during a store outage
+//     loses nothing the Overflow keeps.
 package writebehind
 
 import (
@@ -148,6 +151,7 @@ type Writer[T any] struct {
 	dropped  atomic.Int64
 	failures atomic.Int64
 	up       atomic.Bool
+	putUsed  atomic.Bool // Put was called: items in memory may have tickets
 	lastErr  atomic.Pointer[string]
 	lastDur  atomic.Int64
 
@@ -222,6 +226,7 @@ func (t Ticket) Wait(ctx context.Context) error {
 // items are overflowed, and returns its Ticket. It fails only when ctx ends
 // first or the writer is closed.
 func (w *Writer[T]) Put(ctx context.Context, item T) (Ticket, error) {
+	w.putUsed.Store(true)
 	for {
 		w.mu.Lock()
 		if w.closed {
@@ -489,7 +494,16 @@ func (w *Writer[T]) writeOne() bool {
 		fromOverflow = true
 	}
 
-	err := w.writeWithRetry(batch)
+	// Items only Add queued (no ticket waits on them) go to the Overflow
+	// once the store fails, so a crash during an outage loses none of them.
+	spillable := !fromOverflow && w.o.Overflow != nil && !w.putUsed.Load()
+	err := w.writeWithRetry(batch, spillable)
+	if errors.Is(err, errSpill) {
+		if w.spillQueue() {
+			return true // written from the Overflow, in order
+		}
+		err = w.writeWithRetry(batch, false)
+	}
 	if err != nil && w.ctx.Err() != nil && !w.permanent(err) {
 		return false // closing: what is left is lost or stays in the overflow
 	}
@@ -554,7 +568,29 @@ func (w *Writer[T]) permanent(err error) bool {
 	return w.o.Permanent != nil && w.o.Permanent(err)
 }
 
-func (w *Writer[T]) writeWithRetry(batch []T) error {
+// errSpill asks writeOne to move the queue to the Overflow.
+var errSpill = errors.New("writebehind: spill to the overflow")
+
+// spillQueue moves every item in memory to the empty Overflow, after a
+// failed write: older than anything added later, which follows them there.
+// It reports whether it did.
+func (w *Writer[T]) spillQueue() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.spilling || len(w.queue) == 0 {
+		return false // the Overflow holds newer items: memory goes first
+	}
+	if err := w.o.Overflow.Put(w.queue); err != nil {
+		return false
+	}
+	w.committed += uint64(len(w.queue))
+	w.queue = nil
+	w.spilling = true
+	w.broadcastLocked()
+	return true
+}
+
+func (w *Writer[T]) writeWithRetry(batch []T, spillable bool) error {
 	b := backoff.NewExponentialBackOff()
 	b.InitialInterval = w.o.RetryFirst
 	b.MaxInterval = w.o.RetryMax
@@ -579,6 +615,9 @@ func (w *Writer[T]) writeWithRetry(batch []T) error {
 		}
 		if w.up.Swap(false) {
 			w.log.Warn("store write failed; retrying with backoff", "items", len(batch), "err", err)
+		}
+		if spillable {
+			return errSpill
 		}
 		t := time.NewTimer(b.NextBackOff())
 		select {
