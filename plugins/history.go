@@ -3,6 +3,7 @@ package plugins
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -69,6 +70,8 @@ type History struct {
 	spool   *writebehind.Spool[store.HistoryMessage]
 	service func(*mqtt.Client) bool
 
+	ids *idGen
+
 	gmu      sync.Mutex
 	gaps     map[string]*store.HistoryGap // by filter: drops not yet recorded
 	gapsFile string
@@ -100,7 +103,7 @@ func NewHistory(o HistoryOptions) (*History, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	h := &History{o: o, log: log.With("component", "history"), filters: filters, service: o.Service,
-		gaps: map[string]*store.HistoryGap{}, done: make(chan struct{})}
+		ids: newIDGen(), gaps: map[string]*store.HistoryGap{}, done: make(chan struct{})}
 	if h.service == nil {
 		h.service = func(*mqtt.Client) bool { return false }
 	}
@@ -240,7 +243,33 @@ func (h *History) stamp(cl *mqtt.Client, user []packets.UserProperty) []packets.
 		}
 		out = append(out, u)
 	}
-	return append(out, packets.UserProperty{Key: PropMessageID, Val: ulid.Make().String()})
+	return append(out, packets.UserProperty{Key: PropMessageID, Val: h.ids.next()})
+}
+
+// idGen makes message ids that increase in the order they are made.
+// ulid.Make does not: it reads the clock before taking its lock, so of two
+// goroutines the one that read the earlier millisecond may draw fresh
+// entropy after the other, below an id one client already got; that
+// client's next message could then sort before its previous one.
+type idGen struct {
+	mu      sync.Mutex
+	ms      uint64
+	entropy *ulid.MonotonicEntropy
+}
+
+func newIDGen() *idGen { return &idGen{entropy: ulid.Monotonic(rand.Reader, 0)} }
+
+func (g *idGen) next() string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	// Never back in time (a clock step), so ids keep increasing.
+	g.ms = max(g.ms, ulid.Now())
+	id, err := ulid.New(g.ms, g.entropy)
+	if err != nil { // entropy exhausted within the millisecond: use the next one
+		g.ms++
+		id = ulid.MustNew(g.ms, g.entropy)
+	}
+	return id.String()
 }
 
 // capture queues pk for the store.
@@ -267,7 +296,7 @@ func (h *History) capture(cl *mqtt.Client, pk *packets.Packet) {
 		}
 	}
 	if m.ID == "" {
-		m.ID = ulid.Make().String() // not stamped (cannot happen): stored all the same
+		m.ID = h.ids.next() // not stamped (cannot happen): stored all the same
 	}
 	if h.w == nil {
 		return // not started

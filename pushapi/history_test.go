@@ -212,11 +212,11 @@ func TestHistoryPagesAreStableWhileMessagesArrive(t *testing.T) {
 	api := startAPI(t, b.GossipAddr(), st, nil)
 	api.waitBroker()
 
-	const n = 120
+	const n = 60
 	var ids []string // oldest first
-	for i := 0; i < n; i += 40 {
+	for i := 0; i < n; i += 30 {
 		var msgs []map[string]any
-		for j := i; j < i+40; j++ {
+		for j := i; j < i+30; j++ {
 			msgs = append(msgs, map[string]any{"topic": "push/feed", "payload": fmt.Sprint(j)})
 		}
 		var res pushapi.BatchResults
@@ -251,10 +251,12 @@ func TestHistoryPagesAreStableWhileMessagesArrive(t *testing.T) {
 			if r, err := api.send("POST", "/v1/messages", apiKey, map[string]any{"topic": "push/feed", "payload": "new"}, nil); err == nil && r.status == 200 {
 				more.Add(1)
 			}
+			time.Sleep(10 * time.Millisecond) // a steady trickle, not a flood
+
 		}
 	}()
 	var walked []string
-	next := "/v1/history?topic=push/feed&limit=7"
+	next := "/v1/history?topic=push/feed&limit=8"
 	for pages := 0; ; pages++ {
 		if pages > 100 {
 			t.Fatal("more than 100 pages")
@@ -270,7 +272,7 @@ func TestHistoryPagesAreStableWhileMessagesArrive(t *testing.T) {
 		if page.NextCursor == nil {
 			break
 		}
-		next = "/v1/history?limit=7&cursor=" + url.QueryEscape(*page.NextCursor)
+		next = "/v1/history?limit=8&cursor=" + url.QueryEscape(*page.NextCursor)
 		time.Sleep(5 * time.Millisecond) // let inserts interleave with the walk
 	}
 	close(stop)
@@ -303,15 +305,15 @@ func TestHistoryPagesAreStableWhileMessagesArrive(t *testing.T) {
 		}
 		return out
 	}
-	if got := page("limit=5&before=" + ids[50]); !slices.Equal(got, []string{ids[49], ids[48], ids[47], ids[46], ids[45]}) {
+	if got := page("limit=5&before=" + ids[40]); !slices.Equal(got, []string{ids[39], ids[38], ids[37], ids[36], ids[35]}) {
 		t.Fatalf("before=id: %v", got)
 	}
-	if got := page("limit=1000&before=" + ids[50] + "&after=" + ids[46]); !slices.Equal(got, []string{ids[49], ids[48], ids[47]}) {
+	if got := page("limit=1000&before=" + ids[40] + "&after=" + ids[36]); !slices.Equal(got, []string{ids[39], ids[38], ids[37]}) {
 		t.Fatalf("before and after by id: %v", got)
 	}
 	// By time: bounds exclude the messages of the given millisecond.
 	idT := func(id string) time.Time { return ulid.Time(ulid.MustParse(id).Time()) }
-	tb, ta := idT(ids[80]), idT(ids[20])
+	tb, ta := idT(ids[50]), idT(ids[10])
 	var wantT []string
 	for i := n - 1; i >= 0; i-- {
 		if t := idT(ids[i]); t.Before(tb) && t.After(ta) {
