@@ -209,7 +209,9 @@ func New[T any](o Options[T]) (*Writer[T], error) {
 // Ticket settles when its item has been written, or dropped after a
 // permanent error.
 type Ticket struct {
-	w   interface{ wait(context.Context, uint64) error }
+	w interface {
+		wait(context.Context, uint64) error
+	}
 	seq uint64
 }
 
