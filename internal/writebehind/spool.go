@@ -85,6 +85,9 @@ const (
 	spoolAckName    = "ack"
 	maxSpoolRecord  = 1 << 30
 	minSegmentBytes = 64 << 10
+	// firstSeq numbers the first segment: high, so PutFront has room
+	// below it.
+	firstSeq = uint64(1) << 40
 )
 
 var crcTable = crc32.MakeTable(crc32.Castagnoli)
@@ -339,6 +342,76 @@ func (s *Spool[T]) Put(items []T) error {
 	return nil
 }
 
+// PutFront puts items ahead of those held, all or none, in a segment of
+// their own (the writer's items in memory after a failed write: older
+// than what overflowed after them).
+func (s *Spool[T]) PutFront(items []T) error {
+	s.mu.Lock()
+	if len(s.segs) == 0 {
+		s.mu.Unlock()
+		return s.Put(items)
+	}
+	defer s.mu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	buf := []byte(spoolMagic)
+	var payload []byte
+	for _, it := range items {
+		payload = s.o.Encode(payload[:0], it)
+		buf = AppendRecord(buf, payload)
+	}
+	rec := int64(len(buf)) - segHeader
+	if s.bytes+rec > s.o.MaxBytes {
+		return ErrFull
+	}
+	seq := s.segs[0].seq - 1
+	if seq == 0 {
+		return ErrFull
+	}
+	// The ack first: a crash between the two then replays acknowledged
+	// records again (harmless), where the other order would delete the new
+	// segment as acknowledged.
+	if err := s.writeAck(seq, segHeader); err != nil {
+		return fmt.Errorf("spool: %w", err)
+	}
+	if err := os.WriteFile(s.segPath(seq), buf, 0o600); err != nil {
+		_ = s.writeAck(s.segs[0].seq, s.ackOff)
+		_ = os.Remove(s.segPath(seq))
+		return fmt.Errorf("spool: %w", err)
+	}
+	// The old first segment is now read from its start again: records of
+	// it acknowledged before are written twice (idempotent) rather than
+	// tracked by a second offset.
+	s.bytes += rec + (s.ackOff - segHeader)
+	s.n += len(items) + s.countBefore(s.segs[0], s.ackOff)
+	s.segs = append([]spoolSeg{{seq: seq, size: int64(len(buf))}}, s.segs...)
+	s.ackOff = segHeader
+	return nil
+}
+
+// countBefore counts the records of g before offset off. s.mu is held.
+func (s *Spool[T]) countBefore(g spoolSeg, off int64) int {
+	if off <= segHeader {
+		return 0
+	}
+	f, err := os.Open(s.segPath(g.seq))
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	r := bufio.NewReader(io.NewSectionReader(f, segHeader, off-segHeader))
+	n := 0
+	var buf []byte
+	for {
+		var err error
+		if buf, _, err = ReadRecord(r, buf); err != nil {
+			return n
+		}
+		n++
+	}
+}
+
 // ensureWritable opens the last segment for appending, starting a new one
 // when there is none or it is full. s.mu is held.
 func (s *Spool[T]) ensureWritable() error {
@@ -364,7 +437,7 @@ func (s *Spool[T]) ensureWritable() error {
 		s.w = f
 		return nil
 	}
-	seq := uint64(1)
+	seq := firstSeq
 	if len(s.segs) > 0 {
 		seq = s.segs[len(s.segs)-1].seq + 1
 	} else if a, _ := s.readAck(); a > 0 {
@@ -567,4 +640,7 @@ func (s *Spool[T]) closeFiles() {
 	}
 }
 
-var _ Overflow[int] = (*Spool[int])(nil)
+var (
+	_ Overflow[int]      = (*Spool[int])(nil)
+	_ FrontOverflow[int] = (*Spool[int])(nil)
+)

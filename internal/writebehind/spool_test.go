@@ -348,3 +348,41 @@ func TestOutageMovesMemoryToTheSpool(t *testing.T) {
 		t.Fatalf("after the crash the spool holds %d items, want 0..100 in order", len(got))
 	}
 }
+
+// A store that hangs before it fails: memory fills and later items
+// overflow first; when the write fails, memory goes to the spool ahead of
+// them, so a crash then loses nothing and the order holds.
+func TestOutageAfterOverflowMovesMemoryAhead(t *testing.T) {
+	dir := t.TempDir()
+	sp := intSpool(t, dir, 1<<20, 0)
+	s := &sink{gate: make(chan struct{})}
+	w, err := writebehind.New(writebehind.Options[int]{Write: s.write, QueueLen: 10, MaxBatch: 4, Overflow: sp,
+		RetryFirst: time.Millisecond, RetryMax: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 100 {
+		if err := w.Add(i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if sp.Len() != 90 {
+		t.Fatalf("spool holds %d, want the 90 that did not fit in memory", sp.Len())
+	}
+	s.down.Store(true)
+	close(s.gate) // the hung write fails now
+	deadline := time.Now().Add(10 * time.Second)
+	for sp.Len() != 100 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	gone, cancel := context.WithCancel(context.Background())
+	cancel()
+	_ = w.Close(gone)
+	sp.Close()
+
+	sp = intSpool(t, dir, 1<<20, 0)
+	defer sp.Close()
+	if got := takeAll(t, sp, 1000); !slices.Equal(got, seq(100)) {
+		t.Fatalf("after the crash the spool holds %d items (%v...), want 0..99 in order", len(got), got[:min(len(got), 12)])
+	}
+}

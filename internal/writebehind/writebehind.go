@@ -24,10 +24,10 @@
 //     Overflow (e.g. a disk spool) and, once something has overflowed, every
 //     later item follows it there until the Overflow is empty, so order is
 //     kept; an item that fits nowhere is dropped, counted, and reported to
-//     Options.OnDrop, so the caller can record the gap. When a write fails
-//     and the Overflow is empty, the items in memory move to it too (for a
-//     Writer that only Add is used on), so a crash during a store outage
-//     loses nothing the Overflow keeps.
+//     Options.OnDrop, so the caller can record the gap. When a write fails,
+//     the items in memory move to the Overflow too, in order (when it is
+//     empty, or is a FrontOverflow; for a Writer that only Add is used on),
+//     so a crash during a store outage loses nothing the Overflow keeps.
 package writebehind
 
 import (
@@ -71,6 +71,14 @@ type Overflow[T any] interface {
 	Ack(n int) error
 	// Len is the number of items held.
 	Len() int
+}
+
+// FrontOverflow is an Overflow that can also hold items ahead of those it
+// holds. With one, a failed write moves the items in memory to it even
+// after others overflowed (they are older), so none waits in memory for
+// the store.
+type FrontOverflow[T any] interface {
+	PutFront(items []T) error
 }
 
 // Options configure a Writer. Write is required.
@@ -573,16 +581,26 @@ func (w *Writer[T]) permanent(err error) bool {
 // errSpill asks writeOne to move the queue to the Overflow.
 var errSpill = errors.New("writebehind: spill to the overflow")
 
-// spillQueue moves every item in memory to the empty Overflow, after a
-// failed write: older than anything added later, which follows them there.
-// It reports whether it did.
+// spillQueue moves every item in memory to the Overflow after a failed
+// write: behind nothing if it is empty (later items follow them there),
+// else ahead of what it holds (FrontOverflow). It reports whether it did.
 func (w *Writer[T]) spillQueue() bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if w.spilling || len(w.queue) == 0 {
-		return false // the Overflow holds newer items: memory goes first
+	if len(w.queue) == 0 {
+		return false
 	}
-	if err := w.o.Overflow.Put(w.queue); err != nil {
+	put := w.o.Overflow.Put
+	if w.spilling {
+		// The Overflow holds newer items: memory goes ahead of them, or
+		// stays (and is written first).
+		fo, ok := w.o.Overflow.(FrontOverflow[T])
+		if !ok {
+			return false
+		}
+		put = fo.PutFront
+	}
+	if err := put(w.queue); err != nil {
 		return false
 	}
 	w.committed += uint64(len(w.queue))
