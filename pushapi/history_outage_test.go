@@ -279,3 +279,40 @@ func TestHistorySpoolFullIsCountedAndShownAsAGap(t *testing.T) {
 		t.Fatalf("gaps %v before the outage", p.Gaps)
 	}
 }
+
+// A graceful shutdown while the store hangs ends within
+// history.flush_timeout, and what it could not write is in the spool: the
+// next broker on the same data directory writes it, each message once.
+func TestHistoryShutdownIsBoundedAndKeepsTheRest(t *testing.T) {
+	st := storetest.Open(t)
+	bst, px, _ := proxiedStore(t, st)
+	dir := t.TempDir()
+	opts := func(o *broker.Options) {
+		historyOn(t)(o)
+		o.DataDir = dir
+		o.History.FlushTimeout = time.Second
+	}
+	b := startBroker(t, "b0", "", bst, opts)
+	const n = 300
+	// The store accepts connections but answers nothing.
+	px.Hold(testutil.FromTarget)
+	publishRun(t, b.Addr(broker.ListenerTCP), "chat/bye", n)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	start := time.Now()
+	if err := b.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if el := time.Since(start); el > 10*time.Second {
+		t.Fatalf("shutdown took %v with history.flush_timeout 1s", el)
+	}
+	px.Cut() // releases what was held, and the hung inserts fail
+
+	b2 := startBroker(t, "b0", "", st, opts)
+	waitWritten(t, b2, n)
+	msgs := storedNewestFirst(t, st, "chat/bye")
+	if len(msgs) != n {
+		t.Fatalf("%d stored, want %d", len(msgs), n)
+	}
+	checkOrder(t, msgs, 4, n/4)
+}
