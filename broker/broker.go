@@ -144,7 +144,7 @@ func New(opts Options) (*Broker, error) {
 	}
 	b := &Broker{cfg: cfg, opts: opts, log: log.With("component", "broker", "node", cfg.NodeName), reg: reg, addrs: map[string]string{}}
 	b.drain = &drainer{b: b}
-	if opts.Store != nil {
+	if opts.Store != nil && len(opts.History.TopicList()) > 0 {
 		if err := opts.History.Validate(); err != nil {
 			return nil, err
 		}
