@@ -409,8 +409,7 @@ func (h *History) flushGaps(ctx context.Context) {
 		gaps = append(gaps, *g)
 	}
 	h.gmu.Unlock()
-	// Gaps are written only once the backlog before them is: their range
-	// then lies among stored messages (and the store answers).
+	// Tried every second; it succeeds once the store answers again.
 	ctx2, cancel := context.WithTimeout(ctx, 5*time.Second)
 	err := h.o.Store.InsertHistoryGaps(ctx2, gaps)
 	cancel()
