@@ -20,6 +20,7 @@ import (
 	"math"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -84,6 +85,12 @@ type Options struct {
 	// Groups configures the group membership cache; zero values mean the
 	// defaults.
 	Groups config.Groups
+	// History configures message history, captured with a Store
+	// (docs/history.md); empty Topics disables it.
+	History config.History
+	// DataDir is the node's directory for local state: the history spool
+	// goes in DataDir/history. "" keeps history in memory only.
+	DataDir string
 }
 
 // Broker is one MQTT broker node.
@@ -98,6 +105,7 @@ type Broker struct {
 	drain   *drainer
 	devices *devicesHook        // nil without a store
 	groups  *plugins.GroupCache // nil without a store
+	history *plugins.History    // nil without a store or history topics
 	// incarnation tells this process's connections from an earlier one's
 	// with the same node name (presence records).
 	incarnation uint64
@@ -146,6 +154,11 @@ func New(opts Options) (*Broker, error) {
 	}
 	b := &Broker{cfg: cfg, opts: opts, log: log.With("component", "broker", "node", cfg.NodeName), reg: reg, addrs: map[string]string{}}
 	b.drain = &drainer{b: b}
+	if opts.Store != nil && len(opts.History.TopicList()) > 0 {
+		if err := opts.History.Validate(); err != nil {
+			return nil, err
+		}
+	}
 	var seed [8]byte
 	_, _ = rand.Read(seed[:])
 	b.incarnation = binary.LittleEndian.Uint64(seed[:])
@@ -203,8 +216,31 @@ func New(opts Options) (*Broker, error) {
 	if err != nil {
 		return nil, err
 	}
+	service := func(*mqtt.Client) bool { return false }
 	for _, h := range authHooks {
 		if err := b.mq.AddHook(h, nil); err != nil {
+			return nil, err
+		}
+		if a, ok := h.(*plugins.AuthHook); ok {
+			service = a.IsService
+		}
+	}
+	if opts.Store != nil {
+		spool := ""
+		if opts.DataDir != "" {
+			spool = filepath.Join(opts.DataDir, "history")
+		}
+		b.history, err = plugins.NewHistory(plugins.HistoryOptions{
+			Config: opts.History, Node: cfg.NodeName, Store: opts.Store, SpoolDir: spool, Service: service,
+			Logger: log.With("node", cfg.NodeName), Registerer: reg,
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+	if b.history != nil {
+		// Before the cluster hook: a message is forwarded with its id.
+		if err := b.mq.AddHook(b.history.StampHook(), nil); err != nil {
 			return nil, err
 		}
 	}
@@ -221,6 +257,12 @@ func New(opts Options) (*Broker, error) {
 		b.mq.Options.FlowControl.PeerMaxWait = b.cluster.peerMaxWait()
 		b.mq.Topics.OnRoute = b.cluster.onRoute
 		if err := b.mq.AddHook(b.cluster, nil); err != nil {
+			return nil, err
+		}
+	}
+	if b.history != nil {
+		// Last: it captures a message once every other hook accepted it.
+		if err := b.mq.AddHook(b.history.CaptureHook(), nil); err != nil {
 			return nil, err
 		}
 	}
@@ -300,6 +342,16 @@ func (b *Broker) Start(ctx context.Context) (err error) {
 		return err
 	}
 
+	if b.history != nil {
+		if err := b.history.Start(); err != nil {
+			return err
+		}
+		defer func() {
+			if err != nil {
+				_ = b.history.Close(context.Background())
+			}
+		}()
+	}
 	if b.cluster != nil {
 		if err := b.cluster.start(ctx); err != nil {
 			return err
@@ -453,6 +505,13 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			if b.devices != nil {
 				<-b.devices.done
 			}
+			// Captured history reaches the store (history.flush_timeout);
+			// what does not stays in the spool for the next start.
+			if b.history != nil {
+				if err := b.history.Close(ctx); err != nil {
+					b.log.Warn("history not all written at shutdown", "err", err)
+				}
+			}
 			// 4. Peers acknowledge what was forwarded to them (bounded, so
 			// the messages acknowledged to publishers here are delivered),
 			// then links and gossip close; what a peer still has not
@@ -555,6 +614,8 @@ type Stats struct {
 	Cluster *ClusterStats `json:"cluster,omitempty"`
 	// Store is nil without a store.
 	Store *StoreStats `json:"store,omitempty"`
+	// History is nil without history capture (docs/history.md).
+	History *plugins.HistoryStats `json:"history,omitempty"`
 }
 
 // BackpressureStats count the pacing of publishers by subscribers that do
@@ -648,6 +709,10 @@ func (b *Broker) Stats() Stats {
 	if b.groups != nil {
 		gs := b.groups.Stats()
 		s.Groups = &gs
+	}
+	if b.history != nil {
+		hs := b.history.Stats()
+		s.History = &hs
 	}
 	s.MessagesDropped = maps.Clone(s.DroppedByReason[dropReasonNames[dropQueueFull]])
 	for _, r := range []dropReason{dropSessionFull, dropPacketIDs} {

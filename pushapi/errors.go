@@ -59,7 +59,7 @@ var ErrorCodes = []ErrorCode{
 	{CodeBadCursor, http.StatusBadRequest, "The cursor was not returned by a previous page."},
 	{CodeBadParameter, http.StatusBadRequest, "A query parameter is not valid, e.g. limit outside 1-1000."},
 	{CodeUnauthorized, http.StatusUnauthorized, "No Authorization header, or not a valid API key."},
-	{CodeNotFound, http.StatusNotFound, "No such endpoint, device, push subscription or group."},
+	{CodeNotFound, http.StatusNotFound, "No such endpoint, device, push subscription, group or stored message."},
 	{CodeNotConnected, http.StatusNotFound, "The device is known but not connected now."},
 	{CodeMethodNotAllowed, http.StatusMethodNotAllowed, "The endpoint exists but not with this method; see the Allow header."},
 	{CodeBodyTooLarge, http.StatusRequestEntityTooLarge, "The request body is larger than pushapi.max_body."},

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/eclipse/paho.golang/paho"
+	"github.com/oklog/ulid/v2"
 
 	"github.com/rtm-dev/rtm/broker"
 	"github.com/rtm-dev/rtm/internal/cluster"
@@ -370,3 +371,19 @@ func waitRoutes(t testing.TB, b *broker.Broker, peer string, n int) {
 func ptr[T any](v T) *T { return &v }
 
 func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }
+
+// seedHistory stores one message per payload on topic, as a broker's
+// history capture would, oldest first.
+func seedHistory(t testing.TB, st *store.Store, topic string, payloads ...[]byte) []store.HistoryMessage {
+	t.Helper()
+	var msgs []store.HistoryMessage
+	for _, p := range payloads {
+		now := time.Now().UTC().Truncate(time.Millisecond)
+		msgs = append(msgs, store.HistoryMessage{ID: ulid.Make().String(), Topic: topic, Payload: p, QoS: 1,
+			Publisher: "seed", Node: "n1", Time: now, User: []store.UserProperty{{Key: "k", Value: "v"}}})
+	}
+	if err := st.InsertHistory(context.Background(), msgs); err != nil {
+		t.Fatal(err)
+	}
+	return msgs
+}

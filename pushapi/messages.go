@@ -149,6 +149,9 @@ func (p *PushAPI) build(topic string, b *MessageBody) (*message, *Error) {
 			if strings.EqualFold(k, userPropMessageID) {
 				return nil, apiErr(CodeInvalidProperties, "properties.user %q is reserved: the push API sets it to the message id", k)
 			}
+			if strings.EqualFold(k, userPropPublisher) {
+				return nil, apiErr(CodeInvalidProperties, "properties.user %q is reserved: the push API sets it to the API key's name", k)
+			}
 			if why := checkUTF8(k); why != "" {
 				return nil, apiErr(CodeInvalidProperties, "properties.user key %q %s", k, why)
 			}
@@ -188,6 +191,7 @@ func (p *PushAPI) publishError(err error) *Error {
 
 // publishOne publishes m within the publish timeout and answers.
 func (p *PushAPI) publishOne(c echo.Context, m *message) error {
+	withPublisher(c, m.pub)
 	ctx, cancel := context.WithTimeout(c.Request().Context(), p.cfg.PublishTimeout)
 	defer cancel()
 	if err := p.pub.publish(ctx, m); err != nil {
@@ -272,6 +276,7 @@ func (p *PushAPI) postBatch(c echo.Context) error {
 			continue
 		}
 		results[i].Published = &Published{ID: m.id, Topic: m.pub.Topic, QoS: int(m.pub.QoS)}
+		withPublisher(c, m.pub)
 		s, err := p.pub.send(ctx, m)
 		if err != nil {
 			results[i] = BatchResult{Error: p.publishError(err)}

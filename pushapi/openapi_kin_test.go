@@ -139,6 +139,20 @@ func TestOpenAPIDocument(t *testing.T) {
 	check("POST", "/v1/groups/nope/messages", map[string]any{"payload": "x"}, apiKey, 404)
 	check("DELETE", "/v1/groups/g1", nil, apiKey, 503)
 	check("DELETE", "/v1/groups/g1", nil, apiKey, 404)
+	stored := seedHistory(t, st, "push/news", []byte("text"), []byte{0xff, 0})
+	check("POST", "/v1/groups", map[string]any{"id": "hist"}, apiKey, 201)
+	seedHistory(t, st, "groups/hist", []byte("hi"))
+	check("GET", "/v1/history?topic=push/news&limit=1", nil, apiKey, 200)
+	check("GET", "/v1/history?topic=push/news", nil, apiKey, 200)
+	check("GET", "/v1/history?topic=push/news&cursor=x", nil, apiKey, 400)
+	check("GET", "/v1/history?topic=push/news&before=yesterday", nil, apiKey, 400)
+	check("GET", "/v1/history?topic=push/%23", nil, apiKey, 422)
+	check("GET", "/v1/groups/hist/messages?after=2020-01-01T00:00:00Z", nil, apiKey, 200)
+	check("GET", "/v1/groups/nope/messages", nil, apiKey, 404)
+	check("GET", "/v1/messages/"+stored[0].ID, nil, apiKey, 200)
+	check("GET", "/v1/messages/"+stored[1].ID, nil, apiKey, 200)
+	check("GET", "/v1/messages/01ARZ3NDEKTSV4RRFFQ69G5FAV", nil, apiKey, 404)
+	check("GET", "/v1/messages/nope", nil, apiKey, 400)
 
 	for path, item := range doc.Paths.Map() {
 		for method := range item.Operations() {

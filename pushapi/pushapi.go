@@ -96,6 +96,7 @@ type PushAPI struct {
 	issuer   tokenIssuer
 	tokenTTL time.Duration
 	keys     [][sha256.Size]byte // SHA-256 of each API key
+	keyNames []string            // KeyName of each API key
 	e        *echo.Echo
 	pub      *publisher
 	admin    *nodeAdmin
@@ -182,6 +183,7 @@ func New(opts Options) (*PushAPI, error) {
 	}
 	for _, k := range cfg.Keys() {
 		p.keys = append(p.keys, sha256.Sum256([]byte(k)))
+		p.keyNames = append(p.keyNames, KeyName(k))
 	}
 	p.pub = newPublisher(cfg.Name, cfg.PublishTimeout, issuer, log, m)
 	if opts.ServiceTokenTTL > 0 {
@@ -228,6 +230,9 @@ func (p *PushAPI) routes() *echo.Echo {
 	e.PUT("/v1/groups/:id/members/:deviceId", p.putMember, key)
 	e.DELETE("/v1/groups/:id/members/:deviceId", p.deleteMember, key)
 	e.POST("/v1/groups/:id/messages", p.postGroupMessage, key)
+	e.GET("/v1/history", p.getHistory, key)
+	e.GET("/v1/messages/:id", p.getStoredMessage, key)
+	e.GET("/v1/groups/:id/messages", p.getGroupMessages, key)
 	return e
 }
 
@@ -244,14 +249,17 @@ func (p *PushAPI) requireKey(next echo.HandlerFunc) echo.HandlerFunc {
 			return apiErr(CodeUnauthorized, "want the header Authorization: Bearer <API key>")
 		}
 		sum := sha256.Sum256([]byte(strings.TrimSpace(given)))
-		match := 0
+		match, which := 0, 0
 		for i := range p.keys {
-			match |= subtle.ConstantTimeCompare(sum[:], p.keys[i][:])
+			m := subtle.ConstantTimeCompare(sum[:], p.keys[i][:])
+			match |= m
+			which = subtle.ConstantTimeSelect(m, i, which)
 		}
 		if match != 1 {
 			c.Response().Header().Set(echo.HeaderWWWAuthenticate, `Bearer realm="rtm", error="invalid_token"`)
 			return apiErr(CodeUnauthorized, "the API key is not valid")
 		}
+		c.Set(ctxKeyName, p.keyNames[which])
 		return next(c)
 	}
 }

@@ -178,6 +178,8 @@ func (a *App) brokerOptions() broker.Options {
 		Registry: a.opts.Registry,
 		Store:    a.store,
 		Groups:   a.cfg.Groups,
+		History:  a.cfg.History,
+		DataDir:  a.cfg.Data,
 	}
 }
 

@@ -27,6 +27,7 @@ type Config struct {
 	Router   Router   `koanf:"router"`
 	PushAPI  PushAPI  `koanf:"pushapi"`
 	Groups   Groups   `koanf:"groups"`
+	History  History  `koanf:"history"`
 	Watchdog Watchdog `koanf:"watchdog"`
 }
 
@@ -93,6 +94,25 @@ func splitList(s string) []string {
 	}
 	return out
 }
+
+// History configures message history: what brokers capture, how they
+// write it, and how long the store keeps it (docs/history.md).
+type History struct {
+	Topics string `koanf:"topics" doc:"Comma-separated MQTT topic filters whose messages are stored, once, by the broker they were published to (brokers with a store). Empty disables history."`
+	// Retention is SPEC 7's default: 30 days.
+	Retention   time.Duration `koanf:"retention" doc:"How long a stored message is kept: a TTL index where the server has them (MongoDB), and a periodic purge in any case (the embedded store has none)."`
+	BatchSize   int           `koanf:"batch_size" doc:"Most messages written to the store in one insert."`
+	BatchLinger time.Duration `koanf:"batch_linger" doc:"Longest a message waits for its batch to fill before it is written (0: at once; batches still grow while a write is in flight)."`
+	QueueLen    int           `koanf:"queue_len" doc:"Messages held in memory for the store; beyond it they go to the spool file in <data>/history, in order."`
+	// SpoolMaxBytes bounds the disk a store outage may take: 1 GiB is about
+	// a million 1 KB messages.
+	SpoolMaxBytes int           `koanf:"spool_max_bytes" doc:"Bytes the history spool may hold on disk while the store is slow or down. Beyond it messages are not stored (counted, and a gap record says which topics and when)."`
+	FlushTimeout  time.Duration `koanf:"flush_timeout" doc:"How long a graceful shutdown waits for queued history to reach the store; what is left stays in the spool for the next start."`
+	PurgeInterval time.Duration `koanf:"purge_interval" doc:"How often each broker deletes messages older than history.retention."`
+}
+
+// TopicList returns the filters of history.topics.
+func (h History) TopicList() []string { return splitList(h.Topics) }
 
 // Broker configures one MQTT broker node.
 type Broker struct {
@@ -307,6 +327,16 @@ func Defaults() Config {
 				HistoryBacklog: Rule{Threshold: 10000, For: time.Minute, Severity: "warning"},
 				LoadImbalance:  Rule{Threshold: 3, For: 5 * time.Minute, Severity: "info"},
 			},
+		},
+		History: History{
+			Topics:        "groups/#,push/#,devices/+/inbox",
+			Retention:     30 * 24 * time.Hour,
+			BatchSize:     256,
+			BatchLinger:   10 * time.Millisecond,
+			QueueLen:      10000,
+			SpoolMaxBytes: 1 << 30,
+			FlushTimeout:  5 * time.Second,
+			PurgeInterval: time.Hour,
 		},
 	}
 }

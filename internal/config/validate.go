@@ -39,6 +39,7 @@ func (c Config) Validate() error {
 	c.PushAPI.check(v)
 	c.Groups.check(v)
 	c.Watchdog.check(v)
+	c.History.check(v)
 	return v.err()
 }
 
@@ -100,6 +101,55 @@ func (w Watchdog) check(v *validator) {
 	if w.Rules.NodeDown.Action == "drain" || w.Rules.ClusterSize.Action == "drain" || w.Rules.LoadImbalance.Action == "drain" {
 		v.bad("watchdog.rules", "action: drain", "drain applies to a sick node that is alive: not to node_down, cluster_size_below or load_imbalance")
 	}
+}
+
+
+// Validate reports every invalid value of the history section.
+func (h History) Validate() error {
+	v := &validator{}
+	h.check(v)
+	return v.err()
+}
+
+func (h History) check(v *validator) {
+	for _, f := range h.TopicList() {
+		if !validFilter(f) {
+			v.bad("history.topics", f, "not an MQTT topic filter ('+' and '#' only as whole levels, '#' last)")
+		}
+	}
+	if h.Retention < time.Minute {
+		v.bad("history.retention", h.Retention.String(), "must be at least 1m")
+	}
+	v.between("history.batch_size", h.BatchSize, 1, 10000)
+	v.between("history.queue_len", h.QueueLen, 1, 10_000_000)
+	if h.SpoolMaxBytes < 0 {
+		v.bad("history.spool_max_bytes", h.SpoolMaxBytes, "must not be negative (0 disables the spool)")
+	}
+	v.nonNegative("history.batch_linger", h.BatchLinger)
+	if h.BatchLinger > time.Second {
+		v.bad("history.batch_linger", h.BatchLinger.String(), "must be at most 1s")
+	}
+	v.nonNegative("history.flush_timeout", h.FlushTimeout)
+	if h.PurgeInterval < time.Second {
+		v.bad("history.purge_interval", h.PurgeInterval.String(), "must be at least 1s")
+	}
+}
+
+// validFilter reports whether f is an MQTT topic filter.
+func validFilter(f string) bool {
+	if f == "" {
+		return false
+	}
+	levels := strings.Split(f, "/")
+	for i, l := range levels {
+		if strings.Contains(l, "#") && (l != "#" || i != len(levels)-1) {
+			return false
+		}
+		if strings.Contains(l, "+") && l != "+" {
+			return false
+		}
+	}
+	return true
 }
 
 // Validate reports every invalid value of the router section.

@@ -18,7 +18,8 @@ const (
 	CollPushSubscriptions = "push_subscriptions" // which device receives which push channel
 	CollGroups            = "groups"             // named device groups
 	CollGroupMembers      = "group_members"      // one document per device in a group
-	CollHistory           = "history"            // retained message history per topic
+	CollHistory           = "history"            // every message on a history topic, by id (docs/history.md)
+	CollHistoryGaps       = "history_gaps"       // messages history could not store: when, which filter, how many
 	CollAlerts            = "alerts"             // watchdog alerts
 )
 
@@ -51,7 +52,8 @@ type index struct {
 // indexes lists every index rtm needs. Add new ones here; never change an
 // existing entry in place (servers reject a changed spec under an existing
 // name): add one with a new name instead. TTL indexes do not belong here:
-// FerretDB v1 has none.
+// FerretDB v1 has none, and the history's takes its expiry from the
+// configuration (EnsureHistoryTTL).
 var indexes = []index{
 	{CollDevices, "node_online", bson.D{{Key: "node", Value: 1}, {Key: "online", Value: 1}}, false},
 	{CollPushSubscriptions, "channel_device_unique", bson.D{{Key: "channel", Value: 1}, {Key: "device", Value: 1}}, true},

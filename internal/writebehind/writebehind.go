@@ -24,7 +24,10 @@
 //     Overflow (e.g. a disk spool) and, once something has overflowed, every
 //     later item follows it there until the Overflow is empty, so order is
 //     kept; an item that fits nowhere is dropped, counted, and reported to
-//     Options.OnDrop, so the caller can record the gap.
+//     Options.OnDrop, so the caller can record the gap. When a write fails,
+//     the items in memory move to the Overflow too, in order (when it is
+//     empty, or is a FrontOverflow; for a Writer that only Add is used on),
+//     so a crash during a store outage loses nothing the Overflow keeps.
 package writebehind
 
 import (
@@ -68,6 +71,14 @@ type Overflow[T any] interface {
 	Ack(n int) error
 	// Len is the number of items held.
 	Len() int
+}
+
+// FrontOverflow is an Overflow that can also hold items ahead of those it
+// holds. With one, a failed write moves the items in memory to it even
+// after others overflowed (they are older), so none waits in memory for
+// the store.
+type FrontOverflow[T any] interface {
+	PutFront(items []T) error
 }
 
 // Options configure a Writer. Write is required.
@@ -148,6 +159,7 @@ type Writer[T any] struct {
 	dropped  atomic.Int64
 	failures atomic.Int64
 	up       atomic.Bool
+	putUsed  atomic.Bool // Put was called: items in memory may have tickets
 	lastErr  atomic.Pointer[string]
 	lastDur  atomic.Int64
 
@@ -205,7 +217,9 @@ func New[T any](o Options[T]) (*Writer[T], error) {
 // Ticket settles when its item has been written, or dropped after a
 // permanent error.
 type Ticket struct {
-	w   interface{ wait(context.Context, uint64) error }
+	w interface {
+		wait(context.Context, uint64) error
+	}
 	seq uint64
 }
 
@@ -222,6 +236,7 @@ func (t Ticket) Wait(ctx context.Context) error {
 // items are overflowed, and returns its Ticket. It fails only when ctx ends
 // first or the writer is closed.
 func (w *Writer[T]) Put(ctx context.Context, item T) (Ticket, error) {
+	w.putUsed.Store(true)
 	for {
 		w.mu.Lock()
 		if w.closed {
@@ -489,7 +504,16 @@ func (w *Writer[T]) writeOne() bool {
 		fromOverflow = true
 	}
 
-	err := w.writeWithRetry(batch)
+	// Items only Add queued (no ticket waits on them) go to the Overflow
+	// once the store fails, so a crash during an outage loses none of them.
+	spillable := !fromOverflow && w.o.Overflow != nil && !w.putUsed.Load()
+	err := w.writeWithRetry(batch, spillable)
+	if errors.Is(err, errSpill) {
+		if w.spillQueue() {
+			return true // written from the Overflow, in order
+		}
+		err = w.writeWithRetry(batch, false)
+	}
 	if err != nil && w.ctx.Err() != nil && !w.permanent(err) {
 		return false // closing: what is left is lost or stays in the overflow
 	}
@@ -554,7 +578,39 @@ func (w *Writer[T]) permanent(err error) bool {
 	return w.o.Permanent != nil && w.o.Permanent(err)
 }
 
-func (w *Writer[T]) writeWithRetry(batch []T) error {
+// errSpill asks writeOne to move the queue to the Overflow.
+var errSpill = errors.New("writebehind: spill to the overflow")
+
+// spillQueue moves every item in memory to the Overflow after a failed
+// write: behind nothing if it is empty (later items follow them there),
+// else ahead of what it holds (FrontOverflow). It reports whether it did.
+func (w *Writer[T]) spillQueue() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.queue) == 0 {
+		return false
+	}
+	put := w.o.Overflow.Put
+	if w.spilling {
+		// The Overflow holds newer items: memory goes ahead of them, or
+		// stays (and is written first).
+		fo, ok := w.o.Overflow.(FrontOverflow[T])
+		if !ok {
+			return false
+		}
+		put = fo.PutFront
+	}
+	if err := put(w.queue); err != nil {
+		return false
+	}
+	w.committed += uint64(len(w.queue))
+	w.queue = nil
+	w.spilling = true
+	w.broadcastLocked()
+	return true
+}
+
+func (w *Writer[T]) writeWithRetry(batch []T, spillable bool) error {
 	b := backoff.NewExponentialBackOff()
 	b.InitialInterval = w.o.RetryFirst
 	b.MaxInterval = w.o.RetryMax
@@ -579,6 +635,9 @@ func (w *Writer[T]) writeWithRetry(batch []T) error {
 		}
 		if w.up.Swap(false) {
 			w.log.Warn("store write failed; retrying with backoff", "items", len(batch), "err", err)
+		}
+		if spillable {
+			return errSpill
 		}
 		t := time.NewTimer(b.NextBackOff())
 		select {

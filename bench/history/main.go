@@ -1,0 +1,397 @@
+// Command history measures message history on the embedded store, each
+// figure against a peer measured in the same run, in alternating rounds:
+//
+//	go run ./bench/history [-rounds 5] [-publish 20000] [-ingest 20000] [-page-sizes 10000,100000]
+//
+//   - capture: QoS 1 publish throughput (16 clients, 64-byte payloads, no
+//     subscriber) of a broker that captures every message into history,
+//     against one that captures none; both in this process, on one
+//     embedded store, run one after the other, the first alternating.
+//   - ingest: messages per second written to the store through history's
+//     writer (writebehind group commit, InsertHistory) against a loop of
+//     raw InsertMany calls of 256 documents, on a fresh database each run.
+//   - pages: latency of GET /v1/history's query (a page of 50, newest
+//     first, from the first page and from random cursors) on a topic
+//     holding a tenth of the collection, for each collection size; and the
+//     server's explain of it.
+//
+// It prints Markdown to stdout and progress to stderr.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+	"github.com/oklog/ulid/v2"
+	"go.mongodb.org/mongo-driver/v2/bson"
+	"go.mongodb.org/mongo-driver/v2/mongo/options"
+
+	"github.com/rtm-dev/rtm/bench/internal/benchkit"
+	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/config"
+	"github.com/rtm-dev/rtm/internal/obs"
+	"github.com/rtm-dev/rtm/internal/store"
+	"github.com/rtm-dev/rtm/internal/writebehind"
+)
+
+func main() {
+	rounds := flag.Int("rounds", 5, "rounds of each comparison")
+	publish := flag.Int("publish", 20000, "messages per publish run")
+	ingest := flag.Int("ingest", 20000, "messages per ingest run")
+	pageSizes := flag.String("page-sizes", "10000,100000", "collection sizes for the page latency (the topic holds a tenth)")
+	pages := flag.Int("pages", 20, "pages timed per collection size")
+	only := flag.String("only", "capture,ingest,pages", "measurements to run")
+	flag.Parse()
+	if err := run(*rounds, *publish, *ingest, *pageSizes, *pages, *only); err != nil {
+		fmt.Fprintln(os.Stderr, "history bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(rounds, publish, ingest int, pageSizes string, pages int, only string) error {
+	ctx := context.Background()
+	dir, err := os.MkdirTemp("", "rtm-bench-history-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	benchkit.Logf("starting the embedded store in %s", dir)
+	e, err := store.StartEmbedded(ctx, store.EmbeddedOptions{DataDir: dir + "/store"})
+	if err != nil {
+		return err
+	}
+	defer e.Close(context.Background())
+	fmt.Printf("## History (embedded store, %d rounds, medians)\n\n", rounds)
+	if strings.Contains(only, "capture") {
+		if err := benchCapture(ctx, e.URI(), dir, rounds, publish); err != nil {
+			return err
+		}
+	}
+	if strings.Contains(only, "ingest") {
+		if err := benchIngest(ctx, e.URI(), rounds, ingest); err != nil {
+			return err
+		}
+	}
+	if strings.Contains(only, "pages") {
+		for _, s := range strings.Split(pageSizes, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(s))
+			if err != nil {
+				return err
+			}
+			if err := benchPages(ctx, e.URI(), n, pages); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func open(ctx context.Context, uri, db string) (*store.Store, error) {
+	return store.Open(ctx, store.Options{URI: uri, Database: db})
+}
+
+func median(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+// benchCapture: publish throughput with history capture on and off.
+func benchCapture(ctx context.Context, uri, dir string, rounds, n int) error {
+	st, err := open(ctx, uri, "bench_capture")
+	if err != nil {
+		return err
+	}
+	defer st.Close(ctx)
+	start := func(name, topics string) (*broker.Broker, error) {
+		cfg := config.Defaults().Broker
+		cfg.NodeName, cfg.MQTTAddr, cfg.WSAddr, cfg.AdminAddr = name, "127.0.0.1:0", "", "127.0.0.1:0"
+		cfg.MaxInflight, cfg.MaxQueued = 65535, 65535
+		h := config.Defaults().History
+		h.Topics = topics
+		b, err := broker.New(broker.Options{Config: cfg, Auth: config.Auth{Devices: "anonymous"}, Store: st,
+			History: h, DataDir: dir + "/" + name, Logger: obs.Discard(), Version: "bench"})
+		if err != nil {
+			return nil, err
+		}
+		return b, b.Start(ctx)
+	}
+	on, err := start("on", "bench/#")
+	if err != nil {
+		return err
+	}
+	defer on.Shutdown(context.Background())
+	off, err := start("off", "")
+	if err != nil {
+		return err
+	}
+	defer off.Shutdown(context.Background())
+	var rOn, rOff []float64
+	measure := func(b *broker.Broker) (float64, error) {
+		r, err := publishRate(ctx, b.Addr(broker.ListenerTCP), b.Name(), n)
+		if err != nil {
+			return 0, err
+		}
+		if b == on {
+			// The next run starts with history written: its store writes
+			// belong to this run.
+			wctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+			defer cancel()
+			for b.Stats().History.Queued > 0 || b.Stats().History.SpoolMessages > 0 {
+				select {
+				case <-wctx.Done():
+					return 0, wctx.Err()
+				case <-time.After(20 * time.Millisecond):
+				}
+			}
+		}
+		return r, nil
+	}
+	for i := range rounds {
+		order := []*broker.Broker{on, off}
+		if i%2 == 1 {
+			order = []*broker.Broker{off, on}
+		}
+		for _, b := range order {
+			r, err := measure(b)
+			if err != nil {
+				return err
+			}
+			if b == on {
+				rOn = append(rOn, r)
+			} else {
+				rOff = append(rOff, r)
+			}
+			benchkit.Logf("capture round %d: %s %.0f msg/s", i+1, b.Name(), r)
+		}
+	}
+	h := on.Stats().History
+	fmt.Printf("### Publish throughput, capture on vs off\n\n")
+	fmt.Printf("QoS 1, 16 publishers, %d messages a run, 64-byte payloads, no subscriber.\n\n", n)
+	fmt.Printf("| capture | msg/s (median) | runs |\n| --- | --- | --- |\n")
+	fmt.Printf("| on (every message stored) | %.0f | %s |\n", median(rOn), fmtRuns(rOn))
+	fmt.Printf("| off | %.0f | %s |\n\n", median(rOff), fmtRuns(rOff))
+	fmt.Printf("Ratio on/off: **%.2f** (target ≥ 0.9). Captured %d, written %d, dropped %d.\n\n", median(rOn)/median(rOff), h.Captured, h.Written, h.Dropped)
+	return nil
+}
+
+func fmtRuns(v []float64) string {
+	var s []string
+	for _, x := range v {
+		s = append(s, fmt.Sprintf("%.0f", x))
+	}
+	return strings.Join(s, ", ")
+}
+
+// publishRate publishes n QoS 1 messages from 16 clients (each keeping up
+// to 64 in flight) and returns messages per second.
+func publishRate(ctx context.Context, addr, tag string, n int) (float64, error) {
+	const clients, window = 16, 64
+	var cs []*paho.Client
+	for i := range clients {
+		c, _, err := benchkit.Dial(ctx, addr, benchkit.Options{ID: fmt.Sprintf("%s-%d-%d", tag, i, rand.Uint32()), ReceiveMax: 16})
+		if err != nil {
+			return 0, err
+		}
+		cs = append(cs, c)
+	}
+	defer func() {
+		for _, c := range cs {
+			benchkit.HangUp(c)
+		}
+	}()
+	payload := make([]byte, 64)
+	var wg sync.WaitGroup
+	errs := make(chan error, clients)
+	t0 := time.Now()
+	for _, c := range cs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			sem := make(chan struct{}, window)
+			var inner sync.WaitGroup
+			for range n / clients {
+				sem <- struct{}{}
+				inner.Add(1)
+				go func() {
+					defer inner.Done()
+					defer func() { <-sem }()
+					pctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+					defer cancel()
+					if _, err := c.Publish(pctx, &paho.Publish{Topic: "bench/t", QoS: 1, Payload: payload}); err != nil {
+						select {
+						case errs <- err:
+						default:
+						}
+					}
+				}()
+			}
+			inner.Wait()
+		}()
+	}
+	wg.Wait()
+	el := time.Since(t0)
+	close(errs)
+	if err := <-errs; err != nil {
+		return 0, err
+	}
+	return float64(n/clients*clients) / el.Seconds(), nil
+}
+
+func histMsgs(n int, topic func(i int) string) []store.HistoryMessage {
+	out := make([]store.HistoryMessage, n)
+	now := time.Now().UTC().Truncate(time.Millisecond)
+	payload := make([]byte, 64)
+	for i := range out {
+		out[i] = store.HistoryMessage{ID: ulid.Make().String(), Topic: topic(i), Payload: payload, QoS: 1,
+			Publisher: "bench", Node: "b0", Time: now}
+	}
+	return out
+}
+
+// benchIngest: history's writer against a raw InsertMany loop.
+func benchIngest(ctx context.Context, uri string, rounds, n int) error {
+	topic := func(i int) string { return fmt.Sprintf("devices/d%d/inbox", i%1000) }
+	raw := func(run int) (float64, error) {
+		st, err := open(ctx, uri, fmt.Sprintf("bench_raw_%d", run))
+		if err != nil {
+			return 0, err
+		}
+		defer func() { _ = st.DB().Drop(ctx); _ = st.Close(ctx) }()
+		msgs := histMsgs(n, topic)
+		coll := st.DB().Collection(store.CollHistory)
+		t0 := time.Now()
+		for i := 0; i < n; i += 256 {
+			docs := make([]any, 0, 256)
+			for j := i; j < min(i+256, n); j++ {
+				docs = append(docs, &msgs[j])
+			}
+			if _, err := coll.InsertMany(ctx, docs, options.InsertMany().SetOrdered(false)); err != nil {
+				return 0, err
+			}
+		}
+		return float64(n) / time.Since(t0).Seconds(), nil
+	}
+	writer := func(run int) (float64, error) {
+		st, err := open(ctx, uri, fmt.Sprintf("bench_writer_%d", run))
+		if err != nil {
+			return 0, err
+		}
+		defer func() { _ = st.DB().Drop(ctx); _ = st.Close(ctx) }()
+		msgs := histMsgs(n, topic)
+		h := config.Defaults().History
+		w, err := writebehind.New(writebehind.Options[store.HistoryMessage]{Name: "history", Write: st.InsertHistory,
+			MaxBatch: h.BatchSize, Linger: h.BatchLinger, QueueLen: n})
+		if err != nil {
+			return 0, err
+		}
+		defer w.Close(ctx)
+		t0 := time.Now()
+		for _, m := range msgs {
+			if err := w.Add(m); err != nil {
+				return 0, err
+			}
+		}
+		if err := w.Flush(ctx); err != nil {
+			return 0, err
+		}
+		return float64(n) / time.Since(t0).Seconds(), nil
+	}
+	var rRaw, rW []float64
+	for i := range rounds {
+		type runner struct {
+			f   func(int) (float64, error)
+			out *[]float64
+		}
+		rs := []runner{{raw, &rRaw}, {writer, &rW}}
+		if i%2 == 1 {
+			rs[0], rs[1] = rs[1], rs[0]
+		}
+		for _, r := range rs {
+			v, err := r.f(i)
+			if err != nil {
+				return err
+			}
+			*r.out = append(*r.out, v)
+		}
+		benchkit.Logf("ingest round %d: raw %.0f, writer %.0f msg/s", i+1, rRaw[len(rRaw)-1], rW[len(rW)-1])
+	}
+	fmt.Printf("### History ingest: the writer vs raw InsertMany\n\n")
+	fmt.Printf("%d messages a run (64-byte payloads, 1,000 topics), a fresh database each run with history's indexes.\n\n", n)
+	fmt.Printf("| writer | msg/s (median) | runs |\n| --- | --- | --- |\n")
+	fmt.Printf("| history (writebehind, batches of %d) | %.0f | %s |\n", config.Defaults().History.BatchSize, median(rW), fmtRuns(rW))
+	fmt.Printf("| raw InsertMany loop, 256 a call | %.0f | %s |\n\n", median(rRaw), fmtRuns(rRaw))
+	fmt.Printf("Ratio writer/raw: **%.2f** (target ≥ 0.8).\n\n", median(rW)/median(rRaw))
+	return nil
+}
+
+// benchPages: page latency on a topic holding a tenth of the collection.
+func benchPages(ctx context.Context, uri string, total, pages int) error {
+	st, err := open(ctx, uri, fmt.Sprintf("bench_pages_%d", total))
+	if err != nil {
+		return err
+	}
+	defer func() { _ = st.DB().Drop(ctx); _ = st.Close(ctx) }()
+	benchkit.Logf("pages: loading %d messages", total)
+	t0 := time.Now()
+	var ids []string // of the topic, oldest first
+	for i := 0; i < total; i += 1000 {
+		msgs := histMsgs(min(1000, total-i), func(j int) string {
+			if (i+j)%10 == 0 {
+				return "push/hot"
+			}
+			return fmt.Sprintf("push/c%d", (i+j)%97)
+		})
+		for _, m := range msgs {
+			if m.Topic == "push/hot" {
+				ids = append(ids, m.ID)
+			}
+		}
+		if err := st.InsertHistory(ctx, msgs); err != nil {
+			return err
+		}
+	}
+	load := time.Since(t0)
+	var lats []time.Duration
+	for i := range pages {
+		q := store.HistoryQuery{Topic: "push/hot", Limit: 50}
+		if i > 0 {
+			q.Before = ids[rand.IntN(len(ids))]
+		}
+		s := time.Now()
+		got, err := st.History(ctx, q)
+		if err != nil {
+			return err
+		}
+		lats = append(lats, time.Since(s))
+		if len(got) == 0 {
+			return fmt.Errorf("empty page")
+		}
+	}
+	slices.Sort(lats)
+	var explain bson.M
+	_ = st.DB().RunCommand(ctx, bson.D{{Key: "explain", Value: bson.D{{Key: "find", Value: store.CollHistory},
+		{Key: "filter", Value: store.HistoryFilter(store.HistoryQuery{Topic: "push/hot", Before: ids[len(ids)/2]})},
+		{Key: "sort", Value: bson.D{{Key: "_id", Value: -1}}}, {Key: "limit", Value: 50}}}}).Decode(&explain)
+	plan := fmt.Sprintf("filterPushdown=%v sortPushdown=%v", explain["filterPushdown"], explain["sortPushdown"])
+	if qp, ok := explain["queryPlanner"].(bson.M); ok {
+		if wp, ok := qp["winningPlan"]; ok {
+			plan = fmt.Sprint(wp)
+		}
+	}
+	fmt.Printf("### Page latency: %d messages, the topic holds %d\n\n", total, len(ids))
+	fmt.Printf("A page of 50, newest first; the first page, then %d pages from random cursors. Loading took %v.\n\n", pages-1, load.Round(time.Millisecond))
+	fmt.Printf("| p50 | p99 | max |\n| --- | --- | --- |\n| %v | %v | %v |\n\n",
+		lats[len(lats)/2].Round(time.Millisecond), lats[len(lats)*99/100].Round(time.Millisecond), lats[len(lats)-1].Round(time.Millisecond))
+	fmt.Printf("Server's explain: `%s`.\n\n", plan)
+	return nil
+}
