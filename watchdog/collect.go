@@ -201,9 +201,12 @@ func convert(s brokerStats, now time.Time, prev *sample) (NodeStats, sample) {
 		ns.StoreUp = true // no store configured: nothing unreachable
 	}
 	if s.History != nil {
-		q, okQ := historyNumber(s.History, "queue_depth", "queue", "queued", "queue_len", "pending")
-		sp, okS := historyNumber(s.History, "spool_bytes", "spool")
-		ns.HistoryQueue, ns.HistorySpool, ns.hasHistory = q, sp, okQ || okS
+		// The backlog is what the store has not taken yet: the memory
+		// queue and, while the store is slow or down, the spool.
+		q, okQ := historyNumber(s.History, "queued")
+		n, okN := historyNumber(s.History, "spool_messages")
+		sp, okS := historyNumber(s.History, "spool_bytes")
+		ns.HistoryQueue, ns.HistorySpool, ns.hasHistory = q+n, sp, okQ || okN || okS
 	}
 	return ns, cur
 }
