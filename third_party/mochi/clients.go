@@ -19,6 +19,7 @@ import (
 
 	"github.com/rs/xid"
 
+	"github.com/mochi-mqtt/server/v2/mempool"
 	"github.com/mochi-mqtt/server/v2/packets"
 )
 
@@ -141,6 +142,7 @@ type ClientConnection struct {
 	Conn     net.Conn      // the net.Conn used to establish the connection
 	bconn    *bufio.Reader // a buffered net.Conn for reading packets
 	outbuf   *bytes.Buffer // a buffer for writing packets
+	holding  atomic.Bool   // rtm patch 70: the reader holds writes back, more of its input is buffered
 	Remote   string        // the remote address of the client
 	Listener string        // listener id of the client
 	Inline   bool          // if true, the client is the built-in 'inline' embedded client
@@ -464,6 +466,7 @@ func (cl *Client) Read(packetHandler ReadFn) (err error) {
 			err = cl.recoverPanic(r)
 		}
 	}()
+	defer cl.holdWrites(false) // rtm patch 70: whatever ends the loop, held writes go out
 
 	for {
 		if cl.Closed() {
@@ -497,13 +500,26 @@ func (cl *Client) readAndHandle(fh *packets.FixedHeader, packetHandler ReadFn) e
 		return err
 	}
 
+	// rtm patch 70: while the next packet is already read in full, what handling
+	// this one writes (a PUBACK) is held and goes out with the next
+	// packet's, in one write; the last packet of a burst releases them all,
+	// with its own.
+	hold := cl.nextPacketBuffered()
+	if hold {
+		cl.holdWrites(true)
+	}
+
 	if cl.Closed() {
 		// rtm patch: stopped meanwhile; its connection may be draining (see
 		// stopAfterDrain), so it can still deliver packets: ignore them.
 		return nil
 	}
 
-	return packetHandler(cl, pk) // Process inbound packet.
+	err = packetHandler(cl, pk) // Process inbound packet.
+	if !hold {
+		cl.holdWrites(false) // rtm patch 70
+	}
+	return err
 }
 
 // Stop instructs the client to shut down all processing goroutines and disconnect.
@@ -713,7 +729,8 @@ func (cl *Client) WritePacket(pk packets.Packet) error {
 	pk = cl.ops.hooks.OnPacketEncode(cl, pk)
 
 	var err error
-	buf := new(bytes.Buffer)
+	buf := writeBufPool.Get() // rtm patch 70: was new(bytes.Buffer) per packet
+	defer writeBufPool.Put(buf)
 	switch pk.FixedHeader.Type {
 	case packets.Connect:
 		err = pk.ConnectEncode(buf)
@@ -760,7 +777,8 @@ func (cl *Client) WritePacket(pk packets.Packet) error {
 	n, err := func() (int64, error) {
 		cl.Lock()
 		defer cl.Unlock()
-		if cl.State.outbound.len() == 0 { // rtm patch: was len(chan)
+		// rtm patch: was len(chan); rtm patch 70: and the reader's held writes
+		if cl.State.outbound.len() == 0 && !cl.Net.holding.Load() {
 			if cl.Net.outbuf == nil {
 				return buf.WriteTo(cl.Net.Conn)
 			}
@@ -776,7 +794,7 @@ func (cl *Client) WritePacket(pk packets.Packet) error {
 			if buf.Len() >= cl.ops.options.ClientNetWriteBufferSize {
 				return buf.WriteTo(cl.Net.Conn)
 			}
-			cl.Net.outbuf = new(bytes.Buffer)
+			cl.Net.outbuf = writeBufPool.Get() // rtm patch 70: was new(bytes.Buffer) per burst
 		}
 
 		n, _ := cl.Net.outbuf.Write(buf.Bytes()) // will always be successful
@@ -839,7 +857,75 @@ func (cl *Client) flushOutbuf() (err error) {
 
 	_, err = cl.Net.outbuf.WriteTo(cl.Net.Conn)
 	if err == nil {
+		writeBufPool.Put(cl.Net.outbuf) // rtm patch 70
 		cl.Net.outbuf = nil
 	}
 	return
+}
+
+// writeBufPool holds the buffers packets are encoded into and the buffers
+// that collect a burst of packets for one write. Buffers larger than 64 KiB
+// (a large message) are left to the GC.
+// rtm patch 70: v2.7.9 allocated both per packet (or per burst), and grew
+// them from empty.
+var writeBufPool = mempool.NewBuffer(64 * 1024)
+
+// holdWrites sets whether the client's read loop holds back the writes to
+// the client (WritePacket then collects them in outbuf); releasing writes
+// out what was held, unless queued packets follow (their writer flushes).
+//
+// rtm patch 70: v2.7.9 wrote every acknowledgement with a write(2) of its
+// own, from the read goroutine: a publisher that sends a burst of QoS 1
+// messages got one write per PUBACK. The read loop now holds the writes
+// while the next packet is already buffered, so a burst is answered with
+// one write. Writes are held only while the whole next packet is buffered,
+// so the loop never waits for the network with writes held; code that
+// blocks the read goroutine otherwise (a flow-control wait, a hook waiting
+// for a store) should call FlushHeld first, or the acknowledgements of the
+// burst's earlier packets wait with it.
+func (cl *Client) holdWrites(hold bool) {
+	if hold {
+		cl.Net.holding.Store(true)
+		return
+	}
+	if cl.Net.holding.Swap(false) {
+		cl.Lock()
+		defer cl.Unlock()
+		if cl.State.outbound.len() == 0 {
+			_ = cl.flushOutbuf() // an error is the connection's: the next write or read returns it
+		}
+	}
+}
+
+// nextPacketBuffered reports whether the read buffer holds the whole next
+// packet, so reading and handling it will not wait for the network.
+// rtm patch 70.
+func (cl *Client) nextPacketBuffered() bool {
+	r := cl.Net.bconn
+	if r == nil {
+		return false
+	}
+	n := r.Buffered()
+	if n < 2 {
+		return false
+	}
+	b, _ := r.Peek(min(n, 5)) // never blocks: at most Buffered bytes
+	rem, shift := 0, 0
+	for i := 1; i < len(b); i++ { // b[0] is the type; then the remaining length
+		rem |= int(b[i]&0x7f) << shift
+		if b[i]&0x80 == 0 {
+			return n >= i+1+rem
+		}
+		shift += 7
+	}
+	return false
+}
+
+// FlushHeld writes out the writes the client's read loop holds back (see
+// holdWrites); call it from the read goroutine before blocking it.
+// rtm patch 70.
+func (cl *Client) FlushHeld() {
+	if cl.Net.holding.Load() {
+		cl.holdWrites(false)
+	}
 }

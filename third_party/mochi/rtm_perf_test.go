@@ -1,0 +1,154 @@
+// SPDX-License-Identifier: MIT
+// rtm patches 70-72: writes and allocations per message, see PATCHES.md.
+
+package mqtt
+
+import (
+	"bytes"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/stretchr/testify/require"
+)
+
+// burstConn is a net.Conn whose first Read returns a whole burst of
+// packets at once, as a read(2) of a socket the client wrote them to
+// back to back; later Reads wait until it is closed. Writes are recorded,
+// one entry per Write call (one write(2) on a socket).
+type burstConn struct {
+	burst  []byte
+	mu     sync.Mutex
+	writes [][]byte
+	closed chan struct{}
+	once   sync.Once
+}
+
+func (c *burstConn) Read(b []byte) (int, error) {
+	c.mu.Lock()
+	if len(c.burst) > 0 {
+		n := copy(b, c.burst)
+		c.burst = c.burst[n:]
+		c.mu.Unlock()
+		return n, nil
+	}
+	c.mu.Unlock()
+	<-c.closed
+	return 0, net.ErrClosed
+}
+
+func (c *burstConn) Write(b []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.writes = append(c.writes, append([]byte(nil), b...))
+	return len(b), nil
+}
+
+func (c *burstConn) written() (calls int, all []byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, w := range c.writes {
+		all = append(all, w...)
+	}
+	return len(c.writes), all
+}
+
+func (c *burstConn) Close() error                     { c.once.Do(func() { close(c.closed) }); return nil }
+func (c *burstConn) LocalAddr() net.Addr              { return &net.TCPAddr{} }
+func (c *burstConn) RemoteAddr() net.Addr             { return &net.TCPAddr{} }
+func (c *burstConn) SetDeadline(time.Time) error      { return nil }
+func (c *burstConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *burstConn) SetWriteDeadline(time.Time) error { return nil }
+
+// TestBurstOfPublishesAckedInOneWrite (patch 70): a publisher's burst of
+// QoS 1 PUBLISH packets, read in one read(2), is answered with its PUBACKs
+// in one write, in order. v2.7.9 wrote each PUBACK on its own (20 writes).
+func TestBurstOfPublishesAckedInOneWrite(t *testing.T) {
+	const n = 20
+	s := newServer()
+	var burst, want []byte
+	for id := 1; id <= n; id++ {
+		pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, ProtocolVersion: 4,
+			TopicName: "a/b", PacketID: uint16(id), Payload: []byte("hello")}
+		var b bytes.Buffer
+		require.NoError(t, pk.PublishEncode(&b))
+		burst = append(burst, b.Bytes()...)
+		want = append(want, 0x40, 2, 0, byte(id)) // PUBACK id
+	}
+	conn := &burstConn{burst: burst, closed: make(chan struct{})}
+	cl := s.NewClient(conn, "t", "pub", false)
+	cl.ID = "pub"
+	cl.Properties.ProtocolVersion = 4
+	cl.State.Inflight.ResetReceiveQuota(n)
+	s.Clients.Add(cl)
+
+	done := make(chan error, 1)
+	go func() { done <- cl.Read(s.receivePacket) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, got := conn.written()
+		if len(got) >= len(want) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	cl.Stop(nil)
+	_ = conn.Close()
+	<-done
+
+	calls, got := conn.written()
+	require.Equal(t, want, got, "every PUBACK, in order")
+	require.Equal(t, 1, calls, "write calls for a burst of %d QoS 1 publishes: %x", n, conn.writes)
+}
+
+// TestAckWaitsOnlyForABufferedPacket (patch 70): a PUBACK is held back only
+// while the whole next packet is buffered; a partial one (the rest still on
+// the network) does not hold it.
+func TestAckWaitsOnlyForABufferedPacket(t *testing.T) {
+	s := newServer()
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, ProtocolVersion: 4,
+		TopicName: "a/b", PacketID: 1, Payload: []byte("hello")}
+	var b bytes.Buffer
+	require.NoError(t, pk.PublishEncode(&b))
+	burst := append(b.Bytes(), b.Bytes()[:5]...) // a second PUBLISH, cut short
+	conn := &burstConn{burst: burst, closed: make(chan struct{})}
+	cl := s.NewClient(conn, "t", "pub", false)
+	cl.ID = "pub"
+	cl.Properties.ProtocolVersion = 4
+	cl.State.Inflight.ResetReceiveQuota(10)
+	s.Clients.Add(cl)
+
+	done := make(chan error, 1)
+	go func() { done <- cl.Read(s.receivePacket) }()
+	defer func() { cl.Stop(nil); _ = conn.Close(); <-done }()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, got := conn.written(); len(got) >= 4 {
+			require.Equal(t, []byte{0x40, 2, 0, 1}, got)
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the PUBACK was held back while the next packet was incomplete")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestWritePacketAllocations (patch 70): writing an acknowledgement to a
+// client allocates nothing (v2.7.9: a bytes.Buffer per packet, grown twice).
+func TestWritePacketAllocations(t *testing.T) {
+	if raceEnabled {
+		t.Skip("sync.Pool drops items at random under the race detector")
+	}
+	s := newServer()
+	cl := s.NewClient(newCountConn(), "t", "c", false)
+	cl.Properties.ProtocolVersion = 4
+	ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: 7}
+	require.NoError(t, cl.WritePacket(ack)) // warm the pool
+	allocs := testing.AllocsPerRun(1000, func() {
+		_ = cl.WritePacket(ack)
+	})
+	require.LessOrEqual(t, allocs, 0.0)
+}
