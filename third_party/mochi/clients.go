@@ -271,6 +271,7 @@ func (cl *Client) writeQueued() {
 			cl.ops.log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
 		}
 		cl.State.outbound.addBytes(pk, -1) // rtm patch 40: written (or failed), no longer held
+		releaseQueuedPacket(pk)            // rtm patch 72: the queue held the only reference
 		atomic.AddInt32(&cl.State.outboundQty, -1)
 		cl.flowDrained() // rtm patch 20: a place in the queue is free
 	}

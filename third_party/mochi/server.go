@@ -1343,12 +1343,18 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 		}
 	}
 
-	if ok, start := cl.State.outbound.push(&out); ok { // rtm patch: was a non-blocking chan send
+	// rtm patch 72: the queue holds a pooled copy, which the writer returns
+	// to the pool once written; v2.7.9 queued &out, so out (~800 bytes)
+	// was allocated on the heap for every message and every subscriber.
+	qp := queuedPacketPool.Get().(*packets.Packet)
+	*qp = out
+	if ok, start := cl.State.outbound.push(qp); ok { // rtm patch: was a non-blocking chan send
 		atomic.AddInt32(&cl.State.outboundQty, 1)
 		if start {
 			go cl.writeQueued() // rtm patch: a writer runs only while packets are queued
 		}
 	} else {
+		releaseQueuedPacket(qp) // rtm patch 72
 		atomic.AddInt64(&s.Info.MessagesDropped, 1)
 		if out.FixedHeader.Qos > 0 {
 			// packet was dropped due to irregular circumstances, so rollback inflight.
