@@ -5,7 +5,6 @@
 package mqtt
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -140,7 +139,7 @@ type Client struct {
 // ClientConnection contains the connection transport and metadata for the client.
 type ClientConnection struct {
 	Conn     net.Conn      // the net.Conn used to establish the connection
-	bconn    *bufio.Reader // a buffered net.Conn for reading packets
+	bconn    *connReader   // a buffered net.Conn for reading packets (rtm patch 73: was *bufio.Reader)
 	outbuf   *bytes.Buffer // a buffer for writing packets
 	holding  atomic.Bool   // rtm patch 70: the reader holds writes back, more of its input is buffered
 	Remote   string        // the remote address of the client
@@ -212,7 +211,7 @@ func newClient(c net.Conn, o *ops) *Client {
 	if c != nil {
 		cl.Net = ClientConnection{
 			Conn:   c,
-			bconn:  bufio.NewReaderSize(c, o.options.ClientNetReadBufferSize),
+			bconn:  newConnReader(c, o.options.ClientNetReadBufferSize), // rtm patch 73
 			Remote: c.RemoteAddr().String(),
 		}
 	}
@@ -557,6 +556,7 @@ func (cl *Client) stopAfterDrain(err error) {
 
 func (cl *Client) stop(err error, drain bool) {
 	cl.State.endOnce.Do(func() {
+		cl.FlushHeld() // rtm patch 70: what the read loop held back (a DISCONNECT, acks) goes out first
 
 		if conn := cl.Net.Conn; conn != nil {
 			hc, ok := conn.(interface{ CloseWrite() error })

@@ -1,11 +1,14 @@
 // SPDX-License-Identifier: MIT
-// rtm patches 70-72: writes and allocations per message, see PATCHES.md.
+// rtm patches 70-73: writes and allocations per message, idle read buffers,
+// see PATCHES.md.
 
 package mqtt
 
 import (
 	"bytes"
+	"io"
 	"net"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -194,4 +197,64 @@ func TestFanOutAllocations(t *testing.T) {
 	p.drain()
 	t.Logf("%.1f allocations per message", allocs)
 	require.LessOrEqual(t, allocs, 55.0)
+}
+
+// TestConnReaderLendsItsBuffer (patch 73): on a TCP connection the read
+// buffer is held only while bytes are buffered; the reader returns bytes
+// in order across fills, reports a read deadline as net.Conn.Read does, and
+// io.EOF when the peer closes.
+func TestConnReaderLendsItsBuffer(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	defer client.Close()
+	server, err := ln.Accept()
+	require.NoError(t, err)
+	defer server.Close()
+
+	r := newConnReader(server, 64)
+	require.NotNil(t, r.rc, "a *net.TCPConn is read through its RawConn")
+	require.Nil(t, r.buf, "no buffer before any byte arrived")
+
+	want := make([]byte, 1000)
+	for i := range want {
+		want[i] = byte(i)
+	}
+	go func() { _, _ = client.Write(want) }()
+	got := make([]byte, 0, len(want))
+	for len(got) < len(want) {
+		if len(got)%3 == 0 {
+			b, err := r.ReadByte()
+			require.NoError(t, err)
+			got = append(got, b)
+			continue
+		}
+		p := make([]byte, 100)
+		n, err := r.Read(p)
+		require.NoError(t, err)
+		got = append(got, p[:n]...)
+	}
+	require.Equal(t, want, got)
+
+	// Idle: the wait for the next byte holds no buffer.
+	require.NoError(t, server.SetReadDeadline(time.Now().Add(50*time.Millisecond)))
+	_, err = r.ReadByte()
+	require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+	require.Nil(t, r.buf, "an idle reader holds no buffer")
+	require.NoError(t, server.SetReadDeadline(time.Time{}))
+
+	_, err = client.Write([]byte{1, 2})
+	require.NoError(t, err)
+	p, err := r.Peek(2)
+	require.NoError(t, err)
+	require.Equal(t, []byte{1, 2}, p)
+	require.Equal(t, 2, r.Buffered())
+	_, _ = r.ReadByte()
+	_, _ = r.ReadByte()
+
+	require.NoError(t, client.Close())
+	_, err = r.ReadByte()
+	require.ErrorIs(t, err, io.EOF)
 }
