@@ -473,7 +473,14 @@ func (cl *Client) Read(packetHandler ReadFn) (err error) {
 			return nil
 		}
 
-		cl.refreshDeadline(cl.State.Keepalive)
+		// rtm patch 74: the keepalive deadline is set before a read that
+		// may wait for the network. While the read loop holds writes (patch
+		// 70) the whole next packet is buffered, received already: v2.7.9
+		// reset both deadlines (a time.Now and two runtime timers) for
+		// every packet of a burst.
+		if !cl.Net.holding.Load() {
+			cl.refreshDeadline(cl.State.Keepalive)
+		}
 		fh := new(packets.FixedHeader)
 		err = cl.ReadFixedHeader(fh) // an idle connection waits here
 		if err != nil {

@@ -22,11 +22,12 @@ import (
 // back to back; later Reads wait until it is closed. Writes are recorded,
 // one entry per Write call (one write(2) on a socket).
 type burstConn struct {
-	burst  []byte
-	mu     sync.Mutex
-	writes [][]byte
-	closed chan struct{}
-	once   sync.Once
+	burst     []byte
+	mu        sync.Mutex
+	writes    [][]byte
+	deadlines int // SetDeadline calls
+	closed    chan struct{}
+	once      sync.Once
 }
 
 func (c *burstConn) Read(b []byte) (int, error) {
@@ -58,10 +59,15 @@ func (c *burstConn) written() (calls int, all []byte) {
 	return len(c.writes), all
 }
 
-func (c *burstConn) Close() error                     { c.once.Do(func() { close(c.closed) }); return nil }
-func (c *burstConn) LocalAddr() net.Addr              { return &net.TCPAddr{} }
-func (c *burstConn) RemoteAddr() net.Addr             { return &net.TCPAddr{} }
-func (c *burstConn) SetDeadline(time.Time) error      { return nil }
+func (c *burstConn) Close() error         { c.once.Do(func() { close(c.closed) }); return nil }
+func (c *burstConn) LocalAddr() net.Addr  { return &net.TCPAddr{} }
+func (c *burstConn) RemoteAddr() net.Addr { return &net.TCPAddr{} }
+func (c *burstConn) SetDeadline(time.Time) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.deadlines++
+	return nil
+}
 func (c *burstConn) SetReadDeadline(time.Time) error  { return nil }
 func (c *burstConn) SetWriteDeadline(time.Time) error { return nil }
 
@@ -104,6 +110,13 @@ func TestBurstOfPublishesAckedInOneWrite(t *testing.T) {
 	calls, got := conn.written()
 	require.Equal(t, want, got, "every PUBACK, in order")
 	require.Equal(t, 1, calls, "write calls for a burst of %d QoS 1 publishes: %x", n, conn.writes)
+
+	// rtm patch 74: the keepalive deadline is set before the first packet
+	// and before the read that waits after the burst, not for every packet
+	// (v2.7.9: n+1 times).
+	conn.mu.Lock()
+	defer conn.mu.Unlock()
+	require.LessOrEqual(t, conn.deadlines, 2, "SetDeadline calls for a burst of %d packets", n)
 }
 
 // TestAckWaitsOnlyForABufferedPacket (patch 70): a PUBACK is held back only
