@@ -42,11 +42,12 @@ func v311Connect(id string) []byte {
 // goroutine and grew its stack to 16 KiB: 10.6 KiB of stack per connection
 // before the GCs (some had shrunk already), 4 KiB after. Now the CONNECT is
 // handled on a short-lived helper goroutine and the connection's goroutine
-// never grows past 4 KiB. Since patch 73 an idle connection holds no read
+// never grows past 4 KiB, nor (patch 75) when it answers a PINGREQ after
+// idling. Since patch 73 an idle connection holds no read
 // buffer either (it is lent from a pool while bytes are buffered).
 func TestIdleConnectionMemory(t *testing.T) {
 	t.Run("rtm-buffers", func(t *testing.T) {
-		heap, stack, stackConnected, goroutines := idleConnectionMemory(t, 2000, 1024, 1024)
+		heap, stack, stackConnected, goroutines := idleConnectionMemory(t, 2000, 1024, 1024, false)
 		// One goroutine (the read loop) per idle connection: the writer runs
 		// only while packets are queued (v2.7.9: a WriteLoop per connection).
 		if goroutines > 1.01 {
@@ -67,8 +68,20 @@ func TestIdleConnectionMemory(t *testing.T) {
 			t.Errorf("idle connection costs %.1f KiB before any GC (heap %.0f B + stacks %.0f B), target < 8 KiB", (heap+stackConnected)/1024, heap, stackConnected)
 		}
 	})
+	t.Run("after-pingreq", func(t *testing.T) {
+		// mochi patch 75: measured 4.1 KiB of stack per connection after
+		// each answered a PINGREQ (16 KiB before: handling any packet grows
+		// the goroutine's stack to 16 KiB).
+		_, _, stackConnected, _ := idleConnectionMemory(t, 1000, 1024, 1024, true)
+		if raceEnabled {
+			t.Skip("not asserted under the race detector (instrumented frames, shadow memory)")
+		}
+		if stackConnected > 5*1024 {
+			t.Errorf("idle connection stacks %.1f KiB after a PINGREQ, before any GC, want <= 5 KiB", stackConnected/1024)
+		}
+	})
 	t.Run("default-buffers", func(t *testing.T) {
-		heap, _, stackConnected, _ := idleConnectionMemory(t, 500, 0, 0)
+		heap, _, stackConnected, _ := idleConnectionMemory(t, 500, 0, 0, false)
 		if raceEnabled {
 			t.Skip("not asserted under the race detector (instrumented frames, shadow memory)")
 		}
@@ -89,7 +102,7 @@ func TestIdleConnectionMemory(t *testing.T) {
 // connection, measured after the connections are idle and the GC had the
 // chance to shrink their stacks; stackConnected is the stack bytes per
 // connection measured before those GCs.
-func idleConnectionMemory(t *testing.T, n, readBuf, writeBuf int) (heap, stack, stackConnected, goroutines float64) {
+func idleConnectionMemory(t *testing.T, n, readBuf, writeBuf int, ping bool) (heap, stack, stackConnected, goroutines float64) {
 	if path := os.Getenv("MOCHIFIX_HEAP_PROFILE"); path != "" {
 		// go tool pprof -sample_index=inuse_space -top $path
 		runtime.MemProfileRate = 1
@@ -152,6 +165,22 @@ func idleConnectionMemory(t *testing.T, n, readBuf, writeBuf int) (heap, stack, 
 	}
 	if got := atomic.LoadInt64(&s.Info.ClientsConnected); got < int64(n) {
 		t.Fatalf("%d of %d clients attached", got, n)
+	}
+	if ping {
+		// An idle device's next packet is a PINGREQ, after its keepalive;
+		// mochi patch 75 hands a packet that ends a wait of 1 s or more to
+		// a helper goroutine.
+		time.Sleep(1100 * time.Millisecond)
+		for i, c := range conns {
+			_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+			if _, err := c.Write([]byte{0xc0, 0}); err != nil {
+				t.Fatal(err)
+			}
+			resp := make([]byte, 2)
+			if _, err := io.ReadFull(c, resp); err != nil || !bytes.Equal(resp, []byte{0xd0, 0}) {
+				t.Fatalf("conn %d: PINGRESP % x, %v", i, resp, err)
+			}
+		}
 	}
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms) // before any GC shrinks a stack: what RSS keeps

@@ -478,7 +478,9 @@ func (cl *Client) Read(packetHandler ReadFn) (err error) {
 		// 70) the whole next packet is buffered, received already: v2.7.9
 		// reset both deadlines (a time.Now and two runtime timers) for
 		// every packet of a burst.
+		var waitFrom time.Time // rtm patch 75: when this read may start to wait
 		if !cl.Net.holding.Load() {
+			waitFrom = time.Now()
 			cl.refreshDeadline(cl.State.Keepalive)
 		}
 		fh := new(packets.FixedHeader)
@@ -487,11 +489,46 @@ func (cl *Client) Read(packetHandler ReadFn) (err error) {
 			return err
 		}
 
-		err = cl.readAndHandle(fh, packetHandler)
+		if !waitFrom.IsZero() && time.Since(waitFrom) >= idleHandOff {
+			err = cl.handleOnHelper(fh, packetHandler) // rtm patch 75
+		} else {
+			err = cl.readAndHandle(fh, packetHandler)
+		}
 		if err != nil {
 			return err
 		}
 	}
+}
+
+// idleHandOff is how long a connection's read loop must have waited for a
+// packet for handleOnHelper to handle it (rtm patch 75).
+const idleHandOff = time.Second
+
+// handleOnHelper runs readAndHandle on a goroutine of its own and waits for
+// it; a panic there is returned as an error, as Read's recover does.
+//
+// rtm patch 75: handling any packet passes ~800-byte packets.Packet values
+// through deep frames (ReadPacket, the hooks, processPacket, WritePacket)
+// and grows the goroutine's stack to 16 KiB, even for a PINGREQ. On the
+// connection's own goroutine that stack stayed until two GCs had halved it,
+// and RSS kept it: an idle device pinging every keepalive idled on 16 KiB of
+// stack instead of 4 KiB. A packet that ends a wait of idleHandOff or more
+// (a PINGREQ, an occasional message) is therefore handled on a short-lived
+// helper, whose stack returns to the runtime's cache when it exits (see
+// patch 69 for the CONNECT); packets that follow each other closely are
+// handled on the read goroutine, as before, so a busy connection pays
+// nothing and an idle one one goroutine start per packet.
+func (cl *Client) handleOnHelper(fh *packets.FixedHeader, packetHandler ReadFn) error {
+	done := make(chan error, 1)
+	go func() {
+		defer func() {
+			if r := recover(); r != nil {
+				done <- cl.recoverPanic(r)
+			}
+		}()
+		done <- cl.readAndHandle(fh, packetHandler)
+	}()
+	return <-done
 }
 
 // readAndHandle reads the rest of the packet whose fixed header is fh and

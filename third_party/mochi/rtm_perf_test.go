@@ -271,3 +271,30 @@ func TestConnReaderLendsItsBuffer(t *testing.T) {
 	_, err = r.ReadByte()
 	require.ErrorIs(t, err, io.EOF)
 }
+
+// TestRecoverPanicAfterIdle (patch 75): a packet that arrives after the
+// connection idled for idleHandOff is handled on a helper goroutine; a
+// panic there still closes that connection only, with ErrClientPanic.
+func TestRecoverPanicAfterIdle(t *testing.T) {
+	s, logs := newPanicServer(t, OnPacketRead)
+	defer s.Close()
+
+	r, w := net.Pipe()
+	done := make(chan error, 1)
+	go func() { done <- s.EstablishConnection("tcp", r) }()
+	go func() { _, _ = io.Copy(io.Discard, w) }()
+	_ = w.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	_, err := w.Write(packets.TPacketData[packets.Connect].Get(packets.TConnectMqtt311).RawBytes)
+	require.NoError(t, err)
+	time.Sleep(idleHandOff + 100*time.Millisecond) // idle: the next packet goes to a helper
+	_ = w.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	_, _ = w.Write(packets.TPacketData[packets.Subscribe].Get(packets.TSubscribe).RawBytes)
+	select {
+	case err = <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("connection not closed after the panic")
+	}
+	_ = w.Close()
+	require.ErrorIs(t, err, ErrClientPanic)
+	require.Contains(t, logs.String(), "boom while handling SUBSCRIBE")
+}
