@@ -1245,7 +1245,16 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 		return pk, nil // [MQTT-3.8.3-3]
 	}
 
+	// rtm patch 76: every subscriber's packet shares the message's payload
+	// (read-only; its capacity is cut to its length, so an append by a hook
+	// copies it). v2.7.9 copied it for every subscriber (Packet.Copy).
+	payload := pk.Payload
+	pk.Payload = nil
 	out := pk.Copy(false)
+	pk.Payload = payload
+	if len(payload) > 0 {
+		out.Payload = payload[:len(payload):len(payload)]
+	}
 	if !s.hooks.OnACLCheck(cl, pk.TopicName, false) {
 		return out, packets.ErrNotAuthorized
 	}
