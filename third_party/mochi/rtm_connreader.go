@@ -32,6 +32,7 @@ type connReader struct {
 	r, w int    // buf[r:w] is buffered
 	err  error  // an error to return once the buffered bytes are read
 
+	netw   string                // "tcp" or "unix", for errors
 	rawFn  func(fd uintptr) bool // c.rawRead, built once (a method value per fill would allocate)
 	rawN   int
 	rawErr error
@@ -61,9 +62,9 @@ func newConnReader(src io.Reader, size int) *connReader {
 	var sc syscall.Conn
 	switch t := src.(type) { // exactly these: a wrapper's Read must not be bypassed
 	case *net.TCPConn:
-		sc = t
+		sc, c.netw = t, "tcp"
 	case *net.UnixConn:
-		sc = t
+		sc, c.netw = t, "unix"
 	}
 	if sc != nil {
 		if rc, err := sc.SyscallConn(); err == nil {
@@ -134,7 +135,7 @@ func (c *connReader) fillRaw() error {
 	}
 	if rerr != nil {
 		putReadBuf(buf)
-		return &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", rerr)}
+		return &net.OpError{Op: "read", Net: c.netw, Err: os.NewSyscallError("read", rerr)}
 	}
 	if n == 0 {
 		putReadBuf(buf)
