@@ -308,4 +308,3 @@ func FuzzParseTarget(f *testing.F) {
 		}
 	})
 }
-

@@ -12,7 +12,9 @@ import (
 // WriteTable writes res as a human-readable summary table.
 func WriteTable(w io.Writer, res *Result) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	row := func(k, format string, args ...any) { fmt.Fprintf(tw, "  %s\t"+format+"\n", append([]any{k}, args...)...) }
+	row := func(k, format string, args ...any) {
+		fmt.Fprintf(tw, "  %s\t"+format+"\n", append([]any{k}, args...)...)
+	}
 	addrs := strings.Join(res.Addrs, ",")
 	if len(res.PubAddrs) > 0 || len(res.SubAddrs) > 0 {
 		addrs = fmt.Sprintf("publishers %s, subscribers %s", orList(res.PubAddrs, res.Addrs), orList(res.SubAddrs, res.Addrs))
