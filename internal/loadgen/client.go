@@ -393,8 +393,6 @@ func (c *client) waitAcks(ctx context.Context) bool {
 	}
 }
 
-func (c *client) inflight() int { return c.window - len(c.ids) }
-
 // subscribe subscribes to filter and returns the granted QoS, or an error
 // for a refusal (reason code 0x80 or more).
 func (c *client) subscribe(ctx context.Context, filter string, qos byte) (byte, error) {
