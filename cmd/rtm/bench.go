@@ -132,6 +132,7 @@ Examples:
 	f.StringVar(&cfg.TLSCA, "tls-ca", "", "PEM file of the CA that signed the broker's certificate (tls://, wss://)")
 	f.BoolVar(&cfg.Insecure, "insecure", false, "do not verify the broker's TLS certificate")
 	f.IntSliceVar(&pids, "broker-pid", nil, "broker process ID(s) on this machine: report their CPU time and RSS")
+	f.DurationVar(&cfg.Settle, "settle", 0, "pause between subscribing and publishing, for subscriptions to reach the other nodes of a cluster")
 	f.IntVar(&cfg.ConnectConcurrency, "concurrency", cfg.ConnectConcurrency, "connections being set up at once")
 	f.BoolVar(&asJSON, "json", false, "print one JSON object at the end instead of the table")
 	return cmd

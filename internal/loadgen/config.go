@@ -76,6 +76,9 @@ type Config struct {
 	// BrokerPIDs are processes on this machine whose CPU time and RSS the
 	// report includes (all nodes of a cluster, summed).
 	BrokerPIDs []int
+	// Settle is a pause between the last SUBACK and the first publish,
+	// for subscriptions to reach the other nodes of a cluster.
+	Settle time.Duration
 	// ConnectConcurrency bounds the connections being set up at once.
 	ConnectConcurrency int
 	// SetupTimeout bounds connecting and subscribing before the clock
@@ -160,6 +163,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Inflight < 1 || c.Inflight > 65535 {
 		bad("--inflight: %d, want 1 to 65535", c.Inflight)
+	}
+	if c.Settle < 0 || c.Settle > time.Minute {
+		bad("--settle: %v, want 0 to 1m", c.Settle)
 	}
 	if c.ConnectConcurrency < 1 {
 		c.ConnectConcurrency = 64

@@ -380,6 +380,13 @@ func (r *run) messages(ctx context.Context) (*Result, error) {
 		return nil, err
 	}
 
+	if c.Settle > 0 {
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(c.Settle):
+		}
+	}
 	delivered := func() int64 {
 		var n int64
 		for _, t := range trackers {
