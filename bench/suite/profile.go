@@ -145,4 +145,3 @@ func fetchProfile(ctx context.Context, admin, path, file string) error {
 	}
 	return f.Close()
 }
-

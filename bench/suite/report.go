@@ -345,12 +345,12 @@ var palette = []string{"#1f77b4", "#9ecae1", "#ff7f0e", "#2ca02c", "#d62728", "#
 // label, one bar per series, each with its value.
 func barChart(title string, groups, series []string, vals [][]float64) string {
 	const (
-		width  = 820
-		left   = 300
-		right  = 90
-		barH   = 14
-		gap    = 10
-		top    = 56
+		width = 820
+		left  = 300
+		right = 90
+		barH  = 14
+		gap   = 10
+		top   = 56
 	)
 	peak := 0.0
 	for _, g := range vals {
