@@ -123,6 +123,7 @@ Examples:
 	f.IntVar(&cfg.Size, "size", cfg.Size, "payload bytes (at least 24)")
 	f.Float64Var(&cfg.Rate, "rate", 0, "messages per second over all publishers (conn: connections per second); 0 is unlimited")
 	f.DurationVar(&cfg.Duration, "duration", cfg.Duration, "how long to publish (conn: to hold the connections)")
+	f.Int64Var(&cfg.Count, "count", 0, "messages to publish over all publishers, then stop (0: publish until --duration ends, which bounds the run either way)")
 	f.DurationVar(&cfg.Drain, "drain", cfg.Drain, "after publishing, how long to wait at most for messages on their way")
 	f.IntVar(&cfg.Inflight, "inflight", cfg.Inflight, "QoS 1/2: unacknowledged publishes per publisher (capped by the broker's Receive Maximum)")
 	f.StringVar(&cfg.Topic, "topic", "", "topic prefix (default bench/<run ID>; pub and sub: bench)")

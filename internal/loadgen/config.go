@@ -58,6 +58,10 @@ type Config struct {
 	// second in the conn scenario; 0 is as fast as possible.
 	Rate     float64
 	Duration time.Duration
+	// Count, when set, is the messages to publish over all publishers:
+	// publishing ends when they are sent or the duration ends, whichever
+	// comes first.
+	Count int64
 	// Drain is how long to wait after the publishers stop for messages
 	// still on their way; what has not arrived then is lost.
 	Drain time.Duration
@@ -157,6 +161,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Duration <= 0 || c.Duration > MaxDuration {
 		bad("--duration: %v, want more than 0 and at most %v", c.Duration, MaxDuration)
+	}
+	if c.Count < 0 {
+		bad("--count: %d, want 0 (no limit) or more", c.Count)
 	}
 	if c.Drain < 0 || c.Drain > 10*time.Minute {
 		bad("--drain: %v, want 0 to 10m", c.Drain)

@@ -406,10 +406,17 @@ func (r *run) messages(ctx context.Context) (*Result, error) {
 	var wg sync.WaitGroup
 	perPub := c.Rate / float64(max(len(pubs), 1))
 	for i, cl := range pubs {
+		share := int64(-1) // unbounded
+		if c.Count > 0 {
+			share = c.Count / int64(len(pubs))
+			if i < int(c.Count%int64(len(pubs))) {
+				share++
+			}
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			r.publishLoop(pctx, cl, uint32(i), pubRoles[i].topic, perPub, start)
+			r.publishLoop(pctx, cl, uint32(i), pubRoles[i].topic, perPub, start, share)
 		}()
 	}
 	pubsDone := make(chan struct{})
@@ -428,11 +435,16 @@ wait:
 		select {
 		case <-pctx.Done():
 			break wait
+		case <-pubsDone:
+			if c.Count > 0 {
+				break wait
+			}
+			pubsDone = nil // publishers that failed: keep the clock to the duration
 		case <-tick.C:
 			progress("run")
 		}
 	}
-	<-pubsDone
+	wg.Wait()
 	pubEnd := time.Now()
 
 	// Drain: wait for acknowledgements and deliveries, up to c.Drain; end
@@ -540,16 +552,17 @@ func latency(h *hdrhistogram.Histogram) *Latency {
 		P999: ms(h.ValueAtQuantile(99.9)), Max: ms(h.Max()), Mean: h.Mean() / 1000}
 }
 
-// publishLoop publishes on topic until ctx ends, at rate msg/s (0: as fast
-// as the window and the connection let it).
-func (r *run) publishLoop(ctx context.Context, cl *client, index uint32, topic string, rate float64, start time.Time) {
+// publishLoop publishes on topic until ctx ends or count messages are
+// sent (count < 0: no limit), at rate msg/s (0: as fast as the window and
+// the connection let it).
+func (r *run) publishLoop(ctx context.Context, cl *client, index uint32, topic string, rate float64, start time.Time, count int64) {
 	c := r.cfg
 	payload := make([]byte, c.Size)
 	binary.BigEndian.PutUint32(payload, r.runID)
 	binary.BigEndian.PutUint32(payload[4:], index)
 	var scratch []byte
 	var err error
-	for seq := uint64(0); ctx.Err() == nil; seq++ {
+	for seq := uint64(0); ctx.Err() == nil && (count < 0 || int64(seq) < count); seq++ {
 		if rate > 0 {
 			// Pace by the clock, not by sleeps: a late wake-up sends what
 			// is due at once, so the average rate holds.
