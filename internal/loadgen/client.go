@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/url"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -113,6 +114,10 @@ type client struct {
 	quit atomic.Bool   // Close called: the reader's error is expected
 }
 
+// connackTimeout bounds CONNECT → CONNACK for one client, as brokers bound
+// how long they wait for a CONNECT.
+const connackTimeout = 10 * time.Second
+
 // dial connects and completes CONNECT/CONNACK within ctx. window is the
 // number of QoS 1/2 publishes the client keeps in flight, capped by the
 // server's Receive Maximum.
@@ -121,9 +126,13 @@ func dial(ctx context.Context, o dialOpts, window int) (*client, error) {
 	if err != nil {
 		return nil, err
 	}
-	if dl, ok := ctx.Deadline(); ok {
-		_ = conn.SetDeadline(dl)
+	// A server that accepts but never answers (not MQTT, or overloaded)
+	// fails this client after connackTimeout, not at the end of setup.
+	dl := time.Now().Add(connackTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(dl) {
+		dl = d
 	}
+	_ = conn.SetDeadline(dl)
 	c := &client{conn: conn, version: o.connect.version, opts: o, done: make(chan struct{}), subacks: make(chan []byte, 1)}
 	c.bw = bufio.NewWriterSize(conn, 4096)
 	stop := context.AfterFunc(ctx, func() { _ = conn.Close() })
@@ -138,6 +147,9 @@ func dial(ctx context.Context, o dialOpts, window int) (*client, error) {
 		_ = conn.Close()
 		if errors.Is(err, io.EOF) {
 			return nil, fmt.Errorf("%s: the server closed the connection after CONNECT (not an MQTT %s broker, or it refused the client)", o.target, versionName(o.connect.version))
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) && ctx.Err() == nil {
+			return nil, fmt.Errorf("%s: no CONNACK within %v of CONNECT (not an MQTT broker, or one too busy to answer)", o.target, connackTimeout)
 		}
 		return nil, fmt.Errorf("%s: read CONNACK: %w", o.target, ctxErr(ctx, err))
 	}
