@@ -185,6 +185,8 @@ func writeReport(w io.Writer, o options, env environment, scs []scenario, syss [
 			peers = append(peers, s)
 		}
 	}
+	// Mosquitto, bare mochi, then rtm's own cluster: the order of issue 16.
+	slices.SortStableFunc(peers, func(a, b *system) int { return peerRank[a.key] - peerRank[b.key] })
 	if rtm != nil && len(peers) > 0 {
 		fmt.Fprintf(w, "### rtm (one node) ÷ each peer, medians\n\nAbove 1 is better for rtm except where the metric says lower is better.\n\n| scenario | metric |")
 		for _, p := range peers {
@@ -321,6 +323,8 @@ func writeReport(w io.Writer, o options, env environment, scs []scenario, syss [
 	fmt.Fprintf(w, "```\n\n</details>\n")
 	return charts
 }
+
+var peerRank = map[string]int{"mosquitto": 0, "mochi": 1, "rtm3": 2}
 
 func connLatency(p50 bool) metric {
 	label := "p99 ms"

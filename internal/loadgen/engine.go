@@ -444,8 +444,16 @@ wait:
 			progress("run")
 		}
 	}
+	// A publisher blocked in a write to a broker that stopped reading
+	// would hold the run past its bound: its write fails after a grace.
+	for _, cl := range pubs {
+		_ = cl.conn.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	}
 	wg.Wait()
 	pubEnd := time.Now()
+	for _, cl := range pubs {
+		_ = cl.conn.SetWriteDeadline(time.Time{})
+	}
 
 	// Drain: wait for acknowledgements and deliveries, up to c.Drain; end
 	// early when everything is in, or nothing arrived for a second.

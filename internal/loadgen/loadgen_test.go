@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -243,6 +244,71 @@ func TestRunIsBoundedInTime(t *testing.T) {
 	}
 	if res.Sent == 0 || res.Delivered != 0 || res.Lost != res.Sent {
 		t.Errorf("sent %d delivered %d lost %d: want everything lost", res.Sent, res.Delivered, res.Lost)
+	}
+}
+
+// TestRunEndsWhenTheBrokerStopsReading: a broker that answers CONNECT and
+// then reads nothing fills the publishers' socket buffers; the run still
+// ends within its duration, a grace for the blocked writes and its drain.
+func TestRunEndsWhenTheBrokerStopsReading(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		_ = ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			_ = c.Close()
+		}
+	})
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			go func() {
+				// Read the CONNECT (fixed header, remaining length, body),
+				// answer CONNACK (MQTT 5, success), then never read again.
+				b := make([]byte, 1)
+				n, mul := 0, 1
+				if _, err := c.Read(b); err != nil {
+					return
+				}
+				for {
+					if _, err := c.Read(b); err != nil {
+						return
+					}
+					n += int(b[0]&0x7f) * mul
+					mul *= 128
+					if b[0]&0x80 == 0 {
+						break
+					}
+				}
+				if _, err := c.Read(make([]byte, n)); err != nil {
+					return
+				}
+				_, _ = c.Write([]byte{0x20, 3, 0, 0, 0})
+			}()
+		}
+	}()
+	c := cfg(loadgen.ScenarioPub, ln.Addr().String())
+	c.Clients, c.Size, c.Duration, c.Drain = 2, 16<<10, time.Second, time.Second
+	began := time.Now()
+	res := run(t, c)
+	if took := time.Since(began); took > 20*time.Second {
+		t.Errorf("run took %v against a broker that stopped reading (duration 1s, drain 1s)", took)
+	}
+	if res.Sent == 0 {
+		t.Errorf("sent nothing")
 	}
 }
 
