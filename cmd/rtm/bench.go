@@ -35,7 +35,8 @@ number carried in each payload (so --size is at least 24 bytes).
 
 Scenarios (TOPIC is --topic, default bench/<random run ID>):
 ` + scenarios.String() + `
-Every run stops by itself: publishers stop after --duration, then the run
+Every run stops by itself: publishers stop after --duration (or once
+--count messages are sent, if that comes first), then the run
 waits up to --drain for messages on their way (less once all are in, or
 nothing arrived for a second); what has not arrived then is lost. The conn
 scenario holds its connections until --duration ends.
