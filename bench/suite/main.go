@@ -61,7 +61,7 @@ func scenarios(quick bool) []scenario {
 	d := "10s"
 	conns, connDur := "10000", "10s"
 	if quick {
-		d, conns, connDur = "2s", "1000", "2s"
+		d, conns, connDur = "1500ms", "1000", "2s"
 	}
 	return []scenario{
 		{key: "fanin0", title: "QoS 0 fan-in 10→1 at 20,000 msg/s", args: []string{"fanin", "-c", "10", "--qos", "0", "--rate", "20000", "--duration", d}},
@@ -76,7 +76,7 @@ func scenarios(quick bool) []scenario {
 func main() {
 	var o options
 	var systems, only string
-	flag.BoolVar(&o.quick, "quick", os.Getenv("BENCH") == "quick", "short runs and 1,000 connections (BENCH=quick)")
+	flag.BoolVar(&o.quick, "quick", os.Getenv("BENCH") == "quick", "1.5-second runs and 1,000 connections (BENCH=quick)")
 	flag.IntVar(&o.rounds, "rounds", 3, "rounds; each runs every scenario once against each system, in alternating order")
 	flag.StringVar(&systems, "systems", "rtm,rtm3,mochi,mosquitto", "systems under test, comma-separated")
 	flag.StringVar(&only, "scenarios", "", "scenarios to run, comma-separated (default all: fanin0, fanin1, fanout0, lat1, fanin1max (full only), conn)")
@@ -138,28 +138,44 @@ func compare(ctx context.Context, o options) error {
 	if err != nil {
 		return err
 	}
+	// start starts a fresh instance of system key, in its own directory.
+	instance := 0
+	start := func(key string) (*system, error) {
+		instance++
+		sdir := filepath.Join(dir, fmt.Sprintf("%s-%d", key, instance))
+		if err := os.Mkdir(sdir, 0o755); err != nil {
+			return nil, err
+		}
+		var s *system
+		var err error
+		switch key {
+		case "rtm":
+			s, err = startRTM(ctx, sdir, rtmBin, o.brokerCPUs, version)
+		case "rtm3":
+			s, err = startRTMCluster(ctx, sdir, rtmBin, o.brokerCPUs, version)
+		case "mochi":
+			s, err = startMochi(ctx, sdir, mochiBin, o.brokerCPUs)
+		case "mosquitto":
+			s, err = startMosquitto(ctx, sdir, o.mosquitto, o.brokerCPUs)
+		default:
+			return nil, fmt.Errorf("unknown system %q (want rtm, rtm3, mochi, mosquitto)", key)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("start %s: %w", key, err)
+		}
+		return s, nil
+	}
 	var syss []*system
-	defer func() {
+	stopAll := func() {
 		for _, s := range syss {
 			s.stop()
 		}
-	}()
+	}
+	defer stopAll()
 	for _, key := range o.systems {
-		var s *system
-		switch key {
-		case "rtm":
-			s, err = startRTM(ctx, dir, rtmBin, o.brokerCPUs, version)
-		case "rtm3":
-			s, err = startRTMCluster(ctx, dir, rtmBin, o.brokerCPUs, version)
-		case "mochi":
-			s, err = startMochi(ctx, dir, mochiBin, o.brokerCPUs)
-		case "mosquitto":
-			s, err = startMosquitto(ctx, dir, o.mosquitto, o.brokerCPUs)
-		default:
-			return fmt.Errorf("unknown system %q (want rtm, rtm3, mochi, mosquitto)", key)
-		}
+		s, err := start(key)
 		if err != nil {
-			return fmt.Errorf("start %s: %w", key, err)
+			return err
 		}
 		benchkit.Logf("%s started: pids %v", s.title, s.pids)
 		syss = append(syss, s)
@@ -177,26 +193,60 @@ func compare(ctx context.Context, o options) error {
 		res[sc.key] = map[string][]outcome{}
 	}
 	commands := map[string]string{}
+	run := func(round int, sc scenario, s *system) {
+		argv := benchArgs(rtmBin, sc, s)
+		commands[sc.key+"/"+s.key] = strings.Join(pinned(o.loadCPUs, argv), " ")
+		out := runBench(ctx, o.loadCPUs, argv, filepath.Join(dir, fmt.Sprintf("bench-r%d-%s-%s.log", round, sc.key, s.key)))
+		if err := s.alive(); err != nil {
+			out.err = strings.TrimSpace(out.err + " " + err.Error())
+		}
+		res[sc.key][s.key] = append(res[sc.key][s.key], out)
+		logOutcome(round, o.rounds, sc, s, out)
+		// Let the broker close the run's connections before the next.
+		time.Sleep(300 * time.Millisecond)
+	}
+	// Message scenarios: every system up, alternating within each round.
 	for round := 1; round <= o.rounds; round++ {
 		order := syss
 		if round%2 == 0 {
 			order = reversed(syss)
 		}
 		for _, sc := range scs {
+			if sc.conn {
+				continue
+			}
 			for _, s := range order {
 				if ctx.Err() != nil {
 					return ctx.Err()
 				}
-				argv := benchArgs(rtmBin, sc, s)
-				commands[sc.key+"/"+s.key] = strings.Join(pinned(o.loadCPUs, argv), " ")
-				out := runBench(ctx, o.loadCPUs, argv, filepath.Join(dir, fmt.Sprintf("bench-r%d-%s-%s.log", round, sc.key, s.key)))
-				if err := s.alive(); err != nil {
-					out.err = strings.TrimSpace(out.err + " " + err.Error())
+				run(round, sc, s)
+			}
+		}
+	}
+	stopAll()
+	// Idle connections on a fresh instance each time, alone on the
+	// machine: RSS per connection is read as growth from before the
+	// connections, which memory freed from an earlier load would mask
+	// (Mosquitto returned it while 10,000 connections came in: negative).
+	for round := 1; round <= o.rounds; round++ {
+		order := syss
+		if round%2 == 0 {
+			order = reversed(syss)
+		}
+		for _, sc := range scs {
+			if !sc.conn {
+				continue
+			}
+			for _, old := range order {
+				if ctx.Err() != nil {
+					return ctx.Err()
 				}
-				res[sc.key][s.key] = append(res[sc.key][s.key], out)
-				logOutcome(round, o.rounds, sc, s, out)
-				// Let the broker close the run's connections before the next.
-				time.Sleep(500 * time.Millisecond)
+				s, err := start(old.key)
+				if err != nil {
+					return err
+				}
+				run(round, sc, s)
+				s.stop()
 			}
 		}
 	}

@@ -169,9 +169,20 @@ type system struct {
 	version            string
 }
 
+// stop stops the brokers at once (a cluster node's graceful leave takes
+// seconds, one after the other they would add up), then the store.
 func (s *system) stop() {
-	for i := len(s.procs) - 1; i >= 0; i-- {
-		s.procs[i].stop()
+	var wg sync.WaitGroup
+	for _, p := range s.procs {
+		if p.name == "store" {
+			continue
+		}
+		wg.Add(1)
+		go func() { defer wg.Done(); p.stop() }()
+	}
+	wg.Wait()
+	for _, p := range s.procs {
+		p.stop()
 	}
 }
 
