@@ -463,7 +463,10 @@ func (c *client) alive() bool {
 // close sends DISCONNECT (normal) and closes the connection.
 func (c *client) close() {
 	c.quit.Store(true)
-	_ = c.conn.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	// A broker that stopped reading must not hold the DISCONNECT's write:
+	// closing the connection ends it.
+	t := time.AfterFunc(2*time.Second, func() { _ = c.conn.Close() })
+	defer t.Stop()
 	_ = c.write([]byte{typDisconnect << 4, 0})
 	_ = c.conn.Close()
 	<-c.done
@@ -504,6 +507,13 @@ func (w *wsConn) Write(p []byte) (int, error) {
 		return 0, err
 	}
 	return len(p), nil
+}
+
+// SetWriteDeadline sets the deadline on the underlying connection:
+// gorilla's own setter is not safe beside a write in progress, which is
+// the write the deadline is for (a broker that stopped reading).
+func (w *wsConn) SetWriteDeadline(t time.Time) error {
+	return w.UnderlyingConn().SetWriteDeadline(t)
 }
 
 func (w *wsConn) SetDeadline(t time.Time) error {
