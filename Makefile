@@ -33,7 +33,7 @@ test: ## run every test with the race detector (also compiles benchmarks, runs t
 test-fork: ## run the tests of our patched mochi-mqtt fork (third_party/mochi)
 	cd third_party/mochi && $(GO) test $(TEST_FLAGS) ./...
 
-bench: ## rtm (1 and 3 nodes), bare mochi and Mosquitto side by side, writes BENCHMARKS.md and docs/bench/*.svg (BENCH=quick: under 5 minutes; full: about 20)
+bench: ## rtm (1 and 3 nodes), bare mochi and Mosquitto side by side, writes BENCHMARKS.md and docs/bench/*.svg (BENCH=quick: about 4 minutes; full: about 15, on 2 cores)
 	$(GO) run ./bench/suite -write BENCHMARKS.md $(if $(filter quick,$(BENCH)),-quick) | tee bench.out
 
 bench-throughput: ## the older throughput harness against Mosquitto (fan-in, QoS 1, fan-out, connect; see BENCHMARKS.md)

@@ -7,8 +7,8 @@
 // broker CPU-second, loss and duplicates, latency, RSS per idle
 // connection, connect rate and the load generator's own CPU.
 //
-//	go run ./bench/suite                # full: about 20 minutes on 2 cores
-//	go run ./bench/suite -quick         # short runs: under 5 minutes
+//	go run ./bench/suite                # full: about 15 minutes on 2 cores
+//	go run ./bench/suite -quick         # short runs: about 4 minutes
 //	go run ./bench/suite -profile DIR   # pprof profiles of rtm instead (make profile)
 //
 // BENCH_BROKER_CPUS and BENCH_LOAD_CPUS (taskset lists, e.g. 0-3 and 4-7)
