@@ -103,7 +103,6 @@ func (w Watchdog) check(v *validator) {
 	}
 }
 
-
 // Validate reports every invalid value of the history section.
 func (h History) Validate() error {
 	v := &validator{}
