@@ -1,11 +1,3 @@
-// Package broker is rtm's MQTT broker role: one node built on mochi-mqtt v2
-// that speaks MQTT 3.1.1 and 5.0 over TCP, WebSocket (/mqtt) and, when a
-// certificate is configured, TLS and secure WebSocket, and serves the admin
-// HTTP endpoints /healthz, /readyz, /metrics and /v1/stats.
-//
-// A Broker is created by New (no I/O), started by Start (returns once every
-// listener is bound) and stopped by Shutdown (idempotent, bounded by its
-// context). Its methods are safe for concurrent use.
 package broker
 
 import (
