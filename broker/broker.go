@@ -361,12 +361,13 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			if !b.serving.Load() {
 				return // Start failed and left nothing running
 			}
-			// 2. Leave gossip first, so routers stop sending devices here
-			// and peers drop this node's routes at once instead of
-			// detecting a failure. The links stay open for the wills of the
-			// clients disconnected next.
+			// 2. Tell the cluster this node is going (the draining tag),
+			// so routers and peers stop sending devices here. It stays a
+			// member, with its links and routes, until its sessions are
+			// handed over (step 4): peers keep forwarding what its
+			// subscribers are owed meanwhile.
 			if b.cluster != nil {
-				b.cluster.leave(ctx)
+				b.cluster.setLeaving()
 			}
 			// 3. Each listener stops accepting, then sends its clients
 			// DISCONNECT 0x8B and closes them; hooks stop. A client that
@@ -399,11 +400,20 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			if b.devices != nil {
 				<-b.devices.done
 			}
-			// 4. Peers acknowledge what was forwarded to them (bounded, so
-			// the messages acknowledged to publishers here are delivered),
-			// then links and gossip close; what a peer still has not
-			// acknowledged is dropped and counted (link_closed).
+			// 4. Every session left (offline, or disconnected in step 3)
+			// moves to a live peer (see clusterNode.handOver); only then
+			// does the node leave gossip, so peers drop its routes once
+			// nothing here needs them. Peers acknowledge what was
+			// forwarded to them (bounded, so the messages acknowledged to
+			// publishers here are delivered), then links and gossip close;
+			// what a peer still has not acknowledged is dropped and counted
+			// (link_closed), as are the messages of a session no peer took
+			// (session_not_moved).
 			if b.cluster != nil {
+				for _, cl := range b.cluster.handOver(ctx) {
+					b.limits.sessionNotMoved(cl)
+				}
+				b.cluster.leave(ctx)
 				b.cluster.flush(ctx)
 				b.cluster.shutdown()
 			}

@@ -52,13 +52,25 @@ type clusterNode struct {
 	peers    *peerSet
 	retained *retainedSync
 	claims   *claimWaiters
+	moves    *moves
+	owners   *owners
 
 	// testMembers, if set, rewrites the member list syncPeers sees: tests
 	// make a peer look failed without stopping it.
 	testMembers atomic.Pointer[func([]cluster.Member) []cluster.Member]
+	// testMoveChunk, if set, is called before a move's chunk is sent
+	// ("source") or taken in ("destination"): tests stop a node or stall
+	// a move in the middle of a transfer.
+	testMoveChunk atomic.Pointer[func(side string, seq uint64)]
 
-	forwarded, forwardedBytes, received atomic.Int64
-	claimsSent, claimsTimedOut, moved   atomic.Int64
+	forwarded, forwardedBytes, received  atomic.Int64
+	claimsSent, claimsTimedOut, moved    atomic.Int64
+	claimsRefused, movedOut, movesFailed atomic.Int64
+	staleDropped                         atomic.Int64
+
+	// leaving is set when a graceful stop begins: the node shows as
+	// draining until it leaves gossip.
+	leaving atomic.Bool
 
 	// tls secures the node links (nil: plaintext); set by start.
 	tls *tls.Config
@@ -77,6 +89,8 @@ func newClusterNode(b *Broker, cfg config.Cluster, timing cluster.Timing) *clust
 		log:         b.log.With("component", "cluster"),
 		incarnation: binary.LittleEndian.Uint64(seed[:]) | 1,
 		claims:      newClaimWaiters(),
+		moves:       newMoves(),
+		owners:      newOwners(),
 		stop:        make(chan struct{}),
 	}
 	c.routes = newRouteTable(c.log)
@@ -231,7 +245,7 @@ func (c *clusterNode) tags() cluster.Tags {
 		Capacity:    c.b.cfg.Capacity,
 		Connections: int(atomic.LoadInt64(&c.b.mq.Info.ClientsConnected)),
 		LoadAt:      time.Now().Unix(),
-		Draining:    c.b.Draining(),
+		Draining:    c.b.Draining() || c.leaving.Load(),
 		Incarnation: c.b.Incarnation(),
 	}
 	if c.links != nil {
@@ -349,6 +363,7 @@ func (c *clusterNode) members() []cluster.Member {
 func (c *clusterNode) snapshot(peerName string) []link.Message {
 	rm := c.routes.localSnapshot()
 	out := append([]link.Message{{Type: msgRoutes, Body: rm.encode()}}, c.retained.snapshot()...)
+	out = append(out, c.ownersSnapshot()...)
 	c.log.Debug("link snapshot", "peer", peerName, "routes", len(rm.Filters), "retained", len(out)-1)
 	return out
 }
@@ -401,7 +416,37 @@ func (c *clusterNode) deliver(from string, m link.Message) {
 	case msgClaimReply:
 		var r claimReplyMsg
 		if r, err = decodeClaimReply(m.Body); err == nil {
+			r.from = from
 			c.claimAnswered(r)
+		}
+	case msgMoveStart:
+		var ms moveStartMsg
+		if ms, err = decodeMoveStart(m.Body); err == nil {
+			c.moveStarted(from, ms)
+		}
+	case msgMoveChunk:
+		var mc moveChunkMsg
+		if mc, err = decodeMoveChunk(m.Body); err == nil {
+			c.moveChunk(from, mc)
+		}
+	case msgMoveEnd:
+		var me moveEndMsg
+		if me, err = decodeMoveEnd(m.Body); err == nil {
+			c.moveEnded(from, me)
+		}
+	case msgOwners:
+		var om ownersMsg
+		if om, err = decodeOwners(m.Body); err == nil {
+			c.reconcile(from, om)
+		}
+	case msgMoveAck, msgMoveDone:
+		var ma moveAckMsg
+		if ma, err = decodeMoveAck(m.Body); err == nil {
+			if m.Type == msgMoveAck {
+				c.moveAcked(from, ma)
+			} else {
+				c.moveDone(from, ma)
+			}
 		}
 	default:
 		err = fmt.Errorf("unknown message type %d", m.Type)
@@ -409,6 +454,13 @@ func (c *clusterNode) deliver(from string, m link.Message) {
 	if err != nil {
 		c.log.Error("bad message from peer ignored", "peer", from, "type", m.Type, "error", err)
 	}
+}
+
+// setLeaving marks the node draining in gossip at once: routers stop
+// sending it devices, and peers stop picking it for sessions.
+func (c *clusterNode) setLeaving() {
+	c.leaving.Store(true)
+	c.retag()
 }
 
 // leave tells the cluster this node goes, bounded by ctx, so routers and
@@ -502,6 +554,18 @@ type ClusterStats struct {
 	Claims         int64                        `json:"client_id_claims"`
 	ClaimTimeouts  int64                        `json:"client_id_claim_timeouts"`
 	SessionsMoved  int64                        `json:"sessions_moved_here"`
+	// SessionsMovedOut counts sessions this node moved to another one and
+	// that one confirmed; SessionMovesFailed those that stayed here
+	// (destination gone, stalled or refused); ClaimsRefused the CONNECTs
+	// refused (0x88, 3.1.1 code 3) because the client's session could not
+	// be moved here.
+	SessionsMovedOut   int64 `json:"sessions_moved_out"`
+	SessionMovesFailed int64 `json:"session_moves_failed"`
+	ClaimsRefused      int64 `json:"client_id_claims_refused"`
+	// StaleSessions counts sessions (and connections) this node ended on
+	// a link's opening because their client connected to another node
+	// later, while this one was cut off (see cluster_heal.go).
+	StaleSessions int64 `json:"stale_sessions_ended"`
 }
 
 // MemberStats is one member of the gossip cluster.
@@ -540,6 +604,8 @@ func (c *clusterNode) stats() *ClusterStats {
 	sort.Slice(s.Links, func(i, j int) bool { return s.Links[i].Peer < s.Links[j].Peer })
 	s.Forwarded, s.ForwardedBytes, s.Received = c.forwarded.Load(), c.forwardedBytes.Load(), c.received.Load()
 	s.Claims, s.ClaimTimeouts, s.SessionsMoved = c.claimsSent.Load(), c.claimsTimedOut.Load(), c.moved.Load()
+	s.SessionsMovedOut, s.SessionMovesFailed, s.ClaimsRefused = c.movedOut.Load(), c.movesFailed.Load(), c.claimsRefused.Load()
+	s.StaleSessions = c.staleDropped.Load()
 	return s
 }
 

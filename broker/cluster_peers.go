@@ -109,6 +109,13 @@ func (s *peerSet) get(name string) *peer {
 	return s.alive[name]
 }
 
+// getHeld returns the held peer name, or nil.
+func (s *peerSet) getHeld(name string) *peer {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.held[name]
+}
+
 // up returns the alive peers whose link is connected now.
 func (s *peerSet) up() []*peer {
 	s.mu.Lock()
