@@ -410,9 +410,11 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			// (link_closed), as are the messages of a session no peer took
 			// (session_not_moved).
 			if b.cluster != nil {
-				for _, cl := range b.cluster.handOver(ctx) {
+				hctx, cancel := handOverContext(ctx)
+				for _, cl := range b.cluster.handOver(hctx) {
 					b.limits.sessionNotMoved(cl)
 				}
+				cancel()
 				b.cluster.leave(ctx)
 				b.cluster.flush(ctx)
 				b.cluster.shutdown()
@@ -430,6 +432,23 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 		}
 	})
 	return b.stopErr
+}
+
+// handOverContext bounds the session hand-over of a graceful stop so that
+// leaving gossip and flushing the links still fit ctx: it gets all but 5 s
+// of a longer deadline, half of a shorter one.
+func handOverContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	dl, ok := ctx.Deadline()
+	if !ok {
+		return context.WithCancel(ctx)
+	}
+	left := time.Until(dl)
+	if left > 10*time.Second {
+		left -= 5 * time.Second
+	} else {
+		left /= 2
+	}
+	return context.WithTimeout(ctx, left)
 }
 
 // Stats is a snapshot of a broker's state and counters, served as JSON on

@@ -263,9 +263,9 @@ func (c *clusterNode) restore(o *outMove, version byte, sess mqtt.Session, why s
 // moveStream sends the chunks of one move, at most moveWindow of them
 // unacknowledged.
 type moveStream struct {
-	c     *clusterNode
-	o     *outMove
-	p     *peer
+	c      *clusterNode
+	o      *outMove
+	p      *peer
 	seq    uint64 // chunks sent
 	acked  uint64 // chunks acknowledged
 	answer uint64 // the destination's answer, once it came

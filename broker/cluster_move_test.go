@@ -323,6 +323,7 @@ func TestClusterHealEndsStaleSession(t *testing.T) {
 		}
 		return nil
 	})
+	waitMesh(t, nodes...)
 	waitRoutes(t, nodes, nodes[1], 1)
 	waitRoutes(t, nodes, nodes[0], 0)
 	pub, _ := dialV5(t, nodes[0], &paho.Connect{ClientID: "pub", CleanStart: true})
