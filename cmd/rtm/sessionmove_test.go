@@ -43,9 +43,15 @@ type movingClient struct {
 }
 
 func newMovingClient(t *testing.T, id, filter string, first int, addrs func() []string) *movingClient {
+	return newMovingClientClean(t, id, filter, first, true, addrs)
+}
+
+// newMovingClientClean is newMovingClient whose first CONNECT has clean
+// start as given (false: a device that expects a session somewhere).
+func newMovingClientClean(t *testing.T, id, filter string, first int, clean bool, addrs func() []string) *movingClient {
 	c := &movingClient{t: t, id: id, filter: filter, addrs: addrs, got: map[uint64]int{},
 		ready: make(chan struct{}), stop: make(chan struct{}), done: make(chan struct{})}
-	go c.run(first)
+	go c.run(first, clean)
 	t.Cleanup(c.close)
 	select {
 	case <-c.ready:
@@ -64,9 +70,9 @@ func (c *movingClient) close() {
 	<-c.done
 }
 
-func (c *movingClient) run(next int) {
+func (c *movingClient) run(next int, clean bool) {
 	defer close(c.done)
-	clean := true
+	first := true
 	for {
 		select {
 		case <-c.stop:
@@ -107,7 +113,7 @@ func (c *movingClient) run(next int) {
 			continue
 		}
 		c.mu.Lock()
-		if !clean {
+		if !first {
 			c.reconnects++
 			if !ca.SessionPresent {
 				c.noSession++
@@ -124,8 +130,8 @@ func (c *movingClient) run(next int) {
 				continue
 			}
 		}
-		if clean {
-			clean = false
+		if first {
+			first, clean = false, false
 			close(c.ready)
 		}
 		select {
@@ -350,3 +356,117 @@ func waitAcked(t *testing.T, p *streamPublisher, k int) {
 	})
 }
 
+// TestPartitionHealOneOwner stops a broker with SIGSTOP for 10 s while its
+// persistent subscriber, still connected to it, connects to the other
+// broker, and resumes it with SIGCONT. The new CONNECT does not wait out
+// cluster.claim_timeout (10 s here) for the stopped node, which gossip
+// suspects; after the heal the old connection is ended (0x8E) and the
+// stopped node holds no session for the client (its stale one is dropped
+// and counted), the new connection keeps receiving, and it gets no message
+// twice and none late (numbers only increase). Before, both connections
+// stayed alive and the stopped node kept, filled and later handed over the
+// stale session (hundreds of duplicates and late messages).
+func TestPartitionHealOneOwner(t *testing.T) {
+	t.Parallel()
+	f := newClusterFixture(t)
+	claim := "RTM_CLUSTER_CLAIM_TIMEOUT=10s"
+	n1, n2 := f.start("n1", claim), f.start("n2", claim)
+	waitFormed(t, n1, n2)
+
+	// The device on n2: a persistent session, and a connection that
+	// watches for its DISCONNECT.
+	var oldGot atomic.Int64
+	oldGone := make(chan byte, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := net.DialTimeout("tcp", n2.mqtt, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	x := paho.NewClient(paho.ClientConfig{Conn: conn, OnClientError: func(error) {},
+		OnServerDisconnect: func(d *paho.Disconnect) { oldGone <- d.ReasonCode },
+		OnPublishReceived: []func(paho.PublishReceived) (bool, error){func(paho.PublishReceived) (bool, error) {
+			oldGot.Add(1)
+			return true, nil
+		}}})
+	if _, err := x.Connect(ctx, &paho.Connect{ClientID: "ph-x", KeepAlive: 60, CleanStart: true,
+		Properties: &paho.ConnectProperties{SessionExpiryInterval: &sessionExpiry}}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	if _, err := x.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: "ph/x", QoS: 1}}}); err != nil {
+		t.Fatal(err)
+	}
+	waitRoutes(t, n1, "n2", 1)
+	pub := startStreamPublisher(t, "ph/x", 10*time.Millisecond, func() []string { return []string{n1.mqtt} })
+	waitAcked(t, pub, 50)
+
+	if err := n2.p.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	stopped := time.Now()
+	t.Cleanup(func() { _ = n2.p.cmd.Process.Signal(syscall.SIGCONT) })
+	// The device gives n2 up and connects to n1.
+	began := time.Now()
+	cur := newMovingClientClean(t, "ph-x", "ph/x", 0, false, func() []string { return []string{n1.mqtt} })
+	took := time.Since(began)
+	t.Logf("CONNECT to n1 while n2 is stopped took %v", took.Round(time.Millisecond))
+	if took > 6*time.Second {
+		t.Errorf("CONNECT to n1 took %v: it waited for the stopped node (claim timeout 10s)", took)
+	}
+	firstSeq := pub.next.Load()
+	time.Sleep(10*time.Second - time.Since(stopped)) // the partition lasts 10 s
+	if err := n2.p.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	healed := time.Now()
+	select {
+	case code := <-oldGone:
+		if code != 0x8E {
+			t.Errorf("old connection: DISCONNECT 0x%02X, want 0x8E", code)
+		}
+		t.Logf("old connection ended %v after SIGCONT", time.Since(healed).Round(time.Millisecond))
+	case <-time.After(20 * time.Second):
+		t.Fatal("the old connection on n2 still open 20 s after SIGCONT")
+	}
+	testutil.WaitFor(t, 20*time.Second, func() error {
+		s := brokerStats(t, n2.admin)
+		if s.Sessions != 0 || s.Connections != 0 {
+			return fmt.Errorf("n2 holds %d sessions, %d connections; want none", s.Sessions, s.Connections)
+		}
+		if s.Cluster == nil || s.Cluster.StaleSessions != 1 {
+			return fmt.Errorf("n2 ended %+v stale sessions, want 1", s.Cluster)
+		}
+		return nil
+	})
+	waitAcked(t, pub, 100)
+	pub.close()
+	var want []uint64
+	for _, s := range pub.ackedSeqs() {
+		if s >= firstSeq {
+			want = append(want, s)
+		}
+	}
+	testutil.WaitFor(t, 20*time.Second, func() error {
+		if m := cur.missing(want); len(m) > 0 {
+			return fmt.Errorf("the new connection misses %d of %d messages acknowledged after it subscribed (first %v)", len(m), len(want), m[:min(len(m), 5)])
+		}
+		return nil
+	})
+	if d := cur.duplicates(); d > 0 {
+		t.Errorf("the new connection got %d duplicates", d)
+	}
+	cur.mu.Lock()
+	defer cur.mu.Unlock()
+	for i := 1; i < len(cur.order); i++ {
+		if cur.order[i] <= cur.order[i-1] {
+			t.Errorf("late message: %d after %d", cur.order[i], cur.order[i-1])
+			break
+		}
+	}
+	if cur.reconnects != 0 {
+		t.Errorf("the new connection was ended %d times", cur.reconnects)
+	}
+	s := brokerStats(t, n2.admin)
+	t.Logf("old connection received %d messages in all; n2 dropped %v as stale", oldGot.Load(), s.DroppedByReason["stale_session"])
+}
