@@ -93,10 +93,12 @@ func TestSessionMoveLarge(t *testing.T) {
 	nodes := bigSessionCluster(t, 2)
 	queueBigSession(t, nodes, nodes[0])
 
+	began := time.Now()
 	dev, ca := dialV5(t, nodes[1], &paho.Connect{ClientID: "dev", CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
 	if !ca.SessionPresent {
 		t.Fatal("session not present after moving from n0 to n1")
 	}
+	t.Logf("CONNECT with the move of %d × %d bytes took %v", bigQueued, bigPayload, time.Since(began).Round(time.Millisecond))
 	expectBigSession(t, dev)
 	testutil.WaitFor(t, waitCond, func() error {
 		if st := nodes[0].Stats(); st.Sessions != 1 || st.Inflight != 0 { // pub's
