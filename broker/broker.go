@@ -411,7 +411,7 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			// (session_not_moved).
 			if b.cluster != nil {
 				hctx, cancel := handOverContext(ctx)
-				for _, cl := range b.cluster.handOver(hctx) {
+				for _, cl := range b.cluster.handOver(hctx, false) {
 					b.limits.sessionNotMoved(cl)
 				}
 				cancel()

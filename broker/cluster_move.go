@@ -551,8 +551,10 @@ func (c *clusterNode) sendMoveMsg(to string, typ byte, m moveAckMsg) {
 // handOver pushes every session this node holds to a live peer (the one
 // rendezvous hashing of the client ID picks among brokers not draining),
 // a few at a time, bounded by ctx: a node that stops gracefully leaves
-// nothing behind. Sessions it could not move are returned.
-func (c *clusterNode) handOver(ctx context.Context) (kept []*mqtt.Client) {
+// nothing behind. With offlineOnly, sessions whose client is connected stay
+// (an evacuation ends them with their connection). Sessions it could not
+// move are returned.
+func (c *clusterNode) handOver(ctx context.Context, offlineOnly bool) (kept []*mqtt.Client) {
 	var live []*peer
 	draining := map[string]bool{}
 	for _, m := range c.members() {
@@ -565,7 +567,7 @@ func (c *clusterNode) handOver(ctx context.Context) (kept []*mqtt.Client) {
 	}
 	var todo []*mqtt.Client
 	for _, cl := range c.b.mq.Clients.GetAll() {
-		if !cl.Net.Inline && hasState(cl) {
+		if !cl.Net.Inline && hasState(cl) && (!offlineOnly || cl.Closed()) {
 			todo = append(todo, cl)
 		}
 	}

@@ -347,3 +347,46 @@ func nodes0(nodes []*broker.Broker, b *broker.Broker) *broker.Broker {
 	}
 	return b
 }
+
+// TestEvacuationMovesOfflineSessions: evacuating a node (drain with
+// evacuate) also moves the sessions of its offline clients, with their
+// queued messages, to a live peer, so the node can be taken down without
+// losing them. Before, they stayed on the drained node.
+func TestEvacuationMovesOfflineSessions(t *testing.T) {
+	nodes := startCluster(t, 2)
+	expiry := &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}
+	dev, _ := dialV5(t, nodes[0], &paho.Connect{ClientID: "sleeper", CleanStart: true, Properties: expiry})
+	subscribe(t, dev, 0, paho.SubscribeOptions{Topic: "inbox/sleeper", QoS: 1})
+	_ = dev.Disconnect(&paho.Disconnect{})
+	waitConnections(t, nodes[0], 0)
+	pub, _ := dialV5(t, nodes[1], &paho.Connect{ClientID: "pub", CleanStart: true})
+	waitRoutes(t, nodes, nodes[0], 1)
+	for i := range 5 {
+		pub.Pub(t, "inbox/sleeper", 1, false, fmt.Sprint(i))
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if n := nodes[0].Stats().Inflight; n != 5 {
+			return fmt.Errorf("n0 holds %d messages, want 5", n)
+		}
+		return nil
+	})
+	nodes[0].Drain(true)
+	testutil.WaitFor(t, waitCond, func() error {
+		if s := nodes[0].Stats(); s.Sessions != 0 {
+			return fmt.Errorf("the drained node still holds %d sessions", s.Sessions)
+		}
+		if s := nodes[1].Stats(); s.Inflight != 5 {
+			return fmt.Errorf("n1 holds %d messages, want 5", s.Inflight)
+		}
+		return nil
+	})
+	c, ca := dialV5(t, nodes[1], &paho.Connect{ClientID: "sleeper", CleanStart: false, Properties: expiry})
+	if !ca.SessionPresent {
+		t.Fatal("session not present on n1")
+	}
+	for i := range 5 {
+		if m := c.Next(t, waitMsg); string(m.Payload) != fmt.Sprint(i) {
+			t.Fatalf("message %d: got %q", i, m.Payload)
+		}
+	}
+}
