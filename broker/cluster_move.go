@@ -229,6 +229,12 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 		return false
 	}
 	if !st.confirmed() {
+		if st.answer == moveStale {
+			// Detached already: dropped, with what it held.
+			c.owners.forget(o.clientID)
+			c.dropStaleSession(o.clientID, o.to, sess.Inflight, 0, 0)
+			return false
+		}
 		c.restore(o, start.Version, sess, "the destination did not confirm it")
 		return false
 	}
