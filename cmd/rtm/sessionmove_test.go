@@ -1,10 +1,12 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
 	"net"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -406,6 +408,7 @@ func TestPartitionHealOneOwner(t *testing.T) {
 	}
 	stopped := time.Now()
 	t.Cleanup(func() { _ = n2.p.cmd.Process.Signal(syscall.SIGCONT) })
+	waitStopped(t, n2.p.cmd.Process.Pid)
 	// The device gives n2 up and connects to n1.
 	began := time.Now()
 	cur := newMovingClientClean(t, "ph-x", "ph/x", 0, false, func() []string { return []string{n1.mqtt} })
@@ -414,7 +417,9 @@ func TestPartitionHealOneOwner(t *testing.T) {
 	if took > 6*time.Second {
 		t.Errorf("CONNECT to n1 took %v: it waited for the stopped node (claim timeout 10s)", took)
 	}
-	firstSeq := pub.next.Load()
+	// The message being published while the SUBACK came may have found no
+	// subscriber yet: count from the next one.
+	firstSeq := pub.next.Load() + 1
 	time.Sleep(10*time.Second - time.Since(stopped)) // the partition lasts 10 s
 	if err := n2.p.cmd.Process.Signal(syscall.SIGCONT); err != nil {
 		t.Fatal(err)
@@ -469,4 +474,22 @@ func TestPartitionHealOneOwner(t *testing.T) {
 	}
 	s := brokerStats(t, n2.admin)
 	t.Logf("old connection received %d messages in all; n2 dropped %v as stale", oldGot.Load(), s.DroppedByReason["stale_session"])
+}
+
+// waitStopped waits until process pid is stopped (state T in
+// /proc/PID/stat): a signal is delivered asynchronously, and a process
+// that still runs for a moment would answer a claim.
+func waitStopped(t *testing.T, pid int) {
+	t.Helper()
+	testutil.WaitFor(t, 10*time.Second, func() error {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return err
+		}
+		// The state follows the command name, which is in parentheses.
+		if i := bytes.LastIndexByte(b, ')'); i > 0 && i+2 < len(b) && b[i+2] == 'T' {
+			return nil
+		}
+		return fmt.Errorf("process %d not stopped yet", pid)
+	})
 }
