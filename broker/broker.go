@@ -1,11 +1,3 @@
-// Package broker is rtm's MQTT broker role: one node built on mochi-mqtt v2
-// that speaks MQTT 3.1.1 and 5.0 over TCP, WebSocket (/mqtt) and, when a
-// certificate is configured, TLS and secure WebSocket, and serves the admin
-// HTTP endpoints /healthz, /readyz, /metrics and /v1/stats.
-//
-// A Broker is created by New (no I/O), started by Start (returns once every
-// listener is bound) and stopped by Shutdown (idempotent, bounded by its
-// context). Its methods are safe for concurrent use.
 package broker
 
 import (
@@ -467,12 +459,13 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			if !b.serving.Load() {
 				return // Start failed and left nothing running
 			}
-			// 2. Leave gossip first, so routers stop sending devices here
-			// and peers drop this node's routes at once instead of
-			// detecting a failure. The links stay open for the wills of the
-			// clients disconnected next.
+			// 2. Tell the cluster this node is going (the draining tag),
+			// so routers and peers stop sending devices here. It stays a
+			// member, with its links and routes, until its sessions are
+			// handed over (step 4): peers keep forwarding what its
+			// subscribers are owed meanwhile.
 			if b.cluster != nil {
-				b.cluster.leave(ctx)
+				b.cluster.setLeaving()
 			}
 			// 3. Each listener stops accepting, then sends its clients
 			// DISCONNECT 0x8B and closes them; hooks stop. A client that
@@ -512,11 +505,22 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 					b.log.Warn("history not all written at shutdown", "err", err)
 				}
 			}
-			// 4. Peers acknowledge what was forwarded to them (bounded, so
-			// the messages acknowledged to publishers here are delivered),
-			// then links and gossip close; what a peer still has not
-			// acknowledged is dropped and counted (link_closed).
+			// 4. Every session left (offline, or disconnected in step 3)
+			// moves to a live peer (see clusterNode.handOver); only then
+			// does the node leave gossip, so peers drop its routes once
+			// nothing here needs them. Peers acknowledge what was
+			// forwarded to them (bounded, so the messages acknowledged to
+			// publishers here are delivered), then links and gossip close;
+			// what a peer still has not acknowledged is dropped and counted
+			// (link_closed), as are the messages of a session no peer took
+			// (session_not_moved).
 			if b.cluster != nil {
+				hctx, cancel := handOverContext(ctx)
+				for _, cl := range b.cluster.handOver(hctx, false) {
+					b.limits.sessionNotMoved(cl)
+				}
+				cancel()
+				b.cluster.leave(ctx)
 				b.cluster.flush(ctx)
 				b.cluster.shutdown()
 			}
@@ -533,6 +537,23 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 		}
 	})
 	return b.stopErr
+}
+
+// handOverContext bounds the session hand-over of a graceful stop so that
+// leaving gossip and flushing the links still fit ctx: it gets all but 5 s
+// of a longer deadline, half of a shorter one.
+func handOverContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	dl, ok := ctx.Deadline()
+	if !ok {
+		return context.WithCancel(ctx)
+	}
+	left := time.Until(dl)
+	if left > 10*time.Second {
+		left -= 5 * time.Second
+	} else {
+		left /= 2
+	}
+	return context.WithTimeout(ctx, left)
 }
 
 // Stats is a snapshot of a broker's state and counters, served as JSON on

@@ -533,6 +533,15 @@ func (s *Server) connectClient(cl *Client, listener string, counted *bool) error
 	*counted = true
 
 	s.hooks.OnSessionEstablish(cl, pk)
+	// rtm patch 47: a hook that could not establish the session (rtm: the
+	// session is still moving from another server) refuses the CONNECT, so
+	// the client retries instead of getting an empty session.
+	if code := cl.State.rtm.refused; code != nil {
+		if err := s.SendConnack(cl, *code, false, nil); err != nil {
+			return fmt.Errorf("refused connection send ack: %w", err)
+		}
+		return *code
+	}
 
 	sessionPresent := s.inheritClientSession(pk, cl)
 	s.Clients.Add(cl) // [MQTT-4.1.0-1]
