@@ -92,6 +92,7 @@ type Broker struct {
 	cluster *clusterNode // nil when the broker runs alone
 	drain   *drainer
 	devices *devicesHook // nil without a store
+	durable *durableHook // nil without a store or with broker.durability off
 	// incarnation tells this process's connections from an earlier one's
 	// with the same node name (presence records).
 	incarnation uint64
@@ -202,6 +203,16 @@ func New(opts Options) (*Broker, error) {
 			return nil, fmt.Errorf("broker: metrics: %w", err)
 		}
 	}
+	if opts.Store != nil && cfg.Durability != "off" {
+		// Before the cluster hook: a PUBLISH is marked (OnPublish) before
+		// it is forwarded.
+		if b.durable, err = newDurableHook(b, opts.Store); err != nil {
+			return nil, err
+		}
+		if err := b.mq.AddHook(b.durable, nil); err != nil {
+			return nil, err
+		}
+	}
 	if opts.Cluster.GossipAddr != "" {
 		// Last, so it sees a publish only once every other hook let it through.
 		b.cluster = newClusterNode(b, opts.Cluster, opts.GossipTiming)
@@ -293,6 +304,15 @@ func (b *Broker) Start(ctx context.Context) (err error) {
 		if err := b.mq.AddListener(l); err != nil {
 			return fmt.Errorf("broker: %w", err)
 		}
+	}
+	if b.durable != nil {
+		// Before clients connect: a reconnecting client finds its session.
+		t0 := time.Now()
+		sessions, msgs, retained, err := b.durable.load(ctx)
+		if err != nil {
+			return fmt.Errorf("broker: restore persistent sessions from the store: %w", err)
+		}
+		b.log.Info("restored from the store", "sessions", sessions, "messages", msgs, "retained", retained, "took", time.Since(t0).String())
 	}
 	if err := b.mq.Serve(); err != nil {
 		return fmt.Errorf("broker: %w", err)
@@ -403,6 +423,13 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			_ = b.mq.Close()
 			b.loopStop()
 			<-b.loopDone
+			// The sessions' last state (disconnected, wills sent) is
+			// written before the store closes.
+			if b.durable != nil {
+				if err := b.durable.close(ctx); err != nil {
+					b.log.Error("persistent sessions not fully written at shutdown", "error", err)
+				}
+			}
 			// The disconnects of step 3 are the last presence records.
 			if b.devices != nil {
 				<-b.devices.done
@@ -506,6 +533,8 @@ type Stats struct {
 	Cluster *ClusterStats `json:"cluster,omitempty"`
 	// Store is nil without a store.
 	Store *StoreStats `json:"store,omitempty"`
+	// Durability is nil without a store or with broker.durability off.
+	Durability *DurabilityStats `json:"durability,omitempty"`
 }
 
 // BackpressureStats count the pacing of publishers by subscribers that do
@@ -595,6 +624,9 @@ func (b *Broker) Stats() Stats {
 	}
 	if b.devices != nil {
 		s.Store = b.devices.stats()
+	}
+	if b.durable != nil {
+		s.Durability = b.durable.stats()
 	}
 	s.MessagesDropped = maps.Clone(s.DroppedByReason[dropReasonNames[dropQueueFull]])
 	for _, r := range []dropReason{dropSessionFull, dropPacketIDs} {
