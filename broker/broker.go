@@ -326,6 +326,9 @@ func (b *Broker) Start(ctx context.Context) (err error) {
 	if b.devices != nil {
 		go b.devices.run(loopCtx.Done())
 	}
+	if b.durable != nil && b.cluster != nil {
+		go b.durable.watchFailures(loopCtx.Done())
+	}
 
 	b.serving.Store(true)
 	b.ready.Store(true)

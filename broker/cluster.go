@@ -225,6 +225,7 @@ func (c *clusterNode) linkConfig() link.Config {
 		MaxFrame:    c.b.cfg.MaxPacketSize + 64<<10,
 		Logger:      c.b.log,
 		OnDiscard:   c.discarded,
+		BeforeAck:   c.b.durableBarrier, // durable.go: a forwarded message is acknowledged once written
 	}
 	if c.timing == cluster.TimingFast {
 		lc.RedialMax = 200 * time.Millisecond
@@ -348,9 +349,14 @@ func (c *clusterNode) syncPeers() {
 	for name, p := range c.peers {
 		if addr, ok := want[name]; !ok || addr != p.linkAddr {
 			delete(c.peers, name)
-			c.dropRoutesLocked(name)
+			hold := !ok && failed[name] && c.cfg.FailedPeerHold > 0
+			if !hold || c.b.durable == nil {
+				// With durability, a held peer's routes stay until its
+				// sessions are adopted (durable_cluster.go releaseHeld).
+				c.dropRoutesLocked(name)
+			}
 			forget = append(forget, p)
-			if !ok && failed[name] && c.cfg.FailedPeerHold > 0 {
+			if hold {
 				p.heldUntil = now.Add(c.cfg.FailedPeerHold)
 				c.held[name] = p
 				c.log.Info("peer failed: its routes are dropped; what was queued for it is kept in case it comes back",
@@ -385,7 +391,7 @@ func (c *clusterNode) syncPeers() {
 	// there) and not linked to this one: a dead node's stale routes.
 	inbound := c.links.Stats().Peers
 	for name := range c.remoteSets {
-		if _, ok := c.peers[name]; !ok && !inbound[name].Connected {
+		if _, ok := c.peers[name]; !ok && c.held[name] == nil && !inbound[name].Connected {
 			if _, alive := want[name]; !alive {
 				c.dropRoutesLocked(name)
 			}
@@ -680,6 +686,9 @@ func linkDropReason(err error) dropReason {
 // counted by reason and QoS. Retained updates are not: a peer that comes
 // back gets every retained message in its link's opening snapshot.
 func (c *clusterNode) discarded(peer string, why link.Discard, msgs []link.Message) {
+	if c.reforward(peer, msgs) {
+		return // durable_cluster.go: sent on to the nodes that adopted the peer's sessions
+	}
 	reason := dropLinkClosed
 	switch why {
 	case link.DiscardRestarted:

@@ -57,6 +57,11 @@ type durableHook struct {
 
 	coalesced atomic.Int64 // messages acknowledged before their batch was written: never written
 	lost      atomic.Int64 // session writes refused because another node owns the session
+
+	barrierTimeouts atomic.Int64        // link acknowledgements sent before the store confirmed
+	adopted         atomic.Int64        // sessions taken from nodes that died (or left)
+	reforwarded     atomic.Int64        // publishes a dead node's link held, sent on to adopters
+	reforwardTo     map[string][]string // released failed peer → adopters, until its link's queue is handed over
 }
 
 // ackHold is what one PUBLISH's acknowledgement waits for.
@@ -101,6 +106,9 @@ type sessionDoc struct {
 	DisconnectedAt int64     `bson:"disconnected_at"`
 	Updated        time.Time `bson:"updated"`
 	Epoch          int64     `bson:"epoch"` // set on insert, raised by every adoption
+	// WillOnly marks a client without a persistent session, recorded for
+	// its will while it is connected.
+	WillOnly bool `bson:"will_only,omitempty"`
 }
 
 type subDoc struct {
@@ -119,6 +127,14 @@ type willDoc struct {
 	Retain  bool        `bson:"retain"`
 	Delay   uint32      `bson:"delay"`
 	User    [][2]string `bson:"user,omitempty"`
+}
+
+func (w *willDoc) will() mqtt.Will {
+	m := mqtt.Will{Flag: 1, TopicName: w.Topic, Payload: w.Payload, Qos: w.Qos, Retain: w.Retain, WillDelayInterval: w.Delay}
+	for _, u := range w.User {
+		m.User = append(m.User, packets.UserProperty{Key: u[0], Val: u[1]})
+	}
+	return m
 }
 
 // msgDoc is a QoS 1/2 message held for a session, in
@@ -151,7 +167,7 @@ func msgKey(client string, pid uint16) string { return client + "\x00" + strconv
 
 func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
 	d := &durableHook{b: b, st: st, node: b.cfg.NodeName, log: b.log.With("component", "durable"),
-		holds: map[string]*ackHold{}, known: map[string]bool{}}
+		holds: map[string]*ackHold{}, known: map[string]bool{}, reforwardTo: map[string][]string{}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.seq.Store(time.Now().UnixNano())
 	w, err := writebehind.New(writebehind.Options[durOp]{
@@ -287,6 +303,7 @@ func (d *durableHook) OnQosDropped(cl *mqtt.Client, pk packets.Packet) {
 // session from then on are written after the delete.
 func (d *durableHook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	if !pk.Connect.Clean {
+		d.claimOnConnect(cl)
 		return
 	}
 	d.mu.Lock()
@@ -299,7 +316,10 @@ func (d *durableHook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 }
 
 func (d *durableHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
-	if persistent(cl) {
+	if persistent(cl) || atomic.LoadUint32(&cl.Properties.Will.Flag) == 1 {
+		// A client without a persistent session is written for its will
+		// only: the node that adopts this one's clients, should it die,
+		// publishes it.
 		d.writeSession(cl, true)
 		return
 	}
@@ -385,11 +405,15 @@ func (d *durableHook) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, _ int6
 
 // writeSession queues cl's session document as it is now.
 func (d *durableHook) writeSession(cl *mqtt.Client, connected bool) {
-	doc := &sessionDoc{ID: cl.ID, Owner: d.node, Proto: cl.Properties.ProtocolVersion, Connected: connected, Updated: time.Now().UTC()}
+	doc := &sessionDoc{ID: cl.ID, Owner: d.node, Proto: cl.Properties.ProtocolVersion, Connected: connected, Updated: time.Now().UTC(),
+		WillOnly: !persistent(cl)}
 	if cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryIntervalFlag {
 		doc.Expiry, doc.ExpirySet = cl.Properties.Props.SessionExpiryInterval, true
 	}
 	for _, sub := range cl.State.Subscriptions.GetAll() {
+		if doc.WillOnly {
+			break
+		}
 		doc.Subs = append(doc.Subs, subDoc{Filter: sub.Filter, Qos: sub.Qos, NoLocal: sub.NoLocal,
 			RetainAsPublished: sub.RetainAsPublished, RetainHandling: sub.RetainHandling, Identifier: sub.Identifier})
 	}
@@ -504,7 +528,7 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 			}
 			set := bson.D{{Key: "proto", Value: s.Proto}, {Key: "expiry", Value: s.Expiry}, {Key: "expiry_set", Value: s.ExpirySet},
 				{Key: "subs", Value: s.Subs}, {Key: "will", Value: s.Will}, {Key: "connected", Value: s.Connected},
-				{Key: "disconnected_at", Value: s.DisconnectedAt}, {Key: "updated", Value: s.Updated}}
+				{Key: "disconnected_at", Value: s.DisconnectedAt}, {Key: "updated", Value: s.Updated}, {Key: "will_only", Value: s.WillOnly}}
 			models = append(models, mongo.NewUpdateOneModel().
 				SetFilter(bson.D{{Key: "_id", Value: id}, {Key: "owner", Value: d.node}}).
 				SetUpdate(bson.D{{Key: "$set", Value: set}, {Key: "$setOnInsert", Value: bson.D{{Key: "owner", Value: d.node}, {Key: "epoch", Value: int64(1)}}}}).
@@ -591,7 +615,7 @@ func (d *durableHook) load(ctx context.Context) (sessions, messages, retained in
 	if err := cur.All(ctx, &docs); err != nil {
 		return 0, 0, 0, fmt.Errorf("read sessions: %w", err)
 	}
-	n, err := d.restore(ctx, docs, now, maxExpiry, false)
+	n, err := d.restore(ctx, docs, now, maxExpiry, false, nil)
 	if err != nil {
 		return 0, 0, 0, err
 	}
@@ -629,7 +653,11 @@ func (d *durableHook) load(ctx context.Context) (sessions, messages, retained in
 // their messages, wills and subscriptions (routes follow). Expired ones
 // are deleted and their messages counted. adopted sessions were a dead
 // node's: their clients' connections are gone, so a will still held fires.
-func (d *durableHook) restore(ctx context.Context, docs []sessionDoc, now, maxExpiry int64, adopted bool) (int, error) {
+//
+// take, if set, is asked for each session just before it is installed
+// (after its messages are read), and skips it when false: an adoption's
+// conditional claim, so a session is in memory the moment it is owned.
+func (d *durableHook) restore(ctx context.Context, docs []sessionDoc, now, maxExpiry int64, adopted bool, take func(*sessionDoc) bool) (int, error) {
 	if len(docs) == 0 {
 		return 0, nil
 	}
@@ -657,6 +685,9 @@ func (d *durableHook) restore(ctx context.Context, docs []sessionDoc, now, maxEx
 	restored := 0
 	var expired []string
 	for _, s := range docs {
+		if take != nil && !take(&s) {
+			continue
+		}
 		disc := s.DisconnectedAt
 		if s.Connected || disc == 0 {
 			disc = now // connected when the node stopped: offline from now
@@ -666,6 +697,15 @@ func (d *durableHook) restore(ctx context.Context, docs []sessionDoc, now, maxEx
 			exp = min(int64(s.Expiry), maxExpiry)
 		}
 		msgs := held[s.ID]
+		if s.WillOnly {
+			// Its connection is gone, with the node: the will fires, the
+			// record goes.
+			if s.Will != nil && s.Connected {
+				d.b.mq.ScheduleWill(s.ID, s.Will.will(), now+int64(s.Will.Delay))
+			}
+			_, _ = d.put(durOp{kind: opSessionDel, client: s.ID})
+			continue
+		}
 		if disc+exp < now {
 			expired = append(expired, s.ID)
 			for _, m := range msgs {
@@ -695,11 +735,7 @@ func (d *durableHook) restore(ctx context.Context, docs []sessionDoc, now, maxEx
 			cl.SetStopTime(disc)
 		}
 		if s.Will != nil && (adopted || s.Connected || s.DisconnectedAt+int64(s.Will.Delay) > now) {
-			w := mqtt.Will{Flag: 1, TopicName: s.Will.Topic, Payload: s.Will.Payload, Qos: s.Will.Qos, Retain: s.Will.Retain, WillDelayInterval: s.Will.Delay}
-			for _, u := range s.Will.User {
-				w.User = append(w.User, packets.UserProperty{Key: u[0], Val: u[1]})
-			}
-			d.b.mq.ScheduleWill(s.ID, w, disc+int64(s.Will.Delay))
+			d.b.mq.ScheduleWill(s.ID, s.Will.will(), disc+int64(s.Will.Delay))
 		}
 		d.mu.Lock()
 		d.known[s.ID] = true
@@ -737,8 +773,17 @@ type DurabilityStats struct {
 	// LostOwnership counts session writes refused because another node
 	// adopted the session.
 	LostOwnership int64 `json:"lost_ownership"`
+	// Adopted counts sessions this node took from nodes that died.
+	Adopted int64 `json:"adopted"`
+	// Reforwarded counts publishes held for a dead node, sent on to the
+	// nodes that adopted its sessions (or delivered here).
+	Reforwarded int64 `json:"reforwarded"`
+	// BarrierTimeouts counts node link acknowledgements sent before the
+	// store confirmed the writes they covered (it took over 500 ms).
+	BarrierTimeouts int64 `json:"barrier_timeouts"`
 }
 
 func (d *durableHook) stats() *DurabilityStats {
-	return &DurabilityStats{Stats: d.w.Stats(), Coalesced: d.coalesced.Load(), LostOwnership: d.lost.Load()}
+	return &DurabilityStats{Stats: d.w.Stats(), Coalesced: d.coalesced.Load(), LostOwnership: d.lost.Load(),
+		Adopted: d.adopted.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load()}
 }
