@@ -163,6 +163,9 @@ type retainedDoc struct {
 	Expiry  int64  `bson:"expiry,omitempty"`
 }
 
+// durableLinger is how long the store writer lets a batch fill.
+const durableLinger = 5 * time.Millisecond
+
 func msgKey(client string, pid uint16) string { return client + "\x00" + strconv.Itoa(int(pid)) }
 
 func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
@@ -173,7 +176,13 @@ func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
 	w, err := writebehind.New(writebehind.Options[durOp]{
 		Name:     "sessions",
 		Write:    d.write,
-		MaxBatch: 512,
+		MaxBatch: 4096,
+		// A subscriber that keeps up acknowledges a message within
+		// milliseconds: waiting that long lets its acknowledgement join the
+		// batch of the message's write, and neither is written (write).
+		// The publisher's PUBACK waits for it too, which a window of
+		// publishes in flight (Receive Maximum) hides.
+		Linger: durableLinger,
 		// The writes of one session are bounded by broker.max_queued (its
 		// messages), so memory by the node's sessions; Put waits past it.
 		QueueLen: 16384,
