@@ -52,6 +52,7 @@ type durableHook struct {
 	mu    sync.Mutex
 	holds map[string]*ackHold // publisher ID → the writes its current PUBLISH waits for
 	known map[string]bool     // client IDs this node wrote (or loaded) a session document for
+	epoch map[string]ownInfo  // the epoch (and former owner) of sessions restored or adopted here (others: 1)
 
 	seq atomic.Int64 // orders a session's message documents
 
@@ -109,6 +110,13 @@ type sessionDoc struct {
 	// WillOnly marks a client without a persistent session, recorded for
 	// its will while it is connected.
 	WillOnly bool `bson:"will_only,omitempty"`
+	// AdoptedFrom is the node a survivor took the session from.
+	AdoptedFrom string `bson:"adopted_from,omitempty"`
+}
+
+type ownInfo struct {
+	epoch int64
+	from  string
 }
 
 type subDoc struct {
@@ -170,7 +178,7 @@ func msgKey(client string, pid uint16) string { return client + "\x00" + strconv
 
 func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
 	d := &durableHook{b: b, st: st, node: b.cfg.NodeName, log: b.log.With("component", "durable"),
-		holds: map[string]*ackHold{}, known: map[string]bool{}, reforwardTo: map[string][]string{}}
+		holds: map[string]*ackHold{}, known: map[string]bool{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.seq.Store(time.Now().UnixNano())
 	w, err := writebehind.New(writebehind.Options[durOp]{
@@ -318,6 +326,7 @@ func (d *durableHook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	d.mu.Lock()
 	known := d.known[cl.ID]
 	delete(d.known, cl.ID)
+	delete(d.epoch, cl.ID)
 	d.mu.Unlock()
 	if known {
 		_, _ = d.put(durOp{kind: opSessionDel, client: cl.ID})
@@ -335,6 +344,7 @@ func (d *durableHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	d.mu.Lock()
 	known := d.known[cl.ID]
 	delete(d.known, cl.ID)
+	delete(d.epoch, cl.ID)
 	d.mu.Unlock()
 	if known {
 		_, _ = d.put(durOp{kind: opSessionDel, client: cl.ID})
@@ -361,6 +371,7 @@ func (d *durableHook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 		d.mu.Lock()
 		known := d.known[cl.ID]
 		delete(d.known, cl.ID)
+		delete(d.epoch, cl.ID)
 		delete(d.holds, cl.ID)
 		d.mu.Unlock()
 		if known {
@@ -386,6 +397,7 @@ func (d *durableHook) OnWillSent(cl *mqtt.Client, _ packets.Packet) {
 func (d *durableHook) OnClientExpired(cl *mqtt.Client) {
 	d.mu.Lock()
 	delete(d.known, cl.ID)
+	delete(d.epoch, cl.ID)
 	d.mu.Unlock()
 	_, _ = d.put(durOp{kind: opSessionDel, client: cl.ID})
 }
@@ -441,6 +453,7 @@ func (d *durableHook) writeSession(cl *mqtt.Client, connected bool) {
 	}
 	d.mu.Lock()
 	d.known[cl.ID] = true
+	doc.Epoch, doc.AdoptedFrom = max(d.epoch[cl.ID].epoch, 1), d.epoch[cl.ID].from
 	d.mu.Unlock()
 	_, _ = d.put(durOp{kind: opSession, client: cl.ID, sess: doc})
 }
@@ -528,36 +541,35 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 			return fmt.Errorf("insert session messages: %w", err)
 		}
 	}
-	if len(sessOrder) > 0 || len(willClr) > 0 {
-		var models []mongo.WriteModel
+	if len(sessOrder) > 0 {
+		// Replaced as a whole: deleted (only where this node owns them),
+		// then inserted. Two commands per batch, where upserts cost FerretDB
+		// a lookup each. An insert that finds the session still there is
+		// refused (duplicate key): another node owns it now.
+		ids := make([]string, 0, len(sessOrder))
+		docs := make([]any, 0, len(sessOrder))
 		for _, id := range sessOrder {
-			s, ok := sessUp[id]
-			if !ok {
-				continue
+			if s, ok := sessUp[id]; ok {
+				ids = append(ids, id)
+				docs = append(docs, s)
 			}
-			set := bson.D{{Key: "proto", Value: s.Proto}, {Key: "expiry", Value: s.Expiry}, {Key: "expiry_set", Value: s.ExpirySet},
-				{Key: "subs", Value: s.Subs}, {Key: "will", Value: s.Will}, {Key: "connected", Value: s.Connected},
-				{Key: "disconnected_at", Value: s.DisconnectedAt}, {Key: "updated", Value: s.Updated}, {Key: "will_only", Value: s.WillOnly}}
-			models = append(models, mongo.NewUpdateOneModel().
-				SetFilter(bson.D{{Key: "_id", Value: id}, {Key: "owner", Value: d.node}}).
-				SetUpdate(bson.D{{Key: "$set", Value: set}, {Key: "$setOnInsert", Value: bson.D{{Key: "owner", Value: d.node}, {Key: "epoch", Value: int64(1)}}}}).
-				SetUpsert(true))
 		}
-		for _, id := range willClr {
-			models = append(models, mongo.NewUpdateOneModel().
-				SetFilter(bson.D{{Key: "_id", Value: id}, {Key: "owner", Value: d.node}}).
-				SetUpdate(bson.D{{Key: "$set", Value: bson.D{{Key: "will", Value: nil}}}}))
-		}
-		if len(models) > 0 {
-			_, err := sc.BulkWrite(ctx, models, options.BulkWrite().SetOrdered(false))
-			if err != nil {
+		if len(ids) > 0 {
+			if _, err := sc.DeleteMany(ctx, bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: ids}}}, {Key: "owner", Value: d.node}}); err != nil {
+				return fmt.Errorf("write sessions: %w", err)
+			}
+			if _, err := sc.InsertMany(ctx, docs, options.InsertMany().SetOrdered(false)); err != nil {
 				if !onlyDuplicates(err) {
 					return fmt.Errorf("write sessions: %w", err)
 				}
-				// Another node owns the session (it adopted it): this
-				// node's copy is stale and not written.
 				d.lost.Add(int64(duplicateCount(err)))
 			}
+		}
+	}
+	if len(willClr) > 0 {
+		if _, err := sc.UpdateMany(ctx, bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: willClr}}}, {Key: "owner", Value: d.node}},
+			bson.D{{Key: "$set", Value: bson.D{{Key: "will", Value: nil}}}}); err != nil {
+			return fmt.Errorf("write sessions: %w", err)
 		}
 	}
 	if len(rets) > 0 {
@@ -748,6 +760,7 @@ func (d *durableHook) restore(ctx context.Context, docs []sessionDoc, now, maxEx
 		}
 		d.mu.Lock()
 		d.known[s.ID] = true
+		d.epoch[s.ID] = ownInfo{s.Epoch, s.AdoptedFrom}
 		d.mu.Unlock()
 	}
 	if len(expired) > 0 {

@@ -198,7 +198,7 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 		if res.ModifiedCount != 1 {
 			return false // another node took it first
 		}
-		s.Owner, s.Epoch = d.node, s.Epoch+1
+		s.Owner, s.Epoch, s.AdoptedFrom = d.node, s.Epoch+1, s.Owner
 		got++
 		return true
 	}
@@ -238,8 +238,8 @@ func (d *durableHook) claimOnConnect(cl *mqtt.Client) {
 // session the store says it owned was adopted: its routes go, and what was
 // queued for it (forwarded while it was dying, or after, since its routes
 // were kept) is sent on to the nodes that adopted its sessions
-// (reforward). A peer that owned no persistent session keeps the usual
-// hold (cluster.failed_peer_hold).
+// (reforward). A peer that owned no persistent session loses its routes
+// and keeps the usual hold (cluster.failed_peer_hold).
 func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error {
 	c := d.b.cluster
 	c.mu.Lock()
@@ -268,6 +268,13 @@ func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error
 		}
 	}
 	if len(adopters) == 0 {
+		// It owned no persistent session: its routes go, as without
+		// durability, and its link stays held (cluster.failed_peer_hold).
+		c.mu.Lock()
+		if c.held[dead] != nil {
+			c.dropRoutesLocked(dead)
+		}
+		c.mu.Unlock()
 		return nil
 	}
 	c.mu.Lock()

@@ -41,6 +41,7 @@ var (
 	msgs     = flag.Int("msgs", 5000, "messages per publisher per round")
 	window   = flag.Int("window", 64, "QoS 1 publishes in flight per publisher")
 	size     = flag.Int("size", 256, "payload bytes")
+	persist  = flag.Bool("persistent", true, "subscribers have persistent sessions (false: clean sessions, the path durability must not cost)")
 	restart  = flag.Bool("restart", false, "measure the restart instead")
 	sessions = flag.Int("sessions", 10000, "restart: persistent sessions")
 	queued   = flag.Int("queued", 100000, "restart: queued messages in all (spread evenly)")
@@ -213,8 +214,12 @@ func measureThroughput(bin string) error {
 		}
 	}
 	on, off := median(rates["on"]), median(rates["off"])
-	fmt.Printf("median: on %.0f/s, off %.0f/s, ratio on/off %.2f (%d publishers x %d msgs, window %d, %d persistent subscribers, %d B, QoS 1)\n",
-		on, off, on/off, *pubs, *msgs, *window, *subs, *size)
+	kind := "persistent"
+	if !*persist {
+		kind = "clean-session"
+	}
+	fmt.Printf("median: on %.0f/s, off %.0f/s, ratio on/off %.2f (%d publishers x %d msgs, window %d, %d %s subscribers, %d B, QoS 1)\n",
+		on, off, on/off, *pubs, *msgs, *window, *subs, kind, *size)
 	fmt.Printf("rounds: on %v off %v\n", rates["on"], rates["off"])
 	return nil
 }
@@ -227,7 +232,11 @@ func throughputRound(addr string) (float64, error) {
 	done := make(chan struct{})
 	var once sync.Once
 	for i := 0; i < *subs; i++ {
-		c, _, err := dial(ctx, addr, fmt.Sprintf("sub-%d", i), 3600, true, func(*paho.Publish) {
+		expiry := uint32(0)
+		if *persist {
+			expiry = 3600
+		}
+		c, _, err := dial(ctx, addr, fmt.Sprintf("sub-%d", i), expiry, true, func(*paho.Publish) {
 			if got.Add(1) == want {
 				once.Do(func() { close(done) })
 			}
