@@ -1,10 +1,12 @@
 package broker
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -687,21 +689,39 @@ func (d *durableHook) restore(ctx context.Context, docs []sessionDoc, now, maxEx
 		ids[i] = s.ID
 	}
 	held := map[string][]msgDoc{}
-	for i := 0; i < len(ids); i += 1000 {
-		chunk := ids[i:min(i+1000, len(ids))]
-		cur, err := d.st.DB().Collection(store.CollSessionMessages).Find(ctx,
-			bson.D{{Key: "c", Value: bson.D{{Key: "$in", Value: chunk}}}},
-			options.Find().SetSort(bson.D{{Key: "c", Value: 1}, {Key: "seq", Value: 1}}))
+	want := make(map[string]bool, len(ids))
+	for _, id := range ids {
+		want[id] = true
+	}
+	// Few sessions: looked up by client. Many: one pass over the
+	// collection (FerretDB matches $in by scanning, once per query).
+	var queries []bson.D
+	if len(ids) <= 1000 {
+		queries = append(queries, bson.D{{Key: "c", Value: bson.D{{Key: "$in", Value: ids}}}})
+	} else {
+		queries = append(queries, bson.D{})
+	}
+	for _, q := range queries {
+		cur, err := d.st.DB().Collection(store.CollSessionMessages).Find(ctx, q)
 		if err != nil {
 			return 0, fmt.Errorf("read session messages: %w", err)
 		}
-		var ms []msgDoc
-		if err := cur.All(ctx, &ms); err != nil {
+		for cur.Next(ctx) {
+			var m msgDoc
+			if err := cur.Decode(&m); err != nil {
+				return 0, fmt.Errorf("read session messages: %w", err)
+			}
+			if want[m.Client] {
+				held[m.Client] = append(held[m.Client], m)
+			}
+		}
+		if err := cur.Err(); err != nil {
 			return 0, fmt.Errorf("read session messages: %w", err)
 		}
-		for _, m := range ms {
-			held[m.Client] = append(held[m.Client], m)
-		}
+		_ = cur.Close(ctx)
+	}
+	for _, ms := range held {
+		slices.SortFunc(ms, func(a, b msgDoc) int { return cmp.Compare(a.Seq, b.Seq) })
 	}
 	restored := 0
 	var expired []string
