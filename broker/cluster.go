@@ -352,7 +352,7 @@ func (c *clusterNode) syncPeers() {
 			hold := !ok && failed[name] && c.cfg.FailedPeerHold > 0
 			if !hold || c.b.durable == nil {
 				// With durability, a held peer's routes stay until its
-				// sessions are adopted (durable_cluster.go releaseHeld).
+				// sessions are adopted (durable_cluster.go releaseWhenAdopted).
 				c.dropRoutesLocked(name)
 			}
 			forget = append(forget, p)
