@@ -98,6 +98,7 @@ type Broker struct {
 	devices *devicesHook        // nil without a store
 	groups  *plugins.GroupCache // nil without a store
 	history *plugins.History    // nil without a store or history topics
+	durable *durableHook        // nil without a store or with broker.durability off
 	// incarnation tells this process's connections from an earlier one's
 	// with the same node name (presence records).
 	incarnation uint64
@@ -243,6 +244,16 @@ func New(opts Options) (*Broker, error) {
 		}
 		b.collectors = append(b.collectors, storeCollector{b.devices}, groupsCollector{b.groups})
 	}
+	if opts.Store != nil && cfg.Durability != "off" {
+		// Before the cluster hook: a PUBLISH is marked (OnPublish) before
+		// it is forwarded.
+		if b.durable, err = newDurableHook(b, opts.Store); err != nil {
+			return nil, err
+		}
+		if err := b.mq.AddHook(b.durable, nil); err != nil {
+			return nil, err
+		}
+	}
 	if opts.Cluster.GossipAddr != "" {
 		// Last, so it sees a publish only once every other hook let it through.
 		b.cluster = newClusterNode(b, opts.Cluster, opts.GossipTiming)
@@ -354,6 +365,15 @@ func (b *Broker) Start(ctx context.Context) (err error) {
 			return fmt.Errorf("broker: %w", err)
 		}
 	}
+	if b.durable != nil {
+		// Before clients connect: a reconnecting client finds its session.
+		t0 := time.Now()
+		sessions, msgs, retained, err := b.durable.load(ctx)
+		if err != nil {
+			return fmt.Errorf("broker: restore persistent sessions from the store: %w", err)
+		}
+		b.log.Info("restored from the store", "sessions", sessions, "messages", msgs, "retained", retained, "took", time.Since(t0).String())
+	}
 	if err := b.mq.Serve(); err != nil {
 		return fmt.Errorf("broker: %w", err)
 	}
@@ -375,6 +395,9 @@ func (b *Broker) Start(ctx context.Context) (err error) {
 			every = config.Defaults().Groups.RefreshInterval
 		}
 		go b.refreshGroups(loopCtx, every)
+	}
+	if b.durable != nil && b.cluster != nil {
+		go b.durable.watchFailures(loopCtx.Done())
 	}
 
 	b.serving.Store(true)
@@ -494,6 +517,13 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			_ = b.mq.Close()
 			b.loopStop()
 			<-b.loopDone
+			// The sessions' last state (disconnected, wills sent) is
+			// written before the store closes.
+			if b.durable != nil {
+				if err := b.durable.close(ctx); err != nil {
+					b.log.Error("persistent sessions not fully written at shutdown", "error", err)
+				}
+			}
 			// The disconnects of step 3 are the last presence records.
 			if b.devices != nil {
 				<-b.devices.done
@@ -637,6 +667,8 @@ type Stats struct {
 	Store *StoreStats `json:"store,omitempty"`
 	// History is nil without history capture (docs/history.md).
 	History *plugins.HistoryStats `json:"history,omitempty"`
+	// Durability is nil without a store or with broker.durability off.
+	Durability *DurabilityStats `json:"durability,omitempty"`
 }
 
 // BackpressureStats count the pacing of publishers by subscribers that do
@@ -734,6 +766,9 @@ func (b *Broker) Stats() Stats {
 	if b.history != nil {
 		hs := b.history.Stats()
 		s.History = &hs
+	}
+	if b.durable != nil {
+		s.Durability = b.durable.stats()
 	}
 	s.MessagesDropped = maps.Clone(s.DroppedByReason[dropReasonNames[dropQueueFull]])
 	for _, r := range []dropReason{dropSessionFull, dropPacketIDs} {

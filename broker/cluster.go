@@ -203,6 +203,7 @@ func (c *clusterNode) linkConfig() link.Config {
 		MaxFrame:    c.b.cfg.MaxPacketSize + 64<<10,
 		Logger:      c.b.log,
 		OnDiscard:   c.discarded,
+		BeforeAck:   c.b.durableBarrier, // durable_cluster.go: a forwarded message is acknowledged once written
 	}
 	if c.timing == cluster.TimingFast {
 		lc.RedialMax = 200 * time.Millisecond
@@ -326,13 +327,20 @@ func (c *clusterNode) syncPeers() {
 	c.routes.mu.Lock()
 	res := c.peers.sync(want, failed, time.Now())
 	for _, name := range res.dropRoutes {
+		if c.b.durable != nil && c.peers.getHeld(name) != nil {
+			// With durability, a held peer's routes stay until its
+			// sessions are adopted (durable_cluster.go
+			// releaseWhenAdopted): what is published for them meanwhile
+			// waits in the held link and goes on to the adopters.
+			continue
+		}
 		c.routes.dropLocked(name)
 	}
 	// Routes of nodes that are no peer and gone from gossip (or never
 	// there) and not linked to this one: a dead node's stale routes.
 	inbound := c.links.Stats().Peers
 	for _, name := range c.routes.peersLocked() {
-		if _, alive := want[name]; !alive && !inbound[name].Connected && !c.peers.isAlive(name) {
+		if _, alive := want[name]; !alive && !inbound[name].Connected && !c.peers.isAlive(name) && c.peers.getHeld(name) == nil {
 			c.routes.dropLocked(name)
 		}
 	}

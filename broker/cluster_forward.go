@@ -218,6 +218,9 @@ func linkDropReason(err error) dropReason {
 // counted by reason and QoS. Retained updates are not: a peer that comes
 // back gets every retained message in its link's opening snapshot.
 func (c *clusterNode) discarded(peer string, why link.Discard, msgs []link.Message) {
+	if c.reforward(peer, msgs) {
+		return // durable_cluster.go: sent on to the nodes that adopted the peer's sessions
+	}
 	reason := dropLinkClosed
 	switch why {
 	case link.DiscardRestarted:

@@ -642,6 +642,21 @@ func rendezvous(clientID string, peers []*peer) *peer {
 	return best
 }
 
+// rendezvousName is rendezvous over node names (a node's own name
+// included), with the same hash and tie-break, for choices made from the
+// member list rather than from linked peers (durable_cluster.go).
+func rendezvousName(clientID string, names []string) string {
+	var best string
+	var bestH uint64
+	for _, n := range names {
+		h := fnv64(clientID, n)
+		if best == "" || h > bestH || (h == bestH && n < best) {
+			best, bestH = n, h
+		}
+	}
+	return best
+}
+
 func fnv64(a, b string) uint64 {
 	h := uint64(14695981039346656037)
 	for _, s := range []string{a, "\x00", b} {

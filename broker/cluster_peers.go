@@ -116,6 +116,15 @@ func (s *peerSet) getHeld(name string) *peer {
 	return s.held[name]
 }
 
+// releaseHeld removes the held peer name and returns it, or nil.
+func (s *peerSet) releaseHeld(name string) *peer {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p := s.held[name]
+	delete(s.held, name)
+	return p
+}
+
 // up returns the alive peers whose link is connected now.
 func (s *peerSet) up() []*peer {
 	s.mu.Lock()

@@ -120,3 +120,14 @@ func expiryLeft(at int64) uint32 {
 	}
 	return uint32(max(at-time.Now().Unix(), 1))
 }
+
+// seed records who set a topic's retained message and when, for one
+// restored from the store at start (durable_cluster.go), unless a later
+// change is known already.
+func (r *retainedSync) seed(topic string, at int64, node string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.meta[topic].newer(at, node) {
+		r.meta[topic] = retainStamp{at: at, node: node}
+	}
+}

@@ -150,6 +150,12 @@ func (r *routeTable) dropLocked(name string) {
 	delete(r.ver, name)
 }
 
+// hasRemoteLocked reports whether peer's routes include route. mu is held.
+func (r *routeTable) hasRemoteLocked(peer, route string) bool {
+	_, ok := r.sets[peer][route]
+	return ok
+}
+
 // peersLocked yields the names of the peers whose routes are held. mu is held.
 func (r *routeTable) peersLocked() []string {
 	return slices.Collect(maps.Keys(r.sets))

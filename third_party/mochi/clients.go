@@ -177,6 +177,7 @@ type ClientState struct {
 	outbound        outboundQueue      // queue for pending outbound packets (rtm patch: was a chan, see outbound.go)
 	flow            flowGate           // rtm patch 20: publishers waiting for this client to drain
 	rtm             rtmClientState     // rtm patches 42-44: read deadlines
+	acks            heldAcks           // rtm patch 54: acknowledgements held by OnPublishHold
 	endOnce         sync.Once          // only end once
 	isTakenOver     atomic.Bool        // used to identify orphaned clients
 	packetID        uint32             // the current highest packetID

@@ -1113,6 +1113,15 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	// holding this publisher's acknowledgement, see FlowControl.
 	s.publishToSubscribersFrom(cl, pk)
 
+	// rtm patch 54: an OnPublishHold hook may make the acknowledgement
+	// wait (e.g. for the message's write to a store); it is then sent, in
+	// order with this client's other acknowledgements, by another
+	// goroutine, and this client's next packets are read meanwhile.
+	if s.holdAck(cl, ack, pk.FixedHeader.Qos, s.hooks.OnPublishHold(cl, pk)) {
+		s.hooks.OnPublished(cl, pk)
+		return nil
+	}
+
 	err = cl.WritePacket(ack)
 	if err != nil {
 		return err
