@@ -282,7 +282,12 @@ func TestRollingRestartLosesNothing(t *testing.T) {
 	f := newClusterFixture(t)
 	nodes := []*clusterNode{f.start("n1"), f.start("n2"), f.start("n3")}
 	waitFormed(t, nodes...)
+	// The clients read the nodes' addresses while a restart rewrites
+	// them.
+	var addrMu sync.Mutex
 	addrs := func() []string {
+		addrMu.Lock()
+		defer addrMu.Unlock()
 		var out []string
 		for _, n := range nodes {
 			out = append(out, n.mqtt)
@@ -308,7 +313,9 @@ func TestRollingRestartLosesNothing(t *testing.T) {
 		if code := n.p.wait(t, 30*time.Second); code != 0 {
 			t.Fatalf("%s exit code %d after SIGTERM", n.name, code)
 		}
+		addrMu.Lock()
 		f.restart(n)
+		addrMu.Unlock()
 		waitFormed(t, nodes...)
 	}
 	waitAcked(t, pub, 50)
