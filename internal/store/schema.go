@@ -23,6 +23,7 @@ const (
 	CollAlerts            = "alerts"             // watchdog alerts
 	CollSessions          = "sessions"           // persistent MQTT sessions, keyed by client ID, with their owner broker
 	CollSessionMessages   = "session_messages"   // QoS 1/2 messages held for persistent sessions, keyed by client ID and packet ID
+	CollSessionClaims     = "session_claims"     // one document per adoption of a session (client ID and epoch): the insert that wins is the adoption
 	CollRetained          = "retained"           // retained messages, keyed by topic, last writer wins
 )
 
