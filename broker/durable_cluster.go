@@ -375,8 +375,10 @@ func (d *durableHook) movedIn(id, from string) {
 					{Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}})
 			cancel()
 			if err != nil || res.MatchedCount == 0 {
+				d.log.Debug("stored session of a moved-in client not taken over yet", "client_id", id, "from", from, "error", err)
 				continue // store down, or from's rewrite not landed yet (or no document: written below)
 			}
+			d.log.Debug("stored session taken over from the node it moved from", "client_id", id, "from", from)
 			break
 		}
 		if cl, ok := d.b.mq.Clients.Get(id); ok && persistent(cl) {

@@ -271,3 +271,59 @@ func sessionOwners(t *testing.T, uri string) map[string]string {
 	}
 	return m
 }
+
+// TestMovedSessionSurvivesItsNewNode: a persistent session moves from n1
+// to n2 (the device reconnects there), the device goes offline, messages
+// queue for it on n2, and n2 is killed. n2 took the stored session over
+// when it moved in, so the survivor adopts it: the device reconnects to
+// n1 with session present and gets every queued message. Before, the
+// stored document still named n1 (alive) as owner, n2's writes of the
+// session were refused, and nobody adopted it: session present 0, nothing
+// delivered.
+func TestMovedSessionSurvivesItsNewNode(t *testing.T) {
+	const msgs = 20
+	f := newClusterFixture(t)
+	n1, n2 := f.start("n1"), f.start("n2")
+	waitFormed(t, n1, n2)
+
+	c, _ := persistV5(t, n1.mqtt, "mv-dev", 600)
+	c.Sub(t, "mv/t", 1)
+	waitRoutes(t, n2, "n1", 1)
+	_ = c.Disconnect(&paho.Disconnect{})
+	c, present := persistV5(t, n2.mqtt, "mv-dev", 600)
+	if !present {
+		t.Fatal("session not moved to n2 by the takeover")
+	}
+	testutil.WaitFor(t, 20*time.Second, func() error {
+		if o := sessionOwners(t, f.storeURI)["mv-dev"]; o != "n2" {
+			return fmt.Errorf("stored session owned by %q, want n2 (it moved there)", o)
+		}
+		return nil
+	})
+	_ = c.Disconnect(&paho.Disconnect{})
+	waitRoutes(t, n1, "n2", 1)
+	pub := testutil.MustV5(t, n1.mqtt, "mv-pub")
+	for i := range msgs {
+		pub.Pub(t, "mv/t", 1, false, strconv.Itoa(i))
+	}
+	if err := syscall.Kill(n2.p.cmd.Process.Pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	n2.p.wait(t, 10*time.Second)
+	waitFailed(t, "n2", n1)
+	testutil.WaitFor(t, 30*time.Second, func() error {
+		if o := sessionOwners(t, f.storeURI)["mv-dev"]; o != "n1" {
+			return fmt.Errorf("stored session owned by %q, want n1 (adopted)", o)
+		}
+		return nil
+	})
+	c, present = persistV5(t, n1.mqtt, "mv-dev", 600)
+	if !present {
+		t.Fatal("reconnected to the survivor without its session")
+	}
+	seen := map[string]bool{}
+	for len(seen) < msgs {
+		m := c.Next(t, 20*time.Second)
+		seen[string(m.Payload)] = true
+	}
+}
