@@ -49,13 +49,6 @@ const (
 	CollHistoryNodes = "history_nodes" // one document per node that wrote history
 )
 
-// indexSkew is how far out of id order a node's writes of one topic may be
-// and still be found by a before bound: the push API's ids come from its
-// own clock, and a message reaches the writer some milliseconds after its
-// id was made. A message written later than this out of order is in pages
-// without a before bound only.
-const indexSkew = 2 * time.Second
-
 type histSegment struct {
 	ID    string   `bson:"_id"`
 	Node  string   `bson:"node"`
@@ -65,11 +58,34 @@ type histSegment struct {
 	Min   string   `bson:"min"`
 	Max   string   `bson:"max"`
 	CMax  string   `bson:"cmax"`
+	// CLag is how far (ms) the chain's ids have come out of order up to
+	// here: the most any id stood before the cmax of the segments before
+	// its own. A node's own ids increase; the push API's come from its
+	// clock, and a batch written again repeats older ones.
+	CLag int64 `bson:"clag"`
 }
 
 type chainState struct {
 	n    int64
 	cmax string
+	clag int64
+}
+
+// idMillis is the time part of an id, 0 if it is not one.
+func idMillis(id string) int64 {
+	u, err := ulid.ParseStrict(id)
+	if err != nil {
+		return 0
+	}
+	return int64(u.Time())
+}
+
+// lagOf is how far ids (sorted) stand before cmax, in ms.
+func lagOf(cmax string, ids []string) int64 {
+	if cmax == "" || ids[0] >= cmax {
+		return 0
+	}
+	return max(0, idMillis(cmax)-idMillis(ids[0]))
 }
 
 // histIndex is the Store's state for the index: whether the server needs
@@ -80,6 +96,10 @@ type histIndex struct {
 	on     bool
 	nodes  map[string]bool // registered in CollHistoryNodes; true: by this process, new
 	chains map[string]chainState
+	// seen is the last segment of each chain a page found, where the next
+	// page starts probing: a page then reads 2 segments to find the end,
+	// not 2·log2(n).
+	seen map[string]int64
 }
 
 func chainKey(node, topic string) string {
@@ -109,7 +129,7 @@ func (s *Store) useHistoryIndex(ctx context.Context) (bool, error) {
 			_, on = bi["ferretdbVersion"]
 		}
 		s.hidx.on, s.hidx.probed = on, true
-		s.hidx.nodes, s.hidx.chains = map[string]bool{}, map[string]chainState{}
+		s.hidx.nodes, s.hidx.chains, s.hidx.seen = map[string]bool{}, map[string]chainState{}, map[string]int64{}
 	}
 	return s.hidx.on, nil
 }
@@ -141,7 +161,7 @@ func (s *Store) indexHistory(ctx context.Context, msgs []HistoryMessage) error {
 		slices.Sort(g.ids)
 		g.ids = slices.Compact(g.ids)
 		segs[i] = histSegment{Node: g.node, Topic: g.topic, N: st.n + 1, IDs: g.ids, Min: g.ids[0], Max: g.ids[len(g.ids)-1],
-			CMax: max(st.cmax, g.ids[len(g.ids)-1])}
+			CMax: max(st.cmax, g.ids[len(g.ids)-1]), CLag: max(st.clag, lagOf(st.cmax, g.ids))}
 		segs[i].ID = segID(g.node, g.topic, segs[i].N)
 	}
 	coll := s.db.Collection(CollHistoryIndex)
@@ -167,7 +187,7 @@ func (s *Store) indexHistory(ctx context.Context, msgs []HistoryMessage) error {
 		for i, sg := range segs {
 			k := chainKey(sg.Node, sg.Topic)
 			if !taken[i] {
-				s.hidx.chains[k] = chainState{n: sg.N, cmax: sg.CMax}
+				s.hidx.chains[k] = chainState{n: sg.N, cmax: sg.CMax, clag: sg.CLag}
 				continue
 			}
 			// Taken by an earlier attempt or process: find the chain's end
@@ -182,7 +202,7 @@ func (s *Store) indexHistory(ctx context.Context, msgs []HistoryMessage) error {
 			if err != nil {
 				return err
 			}
-			again[i].N, again[i].CMax = st.n+1, max(st.cmax, again[i].Max)
+			again[i].N, again[i].CMax, again[i].CLag = st.n+1, max(st.cmax, again[i].Max), max(st.clag, lagOf(st.cmax, again[i].IDs))
 			again[i].ID = segID(again[i].Node, again[i].Topic, again[i].N)
 		}
 		segs = again
@@ -228,7 +248,7 @@ func (s *Store) chainState(ctx context.Context, node, topic string) (chainState,
 	if err != nil {
 		return chainState{}, err
 	}
-	return chainState{n: last.N, cmax: last.CMax}, nil
+	return chainState{n: last.N, cmax: last.CMax, clag: last.CLag}, nil
 }
 
 // segment reads segment n of a chain (without its ids unless withIDs);
@@ -277,6 +297,24 @@ func (s *Store) firstSegment(ctx context.Context, node, topic string) (*histSegm
 // probing, then a binary search.
 func (s *Store) lastSegment(ctx context.Context, node, topic string, first *histSegment) (*histSegment, error) {
 	lo := first
+	k := chainKey(node, topic)
+	s.hidx.mu.Lock()
+	hint := max(s.hidx.seen[k], s.hidx.chains[k].n)
+	s.hidx.mu.Unlock()
+	if hint > lo.N {
+		sg, err := s.segment(ctx, node, topic, hint, false)
+		if err != nil {
+			return nil, err
+		}
+		if sg != nil {
+			lo = sg
+		}
+	}
+	defer func() {
+		s.hidx.mu.Lock()
+		s.hidx.seen[k] = lo.N
+		s.hidx.mu.Unlock()
+	}()
 	var hi int64 // the first n known not to exist
 	for step := int64(1); ; step *= 2 {
 		sg, err := s.segment(ctx, node, topic, lo.N+step, false)
@@ -317,16 +355,17 @@ func (s *Store) nodeCandidates(ctx context.Context, node string, q HistoryQuery,
 	}
 	start := last.N
 	if q.Before != "" {
-		// The first segment whose cmax reaches the bound plus the skew:
-		// every later segment holds only ids above the bound.
-		bound := skewed(q.Before)
-		lo, hi := first.N-1, last.N+1 // cmax(lo) < bound <= cmax(hi)
-		if first.CMax >= bound {
+		// The first segment whose cmax passes the bound plus the chain's
+		// lag: an id below the bound in a later segment would stand
+		// further than the lag before the cmax of the segments before it.
+		bound := lagged(q.Before, last.CLag)
+		lo, hi := first.N-1, last.N+1 // cmax(lo) <= bound < cmax(hi)
+		if first.CMax > bound {
 			hi = first.N
 		} else {
 			lo = first.N
 		}
-		if last.CMax < bound {
+		if last.CMax <= bound {
 			lo = last.N
 		}
 		for hi-lo > 1 {
@@ -339,7 +378,7 @@ func (s *Store) nodeCandidates(ctx context.Context, node string, q HistoryQuery,
 				lo = mid
 				continue
 			}
-			if sg.CMax < bound {
+			if sg.CMax <= bound {
 				lo = mid
 			} else {
 				hi = mid
@@ -348,40 +387,46 @@ func (s *Store) nodeCandidates(ctx context.Context, node string, q HistoryQuery,
 		start = min(hi, last.N)
 	}
 	var out []string
-	for n := start; n >= first.N; n-- {
-		sg, err := s.segment(ctx, node, q.Topic, n, true)
-		if err != nil {
+	const ahead = 4 // segments read at once, walking back
+	for n := start; n >= first.N; {
+		segs := make([]*histSegment, min(ahead, n-first.N+1))
+		g, gctx := errgroup.WithContext(ctx)
+		for i := range segs {
+			g.Go(func() (err error) {
+				segs[i], err = s.segment(gctx, node, q.Topic, n-int64(i), true)
+				return err
+			})
+		}
+		if err := g.Wait(); err != nil {
 			return nil, err
 		}
-		if sg == nil {
-			break // purged meanwhile
-		}
-		if len(out) >= limit && sg.CMax < out[limit-1] {
-			break // nothing here or before is newer than what we have
-		}
-		if q.After != "" && sg.CMax <= q.After {
-			break
-		}
-		for _, id := range sg.IDs {
-			if (q.Before == "" || id < q.Before) && (q.After == "" || id > q.After) {
-				out = append(out, id)
+		n -= int64(len(segs))
+		for _, sg := range segs {
+			if sg == nil {
+				return out[:min(len(out), limit)], nil // purged meanwhile
 			}
+			if len(out) >= limit && sg.CMax < out[limit-1] {
+				return out[:limit], nil // nothing here or before is newer than what we have
+			}
+			if q.After != "" && sg.CMax <= q.After {
+				return out[:min(len(out), limit)], nil
+			}
+			for _, id := range sg.IDs {
+				if (q.Before == "" || id < q.Before) && (q.After == "" || id > q.After) {
+					out = append(out, id)
+				}
+			}
+			slices.SortFunc(out, func(a, b string) int { return cmp.Compare(b, a) })
+			out = slices.Compact(out)
 		}
-		slices.SortFunc(out, func(a, b string) int { return cmp.Compare(b, a) })
-		out = slices.Compact(out)
 	}
 	return out[:min(len(out), limit)], nil
 }
 
-// skewed returns the id indexSkew after id's time (the highest of that
-// millisecond).
-func skewed(id string) string {
-	u, err := ulid.ParseStrict(id)
-	if err != nil {
-		return id
-	}
+// lagged returns the highest id of the millisecond lag ms after id's.
+func lagged(id string, lag int64) string {
 	var b ulid.ULID
-	_ = b.SetTime(u.Time() + uint64(indexSkew/time.Millisecond))
+	_ = b.SetTime(uint64(idMillis(id) + lag))
 	_ = b.SetEntropy([]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
 	return b.String()
 }
@@ -421,7 +466,7 @@ func (s *Store) indexedHistory(ctx context.Context, q HistoryQuery) ([]HistoryMe
 		ids = ids[len(chunk):]
 		got := make([]*HistoryMessage, len(chunk))
 		g, gctx := errgroup.WithContext(ctx)
-		g.SetLimit(16)
+		g.SetLimit(50)
 		for i, id := range chunk {
 			g.Go(func() error {
 				m, err := s.HistoryByID(gctx, id)

@@ -255,3 +255,36 @@ func TestHistoryIndexPurge(t *testing.T) {
 	wantIDs(t, "written after the purge", walk(t, s, store.HistoryQuery{Topic: "a", Limit: 7}), idsOf(slices.Concat(fresh, more), "a"))
 	wantIDs(t, "purged whole, written again", walk(t, s, store.HistoryQuery{Topic: "gone", Limit: 2}), idsOf(more, "gone"))
 }
+
+// Ids a node writes out of order (the push API's come from its own clock;
+// a late batch) are found by bounded pages and walks all the same.
+func TestHistoryIndexOutOfOrderIDs(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := context.Background()
+	now := time.Now()
+	var all []store.HistoryMessage
+	for i := range 6 {
+		b := nodeMsgs("n1", 10, now.Add(time.Duration(i)*time.Second), func(int) string { return "a" })
+		if i == 4 {
+			// Made 30 s earlier, written now: older than everything above.
+			b = append(b, nodeMsgs("n1", 3, now.Add(-30*time.Second), func(int) string { return "a" })...)
+		}
+		all = append(all, b...)
+		if err := s.InsertHistory(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := idsOf(all, "a")
+	wantIDs(t, "walk", walk(t, s, store.HistoryQuery{Topic: "a", Limit: 4}), want)
+	for _, i := range []int{5, 40, 55, 57} {
+		page, err := s.History(ctx, store.HistoryQuery{Topic: "a", Before: want[i], Limit: 3})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, m := range page {
+			got = append(got, m.ID)
+		}
+		wantIDs(t, fmt.Sprintf("before #%d", i), got, want[i+1:min(i+4, len(want))])
+	}
+}
