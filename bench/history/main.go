@@ -1,19 +1,19 @@
 // Command history measures message history on the embedded store, each
 // figure against a peer measured in the same run, in alternating rounds:
 //
-//	go run ./bench/history [-rounds 5] [-publish 20000] [-ingest 20000] [-page-sizes 10000,100000]
+//		go run ./bench/history [-rounds 5] [-publish 20000] [-ingest 20000] [-ingest-topics 1000] [-page-sizes 10000,100000]
 //
-//   - capture: QoS 1 publish throughput (16 clients, 64-byte payloads, no
-//     subscriber) of a broker that captures every message into history,
-//     against one that captures none; both in this process, on one
-//     embedded store, run one after the other, the first alternating.
-//   - ingest: messages per second written to the store through history's
-//     writer (writebehind group commit, InsertHistory) against a loop of
-//     raw InsertMany calls of 256 documents, on a fresh database each run.
-//   - pages: latency of GET /v1/history's query (a page of 50, newest
-//     first, from the first page and from random cursors) on a topic
-//     holding a tenth of the collection, for each collection size; and the
-//     server's explain of it.
+//	  - capture: QoS 1 publish throughput (16 clients, 64-byte payloads, no
+//	    subscriber) of a broker that captures every message into history,
+//	    against one that captures none; both in this process, on one
+//	    embedded store, run one after the other, the first alternating.
+//	  - ingest: messages per second written to the store through history's
+//	    writer (writebehind group commit, InsertHistory) against a loop of
+//	    raw InsertMany calls of 256 documents, on a fresh database each run.
+//	  - pages: latency of GET /v1/history's query (a page of 50, newest
+//	    first, from the first page and from random cursors) on a topic
+//	    holding a tenth of the collection, for each collection size; and the
+//	    server's explain of it.
 //
 // It prints Markdown to stdout and progress to stderr.
 package main

@@ -211,11 +211,9 @@ func TestHistoryIndexPurge(t *testing.T) {
 	s := storetest.Open(t)
 	ctx := context.Background()
 	old := time.Now().Add(-2 * time.Hour)
-	var all []store.HistoryMessage
 	for i := range 4 {
 		b := nodeMsgs("n1", 20, old.Add(time.Duration(i)*time.Minute), func(int) string { return "a" })
 		b = append(b, nodeMsgs("n1", 5, old.Add(time.Duration(i)*time.Minute), func(int) string { return "gone" })...)
-		all = append(all, b...)
 		if err := s.InsertHistory(ctx, b); err != nil {
 			t.Fatal(err)
 		}
