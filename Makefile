@@ -11,7 +11,7 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.7.0
 # The whole suite stays under 15 minutes on 2 cores; -race is always on.
 TEST_FLAGS  ?= -race -count=1 -timeout 14m
 
-.PHONY: help build run test test-fork deploy-check bench bench-flow bench-cluster bench-router bench-pushapi bench-go memory lint fuzz clean
+.PHONY: help build run test test-fork deploy-check bench bench-throughput profile bench-flow bench-cluster bench-router bench-pushapi bench-go memory lint fuzz clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -33,8 +33,14 @@ test: ## run every test with the race detector (also compiles benchmarks, runs t
 test-fork: ## run the tests of our patched mochi-mqtt fork (third_party/mochi)
 	cd third_party/mochi && $(GO) test $(TEST_FLAGS) ./...
 
-bench: ## throughput against Mosquitto in one run (results belong in BENCHMARKS.md; see it for flags)
-	$(GO) run ./bench/throughput | tee bench.out
+bench: ## rtm (1 and 3 nodes), bare mochi and Mosquitto side by side, writes BENCHMARKS.md and docs/bench/*.svg (BENCH=quick: about 4 minutes; full: about 15, on 2 cores)
+	$(GO) run ./bench/suite -write BENCHMARKS.md $(if $(filter quick,$(BENCH)),-quick) | tee bench.out
+
+bench-throughput: ## the older throughput harness against Mosquitto (fan-in, QoS 1, fan-out, connect; see BENCHMARKS.md)
+	$(GO) run ./bench/throughput | tee bench-throughput.out
+
+profile: ## CPU and allocation pprof profiles of rtm under QoS 0 fan-in, QoS 1 fan-in, QoS 0 fan-out, into profiles/ (about 2 minutes)
+	mkdir -p profiles && $(GO) run ./bench/suite -profile profiles | tee profiles/top.md
 
 bench-flow: ## flow control against Mosquitto, both with default limits: QoS 1 burst, sustained QoS 1 fan-in, stuck subscriber (about 5 minutes)
 	$(GO) run ./bench/throughput -defaults -scenarios burst,fanin1,stuck -rounds 3 | tee bench-flow.out
@@ -81,4 +87,4 @@ fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	$(GO) test ./pushapi -run '^$$' -fuzz FuzzInvalidUTF8 -fuzztime $${FUZZTIME:-30s}
 
 clean: ## remove build output (not ./data)
-	rm -rf bin bench.out bench-flow.out bench-cluster.out bench-go.out
+	rm -rf bin profiles bench.out bench-throughput.out bench-flow.out bench-cluster.out bench-go.out

@@ -150,3 +150,27 @@ func TestAdminWithoutKeys(t *testing.T) {
 		t.Fatalf("New with a 5-character admin key: %v; want an error naming broker.admin_keys", err)
 	}
 }
+
+// TestAdminProfilerNeedsTheAdminKey: Go's profiler is on the admin port
+// for `make profile`, and like the /v1 endpoints it answers 401 without a
+// key; with one it serves a profile.
+func TestAdminProfilerNeedsTheAdminKey(t *testing.T) {
+	b := testcluster.Broker(t, "pprof", "", nil)
+	for _, path := range []string{"/debug/pprof/", "/debug/pprof/allocs", "/debug/pprof/profile?seconds=1"} {
+		if code, challenge, _ := adminCall(t, b, "GET", path, "", ""); code != http.StatusUnauthorized || challenge == "" {
+			t.Errorf("GET %s without a key: %d %q, want 401 with a challenge", path, code, challenge)
+		}
+	}
+	req, _ := http.NewRequest("GET", "http://"+b.Addr(broker.ListenerAdmin)+"/debug/pprof/allocs", nil)
+	req.Header.Set("Authorization", "Bearer "+testcluster.AdminKey)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	// A profile is gzipped protobuf.
+	if resp.StatusCode != http.StatusOK || len(raw) < 2 || raw[0] != 0x1f || raw[1] != 0x8b {
+		t.Fatalf("GET /debug/pprof/allocs with the key: %d, %d bytes", resp.StatusCode, len(raw))
+	}
+}

@@ -1,11 +1,3 @@
-// Package broker is rtm's MQTT broker role: one node built on mochi-mqtt v2
-// that speaks MQTT 3.1.1 and 5.0 over TCP, WebSocket (/mqtt) and, when a
-// certificate is configured, TLS and secure WebSocket, and serves the admin
-// HTTP endpoints /healthz, /readyz, /metrics and /v1/stats.
-//
-// A Broker is created by New (no I/O), started by Start (returns once every
-// listener is bound) and stopped by Shutdown (idempotent, bounded by its
-// context). Its methods are safe for concurrent use.
 package broker
 
 import (
@@ -106,6 +98,7 @@ type Broker struct {
 	devices *devicesHook        // nil without a store
 	groups  *plugins.GroupCache // nil without a store
 	history *plugins.History    // nil without a store or history topics
+	durable *durableHook        // nil without a store or with broker.durability off
 	// incarnation tells this process's connections from an earlier one's
 	// with the same node name (presence records).
 	incarnation uint64
@@ -251,6 +244,16 @@ func New(opts Options) (*Broker, error) {
 		}
 		b.collectors = append(b.collectors, storeCollector{b.devices}, groupsCollector{b.groups})
 	}
+	if opts.Store != nil && cfg.Durability != "off" {
+		// Before the cluster hook: a PUBLISH is marked (OnPublish) before
+		// it is forwarded.
+		if b.durable, err = newDurableHook(b, opts.Store); err != nil {
+			return nil, err
+		}
+		if err := b.mq.AddHook(b.durable, nil); err != nil {
+			return nil, err
+		}
+	}
 	if opts.Cluster.GossipAddr != "" {
 		// Last, so it sees a publish only once every other hook let it through.
 		b.cluster = newClusterNode(b, opts.Cluster, opts.GossipTiming)
@@ -362,6 +365,15 @@ func (b *Broker) Start(ctx context.Context) (err error) {
 			return fmt.Errorf("broker: %w", err)
 		}
 	}
+	if b.durable != nil {
+		// Before clients connect: a reconnecting client finds its session.
+		t0 := time.Now()
+		sessions, msgs, retained, err := b.durable.load(ctx)
+		if err != nil {
+			return fmt.Errorf("broker: restore persistent sessions from the store: %w", err)
+		}
+		b.log.Info("restored from the store", "sessions", sessions, "messages", msgs, "retained", retained, "took", time.Since(t0).String())
+	}
 	if err := b.mq.Serve(); err != nil {
 		return fmt.Errorf("broker: %w", err)
 	}
@@ -383,6 +395,9 @@ func (b *Broker) Start(ctx context.Context) (err error) {
 			every = config.Defaults().Groups.RefreshInterval
 		}
 		go b.refreshGroups(loopCtx, every)
+	}
+	if b.durable != nil && b.cluster != nil {
+		go b.durable.watchFailures(loopCtx.Done())
 	}
 
 	b.serving.Store(true)
@@ -467,12 +482,13 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			if !b.serving.Load() {
 				return // Start failed and left nothing running
 			}
-			// 2. Leave gossip first, so routers stop sending devices here
-			// and peers drop this node's routes at once instead of
-			// detecting a failure. The links stay open for the wills of the
-			// clients disconnected next.
+			// 2. Tell the cluster this node is going (the draining tag),
+			// so routers and peers stop sending devices here. It stays a
+			// member, with its links and routes, until its sessions are
+			// handed over (step 4): peers keep forwarding what its
+			// subscribers are owed meanwhile.
 			if b.cluster != nil {
-				b.cluster.leave(ctx)
+				b.cluster.setLeaving()
 			}
 			// 3. Each listener stops accepting, then sends its clients
 			// DISCONNECT 0x8B and closes them; hooks stop. A client that
@@ -501,6 +517,13 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 			_ = b.mq.Close()
 			b.loopStop()
 			<-b.loopDone
+			// The sessions' last state (disconnected, wills sent) is
+			// written before the store closes.
+			if b.durable != nil {
+				if err := b.durable.close(ctx); err != nil {
+					b.log.Error("persistent sessions not fully written at shutdown", "error", err)
+				}
+			}
 			// The disconnects of step 3 are the last presence records.
 			if b.devices != nil {
 				<-b.devices.done
@@ -512,11 +535,22 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 					b.log.Warn("history not all written at shutdown", "err", err)
 				}
 			}
-			// 4. Peers acknowledge what was forwarded to them (bounded, so
-			// the messages acknowledged to publishers here are delivered),
-			// then links and gossip close; what a peer still has not
-			// acknowledged is dropped and counted (link_closed).
+			// 4. Every session left (offline, or disconnected in step 3)
+			// moves to a live peer (see clusterNode.handOver); only then
+			// does the node leave gossip, so peers drop its routes once
+			// nothing here needs them. Peers acknowledge what was
+			// forwarded to them (bounded, so the messages acknowledged to
+			// publishers here are delivered), then links and gossip close;
+			// what a peer still has not acknowledged is dropped and counted
+			// (link_closed), as are the messages of a session no peer took
+			// (session_not_moved).
 			if b.cluster != nil {
+				hctx, cancel := handOverContext(ctx)
+				for _, cl := range b.cluster.handOver(hctx, false) {
+					b.limits.sessionNotMoved(cl)
+				}
+				cancel()
+				b.cluster.leave(ctx)
 				b.cluster.flush(ctx)
 				b.cluster.shutdown()
 			}
@@ -533,6 +567,23 @@ func (b *Broker) Shutdown(ctx context.Context) error {
 		}
 	})
 	return b.stopErr
+}
+
+// handOverContext bounds the session hand-over of a graceful stop so that
+// leaving gossip and flushing the links still fit ctx: it gets all but 5 s
+// of a longer deadline, half of a shorter one.
+func handOverContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	dl, ok := ctx.Deadline()
+	if !ok {
+		return context.WithCancel(ctx)
+	}
+	left := time.Until(dl)
+	if left > 10*time.Second {
+		left -= 5 * time.Second
+	} else {
+		left /= 2
+	}
+	return context.WithTimeout(ctx, left)
 }
 
 // Stats is a snapshot of a broker's state and counters, served as JSON on
@@ -616,6 +667,8 @@ type Stats struct {
 	Store *StoreStats `json:"store,omitempty"`
 	// History is nil without history capture (docs/history.md).
 	History *plugins.HistoryStats `json:"history,omitempty"`
+	// Durability is nil without a store or with broker.durability off.
+	Durability *DurabilityStats `json:"durability,omitempty"`
 }
 
 // BackpressureStats count the pacing of publishers by subscribers that do
@@ -713,6 +766,9 @@ func (b *Broker) Stats() Stats {
 	if b.history != nil {
 		hs := b.history.Stats()
 		s.History = &hs
+	}
+	if b.durable != nil {
+		s.Durability = b.durable.stats()
 	}
 	s.MessagesDropped = maps.Clone(s.DroppedByReason[dropReasonNames[dropQueueFull]])
 	for _, r := range []dropReason{dropSessionFull, dropPacketIDs} {

@@ -19,6 +19,12 @@ const (
 	msgRetained                    // a retained message set or cleared
 	msgClaim                       // "a client with this ID connected to me"
 	msgClaimReply                  // the answer, with the session if one moves
+	msgMoveStart                   // a session moves to the receiver: its subscriptions; messages follow
+	msgMoveChunk                   // messages of a moving session, in order
+	msgMoveEnd                     // every message sent (or the move given up)
+	msgMoveAck                     // receiver of a move: a chunk arrived (flow control)
+	msgMoveDone                    // receiver of a move: session installed, or given up
+	msgOwners                      // client IDs the sender holds, and since when (a link's opening)
 )
 
 // errShort is returned for a message that ends before its fields do.
@@ -325,6 +331,17 @@ type claimReplyMsg struct {
 	ClientID string
 	Found    bool
 	Session  mqtt.Session
+	// Busy: the sender is moving the client's session (to another node,
+	// or from one): the claim cannot be settled now, the client retries.
+	// Encoded after the session, and read only if present, so a node of
+	// the previous version still understands the answer.
+	Busy bool
+
+	// from and move are set locally, never encoded: the node that
+	// answered, and the move when the answer is a session that moves in
+	// pieces (msgMoveStart with the claim's ID).
+	from string
+	move *inMove
 }
 
 func (m claimReplyMsg) encode() ([]byte, error) {
@@ -334,8 +351,19 @@ func (m claimReplyMsg) encode() ([]byte, error) {
 	w.bool(m.Found)
 	w.bool(m.Session.ExpirySet)
 	w.uvarint(uint64(m.Session.Expiry))
-	w.uvarint(uint64(len(m.Session.Subscriptions)))
-	for _, s := range m.Session.Subscriptions {
+	appendSubscriptions(&w, m.Session.Subscriptions)
+	if err := appendQueued(&w, m.Session.Inflight); err != nil {
+		return nil, err
+	}
+	if m.Busy {
+		w.bool(true)
+	}
+	return w.b, nil
+}
+
+func appendSubscriptions(w *wbuf, subs []packets.Subscription) {
+	w.uvarint(uint64(len(subs)))
+	for _, s := range subs {
 		w.string(s.Filter)
 		w.byte(s.Qos)
 		w.bool(s.NoLocal)
@@ -343,16 +371,52 @@ func (m claimReplyMsg) encode() ([]byte, error) {
 		w.byte(s.RetainHandling)
 		w.uvarint(uint64(s.Identifier))
 	}
-	w.uvarint(uint64(len(m.Session.Inflight)))
-	for _, pk := range m.Session.Inflight {
+}
+
+func readSubscriptions(r *rbuf) []packets.Subscription {
+	var subs []packets.Subscription
+	n := r.count(6)
+	for range n {
+		s := packets.Subscription{Filter: r.string(), Qos: r.byte(), NoLocal: r.bool(), RetainAsPublished: r.bool(), RetainHandling: r.byte()}
+		s.Identifier = int(min(r.uvarint(), 268_435_455))
+		if s.Qos > 2 || s.RetainHandling > 2 {
+			r.fail(fmt.Errorf("cluster message: subscription %q: bad QoS or retain handling", s.Filter))
+		}
+		subs = append(subs, s)
+	}
+	return subs
+}
+
+// appendQueued encodes a session's queued messages with what is theirs in
+// the session: packet ID, absolute expiry, origin.
+func appendQueued(w *wbuf, pks []packets.Packet) error {
+	w.uvarint(uint64(len(pks)))
+	for _, pk := range pks {
 		w.uvarint(uint64(pk.PacketID))
 		w.varint(pk.Expiry)
 		w.string(pk.Origin)
-		if err := appendPacket(&w, pk); err != nil {
-			return nil, err
+		if err := appendPacket(w, pk); err != nil {
+			return err
 		}
 	}
-	return w.b, nil
+	return nil
+}
+
+func readQueued(r *rbuf) []packets.Packet {
+	var out []packets.Packet
+	n := r.count(4)
+	for range n {
+		id := uint16(min(r.uvarint(), 65535))
+		expiry := r.varint()
+		origin := r.string()
+		pk := readPacket(r)
+		pk.PacketID, pk.Expiry, pk.Origin = id, expiry, origin
+		if id == 0 && pk.FixedHeader.Qos > 0 {
+			r.fail(errors.New("cluster message: queued message without a packet ID"))
+		}
+		out = append(out, pk)
+	}
+	return out
 }
 
 func decodeClaimReply(b []byte) (m claimReplyMsg, err error) {
@@ -362,26 +426,144 @@ func decodeClaimReply(b []byte) (m claimReplyMsg, err error) {
 	m.Found = r.bool()
 	m.Session.ExpirySet = r.bool()
 	m.Session.Expiry = uint32(min(r.uvarint(), 1<<32-1))
-	n := r.count(6)
-	for range n {
-		s := packets.Subscription{Filter: r.string(), Qos: r.byte(), NoLocal: r.bool(), RetainAsPublished: r.bool(), RetainHandling: r.byte()}
-		s.Identifier = int(min(r.uvarint(), 268_435_455))
-		if s.Qos > 2 || s.RetainHandling > 2 {
-			r.fail(fmt.Errorf("cluster message: subscription %q: bad QoS or retain handling", s.Filter))
-		}
-		m.Session.Subscriptions = append(m.Session.Subscriptions, s)
+	m.Session.Subscriptions = readSubscriptions(&r)
+	m.Session.Inflight = readQueued(&r)
+	if r.err == nil && len(r.b) > 0 {
+		m.Busy = r.bool()
 	}
-	n = r.count(4)
+	return m, r.done()
+}
+
+// moveStartMsg is msgMoveStart: the sender moves client ClientID's session
+// to the receiver as move Move (numbered by the sender). Claim is the claim
+// it answers (0: the sender pushes it, leaving the cluster). The session's
+// queued messages follow in msgMoveChunk messages, then msgMoveEnd.
+type moveStartMsg struct {
+	Move, Claim uint64
+	ClientID    string
+	Version     byte // the client's MQTT protocol version
+	ExpirySet   bool
+	Expiry      uint32
+	Subs        []packets.Subscription
+}
+
+func (m moveStartMsg) encode() []byte {
+	w := wbuf{}
+	w.uvarint(m.Move)
+	w.uvarint(m.Claim)
+	w.string(m.ClientID)
+	w.byte(m.Version)
+	w.bool(m.ExpirySet)
+	w.uvarint(uint64(m.Expiry))
+	appendSubscriptions(&w, m.Subs)
+	return w.b
+}
+
+func decodeMoveStart(b []byte) (m moveStartMsg, err error) {
+	r := rbuf{b: b}
+	m.Move = r.uvarint()
+	m.Claim = r.uvarint()
+	m.ClientID = r.string()
+	m.Version = r.byte()
+	m.ExpirySet = r.bool()
+	m.Expiry = uint32(min(r.uvarint(), 1<<32-1))
+	m.Subs = readSubscriptions(&r)
+	return m, r.done()
+}
+
+// moveChunkMsg is msgMoveChunk: chunk Seq (from 0) of move Move's queued
+// messages, in session order.
+type moveChunkMsg struct {
+	Move, Seq uint64
+	Queued    []packets.Packet
+}
+
+func (m moveChunkMsg) encode() ([]byte, error) {
+	w := wbuf{}
+	w.uvarint(m.Move)
+	w.uvarint(m.Seq)
+	if err := appendQueued(&w, m.Queued); err != nil {
+		return nil, err
+	}
+	return w.b, nil
+}
+
+func decodeMoveChunk(b []byte) (m moveChunkMsg, err error) {
+	r := rbuf{b: b}
+	m.Move = r.uvarint()
+	m.Seq = r.uvarint()
+	m.Queued = readQueued(&r)
+	return m, r.done()
+}
+
+// moveEndMsg is msgMoveEnd: Chunks chunks were sent and the sender detached
+// the session, which the receiver now installs and confirms (msgMoveDone);
+// or, with Abort, the sender gave the move up and keeps the session.
+type moveEndMsg struct {
+	Move, Chunks uint64
+	Abort        bool
+}
+
+func (m moveEndMsg) encode() []byte {
+	w := wbuf{}
+	w.uvarint(m.Move)
+	w.uvarint(m.Chunks)
+	w.bool(m.Abort)
+	return w.b
+}
+
+func decodeMoveEnd(b []byte) (m moveEndMsg, err error) {
+	r := rbuf{b: b}
+	m.Move = r.uvarint()
+	m.Chunks = r.uvarint()
+	m.Abort = r.bool()
+	return m, r.done()
+}
+
+// moveAckMsg is msgMoveAck (chunk Seq of move Move arrived) and msgMoveDone
+// (Seq 1: the session is installed; 0: the receiver gave the move up, the
+// sender keeps or takes back the session).
+type moveAckMsg struct {
+	Move, Seq uint64
+}
+
+func (m moveAckMsg) encode() []byte {
+	w := wbuf{}
+	w.uvarint(m.Move)
+	w.uvarint(m.Seq)
+	return w.b
+}
+
+func decodeMoveAck(b []byte) (m moveAckMsg, err error) {
+	r := rbuf{b: b}
+	m.Move = r.uvarint()
+	m.Seq = r.uvarint()
+	return m, r.done()
+}
+
+// ownersMsg is msgOwners: client IDs the sender holds a session for, each
+// with when it was established there (unix nanoseconds; 0 unknown).
+type ownersMsg struct {
+	IDs   []string
+	Since []int64
+}
+
+func (m ownersMsg) encode() []byte {
+	w := wbuf{}
+	w.uvarint(uint64(len(m.IDs)))
+	for i, id := range m.IDs {
+		w.string(id)
+		w.varint(m.Since[i])
+	}
+	return w.b
+}
+
+func decodeOwners(b []byte) (m ownersMsg, err error) {
+	r := rbuf{b: b}
+	n := r.count(2)
 	for range n {
-		id := uint16(min(r.uvarint(), 65535))
-		expiry := r.varint()
-		origin := r.string()
-		pk := readPacket(&r)
-		pk.PacketID, pk.Expiry, pk.Origin = id, expiry, origin
-		if id == 0 && pk.FixedHeader.Qos > 0 {
-			r.fail(errors.New("cluster message: queued message without a packet ID"))
-		}
-		m.Session.Inflight = append(m.Session.Inflight, pk)
+		m.IDs = append(m.IDs, r.string())
+		m.Since = append(m.Since, r.varint())
 	}
 	return m, r.done()
 }

@@ -34,11 +34,27 @@ func clusterSeeds(t testing.TB) map[byte][]byte {
 		msgClaimReply: must(claimReplyMsg{ID: 5, ClientID: "dev", Found: true, Session: mqtt.Session{
 			Subscriptions: []packets.Subscription{{Filter: "a/#", Qos: 1, NoLocal: true, Identifier: 4}},
 			Inflight:      []packets.Packet{samplePacket(1)}, Expiry: 60, ExpirySet: true}}.encode()),
+		msgMoveStart: moveStartMsg{Move: 7, Claim: 5, ClientID: "dev", Version: 4, ExpirySet: true, Expiry: 60,
+			Subs: []packets.Subscription{{Filter: "a/#", Qos: 1, RetainHandling: 2, Identifier: 3}}}.encode(),
+		msgMoveChunk: must(moveChunkMsg{Move: 7, Seq: 2, Queued: []packets.Packet{samplePacket(1), samplePacket(2)}}.encode()),
+		msgMoveEnd:   moveEndMsg{Move: 7, Chunks: 3, Abort: true}.encode(),
+		msgMoveAck:   moveAckMsg{Move: 7, Seq: 2}.encode(),
+		msgOwners:    ownersMsg{IDs: []string{"dev", "x"}, Since: []int64{1, -2}}.encode(),
 	}
 }
 
 func decodeAny(typ byte, b []byte) (any, error) {
-	switch typ % 6 {
+	switch typ % 12 {
+	case 6:
+		return decodeMoveStart(b)
+	case 7:
+		return decodeMoveChunk(b)
+	case 8:
+		return decodeMoveEnd(b)
+	case 9, 10:
+		return decodeMoveAck(b)
+	case 11:
+		return decodeOwners(b)
 	case 0:
 		return decodeRoutes(b)
 	case 1:
@@ -67,6 +83,23 @@ func TestClusterMessagesRoundTrip(t *testing.T) {
 				!p.FixedHeader.Retain || p.Properties.ContentType != "text/plain" || len(p.Properties.User) != 1 || m.Shared[0] != "$share/g/a/b" {
 				t.Errorf("publish round trip: %+v", m)
 			}
+		case moveStartMsg:
+			if m.Move != 7 || m.Claim != 5 || m.ClientID != "dev" || m.Version != 4 || !m.ExpirySet || m.Expiry != 60 ||
+				!reflect.DeepEqual(m.Subs, []packets.Subscription{{Filter: "a/#", Qos: 1, RetainHandling: 2, Identifier: 3}}) {
+				t.Errorf("move start round trip: %+v", m)
+			}
+		case moveChunkMsg:
+			if m.Move != 7 || m.Seq != 2 || len(m.Queued) != 2 || m.Queued[1].FixedHeader.Qos != 2 || m.Queued[0].PacketID != 9 {
+				t.Errorf("move chunk round trip: %+v", m)
+			}
+		case moveEndMsg:
+			if m != (moveEndMsg{Move: 7, Chunks: 3, Abort: true}) {
+				t.Errorf("move end round trip: %+v", m)
+			}
+		case ownersMsg:
+			if !reflect.DeepEqual(m, ownersMsg{IDs: []string{"dev", "x"}, Since: []int64{1, -2}}) {
+				t.Errorf("owners round trip: %+v", m)
+			}
 		case claimReplyMsg:
 			s := m.Session
 			if !m.Found || m.ClientID != "dev" || !s.ExpirySet || s.Expiry != 60 || len(s.Inflight) != 1 || s.Inflight[0].PacketID != 9 ||
@@ -80,6 +113,21 @@ func TestClusterMessagesRoundTrip(t *testing.T) {
 				t.Errorf("type %d truncated to %d of %d bytes: no error", typ, i, len(b))
 			}
 		}
+	}
+}
+
+// TestClaimReplyBusy: Busy travels after the session, and an answer of the
+// previous version (without it) still decodes, as not busy.
+func TestClaimReplyBusy(t *testing.T) {
+	b, err := claimReplyMsg{ID: 1, ClientID: "dev", Found: true, Busy: true}.encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := decodeClaimReply(b); err != nil || !m.Busy || !m.Found {
+		t.Fatalf("busy answer: %+v, %v", m, err)
+	}
+	if m, err := decodeClaimReply(b[:len(b)-1]); err != nil || m.Busy || !m.Found {
+		t.Fatalf("answer without Busy: %+v, %v", m, err)
 	}
 }
 

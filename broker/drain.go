@@ -15,7 +15,8 @@ import (
 // node tells the cluster (gossip tag) so routers and other brokers stop
 // sending it devices; evacuating, it also disconnects its clients a few at
 // a time, pointing MQTT 5 clients at another broker, so they reconnect
-// elsewhere without a thundering herd.
+// elsewhere without a thundering herd, and then hands the sessions left
+// (of offline clients) to live peers.
 type drainer struct {
 	b *Broker
 
@@ -113,6 +114,14 @@ func (d *drainer) evacuate(ctx context.Context, done chan struct{}) {
 		}
 		if len(clients) == 0 {
 			d.b.log.Info("evacuation done: no client left", "evacuated", d.evacuated)
+			// Sessions of clients that are offline (or that went and
+			// have not come back elsewhere yet) move to live peers too,
+			// so the node can be taken down without losing them.
+			if d.b.cluster != nil {
+				if kept := d.b.cluster.handOver(ctx, true); len(kept) > 0 {
+					d.b.log.Warn("evacuation: sessions not handed over stay here", "sessions", len(kept))
+				}
+			}
 			return
 		}
 		for _, cl := range clients {

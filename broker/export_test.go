@@ -12,3 +12,18 @@ func (b *Broker) SetTestMembers(f func([]cluster.Member) []cluster.Member) {
 	}
 	b.cluster.testMembers.Store(&f)
 }
+
+// SetTestMoveChunk calls f before each chunk of a session move is sent
+// (side "source") or taken in ("destination"); nil removes it.
+func (b *Broker) SetTestMoveChunk(f func(side string, seq uint64)) {
+	if f == nil {
+		b.cluster.testMoveChunk.Store(nil)
+		return
+	}
+	b.cluster.testMoveChunk.Store(&f)
+}
+
+// KillCluster stops the node's cluster part abruptly, as a kill -9 would
+// for its peers: links and gossip close, nothing is handed over or left.
+// Its MQTT side keeps running.
+func (b *Broker) KillCluster() { b.cluster.shutdown() }

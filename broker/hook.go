@@ -92,6 +92,14 @@ const (
 	// broker.max_queued_bytes_total (half of it, for a client that already
 	// held messages).
 	dropMemoryBudget
+	// dropSessionNotMoved: QoS 1/2 messages held by a persistent session
+	// of a node that stopped gracefully with no live peer to hand the
+	// session to (or whose hand-over failed or ran out of time).
+	dropSessionNotMoved
+	// dropStaleSession: QoS 1/2 messages held by a session that a healed
+	// partition showed stale: its client had connected to another node
+	// while this one was cut off, and the newer session is kept.
+	dropStaleSession
 	numDropReasons
 )
 
@@ -99,18 +107,20 @@ const (
 var dropReasonNames = [numDropReasons]string{"queue_full", "session_full", "packet_ids",
 	"offline", "expired", "session_expired",
 	"link_queue_full", "link_oversize", "no_link", "link_closed", "link_reset", "peer_restarted", "too_large",
-	"queue_bytes", "memory_budget"}
+	"queue_bytes", "memory_budget", "session_not_moved", "stale_session"}
 
 // dropReasonText are the reasons as said in the log, in dropReason order.
 var dropReasonText = [numDropReasons]string{"client queue full", "client session full", "no free packet identifier",
 	"client offline (QoS 0)", "message expired", "session expired",
 	"link queue full", "too large for a node link", "no link to a peer with matching routes",
 	"link closed with messages queued", "QoS 0 lost when a link connection broke", "peer restarted",
-	"larger than the client's maximum packet size", "client queue bytes full", "node queue memory budget full"}
+	"larger than the client's maximum packet size", "client queue bytes full", "node queue memory budget full",
+	"session not handed over when the node stopped", "stale session ended after a partition"}
 
 // dropNoQoS0 marks the reasons that apply to QoS 1/2 messages only: their
 // QoS 0 series are not exported.
-var dropNoQoS0 = [numDropReasons]bool{dropSessionFull: true, dropPacketIDs: true, dropExpired: true, dropSessionExpired: true}
+var dropNoQoS0 = [numDropReasons]bool{dropSessionFull: true, dropPacketIDs: true, dropExpired: true, dropSessionExpired: true,
+	dropSessionNotMoved: true, dropStaleSession: true}
 
 type dropCount struct {
 	n     [numDropReasons]int64
@@ -133,6 +143,16 @@ func (h *limitsHook) OnClientExpired(cl *mqtt.Client) {
 	for _, pk := range cl.State.Inflight.GetAll(false) {
 		if pk.FixedHeader.Type == packets.Publish {
 			h.dropped(cl, pk, dropSessionExpired)
+		}
+	}
+}
+
+// sessionNotMoved counts the messages of a session a stopping node could
+// not hand over: they are lost with the node.
+func (h *limitsHook) sessionNotMoved(cl *mqtt.Client) {
+	for _, pk := range cl.State.Inflight.GetAll(false) {
+		if pk.FixedHeader.Type == packets.Publish {
+			h.dropped(cl, pk, dropSessionNotMoved)
 		}
 	}
 }

@@ -10,9 +10,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/eclipse/paho.golang/paho"
-
 	"github.com/rtm-dev/rtm/bench/internal/benchkit"
+	"github.com/rtm-dev/rtm/internal/loadgen"
 )
 
 // ceilings are the client's own limits on this machine, measured against a
@@ -22,7 +21,7 @@ type ceilings struct {
 	send, recv float64 // QoS 0 messages/s
 }
 
-// calibrate measures the paho client's QoS 0 publish rate (pubs
+// calibrate measures the load generator client's QoS 0 publish rate (pubs
 // publishers, msgs in all) and receive rate (one client, msgs) with payloads
 // of size bytes.
 func calibrate(ctx context.Context, pubs, msgs, size int) (ceilings, error) {
@@ -36,10 +35,18 @@ func calibrate(ctx context.Context, pubs, msgs, size int) (ceilings, error) {
 		return c, err
 	}
 	defer sink.Close()
-	clients, err := dialAll(ctx, sink.Addr().String(), "cal-pub", pubs, pubs, benchkit.Options{ReceiveMax: 16})
-	defer hangUpAll(clients)
-	if err != nil {
-		return c, err
+	clients := make([]*loadgen.Client, pubs)
+	defer func() {
+		for _, cl := range clients {
+			if cl != nil {
+				cl.Close()
+			}
+		}
+	}()
+	for i := range clients {
+		if clients[i], err = loadgen.Dial(ctx, loadgen.ClientOptions{Addr: sink.Addr().String(), ClientID: fmt.Sprintf("cal-pub-%d", i), ReadBuffer: 512}); err != nil {
+			return c, err
+		}
 	}
 	var wg sync.WaitGroup
 	start := time.Now()
@@ -47,9 +54,9 @@ func calibrate(ctx context.Context, pubs, msgs, size int) (ceilings, error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			pk := &paho.Publish{Topic: fmt.Sprintf("bench/%d", i), Payload: make([]byte, size)}
+			topic, payload := fmt.Sprintf("bench/%d", i), make([]byte, size)
 			for range msgs / pubs {
-				if _, err := pc.Publish(ctx, pk); err != nil {
+				if err := pc.Publish(ctx, 0, topic, payload); err != nil {
 					return
 				}
 			}
@@ -74,11 +81,11 @@ func calibrate(ctx context.Context, pubs, msgs, size int) (ceilings, error) {
 	}
 	defer src.Close()
 	tr := benchkit.NewTracker(int64(msgs))
-	rc, _, err := benchkit.Dial(ctx, src.Addr().String(), benchkit.Options{ID: "cal-sub", OnPublish: func(*paho.Publish) { tr.Hit() }})
+	rc, err := loadgen.Dial(ctx, loadgen.ClientOptions{Addr: src.Addr().String(), ClientID: "cal-sub", OnPublish: func(_, _ []byte) { tr.Hit() }})
 	if err != nil {
 		return c, err
 	}
-	defer benchkit.HangUp(rc)
+	defer rc.Close()
 	start = time.Now()
 	select {
 	case <-tr.Done():

@@ -1,5 +1,6 @@
 // Command throughput measures rtm's broker and Mosquitto side by side on one
-// machine, in one run, with the same MQTT 5 client (paho.golang) for both:
+// machine, in one run, with the same MQTT 5 client for both (`rtm bench`'s
+// engine, internal/loadgen; paho.golang in the flow-control scenarios):
 // QoS 0 fan-in, QoS 1 end-to-end throughput and latency, QoS 0 fan-out and
 // connection rate. Both brokers run as child processes on loopback; the
 // targets alternate within each round (rtm first in odd rounds, Mosquitto

@@ -83,10 +83,10 @@ func report(w io.Writer, cfg config, e environment, scs []scenario, targets []*t
 		strings.TrimSpace(e.command), cfg.rounds, cfg.warmup, e.elapsed.Round(time.Second))
 	fmt.Fprintf(w, "| | |\n| --- | --- |\n")
 	fmt.Fprintf(w, "| date | %s |\n| CPU | %s × %d |\n| kernel | %s |\n| Go | %s |\n", e.date, e.cpu, e.cores, e.kernel, e.goVersion)
-	fmt.Fprintf(w, "| rtm | %s |\n| Mosquitto | %s |\n| client | %s (same for both) |\n", e.rtm, e.mosquitto, e.paho)
+	fmt.Fprintf(w, "| rtm | %s |\n| Mosquitto | %s |\n| client | rtm bench's engine (internal/loadgen) for fan-in, QoS 1, fan-out and connect; %s for the flow-control scenarios (same for both) |\n", e.rtm, e.mosquitto, e.paho)
 	fmt.Fprintf(w, "| load average before / after | %s / %s |\n\n", e.loadBefore, e.loadAfter)
 	if c := e.ceilings; c != nil {
-		fmt.Fprintf(w, "Client ceilings, no broker (paho against a null server, %d B QoS 0): %d publishers send %s msg/s; one client receives %s msg/s.\n\n",
+		fmt.Fprintf(w, "Client ceilings, no broker (the load generator's client against a null server, %d B QoS 0): %d publishers send %s msg/s; one client receives %s msg/s.\n\n",
 			cfg.size, cfg.faninPubs, benchkit.Num(c.send), benchkit.Num(c.recv))
 	}
 	fmt.Fprintf(w, "Sizes: fan-in %d publishers → 1 subscriber, %d messages; QoS 1 %d messages, window %d; fan-out 1 → %d subscribers, %d messages; connect %d clients, %d at once. Payload %d B.\n\n",

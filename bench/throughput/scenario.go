@@ -2,17 +2,12 @@ package main
 
 import (
 	"context"
-	"encoding/binary"
-	"errors"
 	"fmt"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/eclipse/paho.golang/paho"
-
-	"github.com/rtm-dev/rtm/bench/internal/benchkit"
+	"github.com/rtm-dev/rtm/internal/loadgen"
 )
 
 // params sizes every scenario; scaled down for the warm-up pass.
@@ -131,264 +126,67 @@ var scenarios = []scenario{
 	},
 }
 
-// dialAll connects n clients named tag-i, at most conc at a time.
-func dialAll(ctx context.Context, addr, tag string, n, conc int, o benchkit.Options) ([]*paho.Client, error) {
-	clients := make([]*paho.Client, n)
-	errs := make([]error, n)
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for range min(conc, n) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := int(next.Add(1) - 1); i < n; i = int(next.Add(1) - 1) {
-				oo := o
-				oo.ID = fmt.Sprintf("%s-%d", tag, i)
-				clients[i], _, errs[i] = benchkit.Dial(ctx, addr, oo)
-			}
-		}()
-	}
-	wg.Wait()
-	return clients, errors.Join(errs...)
-}
+// The fan-in, QoS 1, fan-out and connection-rate scenarios run on `rtm
+// bench`'s engine (internal/loadgen): its own MQTT codec, so the same
+// client drives every broker here and in `make bench`.
 
-// hangUpAll disconnects clients, at most 50 at a time.
-func hangUpAll(clients []*paho.Client) {
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for range min(50, len(clients)) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := int(next.Add(1) - 1); i < len(clients); i = int(next.Add(1) - 1) {
-				benchkit.HangUp(clients[i])
-			}
-		}()
+// runLoad runs one loadgen scenario against t and maps its result.
+func runLoad(ctx context.Context, t *target, p params, c loadgen.Config) (res result, lr *loadgen.Result) {
+	c.Addrs = []string{t.addr}
+	c.Size = max(p.size, loadgen.HeaderSize)
+	c.Duration = p.timeout
+	c.Drain = p.idle
+	c.SetupTimeout = p.timeout
+	if c.ConnectConcurrency == 0 {
+		c.ConnectConcurrency = 20
 	}
-	wg.Wait()
+	c.Topic = "bench"
+	if c.Inflight == 0 {
+		c.Inflight = 64
+	}
+	lr, err := loadgen.Run(ctx, c)
+	if err != nil {
+		res.fail("%v", err)
+		return res, nil
+	}
+	res.expected, res.received, res.dups = lr.Expected, lr.Delivered, lr.Duplicated
+	for _, e := range lr.Errors {
+		res.fail("%s", e)
+	}
+	return res, lr
 }
 
 // runFanIn: faninPubs publishers send faninMsgs QoS 0 messages in all, as
-// fast as they can, on bench/<i>; one subscriber on bench/# counts them.
-func runFanIn(ctx context.Context, t *target, p params, tag string) (res result) {
-	ctx, cancel := context.WithTimeout(ctx, p.timeout)
-	defer cancel()
-	res.expected = int64(p.faninMsgs)
-	var cerrs atomic.Int64
-	tr := benchkit.NewTracker(res.expected)
-	sub, _, err := benchkit.Dial(ctx, t.addr, benchkit.Options{ID: tag + "-sub", OnPublish: func(*paho.Publish) { tr.Hit() }, ClientErrs: &cerrs})
-	if err != nil {
-		res.fail("%v", err)
-		return res
-	}
-	defer benchkit.HangUp(sub)
-	if err := benchkit.Subscribe(ctx, sub, "bench/#", 0); err != nil {
-		res.fail("%v", err)
-		return res
-	}
-	pubs, err := dialAll(ctx, t.addr, tag+"-pub", p.faninPubs, p.faninPubs, benchkit.Options{ReceiveMax: 16, ClientErrs: &cerrs})
-	defer hangUpAll(pubs)
-	if err != nil {
-		res.fail("%v", err)
-		return res
-	}
-
-	var perr atomic.Int64
-	var wg sync.WaitGroup
-	sent := make(chan struct{})
-	start := benchkit.Mono()
-	for i, pc := range pubs {
-		share := p.faninMsgs / p.faninPubs
-		if i == 0 {
-			share += p.faninMsgs % p.faninPubs
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			// QoS 0: paho writes the packet before Publish returns, so one
-			// payload buffer serves every message of this publisher.
-			pk := &paho.Publish{Topic: fmt.Sprintf("bench/%d", i), Payload: make([]byte, p.size)}
-			for range share {
-				if _, err := pc.Publish(ctx, pk); err != nil {
-					perr.Add(1)
-					return
-				}
-			}
-		}()
-	}
-	go func() { wg.Wait(); close(sent) }()
-	if err := tr.Wait(ctx, sent, p.idle); err != nil {
-		res.fail("%v", err)
-	}
-	<-sent
-	res.received = tr.Received()
-	res.values = map[string]float64{"rate": tr.Rate(start)}
-	if n := perr.Load(); n > 0 {
-		res.fail("%d publishers stopped on a write error", n)
-	}
-	if n := cerrs.Load(); n > 0 {
-		res.fail("%d client connection errors", n)
+// fast as they can, on bench/<i>; one subscriber on bench/+ counts them.
+func runFanIn(ctx context.Context, t *target, p params, _ string) result {
+	res, lr := runLoad(ctx, t, p, loadgen.Config{Scenario: loadgen.ScenarioFanIn, Version: loadgen.V5, Clients: p.faninPubs, Count: int64(p.faninMsgs)})
+	if lr != nil {
+		res.values = map[string]float64{"rate": lr.DeliveredRate}
 	}
 	return res
 }
 
-// runQoS1: one publisher keeps qos1Window QoS 1 publishes in flight (each
-// waits for its PUBACK); one QoS 1 subscriber acknowledges each delivery.
-// The payload carries the sequence number and the send time.
-func runQoS1(ctx context.Context, t *target, p params, tag string) (res result) {
-	ctx, cancel := context.WithTimeout(ctx, p.timeout)
-	defer cancel()
-	res.expected = int64(p.qos1Msgs)
-	size := max(p.size, 16)
-	var cerrs atomic.Int64
-	tr := benchkit.NewTracker(res.expected)
-	var mu sync.Mutex // guards lat and dups, written on the subscriber's routing goroutine
-	var dups int64
-	lat := make([]int64, p.qos1Msgs) // publish→receive ns by sequence, 0 until received
-	onMsg := func(pk *paho.Publish) {
-		now := benchkit.Mono()
-		if len(pk.Payload) < 16 {
-			return
+// runQoS1: one publisher keeps qos1Window QoS 1 publishes in flight; one
+// QoS 1 subscriber acknowledges each delivery. The payload carries the
+// sequence number and the send time.
+func runQoS1(ctx context.Context, t *target, p params, _ string) result {
+	res, lr := runLoad(ctx, t, p, loadgen.Config{Scenario: loadgen.ScenarioPairs, Version: loadgen.V5, QoS: 1, Clients: 1,
+		Count: int64(p.qos1Msgs), Inflight: p.qos1Window})
+	if lr != nil {
+		res.values = map[string]float64{"rate": lr.DeliveredRate}
+		if lr.Latency != nil {
+			res.values["p50"], res.values["p99"] = lr.Latency.P50, lr.Latency.P99
 		}
-		seq := binary.BigEndian.Uint64(pk.Payload)
-		sentAt := int64(binary.BigEndian.Uint64(pk.Payload[8:]))
-		mu.Lock()
-		defer mu.Unlock()
-		if seq >= uint64(len(lat)) {
-			return
-		}
-		if lat[seq] != 0 {
-			dups++
-			return
-		}
-		lat[seq] = max(now-sentAt, 1)
-		tr.Hit()
-	}
-	sub, _, err := benchkit.Dial(ctx, t.addr, benchkit.Options{ID: tag + "-sub", OnPublish: onMsg, ClientErrs: &cerrs})
-	if err != nil {
-		res.fail("%v", err)
-		return res
-	}
-	defer benchkit.HangUp(sub)
-	if err := benchkit.Subscribe(ctx, sub, "bench/q1", 1); err != nil {
-		res.fail("%v", err)
-		return res
-	}
-	pub, ca, err := benchkit.Dial(ctx, t.addr, benchkit.Options{ID: tag + "-pub", ReceiveMax: 16, ClientErrs: &cerrs})
-	if err != nil {
-		res.fail("%v", err)
-		return res
-	}
-	defer benchkit.HangUp(pub)
-	window := p.qos1Window
-	if ca.Properties != nil && ca.Properties.ReceiveMaximum != nil && int(*ca.Properties.ReceiveMaximum) < window {
-		window = int(*ca.Properties.ReceiveMaximum)
-		benchkit.Logf("%s: server Receive Maximum %d caps the QoS 1 window", t.name, window)
-	}
-
-	var next, perr atomic.Int64
-	var firstErr atomic.Value
-	var wg sync.WaitGroup
-	sent := make(chan struct{})
-	start := benchkit.Mono()
-	for range window {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			buf := make([]byte, size) // reused only once its PUBACK is in
-			for seq := next.Add(1) - 1; seq < res.expected; seq = next.Add(1) - 1 {
-				binary.BigEndian.PutUint64(buf, uint64(seq))
-				binary.BigEndian.PutUint64(buf[8:], uint64(benchkit.Mono()))
-				if _, err := pub.Publish(ctx, &paho.Publish{Topic: "bench/q1", QoS: 1, Payload: buf}); err != nil {
-					firstErr.CompareAndSwap(nil, err.Error())
-					perr.Add(1)
-					if ctx.Err() != nil {
-						return
-					}
-				}
-			}
-		}()
-	}
-	go func() { wg.Wait(); close(sent) }()
-	if err := tr.Wait(ctx, sent, p.idle); err != nil {
-		res.fail("%v", err)
-	}
-	<-sent
-	if n := perr.Load(); n > 0 {
-		res.fail("%d publishes failed (first: %v)", n, firstErr.Load())
-	}
-	if n := cerrs.Load(); n > 0 {
-		res.fail("%d client connection errors", n)
-	}
-	mu.Lock()
-	defer mu.Unlock()
-	res.received = tr.Received()
-	res.dups = dups
-	got := make([]int64, 0, res.received)
-	for _, d := range lat {
-		if d != 0 {
-			got = append(got, d)
-		}
-	}
-	res.values = map[string]float64{"rate": tr.Rate(start)}
-	if len(got) > 0 {
-		slices.Sort(got)
-		res.values["p50"] = ms(got[len(got)*50/100])
-		res.values["p99"] = ms(got[min(len(got)*99/100, len(got)-1)])
 	}
 	return res
 }
 
-func ms(ns int64) float64 { return float64(ns) / 1e6 }
-
-// runFanOut: fanoutSubs QoS 0 subscribers on bench/fan; one publisher sends
+// runFanOut: fanoutSubs QoS 0 subscribers on bench/all; one publisher sends
 // fanoutMsgs QoS 0 messages as fast as it can.
-func runFanOut(ctx context.Context, t *target, p params, tag string) (res result) {
-	ctx, cancel := context.WithTimeout(ctx, p.timeout)
-	defer cancel()
-	res.expected = int64(p.fanoutMsgs) * int64(p.fanoutSubs)
-	var cerrs atomic.Int64
-	tr := benchkit.NewTracker(res.expected)
-	subs, err := dialAll(ctx, t.addr, tag+"-sub", p.fanoutSubs, 20,
-		benchkit.Options{ReceiveMax: 4096, OnPublish: func(*paho.Publish) { tr.Hit() }, ClientErrs: &cerrs})
-	defer hangUpAll(subs)
-	if err != nil {
-		res.fail("%v", err)
-		return res
-	}
-	for _, s := range subs {
-		if err := benchkit.Subscribe(ctx, s, "bench/fan", 0); err != nil {
-			res.fail("%v", err)
-			return res
-		}
-	}
-	pub, _, err := benchkit.Dial(ctx, t.addr, benchkit.Options{ID: tag + "-pub", ReceiveMax: 16, ClientErrs: &cerrs})
-	if err != nil {
-		res.fail("%v", err)
-		return res
-	}
-	defer benchkit.HangUp(pub)
-
-	sent := make(chan struct{})
-	start := benchkit.Mono()
-	go func() {
-		defer close(sent)
-		pk := &paho.Publish{Topic: "bench/fan", Payload: make([]byte, p.size)}
-		for range p.fanoutMsgs {
-			if _, err := pub.Publish(ctx, pk); err != nil {
-				cerrs.Add(1)
-				return
-			}
-		}
-	}()
-	if err := tr.Wait(ctx, sent, p.idle); err != nil {
-		res.fail("%v", err)
-	}
-	<-sent
-	res.received = tr.Received()
-	res.values = map[string]float64{"rate": tr.Rate(start)}
-	if n := cerrs.Load(); n > 0 {
-		res.fail("%d client errors", n)
+func runFanOut(ctx context.Context, t *target, p params, _ string) result {
+	res, lr := runLoad(ctx, t, p, loadgen.Config{Scenario: loadgen.ScenarioFanOut, Version: loadgen.V5, Clients: p.fanoutSubs, Count: int64(p.fanoutMsgs)})
+	if lr != nil {
+		res.values = map[string]float64{"rate": lr.DeliveredRate}
 	}
 	return res
 }
@@ -399,32 +197,43 @@ func runConnect(ctx context.Context, t *target, p params, tag string) (res resul
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
 	res.expected = int64(p.conns)
-	var cerrs atomic.Int64
-	start := benchkit.Mono()
-	clients, err := dialAll(ctx, t.addr, tag, p.conns, p.connConc, benchkit.Options{ReceiveMax: 16, ClientErrs: &cerrs})
-	end := benchkit.Mono()
-	defer hangUpAll(clients)
-	for _, c := range clients {
+	clients := make([]*loadgen.Client, p.conns)
+	errs := make([]error, p.conns)
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	start := time.Now()
+	for range min(p.connConc, p.conns) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := int(next.Add(1) - 1); i < p.conns; i = int(next.Add(1) - 1) {
+				clients[i], errs[i] = loadgen.Dial(ctx, loadgen.ClientOptions{Addr: t.addr, ClientID: fmt.Sprintf("%s-%d", tag, i), ReadBuffer: 512})
+			}
+		}()
+	}
+	wg.Wait()
+	end := time.Now()
+	var first error
+	for i, c := range clients {
 		if c != nil {
 			res.received++
+		} else if first == nil {
+			first = errs[i]
 		}
 	}
-	if err != nil {
-		res.fail("%d connects failed, first: %v", res.expected-res.received, firstLine(err))
+	if first != nil {
+		res.fail("%d connects failed, first: %v", res.expected-res.received, first)
 	}
-	if n := cerrs.Load(); n > 0 {
-		res.fail("%d client connection errors", n)
+	res.values = map[string]float64{"rate": float64(res.received) / end.Sub(start).Seconds()}
+	var cw sync.WaitGroup
+	sem := make(chan struct{}, 50)
+	for _, c := range clients {
+		if c != nil {
+			cw.Add(1)
+			sem <- struct{}{}
+			go func() { defer cw.Done(); c.Close(); <-sem }()
+		}
 	}
-	res.values = map[string]float64{"rate": float64(res.received) / time.Duration(end-start).Seconds()}
+	cw.Wait()
 	return res
-}
-
-func firstLine(err error) string {
-	s := err.Error()
-	for i := range len(s) {
-		if s[i] == '\n' {
-			return s[:i]
-		}
-	}
-	return s
 }

@@ -96,6 +96,13 @@ type Config struct {
 	// the Link's goroutine; it must not call Close on that Link. Messages
 	// Send refuses are not reported: Send's caller knows.
 	OnDiscard func(peer string, why Discard, msgs []Message)
+
+	// BeforeAck, if set, is called by a Server before it acknowledges
+	// what it delivered: an acknowledgement tells the sender it may forget
+	// those messages, so BeforeAck returns once they are safe (e.g. written
+	// to a store). It delays the ack, not the deliveries; it should return
+	// within a heartbeat (the sender drops a link silent for three).
+	BeforeAck func()
 }
 
 // withDefaults returns c with its zero values replaced by the defaults.

@@ -387,7 +387,22 @@ func (s *Server) receive(c *inConn, name string, p *peer, r *frameReader, w *fra
 		count  int       // messages since the last ack
 		since  time.Time // first delivery since the last ack
 	)
+	// With Config.BeforeAck, acks are written by their own goroutine once
+	// BeforeAck returns, so waiting for it does not hold up deliveries
+	// (nor claims and their answers, which share the link).
+	var acker *asyncAcker
+	if s.cfg.BeforeAck != nil {
+		acker = startAcker(s.cfg.BeforeAck, c.conn, w, idle)
+		defer acker.stop()
+	}
 	for {
+		if acker != nil {
+			select {
+			case err := <-acker.failed:
+				return err
+			default:
+			}
+		}
 		f, err := r.next()
 		if err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) {
@@ -420,6 +435,11 @@ func (s *Server) receive(c *inConn, name string, p *peer, r *frameReader, w *fra
 			return fmt.Errorf("%w: %v after the handshake", ErrUnexpectedFrame, f.Type)
 		}
 		if owed && (urgent || count >= ackEvery || !r.buffered() || time.Since(since) >= ackDelay) {
+			if acker != nil {
+				acker.ack(last)
+				owed, urgent, count = false, false, 0
+				continue
+			}
 			_ = c.conn.SetWriteDeadline(time.Now().Add(idle))
 			if err := w.frame(Frame{Type: FrameAck, Seq: last}); err != nil {
 				return err
@@ -437,4 +457,56 @@ func (s *Server) deliver(name string, p *peer, m Message) {
 	s.h.Deliver(name, m)
 	p.messages.Add(1)
 	p.bytes.Add(int64(len(m.Body)))
+}
+
+// asyncAcker writes a connection's acks from its own goroutine, each after
+// Config.BeforeAck returns, always for the latest seq delivered.
+type asyncAcker struct {
+	latest atomic.Uint64
+	kick   chan struct{}
+	failed chan error
+	quit   chan struct{}
+	done   chan struct{}
+}
+
+func startAcker(before func(), conn net.Conn, w *frameWriter, idle time.Duration) *asyncAcker {
+	a := &asyncAcker{kick: make(chan struct{}, 1), failed: make(chan error, 1), quit: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(a.done)
+		for {
+			select {
+			case <-a.quit:
+				return
+			case <-a.kick:
+			}
+			// The seq first: what was delivered up to it is what before
+			// must cover.
+			seq := a.latest.Load()
+			before()
+			_ = conn.SetWriteDeadline(time.Now().Add(idle))
+			err := w.frame(Frame{Type: FrameAck, Seq: seq})
+			if err == nil {
+				err = w.flush()
+			}
+			if err != nil {
+				a.failed <- err
+				return
+			}
+		}
+	}()
+	return a
+}
+
+// ack asks for an ack of everything up to seq.
+func (a *asyncAcker) ack(seq uint64) {
+	a.latest.Store(seq)
+	select {
+	case a.kick <- struct{}{}:
+	default: // an ack is pending; it will carry seq
+	}
+}
+
+func (a *asyncAcker) stop() {
+	close(a.quit)
+	<-a.done
 }

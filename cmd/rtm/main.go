@@ -66,7 +66,7 @@ and flags, in increasing order of precedence; 'rtm config' prints the result.`,
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
-	root.AddCommand(devCmd(), brokerCmd(), routerCmd(), pushapiCmd(), watchdogCmd(), storeCmd(), clusterCmd(), nodeCmd(), configCmd(), versionCmd())
+	root.AddCommand(devCmd(), brokerCmd(), routerCmd(), pushapiCmd(), watchdogCmd(), storeCmd(), clusterCmd(), nodeCmd(), configCmd(), benchCmd(), versionCmd())
 	refuseUnknownCommands(root)
 	return root
 }

@@ -343,6 +343,20 @@ func (n *Node) Members() []Member {
 	return out
 }
 
+// Suspected reports whether gossip suspects member name (a probe went
+// unanswered and the suspicion is not refuted yet) or holds it dead or
+// gone. Serf shows a suspected member as alive until it is declared
+// failed; callers that wait for a member's answer use this to stop waiting
+// sooner.
+func (n *Node) Suspected(name string) bool {
+	for _, m := range n.serf.Memberlist().Members() {
+		if m.Name == name {
+			return m.State != memberlist.StateAlive
+		}
+	}
+	return true
+}
+
 func (n *Node) member(m serf.Member) Member {
 	t, err := DecodeTags(m.Tags)
 	if err != nil {

@@ -168,6 +168,9 @@ type Broker struct {
 	MessageExpiry       time.Duration `koanf:"message_expiry_max" doc:"Longest time a queued or retained message is kept; 0 keeps messages without an expiry of their own forever."`
 	EvacuateRate        int           `koanf:"evacuate_rate" doc:"Clients per second a draining node disconnects when asked to evacuate (rtm node drain --evacuate); MQTT 5 clients get 0x9C with a Server Reference."`
 	ShutdownTimeout     time.Duration `koanf:"shutdown_timeout" doc:"Bound on a graceful shutdown; past it the process exits anyway."`
+	// Durability writes persistent sessions, their queued QoS 1/2 messages
+	// and retained messages to the store (docs/broker.md, "Persistence").
+	Durability string `koanf:"durability" doc:"on: retained messages, persistent sessions (subscriptions, will, queued QoS 1/2 messages) are written to the store in batches and restored after a restart or adopted by a survivor when a node dies; the PUBACK/PUBREC of a message for a persistent session waits for its write. off: kept in memory only, lost with the process."`
 }
 
 // AdminKeyList returns the keys of broker.admin_keys, the one to send first.
@@ -283,6 +286,7 @@ func Defaults() Config {
 			SessionExpiry:       24 * time.Hour,
 			EvacuateRate:        100,
 			ShutdownTimeout:     15 * time.Second,
+			Durability:          "on",
 		},
 		Cluster: Cluster{
 			GossipAddr:     ":7946",

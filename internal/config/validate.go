@@ -103,7 +103,6 @@ func (w Watchdog) check(v *validator) {
 	}
 }
 
-
 // Validate reports every invalid value of the history section.
 func (h History) Validate() error {
 	v := &validator{}
@@ -369,6 +368,7 @@ func (b Broker) check(v *validator) {
 	if b.KeepaliveMax > 0 && b.KeepaliveMin > b.KeepaliveMax {
 		v.bad("broker.keepalive_min", b.KeepaliveMin.String(), "must not exceed broker.keepalive_max")
 	}
+	v.oneOf("broker.durability", b.Durability, "on", "off")
 	v.nonNegative("broker.session_expiry_max", b.SessionExpiry)
 	if b.SessionExpiry > (1<<32-1)*time.Second {
 		v.bad("broker.session_expiry_max", b.SessionExpiry.String(), "MQTT session expiry is at most 4294967295s")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"slices"
 	"time"
 
@@ -276,6 +277,29 @@ func (s *Store) AddGroupMember(ctx context.Context, id, device string, max int) 
 	} else if !ok {
 		return false, ErrGroupNotFound
 	}
+	// Adds racing for the last places may all count each other and
+	// withdraw; each tries again after a random pause, so one of them
+	// usually gets in. A group that is full costs the extra tries.
+	for try := 1; ; try++ {
+		added, err = s.addGroupMember(ctx, id, device, max)
+		if !errors.Is(err, ErrGroupFull) || try == addTries {
+			return added, err
+		}
+		select {
+		case <-time.After(time.Duration(rand.Int64N(int64(addPause)))):
+		case <-ctx.Done():
+			return false, err
+		}
+	}
+}
+
+// addTries and addPause bound AddGroupMember's retries after a race.
+const (
+	addTries = 4
+	addPause = 30 * time.Millisecond
+)
+
+func (s *Store) addGroupMember(ctx context.Context, id, device string, max int) (added bool, err error) {
 	mc := s.db.Collection(CollGroupMembers)
 	mid := memberID(id, device)
 	_, err = mc.InsertOne(ctx, member{ID: mid, Group: id, Device: device, Since: now()})

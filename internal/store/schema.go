@@ -21,6 +21,10 @@ const (
 	CollHistory           = "history"            // every message on a history topic, by id (docs/history.md)
 	CollHistoryGaps       = "history_gaps"       // messages history could not store: when, which filter, how many
 	CollAlerts            = "alerts"             // watchdog alerts
+	CollSessions          = "sessions"           // persistent MQTT sessions, keyed by client ID, with their owner broker
+	CollSessionMessages   = "session_messages"   // QoS 1/2 messages held for persistent sessions, keyed by client ID and packet ID
+	CollSessionClaims     = "session_claims"     // one document per adoption of a session (client ID and epoch): the insert that wins is the adoption
+	CollRetained          = "retained"           // retained messages, keyed by topic, last writer wins
 )
 
 // SchemaVersion is the version of the database layout this code writes. Open
@@ -66,6 +70,8 @@ var indexes = []index{
 	{CollGroupMembers, "device_group", bson.D{{Key: "device", Value: 1}, {Key: "group", Value: 1}}, false},
 	{CollHistory, "topic_id_desc", bson.D{{Key: "topic", Value: 1}, {Key: "_id", Value: -1}}, false},
 	{CollAlerts, "state_fired_at", bson.D{{Key: "state", Value: 1}, {Key: "fired_at", Value: 1}}, false},
+	{CollSessions, "owner", bson.D{{Key: "owner", Value: 1}}, false},
+	{CollSessionMessages, "client_seq", bson.D{{Key: "c", Value: 1}, {Key: "seq", Value: 1}}, false},
 }
 
 // ensureSchema records the schema version and creates the indexes. Both

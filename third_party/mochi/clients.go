@@ -5,7 +5,6 @@
 package mqtt
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -19,6 +18,7 @@ import (
 
 	"github.com/rs/xid"
 
+	"github.com/mochi-mqtt/server/v2/mempool"
 	"github.com/mochi-mqtt/server/v2/packets"
 )
 
@@ -139,8 +139,9 @@ type Client struct {
 // ClientConnection contains the connection transport and metadata for the client.
 type ClientConnection struct {
 	Conn     net.Conn      // the net.Conn used to establish the connection
-	bconn    *bufio.Reader // a buffered net.Conn for reading packets
+	bconn    *connReader   // a buffered net.Conn for reading packets (rtm patch 73: was *bufio.Reader)
 	outbuf   *bytes.Buffer // a buffer for writing packets
+	holding  atomic.Bool   // rtm patch 70: the reader holds writes back, more of its input is buffered
 	Remote   string        // the remote address of the client
 	Listener string        // listener id of the client
 	Inline   bool          // if true, the client is the built-in 'inline' embedded client
@@ -176,6 +177,7 @@ type ClientState struct {
 	outbound        outboundQueue      // queue for pending outbound packets (rtm patch: was a chan, see outbound.go)
 	flow            flowGate           // rtm patch 20: publishers waiting for this client to drain
 	rtm             rtmClientState     // rtm patches 42-44: read deadlines
+	acks            heldAcks           // rtm patch 54: acknowledgements held by OnPublishHold
 	endOnce         sync.Once          // only end once
 	isTakenOver     atomic.Bool        // used to identify orphaned clients
 	packetID        uint32             // the current highest packetID
@@ -210,7 +212,7 @@ func newClient(c net.Conn, o *ops) *Client {
 	if c != nil {
 		cl.Net = ClientConnection{
 			Conn:   c,
-			bconn:  bufio.NewReaderSize(c, o.options.ClientNetReadBufferSize),
+			bconn:  newConnReader(c, o.options.ClientNetReadBufferSize), // rtm patch 73
 			Remote: c.RemoteAddr().String(),
 		}
 	}
@@ -269,6 +271,7 @@ func (cl *Client) writeQueued() {
 			cl.ops.log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
 		}
 		cl.State.outbound.addBytes(pk, -1) // rtm patch 40: written (or failed), no longer held
+		releaseQueuedPacket(pk)            // rtm patch 72: the queue held the only reference
 		atomic.AddInt32(&cl.State.outboundQty, -1)
 		cl.flowDrained() // rtm patch 20: a place in the queue is free
 	}
@@ -464,24 +467,69 @@ func (cl *Client) Read(packetHandler ReadFn) (err error) {
 			err = cl.recoverPanic(r)
 		}
 	}()
+	defer cl.holdWrites(false) // rtm patch 70: whatever ends the loop, held writes go out
 
 	for {
 		if cl.Closed() {
 			return nil
 		}
 
-		cl.refreshDeadline(cl.State.Keepalive)
+		// rtm patch 74: the keepalive deadline is set before a read that
+		// may wait for the network. While the read loop holds writes (patch
+		// 70) the whole next packet is buffered, received already: v2.7.9
+		// reset both deadlines (a time.Now and two runtime timers) for
+		// every packet of a burst.
+		var waitFrom time.Time // rtm patch 75: when this read may start to wait
+		if !cl.Net.holding.Load() {
+			waitFrom = time.Now()
+			cl.refreshDeadline(cl.State.Keepalive)
+		}
 		fh := new(packets.FixedHeader)
 		err = cl.ReadFixedHeader(fh) // an idle connection waits here
 		if err != nil {
 			return err
 		}
 
-		err = cl.readAndHandle(fh, packetHandler)
+		if !waitFrom.IsZero() && time.Since(waitFrom) >= idleHandOff {
+			err = cl.handleOnHelper(fh, packetHandler) // rtm patch 75
+		} else {
+			err = cl.readAndHandle(fh, packetHandler)
+		}
 		if err != nil {
 			return err
 		}
 	}
+}
+
+// idleHandOff is how long a connection's read loop must have waited for a
+// packet for handleOnHelper to handle it (rtm patch 75).
+const idleHandOff = time.Second
+
+// handleOnHelper runs readAndHandle on a goroutine of its own and waits for
+// it; a panic there is returned as an error, as Read's recover does.
+//
+// rtm patch 75: handling any packet passes ~800-byte packets.Packet values
+// through deep frames (ReadPacket, the hooks, processPacket, WritePacket)
+// and grows the goroutine's stack to 16 KiB, even for a PINGREQ. On the
+// connection's own goroutine that stack stayed until two GCs had halved it,
+// and RSS kept it: an idle device pinging every keepalive idled on 16 KiB of
+// stack instead of 4 KiB. A packet that ends a wait of idleHandOff or more
+// (a PINGREQ, an occasional message) is therefore handled on a short-lived
+// helper, whose stack returns to the runtime's cache when it exits (see
+// patch 69 for the CONNECT); packets that follow each other closely are
+// handled on the read goroutine, as before, so a busy connection pays
+// nothing and an idle one one goroutine start per packet.
+func (cl *Client) handleOnHelper(fh *packets.FixedHeader, packetHandler ReadFn) error {
+	done := make(chan error, 1)
+	go func() {
+		defer func() {
+			if r := recover(); r != nil {
+				done <- cl.recoverPanic(r)
+			}
+		}()
+		done <- cl.readAndHandle(fh, packetHandler)
+	}()
+	return <-done
 }
 
 // readAndHandle reads the rest of the packet whose fixed header is fh and
@@ -497,13 +545,26 @@ func (cl *Client) readAndHandle(fh *packets.FixedHeader, packetHandler ReadFn) e
 		return err
 	}
 
+	// rtm patch 70: while the next packet is already read in full, what handling
+	// this one writes (a PUBACK) is held and goes out with the next
+	// packet's, in one write; the last packet of a burst releases them all,
+	// with its own.
+	hold := cl.nextPacketBuffered()
+	if hold {
+		cl.holdWrites(true)
+	}
+
 	if cl.Closed() {
 		// rtm patch: stopped meanwhile; its connection may be draining (see
 		// stopAfterDrain), so it can still deliver packets: ignore them.
 		return nil
 	}
 
-	return packetHandler(cl, pk) // Process inbound packet.
+	err = packetHandler(cl, pk) // Process inbound packet.
+	if !hold {
+		cl.holdWrites(false) // rtm patch 70
+	}
+	return err
 }
 
 // Stop instructs the client to shut down all processing goroutines and disconnect.
@@ -540,6 +601,7 @@ func (cl *Client) stopAfterDrain(err error) {
 
 func (cl *Client) stop(err error, drain bool) {
 	cl.State.endOnce.Do(func() {
+		cl.FlushHeld() // rtm patch 70: what the read loop held back (a DISCONNECT, acks) goes out first
 
 		if conn := cl.Net.Conn; conn != nil {
 			hc, ok := conn.(interface{ CloseWrite() error })
@@ -713,7 +775,8 @@ func (cl *Client) WritePacket(pk packets.Packet) error {
 	pk = cl.ops.hooks.OnPacketEncode(cl, pk)
 
 	var err error
-	buf := new(bytes.Buffer)
+	buf := writeBufPool.Get() // rtm patch 70: was new(bytes.Buffer) per packet
+	defer writeBufPool.Put(buf)
 	switch pk.FixedHeader.Type {
 	case packets.Connect:
 		err = pk.ConnectEncode(buf)
@@ -760,7 +823,8 @@ func (cl *Client) WritePacket(pk packets.Packet) error {
 	n, err := func() (int64, error) {
 		cl.Lock()
 		defer cl.Unlock()
-		if cl.State.outbound.len() == 0 { // rtm patch: was len(chan)
+		// rtm patch: was len(chan); rtm patch 70: and the reader's held writes
+		if cl.State.outbound.len() == 0 && !cl.Net.holding.Load() {
 			if cl.Net.outbuf == nil {
 				return buf.WriteTo(cl.Net.Conn)
 			}
@@ -776,7 +840,7 @@ func (cl *Client) WritePacket(pk packets.Packet) error {
 			if buf.Len() >= cl.ops.options.ClientNetWriteBufferSize {
 				return buf.WriteTo(cl.Net.Conn)
 			}
-			cl.Net.outbuf = new(bytes.Buffer)
+			cl.Net.outbuf = writeBufPool.Get() // rtm patch 70: was new(bytes.Buffer) per burst
 		}
 
 		n, _ := cl.Net.outbuf.Write(buf.Bytes()) // will always be successful
@@ -839,7 +903,75 @@ func (cl *Client) flushOutbuf() (err error) {
 
 	_, err = cl.Net.outbuf.WriteTo(cl.Net.Conn)
 	if err == nil {
+		writeBufPool.Put(cl.Net.outbuf) // rtm patch 70
 		cl.Net.outbuf = nil
 	}
 	return
+}
+
+// writeBufPool holds the buffers packets are encoded into and the buffers
+// that collect a burst of packets for one write. Buffers larger than 64 KiB
+// (a large message) are left to the GC.
+// rtm patch 70: v2.7.9 allocated both per packet (or per burst), and grew
+// them from empty.
+var writeBufPool = mempool.NewBuffer(64 * 1024)
+
+// holdWrites sets whether the client's read loop holds back the writes to
+// the client (WritePacket then collects them in outbuf); releasing writes
+// out what was held, unless queued packets follow (their writer flushes).
+//
+// rtm patch 70: v2.7.9 wrote every acknowledgement with a write(2) of its
+// own, from the read goroutine: a publisher that sends a burst of QoS 1
+// messages got one write per PUBACK. The read loop now holds the writes
+// while the next packet is already buffered, so a burst is answered with
+// one write. Writes are held only while the whole next packet is buffered,
+// so the loop never waits for the network with writes held; code that
+// blocks the read goroutine otherwise (a flow-control wait, a hook waiting
+// for a store) should call FlushHeld first, or the acknowledgements of the
+// burst's earlier packets wait with it.
+func (cl *Client) holdWrites(hold bool) {
+	if hold {
+		cl.Net.holding.Store(true)
+		return
+	}
+	if cl.Net.holding.Swap(false) {
+		cl.Lock()
+		defer cl.Unlock()
+		if cl.State.outbound.len() == 0 {
+			_ = cl.flushOutbuf() // an error is the connection's: the next write or read returns it
+		}
+	}
+}
+
+// nextPacketBuffered reports whether the read buffer holds the whole next
+// packet, so reading and handling it will not wait for the network.
+// rtm patch 70.
+func (cl *Client) nextPacketBuffered() bool {
+	r := cl.Net.bconn
+	if r == nil {
+		return false
+	}
+	n := r.Buffered()
+	if n < 2 {
+		return false
+	}
+	b, _ := r.Peek(min(n, 5)) // never blocks: at most Buffered bytes
+	rem, shift := 0, 0
+	for i := 1; i < len(b); i++ { // b[0] is the type; then the remaining length
+		rem |= int(b[i]&0x7f) << shift
+		if b[i]&0x80 == 0 {
+			return n >= i+1+rem
+		}
+		shift += 7
+	}
+	return false
+}
+
+// FlushHeld writes out the writes the client's read loop holds back (see
+// holdWrites); call it from the read goroutine before blocking it.
+// rtm patch 70.
+func (cl *Client) FlushHeld() {
+	if cl.Net.holding.Load() {
+		cl.holdWrites(false)
+	}
 }

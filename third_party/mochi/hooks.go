@@ -59,6 +59,7 @@ const (
 	OnPublishDroppedOffline // rtm patch 26
 	OnPublishExpired        // rtm patch 27
 	OnPublishDroppedBytes   // rtm patch 40
+	OnPublishHold           // rtm patch 54
 )
 
 var (
@@ -106,6 +107,7 @@ type Hook interface {
 	OnPublishDroppedOffline(cl *Client, pk packets.Packet)             // rtm patch 26
 	OnPublishExpired(cl *Client, pk packets.Packet)                    // rtm patch 27
 	OnPublishDroppedBytes(cl *Client, pk packets.Packet, reason error) // rtm patch 40
+	OnPublishHold(cl *Client, pk packets.Packet) func() error          // rtm patch 54
 	OnRetainMessage(cl *Client, pk packets.Packet, r int64)
 	OnRetainPublished(cl *Client, pk packets.Packet)
 	OnQosPublish(cl *Client, pk packets.Packet, sent int64, resends int)
@@ -537,6 +539,36 @@ func (h *Hooks) OnPublishExpired(cl *Client, pk packets.Packet) {
 // ErrMemoryBudgetExceeded (MemoryLimits.MaxTotalBytes). pk is the message as
 // published.
 // rtm patch 40: a byte bound did not exist in v2.7.9.
+// OnPublishHold is called once a QoS 1/2 PUBLISH of cl was handed to every
+// subscriber, before it is acknowledged: a hook that returns a function
+// holds the PUBACK/PUBREC until that function returns (nil: send it; an
+// error: close the connection instead). Acknowledgements stay in the order
+// the PUBLISHes arrived. rtm patch 54.
+func (h *Hooks) OnPublishHold(cl *Client, pk packets.Packet) func() error {
+	var waits []func() error
+	for _, hook := range h.GetAll() {
+		if hook.Provides(OnPublishHold) {
+			if w := hook.OnPublishHold(cl, pk); w != nil {
+				waits = append(waits, w)
+			}
+		}
+	}
+	switch len(waits) {
+	case 0:
+		return nil
+	case 1:
+		return waits[0]
+	}
+	return func() error {
+		for _, w := range waits {
+			if err := w(); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+}
+
 func (h *Hooks) OnPublishDroppedBytes(cl *Client, pk packets.Packet, reason error) {
 	for _, hook := range h.GetAll() {
 		if hook.Provides(OnPublishDroppedBytes) {
@@ -888,6 +920,9 @@ func (h *HookBase) OnPublishExpired(cl *Client, pk packets.Packet) {}
 // OnPublishDroppedBytes is called when a message is not delivered because of
 // a byte bound (rtm patch 40).
 func (h *HookBase) OnPublishDroppedBytes(cl *Client, pk packets.Packet, reason error) {}
+
+// OnPublishHold holds nothing. rtm patch 54.
+func (h *HookBase) OnPublishHold(cl *Client, pk packets.Packet) func() error { return nil }
 
 // OnWill is called when a client disconnects and publishes an LWT message.
 func (h *HookBase) OnWill(cl *Client, will Will) (Will, error) {

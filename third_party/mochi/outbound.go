@@ -147,3 +147,14 @@ func (q *outboundQueue) addBytes(pk *packets.Packet, sign int64) {
 		}
 	}
 }
+
+// queuedPacketPool holds the packets publishToClient queues for a client's
+// writer (rtm patch 72): the writer returns each one once it is written.
+var queuedPacketPool = sync.Pool{New: func() any { return new(packets.Packet) }}
+
+// releaseQueuedPacket clears pk (so the pool holds no payload) and returns
+// it to queuedPacketPool. The caller must hold the only reference to it.
+func releaseQueuedPacket(pk *packets.Packet) {
+	*pk = packets.Packet{}
+	queuedPacketPool.Put(pk)
+}

@@ -190,3 +190,11 @@ func (s *Server) UnsubscribeClientFilter(cl *Client, filter string) bool {
 	}
 	return true
 }
+
+// RefuseSession makes the server refuse cl's CONNECT with code (a CONNACK
+// error, mapped to its MQTT 3.1.1 return code for a v3 client) instead of
+// establishing its session. Only an OnSessionEstablish hook may call it,
+// on the connection's own goroutine (rtm patch 47).
+func (cl *Client) RefuseSession(code packets.Code) {
+	cl.State.rtm.refused = &code
+}

@@ -6,6 +6,7 @@ package mqtt
 import (
 	"fmt"
 	"io"
+	"net"
 	"testing"
 
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -159,4 +160,50 @@ func TestSubscribeClientServerSide(t *testing.T) {
 	require.Empty(t, s.Topics.Subscribers("push/news").Subscriptions)
 	require.Equal(t, int64(0), s.Info.Subscriptions)
 	require.Equal(t, []string{"push/news true", "push/news false"}, routes)
+}
+
+// sessionRefuseHook refuses every session it is asked to establish.
+type sessionRefuseHook struct{ HookBase }
+
+func (h *sessionRefuseHook) ID() string           { return "refuse-hook" }
+func (h *sessionRefuseHook) Provides(b byte) bool { return b == OnSessionEstablish }
+func (h *sessionRefuseHook) OnSessionEstablish(cl *Client, _ packets.Packet) {
+	cl.RefuseSession(packets.ErrServerUnavailable)
+}
+
+// TestRefuseSession: an OnSessionEstablish hook that cannot establish the
+// session (rtm: it is still moving from another node) refuses the CONNECT
+// with the code it gives, 0x88 for MQTT 5 and return code 3 for 3.1.1, and
+// the server keeps no client or session for the ID. v2.7.9 has no way to
+// refuse there: the client got an empty session.
+func TestRefuseSession(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		connect []byte
+		code    byte
+	}{
+		{"v5", v5ConnectRaw, packets.ErrServerUnavailable.Code},
+		{"v3", packets.TPacketData[packets.Connect].Get(packets.TConnectMqtt311).RawBytes, packets.Err3ServerUnavailable.Code},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newServer()
+			defer s.Close()
+			require.NoError(t, s.AddHook(new(sessionRefuseHook), nil))
+			r, w := net.Pipe()
+			defer func() { _ = r.Close(); _ = w.Close() }()
+			done := make(chan error, 1)
+			go func() { done <- s.EstablishConnection("tcp", r) }()
+			go func() { _, _ = w.Write(tc.connect) }()
+
+			hb, body, err := readRawPacket(w)
+			require.NoError(t, err)
+			require.Equal(t, byte(packets.Connack<<4), hb)
+			require.GreaterOrEqual(t, len(body), 2)
+			require.Equal(t, byte(0), body[0], "session present")
+			require.Equal(t, tc.code, body[1], "CONNACK code")
+			require.Error(t, <-done)
+			require.Equal(t, 0, s.Clients.Len(), "no client or session kept")
+			require.Equal(t, int64(0), s.Info.ClientsConnected)
+		})
+	}
 }

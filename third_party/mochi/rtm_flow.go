@@ -212,6 +212,9 @@ func (s *Server) pace(pub, cl *Client, filter string, deadline *time.Time) *Clie
 	}
 
 	s.Flow.Waits.Add(1)
+	if pub != nil {
+		pub.FlushHeld() // rtm patch 70: the acks of pub's earlier packets do not wait with this one
+	}
 	timer := time.NewTimer(left)
 	ch := g.add()
 	timedOut, closed := false, false

@@ -246,6 +246,9 @@ type rtmClientState struct {
 	// connectDeadline is when the CONNECT must have been read
 	// (MemoryLimits.ConnectTimeout); zero once connected, or without one.
 	connectDeadline time.Time
+	// refused is the CONNACK code an OnSessionEstablish hook refused the
+	// session with (rtm patch 47); nil to establish it.
+	refused *packets.Code
 }
 
 // setBodyDeadline bounds the time the rest of a packet may take

@@ -5,7 +5,6 @@
 package mqtt
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"io"
@@ -343,7 +342,7 @@ func FuzzReadBody(f *testing.F) {
 			s.Options.Memory.MaxReadingBytes = 16 << 10
 		}
 		cl := s.NewClient(nil, "t", "", false)
-		cl.Net.bconn = bufio.NewReaderSize(&chunkReader{data: data, sizes: sizes, err: io.EOF}, 16)
+		cl.Net.bconn = newConnReader(&chunkReader{data: data, sizes: sizes, err: io.EOF}, 16)
 		got, err := cl.readBody(int(declared))
 
 		want := make([]byte, declared)

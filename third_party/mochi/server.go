@@ -444,13 +444,43 @@ func (s *Server) attachClient(cl *Client, listener string) (err error) {
 			atomic.AddInt64(&s.Info.ClientsConnected, -1)
 		}
 	}()
-	if err = s.connectClient(cl, listener, &counted); err != nil {
+	if err = s.connectOnHelper(cl, listener, &counted); err != nil { // rtm patch 69
 		return err
 	}
 
 	err = cl.Read(s.receivePacket)
 	s.disconnectedClient(cl, listener, err)
 	return err
+}
+
+// connectOnHelper runs connectClient on a goroutine of its own and waits
+// for it; a panic there stops cl with the recovered error, as attachClient's
+// recover would.
+//
+// rtm patch 69: handling the CONNECT (decoding, hooks, session takeover,
+// CONNACK, all passing ~800-byte packets.Packet values through deep frames)
+// grows a goroutine's stack to 16 KiB. On the connection's own goroutine
+// that stack stayed: the GC halves it only when it runs (twice to reach
+// 4 KiB) and the process's RSS keeps the high-water mark, ~12 KiB per idle
+// connection more than the read loop needs. On a short-lived helper the
+// grown stack goes back to the runtime's stack cache when it exits and is
+// reused by the next connection's helper, so a broker holds a grown stack
+// per connection being established, not per connection; the connection's
+// goroutine, which only waits here and in the read loop, keeps its small
+// starting stack.
+func (s *Server) connectOnHelper(cl *Client, listener string, counted *bool) error {
+	done := make(chan error, 1)
+	go func() {
+		defer func() {
+			if r := recover(); r != nil {
+				err := cl.recoverPanic(r)
+				cl.Stop(err)
+				done <- err
+			}
+		}()
+		done <- s.connectClient(cl, listener, counted)
+	}()
+	return <-done
 }
 
 // connectClient reads, validates and answers the CONNECT of a new connection
@@ -503,6 +533,15 @@ func (s *Server) connectClient(cl *Client, listener string, counted *bool) error
 	*counted = true
 
 	s.hooks.OnSessionEstablish(cl, pk)
+	// rtm patch 47: a hook that could not establish the session (rtm: the
+	// session is still moving from another server) refuses the CONNECT, so
+	// the client retries instead of getting an empty session.
+	if code := cl.State.rtm.refused; code != nil {
+		if err := s.SendConnack(cl, *code, false, nil); err != nil {
+			return fmt.Errorf("refused connection send ack: %w", err)
+		}
+		return *code
+	}
 
 	sessionPresent := s.inheritClientSession(pk, cl)
 	s.Clients.Add(cl) // [MQTT-4.1.0-1]
@@ -1074,6 +1113,15 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	// holding this publisher's acknowledgement, see FlowControl.
 	s.publishToSubscribersFrom(cl, pk)
 
+	// rtm patch 54: an OnPublishHold hook may make the acknowledgement
+	// wait (e.g. for the message's write to a store); it is then sent, in
+	// order with this client's other acknowledgements, by another
+	// goroutine, and this client's next packets are read meanwhile.
+	if s.holdAck(cl, ack, pk.FixedHeader.Qos, s.hooks.OnPublishHold(cl, pk)) {
+		s.hooks.OnPublished(cl, pk)
+		return nil
+	}
+
 	err = cl.WritePacket(ack)
 	if err != nil {
 		return err
@@ -1215,7 +1263,16 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 		return pk, nil // [MQTT-3.8.3-3]
 	}
 
+	// rtm patch 76: every subscriber's packet shares the message's payload
+	// (read-only; its capacity is cut to its length, so an append by a hook
+	// copies it). v2.7.9 copied it for every subscriber (Packet.Copy).
+	payload := pk.Payload
+	pk.Payload = nil
 	out := pk.Copy(false)
+	pk.Payload = payload
+	if len(payload) > 0 {
+		out.Payload = payload[:len(payload):len(payload)]
+	}
 	if !s.hooks.OnACLCheck(cl, pk.TopicName, false) {
 		return out, packets.ErrNotAuthorized
 	}
@@ -1313,12 +1370,18 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 		}
 	}
 
-	if ok, start := cl.State.outbound.push(&out); ok { // rtm patch: was a non-blocking chan send
+	// rtm patch 72: the queue holds a pooled copy, which the writer returns
+	// to the pool once written; v2.7.9 queued &out, so out (~800 bytes)
+	// was allocated on the heap for every message and every subscriber.
+	qp := queuedPacketPool.Get().(*packets.Packet)
+	*qp = out
+	if ok, start := cl.State.outbound.push(qp); ok { // rtm patch: was a non-blocking chan send
 		atomic.AddInt32(&cl.State.outboundQty, 1)
 		if start {
 			go cl.writeQueued() // rtm patch: a writer runs only while packets are queued
 		}
 	} else {
+		releaseQueuedPacket(qp) // rtm patch 72
 		atomic.AddInt64(&s.Info.MessagesDropped, 1)
 		if out.FixedHeader.Qos > 0 {
 			// packet was dropped due to irregular circumstances, so rollback inflight.

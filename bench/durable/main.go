@@ -1,0 +1,398 @@
+// Command durable measures what durable sessions cost and how long a
+// restart takes (docs/clustering.md "Durability", BENCHMARKS.md):
+//
+//   - throughput: QoS 1 to persistent-session subscribers, one `rtm broker`
+//     process with broker.durability on and one with it off, measured in
+//     alternating rounds (the machine is shared: medians and their ratio);
+//   - restart: a node holding -sessions persistent sessions and -queued
+//     queued messages is killed (SIGKILL) and started again on the same
+//     data directory: the time until it serves (its "broker started" line)
+//     and the time it reports restoring them.
+//
+// go run ./bench/durable [-rounds 5] [-pubs 4] [-subs 4] [-msgs 5000] [-window 64]
+// go run ./bench/durable -restart [-sessions 10000] [-queued 100000]
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+)
+
+var (
+	rounds   = flag.Int("rounds", 5, "throughput rounds per setting (alternating)")
+	pubs     = flag.Int("pubs", 4, "publishers")
+	subs     = flag.Int("subs", 4, "persistent subscribers (each gets every message)")
+	msgs     = flag.Int("msgs", 5000, "messages per publisher per round")
+	window   = flag.Int("window", 64, "QoS 1 publishes in flight per publisher")
+	size     = flag.Int("size", 256, "payload bytes")
+	persist  = flag.Bool("persistent", true, "subscribers have persistent sessions (false: clean sessions, the path durability must not cost)")
+	restart  = flag.Bool("restart", false, "measure the restart instead")
+	sessions = flag.Int("sessions", 10000, "restart: persistent sessions")
+	queued   = flag.Int("queued", 100000, "restart: queued messages in all (spread evenly)")
+)
+
+func main() {
+	flag.Parse()
+	bin, err := build()
+	if err != nil {
+		fail(err)
+	}
+	defer os.RemoveAll(filepath.Dir(bin))
+	if *restart {
+		if err := measureRestart(bin); err != nil {
+			fail(err)
+		}
+		return
+	}
+	if err := measureThroughput(bin); err != nil {
+		fail(err)
+	}
+}
+
+func fail(err error) {
+	fmt.Fprintln(os.Stderr, "durable:", err)
+	os.Exit(1)
+}
+
+func build() (string, error) {
+	dir, err := os.MkdirTemp("", "rtm-durable-bench-")
+	if err != nil {
+		return "", err
+	}
+	bin := filepath.Join(dir, "rtm")
+	cmd := exec.Command("go", "build", "-o", bin, "./cmd/rtm")
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	return bin, cmd.Run()
+}
+
+// broker is one `rtm broker` child process.
+type broker struct {
+	cmd     *exec.Cmd
+	addr    string
+	admin   string
+	data    string
+	durable string
+	started time.Time
+	ready   time.Duration // from exec to "broker started"
+	restore string        // the "restored from the store" line's "took"
+	done    chan struct{}
+}
+
+func startBroker(bin, data, durable string) (*broker, error) {
+	b := &broker{data: data, durable: durable, done: make(chan struct{})}
+	b.cmd = exec.Command(bin, "broker", "--data", data, "--node-name", "bench-"+durable,
+		"--mqtt-addr", "127.0.0.1:0", "--ws-addr", "", "--admin-addr", "127.0.0.1:0", "--gossip-addr", "", "--log-format", "json")
+	b.cmd.Env = append(os.Environ(), "RTM_AUTH_DEVICES=anonymous", "RTM_BROKER_DURABILITY="+durable,
+		"RTM_BROKER_ADMIN_KEYS=bench-admin-key-0123456789abcdef", "RTM_BROKER_MAX_QUEUED=65535",
+		"RTM_BROKER_MAX_QUEUED_BYTES=1073741824", "RTM_BROKER_MAX_QUEUED_BYTES_TOTAL=8589934592",
+		"RTM_BROKER_CAPACITY=1000000")
+	stderr, err := b.cmd.StderrPipe()
+	if err != nil {
+		return nil, err
+	}
+	b.started = time.Now()
+	if err := b.cmd.Start(); err != nil {
+		return nil, err
+	}
+	got := make(chan error, 1)
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		sent := false
+		for sc.Scan() {
+			var rec struct {
+				Msg       string            `json:"msg"`
+				Listeners map[string]string `json:"listeners"`
+				Took      string            `json:"took"`
+			}
+			if json.Unmarshal(sc.Bytes(), &rec) != nil {
+				continue
+			}
+			switch rec.Msg {
+			case "restored from the store":
+				b.restore = rec.Took
+			case "broker started":
+				b.ready = time.Since(b.started)
+				b.addr = rec.Listeners["tcp"]
+				b.admin = rec.Listeners["admin"]
+				if !sent {
+					sent = true
+					got <- nil
+				}
+			}
+		}
+		if !sent {
+			got <- fmt.Errorf("broker (durability %s) exited before starting", durable)
+		}
+	}()
+	go func() { _ = b.cmd.Wait(); close(b.done) }()
+	select {
+	case err := <-got:
+		return b, err
+	case <-time.After(10 * time.Minute):
+		return nil, fmt.Errorf("broker did not start in 10m")
+	}
+}
+
+func (b *broker) stop(sig syscall.Signal) {
+	_ = b.cmd.Process.Signal(sig)
+	select {
+	case <-b.done:
+	case <-time.After(60 * time.Second):
+		_ = b.cmd.Process.Kill()
+		<-b.done
+	}
+}
+
+// dial connects an MQTT 5 client; expiry > 0 makes its session persistent.
+func dial(ctx context.Context, addr, id string, expiry uint32, clean bool, on func(*paho.Publish)) (*paho.Client, *paho.Connack, error) {
+	conn, err := (&net.Dialer{}).DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, nil, err
+	}
+	cfg := paho.ClientConfig{ClientID: id, Conn: conn, PacketTimeout: 60 * time.Second, OnClientError: func(error) {}}
+	cfg.OnPublishReceived = []func(paho.PublishReceived) (bool, error){func(pr paho.PublishReceived) (bool, error) {
+		if on != nil {
+			on(pr.Packet)
+		}
+		return true, nil
+	}}
+	c := paho.NewClient(cfg)
+	rm := uint16(65535)
+	ca, err := c.Connect(ctx, &paho.Connect{ClientID: id, KeepAlive: 60, CleanStart: clean,
+		Properties: &paho.ConnectProperties{ReceiveMaximum: &rm, SessionExpiryInterval: &expiry}})
+	if err != nil {
+		_ = conn.Close()
+		return nil, nil, err
+	}
+	return c, ca, nil
+}
+
+func measureThroughput(bin string) error {
+	root, err := os.MkdirTemp("", "rtm-durable-data-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(root)
+	rates := map[string][]float64{}
+	for r := 0; r < *rounds; r++ {
+		order := []string{"on", "off"}
+		if r%2 == 1 {
+			order = []string{"off", "on"}
+		}
+		for _, mode := range order {
+			b, err := startBroker(bin, filepath.Join(root, fmt.Sprintf("%s-%d", mode, r)), mode)
+			if err != nil {
+				return err
+			}
+			rate, err := throughputRound(b.addr)
+			if mode == "on" {
+				fmt.Printf("  store writes: %s\n", durabilityStats(b.admin))
+			}
+			b.stop(syscall.SIGKILL)
+			if err != nil {
+				return fmt.Errorf("durability %s round %d: %w", mode, r, err)
+			}
+			rates[mode] = append(rates[mode], rate)
+			fmt.Printf("round %d durability %-3s %10.0f deliveries/s\n", r+1, mode, rate)
+		}
+	}
+	on, off := median(rates["on"]), median(rates["off"])
+	kind := "persistent"
+	if !*persist {
+		kind = "clean-session"
+	}
+	fmt.Printf("median: on %.0f/s, off %.0f/s, ratio on/off %.2f (%d publishers x %d msgs, window %d, %d %s subscribers, %d B, QoS 1)\n",
+		on, off, on/off, *pubs, *msgs, *window, *subs, kind, *size)
+	fmt.Printf("rounds: on %v off %v\n", rates["on"], rates["off"])
+	return nil
+}
+
+func throughputRound(addr string) (float64, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	want := int64(*pubs) * int64(*msgs) * int64(*subs)
+	var got atomic.Int64
+	done := make(chan struct{})
+	var once sync.Once
+	for i := 0; i < *subs; i++ {
+		expiry := uint32(0)
+		if *persist {
+			expiry = 3600
+		}
+		c, _, err := dial(ctx, addr, fmt.Sprintf("sub-%d", i), expiry, true, func(*paho.Publish) {
+			if got.Add(1) == want {
+				once.Do(func() { close(done) })
+			}
+		})
+		if err != nil {
+			return 0, err
+		}
+		defer func() { _ = c.Disconnect(&paho.Disconnect{}) }()
+		if _, err := c.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: "bench/#", QoS: 1}}}); err != nil {
+			return 0, err
+		}
+	}
+	payload := make([]byte, *size)
+	start := time.Now()
+	var wg sync.WaitGroup
+	var pubErr atomic.Pointer[error]
+	for p := 0; p < *pubs; p++ {
+		c, _, err := dial(ctx, addr, fmt.Sprintf("pub-%d", p), 0, true, nil)
+		if err != nil {
+			return 0, err
+		}
+		defer func() { _ = c.Disconnect(&paho.Disconnect{}) }()
+		next := atomic.Int64{}
+		for w := 0; w < *window; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for next.Add(1) <= int64(*msgs) {
+					if _, err := c.Publish(ctx, &paho.Publish{Topic: fmt.Sprintf("bench/%d", p), QoS: 1, Payload: payload}); err != nil {
+						pubErr.Store(&err)
+						return
+					}
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	if p := pubErr.Load(); p != nil {
+		return 0, *p
+	}
+	select {
+	case <-done:
+	case <-time.After(2 * time.Minute):
+		return 0, fmt.Errorf("%d of %d deliveries", got.Load(), want)
+	}
+	return float64(want) / time.Since(start).Seconds(), nil
+}
+
+// durabilityStats returns the broker's /v1/stats "durability" object.
+func durabilityStats(admin string) string {
+	req, _ := http.NewRequest(http.MethodGet, "http://"+admin+"/v1/stats", nil)
+	req.Header.Set("Authorization", "Bearer bench-admin-key-0123456789abcdef")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err.Error()
+	}
+	defer resp.Body.Close()
+	var st struct {
+		Durability json.RawMessage `json:"durability"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		return err.Error()
+	}
+	return string(st.Durability)
+}
+
+func median(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	if len(s) == 0 {
+		return 0
+	}
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func measureRestart(bin string) error {
+	data, err := os.MkdirTemp("", "rtm-durable-restart-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(data)
+	b, err := startBroker(bin, data, "on")
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancel()
+	// Sessions subscribe to one filter, so each publish queues a message in
+	// every session: queued/sessions publishes make queued messages.
+	t0 := time.Now()
+	var wg sync.WaitGroup
+	ids := make(chan int)
+	var errMu sync.Mutex
+	var firstErr error
+	for w := 0; w < 16; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range ids {
+				c, _, err := dial(ctx, b.addr, fmt.Sprintf("dev-%05d", i), 86400, true, nil)
+				if err == nil {
+					_, err = c.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: "fleet/#", QoS: 1}}})
+					_ = c.Disconnect(&paho.Disconnect{})
+				}
+				if err != nil {
+					errMu.Lock()
+					if firstErr == nil {
+						firstErr = fmt.Errorf("session %d: %w", i, err)
+					}
+					errMu.Unlock()
+				}
+			}
+		}()
+	}
+	for i := 0; i < *sessions; i++ {
+		ids <- i
+	}
+	close(ids)
+	wg.Wait()
+	if firstErr != nil {
+		return firstErr
+	}
+	fmt.Printf("%d persistent sessions made in %v\n", *sessions, time.Since(t0).Round(time.Millisecond))
+	t0 = time.Now()
+	pub, _, err := dial(ctx, b.addr, "fleet-pub", 0, true, nil)
+	if err != nil {
+		return err
+	}
+	n := *queued / *sessions
+	for i := 0; i < n; i++ {
+		if _, err := pub.Publish(ctx, &paho.Publish{Topic: "fleet/cmd", QoS: 1, Payload: []byte(strings.Repeat("c", 64))}); err != nil {
+			return err
+		}
+	}
+	fmt.Printf("%d messages queued (%d publishes, each acknowledged once written) in %v\n", n**sessions, n, time.Since(t0).Round(time.Millisecond))
+	b.stop(syscall.SIGKILL)
+	b2, err := startBroker(bin, data, "on")
+	if err != nil {
+		return err
+	}
+	fmt.Printf("restart after kill -9: serving after %v (restore took %s)\n", b2.ready.Round(time.Millisecond), b2.restore)
+	// One device reconnects and gets its queue.
+	var got atomic.Int64
+	c, ca, err := dial(ctx, b2.addr, "dev-00000", 86400, false, func(*paho.Publish) { got.Add(1) })
+	if err != nil {
+		return err
+	}
+	deadline := time.Now().Add(time.Minute)
+	for got.Load() < int64(n) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	fmt.Printf("dev-00000: session present %v, %d of %d queued messages received\n", ca.SessionPresent, got.Load(), n)
+	_ = c.Disconnect(&paho.Disconnect{})
+	b2.stop(syscall.SIGTERM)
+	return nil
+}

@@ -1,0 +1,223 @@
+package broker
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/rtm-dev/rtm/broker/link"
+)
+
+// claimWaiters pairs the answers to client-ID claims with the CONNECT
+// waiting for them. Its mutex is a leaf.
+type claimWaiters struct {
+	seq atomic.Uint64
+	mu  sync.Mutex
+	m   map[uint64]chan claimReplyMsg
+}
+
+func newClaimWaiters() *claimWaiters { return &claimWaiters{m: map[uint64]chan claimReplyMsg{}} }
+
+// open registers a claim expecting up to n answers and returns its ID, the
+// channel they arrive on, and the function that closes it.
+func (w *claimWaiters) open(n int) (uint64, <-chan claimReplyMsg, func()) {
+	id := w.seq.Add(1)
+	ch := make(chan claimReplyMsg, n)
+	w.mu.Lock()
+	w.m[id] = ch
+	w.mu.Unlock()
+	return id, ch, func() {
+		w.mu.Lock()
+		delete(w.m, id)
+		w.mu.Unlock()
+	}
+}
+
+// answered hands r to the claim waiting for it; false if none waits.
+func (w *claimWaiters) answered(r claimReplyMsg) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	ch, ok := w.m[r.ID]
+	if ok {
+		select {
+		case ch <- r: // buffered for every peer asked
+		default:
+			return false // a peer answered twice
+		}
+	}
+	return ok
+}
+
+// claimPoll is how often a waiting claim looks whether a peer it waits for
+// is suspected or lost its link: such a peer is not waited for.
+const claimPoll = 20 * time.Millisecond
+
+// OnSessionEstablish runs when a client has authenticated, before mochi
+// looks for its session: every peer is told, ends a connection or session
+// with the same ID (DISCONNECT 0x8E) and, unless the client starts clean,
+// moves the session here (see moveOut), for mochi to inherit. The CONNECT
+// waits one round trip, at most cluster.claim_timeout, but not for a peer
+// gossip suspects or whose link is down; then for the moves, as long as
+// they progress. A move that fails leaves the session where it was, and the
+// CONNECT is refused with 0x88 (3.1.1: code 3), so the client retries
+// instead of starting over with an empty session.
+func (c *clusterNode) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
+	refuse := false
+	defer func() {
+		if !refuse {
+			c.owners.set(cl.ID, time.Now().UnixNano())
+		}
+	}()
+	// A session being pushed here for this client by a node that leaves
+	// comes first; if that move fails its source still has the session,
+	// and the claim below moves it.
+	if im := c.moves.incoming(cl.ID); im != nil && im.claim == 0 {
+		c.waitMove(im)
+	}
+	var up []*peer
+	for _, p := range c.peers.up() {
+		if !c.node.Suspected(p.name) {
+			up = append(up, p)
+		}
+	}
+	if len(up) == 0 {
+		return
+	}
+	id, ch, done := c.claims.open(len(up))
+	defer done()
+	body := claimMsg{ID: id, ClientID: cl.ID, Clean: pk.Connect.Clean}.encode()
+	pending := map[string]*peer{}
+	for _, p := range up {
+		if p.link.Send(link.Message{Type: msgClaim, Body: body}, false) {
+			pending[p.name] = p
+		}
+	}
+	c.claimsSent.Add(1)
+	timeout := time.NewTimer(c.cfg.ClaimTimeout)
+	defer timeout.Stop()
+	poll := time.NewTicker(claimPoll)
+	defer poll.Stop()
+	var moving []*inMove
+wait:
+	for len(pending) > 0 {
+		select {
+		case r := <-ch:
+			delete(pending, r.from)
+			switch {
+			case r.Busy:
+				refuse = true
+			case r.move != nil:
+				moving = append(moving, r.move)
+			case r.Found && !pk.Connect.Clean:
+				c.adopt(cl.ID, cl.Properties.ProtocolVersion, r)
+			}
+		case <-poll.C:
+			for name, p := range pending {
+				if !p.link.Up() || !c.peers.isAlive(name) || c.node.Suspected(name) {
+					delete(pending, name)
+					c.log.Info("client ID claim: not waiting for a node that is suspected or unreachable", "client_id", cl.ID, "node", name)
+				}
+			}
+		case <-timeout.C:
+			c.claimsTimedOut.Add(1)
+			c.log.Warn("client ID claim: not every node answered in time; a connection with this ID may still be open elsewhere",
+				"client_id", cl.ID, "timeout", c.cfg.ClaimTimeout)
+			break wait
+		}
+	}
+	for _, im := range moving {
+		if !c.waitMove(im) {
+			refuse = true
+		}
+	}
+	if refuse {
+		c.claimsRefused.Add(1)
+		c.log.Warn("client refused: its session is moving or could not be moved here; it stays where it was and the client retries",
+			"client_id", cl.ID)
+		cl.RefuseSession(packets.ErrServerUnavailable)
+	}
+}
+
+func (c *clusterNode) adopt(id string, version byte, r claimReplyMsg) {
+	if len(r.Session.Subscriptions) == 0 && len(r.Session.Inflight) == 0 {
+		return
+	}
+	c.b.mq.AdoptSession(id, version, r.Session)
+	c.moved.Add(1)
+	c.warmGroups(id, r.Session.Subscriptions)
+	if c.b.durable != nil {
+		c.b.durable.movedIn(id, r.from)
+	}
+	c.log.Debug("session moved here", "client_id", id, "subscriptions", len(r.Session.Subscriptions), "queued", len(r.Session.Inflight))
+}
+
+// answerClaim ends this node's connection and session of a client that
+// connected to node from. A session worth keeping moves there in pieces
+// (moveOut, on its own goroutine: this one receives the acknowledgements);
+// one that is moving already makes the answer Busy.
+func (c *clusterNode) answerClaim(from string, m claimMsg) {
+	reply := claimReplyMsg{ID: m.ID, ClientID: m.ClientID}
+	cl, found := c.b.mq.Clients.Get(m.ClientID)
+	switch {
+	case c.moves.busy(m.ClientID):
+		reply.Found, reply.Busy = true, true
+	case found && !m.Clean && hasState(cl):
+		p := c.peers.get(from)
+		if p == nil {
+			c.log.Warn("claim not answered: no link to the node; the session stays here", "client_id", m.ClientID, "node", from)
+			return
+		}
+		if o, ok := c.moves.startOut(m.ClientID, from); ok {
+			go c.moveOut(o, p, m.ID)
+			return
+		}
+		reply.Found, reply.Busy = true, true
+	default:
+		_, reply.Found = c.b.mq.DetachSession(m.ClientID)
+		if reply.Found {
+			c.owners.forget(m.ClientID)
+			c.log.Debug("client connected to another node: session ended here", "client_id", m.ClientID, "node", from)
+		}
+	}
+	body, err := reply.encode()
+	if err != nil {
+		c.log.Error("claim answer not sent: cannot encode it", "client_id", m.ClientID, "error", err)
+		return
+	}
+	p := c.peers.get(from)
+	if p == nil || !p.link.Send(link.Message{Type: msgClaimReply, Body: body}, true) {
+		c.log.Warn("claim answer not sent: no link to the node", "client_id", m.ClientID, "node", from)
+	}
+}
+
+func (c *clusterNode) claimAnswered(r claimReplyMsg) {
+	if c.claims.answered(r) {
+		return
+	}
+	// The CONNECT stopped waiting: keep a session that moved anyway (from
+	// a node of the previous version, which sends it whole).
+	if r.Found && (len(r.Session.Subscriptions) > 0 || len(r.Session.Inflight) > 0) {
+		c.log.Warn("session handed over after its CONNECT stopped waiting: adopted late", "client_id", r.ClientID)
+		c.adopt(r.ClientID, 5, r)
+	}
+}
+
+// warmGroups reads, in the background, the group memberships of a client
+// whose session just moved here with subscriptions that may cover group
+// topics, so its first delivery does not wait for the store.
+func (c *clusterNode) warmGroups(id string, subs []packets.Subscription) {
+	if c.b.groups == nil {
+		return
+	}
+	for _, sub := range subs {
+		if mayCoverGroups(sub.Filter) {
+			// Off this goroutine (it may be a node link's): a delivery
+			// that comes first waits for this read, not for another.
+			go c.b.groups.Warm(id)
+			return
+		}
+	}
+}

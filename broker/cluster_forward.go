@@ -1,0 +1,279 @@
+package broker
+
+import (
+	"errors"
+	"slices"
+	"strings"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/rtm-dev/rtm/broker/link"
+)
+
+// This file is forwarding: what local clients publish goes to the peers
+// whose routes match it, retained updates to every peer, and local route
+// changes to every peer as deltas.
+
+// onRoute is mochi's TopicsIndex.OnRoute: a local filter gained its first
+// subscriber or lost its last. Called with the index locked: it only
+// queues messages.
+func (c *clusterNode) onRoute(filter string, added bool) {
+	if strings.HasPrefix(filter, "$SYS") {
+		return
+	}
+	// The route table's lock is held while the delta is queued on every
+	// link, so deltas queue in version order and a link's opening snapshot
+	// (taken under the same lock) is either before or after each one.
+	c.routes.mu.Lock()
+	defer c.routes.mu.Unlock()
+	body := c.routes.localChangedLocked(filter, added).encode()
+	c.peers.mu.Lock()
+	defer c.peers.mu.Unlock()
+	for p := range c.peers.linkedLocked() {
+		// Reliable: a delta lost to a reconnect is sent again (and ignored
+		// if the snapshot that opens the new connection covers it).
+		if !p.link.Send(link.Message{Type: msgRouteDelta, Body: body}, true) {
+			c.log.Error("route update not queued: link queue full; the peer resyncs on reconnect", "peer", p.name, "filter", filter)
+		}
+	}
+}
+
+// OnPublish forwards what a local client publishes. It runs before mochi
+// acknowledges the message, so an acknowledged QoS 1/2 message is already
+// queued on every link it needs (and re-sent if a link drops). A QoS 1/2
+// message that cannot be queued for every peer that needs it is refused
+// (mochi answers with the code returned: rtm patch 25), and not delivered
+// here either; peers that did queue it deliver it, so the publisher's
+// retry may reach them twice, which QoS 1 allows.
+func (c *clusterNode) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if !cl.Net.Inline {
+		if err := c.forward(pk); err != nil && pk.FixedHeader.Qos > 0 {
+			return pk, err
+		}
+	}
+	return pk, nil
+}
+
+// OnWillSent forwards a will message once it was published locally. There
+// is nobody to refuse: what cannot be queued is counted.
+func (c *clusterNode) OnWillSent(_ *mqtt.Client, pk packets.Packet) { _ = c.forward(pk) }
+
+// forward queues pk for every peer whose routes match it, and its retained
+// state for every peer, counting each peer it could not be queued for. It
+// returns the reason code to refuse a QoS 1/2 publish with if any peer was
+// missed: 0x97 (quota exceeded) for a full link queue, else 0x80.
+func (c *clusterNode) forward(pk packets.Packet) error {
+	if strings.HasPrefix(pk.TopicName, "$SYS") {
+		return nil
+	}
+	var refuse error
+	var missed map[string]bool
+	if c.routes.count.Load() > 0 { // else no peer subscribes to anything: skip the lookup
+		missed, refuse = c.forwardPublish(pk)
+	}
+	// A refused message is not retained here (mochi skips it), so not on
+	// the peers either.
+	if pk.FixedHeader.Retain && (refuse == nil || pk.FixedHeader.Qos == 0) {
+		c.forwardRetained(pk, missed)
+	}
+	return refuse
+}
+
+// forwardPublish queues pk for the peers whose routes match it. It returns
+// the peers it could not be queued for, each counted once, and the refusal
+// for a QoS 1/2 publisher (see forward).
+func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, error) {
+	subs := c.routes.subscribers(pk.TopicName)
+	if len(subs.Subscriptions) == 0 && len(subs.Shared) == 0 {
+		return nil, nil // no peer wants it: nothing crosses a link
+	}
+	type target struct {
+		p      *peer
+		shared []string // share groups this peer is chosen for
+	}
+	targets := make([]target, 0, len(subs.Subscriptions)+len(subs.Shared))
+	var missing []string // peers with matching routes and no link
+	c.routes.mu.Lock()
+	c.peers.mu.Lock()
+	for name := range subs.Subscriptions {
+		p := c.peers.alive[name]
+		if p == nil {
+			// Failed, and sending its routes again: it may be alive after
+			// all. Its held link takes the message, resent if it heals.
+			p = c.peers.held[name]
+		}
+		if p == nil {
+			missing = append(missing, name)
+			continue
+		}
+		targets = append(targets, target{p: p})
+	}
+	for route, members := range subs.Shared {
+		if c.routes.hasLocalLocked(route) {
+			continue // a local member takes it (mochi picks one)
+		}
+		// Members on alive peers first; if there are none, on held ones
+		// (as for plain routes above).
+		pool := c.peers.alive
+		names := memberNames(members, pool)
+		if len(names) == 0 {
+			pool = c.peers.held
+			names = memberNames(members, pool)
+		}
+		if len(names) == 0 {
+			for name := range members {
+				missing = append(missing, name) // one is enough to count the group
+				break
+			}
+			continue
+		}
+		slices.Sort(names)
+		n := c.routes.nextShareLocked(route)
+		p := pool[names[n%uint64(len(names))]]
+		i := slices.IndexFunc(targets, func(t target) bool { return t.p == p })
+		if i < 0 {
+			targets = append(targets, target{p: p})
+			i = len(targets) - 1
+		}
+		targets[i].shared = append(targets[i].shared, route)
+	}
+	c.peers.mu.Unlock()
+	c.routes.mu.Unlock()
+
+	qos := pk.FixedHeader.Qos
+	var refuse error
+	var missed map[string]bool
+	fail := func(peer string, reason dropReason) {
+		c.b.limits.linkDropped(peer, reason, qos, 1, pk.TopicName)
+		if missed == nil {
+			missed = map[string]bool{}
+		}
+		missed[peer] = true
+		if refuse == nil || reason == dropLinkQueueFull {
+			refuse = packets.ErrUnspecifiedError
+			if reason == dropLinkQueueFull {
+				refuse = packets.ErrQuotaExceeded
+			}
+		}
+	}
+	for _, name := range missing {
+		fail(name, dropNoLink)
+	}
+
+	// Encoding and queueing happen outside the lock, so publishers on
+	// different connections forward in parallel; each one's messages still
+	// queue in its order. Every target is tried, even after a failure, so
+	// a publisher that does not retry still reaches every peer it can.
+	m := publishMsg{Origin: pk.Origin, Expiry: expiryLeft(pk.Expiry), Packet: pk}
+	var plain []byte // the body for peers with no share group, encoded once
+	for _, t := range targets {
+		body := plain
+		if t.shared != nil || plain == nil {
+			m.Shared = t.shared
+			var err error
+			if body, err = m.encode(); err != nil {
+				c.log.Error("message not forwarded: cannot encode it", "topic", pk.TopicName, "peer", t.p.name, "error", err)
+				fail(t.p.name, dropNoLink)
+				continue
+			}
+			if t.shared == nil {
+				plain = body
+			}
+		}
+		if err := t.p.link.Queue(link.Message{Type: msgPublish, Body: body}, qos > 0); err != nil {
+			fail(t.p.name, linkDropReason(err))
+			continue
+		}
+		c.forwarded.Add(1)
+		c.forwardedBytes.Add(int64(len(body)))
+	}
+	return missed, refuse
+}
+
+// memberNames returns the names of the share group's members found in pool.
+func memberNames(members map[string]packets.Subscription, pool map[string]*peer) []string {
+	var names []string
+	for name := range members {
+		if _, ok := pool[name]; ok {
+			names = append(names, name)
+		}
+	}
+	return names
+}
+
+// linkDropReason is the drop reason of a link.Queue error.
+func linkDropReason(err error) dropReason {
+	switch {
+	case errors.Is(err, link.ErrQueueFull):
+		return dropLinkQueueFull
+	case errors.Is(err, link.ErrOversize):
+		return dropLinkOversize
+	default: // closed while a peer was removed
+		return dropNoLink
+	}
+}
+
+// discarded is link.Config.OnDiscard: publishes a link threw away are
+// counted by reason and QoS. Retained updates are not: a peer that comes
+// back gets every retained message in its link's opening snapshot.
+func (c *clusterNode) discarded(peer string, why link.Discard, msgs []link.Message) {
+	if c.reforward(peer, msgs) {
+		return // durable_cluster.go: sent on to the nodes that adopted the peer's sessions
+	}
+	reason := dropLinkClosed
+	switch why {
+	case link.DiscardRestarted:
+		reason = dropPeerRestarted
+	case link.DiscardUnreliable:
+		reason = dropLinkReset
+	}
+	var n [3]int64
+	topic := ""
+	for _, m := range msgs {
+		if m.Type != msgPublish {
+			continue
+		}
+		pm, err := decodePublish(m.Body)
+		if err != nil {
+			continue
+		}
+		if q := pm.Packet.FixedHeader.Qos; q <= 2 {
+			n[q]++
+		}
+		topic = pm.Packet.TopicName
+	}
+	for q, k := range n {
+		if k > 0 {
+			c.b.limits.linkDropped(peer, reason, byte(q), k, topic)
+		}
+	}
+}
+
+// forwardRetained tells every peer the topic's new retained message (or its
+// clear), whatever their routes: a later subscriber on any node gets it.
+// A peer it cannot be queued for is counted (unless counted already, in
+// counted, for the same message as a publish); it gets the message in the
+// snapshot that opens its link's next connection.
+func (c *clusterNode) forwardRetained(pk packets.Packet, counted map[string]bool) {
+	body, err := c.retained.stamp(pk).encode()
+	if err != nil {
+		c.log.Error("retained message not forwarded: cannot encode it", "topic", pk.TopicName, "error", err)
+		return
+	}
+	type miss struct {
+		peer   string
+		reason dropReason
+	}
+	var missed []miss
+	c.peers.mu.Lock()
+	for p := range c.peers.linkedLocked() {
+		if err := p.link.Queue(link.Message{Type: msgRetained, Body: body}, true); err != nil && !counted[p.name] {
+			missed = append(missed, miss{p.name, linkDropReason(err)})
+		}
+	}
+	c.peers.mu.Unlock()
+	for _, m := range missed {
+		c.b.limits.linkDropped(m.peer, m.reason, pk.FixedHeader.Qos, 1, pk.TopicName)
+	}
+}

@@ -1,0 +1,188 @@
+package broker
+
+import (
+	"iter"
+	"log/slog"
+	"maps"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/rtm-dev/rtm/broker/link"
+)
+
+// linkStateHeld is the state ClusterStats gives a link held for a failed
+// peer (see peerSet.sync), whatever its connection's state.
+const linkStateHeld = "held"
+
+// peer is another broker node and the link to it.
+type peer struct {
+	name, linkAddr string
+	link           *link.Link
+	heldUntil      time.Time // while in peerSet.held: when its queue is given up
+}
+
+// peerSet keeps one outgoing link per broker gossip says is alive, and
+// holds the links of peers gossip marks failed for cluster.failed_peer_hold
+// with what was queued for them (a failed peer may only be suspected).
+// It knows nothing of routes: sync tells its caller whose routes to drop.
+//
+// Its mutex comes after routeTable's and before any link's (see doc.go).
+type peerSet struct {
+	log  *slog.Logger
+	hold time.Duration // cluster.failed_peer_hold
+	// dial opens the link to a new peer.
+	dial func(name, addr string) *link.Link
+
+	mu    sync.Mutex
+	alive map[string]*peer // alive brokers with a link, by name
+	held  map[string]*peer // failed brokers whose link keeps what was queued
+}
+
+func newPeerSet(log *slog.Logger, hold time.Duration, dial func(name, addr string) *link.Link) *peerSet {
+	return &peerSet{log: log, hold: hold, dial: dial, alive: map[string]*peer{}, held: map[string]*peer{}}
+}
+
+// syncResult is what the caller of peerSet.sync does next, outside the
+// peer set's lock.
+type syncResult struct {
+	dropRoutes []string // peers no longer alive: their routes go
+	forget     []*peer  // their inbound connection is closed (see syncPeers)
+	closing    []*peer  // their link is closed
+}
+
+// sync makes the links follow membership: want holds the alive brokers
+// (name → link address), failed the ones gossip marks failed.
+func (s *peerSet) sync(want map[string]string, failed map[string]bool, now time.Time) syncResult {
+	var res syncResult
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for name, p := range s.alive {
+		if addr, ok := want[name]; !ok || addr != p.linkAddr {
+			delete(s.alive, name)
+			res.dropRoutes = append(res.dropRoutes, name)
+			res.forget = append(res.forget, p)
+			if !ok && failed[name] && s.hold > 0 {
+				p.heldUntil = now.Add(s.hold)
+				s.held[name] = p
+				s.log.Info("peer failed: its routes are dropped; what was queued for it is kept in case it comes back",
+					"peer", name, "queued", p.link.Stats().QueueLen, "hold", s.hold)
+			} else {
+				res.closing = append(res.closing, p)
+			}
+		}
+	}
+	for name, p := range s.held {
+		addr, alive := want[name]
+		switch {
+		case alive && addr == p.linkAddr:
+			delete(s.held, name)
+			s.alive[name] = p
+			s.log.Info("failed peer alive again: its link resends what was queued", "peer", name, "queued", p.link.Stats().QueueLen)
+		case alive || !failed[name] || now.After(p.heldUntil):
+			delete(s.held, name)
+			res.closing = append(res.closing, p)
+		}
+	}
+	for name, addr := range want {
+		if _, ok := s.alive[name]; ok {
+			continue
+		}
+		s.alive[name] = &peer{name: name, linkAddr: addr, link: s.dial(name, addr)}
+		s.log.Info("peer added", "peer", name, "link", addr)
+	}
+	return res
+}
+
+// isAlive reports whether name is an alive peer with a link.
+func (s *peerSet) isAlive(name string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.alive[name]
+	return ok
+}
+
+// get returns the alive peer name, or nil.
+func (s *peerSet) get(name string) *peer {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.alive[name]
+}
+
+// getHeld returns the held peer name, or nil.
+func (s *peerSet) getHeld(name string) *peer {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.held[name]
+}
+
+// releaseHeld removes the held peer name and returns it, or nil.
+func (s *peerSet) releaseHeld(name string) *peer {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p := s.held[name]
+	delete(s.held, name)
+	return p
+}
+
+// up returns the alive peers whose link is connected now.
+func (s *peerSet) up() []*peer {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var up []*peer
+	for _, p := range s.alive {
+		if p.link.Up() {
+			up = append(up, p)
+		}
+	}
+	return up
+}
+
+// aliveList returns the alive peers.
+func (s *peerSet) aliveList() []*peer {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Collect(maps.Values(s.alive))
+}
+
+// linkedLocked yields every peer with a link: alive ones and held ones.
+// Route and retained updates go to held peers too: a peer marked failed
+// while its link stays connected gets no snapshot when it heals, so an
+// update skipped during the suspicion would be missing for good. mu is held.
+func (s *peerSet) linkedLocked() iter.Seq[*peer] {
+	return func(yield func(*peer) bool) {
+		for _, set := range []map[string]*peer{s.alive, s.held} {
+			for _, p := range set {
+				if !yield(p) {
+					return
+				}
+			}
+		}
+	}
+}
+
+// takeAll empties the set and returns every peer it held, alive and held.
+func (s *peerSet) takeAll() []*peer {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	peers := slices.Collect(maps.Values(s.alive))
+	peers = slices.AppendSeq(peers, maps.Values(s.held))
+	s.alive, s.held = map[string]*peer{}, map[string]*peer{}
+	return peers
+}
+
+// linkStats returns the stats of every link, held ones marked so.
+func (s *peerSet) linkStats() []link.LinkStats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []link.LinkStats
+	for _, p := range s.alive {
+		out = append(out, p.link.Stats())
+	}
+	for _, p := range s.held {
+		st := p.link.Stats()
+		st.State = linkStateHeld
+		out = append(out, st)
+	}
+	return out
+}

@@ -1,0 +1,101 @@
+// Package broker is rtm's MQTT broker role: one node built on mochi-mqtt v2
+// that speaks MQTT 3.1.1 and 5.0 over TCP, WebSocket (/mqtt) and, when a
+// certificate is configured, TLS and secure WebSocket, and serves the admin
+// HTTP endpoints /healthz, /readyz, /metrics and /v1/stats.
+//
+// A Broker is created by New (no I/O), started by Start (returns once every
+// listener is bound) and stopped by Shutdown (idempotent, bounded by its
+// context). Its methods are safe for concurrent use.
+//
+// # The cluster part
+//
+// With cluster.gossip_addr set, a Broker is one node of a cluster
+// (docs/clustering.md describes it for users). Its cluster part, clusterNode
+// in cluster.go, owns the Serf membership and the node link server
+// (package link), and composes parts that each hold one concern and can be
+// read and tested alone:
+//
+//   - peerSet (cluster_peers.go) keeps one outgoing link per broker gossip
+//     says is alive, and holds the link of a peer marked failed for
+//     cluster.failed_peer_hold with what was queued for it. It knows no
+//     routes: sync tells its caller which peers' routes to drop.
+//   - routeTable (cluster_routes.go) holds the filters local clients
+//     subscribe to (a versioned set, sent to a peer whole when its link
+//     connects and then as deltas) and every peer's filters in an index
+//     that names the peers a topic must be forwarded to.
+//   - Forwarding (cluster_forward.go) is clusterNode's mochi hooks: a
+//     publish or will of a local client is queued, before mochi
+//     acknowledges it, on the link of every peer whose routes match it.
+//   - retainedSync (cluster_retained.go) keeps the retained messages of
+//     every node the same, last writer wins by a (time, node) stamp.
+//   - Claims (claimWaiters, cluster_claims.go): a CONNECT asks every peer
+//     to end its connection with the same client ID, and does not wait for
+//     a peer gossip suspects or whose link is down.
+//   - Session moves (moves, cluster_move.go): a session moves to the node
+//     that claims it, or, when this node stops gracefully, to the live peer
+//     rendezvous hashing of the client ID picks (handOver).
+//   - Healing (owners, cluster_heal.go): every link opens with the client
+//     IDs its sender holds and since when; of two sessions with one ID the
+//     older is ended (stale after a partition).
+//
+// # Session moves
+//
+// A move is a small protocol on the node links (see cluster_wire.go,
+// msgMove*): start (subscriptions), chunks of at most moveChunkBytes of
+// queued messages, each acknowledged, at most moveWindow unacknowledged;
+// then the source detaches the session, sends what was queued meanwhile
+// and the end; the destination installs the session and confirms. The
+// destination decides: it confirms only a move whose end arrived while it
+// still wanted it, and refuses otherwise (its CONNECT gave up after
+// cluster.claim_timeout without progress). The source keeps the session
+// until the confirmation and puts a detached session back on a refusal, or
+// when the destination is gone from gossip or came back as another process;
+// it never puts it back while the destination lives and may still confirm
+// (except after moveConfirmMax), so a session is never held twice by nodes
+// that both stay up. A CONNECT whose session could not be moved is refused
+// with 0x88 (mochi patch 47), so the client retries instead of starting over
+// with an empty session. A move answering a claim whose CONNECT went on
+// without it (the source was cut off) finds a newer session at the
+// destination: the source drops its own as stale.
+//
+// For durable sessions (the store), the owner of a client ID is the node
+// holding its live session as decided here: a node must not adopt a session
+// from the store while gossip only suspects its owner, and a store copy must
+// carry the time it was established on its owner, so a stale copy written
+// by a node that was cut off loses against the newer session, as above.
+// # Contract
+//
+// A QoS 1/2 PUBLISH acknowledged by this node is queued on every link whose
+// peer has a matching route, or refused (0x97 when a link queue is full,
+// 0x80 otherwise); the link then delivers it exactly once while both
+// processes stay up (see package link). A message a link discards is counted
+// in rtm_broker_messages_dropped_total with the reason. Routes converge: a
+// link's opening snapshot replaces what the peer held, deltas carry a version
+// and an older one is ignored. Retained state converges whatever the order
+// updates arrive in. A client ID has one connection in the cluster once every
+// node that is not suspected answered its claim (bounded by
+// cluster.claim_timeout), and one session once a partition healed. A session
+// moved between live nodes arrives whole or stays whole where it was. A node
+// stopped gracefully keeps its routes until its sessions are handed over.
+//
+// # Lock order
+//
+// Locks are taken in this order, never the reverse, and none is held while
+// waiting on the network:
+//
+//  1. the lock of mochi's TopicsIndex of local subscriptions (onRoute is
+//     called with it held);
+//  2. routeTable.mu;
+//  3. peerSet.mu;
+//  4. link.Link.mu and link.Server.mu (leaf locks, see package link), and
+//     the lock of routeTable's own index of remote routes (a leaf too).
+//
+// retainedSync.mu, claimWaiters.mu, moves.mu and owners.mu are leaves:
+// nothing else is locked while one is held. An inMove's mutex comes before
+// mochi's locks: the destination installs the session (AdoptSession, which
+// locks the index and so calls onRoute) while holding it, so that a move is
+// committed or given up, never both. A link's OnUp snapshot takes routeTable.mu and then
+// retainedSync.mu, one after the other, on the link's own goroutine with no
+// link lock held. syncPeers holds routeTable.mu across peerSet.sync so that
+// no forward sees a peer gone while its routes are still there.
+package broker

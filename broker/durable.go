@@ -1,0 +1,837 @@
+package broker
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+	"go.mongodb.org/mongo-driver/v2/bson"
+	"go.mongodb.org/mongo-driver/v2/mongo"
+	"go.mongodb.org/mongo-driver/v2/mongo/options"
+
+	"github.com/rtm-dev/rtm/internal/store"
+	"github.com/rtm-dev/rtm/internal/writebehind"
+)
+
+// durableHook keeps persistent sessions (subscriptions, will, and the QoS
+// 1/2 messages held for them) and retained messages in the store, so a
+// restarted node restores them and a survivor can adopt the sessions of a
+// node that died (docs/broker.md "Persistence", docs/clustering.md
+// "Durability").
+//
+// Every change is one op handed to a writebehind.Writer, which writes them
+// in batches (group commit) from its own goroutine, in order. A QoS 1/2
+// PUBLISH that went to at least one persistent session is acknowledged
+// only once the batch holding its writes is committed (mochi patch 54,
+// OnPublishHold), without blocking its publisher's connection: the
+// acknowledgements wait in order on another goroutine. A publish to
+// non-persistent subscribers only marks and unmarks the publisher in a map.
+//
+// Session documents carry their owner (a node name) and an epoch: a node
+// writes a session only while it owns it (a conditional update), and a node
+// that adopts a dead node's session takes it with a conditional update on
+// the old owner and epoch, so two nodes never both own a session.
+type durableHook struct {
+	mqtt.HookBase
+	b    *Broker
+	st   *store.Store
+	node string
+	w    *writebehind.Writer[durOp]
+	log  *slog.Logger
+
+	ctx    context.Context // ends when the hook closes: held acknowledgements fail
+	cancel context.CancelFunc
+
+	mu    sync.Mutex
+	holds map[string]*ackHold // publisher ID → the writes its current PUBLISH waits for
+	known map[string]bool     // client IDs this node wrote (or loaded) a session document for
+	epoch map[string]ownInfo  // the epoch (and former owner) of sessions restored or adopted here (others: 1)
+
+	seq atomic.Int64 // orders a session's message documents
+
+	coalesced atomic.Int64 // messages acknowledged before their batch was written: never written
+	lost      atomic.Int64 // session writes refused because another node owns the session
+
+	barrierTimeouts atomic.Int64 // link acknowledgements sent before the store confirmed
+	adopted         atomic.Int64 // sessions taken from nodes that died (or left)
+	reforwarded     atomic.Int64 // publishes a dead node's link held, sent on to adopters
+	// supersededSkipped counts stored sessions of a dead node not adopted
+	// because their client was connected to a live node already.
+	supersededSkipped atomic.Int64
+	reforwardTo       map[string][]string // released failed peer → adopters, until its link's queue is handed over
+}
+
+// ackHold is what one PUBLISH's acknowledgement waits for.
+type ackHold struct {
+	t   writebehind.Ticket
+	set bool
+	err error
+}
+
+type opKind uint8
+
+const (
+	opSession     opKind = iota // upsert the session document
+	opSessionDel                // delete the session and its messages
+	opMsg                       // insert a held message
+	opMsgDel                    // delete a held message (acknowledged, expired)
+	opRetain                    // set or clear a retained message
+	opWillCleared               // the session's will was published
+)
+
+type durOp struct {
+	kind   opKind
+	client string
+	pid    uint16
+	sess   *sessionDoc
+	msg    *msgDoc
+	ret    *retainedDoc
+}
+
+// sessionDoc is a persistent session in store.CollSessions.
+type sessionDoc struct {
+	ID        string   `bson:"_id"`
+	Owner     string   `bson:"owner"`
+	Proto     byte     `bson:"proto"`
+	Expiry    uint32   `bson:"expiry"`
+	ExpirySet bool     `bson:"expiry_set"`
+	Subs      []subDoc `bson:"subs"`
+	Will      *willDoc `bson:"will,omitempty"`
+	Connected bool     `bson:"connected"`
+	// DisconnectedAt is when the client went offline (Unix seconds), 0
+	// while connected: the session's expiry counts from it.
+	DisconnectedAt int64     `bson:"disconnected_at"`
+	Updated        time.Time `bson:"updated"`
+	Epoch          int64     `bson:"epoch"` // set on insert, raised by every adoption
+	// WillOnly marks a client without a persistent session, recorded for
+	// its will while it is connected.
+	WillOnly bool `bson:"will_only,omitempty"`
+	// AdoptedFrom is the node a survivor took the session from.
+	AdoptedFrom string `bson:"adopted_from,omitempty"`
+}
+
+type ownInfo struct {
+	epoch int64
+	from  string
+}
+
+type subDoc struct {
+	Filter            string `bson:"f"`
+	Qos               byte   `bson:"q"`
+	NoLocal           bool   `bson:"nl,omitempty"`
+	RetainAsPublished bool   `bson:"rap,omitempty"`
+	RetainHandling    byte   `bson:"rh,omitempty"`
+	Identifier        int    `bson:"id,omitempty"`
+}
+
+type willDoc struct {
+	Topic   string      `bson:"topic"`
+	Payload []byte      `bson:"payload"`
+	Qos     byte        `bson:"qos"`
+	Retain  bool        `bson:"retain"`
+	Delay   uint32      `bson:"delay"`
+	User    [][2]string `bson:"user,omitempty"`
+}
+
+func (w *willDoc) will() mqtt.Will {
+	m := mqtt.Will{Flag: 1, TopicName: w.Topic, Payload: w.Payload, Qos: w.Qos, Retain: w.Retain, WillDelayInterval: w.Delay}
+	for _, u := range w.User {
+		m.User = append(m.User, packets.UserProperty{Key: u[0], Val: u[1]})
+	}
+	return m
+}
+
+// msgDoc is a QoS 1/2 message held for a session, in
+// store.CollSessionMessages, keyed by client ID and packet ID (a session
+// has one message per packet ID at a time).
+type msgDoc struct {
+	ID      string `bson:"_id"`
+	Client  string `bson:"c"`
+	Seq     int64  `bson:"seq"` // arrival order in the session
+	PID     uint16 `bson:"pid"`
+	Packet  []byte `bson:"pk"` // MQTT 5 PUBLISH as appendPacket encodes it
+	Origin  string `bson:"origin,omitempty"`
+	Created int64  `bson:"created"`
+	Expiry  int64  `bson:"expiry,omitempty"` // Unix seconds, 0: none
+	SubIDs  []int  `bson:"subids,omitempty"`
+}
+
+// retainedDoc is a topic's retained message in store.CollRetained; a clear
+// is kept (Cleared) so an older write cannot bring the message back.
+type retainedDoc struct {
+	Topic   string `bson:"_id"`
+	Stamp   int64  `bson:"stamp"` // Unix nanoseconds at Node; last writer wins
+	Node    string `bson:"node"`
+	Cleared bool   `bson:"cleared"`
+	Packet  []byte `bson:"pk,omitempty"`
+	Expiry  int64  `bson:"expiry,omitempty"`
+}
+
+// durableLinger is how long the store writer lets a batch fill.
+const durableLinger = 5 * time.Millisecond
+
+func msgKey(client string, pid uint16) string { return client + "\x00" + strconv.Itoa(int(pid)) }
+
+func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
+	d := &durableHook{b: b, st: st, node: b.cfg.NodeName, log: b.log.With("component", "durable"),
+		holds: map[string]*ackHold{}, known: map[string]bool{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{}}
+	d.ctx, d.cancel = context.WithCancel(context.Background())
+	d.seq.Store(time.Now().UnixNano())
+	w, err := writebehind.New(writebehind.Options[durOp]{
+		Name:     "sessions",
+		Write:    d.write,
+		MaxBatch: 4096,
+		// A subscriber that keeps up acknowledges a message within
+		// milliseconds: waiting that long lets its acknowledgement join the
+		// batch of the message's write, and neither is written (write).
+		// The publisher's PUBACK waits for it too, which a window of
+		// publishes in flight (Receive Maximum) hides.
+		Linger: durableLinger,
+		// The writes of one session are bounded by broker.max_queued (its
+		// messages), so memory by the node's sessions; Put waits past it.
+		QueueLen: 16384,
+		Logger:   d.log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	d.w = w
+	return d, nil
+}
+
+func (d *durableHook) ID() string { return "rtm-durable" }
+
+func (d *durableHook) Provides(b byte) bool {
+	switch b {
+	case mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnSubscribed, mqtt.OnUnsubscribed,
+		mqtt.OnRetainMessage, mqtt.OnQosPublish, mqtt.OnQosComplete, mqtt.OnQosDropped, mqtt.OnClientExpired,
+		mqtt.OnPublish, mqtt.OnPublishHold, mqtt.OnWillSent:
+		return true
+	}
+	return false
+}
+
+// persistent reports whether cl's session outlives its connection: MQTT
+// 3.1.1 clean session false, MQTT 5 session expiry above 0.
+func persistent(cl *mqtt.Client) bool {
+	if cl.Net.Inline {
+		return false
+	}
+	if cl.Properties.ProtocolVersion == 5 {
+		return cl.Properties.Props.SessionExpiryIntervalFlag && cl.Properties.Props.SessionExpiryInterval > 0
+	}
+	return !cl.Properties.Clean
+}
+
+// put queues op, waiting for room, and returns its ticket.
+func (d *durableHook) put(op durOp) (writebehind.Ticket, error) {
+	return d.w.Put(d.ctx, op)
+}
+
+// OnPublish marks the start of a QoS 1/2 PUBLISH of cl: the writes made for
+// it until OnPublishHold are collected under cl's ID (a client's PUBLISHes
+// are handled one after another).
+func (d *durableHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Qos > 0 && !cl.Net.Inline {
+		d.mu.Lock()
+		d.holds[cl.ID] = &ackHold{}
+		d.mu.Unlock()
+	}
+	return pk, nil
+}
+
+// record makes the acknowledgement of origin's current PUBLISH, if one is
+// collecting, wait for t (tickets settle in order: the latest covers the
+// earlier ones).
+func (d *durableHook) record(origin string, t writebehind.Ticket, err error) {
+	d.mu.Lock()
+	if h, ok := d.holds[origin]; ok {
+		if err != nil {
+			h.err = err
+		} else {
+			h.t, h.set = t, true
+		}
+	}
+	d.mu.Unlock()
+}
+
+// OnPublishHold returns what cl's PUBLISH waits for before its PUBACK or
+// PUBREC: the commit of its writes to persistent sessions, if any.
+func (d *durableHook) OnPublishHold(cl *mqtt.Client, pk packets.Packet) func() error {
+	d.mu.Lock()
+	h, ok := d.holds[cl.ID]
+	delete(d.holds, cl.ID)
+	d.mu.Unlock()
+	if !ok || (!h.set && h.err == nil) {
+		return nil
+	}
+	return func() error {
+		if h.err != nil {
+			return h.err
+		}
+		return h.t.Wait(d.ctx)
+	}
+}
+
+// OnQosPublish writes a QoS 1/2 message newly held for a persistent
+// session (resends, marked Dup, are written already).
+func (d *durableHook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, _ int64, _ int) {
+	if pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Dup || !persistent(cl) {
+		return
+	}
+	var w wbuf
+	if err := appendPacket(&w, pk); err != nil {
+		d.log.Error("message for a persistent session not written: cannot encode it", "client", cl.ID, "topic", pk.TopicName, "error", err)
+		return
+	}
+	m := &msgDoc{ID: msgKey(cl.ID, pk.PacketID), Client: cl.ID, Seq: d.seq.Add(1), PID: pk.PacketID, Packet: w.b,
+		Origin: pk.Origin, Created: pk.Created, SubIDs: pk.Properties.SubscriptionIdentifier}
+	if pk.Expiry > 0 {
+		m.Expiry = pk.Expiry
+	}
+	t, err := d.put(durOp{kind: opMsg, client: cl.ID, pid: pk.PacketID, msg: m})
+	d.record(pk.Origin, t, err)
+}
+
+// OnQosComplete deletes a message the subscriber acknowledged (PUBACK or
+// PUBCOMP read from it: mochi also reports the completion of a client's own
+// QoS 1 PUBLISH, with the PUBACK it built, which has Created set).
+func (d *durableHook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
+	t := pk.FixedHeader.Type
+	if (t != packets.Puback && t != packets.Pubcomp) || pk.Created != 0 || !persistent(cl) {
+		return
+	}
+	_, _ = d.put(durOp{kind: opMsgDel, client: cl.ID, pid: pk.PacketID})
+}
+
+// OnQosDropped deletes a held message that expired.
+func (d *durableHook) OnQosDropped(cl *mqtt.Client, pk packets.Packet) {
+	if persistent(cl) {
+		_, _ = d.put(durOp{kind: opMsgDel, client: cl.ID, pid: pk.PacketID})
+	}
+}
+
+// OnSessionEstablish discards the stored session of a client that starts
+// clean, before mochi installs the new one: messages queued for the new
+// session from then on are written after the delete.
+func (d *durableHook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
+	if !pk.Connect.Clean {
+		d.claimOnConnect(cl)
+		return
+	}
+	d.mu.Lock()
+	known := d.known[cl.ID]
+	delete(d.known, cl.ID)
+	delete(d.epoch, cl.ID)
+	d.mu.Unlock()
+	if known {
+		_, _ = d.put(durOp{kind: opSessionDel, client: cl.ID})
+	}
+}
+
+func (d *durableHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
+	if persistent(cl) || atomic.LoadUint32(&cl.Properties.Will.Flag) == 1 {
+		// A client without a persistent session is written for its will
+		// only: the node that adopts this one's clients, should it die,
+		// publishes it.
+		d.writeSession(cl, true)
+		return
+	}
+	d.mu.Lock()
+	known := d.known[cl.ID]
+	delete(d.known, cl.ID)
+	delete(d.epoch, cl.ID)
+	d.mu.Unlock()
+	if known {
+		_, _ = d.put(durOp{kind: opSessionDel, client: cl.ID})
+	}
+}
+
+func (d *durableHook) OnSubscribed(cl *mqtt.Client, _ packets.Packet, _ []byte) {
+	if persistent(cl) {
+		d.writeSession(cl, !cl.Closed())
+	}
+}
+
+func (d *durableHook) OnUnsubscribed(cl *mqtt.Client, _ packets.Packet) {
+	if persistent(cl) {
+		d.writeSession(cl, !cl.Closed())
+	}
+}
+
+func (d *durableHook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
+	if cl.IsTakenOver() {
+		return // the new connection (here or on another node) writes it
+	}
+	if expire || !persistent(cl) {
+		d.mu.Lock()
+		known := d.known[cl.ID]
+		delete(d.known, cl.ID)
+		delete(d.epoch, cl.ID)
+		delete(d.holds, cl.ID)
+		d.mu.Unlock()
+		if known {
+			_, _ = d.put(durOp{kind: opSessionDel, client: cl.ID})
+		}
+		return
+	}
+	d.mu.Lock()
+	delete(d.holds, cl.ID)
+	d.mu.Unlock()
+	d.writeSession(cl, false)
+}
+
+func (d *durableHook) OnWillSent(cl *mqtt.Client, _ packets.Packet) {
+	d.mu.Lock()
+	known := d.known[cl.ID]
+	d.mu.Unlock()
+	if known {
+		_, _ = d.put(durOp{kind: opWillCleared, client: cl.ID})
+	}
+}
+
+func (d *durableHook) OnClientExpired(cl *mqtt.Client) {
+	d.mu.Lock()
+	delete(d.known, cl.ID)
+	delete(d.epoch, cl.ID)
+	d.mu.Unlock()
+	_, _ = d.put(durOp{kind: opSessionDel, client: cl.ID})
+}
+
+// OnRetainMessage writes a retained message set (or cleared) by a client
+// here; the PUBLISH's acknowledgement waits for it. Peers write their own.
+func (d *durableHook) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, _ int64) {
+	if len(pk.TopicName) >= 4 && pk.TopicName[:4] == "$SYS" {
+		return
+	}
+	r := &retainedDoc{Topic: pk.TopicName, Stamp: time.Now().UnixNano(), Node: d.node, Cleared: len(pk.Payload) == 0}
+	if !r.Cleared {
+		var w wbuf
+		if err := appendPacket(&w, pk); err != nil {
+			d.log.Error("retained message not written: cannot encode it", "topic", pk.TopicName, "error", err)
+			return
+		}
+		r.Packet = w.b
+		r.Expiry = pk.Expiry
+	}
+	t, err := d.put(durOp{kind: opRetain, ret: r})
+	if cl != nil {
+		d.record(cl.ID, t, err)
+	}
+}
+
+// writeSession queues cl's session document as it is now.
+func (d *durableHook) writeSession(cl *mqtt.Client, connected bool) {
+	doc := &sessionDoc{ID: cl.ID, Owner: d.node, Proto: cl.Properties.ProtocolVersion, Connected: connected, Updated: time.Now().UTC(),
+		WillOnly: !persistent(cl)}
+	if cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryIntervalFlag {
+		doc.Expiry, doc.ExpirySet = cl.Properties.Props.SessionExpiryInterval, true
+	}
+	for _, sub := range cl.State.Subscriptions.GetAll() {
+		if doc.WillOnly {
+			break
+		}
+		doc.Subs = append(doc.Subs, subDoc{Filter: sub.Filter, Qos: sub.Qos, NoLocal: sub.NoLocal,
+			RetainAsPublished: sub.RetainAsPublished, RetainHandling: sub.RetainHandling, Identifier: sub.Identifier})
+	}
+	if !connected {
+		doc.DisconnectedAt = cl.StopTime()
+		if doc.DisconnectedAt == 0 {
+			doc.DisconnectedAt = time.Now().Unix()
+		}
+	}
+	if w := cl.Properties.Will; atomic.LoadUint32(&cl.Properties.Will.Flag) == 1 {
+		wd := &willDoc{Topic: w.TopicName, Payload: w.Payload, Qos: w.Qos, Retain: w.Retain, Delay: w.WillDelayInterval}
+		for _, u := range w.User {
+			wd.User = append(wd.User, [2]string{u.Key, u.Val})
+		}
+		doc.Will = wd
+	}
+	d.mu.Lock()
+	d.known[cl.ID] = true
+	doc.Epoch, doc.AdoptedFrom = max(d.epoch[cl.ID].epoch, 1), d.epoch[cl.ID].from
+	d.mu.Unlock()
+	_, _ = d.put(durOp{kind: opSession, client: cl.ID, sess: doc})
+}
+
+// write stores one batch. Within it, a message acknowledged before the
+// batch was written is not written at all, only the last state of a
+// session document is, and a session deleted drops the batch's earlier
+// writes for it. Deletes go first (a session wiped, or a packet ID freed
+// for reuse, precedes the writes after it), then inserts and upserts.
+// Every step is idempotent, so a failed batch is written again whole.
+func (d *durableHook) write(ctx context.Context, batch []durOp) error {
+	var (
+		sessDel   []string
+		msgDel    []string
+		msgs      []*msgDoc
+		msgAt     = map[string]int{}
+		sessUp    = map[string]*sessionDoc{}
+		sessOrder []string
+		willClr   []string
+		rets      = map[string]*retainedDoc{}
+	)
+	for _, op := range batch {
+		switch op.kind {
+		case opSessionDel:
+			for i, m := range msgs {
+				if m != nil && m.Client == op.client {
+					msgs[i] = nil
+					delete(msgAt, m.ID)
+				}
+			}
+			delete(sessUp, op.client)
+			sessDel = append(sessDel, op.client)
+		case opMsg:
+			msgAt[op.msg.ID] = len(msgs)
+			msgs = append(msgs, op.msg)
+		case opMsgDel:
+			k := msgKey(op.client, op.pid)
+			if i, ok := msgAt[k]; ok {
+				msgs[i] = nil
+				delete(msgAt, k)
+				d.coalesced.Add(1)
+				continue
+			}
+			msgDel = append(msgDel, k)
+		case opSession:
+			if _, ok := sessUp[op.client]; !ok {
+				sessOrder = append(sessOrder, op.client)
+			}
+			sessUp[op.client] = op.sess
+		case opWillCleared:
+			if s, ok := sessUp[op.client]; ok {
+				s.Will = nil
+			} else {
+				willClr = append(willClr, op.client)
+			}
+		case opRetain:
+			if r, ok := rets[op.ret.Topic]; !ok || op.ret.Stamp > r.Stamp {
+				rets[op.ret.Topic] = op.ret
+			}
+		}
+	}
+	db := d.st.DB()
+	sc, mc := db.Collection(store.CollSessions), db.Collection(store.CollSessionMessages)
+	if len(sessDel) > 0 {
+		if _, err := sc.DeleteMany(ctx, bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: sessDel}}}, {Key: "owner", Value: d.node}}); err != nil {
+			return fmt.Errorf("delete sessions: %w", err)
+		}
+		if _, err := mc.DeleteMany(ctx, bson.D{{Key: "c", Value: bson.D{{Key: "$in", Value: sessDel}}}}); err != nil {
+			return fmt.Errorf("delete session messages: %w", err)
+		}
+	}
+	if len(msgDel) > 0 {
+		if _, err := mc.DeleteMany(ctx, bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: msgDel}}}}); err != nil {
+			return fmt.Errorf("delete session messages: %w", err)
+		}
+	}
+	var ins []any
+	for _, m := range msgs {
+		if m != nil {
+			ins = append(ins, m)
+		}
+	}
+	if len(ins) > 0 {
+		if _, err := mc.InsertMany(ctx, ins, options.InsertMany().SetOrdered(false)); err != nil && !onlyDuplicates(err) {
+			return fmt.Errorf("insert session messages: %w", err)
+		}
+	}
+	if len(sessOrder) > 0 {
+		// Replaced as a whole: deleted (only where this node owns them),
+		// then inserted. Two commands per batch, where upserts cost FerretDB
+		// a lookup each. An insert that finds the session still there is
+		// refused (duplicate key): another node owns it now.
+		ids := make([]string, 0, len(sessOrder))
+		docs := make([]any, 0, len(sessOrder))
+		for _, id := range sessOrder {
+			if s, ok := sessUp[id]; ok {
+				ids = append(ids, id)
+				docs = append(docs, s)
+			}
+		}
+		if len(ids) > 0 {
+			if _, err := sc.DeleteMany(ctx, bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: ids}}}, {Key: "owner", Value: d.node}}); err != nil {
+				return fmt.Errorf("write sessions: %w", err)
+			}
+			if _, err := sc.InsertMany(ctx, docs, options.InsertMany().SetOrdered(false)); err != nil {
+				if !onlyDuplicates(err) {
+					return fmt.Errorf("write sessions: %w", err)
+				}
+				d.lost.Add(int64(duplicateCount(err)))
+			}
+		}
+	}
+	if len(willClr) > 0 {
+		if _, err := sc.UpdateMany(ctx, bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: willClr}}}, {Key: "owner", Value: d.node}},
+			bson.D{{Key: "$set", Value: bson.D{{Key: "will", Value: nil}}}}); err != nil {
+			return fmt.Errorf("write sessions: %w", err)
+		}
+	}
+	if len(rets) > 0 {
+		var models []mongo.WriteModel
+		for _, r := range rets {
+			newer := bson.D{{Key: "$or", Value: bson.A{
+				bson.D{{Key: "stamp", Value: bson.D{{Key: "$lt", Value: r.Stamp}}}},
+				bson.D{{Key: "stamp", Value: r.Stamp}, {Key: "node", Value: bson.D{{Key: "$lt", Value: r.Node}}}},
+			}}}
+			models = append(models, mongo.NewUpdateOneModel().
+				SetFilter(append(bson.D{{Key: "_id", Value: r.Topic}}, newer...)).
+				SetUpdate(bson.D{{Key: "$set", Value: bson.D{{Key: "stamp", Value: r.Stamp}, {Key: "node", Value: r.Node},
+					{Key: "cleared", Value: r.Cleared}, {Key: "pk", Value: r.Packet}, {Key: "expiry", Value: r.Expiry}}}}).
+				SetUpsert(true))
+		}
+		if _, err := db.Collection(store.CollRetained).BulkWrite(ctx, models, options.BulkWrite().SetOrdered(false)); err != nil && !onlyDuplicates(err) {
+			return fmt.Errorf("write retained messages: %w", err)
+		}
+	}
+	return nil
+}
+
+// onlyDuplicates reports a write error made only of duplicate keys: an
+// insert written already (a batch written again), or a conditional upsert
+// whose document exists and did not match (newer, or owned elsewhere).
+func onlyDuplicates(err error) bool {
+	var bwe mongo.BulkWriteException
+	if errors.As(err, &bwe) {
+		if bwe.WriteConcernError != nil || len(bwe.WriteErrors) == 0 {
+			return false
+		}
+		for _, we := range bwe.WriteErrors {
+			if we.Code != 11000 {
+				return false
+			}
+		}
+		return true
+	}
+	return mongo.IsDuplicateKeyError(err)
+}
+
+func duplicateCount(err error) int {
+	var bwe mongo.BulkWriteException
+	if errors.As(err, &bwe) {
+		return len(bwe.WriteErrors)
+	}
+	return 1
+}
+
+// load restores the sessions this node owns and every retained message
+// from the store, before clients connect. A session whose expiry passed
+// while the node was down is deleted, its messages counted as dropped
+// (session_expired); an expired message is counted (expired).
+func (d *durableHook) load(ctx context.Context) (sessions, messages, retained int, err error) {
+	db := d.st.DB()
+	now := time.Now().Unix()
+	maxExpiry := int64(d.b.cfg.SessionExpiry / time.Second)
+
+	cur, err := db.Collection(store.CollSessions).Find(ctx, bson.D{{Key: "owner", Value: d.node}})
+	if err != nil {
+		return 0, 0, 0, fmt.Errorf("read sessions: %w", err)
+	}
+	var docs []sessionDoc
+	if err := cur.All(ctx, &docs); err != nil {
+		return 0, 0, 0, fmt.Errorf("read sessions: %w", err)
+	}
+	n, err := d.restore(ctx, docs, now, maxExpiry, false, nil)
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	messages = n
+
+	cur, err = db.Collection(store.CollRetained).Find(ctx, bson.D{{Key: "cleared", Value: false}})
+	if err != nil {
+		return 0, 0, 0, fmt.Errorf("read retained messages: %w", err)
+	}
+	var rets []retainedDoc
+	if err := cur.All(ctx, &rets); err != nil {
+		return 0, 0, 0, fmt.Errorf("read retained messages: %w", err)
+	}
+	for _, r := range rets {
+		if r.Expiry > 0 && r.Expiry < now {
+			continue
+		}
+		pk := readPacket(&rbuf{b: r.Packet})
+		if pk.TopicName == "" {
+			continue
+		}
+		pk.FixedHeader.Retain = true
+		pk.Created = now
+		pk.Expiry = r.Expiry
+		d.b.mq.RetainFromPeer(pk)
+		if d.b.cluster != nil {
+			d.b.cluster.seedRetained(r.Topic, r.Stamp, r.Node)
+		}
+		retained++
+	}
+	return len(docs), messages, retained, nil
+}
+
+// restore installs sessions read from the store as offline sessions with
+// their messages, wills and subscriptions (routes follow). Expired ones
+// are deleted and their messages counted. adopted sessions were a dead
+// node's: their clients' connections are gone, so a will still held fires.
+//
+// take, if set, is asked for each session just before it is installed
+// (after its messages are read), and skips it when false: an adoption's
+// conditional claim, so a session is in memory the moment it is owned.
+func (d *durableHook) restore(ctx context.Context, docs []sessionDoc, now, maxExpiry int64, adopted bool, take func(*sessionDoc) bool) (int, error) {
+	if len(docs) == 0 {
+		return 0, nil
+	}
+	ids := make([]string, len(docs))
+	for i, s := range docs {
+		ids[i] = s.ID
+	}
+	held := map[string][]msgDoc{}
+	want := make(map[string]bool, len(ids))
+	for _, id := range ids {
+		want[id] = true
+	}
+	// Few sessions: looked up by client. Many: one pass over the
+	// collection (FerretDB matches $in by scanning, once per query).
+	var queries []bson.D
+	if len(ids) <= 1000 {
+		queries = append(queries, bson.D{{Key: "c", Value: bson.D{{Key: "$in", Value: ids}}}})
+	} else {
+		queries = append(queries, bson.D{})
+	}
+	for _, q := range queries {
+		cur, err := d.st.DB().Collection(store.CollSessionMessages).Find(ctx, q)
+		if err != nil {
+			return 0, fmt.Errorf("read session messages: %w", err)
+		}
+		for cur.Next(ctx) {
+			var m msgDoc
+			if err := cur.Decode(&m); err != nil {
+				return 0, fmt.Errorf("read session messages: %w", err)
+			}
+			if want[m.Client] {
+				held[m.Client] = append(held[m.Client], m)
+			}
+		}
+		if err := cur.Err(); err != nil {
+			return 0, fmt.Errorf("read session messages: %w", err)
+		}
+		_ = cur.Close(ctx)
+	}
+	for _, ms := range held {
+		slices.SortFunc(ms, func(a, b msgDoc) int { return cmp.Compare(a.Seq, b.Seq) })
+	}
+	restored := 0
+	var expired []string
+	for _, s := range docs {
+		if take != nil && !take(&s) {
+			continue
+		}
+		disc := s.DisconnectedAt
+		if s.Connected || disc == 0 {
+			disc = now // connected when the node stopped: offline from now
+		}
+		exp := maxExpiry
+		if s.Proto == 5 && s.ExpirySet {
+			exp = min(int64(s.Expiry), maxExpiry)
+		}
+		msgs := held[s.ID]
+		if s.WillOnly {
+			// Its connection is gone, with the node: the will fires, the
+			// record goes.
+			if s.Will != nil && s.Connected {
+				d.b.mq.ScheduleWill(s.ID, s.Will.will(), now+int64(s.Will.Delay))
+			}
+			_, _ = d.put(durOp{kind: opSessionDel, client: s.ID})
+			continue
+		}
+		if disc+exp < now {
+			expired = append(expired, s.ID)
+			for _, m := range msgs {
+				d.b.limits.count(dropSessionExpired, packetQos(m.Packet), 1)
+			}
+			continue
+		}
+		sess := mqtt.Session{Expiry: s.Expiry, ExpirySet: s.ExpirySet}
+		for _, sub := range s.Subs {
+			sess.Subscriptions = append(sess.Subscriptions, packets.Subscription{Filter: sub.Filter, Qos: sub.Qos, NoLocal: sub.NoLocal,
+				RetainAsPublished: sub.RetainAsPublished, RetainHandling: sub.RetainHandling, Identifier: sub.Identifier})
+		}
+		for _, m := range msgs {
+			pk := readPacket(&rbuf{b: m.Packet})
+			if m.Expiry > 0 && m.Expiry < now {
+				d.b.limits.count(dropExpired, pk.FixedHeader.Qos, 1)
+				_, _ = d.put(durOp{kind: opMsgDel, client: s.ID, pid: m.PID})
+				continue
+			}
+			pk.PacketID, pk.Origin, pk.Created, pk.Expiry = m.PID, m.Origin, m.Created, m.Expiry
+			pk.Properties.SubscriptionIdentifier = m.SubIDs
+			sess.Inflight = append(sess.Inflight, pk)
+			restored++
+		}
+		d.b.mq.AdoptSession(s.ID, s.Proto, sess)
+		if cl, ok := d.b.mq.Clients.Get(s.ID); ok {
+			cl.SetStopTime(disc)
+		}
+		if s.Will != nil && (adopted || s.Connected || s.DisconnectedAt+int64(s.Will.Delay) > now) {
+			d.b.mq.ScheduleWill(s.ID, s.Will.will(), disc+int64(s.Will.Delay))
+		}
+		d.mu.Lock()
+		d.known[s.ID] = true
+		d.epoch[s.ID] = ownInfo{s.Epoch, s.AdoptedFrom}
+		d.mu.Unlock()
+	}
+	if len(expired) > 0 {
+		for _, id := range expired {
+			_, _ = d.put(durOp{kind: opSessionDel, client: id})
+		}
+		d.log.Info("persistent sessions expired while the node was down", "sessions", len(expired))
+	}
+	return restored, nil
+}
+
+// packetQos is the QoS of a PUBLISH encoded by appendPacket.
+func packetQos(raw []byte) byte {
+	return readPacket(&rbuf{b: raw}).FixedHeader.Qos
+}
+
+// close writes what is queued (bounded by ctx) and stops the writer; held
+// acknowledgements not written by then fail (their clients are gone).
+func (d *durableHook) close(ctx context.Context) error {
+	err := d.w.Close(ctx)
+	d.cancel()
+	return err
+}
+
+// DurabilityStats report the store writes of persistent sessions and
+// retained messages.
+type DurabilityStats struct {
+	writebehind.Stats
+	// Coalesced counts messages acknowledged by their subscriber before
+	// their batch was written, so never written.
+	Coalesced int64 `json:"coalesced"`
+	// LostOwnership counts session writes refused because another node
+	// adopted the session.
+	LostOwnership int64 `json:"lost_ownership"`
+	// Adopted counts sessions this node took from nodes that died.
+	Adopted int64 `json:"adopted"`
+	// SupersededSkipped counts stored sessions of dead nodes not adopted:
+	// their client had reconnected to a live node first.
+	SupersededSkipped int64 `json:"superseded_skipped"`
+	// Reforwarded counts publishes held for a dead node, sent on to the
+	// nodes that adopted its sessions (or delivered here).
+	Reforwarded int64 `json:"reforwarded"`
+	// BarrierTimeouts counts node link acknowledgements sent before the
+	// store confirmed the writes they covered (it took over 500 ms).
+	BarrierTimeouts int64 `json:"barrier_timeouts"`
+}
+
+func (d *durableHook) stats() *DurabilityStats {
+	return &DurabilityStats{Stats: d.w.Stats(), Coalesced: d.coalesced.Load(), LostOwnership: d.lost.Load(),
+		Adopted: d.adopted.Load(), SupersededSkipped: d.supersededSkipped.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load()}
+}

@@ -1,0 +1,394 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"go.mongodb.org/mongo-driver/v2/bson"
+	"go.mongodb.org/mongo-driver/v2/mongo"
+
+	"github.com/rtm-dev/rtm/broker/link"
+	"github.com/rtm-dev/rtm/internal/cluster"
+	"github.com/rtm-dev/rtm/internal/store"
+)
+
+// seedRetained records who set a topic's retained message and when, for a
+// message restored from the store at start, so the node's link snapshots
+// carry the store's stamp and peers keep whichever change is latest.
+// (The cluster code's one entry point for durability; see durable.go.)
+func (c *clusterNode) seedRetained(topic string, at int64, node string) {
+	c.retained.seed(topic, at, node)
+}
+
+// durableBarrier is the node link's BeforeAck: a message forwarded by a
+// peer is acknowledged on the link only once what this node wrote for it
+// (it went to a persistent session here) is committed, so the peer keeps
+// it queued, and resends it elsewhere, should this node die first. It
+// waits at most durableBarrierMax: a store that does not answer must not
+// make the link look dead (see link.Config.BeforeAck).
+func (b *Broker) durableBarrier() {
+	d := b.durable
+	if d == nil || d.w.Stats().Queued == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(d.ctx, durableBarrierMax)
+	defer cancel()
+	if err := d.w.Flush(ctx); err != nil {
+		d.barrierTimeouts.Add(1)
+	}
+}
+
+// durableBarrierMax bounds a link acknowledgement's wait for the store: one
+// half a heartbeat (link.Config.Heartbeat, 1 s).
+const durableBarrierMax = 500 * time.Millisecond
+
+// Adoption of a dead node's sessions (docs/clustering.md, "Durability").
+//
+// A node that gossip declares failed (not merely suspected: the split-brain
+// guard) no longer serves its persistent sessions. Every survivor reads the
+// sessions the store says it owned, and takes those whose client ID hashes
+// to it among the live brokers (rendezvous hashing, so survivors split the
+// load without talking): a conditional update on the old owner and epoch,
+// so two nodes can never both take one. It installs them as offline
+// sessions, with their subscriptions (routes follow, and messages queue)
+// and held messages, and fires a will still pending, honouring its delay.
+// The client's next CONNECT, on any node, takes the session over from the
+// adopter as usual. A node that comes back finds the sessions owned by
+// others: it does not load them, and its own writes to them are refused.
+
+const (
+	adoptPoll    = 250 * time.Millisecond // how often gossip is checked for failed brokers
+	adoptRescan  = 5 * time.Second        // a failed broker's sessions are looked for again this often (an adopter died too)
+	adoptTimeout = 30 * time.Second       // bounds one scan's store calls
+)
+
+// watchFailures adopts the sessions of brokers gossip marks failed, until
+// stop closes.
+func (d *durableHook) watchFailures(stop <-chan struct{}) {
+	t := time.NewTicker(adoptPoll)
+	defer t.Stop()
+	scanned := map[string]time.Time{}
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
+		live, failed := d.brokers()
+		for name := range scanned {
+			if !failed[name] {
+				delete(scanned, name)
+			}
+		}
+		for name := range failed {
+			if at, ok := scanned[name]; ok && time.Since(at) < adoptRescan {
+				ctx, cancel := context.WithTimeout(d.ctx, adoptTimeout)
+				if err := d.releaseWhenAdopted(ctx, name); err != nil {
+					d.log.Warn("held link of a failed node not released yet", "node", name, "error", err)
+				}
+				cancel()
+				continue
+			}
+			scanned[name] = time.Now()
+			ctx, cancel := context.WithTimeout(d.ctx, adoptTimeout)
+			n, err := d.adoptFrom(ctx, name, live)
+			cancel()
+			if err != nil {
+				d.log.Warn("sessions of a failed node not adopted yet; retrying", "node", name, "error", err)
+				delete(scanned, name)
+			} else if n > 0 {
+				d.log.Info("adopted the persistent sessions of a failed node", "node", name, "sessions", n)
+			}
+			ctx, cancel = context.WithTimeout(d.ctx, adoptTimeout)
+			if err := d.releaseWhenAdopted(ctx, name); err != nil {
+				d.log.Warn("held link of a failed node not released yet", "node", name, "error", err)
+			}
+			cancel()
+		}
+	}
+}
+
+// brokers returns the live brokers (this one included) and the failed ones.
+func (d *durableHook) brokers() (live []string, failed map[string]bool) {
+	c := d.b.cluster
+	live = []string{d.node}
+	failed = map[string]bool{}
+	if c == nil || c.node == nil {
+		return live, failed
+	}
+	for _, m := range c.members() {
+		if m.Name == d.node || m.Tags.Role != cluster.RoleBroker {
+			continue
+		}
+		switch m.Status {
+		case cluster.StatusAlive:
+			live = append(live, m.Name)
+		case cluster.StatusFailed:
+			failed[m.Name] = true
+		}
+	}
+	return live, failed
+}
+
+// adoptFrom takes the sessions of dead that hash to this node among live.
+func (d *durableHook) adoptFrom(ctx context.Context, dead string, live []string) (int, error) {
+	cur, err := d.st.DB().Collection(store.CollSessions).Find(ctx, bson.D{{Key: "owner", Value: dead}})
+	if err != nil {
+		return 0, err
+	}
+	var docs []sessionDoc
+	if err := cur.All(ctx, &docs); err != nil {
+		return 0, err
+	}
+	var mine []sessionDoc
+	for _, s := range docs {
+		if rendezvousName(s.ID, live) != d.node {
+			continue
+		}
+		// A client that reconnected to a live node while the dead one was
+		// only suspected has a newer session there: adopting the stored
+		// one would hold a second session for the ID (the heal exchange
+		// ends whichever is older, late) and deliver its messages twice
+		// and late. Its stale messages are not adopted (see
+		// docs/clustering.md, "Durability").
+		if p, err := d.st.Presence(ctx, s.ID); err == nil && p.Online && p.Node != dead && slices.Contains(live, p.Node) {
+			d.supersededSkipped.Add(1)
+			d.log.Info("stored session of a failed node not adopted: its client is connected to a live node", "client_id", s.ID, "node", p.Node)
+			continue
+		}
+		mine = append(mine, s)
+	}
+	return d.claim(ctx, mine, true)
+}
+
+// claim takes each session of docs from its owner (a conditional update on
+// owner and epoch) and installs those it got. fireWills: their clients are
+// gone, so a will still pending is published (after its delay).
+func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bool) (int, error) {
+	sc := d.st.DB().Collection(store.CollSessions)
+	if !fireWills {
+		for i := range docs {
+			docs[i].Will = nil
+		}
+	}
+	got := 0
+	var claimErr error
+	take := func(s *sessionDoc) bool {
+		if claimErr != nil {
+			return false
+		}
+		// The claim is an insert under a unique _id first: FerretDB v1
+		// runs a conditional update as a read then a write, so two
+		// nodes could both "win" the update below; only one insert of
+		// this _id succeeds, on every server.
+		if _, err := d.st.DB().Collection(store.CollSessionClaims).InsertOne(ctx,
+			bson.D{{Key: "_id", Value: fmt.Sprintf("%s|%d", s.ID, s.Epoch+1)}, {Key: "node", Value: d.node}, {Key: "at", Value: time.Now().UTC()}}); err != nil {
+			if !mongo.IsDuplicateKeyError(err) {
+				claimErr = err
+			}
+			return false // another node took it first
+		}
+		res, err := sc.UpdateOne(ctx,
+			bson.D{{Key: "_id", Value: s.ID}, {Key: "owner", Value: s.Owner}, {Key: "epoch", Value: s.Epoch}},
+			bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}, {Key: "epoch", Value: s.Epoch + 1}, {Key: "adopted_from", Value: s.Owner}}}})
+		if err != nil {
+			claimErr = err
+			return false
+		}
+		if res.ModifiedCount != 1 {
+			return false // another node took it first
+		}
+		s.Owner, s.Epoch, s.AdoptedFrom = d.node, s.Epoch+1, s.Owner
+		got++
+		return true
+	}
+	_, err := d.restore(ctx, docs, time.Now().Unix(), int64(d.b.cfg.SessionExpiry/time.Second), fireWills, take)
+	d.adopted.Add(int64(got))
+	return got, errors.Join(claimErr, err)
+}
+
+// claimOnConnect takes, for a client reconnecting with clean start false,
+// the stored session of a node that is not alive (failed before this node
+// noticed, or left), so the client finds its session even when it
+// reconnects before failure detection adopted it. A session owned by a
+// live peer moves by the usual link claim instead.
+func (d *durableHook) claimOnConnect(cl *mqtt.Client) {
+	if d.b.cluster == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(d.ctx, 5*time.Second)
+	defer cancel()
+	var s sessionDoc
+	err := d.st.DB().Collection(store.CollSessions).FindOne(ctx, bson.D{{Key: "_id", Value: cl.ID}}).Decode(&s)
+	if err != nil || s.Owner == d.node {
+		return
+	}
+	live, _ := d.brokers()
+	if slices.Contains(live, s.Owner) {
+		return
+	}
+	if n, err := d.claim(ctx, []sessionDoc{s}, false); err != nil {
+		d.log.Warn("stored session of a node that is gone not taken", "client_id", cl.ID, "owner", s.Owner, "error", err)
+	} else if n > 0 {
+		d.log.Info("took the stored session of a node that is gone", "client_id", cl.ID, "owner", s.Owner)
+	}
+}
+
+// releaseWhenAdopted ends the hold of a failed peer's link once every
+// session the store says it owned was adopted: its routes go, and what was
+// queued for it (forwarded while it was dying, or after, since its routes
+// were kept) is sent on to the nodes that adopted its sessions
+// (reforward). A peer that owned no persistent session loses its routes
+// and keeps the usual hold (cluster.failed_peer_hold).
+func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error {
+	c := d.b.cluster
+	if c.peers.getHeld(dead) == nil {
+		return nil
+	}
+	sc := d.st.DB().Collection(store.CollSessions)
+	left, err := sc.CountDocuments(ctx, bson.D{{Key: "owner", Value: dead}})
+	if err != nil || left > 0 {
+		return err
+	}
+	cur, err := sc.Find(ctx, bson.D{{Key: "adopted_from", Value: dead}})
+	if err != nil {
+		return err
+	}
+	var docs []sessionDoc
+	if err := cur.All(ctx, &docs); err != nil {
+		return err
+	}
+	var adopters []string
+	for _, s := range docs {
+		if !slices.Contains(adopters, s.Owner) {
+			adopters = append(adopters, s.Owner)
+		}
+	}
+	if len(adopters) == 0 {
+		// It owned no persistent session: its routes go, as without
+		// durability, and its link stays held (cluster.failed_peer_hold).
+		c.routes.mu.Lock()
+		if c.peers.getHeld(dead) != nil {
+			c.routes.dropLocked(dead)
+		}
+		c.routes.mu.Unlock()
+		return nil
+	}
+	c.routes.mu.Lock()
+	// Not before every adopter's routes for the sessions it took are
+	// here: until then, what is published for them still goes to the held
+	// link (and on to the adopters from there), not nowhere.
+	for _, s := range docs {
+		if s.Owner == d.node {
+			continue
+		}
+		for _, sub := range s.Subs {
+			if !c.routes.hasRemoteLocked(s.Owner, mqtt.SharedRoute(sub.Filter)) {
+				c.routes.mu.Unlock()
+				return nil
+			}
+		}
+	}
+	p := c.peers.releaseHeld(dead)
+	if p != nil {
+		c.routes.dropLocked(dead)
+	}
+	c.routes.mu.Unlock()
+	if p == nil {
+		return nil
+	}
+	d.mu.Lock()
+	d.reforwardTo[dead] = adopters
+	d.mu.Unlock()
+	d.log.Info("failed node's sessions adopted: what was queued for it goes to the adopters", "node", dead,
+		"adopters", adopters, "queued", p.link.Stats().QueueLen)
+	p.link.Close() // hands the queue to discarded, then reforward
+	return nil
+}
+
+// reforward sends the publishes a released peer's link held to the nodes
+// that adopted its sessions (this one delivers its share itself). It
+// reports false for a link not released that way (its queue is counted
+// lost by the caller). An adopter's own subscribers that got a message
+// already get it again (QoS 1/2 duplicates, bounded by what the link held).
+func (c *clusterNode) reforward(peer string, msgs []link.Message) bool {
+	d := c.b.durable
+	if d == nil {
+		return false
+	}
+	d.mu.Lock()
+	targets, ok := d.reforwardTo[peer]
+	delete(d.reforwardTo, peer)
+	d.mu.Unlock()
+	if !ok {
+		return false
+	}
+	for _, m := range msgs {
+		if m.Type != msgPublish {
+			continue
+		}
+		for _, t := range targets {
+			if t == c.node.Name() {
+				c.deliver(peer, m)
+				d.reforwarded.Add(1)
+				continue
+			}
+			if p := c.peers.get(t); p != nil {
+				if err := p.link.Queue(m, true); err == nil {
+					d.reforwarded.Add(1)
+					continue
+				}
+			}
+			if pm, err := decodePublish(m.Body); err == nil {
+				c.b.limits.linkDropped(t, dropNoLink, pm.Packet.FixedHeader.Qos, 1, pm.Packet.TopicName)
+			}
+		}
+	}
+	return true
+}
+
+// movedIn takes over in the store a session that moved here from the live
+// node from (a takeover claim or a session move): the stored document
+// still names from as its owner, so this node's writes of it would be
+// refused and the session would not survive this node. The owner changes
+// by a conditional update on from, retried while from may still be
+// rewriting the document (it just gave the session up), then the session
+// is written as it is here.
+func (d *durableHook) movedIn(id, from string) {
+	go func() {
+		sc := d.st.DB().Collection(store.CollSessions)
+		for try := range movedInTries {
+			if try > 0 {
+				select {
+				case <-time.After(movedInPause):
+				case <-d.ctx.Done():
+					return
+				}
+			}
+			ctx, cancel := context.WithTimeout(d.ctx, 10*time.Second)
+			res, err := sc.UpdateOne(ctx, bson.D{{Key: "_id", Value: id}, {Key: "owner", Value: from}},
+				bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}, {Key: "adopted_from", Value: from}}},
+					{Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}})
+			cancel()
+			if err != nil || res.MatchedCount == 0 {
+				d.log.Debug("stored session of a moved-in client not taken over yet", "client_id", id, "from", from, "error", err)
+				continue // store down, or from's rewrite not landed yet (or no document: written below)
+			}
+			d.log.Debug("stored session taken over from the node it moved from", "client_id", id, "from", from)
+			break
+		}
+		if cl, ok := d.b.mq.Clients.Get(id); ok && persistent(cl) {
+			d.writeSession(cl, !cl.Closed())
+		}
+	}()
+}
+
+// movedInTries and movedInPause bound movedIn's retries (about 2 s).
+const (
+	movedInTries = 8
+	movedInPause = 250 * time.Millisecond
+)

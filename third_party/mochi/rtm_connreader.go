@@ -1,0 +1,208 @@
+// SPDX-License-Identifier: MIT
+// rtm patch 73: a connection's read buffer is lent only while bytes are
+// buffered, see PATCHES.md.
+
+package mqtt
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+)
+
+// connReader is the buffered reader of a client connection (it replaces
+// v2.7.9's bufio.Reader, with the methods mochi uses).
+//
+// rtm patch 73: bufio.Reader holds its buffer (ClientNetReadBufferSize,
+// rtm 1 KiB) for the connection's life, while an idle connection has
+// nothing buffered. On a *net.TCPConn or *net.UnixConn, connReader gives
+// the buffer back to a pool when it is empty and waits for the socket to
+// become readable without one (syscall.RawConn.Read: the runtime's poller
+// waits, as for a plain Read); the read(2) that follows is made into a
+// buffer taken from the pool, so there is still one read(2) per fill. Other
+// connections (TLS, WebSocket, wrappers) keep a buffer, as before.
+type connReader struct {
+	src  io.Reader
+	rc   syscall.RawConn // nil: src is read with Read, buf is kept
+	size int
+	buf  []byte // nil while idle (rc != nil)
+	r, w int    // buf[r:w] is buffered
+	err  error  // an error to return once the buffered bytes are read
+
+	netw   string                // "tcp" or "unix", for errors
+	rawFn  func(fd uintptr) bool // c.rawRead, built once (a method value per fill would allocate)
+	rawN   int
+	rawErr error
+	rawBuf []byte
+}
+
+// readBufPool holds idle read buffers of connReaders (all of one size in a
+// server; a buffer of another size is dropped).
+var readBufPool sync.Pool
+
+func getReadBuf(size int) []byte {
+	if p, ok := readBufPool.Get().(*[]byte); ok && cap(*p) == size {
+		return (*p)[:size]
+	}
+	return make([]byte, size)
+}
+
+func putReadBuf(b []byte) {
+	readBufPool.Put(&b)
+}
+
+func newConnReader(src io.Reader, size int) *connReader {
+	if size < 16 {
+		size = 16 // as bufio.NewReaderSize
+	}
+	c := &connReader{src: src, size: size}
+	var sc syscall.Conn
+	switch t := src.(type) { // exactly these: a wrapper's Read must not be bypassed
+	case *net.TCPConn:
+		sc, c.netw = t, "tcp"
+	case *net.UnixConn:
+		sc, c.netw = t, "unix"
+	}
+	if sc != nil {
+		if rc, err := sc.SyscallConn(); err == nil {
+			c.rc = rc
+			c.rawFn = c.rawRead
+		}
+	}
+	if c.rc == nil {
+		c.buf = make([]byte, size)
+	}
+	return c
+}
+
+// Buffered returns the number of bytes that can be read without waiting.
+func (c *connReader) Buffered() int { return c.w - c.r }
+
+// fill reads at least one more byte into the buffer, or returns an error.
+func (c *connReader) fill() error {
+	if c.err != nil {
+		err := c.err
+		c.err = nil
+		return err
+	}
+	if c.r > 0 {
+		copy(c.buf, c.buf[c.r:c.w])
+		c.w -= c.r
+		c.r = 0
+	}
+	if c.rc != nil && c.w == 0 {
+		return c.fillRaw()
+	}
+	if c.buf == nil {
+		c.buf = getReadBuf(c.size)
+	}
+	if c.w == len(c.buf) {
+		return errors.New("connReader: buffer full") // not reached: callers peek at most the buffer's size
+	}
+	for i := 0; i < 100; i++ {
+		n, err := c.src.Read(c.buf[c.w:])
+		c.w += n
+		if n > 0 {
+			c.err = err
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return io.ErrNoProgress
+}
+
+// fillRaw waits, holding no buffer, until the socket is readable, then
+// reads into a pooled buffer.
+func (c *connReader) fillRaw() error {
+	if c.buf != nil {
+		putReadBuf(c.buf)
+		c.buf = nil
+	}
+	c.rawN, c.rawErr, c.rawBuf = 0, nil, nil
+	err := c.rc.Read(c.rawFn)
+	buf, n, rerr := c.rawBuf, c.rawN, c.rawErr
+	c.rawBuf = nil
+	if err != nil { // deadline, closed: as net.Conn.Read reports them
+		if buf != nil {
+			putReadBuf(buf)
+		}
+		return err
+	}
+	if rerr != nil {
+		putReadBuf(buf)
+		return &net.OpError{Op: "read", Net: c.netw, Err: os.NewSyscallError("read", rerr)}
+	}
+	if n == 0 {
+		putReadBuf(buf)
+		return io.EOF
+	}
+	c.buf, c.r, c.w = buf, 0, n
+	return nil
+}
+
+// rawRead is the syscall.RawConn.Read callback: false asks the poller to
+// wait until the socket is readable.
+func (c *connReader) rawRead(fd uintptr) bool {
+	buf := getReadBuf(c.size)
+	for {
+		n, err := syscall.Read(int(fd), buf)
+		if err == syscall.EINTR {
+			continue
+		}
+		if err == syscall.EAGAIN {
+			putReadBuf(buf)
+			return false
+		}
+		if n < 0 {
+			n = 0
+		}
+		c.rawN, c.rawErr, c.rawBuf = n, err, buf
+		return true
+	}
+}
+
+// ReadByte reads one byte.
+func (c *connReader) ReadByte() (byte, error) {
+	for c.r == c.w {
+		if err := c.fill(); err != nil {
+			return 0, err
+		}
+	}
+	b := c.buf[c.r]
+	c.r++
+	return b, nil
+}
+
+// Read reads up to len(p) bytes: what is buffered, or one fill's worth.
+func (c *connReader) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if c.r == c.w {
+		if err := c.fill(); err != nil {
+			return 0, err
+		}
+	}
+	n := copy(p, c.buf[c.r:c.w])
+	c.r += n
+	return n, nil
+}
+
+// Peek returns the next n bytes without consuming them, waiting for them
+// if need be; n must not exceed the buffer size.
+func (c *connReader) Peek(n int) ([]byte, error) {
+	if n > c.size {
+		return nil, errors.New("connReader: peek larger than the buffer")
+	}
+	for c.w-c.r < n {
+		if err := c.fill(); err != nil {
+			return c.buf[c.r:c.w], err // what is buffered, as bufio.Reader.Peek
+		}
+	}
+	return c.buf[c.r : c.r+n], nil
+}
