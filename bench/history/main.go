@@ -1,7 +1,7 @@
 // Command history measures message history on the embedded store, each
 // figure against a peer measured in the same run, in alternating rounds:
 //
-//		go run ./bench/history [-rounds 5] [-publish 20000] [-ingest 20000] [-page-sizes 10000,100000]
+//		go run ./bench/history [-rounds 5] [-publish 20000] [-ingest 20000] [-ingest-topics 1000] [-page-sizes 10000,100000]
 //
 //	  - capture: QoS 1 publish throughput (16 clients, 64-byte payloads, no
 //	    subscriber) of a broker that captures every message into history,
@@ -50,12 +50,15 @@ func main() {
 	pageSizes := flag.String("page-sizes", "10000,100000", "collection sizes for the page latency (the topic holds a tenth)")
 	pages := flag.Int("pages", 20, "pages timed per collection size")
 	only := flag.String("only", "capture,ingest,pages", "measurements to run")
+	flag.IntVar(&ingestTopics, "ingest-topics", 1000, "topics of the ingest messages (the embedded store's history index writes one segment per topic of a batch)")
 	flag.Parse()
 	if err := run(*rounds, *publish, *ingest, *pageSizes, *pages, *only); err != nil {
 		fmt.Fprintln(os.Stderr, "history bench:", err)
 		os.Exit(1)
 	}
 }
+
+var ingestTopics = 1000
 
 func run(rounds, publish, ingest int, pageSizes string, pages int, only string) error {
 	ctx := context.Background()
@@ -260,7 +263,7 @@ func histMsgs(n int, topic func(i int) string) []store.HistoryMessage {
 
 // benchIngest: history's writer against a raw InsertMany loop.
 func benchIngest(ctx context.Context, uri string, rounds, n int) error {
-	topic := func(i int) string { return fmt.Sprintf("devices/d%d/inbox", i%1000) }
+	topic := func(i int) string { return fmt.Sprintf("devices/d%d/inbox", i%ingestTopics) }
 	raw := func(run int) (float64, error) {
 		st, err := open(ctx, uri, fmt.Sprintf("bench_raw_%d", run))
 		if err != nil {
@@ -326,7 +329,7 @@ func benchIngest(ctx context.Context, uri string, rounds, n int) error {
 		benchkit.Logf("ingest round %d: raw %.0f, writer %.0f msg/s", i+1, rRaw[len(rRaw)-1], rW[len(rW)-1])
 	}
 	fmt.Printf("### History ingest: the writer vs raw InsertMany\n\n")
-	fmt.Printf("%d messages a run (64-byte payloads, 1,000 topics), a fresh database each run with history's indexes.\n\n", n)
+	fmt.Printf("%d messages a run (64-byte payloads, %d topics), a fresh database each run with history's indexes.\n\n", n, ingestTopics)
 	fmt.Printf("| writer | msg/s (median) | runs |\n| --- | --- | --- |\n")
 	fmt.Printf("| history (writebehind, batches of %d) | %.0f | %s |\n", config.Defaults().History.BatchSize, median(rW), fmtRuns(rW))
 	fmt.Printf("| raw InsertMany loop, 256 a call | %.0f | %s |\n\n", median(rRaw), fmtRuns(rRaw))

@@ -121,10 +121,16 @@ func StartEmbedded(ctx context.Context, opts EmbeddedOptions) (_ *Embedded, err 
 	}
 	srvLock := lock
 	lock = nil // the server goroutine owns the lock from here
+	idxDone := make(chan struct{})
+	go func() {
+		defer close(idxDone)
+		e.indexIDs(runCtx, opts.Logger)
+	}()
 	go func() {
 		defer close(e.done)
 		defer srvLock.release()
 		_ = f.Run(runCtx) // always nil
+		<-idxDone
 	}()
 	defer func() {
 		if err != nil {

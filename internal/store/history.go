@@ -54,6 +54,10 @@ const historyTTLIndex = "ts_ttl"
 // InsertHistory writes messages in one unordered insert. Messages already
 // stored (duplicate _id: a batch written again after an error, a spool
 // replayed after a crash) are skipped, so a batch may be retried whole.
+//
+// On FerretDB it then appends the batch to the history index
+// (historyindex.go). Each node's batches must come from one caller at a
+// time (its history writer): the index keeps one chain per node and topic.
 func (s *Store) InsertHistory(ctx context.Context, msgs []HistoryMessage) error {
 	if len(msgs) == 0 {
 		return nil
@@ -63,10 +67,14 @@ func (s *Store) InsertHistory(ctx context.Context, msgs []HistoryMessage) error 
 		docs[i] = &msgs[i]
 	}
 	_, err := s.db.Collection(CollHistory).InsertMany(ctx, docs, options.InsertMany().SetOrdered(false))
-	if err == nil || onlyDuplicates(err) {
-		return nil
+	if err != nil && !onlyDuplicates(err) {
+		return fmt.Errorf("store: insert history: %w", err)
 	}
-	return fmt.Errorf("store: insert history: %w", err)
+	idx, err := s.useHistoryIndex(ctx)
+	if err != nil || !idx {
+		return err
+	}
+	return s.indexHistory(ctx, msgs)
 }
 
 // onlyDuplicates reports an insert whose every failure is a duplicate key.
@@ -109,8 +117,14 @@ func HistoryFilter(q HistoryQuery) bson.D {
 }
 
 // History returns a page of a topic's messages, newest first: the index
-// topic_id_desc answers it without reading the rest of the topic.
+// topic_id_desc answers it without reading the rest of the topic; on
+// FerretDB, which would read the whole collection, the history index.
 func (s *Store) History(ctx context.Context, q HistoryQuery) ([]HistoryMessage, error) {
+	if idx, err := s.useHistoryIndex(ctx); err != nil {
+		return nil, fmt.Errorf("store: history: %w", err)
+	} else if idx {
+		return s.indexedHistory(ctx, q)
+	}
 	o := options.Find().SetSort(bson.D{{Key: "_id", Value: -1}}).SetLimit(int64(q.Limit))
 	cur, err := s.db.Collection(CollHistory).Find(ctx, HistoryFilter(q), o)
 	if err != nil {
@@ -188,6 +202,11 @@ func (s *Store) PurgeHistory(ctx context.Context, cutoff time.Time) (int64, erro
 	if _, err := s.db.Collection(CollHistoryGaps).DeleteMany(ctx, bson.D{{Key: "to", Value: bson.D{{Key: "$lt", Value: cutoff}}}}); err != nil {
 		return r.DeletedCount, fmt.Errorf("store: purge history gaps: %w", err)
 	}
+	if idx, err := s.useHistoryIndex(ctx); err != nil {
+		return r.DeletedCount, err
+	} else if idx {
+		return r.DeletedCount, s.purgeHistoryIndex(ctx, cutoff)
+	}
 	return r.DeletedCount, nil
 }
 
@@ -197,7 +216,9 @@ func (s *Store) PurgeHistory(ctx context.Context, cutoff time.Time) (int64, erro
 // an error, or accepts the index and never expires anything; both count as
 // no (the caller purges periodically in any case).
 func (s *Store) EnsureHistoryTTL(ctx context.Context, retention time.Duration) (bool, error) {
-	if s.embedded != nil || s.isFerretDB(ctx) {
+	if idx, err := s.useHistoryIndex(ctx); err != nil {
+		return false, err
+	} else if idx {
 		return false, nil
 	}
 	secs := int32(retention / time.Second)
@@ -215,14 +236,4 @@ func (s *Store) EnsureHistoryTTL(ctx context.Context, retention time.Duration) (
 		return false, fmt.Errorf("store: history TTL index: %w", err)
 	}
 	return true, nil
-}
-
-// isFerretDB reports a FerretDB server: its buildInfo has ferretdbVersion.
-func (s *Store) isFerretDB(ctx context.Context) bool {
-	var bi bson.M
-	if err := s.db.RunCommand(ctx, bson.D{{Key: "buildInfo", Value: 1}}).Decode(&bi); err != nil {
-		return false
-	}
-	_, ok := bi["ferretdbVersion"]
-	return ok
 }

@@ -108,6 +108,8 @@ type Store struct {
 	log      *slog.Logger
 	opts     Options // for Start, when made by New
 
+	hidx histIndex // the history index on FerretDB (historyindex.go)
+
 	closeOnce sync.Once
 	closeErr  error
 }

@@ -1,0 +1,528 @@
+package store
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/oklog/ulid/v2"
+	"go.mongodb.org/mongo-driver/v2/bson"
+	"go.mongodb.org/mongo-driver/v2/mongo"
+	"go.mongodb.org/mongo-driver/v2/mongo/options"
+	"golang.org/x/sync/errgroup"
+)
+
+// The history index on FerretDB (docs/history.md, "On the embedded store").
+//
+// FerretDB v1 on SQLite pushes down nothing but `_id` equality, so the
+// query of a page (topic, _id range, sorted by _id) reads the whole
+// collection. Instead, each node's history writer appends, with every
+// batch, one segment per topic of the batch to a chain of its own: the
+// document "<node>|<topic>|<n>" of CollHistoryIndex holds the ids of that
+// batch's messages of the topic (sorted), their min and max, and cmax, the
+// highest id of segments 1..n. A page looks up segments and messages by
+// _id only: for each writer node (CollHistoryNodes, a few documents) it
+// finds the chain's last segment by probing n, walks back from there (a
+// binary search on cmax for a before bound) and merges the candidates by
+// id; then it reads the page's messages by _id, in parallel.
+//
+// Segments are only ever inserted, never updated: FerretDB v1's updates
+// are read-modify-write in its own process, and one insert per batch is
+// what the writer pays anyway. Each node's chains have a single writer,
+// its history writer goroutine, so n needs no coordination; a segment
+// number found taken (a batch retried after a partial failure, a spool
+// replayed after a crash, a restart) moves to the next free one, and a
+// page removes the duplicate ids this leaves.
+//
+// Retention: PurgeHistory deletes the segments whose cmax is older than the
+// cutoff (always a prefix of a chain, cmax only grows) and records the
+// first remaining n in "<node>|<topic>|floor", where probing starts.
+
+// Collections of the FerretDB history index.
+const (
+	CollHistoryIndex = "history_index" // segments of each (node, topic)'s chain of message ids
+	CollHistoryNodes = "history_nodes" // one document per node that wrote history
+)
+
+type histSegment struct {
+	ID    string   `bson:"_id"`
+	Node  string   `bson:"node"`
+	Topic string   `bson:"topic"`
+	N     int64    `bson:"n"`
+	IDs   []string `bson:"ids,omitempty"`
+	Min   string   `bson:"min"`
+	Max   string   `bson:"max"`
+	CMax  string   `bson:"cmax"`
+	// CLag is how far (ms) the chain's ids have come out of order up to
+	// here: the most any id stood before the cmax of the segments before
+	// its own. A node's own ids increase; the push API's come from its
+	// clock, and a batch written again repeats older ones.
+	CLag int64 `bson:"clag"`
+}
+
+type chainState struct {
+	n    int64
+	cmax string
+	clag int64
+}
+
+// idMillis is the time part of an id, 0 if it is not one.
+func idMillis(id string) int64 {
+	u, err := ulid.ParseStrict(id)
+	if err != nil {
+		return 0
+	}
+	return int64(u.Time())
+}
+
+// lagOf is how far ids (sorted) stand before cmax, in ms.
+func lagOf(cmax string, ids []string) int64 {
+	if cmax == "" || ids[0] >= cmax {
+		return 0
+	}
+	return max(0, idMillis(cmax)-idMillis(ids[0]))
+}
+
+// histIndex is the Store's state for the index: whether the server needs
+// it, and each chain's last segment as this process wrote it.
+type histIndex struct {
+	mu     sync.Mutex
+	probed bool
+	on     bool
+	nodes  map[string]bool // registered in CollHistoryNodes; true: by this process, new
+	chains map[string]chainState
+	// seen is the last segment of each chain a page found, where the next
+	// page starts probing: a page then reads 2 segments to find the end,
+	// not 2·log2(n).
+	seen map[string]int64
+}
+
+func chainKey(node, topic string) string {
+	// Length-prefixed: node names and topics may hold any separator.
+	return strconv.Itoa(len(node)) + ":" + node + "|" + topic
+}
+
+func segID(node, topic string, n int64) string {
+	return chainKey(node, topic) + "|" + strconv.FormatInt(n, 10)
+}
+
+func floorID(node, topic string) string { return chainKey(node, topic) + "|floor" }
+
+// useHistoryIndex reports whether pages go through the index: FerretDB.
+// An error (the server did not answer) is not a no: a batch written
+// without its segments would be missing from pages for good.
+func (s *Store) useHistoryIndex(ctx context.Context) (bool, error) {
+	s.hidx.mu.Lock()
+	defer s.hidx.mu.Unlock()
+	if !s.hidx.probed {
+		on := s.embedded != nil
+		if !on {
+			var bi bson.M
+			if err := s.db.RunCommand(ctx, bson.D{{Key: "buildInfo", Value: 1}}).Decode(&bi); err != nil {
+				return false, fmt.Errorf("store: buildInfo: %w", err)
+			}
+			_, on = bi["ferretdbVersion"]
+		}
+		s.hidx.on, s.hidx.probed = on, true
+		s.hidx.nodes, s.hidx.chains, s.hidx.seen = map[string]bool{}, map[string]chainState{}, map[string]int64{}
+	}
+	return s.hidx.on, nil
+}
+
+// indexHistory appends the segments of a written batch.
+func (s *Store) indexHistory(ctx context.Context, msgs []HistoryMessage) error {
+	type group struct {
+		node, topic string
+		ids         []string
+	}
+	var groups []*group
+	byKey := map[string]*group{}
+	for i := range msgs {
+		k := chainKey(msgs[i].Node, msgs[i].Topic)
+		g := byKey[k]
+		if g == nil {
+			g = &group{node: msgs[i].Node, topic: msgs[i].Topic}
+			byKey[k] = g
+			groups = append(groups, g)
+		}
+		g.ids = append(g.ids, msgs[i].ID)
+	}
+	segs := make([]histSegment, len(groups))
+	for i, g := range groups {
+		st, err := s.chainState(ctx, g.node, g.topic)
+		if err != nil {
+			return err
+		}
+		slices.Sort(g.ids)
+		g.ids = slices.Compact(g.ids)
+		segs[i] = histSegment{Node: g.node, Topic: g.topic, N: st.n + 1, IDs: g.ids, Min: g.ids[0], Max: g.ids[len(g.ids)-1],
+			CMax: max(st.cmax, g.ids[len(g.ids)-1]), CLag: max(st.clag, lagOf(st.cmax, g.ids))}
+		segs[i].ID = segID(g.node, g.topic, segs[i].N)
+	}
+	coll := s.db.Collection(CollHistoryIndex)
+	for attempt := 0; len(segs) > 0; attempt++ {
+		docs := make([]any, len(segs))
+		for i := range segs {
+			docs[i] = &segs[i]
+		}
+		_, err := coll.InsertMany(ctx, docs, options.InsertMany().SetOrdered(false))
+		var taken map[int]bool
+		if err != nil {
+			var bwe mongo.BulkWriteException
+			if !onlyDuplicates(err) || !errors.As(err, &bwe) || attempt >= 3 {
+				return fmt.Errorf("store: history index: %w", err)
+			}
+			taken = map[int]bool{}
+			for _, we := range bwe.WriteErrors {
+				taken[we.Index] = true
+			}
+		}
+		var again []histSegment
+		s.hidx.mu.Lock()
+		for i, sg := range segs {
+			k := chainKey(sg.Node, sg.Topic)
+			if !taken[i] {
+				s.hidx.chains[k] = chainState{n: sg.N, cmax: sg.CMax, clag: sg.CLag}
+				continue
+			}
+			// Taken by an earlier attempt or process: find the chain's end
+			// again and append after it (probing: the node is not new).
+			delete(s.hidx.chains, k)
+			s.hidx.nodes[sg.Node] = false
+			again = append(again, sg)
+		}
+		s.hidx.mu.Unlock()
+		for i := range again {
+			st, err := s.chainState(ctx, again[i].Node, again[i].Topic)
+			if err != nil {
+				return err
+			}
+			again[i].N, again[i].CMax, again[i].CLag = st.n+1, max(st.cmax, again[i].Max), max(st.clag, lagOf(st.cmax, again[i].IDs))
+			again[i].ID = segID(again[i].Node, again[i].Topic, again[i].N)
+		}
+		segs = again
+	}
+	return nil
+}
+
+// chainState returns the last segment of a chain: known to this process,
+// none for a node it registered itself, else probed.
+func (s *Store) chainState(ctx context.Context, node, topic string) (chainState, error) {
+	k := chainKey(node, topic)
+	s.hidx.mu.Lock()
+	st, ok := s.hidx.chains[k]
+	fresh, known := s.hidx.nodes[node]
+	s.hidx.mu.Unlock()
+	if ok {
+		return st, nil
+	}
+	if !known {
+		_, err := s.db.Collection(CollHistoryNodes).InsertOne(ctx, bson.D{{Key: "_id", Value: node}})
+		switch {
+		case err == nil:
+			fresh = true
+		case mongo.IsDuplicateKeyError(err):
+		default:
+			return st, fmt.Errorf("store: history nodes: %w", err)
+		}
+		s.hidx.mu.Lock()
+		s.hidx.nodes[node] = fresh
+		s.hidx.mu.Unlock()
+	}
+	if fresh {
+		return chainState{}, nil
+	}
+	first, floor, err := s.firstSegment(ctx, node, topic)
+	if err != nil {
+		return chainState{}, err
+	}
+	if first == nil { // empty, or purged whole: continue after the floor
+		return chainState{n: max(floor-1, 0)}, nil
+	}
+	last, err := s.lastSegment(ctx, node, topic, first)
+	if err != nil {
+		return chainState{}, err
+	}
+	return chainState{n: last.N, cmax: last.CMax, clag: last.CLag}, nil
+}
+
+// segment reads segment n of a chain (without its ids unless withIDs);
+// nil if there is none.
+func (s *Store) segment(ctx context.Context, node, topic string, n int64, withIDs bool) (*histSegment, error) {
+	o := options.FindOne()
+	if !withIDs {
+		o.SetProjection(bson.D{{Key: "ids", Value: 0}})
+	}
+	var sg histSegment
+	err := s.db.Collection(CollHistoryIndex).FindOne(ctx, bson.D{{Key: "_id", Value: segID(node, topic, n)}}, o).Decode(&sg)
+	if errors.Is(err, mongo.ErrNoDocuments) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("store: history index: %w", err)
+	}
+	return &sg, nil
+}
+
+// firstSegment finds the chain's first segment and its floor: the floor
+// (1 if it was never purged) or, if a purge raced and left the floor
+// behind, the first found probing forward. nil: an empty chain.
+func (s *Store) firstSegment(ctx context.Context, node, topic string) (*histSegment, int64, error) {
+	var fl struct {
+		N int64 `bson:"n"`
+	}
+	err := s.db.Collection(CollHistoryIndex).FindOne(ctx, bson.D{{Key: "_id", Value: floorID(node, topic)}}).Decode(&fl)
+	if err != nil && !errors.Is(err, mongo.ErrNoDocuments) {
+		return nil, 0, fmt.Errorf("store: history index: %w", err)
+	}
+	base := max(fl.N, 1)
+	for step := int64(0); step < 1<<16; step = max(1, step*2) {
+		sg, err := s.segment(ctx, node, topic, base+step, false)
+		if err != nil || sg != nil {
+			return sg, base, err
+		}
+		if fl.N == 0 {
+			break // never purged: segment 1 is the first
+		}
+	}
+	return nil, base, nil
+}
+
+// lastSegment finds the chain's last segment from its first: exponential
+// probing, then a binary search.
+func (s *Store) lastSegment(ctx context.Context, node, topic string, first *histSegment) (*histSegment, error) {
+	lo := first
+	k := chainKey(node, topic)
+	s.hidx.mu.Lock()
+	hint := max(s.hidx.seen[k], s.hidx.chains[k].n)
+	s.hidx.mu.Unlock()
+	if hint > lo.N {
+		sg, err := s.segment(ctx, node, topic, hint, false)
+		if err != nil {
+			return nil, err
+		}
+		if sg != nil {
+			lo = sg
+		}
+	}
+	defer func() {
+		s.hidx.mu.Lock()
+		s.hidx.seen[k] = lo.N
+		s.hidx.mu.Unlock()
+	}()
+	var hi int64 // the first n known not to exist
+	for step := int64(1); ; step *= 2 {
+		sg, err := s.segment(ctx, node, topic, lo.N+step, false)
+		if err != nil {
+			return nil, err
+		}
+		if sg == nil {
+			hi = lo.N + step
+			break
+		}
+		lo = sg
+	}
+	for hi-lo.N > 1 {
+		mid := lo.N + (hi-lo.N)/2
+		sg, err := s.segment(ctx, node, topic, mid, false)
+		if err != nil {
+			return nil, err
+		}
+		if sg == nil {
+			hi = mid
+		} else {
+			lo = sg
+		}
+	}
+	return lo, nil
+}
+
+// nodeCandidates returns up to limit ids of topic written by node that
+// meet q's bounds, newest first.
+func (s *Store) nodeCandidates(ctx context.Context, node string, q HistoryQuery, limit int) ([]string, error) {
+	first, _, err := s.firstSegment(ctx, node, q.Topic)
+	if err != nil || first == nil {
+		return nil, err
+	}
+	last, err := s.lastSegment(ctx, node, q.Topic, first)
+	if err != nil {
+		return nil, err
+	}
+	start := last.N
+	if q.Before != "" {
+		// The first segment whose cmax passes the bound plus the chain's
+		// lag: an id below the bound in a later segment would stand
+		// further than the lag before the cmax of the segments before it.
+		bound := lagged(q.Before, last.CLag)
+		lo, hi := first.N-1, last.N+1 // cmax(lo) <= bound < cmax(hi)
+		if first.CMax > bound {
+			hi = first.N
+		} else {
+			lo = first.N
+		}
+		if last.CMax <= bound {
+			lo = last.N
+		}
+		for hi-lo > 1 {
+			mid := lo + (hi-lo)/2
+			sg, err := s.segment(ctx, node, q.Topic, mid, false)
+			if err != nil {
+				return nil, err
+			}
+			if sg == nil { // purged meanwhile
+				lo = mid
+				continue
+			}
+			if sg.CMax <= bound {
+				lo = mid
+			} else {
+				hi = mid
+			}
+		}
+		start = min(hi, last.N)
+	}
+	var out []string
+	const ahead = 4 // segments read at once, walking back
+	for n := start; n >= first.N; {
+		segs := make([]*histSegment, min(ahead, n-first.N+1))
+		g, gctx := errgroup.WithContext(ctx)
+		for i := range segs {
+			g.Go(func() (err error) {
+				segs[i], err = s.segment(gctx, node, q.Topic, n-int64(i), true)
+				return err
+			})
+		}
+		if err := g.Wait(); err != nil {
+			return nil, err
+		}
+		n -= int64(len(segs))
+		for _, sg := range segs {
+			if sg == nil {
+				return out[:min(len(out), limit)], nil // purged meanwhile
+			}
+			if len(out) >= limit && sg.CMax < out[limit-1] {
+				return out[:limit], nil // nothing here or before is newer than what we have
+			}
+			if q.After != "" && sg.CMax <= q.After {
+				return out[:min(len(out), limit)], nil
+			}
+			for _, id := range sg.IDs {
+				if (q.Before == "" || id < q.Before) && (q.After == "" || id > q.After) {
+					out = append(out, id)
+				}
+			}
+			slices.SortFunc(out, func(a, b string) int { return cmp.Compare(b, a) })
+			out = slices.Compact(out)
+		}
+	}
+	return out[:min(len(out), limit)], nil
+}
+
+// lagged returns the highest id of the millisecond lag ms after id's.
+func lagged(id string, lag int64) string {
+	var b ulid.ULID
+	_ = b.SetTime(uint64(idMillis(id) + lag))
+	_ = b.SetEntropy([]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
+	return b.String()
+}
+
+// indexedHistory answers a page through the index.
+func (s *Store) indexedHistory(ctx context.Context, q HistoryQuery) ([]HistoryMessage, error) {
+	cur, err := s.db.Collection(CollHistoryNodes).Find(ctx, bson.D{})
+	if err != nil {
+		return nil, fmt.Errorf("store: history nodes: %w", err)
+	}
+	var nodes []struct {
+		ID string `bson:"_id"`
+	}
+	if err := cur.All(ctx, &nodes); err != nil {
+		return nil, fmt.Errorf("store: history nodes: %w", err)
+	}
+	// A few more than the page: messages purged before their segment are
+	// skipped.
+	want := q.Limit + 8
+	per := make([][]string, len(nodes))
+	g, gctx := errgroup.WithContext(ctx)
+	for i, nd := range nodes {
+		g.Go(func() (err error) {
+			per[i], err = s.nodeCandidates(gctx, nd.ID, q, want)
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return nil, err
+	}
+	ids := slices.Concat(per...)
+	slices.SortFunc(ids, func(a, b string) int { return cmp.Compare(b, a) })
+	ids = slices.Compact(ids)
+	var out []HistoryMessage
+	for len(ids) > 0 && len(out) < q.Limit {
+		chunk := ids[:min(len(ids), q.Limit-len(out))]
+		ids = ids[len(chunk):]
+		got := make([]*HistoryMessage, len(chunk))
+		g, gctx := errgroup.WithContext(ctx)
+		g.SetLimit(50)
+		for i, id := range chunk {
+			g.Go(func() error {
+				m, err := s.HistoryByID(gctx, id)
+				if errors.Is(err, ErrNotFound) {
+					return nil
+				}
+				if err == nil && m.Topic == q.Topic {
+					got[i] = &m
+				}
+				return err
+			})
+		}
+		if err := g.Wait(); err != nil {
+			return nil, err
+		}
+		for _, m := range got {
+			if m != nil {
+				out = append(out, *m)
+			}
+		}
+	}
+	return out, nil
+}
+
+// purgeHistoryIndex deletes the segments whose ids are all older than
+// cutoff and moves each chain's floor past them.
+func (s *Store) purgeHistoryIndex(ctx context.Context, cutoff time.Time) error {
+	var c ulid.ULID
+	_ = c.SetTime(uint64(max(cutoff.UnixMilli(), 0)))
+	f := bson.D{{Key: "cmax", Value: bson.D{{Key: "$lt", Value: c.String()}}}}
+	coll := s.db.Collection(CollHistoryIndex)
+	cur, err := coll.Find(ctx, f, options.Find().SetProjection(bson.D{{Key: "node", Value: 1}, {Key: "topic", Value: 1}, {Key: "n", Value: 1}}))
+	if err != nil {
+		return fmt.Errorf("store: purge history index: %w", err)
+	}
+	var segs []histSegment
+	if err := cur.All(ctx, &segs); err != nil {
+		return fmt.Errorf("store: purge history index: %w", err)
+	}
+	floors := map[string]histSegment{}
+	for _, sg := range segs {
+		k := chainKey(sg.Node, sg.Topic)
+		if sg.N >= floors[k].N {
+			floors[k] = sg
+		}
+	}
+	// Floors first: a page probing meanwhile starts past what is deleted.
+	for _, sg := range floors {
+		_, err := coll.ReplaceOne(ctx, bson.D{{Key: "_id", Value: floorID(sg.Node, sg.Topic)}},
+			bson.D{{Key: "n", Value: sg.N + 1}}, options.Replace().SetUpsert(true))
+		if err != nil {
+			return fmt.Errorf("store: purge history index: %w", err)
+		}
+	}
+	if _, err := coll.DeleteMany(ctx, f); err != nil {
+		return fmt.Errorf("store: purge history index: %w", err)
+	}
+	return nil
+}

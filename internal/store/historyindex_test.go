@@ -1,0 +1,288 @@
+package store_test
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/oklog/ulid/v2"
+	"go.mongodb.org/mongo-driver/v2/bson"
+
+	"github.com/rtm-dev/rtm/internal/store"
+	"github.com/rtm-dev/rtm/internal/store/storetest"
+)
+
+// nodeMsgs makes n messages of node on topics, ids increasing as a
+// broker's do, stamped at.
+func nodeMsgs(node string, n int, at time.Time, topic func(i int) string) []store.HistoryMessage {
+	ent := ulid.Monotonic(rand.Reader, 0)
+	out := make([]store.HistoryMessage, n)
+	for i := range out {
+		out[i] = store.HistoryMessage{ID: ulid.MustNew(ulid.Timestamp(at), ent).String(), Topic: topic(i),
+			Payload: []byte(fmt.Sprintf("%s-%d", node, i)), QoS: 1, Publisher: "c", Node: node, Time: at.UTC().Truncate(time.Millisecond)}
+	}
+	return out
+}
+
+// walk pages through topic newest first, limit a page, and returns the ids.
+func walk(t *testing.T, s *store.Store, q store.HistoryQuery) []string {
+	t.Helper()
+	ctx := context.Background()
+	var ids []string
+	for {
+		page, err := s.History(ctx, q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range page {
+			if m.Topic != q.Topic {
+				t.Fatalf("message %s of topic %q in a page of %q", m.ID, m.Topic, q.Topic)
+			}
+			ids = append(ids, m.ID)
+		}
+		if len(page) < q.Limit {
+			return ids
+		}
+		q.Before = page[len(page)-1].ID
+	}
+}
+
+func idsOf(msgs []store.HistoryMessage, topic string) []string {
+	var out []string
+	for _, m := range msgs {
+		if m.Topic == topic {
+			out = append(out, m.ID)
+		}
+	}
+	slices.Sort(out)
+	slices.Reverse(out)
+	return out
+}
+
+func wantIDs(t *testing.T, what string, got, want []string) {
+	t.Helper()
+	if !slices.Equal(got, want) {
+		t.Fatalf("%s: got %d ids, want %d (newest first, each once)\ngot  %v\nwant %v", what, len(got), len(want), got, want)
+	}
+}
+
+// Two writer nodes insert batches while a reader walks pages by cursor:
+// each walk is newest first, holds no message twice and none of another
+// topic, and misses none written before it started; at the end a walk
+// returns exactly what was written.
+func TestHistoryIndexPagesAcrossNodesWhileInserting(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := context.Background()
+	topic := func(i int) string {
+		if i%3 == 0 {
+			return "hot"
+		}
+		return fmt.Sprintf("t/%d", i%5)
+	}
+	var mu sync.Mutex
+	var written []store.HistoryMessage
+	var wg sync.WaitGroup
+	errs := make(chan error, 2)
+	for _, node := range []string{"n1", "n2"} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 12 {
+				batch := nodeMsgs(node, 25, time.Now(), topic)
+				if err := s.InsertHistory(ctx, batch); err != nil {
+					errs <- err
+					return
+				}
+				mu.Lock()
+				written = append(written, batch...)
+				mu.Unlock()
+			}
+		}()
+	}
+	walks := 0
+	for done := false; !done; {
+		select {
+		case err := <-errs:
+			t.Fatal(err)
+		default:
+		}
+		mu.Lock()
+		before := slices.Clone(written)
+		mu.Unlock()
+		got := walk(t, s, store.HistoryQuery{Topic: "hot", Limit: 7})
+		walks++
+		if !slices.IsSortedFunc(got, func(a, b string) int { return -compare(a, b) }) || len(slices.Compact(slices.Clone(got))) != len(got) {
+			t.Fatalf("walk %d not strictly newest first: %v", walks, got)
+		}
+		for _, id := range idsOf(before, "hot") {
+			if len(got) > 0 && id < got[0] && !slices.Contains(got, id) {
+				t.Fatalf("walk %d misses %s, written before it started", walks, id)
+			}
+		}
+		mu.Lock()
+		done = len(written) == 2*12*25
+		mu.Unlock()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d walks while inserting", walks)
+	wantIDs(t, "final walk", walk(t, s, store.HistoryQuery{Topic: "hot", Limit: 7}), idsOf(written, "hot"))
+	wantIDs(t, "other topic", walk(t, s, store.HistoryQuery{Topic: "t/1", Limit: 1000}), idsOf(written, "t/1"))
+
+	// Bounds: ids strictly between after and before, newest first.
+	all := idsOf(written, "hot")
+	page, err := s.History(ctx, store.HistoryQuery{Topic: "hot", Before: all[10], After: all[30], Limit: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pids []string
+	for _, m := range page {
+		pids = append(pids, m.ID)
+	}
+	wantIDs(t, "before/after page", pids, all[11:16])
+	wantIDs(t, "before/after walk", walk(t, s, store.HistoryQuery{Topic: "hot", Before: all[10], After: all[30], Limit: 6}), all[11:30])
+	wantIDs(t, "after only", walk(t, s, store.HistoryQuery{Topic: "hot", After: all[5], Limit: 4}), all[:5])
+}
+
+func compare(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// A batch written again (a retry after a failure) and a spool replayed by
+// a new process (a new Store, knowing nothing of the chains) leave every
+// message in pages exactly once; later batches are found after them.
+func TestHistoryIndexRewriteAndReplayKeepEachMessageOnce(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := context.Background()
+	topic := func(i int) string { return []string{"a", "b"}[i%2] }
+	b1 := nodeMsgs("n1", 40, time.Now().Add(-time.Minute), topic)
+	b2 := nodeMsgs("n1", 40, time.Now().Add(-30*time.Second), topic)
+	for _, b := range [][]store.HistoryMessage{b1, b2, b2, b1} {
+		if err := s.InsertHistory(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	all := slices.Concat(b1, b2)
+	wantIDs(t, "after a rewrite", walk(t, s, store.HistoryQuery{Topic: "a", Limit: 9}), idsOf(all, "a"))
+
+	// Another process (same database, same node): its first batch replays
+	// b2, then writes b3.
+	s2, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close(ctx)
+	b3 := nodeMsgs("n1", 40, time.Now(), topic)
+	for _, b := range [][]store.HistoryMessage{b2, b3} {
+		if err := s2.InsertHistory(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The first process's view of the chain is now stale: its next batch
+	// finds the segment number taken and appends after it.
+	b4 := nodeMsgs("n1", 40, time.Now().Add(time.Second), topic)
+	if err := s.InsertHistory(ctx, b4); err != nil {
+		t.Fatal(err)
+	}
+	all = slices.Concat(all, b3, b4)
+	for _, st := range []*store.Store{s, s2} {
+		wantIDs(t, "after a replay", walk(t, st, store.HistoryQuery{Topic: "a", Limit: 9}), idsOf(all, "a"))
+		wantIDs(t, "after a replay, b", walk(t, st, store.HistoryQuery{Topic: "b", Limit: 1000}), idsOf(all, "b"))
+	}
+}
+
+// Purging deletes the index segments of expired messages with them; pages
+// list what is left, and writing goes on after the purged part, in this
+// process and in a new one, also for a chain purged whole.
+func TestHistoryIndexPurge(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := context.Background()
+	old := time.Now().Add(-2 * time.Hour)
+	for i := range 4 {
+		b := nodeMsgs("n1", 20, old.Add(time.Duration(i)*time.Minute), func(int) string { return "a" })
+		b = append(b, nodeMsgs("n1", 5, old.Add(time.Duration(i)*time.Minute), func(int) string { return "gone" })...)
+		if err := s.InsertHistory(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fresh := nodeMsgs("n1", 20, time.Now(), func(int) string { return "a" })
+	if err := s.InsertHistory(ctx, fresh); err != nil {
+		t.Fatal(err)
+	}
+	segs := func() int64 {
+		n, err := s.DB().Collection(store.CollHistoryIndex).CountDocuments(ctx, bson.D{{Key: "cmax", Value: bson.D{{Key: "$exists", Value: true}}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	if n := segs(); n != 9 {
+		t.Fatalf("%d segments before the purge, want 9", n)
+	}
+	if _, err := s.PurgeHistory(ctx, time.Now().Add(-time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if n := segs(); n != 1 {
+		t.Fatalf("%d segments after the purge, want 1 (the fresh batch's)", n)
+	}
+	wantIDs(t, "after the purge", walk(t, s, store.HistoryQuery{Topic: "a", Limit: 7}), idsOf(fresh, "a"))
+	wantIDs(t, "purged topic", walk(t, s, store.HistoryQuery{Topic: "gone", Limit: 7}), nil)
+
+	s2, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close(ctx)
+	more := nodeMsgs("n1", 10, time.Now().Add(time.Second), func(i int) string { return []string{"a", "gone"}[i%2] })
+	if err := s2.InsertHistory(ctx, more); err != nil {
+		t.Fatal(err)
+	}
+	wantIDs(t, "written after the purge", walk(t, s, store.HistoryQuery{Topic: "a", Limit: 7}), idsOf(slices.Concat(fresh, more), "a"))
+	wantIDs(t, "purged whole, written again", walk(t, s, store.HistoryQuery{Topic: "gone", Limit: 2}), idsOf(more, "gone"))
+}
+
+// Ids a node writes out of order (the push API's come from its own clock;
+// a late batch) are found by bounded pages and walks all the same.
+func TestHistoryIndexOutOfOrderIDs(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := context.Background()
+	now := time.Now()
+	var all []store.HistoryMessage
+	for i := range 6 {
+		b := nodeMsgs("n1", 10, now.Add(time.Duration(i)*time.Second), func(int) string { return "a" })
+		if i == 4 {
+			// Made 30 s earlier, written now: older than everything above.
+			b = append(b, nodeMsgs("n1", 3, now.Add(-30*time.Second), func(int) string { return "a" })...)
+		}
+		all = append(all, b...)
+		if err := s.InsertHistory(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := idsOf(all, "a")
+	wantIDs(t, "walk", walk(t, s, store.HistoryQuery{Topic: "a", Limit: 4}), want)
+	for _, i := range []int{5, 40, 55, 57} {
+		page, err := s.History(ctx, store.HistoryQuery{Topic: "a", Before: want[i], Limit: 3})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, m := range page {
+			got = append(got, m.ID)
+		}
+		wantIDs(t, fmt.Sprintf("before #%d", i), got, want[i+1:min(i+4, len(want))])
+	}
+}
