@@ -313,9 +313,12 @@ func (d *durableHook) OnQosComplete(cl *mqtt.Client, pk packets.Packet) {
 	_, _ = d.put(durOp{kind: opMsgDel, client: cl.ID, pid: pk.PacketID})
 }
 
-// OnQosDropped deletes a held message that expired.
+// OnQosDropped deletes a held message that expired or was dropped. Not
+// for a client taken over: its messages moved with its session (to
+// another node, or to its new connection here), and their stored copies
+// now belong to the session there.
 func (d *durableHook) OnQosDropped(cl *mqtt.Client, pk packets.Packet) {
-	if persistent(cl) {
+	if persistent(cl) && !cl.IsTakenOver() {
 		_, _ = d.put(durOp{kind: opMsgDel, client: cl.ID, pid: pk.PacketID})
 	}
 }

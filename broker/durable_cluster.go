@@ -158,6 +158,13 @@ func (d *durableHook) adoptFrom(ctx context.Context, dead string, live []string)
 		if p, err := d.st.Presence(ctx, s.ID); err == nil && p.Online && p.Node != dead && slices.Contains(live, p.Node) {
 			d.supersededSkipped.Add(1)
 			d.log.Info("stored session of a failed node not adopted: its client is connected to a live node", "client_id", s.ID, "node", p.Node)
+			// The stale document goes (if still the dead node's), so the
+			// live node's writes of the session are no longer refused and
+			// the dead node's held link can be released.
+			if _, err := d.st.DB().Collection(store.CollSessions).DeleteOne(ctx,
+				bson.D{{Key: "_id", Value: s.ID}, {Key: "owner", Value: dead}, {Key: "epoch", Value: s.Epoch}}); err != nil {
+				d.log.Warn("stale stored session not removed", "client_id", s.ID, "error", err)
+			}
 			continue
 		}
 		mine = append(mine, s)
@@ -186,7 +193,7 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 		// nodes could both "win" the update below; only one insert of
 		// this _id succeeds, on every server.
 		if _, err := d.st.DB().Collection(store.CollSessionClaims).InsertOne(ctx,
-			bson.D{{Key: "_id", Value: fmt.Sprintf("%s|%d", s.ID, s.Epoch+1)}, {Key: "node", Value: d.node}, {Key: "at", Value: time.Now().UTC()}}); err != nil {
+			bson.D{{Key: "_id", Value: fmt.Sprintf("%s|%s|%d|%d", s.ID, s.Owner, s.Epoch, s.Updated.UnixNano())}, {Key: "node", Value: d.node}, {Key: "at", Value: time.Now().UTC()}}); err != nil {
 			if !mongo.IsDuplicateKeyError(err) {
 				claimErr = err
 			}
@@ -204,6 +211,12 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 		}
 		s.Owner, s.Epoch, s.AdoptedFrom = d.node, s.Epoch+1, s.Owner
 		got++
+		if c := d.b.cluster; c != nil {
+			// Established here now: should the node it came from turn out
+			// alive (a partition), the heal keeps this copy, the durable
+			// one, and ends that node's stale one.
+			c.owners.set(s.ID, time.Now().UnixNano())
+		}
 		return true
 	}
 	_, err := d.restore(ctx, docs, time.Now().Unix(), int64(d.b.cfg.SessionExpiry/time.Second), fireWills, take)
@@ -356,8 +369,9 @@ func (c *clusterNode) reforward(peer string, msgs []link.Message) bool {
 // still names from as its owner, so this node's writes of it would be
 // refused and the session would not survive this node. The owner changes
 // by a conditional update on from, retried while from may still be
-// rewriting the document (it just gave the session up), then the session
-// is written as it is here.
+// rewriting the document (it just gave the session up); the document is
+// rewritten as this node holds the session at its next change (written
+// here, not from this goroutine: the client's own goroutine owns its will).
 func (d *durableHook) movedIn(id, from string) {
 	go func() {
 		sc := d.st.DB().Collection(store.CollSessions)
@@ -371,7 +385,7 @@ func (d *durableHook) movedIn(id, from string) {
 			}
 			ctx, cancel := context.WithTimeout(d.ctx, 10*time.Second)
 			res, err := sc.UpdateOne(ctx, bson.D{{Key: "_id", Value: id}, {Key: "owner", Value: from}},
-				bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}, {Key: "adopted_from", Value: from}}},
+				bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}}},
 					{Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}})
 			cancel()
 			if err != nil || res.MatchedCount == 0 {
@@ -380,9 +394,6 @@ func (d *durableHook) movedIn(id, from string) {
 			}
 			d.log.Debug("stored session taken over from the node it moved from", "client_id", id, "from", from)
 			break
-		}
-		if cl, ok := d.b.mq.Clients.Get(id); ok && persistent(cl) {
-			d.writeSession(cl, !cl.Closed())
 		}
 	}()
 }

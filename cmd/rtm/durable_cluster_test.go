@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"strconv"
 	"sync"
 	"syscall"
@@ -272,16 +273,15 @@ func sessionOwners(t *testing.T, uri string) map[string]string {
 	return m
 }
 
-// TestMovedSessionSurvivesItsNewNode: a persistent session moves from n1
-// to n2 (the device reconnects there), the device goes offline, messages
-// queue for it on n2, and n2 is killed. n2 took the stored session over
-// when it moved in, so the survivor adopts it: the device reconnects to
-// n1 with session present and gets every queued message. Before, the
-// stored document still named n1 (alive) as owner, n2's writes of the
-// session were refused, and nobody adopted it: session present 0, nothing
-// delivered.
+// TestMovedSessionSurvivesItsNewNode: an offline persistent session with
+// queued messages moves from n1 to n2 (n1 is evacuated), more messages
+// queue for it on n2, and n2 is killed. The survivor adopts it with every
+// message: the device reconnects to n1 with session present and gets all
+// 20. Before, the stored document still named n1 (alive) as owner, so
+// nobody adopted it (session present 0, nothing delivered); and the move
+// deleted the stored copies of the messages it carried (mochi patch 77).
 func TestMovedSessionSurvivesItsNewNode(t *testing.T) {
-	const msgs = 20
+	const half = 10
 	f := newClusterFixture(t)
 	n1, n2 := f.start("n1"), f.start("n2")
 	waitFormed(t, n1, n2)
@@ -290,20 +290,19 @@ func TestMovedSessionSurvivesItsNewNode(t *testing.T) {
 	c.Sub(t, "mv/t", 1)
 	waitRoutes(t, n2, "n1", 1)
 	_ = c.Disconnect(&paho.Disconnect{})
-	c, present := persistV5(t, n2.mqtt, "mv-dev", 600)
-	if !present {
-		t.Fatal("session not moved to n2 by the takeover")
+	pub := testutil.MustV5(t, n2.mqtt, "mv-pub")
+	for i := range half {
+		pub.Pub(t, "mv/t", 1, false, strconv.Itoa(i))
 	}
-	testutil.WaitFor(t, 20*time.Second, func() error {
+	adminPost(t, n1.admin, "/v1/drain?evacuate=true")
+	testutil.WaitFor(t, 30*time.Second, func() error {
 		if o := sessionOwners(t, f.storeURI)["mv-dev"]; o != "n2" {
 			return fmt.Errorf("stored session owned by %q, want n2 (it moved there)", o)
 		}
 		return nil
 	})
-	_ = c.Disconnect(&paho.Disconnect{})
-	waitRoutes(t, n1, "n2", 1)
-	pub := testutil.MustV5(t, n1.mqtt, "mv-pub")
-	for i := range msgs {
+	adminPost(t, n1.admin, "/v1/undrain")
+	for i := half; i < 2*half; i++ {
 		pub.Pub(t, "mv/t", 1, false, strconv.Itoa(i))
 	}
 	if err := syscall.Kill(n2.p.cmd.Process.Pid, syscall.SIGKILL); err != nil {
@@ -317,13 +316,29 @@ func TestMovedSessionSurvivesItsNewNode(t *testing.T) {
 		}
 		return nil
 	})
-	c, present = persistV5(t, n1.mqtt, "mv-dev", 600)
+	c, present := persistV5(t, n1.mqtt, "mv-dev", 600)
 	if !present {
 		t.Fatal("reconnected to the survivor without its session")
 	}
 	seen := map[string]bool{}
-	for len(seen) < msgs {
+	for len(seen) < 2*half {
 		m := c.Next(t, 20*time.Second)
 		seen[string(m.Payload)] = true
+	}
+}
+
+// adminPost posts to a broker's admin endpoint with the test admin key and
+// fails the test unless it answers 200.
+func adminPost(t *testing.T, admin, path string) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodPost, "http://"+admin+path, nil)
+	req.Header.Set("Authorization", "Bearer "+testAdminKey)
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		t.Fatalf("POST %s: %d", path, res.StatusCode)
 	}
 }

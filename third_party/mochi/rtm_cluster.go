@@ -117,8 +117,11 @@ func (s *Server) DetachSession(id string) (sess Session, found bool) {
 		sess.Expiry, sess.ExpirySet = existing.Properties.Props.SessionExpiryInterval, true
 	}
 	s.UnsubscribeClient(existing)
+	// rtm patch 77: taken over after UnsubscribeClient (which skips
+	// taken-over clients) but before ClearInflights, so an OnQosDropped
+	// hook can tell messages that move with the session from a drop.
+	existing.State.isTakenOver.Store(true)
 	existing.ClearInflights()
-	existing.State.isTakenOver.Store(true) // after UnsubscribeClient, which skips taken-over clients
 	s.Clients.Delete(id)
 	return sess, true
 }

@@ -207,3 +207,41 @@ func TestRefuseSession(t *testing.T) {
 		})
 	}
 }
+
+// dropRecorder records, for each OnQosDropped, whether the client was
+// taken over then.
+type dropRecorder struct {
+	HookBase
+	takenOver []bool
+}
+
+func (h *dropRecorder) ID() string { return "drop-recorder" }
+
+func (h *dropRecorder) Provides(b byte) bool { return b == OnQosDropped }
+
+func (h *dropRecorder) OnQosDropped(cl *Client, _ packets.Packet) {
+	h.takenOver = append(h.takenOver, cl.IsTakenOver())
+}
+
+// TestDetachSessionMarksTakenOverBeforeDrops (rtm patch 77): the messages
+// a detached session takes along are reported to OnQosDropped with the
+// client already taken over, so a hook that stores held messages does not
+// delete what moved to another server.
+func TestDetachSessionMarksTakenOverBeforeDrops(t *testing.T) {
+	a := newServer()
+	rec := new(dropRecorder)
+	require.NoError(t, a.AddHook(rec, nil))
+	cl, r, w := newTestClient()
+	defer func() { _ = w.Close(); _ = r.Close() }()
+	go func() { _, _ = io.Copy(io.Discard, r) }()
+	cl.ID = "dev"
+	cl.Properties.ProtocolVersion = 5
+	cl.ops.hooks = a.hooks
+	a.Clients.Add(cl)
+	for i := 1; i <= 2; i++ {
+		cl.State.Inflight.Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: uint16(i), TopicName: "in/dev"})
+	}
+	_, ok := a.DetachSession("dev")
+	require.True(t, ok)
+	require.Equal(t, []bool{true, true}, rec.takenOver)
+}
