@@ -395,12 +395,12 @@ func TestClusterKillAndRejoin(t *testing.T) {
 func TestClusterLinkDropLosesNothing(t *testing.T) {
 	t.Parallel()
 	f := newClusterFixture(t)
-	px := newTCPProxy(t)
+	px := testutil.NewTCPProxy(t)
 	n1 := f.start("n1")
-	n2 := f.start("n2", "RTM_CLUSTER_LINK_ADVERTISE_ADDR="+px.addr())
-	px.setTarget(n2.link)
+	n2 := f.start("n2", "RTM_CLUSTER_LINK_ADVERTISE_ADDR="+px.Addr())
+	px.SetTarget(n2.link)
 	waitFormed(t, n1, n2)
-	if px.accepted() == 0 {
+	if px.Accepted() == 0 {
 		t.Fatal("n1's link to n2 does not go through the proxy")
 	}
 
@@ -412,7 +412,7 @@ func TestClusterLinkDropLosesNothing(t *testing.T) {
 	const total, cuts = 2000, 5
 	for _, qos := range []byte{1, 2} {
 		t.Run(fmt.Sprintf("publish_qos%d", qos), func(t *testing.T) {
-			before1, before2, cutBefore := n1.stats(t), n2.stats(t), px.cutConns()
+			before1, before2, cutBefore := n1.stats(t), n2.stats(t), px.CutConns()
 			// Every total/(cuts+1) messages the link is cut, once it is
 			// connected again: at once, or after the proxy held back for
 			// the next stall messages either what n1 writes (n2 never gets
@@ -423,7 +423,7 @@ func TestClusterLinkDropLosesNothing(t *testing.T) {
 			for i := range total {
 				if k := i / every; i%every == 0 && k >= 1 && k <= cuts {
 					testutil.WaitFor(t, 10*time.Second, func() error {
-						if px.active() == 0 {
+						if px.Active() == 0 {
 							return fmt.Errorf("before cut %d: n1's link to n2 is not connected through the proxy again", k)
 						}
 						return nil
@@ -432,13 +432,13 @@ func TestClusterLinkDropLosesNothing(t *testing.T) {
 					case 1:
 						cutAt = i
 					case 2:
-						px.hold(toTarget)
+						px.Hold(testutil.ToTarget)
 					case 0:
-						px.hold(fromTarget)
+						px.Hold(testutil.FromTarget)
 					}
 				}
 				if i == cutAt {
-					px.cut()
+					px.Cut()
 				}
 				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 				_, err := pub.Publish(ctx, &paho.Publish{Topic: "s/t", QoS: qos, Payload: []byte(strconv.Itoa(i))})
@@ -464,7 +464,7 @@ func TestClusterLinkDropLosesNothing(t *testing.T) {
 			resends := l1.Resends - l0.Resends
 			dups := after2.Inbound["n1"].Duplicates - before2.Inbound["n1"].Duplicates
 			t.Logf("%d messages at QoS %d, %d link cuts (%d connections cut): n1 resent %d, n2 skipped %d duplicates",
-				total, qos, cuts, px.cutConns()-cutBefore, resends, dups)
+				total, qos, cuts, px.CutConns()-cutBefore, resends, dups)
 			if resends == 0 {
 				t.Fatal("nothing re-sent: the cuts did not hit the link mid-stream, so this test proved nothing")
 			}
@@ -828,167 +828,6 @@ func freePortRange(t *testing.T, n int, udp func(int) bool) int {
 	}
 	t.Fatalf("no %d consecutive free ports found", n)
 	return 0
-}
-
-// tcpProxy forwards loopback TCP connections to a target and can cut every
-// connection it holds, to break a node link mid-stream. It keeps accepting
-// after a cut.
-type tcpProxy struct {
-	ln net.Listener
-
-	mu       sync.Mutex
-	target   string
-	conns    map[net.Conn]struct{} // both ends of every live pair
-	pairs    int                   // live pairs
-	total    int                   // pairs accepted
-	cutTotal int                   // pairs cut
-	held     [2]chan struct{}      // by direction: while not nil, copying waits until it is closed
-	wg       sync.WaitGroup
-}
-
-func newTCPProxy(t *testing.T) *tcpProxy {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &tcpProxy{ln: ln, conns: map[net.Conn]struct{}{}}
-	p.wg.Add(1)
-	go p.accept()
-	t.Cleanup(func() {
-		ln.Close()
-		p.cut()
-		p.wg.Wait()
-	})
-	return p
-}
-
-func (p *tcpProxy) addr() string { return p.ln.Addr().String() }
-
-// setTarget sets where connections go; until it is set they are closed.
-func (p *tcpProxy) setTarget(addr string) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.target = addr
-}
-
-func (p *tcpProxy) accept() {
-	defer p.wg.Done()
-	for {
-		in, err := p.ln.Accept()
-		if err != nil {
-			return
-		}
-		p.mu.Lock()
-		target := p.target
-		p.mu.Unlock()
-		if target == "" {
-			in.Close()
-			continue
-		}
-		out, err := net.DialTimeout("tcp", target, 5*time.Second)
-		if err != nil {
-			in.Close()
-			continue
-		}
-		p.mu.Lock()
-		p.conns[in], p.conns[out] = struct{}{}, struct{}{}
-		p.pairs++
-		p.total++
-		p.mu.Unlock()
-		var once sync.Once
-		done := func() {
-			once.Do(func() {
-				in.Close()
-				out.Close()
-				p.mu.Lock()
-				if _, ok := p.conns[in]; ok {
-					p.pairs--
-				}
-				delete(p.conns, in)
-				delete(p.conns, out)
-				p.mu.Unlock()
-			})
-		}
-		p.wg.Add(2)
-		go func() { defer p.wg.Done(); p.copy(toTarget, out, in); done() }()
-		go func() { defer p.wg.Done(); p.copy(fromTarget, in, out); done() }()
-	}
-}
-
-// Directions of a proxied connection.
-const (
-	toTarget   = 0 // for a node link: the dialer's messages
-	fromTarget = 1 // for a node link: the receiver's acks
-)
-
-// copy copies src to dst, waiting while direction dir is held.
-func (p *tcpProxy) copy(dir int, dst, src net.Conn) {
-	buf := make([]byte, 32<<10)
-	for {
-		n, err := src.Read(buf)
-		if n > 0 {
-			p.mu.Lock()
-			held := p.held[dir]
-			p.mu.Unlock()
-			if held != nil {
-				<-held
-			}
-			if _, err := dst.Write(buf[:n]); err != nil {
-				return
-			}
-		}
-		if err != nil {
-			return
-		}
-	}
-}
-
-// hold stops copying in direction dir until the next cut, which drops what
-// was held back.
-func (p *tcpProxy) hold(dir int) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.held[dir] == nil {
-		p.held[dir] = make(chan struct{})
-	}
-}
-
-// cut closes every connection the proxy holds; replies held back are
-// dropped with them.
-func (p *tcpProxy) cut() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for c := range p.conns {
-		c.Close()
-		delete(p.conns, c)
-	}
-	p.cutTotal += p.pairs
-	p.pairs = 0
-	for dir, held := range p.held {
-		if held != nil {
-			close(held)
-			p.held[dir] = nil
-		}
-	}
-}
-
-func (p *tcpProxy) active() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.pairs
-}
-
-func (p *tcpProxy) accepted() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.total
-}
-
-func (p *tcpProxy) cutConns() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.cutTotal
 }
 
 // routeSpread asks the router at addr n times for a broker and returns the
