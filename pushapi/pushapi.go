@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -34,7 +33,6 @@ var ErrNoStore = errors.New("pushapi: no store: the push API keeps presence and 
 
 // Bounds of work the push API does besides publishing.
 const (
-	leaveTimeout = 3 * time.Second // graceful leave from gossip at Shutdown
 	storeTimeout = 5 * time.Second // one store operation of a request
 )
 
@@ -145,13 +143,11 @@ func New(opts Options) (*PushAPI, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pushapi: auth.token_keys: %w", err)
 	}
-	if cfg.Name == "" {
-		host, err := os.Hostname()
-		if err != nil {
-			return nil, fmt.Errorf("pushapi: pushapi.name not set and host name unknown: %w", err)
-		}
-		cfg.Name = "pushapi-" + host
+	name, err := lifecycle.DefaultName("pushapi", "pushapi.name", cfg.Name)
+	if err != nil {
+		return nil, err
 	}
+	cfg.Name = name
 	if opts.Version == "" {
 		opts.Version = "dev"
 	}
@@ -417,39 +413,24 @@ func (p *PushAPI) Shutdown(ctx context.Context) error {
 		if !p.started.Load() || p.srv == nil {
 			return // never started, or Start failed and cleaned up
 		}
-		done := make(chan error, 1)
-		go func() {
-			var errs []error
+		p.stopErr = lifecycle.Within(ctx, "pushapi", func() error {
 			// 1. Stop answering: requests in progress finish (their
 			// publishes still have the broker connection and gossip), idle
 			// keep-alive connections close. Past ctx, close the rest.
-			if err := p.srv.Shutdown(ctx); err != nil {
-				_ = p.srv.Close()
-				errs = append(errs, fmt.Errorf("pushapi: HTTP shutdown: %w", err))
-			}
+			errs := []error{lifecycle.ShutdownHTTP(ctx, p.srv, "pushapi")}
 			// 2. Disconnect from the broker (DISCONNECT 0), end the gossip
 			// watch.
 			p.cancel()
 			// 3. Leave gossip, so peers see "left", not "failed".
-			lctx, cancel := context.WithTimeout(ctx, leaveTimeout)
-			if err := p.node.Leave(lctx); err != nil {
-				p.log.Warn("gossip leave not confirmed", "error", err)
-			}
-			cancel()
+			lifecycle.Leave(ctx, p.node, p.log)
 			if err := p.node.Shutdown(); err != nil {
 				errs = append(errs, fmt.Errorf("pushapi: gossip shutdown: %w", err))
 			}
 			p.wg.Wait()
 			p.admin.close()
 			p.log.Info("push API stopped")
-			done <- errors.Join(errs...)
-		}()
-		select {
-		case err := <-done:
-			p.stopErr = err
-		case <-ctx.Done():
-			p.stopErr = fmt.Errorf("pushapi: shutdown: %w", ctx.Err())
-		}
+			return errors.Join(errs...)
+		})
 	})
 	return p.stopErr
 }

@@ -25,7 +25,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -40,9 +39,6 @@ import (
 
 // ErrStarted reports a second call to Start.
 var ErrStarted = errors.New("router: already started")
-
-// leaveTimeout bounds the graceful leave from gossip at Shutdown.
-const leaveTimeout = 3 * time.Second
 
 // Options are a router's configuration and dependencies.
 type Options struct {
@@ -104,13 +100,11 @@ func New(opts Options) (*Router, error) {
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
-	if cfg.Name == "" {
-		host, err := os.Hostname()
-		if err != nil {
-			return nil, fmt.Errorf("router: router.name not set and host name unknown: %w", err)
-		}
-		cfg.Name = "router-" + host
+	name, err := lifecycle.DefaultName("router", "router.name", cfg.Name)
+	if err != nil {
+		return nil, err
 	}
+	cfg.Name = name
 	if opts.Version == "" {
 		opts.Version = "dev"
 	}
@@ -300,22 +294,13 @@ func (r *Router) Shutdown(ctx context.Context) error {
 		if !r.started.Load() || r.srv == nil {
 			return // never started, or Start failed and cleaned up
 		}
-		done := make(chan error, 1)
-		go func() {
-			var errs []error
+		r.stopErr = lifecycle.Within(ctx, "router", func() error {
 			// 1. Leave gossip; a peer that misses it sees a failure later,
 			// which costs nothing for a router.
-			lctx, cancel := context.WithTimeout(ctx, leaveTimeout)
-			if err := r.node.Leave(lctx); err != nil {
-				r.log.Warn("gossip leave not confirmed", "error", err)
-			}
-			cancel()
+			lifecycle.Leave(ctx, r.node, r.log)
 			// 2. Stop answering: requests in progress finish, idle
 			// keep-alive connections close. Past ctx, close the rest.
-			if err := r.srv.Shutdown(ctx); err != nil {
-				_ = r.srv.Close()
-				errs = append(errs, fmt.Errorf("router: HTTP shutdown: %w", err))
-			}
+			errs := []error{lifecycle.ShutdownHTTP(ctx, r.srv, "router")}
 			// 3. Gossip down, then the watch loop ends.
 			if err := r.node.Shutdown(); err != nil {
 				errs = append(errs, fmt.Errorf("router: gossip shutdown: %w", err))
@@ -323,14 +308,8 @@ func (r *Router) Shutdown(ctx context.Context) error {
 			close(r.stop)
 			r.wg.Wait()
 			r.log.Info("router stopped")
-			done <- errors.Join(errs...)
-		}()
-		select {
-		case err := <-done:
-			r.stopErr = err
-		case <-ctx.Done():
-			r.stopErr = fmt.Errorf("router: shutdown: %w", ctx.Err())
-		}
+			return errors.Join(errs...)
+		})
 	})
 	return r.stopErr
 }

@@ -19,7 +19,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"slices"
 	"sort"
 	"strings"
@@ -40,7 +39,6 @@ import (
 var ErrStarted = errors.New("watchdog: already started")
 
 const (
-	leaveTimeout = 3 * time.Second
 	// keepAlerts bounds the alerts kept for /v1/alerts.
 	keepAlerts = 500
 )
@@ -129,13 +127,11 @@ func New(opts Options) (*Watchdog, error) {
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
-	if cfg.Name == "" {
-		host, err := os.Hostname()
-		if err != nil {
-			return nil, fmt.Errorf("watchdog: watchdog.name not set and host name unknown: %w", err)
-		}
-		cfg.Name = "watchdog-" + host
+	name, err := lifecycle.DefaultName("watchdog", "watchdog.name", cfg.Name)
+	if err != nil {
+		return nil, err
 	}
+	cfg.Name = name
 	if cfg.PollTimeout == 0 {
 		cfg.PollTimeout = cfg.Interval
 	}
@@ -279,34 +275,19 @@ func (w *Watchdog) Shutdown(ctx context.Context) error {
 		if !w.started.Load() || w.srv == nil {
 			return
 		}
-		done := make(chan error, 1)
-		go func() {
-			var errs []error
+		w.stopErr = lifecycle.Within(ctx, "watchdog", func() error {
 			w.hub.close()
-			if err := w.srv.Shutdown(ctx); err != nil {
-				_ = w.srv.Close()
-				errs = append(errs, fmt.Errorf("watchdog: HTTP shutdown: %w", err))
-			}
+			errs := []error{lifecycle.ShutdownHTTP(ctx, w.srv, "watchdog")}
 			w.cancel()
-			lctx, cancel := context.WithTimeout(ctx, leaveTimeout)
-			if err := w.node.Leave(lctx); err != nil {
-				w.log.Warn("gossip leave not confirmed", "error", err)
-			}
-			cancel()
+			lifecycle.Leave(ctx, w.node, w.log)
 			if err := w.node.Shutdown(); err != nil {
 				errs = append(errs, fmt.Errorf("watchdog: gossip shutdown: %w", err))
 			}
 			w.wg.Wait()
 			w.notif.wait()
 			w.log.Info("watchdog stopped")
-			done <- errors.Join(errs...)
-		}()
-		select {
-		case err := <-done:
-			w.stopErr = err
-		case <-ctx.Done():
-			w.stopErr = fmt.Errorf("watchdog: shutdown: %w", ctx.Err())
-		}
+			return errors.Join(errs...)
+		})
 	})
 	return w.stopErr
 }

@@ -15,9 +15,13 @@ package lifecycle
 import (
 	"context"
 	"errors"
+	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"sync"
+	"time"
 )
 
 // Addrs are a role's bound addresses, by listener ("http", "gossip", "tcp",
@@ -107,3 +111,53 @@ type ServeError struct {
 
 func (e *ServeError) Error() string { return e.What + " stopped: " + e.Err.Error() }
 func (e *ServeError) Unwrap() error { return e.Err }
+
+// DefaultName is a role's gossip name: name, or role-<host name> when it is
+// empty (key names the setting in the error).
+func DefaultName(role, key, name string) (string, error) {
+	if name != "" {
+		return name, nil
+	}
+	host, err := os.Hostname()
+	if err != nil {
+		return "", fmt.Errorf("%s: %s not set and host name unknown: %w", role, key, err)
+	}
+	return role + "-" + host, nil
+}
+
+// LeaveTimeout bounds a role's graceful leave from gossip at shutdown: a
+// peer that misses it sees a failure later.
+const LeaveTimeout = 3 * time.Second
+
+// Leave leaves gossip gracefully, within LeaveTimeout and ctx, so peers see
+// "left", not "failed"; an unconfirmed leave is only logged.
+func Leave(ctx context.Context, node interface{ Leave(context.Context) error }, log *slog.Logger) {
+	lctx, cancel := context.WithTimeout(ctx, LeaveTimeout)
+	defer cancel()
+	if err := node.Leave(lctx); err != nil {
+		log.Warn("gossip leave not confirmed", "error", err)
+	}
+}
+
+// ShutdownHTTP stops srv answering: requests in progress finish, idle
+// keep-alive connections close; past ctx the rest are closed.
+func ShutdownHTTP(ctx context.Context, srv *http.Server, role string) error {
+	if err := srv.Shutdown(ctx); err != nil {
+		_ = srv.Close()
+		return fmt.Errorf("%s: HTTP shutdown: %w", role, err)
+	}
+	return nil
+}
+
+// Within runs stop on a goroutine of its own and returns its error, or,
+// when ctx ends first, an error naming role (stop carries on meanwhile).
+func Within(ctx context.Context, role string, stop func() error) error {
+	done := make(chan error, 1)
+	go func() { done <- stop() }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("%s: shutdown: %w", role, ctx.Err())
+	}
+}

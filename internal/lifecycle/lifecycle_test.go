@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -56,5 +57,31 @@ func TestFaultKeepsTheFirstError(t *testing.T) {
 	<-f.Done()
 	if f.Err() != first {
 		t.Fatalf("Err = %v, want the first", f.Err())
+	}
+}
+
+// A shutdown that outlives its context is reported as the role's, and the
+// stop function's own error otherwise.
+func TestWithin(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	release := make(chan struct{})
+	defer close(release)
+	err := lifecycle.Within(ctx, "router", func() error { <-release; return nil })
+	if !errors.Is(err, context.Canceled) || !strings.Contains(err.Error(), "router: shutdown") {
+		t.Fatalf("Within past its context: %v", err)
+	}
+	boom := errors.New("boom")
+	if err := lifecycle.Within(context.Background(), "router", func() error { return boom }); err != boom {
+		t.Fatalf("Within: %v, want the stop function's error", err)
+	}
+}
+
+func TestDefaultName(t *testing.T) {
+	if n, err := lifecycle.DefaultName("router", "router.name", "r1"); err != nil || n != "r1" {
+		t.Fatalf("set name: %q %v", n, err)
+	}
+	if n, err := lifecycle.DefaultName("router", "router.name", ""); err != nil || !strings.HasPrefix(n, "router-") || len(n) == len("router-") {
+		t.Fatalf("default name: %q %v", n, err)
 	}
 }
