@@ -479,7 +479,11 @@ func (cl *Client) read(packetHandler ReadFn, parkedAt int64) (err error) {
 	defer cl.holdWrites(false) // rtm patch 70: whatever ends the loop, held writes go out
 
 	for {
-		if cl.Closed() {
+		// rtm patch 86: a parked client woken because it was stopped goes
+		// on to the read, which fails as the waiting read of a client that
+		// was not parked does (its error sends the will): not "closed, no
+		// error", which a client's own DISCONNECT ends with.
+		if parkedAt == 0 && cl.Closed() {
 			return nil
 		}
 

@@ -202,3 +202,39 @@ func TestParkedConnectionsStoppedByServer(t *testing.T) {
 	require.Equal(t, int64(7), gone.Load())
 	require.Equal(t, 0, s.ParkedClients())
 }
+
+// TestParkedClientStoppedSendsWill: a parked client stopped by the server
+// with an error (rtm: its token expired) ends as one whose goroutine was
+// waiting: its will is published.
+func TestParkedClientStoppedSendsWill(t *testing.T) {
+	s, addr, gone := parkServer(t, 200*time.Millisecond)
+	watcher := dialRaw(t, addr, "watcher")
+	watcher.subscribe("will/#")
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = conn.Close() })
+	c := &rawClient{t: t, conn: conn, r: bufio.NewReader(conn)}
+	c.send(packets.Packet{
+		FixedHeader:     packets.FixedHeader{Type: packets.Connect},
+		ProtocolVersion: 4,
+		Connect: packets.ConnectParams{
+			ProtocolName:     []byte("MQTT"),
+			Clean:            true,
+			Keepalive:        600,
+			ClientIdentifier: "kicked",
+			WillFlag:         true,
+			WillTopic:        "will/kicked",
+			WillPayload:      []byte("kicked"),
+		},
+	})
+	typ, _ := c.read()
+	require.Equal(t, packets.Connack, typ)
+	waitUntil(t, "both connections parked", 10*time.Second, func() bool { return s.ParkedClients() == 2 })
+	cl, ok := s.Clients.Get("kicked")
+	require.True(t, ok)
+	cl.Stop(packets.ErrMaxConnectTime)
+	typ, pk := watcher.read()
+	require.Equal(t, packets.Publish, typ, "will")
+	require.Equal(t, "kicked", string(pk.Payload))
+	waitUntil(t, "the disconnect handled", 10*time.Second, func() bool { return gone.Load() == 1 })
+}
