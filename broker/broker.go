@@ -610,6 +610,7 @@ type Stats struct {
 	Listeners map[string]string `json:"listeners"`
 
 	Connections      int64 `json:"connections"`
+	Parked           int64 `json:"connections_parked"` // idle connections no goroutine waits for (mochi patch 86)
 	Capacity         int   `json:"capacity"`
 	RejectedCapacity int64 `json:"connections_rejected_capacity"`
 	Sessions         int64 `json:"sessions"`
@@ -735,6 +736,7 @@ func (b *Broker) Stats() Stats {
 		Ready:            b.Ready(),
 		Listeners:        maps.Clone(b.addrs), // callers may keep and change it
 		Connections:      atomic.LoadInt64(&in.ClientsConnected),
+		Parked:           int64(b.mq.ParkedClients()),
 		Capacity:         b.cfg.Capacity,
 		RejectedCapacity: b.rejectedFull.Load(),
 		Sessions:         int64(b.mq.Clients.Len()),

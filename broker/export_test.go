@@ -27,6 +27,3 @@ func (b *Broker) SetTestMoveChunk(f func(side string, seq uint64)) {
 // for its peers: links and gossip close, nothing is handed over or left.
 // Its MQTT side keeps running.
 func (b *Broker) KillCluster() { b.cluster.shutdown() }
-
-// ParkedClients is the count of idle connections mochi has parked (patch 86).
-func (b *Broker) ParkedClients() int { return b.mq.ParkedClients() }

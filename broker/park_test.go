@@ -17,9 +17,9 @@ func TestIdleConnectionsParkedByDefault(t *testing.T) {
 	sub.sub(t, "parked/#", 1)
 	pub := newClient(t, "v5", addr, "parked-pub")
 	deadline := time.Now().Add(30 * time.Second)
-	for b.ParkedClients() < 2 {
+	for b.Stats().Parked < 2 {
 		if time.Now().After(deadline) {
-			t.Fatalf("idle connections not parked: %d of 2", b.ParkedClients())
+			t.Fatalf("idle connections not parked (rtm_broker_connections_parked): %d of 2", b.Stats().Parked)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
