@@ -23,10 +23,11 @@ import (
 // steady.
 
 const (
-	releaseTick         = 5 * time.Second // how often the connect count is looked at
-	releaseQuietTicks   = 2               // ticks in a row with few connects: the storm is over
-	releaseQuietMax     = 50              // at most this many connects in a quiet tick (10/s)
-	releaseStormMinimum = 1000            // connects since the last release that make a storm
+	releaseTick           = 5 * time.Second // how often the connect count is looked at
+	releaseQuietTicks     = 2               // ticks in a row with few connects: the storm is over
+	releaseQuietMax       = 50              // at most this many connects in a quiet tick (10/s)
+	releaseStoreWaitTicks = 12              // quiet ticks to wait at most for the store to write the device records
+	releaseStormMinimum   = 1000            // connects since the last release that make a storm
 )
 
 // stormRelease decides, from the count of CONNECTs seen, when a storm of
@@ -37,9 +38,12 @@ type stormRelease struct {
 	storm int64 // connects in the other ticks since the last release
 }
 
-// tick takes the connects counted so far; true: release now. A steady
-// trickle of connects never releases, however many add up.
-func (r *stormRelease) tick(connects int64) bool {
+// tick takes the connects counted so far and whether the store still has
+// device records to write; true: release now. A steady trickle of connects
+// never releases, however many add up. While the store writes the storm's
+// presence records (work that allocates, in the process with the embedded
+// store) the release waits for it, up to releaseStoreWaitTicks.
+func (r *stormRelease) tick(connects int64, storeBusy bool) bool {
 	if d := connects - r.prev; d <= releaseQuietMax {
 		r.quiet++
 	} else {
@@ -47,11 +51,12 @@ func (r *stormRelease) tick(connects int64) bool {
 		r.storm += d
 	}
 	r.prev = connects
-	if r.quiet >= releaseQuietTicks && r.storm >= releaseStormMinimum {
-		r.storm = 0
-		return true
+	if r.storm < releaseStormMinimum || r.quiet < releaseQuietTicks ||
+		(storeBusy && r.quiet < releaseStoreWaitTicks) {
+		return false
 	}
-	return false
+	r.storm = 0
+	return true
 }
 
 // releaseAfterStorms runs until ctx ends.
@@ -65,7 +70,7 @@ func (b *Broker) releaseAfterStorms(ctx context.Context) {
 			return
 		case <-t.C:
 			n := b.connects.Load()
-			if !r.tick(n) {
+			if !r.tick(n, b.devices != nil && b.devices.pending() > 0) {
 				continue
 			}
 			start := time.Now()

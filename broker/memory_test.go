@@ -3,12 +3,14 @@ package broker
 import "testing"
 
 // TestStormRelease: memory is returned once after a storm of connects, two
-// quiet ticks after it ends, and never for a small burst or a steady
+// quiet ticks after it ends (or once the store has written its device
+// records, for at most a minute), and never for a small burst or a steady
 // trickle of connects, however many add up.
 func TestStormRelease(t *testing.T) {
 	var r stormRelease
 	var n int64
-	step := func(add int64) bool { n += add; return r.tick(n) }
+	busy := false
+	step := func(add int64) bool { n += add; return r.tick(n, busy) }
 	for i := 0; i < 100; i++ { // a trickle of 40 connects per tick: 4,000 in all
 		if step(40) {
 			t.Fatalf("released during a steady trickle (tick %d)", i)
@@ -30,5 +32,26 @@ func TestStormRelease(t *testing.T) {
 		if step(0) {
 			t.Fatal("released again without a new storm")
 		}
+	}
+
+	// The store still writing the storm's device records: wait for it,
+	// up to releaseStoreWaitTicks quiet ticks.
+	busy = true
+	if step(5000) || step(0) || step(0) || step(0) {
+		t.Fatal("released while the store writes the storm's records")
+	}
+	busy = false
+	if !step(0) {
+		t.Fatal("not released once the store caught up")
+	}
+	busy = true
+	step(5000)
+	for i := 1; i < releaseStoreWaitTicks; i++ {
+		if step(0) {
+			t.Fatalf("released after %d quiet ticks with the store busy", i)
+		}
+	}
+	if !step(0) {
+		t.Fatal("not released after waiting releaseStoreWaitTicks for a store that stays busy")
 	}
 }
