@@ -204,6 +204,7 @@ type collector struct{ b *Broker }
 
 var (
 	descConnections = prometheus.NewDesc("rtm_broker_connections", "Connected MQTT clients.", nil, nil)
+	descParked      = prometheus.NewDesc("rtm_broker_connections_parked", "Idle MQTT connections over plain TCP parked: no goroutine of their own, a shared poller waits for their sockets (after 5 s idle).", nil, nil)
 	descCapacity    = prometheus.NewDesc("rtm_broker_capacity", "Maximum concurrent connections of this node (broker.capacity).", nil, nil)
 	descRejected    = prometheus.NewDesc("rtm_broker_connections_rejected_total", "CONNECTs refused, by reason.", []string{"reason"}, nil)
 	descSessions    = prometheus.NewDesc("rtm_broker_sessions", "Sessions held, connected or not.", nil, nil)
@@ -249,7 +250,7 @@ var (
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descConnections, descCapacity, descRejected, descSessions, descSubs, descRetained,
+	for _, d := range []*prometheus.Desc{descConnections, descParked, descCapacity, descRejected, descSessions, descSubs, descRetained,
 		descInflight, descMsgIn, descMsgOut, descDropped, descBytesIn, descBytesOut, descPktIn, descPktOut, descUp,
 		descBPWaits, descBPSeconds, descBPStalls, descBPSkips, descQueuedB, descReadingB, descReadClose,
 		descMembers, descLinkUp, descLinkMsgs, descLinkBytes, descLinkResends, descLinkQueue, descLinkQueueB, descLinkDropped,
@@ -268,6 +269,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
 	}
 	gauge(descConnections, float64(s.Connections))
+	gauge(descParked, float64(s.Parked))
 	gauge(descCapacity, float64(s.Capacity))
 	counter(descRejected, s.RejectedCapacity, "capacity")
 	gauge(descSessions, float64(s.Sessions))

@@ -47,6 +47,13 @@ var listenerKeys = map[string]string{
 	ListenerWSS: "broker.wss_addr", ListenerAdmin: "broker.admin_addr",
 }
 
+// idlePark is how long an MQTT connection over plain TCP waits for a packet
+// on a goroutine of its own before it is parked (mochi patch 86). Long
+// enough that a device exchanging packets every few seconds keeps its
+// goroutine (parking and waking cost two epoll_ctl calls and a goroutine
+// start), short enough that the idle majority of a fleet costs no stack.
+const idlePark = 5 * time.Second
+
 // shutdownWriteGrace bounds each write to a client once Shutdown starts.
 const shutdownWriteGrace = time.Second
 
@@ -109,6 +116,7 @@ type Broker struct {
 	addrs       map[string]string // listener ID → bound address, written by Start only
 
 	rejectedFull atomic.Int64 // CONNECTs refused at capacity
+	connects     atomic.Int64 // CONNECTs seen (releaseAfterStorms)
 
 	// collectors are registered on reg by Start (New registers nothing).
 	collectors []prometheus.Collector
@@ -192,6 +200,10 @@ func New(opts Options) (*Broker, error) {
 			ConnectTimeout:  cfg.ConnectTimeout,
 			ReadTimeout:     cfg.ReadTimeout,
 		},
+		// An MQTT connection idle this long gives up its goroutine (mochi
+		// patch 86: a shared epoll poller waits for its socket), so an idle
+		// device costs no stack; docs/broker.md "Memory per connection".
+		IdlePark: idlePark,
 	})
 	b.limits = &limitsHook{b: b}
 	if err := b.mq.AddHook(b.limits, nil); err != nil {
@@ -383,6 +395,7 @@ func (b *Broker) Start(ctx context.Context) (err error) {
 	loopCtx, cancel := context.WithCancel(context.Background())
 	b.loopStop, b.loopDone = cancel, make(chan struct{})
 	go b.loop(loopCtx)
+	go b.releaseAfterStorms(loopCtx)
 	if b.cluster != nil {
 		go lifecycle.Watch(b.cluster.node, loopCtx.Done(), &b.fault, "broker: gossip")
 	}
@@ -597,6 +610,7 @@ type Stats struct {
 	Listeners map[string]string `json:"listeners"`
 
 	Connections      int64 `json:"connections"`
+	Parked           int64 `json:"connections_parked"` // idle connections no goroutine waits for (mochi patch 86)
 	Capacity         int   `json:"capacity"`
 	RejectedCapacity int64 `json:"connections_rejected_capacity"`
 	Sessions         int64 `json:"sessions"`
@@ -722,6 +736,7 @@ func (b *Broker) Stats() Stats {
 		Ready:            b.Ready(),
 		Listeners:        maps.Clone(b.addrs), // callers may keep and change it
 		Connections:      atomic.LoadInt64(&in.ClientsConnected),
+		Parked:           int64(b.mq.ParkedClients()),
 		Capacity:         b.cfg.Capacity,
 		RejectedCapacity: b.rejectedFull.Load(),
 		Sessions:         int64(b.mq.Clients.Len()),

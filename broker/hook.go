@@ -158,6 +158,7 @@ func (h *limitsHook) sessionNotMoved(cl *mqtt.Client) {
 }
 
 func (h *limitsHook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
+	h.b.connects.Add(1)
 	s := h.b.mq
 	if atomic.LoadInt64(&s.Info.ClientsConnected) >= int64(h.b.cfg.Capacity) {
 		// A reconnect with the ID of a live client takes that client's

@@ -4,6 +4,7 @@
 #
 #   scripts/memory.sh            # rtm and mosquitto, 3 runs each, 10000 connections
 #   scripts/memory.sh rtm        # only rtm;  scripts/memory.sh mosquitto: only mosquitto
+#   MEM_RTM=broker scripts/memory.sh rtm   # `rtm broker` (anonymous devices, no gossip) instead of `rtm dev`
 #
 # One run: start the broker fresh (free port on 127.0.0.1, fresh temp data
 # directory), wait MEM_IDLE seconds, read VmRSS from /proc/PID/status (idle);
@@ -19,9 +20,15 @@
 # broker are stopped by PID; medians over MEM_RUNS runs are printed last.
 # A full run (both brokers) takes about 10 minutes.
 #
+# rtm parks a connection idle for 5 s (no goroutine) and returns the heap's
+# free pages to the OS 10-15 s after a storm of connects ends
+# (docs/broker.md, "Memory per connection"): with MEM_SETTLE=20 the loaded
+# sample comes after that release, with the default 10 it may come before.
+#
 # Environment: MEM_N (10000), MEM_RUNS (3), MEM_CONC (50), MEM_IDLE (10),
 # MEM_SETTLE (10), MEM_GC_WAIT (180; 0 skips the steady sample),
-# RTM_BIN (<repo>/bin/rtm), MOSQUITTO (mosquitto), MEM_LOG_DIR (keep logs).
+# RTM_BIN (<repo>/bin/rtm), MEM_RTM (dev; or broker), MOSQUITTO (mosquitto),
+# MEM_LOG_DIR (keep logs).
 # Needs a hard open-file limit (ulimit -Hn) of at least MEM_N + 100: the
 # load process and the broker each hold MEM_N sockets.
 set -uo pipefail
@@ -36,6 +43,8 @@ IDLE=${MEM_IDLE:-10}
 SETTLE=${MEM_SETTLE:-10}
 GC_WAIT=${MEM_GC_WAIT:-180}
 RTM_BIN=${RTM_BIN:-$REPO/bin/rtm}
+RTM_MODE=${MEM_RTM:-dev}
+case $RTM_MODE in dev | broker) ;; *) echo "MEM_RTM must be dev or broker" >&2; exit 2 ;; esac
 MOSQUITTO=${MOSQUITTO:-mosquitto}
 HOLD=$((IDLE + SETTLE + GC_WAIT + 300)) # the loader is stopped long before; this only bounds it
 
@@ -81,7 +90,7 @@ rss_kib() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
 metric() { curl -sf "$ADM/metrics" | awk -v m="$1" '$1==m{printf "%.0f\n", $2}'; }
 # The admin key the rtm dev below runs with (/v1 needs it).
 ADMIN_KEY=memory-script-admin-key
-stat_field() { curl -sf -H "Authorization: Bearer $ADMIN_KEY" "$ADM/v1/stats" | grep -o "\"$1\":[0-9]*" | cut -d: -f2; }
+stat_field() { curl -sf -H "Authorization: Bearer $ADMIN_KEY" "$ADM/v1/stats" | grep -o "\"$1\":[0-9]*" | head -1 | cut -d: -f2; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 median() { sort -g | awk '{a[NR]=$1} END{if (NR%2) print a[(NR+1)/2]; else printf "%.2f\n", (a[NR/2]+a[NR/2+1])/2}'; }
 per_conn() { awk -v a="$1" -v b="$2" -v n="$N" 'BEGIN{printf "%.2f\n", (b-a)/n}'; }
@@ -113,19 +122,32 @@ RESULTS=$WORK/results
 run_rtm() {
 	local i=$1 data="$WORK/rtm-data-$1" log="$LOGS/rtm-$1.log"
 	mkdir -p "$data"
-	RTM_ROUTER_ADDR=127.0.0.1:0 RTM_PUSHAPI_ADDR=127.0.0.1:0 RTM_BROKER_ADMIN_KEYS=$ADMIN_KEY \
-		"$RTM_BIN" dev --data "$data" --mqtt-addr 127.0.0.1:0 --ws-addr 127.0.0.1:0 \
-		--admin-addr 127.0.0.1:0 --gossip-addr 127.0.0.1:0 --link-addr 127.0.0.1:0 --log-level warn >"$log" 2>&1 &
+	if [ "$RTM_MODE" = broker ]; then
+		# One broker node as deployed alone: its embedded store in the
+		# process, no gossip; anonymous devices, as bench/memory sends no token.
+		RTM_BROKER_ADMIN_KEYS=$ADMIN_KEY \
+			"$RTM_BIN" broker --data "$data" --auth-devices anonymous --gossip-addr "" --mqtt-addr 127.0.0.1:0 \
+			--ws-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 --link-addr 127.0.0.1:0 --log-level info >"$log" 2>&1 &
+	else
+		RTM_ROUTER_ADDR=127.0.0.1:0 RTM_PUSHAPI_ADDR=127.0.0.1:0 RTM_BROKER_ADMIN_KEYS=$ADMIN_KEY \
+			"$RTM_BIN" dev --data "$data" --mqtt-addr 127.0.0.1:0 --ws-addr 127.0.0.1:0 \
+			--admin-addr 127.0.0.1:0 --gossip-addr 127.0.0.1:0 --link-addr 127.0.0.1:0 --log-level warn >"$log" 2>&1 &
+	fi
 	local pid=$!
 	PIDS+=("$pid")
 	ADM="" MQTT=""
 	for _ in $(seq 150); do
-		MQTT=$(grep -o 'mqtt://127\.0\.0\.1:[0-9]*' "$log" | head -1 | sed 's#mqtt://##')
-		ADM=$(grep -o 'http://127\.0\.0\.1:[0-9]*/healthz' "$log" | head -1 | sed 's#/healthz##')
+		if [ "$RTM_MODE" = broker ]; then # its "broker started" log line names the listeners
+			MQTT=$(grep -o 'listeners="map\[[^]]*' "$log" | grep -o 'tcp:127\.0\.0\.1:[0-9]*' | head -1 | sed 's#tcp:##')
+			ADM=$(grep -o 'listeners="map\[[^]]*' "$log" | grep -o 'admin:127\.0\.0\.1:[0-9]*' | head -1 | sed 's#admin:#http://#')
+		else
+			MQTT=$(grep -o 'mqtt://127\.0\.0\.1:[0-9]*' "$log" | head -1 | sed 's#mqtt://##')
+			ADM=$(grep -o 'http://127\.0\.0\.1:[0-9]*/healthz' "$log" | head -1 | sed 's#/healthz##')
+		fi
 		[ -n "$MQTT" ] && [ -n "$ADM" ] && break
 		sleep 0.2
 	done
-	[ -n "$MQTT" ] || { echo "rtm dev did not start:" >&2; cat "$log" >&2; return 1; }
+	[ -n "$MQTT" ] || { echo "rtm $RTM_MODE did not start:" >&2; cat "$log" >&2; return 1; }
 	sleep "$IDLE"
 	local r0 g0 h0 s0
 	r0=$(rss_kib "$pid") g0=$(stat_field goroutines)
@@ -202,7 +224,7 @@ EOF
 
 if [ "$WHICH" != mosquitto ]; then
 	[ -x "$RTM_BIN" ] || (cd "$REPO" && make build) || exit 2
-	echo "rtm: $("$RTM_BIN" version 2>/dev/null | head -1), N=$N, idle ${IDLE}s, settle ${SETTLE}s"
+	echo "rtm $RTM_MODE: $("$RTM_BIN" version 2>/dev/null | head -1), N=$N, idle ${IDLE}s, settle ${SETTLE}s"
 	for i in $(seq "$RUNS"); do run_rtm "$i" || exit 1; done
 fi
 if [ "$WHICH" != rtm ]; then

@@ -47,7 +47,7 @@ func v311Connect(id string) []byte {
 // buffer either (it is lent from a pool while bytes are buffered).
 func TestIdleConnectionMemory(t *testing.T) {
 	t.Run("rtm-buffers", func(t *testing.T) {
-		heap, stack, stackConnected, goroutines := idleConnectionMemory(t, 2000, 1024, 1024, false)
+		heap, stack, stackConnected, goroutines := idleConnectionMemory(t, 2000, 1024, 1024, false, 0)
 		// One goroutine (the read loop) per idle connection: the writer runs
 		// only while packets are queued (v2.7.9: a WriteLoop per connection).
 		if goroutines > 1.01 {
@@ -72,7 +72,7 @@ func TestIdleConnectionMemory(t *testing.T) {
 		// mochi patch 75: measured 4.1 KiB of stack per connection after
 		// each answered a PINGREQ (16 KiB before: handling any packet grows
 		// the goroutine's stack to 16 KiB).
-		_, _, stackConnected, _ := idleConnectionMemory(t, 1000, 1024, 1024, true)
+		_, _, stackConnected, _ := idleConnectionMemory(t, 1000, 1024, 1024, true, 0)
 		if raceEnabled {
 			t.Skip("not asserted under the race detector (instrumented frames, shadow memory)")
 		}
@@ -80,8 +80,29 @@ func TestIdleConnectionMemory(t *testing.T) {
 			t.Errorf("idle connection stacks %.1f KiB after a PINGREQ, before any GC, want <= 5 KiB", stackConnected/1024)
 		}
 	})
+	t.Run("parked", func(t *testing.T) {
+		// mochi patch 86: an idle connection parked (as rtm does after 5 s)
+		// has no goroutine and no stack of its own. Measured: 0 goroutines,
+		// 0.7 KiB of stacks per connection (1.4 KiB before the GCs: stack
+		// spans still partly used, the exited goroutines' small stacks on
+		// the runtime's free list), heap 2.8 KiB, total 3.5 KiB (7.4 KiB
+		// unparked).
+		heap, stack, stackConnected, goroutines := idleConnectionMemory(t, 2000, 1024, 1024, false, 200*time.Millisecond)
+		if goroutines > 0.01 {
+			t.Errorf("%.2f goroutines per parked connection, want 0", goroutines)
+		}
+		if raceEnabled {
+			t.Skip("not asserted under the race detector (instrumented frames, shadow memory)")
+		}
+		if stack > 1024 {
+			t.Errorf("parked connection stacks %.0f B (%.0f B before the GCs), want < 1 KiB", stack, stackConnected)
+		}
+		if heap+stack > 4.5*1024 {
+			t.Errorf("parked connection costs %.1f KiB (heap %.0f B + stacks %.0f B), target < 4.5 KiB", (heap+stack)/1024, heap, stack)
+		}
+	})
 	t.Run("default-buffers", func(t *testing.T) {
-		heap, _, stackConnected, _ := idleConnectionMemory(t, 500, 0, 0, false)
+		heap, _, stackConnected, _ := idleConnectionMemory(t, 500, 0, 0, false, 0)
 		if raceEnabled {
 			t.Skip("not asserted under the race detector (instrumented frames, shadow memory)")
 		}
@@ -102,7 +123,10 @@ func TestIdleConnectionMemory(t *testing.T) {
 // connection, measured after the connections are idle and the GC had the
 // chance to shrink their stacks; stackConnected is the stack bytes per
 // connection measured before those GCs.
-func idleConnectionMemory(t *testing.T, n, readBuf, writeBuf int, ping bool) (heap, stack, stackConnected, goroutines float64) {
+//
+// With park > 0 the broker parks idle connections after park (mochi patch
+// 86), and the measurement waits until all are parked.
+func idleConnectionMemory(t *testing.T, n, readBuf, writeBuf int, ping bool, park time.Duration) (heap, stack, stackConnected, goroutines float64) {
 	if path := os.Getenv("MOCHIFIX_HEAP_PROFILE"); path != "" {
 		// go tool pprof -sample_index=inuse_space -top $path
 		runtime.MemProfileRate = 1
@@ -111,6 +135,7 @@ func idleConnectionMemory(t *testing.T, n, readBuf, writeBuf int, ping bool) (he
 	}
 	s, addr, _ := startBrokerWith(t, func(o *mqtt.Options) {
 		o.ClientNetReadBufferSize, o.ClientNetWriteBufferSize = readBuf, writeBuf
+		o.IdlePark = park
 	})
 	// Once the connections are closed, wait for the broker to let them go,
 	// so a later measurement does not see their memory being freed.
@@ -180,6 +205,15 @@ func idleConnectionMemory(t *testing.T, n, readBuf, writeBuf int, ping bool) (he
 			if _, err := io.ReadFull(c, resp); err != nil || !bytes.Equal(resp, []byte{0xd0, 0}) {
 				t.Fatalf("conn %d: PINGRESP % x, %v", i, resp, err)
 			}
+		}
+	}
+	if park > 0 {
+		deadline := time.Now().Add(30 * time.Second)
+		for s.ParkedClients() < n && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if got := s.ParkedClients(); got < n {
+			t.Fatalf("%d of %d idle connections parked", got, n)
 		}
 	}
 	var ms runtime.MemStats

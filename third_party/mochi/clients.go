@@ -330,7 +330,8 @@ func (cl *Client) ParseConnect(lid string, pk packets.Packet) {
 }
 
 // refreshDeadline refreshes the read/write deadline for the net.Conn connection.
-func (cl *Client) refreshDeadline(keepalive uint16) {
+// rtm patch 86: it returns the deadline set (zero: none).
+func (cl *Client) refreshDeadline(keepalive uint16) time.Time {
 	var expiry time.Time // nil time can be used to disable deadline if keepalive = 0
 	if keepalive > 0 {
 		expiry = time.Now().Add(time.Duration(keepalive+(keepalive/2)) * time.Second) // [MQTT-3.1.2-22]
@@ -339,6 +340,7 @@ func (cl *Client) refreshDeadline(keepalive uint16) {
 	if cl.Net.Conn != nil {
 		_ = cl.Net.Conn.SetDeadline(expiry) // [MQTT-3.1.2-22]
 	}
+	return expiry
 }
 
 // NextPacketID returns the next available (unused) packet id for the client.
@@ -458,6 +460,13 @@ func inflightExpired(tk *packets.Packet, now, maximumExpiry int64) bool {
 // Read reads incoming packets from the connected client and transforms them into
 // packets to be handled by the packetHandler.
 func (cl *Client) Read(packetHandler ReadFn) (err error) {
+	return cl.read(packetHandler, 0)
+}
+
+// read is Read; with parkedAt != 0 (unix ns) it continues a wait that
+// began then and was parked (rtm patch 86): the deadline set then stands.
+// It returns errParked when the connection should be parked.
+func (cl *Client) read(packetHandler ReadFn, parkedAt int64) (err error) {
 	// rtm patch: a panic while decoding or processing a packet from this client
 	// is returned as an error, so the server closes this connection only (with
 	// the usual LWT/disconnect handling) instead of crashing the process.
@@ -470,7 +479,11 @@ func (cl *Client) Read(packetHandler ReadFn) (err error) {
 	defer cl.holdWrites(false) // rtm patch 70: whatever ends the loop, held writes go out
 
 	for {
-		if cl.Closed() {
+		// rtm patch 86: a parked client woken because it was stopped goes
+		// on to the read, which fails as the waiting read of a client that
+		// was not parked does (its error sends the will): not "closed, no
+		// error", which a client's own DISCONNECT ends with.
+		if parkedAt == 0 && cl.Closed() {
 			return nil
 		}
 
@@ -480,9 +493,17 @@ func (cl *Client) Read(packetHandler ReadFn) (err error) {
 		// reset both deadlines (a time.Now and two runtime timers) for
 		// every packet of a burst.
 		var waitFrom time.Time // rtm patch 75: when this read may start to wait
-		if !cl.Net.holding.Load() {
+		if parkedAt != 0 {
+			waitFrom, parkedAt = time.Unix(0, parkedAt), 0 // rtm patch 86
+		} else if !cl.Net.holding.Load() {
 			waitFrom = time.Now()
-			cl.refreshDeadline(cl.State.Keepalive)
+			expiry := cl.refreshDeadline(cl.State.Keepalive)
+			if park, err := cl.waitOrPark(waitFrom, expiry); park || err != nil { // rtm patch 86
+				if park {
+					return errParked
+				}
+				return err
+			}
 		}
 		fh := new(packets.FixedHeader)
 		err = cl.ReadFixedHeader(fh) // an idle connection waits here
@@ -622,6 +643,10 @@ func (cl *Client) stop(err error, drain bool) {
 
 		if cl.State.cancelOpen != nil {
 			cl.State.cancelOpen()
+		}
+
+		if cl.ops != nil && cl.ops.park != nil {
+			cl.ops.park.wake(cl) // rtm patch 86: the closed socket left the poller without an event
 		}
 
 		atomic.StoreInt64(&cl.State.disconnected, time.Now().Unix())

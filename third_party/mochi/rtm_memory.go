@@ -249,6 +249,18 @@ type rtmClientState struct {
 	// refused is the CONNACK code an OnSessionEstablish hook refused the
 	// session with (rtm patch 47); nil to establish it.
 	refused *packets.Code
+
+	// rtm patch 86 (rtm_park.go): parkID is the id of the client's epoll
+	// registration while it is parked (0 otherwise) and parkTimer wakes it
+	// at its keepalive deadline, both guarded by the parker's lock;
+	// parkDeadline (that deadline, unix ns, 0 for none), parkedAt (when the
+	// wait began, unix ns) and parkCounted (Info.ClientsConnected counts it)
+	// are left by the goroutine that parked it for the one that continues.
+	parkID       uint64
+	parkTimer    *time.Timer
+	parkDeadline int64
+	parkedAt     int64
+	parkCounted  bool
 }
 
 // setBodyDeadline bounds the time the rest of a packet may take

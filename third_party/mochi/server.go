@@ -137,6 +137,12 @@ type Options struct {
 	// Memory bounds what clients can make the server hold, in bytes and
 	// time (rtm patches 40-44); the zero value bounds nothing.
 	Memory MemoryLimits `yaml:"memory" json:"memory"`
+
+	// IdlePark is how long a plain TCP connection's read loop waits for a
+	// packet before it parks the connection: its goroutine exits and a
+	// shared epoll poller waits for the socket instead (rtm patch 86,
+	// rtm_park.go; Linux only). 0 never parks, as v2.7.9.
+	IdlePark time.Duration `yaml:"idle_park" json:"idle_park"`
 }
 
 // Server is an MQTT broker server. It should be created with server.New()
@@ -154,7 +160,11 @@ type Server struct {
 	inlineClient *Client              // inlineClient is a special client used for inline subscriptions and inline Publish
 	Flow         FlowStats            // rtm patch 20: pacing counters
 	Mem          MemoryStats          // rtm patches 40-44: bytes held, see MemoryLimits
+	park         *parker              // rtm patch 86: parks idle connections (Options.IdlePark)
 }
+
+// ParkedClients returns how many idle connections are parked (rtm patch 86).
+func (s *Server) ParkedClients() int { return s.park.parked() }
 
 // loop contains interval tickers for the system events loop.
 type loop struct {
@@ -173,6 +183,7 @@ type ops struct {
 	hooks   *Hooks       // pointer to the server hooks
 	log     *slog.Logger // a structured logger for the client
 	mem     *MemoryStats // rtm patches 40-44: the server's byte counts (nil in some tests)
+	park    *parker      // rtm patch 86: parks idle connections (nil in some tests)
 }
 
 // New returns a new instance of mochi mqtt broker. Optional parameters
@@ -207,6 +218,8 @@ func New(opts *Options) *Server {
 			Log: opts.Logger,
 		},
 	}
+
+	s.park = &parker{log: s.Log, resume: s.resumeClient} // rtm patch 86
 
 	if s.Options.InlineClient {
 		s.inlineClient = s.NewClient(nil, LocalListener, InlineClientId, true)
@@ -257,6 +270,7 @@ func (s *Server) NewClient(c net.Conn, listener string, id string, inline bool) 
 		hooks:   s.hooks,
 		log:     s.Log,
 		mem:     &s.Mem, // rtm patch 40
+		park:    s.park, // rtm patch 86
 	})
 
 	cl.ID = id
@@ -416,21 +430,31 @@ func (s *Server) EstablishConnection(listener string, c net.Conn) error {
 // attachClient validates an incoming client connection and if viable, attaches the client
 // to the server, performs session housekeeping, and reads incoming packets.
 func (s *Server) attachClient(cl *Client, listener string) (err error) {
-	defer s.Listeners.ClientsWg.Done()
 	s.Listeners.ClientsWg.Add(1)
 
-	// rtm patch: a panic while serving one connection (connect phase, or
-	// disconnect handling; the packet loop has its own recover in Client.Read)
-	// closes that connection only, instead of crashing the whole process.
-	// https://github.com/mochi-mqtt/server/issues/501
+	// rtm patch 86: once connected, serveClient owns the end of the
+	// connection (it may park it and a later goroutine end it); until then
+	// the failures of the connect phase end it here.
+	var counted bool // ClientsConnected was incremented for cl
+	served := false
 	defer func() {
+		if served {
+			return
+		}
+		// rtm patch: a panic while serving one connection (connect phase, or
+		// disconnect handling; the packet loop has its own recover in Client.Read)
+		// closes that connection only, instead of crashing the whole process.
+		// https://github.com/mochi-mqtt/server/issues/501
 		if r := recover(); r != nil {
 			err = cl.recoverPanic(r)
 			cl.Stop(err)
 		}
+		cl.Stop(nil) // rtm patch: no WriteLoop goroutine here; publishToClient starts writers
+		if counted {
+			atomic.AddInt64(&s.Info.ClientsConnected, -1)
+		}
+		s.Listeners.ClientsWg.Done()
 	}()
-
-	defer cl.Stop(nil) // rtm patch: no WriteLoop goroutine here; publishToClient starts writers
 
 	// rtm patch: the CONNECT handling and the disconnect handling are in
 	// functions of their own, so their frames (large packets.Packet values)
@@ -438,19 +462,55 @@ func (s *Server) attachClient(cl *Client, listener string) (err error) {
 	// read goroutine then uses little enough of its stack (grown to 16 KiB
 	// while handling the CONNECT) for the GC to shrink it to 4 KiB. v2.7.9's
 	// 3 KiB attachClient frame (plus Read's 1.7 KiB) kept it at 16 KiB.
-	var counted bool // ClientsConnected was incremented for cl
-	defer func() {
-		if counted {
-			atomic.AddInt64(&s.Info.ClientsConnected, -1)
-		}
-	}()
 	if err = s.connectOnHelper(cl, listener, &counted); err != nil { // rtm patch 69
 		return err
 	}
+	served = true
+	return s.serveClient(cl, listener, counted, 0)
+}
 
-	err = cl.Read(s.receivePacket)
+// serveClient runs the packet loop of a connected client and ends the
+// connection when the loop ends, unless the loop parked it (rtm patch 86:
+// then the goroutine that continues it, resumeClient, calls serveClient
+// again, and ends it). parkedAt (unix ns) is when the parked wait began, 0
+// for a client that was not parked.
+func (s *Server) serveClient(cl *Client, listener string, counted bool, parkedAt int64) (err error) {
+	parked := false
+	defer func() {
+		if parked {
+			return // cl belongs to the parker, or already to the goroutine it woke
+		}
+		if r := recover(); r != nil { // rtm patch: see attachClient
+			err = cl.recoverPanic(r)
+			cl.Stop(err)
+		}
+		cl.Stop(nil)
+		if counted {
+			atomic.AddInt64(&s.Info.ClientsConnected, -1)
+		}
+		s.Listeners.ClientsWg.Done()
+	}()
+
+	for {
+		err = cl.read(s.receivePacket, parkedAt)
+		if !errors.Is(err, errParked) {
+			break
+		}
+		cl.State.rtm.parkCounted = counted
+		if s.park.park(cl) {
+			parked = true
+			return nil // touch nothing of cl from here: another goroutine may own it
+		}
+		parkedAt = cl.State.rtm.parkedAt // could not park: go on waiting here
+	}
 	s.disconnectedClient(cl, listener, err)
 	return err
+}
+
+// resumeClient continues the read loop of a client the parker woke
+// (rtm patch 86).
+func (s *Server) resumeClient(cl *Client) {
+	_ = s.serveClient(cl, cl.Net.Listener, cl.State.rtm.parkCounted, cl.State.rtm.parkedAt)
 }
 
 // connectOnHelper runs connectClient on a goroutine of its own and waits
@@ -1819,6 +1879,7 @@ func (s *Server) Close() error {
 	close(s.done)
 	s.Log.Info("gracefully stopping server")
 	s.Listeners.CloseAll(s.closeListenerClients)
+	s.park.close() // rtm patch 86: after the clients, whose stop woke the parked ones
 	s.hooks.OnStopped()
 	s.hooks.Stop()
 

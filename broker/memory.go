@@ -1,0 +1,83 @@
+package broker
+
+import (
+	"context"
+	"runtime/debug"
+	"sync/atomic"
+	"time"
+)
+
+// Returning memory to the OS after a connection storm.
+//
+// While thousands of devices connect at once, the heap grows with the
+// garbage of their CONNECTs (decoding, hooks, presence records) up to the
+// GC's goal, twice the live heap, and the runtime keeps those pages: its
+// background scavenger only returns what lies beyond the goal, so the
+// process's RSS stays at the storm's high-water mark for as long as the
+// connections stay idle (measured: 13 KiB per idle connection where the live
+// heap and stacks are 7). Once the connects have stopped for a while (long
+// enough for the connections to have parked, see idlePark; and for the
+// store to have written their device records, up to a minute), the broker
+// runs debug.FreeOSMemory once: a GC and a scavenge of every free page. It
+// costs one collection (186 ms of wall time at 10,000 connections on a
+// loaded 2-core machine), once per storm, never on a broker whose connect
+// rate is steady.
+
+const (
+	releaseTick           = 5 * time.Second // how often the connect count is looked at
+	releaseQuietTicks     = 2               // ticks in a row with few connects: the storm is over
+	releaseQuietMax       = 50              // at most this many connects in a quiet tick (10/s)
+	releaseStoreWaitTicks = 12              // quiet ticks to wait at most for the store to write the device records
+	releaseStormMinimum   = 1000            // connects since the last release that make a storm
+)
+
+// stormRelease decides, from the count of CONNECTs seen, when a storm of
+// connects is over and the memory it left should be returned.
+type stormRelease struct {
+	prev  int64 // connects at the previous tick
+	quiet int   // ticks in a row with at most releaseQuietMax connects
+	storm int64 // connects in the other ticks since the last release
+}
+
+// tick takes the connects counted so far and whether the store still has
+// device records to write; true: release now. A steady trickle of connects
+// never releases, however many add up. While the store writes the storm's
+// presence records (work that allocates, in the process with the embedded
+// store) the release waits for it, up to releaseStoreWaitTicks.
+func (r *stormRelease) tick(connects int64, storeBusy bool) bool {
+	if d := connects - r.prev; d <= releaseQuietMax {
+		r.quiet++
+	} else {
+		r.quiet = 0
+		r.storm += d
+	}
+	r.prev = connects
+	if r.storm < releaseStormMinimum || r.quiet < releaseQuietTicks ||
+		(storeBusy && r.quiet < releaseStoreWaitTicks) {
+		return false
+	}
+	r.storm = 0
+	return true
+}
+
+// releaseAfterStorms runs until ctx ends.
+func (b *Broker) releaseAfterStorms(ctx context.Context) {
+	t := time.NewTicker(releaseTick)
+	defer t.Stop()
+	var r stormRelease
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			n := b.connects.Load()
+			if !r.tick(n, b.devices != nil && b.devices.pending() > 0) {
+				continue
+			}
+			start := time.Now()
+			debug.FreeOSMemory()
+			b.log.Info("returned free memory to the OS after a connection storm",
+				"connects", n, "connections", atomic.LoadInt64(&b.mq.Info.ClientsConnected), "took", time.Since(start).String())
+		}
+	}
+}

@@ -1,0 +1,68 @@
+package broker
+
+import "testing"
+
+// TestStormRelease: memory is returned once after a storm of connects, two
+// quiet ticks after it ends (or once the store has written its device
+// records, for at most a minute), and never for a small burst or a steady
+// trickle of connects, however many add up.
+func TestStormRelease(t *testing.T) {
+	var r stormRelease
+	var n int64
+	busy := false
+	step := func(add int64) bool { n += add; return r.tick(n, busy) }
+	for i := 0; i < 100; i++ { // a trickle of 40 connects per tick: 4,000 in all
+		if step(40) {
+			t.Fatalf("released during a steady trickle (tick %d)", i)
+		}
+	}
+	// quiet reports whether any of n ticks without connects released.
+	quiet := func(n int) bool {
+		released := false
+		for i := 0; i < n; i++ {
+			released = step(0) || released
+		}
+		return released
+	}
+	if step(600) || quiet(3) {
+		t.Fatal("released after a burst of 600 connects")
+	}
+	if step(5000) {
+		t.Fatal("released during the storm")
+	}
+	if step(5000) {
+		t.Fatal("released during the storm")
+	}
+	if step(10) {
+		t.Fatal("released after one quiet tick")
+	}
+	if !step(0) {
+		t.Fatal("not released two quiet ticks after a storm of 10,000 connects")
+	}
+	for i := 0; i < 10; i++ {
+		if step(0) {
+			t.Fatal("released again without a new storm")
+		}
+	}
+
+	// The store still writing the storm's device records: wait for it,
+	// up to releaseStoreWaitTicks quiet ticks.
+	busy = true
+	if step(5000) || quiet(3) {
+		t.Fatal("released while the store writes the storm's records")
+	}
+	busy = false
+	if !step(0) {
+		t.Fatal("not released once the store caught up")
+	}
+	busy = true
+	step(5000)
+	for i := 1; i < releaseStoreWaitTicks; i++ {
+		if step(0) {
+			t.Fatalf("released after %d quiet ticks with the store busy", i)
+		}
+	}
+	if !step(0) {
+		t.Fatal("not released after waiting releaseStoreWaitTicks for a store that stays busy")
+	}
+}
