@@ -829,8 +829,9 @@ type DurabilityStats struct {
 	// Reforwarded counts publishes held for a dead node, sent on to the
 	// nodes that adopted its sessions (or delivered here).
 	Reforwarded int64 `json:"reforwarded"`
-	// BarrierTimeouts counts node link acknowledgements sent before the
-	// store confirmed the writes they covered (it took over 500 ms).
+	// BarrierTimeouts counts node link acknowledgements held back because
+	// the store had not confirmed the writes they covered within 500 ms
+	// (the link then acknowledges only what was written, and asks again).
 	BarrierTimeouts int64 `json:"barrier_timeouts"`
 }
 

@@ -28,18 +28,22 @@ func (c *clusterNode) seedRetained(topic string, at int64, node string) {
 // peer is acknowledged on the link only once what this node wrote for it
 // (it went to a persistent session here) is committed, so the peer keeps
 // it queued, and resends it elsewhere, should this node die first. It
-// waits at most durableBarrierMax: a store that does not answer must not
-// make the link look dead (see link.Config.BeforeAck).
-func (b *Broker) durableBarrier() {
+// waits at most durableBarrierMax and then reports false: the link
+// acknowledges only what was safe before (which keeps it alive) and asks
+// again, so a slow store delays acknowledgements but never lets the peer
+// forget a message this node has not written (see link.Config.BeforeAck).
+func (b *Broker) durableBarrier() bool {
 	d := b.durable
 	if d == nil || d.w.Stats().Queued == 0 {
-		return
+		return true
 	}
 	ctx, cancel := context.WithTimeout(d.ctx, durableBarrierMax)
 	defer cancel()
 	if err := d.w.Flush(ctx); err != nil {
 		d.barrierTimeouts.Add(1)
+		return false
 	}
+	return true
 }
 
 // durableBarrierMax bounds a link acknowledgement's wait for the store: one
