@@ -67,7 +67,9 @@ type durableHook struct {
 	// supersededSkipped counts stored sessions of a dead node not adopted
 	// because their client was connected to a live node already.
 	supersededSkipped atomic.Int64
-	reforwardTo       map[string][]string // released failed peer → adopters, until its link's queue is handed over
+	reforwardTo       map[string][]string             // released failed peer → adopters, until its link's queue is handed over
+	adoptions         adoptions                       // durable_cluster.go: sessions being adopted here
+	testAfterClaim    atomic.Pointer[func(id string)] // tests: called once a session is claimed, before it is installed
 }
 
 // ackHold is what one PUBLISH's acknowledgement waits for.
