@@ -41,3 +41,15 @@ func (b *Broker) SetTestAfterClaim(f func(id string)) {
 // AdoptionWaiters is the number of CONNECTs waiting for an adoption of
 // their session under way on the node.
 func (b *Broker) AdoptionWaiters() int64 { return b.durable.adoptions.waiting.Load() }
+
+// HoldRouteDeltas makes the node hold back the route updates that peer
+// from sends (and, behind them, everything else from it) until release is
+// closed, as a slow link would.
+func (b *Broker) HoldRouteDeltas(from string, release <-chan struct{}) {
+	f := func(peer string, typ byte) {
+		if peer == from && typ == msgRouteDelta {
+			<-release
+		}
+	}
+	b.cluster.testDeliver.Store(&f)
+}
