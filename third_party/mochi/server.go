@@ -543,11 +543,16 @@ func (s *Server) connectClient(cl *Client, listener string, counted *bool) error
 		return *code
 	}
 
+	// rtm patch 92: deliveries to cl (it is in Clients from here) wait
+	// until its CONNACK and the session's resent messages are written: a
+	// PUBLISH must not precede the CONNACK.
+	cl.State.takeover.Lock()
 	sessionPresent := s.inheritClientSession(pk, cl)
 	s.Clients.Add(cl) // [MQTT-4.1.0-1]
 
 	err = s.SendConnack(cl, code, sessionPresent, nil) // [MQTT-3.1.4-5] [MQTT-3.2.0-1] [MQTT-3.2.0-2] &[MQTT-3.14.0-1]
 	if err != nil {
+		cl.State.takeover.Unlock()
 		return fmt.Errorf("ack connection packet: %w", err)
 	}
 
@@ -556,9 +561,11 @@ func (s *Server) connectClient(cl *Client, listener string, counted *bool) error
 	if sessionPresent {
 		err = cl.ResendInflightMessages(true)
 		if err != nil {
+			cl.State.takeover.Unlock()
 			return fmt.Errorf("resend inflight: %w", err)
 		}
 	}
+	cl.State.takeover.Unlock()
 
 	s.hooks.OnSessionEstablished(cl, pk)
 	return nil
