@@ -80,7 +80,9 @@
 // updates arrive in. A client ID has one connection in the cluster once every
 // node that is not suspected answered its claim (bounded by
 // cluster.claim_timeout), and one session once a partition healed. A session
-// moved between live nodes arrives whole or stays whole where it was. A node
+// moved between live nodes arrives whole or stays whole where it was, and a
+// message published anywhere while it moves reaches it (through its
+// non-shared subscriptions; see cluster_relay.go). A node
 // stopped gracefully keeps its routes until its sessions are handed over.
 //
 // # Lock order
