@@ -54,6 +54,7 @@ type clusterNode struct {
 	claims   *claimWaiters
 	moves    *moves
 	owners   *owners
+	relays   relays // cluster_relay.go: moves' route windows
 
 	// testMembers, if set, rewrites the member list syncPeers sees: tests
 	// make a peer look failed without stopping it.
@@ -62,6 +63,9 @@ type clusterNode struct {
 	// ("source") or taken in ("destination"): tests stop a node or stall
 	// a move in the middle of a transfer.
 	testMoveChunk atomic.Pointer[func(side string, seq uint64)]
+	// testDeliver, if set, is called before a message from a peer is
+	// handled: tests hold some back, as a slow link would.
+	testDeliver atomic.Pointer[func(from string, typ byte)]
 
 	forwarded, forwardedBytes, received  atomic.Int64
 	claimsSent, claimsTimedOut, moved    atomic.Int64
@@ -384,6 +388,9 @@ func (c *clusterNode) snapshot(peerName string) []link.Message {
 // deadlock; it only delays the next messages, acks and ping answers by at
 // most two heartbeats.
 func (c *clusterNode) deliver(from string, m link.Message) {
+	if f := c.testDeliver.Load(); f != nil {
+		(*f)(from, m.Type)
+	}
 	var err error
 	switch m.Type {
 	case msgRoutes:
@@ -410,6 +417,14 @@ func (c *clusterNode) deliver(from string, m link.Message) {
 				shared = func(route string) bool { return slices.Contains(pm.Shared, route) }
 			}
 			c.b.mq.DeliverFromPeer(pk, shared)
+			if c.relays.n.Load() > 0 {
+				c.relayFromPeer(pm)
+			}
+		}
+	case msgMoveLate:
+		var ml moveLateMsg
+		if ml, err = decodeMoveLate(m.Body); err == nil {
+			c.lateArrived(ml)
 		}
 	case msgRetained:
 		var rm retainedMsg
@@ -446,6 +461,11 @@ func (c *clusterNode) deliver(from string, m link.Message) {
 		var om ownersMsg
 		if om, err = decodeOwners(m.Body); err == nil {
 			c.reconcile(from, om)
+		}
+	case msgMoveRouted:
+		var ma moveAckMsg
+		if ma, err = decodeMoveAck(m.Body); err == nil {
+			c.relays.routed(from, ma.Move)
 		}
 	case msgMoveAck, msgMoveDone:
 		var ma moveAckMsg

@@ -27,6 +27,15 @@ func (c *clusterNode) onRoute(filter string, added bool) {
 	// (taken under the same lock) is either before or after each one.
 	c.routes.mu.Lock()
 	defer c.routes.mu.Unlock()
+	if c.routes.pinnedLocked(filter, added) {
+		return // a session holding it is moving away: removed once it moved (unpinRoutes)
+	}
+	c.sendRouteDeltaLocked(filter, added)
+}
+
+// sendRouteDeltaLocked records a local route change and queues it for
+// every linked peer. routeTable.mu is held.
+func (c *clusterNode) sendRouteDeltaLocked(filter string, added bool) {
 	body := c.routes.localChangedLocked(filter, added).encode()
 	c.peers.mu.Lock()
 	defer c.peers.mu.Unlock()
@@ -36,6 +45,16 @@ func (c *clusterNode) onRoute(filter string, added bool) {
 		if !p.link.Send(link.Message{Type: msgRouteDelta, Body: body}, true) {
 			c.log.Error("route update not queued: link queue full; the peer resyncs on reconnect", "peer", p.name, "filter", filter)
 		}
+	}
+}
+
+// unpinRoutes releases the pins of a move on filters and sends the
+// removals that came due meanwhile.
+func (c *clusterNode) unpinRoutes(filters []string) {
+	c.routes.mu.Lock()
+	defer c.routes.mu.Unlock()
+	for _, f := range c.routes.unpinLocked(filters) {
+		c.sendRouteDeltaLocked(f, false)
 	}
 }
 
@@ -69,7 +88,7 @@ func (c *clusterNode) forward(pk packets.Packet) error {
 	}
 	var refuse error
 	var missed map[string]bool
-	if c.routes.count.Load() > 0 { // else no peer subscribes to anything: skip the lookup
+	if c.routes.count.Load() > 0 || c.relays.n.Load() > 0 { // else no peer subscribes to anything: skip the lookup
 		missed, refuse = c.forwardPublish(pk)
 	}
 	// A refused message is not retained here (mochi skips it), so not on
@@ -85,7 +104,8 @@ func (c *clusterNode) forward(pk packets.Packet) error {
 // for a QoS 1/2 publisher (see forward).
 func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, error) {
 	subs := c.routes.subscribers(pk.TopicName)
-	if len(subs.Subscriptions) == 0 && len(subs.Shared) == 0 {
+	relays := c.relays.matching(pk.TopicName)
+	if len(subs.Subscriptions) == 0 && len(subs.Shared) == 0 && len(relays) == 0 {
 		return nil, nil // no peer wants it: nothing crosses a link
 	}
 	type target struct {
@@ -159,6 +179,21 @@ func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, error)
 	}
 	for _, name := range missing {
 		fail(name, dropNoLink)
+	}
+	// A session moving away from here gets it through its relay
+	// (cluster_relay.go), unless its destination gets it anyway.
+	for _, r := range relays {
+		if _, direct := subs.Subscriptions[r.to]; direct {
+			continue
+		}
+		if err := c.relayTo(r, publishMsg{Origin: pk.Origin, Expiry: expiryLeft(pk.Expiry), Packet: pk}); err != nil {
+			if refuse == nil || errors.Is(err, link.ErrQueueFull) {
+				refuse = packets.ErrUnspecifiedError
+				if errors.Is(err, link.ErrQueueFull) {
+					refuse = packets.ErrQuotaExceeded
+				}
+			}
+		}
 	}
 
 	// Encoding and queueing happen outside the lock, so publishers on

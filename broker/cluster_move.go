@@ -218,6 +218,17 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 	for _, pk := range snapshot {
 		sent[keyOf(pk)] = true
 	}
+	// Its routes stay, and what arrives for it goes on to the destination,
+	// until every peer holds the destination's routes (cluster_relay.go).
+	r := c.startRelay(o.id, o.clientID, o.to, start.Subs)
+	moved := false
+	defer func() {
+		if moved {
+			go c.stopRelayWhenRouted(r, start.Subs)
+		} else {
+			c.stopRelay(r, start.Subs, true)
+		}
+	}()
 	sess, found := c.b.mq.DetachSession(o.clientID)
 	if !found {
 		sess = mqtt.Session{Subscriptions: start.Subs, Inflight: snapshot, Expiry: start.Expiry, ExpirySet: start.ExpirySet}
@@ -228,9 +239,11 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 		c.restore(o, start.Version, sess, "the transfer failed")
 		return false
 	}
+	c.endRelay(r)
 	if !st.confirmed() {
 		if st.answer == moveStale {
 			// Detached already: dropped, with what it held.
+			c.relays.remove(r) // what was relayed is not put back
 			c.owners.forget(o.clientID)
 			c.dropStaleSession(o.clientID, o.to, sess.Inflight, 0, 0)
 			return false
@@ -238,6 +251,7 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 		c.restore(o, start.Version, sess, "the destination did not confirm it")
 		return false
 	}
+	moved = true
 	c.movedOut.Add(1)
 	c.owners.forget(o.clientID)
 	c.log.Debug("session moved to another node", "client_id", o.clientID, "node", o.to,
@@ -477,6 +491,9 @@ func (c *clusterNode) moveEnded(from string, m moveEndMsg) {
 	c.owners.set(im.clientID, time.Now().UnixNano())
 	close(im.done)
 	c.sendMoveDone(from, m.Move, true)
+	// Once every peer holds this node's routes for the session, the source
+	// drops its own (cluster_relay.go).
+	c.confirmWhenRouted(from, m.Move)
 	c.log.Debug("session moved here", "client_id", im.clientID, "node", from,
 		"subscriptions", len(im.sess.Subscriptions), "queued", len(im.sess.Inflight), "pushed", im.claim == 0)
 }

@@ -390,3 +390,61 @@ func TestEvacuationMovesOfflineSessions(t *testing.T) {
 		}
 	}
 }
+
+// TestSessionMoveRouteWindow: a message published on a third node while a
+// session moves, after the source detached it and before the third node
+// learnt the destination's route, reaches the moved session. The third
+// node's link from the destination is held back (a slow link), so it
+// learns the destination's route late. Before, the source dropped its
+// route when it detached the session: the third node then had no route
+// for the topic, acknowledged the message and delivered it nowhere.
+func TestSessionMoveRouteWindow(t *testing.T) {
+	var nodes []*broker.Broker
+	seed := ""
+	for i := range 3 {
+		b := startClusterNode(t, fmt.Sprintf("n%d", i), seed, func(_ *config.Broker, cc *config.Cluster) {
+			// Longer than the test holds the link back: the destination
+			// confirms no sooner.
+			cc.ClaimTimeout = 20 * time.Second
+		})
+		if seed == "" {
+			seed = b.GossipAddr()
+		}
+		nodes = append(nodes, b)
+	}
+	waitMesh(t, nodes...)
+	n0, n1, n2 := nodes[0], nodes[1], nodes[2]
+	expiry := ptr(uint32(600))
+	dev, _ := dialV5(t, n1, &paho.Connect{ClientID: "win-dev", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+	subscribe(t, dev, 0, paho.SubscribeOptions{Topic: "win/t", QoS: 1})
+	waitRoutes(t, nodes, n1, 1)
+	pub, _ := dialV5(t, n0, &paho.Connect{ClientID: "win-pub", CleanStart: true})
+	pub.Pub(t, "win/t", 1, false, "before")
+	expectPayloads(t, dev, "before")
+
+	release := make(chan struct{})
+	var once sync.Once
+	open := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(open)
+	n0.HoldRouteDeltas("n2", release)
+
+	// The device reconnects to n2: its session moves from n1.
+	moved, ca := dialV5(t, n2, &paho.Connect{ClientID: "win-dev", CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+	if !ca.SessionPresent {
+		t.Fatal("session not present on n2 after the move")
+	}
+	// Before the fix, n1's route removal reached n0 within milliseconds:
+	// give it time to (with the fix it stays until n2 is confirmed).
+	for deadline := time.Now().Add(1500 * time.Millisecond); time.Now().Before(deadline) && n0.Stats().Cluster.RemoteRoutes["n1"] > 0; {
+		time.Sleep(10 * time.Millisecond)
+	}
+	pub.Pub(t, "win/t", 1, false, "in the window")
+	open()
+	expectPayloads(t, moved, "in the window")
+	// Then the routes settle: n2's everywhere, n1's gone.
+	waitRoutes(t, nodes, n2, 1)
+	waitRoutes(t, nodes, n1, 0)
+	pub.Pub(t, "win/t", 1, false, "after")
+	expectPayloads(t, moved, "after")
+	moved.None(t, 500*time.Millisecond)
+}

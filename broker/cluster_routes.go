@@ -32,6 +32,10 @@ type routeTable struct {
 	sets      map[string]map[string]struct{} // peer → its routes, as held in remote
 	ver       map[string]uint64              // peer → version of its routes held
 	shareNext map[string]uint64              // share route → round-robin counter
+	// pins keeps local filters while a session holding them moves away
+	// (cluster_relay.go): their removal waits, in dropDue, until unpinned.
+	pins    map[string]int
+	dropDue map[string]bool
 
 	count atomic.Int64 // routes held in remote, all peers
 }
@@ -44,7 +48,49 @@ func newRouteTable(log *slog.Logger) *routeTable {
 		sets:      map[string]map[string]struct{}{},
 		ver:       map[string]uint64{},
 		shareNext: map[string]uint64{},
+		pins:      map[string]int{},
+		dropDue:   map[string]bool{},
 	}
+}
+
+// pin keeps filters in the local routes until unpinned: a removal of one
+// meanwhile waits (see cluster_relay.go).
+func (r *routeTable) pin(filters []string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, f := range filters {
+		r.pins[f]++
+	}
+}
+
+// pinnedLocked reports whether a local route change must wait: a removal
+// of a pinned filter (remembered, and done by unpinLocked). mu is held.
+func (r *routeTable) pinnedLocked(filter string, added bool) bool {
+	if added {
+		delete(r.dropDue, filter)
+		return false
+	}
+	if r.pins[filter] > 0 {
+		r.dropDue[filter] = true
+		return true
+	}
+	return false
+}
+
+// unpinLocked releases pins on filters and returns those whose removal
+// came due meanwhile. mu is held.
+func (r *routeTable) unpinLocked(filters []string) (due []string) {
+	for _, f := range filters {
+		if r.pins[f]--; r.pins[f] > 0 {
+			continue
+		}
+		delete(r.pins, f)
+		if r.dropDue[f] {
+			delete(r.dropDue, f)
+			due = append(due, f)
+		}
+	}
+	return due
 }
 
 // localChangedLocked records a local route added or removed and returns

@@ -25,6 +25,8 @@ const (
 	msgMoveAck                     // receiver of a move: a chunk arrived (flow control)
 	msgMoveDone                    // receiver of a move: session installed, or given up
 	msgOwners                      // client IDs the sender holds, and since when (a link's opening)
+	msgMoveLate                    // source of a move: a publish for the moved session alone (cluster_relay.go)
+	msgMoveRouted                  // receiver of a move: every peer holds its routes for the session now
 )
 
 // errShort is returned for a message that ends before its fields do.
@@ -566,4 +568,32 @@ func decodeOwners(b []byte) (m ownersMsg, err error) {
 		m.Since = append(m.Since, r.varint())
 	}
 	return m, r.done()
+}
+
+// moveLateMsg is msgMoveLate: a publish that reached the source of a move
+// after it detached the session, for that session alone.
+type moveLateMsg struct {
+	ClientID string
+	Pub      publishMsg // Shared unused
+}
+
+func (m moveLateMsg) encode() ([]byte, error) {
+	body, err := m.Pub.encode()
+	if err != nil {
+		return nil, err
+	}
+	w := wbuf{}
+	w.string(m.ClientID)
+	w.b = append(w.b, body...)
+	return w.b, nil
+}
+
+func decodeMoveLate(b []byte) (m moveLateMsg, err error) {
+	r := rbuf{b: b}
+	m.ClientID = r.string()
+	if r.err != nil {
+		return m, r.err
+	}
+	m.Pub, err = decodePublish(r.b)
+	return m, err
 }

@@ -54,7 +54,12 @@
 // (except after moveConfirmMax), so a session is never held twice by nodes
 // that both stay up. A CONNECT whose session could not be moved is refused
 // with 0x88 (mochi patch 47), so the client retries instead of starting over
-// with an empty session. A move answering a claim whose CONNECT went on
+// with an empty session. The source keeps its routes for the session's
+// filters, and relays what still reaches it for the session to the
+// destination (msgMoveLate, after the move's end), until the destination
+// reports that every peer acknowledged its own routes for the session
+// (msgMoveRouted): no node is without a route for the session in between
+// (cluster_relay.go). A move answering a claim whose CONNECT went on
 // without it (the source was cut off) finds a newer session at the
 // destination: the source drops its own as stale.
 //
@@ -75,7 +80,9 @@
 // updates arrive in. A client ID has one connection in the cluster once every
 // node that is not suspected answered its claim (bounded by
 // cluster.claim_timeout), and one session once a partition healed. A session
-// moved between live nodes arrives whole or stays whole where it was. A node
+// moved between live nodes arrives whole or stays whole where it was, and a
+// message published anywhere while it moves reaches it (through its
+// non-shared subscriptions; see cluster_relay.go). A node
 // stopped gracefully keeps its routes until its sessions are handed over.
 //
 // # Lock order
@@ -90,8 +97,10 @@
 //  4. link.Link.mu and link.Server.mu (leaf locks, see package link), and
 //     the lock of routeTable's own index of remote routes (a leaf too).
 //
-// retainedSync.mu, claimWaiters.mu, moves.mu and owners.mu are leaves:
-// nothing else is locked while one is held. An inMove's mutex comes before
+// retainedSync.mu, claimWaiters.mu, moves.mu, owners.mu and relays.mu are
+// leaves: nothing else is locked while one is held. A relay's own mutex
+// (cluster_relay.go) comes before peerSet.mu and the link locks: it is held
+// while a relayed message is queued, so relayed messages keep their order. An inMove's mutex comes before
 // mochi's locks: the destination installs the session (AdoptSession, which
 // locks the index and so calls onRoute) while holding it, so that a move is
 // committed or given up, never both. A link's OnUp snapshot takes routeTable.mu and then

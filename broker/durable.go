@@ -67,7 +67,9 @@ type durableHook struct {
 	// supersededSkipped counts stored sessions of a dead node not adopted
 	// because their client was connected to a live node already.
 	supersededSkipped atomic.Int64
-	reforwardTo       map[string][]string // released failed peer → adopters, until its link's queue is handed over
+	reforwardTo       map[string][]string             // released failed peer → adopters, until its link's queue is handed over
+	adoptions         adoptions                       // durable_cluster.go: sessions being adopted here
+	testAfterClaim    atomic.Pointer[func(id string)] // tests: called once a session is claimed, before it is installed
 }
 
 // ackHold is what one PUBLISH's acknowledgement waits for.
@@ -829,8 +831,9 @@ type DurabilityStats struct {
 	// Reforwarded counts publishes held for a dead node, sent on to the
 	// nodes that adopted its sessions (or delivered here).
 	Reforwarded int64 `json:"reforwarded"`
-	// BarrierTimeouts counts node link acknowledgements sent before the
-	// store confirmed the writes they covered (it took over 500 ms).
+	// BarrierTimeouts counts node link acknowledgements held back because
+	// the store had not confirmed the writes they covered within 500 ms
+	// (the link then acknowledges only what was written, and asks again).
 	BarrierTimeouts int64 `json:"barrier_timeouts"`
 }
 

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -28,18 +30,22 @@ func (c *clusterNode) seedRetained(topic string, at int64, node string) {
 // peer is acknowledged on the link only once what this node wrote for it
 // (it went to a persistent session here) is committed, so the peer keeps
 // it queued, and resends it elsewhere, should this node die first. It
-// waits at most durableBarrierMax: a store that does not answer must not
-// make the link look dead (see link.Config.BeforeAck).
-func (b *Broker) durableBarrier() {
+// waits at most durableBarrierMax and then reports false: the link
+// acknowledges only what was safe before (which keeps it alive) and asks
+// again, so a slow store delays acknowledgements but never lets the peer
+// forget a message this node has not written (see link.Config.BeforeAck).
+func (b *Broker) durableBarrier() bool {
 	d := b.durable
 	if d == nil || d.w.Stats().Queued == 0 {
-		return
+		return true
 	}
 	ctx, cancel := context.WithTimeout(d.ctx, durableBarrierMax)
 	defer cancel()
 	if err := d.w.Flush(ctx); err != nil {
 		d.barrierTimeouts.Add(1)
+		return false
 	}
+	return true
 }
 
 // durableBarrierMax bounds a link acknowledgement's wait for the store: one
@@ -184,10 +190,22 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 	}
 	got := 0
 	var claimErr error
+	var marked []string
+	defer func() {
+		for _, id := range marked {
+			d.adoptions.end(id)
+		}
+	}()
 	take := func(s *sessionDoc) bool {
 		if claimErr != nil {
 			return false
 		}
+		// Marked before the store says this node owns it, until it is
+		// installed: a CONNECT of the client here waits (claimOnConnect),
+		// instead of getting a new empty session the adoption then merges
+		// into unsent.
+		d.adoptions.begin(s.ID)
+		marked = append(marked, s.ID)
 		// The claim is an insert under a unique _id first: FerretDB v1
 		// runs a conditional update as a read then a write, so two
 		// nodes could both "win" the update below; only one insert of
@@ -211,6 +229,9 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 		}
 		s.Owner, s.Epoch, s.AdoptedFrom = d.node, s.Epoch+1, s.Owner
 		got++
+		if f := d.testAfterClaim.Load(); f != nil {
+			(*f)(s.ID)
+		}
 		if c := d.b.cluster; c != nil {
 			// Established here now: should the node it came from turn out
 			// alive (a partition), the heal keeps this copy, the durable
@@ -235,6 +256,11 @@ func (d *durableHook) claimOnConnect(cl *mqtt.Client) {
 	}
 	ctx, cancel := context.WithTimeout(d.ctx, 5*time.Second)
 	defer cancel()
+	// An adoption of this client's session under way here finishes first:
+	// the CONNECT then inherits it.
+	if !d.adoptions.wait(ctx, cl.ID) {
+		d.log.Warn("CONNECT went on while its session was still being adopted", "client_id", cl.ID)
+	}
 	var s sessionDoc
 	err := d.st.DB().Collection(store.CollSessions).FindOne(ctx, bson.D{{Key: "_id", Value: cl.ID}}).Decode(&s)
 	if err != nil || s.Owner == d.node {
@@ -403,3 +429,63 @@ const (
 	movedInTries = 8
 	movedInPause = 250 * time.Millisecond
 )
+
+// adoptions marks the client IDs whose stored session this node is taking
+// (from its claim in the store until it is installed), so that their
+// CONNECT waits for it. The mutex is a leaf.
+type adoptions struct {
+	mu      sync.Mutex
+	m       map[string]*adoptMark
+	waiting atomic.Int64 // CONNECTs waiting (tests)
+}
+
+type adoptMark struct {
+	n    int
+	done chan struct{}
+}
+
+func (a *adoptions) begin(id string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.m == nil {
+		a.m = map[string]*adoptMark{}
+	}
+	m := a.m[id]
+	if m == nil {
+		m = &adoptMark{done: make(chan struct{})}
+		a.m[id] = m
+	}
+	m.n++
+}
+
+func (a *adoptions) end(id string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if m := a.m[id]; m != nil {
+		if m.n--; m.n == 0 {
+			close(m.done)
+			delete(a.m, id)
+		}
+	}
+}
+
+// wait waits until no adoption of id is under way; false if ctx ended
+// first.
+func (a *adoptions) wait(ctx context.Context, id string) bool {
+	for {
+		a.mu.Lock()
+		m := a.m[id]
+		a.mu.Unlock()
+		if m == nil {
+			return true
+		}
+		a.waiting.Add(1)
+		select {
+		case <-m.done:
+			a.waiting.Add(-1)
+		case <-ctx.Done():
+			a.waiting.Add(-1)
+			return false
+		}
+	}
+}

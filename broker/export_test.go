@@ -27,3 +27,29 @@ func (b *Broker) SetTestMoveChunk(f func(side string, seq uint64)) {
 // for its peers: links and gossip close, nothing is handed over or left.
 // Its MQTT side keeps running.
 func (b *Broker) KillCluster() { b.cluster.shutdown() }
+
+// SetTestAfterClaim calls f each time the node has claimed a stored session
+// of a failed node in the store, before it installs it; nil removes it.
+func (b *Broker) SetTestAfterClaim(f func(id string)) {
+	if f == nil {
+		b.durable.testAfterClaim.Store(nil)
+		return
+	}
+	b.durable.testAfterClaim.Store(&f)
+}
+
+// AdoptionWaiters is the number of CONNECTs waiting for an adoption of
+// their session under way on the node.
+func (b *Broker) AdoptionWaiters() int64 { return b.durable.adoptions.waiting.Load() }
+
+// HoldRouteDeltas makes the node hold back the route updates that peer
+// from sends (and, behind them, everything else from it) until release is
+// closed, as a slow link would.
+func (b *Broker) HoldRouteDeltas(from string, release <-chan struct{}) {
+	f := func(peer string, typ byte) {
+		if peer == from && typ == msgRouteDelta {
+			<-release
+		}
+	}
+	b.cluster.testDeliver.Store(&f)
+}

@@ -99,10 +99,13 @@ type Config struct {
 
 	// BeforeAck, if set, is called by a Server before it acknowledges
 	// what it delivered: an acknowledgement tells the sender it may forget
-	// those messages, so BeforeAck returns once they are safe (e.g. written
-	// to a store). It delays the ack, not the deliveries; it should return
-	// within a heartbeat (the sender drops a link silent for three).
-	BeforeAck func()
+	// those messages, so BeforeAck returns true once they are safe (e.g.
+	// written to a store). It delays the ack, not the deliveries; it should
+	// return within a heartbeat (the sender drops a link silent for three).
+	// When it returns false (not safe yet) the Server acknowledges only
+	// what was safe before, which keeps the link alive, and asks again:
+	// the sender keeps, and after a reconnect resends, the rest.
+	BeforeAck func() bool
 }
 
 // withDefaults returns c with its zero values replaced by the defaults.

@@ -210,6 +210,23 @@ func (l *Link) Queue(m Message, reliable bool) error {
 	return nil
 }
 
+// Mark returns the sequence number of the last message queued so far;
+// Delivered(mark) then tells when the peer has acknowledged every message
+// queued up to it.
+func (l *Link) Mark() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.seq
+}
+
+// Delivered reports whether every message queued up to mark (see Mark) was
+// acknowledged by the peer, or is no longer queued (discarded, closed).
+func (l *Link) Delivered(mark uint64) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.q) == 0 || l.q[0].seq > mark
+}
+
 // Close stops the Link, discards its queue (reported to Config.OnDiscard
 // as DiscardClosed once the goroutines are done) and waits for its
 // goroutines, including an OnUp call in progress. It is idempotent.

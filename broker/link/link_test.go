@@ -798,3 +798,55 @@ func TestForgetMakesPeerResnapshot(t *testing.T) {
 		t.Logf("%d re-sent messages skipped", d)
 	}
 }
+
+// TestBeforeAckNotSafeKeepsMessages: while the acceptor's BeforeAck says the
+// messages delivered are not safe yet (its store is slow), the sender keeps
+// them queued (it would resend them should the acceptor die), and the link
+// stays up past three heartbeats; once they are safe, they are acknowledged.
+// Before, the acceptor acknowledged them anyway when BeforeAck gave up
+// waiting, and the sender forgot messages the acceptor had not written.
+func TestBeforeAckNotSafeKeepsMessages(t *testing.T) {
+	const hb = 100 * time.Millisecond
+	var safe atomic.Bool
+	var asked atomic.Int64
+	rec := &recorder{}
+	scfg := testConfig(t, "b")
+	scfg.BeforeAck = func() bool {
+		asked.Add(1)
+		if safe.Load() {
+			return true
+		}
+		time.Sleep(hb / 2) // a bounded wait that gives up
+		return false
+	}
+	s := startServer(t, scfg, rec)
+	cfg := testConfig(t, "a")
+	cfg.Heartbeat = hb * raceScale
+	l := dial(t, "b", s.Addr(), cfg, nil)
+	waitUp(t, l)
+	for i := range 5 {
+		l.Send(Message{Type: typeData, Body: payload(i, true, 0)}, true)
+	}
+	waitFor(t, 5*time.Second, rec.count(5))
+	// Well past three heartbeats of BeforeAck answering "not yet".
+	waitFor(t, 10*time.Second, func() error {
+		if n := asked.Load(); n < int64(8*raceScale) {
+			return fmt.Errorf("BeforeAck asked %d times", n)
+		}
+		return nil
+	})
+	if st := l.Stats(); st.Acked != 0 || st.QueueLen != 5 || st.Connects != 1 || st.State != StateUp {
+		t.Fatalf("while not safe: acked %d, queued %d, connects %d, state %s; want 0 acked, 5 queued, one connection, up",
+			st.Acked, st.QueueLen, st.Connects, st.State)
+	}
+	safe.Store(true)
+	waitFor(t, 5*time.Second, func() error {
+		if st := l.Stats(); st.Acked != 5 || st.QueueLen != 0 {
+			return fmt.Errorf("once safe: acked %d, queued %d", st.Acked, st.QueueLen)
+		}
+		return nil
+	})
+	if st := l.Stats(); st.Connects != 1 || rec.len() != 5 {
+		t.Fatalf("connects %d, delivered %d: want 1 and 5 (nothing resent)", st.Connects, rec.len())
+	}
+}

@@ -392,7 +392,7 @@ func (s *Server) receive(c *inConn, name string, p *peer, r *frameReader, w *fra
 	// (nor claims and their answers, which share the link).
 	var acker *asyncAcker
 	if s.cfg.BeforeAck != nil {
-		acker = startAcker(s.cfg.BeforeAck, c.conn, w, idle)
+		acker = startAcker(s.cfg.BeforeAck, c.conn, w, idle, last)
 		defer acker.stop()
 	}
 	for {
@@ -460,7 +460,8 @@ func (s *Server) deliver(name string, p *peer, m Message) {
 }
 
 // asyncAcker writes a connection's acks from its own goroutine, each after
-// Config.BeforeAck returns, always for the latest seq delivered.
+// Config.BeforeAck reports the messages safe, always for the latest seq
+// delivered.
 type asyncAcker struct {
 	latest atomic.Uint64
 	kick   chan struct{}
@@ -469,8 +470,16 @@ type asyncAcker struct {
 	done   chan struct{}
 }
 
-func startAcker(before func(), conn net.Conn, w *frameWriter, idle time.Duration) *asyncAcker {
+func startAcker(before func() bool, conn net.Conn, w *frameWriter, idle time.Duration, safe uint64) *asyncAcker {
 	a := &asyncAcker{kick: make(chan struct{}, 1), failed: make(chan error, 1), quit: make(chan struct{}), done: make(chan struct{})}
+	write := func(seq uint64) error {
+		_ = conn.SetWriteDeadline(time.Now().Add(idle))
+		err := w.frame(Frame{Type: FrameAck, Seq: seq})
+		if err == nil {
+			err = w.flush()
+		}
+		return err
+	}
 	go func() {
 		defer close(a.done)
 		for {
@@ -482,20 +491,35 @@ func startAcker(before func(), conn net.Conn, w *frameWriter, idle time.Duration
 			// The seq first: what was delivered up to it is what before
 			// must cover.
 			seq := a.latest.Load()
-			before()
-			_ = conn.SetWriteDeadline(time.Now().Add(idle))
-			err := w.frame(Frame{Type: FrameAck, Seq: seq})
-			if err == nil {
-				err = w.flush()
+			for !before() {
+				// Not safe yet (a slow store): an ack of what was safe
+				// already tells the sender the link is alive without
+				// letting it forget what is not, and before is asked
+				// again. Acking seq anyway would lose those messages
+				// should this process die before they are safe.
+				if err := write(safe); err != nil {
+					a.failed <- err
+					return
+				}
+				select {
+				case <-a.quit:
+					return
+				case <-time.After(ackRetryPause):
+				}
 			}
-			if err != nil {
+			if err := write(seq); err != nil {
 				a.failed <- err
 				return
 			}
+			safe = seq
 		}
 	}()
 	return a
 }
+
+// ackRetryPause spaces the keep-alive acks of an acker whose BeforeAck
+// says the messages are not safe yet (well within a heartbeat).
+const ackRetryPause = 50 * time.Millisecond
 
 // ack asks for an ack of everything up to seq.
 func (a *asyncAcker) ack(seq uint64) {

@@ -180,6 +180,7 @@ type ClientState struct {
 	acks            heldAcks           // rtm patch 54: acknowledgements held by OnPublishHold
 	endOnce         sync.Once          // only end once
 	isTakenOver     atomic.Bool        // used to identify orphaned clients
+	takeover        sync.RWMutex       // rtm patch 92: a take-over (write) against deliveries (read)
 	packetID        uint32             // the current highest packetID
 	packetIDMu      sync.Mutex         // rtm patch: guards packetID allocation (was the client's lock, held by writes)
 	open            context.Context    // indicate that the client is open for packet exchange

@@ -65,6 +65,30 @@ func (s *Server) DeliverFromPeer(pk packets.Packet, shared func(route string) bo
 	atomic.AddInt64(&s.Info.MessagesReceived, 1)
 }
 
+// DeliverToClient delivers a message that another server of the cluster
+// accepted to client id alone, through its subscription that matches
+// pk.TopicName (as DeliverFromPeer would, for that one client): a message
+// its session missed on the server it moved from. It reports false if id
+// has no session here or no matching (non-shared) subscription.
+// rtm patch 91.
+func (s *Server) DeliverToClient(id string, pk packets.Packet) bool {
+	cl, ok := s.Clients.Get(id)
+	if !ok {
+		return false
+	}
+	sub, ok := s.Topics.Subscribers(pk.TopicName).Subscriptions[id]
+	if !ok {
+		return false
+	}
+	if pk.Created == 0 {
+		pk.Created = time.Now().Unix()
+	}
+	if _, err := s.publishToClient(cl, sub, pk); err != nil {
+		s.Log.Debug("failed publishing packet from peer", "error", err, "client", cl.ID)
+	}
+	return true
+}
+
 // RetainFromPeer sets (or, with an empty payload, clears) the retained
 // message of pk.TopicName as another server of the cluster did, without
 // publishing it.
@@ -109,6 +133,10 @@ func (s *Server) DetachSession(id string) (sess Session, found bool) {
 		return sess, false
 	}
 	_ = s.DisconnectClient(existing, packets.ErrSessionTakenOver) // [MQTT-3.1.4-3]
+	// rtm patch 92: deliveries to existing wait until it is gone (they then
+	// find no client here; the cluster relays them to its new server).
+	existing.State.takeover.Lock()
+	defer existing.State.takeover.Unlock()
 	for _, sub := range existing.State.Subscriptions.GetAll() {
 		sess.Subscriptions = append(sess.Subscriptions, sub)
 	}

@@ -137,6 +137,37 @@ func TestDetachAndAdoptSession(t *testing.T) {
 	require.Equal(t, 4, held.State.Inflight.Len())
 }
 
+// TestDeliverToClient (rtm patch 91): a message for one client's session
+// reaches that client only, through its own subscription (QoS downgraded),
+// and queues while it is offline; an unknown client or one without a
+// matching subscription gets nothing.
+func TestDeliverToClient(t *testing.T) {
+	s := newServer()
+	held := s.NewClient(nil, "cluster", "moved", false)
+	held.Properties.ProtocolVersion = 5
+	held.Stop(packets.ErrSessionTakenOver) // offline: messages queue
+	s.Clients.Add(held)
+	other := s.NewClient(nil, "cluster", "other", false)
+	other.Properties.ProtocolVersion = 5
+	other.Stop(packets.ErrSessionTakenOver)
+	s.Clients.Add(other)
+	s.Topics.Subscribe("moved", packets.Subscription{Filter: "in/#", Qos: 1})
+	s.Topics.Subscribe("other", packets.Subscription{Filter: "in/#", Qos: 1})
+
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 2}, TopicName: "in/x", Payload: []byte("late")}
+	require.True(t, s.DeliverToClient("moved", pk))
+	require.Equal(t, 1, held.State.Inflight.Len())
+	require.Equal(t, 0, other.State.Inflight.Len())
+	got := held.State.Inflight.GetAll(false)[0]
+	require.Equal(t, "late", string(got.Payload))
+	require.Equal(t, byte(1), got.FixedHeader.Qos)
+
+	require.False(t, s.DeliverToClient("nobody", pk))
+	pk.TopicName = "out/x"
+	require.False(t, s.DeliverToClient("moved", pk))
+	require.Equal(t, 1, held.State.Inflight.Len())
+}
+
 func TestSubscribeClientServerSide(t *testing.T) {
 	s := newServer()
 	cl, r, w := newTestClient()
@@ -244,4 +275,46 @@ func TestDetachSessionMarksTakenOverBeforeDrops(t *testing.T) {
 	_, ok := a.DetachSession("dev")
 	require.True(t, ok)
 	require.Equal(t, []bool{true, true}, rec.takenOver)
+}
+
+// TestTakeoverKeepsMessagesDeliveredMeanwhile (rtm patch 92): messages
+// delivered to an offline session while a new connection takes it over all
+// end up in the new connection's session. v2.7.9 queued those arriving
+// between the copy of the session and the new client's registration in the
+// old client, then cleared them.
+func TestTakeoverKeepsMessagesDeliveredMeanwhile(t *testing.T) {
+	const rounds, msgs = 200, 40
+	s := newServer()
+	lost := 0
+	for round := 0; round < rounds; round++ {
+		id := fmt.Sprintf("dev%d", round)
+		old := s.NewClient(nil, "cluster", id, false)
+		old.Properties.ProtocolVersion = 5
+		old.Stop(packets.ErrSessionTakenOver) // offline: messages queue
+		s.Clients.Add(old)
+		sub := packets.Subscription{Filter: "in/" + id, Qos: 1}
+		s.Topics.Subscribe(id, sub)
+		old.State.Subscriptions.Add(sub.Filter, sub)
+		for j := 0; j < 50; j++ { // more to copy: a wider window
+			other := packets.Subscription{Filter: fmt.Sprintf("other/%s/%d", id, j), Qos: 1}
+			s.Topics.Subscribe(id, other)
+			old.State.Subscriptions.Add(other.Filter, other)
+		}
+
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for i := 0; i < msgs; i++ {
+				s.DeliverFromPeer(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, TopicName: "in/" + id, Payload: []byte("x")}, nil)
+			}
+		}()
+		nc := s.NewClient(nil, "tcp", id, false)
+		nc.Properties.ProtocolVersion = 5
+		present := s.inheritClientSession(packets.Packet{Connect: packets.ConnectParams{ClientIdentifier: id}}, nc)
+		s.Clients.Add(nc)
+		<-done
+		require.True(t, present)
+		lost += msgs - nc.State.Inflight.Len()
+	}
+	require.Zero(t, lost, "messages lost across %d take-overs of %d messages each", rounds, msgs)
 }

@@ -603,11 +603,16 @@ func (s *Server) connectClient(cl *Client, listener string, counted *bool) error
 		return *code
 	}
 
+	// rtm patch 92: deliveries to cl (it is in Clients from here) wait
+	// until its CONNACK and the session's resent messages are written: a
+	// PUBLISH must not precede the CONNACK.
+	cl.State.takeover.Lock()
 	sessionPresent := s.inheritClientSession(pk, cl)
 	s.Clients.Add(cl) // [MQTT-4.1.0-1]
 
 	err = s.SendConnack(cl, code, sessionPresent, nil) // [MQTT-3.1.4-5] [MQTT-3.2.0-1] [MQTT-3.2.0-2] &[MQTT-3.14.0-1]
 	if err != nil {
+		cl.State.takeover.Unlock()
 		return fmt.Errorf("ack connection packet: %w", err)
 	}
 
@@ -616,9 +621,11 @@ func (s *Server) connectClient(cl *Client, listener string, counted *bool) error
 	if sessionPresent {
 		err = cl.ResendInflightMessages(true)
 		if err != nil {
+			cl.State.takeover.Unlock()
 			return fmt.Errorf("resend inflight: %w", err)
 		}
 	}
+	cl.State.takeover.Unlock()
 
 	s.hooks.OnSessionEstablished(cl, pk)
 	return nil
@@ -736,7 +743,12 @@ func (s *Server) validateConnect(cl *Client, pk packets.Packet) packets.Code {
 // session is abandoned.
 func (s *Server) inheritClientSession(pk packets.Packet, cl *Client) bool {
 	if existing, ok := s.Clients.Get(cl.ID); ok {
-		_ = s.DisconnectClient(existing, packets.ErrSessionTakenOver)                                   // [MQTT-3.1.4-3]
+		_ = s.DisconnectClient(existing, packets.ErrSessionTakenOver) // [MQTT-3.1.4-3]
+		// rtm patch 92: deliveries to existing wait until cl replaced it in
+		// Clients (see publishToClient).
+		existing.State.takeover.Lock()
+		defer existing.State.takeover.Unlock()
+		defer s.Clients.Add(cl)                                                                         // [MQTT-4.1.0-1], before the unlock (defers run last in, first out)
 		if pk.Connect.Clean || (existing.Properties.Clean && existing.Properties.ProtocolVersion < 5) { // [MQTT-3.1.2-4] [MQTT-3.1.4-4]
 			s.UnsubscribeClient(existing)
 			existing.ClearInflights()
@@ -1322,6 +1334,26 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 	if sub.NoLocal && pk.Origin == cl.ID {
 		return pk, nil // [MQTT-3.8.3-3]
 	}
+
+	// rtm patch 92: a message for a session that a new connection is taking
+	// over, or took over, goes to the new holder. v2.7.9 queued it in the old
+	// client, whose messages were copied already, and then cleared: lost.
+	// The take-over holds the lock while it copies the session and replaces
+	// the client (inheritClientSession, DetachSession).
+	cl.State.takeover.RLock()
+	for cl.IsTakenOver() {
+		next, ok := s.Clients.Get(cl.ID)
+		cl.State.takeover.RUnlock()
+		if !ok || next == cl {
+			return pk, nil // the session left this server (DetachSession) or ended
+		}
+		if _, ok := next.State.Subscriptions.Get(sub.Filter); !ok {
+			return pk, nil // a clean start: the new session does not subscribe to it
+		}
+		cl = next
+		cl.State.takeover.RLock()
+	}
+	defer cl.State.takeover.RUnlock()
 
 	// rtm patch 76: every subscriber's packet shares the message's payload
 	// (read-only; its capacity is cut to its length, so an append by a hook

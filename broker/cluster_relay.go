@@ -1,0 +1,294 @@
+package broker
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/rtm-dev/rtm/broker/link"
+)
+
+// The route window of a session move (see doc.go, "Session moves").
+//
+// When a session moves from S to D, S's route for its filters goes away
+// when S detaches it, and D's appears when D installs it. A third node P
+// that applied S's removal before D's addition found no route for a
+// message published meanwhile and acknowledged it to nobody: lost after
+// PUBACK. So:
+//
+//   - S pins the session's (non-shared) filters in its local routes from
+//     just before it detaches the session until D has confirmed the move:
+//     no removal is sent meanwhile (routeTable.pins), and a removal that
+//     was due then is sent at the end.
+//   - D confirms the move only once every peer has acknowledged on its
+//     link everything D queued for it up to the installation, which
+//     includes D's route additions (confirmWhenRouted): when S's removal
+//     leaves S, every peer holds D's route already.
+//   - Meanwhile S relays what arrives for the moved session (from peers,
+//     which still route it to S, or from S's own publishers) to D, for
+//     that session alone (msgMoveLate, mochi patch 91), after the move's
+//     end message on the same link, so D has installed the session when it
+//     arrives. Should the move fail, S delivers what it relayed to the
+//     session it puts back.
+//
+// A message that reaches D both directly (P held D's route already) and
+// relayed through S is delivered twice (QoS 1 allows it), for the short
+// time between P learning D's route and P applying S's removal.
+
+// relay forwards, from the source of a move, what arrives for the moved
+// session to its destination.
+type relay struct {
+	move   uint64 // the move's ID at the source
+	id, to string
+	routed chan struct{}     // closed when the destination reports its routes everywhere
+	subs   *mqtt.TopicsIndex // the session's non-shared subscriptions
+
+	mu    sync.Mutex
+	ended bool         // the move's end is queued: relays go out at once
+	held  []publishMsg // arrived before that
+	sent  []publishMsg // relayed: delivered here should the move fail
+}
+
+// relayKeepMax bounds what a relay keeps to deliver here should its move
+// fail (a move in flight for more messages than this is rare: it lasts one
+// link round trip past the end).
+const relayKeepMax = 10000
+
+// relays are the relays of the moves this node is the source of.
+type relays struct {
+	n  atomic.Int32 // len(by): the publish paths skip the lookup at 0
+	mu sync.Mutex   // a leaf
+	by map[string]*relay
+}
+
+func (rs *relays) add(r *relay) {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	if rs.by == nil {
+		rs.by = map[string]*relay{}
+	}
+	rs.by[r.id] = r
+	rs.n.Store(int32(len(rs.by)))
+}
+
+func (rs *relays) remove(r *relay) {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	if rs.by[r.id] == r {
+		delete(rs.by, r.id)
+	}
+	rs.n.Store(int32(len(rs.by)))
+}
+
+func (rs *relays) get(id string) *relay {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	return rs.by[id]
+}
+
+// matching returns the relays whose session subscribes to topic.
+func (rs *relays) matching(topic string) []*relay {
+	if rs.n.Load() == 0 {
+		return nil
+	}
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	var out []*relay
+	for _, r := range rs.by {
+		if _, ok := r.subs.Subscribers(topic).Subscriptions[r.id]; ok {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// plainFilters returns the non-shared filters of subs (shared ones are not
+// pinned nor relayed: see docs/clustering.md).
+func plainFilters(subs []packets.Subscription) []string {
+	var out []string
+	for _, s := range subs {
+		if mqtt.SharedRoute(s.Filter) == s.Filter {
+			out = append(out, s.Filter)
+		}
+	}
+	return out
+}
+
+// startRelay pins the routes of client id's session and relays what
+// arrives for it to peer to from now on (held until endRelay). Called just
+// before the session is detached.
+func (c *clusterNode) startRelay(move uint64, id, to string, subs []packets.Subscription) *relay {
+	r := &relay{move: move, id: id, to: to, subs: mqtt.NewTopicsIndex(), routed: make(chan struct{})}
+	for _, s := range subs {
+		if mqtt.SharedRoute(s.Filter) == s.Filter {
+			r.subs.Subscribe(id, s)
+		}
+	}
+	c.routes.pin(plainFilters(subs))
+	c.relays.add(r)
+	return r
+}
+
+// endRelay: the move's end is queued on the link to the destination; what
+// was held goes out, in order, and later arrivals at once.
+func (c *clusterNode) endRelay(r *relay) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.ended = true
+	for _, pm := range r.held {
+		c.sendLate(r, pm)
+	}
+	r.held = nil
+}
+
+// stopRelay ends r and unpins its routes (sending the removals that came
+// due meanwhile). With failed, the session is back here: what was relayed
+// or held is delivered to it.
+func (c *clusterNode) stopRelay(r *relay, subs []packets.Subscription, failed bool) {
+	c.relays.remove(r)
+	r.mu.Lock()
+	pending := append(r.sent, r.held...)
+	r.sent, r.held = nil, nil
+	r.mu.Unlock()
+	if failed {
+		for _, pm := range pending {
+			c.b.mq.DeliverToClient(r.id, pm.Packet)
+		}
+	}
+	c.unpinRoutes(plainFilters(subs))
+}
+
+// stopRelayWhenRouted stops the relay of a move that succeeded once its
+// destination reports that every peer holds its routes for the session,
+// or after cluster.claim_timeout.
+func (c *clusterNode) stopRelayWhenRouted(r *relay, subs []packets.Subscription) {
+	t := time.NewTimer(c.cfg.ClaimTimeout)
+	defer t.Stop()
+	select {
+	case <-r.routed:
+	case <-t.C:
+	case <-c.stop:
+	}
+	c.stopRelay(r, subs, false)
+}
+
+// routed: the destination from of move reports its routes everywhere.
+func (rs *relays) routed(from string, move uint64) {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	for _, r := range rs.by {
+		if r.move == move && r.to == from {
+			select {
+			case <-r.routed:
+			default:
+				close(r.routed)
+			}
+		}
+	}
+}
+
+// relayTo queues pm for r's destination (held until the move's end).
+func (c *clusterNode) relayTo(r *relay, pm publishMsg) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.ended {
+		if len(r.held) >= relayKeepMax {
+			return link.ErrQueueFull
+		}
+		r.held = append(r.held, pm)
+		return nil
+	}
+	return c.sendLate(r, pm)
+}
+
+// sendLate queues one relayed message on the link to r's destination.
+// r.mu is held.
+func (c *clusterNode) sendLate(r *relay, pm publishMsg) error {
+	body, err := moveLateMsg{ClientID: r.id, Pub: pm}.encode()
+	if err != nil {
+		return err
+	}
+	p := c.peers.get(r.to)
+	if p == nil {
+		p = c.peers.getHeld(r.to)
+	}
+	if p == nil {
+		c.b.limits.linkDropped(r.to, dropNoLink, pm.Packet.FixedHeader.Qos, 1, pm.Packet.TopicName)
+		return link.ErrClosed
+	}
+	if err := p.link.Queue(link.Message{Type: msgMoveLate, Body: body}, pm.Packet.FixedHeader.Qos > 0); err != nil {
+		c.b.limits.linkDropped(r.to, linkDropReason(err), pm.Packet.FixedHeader.Qos, 1, pm.Packet.TopicName)
+		return err
+	}
+	if len(r.sent) < relayKeepMax {
+		r.sent = append(r.sent, pm)
+	}
+	return nil
+}
+
+// relayFromPeer relays a publish a peer sent here (it still routes the
+// moved session's topics here) to the destination of each matching move.
+func (c *clusterNode) relayFromPeer(pm publishMsg) {
+	for _, r := range c.relays.matching(pm.Packet.TopicName) {
+		_ = c.relayTo(r, publishMsg{Origin: pm.Origin, Expiry: pm.Expiry, Packet: pm.Packet})
+	}
+}
+
+// lateArrived delivers a message relayed by the source of a move to the
+// moved session; if the session moved on from here meanwhile, it is
+// relayed on.
+func (c *clusterNode) lateArrived(m moveLateMsg) {
+	pk := m.Pub.Packet
+	pk.Origin, pk.Created, pk.PacketID = m.Pub.Origin, time.Now().Unix(), 0
+	if m.Pub.Expiry > 0 {
+		pk.Expiry = pk.Created + int64(m.Pub.Expiry)
+	}
+	if c.b.mq.DeliverToClient(m.ClientID, pk) {
+		return
+	}
+	if r := c.relays.get(m.ClientID); r != nil {
+		_ = c.relayTo(r, m.Pub)
+		return
+	}
+	// The session is gone from here (ended with a clean start, or expired):
+	// nobody is entitled to the message any more.
+	c.log.Debug("relayed message for a session not here dropped", "client_id", m.ClientID, "topic", pk.TopicName)
+}
+
+// confirmWhenRouted tells the source of an installed move once every
+// alive peer acknowledged what this node queued for it up to now (the
+// route additions of the installation among it), or after
+// cluster.claim_timeout: only then does the source drop its routes.
+func (c *clusterNode) confirmWhenRouted(from string, move uint64) {
+	type mark struct {
+		p   *peer
+		seq uint64
+	}
+	var marks []mark
+	for _, p := range c.peers.aliveList() {
+		marks = append(marks, mark{p, p.link.Mark()})
+	}
+	go func() {
+		deadline := time.Now().Add(c.cfg.ClaimTimeout)
+		for time.Now().Before(deadline) {
+			left := marks[:0]
+			for _, m := range marks {
+				if !m.p.link.Delivered(m.seq) && c.peers.get(m.p.name) == m.p {
+					left = append(left, m)
+				}
+			}
+			if marks = left; len(marks) == 0 {
+				break
+			}
+			select {
+			case <-c.stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+		c.sendMoveMsg(from, msgMoveRouted, moveAckMsg{Move: move})
+	}()
+}

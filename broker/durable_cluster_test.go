@@ -1,0 +1,129 @@
+package broker_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+	"go.mongodb.org/mongo-driver/v2/bson"
+
+	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/store"
+	"github.com/rtm-dev/rtm/internal/store/storetest"
+	"github.com/rtm-dev/rtm/internal/testcluster"
+	"github.com/rtm-dev/rtm/internal/testutil"
+)
+
+// durableCluster starts n nodes sharing one store, durability on.
+func durableCluster(t *testing.T, n int) ([]*broker.Broker, *store.Store) {
+	t.Helper()
+	st := storetest.Open(t)
+	var nodes []*broker.Broker
+	seed := ""
+	for i := range n {
+		b := testcluster.Broker(t, fmt.Sprintf("n%d", i), seed, func(o *broker.Options) { o.Store = st })
+		if seed == "" {
+			seed = b.GossipAddr()
+		}
+		nodes = append(nodes, b)
+	}
+	waitMesh(t, nodes...)
+	return nodes, st
+}
+
+// waitStoredOwner waits until the store's document of session id names
+// owner (and, for an offline session, is written as disconnected).
+func waitStoredOwner(t *testing.T, st *store.Store, id, owner string) {
+	t.Helper()
+	testutil.WaitFor(t, waitCond, func() error {
+		var doc struct {
+			Owner     string `bson:"owner"`
+			Connected bool   `bson:"connected"`
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := st.DB().Collection(store.CollSessions).FindOne(ctx, bson.D{{Key: "_id", Value: id}}).Decode(&doc); err != nil {
+			return fmt.Errorf("session %s: %v", id, err)
+		}
+		if doc.Owner != owner || doc.Connected {
+			return fmt.Errorf("session %s owned by %q (connected %v), want %q offline", id, doc.Owner, doc.Connected, owner)
+		}
+		return nil
+	})
+}
+
+// TestAdoptionInProgressHoldsConnect: a device that reconnects to the node
+// adopting its session while the adoption is under way (the store already
+// names that node the owner, the session is not installed yet) waits for
+// it, and finds its session and its held message. Before, the CONNECT got a
+// new empty session (session present 0) and the adoption merged the held
+// message into it unsent (TestMovedSessionSurvivesItsNewNode failed so,
+// rarely, with a busy machine).
+func TestAdoptionInProgressHoldsConnect(t *testing.T) {
+	nodes, st := durableCluster(t, 2)
+	n0, n1 := nodes[0], nodes[1]
+	expiry := ptr(uint32(600))
+	dev, _ := dialV5(t, n0, &paho.Connect{ClientID: "adopt-dev", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+	subscribe(t, dev, 0, paho.SubscribeOptions{Topic: "adopt/t", QoS: 1})
+	_ = dev.Disconnect(&paho.Disconnect{})
+	waitConnections(t, n0, 0)
+	pub, _ := dialV5(t, n0, &paho.Connect{ClientID: "adopt-pub", CleanStart: true})
+	// Acknowledged once written: the message is in the store.
+	pub.Pub(t, "adopt/t", 1, false, "held")
+	waitStoredOwner(t, st, "adopt-dev", "n0")
+
+	claimed := make(chan struct{})
+	release := make(chan struct{})
+	n1.SetTestAfterClaim(func(id string) {
+		if id == "adopt-dev" {
+			close(claimed)
+			<-release
+		}
+	})
+	defer n1.SetTestAfterClaim(nil)
+	// As a kill -9 looks to its peers (its MQTT side, idle, stays).
+	n0.KillCluster()
+	select {
+	case <-claimed:
+	case <-time.After(waitCond):
+		t.Fatal("n1 did not adopt n0's session")
+	}
+
+	type result struct {
+		c   *testutil.V5
+		ca  *paho.Connack
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		c, ca, err := testutil.DialV5(t, n1.Addr(broker.ListenerTCP), &paho.Connect{ClientID: "adopt-dev", CleanStart: false,
+			Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+		done <- result{c, ca, err}
+	}()
+	// The CONNECT reaches the node (it waits, or, before the fix, it is
+	// answered) before the adoption goes on.
+	testutil.WaitFor(t, waitCond, func() error {
+		if len(done) > 0 || n1.AdoptionWaiters() > 0 {
+			return nil
+		}
+		return fmt.Errorf("CONNECT not handled yet")
+	})
+	close(release)
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(waitCond):
+		t.Fatal("CONNECT not answered after the adoption")
+	}
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	if !r.ca.SessionPresent {
+		t.Fatal("session present = 0: the CONNECT did not wait for the adoption under way")
+	}
+	if m := r.c.Next(t, waitMsg); string(m.Payload) != "held" {
+		t.Fatalf("got %q, want the held message", m.Payload)
+	}
+}
