@@ -1281,7 +1281,8 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 	}
 
 	if len(sub.Identifiers) > 0 { // [MQTT-3.3.4-3]
-		out.Properties.SubscriptionIdentifier = []int{}
+		// rtm patch 79: sized once; Identifiers holds no zeros (Merge)
+		out.Properties.SubscriptionIdentifier = make([]int, 0, len(sub.Identifiers))
 		for _, id := range sub.Identifiers {
 			out.Properties.SubscriptionIdentifier = append(out.Properties.SubscriptionIdentifier, id) // [MQTT-3.3.4-4] ![MQTT-3.3.4-5]
 		}
