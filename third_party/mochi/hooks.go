@@ -205,6 +205,29 @@ func (h *Hooks) providing(b byte) []Hook {
 	return nil
 }
 
+// provided reports whether a hook provides event b (see providing).
+// rtm patch 83.
+func (h *Hooks) provided(b byte) bool {
+	return len(h.providing(b)) > 0
+}
+
+// onPacketEncodeIn runs OnPacketEncode on *pk, in place. A function of its
+// own, so the packet copies it passes to the hooks are on the stack only
+// when a hook provides the event. rtm patch 83.
+//
+//go:noinline
+func (h *Hooks) onPacketEncodeIn(cl *Client, pk *packets.Packet) {
+	*pk = h.OnPacketEncode(cl, *pk)
+}
+
+// onPacketSentOf runs OnPacketSent with a copy of *pk; see
+// onPacketEncodeIn. rtm patch 83.
+//
+//go:noinline
+func (h *Hooks) onPacketSentOf(cl *Client, pk *packets.Packet, b []byte) {
+	h.OnPacketSent(cl, *pk, b)
+}
+
 // GetAll returns a slice of all the hooks.
 func (h *Hooks) GetAll() []Hook {
 	i, ok := h.internal.Load().([]Hook)

@@ -62,3 +62,54 @@ func TestHookDispatchAsksProvidesOnce(t *testing.T) {
 	}
 	require.LessOrEqual(t, pub.asked.Load(), int64(n), "asked at most for its own event")
 }
+
+// encodeRewriter rewrites every PUBLISH it is given to encode (a longer
+// topic, a shorter payload) and records what OnPacketSent saw.
+type encodeRewriter struct {
+	HookBase
+	sent atomic.Int64
+	last atomic.Value // string: the topic OnPacketSent saw
+}
+
+func (h *encodeRewriter) ID() string { return "rewriter" }
+func (h *encodeRewriter) Provides(b byte) bool {
+	return b == OnPacketEncode || b == OnPacketSent
+}
+func (h *encodeRewriter) OnPacketEncode(_ *Client, pk packets.Packet) packets.Packet {
+	if pk.FixedHeader.Type == packets.Publish {
+		pk.TopicName += "/rewritten"
+		pk.Payload = pk.Payload[:1]
+	}
+	return pk
+}
+func (h *encodeRewriter) OnPacketSent(_ *Client, pk packets.Packet, b []byte) {
+	if pk.FixedHeader.Type == packets.Publish && len(b) > 0 {
+		h.sent.Add(1)
+		h.last.Store(pk.TopicName)
+	}
+}
+
+// TestWriterHooksAndHeldBytes (patch 83): the writer encodes its queued
+// packet in place and calls OnPacketEncode and OnPacketSent only when a
+// hook provides them; what must not change: a hook's rewrite is what is
+// written and what OnPacketSent sees, and the bytes counted for a queued
+// message are released as counted, even when the hook changed its size
+// (the server's total returns to 0).
+func TestWriterHooksAndHeldBytes(t *testing.T) {
+	p := newPublishPath(2, 0, 4)
+	h := new(encodeRewriter)
+	require.NoError(t, p.s.AddHook(h, nil))
+	const n = 50
+	for i := 0; i < n; i++ {
+		require.NoError(t, p.publish(i))
+	}
+	p.drain()
+	require.Equal(t, int64(2*n), h.sent.Load())
+	require.Equal(t, "a/b/rewritten", h.last.Load())
+	require.Zero(t, p.s.Mem.Queued.Load(), "held bytes released as counted")
+	for _, cl := range p.subs {
+		require.Zero(t, cl.HeldBytes())
+	}
+	// 2 bytes fixed header, 2+13 topic, 1 payload byte, per message and subscriber
+	require.Equal(t, int64(2*n*(2+2+13+1)), p.conns[1].bytes.Load()+p.conns[2].bytes.Load())
+}
