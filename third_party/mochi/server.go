@@ -1229,8 +1229,12 @@ func (s *Server) publishToSubscribersFrom(pub *Client, pk packets.Packet) {
 		}
 	}
 
-	subscribers := s.Topics.Subscribers(pk.TopicName)
+	// rtm patch 84: the result comes from a pool and goes back to it,
+	// unless a hook was given it (shared subscriptions).
+	subscribers := s.Topics.pooledSubscribers(pk.TopicName)
+	pooled := subscribers
 	if len(subscribers.Shared) > 0 {
+		pooled = nil
 		subscribers = s.hooks.OnSelectSubscribers(subscribers, pk)
 		if len(subscribers.SharedSelected) == 0 {
 			subscribers.SelectShared()
@@ -1256,6 +1260,7 @@ func (s *Server) publishToSubscribersFrom(pub *Client, pk packets.Packet) {
 			}
 		}
 	}
+	releaseSubscribers(pooled) // rtm patch 84
 }
 
 func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packets.Packet) (packets.Packet, error) {
