@@ -53,8 +53,8 @@ type durableHook struct {
 
 	mu    sync.Mutex
 	holds map[string]ackHold // publisher ID → the writes its current PUBLISH waits for (values: no allocation per QoS 1 PUBLISH)
-	known map[string]bool     // client IDs this node wrote (or loaded) a session document for
-	epoch map[string]ownInfo  // the epoch (and former owner) of sessions restored or adopted here (others: 1)
+	known map[string]bool    // client IDs this node wrote (or loaded) a session document for
+	epoch map[string]ownInfo // the epoch (and former owner) of sessions restored or adopted here (others: 1)
 
 	seq atomic.Int64 // orders a session's message documents
 
