@@ -52,9 +52,9 @@ type durableHook struct {
 	cancel context.CancelFunc
 
 	mu    sync.Mutex
-	holds map[string]*ackHold // publisher ID → the writes its current PUBLISH waits for
-	known map[string]bool     // client IDs this node wrote (or loaded) a session document for
-	epoch map[string]ownInfo  // the epoch (and former owner) of sessions restored or adopted here (others: 1)
+	holds map[string]ackHold // publisher ID → the writes its current PUBLISH waits for (values: no allocation per QoS 1 PUBLISH)
+	known map[string]bool    // client IDs this node wrote (or loaded) a session document for
+	epoch map[string]ownInfo // the epoch (and former owner) of sessions restored or adopted here (others: 1)
 
 	seq atomic.Int64 // orders a session's message documents
 
@@ -185,7 +185,7 @@ func msgKey(client string, pid uint16) string { return client + "\x00" + strconv
 
 func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
 	d := &durableHook{b: b, st: st, node: b.cfg.NodeName, log: b.log.With("component", "durable"),
-		holds: map[string]*ackHold{}, known: map[string]bool{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{}}
+		holds: map[string]ackHold{}, known: map[string]bool{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.seq.Store(time.Now().UnixNano())
 	w, err := writebehind.New(writebehind.Options[durOp]{
@@ -245,7 +245,7 @@ func (d *durableHook) put(op durOp) (writebehind.Ticket, error) {
 func (d *durableHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if pk.FixedHeader.Qos > 0 && !cl.Net.Inline {
 		d.mu.Lock()
-		d.holds[cl.ID] = &ackHold{}
+		d.holds[cl.ID] = ackHold{}
 		d.mu.Unlock()
 	}
 	return pk, nil
@@ -262,6 +262,7 @@ func (d *durableHook) record(origin string, t writebehind.Ticket, err error) {
 		} else {
 			h.t, h.set = t, true
 		}
+		d.holds[origin] = h
 	}
 	d.mu.Unlock()
 }

@@ -267,12 +267,13 @@ func (cl *Client) writeQueued() {
 		if !ok {
 			return
 		}
-		if err := cl.WritePacket(*pk); err != nil {
+		held := cl.State.outbound.queuedBytes(pk)  // rtm patch 83: before writePacket changes pk
+		if err := cl.writePacket(pk); err != nil { // rtm patch 83: the queue's copy, not another
 			// TODO : Figure out what to do with error
 			cl.ops.log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
 		}
-		cl.State.outbound.addBytes(pk, -1) // rtm patch 40: written (or failed), no longer held
-		releaseQueuedPacket(pk)            // rtm patch 72: the queue held the only reference
+		cl.State.outbound.releaseBytes(held) // rtm patch 40: written (or failed), no longer held
+		releaseQueuedPacket(pk)              // rtm patch 72: the queue held the only reference
 		atomic.AddInt32(&cl.State.outboundQty, -1)
 		cl.flowDrained() // rtm patch 20: a place in the queue is free
 	}
@@ -769,6 +770,20 @@ func (cl *Client) ReadPacket(fh *packets.FixedHeader) (pk packets.Packet, err er
 
 // WritePacket encodes and writes a packet to the client.
 func (cl *Client) WritePacket(pk packets.Packet) error {
+	return cl.writePacket(&pk)
+}
+
+// writePacket is WritePacket for a packet the caller owns: it sets the
+// fields written for this client (protocol version, Mods, expiry) in *pk.
+//
+// rtm patch 83: v2.7.9's WritePacket took the ~800-byte packet by value and
+// passed it by value through OnPacketEncode and OnPacketSent, even with no
+// hook providing them: about 6 KiB of frames, which a writer goroutine
+// (started for each burst of queued packets) grew its stack to, copying
+// it twice, for every burst. The writer now writes its queued copy in
+// place, and the hooks are called (with copies, as before) only when a
+// hook provides them.
+func (cl *Client) writePacket(pk *packets.Packet) error {
 	if cl.Closed() {
 		return ErrConnectionClosed
 	}
@@ -798,7 +813,9 @@ func (cl *Client) WritePacket(pk packets.Packet) error {
 		pk.Mods.AllowResponseInfo = true // [MQTT-3.1.2-28] we need to know which properties we can encode
 	}
 
-	pk = cl.ops.hooks.OnPacketEncode(cl, pk)
+	if cl.ops.hooks.provided(OnPacketEncode) { // rtm patch 83
+		cl.ops.hooks.onPacketEncodeIn(cl, pk)
+	}
 
 	var err error
 	buf := writeBufPool.Get() // rtm patch 70: was new(bytes.Buffer) per packet
@@ -887,7 +904,9 @@ func (cl *Client) WritePacket(pk packets.Packet) error {
 		atomic.AddInt64(&cl.ops.info.MessagesSent, 1)
 	}
 
-	cl.ops.hooks.OnPacketSent(cl, pk, buf.Bytes())
+	if cl.ops.hooks.provided(OnPacketSent) { // rtm patch 83
+		cl.ops.hooks.onPacketSentOf(cl, pk, buf.Bytes())
+	}
 
 	return err
 }
@@ -906,14 +925,15 @@ func (cl *Client) WritePacket(pk packets.Packet) error {
 // client_test5 test_maximum_packet_size). The message is reported to
 // OnPublishDropped, with pk.Mods.MaxSize set (the only drop reported with
 // it set), so the drop is counted. No upstream issue found.
-func (cl *Client) discardTooLarge(pk packets.Packet) {
+// rtm patch 83: pk by pointer, so writePacket's frame holds no copy.
+func (cl *Client) discardTooLarge(pk *packets.Packet) {
 	if pk.FixedHeader.Type == packets.Publish {
 		if pk.FixedHeader.Qos > 0 && cl.State.Inflight.Delete(pk.PacketID) {
 			atomic.AddInt64(&cl.ops.info.Inflight, -1)
 			cl.State.Inflight.IncreaseSendQuota()
 			cl.flowDrained() // rtm patch 20: a place in the session is free
 		}
-		cl.ops.hooks.OnPublishDropped(cl, pk)
+		cl.ops.hooks.OnPublishDropped(cl, *pk)
 	}
 	cl.Lock()
 	defer cl.Unlock()

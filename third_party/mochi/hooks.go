@@ -132,11 +132,12 @@ type HookOptions struct {
 
 // Hooks is a slice of Hook interfaces to be called in sequence.
 type Hooks struct {
-	Log        *slog.Logger   // a logger for the hook (from the server)
-	internal   atomic.Value   // a slice of []Hook
-	wg         sync.WaitGroup // a waitgroup for syncing hook shutdown
-	qty        int64          // the number of hooks in use
-	sync.Mutex                // a mutex for locking when adding hooks
+	Log        *slog.Logger                // a logger for the hook (from the server)
+	internal   atomic.Value                // a slice of []Hook
+	byEvent    atomic.Pointer[[256][]Hook] // rtm patch 81: the hooks that provide each event, in order
+	wg         sync.WaitGroup              // a waitgroup for syncing hook shutdown
+	qty        int64                       // the number of hooks in use
+	sync.Mutex                             // a mutex for locking when adding hooks
 }
 
 // Len returns the number of hooks added.
@@ -174,10 +175,57 @@ func (h *Hooks) Add(hook Hook, config any) error {
 
 	i = append(i, hook)
 	h.internal.Store(i)
+
+	// rtm patch 81: which hooks provide each event, asked once here; the
+	// dispatchers iterate over those only. v2.7.9 asked every hook's
+	// Provides (an interface call, some of them a bytes.Contains) for every
+	// event: with rtm's eight hooks, about a hundred calls per message.
+	var t [256][]Hook
+	for b := range t {
+		for _, hk := range i {
+			if hk.Provides(byte(b)) {
+				t[b] = append(t[b], hk)
+			}
+		}
+	}
+	h.byEvent.Store(&t)
 	atomic.AddInt64(&h.qty, 1)
 	h.wg.Add(1)
 
 	return nil
+}
+
+// providing returns the hooks whose Provides(b) was true when they were
+// added, in the order they were added. The dispatchers still ask Provides
+// of those. rtm patch 81.
+func (h *Hooks) providing(b byte) []Hook {
+	if t := h.byEvent.Load(); t != nil {
+		return t[b]
+	}
+	return nil
+}
+
+// provided reports whether a hook provides event b (see providing).
+// rtm patch 83.
+func (h *Hooks) provided(b byte) bool {
+	return len(h.providing(b)) > 0
+}
+
+// onPacketEncodeIn runs OnPacketEncode on *pk, in place. A function of its
+// own, so the packet copies it passes to the hooks are on the stack only
+// when a hook provides the event. rtm patch 83.
+//
+//go:noinline
+func (h *Hooks) onPacketEncodeIn(cl *Client, pk *packets.Packet) {
+	*pk = h.OnPacketEncode(cl, *pk)
+}
+
+// onPacketSentOf runs OnPacketSent with a copy of *pk; see
+// onPacketEncodeIn. rtm patch 83.
+//
+//go:noinline
+func (h *Hooks) onPacketSentOf(cl *Client, pk *packets.Packet, b []byte) {
+	h.OnPacketSent(cl, *pk, b)
 }
 
 // GetAll returns a slice of all the hooks.
@@ -208,7 +256,7 @@ func (h *Hooks) Stop() {
 
 // OnSysInfoTick is called when the $SYS topic values are published out.
 func (h *Hooks) OnSysInfoTick(sys *system.Info) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnSysInfoTick) { // rtm patch 81
 		if hook.Provides(OnSysInfoTick) {
 			hook.OnSysInfoTick(sys)
 		}
@@ -217,7 +265,7 @@ func (h *Hooks) OnSysInfoTick(sys *system.Info) {
 
 // OnStarted is called when the server has successfully started.
 func (h *Hooks) OnStarted() {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnStarted) { // rtm patch 81
 		if hook.Provides(OnStarted) {
 			hook.OnStarted()
 		}
@@ -226,7 +274,7 @@ func (h *Hooks) OnStarted() {
 
 // OnStopped is called when the server has successfully stopped.
 func (h *Hooks) OnStopped() {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnStopped) { // rtm patch 81
 		if hook.Provides(OnStopped) {
 			hook.OnStopped()
 		}
@@ -235,7 +283,7 @@ func (h *Hooks) OnStopped() {
 
 // OnConnect is called when a new client connects, and may return a packets.Code as an error to halt the connection.
 func (h *Hooks) OnConnect(cl *Client, pk packets.Packet) error {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnConnect) { // rtm patch 81
 		if hook.Provides(OnConnect) {
 			err := hook.OnConnect(cl, pk)
 			if err != nil {
@@ -249,7 +297,7 @@ func (h *Hooks) OnConnect(cl *Client, pk packets.Packet) error {
 // OnSessionEstablish is called right after a new client connects and authenticates and right before
 // the session is established and CONNACK is sent.
 func (h *Hooks) OnSessionEstablish(cl *Client, pk packets.Packet) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnSessionEstablish) { // rtm patch 81
 		if hook.Provides(OnSessionEstablish) {
 			hook.OnSessionEstablish(cl, pk)
 		}
@@ -258,7 +306,7 @@ func (h *Hooks) OnSessionEstablish(cl *Client, pk packets.Packet) {
 
 // OnSessionEstablished is called when a new client establishes a session (after OnConnect).
 func (h *Hooks) OnSessionEstablished(cl *Client, pk packets.Packet) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnSessionEstablished) { // rtm patch 81
 		if hook.Provides(OnSessionEstablished) {
 			hook.OnSessionEstablished(cl, pk)
 		}
@@ -267,7 +315,7 @@ func (h *Hooks) OnSessionEstablished(cl *Client, pk packets.Packet) {
 
 // OnDisconnect is called when a client is disconnected for any reason.
 func (h *Hooks) OnDisconnect(cl *Client, err error, expire bool) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnDisconnect) { // rtm patch 81
 		if hook.Provides(OnDisconnect) {
 			hook.OnDisconnect(cl, err, expire)
 		}
@@ -277,7 +325,7 @@ func (h *Hooks) OnDisconnect(cl *Client, err error, expire bool) {
 // OnPacketRead is called when a packet is received from a client.
 func (h *Hooks) OnPacketRead(cl *Client, pk packets.Packet) (pkx packets.Packet, err error) {
 	pkx = pk
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnPacketRead) { // rtm patch 81
 		if hook.Provides(OnPacketRead) {
 			npk, err := hook.OnPacketRead(cl, pkx)
 			if err != nil && errors.Is(err, packets.ErrRejectPacket) {
@@ -298,7 +346,7 @@ func (h *Hooks) OnPacketRead(cl *Client, pk packets.Packet) (pkx packets.Packet,
 // to create their own auth packet handling mechanisms.
 func (h *Hooks) OnAuthPacket(cl *Client, pk packets.Packet) (pkx packets.Packet, err error) {
 	pkx = pk
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnAuthPacket) { // rtm patch 81
 		if hook.Provides(OnAuthPacket) {
 			npk, err := hook.OnAuthPacket(cl, pkx)
 			if err != nil {
@@ -314,7 +362,7 @@ func (h *Hooks) OnAuthPacket(cl *Client, pk packets.Packet) (pkx packets.Packet,
 
 // OnPacketEncode is called immediately before a packet is encoded to be sent to a client.
 func (h *Hooks) OnPacketEncode(cl *Client, pk packets.Packet) packets.Packet {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnPacketEncode) { // rtm patch 81
 		if hook.Provides(OnPacketEncode) {
 			pk = hook.OnPacketEncode(cl, pk)
 		}
@@ -325,7 +373,7 @@ func (h *Hooks) OnPacketEncode(cl *Client, pk packets.Packet) packets.Packet {
 
 // OnPacketProcessed is called when a packet has been received and successfully handled by the broker.
 func (h *Hooks) OnPacketProcessed(cl *Client, pk packets.Packet, err error) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnPacketProcessed) { // rtm patch 81
 		if hook.Provides(OnPacketProcessed) {
 			hook.OnPacketProcessed(cl, pk, err)
 		}
@@ -335,7 +383,7 @@ func (h *Hooks) OnPacketProcessed(cl *Client, pk packets.Packet, err error) {
 // OnPacketSent is called when a packet has been sent to a client. It takes a bytes parameter
 // containing the bytes sent.
 func (h *Hooks) OnPacketSent(cl *Client, pk packets.Packet, b []byte) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnPacketSent) { // rtm patch 81
 		if hook.Provides(OnPacketSent) {
 			hook.OnPacketSent(cl, pk, b)
 		}
@@ -347,7 +395,7 @@ func (h *Hooks) OnPacketSent(cl *Client, pk packets.Packet, b []byte) {
 // before the packet is processed. The return values of the hook methods are passed-through
 // in the order the hooks were attached.
 func (h *Hooks) OnSubscribe(cl *Client, pk packets.Packet) packets.Packet {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnSubscribe) { // rtm patch 81
 		if hook.Provides(OnSubscribe) {
 			pk = hook.OnSubscribe(cl, pk)
 		}
@@ -357,7 +405,7 @@ func (h *Hooks) OnSubscribe(cl *Client, pk packets.Packet) packets.Packet {
 
 // OnSubscribed is called when a client subscribes to one or more filters.
 func (h *Hooks) OnSubscribed(cl *Client, pk packets.Packet, reasonCodes []byte) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnSubscribed) { // rtm patch 81
 		if hook.Provides(OnSubscribed) {
 			hook.OnSubscribed(cl, pk, reasonCodes)
 		}
@@ -369,7 +417,7 @@ func (h *Hooks) OnSubscribed(cl *Client, pk packets.Packet, reasonCodes []byte) 
 // remove or add clients to a publish to subscribers process, or to select the subscriber for a shared
 // group in a custom manner (such as based on client id, ip, etc).
 func (h *Hooks) OnSelectSubscribers(subs *Subscribers, pk packets.Packet) *Subscribers {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnSelectSubscribers) { // rtm patch 81
 		if hook.Provides(OnSelectSubscribers) {
 			subs = hook.OnSelectSubscribers(subs, pk)
 		}
@@ -382,7 +430,7 @@ func (h *Hooks) OnSelectSubscribers(subs *Subscribers, pk packets.Packet) *Subsc
 // before the packet is processed. The return values of the hook methods are passed-through
 // in the order the hooks were attached.
 func (h *Hooks) OnUnsubscribe(cl *Client, pk packets.Packet) packets.Packet {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnUnsubscribe) { // rtm patch 81
 		if hook.Provides(OnUnsubscribe) {
 			pk = hook.OnUnsubscribe(cl, pk)
 		}
@@ -392,7 +440,7 @@ func (h *Hooks) OnUnsubscribe(cl *Client, pk packets.Packet) packets.Packet {
 
 // OnUnsubscribed is called when a client unsubscribes from one or more filters.
 func (h *Hooks) OnUnsubscribed(cl *Client, pk packets.Packet) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnUnsubscribed) { // rtm patch 81
 		if hook.Provides(OnUnsubscribed) {
 			hook.OnUnsubscribed(cl, pk)
 		}
@@ -404,7 +452,7 @@ func (h *Hooks) OnUnsubscribed(cl *Client, pk packets.Packet) {
 // The return values of the hook methods are passed-through in the order the hooks were attached.
 func (h *Hooks) OnPublish(cl *Client, pk packets.Packet) (pkx packets.Packet, err error) {
 	pkx = pk
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnPublish) { // rtm patch 81
 		if hook.Provides(OnPublish) {
 			npk, err := hook.OnPublish(cl, pkx)
 			if err != nil {
@@ -439,7 +487,7 @@ func (h *Hooks) OnPublish(cl *Client, pk packets.Packet) (pkx packets.Packet, er
 
 // OnPublished is called when a client has published a message to subscribers.
 func (h *Hooks) OnPublished(cl *Client, pk packets.Packet) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnPublished) { // rtm patch 81
 		if hook.Provides(OnPublished) {
 			hook.OnPublished(cl, pk)
 		}
@@ -449,7 +497,7 @@ func (h *Hooks) OnPublished(cl *Client, pk packets.Packet) {
 // OnPublishDropped is called when a message to a client was dropped instead of delivered
 // such as when a client is too slow to respond.
 func (h *Hooks) OnPublishDropped(cl *Client, pk packets.Packet) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnPublishDropped) { // rtm patch 81
 		if hook.Provides(OnPublishDropped) {
 			hook.OnPublishDropped(cl, pk)
 		}
@@ -458,7 +506,7 @@ func (h *Hooks) OnPublishDropped(cl *Client, pk packets.Packet) {
 
 // OnRetainMessage is called then a published message is retained.
 func (h *Hooks) OnRetainMessage(cl *Client, pk packets.Packet, r int64) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnRetainMessage) { // rtm patch 81
 		if hook.Provides(OnRetainMessage) {
 			hook.OnRetainMessage(cl, pk, r)
 		}
@@ -467,7 +515,7 @@ func (h *Hooks) OnRetainMessage(cl *Client, pk packets.Packet, r int64) {
 
 // OnRetainPublished is called when a retained message is published.
 func (h *Hooks) OnRetainPublished(cl *Client, pk packets.Packet) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnRetainPublished) { // rtm patch 81
 		if hook.Provides(OnRetainPublished) {
 			hook.OnRetainPublished(cl, pk)
 		}
@@ -478,7 +526,7 @@ func (h *Hooks) OnRetainPublished(cl *Client, pk packets.Packet) {
 // In other words, this method is called when a new inflight message is created or resent.
 // It is typically used to store a new inflight message.
 func (h *Hooks) OnQosPublish(cl *Client, pk packets.Packet, sent int64, resends int) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnQosPublish) { // rtm patch 81
 		if hook.Provides(OnQosPublish) {
 			hook.OnQosPublish(cl, pk, sent, resends)
 		}
@@ -489,7 +537,7 @@ func (h *Hooks) OnQosPublish(cl *Client, pk packets.Packet, sent int64, resends 
 // In other words, when an inflight message is resolved.
 // It is typically used to delete an inflight message from a store.
 func (h *Hooks) OnQosComplete(cl *Client, pk packets.Packet) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnQosComplete) { // rtm patch 81
 		if hook.Provides(OnQosComplete) {
 			hook.OnQosComplete(cl, pk)
 		}
@@ -500,7 +548,7 @@ func (h *Hooks) OnQosComplete(cl *Client, pk packets.Packet) {
 // an inflight message expires or is abandoned. It is typically used to delete an
 // inflight message from a store.
 func (h *Hooks) OnQosDropped(cl *Client, pk packets.Packet) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnQosDropped) { // rtm patch 81
 		if hook.Provides(OnQosDropped) {
 			hook.OnQosDropped(cl, pk)
 		}
@@ -512,7 +560,7 @@ func (h *Hooks) OnQosDropped(cl *Client, pk packets.Packet) {
 // only). pk is the message as published.
 // rtm patch 26: v2.7.9 dropped it without a word.
 func (h *Hooks) OnPublishDroppedOffline(cl *Client, pk packets.Packet) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnPublishDroppedOffline) { // rtm patch 81
 		if hook.Provides(OnPublishDroppedOffline) {
 			hook.OnPublishDroppedOffline(cl, pk)
 		}
@@ -526,7 +574,7 @@ func (h *Hooks) OnPublishDroppedOffline(cl *Client, pk packets.Packet) {
 // rtm patch 27: v2.7.9 called only OnQosDropped, which also reports
 // messages that are not lost (a session taken over or moved).
 func (h *Hooks) OnPublishExpired(cl *Client, pk packets.Packet) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnPublishExpired) { // rtm patch 81
 		if hook.Provides(OnPublishExpired) {
 			hook.OnPublishExpired(cl, pk)
 		}
@@ -546,7 +594,7 @@ func (h *Hooks) OnPublishExpired(cl *Client, pk packets.Packet) {
 // the PUBLISHes arrived. rtm patch 54.
 func (h *Hooks) OnPublishHold(cl *Client, pk packets.Packet) func() error {
 	var waits []func() error
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnPublishHold) { // rtm patch 81
 		if hook.Provides(OnPublishHold) {
 			if w := hook.OnPublishHold(cl, pk); w != nil {
 				waits = append(waits, w)
@@ -570,7 +618,7 @@ func (h *Hooks) OnPublishHold(cl *Client, pk packets.Packet) func() error {
 }
 
 func (h *Hooks) OnPublishDroppedBytes(cl *Client, pk packets.Packet, reason error) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnPublishDroppedBytes) { // rtm patch 81
 		if hook.Provides(OnPublishDroppedBytes) {
 			hook.OnPublishDroppedBytes(cl, pk, reason)
 		}
@@ -580,7 +628,7 @@ func (h *Hooks) OnPublishDroppedBytes(cl *Client, pk packets.Packet, reason erro
 // OnPacketIDExhausted is called when the client runs out of unused packet ids to
 // assign to a packet.
 func (h *Hooks) OnPacketIDExhausted(cl *Client, pk packets.Packet) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnPacketIDExhausted) { // rtm patch 81
 		if hook.Provides(OnPacketIDExhausted) {
 			hook.OnPacketIDExhausted(cl, pk)
 		}
@@ -592,7 +640,7 @@ func (h *Hooks) OnPacketIDExhausted(cl *Client, pk packets.Packet) {
 // published. The return values of the hook methods are passed-through in the order
 // the hooks were attached.
 func (h *Hooks) OnWill(cl *Client, will Will) Will {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnWill) { // rtm patch 81
 		if hook.Provides(OnWill) {
 			mlwt, err := hook.OnWill(cl, will)
 			if err != nil {
@@ -611,7 +659,7 @@ func (h *Hooks) OnWill(cl *Client, will Will) Will {
 
 // OnWillSent is called when an LWT message has been issued from a disconnecting client.
 func (h *Hooks) OnWillSent(cl *Client, pk packets.Packet) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnWillSent) { // rtm patch 81
 		if hook.Provides(OnWillSent) {
 			hook.OnWillSent(cl, pk)
 		}
@@ -620,7 +668,7 @@ func (h *Hooks) OnWillSent(cl *Client, pk packets.Packet) {
 
 // OnClientExpired is called when a client session has expired and should be deleted.
 func (h *Hooks) OnClientExpired(cl *Client) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnClientExpired) { // rtm patch 81
 		if hook.Provides(OnClientExpired) {
 			hook.OnClientExpired(cl)
 		}
@@ -629,7 +677,7 @@ func (h *Hooks) OnClientExpired(cl *Client) {
 
 // OnRetainedExpired is called when a retained message has expired and should be deleted.
 func (h *Hooks) OnRetainedExpired(filter string) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnRetainedExpired) { // rtm patch 81
 		if hook.Provides(OnRetainedExpired) {
 			hook.OnRetainedExpired(filter)
 		}
@@ -639,7 +687,7 @@ func (h *Hooks) OnRetainedExpired(filter string) {
 // StoredClients returns all clients, e.g. from a persistent store, is used to
 // populate the server clients list before start.
 func (h *Hooks) StoredClients() (v []storage.Client, err error) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(StoredClients) { // rtm patch 81
 		if hook.Provides(StoredClients) {
 			v, err := hook.StoredClients()
 			if err != nil {
@@ -659,7 +707,7 @@ func (h *Hooks) StoredClients() (v []storage.Client, err error) {
 // StoredSubscriptions returns all subcriptions, e.g. from a persistent store, and is
 // used to populate the server subscriptions list before start.
 func (h *Hooks) StoredSubscriptions() (v []storage.Subscription, err error) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(StoredSubscriptions) { // rtm patch 81
 		if hook.Provides(StoredSubscriptions) {
 			v, err := hook.StoredSubscriptions()
 			if err != nil {
@@ -679,7 +727,7 @@ func (h *Hooks) StoredSubscriptions() (v []storage.Subscription, err error) {
 // StoredInflightMessages returns all inflight messages, e.g. from a persistent store,
 // and is used to populate the restored clients with inflight messages before start.
 func (h *Hooks) StoredInflightMessages() (v []storage.Message, err error) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(StoredInflightMessages) { // rtm patch 81
 		if hook.Provides(StoredInflightMessages) {
 			v, err := hook.StoredInflightMessages()
 			if err != nil {
@@ -699,7 +747,7 @@ func (h *Hooks) StoredInflightMessages() (v []storage.Message, err error) {
 // StoredRetainedMessages returns all retained messages, e.g. from a persistent store,
 // and is used to populate the server topics with retained messages before start.
 func (h *Hooks) StoredRetainedMessages() (v []storage.Message, err error) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(StoredRetainedMessages) { // rtm patch 81
 		if hook.Provides(StoredRetainedMessages) {
 			v, err := hook.StoredRetainedMessages()
 			if err != nil {
@@ -718,7 +766,7 @@ func (h *Hooks) StoredRetainedMessages() (v []storage.Message, err error) {
 
 // StoredSysInfo returns a set of system info values.
 func (h *Hooks) StoredSysInfo() (v storage.SystemInfo, err error) {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(StoredSysInfo) { // rtm patch 81
 		if hook.Provides(StoredSysInfo) {
 			v, err := hook.StoredSysInfo()
 			if err != nil {
@@ -740,7 +788,7 @@ func (h *Hooks) StoredSysInfo() (v storage.SystemInfo, err error) {
 // server (see hooks/auth/allow_all or basic). It can be used in custom hooks to
 // check connecting users against an existing user database.
 func (h *Hooks) OnConnectAuthenticate(cl *Client, pk packets.Packet) bool {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnConnectAuthenticate) { // rtm patch 81
 		if hook.Provides(OnConnectAuthenticate) {
 			if ok := hook.OnConnectAuthenticate(cl, pk); ok {
 				return true
@@ -756,7 +804,7 @@ func (h *Hooks) OnConnectAuthenticate(cl *Client, pk packets.Packet) bool {
 // (see hooks/auth/allow_all or basic). It can be used in custom hooks to
 // check publishing and subscribing users against an existing permissions or roles database.
 func (h *Hooks) OnACLCheck(cl *Client, topic string, write bool) bool {
-	for _, hook := range h.GetAll() {
+	for _, hook := range h.providing(OnACLCheck) { // rtm patch 81
 		if hook.Provides(OnACLCheck) {
 			if ok := hook.OnACLCheck(cl, topic, write); ok {
 				return true

@@ -15,17 +15,17 @@ import (
 // Inflight is a map of InflightMessage keyed on packet id.
 type Inflight struct {
 	sync.RWMutex
-	internal            map[uint16]packets.Packet // internal contains the inflight packets
-	seq                 map[uint16]uint64         // rtm patch: arrival order of each packet in internal (nil until the first Set)
-	lastSeq             uint64                    // rtm patch: the last sequence number given
-	immediate           []inflightRef             // rtm patch: packets waiting for send quota (Expiry < 0), oldest first
-	size                atomic.Int32              // rtm patch 20: len(internal), read without the lock by flow control
-	bytes               atomic.Int64              // rtm patch 40: heldBytes of the packets in internal
-	budget              *atomic.Int64             // rtm patch 41: the server's total of held bytes, or nil
-	receiveQuota        int32                     // remaining inbound qos quota for flow control
-	sendQuota           int32                     // remaining outbound qos quota for flow control
-	maximumReceiveQuota int32                     // maximum allowed receive quota
-	maximumSendQuota    int32                     // maximum allowed send quota
+	internal            map[uint16]*packets.Packet // internal contains the inflight packets; rtm patch 80: pooled copies, see inflightPacketPool
+	seq                 map[uint16]uint64          // rtm patch: arrival order of each packet in internal (nil until the first Set)
+	lastSeq             uint64                     // rtm patch: the last sequence number given
+	immediate           []inflightRef              // rtm patch: packets waiting for send quota (Expiry < 0), oldest first
+	size                atomic.Int32               // rtm patch 20: len(internal), read without the lock by flow control
+	bytes               atomic.Int64               // rtm patch 40: heldBytes of the packets in internal
+	budget              *atomic.Int64              // rtm patch 41: the server's total of held bytes, or nil
+	receiveQuota        int32                      // remaining inbound qos quota for flow control
+	sendQuota           int32                      // remaining outbound qos quota for flow control
+	maximumReceiveQuota int32                      // maximum allowed receive quota
+	maximumSendQuota    int32                      // maximum allowed send quota
 }
 
 // inflightRef names one inflight packet: its id and its arrival sequence
@@ -39,7 +39,7 @@ type inflightRef struct {
 // NewInflights returns a new instance of an Inflight packets map.
 func NewInflights() *Inflight {
 	return &Inflight{
-		internal: map[uint16]packets.Packet{},
+		internal: map[uint16]*packets.Packet{},
 	}
 }
 
@@ -48,13 +48,23 @@ func (i *Inflight) Set(m packets.Packet) bool {
 	i.Lock()
 	defer i.Unlock()
 
-	prev, ok := i.internal[m.PacketID]
-	i.internal[m.PacketID] = m
-	i.size.Store(int32(len(i.internal))) // rtm patch 20
-	d := heldBytes(&m)                   // rtm patch 40: an update (PUBLISH to PUBREL) replaces the bytes
+	// rtm patch 80: the map holds pointers to pooled copies, updated in
+	// place. v2.7.9 stored the ~800-byte Packet as the map's value, which a
+	// Go map keeps out of line (values over 128 bytes): a heap allocation
+	// for every QoS 1/2 message sent, and for every one received (the
+	// PUBACK/PUBREC held while the message is delivered).
+	slot, ok := i.internal[m.PacketID]
+	d := heldBytes(&m) // rtm patch 40: an update (PUBLISH to PUBREL) replaces the bytes
+	var prevExpiry int64
 	if ok {
-		d -= heldBytes(&prev)
+		d -= heldBytes(slot)
+		prevExpiry = slot.Expiry
+	} else {
+		slot = inflightPacketPool.Get().(*packets.Packet)
+		i.internal[m.PacketID] = slot
 	}
+	*slot = m
+	i.size.Store(int32(len(i.internal))) // rtm patch 20
 	i.addBytes(d)
 
 	// rtm patch: number packets in arrival order (an update keeps its
@@ -73,7 +83,7 @@ func (i *Inflight) Set(m packets.Packet) bool {
 	// rtm patch: remember packets waiting for send quota in arrival order, so
 	// NextImmediate neither copies nor sorts the whole inflight map (which made
 	// draining a backlog quadratic) and releases them in FIFO order.
-	if m.Expiry < 0 && (!ok || prev.Expiry >= 0) {
+	if m.Expiry < 0 && (!ok || prevExpiry >= 0) {
 		i.immediate = append(i.immediate, inflightRef{id: m.PacketID, seq: i.seq[m.PacketID]})
 	}
 
@@ -86,7 +96,7 @@ func (i *Inflight) Get(id uint16) (packets.Packet, bool) {
 	defer i.RUnlock()
 
 	if m, ok := i.internal[id]; ok {
-		return m, true
+		return *m, true
 	}
 
 	return packets.Packet{}, false
@@ -107,7 +117,7 @@ func (i *Inflight) hasExpired(now, maximumExpiry int64) bool {
 	i.RLock()
 	defer i.RUnlock()
 	for _, tk := range i.internal {
-		if inflightExpired(&tk, now, maximumExpiry) {
+		if inflightExpired(tk, now, maximumExpiry) {
 			return true
 		}
 	}
@@ -121,7 +131,9 @@ func (i *Inflight) Clone() *Inflight {
 	i.RLock()
 	defer i.RUnlock()
 	for k, v := range i.internal {
-		c.internal[k] = v
+		cp := inflightPacketPool.Get().(*packets.Packet) // rtm patch 80: never share a pooled slot
+		*cp = *v
+		c.internal[k] = cp
 	}
 	// rtm patch: the clone keeps the arrival order.
 	if i.seq != nil {
@@ -151,7 +163,7 @@ func (i *Inflight) GetAll(immediate bool) []packets.Packet {
 	m := []packets.Packet{}
 	for _, v := range i.internal {
 		if !immediate || (immediate && v.Expiry < 0) {
-			m = append(m, v)
+			m = append(m, *v)
 		}
 	}
 
@@ -180,10 +192,9 @@ func (i *Inflight) NextImmediate() (packets.Packet, bool) {
 	for len(i.immediate) > 0 {
 		ref := i.immediate[0]
 		i.immediate = i.immediate[1:]
-		if m, ok := i.internal[ref.id]; ok && m.Expiry < 0 && i.seq[ref.id] == ref.seq {
-			sent := m
-			sent.Expiry = 0
-			i.internal[ref.id] = sent
+		if slot, ok := i.internal[ref.id]; ok && slot.Expiry < 0 && i.seq[ref.id] == ref.seq {
+			m := *slot
+			slot.Expiry = 0
 			if len(i.immediate) == 0 {
 				i.immediate = nil // release the backing array
 			}
@@ -205,7 +216,9 @@ func (i *Inflight) Delete(id uint16) bool {
 	delete(i.seq, id)                    // rtm patch
 	i.size.Store(int32(len(i.internal))) // rtm patch 20
 	if ok {
-		i.addBytes(-heldBytes(&prev)) // rtm patch 40
+		i.addBytes(-heldBytes(prev)) // rtm patch 40
+		*prev = packets.Packet{}     // rtm patch 80: drop its references, then reuse it
+		inflightPacketPool.Put(prev)
 	}
 
 	return ok
@@ -282,3 +295,9 @@ func (i *Inflight) addBytes(d int64) {
 		i.budget.Add(d)
 	}
 }
+
+// inflightPacketPool holds the packets an Inflight map points to, cleared;
+// a packet goes back once deleted from the map, which held the only
+// pointer to it (Get, GetAll and NextImmediate return copies).
+// rtm patch 80.
+var inflightPacketPool = sync.Pool{New: func() any { return new(packets.Packet) }}

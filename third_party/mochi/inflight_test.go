@@ -82,7 +82,7 @@ func TestInflightDelete(t *testing.T) {
 
 	r := cl.State.Inflight.Delete(3)
 	require.True(t, r)
-	require.Equal(t, uint16(0), cl.State.Inflight.internal[3].PacketID)
+	require.Nil(t, cl.State.Inflight.internal[3]) // rtm patch 80: the map holds pointers; v2.7.9 read the zero value
 
 	_, ok := cl.State.Inflight.Get(3)
 	require.False(t, ok)

@@ -134,6 +134,26 @@ func (q *outboundQueue) len() int {
 	return int(q.n.Load())
 }
 
+// queuedBytes returns the bytes addBytes counted for pk when it was queued,
+// for releaseBytes once it is written (writePacket may change pk meanwhile:
+// an OnPacketEncode hook can rewrite it). rtm patch 83.
+func (q *outboundQueue) queuedBytes(pk *packets.Packet) int64 {
+	if pk.FixedHeader.Qos != 0 {
+		return 0
+	}
+	return heldBytes(pk)
+}
+
+// releaseBytes releases n bytes counted by addBytes. rtm patch 83.
+func (q *outboundQueue) releaseBytes(n int64) {
+	if n != 0 {
+		q.bytes.Add(-n)
+		if q.budget != nil {
+			q.budget.Add(-n)
+		}
+	}
+}
+
 // addBytes counts (sign 1) or releases (sign -1) a QoS 0 packet's bytes: the
 // writer releases them once the packet is written. rtm patches 40, 41.
 func (q *outboundQueue) addBytes(pk *packets.Packet, sign int64) {

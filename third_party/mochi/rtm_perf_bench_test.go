@@ -148,3 +148,28 @@ func BenchmarkPublishPathV5QoS1FanIn(b *testing.B)  { benchPublishPath(b, 1, 1, 
 func BenchmarkPublishPathV5QoS0FanOut10(b *testing.B) {
 	benchPublishPath(b, 10, 0, 5)
 }
+
+// BenchmarkPublishPathQoS0Idle publishes each message to a subscriber
+// whose queue is empty and waits until it is written: every message starts
+// a writer goroutine (patch 83: its stack no longer grows for the ~800-byte
+// packet copies of WritePacket).
+func BenchmarkPublishPathQoS0Idle(b *testing.B) {
+	p := newPublishPath(1, 0, 4)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if err := p.publish(i); err != nil {
+			b.Fatal(err)
+		}
+		q := &p.subs[0].State.outbound
+		for { // the writer has exited: the next message starts another
+			q.mu.Lock()
+			idle := q.n.Load() == 0 && !q.writing
+			q.mu.Unlock()
+			if idle {
+				break
+			}
+			runtime.Gosched()
+		}
+	}
+}

@@ -1301,8 +1301,12 @@ func (s *Server) publishToSubscribersFrom(pub *Client, pk packets.Packet) {
 		}
 	}
 
-	subscribers := s.Topics.Subscribers(pk.TopicName)
+	// rtm patch 84: the result comes from a pool and goes back to it,
+	// unless a hook was given it (shared subscriptions).
+	subscribers := s.Topics.pooledSubscribers(pk.TopicName)
+	pooled := subscribers
 	if len(subscribers.Shared) > 0 {
+		pooled = nil
 		subscribers = s.hooks.OnSelectSubscribers(subscribers, pk)
 		if len(subscribers.SharedSelected) == 0 {
 			subscribers.SelectShared()
@@ -1328,6 +1332,7 @@ func (s *Server) publishToSubscribersFrom(pub *Client, pk packets.Packet) {
 			}
 		}
 	}
+	releaseSubscribers(pooled) // rtm patch 84
 }
 
 func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packets.Packet) (packets.Packet, error) {
@@ -1373,7 +1378,8 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 	}
 
 	if len(sub.Identifiers) > 0 { // [MQTT-3.3.4-3]
-		out.Properties.SubscriptionIdentifier = []int{}
+		// rtm patch 79: sized once; Identifiers holds no zeros (Merge)
+		out.Properties.SubscriptionIdentifier = make([]int, 0, len(sub.Identifiers))
 		for _, id := range sub.Identifiers {
 			out.Properties.SubscriptionIdentifier = append(out.Properties.SubscriptionIdentifier, id) // [MQTT-3.3.4-4] ![MQTT-3.3.4-5]
 		}

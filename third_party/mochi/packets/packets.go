@@ -266,15 +266,23 @@ func (pk *Packet) Copy(allowTransfer bool) Packet {
 
 // Merge merges a new subscription with a base subscription, preserving the highest
 // qos value, matched identifiers and any special properties.
+//
+// rtm patch 79: Identifiers holds only identifiers greater than 0 and is
+// nil when there are none. v2.7.9 made a map (with the filter's identifier,
+// usually 0) for every subscriber of every message published: the largest
+// allocation of a fan-out (PATCHES.md). An identifier of 0 means none
+// [MQTT-3.8.2.1.2]; the encoder skipped it already.
 func (s Subscription) Merge(n Subscription) Subscription {
-	if s.Identifiers == nil {
-		s.Identifiers = map[string]int{
-			s.Filter: s.Identifier,
+	if n.Identifier > 0 || (s.Identifiers == nil && s.Identifier > 0) {
+		if s.Identifiers == nil {
+			s.Identifiers = make(map[string]int, 2)
+			if s.Identifier > 0 {
+				s.Identifiers[s.Filter] = s.Identifier
+			}
 		}
-	}
-
-	if n.Identifier > 0 {
-		s.Identifiers[n.Filter] = n.Identifier
+		if n.Identifier > 0 {
+			s.Identifiers[n.Filter] = n.Identifier
+		}
 	}
 
 	if n.Qos > s.Qos {

@@ -191,8 +191,31 @@ func (p *Properties) Copy(allowTransfer bool) Properties {
 }
 
 // canEncode returns true if the property type is valid for the packet type.
+//
+// rtm patch 78: a lookup in propertyPackets, a bit table built from
+// validPacketProperties. v2.7.9 looked up two maps for each of the 27
+// properties of every packet encoded: 16.6% of the broker's CPU in a QoS 0
+// fan-out (PATCHES.md).
 func (p *Properties) canEncode(pkt byte, k byte) bool {
-	return validPacketProperties[k][pkt] == 1
+	return pkt < 128 && propertyPackets[k][pkt>>6]&(1<<(pkt&63)) != 0
+}
+
+// propertyPackets[k] has bit pkt set (pkt>>6 selects the word) when property
+// k may be encoded in packet type pkt (WillProperties, 99, included); see
+// validPacketProperties, which stays the table to edit. rtm patch 78.
+var propertyPackets = buildPropertyPackets()
+
+// buildPropertyPackets builds propertyPackets from validPacketProperties;
+// a test that changes validPacketProperties calls it again. rtm patch 78.
+func buildPropertyPackets() (t [256][2]uint64) {
+	for k, pkts := range validPacketProperties {
+		for pkt, ok := range pkts {
+			if ok == 1 && pkt < 128 {
+				t[k][pkt>>6] |= 1 << (pkt & 63)
+			}
+		}
+	}
+	return t
 }
 
 // Encode encodes properties into a bytes buffer.

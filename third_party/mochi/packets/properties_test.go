@@ -197,6 +197,7 @@ func init() {
 	validPacketProperties[PropWildcardSubAvailable][Reserved] = 1
 	validPacketProperties[PropSubIDAvailable][Reserved] = 1
 	validPacketProperties[PropSharedSubAvailable][Reserved] = 1
+	propertyPackets = buildPropertyPackets() // rtm patch 78: canEncode reads the table built from the map
 }
 
 func TestEncodeProperties(t *testing.T) {
