@@ -24,6 +24,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -51,9 +52,22 @@ func main() {
 	pages := flag.Int("pages", 20, "pages timed per collection size")
 	only := flag.String("only", "capture,ingest,pages", "measurements to run")
 	flag.IntVar(&ingestTopics, "ingest-topics", 1000, "topics of the ingest messages (the embedded store's history index writes one segment per topic of a batch)")
+	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run (store included) to this file")
 	flag.Parse()
+	if *cpuprofile != "" {
+		f, err := os.Create(*cpuprofile)
+		if err == nil {
+			err = pprof.StartCPUProfile(f)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "history bench:", err)
+			os.Exit(1)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	if err := run(*rounds, *publish, *ingest, *pageSizes, *pages, *only); err != nil {
 		fmt.Fprintln(os.Stderr, "history bench:", err)
+		pprof.StopCPUProfile()
 		os.Exit(1)
 	}
 }

@@ -100,7 +100,42 @@ type histIndex struct {
 	// page starts probing: a page then reads 2 segments to find the end,
 	// not 2·log2(n).
 	seen map[string]int64
+
+	// Pages read through caches: without them a page on a chain of 1,000
+	// segments read ~15 of them (the floor, the first, the end, a binary
+	// search, the walk) before its messages, each a round trip and a full
+	// decode on FerretDB (it applies projections after decoding).
+	//
+	// segs holds segments as read, ids included: they are never changed
+	// once inserted, only deleted by a purge, so a copy stays true until
+	// then. A copy outliving a purge by another process lists ids whose
+	// messages are gone, which the page skips when it reads them by id (and
+	// ids are ULIDs: never reused). Never a negative answer: a segment not
+	// found is asked for again. Bounded by segIDs, the ids held, evicting
+	// at random.
+	segs   map[string]*histSegment
+	segIDs int
+	// floors caches each chain's floor for floorTTL; a stale one is safe:
+	// lower than the truth, it leads to purged segments, which read as
+	// missing (or as copies whose messages are gone); firstSegment asks
+	// again before it calls a chain empty.
+	floors map[string]floorEntry
+	// nodeList is the writer nodes last read from CollHistoryNodes; a page
+	// starts on them while it reads the list again.
+	nodeList []string
+	reads    int64 // documents of CollHistoryIndex read from the server, for tests
 }
+
+type floorEntry struct {
+	n  int64
+	at time.Time
+}
+
+// segCacheIDs bounds the segment cache: ids of ~40 bytes, ~10 MiB.
+const segCacheIDs = 1 << 18
+
+// floorTTL bounds how long a page trusts a floor it read.
+const floorTTL = 10 * time.Second
 
 func chainKey(node, topic string) string {
 	// Length-prefixed: node names and topics may hold any separator.
@@ -130,6 +165,7 @@ func (s *Store) useHistoryIndex(ctx context.Context) (bool, error) {
 		}
 		s.hidx.on, s.hidx.probed = on, true
 		s.hidx.nodes, s.hidx.chains, s.hidx.seen = map[string]bool{}, map[string]chainState{}, map[string]int64{}
+		s.hidx.segs, s.hidx.floors = map[string]*histSegment{}, map[string]floorEntry{}
 	}
 	return s.hidx.on, nil
 }
@@ -251,46 +287,100 @@ func (s *Store) chainState(ctx context.Context, node, topic string) (chainState,
 	return chainState{n: last.N, cmax: last.CMax, clag: last.CLag}, nil
 }
 
-// segment reads segment n of a chain (without its ids unless withIDs);
-// nil if there is none.
-func (s *Store) segment(ctx context.Context, node, topic string, n int64, withIDs bool) (*histSegment, error) {
-	o := options.FindOne()
-	if !withIDs {
-		o.SetProjection(bson.D{{Key: "ids", Value: 0}})
+// segment reads segment n of a chain, from the cache if it holds it; nil
+// if there is none. The result is shared: callers must not change it.
+func (s *Store) segment(ctx context.Context, node, topic string, n int64) (*histSegment, error) {
+	id := segID(node, topic, n)
+	s.hidx.mu.Lock()
+	sg := s.hidx.segs[id]
+	s.hidx.mu.Unlock()
+	if sg != nil {
+		return sg, nil
 	}
-	var sg histSegment
-	err := s.db.Collection(CollHistoryIndex).FindOne(ctx, bson.D{{Key: "_id", Value: segID(node, topic, n)}}, o).Decode(&sg)
+	sg = new(histSegment)
+	err := s.db.Collection(CollHistoryIndex).FindOne(ctx, bson.D{{Key: "_id", Value: id}}).Decode(sg)
+	s.hidx.mu.Lock()
+	s.hidx.reads++
+	s.hidx.mu.Unlock()
 	if errors.Is(err, mongo.ErrNoDocuments) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("store: history index: %w", err)
 	}
-	return &sg, nil
+	s.cacheSegment(sg)
+	return sg, nil
+}
+
+func (s *Store) cacheSegment(sg *histSegment) {
+	s.hidx.mu.Lock()
+	defer s.hidx.mu.Unlock()
+	if _, ok := s.hidx.segs[sg.ID]; ok || len(sg.IDs) > segCacheIDs/4 {
+		return
+	}
+	for id, old := range s.hidx.segs { // random order: random eviction
+		if s.hidx.segIDs+len(sg.IDs) <= segCacheIDs {
+			break
+		}
+		delete(s.hidx.segs, id)
+		s.hidx.segIDs -= len(old.IDs)
+	}
+	s.hidx.segs[sg.ID] = sg
+	s.hidx.segIDs += len(sg.IDs)
+}
+
+// floor returns a chain's floor (0: never purged), cached for floorTTL
+// unless fresh.
+func (s *Store) floor(ctx context.Context, node, topic string, fresh bool) (int64, error) {
+	k := chainKey(node, topic)
+	s.hidx.mu.Lock()
+	f, ok := s.hidx.floors[k]
+	s.hidx.mu.Unlock()
+	if ok && !fresh && time.Since(f.at) < floorTTL {
+		return f.n, nil
+	}
+	var fl struct {
+		N int64 `bson:"n"`
+	}
+	at := time.Now()
+	err := s.db.Collection(CollHistoryIndex).FindOne(ctx, bson.D{{Key: "_id", Value: floorID(node, topic)}}).Decode(&fl)
+	s.hidx.mu.Lock()
+	s.hidx.reads++
+	s.hidx.mu.Unlock()
+	if err != nil && !errors.Is(err, mongo.ErrNoDocuments) {
+		return 0, fmt.Errorf("store: history index: %w", err)
+	}
+	s.hidx.mu.Lock()
+	s.hidx.floors[k] = floorEntry{n: fl.N, at: at}
+	s.hidx.mu.Unlock()
+	return fl.N, nil
 }
 
 // firstSegment finds the chain's first segment and its floor: the floor
 // (1 if it was never purged) or, if a purge raced and left the floor
 // behind, the first found probing forward. nil: an empty chain.
 func (s *Store) firstSegment(ctx context.Context, node, topic string) (*histSegment, int64, error) {
-	var fl struct {
-		N int64 `bson:"n"`
-	}
-	err := s.db.Collection(CollHistoryIndex).FindOne(ctx, bson.D{{Key: "_id", Value: floorID(node, topic)}}).Decode(&fl)
-	if err != nil && !errors.Is(err, mongo.ErrNoDocuments) {
-		return nil, 0, fmt.Errorf("store: history index: %w", err)
-	}
-	base := max(fl.N, 1)
-	for step := int64(0); step < 1<<16; step = max(1, step*2) {
-		sg, err := s.segment(ctx, node, topic, base+step, false)
-		if err != nil || sg != nil {
-			return sg, base, err
+	for _, fresh := range []bool{false, true} {
+		fl, err := s.floor(ctx, node, topic, fresh)
+		if err != nil {
+			return nil, 0, err
 		}
-		if fl.N == 0 {
-			break // never purged: segment 1 is the first
+		base := max(fl, 1)
+		for step := int64(0); step < 1<<16; step = max(1, step*2) {
+			sg, err := s.segment(ctx, node, topic, base+step)
+			if err != nil || sg != nil {
+				return sg, base, err
+			}
+			if fl == 0 {
+				break // never purged: segment 1 is the first
+			}
 		}
+		if fresh {
+			return nil, base, nil
+		}
+		// Nothing found from a floor that may be stale: read it again.
 	}
-	return nil, base, nil
+	panic("unreachable")
 }
 
 // lastSegment finds the chain's last segment from its first: exponential
@@ -302,7 +392,7 @@ func (s *Store) lastSegment(ctx context.Context, node, topic string, first *hist
 	hint := max(s.hidx.seen[k], s.hidx.chains[k].n)
 	s.hidx.mu.Unlock()
 	if hint > lo.N {
-		sg, err := s.segment(ctx, node, topic, hint, false)
+		sg, err := s.segment(ctx, node, topic, hint)
 		if err != nil {
 			return nil, err
 		}
@@ -317,7 +407,7 @@ func (s *Store) lastSegment(ctx context.Context, node, topic string, first *hist
 	}()
 	var hi int64 // the first n known not to exist
 	for step := int64(1); ; step *= 2 {
-		sg, err := s.segment(ctx, node, topic, lo.N+step, false)
+		sg, err := s.segment(ctx, node, topic, lo.N+step)
 		if err != nil {
 			return nil, err
 		}
@@ -329,7 +419,7 @@ func (s *Store) lastSegment(ctx context.Context, node, topic string, first *hist
 	}
 	for hi-lo.N > 1 {
 		mid := lo.N + (hi-lo.N)/2
-		sg, err := s.segment(ctx, node, topic, mid, false)
+		sg, err := s.segment(ctx, node, topic, mid)
 		if err != nil {
 			return nil, err
 		}
@@ -370,7 +460,7 @@ func (s *Store) nodeCandidates(ctx context.Context, node string, q HistoryQuery,
 		}
 		for hi-lo > 1 {
 			mid := lo + (hi-lo)/2
-			sg, err := s.segment(ctx, node, q.Topic, mid, false)
+			sg, err := s.segment(ctx, node, q.Topic, mid)
 			if err != nil {
 				return nil, err
 			}
@@ -393,7 +483,7 @@ func (s *Store) nodeCandidates(ctx context.Context, node string, q HistoryQuery,
 		g, gctx := errgroup.WithContext(ctx)
 		for i := range segs {
 			g.Go(func() (err error) {
-				segs[i], err = s.segment(gctx, node, q.Topic, n-int64(i), true)
+				segs[i], err = s.segment(gctx, node, q.Topic, n-int64(i))
 				return err
 			})
 		}
@@ -433,27 +523,45 @@ func lagged(id string, lag int64) string {
 
 // indexedHistory answers a page through the index.
 func (s *Store) indexedHistory(ctx context.Context, q HistoryQuery) ([]HistoryMessage, error) {
-	cur, err := s.db.Collection(CollHistoryNodes).Find(ctx, bson.D{})
-	if err != nil {
-		return nil, fmt.Errorf("store: history nodes: %w", err)
-	}
-	var nodes []struct {
-		ID string `bson:"_id"`
-	}
-	if err := cur.All(ctx, &nodes); err != nil {
-		return nil, fmt.Errorf("store: history nodes: %w", err)
-	}
 	// A few more than the page: messages purged before their segment are
 	// skipped.
 	want := q.Limit + 8
-	per := make([][]string, len(nodes))
+	var (
+		mu      sync.Mutex
+		per     [][]string
+		started = map[string]bool{}
+	)
 	g, gctx := errgroup.WithContext(ctx)
-	for i, nd := range nodes {
-		g.Go(func() (err error) {
-			per[i], err = s.nodeCandidates(gctx, nd.ID, q, want)
-			return err
-		})
+	start := func(nodes []string) {
+		for _, nd := range nodes {
+			if started[nd] {
+				continue
+			}
+			started[nd] = true
+			g.Go(func() error {
+				ids, err := s.nodeCandidates(gctx, nd, q, want)
+				mu.Lock()
+				per = append(per, ids)
+				mu.Unlock()
+				return err
+			})
+		}
 	}
+	// The nodes known from the last page start at once; the list is read
+	// again meanwhile (a node may have written its first batch since).
+	s.hidx.mu.Lock()
+	known := s.hidx.nodeList
+	s.hidx.mu.Unlock()
+	start(known)
+	nodes, err := s.historyNodes(gctx)
+	if err != nil {
+		_ = g.Wait()
+		return nil, err
+	}
+	s.hidx.mu.Lock()
+	s.hidx.nodeList = nodes
+	s.hidx.mu.Unlock()
+	start(nodes)
 	if err := g.Wait(); err != nil {
 		return nil, err
 	}
@@ -491,6 +599,24 @@ func (s *Store) indexedHistory(ctx context.Context, q HistoryQuery) ([]HistoryMe
 	return out, nil
 }
 
+func (s *Store) historyNodes(ctx context.Context) ([]string, error) {
+	cur, err := s.db.Collection(CollHistoryNodes).Find(ctx, bson.D{})
+	if err != nil {
+		return nil, fmt.Errorf("store: history nodes: %w", err)
+	}
+	var docs []struct {
+		ID string `bson:"_id"`
+	}
+	if err := cur.All(ctx, &docs); err != nil {
+		return nil, fmt.Errorf("store: history nodes: %w", err)
+	}
+	nodes := make([]string, len(docs))
+	for i, d := range docs {
+		nodes[i] = d.ID
+	}
+	return nodes, nil
+}
+
 // purgeHistoryIndex deletes the segments whose ids are all older than
 // cutoff and moves each chain's floor past them.
 func (s *Store) purgeHistoryIndex(ctx context.Context, cutoff time.Time) error {
@@ -524,5 +650,10 @@ func (s *Store) purgeHistoryIndex(ctx context.Context, cutoff time.Time) error {
 	if _, err := coll.DeleteMany(ctx, f); err != nil {
 		return fmt.Errorf("store: purge history index: %w", err)
 	}
+	s.hidx.mu.Lock()
+	clear(s.hidx.segs)
+	clear(s.hidx.floors)
+	s.hidx.segIDs = 0
+	s.hidx.mu.Unlock()
 	return nil
 }

@@ -286,3 +286,75 @@ func TestHistoryIndexOutOfOrderIDs(t *testing.T) {
 		wantIDs(t, fmt.Sprintf("before #%d", i), got, want[i+1:min(i+4, len(want))])
 	}
 }
+
+// Pages read the index through caches: once a chain has been walked, a page
+// from any cursor reads about one index document (the probe for a new end
+// of the chain) before its messages, not the floor, the first segment and
+// a binary search over the chain.
+func TestHistoryIndexPagesReadFewSegments(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := context.Background()
+	var all []store.HistoryMessage
+	at := time.Now().Add(-time.Hour)
+	for i := range 64 {
+		b := nodeMsgs("n1", 6, at.Add(time.Duration(i)*time.Second), func(j int) string { return []string{"a", "b", "c"}[j%3] })
+		all = append(all, b...)
+		if err := s.InsertHistory(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := idsOf(all, "a")
+	wantIDs(t, "walk", walk(t, s, store.HistoryQuery{Topic: "a", Limit: 5}), want)
+	before := s.HistoryIndexReads()
+	const pages = 20
+	for i := range pages {
+		c := (i * 37) % (len(want) - 4)
+		page, err := s.History(ctx, store.HistoryQuery{Topic: "a", Before: want[c], Limit: 3})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, m := range page {
+			got = append(got, m.ID)
+		}
+		wantIDs(t, fmt.Sprintf("page before #%d", c), got, want[c+1:c+4])
+	}
+	if n := s.HistoryIndexReads() - before; n > 2*pages {
+		t.Fatalf("%d pages read %d index documents from the server, want at most %d", pages, n, 2*pages)
+	}
+}
+
+// A purge by another process leaves this one's caches stale: its pages
+// still list exactly the messages left, and new ones written after.
+func TestHistoryIndexPagesAfterAnotherProcessPurges(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := context.Background()
+	old := time.Now().Add(-2 * time.Hour)
+	for i := range 6 {
+		b := nodeMsgs("n1", 8, old.Add(time.Duration(i)*time.Minute), func(int) string { return "a" })
+		if err := s.InsertHistory(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fresh := nodeMsgs("n1", 8, time.Now(), func(int) string { return "a" })
+	if err := s.InsertHistory(ctx, fresh); err != nil {
+		t.Fatal(err)
+	}
+	reader, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reader.Close(ctx)
+	if got := walk(t, reader, store.HistoryQuery{Topic: "a", Limit: 5}); len(got) != 7*8 {
+		t.Fatalf("walk before the purge: %d messages, want %d", len(got), 7*8)
+	}
+	if _, err := s.PurgeHistory(ctx, time.Now().Add(-time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	wantIDs(t, "after another process purged", walk(t, reader, store.HistoryQuery{Topic: "a", Limit: 5}), idsOf(fresh, "a"))
+	more := nodeMsgs("n1", 4, time.Now().Add(time.Second), func(int) string { return "a" })
+	if err := s.InsertHistory(ctx, more); err != nil {
+		t.Fatal(err)
+	}
+	wantIDs(t, "written after the purge", walk(t, reader, store.HistoryQuery{Topic: "a", Limit: 5}), idsOf(slices.Concat(fresh, more), "a"))
+}
