@@ -7,3 +7,7 @@ func (s *Store) HistoryIndexReads() int64 {
 	defer s.hidx.mu.Unlock()
 	return s.hidx.reads
 }
+
+// HistoryLogWindow is how many batches a node's history log holds before
+// a full flush.
+const HistoryLogWindow = logWindow

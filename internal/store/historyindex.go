@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -54,15 +55,107 @@ type histSegment struct {
 	Node  string   `bson:"node"`
 	Topic string   `bson:"topic"`
 	N     int64    `bson:"n"`
-	IDs   []string `bson:"ids,omitempty"`
-	Min   string   `bson:"min"`
-	Max   string   `bson:"max"`
-	CMax  string   `bson:"cmax"`
+	IDs   []string `bson:"ids,omitempty"` // as written before packing; read, never written
+	// Packed holds the ids (packStrings): FerretDB stores an array with a
+	// type per element and decodes it element by element, so a string
+	// costs a fraction of the array, written and read.
+	Packed string `bson:"p,omitempty"`
+	Min    string `bson:"min"`
+	Max    string `bson:"max"`
+	CMax   string `bson:"cmax"`
 	// CLag is how far (ms) the chain's ids have come out of order up to
 	// here: the most any id stood before the cmax of the segments before
 	// its own. A node's own ids increase; the push API's come from its
 	// clock, and a batch written again repeats older ones.
 	CLag int64 `bson:"clag"`
+	// Of the log chain (topic ""): the batch's ids by topic, and the last
+	// log document whose entries are all in the topics' chains.
+	Entries []logEntry `bson:"-"`
+	Log     string     `bson:"l,omitempty"` // Entries, packed: topic, count, ids, topic, ...
+	Flushed int64      `bson:"f,omitempty"`
+}
+
+// packStrings joins strings as <length>:<string>..., a format any string
+// survives.
+func packStrings(v []string) string {
+	var b strings.Builder
+	for _, x := range v {
+		b.WriteString(strconv.Itoa(len(x)))
+		b.WriteByte(':')
+		b.WriteString(x)
+	}
+	return b.String()
+}
+
+func unpackStrings(p string) ([]string, error) {
+	var out []string
+	for p != "" {
+		i := strings.IndexByte(p, ':')
+		n, err := strconv.Atoi(p[:max(i, 0)])
+		if i < 0 || err != nil || n < 0 || n > len(p)-i-1 {
+			return nil, errors.New("store: history index: a corrupt packed list")
+		}
+		out = append(out, p[i+1:i+1+n])
+		p = p[i+1+n:]
+	}
+	return out, nil
+}
+
+// packed returns the document as written: ids and entries packed.
+func (sg histSegment) packed() *histSegment {
+	if len(sg.IDs) > 0 {
+		sg.Packed, sg.IDs = packStrings(sg.IDs), nil
+	}
+	if len(sg.Entries) > 0 {
+		var flat []string
+		for _, e := range sg.Entries {
+			flat = append(flat, e.Topic, strconv.Itoa(len(e.IDs)))
+			flat = append(flat, e.IDs...)
+		}
+		sg.Log, sg.Entries = packStrings(flat), nil
+	}
+	return &sg
+}
+
+// unpack undoes packed after a read.
+func (sg *histSegment) unpack() error {
+	if sg.Packed != "" {
+		ids, err := unpackStrings(sg.Packed)
+		if err != nil {
+			return err
+		}
+		sg.IDs, sg.Packed = ids, ""
+	}
+	if sg.Log != "" {
+		flat, err := unpackStrings(sg.Log)
+		if err != nil {
+			return err
+		}
+		for len(flat) >= 2 {
+			n, err := strconv.Atoi(flat[1])
+			if err != nil || n < 0 || n > len(flat)-2 {
+				return errors.New("store: history index: a corrupt log entry")
+			}
+			sg.Entries = append(sg.Entries, logEntry{Topic: flat[0], IDs: flat[2 : 2+n]})
+			flat = flat[2+n:]
+		}
+		sg.Log = ""
+	}
+	return nil
+}
+
+// size is how many ids the document holds, for the cache's bound.
+func (sg *histSegment) size() int {
+	n := len(sg.IDs)
+	for _, e := range sg.Entries {
+		n += len(e.IDs) + 1
+	}
+	return n
+}
+
+type logEntry struct {
+	Topic string
+	IDs   []string
 }
 
 type chainState struct {
@@ -96,6 +189,7 @@ type histIndex struct {
 	on     bool
 	nodes  map[string]bool // registered in CollHistoryNodes; true: by this process, new
 	chains map[string]chainState
+	logs   map[string]*nodeLog // by node
 	// seen is the last segment of each chain a page found, where the next
 	// page starts probing: a page then reads 2 segments to find the end,
 	// not 2·log2(n).
@@ -165,85 +259,214 @@ func (s *Store) useHistoryIndex(ctx context.Context) (bool, error) {
 		}
 		s.hidx.on, s.hidx.probed = on, true
 		s.hidx.nodes, s.hidx.chains, s.hidx.seen = map[string]bool{}, map[string]chainState{}, map[string]int64{}
-		s.hidx.segs, s.hidx.floors = map[string]*histSegment{}, map[string]floorEntry{}
+		s.hidx.segs, s.hidx.floors, s.hidx.logs = map[string]*histSegment{}, map[string]floorEntry{}, map[string]*nodeLog{}
 	}
 	return s.hidx.on, nil
 }
 
-// indexHistory appends the segments of a written batch.
+// logWindow is how many batches a node's log holds before their entries
+// are written to the topics' chains (a full flush): a page reads up to
+// this many log documents (cached once read), and a batch of T topics
+// costs T segments only once every logWindow batches.
+const logWindow = 32
+
+// logTopic names a node's log chain: MQTT topics are never empty.
+const logTopic = ""
+
+// nodeLog is the writer's state of a node's log: the entries written since
+// the last full flush, by topic.
+type nodeLog struct {
+	n, flushed int64
+	cmax       string
+	pending    map[string][]string
+}
+
+// indexHistory indexes a written batch: for each writer node, one log
+// document holding the batch's ids by topic, and every logWindow batches
+// the segments of every topic of the window (a full flush), in one insert
+// (one transaction on FerretDB; the log document last, after the segments
+// it declares flushed, should FerretDB fall back to one insert each).
 func (s *Store) indexHistory(ctx context.Context, msgs []HistoryMessage) error {
-	type group struct {
-		node, topic string
-		ids         []string
-	}
-	var groups []*group
-	byKey := map[string]*group{}
+	var nodes []string
+	byNode := map[string]map[string][]string{}
 	for i := range msgs {
-		k := chainKey(msgs[i].Node, msgs[i].Topic)
-		g := byKey[k]
-		if g == nil {
-			g = &group{node: msgs[i].Node, topic: msgs[i].Topic}
-			byKey[k] = g
-			groups = append(groups, g)
+		m := &msgs[i]
+		if byNode[m.Node] == nil {
+			byNode[m.Node] = map[string][]string{}
+			nodes = append(nodes, m.Node)
 		}
-		g.ids = append(g.ids, msgs[i].ID)
+		byNode[m.Node][m.Topic] = append(byNode[m.Node][m.Topic], m.ID)
 	}
-	segs := make([]histSegment, len(groups))
-	for i, g := range groups {
-		st, err := s.chainState(ctx, g.node, g.topic)
+	for _, node := range nodes {
+		if err := s.indexNodeBatch(ctx, node, byNode[node]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *Store) indexNodeBatch(ctx context.Context, node string, batch map[string][]string) error {
+	topics := make([]string, 0, len(batch))
+	for t, ids := range batch {
+		slices.Sort(ids)
+		batch[t] = slices.Compact(ids)
+		topics = append(topics, t)
+	}
+	slices.Sort(topics)
+	coll := s.db.Collection(CollHistoryIndex)
+	for attempt := 0; ; attempt++ {
+		lg, err := s.loadNodeLog(ctx, node)
 		if err != nil {
 			return err
 		}
-		slices.Sort(g.ids)
-		g.ids = slices.Compact(g.ids)
-		segs[i] = histSegment{Node: g.node, Topic: g.topic, N: st.n + 1, IDs: g.ids, Min: g.ids[0], Max: g.ids[len(g.ids)-1],
-			CMax: max(st.cmax, g.ids[len(g.ids)-1]), CLag: max(st.clag, lagOf(st.cmax, g.ids))}
-		segs[i].ID = segID(g.node, g.topic, segs[i].N)
-	}
-	coll := s.db.Collection(CollHistoryIndex)
-	for attempt := 0; len(segs) > 0; attempt++ {
-		docs := make([]any, len(segs))
+		logDoc := histSegment{Node: node, Topic: logTopic, N: lg.n + 1, Flushed: lg.flushed, CMax: lg.cmax}
+		logDoc.ID = segID(node, logTopic, logDoc.N)
+		for _, t := range topics {
+			ids := batch[t]
+			logDoc.Entries = append(logDoc.Entries, logEntry{Topic: t, IDs: ids})
+			logDoc.CMax = max(logDoc.CMax, ids[len(ids)-1])
+			if logDoc.Min == "" || ids[0] < logDoc.Min {
+				logDoc.Min = ids[0]
+			}
+			logDoc.Max = max(logDoc.Max, ids[len(ids)-1])
+		}
+		var segs []histSegment
+		full := logDoc.N-lg.flushed >= logWindow
+		if full {
+			merged := map[string][]string{}
+			var all []string
+			for t, ids := range lg.pending {
+				merged[t] = slices.Clone(ids)
+				all = append(all, t)
+			}
+			for _, t := range topics {
+				if merged[t] == nil {
+					all = append(all, t)
+				}
+				merged[t] = append(merged[t], batch[t]...)
+			}
+			slices.Sort(all)
+			for _, t := range all {
+				ids := merged[t]
+				slices.Sort(ids)
+				ids = slices.Compact(ids)
+				st, err := s.chainState(ctx, node, t)
+				if err != nil {
+					return err
+				}
+				sg := histSegment{Node: node, Topic: t, N: st.n + 1, IDs: ids, Min: ids[0], Max: ids[len(ids)-1],
+					CMax: max(st.cmax, ids[len(ids)-1]), CLag: max(st.clag, lagOf(st.cmax, ids))}
+				sg.ID = segID(node, t, sg.N)
+				segs = append(segs, sg)
+			}
+			logDoc.Flushed, logDoc.Entries = logDoc.N, nil
+		}
+		docs := make([]any, 0, len(segs)+1)
 		for i := range segs {
-			docs[i] = &segs[i]
+			docs = append(docs, segs[i].packed())
 		}
-		_, err := coll.InsertMany(ctx, docs, options.InsertMany().SetOrdered(false))
-		var taken map[int]bool
-		if err != nil {
-			var bwe mongo.BulkWriteException
-			if !onlyDuplicates(err) || !errors.As(err, &bwe) || attempt >= 3 {
-				return fmt.Errorf("store: history index: %w", err)
+		docs = append(docs, logDoc.packed())
+		_, err = coll.InsertMany(ctx, docs, options.InsertMany().SetOrdered(false))
+		if err == nil {
+			s.hidx.mu.Lock()
+			for _, sg := range segs {
+				s.hidx.chains[chainKey(node, sg.Topic)] = chainState{n: sg.N, cmax: sg.CMax, clag: sg.CLag}
 			}
-			taken = map[int]bool{}
-			for _, we := range bwe.WriteErrors {
-				taken[we.Index] = true
+			s.hidx.chains[chainKey(node, logTopic)] = chainState{n: logDoc.N, cmax: logDoc.CMax}
+			lg.n, lg.cmax, lg.flushed = logDoc.N, logDoc.CMax, logDoc.Flushed
+			if full {
+				lg.pending = map[string][]string{}
+			} else {
+				for _, t := range topics {
+					lg.pending[t] = append(lg.pending[t], batch[t]...)
+				}
 			}
+			s.hidx.mu.Unlock()
+			return nil
 		}
-		var again []histSegment
+		if !onlyDuplicates(err) || attempt >= 3 {
+			return fmt.Errorf("store: history index: %w", err)
+		}
+		// A document number taken: another process wrote this node's
+		// index (a spool replayed at a restart), or an earlier attempt
+		// of this batch did. Forget what this process knows of the node
+		// and read it again from the store: the log's end, its window
+		// (with the other writer's entries) and each chain's end.
 		s.hidx.mu.Lock()
-		for i, sg := range segs {
-			k := chainKey(sg.Node, sg.Topic)
-			if !taken[i] {
-				s.hidx.chains[k] = chainState{n: sg.N, cmax: sg.CMax, clag: sg.CLag}
-				continue
+		delete(s.hidx.logs, node)
+		for k := range s.hidx.chains {
+			if strings.HasPrefix(k, chainKey(node, "")) {
+				delete(s.hidx.chains, k)
 			}
-			// Taken by an earlier attempt or process: find the chain's end
-			// again and append after it (probing: the node is not new).
-			delete(s.hidx.chains, k)
-			s.hidx.nodes[sg.Node] = false
-			again = append(again, sg)
 		}
+		s.hidx.nodes[node] = false
 		s.hidx.mu.Unlock()
-		for i := range again {
-			st, err := s.chainState(ctx, again[i].Node, again[i].Topic)
-			if err != nil {
-				return err
-			}
-			again[i].N, again[i].CMax, again[i].CLag = st.n+1, max(st.cmax, again[i].Max), max(st.clag, lagOf(st.cmax, again[i].IDs))
-			again[i].ID = segID(again[i].Node, again[i].Topic, again[i].N)
-		}
-		segs = again
 	}
-	return nil
+}
+
+// loadNodeLog returns this process's state of node's log, read from the
+// store the first time: the log's end, and the entries of its window.
+func (s *Store) loadNodeLog(ctx context.Context, node string) (*nodeLog, error) {
+	s.hidx.mu.Lock()
+	lg := s.hidx.logs[node]
+	s.hidx.mu.Unlock()
+	if lg != nil {
+		return lg, nil
+	}
+	st, err := s.chainState(ctx, node, logTopic)
+	if err != nil {
+		return nil, err
+	}
+	lg = &nodeLog{n: st.n, cmax: st.cmax, flushed: st.n, pending: map[string][]string{}}
+	if st.n > 0 {
+		last, err := s.segment(ctx, node, logTopic, st.n)
+		if err != nil {
+			return nil, err
+		}
+		if last != nil {
+			lg.flushed = last.Flushed
+		}
+		win, err := s.logWindowEntries(ctx, node, last, lg.flushed)
+		if err != nil {
+			return nil, err
+		}
+		for _, e := range win {
+			lg.pending[e.Topic] = append(lg.pending[e.Topic], e.IDs...)
+		}
+	}
+	s.hidx.mu.Lock()
+	s.hidx.logs[node] = lg
+	s.hidx.mu.Unlock()
+	return lg, nil
+}
+
+// logWindowEntries returns the entries of the log documents after flushed
+// up to last (which is given), read in parallel. A document missing was
+// purged: its messages have expired.
+func (s *Store) logWindowEntries(ctx context.Context, node string, last *histSegment, flushed int64) ([]logEntry, error) {
+	if last == nil || last.N <= flushed {
+		return nil, nil
+	}
+	docs := make([]*histSegment, last.N-flushed)
+	docs[len(docs)-1] = last
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(8)
+	for i := range len(docs) - 1 {
+		g.Go(func() (err error) {
+			docs[i], err = s.segment(gctx, node, logTopic, flushed+1+int64(i))
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return nil, err
+	}
+	var out []logEntry
+	for _, d := range docs {
+		if d != nil {
+			out = append(out, d.Entries...)
+		}
+	}
+	return out, nil
 }
 
 // chainState returns the last segment of a chain: known to this process,
@@ -305,6 +528,9 @@ func (s *Store) segment(ctx context.Context, node, topic string, n int64) (*hist
 	if errors.Is(err, mongo.ErrNoDocuments) {
 		return nil, nil
 	}
+	if err == nil {
+		err = sg.unpack()
+	}
 	if err != nil {
 		return nil, fmt.Errorf("store: history index: %w", err)
 	}
@@ -315,18 +541,18 @@ func (s *Store) segment(ctx context.Context, node, topic string, n int64) (*hist
 func (s *Store) cacheSegment(sg *histSegment) {
 	s.hidx.mu.Lock()
 	defer s.hidx.mu.Unlock()
-	if _, ok := s.hidx.segs[sg.ID]; ok || len(sg.IDs) > segCacheIDs/4 {
+	if _, ok := s.hidx.segs[sg.ID]; ok || sg.size() > segCacheIDs/4 {
 		return
 	}
 	for id, old := range s.hidx.segs { // random order: random eviction
-		if s.hidx.segIDs+len(sg.IDs) <= segCacheIDs {
+		if s.hidx.segIDs+sg.size() <= segCacheIDs {
 			break
 		}
 		delete(s.hidx.segs, id)
-		s.hidx.segIDs -= len(old.IDs)
+		s.hidx.segIDs -= old.size()
 	}
 	s.hidx.segs[sg.ID] = sg
-	s.hidx.segIDs += len(sg.IDs)
+	s.hidx.segIDs += sg.size()
 }
 
 // floor returns a chain's floor (0: never purged), cached for floorTTL
@@ -435,9 +661,29 @@ func (s *Store) lastSegment(ctx context.Context, node, topic string, first *hist
 // nodeCandidates returns up to limit ids of topic written by node that
 // meet q's bounds, newest first.
 func (s *Store) nodeCandidates(ctx context.Context, node string, q HistoryQuery, limit int) ([]string, error) {
+	// The log's window first, the topic's chain after: a full flush
+	// between the two reads then shows its ids twice (removed below),
+	// never not at all.
+	var out []string
+	win, err := s.logWindowNow(ctx, node)
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range win {
+		if e.Topic != q.Topic {
+			continue
+		}
+		for _, id := range e.IDs {
+			if (q.Before == "" || id < q.Before) && (q.After == "" || id > q.After) {
+				out = append(out, id)
+			}
+		}
+	}
+	slices.SortFunc(out, func(a, b string) int { return cmp.Compare(b, a) })
+	out = slices.Compact(out)
 	first, _, err := s.firstSegment(ctx, node, q.Topic)
 	if err != nil || first == nil {
-		return nil, err
+		return out[:min(len(out), limit)], err
 	}
 	last, err := s.lastSegment(ctx, node, q.Topic, first)
 	if err != nil {
@@ -476,7 +722,6 @@ func (s *Store) nodeCandidates(ctx context.Context, node string, q HistoryQuery,
 		}
 		start = min(hi, last.N)
 	}
-	var out []string
 	const ahead = 4 // segments read at once, walking back
 	for n := start; n >= first.N; {
 		segs := make([]*histSegment, min(ahead, n-first.N+1))
@@ -511,6 +756,20 @@ func (s *Store) nodeCandidates(ctx context.Context, node string, q HistoryQuery,
 		}
 	}
 	return out[:min(len(out), limit)], nil
+}
+
+// logWindowNow returns the entries of node's log not yet in the topics'
+// chains, as the store holds them now.
+func (s *Store) logWindowNow(ctx context.Context, node string) ([]logEntry, error) {
+	first, _, err := s.firstSegment(ctx, node, logTopic)
+	if err != nil || first == nil {
+		return nil, err
+	}
+	last, err := s.lastSegment(ctx, node, logTopic, first)
+	if err != nil {
+		return nil, err
+	}
+	return s.logWindowEntries(ctx, node, last, last.Flushed)
 }
 
 // lagged returns the highest id of the millisecond lag ms after id's.

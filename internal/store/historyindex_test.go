@@ -211,8 +211,10 @@ func TestHistoryIndexPurge(t *testing.T) {
 	s := storetest.Open(t)
 	ctx := context.Background()
 	old := time.Now().Add(-2 * time.Hour)
-	for i := range 4 {
-		b := nodeMsgs("n1", 20, old.Add(time.Duration(i)*time.Minute), func(int) string { return "a" })
+	// A log window of old batches: the last one writes the topics'
+	// segments.
+	for i := range store.HistoryLogWindow {
+		b := nodeMsgs("n1", 20, old.Add(time.Duration(i)*time.Second), func(int) string { return "a" })
 		b = append(b, nodeMsgs("n1", 5, old.Add(time.Duration(i)*time.Minute), func(int) string { return "gone" })...)
 		if err := s.InsertHistory(ctx, b); err != nil {
 			t.Fatal(err)
@@ -229,14 +231,16 @@ func TestHistoryIndexPurge(t *testing.T) {
 		}
 		return n
 	}
-	if n := segs(); n != 9 {
-		t.Fatalf("%d segments before the purge, want 9", n)
+	// The window's log documents, a segment for each topic, the fresh
+	// batch's log document.
+	if n, want := segs(), int64(store.HistoryLogWindow+2+1); n != want {
+		t.Fatalf("%d index documents before the purge, want %d", n, want)
 	}
 	if _, err := s.PurgeHistory(ctx, time.Now().Add(-time.Hour)); err != nil {
 		t.Fatal(err)
 	}
 	if n := segs(); n != 1 {
-		t.Fatalf("%d segments after the purge, want 1 (the fresh batch's)", n)
+		t.Fatalf("%d index documents after the purge, want 1 (the fresh batch's)", n)
 	}
 	wantIDs(t, "after the purge", walk(t, s, store.HistoryQuery{Topic: "a", Limit: 7}), idsOf(fresh, "a"))
 	wantIDs(t, "purged topic", walk(t, s, store.HistoryQuery{Topic: "gone", Limit: 7}), nil)
@@ -319,8 +323,10 @@ func TestHistoryIndexPagesReadFewSegments(t *testing.T) {
 		}
 		wantIDs(t, fmt.Sprintf("page before #%d", c), got, want[c+1:c+4])
 	}
-	if n := s.HistoryIndexReads() - before; n > 2*pages {
-		t.Fatalf("%d pages read %d index documents from the server, want at most %d", pages, n, 2*pages)
+	// Each page probes for a new end of the node's log and of the topic's
+	// chain.
+	if n := s.HistoryIndexReads() - before; n > 3*pages {
+		t.Fatalf("%d pages read %d index documents from the server, want at most %d", pages, n, 3*pages)
 	}
 }
 
@@ -357,4 +363,81 @@ func TestHistoryIndexPagesAfterAnotherProcessPurges(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantIDs(t, "written after the purge", walk(t, reader, store.HistoryQuery{Topic: "a", Limit: 5}), idsOf(slices.Concat(fresh, more), "a"))
+}
+
+// A batch of many topics costs one index document, not one per topic:
+// its ids go to the node's log, and only every HistoryLogWindow batches to
+// each topic's chain. Every topic's pages list exactly its messages, from
+// the log, from the chains, and from both.
+func TestHistoryIndexManyTopicsOneLogDocumentPerBatch(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := context.Background()
+	const topics, batches = 50, store.HistoryLogWindow + 4
+	var all []store.HistoryMessage
+	at := time.Now().Add(-time.Minute)
+	for i := range batches {
+		b := nodeMsgs("n1", topics, at.Add(time.Duration(i)*time.Millisecond), func(j int) string { return fmt.Sprintf("d/%d", j) })
+		all = append(all, b...)
+		if err := s.InsertHistory(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+		if i == 2 {
+			wantIDs(t, "from the log", walk(t, s, store.HistoryQuery{Topic: "d/7", Limit: 2}), idsOf(all, "d/7"))
+		}
+	}
+	n, err := s.DB().Collection(store.CollHistoryIndex).CountDocuments(ctx, bson.D{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// One log document per batch, one segment per topic at the full flush.
+	if want := int64(batches + topics); n != want {
+		t.Fatalf("%d index documents for %d batches of %d topics, want %d", n, batches, topics, want)
+	}
+	for _, tp := range []string{"d/0", "d/7", "d/49"} {
+		wantIDs(t, tp, walk(t, s, store.HistoryQuery{Topic: tp, Limit: 3}), idsOf(all, tp))
+	}
+	want := idsOf(all, "d/7")
+	page, err := s.History(ctx, store.HistoryQuery{Topic: "d/7", Before: want[2], After: want[len(want)-3], Limit: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, m := range page {
+		got = append(got, m.ID)
+	}
+	wantIDs(t, "bounded, across the log and the chain", got, want[3:len(want)-3])
+}
+
+// A writer process that restarts (a new Store) takes over the entries of
+// its node's log not yet in the chains: pages after its next full flush
+// list every message once, read by either process, while a reader pages
+// throughout.
+func TestHistoryIndexLogSurvivesARestartAcrossFlushes(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := context.Background()
+	topic := func(i int) string { return []string{"a", "b", "c"}[i%3] }
+	var all []store.HistoryMessage
+	write := func(st *store.Store, n int) {
+		for range n {
+			b := nodeMsgs("n1", 9, time.Now(), topic)
+			if err := st.InsertHistory(ctx, b); err != nil {
+				t.Fatal(err)
+			}
+			all = append(all, b...)
+			got := walk(t, s, store.HistoryQuery{Topic: "a", Limit: 20})
+			wantIDs(t, fmt.Sprintf("walk after %d batches", len(all)/9), got, idsOf(all, "a"))
+		}
+	}
+	write(s, store.HistoryLogWindow+5)
+	s2, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close(ctx)
+	write(s2, store.HistoryLogWindow+3)
+	for _, st := range []*store.Store{s, s2} {
+		for _, tp := range []string{"a", "b", "c"} {
+			wantIDs(t, "final "+tp, walk(t, st, store.HistoryQuery{Topic: tp, Limit: 5}), idsOf(all, tp))
+		}
+	}
 }
