@@ -1,7 +1,7 @@
 // Command history measures message history on the embedded store, each
 // figure against a peer measured in the same run, in alternating rounds:
 //
-//		go run ./bench/history [-rounds 5] [-publish 20000] [-ingest 20000] [-ingest-topics 1000] [-page-sizes 10000,100000]
+//		go run ./bench/history [-rounds 5] [-publish 20000] [-ingest 20000] [-ingest-topics 10,1000] [-page-sizes 100000,1000000] [-pages 200]
 //
 //	  - capture: QoS 1 publish throughput (16 clients, 64-byte payloads, no
 //	    subscriber) of a broker that captures every message into history,
@@ -48,10 +48,10 @@ func main() {
 	rounds := flag.Int("rounds", 5, "rounds of each comparison")
 	publish := flag.Int("publish", 20000, "messages per publish run")
 	ingest := flag.Int("ingest", 20000, "messages per ingest run")
-	pageSizes := flag.String("page-sizes", "10000,100000", "collection sizes for the page latency (the topic holds a tenth)")
+	pageSizes := flag.String("page-sizes", "100000,1000000", "collection sizes for the page latency (the topic holds a tenth; 1000000 is issue 14's case)")
 	pages := flag.Int("pages", 20, "pages timed per collection size")
 	only := flag.String("only", "capture,ingest,pages", "measurements to run")
-	flag.IntVar(&ingestTopics, "ingest-topics", 1000, "topics of the ingest messages (the embedded store's history index writes one segment per topic of a batch)")
+	flag.StringVar(&ingestTopicsList, "ingest-topics", "10,1000", "topics of the ingest messages, one measurement per count (on the embedded store the history index writes each topic of a batch into a segment once every 32 batches)")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run (store included) to this file")
 	flag.Parse()
 	if *cpuprofile != "" {
@@ -72,7 +72,10 @@ func main() {
 	}
 }
 
-var ingestTopics = 1000
+var (
+	ingestTopicsList = "10,1000"
+	ingestTopics     = 1000
+)
 
 func run(rounds, publish, ingest int, pageSizes string, pages int, only string) error {
 	ctx := context.Background()
@@ -94,8 +97,15 @@ func run(rounds, publish, ingest int, pageSizes string, pages int, only string) 
 		}
 	}
 	if strings.Contains(only, "ingest") {
-		if err := benchIngest(ctx, e.URI(), rounds, ingest); err != nil {
-			return err
+		for _, s := range strings.Split(ingestTopicsList, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(s))
+			if err != nil || n < 1 {
+				return fmt.Errorf("-ingest-topics: %q", s)
+			}
+			ingestTopics = n
+			if err := benchIngest(ctx, e.URI(), rounds, ingest); err != nil {
+				return err
+			}
 		}
 	}
 	if strings.Contains(only, "pages") {
@@ -342,7 +352,7 @@ func benchIngest(ctx context.Context, uri string, rounds, n int) error {
 		}
 		benchkit.Logf("ingest round %d: raw %.0f, writer %.0f msg/s", i+1, rRaw[len(rRaw)-1], rW[len(rW)-1])
 	}
-	fmt.Printf("### History ingest: the writer vs raw InsertMany\n\n")
+	fmt.Printf("### History ingest: the writer vs raw InsertMany, %d topics\n\n", ingestTopics)
 	fmt.Printf("%d messages a run (64-byte payloads, %d topics), a fresh database each run with history's indexes.\n\n", n, ingestTopics)
 	fmt.Printf("| writer | msg/s (median) | runs |\n| --- | --- | --- |\n")
 	fmt.Printf("| history (writebehind, batches of %d) | %.0f | %s |\n", config.Defaults().History.BatchSize, median(rW), fmtRuns(rW))
