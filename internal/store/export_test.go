@@ -8,6 +8,11 @@ func (s *Store) HistoryIndexReads() int64 {
 	return s.hidx.reads
 }
 
-// HistoryLogWindow is how many batches a node's history log holds before
-// a full flush.
-const HistoryLogWindow = logWindow
+// SetHistoryLogWindow sets how many batches a node's history log holds
+// before a full flush (logWindow unless set): tests cross flushes in few
+// batches.
+func (s *Store) SetHistoryLogWindow(n int64) {
+	s.hidx.mu.Lock()
+	defer s.hidx.mu.Unlock()
+	s.hidx.window = n
+}

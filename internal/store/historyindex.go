@@ -136,7 +136,7 @@ func (sg *histSegment) unpack() error {
 			if err != nil || n < 0 || n > len(flat)-2 {
 				return errors.New("store: history index: a corrupt log entry")
 			}
-			sg.Entries = append(sg.Entries, logEntry{Topic: flat[0], IDs: flat[2 : 2+n]})
+			sg.Entries = append(sg.Entries, logEntry{Topic: flat[0], IDs: flat[2 : 2+n : 2+n]})
 			flat = flat[2+n:]
 		}
 		sg.Log = ""
@@ -190,6 +190,7 @@ type histIndex struct {
 	nodes  map[string]bool // registered in CollHistoryNodes; true: by this process, new
 	chains map[string]chainState
 	logs   map[string]*nodeLog // by node
+	window int64               // logWindow unless a test sets it
 	// seen is the last segment of each chain a page found, where the next
 	// page starts probing: a page then reads 2 segments to find the end,
 	// not 2·log2(n).
@@ -331,7 +332,10 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, batch map[strin
 			logDoc.Max = max(logDoc.Max, ids[len(ids)-1])
 		}
 		var segs []histSegment
-		full := logDoc.N-lg.flushed >= logWindow
+		s.hidx.mu.Lock()
+		window := cmp.Or(s.hidx.window, logWindow)
+		s.hidx.mu.Unlock()
+		full := logDoc.N-lg.flushed >= window
 		if full {
 			merged := map[string][]string{}
 			var all []string

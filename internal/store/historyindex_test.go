@@ -210,10 +210,12 @@ func TestHistoryIndexRewriteAndReplayKeepEachMessageOnce(t *testing.T) {
 func TestHistoryIndexPurge(t *testing.T) {
 	s := storetest.Open(t)
 	ctx := context.Background()
+	const window = 4
+	s.SetHistoryLogWindow(window)
 	old := time.Now().Add(-2 * time.Hour)
 	// A log window of old batches: the last one writes the topics'
 	// segments.
-	for i := range store.HistoryLogWindow {
+	for i := range window {
 		b := nodeMsgs("n1", 20, old.Add(time.Duration(i)*time.Second), func(int) string { return "a" })
 		b = append(b, nodeMsgs("n1", 5, old.Add(time.Duration(i)*time.Minute), func(int) string { return "gone" })...)
 		if err := s.InsertHistory(ctx, b); err != nil {
@@ -233,7 +235,7 @@ func TestHistoryIndexPurge(t *testing.T) {
 	}
 	// The window's log documents, a segment for each topic, the fresh
 	// batch's log document.
-	if n, want := segs(), int64(store.HistoryLogWindow+2+1); n != want {
+	if n, want := segs(), int64(window+2+1); n != want {
 		t.Fatalf("%d index documents before the purge, want %d", n, want)
 	}
 	if _, err := s.PurgeHistory(ctx, time.Now().Add(-time.Hour)); err != nil {
@@ -298,9 +300,10 @@ func TestHistoryIndexOutOfOrderIDs(t *testing.T) {
 func TestHistoryIndexPagesReadFewSegments(t *testing.T) {
 	s := storetest.Open(t)
 	ctx := context.Background()
+	s.SetHistoryLogWindow(4)
 	var all []store.HistoryMessage
 	at := time.Now().Add(-time.Hour)
-	for i := range 64 {
+	for i := range 24 {
 		b := nodeMsgs("n1", 6, at.Add(time.Duration(i)*time.Second), func(j int) string { return []string{"a", "b", "c"}[j%3] })
 		all = append(all, b...)
 		if err := s.InsertHistory(ctx, b); err != nil {
@@ -366,13 +369,15 @@ func TestHistoryIndexPagesAfterAnotherProcessPurges(t *testing.T) {
 }
 
 // A batch of many topics costs one index document, not one per topic:
-// its ids go to the node's log, and only every HistoryLogWindow batches to
+// its ids go to the node's log, and only once every window of batches to
 // each topic's chain. Every topic's pages list exactly its messages, from
 // the log, from the chains, and from both.
 func TestHistoryIndexManyTopicsOneLogDocumentPerBatch(t *testing.T) {
 	s := storetest.Open(t)
 	ctx := context.Background()
-	const topics, batches = 50, store.HistoryLogWindow + 4
+	const window = 4
+	s.SetHistoryLogWindow(window)
+	const topics, batches = 50, 2*window + 3
 	var all []store.HistoryMessage
 	at := time.Now().Add(-time.Minute)
 	for i := range batches {
@@ -389,8 +394,9 @@ func TestHistoryIndexManyTopicsOneLogDocumentPerBatch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// One log document per batch, one segment per topic at the full flush.
-	if want := int64(batches + topics); n != want {
+	// One log document per batch, one segment per topic at each of the two
+	// full flushes.
+	if want := int64(batches + 2*topics); n != want {
 		t.Fatalf("%d index documents for %d batches of %d topics, want %d", n, batches, topics, want)
 	}
 	for _, tp := range []string{"d/0", "d/7", "d/49"} {
@@ -415,29 +421,34 @@ func TestHistoryIndexManyTopicsOneLogDocumentPerBatch(t *testing.T) {
 func TestHistoryIndexLogSurvivesARestartAcrossFlushes(t *testing.T) {
 	s := storetest.Open(t)
 	ctx := context.Background()
+	const window = 4
+	s.SetHistoryLogWindow(window)
 	topic := func(i int) string { return []string{"a", "b", "c"}[i%3] }
 	var all []store.HistoryMessage
 	write := func(st *store.Store, n int) {
 		for range n {
-			b := nodeMsgs("n1", 9, time.Now(), topic)
+			b := nodeMsgs("n1", 6, time.Now(), topic)
 			if err := st.InsertHistory(ctx, b); err != nil {
 				t.Fatal(err)
 			}
 			all = append(all, b...)
 			got := walk(t, s, store.HistoryQuery{Topic: "a", Limit: 20})
-			wantIDs(t, fmt.Sprintf("walk after %d batches", len(all)/9), got, idsOf(all, "a"))
+			wantIDs(t, fmt.Sprintf("walk after %d batches", len(all)/6), got, idsOf(all, "a"))
 		}
 	}
-	write(s, store.HistoryLogWindow+5)
+	// Two full flushes, then one batch in the log's window.
+	write(s, 2*window+1)
 	s2, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer s2.Close(ctx)
-	write(s2, store.HistoryLogWindow+3)
+	s2.SetHistoryLogWindow(window)
+	// The new process's first full flush must write that batch too.
+	write(s2, 2*window+1)
 	for _, st := range []*store.Store{s, s2} {
 		for _, tp := range []string{"a", "b", "c"} {
-			wantIDs(t, "final "+tp, walk(t, st, store.HistoryQuery{Topic: tp, Limit: 5}), idsOf(all, tp))
+			wantIDs(t, "final "+tp, walk(t, st, store.HistoryQuery{Topic: tp, Limit: 7}), idsOf(all, tp))
 		}
 	}
 }
