@@ -22,31 +22,43 @@ import (
 //
 // FerretDB v1 on SQLite pushes down nothing but `_id` equality, so the
 // query of a page (topic, _id range, sorted by _id) reads the whole
-// collection. Instead, each node's history writer appends, with every
-// batch, one segment per topic of the batch to a chain of its own: the
-// document "<node>|<topic>|<n>" of CollHistoryIndex holds the ids of that
-// batch's messages of the topic (sorted), their min and max, and cmax, the
-// highest id of segments 1..n. A page looks up segments and messages by
-// _id only: for each writer node (CollHistoryNodes, a few documents) it
-// finds the chain's last segment by probing n, walks back from there (a
-// binary search on cmax for a before bound) and merges the candidates by
-// id; then it reads the page's messages by _id, in parallel.
+// collection. Instead, each node's history writer keeps chains of its
+// own in CollHistoryIndex, made of documents read by _id only:
 //
-// Segments are only ever inserted, never updated: FerretDB v1's updates
+//   - its log, "<node>||<n>": one document per batch, the batch's ids by
+//     topic;
+//   - per topic, segments "<node>|<topic>|<n>": every logWindow batches (a
+//     full flush) each topic of those batches gets one, holding its ids
+//     (sorted), their min and max, and cmax, the highest id of segments
+//     1..n. The log document written with a full flush records it
+//     (Flushed): the entries of the log up to there are in the chains.
+//
+// So a batch of any number of topics costs one index document, and a
+// topic one segment per window, not per batch. A page, for each writer
+// node (CollHistoryNodes, a few documents), reads the log's window (the
+// documents after the last full flush), then the topic's chain: its last
+// segment by probing n, walking back from there (a binary search on cmax
+// for a before bound); it merges the candidates by id and reads the page's
+// messages by _id, in parallel. In that order, a full flush between the
+// two reads shows ids twice (removed), never not at all.
+//
+// Documents are only ever inserted, never updated: FerretDB v1's updates
 // are read-modify-write in its own process, and one insert per batch is
 // what the writer pays anyway. Each node's chains have a single writer,
-// its history writer goroutine, so n needs no coordination; a segment
-// number found taken (a batch retried after a partial failure, a spool
-// replayed after a crash, a restart) moves to the next free one, and a
-// page removes the duplicate ids this leaves.
+// its history writer goroutine, so n needs no coordination; a number
+// found taken (a batch retried after a partial failure, a spool replayed
+// after a crash, a restart) makes the writer read its state again from the
+// store (the log's end and window, each chain's end) and append after it,
+// and a page removes the duplicate ids this leaves.
 //
-// Retention: PurgeHistory deletes the segments whose cmax is older than the
-// cutoff (always a prefix of a chain, cmax only grows) and records the
-// first remaining n in "<node>|<topic>|floor", where probing starts.
+// Retention: PurgeHistory deletes the log documents and segments whose
+// cmax is older than the cutoff (always a prefix of a chain, cmax only
+// grows) and records the first remaining n in "<node>|<topic>|floor", where
+// probing starts.
 
 // Collections of the FerretDB history index.
 const (
-	CollHistoryIndex = "history_index" // segments of each (node, topic)'s chain of message ids
+	CollHistoryIndex = "history_index" // each node's log and (node, topic) chains of message ids
 	CollHistoryNodes = "history_nodes" // one document per node that wrote history
 )
 
@@ -226,7 +238,7 @@ type floorEntry struct {
 	at time.Time
 }
 
-// segCacheIDs bounds the segment cache: ids of ~40 bytes, ~10 MiB.
+// segCacheIDs bounds the segment cache: ids of ~45 bytes, ~12 MiB.
 const segCacheIDs = 1 << 18
 
 // floorTTL bounds how long a page trusts a floor it read.
