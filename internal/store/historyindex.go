@@ -362,14 +362,25 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, batch map[strin
 				merged[t] = append(merged[t], batch[t]...)
 			}
 			slices.Sort(all)
-			for _, t := range all {
+			// Each chain's end: known to this process, or (after a restart)
+			// probed, some reads a topic: in parallel.
+			states := make([]chainState, len(all))
+			g, gctx := errgroup.WithContext(ctx)
+			g.SetLimit(8)
+			for i, t := range all {
+				g.Go(func() (err error) {
+					states[i], err = s.chainState(gctx, node, t)
+					return err
+				})
+			}
+			if err := g.Wait(); err != nil {
+				return err
+			}
+			for i, t := range all {
 				ids := merged[t]
 				slices.Sort(ids)
 				ids = slices.Compact(ids)
-				st, err := s.chainState(ctx, node, t)
-				if err != nil {
-					return err
-				}
+				st := states[i]
 				sg := histSegment{Node: node, Topic: t, N: st.n + 1, IDs: ids, Min: ids[0], Max: ids[len(ids)-1],
 					CMax: max(st.cmax, ids[len(ids)-1]), CLag: max(st.clag, lagOf(st.cmax, ids))}
 				sg.ID = segID(node, t, sg.N)
