@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -21,31 +22,43 @@ import (
 //
 // FerretDB v1 on SQLite pushes down nothing but `_id` equality, so the
 // query of a page (topic, _id range, sorted by _id) reads the whole
-// collection. Instead, each node's history writer appends, with every
-// batch, one segment per topic of the batch to a chain of its own: the
-// document "<node>|<topic>|<n>" of CollHistoryIndex holds the ids of that
-// batch's messages of the topic (sorted), their min and max, and cmax, the
-// highest id of segments 1..n. A page looks up segments and messages by
-// _id only: for each writer node (CollHistoryNodes, a few documents) it
-// finds the chain's last segment by probing n, walks back from there (a
-// binary search on cmax for a before bound) and merges the candidates by
-// id; then it reads the page's messages by _id, in parallel.
+// collection. Instead, each node's history writer keeps chains of its
+// own in CollHistoryIndex, made of documents read by _id only:
 //
-// Segments are only ever inserted, never updated: FerretDB v1's updates
+//   - its log, "<node>||<n>": one document per batch, the batch's ids by
+//     topic;
+//   - per topic, segments "<node>|<topic>|<n>": every logWindow batches (a
+//     full flush) each topic of those batches gets one, holding its ids
+//     (sorted), their min and max, and cmax, the highest id of segments
+//     1..n. The log document written with a full flush records it
+//     (Flushed): the entries of the log up to there are in the chains.
+//
+// So a batch of any number of topics costs one index document, and a
+// topic one segment per window, not per batch. A page, for each writer
+// node (CollHistoryNodes, a few documents), reads the log's window (the
+// documents after the last full flush), then the topic's chain: its last
+// segment by probing n, walking back from there (a binary search on cmax
+// for a before bound); it merges the candidates by id and reads the page's
+// messages by _id, in parallel. In that order, a full flush between the
+// two reads shows ids twice (removed), never not at all.
+//
+// Documents are only ever inserted, never updated: FerretDB v1's updates
 // are read-modify-write in its own process, and one insert per batch is
 // what the writer pays anyway. Each node's chains have a single writer,
-// its history writer goroutine, so n needs no coordination; a segment
-// number found taken (a batch retried after a partial failure, a spool
-// replayed after a crash, a restart) moves to the next free one, and a
-// page removes the duplicate ids this leaves.
+// its history writer goroutine, so n needs no coordination; a number
+// found taken (a batch retried after a partial failure, a spool replayed
+// after a crash, a restart) makes the writer read its state again from the
+// store (the log's end and window, each chain's end) and append after it,
+// and a page removes the duplicate ids this leaves.
 //
-// Retention: PurgeHistory deletes the segments whose cmax is older than the
-// cutoff (always a prefix of a chain, cmax only grows) and records the
-// first remaining n in "<node>|<topic>|floor", where probing starts.
+// Retention: PurgeHistory deletes the log documents and segments whose
+// cmax is older than the cutoff (always a prefix of a chain, cmax only
+// grows) and records the first remaining n in "<node>|<topic>|floor", where
+// probing starts.
 
 // Collections of the FerretDB history index.
 const (
-	CollHistoryIndex = "history_index" // segments of each (node, topic)'s chain of message ids
+	CollHistoryIndex = "history_index" // each node's log and (node, topic) chains of message ids
 	CollHistoryNodes = "history_nodes" // one document per node that wrote history
 )
 
@@ -54,15 +67,107 @@ type histSegment struct {
 	Node  string   `bson:"node"`
 	Topic string   `bson:"topic"`
 	N     int64    `bson:"n"`
-	IDs   []string `bson:"ids,omitempty"`
-	Min   string   `bson:"min"`
-	Max   string   `bson:"max"`
-	CMax  string   `bson:"cmax"`
+	IDs   []string `bson:"ids,omitempty"` // as written before packing; read, never written
+	// Packed holds the ids (packStrings): FerretDB stores an array with a
+	// type per element and decodes it element by element, so a string
+	// costs a fraction of the array, written and read.
+	Packed string `bson:"p,omitempty"`
+	Min    string `bson:"min"`
+	Max    string `bson:"max"`
+	CMax   string `bson:"cmax"`
 	// CLag is how far (ms) the chain's ids have come out of order up to
 	// here: the most any id stood before the cmax of the segments before
 	// its own. A node's own ids increase; the push API's come from its
 	// clock, and a batch written again repeats older ones.
 	CLag int64 `bson:"clag"`
+	// Of the log chain (topic ""): the batch's ids by topic, and the last
+	// log document whose entries are all in the topics' chains.
+	Entries []logEntry `bson:"-"`
+	Log     string     `bson:"l,omitempty"` // Entries, packed: topic, count, ids, topic, ...
+	Flushed int64      `bson:"f,omitempty"`
+}
+
+// packStrings joins strings as <length>:<string>..., a format any string
+// survives.
+func packStrings(v []string) string {
+	var b strings.Builder
+	for _, x := range v {
+		b.WriteString(strconv.Itoa(len(x)))
+		b.WriteByte(':')
+		b.WriteString(x)
+	}
+	return b.String()
+}
+
+func unpackStrings(p string) ([]string, error) {
+	var out []string
+	for p != "" {
+		i := strings.IndexByte(p, ':')
+		n, err := strconv.Atoi(p[:max(i, 0)])
+		if i < 0 || err != nil || n < 0 || n > len(p)-i-1 {
+			return nil, errors.New("store: history index: a corrupt packed list")
+		}
+		out = append(out, p[i+1:i+1+n])
+		p = p[i+1+n:]
+	}
+	return out, nil
+}
+
+// packed returns the document as written: ids and entries packed.
+func (sg histSegment) packed() *histSegment {
+	if len(sg.IDs) > 0 {
+		sg.Packed, sg.IDs = packStrings(sg.IDs), nil
+	}
+	if len(sg.Entries) > 0 {
+		var flat []string
+		for _, e := range sg.Entries {
+			flat = append(flat, e.Topic, strconv.Itoa(len(e.IDs)))
+			flat = append(flat, e.IDs...)
+		}
+		sg.Log, sg.Entries = packStrings(flat), nil
+	}
+	return &sg
+}
+
+// unpack undoes packed after a read.
+func (sg *histSegment) unpack() error {
+	if sg.Packed != "" {
+		ids, err := unpackStrings(sg.Packed)
+		if err != nil {
+			return err
+		}
+		sg.IDs, sg.Packed = ids, ""
+	}
+	if sg.Log != "" {
+		flat, err := unpackStrings(sg.Log)
+		if err != nil {
+			return err
+		}
+		for len(flat) >= 2 {
+			n, err := strconv.Atoi(flat[1])
+			if err != nil || n < 0 || n > len(flat)-2 {
+				return errors.New("store: history index: a corrupt log entry")
+			}
+			sg.Entries = append(sg.Entries, logEntry{Topic: flat[0], IDs: flat[2 : 2+n : 2+n]})
+			flat = flat[2+n:]
+		}
+		sg.Log = ""
+	}
+	return nil
+}
+
+// size is how many ids the document holds, for the cache's bound.
+func (sg *histSegment) size() int {
+	n := len(sg.IDs)
+	for _, e := range sg.Entries {
+		n += len(e.IDs) + 1
+	}
+	return n
+}
+
+type logEntry struct {
+	Topic string
+	IDs   []string
 }
 
 type chainState struct {
@@ -96,11 +201,48 @@ type histIndex struct {
 	on     bool
 	nodes  map[string]bool // registered in CollHistoryNodes; true: by this process, new
 	chains map[string]chainState
+	logs   map[string]*nodeLog // by node
+	window int64               // logWindow unless a test sets it
 	// seen is the last segment of each chain a page found, where the next
 	// page starts probing: a page then reads 2 segments to find the end,
 	// not 2·log2(n).
 	seen map[string]int64
+
+	// Pages read through caches: without them a page on a chain of 1,000
+	// segments read ~15 of them (the floor, the first, the end, a binary
+	// search, the walk) before its messages, each a round trip and a full
+	// decode on FerretDB (it applies projections after decoding).
+	//
+	// segs holds segments as read, ids included: they are never changed
+	// once inserted, only deleted by a purge, so a copy stays true until
+	// then. A copy outliving a purge by another process lists ids whose
+	// messages are gone, which the page skips when it reads them by id (and
+	// ids are ULIDs: never reused). Never a negative answer: a segment not
+	// found is asked for again. Bounded by segIDs, the ids held, evicting
+	// at random.
+	segs   map[string]*histSegment
+	segIDs int
+	// floors caches each chain's floor for floorTTL; a stale one is safe:
+	// lower than the truth, it leads to purged segments, which read as
+	// missing (or as copies whose messages are gone); firstSegment asks
+	// again before it calls a chain empty.
+	floors map[string]floorEntry
+	// nodeList is the writer nodes last read from CollHistoryNodes; a page
+	// starts on them while it reads the list again.
+	nodeList []string
+	reads    int64 // documents of CollHistoryIndex read from the server, for tests
 }
+
+type floorEntry struct {
+	n  int64
+	at time.Time
+}
+
+// segCacheIDs bounds the segment cache: ids of ~45 bytes, ~12 MiB.
+const segCacheIDs = 1 << 18
+
+// floorTTL bounds how long a page trusts a floor it read.
+const floorTTL = 10 * time.Second
 
 func chainKey(node, topic string) string {
 	// Length-prefixed: node names and topics may hold any separator.
@@ -130,84 +272,228 @@ func (s *Store) useHistoryIndex(ctx context.Context) (bool, error) {
 		}
 		s.hidx.on, s.hidx.probed = on, true
 		s.hidx.nodes, s.hidx.chains, s.hidx.seen = map[string]bool{}, map[string]chainState{}, map[string]int64{}
+		s.hidx.segs, s.hidx.floors, s.hidx.logs = map[string]*histSegment{}, map[string]floorEntry{}, map[string]*nodeLog{}
 	}
 	return s.hidx.on, nil
 }
 
-// indexHistory appends the segments of a written batch.
+// logWindow is how many batches a node's log holds before their entries
+// are written to the topics' chains (a full flush): a page reads up to
+// this many log documents (cached once read), and a batch of T topics
+// costs T segments only once every logWindow batches.
+const logWindow = 32
+
+// logTopic names a node's log chain: MQTT topics are never empty.
+const logTopic = ""
+
+// nodeLog is the writer's state of a node's log: the entries written since
+// the last full flush, by topic.
+type nodeLog struct {
+	n, flushed int64
+	cmax       string
+	pending    map[string][]string
+}
+
+// indexHistory indexes a written batch: for each writer node, one log
+// document holding the batch's ids by topic, and every logWindow batches
+// the segments of every topic of the window (a full flush), in one insert
+// (one transaction on FerretDB; the log document last, after the segments
+// it declares flushed, should FerretDB fall back to one insert each).
 func (s *Store) indexHistory(ctx context.Context, msgs []HistoryMessage) error {
-	type group struct {
-		node, topic string
-		ids         []string
-	}
-	var groups []*group
-	byKey := map[string]*group{}
+	var nodes []string
+	byNode := map[string]map[string][]string{}
 	for i := range msgs {
-		k := chainKey(msgs[i].Node, msgs[i].Topic)
-		g := byKey[k]
-		if g == nil {
-			g = &group{node: msgs[i].Node, topic: msgs[i].Topic}
-			byKey[k] = g
-			groups = append(groups, g)
+		m := &msgs[i]
+		if byNode[m.Node] == nil {
+			byNode[m.Node] = map[string][]string{}
+			nodes = append(nodes, m.Node)
 		}
-		g.ids = append(g.ids, msgs[i].ID)
+		byNode[m.Node][m.Topic] = append(byNode[m.Node][m.Topic], m.ID)
 	}
-	segs := make([]histSegment, len(groups))
-	for i, g := range groups {
-		st, err := s.chainState(ctx, g.node, g.topic)
+	for _, node := range nodes {
+		if err := s.indexNodeBatch(ctx, node, byNode[node]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *Store) indexNodeBatch(ctx context.Context, node string, batch map[string][]string) error {
+	topics := make([]string, 0, len(batch))
+	for t, ids := range batch {
+		slices.Sort(ids)
+		batch[t] = slices.Compact(ids)
+		topics = append(topics, t)
+	}
+	slices.Sort(topics)
+	coll := s.db.Collection(CollHistoryIndex)
+	for attempt := 0; ; attempt++ {
+		lg, err := s.loadNodeLog(ctx, node)
 		if err != nil {
 			return err
 		}
-		slices.Sort(g.ids)
-		g.ids = slices.Compact(g.ids)
-		segs[i] = histSegment{Node: g.node, Topic: g.topic, N: st.n + 1, IDs: g.ids, Min: g.ids[0], Max: g.ids[len(g.ids)-1],
-			CMax: max(st.cmax, g.ids[len(g.ids)-1]), CLag: max(st.clag, lagOf(st.cmax, g.ids))}
-		segs[i].ID = segID(g.node, g.topic, segs[i].N)
-	}
-	coll := s.db.Collection(CollHistoryIndex)
-	for attempt := 0; len(segs) > 0; attempt++ {
-		docs := make([]any, len(segs))
-		for i := range segs {
-			docs[i] = &segs[i]
-		}
-		_, err := coll.InsertMany(ctx, docs, options.InsertMany().SetOrdered(false))
-		var taken map[int]bool
-		if err != nil {
-			var bwe mongo.BulkWriteException
-			if !onlyDuplicates(err) || !errors.As(err, &bwe) || attempt >= 3 {
-				return fmt.Errorf("store: history index: %w", err)
+		logDoc := histSegment{Node: node, Topic: logTopic, N: lg.n + 1, Flushed: lg.flushed, CMax: lg.cmax}
+		logDoc.ID = segID(node, logTopic, logDoc.N)
+		for _, t := range topics {
+			ids := batch[t]
+			logDoc.Entries = append(logDoc.Entries, logEntry{Topic: t, IDs: ids})
+			logDoc.CMax = max(logDoc.CMax, ids[len(ids)-1])
+			if logDoc.Min == "" || ids[0] < logDoc.Min {
+				logDoc.Min = ids[0]
 			}
-			taken = map[int]bool{}
-			for _, we := range bwe.WriteErrors {
-				taken[we.Index] = true
-			}
+			logDoc.Max = max(logDoc.Max, ids[len(ids)-1])
 		}
-		var again []histSegment
+		var segs []histSegment
 		s.hidx.mu.Lock()
-		for i, sg := range segs {
-			k := chainKey(sg.Node, sg.Topic)
-			if !taken[i] {
-				s.hidx.chains[k] = chainState{n: sg.N, cmax: sg.CMax, clag: sg.CLag}
-				continue
-			}
-			// Taken by an earlier attempt or process: find the chain's end
-			// again and append after it (probing: the node is not new).
-			delete(s.hidx.chains, k)
-			s.hidx.nodes[sg.Node] = false
-			again = append(again, sg)
-		}
+		window := cmp.Or(s.hidx.window, logWindow)
 		s.hidx.mu.Unlock()
-		for i := range again {
-			st, err := s.chainState(ctx, again[i].Node, again[i].Topic)
-			if err != nil {
+		full := logDoc.N-lg.flushed >= window
+		if full {
+			merged := map[string][]string{}
+			var all []string
+			for t, ids := range lg.pending {
+				merged[t] = slices.Clone(ids)
+				all = append(all, t)
+			}
+			for _, t := range topics {
+				if merged[t] == nil {
+					all = append(all, t)
+				}
+				merged[t] = append(merged[t], batch[t]...)
+			}
+			slices.Sort(all)
+			// Each chain's end: known to this process, or (after a restart)
+			// probed, some reads a topic: in parallel.
+			states := make([]chainState, len(all))
+			g, gctx := errgroup.WithContext(ctx)
+			g.SetLimit(8)
+			for i, t := range all {
+				g.Go(func() (err error) {
+					states[i], err = s.chainState(gctx, node, t)
+					return err
+				})
+			}
+			if err := g.Wait(); err != nil {
 				return err
 			}
-			again[i].N, again[i].CMax, again[i].CLag = st.n+1, max(st.cmax, again[i].Max), max(st.clag, lagOf(st.cmax, again[i].IDs))
-			again[i].ID = segID(again[i].Node, again[i].Topic, again[i].N)
+			for i, t := range all {
+				ids := merged[t]
+				slices.Sort(ids)
+				ids = slices.Compact(ids)
+				st := states[i]
+				sg := histSegment{Node: node, Topic: t, N: st.n + 1, IDs: ids, Min: ids[0], Max: ids[len(ids)-1],
+					CMax: max(st.cmax, ids[len(ids)-1]), CLag: max(st.clag, lagOf(st.cmax, ids))}
+				sg.ID = segID(node, t, sg.N)
+				segs = append(segs, sg)
+			}
+			logDoc.Flushed, logDoc.Entries = logDoc.N, nil
 		}
-		segs = again
+		docs := make([]any, 0, len(segs)+1)
+		for i := range segs {
+			docs = append(docs, segs[i].packed())
+		}
+		docs = append(docs, logDoc.packed())
+		_, err = coll.InsertMany(ctx, docs, options.InsertMany().SetOrdered(false))
+		if err == nil {
+			s.hidx.mu.Lock()
+			for _, sg := range segs {
+				s.hidx.chains[chainKey(node, sg.Topic)] = chainState{n: sg.N, cmax: sg.CMax, clag: sg.CLag}
+			}
+			s.hidx.chains[chainKey(node, logTopic)] = chainState{n: logDoc.N, cmax: logDoc.CMax}
+			lg.n, lg.cmax, lg.flushed = logDoc.N, logDoc.CMax, logDoc.Flushed
+			if full {
+				lg.pending = map[string][]string{}
+			} else {
+				for _, t := range topics {
+					lg.pending[t] = append(lg.pending[t], batch[t]...)
+				}
+			}
+			s.hidx.mu.Unlock()
+			return nil
+		}
+		if !onlyDuplicates(err) || attempt >= 3 {
+			return fmt.Errorf("store: history index: %w", err)
+		}
+		// A document number taken: another process wrote this node's
+		// index (a spool replayed at a restart), or an earlier attempt
+		// of this batch did. Forget what this process knows of the node
+		// and read it again from the store: the log's end, its window
+		// (with the other writer's entries) and each chain's end.
+		s.hidx.mu.Lock()
+		delete(s.hidx.logs, node)
+		for k := range s.hidx.chains {
+			if strings.HasPrefix(k, chainKey(node, "")) {
+				delete(s.hidx.chains, k)
+			}
+		}
+		s.hidx.nodes[node] = false
+		s.hidx.mu.Unlock()
 	}
-	return nil
+}
+
+// loadNodeLog returns this process's state of node's log, read from the
+// store the first time: the log's end, and the entries of its window.
+func (s *Store) loadNodeLog(ctx context.Context, node string) (*nodeLog, error) {
+	s.hidx.mu.Lock()
+	lg := s.hidx.logs[node]
+	s.hidx.mu.Unlock()
+	if lg != nil {
+		return lg, nil
+	}
+	st, err := s.chainState(ctx, node, logTopic)
+	if err != nil {
+		return nil, err
+	}
+	lg = &nodeLog{n: st.n, cmax: st.cmax, flushed: st.n, pending: map[string][]string{}}
+	if st.n > 0 {
+		last, err := s.segment(ctx, node, logTopic, st.n)
+		if err != nil {
+			return nil, err
+		}
+		if last != nil {
+			lg.flushed = last.Flushed
+		}
+		win, err := s.logWindowEntries(ctx, node, last, lg.flushed)
+		if err != nil {
+			return nil, err
+		}
+		for _, e := range win {
+			lg.pending[e.Topic] = append(lg.pending[e.Topic], e.IDs...)
+		}
+	}
+	s.hidx.mu.Lock()
+	s.hidx.logs[node] = lg
+	s.hidx.mu.Unlock()
+	return lg, nil
+}
+
+// logWindowEntries returns the entries of the log documents after flushed
+// up to last (which is given), read in parallel. A document missing was
+// purged: its messages have expired.
+func (s *Store) logWindowEntries(ctx context.Context, node string, last *histSegment, flushed int64) ([]logEntry, error) {
+	if last == nil || last.N <= flushed {
+		return nil, nil
+	}
+	docs := make([]*histSegment, last.N-flushed)
+	docs[len(docs)-1] = last
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(8)
+	for i := range len(docs) - 1 {
+		g.Go(func() (err error) {
+			docs[i], err = s.segment(gctx, node, logTopic, flushed+1+int64(i))
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return nil, err
+	}
+	var out []logEntry
+	for _, d := range docs {
+		if d != nil {
+			out = append(out, d.Entries...)
+		}
+	}
+	return out, nil
 }
 
 // chainState returns the last segment of a chain: known to this process,
@@ -251,46 +537,103 @@ func (s *Store) chainState(ctx context.Context, node, topic string) (chainState,
 	return chainState{n: last.N, cmax: last.CMax, clag: last.CLag}, nil
 }
 
-// segment reads segment n of a chain (without its ids unless withIDs);
-// nil if there is none.
-func (s *Store) segment(ctx context.Context, node, topic string, n int64, withIDs bool) (*histSegment, error) {
-	o := options.FindOne()
-	if !withIDs {
-		o.SetProjection(bson.D{{Key: "ids", Value: 0}})
+// segment reads segment n of a chain, from the cache if it holds it; nil
+// if there is none. The result is shared: callers must not change it.
+func (s *Store) segment(ctx context.Context, node, topic string, n int64) (*histSegment, error) {
+	id := segID(node, topic, n)
+	s.hidx.mu.Lock()
+	sg := s.hidx.segs[id]
+	s.hidx.mu.Unlock()
+	if sg != nil {
+		return sg, nil
 	}
-	var sg histSegment
-	err := s.db.Collection(CollHistoryIndex).FindOne(ctx, bson.D{{Key: "_id", Value: segID(node, topic, n)}}, o).Decode(&sg)
+	sg = new(histSegment)
+	err := s.db.Collection(CollHistoryIndex).FindOne(ctx, bson.D{{Key: "_id", Value: id}}).Decode(sg)
+	s.hidx.mu.Lock()
+	s.hidx.reads++
+	s.hidx.mu.Unlock()
 	if errors.Is(err, mongo.ErrNoDocuments) {
 		return nil, nil
+	}
+	if err == nil {
+		err = sg.unpack()
 	}
 	if err != nil {
 		return nil, fmt.Errorf("store: history index: %w", err)
 	}
-	return &sg, nil
+	s.cacheSegment(sg)
+	return sg, nil
+}
+
+func (s *Store) cacheSegment(sg *histSegment) {
+	s.hidx.mu.Lock()
+	defer s.hidx.mu.Unlock()
+	if _, ok := s.hidx.segs[sg.ID]; ok || sg.size() > segCacheIDs/4 {
+		return
+	}
+	for id, old := range s.hidx.segs { // random order: random eviction
+		if s.hidx.segIDs+sg.size() <= segCacheIDs {
+			break
+		}
+		delete(s.hidx.segs, id)
+		s.hidx.segIDs -= old.size()
+	}
+	s.hidx.segs[sg.ID] = sg
+	s.hidx.segIDs += sg.size()
+}
+
+// floor returns a chain's floor (0: never purged), cached for floorTTL
+// unless fresh.
+func (s *Store) floor(ctx context.Context, node, topic string, fresh bool) (int64, error) {
+	k := chainKey(node, topic)
+	s.hidx.mu.Lock()
+	f, ok := s.hidx.floors[k]
+	s.hidx.mu.Unlock()
+	if ok && !fresh && time.Since(f.at) < floorTTL {
+		return f.n, nil
+	}
+	var fl struct {
+		N int64 `bson:"n"`
+	}
+	at := time.Now()
+	err := s.db.Collection(CollHistoryIndex).FindOne(ctx, bson.D{{Key: "_id", Value: floorID(node, topic)}}).Decode(&fl)
+	s.hidx.mu.Lock()
+	s.hidx.reads++
+	s.hidx.mu.Unlock()
+	if err != nil && !errors.Is(err, mongo.ErrNoDocuments) {
+		return 0, fmt.Errorf("store: history index: %w", err)
+	}
+	s.hidx.mu.Lock()
+	s.hidx.floors[k] = floorEntry{n: fl.N, at: at}
+	s.hidx.mu.Unlock()
+	return fl.N, nil
 }
 
 // firstSegment finds the chain's first segment and its floor: the floor
 // (1 if it was never purged) or, if a purge raced and left the floor
 // behind, the first found probing forward. nil: an empty chain.
 func (s *Store) firstSegment(ctx context.Context, node, topic string) (*histSegment, int64, error) {
-	var fl struct {
-		N int64 `bson:"n"`
-	}
-	err := s.db.Collection(CollHistoryIndex).FindOne(ctx, bson.D{{Key: "_id", Value: floorID(node, topic)}}).Decode(&fl)
-	if err != nil && !errors.Is(err, mongo.ErrNoDocuments) {
-		return nil, 0, fmt.Errorf("store: history index: %w", err)
-	}
-	base := max(fl.N, 1)
-	for step := int64(0); step < 1<<16; step = max(1, step*2) {
-		sg, err := s.segment(ctx, node, topic, base+step, false)
-		if err != nil || sg != nil {
-			return sg, base, err
+	for _, fresh := range []bool{false, true} {
+		fl, err := s.floor(ctx, node, topic, fresh)
+		if err != nil {
+			return nil, 0, err
 		}
-		if fl.N == 0 {
-			break // never purged: segment 1 is the first
+		base := max(fl, 1)
+		for step := int64(0); step < 1<<16; step = max(1, step*2) {
+			sg, err := s.segment(ctx, node, topic, base+step)
+			if err != nil || sg != nil {
+				return sg, base, err
+			}
+			if fl == 0 {
+				break // never purged: segment 1 is the first
+			}
 		}
+		if fresh {
+			return nil, base, nil
+		}
+		// Nothing found from a floor that may be stale: read it again.
 	}
-	return nil, base, nil
+	panic("unreachable")
 }
 
 // lastSegment finds the chain's last segment from its first: exponential
@@ -302,7 +645,7 @@ func (s *Store) lastSegment(ctx context.Context, node, topic string, first *hist
 	hint := max(s.hidx.seen[k], s.hidx.chains[k].n)
 	s.hidx.mu.Unlock()
 	if hint > lo.N {
-		sg, err := s.segment(ctx, node, topic, hint, false)
+		sg, err := s.segment(ctx, node, topic, hint)
 		if err != nil {
 			return nil, err
 		}
@@ -317,7 +660,7 @@ func (s *Store) lastSegment(ctx context.Context, node, topic string, first *hist
 	}()
 	var hi int64 // the first n known not to exist
 	for step := int64(1); ; step *= 2 {
-		sg, err := s.segment(ctx, node, topic, lo.N+step, false)
+		sg, err := s.segment(ctx, node, topic, lo.N+step)
 		if err != nil {
 			return nil, err
 		}
@@ -329,7 +672,7 @@ func (s *Store) lastSegment(ctx context.Context, node, topic string, first *hist
 	}
 	for hi-lo.N > 1 {
 		mid := lo.N + (hi-lo.N)/2
-		sg, err := s.segment(ctx, node, topic, mid, false)
+		sg, err := s.segment(ctx, node, topic, mid)
 		if err != nil {
 			return nil, err
 		}
@@ -345,9 +688,29 @@ func (s *Store) lastSegment(ctx context.Context, node, topic string, first *hist
 // nodeCandidates returns up to limit ids of topic written by node that
 // meet q's bounds, newest first.
 func (s *Store) nodeCandidates(ctx context.Context, node string, q HistoryQuery, limit int) ([]string, error) {
+	// The log's window first, the topic's chain after: a full flush
+	// between the two reads then shows its ids twice (removed below),
+	// never not at all.
+	var out []string
+	win, err := s.logWindowNow(ctx, node)
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range win {
+		if e.Topic != q.Topic {
+			continue
+		}
+		for _, id := range e.IDs {
+			if (q.Before == "" || id < q.Before) && (q.After == "" || id > q.After) {
+				out = append(out, id)
+			}
+		}
+	}
+	slices.SortFunc(out, func(a, b string) int { return cmp.Compare(b, a) })
+	out = slices.Compact(out)
 	first, _, err := s.firstSegment(ctx, node, q.Topic)
 	if err != nil || first == nil {
-		return nil, err
+		return out[:min(len(out), limit)], err
 	}
 	last, err := s.lastSegment(ctx, node, q.Topic, first)
 	if err != nil {
@@ -370,7 +733,7 @@ func (s *Store) nodeCandidates(ctx context.Context, node string, q HistoryQuery,
 		}
 		for hi-lo > 1 {
 			mid := lo + (hi-lo)/2
-			sg, err := s.segment(ctx, node, q.Topic, mid, false)
+			sg, err := s.segment(ctx, node, q.Topic, mid)
 			if err != nil {
 				return nil, err
 			}
@@ -386,14 +749,13 @@ func (s *Store) nodeCandidates(ctx context.Context, node string, q HistoryQuery,
 		}
 		start = min(hi, last.N)
 	}
-	var out []string
 	const ahead = 4 // segments read at once, walking back
 	for n := start; n >= first.N; {
 		segs := make([]*histSegment, min(ahead, n-first.N+1))
 		g, gctx := errgroup.WithContext(ctx)
 		for i := range segs {
 			g.Go(func() (err error) {
-				segs[i], err = s.segment(gctx, node, q.Topic, n-int64(i), true)
+				segs[i], err = s.segment(gctx, node, q.Topic, n-int64(i))
 				return err
 			})
 		}
@@ -423,6 +785,20 @@ func (s *Store) nodeCandidates(ctx context.Context, node string, q HistoryQuery,
 	return out[:min(len(out), limit)], nil
 }
 
+// logWindowNow returns the entries of node's log not yet in the topics'
+// chains, as the store holds them now.
+func (s *Store) logWindowNow(ctx context.Context, node string) ([]logEntry, error) {
+	first, _, err := s.firstSegment(ctx, node, logTopic)
+	if err != nil || first == nil {
+		return nil, err
+	}
+	last, err := s.lastSegment(ctx, node, logTopic, first)
+	if err != nil {
+		return nil, err
+	}
+	return s.logWindowEntries(ctx, node, last, last.Flushed)
+}
+
 // lagged returns the highest id of the millisecond lag ms after id's.
 func lagged(id string, lag int64) string {
 	var b ulid.ULID
@@ -433,27 +809,45 @@ func lagged(id string, lag int64) string {
 
 // indexedHistory answers a page through the index.
 func (s *Store) indexedHistory(ctx context.Context, q HistoryQuery) ([]HistoryMessage, error) {
-	cur, err := s.db.Collection(CollHistoryNodes).Find(ctx, bson.D{})
-	if err != nil {
-		return nil, fmt.Errorf("store: history nodes: %w", err)
-	}
-	var nodes []struct {
-		ID string `bson:"_id"`
-	}
-	if err := cur.All(ctx, &nodes); err != nil {
-		return nil, fmt.Errorf("store: history nodes: %w", err)
-	}
 	// A few more than the page: messages purged before their segment are
 	// skipped.
 	want := q.Limit + 8
-	per := make([][]string, len(nodes))
+	var (
+		mu      sync.Mutex
+		per     [][]string
+		started = map[string]bool{}
+	)
 	g, gctx := errgroup.WithContext(ctx)
-	for i, nd := range nodes {
-		g.Go(func() (err error) {
-			per[i], err = s.nodeCandidates(gctx, nd.ID, q, want)
-			return err
-		})
+	start := func(nodes []string) {
+		for _, nd := range nodes {
+			if started[nd] {
+				continue
+			}
+			started[nd] = true
+			g.Go(func() error {
+				ids, err := s.nodeCandidates(gctx, nd, q, want)
+				mu.Lock()
+				per = append(per, ids)
+				mu.Unlock()
+				return err
+			})
+		}
 	}
+	// The nodes known from the last page start at once; the list is read
+	// again meanwhile (a node may have written its first batch since).
+	s.hidx.mu.Lock()
+	known := s.hidx.nodeList
+	s.hidx.mu.Unlock()
+	start(known)
+	nodes, err := s.historyNodes(gctx)
+	if err != nil {
+		_ = g.Wait()
+		return nil, err
+	}
+	s.hidx.mu.Lock()
+	s.hidx.nodeList = nodes
+	s.hidx.mu.Unlock()
+	start(nodes)
 	if err := g.Wait(); err != nil {
 		return nil, err
 	}
@@ -491,6 +885,24 @@ func (s *Store) indexedHistory(ctx context.Context, q HistoryQuery) ([]HistoryMe
 	return out, nil
 }
 
+func (s *Store) historyNodes(ctx context.Context) ([]string, error) {
+	cur, err := s.db.Collection(CollHistoryNodes).Find(ctx, bson.D{})
+	if err != nil {
+		return nil, fmt.Errorf("store: history nodes: %w", err)
+	}
+	var docs []struct {
+		ID string `bson:"_id"`
+	}
+	if err := cur.All(ctx, &docs); err != nil {
+		return nil, fmt.Errorf("store: history nodes: %w", err)
+	}
+	nodes := make([]string, len(docs))
+	for i, d := range docs {
+		nodes[i] = d.ID
+	}
+	return nodes, nil
+}
+
 // purgeHistoryIndex deletes the segments whose ids are all older than
 // cutoff and moves each chain's floor past them.
 func (s *Store) purgeHistoryIndex(ctx context.Context, cutoff time.Time) error {
@@ -524,5 +936,10 @@ func (s *Store) purgeHistoryIndex(ctx context.Context, cutoff time.Time) error {
 	if _, err := coll.DeleteMany(ctx, f); err != nil {
 		return fmt.Errorf("store: purge history index: %w", err)
 	}
+	s.hidx.mu.Lock()
+	clear(s.hidx.segs)
+	clear(s.hidx.floors)
+	s.hidx.segIDs = 0
+	s.hidx.mu.Unlock()
 	return nil
 }

@@ -210,9 +210,13 @@ func TestHistoryIndexRewriteAndReplayKeepEachMessageOnce(t *testing.T) {
 func TestHistoryIndexPurge(t *testing.T) {
 	s := storetest.Open(t)
 	ctx := context.Background()
+	const window = 4
+	s.SetHistoryLogWindow(window)
 	old := time.Now().Add(-2 * time.Hour)
-	for i := range 4 {
-		b := nodeMsgs("n1", 20, old.Add(time.Duration(i)*time.Minute), func(int) string { return "a" })
+	// A log window of old batches: the last one writes the topics'
+	// segments.
+	for i := range window {
+		b := nodeMsgs("n1", 20, old.Add(time.Duration(i)*time.Second), func(int) string { return "a" })
 		b = append(b, nodeMsgs("n1", 5, old.Add(time.Duration(i)*time.Minute), func(int) string { return "gone" })...)
 		if err := s.InsertHistory(ctx, b); err != nil {
 			t.Fatal(err)
@@ -229,14 +233,16 @@ func TestHistoryIndexPurge(t *testing.T) {
 		}
 		return n
 	}
-	if n := segs(); n != 9 {
-		t.Fatalf("%d segments before the purge, want 9", n)
+	// The window's log documents, a segment for each topic, the fresh
+	// batch's log document.
+	if n, want := segs(), int64(window+2+1); n != want {
+		t.Fatalf("%d index documents before the purge, want %d", n, want)
 	}
 	if _, err := s.PurgeHistory(ctx, time.Now().Add(-time.Hour)); err != nil {
 		t.Fatal(err)
 	}
 	if n := segs(); n != 1 {
-		t.Fatalf("%d segments after the purge, want 1 (the fresh batch's)", n)
+		t.Fatalf("%d index documents after the purge, want 1 (the fresh batch's)", n)
 	}
 	wantIDs(t, "after the purge", walk(t, s, store.HistoryQuery{Topic: "a", Limit: 7}), idsOf(fresh, "a"))
 	wantIDs(t, "purged topic", walk(t, s, store.HistoryQuery{Topic: "gone", Limit: 7}), nil)
@@ -284,5 +290,165 @@ func TestHistoryIndexOutOfOrderIDs(t *testing.T) {
 			got = append(got, m.ID)
 		}
 		wantIDs(t, fmt.Sprintf("before #%d", i), got, want[i+1:min(i+4, len(want))])
+	}
+}
+
+// Pages read the index through caches: once a chain has been walked, a page
+// from any cursor reads about one index document (the probe for a new end
+// of the chain) before its messages, not the floor, the first segment and
+// a binary search over the chain.
+func TestHistoryIndexPagesReadFewSegments(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := context.Background()
+	s.SetHistoryLogWindow(4)
+	var all []store.HistoryMessage
+	at := time.Now().Add(-time.Hour)
+	for i := range 24 {
+		b := nodeMsgs("n1", 6, at.Add(time.Duration(i)*time.Second), func(j int) string { return []string{"a", "b", "c"}[j%3] })
+		all = append(all, b...)
+		if err := s.InsertHistory(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := idsOf(all, "a")
+	wantIDs(t, "walk", walk(t, s, store.HistoryQuery{Topic: "a", Limit: 5}), want)
+	before := s.HistoryIndexReads()
+	const pages = 20
+	for i := range pages {
+		c := (i * 37) % (len(want) - 4)
+		page, err := s.History(ctx, store.HistoryQuery{Topic: "a", Before: want[c], Limit: 3})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, m := range page {
+			got = append(got, m.ID)
+		}
+		wantIDs(t, fmt.Sprintf("page before #%d", c), got, want[c+1:c+4])
+	}
+	// Each page probes for a new end of the node's log and of the topic's
+	// chain.
+	if n := s.HistoryIndexReads() - before; n > 3*pages {
+		t.Fatalf("%d pages read %d index documents from the server, want at most %d", pages, n, 3*pages)
+	}
+}
+
+// A purge by another process leaves this one's caches stale: its pages
+// still list exactly the messages left, and new ones written after.
+func TestHistoryIndexPagesAfterAnotherProcessPurges(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := context.Background()
+	old := time.Now().Add(-2 * time.Hour)
+	for i := range 6 {
+		b := nodeMsgs("n1", 8, old.Add(time.Duration(i)*time.Minute), func(int) string { return "a" })
+		if err := s.InsertHistory(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fresh := nodeMsgs("n1", 8, time.Now(), func(int) string { return "a" })
+	if err := s.InsertHistory(ctx, fresh); err != nil {
+		t.Fatal(err)
+	}
+	reader, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reader.Close(ctx)
+	if got := walk(t, reader, store.HistoryQuery{Topic: "a", Limit: 5}); len(got) != 7*8 {
+		t.Fatalf("walk before the purge: %d messages, want %d", len(got), 7*8)
+	}
+	if _, err := s.PurgeHistory(ctx, time.Now().Add(-time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	wantIDs(t, "after another process purged", walk(t, reader, store.HistoryQuery{Topic: "a", Limit: 5}), idsOf(fresh, "a"))
+	more := nodeMsgs("n1", 4, time.Now().Add(time.Second), func(int) string { return "a" })
+	if err := s.InsertHistory(ctx, more); err != nil {
+		t.Fatal(err)
+	}
+	wantIDs(t, "written after the purge", walk(t, reader, store.HistoryQuery{Topic: "a", Limit: 5}), idsOf(slices.Concat(fresh, more), "a"))
+}
+
+// A batch of many topics costs one index document, not one per topic:
+// its ids go to the node's log, and only once every window of batches to
+// each topic's chain. Every topic's pages list exactly its messages, from
+// the log, from the chains, and from both.
+func TestHistoryIndexManyTopicsOneLogDocumentPerBatch(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := context.Background()
+	const window = 4
+	s.SetHistoryLogWindow(window)
+	const topics, batches = 50, 2*window + 3
+	var all []store.HistoryMessage
+	at := time.Now().Add(-time.Minute)
+	for i := range batches {
+		b := nodeMsgs("n1", topics, at.Add(time.Duration(i)*time.Millisecond), func(j int) string { return fmt.Sprintf("d/%d", j) })
+		all = append(all, b...)
+		if err := s.InsertHistory(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+		if i == 2 {
+			wantIDs(t, "from the log", walk(t, s, store.HistoryQuery{Topic: "d/7", Limit: 2}), idsOf(all, "d/7"))
+		}
+	}
+	n, err := s.DB().Collection(store.CollHistoryIndex).CountDocuments(ctx, bson.D{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// One log document per batch, one segment per topic at each of the two
+	// full flushes.
+	if want := int64(batches + 2*topics); n != want {
+		t.Fatalf("%d index documents for %d batches of %d topics, want %d", n, batches, topics, want)
+	}
+	for _, tp := range []string{"d/0", "d/7", "d/49"} {
+		wantIDs(t, tp, walk(t, s, store.HistoryQuery{Topic: tp, Limit: 3}), idsOf(all, tp))
+	}
+	want := idsOf(all, "d/7")
+	page, err := s.History(ctx, store.HistoryQuery{Topic: "d/7", Before: want[2], After: want[len(want)-3], Limit: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, m := range page {
+		got = append(got, m.ID)
+	}
+	wantIDs(t, "bounded, across the log and the chain", got, want[3:len(want)-3])
+}
+
+// A writer process that restarts (a new Store) takes over the entries of
+// its node's log not yet in the chains: pages after its next full flush
+// list every message once, read by either process, while a reader pages
+// throughout.
+func TestHistoryIndexLogSurvivesARestartAcrossFlushes(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := context.Background()
+	const window = 4
+	s.SetHistoryLogWindow(window)
+	topic := func(i int) string { return []string{"a", "b", "c"}[i%3] }
+	var all []store.HistoryMessage
+	write := func(st *store.Store, n int) {
+		for range n {
+			b := nodeMsgs("n1", 6, time.Now(), topic)
+			if err := st.InsertHistory(ctx, b); err != nil {
+				t.Fatal(err)
+			}
+			all = append(all, b...)
+			got := walk(t, s, store.HistoryQuery{Topic: "a", Limit: 20})
+			wantIDs(t, fmt.Sprintf("walk after %d batches", len(all)/6), got, idsOf(all, "a"))
+		}
+	}
+	// Two full flushes, then one batch in the log's window.
+	write(s, 2*window+1)
+	s2, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close(ctx)
+	s2.SetHistoryLogWindow(window)
+	// The new process's first full flush must write that batch too.
+	write(s2, 2*window+1)
+	for _, st := range []*store.Store{s, s2} {
+		for _, tp := range []string{"a", "b", "c"} {
+			wantIDs(t, "final "+tp, walk(t, st, store.HistoryQuery{Topic: tp, Limit: 7}), idsOf(all, tp))
+		}
 	}
 }

@@ -1,0 +1,18 @@
+package store
+
+// HistoryIndexReads is how many documents of the history index this store
+// has read from the server.
+func (s *Store) HistoryIndexReads() int64 {
+	s.hidx.mu.Lock()
+	defer s.hidx.mu.Unlock()
+	return s.hidx.reads
+}
+
+// SetHistoryLogWindow sets how many batches a node's history log holds
+// before a full flush (logWindow unless set): tests cross flushes in few
+// batches.
+func (s *Store) SetHistoryLogWindow(n int64) {
+	s.hidx.mu.Lock()
+	defer s.hidx.mu.Unlock()
+	s.hidx.window = n
+}
