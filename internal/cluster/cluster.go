@@ -136,6 +136,7 @@ type Node struct {
 	stop     chan struct{}
 	wg       sync.WaitGroup
 	stopOnce sync.Once
+	leaves   sync.WaitGroup // goroutines of Leave, which may outlive its caller
 }
 
 // New checks opts; it binds nothing.
@@ -451,7 +452,20 @@ func (n *Node) dispatch() {
 // until the message has propagated, so peers see "left", not "failed".
 func (n *Node) Leave(ctx context.Context) error {
 	done := make(chan error, 1)
-	go func() { done <- n.serf.Leave() }()
+	n.leaves.Add(1)
+	go func() {
+		defer n.leaves.Done()
+		// A caller that gave up on the leave may shut the node down while
+		// serf is still broadcasting it; memberlist then panics ("leave
+		// after shutdown") when serf goes on to its own leave. The node is
+		// gone either way: report it as the leave's failure.
+		defer func() {
+			if r := recover(); r != nil {
+				done <- fmt.Errorf("gossip leave interrupted by shutdown: %v", r)
+			}
+		}()
+		done <- n.serf.Leave()
+	}()
 	select {
 	case err := <-done:
 		return err

@@ -220,3 +220,26 @@ func TestShutdownDoesNotCloseDone(t *testing.T) {
 	case <-time.After(300 * time.Millisecond):
 	}
 }
+
+// A Leave given up by its caller must not bring the process down when
+// Shutdown follows while the leave is still broadcasting (memberlist panics
+// on a leave after shutdown).
+func TestShutdownDuringAbandonedLeave(t *testing.T) {
+	var leavers []*cluster.Node
+	for i := 0; i < 5; i++ {
+		a := startNode(t, fmt.Sprintf("a%d", i), nil, nil)
+		b := startNode(t, fmt.Sprintf("b%d", i), []string{a.Addr()}, nil)
+		waitView(t, b, fmt.Sprintf("a%d=alive,b%d=alive", i, i))
+		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(i)*time.Millisecond)
+		if err := b.Leave(ctx); err == nil {
+			t.Logf("round %d: leave finished before its deadline", i)
+		}
+		cancel()
+		_ = b.Shutdown()
+		_ = a.Shutdown()
+		leavers = append(leavers, b)
+	}
+	for _, b := range leavers { // up to serf's broadcast timeout, 5 s
+		b.WaitLeaves()
+	}
+}
