@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"go.mongodb.org/mongo-driver/v2/bson"
@@ -112,7 +113,28 @@ func ensureSchema(ctx context.Context, db *mongo.Database) error {
 	// the connection) when one command lists two or more indexes that already
 	// exist, because it deletes them from its to-do list by their original
 	// position.
+	ferret, err := isFerretDBv1(ctx, db)
+	if err != nil {
+		return err
+	}
 	for _, ix := range indexes {
+		if ferret && !ix.unique {
+			// FerretDB v1 plans every query by _id alone (it pushes no other
+			// filter down), so a secondary index is never read, yet every
+			// insert and update maintains it: without history's
+			// topic_id_desc, inserts ran 1.38 times as fast (docs/history.md).
+			// Unique indexes stay: they enforce their constraint. Earlier
+			// rtm versions created these, so they are dropped.
+			if err := db.Collection(ix.coll).Indexes().DropOne(ctx, ix.name); err != nil && !indexNotFound(err) {
+				return fmt.Errorf("drop index %s on %s: %w", ix.name, ix.coll, err)
+			}
+			// The collection exists from the start, as creating the index
+			// made it do (the embedded server indexes its _id then).
+			if err := db.CreateCollection(ctx, ix.coll); err != nil && !collectionExists(err) {
+				return fmt.Errorf("create collection %s: %w", ix.coll, err)
+			}
+			continue
+		}
 		o := options.Index().SetName(ix.name)
 		if ix.unique {
 			o.SetUnique(true)
@@ -131,4 +153,29 @@ func ensureSchema(ctx context.Context, db *mongo.Database) error {
 func indexNotFound(err error) bool {
 	var ce mongo.CommandError
 	return errors.As(err, &ce) && (ce.Code == 27 || ce.Code == 26)
+}
+
+// isFerretDBv1 reports whether db is served by FerretDB before 2.0, which
+// answers buildInfo with its own version beside the MongoDB one it
+// emulates ("unknown" when built into a program, as rtm's embedded store
+// is). FerretDB 2 runs on DocumentDB, which does use secondary indexes.
+func isFerretDBv1(ctx context.Context, db *mongo.Database) (bool, error) {
+	var info struct {
+		FerretDBVersion *string `bson:"ferretdbVersion"`
+	}
+	if err := db.RunCommand(ctx, bson.D{{Key: "buildInfo", Value: 1}}).Decode(&info); err != nil {
+		return false, fmt.Errorf("buildInfo: %w", err)
+	}
+	if info.FerretDBVersion == nil {
+		return false, nil
+	}
+	v := strings.TrimPrefix(*info.FerretDBVersion, "v")
+	return !strings.HasPrefix(v, "2.") && !strings.HasPrefix(v, "3."), nil
+}
+
+// collectionExists reports the server's answer to creating a collection
+// that exists (NamespaceExists, code 48).
+func collectionExists(err error) bool {
+	var ce mongo.CommandError
+	return errors.As(err, &ce) && ce.Code == 48
 }
