@@ -69,8 +69,12 @@ type durableHook struct {
 	lost      atomic.Int64 // session writes refused because another node owns the session
 
 	barrierTimeouts atomic.Int64 // link acknowledgements sent before the store confirmed
-	adopted         atomic.Int64 // sessions taken from nodes that died (or left)
-	reforwarded     atomic.Int64 // publishes a dead node's link held, sent on to adopters
+	// refusedOwnerUnreachable counts CONNECTs refused (to be retried)
+	// because the node owning the client's stored session was unreachable
+	// but not yet declared failed.
+	refusedOwnerUnreachable atomic.Int64
+	adopted                 atomic.Int64 // sessions taken from nodes that died (or left)
+	reforwarded             atomic.Int64 // publishes a dead node's link held, sent on to adopters
 	// supersededSkipped counts stored sessions of a dead node not adopted
 	// because their client was connected to a live node already.
 	supersededSkipped atomic.Int64
@@ -1019,9 +1023,14 @@ type DurabilityStats struct {
 	// BarrierTimeouts counts node link acknowledgements sent before the
 	// store confirmed the writes they covered (it took over 500 ms).
 	BarrierTimeouts int64 `json:"barrier_timeouts"`
+	// RefusedOwnerUnreachable counts CONNECTs refused with 0x88 (to be
+	// retried) because the node holding the client's stored session was
+	// unreachable and not yet declared failed.
+	RefusedOwnerUnreachable int64 `json:"refused_owner_unreachable"`
 }
 
 func (d *durableHook) stats() *DurabilityStats {
 	return &DurabilityStats{Stats: d.w.Stats(), Coalesced: d.coalesced.Load(), LostOwnership: d.lost.Load(),
-		Adopted: d.adopted.Load(), SupersededSkipped: d.supersededSkipped.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load()}
+		Adopted: d.adopted.Load(), SupersededSkipped: d.supersededSkipped.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load(),
+		RefusedOwnerUnreachable: d.refusedOwnerUnreachable.Load()}
 }

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
 	"go.mongodb.org/mongo-driver/v2/bson"
 	"go.mongodb.org/mongo-driver/v2/mongo"
 
@@ -242,13 +243,42 @@ func (d *durableHook) claimOnConnect(cl *mqtt.Client) {
 	}
 	live, _ := d.brokers()
 	if slices.Contains(live, s.Owner) {
+		// Its owner may have died with it, not yet declared failed: an
+		// empty session now would be the client's, and the stored one,
+		// once its owner is declared failed, would be dropped as
+		// superseded. The client is refused (0x88, v3.1.1 code 3) and
+		// retries; once gossip declares the owner failed, the retry takes
+		// the session from the store (below) or from its adopter.
+		if !s.WillOnly && d.b.cluster.unreachable(s.Owner) {
+			d.refusedOwnerUnreachable.Add(1)
+			d.log.Debug("client refused: the node holding its session is unreachable and not yet declared failed", "client_id", cl.ID, "owner", s.Owner)
+			cl.RefuseSession(packets.ErrServerUnavailable)
+		}
 		return
 	}
-	if n, err := d.claim(ctx, []sessionDoc{s}, false); err != nil {
+	n, err := d.claim(ctx, []sessionDoc{s}, false)
+	switch {
+	case err != nil:
 		d.log.Warn("stored session of a node that is gone not taken", "client_id", cl.ID, "owner", s.Owner, "error", err)
-	} else if n > 0 {
+	case n > 0:
 		d.log.Info("took the stored session of a node that is gone", "client_id", cl.ID, "owner", s.Owner)
+	default:
+		// A survivor's adoption claimed it first and may not have
+		// installed it yet, so the link claim below would not find it:
+		// the client retries, and then moves it from its adopter.
+		d.refusedOwnerUnreachable.Add(1)
+		cl.RefuseSession(packets.ErrServerUnavailable)
 	}
+}
+
+// unreachable reports whether gossip suspects the broker name or its link
+// is down.
+func (c *clusterNode) unreachable(name string) bool {
+	if c.node.Suspected(name) {
+		return true
+	}
+	p := c.peers.get(name)
+	return p == nil || !p.link.Up()
 }
 
 // releaseWhenAdopted ends the hold of a failed peer's link once every
