@@ -6,11 +6,20 @@
 //     alternating rounds (the machine is shared: medians and their ratio);
 //   - restart: a node holding -sessions persistent sessions and -queued
 //     queued messages is killed (SIGKILL) and started again on the same
-//     data directory: the time until it serves (its "broker started" line)
-//     and the time it reports restoring them.
+//     data directory: the time until it serves (its "broker started" line),
+//     the time it reports restoring them, and the time until every device
+//     has reconnected and received its queue;
+//   - failover: a 3-node cluster on one `rtm store`, -failover-sessions
+//     persistent sessions connected to n2, kill -9 n2: the time until every
+//     device has reconnected to a survivor, and how many found their
+//     session (failover.go).
 //
-// go run ./bench/durable [-rounds 5] [-pubs 4] [-subs 4] [-msgs 5000] [-window 64]
+// Every broker and store process it starts is ended by PID on every way
+// out (an error, an interrupt).
+//
+// go run ./bench/durable [-rounds 5] [-pubs 4] [-subs 4] [-msgs 5000] [-window 64] [-cpuprofile FILE]
 // go run ./bench/durable -restart [-sessions 10000] [-queued 100000]
+// go run ./bench/durable -failover [-failover-sessions 1000] [-probe 1s]
 package main
 
 import (
@@ -464,18 +473,35 @@ func measureRestart(bin string) error {
 		return err
 	}
 	fmt.Printf("restart after kill -9: serving after %v (restore took %s)\n", b2.ready.Round(time.Millisecond), b2.restore)
-	// One device reconnects and gets its queue.
-	var got atomic.Int64
-	c, ca, err := dial(ctx, b2.addr, "dev-00000", 86400, false, func(*paho.Publish) { got.Add(1) })
-	if err != nil {
-		return err
+	// Every device reconnects (16 at a time) and gets its queue.
+	restarted := time.Now()
+	var got, present atomic.Int64
+	var clients sync.Map
+	if err := parallel(*sessions, 16, func(i int) error {
+		c, ca, err := dial(ctx, b2.addr, fmt.Sprintf("dev-%05d", i), 86400, false, func(*paho.Publish) { got.Add(1) })
+		if err != nil {
+			return err
+		}
+		if ca.SessionPresent {
+			present.Add(1)
+		}
+		clients.Store(i, c)
+		return nil
+	}); err != nil {
+		return fmt.Errorf("reconnect: %w", err)
 	}
-	deadline := time.Now().Add(time.Minute)
-	for got.Load() < int64(n) && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
-	fmt.Printf("dev-00000: session present %v, %d of %d queued messages received\n", ca.SessionPresent, got.Load(), n)
-	_ = c.Disconnect(&paho.Disconnect{})
+	connected := time.Since(restarted)
+	want := int64(n * *sessions)
+	_ = waitFor(10*time.Minute, func() error {
+		if got.Load() < want {
+			return fmt.Errorf("%d of %d", got.Load(), want)
+		}
+		return nil
+	})
+	fmt.Printf("all %d devices reconnected in %v (%d with session present); %d of %d queued messages received %v after the restart was serving (%v after exec)\n",
+		*sessions, connected.Round(time.Millisecond), present.Load(), got.Load(), want, time.Since(restarted).Round(time.Millisecond),
+		(time.Since(restarted) + b2.ready).Round(time.Millisecond))
+	clients.Range(func(_, c any) bool { _ = c.(*paho.Client).Disconnect(&paho.Disconnect{}); return true })
 	b2.stop(syscall.SIGTERM)
 	return nil
 }
