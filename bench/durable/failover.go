@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"os"
 	"os/exec"
@@ -29,7 +30,7 @@ var (
 // persistent sessions are connected to n2 (each got a QoS 1 message
 // published on n1 and queued while it was offline, so routes and stored
 // messages are known to work); n2 is killed (SIGKILL) and every device
-// reconnects, once its connection ends and then every 250 ms until its
+// reconnects, once its connection ends and then with backoff until its
 // CONNECT succeeds, to a survivor (n1 and n3 alternately, as a device
 // behind a load balancer would). Reported: the time from the kill until
 // the survivors adopted n2's sessions, until every device is connected,
@@ -138,13 +139,13 @@ func measureFailover(bin string) error {
 	// Routes reach n1 by gossip and link: a device's first publish waits for its route.
 	if err := waitFor(time.Minute, func() error {
 		var cs struct {
-			Routes int `json:"remote_routes"`
+			Routes map[string]int `json:"remote_routes"`
 		}
 		if err := adminGet(n1.admin, "/v1/cluster", &cs); err != nil {
 			return err
 		}
-		if cs.Routes < n {
-			return fmt.Errorf("n1 knows %d routes of %d", cs.Routes, n)
+		if cs.Routes["n2"] < n {
+			return fmt.Errorf("n1 knows %d routes of n2, want %d", cs.Routes["n2"], n)
 		}
 		return nil
 	}); err != nil {
@@ -195,6 +196,10 @@ func measureFailover(bin string) error {
 				<-d.c.Done()
 			}
 			survivor := []*broker{n1, n3}[i%2]
+			// As devices do: at once, then with exponential backoff and
+			// jitter (250 ms doubling to 4 s), so a fleet does not retry in
+			// step.
+			backoff := 250 * time.Millisecond
 			for ctx.Err() == nil {
 				c, ca, err := dial(ctx, survivor.addr, d.id, 86400, false, nil)
 				if err == nil {
@@ -208,7 +213,8 @@ func measureFailover(bin string) error {
 					_ = c.Disconnect(&paho.Disconnect{})
 					return
 				}
-				time.Sleep(250 * time.Millisecond)
+				time.Sleep(backoff/2 + rand.N(backoff/2))
+				backoff = min(2*backoff, 4*time.Second)
 			}
 		}()
 	}
@@ -294,6 +300,7 @@ func orDefault(s string) string {
 func startStore(bin, data string) (string, error) {
 	b := &broker{done: make(chan struct{})}
 	b.cmd = exec.Command(bin, "store", "--addr", "127.0.0.1:0", "--data", data)
+	b.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out, err := b.cmd.StdoutPipe()
 	if err != nil {
 		return "", err

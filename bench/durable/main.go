@@ -152,6 +152,9 @@ func startNode(bin, data, durable, name string, extra ...string) (*broker, error
 	args := append([]string{"broker", "--data", data, "--node-name", name,
 		"--mqtt-addr", "127.0.0.1:0", "--ws-addr", "", "--admin-addr", "127.0.0.1:0", "--log-format", "json"}, extra...)
 	b.cmd = exec.Command(bin, args...)
+	// Ended with this process even when it is killed (go run passes on a
+	// SIGTERM as a kill, which no handler sees).
+	b.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	b.cmd.Env = append(os.Environ(), "RTM_AUTH_DEVICES=anonymous", "RTM_BROKER_DURABILITY="+durable,
 		"RTM_BROKER_ADMIN_KEYS=bench-admin-key-0123456789abcdef", "RTM_BROKER_MAX_QUEUED=65535",
 		"RTM_BROKER_MAX_QUEUED_BYTES=1073741824", "RTM_BROKER_MAX_QUEUED_BYTES_TOTAL=8589934592",
