@@ -78,9 +78,19 @@ func (c *clusterNode) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		c.waitMove(im)
 	}
 	var up []*peer
+	var skipped []string // peers not asked, or not waited for: unreachable
+	defer func() {
+		// Durable sessions: one of them may hold this client's session
+		// and be dying (refuseForUnreachableOwner).
+		if !refuse && !pk.Connect.Clean && len(skipped) > 0 && c.b.durable != nil && c.b.durable.refuseForUnreachableOwner(cl, skipped) {
+			refuse = true
+		}
+	}()
 	for _, p := range c.peers.up() {
 		if !c.node.Suspected(p.name) {
 			up = append(up, p)
+		} else {
+			skipped = append(skipped, p.name)
 		}
 	}
 	if len(up) == 0 {
@@ -118,6 +128,7 @@ wait:
 			for name, p := range pending {
 				if !p.link.Up() || !c.peers.isAlive(name) || c.node.Suspected(name) {
 					delete(pending, name)
+					skipped = append(skipped, name)
 					c.log.Info("client ID claim: not waiting for a node that is suspected or unreachable", "client_id", cl.ID, "node", name)
 				}
 			}

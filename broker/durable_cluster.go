@@ -10,6 +10,7 @@ import (
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
 	"go.mongodb.org/mongo-driver/v2/bson"
 	"go.mongodb.org/mongo-driver/v2/mongo"
 
@@ -217,15 +218,24 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 			}
 			return false // another node took it first
 		}
-		res, err := sc.UpdateOne(ctx,
-			bson.D{{Key: "_id", Value: s.ID}, {Key: "owner", Value: s.Owner}, {Key: "epoch", Value: s.Epoch}},
-			bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}, {Key: "epoch", Value: s.Epoch + 1}, {Key: "adopted_from", Value: s.Owner}}}})
-		if err != nil {
-			claimErr = err
+		// Then the document, read and written by _id: FerretDB v1 scans
+		// the collection for a filter on more than _id (one scan per
+		// session made adopting thousands take minutes), and runs a
+		// conditional update as this same read then write anyway.
+		var cur sessionDoc
+		if err := sc.FindOne(ctx, bson.D{{Key: "_id", Value: s.ID}}).Decode(&cur); err != nil {
+			if !errors.Is(err, mongo.ErrNoDocuments) {
+				claimErr = err
+			}
 			return false
 		}
-		if res.ModifiedCount != 1 {
+		if cur.Owner != s.Owner || cur.Epoch != s.Epoch {
 			return false // another node took it first
+		}
+		if _, err := sc.UpdateOne(ctx, bson.D{{Key: "_id", Value: s.ID}},
+			bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}, {Key: "epoch", Value: s.Epoch + 1}, {Key: "adopted_from", Value: s.Owner}}}}); err != nil {
+			claimErr = err
+			return false
 		}
 		s.Owner, s.Epoch, s.AdoptedFrom = d.node, s.Epoch+1, s.Owner
 		got++
@@ -263,18 +273,80 @@ func (d *durableHook) claimOnConnect(cl *mqtt.Client) {
 	}
 	var s sessionDoc
 	err := d.st.DB().Collection(store.CollSessions).FindOne(ctx, bson.D{{Key: "_id", Value: cl.ID}}).Decode(&s)
+	live, failed := d.brokers()
+	if err != nil && !errors.Is(err, mongo.ErrNoDocuments) && len(failed) > 0 {
+		// The store does not answer (a fleet reconnecting at once after a
+		// node's death overloads it) while a node is down: the session may
+		// be that node's. The client retries rather than start empty.
+		d.refusedOwnerUnreachable.Add(1)
+		d.log.Debug("client refused: its stored session could not be read while a node is down", "client_id", cl.ID, "error", err)
+		cl.RefuseSession(packets.ErrServerUnavailable)
+		return
+	}
 	if err != nil || s.Owner == d.node {
 		return
 	}
-	live, _ := d.brokers()
 	if slices.Contains(live, s.Owner) {
+		// Its owner may have died with it, not yet declared failed: an
+		// empty session now would be the client's, and the stored one,
+		// once its owner is declared failed, would be dropped as
+		// superseded. The client is refused (0x88, v3.1.1 code 3) and
+		// retries; once gossip declares the owner failed, the retry takes
+		// the session from the store (below) or from its adopter.
+		if !s.WillOnly && d.b.cluster.unreachable(s.Owner) {
+			d.refusedOwnerUnreachable.Add(1)
+			d.log.Debug("client refused: the node holding its session is unreachable and not yet declared failed", "client_id", cl.ID, "owner", s.Owner)
+			cl.RefuseSession(packets.ErrServerUnavailable)
+		}
 		return
 	}
-	if n, err := d.claim(ctx, []sessionDoc{s}, false); err != nil {
-		d.log.Warn("stored session of a node that is gone not taken", "client_id", cl.ID, "owner", s.Owner, "error", err)
-	} else if n > 0 {
+	n, err := d.claim(ctx, []sessionDoc{s}, false)
+	switch {
+	case err != nil:
+		// Not an empty session instead: the client retries.
+		d.log.Warn("client refused: the stored session of a node that is gone could not be taken", "client_id", cl.ID, "owner", s.Owner, "error", err)
+		d.refusedOwnerUnreachable.Add(1)
+		cl.RefuseSession(packets.ErrServerUnavailable)
+	case n > 0:
 		d.log.Info("took the stored session of a node that is gone", "client_id", cl.ID, "owner", s.Owner)
+	default:
+		// A survivor's adoption claimed it first and may not have
+		// installed it yet, so the link claim below would not find it:
+		// the client retries, and then moves it from its adopter.
+		d.refusedOwnerUnreachable.Add(1)
+		cl.RefuseSession(packets.ErrServerUnavailable)
 	}
+}
+
+// refuseForUnreachableOwner refuses cl's CONNECT (0x88, to be retried)
+// when the store says its session belongs to one of nodes, which the claim
+// found unreachable: it may have died holding it, and an empty session now
+// would make the survivors drop the stored one as superseded. It reports
+// whether it refused. A store that does not answer refuses nothing.
+func (d *durableHook) refuseForUnreachableOwner(cl *mqtt.Client, nodes []string) bool {
+	ctx, cancel := context.WithTimeout(d.ctx, 5*time.Second)
+	defer cancel()
+	var s sessionDoc
+	if err := d.st.DB().Collection(store.CollSessions).FindOne(ctx, bson.D{{Key: "_id", Value: cl.ID}}).Decode(&s); err != nil {
+		return false
+	}
+	if s.WillOnly || !slices.Contains(nodes, s.Owner) {
+		return false
+	}
+	d.refusedOwnerUnreachable.Add(1)
+	d.log.Debug("client refused: the node holding its session is unreachable and not yet declared failed", "client_id", cl.ID, "owner", s.Owner)
+	cl.RefuseSession(packets.ErrServerUnavailable)
+	return true
+}
+
+// unreachable reports whether gossip suspects the broker name or its link
+// is down.
+func (c *clusterNode) unreachable(name string) bool {
+	if c.node.Suspected(name) {
+		return true
+	}
+	p := c.peers.get(name)
+	return p == nil || !p.link.Up()
 }
 
 // releaseWhenAdopted ends the hold of a failed peer's link once every

@@ -6,11 +6,20 @@
 //     alternating rounds (the machine is shared: medians and their ratio);
 //   - restart: a node holding -sessions persistent sessions and -queued
 //     queued messages is killed (SIGKILL) and started again on the same
-//     data directory: the time until it serves (its "broker started" line)
-//     and the time it reports restoring them.
+//     data directory: the time until it serves (its "broker started" line),
+//     the time it reports restoring them, and the time until every device
+//     has reconnected and received its queue;
+//   - failover: a 3-node cluster on one `rtm store`, -failover-sessions
+//     persistent sessions connected to n2, kill -9 n2: the time until every
+//     device has reconnected to a survivor, and how many found their
+//     session (failover.go).
 //
-// go run ./bench/durable [-rounds 5] [-pubs 4] [-subs 4] [-msgs 5000] [-window 64]
+// Every broker and store process it starts is ended by PID on every way
+// out (an error, an interrupt).
+//
+// go run ./bench/durable [-rounds 5] [-pubs 4] [-subs 4] [-msgs 5000] [-window 64] [-cpuprofile FILE]
 // go run ./bench/durable -restart [-sessions 10000] [-queued 100000]
+// go run ./bench/durable -failover [-failover-sessions 1000] [-probe 1s]
 package main
 
 import (
@@ -19,10 +28,12 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -45,28 +56,64 @@ var (
 	restart  = flag.Bool("restart", false, "measure the restart instead")
 	sessions = flag.Int("sessions", 10000, "restart: persistent sessions")
 	queued   = flag.Int("queued", 100000, "restart: queued messages in all (spread evenly)")
+	failover = flag.Bool("failover", false, "measure the time from kill -9 of a node until its sessions are served elsewhere instead")
+	cpuprof  = flag.String("cpuprofile", "", "write a CPU profile of the broker in the first round with durability on (3 s from its start) to this file")
 )
 
 func main() {
 	flag.Parse()
+	// Interrupted: the brokers started go too.
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		s := <-sig
+		fail(fmt.Errorf("%v", s))
+	}()
 	bin, err := build()
 	if err != nil {
 		fail(err)
 	}
-	defer os.RemoveAll(filepath.Dir(bin))
-	if *restart {
-		if err := measureRestart(bin); err != nil {
-			fail(err)
-		}
-		return
+	binDir = filepath.Dir(bin)
+	switch {
+	case *restart:
+		err = measureRestart(bin)
+	case *failover:
+		err = measureFailover(bin)
+	default:
+		err = measureThroughput(bin)
 	}
-	if err := measureThroughput(bin); err != nil {
+	if err != nil {
 		fail(err)
+	}
+	endChildren()
+	_ = os.RemoveAll(binDir)
+}
+
+var binDir string
+
+// children are the broker processes started and not yet ended: every way
+// out of the program ends them, by PID.
+var (
+	childMu  sync.Mutex
+	children = map[*broker]bool{}
+)
+
+func endChildren() {
+	childMu.Lock()
+	defer childMu.Unlock()
+	for b := range children {
+		_ = b.cmd.Process.Kill()
+		<-b.done
+		delete(children, b)
 	}
 }
 
 func fail(err error) {
 	fmt.Fprintln(os.Stderr, "durable:", err)
+	endChildren()
+	if binDir != "" {
+		_ = os.RemoveAll(binDir)
+	}
 	os.Exit(1)
 }
 
@@ -95,9 +142,19 @@ type broker struct {
 }
 
 func startBroker(bin, data, durable string) (*broker, error) {
+	return startNode(bin, data, durable, "bench-"+durable, "--gossip-addr", "")
+}
+
+// startNode starts `rtm broker` named name with durability durable, and
+// extra arguments (the cluster's, or none).
+func startNode(bin, data, durable, name string, extra ...string) (*broker, error) {
 	b := &broker{data: data, durable: durable, done: make(chan struct{})}
-	b.cmd = exec.Command(bin, "broker", "--data", data, "--node-name", "bench-"+durable,
-		"--mqtt-addr", "127.0.0.1:0", "--ws-addr", "", "--admin-addr", "127.0.0.1:0", "--gossip-addr", "", "--log-format", "json")
+	args := append([]string{"broker", "--data", data, "--node-name", name,
+		"--mqtt-addr", "127.0.0.1:0", "--ws-addr", "", "--admin-addr", "127.0.0.1:0", "--log-format", "json"}, extra...)
+	b.cmd = exec.Command(bin, args...)
+	// Ended with this process even when it is killed (go run passes on a
+	// SIGTERM as a kill, which no handler sees).
+	b.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	b.cmd.Env = append(os.Environ(), "RTM_AUTH_DEVICES=anonymous", "RTM_BROKER_DURABILITY="+durable,
 		"RTM_BROKER_ADMIN_KEYS=bench-admin-key-0123456789abcdef", "RTM_BROKER_MAX_QUEUED=65535",
 		"RTM_BROKER_MAX_QUEUED_BYTES=1073741824", "RTM_BROKER_MAX_QUEUED_BYTES_TOTAL=8589934592",
@@ -110,6 +167,9 @@ func startBroker(bin, data, durable string) (*broker, error) {
 	if err := b.cmd.Start(); err != nil {
 		return nil, err
 	}
+	childMu.Lock()
+	children[b] = true
+	childMu.Unlock()
 	got := make(chan error, 1)
 	go func() {
 		sc := bufio.NewScanner(stderr)
@@ -141,12 +201,18 @@ func startBroker(bin, data, durable string) (*broker, error) {
 			got <- fmt.Errorf("broker (durability %s) exited before starting", durable)
 		}
 	}()
-	go func() { _ = b.cmd.Wait(); close(b.done) }()
+	go func() {
+		_ = b.cmd.Wait()
+		close(b.done)
+		childMu.Lock()
+		delete(children, b)
+		childMu.Unlock()
+	}()
 	select {
 	case err := <-got:
 		return b, err
 	case <-time.After(10 * time.Minute):
-		return nil, fmt.Errorf("broker did not start in 10m")
+		return b, fmt.Errorf("broker did not start in 10m")
 	}
 }
 
@@ -201,7 +267,15 @@ func measureThroughput(bin string) error {
 			if err != nil {
 				return err
 			}
+			var prof chan struct{}
+			if *cpuprof != "" && mode == "on" && r == 0 {
+				prof = make(chan struct{})
+				go func() { defer close(prof); profile(b.admin, *cpuprof) }()
+			}
 			rate, err := throughputRound(b.addr)
+			if prof != nil {
+				<-prof
+			}
 			if mode == "on" {
 				fmt.Printf("  store writes: %s\n", durabilityStats(b.admin))
 			}
@@ -303,6 +377,25 @@ func durabilityStats(admin string) string {
 	return string(st.Durability)
 }
 
+// profile saves 3 s of the broker's CPU profile to path.
+func profile(admin, path string) {
+	req, _ := http.NewRequest(http.MethodGet, "http://"+admin+"/debug/pprof/profile?seconds=3", nil)
+	req.Header.Set("Authorization", "Bearer bench-admin-key-0123456789abcdef")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "profile:", err)
+		return
+	}
+	defer resp.Body.Close()
+	f, err := os.Create(path)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "profile:", err)
+		return
+	}
+	defer f.Close()
+	_, _ = io.Copy(f, resp.Body)
+}
+
 func median(v []float64) float64 {
 	s := slices.Clone(v)
 	slices.Sort(s)
@@ -370,9 +463,11 @@ func measureRestart(bin string) error {
 	}
 	n := *queued / *sessions
 	for i := 0; i < n; i++ {
+		t1 := time.Now()
 		if _, err := pub.Publish(ctx, &paho.Publish{Topic: "fleet/cmd", QoS: 1, Payload: []byte(strings.Repeat("c", 64))}); err != nil {
-			return err
+			return fmt.Errorf("publish %d of %d: %w (store writes: %s)", i+1, n, err, durabilityStats(b.admin))
 		}
+		fmt.Printf("  publish %d acknowledged after %v\n", i+1, time.Since(t1).Round(time.Millisecond))
 	}
 	fmt.Printf("%d messages queued (%d publishes, each acknowledged once written) in %v\n", n**sessions, n, time.Since(t0).Round(time.Millisecond))
 	b.stop(syscall.SIGKILL)
@@ -381,18 +476,35 @@ func measureRestart(bin string) error {
 		return err
 	}
 	fmt.Printf("restart after kill -9: serving after %v (restore took %s)\n", b2.ready.Round(time.Millisecond), b2.restore)
-	// One device reconnects and gets its queue.
-	var got atomic.Int64
-	c, ca, err := dial(ctx, b2.addr, "dev-00000", 86400, false, func(*paho.Publish) { got.Add(1) })
-	if err != nil {
-		return err
+	// Every device reconnects (16 at a time) and gets its queue.
+	restarted := time.Now()
+	var got, present atomic.Int64
+	var clients sync.Map
+	if err := parallel(*sessions, 16, func(i int) error {
+		c, ca, err := dial(ctx, b2.addr, fmt.Sprintf("dev-%05d", i), 86400, false, func(*paho.Publish) { got.Add(1) })
+		if err != nil {
+			return err
+		}
+		if ca.SessionPresent {
+			present.Add(1)
+		}
+		clients.Store(i, c)
+		return nil
+	}); err != nil {
+		return fmt.Errorf("reconnect: %w", err)
 	}
-	deadline := time.Now().Add(time.Minute)
-	for got.Load() < int64(n) && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
-	fmt.Printf("dev-00000: session present %v, %d of %d queued messages received\n", ca.SessionPresent, got.Load(), n)
-	_ = c.Disconnect(&paho.Disconnect{})
+	connected := time.Since(restarted)
+	want := int64(n * *sessions)
+	_ = waitFor(10*time.Minute, func() error {
+		if got.Load() < want {
+			return fmt.Errorf("%d of %d", got.Load(), want)
+		}
+		return nil
+	})
+	fmt.Printf("all %d devices reconnected in %v (%d with session present); %d of %d queued messages received %v after the restart was serving (%v after exec)\n",
+		*sessions, connected.Round(time.Millisecond), present.Load(), got.Load(), want, time.Since(restarted).Round(time.Millisecond),
+		(time.Since(restarted) + b2.ready).Round(time.Millisecond))
+	clients.Range(func(_, c any) bool { _ = c.(*paho.Client).Disconnect(&paho.Disconnect{}); return true })
 	b2.stop(syscall.SIGTERM)
 	return nil
 }

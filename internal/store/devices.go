@@ -69,8 +69,7 @@ func (s *Store) WritePresence(ctx context.Context, ups []PresenceUpdate) error {
 	}
 	// Ordered: a connect and a disconnect of one client in one batch must
 	// apply in that order.
-	_, err := s.db.Collection(CollDevices).BulkWrite(ctx, models, options.BulkWrite().SetOrdered(true))
-	if err != nil {
+	if err := BulkWrite(ctx, s.db.Collection(CollDevices), models, true); err != nil {
 		return fmt.Errorf("store: record presence: %w", err)
 	}
 	return nil
@@ -261,7 +260,7 @@ func (s *Store) AddPushSubscriptions(ctx context.Context, subs []PushSubscriptio
 			SetUpdate(bson.D{{Key: "$setOnInsert", Value: bson.D{{Key: "via", Value: sub.Via}, {Key: "since", Value: now}}}}).
 			SetUpsert(true))
 	}
-	_, err := s.db.Collection(CollPushSubscriptions).BulkWrite(ctx, models, options.BulkWrite().SetOrdered(false))
+	err := BulkWrite(ctx, s.db.Collection(CollPushSubscriptions), models, false)
 	if err != nil && !mongo.IsDuplicateKeyError(err) { // a duplicate: two upserts raced, the other one created it
 		return fmt.Errorf("store: add %d push subscriptions: %w", len(subs), err)
 	}

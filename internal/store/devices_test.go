@@ -178,3 +178,36 @@ func TestPresenceRecordsOfVersion1(t *testing.T) {
 		}
 	}
 }
+
+// TestWritePresenceOfManyDevicesInOneBatch: a batch of presence updates to
+// 150 devices recorded already (a fleet reconnecting) is written, and the
+// store stays usable meanwhile. FerretDB v1.24.2 held a connection per
+// update statement of one command until it ended: at about 100 statements
+// the command waited on itself, and stalled the store until the caller's
+// context ended (store.MaxStatementsPerCommand).
+func TestWritePresenceOfManyDevicesInOneBatch(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := testutil.Context(t, 60*time.Second)
+	t0 := time.Now().Truncate(time.Millisecond)
+	var on, off []store.PresenceUpdate
+	for i := range 150 {
+		id := fmt.Sprintf("fleet-%03d", i)
+		on = append(on, store.PresenceUpdate{ClientID: id, Online: true, Node: "a", Conn: "a/" + id, At: t0})
+		off = append(off, store.PresenceUpdate{ClientID: id, Node: "a", Conn: "a/" + id, At: t0.Add(time.Second)})
+	}
+	if err := s.WritePresence(ctx, on); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.WritePresence(ctx, on); err != nil {
+		t.Fatalf("150 updates of recorded devices: %v", err)
+	}
+	if err := s.WritePresence(ctx, off); err != nil {
+		t.Fatalf("150 disconnects: %v", err)
+	}
+	for _, id := range []string{"fleet-000", "fleet-149"} {
+		p, err := s.Presence(ctx, id)
+		if err != nil || p.Online || !p.LastSeen.Equal(t0.Add(time.Second).UTC()) {
+			t.Fatalf("%s after its disconnect: %+v, %v", id, p, err)
+		}
+	}
+}

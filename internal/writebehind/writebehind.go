@@ -35,6 +35,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -99,6 +100,13 @@ type Options[T any] struct {
 	// commit alone batches under load, and a lone item pays no delay.
 	Linger time.Duration
 
+	// MinAge, when set, keeps every item in memory at least this long
+	// before it is written (unless the writer is closing or a Flush waits):
+	// for items that often become unnecessary soon after they are added
+	// (Ticket.WaitOr; a Write that skips items found obsolete), so most are
+	// never written. It adds MinAge to the wait of every Ticket.
+	MinAge time.Duration
+
 	// QueueLen bounds the items held in memory. 0 means DefaultQueueLen.
 	QueueLen int
 
@@ -144,7 +152,10 @@ type Writer[T any] struct {
 	log *slog.Logger
 
 	mu        sync.Mutex
-	queue     []T // items in memory, oldest first; written from the front
+	queue     []T             // items in memory, oldest first; written from the front
+	times     []time.Duration // with MinAge: when each item of queue was added (since epoch)
+	epoch     time.Time
+	flushing  int // Flush calls waiting: MinAge does not apply
 	spilling  bool
 	closed    bool
 	room      chan struct{} // closed and replaced when queue space frees
@@ -178,8 +189,8 @@ func New[T any](o Options[T]) (*Writer[T], error) {
 	if o.Write == nil {
 		return nil, errors.New("writebehind: Options.Write is required")
 	}
-	if o.MaxBatch < 0 || o.QueueLen < 0 || o.Linger < 0 {
-		return nil, fmt.Errorf("writebehind %s: MaxBatch, QueueLen and Linger must not be negative", o.Name)
+	if o.MaxBatch < 0 || o.QueueLen < 0 || o.Linger < 0 || o.MinAge < 0 {
+		return nil, fmt.Errorf("writebehind %s: MaxBatch, QueueLen, Linger and MinAge must not be negative", o.Name)
 	}
 	if o.MaxBatch == 0 {
 		o.MaxBatch = DefaultMaxBatch
@@ -201,7 +212,7 @@ func New[T any](o Options[T]) (*Writer[T], error) {
 	w := &Writer[T]{
 		o: o, log: log.With("writer", o.Name),
 		room: make(chan struct{}), work: make(chan struct{}, 1), settled: make(chan struct{}),
-		ctx: ctx, cancel: cancel, done: make(chan struct{}),
+		ctx: ctx, cancel: cancel, done: make(chan struct{}), epoch: time.Now(),
 	}
 	w.up.Store(true)
 	if o.Overflow != nil && o.Overflow.Len() > 0 {
@@ -218,7 +229,7 @@ func New[T any](o Options[T]) (*Writer[T], error) {
 // permanent error.
 type Ticket struct {
 	w interface {
-		wait(context.Context, uint64) error
+		wait(context.Context, uint64, <-chan struct{}) error
 	}
 	seq uint64
 }
@@ -229,7 +240,19 @@ func (t Ticket) Wait(ctx context.Context) error {
 	if t.w == nil {
 		return nil
 	}
-	return t.w.wait(ctx, t.seq)
+	return t.w.wait(ctx, t.seq, nil)
+}
+
+// WaitOr is Wait that also returns nil, without waiting further, once
+// enough is closed: for a caller whose reason to wait for the write can go
+// away first (the durable sessions release a publisher's acknowledgement
+// once every recipient has acknowledged the message, written or not).
+// A nil enough never closes.
+func (t Ticket) WaitOr(ctx context.Context, enough <-chan struct{}) error {
+	if t.w == nil {
+		return nil
+	}
+	return t.w.wait(ctx, t.seq, enough)
 }
 
 // Put queues item in memory, waiting for room while the queue is full or
@@ -247,6 +270,7 @@ func (w *Writer[T]) Put(ctx context.Context, item T) (Ticket, error) {
 			seq := w.nextSeq
 			w.nextSeq++
 			w.queue = append(w.queue, item)
+			w.stampLocked()
 			w.mu.Unlock()
 			w.signal()
 			return Ticket{w: w, seq: seq}, nil
@@ -273,6 +297,7 @@ func (w *Writer[T]) Add(item T) error {
 	if !w.spilling && len(w.queue) < w.o.QueueLen {
 		w.nextSeq++
 		w.queue = append(w.queue, item)
+		w.stampLocked()
 		w.mu.Unlock()
 		w.signal()
 		return nil
@@ -300,7 +325,14 @@ func (w *Writer[T]) Add(item T) error {
 func (w *Writer[T]) Flush(ctx context.Context) error {
 	w.mu.Lock()
 	target := w.nextSeq
+	w.flushing++
 	w.mu.Unlock()
+	defer func() {
+		w.mu.Lock()
+		w.flushing--
+		w.mu.Unlock()
+	}()
+	w.signal()
 	for {
 		w.mu.Lock()
 		done := w.committed >= target && !w.spilling
@@ -367,6 +399,29 @@ func (w *Writer[T]) idle() <-chan struct{} {
 	return ch
 }
 
+// stampLocked records when the item just appended was added. w.mu is held.
+func (w *Writer[T]) stampLocked() {
+	if w.o.MinAge > 0 {
+		w.times = append(w.times, time.Since(w.epoch))
+	}
+}
+
+// ripe is how many items from the front of the queue may be written now
+// (at most MaxBatch), and how long until the first of the others may.
+// w.mu is held.
+func (w *Writer[T]) ripeLocked() (int, time.Duration) {
+	n := min(len(w.queue), w.o.MaxBatch)
+	if w.o.MinAge == 0 || w.closed || w.flushing > 0 || n == 0 {
+		return n, 0
+	}
+	cut := time.Since(w.epoch) - w.o.MinAge
+	ripe, _ := slices.BinarySearch(w.times[:n], cut+1)
+	if ripe == 0 {
+		return 0, w.times[0] - cut
+	}
+	return ripe, 0
+}
+
 // Stats returns the writer's counters.
 func (w *Writer[T]) Stats() Stats {
 	w.mu.Lock()
@@ -397,7 +452,7 @@ func (w *Writer[T]) signal() {
 	}
 }
 
-func (w *Writer[T]) wait(ctx context.Context, seq uint64) error {
+func (w *Writer[T]) wait(ctx context.Context, seq uint64, enough <-chan struct{}) error {
 	for {
 		w.mu.Lock()
 		if seq < w.committed {
@@ -409,6 +464,8 @@ func (w *Writer[T]) wait(ctx context.Context, seq uint64) error {
 		w.mu.Unlock()
 		select {
 		case <-settled:
+		case <-enough:
+			return nil
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-w.done:
@@ -469,7 +526,21 @@ func (w *Writer[T]) writeOne() bool {
 		}
 	}
 	w.mu.Lock()
-	n := min(len(w.queue), w.o.MaxBatch)
+	n, wait := w.ripeLocked()
+	for n == 0 && wait > 0 {
+		w.mu.Unlock()
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-w.work: // a Flush, or Close: ripeLocked says
+		case <-w.ctx.Done():
+			t.Stop()
+			return false
+		}
+		t.Stop()
+		w.mu.Lock()
+		n, wait = w.ripeLocked()
+	}
 	batch := w.queue[:n:n]
 	first := w.committed
 	spilling := w.spilling
@@ -542,6 +613,12 @@ func (w *Writer[T]) writeOne() bool {
 		w.queue[i] = zero // let the GC have the items
 	}
 	w.queue = w.queue[n:]
+	if w.o.MinAge > 0 {
+		w.times = w.times[n:]
+		if len(w.times) == 0 {
+			w.times = nil
+		}
+	}
 	if len(w.queue) == 0 {
 		w.queue = w.queue[:0:0]
 		if cap(w.queue) > w.o.MaxBatch*4 {
@@ -604,7 +681,7 @@ func (w *Writer[T]) spillQueue() bool {
 		return false
 	}
 	w.committed += uint64(len(w.queue))
-	w.queue = nil
+	w.queue, w.times = nil, nil
 	w.spilling = true
 	w.broadcastLocked()
 	return true
@@ -653,7 +730,7 @@ func (w *Writer[T]) writeWithRetry(batch []T, spillable bool) error {
 func (w *Writer[T]) loseQueued() {
 	w.mu.Lock()
 	lost := w.queue
-	w.queue = nil
+	w.queue, w.times = nil, nil
 	if len(lost) > 0 {
 		w.failed = append(w.failed, seqRange{from: w.committed, to: w.committed + uint64(len(lost)), err: ErrClosed})
 	}

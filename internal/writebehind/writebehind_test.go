@@ -391,3 +391,77 @@ func TestCloseWritesWhatItHolds(t *testing.T) {
 		t.Fatalf("written %v", got)
 	}
 }
+
+// TestMinAge: an item stays in memory at least MinAge before it is
+// written, so a Write can skip those that became unnecessary meanwhile;
+// a Flush and a Close write at once rather than waiting it out.
+func TestMinAge(t *testing.T) {
+	s := &sink{}
+	const minAge = 300 * time.Millisecond
+	w := newWriter(t, writebehind.Options[int]{Write: s.write, MinAge: minAge})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	tk, err := w.Put(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tk.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took < minAge {
+		t.Errorf("item written after %v, before its MinAge %v", took, minAge)
+	}
+
+	// An hour's MinAge: only the Flush can have written it.
+	s2 := &sink{}
+	w2 := newWriter(t, writebehind.Options[int]{Write: s2.write, MinAge: time.Hour})
+	if err := w2.Add(2); err != nil {
+		t.Fatal(err)
+	}
+	if err := w2.Flush(ctx); err != nil {
+		t.Fatalf("Flush with MinAge 1h: %v", err)
+	}
+	if got := s2.written(); !slices.Equal(got, []int{2}) {
+		t.Fatalf("after Flush: written %v, want [2]", got)
+	}
+	if err := w2.Add(3); err != nil {
+		t.Fatal(err)
+	}
+	if err := w2.Close(ctx); err != nil {
+		t.Fatalf("Close with MinAge 1h: %v", err)
+	}
+	if got := s2.written(); !slices.Equal(got, []int{2, 3}) {
+		t.Fatalf("after Close: written %v, want [2 3]", got)
+	}
+}
+
+// TestWaitOr: a ticket's wait ends, successfully, when its other reason
+// closes while the item is still unwritten; an open one waits for the write.
+func TestWaitOr(t *testing.T) {
+	s := &sink{gate: make(chan struct{})}
+	w := newWriter(t, writebehind.Options[int]{Write: s.write})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	tk, err := w.Put(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	enough := make(chan struct{})
+	close(enough)
+	if err := tk.WaitOr(ctx, enough); err != nil {
+		t.Fatalf("WaitOr with its channel closed, write held: %v", err)
+	}
+	if got := s.written(); len(got) != 0 {
+		t.Fatalf("written %v while the gate is shut", got)
+	}
+	done := make(chan error, 1)
+	go func() { done <- tk.WaitOr(ctx, make(chan struct{})) }()
+	close(s.gate)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if got := s.written(); !slices.Equal(got, []int{1}) {
+		t.Fatalf("written %v, want [1]", got)
+	}
+}
