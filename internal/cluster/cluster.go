@@ -137,6 +137,7 @@ type Node struct {
 	wg       sync.WaitGroup
 	stopOnce sync.Once
 	leaves   sync.WaitGroup // goroutines of Leave, which may outlive its caller
+	tagsMu   sync.Mutex     // serialises SetTags
 }
 
 // New checks opts; it binds nothing.
@@ -381,6 +382,10 @@ func status(s serf.MemberStatus) Status {
 
 // SetTags replaces the node's tags and gossips them.
 func (n *Node) SetTags(t Tags) error {
+	// serf.SetTags writes its config unguarded: one caller at a time, and
+	// the tags gossiped last are the ones recorded last.
+	n.tagsMu.Lock()
+	defer n.tagsMu.Unlock()
 	n.mu.Lock()
 	n.tags = t
 	n.mu.Unlock()

@@ -243,3 +243,20 @@ func TestShutdownDuringAbandonedLeave(t *testing.T) {
 		b.WaitLeaves()
 	}
 }
+
+// SetTags may be called from several goroutines (a broker's load ticker and
+// its drain): -race finds serf's unguarded config write otherwise.
+func TestSetTagsConcurrently(t *testing.T) {
+	a := startNode(t, "a", nil, nil)
+	done := make(chan struct{})
+	for g := 0; g < 2; g++ {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			for i := 0; i < 20; i++ {
+				_ = a.SetTags(cluster.Tags{Role: cluster.RoleBroker, Capacity: 100, Connections: i})
+			}
+		}()
+	}
+	<-done
+	<-done
+}
