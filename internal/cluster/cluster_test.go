@@ -249,10 +249,13 @@ func TestShutdownDuringAbandonedLeave(t *testing.T) {
 func TestSetTagsConcurrently(t *testing.T) {
 	a := startNode(t, "a", nil, nil)
 	done := make(chan struct{})
+	// With a peer, UpdateNode reads the tags outside memberlist's locks.
+	startNode(t, "b", []string{a.Addr()}, nil)
+	waitView(t, a, "a=alive,b=alive")
 	for g := 0; g < 2; g++ {
 		go func() {
 			defer func() { done <- struct{}{} }()
-			for i := 0; i < 20; i++ {
+			for i := 0; i < 200; i++ {
 				_ = a.SetTags(cluster.Tags{Role: cluster.RoleBroker, Capacity: 100, Connections: i})
 			}
 		}()
