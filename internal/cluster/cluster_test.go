@@ -255,7 +255,7 @@ func TestSetTagsConcurrently(t *testing.T) {
 	for g := 0; g < 2; g++ {
 		go func() {
 			defer func() { done <- struct{}{} }()
-			for i := 0; i < 200; i++ {
+			for i := 0; i < 30; i++ {
 				_ = a.SetTags(cluster.Tags{Role: cluster.RoleBroker, Capacity: 100, Connections: i})
 			}
 		}()
