@@ -88,6 +88,7 @@ type durableHook struct {
 // sessions, those sessions' acknowledgements, whichever comes first. Its
 // fields are guarded by durableHook.mu.
 type ackHold struct {
+	cl  *mqtt.Client // the connection whose PUBLISH this is (a take-over makes another under the same ID)
 	t   writebehind.Ticket
 	set bool
 	err error
@@ -287,7 +288,7 @@ func (d *durableHook) put(op durOp) (writebehind.Ticket, error) {
 func (d *durableHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if pk.FixedHeader.Qos > 0 && !cl.Net.Inline {
 		d.mu.Lock()
-		d.holds[cl.ID] = &ackHold{pending: 1}
+		d.holds[cl.ID] = &ackHold{cl: cl, pending: 1}
 		d.mu.Unlock()
 	}
 	return pk, nil
@@ -302,7 +303,9 @@ func (d *durableHook) record(origin string, t writebehind.Ticket, err error, com
 	if h, ok := d.holds[origin]; ok {
 		if err != nil {
 			h.err = err
-		} else {
+		} else if !h.set || !h.t.Covers(t) {
+			// The latest ticket, not the last recorded: a message relayed
+			// or forwarded under the same origin can record an older one.
 			h.t, h.set = t, true
 		}
 		h.commit = h.commit || commit
@@ -354,6 +357,13 @@ func (d *durableHook) acknowledged(key string) bool {
 func (d *durableHook) OnPublishHold(cl *mqtt.Client, pk packets.Packet) func() error {
 	d.mu.Lock()
 	h, ok := d.holds[cl.ID]
+	if ok && h.cl != cl {
+		// A connection taken over while its PUBLISH was in progress: the
+		// hold is the new connection's (the old one's acknowledgement
+		// goes nowhere; its client publishes again).
+		d.mu.Unlock()
+		return nil
+	}
 	delete(d.holds, cl.ID)
 	if !ok || (!h.set && h.err == nil) {
 		d.mu.Unlock()

@@ -234,6 +234,10 @@ type Ticket struct {
 	seq uint64
 }
 
+// Covers reports whether t settles no earlier than o (tickets of one
+// writer settle in order).
+func (t Ticket) Covers(o Ticket) bool { return t.seq >= o.seq }
+
 // Wait blocks until the item is written (nil), was dropped (the permanent
 // error), the writer closed before writing it (ErrClosed), or ctx ends.
 func (t Ticket) Wait(ctx context.Context) error {

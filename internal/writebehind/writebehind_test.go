@@ -465,3 +465,20 @@ func TestWaitOr(t *testing.T) {
 		t.Fatalf("written %v, want [1]", got)
 	}
 }
+
+func TestTicketCovers(t *testing.T) {
+	w := newWriter(t, writebehind.Options[int]{Write: (&sink{}).write})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	a, err := w.Put(ctx, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := w.Put(ctx, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !b.Covers(a) || a.Covers(b) || !a.Covers(a) {
+		t.Fatalf("b covers a %v, a covers b %v, a covers a %v; want true, false, true", b.Covers(a), a.Covers(b), a.Covers(a))
+	}
+}

@@ -1,0 +1,94 @@
+package broker
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/rtm-dev/rtm/internal/writebehind"
+)
+
+// holdHook is a durableHook whose store writes wait for gate.
+func holdHook(t *testing.T, gate chan struct{}) *durableHook {
+	t.Helper()
+	d := &durableHook{holds: map[string]*ackHold{}, waiting: map[string]*heldMsg{}}
+	d.ctx, d.cancel = context.WithCancel(context.Background())
+	w, err := writebehind.New(writebehind.Options[durOp]{Name: "test", Write: func(ctx context.Context, _ []durOp) error {
+		select {
+		case <-gate:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.w = w
+	t.Cleanup(func() {
+		d.cancel()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = w.Close(ctx)
+	})
+	return d
+}
+
+// A PUBLISH's acknowledgement waits for the latest write recorded for it,
+// even when an older ticket is recorded last (a relayed or forwarded
+// message under the same origin).
+func TestDurableHoldKeepsLatestTicket(t *testing.T) {
+	d := holdHook(t, make(chan struct{}))
+	cl := &mqtt.Client{ID: "pub"}
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}}
+	older, err := d.put(durOp{kind: opRetain})
+	if err != nil {
+		t.Fatal(err)
+	}
+	newer, err := d.put(durOp{kind: opRetain})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = d.OnPublish(cl, pk)
+	d.record(cl.ID, newer, nil, true)
+	d.record(cl.ID, older, nil, true)
+	d.mu.Lock()
+	got := d.holds[cl.ID].t
+	d.mu.Unlock()
+	if !got.Covers(newer) {
+		t.Fatal("the hold waits for the older ticket recorded last")
+	}
+}
+
+// A connection taken over in the middle of its PUBLISH does not take the
+// new connection's hold with it (its acknowledgement would then go out at
+// once, before the new PUBLISH's writes are committed).
+func TestDurableHoldBelongsToItsConnection(t *testing.T) {
+	d := holdHook(t, make(chan struct{}))
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}}
+	old, cur := &mqtt.Client{ID: "pub"}, &mqtt.Client{ID: "pub"}
+	_, _ = d.OnPublish(old, pk)
+	_, _ = d.OnPublish(cur, pk)
+	tk, err := d.put(durOp{kind: opRetain})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.record(cur.ID, tk, nil, true)
+	if wait := d.OnPublishHold(old, pk); wait != nil {
+		t.Fatal("the old connection's PUBLISH took a hold")
+	}
+	wait := d.OnPublishHold(cur, pk)
+	if wait == nil {
+		t.Fatal("the new connection's PUBLISH does not wait for its write")
+	}
+	done := make(chan error, 1)
+	go func() { done <- wait() }()
+	select {
+	case err := <-done:
+		t.Fatalf("acknowledged before the write was committed: %v", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+}
