@@ -811,13 +811,15 @@ func TestBeforeAckNotSafeKeepsMessages(t *testing.T) {
 	var asked atomic.Int64
 	rec := &recorder{}
 	scfg := testConfig(t, "b")
-	scfg.BeforeAck = func() bool {
-		asked.Add(1)
-		if safe.Load() {
-			return true
+	scfg.BeforeAck = func() func() bool {
+		return func() bool {
+			asked.Add(1)
+			if safe.Load() {
+				return true
+			}
+			time.Sleep(hb / 2) // a bounded wait that gives up
+			return false
 		}
-		time.Sleep(hb / 2) // a bounded wait that gives up
-		return false
 	}
 	s := startServer(t, scfg, rec)
 	cfg := testConfig(t, "a")
@@ -863,13 +865,15 @@ func TestBeforeAckNotSafeSurvivesReconnect(t *testing.T) {
 	var asked atomic.Int64
 	rec := &recorder{}
 	scfg := testConfig(t, "b")
-	scfg.BeforeAck = func() bool {
-		asked.Add(1)
-		if safe.Load() {
-			return true
+	scfg.BeforeAck = func() func() bool {
+		return func() bool {
+			asked.Add(1)
+			if safe.Load() {
+				return true
+			}
+			time.Sleep(hb / 2) // a bounded wait that gives up
+			return false
 		}
-		time.Sleep(hb / 2) // a bounded wait that gives up
-		return false
 	}
 	s := startServer(t, scfg, rec)
 	p := newProxy(t, s.Addr())

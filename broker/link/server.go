@@ -314,7 +314,7 @@ func (s *Server) settle(p *peer) {
 		return
 	default:
 	}
-	if last := p.last.Load(); p.safe.Load() < last && s.cfg.BeforeAck() {
+	if last := p.last.Load(); p.safe.Load() < last && s.cfg.BeforeAck()() {
 		p.safe.Store(last)
 	}
 }
@@ -502,7 +502,7 @@ type asyncAcker struct {
 
 // safe is the last seq reported safe before, and peerSafe where each new
 // one is recorded for the peer's next connection.
-func startAcker(before func() bool, conn net.Conn, w *frameWriter, idle time.Duration, safe uint64, peerSafe *atomic.Uint64) *asyncAcker {
+func startAcker(before func() func() bool, conn net.Conn, w *frameWriter, idle time.Duration, safe uint64, peerSafe *atomic.Uint64) *asyncAcker {
 	a := &asyncAcker{kick: make(chan struct{}, 1), failed: make(chan error, 1), quit: make(chan struct{}), done: make(chan struct{})}
 	write := func(seq uint64) error {
 		_ = conn.SetWriteDeadline(time.Now().Add(idle))
@@ -520,14 +520,14 @@ func startAcker(before func() bool, conn net.Conn, w *frameWriter, idle time.Dur
 				return
 			case <-a.kick:
 			}
-			// The seq first: what was delivered up to it is what before
-			// must cover.
+			// The seq first: what was delivered up to it is what the
+			// check must cover.
 			seq := a.latest.Load()
-			for !before() {
+			for check := before(); !check(); {
 				// Not safe yet (a slow store): an ack of what was safe
 				// already tells the sender the link is alive without
-				// letting it forget what is not, and before is asked
-				// again. Acking seq anyway would lose those messages
+				// letting it forget what is not, and the same check is
+				// asked again (later deliveries wait for the next one). Acking seq anyway would lose those messages
 				// should this process die before they are safe.
 				if err := write(safe); err != nil {
 					a.failed <- err
