@@ -30,23 +30,30 @@ func (c *clusterNode) seedRetained(topic string, at int64, node string) {
 // durableBarrier is the node link's BeforeAck: a message forwarded by a
 // peer is acknowledged on the link only once what this node wrote for it
 // (it went to a persistent session here) is committed, so the peer keeps
-// it queued, and resends it elsewhere, should this node die first. It
-// waits at most durableBarrierMax and then reports false: the link
+// it queued, and resends it elsewhere, should this node die first. The
+// check it returns covers what was queued for the store when it was made,
+// not what is queued later: under sustained load a retry waits for the
+// same writes rather than for a target that moves on, and it does not
+// hurry the writer (the writes still coalesce for durableMinAge). Each
+// call waits at most durableBarrierMax and then reports false: the link
 // acknowledges only what was safe before (which keeps it alive) and asks
 // again, so a slow store delays acknowledgements but never lets the peer
 // forget a message this node has not written (see link.Config.BeforeAck).
-func (b *Broker) durableBarrier() bool {
+func (b *Broker) durableBarrier() func() bool {
 	d := b.durable
 	if d == nil || d.w.Stats().Queued == 0 {
+		return func() bool { return true }
+	}
+	barrier := d.w.Barrier()
+	return func() bool {
+		ctx, cancel := context.WithTimeout(d.ctx, durableBarrierMax)
+		defer cancel()
+		if err := barrier.Wait(ctx); err != nil {
+			d.barrierTimeouts.Add(1)
+			return false
+		}
 		return true
 	}
-	ctx, cancel := context.WithTimeout(d.ctx, durableBarrierMax)
-	defer cancel()
-	if err := d.w.Flush(ctx); err != nil {
-		d.barrierTimeouts.Add(1)
-		return false
-	}
-	return true
 }
 
 // durableBarrierMax bounds a link acknowledgement's wait for the store: one

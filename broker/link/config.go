@@ -99,13 +99,17 @@ type Config struct {
 
 	// BeforeAck, if set, is called by a Server before it acknowledges
 	// what it delivered: an acknowledgement tells the sender it may forget
-	// those messages, so BeforeAck returns true once they are safe (e.g.
-	// written to a store). It delays the ack, not the deliveries; it should
-	// return within a heartbeat (the sender drops a link silent for three).
-	// When it returns false (not safe yet) the Server acknowledges only
-	// what was safe before, which keeps the link alive, and asks again:
-	// the sender keeps, and after a reconnect resends, the rest.
-	BeforeAck func() bool
+	// those messages, so the Server acknowledges them once they are safe
+	// (e.g. written to a store). BeforeAck returns a check for the
+	// messages delivered so far, which the Server calls until it returns
+	// true: each call should return within a heartbeat (the sender drops
+	// a link silent for three). While it returns false (not safe yet) the
+	// Server acknowledges only what was safe before, which keeps the link
+	// alive, and asks the same check again, so a check can keep waiting for
+	// what it first had to cover rather than for later messages too: the
+	// sender keeps, and after a reconnect resends, the rest. It delays the
+	// ack, not the deliveries.
+	BeforeAck func() (safe func() bool)
 }
 
 // withDefaults returns c with its zero values replaced by the defaults.

@@ -19,7 +19,8 @@
 // the broker must not lose a forwarded QoS 1/2 publish because a switch
 // hiccupped. So every Send gets a sequence number and stays queued until the
 // receiver acknowledges it cumulatively; after a reconnect the receiver's Ready
-// frame says how far it got, and the sender re-sends only what is missing.
+// frame says how far it got (with Config.BeforeAck, how far is safe), and the
+// sender re-sends only what is missing.
 // Re-sending alone would duplicate a message whose ack was lost, so the
 // receiver also remembers, per sender, the last sequence number it delivered
 // and skips anything older. The memory is keyed by the sender's incarnation (a

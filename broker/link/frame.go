@@ -26,7 +26,8 @@ const (
 	FrameChallenge FrameType = 2
 	// FrameAuth proves the dialer's knowledge of the secret: [32] proof.
 	FrameAuth FrameType = 3
-	// FrameReady ends the handshake (acceptor): uvarint last delivered seq,
+	// FrameReady ends the handshake (acceptor): uvarint last seq the
+	// sender may forget (delivered, and with Config.BeforeAck safe),
 	// then (since rtm issue 11) uvarint acceptor incarnation; a ready
 	// without it decodes with Incarnation 0 (unknown).
 	FrameReady FrameType = 4

@@ -473,9 +473,10 @@ func (l *Link) session() (wasUp bool, err error) {
 	return true, err
 }
 
-// resume prepares the queue for a new connection whose peer has delivered
-// everything up to ready.Seq: acked messages go, written unreliable ones are
-// skipped, and the rest is written from the start. If the peer is another
+// resume prepares the queue for a new connection whose peer has delivered,
+// and made safe (Config.BeforeAck), everything up to ready.Seq: those
+// messages go, written unreliable ones are skipped, and the rest is written
+// from the start (the peer skips what it delivered already). If the peer is another
 // process than at the last handshake (its incarnation changed), the whole
 // queue goes instead: it was meant for the process that is gone. It returns
 // the messages thrown away, and whether the peer restarted.

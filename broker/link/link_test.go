@@ -811,13 +811,15 @@ func TestBeforeAckNotSafeKeepsMessages(t *testing.T) {
 	var asked atomic.Int64
 	rec := &recorder{}
 	scfg := testConfig(t, "b")
-	scfg.BeforeAck = func() bool {
-		asked.Add(1)
-		if safe.Load() {
-			return true
+	scfg.BeforeAck = func() func() bool {
+		return func() bool {
+			asked.Add(1)
+			if safe.Load() {
+				return true
+			}
+			time.Sleep(hb / 2) // a bounded wait that gives up
+			return false
 		}
-		time.Sleep(hb / 2) // a bounded wait that gives up
-		return false
 	}
 	s := startServer(t, scfg, rec)
 	cfg := testConfig(t, "a")
@@ -848,5 +850,88 @@ func TestBeforeAckNotSafeKeepsMessages(t *testing.T) {
 	})
 	if st := l.Stats(); st.Connects != 1 || rec.len() != 5 {
 		t.Fatalf("connects %d, delivered %d: want 1 and 5 (nothing resent)", st.Connects, rec.len())
+	}
+}
+
+// TestBeforeAckNotSafeSurvivesReconnect: messages the acceptor delivered but
+// whose BeforeAck says are not safe yet stay queued at the sender across a
+// reconnect (same incarnation), and are delivered only once: the acceptor
+// skips their resend and acknowledges them once safe. Before, the ready
+// frame carried the last seq delivered, and the sender forgot messages the
+// acceptor had not written (lost should it then die).
+func TestBeforeAckNotSafeSurvivesReconnect(t *testing.T) {
+	const hb = 100 * time.Millisecond
+	var safe atomic.Bool
+	var asked atomic.Int64
+	rec := &recorder{}
+	scfg := testConfig(t, "b")
+	scfg.BeforeAck = func() func() bool {
+		return func() bool {
+			asked.Add(1)
+			if safe.Load() {
+				return true
+			}
+			time.Sleep(hb / 2) // a bounded wait that gives up
+			return false
+		}
+	}
+	s := startServer(t, scfg, rec)
+	p := newProxy(t, s.Addr())
+	cfg := testConfig(t, "a")
+	cfg.Heartbeat = hb * raceScale
+	l := dial(t, "b", p.addr(), cfg, nil)
+	waitUp(t, l)
+	for i := range 5 {
+		l.Send(Message{Type: typeData, Body: payload(i, true, 0)}, true)
+	}
+	waitFor(t, 5*time.Second, rec.count(5))
+	waitFor(t, 10*time.Second, func() error {
+		if n := asked.Load(); n < 3 {
+			return fmt.Errorf("BeforeAck asked %d times", n)
+		}
+		return nil
+	})
+
+	// A network blip: the link redials the same acceptor process.
+	if n := p.cut(); n == 0 {
+		t.Fatal("the proxy held no connection to cut")
+	}
+	waitFor(t, 10*time.Second, func() error {
+		if st := l.Stats(); st.Connects < 2 || st.State != StateUp {
+			return fmt.Errorf("connects %d, state %s", st.Connects, st.State)
+		}
+		return nil
+	})
+	if st := l.Stats(); st.Acked != 0 || st.QueueLen != 5 {
+		t.Fatalf("reconnected, while not safe: acked %d, queued %d; want 0 acked, 5 queued", st.Acked, st.QueueLen)
+	}
+	// The resent messages reach the acceptor, which skips them, and its
+	// keep-alive acks carry on.
+	waitFor(t, 10*time.Second, func() error {
+		if d := s.Stats().Peers["a"].Duplicates; d < 5 {
+			return fmt.Errorf("acceptor skipped %d resent messages, want 5", d)
+		}
+		return nil
+	})
+	from := asked.Load()
+	waitFor(t, 10*time.Second, func() error {
+		if n := asked.Load() - from; n < 4 {
+			return fmt.Errorf("BeforeAck asked %d times since the resends", n)
+		}
+		return nil
+	})
+	if st := l.Stats(); st.Acked != 0 || st.QueueLen != 5 {
+		t.Fatalf("after the reconnect, while not safe: acked %d, queued %d; want 0 acked, 5 queued", st.Acked, st.QueueLen)
+	}
+
+	safe.Store(true)
+	waitFor(t, 5*time.Second, func() error {
+		if st := l.Stats(); st.Acked != 5 || st.QueueLen != 0 {
+			return fmt.Errorf("once safe: acked %d, queued %d", st.Acked, st.QueueLen)
+		}
+		return nil
+	})
+	if n := rec.len(); n != 5 {
+		t.Fatalf("delivered %d messages, want 5 (none twice)", n)
 	}
 }

@@ -40,13 +40,16 @@ type inConn struct {
 	done chan struct{} // closed when its goroutine has finished delivering
 }
 
-// peer is the receive state of one sender node. Its last seq is written by
-// the sender's active connection only; a new connection reads it after the
-// old one's done channel is closed.
+// peer is the receive state of one sender node. Its last and safe seqs are
+// written by the sender's active connection only; a new connection reads
+// them after the old one's done channel is closed.
 type peer struct {
 	incarnation, stream uint64
-	last                atomic.Uint64
-	active              *inConn // the conn delivering for this peer, or nil
+	// last is the last seq delivered, which de-duplicates resends; safe,
+	// with Config.BeforeAck, the last one it reported safe, which is what
+	// the sender may forget (without BeforeAck, safe is last).
+	last, safe atomic.Uint64
+	active     *inConn // the conn delivering for this peer, or nil
 
 	messages, bytes, duplicates atomic.Int64
 }
@@ -258,8 +261,14 @@ func (s *Server) serve(c *inConn) {
 		return
 	}
 	defer s.release(c, hello.Node, p)
-	last := p.last.Load()
-	err = w.frame(Frame{Type: FrameReady, Seq: last, Incarnation: s.cfg.Incarnation})
+	last, safe := p.last.Load(), p.safe.Load()
+	if s.cfg.BeforeAck == nil {
+		safe = last
+	}
+	// The ready frame tells the sender what it may forget: with BeforeAck,
+	// what was reported safe, not all that was delivered (the rest it
+	// resends, and receive skips it as a duplicate and acks it once safe).
+	err = w.frame(Frame{Type: FrameReady, Seq: safe, Incarnation: s.cfg.Incarnation})
 	if err == nil {
 		err = w.flush()
 	}
@@ -274,10 +283,11 @@ func (s *Server) serve(c *inConn) {
 		hb = s.cfg.Heartbeat
 	}
 	log := s.log.With("peer", hello.Node, "remote_addr", remote)
-	log.Info("inbound link up", "incarnation", hello.Incarnation, "resume_after", last)
+	log.Info("inbound link up", "incarnation", hello.Incarnation, "resume_after", safe, "delivered", last)
 	dr.idle = 3 * hb
 	r.max = s.cfg.MaxFrame
-	err = s.receive(c, hello.Node, p, r, w, dr.idle, last)
+	err = s.receive(c, hello.Node, p, r, w, dr.idle, last, safe)
+	s.settle(p)
 	select {
 	case <-s.done:
 		log.Info("inbound link down", "reason", "server closed")
@@ -287,6 +297,25 @@ func (s *Server) serve(c *inConn) {
 		} else {
 			log.Info("inbound link down", "error", err)
 		}
+	}
+}
+
+// settle asks BeforeAck once more, when a connection has ended, whether
+// what it delivered is safe, so that the next connection's ready frame
+// lets the sender forget it rather than resend it: most often it is (a
+// store that keeps up, or none), and a resent unreliable message is
+// dropped by the sender and counted as lost though it was delivered.
+func (s *Server) settle(p *peer) {
+	if s.cfg.BeforeAck == nil {
+		return
+	}
+	select {
+	case <-s.done:
+		return
+	default:
+	}
+	if last := p.last.Load(); p.safe.Load() < last && s.cfg.BeforeAck()() {
+		p.safe.Store(last)
 	}
 }
 
@@ -349,6 +378,7 @@ func (s *Server) claim(c *inConn, hello Frame, deadline time.Time) (*peer, error
 				// A restarted or re-dialling sender counts from 1 again.
 				p.incarnation, p.stream = hello.Incarnation, hello.Stream
 				p.last.Store(0)
+				p.safe.Store(0)
 			}
 			s.mu.Unlock()
 			return p, nil
@@ -380,7 +410,7 @@ func (s *Server) release(c *inConn, name string, p *peer) {
 // skipping duplicates, and acking in batches: when no further whole frame is
 // buffered, every ackEvery messages, at most ackDelay after a delivery, and
 // at once for a ping.
-func (s *Server) receive(c *inConn, name string, p *peer, r *frameReader, w *frameWriter, idle time.Duration, last uint64) error {
+func (s *Server) receive(c *inConn, name string, p *peer, r *frameReader, w *frameWriter, idle time.Duration, last, safe uint64) error {
 	var (
 		owed   bool      // an ack is due
 		urgent bool      // ...right now (ping)
@@ -392,7 +422,7 @@ func (s *Server) receive(c *inConn, name string, p *peer, r *frameReader, w *fra
 	// (nor claims and their answers, which share the link).
 	var acker *asyncAcker
 	if s.cfg.BeforeAck != nil {
-		acker = startAcker(s.cfg.BeforeAck, c.conn, w, idle, last)
+		acker = startAcker(s.cfg.BeforeAck, c.conn, w, idle, safe, &p.safe)
 		defer acker.stop()
 	}
 	for {
@@ -470,7 +500,9 @@ type asyncAcker struct {
 	done   chan struct{}
 }
 
-func startAcker(before func() bool, conn net.Conn, w *frameWriter, idle time.Duration, safe uint64) *asyncAcker {
+// safe is the last seq reported safe before, and peerSafe where each new
+// one is recorded for the peer's next connection.
+func startAcker(before func() func() bool, conn net.Conn, w *frameWriter, idle time.Duration, safe uint64, peerSafe *atomic.Uint64) *asyncAcker {
 	a := &asyncAcker{kick: make(chan struct{}, 1), failed: make(chan error, 1), quit: make(chan struct{}), done: make(chan struct{})}
 	write := func(seq uint64) error {
 		_ = conn.SetWriteDeadline(time.Now().Add(idle))
@@ -488,14 +520,14 @@ func startAcker(before func() bool, conn net.Conn, w *frameWriter, idle time.Dur
 				return
 			case <-a.kick:
 			}
-			// The seq first: what was delivered up to it is what before
-			// must cover.
+			// The seq first: what was delivered up to it is what the
+			// check must cover.
 			seq := a.latest.Load()
-			for !before() {
+			for check := before(); !check(); {
 				// Not safe yet (a slow store): an ack of what was safe
 				// already tells the sender the link is alive without
-				// letting it forget what is not, and before is asked
-				// again. Acking seq anyway would lose those messages
+				// letting it forget what is not, and the same check is
+				// asked again (later deliveries wait for the next one). Acking seq anyway would lose those messages
 				// should this process die before they are safe.
 				if err := write(safe); err != nil {
 					a.failed <- err
@@ -507,11 +539,14 @@ func startAcker(before func() bool, conn net.Conn, w *frameWriter, idle time.Dur
 				case <-time.After(ackRetryPause):
 				}
 			}
+			// Safe even should the write fail: a reconnect's ready
+			// frame may then let the sender forget them.
+			safe = seq
+			peerSafe.Store(safe)
 			if err := write(seq); err != nil {
 				a.failed <- err
 				return
 			}
-			safe = seq
 		}
 	}()
 	return a

@@ -325,7 +325,8 @@ func (w *Writer[T]) Add(item T) error {
 }
 
 // Flush waits until every item added before the call is written (or
-// dropped), items in the Overflow included, or ctx ends.
+// dropped), items in the Overflow included, or ctx ends. Items wait no
+// MinAge while a Flush does.
 func (w *Writer[T]) Flush(ctx context.Context) error {
 	w.mu.Lock()
 	target := w.nextSeq
@@ -337,6 +338,40 @@ func (w *Writer[T]) Flush(ctx context.Context) error {
 		w.mu.Unlock()
 	}()
 	w.signal()
+	return w.reached(ctx, target)
+}
+
+// Barrier stands for every item added before it was taken: its Wait
+// returns once they are written (or dropped), items in the Overflow
+// included. Unlike Flush it does not hurry the writer (they still wait
+// MinAge), and a caller that gives up waiting can wait again later for the
+// same items rather than for a target that moves with every new item.
+type Barrier struct {
+	w interface {
+		reached(context.Context, uint64) error
+	}
+	target uint64
+}
+
+// Barrier returns a Barrier for every item added so far.
+func (w *Writer[T]) Barrier() Barrier {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return Barrier{w: w, target: w.nextSeq}
+}
+
+// Wait blocks until the Barrier's items are written or dropped (nil), the
+// writer closed first (ErrClosed), or ctx ends.
+func (b Barrier) Wait(ctx context.Context) error {
+	if b.w == nil {
+		return nil
+	}
+	return b.w.reached(ctx, b.target)
+}
+
+// reached waits until every item before target is settled and the
+// Overflow drained (see Flush and Barrier).
+func (w *Writer[T]) reached(ctx context.Context, target uint64) error {
 	for {
 		w.mu.Lock()
 		done := w.committed >= target && !w.spilling

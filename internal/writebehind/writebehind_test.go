@@ -482,3 +482,71 @@ func TestTicketCovers(t *testing.T) {
 		t.Fatalf("b covers a %v, a covers b %v, a covers a %v; want true, false, true", b.Covers(a), a.Covers(b), a.Covers(a))
 	}
 }
+
+// TestBarrier: a Barrier waits for the items added before it was taken and
+// not for later ones, however often it is waited on, and it leaves MinAge
+// alone (a Flush writes at once). The durable link barrier relies on both:
+// it keeps waiting for the same items across retries under sustained load,
+// and does not turn off the coalescing window of the node's writes.
+func TestBarrier(t *testing.T) {
+	c := ctx(t)
+	release := make(chan struct{})
+	var mu sync.Mutex
+	var written []int
+	write := func(ctx context.Context, batch []int) error {
+		if batch[0] >= 10 { // the items added after the barrier: held
+			select {
+			case <-release:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		mu.Lock()
+		written = append(written, batch...)
+		mu.Unlock()
+		return nil
+	}
+	w := newWriter(t, writebehind.Options[int]{Write: write, MaxBatch: 1})
+	for i := range 10 {
+		if err := w.Add(i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b := w.Barrier()
+	for i := 10; i < 20; i++ {
+		if err := w.Add(i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A first wait that gives up, as the link's does, then a second one.
+	short, cancel := context.WithTimeout(c, time.Millisecond)
+	_ = b.Wait(short)
+	cancel()
+	if err := b.Wait(c); err != nil {
+		t.Fatalf("Barrier.Wait with the later items held: %v", err)
+	}
+	mu.Lock()
+	got := slices.Clone(written)
+	mu.Unlock()
+	if !slices.Equal(got, seq(10)) {
+		t.Fatalf("when the barrier was reached: written %v, want %v", got, seq(10))
+	}
+	close(release)
+
+	s := &sink{}
+	const minAge = 300 * time.Millisecond
+	w2 := newWriter(t, writebehind.Options[int]{Write: s.write, MinAge: minAge})
+	start := time.Now()
+	if err := w2.Add(1); err != nil {
+		t.Fatal(err)
+	}
+	if err := w2.Barrier().Wait(c); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took < minAge {
+		t.Errorf("with a barrier waiting, the item was written after %v, before its MinAge %v", took, minAge)
+	}
+	if got := s.written(); !slices.Equal(got, []int{1}) {
+		t.Fatalf("written %v, want [1]", got)
+	}
+}
