@@ -63,6 +63,13 @@ type clusterNode struct {
 	// ("source") or taken in ("destination"): tests stop a node or stall
 	// a move in the middle of a transfer.
 	testMoveChunk atomic.Pointer[func(side string, seq uint64)]
+	// testMoveDetached, if set, is called by the source of a move right
+	// after it detached the session, before it sends the rest and the end.
+	testMoveDetached atomic.Pointer[func(id string)]
+	// testAfterForward, if set, is called after a local publish was
+	// forwarded to peers, before mochi delivers it here.
+	testAfterForward atomic.Pointer[func(topic string)]
+	testRelayKeep    atomic.Int32 // > 0: replaces relayKeepMax
 	// testDeliver, if set, is called before a message from a peer is
 	// handled: tests hold some back, as a slow link would.
 	testDeliver atomic.Pointer[func(from string, typ byte)]
@@ -108,7 +115,7 @@ func newClusterNode(b *Broker, cfg config.Cluster, timing cluster.Timing) *clust
 func (c *clusterNode) ID() string { return "rtm-cluster" }
 
 func (c *clusterNode) Provides(b byte) bool {
-	return b == mqtt.OnPublish || b == mqtt.OnWillSent || b == mqtt.OnSessionEstablish
+	return b == mqtt.OnPublish || b == mqtt.OnPublished || b == mqtt.OnWillSent || b == mqtt.OnSessionEstablish
 }
 
 // start binds the node link and joins gossip. The broker's listeners are

@@ -70,13 +70,31 @@ func (c *clusterNode) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pac
 		if err := c.forward(pk); err != nil && pk.FixedHeader.Qos > 0 {
 			return pk, err
 		}
+		if f := c.testAfterForward.Load(); f != nil {
+			(*f)(pk.TopicName)
+		}
 	}
 	return pk, nil
 }
 
-// OnWillSent forwards a will message once it was published locally. There
-// is nobody to refuse: what cannot be queued is counted.
-func (c *clusterNode) OnWillSent(_ *mqtt.Client, pk packets.Packet) { _ = c.forward(pk) }
+// OnPublished relays what a local client published to the sessions moving
+// away from here (cluster_relay.go). It runs after mochi delivered the
+// message here, not in OnPublish with forward: a session detached between
+// the two is found by neither the lookup in forward nor the local delivery
+// (see doc.go, "Session moves").
+func (c *clusterNode) OnPublished(cl *mqtt.Client, pk packets.Packet) {
+	if !cl.Net.Inline {
+		c.relayLocal(pk)
+	}
+}
+
+// OnWillSent forwards a will message once it was published locally, and
+// relays it as OnPublished does. There is nobody to refuse: what cannot be
+// queued is counted.
+func (c *clusterNode) OnWillSent(_ *mqtt.Client, pk packets.Packet) {
+	_ = c.forward(pk)
+	c.relayLocal(pk)
+}
 
 // forward queues pk for every peer whose routes match it, and its retained
 // state for every peer, counting each peer it could not be queued for. It
@@ -88,7 +106,7 @@ func (c *clusterNode) forward(pk packets.Packet) error {
 	}
 	var refuse error
 	var missed map[string]bool
-	if c.routes.count.Load() > 0 || c.relays.n.Load() > 0 { // else no peer subscribes to anything: skip the lookup
+	if c.routes.count.Load() > 0 { // else no peer subscribes to anything: skip the lookup
 		missed, refuse = c.forwardPublish(pk)
 	}
 	// A refused message is not retained here (mochi skips it), so not on
@@ -104,8 +122,7 @@ func (c *clusterNode) forward(pk packets.Packet) error {
 // for a QoS 1/2 publisher (see forward).
 func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, error) {
 	subs := c.routes.subscribers(pk.TopicName)
-	relays := c.relays.matching(pk.TopicName)
-	if len(subs.Subscriptions) == 0 && len(subs.Shared) == 0 && len(relays) == 0 {
+	if len(subs.Subscriptions) == 0 && len(subs.Shared) == 0 {
 		return nil, nil // no peer wants it: nothing crosses a link
 	}
 	type target struct {
@@ -180,22 +197,6 @@ func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, error)
 	for _, name := range missing {
 		fail(name, dropNoLink)
 	}
-	// A session moving away from here gets it through its relay
-	// (cluster_relay.go), unless its destination gets it anyway.
-	for _, r := range relays {
-		if _, direct := subs.Subscriptions[r.to]; direct {
-			continue
-		}
-		if err := c.relayTo(r, publishMsg{Origin: pk.Origin, Expiry: expiryLeft(pk.Expiry), Packet: pk}); err != nil {
-			if refuse == nil || errors.Is(err, link.ErrQueueFull) {
-				refuse = packets.ErrUnspecifiedError
-				if errors.Is(err, link.ErrQueueFull) {
-					refuse = packets.ErrQuotaExceeded
-				}
-			}
-		}
-	}
-
 	// Encoding and queueing happen outside the lock, so publishers on
 	// different connections forward in parallel; each one's messages still
 	// queue in its order. Every target is tried, even after a failure, so

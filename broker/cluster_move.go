@@ -221,17 +221,20 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 	// Its routes stay, and what arrives for it goes on to the destination,
 	// until every peer holds the destination's routes (cluster_relay.go).
 	r := c.startRelay(o.id, o.clientID, o.to, start.Subs)
-	moved := false
+	moved, putBack := false, true
 	defer func() {
 		if moved {
 			go c.stopRelayWhenRouted(r, start.Subs)
 		} else {
-			c.stopRelay(r, start.Subs, true)
+			c.stopRelay(r, start.Subs, putBack)
 		}
 	}()
 	sess, found := c.b.mq.DetachSession(o.clientID)
 	if !found {
 		sess = mqtt.Session{Subscriptions: start.Subs, Inflight: snapshot, Expiry: start.Expiry, ExpirySet: start.ExpirySet}
+	}
+	if f := c.testMoveDetached.Load(); f != nil {
+		(*f)(o.clientID)
 	}
 	tail := slices.DeleteFunc(publishesOnly(sess.Inflight), func(pk packets.Packet) bool { return sent[keyOf(pk)] })
 	if !st.send(tail) || !p.link.Send(link.Message{Type: msgMoveEnd, Body: moveEndMsg{Move: o.id, Chunks: st.seq}.encode()}, true) {
@@ -243,7 +246,11 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 	if !st.confirmed() {
 		if st.answer == moveStale {
 			// Detached already: dropped, with what it held.
-			c.relays.remove(r) // what was relayed is not put back
+			// Nothing relayed is put back: the session is gone, the
+			// client's newer one elsewhere is entitled to what it
+			// subscribes to there.
+			putBack = false
+			c.relays.remove(r) // no more relayed from now
 			c.owners.forget(o.clientID)
 			c.dropStaleSession(o.clientID, o.to, sess.Inflight, 0, 0)
 			return false

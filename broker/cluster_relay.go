@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -56,6 +57,14 @@ type relay struct {
 // fail (a move in flight for more messages than this is rare: it lasts one
 // link round trip past the end).
 const relayKeepMax = 10000
+
+// relayKeep is relayKeepMax, or what a test set.
+func (c *clusterNode) relayKeep() int {
+	if n := c.testRelayKeep.Load(); n > 0 {
+		return int(n)
+	}
+	return relayKeepMax
+}
 
 // relays are the relays of the moves this node is the source of.
 type relays struct {
@@ -190,12 +199,14 @@ func (rs *relays) routed(from string, move uint64) {
 	}
 }
 
-// relayTo queues pm for r's destination (held until the move's end).
+// relayTo queues pm for r's destination (held until the move's end). What
+// cannot be is counted: the message was acknowledged already.
 func (c *clusterNode) relayTo(r *relay, pm publishMsg) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if !r.ended {
-		if len(r.held) >= relayKeepMax {
+		if len(r.held) >= c.relayKeep() {
+			c.b.limits.linkDropped(r.to, dropRelayFull, pm.Packet.FixedHeader.Qos, 1, pm.Packet.TopicName)
 			return link.ErrQueueFull
 		}
 		r.held = append(r.held, pm)
@@ -227,6 +238,20 @@ func (c *clusterNode) sendLate(r *relay, pm publishMsg) error {
 		r.sent = append(r.sent, pm)
 	}
 	return nil
+}
+
+// relayLocal relays a message published here to the destination of each
+// matching move, after its local delivery (OnPublished). It is relayed
+// even when the destination routes the topic itself: the copy forwarded
+// to it directly may precede the move's end there, and so the session
+// (QoS 1 allows the duplicate a later one makes).
+func (c *clusterNode) relayLocal(pk packets.Packet) {
+	if c.relays.n.Load() == 0 || pk.Ignore || strings.HasPrefix(pk.TopicName, "$SYS") {
+		return
+	}
+	for _, r := range c.relays.matching(pk.TopicName) {
+		_ = c.relayTo(r, publishMsg{Origin: pk.Origin, Expiry: expiryLeft(pk.Expiry), Packet: pk})
+	}
 }
 
 // relayFromPeer relays a publish a peer sent here (it still routes the

@@ -59,7 +59,26 @@
 // destination (msgMoveLate, after the move's end), until the destination
 // reports that every peer acknowledged its own routes for the session
 // (msgMoveRouted): no node is without a route for the session in between
-// (cluster_relay.go). A move answering a claim whose CONNECT went on
+// (cluster_relay.go).
+//
+// Every message that reaches the source for the moved session is either
+// delivered to it before the detach (and moves with it) or relayed: the
+// relay is registered (startRelay) before DetachSession removes the
+// session's subscriptions and client, and the relay lookup of a message
+// runs after its local delivery (relayFromPeer after DeliverFromPeer;
+// OnPublished, OnWillSent for local publishers). A delivery that found
+// the subscription gone, or the client taken over, saw the detach, so the
+// lookup after it sees the relay (the relay outlives the move's end by at
+// least the destination's route round trip; a delivery slower than that
+// is the one case left). The lookup for local publishers does not run in
+// OnPublish with the forwarding: a session detached between the two was
+// found by neither. A message is relayed even if the destination routes
+// its topic itself: the direct copy can precede the move's end there, and
+// so the session; the duplicate is within QoS 1. A relay holds at most
+// relayKeepMax messages before the move's end is queued; more are counted
+// (move_relay_full).
+//
+// A move answering a claim whose CONNECT went on
 // without it (the source was cut off) finds a newer session at the
 // destination: the source drops its own as stale.
 //

@@ -53,3 +53,27 @@ func (b *Broker) HoldRouteDeltas(from string, release <-chan struct{}) {
 	}
 	b.cluster.testDeliver.Store(&f)
 }
+
+// SetTestMoveDetached calls f when the node, as the source of a move, has
+// just detached the session of client id; nil removes it.
+func (b *Broker) SetTestMoveDetached(f func(id string)) {
+	if f == nil {
+		b.cluster.testMoveDetached.Store(nil)
+		return
+	}
+	b.cluster.testMoveDetached.Store(&f)
+}
+
+// SetTestAfterForward calls f after a local publish was forwarded to the
+// node's peers, before it is delivered on the node; nil removes it.
+func (b *Broker) SetTestAfterForward(f func(topic string)) {
+	if f == nil {
+		b.cluster.testAfterForward.Store(nil)
+		return
+	}
+	b.cluster.testAfterForward.Store(&f)
+}
+
+// SetTestRelayKeep makes the node hold at most n messages for a session
+// moving away before the move's end is queued (0: relayKeepMax).
+func (b *Broker) SetTestRelayKeep(n int) { b.cluster.testRelayKeep.Store(int32(n)) }

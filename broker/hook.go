@@ -100,6 +100,10 @@ const (
 	// partition showed stale: its client had connected to another node
 	// while this one was cut off, and the newer session is kept.
 	dropStaleSession
+	// dropRelayFull: a session moving away from this node was sent
+	// relayKeepMax messages before the move's end was queued (the move
+	// stalled): later ones for it are not relayed to its new node.
+	dropRelayFull
 	numDropReasons
 )
 
@@ -107,7 +111,7 @@ const (
 var dropReasonNames = [numDropReasons]string{"queue_full", "session_full", "packet_ids",
 	"offline", "expired", "session_expired",
 	"link_queue_full", "link_oversize", "no_link", "link_closed", "link_reset", "peer_restarted", "too_large",
-	"queue_bytes", "memory_budget", "session_not_moved", "stale_session"}
+	"queue_bytes", "memory_budget", "session_not_moved", "stale_session", "move_relay_full"}
 
 // dropReasonText are the reasons as said in the log, in dropReason order.
 var dropReasonText = [numDropReasons]string{"client queue full", "client session full", "no free packet identifier",
@@ -115,7 +119,8 @@ var dropReasonText = [numDropReasons]string{"client queue full", "client session
 	"link queue full", "too large for a node link", "no link to a peer with matching routes",
 	"link closed with messages queued", "QoS 0 lost when a link connection broke", "peer restarted",
 	"larger than the client's maximum packet size", "client queue bytes full", "node queue memory budget full",
-	"session not handed over when the node stopped", "stale session ended after a partition"}
+	"session not handed over when the node stopped", "stale session ended after a partition",
+	"too many messages for a session moving away"}
 
 // dropNoQoS0 marks the reasons that apply to QoS 1/2 messages only: their
 // QoS 0 series are not exported.
