@@ -77,15 +77,30 @@ func (c *clusterNode) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pac
 	return pk, nil
 }
 
-// OnPublished relays what a local client published to the sessions moving
+// OnPublished relays what a local client published at QoS 0 to the sessions moving
 // away from here (cluster_relay.go). It runs after mochi delivered the
 // message here, not in OnPublish with forward: a session detached between
 // the two is found by neither the lookup in forward nor the local delivery
 // (see doc.go, "Session moves").
 func (c *clusterNode) OnPublished(cl *mqtt.Client, pk packets.Packet) {
-	if !cl.Net.Inline {
-		c.relayLocal(pk)
+	if !cl.Net.Inline && pk.FixedHeader.Qos == 0 {
+		_ = c.relayLocal(pk)
 	}
+}
+
+// OnPublishHold relays a QoS 1/2 publish of a client here, as OnPublished
+// does a QoS 0 one, but before its acknowledgement (mochi calls it after
+// the local delivery, before the PUBACK/PUBREC): a relay that cannot hold
+// the message fails the acknowledgement (the connection closes without it
+// and the client publishes again) rather than following it with a drop.
+func (c *clusterNode) OnPublishHold(cl *mqtt.Client, pk packets.Packet) func() error {
+	if cl.Net.Inline {
+		return nil
+	}
+	if err := c.relayLocal(pk); err != nil {
+		return func() error { return err }
+	}
+	return nil
 }
 
 // OnWillSent forwards a will message once it was published locally, and
@@ -93,7 +108,7 @@ func (c *clusterNode) OnPublished(cl *mqtt.Client, pk packets.Packet) {
 // queued is counted.
 func (c *clusterNode) OnWillSent(_ *mqtt.Client, pk packets.Packet) {
 	_ = c.forward(pk)
-	c.relayLocal(pk)
+	_ = c.relayLocal(pk)
 }
 
 // forward queues pk for every peer whose routes match it, and its retained

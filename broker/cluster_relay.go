@@ -245,13 +245,17 @@ func (c *clusterNode) sendLate(r *relay, pm publishMsg) error {
 // even when the destination routes the topic itself: the copy forwarded
 // to it directly may precede the move's end there, and so the session
 // (QoS 1 allows the duplicate a later one makes).
-func (c *clusterNode) relayLocal(pk packets.Packet) {
+func (c *clusterNode) relayLocal(pk packets.Packet) error {
 	if c.relays.n.Load() == 0 || pk.Ignore || strings.HasPrefix(pk.TopicName, "$SYS") {
-		return
+		return nil
 	}
+	var first error
 	for _, r := range c.relays.matching(pk.TopicName) {
-		_ = c.relayTo(r, publishMsg{Origin: pk.Origin, Expiry: expiryLeft(pk.Expiry), Packet: pk})
+		if err := c.relayTo(r, publishMsg{Origin: pk.Origin, Expiry: expiryLeft(pk.Expiry), Packet: pk}); err != nil && first == nil {
+			first = err
+		}
 	}
+	return first
 }
 
 // relayFromPeer relays a publish a peer sent here (it still routes the

@@ -180,3 +180,43 @@ func TestSessionMoveRelayFullCounted(t *testing.T) {
 	}
 	expectPayloads(t, c, "m0", "m1")
 }
+
+// A local QoS 1 publish that the relay of a moving session cannot hold is
+// not acknowledged (the publisher's connection closes without its PUBACK,
+// and it publishes again): a drop after a PUBACK would break the promise.
+func TestSessionMoveRelayFullRefusesLocalPublish(t *testing.T) {
+	src, dst := relayPair(t)
+	src.SetTestRelayKeep(1)
+	dev, _ := dialV5(t, src, &paho.Connect{ClientID: "rl-dev", CleanStart: true,
+		Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
+	subscribe(t, dev, 0, paho.SubscribeOptions{Topic: "rl/t", QoS: 1})
+	waitRoutes(t, []*broker.Broker{src, dst}, src, 1)
+	pub, _ := dialV5(t, src, &paho.Connect{ClientID: "rl-pub", CleanStart: true})
+
+	detached, release := holdDetached(t, src, "rl-dev")
+	moved := reconnectAsync(t, dst, "rl-dev")
+	waitChan(t, detached, "the session detached")
+	pub.Pub(t, "rl/t", 1, false, "m0") // held by the relay
+	acked := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, err := pub.Publish(ctx, &paho.Publish{Topic: "rl/t", QoS: 1, Payload: []byte("m1")})
+		acked <- err
+	}()
+	select {
+	case <-pub.Done(): // closed without the PUBACK
+	case err := <-acked:
+		if err == nil {
+			t.Error("m1 acknowledged although the relay could not hold it")
+		}
+	case <-time.After(3 * time.Second):
+		t.Error("the publisher's connection still open 3 s after m1 could not be relayed")
+	}
+	release()
+	c := waitChan(t, moved, "the session on n1")
+	if c == nil {
+		t.FailNow()
+	}
+	expectPayloads(t, c, "m0")
+}
