@@ -66,3 +66,13 @@ func (cl *Client) inboundPending() []packets.Packet {
 	}
 	return nil
 }
+
+// inboundHas reports whether the client has a flow in progress with
+// packet id id (without creating the state). rtm patch 94.
+func (cl *Client) inboundHas(id uint16) bool {
+	if in := cl.State.inbound.Load(); in != nil {
+		_, ok := in.Get(id)
+		return ok
+	}
+	return false
+}

@@ -171,3 +171,59 @@ func TestResendDoesNotBlockDeliveries(t *testing.T) {
 	require.Equal(t, "new", string(pk.Payload), "the delivery follows the resend")
 	require.False(t, pk.FixedHeader.Dup)
 }
+
+// TestSubscribeIDOfOutboundMessage (patch 94): a SUBSCRIBE and an
+// UNSUBSCRIBE with the packet id of a message the server has in flight to
+// the client succeed: the ids of the two directions are separate.
+func TestSubscribeIDOfOutboundMessage(t *testing.T) {
+	s := newServer()
+	cl, r, w := newTestClient()
+	cl.Properties.ProtocolVersion = 5
+	cl.State.Inflight.Set(packets.Packet{PacketID: 15, FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}})
+
+	sub := *packets.TPacketData[packets.Subscribe].Get(packets.TSubscribeMqtt5).Packet
+	sub.PacketID = 15
+	unsub := *packets.TPacketData[packets.Unsubscribe].Get(packets.TUnsubscribeMqtt5).Packet
+	unsub.PacketID = 15
+	go func() {
+		require.NoError(t, s.processPacket(cl, sub))
+		require.NoError(t, s.processPacket(cl, unsub))
+		_ = w.Close()
+	}()
+	c := r
+	rd := bufio.NewReader(c)
+	suback := rtmReadRaw(t, c, rd)
+	require.Equal(t, packets.Suback, suback.FixedHeader.Type)
+	for _, code := range suback.ReasonCodes {
+		require.Less(t, code, packets.ErrUnspecifiedError.Code, "SUBACK refuses a filter: 0x%x", code)
+	}
+	unsuback := rtmReadRaw(t, c, rd)
+	require.Equal(t, packets.Unsuback, unsuback.FixedHeader.Type)
+	for _, code := range unsuback.ReasonCodes {
+		require.Less(t, code, packets.ErrUnspecifiedError.Code, "UNSUBACK refuses a filter: 0x%x", code)
+	}
+}
+
+// rtmReadRaw is rtmRead for SUBACK and UNSUBACK.
+func rtmReadRaw(t *testing.T, c net.Conn, r *bufio.Reader) packets.Packet {
+	t.Helper()
+	require.NoError(t, c.SetReadDeadline(time.Now().Add(10*time.Second)))
+	b0, err := r.ReadByte()
+	require.NoError(t, err)
+	var pk packets.Packet
+	require.NoError(t, pk.FixedHeader.Decode(b0))
+	n, _, err := packets.DecodeLength(r)
+	require.NoError(t, err)
+	pk.FixedHeader.Remaining = n
+	pk.ProtocolVersion = 5
+	body := make([]byte, n)
+	_, err = io.ReadFull(r, body)
+	require.NoError(t, err)
+	switch pk.FixedHeader.Type {
+	case packets.Suback:
+		require.NoError(t, pk.SubackDecode(body))
+	case packets.Unsuback:
+		require.NoError(t, pk.UnsubackDecode(body))
+	}
+	return pk
+}

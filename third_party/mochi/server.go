@@ -1655,7 +1655,7 @@ func (s *Server) processPubcomp(cl *Client, pk packets.Packet) error {
 func (s *Server) processSubscribe(cl *Client, pk packets.Packet) error {
 	pk = s.hooks.OnSubscribe(cl, pk)
 	code := packets.CodeSuccess
-	if _, ok := cl.State.Inflight.Get(pk.PacketID); ok {
+	if cl.inboundHas(pk.PacketID) { // rtm patch 94: the client's ids, not the server's
 		code = packets.ErrPacketIdentifierInUse
 	}
 
@@ -1729,7 +1729,7 @@ func (s *Server) processSubscribe(cl *Client, pk packets.Packet) error {
 // processUnsubscribe processes an unsubscribe packet.
 func (s *Server) processUnsubscribe(cl *Client, pk packets.Packet) error {
 	code := packets.CodeSuccess
-	if _, ok := cl.State.Inflight.Get(pk.PacketID); ok {
+	if cl.inboundHas(pk.PacketID) { // rtm patch 94: the client's ids, not the server's
 		code = packets.ErrPacketIdentifierInUse
 	}
 
