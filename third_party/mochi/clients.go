@@ -169,25 +169,26 @@ type Will struct {
 
 // ClientState tracks the state of the client.
 type ClientState struct {
-	TopicAliases    TopicAliases       // a map of topic aliases
-	stopCause       atomic.Value       // reason for stopping
-	Inflight        *Inflight          // a map of in-flight qos messages
-	Subscriptions   *Subscriptions     // a map of the subscription filters a client maintains
-	disconnected    int64              // the time the client disconnected in unix time, for calculating expiry
-	outbound        outboundQueue      // queue for pending outbound packets (rtm patch: was a chan, see outbound.go)
-	flow            flowGate           // rtm patch 20: publishers waiting for this client to drain
-	rtm             rtmClientState     // rtm patches 42-44: read deadlines
-	acks            heldAcks           // rtm patch 54: acknowledgements held by OnPublishHold
-	endOnce         sync.Once          // only end once
-	isTakenOver     atomic.Bool        // used to identify orphaned clients
-	takeover        sync.RWMutex       // rtm patch 92: a take-over (write) against deliveries (read)
-	packetID        uint32             // the current highest packetID
-	packetIDMu      sync.Mutex         // rtm patch: guards packetID allocation (was the client's lock, held by writes)
-	open            context.Context    // indicate that the client is open for packet exchange
-	cancelOpen      context.CancelFunc // cancel function for open context
-	outboundQty     int32              // number of messages currently in the outbound queue
-	Keepalive       uint16             // the number of seconds the connection can wait
-	ServerKeepalive bool               // keepalive was set by the server
+	TopicAliases    TopicAliases             // a map of topic aliases
+	stopCause       atomic.Value             // reason for stopping
+	Inflight        *Inflight                // a map of in-flight qos messages
+	Subscriptions   *Subscriptions           // a map of the subscription filters a client maintains
+	disconnected    int64                    // the time the client disconnected in unix time, for calculating expiry
+	outbound        outboundQueue            // queue for pending outbound packets (rtm patch: was a chan, see outbound.go)
+	flow            flowGate                 // rtm patch 20: publishers waiting for this client to drain
+	rtm             rtmClientState           // rtm patches 42-44: read deadlines
+	acks            heldAcks                 // rtm patch 54: acknowledgements held by OnPublishHold
+	endOnce         sync.Once                // only end once
+	isTakenOver     atomic.Bool              // used to identify orphaned clients
+	takeover        sync.RWMutex             // rtm patch 92: a take-over (write) against deliveries (read)
+	inbound         atomic.Pointer[Inflight] // rtm patch 94: the client's own QoS 1/2 flows, see inboundQos
+	packetID        uint32                   // the current highest packetID
+	packetIDMu      sync.Mutex               // rtm patch: guards packetID allocation (was the client's lock, held by writes)
+	open            context.Context          // indicate that the client is open for packet exchange
+	cancelOpen      context.CancelFunc       // cancel function for open context
+	outboundQty     int32                    // number of messages currently in the outbound queue
+	Keepalive       uint16                   // the number of seconds the connection can wait
+	ServerKeepalive bool                     // keepalive was set by the server
 }
 
 // newClient returns a new instance of Client. This is almost exclusively used by Server
@@ -247,6 +248,15 @@ func (cl *Client) recoverPanic(r any) error {
 func (cl *Client) WriteLoop() {
 	if cl.State.outbound.claim() {
 		cl.writeQueued()
+	}
+}
+
+// releaseWriter lets the packets queued while the caller held the writer
+// (outbound.claim) go out, after what the caller wrote directly.
+// rtm patch 95.
+func (cl *Client) releaseWriter() {
+	if cl.State.outbound.release() {
+		go cl.writeQueued()
 	}
 }
 
@@ -384,11 +394,27 @@ func (cl *Client) NextPacketID() (i uint32, err error) {
 
 // ResendInflightMessages attempts to resend any pending inflight messages to connected clients.
 func (cl *Client) ResendInflightMessages(force bool) error {
-	if cl.State.Inflight.Len() == 0 {
+	if cl.State.Inflight.Len() == 0 && cl.inboundLen() == 0 { // rtm patch 94
 		return nil
 	}
+	return cl.resendInflight(cl.State.Inflight.GetAll(false))
+}
 
-	for _, tk := range cl.State.Inflight.GetAll(false) {
+// resendInflight resends the session's messages in list (a snapshot of
+// State.Inflight), then the inbound QoS flows (patch 94).
+// rtm patch 95: split out of ResendInflightMessages, so connectClient takes
+// the snapshot while deliveries wait and writes it after they resume.
+func (cl *Client) resendInflight(list []packets.Packet) error {
+	if err := cl.resendFrom(cl.State.Inflight, list); err != nil {
+		return err
+	}
+	return cl.resendFrom(cl.State.inbound.Load(), cl.inboundPending()) // rtm patch 94
+}
+
+// resendFrom resends list, taken from m. rtm patch 95: the loop of
+// ResendInflightMessages.
+func (cl *Client) resendFrom(m *Inflight, list []packets.Packet) error {
+	for _, tk := range list {
 		if tk.FixedHeader.Type == packets.Publish {
 			tk.FixedHeader.Dup = true // [MQTT-3.3.1-1] [MQTT-3.3.1-3]
 		}
@@ -403,7 +429,7 @@ func (cl *Client) ResendInflightMessages(force bool) error {
 		}
 
 		if tk.FixedHeader.Type == packets.Puback || tk.FixedHeader.Type == packets.Pubcomp {
-			if ok := cl.State.Inflight.Delete(tk.PacketID); ok {
+			if ok := m.Delete(tk.PacketID); ok {
 				cl.ops.hooks.OnQosComplete(cl, tk)
 				atomic.AddInt64(&cl.ops.info.Inflight, -1)
 			}
@@ -421,7 +447,8 @@ func (cl *Client) ClearInflights() {
 			atomic.AddInt64(&cl.ops.info.Inflight, -1)
 		}
 	}
-	cl.flowDrained() // rtm patch 20
+	cl.clearInbound() // rtm patch 94
+	cl.flowDrained()  // rtm patch 20
 }
 
 // ClearExpiredInflights deletes any inflight messages which have expired.

@@ -84,6 +84,19 @@ func (q *outboundQueue) claim() bool {
 	return true
 }
 
+// release ends a claim that wrote nothing: it returns start true if
+// packets were queued meanwhile, and the caller must then run the writer.
+// rtm patch 95.
+func (q *outboundQueue) release() (start bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.n.Load() == 0 {
+		q.writing = false
+		return false
+	}
+	return true
+}
+
 // grow doubles the ring (at least 4, at most limit), keeping the order.
 func (q *outboundQueue) grow() {
 	size := 2 * len(q.buf)

@@ -117,7 +117,7 @@ func (s *Server) releaseAcks(cl *Client) {
 			_ = cl.WritePacket(a.ack)
 		}
 		if a.qos == 1 {
-			if ok := cl.State.Inflight.Delete(a.ack.PacketID); ok {
+			if ok := cl.inboundQos().Delete(a.ack.PacketID); ok { // rtm patch 94
 				atomic.AddInt64(&s.Info.Inflight, -1)
 			}
 			cl.State.Inflight.IncreaseReceiveQuota()

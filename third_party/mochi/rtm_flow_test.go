@@ -611,7 +611,7 @@ func TestFlowQoS2PubcompWakesWaiter(t *testing.T) {
 		})
 	}()
 	waitFor(t, "the publisher to wait", func() bool { return sub.State.flow.nwait.Load() == 1 })
-	_, held := pub.State.Inflight.Get(9)
+	_, held := pub.inboundQos().Get(9) // rtm patch 94
 	require.True(t, held, "the publisher's PUBREC is pending while it waits")
 	require.NoError(t, s.processPacket(sub, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubcomp}, PacketID: 3}))
 	select {

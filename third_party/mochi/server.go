@@ -604,28 +604,43 @@ func (s *Server) connectClient(cl *Client, listener string, counted *bool) error
 	}
 
 	// rtm patch 92: deliveries to cl (it is in Clients from here) wait
-	// until its CONNACK and the session's resent messages are written: a
-	// PUBLISH must not precede the CONNACK.
+	// until its CONNACK is written and the session's messages to resend
+	// are listed: a PUBLISH must not precede the CONNACK.
+	// rtm patch 95: and no longer than that. The resend (up to
+	// MaximumInflight packets, to a client that may read slowly or not
+	// at all) is written after the lock is released: deliveries meanwhile
+	// are queued (or paced, or dropped and counted, at the queue's limits),
+	// and cl's writer, held from here, starts once the resend is written,
+	// so they follow it. v2.7.9 resent under no lock; patch 92 held the
+	// lock during the resend, and every publisher to cl (and a node link
+	// delivering to it) waited for a slow device's whole resend.
 	cl.State.takeover.Lock()
+	cl.State.outbound.claim() // rtm patch 95: cl is new, no writer runs yet
 	sessionPresent := s.inheritClientSession(pk, cl)
 	s.Clients.Add(cl) // [MQTT-4.1.0-1]
 
 	err = s.SendConnack(cl, code, sessionPresent, nil) // [MQTT-3.1.4-5] [MQTT-3.2.0-1] [MQTT-3.2.0-2] &[MQTT-3.14.0-1]
 	if err != nil {
 		cl.State.takeover.Unlock()
+		cl.releaseWriter() // rtm patch 95
 		return fmt.Errorf("ack connection packet: %w", err)
 	}
 
 	s.loop.willDelayed.Delete(cl.ID) // [MQTT-3.1.3-9]
 
+	var resend []packets.Packet // rtm patch 95: listed before deliveries resume, so none is sent twice
 	if sessionPresent {
-		err = cl.ResendInflightMessages(true)
-		if err != nil {
-			cl.State.takeover.Unlock()
-			return fmt.Errorf("resend inflight: %w", err)
-		}
+		resend = cl.State.Inflight.GetAll(false)
 	}
 	cl.State.takeover.Unlock()
+
+	if sessionPresent {
+		err = cl.resendInflight(resend)
+	}
+	cl.releaseWriter() // rtm patch 95
+	if err != nil {
+		return fmt.Errorf("resend inflight: %w", err)
+	}
 
 	s.hooks.OnSessionEstablished(cl, pk)
 	return nil
@@ -757,6 +772,9 @@ func (s *Server) inheritClientSession(pk packets.Packet, cl *Client) bool {
 		}
 
 		existing.State.isTakenOver.Store(true)
+		if in := existing.State.inbound.Load(); in != nil && in.Len() > 0 { // rtm patch 94
+			cl.State.inbound.Store(in.Clone())
+		}
 		if existing.State.Inflight.Len() > 0 {
 			cl.State.Inflight = existing.State.Inflight.Clone() // [MQTT-3.1.2-5]
 			if cl.State.Inflight.maximumReceiveQuota == 0 && cl.ops.options.Capabilities.ReceiveMaximum != 0 {
@@ -1125,13 +1143,17 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		pk.Expiry = pk.Created + expiry
 	}
 
-	if !cl.Net.Inline {
-		if pki, ok := cl.State.Inflight.Get(pk.PacketID); ok {
+	// rtm patch 94: the client's packet identifiers are looked up among
+	// its own flows only; v2.7.9 looked in (and deleted from) the server's
+	// outbound messages too, which lost an unacknowledged outbound message
+	// with the same id. See inboundQos.
+	if in := cl.State.inbound.Load(); !cl.Net.Inline && in != nil {
+		if pki, ok := in.Get(pk.PacketID); ok {
 			if pki.FixedHeader.Type == packets.Pubrec { // [MQTT-4.3.3-10]
 				ack := s.buildAck(pk.PacketID, packets.Pubrec, 0, pk.Properties, packets.ErrPacketIdentifierInUse)
 				return cl.WritePacket(ack)
 			}
-			if ok := cl.State.Inflight.Delete(pk.PacketID); ok { // [MQTT-4.3.2-5]
+			if ok := in.Delete(pk.PacketID); ok { // [MQTT-4.3.2-5]
 				atomic.AddInt64(&s.Info.Inflight, -1)
 			}
 		}
@@ -1171,7 +1193,7 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		ack = s.buildAck(pk.PacketID, packets.Pubrec, 0, pk.Properties, packets.CodeSuccess) // [MQTT-3.3.4-1] [MQTT-4.3.3-8]
 	}
 
-	if ok := cl.State.Inflight.Set(ack); ok {
+	if ok := cl.inboundQos().Set(ack); ok { // rtm patch 94: was State.Inflight
 		atomic.AddInt64(&s.Info.Inflight, 1)
 		s.hooks.OnQosPublish(cl, ack, ack.Created, 0)
 	}
@@ -1200,7 +1222,7 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	}
 
 	if pk.FixedHeader.Qos == 1 {
-		if ok := cl.State.Inflight.Delete(ack.PacketID); ok {
+		if ok := cl.inboundQos().Delete(ack.PacketID); ok { // rtm patch 94
 			atomic.AddInt64(&s.Info.Inflight, -1)
 		}
 		cl.State.Inflight.IncreaseReceiveQuota()
@@ -1581,29 +1603,33 @@ func (s *Server) processPubrec(cl *Client, pk packets.Packet) error {
 
 // processPubrel processes a Pubrel packet, denoting completion of a QOS 2 packet sent from the client.
 func (s *Server) processPubrel(cl *Client, pk packets.Packet) error {
-	if _, ok := cl.State.Inflight.Get(pk.PacketID); !ok { // [MQTT-4.3.3-7] [MQTT-4.3.3-13]
+	in := cl.inboundQos()                  // rtm patch 94: the client's flows, not the server's
+	if _, ok := in.Get(pk.PacketID); !ok { // [MQTT-4.3.3-7] [MQTT-4.3.3-13]
 		return cl.WritePacket(s.buildAck(pk.PacketID, packets.Pubcomp, 0, pk.Properties, packets.ErrPacketIdentifierNotFound))
 	}
 
 	if pk.ReasonCode >= packets.ErrUnspecifiedError.Code || !pk.ReasonCodeValid() { // [MQTT-4.3.3-9]
-		if ok := cl.State.Inflight.Delete(pk.PacketID); ok {
+		if ok := in.Delete(pk.PacketID); ok {
 			atomic.AddInt64(&s.Info.Inflight, -1)
 		}
-		cl.ops.hooks.OnQosDropped(cl, pk)
+		// rtm patch 94: no OnQosDropped: no message of the session is
+		// dropped (the client's was delivered on its PUBLISH), and hooks
+		// key the session's messages by the server's packet ids (rtm's
+		// durable hook deleted the stored outbound message with this id).
 		return nil
 	}
 
 	ack := s.buildAck(pk.PacketID, packets.Pubcomp, 0, pk.Properties, packets.CodeSuccess) // [MQTT-4.3.3-11]
-	cl.State.Inflight.Set(ack)
+	in.Set(ack)
 
 	err := cl.WritePacket(ack)
 	if err != nil {
 		return err
 	}
 
-	cl.State.Inflight.IncreaseReceiveQuota()             // +1 RECV QUOTA
-	cl.State.Inflight.IncreaseSendQuota()                // +1 SENT QUOTA
-	if ok := cl.State.Inflight.Delete(pk.PacketID); ok { // [MQTT-4.3.3-12]
+	cl.State.Inflight.IncreaseReceiveQuota() // +1 RECV QUOTA
+	cl.State.Inflight.IncreaseSendQuota()    // +1 SENT QUOTA
+	if ok := in.Delete(pk.PacketID); ok {    // [MQTT-4.3.3-12]
 		atomic.AddInt64(&s.Info.Inflight, -1)
 		s.hooks.OnQosComplete(cl, pk)
 	}
@@ -1629,7 +1655,7 @@ func (s *Server) processPubcomp(cl *Client, pk packets.Packet) error {
 func (s *Server) processSubscribe(cl *Client, pk packets.Packet) error {
 	pk = s.hooks.OnSubscribe(cl, pk)
 	code := packets.CodeSuccess
-	if _, ok := cl.State.Inflight.Get(pk.PacketID); ok {
+	if cl.inboundHas(pk.PacketID) { // rtm patch 94: the client's ids, not the server's
 		code = packets.ErrPacketIdentifierInUse
 	}
 
@@ -1703,7 +1729,7 @@ func (s *Server) processSubscribe(cl *Client, pk packets.Packet) error {
 // processUnsubscribe processes an unsubscribe packet.
 func (s *Server) processUnsubscribe(cl *Client, pk packets.Packet) error {
 	code := packets.CodeSuccess
-	if _, ok := cl.State.Inflight.Get(pk.PacketID); ok {
+	if cl.inboundHas(pk.PacketID) { // rtm patch 94: the client's ids, not the server's
 		code = packets.ErrPacketIdentifierInUse
 	}
 
