@@ -6,6 +6,7 @@
 package mqtt
 
 import (
+	"errors"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -84,6 +85,11 @@ func (s *Server) DeliverToClient(id string, pk packets.Packet) bool {
 		pk.Created = time.Now().Unix()
 	}
 	if _, err := s.publishToClient(cl, sub, pk); err != nil {
+		// rtm patch 93: the session left between the lookup above and the
+		// delivery: not delivered, so the caller can send it on.
+		if errors.Is(err, ErrSessionLeft) {
+			return false
+		}
 		s.Log.Debug("failed publishing packet from peer", "error", err, "client", cl.ID)
 	}
 	return true

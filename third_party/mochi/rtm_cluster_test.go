@@ -318,3 +318,26 @@ func TestTakeoverKeepsMessagesDeliveredMeanwhile(t *testing.T) {
 	}
 	require.Zero(t, lost, "messages lost across %d take-overs of %d messages each", rounds, msgs)
 }
+
+// rtm patch 93: a delivery that finds the session gone from this server
+// (detached while the delivery was under way) says so, so DeliverToClient
+// reports it undelivered and rtm sends the message on to the session's new
+// server; v2.7.9 (and patch 92 before this) reported success.
+func TestDeliveryToSessionThatLeftSaysSo(t *testing.T) {
+	s := newServer()
+	held := s.NewClient(nil, "cluster", "moved", false)
+	held.Properties.ProtocolVersion = 5
+	held.Stop(packets.ErrSessionTakenOver)
+	s.Clients.Add(held)
+	sub := packets.Subscription{Filter: "in/#", Qos: 1}
+	s.Topics.Subscribe("moved", sub)
+	// What DetachSession leaves behind, as a delivery that looked the
+	// client up just before it sees it.
+	held.State.isTakenOver.Store(true)
+	s.Clients.Delete("moved")
+
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, TopicName: "in/x", Payload: []byte("late")}
+	_, err := s.publishToClient(held, sub, pk)
+	require.ErrorIs(t, err, ErrSessionLeft)
+	require.Equal(t, 0, held.State.Inflight.Len())
+}

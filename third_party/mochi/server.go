@@ -41,6 +41,9 @@ var (
 	ErrConnectionClosed       = errors.New("connection not open")                                      // connection is closed
 	ErrInlineClientNotEnabled = errors.New("please set Options.InlineClient=true to use this feature") // inline client is not enabled by default
 	ErrOptionsUnreadable      = errors.New("unable to read options from bytes")
+	// rtm patch 93: a delivery found the client's session gone from this
+	// server (DetachSession moved it, or it ended) while it delivered.
+	ErrSessionLeft = errors.New("the session left this server")
 )
 
 // Capabilities indicates the capabilities and features provided by the server.
@@ -1372,7 +1375,7 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 		next, ok := s.Clients.Get(cl.ID)
 		cl.State.takeover.RUnlock()
 		if !ok || next == cl {
-			return pk, nil // the session left this server (DetachSession) or ended
+			return pk, ErrSessionLeft // the session left this server (DetachSession) or ended (rtm patch 93)
 		}
 		if _, ok := next.State.Subscriptions.Get(sub.Filter); !ok {
 			return pk, nil // a clean start: the new session does not subscribe to it
