@@ -70,6 +70,7 @@ type clusterNode struct {
 	// forwarded to peers, before mochi delivers it here.
 	testAfterForward atomic.Pointer[func(topic string)]
 	testRelayKeep    atomic.Int32 // > 0: replaces relayKeepMax
+	testRelayBytes   atomic.Int64 // > 0: replaces relayHeldBytesMax
 	// testDeliver, if set, is called before a message from a peer is
 	// handled: tests hold some back, as a slow link would.
 	testDeliver atomic.Pointer[func(from string, typ byte)]

@@ -50,6 +50,7 @@ type relay struct {
 	mu    sync.Mutex
 	ended bool         // the move's end is queued: relays go out at once
 	held  []publishMsg // arrived before that
+	bytes int          // payload and topic bytes of held
 	sent  []publishMsg // relayed: delivered here should the move fail
 }
 
@@ -57,6 +58,19 @@ type relay struct {
 // fail (a move in flight for more messages than this is rare: it lasts one
 // link round trip past the end).
 const relayKeepMax = 10000
+
+// relayHeldBytesMax bounds the payload and topic bytes a relay holds before
+// the move's end: messages of up to the maximum packet size make a count
+// alone no bound on memory.
+const relayHeldBytesMax = 64 << 20
+
+// relayBytes is relayHeldBytesMax, or what a test set.
+func (c *clusterNode) relayBytes() int {
+	if n := c.testRelayBytes.Load(); n > 0 {
+		return int(n)
+	}
+	return relayHeldBytesMax
+}
 
 // relayKeep is relayKeepMax, or what a test set.
 func (c *clusterNode) relayKeep() int {
@@ -150,7 +164,7 @@ func (c *clusterNode) endRelay(r *relay) {
 	for _, pm := range r.held {
 		c.sendLate(r, pm)
 	}
-	r.held = nil
+	r.held, r.bytes = nil, 0
 }
 
 // stopRelay ends r and unpins its routes (sending the removals that came
@@ -160,7 +174,7 @@ func (c *clusterNode) stopRelay(r *relay, subs []packets.Subscription, failed bo
 	c.relays.remove(r)
 	r.mu.Lock()
 	pending := append(r.sent, r.held...)
-	r.sent, r.held = nil, nil
+	r.sent, r.held, r.bytes = nil, nil, 0
 	r.mu.Unlock()
 	if failed {
 		for _, pm := range pending {
@@ -205,11 +219,13 @@ func (c *clusterNode) relayTo(r *relay, pm publishMsg) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if !r.ended {
-		if len(r.held) >= c.relayKeep() {
+		size := len(pm.Packet.Payload) + len(pm.Packet.TopicName)
+		if len(r.held) >= c.relayKeep() || r.bytes+size > c.relayBytes() {
 			c.b.limits.linkDropped(r.to, dropRelayFull, pm.Packet.FixedHeader.Qos, 1, pm.Packet.TopicName)
 			return link.ErrQueueFull
 		}
 		r.held = append(r.held, pm)
+		r.bytes += size
 		return nil
 	}
 	return c.sendLate(r, pm)

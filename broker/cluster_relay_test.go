@@ -220,3 +220,32 @@ func TestSessionMoveRelayFullRefusesLocalPublish(t *testing.T) {
 	}
 	expectPayloads(t, c, "m0")
 }
+
+// The relay's bound is in bytes too: large messages reach it long before
+// the message count does.
+func TestSessionMoveRelayBytesBounded(t *testing.T) {
+	src, dst := relayPair(t)
+	src.SetTestRelayBytes(2500)
+	dev, _ := dialV5(t, src, &paho.Connect{ClientID: "rb-dev", CleanStart: true,
+		Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
+	subscribe(t, dev, 0, paho.SubscribeOptions{Topic: "rb/t", QoS: 1})
+	waitRoutes(t, []*broker.Broker{src, dst}, src, 1)
+	pub, _ := dialV5(t, dst, &paho.Connect{ClientID: "rb-pub", CleanStart: true})
+
+	detached, release := holdDetached(t, src, "rb-dev")
+	moved := reconnectAsync(t, dst, "rb-dev")
+	waitChan(t, detached, "the session detached")
+	for i := range 5 {
+		pub.Pub(t, "rb/t", 1, false, fmt.Sprintf("m%d%01023d", i, 0)) // 1 KiB each
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if n := src.Stats().DroppedByReason["move_relay_full"]["1"]; n != 3 {
+			return fmt.Errorf("move_relay_full QoS 1: %d, want 3 (2 of 1 KiB fit in 2,500 bytes)", n)
+		}
+		return nil
+	})
+	release()
+	if c := waitChan(t, moved, "the session on n1"); c == nil {
+		t.FailNow()
+	}
+}

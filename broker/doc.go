@@ -75,8 +75,9 @@
 // found by neither. A message is relayed even if the destination routes
 // its topic itself: the direct copy can precede the move's end there, and
 // so the session; the duplicate is within QoS 1. A relay holds at most
-// relayKeepMax messages before the move's end is queued; more are counted
-// (move_relay_full).
+// relayKeepMax messages and relayHeldBytesMax bytes before the move's end
+// is queued; a local QoS 1/2 publish beyond that is refused (no PUBACK),
+// anything else counted (move_relay_full).
 //
 // A move answering a claim whose CONNECT went on
 // without it (the source was cut off) finds a newer session at the

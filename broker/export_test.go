@@ -77,3 +77,8 @@ func (b *Broker) SetTestAfterForward(f func(topic string)) {
 // SetTestRelayKeep makes the node hold at most n messages for a session
 // moving away before the move's end is queued (0: relayKeepMax).
 func (b *Broker) SetTestRelayKeep(n int) { b.cluster.testRelayKeep.Store(int32(n)) }
+
+// SetTestRelayBytes makes the node hold at most n payload and topic bytes
+// for a session moving away before the move's end is queued (0:
+// relayHeldBytesMax).
+func (b *Broker) SetTestRelayBytes(n int) { b.cluster.testRelayBytes.Store(int64(n)) }
