@@ -55,7 +55,7 @@ type durableHook struct {
 	cancel context.CancelFunc
 
 	mu    sync.Mutex
-	holds map[string]*ackHold // publisher ID → the writes its current PUBLISH waits for
+	holds map[string]holdSlot // publisher ID → its current PUBLISH and, once it wrote anything, what it waits for
 	// waiting maps a message queued for writing for a persistent session
 	// (msgKey) to its state, until the session acknowledges it or its
 	// write is committed.
@@ -88,7 +88,6 @@ type durableHook struct {
 // sessions, those sessions' acknowledgements, whichever comes first. Its
 // fields are guarded by durableHook.mu.
 type ackHold struct {
-	cl  *mqtt.Client // the connection whose PUBLISH this is (a take-over makes another under the same ID)
 	t   writebehind.Ticket
 	set bool
 	err error
@@ -233,7 +232,7 @@ func msgKey(client string, pid uint16) string { return client + "\x00" + strconv
 
 func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
 	d := &durableHook{b: b, st: st, node: b.cfg.NodeName, log: b.log.With("component", "durable"),
-		holds: map[string]*ackHold{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{}}
+		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.seq.Store(time.Now().UnixNano())
 	w, err := writebehind.New(writebehind.Options[durOp]{
@@ -288,10 +287,31 @@ func (d *durableHook) put(op durOp) (writebehind.Ticket, error) {
 func (d *durableHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if pk.FixedHeader.Qos > 0 && !cl.Net.Inline {
 		d.mu.Lock()
-		d.holds[cl.ID] = &ackHold{cl: cl, pending: 1}
+		d.holds[cl.ID] = holdSlot{cl: cl} // no allocation: most PUBLISHes write nothing
 		d.mu.Unlock()
 	}
 	return pk, nil
+}
+
+// holdSlot is a client's PUBLISH in progress: the connection (a take-over
+// makes another under the same ID) and its hold, made at its first write.
+type holdSlot struct {
+	cl *mqtt.Client
+	h  *ackHold
+}
+
+// hold returns origin's hold, making it at the first write of its PUBLISH;
+// nil when no PUBLISH of origin is collecting. d.mu is held.
+func (d *durableHook) hold(origin string) *ackHold {
+	slot, ok := d.holds[origin]
+	if !ok {
+		return nil
+	}
+	if slot.h == nil {
+		slot.h = &ackHold{pending: 1}
+		d.holds[origin] = slot
+	}
+	return slot.h
 }
 
 // record makes the acknowledgement of origin's current PUBLISH, if one is
@@ -300,7 +320,7 @@ func (d *durableHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pac
 // acknowledgement by a session can stand in for its commit.
 func (d *durableHook) record(origin string, t writebehind.Ticket, err error, commit bool) {
 	d.mu.Lock()
-	if h, ok := d.holds[origin]; ok {
+	if h := d.hold(origin); h != nil {
 		if err != nil {
 			h.err = err
 		} else if !h.set || !h.t.Covers(t) {
@@ -319,7 +339,7 @@ func (d *durableHook) record(origin string, t writebehind.Ticket, err error, com
 func (d *durableHook) expect(origin, key string) *heldMsg {
 	m := &heldMsg{}
 	d.mu.Lock()
-	if h, ok := d.holds[origin]; ok {
+	if h := d.hold(origin); h != nil {
 		h.pending++
 		m.hold = h
 	}
@@ -356,8 +376,8 @@ func (d *durableHook) acknowledged(key string) bool {
 // PUBREC: the commit of its writes to persistent sessions, if any.
 func (d *durableHook) OnPublishHold(cl *mqtt.Client, pk packets.Packet) func() error {
 	d.mu.Lock()
-	h, ok := d.holds[cl.ID]
-	if ok && h.cl != cl {
+	slot, ok := d.holds[cl.ID]
+	if ok && slot.cl != cl {
 		// A connection taken over while its PUBLISH was in progress: the
 		// hold is the new connection's (the old one's acknowledgement
 		// goes nowhere; its client publishes again).
@@ -365,7 +385,8 @@ func (d *durableHook) OnPublishHold(cl *mqtt.Client, pk packets.Packet) func() e
 		return nil
 	}
 	delete(d.holds, cl.ID)
-	if !ok || (!h.set && h.err == nil) {
+	h := slot.h
+	if h == nil || (!h.set && h.err == nil) {
 		d.mu.Unlock()
 		return nil
 	}

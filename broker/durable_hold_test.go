@@ -14,7 +14,7 @@ import (
 // holdHook is a durableHook whose store writes wait for gate.
 func holdHook(t *testing.T, gate chan struct{}) *durableHook {
 	t.Helper()
-	d := &durableHook{holds: map[string]*ackHold{}, waiting: map[string]*heldMsg{}}
+	d := &durableHook{holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	w, err := writebehind.New(writebehind.Options[durOp]{Name: "test", Write: func(ctx context.Context, _ []durOp) error {
 		select {
@@ -56,7 +56,7 @@ func TestDurableHoldKeepsLatestTicket(t *testing.T) {
 	d.record(cl.ID, newer, nil, true)
 	d.record(cl.ID, older, nil, true)
 	d.mu.Lock()
-	got := d.holds[cl.ID].t
+	got := d.holds[cl.ID].h.t
 	d.mu.Unlock()
 	if !got.Covers(newer) {
 		t.Fatal("the hold waits for the older ticket recorded last")
