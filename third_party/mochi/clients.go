@@ -256,7 +256,7 @@ func (cl *Client) WriteLoop() {
 // rtm patch 95.
 func (cl *Client) releaseWriter() {
 	if cl.State.outbound.release() {
-		go cl.writeQueued()
+		cl.startWriter() // rtm patch 96
 	}
 }
 
@@ -534,8 +534,10 @@ func (cl *Client) read(packetHandler ReadFn, parkedAt int64) (err error) {
 				return err
 			}
 		}
-		fh := new(packets.FixedHeader)
-		err = cl.ReadFixedHeader(fh) // an idle connection waits here
+		// rtm patch 96: on the stack; the helper gets a copy (new() escaped
+		// through handleOnHelper's closure: an allocation per packet).
+		var fh packets.FixedHeader
+		err = cl.ReadFixedHeader(&fh) // an idle connection waits here
 		if err != nil {
 			return err
 		}
@@ -543,7 +545,7 @@ func (cl *Client) read(packetHandler ReadFn, parkedAt int64) (err error) {
 		if !waitFrom.IsZero() && time.Since(waitFrom) >= idleHandOff {
 			err = cl.handleOnHelper(fh, packetHandler) // rtm patch 75
 		} else {
-			err = cl.readAndHandle(fh, packetHandler)
+			err = cl.readAndHandle(&fh, packetHandler)
 		}
 		if err != nil {
 			return err
@@ -569,7 +571,7 @@ const idleHandOff = time.Second
 // patch 69 for the CONNECT); packets that follow each other closely are
 // handled on the read goroutine, as before, so a busy connection pays
 // nothing and an idle one one goroutine start per packet.
-func (cl *Client) handleOnHelper(fh *packets.FixedHeader, packetHandler ReadFn) error {
+func (cl *Client) handleOnHelper(fh packets.FixedHeader, packetHandler ReadFn) error {
 	done := make(chan error, 1)
 	go func() {
 		defer func() {
@@ -577,7 +579,7 @@ func (cl *Client) handleOnHelper(fh *packets.FixedHeader, packetHandler ReadFn) 
 				done <- cl.recoverPanic(r)
 			}
 		}()
-		done <- cl.readAndHandle(fh, packetHandler)
+		done <- cl.readAndHandle(&fh, packetHandler)
 	}()
 	return <-done
 }
@@ -896,7 +898,7 @@ func (cl *Client) writePacket(pk *packets.Packet) error {
 		// rtm patch: was len(chan); rtm patch 70: and the reader's held writes
 		if cl.State.outbound.len() == 0 && !cl.Net.holding.Load() {
 			if cl.Net.outbuf == nil {
-				return buf.WriteTo(cl.Net.Conn)
+				return cl.writeConn(buf) // rtm patch 97
 			}
 
 			// first write to buffer, then flush buffer
@@ -908,7 +910,7 @@ func (cl *Client) writePacket(pk *packets.Packet) error {
 		// there are more writes in the queue
 		if cl.Net.outbuf == nil {
 			if buf.Len() >= cl.ops.options.ClientNetWriteBufferSize {
-				return buf.WriteTo(cl.Net.Conn)
+				return cl.writeConn(buf) // rtm patch 97
 			}
 			cl.Net.outbuf = writeBufPool.Get() // rtm patch 70: was new(bytes.Buffer) per burst
 		}
@@ -974,7 +976,7 @@ func (cl *Client) flushOutbuf() (err error) {
 		return
 	}
 
-	_, err = cl.Net.outbuf.WriteTo(cl.Net.Conn)
+	_, err = cl.writeConn(cl.Net.outbuf) // rtm patch 97
 	if err == nil {
 		writeBufPool.Put(cl.Net.outbuf) // rtm patch 70
 		cl.Net.outbuf = nil

@@ -40,6 +40,7 @@ type outboundQueue struct {
 	writing bool              // a writer is draining the queue
 	bytes   atomic.Int64      // rtm patch 40: heldBytes of the queued QoS 0 packets (QoS 1/2 count in the session)
 	budget  *atomic.Int64     // rtm patch 41: the server's total of held bytes, or nil
+	writer  func()            // rtm patch 96: the client's writeQueued, made once (see startWriter)
 }
 
 func newOutboundQueue(limit int32) outboundQueue {
@@ -190,4 +191,22 @@ var queuedPacketPool = sync.Pool{New: func() any { return new(packets.Packet) }}
 func releaseQueuedPacket(pk *packets.Packet) {
 	*pk = packets.Packet{}
 	queuedPacketPool.Put(pk)
+}
+
+// startWriter starts the client's writer; the caller got start (push) or
+// true (release).
+//
+// rtm patch 96: `go cl.writeQueued()` allocated a closure for the method
+// value at every start, that is for every burst a client receives (about
+// one per message at a fixed rate below saturation). The method value is
+// made once and kept: the starts of a queue are ordered by its mutex (a
+// start follows the previous writer's last pop), so the field needs no
+// lock of its own.
+func (cl *Client) startWriter() {
+	fn := cl.State.outbound.writer
+	if fn == nil {
+		fn = cl.writeQueued
+		cl.State.outbound.writer = fn
+	}
+	go fn()
 }

@@ -1501,7 +1501,7 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 	if ok, start := cl.State.outbound.push(qp); ok { // rtm patch: was a non-blocking chan send
 		atomic.AddInt32(&cl.State.outboundQty, 1)
 		if start {
-			go cl.writeQueued() // rtm patch: a writer runs only while packets are queued
+			cl.startWriter() // rtm patch: a writer runs only while packets are queued (patch 96: no closure)
 		}
 	} else {
 		releaseQueuedPacket(qp) // rtm patch 72

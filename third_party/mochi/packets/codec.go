@@ -170,3 +170,31 @@ func DecodeLength(b io.ByteReader) (n, bu int, err error) {
 
 	return int(value), bu, nil
 }
+
+// decodeLengthSlice is DecodeLength reading from the start of b (io.EOF
+// when b ends first). rtm patch 96: no reader to allocate.
+func decodeLengthSlice(b []byte) (n, bu int, err error) {
+	var multiplier uint32
+	var value uint32
+	bu = 1
+	for i := 0; ; i++ {
+		if i >= len(b) {
+			return 0, bu, io.EOF
+		}
+		eb := b[i]
+
+		value |= uint32(eb&127) << multiplier
+		if value > 268435455 {
+			return 0, bu, ErrMalformedVariableByteInteger
+		}
+
+		if (eb & 128) == 0 {
+			break
+		}
+
+		multiplier += 7
+		bu++
+	}
+
+	return int(value), bu, nil
+}

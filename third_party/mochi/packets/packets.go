@@ -410,7 +410,7 @@ func (pk *Packet) ConnectDecode(buf []byte) error {
 	}
 
 	if pk.ProtocolVersion == 5 {
-		n, err := pk.Properties.Decode(pk.FixedHeader.Type, bytes.NewBuffer(buf[offset:]))
+		n, _, err := pk.Properties.decodeSlice(pk.FixedHeader.Type, buf[offset:]) // rtm patch 96: was Decode(…, bytes.NewBuffer(…))
 		if err != nil {
 			return fmt.Errorf("%s: %w", err, ErrMalformedProperties)
 		}
@@ -424,7 +424,7 @@ func (pk *Packet) ConnectDecode(buf []byte) error {
 
 	if pk.Connect.WillFlag { // [MQTT-3.1.2-7]
 		if pk.ProtocolVersion == 5 {
-			n, err := pk.Connect.WillProperties.Decode(WillProperties, bytes.NewBuffer(buf[offset:]))
+			n, _, err := pk.Connect.WillProperties.decodeSlice(WillProperties, buf[offset:]) // rtm patch 96: was Decode(…, bytes.NewBuffer(…))
 			if err != nil {
 				return ErrMalformedWillProperties
 			}
@@ -556,7 +556,7 @@ func (pk *Packet) ConnackDecode(buf []byte) error {
 	}
 
 	if pk.ProtocolVersion == 5 {
-		_, err := pk.Properties.Decode(pk.FixedHeader.Type, bytes.NewBuffer(buf[offset:]))
+		_, _, err := pk.Properties.decodeSlice(pk.FixedHeader.Type, buf[offset:]) // rtm patch 96: was Decode(…, bytes.NewBuffer(…))
 		if err != nil {
 			return fmt.Errorf("%s: %w", err, ErrMalformedProperties)
 		}
@@ -597,7 +597,7 @@ func (pk *Packet) DisconnectDecode(buf []byte) error {
 		}
 
 		if pk.FixedHeader.Remaining > 2 {
-			_, err = pk.Properties.Decode(pk.FixedHeader.Type, bytes.NewBuffer(buf[offset:]))
+			_, _, err = pk.Properties.decodeSlice(pk.FixedHeader.Type, buf[offset:]) // rtm patch 96: was Decode(…, bytes.NewBuffer(…))
 			if err != nil {
 				return fmt.Errorf("%s: %w", err, ErrMalformedProperties)
 			}
@@ -676,7 +676,7 @@ func (pk *Packet) PublishDecode(buf []byte) error {
 	}
 
 	if pk.ProtocolVersion == 5 {
-		n, err := pk.Properties.Decode(pk.FixedHeader.Type, bytes.NewBuffer(buf[offset:]))
+		n, _, err := pk.Properties.decodeSlice(pk.FixedHeader.Type, buf[offset:]) // rtm patch 96: was Decode(…, bytes.NewBuffer(…))
 		if err != nil {
 			return fmt.Errorf("%s: %w", err, ErrMalformedProperties)
 		}
@@ -763,7 +763,7 @@ func (pk *Packet) decodePubAckRelRecComp(buf []byte) error {
 		}
 
 		if pk.FixedHeader.Remaining > 3 {
-			_, err = pk.Properties.Decode(pk.FixedHeader.Type, bytes.NewBuffer(buf[offset:]))
+			_, _, err = pk.Properties.decodeSlice(pk.FixedHeader.Type, buf[offset:]) // rtm patch 96: was Decode(…, bytes.NewBuffer(…))
 			if err != nil {
 				return fmt.Errorf("%s: %w", err, ErrMalformedProperties)
 			}
@@ -898,7 +898,7 @@ func (pk *Packet) SubackDecode(buf []byte) error {
 	}
 
 	if pk.ProtocolVersion == 5 {
-		n, err := pk.Properties.Decode(pk.FixedHeader.Type, bytes.NewBuffer(buf[offset:]))
+		n, _, err := pk.Properties.decodeSlice(pk.FixedHeader.Type, buf[offset:]) // rtm patch 96: was Decode(…, bytes.NewBuffer(…))
 		if err != nil {
 			return fmt.Errorf("%s: %w", err, ErrMalformedProperties)
 		}
@@ -958,7 +958,7 @@ func (pk *Packet) SubscribeDecode(buf []byte) error {
 	}
 
 	if pk.ProtocolVersion == 5 {
-		n, err := pk.Properties.Decode(pk.FixedHeader.Type, bytes.NewBuffer(buf[offset:]))
+		n, _, err := pk.Properties.decodeSlice(pk.FixedHeader.Type, buf[offset:]) // rtm patch 96: was Decode(…, bytes.NewBuffer(…))
 		if err != nil {
 			return fmt.Errorf("%s: %w", err, ErrMalformedProperties)
 		}
@@ -1060,7 +1060,7 @@ func (pk *Packet) UnsubackDecode(buf []byte) error {
 	}
 
 	if pk.ProtocolVersion == 5 {
-		n, err := pk.Properties.Decode(pk.FixedHeader.Type, bytes.NewBuffer(buf[offset:]))
+		n, _, err := pk.Properties.decodeSlice(pk.FixedHeader.Type, buf[offset:]) // rtm patch 96: was Decode(…, bytes.NewBuffer(…))
 		if err != nil {
 			return fmt.Errorf("%s: %w", err, ErrMalformedProperties)
 		}
@@ -1116,7 +1116,7 @@ func (pk *Packet) UnsubscribeDecode(buf []byte) error {
 	}
 
 	if pk.ProtocolVersion == 5 {
-		n, err := pk.Properties.Decode(pk.FixedHeader.Type, bytes.NewBuffer(buf[offset:]))
+		n, _, err := pk.Properties.decodeSlice(pk.FixedHeader.Type, buf[offset:]) // rtm patch 96: was Decode(…, bytes.NewBuffer(…))
 		if err != nil {
 			return fmt.Errorf("%s: %w", err, ErrMalformedProperties)
 		}
@@ -1176,7 +1176,7 @@ func (pk *Packet) AuthDecode(buf []byte) error {
 		return fmt.Errorf("%s: %w", err, ErrMalformedReasonCode)
 	}
 
-	_, err = pk.Properties.Decode(pk.FixedHeader.Type, bytes.NewBuffer(buf[offset:]))
+	_, _, err = pk.Properties.decodeSlice(pk.FixedHeader.Type, buf[offset:]) // rtm patch 96: was Decode(…, bytes.NewBuffer(…))
 	if err != nil {
 		return fmt.Errorf("%s: %w", err, ErrMalformedProperties)
 	}

@@ -396,27 +396,41 @@ func (p *Properties) Decode(pkt byte, b *bytes.Buffer) (n int, err error) {
 	if p == nil {
 		return 0, nil
 	}
+	n, bu, err := p.decodeSlice(pkt, b.Bytes())
+	b.Next(bu) // as before: the length was read from b, the properties only looked at
+	return n, err
+}
 
-	var bu int
-	n, bu, err = DecodeLength(b)
+// decodeSlice is Decode reading from a slice; bu is the length's bytes.
+//
+// rtm patch 96: Decode's *bytes.Buffer escaped (DecodeLength takes an
+// io.ByteReader), so every packet with properties, every MQTT 5 PUBLISH,
+// allocated one (bytes.NewBuffer) only to read the length from it. The
+// decoders in this package call decodeSlice with the packet's bytes.
+func (p *Properties) decodeSlice(pkt byte, b []byte) (n, bu int, err error) {
+	if p == nil {
+		return 0, 0, nil
+	}
+
+	n, bu, err = decodeLengthSlice(b)
 	if err != nil {
-		return n + bu, err
+		return n + bu, bu, err
 	}
 
 	if n == 0 {
-		return n + bu, nil
+		return n + bu, bu, nil
 	}
 
-	bt := b.Bytes()
+	bt := b[bu:]
 	var k byte
 	for offset := 0; offset < n; {
 		k, offset, err = decodeByte(bt, offset)
 		if err != nil {
-			return n + bu, err
+			return n + bu, bu, err
 		}
 
 		if _, ok := validPacketProperties[k][pkt]; !ok {
-			return n + bu, fmt.Errorf("property type %v not valid for packet type %v: %w", k, pkt, ErrProtocolViolationUnsupportedProperty)
+			return n + bu, bu, fmt.Errorf("property type %v not valid for packet type %v: %w", k, pkt, ErrProtocolViolationUnsupportedProperty)
 		}
 
 		switch k {
@@ -436,9 +450,9 @@ func (p *Properties) Decode(pkt byte, b *bytes.Buffer) (n int, err error) {
 				p.SubscriptionIdentifier = []int{}
 			}
 
-			n, bu, err := DecodeLength(bytes.NewBuffer(bt[offset:]))
+			n, bu, err := decodeLengthSlice(bt[offset:]) // rtm patch 96
 			if err != nil {
-				return n + bu, err
+				return n + bu, bu, err
 			}
 			p.SubscriptionIdentifier = append(p.SubscriptionIdentifier, n)
 			offset += bu
@@ -484,7 +498,7 @@ func (p *Properties) Decode(pkt byte, b *bytes.Buffer) (n int, err error) {
 			var k, v string
 			k, offset, err = decodeString(bt, offset)
 			if err != nil {
-				return n + bu, err
+				return n + bu, bu, err
 			}
 			v, offset, err = decodeString(bt, offset)
 			p.User = append(p.User, UserProperty{Key: k, Val: v})
@@ -502,9 +516,9 @@ func (p *Properties) Decode(pkt byte, b *bytes.Buffer) (n int, err error) {
 		}
 
 		if err != nil {
-			return n + bu, err
+			return n + bu, bu, err
 		}
 	}
 
-	return n + bu, nil
+	return n + bu, bu, nil
 }

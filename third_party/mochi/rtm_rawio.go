@@ -1,0 +1,91 @@
+// SPDX-License-Identifier: MIT
+// rtm patch 97: reads and writes of a plain TCP or Unix connection are
+// raw system calls, see PATCHES.md.
+
+package mqtt
+
+import (
+	"bytes"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+)
+
+// writeConn writes b to the client's connection and empties it.
+//
+// rtm patch 97: on a *net.TCPConn or *net.UnixConn (the connections whose
+// reader waits through syscall.RawConn, patch 73) the write(2) is made
+// through RawConn.Write with a raw system call (sysWrite): the socket is
+// non-blocking, so the call never blocks, and a full socket makes the
+// runtime's poller wait for it, as net.Conn.Write does. A write through
+// net.Conn enters the scheduler's syscall state (entersyscall and
+// exitsyscall), which wakes the runtime's sysmon thread when it sleeps and
+// lets sysmon take the P of a goroutine in a write longer than 20 µs, both
+// thread wake-ups (futex) that cost more than the write of a small packet
+// at a fixed, moderate rate. Other connections (TLS, WebSocket, wrappers)
+// are written with WriteTo, as before.
+func (cl *Client) writeConn(b *bytes.Buffer) (int64, error) {
+	r := cl.Net.bconn
+	if r == nil || r.rc == nil || r.src != io.Reader(cl.Net.Conn) {
+		return b.WriteTo(cl.Net.Conn)
+	}
+	op := rawWritePool.Get().(*rawWrite)
+	op.p, op.n, op.err = b.Bytes(), 0, nil
+	err := r.rc.Write(op.fn)
+	n, werr := op.n, op.err
+	op.p, op.err = nil, nil
+	rawWritePool.Put(op)
+	b.Next(n)
+	if b.Len() == 0 {
+		b.Reset()
+	}
+	if err != nil { // closed, deadline: as net.Conn.Write reports them
+		return int64(n), err
+	}
+	if werr != nil {
+		return int64(n), &net.OpError{Op: "write", Net: r.netw, Err: os.NewSyscallError("write", werr)}
+	}
+	return int64(n), nil
+}
+
+// rawWrite is one write of writeConn; fn, its do method, is made once per
+// pooled rawWrite (a method value per write would allocate).
+type rawWrite struct {
+	p   []byte
+	n   int
+	err error
+	fn  func(fd uintptr) bool
+}
+
+var rawWritePool = sync.Pool{New: func() any {
+	w := new(rawWrite)
+	w.fn = w.do
+	return w
+}}
+
+// do is the syscall.RawConn.Write callback: it writes until p is written
+// or the socket is full (false: the poller waits until it is writable).
+func (w *rawWrite) do(fd uintptr) bool {
+	for len(w.p) > 0 {
+		n, err := sysWrite(int(fd), w.p)
+		if err == syscall.EINTR {
+			continue
+		}
+		if err == syscall.EAGAIN {
+			return false
+		}
+		if err != nil {
+			w.err = err
+			return true
+		}
+		if n <= 0 {
+			w.err = io.ErrShortWrite
+			return true
+		}
+		w.n += n
+		w.p = w.p[n:]
+	}
+	return true
+}
