@@ -226,13 +226,8 @@ func (s *Store) PurgeHistory(ctx context.Context, cutoff time.Time) (int64, erro
 	if idx, err := s.useHistoryIndex(ctx); err != nil {
 		return r.DeletedCount, err
 	} else if idx {
-		// Buckets before the index: an id the index still lists after its
-		// bucket is gone reads as purged.
-		n, err := s.purgeBuckets(ctx, cutoff)
-		if err != nil {
-			return r.DeletedCount + n, err
-		}
-		return r.DeletedCount + n, s.purgeHistoryIndex(ctx, cutoff)
+		n, err := s.purgeHistoryIndex(ctx, cutoff)
+		return r.DeletedCount + n, err
 	}
 	return r.DeletedCount, nil
 }

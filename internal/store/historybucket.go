@@ -13,7 +13,6 @@ import (
 
 	"go.mongodb.org/mongo-driver/v2/bson"
 	"go.mongodb.org/mongo-driver/v2/mongo"
-	"go.mongodb.org/mongo-driver/v2/mongo/options"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -314,42 +313,6 @@ func (s *Store) logRefsOf(ctx context.Context, node, id string) ([]string, error
 		}
 	}
 	return refs, nil
-}
-
-// purgeBuckets deletes the buckets whose messages all expired and rewrites
-// those holding some expired, without them; it returns how many messages
-// it removed.
-func (s *Store) purgeBuckets(ctx context.Context, cutoff time.Time) (int64, error) {
-	coll := s.db.Collection(CollHistoryIndex)
-	cur, err := coll.Find(ctx, bson.D{{Key: "t0", Value: bson.D{{Key: "$lt", Value: cutoff}}}},
-		options.Find().SetProjection(bson.D{{Key: "t1", Value: 1}, {Key: "m", Value: 1}}))
-	if err != nil {
-		return 0, fmt.Errorf("store: purge history buckets: %w", err)
-	}
-	var old []histBucket
-	if err := cur.All(ctx, &old); err != nil {
-		return 0, fmt.Errorf("store: purge history buckets: %w", err)
-	}
-	var removed int64
-	var whole []string
-	for _, b := range old {
-		if b.T1.Before(cutoff) {
-			whole = append(whole, b.ID)
-			removed += int64(b.Count)
-			continue
-		}
-		n, err := s.trimBucket(ctx, b.ID, cutoff)
-		if err != nil {
-			return removed, err
-		}
-		removed += n
-	}
-	for ids := range slices.Chunk(whole, 500) {
-		if _, err := coll.DeleteMany(ctx, bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: ids}}}}); err != nil {
-			return removed, fmt.Errorf("store: purge history buckets: %w", err)
-		}
-	}
-	return removed, nil
 }
 
 // trimBucket rewrites a bucket without its messages older than cutoff.

@@ -991,26 +991,49 @@ func (s *Store) historyNodes(ctx context.Context) ([]string, error) {
 	return nodes, nil
 }
 
-// purgeHistoryIndex deletes the segments whose ids are all older than
-// cutoff and moves each chain's floor past them.
-func (s *Store) purgeHistoryIndex(ctx context.Context, cutoff time.Time) error {
+// purgeHistoryIndex deletes the segments and log documents whose ids are
+// all older than cutoff, moving each chain's floor past them, and the
+// buckets whose messages all are, rewriting those holding some
+// (historybucket.go). It returns how many messages it removed. FerretDB
+// reads the whole collection for either, so in two passes: one finds, one
+// deletes.
+func (s *Store) purgeHistoryIndex(ctx context.Context, cutoff time.Time) (int64, error) {
 	var c ulid.ULID
 	_ = c.SetTime(uint64(max(cutoff.UnixMilli(), 0)))
-	f := bson.D{{Key: "cmax", Value: bson.D{{Key: "$lt", Value: c.String()}}}}
+	oldSeg := bson.D{{Key: "cmax", Value: bson.D{{Key: "$lt", Value: c.String()}}}}
 	coll := s.db.Collection(CollHistoryIndex)
-	cur, err := coll.Find(ctx, f, options.Find().SetProjection(bson.D{{Key: "node", Value: 1}, {Key: "topic", Value: 1}, {Key: "n", Value: 1}}))
+	cur, err := coll.Find(ctx, bson.D{{Key: "$or", Value: bson.A{oldSeg, bson.D{{Key: "t0", Value: bson.D{{Key: "$lt", Value: cutoff}}}}}}},
+		options.Find().SetProjection(bson.D{{Key: "node", Value: 1}, {Key: "topic", Value: 1}, {Key: "n", Value: 1},
+			{Key: "cmax", Value: 1}, {Key: "t1", Value: 1}, {Key: "m", Value: 1}}))
 	if err != nil {
-		return fmt.Errorf("store: purge history index: %w", err)
+		return 0, fmt.Errorf("store: purge history index: %w", err)
 	}
-	var segs []histSegment
-	if err := cur.All(ctx, &segs); err != nil {
-		return fmt.Errorf("store: purge history index: %w", err)
+	var docs []struct {
+		ID    string    `bson:"_id"`
+		Node  string    `bson:"node"`
+		Topic string    `bson:"topic"`
+		N     int64     `bson:"n"`
+		CMax  string    `bson:"cmax"`
+		T1    time.Time `bson:"t1"`
+		Count int64     `bson:"m"`
+	}
+	if err := cur.All(ctx, &docs); err != nil {
+		return 0, fmt.Errorf("store: purge history index: %w", err)
 	}
 	floors := map[string]histSegment{}
-	for _, sg := range segs {
-		k := chainKey(sg.Node, sg.Topic)
-		if sg.N >= floors[k].N {
-			floors[k] = sg
+	var removed int64
+	var spanning []string
+	for _, d := range docs {
+		switch {
+		case d.CMax != "": // a segment or log document
+			k := chainKey(d.Node, d.Topic)
+			if d.N >= floors[k].N {
+				floors[k] = histSegment{Node: d.Node, Topic: d.Topic, N: d.N}
+			}
+		case d.T1.Before(cutoff): // a bucket, expired whole
+			removed += d.Count
+		default:
+			spanning = append(spanning, d.ID)
 		}
 	}
 	// Floors first: a page probing meanwhile starts past what is deleted.
@@ -1018,16 +1041,23 @@ func (s *Store) purgeHistoryIndex(ctx context.Context, cutoff time.Time) error {
 		_, err := coll.ReplaceOne(ctx, bson.D{{Key: "_id", Value: floorID(sg.Node, sg.Topic)}},
 			bson.D{{Key: "n", Value: sg.N + 1}}, options.Replace().SetUpsert(true))
 		if err != nil {
-			return fmt.Errorf("store: purge history index: %w", err)
+			return removed, fmt.Errorf("store: purge history index: %w", err)
 		}
 	}
-	if _, err := coll.DeleteMany(ctx, f); err != nil {
-		return fmt.Errorf("store: purge history index: %w", err)
+	for _, id := range spanning {
+		n, err := s.trimBucket(ctx, id, cutoff)
+		if err != nil {
+			return removed, err
+		}
+		removed += n
+	}
+	if _, err := coll.DeleteMany(ctx, bson.D{{Key: "$or", Value: bson.A{oldSeg, bson.D{{Key: "t1", Value: bson.D{{Key: "$lt", Value: cutoff}}}}}}}); err != nil {
+		return removed, fmt.Errorf("store: purge history index: %w", err)
 	}
 	s.hidx.mu.Lock()
 	clear(s.hidx.segs)
 	clear(s.hidx.floors)
 	s.hidx.segIDs = 0
 	s.hidx.mu.Unlock()
-	return nil
+	return removed, nil
 }
