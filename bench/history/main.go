@@ -422,6 +422,20 @@ func benchPages(ctx context.Context, uri string, total, pages int) error {
 		}
 	}
 	load := time.Since(t0)
+	// A sample of the buckets (embedded store): their size decides what a
+	// page reads.
+	var sample []struct {
+		Count int    `bson:"m"`
+		Data  []byte `bson:"d"`
+	}
+	if cur, err := st.DB().Collection(store.CollHistoryIndex).Find(ctx, bson.D{{Key: "d", Value: bson.D{{Key: "$exists", Value: true}}}},
+		options.Find().SetLimit(50)); err == nil {
+		_ = cur.All(ctx, &sample)
+	}
+	var bMsgs, bBytes int
+	for _, b := range sample {
+		bMsgs, bBytes = bMsgs+b.Count, bBytes+len(b.Data)
+	}
 	var lats []time.Duration
 	cpu0 := cpuTime()
 	for i := range pages {
@@ -456,6 +470,10 @@ func benchPages(ctx context.Context, uri string, total, pages int) error {
 	fmt.Printf("| p50 | p99 | max | CPU a page (this process, the store included) |\n| --- | --- | --- | --- |\n| %v | %v | %v | %v |\n\n",
 		lats[len(lats)/2].Round(time.Millisecond), lats[len(lats)*99/100].Round(time.Millisecond), lats[len(lats)-1].Round(time.Millisecond),
 		cpuPerPage.Round(100*time.Microsecond))
-	fmt.Printf("Server's explain: `%s`.\n\n", plan)
+	fmt.Printf("Server's explain (of the per-message layout's query): `%s`.\n\n", plan)
+	if len(sample) > 0 && bMsgs > 0 {
+		fmt.Printf("Buckets (a sample of %d): %d messages and %.1f KiB each on average, %d bytes a message.\n\n",
+			len(sample), bMsgs/len(sample), float64(bBytes)/float64(len(sample))/1024, bBytes/bMsgs)
+	}
 	return nil
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"time"
 
 	"go.mongodb.org/mongo-driver/v2/bson"
@@ -70,8 +69,8 @@ func (s *Store) InsertHistory(ctx context.Context, msgs []HistoryMessage) error 
 		return err
 	}
 	if idx {
-		// Buckets, with the index (historybucket.go); sorted in place.
-		return s.indexHistory(ctx, slices.Clone(msgs))
+		// Buckets, with the index (historybucket.go).
+		return s.indexHistory(ctx, msgs)
 	}
 	docs := make([]any, len(msgs))
 	for i := range msgs {
