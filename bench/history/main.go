@@ -455,6 +455,24 @@ func benchPages(ctx context.Context, uri string, total, pages int) error {
 	}
 	cpuPerPage := (cpuTime() - cpu0) / time.Duration(pages)
 	slices.Sort(lats)
+	// GET /v1/messages/{id}'s query, on random ids of the topic: on the
+	// embedded store a search of the writer's log, then the bucket.
+	var byID []time.Duration
+	cpu0 = cpuTime()
+	for range pages {
+		id := ids[rand.IntN(len(ids))]
+		s := time.Now()
+		m, err := st.HistoryByID(ctx, id)
+		if err != nil {
+			return fmt.Errorf("message %s by id: %w", id, err)
+		}
+		byID = append(byID, time.Since(s))
+		if m.ID != id {
+			return fmt.Errorf("message %s by id: got %s", id, m.ID)
+		}
+	}
+	cpuPerID := (cpuTime() - cpu0) / time.Duration(pages)
+	slices.Sort(byID)
 	var explain bson.M
 	_ = st.DB().RunCommand(ctx, bson.D{{Key: "explain", Value: bson.D{{Key: "find", Value: store.CollHistory},
 		{Key: "filter", Value: store.HistoryFilter(store.HistoryQuery{Topic: "push/hot", Before: ids[len(ids)/2]})},
@@ -470,6 +488,9 @@ func benchPages(ctx context.Context, uri string, total, pages int) error {
 	fmt.Printf("| p50 | p99 | max | CPU a page (this process, the store included) |\n| --- | --- | --- | --- |\n| %v | %v | %v | %v |\n\n",
 		lats[len(lats)/2].Round(time.Millisecond), lats[len(lats)*99/100].Round(time.Millisecond), lats[len(lats)-1].Round(time.Millisecond),
 		cpuPerPage.Round(100*time.Microsecond))
+	fmt.Printf("A message by id (%d random ids of the topic): p50 %v, p99 %v, max %v; %v of CPU a lookup.\n\n", pages,
+		byID[len(byID)/2].Round(100*time.Microsecond), byID[len(byID)*99/100].Round(100*time.Microsecond),
+		byID[len(byID)-1].Round(100*time.Microsecond), cpuPerID.Round(100*time.Microsecond))
 	fmt.Printf("Server's explain (of the per-message layout's query): `%s`.\n\n", plan)
 	if len(sample) > 0 && bMsgs > 0 {
 		fmt.Printf("Buckets (a sample of %d): %d messages and %.1f KiB each on average, %d bytes a message.\n\n",
