@@ -303,7 +303,7 @@ func (s *Store) logRefsOf(ctx context.Context, node, id string) ([]string, error
 	}
 	// An id of document n stands at most the lag before the cmax of the
 	// documents before it.
-	bound := lagged(id, last.CLag)
+	bound := lagged(id, min(last.CLag, lateSlack))
 	var refs []string
 	prev := ""
 	for n := hi; n <= last.N && len(refs) == 0 && prev <= bound; n++ {
@@ -321,7 +321,96 @@ func (s *Store) logRefsOf(ctx context.Context, node, id string) ([]string, error
 			}
 		}
 	}
+	if len(refs) == 0 && last.CLag > lateSlack {
+		return s.lateRefsOf(ctx, node, id)
+	}
 	return refs, nil
+}
+
+// lateSlack is how far (ms) ids may stand below the log's cmax and be
+// found by reading on from where the log's cmax reaches them. Ids further
+// behind (a spool replayed after an outage: as old as the outage is long)
+// would make every lookup of an id of that time, found or not, read on
+// through the log documents written meanwhile; their batch instead
+// leaves a pointer per second of their ids, "l<node>|<second>|<k>",
+// holding the log document's number, which a lookup probes.
+const lateSlack = 2000
+
+type latePointer struct {
+	ID   string `bson:"_id"`
+	N    int64  `bson:"ln"`
+	LMax string `bson:"lmax"` // the highest id it points to, for the purge
+}
+
+func lateID(node string, sec int64, k int) string {
+	return "l" + chainKey(node, "") + strconv.FormatInt(sec, 10) + "|" + strconv.Itoa(k)
+}
+
+// latePointers returns the pointers a batch (ids sorted) written to log
+// document n needs: for each second of its ids that stand more than
+// lateSlack below cmax, one at the first number free for that second.
+func (s *Store) latePointers(ctx context.Context, node, cmax string, ids []string, n int64) ([]any, error) {
+	if cmax == "" || idMillis(ids[0]) >= idMillis(cmax)-lateSlack {
+		return nil, nil
+	}
+	bySec := map[int64]string{} // second: its highest late id
+	var secs []int64
+	for _, id := range ids {
+		ms := idMillis(id)
+		if ms >= idMillis(cmax)-lateSlack {
+			break
+		}
+		if _, ok := bySec[ms/1000]; !ok {
+			secs = append(secs, ms/1000)
+		}
+		bySec[ms/1000] = id
+	}
+	var out []any
+	for _, sec := range secs {
+		for k := 0; ; k++ {
+			err := s.db.Collection(CollHistoryIndex).FindOne(ctx, bson.D{{Key: "_id", Value: lateID(node, sec, k)}}).Err()
+			if errors.Is(err, mongo.ErrNoDocuments) {
+				out = append(out, &latePointer{ID: lateID(node, sec, k), N: n, LMax: bySec[sec]})
+				break
+			}
+			if err != nil {
+				return nil, fmt.Errorf("store: history index: %w", err)
+			}
+		}
+	}
+	return out, nil
+}
+
+// lateRefsOf finds id through the late pointers of its second: each names
+// a log document to look in (a pointer left by a failed attempt names one
+// that does not hold id, and is passed over).
+func (s *Store) lateRefsOf(ctx context.Context, node, id string) ([]string, error) {
+	sec := idMillis(id) / 1000
+	for k := 0; ; k++ {
+		var p latePointer
+		err := s.db.Collection(CollHistoryIndex).FindOne(ctx, bson.D{{Key: "_id", Value: lateID(node, sec, k)}}).Decode(&p)
+		s.hidx.mu.Lock()
+		s.hidx.reads++
+		s.hidx.mu.Unlock()
+		if errors.Is(err, mongo.ErrNoDocuments) {
+			return nil, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("store: history index: %w", err)
+		}
+		sg, err := s.segment(ctx, node, logTopic, p.N)
+		if err != nil {
+			return nil, err
+		}
+		if sg == nil {
+			continue
+		}
+		for _, e := range sg.Entries {
+			if i, ok := slices.BinarySearch(e.IDs, id); ok && e.Refs[i] != "" {
+				return []string{e.Refs[i]}, nil
+			}
+		}
+	}
 }
 
 // trimBucket rewrites a bucket without its messages older than cutoff.

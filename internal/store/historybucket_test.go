@@ -206,3 +206,51 @@ func TestHistoryBucketsPurgeSpanningCutoff(t *testing.T) {
 		}
 	}
 }
+
+// Ids written long after their time (a spool replayed after an outage) are
+// found by id through their batch's late pointers, and a lookup of an id
+// that does not exist reads a few index documents, not the log written
+// since the replayed ids' time.
+func TestHistoryBucketsByIDAfterALateReplay(t *testing.T) {
+	s := bucketStore(t)
+	ctx := context.Background()
+	s.SetHistoryLogWindow(4)
+	now := time.Now()
+	topic := func(j int) string { return []string{"a", "b"}[j%2] }
+	write := func(st *store.Store, from, n int, at time.Time) []store.HistoryMessage {
+		var out []store.HistoryMessage
+		for i := range n {
+			b := nodeMsgs("n1", 3, at.Add(time.Duration(from+i)*time.Millisecond), topic)
+			if err := st.InsertHistory(ctx, b); err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, b...)
+		}
+		return out
+	}
+	before := write(s, 0, 30, now)
+	late := write(s, 0, 3, now.Add(-10*time.Minute)) // the replay
+	after := write(s, 30, 30, now)
+
+	s2, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close(ctx)
+	wantByID(t, s2, slices.Concat(late, every(before, 7), every(after, 7)))
+	for _, tp := range []string{"a", "b"} {
+		wantIDs(t, tp, walk(t, s2, store.HistoryQuery{Topic: tp, Limit: 5}), idsOf(slices.Concat(before, late, after), tp))
+	}
+	s3, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s3.Close(ctx)
+	missing := nodeMsgs("n1", 1, now.Add(-10*time.Minute+time.Millisecond), topic)[0].ID
+	if _, err := s3.HistoryByID(ctx, missing); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("an id never written: %v, want not found", err)
+	}
+	if n := s3.HistoryIndexReads(); n > 25 {
+		t.Fatalf("looking up an id never written read %d index documents of a log of %d", n, 63)
+	}
+}

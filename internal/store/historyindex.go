@@ -491,6 +491,11 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 			docs = append(docs, &histBucket{ID: bucketID(node, bucketRef(logDoc.N, c)), Node: node, Count: b.to - b.from,
 				T0: b.t0, T1: b.t1, Data: b.data})
 		}
+		late, err := s.latePointers(ctx, node, lg.cmax, all, logDoc.N)
+		if err != nil {
+			return err
+		}
+		docs = append(docs, late...)
 		docs = append(docs, logDoc.packed())
 		_, err = coll.InsertMany(ctx, docs, options.InsertMany().SetOrdered(false))
 		if err == nil {
@@ -1001,6 +1006,7 @@ func (s *Store) purgeHistoryIndex(ctx context.Context, cutoff time.Time) (int64,
 	var c ulid.ULID
 	_ = c.SetTime(uint64(max(cutoff.UnixMilli(), 0)))
 	oldSeg := bson.D{{Key: "cmax", Value: bson.D{{Key: "$lt", Value: c.String()}}}}
+	oldLate := bson.D{{Key: "lmax", Value: bson.D{{Key: "$lt", Value: c.String()}}}}
 	coll := s.db.Collection(CollHistoryIndex)
 	cur, err := coll.Find(ctx, bson.D{{Key: "$or", Value: bson.A{oldSeg, bson.D{{Key: "t0", Value: bson.D{{Key: "$lt", Value: cutoff}}}}}}},
 		options.Find().SetProjection(bson.D{{Key: "node", Value: 1}, {Key: "topic", Value: 1}, {Key: "n", Value: 1},
@@ -1051,7 +1057,7 @@ func (s *Store) purgeHistoryIndex(ctx context.Context, cutoff time.Time) (int64,
 		}
 		removed += n
 	}
-	if _, err := coll.DeleteMany(ctx, bson.D{{Key: "$or", Value: bson.A{oldSeg, bson.D{{Key: "t1", Value: bson.D{{Key: "$lt", Value: cutoff}}}}}}}); err != nil {
+	if _, err := coll.DeleteMany(ctx, bson.D{{Key: "$or", Value: bson.A{oldSeg, oldLate, bson.D{{Key: "t1", Value: bson.D{{Key: "$lt", Value: cutoff}}}}}}}); err != nil {
 		return removed, fmt.Errorf("store: purge history index: %w", err)
 	}
 	s.hidx.mu.Lock()
