@@ -6,14 +6,18 @@
 //	  - capture: QoS 1 publish throughput (16 clients, 64-byte payloads, no
 //	    subscriber) of a broker that captures every message into history,
 //	    against one that captures none; both in this process, on one
-//	    embedded store, run one after the other, the first alternating.
+//	    embedded store, run one after the other, the first alternating;
+//	    and this process's CPU per message, history's writing included
+//	    (steadier on a shared machine). Rounds start after the history
+//	    loop's first purge.
 //	  - ingest: messages per second written to the store through history's
 //	    writer (writebehind group commit, InsertHistory) against a loop of
 //	    raw InsertMany calls of 256 documents, on a fresh database each run.
 //	  - pages: latency of GET /v1/history's query (a page of 50, newest
 //	    first, from the first page and from random cursors) on a topic
-//	    holding a tenth of the collection, for each collection size; and the
-//	    server's explain of it.
+//	    holding a tenth of the collection, for each collection size, and of
+//	    GET /v1/messages/{id}'s; the server's explain of the per-message
+//	    query; a sample of the buckets' sizes (embedded store).
 //
 // It prints Markdown to stdout and progress to stderr.
 package main
