@@ -6,14 +6,18 @@
 //	  - capture: QoS 1 publish throughput (16 clients, 64-byte payloads, no
 //	    subscriber) of a broker that captures every message into history,
 //	    against one that captures none; both in this process, on one
-//	    embedded store, run one after the other, the first alternating.
+//	    embedded store, run one after the other, the first alternating;
+//	    and this process's CPU per message, history's writing included
+//	    (steadier on a shared machine). Rounds start after the history
+//	    loop's first purge.
 //	  - ingest: messages per second written to the store through history's
 //	    writer (writebehind group commit, InsertHistory) against a loop of
 //	    raw InsertMany calls of 256 documents, on a fresh database each run.
 //	  - pages: latency of GET /v1/history's query (a page of 50, newest
 //	    first, from the first page and from random cursors) on a topic
-//	    holding a tenth of the collection, for each collection size; and the
-//	    server's explain of it.
+//	    holding a tenth of the collection, for each collection size, and of
+//	    GET /v1/messages/{id}'s; the server's explain of the per-message
+//	    query; a sample of the buckets' sizes (embedded store).
 //
 // It prints Markdown to stdout and progress to stderr.
 package main
@@ -173,11 +177,22 @@ func benchCapture(ctx context.Context, uri, dir string, rounds, n int) error {
 		return err
 	}
 	defer off.Shutdown(context.Background())
-	var rOn, rOff []float64
-	measure := func(b *broker.Broker) (float64, error) {
+	// The history loop's first purge runs 10 s after the start, then once
+	// an hour (history.purge_interval): on FerretDB it reads the whole
+	// history. In a round it would charge a cost of once an hour to a
+	// minute of publishing, so the rounds start after it, on an empty
+	// store.
+	benchkit.Logf("capture: waiting 11 s for the first history purge")
+	time.Sleep(11 * time.Second)
+	var rOn, rOff, cOn, cOff []float64
+	// measure returns the publish rate and this process's CPU time per
+	// message (µs), the history writer's catching up included: on a
+	// shared machine the steadier of the two.
+	measure := func(b *broker.Broker) (float64, float64, error) {
+		cpu0 := cpuTime()
 		r, err := publishRate(ctx, b.Addr(broker.ListenerTCP), b.Name(), n)
 		if err != nil {
-			return 0, err
+			return 0, 0, err
 		}
 		if b == on {
 			// The next run starts with history written: its store writes
@@ -187,12 +202,12 @@ func benchCapture(ctx context.Context, uri, dir string, rounds, n int) error {
 			for b.Stats().History.Queued > 0 || b.Stats().History.SpoolMessages > 0 {
 				select {
 				case <-wctx.Done():
-					return 0, wctx.Err()
+					return 0, 0, wctx.Err()
 				case <-time.After(20 * time.Millisecond):
 				}
 			}
 		}
-		return r, nil
+		return r, float64((cpuTime()-cpu0)/time.Nanosecond) / 1e3 / float64(n), nil
 	}
 	for i := range rounds {
 		order := []*broker.Broker{on, off}
@@ -200,26 +215,35 @@ func benchCapture(ctx context.Context, uri, dir string, rounds, n int) error {
 			order = []*broker.Broker{off, on}
 		}
 		for _, b := range order {
-			r, err := measure(b)
+			r, c, err := measure(b)
 			if err != nil {
 				return err
 			}
 			if b == on {
-				rOn = append(rOn, r)
+				rOn, cOn = append(rOn, r), append(cOn, c)
 			} else {
-				rOff = append(rOff, r)
+				rOff, cOff = append(rOff, r), append(cOff, c)
 			}
-			benchkit.Logf("capture round %d: %s %.0f msg/s", i+1, b.Name(), r)
+			benchkit.Logf("capture round %d: %s %.0f msg/s, %.1f µs of CPU a message", i+1, b.Name(), r, c)
 		}
 	}
 	h := on.Stats().History
 	fmt.Printf("### Publish throughput, capture on vs off\n\n")
 	fmt.Printf("QoS 1, 16 publishers, %d messages a run, 64-byte payloads, no subscriber.\n\n", n)
-	fmt.Printf("| capture | msg/s (median) | runs |\n| --- | --- | --- |\n")
-	fmt.Printf("| on (every message stored) | %.0f | %s |\n", median(rOn), fmtRuns(rOn))
-	fmt.Printf("| off | %.0f | %s |\n\n", median(rOff), fmtRuns(rOff))
-	fmt.Printf("Ratio on/off: **%.2f** (target ≥ 0.9). Captured %d, written %d, dropped %d.\n\n", median(rOn)/median(rOff), h.Captured, h.Written, h.Dropped)
+	fmt.Printf("| capture | msg/s (median) | runs | CPU µs a message (median; this process, store and publishers included) | runs |\n| --- | --- | --- | --- | --- |\n")
+	fmt.Printf("| on (every message stored) | %.0f | %s | %.1f | %s |\n", median(rOn), fmtRuns(rOn), median(cOn), fmtRunsF(cOn))
+	fmt.Printf("| off | %.0f | %s | %.1f | %s |\n\n", median(rOff), fmtRuns(rOff), median(cOff), fmtRunsF(cOff))
+	fmt.Printf("Ratio on/off: **%.2f** (target ≥ 0.9); by CPU a message, off/on: %.2f. Captured %d, written %d, dropped %d.\n\n",
+		median(rOn)/median(rOff), median(cOff)/median(cOn), h.Captured, h.Written, h.Dropped)
 	return nil
+}
+
+func fmtRunsF(v []float64) string {
+	var s []string
+	for _, x := range v {
+		s = append(s, fmt.Sprintf("%.1f", x))
+	}
+	return strings.Join(s, ", ")
 }
 
 func fmtRuns(v []float64) string {
@@ -402,6 +426,20 @@ func benchPages(ctx context.Context, uri string, total, pages int) error {
 		}
 	}
 	load := time.Since(t0)
+	// A sample of the buckets (embedded store): their size decides what a
+	// page reads.
+	var sample []struct {
+		Count int    `bson:"m"`
+		Data  []byte `bson:"d"`
+	}
+	if cur, err := st.DB().Collection(store.CollHistoryIndex).Find(ctx, bson.D{{Key: "d", Value: bson.D{{Key: "$exists", Value: true}}}},
+		options.Find().SetLimit(50)); err == nil {
+		_ = cur.All(ctx, &sample)
+	}
+	var bMsgs, bBytes int
+	for _, b := range sample {
+		bMsgs, bBytes = bMsgs+b.Count, bBytes+len(b.Data)
+	}
 	var lats []time.Duration
 	cpu0 := cpuTime()
 	for i := range pages {
@@ -421,6 +459,24 @@ func benchPages(ctx context.Context, uri string, total, pages int) error {
 	}
 	cpuPerPage := (cpuTime() - cpu0) / time.Duration(pages)
 	slices.Sort(lats)
+	// GET /v1/messages/{id}'s query, on random ids of the topic: on the
+	// embedded store a search of the writer's log, then the bucket.
+	var byID []time.Duration
+	cpu0 = cpuTime()
+	for range pages {
+		id := ids[rand.IntN(len(ids))]
+		s := time.Now()
+		m, err := st.HistoryByID(ctx, id)
+		if err != nil {
+			return fmt.Errorf("message %s by id: %w", id, err)
+		}
+		byID = append(byID, time.Since(s))
+		if m.ID != id {
+			return fmt.Errorf("message %s by id: got %s", id, m.ID)
+		}
+	}
+	cpuPerID := (cpuTime() - cpu0) / time.Duration(pages)
+	slices.Sort(byID)
 	var explain bson.M
 	_ = st.DB().RunCommand(ctx, bson.D{{Key: "explain", Value: bson.D{{Key: "find", Value: store.CollHistory},
 		{Key: "filter", Value: store.HistoryFilter(store.HistoryQuery{Topic: "push/hot", Before: ids[len(ids)/2]})},
@@ -436,6 +492,13 @@ func benchPages(ctx context.Context, uri string, total, pages int) error {
 	fmt.Printf("| p50 | p99 | max | CPU a page (this process, the store included) |\n| --- | --- | --- | --- |\n| %v | %v | %v | %v |\n\n",
 		lats[len(lats)/2].Round(time.Millisecond), lats[len(lats)*99/100].Round(time.Millisecond), lats[len(lats)-1].Round(time.Millisecond),
 		cpuPerPage.Round(100*time.Microsecond))
-	fmt.Printf("Server's explain: `%s`.\n\n", plan)
+	fmt.Printf("A message by id (%d random ids of the topic): p50 %v, p99 %v, max %v; %v of CPU a lookup.\n\n", pages,
+		byID[len(byID)/2].Round(100*time.Microsecond), byID[len(byID)*99/100].Round(100*time.Microsecond),
+		byID[len(byID)-1].Round(100*time.Microsecond), cpuPerID.Round(100*time.Microsecond))
+	fmt.Printf("Server's explain (of the per-message layout's query): `%s`.\n\n", plan)
+	if len(sample) > 0 && bMsgs > 0 {
+		fmt.Printf("Buckets (a sample of %d): %d messages and %.1f KiB each on average, %d bytes a message.\n\n",
+			len(sample), bMsgs/len(sample), float64(bBytes)/float64(len(sample))/1024, bBytes/bMsgs)
+	}
 	return nil
 }

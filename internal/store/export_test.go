@@ -1,5 +1,7 @@
 package store
 
+import "context"
+
 // HistoryIndexReads is how many documents of the history index this store
 // has read from the server.
 func (s *Store) HistoryIndexReads() int64 {
@@ -16,3 +18,12 @@ func (s *Store) SetHistoryLogWindow(n int64) {
 	defer s.hidx.mu.Unlock()
 	s.hidx.window = n
 }
+
+// HistoryInBuckets reports whether this store writes history in buckets
+// (FerretDB).
+func (s *Store) HistoryInBuckets(ctx context.Context) (bool, error) {
+	return s.useHistoryIndex(ctx)
+}
+
+// HistoryBucketBytes is where a bucket is cut.
+const HistoryBucketBytes = bucketBytes

@@ -51,30 +51,36 @@ type HistoryGap struct {
 // configuration and FerretDB v1 has no TTL.
 const historyTTLIndex = "ts_ttl"
 
-// InsertHistory writes messages in one unordered insert. Messages already
-// stored (duplicate _id: a batch written again after an error, a spool
-// replayed after a crash) are skipped, so a batch may be retried whole.
+// InsertHistory writes messages in one unordered insert, one document
+// each. Messages already stored (duplicate _id: a batch written again
+// after an error, a spool replayed after a crash) are skipped, so a batch
+// may be retried whole.
 //
-// On FerretDB it then appends the batch to the history index
-// (historyindex.go). Each node's batches must come from one caller at a
+// On FerretDB it writes them in buckets instead, a few documents a batch,
+// with the history index (historybucket.go, historyindex.go); a message
+// written twice is stored twice there, and read once. Each node's batches must come from one caller at a
 // time (its history writer): the index keeps one chain per node and topic.
 func (s *Store) InsertHistory(ctx context.Context, msgs []HistoryMessage) error {
 	if len(msgs) == 0 {
 		return nil
 	}
+	idx, err := s.useHistoryIndex(ctx)
+	if err != nil {
+		return err
+	}
+	if idx {
+		// Buckets, with the index (historybucket.go).
+		return s.indexHistory(ctx, msgs)
+	}
 	docs := make([]any, len(msgs))
 	for i := range msgs {
 		docs[i] = &msgs[i]
 	}
-	_, err := s.db.Collection(CollHistory).InsertMany(ctx, docs, options.InsertMany().SetOrdered(false))
+	_, err = s.db.Collection(CollHistory).InsertMany(ctx, docs, options.InsertMany().SetOrdered(false))
 	if err != nil && !onlyDuplicates(err) {
 		return fmt.Errorf("store: insert history: %w", err)
 	}
-	idx, err := s.useHistoryIndex(ctx)
-	if err != nil || !idx {
-		return err
-	}
-	return s.indexHistory(ctx, msgs)
+	return nil
 }
 
 // onlyDuplicates reports an insert whose every failure is a duplicate key.
@@ -139,6 +145,20 @@ func (s *Store) History(ctx context.Context, q HistoryQuery) ([]HistoryMessage, 
 
 // HistoryByID returns one stored message; ErrNotFound if there is none.
 func (s *Store) HistoryByID(ctx context.Context, id string) (HistoryMessage, error) {
+	m, err := s.historyDoc(ctx, id)
+	if !errors.Is(err, ErrNotFound) {
+		return m, err
+	}
+	if idx, err := s.useHistoryIndex(ctx); err != nil {
+		return m, fmt.Errorf("store: history message: %w", err)
+	} else if !idx {
+		return m, ErrNotFound
+	}
+	return s.bucketedByID(ctx, id)
+}
+
+// historyDoc reads a message of the per-message layout (CollHistory).
+func (s *Store) historyDoc(ctx context.Context, id string) (HistoryMessage, error) {
 	var m HistoryMessage
 	err := s.db.Collection(CollHistory).FindOne(ctx, bson.D{{Key: "_id", Value: id}}).Decode(&m)
 	if errors.Is(err, mongo.ErrNoDocuments) {
@@ -205,7 +225,8 @@ func (s *Store) PurgeHistory(ctx context.Context, cutoff time.Time) (int64, erro
 	if idx, err := s.useHistoryIndex(ctx); err != nil {
 		return r.DeletedCount, err
 	} else if idx {
-		return r.DeletedCount, s.purgeHistoryIndex(ctx, cutoff)
+		n, err := s.purgeHistoryIndex(ctx, cutoff)
+		return r.DeletedCount + n, err
 	}
 	return r.DeletedCount, nil
 }

@@ -85,6 +85,16 @@ type histSegment struct {
 	Entries []logEntry `bson:"-"`
 	Log     string     `bson:"l,omitempty"` // Entries, packed: topic, count, ids, topic, ...
 	Flushed int64      `bson:"f,omitempty"`
+	// The bucket of each id (historybucket.go), aligned with IDs once
+	// read: "" for an id written in the per-message layout (CollHistory).
+	Refs []string `bson:"-"`
+	// PackedRefs is Refs as written by a segment.
+	PackedRefs string `bson:"r,omitempty"`
+	// Of a log document: how many buckets hold its batch (0: the batch
+	// is in CollHistory, written before buckets), and where buckets 1...
+	// start in the entries' ids taken in order (packed numbers).
+	Buckets      int    `bson:"bc,omitempty"`
+	BucketStarts string `bson:"bk,omitempty"`
 }
 
 // packStrings joins strings as <length>:<string>..., a format any string
@@ -118,6 +128,10 @@ func (sg histSegment) packed() *histSegment {
 	if len(sg.IDs) > 0 {
 		sg.Packed, sg.IDs = packStrings(sg.IDs), nil
 	}
+	if slices.ContainsFunc(sg.Refs, func(r string) bool { return r != "" }) {
+		sg.PackedRefs = packStrings(sg.Refs)
+	}
+	sg.Refs = nil
 	if len(sg.Entries) > 0 {
 		var flat []string
 		for _, e := range sg.Entries {
@@ -138,6 +152,14 @@ func (sg *histSegment) unpack() error {
 		}
 		sg.IDs, sg.Packed = ids, ""
 	}
+	sg.Refs = make([]string, len(sg.IDs))
+	if sg.PackedRefs != "" {
+		refs, err := unpackStrings(sg.PackedRefs)
+		if err != nil || len(refs) != len(sg.IDs) {
+			return errors.New("store: history index: corrupt bucket references")
+		}
+		sg.Refs, sg.PackedRefs = refs, ""
+	}
 	if sg.Log != "" {
 		flat, err := unpackStrings(sg.Log)
 		if err != nil {
@@ -148,10 +170,37 @@ func (sg *histSegment) unpack() error {
 			if err != nil || n < 0 || n > len(flat)-2 {
 				return errors.New("store: history index: a corrupt log entry")
 			}
-			sg.Entries = append(sg.Entries, logEntry{Topic: flat[0], IDs: flat[2 : 2+n : 2+n]})
+			sg.Entries = append(sg.Entries, logEntry{Topic: flat[0], IDs: flat[2 : 2+n : 2+n], Refs: make([]string, n)})
 			flat = flat[2+n:]
 		}
 		sg.Log = ""
+	}
+	if sg.Buckets > 0 {
+		starts, err := unpackStrings(sg.BucketStarts)
+		if err != nil || len(starts) != sg.Buckets-1 {
+			return errors.New("store: history index: corrupt bucket starts")
+		}
+		refs := make([]string, sg.Buckets)
+		next := make([]int, sg.Buckets) // where bucket c starts
+		for c := range refs {
+			refs[c] = bucketRef(sg.N, c)
+			if c > 0 {
+				if next[c], err = strconv.Atoi(starts[c-1]); err != nil {
+					return errors.New("store: history index: corrupt bucket starts")
+				}
+			}
+		}
+		i, c := 0, 0
+		for _, e := range sg.Entries {
+			for j := range e.IDs {
+				for c+1 < len(next) && i >= next[c+1] {
+					c++
+				}
+				e.Refs[j] = refs[c]
+				i++
+			}
+		}
+		sg.BucketStarts = ""
 	}
 	return nil
 }
@@ -168,6 +217,16 @@ func (sg *histSegment) size() int {
 type logEntry struct {
 	Topic string
 	IDs   []string
+	Refs  []string // aligned with IDs: each id's bucket
+}
+
+// idRef is an id and its bucket ("": in CollHistory).
+type idRef struct{ id, ref string }
+
+// sortIDRefs sorts by id and keeps one of each id.
+func sortIDRefs(v []idRef) []idRef {
+	slices.SortFunc(v, func(a, b idRef) int { return cmp.Compare(a.id, b.id) })
+	return slices.CompactFunc(v, func(a, b idRef) bool { return a.id == b.id })
 }
 
 type chainState struct {
@@ -291,24 +350,24 @@ const logTopic = ""
 type nodeLog struct {
 	n, flushed int64
 	cmax       string
-	pending    map[string][]string
+	clag       int64
+	pending    map[string][]idRef
 }
 
-// indexHistory indexes a written batch: for each writer node, one log
-// document holding the batch's ids by topic, and every logWindow batches
-// the segments of every topic of the window (a full flush), in one insert
-// (one transaction on FerretDB; the log document last, after the segments
-// it declares flushed, should FerretDB fall back to one insert each).
+// indexHistory writes a batch on FerretDB: for each writer node, its
+// messages in buckets (historybucket.go), one log document holding the
+// batch's ids by topic, and every logWindow batches the segments of every
+// topic of the window (a full flush), in one insert (one transaction on
+// FerretDB; the log document last, after the buckets and segments it
+// declares, should FerretDB fall back to one insert each).
 func (s *Store) indexHistory(ctx context.Context, msgs []HistoryMessage) error {
 	var nodes []string
-	byNode := map[string]map[string][]string{}
-	for i := range msgs {
-		m := &msgs[i]
+	byNode := map[string][]HistoryMessage{}
+	for _, m := range msgs {
 		if byNode[m.Node] == nil {
-			byNode[m.Node] = map[string][]string{}
 			nodes = append(nodes, m.Node)
 		}
-		byNode[m.Node][m.Topic] = append(byNode[m.Node][m.Topic], m.ID)
+		byNode[m.Node] = append(byNode[m.Node], m)
 	}
 	for _, node := range nodes {
 		if err := s.indexNodeBatch(ctx, node, byNode[node]); err != nil {
@@ -318,56 +377,88 @@ func (s *Store) indexHistory(ctx context.Context, msgs []HistoryMessage) error {
 	return nil
 }
 
-func (s *Store) indexNodeBatch(ctx context.Context, node string, batch map[string][]string) error {
-	topics := make([]string, 0, len(batch))
-	for t, ids := range batch {
-		slices.Sort(ids)
-		batch[t] = slices.Compact(ids)
-		topics = append(topics, t)
+func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryMessage) error {
+	// The batch in the log's order: by topic, then id; an id once.
+	slices.SortFunc(msgs, func(a, b HistoryMessage) int {
+		return cmp.Or(cmp.Compare(a.Topic, b.Topic), cmp.Compare(a.ID, b.ID))
+	})
+	msgs = slices.CompactFunc(msgs, func(a, b HistoryMessage) bool { return a.ID == b.ID && a.Topic == b.Topic })
+	bks, err := packBuckets(msgs)
+	if err != nil {
+		return err
 	}
-	slices.Sort(topics)
+	var topics []string
+	batch := map[string][]int{} // topic: its messages' indexes in msgs
+	for i, m := range msgs {
+		if batch[m.Topic] == nil {
+			topics = append(topics, m.Topic)
+		}
+		batch[m.Topic] = append(batch[m.Topic], i)
+	}
 	coll := s.db.Collection(CollHistoryIndex)
 	for attempt := 0; ; attempt++ {
 		lg, err := s.loadNodeLog(ctx, node)
 		if err != nil {
 			return err
 		}
-		logDoc := histSegment{Node: node, Topic: logTopic, N: lg.n + 1, Flushed: lg.flushed, CMax: lg.cmax}
+		logDoc := histSegment{Node: node, Topic: logTopic, N: lg.n + 1, Flushed: lg.flushed, CMax: lg.cmax, CLag: lg.clag}
 		logDoc.ID = segID(node, logTopic, logDoc.N)
-		for _, t := range topics {
-			ids := batch[t]
-			logDoc.Entries = append(logDoc.Entries, logEntry{Topic: t, IDs: ids})
-			logDoc.CMax = max(logDoc.CMax, ids[len(ids)-1])
-			if logDoc.Min == "" || ids[0] < logDoc.Min {
-				logDoc.Min = ids[0]
+		// Each message's bucket, now that the batch has its number.
+		refs := make([]string, len(msgs))
+		for c, b := range bks {
+			for i := b.from; i < b.to; i++ {
+				refs[i] = bucketRef(logDoc.N, c)
 			}
-			logDoc.Max = max(logDoc.Max, ids[len(ids)-1])
 		}
+		entries := map[string][]idRef{}
+		var all []string // the batch's ids, sorted
+		for _, t := range topics {
+			e := logEntry{Topic: t}
+			for _, i := range batch[t] {
+				e.IDs = append(e.IDs, msgs[i].ID)
+				entries[t] = append(entries[t], idRef{msgs[i].ID, refs[i]})
+			}
+			all = append(all, e.IDs...)
+			logDoc.Entries = append(logDoc.Entries, e)
+			if logDoc.Min == "" || e.IDs[0] < logDoc.Min {
+				logDoc.Min = e.IDs[0]
+			}
+			logDoc.Max = max(logDoc.Max, e.IDs[len(e.IDs)-1])
+		}
+		slices.Sort(all)
+		logDoc.CLag = max(logDoc.CLag, lagOf(lg.cmax, all))
+		logDoc.CMax = max(logDoc.CMax, logDoc.Max)
+		logDoc.Buckets = len(bks)
+		var starts []string
+		for _, b := range bks[1:] {
+			starts = append(starts, strconv.Itoa(b.from))
+		}
+		logDoc.BucketStarts = packStrings(starts)
 		var segs []histSegment
 		s.hidx.mu.Lock()
 		window := cmp.Or(s.hidx.window, logWindow)
 		s.hidx.mu.Unlock()
 		full := logDoc.N-lg.flushed >= window
 		if full {
-			merged := map[string][]string{}
-			var all []string
-			for t, ids := range lg.pending {
-				merged[t] = slices.Clone(ids)
-				all = append(all, t)
+			merged := map[string][]idRef{}
+			var ts []string
+			for t, v := range lg.pending {
+				merged[t] = slices.Clone(v)
+				ts = append(ts, t)
 			}
 			for _, t := range topics {
 				if merged[t] == nil {
-					all = append(all, t)
+					ts = append(ts, t)
 				}
-				merged[t] = append(merged[t], batch[t]...)
+				merged[t] = append(merged[t], entries[t]...)
 			}
-			slices.Sort(all)
+			slices.Sort(ts)
 			// Each chain's end: known to this process, or (after a restart)
 			// probed, some reads a topic: in parallel.
-			states := make([]chainState, len(all))
+			states := make([]chainState, len(ts))
 			g, gctx := errgroup.WithContext(ctx)
 			g.SetLimit(8)
-			for i, t := range all {
+			for i, t := range ts {
 				g.Go(func() (err error) {
 					states[i], err = s.chainState(gctx, node, t)
 					return err
@@ -376,22 +467,35 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, batch map[strin
 			if err := g.Wait(); err != nil {
 				return err
 			}
-			for i, t := range all {
-				ids := merged[t]
-				slices.Sort(ids)
-				ids = slices.Compact(ids)
+			for i, t := range ts {
+				v := sortIDRefs(merged[t])
+				ids, rs := make([]string, len(v)), make([]string, len(v))
+				for j, x := range v {
+					ids[j], rs[j] = x.id, x.ref
+				}
 				st := states[i]
-				sg := histSegment{Node: node, Topic: t, N: st.n + 1, IDs: ids, Min: ids[0], Max: ids[len(ids)-1],
+				sg := histSegment{Node: node, Topic: t, N: st.n + 1, IDs: ids, Refs: rs, Min: ids[0], Max: ids[len(ids)-1],
 					CMax: max(st.cmax, ids[len(ids)-1]), CLag: max(st.clag, lagOf(st.cmax, ids))}
 				sg.ID = segID(node, t, sg.N)
 				segs = append(segs, sg)
 			}
-			logDoc.Flushed, logDoc.Entries = logDoc.N, nil
+			// The log document keeps its entries: finding a message by id
+			// searches the log (historybucket.go).
+			logDoc.Flushed = logDoc.N
 		}
-		docs := make([]any, 0, len(segs)+1)
+		docs := make([]any, 0, len(segs)+len(bks)+1)
 		for i := range segs {
 			docs = append(docs, segs[i].packed())
 		}
+		for c, b := range bks {
+			docs = append(docs, &histBucket{ID: bucketID(node, bucketRef(logDoc.N, c)), Node: node, Count: b.to - b.from,
+				T0: b.t0, T1: b.t1, Data: b.data})
+		}
+		late, err := s.latePointers(ctx, node, lg.cmax, all, logDoc.N)
+		if err != nil {
+			return err
+		}
+		docs = append(docs, late...)
 		docs = append(docs, logDoc.packed())
 		_, err = coll.InsertMany(ctx, docs, options.InsertMany().SetOrdered(false))
 		if err == nil {
@@ -399,18 +503,21 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, batch map[strin
 			for _, sg := range segs {
 				s.hidx.chains[chainKey(node, sg.Topic)] = chainState{n: sg.N, cmax: sg.CMax, clag: sg.CLag}
 			}
-			s.hidx.chains[chainKey(node, logTopic)] = chainState{n: logDoc.N, cmax: logDoc.CMax}
-			lg.n, lg.cmax, lg.flushed = logDoc.N, logDoc.CMax, logDoc.Flushed
+			s.hidx.chains[chainKey(node, logTopic)] = chainState{n: logDoc.N, cmax: logDoc.CMax, clag: logDoc.CLag}
+			lg.n, lg.cmax, lg.clag, lg.flushed = logDoc.N, logDoc.CMax, logDoc.CLag, logDoc.Flushed
 			if full {
-				lg.pending = map[string][]string{}
+				lg.pending = map[string][]idRef{}
 			} else {
 				for _, t := range topics {
-					lg.pending[t] = append(lg.pending[t], batch[t]...)
+					lg.pending[t] = append(lg.pending[t], entries[t]...)
 				}
 			}
 			s.hidx.mu.Unlock()
 			return nil
 		}
+		// Any number taken (a log document, a segment or a bucket) sends
+		// the whole batch to a new one: a bucket left by another writer
+		// must not stand for this batch's.
 		if !onlyDuplicates(err) || attempt >= 3 {
 			return fmt.Errorf("store: history index: %w", err)
 		}
@@ -444,7 +551,7 @@ func (s *Store) loadNodeLog(ctx context.Context, node string) (*nodeLog, error) 
 	if err != nil {
 		return nil, err
 	}
-	lg = &nodeLog{n: st.n, cmax: st.cmax, flushed: st.n, pending: map[string][]string{}}
+	lg = &nodeLog{n: st.n, cmax: st.cmax, clag: st.clag, flushed: st.n, pending: map[string][]idRef{}}
 	if st.n > 0 {
 		last, err := s.segment(ctx, node, logTopic, st.n)
 		if err != nil {
@@ -458,7 +565,9 @@ func (s *Store) loadNodeLog(ctx context.Context, node string) (*nodeLog, error) 
 			return nil, err
 		}
 		for _, e := range win {
-			lg.pending[e.Topic] = append(lg.pending[e.Topic], e.IDs...)
+			for i, id := range e.IDs {
+				lg.pending[e.Topic] = append(lg.pending[e.Topic], idRef{id, e.Refs[i]})
+			}
 		}
 	}
 	s.hidx.mu.Lock()
@@ -686,12 +795,16 @@ func (s *Store) lastSegment(ctx context.Context, node, topic string, first *hist
 }
 
 // nodeCandidates returns up to limit ids of topic written by node that
-// meet q's bounds, newest first.
-func (s *Store) nodeCandidates(ctx context.Context, node string, q HistoryQuery, limit int) ([]string, error) {
+// meet q's bounds, newest first, with their buckets.
+func (s *Store) nodeCandidates(ctx context.Context, node string, q HistoryQuery, limit int) ([]histCand, error) {
 	// The log's window first, the topic's chain after: a full flush
 	// between the two reads then shows its ids twice (removed below),
 	// never not at all.
-	var out []string
+	var out []histCand
+	newestFirst := func() {
+		slices.SortFunc(out, func(a, b histCand) int { return cmp.Compare(b.id, a.id) })
+		out = slices.CompactFunc(out, func(a, b histCand) bool { return a.id == b.id })
+	}
 	win, err := s.logWindowNow(ctx, node)
 	if err != nil {
 		return nil, err
@@ -700,14 +813,13 @@ func (s *Store) nodeCandidates(ctx context.Context, node string, q HistoryQuery,
 		if e.Topic != q.Topic {
 			continue
 		}
-		for _, id := range e.IDs {
+		for i, id := range e.IDs {
 			if (q.Before == "" || id < q.Before) && (q.After == "" || id > q.After) {
-				out = append(out, id)
+				out = append(out, histCand{id, node, e.Refs[i]})
 			}
 		}
 	}
-	slices.SortFunc(out, func(a, b string) int { return cmp.Compare(b, a) })
-	out = slices.Compact(out)
+	newestFirst()
 	first, _, err := s.firstSegment(ctx, node, q.Topic)
 	if err != nil || first == nil {
 		return out[:min(len(out), limit)], err
@@ -767,19 +879,18 @@ func (s *Store) nodeCandidates(ctx context.Context, node string, q HistoryQuery,
 			if sg == nil {
 				return out[:min(len(out), limit)], nil // purged meanwhile
 			}
-			if len(out) >= limit && sg.CMax < out[limit-1] {
+			if len(out) >= limit && sg.CMax < out[limit-1].id {
 				return out[:limit], nil // nothing here or before is newer than what we have
 			}
 			if q.After != "" && sg.CMax <= q.After {
 				return out[:min(len(out), limit)], nil
 			}
-			for _, id := range sg.IDs {
+			for i, id := range sg.IDs {
 				if (q.Before == "" || id < q.Before) && (q.After == "" || id > q.After) {
-					out = append(out, id)
+					out = append(out, histCand{id, node, sg.Refs[i]})
 				}
 			}
-			slices.SortFunc(out, func(a, b string) int { return cmp.Compare(b, a) })
-			out = slices.Compact(out)
+			newestFirst()
 		}
 	}
 	return out[:min(len(out), limit)], nil
@@ -814,7 +925,7 @@ func (s *Store) indexedHistory(ctx context.Context, q HistoryQuery) ([]HistoryMe
 	want := q.Limit + 8
 	var (
 		mu      sync.Mutex
-		per     [][]string
+		per     [][]histCand
 		started = map[string]bool{}
 	)
 	g, gctx := errgroup.WithContext(ctx)
@@ -851,36 +962,18 @@ func (s *Store) indexedHistory(ctx context.Context, q HistoryQuery) ([]HistoryMe
 	if err := g.Wait(); err != nil {
 		return nil, err
 	}
-	ids := slices.Concat(per...)
-	slices.SortFunc(ids, func(a, b string) int { return cmp.Compare(b, a) })
-	ids = slices.Compact(ids)
+	cands := slices.Concat(per...)
+	slices.SortFunc(cands, func(a, b histCand) int { return cmp.Compare(b.id, a.id) })
+	cands = slices.CompactFunc(cands, func(a, b histCand) bool { return a.id == b.id })
 	var out []HistoryMessage
-	for len(ids) > 0 && len(out) < q.Limit {
-		chunk := ids[:min(len(ids), q.Limit-len(out))]
-		ids = ids[len(chunk):]
-		got := make([]*HistoryMessage, len(chunk))
-		g, gctx := errgroup.WithContext(ctx)
-		g.SetLimit(50)
-		for i, id := range chunk {
-			g.Go(func() error {
-				m, err := s.HistoryByID(gctx, id)
-				if errors.Is(err, ErrNotFound) {
-					return nil
-				}
-				if err == nil && m.Topic == q.Topic {
-					got[i] = &m
-				}
-				return err
-			})
-		}
-		if err := g.Wait(); err != nil {
+	for len(cands) > 0 && len(out) < q.Limit {
+		chunk := cands[:min(len(cands), q.Limit-len(out))]
+		cands = cands[len(chunk):]
+		got, err := s.readCandidates(ctx, q.Topic, chunk)
+		if err != nil {
 			return nil, err
 		}
-		for _, m := range got {
-			if m != nil {
-				out = append(out, *m)
-			}
-		}
+		out = append(out, got...)
 	}
 	return out, nil
 }
@@ -903,26 +996,50 @@ func (s *Store) historyNodes(ctx context.Context) ([]string, error) {
 	return nodes, nil
 }
 
-// purgeHistoryIndex deletes the segments whose ids are all older than
-// cutoff and moves each chain's floor past them.
-func (s *Store) purgeHistoryIndex(ctx context.Context, cutoff time.Time) error {
+// purgeHistoryIndex deletes the segments and log documents whose ids are
+// all older than cutoff, moving each chain's floor past them, and the
+// buckets whose messages all are, rewriting those holding some
+// (historybucket.go). It returns how many messages it removed. FerretDB
+// reads the whole collection for either, so in two passes: one finds, one
+// deletes.
+func (s *Store) purgeHistoryIndex(ctx context.Context, cutoff time.Time) (int64, error) {
 	var c ulid.ULID
 	_ = c.SetTime(uint64(max(cutoff.UnixMilli(), 0)))
-	f := bson.D{{Key: "cmax", Value: bson.D{{Key: "$lt", Value: c.String()}}}}
+	oldSeg := bson.D{{Key: "cmax", Value: bson.D{{Key: "$lt", Value: c.String()}}}}
+	oldLate := bson.D{{Key: "lmax", Value: bson.D{{Key: "$lt", Value: c.String()}}}}
 	coll := s.db.Collection(CollHistoryIndex)
-	cur, err := coll.Find(ctx, f, options.Find().SetProjection(bson.D{{Key: "node", Value: 1}, {Key: "topic", Value: 1}, {Key: "n", Value: 1}}))
+	cur, err := coll.Find(ctx, bson.D{{Key: "$or", Value: bson.A{oldSeg, bson.D{{Key: "t0", Value: bson.D{{Key: "$lt", Value: cutoff}}}}}}},
+		options.Find().SetProjection(bson.D{{Key: "node", Value: 1}, {Key: "topic", Value: 1}, {Key: "n", Value: 1},
+			{Key: "cmax", Value: 1}, {Key: "t1", Value: 1}, {Key: "m", Value: 1}}))
 	if err != nil {
-		return fmt.Errorf("store: purge history index: %w", err)
+		return 0, fmt.Errorf("store: purge history index: %w", err)
 	}
-	var segs []histSegment
-	if err := cur.All(ctx, &segs); err != nil {
-		return fmt.Errorf("store: purge history index: %w", err)
+	var docs []struct {
+		ID    string    `bson:"_id"`
+		Node  string    `bson:"node"`
+		Topic string    `bson:"topic"`
+		N     int64     `bson:"n"`
+		CMax  string    `bson:"cmax"`
+		T1    time.Time `bson:"t1"`
+		Count int64     `bson:"m"`
+	}
+	if err := cur.All(ctx, &docs); err != nil {
+		return 0, fmt.Errorf("store: purge history index: %w", err)
 	}
 	floors := map[string]histSegment{}
-	for _, sg := range segs {
-		k := chainKey(sg.Node, sg.Topic)
-		if sg.N >= floors[k].N {
-			floors[k] = sg
+	var removed int64
+	var spanning []string
+	for _, d := range docs {
+		switch {
+		case d.CMax != "": // a segment or log document
+			k := chainKey(d.Node, d.Topic)
+			if d.N >= floors[k].N {
+				floors[k] = histSegment{Node: d.Node, Topic: d.Topic, N: d.N}
+			}
+		case d.T1.Before(cutoff): // a bucket, expired whole
+			removed += d.Count
+		default:
+			spanning = append(spanning, d.ID)
 		}
 	}
 	// Floors first: a page probing meanwhile starts past what is deleted.
@@ -930,16 +1047,23 @@ func (s *Store) purgeHistoryIndex(ctx context.Context, cutoff time.Time) error {
 		_, err := coll.ReplaceOne(ctx, bson.D{{Key: "_id", Value: floorID(sg.Node, sg.Topic)}},
 			bson.D{{Key: "n", Value: sg.N + 1}}, options.Replace().SetUpsert(true))
 		if err != nil {
-			return fmt.Errorf("store: purge history index: %w", err)
+			return removed, fmt.Errorf("store: purge history index: %w", err)
 		}
 	}
-	if _, err := coll.DeleteMany(ctx, f); err != nil {
-		return fmt.Errorf("store: purge history index: %w", err)
+	for _, id := range spanning {
+		n, err := s.trimBucket(ctx, id, cutoff)
+		if err != nil {
+			return removed, err
+		}
+		removed += n
+	}
+	if _, err := coll.DeleteMany(ctx, bson.D{{Key: "$or", Value: bson.A{oldSeg, oldLate, bson.D{{Key: "t1", Value: bson.D{{Key: "$lt", Value: cutoff}}}}}}}); err != nil {
+		return removed, fmt.Errorf("store: purge history index: %w", err)
 	}
 	s.hidx.mu.Lock()
 	clear(s.hidx.segs)
 	clear(s.hidx.floors)
 	s.hidx.segIDs = 0
 	s.hidx.mu.Unlock()
-	return nil
+	return removed, nil
 }

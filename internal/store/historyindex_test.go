@@ -394,9 +394,9 @@ func TestHistoryIndexManyTopicsOneLogDocumentPerBatch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// One log document per batch, one segment per topic at each of the two
-	// full flushes.
-	if want := int64(batches + 2*topics); n != want {
+	// One log document and one bucket per batch, one segment per topic at
+	// each of the two full flushes.
+	if want := int64(2*batches + 2*topics); n != want {
 		t.Fatalf("%d index documents for %d batches of %d topics, want %d", n, batches, topics, want)
 	}
 	for _, tp := range []string{"d/0", "d/7", "d/49"} {
