@@ -73,6 +73,8 @@ type durableHook struct {
 	// because the node owning the client's stored session was unreachable
 	// but not yet declared failed.
 	refusedOwnerUnreachable atomic.Int64
+	subscribeRefused        atomic.Int64 // subscriptions refused (0x80): the session was not stored in time
+	subscribeWait           atomic.Int64 // tests: durableSubscribeMax instead, in nanoseconds
 	adopted                 atomic.Int64 // sessions taken from nodes that died (or left)
 	reforwarded             atomic.Int64 // publishes a dead node's link held, sent on to adopters
 	// supersededSkipped counts stored sessions of a dead node not adopted
@@ -480,7 +482,7 @@ func (d *durableHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 		// A client without a persistent session is written for its will
 		// only: the node that adopts this one's clients, should it die,
 		// publishes it.
-		d.writeSession(cl, true)
+		_, _ = d.writeSession(cl, true)
 		return
 	}
 	d.mu.Lock()
@@ -493,16 +495,80 @@ func (d *durableHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	}
 }
 
-func (d *durableHook) OnSubscribed(cl *mqtt.Client, _ packets.Packet, _ []byte) {
-	if persistent(cl) {
-		d.writeSession(cl, !cl.Closed())
+// OnSubscribed writes the session of a persistent client with its new
+// subscriptions and holds the SUBACK (mochi writes it after this hook)
+// until that write is committed, at most durableSubscribeMax: a SUBACK
+// promises that the subscription outlives the node (docs/clustering.md,
+// "Durability"), and the messages a publisher is told are safe reach it
+// only if the adopter finds the subscription. When the store does not
+// confirm in time, the new subscriptions are removed again and refused
+// with 0x80 (MQTT 3.1.1: Failure), so the client knows to subscribe again.
+// SUBSCRIBEs are rare beside PUBLISHes: waiting on the client's read loop
+// costs the publish path nothing.
+func (d *durableHook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
+	if !persistent(cl) {
+		return
+	}
+	t, err := d.writeSession(cl, !cl.Closed())
+	if err == nil {
+		err = d.waitSession(t)
+	}
+	if err == nil {
+		return
+	}
+	refused := 0
+	for i, sub := range pk.Filters {
+		if i >= len(codes) || codes[i] >= packets.ErrUnspecifiedError.Code {
+			continue
+		}
+		codes[i] = packets.ErrUnspecifiedError.Code
+		d.b.mq.UnsubscribeClientFilter(cl, sub.Filter)
+		refused++
+	}
+	d.subscribeRefused.Add(int64(refused))
+	d.log.Warn("subscriptions refused: the session was not stored in time", "client", cl.ID, "filters", refused, "error", err)
+	// The document queued with them is written once the store is back:
+	// this one, queued after it, takes them out again.
+	_, _ = d.writeSession(cl, !cl.Closed())
+}
+
+// OnUnsubscribed writes the session without the filters and holds the
+// UNSUBACK until that is committed (bounded as a SUBACK's): a node that
+// dies right after must not hand an adopter the old subscriptions. An
+// UNSUBSCRIBE cannot be refused once done, so a timeout only logs; the
+// write is still queued.
+func (d *durableHook) OnUnsubscribed(cl *mqtt.Client, _ packets.Packet) {
+	if !persistent(cl) {
+		return
+	}
+	t, err := d.writeSession(cl, !cl.Closed())
+	if err == nil {
+		err = d.waitSession(t)
+	}
+	if err != nil {
+		d.log.Warn("UNSUBACK sent before the session was stored", "client", cl.ID, "error", err)
 	}
 }
 
-func (d *durableHook) OnUnsubscribed(cl *mqtt.Client, _ packets.Packet) {
-	if persistent(cl) {
-		d.writeSession(cl, !cl.Closed())
+// durableSubscribeMax bounds how long a SUBACK (or UNSUBACK) of a
+// persistent session waits for its session document's commit: well above
+// a healthy store's commit (durableMinAge plus a batch), short enough that
+// a client whose store is down hears so before its own timeout.
+const durableSubscribeMax = 5 * time.Second
+
+// waitSession waits for a session write's commit, at most
+// d.subscribeWait (durableSubscribeMax).
+func (d *durableHook) waitSession(t writebehind.Ticket) error {
+	wait := durableSubscribeMax
+	if w := d.subscribeWait.Load(); w > 0 {
+		wait = time.Duration(w)
 	}
+	ctx, cancel := context.WithTimeout(d.ctx, wait)
+	defer cancel()
+	if err := t.Wait(ctx); err != nil {
+		return fmt.Errorf("session not stored within %s: %w", wait, err)
+	}
+	return nil
 }
 
 func (d *durableHook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
@@ -524,7 +590,7 @@ func (d *durableHook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 	d.mu.Lock()
 	delete(d.holds, cl.ID)
 	d.mu.Unlock()
-	d.writeSession(cl, false)
+	_, _ = d.writeSession(cl, false)
 }
 
 func (d *durableHook) OnWillSent(cl *mqtt.Client, _ packets.Packet) {
@@ -567,7 +633,7 @@ func (d *durableHook) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, _ int6
 }
 
 // writeSession queues cl's session document as it is now.
-func (d *durableHook) writeSession(cl *mqtt.Client, connected bool) {
+func (d *durableHook) writeSession(cl *mqtt.Client, connected bool) (writebehind.Ticket, error) {
 	doc := &sessionDoc{ID: cl.ID, Owner: d.node, Proto: cl.Properties.ProtocolVersion, Connected: connected, Updated: time.Now().UTC(),
 		WillOnly: !persistent(cl)}
 	if cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryIntervalFlag {
@@ -597,7 +663,7 @@ func (d *durableHook) writeSession(cl *mqtt.Client, connected bool) {
 	d.known[cl.ID] = true
 	doc.Epoch, doc.AdoptedFrom = max(d.epoch[cl.ID].epoch, 1), d.epoch[cl.ID].from
 	d.mu.Unlock()
-	_, _ = d.put(durOp{kind: opSession, client: cl.ID, sess: doc})
+	return d.put(durOp{kind: opSession, client: cl.ID, sess: doc})
 }
 
 // write stores one batch. Within it, a message acknowledged before the
@@ -1061,10 +1127,13 @@ type DurabilityStats struct {
 	// retried) because the node holding the client's stored session was
 	// unreachable and not yet declared failed.
 	RefusedOwnerUnreachable int64 `json:"refused_owner_unreachable"`
+	// SubscribeRefused counts subscriptions of persistent sessions refused
+	// with 0x80 because the store did not commit the session within 5 s.
+	SubscribeRefused int64 `json:"subscribe_refused"`
 }
 
 func (d *durableHook) stats() *DurabilityStats {
 	return &DurabilityStats{Stats: d.w.Stats(), Coalesced: d.coalesced.Load(), LostOwnership: d.lost.Load(),
 		Adopted: d.adopted.Load(), SupersededSkipped: d.supersededSkipped.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load(),
-		RefusedOwnerUnreachable: d.refusedOwnerUnreachable.Load()}
+		RefusedOwnerUnreachable: d.refusedOwnerUnreachable.Load(), SubscribeRefused: d.subscribeRefused.Load()}
 }

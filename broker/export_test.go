@@ -1,6 +1,10 @@
 package broker
 
-import "github.com/rtm-dev/rtm/internal/cluster"
+import (
+	"time"
+
+	"github.com/rtm-dev/rtm/internal/cluster"
+)
 
 // SetTestMembers makes the node's link management see the gossip member
 // list as f rewrites it (nil: as it is), so a test can make a peer look
@@ -82,3 +86,7 @@ func (b *Broker) SetTestRelayKeep(n int) { b.cluster.testRelayKeep.Store(int32(n
 // for a session moving away before the move's end is queued (0:
 // relayHeldBytesMax).
 func (b *Broker) SetTestRelayBytes(n int) { b.cluster.testRelayBytes.Store(int64(n)) }
+
+// SetTestSubscribeWait bounds how long a persistent session's SUBACK waits
+// for the store (durableSubscribeMax otherwise).
+func (b *Broker) SetTestSubscribeWait(d time.Duration) { b.durable.subscribeWait.Store(int64(d)) }

@@ -1,0 +1,123 @@
+package broker_test
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+	mqtt3 "github.com/eclipse/paho.mqtt.golang"
+	"go.mongodb.org/mongo-driver/v2/bson"
+	"go.mongodb.org/mongo-driver/v2/mongo"
+
+	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/store"
+	"github.com/rtm-dev/rtm/internal/testcluster"
+	"github.com/rtm-dev/rtm/internal/testutil"
+)
+
+// storedFilters reads the filters of client id's stored session; ok is
+// false when there is no session document.
+func storedFilters(t *testing.T, st *store.Store, id string) (filters []string, ok bool) {
+	t.Helper()
+	var doc struct {
+		Subs []struct {
+			Filter string `bson:"f"`
+		} `bson:"subs"`
+	}
+	err := st.DB().Collection(store.CollSessions).FindOne(testutil.Context(t, waitCond), bson.D{{Key: "_id", Value: id}}).Decode(&doc)
+	if errors.Is(err, mongo.ErrNoDocuments) {
+		return nil, false
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range doc.Subs {
+		filters = append(filters, s.Filter)
+	}
+	slices.Sort(filters)
+	return filters, true
+}
+
+// TestDurableSubackAfterSessionStored: the SUBACK (and UNSUBACK) of a
+// persistent session comes only once the session document holding the
+// change is committed, so a node that dies right after the SUBACK cannot
+// take the subscription with it (an adopter or a restart reads the store).
+// Checked for an MQTT 5 and an MQTT 3.1.1 client, read from the store the
+// moment the acknowledgement arrives.
+func TestDurableSubackAfterSessionStored(t *testing.T) {
+	o := newOutageStore(t)
+	b := testcluster.Broker(t, "durable-suback", "", func(opts *broker.Options) {
+		opts.Cluster.GossipAddr, opts.Store = "", o.st
+	})
+	expiry := uint32(3600)
+	c5, _ := dialV5(t, b, &paho.Connect{ClientID: "v5", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: &expiry}})
+	subscribe(t, c5, 0, paho.SubscribeOptions{Topic: "a/#", QoS: 1}, paho.SubscribeOptions{Topic: "b/+", QoS: 2})
+	if got, ok := storedFilters(t, o.st, "v5"); !ok || !slices.Equal(got, []string{"a/#", "b/+"}) {
+		t.Fatalf("at the SUBACK the stored session has filters %q (stored: %v), want [a/# b/+]", got, ok)
+	}
+	if _, err := c5.Unsubscribe(testutil.Context(t, waitMsg), &paho.Unsubscribe{Topics: []string{"a/#"}}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := storedFilters(t, o.st, "v5"); !slices.Equal(got, []string{"b/+"}) {
+		t.Fatalf("at the UNSUBACK the stored session has filters %q, want [b/+]", got)
+	}
+
+	c3, err := testutil.DialV3(t, b.Addr(broker.ListenerTCP), "v3", func(o *mqtt3.ClientOptions) { o.SetCleanSession(false) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok := c3.Subscribe("c/1", 1, nil)
+	testutil.Wait(t, tok)
+	if got, ok := storedFilters(t, o.st, "v3"); !ok || !slices.Equal(got, []string{"c/1"}) {
+		t.Fatalf("at the v3.1.1 SUBACK the stored session has filters %q (stored: %v), want [c/1]", got, ok)
+	}
+}
+
+// TestDurableSubscribeRefusedWhileStoreDown: with the store down, a
+// persistent session's SUBSCRIBE is answered within the bound with 0x80
+// (the subscription cannot be promised), and is not in effect: it is not
+// in the node's subscriptions, and the session stored once the store is
+// back does not hold it. A non-persistent client subscribes as usual.
+func TestDurableSubscribeRefusedWhileStoreDown(t *testing.T) {
+	o := newOutageStore(t)
+	b := testcluster.Broker(t, "durable-subdown", "", func(opts *broker.Options) {
+		opts.Cluster.GossipAddr, opts.Store = "", o.st
+	})
+	b.SetTestSubscribeWait(time.Second)
+	expiry := uint32(3600)
+	c, _ := dialV5(t, b, &paho.Connect{ClientID: "p", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: &expiry}})
+	subscribe(t, c, 0, paho.SubscribeOptions{Topic: "kept", QoS: 1})
+	before := b.Stats().Subscriptions
+
+	o.stop()
+	// paho reports a refusal as an error, with the SUBACK.
+	sa, err := c.Subscribe(testutil.Context(t, waitMsg), &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: "new/#", QoS: 1}}})
+	if sa == nil {
+		t.Fatalf("no SUBACK: %v", err)
+	}
+	if len(sa.Reasons) != 1 || sa.Reasons[0] != 0x80 {
+		t.Fatalf("SUBSCRIBE of a persistent session with the store down: reasons %v, want [0x80]", sa.Reasons)
+	}
+	if n := b.Stats().Subscriptions; n != before {
+		t.Fatalf("%d subscriptions after the refused SUBSCRIBE, want %d", n, before)
+	}
+	if n := b.Stats().Durability.SubscribeRefused; n != 1 {
+		t.Fatalf("durability.subscribe_refused %d, want 1", n)
+	}
+	clean, _ := dialV5(t, b, &paho.Connect{ClientID: "clean", CleanStart: true})
+	subscribe(t, clean, 0, paho.SubscribeOptions{Topic: "new/#", QoS: 1})
+
+	o.start()
+	testutil.WaitFor(t, waitCond, func() error {
+		if q := b.Stats().Durability.Queued; q > 0 {
+			return fmt.Errorf("%d writes queued", q)
+		}
+		if got, _ := storedFilters(t, o.st, "p"); !slices.Equal(got, []string{"kept"}) {
+			return fmt.Errorf("the stored session holds %q, want only the filter acknowledged, [kept]", got)
+		}
+		return nil
+	})
+}
