@@ -69,6 +69,7 @@ type durableHook struct {
 	lost      atomic.Int64 // session writes refused because another node owns the session
 
 	barrierTimeouts atomic.Int64 // link acknowledgements sent before the store confirmed
+	barrierDropped  atomic.Int64 // link acknowledgements refused: a write they covered was dropped
 	// refusedOwnerUnreachable counts CONNECTs refused (to be retried)
 	// because the node owning the client's stored session was unreachable
 	// but not yet declared failed.
@@ -761,8 +762,19 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 		ins = append(ins, m)
 	}
 	if len(ins) > 0 {
-		if _, err := mc.InsertMany(ctx, ins, options.InsertMany().SetOrdered(false)); err != nil && !onlyDuplicates(err) {
-			return fmt.Errorf("insert session messages: %w", err)
+		if _, err := mc.InsertMany(ctx, ins, options.InsertMany().SetOrdered(false)); err != nil {
+			if !onlyDuplicates(err) {
+				return fmt.Errorf("insert session messages: %w", err)
+			}
+			// A document under the same client and packet ID: this batch
+			// written before (the same message), or an older message whose
+			// delete never landed (a node that died before writing it).
+			// The session holds this message under the ID now: it replaces
+			// the other, which a refused insert would have left in its place
+			// while the publisher was told the message was stored.
+			if err := replaceDuplicates(ctx, mc, ins, err); err != nil {
+				return fmt.Errorf("insert session messages: %w", err)
+			}
 		}
 	}
 	if len(sessOrder) > 0 {
@@ -907,6 +919,33 @@ func onlyDuplicates(err error) bool {
 		return true
 	}
 	return mongo.IsDuplicateKeyError(err)
+}
+
+// replaceDuplicates writes again, as whole-document replacements, the
+// documents of docs whose insert err refused as duplicate keys.
+func replaceDuplicates(ctx context.Context, c *mongo.Collection, docs []any, err error) error {
+	idx := make([]int, 0, len(docs))
+	var bwe mongo.BulkWriteException
+	if errors.As(err, &bwe) {
+		for _, we := range bwe.WriteErrors {
+			if we.Index < 0 || we.Index >= len(docs) {
+				idx = idx[:0]
+				break
+			}
+			idx = append(idx, we.Index)
+		}
+	}
+	if len(idx) == 0 { // which ones is unknown: all
+		for i := range docs {
+			idx = append(idx, i)
+		}
+	}
+	models := make([]mongo.WriteModel, 0, len(idx))
+	for _, i := range idx {
+		m := docs[i].(*msgDoc)
+		models = append(models, mongo.NewReplaceOneModel().SetFilter(bson.D{{Key: "_id", Value: m.ID}}).SetReplacement(m).SetUpsert(true))
+	}
+	return store.BulkWrite(ctx, c, models, false)
 }
 
 func duplicateCount(err error) int {
@@ -1123,6 +1162,10 @@ type DurabilityStats struct {
 	// the store had not confirmed the writes they covered within 500 ms
 	// (the link then acknowledges only what was written, and asks again).
 	BarrierTimeouts int64 `json:"barrier_timeouts"`
+	// BarrierDropped counts node link acknowledgements held back because
+	// a write they covered was dropped (lost when the writer closed): the
+	// peer keeps those messages for the adopters.
+	BarrierDropped int64 `json:"barrier_dropped"`
 	// RefusedOwnerUnreachable counts CONNECTs refused with 0x88 (to be
 	// retried) because the node holding the client's stored session was
 	// unreachable and not yet declared failed.
@@ -1134,6 +1177,6 @@ type DurabilityStats struct {
 
 func (d *durableHook) stats() *DurabilityStats {
 	return &DurabilityStats{Stats: d.w.Stats(), Coalesced: d.coalesced.Load(), LostOwnership: d.lost.Load(),
-		Adopted: d.adopted.Load(), SupersededSkipped: d.supersededSkipped.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load(),
+		Adopted: d.adopted.Load(), SupersededSkipped: d.supersededSkipped.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load(), BarrierDropped: d.barrierDropped.Load(),
 		RefusedOwnerUnreachable: d.refusedOwnerUnreachable.Load(), SubscribeRefused: d.subscribeRefused.Load()}
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/rtm-dev/rtm/broker/link"
 	"github.com/rtm-dev/rtm/internal/cluster"
 	"github.com/rtm-dev/rtm/internal/store"
+	"github.com/rtm-dev/rtm/internal/writebehind"
 )
 
 // seedRetained records who set a topic's retained message and when, for a
@@ -39,9 +40,15 @@ func (c *clusterNode) seedRetained(topic string, at int64, node string) {
 // acknowledges only what was safe before (which keeps it alive) and asks
 // again, so a slow store delays acknowledgements but never lets the peer
 // forget a message this node has not written (see link.Config.BeforeAck).
+//
+// A write the store did not take (lost when the writer closed with the
+// store down: the sessions writer retries every other error) is not
+// reported safe either: the peer keeps the message, and hands it to the
+// adopters when this node is gone (writebehind.ErrDropped). Only a closing
+// writer drops, so such a check never stalls a live link.
 func (b *Broker) durableBarrier() func() bool {
 	d := b.durable
-	if d == nil || d.w.Stats().Queued == 0 {
+	if d == nil {
 		return func() bool { return true }
 	}
 	barrier := d.w.Barrier()
@@ -49,7 +56,11 @@ func (b *Broker) durableBarrier() func() bool {
 		ctx, cancel := context.WithTimeout(d.ctx, durableBarrierMax)
 		defer cancel()
 		if err := barrier.Wait(ctx); err != nil {
-			d.barrierTimeouts.Add(1)
+			if errors.Is(err, writebehind.ErrDropped) || errors.Is(err, writebehind.ErrClosed) {
+				d.barrierDropped.Add(1)
+			} else {
+				d.barrierTimeouts.Add(1)
+			}
 			return false
 		}
 		return true

@@ -1,6 +1,7 @@
 package broker_test
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"slices"
@@ -120,4 +121,60 @@ func TestDurableSubscribeRefusedWhileStoreDown(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestDurableMessageReplacesStaleDocument: a message held for a persistent
+// session whose client and packet ID key is taken in the store by an older
+// document (a delete that never landed: its node died first) is stored in
+// its place. Before, the insert's duplicate key was taken for this batch
+// written twice, and the publisher was told the message was stored while
+// the store kept the older one.
+func TestDurableMessageReplacesStaleDocument(t *testing.T) {
+	o := newOutageStore(t)
+	b := testcluster.Broker(t, "durable-stale", "", func(opts *broker.Options) {
+		opts.Cluster.GossipAddr, opts.Store = "", o.st
+	})
+	expiry := uint32(3600)
+	offline := func(id string) {
+		c, _ := dialV5(t, b, &paho.Connect{ClientID: id, CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: &expiry}})
+		subscribe(t, c, 0, paho.SubscribeOptions{Topic: id, QoS: 1})
+		if err := c.Disconnect(&paho.Disconnect{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	offline("x")
+	offline("s")
+	pub, _ := dialV5(t, b, &paho.Connect{ClientID: "pub", CleanStart: true})
+	pub.Pub(t, "x", 1, false, "stale-payload")
+
+	// The stale document: x's message, under s's first packet ID.
+	msgs := o.st.DB().Collection(store.CollSessionMessages)
+	ctx := testutil.Context(t, waitCond)
+	var stale bson.M
+	if err := msgs.FindOne(ctx, bson.D{{Key: "c", Value: "x"}}).Decode(&stale); err != nil {
+		t.Fatal(err)
+	}
+	stale["_id"], stale["c"] = "s\x001", "s"
+	if _, err := msgs.InsertOne(ctx, stale); err != nil {
+		t.Fatal(err)
+	}
+
+	pub.Pub(t, "s", 1, false, "fresh-payload") // PUBACK: committed
+	var got struct {
+		PID    int32  `bson:"pid"`
+		Packet []byte `bson:"pk"`
+	}
+	if err := msgs.FindOne(ctx, bson.D{{Key: "_id", Value: "s\x001"}}).Decode(&got); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(got.Packet, []byte("fresh-payload")) {
+		t.Fatalf("after the PUBACK the store holds for s packet ID %d %q, want the acknowledged message", got.PID, got.Packet)
+	}
+	back, ca := dialV5(t, b, &paho.Connect{ClientID: "s", Properties: &paho.ConnectProperties{SessionExpiryInterval: &expiry}})
+	if !ca.SessionPresent {
+		t.Fatal("s: session not present")
+	}
+	if m := back.Next(t, waitMsg); string(m.Payload) != "fresh-payload" {
+		t.Fatalf("s got %q, want fresh-payload", m.Payload)
+	}
 }
