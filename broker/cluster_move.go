@@ -237,7 +237,7 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 		(*f)(o.clientID)
 	}
 	tail := slices.DeleteFunc(publishesOnly(sess.Inflight), func(pk packets.Packet) bool { return sent[keyOf(pk)] })
-	if !st.send(tail) || !p.link.Send(link.Message{Type: msgMoveEnd, Body: moveEndMsg{Move: o.id, Chunks: st.seq}.encode()}, true) {
+	if !st.send(tail) || !p.link.Send(link.Message{Type: msgMoveEnd, Body: moveEndMsg{Move: o.id, Chunks: st.seq, PacketID: sess.PacketID}.encode()}, true) {
 		st.abort()
 		c.restore(o, start.Version, sess, "the transfer failed")
 		return false
@@ -485,7 +485,9 @@ func (c *clusterNode) moveEnded(from string, m moveEndMsg) {
 		}
 		return
 	}
-	// The CONNECT waiting for it (if any) inherits the session from here.
+	// The CONNECT waiting for it (if any) inherits the session from here,
+	// with the source's packet ID counter.
+	im.sess.PacketID = m.PacketID
 	if len(im.sess.Subscriptions) > 0 || len(im.sess.Inflight) > 0 {
 		c.b.mq.AdoptSession(im.clientID, im.version, im.sess)
 		c.moved.Add(1)

@@ -775,6 +775,9 @@ func (s *Server) inheritClientSession(pk packets.Packet, cl *Client) bool {
 		}
 
 		existing.State.isTakenOver.Store(true)
+		// rtm patch 38: the new connection assigns packet identifiers
+		// after the last one the session used, not from 1 again.
+		atomic.StoreUint32(&cl.State.packetID, atomic.LoadUint32(&existing.State.packetID))
 		if in := existing.State.inbound.Load(); in != nil && in.Len() > 0 { // rtm patch 94
 			cl.State.inbound.Store(in.Clone())
 		}
