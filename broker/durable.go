@@ -128,6 +128,7 @@ const (
 	opMsgDel                    // delete a held message (acknowledged, expired)
 	opRetain                    // set or clear a retained message
 	opWillCleared               // the session's will was published
+	opMsgRel                    // a held QoS 2 message reached its PUBREL step
 )
 
 type durOp struct {
@@ -206,6 +207,9 @@ type msgDoc struct {
 	Created int64  `bson:"created"`
 	Expiry  int64  `bson:"expiry,omitempty"` // Unix seconds, 0: none
 	SubIDs  []int  `bson:"subids,omitempty"`
+	// Rel: the session received the message (PUBREC) and was sent its
+	// PUBREL; what is restored is the PUBREL, awaiting PUBCOMP.
+	Rel bool `bson:"rel,omitempty"`
 
 	// pk is the message, encoded into Packet only when the document is
 	// written: most are acknowledged before their batch and never are.
@@ -415,8 +419,15 @@ func (d *durableHook) OnPublishHold(cl *mqtt.Client, pk packets.Packet) func() e
 }
 
 // OnQosPublish writes a QoS 1/2 message newly held for a persistent
-// session (resends, marked Dup, are written already).
+// session (resends, marked Dup, are written already), and the PUBREL step
+// of a QoS 2 message the session received (PUBREC read, mochi patch 39):
+// a restored session must send the PUBREL again, never the PUBLISH
+// [MQTT-4.3.3-6].
 func (d *durableHook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, _ int64, _ int) {
+	if pk.FixedHeader.Type == packets.Pubrel && persistent(cl) {
+		_, _ = d.put(durOp{kind: opMsgRel, client: cl.ID, pid: pk.PacketID})
+		return
+	}
 	if pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Dup || !persistent(cl) {
 		return
 	}
@@ -677,6 +688,7 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 	var (
 		sessDel   []string
 		msgDel    []string
+		msgRel    = map[string]bool{} // stored messages to mark at their PUBREL step
 		msgs      []*msgDoc
 		msgAt     = map[string]int{}
 		sessUp    = map[string]*sessionDoc{}
@@ -701,8 +713,17 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 			}
 			msgAt[op.msg.ID] = len(msgs)
 			msgs = append(msgs, op.msg)
+			delete(msgRel, op.msg.ID)
+		case opMsgRel:
+			k := msgKey(op.client, op.pid)
+			if i, ok := msgAt[k]; ok {
+				msgs[i].Rel = true // inserted by this batch: marked already
+			} else {
+				msgRel[k] = true
+			}
 		case opMsgDel:
 			k := msgKey(op.client, op.pid)
+			delete(msgRel, k)
 			if i, ok := msgAt[k]; ok {
 				msgs[i] = nil
 				delete(msgAt, k)
@@ -775,6 +796,16 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 			if err := replaceDuplicates(ctx, mc, ins, err); err != nil {
 				return fmt.Errorf("insert session messages: %w", err)
 			}
+		}
+	}
+	if len(msgRel) > 0 {
+		models := make([]mongo.WriteModel, 0, len(msgRel))
+		for k := range msgRel {
+			models = append(models, mongo.NewUpdateOneModel().SetFilter(bson.D{{Key: "_id", Value: k}}).
+				SetUpdate(bson.D{{Key: "$set", Value: bson.D{{Key: "rel", Value: true}}}}))
+		}
+		if err := store.BulkWrite(ctx, mc, models, false); err != nil {
+			return fmt.Errorf("mark session messages released: %w", err)
 		}
 	}
 	if len(sessOrder) > 0 {
@@ -1095,6 +1126,15 @@ func (d *durableHook) restore(ctx context.Context, docs []sessionDoc, now, maxEx
 				RetainAsPublished: sub.RetainAsPublished, RetainHandling: sub.RetainHandling, Identifier: sub.Identifier})
 		}
 		for _, m := range msgs {
+			if m.Rel {
+				// Received by the client already: only its PUBREL is
+				// owed, and it never expires [MQTT-4.3.3-6].
+				sess.Inflight = append(sess.Inflight, packets.Packet{
+					FixedHeader: packets.FixedHeader{Type: packets.Pubrel, Qos: 1},
+					PacketID:    m.PID, Origin: m.Origin, Created: m.Created})
+				restored++
+				continue
+			}
 			pk := readPacket(&rbuf{b: m.Packet})
 			if m.Expiry > 0 && m.Expiry < now {
 				d.b.limits.count(dropExpired, pk.FixedHeader.Qos, 1)

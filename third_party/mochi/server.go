@@ -1604,6 +1604,10 @@ func (s *Server) processPubrec(cl *Client, pk packets.Packet) error {
 	ack := s.buildAck(pk.PacketID, packets.Pubrel, 1, pk.Properties, packets.CodeSuccess) // [MQTT-4.3.3-4] ![MQTT-4.3.3-6]
 	cl.State.Inflight.DecreaseReceiveQuota()                                              // -1 RECV QUOTA
 	cl.State.Inflight.Set(ack)                                                            // [MQTT-4.3.3-5]
+	// rtm patch 39: the message's state is now the PUBREL; a storage hook
+	// records it before the PUBREL is sent, so a restored session resends
+	// the PUBREL, not the PUBLISH [MQTT-4.3.3-6].
+	s.hooks.OnQosPublish(cl, ack, ack.Created, 0)
 	return cl.WritePacket(ack)
 }
 

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/eclipse/paho.golang/packets"
 	"github.com/eclipse/paho.golang/paho"
 	mqtt3 "github.com/eclipse/paho.mqtt.golang"
 	"go.mongodb.org/mongo-driver/v2/bson"
@@ -177,4 +178,78 @@ func TestDurableMessageReplacesStaleDocument(t *testing.T) {
 	if m := back.Next(t, waitMsg); string(m.Payload) != "fresh-payload" {
 		t.Fatalf("s got %q, want fresh-payload", m.Payload)
 	}
+}
+
+// TestDurableQos2PubrelSurvivesRestart: a QoS 2 message a persistent
+// session received (PUBREC read, PUBREL sent, no PUBCOMP yet) is restored
+// after the node restarts at its PUBREL step: the reconnecting client is
+// sent the PUBREL again, not the PUBLISH [MQTT-4.3.3-6], and its PUBCOMP
+// ends the message (not restored by a second restart). Before, the PUBREL
+// step was not stored and the PUBLISH came again.
+func TestDurableQos2PubrelSurvivesRestart(t *testing.T) {
+	o := newOutageStore(t)
+	start := func() *broker.Broker {
+		return testcluster.Broker(t, "durable-q2", "", func(opts *broker.Options) {
+			opts.Cluster.GossipAddr, opts.Store = "", o.st
+		})
+	}
+	stop := func(b *broker.Broker) {
+		if err := b.Shutdown(testutil.Context(t, waitCond)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	expiry := uint32(3600)
+	connect := func(b *broker.Broker, clean bool) (*raw, *packets.Connack) {
+		c := dialRaw(t, b.Addr(broker.ListenerTCP))
+		ca := c.connect(t, &packets.Connect{ClientID: "q2", CleanStart: clean, Properties: &packets.Properties{SessionExpiryInterval: &expiry}})
+		return c, ca
+	}
+	next := func(c *raw, want byte) *packets.ControlPacket {
+		t.Helper()
+		p, err := c.read(waitMsg)
+		if err != nil {
+			t.Fatalf("reading packet type %d: %v", want, err)
+		}
+		if p.Type != want {
+			t.Fatalf("got %s, want packet type %d", p.PacketType(), want)
+		}
+		return p
+	}
+
+	b := start()
+	c, _ := connect(b, true)
+	c.send(t, &packets.Subscribe{PacketID: 1, Subscriptions: []packets.SubOptions{{Topic: "q2/t", QoS: 2}}, Properties: &packets.Properties{}})
+	next(c, packets.SUBACK)
+	pub, _ := dialV5(t, b, &paho.Connect{ClientID: "pub", CleanStart: true})
+	pub.Pub(t, "q2/t", 2, false, "once")
+	pid := next(c, packets.PUBLISH).PacketID()
+	c.send(t, &packets.Pubrec{PacketID: pid, Properties: &packets.Properties{}})
+	if got := next(c, packets.PUBREL).PacketID(); got != pid {
+		t.Fatalf("PUBREL for packet ID %d, want %d", got, pid)
+	}
+	_ = c.Close()
+	stop(b)
+
+	b = start()
+	c, ca := connect(b, false)
+	if !ca.SessionPresent {
+		t.Fatal("session not present after the restart")
+	}
+	if got := next(c, packets.PUBREL).PacketID(); got != pid {
+		t.Fatalf("PUBREL for packet ID %d after the restart, want %d", got, pid)
+	}
+	c.send(t, &packets.Pubcomp{PacketID: pid, Properties: &packets.Properties{}})
+	// A round trip: the PUBCOMP was read before the PINGRESP.
+	c.send(t, &packets.Pingreq{})
+	next(c, packets.PINGRESP)
+	_ = c.Close()
+	stop(b)
+
+	b = start()
+	c, ca = connect(b, false)
+	if !ca.SessionPresent {
+		t.Fatal("session not present after the second restart")
+	}
+	c.send(t, &packets.Pingreq{})
+	next(c, packets.PINGRESP) // nothing resent before it
 }
