@@ -486,3 +486,29 @@ func TestSessionMoveCarriesPacketIDs(t *testing.T) {
 		t.Fatalf("first message after the move has packet ID %d; n0 used up to %d", m.PacketID, last)
 	}
 }
+
+// TestStaleMoveRelayNotDelivered: after a partition heals, the cut-off
+// node may answer the client's old claim by moving its stale session here,
+// and relay what reaches it for that session until it reads that this node
+// answered "stale". Those relayed messages are not for the client's newer
+// session here: it got what was published since it subscribed directly
+// (a relayed copy is a duplicate), and the rest belonged to the stale
+// session (a late message). They are dropped and counted (stale_session).
+// Before, the newer session got them: the partition heal test's 1
+// duplicate and 1 late message.
+func TestStaleMoveRelayNotDelivered(t *testing.T) {
+	nodes := startCluster(t, 2)
+	cur, _ := dialV5(t, nodes[1], &paho.Connect{ClientID: "x", CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
+	subscribe(t, cur, 0, paho.SubscribeOptions{Topic: "inbox/x", QoS: 1})
+	before := nodes[1].Stats().DroppedByReason["stale_session"]["1"]
+
+	nodes[1].InjectStaleMove("n0", "x", "inbox/x", []byte("relayed"))
+	pub, _ := dialV5(t, nodes[1], &paho.Connect{ClientID: "pub", CleanStart: true})
+	pub.Pub(t, "inbox/x", 1, false, "direct")
+	if m := cur.Next(t, waitMsg); string(m.Payload) != "direct" {
+		t.Fatalf("the newer session got %q first, want direct (not the stale move's relayed message)", m.Payload)
+	}
+	if got := nodes[1].Stats().DroppedByReason["stale_session"]["1"]; got != before+1 {
+		t.Errorf("stale_session drops %d, want %d", got, before+1)
+	}
+}

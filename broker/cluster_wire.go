@@ -525,9 +525,7 @@ func decodeMoveEnd(b []byte) (m moveEndMsg, err error) {
 	m.Move = r.uvarint()
 	m.Chunks = r.uvarint()
 	m.Abort = r.bool()
-	if len(r.b) > 0 { // a source of an earlier rtm sends no packet ID
-		m.PacketID = uint32(r.uvarint())
-	}
+	m.PacketID = uint32(r.uvarint())
 	return m, r.done()
 }
 

@@ -3,6 +3,8 @@ package broker
 import (
 	"time"
 
+	"github.com/mochi-mqtt/server/v2/packets"
+
 	"github.com/rtm-dev/rtm/internal/cluster"
 )
 
@@ -90,3 +92,15 @@ func (b *Broker) SetTestRelayBytes(n int) { b.cluster.testRelayBytes.Store(int64
 // SetTestSubscribeWait bounds how long a persistent session's SUBACK waits
 // for the store (durableSubscribeMax otherwise).
 func (b *Broker) SetTestSubscribeWait(d time.Duration) { b.durable.subscribeWait.Store(int64(d)) }
+
+// InjectStaleMove hands the node, as if peer from sent them on the link,
+// the start of a move of client id's session answering a claim nobody
+// waits for any more (a partition healed), then a message the source
+// relays for that session on topic.
+func (b *Broker) InjectStaleMove(from, id, topic string, payload []byte) {
+	c := b.cluster
+	c.moveStarted(from, moveStartMsg{Move: 1 << 40, Claim: 1 << 40, ClientID: id, Version: 5,
+		Subs: []packets.Subscription{{Filter: topic, Qos: 1}}})
+	pm := publishMsg{Packet: packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, TopicName: topic, Payload: payload}, Origin: "pub"}
+	c.lateArrived(from, moveLateMsg{ClientID: id, Pub: pm})
+}
