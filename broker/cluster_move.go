@@ -302,6 +302,9 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 	moved = true
 	c.movedOut.Add(1)
 	c.owners.forget(o.clientID)
+	if c.b.durable != nil {
+		c.b.durable.gaveUp(o.clientID) // the destination takes its stored document over
+	}
 	c.log.Debug("session moved to another node", "client_id", o.clientID, "node", o.to,
 		"subscriptions", len(sess.Subscriptions), "queued", len(snapshot)+len(tail), "chunks", st.seq)
 	return true
@@ -539,7 +542,9 @@ func (c *clusterNode) moveEnded(from string, m moveEndMsg) {
 		c.moved.Add(1)
 		c.warmGroups(im.clientID, im.sess.Subscriptions)
 		if c.b.durable != nil {
-			c.b.durable.movedIn(im.clientID, from)
+			// In the writer's order, ahead of the session's write by the
+			// CONNECT waiting for it, if any.
+			c.b.durable.takeOver(im.clientID, from)
 		}
 	}
 	im.state = moveCommitted

@@ -61,6 +61,11 @@ type durableHook struct {
 	// write is committed.
 	waiting map[string]*heldMsg
 	known   map[string]bool    // client IDs this node wrote (or loaded) a session document for
+	// gone: client IDs whose session this node handed to another node
+	// (moved, or ended by a claim): session writes still queued for them
+	// are skipped, so a late one cannot bring back a stale document after
+	// the new node took it over. Cleared when the client is back here.
+	gone map[string]bool
 	epoch   map[string]ownInfo // the epoch (and former owner) of sessions restored or adopted here (others: 1)
 
 	seq atomic.Int64 // orders a session's message documents
@@ -70,6 +75,7 @@ type durableHook struct {
 
 	barrierTimeouts atomic.Int64 // link acknowledgements sent before the store confirmed
 	barrierDropped  atomic.Int64 // link acknowledgements refused: a write they covered was dropped
+	movedInFailed   atomic.Int64 // moved-in sessions whose stored document could not be taken over
 	// refusedOwnerUnreachable counts CONNECTs refused (to be retried)
 	// because the node owning the client's stored session was unreachable
 	// but not yet declared failed.
@@ -129,11 +135,14 @@ const (
 	opRetain                    // set or clear a retained message
 	opWillCleared               // the session's will was published
 	opMsgRel                    // a held QoS 2 message reached its PUBREL step
+	opSessionTake               // take the stored session over from the node it moved from (durOp.from)
+	opSkip                      // a write found obsolete when its batch was taken
 )
 
 type durOp struct {
 	kind   opKind
 	client string
+	from   string // opSessionTake
 	pid    uint16
 	sess   *sessionDoc
 	msg    *msgDoc
@@ -239,7 +248,7 @@ func msgKey(client string, pid uint16) string { return client + "\x00" + strconv
 
 func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
 	d := &durableHook{b: b, st: st, node: b.cfg.NodeName, log: b.log.With("component", "durable"),
-		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{}}
+		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, gone: map[string]bool{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.seq.Store(time.Now().UnixNano())
 	w, err := writebehind.New(writebehind.Options[durOp]{
@@ -475,6 +484,9 @@ func (d *durableHook) OnQosDropped(cl *mqtt.Client, pk packets.Packet) {
 // clean, before mochi installs the new one: messages queued for the new
 // session from then on are written after the delete.
 func (d *durableHook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
+	d.mu.Lock()
+	delete(d.gone, cl.ID) // back here
+	d.mu.Unlock()
 	if !pk.Connect.Clean {
 		d.claimOnConnect(cl)
 		return
@@ -544,13 +556,17 @@ func (d *durableHook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []b
 	_, _ = d.writeSession(cl, !cl.Closed())
 }
 
-// OnUnsubscribed writes the session without the filters and holds the
-// UNSUBACK until that is committed (bounded as a SUBACK's): a node that
+// OnUnsubscribed writes the session without the filters of a client's
+// UNSUBSCRIBE and holds the UNSUBACK until that is committed (bounded as a SUBACK's): a node that
 // dies right after must not hand an adopter the old subscriptions. An
 // UNSUBSCRIBE cannot be refused once done, so a timeout only logs; the
 // write is still queued.
-func (d *durableHook) OnUnsubscribed(cl *mqtt.Client, _ packets.Packet) {
-	if !persistent(cl) {
+func (d *durableHook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
+	if !persistent(cl) || pk.PacketID == 0 {
+		// PacketID 0: mochi's UnsubscribeClient, as a session ends (its
+		// delete is queued already), moves to another node or is taken
+		// over here: whoever holds it next writes it (and this goroutine
+		// may not be the client's: its will is not to be read here).
 		return
 	}
 	t, err := d.writeSession(cl, !cl.Closed())
@@ -696,8 +712,19 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 		willClr   []string
 		rets      = map[string]*retainedDoc{}
 	)
+	var takes []durOp
+	d.mu.Lock()
+	gone := len(d.gone) > 0
+	for i, op := range batch {
+		if gone && (op.kind == opSession || op.kind == opWillCleared) && d.gone[op.client] {
+			batch[i].kind = opSkip
+		}
+	}
+	d.mu.Unlock()
 	for _, op := range batch {
 		switch op.kind {
+		case opSessionTake:
+			takes = append(takes, op)
 		case opSessionDel:
 			for i, m := range msgs {
 				if m != nil && m.Client == op.client {
@@ -750,6 +777,13 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 	}
 	db := d.st.DB()
 	sc, mc := db.Collection(store.CollSessions), db.Collection(store.CollSessionMessages)
+	// Take-overs first: the writes of the session here that follow them
+	// (this batch's, or later ones) then find it this node's.
+	for _, op := range takes {
+		if err := d.takeStored(ctx, sc, op.client, op.from); err != nil {
+			return fmt.Errorf("take over sessions: %w", err)
+		}
+	}
 	if len(sessDel) > 0 {
 		mine, _, err := d.owned(ctx, sc, sessDel)
 		if err != nil {
@@ -887,6 +921,44 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 	}
 	d.mu.Unlock()
 	return nil
+}
+
+// takeStored makes this node the owner of client id's stored session if
+// node from owns it (a conditional update, the epoch raised). When from's
+// document is not there yet (its write still queued there), movedIn goes
+// on trying in the background.
+func (d *durableHook) takeStored(ctx context.Context, sc *mongo.Collection, id, from string) error {
+	res, err := sc.UpdateOne(ctx, bson.D{{Key: "_id", Value: id}, {Key: "owner", Value: from}},
+		bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}}}, {Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}})
+	if err != nil {
+		return err
+	}
+	if res.MatchedCount == 0 {
+		d.movedIn(id, from)
+	}
+	return nil
+}
+
+// takeOver queues the take-over of client id's stored session from node
+// from, whose session the client's CONNECT here just took (moved, or ended
+// there for a clean start or an empty session): ahead of the session's
+// own write here, so that write is not refused as another node's, and the
+// source's document (with its will) does not stay behind under its name.
+func (d *durableHook) takeOver(id, from string) {
+	d.mu.Lock()
+	delete(d.gone, id)
+	d.known[id] = true // a clean client's establish then deletes it
+	d.mu.Unlock()
+	_, _ = d.put(durOp{kind: opSessionTake, client: id, from: from})
+}
+
+// gaveUp marks client id's session as handed to another node (see gone).
+func (d *durableHook) gaveUp(id string) {
+	d.mu.Lock()
+	d.gone[id] = true
+	delete(d.known, id)
+	delete(d.epoch, id)
+	d.mu.Unlock()
 }
 
 // owned sorts the stored sessions of ids into those this node owns and
@@ -1155,6 +1227,7 @@ func (d *durableHook) restore(ctx context.Context, docs []sessionDoc, now, maxEx
 		}
 		d.mu.Lock()
 		d.known[s.ID] = true
+		delete(d.gone, s.ID)
 		d.epoch[s.ID] = ownInfo{s.Epoch, s.AdoptedFrom}
 		d.mu.Unlock()
 	}
@@ -1206,6 +1279,9 @@ type DurabilityStats struct {
 	// a write they covered was dropped (lost when the writer closed): the
 	// peer keeps those messages for the adopters.
 	BarrierDropped int64 `json:"barrier_dropped"`
+	// MovedInFailed counts sessions moved here whose stored document
+	// still named their old node after two minutes of trying (store down).
+	MovedInFailed int64 `json:"moved_in_failed"`
 	// RefusedOwnerUnreachable counts CONNECTs refused with 0x88 (to be
 	// retried) because the node holding the client's stored session was
 	// unreachable and not yet declared failed.
@@ -1217,6 +1293,6 @@ type DurabilityStats struct {
 
 func (d *durableHook) stats() *DurabilityStats {
 	return &DurabilityStats{Stats: d.w.Stats(), Coalesced: d.coalesced.Load(), LostOwnership: d.lost.Load(),
-		Adopted: d.adopted.Load(), SupersededSkipped: d.supersededSkipped.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load(), BarrierDropped: d.barrierDropped.Load(),
+		Adopted: d.adopted.Load(), SupersededSkipped: d.supersededSkipped.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load(), BarrierDropped: d.barrierDropped.Load(), MovedInFailed: d.movedInFailed.Load(),
 		RefusedOwnerUnreachable: d.refusedOwnerUnreachable.Load(), SubscribeRefused: d.subscribeRefused.Load()}
 }

@@ -253,3 +253,64 @@ func TestDurableQos2PubrelSurvivesRestart(t *testing.T) {
 	c.send(t, &packets.Pingreq{})
 	next(c, packets.PINGRESP) // nothing resent before it
 }
+
+// storedSession reads the owner and will topic of client id's stored
+// session; ok is false when there is none.
+func storedSession(t *testing.T, st *store.Store, id string) (owner, will string, ok bool) {
+	t.Helper()
+	var doc struct {
+		Owner string `bson:"owner"`
+		Will  *struct {
+			Topic string `bson:"topic"`
+		} `bson:"will"`
+	}
+	err := st.DB().Collection(store.CollSessions).FindOne(testutil.Context(t, waitCond), bson.D{{Key: "_id", Value: id}}).Decode(&doc)
+	if errors.Is(err, mongo.ErrNoDocuments) {
+		return "", "", false
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if doc.Will != nil {
+		will = doc.Will.Topic
+	}
+	return doc.Owner, will, true
+}
+
+// TestTakeoverTakesStoredSessionOver: a client whose session lived on n0
+// reconnects to n1 with a clean start, or with an empty session (no
+// subscriptions, nothing queued): the stored document, with the old
+// connection's will, does not stay behind under n0's name (n0's death
+// would have its adopter fire that will and restore the old session).
+// The clean, non-persistent client's is deleted; the empty persistent
+// one's is n1's, without the old will. Before, both stayed n0's, and n1's
+// own write of the empty one was refused as another node's.
+func TestTakeoverTakesStoredSessionOver(t *testing.T) {
+	nodes, st := durableCluster(t, 2)
+	expiry := uint32(600)
+	withWill := func(id string) *paho.Connect {
+		return &paho.Connect{ClientID: id, CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: &expiry},
+			WillMessage: &paho.WillMessage{Topic: "will/" + id, Payload: []byte("gone"), QoS: 1}}
+	}
+	clean, _ := dialV5(t, nodes[0], withWill("tc"))
+	subscribe(t, clean, 0, paho.SubscribeOptions{Topic: "tc/in", QoS: 1}) // stored at the SUBACK
+	dialV5(t, nodes[0], withWill("te"))
+	testutil.WaitFor(t, waitCond, func() error {
+		if owner, will, _ := storedSession(t, st, "te"); owner != "n0" || will != "will/te" {
+			return fmt.Errorf("te stored with owner %q, will %q; want n0, will/te", owner, will)
+		}
+		return nil
+	})
+
+	dialV5(t, nodes[1], &paho.Connect{ClientID: "tc", CleanStart: true})
+	dialV5(t, nodes[1], &paho.Connect{ClientID: "te", CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: &expiry}})
+	testutil.WaitFor(t, waitCond, func() error {
+		if owner, will, ok := storedSession(t, st, "tc"); ok {
+			return fmt.Errorf("tc (now clean, not persistent, on n1) still stored: owner %q, will %q", owner, will)
+		}
+		if owner, will, _ := storedSession(t, st, "te"); owner != "n1" || will != "" {
+			return fmt.Errorf("te stored with owner %q, will %q; want n1, no will", owner, will)
+		}
+		return nil
+	})
+}
