@@ -60,13 +60,13 @@ type durableHook struct {
 	// (msgKey) to its state, until the session acknowledges it or its
 	// write is committed.
 	waiting map[string]*heldMsg
-	known   map[string]bool    // client IDs this node wrote (or loaded) a session document for
+	known   map[string]bool // client IDs this node wrote (or loaded) a session document for
 	// gone: client IDs whose session this node handed to another node
 	// (moved, or ended by a claim): session writes still queued for them
 	// are skipped, so a late one cannot bring back a stale document after
 	// the new node took it over. Cleared when the client is back here.
-	gone map[string]bool
-	epoch   map[string]ownInfo // the epoch (and former owner) of sessions restored or adopted here (others: 1)
+	gone  map[string]bool
+	epoch map[string]ownInfo // the epoch (and former owner) of sessions restored or adopted here (others: 1)
 
 	seq atomic.Int64 // orders a session's message documents
 
