@@ -65,7 +65,9 @@ type durableHook struct {
 	// (moved, or ended by a claim): session writes still queued for them
 	// are skipped, so a late one cannot bring back a stale document after
 	// the new node took it over. Cleared when the client is back here.
-	gone  map[string]bool
+	gone  map[string]time.Time
+	// goneSwept: when gone was last swept of entries older than goneKeep.
+	goneSwept time.Time
 	epoch map[string]ownInfo // the epoch (and former owner) of sessions restored or adopted here (others: 1)
 
 	seq atomic.Int64 // orders a session's message documents
@@ -248,7 +250,7 @@ func msgKey(client string, pid uint16) string { return client + "\x00" + strconv
 
 func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
 	d := &durableHook{b: b, st: st, node: b.cfg.NodeName, log: b.log.With("component", "durable"),
-		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, gone: map[string]bool{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{}}
+		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.seq.Store(time.Now().UnixNano())
 	w, err := writebehind.New(writebehind.Options[durOp]{
@@ -716,7 +718,7 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 	d.mu.Lock()
 	gone := len(d.gone) > 0
 	for i, op := range batch {
-		if gone && (op.kind == opSession || op.kind == opWillCleared) && d.gone[op.client] {
+		if _, g := d.gone[op.client]; gone && g && (op.kind == opSession || op.kind == opWillCleared) {
 			batch[i].kind = opSkip
 		}
 	}
@@ -954,12 +956,28 @@ func (d *durableHook) takeOver(id, from string) {
 
 // gaveUp marks client id's session as handed to another node (see gone).
 func (d *durableHook) gaveUp(id string) {
+	now := time.Now()
 	d.mu.Lock()
-	d.gone[id] = true
+	d.gone[id] = now
 	delete(d.known, id)
 	delete(d.epoch, id)
+	if len(d.gone) > 1024 && now.Sub(d.goneSwept) > time.Minute {
+		// Writes queued before a give-up are long written (or the store
+		// has been down for goneKeep, and a stale write is the least of
+		// it): the entry has done its work.
+		d.goneSwept = now
+		for k, at := range d.gone {
+			if now.Sub(at) > goneKeep {
+				delete(d.gone, k)
+			}
+		}
+	}
 	d.mu.Unlock()
 }
+
+// goneKeep is how long a session handed away skips the writes queued for
+// it before.
+const goneKeep = 10 * time.Minute
 
 // owned sorts the stored sessions of ids into those this node owns and
 // those another node does (absent ones are in neither). FerretDB v1 looks
