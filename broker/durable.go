@@ -65,10 +65,10 @@ type durableHook struct {
 	// (moved, or ended by a claim): session writes still queued for them
 	// are skipped, so a late one cannot bring back a stale document after
 	// the new node took it over. Cleared when the client is back here.
-	gone  map[string]time.Time
+	gone map[string]time.Time
 	// goneSwept: when gone was last swept of entries older than goneKeep.
 	goneSwept time.Time
-	epoch map[string]ownInfo // the epoch (and former owner) of sessions restored or adopted here (others: 1)
+	epoch     map[string]ownInfo // the epoch (and former owner) of sessions restored or adopted here (others: 1)
 
 	seq atomic.Int64 // orders a session's message documents
 
