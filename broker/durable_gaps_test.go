@@ -314,3 +314,38 @@ func TestTakeoverTakesStoredSessionOver(t *testing.T) {
 		return nil
 	})
 }
+
+// TestDurableExpiredSessionStaysDeleted: a persistent session that expires
+// is deleted from the store and stays deleted. Before, mochi's removal of
+// its subscriptions after the expiry (UnsubscribeClient) wrote the session
+// back, empty, behind the delete.
+func TestDurableExpiredSessionStaysDeleted(t *testing.T) {
+	o := newOutageStore(t)
+	b := testcluster.Broker(t, "durable-expiry", "", func(opts *broker.Options) {
+		opts.Cluster.GossipAddr, opts.Store = "", o.st
+	})
+	expiry := uint32(1)
+	c, _ := dialV5(t, b, &paho.Connect{ClientID: "brief", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: &expiry}})
+	subscribe(t, c, 0, paho.SubscribeOptions{Topic: "brief/in", QoS: 1})
+	if _, ok := storedFilters(t, o.st, "brief"); !ok {
+		t.Fatal("session not stored at the SUBACK")
+	}
+	if err := c.Disconnect(&paho.Disconnect{}); err != nil {
+		t.Fatal(err)
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if n := b.Stats().Sessions; n != 0 {
+			return fmt.Errorf("%d sessions on the node, want the expired one gone", n)
+		}
+		return nil
+	})
+	testutil.WaitFor(t, waitCond, func() error {
+		if q := b.Stats().Durability.Queued; q > 0 {
+			return fmt.Errorf("%d writes queued", q)
+		}
+		if filters, ok := storedFilters(t, o.st, "brief"); ok {
+			return fmt.Errorf("the expired session is stored (filters %q)", filters)
+		}
+		return nil
+	})
+}
