@@ -929,16 +929,27 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 // node from owns it (a conditional update, the epoch raised). When from's
 // document is not there yet (its write still queued there), movedIn goes
 // on trying in the background.
+//
+// Read, then written, by _id alone (as owned does): FerretDB v1 scans the
+// collection for a filter on _id and owner, and this runs on the writer's
+// goroutine.
 func (d *durableHook) takeStored(ctx context.Context, sc *mongo.Collection, id, from string) error {
-	res, err := sc.UpdateOne(ctx, bson.D{{Key: "_id", Value: id}, {Key: "owner", Value: from}},
-		bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}}}, {Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}})
-	if err != nil {
-		return err
+	var doc struct {
+		Owner string `bson:"owner"`
 	}
-	if res.MatchedCount == 0 {
+	err := sc.FindOne(ctx, bson.D{{Key: "_id", Value: id}}, options.FindOne().SetProjection(bson.D{{Key: "owner", Value: 1}})).Decode(&doc)
+	switch {
+	case errors.Is(err, mongo.ErrNoDocuments):
 		d.movedIn(id, from)
+		return nil
+	case err != nil:
+		return err
+	case doc.Owner != from:
+		return nil // this node's already, or a third node's (an adoption)
 	}
-	return nil
+	_, err = sc.UpdateOne(ctx, bson.D{{Key: "_id", Value: id}},
+		bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}}}, {Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}})
+	return err
 }
 
 // takeOver queues the take-over of client id's stored session from node

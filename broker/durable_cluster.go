@@ -518,7 +518,9 @@ func (d *durableHook) movedIn(id, from string) {
 			err := sc.FindOne(ctx, bson.D{{Key: "_id", Value: id}}).Decode(&doc)
 			var res *mongo.UpdateResult
 			if err == nil && doc.Owner == from {
-				res, err = sc.UpdateOne(ctx, bson.D{{Key: "_id", Value: id}, {Key: "owner", Value: from}},
+				// By _id alone, after the read (FerretDB v1 scans for _id
+				// and owner together).
+				res, err = sc.UpdateOne(ctx, bson.D{{Key: "_id", Value: id}},
 					bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}}},
 						{Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}})
 			}
