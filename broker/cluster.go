@@ -432,7 +432,7 @@ func (c *clusterNode) deliver(from string, m link.Message) {
 	case msgMoveLate:
 		var ml moveLateMsg
 		if ml, err = decodeMoveLate(m.Body); err == nil {
-			c.lateArrived(ml)
+			c.lateArrived(from, ml)
 		}
 	case msgRetained:
 		var rm retainedMsg

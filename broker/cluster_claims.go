@@ -121,8 +121,15 @@ wait:
 				refuse = true
 			case r.move != nil:
 				moving = append(moving, r.move)
-			case r.Found && !pk.Connect.Clean:
-				c.adopt(cl.ID, cl.Properties.ProtocolVersion, r)
+			case r.Found:
+				if !pk.Connect.Clean && (len(r.Session.Subscriptions) > 0 || len(r.Session.Inflight) > 0) {
+					c.adopt(cl.ID, cl.Properties.ProtocolVersion, r)
+				} else if c.b.durable != nil {
+					// Ended there (a clean start, or nothing worth moving):
+					// its stored document, and the will in it, become this
+					// node's, to rewrite or delete as this client's now.
+					c.b.durable.takeOver(cl.ID, r.from)
+				}
 			}
 		case <-poll.C:
 			for name, p := range pending {
@@ -160,7 +167,7 @@ func (c *clusterNode) adopt(id string, version byte, r claimReplyMsg) {
 	c.moved.Add(1)
 	c.warmGroups(id, r.Session.Subscriptions)
 	if c.b.durable != nil {
-		c.b.durable.movedIn(id, r.from)
+		c.b.durable.takeOver(id, r.from)
 	}
 	c.log.Debug("session moved here", "client_id", id, "subscriptions", len(r.Session.Subscriptions), "queued", len(r.Session.Inflight))
 }
@@ -190,6 +197,9 @@ func (c *clusterNode) answerClaim(from string, m claimMsg) {
 		_, reply.Found = c.b.mq.DetachSession(m.ClientID)
 		if reply.Found {
 			c.owners.forget(m.ClientID)
+			if c.b.durable != nil {
+				c.b.durable.gaveUp(m.ClientID) // the claimant takes its stored document over
+			}
 			c.log.Debug("client connected to another node: session ended here", "client_id", m.ClientID, "node", from)
 		}
 	}

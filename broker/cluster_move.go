@@ -51,10 +51,51 @@ type moves struct {
 	outBy map[string]*outMove // by client ID
 	in    map[inKey]*inMove
 	inBy  map[string]*inMove // by client ID
+	// staleIn: moves this node answered moveStale (the client has a newer
+	// session here), by source and client ID, until when what the source
+	// relays for them is dropped (see lateArrived).
+	staleIn map[staleKey]time.Time
 }
 
+type staleKey struct{ from, clientID string }
+
+// staleRelayFor is how long a source's relay for a move answered stale is
+// dropped: the source ends it at the answer, which follows it on the link
+// within moveConfirmMax.
+const staleRelayFor = 2 * moveConfirmMax
+
 func newMoves() *moves {
-	return &moves{out: map[uint64]*outMove{}, outBy: map[string]*outMove{}, in: map[inKey]*inMove{}, inBy: map[string]*inMove{}}
+	return &moves{out: map[uint64]*outMove{}, outBy: map[string]*outMove{}, in: map[inKey]*inMove{}, inBy: map[string]*inMove{},
+		staleIn: map[staleKey]time.Time{}}
+}
+
+// markStale records that the move of clientID's session from from was
+// answered stale; a later move from there clears it (unstale).
+func (m *moves) markStale(from, clientID string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := time.Now()
+	for k, until := range m.staleIn {
+		if now.After(until) {
+			delete(m.staleIn, k)
+		}
+	}
+	m.staleIn[staleKey{from, clientID}] = now.Add(staleRelayFor)
+}
+
+func (m *moves) unstale(from, clientID string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.staleIn, staleKey{from, clientID})
+}
+
+// stale reports whether what from relays for clientID belongs to a move
+// this node answered stale.
+func (m *moves) stale(from, clientID string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	until, ok := m.staleIn[staleKey{from, clientID}]
+	return ok && time.Now().Before(until)
 }
 
 // outMove is a move this node is the source of.
@@ -237,7 +278,7 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 		(*f)(o.clientID)
 	}
 	tail := slices.DeleteFunc(publishesOnly(sess.Inflight), func(pk packets.Packet) bool { return sent[keyOf(pk)] })
-	if !st.send(tail) || !p.link.Send(link.Message{Type: msgMoveEnd, Body: moveEndMsg{Move: o.id, Chunks: st.seq}.encode()}, true) {
+	if !st.send(tail) || !p.link.Send(link.Message{Type: msgMoveEnd, Body: moveEndMsg{Move: o.id, Chunks: st.seq, PacketID: sess.PacketID}.encode()}, true) {
 		st.abort()
 		c.restore(o, start.Version, sess, "the transfer failed")
 		return false
@@ -261,6 +302,9 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 	moved = true
 	c.movedOut.Add(1)
 	c.owners.forget(o.clientID)
+	if c.b.durable != nil {
+		c.b.durable.gaveUp(o.clientID) // the destination takes its stored document over
+	}
 	c.log.Debug("session moved to another node", "client_id", o.clientID, "node", o.to,
 		"subscriptions", len(sess.Subscriptions), "queued", len(snapshot)+len(tail), "chunks", st.seq)
 	return true
@@ -410,6 +454,7 @@ func publishesOnly(pks []packets.Packet) []packets.Packet {
 // Destination side: the handlers run on the link's receive goroutine.
 
 func (c *clusterNode) moveStarted(from string, m moveStartMsg) {
+	c.moves.unstale(from, m.ClientID)
 	im := &inMove{key: inKey{from, m.Move}, clientID: m.ClientID, version: m.Version, claim: m.Claim,
 		progress: make(chan struct{}, 1), done: make(chan struct{}),
 		sess: mqtt.Session{Subscriptions: m.Subs, Expiry: m.Expiry, ExpirySet: m.ExpirySet}}
@@ -421,6 +466,10 @@ func (c *clusterNode) moveStarted(from string, m moveStartMsg) {
 				// a newer session here (the source was cut off when it
 				// claimed), and the source's is stale.
 				c.moves.endIn(im)
+				// The source may relay what reaches it for the session
+				// until it reads this answer: not for the newer session
+				// here, which got what was published since directly.
+				c.moves.markStale(from, m.ClientID)
 				c.sendMoveMsg(from, msgMoveDone, moveAckMsg{Move: m.Move, Seq: moveStale})
 				return
 			}
@@ -485,13 +534,17 @@ func (c *clusterNode) moveEnded(from string, m moveEndMsg) {
 		}
 		return
 	}
-	// The CONNECT waiting for it (if any) inherits the session from here.
+	// The CONNECT waiting for it (if any) inherits the session from here,
+	// with the source's packet ID counter.
+	im.sess.PacketID = m.PacketID
 	if len(im.sess.Subscriptions) > 0 || len(im.sess.Inflight) > 0 {
 		c.b.mq.AdoptSession(im.clientID, im.version, im.sess)
 		c.moved.Add(1)
 		c.warmGroups(im.clientID, im.sess.Subscriptions)
 		if c.b.durable != nil {
-			c.b.durable.movedIn(im.clientID, from)
+			// In the writer's order, ahead of the session's write by the
+			// CONNECT waiting for it, if any.
+			c.b.durable.takeOver(im.clientID, from)
 		}
 	}
 	im.state = moveCommitted

@@ -448,3 +448,67 @@ func TestSessionMoveRouteWindow(t *testing.T) {
 	expectPayloads(t, moved, "after")
 	moved.None(t, 500*time.Millisecond)
 }
+
+// TestSessionMoveCarriesPacketIDs: a session moved to another node goes on
+// assigning packet IDs after the last one its old node used (mochi patch
+// 38), so the old node's late delete of a stored message it acknowledged
+// cannot remove the new node's message stored under the same client and
+// packet ID. Before, the new node began again at 1.
+func TestSessionMoveCarriesPacketIDs(t *testing.T) {
+	nodes := startCluster(t, 2)
+	expiry := uint32(600)
+	connect := func(b *broker.Broker) (*testutil.V5, *paho.Connack) {
+		return dialV5(t, b, &paho.Connect{ClientID: "dev", CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: &expiry}})
+	}
+	dev, _ := connect(nodes[0])
+	subscribe(t, dev, 0, paho.SubscribeOptions{Topic: "pid/t", QoS: 1})
+	pub0, _ := dialV5(t, nodes[0], &paho.Connect{ClientID: "pub0", CleanStart: true})
+	var last uint16
+	for i := range 5 {
+		pub0.Pub(t, "pid/t", 1, false, fmt.Sprint(i))
+		last = dev.Next(t, waitMsg).PacketID
+	}
+	if err := dev.Disconnect(&paho.Disconnect{}); err != nil {
+		t.Fatal(err)
+	}
+
+	dev, ca := connect(nodes[1])
+	if !ca.SessionPresent {
+		t.Fatal("session not present after the move to n1")
+	}
+	pub1, _ := dialV5(t, nodes[1], &paho.Connect{ClientID: "pub1", CleanStart: true})
+	pub1.Pub(t, "pid/t", 1, false, "after")
+	m := dev.Next(t, waitMsg)
+	if string(m.Payload) != "after" {
+		t.Fatalf("got %q, want after", m.Payload)
+	}
+	if m.PacketID <= last {
+		t.Fatalf("first message after the move has packet ID %d; n0 used up to %d", m.PacketID, last)
+	}
+}
+
+// TestStaleMoveRelayNotDelivered: after a partition heals, the cut-off
+// node may answer the client's old claim by moving its stale session here,
+// and relay what reaches it for that session until it reads that this node
+// answered "stale". Those relayed messages are not for the client's newer
+// session here: it got what was published since it subscribed directly
+// (a relayed copy is a duplicate), and the rest belonged to the stale
+// session (a late message). They are dropped and counted (stale_session).
+// Before, the newer session got them: the partition heal test's 1
+// duplicate and 1 late message.
+func TestStaleMoveRelayNotDelivered(t *testing.T) {
+	nodes := startCluster(t, 2)
+	cur, _ := dialV5(t, nodes[1], &paho.Connect{ClientID: "x", CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
+	subscribe(t, cur, 0, paho.SubscribeOptions{Topic: "inbox/x", QoS: 1})
+	before := nodes[1].Stats().DroppedByReason["stale_session"]["1"]
+
+	nodes[1].InjectStaleMove("n0", "x", "inbox/x", []byte("relayed"))
+	pub, _ := dialV5(t, nodes[1], &paho.Connect{ClientID: "pub", CleanStart: true})
+	pub.Pub(t, "inbox/x", 1, false, "direct")
+	if m := cur.Next(t, waitMsg); string(m.Payload) != "direct" {
+		t.Fatalf("the newer session got %q first, want direct (not the stale move's relayed message)", m.Payload)
+	}
+	if got := nodes[1].Stats().DroppedByReason["stale_session"]["1"]; got != before+1 {
+		t.Errorf("stale_session drops %d, want %d", got, before+1)
+	}
+}

@@ -285,8 +285,19 @@ func (c *clusterNode) relayFromPeer(pm publishMsg) {
 // lateArrived delivers a message relayed by the source of a move to the
 // moved session; if the session moved on from here meanwhile, it is
 // relayed on.
-func (c *clusterNode) lateArrived(m moveLateMsg) {
+func (c *clusterNode) lateArrived(from string, m moveLateMsg) {
 	pk := m.Pub.Packet
+	if c.moves.stale(from, m.ClientID) {
+		// Relayed by the source of a move answered stale (a partition
+		// healed): it reached the stale session there. The client's newer
+		// session here got what was published since it subscribed
+		// directly; the rest went with the stale session.
+		if pk.FixedHeader.Qos > 0 {
+			c.b.limits.count(dropStaleSession, pk.FixedHeader.Qos, 1)
+		}
+		c.log.Debug("message relayed for a stale session dropped", "client_id", m.ClientID, "node", from, "topic", pk.TopicName)
+		return
+	}
 	pk.Origin, pk.Created, pk.PacketID = m.Pub.Origin, time.Now().Unix(), 0
 	if m.Pub.Expiry > 0 {
 		pk.Expiry = pk.Created + int64(m.Pub.Expiry)

@@ -504,6 +504,11 @@ func decodeMoveChunk(b []byte) (m moveChunkMsg, err error) {
 type moveEndMsg struct {
 	Move, Chunks uint64
 	Abort        bool
+	// PacketID is the last packet ID the source assigned to the session's
+	// messages: the destination goes on after it (mochi patch 38), so a
+	// delete of a stored message the source still has queued cannot hit
+	// the destination's new message under a reused ID.
+	PacketID uint32
 }
 
 func (m moveEndMsg) encode() []byte {
@@ -511,6 +516,7 @@ func (m moveEndMsg) encode() []byte {
 	w.uvarint(m.Move)
 	w.uvarint(m.Chunks)
 	w.bool(m.Abort)
+	w.uvarint(uint64(m.PacketID))
 	return w.b
 }
 
@@ -519,6 +525,7 @@ func decodeMoveEnd(b []byte) (m moveEndMsg, err error) {
 	m.Move = r.uvarint()
 	m.Chunks = r.uvarint()
 	m.Abort = r.bool()
+	m.PacketID = uint32(r.uvarint())
 	return m, r.done()
 }
 

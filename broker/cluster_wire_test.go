@@ -37,7 +37,7 @@ func clusterSeeds(t testing.TB) map[byte][]byte {
 		msgMoveStart: moveStartMsg{Move: 7, Claim: 5, ClientID: "dev", Version: 4, ExpirySet: true, Expiry: 60,
 			Subs: []packets.Subscription{{Filter: "a/#", Qos: 1, RetainHandling: 2, Identifier: 3}}}.encode(),
 		msgMoveChunk: must(moveChunkMsg{Move: 7, Seq: 2, Queued: []packets.Packet{samplePacket(1), samplePacket(2)}}.encode()),
-		msgMoveEnd:   moveEndMsg{Move: 7, Chunks: 3, Abort: true}.encode(),
+		msgMoveEnd:   moveEndMsg{Move: 7, Chunks: 3, Abort: true, PacketID: 65535}.encode(),
 		msgMoveAck:   moveAckMsg{Move: 7, Seq: 2}.encode(),
 		msgOwners:    ownersMsg{IDs: []string{"dev", "x"}, Since: []int64{1, -2}}.encode(),
 	}
@@ -93,7 +93,7 @@ func TestClusterMessagesRoundTrip(t *testing.T) {
 				t.Errorf("move chunk round trip: %+v", m)
 			}
 		case moveEndMsg:
-			if m != (moveEndMsg{Move: 7, Chunks: 3, Abort: true}) {
+			if m != (moveEndMsg{Move: 7, Chunks: 3, Abort: true, PacketID: 65535}) {
 				t.Errorf("move end round trip: %+v", m)
 			}
 		case ownersMsg:

@@ -60,8 +60,15 @@ type durableHook struct {
 	// (msgKey) to its state, until the session acknowledges it or its
 	// write is committed.
 	waiting map[string]*heldMsg
-	known   map[string]bool    // client IDs this node wrote (or loaded) a session document for
-	epoch   map[string]ownInfo // the epoch (and former owner) of sessions restored or adopted here (others: 1)
+	known   map[string]bool // client IDs this node wrote (or loaded) a session document for
+	// gone: client IDs whose session this node handed to another node
+	// (moved, or ended by a claim): session writes still queued for them
+	// are skipped, so a late one cannot bring back a stale document after
+	// the new node took it over. Cleared when the client is back here.
+	gone map[string]time.Time
+	// goneSwept: when gone was last swept of entries older than goneKeep.
+	goneSwept time.Time
+	epoch     map[string]ownInfo // the epoch (and former owner) of sessions restored or adopted here (others: 1)
 
 	seq atomic.Int64 // orders a session's message documents
 
@@ -69,10 +76,14 @@ type durableHook struct {
 	lost      atomic.Int64 // session writes refused because another node owns the session
 
 	barrierTimeouts atomic.Int64 // link acknowledgements sent before the store confirmed
+	barrierDropped  atomic.Int64 // link acknowledgements refused: a write they covered was dropped
+	movedInFailed   atomic.Int64 // moved-in sessions whose stored document could not be taken over
 	// refusedOwnerUnreachable counts CONNECTs refused (to be retried)
 	// because the node owning the client's stored session was unreachable
 	// but not yet declared failed.
 	refusedOwnerUnreachable atomic.Int64
+	subscribeRefused        atomic.Int64 // subscriptions refused (0x80): the session was not stored in time
+	subscribeWait           atomic.Int64 // tests: durableSubscribeMax instead, in nanoseconds
 	adopted                 atomic.Int64 // sessions taken from nodes that died (or left)
 	reforwarded             atomic.Int64 // publishes a dead node's link held, sent on to adopters
 	// supersededSkipped counts stored sessions of a dead node not adopted
@@ -125,11 +136,15 @@ const (
 	opMsgDel                    // delete a held message (acknowledged, expired)
 	opRetain                    // set or clear a retained message
 	opWillCleared               // the session's will was published
+	opMsgRel                    // a held QoS 2 message reached its PUBREL step
+	opSessionTake               // take the stored session over from the node it moved from (durOp.from)
+	opSkip                      // a write found obsolete when its batch was taken
 )
 
 type durOp struct {
 	kind   opKind
 	client string
+	from   string // opSessionTake
 	pid    uint16
 	sess   *sessionDoc
 	msg    *msgDoc
@@ -203,6 +218,9 @@ type msgDoc struct {
 	Created int64  `bson:"created"`
 	Expiry  int64  `bson:"expiry,omitempty"` // Unix seconds, 0: none
 	SubIDs  []int  `bson:"subids,omitempty"`
+	// Rel: the session received the message (PUBREC) and was sent its
+	// PUBREL; what is restored is the PUBREL, awaiting PUBCOMP.
+	Rel bool `bson:"rel,omitempty"`
 
 	// pk is the message, encoded into Packet only when the document is
 	// written: most are acknowledged before their batch and never are.
@@ -232,7 +250,7 @@ func msgKey(client string, pid uint16) string { return client + "\x00" + strconv
 
 func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
 	d := &durableHook{b: b, st: st, node: b.cfg.NodeName, log: b.log.With("component", "durable"),
-		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{}}
+		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.seq.Store(time.Now().UnixNano())
 	w, err := writebehind.New(writebehind.Options[durOp]{
@@ -412,8 +430,15 @@ func (d *durableHook) OnPublishHold(cl *mqtt.Client, pk packets.Packet) func() e
 }
 
 // OnQosPublish writes a QoS 1/2 message newly held for a persistent
-// session (resends, marked Dup, are written already).
+// session (resends, marked Dup, are written already), and the PUBREL step
+// of a QoS 2 message the session received (PUBREC read, mochi patch 39):
+// a restored session must send the PUBREL again, never the PUBLISH
+// [MQTT-4.3.3-6].
 func (d *durableHook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, _ int64, _ int) {
+	if pk.FixedHeader.Type == packets.Pubrel && persistent(cl) {
+		_, _ = d.put(durOp{kind: opMsgRel, client: cl.ID, pid: pk.PacketID})
+		return
+	}
 	if pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Dup || !persistent(cl) {
 		return
 	}
@@ -461,6 +486,9 @@ func (d *durableHook) OnQosDropped(cl *mqtt.Client, pk packets.Packet) {
 // clean, before mochi installs the new one: messages queued for the new
 // session from then on are written after the delete.
 func (d *durableHook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
+	d.mu.Lock()
+	delete(d.gone, cl.ID) // back here
+	d.mu.Unlock()
 	if !pk.Connect.Clean {
 		d.claimOnConnect(cl)
 		return
@@ -480,7 +508,7 @@ func (d *durableHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 		// A client without a persistent session is written for its will
 		// only: the node that adopts this one's clients, should it die,
 		// publishes it.
-		d.writeSession(cl, true)
+		_, _ = d.writeSession(cl, true)
 		return
 	}
 	d.mu.Lock()
@@ -493,16 +521,84 @@ func (d *durableHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	}
 }
 
-func (d *durableHook) OnSubscribed(cl *mqtt.Client, _ packets.Packet, _ []byte) {
-	if persistent(cl) {
-		d.writeSession(cl, !cl.Closed())
+// OnSubscribed writes the session of a persistent client with its new
+// subscriptions and holds the SUBACK (mochi writes it after this hook)
+// until that write is committed, at most durableSubscribeMax: a SUBACK
+// promises that the subscription outlives the node (docs/clustering.md,
+// "Durability"), and the messages a publisher is told are safe reach it
+// only if the adopter finds the subscription. When the store does not
+// confirm in time, the new subscriptions are removed again and refused
+// with 0x80 (MQTT 3.1.1: Failure), so the client knows to subscribe again.
+// SUBSCRIBEs are rare beside PUBLISHes: waiting on the client's read loop
+// costs the publish path nothing.
+func (d *durableHook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
+	if !persistent(cl) {
+		return
+	}
+	t, err := d.writeSession(cl, !cl.Closed())
+	if err == nil {
+		err = d.waitSession(t)
+	}
+	if err == nil {
+		return
+	}
+	refused := 0
+	for i, sub := range pk.Filters {
+		if i >= len(codes) || codes[i] >= packets.ErrUnspecifiedError.Code {
+			continue
+		}
+		codes[i] = packets.ErrUnspecifiedError.Code
+		d.b.mq.UnsubscribeClientFilter(cl, sub.Filter)
+		refused++
+	}
+	d.subscribeRefused.Add(int64(refused))
+	d.log.Warn("subscriptions refused: the session was not stored in time", "client", cl.ID, "filters", refused, "error", err)
+	// The document queued with them is written once the store is back:
+	// this one, queued after it, takes them out again.
+	_, _ = d.writeSession(cl, !cl.Closed())
+}
+
+// OnUnsubscribed writes the session without the filters of a client's
+// UNSUBSCRIBE and holds the UNSUBACK until that is committed (bounded as a SUBACK's): a node that
+// dies right after must not hand an adopter the old subscriptions. An
+// UNSUBSCRIBE cannot be refused once done, so a timeout only logs; the
+// write is still queued.
+func (d *durableHook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
+	if !persistent(cl) || pk.PacketID == 0 {
+		// PacketID 0: mochi's UnsubscribeClient, as a session ends (its
+		// delete is queued already), moves to another node or is taken
+		// over here: whoever holds it next writes it (and this goroutine
+		// may not be the client's: its will is not to be read here).
+		return
+	}
+	t, err := d.writeSession(cl, !cl.Closed())
+	if err == nil {
+		err = d.waitSession(t)
+	}
+	if err != nil {
+		d.log.Warn("UNSUBACK sent before the session was stored", "client", cl.ID, "error", err)
 	}
 }
 
-func (d *durableHook) OnUnsubscribed(cl *mqtt.Client, _ packets.Packet) {
-	if persistent(cl) {
-		d.writeSession(cl, !cl.Closed())
+// durableSubscribeMax bounds how long a SUBACK (or UNSUBACK) of a
+// persistent session waits for its session document's commit: well above
+// a healthy store's commit (durableMinAge plus a batch), short enough that
+// a client whose store is down hears so before its own timeout.
+const durableSubscribeMax = 5 * time.Second
+
+// waitSession waits for a session write's commit, at most
+// d.subscribeWait (durableSubscribeMax).
+func (d *durableHook) waitSession(t writebehind.Ticket) error {
+	wait := durableSubscribeMax
+	if w := d.subscribeWait.Load(); w > 0 {
+		wait = time.Duration(w)
 	}
+	ctx, cancel := context.WithTimeout(d.ctx, wait)
+	defer cancel()
+	if err := t.Wait(ctx); err != nil {
+		return fmt.Errorf("session not stored within %s: %w", wait, err)
+	}
+	return nil
 }
 
 func (d *durableHook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
@@ -524,7 +620,7 @@ func (d *durableHook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 	d.mu.Lock()
 	delete(d.holds, cl.ID)
 	d.mu.Unlock()
-	d.writeSession(cl, false)
+	_, _ = d.writeSession(cl, false)
 }
 
 func (d *durableHook) OnWillSent(cl *mqtt.Client, _ packets.Packet) {
@@ -567,7 +663,7 @@ func (d *durableHook) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, _ int6
 }
 
 // writeSession queues cl's session document as it is now.
-func (d *durableHook) writeSession(cl *mqtt.Client, connected bool) {
+func (d *durableHook) writeSession(cl *mqtt.Client, connected bool) (writebehind.Ticket, error) {
 	doc := &sessionDoc{ID: cl.ID, Owner: d.node, Proto: cl.Properties.ProtocolVersion, Connected: connected, Updated: time.Now().UTC(),
 		WillOnly: !persistent(cl)}
 	if cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryIntervalFlag {
@@ -597,7 +693,7 @@ func (d *durableHook) writeSession(cl *mqtt.Client, connected bool) {
 	d.known[cl.ID] = true
 	doc.Epoch, doc.AdoptedFrom = max(d.epoch[cl.ID].epoch, 1), d.epoch[cl.ID].from
 	d.mu.Unlock()
-	_, _ = d.put(durOp{kind: opSession, client: cl.ID, sess: doc})
+	return d.put(durOp{kind: opSession, client: cl.ID, sess: doc})
 }
 
 // write stores one batch. Within it, a message acknowledged before the
@@ -610,6 +706,7 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 	var (
 		sessDel   []string
 		msgDel    []string
+		msgRel    = map[string]bool{} // stored messages to mark at their PUBREL step
 		msgs      []*msgDoc
 		msgAt     = map[string]int{}
 		sessUp    = map[string]*sessionDoc{}
@@ -617,8 +714,19 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 		willClr   []string
 		rets      = map[string]*retainedDoc{}
 	)
+	var takes []durOp
+	d.mu.Lock()
+	gone := len(d.gone) > 0
+	for i, op := range batch {
+		if _, g := d.gone[op.client]; gone && g && (op.kind == opSession || op.kind == opWillCleared) {
+			batch[i].kind = opSkip
+		}
+	}
+	d.mu.Unlock()
 	for _, op := range batch {
 		switch op.kind {
+		case opSessionTake:
+			takes = append(takes, op)
 		case opSessionDel:
 			for i, m := range msgs {
 				if m != nil && m.Client == op.client {
@@ -634,8 +742,17 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 			}
 			msgAt[op.msg.ID] = len(msgs)
 			msgs = append(msgs, op.msg)
+			delete(msgRel, op.msg.ID)
+		case opMsgRel:
+			k := msgKey(op.client, op.pid)
+			if i, ok := msgAt[k]; ok {
+				msgs[i].Rel = true // inserted by this batch: marked already
+			} else {
+				msgRel[k] = true
+			}
 		case opMsgDel:
 			k := msgKey(op.client, op.pid)
+			delete(msgRel, k)
 			if i, ok := msgAt[k]; ok {
 				msgs[i] = nil
 				delete(msgAt, k)
@@ -662,6 +779,13 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 	}
 	db := d.st.DB()
 	sc, mc := db.Collection(store.CollSessions), db.Collection(store.CollSessionMessages)
+	// Take-overs first: the writes of the session here that follow them
+	// (this batch's, or later ones) then find it this node's.
+	for _, op := range takes {
+		if err := d.takeStored(ctx, sc, op.client, op.from); err != nil {
+			return fmt.Errorf("take over sessions: %w", err)
+		}
+	}
 	if len(sessDel) > 0 {
 		mine, _, err := d.owned(ctx, sc, sessDel)
 		if err != nil {
@@ -695,8 +819,29 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 		ins = append(ins, m)
 	}
 	if len(ins) > 0 {
-		if _, err := mc.InsertMany(ctx, ins, options.InsertMany().SetOrdered(false)); err != nil && !onlyDuplicates(err) {
-			return fmt.Errorf("insert session messages: %w", err)
+		if _, err := mc.InsertMany(ctx, ins, options.InsertMany().SetOrdered(false)); err != nil {
+			if !onlyDuplicates(err) {
+				return fmt.Errorf("insert session messages: %w", err)
+			}
+			// A document under the same client and packet ID: this batch
+			// written before (the same message), or an older message whose
+			// delete never landed (a node that died before writing it).
+			// The session holds this message under the ID now: it replaces
+			// the other, which a refused insert would have left in its place
+			// while the publisher was told the message was stored.
+			if err := replaceDuplicates(ctx, mc, ins, err); err != nil {
+				return fmt.Errorf("insert session messages: %w", err)
+			}
+		}
+	}
+	if len(msgRel) > 0 {
+		models := make([]mongo.WriteModel, 0, len(msgRel))
+		for k := range msgRel {
+			models = append(models, mongo.NewUpdateOneModel().SetFilter(bson.D{{Key: "_id", Value: k}}).
+				SetUpdate(bson.D{{Key: "$set", Value: bson.D{{Key: "rel", Value: true}}}}))
+		}
+		if err := store.BulkWrite(ctx, mc, models, false); err != nil {
+			return fmt.Errorf("mark session messages released: %w", err)
 		}
 	}
 	if len(sessOrder) > 0 {
@@ -780,6 +925,71 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 	return nil
 }
 
+// takeStored makes this node the owner of client id's stored session if
+// node from owns it (a conditional update, the epoch raised). When from's
+// document is not there yet (its write still queued there), movedIn goes
+// on trying in the background.
+//
+// Read, then written, by _id alone (as owned does): FerretDB v1 scans the
+// collection for a filter on _id and owner, and this runs on the writer's
+// goroutine.
+func (d *durableHook) takeStored(ctx context.Context, sc *mongo.Collection, id, from string) error {
+	var doc struct {
+		Owner string `bson:"owner"`
+	}
+	err := sc.FindOne(ctx, bson.D{{Key: "_id", Value: id}}, options.FindOne().SetProjection(bson.D{{Key: "owner", Value: 1}})).Decode(&doc)
+	switch {
+	case errors.Is(err, mongo.ErrNoDocuments):
+		d.movedIn(id, from)
+		return nil
+	case err != nil:
+		return err
+	case doc.Owner != from:
+		return nil // this node's already, or a third node's (an adoption)
+	}
+	_, err = sc.UpdateOne(ctx, bson.D{{Key: "_id", Value: id}},
+		bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}}}, {Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}})
+	return err
+}
+
+// takeOver queues the take-over of client id's stored session from node
+// from, whose session the client's CONNECT here just took (moved, or ended
+// there for a clean start or an empty session): ahead of the session's
+// own write here, so that write is not refused as another node's, and the
+// source's document (with its will) does not stay behind under its name.
+func (d *durableHook) takeOver(id, from string) {
+	d.mu.Lock()
+	delete(d.gone, id)
+	d.known[id] = true // a clean client's establish then deletes it
+	d.mu.Unlock()
+	_, _ = d.put(durOp{kind: opSessionTake, client: id, from: from})
+}
+
+// gaveUp marks client id's session as handed to another node (see gone).
+func (d *durableHook) gaveUp(id string) {
+	now := time.Now()
+	d.mu.Lock()
+	d.gone[id] = now
+	delete(d.known, id)
+	delete(d.epoch, id)
+	if len(d.gone) > 1024 && now.Sub(d.goneSwept) > time.Minute {
+		// Writes queued before a give-up are long written (or the store
+		// has been down for goneKeep, and a stale write is the least of
+		// it): the entry has done its work.
+		d.goneSwept = now
+		for k, at := range d.gone {
+			if now.Sub(at) > goneKeep {
+				delete(d.gone, k)
+			}
+		}
+	}
+	d.mu.Unlock()
+}
+
+// goneKeep is how long a session handed away skips the writes queued for
+// it before.
+const goneKeep = 10 * time.Minute
+
 // owned sorts the stored sessions of ids into those this node owns and
 // those another node does (absent ones are in neither). FerretDB v1 looks
 // a document up by index only for a filter on _id alone: a filter on _id
@@ -841,6 +1051,33 @@ func onlyDuplicates(err error) bool {
 		return true
 	}
 	return mongo.IsDuplicateKeyError(err)
+}
+
+// replaceDuplicates writes again, as whole-document replacements, the
+// documents of docs whose insert err refused as duplicate keys.
+func replaceDuplicates(ctx context.Context, c *mongo.Collection, docs []any, err error) error {
+	idx := make([]int, 0, len(docs))
+	var bwe mongo.BulkWriteException
+	if errors.As(err, &bwe) {
+		for _, we := range bwe.WriteErrors {
+			if we.Index < 0 || we.Index >= len(docs) {
+				idx = idx[:0]
+				break
+			}
+			idx = append(idx, we.Index)
+		}
+	}
+	if len(idx) == 0 { // which ones is unknown: all
+		for i := range docs {
+			idx = append(idx, i)
+		}
+	}
+	models := make([]mongo.WriteModel, 0, len(idx))
+	for _, i := range idx {
+		m := docs[i].(*msgDoc)
+		models = append(models, mongo.NewReplaceOneModel().SetFilter(bson.D{{Key: "_id", Value: m.ID}}).SetReplacement(m).SetUpsert(true))
+	}
+	return store.BulkWrite(ctx, c, models, false)
 }
 
 func duplicateCount(err error) int {
@@ -990,6 +1227,15 @@ func (d *durableHook) restore(ctx context.Context, docs []sessionDoc, now, maxEx
 				RetainAsPublished: sub.RetainAsPublished, RetainHandling: sub.RetainHandling, Identifier: sub.Identifier})
 		}
 		for _, m := range msgs {
+			if m.Rel {
+				// Received by the client already: only its PUBREL is
+				// owed, and it never expires [MQTT-4.3.3-6].
+				sess.Inflight = append(sess.Inflight, packets.Packet{
+					FixedHeader: packets.FixedHeader{Type: packets.Pubrel, Qos: 1},
+					PacketID:    m.PID, Origin: m.Origin, Created: m.Created})
+				restored++
+				continue
+			}
 			pk := readPacket(&rbuf{b: m.Packet})
 			if m.Expiry > 0 && m.Expiry < now {
 				d.b.limits.count(dropExpired, pk.FixedHeader.Qos, 1)
@@ -1010,6 +1256,7 @@ func (d *durableHook) restore(ctx context.Context, docs []sessionDoc, now, maxEx
 		}
 		d.mu.Lock()
 		d.known[s.ID] = true
+		delete(d.gone, s.ID)
 		d.epoch[s.ID] = ownInfo{s.Epoch, s.AdoptedFrom}
 		d.mu.Unlock()
 	}
@@ -1057,14 +1304,24 @@ type DurabilityStats struct {
 	// the store had not confirmed the writes they covered within 500 ms
 	// (the link then acknowledges only what was written, and asks again).
 	BarrierTimeouts int64 `json:"barrier_timeouts"`
+	// BarrierDropped counts node link acknowledgements held back because
+	// a write they covered was dropped (lost when the writer closed): the
+	// peer keeps those messages for the adopters.
+	BarrierDropped int64 `json:"barrier_dropped"`
+	// MovedInFailed counts sessions moved here whose stored document
+	// still named their old node after two minutes of trying (store down).
+	MovedInFailed int64 `json:"moved_in_failed"`
 	// RefusedOwnerUnreachable counts CONNECTs refused with 0x88 (to be
 	// retried) because the node holding the client's stored session was
 	// unreachable and not yet declared failed.
 	RefusedOwnerUnreachable int64 `json:"refused_owner_unreachable"`
+	// SubscribeRefused counts subscriptions of persistent sessions refused
+	// with 0x80 because the store did not commit the session within 5 s.
+	SubscribeRefused int64 `json:"subscribe_refused"`
 }
 
 func (d *durableHook) stats() *DurabilityStats {
 	return &DurabilityStats{Stats: d.w.Stats(), Coalesced: d.coalesced.Load(), LostOwnership: d.lost.Load(),
-		Adopted: d.adopted.Load(), SupersededSkipped: d.supersededSkipped.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load(),
-		RefusedOwnerUnreachable: d.refusedOwnerUnreachable.Load()}
+		Adopted: d.adopted.Load(), SupersededSkipped: d.supersededSkipped.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load(), BarrierDropped: d.barrierDropped.Load(), MovedInFailed: d.movedInFailed.Load(),
+		RefusedOwnerUnreachable: d.refusedOwnerUnreachable.Load(), SubscribeRefused: d.subscribeRefused.Load()}
 }

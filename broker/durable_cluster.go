@@ -17,6 +17,7 @@ import (
 	"github.com/rtm-dev/rtm/broker/link"
 	"github.com/rtm-dev/rtm/internal/cluster"
 	"github.com/rtm-dev/rtm/internal/store"
+	"github.com/rtm-dev/rtm/internal/writebehind"
 )
 
 // seedRetained records who set a topic's retained message and when, for a
@@ -39,9 +40,15 @@ func (c *clusterNode) seedRetained(topic string, at int64, node string) {
 // acknowledges only what was safe before (which keeps it alive) and asks
 // again, so a slow store delays acknowledgements but never lets the peer
 // forget a message this node has not written (see link.Config.BeforeAck).
+//
+// A write the store did not take (lost when the writer closed with the
+// store down: the sessions writer retries every other error) is not
+// reported safe either: the peer keeps the message, and hands it to the
+// adopters when this node is gone (writebehind.ErrDropped). Only a closing
+// writer drops, so such a check never stalls a live link.
 func (b *Broker) durableBarrier() func() bool {
 	d := b.durable
-	if d == nil || d.w.Stats().Queued == 0 {
+	if d == nil {
 		return func() bool { return true }
 	}
 	barrier := d.w.Barrier()
@@ -49,7 +56,11 @@ func (b *Broker) durableBarrier() func() bool {
 		ctx, cancel := context.WithTimeout(d.ctx, durableBarrierMax)
 		defer cancel()
 		if err := barrier.Wait(ctx); err != nil {
-			d.barrierTimeouts.Add(1)
+			if errors.Is(err, writebehind.ErrDropped) || errors.Is(err, writebehind.ErrClosed) {
+				d.barrierDropped.Add(1)
+			} else {
+				d.barrierTimeouts.Add(1)
+			}
 			return false
 		}
 		return true
@@ -470,43 +481,75 @@ func (c *clusterNode) reforward(peer string, msgs []link.Message) bool {
 }
 
 // movedIn takes over in the store a session that moved here from the live
-// node from (a takeover claim or a session move): the stored document
-// still names from as its owner, so this node's writes of it would be
-// refused and the session would not survive this node. The owner changes
-// by a conditional update on from, retried while from may still be
-// rewriting the document (it just gave the session up); the document is
-// rewritten as this node holds the session at its next change (written
-// here, not from this goroutine: the client's own goroutine owns its will).
+// node from (a session pushed here, or a take-over whose document was not
+// there yet when takeStored tried): the stored document still names from
+// as its owner, so this node's writes of it would be refused and the
+// session would not survive this node. The owner changes by a conditional
+// update on from, retried (with backoff, up to movedInMax) while from may
+// still be writing the document (it just gave the session up) or the store
+// does not answer. It stops once this node owns it, when a third node does
+// (an adoption: its own rules apply), when the session left this node
+// again, or after movedInNoDoc without a document (nothing to take: this
+// node's own writes insert it). Giving up is logged and counted
+// (durability.moved_in_failed). The document is rewritten as this node
+// holds the session at its next change (written here, not from this
+// goroutine: the client's own goroutine owns its will).
 func (d *durableHook) movedIn(id, from string) {
 	go func() {
 		sc := d.st.DB().Collection(store.CollSessions)
-		for try := range movedInTries {
+		began := time.Now()
+		pause := movedInPause
+		for try := 0; ; try++ {
 			if try > 0 {
 				select {
-				case <-time.After(movedInPause):
+				case <-time.After(pause):
 				case <-d.ctx.Done():
 					return
 				}
+				pause = min(2*pause, 2*time.Second)
+			}
+			if _, here := d.b.mq.Clients.Get(id); !here {
+				return // moved on, or ended: no longer this node's to take
 			}
 			ctx, cancel := context.WithTimeout(d.ctx, 10*time.Second)
-			res, err := sc.UpdateOne(ctx, bson.D{{Key: "_id", Value: id}, {Key: "owner", Value: from}},
-				bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}}},
-					{Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}})
-			cancel()
-			if err != nil || res.MatchedCount == 0 {
-				d.log.Debug("stored session of a moved-in client not taken over yet", "client_id", id, "from", from, "error", err)
-				continue // store down, or from's rewrite not landed yet (or no document: written below)
+			var doc struct {
+				Owner string `bson:"owner"`
 			}
-			d.log.Debug("stored session taken over from the node it moved from", "client_id", id, "from", from)
-			break
+			err := sc.FindOne(ctx, bson.D{{Key: "_id", Value: id}}).Decode(&doc)
+			var res *mongo.UpdateResult
+			if err == nil && doc.Owner == from {
+				// By _id alone, after the read (FerretDB v1 scans for _id
+				// and owner together).
+				res, err = sc.UpdateOne(ctx, bson.D{{Key: "_id", Value: id}},
+					bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}}},
+						{Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}})
+			}
+			cancel()
+			switch {
+			case err == nil && (doc.Owner == d.node || (res != nil && res.MatchedCount > 0)):
+				d.log.Debug("stored session taken over from the node it moved from", "client_id", id, "from", from)
+				return
+			case err == nil && doc.Owner != from:
+				d.log.Info("stored session of a moved-in client owned by another node: not taken over", "client_id", id, "from", from, "owner", doc.Owner)
+				return
+			case errors.Is(err, mongo.ErrNoDocuments) && time.Since(began) > movedInNoDoc:
+				return
+			case time.Since(began) > movedInMax:
+				d.movedInFailed.Add(1)
+				d.log.Warn("stored session of a moved-in client not taken over: its old node stays the stored owner", "client_id", id, "from", from, "error", err)
+				return
+			}
 		}
 	}()
 }
 
-// movedInTries and movedInPause bound movedIn's retries (about 2 s).
+// movedIn's bounds: the first pause (doubling to 2 s), how long a missing
+// document is waited for (the source's write lag), and how long in all
+// (a store down).
 const (
-	movedInTries = 8
 	movedInPause = 250 * time.Millisecond
+	movedInNoDoc = 10 * time.Second
+	movedInMax   = 2 * time.Minute
 )
 
 // adoptions marks the client IDs whose stored session this node is taking

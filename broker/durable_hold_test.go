@@ -92,3 +92,28 @@ func TestDurableHoldBelongsToItsConnection(t *testing.T) {
 	case <-time.After(200 * time.Millisecond):
 	}
 }
+
+// A node link acknowledgement's barrier does not report safe a write the
+// sessions writer lost when it closed with the store down (before, a
+// barrier counted dropped writes as done, and the link let the peer forget
+// a message never stored), nor does a barrier taken after that Close.
+func TestDurableBarrierNotSafeForWritesLostAtClose(t *testing.T) {
+	d := holdHook(t, make(chan struct{})) // the store never answers
+	b := &Broker{durable: d}
+	if _, err := d.put(durOp{kind: opMsg, client: "sub", pid: 1, msg: &msgDoc{ID: msgKey("sub", 1), Client: "sub", PID: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	check := b.durableBarrier()
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	_ = d.w.Close(ctx)
+	if check() {
+		t.Fatal("barrier over a write lost at close: safe")
+	}
+	if b.durableBarrier()() {
+		t.Fatal("barrier taken after a close that lost a write: safe")
+	}
+	if n := d.barrierDropped.Load(); n != 2 {
+		t.Fatalf("barrierDropped %d, want 2", n)
+	}
+}

@@ -1,6 +1,12 @@
 package broker
 
-import "github.com/rtm-dev/rtm/internal/cluster"
+import (
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/rtm-dev/rtm/internal/cluster"
+)
 
 // SetTestMembers makes the node's link management see the gossip member
 // list as f rewrites it (nil: as it is), so a test can make a peer look
@@ -82,3 +88,19 @@ func (b *Broker) SetTestRelayKeep(n int) { b.cluster.testRelayKeep.Store(int32(n
 // for a session moving away before the move's end is queued (0:
 // relayHeldBytesMax).
 func (b *Broker) SetTestRelayBytes(n int) { b.cluster.testRelayBytes.Store(int64(n)) }
+
+// SetTestSubscribeWait bounds how long a persistent session's SUBACK waits
+// for the store (durableSubscribeMax otherwise).
+func (b *Broker) SetTestSubscribeWait(d time.Duration) { b.durable.subscribeWait.Store(int64(d)) }
+
+// InjectStaleMove hands the node, as if peer from sent them on the link,
+// the start of a move of client id's session answering a claim nobody
+// waits for any more (a partition healed), then a message the source
+// relays for that session on topic.
+func (b *Broker) InjectStaleMove(from, id, topic string, payload []byte) {
+	c := b.cluster
+	c.moveStarted(from, moveStartMsg{Move: 1 << 40, Claim: 1 << 40, ClientID: id, Version: 5,
+		Subs: []packets.Subscription{{Filter: topic, Qos: 1}}})
+	pm := publishMsg{Packet: packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, TopicName: topic, Payload: payload}, Origin: "pub"}
+	c.lateArrived(from, moveLateMsg{ClientID: id, Pub: pm})
+}

@@ -164,6 +164,7 @@ type Writer[T any] struct {
 	committed uint64        // every item with seq < committed is settled
 	settled   chan struct{} // closed and replaced when committed moves
 	failed    []seqRange    // dropped after a permanent error, for tickets
+	forgotTo  uint64        // the end of the dropped ranges failed no longer holds
 
 	written  atomic.Int64
 	batches  atomic.Int64
@@ -342,31 +343,68 @@ func (w *Writer[T]) Flush(ctx context.Context) error {
 }
 
 // Barrier stands for every item added before it was taken: its Wait
-// returns once they are written (or dropped), items in the Overflow
-// included. Unlike Flush it does not hurry the writer (they still wait
-// MinAge), and a caller that gives up waiting can wait again later for the
-// same items rather than for a target that moves with every new item.
+// returns once they are written, items in the Overflow included. Unlike
+// Flush it does not hurry the writer (they still wait MinAge), and a
+// caller that gives up waiting can wait again later for the same items
+// rather than for a target that moves with every new item.
+//
+// Unlike Flush, a Barrier does not count an item dropped (a permanent
+// error, or lost at Close) as done: a caller that tells someone else the
+// items are safe (the broker's node link) must not say so for an item that
+// was never written. Its Wait then reports ErrDropped.
 type Barrier struct {
 	w interface {
 		reached(context.Context, uint64) error
+		droppedIn(from, to uint64) error
 	}
-	target uint64
+	from, target uint64
 }
 
-// Barrier returns a Barrier for every item added so far.
+// ErrDropped is returned by Barrier.Wait when an item it stands for was
+// dropped instead of written; it wraps the reason.
+var ErrDropped = errors.New("writebehind: item dropped, not written")
+
+// Barrier returns a Barrier for every item added so far that is not
+// settled yet (and, on a closed Writer, for all items: a Close that lost
+// items fails every later Barrier).
 func (w *Writer[T]) Barrier() Barrier {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return Barrier{w: w, target: w.nextSeq}
+	from := w.committed
+	if w.closed {
+		from = 0
+	}
+	return Barrier{w: w, from: from, target: w.nextSeq}
 }
 
-// Wait blocks until the Barrier's items are written or dropped (nil), the
-// writer closed first (ErrClosed), or ctx ends.
+// Wait blocks until the Barrier's items are written (nil), one of them
+// was dropped (ErrDropped), the writer closed first (ErrClosed), or ctx
+// ends.
 func (b Barrier) Wait(ctx context.Context) error {
 	if b.w == nil {
 		return nil
 	}
-	return b.w.reached(ctx, b.target)
+	if err := b.w.reached(ctx, b.target); err != nil {
+		return err
+	}
+	return b.w.droppedIn(b.from, b.target)
+}
+
+// droppedIn reports (ErrDropped) whether an item with a seq in [from, to)
+// was dropped. Ranges forgotten (the last 64 are kept) count as dropped
+// if they may overlap.
+func (w *Writer[T]) droppedIn(from, to uint64) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.forgotTo > from {
+		return fmt.Errorf("%w: items between %d and %d", ErrDropped, from, w.forgotTo)
+	}
+	for _, r := range w.failed {
+		if r.from < to && r.to > from {
+			return fmt.Errorf("%w: %w", ErrDropped, r.err)
+		}
+	}
+	return nil
 }
 
 // reached waits until every item before target is settled and the
@@ -666,14 +704,21 @@ func (w *Writer[T]) writeOne() bool {
 	}
 	w.committed = first + uint64(n)
 	if dropErr != nil {
-		w.failed = append(w.failed, seqRange{from: first, to: w.committed, err: dropErr})
-		if len(w.failed) > 64 {
-			w.failed = w.failed[len(w.failed)-64:]
-		}
+		w.recordFailedLocked(seqRange{from: first, to: w.committed, err: dropErr})
 	}
 	w.broadcastLocked()
 	w.mu.Unlock()
 	return true
+}
+
+// recordFailedLocked keeps the last 64 dropped ranges, for tickets and
+// barriers, and how far the forgotten ones reached. w.mu is held.
+func (w *Writer[T]) recordFailedLocked(r seqRange) {
+	w.failed = append(w.failed, r)
+	if n := len(w.failed) - 64; n > 0 {
+		w.forgotTo = max(w.forgotTo, w.failed[n-1].to)
+		w.failed = w.failed[n:]
+	}
 }
 
 func (w *Writer[T]) spillingNow() bool {
@@ -771,7 +816,7 @@ func (w *Writer[T]) loseQueued() {
 	lost := w.queue
 	w.queue, w.times = nil, nil
 	if len(lost) > 0 {
-		w.failed = append(w.failed, seqRange{from: w.committed, to: w.committed + uint64(len(lost)), err: ErrClosed})
+		w.recordFailedLocked(seqRange{from: w.committed, to: w.committed + uint64(len(lost)), err: ErrClosed})
 	}
 	w.committed += uint64(len(lost))
 	w.broadcastLocked()

@@ -550,3 +550,67 @@ func TestBarrier(t *testing.T) {
 		t.Fatalf("written %v, want [1]", got)
 	}
 }
+
+// TestBarrierReportsDroppedItems: a Barrier over an item the store refused
+// permanently, or one lost at Close, does not report it written (the node
+// link would acknowledge a message never stored); a Barrier over items all
+// written after the drop does.
+func TestBarrierReportsDroppedItems(t *testing.T) {
+	c := ctx(t)
+	bad := errors.New("document too large")
+	gate := make(chan struct{})
+	w := newWriter(t, writebehind.Options[int]{
+		Write: func(ctx context.Context, b []int) error {
+			if b[0] == 1 {
+				select { // the barrier is taken while 1 is still queued
+				case <-gate:
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+			}
+			if slices.Contains(b, 2) {
+				return bad
+			}
+			return nil
+		},
+		MaxBatch:  1,
+		Permanent: func(err error) bool { return errors.Is(err, bad) },
+	})
+	for i := 1; i <= 3; i++ {
+		if _, err := w.Put(c, i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b := w.Barrier()
+	close(gate)
+	if err := b.Wait(c); !errors.Is(err, writebehind.ErrDropped) || !errors.Is(err, bad) {
+		t.Fatalf("Barrier over an item dropped after a permanent error: %v, want ErrDropped (%v)", err, bad)
+	}
+	if _, err := w.Put(c, 4); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Barrier().Wait(c); err != nil {
+		t.Fatalf("Barrier over items written after the drop: %v", err)
+	}
+
+	// Lost at Close: the store never answers.
+	w2, err := writebehind.New(writebehind.Options[int]{
+		Write: func(ctx context.Context, _ []int) error { <-ctx.Done(); return ctx.Err() },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w2.Put(c, 1); err != nil {
+		t.Fatal(err)
+	}
+	b2 := w2.Barrier()
+	short, cancel := context.WithTimeout(c, 50*time.Millisecond)
+	defer cancel()
+	_ = w2.Close(short)
+	if err := b2.Wait(c); err == nil {
+		t.Fatal("Barrier over an item lost at Close: nil, want an error")
+	}
+	if err := w2.Barrier().Wait(c); err == nil {
+		t.Fatal("Barrier taken after Close lost an item: nil, want an error")
+	}
+}

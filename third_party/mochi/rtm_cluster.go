@@ -126,6 +126,13 @@ type Session struct {
 	// (MQTT 5); otherwise the server's maximum applies.
 	Expiry    uint32
 	ExpirySet bool
+	// PacketID is the last packet identifier the server assigned to the
+	// client's messages (0: unknown). A server that adopts the session
+	// assigns the next ones after it rather than from 1, so an identifier
+	// the old server used recently is not reused at once (rtm keys stored
+	// messages by client and packet identifier, and the old server's late
+	// deletes must not hit the new server's messages). rtm patch 38.
+	PacketID uint32
 }
 
 // DetachSession ends the session of client id on this server because the
@@ -147,6 +154,7 @@ func (s *Server) DetachSession(id string) (sess Session, found bool) {
 		sess.Subscriptions = append(sess.Subscriptions, sub)
 	}
 	sess.Inflight = existing.State.Inflight.GetAll(false)
+	sess.PacketID = atomic.LoadUint32(&existing.State.packetID) // rtm patch 38
 	if existing.Properties.ProtocolVersion == 5 && existing.Properties.Props.SessionExpiryIntervalFlag {
 		sess.Expiry, sess.ExpirySet = existing.Properties.Props.SessionExpiryInterval, true
 	}
@@ -181,6 +189,11 @@ func (s *Server) AdoptSession(id string, protocolVersion byte, sess Session) {
 			atomic.AddInt64(&s.Info.Subscriptions, 1)
 		}
 		cl.State.Subscriptions.Add(sub.Filter, sub)
+	}
+	if sess.PacketID != 0 { // rtm patch 38
+		cl.State.packetIDMu.Lock()
+		atomic.StoreUint32(&cl.State.packetID, sess.PacketID)
+		cl.State.packetIDMu.Unlock()
 	}
 	for _, pk := range sess.Inflight {
 		if _, ok := cl.State.Inflight.Get(pk.PacketID); ok {

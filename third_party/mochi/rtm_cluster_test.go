@@ -341,3 +341,43 @@ func TestDeliveryToSessionThatLeftSaysSo(t *testing.T) {
 	require.ErrorIs(t, err, ErrSessionLeft)
 	require.Equal(t, 0, held.State.Inflight.Len())
 }
+
+// TestSessionCarriesPacketID (rtm patch 38): a session detached from one
+// server and adopted by another, then taken over by the client's new
+// connection there, assigns packet identifiers after the last one the old
+// server used, not from 1 again.
+func TestSessionCarriesPacketID(t *testing.T) {
+	a, b := newServer(), newServer()
+	cl, r, w := newTestClient()
+	defer func() { _ = w.Close(); _ = r.Close() }()
+	go func() { _, _ = io.Copy(io.Discard, r) }()
+	cl.ID = "dev"
+	cl.Properties.ProtocolVersion = 5
+	a.Clients.Add(cl)
+	for i := 0; i < 5; i++ {
+		_, err := cl.NextPacketID()
+		require.NoError(t, err)
+	}
+
+	sess, ok := a.DetachSession("dev")
+	require.True(t, ok)
+	require.Equal(t, uint32(5), sess.PacketID)
+	sess.Subscriptions = []packets.Subscription{{Filter: "in/dev", Qos: 1}} // something to adopt
+	b.AdoptSession("dev", 5, sess)
+	held, ok := b.Clients.Get("dev")
+	require.True(t, ok)
+	id, err := held.NextPacketID()
+	require.NoError(t, err)
+	require.Equal(t, uint32(6), id, "the adopted session's next packet identifier")
+
+	// The client's CONNECT (clean start false) takes the session over.
+	nc, r2, w2 := newTestClient()
+	defer func() { _ = w2.Close(); _ = r2.Close() }()
+	go func() { _, _ = io.Copy(io.Discard, r2) }()
+	nc.ID = "dev"
+	nc.Properties.ProtocolVersion = 5
+	require.True(t, b.inheritClientSession(packets.Packet{}, nc))
+	id, err = nc.NextPacketID()
+	require.NoError(t, err)
+	require.Equal(t, uint32(7), id, "the new connection's next packet identifier")
+}

@@ -143,3 +143,40 @@ func TestScheduleWillAndStopTime(t *testing.T) {
 	s.sendDelayedLWT(now + 6)
 	require.Equal(t, []string{"w2"}, hk.ids)
 }
+
+// qosHook records the packets reported to OnQosPublish.
+type qosHook struct {
+	HookBase
+	mu  sync.Mutex
+	got []packets.Packet
+}
+
+func (h *qosHook) ID() string           { return "qos" }
+func (h *qosHook) Provides(b byte) bool { return b == OnQosPublish }
+func (h *qosHook) OnQosPublish(_ *Client, pk packets.Packet, _ int64, _ int) {
+	h.mu.Lock()
+	h.got = append(h.got, pk)
+	h.mu.Unlock()
+}
+
+// TestPubrecReportsPubrelToOnQosPublish (rtm patch 39): when a client's
+// PUBREC moves an outbound QoS 2 message to its PUBREL step, OnQosPublish
+// is told (the PUBREL, before it is sent), so a storage hook can restore
+// the session with the PUBREL instead of the PUBLISH [MQTT-4.3.3-6].
+func TestPubrecReportsPubrelToOnQosPublish(t *testing.T) {
+	s := newServer()
+	h := &qosHook{}
+	require.NoError(t, s.AddHook(h, nil))
+	cl, r, w := newTestClient()
+	defer func() { _ = w.Close(); _ = r.Close() }()
+	go func() { _, _ = io.Copy(io.Discard, r) }()
+	cl.Properties.ProtocolVersion = 5
+	cl.State.Inflight.Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 2}, PacketID: 7, TopicName: "a/b"})
+
+	require.NoError(t, s.processPubrec(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrec}, PacketID: 7}))
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	require.Len(t, h.got, 1)
+	require.Equal(t, packets.Pubrel, h.got[0].FixedHeader.Type)
+	require.Equal(t, uint16(7), h.got[0].PacketID)
+}

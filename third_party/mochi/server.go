@@ -775,6 +775,9 @@ func (s *Server) inheritClientSession(pk packets.Packet, cl *Client) bool {
 		}
 
 		existing.State.isTakenOver.Store(true)
+		// rtm patch 38: the new connection assigns packet identifiers
+		// after the last one the session used, not from 1 again.
+		atomic.StoreUint32(&cl.State.packetID, atomic.LoadUint32(&existing.State.packetID))
 		if in := existing.State.inbound.Load(); in != nil && in.Len() > 0 { // rtm patch 94
 			cl.State.inbound.Store(in.Clone())
 		}
@@ -1601,6 +1604,10 @@ func (s *Server) processPubrec(cl *Client, pk packets.Packet) error {
 	ack := s.buildAck(pk.PacketID, packets.Pubrel, 1, pk.Properties, packets.CodeSuccess) // [MQTT-4.3.3-4] ![MQTT-4.3.3-6]
 	cl.State.Inflight.DecreaseReceiveQuota()                                              // -1 RECV QUOTA
 	cl.State.Inflight.Set(ack)                                                            // [MQTT-4.3.3-5]
+	// rtm patch 39: the message's state is now the PUBREL; a storage hook
+	// records it before the PUBREL is sent, so a restored session resends
+	// the PUBREL, not the PUBLISH [MQTT-4.3.3-6].
+	s.hooks.OnQosPublish(cl, ack, ack.Created, 0)
 	return cl.WritePacket(ack)
 }
 
