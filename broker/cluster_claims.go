@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"context"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -103,6 +104,10 @@ func (c *clusterNode) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	for _, p := range up {
 		if p.link.Send(link.Message{Type: msgClaim, Body: body}, false) {
 			pending[p.name] = p
+		} else {
+			// Its link went down since up() (a node that just died): it
+			// may hold the session (refuseForUnreachableOwner).
+			skipped = append(skipped, p.name)
 		}
 	}
 	c.claimsSent.Add(1)
@@ -170,6 +175,29 @@ func (c *clusterNode) adopt(id string, version byte, r claimReplyMsg) {
 // (moveOut, on its own goroutine: this one receives the acknowledgements);
 // one that is moving already makes the answer Busy.
 func (c *clusterNode) answerClaim(from string, m claimMsg) {
+	// A session this node is adopting from a failed node (the store may
+	// name this node its owner already, or the round has not listed it
+	// yet) is answered once installed: "not found" now would give the
+	// client an empty session on from.
+	if d := c.b.durable; d != nil && !m.Clean && (d.fail.busy() != nil || d.adoptions.busy(m.ClientID)) {
+		go func() {
+			ctx, cancel := context.WithTimeout(d.ctx, c.cfg.ClaimTimeout)
+			defer cancel()
+			if idle := d.fail.busy(); idle != nil {
+				select {
+				case <-idle:
+				case <-ctx.Done():
+				}
+			}
+			d.adoptions.wait(ctx, m.ClientID)
+			c.answerClaimNow(from, m)
+		}()
+		return
+	}
+	c.answerClaimNow(from, m)
+}
+
+func (c *clusterNode) answerClaimNow(from string, m claimMsg) {
 	reply := claimReplyMsg{ID: m.ID, ClientID: m.ClientID}
 	cl, found := c.b.mq.Clients.Get(m.ClientID)
 	switch {
