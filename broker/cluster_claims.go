@@ -183,13 +183,20 @@ func (c *clusterNode) answerClaim(from string, m claimMsg) {
 		go func() {
 			ctx, cancel := context.WithTimeout(d.ctx, c.cfg.ClaimTimeout)
 			defer cancel()
-			if idle := d.fail.busy(); idle != nil {
+			for ctx.Err() == nil {
+				if d.adoptions.busy(m.ClientID) {
+					d.adoptions.wait(ctx, m.ClientID)
+					continue
+				}
+				idle := d.fail.busy()
+				if idle == nil {
+					break
+				}
 				select {
 				case <-idle:
 				case <-ctx.Done():
 				}
 			}
-			d.adoptions.wait(ctx, m.ClientID)
 			c.answerClaimNow(from, m)
 		}()
 		return
