@@ -141,6 +141,13 @@ wait:
 			c.claimsTimedOut.Add(1)
 			c.log.Warn("client ID claim: not every node answered in time; a connection with this ID may still be open elsewhere",
 				"client_id", cl.ID, "timeout", c.cfg.ClaimTimeout)
+			if c.b.durable != nil && !pk.Connect.Clean {
+				// A node that did not answer may hold the session (one
+				// adopting it from a failed node answers once it is
+				// installed): the client retries rather than start
+				// empty.
+				refuse = true
+			}
 			break wait
 		}
 	}

@@ -93,8 +93,9 @@ type failover struct {
 	// closed once this node's first adoption round of it completed (its
 	// share of the failed node's sessions is installed here).
 	adopted map[string]chan struct{}
-	running int           // adoption rounds under way
-	idle    chan struct{} // closed when running drops to 0
+	doneAt  map[string]time.Time // when the round of adopted ended
+	running int                  // adoption rounds under way
+	idle    chan struct{}        // closed when running drops to 0
 }
 
 // begin and end bracket an adoption round.
@@ -145,11 +146,29 @@ func (f *failover) round(dead string) chan struct{} {
 // roundDone marks dead's adoption completed.
 func (f *failover) roundDone(dead string) {
 	ch := f.round(dead)
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	select {
 	case <-ch:
 	default:
 		close(ch)
+		if f.doneAt == nil {
+			f.doneAt = map[string]time.Time{}
+		}
+		f.doneAt[dead] = time.Now()
 	}
+}
+
+// since returns how long ago this node's first adoption round of dead
+// ended (0 if it has not).
+func (f *failover) since(dead string) time.Duration {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	at, ok := f.doneAt[dead]
+	if !ok {
+		return 0
+	}
+	return time.Since(at)
 }
 
 // forget drops dead's state: it is alive again, or gone from gossip.
@@ -157,6 +176,7 @@ func (f *failover) forget(dead string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	delete(f.adopted, dead)
+	delete(f.doneAt, dead)
 }
 
 // watchFailures adopts the sessions of brokers gossip marks failed, until
@@ -577,7 +597,6 @@ func (d *durableHook) claimOnConnect(cl *mqtt.Client) {
 	if !d.adoptions.wait(ctx, cl.ID) {
 		d.log.Warn("CONNECT went on while its session was still being adopted", "client_id", cl.ID)
 	}
-	var adoptedAt time.Time // when this node's adoption of the owner ended
 	pause := 100 * time.Millisecond
 	for {
 		var s sessionDoc
@@ -626,12 +645,12 @@ func (d *durableHook) claimOnConnect(cl *mqtt.Client) {
 				}
 				continue // the store names its adopter now
 			}
-			if adoptedAt.IsZero() {
-				adoptedAt = time.Now()
-			}
-			if time.Since(adoptedAt) > adoptOtherGrace {
-				// Another survivor should have adopted it by now: its
-				// round failed, or it sees other live brokers. Taken here.
+			if d.fail.since(s.Owner) > adoptOtherGrace {
+				// Another survivor should have adopted it long ago: its
+				// rounds fail, or it sees other live brokers. Taken here.
+				// (Not sooner: each such claim reads the held messages,
+				// on FerretDB a pass over them all, and slows the round
+				// that is under way.)
 				d.claimAlone(ctx, cl, s)
 				return
 			}
@@ -645,7 +664,7 @@ func (d *durableHook) claimOnConnect(cl *mqtt.Client) {
 		}
 		select {
 		case <-time.After(pause):
-			pause = min(2*pause, time.Second)
+			pause = min(2*pause, 2*time.Second)
 		case <-ctx.Done():
 			refuse("client refused: the node holding its session is unreachable and not yet declared failed, or its adopter has not taken it yet", "owner", s.Owner)
 			return
@@ -671,10 +690,10 @@ func (d *durableHook) awaitVerdict(ctx context.Context, owner string) bool {
 	}
 }
 
-// adoptOtherGrace is how long a CONNECT waits, after this node's adoption
-// round of a failed node, for another survivor to take the client's
-// session before taking it itself.
-const adoptOtherGrace = 3 * time.Second
+// adoptOtherGrace is how long after this node's adoption round of a
+// failed node a CONNECT stops waiting for another survivor to take the
+// client's session and takes it itself.
+const adoptOtherGrace = 20 * time.Second
 
 // claimAlone takes the stored session s of a client connecting here from a
 // node that is not alive.
