@@ -211,8 +211,17 @@ func (d *durableHook) watchFailures(stop <-chan struct{}) {
 			scanned[name] = time.Now()
 			ctx, cancel := context.WithTimeout(d.ctx, adoptTimeout)
 			start := time.Now()
+			among := live
+			if d.fail.since(name) > adoptOtherGrace {
+				// Sessions still the failed node's this long after this
+				// node's round: the survivor they hash to fails its
+				// rounds, or sees other live brokers. Any survivor takes
+				// them, in one round (the claims keep it to one), rather
+				// than each of their CONNECTs alone.
+				among = []string{d.node}
+			}
 			d.fail.begin()
-			n, err := d.adoptFrom(ctx, name, live)
+			n, err := d.adoptFrom(ctx, name, among)
 			d.fail.end()
 			cancel()
 			if err != nil {
@@ -578,6 +587,9 @@ var refusedRetry = packets.Code{Code: packets.ErrServerUnavailable.Code,
 //     name the adopter; the link claim then moves it from the adopter;
 //   - owned by a node that is gone from gossip (it left): taken here alone.
 //
+// A session a failed node still owns adoptOtherGrace after this node's
+// round is taken by this node's next round (watchFailures).
+//
 // A CONNECT that cannot be settled within connectClaimWait is refused
 // (0x88, retry) rather than given an empty session: the survivors would
 // then drop the stored one as superseded.
@@ -645,17 +657,12 @@ func (d *durableHook) claimOnConnect(cl *mqtt.Client) {
 				}
 				continue // the store names its adopter now
 			}
-			if d.fail.since(s.Owner) > adoptOtherGrace {
-				// Another survivor should have adopted it long ago: its
-				// rounds fail, or it sees other live brokers. Taken here.
-				// (Not sooner: each such claim reads the held messages,
-				// on FerretDB a pass over them all, and slows the round
-				// that is under way.)
-				d.claimAlone(ctx, cl, s)
-				return
-			}
 			// Another survivor adopts it (rendezvous among the live
-			// brokers): its round writes the owner soon.
+			// brokers): its round writes the owner soon. Should it not,
+			// this node's rounds take it after adoptOtherGrace. Not this
+			// CONNECT alone: each such claim reads the held messages (on
+			// FerretDB a pass over them all), and a fleet of them kept the
+			// rounds from finishing.
 		default:
 			// Gone from gossip (it left, handing its sessions over, or was
 			// reaped): nobody adopts it in a round.
@@ -690,9 +697,9 @@ func (d *durableHook) awaitVerdict(ctx context.Context, owner string) bool {
 	}
 }
 
-// adoptOtherGrace is how long after this node's adoption round of a
-// failed node a CONNECT stops waiting for another survivor to take the
-// client's session and takes it itself.
+// adoptOtherGrace is how long after this node's first adoption round of a
+// failed node its later rounds stop leaving sessions to the survivor they
+// hash to, and take them all.
 const adoptOtherGrace = 20 * time.Second
 
 // claimAlone takes the stored session s of a client connecting here from a
