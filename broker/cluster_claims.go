@@ -87,10 +87,13 @@ func (c *clusterNode) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 			refuse = true
 		}
 	}()
-	for _, p := range c.peers.up() {
-		if !c.node.Suspected(p.name) {
+	for _, p := range c.peers.aliveList() {
+		if p.link.Up() && !c.node.Suspected(p.name) {
 			up = append(up, p)
 		} else {
+			// Suspected, or its link is down (a node that just died, its
+			// link dropped after the durable hook found it reachable):
+			// it may hold the session.
 			skipped = append(skipped, p.name)
 		}
 	}
