@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"context"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -86,10 +87,13 @@ func (c *clusterNode) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 			refuse = true
 		}
 	}()
-	for _, p := range c.peers.up() {
-		if !c.node.Suspected(p.name) {
+	for _, p := range c.peers.aliveList() {
+		if p.link.Up() && !c.node.Suspected(p.name) {
 			up = append(up, p)
 		} else {
+			// Suspected, or its link is down (a node that just died, its
+			// link dropped after the durable hook found it reachable):
+			// it may hold the session.
 			skipped = append(skipped, p.name)
 		}
 	}
@@ -103,6 +107,10 @@ func (c *clusterNode) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	for _, p := range up {
 		if p.link.Send(link.Message{Type: msgClaim, Body: body}, false) {
 			pending[p.name] = p
+		} else {
+			// Its link went down since up() (a node that just died): it
+			// may hold the session (refuseForUnreachableOwner).
+			skipped = append(skipped, p.name)
 		}
 	}
 	c.claimsSent.Add(1)
@@ -143,6 +151,13 @@ wait:
 			c.claimsTimedOut.Add(1)
 			c.log.Warn("client ID claim: not every node answered in time; a connection with this ID may still be open elsewhere",
 				"client_id", cl.ID, "timeout", c.cfg.ClaimTimeout)
+			if c.b.durable != nil && !pk.Connect.Clean {
+				// A node that did not answer may hold the session (one
+				// adopting it from a failed node answers once it is
+				// installed): the client retries rather than start
+				// empty.
+				refuse = true
+			}
 			break wait
 		}
 	}
@@ -177,6 +192,36 @@ func (c *clusterNode) adopt(id string, version byte, r claimReplyMsg) {
 // (moveOut, on its own goroutine: this one receives the acknowledgements);
 // one that is moving already makes the answer Busy.
 func (c *clusterNode) answerClaim(from string, m claimMsg) {
+	// A session this node is adopting from a failed node (the store may
+	// name this node its owner already, or the round has not listed it
+	// yet) is answered once installed: "not found" now would give the
+	// client an empty session on from.
+	if d := c.b.durable; d != nil && !m.Clean && (d.fail.busy() != nil || d.adoptions.busy(m.ClientID)) {
+		go func() {
+			ctx, cancel := context.WithTimeout(d.ctx, c.cfg.ClaimTimeout)
+			defer cancel()
+			for ctx.Err() == nil {
+				if d.adoptions.busy(m.ClientID) {
+					d.adoptions.wait(ctx, m.ClientID)
+					continue
+				}
+				idle := d.fail.busy()
+				if idle == nil {
+					break
+				}
+				select {
+				case <-idle:
+				case <-ctx.Done():
+				}
+			}
+			c.answerClaimNow(from, m)
+		}()
+		return
+	}
+	c.answerClaimNow(from, m)
+}
+
+func (c *clusterNode) answerClaimNow(from string, m claimMsg) {
 	reply := claimReplyMsg{ID: m.ID, ClientID: m.ClientID}
 	cl, found := c.b.mq.Clients.Get(m.ClientID)
 	switch {

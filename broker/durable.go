@@ -91,6 +91,7 @@ type durableHook struct {
 	supersededSkipped atomic.Int64
 	reforwardTo       map[string][]string             // released failed peer → adopters, until its link's queue is handed over
 	adoptions         adoptions                       // durable_cluster.go: sessions being adopted here
+	fail              failover                        // durable_cluster.go: adoptions of failed brokers' sessions
 	testAfterClaim    atomic.Pointer[func(id string)] // tests: called once a session is claimed, before it is installed
 }
 
@@ -250,7 +251,8 @@ func msgKey(client string, pid uint16) string { return client + "\x00" + strconv
 
 func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
 	d := &durableHook{b: b, st: st, node: b.cfg.NodeName, log: b.log.With("component", "durable"),
-		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{}}
+		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{},
+		fail: failover{kick: make(chan struct{}, 1)}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.seq.Store(time.Now().UnixNano())
 	w, err := writebehind.New(writebehind.Options[durOp]{

@@ -13,6 +13,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"go.mongodb.org/mongo-driver/v2/bson"
 	"go.mongodb.org/mongo-driver/v2/mongo"
+	"go.mongodb.org/mongo-driver/v2/mongo/options"
 
 	"github.com/rtm-dev/rtm/broker/link"
 	"github.com/rtm-dev/rtm/internal/cluster"
@@ -91,6 +92,104 @@ const (
 	adoptTimeout = 30 * time.Second       // bounds one scan's store calls
 )
 
+// failover is what this node knows of its adoptions of failed brokers'
+// sessions: CONNECTs of their clients wait for the adoption under way
+// instead of each reading and claiming its session alone. The mutex is a
+// leaf.
+type failover struct {
+	kick chan struct{} // a CONNECT waits for an adoption: run the watcher now
+
+	mu sync.Mutex
+	// adopted has, for each broker gossip declared failed, a channel
+	// closed once this node's first adoption round of it completed (its
+	// share of the failed node's sessions is installed here).
+	adopted map[string]chan struct{}
+	doneAt  map[string]time.Time // when the round of adopted ended
+	running int                  // adoption rounds under way
+	idle    chan struct{}        // closed when running drops to 0
+}
+
+// begin and end bracket an adoption round.
+func (f *failover) begin() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.running == 0 {
+		f.idle = make(chan struct{})
+	}
+	f.running++
+}
+
+func (f *failover) end() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.running--; f.running == 0 {
+		close(f.idle)
+	}
+}
+
+// busy returns a channel closed once no adoption round runs, or nil if
+// none does.
+func (f *failover) busy() <-chan struct{} {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.running == 0 {
+		return nil
+	}
+	return f.idle
+}
+
+// round returns the channel closed when this node's adoption of dead's
+// sessions completed (made on first use).
+func (f *failover) round(dead string) chan struct{} {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.adopted == nil {
+		f.adopted = map[string]chan struct{}{}
+	}
+	ch := f.adopted[dead]
+	if ch == nil {
+		ch = make(chan struct{})
+		f.adopted[dead] = ch
+	}
+	return ch
+}
+
+// roundDone marks dead's adoption completed.
+func (f *failover) roundDone(dead string) {
+	ch := f.round(dead)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	select {
+	case <-ch:
+	default:
+		close(ch)
+		if f.doneAt == nil {
+			f.doneAt = map[string]time.Time{}
+		}
+		f.doneAt[dead] = time.Now()
+	}
+}
+
+// since returns how long ago this node's first adoption round of dead
+// ended (0 if it has not).
+func (f *failover) since(dead string) time.Duration {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	at, ok := f.doneAt[dead]
+	if !ok {
+		return 0
+	}
+	return time.Since(at)
+}
+
+// forget drops dead's state: it is alive again, or gone from gossip.
+func (f *failover) forget(dead string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.adopted, dead)
+	delete(f.doneAt, dead)
+}
+
 // watchFailures adopts the sessions of brokers gossip marks failed, until
 // stop closes.
 func (d *durableHook) watchFailures(stop <-chan struct{}) {
@@ -102,11 +201,13 @@ func (d *durableHook) watchFailures(stop <-chan struct{}) {
 		case <-stop:
 			return
 		case <-t.C:
+		case <-d.fail.kick:
 		}
 		live, failed := d.brokers()
 		for name := range scanned {
 			if !failed[name] {
 				delete(scanned, name)
+				d.fail.forget(name)
 			}
 		}
 		for name := range failed {
@@ -120,13 +221,28 @@ func (d *durableHook) watchFailures(stop <-chan struct{}) {
 			}
 			scanned[name] = time.Now()
 			ctx, cancel := context.WithTimeout(d.ctx, adoptTimeout)
-			n, err := d.adoptFrom(ctx, name, live)
+			start := time.Now()
+			among := live
+			if d.fail.since(name) > adoptOtherGrace {
+				// Sessions still the failed node's this long after this
+				// node's round: the survivor they hash to fails its
+				// rounds, or sees other live brokers. Any survivor takes
+				// them, in one round (the claims keep it to one), rather
+				// than each of their CONNECTs alone.
+				among = []string{d.node}
+			}
+			d.fail.begin()
+			n, err := d.adoptFrom(ctx, name, among)
+			d.fail.end()
 			cancel()
 			if err != nil {
 				d.log.Warn("sessions of a failed node not adopted yet; retrying", "node", name, "error", err)
 				delete(scanned, name)
-			} else if n > 0 {
-				d.log.Info("adopted the persistent sessions of a failed node", "node", name, "sessions", n)
+			} else {
+				d.fail.roundDone(name)
+				if n > 0 {
+					d.log.Info("adopted the persistent sessions of a failed node", "node", name, "sessions", n, "took", time.Since(start))
+				}
 			}
 			ctx, cancel = context.WithTimeout(d.ctx, adoptTimeout)
 			if err := d.releaseWhenAdopted(ctx, name); err != nil {
@@ -160,6 +276,10 @@ func (d *durableHook) brokers() (live []string, failed map[string]bool) {
 }
 
 // adoptFrom takes the sessions of dead that hash to this node among live.
+// Its store calls do not grow with the sessions but for one update each:
+// on FerretDB v1 every query other than a lookup by _id reads its whole
+// collection, so the sessions, their clients' presence, the claims' check
+// and the held messages are each read in one query for them all.
 func (d *durableHook) adoptFrom(ctx context.Context, dead string, live []string) (int, error) {
 	cur, err := d.st.DB().Collection(store.CollSessions).Find(ctx, bson.D{{Key: "owner", Value: dead}})
 	if err != nil {
@@ -170,17 +290,29 @@ func (d *durableHook) adoptFrom(ctx context.Context, dead string, live []string)
 		return 0, err
 	}
 	var mine []sessionDoc
+	var ids []string
 	for _, s := range docs {
-		if rendezvousName(s.ID, live) != d.node {
-			continue
+		if rendezvousName(s.ID, live) == d.node {
+			mine = append(mine, s)
+			ids = append(ids, s.ID)
 		}
+	}
+	if len(mine) == 0 {
+		return 0, nil
+	}
+	pres, err := d.st.Presences(ctx, ids)
+	if err != nil {
+		return 0, err
+	}
+	kept := mine[:0]
+	for _, s := range mine {
 		// A client that reconnected to a live node while the dead one was
 		// only suspected has a newer session there: adopting the stored
 		// one would hold a second session for the ID (the heal exchange
 		// ends whichever is older, late) and deliver its messages twice
 		// and late. Its stale messages are not adopted (see
 		// docs/clustering.md, "Durability").
-		if p, err := d.st.Presence(ctx, s.ID); err == nil && p.Online && p.Node != dead && slices.Contains(live, p.Node) {
+		if p, ok := pres[s.ID]; ok && p.Online && p.Node != dead && slices.Contains(live, p.Node) {
 			d.supersededSkipped.Add(1)
 			d.log.Info("stored session of a failed node not adopted: its client is connected to a live node", "client_id", s.ID, "node", p.Node)
 			// The stale document goes (if still the dead node's), so the
@@ -192,67 +324,124 @@ func (d *durableHook) adoptFrom(ctx context.Context, dead string, live []string)
 			}
 			continue
 		}
-		mine = append(mine, s)
+		kept = append(kept, s)
 	}
-	return d.claim(ctx, mine, true)
+	return d.claim(ctx, kept, true)
 }
 
-// claim takes each session of docs from its owner (a conditional update on
-// owner and epoch) and installs those it got. fireWills: their clients are
-// gone, so a will still pending is published (after its delay).
+// claimChunk bounds the claims inserted by one command.
+const claimChunk = 100
+
+// claim takes each session of docs from its owner and installs those it
+// got. fireWills: their clients are gone, so a will still pending is
+// published (after its delay).
+//
+// A claim is an insert under a unique _id first: FerretDB v1 runs a
+// conditional update as a read then a write, so two nodes could both
+// "win" one; only one insert of an _id succeeds, on every server. The
+// documents won are read again (their owner and epoch must be those the
+// claim names), then each is written by _id just before it is installed,
+// so a session is owned in the store only from the moment it is about to
+// be in memory (a peer's CONNECT that finds this node named the owner
+// claims it over the link, and that claim waits for the install).
 func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bool) (int, error) {
+	if len(docs) == 0 {
+		return 0, nil
+	}
 	sc := d.st.DB().Collection(store.CollSessions)
 	if !fireWills {
 		for i := range docs {
 			docs[i].Will = nil
 		}
 	}
-	got := 0
-	var claimErr error
-	var marked []string
+	// Marked until installed: a CONNECT of the client here waits
+	// (claimOnConnect), instead of getting a new empty session the
+	// adoption then merges into unsent.
+	marked := map[string]bool{}
+	for _, s := range docs {
+		d.adoptions.begin(s.ID)
+		marked[s.ID] = true
+	}
+	unmark := func(id string) {
+		if marked[id] {
+			delete(marked, id)
+			d.adoptions.end(id)
+		}
+	}
 	defer func() {
-		for _, id := range marked {
+		for id := range marked {
 			d.adoptions.end(id)
 		}
 	}()
+
+	won, err := d.insertClaims(ctx, docs)
+	if err != nil {
+		return 0, err
+	}
+	var ids []string
+	for i, s := range docs {
+		if won[i] {
+			ids = append(ids, s.ID)
+		} else {
+			unmark(s.ID) // another node took it first
+		}
+	}
+	if len(ids) == 0 {
+		return 0, nil
+	}
+	cur := map[string]sessionDoc{}
+	filter := bson.D{{Key: "_id", Value: ids[0]}}
+	if len(ids) > 1 {
+		filter = bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: ids}}}}
+	}
+	c, err := sc.Find(ctx, filter)
+	if err != nil {
+		return 0, err
+	}
+	var now []sessionDoc
+	if err := c.All(ctx, &now); err != nil {
+		return 0, err
+	}
+	for _, s := range now {
+		cur[s.ID] = s
+	}
+	var mine []sessionDoc
+	for i, s := range docs {
+		if !won[i] {
+			continue
+		}
+		if n, ok := cur[s.ID]; !ok || n.Owner != s.Owner || n.Epoch != s.Epoch {
+			unmark(s.ID) // changed since it was read: another node took it
+			continue
+		}
+		mine = append(mine, s)
+	}
+
+	got := 0
+	var claimErr error
+	prev := ""
+	at := make(map[string]int, len(mine))
+	for i, s := range mine {
+		at[s.ID] = i
+	}
+	taken := make(map[string]bool, len(mine))
 	take := func(s *sessionDoc) bool {
-		if claimErr != nil {
-			return false
-		}
-		// Marked before the store says this node owns it, until it is
-		// installed: a CONNECT of the client here waits (claimOnConnect),
-		// instead of getting a new empty session the adoption then merges
-		// into unsent.
-		d.adoptions.begin(s.ID)
-		marked = append(marked, s.ID)
-		// The claim is an insert under a unique _id first: FerretDB v1
-		// runs a conditional update as a read then a write, so two
-		// nodes could both "win" the update below; only one insert of
-		// this _id succeeds, on every server.
-		if _, err := d.st.DB().Collection(store.CollSessionClaims).InsertOne(ctx,
-			bson.D{{Key: "_id", Value: fmt.Sprintf("%s|%s|%d|%d", s.ID, s.Owner, s.Epoch, s.Updated.UnixNano())}, {Key: "node", Value: d.node}, {Key: "at", Value: time.Now().UTC()}}); err != nil {
-			if !mongo.IsDuplicateKeyError(err) {
+		// The previous one is installed (restore installs each session
+		// right after take): its CONNECT need not wait for the rest.
+		unmark(prev)
+		prev = s.ID
+		// The owner is written for the next ownerChunk sessions in one
+		// command, just before the first of them is installed.
+		if i := at[s.ID]; i%ownerChunk == 0 && claimErr == nil {
+			t, err := d.writeOwners(ctx, mine[i:min(i+ownerChunk, len(mine))])
+			if err != nil {
 				claimErr = err
 			}
-			return false // another node took it first
-		}
-		// Then the document, read and written by _id: FerretDB v1 scans
-		// the collection for a filter on more than _id (one scan per
-		// session made adopting thousands take minutes), and runs a
-		// conditional update as this same read then write anyway.
-		var cur sessionDoc
-		if err := sc.FindOne(ctx, bson.D{{Key: "_id", Value: s.ID}}).Decode(&cur); err != nil {
-			if !errors.Is(err, mongo.ErrNoDocuments) {
-				claimErr = err
+			for id := range t {
+				taken[id] = true
 			}
-			return false
 		}
-		if cur.Owner != s.Owner || cur.Epoch != s.Epoch {
-			return false // another node took it first
-		}
-		if _, err := sc.UpdateOne(ctx, bson.D{{Key: "_id", Value: s.ID}},
-			bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}, {Key: "epoch", Value: s.Epoch + 1}, {Key: "adopted_from", Value: s.Owner}}}}); err != nil {
-			claimErr = err
+		if !taken[s.ID] {
 			return false
 		}
 		s.Owner, s.Epoch, s.AdoptedFrom = d.node, s.Epoch+1, s.Owner
@@ -268,63 +457,272 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 		}
 		return true
 	}
-	_, err := d.restore(ctx, docs, time.Now().Unix(), int64(d.b.cfg.SessionExpiry/time.Second), fireWills, take)
+	_, err = d.restore(ctx, mine, time.Now().Unix(), int64(d.b.cfg.SessionExpiry/time.Second), fireWills, take)
 	d.adopted.Add(int64(got))
+	if claimErr != nil {
+		// The claims of the sessions not written stay, naming this node
+		// for good: they go, so that a later round (here or on another
+		// survivor) can take those sessions.
+		var left []sessionDoc
+		for _, s := range mine {
+			if !taken[s.ID] {
+				left = append(left, s)
+			}
+		}
+		d.dropClaims(left)
+	}
 	return got, errors.Join(claimErr, err)
 }
 
-// claimOnConnect takes, for a client reconnecting with clean start false,
-// the stored session of a node that is not alive (failed before this node
-// noticed, or left), so the client finds its session even when it
-// reconnects before failure detection adopted it. A session owned by a
-// live peer moves by the usual link claim instead.
+// ownerChunk is how many adopted sessions' owners one command writes
+// (store.MaxStatementsPerCommand).
+const ownerChunk = store.MaxStatementsPerCommand
+
+// writeOwners names this node the owner of the stored sessions docs
+// (claimed), by _id, and returns those written. After an error that leaves
+// it unknown which were, they are read again.
+func (d *durableHook) writeOwners(ctx context.Context, docs []sessionDoc) (map[string]bool, error) {
+	sc := d.st.DB().Collection(store.CollSessions)
+	models := make([]mongo.WriteModel, len(docs))
+	for i, s := range docs {
+		models[i] = mongo.NewUpdateOneModel().SetFilter(bson.D{{Key: "_id", Value: s.ID}}).
+			SetUpdate(bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}, {Key: "epoch", Value: s.Epoch + 1}, {Key: "adopted_from", Value: s.Owner}}}})
+	}
+	written := make(map[string]bool, len(docs))
+	_, err := sc.BulkWrite(ctx, models, options.BulkWrite().SetOrdered(false))
+	if err == nil {
+		for _, s := range docs {
+			written[s.ID] = true
+		}
+		return written, nil
+	}
+	ids := make([]string, len(docs))
+	for i, s := range docs {
+		ids[i] = s.ID
+	}
+	rctx, cancel := context.WithTimeout(d.ctx, 10*time.Second)
+	defer cancel()
+	c, rerr := sc.Find(rctx, bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: ids}}}})
+	var now []sessionDoc
+	if rerr == nil {
+		rerr = c.All(rctx, &now)
+	}
+	if rerr != nil {
+		// Which were written is not known: those that were are owned
+		// here and not installed until this node restarts (its load).
+		d.log.Error("adopted sessions' owner written, maybe, and not read back: they are served after this node restarts", "sessions", len(docs), "error", errors.Join(err, rerr))
+		return written, err
+	}
+	epoch := map[string]int64{}
+	for _, s := range docs {
+		epoch[s.ID] = s.Epoch + 1
+	}
+	for _, s := range now {
+		if s.Owner == d.node && s.Epoch == epoch[s.ID] {
+			written[s.ID] = true
+		}
+	}
+	return written, err
+}
+
+// claimID is a session's claim: one per owner, epoch and version of its
+// stored document.
+func claimID(s *sessionDoc) string {
+	return fmt.Sprintf("%s|%s|%d|%d", s.ID, s.Owner, s.Epoch, s.Updated.UnixNano())
+}
+
+// insertClaims inserts the claims of docs, in commands of claimChunk, and
+// reports which this node won (a duplicate: another node's came first).
+func (d *durableHook) insertClaims(ctx context.Context, docs []sessionDoc) ([]bool, error) {
+	cc := d.st.DB().Collection(store.CollSessionClaims)
+	won := make([]bool, len(docs))
+	at := time.Now().UTC()
+	for off := 0; off < len(docs); off += claimChunk {
+		part := docs[off:min(off+claimChunk, len(docs))]
+		claims := make([]any, len(part))
+		for i := range part {
+			claims[i] = bson.D{{Key: "_id", Value: claimID(&part[i])}, {Key: "node", Value: d.node}, {Key: "at", Value: at}}
+			won[off+i] = true
+		}
+		_, err := cc.InsertMany(ctx, claims, options.InsertMany().SetOrdered(false))
+		if err == nil {
+			continue
+		}
+		var bwe mongo.BulkWriteException
+		if !errors.As(err, &bwe) || bwe.WriteConcernError != nil {
+			return nil, err
+		}
+		for _, we := range bwe.WriteErrors {
+			if !mongo.IsDuplicateKeyError(we) {
+				return nil, err
+			}
+			won[off+we.Index] = false
+		}
+	}
+	return won, nil
+}
+
+// dropClaims deletes the claims of docs.
+func (d *durableHook) dropClaims(docs []sessionDoc) {
+	ctx, cancel := context.WithTimeout(d.ctx, 10*time.Second)
+	defer cancel()
+	cc := d.st.DB().Collection(store.CollSessionClaims)
+	for i := range docs {
+		if _, err := cc.DeleteOne(ctx, bson.D{{Key: "_id", Value: claimID(&docs[i])}}); err != nil {
+			d.log.Warn("claim of a session not taken not removed: a node comes back for it only after a restart", "client_id", docs[i].ID, "error", err)
+		}
+	}
+}
+
+// connectClaimWait bounds how long a CONNECT waits for its stored session
+// to be adopted (gossip's verdict on its node, then the adoption) before
+// it is refused to retry.
+const connectClaimWait = 10 * time.Second
+
+// refusedRetry is the CONNACK of a CONNECT refused while the session it
+// resumes is being recovered: 0x88 (v3.1.1: 3), with a reason string for
+// MQTT 5 clients and people reading their logs.
+var refusedRetry = packets.Code{Code: packets.ErrServerUnavailable.Code,
+	Reason: "server unavailable: this client's session is being recovered from a node that failed; retry in a few seconds"}
+
+// claimOnConnect finds, for a client reconnecting with clean start false,
+// its stored session when the node that held it is not alive, so that the
+// client finds it even when it reconnects before failure detection (or the
+// adoption) ended:
+//
+//   - owned by a live node that is unreachable (gossip suspects it, its link
+//     is down): the CONNECT waits for gossip's verdict; declared failed,
+//     it goes on as below, reachable again, the usual link claim moves it;
+//   - owned by a failed node: the CONNECT waits for this node's adoption of
+//     that node's sessions (one pass for them all), then for the store to
+//     name the adopter; the link claim then moves it from the adopter;
+//   - owned by a node that is gone from gossip (it left): taken here alone.
+//
+// A session a failed node still owns adoptOtherGrace after this node's
+// round is taken by this node's next round (watchFailures).
+//
+// A CONNECT that cannot be settled within connectClaimWait is refused
+// (0x88, retry) rather than given an empty session: the survivors would
+// then drop the stored one as superseded.
 func (d *durableHook) claimOnConnect(cl *mqtt.Client) {
 	if d.b.cluster == nil {
 		return
 	}
-	ctx, cancel := context.WithTimeout(d.ctx, 5*time.Second)
+	ctx, cancel := context.WithTimeout(d.ctx, connectClaimWait)
 	defer cancel()
+	refuse := func(msg string, args ...any) {
+		d.refusedOwnerUnreachable.Add(1)
+		d.log.Debug(msg, append([]any{"client_id", cl.ID}, args...)...)
+		cl.RefuseSession(refusedRetry)
+	}
 	// An adoption of this client's session under way here finishes first:
 	// the CONNECT then inherits it.
 	if !d.adoptions.wait(ctx, cl.ID) {
 		d.log.Warn("CONNECT went on while its session was still being adopted", "client_id", cl.ID)
 	}
-	var s sessionDoc
-	err := d.st.DB().Collection(store.CollSessions).FindOne(ctx, bson.D{{Key: "_id", Value: cl.ID}}).Decode(&s)
-	live, failed := d.brokers()
-	if err != nil && !errors.Is(err, mongo.ErrNoDocuments) && len(failed) > 0 {
-		// The store does not answer (a fleet reconnecting at once after a
-		// node's death overloads it) while a node is down: the session may
-		// be that node's. The client retries rather than start empty.
-		d.refusedOwnerUnreachable.Add(1)
-		d.log.Debug("client refused: its stored session could not be read while a node is down", "client_id", cl.ID, "error", err)
-		cl.RefuseSession(packets.ErrServerUnavailable)
-		return
-	}
-	if err != nil || s.Owner == d.node {
-		return
-	}
-	if slices.Contains(live, s.Owner) {
-		// Its owner may have died with it, not yet declared failed: an
-		// empty session now would be the client's, and the stored one,
-		// once its owner is declared failed, would be dropped as
-		// superseded. The client is refused (0x88, v3.1.1 code 3) and
-		// retries; once gossip declares the owner failed, the retry takes
-		// the session from the store (below) or from its adopter.
-		if !s.WillOnly && d.b.cluster.unreachable(s.Owner) {
-			d.refusedOwnerUnreachable.Add(1)
-			d.log.Debug("client refused: the node holding its session is unreachable and not yet declared failed", "client_id", cl.ID, "owner", s.Owner)
-			cl.RefuseSession(packets.ErrServerUnavailable)
+	pause := 100 * time.Millisecond
+	for {
+		var s sessionDoc
+		err := d.st.DB().Collection(store.CollSessions).FindOne(ctx, bson.D{{Key: "_id", Value: cl.ID}}).Decode(&s)
+		live, failed := d.brokers()
+		if err != nil && !errors.Is(err, mongo.ErrNoDocuments) && len(failed) > 0 {
+			// The store does not answer while a node is down: the session
+			// may be that node's. The client retries rather than start
+			// empty.
+			refuse("client refused: its stored session could not be read while a node is down", "error", err)
+			return
 		}
-		return
+		if err != nil || s.Owner == d.node || s.WillOnly {
+			return
+		}
+		switch {
+		case slices.Contains(live, s.Owner):
+			if !d.b.cluster.unreachable(s.Owner) {
+				return // the link claim moves it
+			}
+			// Its owner may have died with it, not yet declared failed:
+			// an empty session now would be the client's, and the stored
+			// one, once its owner is declared failed, would be dropped as
+			// superseded. Gossip decides within its failure-detection
+			// bound; until then the store is not read again (a fleet waits
+			// here at once).
+			if !d.awaitVerdict(ctx, s.Owner) {
+				refuse("client refused: the node holding its session is unreachable and not yet declared failed", "owner", s.Owner)
+				return
+			}
+			continue
+		case failed[s.Owner]:
+			round := d.fail.round(s.Owner)
+			select {
+			case <-round:
+			default:
+				select {
+				case d.fail.kick <- struct{}{}:
+				default:
+				}
+				select {
+				case <-round:
+				case <-ctx.Done():
+					refuse("client refused: the adoption of its failed node's sessions did not end in time", "owner", s.Owner)
+					return
+				}
+				continue // the store names its adopter now
+			}
+			// Another survivor adopts it (rendezvous among the live
+			// brokers): its round writes the owner soon. Should it not,
+			// this node's rounds take it after adoptOtherGrace. Not this
+			// CONNECT alone: each such claim reads the held messages (on
+			// FerretDB a pass over them all), and a fleet of them kept the
+			// rounds from finishing.
+		default:
+			// Gone from gossip (it left, handing its sessions over, or was
+			// reaped): nobody adopts it in a round.
+			d.claimAlone(ctx, cl, s)
+			return
+		}
+		select {
+		case <-time.After(pause):
+			pause = min(2*pause, 2*time.Second)
+		case <-ctx.Done():
+			refuse("client refused: the node holding its session is unreachable and not yet declared failed, or its adopter has not taken it yet", "owner", s.Owner)
+			return
+		}
 	}
+}
+
+// awaitVerdict waits until gossip declares the live broker owner failed or
+// it is reachable again; false if ctx ended first.
+func (d *durableHook) awaitVerdict(ctx context.Context, owner string) bool {
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	for {
+		live, failed := d.brokers()
+		if failed[owner] || !slices.Contains(live, owner) || !d.b.cluster.unreachable(owner) {
+			return true
+		}
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return false
+		}
+	}
+}
+
+// adoptOtherGrace is how long after this node's first adoption round of a
+// failed node its later rounds stop leaving sessions to the survivor they
+// hash to, and take them all.
+const adoptOtherGrace = 20 * time.Second
+
+// claimAlone takes the stored session s of a client connecting here from a
+// node that is not alive.
+func (d *durableHook) claimAlone(ctx context.Context, cl *mqtt.Client, s sessionDoc) {
 	n, err := d.claim(ctx, []sessionDoc{s}, false)
 	switch {
 	case err != nil:
 		// Not an empty session instead: the client retries.
 		d.log.Warn("client refused: the stored session of a node that is gone could not be taken", "client_id", cl.ID, "owner", s.Owner, "error", err)
 		d.refusedOwnerUnreachable.Add(1)
-		cl.RefuseSession(packets.ErrServerUnavailable)
+		cl.RefuseSession(refusedRetry)
 	case n > 0:
 		d.log.Info("took the stored session of a node that is gone", "client_id", cl.ID, "owner", s.Owner)
 	default:
@@ -332,7 +730,7 @@ func (d *durableHook) claimOnConnect(cl *mqtt.Client) {
 		// installed it yet, so the link claim below would not find it:
 		// the client retries, and then moves it from its adopter.
 		d.refusedOwnerUnreachable.Add(1)
-		cl.RefuseSession(packets.ErrServerUnavailable)
+		cl.RefuseSession(refusedRetry)
 	}
 }
 
@@ -353,7 +751,7 @@ func (d *durableHook) refuseForUnreachableOwner(cl *mqtt.Client, nodes []string)
 	}
 	d.refusedOwnerUnreachable.Add(1)
 	d.log.Debug("client refused: the node holding its session is unreachable and not yet declared failed", "client_id", cl.ID, "owner", s.Owner)
-	cl.RefuseSession(packets.ErrServerUnavailable)
+	cl.RefuseSession(refusedRetry)
 	return true
 }
 
@@ -518,9 +916,16 @@ func (d *durableHook) movedIn(id, from string) {
 			err := sc.FindOne(ctx, bson.D{{Key: "_id", Value: id}}).Decode(&doc)
 			var res *mongo.UpdateResult
 			if err == nil && doc.Owner == from {
-				// By _id alone, after the read (FerretDB v1 scans for _id
-				// and owner together).
-				res, err = sc.UpdateOne(ctx, bson.D{{Key: "_id", Value: id}},
+				// By _id alone after the read on FerretDB v1, which scans the
+				// collection for _id and owner together (once per session
+				// moved: quadratic for a fleet moving after a node's death)
+				// and whose conditional update is a read then a write anyway;
+				// conditional on the owner where the server makes it atomic.
+				filter := bson.D{{Key: "_id", Value: id}}
+				if !d.st.IDOnly() {
+					filter = append(filter, bson.E{Key: "owner", Value: from})
+				}
+				res, err = sc.UpdateOne(ctx, filter,
 					bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}}},
 						{Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}})
 			}
@@ -589,6 +994,13 @@ func (a *adoptions) end(id string) {
 			delete(a.m, id)
 		}
 	}
+}
+
+// busy reports whether an adoption of id is under way.
+func (a *adoptions) busy(id string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.m[id] != nil
 }
 
 // wait waits until no adoption of id is under way; false if ctx ended

@@ -127,3 +127,86 @@ func TestAdoptionInProgressHoldsConnect(t *testing.T) {
 		t.Fatalf("got %q, want the held message", m.Payload)
 	}
 }
+
+// TestAdoptionInProgressHoldsPeerClaim: a device reconnects to a survivor
+// other than the one adopting its session, in the window where the store
+// already names the adopter the owner but the session is not installed
+// yet. Its CONNECT claims the session from the adopter over the link; the
+// adopter answers once the session is installed, and the device finds its
+// session and its held message. Before, the adopter answered "not found"
+// at once and the device started with an empty session (2 of 200 devices
+// in one failover run).
+func TestAdoptionInProgressHoldsPeerClaim(t *testing.T) {
+	nodes, st := durableCluster(t, 3)
+	n0 := nodes[0]
+	expiry := ptr(uint32(600))
+	dev, _ := dialV5(t, n0, &paho.Connect{ClientID: "peer-dev", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+	subscribe(t, dev, 0, paho.SubscribeOptions{Topic: "peer/t", QoS: 1})
+	_ = dev.Disconnect(&paho.Disconnect{})
+	waitConnections(t, n0, 0)
+	pub, _ := dialV5(t, n0, &paho.Connect{ClientID: "peer-pub", CleanStart: true})
+	pub.Pub(t, "peer/t", 1, false, "held")
+	waitStoredOwner(t, st, "peer-dev", "n0")
+
+	// Whichever survivor adopts it (rendezvous hashing) pauses after its
+	// claim is written, before the install.
+	adopter := make(chan *broker.Broker, 2)
+	release := make(chan struct{})
+	for _, n := range nodes[1:] {
+		n.SetTestAfterClaim(func(id string) {
+			if id == "peer-dev" {
+				adopter <- n
+				<-release
+			}
+		})
+		defer n.SetTestAfterClaim(nil)
+	}
+	n0.KillCluster()
+	var a *broker.Broker
+	select {
+	case a = <-adopter:
+	case <-time.After(waitCond):
+		close(release)
+		t.Fatal("no survivor adopted n0's session")
+	}
+	other := nodes[1]
+	if other == a {
+		other = nodes[2]
+	}
+
+	type result struct {
+		c   *testutil.V5
+		ca  *paho.Connack
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		c, ca, err := testutil.DialV5(t, other.Addr(broker.ListenerTCP), &paho.Connect{ClientID: "peer-dev", CleanStart: false,
+			Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+		done <- result{c, ca, err}
+	}()
+	// The claim reaches the adopter (it waits, or, before the fix, the
+	// CONNECT is answered) before the install goes on.
+	testutil.WaitFor(t, waitCond, func() error {
+		if len(done) > 0 || a.AdoptionWaiters() > 0 {
+			return nil
+		}
+		return fmt.Errorf("claim not handled yet")
+	})
+	close(release)
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(waitCond):
+		t.Fatal("CONNECT not answered after the adoption")
+	}
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	if !r.ca.SessionPresent {
+		t.Fatal("session present = 0: the adopter answered the claim before it installed the session")
+	}
+	if m := r.c.Next(t, waitMsg); string(m.Payload) != "held" {
+		t.Fatalf("got %q, want the held message", m.Payload)
+	}
+}

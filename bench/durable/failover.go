@@ -24,6 +24,7 @@ import (
 var (
 	failSessions = flag.Int("failover-sessions", 1000, "failover: persistent sessions connected to the node that is killed")
 	probe        = flag.String("probe", "", "failover: cluster.probe_interval of the brokers (empty: the default)")
+	failProf     = flag.String("failover-cpuprofile", "", "failover: write a CPU profile of n1 over the 20 s after the kill to this file")
 )
 
 // measureFailover: a 3-node cluster sharing one `rtm store`; -failover-sessions
@@ -99,6 +100,7 @@ func measureFailover(bin string) error {
 		id      string
 		c       *paho.Client
 		got     atomic.Int64
+		after   atomic.Int64 // copies of its message published after the kill
 		present bool
 		at      time.Duration
 	}
@@ -185,6 +187,9 @@ func measureFailover(bin string) error {
 		return err
 	}
 	<-n2.done
+	if *failProf != "" {
+		go profileFor(n1.admin, *failProf, 20)
+	}
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	var firstConnect time.Duration
@@ -201,16 +206,20 @@ func measureFailover(bin string) error {
 			// step.
 			backoff := 250 * time.Millisecond
 			for ctx.Err() == nil {
-				c, ca, err := dial(ctx, survivor.addr, d.id, 86400, false, nil)
+				c, ca, err := dial(ctx, survivor.addr, d.id, 86400, false, func(p *paho.Publish) {
+					if string(p.Payload) == "after" {
+						d.after.Add(1)
+					}
+				})
 				if err == nil {
 					d.at = time.Since(killed)
 					d.present = ca.SessionPresent
+					d.c = c // stays connected: its message published after the kill comes
 					mu.Lock()
 					if firstConnect == 0 {
 						firstConnect = d.at
 					}
 					mu.Unlock()
-					_ = c.Disconnect(&paho.Disconnect{})
 					return
 				}
 				time.Sleep(backoff/2 + rand.N(backoff/2))
@@ -218,6 +227,22 @@ func measureFailover(bin string) error {
 			}
 		}()
 	}
+	// One QoS 1 message per device published on n1 right after the kill:
+	// n1 holds it for n2 (whose routes it keeps) and hands it to the
+	// adopters, or, once a session is adopted, sends it to its adopter.
+	// Each one acknowledged must reach its device.
+	pubAcked := make([]bool, n)
+	pubDone := make(chan struct{})
+	go func() {
+		defer close(pubDone)
+		_ = parallel(n, 16, func(i int) error {
+			pctx, cancel := context.WithTimeout(ctx, time.Minute)
+			defer cancel()
+			pr, err := pub.Publish(pctx, &paho.Publish{Topic: "fo/" + devs[i].id, QoS: 1, Payload: []byte("after")})
+			pubAcked[i] = err == nil && (pr == nil || pr.ReasonCode < 0x80)
+			return nil
+		})
+	}()
 	adopted := make(chan time.Duration, 1)
 	go func() {
 		_ = waitFor(10*time.Minute, func() error {
@@ -242,6 +267,28 @@ func measureFailover(bin string) error {
 	}()
 	wg.Wait()
 	all := time.Since(killed)
+	<-pubDone
+	acked, delivered, dups := 0, 0, 0
+	_ = waitFor(time.Minute, func() error {
+		acked, delivered, dups = 0, 0, 0
+		for i, d := range devs {
+			if !pubAcked[i] {
+				continue
+			}
+			acked++
+			if g := d.after.Load(); g > 0 {
+				delivered++
+				dups += int(g - 1)
+			}
+		}
+		if delivered < acked {
+			return fmt.Errorf("%d of %d delivered", delivered, acked)
+		}
+		return nil
+	})
+	for _, d := range devs {
+		_ = d.c.Disconnect(&paho.Disconnect{})
+	}
 	var present int
 	var ats []time.Duration
 	for _, d := range devs {
@@ -286,6 +333,8 @@ func measureFailover(bin string) error {
 	fmt.Printf("  first reconnect %v, median %v, all %d reconnected after %v\n", firstConnect.Round(time.Millisecond),
 		ats[len(ats)/2].Round(time.Millisecond), n, all.Round(time.Millisecond))
 	fmt.Printf("  %d of %d reconnected with their session (session present)\n", present, n)
+	fmt.Printf("  messages published on n1 right after the kill, one per device: %d acknowledged, %d of them delivered (%d lost), %d duplicates\n",
+		acked, delivered, acked-delivered, dups)
 	return nil
 }
 

@@ -57,6 +57,8 @@ var (
 	sessions = flag.Int("sessions", 10000, "restart: persistent sessions")
 	queued   = flag.Int("queued", 100000, "restart: queued messages in all (spread evenly)")
 	failover = flag.Bool("failover", false, "measure the time from kill -9 of a node until its sessions are served elsewhere instead")
+	logLevel = flag.String("log-level", "", "the brokers' log.level (the store's stays as it is)")
+	logDir   = flag.String("logs", "", "keep each broker's log (JSON lines) in this directory, as NAME.log")
 	cpuprof  = flag.String("cpuprofile", "", "write a CPU profile of the broker in the first round with durability on (3 s from its start) to this file")
 )
 
@@ -159,6 +161,9 @@ func startNode(bin, data, durable, name string, extra ...string) (*broker, error
 		"RTM_BROKER_ADMIN_KEYS=bench-admin-key-0123456789abcdef", "RTM_BROKER_MAX_QUEUED=65535",
 		"RTM_BROKER_MAX_QUEUED_BYTES=1073741824", "RTM_BROKER_MAX_QUEUED_BYTES_TOTAL=8589934592",
 		"RTM_BROKER_CAPACITY=1000000")
+	if *logLevel != "" {
+		b.cmd.Env = append(b.cmd.Env, "RTM_LOG_LEVEL="+*logLevel)
+	}
 	stderr, err := b.cmd.StderrPipe()
 	if err != nil {
 		return nil, err
@@ -170,12 +175,24 @@ func startNode(bin, data, durable, name string, extra ...string) (*broker, error
 	childMu.Lock()
 	children[b] = true
 	childMu.Unlock()
+	var logf *os.File
+	if *logDir != "" {
+		if logf, err = os.Create(filepath.Join(*logDir, name+".log")); err != nil {
+			return nil, err
+		}
+	}
 	got := make(chan error, 1)
 	go func() {
+		if logf != nil {
+			defer logf.Close()
+		}
 		sc := bufio.NewScanner(stderr)
 		sc.Buffer(make([]byte, 1<<20), 1<<20)
 		sent := false
 		for sc.Scan() {
+			if logf != nil {
+				_, _ = logf.Write(append(sc.Bytes(), '\n'))
+			}
 			var rec struct {
 				Msg       string            `json:"msg"`
 				Listeners map[string]string `json:"listeners"`
@@ -378,8 +395,11 @@ func durabilityStats(admin string) string {
 }
 
 // profile saves 3 s of the broker's CPU profile to path.
-func profile(admin, path string) {
-	req, _ := http.NewRequest(http.MethodGet, "http://"+admin+"/debug/pprof/profile?seconds=3", nil)
+func profile(admin, path string) { profileFor(admin, path, 3) }
+
+// profileFor saves secs seconds of the broker's CPU profile to path.
+func profileFor(admin, path string, secs int) {
+	req, _ := http.NewRequest(http.MethodGet, fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", admin, secs), nil)
 	req.Header.Set("Authorization", "Bearer bench-admin-key-0123456789abcdef")
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {

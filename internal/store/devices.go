@@ -50,9 +50,34 @@ func (s *Store) WritePresence(ctx context.Context, ups []PresenceUpdate) error {
 	if len(ups) == 0 {
 		return nil
 	}
+	// On FerretDB v1 the disconnect's filter on _id and conn scans the
+	// collection, once per disconnect: a fleet disconnecting at once (a
+	// node's death, its devices moving to the survivors) cost a scan of
+	// every device per device. There, the batch's disconnected records are
+	// read in one query and each disconnect is written by _id alone if the
+	// connection it ends is still the one recorded, which is what
+	// FerretDB's conditional update does itself (a read, then a write).
+	var conns map[string]string
+	if s.idOnly {
+		var err error
+		if conns, err = s.recordedConns(ctx, ups); err != nil {
+			return fmt.Errorf("store: record presence: %w", err)
+		}
+	}
 	models := make([]mongo.WriteModel, 0, len(ups))
 	for _, u := range ups {
 		at := u.At.UTC()
+		if conns != nil {
+			if u.Online {
+				conns[u.ClientID] = u.Conn
+			} else if conns[u.ClientID] != u.Conn {
+				continue // a later connection is recorded (or none)
+			}
+		}
+		filter := bson.D{{Key: "_id", Value: u.ClientID}, {Key: "conn", Value: u.Conn}}
+		if conns != nil {
+			filter = filter[:1]
+		}
 		if u.Online {
 			models = append(models, mongo.NewUpdateOneModel().
 				SetFilter(bson.D{{Key: "_id", Value: u.ClientID}}).
@@ -64,8 +89,11 @@ func (s *Store) WritePresence(ctx context.Context, ups []PresenceUpdate) error {
 			continue
 		}
 		models = append(models, mongo.NewUpdateOneModel().
-			SetFilter(bson.D{{Key: "_id", Value: u.ClientID}, {Key: "conn", Value: u.Conn}}).
+			SetFilter(filter).
 			SetUpdate(bson.D{{Key: "$set", Value: bson.D{{Key: "online", Value: false}, {Key: "last_seen", Value: at}}}}))
+	}
+	if len(models) == 0 {
+		return nil
 	}
 	// Ordered: a connect and a disconnect of one client in one batch must
 	// apply in that order.
@@ -73,6 +101,63 @@ func (s *Store) WritePresence(ctx context.Context, ups []PresenceUpdate) error {
 		return fmt.Errorf("store: record presence: %w", err)
 	}
 	return nil
+}
+
+// recordedConns returns the connection recorded for each client that ups
+// disconnects, read in one query ("" for a client with no record).
+func (s *Store) recordedConns(ctx context.Context, ups []PresenceUpdate) (map[string]string, error) {
+	var ids []string
+	for _, u := range ups {
+		if !u.Online {
+			ids = append(ids, u.ClientID)
+		}
+	}
+	conns := make(map[string]string, len(ids))
+	if len(ids) == 0 {
+		return conns, nil
+	}
+	filter := bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: ids}}}}
+	if len(ids) == 1 {
+		filter = bson.D{{Key: "_id", Value: ids[0]}}
+	}
+	cur, err := s.db.Collection(CollDevices).Find(ctx, filter, options.Find().SetProjection(bson.D{{Key: "conn", Value: 1}}))
+	if err != nil {
+		return nil, err
+	}
+	var recs []struct {
+		ID   string `bson:"_id"`
+		Conn string `bson:"conn"`
+	}
+	if err := cur.All(ctx, &recs); err != nil {
+		return nil, err
+	}
+	for _, r := range recs {
+		conns[r.ID] = r.Conn
+	}
+	return conns, nil
+}
+
+// Presences returns the presence of each of ids that a broker recorded, in
+// one query (on FerretDB v1, one pass over the collection instead of one
+// lookup per device).
+func (s *Store) Presences(ctx context.Context, ids []string) (map[string]Presence, error) {
+	out := make(map[string]Presence, len(ids))
+	if len(ids) == 0 {
+		return out, nil
+	}
+	cur, err := s.db.Collection(CollDevices).Find(ctx, bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: ids}}}})
+	if err != nil {
+		return nil, fmt.Errorf("store: presence of %d devices: %w", len(ids), err)
+	}
+	var ps []Presence
+	if err := cur.All(ctx, &ps); err != nil {
+		return nil, fmt.Errorf("store: presence of %d devices: %w", len(ids), err)
+	}
+	for _, p := range ps {
+		p.Seen = true
+		out[p.ClientID] = p
+	}
+	return out, nil
 }
 
 // SweepPresence marks offline every device recorded online at node by a

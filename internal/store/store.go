@@ -110,6 +110,12 @@ type Store struct {
 
 	hidx histIndex // the history index on FerretDB (historyindex.go)
 
+	// idOnly: the server is FerretDB v1, which pushes down to SQLite only
+	// a filter that is an equality on _id alone and scans the collection
+	// for any other, and which runs a conditional update as a read then a
+	// write anyway (see IDOnly).
+	idOnly bool
+
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -132,7 +138,7 @@ func (s *Store) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	s.client, s.db, s.embedded, s.uri, s.log = o.client, o.db, o.embedded, o.uri, o.log
+	s.client, s.db, s.embedded, s.uri, s.log, s.idOnly = o.client, o.db, o.embedded, o.uri, o.log, o.idOnly
 	return nil
 }
 
@@ -192,6 +198,9 @@ func Open(ctx context.Context, opts Options) (_ *Store, err error) {
 	if err := ensureSchema(ctx, s.db); err != nil {
 		return nil, fmt.Errorf("store: %s: database %s: %w", s.uri, opts.Database, err)
 	}
+	if s.idOnly, err = isFerretDBv1(ctx, s.db); err != nil {
+		return nil, fmt.Errorf("store: %s: %w", s.uri, err)
+	}
 	log.Info("store open", "uri", s.uri, "database", opts.Database, "embedded", s.embedded != nil)
 	return s, nil
 }
@@ -234,6 +243,15 @@ func (s *Store) DB() *mongo.Database { return s.db }
 
 // Client returns the driver client, for work outside rtm's database.
 func (s *Store) Client() *mongo.Client { return s.client }
+
+// IDOnly reports whether the server finds documents by key only for a
+// filter that is an equality on _id alone (FerretDB v1, the embedded
+// store): any other filter, a conditional update's included, reads the
+// whole collection, and a conditional update is not atomic there anyway
+// (a read, then a write). Callers with many such writes read by _id and
+// write by _id instead; on MongoDB they keep the conditional filter, which
+// is atomic and uses the _id index.
+func (s *Store) IDOnly() bool { return s.idOnly }
 
 // Embedded reports whether the store runs an embedded FerretDB server.
 func (s *Store) Embedded() bool { return s.embedded != nil }
