@@ -66,3 +66,50 @@ func TestStormRelease(t *testing.T) {
 		t.Fatal("not released after waiting releaseStoreWaitTicks for a store that stays busy")
 	}
 }
+
+// TestStormReleaseAfterParking: connections parking count as connects, so
+// the release after a connect storm waits until they have parked (their
+// goroutine stacks are free only then), and a wave of parked connections
+// woken together (a fleet's keep-alive pings) and parked again is
+// released too, with no connect at all.
+func TestStormReleaseAfterParking(t *testing.T) {
+	var r stormRelease
+	var connects, parked int64
+	step := func(add, nowParked int64) bool {
+		connects += add
+		parked = nowParked
+		r.observe(parked)
+		return r.tick(connects, false)
+	}
+	if step(5000, 0) || step(5000, 0) {
+		t.Fatal("released during the storm")
+	}
+	if step(0, 0) {
+		t.Fatal("released after one quiet tick")
+	}
+	// The connections park (5 s idle) at the second quiet tick: that tick
+	// is not quiet, the release comes two ticks later.
+	if step(0, 10000) {
+		t.Fatal("released while the storm's connections were parking")
+	}
+	if step(0, 10000) {
+		t.Fatal("released one quiet tick after the connections parked")
+	}
+	if !step(0, 10000) {
+		t.Fatal("not released two quiet ticks after the connections parked")
+	}
+	// A keep-alive wave: all wake (unparked), then park again.
+	if step(0, 0) || step(0, 10000) || step(0, 10000) {
+		t.Fatal("released before two quiet ticks after the wave")
+	}
+	if !step(0, 10000) {
+		t.Fatal("not released after a wave of 10,000 connections woke and parked again")
+	}
+	// Connections that wake and park one by one (pings spread over the
+	// keep-alive) never add up to a release.
+	for i := 0; i < 100; i++ {
+		if step(0, 10000-int64(i%2)*40) {
+			t.Fatalf("released for a trickle of parks (tick %d)", i)
+		}
+	}
+}

@@ -297,7 +297,11 @@ func (cl *Client) ParseConnect(lid string, pk packets.Packet) {
 	cl.Net.Listener = lid
 
 	cl.Properties.ProtocolVersion = pk.ProtocolVersion
-	cl.Properties.Username = pk.Connect.Username
+	// rtm patch 108: a copy. The decoded username is a slice of the
+	// CONNECT's body, which it kept alive for the whole connection: with a
+	// token as the password, about 300 bytes per connection for a username
+	// of 20.
+	cl.Properties.Username = bytes.Clone(pk.Connect.Username)
 	cl.Properties.Clean = pk.Connect.Clean
 	cl.Properties.Props = pk.Properties.Copy(false)
 

@@ -137,3 +137,24 @@ func TestClientSetupAllocations(t *testing.T) {
 
 // clientSetupAllocs: measured 10 (15 without patch 107).
 const clientSetupAllocs = 10
+
+// rtm patch 108: the client keeps its username, not the CONNECT's body
+// (which holds the password, a token of a few hundred bytes with rtm).
+func TestClientKeepsNoConnectBody(t *testing.T) {
+	r, w := net.Pipe()
+	defer r.Close()
+	defer w.Close()
+	body := make([]byte, 400)
+	copy(body, "device-1")
+	pk := connectForLazyMaps()
+	pk.Connect.Username = body[:8:8]
+	pk.Connect.UsernameFlag = true
+	pk.Connect.Password = body[8:]
+	pk.Connect.PasswordFlag = true
+	cl := newClient(w, opsForLazyMaps())
+	cl.ParseConnect("tcp", pk)
+	require.Equal(t, []byte("device-1"), cl.Properties.Username)
+	copy(body, "XXXXXXXX") // the read buffer reused, say
+	require.Equal(t, []byte("device-1"), cl.Properties.Username, "the username is a copy, not a slice of the CONNECT's body")
+	require.LessOrEqual(t, cap(cl.Properties.Username), 16, "the copy holds the username only")
+}
