@@ -47,6 +47,7 @@ type options struct {
 	brokerCPUs string
 	loadCPUs   string
 	keep       bool
+	conns      int
 }
 
 // scenario is one `rtm bench` invocation, the same for every system.
@@ -57,17 +58,22 @@ type scenario struct {
 	fullOnly   bool
 }
 
-func scenarios(quick bool) []scenario {
+func scenarios(quick bool, nconns int) []scenario {
 	d := "10s"
 	// The conn scenario reads RSS connSettle after the last connect: rtm
 	// parks a connection idle for 5 s and returns a connect storm's
-	// garbage to the OS 10-15 s after the storm, so an earlier reading
+	// garbage to the OS two quiet 5 s ticks after the connections have
+	// parked (15-20 s after the last connect), so an earlier reading
 	// measures fresh connections and the storm, not idle ones (it is
-	// reported too). 10,000 at 2,000/s take 5 s; no ping falls in the
-	// hold (every 45 s).
-	conns, connDur, connSettle := "10000", "32s", "25s"
+	// reported too). 10,000 at 2,000/s take 5 s; the clients' first ping
+	// (every 45 s) comes after the reading.
+	conns, connDur, connSettle := "10000", "37s", "30s"
 	if quick {
 		d, conns, connDur, connSettle = "1500ms", "1000", "9s", "7s"
+	}
+	if nconns > 0 {
+		// At 2,000/s, plus the settle: the first ping still comes after.
+		conns, connDur = strconv.Itoa(nconns), fmt.Sprintf("%ds", nconns/2000+32)
 	}
 	return []scenario{
 		{key: "fanin0", title: "QoS 0 fan-in 10→1 at 20,000 msg/s", args: []string{"fanin", "-c", "10", "--qos", "0", "--rate", "20000", "--duration", d}},
@@ -90,6 +96,7 @@ func main() {
 	flag.StringVar(&o.charts, "charts", "docs/bench", "directory of the SVG charts (with -write)")
 	flag.StringVar(&o.profile, "profile", "", "instead of comparing: write CPU and allocation profiles of rtm (one node) under QoS 0 fan-in, QoS 1 fan-in and QoS 0 fan-out into this directory")
 	flag.StringVar(&o.mosquitto, "mosquitto", "/usr/sbin/mosquitto", "mosquitto binary")
+	flag.IntVar(&o.conns, "conns", 0, "connections of the conn scenario (default 10,000; quick 1,000); the brokers and the generator each need as many open files (ulimit -Hn)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the temporary directory (logs)")
 	flag.Parse()
 	o.brokerCPUs, o.loadCPUs = os.Getenv("BENCH_BROKER_CPUS"), os.Getenv("BENCH_LOAD_CPUS")
@@ -187,7 +194,7 @@ func compare(ctx context.Context, o options) error {
 		syss = append(syss, s)
 	}
 	var scs []scenario
-	for _, sc := range scenarios(o.quick) {
+	for _, sc := range scenarios(o.quick, o.conns) {
 		if (o.only == nil && !(sc.fullOnly && o.quick)) || o.only[sc.key] {
 			scs = append(scs, sc)
 		}

@@ -421,7 +421,12 @@ func (r *run) messages(ctx context.Context) (*Result, error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			r.publishLoop(pctx, cl, uint32(i), pubRoles[i].topic, perPub, start, share)
+			// Publisher i of n starts i/n of its interval late: R msg/s
+			// arrive one every 1/R s, not n at once every n/R s (a burst
+			// that a broker must queue, which measured its burst
+			// throughput as latency).
+			phase := float64(i) / float64(len(pubs))
+			r.publishLoop(pctx, cl, uint32(i), pubRoles[i].topic, perPub, phase, start, share)
 		}()
 	}
 	pubsDone := make(chan struct{})
@@ -567,8 +572,9 @@ func latency(h *hdrhistogram.Histogram) *Latency {
 
 // publishLoop publishes on topic until ctx ends or count messages are
 // sent (count < 0: no limit), at rate msg/s (0: as fast as the window and
-// the connection let it).
-func (r *run) publishLoop(ctx context.Context, cl *client, index uint32, topic string, rate float64, start time.Time, count int64) {
+// the connection let it), each send phase (0 to 1) of an interval after
+// the interval starts.
+func (r *run) publishLoop(ctx context.Context, cl *client, index uint32, topic string, rate, phase float64, start time.Time, count int64) {
 	c := r.cfg
 	payload := make([]byte, c.Size)
 	binary.BigEndian.PutUint32(payload, r.runID)
@@ -579,7 +585,7 @@ func (r *run) publishLoop(ctx context.Context, cl *client, index uint32, topic s
 		if rate > 0 {
 			// Pace by the clock, not by sleeps: a late wake-up sends what
 			// is due at once, so the average rate holds.
-			due := start.Add(time.Duration(float64(seq) / rate * float64(time.Second)))
+			due := start.Add(time.Duration((float64(seq) + phase) / rate * float64(time.Second)))
 			if dl, ok := ctx.Deadline(); ok && !due.Before(dl) {
 				return
 			}
