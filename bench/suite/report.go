@@ -325,7 +325,7 @@ func writeReport(w io.Writer, o options, env environment, scs []scenario, syss [
 	}
 	for _, sc := range scs {
 		if sc.conn {
-			fmt.Fprintf(w, "RSS per idle connection: the brokers' RSS growth over the connections held, read `--rss-after` the last connect (%s), after rtm has parked them (5 s idle) and returned the connect storm's garbage to the OS (10-15 s after it); the column beside it is read 1 s after the last connect, while they are fresh.\n\n", rssAfter(sc))
+			fmt.Fprintf(w, "RSS per idle connection: the brokers' RSS growth over the connections held, read `--rss-after` the last connect (%s), after rtm has parked them (5 s idle) and returned the connect storm's garbage to the OS (two quiet 5 s ticks after they parked); the column beside it is read 1 s after the last connect, while they are fresh.\n\n", rssAfter(sc))
 		}
 	}
 	fmt.Fprintf(w, "Lost: messages sent but not delivered when the run ended (5 s drain after publishing). Generator CPU near 1 core per generator thread means the load generator, not the broker, set the pace.\n\n")

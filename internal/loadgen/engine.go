@@ -737,9 +737,10 @@ func (r *run) conn(ctx context.Context) (*Result, error) {
 	go func() { wg.Wait(); close(connDone) }()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
-	// Ping at three quarters of the keep-alive (60 s), as a device would:
-	// a ping wakes every connection in the broker (rtm unparks them), so
-	// none must fall between the last connect and the RSS reading.
+	// Ping at three quarters of the keep-alive (60 s), as a device would,
+	// counted again from the last connect: a ping wakes every connection
+	// in the broker (rtm unparks them), so none falls between the last
+	// connect and an RSS reading up to 45 s later.
 	ping := time.NewTicker(connPingEvery)
 	defer ping.Stop()
 	progress := func(phase string) {
@@ -757,6 +758,7 @@ func (r *run) conn(ctx context.Context) (*Result, error) {
 		case <-connDone:
 			connDone = nil
 			phase = "hold"
+			ping.Reset(connPingEvery)
 			fresh = time.After(min(time.Second, time.Until(start.Add(c.Duration))/2))
 			settled = time.After(after)
 			if time.Now().Add(after).After(start.Add(c.Duration)) && c.RSSAfter > 0 {
