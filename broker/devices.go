@@ -73,9 +73,7 @@ type devicesHook struct {
 	failures   atomic.Int64           // store calls of the writer that failed (each retried)
 	reconciles atomic.Int64
 	reconcile  atomic.Bool // an operation was dropped: reconcile once the store answers
-	// reconcileDue: the writer took reconcile and has not reconciled yet.
-	reconcileDue atomic.Bool
-	done         chan struct{}
+	done       chan struct{}
 }
 
 // connRecord is what was recorded for a connection.
@@ -252,7 +250,6 @@ func (h *devicesHook) run(stop <-chan struct{}) {
 			// Reconcile after the operations queued before the drop,
 			// which are older than the clients' state it writes.
 			before = len(batch) + len(h.queue)
-			h.reconcileDue.Store(true)
 		}
 		if len(batch) == 0 && swept && before != 0 && !h.reapplyDue() {
 			idle.Reset(storePing)
@@ -346,7 +343,6 @@ func (h *devicesHook) step(swept *bool, batch *[]deviceOp, before *int) error {
 			return err
 		}
 		*before = -1
-		h.reconcileDue.Store(false)
 	}
 	return h.reapplyBatch()
 }
@@ -541,14 +537,6 @@ func (h *devicesHook) down(err error) {
 
 // pending counts device records waiting to be written.
 func (h *devicesHook) pending() int64 { return int64(len(h.queue)) + h.inBatch.Load() }
-
-// busy reports whether the store still has work for the devices: records
-// to write, or a reconciliation due (it reads and writes every connected
-// device's record: at 19,000 devices hundreds of MB of garbage, which the
-// release after a connection storm must come after).
-func (h *devicesHook) busy() bool {
-	return h.pending() > 0 || h.reconcile.Load() || h.reconcileDue.Load()
-}
 
 // flush writes what is queued at shutdown, within deviceFlushWait; what is
 // left then is lost (the next process's sweep marks its devices offline).

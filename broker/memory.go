@@ -94,7 +94,7 @@ func (b *Broker) releaseAfterStorms(ctx context.Context) {
 		case <-t.C:
 			n := b.connects.Load()
 			r.observe(int64(b.mq.ParkedClients()))
-			if !r.tick(n, b.devices != nil && b.devices.busy()) {
+			if !r.tick(n, b.devices != nil && b.devices.pending() > 0) {
 				continue
 			}
 			start := time.Now()

@@ -113,29 +113,3 @@ func TestStormReleaseAfterParking(t *testing.T) {
 		}
 	}
 }
-
-// TestDevicesBusyWhileReconcileDue: the release after a storm waits for a
-// reconciliation of the device records (after writes dropped during the
-// storm), not only for queued records: reconciling 19,000 devices made
-// hundreds of MB of garbage right after the release (9.9 KiB of RSS per
-// idle connection instead of 6.4).
-func TestDevicesBusyWhileReconcileDue(t *testing.T) {
-	h := &devicesHook{queue: make(chan deviceOp, 4)}
-	if h.busy() {
-		t.Fatal("busy with nothing to do")
-	}
-	h.reconcile.Store(true) // a write was dropped
-	if !h.busy() {
-		t.Fatal("not busy with a reconciliation to start")
-	}
-	h.reconcile.Store(false)
-	h.reconcileDue.Store(true) // the writer took it, not done yet
-	if !h.busy() {
-		t.Fatal("not busy while reconciling")
-	}
-	h.reconcileDue.Store(false)
-	h.queue <- deviceOp{}
-	if !h.busy() {
-		t.Fatal("not busy with a record queued")
-	}
-}
