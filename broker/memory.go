@@ -44,6 +44,10 @@ const (
 // stormRelease decides, from the count of CONNECTs seen, when a storm of
 // connects is over and the memory it left should be returned.
 type stormRelease struct {
+	// reconciles: the device records' reconciliations seen; one that
+	// ended since the last tick releases too (see reconciled).
+	reconciles int64
+	reconDue   bool
 	parks      int64 // increases of the parked count, summed
 	prevParked int64
 	prev       int64 // connects and parks at the previous tick
@@ -82,6 +86,24 @@ func (r *stormRelease) observe(parked int64) {
 	r.prevParked = parked
 }
 
+// reconciled takes the count of reconciliations of the device records
+// done so far and whether the store is still busy with records; true:
+// release now. A reconciliation (after a storm overflowed the device
+// record queue) reads and writes every connected device's record, and its
+// garbage (hundreds of MB at 19,000 devices) comes after the storm's
+// release: it is returned once the reconciliation is over and the store
+// idle.
+func (r *stormRelease) reconciled(n int64, storeBusy bool) bool {
+	if n != r.reconciles {
+		r.reconciles, r.reconDue = n, true
+	}
+	if !r.reconDue || storeBusy {
+		return false
+	}
+	r.reconDue = false
+	return true
+}
+
 // releaseAfterStorms runs until ctx ends.
 func (b *Broker) releaseAfterStorms(ctx context.Context) {
 	t := time.NewTicker(releaseTick)
@@ -94,13 +116,16 @@ func (b *Broker) releaseAfterStorms(ctx context.Context) {
 		case <-t.C:
 			n := b.connects.Load()
 			r.observe(int64(b.mq.ParkedClients()))
-			if !r.tick(n, b.devices != nil && b.devices.pending() > 0) {
+			busy := b.devices != nil && b.devices.pending() > 0
+			storm := r.tick(n, busy)
+			recon := b.devices != nil && r.reconciled(b.devices.reconciles.Load(), busy)
+			if !storm && !recon {
 				continue
 			}
 			start := time.Now()
 			debug.FreeOSMemory()
 			b.log.Info("returned free memory to the OS after a connection storm",
-				"connects", n, "connections", atomic.LoadInt64(&b.mq.Info.ClientsConnected), "took", time.Since(start).String())
+				"reconciliation", recon && !storm, "connects", n, "connections", atomic.LoadInt64(&b.mq.Info.ClientsConnected), "took", time.Since(start).String())
 		}
 	}
 }

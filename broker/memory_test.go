@@ -117,3 +117,25 @@ func TestStormReleaseAfterParking(t *testing.T) {
 		}
 	}
 }
+
+// TestReleaseAfterReconciliation: a reconciliation of the device records
+// (after a storm overflowed their queue) releases once it is over and the
+// store has no records left to write; once per reconciliation.
+func TestReleaseAfterReconciliation(t *testing.T) {
+	var r stormRelease
+	if r.reconciled(0, false) {
+		t.Fatal("released without a reconciliation")
+	}
+	if r.reconciled(1, true) {
+		t.Fatal("released while the store still writes records")
+	}
+	if !r.reconciled(1, false) {
+		t.Fatal("not released after the reconciliation, the store idle")
+	}
+	if r.reconciled(1, false) {
+		t.Fatal("released twice for one reconciliation")
+	}
+	if !r.reconciled(2, false) {
+		t.Fatal("not released after the next reconciliation")
+	}
+}
