@@ -10,9 +10,10 @@
 //
 // Concurrency: mochi calls the hooks from every client's goroutine at once.
 // An AuthHook is configured before the server starts and read-only after,
-// except for its tables of connected identities and of their expiry timers
-// (sync.Maps; a timer fires on a goroutine of its own). OnACLCheck runs
-// for every delivery of every message, so it allocates nothing and takes no
-// lock on that path; a GroupCache answer it holds is a sync.Map load and a
+// except for each connection's identity and expiry timer, kept on the
+// mochi client itself (a ClientSlot, atomic; a timer fires on a goroutine
+// of its own), and its table of client IDs (a mutex, taken at connect and
+// disconnect only). OnACLCheck runs for every delivery of every message, so
+// it allocates nothing and takes no lock on that path; a GroupCache answer it holds is a sync.Map load and a
 // map lookup, and its first question about a device reads the store.
 package plugins

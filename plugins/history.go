@@ -582,8 +582,8 @@ func (c *historyCapture) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 
 // IsService reports whether cl authenticated as one of rtm's services.
 func (h *AuthHook) IsService(cl *mqtt.Client) bool {
-	v, ok := h.ids.Load(cl)
-	return ok && v.(*identity).service
+	a := authSlot.Load(cl)
+	return a != nil && !a.plain.Load() && a.id.service
 }
 
 var (

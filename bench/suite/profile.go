@@ -42,7 +42,7 @@ func profile(ctx context.Context, o options) error {
 	if o.quick {
 		dur, window = 8*time.Second, 5
 	}
-	for _, sc := range scenarios(o.quick) {
+	for _, sc := range scenarios(o.quick, 0) {
 		if sc.key != "fanin0" && sc.key != "fanin1" && sc.key != "fanout0" {
 			continue
 		}

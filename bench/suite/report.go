@@ -98,6 +98,11 @@ var (
 	mRSSConn  = metric{"RSS per idle connection (KiB)", false, func(r *loadgen.Result) (float64, bool) {
 		return r.RSSPerConn / 1024, r.Broker != nil && r.Connections > 0
 	}}
+	// mRSSFresh is read 1 s after the last connect, mRSSConn --rss-after
+	// it (the idle state).
+	mRSSFresh = metric{"RSS per connection 1 s after connecting (KiB)", false, func(r *loadgen.Result) (float64, bool) {
+		return r.RSSPerConnFresh / 1024, r.Broker != nil && r.Connections > 0 && r.RSSPerConnFresh != 0
+	}}
 	mConnFail = metric{"failed", false, func(r *loadgen.Result) (float64, bool) { return float64(r.ConnFailed), true }}
 )
 
@@ -288,7 +293,7 @@ func writeReport(w io.Writer, o options, env environment, scs []scenario, syss [
 		fmt.Fprintf(w, "#### %s\n\n`rtm bench %s`\n\n", sc.title, strings.Join(sc.args, " "))
 		ms := []metric{mDelivered, mPerCPU, mBrokerCPU, mLost, mDups, mP50, mP99, mGenCPU}
 		if sc.conn {
-			ms = []metric{mConnRate, mConnFail, mRSSConn, mP50, mP99, mGenCPU}
+			ms = []metric{mConnRate, mConnFail, mRSSConn, mRSSFresh, mP50, mP99, mGenCPU}
 		}
 		fmt.Fprintf(w, "| system |")
 		for _, m := range ms {
@@ -317,6 +322,11 @@ func writeReport(w io.Writer, o options, env environment, scs []scenario, syss [
 			fmt.Fprintf(w, " %s |\n", strings.ReplaceAll(strings.Join(errs, "; "), "|", "\\|"))
 		}
 		fmt.Fprintln(w)
+	}
+	for _, sc := range scs {
+		if sc.conn {
+			fmt.Fprintf(w, "RSS per idle connection: the brokers' RSS growth over the connections held, read `--rss-after` the last connect (%s), after rtm has parked them (5 s idle) and returned the connect storm's garbage to the OS (two quiet 5 s ticks after they parked); the column beside it is read 1 s after the last connect, while they are fresh.\n\n", rssAfter(sc))
+		}
 	}
 	fmt.Fprintf(w, "Lost: messages sent but not delivered when the run ended (5 s drain after publishing). Generator CPU near 1 core per generator thread means the load generator, not the broker, set the pace.\n\n")
 	fmt.Fprintf(w, "<details><summary>Exact commands of the last round</summary>\n\n```sh\n")
@@ -400,4 +410,14 @@ func barChart(title string, groups, series []string, vals [][]float64) string {
 	fmt.Fprintf(&b, `<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#888"/>`+"\n", left, top-4, left, height-16)
 	b.WriteString("</svg>\n")
 	return b.String()
+}
+
+// rssAfter is the conn scenario's --rss-after argument.
+func rssAfter(sc scenario) string {
+	for i, a := range sc.args {
+		if a == "--rss-after" && i+1 < len(sc.args) {
+			return sc.args[i+1]
+		}
+	}
+	return "1s"
 }

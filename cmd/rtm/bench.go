@@ -54,7 +54,8 @@ scenario, mqtt_version, qos, publishers, subscribers, payload_bytes,
 target_rate, duration_s, elapsed_s, sent, acked, refused, expected,
 delivered, duplicated, lost, sent_per_s, delivered_per_s, latency_ms {p50,
 p90, p99, p99_9, max, mean}, for conn: connections, conn_failed, conn_per_s,
-conn_latency_ms, rss_per_conn_bytes; broker {cpu_s, cpu_share, rss_bytes,
+conn_latency_ms, rss_per_conn_bytes (read --rss-after the last connect),
+rss_per_conn_fresh_bytes (1 s after it), rss_after_s; broker {cpu_s, cpu_share, rss_bytes,
 rss_before_bytes, msgs_per_cpu_s} with --broker-pid; generator {cpu_s,
 cpu_share}: the generator's own CPU, to tell when it is the bottleneck; and
 errors.
@@ -135,6 +136,7 @@ Examples:
 	f.BoolVar(&cfg.Insecure, "insecure", false, "do not verify the broker's TLS certificate")
 	f.IntSliceVar(&pids, "broker-pid", nil, "broker process ID(s) on this machine: report their CPU time and RSS")
 	f.DurationVar(&cfg.Settle, "settle", 0, "pause between subscribing and publishing, for subscriptions to reach the other nodes of a cluster")
+	f.DurationVar(&cfg.RSSAfter, "rss-after", 0, "conn: read the brokers' RSS this long after the last connection is made (default 1s), to see their idle state; --duration must leave the time")
 	f.IntVar(&cfg.ConnectConcurrency, "concurrency", cfg.ConnectConcurrency, "connections being set up at once")
 	f.BoolVar(&asJSON, "json", false, "print one JSON object at the end instead of the table")
 	return cmd

@@ -83,6 +83,13 @@ type Config struct {
 	// Settle is a pause between the last SUBACK and the first publish,
 	// for subscriptions to reach the other nodes of a cluster.
 	Settle time.Duration
+	// RSSAfter (conn scenario) is how long after the last connection is
+	// made the brokers' RSS is read for RSSPerConn: long enough for a
+	// broker to settle into its idle state (rtm parks a connection idle
+	// for 5 s and returns a connect storm's garbage 10-15 s after it
+	// ends). RSS is also read 1 s after the last connection
+	// (RSSPerConnFresh).
+	RSSAfter time.Duration
 	// ConnectConcurrency bounds the connections being set up at once.
 	ConnectConcurrency int
 	// SetupTimeout bounds connecting and subscribing before the clock
@@ -173,6 +180,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Settle < 0 || c.Settle > time.Minute {
 		bad("--settle: %v, want 0 to 1m", c.Settle)
+	}
+	if c.RSSAfter < 0 || c.RSSAfter > 10*time.Minute {
+		bad("--rss-after: %v, want 0 to 10m", c.RSSAfter)
 	}
 	if c.ConnectConcurrency < 1 {
 		c.ConnectConcurrency = 64

@@ -94,8 +94,13 @@ type Result struct {
 	ConnFailed  int64    `json:"conn_failed,omitempty"`
 	ConnRate    float64  `json:"conn_per_s,omitempty"`
 	ConnLatency *Latency `json:"conn_latency_ms,omitempty"`
-	// RSSPerConn is the brokers' RSS growth per connection held, bytes.
-	RSSPerConn float64 `json:"rss_per_conn_bytes,omitempty"`
+	// RSSPerConn is the brokers' RSS growth per connection held, bytes,
+	// read --rss-after the last connection was made (RSSAfterS);
+	// RSSPerConnFresh the same 1 s after it, while the connections are
+	// fresh.
+	RSSPerConn      float64 `json:"rss_per_conn_bytes,omitempty"`
+	RSSPerConnFresh float64 `json:"rss_per_conn_fresh_bytes,omitempty"`
+	RSSAfterS       float64 `json:"rss_after_s,omitempty"`
 
 	Broker    *Usage   `json:"broker,omitempty"`
 	Generator Usage    `json:"generator"`
@@ -416,7 +421,12 @@ func (r *run) messages(ctx context.Context) (*Result, error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			r.publishLoop(pctx, cl, uint32(i), pubRoles[i].topic, perPub, start, share)
+			// Publisher i of n starts i/n of its interval late: R msg/s
+			// arrive one every 1/R s, not n at once every n/R s (a burst
+			// that a broker must queue, which measured its burst
+			// throughput as latency).
+			phase := float64(i) / float64(len(pubs))
+			r.publishLoop(pctx, cl, uint32(i), pubRoles[i].topic, perPub, phase, start, share)
 		}()
 	}
 	pubsDone := make(chan struct{})
@@ -562,8 +572,9 @@ func latency(h *hdrhistogram.Histogram) *Latency {
 
 // publishLoop publishes on topic until ctx ends or count messages are
 // sent (count < 0: no limit), at rate msg/s (0: as fast as the window and
-// the connection let it).
-func (r *run) publishLoop(ctx context.Context, cl *client, index uint32, topic string, rate float64, start time.Time, count int64) {
+// the connection let it), each send phase (0 to 1) of an interval after
+// the interval starts.
+func (r *run) publishLoop(ctx context.Context, cl *client, index uint32, topic string, rate, phase float64, start time.Time, count int64) {
 	c := r.cfg
 	payload := make([]byte, c.Size)
 	binary.BigEndian.PutUint32(payload, r.runID)
@@ -574,7 +585,7 @@ func (r *run) publishLoop(ctx context.Context, cl *client, index uint32, topic s
 		if rate > 0 {
 			// Pace by the clock, not by sleeps: a late wake-up sends what
 			// is due at once, so the average rate holds.
-			due := start.Add(time.Duration(float64(seq) / rate * float64(time.Second)))
+			due := start.Add(time.Duration((float64(seq) + phase) / rate * float64(time.Second)))
 			if dl, ok := ctx.Deadline(); ok && !due.Before(dl) {
 				return
 			}
@@ -646,6 +657,10 @@ func closeAll(cs []*client) {
 	}
 	wg.Wait()
 }
+
+// connPingEvery is how often the conn scenario's idle clients ping
+// (keep-alive 60 s).
+const connPingEvery = 45 * time.Second
 
 // conn opens Clients connections at Rate per second, holds them until the
 // duration ends (pinging within the keep-alive), and reports the connect
@@ -722,28 +737,45 @@ func (r *run) conn(ctx context.Context) (*Result, error) {
 	go func() { wg.Wait(); close(connDone) }()
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
-	ping := time.NewTicker(30 * time.Second)
+	// Ping at three quarters of the keep-alive (60 s), as a device would,
+	// counted again from the last connect: a ping wakes every connection
+	// in the broker (rtm unparks them), so none falls between the last
+	// connect and an RSS reading up to 45 s later.
+	ping := time.NewTicker(connPingEvery)
 	defer ping.Stop()
 	progress := func(phase string) {
 		if c.Progress != nil {
 			c.Progress(Progress{Phase: phase, Elapsed: time.Since(start), Duration: c.Duration, Connected: r.connected.Load()})
 		}
 	}
+	after := max(c.RSSAfter, time.Second)
 	phase := "connect"
 	var held int64
-	var rss int64
+	var rss, rssFresh int64
+	var fresh, settled <-chan time.Time // RSS readings, once every connection is made
 	for hctx.Err() == nil {
 		select {
 		case <-connDone:
 			connDone = nil
 			phase = "hold"
-			// RSS once the last connections have settled in the broker.
-			select {
-			case <-hctx.Done():
-			case <-time.After(min(time.Second, time.Until(start.Add(c.Duration))/2)):
+			ping.Reset(connPingEvery)
+			fresh = time.After(min(time.Second, time.Until(start.Add(c.Duration))/2))
+			settled = time.After(after)
+			if time.Now().Add(after).After(start.Add(c.Duration)) && c.RSSAfter > 0 {
+				r.fail("--duration ends before --rss-after (%v) has passed since the last connection: RSS read at the end instead", c.RSSAfter)
 			}
+		case <-fresh:
+			fresh = nil
+			rssFresh, _ = pidsRSS(c.BrokerPIDs)
+			if settled != nil {
+				rss = rssFresh
+				held = r.connected.Load()
+			}
+		case <-settled:
+			settled = nil
 			rss, _ = pidsRSS(c.BrokerPIDs)
 			held = r.connected.Load()
+			res.RSSAfterS = after.Seconds()
 		case <-tick.C:
 			progress(phase)
 		case <-ping.C:
@@ -758,8 +790,18 @@ func (r *run) conn(ctx context.Context) (*Result, error) {
 	if connDone != nil {
 		<-connDone
 		rss, _ = pidsRSS(c.BrokerPIDs)
+		rssFresh = rss
 		held = r.connected.Load()
 		r.fail("--duration ended before every connection was opened (%d of %d)", held, c.Clients)
+	} else if settled != nil {
+		rss, _ = pidsRSS(c.BrokerPIDs)
+		held = r.connected.Load()
+		if lc := lastConn.Load(); lc > 0 {
+			res.RSSAfterS = time.Since(time.Unix(0, lc)).Seconds()
+		}
+		if fresh != nil {
+			rssFresh = rss
+		}
 	}
 	var dropped int64
 	for _, cl := range clients {
@@ -793,6 +835,7 @@ func (r *run) conn(ctx context.Context) (*Result, error) {
 			res.Broker = u
 			if held > 0 {
 				res.RSSPerConn = float64(rss-rss0) / float64(held)
+				res.RSSPerConnFresh = float64(rssFresh-rss0) / float64(held)
 			}
 		}
 	}

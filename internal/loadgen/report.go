@@ -27,7 +27,8 @@ func WriteTable(w io.Writer, res *Result) error {
 			row("CONNECT→CONNACK ms", "p50 %s  p90 %s  p99 %s  p99.9 %s  max %s", ms(l.P50), ms(l.P90), ms(l.P99), ms(l.P999), ms(l.Max))
 		}
 		if res.Broker != nil {
-			row("broker RSS", "%s before, %s holding them: %s per connection", bytesText(res.Broker.RSSBefore), bytesText(res.Broker.RSSBytes), bytesText(int64(res.RSSPerConn)))
+			row("broker RSS", "%s before, %s holding them %.0fs after the last connect: %s per connection (%s 1s after it)", bytesText(res.Broker.RSSBefore),
+				bytesText(res.Broker.RSSBytes), max(res.RSSAfterS, 1), bytesText(int64(res.RSSPerConn)), bytesText(int64(res.RSSPerConnFresh)))
 		}
 	} else {
 		row("clients", "%d publishers, %d subscribers, payload %d B, rate %s", res.Publishers, res.Subscribers, res.PayloadBytes, rateText(res.TargetRate))

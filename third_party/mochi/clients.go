@@ -15,6 +15,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"github.com/rs/xid"
 
@@ -134,6 +135,8 @@ type Client struct {
 	ID           string           // the client id.
 	ops          *ops             // ops provides a reference to server ops.
 	sync.RWMutex                  // mutex
+	// rtm patch 106: hooks' per-connection values, see ClientSlot.
+	slots [clientSlots]unsafe.Pointer
 }
 
 // ClientConnection contains the connection transport and metadata for the client.
@@ -294,7 +297,11 @@ func (cl *Client) ParseConnect(lid string, pk packets.Packet) {
 	cl.Net.Listener = lid
 
 	cl.Properties.ProtocolVersion = pk.ProtocolVersion
-	cl.Properties.Username = pk.Connect.Username
+	// rtm patch 108: a copy. The decoded username is a slice of the
+	// CONNECT's body, which it kept alive for the whole connection: with a
+	// token as the password, about 300 bytes per connection for a username
+	// of 20.
+	cl.Properties.Username = bytes.Clone(pk.Connect.Username)
 	cl.Properties.Clean = pk.Connect.Clean
 	cl.Properties.Props = pk.Properties.Copy(false)
 
@@ -314,7 +321,15 @@ func (cl *Client) ParseConnect(lid string, pk packets.Packet) {
 	cl.State.Keepalive = pk.Connect.Keepalive                                              // [MQTT-3.2.2-22]
 	cl.State.Inflight.ResetReceiveQuota(int32(cl.ops.options.Capabilities.ReceiveMaximum)) // server receive max per client
 	cl.State.Inflight.ResetSendQuota(int32(cl.Properties.Props.ReceiveMaximum))            // client receive max
-	cl.State.TopicAliases.Outbound = NewOutboundTopicAliases(cl.Properties.Props.TopicAliasMaximum)
+	// rtm patch 107: newClient made the outbound aliases already, with the
+	// server's maximum: set the client's instead of allocating them again.
+	if out := cl.State.TopicAliases.Outbound; out != nil {
+		out.Lock()
+		out.internal, out.cursor, out.maximum = nil, 0, cl.Properties.Props.TopicAliasMaximum
+		out.Unlock()
+	} else {
+		cl.State.TopicAliases.Outbound = NewOutboundTopicAliases(cl.Properties.Props.TopicAliasMaximum)
+	}
 
 	cl.ID = pk.Connect.ClientIdentifier
 	if cl.ID == "" {

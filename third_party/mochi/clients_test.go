@@ -59,7 +59,7 @@ func newTestClient() (cl *Client, r net.Conn, w net.Conn) {
 }
 
 func TestNewInflights(t *testing.T) {
-	require.NotNil(t, NewInflights().internal)
+	require.Nil(t, NewInflights().internal) // rtm patch 107: made by the first Set
 }
 
 func TestNewClients(t *testing.T) {
@@ -135,7 +135,7 @@ func TestNewClient(t *testing.T) {
 	cl, _, _ := newTestClient()
 
 	require.NotNil(t, cl)
-	require.NotNil(t, cl.State.Inflight.internal)
+	require.Nil(t, cl.State.Inflight.internal) // rtm patch 107: made by the first Set
 	require.NotNil(t, cl.State.Subscriptions)
 	require.NotNil(t, cl.State.TopicAliases)
 	require.Equal(t, defaultKeepalive, cl.State.Keepalive)
@@ -312,6 +312,7 @@ func TestClientNextPacketIDInUse(t *testing.T) {
 
 func TestClientNextPacketIDExhausted(t *testing.T) {
 	cl, _, _ := newTestClient()
+	cl.State.Inflight.internal = map[uint16]*packets.Packet{} // rtm patch 107: made by the first Set
 	for i := uint32(1); i <= cl.ops.options.Capabilities.maximumPacketID; i++ {
 		cl.State.Inflight.internal[uint16(i)] = &packets.Packet{PacketID: uint16(i)}
 	}
@@ -324,6 +325,7 @@ func TestClientNextPacketIDExhausted(t *testing.T) {
 
 func TestClientNextPacketIDOverflow(t *testing.T) {
 	cl, _, _ := newTestClient()
+	cl.State.Inflight.internal = map[uint16]*packets.Packet{} // rtm patch 107: made by the first Set
 	for i := uint32(0); i < cl.ops.options.Capabilities.maximumPacketID; i++ {
 		cl.State.Inflight.internal[uint16(i)] = &packets.Packet{}
 	}

@@ -37,10 +37,10 @@ type inflightRef struct {
 }
 
 // NewInflights returns a new instance of an Inflight packets map.
+// rtm patch 107: its map is made by the first Set; most connections never
+// have a QoS 1/2 message in flight, and an empty map costs 48 bytes each.
 func NewInflights() *Inflight {
-	return &Inflight{
-		internal: map[uint16]*packets.Packet{},
-	}
+	return &Inflight{}
 }
 
 // Set adds or updates an inflight packet by packet id.
@@ -61,6 +61,9 @@ func (i *Inflight) Set(m packets.Packet) bool {
 		prevExpiry = slot.Expiry
 	} else {
 		slot = inflightPacketPool.Get().(*packets.Packet)
+		if i.internal == nil { // rtm patch 107
+			i.internal = make(map[uint16]*packets.Packet)
+		}
 		i.internal[m.PacketID] = slot
 	}
 	*slot = m
@@ -130,6 +133,9 @@ func (i *Inflight) Clone() *Inflight {
 	c := NewInflights()
 	i.RLock()
 	defer i.RUnlock()
+	if len(i.internal) > 0 { // rtm patch 107
+		c.internal = make(map[uint16]*packets.Packet, len(i.internal))
+	}
 	for k, v := range i.internal {
 		cp := inflightPacketPool.Get().(*packets.Packet) // rtm patch 80: never share a pooled slot
 		*cp = *v
