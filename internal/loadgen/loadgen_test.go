@@ -28,7 +28,7 @@ func rtmBroker(t *testing.T) (*broker.Broker, string) {
 	cert, key, _ := testutil.SelfSignedCert(t)
 	b := testcluster.Broker(t, "bench", "", func(o *broker.Options) {
 		o.Cluster.GossipAddr = ""
-		o.Config.WSAddr, o.Config.TLSAddr = "127.0.0.1:0", "127.0.0.1:0"
+		o.Config.WSAddr, o.Config.TLSAddr, o.Config.WSSAddr = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
 		o.Config.TLSCert, o.Config.TLSKey = cert, key
 		o.Auth.Devices = "token"
 		o.Auth.TokenKeys = tokenKey
