@@ -30,7 +30,13 @@ type usageError struct{ error }
 
 func (e usageError) Unwrap() error { return e.error }
 
+// adaptProcs: the roles' process adapts GOMAXPROCS to its load
+// (internal/procs). Set by main only: a test that runs the commands in its
+// own process keeps its GOMAXPROCS.
+var adaptProcs bool
+
 func main() {
+	adaptProcs = true
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 

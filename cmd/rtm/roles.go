@@ -16,6 +16,7 @@ import (
 	"github.com/rtm-dev/rtm/internal/app"
 	"github.com/rtm-dev/rtm/internal/config"
 	"github.com/rtm-dev/rtm/internal/obs"
+	"github.com/rtm-dev/rtm/internal/procs"
 	"github.com/rtm-dev/rtm/internal/store"
 )
 
@@ -178,6 +179,11 @@ func runRoles(cmd *cobra.Command, base config.Config, banner bool, roles ...app.
 	}
 	ctx, stop := signalContext(cmd.ErrOrStderr())
 	defer stop()
+	if adaptProcs {
+		pctx, pstop := context.WithCancel(ctx)
+		defer pstop()
+		go procs.Run(pctx, log)
+	}
 	if _, err := a.Start(ctx); err != nil {
 		return err
 	}
