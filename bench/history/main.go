@@ -58,6 +58,7 @@ func main() {
 	only := flag.String("only", "capture,ingest,pages", "measurements to run")
 	flag.StringVar(&ingestTopicsList, "ingest-topics", "10,1000", "topics of the ingest messages, one measurement per count (on the embedded store the history index writes each topic of a batch into a segment once every 32 batches)")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run (store included) to this file")
+	flag.StringVar(&storeURI, "store-uri", "", "a MongoDB-compatible store to use instead of an embedded one in this process (e.g. `rtm store` pinned to other cores with taskset, as a production store has its own machine); its CPU is then not counted")
 	flag.Parse()
 	if *cpuprofile != "" {
 		f, err := os.Create(*cpuprofile)
@@ -78,6 +79,7 @@ func main() {
 }
 
 var (
+	storeURI         string
 	ingestTopicsList = "10,1000"
 	ingestTopics     = 1000
 )
@@ -89,15 +91,19 @@ func run(rounds, publish, ingest int, pageSizes string, pages int, only string) 
 		return err
 	}
 	defer os.RemoveAll(dir)
-	benchkit.Logf("starting the embedded store in %s", dir)
-	e, err := store.StartEmbedded(ctx, store.EmbeddedOptions{DataDir: dir + "/store"})
-	if err != nil {
-		return err
+	uri, where := storeURI, "store at "+storeURI
+	if uri == "" {
+		benchkit.Logf("starting the embedded store in %s", dir)
+		e, err := store.StartEmbedded(ctx, store.EmbeddedOptions{DataDir: dir + "/store"})
+		if err != nil {
+			return err
+		}
+		defer e.Close(context.Background())
+		uri, where = e.URI(), "embedded store"
 	}
-	defer e.Close(context.Background())
-	fmt.Printf("## History (embedded store, %d rounds, medians)\n\n", rounds)
+	fmt.Printf("## History (%s, %d rounds, medians)\n\n", where, rounds)
 	if strings.Contains(only, "capture") {
-		if err := benchCapture(ctx, e.URI(), dir, rounds, publish); err != nil {
+		if err := benchCapture(ctx, uri, dir, rounds, publish); err != nil {
 			return err
 		}
 	}
@@ -108,7 +114,7 @@ func run(rounds, publish, ingest int, pageSizes string, pages int, only string) 
 				return fmt.Errorf("-ingest-topics: %q", s)
 			}
 			ingestTopics = n
-			if err := benchIngest(ctx, e.URI(), rounds, ingest); err != nil {
+			if err := benchIngest(ctx, uri, rounds, ingest); err != nil {
 				return err
 			}
 		}
@@ -119,7 +125,7 @@ func run(rounds, publish, ingest int, pageSizes string, pages int, only string) 
 			if err != nil {
 				return err
 			}
-			if err := benchPages(ctx, e.URI(), n, pages); err != nil {
+			if err := benchPages(ctx, uri, n, pages); err != nil {
 				return err
 			}
 		}
