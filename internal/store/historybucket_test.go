@@ -332,3 +332,40 @@ func TestHistoryBucketsPurgeKeepsASecondsLatePointers(t *testing.T) {
 	}
 	wantIDs(t, "a", walk(t, s2, store.HistoryQuery{Topic: "a", Limit: 2}), idsOf(slices.Concat(recent, live), "a"))
 }
+
+// A log document an rtm before ordered inserts could write names a bucket
+// that holds another attempt's messages, while the batch's retry holds
+// them under the next: reads find each message through its other ref,
+// not skip it.
+func TestHistoryBucketsReadPastABucketLackingAnID(t *testing.T) {
+	s := bucketStore(t)
+	ctx := context.Background()
+	now := time.Now()
+	topic := func(int) string { return "a" }
+	first := nodeMsgs("n1", 3, now, topic)
+	batch := nodeMsgs("n1", 3, now.Add(2*time.Millisecond), topic)
+	for _, b := range [][]store.HistoryMessage{first, batch, batch} { // log documents 1, 2 and 3
+		if err := s.InsertHistory(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	other := nodeMsgs("n1", 1, now.Add(time.Millisecond), topic)[0]
+	data, err := bson.Marshal(other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.DB().Collection(store.CollHistoryIndex).ReplaceOne(ctx, bson.D{{Key: "_id", Value: store.HistoryBucketID("n1", 2, 0)}},
+		bson.D{{Key: "node", Value: "n1"}, {Key: "m", Value: 1}, {Key: "t0", Value: other.Time}, {Key: "t1", Value: other.Time},
+			{Key: "d", Value: data}}); err != nil {
+		t.Fatal(err)
+	}
+	for range 3 { // pages keep one ref of an id, either
+		s2, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantIDs(t, "a", walk(t, s2, store.HistoryQuery{Topic: "a", Limit: 2}), idsOf(slices.Concat(first, batch), "a"))
+		wantByID(t, s2, slices.Concat(first, batch))
+		s2.Close(ctx)
+	}
+}
