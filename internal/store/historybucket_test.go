@@ -288,14 +288,38 @@ func TestHistoryBucketsLeftByAFailedAttemptAreNotTaken(t *testing.T) {
 	if err := s.InsertHistory(ctx, third); err != nil {
 		t.Fatal(err)
 	}
-	s2, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
-	if err != nil {
+	// Node n2's first number taken: its empty log document has no cmax
+	// to carry, and the purge must move the log's floor past it.
+	if _, err := s.DB().Collection(store.CollHistoryIndex).InsertOne(ctx, bson.D{{Key: "_id", Value: store.HistoryBucketID("n2", 1, 0)},
+		{Key: "node", Value: "n2"}, {Key: "m", Value: 1}, {Key: "t0", Value: other.Time}, {Key: "t1", Value: other.Time},
+		{Key: "d", Value: data}}); err != nil {
 		t.Fatal(err)
 	}
-	defer s2.Close(ctx)
+	n2 := nodeMsgs("n2", 3, now.Add(4*time.Millisecond), func(int) string { return "b" })
+	if err := s.InsertHistory(ctx, n2); err != nil {
+		t.Fatal(err)
+	}
 	all := slices.Concat(first, second, third)
-	wantByID(t, s2, all)
-	wantIDs(t, "a", walk(t, s2, store.HistoryQuery{Topic: "a", Limit: 2}), idsOf(all, "a"))
+	for _, purge := range []bool{false, true} {
+		if purge {
+			if _, err := s.PurgeHistory(ctx, now.Add(-time.Hour)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		s2, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s2.Close(ctx)
+		wantByID(t, s2, slices.Concat(all, n2))
+		wantIDs(t, "a", walk(t, s2, store.HistoryQuery{Topic: "a", Limit: 2}), idsOf(all, "a"))
+		wantIDs(t, "b", walk(t, s2, store.HistoryQuery{Topic: "b", Limit: 2}), idsOf(n2, "b"))
+	}
+	more := nodeMsgs("n2", 2, now.Add(5*time.Millisecond), func(int) string { return "b" })
+	if err := s.InsertHistory(ctx, more); err != nil {
+		t.Fatal(err)
+	}
+	wantIDs(t, "b", walk(t, s, store.HistoryQuery{Topic: "b", Limit: 2}), idsOf(slices.Concat(n2, more), "b"))
 }
 
 // A purge whose cutoff falls inside a second keeps that second's late
