@@ -27,3 +27,6 @@ func (s *Store) HistoryInBuckets(ctx context.Context) (bool, error) {
 
 // HistoryBucketBytes is where a bucket is cut.
 const HistoryBucketBytes = bucketBytes
+
+// HistoryBucketID is the _id of bucket c of node's log document n.
+func HistoryBucketID(node string, n int64, c int) string { return bucketID(node, bucketRef(n, c)) }

@@ -137,15 +137,23 @@ func bucketDocs(d []byte) ([]bson.Raw, error) {
 // are in want (all if want is nil), by id; nil if the bucket is gone
 // (purged).
 func (s *Store) bucketMessages(ctx context.Context, node, ref string, want map[string]bool) (map[string]HistoryMessage, error) {
+	ms, _, err := s.bucketMessagesT0(ctx, node, ref, want)
+	return ms, err
+}
+
+// bucketMessagesT0 is bucketMessages, with the bucket's oldest message's
+// time (zero if the bucket is gone).
+func (s *Store) bucketMessagesT0(ctx context.Context, node, ref string, want map[string]bool) (map[string]HistoryMessage, time.Time, error) {
 	var b histBucket
 	err := s.db.Collection(CollHistoryIndex).FindOne(ctx, bson.D{{Key: "_id", Value: bucketID(node, ref)}}).Decode(&b)
 	if errors.Is(err, mongo.ErrNoDocuments) {
-		return nil, nil
+		return nil, time.Time{}, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("store: history bucket: %w", err)
+		return nil, time.Time{}, fmt.Errorf("store: history bucket: %w", err)
 	}
-	return decodeBucket(b.Data, want)
+	ms, err := decodeBucket(b.Data, want)
+	return ms, b.T0, err
 }
 
 func decodeBucket(data []byte, want map[string]bool) (map[string]HistoryMessage, error) {
@@ -173,7 +181,11 @@ type histCand struct{ id, node, ref string }
 
 // readCandidates reads the messages of cands: those with a ref from their
 // buckets, each bucket once, the others from CollHistory by id; a message
-// not found (purged) is left out. The result follows cands' order.
+// not found (purged) is left out. An id its bucket lacks though the purge
+// kept the bucket's messages of its time (a ref an rtm before ordered
+// inserts could leave: a log document naming another attempt's bucket)
+// is looked up by id, through its other refs. The result follows cands'
+// order.
 func (s *Store) readCandidates(ctx context.Context, topic string, cands []histCand) ([]HistoryMessage, error) {
 	type bkey struct{ node, ref string }
 	want := map[bkey]map[string]bool{}
@@ -191,14 +203,23 @@ func (s *Store) readCandidates(ctx context.Context, topic string, cands []histCa
 	found := map[string]HistoryMessage{}
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(16)
+	var astray []string
 	for k, ids := range want {
 		g.Go(func() error {
-			ms, err := s.bucketMessages(gctx, k.node, k.ref, ids)
+			ms, t0, err := s.bucketMessagesT0(gctx, k.node, k.ref, ids)
 			mu.Lock()
+			defer mu.Unlock()
 			for id, m := range ms {
 				found[id] = m
 			}
-			mu.Unlock()
+			if t0.IsZero() {
+				return err // purged whole
+			}
+			for id := range ids {
+				if _, ok := ms[id]; !ok && idMillis(id) >= t0.UnixMilli() {
+					astray = append(astray, id)
+				}
+			}
 			return err
 		})
 	}
@@ -213,6 +234,23 @@ func (s *Store) readCandidates(ctx context.Context, topic string, cands []histCa
 			}
 			mu.Lock()
 			found[c.id] = m
+			mu.Unlock()
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return nil, err
+	}
+	g, gctx = errgroup.WithContext(ctx)
+	g.SetLimit(8)
+	for _, id := range astray {
+		g.Go(func() error {
+			m, err := s.bucketedByID(gctx, id)
+			if errors.Is(err, ErrNotFound) {
+				return nil
+			}
+			mu.Lock()
+			found[id] = m
 			mu.Unlock()
 			return err
 		})
@@ -244,23 +282,21 @@ func (s *Store) bucketedByID(ctx context.Context, id string) (HistoryMessage, er
 	g.SetLimit(8)
 	for _, node := range nodes {
 		g.Go(func() error {
-			refs, err := s.logRefsOf(gctx, node, id)
-			if err != nil {
-				return err
-			}
-			for _, ref := range refs {
-				ms, err := s.bucketMessages(gctx, node, ref, map[string]bool{id: true})
-				if err != nil {
-					return err
+			return s.logRefsOf(gctx, node, id, func(refs []string) (bool, error) {
+				for _, ref := range refs {
+					ms, err := s.bucketMessages(gctx, node, ref, map[string]bool{id: true})
+					if err != nil {
+						return false, err
+					}
+					if m, ok := ms[id]; ok {
+						mu.Lock()
+						found = &m
+						mu.Unlock()
+						return true, nil
+					}
 				}
-				if m, ok := ms[id]; ok {
-					mu.Lock()
-					found = &m
-					mu.Unlock()
-					return nil
-				}
-			}
-			return nil
+				return false, nil
+			})
 		})
 	}
 	if err := g.Wait(); err != nil {
@@ -272,18 +308,21 @@ func (s *Store) bucketedByID(ctx context.Context, id string) (HistoryMessage, er
 	return *found, nil
 }
 
-// logRefsOf returns the buckets node's log lists id in. The log's cmax
-// only grows, so the first document that may hold id is the first whose
-// cmax reaches it (a binary search); the last is the last whose previous
-// cmax stands within the log's lag of id (ids written out of order).
-func (s *Store) logRefsOf(ctx context.Context, node, id string) ([]string, error) {
+// logRefsOf passes hold the buckets node's log lists id in, each log
+// document's in turn, until hold finds id in one: a bucket that lacks it
+// (purged, or named by a document an rtm before ordered inserts wrote for
+// another attempt's bucket) sends it on to the next. The log's cmax only
+// grows, so the first document that may hold id is the first whose cmax
+// reaches it (a binary search); the last is the last whose previous cmax
+// stands within the log's lag of id (ids written out of order).
+func (s *Store) logRefsOf(ctx context.Context, node, id string, hold func(refs []string) (bool, error)) error {
 	first, _, err := s.firstSegment(ctx, node, logTopic)
 	if err != nil || first == nil {
-		return nil, err
+		return err
 	}
 	last, err := s.lastSegment(ctx, node, logTopic, first)
 	if err != nil || last.CMax < id {
-		return nil, err
+		return err
 	}
 	lo, hi := first.N-1, last.N // cmax(lo) < id <= cmax(hi)
 	if first.CMax >= id {
@@ -293,7 +332,7 @@ func (s *Store) logRefsOf(ctx context.Context, node, id string) ([]string, error
 		mid := lo + (hi-lo)/2
 		sg, err := s.segment(ctx, node, logTopic, mid)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		if sg == nil || sg.CMax < id { // purged meanwhile: older
 			lo = mid
@@ -304,27 +343,38 @@ func (s *Store) logRefsOf(ctx context.Context, node, id string) ([]string, error
 	// An id of document n stands at most the lag before the cmax of the
 	// documents before it.
 	bound := lagged(id, min(last.CLag, lateSlack))
-	var refs []string
 	prev := ""
-	for n := hi; n <= last.N && len(refs) == 0 && prev <= bound; n++ {
+	for n := hi; n <= last.N && prev <= bound; n++ {
 		sg, err := s.segment(ctx, node, logTopic, n)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		if sg == nil {
 			continue
 		}
 		prev = sg.CMax
-		for _, e := range sg.Entries {
-			if i, ok := slices.BinarySearch(e.IDs, id); ok && e.Refs[i] != "" {
-				refs = append(refs, e.Refs[i])
-			}
+		if ok, err := holdIn(sg, id, hold); ok || err != nil {
+			return err
 		}
 	}
-	if len(refs) == 0 && last.CLag > lateSlack {
-		return s.lateRefsOf(ctx, node, id)
+	if last.CLag > lateSlack {
+		return s.lateRefsOf(ctx, node, id, hold)
 	}
-	return refs, nil
+	return nil
+}
+
+// holdIn passes hold the refs log document sg lists id under, if any.
+func holdIn(sg *histSegment, id string, hold func(refs []string) (bool, error)) (bool, error) {
+	var refs []string
+	for _, e := range sg.Entries {
+		if i, ok := slices.BinarySearch(e.IDs, id); ok && e.Refs[i] != "" {
+			refs = append(refs, e.Refs[i])
+		}
+	}
+	if len(refs) == 0 {
+		return false, nil
+	}
+	return hold(refs)
 }
 
 // lateSlack is how far (ms) ids may stand below the log's cmax and be
@@ -384,7 +434,7 @@ func (s *Store) latePointers(ctx context.Context, node, cmax string, ids []strin
 // lateRefsOf finds id through the late pointers of its second: each names
 // a log document to look in (a pointer left by a failed attempt names one
 // that does not hold id, and is passed over).
-func (s *Store) lateRefsOf(ctx context.Context, node, id string) ([]string, error) {
+func (s *Store) lateRefsOf(ctx context.Context, node, id string, hold func(refs []string) (bool, error)) error {
 	sec := idMillis(id) / 1000
 	for k := 0; ; k++ {
 		var p latePointer
@@ -393,22 +443,20 @@ func (s *Store) lateRefsOf(ctx context.Context, node, id string) ([]string, erro
 		s.hidx.reads++
 		s.hidx.mu.Unlock()
 		if errors.Is(err, mongo.ErrNoDocuments) {
-			return nil, nil
+			return nil
 		}
 		if err != nil {
-			return nil, fmt.Errorf("store: history index: %w", err)
+			return fmt.Errorf("store: history index: %w", err)
 		}
 		sg, err := s.segment(ctx, node, logTopic, p.N)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		if sg == nil {
 			continue
 		}
-		for _, e := range sg.Entries {
-			if i, ok := slices.BinarySearch(e.IDs, id); ok && e.Refs[i] != "" {
-				return []string{e.Refs[i]}, nil
-			}
+		if ok, err := holdIn(sg, id, hold); ok || err != nil {
+			return err
 		}
 	}
 }

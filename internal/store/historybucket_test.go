@@ -254,3 +254,142 @@ func TestHistoryBucketsByIDAfterALateReplay(t *testing.T) {
 		t.Fatalf("looking up an id never written read %d index documents of a log of %d", n, 63)
 	}
 }
+
+// A bucket left by an attempt that failed before its log document (another
+// process's, in one insert each) takes the number the next batch would
+// use: that batch must not be listed under a bucket that holds other
+// messages, or its messages are not found by id and pages may skip them.
+func TestHistoryBucketsLeftByAFailedAttemptAreNotTaken(t *testing.T) {
+	s := bucketStore(t)
+	ctx := context.Background()
+	now := time.Now()
+	topic := func(int) string { return "a" }
+	first := nodeMsgs("n1", 3, now, topic)
+	if err := s.InsertHistory(ctx, first); err != nil {
+		t.Fatal(err)
+	}
+	// Bucket 2.0, as a failed attempt leaves it: another message, and no
+	// log document 2.
+	other := nodeMsgs("n1", 1, now.Add(time.Millisecond), topic)[0]
+	data, err := bson.Marshal(other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.DB().Collection(store.CollHistoryIndex).InsertOne(ctx, bson.D{{Key: "_id", Value: store.HistoryBucketID("n1", 2, 0)},
+		{Key: "node", Value: "n1"}, {Key: "m", Value: 1}, {Key: "t0", Value: other.Time}, {Key: "t1", Value: other.Time},
+		{Key: "d", Value: data}}); err != nil {
+		t.Fatal(err)
+	}
+	second := nodeMsgs("n1", 3, now.Add(2*time.Millisecond), topic)
+	if err := s.InsertHistory(ctx, second); err != nil {
+		t.Fatal(err)
+	}
+	third := nodeMsgs("n1", 3, now.Add(3*time.Millisecond), topic)
+	if err := s.InsertHistory(ctx, third); err != nil {
+		t.Fatal(err)
+	}
+	// Node n2's first number taken: its empty log document has no cmax
+	// to carry, and the purge must move the log's floor past it.
+	if _, err := s.DB().Collection(store.CollHistoryIndex).InsertOne(ctx, bson.D{{Key: "_id", Value: store.HistoryBucketID("n2", 1, 0)},
+		{Key: "node", Value: "n2"}, {Key: "m", Value: 1}, {Key: "t0", Value: other.Time}, {Key: "t1", Value: other.Time},
+		{Key: "d", Value: data}}); err != nil {
+		t.Fatal(err)
+	}
+	n2 := nodeMsgs("n2", 3, now.Add(4*time.Millisecond), func(int) string { return "b" })
+	if err := s.InsertHistory(ctx, n2); err != nil {
+		t.Fatal(err)
+	}
+	all := slices.Concat(first, second, third)
+	for _, purge := range []bool{false, true} {
+		if purge {
+			if _, err := s.PurgeHistory(ctx, now.Add(-time.Hour)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		s2, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s2.Close(ctx)
+		wantByID(t, s2, slices.Concat(all, n2))
+		wantIDs(t, "a", walk(t, s2, store.HistoryQuery{Topic: "a", Limit: 2}), idsOf(all, "a"))
+		wantIDs(t, "b", walk(t, s2, store.HistoryQuery{Topic: "b", Limit: 2}), idsOf(n2, "b"))
+	}
+	more := nodeMsgs("n2", 2, now.Add(5*time.Millisecond), func(int) string { return "b" })
+	if err := s.InsertHistory(ctx, more); err != nil {
+		t.Fatal(err)
+	}
+	wantIDs(t, "b", walk(t, s, store.HistoryQuery{Topic: "b", Limit: 2}), idsOf(slices.Concat(n2, more), "b"))
+}
+
+// A purge whose cutoff falls inside a second keeps that second's late
+// pointers together: a lookup probes them in order and stops at the first
+// missing, so deleting the first (its ids expired) would hide the live
+// ids the next one points to.
+func TestHistoryBucketsPurgeKeepsASecondsLatePointers(t *testing.T) {
+	s := bucketStore(t)
+	ctx := context.Background()
+	now := time.Now()
+	sec := now.Add(-10 * time.Minute).Truncate(time.Second)
+	topic := func(int) string { return "a" }
+	recent := nodeMsgs("n1", 3, now, topic)
+	expired := nodeMsgs("n1", 2, sec.Add(100*time.Millisecond), topic) // a replay: late pointer 0 of sec
+	live := nodeMsgs("n1", 2, sec.Add(900*time.Millisecond), topic)    // another: late pointer 1 of sec
+	for _, b := range [][]store.HistoryMessage{recent, expired, live} {
+		if err := s.InsertHistory(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.PurgeHistory(ctx, sec.Add(500*time.Millisecond)); err != nil {
+		t.Fatal(err)
+	}
+	s2, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close(ctx)
+	wantByID(t, s2, slices.Concat(recent, live))
+	for _, m := range expired {
+		if _, err := s2.HistoryByID(ctx, m.ID); !errors.Is(err, store.ErrNotFound) {
+			t.Fatalf("message %s, expired: %v, want not found", m.ID, err)
+		}
+	}
+	wantIDs(t, "a", walk(t, s2, store.HistoryQuery{Topic: "a", Limit: 2}), idsOf(slices.Concat(recent, live), "a"))
+}
+
+// A log document an rtm before ordered inserts could write names a bucket
+// that holds another attempt's messages, while the batch's retry holds
+// them under the next: reads find each message through its other ref,
+// not skip it.
+func TestHistoryBucketsReadPastABucketLackingAnID(t *testing.T) {
+	s := bucketStore(t)
+	ctx := context.Background()
+	now := time.Now()
+	topic := func(int) string { return "a" }
+	first := nodeMsgs("n1", 3, now, topic)
+	batch := nodeMsgs("n1", 3, now.Add(2*time.Millisecond), topic)
+	for _, b := range [][]store.HistoryMessage{first, batch, batch} { // log documents 1, 2 and 3
+		if err := s.InsertHistory(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	other := nodeMsgs("n1", 1, now.Add(time.Millisecond), topic)[0]
+	data, err := bson.Marshal(other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.DB().Collection(store.CollHistoryIndex).ReplaceOne(ctx, bson.D{{Key: "_id", Value: store.HistoryBucketID("n1", 2, 0)}},
+		bson.D{{Key: "node", Value: "n1"}, {Key: "m", Value: 1}, {Key: "t0", Value: other.Time}, {Key: "t1", Value: other.Time},
+			{Key: "d", Value: data}}); err != nil {
+		t.Fatal(err)
+	}
+	for range 3 { // pages keep one ref of an id, either
+		s2, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantIDs(t, "a", walk(t, s2, store.HistoryQuery{Topic: "a", Limit: 2}), idsOf(slices.Concat(first, batch), "a"))
+		wantByID(t, s2, slices.Concat(first, batch))
+		s2.Close(ctx)
+	}
+}

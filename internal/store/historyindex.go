@@ -358,8 +358,8 @@ type nodeLog struct {
 // messages in buckets (historybucket.go), one log document holding the
 // batch's ids by topic, and every logWindow batches the segments of every
 // topic of the window (a full flush), in one insert (one transaction on
-// FerretDB; the log document last, after the buckets and segments it
-// declares, should FerretDB fall back to one insert each).
+// FerretDB; ordered, the buckets first and the log document last, since
+// FerretDB falls back to one insert each when a document is taken).
 func (s *Store) indexHistory(ctx context.Context, msgs []HistoryMessage) error {
 	var nodes []string
 	byNode := map[string][]HistoryMessage{}
@@ -483,13 +483,17 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 			// searches the log (historybucket.go).
 			logDoc.Flushed = logDoc.N
 		}
+		// Buckets first, the log document last, in an ordered insert:
+		// should FerretDB fall back to one insert each, it stops at the
+		// first taken _id, so no log document or segment is written
+		// naming buckets that hold another attempt's messages.
 		docs := make([]any, 0, len(segs)+len(bks)+1)
-		for i := range segs {
-			docs = append(docs, segs[i].packed())
-		}
 		for c, b := range bks {
 			docs = append(docs, &histBucket{ID: bucketID(node, bucketRef(logDoc.N, c)), Node: node, Count: b.to - b.from,
 				T0: b.t0, T1: b.t1, Data: b.data})
+		}
+		for i := range segs {
+			docs = append(docs, segs[i].packed())
 		}
 		late, err := s.latePointers(ctx, node, lg.cmax, all, logDoc.N)
 		if err != nil {
@@ -497,7 +501,7 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 		}
 		docs = append(docs, late...)
 		docs = append(docs, logDoc.packed())
-		_, err = coll.InsertMany(ctx, docs, options.InsertMany().SetOrdered(false))
+		_, err = coll.InsertMany(ctx, docs, options.InsertMany().SetOrdered(true))
 		if err == nil {
 			s.hidx.mu.Lock()
 			for _, sg := range segs {
@@ -521,6 +525,9 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 		if !onlyDuplicates(err) || attempt >= 3 {
 			return fmt.Errorf("store: history index: %w", err)
 		}
+		if err := s.skipOrphanBuckets(ctx, err, len(bks), node, lg); err != nil {
+			return err
+		}
 		// A document number taken: another process wrote this node's
 		// index (a spool replayed at a restart), or an earlier attempt
 		// of this batch did. Forget what this process knows of the node
@@ -536,6 +543,30 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 		s.hidx.nodes[node] = false
 		s.hidx.mu.Unlock()
 	}
+}
+
+// skipOrphanBuckets handles an insert that failed at one of its buckets
+// (the first nb documents): a bucket of that number is left by an attempt
+// that failed before its log document (FerretDB writes one insert
+// atomically, so a log document's buckets appear with it, or, inserting
+// one each after a failure, without it). Its number would stay taken
+// with no log document, and the log must have no gaps: an empty log
+// document takes it, its cmax the log's before (only grows, and not ""
+// so the purge moves the floor past it). The bucket's messages stay
+// where a failed attempt's segments may name them, and were written
+// again by their batch's retry.
+func (s *Store) skipOrphanBuckets(ctx context.Context, err error, nb int, node string, lg *nodeLog) error {
+	var bwe mongo.BulkWriteException
+	if !errors.As(err, &bwe) || len(bwe.WriteErrors) == 0 || bwe.WriteErrors[0].Index >= nb {
+		return nil
+	}
+	empty := histSegment{ID: segID(node, logTopic, lg.n+1), Node: node, Topic: logTopic, N: lg.n + 1, Flushed: lg.flushed,
+		CMax: max(lg.cmax, ulid.ULID{}.String()), CLag: lg.clag}
+	_, err = s.db.Collection(CollHistoryIndex).InsertOne(ctx, empty.packed())
+	if err != nil && !mongo.IsDuplicateKeyError(err) {
+		return fmt.Errorf("store: history index: %w", err)
+	}
+	return nil
 }
 
 // loadNodeLog returns this process's state of node's log, read from the
@@ -1006,7 +1037,13 @@ func (s *Store) purgeHistoryIndex(ctx context.Context, cutoff time.Time) (int64,
 	var c ulid.ULID
 	_ = c.SetTime(uint64(max(cutoff.UnixMilli(), 0)))
 	oldSeg := bson.D{{Key: "cmax", Value: bson.D{{Key: "$lt", Value: c.String()}}}}
-	oldLate := bson.D{{Key: "lmax", Value: bson.D{{Key: "$lt", Value: c.String()}}}}
+	// A second's late pointers go together, once the whole second is
+	// before cutoff: a lookup probes them in order and stops at the first
+	// missing (lateRefsOf), and each holds the highest id it points to, in
+	// its second.
+	var cs ulid.ULID
+	_ = cs.SetTime(uint64(max(cutoff.UnixMilli(), 0) / 1000 * 1000))
+	oldLate := bson.D{{Key: "lmax", Value: bson.D{{Key: "$lt", Value: cs.String()}}}}
 	coll := s.db.Collection(CollHistoryIndex)
 	cur, err := coll.Find(ctx, bson.D{{Key: "$or", Value: bson.A{oldSeg, bson.D{{Key: "t0", Value: bson.D{{Key: "$lt", Value: cutoff}}}}}}},
 		options.Find().SetProjection(bson.D{{Key: "node", Value: 1}, {Key: "topic", Value: 1}, {Key: "n", Value: 1},
