@@ -2,7 +2,9 @@ package broker_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -209,4 +211,79 @@ func TestAdoptionInProgressHoldsPeerClaim(t *testing.T) {
 	if m := r.c.Next(t, waitMsg); string(m.Payload) != "held" {
 		t.Fatalf("got %q, want the held message", m.Payload)
 	}
+}
+
+// heldSession leaves on n0 the offline persistent session of client id,
+// subscribed to topic, with one acknowledged QoS 1 message held for it.
+func heldSession(t *testing.T, n0 *broker.Broker, st *store.Store, id, topic string) {
+	t.Helper()
+	dev, _ := dialV5(t, n0, &paho.Connect{ClientID: id, CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
+	subscribe(t, dev, 0, paho.SubscribeOptions{Topic: topic, QoS: 1})
+	_ = dev.Disconnect(&paho.Disconnect{})
+	waitConnections(t, n0, 0)
+	pub, _ := dialV5(t, n0, &paho.Connect{ClientID: id + "-pub", CleanStart: true})
+	pub.Pub(t, topic, 1, false, "held")
+	_ = pub.Disconnect(&paho.Disconnect{})
+	waitStoredOwner(t, st, id, "n0")
+}
+
+// expectAdopted waits until n1 owns client id's session, then resumes it
+// there and expects the held message.
+func expectAdopted(t *testing.T, n1 *broker.Broker, st *store.Store, id string) {
+	t.Helper()
+	waitStoredOwner(t, st, id, "n1")
+	c, ca, err := testutil.DialV5(t, n1.Addr(broker.ListenerTCP), &paho.Connect{ClientID: id, CleanStart: false,
+		Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ca.SessionPresent {
+		t.Fatal("session present = 0 after the adoption")
+	}
+	if m := c.Next(t, waitMsg); string(m.Payload) != "held" {
+		t.Fatalf("got %q, want the held message", m.Payload)
+	}
+}
+
+// TestAdoptionAfterFailedRoundTakesSession: a round whose store call fails
+// after its claims were inserted (the sessions' re-read, the held
+// messages' read: its 30 s bound under failover load) does not leave the
+// claims behind. Before, they stayed, naming the survivor; the failed
+// node's document unchanged, every later round's claim had the same _id
+// and took the duplicate for another node's win: nobody adopted the
+// session, its acknowledged held message was never delivered and its
+// client was refused (0x88) for good.
+func TestAdoptionAfterFailedRoundTakesSession(t *testing.T) {
+	nodes, st := durableCluster(t, 2)
+	n0, n1 := nodes[0], nodes[1]
+	heldSession(t, n0, st, "failround-dev", "failround/t")
+	var failed atomic.Bool
+	n1.SetTestAfterClaims(func() error {
+		if failed.CompareAndSwap(false, true) {
+			return errors.New("injected store error")
+		}
+		return nil
+	})
+	defer n1.SetTestAfterClaims(nil)
+	n0.KillCluster()
+	expectAdopted(t, n1, st, "failround-dev")
+	if !failed.Load() {
+		t.Fatal("the injected error was not hit")
+	}
+}
+
+// TestAdoptionTakesLeftoverClaim: a claim of a survivor's own that it
+// could not drop (it crashed, or the drop failed) is won again by its next
+// round. Before, the duplicate was taken for another node's win.
+func TestAdoptionTakesLeftoverClaim(t *testing.T) {
+	nodes, st := durableCluster(t, 2)
+	n0, n1 := nodes[0], nodes[1]
+	heldSession(t, n0, st, "leftover-dev", "leftover/t")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := n1.LeaveClaim(ctx, "leftover-dev"); err != nil {
+		t.Fatal(err)
+	}
+	n0.KillCluster()
+	expectAdopted(t, n1, st, "leftover-dev")
 }
