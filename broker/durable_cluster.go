@@ -107,24 +107,39 @@ type failover struct {
 	doneAt  map[string]time.Time // when the round of adopted ended
 	running int                  // adoption rounds under way
 	idle    chan struct{}        // closed when running drops to 0
+	from    map[string]int       // the failed brokers of the rounds under way
 }
 
-// begin and end bracket an adoption round.
-func (f *failover) begin() {
+// begin and end bracket an adoption round of dead's sessions.
+func (f *failover) begin(dead string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.running == 0 {
 		f.idle = make(chan struct{})
 	}
 	f.running++
+	if f.from == nil {
+		f.from = map[string]int{}
+	}
+	f.from[dead]++
 }
 
-func (f *failover) end() {
+func (f *failover) end(dead string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.from[dead]--; f.from[dead] <= 0 {
+		delete(f.from, dead)
+	}
 	if f.running--; f.running == 0 {
 		close(f.idle)
 	}
+}
+
+// adopting reports whether a round under way adopts owner's sessions.
+func (f *failover) adopting(owner string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.from[owner] > 0
 }
 
 // busy returns a channel closed once no adoption round runs, or nil if
@@ -231,9 +246,9 @@ func (d *durableHook) watchFailures(stop <-chan struct{}) {
 				// than each of their CONNECTs alone.
 				among = []string{d.node}
 			}
-			d.fail.begin()
+			d.fail.begin(name)
 			n, err := d.adoptFrom(ctx, name, among)
-			d.fail.end()
+			d.fail.end(name)
 			cancel()
 			if err != nil {
 				d.log.Warn("sessions of a failed node not adopted yet; retrying", "node", name, "error", err)
@@ -1104,4 +1119,16 @@ func (a *adoptions) wait(ctx context.Context, id string) bool {
 			return false
 		}
 	}
+}
+
+// storedOwnerAdopted reports whether the stored session of client id is
+// owned by a failed broker a round under way here adopts from (a store
+// that does not answer: maybe).
+func (d *durableHook) storedOwnerAdopted(ctx context.Context, id string) bool {
+	var s sessionDoc
+	err := d.st.DB().Collection(store.CollSessions).FindOne(ctx, bson.D{{Key: "_id", Value: id}}).Decode(&s)
+	if errors.Is(err, mongo.ErrNoDocuments) {
+		return false
+	}
+	return err != nil || d.fail.adopting(s.Owner)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -231,8 +232,15 @@ func heldSession(t *testing.T, n0 *broker.Broker, st *store.Store, id, topic str
 // there and expects the held message.
 func expectAdopted(t *testing.T, n1 *broker.Broker, st *store.Store, id string) {
 	t.Helper()
-	waitStoredOwner(t, st, id, "n1")
-	c, ca, err := testutil.DialV5(t, n1.Addr(broker.ListenerTCP), &paho.Connect{ClientID: id, CleanStart: false,
+	expectAdoptedBy(t, n1, st, id)
+}
+
+// expectAdoptedBy waits until node a owns client id's session, then
+// resumes it there and expects the held message.
+func expectAdoptedBy(t *testing.T, a *broker.Broker, st *store.Store, id string) {
+	t.Helper()
+	waitStoredOwner(t, st, id, a.Name())
+	c, ca, err := testutil.DialV5(t, a.Addr(broker.ListenerTCP), &paho.Connect{ClientID: id, CleanStart: false,
 		Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
 	if err != nil {
 		t.Fatal(err)
@@ -286,4 +294,62 @@ func TestAdoptionTakesLeftoverClaim(t *testing.T) {
 	}
 	n0.KillCluster()
 	expectAdopted(t, n1, st, "leftover-dev")
+}
+
+// TestAdoptionRoundDoesNotHoldOtherClaims: while a node adopts a failed
+// node's sessions, a client whose session that node holds (nothing to do
+// with the failed node) reconnects to another node: its claim is answered
+// at once and its session moves. Before, every persistent claim waited for
+// the round (up to cluster.claim_timeout) and the CONNECT was refused.
+func TestAdoptionRoundDoesNotHoldOtherClaims(t *testing.T) {
+	nodes, st := durableCluster(t, 3)
+	n0 := nodes[0]
+	heldSession(t, n0, st, "round-dev", "round/t")
+	expiry := ptr(uint32(600))
+	// A session of its own on each survivor, offline.
+	for _, n := range nodes[1:] {
+		id := "bystander-" + n.Name()
+		c, _ := dialV5(t, n, &paho.Connect{ClientID: id, CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+		subscribe(t, c, 0, paho.SubscribeOptions{Topic: "bystander/t", QoS: 1})
+		_ = c.Disconnect(&paho.Disconnect{})
+		waitConnections(t, n, 0)
+	}
+
+	adopter := make(chan *broker.Broker, 2)
+	release := make(chan struct{})
+	var once sync.Once
+	defer once.Do(func() { close(release) })
+	for _, n := range nodes[1:] {
+		n.SetTestAfterClaim(func(id string) {
+			if id == "round-dev" {
+				adopter <- n
+				<-release
+			}
+		})
+		defer n.SetTestAfterClaim(nil)
+	}
+	n0.KillCluster()
+	var a *broker.Broker
+	select {
+	case a = <-adopter:
+	case <-time.After(waitCond):
+		t.Fatal("no survivor adopted n0's session")
+	}
+	other := nodes[1]
+	if other == a {
+		other = nodes[2]
+	}
+	// The round on a is under way (paused): a's bystander reconnects to
+	// the other survivor.
+	c, ca, err := testutil.DialV5(t, other.Addr(broker.ListenerTCP), &paho.Connect{ClientID: "bystander-" + a.Name(), CleanStart: false,
+		Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+	if err != nil {
+		t.Fatalf("CONNECT during an unrelated adoption round: %v", err)
+	}
+	if !ca.SessionPresent {
+		t.Fatal("session present = 0: the session did not move")
+	}
+	once.Do(func() { close(release) })
+	_ = c.Disconnect(&paho.Disconnect{})
+	expectAdoptedBy(t, a, st, "round-dev")
 }
