@@ -27,3 +27,7 @@ func (s *Store) HistoryInBuckets(ctx context.Context) (bool, error) {
 
 // HistoryBucketBytes is where a bucket is cut.
 const HistoryBucketBytes = bucketBytes
+
+// SetTestAfterPresenceRead calls f in WritePresence after it read the
+// connections recorded (FerretDB), before it writes.
+func (s *Store) SetTestAfterPresenceRead(f func()) { s.testAfterConns = f }
