@@ -195,7 +195,9 @@ func (c *clusterNode) answerClaim(from string, m claimMsg) {
 	// A session this node is adopting from a failed node (the store may
 	// name this node its owner already, or the round has not listed it
 	// yet) is answered once installed: "not found" now would give the
-	// client an empty session on from.
+	// client an empty session on from. Only those: the claims of other
+	// clients (whose CONNECT is refused if not answered within
+	// ClaimTimeout) do not wait for a round.
 	if d := c.b.durable; d != nil && !m.Clean && (d.fail.busy() != nil || d.adoptions.busy(m.ClientID)) {
 		go func() {
 			ctx, cancel := context.WithTimeout(d.ctx, c.cfg.ClaimTimeout)
@@ -206,7 +208,7 @@ func (c *clusterNode) answerClaim(from string, m claimMsg) {
 					continue
 				}
 				idle := d.fail.busy()
-				if idle == nil {
+				if idle == nil || !d.storedOwnerAdopted(ctx, m.ClientID) {
 					break
 				}
 				select {

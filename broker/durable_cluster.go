@@ -107,24 +107,39 @@ type failover struct {
 	doneAt  map[string]time.Time // when the round of adopted ended
 	running int                  // adoption rounds under way
 	idle    chan struct{}        // closed when running drops to 0
+	from    map[string]int       // the failed brokers of the rounds under way
 }
 
-// begin and end bracket an adoption round.
-func (f *failover) begin() {
+// begin and end bracket an adoption round of dead's sessions.
+func (f *failover) begin(dead string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.running == 0 {
 		f.idle = make(chan struct{})
 	}
 	f.running++
+	if f.from == nil {
+		f.from = map[string]int{}
+	}
+	f.from[dead]++
 }
 
-func (f *failover) end() {
+func (f *failover) end(dead string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.from[dead]--; f.from[dead] <= 0 {
+		delete(f.from, dead)
+	}
 	if f.running--; f.running == 0 {
 		close(f.idle)
 	}
+}
+
+// adopting reports whether a round under way adopts owner's sessions.
+func (f *failover) adopting(owner string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.from[owner] > 0
 }
 
 // busy returns a channel closed once no adoption round runs, or nil if
@@ -231,9 +246,9 @@ func (d *durableHook) watchFailures(stop <-chan struct{}) {
 				// than each of their CONNECTs alone.
 				among = []string{d.node}
 			}
-			d.fail.begin()
+			d.fail.begin(name)
 			n, err := d.adoptFrom(ctx, name, among)
-			d.fail.end()
+			d.fail.end(name)
 			cancel()
 			if err != nil {
 				d.log.Warn("sessions of a failed node not adopted yet; retrying", "node", name, "error", err)
@@ -375,8 +390,29 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 	}()
 
 	won, err := d.insertClaims(ctx, docs)
+	// taken: the sessions whose owner this node wrote. A claim won and not
+	// taken, whatever the return, goes: it names this node, and with the
+	// failed owner's document unchanged the next round's claim has the
+	// same _id (the round would think another node took it, and nobody
+	// would).
+	taken := map[string]bool{}
+	defer func() {
+		var left []sessionDoc
+		for i, s := range docs {
+			if won[i] && !taken[s.ID] {
+				left = append(left, s)
+			}
+		}
+		d.dropClaims(left)
+		d.adoptions.releaseClaims(docs, won)
+	}()
 	if err != nil {
 		return 0, err
+	}
+	if f := d.adoptions.testAfterClaims.Load(); f != nil {
+		if err := (*f)(); err != nil {
+			return 0, err
+		}
 	}
 	var ids []string
 	for i, s := range docs {
@@ -424,7 +460,6 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 	for i, s := range mine {
 		at[s.ID] = i
 	}
-	taken := make(map[string]bool, len(mine))
 	take := func(s *sessionDoc) bool {
 		// The previous one is installed (restore installs each session
 		// right after take): its CONNECT need not wait for the rest.
@@ -459,18 +494,6 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 	}
 	_, err = d.restore(ctx, mine, time.Now().Unix(), int64(d.b.cfg.SessionExpiry/time.Second), fireWills, take)
 	d.adopted.Add(int64(got))
-	if claimErr != nil {
-		// The claims of the sessions not written stay, naming this node
-		// for good: they go, so that a later round (here or on another
-		// survivor) can take those sessions.
-		var left []sessionDoc
-		for _, s := range mine {
-			if !taken[s.ID] {
-				left = append(left, s)
-			}
-		}
-		d.dropClaims(left)
-	}
 	return got, errors.Join(claimErr, err)
 }
 
@@ -532,17 +555,38 @@ func claimID(s *sessionDoc) string {
 }
 
 // insertClaims inserts the claims of docs, in commands of claimChunk, and
-// reports which this node won (a duplicate: another node's came first).
+// reports which this node won: a duplicate is another node's, or one this
+// node left (it stopped before it could drop it: a crash, a failed drop),
+// which it wins again unless a claim of its own under way holds it. After
+// an error, won has the claims inserted until then (those of the failing
+// command too, as the drop is by _id and node).
 func (d *durableHook) insertClaims(ctx context.Context, docs []sessionDoc) ([]bool, error) {
 	cc := d.st.DB().Collection(store.CollSessionClaims)
 	won := make([]bool, len(docs))
+	// Reserved here first: a duplicate naming this node is then known to
+	// be a leftover, not a concurrent claim of this node's.
+	mine := d.adoptions.reserveClaims(docs)
+	defer func() {
+		// Those won stay reserved until the caller is done with them.
+		lost := make([]bool, len(docs))
+		for i := range docs {
+			lost[i] = mine[i] && !won[i]
+		}
+		d.adoptions.releaseClaims(docs, lost)
+	}()
 	at := time.Now().UTC()
 	for off := 0; off < len(docs); off += claimChunk {
-		part := docs[off:min(off+claimChunk, len(docs))]
-		claims := make([]any, len(part))
-		for i := range part {
-			claims[i] = bson.D{{Key: "_id", Value: claimID(&part[i])}, {Key: "node", Value: d.node}, {Key: "at", Value: at}}
-			won[off+i] = true
+		var claims []any
+		var idx []int
+		for i := off; i < min(off+claimChunk, len(docs)); i++ {
+			if mine[i] {
+				claims = append(claims, bson.D{{Key: "_id", Value: claimID(&docs[i])}, {Key: "node", Value: d.node}, {Key: "at", Value: at}})
+				idx = append(idx, i)
+				won[i] = true
+			}
+		}
+		if len(claims) == 0 {
+			continue
 		}
 		_, err := cc.InsertMany(ctx, claims, options.InsertMany().SetOrdered(false))
 		if err == nil {
@@ -550,13 +594,34 @@ func (d *durableHook) insertClaims(ctx context.Context, docs []sessionDoc) ([]bo
 		}
 		var bwe mongo.BulkWriteException
 		if !errors.As(err, &bwe) || bwe.WriteConcernError != nil {
-			return nil, err
+			return won, err
 		}
+		var dup []string
 		for _, we := range bwe.WriteErrors {
 			if !mongo.IsDuplicateKeyError(we) {
-				return nil, err
+				return won, err
 			}
-			won[off+we.Index] = false
+			won[idx[we.Index]] = false
+			dup = append(dup, claimID(&docs[idx[we.Index]]))
+		}
+		c, err := cc.Find(ctx, bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: dup}}}, {Key: "node", Value: d.node}})
+		if err != nil {
+			return won, err
+		}
+		var left []struct {
+			ID string `bson:"_id"`
+		}
+		if err := c.All(ctx, &left); err != nil {
+			return won, err
+		}
+		ours := map[string]bool{}
+		for _, l := range left {
+			ours[l.ID] = true
+		}
+		for _, i := range idx {
+			if !won[i] && ours[claimID(&docs[i])] {
+				won[i] = true
+			}
 		}
 	}
 	return won, nil
@@ -568,7 +633,7 @@ func (d *durableHook) dropClaims(docs []sessionDoc) {
 	defer cancel()
 	cc := d.st.DB().Collection(store.CollSessionClaims)
 	for i := range docs {
-		if _, err := cc.DeleteOne(ctx, bson.D{{Key: "_id", Value: claimID(&docs[i])}}); err != nil {
+		if _, err := cc.DeleteOne(ctx, bson.D{{Key: "_id", Value: claimID(&docs[i])}, {Key: "node", Value: d.node}}); err != nil {
 			d.log.Warn("claim of a session not taken not removed: a node comes back for it only after a restart", "client_id", docs[i].ID, "error", err)
 		}
 	}
@@ -963,7 +1028,39 @@ const (
 type adoptions struct {
 	mu      sync.Mutex
 	m       map[string]*adoptMark
-	waiting atomic.Int64 // CONNECTs waiting (tests)
+	claims  map[string]bool // claim _ids this node's claims under way insert
+	waiting atomic.Int64    // CONNECTs waiting (tests)
+
+	testAfterClaims atomic.Pointer[func() error] // tests: a store error after the claims' insert
+}
+
+// reserveClaims marks the claims of docs as this node's under way and
+// reports which were not already.
+func (a *adoptions) reserveClaims(docs []sessionDoc) []bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.claims == nil {
+		a.claims = map[string]bool{}
+	}
+	got := make([]bool, len(docs))
+	for i := range docs {
+		if id := claimID(&docs[i]); !a.claims[id] {
+			a.claims[id] = true
+			got[i] = true
+		}
+	}
+	return got
+}
+
+// releaseClaims ends the reservations of the docs marked in which.
+func (a *adoptions) releaseClaims(docs []sessionDoc, which []bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for i := range docs {
+		if which[i] {
+			delete(a.claims, claimID(&docs[i]))
+		}
+	}
 }
 
 type adoptMark struct {
@@ -1022,4 +1119,16 @@ func (a *adoptions) wait(ctx context.Context, id string) bool {
 			return false
 		}
 	}
+}
+
+// storedOwnerAdopted reports whether the stored session of client id is
+// owned by a failed broker a round under way here adopts from (a store
+// that does not answer: maybe).
+func (d *durableHook) storedOwnerAdopted(ctx context.Context, id string) bool {
+	var s sessionDoc
+	err := d.st.DB().Collection(store.CollSessions).FindOne(ctx, bson.D{{Key: "_id", Value: id}}).Decode(&s)
+	if errors.Is(err, mongo.ErrNoDocuments) {
+		return false
+	}
+	return err != nil || d.fail.adopting(s.Owner)
 }

@@ -1,11 +1,14 @@
 package broker
 
 import (
+	"context"
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
+	"go.mongodb.org/mongo-driver/v2/bson"
 
 	"github.com/rtm-dev/rtm/internal/cluster"
+	"github.com/rtm-dev/rtm/internal/store"
 )
 
 // SetTestMembers makes the node's link management see the gossip member
@@ -103,4 +106,28 @@ func (b *Broker) InjectStaleMove(from, id, topic string, payload []byte) {
 		Subs: []packets.Subscription{{Filter: topic, Qos: 1}}})
 	pm := publishMsg{Packet: packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, TopicName: topic, Payload: payload}, Origin: "pub"}
 	c.lateArrived(from, moveLateMsg{ClientID: id, Pub: pm})
+}
+
+// SetTestAfterClaims calls f after each adoption's claims are inserted,
+// before the sessions are read again: an error it returns is the store's;
+// nil removes it.
+func (b *Broker) SetTestAfterClaims(f func() error) {
+	if f == nil {
+		b.durable.adoptions.testAfterClaims.Store(nil)
+		return
+	}
+	b.durable.adoptions.testAfterClaims.Store(&f)
+}
+
+// LeaveClaim inserts, as this node, the claim of client id's stored
+// session as it is now, as a claim of this node's that stopped before it
+// could drop it (a crash, a store error) leaves it.
+func (b *Broker) LeaveClaim(ctx context.Context, id string) error {
+	var s sessionDoc
+	if err := b.durable.st.DB().Collection(store.CollSessions).FindOne(ctx, bson.D{{Key: "_id", Value: id}}).Decode(&s); err != nil {
+		return err
+	}
+	_, err := b.durable.st.DB().Collection(store.CollSessionClaims).InsertOne(ctx,
+		bson.D{{Key: "_id", Value: claimID(&s)}, {Key: "node", Value: b.durable.node}, {Key: "at", Value: time.Now().UTC()}})
+	return err
 }

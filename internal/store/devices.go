@@ -64,7 +64,11 @@ func (s *Store) WritePresence(ctx context.Context, ups []PresenceUpdate) error {
 			return fmt.Errorf("store: record presence: %w", err)
 		}
 	}
+	if s.testAfterConns != nil {
+		s.testAfterConns()
+	}
 	models := make([]mongo.WriteModel, 0, len(ups))
+	var offs []PresenceUpdate // disconnects written by _id alone
 	for _, u := range ups {
 		at := u.At.UTC()
 		if conns != nil {
@@ -88,9 +92,13 @@ func (s *Store) WritePresence(ctx context.Context, ups []PresenceUpdate) error {
 				}).SetUpsert(true))
 			continue
 		}
+		if conns != nil {
+			offs = append(offs, u)
+		}
+		// off_conn: the connection whose disconnect wrote offline.
 		models = append(models, mongo.NewUpdateOneModel().
 			SetFilter(filter).
-			SetUpdate(bson.D{{Key: "$set", Value: bson.D{{Key: "online", Value: false}, {Key: "last_seen", Value: at}}}}))
+			SetUpdate(bson.D{{Key: "$set", Value: bson.D{{Key: "online", Value: false}, {Key: "last_seen", Value: at}, {Key: "off_conn", Value: u.Conn}}}}))
 	}
 	if len(models) == 0 {
 		return nil
@@ -100,7 +108,61 @@ func (s *Store) WritePresence(ctx context.Context, ups []PresenceUpdate) error {
 	if err := BulkWrite(ctx, s.db.Collection(CollDevices), models, true); err != nil {
 		return fmt.Errorf("store: record presence: %w", err)
 	}
+	if err := s.reassertConnects(ctx, offs); err != nil {
+		return fmt.Errorf("store: record presence: %w", err)
+	}
 	return nil
+}
+
+// reassertConnects marks online again the devices whose disconnect offs
+// wrote (by _id alone, after reading their connection) over a connect of a
+// newer connection recorded between that read and the write: a client
+// moving from node A to node B whose connect from B landed there would be
+// recorded offline while connected (and a survivor would adopt a session
+// live elsewhere). Their records are read again in one query; a record
+// whose offline was written by one of offs (off_conn) while it names
+// another connection was overwritten. The repair is itself a read and a
+// write on FerretDB: it leaves a window only if the newer connection also
+// ends in the few milliseconds between them.
+func (s *Store) reassertConnects(ctx context.Context, offs []PresenceUpdate) error {
+	if len(offs) == 0 {
+		return nil
+	}
+	ids := make([]string, len(offs))
+	for i, u := range offs {
+		ids[i] = u.ClientID
+	}
+	filter := bson.D{{Key: "_id", Value: ids[0]}}
+	if len(ids) > 1 {
+		filter = bson.D{{Key: "_id", Value: bson.D{{Key: "$in", Value: ids}}}}
+	}
+	cur, err := s.db.Collection(CollDevices).Find(ctx, filter,
+		options.Find().SetProjection(bson.D{{Key: "conn", Value: 1}, {Key: "online", Value: 1}, {Key: "off_conn", Value: 1}}))
+	if err != nil {
+		return err
+	}
+	var recs []struct {
+		ID      string `bson:"_id"`
+		Conn    string `bson:"conn"`
+		Online  bool   `bson:"online"`
+		OffConn string `bson:"off_conn"`
+	}
+	if err := cur.All(ctx, &recs); err != nil {
+		return err
+	}
+	var models []mongo.WriteModel
+	for _, r := range recs {
+		if r.Online || r.OffConn == "" || r.OffConn == r.Conn {
+			continue
+		}
+		models = append(models, mongo.NewUpdateOneModel().
+			SetFilter(bson.D{{Key: "_id", Value: r.ID}, {Key: "conn", Value: r.Conn}, {Key: "off_conn", Value: r.OffConn}}).
+			SetUpdate(bson.D{{Key: "$set", Value: bson.D{{Key: "online", Value: true}, {Key: "off_conn", Value: ""}}}}))
+	}
+	if len(models) == 0 {
+		return nil
+	}
+	return BulkWrite(ctx, s.db.Collection(CollDevices), models, false)
 }
 
 // recordedConns returns the connection recorded for each client that ups
@@ -169,7 +231,7 @@ func (s *Store) Presences(ctx context.Context, ids []string) (map[string]Presenc
 func (s *Store) SweepPresence(ctx context.Context, node, incarnation string) (int64, error) {
 	res, err := s.db.Collection(CollDevices).UpdateMany(ctx,
 		bson.D{{Key: "node", Value: node}, {Key: "online", Value: true}, {Key: "incarnation", Value: bson.D{{Key: "$ne", Value: incarnation}}}},
-		bson.D{{Key: "$set", Value: bson.D{{Key: "online", Value: false}}}})
+		bson.D{{Key: "$set", Value: bson.D{{Key: "online", Value: false}, {Key: "off_conn", Value: ""}}}})
 	if err != nil {
 		return 0, fmt.Errorf("store: sweep presence of %s: %w", node, err)
 	}

@@ -211,3 +211,44 @@ func TestWritePresenceOfManyDevicesInOneBatch(t *testing.T) {
 		}
 	}
 }
+
+// TestDisconnectDoesNotOverwriteNewerConnect: on FerretDB a disconnect is
+// checked against the connection read for its batch and written by _id: a
+// client moving from a to b whose connect from b is recorded between that
+// read and the write stays online at b. Before, it was recorded offline
+// while connected, and a survivor of a's death would adopt its session,
+// live at b.
+func TestDisconnectDoesNotOverwriteNewerConnect(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := testutil.Context(t, 30*time.Second)
+	t0 := time.Now().Truncate(time.Millisecond)
+	if err := s.WritePresence(ctx, []store.PresenceUpdate{{ClientID: "mover", Online: true, Node: "a", Conn: "a/1", At: t0}}); err != nil {
+		t.Fatal(err)
+	}
+	hit := false
+	s.SetTestAfterPresenceRead(func() {
+		if hit {
+			return
+		}
+		hit = true
+		if err := s.WritePresence(ctx, []store.PresenceUpdate{{ClientID: "mover", Online: true, Node: "b", Conn: "b/1", At: t0.Add(time.Second)}}); err != nil {
+			t.Error(err)
+		}
+	})
+	err := s.WritePresence(ctx, []store.PresenceUpdate{{ClientID: "mover", Node: "a", Conn: "a/1", At: t0.Add(2 * time.Second)}})
+	s.SetTestAfterPresenceRead(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := s.Presence(ctx, "mover")
+	if err != nil || !p.Online || p.Node != "b" || p.Conn != "b/1" {
+		t.Fatalf("after a's disconnect raced b's connect: %+v, %v; want online at b", p, err)
+	}
+	// b's own disconnect still takes it offline.
+	if err := s.WritePresence(ctx, []store.PresenceUpdate{{ClientID: "mover", Node: "b", Conn: "b/1", At: t0.Add(3 * time.Second)}}); err != nil {
+		t.Fatal(err)
+	}
+	if p, _ = s.Presence(ctx, "mover"); p.Online {
+		t.Fatalf("after b's disconnect: %+v, want offline", p)
+	}
+}

@@ -30,3 +30,7 @@ const HistoryBucketBytes = bucketBytes
 
 // HistoryBucketID is the _id of bucket c of node's log document n.
 func HistoryBucketID(node string, n int64, c int) string { return bucketID(node, bucketRef(n, c)) }
+
+// SetTestAfterPresenceRead calls f in WritePresence after it read the
+// connections recorded (FerretDB), before it writes.
+func (s *Store) SetTestAfterPresenceRead(f func()) { s.testAfterConns = f }

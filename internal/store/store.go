@@ -116,6 +116,8 @@ type Store struct {
 	// write anyway (see IDOnly).
 	idOnly bool
 
+	testAfterConns func() // tests: between WritePresence's read and its write
+
 	closeOnce sync.Once
 	closeErr  error
 }
