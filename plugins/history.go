@@ -71,6 +71,8 @@ type History struct {
 	service func(*mqtt.Client) bool
 
 	ids *idGen
+	// insert is the writer's Write: h.write, or a test's stand-in.
+	insert func(context.Context, []store.HistoryMessage) error
 
 	gmu      sync.Mutex
 	gaps     map[string]*store.HistoryGap // by filter: drops not yet recorded
@@ -107,6 +109,7 @@ func NewHistory(o HistoryOptions) (*History, error) {
 	if h.service == nil {
 		h.service = func(*mqtt.Client) bool { return false }
 	}
+	h.insert = h.write
 	h.writeDur = prometheus.NewHistogram(prometheus.HistogramOpts{
 		Name:    "rtm_history_write_seconds",
 		Help:    "Duration of each history batch insert, failed attempts included.",
@@ -126,12 +129,16 @@ func (h *History) Start() error {
 	o := h.o
 	wo := writebehind.Options[store.HistoryMessage]{
 		Name:     "history",
-		Write:    h.write,
+		Write:    h.insert,
 		MaxBatch: o.Config.BatchSize,
 		Linger:   o.Config.BatchLinger,
 		QueueLen: o.Config.QueueLen,
 		OnDrop:   h.onDrop,
-		Logger:   h.log,
+		// The byte bound, so a queue long enough for a burst of small
+		// messages does not hold as many large ones.
+		QueueBytes: int64(o.Config.QueueBytes),
+		Size:       historySize,
+		Logger:     h.log,
 	}
 	if o.SpoolDir != "" && o.Config.SpoolMaxBytes > 0 {
 		sp, err := writebehind.OpenSpool(writebehind.SpoolOptions[store.HistoryMessage]{
@@ -164,6 +171,16 @@ func (h *History) Start() error {
 	h.stop = cancel
 	go h.loop(ctx)
 	return nil
+}
+
+// historySize is what a queued message takes in memory, roughly: its
+// variable parts and the struct, its strings' headers and the id.
+func historySize(m store.HistoryMessage) int {
+	n := 200 + len(m.Topic) + len(m.Payload) + len(m.Publisher) + len(m.ContentType)
+	for _, u := range m.User {
+		n += 32 + len(u.Key) + len(u.Value)
+	}
+	return n
 }
 
 func encodeHistory(dst []byte, m store.HistoryMessage) []byte {
