@@ -19,7 +19,6 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/oklog/ulid/v2"
 	"github.com/prometheus/client_golang/prometheus"
-	"go.mongodb.org/mongo-driver/v2/bson"
 
 	"github.com/rtm-dev/rtm/internal/config"
 	"github.com/rtm-dev/rtm/internal/store"
@@ -183,18 +182,15 @@ func historySize(m store.HistoryMessage) int {
 	return n
 }
 
+// encodeHistory and decodeHistory are the spool's record format: the
+// message's BSON document, as the store's buckets hold it, without
+// reflection.
 func encodeHistory(dst []byte, m store.HistoryMessage) []byte {
-	b, err := bson.Marshal(&m)
-	if err != nil {
-		return dst // cannot happen for this struct; Decode skips it
-	}
-	return append(dst, b...)
+	return store.AppendHistoryBSON(dst, &m)
 }
 
 func decodeHistory(b []byte) (store.HistoryMessage, error) {
-	var m store.HistoryMessage
-	err := bson.Unmarshal(b, &m)
-	return m, err
+	return store.DecodeHistoryBSON(b)
 }
 
 // write is the writer's Write: one unordered insert, duplicates ignored.
