@@ -27,3 +27,11 @@ func (s *Store) HistoryInBuckets(ctx context.Context) (bool, error) {
 
 // HistoryBucketBytes is where a bucket is cut.
 const HistoryBucketBytes = bucketBytes
+
+// WriteHistoryPerMessage makes this store write history one document a
+// message, as on MongoDB, even on FerretDB.
+func (s *Store) WriteHistoryPerMessage() {
+	s.hidx.mu.Lock()
+	defer s.hidx.mu.Unlock()
+	s.hidx.probed, s.hidx.on = true, false
+}
