@@ -19,7 +19,6 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/oklog/ulid/v2"
 	"github.com/prometheus/client_golang/prometheus"
-	"go.mongodb.org/mongo-driver/v2/bson"
 
 	"github.com/rtm-dev/rtm/internal/config"
 	"github.com/rtm-dev/rtm/internal/store"
@@ -71,6 +70,8 @@ type History struct {
 	service func(*mqtt.Client) bool
 
 	ids *idGen
+	// insert is the writer's Write: h.write, or a test's stand-in.
+	insert func(context.Context, []store.HistoryMessage) error
 
 	gmu      sync.Mutex
 	gaps     map[string]*store.HistoryGap // by filter: drops not yet recorded
@@ -107,6 +108,7 @@ func NewHistory(o HistoryOptions) (*History, error) {
 	if h.service == nil {
 		h.service = func(*mqtt.Client) bool { return false }
 	}
+	h.insert = h.write
 	h.writeDur = prometheus.NewHistogram(prometheus.HistogramOpts{
 		Name:    "rtm_history_write_seconds",
 		Help:    "Duration of each history batch insert, failed attempts included.",
@@ -126,12 +128,16 @@ func (h *History) Start() error {
 	o := h.o
 	wo := writebehind.Options[store.HistoryMessage]{
 		Name:     "history",
-		Write:    h.write,
+		Write:    h.insert,
 		MaxBatch: o.Config.BatchSize,
 		Linger:   o.Config.BatchLinger,
 		QueueLen: o.Config.QueueLen,
 		OnDrop:   h.onDrop,
-		Logger:   h.log,
+		// The byte bound, so a queue long enough for a burst of small
+		// messages does not hold as many large ones.
+		QueueBytes: int64(o.Config.QueueBytes),
+		Size:       historySize,
+		Logger:     h.log,
 	}
 	if o.SpoolDir != "" && o.Config.SpoolMaxBytes > 0 {
 		sp, err := writebehind.OpenSpool(writebehind.SpoolOptions[store.HistoryMessage]{
@@ -166,18 +172,25 @@ func (h *History) Start() error {
 	return nil
 }
 
-func encodeHistory(dst []byte, m store.HistoryMessage) []byte {
-	b, err := bson.Marshal(&m)
-	if err != nil {
-		return dst // cannot happen for this struct; Decode skips it
+// historySize is what a queued message takes in memory, roughly: its
+// variable parts and the struct, its strings' headers and the id.
+func historySize(m store.HistoryMessage) int {
+	n := 200 + len(m.Topic) + len(m.Payload) + len(m.Publisher) + len(m.ContentType)
+	for _, u := range m.User {
+		n += 32 + len(u.Key) + len(u.Value)
 	}
-	return append(dst, b...)
+	return n
+}
+
+// encodeHistory and decodeHistory are the spool's record format: the
+// message's BSON document, as the store's buckets hold it, without
+// reflection.
+func encodeHistory(dst []byte, m store.HistoryMessage) []byte {
+	return store.AppendHistoryBSON(dst, &m)
 }
 
 func decodeHistory(b []byte) (store.HistoryMessage, error) {
-	var m store.HistoryMessage
-	err := bson.Unmarshal(b, &m)
-	return m, err
+	return store.DecodeHistoryBSON(b)
 }
 
 // write is the writer's Write: one unordered insert, duplicates ignored.

@@ -2,8 +2,10 @@ package plugins
 
 import (
 	"context"
+	"slices"
 	"sync"
 	"testing"
+	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -69,5 +71,68 @@ func BenchmarkCaptureOnThePublishPath(b *testing.B) {
 	for b.Loop() {
 		p, _ := stamp.OnPublish(cl, pk)
 		_, _ = capture.OnPublish(cl, p)
+	}
+}
+
+// A burst of large messages while the store is slow goes to the spool at
+// history.queue_bytes, not after queue_len messages of any size: memory
+// stays bounded in bytes. Everything is written, in order, when the store
+// catches up.
+func TestHistoryQueueBytesSpills(t *testing.T) {
+	cfg := config.Defaults().History
+	cfg.QueueLen = 100000
+	cfg.QueueBytes = 64 << 10
+	h, err := NewHistory(HistoryOptions{Config: cfg, Node: "n", Store: new(store.Store), SpoolDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gate := make(chan struct{})
+	var mu sync.Mutex
+	var got []string
+	h.insert = func(ctx context.Context, batch []store.HistoryMessage) error {
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		for _, m := range batch {
+			got = append(got, m.ID)
+		}
+		return nil
+	}
+	if err := h.Start(); err != nil {
+		t.Fatal(err)
+	}
+	h.stop() // no gap records, purge or TTL: there is no store behind h.insert
+	var open sync.Once
+	defer h.Close(context.Background())
+	defer open.Do(func() { close(gate) })
+	stamp, capture := h.StampHook(), h.CaptureHook()
+	cl := &mqtt.Client{ID: "dev1"}
+	var ids []string
+	for range 100 {
+		pk := packets.Packet{TopicName: "push/big", Payload: make([]byte, 4096),
+			FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}}
+		p, _ := stamp.OnPublish(cl, pk)
+		_, _ = capture.OnPublish(cl, p)
+		ids = append(ids, p.Properties.User[len(p.Properties.User)-1].Val)
+	}
+	// 64 KiB holds 15 of these (4 KiB and some bookkeeping each).
+	st := h.Stats()
+	if st.Queued > 16 || st.SpoolMessages < 84 {
+		t.Fatalf("queued %d in memory, %d in the spool: want at most 16 (64 KiB) in memory", st.Queued, st.SpoolMessages)
+	}
+	open.Do(func() { close(gate) })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := h.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if !slices.Equal(got, ids) {
+		t.Fatalf("written %d, want the %d captured in order", len(got), len(ids))
 	}
 }

@@ -103,7 +103,13 @@ type History struct {
 	Retention   time.Duration `koanf:"retention" doc:"How long a stored message is kept: a TTL index where the server has them (MongoDB), and a periodic purge in any case (the embedded store has none)."`
 	BatchSize   int           `koanf:"batch_size" doc:"Most messages written to the store in one insert."`
 	BatchLinger time.Duration `koanf:"batch_linger" doc:"Longest a message waits for its batch to fill before it is written (0: at once; batches still grow while a write is in flight)."`
-	QueueLen    int           `koanf:"queue_len" doc:"Messages held in memory for the store; beyond it they go to the spool file in <data>/history, in order."`
+	// QueueLen and QueueBytes hold a burst in memory: a burst faster than
+	// the store that went to the spool cost about 4 µs of CPU a message
+	// (encoded, written, read back, decoded; BENCHMARKS.md, History).
+	// 100,000 small messages are about 30 MiB; QueueBytes keeps large
+	// ones from taking 100,000 times their size.
+	QueueLen   int `koanf:"queue_len" doc:"Messages held in memory for the store; beyond it, or beyond queue_bytes, they go to the spool file in <data>/history, in order."`
+	QueueBytes int `koanf:"queue_bytes" doc:"Bytes of messages (payload, topic, properties and about 200 bytes of bookkeeping each) held in memory for the store; beyond it, or beyond queue_len, they go to the spool file, in order."`
 	// SpoolMaxBytes bounds the disk a store outage may take: 1 GiB is about
 	// a million 1 KB messages.
 	SpoolMaxBytes int           `koanf:"spool_max_bytes" doc:"Bytes the history spool may hold on disk while the store is slow or down. Beyond it messages are not stored (counted, and a gap record says which topics and when)."`
@@ -337,7 +343,8 @@ func Defaults() Config {
 			Retention:     30 * 24 * time.Hour,
 			BatchSize:     256,
 			BatchLinger:   10 * time.Millisecond,
-			QueueLen:      10000,
+			QueueLen:      100000,
+			QueueBytes:    64 << 20,
 			SpoolMaxBytes: 1 << 30,
 			FlushTimeout:  5 * time.Second,
 			PurgeInterval: time.Hour,

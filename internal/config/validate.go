@@ -121,6 +121,7 @@ func (h History) check(v *validator) {
 	}
 	v.between("history.batch_size", h.BatchSize, 1, 10000)
 	v.between("history.queue_len", h.QueueLen, 1, 10_000_000)
+	v.between("history.queue_bytes", h.QueueBytes, 64<<10, 1<<40)
 	if h.SpoolMaxBytes < 0 {
 		v.bad("history.spool_max_bytes", h.SpoolMaxBytes, "must not be negative (0 disables the spool)")
 	}

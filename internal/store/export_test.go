@@ -34,3 +34,11 @@ func HistoryBucketID(node string, n int64, c int) string { return bucketID(node,
 // SetTestAfterPresenceRead calls f in WritePresence after it read the
 // connections recorded (FerretDB), before it writes.
 func (s *Store) SetTestAfterPresenceRead(f func()) { s.testAfterConns = f }
+
+// WriteHistoryPerMessage makes this store write history one document a
+// message, as on MongoDB, even on FerretDB.
+func (s *Store) WriteHistoryPerMessage() {
+	s.hidx.mu.Lock()
+	defer s.hidx.mu.Unlock()
+	s.hidx.probed, s.hidx.on = true, false
+}

@@ -72,9 +72,13 @@ func (s *Store) InsertHistory(ctx context.Context, msgs []HistoryMessage) error 
 		// Buckets, with the index (historybucket.go).
 		return s.indexHistory(ctx, msgs)
 	}
+	// Encoded once, without reflection; the driver copies bson.Raw as is.
 	docs := make([]any, len(msgs))
+	var buf []byte
 	for i := range msgs {
-		docs[i] = &msgs[i]
+		start := len(buf)
+		buf = AppendHistoryBSON(buf, &msgs[i])
+		docs[i] = bson.Raw(buf[start:len(buf):len(buf)])
 	}
 	_, err = s.db.Collection(CollHistory).InsertMany(ctx, docs, options.InsertMany().SetOrdered(false))
 	if err != nil && !onlyDuplicates(err) {

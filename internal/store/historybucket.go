@@ -90,12 +90,10 @@ type packedBucket struct {
 func packBuckets(msgs []HistoryMessage) ([]packedBucket, error) {
 	var out []packedBucket
 	var cur packedBucket
+	var b []byte
 	for i := range msgs {
 		m := &msgs[i]
-		b, err := bson.Marshal(m)
-		if err != nil {
-			return nil, fmt.Errorf("store: history bucket: %w", err)
-		}
+		b = AppendHistoryBSON(b[:0], m)
 		if len(cur.data) > 0 && (len(cur.data)+len(b) > bucketBytes ||
 			len(cur.data) >= bucketTopicBytes && m.Topic != msgs[i-1].Topic) {
 			out = append(out, cur)
@@ -167,8 +165,8 @@ func decodeBucket(data []byte, want map[string]bool) (map[string]HistoryMessage,
 		if !ok || (want != nil && !want[id]) {
 			continue
 		}
-		var m HistoryMessage
-		if err := bson.Unmarshal(d, &m); err != nil {
+		m, err := DecodeHistoryBSON(d)
+		if err != nil {
 			return nil, fmt.Errorf("store: history bucket: %w", err)
 		}
 		out[id] = m

@@ -13,7 +13,7 @@
 // keys ignored).
 //
 // Items are written in the order they were added. Memory is bounded by
-// Options.QueueLen items. What happens past that bound is the caller's
+// Options.QueueLen items (and Options.QueueBytes). What happens past that bound is the caller's
 // choice:
 //
 //   - Put waits for room (and returns a Ticket that settles when the item's
@@ -110,6 +110,16 @@ type Options[T any] struct {
 	// QueueLen bounds the items held in memory. 0 means DefaultQueueLen.
 	QueueLen int
 
+	// QueueBytes, with Size, also bounds the memory queue by the sum of
+	// Size of its items, so a queue long enough for a burst of small
+	// items cannot hold as many large ones. An item is queued only within
+	// both bounds (one item always fits an empty queue); past either, Put
+	// waits and Add overflows, as for QueueLen. 0 means no byte bound.
+	QueueBytes int64
+	// Size is an item's weight against QueueBytes (e.g. its payload and
+	// topic length). Required when QueueBytes is set.
+	Size func(T) int
+
 	// Overflow, when set, takes what Add cannot queue in memory.
 	Overflow Overflow[T]
 
@@ -153,6 +163,8 @@ type Writer[T any] struct {
 
 	mu        sync.Mutex
 	queue     []T             // items in memory, oldest first; written from the front
+	sizes     []int32         // with QueueBytes: Size of each item of queue
+	qbytes    int64           // with QueueBytes: sum of sizes
 	times     []time.Duration // with MinAge: when each item of queue was added (since epoch)
 	epoch     time.Time
 	flushing  int // Flush calls waiting: MinAge does not apply
@@ -190,8 +202,11 @@ func New[T any](o Options[T]) (*Writer[T], error) {
 	if o.Write == nil {
 		return nil, errors.New("writebehind: Options.Write is required")
 	}
-	if o.MaxBatch < 0 || o.QueueLen < 0 || o.Linger < 0 || o.MinAge < 0 {
-		return nil, fmt.Errorf("writebehind %s: MaxBatch, QueueLen, Linger and MinAge must not be negative", o.Name)
+	if o.MaxBatch < 0 || o.QueueLen < 0 || o.Linger < 0 || o.MinAge < 0 || o.QueueBytes < 0 {
+		return nil, fmt.Errorf("writebehind %s: MaxBatch, QueueLen, QueueBytes, Linger and MinAge must not be negative", o.Name)
+	}
+	if o.QueueBytes > 0 && o.Size == nil {
+		return nil, fmt.Errorf("writebehind %s: QueueBytes needs Size", o.Name)
 	}
 	if o.MaxBatch == 0 {
 		o.MaxBatch = DefaultMaxBatch
@@ -271,11 +286,11 @@ func (w *Writer[T]) Put(ctx context.Context, item T) (Ticket, error) {
 			w.mu.Unlock()
 			return Ticket{}, ErrClosed
 		}
-		if !w.spilling && len(w.queue) < w.o.QueueLen {
+		if size, ok := w.fitsLocked(item); ok {
 			seq := w.nextSeq
 			w.nextSeq++
 			w.queue = append(w.queue, item)
-			w.stampLocked()
+			w.stampLocked(size)
 			w.mu.Unlock()
 			w.signal()
 			return Ticket{w: w, seq: seq}, nil
@@ -299,10 +314,10 @@ func (w *Writer[T]) Add(item T) error {
 		w.mu.Unlock()
 		return ErrClosed
 	}
-	if !w.spilling && len(w.queue) < w.o.QueueLen {
+	if size, ok := w.fitsLocked(item); ok {
 		w.nextSeq++
 		w.queue = append(w.queue, item)
-		w.stampLocked()
+		w.stampLocked(size)
 		w.mu.Unlock()
 		w.signal()
 		return nil
@@ -476,10 +491,29 @@ func (w *Writer[T]) idle() <-chan struct{} {
 	return ch
 }
 
-// stampLocked records when the item just appended was added. w.mu is held.
-func (w *Writer[T]) stampLocked() {
+// fitsLocked reports whether item may be queued in memory now (nothing
+// overflowed, and within QueueLen and QueueBytes), and its Size. w.mu is
+// held.
+func (w *Writer[T]) fitsLocked(item T) (int, bool) {
+	if w.spilling || len(w.queue) >= w.o.QueueLen {
+		return 0, false
+	}
+	if w.o.QueueBytes == 0 {
+		return 0, true
+	}
+	size := w.o.Size(item)
+	return size, len(w.queue) == 0 || w.qbytes+int64(size) <= w.o.QueueBytes
+}
+
+// stampLocked records when the item just appended was added, and its
+// size. w.mu is held.
+func (w *Writer[T]) stampLocked(size int) {
 	if w.o.MinAge > 0 {
 		w.times = append(w.times, time.Since(w.epoch))
+	}
+	if w.o.QueueBytes > 0 {
+		w.sizes = append(w.sizes, int32(min(size, 1<<31-1)))
+		w.qbytes += int64(size)
 	}
 }
 
@@ -696,6 +730,15 @@ func (w *Writer[T]) writeOne() bool {
 			w.times = nil
 		}
 	}
+	if w.o.QueueBytes > 0 {
+		for _, sz := range w.sizes[:n] {
+			w.qbytes -= int64(sz)
+		}
+		w.sizes = w.sizes[n:]
+		if len(w.sizes) == 0 {
+			w.sizes, w.qbytes = nil, 0
+		}
+	}
 	if len(w.queue) == 0 {
 		w.queue = w.queue[:0:0]
 		if cap(w.queue) > w.o.MaxBatch*4 {
@@ -765,7 +808,7 @@ func (w *Writer[T]) spillQueue() bool {
 		return false
 	}
 	w.committed += uint64(len(w.queue))
-	w.queue, w.times = nil, nil
+	w.queue, w.times, w.sizes, w.qbytes = nil, nil, nil, 0
 	w.spilling = true
 	w.broadcastLocked()
 	return true
@@ -814,7 +857,7 @@ func (w *Writer[T]) writeWithRetry(batch []T, spillable bool) error {
 func (w *Writer[T]) loseQueued() {
 	w.mu.Lock()
 	lost := w.queue
-	w.queue, w.times = nil, nil
+	w.queue, w.times, w.sizes, w.qbytes = nil, nil, nil, 0
 	if len(lost) > 0 {
 		w.recordFailedLocked(seqRange{from: w.committed, to: w.committed + uint64(len(lost)), err: ErrClosed})
 	}

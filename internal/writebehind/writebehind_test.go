@@ -614,3 +614,51 @@ func TestBarrierReportsDroppedItems(t *testing.T) {
 		t.Fatal("Barrier taken after Close lost an item: nil, want an error")
 	}
 }
+
+// A queue bounded in bytes overflows at the byte bound, long before the
+// item bound, and writes everything in order afterwards; an item larger
+// than the bound still fits an empty queue.
+func TestQueueBytesOverflows(t *testing.T) {
+	s := &sink{gate: make(chan struct{})}
+	ov := &memOverflow{max: 1000}
+	w := newWriter(t, writebehind.Options[int]{Write: s.write, QueueLen: 1000, MaxBatch: 4,
+		QueueBytes: 100, Size: func(i int) int {
+			if i == 0 {
+				return 500 // over the bound alone
+			}
+			return 10
+		}, Overflow: ov})
+	if err := w.Add(0); err != nil {
+		t.Fatal(err)
+	}
+	if ov.Len() != 0 {
+		t.Fatal("an item over QueueBytes did not fit the empty queue")
+	}
+	for i := 1; i < 200; i++ {
+		if err := w.Add(i); err != nil {
+			t.Fatalf("add %d: %v", i, err)
+		}
+	}
+	// Item 0 (500, held in memory until the gated write returns) fills
+	// the bound: everything after it overflows.
+	if st := w.Stats(); st.Queued != 1 || ov.Len() != 199 {
+		t.Fatalf("queued %d, overflowed %d; want 1 and 199 (the byte bound)", st.Queued, ov.Len())
+	}
+	close(s.gate)
+	if err := w.Flush(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.written(); !slices.Equal(got, seq(200)) {
+		t.Fatalf("written out of order: %v", got[:min(len(got), 40)])
+	}
+	// Drained: the byte count went back to zero, so small items queue in
+	// memory again (10 of 10 bytes fit 100).
+	for i := 200; i < 210; i++ {
+		if err := w.Add(i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if ov.Len() != 0 {
+		t.Fatalf("after draining, %d of 10 small items overflowed", ov.Len())
+	}
+}

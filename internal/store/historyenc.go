@@ -1,0 +1,200 @@
+package store
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math"
+
+	"go.mongodb.org/mongo-driver/v2/bson"
+	"go.mongodb.org/mongo-driver/v2/x/bsonx/bsoncore"
+)
+
+// AppendHistoryBSON appends m as the BSON document bson.Marshal(&m) makes
+// (same fields, order, types and omissions; historyenc_test.go proves it),
+// without reflection: the spool and the buckets encode every captured
+// message, and the reflective marshaller was a large part of what capture
+// costs the broker (BENCHMARKS.md, History).
+func AppendHistoryBSON(dst []byte, m *HistoryMessage) []byte {
+	idx, dst := bsoncore.AppendDocumentStart(dst)
+	dst = bsoncore.AppendStringElement(dst, "_id", m.ID)
+	dst = bsoncore.AppendStringElement(dst, "topic", m.Topic)
+	if m.Payload == nil {
+		dst = bsoncore.AppendNullElement(dst, "payload")
+	} else {
+		dst = bsoncore.AppendBinaryElement(dst, "payload", 0, m.Payload)
+	}
+	if m.QoS >= math.MinInt32 && m.QoS <= math.MaxInt32 {
+		dst = bsoncore.AppendInt32Element(dst, "qos", int32(m.QoS))
+	} else {
+		dst = bsoncore.AppendInt64Element(dst, "qos", int64(m.QoS))
+	}
+	if m.Retain {
+		dst = bsoncore.AppendBooleanElement(dst, "retain", true)
+	}
+	dst = bsoncore.AppendStringElement(dst, "publisher", m.Publisher)
+	dst = bsoncore.AppendStringElement(dst, "node", m.Node)
+	dst = bsoncore.AppendDateTimeElement(dst, "ts", m.Time.UnixMilli())
+	if m.ContentType != "" {
+		dst = bsoncore.AppendStringElement(dst, "content_type", m.ContentType)
+	}
+	if len(m.User) > 0 {
+		var aidx int32
+		aidx, dst = bsoncore.AppendArrayElementStart(dst, "user")
+		var key [20]byte
+		for i := range m.User {
+			var uidx int32
+			uidx, dst = bsoncore.AppendDocumentElementStart(dst, string(appendIndex(key[:0], i)))
+			dst = bsoncore.AppendStringElement(dst, "k", m.User[i].Key)
+			dst = bsoncore.AppendStringElement(dst, "v", m.User[i].Value)
+			dst, _ = bsoncore.AppendDocumentEnd(dst, uidx)
+		}
+		dst, _ = bsoncore.AppendArrayEnd(dst, aidx)
+	}
+	dst, _ = bsoncore.AppendDocumentEnd(dst, idx)
+	return dst
+}
+
+func appendIndex(dst []byte, i int) []byte {
+	if i >= 10 {
+		dst = appendIndex(dst, i/10)
+	}
+	return append(dst, byte('0'+i%10))
+}
+
+var errHistoryBSON = errors.New("store: history message: malformed BSON")
+
+// DecodeHistoryBSON reads a document AppendHistoryBSON (or bson.Marshal of
+// a HistoryMessage) wrote, without reflection. It reads what
+// bson.Unmarshal reads for the documents rtm writes; unknown fields are
+// skipped, and a field of an unexpected type is an error.
+func DecodeHistoryBSON(b []byte) (HistoryMessage, error) {
+	var m HistoryMessage
+	doc := bsoncore.Document(b)
+	if err := doc.Validate(); err != nil {
+		return m, fmt.Errorf("%w: %w", errHistoryBSON, err)
+	}
+	rem := b[4 : len(b)-1]
+	for len(rem) > 0 {
+		e, r, ok := bsoncore.ReadElement(rem)
+		if !ok {
+			return m, errHistoryBSON
+		}
+		rem = r
+		v := e.Value()
+		key := foldKey(e.KeyBytes(), historyKeys)
+		if v.Type == bsoncore.TypeNull && key != "_id" {
+			continue // bson.Unmarshal leaves the zero value
+		}
+		var good bool
+		switch key {
+		case "_id":
+			m.ID, good = v.StringValueOK()
+		case "topic":
+			m.Topic, good = v.StringValueOK()
+		case "payload":
+			var sub byte
+			var data []byte
+			sub, data, good = v.BinaryOK()
+			good = good && (sub == 0 || sub == 2)
+			if good {
+				m.Payload = append(make([]byte, 0, len(data)), data...)
+			}
+		case "qos":
+			switch v.Type {
+			case bsoncore.TypeInt32:
+				m.QoS, good = int(v.Int32()), true
+			case bsoncore.TypeInt64:
+				m.QoS, good = int(v.Int64()), true
+			}
+		case "retain":
+			m.Retain, good = v.BooleanOK()
+		case "publisher":
+			m.Publisher, good = v.StringValueOK()
+		case "node":
+			m.Node, good = v.StringValueOK()
+		case "ts":
+			var ms int64
+			if ms, good = v.DateTimeOK(); good {
+				m.Time = bson.DateTime(ms).Time().UTC()
+			}
+		case "content_type":
+			m.ContentType, good = v.StringValueOK()
+		case "user":
+			var arr bsoncore.Array
+			if arr, good = v.ArrayOK(); good {
+				m.User, good = decodeUser(arr)
+			}
+		default:
+			good = true
+		}
+		if !good {
+			return m, fmt.Errorf("%w: field %q of type %s", errHistoryBSON, key, v.Type)
+		}
+	}
+	return m, nil
+}
+
+var (
+	historyKeys = []string{"_id", "topic", "payload", "qos", "retain", "publisher", "node", "ts", "content_type", "user"}
+	userKeys    = []string{"k", "v"}
+)
+
+// foldKey is the field of names key stands for: the same name or, as
+// bson.Unmarshal matches, one equal to it under case folding; "" if none.
+func foldKey(key []byte, names []string) string {
+	for _, n := range names {
+		if string(key) == n {
+			return n
+		}
+	}
+	for _, n := range names {
+		if bytes.EqualFold(key, []byte(n)) {
+			return n
+		}
+	}
+	return ""
+}
+
+func decodeUser(arr bsoncore.Array) ([]UserProperty, bool) {
+	var out []UserProperty
+	rem := arr[4 : len(arr)-1]
+	for len(rem) > 0 {
+		e, r, ok := bsoncore.ReadElement(rem)
+		if !ok {
+			return nil, false
+		}
+		rem = r
+		d, ok := e.Value().DocumentOK()
+		if !ok {
+			return nil, false
+		}
+		var u UserProperty
+		drem := d[4 : len(d)-1]
+		for len(drem) > 0 {
+			f, r, ok := bsoncore.ReadElement(drem)
+			if !ok {
+				return nil, false
+			}
+			drem = r
+			fv := f.Value()
+			if fv.Type == bsoncore.TypeNull {
+				continue
+			}
+			switch foldKey(f.KeyBytes(), userKeys) {
+			case "k":
+				u.Key, ok = fv.StringValueOK()
+			case "v":
+				u.Value, ok = fv.StringValueOK()
+			}
+			if !ok {
+				return nil, false
+			}
+		}
+		out = append(out, u)
+	}
+	if out == nil {
+		out = []UserProperty{}
+	}
+	return out, true
+}

@@ -1,0 +1,113 @@
+package store
+
+import (
+	"bytes"
+	"reflect"
+	"testing"
+	"time"
+
+	"go.mongodb.org/mongo-driver/v2/bson"
+)
+
+// histSamples are messages with every field set, unset and at its edges.
+func histSamples() []HistoryMessage {
+	ts := time.Date(2026, 12, 7, 7, 45, 1, 123_000_000, time.UTC)
+	return []HistoryMessage{
+		{ID: "01JEXAMPLE0000000000000000", Topic: "push/news", Payload: []byte("hello"), QoS: 1, Retain: true,
+			Publisher: "api-key", Node: "n1", Time: ts, ContentType: "text/plain",
+			User: []UserProperty{{Key: "a", Value: "1"}, {Key: "a", Value: "2"}, {Key: "", Value: ""}}},
+		{ID: "x", Topic: "groups/g", Payload: []byte{0, 0xff, 0x80}, QoS: 0, Publisher: "dev", Node: "n2", Time: ts},
+		{ID: "y", Topic: "devices/d/inbox", Payload: []byte{}, QoS: 2, Time: time.UnixMilli(0).UTC()},
+		{}, // nil payload, zero time
+		{ID: "z", Payload: bytes.Repeat([]byte{7}, 70000), QoS: 1 << 40, User: make12()},
+	}
+}
+
+func make12() []UserProperty {
+	var u []UserProperty
+	for i := range 12 {
+		u = append(u, UserProperty{Key: string(rune('a' + i)), Value: "é"})
+	}
+	return u
+}
+
+// The hand-written encoding is byte for byte bson.Marshal's (which the
+// buckets, the spool and MongoDB's documents were written with, and which
+// every read decodes), and decodes to the message it encoded both by
+// DecodeHistoryBSON and by bson.Unmarshal.
+func TestHistoryBSONMatchesMarshal(t *testing.T) {
+	for i, m := range histSamples() {
+		checkHistoryBSON(t, i, m)
+	}
+}
+
+func checkHistoryBSON(t *testing.T, i int, m HistoryMessage) {
+	t.Helper()
+	want, err := bson.Marshal(&m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := AppendHistoryBSON([]byte("prefix"), &m)
+	if !bytes.Equal(got[6:], want) {
+		t.Fatalf("message %d: encoding differs from bson.Marshal:\n got %v\nwant %v", i, bson.Raw(got[6:]), bson.Raw(want))
+	}
+	dec, err := DecodeHistoryBSON(want)
+	if err != nil {
+		t.Fatalf("message %d: %v", i, err)
+	}
+	var ref HistoryMessage
+	if err := bson.Unmarshal(want, &ref); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(dec, ref) {
+		t.Fatalf("message %d: decoded\n %#v\nbson.Unmarshal\n %#v", i, dec, ref)
+	}
+	m.Time = m.Time.Truncate(time.Millisecond)
+	if m.Payload == nil {
+		m.Payload = nil
+	}
+	if !reflect.DeepEqual(dec, m) {
+		t.Fatalf("message %d: round trip\n %#v\nwant\n %#v", i, dec, m)
+	}
+}
+
+// Any message encodes like bson.Marshal and round-trips.
+func FuzzHistoryBSONEncode(f *testing.F) {
+	f.Add("id", "t/x", []byte("p"), 1, true, "pub", "node", int64(1765000000123), "ct", "k", "v", 2, false)
+	f.Add("", "", []byte(nil), 0, false, "", "", int64(0), "", "", "", 0, true)
+	f.Fuzz(func(t *testing.T, id, topic string, payload []byte, qos int, retain bool, pub, node string, ms int64, ct, k, v string, nUser int, nilPayload bool) {
+		m := HistoryMessage{ID: id, Topic: topic, Payload: payload, QoS: qos, Retain: retain, Publisher: pub, Node: node,
+			Time: time.UnixMilli(ms % (1 << 50)).UTC(), ContentType: ct}
+		if nilPayload {
+			m.Payload = nil
+		} else if m.Payload == nil {
+			m.Payload = []byte{}
+		}
+		for range nUser % 20 {
+			m.User = append(m.User, UserProperty{Key: k, Value: v})
+		}
+		checkHistoryBSON(t, 0, m)
+	})
+}
+
+// On any bytes, DecodeHistoryBSON does not panic, and where both it and
+// bson.Unmarshal accept a document they read the same message.
+func FuzzHistoryBSONDecode(f *testing.F) {
+	for _, m := range histSamples() {
+		b, _ := bson.Marshal(&m)
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		dec, err := DecodeHistoryBSON(b)
+		if err != nil {
+			return
+		}
+		var ref HistoryMessage
+		if bson.Unmarshal(b, &ref) != nil {
+			return
+		}
+		if !reflect.DeepEqual(dec, ref) {
+			t.Fatalf("decoded\n %#v\nbson.Unmarshal\n %#v", dec, ref)
+		}
+	})
+}
