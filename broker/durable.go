@@ -61,6 +61,10 @@ type durableHook struct {
 	// write is committed.
 	waiting map[string]*heldMsg
 	known   map[string]bool // client IDs this node wrote (or loaded) a session document for
+	// prior: the subscriptions a persistent client's SUBSCRIBE in progress
+	// replaces (OnSubscribe to OnSubscribed, on its read loop), to put
+	// back if the SUBSCRIBE is refused.
+	prior map[*mqtt.Client]map[string]packets.Subscription
 	// gone: client IDs whose session this node handed to another node
 	// (moved, or ended by a claim): session writes still queued for them
 	// are skipped, so a late one cannot bring back a stale document after
@@ -251,7 +255,7 @@ func msgKey(client string, pid uint16) string { return client + "\x00" + strconv
 
 func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
 	d := &durableHook{b: b, st: st, node: b.cfg.NodeName, log: b.log.With("component", "durable"),
-		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{},
+		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, prior: map[*mqtt.Client]map[string]packets.Subscription{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{},
 		fail: failover{kick: make(chan struct{}, 1)}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.seq.Store(time.Now().UnixNano())
@@ -276,7 +280,7 @@ func (d *durableHook) ID() string { return "rtm-durable" }
 
 func (d *durableHook) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnSubscribed, mqtt.OnUnsubscribed,
+	case mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnSubscribe, mqtt.OnSubscribed, mqtt.OnUnsubscribed,
 		mqtt.OnRetainMessage, mqtt.OnQosPublish, mqtt.OnQosComplete, mqtt.OnQosDropped, mqtt.OnClientExpired,
 		mqtt.OnPublish, mqtt.OnPublishHold, mqtt.OnWillSent:
 		return true
@@ -523,20 +527,55 @@ func (d *durableHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	}
 }
 
+// OnSubscribe notes which filters of a persistent client's SUBSCRIBE it
+// holds already, and with which options, before mochi replaces them: a
+// refused SUBSCRIBE (OnSubscribed) must leave those as they were.
+func (d *durableHook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if !persistent(cl) {
+		return pk
+	}
+	var prior map[string]packets.Subscription
+	for _, sub := range pk.Filters {
+		if old, ok := cl.State.Subscriptions.Get(sub.Filter); ok {
+			if prior == nil {
+				prior = map[string]packets.Subscription{}
+			}
+			prior[sub.Filter] = old
+		}
+	}
+	d.mu.Lock()
+	if prior != nil {
+		d.prior[cl] = prior
+	} else {
+		delete(d.prior, cl)
+	}
+	d.mu.Unlock()
+	return pk
+}
+
 // OnSubscribed writes the session of a persistent client with its new
 // subscriptions and holds the SUBACK (mochi writes it after this hook)
 // until that write is committed, at most durableSubscribeMax: a SUBACK
 // promises that the subscription outlives the node (docs/clustering.md,
 // "Durability"), and the messages a publisher is told are safe reach it
 // only if the adopter finds the subscription. When the store does not
-// confirm in time, the new subscriptions are removed again and refused
-// with 0x80 (MQTT 3.1.1: Failure), so the client knows to subscribe again.
+// confirm in time, the SUBSCRIBE is refused with 0x80 (MQTT 3.1.1:
+// Failure), so the client knows to subscribe again: its new filters are
+// removed again, and a filter it held already keeps the subscription it
+// had, with the options it had: 0x80 says the subscription was not
+// accepted, and MQTT replaces an existing subscription only with one
+// accepted [MQTT-3.8.4-3]; the one it had was acknowledged (stored), and
+// removing it would lose what that SUBACK promised.
 // SUBSCRIBEs are rare beside PUBLISHes: waiting on the client's read loop
 // costs the publish path nothing.
 func (d *durableHook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
 	if !persistent(cl) {
 		return
 	}
+	d.mu.Lock()
+	prior := d.prior[cl]
+	delete(d.prior, cl)
+	d.mu.Unlock()
 	t, err := d.writeSession(cl, !cl.Closed())
 	if err == nil {
 		err = d.waitSession(t)
@@ -550,8 +589,15 @@ func (d *durableHook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []b
 			continue
 		}
 		codes[i] = packets.ErrUnspecifiedError.Code
-		d.b.mq.UnsubscribeClientFilter(cl, sub.Filter)
 		refused++
+		if old, ok := prior[sub.Filter]; ok {
+			// Not through SubscribeClient: that would send the
+			// filter's retained messages again.
+			d.b.mq.Topics.Subscribe(cl.ID, old)
+			cl.State.Subscriptions.Add(old.Filter, old)
+			continue
+		}
+		d.b.mq.UnsubscribeClientFilter(cl, sub.Filter)
 	}
 	d.subscribeRefused.Add(int64(refused))
 	d.log.Warn("subscriptions refused: the session was not stored in time", "client", cl.ID, "filters", refused, "error", err)

@@ -109,7 +109,27 @@ func TestDurableSubscribeRefusedWhileStoreDown(t *testing.T) {
 	if n := b.Stats().Durability.SubscribeRefused; n != 1 {
 		t.Fatalf("durability.subscribe_refused %d, want 1", n)
 	}
+
+	// A SUBSCRIBE naming a filter the session holds already (acknowledged,
+	// stored), with other options, beside a new one: both are refused, the
+	// new one is removed, and the one it held stays as it was - refusing
+	// it must not lose what its SUBACK promised. Before, it was removed
+	// too, here and then in the store.
+	sa, err = c.Subscribe(testutil.Context(t, waitMsg), &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: "kept", QoS: 0}, {Topic: "new2", QoS: 1}}})
+	if sa == nil {
+		t.Fatalf("no SUBACK: %v", err)
+	}
+	if !slices.Equal(sa.Reasons, []byte{0x80, 0x80}) {
+		t.Fatalf("SUBSCRIBE of a held and a new filter with the store down: reasons %v, want [0x80 0x80]", sa.Reasons)
+	}
+	if n := b.Stats().Subscriptions; n != before {
+		t.Fatalf("%d subscriptions after the refused SUBSCRIBE of a held filter, want %d", n, before)
+	}
 	clean, _ := dialV5(t, b, &paho.Connect{ClientID: "clean", CleanStart: true})
+	clean.Pub(t, "kept", 1, false, "still-subscribed")
+	if m := c.Next(t, waitMsg); m.Topic != "kept" || m.QoS != 1 {
+		t.Fatalf("the held filter delivered %q at QoS %d, want kept at QoS 1 (the options it had)", m.Topic, m.QoS)
+	}
 	subscribe(t, clean, 0, paho.SubscribeOptions{Topic: "new/#", QoS: 1})
 
 	o.start()
