@@ -65,6 +65,12 @@ type durableHook struct {
 	// replaces (OnSubscribe to OnSubscribed, on its read loop), to put
 	// back if the SUBSCRIBE is refused.
 	prior map[*mqtt.Client]map[string]packets.Subscription
+	// unstored: the last session document of a client here that write
+	// refused because another node owned the stored session (a move's
+	// source, whose late write landed first), until movedIn, having taken
+	// the stored session over, queues it again. A newer document of the
+	// client, queued or written, removes the entry.
+	unstored map[string]*sessionDoc
 	// gone: client IDs whose session this node handed to another node
 	// (moved, or ended by a claim): session writes still queued for them
 	// are skipped, so a late one cannot bring back a stale document after
@@ -155,6 +161,13 @@ type durOp struct {
 	msg    *msgDoc
 	ret    *retainedDoc
 	held   *heldMsg // opMsg: its entry in durableHook.waiting
+	// refused (opSession, if set) is set once the batch is committed if
+	// the document was not written: another node owns the stored session.
+	// The ticket alone reports success then.
+	refused *atomic.Bool
+	// redo: opSession of a document refused before, queued again by
+	// movedIn once this node owns the stored session (see unstored).
+	redo bool
 }
 
 // sessionDoc is a persistent session in store.CollSessions.
@@ -255,7 +268,7 @@ func msgKey(client string, pid uint16) string { return client + "\x00" + strconv
 
 func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
 	d := &durableHook{b: b, st: st, node: b.cfg.NodeName, log: b.log.With("component", "durable"),
-		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, prior: map[*mqtt.Client]map[string]packets.Subscription{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{},
+		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, prior: map[*mqtt.Client]map[string]packets.Subscription{}, unstored: map[string]*sessionDoc{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{},
 		fail: failover{kick: make(chan struct{}, 1)}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.seq.Store(time.Now().UnixNano())
@@ -559,7 +572,9 @@ func (d *durableHook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Pa
 // promises that the subscription outlives the node (docs/clustering.md,
 // "Durability"), and the messages a publisher is told are safe reach it
 // only if the adopter finds the subscription. When the store does not
-// confirm in time, the SUBSCRIBE is refused with 0x80 (MQTT 3.1.1:
+// confirm in time, or the write was refused because another node owns the
+// stored session (a move's source whose late write landed first, until
+// movedIn takes it over), the SUBSCRIBE is refused with 0x80 (MQTT 3.1.1:
 // Failure), so the client knows to subscribe again: its new filters are
 // removed again, and a filter it held already keeps the subscription it
 // had, with the options it had: 0x80 says the subscription was not
@@ -576,9 +591,10 @@ func (d *durableHook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []b
 	prior := d.prior[cl]
 	delete(d.prior, cl)
 	d.mu.Unlock()
-	t, err := d.writeSession(cl, !cl.Closed())
+	var notOwned atomic.Bool
+	t, err := d.writeSessionRefused(cl, !cl.Closed(), &notOwned)
 	if err == nil {
-		err = d.waitSession(t)
+		err = d.waitSession(t, &notOwned)
 	}
 	if err == nil {
 		return
@@ -600,7 +616,7 @@ func (d *durableHook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []b
 		d.b.mq.UnsubscribeClientFilter(cl, sub.Filter)
 	}
 	d.subscribeRefused.Add(int64(refused))
-	d.log.Warn("subscriptions refused: the session was not stored in time", "client", cl.ID, "filters", refused, "error", err)
+	d.log.Warn("subscriptions refused: the session was not stored", "client", cl.ID, "filters", refused, "error", err)
 	// The document queued with them is written once the store is back:
 	// this one, queued after it, takes them out again.
 	_, _ = d.writeSession(cl, !cl.Closed())
@@ -619,9 +635,10 @@ func (d *durableHook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 		// may not be the client's: its will is not to be read here).
 		return
 	}
-	t, err := d.writeSession(cl, !cl.Closed())
+	var refused atomic.Bool
+	t, err := d.writeSessionRefused(cl, !cl.Closed(), &refused)
 	if err == nil {
-		err = d.waitSession(t)
+		err = d.waitSession(t, &refused)
 	}
 	if err != nil {
 		d.log.Warn("UNSUBACK sent before the session was stored", "client", cl.ID, "error", err)
@@ -634,9 +651,13 @@ func (d *durableHook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 // a client whose store is down hears so before its own timeout.
 const durableSubscribeMax = 5 * time.Second
 
+// errSessionNotOwned: a session write was refused because another node
+// owns the stored session (the document was not written).
+var errSessionNotOwned = errors.New("the stored session belongs to another node")
+
 // waitSession waits for a session write's commit, at most
-// d.subscribeWait (durableSubscribeMax).
-func (d *durableHook) waitSession(t writebehind.Ticket) error {
+// d.subscribeWait (durableSubscribeMax); refused is the write's flag.
+func (d *durableHook) waitSession(t writebehind.Ticket, refused *atomic.Bool) error {
 	wait := durableSubscribeMax
 	if w := d.subscribeWait.Load(); w > 0 {
 		wait = time.Duration(w)
@@ -645,6 +666,9 @@ func (d *durableHook) waitSession(t writebehind.Ticket) error {
 	defer cancel()
 	if err := t.Wait(ctx); err != nil {
 		return fmt.Errorf("session not stored within %s: %w", wait, err)
+	}
+	if refused.Load() {
+		return errSessionNotOwned
 	}
 	return nil
 }
@@ -712,6 +736,12 @@ func (d *durableHook) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, _ int6
 
 // writeSession queues cl's session document as it is now.
 func (d *durableHook) writeSession(cl *mqtt.Client, connected bool) (writebehind.Ticket, error) {
+	return d.writeSessionRefused(cl, connected, nil)
+}
+
+// writeSessionRefused is writeSession, with refused set once its batch is
+// committed if the document was refused as another node's.
+func (d *durableHook) writeSessionRefused(cl *mqtt.Client, connected bool, refused *atomic.Bool) (writebehind.Ticket, error) {
 	doc := &sessionDoc{ID: cl.ID, Owner: d.node, Proto: cl.Properties.ProtocolVersion, Connected: connected, Updated: time.Now().UTC(),
 		WillOnly: !persistent(cl)}
 	if cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryIntervalFlag {
@@ -739,9 +769,10 @@ func (d *durableHook) writeSession(cl *mqtt.Client, connected bool) (writebehind
 	}
 	d.mu.Lock()
 	d.known[cl.ID] = true
+	delete(d.unstored, cl.ID) // this one supersedes it
 	doc.Epoch, doc.AdoptedFrom = max(d.epoch[cl.ID].epoch, 1), d.epoch[cl.ID].from
 	d.mu.Unlock()
-	return d.put(durOp{kind: opSession, client: cl.ID, sess: doc})
+	return d.put(durOp{kind: opSession, client: cl.ID, sess: doc, refused: refused})
 }
 
 // write stores one batch. Within it, a message acknowledged before the
@@ -761,6 +792,7 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 		sessOrder []string
 		willClr   []string
 		rets      = map[string]*retainedDoc{}
+		refused   []string // session documents not written: another node's
 	)
 	var takes []durOp
 	d.mu.Lock()
@@ -809,7 +841,18 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 			}
 			msgDel = append(msgDel, k)
 		case opSession:
-			if _, ok := sessUp[op.client]; !ok {
+			_, ok := sessUp[op.client]
+			if op.redo {
+				// Older than any other document of the client queued
+				// since (those removed the entry): written only if none was.
+				d.mu.Lock()
+				current := d.unstored[op.client] == op.sess
+				d.mu.Unlock()
+				if ok || !current {
+					continue
+				}
+			}
+			if !ok {
 				sessOrder = append(sessOrder, op.client)
 			}
 			sessUp[op.client] = op.sess
@@ -908,6 +951,7 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 			return fmt.Errorf("write sessions: %w", err)
 		}
 		d.lost.Add(int64(len(others)))
+		refused = others
 		docs := make([]any, 0, len(ids))
 		for _, id := range ids {
 			if !slices.Contains(others, id) {
@@ -923,6 +967,7 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 					return fmt.Errorf("write sessions: %w", err)
 				}
 				d.lost.Add(int64(duplicateCount(err)))
+				refused = append(refused, duplicateIDs(docs, err)...)
 			}
 		}
 	}
@@ -961,6 +1006,20 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 	}
 	// Committed: the holds of the messages written wait for this batch's
 	// ticket now, no longer for their sessions' acknowledgements.
+	d.mu.Lock()
+	for id, doc := range sessUp {
+		if slices.Contains(refused, id) {
+			d.unstored[id] = doc
+		} else if d.unstored[id] != nil {
+			delete(d.unstored, id)
+		}
+	}
+	d.mu.Unlock()
+	for _, op := range batch {
+		if op.kind == opSession && op.refused != nil && slices.Contains(refused, op.client) {
+			op.refused.Store(true)
+		}
+	}
 	d.mu.Lock()
 	for _, op := range batch {
 		if op.kind == opMsg && op.held != nil {
@@ -1019,6 +1078,7 @@ func (d *durableHook) gaveUp(id string) {
 	d.mu.Lock()
 	d.gone[id] = now
 	delete(d.known, id)
+	delete(d.unstored, id)
 	delete(d.epoch, id)
 	if len(d.gone) > 1024 && now.Sub(d.goneSwept) > time.Minute {
 		// Writes queued before a give-up are long written (or the store
@@ -1126,6 +1186,28 @@ func replaceDuplicates(ctx context.Context, c *mongo.Collection, docs []any, err
 		models = append(models, mongo.NewReplaceOneModel().SetFilter(bson.D{{Key: "_id", Value: m.ID}}).SetReplacement(m).SetUpsert(true))
 	}
 	return store.BulkWrite(ctx, c, models, false)
+}
+
+// duplicateIDs returns the IDs of the session documents of docs whose
+// insert err refused as duplicate keys (all, when it does not say which).
+func duplicateIDs(docs []any, err error) []string {
+	var ids []string
+	var bwe mongo.BulkWriteException
+	if errors.As(err, &bwe) {
+		for _, we := range bwe.WriteErrors {
+			if we.Index < 0 || we.Index >= len(docs) {
+				ids = ids[:0]
+				break
+			}
+			ids = append(ids, docs[we.Index].(*sessionDoc).ID)
+		}
+	}
+	if len(ids) == 0 {
+		for _, doc := range docs {
+			ids = append(ids, doc.(*sessionDoc).ID)
+		}
+	}
+	return ids
 }
 
 func duplicateCount(err error) int {

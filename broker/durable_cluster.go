@@ -889,9 +889,11 @@ func (c *clusterNode) reforward(peer string, msgs []link.Message) bool {
 // (an adoption: its own rules apply), when the session left this node
 // again, or after movedInNoDoc without a document (nothing to take: this
 // node's own writes insert it). Giving up is logged and counted
-// (durability.moved_in_failed). The document is rewritten as this node
-// holds the session at its next change (written here, not from this
-// goroutine: the client's own goroutine owns its will).
+// (durability.moved_in_failed). Once taken over, the last document of the
+// session this node's writes were refused for meanwhile is queued again
+// (redoUnstored); otherwise it is rewritten as this node holds the session
+// at its next change (written here, not from this goroutine: the client's
+// own goroutine owns its will).
 func (d *durableHook) movedIn(id, from string) {
 	go func() {
 		sc := d.st.DB().Collection(store.CollSessions)
@@ -933,6 +935,7 @@ func (d *durableHook) movedIn(id, from string) {
 			switch {
 			case err == nil && (doc.Owner == d.node || (res != nil && res.MatchedCount > 0)):
 				d.log.Debug("stored session taken over from the node it moved from", "client_id", id, "from", from)
+				d.redoUnstored(id)
 				return
 			case err == nil && doc.Owner != from:
 				d.log.Info("stored session of a moved-in client owned by another node: not taken over", "client_id", id, "from", from, "owner", doc.Owner)
@@ -946,6 +949,19 @@ func (d *durableHook) movedIn(id, from string) {
 			}
 		}
 	}()
+}
+
+// redoUnstored queues again the last session document of client id that
+// was refused while another node owned the stored session (see
+// durableHook.unstored), now that this node owns it: the document taken
+// over is the source's, without the changes made here since.
+func (d *durableHook) redoUnstored(id string) {
+	d.mu.Lock()
+	doc := d.unstored[id]
+	d.mu.Unlock()
+	if doc != nil {
+		_, _ = d.put(durOp{kind: opSession, client: id, sess: doc, redo: true})
+	}
 }
 
 // movedIn's bounds: the first pause (doubling to 2 s), how long a missing

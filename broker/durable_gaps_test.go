@@ -144,6 +144,63 @@ func TestDurableSubscribeRefusedWhileStoreDown(t *testing.T) {
 	})
 }
 
+// TestDurableSubackRefusedWhileSessionNotOwned: while the stored session
+// of a client here names another node as its owner (a move's source whose
+// late write landed after the take-over found no document), the session
+// writes here are refused, so its SUBSCRIBE is refused with 0x80, not
+// acknowledged for a subscription that is not stored. Once the node takes
+// the stored session over (movedIn), it writes the session as it holds it:
+// an UNSUBSCRIBE made meanwhile is not undone by the document taken over.
+func TestDurableSubackRefusedWhileSessionNotOwned(t *testing.T) {
+	o := newOutageStore(t)
+	b := testcluster.Broker(t, "durable-notowned", "", func(opts *broker.Options) {
+		opts.Cluster.GossipAddr, opts.Store = "", o.st
+	})
+	expiry := uint32(3600)
+	c, _ := dialV5(t, b, &paho.Connect{ClientID: "p", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: &expiry}})
+	subscribe(t, c, 0, paho.SubscribeOptions{Topic: "a", QoS: 1}, paho.SubscribeOptions{Topic: "kept", QoS: 1})
+	sessions := o.st.DB().Collection(store.CollSessions)
+	owner := func() string {
+		var doc struct {
+			Owner string `bson:"owner"`
+		}
+		if err := sessions.FindOne(testutil.Context(t, waitCond), bson.D{{Key: "_id", Value: "p"}}).Decode(&doc); err != nil {
+			t.Fatal(err)
+		}
+		return doc.Owner
+	}
+	here := owner()
+	if _, err := sessions.UpdateOne(testutil.Context(t, waitCond), bson.D{{Key: "_id", Value: "p"}},
+		bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: "source"}}}}); err != nil {
+		t.Fatal(err)
+	}
+
+	sa, err := c.Subscribe(testutil.Context(t, waitMsg), &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: "b", QoS: 1}}})
+	if sa == nil {
+		t.Fatalf("no SUBACK: %v", err)
+	}
+	if len(sa.Reasons) != 1 || sa.Reasons[0] != 0x80 {
+		t.Fatalf("SUBSCRIBE while the stored session is another node's: reasons %v, want [0x80]", sa.Reasons)
+	}
+	if _, err := c.Unsubscribe(testutil.Context(t, waitMsg), &paho.Unsubscribe{Topics: []string{"a"}}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := storedFilters(t, o.st, "p"); !slices.Equal(got, []string{"a", "kept"}) {
+		t.Fatalf("the source's document holds %q, want [a kept]", got)
+	}
+
+	b.MovedIn("p", "source")
+	testutil.WaitFor(t, waitCond, func() error {
+		if o := owner(); o != here {
+			return fmt.Errorf("stored owner %q, want %q", o, here)
+		}
+		if got, _ := storedFilters(t, o.st, "p"); !slices.Equal(got, []string{"kept"}) {
+			return fmt.Errorf("the stored session holds %q, want the node's, [kept]", got)
+		}
+		return nil
+	})
+}
+
 // TestDurableMessageReplacesStaleDocument: a message held for a persistent
 // session whose client and packet ID key is taken in the store by an older
 // document (a delete that never landed: its node died first) is stored in

@@ -104,3 +104,7 @@ func (b *Broker) InjectStaleMove(from, id, topic string, payload []byte) {
 	pm := publishMsg{Packet: packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, TopicName: topic, Payload: payload}, Origin: "pub"}
 	c.lateArrived(from, moveLateMsg{ClientID: id, Pub: pm})
 }
+
+// MovedIn starts the take-over in the store of client id's session, moved
+// here from node from, as a move whose document was not there yet does.
+func (b *Broker) MovedIn(id, from string) { b.durable.movedIn(id, from) }
