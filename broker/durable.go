@@ -88,6 +88,8 @@ type durableHook struct {
 	barrierTimeouts atomic.Int64 // link acknowledgements sent before the store confirmed
 	barrierDropped  atomic.Int64 // link acknowledgements refused: a write they covered was dropped
 	movedInFailed   atomic.Int64 // moved-in sessions whose stored document could not be taken over
+	movedInNoDoc    atomic.Int64 // moved-in sessions whose stored document movedIn did not find
+	movedInStale    atomic.Int64 // stale stored documents of moved-in clients that keep none, deleted
 	// refusedOwnerUnreachable counts CONNECTs refused (to be retried)
 	// because the node owning the client's stored session was unreachable
 	// but not yet declared failed.
@@ -1441,6 +1443,14 @@ type DurabilityStats struct {
 	// MovedInFailed counts sessions moved here whose stored document
 	// still named their old node after two minutes of trying (store down).
 	MovedInFailed int64 `json:"moved_in_failed"`
+	// MovedInNoDocument counts sessions moved here whose stored document
+	// was not found within 10 s (nothing taken over: the node's own
+	// writes, if any, insert it).
+	MovedInNoDocument int64 `json:"moved_in_no_document"`
+	// MovedInStaleDeleted counts stored documents of sessions moved here,
+	// written late by the old node, deleted because the client here keeps
+	// no stored session (it started clean without one).
+	MovedInStaleDeleted int64 `json:"moved_in_stale_deleted"`
 	// RefusedOwnerUnreachable counts CONNECTs refused with 0x88 (to be
 	// retried) because the node holding the client's stored session was
 	// unreachable and not yet declared failed.
@@ -1452,6 +1462,6 @@ type DurabilityStats struct {
 
 func (d *durableHook) stats() *DurabilityStats {
 	return &DurabilityStats{Stats: d.w.Stats(), Coalesced: d.coalesced.Load(), LostOwnership: d.lost.Load(),
-		Adopted: d.adopted.Load(), SupersededSkipped: d.supersededSkipped.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load(), BarrierDropped: d.barrierDropped.Load(), MovedInFailed: d.movedInFailed.Load(),
+		Adopted: d.adopted.Load(), SupersededSkipped: d.supersededSkipped.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load(), BarrierDropped: d.barrierDropped.Load(), MovedInFailed: d.movedInFailed.Load(), MovedInNoDocument: d.movedInNoDoc.Load(), MovedInStaleDeleted: d.movedInStale.Load(),
 		RefusedOwnerUnreachable: d.refusedOwnerUnreachable.Load(), SubscribeRefused: d.subscribeRefused.Load()}
 }

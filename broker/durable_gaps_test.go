@@ -201,6 +201,62 @@ func TestDurableSubackRefusedWhileSessionNotOwned(t *testing.T) {
 	})
 }
 
+// TestDurableMovedInStaleDocumentDeleted: a session document written late
+// by the node a client moved from, found by the take-over after the client
+// here started clean without a persistent session (its clean start's
+// delete found nothing yet), is deleted, not taken over: taken over, this
+// node's restart would bring back its old subscriptions and this node's
+// death would fire its old will. The document of a persistent client here
+// is taken over as before.
+func TestDurableMovedInStaleDocumentDeleted(t *testing.T) {
+	o := newOutageStore(t)
+	b := testcluster.Broker(t, "durable-stalemove", "", func(opts *broker.Options) {
+		opts.Cluster.GossipAddr, opts.Store = "", o.st
+	})
+	expiry := uint32(3600)
+	p, _ := dialV5(t, b, &paho.Connect{ClientID: "p", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: &expiry}})
+	subscribe(t, p, 0, paho.SubscribeOptions{Topic: "kept", QoS: 1})
+	dialV5(t, b, &paho.Connect{ClientID: "c", CleanStart: true})
+
+	sessions := o.st.DB().Collection(store.CollSessions)
+	ctx := testutil.Context(t, waitCond)
+	var here struct {
+		Owner string `bson:"owner"`
+	}
+	if err := sessions.FindOne(ctx, bson.D{{Key: "_id", Value: "p"}}).Decode(&here); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sessions.UpdateOne(ctx, bson.D{{Key: "_id", Value: "p"}}, bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: "source"}}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sessions.InsertOne(ctx, bson.D{{Key: "_id", Value: "c"}, {Key: "owner", Value: "source"}, {Key: "proto", Value: 5},
+		{Key: "expiry", Value: 3600}, {Key: "expiry_set", Value: true}, {Key: "subs", Value: bson.A{bson.D{{Key: "f", Value: "old"}, {Key: "q", Value: 1}}}},
+		{Key: "will", Value: bson.D{{Key: "topic", Value: "old-will"}, {Key: "payload", Value: []byte("x")}}}, {Key: "epoch", Value: 1}}); err != nil {
+		t.Fatal(err)
+	}
+
+	b.MovedIn("c", "source")
+	b.MovedIn("p", "source")
+	testutil.WaitFor(t, waitCond, func() error {
+		if got, ok := storedFilters(t, o.st, "c"); ok {
+			return fmt.Errorf("the stale document of c (clean, not persistent) is still stored, with filters %q", got)
+		}
+		var doc struct {
+			Owner string `bson:"owner"`
+		}
+		if err := sessions.FindOne(testutil.Context(t, waitCond), bson.D{{Key: "_id", Value: "p"}}).Decode(&doc); err != nil {
+			return err
+		}
+		if doc.Owner != here.Owner {
+			return fmt.Errorf("the document of persistent p is owned by %q, want %q", doc.Owner, here.Owner)
+		}
+		return nil
+	})
+	if n := b.Stats().Durability.MovedInStaleDeleted; n != 1 {
+		t.Fatalf("durability.moved_in_stale_deleted %d, want 1", n)
+	}
+}
+
 // TestDurableMessageReplacesStaleDocument: a message held for a persistent
 // session whose client and packet ID key is taken in the store by an older
 // document (a delete that never landed: its node died first) is stored in
