@@ -94,7 +94,7 @@ type durableHook struct {
 	// because the node owning the client's stored session was unreachable
 	// but not yet declared failed.
 	refusedOwnerUnreachable atomic.Int64
-	subscribeRefused        atomic.Int64 // subscriptions refused (0x80): the session was not stored in time
+	subscribeRefused        atomic.Int64 // subscriptions refused (0x80): the session was not stored (in time)
 	subscribeWait           atomic.Int64 // tests: durableSubscribeMax instead, in nanoseconds
 	adopted                 atomic.Int64 // sessions taken from nodes that died (or left)
 	reforwarded             atomic.Int64 // publishes a dead node's link held, sent on to adopters
@@ -1456,7 +1456,8 @@ type DurabilityStats struct {
 	// unreachable and not yet declared failed.
 	RefusedOwnerUnreachable int64 `json:"refused_owner_unreachable"`
 	// SubscribeRefused counts subscriptions of persistent sessions refused
-	// with 0x80 because the store did not commit the session within 5 s.
+	// with 0x80 because the store did not commit the session within 5 s,
+	// or refused its write as another node's (a move not yet taken over).
 	SubscribeRefused int64 `json:"subscribe_refused"`
 }
 
