@@ -160,16 +160,19 @@ func TestDurableSubackRefusedWhileSessionNotOwned(t *testing.T) {
 	c, _ := dialV5(t, b, &paho.Connect{ClientID: "p", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: &expiry}})
 	subscribe(t, c, 0, paho.SubscribeOptions{Topic: "a", QoS: 1}, paho.SubscribeOptions{Topic: "kept", QoS: 1})
 	sessions := o.st.DB().Collection(store.CollSessions)
-	owner := func() string {
+	// A session write replaces the document by a delete and an insert: it
+	// may be missing for a moment.
+	owner := func() (string, error) {
 		var doc struct {
 			Owner string `bson:"owner"`
 		}
-		if err := sessions.FindOne(testutil.Context(t, waitCond), bson.D{{Key: "_id", Value: "p"}}).Decode(&doc); err != nil {
-			t.Fatal(err)
-		}
-		return doc.Owner
+		err := sessions.FindOne(testutil.Context(t, waitCond), bson.D{{Key: "_id", Value: "p"}}).Decode(&doc)
+		return doc.Owner, err
 	}
-	here := owner()
+	here, err := owner()
+	if err != nil {
+		t.Fatal(err)
+	}
 	if _, err := sessions.UpdateOne(testutil.Context(t, waitCond), bson.D{{Key: "_id", Value: "p"}},
 		bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: "source"}}}}); err != nil {
 		t.Fatal(err)
@@ -191,8 +194,8 @@ func TestDurableSubackRefusedWhileSessionNotOwned(t *testing.T) {
 
 	b.MovedIn("p", "source")
 	testutil.WaitFor(t, waitCond, func() error {
-		if o := owner(); o != here {
-			return fmt.Errorf("stored owner %q, want %q", o, here)
+		if o, err := owner(); err != nil || o != here {
+			return fmt.Errorf("stored owner %q (%v), want %q", o, err, here)
 		}
 		if got, _ := storedFilters(t, o.st, "p"); !slices.Equal(got, []string{"kept"}) {
 			return fmt.Errorf("the stored session holds %q, want the node's, [kept]", got)
