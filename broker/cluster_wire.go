@@ -507,7 +507,8 @@ type moveEndMsg struct {
 	// PacketID is the last packet ID the source assigned to the session's
 	// messages: the destination goes on after it (mochi patch 38), so a
 	// delete of a stored message the source still has queued cannot hit
-	// the destination's new message under a reused ID.
+	// the destination's new message under a reused ID. 0: unknown (a
+	// sender of the previous release, which did not send it).
 	PacketID uint32
 }
 
@@ -525,7 +526,12 @@ func decodeMoveEnd(b []byte) (m moveEndMsg, err error) {
 	m.Move = r.uvarint()
 	m.Chunks = r.uvarint()
 	m.Abort = r.bool()
-	m.PacketID = uint32(r.uvarint())
+	// A node of the previous release sends no packet ID: 0 leaves the
+	// destination's own counter (mochi AdoptSession), so its moves still
+	// complete during a rolling restart.
+	if r.err == nil && len(r.b) > 0 {
+		m.PacketID = uint32(r.uvarint())
+	}
 	return m, r.done()
 }
 

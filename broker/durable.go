@@ -61,6 +61,16 @@ type durableHook struct {
 	// write is committed.
 	waiting map[string]*heldMsg
 	known   map[string]bool // client IDs this node wrote (or loaded) a session document for
+	// prior: the subscriptions a persistent client's SUBSCRIBE in progress
+	// replaces (OnSubscribe to OnSubscribed, on its read loop), to put
+	// back if the SUBSCRIBE is refused.
+	prior map[*mqtt.Client]map[string]packets.Subscription
+	// unstored: the last session document of a client here that write
+	// refused because another node owned the stored session (a move's
+	// source, whose late write landed first), until movedIn, having taken
+	// the stored session over, queues it again. A newer document of the
+	// client, queued or written, removes the entry.
+	unstored map[string]*sessionDoc
 	// gone: client IDs whose session this node handed to another node
 	// (moved, or ended by a claim): session writes still queued for them
 	// are skipped, so a late one cannot bring back a stale document after
@@ -78,11 +88,13 @@ type durableHook struct {
 	barrierTimeouts atomic.Int64 // link acknowledgements sent before the store confirmed
 	barrierDropped  atomic.Int64 // link acknowledgements refused: a write they covered was dropped
 	movedInFailed   atomic.Int64 // moved-in sessions whose stored document could not be taken over
+	movedInNoDoc    atomic.Int64 // moved-in sessions whose stored document movedIn did not find
+	movedInStale    atomic.Int64 // stale stored documents of moved-in clients that keep none, deleted
 	// refusedOwnerUnreachable counts CONNECTs refused (to be retried)
 	// because the node owning the client's stored session was unreachable
 	// but not yet declared failed.
 	refusedOwnerUnreachable atomic.Int64
-	subscribeRefused        atomic.Int64 // subscriptions refused (0x80): the session was not stored in time
+	subscribeRefused        atomic.Int64 // subscriptions refused (0x80): the session was not stored (in time)
 	subscribeWait           atomic.Int64 // tests: durableSubscribeMax instead, in nanoseconds
 	adopted                 atomic.Int64 // sessions taken from nodes that died (or left)
 	reforwarded             atomic.Int64 // publishes a dead node's link held, sent on to adopters
@@ -151,6 +163,13 @@ type durOp struct {
 	msg    *msgDoc
 	ret    *retainedDoc
 	held   *heldMsg // opMsg: its entry in durableHook.waiting
+	// refused (opSession, if set) is set once the batch is committed if
+	// the document was not written: another node owns the stored session.
+	// The ticket alone reports success then.
+	refused *atomic.Bool
+	// redo: opSession of a document refused before, queued again by
+	// movedIn once this node owns the stored session (see unstored).
+	redo bool
 }
 
 // sessionDoc is a persistent session in store.CollSessions.
@@ -251,7 +270,7 @@ func msgKey(client string, pid uint16) string { return client + "\x00" + strconv
 
 func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
 	d := &durableHook{b: b, st: st, node: b.cfg.NodeName, log: b.log.With("component", "durable"),
-		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{},
+		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, prior: map[*mqtt.Client]map[string]packets.Subscription{}, unstored: map[string]*sessionDoc{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{},
 		fail: failover{kick: make(chan struct{}, 1)}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.seq.Store(time.Now().UnixNano())
@@ -276,7 +295,7 @@ func (d *durableHook) ID() string { return "rtm-durable" }
 
 func (d *durableHook) Provides(b byte) bool {
 	switch b {
-	case mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnSubscribed, mqtt.OnUnsubscribed,
+	case mqtt.OnSessionEstablish, mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnSubscribe, mqtt.OnSubscribed, mqtt.OnUnsubscribed,
 		mqtt.OnRetainMessage, mqtt.OnQosPublish, mqtt.OnQosComplete, mqtt.OnQosDropped, mqtt.OnClientExpired,
 		mqtt.OnPublish, mqtt.OnPublishHold, mqtt.OnWillSent:
 		return true
@@ -523,23 +542,61 @@ func (d *durableHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	}
 }
 
+// OnSubscribe notes which filters of a persistent client's SUBSCRIBE it
+// holds already, and with which options, before mochi replaces them: a
+// refused SUBSCRIBE (OnSubscribed) must leave those as they were.
+func (d *durableHook) OnSubscribe(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if !persistent(cl) {
+		return pk
+	}
+	var prior map[string]packets.Subscription
+	for _, sub := range pk.Filters {
+		if old, ok := cl.State.Subscriptions.Get(sub.Filter); ok {
+			if prior == nil {
+				prior = map[string]packets.Subscription{}
+			}
+			prior[sub.Filter] = old
+		}
+	}
+	d.mu.Lock()
+	if prior != nil {
+		d.prior[cl] = prior
+	} else {
+		delete(d.prior, cl)
+	}
+	d.mu.Unlock()
+	return pk
+}
+
 // OnSubscribed writes the session of a persistent client with its new
 // subscriptions and holds the SUBACK (mochi writes it after this hook)
 // until that write is committed, at most durableSubscribeMax: a SUBACK
 // promises that the subscription outlives the node (docs/clustering.md,
 // "Durability"), and the messages a publisher is told are safe reach it
 // only if the adopter finds the subscription. When the store does not
-// confirm in time, the new subscriptions are removed again and refused
-// with 0x80 (MQTT 3.1.1: Failure), so the client knows to subscribe again.
+// confirm in time, or the write was refused because another node owns the
+// stored session (a move's source whose late write landed first, until
+// movedIn takes it over), the SUBSCRIBE is refused with 0x80 (MQTT 3.1.1:
+// Failure), so the client knows to subscribe again: its new filters are
+// removed again, and a filter it held already keeps the subscription it
+// had, with the options it had: 0x80 says the subscription was not
+// accepted, and MQTT replaces an existing subscription only with one
+// accepted [MQTT-3.8.4-3]; the one it had was acknowledged (stored), and
+// removing it would lose what that SUBACK promised.
 // SUBSCRIBEs are rare beside PUBLISHes: waiting on the client's read loop
 // costs the publish path nothing.
 func (d *durableHook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
 	if !persistent(cl) {
 		return
 	}
-	t, err := d.writeSession(cl, !cl.Closed())
+	d.mu.Lock()
+	prior := d.prior[cl]
+	delete(d.prior, cl)
+	d.mu.Unlock()
+	var notOwned atomic.Bool
+	t, err := d.writeSessionRefused(cl, !cl.Closed(), &notOwned)
 	if err == nil {
-		err = d.waitSession(t)
+		err = d.waitSession(t, &notOwned)
 	}
 	if err == nil {
 		return
@@ -550,11 +607,18 @@ func (d *durableHook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []b
 			continue
 		}
 		codes[i] = packets.ErrUnspecifiedError.Code
-		d.b.mq.UnsubscribeClientFilter(cl, sub.Filter)
 		refused++
+		if old, ok := prior[sub.Filter]; ok {
+			// Not through SubscribeClient: that would send the
+			// filter's retained messages again.
+			d.b.mq.Topics.Subscribe(cl.ID, old)
+			cl.State.Subscriptions.Add(old.Filter, old)
+			continue
+		}
+		d.b.mq.UnsubscribeClientFilter(cl, sub.Filter)
 	}
 	d.subscribeRefused.Add(int64(refused))
-	d.log.Warn("subscriptions refused: the session was not stored in time", "client", cl.ID, "filters", refused, "error", err)
+	d.log.Warn("subscriptions refused: the session was not stored", "client", cl.ID, "filters", refused, "error", err)
 	// The document queued with them is written once the store is back:
 	// this one, queued after it, takes them out again.
 	_, _ = d.writeSession(cl, !cl.Closed())
@@ -573,9 +637,10 @@ func (d *durableHook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 		// may not be the client's: its will is not to be read here).
 		return
 	}
-	t, err := d.writeSession(cl, !cl.Closed())
+	var refused atomic.Bool
+	t, err := d.writeSessionRefused(cl, !cl.Closed(), &refused)
 	if err == nil {
-		err = d.waitSession(t)
+		err = d.waitSession(t, &refused)
 	}
 	if err != nil {
 		d.log.Warn("UNSUBACK sent before the session was stored", "client", cl.ID, "error", err)
@@ -588,9 +653,13 @@ func (d *durableHook) OnUnsubscribed(cl *mqtt.Client, pk packets.Packet) {
 // a client whose store is down hears so before its own timeout.
 const durableSubscribeMax = 5 * time.Second
 
+// errSessionNotOwned: a session write was refused because another node
+// owns the stored session (the document was not written).
+var errSessionNotOwned = errors.New("the stored session belongs to another node")
+
 // waitSession waits for a session write's commit, at most
-// d.subscribeWait (durableSubscribeMax).
-func (d *durableHook) waitSession(t writebehind.Ticket) error {
+// d.subscribeWait (durableSubscribeMax); refused is the write's flag.
+func (d *durableHook) waitSession(t writebehind.Ticket, refused *atomic.Bool) error {
 	wait := durableSubscribeMax
 	if w := d.subscribeWait.Load(); w > 0 {
 		wait = time.Duration(w)
@@ -599,6 +668,9 @@ func (d *durableHook) waitSession(t writebehind.Ticket) error {
 	defer cancel()
 	if err := t.Wait(ctx); err != nil {
 		return fmt.Errorf("session not stored within %s: %w", wait, err)
+	}
+	if refused.Load() {
+		return errSessionNotOwned
 	}
 	return nil
 }
@@ -666,6 +738,12 @@ func (d *durableHook) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, _ int6
 
 // writeSession queues cl's session document as it is now.
 func (d *durableHook) writeSession(cl *mqtt.Client, connected bool) (writebehind.Ticket, error) {
+	return d.writeSessionRefused(cl, connected, nil)
+}
+
+// writeSessionRefused is writeSession, with refused set once its batch is
+// committed if the document was refused as another node's.
+func (d *durableHook) writeSessionRefused(cl *mqtt.Client, connected bool, refused *atomic.Bool) (writebehind.Ticket, error) {
 	doc := &sessionDoc{ID: cl.ID, Owner: d.node, Proto: cl.Properties.ProtocolVersion, Connected: connected, Updated: time.Now().UTC(),
 		WillOnly: !persistent(cl)}
 	if cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryIntervalFlag {
@@ -693,9 +771,10 @@ func (d *durableHook) writeSession(cl *mqtt.Client, connected bool) (writebehind
 	}
 	d.mu.Lock()
 	d.known[cl.ID] = true
+	delete(d.unstored, cl.ID) // this one supersedes it
 	doc.Epoch, doc.AdoptedFrom = max(d.epoch[cl.ID].epoch, 1), d.epoch[cl.ID].from
 	d.mu.Unlock()
-	return d.put(durOp{kind: opSession, client: cl.ID, sess: doc})
+	return d.put(durOp{kind: opSession, client: cl.ID, sess: doc, refused: refused})
 }
 
 // write stores one batch. Within it, a message acknowledged before the
@@ -715,6 +794,7 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 		sessOrder []string
 		willClr   []string
 		rets      = map[string]*retainedDoc{}
+		refused   []string // session documents not written: another node's
 	)
 	var takes []durOp
 	d.mu.Lock()
@@ -763,7 +843,18 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 			}
 			msgDel = append(msgDel, k)
 		case opSession:
-			if _, ok := sessUp[op.client]; !ok {
+			_, ok := sessUp[op.client]
+			if op.redo {
+				// Older than any other document of the client queued
+				// since (those removed the entry): written only if none was.
+				d.mu.Lock()
+				current := d.unstored[op.client] == op.sess
+				d.mu.Unlock()
+				if ok || !current {
+					continue
+				}
+			}
+			if !ok {
 				sessOrder = append(sessOrder, op.client)
 			}
 			sessUp[op.client] = op.sess
@@ -862,6 +953,7 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 			return fmt.Errorf("write sessions: %w", err)
 		}
 		d.lost.Add(int64(len(others)))
+		refused = others
 		docs := make([]any, 0, len(ids))
 		for _, id := range ids {
 			if !slices.Contains(others, id) {
@@ -877,6 +969,7 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 					return fmt.Errorf("write sessions: %w", err)
 				}
 				d.lost.Add(int64(duplicateCount(err)))
+				refused = append(refused, duplicateIDs(docs, err)...)
 			}
 		}
 	}
@@ -915,6 +1008,20 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 	}
 	// Committed: the holds of the messages written wait for this batch's
 	// ticket now, no longer for their sessions' acknowledgements.
+	d.mu.Lock()
+	for id, doc := range sessUp {
+		if slices.Contains(refused, id) {
+			d.unstored[id] = doc
+		} else if d.unstored[id] != nil {
+			delete(d.unstored, id)
+		}
+	}
+	d.mu.Unlock()
+	for _, op := range batch {
+		if op.kind == opSession && op.refused != nil && slices.Contains(refused, op.client) {
+			op.refused.Store(true)
+		}
+	}
 	d.mu.Lock()
 	for _, op := range batch {
 		if op.kind == opMsg && op.held != nil {
@@ -973,6 +1080,7 @@ func (d *durableHook) gaveUp(id string) {
 	d.mu.Lock()
 	d.gone[id] = now
 	delete(d.known, id)
+	delete(d.unstored, id)
 	delete(d.epoch, id)
 	if len(d.gone) > 1024 && now.Sub(d.goneSwept) > time.Minute {
 		// Writes queued before a give-up are long written (or the store
@@ -1080,6 +1188,28 @@ func replaceDuplicates(ctx context.Context, c *mongo.Collection, docs []any, err
 		models = append(models, mongo.NewReplaceOneModel().SetFilter(bson.D{{Key: "_id", Value: m.ID}}).SetReplacement(m).SetUpsert(true))
 	}
 	return store.BulkWrite(ctx, c, models, false)
+}
+
+// duplicateIDs returns the IDs of the session documents of docs whose
+// insert err refused as duplicate keys (all, when it does not say which).
+func duplicateIDs(docs []any, err error) []string {
+	var ids []string
+	var bwe mongo.BulkWriteException
+	if errors.As(err, &bwe) {
+		for _, we := range bwe.WriteErrors {
+			if we.Index < 0 || we.Index >= len(docs) {
+				ids = ids[:0]
+				break
+			}
+			ids = append(ids, docs[we.Index].(*sessionDoc).ID)
+		}
+	}
+	if len(ids) == 0 {
+		for _, doc := range docs {
+			ids = append(ids, doc.(*sessionDoc).ID)
+		}
+	}
+	return ids
 }
 
 func duplicateCount(err error) int {
@@ -1313,17 +1443,26 @@ type DurabilityStats struct {
 	// MovedInFailed counts sessions moved here whose stored document
 	// still named their old node after two minutes of trying (store down).
 	MovedInFailed int64 `json:"moved_in_failed"`
+	// MovedInNoDocument counts sessions moved here whose stored document
+	// was not found within 10 s (nothing taken over: the node's own
+	// writes, if any, insert it).
+	MovedInNoDocument int64 `json:"moved_in_no_document"`
+	// MovedInStaleDeleted counts stored documents of sessions moved here,
+	// written late by the old node, deleted because the client here keeps
+	// no stored session (it started clean without one).
+	MovedInStaleDeleted int64 `json:"moved_in_stale_deleted"`
 	// RefusedOwnerUnreachable counts CONNECTs refused with 0x88 (to be
 	// retried) because the node holding the client's stored session was
 	// unreachable and not yet declared failed.
 	RefusedOwnerUnreachable int64 `json:"refused_owner_unreachable"`
 	// SubscribeRefused counts subscriptions of persistent sessions refused
-	// with 0x80 because the store did not commit the session within 5 s.
+	// with 0x80 because the store did not commit the session within 5 s,
+	// or refused its write as another node's (a move not yet taken over).
 	SubscribeRefused int64 `json:"subscribe_refused"`
 }
 
 func (d *durableHook) stats() *DurabilityStats {
 	return &DurabilityStats{Stats: d.w.Stats(), Coalesced: d.coalesced.Load(), LostOwnership: d.lost.Load(),
-		Adopted: d.adopted.Load(), SupersededSkipped: d.supersededSkipped.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load(), BarrierDropped: d.barrierDropped.Load(), MovedInFailed: d.movedInFailed.Load(),
+		Adopted: d.adopted.Load(), SupersededSkipped: d.supersededSkipped.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load(), BarrierDropped: d.barrierDropped.Load(), MovedInFailed: d.movedInFailed.Load(), MovedInNoDocument: d.movedInNoDoc.Load(), MovedInStaleDeleted: d.movedInStale.Load(),
 		RefusedOwnerUnreachable: d.refusedOwnerUnreachable.Load(), SubscribeRefused: d.subscribeRefused.Load()}
 }

@@ -953,10 +953,14 @@ func (c *clusterNode) reforward(peer string, msgs []link.Message) bool {
 // does not answer. It stops once this node owns it, when a third node does
 // (an adoption: its own rules apply), when the session left this node
 // again, or after movedInNoDoc without a document (nothing to take: this
-// node's own writes insert it). Giving up is logged and counted
-// (durability.moved_in_failed). The document is rewritten as this node
-// holds the session at its next change (written here, not from this
-// goroutine: the client's own goroutine owns its will).
+// node's own writes insert it; counted, durability.moved_in_no_document).
+// Giving up is logged and counted (durability.moved_in_failed). A client
+// here that keeps no stored session (no persistent session, no will) has
+// the document deleted instead (durability.moved_in_stale_deleted). Once taken over, the last document of the
+// session this node's writes were refused for meanwhile is queued again
+// (redoUnstored); otherwise it is rewritten as this node holds the session
+// at its next change (written here, not from this goroutine: the client's
+// own goroutine owns its will).
 func (d *durableHook) movedIn(id, from string) {
 	go func() {
 		sc := d.st.DB().Collection(store.CollSessions)
@@ -974,13 +978,27 @@ func (d *durableHook) movedIn(id, from string) {
 			if _, here := d.b.mq.Clients.Get(id); !here {
 				return // moved on, or ended: no longer this node's to take
 			}
+			d.mu.Lock()
+			// keep: the client here has a session document to write (it is
+			// persistent, or has a will). Otherwise the document is stale:
+			// the source's late write, landed after the delete of this
+			// client's clean start found nothing; taken over, it would bring
+			// back the old subscriptions at this node's restart and fire the
+			// old will at its death: deleted instead.
+			keep := d.known[id]
+			_, gone := d.gone[id]
+			d.mu.Unlock()
+			if gone {
+				return // handed on to another node, which takes it
+			}
 			ctx, cancel := context.WithTimeout(d.ctx, 10*time.Second)
 			var doc struct {
 				Owner string `bson:"owner"`
 			}
 			err := sc.FindOne(ctx, bson.D{{Key: "_id", Value: id}}).Decode(&doc)
 			var res *mongo.UpdateResult
-			if err == nil && doc.Owner == from {
+			deleted := false
+			if err == nil && (doc.Owner == from || (doc.Owner == d.node && !keep)) {
 				// By _id alone after the read on FerretDB v1, which scans the
 				// collection for _id and owner together (once per session
 				// moved: quadratic for a fleet moving after a node's death)
@@ -988,21 +1006,42 @@ func (d *durableHook) movedIn(id, from string) {
 				// conditional on the owner where the server makes it atomic.
 				filter := bson.D{{Key: "_id", Value: id}}
 				if !d.st.IDOnly() {
-					filter = append(filter, bson.E{Key: "owner", Value: from})
+					filter = append(filter, bson.E{Key: "owner", Value: doc.Owner})
 				}
-				res, err = sc.UpdateOne(ctx, filter,
-					bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}}},
-						{Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}})
+				if keep {
+					res, err = sc.UpdateOne(ctx, filter,
+						bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}}},
+							{Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}})
+				} else {
+					_, err = sc.DeleteOne(ctx, filter)
+					deleted = err == nil
+				}
 			}
 			cancel()
 			switch {
+			case deleted:
+				d.movedInStale.Add(1)
+				d.log.Info("stale stored session of a moved-in client that keeps none deleted", "client_id", id, "from", from)
+				return
 			case err == nil && (doc.Owner == d.node || (res != nil && res.MatchedCount > 0)):
+				d.mu.Lock()
+				keep = d.known[id]
+				d.mu.Unlock()
+				if !keep {
+					// Its clean start's delete may have run before the
+					// take-over: deleted at the next round.
+					continue
+				}
 				d.log.Debug("stored session taken over from the node it moved from", "client_id", id, "from", from)
+				d.redoUnstored(id)
 				return
 			case err == nil && doc.Owner != from:
 				d.log.Info("stored session of a moved-in client owned by another node: not taken over", "client_id", id, "from", from, "owner", doc.Owner)
 				return
 			case errors.Is(err, mongo.ErrNoDocuments) && time.Since(began) > movedInNoDoc:
+				// Nothing to take (the source never wrote it, or it was
+				// deleted): this node's own writes insert it, if any.
+				d.movedInNoDoc.Add(1)
 				return
 			case time.Since(began) > movedInMax:
 				d.movedInFailed.Add(1)
@@ -1011,6 +1050,19 @@ func (d *durableHook) movedIn(id, from string) {
 			}
 		}
 	}()
+}
+
+// redoUnstored queues again the last session document of client id that
+// was refused while another node owned the stored session (see
+// durableHook.unstored), now that this node owns it: the document taken
+// over is the source's, without the changes made here since.
+func (d *durableHook) redoUnstored(id string) {
+	d.mu.Lock()
+	doc := d.unstored[id]
+	d.mu.Unlock()
+	if doc != nil {
+		_, _ = d.put(durOp{kind: opSession, client: id, sess: doc, redo: true})
+	}
 }
 
 // movedIn's bounds: the first pause (doubling to 2 s), how long a missing

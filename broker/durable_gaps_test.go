@@ -109,7 +109,27 @@ func TestDurableSubscribeRefusedWhileStoreDown(t *testing.T) {
 	if n := b.Stats().Durability.SubscribeRefused; n != 1 {
 		t.Fatalf("durability.subscribe_refused %d, want 1", n)
 	}
+
+	// A SUBSCRIBE naming a filter the session holds already (acknowledged,
+	// stored), with other options, beside a new one: both are refused, the
+	// new one is removed, and the one it held stays as it was - refusing
+	// it must not lose what its SUBACK promised. Before, it was removed
+	// too, here and then in the store.
+	sa, err = c.Subscribe(testutil.Context(t, waitMsg), &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: "kept", QoS: 0}, {Topic: "new2", QoS: 1}}})
+	if sa == nil {
+		t.Fatalf("no SUBACK: %v", err)
+	}
+	if !slices.Equal(sa.Reasons, []byte{0x80, 0x80}) {
+		t.Fatalf("SUBSCRIBE of a held and a new filter with the store down: reasons %v, want [0x80 0x80]", sa.Reasons)
+	}
+	if n := b.Stats().Subscriptions; n != before {
+		t.Fatalf("%d subscriptions after the refused SUBSCRIBE of a held filter, want %d", n, before)
+	}
 	clean, _ := dialV5(t, b, &paho.Connect{ClientID: "clean", CleanStart: true})
+	clean.Pub(t, "kept", 1, false, "still-subscribed")
+	if m := c.Next(t, waitMsg); m.Topic != "kept" || m.QoS != 1 {
+		t.Fatalf("the held filter delivered %q at QoS %d, want kept at QoS 1 (the options it had)", m.Topic, m.QoS)
+	}
 	subscribe(t, clean, 0, paho.SubscribeOptions{Topic: "new/#", QoS: 1})
 
 	o.start()
@@ -122,6 +142,122 @@ func TestDurableSubscribeRefusedWhileStoreDown(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestDurableSubackRefusedWhileSessionNotOwned: while the stored session
+// of a client here names another node as its owner (a move's source whose
+// late write landed after the take-over found no document), the session
+// writes here are refused, so its SUBSCRIBE is refused with 0x80, not
+// acknowledged for a subscription that is not stored. Once the node takes
+// the stored session over (movedIn), it writes the session as it holds it:
+// an UNSUBSCRIBE made meanwhile is not undone by the document taken over.
+func TestDurableSubackRefusedWhileSessionNotOwned(t *testing.T) {
+	o := newOutageStore(t)
+	b := testcluster.Broker(t, "durable-notowned", "", func(opts *broker.Options) {
+		opts.Cluster.GossipAddr, opts.Store = "", o.st
+	})
+	expiry := uint32(3600)
+	c, _ := dialV5(t, b, &paho.Connect{ClientID: "p", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: &expiry}})
+	subscribe(t, c, 0, paho.SubscribeOptions{Topic: "a", QoS: 1}, paho.SubscribeOptions{Topic: "kept", QoS: 1})
+	sessions := o.st.DB().Collection(store.CollSessions)
+	// A session write replaces the document by a delete and an insert: it
+	// may be missing for a moment.
+	owner := func() (string, error) {
+		var doc struct {
+			Owner string `bson:"owner"`
+		}
+		err := sessions.FindOne(testutil.Context(t, waitCond), bson.D{{Key: "_id", Value: "p"}}).Decode(&doc)
+		return doc.Owner, err
+	}
+	here, err := owner()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sessions.UpdateOne(testutil.Context(t, waitCond), bson.D{{Key: "_id", Value: "p"}},
+		bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: "source"}}}}); err != nil {
+		t.Fatal(err)
+	}
+
+	sa, err := c.Subscribe(testutil.Context(t, waitMsg), &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: "b", QoS: 1}}})
+	if sa == nil {
+		t.Fatalf("no SUBACK: %v", err)
+	}
+	if len(sa.Reasons) != 1 || sa.Reasons[0] != 0x80 {
+		t.Fatalf("SUBSCRIBE while the stored session is another node's: reasons %v, want [0x80]", sa.Reasons)
+	}
+	if _, err := c.Unsubscribe(testutil.Context(t, waitMsg), &paho.Unsubscribe{Topics: []string{"a"}}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := storedFilters(t, o.st, "p"); !slices.Equal(got, []string{"a", "kept"}) {
+		t.Fatalf("the source's document holds %q, want [a kept]", got)
+	}
+
+	b.MovedIn("p", "source")
+	testutil.WaitFor(t, waitCond, func() error {
+		if o, err := owner(); err != nil || o != here {
+			return fmt.Errorf("stored owner %q (%v), want %q", o, err, here)
+		}
+		if got, _ := storedFilters(t, o.st, "p"); !slices.Equal(got, []string{"kept"}) {
+			return fmt.Errorf("the stored session holds %q, want the node's, [kept]", got)
+		}
+		return nil
+	})
+}
+
+// TestDurableMovedInStaleDocumentDeleted: a session document written late
+// by the node a client moved from, found by the take-over after the client
+// here started clean without a persistent session (its clean start's
+// delete found nothing yet), is deleted, not taken over: taken over, this
+// node's restart would bring back its old subscriptions and this node's
+// death would fire its old will. The document of a persistent client here
+// is taken over as before.
+func TestDurableMovedInStaleDocumentDeleted(t *testing.T) {
+	o := newOutageStore(t)
+	b := testcluster.Broker(t, "durable-stalemove", "", func(opts *broker.Options) {
+		opts.Cluster.GossipAddr, opts.Store = "", o.st
+	})
+	expiry := uint32(3600)
+	p, _ := dialV5(t, b, &paho.Connect{ClientID: "p", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: &expiry}})
+	subscribe(t, p, 0, paho.SubscribeOptions{Topic: "kept", QoS: 1})
+	dialV5(t, b, &paho.Connect{ClientID: "c", CleanStart: true})
+
+	sessions := o.st.DB().Collection(store.CollSessions)
+	ctx := testutil.Context(t, waitCond)
+	var here struct {
+		Owner string `bson:"owner"`
+	}
+	if err := sessions.FindOne(ctx, bson.D{{Key: "_id", Value: "p"}}).Decode(&here); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sessions.UpdateOne(ctx, bson.D{{Key: "_id", Value: "p"}}, bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: "source"}}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := sessions.InsertOne(ctx, bson.D{{Key: "_id", Value: "c"}, {Key: "owner", Value: "source"}, {Key: "proto", Value: 5},
+		{Key: "expiry", Value: 3600}, {Key: "expiry_set", Value: true}, {Key: "subs", Value: bson.A{bson.D{{Key: "f", Value: "old"}, {Key: "q", Value: 1}}}},
+		{Key: "will", Value: bson.D{{Key: "topic", Value: "old-will"}, {Key: "payload", Value: []byte("x")}}}, {Key: "epoch", Value: 1}}); err != nil {
+		t.Fatal(err)
+	}
+
+	b.MovedIn("c", "source")
+	b.MovedIn("p", "source")
+	testutil.WaitFor(t, waitCond, func() error {
+		if got, ok := storedFilters(t, o.st, "c"); ok {
+			return fmt.Errorf("the stale document of c (clean, not persistent) is still stored, with filters %q", got)
+		}
+		var doc struct {
+			Owner string `bson:"owner"`
+		}
+		if err := sessions.FindOne(testutil.Context(t, waitCond), bson.D{{Key: "_id", Value: "p"}}).Decode(&doc); err != nil {
+			return err
+		}
+		if doc.Owner != here.Owner {
+			return fmt.Errorf("the document of persistent p is owned by %q, want %q", doc.Owner, here.Owner)
+		}
+		return nil
+	})
+	if n := b.Stats().Durability.MovedInStaleDeleted; n != 1 {
+		t.Fatalf("durability.moved_in_stale_deleted %d, want 1", n)
+	}
 }
 
 // TestDurableMessageReplacesStaleDocument: a message held for a persistent

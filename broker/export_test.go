@@ -131,3 +131,7 @@ func (b *Broker) LeaveClaim(ctx context.Context, id string) error {
 		bson.D{{Key: "_id", Value: claimID(&s)}, {Key: "node", Value: b.durable.node}, {Key: "at", Value: time.Now().UTC()}})
 	return err
 }
+
+// MovedIn starts the take-over in the store of client id's session, moved
+// here from node from, as a move whose document was not there yet does.
+func (b *Broker) MovedIn(id, from string) { b.durable.movedIn(id, from) }
