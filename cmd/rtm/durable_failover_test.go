@@ -52,23 +52,23 @@ func TestNodeDeathSessionsAdopted(t *testing.T) {
 		done    chan struct{} // closed once reconnected to a survivor
 	}
 	collect := func(s *subscriber, c *testutil.V5) {
+		record := func(m *paho.Publish) {
+			n, _ := strconv.Atoi(string(m.Payload))
+			s.mu.Lock()
+			s.got = append(s.got, n)
+			s.mu.Unlock()
+		}
 		go func() {
 			for {
 				select {
 				case m := <-c.Messages:
-					n, _ := strconv.Atoi(string(m.Payload))
-					s.mu.Lock()
-					s.got = append(s.got, n)
-					s.mu.Unlock()
+					record(m)
 				case <-c.Done():
 					// What arrived before the connection ended is kept.
 					for {
 						select {
 						case m := <-c.Messages:
-							n, _ := strconv.Atoi(string(m.Payload))
-							s.mu.Lock()
-							s.got = append(s.got, n)
-							s.mu.Unlock()
+							record(m)
 						default:
 							return
 						}
