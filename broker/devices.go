@@ -52,7 +52,7 @@ type devicesHook struct {
 	seq         atomic.Uint64
 
 	conns     sync.Map // *mqtt.Client → connRecord written with its presence
-	queue     chan deviceOp
+	queue     opQueue
 	reapplyMu sync.Mutex
 	reapply   map[string]struct{} // client IDs whose recorded push subscriptions are to be applied
 	// unsubscribed holds, by client ID, the push channels a connected
@@ -76,6 +76,61 @@ type devicesHook struct {
 	done       chan struct{}
 }
 
+// opQueue is the writer's queue: a slice, not a channel, so that its
+// memory follows the backlog (a channel of a node's capacity would keep
+// megabytes resident once its ring had gone round).
+type opQueue struct {
+	mu    sync.Mutex
+	ops   []deviceOp
+	limit int
+	wake  chan struct{} // ops were pushed
+}
+
+func newOpQueue(limit int) opQueue {
+	return opQueue{limit: limit, wake: make(chan struct{}, 1)}
+}
+
+// push queues op, or reports false when the queue is full.
+func (q *opQueue) push(op deviceOp) bool {
+	q.mu.Lock()
+	if len(q.ops) >= q.limit {
+		q.mu.Unlock()
+		return false
+	}
+	q.ops = append(q.ops, op)
+	q.mu.Unlock()
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+// take moves queued ops, oldest first, onto batch until it holds n (all
+// of them if n < 0).
+func (q *opQueue) take(batch []deviceOp, n int) []deviceOp {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	k := len(q.ops)
+	if n >= 0 {
+		k = max(0, min(n-len(batch), k))
+	}
+	batch = append(batch, q.ops[:k]...)
+	if k == len(q.ops) {
+		q.ops = nil // the backlog's array goes with it
+	} else {
+		clear(q.ops[:k])
+		q.ops = q.ops[k:]
+	}
+	return batch
+}
+
+func (q *opQueue) len() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.ops)
+}
+
 // connRecord is what was recorded for a connection.
 type connRecord struct {
 	id string
@@ -92,6 +147,12 @@ type deviceOp struct {
 }
 
 const (
+	// deviceQueueLen is the least bound of the queue; a node's bound is
+	// twice its capacity when that is more, so that a connect storm up to
+	// capacity (a connect and a disconnect per device) is queued, not
+	// dropped and then reconciled: a reconciliation reads every record of
+	// the node, and its garbage stayed in the RSS of a node that had just
+	// taken 19,000 connections.
 	deviceQueueLen   = 10000
 	deviceBatch      = 500
 	deviceWriteWait  = 5 * time.Second // one store call of the writer
@@ -103,7 +164,7 @@ const (
 )
 
 func newDevicesHook(b *Broker, st *store.Store) *devicesHook {
-	h := &devicesHook{b: b, st: st, incarnation: b.Incarnation(), queue: make(chan deviceOp, deviceQueueLen),
+	h := &devicesHook{b: b, st: st, incarnation: b.Incarnation(), queue: newOpQueue(max(deviceQueueLen, 2*b.cfg.Capacity)),
 		reapply: map[string]struct{}{}, unsubscribed: map[string]map[string]struct{}{}, wake: make(chan struct{}, 1),
 		ctx: context.Background(), done: make(chan struct{})}
 	h.storeUp.Store(true) // Open pinged it
@@ -127,9 +188,7 @@ func channelOf(filter string) string {
 }
 
 func (h *devicesHook) enqueue(op deviceOp) {
-	select {
-	case h.queue <- op:
-	default:
+	if !h.queue.push(op) {
 		h.reconcile.Store(true)
 		if h.dropped.Add(1)%1000 == 1 {
 			h.b.log.Warn("device record not queued: queue full (store slow or down); the store is reconciled with the broker's clients once it answers",
@@ -249,13 +308,12 @@ func (h *devicesHook) run(stop <-chan struct{}) {
 		if before < 0 && h.reconcile.Swap(false) {
 			// Reconcile after the operations queued before the drop,
 			// which are older than the clients' state it writes.
-			before = len(batch) + len(h.queue)
+			before = len(batch) + h.queue.len()
 		}
-		if len(batch) == 0 && swept && before != 0 && !h.reapplyDue() {
+		if len(batch) == 0 && swept && before != 0 && !h.reapplyDue() && h.queue.len() == 0 {
 			idle.Reset(storePing)
 			select {
-			case op := <-h.queue:
-				batch = append(batch, op)
+			case <-h.queue.wake:
 			case <-h.wake:
 			case <-idle.C:
 				if time.Since(lastCheck) >= storePing {
@@ -268,15 +326,7 @@ func (h *devicesHook) run(stop <-chan struct{}) {
 				return
 			}
 		}
-		for len(batch) < deviceBatch {
-			select {
-			case op := <-h.queue:
-				batch = append(batch, op)
-				continue
-			default:
-			}
-			break
-		}
+		batch = h.queue.take(batch, deviceBatch)
 		h.inBatch.Store(int64(len(batch)))
 
 		err := h.step(&swept, &batch, &before)
@@ -536,20 +586,12 @@ func (h *devicesHook) down(err error) {
 }
 
 // pending counts device records waiting to be written.
-func (h *devicesHook) pending() int64 { return int64(len(h.queue)) + h.inBatch.Load() }
+func (h *devicesHook) pending() int64 { return int64(h.queue.len()) + h.inBatch.Load() }
 
 // flush writes what is queued at shutdown, within deviceFlushWait; what is
 // left then is lost (the next process's sweep marks its devices offline).
 func (h *devicesHook) flush(batch []deviceOp) {
-	for {
-		select {
-		case op := <-h.queue:
-			batch = append(batch, op)
-			continue
-		default:
-		}
-		break
-	}
+	batch = h.queue.take(batch, -1)
 	if len(batch) == 0 {
 		return
 	}

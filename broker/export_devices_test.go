@@ -2,4 +2,4 @@ package broker
 
 // SetDeviceQueueLen gives b's device record writer a queue of n entries; call
 // it between New and Start.
-func SetDeviceQueueLen(b *Broker, n int) { b.devices.queue = make(chan deviceOp, n) }
+func SetDeviceQueueLen(b *Broker, n int) { b.devices.queue = newOpQueue(n) }
