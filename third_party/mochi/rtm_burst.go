@@ -36,10 +36,7 @@ func (cl *Client) readBurst(packetHandler ReadFn) (waitFrom time.Time, err error
 		_ = cl.Net.Conn.SetReadDeadline(end)
 	}
 	rerr := r.burst(func() bool {
-		for cl.nextPacketBuffered() {
-			if cl.Closed() {
-				return false
-			}
+		for cl.nextPacketBuffered() { // readAndHandle ignores a packet read after a stop
 			var fh packets.FixedHeader
 			if err = cl.ReadFixedHeader(&fh); err != nil {
 				return false
