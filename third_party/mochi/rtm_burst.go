@@ -24,8 +24,9 @@ const burstSpan = idleHandOff
 // the connection is idle for burstSpan, a packet is longer than the read
 // buffer, cl is stopped, or reading or handling fails. It returns when the
 // last wait began (the read loop's next wait counts from it) and the error
-// of handling a packet; a read error is left for the read loop's next
-// read. rtm patch 109.
+// of handling a packet or of the wait (a closed connection); a read(2)
+// error is left for the read loop's next read, after the bytes buffered.
+// rtm patch 109.
 func (cl *Client) readBurst(packetHandler ReadFn) (waitFrom time.Time, err error) {
 	r := cl.Net.bconn
 	waitFrom = time.Now()
@@ -48,8 +49,11 @@ func (cl *Client) readBurst(packetHandler ReadFn) (waitFrom time.Time, err error
 		waitFrom = time.Now()
 		return !cl.Closed() && r.partFits()
 	})
-	if err == nil && rerr != nil && !errors.Is(rerr, os.ErrDeadlineExceeded) && r.err == nil {
-		r.err = rerr // closed: the read loop's next read returns it, as fillRaw's would
+	if err == nil && rerr != nil && !errors.Is(rerr, os.ErrDeadlineExceeded) {
+		// Closed while waiting: the error a waiting read returns outside a
+		// burst (fillRaw's), so the server sends the will as it does then;
+		// the read loop would take a stopped client for a clean end.
+		err = rerr
 	}
 	return waitFrom, err
 }

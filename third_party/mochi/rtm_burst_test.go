@@ -6,6 +6,8 @@ import (
 	"bytes"
 	"io"
 	"net"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -118,4 +120,46 @@ func TestBurstHandlerStopsClient(t *testing.T) {
 	_, err := client.Read(make([]byte, 1))
 	require.ErrorIs(t, err, io.EOF, "the connection is closed")
 	require.NoError(t, stop())
+}
+
+// TestBurstStoppedWhileWaitingIsAnError (patch 109): a client stopped from
+// elsewhere (a take-over, a kick, the server closing) while its read loop
+// waits in a burst ends it with the read's error, as a read loop waiting
+// outside one does: the server sends the will for an error, and clears it
+// for a clean end (a DISCONNECT).
+func TestBurstStoppedWhileWaitingIsAnError(t *testing.T) {
+	got := make(chan struct{}, 1)
+	client, cl, wire, stop := burstPair(t, func(*Client, packets.Packet) error {
+		got <- struct{}{}
+		return nil
+	})
+	for i := 0; i < 3; i++ { // the first packet before the burst, the next in it
+		_, err := client.Write(wire)
+		require.NoError(t, err)
+		select {
+		case <-got:
+		case <-time.After(30 * time.Second):
+			t.Fatalf("packet %d not read", i)
+		}
+	}
+	// Stopped while it handles a packet, the loop ends cleanly, as before
+	// the patch: wait until it waits for the socket inside the burst.
+	deadline := time.Now().Add(30 * time.Second)
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		waiting := false
+		for _, g := range strings.Split(string(buf[:n]), "\n\n") {
+			if strings.Contains(g, "[IO wait") && strings.Contains(g, "(*connReader).burst") {
+				waiting = true
+			}
+		}
+		if waiting {
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "the read loop never waited in a burst")
+		runtime.Gosched()
+	}
+	_ = cl
+	require.Error(t, stop(), "the waiting read fails")
 }
