@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"io"
 	"net"
+	"os"
 	"runtime"
 	"strings"
 	"testing"
@@ -162,4 +163,56 @@ func TestBurstStoppedWhileWaitingIsAnError(t *testing.T) {
 	}
 	_ = cl
 	require.Error(t, stop(), "the waiting read fails")
+}
+
+// TestBurstKeepsKeepalive (patch 109): a client that goes silent after a
+// burst is disconnected by the keepalive deadline counted from its last
+// packet (1.5 × keepalive, in whole seconds as v2.7.9 computes it), not
+// earlier (the burst's own deadline is 1 s), and the read loop ends.
+func TestBurstKeepsKeepalive(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	defer client.Close()
+	server, err := ln.Accept()
+	require.NoError(t, err)
+
+	s := newServer()
+	cl := s.NewClient(server, "t", "pub", false)
+	cl.Properties.ProtocolVersion = 4
+	cl.State.Keepalive = 2 // 3 s
+	var b bytes.Buffer
+	require.NoError(t, (&packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pingreq}}).PingreqEncode(&b))
+	got := make(chan struct{}, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- cl.Read(func(*Client, packets.Packet) error {
+			got <- struct{}{}
+			return nil
+		})
+	}()
+	defer cl.Stop(nil)
+	var last time.Time
+	for i := 0; i < 5; i++ {
+		if i > 0 {
+			time.Sleep(150 * time.Millisecond) // the scenario: the last packet well after the burst began
+		}
+		last = time.Now()
+		_, err := client.Write(b.Bytes())
+		require.NoError(t, err)
+		select {
+		case <-got:
+		case <-time.After(30 * time.Second):
+			t.Fatalf("packet %d not read", i)
+		}
+	}
+	select {
+	case err := <-done:
+		require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+		require.GreaterOrEqual(t, time.Since(last), 3*time.Second, "disconnected before 1.5 × keepalive")
+	case <-time.After(30 * time.Second):
+		t.Fatal("a silent client was not disconnected")
+	}
 }
