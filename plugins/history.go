@@ -65,6 +65,7 @@ type History struct {
 	o       HistoryOptions
 	log     *slog.Logger
 	filters []string
+	firsts  []string // each filter's first level, "" for a wildcard: see filterOf
 	w       *writebehind.Writer[store.HistoryMessage]
 	spool   *writebehind.Spool[store.HistoryMessage]
 	service func(*mqtt.Client) bool
@@ -103,7 +104,13 @@ func NewHistory(o HistoryOptions) (*History, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	h := &History{o: o, log: log.With("component", "history"), filters: filters, service: o.Service,
+	firsts := make([]string, len(filters))
+	for i, f := range filters {
+		if first, _, _ := strings.Cut(f, "/"); first != "+" && first != "#" {
+			firsts[i] = first
+		}
+	}
+	h := &History{o: o, log: log.With("component", "history"), filters: filters, firsts: firsts, service: o.Service,
 		ids: newIDGen(), gaps: map[string]*store.HistoryGap{}, done: make(chan struct{})}
 	if h.service == nil {
 		h.service = func(*mqtt.Client) bool { return false }
@@ -204,8 +211,16 @@ func (h *History) write(ctx context.Context, batch []store.HistoryMessage) error
 // Matches reports whether topic is a history topic.
 func (h *History) Matches(topic string) bool { return h.filterOf(topic) != "" }
 
+// filterOf is called twice for every message published (the stamp and the
+// capture hook), and most topics are not history topics: a filter whose
+// first level is a literal other than the topic's is passed over with one
+// comparison (MatchFilter's first step), without splitting it again.
 func (h *History) filterOf(topic string) string {
-	for _, f := range h.filters {
+	first, _, _ := strings.Cut(topic, "/")
+	for i, f := range h.filters {
+		if lit := h.firsts[i]; lit != "" && lit != first {
+			continue
+		}
 		if MatchFilter(f, topic) {
 			return f
 		}

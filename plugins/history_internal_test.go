@@ -3,6 +3,7 @@ package plugins
 import (
 	"context"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -134,5 +135,55 @@ func TestHistoryQueueBytesSpills(t *testing.T) {
 	defer mu.Unlock()
 	if !slices.Equal(got, ids) {
 		t.Fatalf("written %d, want the %d captured in order", len(got), len(ids))
+	}
+}
+
+// filterOf passes over a filter whose first level is a literal other than
+// the topic's without calling MatchFilter: it must answer as the first
+// matching filter in order, for wildcards, '$' topics and parent levels.
+func TestFilterOfIsFirstMatchingFilter(t *testing.T) {
+	sets := [][]string{
+		config.Defaults().History.TopicList(),
+		{"a/b", "a/#", "+/b", "#"},
+		{"$SYS/#", "+/x", "x", "x/+/y"},
+		{"#"},
+	}
+	topics := []string{"a", "a/b", "a/b/c", "b", "x", "x/y", "x/q/y", "q/x", "$SYS/x", "$x/x", "groups", "groups/g1",
+		"push/news", "devices/d1/inbox", "devices/d1/inbox/z", "bench/0123/3", "", "/", "a//b"}
+	for _, filters := range sets {
+		cfg := config.Defaults().History
+		cfg.Topics = strings.Join(filters, ",")
+		h, err := NewHistory(HistoryOptions{Config: cfg, Node: "n", Store: new(store.Store)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, topic := range topics {
+			want := ""
+			for _, f := range filters {
+				if MatchFilter(f, topic) {
+					want = f
+					break
+				}
+			}
+			if got := h.filterOf(topic); got != want {
+				t.Errorf("filters %q, topic %q: filterOf = %q, first matching filter %q", filters, topic, got, want)
+			}
+		}
+	}
+}
+
+// BenchmarkHistoryMatches is the history check the stamp and the capture
+// hook each make for every message, with the default history.topics.
+func BenchmarkHistoryMatches(b *testing.B) {
+	h, err := NewHistory(HistoryOptions{Config: config.Defaults().History, Node: "n", Store: new(store.Store)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, topic := range []string{"bench/0123456789abcdef/3", "push/news", "devices/dev-000017/inbox", "groups/g1/x"} {
+		b.Run(topic, func(b *testing.B) {
+			for b.Loop() {
+				h.Matches(topic)
+			}
+		})
 	}
 }

@@ -359,9 +359,15 @@ func (cl *Client) ParseConnect(lid string, pk packets.Packet) {
 // refreshDeadline refreshes the read/write deadline for the net.Conn connection.
 // rtm patch 86: it returns the deadline set (zero: none).
 func (cl *Client) refreshDeadline(keepalive uint16) time.Time {
+	return cl.refreshDeadlineFrom(time.Now(), keepalive)
+}
+
+// refreshDeadlineFrom is refreshDeadline counting from now (rtm patch 109:
+// after a burst, from its last wait).
+func (cl *Client) refreshDeadlineFrom(now time.Time, keepalive uint16) time.Time {
 	var expiry time.Time // nil time can be used to disable deadline if keepalive = 0
 	if keepalive > 0 {
-		expiry = time.Now().Add(time.Duration(keepalive+(keepalive/2)) * time.Second) // [MQTT-3.1.2-22]
+		expiry = now.Add(time.Duration(keepalive+(keepalive/2)) * time.Second) // [MQTT-3.1.2-22]
 	}
 
 	if cl.Net.Conn != nil {
@@ -522,6 +528,7 @@ func (cl *Client) read(packetHandler ReadFn, parkedAt int64) (err error) {
 	}()
 	defer cl.holdWrites(false) // rtm patch 70: whatever ends the loop, held writes go out
 
+	var burstWait time.Time // rtm patch 109: when a burst's last wait began
 	for {
 		// rtm patch 86: a parked client woken because it was stopped goes
 		// on to the read, which fails as the waiting read of a client that
@@ -541,7 +548,10 @@ func (cl *Client) read(packetHandler ReadFn, parkedAt int64) (err error) {
 			waitFrom, parkedAt = time.Unix(0, parkedAt), 0 // rtm patch 86
 		} else if !cl.Net.holding.Load() {
 			waitFrom = time.Now()
-			expiry := cl.refreshDeadline(cl.State.Keepalive)
+			if !burstWait.IsZero() {
+				waitFrom = burstWait // rtm patch 109: the wait began in the burst
+			}
+			expiry := cl.refreshDeadlineFrom(waitFrom, cl.State.Keepalive)
 			if park, err := cl.waitOrPark(waitFrom, expiry); park || err != nil { // rtm patch 86
 				if park {
 					return errParked
@@ -564,6 +574,15 @@ func (cl *Client) read(packetHandler ReadFn, parkedAt int64) (err error) {
 		}
 		if err != nil {
 			return err
+		}
+
+		// rtm patch 109: the packets that follow are read and handled in
+		// one RawConn.Read, with no read that finds the socket empty.
+		burstWait = time.Time{}
+		if b := cl.Net.bconn; b != nil && b.rc != nil && !cl.Net.holding.Load() && !cl.Closed() {
+			if burstWait, err = cl.readBurst(packetHandler); err != nil {
+				return err
+			}
 		}
 	}
 }
@@ -678,6 +697,11 @@ func (cl *Client) stop(err error, drain bool) {
 					_, _ = io.CopyN(io.Discard, conn, disconnectDrainBytes)
 					_ = conn.Close()
 				}()
+			} else if b := cl.Net.bconn; b != nil && b.inBurst.Load() {
+				// rtm patch 109: the read loop holds the descriptor in a
+				// burst (perhaps this very call, from a packet's handler)
+				// and Close waits until it lets go: close once it does.
+				go conn.Close()
 			} else {
 				_ = conn.Close() // omit close error
 			}
