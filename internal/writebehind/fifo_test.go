@@ -1,0 +1,54 @@
+package writebehind
+
+import "testing"
+
+// The queue keeps its items in order through moves and growth, and a
+// steady load (a backlog written a batch at a time while more arrive)
+// allocates nothing once its array fits the backlog.
+func TestFifoOrderAndSteadyAllocations(t *testing.T) {
+	q := fifo[int]{keep: 1024}
+	next, want := 0, 0
+	check := func(n int) {
+		t.Helper()
+		for i, v := range q.items()[:n] {
+			if v != want+i {
+				t.Fatalf("item %d is %d, want %d", i, v, want+i)
+			}
+		}
+		q.pop(n)
+		want += n
+	}
+	for range 300 {
+		q.push(next)
+		next++
+	}
+	for range 50 { // moves and growth, items checked in order
+		for range 256 {
+			q.push(next)
+			next++
+		}
+		check(256)
+	}
+	allocs := testing.AllocsPerRun(200, func() {
+		for range 256 {
+			q.push(next)
+			next++
+		}
+		check(256)
+	})
+	if allocs != 0 {
+		t.Fatalf("%.1f allocations a batch in a steady state, want 0", allocs)
+	}
+	check(q.len())
+	if q.len() != 0 || q.buf == nil {
+		t.Fatalf("emptied: len %d, array kept %v; want 0 and kept (within keep)", q.len(), q.buf != nil)
+	}
+	for range 5000 { // a burst past keep: the array is let go once empty
+		q.push(next)
+		next++
+	}
+	check(q.len())
+	if q.buf != nil {
+		t.Fatalf("array of %d kept after a burst, want it let go (keep %d)", len(q.buf), q.keep)
+	}
+}
