@@ -58,6 +58,7 @@ func main() {
 	only := flag.String("only", "capture,ingest,pages", "measurements to run")
 	flag.StringVar(&ingestTopicsList, "ingest-topics", "10,1000", "topics of the ingest messages, one measurement per count (on the embedded store the history index writes each topic of a batch into a segment once every 32 batches)")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run (store included) to this file")
+	memprofile := flag.String("memprofile", "", "write the allocations of the whole run (store included) to this file (pprof allocs: alloc_space shows what fed the garbage collector)")
 	flag.StringVar(&storeURI, "store-uri", "", "a MongoDB-compatible store to use instead of an embedded one in this process (e.g. `rtm store` pinned to other cores with taskset, as a production store has its own machine); its CPU is then not counted")
 	flag.Parse()
 	if *cpuprofile != "" {
@@ -75,6 +76,17 @@ func main() {
 		fmt.Fprintln(os.Stderr, "history bench:", err)
 		pprof.StopCPUProfile()
 		os.Exit(1)
+	}
+	if *memprofile != "" {
+		f, err := os.Create(*memprofile)
+		if err == nil {
+			err = pprof.Lookup("allocs").WriteTo(f, 0)
+			_ = f.Close()
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "history bench:", err)
+			os.Exit(1)
+		}
 	}
 }
 

@@ -1,62 +1,99 @@
 package writebehind
 
-// fifo is the Writer's memory queue: items buf[head:tail], oldest first.
+import "unsafe"
+
+// fifo is the Writer's memory queue: a ring of items, oldest first.
 //
-// A slice that is appended to at the back and cut at the front
-// (q = q[n:]) reaches the end of its array after about its length in
-// items, and append then copies every queued item into a new array: with
-// items written as fast as they come, that is an allocation and a copy for
-// every batch or so, on the publish path (history capture). fifo reuses
-// its array instead: it moves the items to the front when they fill less
-// than half of it, and grows (doubling) only when they do not, so a steady
-// load allocates nothing once the array fits the backlog.
+// It was a slice appended to at the back and cut at the front (q = q[n:]):
+// that reaches the end of its array after about its length in items, and
+// append then copies every queued item into a new array, and an emptied
+// queue started again from nothing. With items written about as fast as
+// they come, that was an allocation and a copy every batch or so, on the
+// publish path (history capture). A ring grows (doubling) only when the
+// backlog does, and keeps its array when it empties unless a burst made it
+// larger than keep items.
 type fifo[T any] struct {
-	buf        []T
-	head, tail int
-	// keep is the capacity kept when the queue empties; a larger array
-	// (grown for a burst) is let go then.
-	keep int
+	buf  []T // len(buf) is 0 or a power of two
+	head int // index of the oldest item
+	n    int // items held
+	keep int // see above; set by newFifo
 }
 
-func (q *fifo[T]) len() int { return q.tail - q.head }
+// newFifo keeps an array of at least minKeep items, and of 1 MiB of items
+// in any case.
+func newFifo[T any](minKeep int) fifo[T] {
+	var zero T
+	return fifo[T]{keep: max(minKeep, (1<<20)/max(int(unsafe.Sizeof(zero)), 1))}
+}
 
-// items are the queued items, oldest first; valid until the next push or
-// pop.
-func (q *fifo[T]) items() []T { return q.buf[q.head:q.tail] }
+func (q *fifo[T]) len() int { return q.n }
+
+// at is the i-th oldest item.
+func (q *fifo[T]) at(i int) T { return q.buf[(q.head+i)&(len(q.buf)-1)] }
 
 func (q *fifo[T]) push(x T) {
-	if q.tail == len(q.buf) {
-		q.makeRoom()
+	if q.n == len(q.buf) {
+		q.grow()
 	}
-	q.buf[q.tail] = x
-	q.tail++
+	q.buf[(q.head+q.n)&(len(q.buf)-1)] = x
+	q.n++
 }
 
-func (q *fifo[T]) makeRoom() {
-	n := q.len()
-	if q.head > 0 && n <= len(q.buf)/2 {
-		copy(q.buf, q.buf[q.head:q.tail])
-		clear(q.buf[n:q.tail]) // let the GC have what moved
-		q.head, q.tail = 0, n
+func (q *fifo[T]) grow() {
+	nb := make([]T, max(2*len(q.buf), 64))
+	q.copyTo(nb, q.n)
+	q.buf, q.head = nb, 0
+}
+
+// copyTo copies the n oldest items to dst.
+func (q *fifo[T]) copyTo(dst []T, n int) {
+	if n == 0 {
 		return
 	}
-	nb := make([]T, max(2*len(q.buf), 64, min(q.keep, 1024)))
-	copy(nb, q.buf[q.head:q.tail])
-	q.buf, q.head, q.tail = nb, 0, n
+	end := q.head + n
+	if end <= len(q.buf) {
+		copy(dst, q.buf[q.head:end])
+		return
+	}
+	k := copy(dst, q.buf[q.head:])
+	copy(dst[k:n], q.buf[:end-len(q.buf)])
+}
+
+// appendTo appends the n oldest items to dst.
+func (q *fifo[T]) appendTo(dst []T, n int) []T {
+	l := len(dst)
+	if cap(dst)-l < n {
+		nd := make([]T, l, l+n)
+		copy(nd, dst)
+		dst = nd
+	}
+	dst = dst[:l+n]
+	q.copyTo(dst[l:], n)
+	return dst
 }
 
 // pop removes the n oldest items.
 func (q *fifo[T]) pop(n int) {
-	clear(q.buf[q.head : q.head+n]) // let the GC have the items
-	q.head += n
-	if q.head == q.tail {
-		q.head, q.tail = 0, 0
+	if n == 0 {
+		return
+	}
+	// Let the GC have the items.
+	if end := q.head + n; end <= len(q.buf) {
+		clear(q.buf[q.head:end])
+	} else {
+		clear(q.buf[q.head:])
+		clear(q.buf[:end-len(q.buf)])
+	}
+	q.head = (q.head + n) & (len(q.buf) - 1)
+	q.n -= n
+	if q.n == 0 {
+		q.head = 0
 		if len(q.buf) > q.keep {
 			q.buf = nil
 		}
 	}
 }
 
-// reset empties the queue and lets its array go (it may be still in use:
-// the items were handed over).
-func (q *fifo[T]) reset() { q.buf, q.head, q.tail = nil, 0, 0 }
+// reset empties the queue and lets its array go (the items may have been
+// handed over).
+func (q *fifo[T]) reset() { q.buf, q.head, q.n = nil, 0, 0 }

@@ -2,7 +2,7 @@ package writebehind
 
 import "testing"
 
-// The queue keeps its items in order through moves and growth, and a
+// The queue keeps its items in order through wraps and growth, and a
 // steady load (a backlog written a batch at a time while more arrive)
 // allocates nothing once its array fits the backlog.
 func TestFifoOrderAndSteadyAllocations(t *testing.T) {
@@ -10,9 +10,11 @@ func TestFifoOrderAndSteadyAllocations(t *testing.T) {
 	next, want := 0, 0
 	check := func(n int) {
 		t.Helper()
-		for i, v := range q.items()[:n] {
-			if v != want+i {
-				t.Fatalf("item %d is %d, want %d", i, v, want+i)
+		var got [256]int
+		q.copyTo(got[:], min(n, len(got)))
+		for i := range n {
+			if v := q.at(i); v != want+i || i < len(got) && got[i] != v {
+				t.Fatalf("item %d is %d (copied: %d), want %d", i, v, got[min(i, len(got)-1)], want+i)
 			}
 		}
 		q.pop(n)
@@ -22,7 +24,7 @@ func TestFifoOrderAndSteadyAllocations(t *testing.T) {
 		q.push(next)
 		next++
 	}
-	for range 50 { // moves and growth, items checked in order
+	for range 50 { // wraps and growth, items checked in order
 		for range 256 {
 			q.push(next)
 			next++

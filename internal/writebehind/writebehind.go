@@ -35,7 +35,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"slices"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -232,7 +232,7 @@ func New[T any](o Options[T]) (*Writer[T], error) {
 		ctx: ctx, cancel: cancel, done: make(chan struct{}), epoch: time.Now(),
 	}
 	w.up.Store(true)
-	w.queue.keep, w.sizes.keep, w.times.keep = o.MaxBatch*4, o.MaxBatch*4, o.MaxBatch*4
+	w.queue, w.sizes, w.times = newFifo[T](o.MaxBatch*4), newFifo[int32](o.MaxBatch*4), newFifo[time.Duration](o.MaxBatch*4)
 	if o.Overflow != nil && o.Overflow.Len() > 0 {
 		// Left by an earlier process (a spool after a crash): written
 		// first, and new items queue behind it.
@@ -528,10 +528,9 @@ func (w *Writer[T]) ripeLocked() (int, time.Duration) {
 		return n, 0
 	}
 	cut := time.Since(w.epoch) - w.o.MinAge
-	times := w.times.items()
-	ripe, _ := slices.BinarySearch(times[:n], cut+1)
+	ripe := sort.Search(n, func(i int) bool { return w.times.at(i) >= cut+1 })
 	if ripe == 0 {
-		return 0, times[0] - cut
+		return 0, w.times.at(0) - cut
 	}
 	return ripe, 0
 }
@@ -657,7 +656,7 @@ func (w *Writer[T]) writeOne() bool {
 	}
 	// A copy: Add may move the queue's items while the batch is written
 	// (fifo), and the items stay queued until it is.
-	w.batch = append(w.batch[:0], w.queue.items()[:n]...)
+	w.batch = w.queue.appendTo(w.batch[:0], n)
 	batch := w.batch[:n:n]
 	defer clear(batch) // let the GC have the items
 	first := w.committed
@@ -731,8 +730,8 @@ func (w *Writer[T]) writeOne() bool {
 		w.times.pop(n)
 	}
 	if w.o.QueueBytes > 0 {
-		for _, sz := range w.sizes.items()[:n] {
-			w.qbytes -= int64(sz)
+		for i := range n {
+			w.qbytes -= int64(w.sizes.at(i))
 		}
 		w.sizes.pop(n)
 		if w.sizes.len() == 0 {
@@ -798,7 +797,7 @@ func (w *Writer[T]) spillQueue() bool {
 		}
 		put = fo.PutFront
 	}
-	if err := put(w.queue.items()); err != nil {
+	if err := put(w.queue.appendTo(nil, w.queue.len())); err != nil {
 		return false
 	}
 	w.committed += uint64(w.queue.len())
@@ -858,7 +857,7 @@ func (w *Writer[T]) resetLocked() {
 // loseQueued counts the items left in memory when Close gave up.
 func (w *Writer[T]) loseQueued() {
 	w.mu.Lock()
-	lost := w.queue.items() // handed over: the queue lets its array go
+	lost := w.queue.appendTo(nil, w.queue.len())
 	w.resetLocked()
 	if len(lost) > 0 {
 		w.recordFailedLocked(seqRange{from: w.committed, to: w.committed + uint64(len(lost)), err: ErrClosed})
