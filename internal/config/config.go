@@ -334,7 +334,7 @@ func Defaults() Config {
 				LinkDown:       Rule{For: 30 * time.Second, Severity: "critical"},
 				LinkQueue:      Rule{Threshold: 32 << 20, For: 30 * time.Second, Severity: "warning"},
 				Store:          Rule{For: 30 * time.Second, Severity: "critical"},
-				HistoryBacklog: Rule{Threshold: 10000, For: time.Minute, Severity: "warning"},
+				HistoryBacklog: Rule{Threshold: 0, For: time.Minute, Severity: "warning"},
 				LoadImbalance:  Rule{Threshold: 3, For: 5 * time.Minute, Severity: "info"},
 			},
 		},
