@@ -59,6 +59,7 @@ func main() {
 	flag.StringVar(&ingestTopicsList, "ingest-topics", "10,1000", "topics of the ingest messages, one measurement per count (on the embedded store the history index writes each topic of a batch into a segment once every 32 batches)")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run (store included) to this file")
 	memprofile := flag.String("memprofile", "", "write the allocations of the whole run (store included) to this file (pprof allocs: alloc_space shows what fed the garbage collector)")
+	flag.IntVar(&historyBatch, "history-batch", 0, "capture: history.batch_size of the capturing broker (0: the default)")
 	flag.StringVar(&storeURI, "store-uri", "", "a MongoDB-compatible store to use instead of an embedded one in this process (e.g. `rtm store` pinned to other cores with taskset, as a production store has its own machine); its CPU is then not counted")
 	flag.Parse()
 	if *cpuprofile != "" {
@@ -91,6 +92,7 @@ func main() {
 }
 
 var (
+	historyBatch     int
 	storeURI         string
 	ingestTopicsList = "10,1000"
 	ingestTopics     = 1000
@@ -178,6 +180,9 @@ func benchCapture(ctx context.Context, uri, dir string, rounds, n int) error {
 		cfg.MaxInflight, cfg.MaxQueued = 65535, 65535
 		h := config.Defaults().History
 		h.Topics = topics
+		if historyBatch > 0 {
+			h.BatchSize = historyBatch
+		}
 		b, err := broker.New(broker.Options{Config: cfg, Auth: config.Auth{Devices: "anonymous"}, Store: st,
 			History: h, DataDir: dir + "/" + name, Logger: obs.Discard(), Version: "bench"})
 		if err != nil {

@@ -341,7 +341,7 @@ func Defaults() Config {
 		History: History{
 			Topics:        "groups/#,push/#,devices/+/inbox",
 			Retention:     30 * 24 * time.Hour,
-			BatchSize:     256,
+			BatchSize:     1024,
 			BatchLinger:   10 * time.Millisecond,
 			QueueLen:      100000,
 			QueueBytes:    64 << 20,

@@ -406,9 +406,12 @@ var historyScratch = sync.Pool{New: func() any { return new(historyBufs) }}
 
 func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryMessage) error {
 	// The batch in the log's order: by topic, then id; an id once.
-	slices.SortFunc(msgs, func(a, b HistoryMessage) int {
+	byTopicID := func(a, b HistoryMessage) int {
 		return cmp.Or(cmp.Compare(a.Topic, b.Topic), cmp.Compare(a.ID, b.ID))
-	})
+	}
+	if !slices.IsSortedFunc(msgs, byTopicID) { // one topic's: sorted already
+		slices.SortFunc(msgs, byTopicID)
+	}
 	msgs = slices.CompactFunc(msgs, func(a, b HistoryMessage) bool { return a.ID == b.ID && a.Topic == b.Topic })
 	scratch := historyScratch.Get().(*historyBufs)
 	defer historyScratch.Put(scratch)

@@ -10,13 +10,16 @@ import "unsafe"
 // queue started again from nothing. With items written about as fast as
 // they come, that was an allocation and a copy every batch or so, on the
 // publish path (history capture). A ring grows (doubling) only when the
-// backlog does, and keeps its array when it empties unless a burst made it
-// larger than keep items.
+// backlog does, and keeps its array when it empties, unless the array is
+// larger than keep items and the backlog since the last time it emptied
+// used less than a quarter of it: after a burst, once the load is small
+// again, not after each of a series of similar bursts.
 type fifo[T any] struct {
 	buf  []T // len(buf) is 0 or a power of two
 	head int // index of the oldest item
 	n    int // items held
 	keep int // see above; set by newFifo
+	high int // most items held since the queue last emptied
 }
 
 // newFifo keeps an array of at least minKeep items, and of 1 MiB of items
@@ -37,6 +40,7 @@ func (q *fifo[T]) push(x T) {
 	}
 	q.buf[(q.head+q.n)&(len(q.buf)-1)] = x
 	q.n++
+	q.high = max(q.high, q.n)
 }
 
 func (q *fifo[T]) grow() {
@@ -88,12 +92,13 @@ func (q *fifo[T]) pop(n int) {
 	q.n -= n
 	if q.n == 0 {
 		q.head = 0
-		if len(q.buf) > q.keep {
+		if len(q.buf) > q.keep && q.high < len(q.buf)/4 {
 			q.buf = nil
 		}
+		q.high = 0
 	}
 }
 
 // reset empties the queue and lets its array go (the items may have been
 // handed over).
-func (q *fifo[T]) reset() { q.buf, q.head, q.n = nil, 0, 0 }
+func (q *fifo[T]) reset() { q.buf, q.head, q.n, q.high = nil, 0, 0, 0 }

@@ -45,12 +45,20 @@ func TestFifoOrderAndSteadyAllocations(t *testing.T) {
 	if q.len() != 0 || q.buf == nil {
 		t.Fatalf("emptied: len %d, array kept %v; want 0 and kept (within keep)", q.len(), q.buf != nil)
 	}
-	for range 5000 { // a burst past keep: the array is let go once empty
-		q.push(next)
-		next++
+	for range 2 { // bursts past keep, alike: the array is kept for the next
+		for range 5000 {
+			q.push(next)
+			next++
+		}
+		check(q.len())
+		if q.buf == nil {
+			t.Fatal("array let go after a burst that used it: the next allocates it again")
+		}
 	}
-	check(q.len())
+	q.push(next) // a small load again: the burst's array is let go
+	next++
+	check(1)
 	if q.buf != nil {
-		t.Fatalf("array of %d kept after a burst, want it let go (keep %d)", len(q.buf), q.keep)
+		t.Fatalf("array of %d kept for a backlog of 1, want it let go (keep %d)", len(q.buf), q.keep)
 	}
 }
