@@ -60,6 +60,7 @@ func main() {
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run (store included) to this file")
 	memprofile := flag.String("memprofile", "", "write the allocations of the whole run (store included) to this file (pprof allocs: alloc_space shows what fed the garbage collector)")
 	flag.IntVar(&historyBatch, "history-batch", 0, "capture: history.batch_size of the capturing broker (0: the default)")
+	flag.DurationVar(&historyLinger, "history-linger", -1, "capture: history.batch_linger of the capturing broker (negative: the default)")
 	flag.StringVar(&storeURI, "store-uri", "", "a MongoDB-compatible store to use instead of an embedded one in this process (e.g. `rtm store` pinned to other cores with taskset, as a production store has its own machine); its CPU is then not counted")
 	flag.Parse()
 	if *cpuprofile != "" {
@@ -93,6 +94,7 @@ func main() {
 
 var (
 	historyBatch     int
+	historyLinger    time.Duration
 	storeURI         string
 	ingestTopicsList = "10,1000"
 	ingestTopics     = 1000
@@ -182,6 +184,9 @@ func benchCapture(ctx context.Context, uri, dir string, rounds, n int) error {
 		h.Topics = topics
 		if historyBatch > 0 {
 			h.BatchSize = historyBatch
+		}
+		if historyLinger >= 0 {
+			h.BatchLinger = historyLinger
 		}
 		b, err := broker.New(broker.Options{Config: cfg, Auth: config.Auth{Devices: "anonymous"}, Store: st,
 			History: h, DataDir: dir + "/" + name, Logger: obs.Discard(), Version: "bench"})
