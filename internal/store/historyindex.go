@@ -417,13 +417,17 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 	defer historyScratch.Put(scratch)
 	var bks []packedBucket
 	bks, scratch.data = packBuckets(msgs, scratch.data)
+	// msgs are sorted by topic: each topic's messages are a range.
 	var topics []string
-	batch := map[string][]int{} // topic: its messages' indexes in msgs
-	for i, m := range msgs {
-		if batch[m.Topic] == nil {
-			topics = append(topics, m.Topic)
+	batch := map[string][2]int{} // topic: its messages' range in msgs
+	for i := 0; i < len(msgs); {
+		j := i + 1
+		for j < len(msgs) && msgs[j].Topic == msgs[i].Topic {
+			j++
 		}
-		batch[m.Topic] = append(batch[m.Topic], i)
+		topics = append(topics, msgs[i].Topic)
+		batch[msgs[i].Topic] = [2]int{i, j}
+		i = j
 	}
 	coll := s.db.Collection(CollHistoryIndex)
 	for attempt := 0; ; attempt++ {
@@ -445,9 +449,10 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 		all := make([]string, 0, len(msgs)) // the batch's ids, sorted
 		logDoc.Entries = make([]logEntry, 0, len(topics))
 		for _, t := range topics {
-			e := logEntry{Topic: t, IDs: make([]string, 0, len(batch[t]))}
-			er := make([]idRef, 0, len(batch[t]))
-			for _, i := range batch[t] {
+			r := batch[t]
+			e := logEntry{Topic: t, IDs: make([]string, 0, r[1]-r[0])}
+			er := make([]idRef, 0, r[1]-r[0])
+			for i := r[0]; i < r[1]; i++ {
 				e.IDs = append(e.IDs, msgs[i].ID)
 				er = append(er, idRef{msgs[i].ID, refs[i]})
 			}
@@ -477,7 +482,8 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 			merged := map[string][]idRef{}
 			var ts []string
 			for t, v := range lg.pending {
-				merged[t] = slices.Clone(v)
+				// A copy: pending stays as it is should the insert fail.
+				merged[t] = append(make([]idRef, 0, len(v)+len(entries[t])), v...)
 				ts = append(ts, t)
 			}
 			for _, t := range topics {
@@ -562,7 +568,13 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 				lg.pending = map[string][]idRef{}
 			} else {
 				for _, t := range topics {
-					lg.pending[t] = append(lg.pending[t], entries[t]...)
+					p := lg.pending[t]
+					if p == nil {
+						// Sized for the window at this batch's rate: it grows
+						// until the next full flush.
+						p = make([]idRef, 0, int(window-(logDoc.N-lg.flushed))*len(entries[t]))
+					}
+					lg.pending[t] = append(p, entries[t]...)
 				}
 			}
 			s.hidx.mu.Unlock()
