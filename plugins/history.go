@@ -1,7 +1,6 @@
 package plugins
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/json"
@@ -14,6 +13,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -264,6 +264,14 @@ func (h *History) stamp(cl *mqtt.Client, user []packets.UserProperty) []packets.
 			}
 		}
 	}
+	if len(user) == 0 {
+		// Most messages carry no user properties: the id and the one
+		// property naming it in one allocation.
+		s := new(stampedID)
+		h.ids.nextTo(&s.id)
+		s.prop[0] = packets.UserProperty{Key: PropMessageID, Val: unsafe.String(&s.id[0], len(s.id))}
+		return s.prop[:]
+	}
 	out := make([]packets.UserProperty, 0, len(user)+1)
 	for _, u := range user {
 		if u.Key == PropMessageID || (!svc && u.Key == PropPublisher) {
@@ -272,6 +280,13 @@ func (h *History) stamp(cl *mqtt.Client, user []packets.UserProperty) []packets.
 		out = append(out, u)
 	}
 	return append(out, packets.UserProperty{Key: PropMessageID, Val: h.ids.next()})
+}
+
+// stampedID is a message id as text and its user property (the id's
+// string is its bytes: they are never written again).
+type stampedID struct {
+	prop [1]packets.UserProperty
+	id   [ulid.EncodedSize]byte
 }
 
 // idGen makes message ids that increase in the order they are made.
@@ -283,28 +298,47 @@ type idGen struct {
 	mu      sync.Mutex
 	ms      uint64
 	entropy *ulid.MonotonicEntropy
+	id      ulid.ULID // the last id; a field, so that making one allocates nothing
 }
 
 func newIDGen() *idGen { return &idGen{entropy: ulid.Monotonic(rand.Reader, 0)} }
 
 func (g *idGen) next() string {
+	var b [ulid.EncodedSize]byte
+	g.nextTo(&b)
+	return string(b[:])
+}
+
+// nextTo writes the next id's text to b. It is ulid.New, whose id escapes
+// to the heap (its entropy is read through an interface).
+func (g *idGen) nextTo(b *[ulid.EncodedSize]byte) {
 	g.mu.Lock()
-	defer g.mu.Unlock()
 	// Never back in time (a clock step), so ids keep increasing.
 	g.ms = max(g.ms, ulid.Now())
-	id, err := ulid.New(g.ms, g.entropy)
-	if err != nil { // entropy exhausted within the millisecond: use the next one
+	if err := g.entropy.MonotonicRead(g.ms, g.id[6:]); err != nil {
+		// Entropy exhausted within the millisecond: use the next one.
 		g.ms++
-		id = ulid.MustNew(g.ms, g.entropy)
+		if err := g.entropy.MonotonicRead(g.ms, g.id[6:]); err != nil {
+			panic(err) // crypto/rand failed: nothing sound is left to do
+		}
 	}
-	return id.String()
+	if err := g.id.SetTime(g.ms); err != nil {
+		panic(err) // after the year 10889
+	}
+	id := g.id
+	g.mu.Unlock()
+	_ = id.MarshalTextTo(b[:])
 }
 
 // capture queues pk for the store.
 func (h *History) capture(cl *mqtt.Client, pk *packets.Packet) {
 	m := store.HistoryMessage{
-		Topic:       pk.TopicName,
-		Payload:     bytes.Clone(pk.Payload),
+		Topic: pk.TopicName,
+		// Not copied: mochi decodes each packet into a buffer of its own
+		// and never writes into it again (the retained store and the
+		// inflight queues keep it as it is, too), and a copy was an
+		// allocation on the publish path.
+		Payload:     pk.Payload,
 		QoS:         int(pk.FixedHeader.Qos),
 		Retain:      pk.FixedHeader.Retain,
 		Publisher:   cl.ID,

@@ -187,3 +187,61 @@ func BenchmarkHistoryMatches(b *testing.B) {
 		})
 	}
 }
+
+// Capturing a message allocates only what the subscribers see too: for a
+// device's message without user properties, its id and the property that
+// carries it (one allocation); for a service's message that carries both,
+// nothing. Before, the payload was copied, the id allocated twice over and
+// the writer's queue reallocated as it moved: 4 and more a message, each
+// one garbage the publishers' goroutines helped collect.
+func TestCaptureAllocations(t *testing.T) {
+	cfg := config.Defaults().History
+	cfg.QueueLen = 1 << 20
+	cfg.QueueBytes = 1 << 30
+	h, err := NewHistory(HistoryOptions{Config: cfg, Node: "n", Store: new(store.Store),
+		Service: func(cl *mqtt.Client) bool { return cl.ID == "api" }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Nothing is written while the allocations are counted: the writer's
+	// own, per batch, are not the publish path's.
+	gate := make(chan struct{})
+	h.insert = func(ctx context.Context, _ []store.HistoryMessage) error {
+		select {
+		case <-gate:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	if err := h.Start(); err != nil {
+		t.Fatal(err)
+	}
+	h.stop() // no gap records, purge or TTL: there is no store behind h.insert
+	defer h.Close(context.Background())
+	defer close(gate)
+	stamp, capture := h.StampHook(), h.CaptureHook()
+	dev, api := &mqtt.Client{ID: "dev1"}, &mqtt.Client{ID: "api"}
+	payload := make([]byte, 64)
+	devPk := packets.Packet{TopicName: "push/news", Payload: payload,
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}}
+	apiPk := devPk
+	apiPk.Properties.User = []packets.UserProperty{{Key: PropMessageID, Val: newIDGen().next()}, {Key: PropPublisher, Val: "key-0123abcd"}}
+	for _, c := range []struct {
+		name string
+		cl   *mqtt.Client
+		pk   packets.Packet
+		max  float64
+	}{{"device", dev, devPk, 1}, {"service", api, apiPk, 0}} {
+		allocs := testing.AllocsPerRun(2000, func() {
+			p, _ := stamp.OnPublish(c.cl, c.pk)
+			_, _ = capture.OnPublish(c.cl, p)
+		})
+		if allocs > c.max {
+			t.Errorf("%s: %.1f allocations a captured message, want at most %.0f", c.name, allocs, c.max)
+		}
+	}
+	if q := h.Stats().Queued; q != 2*2001 {
+		t.Fatalf("queued %d, want %d", q, 2*2001)
+	}
+}

@@ -13,24 +13,25 @@ import (
 // NodeStats is one broker's figures as the watchdog shows them (the
 // "stats" of /v1/nodes). Rates are per second over the last poll interval.
 type NodeStats struct {
-	Connections   int64            `json:"connections"`
-	Capacity      int64            `json:"capacity"`
-	Load          float64          `json:"load"`
-	Subscriptions int64            `json:"subscriptions"`
-	MsgsInRate    float64          `json:"msgs_in_rate"`
-	MsgsOutRate   float64          `json:"msgs_out_rate"`
-	DroppedRate   float64          `json:"dropped_rate"`
-	DroppedTotal  map[string]int64 `json:"dropped_total"`
-	Inflight      int64            `json:"inflight"`
-	Retained      int64            `json:"retained"`
-	MemoryBytes   int64            `json:"memory_bytes"`
-	Goroutines    int64            `json:"goroutines"`
-	Uptime        float64          `json:"uptime_seconds"`
-	Ready         bool             `json:"ready"`
-	StoreUp       bool             `json:"store_up"`
-	HistoryQueue  int64            `json:"history_queue"`
-	HistorySpool  int64            `json:"history_spool_bytes"`
-	Links         []LinkStats      `json:"links"`
+	Connections    int64            `json:"connections"`
+	Capacity       int64            `json:"capacity"`
+	Load           float64          `json:"load"`
+	Subscriptions  int64            `json:"subscriptions"`
+	MsgsInRate     float64          `json:"msgs_in_rate"`
+	MsgsOutRate    float64          `json:"msgs_out_rate"`
+	DroppedRate    float64          `json:"dropped_rate"`
+	DroppedTotal   map[string]int64 `json:"dropped_total"`
+	Inflight       int64            `json:"inflight"`
+	Retained       int64            `json:"retained"`
+	MemoryBytes    int64            `json:"memory_bytes"`
+	Goroutines     int64            `json:"goroutines"`
+	Uptime         float64          `json:"uptime_seconds"`
+	Ready          bool             `json:"ready"`
+	StoreUp        bool             `json:"store_up"`
+	HistoryQueue   int64            `json:"history_queue"`   // in memory and in the spool
+	HistorySpooled int64            `json:"history_spooled"` // in the spool: memory no longer holds the backlog
+	HistorySpool   int64            `json:"history_spool_bytes"`
+	Links          []LinkStats      `json:"links"`
 
 	// hasStore and hasHistory say whether the broker reports them at all.
 	hasStore   bool
@@ -206,7 +207,7 @@ func convert(s brokerStats, now time.Time, prev *sample) (NodeStats, sample) {
 		q, okQ := historyNumber(s.History, "queued")
 		n, okN := historyNumber(s.History, "spool_messages")
 		sp, okS := historyNumber(s.History, "spool_bytes")
-		ns.HistoryQueue, ns.HistorySpool, ns.hasHistory = q+n, sp, okQ || okN || okS
+		ns.HistoryQueue, ns.HistorySpooled, ns.HistorySpool, ns.hasHistory = q+n, n, sp, okQ || okN || okS
 	}
 	return ns, cur
 }

@@ -86,20 +86,32 @@ type packedBucket struct {
 
 // packBuckets cuts msgs (sorted by topic) into buckets of up to bucketBytes
 // (a message larger alone in its own), at a topic's first message once a
-// bucket holds bucketTopicBytes.
-func packBuckets(msgs []HistoryMessage) ([]packedBucket, error) {
+// bucket holds bucketTopicBytes. The buckets' data are consecutive in buf
+// (appended to it, returned).
+func packBuckets(msgs []HistoryMessage, buf []byte) ([]packedBucket, []byte) {
 	var out []packedBucket
 	var cur packedBucket
-	var b []byte
+	// Encoded straight into buf, sized from the messages so that it
+	// rarely grows.
+	guess := 0
+	for i := range msgs {
+		guess += historyBSONSize(&msgs[i])
+	}
+	buf = slices.Grow(buf[:0], guess)
+	from := 0 // where cur's data start in buf
+	var ends []int
 	for i := range msgs {
 		m := &msgs[i]
-		b = AppendHistoryBSON(b[:0], m)
-		if len(cur.data) > 0 && (len(cur.data)+len(b) > bucketBytes ||
-			len(cur.data) >= bucketTopicBytes && m.Topic != msgs[i-1].Topic) {
+		start := len(buf)
+		buf = AppendHistoryBSON(buf, m)
+		if start > from && (len(buf)-from > bucketBytes ||
+			start-from >= bucketTopicBytes && m.Topic != msgs[i-1].Topic) {
+			// m starts the next bucket.
 			out = append(out, cur)
+			ends = append(ends, start)
 			cur = packedBucket{from: i}
+			from = start
 		}
-		cur.data = append(cur.data, b...)
 		cur.to = i + 1
 		if cur.t0.IsZero() || m.Time.Before(cur.t0) {
 			cur.t0 = m.Time
@@ -108,10 +120,17 @@ func packBuckets(msgs []HistoryMessage) ([]packedBucket, error) {
 			cur.t1 = m.Time
 		}
 	}
-	if len(cur.data) > 0 {
+	if len(buf) > from {
 		out = append(out, cur)
+		ends = append(ends, len(buf))
 	}
-	return out, nil
+	// The data, now that buf no longer moves.
+	at := 0
+	for c := range out {
+		out[c].data = buf[at:ends[c]:ends[c]]
+		at = ends[c]
+	}
+	return out, buf
 }
 
 // bucketDocs splits a bucket's data into its messages' documents.

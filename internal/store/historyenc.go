@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"time"
 
 	"go.mongodb.org/mongo-driver/v2/bson"
 	"go.mongodb.org/mongo-driver/v2/x/bsonx/bsoncore"
@@ -53,6 +54,16 @@ func AppendHistoryBSON(dst []byte, m *HistoryMessage) []byte {
 	}
 	dst, _ = bsoncore.AppendDocumentEnd(dst, idx)
 	return dst
+}
+
+// historyBSONSize is about the length of m's document (AppendHistoryBSON),
+// for sizing buffers.
+func historyBSONSize(m *HistoryMessage) int {
+	n := 96 + len(m.ID) + len(m.Topic) + len(m.Payload) + len(m.Publisher) + len(m.Node) + len(m.ContentType)
+	for _, u := range m.User {
+		n += 24 + len(u.Key) + len(u.Value)
+	}
+	return n
 }
 
 func appendIndex(dst []byte, i int) []byte {
@@ -197,4 +208,80 @@ func decodeUser(arr bsoncore.Array) ([]UserProperty, bool) {
 		out = []UserProperty{}
 	}
 	return out, true
+}
+
+// appendBucketBSON appends b as bson.Marshal(b) encodes it, without
+// reflection, and without the reflective encoder's copies of the data
+// (TestHistoryIndexBSONMatchesMarshal).
+func appendBucketBSON(dst []byte, b *histBucket) []byte {
+	idx, dst := bsoncore.AppendDocumentStart(dst)
+	dst = bsoncore.AppendStringElement(dst, "_id", b.ID)
+	dst = bsoncore.AppendStringElement(dst, "node", b.Node)
+	dst = appendIntElement(dst, "m", b.Count)
+	dst = appendTimeElement(dst, "t0", b.T0)
+	dst = appendTimeElement(dst, "t1", b.T1)
+	if b.Data == nil {
+		dst = bsoncore.AppendNullElement(dst, "d")
+	} else {
+		dst = bsoncore.AppendBinaryElement(dst, "d", 0, b.Data)
+	}
+	dst, _ = bsoncore.AppendDocumentEnd(dst, idx)
+	return dst
+}
+
+// appendSegmentBSON appends sg (packed: no IDs, Entries or Refs) as
+// bson.Marshal(sg) encodes it.
+func appendSegmentBSON(dst []byte, sg *histSegment) []byte {
+	idx, dst := bsoncore.AppendDocumentStart(dst)
+	dst = bsoncore.AppendStringElement(dst, "_id", sg.ID)
+	dst = bsoncore.AppendStringElement(dst, "node", sg.Node)
+	dst = bsoncore.AppendStringElement(dst, "topic", sg.Topic)
+	dst = bsoncore.AppendInt64Element(dst, "n", sg.N)
+	if len(sg.IDs) > 0 {
+		var aidx int32
+		aidx, dst = bsoncore.AppendArrayElementStart(dst, "ids")
+		var key [20]byte
+		for i, id := range sg.IDs {
+			dst = bsoncore.AppendStringElement(dst, string(appendIndex(key[:0], i)), id)
+		}
+		dst, _ = bsoncore.AppendArrayEnd(dst, aidx)
+	}
+	if sg.Packed != "" {
+		dst = bsoncore.AppendStringElement(dst, "p", sg.Packed)
+	}
+	dst = bsoncore.AppendStringElement(dst, "min", sg.Min)
+	dst = bsoncore.AppendStringElement(dst, "max", sg.Max)
+	dst = bsoncore.AppendStringElement(dst, "cmax", sg.CMax)
+	dst = bsoncore.AppendInt64Element(dst, "clag", sg.CLag)
+	if sg.Log != "" {
+		dst = bsoncore.AppendStringElement(dst, "l", sg.Log)
+	}
+	if sg.Flushed != 0 {
+		dst = bsoncore.AppendInt64Element(dst, "f", sg.Flushed)
+	}
+	if sg.PackedRefs != "" {
+		dst = bsoncore.AppendStringElement(dst, "r", sg.PackedRefs)
+	}
+	if sg.Buckets != 0 {
+		dst = appendIntElement(dst, "bc", sg.Buckets)
+	}
+	if sg.BucketStarts != "" {
+		dst = bsoncore.AppendStringElement(dst, "bk", sg.BucketStarts)
+	}
+	dst, _ = bsoncore.AppendDocumentEnd(dst, idx)
+	return dst
+}
+
+// appendIntElement encodes a Go int as bson.Marshal does: int32 when it
+// fits.
+func appendIntElement(dst []byte, key string, v int) []byte {
+	if v >= math.MinInt32 && v <= math.MaxInt32 {
+		return bsoncore.AppendInt32Element(dst, key, int32(v))
+	}
+	return bsoncore.AppendInt64Element(dst, key, int64(v))
+}
+
+// appendTimeElement encodes a time.Time as bson.Marshal does.
+func appendTimeElement(dst []byte, key string, t time.Time) []byte {
+	return bsoncore.AppendDateTimeElement(dst, key, t.Unix()*1e3+int64(t.Nanosecond()/1e6))
 }

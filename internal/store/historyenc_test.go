@@ -111,3 +111,49 @@ func FuzzHistoryBSONDecode(f *testing.F) {
 		}
 	})
 }
+
+// The index's documents (buckets, segments, log documents) are encoded by
+// hand as bson.Marshal encodes them, so the reflective decoder reads them
+// as before.
+func TestHistoryIndexBSONMatchesMarshal(t *testing.T) {
+	t0 := time.Date(2026, 12, 7, 9, 30, 0, 123456789, time.UTC)
+	buckets := []histBucket{
+		{ID: "bn|1", Node: "n", Count: 3, T0: t0, T1: t0.Add(time.Second), Data: []byte{1, 2, 3}},
+		{ID: "bn|2.1", Node: "n"},
+		{ID: "b", Count: 1 << 40, T0: time.Date(1960, 1, 1, 0, 0, 0, 500, time.UTC), Data: []byte{}},
+	}
+	for i := range buckets {
+		want, err := bson.Marshal(&buckets[i])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := appendBucketBSON([]byte("x"), &buckets[i])[1:]; !bytes.Equal(got, want) {
+			t.Fatalf("bucket %d:\n got %v\nwant %v", i, bson.Raw(got), bson.Raw(want))
+		}
+	}
+	segs := []histSegment{
+		{ID: "n|t|1", Node: "n", Topic: "t", N: 1, IDs: []string{"a", "b"}, Refs: []string{"1", "1"}, Min: "a", Max: "b", CMax: "b", CLag: 3},
+		{ID: "n||7", Node: "n", N: 7, Entries: []logEntry{{Topic: "t", IDs: []string{"a"}}}, Flushed: 7, Buckets: 2, BucketStarts: "1:1", Min: "a", Max: "a"},
+		{ID: "n|x|2", Node: "n", Topic: "x", N: 2, Refs: []string{"", ""}},
+		{ID: "n|y|3", Node: "n", Topic: "y", N: 3, IDs: []string{"c"}, Buckets: 1 << 40},
+	}
+	for i := range segs {
+		p := segs[i].packed()
+		want, err := bson.Marshal(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := appendSegmentBSON([]byte("x"), p)[1:]; !bytes.Equal(got, want) {
+			t.Fatalf("segment %d:\n got %v\nwant %v", i, bson.Raw(got), bson.Raw(want))
+		}
+		// Not packed (IDs kept): the array as bson.Marshal writes it.
+		q := segs[i]
+		q.Entries, q.Refs = nil, nil
+		if want, err = bson.Marshal(&q); err != nil {
+			t.Fatal(err)
+		}
+		if got := appendSegmentBSON(nil, &q); !bytes.Equal(got, want) {
+			t.Fatalf("segment %d unpacked:\n got %v\nwant %v", i, bson.Raw(got), bson.Raw(want))
+		}
+	}
+}

@@ -101,6 +101,11 @@ type histSegment struct {
 // survives.
 func packStrings(v []string) string {
 	var b strings.Builder
+	n := 0
+	for _, x := range v {
+		n += len(x) + 2 + len(x)/10 // ':' and up to 2 digits for the first 100 bytes of a string, one more each 10x
+	}
+	b.Grow(n)
 	for _, x := range v {
 		b.WriteString(strconv.Itoa(len(x)))
 		b.WriteByte(':')
@@ -133,7 +138,11 @@ func (sg histSegment) packed() *histSegment {
 	}
 	sg.Refs = nil
 	if len(sg.Entries) > 0 {
-		var flat []string
+		n := 0
+		for _, e := range sg.Entries {
+			n += 2 + len(e.IDs)
+		}
+		flat := make([]string, 0, n)
 		for _, e := range sg.Entries {
 			flat = append(flat, e.Topic, strconv.Itoa(len(e.IDs)))
 			flat = append(flat, e.IDs...)
@@ -361,6 +370,14 @@ type nodeLog struct {
 // FerretDB; ordered, the buckets first and the log document last, since
 // FerretDB falls back to one insert each when a document is taken).
 func (s *Store) indexHistory(ctx context.Context, msgs []HistoryMessage) error {
+	if !slices.ContainsFunc(msgs, func(m HistoryMessage) bool { return m.Node != msgs[0].Node }) {
+		// A node's own writer: one node. A copy, sorted in place.
+		sorted := historyScratch.Get().(*historyBufs)
+		defer historyScratch.Put(sorted)
+		sorted.msgs = append(sorted.msgs[:0], msgs...)
+		defer clear(sorted.msgs)
+		return s.indexNodeBatch(ctx, msgs[0].Node, sorted.msgs)
+	}
 	var nodes []string
 	byNode := map[string][]HistoryMessage{}
 	for _, m := range msgs {
@@ -377,23 +394,40 @@ func (s *Store) indexHistory(ctx context.Context, msgs []HistoryMessage) error {
 	return nil
 }
 
+// historyBufs are a history batch's scratch buffers, reused: a batch's
+// copy, its buckets' data and its documents were most of what the writer
+// allocated (garbage the publishers' goroutines help collect).
+type historyBufs struct {
+	msgs       []HistoryMessage
+	data, docs []byte
+}
+
+var historyScratch = sync.Pool{New: func() any { return new(historyBufs) }}
+
 func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryMessage) error {
 	// The batch in the log's order: by topic, then id; an id once.
-	slices.SortFunc(msgs, func(a, b HistoryMessage) int {
+	byTopicID := func(a, b HistoryMessage) int {
 		return cmp.Or(cmp.Compare(a.Topic, b.Topic), cmp.Compare(a.ID, b.ID))
-	})
-	msgs = slices.CompactFunc(msgs, func(a, b HistoryMessage) bool { return a.ID == b.ID && a.Topic == b.Topic })
-	bks, err := packBuckets(msgs)
-	if err != nil {
-		return err
 	}
+	if !slices.IsSortedFunc(msgs, byTopicID) { // one topic's: sorted already
+		slices.SortFunc(msgs, byTopicID)
+	}
+	msgs = slices.CompactFunc(msgs, func(a, b HistoryMessage) bool { return a.ID == b.ID && a.Topic == b.Topic })
+	scratch := historyScratch.Get().(*historyBufs)
+	defer historyScratch.Put(scratch)
+	var bks []packedBucket
+	bks, scratch.data = packBuckets(msgs, scratch.data)
+	// msgs are sorted by topic: each topic's messages are a range.
 	var topics []string
-	batch := map[string][]int{} // topic: its messages' indexes in msgs
-	for i, m := range msgs {
-		if batch[m.Topic] == nil {
-			topics = append(topics, m.Topic)
+	batch := map[string][2]int{} // topic: its messages' range in msgs
+	for i := 0; i < len(msgs); {
+		j := i + 1
+		for j < len(msgs) && msgs[j].Topic == msgs[i].Topic {
+			j++
 		}
-		batch[m.Topic] = append(batch[m.Topic], i)
+		topics = append(topics, msgs[i].Topic)
+		batch[msgs[i].Topic] = [2]int{i, j}
+		i = j
 	}
 	coll := s.db.Collection(CollHistoryIndex)
 	for attempt := 0; ; attempt++ {
@@ -406,18 +440,23 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 		// Each message's bucket, now that the batch has its number.
 		refs := make([]string, len(msgs))
 		for c, b := range bks {
+			ref := bucketRef(logDoc.N, c)
 			for i := b.from; i < b.to; i++ {
-				refs[i] = bucketRef(logDoc.N, c)
+				refs[i] = ref
 			}
 		}
-		entries := map[string][]idRef{}
-		var all []string // the batch's ids, sorted
+		entries := make(map[string][]idRef, len(topics))
+		all := make([]string, 0, len(msgs)) // the batch's ids, sorted
+		logDoc.Entries = make([]logEntry, 0, len(topics))
 		for _, t := range topics {
-			e := logEntry{Topic: t}
-			for _, i := range batch[t] {
+			r := batch[t]
+			e := logEntry{Topic: t, IDs: make([]string, 0, r[1]-r[0])}
+			er := make([]idRef, 0, r[1]-r[0])
+			for i := r[0]; i < r[1]; i++ {
 				e.IDs = append(e.IDs, msgs[i].ID)
-				entries[t] = append(entries[t], idRef{msgs[i].ID, refs[i]})
+				er = append(er, idRef{msgs[i].ID, refs[i]})
 			}
+			entries[t] = er
 			all = append(all, e.IDs...)
 			logDoc.Entries = append(logDoc.Entries, e)
 			if logDoc.Min == "" || e.IDs[0] < logDoc.Min {
@@ -443,7 +482,8 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 			merged := map[string][]idRef{}
 			var ts []string
 			for t, v := range lg.pending {
-				merged[t] = slices.Clone(v)
+				// A copy: pending stays as it is should the insert fail.
+				merged[t] = append(make([]idRef, 0, len(v)+len(entries[t])), v...)
 				ts = append(ts, t)
 			}
 			for _, t := range topics {
@@ -487,20 +527,35 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 		// should FerretDB fall back to one insert each, it stops at the
 		// first taken _id, so no log document or segment is written
 		// naming buckets that hold another attempt's messages.
-		docs := make([]any, 0, len(segs)+len(bks)+1)
+		// Encoded by hand into one buffer (the driver copies them into
+		// its message): the reflective encoder copied each bucket's data
+		// twice more.
+		raw := slices.Grow(scratch.docs[:0], len(scratch.data)+len(bks)*128+len(all)*40+512)
+		var ends []int
 		for c, b := range bks {
-			docs = append(docs, &histBucket{ID: bucketID(node, bucketRef(logDoc.N, c)), Node: node, Count: b.to - b.from,
+			raw = appendBucketBSON(raw, &histBucket{ID: bucketID(node, bucketRef(logDoc.N, c)), Node: node, Count: b.to - b.from,
 				T0: b.t0, T1: b.t1, Data: b.data})
+			ends = append(ends, len(raw))
 		}
 		for i := range segs {
-			docs = append(docs, segs[i].packed())
+			raw = appendSegmentBSON(raw, segs[i].packed())
+			ends = append(ends, len(raw))
 		}
 		late, err := s.latePointers(ctx, node, lg.cmax, all, logDoc.N)
 		if err != nil {
 			return err
 		}
+		raw = appendSegmentBSON(raw, logDoc.packed())
+		ends = append(ends, len(raw))
+		scratch.docs = raw
+		docs := make([]any, 0, len(ends)+len(late))
+		at := 0
+		for _, e := range ends[:len(ends)-1] {
+			docs = append(docs, bson.Raw(raw[at:e:e]))
+			at = e
+		}
 		docs = append(docs, late...)
-		docs = append(docs, logDoc.packed())
+		docs = append(docs, bson.Raw(raw[at:]))
 		_, err = coll.InsertMany(ctx, docs, options.InsertMany().SetOrdered(true))
 		if err == nil {
 			s.hidx.mu.Lock()
@@ -513,7 +568,13 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 				lg.pending = map[string][]idRef{}
 			} else {
 				for _, t := range topics {
-					lg.pending[t] = append(lg.pending[t], entries[t]...)
+					p := lg.pending[t]
+					if p == nil {
+						// Sized for the window at this batch's rate: it grows
+						// until the next full flush.
+						p = make([]idRef, 0, int(window-(logDoc.N-lg.flushed))*len(entries[t]))
+					}
+					lg.pending[t] = append(p, entries[t]...)
 				}
 			}
 			s.hidx.mu.Unlock()

@@ -35,7 +35,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"slices"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -162,10 +162,11 @@ type Writer[T any] struct {
 	log *slog.Logger
 
 	mu        sync.Mutex
-	queue     []T             // items in memory, oldest first; written from the front
-	sizes     []int32         // with QueueBytes: Size of each item of queue
-	qbytes    int64           // with QueueBytes: sum of sizes
-	times     []time.Duration // with MinAge: when each item of queue was added (since epoch)
+	queue     fifo[T]             // items in memory, oldest first; written from the front
+	sizes     fifo[int32]         // with QueueBytes: Size of each item of queue
+	qbytes    int64               // with QueueBytes: sum of sizes
+	times     fifo[time.Duration] // with MinAge: when each item of queue was added (since epoch)
+	batch     []T                 // the writer's copy of the batch it writes (reused)
 	epoch     time.Time
 	flushing  int // Flush calls waiting: MinAge does not apply
 	spilling  bool
@@ -231,6 +232,7 @@ func New[T any](o Options[T]) (*Writer[T], error) {
 		ctx: ctx, cancel: cancel, done: make(chan struct{}), epoch: time.Now(),
 	}
 	w.up.Store(true)
+	w.queue, w.sizes, w.times = newFifo[T](o.MaxBatch*4), newFifo[int32](o.MaxBatch*4), newFifo[time.Duration](o.MaxBatch*4)
 	if o.Overflow != nil && o.Overflow.Len() > 0 {
 		// Left by an earlier process (a spool after a crash): written
 		// first, and new items queue behind it.
@@ -289,7 +291,7 @@ func (w *Writer[T]) Put(ctx context.Context, item T) (Ticket, error) {
 		if size, ok := w.fitsLocked(item); ok {
 			seq := w.nextSeq
 			w.nextSeq++
-			w.queue = append(w.queue, item)
+			w.queue.push(item)
 			w.stampLocked(size)
 			w.mu.Unlock()
 			w.signal()
@@ -316,7 +318,7 @@ func (w *Writer[T]) Add(item T) error {
 	}
 	if size, ok := w.fitsLocked(item); ok {
 		w.nextSeq++
-		w.queue = append(w.queue, item)
+		w.queue.push(item)
 		w.stampLocked(size)
 		w.mu.Unlock()
 		w.signal()
@@ -475,7 +477,7 @@ func (w *Writer[T]) idle() <-chan struct{} {
 		defer close(ch)
 		for {
 			w.mu.Lock()
-			empty := len(w.queue) == 0 && !w.spilling
+			empty := w.queue.len() == 0 && !w.spilling
 			settled := w.settled
 			w.mu.Unlock()
 			if empty {
@@ -495,24 +497,24 @@ func (w *Writer[T]) idle() <-chan struct{} {
 // overflowed, and within QueueLen and QueueBytes), and its Size. w.mu is
 // held.
 func (w *Writer[T]) fitsLocked(item T) (int, bool) {
-	if w.spilling || len(w.queue) >= w.o.QueueLen {
+	if w.spilling || w.queue.len() >= w.o.QueueLen {
 		return 0, false
 	}
 	if w.o.QueueBytes == 0 {
 		return 0, true
 	}
 	size := w.o.Size(item)
-	return size, len(w.queue) == 0 || w.qbytes+int64(size) <= w.o.QueueBytes
+	return size, w.queue.len() == 0 || w.qbytes+int64(size) <= w.o.QueueBytes
 }
 
 // stampLocked records when the item just appended was added, and its
 // size. w.mu is held.
 func (w *Writer[T]) stampLocked(size int) {
 	if w.o.MinAge > 0 {
-		w.times = append(w.times, time.Since(w.epoch))
+		w.times.push(time.Since(w.epoch))
 	}
 	if w.o.QueueBytes > 0 {
-		w.sizes = append(w.sizes, int32(min(size, 1<<31-1)))
+		w.sizes.push(int32(min(size, 1<<31-1)))
 		w.qbytes += int64(size)
 	}
 }
@@ -521,14 +523,14 @@ func (w *Writer[T]) stampLocked(size int) {
 // (at most MaxBatch), and how long until the first of the others may.
 // w.mu is held.
 func (w *Writer[T]) ripeLocked() (int, time.Duration) {
-	n := min(len(w.queue), w.o.MaxBatch)
+	n := min(w.queue.len(), w.o.MaxBatch)
 	if w.o.MinAge == 0 || w.closed || w.flushing > 0 || n == 0 {
 		return n, 0
 	}
 	cut := time.Since(w.epoch) - w.o.MinAge
-	ripe, _ := slices.BinarySearch(w.times[:n], cut+1)
+	ripe := sort.Search(n, func(i int) bool { return w.times.at(i) >= cut+1 })
 	if ripe == 0 {
-		return 0, w.times[0] - cut
+		return 0, w.times.at(0) - cut
 	}
 	return ripe, 0
 }
@@ -536,7 +538,7 @@ func (w *Writer[T]) ripeLocked() (int, time.Duration) {
 // Stats returns the writer's counters.
 func (w *Writer[T]) Stats() Stats {
 	w.mu.Lock()
-	q := len(w.queue)
+	q := w.queue.len()
 	w.mu.Unlock()
 	s := Stats{
 		Queued:    q,
@@ -612,7 +614,7 @@ func (w *Writer[T]) run() {
 		for w.writeOne() {
 		}
 		w.mu.Lock()
-		stop := w.closed && len(w.queue) == 0 && !w.spilling
+		stop := w.closed && w.queue.len() == 0 && !w.spilling
 		w.mu.Unlock()
 		if stop {
 			return
@@ -625,7 +627,7 @@ func (w *Writer[T]) run() {
 func (w *Writer[T]) writeOne() bool {
 	if w.o.Linger > 0 {
 		w.mu.Lock()
-		short := len(w.queue) > 0 && len(w.queue) < w.o.MaxBatch && !w.closed
+		short := w.queue.len() > 0 && w.queue.len() < w.o.MaxBatch && !w.closed
 		w.mu.Unlock()
 		if short {
 			t := time.NewTimer(w.o.Linger)
@@ -652,7 +654,11 @@ func (w *Writer[T]) writeOne() bool {
 		w.mu.Lock()
 		n, wait = w.ripeLocked()
 	}
-	batch := w.queue[:n:n]
+	// A copy: Add may move the queue's items while the batch is written
+	// (fifo), and the items stay queued until it is.
+	w.batch = w.queue.appendTo(w.batch[:0], n)
+	batch := w.batch[:n:n]
+	defer clear(batch) // let the GC have the items
 	first := w.committed
 	spilling := w.spilling
 	w.mu.Unlock()
@@ -719,30 +725,17 @@ func (w *Writer[T]) writeOne() bool {
 		return true
 	}
 	w.mu.Lock()
-	var zero T
-	for i := range n {
-		w.queue[i] = zero // let the GC have the items
-	}
-	w.queue = w.queue[n:]
+	w.queue.pop(n)
 	if w.o.MinAge > 0 {
-		w.times = w.times[n:]
-		if len(w.times) == 0 {
-			w.times = nil
-		}
+		w.times.pop(n)
 	}
 	if w.o.QueueBytes > 0 {
-		for _, sz := range w.sizes[:n] {
-			w.qbytes -= int64(sz)
+		for i := range n {
+			w.qbytes -= int64(w.sizes.at(i))
 		}
-		w.sizes = w.sizes[n:]
-		if len(w.sizes) == 0 {
-			w.sizes, w.qbytes = nil, 0
-		}
-	}
-	if len(w.queue) == 0 {
-		w.queue = w.queue[:0:0]
-		if cap(w.queue) > w.o.MaxBatch*4 {
-			w.queue = nil
+		w.sizes.pop(n)
+		if w.sizes.len() == 0 {
+			w.qbytes = 0
 		}
 	}
 	w.committed = first + uint64(n)
@@ -767,7 +760,7 @@ func (w *Writer[T]) recordFailedLocked(r seqRange) {
 func (w *Writer[T]) spillingNow() bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return w.spilling || len(w.queue) > 0
+	return w.spilling || w.queue.len() > 0
 }
 
 // broadcastLocked wakes Put, Flush and ticket waiters. w.mu is held.
@@ -791,7 +784,7 @@ var errSpill = errors.New("writebehind: spill to the overflow")
 func (w *Writer[T]) spillQueue() bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if len(w.queue) == 0 {
+	if w.queue.len() == 0 {
 		return false
 	}
 	put := w.o.Overflow.Put
@@ -804,11 +797,11 @@ func (w *Writer[T]) spillQueue() bool {
 		}
 		put = fo.PutFront
 	}
-	if err := put(w.queue); err != nil {
+	if err := put(w.queue.appendTo(nil, w.queue.len())); err != nil {
 		return false
 	}
-	w.committed += uint64(len(w.queue))
-	w.queue, w.times, w.sizes, w.qbytes = nil, nil, nil, 0
+	w.committed += uint64(w.queue.len())
+	w.resetLocked()
 	w.spilling = true
 	w.broadcastLocked()
 	return true
@@ -853,11 +846,19 @@ func (w *Writer[T]) writeWithRetry(batch []T, spillable bool) error {
 	}
 }
 
+// resetLocked empties the memory queue. w.mu is held.
+func (w *Writer[T]) resetLocked() {
+	w.queue.reset()
+	w.times.reset()
+	w.sizes.reset()
+	w.qbytes = 0
+}
+
 // loseQueued counts the items left in memory when Close gave up.
 func (w *Writer[T]) loseQueued() {
 	w.mu.Lock()
-	lost := w.queue
-	w.queue, w.times, w.sizes, w.qbytes = nil, nil, nil, 0
+	lost := w.queue.appendTo(nil, w.queue.len())
+	w.resetLocked()
 	if len(lost) > 0 {
 		w.recordFailedLocked(seqRange{from: w.committed, to: w.committed + uint64(len(lost)), err: ErrClosed})
 	}
