@@ -204,6 +204,9 @@ func New(opts Options) (*Broker, error) {
 		// patch 86: a shared epoll poller waits for its socket), so an idle
 		// device costs no stack; docs/broker.md "Memory per connection".
 		IdlePark: idlePark,
+		// A subscriber receiving at a high rate gets its packets in fewer,
+		// larger writes (mochi patch 98); docs/broker.md "Write coalescing".
+		WriteCoalesce: cfg.WriteCoalesce,
 	})
 	b.limits = &limitsHook{b: b}
 	if err := b.mq.AddHook(b.limits, nil); err != nil {
