@@ -4,6 +4,7 @@
 package mqtt
 
 import (
+	"math/bits"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,6 +36,7 @@ const outboundQueueKeep = 16
 type outboundQueue struct {
 	mu      sync.Mutex
 	buf     []*packets.Packet // ring buffer, nil until needed
+	ring    *ringBuf          // rtm patch 99: buf's pool box (nil: buf is not pooled)
 	head    int               // index of the oldest packet in buf
 	n       atomic.Int32      // number of queued packets; written under mu
 	limit   int32             // maximum number of queued packets
@@ -174,6 +176,12 @@ func (q *outboundQueue) release() (start bool) {
 }
 
 // grow doubles the ring (at least 4, at most limit), keeping the order.
+//
+// rtm patch 99: the arrays come from ringPools and go back to them (here,
+// and when a queue drains after a burst, see pop). A subscriber of a
+// high-rate stream drains and refills its queue many times a second, and
+// each refill grew a new array from 4 packets up: 47 % of the bytes the
+// broker allocated under QoS 0 fan-out 1→10 (session 6's profile).
 func (q *outboundQueue) grow() {
 	size := 2 * len(q.buf)
 	if size < 4 {
@@ -182,11 +190,54 @@ func (q *outboundQueue) grow() {
 	if size > int(q.limit) {
 		size = int(q.limit)
 	}
-	buf := make([]*packets.Packet, size)
+	r := getRing(size)
+	buf := r.s
 	n := copy(buf, q.buf[q.head:])
 	copy(buf[n:], q.buf[:q.head])
-	q.buf = buf
+	if q.ring != nil {
+		clear(q.buf) // the old array's copies: the pool holds no packets
+		putRing(q.ring)
+	}
+	q.ring, q.buf = r, buf
 	q.head = 0
+}
+
+// ringBuf boxes a ring array for ringPools, so that a Put allocates
+// nothing. rtm patch 99.
+type ringBuf struct{ s []*packets.Packet }
+
+// ringPools holds empty ring arrays: class k those of 4<<k packets. An
+// array of another length (a queue's limit when not a power of two) is
+// not pooled. rtm patch 99.
+var ringPools [ringClasses]sync.Pool
+
+const ringClasses = 15 // 4 to 65,536 packets
+
+// ringClass returns the pool class of an array of size packets.
+func ringClass(size int) (int, bool) {
+	if size < 4 || size&(size-1) != 0 {
+		return 0, false
+	}
+	k := bits.TrailingZeros(uint(size)) - 2
+	return k, k < ringClasses
+}
+
+// getRing returns an empty array of size packets, from its pool if it
+// has one.
+func getRing(size int) *ringBuf {
+	if k, ok := ringClass(size); ok {
+		if r, _ := ringPools[k].Get().(*ringBuf); r != nil {
+			return r
+		}
+	}
+	return &ringBuf{s: make([]*packets.Packet, size)}
+}
+
+// putRing returns r, whose slots must all be nil, to its pool.
+func putRing(r *ringBuf) {
+	if k, ok := ringClass(len(r.s)); ok {
+		ringPools[k].Put(r)
+	}
 }
 
 // pop removes and returns the oldest packet. If the queue is empty it
@@ -213,7 +264,12 @@ func (q *outboundQueue) pop() (*packets.Packet, bool) {
 	if n == 0 {
 		q.head = 0
 		if len(q.buf) > outboundQueueKeep {
-			q.buf = nil // drained after a burst: release the array
+			// drained after a burst: release the array (rtm patch 99: to
+			// its pool; pop cleared every slot it took)
+			if q.ring != nil {
+				putRing(q.ring)
+			}
+			q.ring, q.buf = nil, nil
 		}
 	}
 	return pk, true
