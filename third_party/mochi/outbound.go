@@ -64,6 +64,12 @@ func newOutboundQueue(limit int32) outboundQueue {
 // first packets count as a low rate.
 const coalesceGapMax = time.Second
 
+// coalesceMaxBatch ends a coalescing wait when this many packets are
+// queued (rtm patch 98): a larger batch saves no more system calls worth
+// the wait, and a publisher paced by the queue's fill (patch 20) must not
+// wait for a timer.
+const coalesceMaxBatch = 64
+
 // monoStart and monoNow give a monotonic clock reading that costs one
 // vDSO call (time.Since with a monotonic start), for the rate of pushes.
 var monoStart = time.Now()
@@ -105,7 +111,8 @@ func (q *outboundQueue) pushTimed(pk *packets.Packet) (ok, start, kick bool) {
 // 1 ms. A push that finds the writer waiting longer than the window
 // returns kick: its caller starts the writer at once. At a steady high
 // rate the window is then kept to within one packet's gap; the timer ends
-// only a wait no later packet ended (the stream stopped).
+// only a wait no later packet ended (the stream stopped). So does the push
+// that makes coalesceMaxBatch packets queued.
 func (q *outboundQueue) pushAt(pk *packets.Packet, now time.Duration) (ok, start, kick bool) {
 	q.mu.Lock()
 	if q.coalesce > 0 { // rtm patch 98
@@ -141,8 +148,8 @@ func (q *outboundQueue) pushAt(pk *packets.Packet, now time.Duration) (ok, start
 		if q.coalesceNext {
 			q.waiting, q.waitFrom = true, now
 		}
-	} else if q.waiting && now-q.waitFrom >= q.coalesce { // rtm patch 98: the window is over
-		q.waiting, kick = false, true
+	} else if q.waiting && (now-q.waitFrom >= q.coalesce || n+1 >= coalesceMaxBatch) {
+		q.waiting, kick = false, true // rtm patch 98: the window is over, or the batch full
 	}
 	q.mu.Unlock()
 	return true, start, kick

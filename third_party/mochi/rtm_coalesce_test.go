@@ -156,6 +156,28 @@ func TestWriteCoalesceOnlyForHighRate(t *testing.T) {
 	_, _, kick = q.pushAt(&packets.Packet{}, now+time.Microsecond)
 	require.False(t, kick, "kicked once")
 
+	// A full batch ends the wait within the window.
+	drain()
+	now += time.Second
+	for i := 0; i < 60; i++ { // back to a high rate: the average falls again
+		now += 20 * time.Microsecond
+		q.pushAt(&packets.Packet{}, now)
+		drain()
+	}
+	now += 20 * time.Microsecond
+	_, start, _ = q.pushAt(&packets.Packet{}, now)
+	require.True(t, start)
+	require.True(t, q.coalesceNext)
+	kicks := 0
+	for i := 1; i < coalesceMaxBatch; i++ {
+		now += time.Microsecond
+		if _, _, kick := q.pushAt(&packets.Packet{}, now); kick {
+			kicks++
+			require.Equal(t, coalesceMaxBatch, q.len(), "kicked by the push that fills the batch")
+		}
+	}
+	require.Equal(t, 1, kicks)
+
 	q.coalesce = 0 // off: never waits
 	drain()
 	_, start, _ = q.pushAt(&packets.Packet{}, 0)
