@@ -381,8 +381,10 @@ func (cl *Client) kickWriter() {
 }
 
 // closeFlushTimeout bounds the write of the packets a closing connection's
-// coalescing writer was waiting to write (flushCoalesced).
-const closeFlushTimeout = 100 * time.Millisecond
+// coalescing writer was waiting to write (flushCoalesced): short, since a
+// server shutting down stops its clients one after another, and a client
+// whose socket is full does not read them anyway.
+const closeFlushTimeout = 10 * time.Millisecond
 
 // flushCoalesced writes at once the packets a writer waiting for its
 // coalescing window would have written, if one is waiting; stop calls it
