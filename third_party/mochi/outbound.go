@@ -116,7 +116,7 @@ func (q *outboundQueue) pushTimed(pk *packets.Packet) (ok, start, kick bool) {
 func (q *outboundQueue) pushAt(pk *packets.Packet, now time.Duration) (ok, start, kick bool) {
 	q.mu.Lock()
 	if q.coalesce > 0 { // rtm patch 98
-		g := now - q.lastPush
+		g := max(now-q.lastPush, 0) // pushers read the clock before the lock
 		if g > coalesceGapMax || q.lastPush == 0 {
 			g = coalesceGapMax
 		}
