@@ -341,7 +341,10 @@ func releaseQueuedPacket(pk *packets.Packet) {
 // made once and kept: the starts of a queue are ordered by its mutex (a
 // start follows the previous writer's last pop), so the field needs no
 // lock of its own.
-func (cl *Client) startWriter() {
+//
+// It reports whether the writer was started at once (false: it waits for
+// its coalescing window).
+func (cl *Client) startWriter() (started bool) {
 	q := &cl.State.outbound
 	fn := q.writer
 	if fn == nil {
@@ -362,9 +365,10 @@ func (cl *Client) startWriter() {
 			q.timer.Reset(q.coalesce)
 		}
 		q.mu.Unlock()
-		return
+		return false
 	}
 	go fn()
+	return true
 }
 
 // kickWriter starts a writer waiting for its coalescing window now (a push

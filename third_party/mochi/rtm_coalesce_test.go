@@ -3,6 +3,7 @@
 package mqtt
 
 import (
+	"runtime"
 	"testing"
 	"time"
 
@@ -214,4 +215,32 @@ func TestOutboundQueueReusesRings(t *testing.T) {
 	allocs := testing.AllocsPerRun(100, burst)
 	require.Less(t, allocs, 0.5, "allocations per burst of 64 packets")
 	require.Nil(t, q.buf, "the array is released when drained, as before")
+}
+
+// TestPublishYieldsToWriter (patch 100): a packet for a client receiving
+// now and then is written before publishToClient returns to its caller
+// (a publisher's read loop, which would write its PUBACK and read again
+// first), when writer and caller share one P. 20 publishes, 20 ms apart:
+// at least 10 were already written when publishToClient returned; about
+// none without the patch (the new writer waited for the caller to park).
+func TestPublishYieldsToWriter(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	s, cl, conn := coalescingClient(t, 200*time.Microsecond)
+	const n = 20
+	early := 0
+	for i := 0; i < n; i++ {
+		pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish}, TopicName: "a/b", Payload: []byte{byte(i)}}
+		_, err := s.publishToClient(cl, packets.Subscription{Filter: "a/b"}, pk)
+		require.NoError(t, err)
+		if calls, _ := conn.written(); calls == i+1 {
+			early++
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for calls, _ := conn.written(); calls < i+1; calls, _ = conn.written() {
+			require.True(t, time.Now().Before(deadline), "packet %d never written", i)
+			time.Sleep(time.Millisecond)
+		}
+		time.Sleep(20 * time.Millisecond) // a low rate: never coalesced
+	}
+	require.GreaterOrEqual(t, early, n/2, "packets written before publishToClient returned, of %d", n)
 }
