@@ -4,7 +4,7 @@
 # message can be read on a shared machine (ratios within one run; the load
 # average is printed before and after).
 #
-# usage: scripts/cost-ab.sh BASE_RTM_BIN NEW_RTM_BIN [ROUNDS] [DURATION]
+# usage: [MOSQ_NODELAY=1] scripts/cost-ab.sh BASE_RTM_BIN NEW_RTM_BIN [ROUNDS] [DURATION]
 #   git worktree add /tmp/base <commit> && (cd /tmp/base && go build -o /tmp/rtm-base ./cmd/rtm)
 #   go build -o /tmp/rtm-new ./cmd/rtm
 #   scripts/cost-ab.sh /tmp/rtm-base /tmp/rtm-new 3 4s
@@ -16,7 +16,10 @@
 # 20,000 msg/s, QoS 1 fan-in at 10,000, QoS 0 fan-out 1->10 unlimited, QoS 1
 # 10 pairs at 1,000) with NEW_RTM_BIN's `rtm bench`, order reversed every
 # other round. Prints each run, then medians and ratios. Stops what it
-# started, by PID.
+# started, by PID. MOSQ_NODELAY=1 adds a second Mosquitto, "mosqnd", with
+# `set_tcp_nodelay true` (Mosquitto 2.0's default leaves Nagle's algorithm
+# on, so the kernel coalesces its small writes to a subscriber; rtm, like
+# any Go program, sets TCP_NODELAY).
 set -u
 BASE=$1 NEW=$2 R=${3:-3} D=${4:-4s}
 W=$(mktemp -d /tmp/rtm-cost-ab.XXXXXX)
@@ -44,11 +47,20 @@ printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queu
 PID[mosq]=$!
 PIDS+=($!)
 (cd "$(dirname "$0")/.." && go build -o "$W/baremochi" ./bench/baremochi) || exit 1
+SYSTEMS=(base new mosq mochi)
+if [[ ${MOSQ_NODELAY:-} == 1 ]]; then
+	PORT[mosqnd]=$(freeport)
+	printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nset_tcp_nodelay true\n' "${PORT[mosqnd]}" >"$W/mnd.conf"
+	/usr/sbin/mosquitto -c "$W/mnd.conf" >"$W/mosqnd.log" 2>&1 &
+	PID[mosqnd]=$!
+	PIDS+=($!)
+	SYSTEMS+=(mosqnd)
+fi
 PORT[mochi]=$(freeport)
 "$W/baremochi" -addr 127.0.0.1:${PORT[mochi]} >"$W/mochi.log" 2>&1 &
 PID[mochi]=$!
 PIDS+=($!)
-for s in base new mosq mochi; do
+for s in "${SYSTEMS[@]}"; do
 	for _ in $(seq 100); do
 		(echo >/dev/tcp/127.0.0.1/${PORT[$s]}) 2>/dev/null && break
 		sleep 0.2
@@ -59,8 +71,11 @@ SCEN=("fanin -c 10 --qos 0 --rate 20000" "fanin -c 10 --qos 1 --rate 10000" "fan
 KEYS=(fanin0 fanin1 fanout0 lat1)
 echo "load before: $(cat /proc/loadavg)"
 for r in $(seq 1 "$R"); do
-	order=(base new mosq mochi)
-	if ((r % 2 == 0)); then order=(mochi mosq new base); fi
+	order=("${SYSTEMS[@]}")
+	if ((r % 2 == 0)); then
+		order=()
+		for ((j = ${#SYSTEMS[@]} - 1; j >= 0; j--)); do order+=("${SYSTEMS[$j]}"); done
+	fi
 	for i in 0 1 2 3; do
 		for s in "${order[@]}"; do
 			extra=()
@@ -85,8 +100,10 @@ for k in ["fanin0", "fanin1", "fanout0", "lat1"]:
     m = med(lambda d: d["broker"]["msgs_per_cpu_s"])
     p50 = med(lambda d: d["latency_ms"]["p50"])
     p99 = med(lambda d: d["latency_ms"]["p99"])
-    print(k, "per CPU-s:", " ".join("%s=%.0f" % (s, m[s]) for s in ("base", "new", "mochi", "mosq")),
+    sy = [s for s in ("base", "new", "mochi", "mosq", "mosqnd") if s in m]
+    print(k, "per CPU-s:", " ".join("%s=%.0f" % (s, m[s]) for s in sy),
           "| base/mosq %.2f new/mosq %.2f new/base %.2f new/mochi %.2f" % (m["base"] / m["mosq"], m["new"] / m["mosq"], m["new"] / m["base"], m["new"] / m["mochi"]),
-          "| p50 ms", " ".join("%s=%.3f" % (s, p50[s]) for s in ("base", "new", "mochi", "mosq")),
-          "| p99 ms", " ".join("%s=%.3f" % (s, p99[s]) for s in ("base", "new", "mochi", "mosq")))
+          ("| mosqnd/mosq %.2f new/mosqnd %.2f" % (m["mosqnd"] / m["mosq"], m["new"] / m["mosqnd"])) if "mosqnd" in m else "",
+          "| p50 ms", " ".join("%s=%.3f" % (s, p50[s]) for s in sy),
+          "| p99 ms", " ".join("%s=%.3f" % (s, p99[s]) for s in sy))
 PY

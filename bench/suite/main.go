@@ -90,7 +90,7 @@ func main() {
 	var systems, only string
 	flag.BoolVar(&o.quick, "quick", os.Getenv("BENCH") == "quick", "1.5-second runs and 1,000 connections (BENCH=quick)")
 	flag.IntVar(&o.rounds, "rounds", 3, "rounds; each runs every scenario once against each system, in alternating order")
-	flag.StringVar(&systems, "systems", "rtm,rtm3,mochi,mosquitto", "systems under test, comma-separated")
+	flag.StringVar(&systems, "systems", "rtm,rtm3,mochi,mosquitto", "systems under test, comma-separated (also: mosquitto-nodelay, Mosquitto with set_tcp_nodelay true)")
 	flag.StringVar(&only, "scenarios", "", "scenarios to run, comma-separated (default all: fanin0, fanin1, fanout0, lat1, fanin1max (full only), conn)")
 	flag.StringVar(&o.write, "write", "", "update this Markdown file (BENCHMARKS.md) between its make-bench markers, and write charts")
 	flag.StringVar(&o.charts, "charts", "docs/bench", "directory of the SVG charts (with -write)")
@@ -168,10 +168,10 @@ func compare(ctx context.Context, o options) error {
 			s, err = startRTMCluster(ctx, sdir, rtmBin, o.brokerCPUs, version)
 		case "mochi":
 			s, err = startMochi(ctx, sdir, mochiBin, o.brokerCPUs)
-		case "mosquitto":
-			s, err = startMosquitto(ctx, sdir, o.mosquitto, o.brokerCPUs)
+		case "mosquitto", "mosquitto-nodelay":
+			s, err = startMosquitto(ctx, sdir, o.mosquitto, o.brokerCPUs, key == "mosquitto-nodelay")
 		default:
-			return nil, fmt.Errorf("unknown system %q (want rtm, rtm3, mochi, mosquitto)", key)
+			return nil, fmt.Errorf("unknown system %q (want rtm, rtm3, mochi, mosquitto, mosquitto-nodelay)", key)
 		}
 		if err != nil {
 			return nil, fmt.Errorf("start %s: %w", key, err)

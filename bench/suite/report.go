@@ -183,7 +183,8 @@ func writeReport(w io.Writer, o options, env environment, scs []scenario, syss [
 	fmt.Fprintf(w, "Systems: **rtm, one node**: `rtm broker` with its embedded store, `auth.devices: token` (every client presents a device token), `auth.acl: %s`, other settings default. "+
 		"**rtm, three nodes**: three `rtm broker` processes sharing one `rtm store`, same settings; publishers connect to node 1, subscribers to nodes 2 and 3 (every message crosses a node link); CPU and RSS are the sum of the three; the conn scenario uses node 1. "+
 		"**bare mochi**: `bench/baremochi`, mochi-mqtt v2.7.9 with an allow-all hook and nothing else, built from rtm's fork in third_party/mochi (go.mod replaces mochi with it), so it includes the fork's patches but none of rtm's hooks, store or cluster. "+
-		"**Mosquitto**: Debian's, `allow_anonymous true`, `persistence false`, `max_queued_messages 100000`, one thread. "+
+		"**Mosquitto**: Debian's, `allow_anonymous true`, `persistence false`, `max_queued_messages 100000`, one thread; its default `set_tcp_nodelay false` leaves Nagle's algorithm on, so the kernel coalesces its small writes to one subscriber (fewer segments, at up to a delayed ACK of latency), where rtm and mochi set TCP_NODELAY (Go's default) and coalesce in the broker (rtm's `broker.write_coalesce`). "+
+		nodelayNote(syss)+
 		"All on loopback; one `rtm bench` process drives each run (MQTT 5, 64-byte payloads carrying a sequence number and the send time).\n\n", aclRules)
 
 	// Ratios.
@@ -340,7 +341,17 @@ func writeReport(w io.Writer, o options, env environment, scs []scenario, syss [
 	return charts
 }
 
-var peerRank = map[string]int{"mosquitto": 0, "mochi": 1, "rtm3": 2}
+var peerRank = map[string]int{"mosquitto": 0, "mosquitto-nodelay": 1, "mochi": 2, "rtm3": 3}
+
+// nodelayNote describes the second Mosquitto, when it ran.
+func nodelayNote(syss []*system) string {
+	for _, s := range syss {
+		if s.key == "mosquitto-nodelay" {
+			return "**Mosquitto, TCP_NODELAY**: the same with `set_tcp_nodelay true` (every write its own segment, as rtm's writes without coalescing). "
+		}
+	}
+	return ""
+}
 
 func connLatency(p50 bool) metric {
 	label := "p99 ms"

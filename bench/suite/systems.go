@@ -338,14 +338,20 @@ func startMochi(ctx context.Context, dir, bin, cpus string) (*system, error) {
 // by configuration alone; one listener on loopback.
 const mosquittoConf = "listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"
 
-func startMosquitto(ctx context.Context, dir, bin, cpus string) (*system, error) {
+// startMosquitto starts Mosquitto; nodelay adds `set_tcp_nodelay true`
+// (system "mosquitto-nodelay"), turning Nagle's algorithm off as rtm does.
+func startMosquitto(ctx context.Context, dir, bin, cpus string, nodelay bool) (*system, error) {
 	addr, err := benchkit.FreePort()
 	if err != nil {
 		return nil, err
 	}
 	_, port, _ := net.SplitHostPort(addr)
 	conf := filepath.Join(dir, "mosquitto.conf")
-	if err := os.WriteFile(conf, []byte(fmt.Sprintf(mosquittoConf, port)), 0o600); err != nil {
+	text := fmt.Sprintf(mosquittoConf, port)
+	if nodelay {
+		text += "set_tcp_nodelay true\n"
+	}
+	if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
 		return nil, err
 	}
 	p, err := startChild(dir, "mosquitto", cpus, []string{bin, "-c", conf}, nil)
@@ -360,7 +366,11 @@ func startMosquitto(ctx context.Context, dir, bin, cpus string) (*system, error)
 	if out, _ := exec.Command(bin, "-h").Output(); len(out) > 0 {
 		v = strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
 	}
-	return &system{key: "mosquitto", title: "Mosquitto", pubAddrs: []string{addr}, subAddrs: []string{addr}, pids: []int{p.pid()},
+	key, title := "mosquitto", "Mosquitto"
+	if nodelay {
+		key, title, v = "mosquitto-nodelay", "Mosquitto, TCP_NODELAY", v+", set_tcp_nodelay true"
+	}
+	return &system{key: key, title: title, pubAddrs: []string{addr}, subAddrs: []string{addr}, pids: []int{p.pid()},
 		connPID: p.pid(), connAddr: addr, procs: []*proc{p}, version: v}, nil
 }
 

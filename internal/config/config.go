@@ -168,12 +168,17 @@ type Broker struct {
 	// publishers feeding it one second once, and that a node link blocked
 	// by it keeps within its 3 s silence limit.
 	BackpressureMaxWait time.Duration `koanf:"backpressure_max_wait" doc:"Longest a publish waits for a connected subscriber whose session or write queue is over half of max_queued (the publisher's socket is not read and its PUBACK is held meanwhile). A subscriber still over it after this long is marked stalled: messages to it are no longer waited for, and dropped and counted beyond max_queued, until it drains below a quarter. 0 disables waiting (drop at max_queued). 0-30s."`
-	KeepaliveMin        time.Duration `koanf:"keepalive_min" doc:"Smallest keepalive a v5 client may use; lower requests are raised (Server Keep Alive). 0 disables the floor."`
-	KeepaliveMax        time.Duration `koanf:"keepalive_max" doc:"Largest keepalive a v5 client may use (0 = none requested also gets this); higher requests are lowered (Server Keep Alive)."`
-	SessionExpiry       time.Duration `koanf:"session_expiry_max" doc:"Longest time a disconnected persistent session is kept (v5 requests are capped; v3.1.1 clean_session=false sessions get this)."`
-	MessageExpiry       time.Duration `koanf:"message_expiry_max" doc:"Longest time a queued or retained message is kept; 0 keeps messages without an expiry of their own forever."`
-	EvacuateRate        int           `koanf:"evacuate_rate" doc:"Clients per second a draining node disconnects when asked to evacuate (rtm node drain --evacuate); MQTT 5 clients get 0x9C with a Server Reference."`
-	ShutdownTimeout     time.Duration `koanf:"shutdown_timeout" doc:"Bound on a graceful shutdown; past it the process exits anyway."`
+	// WriteCoalesce lets the packets for a client that receives at a high
+	// rate gather for this long before they are written, so one write(2)
+	// and one TCP segment carry several (mochi patch 98; docs/broker.md,
+	// "Write coalescing").
+	WriteCoalesce   time.Duration `koanf:"write_coalesce" doc:"How long the packets for a client wait to be written together, when they arrive for it on average more often than this (a subscriber receiving thousands of messages a second): one write and one TCP segment then carry all of the window's packets, at the cost of up to this much latency for them (about 1 ms when the node is otherwise idle: Go timers sleep in whole milliseconds). Clients receiving less often are never delayed. 0 writes every packet at once. 0-10ms."`
+	KeepaliveMin    time.Duration `koanf:"keepalive_min" doc:"Smallest keepalive a v5 client may use; lower requests are raised (Server Keep Alive). 0 disables the floor."`
+	KeepaliveMax    time.Duration `koanf:"keepalive_max" doc:"Largest keepalive a v5 client may use (0 = none requested also gets this); higher requests are lowered (Server Keep Alive)."`
+	SessionExpiry   time.Duration `koanf:"session_expiry_max" doc:"Longest time a disconnected persistent session is kept (v5 requests are capped; v3.1.1 clean_session=false sessions get this)."`
+	MessageExpiry   time.Duration `koanf:"message_expiry_max" doc:"Longest time a queued or retained message is kept; 0 keeps messages without an expiry of their own forever."`
+	EvacuateRate    int           `koanf:"evacuate_rate" doc:"Clients per second a draining node disconnects when asked to evacuate (rtm node drain --evacuate); MQTT 5 clients get 0x9C with a Server Reference."`
+	ShutdownTimeout time.Duration `koanf:"shutdown_timeout" doc:"Bound on a graceful shutdown; past it the process exits anyway."`
 	// Durability writes persistent sessions, their queued QoS 1/2 messages
 	// and retained messages to the store (docs/broker.md, "Persistence").
 	Durability string `koanf:"durability" doc:"on: retained messages, persistent sessions (subscriptions, will, queued QoS 1/2 messages) are written to the store in batches and restored after a restart or adopted by a survivor when a node dies; the PUBACK/PUBREC of a message for a persistent session waits for its write. off: kept in memory only, lost with the process."`
@@ -288,6 +293,7 @@ func Defaults() Config {
 			ConnectTimeout:      10 * time.Second,
 			ReadTimeout:         30 * time.Second,
 			BackpressureMaxWait: time.Second,
+			WriteCoalesce:       200 * time.Microsecond,
 			KeepaliveMax:        20 * time.Minute,
 			SessionExpiry:       24 * time.Hour,
 			EvacuateRate:        100,

@@ -55,7 +55,7 @@ func TestFullFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.Store.ConnectTimeout != 5*time.Second || cfg.Broker.KeepaliveMax != 10*time.Minute || cfg.Broker.BackpressureMaxWait != 250*time.Millisecond || cfg.Log.Format != "json" {
+	if cfg.Store.ConnectTimeout != 5*time.Second || cfg.Broker.KeepaliveMax != 10*time.Minute || cfg.Broker.BackpressureMaxWait != 250*time.Millisecond || cfg.Broker.WriteCoalesce != 100*time.Microsecond || cfg.Log.Format != "json" {
 		t.Fatalf("durations or strings not loaded: %+v", cfg)
 	}
 }

@@ -361,6 +361,10 @@ func (b Broker) check(v *validator) {
 	if b.BackpressureMaxWait > 30*time.Second {
 		v.bad("broker.backpressure_max_wait", b.BackpressureMaxWait.String(), "must be at most 30s: a publisher's connection is not read while it waits")
 	}
+	v.nonNegative("broker.write_coalesce", b.WriteCoalesce)
+	if b.WriteCoalesce > 10*time.Millisecond {
+		v.bad("broker.write_coalesce", b.WriteCoalesce.String(), "must be at most 10ms: it is added to the latency of the messages it holds")
+	}
 	v.nonNegative("broker.keepalive_min", b.KeepaliveMin)
 	v.nonNegative("broker.keepalive_max", b.KeepaliveMax)
 	if b.KeepaliveMax > 65535*time.Second {

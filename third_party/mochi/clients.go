@@ -222,6 +222,8 @@ func newClient(c net.Conn, o *ops) *Client {
 		}
 	}
 
+	cl.State.outbound.coalesce = o.options.WriteCoalesce // rtm patch 98
+
 	if o.mem != nil { // rtm patch 41: the client's held bytes count in the server's total
 		cl.State.Inflight.budget = &o.mem.Queued
 		cl.State.outbound.budget = &o.mem.Queued
@@ -274,7 +276,12 @@ func (cl *Client) writeQueued() {
 			cl.Stop(cl.recoverPanic(r))
 		}
 	}()
+	cl.drainOutbound()
+}
 
+// drainOutbound is writeQueued's loop, without its recovery (rtm patch 98:
+// flushCoalesced runs it from stop, where Stop cannot be called again).
+func (cl *Client) drainOutbound() {
 	for {
 		pk, ok := cl.State.outbound.pop()
 		if !ok {
@@ -687,7 +694,8 @@ func (cl *Client) stopAfterDrain(err error) {
 
 func (cl *Client) stop(err error, drain bool) {
 	cl.State.endOnce.Do(func() {
-		cl.FlushHeld() // rtm patch 70: what the read loop held back (a DISCONNECT, acks) goes out first
+		cl.FlushHeld()      // rtm patch 70: what the read loop held back (a DISCONNECT, acks) goes out first
+		cl.flushCoalesced() // rtm patch 98: and what a coalescing writer waits to write
 
 		if conn := cl.Net.Conn; conn != nil {
 			hc, ok := conn.(interface{ CloseWrite() error })
