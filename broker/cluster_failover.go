@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/rtm-dev/rtm/broker/link"
+	"github.com/rtm-dev/rtm/internal/cluster"
 )
 
 // Order and single delivery across a node's death (docs/clustering.md,
@@ -371,4 +372,40 @@ func (c *clusterNode) sendHeldDone(dead string) {
 		}
 	}
 	c.heldSent(dead, c.node.Name())
+}
+
+// resendExpired hands what the held link of a failed peer kept, given up
+// before all of its sessions were adopted (cluster.failed_peer_hold), to
+// the sessions adopted from it so far: they skipped the direct copies of
+// these (see above). For the others it is lost, and counted by the caller.
+// Nothing is sent on for a peer that is not failed, or while this node
+// stops.
+func (c *clusterNode) resendExpired(peer string, msgs []link.Message) {
+	if c.b.durable == nil {
+		return
+	}
+	select {
+	case <-c.stop:
+		return
+	default:
+	}
+	failed := false
+	for _, m := range c.members() {
+		if m.Name == peer {
+			failed = m.Status == cluster.StatusFailed
+		}
+	}
+	if !failed {
+		return
+	}
+	var pms []publishMsg
+	for _, m := range msgs {
+		if m.Type != msgPublish {
+			continue
+		}
+		if pm, err := decodePublish(m.Body); err == nil {
+			pms = append(pms, pm)
+		}
+	}
+	c.resendHeld(peer, nil, pms)
 }

@@ -296,6 +296,9 @@ func (c *clusterNode) discarded(peer string, why link.Discard, msgs []link.Messa
 	if c.reforward(peer, msgs) {
 		return // durable_cluster.go: sent on to the nodes that adopted the peer's sessions
 	}
+	if why == link.DiscardClosed {
+		c.resendExpired(peer, msgs)
+	}
 	reason := dropLinkClosed
 	switch why {
 	case link.DiscardRestarted:

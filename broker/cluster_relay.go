@@ -49,7 +49,10 @@ type relay struct {
 	subs    *mqtt.TopicsIndex // the session's non-shared subscriptions
 	// installed: the destination reported the session installed. What it
 	// publishes after that report (and so sends after it on its link) it
-	// delivered to the session itself: not relayed back.
+	// delivered to the session itself: not relayed back. Its routes for
+	// the session came before the report on the same link: what this
+	// node's clients publish from then on for the session is forwarded to
+	// it directly, and not relayed either.
 	installed atomic.Bool
 
 	mu    sync.Mutex
@@ -285,6 +288,9 @@ func (c *clusterNode) relayLocal(pk packets.Packet) error {
 	}
 	var first error
 	for _, r := range c.relays.matching(pk.TopicName) {
+		if r.installed.Load() {
+			continue // forwarded to the destination directly (see relay.installed)
+		}
 		if r.adopted != "" && pk.Exclude != nil && pk.Exclude(r.id) {
 			continue // the session gets the held copy (cluster_failover.go)
 		}

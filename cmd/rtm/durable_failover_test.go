@@ -227,15 +227,20 @@ func TestNodeDeathSessionsAdopted(t *testing.T) {
 		return nil
 	})
 	// Order per publisher: no first delivery after a later message's.
-	// Duplicates (QoS 1): a connected subscriber may get again what the
-	// dead node delivered it and the client had not acknowledged (its
-	// stored copy comes back with the session); nothing else comes twice:
-	// what n1 held for n2 reaches each adopted session once, where it was
-	// adopted (it moves on afterwards), and instead of the direct copies
-	// (docs/clustering.md, "Durability"). Before, a session that moved
-	// on from its adopter got most held messages twice, some three or
-	// four times, and a later message before an earlier one.
-	totalDup, inversions, most := 0, 0, 1
+	// Duplicates (QoS 1): a connected subscriber gets again what the dead
+	// node had delivered to it but not yet acknowledged on its link to n1
+	// (n1 re-sends it from the held link; published before the kill, a
+	// few per connected subscriber: how many depends on the store's
+	// write lag, so they are reported, not bounded). What was published
+	// after the kill comes once: what n1 held for n2 reaches each adopted
+	// session once, where it was adopted (it moves on afterwards), and
+	// instead of the direct copies (docs/clustering.md, "Durability");
+	// a session moving while a message is relayed may get that one twice.
+	// Before, a session that moved on from its adopter got most held
+	// messages twice, some three or four times, and a later message
+	// before an earlier one.
+	const killedAt = msgs / 4 // published from the moment n2 was killed
+	dupBefore, dupAfter, inversions, most := 0, 0, 0, 1
 	var odd []string // the subscribers that got anything twice or out of order
 	for _, s := range all {
 		s.mu.Lock()
@@ -245,6 +250,11 @@ func TestNodeDeathSessionsAdopted(t *testing.T) {
 			count[n]++
 			if count[n] > 1 {
 				dup++
+				if n < killedAt {
+					dupBefore++
+				} else {
+					dupAfter++
+				}
 				most = max(most, count[n])
 				continue
 			}
@@ -253,20 +263,19 @@ func TestNodeDeathSessionsAdopted(t *testing.T) {
 			}
 			prev = n
 		}
-		if dup > 2 || inv > 0 {
+		if dup > 0 || inv > 0 {
 			odd = append(odd, fmt.Sprintf("%s (reconnected to %s): %d duplicates, %d out of order, received %v", s.id, s.addr, dup, inv, s.got))
 		}
 		s.mu.Unlock()
-		totalDup += dup
 		inversions += inv
 	}
-	t.Logf("all %d subscribers back with their session %v after kill -9 (%d CONNECTs failed or refused first); %d of %d publishes acknowledged, every one delivered to every subscriber; duplicates %d (at most %d copies of one message), first deliveries after a later message %d",
-		subs, back.Round(time.Millisecond), refused, nAcked, msgs, totalDup, most, inversions)
-	if inversions > 0 || most > 2 || totalDup > 2*subs {
+	t.Logf("all %d subscribers back with their session %v after kill -9 (%d CONNECTs failed or refused first); %d of %d publishes acknowledged, every one delivered to every subscriber; duplicates %d of messages published before the kill and %d after (at most %d copies of one message), first deliveries after a later message %d",
+		subs, back.Round(time.Millisecond), refused, nAcked, msgs, dupBefore, dupAfter, most, inversions)
+	if inversions > 0 || most > 2 || dupAfter > subs/2 {
 		for _, o := range odd {
 			t.Log(o)
 		}
-		t.Fatalf("want every message in publish order, none more than twice, at most %d duplicates in all", 2*subs)
+		t.Fatalf("want every message in publish order, none more than twice, at most %d duplicates of messages published after the kill", subs/2)
 	}
 }
 
