@@ -71,6 +71,7 @@ func (c *clusterNode) unpinRoutes(filters []string) {
 // held copy (cluster_failover.go).
 func (c *clusterNode) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if !cl.Net.Inline {
+		c.noteDirect(pk) // before the forward's routes are read
 		held, err := c.forward(pk)
 		if err != nil && pk.FixedHeader.Qos > 0 {
 			return pk, err

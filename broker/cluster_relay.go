@@ -50,10 +50,12 @@ type relay struct {
 	// installed: the destination reported the session installed. What it
 	// publishes after that report (and so sends after it on its link) it
 	// delivered to the session itself: not relayed back. Its routes for
-	// the session came before the report on the same link: what this
-	// node's clients publish from then on for the session is forwarded to
-	// it directly, and not relayed either.
+	// the session came before the report on the same link: what a client
+	// here publishes once this node has read the report is forwarded to it
+	// directly (direct: the clients whose current publish was), and not
+	// relayed either.
 	installed atomic.Bool
+	direct    sync.Map // client ID → struct{}
 
 	mu    sync.Mutex
 	ended bool         // the move's end is queued: relays go out at once
@@ -288,7 +290,7 @@ func (c *clusterNode) relayLocal(pk packets.Packet) error {
 	}
 	var first error
 	for _, r := range c.relays.matching(pk.TopicName) {
-		if r.installed.Load() {
+		if _, ok := r.direct.Load(pk.Origin); ok {
 			continue // forwarded to the destination directly (see relay.installed)
 		}
 		if r.adopted != "" && pk.Exclude != nil && pk.Exclude(r.id) {
@@ -299,6 +301,24 @@ func (c *clusterNode) relayLocal(pk packets.Packet) error {
 		}
 	}
 	return first
+}
+
+// noteDirect records, before a client here publishes pk, for each move
+// whose session subscribes to it, whether the destination had reported the
+// session installed: then its routes for the session are here, pk is
+// forwarded to it directly, and relayLocal does not relay it. A client's
+// publishes are handled one at a time, so the record is its current one's.
+func (c *clusterNode) noteDirect(pk packets.Packet) {
+	if c.relays.n.Load() == 0 || pk.Ignore {
+		return
+	}
+	for _, r := range c.relays.matching(pk.TopicName) {
+		if r.installed.Load() {
+			r.direct.Store(pk.Origin, struct{}{})
+		} else {
+			r.direct.Delete(pk.Origin)
+		}
+	}
 }
 
 // relayFromPeer relays a publish peer from sent here (it still routes the
