@@ -79,7 +79,10 @@
 // OnPublish with the forwarding: a session detached between the two was
 // found by neither. A message is relayed even if the destination routes
 // its topic itself: the direct copy can precede the move's end there, and
-// so the session; the duplicate is within QoS 1. A relay holds at most
+// so the session; the duplicate is within QoS 1. Once the destination
+// reports the session installed (after its routes for it, on the same
+// link), what it publishes and what this node's clients publish reach the
+// session directly and are not relayed (relay.installed). A relay holds at most
 // relayKeepMax messages and relayHeldBytesMax bytes before the move's end
 // is queued; a local QoS 1/2 publish beyond that is refused (no PUBACK),
 // anything else counted (move_relay_full).
