@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -48,13 +47,16 @@ type clusterNode struct {
 	node  *cluster.Node
 	links *link.Server
 
-	routes   *routeTable
-	peers    *peerSet
-	retained *retainedSync
-	claims   *claimWaiters
-	moves    *moves
-	owners   *owners
-	relays   relays // cluster_relay.go: moves' route windows
+	routes    *routeTable
+	peers     *peerSet
+	retained  *retainedSync
+	claims    *claimWaiters
+	moves     *moves
+	owners    *owners
+	relays    relays       // cluster_relay.go: moves' route windows
+	adopted   adoptedMarks // cluster_failover.go: sessions adopted from failed nodes
+	heldFlush flushGate    // cluster_failover.go: held links' re-sends go first
+	heldDone  heldDone     // cluster_failover.go: which nodes sent on what they held for a failed one
 
 	// testMembers, if set, rewrites the member list syncPeers sees: tests
 	// make a peer look failed without stopping it.
@@ -415,19 +417,7 @@ func (c *clusterNode) deliver(from string, m link.Message) {
 		var pm publishMsg
 		if pm, err = decodePublish(m.Body); err == nil {
 			c.received.Add(1)
-			pk := pm.Packet
-			pk.Origin, pk.Created, pk.PacketID = pm.Origin, time.Now().Unix(), 0
-			if pm.Expiry > 0 {
-				pk.Expiry = pk.Created + int64(pm.Expiry)
-			}
-			var shared func(string) bool
-			if len(pm.Shared) > 0 {
-				shared = func(route string) bool { return slices.Contains(pm.Shared, route) }
-			}
-			c.b.mq.DeliverFromPeer(pk, shared)
-			if c.relays.n.Load() > 0 {
-				c.relayFromPeer(pm)
-			}
+			c.deliverPublish(from, pm)
 		}
 	case msgMoveLate:
 		var ml moveLateMsg
@@ -469,6 +459,11 @@ func (c *clusterNode) deliver(from string, m link.Message) {
 		var om ownersMsg
 		if om, err = decodeOwners(m.Body); err == nil {
 			c.reconcile(from, om)
+		}
+	case msgHeldDone:
+		var hd heldDoneMsg
+		if hd, err = decodeHeldDone(m.Body); err == nil {
+			c.heldSent(hd.Dead, from)
 		}
 	case msgMoveRouted:
 		var ma moveAckMsg

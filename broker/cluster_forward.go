@@ -65,11 +65,18 @@ func (c *clusterNode) unpinRoutes(filters []string) {
 // (mochi answers with the code returned: rtm patch 25), and not delivered
 // here either; peers that did queue it deliver it, so the publisher's
 // retry may reach them twice, which QoS 1 allows.
+//
+// A message also queued on the held link of a failed peer is not
+// delivered here to the sessions adopted from that peer: they get the
+// held copy (cluster_failover.go).
 func (c *clusterNode) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if !cl.Net.Inline {
-		if err := c.forward(pk); err != nil && pk.FixedHeader.Qos > 0 {
+		c.noteDirect(pk) // before the forward's routes are read
+		held, err := c.forward(pk)
+		if err != nil && pk.FixedHeader.Qos > 0 {
 			return pk, err
 		}
+		pk.Exclude = c.exclude(held, "")
 		if f := c.testAfterForward.Load(); f != nil {
 			(*f)(pk.TopicName)
 		}
@@ -107,38 +114,45 @@ func (c *clusterNode) OnPublishHold(cl *mqtt.Client, pk packets.Packet) func() e
 // relays it as OnPublished does. There is nobody to refuse: what cannot be
 // queued is counted.
 func (c *clusterNode) OnWillSent(_ *mqtt.Client, pk packets.Packet) {
-	_ = c.forward(pk)
+	held, _ := c.forward(pk)
+	pk.Exclude = c.exclude(held, "")
 	_ = c.relayLocal(pk)
 }
 
 // forward queues pk for every peer whose routes match it, and its retained
 // state for every peer, counting each peer it could not be queued for. It
-// returns the reason code to refuse a QoS 1/2 publish with if any peer was
-// missed: 0x97 (quota exceeded) for a full link queue, else 0x80.
-func (c *clusterNode) forward(pk packets.Packet) error {
+// returns the failed peers whose held links took pk, and the reason code to
+// refuse a QoS 1/2 publish with if any peer was missed: 0x97 (quota
+// exceeded) for a full link queue, else 0x80. It returns after the re-sends
+// of a held link released meanwhile (flushGate), so the local delivery
+// that follows does too.
+func (c *clusterNode) forward(pk packets.Packet) ([]string, error) {
 	if strings.HasPrefix(pk.TopicName, "$SYS") {
-		return nil
+		return nil, nil
 	}
 	var refuse error
 	var missed map[string]bool
+	var held []string
 	if c.routes.count.Load() > 0 { // else no peer subscribes to anything: skip the lookup
-		missed, refuse = c.forwardPublish(pk)
+		missed, held, refuse = c.forwardPublish(pk)
 	}
 	// A refused message is not retained here (mochi skips it), so not on
 	// the peers either.
 	if pk.FixedHeader.Retain && (refuse == nil || pk.FixedHeader.Qos == 0) {
 		c.forwardRetained(pk, missed)
 	}
-	return refuse
+	c.heldFlush.wait()
+	return held, refuse
 }
 
 // forwardPublish queues pk for the peers whose routes match it. It returns
-// the peers it could not be queued for, each counted once, and the refusal
-// for a QoS 1/2 publisher (see forward).
-func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, error) {
+// the peers it could not be queued for, each counted once, the failed
+// peers whose held links took it, and the refusal for a QoS 1/2 publisher
+// (see forward).
+func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, []string, error) {
 	subs := c.routes.subscribers(pk.TopicName)
 	if len(subs.Subscriptions) == 0 && len(subs.Shared) == 0 {
-		return nil, nil // no peer wants it: nothing crosses a link
+		return nil, nil, nil // no peer wants it: nothing crosses a link
 	}
 	type target struct {
 		p      *peer
@@ -146,6 +160,7 @@ func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, error)
 	}
 	targets := make([]target, 0, len(subs.Subscriptions)+len(subs.Shared))
 	var missing []string // peers with matching routes and no link
+	var held []string    // failed peers whose held link takes it
 	c.routes.mu.Lock()
 	c.peers.mu.Lock()
 	for name := range subs.Subscriptions {
@@ -153,9 +168,16 @@ func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, error)
 		if p == nil {
 			// Failed, and sending its routes again: it may be alive after
 			// all. Its held link takes the message, resent if it heals.
-			p = c.peers.held[name]
+			if p = c.peers.held[name]; p != nil {
+				held = append(held, name)
+			}
 		}
 		if p == nil {
+			if c.routes.releasedLocked(name) {
+				// Its held link was released (its sessions adopted) after
+				// the lookup above: the adopters' routes took over.
+				continue
+			}
 			missing = append(missing, name)
 			continue
 		}
@@ -216,7 +238,10 @@ func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, error)
 	// different connections forward in parallel; each one's messages still
 	// queue in its order. Every target is tried, even after a failure, so
 	// a publisher that does not retry still reaches every peer it can.
-	m := publishMsg{Origin: pk.Origin, Expiry: expiryLeft(pk.Expiry), Packet: pk}
+	// Behind the re-sends of a held link released meanwhile (its routes
+	// are gone from what was read above): cluster_failover.go.
+	c.heldFlush.wait()
+	m := publishMsg{Origin: pk.Origin, Expiry: expiryLeft(pk.Expiry), Packet: pk, Held: held}
 	var plain []byte // the body for peers with no share group, encoded once
 	for _, t := range targets {
 		body := plain
@@ -239,7 +264,7 @@ func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, error)
 		c.forwarded.Add(1)
 		c.forwardedBytes.Add(int64(len(body)))
 	}
-	return missed, refuse
+	return missed, held, refuse
 }
 
 // memberNames returns the names of the share group's members found in pool.
@@ -271,6 +296,9 @@ func linkDropReason(err error) dropReason {
 func (c *clusterNode) discarded(peer string, why link.Discard, msgs []link.Message) {
 	if c.reforward(peer, msgs) {
 		return // durable_cluster.go: sent on to the nodes that adopted the peer's sessions
+	}
+	if why == link.DiscardClosed {
+		c.resendExpired(peer, msgs)
 	}
 	reason := dropLinkClosed
 	switch why {

@@ -126,6 +126,7 @@ type inMove struct {
 	clientID string
 	version  byte
 	claim    uint64
+	adopted  string        // the failed node the session was adopted from (cluster_failover.go)
 	progress chan struct{} // a message of the move arrived (capacity 1)
 	done     chan struct{} // closed once committed or aborted
 
@@ -223,12 +224,21 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 	if !ok {
 		return false
 	}
+	if dead := c.adopted.get(o.clientID); dead != "" && claim != 0 {
+		// Adopted from a failed node: what the brokers held for it
+		// reaches it here first, so it is not delivered again there
+		// (cluster_failover.go).
+		if !c.awaitHeld(dead, heldWaitMax) {
+			c.log.Debug("session adopted from a failed node moves before every held copy reached it", "client_id", o.clientID, "node", dead)
+		}
+	}
 	if !cl.Closed() && cl.Net.Conn != nil {
 		// [MQTT-3.1.4-3]: the connection here ends now; the session
 		// stays until the destination has it.
 		_ = c.b.mq.DisconnectClient(cl, packets.ErrSessionTakenOver)
 	}
-	start := moveStartMsg{Move: o.id, Claim: claim, ClientID: o.clientID, Version: cl.Properties.ProtocolVersion}
+	start := moveStartMsg{Move: o.id, Claim: claim, ClientID: o.clientID, Version: cl.Properties.ProtocolVersion,
+		AdoptedFrom: c.adopted.get(o.clientID)}
 	if cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryIntervalFlag {
 		start.Expiry, start.ExpirySet = cl.Properties.Props.SessionExpiryInterval, true
 	}
@@ -455,7 +465,7 @@ func publishesOnly(pks []packets.Packet) []packets.Packet {
 
 func (c *clusterNode) moveStarted(from string, m moveStartMsg) {
 	c.moves.unstale(from, m.ClientID)
-	im := &inMove{key: inKey{from, m.Move}, clientID: m.ClientID, version: m.Version, claim: m.Claim,
+	im := &inMove{key: inKey{from, m.Move}, clientID: m.ClientID, version: m.Version, claim: m.Claim, adopted: m.AdoptedFrom,
 		progress: make(chan struct{}, 1), done: make(chan struct{}),
 		sess: mqtt.Session{Subscriptions: m.Subs, Expiry: m.Expiry, ExpirySet: m.ExpirySet}}
 	c.moves.startIn(im)
@@ -537,6 +547,9 @@ func (c *clusterNode) moveEnded(from string, m moveEndMsg) {
 	// The CONNECT waiting for it (if any) inherits the session from here,
 	// with the source's packet ID counter.
 	im.sess.PacketID = m.PacketID
+	// Before the session's subscriptions go live here: what a failed
+	// node's held links kept for it comes through their copy alone.
+	c.adopted.reset(im.clientID, im.adopted)
 	if len(im.sess.Subscriptions) > 0 || len(im.sess.Inflight) > 0 {
 		c.b.mq.AdoptSession(im.clientID, im.version, im.sess)
 		c.moved.Add(1)
@@ -609,6 +622,11 @@ func (c *clusterNode) moveAcked(from string, m moveAckMsg) {
 }
 
 func (c *clusterNode) moveDone(from string, m moveAckMsg) {
+	if m.Seq == moveInstalled {
+		// Before the publishes that follow on this link: from delivers
+		// those it published from now on to the session itself.
+		c.relays.installed(from, m.Move)
+	}
 	if o := c.moves.getOut(from, m.Move); o != nil {
 		select {
 		case o.done <- m.Seq:

@@ -42,10 +42,20 @@ import (
 // relay forwards, from the source of a move, what arrives for the moved
 // session to its destination.
 type relay struct {
-	move   uint64 // the move's ID at the source
-	id, to string
-	routed chan struct{}     // closed when the destination reports its routes everywhere
-	subs   *mqtt.TopicsIndex // the session's non-shared subscriptions
+	move    uint64 // the move's ID at the source
+	id, to  string
+	adopted string            // the failed node the session was adopted from (cluster_failover.go)
+	routed  chan struct{}     // closed when the destination reports its routes everywhere
+	subs    *mqtt.TopicsIndex // the session's non-shared subscriptions
+	// installed: the destination reported the session installed. What it
+	// publishes after that report (and so sends after it on its link) it
+	// delivered to the session itself: not relayed back. Its routes for
+	// the session came before the report on the same link: what a client
+	// here publishes once this node has read the report is forwarded to it
+	// directly (direct: the clients whose current publish was), and not
+	// relayed either.
+	installed atomic.Bool
+	direct    sync.Map // client ID → struct{}
 
 	mu    sync.Mutex
 	ended bool         // the move's end is queued: relays go out at once
@@ -144,7 +154,7 @@ func plainFilters(subs []packets.Subscription) []string {
 // arrives for it to peer to from now on (held until endRelay). Called just
 // before the session is detached.
 func (c *clusterNode) startRelay(move uint64, id, to string, subs []packets.Subscription) *relay {
-	r := &relay{move: move, id: id, to: to, subs: mqtt.NewTopicsIndex(), routed: make(chan struct{})}
+	r := &relay{move: move, id: id, to: to, adopted: c.adopted.get(id), subs: mqtt.NewTopicsIndex(), routed: make(chan struct{})}
 	for _, s := range subs {
 		if mqtt.SharedRoute(s.Filter) == s.Filter {
 			r.subs.Subscribe(id, s)
@@ -180,6 +190,8 @@ func (c *clusterNode) stopRelay(r *relay, subs []packets.Subscription, failed bo
 		for _, pm := range pending {
 			c.b.mq.DeliverToClient(r.id, pm.Packet)
 		}
+	} else if _, here := c.b.mq.Clients.Get(r.id); !here && r.adopted != "" {
+		c.adopted.clear(r.id, r.adopted) // the mark went with the session
 	}
 	c.unpinRoutes(plainFilters(subs))
 }
@@ -196,6 +208,17 @@ func (c *clusterNode) stopRelayWhenRouted(r *relay, subs []packets.Subscription)
 	case <-c.stop:
 	}
 	c.stopRelay(r, subs, false)
+}
+
+// installed: the destination from of move reports the session installed.
+func (rs *relays) installed(from string, move uint64) {
+	rs.mu.Lock()
+	defer rs.mu.Unlock()
+	for _, r := range rs.by {
+		if r.move == move && r.to == from {
+			r.installed.Store(true)
+		}
+	}
 }
 
 // routed: the destination from of move reports its routes everywhere.
@@ -267,6 +290,12 @@ func (c *clusterNode) relayLocal(pk packets.Packet) error {
 	}
 	var first error
 	for _, r := range c.relays.matching(pk.TopicName) {
+		if _, ok := r.direct.Load(pk.Origin); ok {
+			continue // forwarded to the destination directly (see relay.installed)
+		}
+		if r.adopted != "" && pk.Exclude != nil && pk.Exclude(r.id) {
+			continue // the session gets the held copy (cluster_failover.go)
+		}
 		if err := c.relayTo(r, publishMsg{Origin: pk.Origin, Expiry: expiryLeft(pk.Expiry), Packet: pk}); err != nil && first == nil {
 			first = err
 		}
@@ -274,10 +303,36 @@ func (c *clusterNode) relayLocal(pk packets.Packet) error {
 	return first
 }
 
-// relayFromPeer relays a publish a peer sent here (it still routes the
-// moved session's topics here) to the destination of each matching move.
-func (c *clusterNode) relayFromPeer(pm publishMsg) {
+// noteDirect records, before a client here publishes pk, for each move
+// whose session subscribes to it, whether the destination had reported the
+// session installed: then its routes for the session are here, pk is
+// forwarded to it directly, and relayLocal does not relay it. A client's
+// publishes are handled one at a time, so the record is its current one's.
+func (c *clusterNode) noteDirect(pk packets.Packet) {
+	if c.relays.n.Load() == 0 || pk.Ignore {
+		return
+	}
+	for _, r := range c.relays.matching(pk.TopicName) {
+		if r.installed.Load() {
+			r.direct.Store(pk.Origin, struct{}{})
+		} else {
+			r.direct.Delete(pk.Origin)
+		}
+	}
+}
+
+// relayFromPeer relays a publish peer from sent here (it still routes the
+// moved session's topics here) to the destination of each matching move,
+// but not back to a destination that had the session installed when it
+// sent the publish.
+func (c *clusterNode) relayFromPeer(from string, pm publishMsg) {
 	for _, r := range c.relays.matching(pm.Packet.TopicName) {
+		if r.to == from && r.installed.Load() {
+			continue
+		}
+		if (len(pm.Held) > 0 || pm.HeldOf != "") && heldSkip(r.adopted, pm.Held, pm.HeldOf) {
+			continue // not this session's copy (cluster_failover.go)
+		}
 		_ = c.relayTo(r, publishMsg{Origin: pm.Origin, Expiry: pm.Expiry, Packet: pm.Packet})
 	}
 }

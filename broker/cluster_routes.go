@@ -36,6 +36,11 @@ type routeTable struct {
 	// (cluster_relay.go): their removal waits, in dropDue, until unpinned.
 	pins    map[string]int
 	dropDue map[string]bool
+	// released: failed peers whose held link was released once their
+	// sessions were adopted (cluster_failover.go), until they send routes
+	// again. A forward that read such a peer's routes just before they
+	// went does not count it missed.
+	released map[string]bool
 
 	count atomic.Int64 // routes held in remote, all peers
 }
@@ -138,6 +143,7 @@ func (r *routeTable) set(from string, rm routesMsg) {
 	// used once it is a peer, and dropped if gossip says it is gone.
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	delete(r.released, from)
 	old := r.sets[from]
 	set := make(map[string]struct{}, len(rm.Filters))
 	for _, f := range rm.Filters {
@@ -194,6 +200,22 @@ func (r *routeTable) dropLocked(name string) {
 	r.count.Add(-int64(len(r.sets[name])))
 	delete(r.sets, name)
 	delete(r.ver, name)
+}
+
+// releaseLocked drops the routes of the failed peer name, whose held link
+// is released. mu is held.
+func (r *routeTable) releaseLocked(name string) {
+	if r.released == nil {
+		r.released = map[string]bool{}
+	}
+	r.released[name] = true
+	r.dropLocked(name)
+}
+
+// releasedLocked reports whether name's held link was released (and it
+// sent no routes since). mu is held.
+func (r *routeTable) releasedLocked(name string) bool {
+	return r.released[name]
 }
 
 // hasRemoteLocked reports whether peer's routes include route. mu is held.

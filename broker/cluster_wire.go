@@ -27,6 +27,7 @@ const (
 	msgOwners                      // client IDs the sender holds, and since when (a link's opening)
 	msgMoveLate                    // source of a move: a publish for the moved session alone (cluster_relay.go)
 	msgMoveRouted                  // receiver of a move: every peer holds its routes for the session now
+	msgHeldDone                    // the sender sent on all its held link kept for a failed node (cluster_failover.go)
 )
 
 // errShort is returned for a message that ends before its fields do.
@@ -243,6 +244,15 @@ type publishMsg struct {
 	Expiry uint32 // seconds left of the message expiry interval; 0 = none
 	Shared []string
 	Packet packets.Packet
+	// Held names the failed peers whose held links got the message too
+	// (the sessions adopted from them get that copy instead: see
+	// cluster_failover.go). HeldOf, on a copy a held link gave up once
+	// its peer's sessions were adopted, names that peer: the copy is for
+	// the sessions adopted from it alone. Both are optional trailing
+	// fields, sent only during a failover; a node of the previous release
+	// refuses such a message (it reports the trailing bytes).
+	Held   []string
+	HeldOf string
 }
 
 func (m publishMsg) encode() ([]byte, error) {
@@ -256,6 +266,13 @@ func (m publishMsg) encode() ([]byte, error) {
 	if err := appendPacket(&w, m.Packet); err != nil {
 		return nil, err
 	}
+	if len(m.Held) > 0 || m.HeldOf != "" {
+		w.string(m.HeldOf)
+		w.uvarint(uint64(len(m.Held)))
+		for _, s := range m.Held {
+			w.string(s)
+		}
+	}
 	return w.b, nil
 }
 
@@ -268,6 +285,13 @@ func decodePublish(b []byte) (m publishMsg, err error) {
 		m.Shared = append(m.Shared, r.string())
 	}
 	m.Packet = readPacket(&r)
+	if r.err == nil && len(r.b) > 0 {
+		m.HeldOf = r.string()
+		n := r.count(1)
+		for range n {
+			m.Held = append(m.Held, r.string())
+		}
+	}
 	return m, r.done()
 }
 
@@ -447,6 +471,10 @@ type moveStartMsg struct {
 	ExpirySet   bool
 	Expiry      uint32
 	Subs        []packets.Subscription
+	// AdoptedFrom is the failed node the session was adopted from, while
+	// what that node's held links kept is still on its way to it
+	// (cluster_failover.go). Optional trailing field, sent only then.
+	AdoptedFrom string
 }
 
 func (m moveStartMsg) encode() []byte {
@@ -458,6 +486,9 @@ func (m moveStartMsg) encode() []byte {
 	w.bool(m.ExpirySet)
 	w.uvarint(uint64(m.Expiry))
 	appendSubscriptions(&w, m.Subs)
+	if m.AdoptedFrom != "" {
+		w.string(m.AdoptedFrom)
+	}
 	return w.b
 }
 
@@ -470,6 +501,9 @@ func decodeMoveStart(b []byte) (m moveStartMsg, err error) {
 	m.ExpirySet = r.bool()
 	m.Expiry = uint32(min(r.uvarint(), 1<<32-1))
 	m.Subs = readSubscriptions(&r)
+	if r.err == nil && len(r.b) > 0 {
+		m.AdoptedFrom = r.string()
+	}
 	return m, r.done()
 }
 
@@ -609,4 +643,23 @@ func decodeMoveLate(b []byte) (m moveLateMsg, err error) {
 	}
 	m.Pub, err = decodePublish(r.b)
 	return m, err
+}
+
+// heldDoneMsg is msgHeldDone: the sender has sent on everything its held
+// link kept for the failed node Dead (or held nothing for it). It follows
+// those messages on the same link.
+type heldDoneMsg struct {
+	Dead string
+}
+
+func (m heldDoneMsg) encode() []byte {
+	w := wbuf{}
+	w.string(m.Dead)
+	return w.b
+}
+
+func decodeHeldDone(b []byte) (m heldDoneMsg, err error) {
+	r := rbuf{b: b}
+	m.Dead = r.string()
+	return m, r.done()
 }

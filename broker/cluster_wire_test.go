@@ -169,3 +169,66 @@ func FuzzClusterMessage(f *testing.F) {
 		_, _ = decodeAny(typ, b)
 	})
 }
+
+// TestFailoverFieldsRoundTrip: the marks of a failover (cluster_failover.go)
+// travel as optional trailing fields: set, they round-trip; absent (every
+// message but during a failover, and a node of the previous release),
+// the message decodes as before.
+func TestFailoverFieldsRoundTrip(t *testing.T) {
+	plain, err := publishMsg{Origin: "c1", Packet: samplePacket(1)}.encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	marked, err := publishMsg{Origin: "c1", Packet: samplePacket(1), Held: []string{"n2", "n4"}, HeldOf: "n2"}.encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := decodePublish(marked); err != nil || m.HeldOf != "n2" || !reflect.DeepEqual(m.Held, []string{"n2", "n4"}) || m.Packet.TopicName != "a/b" {
+		t.Fatalf("marked publish: %+v, %v", m, err)
+	}
+	if m, err := decodePublish(plain); err != nil || m.HeldOf != "" || m.Held != nil {
+		t.Fatalf("publish without marks: %+v, %v", m, err)
+	}
+	if len(marked) <= len(plain) || !reflect.DeepEqual(marked[:len(plain)], plain) {
+		t.Fatal("the marks are not a trailing addition to the message")
+	}
+	for i := len(plain) + 1; i < len(marked); i++ {
+		if _, err := decodePublish(marked[:i]); err == nil {
+			t.Errorf("marked publish truncated to %d of %d bytes: no error", i, len(marked))
+		}
+	}
+
+	start := moveStartMsg{Move: 7, ClientID: "dev", Version: 5, Subs: []packets.Subscription{{Filter: "a/#", Qos: 1}}}
+	if m, err := decodeMoveStart(start.encode()); err != nil || m.AdoptedFrom != "" {
+		t.Fatalf("move start without a mark: %+v, %v", m, err)
+	}
+	start.AdoptedFrom = "n2"
+	if m, err := decodeMoveStart(start.encode()); err != nil || m.AdoptedFrom != "n2" || m.ClientID != "dev" {
+		t.Fatalf("move start with a mark: %+v, %v", m, err)
+	}
+	if m, err := decodeHeldDone(heldDoneMsg{Dead: "n2"}.encode()); err != nil || m.Dead != "n2" {
+		t.Fatalf("held done: %+v, %v", m, err)
+	}
+}
+
+// TestHeldSkip: the delivery rule of a failover's copies.
+func TestHeldSkip(t *testing.T) {
+	for _, c := range []struct {
+		adopted, heldOf string
+		held            []string
+		skip            bool
+	}{
+		{"", "", nil, false},             // an ordinary message
+		{"n2", "", nil, false},           // published for no held link: the adopted session gets it
+		{"n2", "", []string{"n2"}, true}, // the direct copy of a held one: the held copy is the session's
+		{"n4", "", []string{"n2"}, false},
+		{"", "", []string{"n2"}, false},     // other sessions get the direct copy
+		{"n2", "n2", []string{"n2"}, false}, // the held copy: the adopted session's
+		{"", "n2", nil, true},               // and nobody else's
+		{"n4", "n2", nil, true},
+	} {
+		if got := heldSkip(c.adopted, c.held, c.heldOf); got != c.skip {
+			t.Errorf("heldSkip(%q, %v, %q) = %v, want %v", c.adopted, c.held, c.heldOf, got, c.skip)
+		}
+	}
+}

@@ -37,6 +37,11 @@
 //   - Healing (owners, cluster_heal.go): every link opens with the client
 //     IDs its sender holds and since when; of two sessions with one ID the
 //     older is ended (stale after a partition).
+//   - Failover order (adopted, heldFlush, heldDone, cluster_failover.go):
+//     a session adopted from a failed node gets what the survivors' held
+//     links kept for that node once, through the held copy, before what
+//     was published later, and moves on only once every survivor sent
+//     its held copies on.
 //
 // # Session moves
 //
@@ -74,7 +79,10 @@
 // OnPublish with the forwarding: a session detached between the two was
 // found by neither. A message is relayed even if the destination routes
 // its topic itself: the direct copy can precede the move's end there, and
-// so the session; the duplicate is within QoS 1. A relay holds at most
+// so the session; the duplicate is within QoS 1. Once the destination
+// reports the session installed (after its routes for it, on the same
+// link), what it publishes and what this node's clients publish reach the
+// session directly and are not relayed (relay.installed). A relay holds at most
 // relayKeepMax messages and relayHeldBytesMax bytes before the move's end
 // is queued; a local QoS 1/2 publish beyond that is refused (no PUBACK),
 // anything else counted (move_relay_full).
@@ -117,8 +125,10 @@
 //  4. link.Link.mu and link.Server.mu (leaf locks, see package link), and
 //     the lock of routeTable's own index of remote routes (a leaf too).
 //
-// retainedSync.mu, claimWaiters.mu, moves.mu, owners.mu and relays.mu are
-// leaves: nothing else is locked while one is held. A relay's own mutex
+// retainedSync.mu, claimWaiters.mu, moves.mu, owners.mu, relays.mu,
+// adoptedMarks.mu, flushGate.mu and heldDone.mu are leaves: nothing else is
+// locked while one is held (a held link's release begins its flushGate with
+// routeTable.mu held; a forward waits for the gate with no lock held). A relay's own mutex
 // (cluster_relay.go) comes before peerSet.mu and the link locks: it is held
 // while a relayed message is queued, so relayed messages keep their order. An inMove's mutex comes before
 // mochi's locks: the destination installs the session (AdoptSession, which

@@ -102,6 +102,7 @@ type durableHook struct {
 	// because their client was connected to a live node already.
 	supersededSkipped atomic.Int64
 	reforwardTo       map[string][]string             // released failed peer → adopters, until its link's queue is handed over
+	heldDoneSent      map[string]bool                 // failed peers this node told the cluster it sent on what it held for (cluster_failover.go)
 	adoptions         adoptions                       // durable_cluster.go: sessions being adopted here
 	fail              failover                        // durable_cluster.go: adoptions of failed brokers' sessions
 	testAfterClaim    atomic.Pointer[func(id string)] // tests: called once a session is claimed, before it is installed

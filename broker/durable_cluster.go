@@ -223,6 +223,13 @@ func (d *durableHook) watchFailures(stop <-chan struct{}) {
 			if !failed[name] {
 				delete(scanned, name)
 				d.fail.forget(name)
+				if c := d.b.cluster; c != nil {
+					c.adopted.forget(name)
+					c.heldDone.forget(name)
+				}
+				d.mu.Lock()
+				delete(d.heldDoneSent, name)
+				d.mu.Unlock()
 			}
 		}
 		for name := range failed {
@@ -485,6 +492,13 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 			(*f)(s.ID)
 		}
 		if c := d.b.cluster; c != nil {
+			if fireWills {
+				// Adopted from a failed node (not taken alone from one
+				// gone from gossip): what the survivors' held links kept
+				// for that node reaches it through their copy alone, in
+				// order (cluster_failover.go).
+				c.adopted.set(s.ID, s.AdoptedFrom)
+			}
 			// Established here now: should the node it came from turn out
 			// alive (a partition), the heal keeps this copy, the durable
 			// one, and ends that node's stale one.
@@ -839,6 +853,7 @@ func (c *clusterNode) unreachable(name string) bool {
 func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error {
 	c := d.b.cluster
 	if c.peers.getHeld(dead) == nil {
+		d.heldDone(dead) // nothing held (or sent on already)
 		return nil
 	}
 	sc := d.st.DB().Collection(store.CollSessions)
@@ -868,6 +883,7 @@ func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error
 			c.routes.dropLocked(dead)
 		}
 		c.routes.mu.Unlock()
+		d.heldDone(dead)
 		return nil
 	}
 	c.routes.mu.Lock()
@@ -887,59 +903,73 @@ func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error
 	}
 	p := c.peers.releaseHeld(dead)
 	if p != nil {
-		c.routes.dropLocked(dead)
+		// Begun before the routes go: a forward that finds them gone
+		// queues after the held messages (cluster_failover.go).
+		c.heldFlush.begin()
+		c.routes.releaseLocked(dead)
 	}
 	c.routes.mu.Unlock()
 	if p == nil {
 		return nil
 	}
+	defer c.heldFlush.end()
 	d.mu.Lock()
 	d.reforwardTo[dead] = adopters
 	d.mu.Unlock()
 	d.log.Info("failed node's sessions adopted: what was queued for it goes to the adopters", "node", dead,
 		"adopters", adopters, "queued", p.link.Stats().QueueLen)
 	p.link.Close() // hands the queue to discarded, then reforward
+	d.mu.Lock()
+	delete(d.reforwardTo, dead) // an empty queue is not handed over
+	d.mu.Unlock()
+	d.heldDone(dead)
 	return nil
 }
 
-// reforward sends the publishes a released peer's link held to the nodes
-// that adopted its sessions (this one delivers its share itself). It
-// reports false for a link not released that way (its queue is counted
-// lost by the caller). An adopter's own subscribers that got a message
-// already get it again (QoS 1/2 duplicates, bounded by what the link held).
+// heldDone tells the cluster, once per failure of dead, that this node sent
+// on what it held for dead (cluster_failover.go).
+func (d *durableHook) heldDone(dead string) {
+	d.mu.Lock()
+	sent := d.heldDoneSent[dead]
+	if d.heldDoneSent == nil {
+		d.heldDoneSent = map[string]bool{}
+	}
+	d.heldDoneSent[dead] = true
+	d.mu.Unlock()
+	if !sent {
+		d.b.cluster.sendHeldDone(dead)
+	}
+}
+
+// reforward sends the publishes a released peer's link held on, to the
+// sessions adopted from it wherever they are now (resendHeld), in the
+// order they were queued. It reports false for a link not released that
+// way (its queue is counted lost by the caller).
 func (c *clusterNode) reforward(peer string, msgs []link.Message) bool {
 	d := c.b.durable
 	if d == nil {
 		return false
 	}
 	d.mu.Lock()
-	targets, ok := d.reforwardTo[peer]
+	adopters, ok := d.reforwardTo[peer]
 	delete(d.reforwardTo, peer)
 	d.mu.Unlock()
 	if !ok {
 		return false
 	}
+	pms := make([]publishMsg, 0, len(msgs))
 	for _, m := range msgs {
 		if m.Type != msgPublish {
 			continue
 		}
-		for _, t := range targets {
-			if t == c.node.Name() {
-				c.deliver(peer, m)
-				d.reforwarded.Add(1)
-				continue
-			}
-			if p := c.peers.get(t); p != nil {
-				if err := p.link.Queue(m, true); err == nil {
-					d.reforwarded.Add(1)
-					continue
-				}
-			}
-			if pm, err := decodePublish(m.Body); err == nil {
-				c.b.limits.linkDropped(t, dropNoLink, pm.Packet.FixedHeader.Qos, 1, pm.Packet.TopicName)
-			}
+		pm, err := decodePublish(m.Body)
+		if err != nil {
+			c.log.Error("held message not sent on: cannot decode it", "peer", peer, "error", err)
+			continue
 		}
+		pms = append(pms, pm)
 	}
+	c.resendHeld(peer, adopters, pms)
 	return true
 }
 

@@ -25,8 +25,9 @@ import (
 // refused or failed CONNECT. The connected ones do so the moment their
 // connection ends, before gossip has declared n2 failed. Each must find
 // its session (session present) on a survivor and, across its two
-// connections, every message acknowledged to the publisher; duplicates
-// (QoS 1) are bounded, and first deliveries out of order are reported.
+// connections, every message acknowledged to the publisher, in publish
+// order; duplicates (QoS 1) are bounded. The stream spans the failure
+// detection, the adoption and the re-sending of what n1 held for n2.
 func TestNodeDeathSessionsAdopted(t *testing.T) {
 	const subs, msgs = 50, 120
 	f := newClusterFixture(t)
@@ -49,6 +50,7 @@ func TestNodeDeathSessionsAdopted(t *testing.T) {
 		conns   int
 		present bool
 		refused int
+		addr    string
 		done    chan struct{} // closed once reconnected to a survivor
 	}
 	collect := func(s *subscriber, c *testutil.V5) {
@@ -131,7 +133,11 @@ func TestNodeDeathSessionsAdopted(t *testing.T) {
 			_, err := pub.Publish(ctx, &paho.Publish{Topic: "stream/a", QoS: 1, Payload: []byte(strconv.Itoa(i))})
 			cancel()
 			acked[i] = err == nil
-			time.Sleep(10 * time.Millisecond) // a stream, not a burst: it spans the failure
+			// A stream, not a burst: at 40 ms it spans the failure
+			// detection, the adoption and the release of what n1 held for
+			// n2 (at 10 ms it ended before the adoption, and the order
+			// across the adoption went untested).
+			time.Sleep(40 * time.Millisecond)
 		}
 	}()
 	<-kill
@@ -162,7 +168,7 @@ func TestNodeDeathSessionsAdopted(t *testing.T) {
 						Properties: &paho.ConnectProperties{SessionExpiryInterval: u32(600)}})
 					if err == nil {
 						s.mu.Lock()
-						s.present, s.conns = ca.SessionPresent, s.conns+1
+						s.present, s.conns, s.addr = ca.SessionPresent, s.conns+1, addr
 						s.mu.Unlock()
 						collect(s, c)
 						close(s.done)
@@ -220,35 +226,56 @@ func TestNodeDeathSessionsAdopted(t *testing.T) {
 		}
 		return nil
 	})
-	totalDup, inversions := 0, 0
+	// Order per publisher: no first delivery after a later message's.
+	// Duplicates (QoS 1): a connected subscriber gets again what the dead
+	// node had delivered to it but not yet acknowledged on its link to n1
+	// (n1 re-sends it from the held link; published before the kill, a
+	// few per connected subscriber: how many depends on the store's
+	// write lag, so they are reported, not bounded). What was published
+	// after the kill comes once: what n1 held for n2 reaches each adopted
+	// session once, where it was adopted (it moves on afterwards), and
+	// instead of the direct copies (docs/clustering.md, "Durability");
+	// a session moving while a message is relayed may get that one twice.
+	// Before, a session that moved on from its adopter got most held
+	// messages twice, some three or four times, and a later message
+	// before an earlier one.
+	const killedAt = msgs / 4 // published from the moment n2 was killed
+	dupBefore, dupAfter, inversions, most := 0, 0, 0, 1
+	var odd []string // the subscribers that got anything twice or out of order
 	for _, s := range all {
 		s.mu.Lock()
 		count := map[int]int{}
-		prev := -1
+		prev, dup, inv := -1, 0, 0
 		for _, n := range s.got {
 			count[n]++
-			if count[n] == 1 {
-				if n < prev {
-					inversions++ // a first delivery after a later message's
+			if count[n] > 1 {
+				dup++
+				if n < killedAt {
+					dupBefore++
+				} else {
+					dupAfter++
 				}
-				prev = n
+				most = max(most, count[n])
+				continue
 			}
+			if n < prev {
+				inv++
+			}
+			prev = n
+		}
+		if dup > 0 || inv > 0 {
+			odd = append(odd, fmt.Sprintf("%s (reconnected to %s): %d duplicates, %d out of order, received %v", s.id, s.addr, dup, inv, s.got))
 		}
 		s.mu.Unlock()
-		for _, c := range count {
-			totalDup += c - 1
-			if c > 3 {
-				t.Fatalf("%s got a message %d times", s.id, c)
-			}
-		}
+		inversions += inv
 	}
-	t.Logf("all %d subscribers back with their session %v after kill -9 (%d CONNECTs failed or refused first); %d of %d publishes acknowledged, every one delivered to every subscriber; duplicates %d, first deliveries after a later message %d",
-		subs, back.Round(time.Millisecond), refused, nAcked, msgs, totalDup, inversions)
-	// What a survivor delivered directly once it adopted a session, and
-	// again from what n1 held for n2 (reforward, docs/clustering.md), comes
-	// twice at most: on average no message more than twice.
-	if totalDup > subs*msgs {
-		t.Fatalf("%d duplicates: more than one per message and subscriber", totalDup)
+	t.Logf("all %d subscribers back with their session %v after kill -9 (%d CONNECTs failed or refused first); %d of %d publishes acknowledged, every one delivered to every subscriber; duplicates %d of messages published before the kill and %d after (at most %d copies of one message), first deliveries after a later message %d",
+		subs, back.Round(time.Millisecond), refused, nAcked, msgs, dupBefore, dupAfter, most, inversions)
+	if inversions > 0 || most > 2 || dupAfter > subs/2 {
+		for _, o := range odd {
+			t.Log(o)
+		}
+		t.Fatalf("want every message in publish order, none more than twice, at most %d duplicates of messages published after the kill", subs/2)
 	}
 }
 

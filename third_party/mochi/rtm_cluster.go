@@ -54,6 +54,9 @@ func (s *Server) DeliverFromPeer(pk packets.Packet, shared func(route string) bo
 	// message).
 	var deadline time.Time
 	for id, sub := range subscribers.Subscriptions {
+		if pk.Exclude != nil && pk.Exclude(id) && !subscribers.isSharedSelected(id) { // rtm patch 24
+			continue
+		}
 		if cl, ok := s.Clients.Get(id); ok {
 			if cl = s.pace(nil, cl, sub.Filter, &deadline); cl == nil {
 				continue

@@ -381,3 +381,54 @@ func TestSessionCarriesPacketID(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, uint32(7), id, "the new connection's next packet identifier")
 }
+
+// TestPacketExcludeSkipsPlainSubscribers: rtm patch 24. A message with
+// Exclude set is not delivered to the clients it names through a plain
+// subscription, neither from a peer (DeliverFromPeer) nor from a local
+// publisher (publishToSubscribers, which an OnPublish hook's packet
+// reaches); a shared subscription's chosen member still gets it.
+func TestPacketExcludeSkipsPlainSubscribers(t *testing.T) {
+	s := newServer()
+	mk := func(id string) chan packets.Packet {
+		cl, r, w := newTestClient()
+		t.Cleanup(func() { _ = w.Close(); _ = r.Close() })
+		cl.ID = id
+		cl.Properties.ProtocolVersion = 5
+		s.Clients.Add(cl)
+		got := make(chan packets.Packet, 10)
+		go func() {
+			for {
+				typ, body, err := readRawPacket(r)
+				if err != nil {
+					return
+				}
+				if typ>>4 == packets.Publish {
+					pk := packets.Packet{ProtocolVersion: 5}
+					_ = pk.FixedHeader.Decode(typ)
+					_ = pk.PublishDecode(body)
+					got <- pk
+				}
+			}
+		}()
+		return got
+	}
+	keptGot, skippedGot, memberGot := mk("kept"), mk("skipped"), mk("member")
+	s.Topics.Subscribe("kept", packets.Subscription{Filter: "a/b"})
+	s.Topics.Subscribe("skipped", packets.Subscription{Filter: "a/+"})
+	s.Topics.Subscribe("member", packets.Subscription{Filter: "$share/g/a/b"})
+	exclude := func(id string) bool { return id == "skipped" || id == "member" }
+
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish}, TopicName: "a/b", Payload: []byte("peer"), Exclude: exclude}
+	s.DeliverFromPeer(pk, func(route string) bool { return true })
+	pk.Payload = []byte("local")
+	s.publishToSubscribers(pk)
+
+	for _, want := range []string{"peer", "local"} {
+		require.Equal(t, want, string((<-keptGot).Payload))
+		require.Equal(t, want, string((<-memberGot).Payload)) // shared: not excluded
+	}
+	// Then one without Exclude: the first the excluded client gets.
+	pk.Payload, pk.Exclude = []byte("after"), nil
+	s.publishToSubscribers(pk)
+	require.Equal(t, "after", string((<-skippedGot).Payload), "the excluded client got an excluded message first")
+}

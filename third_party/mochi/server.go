@@ -1356,6 +1356,9 @@ func (s *Server) publishToSubscribersFrom(pub *Client, pk packets.Packet) {
 
 	var deadline time.Time // rtm patch 20: one MaxWait for all subscribers of pk
 	for id, subs := range subscribers.Subscriptions {
+		if pk.Exclude != nil && pk.Exclude(id) && !subscribers.isSharedSelected(id) { // rtm patch 24
+			continue
+		}
 		if cl, ok := s.Clients.Get(id); ok {
 			if pub != nil && !pub.Net.Inline {
 				if cl = s.pace(pub, cl, subs.Filter, &deadline); cl == nil {

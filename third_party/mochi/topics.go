@@ -354,6 +354,14 @@ func (s *Subscribers) SelectShared() {
 // MergeSharedSelected merges the selected subscribers for a shared subscription group
 // and the non-shared subscribers, to ensure that no subscriber gets multiple messages
 // due to have both types of subscription matching the same filter.
+// isSharedSelected reports whether client id was chosen for one of the
+// message's share groups (Packet.Exclude does not apply to it).
+// rtm patch 24.
+func (s *Subscribers) isSharedSelected(id string) bool {
+	_, ok := s.SharedSelected[id]
+	return ok
+}
+
 func (s *Subscribers) MergeSharedSelected() {
 	if s.Subscriptions == nil && len(s.SharedSelected) > 0 { // rtm patch 82: nil when no other subscription matched
 		s.Subscriptions = make(map[string]packets.Subscription, len(s.SharedSelected))

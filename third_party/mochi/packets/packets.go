@@ -153,6 +153,15 @@ type Packet struct {
 	ReasonCode      byte          // reason code for a packet response (acks, etc)
 	ReservedBit     byte          // reserved, do not use (except in testing)
 	Ignore          bool          // if true, do not perform any message forwarding operations
+
+	// Exclude, when set, names the clients this server does not deliver
+	// the message to through a subscription that is not shared (a hook
+	// sets it in OnPublish, or a caller of DeliverFromPeer). Copies made
+	// for subscribers (Copy) do not carry it.
+	// rtm patch 24: a cluster node delivers a message published while a
+	// peer died to the sessions it adopted from that peer through the
+	// dead peer's copy only, in that copy's order.
+	Exclude func(clientID string) bool
 }
 
 // Mods specifies certain values required for certain mqtt v5 compliance within packet encoding/decoding.

@@ -1,0 +1,411 @@
+package broker
+
+import (
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rtm-dev/rtm/broker/link"
+	"github.com/rtm-dev/rtm/internal/cluster"
+)
+
+// Order and single delivery across a node's death (docs/clustering.md,
+// "Durability").
+//
+// While gossip only suspects a peer, and then until its persistent
+// sessions are adopted, a node keeps the peer's routes: what its clients
+// publish for the peer's sessions waits in the held link (messages the
+// dead peer never acknowledged, then everything published since). Once
+// every session is adopted and every adopter's routes are here, the held
+// link is released and its messages go on (reforward). Meanwhile the
+// adopters' routes reached this node too, so a message can travel two ways
+// to an adopted session: directly, and in the held link, later. Delivered
+// both ways, a session got it twice, and the direct copy before the older
+// messages still held: out of order.
+//
+// So a message has one way to a session adopted from a dead node D:
+//
+//   - a copy forwarded (or delivered here) while D's held link took the
+//     message too carries D's name (publishMsg.Held, the local delivery's
+//     Packet.Exclude: mochi patch 24), and is not delivered to the sessions
+//     adopted from D;
+//   - the held copy, once released, carries D's name as HeldOf, goes to
+//     every peer whose routes match it (the adopted session may have moved
+//     on from its adopter) and is delivered to the sessions adopted from D
+//     alone (the others got the direct copy);
+//   - a copy forwarded after the release carries nothing: the release
+//     queues every held copy before any such copy (flushGate), on the same
+//     links, so it arrives after them.
+//
+// A session adopted from D moves on (a claim of its client on another
+// node) only once every live broker has sent on what it held for D
+// (msgHeldDone, after its held copies on each link), or after
+// heldWaitMax: the held copies then reach it where it was adopted, once.
+// It carries its mark when it moves (moveStartMsg.AdoptedFrom), and the
+// relay of a move applies the same rule. The marks of D go once every
+// live broker is done with D's held link, or gossip no longer reports D
+// failed.
+
+// adoptedMarks maps the client IDs of sessions adopted from a failed node
+// to that node. The mutex is a leaf.
+type adoptedMarks struct {
+	n    atomic.Int32 // len(from): deliveries skip the lookup at 0
+	mu   sync.Mutex
+	from map[string]string
+}
+
+// get returns the node client id's session was adopted from, or "".
+func (a *adoptedMarks) get(id string) string {
+	if a.n.Load() == 0 {
+		return ""
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.from[id]
+}
+
+// set marks client id's session adopted from node dead.
+func (a *adoptedMarks) set(id, dead string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.from == nil {
+		a.from = map[string]string{}
+	}
+	a.from[id] = dead
+	a.n.Store(int32(len(a.from)))
+}
+
+// reset marks client id's session adopted from dead, or not adopted for
+// dead "".
+func (a *adoptedMarks) reset(id, dead string) {
+	if dead == "" && a.n.Load() == 0 {
+		return
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if dead == "" {
+		delete(a.from, id)
+	} else {
+		if a.from == nil {
+			a.from = map[string]string{}
+		}
+		a.from[id] = dead
+	}
+	a.n.Store(int32(len(a.from)))
+}
+
+// clear drops client id's mark if it names dead.
+func (a *adoptedMarks) clear(id, dead string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.from[id] == dead {
+		delete(a.from, id)
+	}
+	a.n.Store(int32(len(a.from)))
+}
+
+// forget drops every mark naming dead.
+func (a *adoptedMarks) forget(dead string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for id, d := range a.from {
+		if d == dead {
+			delete(a.from, id)
+		}
+	}
+	a.n.Store(int32(len(a.from)))
+}
+
+// heldSkip reports whether a message is not for a session adopted from
+// adoptedFrom ("" for one that was not): held names the failed nodes whose
+// held links took it too, heldOf the node whose held link gave this copy.
+func heldSkip(adoptedFrom string, held []string, heldOf string) bool {
+	if heldOf != "" {
+		return adoptedFrom != heldOf
+	}
+	return adoptedFrom != "" && slices.Contains(held, adoptedFrom)
+}
+
+// exclude returns the Packet.Exclude of a message with held and heldOf
+// (nil when it carries neither, as every message but during a failover).
+func (c *clusterNode) exclude(held []string, heldOf string) func(string) bool {
+	if len(held) == 0 && heldOf == "" {
+		return nil
+	}
+	return func(id string) bool { return heldSkip(c.adopted.get(id), held, heldOf) }
+}
+
+// flushGate keeps what is forwarded after a held link's release behind the
+// held messages it re-sends: a release begins it before it drops the
+// failed node's routes and ends it once every held message is queued or
+// delivered; a forward that found the routes gone waits for that (at most
+// flushWaitMax, which only a delivery stalled by congested subscribers
+// reaches). The mutex is a leaf.
+type flushGate struct {
+	n    atomic.Int32
+	mu   sync.Mutex
+	idle chan struct{}
+}
+
+// flushWaitMax bounds a publisher's wait for a release's re-sends.
+const flushWaitMax = 5 * time.Second
+
+func (g *flushGate) begin() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.n.Load() == 0 {
+		g.idle = make(chan struct{})
+	}
+	g.n.Add(1)
+}
+
+func (g *flushGate) end() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.n.Add(-1) == 0 {
+		close(g.idle)
+	}
+}
+
+// wait returns once no release re-sends, or after flushWaitMax.
+func (g *flushGate) wait() {
+	if g.n.Load() == 0 {
+		return
+	}
+	g.mu.Lock()
+	ch := g.idle
+	if g.n.Load() == 0 {
+		ch = nil
+	}
+	g.mu.Unlock()
+	if ch == nil {
+		return
+	}
+	t := time.NewTimer(flushWaitMax)
+	defer t.Stop()
+	select {
+	case <-ch:
+	case <-t.C:
+	}
+}
+
+// deliverPublish delivers a publish peer from sent (or, from this node, a
+// held link gave back) to the subscribers here, and relays it to the
+// sessions moving away.
+func (c *clusterNode) deliverPublish(from string, pm publishMsg) {
+	pk := pm.Packet
+	pk.Origin, pk.Created, pk.PacketID = pm.Origin, time.Now().Unix(), 0
+	if pm.Expiry > 0 {
+		pk.Expiry = pk.Created + int64(pm.Expiry)
+	}
+	var shared func(string) bool
+	if len(pm.Shared) > 0 {
+		shared = func(route string) bool { return slices.Contains(pm.Shared, route) }
+	}
+	pk.Exclude = c.exclude(pm.Held, pm.HeldOf)
+	c.b.mq.DeliverFromPeer(pk, shared)
+	if c.relays.n.Load() > 0 {
+		c.relayFromPeer(from, pm)
+	}
+}
+
+// resendHeld sends the publishes of the released held link of the failed
+// node dead on (see above): to every peer whose routes match each, and to
+// the sessions here, marked HeldOf dead. Its share groups' selections go
+// with it to the adopters only (as before the marks: the sessions there
+// took the dead node's members). Called with the flushGate begun.
+func (c *clusterNode) resendHeld(dead string, adopters []string, msgs []publishMsg) {
+	self := c.node.Name()
+	for _, pm := range msgs {
+		pm.HeldOf = dead
+		shared := pm.Shared
+		subs := c.routes.subscribers(pm.Packet.TopicName)
+		var to []string
+		for name := range subs.Subscriptions {
+			to = append(to, name)
+		}
+		for _, members := range subs.Shared {
+			for name := range members {
+				to = append(to, name)
+			}
+		}
+		to = append(to, adopters...)
+		slices.Sort(to)
+		to = slices.Compact(to)
+		var plain, withShared []byte
+		for _, name := range to {
+			if name == dead || name == self {
+				continue
+			}
+			pm.Shared = nil
+			body := &plain
+			if slices.Contains(adopters, name) {
+				pm.Shared, body = shared, &withShared
+			}
+			if *body == nil {
+				b, err := pm.encode()
+				if err != nil {
+					c.b.limits.linkDropped(name, dropNoLink, pm.Packet.FixedHeader.Qos, 1, pm.Packet.TopicName)
+					continue
+				}
+				*body = b
+			}
+			if p := c.peers.get(name); p != nil {
+				if err := p.link.Queue(link.Message{Type: msgPublish, Body: *body}, true); err == nil {
+					c.b.durable.reforwarded.Add(1)
+					continue
+				}
+			}
+			if slices.Contains(adopters, name) {
+				c.b.limits.linkDropped(name, dropNoLink, pm.Packet.FixedHeader.Qos, 1, pm.Packet.TopicName)
+			}
+		}
+		pm.Shared = nil
+		if slices.Contains(adopters, self) {
+			pm.Shared = shared
+		}
+		c.deliverPublish(self, pm)
+		c.b.durable.reforwarded.Add(1)
+	}
+}
+
+// heldDone records, for each failed node, the brokers (this one included)
+// that have sent on what their held link kept for it. The mutex is a leaf.
+type heldDone struct {
+	mu      sync.Mutex
+	done    map[string]map[string]bool // failed node → brokers done
+	changed chan struct{}              // closed and replaced at each change
+}
+
+// add records node done with dead's held link.
+func (h *heldDone) add(dead, node string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.done == nil {
+		h.done = map[string]map[string]bool{}
+	}
+	if h.done[dead] == nil {
+		h.done[dead] = map[string]bool{}
+	}
+	h.done[dead][node] = true
+	if h.changed != nil {
+		close(h.changed)
+		h.changed = nil
+	}
+}
+
+// state reports whether every node of nodes is done with dead's held link,
+// and returns a channel closed at the next change.
+func (h *heldDone) state(dead string, nodes []string) (bool, <-chan struct{}) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.changed == nil {
+		h.changed = make(chan struct{})
+	}
+	for _, n := range nodes {
+		if !h.done[dead][n] {
+			return false, h.changed
+		}
+	}
+	return true, h.changed
+}
+
+// forget drops what is known of dead.
+func (h *heldDone) forget(dead string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	delete(h.done, dead)
+}
+
+// heldWaitMax bounds how long a claim of a session adopted from a failed
+// node waits for every broker's held copies (cluster.claim_timeout's
+// default is 2 s: the claimant is still waiting).
+const heldWaitMax = 1500 * time.Millisecond
+
+// brokersDone reports whether this node and every live peer sent on what
+// they held for dead, and returns a channel closed at the next change.
+func (c *clusterNode) brokersDone(dead string) (bool, <-chan struct{}) {
+	nodes := []string{c.node.Name()}
+	for _, p := range c.peers.aliveList() {
+		nodes = append(nodes, p.name)
+	}
+	return c.heldDone.state(dead, nodes)
+}
+
+// awaitHeld waits until every live broker sent on what it held for dead,
+// at most max.
+func (c *clusterNode) awaitHeld(dead string, max time.Duration) bool {
+	t := time.NewTimer(max)
+	defer t.Stop()
+	for {
+		ok, changed := c.brokersDone(dead)
+		if ok {
+			return true
+		}
+		select {
+		case <-changed:
+		case <-t.C:
+			return false
+		case <-c.stop:
+			return false
+		}
+	}
+}
+
+// heldSent records that node (this one or a peer) sent on what it held
+// for dead; once every live broker did, the marks of dead's sessions go.
+func (c *clusterNode) heldSent(dead, node string) {
+	c.heldDone.add(dead, node)
+	if ok, _ := c.brokersDone(dead); ok {
+		c.adopted.forget(dead)
+	}
+}
+
+// sendHeldDone tells every live peer, after what this node's held link for
+// dead sent on (on the same links), that it is done with it.
+func (c *clusterNode) sendHeldDone(dead string) {
+	body := heldDoneMsg{Dead: dead}.encode()
+	for _, p := range c.peers.aliveList() {
+		if !p.link.Send(link.Message{Type: msgHeldDone, Body: body}, true) {
+			c.log.Warn("held-link end not sent: link queue full; sessions adopted there move after a pause", "peer", p.name, "node", dead)
+		}
+	}
+	c.heldSent(dead, c.node.Name())
+}
+
+// resendExpired hands what the held link of a failed peer kept, given up
+// before all of its sessions were adopted (cluster.failed_peer_hold), to
+// the sessions adopted from it so far: they skipped the direct copies of
+// these (see above). For the others it is lost, and counted by the caller.
+// Nothing is sent on for a peer that is not failed, or while this node
+// stops.
+func (c *clusterNode) resendExpired(peer string, msgs []link.Message) {
+	if c.b.durable == nil {
+		return
+	}
+	select {
+	case <-c.stop:
+		return
+	default:
+	}
+	failed := false
+	for _, m := range c.members() {
+		if m.Name == peer {
+			failed = m.Status == cluster.StatusFailed
+		}
+	}
+	if !failed {
+		return
+	}
+	var pms []publishMsg
+	for _, m := range msgs {
+		if m.Type != msgPublish {
+			continue
+		}
+		if pm, err := decodePublish(m.Body); err == nil {
+			pms = append(pms, pm)
+		}
+	}
+	c.resendHeld(peer, nil, pms)
+}
