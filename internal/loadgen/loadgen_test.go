@@ -1,6 +1,7 @@
 package loadgen_test
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -138,35 +139,73 @@ func mosquitto(t *testing.T) (string, int) {
 		}
 		t.Skip(msg)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	_ = ln.Close()
-	_, port, _ := net.SplitHostPort(addr)
-	conf := filepath.Join(t.TempDir(), "mosquitto.conf")
-	if err := os.WriteFile(conf, []byte(fmt.Sprintf("listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n", port)), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "-c", conf)
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start mosquitto: %v", err)
-	}
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-done
-	})
-	testutil.WaitFor(t, 30*time.Second, func() error {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			_ = c.Close()
+	// The free port is found by binding and closing it, so another process
+	// of a busy machine can take it before Mosquitto binds: Mosquitto then
+	// exits, and a dial would reach the other listener. So wait for its own
+	// "running" line, and try another port if it exits.
+	for attempt := 1; ; attempt++ {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
 		}
-		return err
-	})
-	return addr, cmd.Process.Pid
+		addr := ln.Addr().String()
+		_ = ln.Close()
+		_, port, _ := net.SplitHostPort(addr)
+		dir := t.TempDir()
+		conf := filepath.Join(dir, "mosquitto.conf")
+		if err := os.WriteFile(conf, []byte(fmt.Sprintf("listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n", port)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		var out syncBuffer
+		cmd := exec.Command(bin, "-c", conf)
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatalf("start mosquitto: %v", err)
+		}
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		t.Cleanup(func() {
+			_ = cmd.Process.Kill()
+			<-done
+		})
+		exited := false
+		testutil.WaitFor(t, 30*time.Second, func() error {
+			select {
+			case <-done:
+				exited = true
+				return nil
+			default:
+			}
+			if !strings.Contains(out.String(), " running") {
+				return fmt.Errorf("mosquitto not running yet: %q", out.String())
+			}
+			return nil
+		})
+		if !exited {
+			return addr, cmd.Process.Pid
+		}
+		if attempt == 3 {
+			t.Fatalf("mosquitto exited %d times: %s", attempt, out.String())
+		}
+	}
+}
+
+// syncBuffer is a bytes.Buffer a process writes while the test reads it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 // TestQoS1CountsAreExactAgainstMosquitto: the same promise against another
