@@ -278,7 +278,11 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 		(*f)(o.clientID)
 	}
 	tail := slices.DeleteFunc(publishesOnly(sess.Inflight), func(pk packets.Packet) bool { return sent[keyOf(pk)] })
-	if !st.send(tail) || !p.link.Send(link.Message{Type: msgMoveEnd, Body: moveEndMsg{Move: o.id, Chunks: st.seq, PacketID: sess.PacketID}.encode()}, true) {
+	end := moveEndMsg{Move: o.id, Chunks: st.seq}
+	if c.peerProtocol(p.name) >= protoV2 {
+		end.PacketID = sess.PacketID
+	}
+	if !st.send(tail) || !p.link.Send(link.Message{Type: msgMoveEnd, Body: end.encode()}, true) {
 		st.abort()
 		c.restore(o, start.Version, sess, "the transfer failed")
 		return false
