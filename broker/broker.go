@@ -411,6 +411,7 @@ func (b *Broker) Start(ctx context.Context) (err error) {
 	}
 	if b.durable != nil && b.cluster != nil {
 		go b.durable.watchFailures(loopCtx.Done())
+		go b.durable.purgeClaimsEvery(loopCtx.Done())
 	}
 
 	b.serving.Store(true)

@@ -397,13 +397,17 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 	// would).
 	taken := map[string]bool{}
 	defer func() {
-		var left []sessionDoc
+		var left, done []sessionDoc
 		for i, s := range docs {
-			if won[i] && !taken[s.ID] {
+			switch {
+			case won[i] && taken[s.ID]:
+				done = append(done, s) // its purpose is over (durable_claims.go)
+			case won[i]:
 				left = append(left, s)
 			}
 		}
 		d.dropClaims(left)
+		d.dropTakenClaims(done)
 		d.adoptions.releaseClaims(docs, won)
 	}()
 	if err != nil {

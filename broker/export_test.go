@@ -135,6 +135,15 @@ func (b *Broker) LeaveClaim(ctx context.Context, id string) error {
 	return err
 }
 
+// PurgeClaims purges the session claims too old, at now, to belong to an
+// adoption under way, and returns how many it deleted.
+func (b *Broker) PurgeClaims(ctx context.Context, now time.Time) (int64, error) {
+	return b.durable.purgeClaims(ctx, now)
+}
+
+// ClaimMaxAge is the age from which a session claim is purged.
+const ClaimMaxAge = claimMaxAge
+
 // MovedIn starts the take-over in the store of client id's session, moved
 // here from node from, as a move whose document was not there yet does.
 func (b *Broker) MovedIn(id, from string) { b.durable.movedIn(id, from) }
