@@ -275,6 +275,12 @@ func New(opts Options) (*Broker, error) {
 			return nil, err
 		}
 	}
+	if b.durable != nil {
+		// After the cluster hook, which may refuse the session.
+		if err := b.mq.AddHook(&durableWillHook{d: b.durable}, nil); err != nil {
+			return nil, err
+		}
+	}
 	if b.history != nil {
 		// Last: it captures a message once every other hook accepted it.
 		if err := b.mq.AddHook(b.history.CaptureHook(), nil); err != nil {

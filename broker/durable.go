@@ -100,6 +100,7 @@ type durableHook struct {
 	refusedOwnerUnreachable atomic.Int64
 	subscribeRefused        atomic.Int64 // subscriptions refused (0x80): the session was not stored (in time)
 	subscribeWait           atomic.Int64 // tests: durableSubscribeMax instead, in nanoseconds
+	willUnstored            atomic.Int64 // CONNACKs sent before the will-only record was stored
 	adopted                 atomic.Int64 // sessions taken from nodes that died (or left)
 	reforwarded             atomic.Int64 // publishes a dead node's link held, sent on to adopters
 	// supersededSkipped counts stored sessions of a dead node not adopted
@@ -578,11 +579,13 @@ func (d *durableHook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 }
 
 func (d *durableHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
-	if persistent(cl) || atomic.LoadUint32(&cl.Properties.Will.Flag) == 1 {
-		// A client without a persistent session is written for its will
-		// only: the node that adopts this one's clients, should it die,
-		// publishes it.
+	if persistent(cl) {
 		_, _ = d.writeSession(cl, true)
+		return
+	}
+	if willOnly(cl) {
+		// Written for its will only, before the CONNACK (storeWill): the
+		// node that adopts this one's clients, should it die, publishes it.
 		return
 	}
 	d.mu.Lock()
@@ -1547,10 +1550,15 @@ type DurabilityStats struct {
 	// with 0x80 because the store did not commit the session within 5 s,
 	// or refused its write as another node's (a move not yet taken over).
 	SubscribeRefused int64 `json:"subscribe_refused"`
+	// WillUnstored counts clients without a persistent session whose
+	// CONNACK was sent before their will was stored: the store did not
+	// commit it within 5 s (the write stays queued), or another node
+	// still owned the client's stored record.
+	WillUnstored int64 `json:"will_unstored"`
 }
 
 func (d *durableHook) stats() *DurabilityStats {
 	return &DurabilityStats{Stats: d.w.Stats(), Coalesced: d.coalesced.Load(), LostOwnership: d.lost.Load(),
 		Adopted: d.adopted.Load(), SupersededSkipped: d.supersededSkipped.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load(), BarrierDropped: d.barrierDropped.Load(), MovedInFailed: d.movedInFailed.Load(), MovedInNoDocument: d.movedInNoDoc.Load(), MovedInStaleDeleted: d.movedInStale.Load(),
-		RefusedOwnerUnreachable: d.refusedOwnerUnreachable.Load(), SubscribeRefused: d.subscribeRefused.Load()}
+		RefusedOwnerUnreachable: d.refusedOwnerUnreachable.Load(), SubscribeRefused: d.subscribeRefused.Load(), WillUnstored: d.willUnstored.Load()}
 }
