@@ -517,6 +517,9 @@ func TestStaleMoveRelayNotDelivered(t *testing.T) {
 // the previous release (cluster protocol 1: it advertises no version, and
 // refuses a move's end carrying the packet ID added since) and a node of
 // this one move a session both ways, with its queued messages, none lost.
+// Each move has a tail: a message that reaches the session while its first
+// chunk goes out, sent after the session is detached, which the move's end
+// counts.
 // Before versions, the new node always sent the packet ID: the old node
 // refused the move's end, and the client's CONNECT there found no session.
 func TestSessionMovesWithPreviousRelease(t *testing.T) {
@@ -550,9 +553,31 @@ func TestSessionMovesWithPreviousRelease(t *testing.T) {
 		_ = pub.Disconnect(&paho.Disconnect{})
 		waitConnections(t, b, 0)
 	}
+	// tail publishes batch.3 on src while a move's first chunk goes out;
+	// done disconnects its publisher.
+	tail := func(src *broker.Broker, batch int) (done func()) {
+		pub, _ := dialV5(t, src, &paho.Connect{ClientID: fmt.Sprintf("tail-%d", batch), CleanStart: true})
+		var once sync.Once
+		src.SetTestMoveChunk(func(side string, seq uint64) {
+			if side == "source" && seq == 0 {
+				once.Do(func() {
+					ctx, cancel := context.WithTimeout(context.Background(), waitMsg)
+					defer cancel()
+					if _, err := pub.Publish(ctx, &paho.Publish{Topic: "up/dev", QoS: 1, Payload: fmt.Appendf(nil, "%d.3", batch)}); err != nil {
+						t.Errorf("tail publish: %v", err)
+					}
+				})
+			}
+		})
+		return func() {
+			src.SetTestMoveChunk(nil)
+			_ = pub.Disconnect(&paho.Disconnect{})
+			waitConnections(t, src, 0)
+		}
+	}
 	expect := func(dev *testutil.V5, batch int) {
 		t.Helper()
-		for i := range 3 {
+		for i := range 4 {
 			if m := dev.Next(t, waitMsg); string(m.Payload) != fmt.Sprintf("%d.%d", batch, i) {
 				t.Fatalf("got %q, want %d.%d", m.Payload, batch, i)
 			}
@@ -563,14 +588,18 @@ func TestSessionMovesWithPreviousRelease(t *testing.T) {
 	subscribe(t, dev, 0, paho.SubscribeOptions{Topic: "up/dev", QoS: 1})
 	queue(nodes[0], nodes[1], dev, 0)
 	for i, to := range []*broker.Broker{nodes[1], nodes[0]} { // new to old, then old to new
+		done := tail(nodes[i], i)
 		var ca *paho.Connack
 		dev, ca = connect(to)
+		done()
 		if !ca.SessionPresent {
 			t.Fatalf("move %d: session not present on %s", i, to.Name())
 		}
 		expect(dev, i)
 		queue(to, nodes[i], dev, i+1)
 	}
+	done := tail(nodes[0], 2)
 	dev, _ = connect(nodes[1])
+	done()
 	expect(dev, 2)
 }
