@@ -63,7 +63,7 @@ type durableHook struct {
 	waiting map[string]*heldMsg
 	known   map[string]bool // client IDs this node wrote (or loaded) a session document for
 	// pids: the packet ID last recorded in the stored session of a client
-	// here (see recordPID).
+	// here (see recordPIDLocked).
 	pids map[string]uint16
 	// prior: the subscriptions a persistent client's SUBSCRIBE in progress
 	// replaces (OnSubscribe to OnSubscribed, on its read loop), to put
@@ -157,7 +157,7 @@ const (
 	opMsgRel                    // a held QoS 2 message reached its PUBREL step
 	opSessionTake               // take the stored session over from the node it moved from (durOp.from)
 	opSkip                      // a write found obsolete when its batch was taken
-	opPID                       // record the session's packet ID counter (see recordPID)
+	opPID                       // record the session's packet ID counter (see recordPIDLocked)
 )
 
 type durOp struct {
@@ -198,7 +198,7 @@ type sessionDoc struct {
 	WillOnly bool `bson:"will_only,omitempty"`
 	// AdoptedFrom is the node a survivor took the session from.
 	AdoptedFrom string `bson:"adopted_from,omitempty"`
-	// PID is a packet ID the session's node assigned lately (recordPID):
+	// PID is a packet ID the session's node assigned lately (recordPIDLocked):
 	// a node that restores the session goes on from pidResume(PID).
 	PID uint16 `bson:"pid,omitempty"`
 }
@@ -383,17 +383,20 @@ func (d *durableHook) record(origin string, t writebehind.Ticket, err error, com
 
 // expect registers the message key as about to be queued for writing, for
 // origin's current PUBLISH if one is collecting, before its write is
-// queued (so the write's commit can unregister it).
-func (d *durableHook) expect(origin, key string) *heldMsg {
+// queued (so the write's commit can unregister it). It reports whether
+// the message's packet ID pid is to be recorded for the session of client
+// (recordPIDLocked), under the same lock.
+func (d *durableHook) expect(origin, key, client string, pid uint16) (*heldMsg, bool) {
 	m := &heldMsg{}
 	d.mu.Lock()
+	rec := d.recordPIDLocked(client, pid)
 	if h := d.hold(origin); h != nil {
 		h.pending++
 		m.hold = h
 	}
 	d.waiting[key] = m
 	d.mu.Unlock()
-	return m
+	return m, rec
 }
 
 // acknowledged is told that the session owning key acknowledged its
@@ -472,14 +475,16 @@ func (d *durableHook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, _ int64, 
 	if pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Dup || !persistent(cl) {
 		return
 	}
-	d.recordPID(cl.ID, pk.PacketID)
 	key := msgKey(cl.ID, pk.PacketID)
 	m := &msgDoc{ID: key, Client: cl.ID, Seq: d.seq.Add(1), PID: pk.PacketID, pk: pk,
 		Origin: pk.Origin, Created: pk.Created, SubIDs: pk.Properties.SubscriptionIdentifier}
 	if pk.Expiry > 0 {
 		m.Expiry = pk.Expiry
 	}
-	h := d.expect(pk.Origin, key)
+	h, rec := d.expect(pk.Origin, key, cl.ID, pk.PacketID)
+	if rec {
+		_, _ = d.put(durOp{kind: opPID, client: cl.ID, pid: pk.PacketID})
+	}
 	t, err := d.put(durOp{kind: opMsg, client: cl.ID, pid: pk.PacketID, msg: m, held: h})
 	d.record(pk.Origin, t, err, false)
 }
@@ -501,19 +506,16 @@ func (d *durableHook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, _ int64, 
 // commit window.
 const pidBlock = 1024
 
-// recordPID queues a record of pid as client id's packet ID counter when
-// it is in another block than the last one recorded here.
-func (d *durableHook) recordPID(id string, pid uint16) {
-	d.mu.Lock()
+// recordPIDLocked reports whether pid, assigned to client id's message,
+// is to be recorded as the session's packet ID counter (opPID): when it is
+// in another block than the last one recorded here. d.mu is held.
+func (d *durableHook) recordPIDLocked(id string, pid uint16) bool {
 	last, ok := d.pids[id]
-	rec := !ok || last/pidBlock != pid/pidBlock
-	if rec {
-		d.pids[id] = pid
+	if ok && last/pidBlock == pid/pidBlock {
+		return false
 	}
-	d.mu.Unlock()
-	if rec {
-		_, _ = d.put(durOp{kind: opPID, client: id, pid: pid})
-	}
+	d.pids[id] = pid
+	return true
 }
 
 // pidResume is the packet ID counter a session restored from the store
