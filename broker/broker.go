@@ -282,6 +282,12 @@ func New(opts Options) (*Broker, error) {
 			return nil, err
 		}
 	}
+	if b.durable != nil {
+		// After the cluster hook, which may refuse the session.
+		if err := b.mq.AddHook(&durableWillHook{d: b.durable}, nil); err != nil {
+			return nil, err
+		}
+	}
 	if b.history != nil {
 		// Last: it captures a message once every other hook accepted it.
 		if err := b.mq.AddHook(b.history.CaptureHook(), nil); err != nil {
@@ -418,6 +424,7 @@ func (b *Broker) Start(ctx context.Context) (err error) {
 	}
 	if b.durable != nil && b.cluster != nil {
 		go b.durable.watchFailures(loopCtx.Done())
+		go b.durable.purgeClaimsEvery(loopCtx.Done())
 	}
 
 	b.serving.Store(true)

@@ -74,8 +74,16 @@ type clusterNode struct {
 	testRelayKeep    atomic.Int32 // > 0: replaces relayKeepMax
 	testRelayBytes   atomic.Int64 // > 0: replaces relayHeldBytesMax
 	// testDeliver, if set, is called before a message from a peer is
-	// handled: tests hold some back, as a slow link would.
-	testDeliver atomic.Pointer[func(from string, typ byte)]
+	// handled: tests hold some back, as a slow link would, or refuse it
+	// (an error), as a node of an older release would.
+	testDeliver atomic.Pointer[func(from string, m link.Message) error]
+	// testProtocol > 0 replaces clusterProtocol: tests run a node that
+	// speaks an older version.
+	testProtocol atomic.Int32
+
+	// peerProtos is the cluster protocol version each broker advertises
+	// in gossip, by name (see peerProtocol).
+	peerProtos atomic.Pointer[map[string]int]
 
 	forwarded, forwardedBytes, received  atomic.Int64
 	claimsSent, claimsTimedOut, moved    atomic.Int64
@@ -263,6 +271,9 @@ func (c *clusterNode) tags() cluster.Tags {
 		Draining:    c.b.Draining() || c.leaving.Load(),
 		Incarnation: c.b.Incarnation(),
 	}
+	if v := c.protocol(); v > protoV1 { // version 1 advertised none
+		t.Protocol = v
+	}
 	if c.links != nil {
 		t.Link = c.publicAddr(c.links.Addr())
 	}
@@ -324,10 +335,12 @@ func (c *clusterNode) retag() {
 func (c *clusterNode) syncPeers() {
 	want := map[string]string{}
 	failed := map[string]bool{}
+	protos := map[string]int{}
 	for _, m := range c.members() {
 		if m.Name == c.node.Name() || m.Tags.Role != cluster.RoleBroker || m.Tags.Link == "" {
 			continue
 		}
+		protos[m.Name] = m.Tags.Protocol
 		switch m.Status {
 		case cluster.StatusAlive:
 			want[m.Name] = m.Tags.Link
@@ -335,6 +348,7 @@ func (c *clusterNode) syncPeers() {
 			failed[m.Name] = true
 		}
 	}
+	c.peerProtos.Store(&protos)
 	// The route table is locked across the peer set's change, so no
 	// forward sees a peer gone with its routes still there (lock order:
 	// routes, then peers).
@@ -370,6 +384,27 @@ func (c *clusterNode) syncPeers() {
 	}
 }
 
+// protocol is the cluster protocol version this node speaks.
+func (c *clusterNode) protocol() int {
+	if v := c.testProtocol.Load(); v > 0 {
+		return int(v)
+	}
+	return clusterProtocol
+}
+
+// peerProtocol is the version of the messages this node may send to broker
+// name: the lower of the two nodes' versions. A broker that advertises
+// none, or that gossip no longer lists, gets protoV1's: a restarted node
+// advertises its version in the gossip that announces it alive, before its
+// link is dialled, so an upgrade is seen before anything is sent to it.
+func (c *clusterNode) peerProtocol(name string) int {
+	v := protoV1
+	if m := c.peerProtos.Load(); m != nil {
+		v = max(v, (*m)[name])
+	}
+	return min(v, c.protocol())
+}
+
 // members is the gossip member list, as filtered by testMembers in tests.
 func (c *clusterNode) members() []cluster.Member {
 	ms := c.node.Members()
@@ -398,10 +433,13 @@ func (c *clusterNode) snapshot(peerName string) []link.Message {
 // deadlock; it only delays the next messages, acks and ping answers by at
 // most two heartbeats.
 func (c *clusterNode) deliver(from string, m link.Message) {
-	if f := c.testDeliver.Load(); f != nil {
-		(*f)(from, m.Type)
-	}
 	var err error
+	if f := c.testDeliver.Load(); f != nil {
+		if err = (*f)(from, m); err != nil {
+			c.log.Error("bad message from peer ignored", "peer", from, "type", m.Type, "error", err)
+			return
+		}
+	}
 	switch m.Type {
 	case msgRoutes:
 		var rm routesMsg

@@ -214,6 +214,17 @@ func hasState(cl *mqtt.Client) bool {
 	return cl.State.Subscriptions.Len() > 0 || cl.State.Inflight.Len() > 0
 }
 
+// moveEnd is the end of move id after chunks chunks (all of them: the
+// tail's included), for peer: with the session's packet ID counter if peer
+// reads it (protoV2).
+func (c *clusterNode) moveEnd(id, chunks uint64, peer string, pid uint32) moveEndMsg {
+	end := moveEndMsg{Move: id, Chunks: chunks}
+	if c.peerProtocol(peer) >= protoV2 {
+		end.PacketID = pid
+	}
+	return end
+}
+
 // moveOut moves client id's session to peer p, answering claim (0: the
 // session is pushed, this node leaving), and returns once the move is
 // settled: true if the destination installed the session. On false the
@@ -288,7 +299,7 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 		(*f)(o.clientID)
 	}
 	tail := slices.DeleteFunc(publishesOnly(sess.Inflight), func(pk packets.Packet) bool { return sent[keyOf(pk)] })
-	if !st.send(tail) || !p.link.Send(link.Message{Type: msgMoveEnd, Body: moveEndMsg{Move: o.id, Chunks: st.seq, PacketID: sess.PacketID}.encode()}, true) {
+	if !st.send(tail) || !p.link.Send(link.Message{Type: msgMoveEnd, Body: c.moveEnd(o.id, st.seq, p.name, sess.PacketID).encode()}, true) {
 		st.abort()
 		c.restore(o, start.Version, sess, "the transfer failed")
 		return false

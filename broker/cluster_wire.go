@@ -30,6 +30,27 @@ const (
 	msgHeldDone                    // the sender sent on all its held link kept for a failed node (cluster_failover.go)
 )
 
+// Versions of the messages below (the cluster protocol). A broker advertises
+// its version in gossip (tag "cp"); a sender uses a message or field only
+// if the receiver's version has it, and every decoder ignores what follows
+// the fields it knows, so a field added at the end of a message does not
+// break a receiver one version behind. Rolling restarts work between
+// adjacent versions (docs/clustering.md, "Upgrades").
+//
+// New fields go at the end of a message; a field after an optional one
+// (claimReplyMsg.Busy) makes the optional one unconditional.
+const (
+	// protoV1: the releases that advertised no version. Their decoders
+	// refuse bytes after the fields they know, and the oldest of them
+	// has no packet ID in msgMoveEnd.
+	protoV1 = 1
+	// protoV2: msgMoveEnd carries the packet ID; decoders ignore
+	// trailing fields.
+	protoV2 = 2
+
+	clusterProtocol = protoV2
+)
+
 // errShort is returned for a message that ends before its fields do.
 var errShort = errors.New("cluster message truncated")
 
@@ -122,10 +143,9 @@ func (r *rbuf) count(min int) int {
 	return int(n)
 }
 
+// done reports the first error. Bytes after the last field are fields of
+// a newer version, which this one does not know: ignored.
 func (r *rbuf) done() error {
-	if r.err == nil && len(r.b) != 0 {
-		r.err = fmt.Errorf("cluster message: %d bytes after the last field", len(r.b))
-	}
 	return r.err
 }
 
@@ -542,7 +562,8 @@ type moveEndMsg struct {
 	// messages: the destination goes on after it (mochi patch 38), so a
 	// delete of a stored message the source still has queued cannot hit
 	// the destination's new message under a reused ID. 0: unknown (a
-	// sender of the previous release, which did not send it).
+	// sender of the previous release, which did not send it), and not
+	// encoded, as a receiver of protoV1 requires (it refuses the field).
 	PacketID uint32
 }
 
@@ -551,7 +572,9 @@ func (m moveEndMsg) encode() []byte {
 	w.uvarint(m.Move)
 	w.uvarint(m.Chunks)
 	w.bool(m.Abort)
-	w.uvarint(uint64(m.PacketID))
+	if m.PacketID != 0 {
+		w.uvarint(uint64(m.PacketID))
+	}
 	return w.b
 }
 

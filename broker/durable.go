@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strconv"
 	"sync"
@@ -61,6 +62,9 @@ type durableHook struct {
 	// write is committed.
 	waiting map[string]*heldMsg
 	known   map[string]bool // client IDs this node wrote (or loaded) a session document for
+	// pids: the packet ID last recorded in the stored session of a client
+	// here (see recordPIDLocked).
+	pids map[string]uint16
 	// prior: the subscriptions a persistent client's SUBSCRIBE in progress
 	// replaces (OnSubscribe to OnSubscribed, on its read loop), to put
 	// back if the SUBSCRIBE is refused.
@@ -96,6 +100,7 @@ type durableHook struct {
 	refusedOwnerUnreachable atomic.Int64
 	subscribeRefused        atomic.Int64 // subscriptions refused (0x80): the session was not stored (in time)
 	subscribeWait           atomic.Int64 // tests: durableSubscribeMax instead, in nanoseconds
+	willUnstored            atomic.Int64 // CONNACKs sent before the will-only record was stored
 	adopted                 atomic.Int64 // sessions taken from nodes that died (or left)
 	reforwarded             atomic.Int64 // publishes a dead node's link held, sent on to adopters
 	// supersededSkipped counts stored sessions of a dead node not adopted
@@ -153,6 +158,7 @@ const (
 	opMsgRel                    // a held QoS 2 message reached its PUBREL step
 	opSessionTake               // take the stored session over from the node it moved from (durOp.from)
 	opSkip                      // a write found obsolete when its batch was taken
+	opPID                       // record the session's packet ID counter (see recordPIDLocked)
 )
 
 type durOp struct {
@@ -193,6 +199,9 @@ type sessionDoc struct {
 	WillOnly bool `bson:"will_only,omitempty"`
 	// AdoptedFrom is the node a survivor took the session from.
 	AdoptedFrom string `bson:"adopted_from,omitempty"`
+	// PID is a packet ID the session's node assigned lately (recordPIDLocked):
+	// a node that restores the session goes on from pidResume(PID).
+	PID uint16 `bson:"pid,omitempty"`
 }
 
 type ownInfo struct {
@@ -271,7 +280,7 @@ func msgKey(client string, pid uint16) string { return client + "\x00" + strconv
 
 func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
 	d := &durableHook{b: b, st: st, node: b.cfg.NodeName, log: b.log.With("component", "durable"),
-		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, prior: map[*mqtt.Client]map[string]packets.Subscription{}, unstored: map[string]*sessionDoc{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, reforwardTo: map[string][]string{},
+		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, prior: map[*mqtt.Client]map[string]packets.Subscription{}, unstored: map[string]*sessionDoc{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, pids: map[string]uint16{}, reforwardTo: map[string][]string{},
 		fail: failover{kick: make(chan struct{}, 1)}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.seq.Store(time.Now().UnixNano())
@@ -375,17 +384,20 @@ func (d *durableHook) record(origin string, t writebehind.Ticket, err error, com
 
 // expect registers the message key as about to be queued for writing, for
 // origin's current PUBLISH if one is collecting, before its write is
-// queued (so the write's commit can unregister it).
-func (d *durableHook) expect(origin, key string) *heldMsg {
+// queued (so the write's commit can unregister it). It reports whether
+// the message's packet ID pid is to be recorded for the session of client
+// (recordPIDLocked), under the same lock.
+func (d *durableHook) expect(origin, key, client string, pid uint16) (*heldMsg, bool) {
 	m := &heldMsg{}
 	d.mu.Lock()
+	rec := d.recordPIDLocked(client, pid)
 	if h := d.hold(origin); h != nil {
 		h.pending++
 		m.hold = h
 	}
 	d.waiting[key] = m
 	d.mu.Unlock()
-	return m
+	return m, rec
 }
 
 // acknowledged is told that the session owning key acknowledged its
@@ -470,9 +482,52 @@ func (d *durableHook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, _ int64, 
 	if pk.Expiry > 0 {
 		m.Expiry = pk.Expiry
 	}
-	h := d.expect(pk.Origin, key)
+	h, rec := d.expect(pk.Origin, key, cl.ID, pk.PacketID)
+	if rec {
+		_, _ = d.put(durOp{kind: opPID, client: cl.ID, pid: pk.PacketID})
+	}
 	t, err := d.put(durOp{kind: opMsg, client: cl.ID, pid: pk.PacketID, msg: m, held: h})
 	d.record(pk.Origin, t, err, false)
+}
+
+// Packet IDs across a restart or a node death. The node that restores a
+// session from the store (a restart, an adoption) does not know the packet
+// IDs the session's last node assigned since its last write: a QoS 2
+// message delivered and PUBREC'd within the write-behind window, never
+// stored, leaves its ID held by the client until a PUBREL that no node
+// will send; a new message under that ID is taken by the client for a
+// duplicate of it and discarded [MQTT-4.3.3-9] (lost after its PUBACK).
+// And a node only suspected dead, which comes back, may still delete a
+// stored message by client and packet ID. So each node records in the
+// session document a packet ID it assigned once per pidBlock IDs, queued
+// with the message that crossed into a new block (one write per pidBlock
+// messages of a session, not one per message), and a restorer goes on
+// 2 × pidBlock after the recorded one: beyond every ID the last node used,
+// unless it assigned more than pidBlock IDs to the one session within a
+// commit window.
+const pidBlock = 1024
+
+// recordPIDLocked reports whether pid, assigned to client id's message,
+// is to be recorded as the session's packet ID counter (opPID): when it is
+// in another block than the last one recorded here. d.mu is held.
+func (d *durableHook) recordPIDLocked(id string, pid uint16) bool {
+	last, ok := d.pids[id]
+	if ok && last/pidBlock == pid/pidBlock {
+		return false
+	}
+	d.pids[id] = pid
+	return true
+}
+
+// pidResume is the packet ID counter a session restored from the store
+// goes on from: 2 × pidBlock past the recorded pid (IDs run from 1 to
+// 65535, then wrap). 0 (none recorded, a document of an older release):
+// the restorer's own counter, as before.
+func pidResume(pid uint16) uint32 {
+	if pid == 0 {
+		return 0
+	}
+	return (uint32(pid)+2*pidBlock-1)%65535 + 1
 }
 
 // OnQosComplete deletes a message the subscriber acknowledged (PUBACK or
@@ -519,6 +574,7 @@ func (d *durableHook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	known := d.known[cl.ID]
 	delete(d.known, cl.ID)
 	delete(d.epoch, cl.ID)
+	delete(d.pids, cl.ID)
 	d.mu.Unlock()
 	if known {
 		_, _ = d.put(durOp{kind: opSessionDel, client: cl.ID})
@@ -526,17 +582,20 @@ func (d *durableHook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 }
 
 func (d *durableHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
-	if persistent(cl) || atomic.LoadUint32(&cl.Properties.Will.Flag) == 1 {
-		// A client without a persistent session is written for its will
-		// only: the node that adopts this one's clients, should it die,
-		// publishes it.
+	if persistent(cl) {
 		_, _ = d.writeSession(cl, true)
+		return
+	}
+	if willOnly(cl) {
+		// Written for its will only, before the CONNACK (storeWill): the
+		// node that adopts this one's clients, should it die, publishes it.
 		return
 	}
 	d.mu.Lock()
 	known := d.known[cl.ID]
 	delete(d.known, cl.ID)
 	delete(d.epoch, cl.ID)
+	delete(d.pids, cl.ID)
 	d.mu.Unlock()
 	if known {
 		_, _ = d.put(durOp{kind: opSessionDel, client: cl.ID})
@@ -685,6 +744,7 @@ func (d *durableHook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 		known := d.known[cl.ID]
 		delete(d.known, cl.ID)
 		delete(d.epoch, cl.ID)
+		delete(d.pids, cl.ID)
 		delete(d.holds, cl.ID)
 		d.mu.Unlock()
 		if known {
@@ -711,6 +771,7 @@ func (d *durableHook) OnClientExpired(cl *mqtt.Client) {
 	d.mu.Lock()
 	delete(d.known, cl.ID)
 	delete(d.epoch, cl.ID)
+	delete(d.pids, cl.ID)
 	d.mu.Unlock()
 	_, _ = d.put(durOp{kind: opSessionDel, client: cl.ID})
 }
@@ -774,6 +835,7 @@ func (d *durableHook) writeSessionRefused(cl *mqtt.Client, connected bool, refus
 	d.known[cl.ID] = true
 	delete(d.unstored, cl.ID) // this one supersedes it
 	doc.Epoch, doc.AdoptedFrom = max(d.epoch[cl.ID].epoch, 1), d.epoch[cl.ID].from
+	doc.PID = d.pids[cl.ID] // the document is written whole: the record stays
 	d.mu.Unlock()
 	return d.put(durOp{kind: opSession, client: cl.ID, sess: doc, refused: refused})
 }
@@ -794,6 +856,7 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 		sessUp    = map[string]*sessionDoc{}
 		sessOrder []string
 		willClr   []string
+		pidUp     = map[string]uint16{}
 		rets      = map[string]*retainedDoc{}
 		refused   []string // session documents not written: another node's
 	)
@@ -818,6 +881,7 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 				}
 			}
 			delete(sessUp, op.client)
+			delete(pidUp, op.client)
 			sessDel = append(sessDel, op.client)
 		case opMsg:
 			if h := op.held; h != nil && h.state.Load() != msgTaken && !h.state.CompareAndSwap(msgQueued, msgTaken) {
@@ -859,6 +923,13 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 				sessOrder = append(sessOrder, op.client)
 			}
 			sessUp[op.client] = op.sess
+			delete(pidUp, op.client) // it holds the latest record
+		case opPID:
+			if s, ok := sessUp[op.client]; ok {
+				s.PID = op.pid
+			} else {
+				pidUp[op.client] = op.pid
+			}
 		case opWillCleared:
 			if s, ok := sessUp[op.client]; ok {
 				s.Will = nil
@@ -990,6 +1061,23 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 			}
 		}
 	}
+	if len(pidUp) > 0 {
+		ids := slices.Collect(maps.Keys(pidUp))
+		mine, _, err := d.owned(ctx, sc, ids)
+		if err != nil {
+			return fmt.Errorf("write sessions: %w", err)
+		}
+		models := make([]mongo.WriteModel, 0, len(mine))
+		for _, id := range mine {
+			models = append(models, mongo.NewUpdateOneModel().SetFilter(bson.D{{Key: "_id", Value: id}}).
+				SetUpdate(bson.D{{Key: "$set", Value: bson.D{{Key: "pid", Value: pidUp[id]}}}}))
+		}
+		if len(models) > 0 {
+			if err := store.BulkWrite(ctx, sc, models, false); err != nil {
+				return fmt.Errorf("write sessions: %w", err)
+			}
+		}
+	}
 	if len(rets) > 0 {
 		var models []mongo.WriteModel
 		for _, r := range rets {
@@ -1083,6 +1171,7 @@ func (d *durableHook) gaveUp(id string) {
 	delete(d.known, id)
 	delete(d.unstored, id)
 	delete(d.epoch, id)
+	delete(d.pids, id)
 	if len(d.gone) > 1024 && now.Sub(d.goneSwept) > time.Minute {
 		// Writes queued before a give-up are long written (or the store
 		// has been down for goneKeep, and a stale write is the least of
@@ -1380,6 +1469,7 @@ func (d *durableHook) restore(ctx context.Context, docs []sessionDoc, now, maxEx
 			sess.Inflight = append(sess.Inflight, pk)
 			restored++
 		}
+		sess.PacketID = pidResume(s.PID)
 		d.b.mq.AdoptSession(s.ID, s.Proto, sess)
 		if cl, ok := d.b.mq.Clients.Get(s.ID); ok {
 			cl.SetStopTime(disc)
@@ -1391,6 +1481,9 @@ func (d *durableHook) restore(ctx context.Context, docs []sessionDoc, now, maxEx
 		d.known[s.ID] = true
 		delete(d.gone, s.ID)
 		d.epoch[s.ID] = ownInfo{s.Epoch, s.AdoptedFrom}
+		if adopted && sess.PacketID != 0 {
+			d.pids[s.ID] = uint16(sess.PacketID) // recorded by writeOwners
+		}
 		d.mu.Unlock()
 	}
 	if len(expired) > 0 {
@@ -1460,10 +1553,15 @@ type DurabilityStats struct {
 	// with 0x80 because the store did not commit the session within 5 s,
 	// or refused its write as another node's (a move not yet taken over).
 	SubscribeRefused int64 `json:"subscribe_refused"`
+	// WillUnstored counts clients without a persistent session whose
+	// CONNACK was sent before their will was stored: the store did not
+	// commit it within 5 s (the write stays queued), or another node
+	// still owned the client's stored record.
+	WillUnstored int64 `json:"will_unstored"`
 }
 
 func (d *durableHook) stats() *DurabilityStats {
 	return &DurabilityStats{Stats: d.w.Stats(), Coalesced: d.coalesced.Load(), LostOwnership: d.lost.Load(),
 		Adopted: d.adopted.Load(), SupersededSkipped: d.supersededSkipped.Load(), Reforwarded: d.reforwarded.Load(), BarrierTimeouts: d.barrierTimeouts.Load(), BarrierDropped: d.barrierDropped.Load(), MovedInFailed: d.movedInFailed.Load(), MovedInNoDocument: d.movedInNoDoc.Load(), MovedInStaleDeleted: d.movedInStale.Load(),
-		RefusedOwnerUnreachable: d.refusedOwnerUnreachable.Load(), SubscribeRefused: d.subscribeRefused.Load()}
+		RefusedOwnerUnreachable: d.refusedOwnerUnreachable.Load(), SubscribeRefused: d.subscribeRefused.Load(), WillUnstored: d.willUnstored.Load()}
 }

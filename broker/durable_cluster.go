@@ -404,13 +404,17 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 	// would).
 	taken := map[string]bool{}
 	defer func() {
-		var left []sessionDoc
+		var left, done []sessionDoc
 		for i, s := range docs {
-			if won[i] && !taken[s.ID] {
+			switch {
+			case won[i] && taken[s.ID]:
+				done = append(done, s) // its purpose is over (durable_claims.go)
+			case won[i]:
 				left = append(left, s)
 			}
 		}
 		d.dropClaims(left)
+		d.dropTakenClaims(done)
 		d.adoptions.releaseClaims(docs, won)
 	}()
 	if err != nil {
@@ -522,8 +526,15 @@ func (d *durableHook) writeOwners(ctx context.Context, docs []sessionDoc) (map[s
 	sc := d.st.DB().Collection(store.CollSessions)
 	models := make([]mongo.WriteModel, len(docs))
 	for i, s := range docs {
+		set := bson.D{{Key: "owner", Value: d.node}, {Key: "epoch", Value: s.Epoch + 1}, {Key: "adopted_from", Value: s.Owner}}
+		if s.PID != 0 {
+			// Recorded before the session is installed, where it goes on
+			// from (restore): should this node die too, the next one goes
+			// on past what this one used.
+			set = append(set, bson.E{Key: "pid", Value: uint16(pidResume(s.PID))})
+		}
 		models[i] = mongo.NewUpdateOneModel().SetFilter(bson.D{{Key: "_id", Value: s.ID}}).
-			SetUpdate(bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}, {Key: "epoch", Value: s.Epoch + 1}, {Key: "adopted_from", Value: s.Owner}}}})
+			SetUpdate(bson.D{{Key: "$set", Value: set}})
 	}
 	written := make(map[string]bool, len(docs))
 	_, err := sc.BulkWrite(ctx, models, options.BulkWrite().SetOrdered(false))

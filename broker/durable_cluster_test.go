@@ -260,10 +260,19 @@ func TestAdoptionAfterFailedRoundTakesSession(t *testing.T) {
 // TestAdoptionTakesLeftoverClaim: a claim of a survivor's own that it
 // could not drop (it crashed, or the drop failed) is won again by its next
 // round. Before, the duplicate was taken for another node's win.
+//
+// And the claims by which the survivor adopted the sessions, the leftover
+// one's included, are deleted once it has taken them, so the collection
+// does not grow with every adoption ever made (on FerretDB the leftover
+// check reads all of it). Before, every claim stayed: 4 here.
 func TestAdoptionTakesLeftoverClaim(t *testing.T) {
 	nodes, st := durableCluster(t, 2)
 	n0, n1 := nodes[0], nodes[1]
 	heldSession(t, n0, st, "leftover-dev", "leftover/t")
+	const others = 3
+	for i := range others {
+		heldSession(t, n0, st, fmt.Sprintf("claims-dev-%d", i), fmt.Sprintf("claims/%d", i))
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := n1.LeaveClaim(ctx, "leftover-dev"); err != nil {
@@ -271,6 +280,15 @@ func TestAdoptionTakesLeftoverClaim(t *testing.T) {
 	}
 	n0.KillCluster()
 	expectAdopted(t, n1, st, "leftover-dev")
+	for i := range others {
+		waitStoredOwner(t, st, fmt.Sprintf("claims-dev-%d", i), "n1")
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if n := sessionClaims(t, st); n != 0 {
+			return fmt.Errorf("%d session claims left after %d adoptions, want 0", n, others+1)
+		}
+		return nil
+	})
 }
 
 // TestAdoptionRoundDoesNotHoldOtherClaims: while a node adopts a failed
@@ -329,4 +347,39 @@ func TestAdoptionRoundDoesNotHoldOtherClaims(t *testing.T) {
 	once.Do(func() { close(release) })
 	_ = c.Disconnect(&paho.Disconnect{})
 	expectAdoptedBy(t, a, st, "round-dev")
+}
+
+// sessionClaims is the number of documents in the store's session claims.
+func sessionClaims(t *testing.T, st *store.Store) int64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	n, err := st.DB().Collection(store.CollSessionClaims).CountDocuments(ctx, bson.D{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// TestPurgeOldClaims: a claim left behind (its node crashed, or its delete
+// failed) is purged once it is older than any adoption under way can be;
+// a younger one stays.
+func TestPurgeOldClaims(t *testing.T) {
+	nodes, st := durableCluster(t, 1)
+	n0 := nodes[0]
+	heldSession(t, n0, st, "purge-dev", "purge/t")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := n0.LeaveClaim(ctx, "purge-dev"); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := n0.PurgeClaims(ctx, time.Now()); err != nil || n != 0 {
+		t.Fatalf("purge of a young claim: %d deleted, %v; want 0", n, err)
+	}
+	if n, err := n0.PurgeClaims(ctx, time.Now().Add(broker.ClaimMaxAge+time.Minute)); err != nil || n != 1 {
+		t.Fatalf("purge of an old claim: %d deleted, %v; want 1", n, err)
+	}
+	if n := sessionClaims(t, st); n != 0 {
+		t.Fatalf("%d claims left after the purge", n)
+	}
 }

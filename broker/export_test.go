@@ -2,11 +2,13 @@ package broker
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
 	"go.mongodb.org/mongo-driver/v2/bson"
 
+	"github.com/rtm-dev/rtm/broker/link"
 	"github.com/rtm-dev/rtm/internal/cluster"
 	"github.com/rtm-dev/rtm/internal/store"
 )
@@ -55,10 +57,11 @@ func (b *Broker) AdoptionWaiters() int64 { return b.durable.adoptions.waiting.Lo
 // from sends (and, behind them, everything else from it) until release is
 // closed, as a slow link would.
 func (b *Broker) HoldRouteDeltas(from string, release <-chan struct{}) {
-	f := func(peer string, typ byte) {
-		if peer == from && typ == msgRouteDelta {
+	f := func(peer string, m link.Message) error {
+		if peer == from && m.Type == msgRouteDelta {
 			<-release
 		}
+		return nil
 	}
 	b.cluster.testDeliver.Store(&f)
 }
@@ -132,6 +135,43 @@ func (b *Broker) LeaveClaim(ctx context.Context, id string) error {
 	return err
 }
 
+// PurgeClaims purges the session claims too old, at now, to belong to an
+// adoption under way, and returns how many it deleted.
+func (b *Broker) PurgeClaims(ctx context.Context, now time.Time) (int64, error) {
+	return b.durable.purgeClaims(ctx, now)
+}
+
+// ClaimMaxAge is the age from which a session claim is purged.
+const ClaimMaxAge = claimMaxAge
+
 // MovedIn starts the take-over in the store of client id's session, moved
 // here from node from, as a move whose document was not there yet does.
 func (b *Broker) MovedIn(id, from string) { b.durable.movedIn(id, from) }
+
+// SpeakProtocolV1 makes the node behave, on its node links, as a broker of
+// a release before cluster protocol versions: it advertises none (version
+// 1), sends what version 1 sends, and refuses a move's end with any field
+// after the three that release knew (its decoder refused trailing bytes).
+func (b *Broker) SpeakProtocolV1() {
+	c := b.cluster
+	c.testProtocol.Store(protoV1)
+	f := func(_ string, m link.Message) error {
+		if m.Type != msgMoveEnd {
+			return nil
+		}
+		r := rbuf{b: m.Body}
+		r.uvarint()
+		r.uvarint()
+		r.bool()
+		if r.err == nil && len(r.b) != 0 {
+			return fmt.Errorf("cluster message: %d bytes after the last field", len(r.b))
+		}
+		return r.err
+	}
+	c.testDeliver.Store(&f)
+	c.retag()
+}
+
+// PeerProtocol is the cluster protocol version the node uses with broker
+// name.
+func (b *Broker) PeerProtocol(name string) int { return b.cluster.peerProtocol(name) }

@@ -81,6 +81,8 @@ func main() {
 		err = measureRestart(bin)
 	case *failover:
 		err = measureFailover(bin)
+	case *wills > 0:
+		err = measureWills(bin)
 	default:
 		err = measureThroughput(bin)
 	}

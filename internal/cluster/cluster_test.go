@@ -170,7 +170,7 @@ func TestSecretKeepsStrangersOut(t *testing.T) {
 }
 
 func TestDecodeTagsRejectsBadNumbers(t *testing.T) {
-	tags := cluster.Tags{Role: cluster.RoleBroker, MQTT: "h:1", Capacity: 5, Connections: 2, Draining: true, Version: "v1"}
+	tags := cluster.Tags{Role: cluster.RoleBroker, MQTT: "h:1", Capacity: 5, Connections: 2, Draining: true, Version: "v1", Protocol: 2}
 	got, err := cluster.DecodeTags(tags.Encode())
 	if err != nil || got != tags {
 		t.Fatalf("round trip: %+v, %v", got, err)

@@ -33,6 +33,10 @@ type Tags struct {
 	// starts again under the same name, so the connections the previous
 	// process recorded in the store can be told from the current ones.
 	Incarnation string
+	// Protocol is the version of the node-link messages the broker
+	// understands (0: a release from before it was advertised). A sender
+	// uses a message or field only when the receiver's version has it.
+	Protocol int
 }
 
 // Encode returns the tags as a Serf tag map; empty fields are left out.
@@ -63,6 +67,9 @@ func (t Tags) Encode() map[string]string {
 	if t.Draining {
 		m["drain"] = "1"
 	}
+	if t.Protocol > 0 {
+		m["cp"] = strconv.Itoa(t.Protocol)
+	}
 	return m
 }
 
@@ -87,6 +94,9 @@ func DecodeTags(m map[string]string) (Tags, error) {
 		return t, err
 	}
 	if t.Connections, err = num("conns"); err != nil {
+		return t, err
+	}
+	if t.Protocol, err = num("cp"); err != nil {
 		return t, err
 	}
 	if v, ok := m["lt"]; ok {

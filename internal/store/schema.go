@@ -24,7 +24,7 @@ const (
 	CollAlerts            = "alerts"             // watchdog alerts
 	CollSessions          = "sessions"           // persistent MQTT sessions, keyed by client ID, with their owner broker
 	CollSessionMessages   = "session_messages"   // QoS 1/2 messages held for persistent sessions, keyed by client ID and packet ID
-	CollSessionClaims     = "session_claims"     // one document per adoption of a session (client ID and epoch): the insert that wins is the adoption
+	CollSessionClaims     = "session_claims"     // one document per adoption of a session under way (client ID and epoch): the insert that wins is the adoption; deleted once the session is taken
 	CollRetained          = "retained"           // retained messages, keyed by topic, last writer wins
 )
 

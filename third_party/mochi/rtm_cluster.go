@@ -251,3 +251,11 @@ func (s *Server) UnsubscribeClientFilter(cl *Client, filter string) bool {
 func (cl *Client) RefuseSession(code packets.Code) {
 	cl.State.rtm.refused = &code
 }
+
+// SessionRefused reports whether an OnSessionEstablish hook refused cl's
+// session (RefuseSession), so a hook called after it does no work for a
+// CONNECT that will be refused. Same goroutine as RefuseSession. rtm
+// patch 34.
+func (cl *Client) SessionRefused() bool {
+	return cl.State.rtm.refused != nil
+}

@@ -239,6 +239,48 @@ func TestRefuseSession(t *testing.T) {
 	}
 }
 
+// refusedRecorder records, for each OnSessionEstablish, whether a hook
+// before it refused the session.
+type refusedRecorder struct {
+	HookBase
+	refused []bool
+}
+
+func (h *refusedRecorder) ID() string           { return "refused-recorder" }
+func (h *refusedRecorder) Provides(b byte) bool { return b == OnSessionEstablish }
+func (h *refusedRecorder) OnSessionEstablish(cl *Client, _ packets.Packet) {
+	h.refused = append(h.refused, cl.SessionRefused())
+}
+
+// TestSessionRefusedSeenByLaterHook (rtm patch 34): an OnSessionEstablish
+// hook called after one that refused the session sees it refused, and
+// after none did, not refused (rtm stores a client's will before its
+// CONNACK, and not for a CONNECT that is refused). v2.7.9 has no way to
+// know.
+func TestSessionRefusedSeenByLaterHook(t *testing.T) {
+	for _, refuse := range []bool{true, false} {
+		s := newServer()
+		if refuse {
+			require.NoError(t, s.AddHook(new(sessionRefuseHook), nil))
+		}
+		rec := new(refusedRecorder)
+		require.NoError(t, s.AddHook(rec, nil))
+		r, w := net.Pipe()
+		done := make(chan error, 1)
+		go func() { done <- s.EstablishConnection("tcp", r) }()
+		go func() { _, _ = w.Write(v5ConnectRaw) }()
+		hb, body, err := readRawPacket(w)
+		require.NoError(t, err)
+		require.Equal(t, byte(packets.Connack<<4), hb)
+		require.GreaterOrEqual(t, len(body), 2)
+		_ = w.Close()
+		<-done
+		_ = r.Close()
+		s.Close()
+		require.Equal(t, []bool{refuse}, rec.refused, "refused first: %v", refuse)
+	}
+}
+
 // dropRecorder records, for each OnQosDropped, whether the client was
 // taken over then.
 type dropRecorder struct {
