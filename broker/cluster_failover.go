@@ -233,18 +233,19 @@ func (c *clusterNode) resendHeld(dead string, adopters []string, msgs []publishM
 		to = append(to, adopters...)
 		slices.Sort(to)
 		to = slices.Compact(to)
-		var plain, withShared []byte
+		var plain, withShared [protoV2 + 1][]byte // by version
 		for _, name := range to {
 			if name == dead || name == self {
 				continue
 			}
+			v := c.peerProtocol(name)
 			pm.Shared = nil
-			body := &plain
+			body := &plain[v]
 			if slices.Contains(adopters, name) {
-				pm.Shared, body = shared, &withShared
+				pm.Shared, body = shared, &withShared[v]
 			}
 			if *body == nil {
-				b, err := pm.encode()
+				b, err := pm.forProto(v).encode()
 				if err != nil {
 					c.b.limits.linkDropped(name, dropNoLink, pm.Packet.FixedHeader.Qos, 1, pm.Packet.TopicName)
 					continue
@@ -328,7 +329,11 @@ const heldWaitMax = 1500 * time.Millisecond
 func (c *clusterNode) brokersDone(dead string) (bool, <-chan struct{}) {
 	nodes := []string{c.node.Name()}
 	for _, p := range c.peers.aliveList() {
-		nodes = append(nodes, p.name)
+		// A protoV1 peer sends no msgHeldDone: not waited for (its held
+		// copies reach everyone unmarked, see publishMsg.forProto).
+		if c.peerProtocol(p.name) >= protoV2 {
+			nodes = append(nodes, p.name)
+		}
 	}
 	return c.heldDone.state(dead, nodes)
 }
@@ -367,6 +372,9 @@ func (c *clusterNode) heldSent(dead, node string) {
 func (c *clusterNode) sendHeldDone(dead string) {
 	body := heldDoneMsg{Dead: dead}.encode()
 	for _, p := range c.peers.aliveList() {
+		if c.peerProtocol(p.name) < protoV2 {
+			continue // it would ignore it
+		}
 		if !p.link.Send(link.Message{Type: msgHeldDone, Body: body}, true) {
 			c.log.Warn("held-link end not sent: link queue full; sessions adopted there move after a pause", "peer", p.name, "node", dead)
 		}

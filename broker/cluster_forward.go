@@ -242,19 +242,20 @@ func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, []stri
 	// are gone from what was read above): cluster_failover.go.
 	c.heldFlush.wait()
 	m := publishMsg{Origin: pk.Origin, Expiry: expiryLeft(pk.Expiry), Packet: pk, Held: held}
-	var plain []byte // the body for peers with no share group, encoded once
+	var plain [protoV2 + 1][]byte // the body for peers with no share group, by version, encoded once
 	for _, t := range targets {
-		body := plain
-		if t.shared != nil || plain == nil {
+		v := c.peerProtocol(t.p.name)
+		body := plain[v]
+		if t.shared != nil || body == nil {
 			m.Shared = t.shared
 			var err error
-			if body, err = m.encode(); err != nil {
+			if body, err = m.forProto(v).encode(); err != nil {
 				c.log.Error("message not forwarded: cannot encode it", "topic", pk.TopicName, "peer", t.p.name, "error", err)
 				fail(t.p.name, dropNoLink)
 				continue
 			}
 			if t.shared == nil {
-				plain = body
+				plain[v] = body
 			}
 		}
 		if err := t.p.link.Queue(link.Message{Type: msgPublish, Body: body}, qos > 0); err != nil {

@@ -248,8 +248,10 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 		// stays until the destination has it.
 		_ = c.b.mq.DisconnectClient(cl, packets.ErrSessionTakenOver)
 	}
-	start := moveStartMsg{Move: o.id, Claim: claim, ClientID: o.clientID, Version: cl.Properties.ProtocolVersion,
-		AdoptedFrom: c.adopted.get(o.clientID)}
+	start := moveStartMsg{Move: o.id, Claim: claim, ClientID: o.clientID, Version: cl.Properties.ProtocolVersion}
+	if c.peerProtocol(p.name) >= protoV2 { // protoV1 refuses the field
+		start.AdoptedFrom = c.adopted.get(o.clientID)
+	}
 	if cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryIntervalFlag {
 		start.Expiry, start.ExpirySet = cl.Properties.Props.SessionExpiryInterval, true
 	}

@@ -257,7 +257,7 @@ func (c *clusterNode) relayTo(r *relay, pm publishMsg) error {
 // sendLate queues one relayed message on the link to r's destination.
 // r.mu is held.
 func (c *clusterNode) sendLate(r *relay, pm publishMsg) error {
-	body, err := moveLateMsg{ClientID: r.id, Pub: pm}.encode()
+	body, err := moveLateMsg{ClientID: r.id, Pub: pm.forProto(c.peerProtocol(r.to))}.encode()
 	if err != nil {
 		return err
 	}

@@ -45,7 +45,10 @@ const (
 	// has no packet ID in msgMoveEnd.
 	protoV1 = 1
 	// protoV2: msgMoveEnd carries the packet ID; decoders ignore
-	// trailing fields.
+	// trailing fields; the failover marks (publishMsg.Held and HeldOf,
+	// moveStartMsg.AdoptedFrom, msgHeldDone: cluster_failover.go), which
+	// a protoV1 peer refuses or ignores, so they go only to protoV2 peers
+	// (forPeer, sendHeldDone, brokersDone).
 	protoV2 = 2
 
 	clusterProtocol = protoV2
@@ -273,6 +276,17 @@ type publishMsg struct {
 	// refuses such a message (it reports the trailing bytes).
 	Held   []string
 	HeldOf string
+}
+
+// forProto returns m as a peer speaking version v reads it: without the
+// failover marks for a protoV1 peer, whose decoder refuses them (it then
+// delivers a held copy to every subscriber, as it did itself: a duplicate
+// for a session that had the direct copy, never a loss).
+func (m publishMsg) forProto(v int) publishMsg {
+	if v < protoV2 {
+		m.Held, m.HeldOf = nil, ""
+	}
+	return m
 }
 
 func (m publishMsg) encode() ([]byte, error) {

@@ -256,3 +256,25 @@ func TestHeldSkip(t *testing.T) {
 		}
 	}
 }
+
+// TestFailoverMarksOnlyToV2: a peer of the previous release (protoV1)
+// refuses a publish with trailing bytes, so the failover marks are left off
+// what it is sent: its body is byte for byte the unmarked message. A
+// protoV2 peer gets them.
+func TestFailoverMarksOnlyToV2(t *testing.T) {
+	m := publishMsg{Origin: "c1", Packet: samplePacket(1), Held: []string{"n2"}, HeldOf: "n2"}
+	plain, err := publishMsg{Origin: "c1", Packet: samplePacket(1)}.encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	v1, err := m.forProto(protoV1).encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(v1, plain) {
+		t.Fatal("a protoV1 peer is sent the failover marks")
+	}
+	if got := m.forProto(protoV2); got.HeldOf != "n2" || !reflect.DeepEqual(got.Held, []string{"n2"}) {
+		t.Fatalf("a protoV2 peer loses the marks: %+v", got)
+	}
+}
