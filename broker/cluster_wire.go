@@ -38,7 +38,8 @@ const (
 // adjacent versions (docs/clustering.md, "Upgrades").
 //
 // New fields go at the end of a message; a field after an optional one
-// (claimReplyMsg.Busy) makes the optional one unconditional.
+// (claimReplyMsg.Busy, publishMsg.HeldOf and Held, moveStartMsg.AdoptedFrom)
+// makes the optional one unconditional.
 const (
 	// protoV1: the releases that advertised no version. Their decoders
 	// refuse bytes after the fields they know, and the oldest of them
@@ -48,7 +49,7 @@ const (
 	// trailing fields; the failover marks (publishMsg.Held and HeldOf,
 	// moveStartMsg.AdoptedFrom, msgHeldDone: cluster_failover.go), which
 	// a protoV1 peer refuses or ignores, so they go only to protoV2 peers
-	// (forPeer, sendHeldDone, brokersDone).
+	// (publishMsg.forProto, moveOut, sendHeldDone, brokersDone).
 	protoV2 = 2
 
 	clusterProtocol = protoV2
