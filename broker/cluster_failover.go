@@ -239,6 +239,12 @@ func (c *clusterNode) resendHeld(dead string, adopters []string, msgs []publishM
 				continue
 			}
 			v := c.peerProtocol(name)
+			if v < protoV2 && !slices.Contains(adopters, name) {
+				// It cannot tell the held copy from the direct one
+				// its subscribers had: it gets what the previous
+				// release sent, copies for its adopted sessions only.
+				continue
+			}
 			pm.Shared = nil
 			body := &plain[v]
 			if slices.Contains(adopters, name) {

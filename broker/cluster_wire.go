@@ -280,9 +280,9 @@ type publishMsg struct {
 }
 
 // forProto returns m as a peer speaking version v reads it: without the
-// failover marks for a protoV1 peer, whose decoder refuses them (it then
-// delivers a held copy to every subscriber, as it did itself: a duplicate
-// for a session that had the direct copy, never a loss).
+// failover marks for a protoV1 peer, whose decoder refuses them. Such a
+// peer delivers a held copy to all its subscribers, so resendHeld sends it
+// held copies only when it adopted sessions, as the previous release did.
 func (m publishMsg) forProto(v int) publishMsg {
 	if v < protoV2 {
 		m.Held, m.HeldOf = nil, ""

@@ -175,3 +175,7 @@ func (b *Broker) SpeakProtocolV1() {
 // PeerProtocol is the cluster protocol version the node uses with broker
 // name.
 func (b *Broker) PeerProtocol(name string) int { return b.cluster.peerProtocol(name) }
+
+// Adopter is the node among live that adopts client id's session when its
+// node dies (rendezvous hashing, as the adoption does).
+func Adopter(id string, live ...string) string { return rendezvousName(id, live) }
