@@ -423,3 +423,50 @@ func (c *clusterNode) resendExpired(peer string, msgs []link.Message) {
 	}
 	c.resendHeld(peer, nil, pms)
 }
+
+// resendRestarted hands what a link threw away because its peer restarted
+// (a new process answered at the same address) to the sessions adopted
+// from the peer, as a release would: should the peer have died and come
+// back before this node released its held link, those sessions skipped
+// the direct copies of these messages. For a peer none of whose sessions
+// were adopted the copies reach nobody; the caller counts the messages
+// lost (the peer's own sessions are gone with its process).
+//
+// A held link that reached a new process holds nothing more: what is
+// forwarded from now on is not marked held for the peer (a new process
+// drops what it gets for the old one's sessions). The flushGate keeps
+// such forwards behind the re-sent copies, as at a release.
+func (c *clusterNode) resendRestarted(peer string, msgs []link.Message) {
+	if c.b.durable == nil {
+		return
+	}
+	select {
+	case <-c.stop:
+		return
+	default:
+	}
+	c.routes.mu.Lock()
+	p := c.peers.getHeld(peer)
+	gate := p != nil && !p.restarted.Load()
+	if gate {
+		c.heldFlush.begin()
+		p.restarted.Store(true)
+	}
+	c.routes.mu.Unlock()
+	if gate {
+		defer c.heldFlush.end()
+	}
+	var pms []publishMsg
+	for _, m := range msgs {
+		if m.Type != msgPublish {
+			continue
+		}
+		if pm, err := decodePublish(m.Body); err == nil {
+			pms = append(pms, pm)
+		}
+	}
+	c.resendHeld(peer, nil, pms)
+	if p != nil {
+		p.resent.Store(true) // releaseWhenAdopted may say it is done with it
+	}
+}

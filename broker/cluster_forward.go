@@ -168,7 +168,9 @@ func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, []stri
 		if p == nil {
 			// Failed, and sending its routes again: it may be alive after
 			// all. Its held link takes the message, resent if it heals.
-			if p = c.peers.held[name]; p != nil {
+			// Not once its link reached a new process: nothing is
+			// held for the adopted sessions any more (resendRestarted).
+			if p = c.peers.held[name]; p != nil && !p.restarted.Load() {
 				held = append(held, name)
 			}
 		}
@@ -264,6 +266,16 @@ func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, []stri
 		}
 		c.forwarded.Add(1)
 		c.forwardedBytes.Add(int64(len(body)))
+		if t.p.restarted.Load() && slices.Contains(held, t.p.name) {
+			// Queued, marked held, on a held link that reached a new
+			// process since the lookup: maybe after the queue it threw
+			// away, so the new process got it and drops it. The sessions
+			// adopted from the peer, which skip the direct copy, get it
+			// as resendRestarted sends the rest (maybe twice).
+			rm := m
+			rm.Shared = nil
+			c.resendHeld(t.p.name, nil, []publishMsg{rm})
+		}
 	}
 	return missed, held, refuse
 }
@@ -298,8 +310,11 @@ func (c *clusterNode) discarded(peer string, why link.Discard, msgs []link.Messa
 	if c.reforward(peer, msgs) {
 		return // durable_cluster.go: sent on to the nodes that adopted the peer's sessions
 	}
-	if why == link.DiscardClosed {
+	switch why {
+	case link.DiscardClosed:
 		c.resendExpired(peer, msgs)
+	case link.DiscardRestarted:
+		c.resendRestarted(peer, msgs)
 	}
 	reason := dropLinkClosed
 	switch why {

@@ -6,6 +6,7 @@ import (
 	"maps"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rtm-dev/rtm/broker/link"
@@ -20,6 +21,11 @@ type peer struct {
 	name, linkAddr string
 	link           *link.Link
 	heldUntil      time.Time // while in peerSet.held: when its queue is given up
+	// restarted: while in peerSet.held, its link reached a new process of
+	// the peer (cluster_failover.go, resendRestarted): what is forwarded
+	// to it is no longer held for the sessions adopted from it.
+	restarted atomic.Bool
+	resent    atomic.Bool // restarted, and what its link threw away was re-sent
 }
 
 // peerSet keeps one outgoing link per broker gossip says is alive, and
@@ -64,6 +70,8 @@ func (s *peerSet) sync(want map[string]string, failed map[string]bool, now time.
 			res.forget = append(res.forget, p)
 			if !ok && failed[name] && s.hold > 0 {
 				p.heldUntil = now.Add(s.hold)
+				p.restarted.Store(false)
+				p.resent.Store(false)
 				s.held[name] = p
 				s.log.Info("peer failed: its routes are dropped; what was queued for it is kept in case it comes back",
 					"peer", name, "queued", p.link.Stats().QueueLen, "hold", s.hold)

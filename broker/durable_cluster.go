@@ -205,6 +205,10 @@ func (f *failover) forget(dead string) {
 	delete(f.doneAt, dead)
 }
 
+// adoptedMarksGrace is how long the marks of the sessions adopted from a
+// failed node stay once gossip reports it alive again.
+const adoptedMarksGrace = 10 * time.Second
+
 // watchFailures adopts the sessions of brokers gossip marks failed, until
 // stop closes.
 func (d *durableHook) watchFailures(stop <-chan struct{}) {
@@ -224,8 +228,16 @@ func (d *durableHook) watchFailures(stop <-chan struct{}) {
 				delete(scanned, name)
 				d.fail.forget(name)
 				if c := d.b.cluster; c != nil {
-					c.adopted.forget(name)
 					c.heldDone.forget(name)
+					// The marks stay a while: a survivor whose held link
+					// for name reached a new process of it (a restart)
+					// re-sends what the link held to the sessions adopted
+					// from it, maybe after this (resendRestarted).
+					time.AfterFunc(adoptedMarksGrace, func() {
+						if _, failed := d.brokers(); !failed[name] {
+							c.adopted.forget(name)
+						}
+					})
 				}
 				d.mu.Lock()
 				delete(d.heldDoneSent, name)
@@ -863,7 +875,17 @@ func (c *clusterNode) unreachable(name string) bool {
 // and keeps the usual hold (cluster.failed_peer_hold).
 func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error {
 	c := d.b.cluster
-	if c.peers.getHeld(dead) == nil {
+	p := c.peers.getHeld(dead)
+	if p != nil && p.restarted.Load() {
+		if p.resent.Load() {
+			// Its link reached a new process of dead and what it held
+			// was sent on (resendRestarted); the link, which holds
+			// nothing more, stays until gossip sees dead alive.
+			d.heldDone(dead)
+		}
+		return nil
+	}
+	if p == nil {
 		d.heldDone(dead) // nothing held (or sent on already)
 		return nil
 	}
@@ -912,7 +934,11 @@ func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error
 			}
 		}
 	}
-	p := c.peers.releaseHeld(dead)
+	if p.restarted.Load() { // since the check above
+		c.routes.mu.Unlock()
+		return nil
+	}
+	p = c.peers.releaseHeld(dead)
 	if p != nil {
 		// Begun before the routes go: a forward that finds them gone
 		// queues after the held messages (cluster_failover.go).

@@ -1,0 +1,160 @@
+package broker_test
+
+import (
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+
+	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/store/storetest"
+	"github.com/rtm-dev/rtm/internal/testcluster"
+	"github.com/rtm-dev/rtm/internal/testutil"
+)
+
+// TestHeldLinkToRestartedNodeReachesAdopted: a node dies, one of its
+// sessions is adopted (its direct copies are skipped there: the held link
+// has them), and the node restarts at the same address before the held
+// link is released (another of its sessions is still being adopted). The
+// held link then finds a new process and throws its queue away; what it
+// held still reaches the adopted session, in order, and so does what is
+// published after. Before, the adopted session lost every message
+// published between the death and the restart (counted as peer_restarted,
+// not against it), and those published until gossip saw the node alive
+// again without a count.
+//
+// Two orders: gossip reports the node alive again before the held link
+// reaches the new process (the link is no longer held then, and the
+// adopter keeps its marks a while for the re-sent copies), or after (the
+// publisher's node is made to see it failed until the end: it forwards
+// meanwhile on the reconnected link, unmarked).
+func TestHeldLinkToRestartedNodeReachesAdopted(t *testing.T) {
+	for _, stillFailed := range []bool{false, true} {
+		t.Run(fmt.Sprintf("still_failed=%v", stillFailed), func(t *testing.T) {
+			heldLinkToRestartedNode(t, stillFailed)
+		})
+	}
+}
+
+func heldLinkToRestartedNode(t *testing.T, stillFailed bool) {
+	st := storetest.Open(t)
+	px := newLinkProxy(t)
+	withStore := func(o *broker.Options) { o.Store = st }
+	n1 := testcluster.Broker(t, "n1", "", withStore)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.LinkAdvertise = st, px.addr()
+	})
+	px.setTarget(n0.Stats().Cluster.Link)
+	nodes := []*broker.Broker{n0, n1, n2}
+	waitMesh(t, nodes...)
+	// svc is adopted by n1, other by n2.
+	pick := func(prefix, adopter string) string {
+		for i := 0; ; i++ {
+			if id := fmt.Sprintf("%s-%d", prefix, i); broker.Adopter(id, "n1", "n2") == adopter {
+				return id
+			}
+		}
+	}
+	svc, other := pick("svc", "n1"), pick("other", "n2")
+	expiry := ptr(uint32(600))
+	for i, id := range []string{svc, other} {
+		c, _ := dialV5(t, n0, &paho.Connect{ClientID: id, CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+		subscribe(t, c, 0, paho.SubscribeOptions{Topic: fmt.Sprintf("t/%d", i), QoS: 1})
+		_ = c.Disconnect(&paho.Disconnect{})
+	}
+	waitConnections(t, n0, 0)
+	waitStoredOwner(t, st, svc, "n0")
+	waitStoredOwner(t, st, other, "n0")
+	waitRoutes(t, nodes, n0, 2)
+	p, _ := dialV5(t, n2, &paho.Connect{ClientID: "p", CleanStart: true})
+
+	// svc's adoption pauses after its claim, so m1 goes to the held link
+	// only; other's adoption waits until the end, so n2's held link for
+	// n0 is not released meanwhile.
+	var once sync.Once
+	blocked, release := make(chan struct{}), make(chan struct{})
+	n1.SetTestAfterClaim(func(id string) {
+		if id == svc {
+			once.Do(func() { close(blocked) })
+			<-release
+		}
+	})
+	defer n1.SetTestAfterClaim(nil)
+	hold := make(chan struct{})
+	n2.SetTestAfterClaim(func(id string) {
+		if id == other {
+			<-hold
+		}
+	})
+	defer n2.SetTestAfterClaim(nil)
+	var holdOnce sync.Once
+	defer holdOnce.Do(func() { close(hold) })
+
+	gossip := n0.GossipAddr()
+	n0.KillCluster()
+	px.cut()
+	select {
+	case <-blocked:
+	case <-time.After(waitCond):
+		t.Fatal("no adoption of the session")
+	}
+	p.Pub(t, "t/0", 1, false, "m1")
+	close(release)
+	waitStoredOwner(t, st, svc, "n1")
+	testutil.WaitFor(t, waitCond, func() error {
+		if got := n2.Stats().Cluster.RemoteRoutes["n1"]; got != 1 {
+			return fmt.Errorf("n2 holds %d routes of n1, want 1 (the adopted session's)", got)
+		}
+		return nil
+	})
+	// m2's direct copy is skipped by the adopted session: the held link
+	// has it.
+	p.Pub(t, "t/0", 1, false, "m2")
+	if st, _ := linkState(n2, "n0"); st != "held" {
+		t.Fatalf("n2's link to n0 %q, want held", st)
+	}
+
+	inc := func() uint64 {
+		for _, l := range n2.Stats().Cluster.Links {
+			if l.Peer == "n0" {
+				return l.PeerIncarnation
+			}
+		}
+		return 0
+	}
+	before := inc()
+	if stillFailed {
+		markFailed(n2, "n0")
+		defer n2.SetTestMembers(nil)
+	}
+	// n0 restarts: same name, same addresses.
+	n0b := testcluster.Broker(t, "n0", n1.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.GossipAddr, o.Cluster.LinkAdvertise = st, gossip, px.addr()
+	})
+	px.setTarget(n0b.Stats().Cluster.Link)
+	testutil.WaitFor(t, waitCond, func() error {
+		want := "up"
+		if stillFailed {
+			want = "held"
+		}
+		if st, _ := linkState(n2, "n0"); st != want || inc() == before {
+			return fmt.Errorf("n2's link to n0 %q, want %s with the new n0", st, want)
+		}
+		return nil
+	})
+	p.Pub(t, "t/0", 1, false, "m3")
+	holdOnce.Do(func() { close(hold) })
+
+	s, ca := dialV5(t, n1, &paho.Connect{ClientID: svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+	if !ca.SessionPresent {
+		t.Fatal("session present = 0 after the adoption")
+	}
+	for _, want := range []string{"m1", "m2", "m3"} {
+		if m := s.Next(t, waitMsg); string(m.Payload) != want {
+			t.Fatalf("adopted session got %q, want %s (m1, m2, m3 in order)", m.Payload, want)
+		}
+	}
+}
