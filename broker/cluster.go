@@ -354,6 +354,15 @@ func (c *clusterNode) syncPeers() {
 	// routes, then peers).
 	c.routes.mu.Lock()
 	res := c.peers.sync(want, failed, time.Now())
+	if c.b.durable != nil && len(res.closing) > 0 {
+		// A held link given up (cluster.failed_peer_hold) hands its
+		// messages to the adopted sessions as it closes (resendExpired),
+		// after its routes go below: a forward that finds them gone
+		// waits for that, as at a release (cluster_failover.go), so its
+		// direct copy does not reach them ahead of older held copies.
+		c.heldFlush.begin()
+		defer c.heldFlush.end()
+	}
 	for _, name := range res.dropRoutes {
 		if c.b.durable != nil && c.peers.getHeld(name) != nil {
 			// With durability, a held peer's routes stay until its

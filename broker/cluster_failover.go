@@ -44,8 +44,10 @@ import (
 // heldWaitMax: the held copies then reach it where it was adopted, once.
 // It carries its mark when it moves (moveStartMsg.AdoptedFrom), and the
 // relay of a move applies the same rule. The marks of D go once every
-// live broker is done with D's held link, or gossip no longer reports D
-// failed.
+// live broker is done with D's held link, or adoptedMarksGrace after
+// gossip no longer reports D failed. A held link that reaches a new
+// process of D re-sends what it threw away as a release would
+// (resendRestarted).
 
 // adoptedMarks maps the client IDs of sessions adopted from a failed node
 // to that node. The mutex is a leaf.
