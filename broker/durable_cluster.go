@@ -234,6 +234,9 @@ func (d *durableHook) watchFailures(stop <-chan struct{}) {
 					// re-sends what the link held to the sessions adopted
 					// from it, maybe after this (resendRestarted).
 					time.AfterFunc(adoptedMarksGrace, func() {
+						if d.ctx.Err() != nil {
+							return // stopped
+						}
 						if _, failed := d.brokers(); !failed[name] {
 							c.adopted.forget(name)
 						}
