@@ -71,6 +71,9 @@ type clusterNode struct {
 	// testAfterForward, if set, is called after a local publish was
 	// forwarded to peers, before mochi delivers it here.
 	testAfterForward atomic.Pointer[func(topic string)]
+	// testBeforeClose, if set, is called by syncPeers before it closes
+	// the link of a peer whose routes it dropped.
+	testBeforeClose atomic.Pointer[func(peer string)]
 	testRelayKeep    atomic.Int32 // > 0: replaces relayKeepMax
 	testRelayBytes   atomic.Int64 // > 0: replaces relayHeldBytesMax
 	// testDeliver, if set, is called before a message from a peer is
@@ -389,6 +392,9 @@ func (c *clusterNode) syncPeers() {
 	}
 	for _, p := range res.closing {
 		c.log.Info("peer removed: its routes are dropped", "peer", p.name)
+		if f := c.testBeforeClose.Load(); f != nil {
+			(*f)(p.name)
+		}
 		p.link.Close() // what is still queued is counted (discarded)
 	}
 }

@@ -1,6 +1,7 @@
 package broker_test
 
 import (
+	"context"
 	"fmt"
 	"sync"
 	"testing"
@@ -155,6 +156,120 @@ func heldLinkToRestartedNode(t *testing.T, stillFailed bool) {
 	for _, want := range []string{"m1", "m2", "m3"} {
 		if m := s.Next(t, waitMsg); string(m.Payload) != want {
 			t.Fatalf("adopted session got %q, want %s (m1, m2, m3 in order)", m.Payload, want)
+		}
+	}
+}
+
+// TestExpiredHeldLinkBeforeLaterForward: a held link given up at
+// cluster.failed_peer_hold (a session of the dead node still not adopted)
+// hands its messages to the sessions adopted so far; a message published
+// while it closes reaches such a session after them. Before, its routes
+// went before the link closed, so a message forwarded in between reached
+// the adopted session directly, ahead of the older held one.
+func TestExpiredHeldLinkBeforeLaterForward(t *testing.T) {
+	st := storetest.Open(t)
+	withStore := func(o *broker.Options) { o.Store = st }
+	n1 := testcluster.Broker(t, "n1", "", withStore)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.FailedPeerHold = st, 3*time.Second
+	})
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), withStore)
+	nodes := []*broker.Broker{n0, n1, n2}
+	waitMesh(t, nodes...)
+	pick := func(prefix, adopter string) string {
+		for i := 0; ; i++ {
+			if id := fmt.Sprintf("%s-%d", prefix, i); broker.Adopter(id, "n1", "n2") == adopter {
+				return id
+			}
+		}
+	}
+	svc, other := pick("svc", "n1"), pick("other", "n2")
+	expiry := ptr(uint32(600))
+	for i, id := range []string{svc, other} {
+		c, _ := dialV5(t, n0, &paho.Connect{ClientID: id, CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+		subscribe(t, c, 0, paho.SubscribeOptions{Topic: fmt.Sprintf("t/%d", i), QoS: 1})
+		_ = c.Disconnect(&paho.Disconnect{})
+	}
+	waitConnections(t, n0, 0)
+	waitStoredOwner(t, st, svc, "n0")
+	waitStoredOwner(t, st, other, "n0")
+	waitRoutes(t, nodes, n0, 2)
+	p, _ := dialV5(t, n2, &paho.Connect{ClientID: "p", CleanStart: true})
+
+	var once sync.Once
+	blocked, release := make(chan struct{}), make(chan struct{})
+	n1.SetTestAfterClaim(func(id string) {
+		if id == svc {
+			once.Do(func() { close(blocked) })
+			<-release
+		}
+	})
+	defer n1.SetTestAfterClaim(nil)
+	hold := make(chan struct{})
+	n2.SetTestAfterClaim(func(id string) {
+		if id == other {
+			<-hold
+		}
+	})
+	defer n2.SetTestAfterClaim(nil)
+	defer close(hold)
+	closing, closeNow := make(chan struct{}), make(chan struct{})
+	var closeOnce sync.Once
+	n2.SetTestBeforeClose(func(peer string) {
+		if peer == "n0" {
+			closeOnce.Do(func() {
+				close(closing)
+				<-closeNow
+			})
+		}
+	})
+	defer n2.SetTestBeforeClose(nil)
+
+	n0.KillCluster()
+	select {
+	case <-blocked:
+	case <-time.After(waitCond):
+		t.Fatal("no adoption of the session")
+	}
+	p.Pub(t, "t/0", 1, false, "m1")
+	close(release)
+	waitStoredOwner(t, st, svc, "n1")
+	testutil.WaitFor(t, waitCond, func() error {
+		if got := n2.Stats().Cluster.RemoteRoutes["n1"]; got != 1 {
+			return fmt.Errorf("n2 holds %d routes of n1, want 1 (the adopted session's)", got)
+		}
+		return nil
+	})
+	select {
+	case <-closing: // n0's routes are gone on n2, its held link not closed yet
+	case <-time.After(waitCond):
+		t.Fatal("n2 did not give up its held link for n0")
+	}
+	acked := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		_, err := p.Client.Publish(ctx, &paho.Publish{Topic: "t/0", QoS: 1, Payload: []byte("m2")})
+		acked <- err
+	}()
+	// m2 is acknowledged at once if nothing keeps it behind the held
+	// link's messages; the link closes after that, or after 2 s.
+	select {
+	case err := <-acked:
+		acked <- err
+	case <-time.After(2 * time.Second):
+	}
+	close(closeNow)
+	if err := <-acked; err != nil {
+		t.Fatalf("m2 not acknowledged: %v", err)
+	}
+	s, ca := dialV5(t, n1, &paho.Connect{ClientID: svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+	if !ca.SessionPresent {
+		t.Fatal("session present = 0 after the adoption")
+	}
+	for _, want := range []string{"m1", "m2"} {
+		if m := s.Next(t, waitMsg); string(m.Payload) != want {
+			t.Fatalf("adopted session got %q, want %s (m1 then m2)", m.Payload, want)
 		}
 	}
 }

@@ -179,3 +179,14 @@ func (b *Broker) PeerProtocol(name string) int { return b.cluster.peerProtocol(n
 // Adopter is the node among live that adopts client id's session when its
 // node dies (rendezvous hashing, as the adoption does).
 func Adopter(id string, live ...string) string { return rendezvousName(id, live) }
+
+// SetTestBeforeClose calls f when the node has dropped the routes of a
+// peer it removes (gone, or failed past cluster.failed_peer_hold), before
+// it closes the link; nil removes it.
+func (b *Broker) SetTestBeforeClose(f func(peer string)) {
+	if f == nil {
+		b.cluster.testBeforeClose.Store(nil)
+		return
+	}
+	b.cluster.testBeforeClose.Store(&f)
+}
