@@ -110,12 +110,21 @@ func (c *clusterNode) OnPublishHold(cl *mqtt.Client, pk packets.Packet) func() e
 	return nil
 }
 
-// OnWillSent forwards a will message once it was published locally, and
-// relays it as OnPublished does. There is nobody to refuse: what cannot be
-// queued is counted.
-func (c *clusterNode) OnWillSent(_ *mqtt.Client, pk packets.Packet) {
+// OnWillPublish forwards a will message before mochi publishes it here
+// (rtm patch 28), as OnPublish does a client's PUBLISH: a will the held
+// link of a failed peer took too is not delivered here to the sessions
+// adopted from that peer (the Exclude set here goes with the packet to the
+// local delivery and to OnWillSent); they get the held copy. There is
+// nobody to refuse: what cannot be queued is counted.
+func (c *clusterNode) OnWillPublish(_ *mqtt.Client, pk packets.Packet) packets.Packet {
 	held, _ := c.forward(pk)
 	pk.Exclude = c.exclude(held, "")
+	return pk
+}
+
+// OnWillSent relays a will once it was published here, as OnPublished
+// does a client's message.
+func (c *clusterNode) OnWillSent(_ *mqtt.Client, pk packets.Packet) {
 	_ = c.relayLocal(pk)
 }
 
