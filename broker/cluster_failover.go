@@ -143,8 +143,8 @@ func (c *clusterNode) exclude(held []string, heldOf string) func(string) bool {
 // before it drops the failed node's routes and ends it once every held
 // message is queued or delivered. A forward waits for that only if its
 // message can meet a re-sent one: its route lookup skipped the released
-// peer, or it goes to one of the adopters (the node itself for the local
-// delivery); other publishers go on. It waits once per publish, at most
+// peer, or it goes to one of the adopters, or to a session adopted here
+// (this node one of them); other publishers go on. It waits once per publish, at most
 // flushWaitMax, which only a re-delivery stalled by congested subscribers
 // reaches. The mutex is a leaf.
 type flushGate struct {

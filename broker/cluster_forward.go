@@ -132,10 +132,10 @@ func (c *clusterNode) OnWillSent(_ *mqtt.Client, pk packets.Packet) {
 // state for every peer, counting each peer it could not be queued for. It
 // returns the failed peers whose held links took pk, and the reason code to
 // refuse a QoS 1/2 publish with if any peer was missed: 0x97 (quota
-// exceeded) for a full link queue, else 0x80. If this node adopted
-// sessions of a failed node whose held link it is releasing, it returns
-// after the re-sends (flushGate), so the local delivery that follows comes
-// after them too. pub is the publisher (nil for a will).
+// exceeded) for a full link queue, else 0x80. If pk is for a session
+// adopted here from a failed node whose held link this node is releasing,
+// it returns after the re-sends (flushGate), so the local delivery that
+// follows comes after them too. pub is the publisher (nil for a will).
 func (c *clusterNode) forward(pub *mqtt.Client, pk packets.Packet) ([]string, error) {
 	if strings.HasPrefix(pk.TopicName, "$SYS") {
 		return nil, nil
@@ -155,7 +155,7 @@ func (c *clusterNode) forward(pub *mqtt.Client, pk packets.Packet) ([]string, er
 	// Once per publish: forwardPublish's wait covered the local delivery
 	// too (a release that begins after its route lookup left this
 	// message's copies marked for the held link: see exclude).
-	if !waited && c.heldFlush.needed(c.node.Name()) {
+	if !waited && c.heldFlush.needed(c.node.Name()) && c.adoptedSubscriber(pk.TopicName) {
 		c.heldFlush.wait(pub)
 	}
 	return held, refuse
@@ -258,16 +258,17 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 	// a publisher that does not retry still reaches every peer it can.
 	// Behind the re-sends of a held link released meanwhile (its routes
 	// are gone from what was read above), if this message can meet them:
-	// it goes to an adopter, or is delivered here, an adopter too
-	// (cluster_failover.go). Publishers whose messages go elsewhere do not
-	// wait.
+	// it goes to an adopter, or to a session adopted here, this node being
+	// an adopter (cluster_failover.go). Publishers whose messages go
+	// elsewhere do not wait.
 	waited := false
 	if c.heldFlush.n.Load() > 0 {
-		names := []string{c.node.Name()}
+		names := make([]string, 0, len(targets))
 		for _, t := range targets {
 			names = append(names, t.p.name)
 		}
-		if skipped || c.heldFlush.needed(names...) {
+		if skipped || c.heldFlush.needed(names...) ||
+			(c.heldFlush.needed(c.node.Name()) && c.adoptedSubscriber(pk.TopicName)) {
 			c.heldFlush.wait(pub)
 			waited = true
 		}
@@ -297,6 +298,29 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 		c.forwardedBytes.Add(int64(len(body)))
 	}
 	return missed, held, waited, refuse
+}
+
+// adoptedSubscriber reports whether a session here that was adopted from a
+// failed node subscribes to topic: only a release's wait asks (a lookup of
+// the local subscribers).
+func (c *clusterNode) adoptedSubscriber(topic string) bool {
+	if c.adopted.n.Load() == 0 {
+		return false
+	}
+	subs := c.b.mq.Topics.Subscribers(topic)
+	for id := range subs.Subscriptions {
+		if c.adopted.get(id) != "" {
+			return true
+		}
+	}
+	for _, members := range subs.Shared {
+		for id := range members {
+			if c.adopted.get(id) != "" {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // memberNames returns the names of the share group's members found in pool.
