@@ -129,7 +129,7 @@ func newClusterNode(b *Broker, cfg config.Cluster, timing cluster.Timing) *clust
 func (c *clusterNode) ID() string { return "rtm-cluster" }
 
 func (c *clusterNode) Provides(b byte) bool {
-	return b == mqtt.OnPublish || b == mqtt.OnPublished || b == mqtt.OnPublishHold || b == mqtt.OnWillSent || b == mqtt.OnSessionEstablish
+	return b == mqtt.OnPublish || b == mqtt.OnPublished || b == mqtt.OnPublishHold || b == mqtt.OnWillPublish || b == mqtt.OnWillSent || b == mqtt.OnSessionEstablish
 }
 
 // start binds the node link and joins gossip. The broker's listeners are

@@ -6,6 +6,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	mqtt "github.com/mochi-mqtt/server/v2"
+
 	"github.com/rtm-dev/rtm/broker/link"
 	"github.com/rtm-dev/rtm/internal/cluster"
 )
@@ -35,8 +37,8 @@ import (
 //     on from its adopter) and is delivered to the sessions adopted from D
 //     alone (the others got the direct copy);
 //   - a copy forwarded after the release carries nothing: the release
-//     queues every held copy before any such copy (flushGate), on the same
-//     links, so it arrives after them.
+//     queues every held copy before any such copy to an adopter (flushGate),
+//     on the same links, so it arrives after them.
 //
 // A session adopted from D moves on (a claim of its client on another
 // node) only once every live broker has sent on what it held for D
@@ -139,39 +141,72 @@ func (c *clusterNode) exclude(held []string, heldOf string) func(string) bool {
 }
 
 // flushGate keeps what is forwarded after a held link's release behind the
-// held messages it re-sends: a release begins it before it drops the
-// failed node's routes and ends it once every held message is queued or
-// delivered; a forward that found the routes gone waits for that (at most
-// flushWaitMax, which only a delivery stalled by congested subscribers
-// reaches). The mutex is a leaf.
+// held messages it re-sends: a release begins it, naming its adopters,
+// before it drops the failed node's routes and ends it once every held
+// message is queued or delivered. A forward waits for that only if its
+// message can meet a re-sent one: its route lookup skipped the released
+// peer, or it goes to one of the adopters, or to a session adopted here
+// (this node one of them); other publishers go on. It waits once per publish, at most
+// flushWaitMax, which only a re-delivery stalled by congested subscribers
+// reaches. The mutex is a leaf.
 type flushGate struct {
 	n    atomic.Int32
 	mu   sync.Mutex
 	idle chan struct{}
+	to   map[string]int // the adopters of the releases under way, each with its count
 }
 
 // flushWaitMax bounds a publisher's wait for a release's re-sends.
 const flushWaitMax = 5 * time.Second
 
-func (g *flushGate) begin() {
+func (g *flushGate) begin(adopters []string) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.n.Load() == 0 {
 		g.idle = make(chan struct{})
 	}
+	if g.to == nil {
+		g.to = map[string]int{}
+	}
+	for _, a := range adopters {
+		g.to[a]++
+	}
 	g.n.Add(1)
 }
 
-func (g *flushGate) end() {
+func (g *flushGate) end(adopters []string) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	for _, a := range adopters {
+		if g.to[a]--; g.to[a] <= 0 {
+			delete(g.to, a)
+		}
+	}
 	if g.n.Add(-1) == 0 {
 		close(g.idle)
 	}
 }
 
-// wait returns once no release re-sends, or after flushWaitMax.
-func (g *flushGate) wait() {
+// needed reports whether a release under way re-sends to one of names.
+func (g *flushGate) needed(names ...string) bool {
+	if g.n.Load() == 0 {
+		return false
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for _, name := range names {
+		if g.to[name] > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// wait returns once no release re-sends, or after flushWaitMax. pub, the
+// publisher whose read loop waits (nil for a will), first writes out the
+// acknowledgements it holds back (rtm patch 70), so those of its earlier
+// messages do not wait with this one.
+func (g *flushGate) wait(pub *mqtt.Client) {
 	if g.n.Load() == 0 {
 		return
 	}
@@ -183,6 +218,9 @@ func (g *flushGate) wait() {
 	g.mu.Unlock()
 	if ch == nil {
 		return
+	}
+	if pub != nil {
+		pub.FlushHeld()
 	}
 	t := time.NewTimer(flushWaitMax)
 	defer t.Stop()

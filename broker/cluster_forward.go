@@ -72,7 +72,7 @@ func (c *clusterNode) unpinRoutes(filters []string) {
 func (c *clusterNode) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if !cl.Net.Inline {
 		c.noteDirect(pk) // before the forward's routes are read
-		held, err := c.forward(pk)
+		held, err := c.forward(cl, pk)
 		if err != nil && pk.FixedHeader.Qos > 0 {
 			return pk, err
 		}
@@ -110,12 +110,21 @@ func (c *clusterNode) OnPublishHold(cl *mqtt.Client, pk packets.Packet) func() e
 	return nil
 }
 
-// OnWillSent forwards a will message once it was published locally, and
-// relays it as OnPublished does. There is nobody to refuse: what cannot be
-// queued is counted.
-func (c *clusterNode) OnWillSent(_ *mqtt.Client, pk packets.Packet) {
-	held, _ := c.forward(pk)
+// OnWillPublish forwards a will message before mochi publishes it here
+// (rtm patch 28), as OnPublish does a client's PUBLISH: a will the held
+// link of a failed peer took too is not delivered here to the sessions
+// adopted from that peer (the Exclude set here goes with the packet to the
+// local delivery and to OnWillSent); they get the held copy. There is
+// nobody to refuse: what cannot be queued is counted.
+func (c *clusterNode) OnWillPublish(_ *mqtt.Client, pk packets.Packet) packets.Packet {
+	held, _ := c.forward(nil, pk)
 	pk.Exclude = c.exclude(held, "")
+	return pk
+}
+
+// OnWillSent relays a will once it was published here, as OnPublished
+// does a client's message.
+func (c *clusterNode) OnWillSent(_ *mqtt.Client, pk packets.Packet) {
 	_ = c.relayLocal(pk)
 }
 
@@ -123,36 +132,43 @@ func (c *clusterNode) OnWillSent(_ *mqtt.Client, pk packets.Packet) {
 // state for every peer, counting each peer it could not be queued for. It
 // returns the failed peers whose held links took pk, and the reason code to
 // refuse a QoS 1/2 publish with if any peer was missed: 0x97 (quota
-// exceeded) for a full link queue, else 0x80. It returns after the re-sends
-// of a held link released meanwhile (flushGate), so the local delivery
-// that follows does too.
-func (c *clusterNode) forward(pk packets.Packet) ([]string, error) {
+// exceeded) for a full link queue, else 0x80. If pk is for a session
+// adopted here from a failed node whose held link this node is releasing,
+// it returns after the re-sends (flushGate), so the local delivery that
+// follows comes after them too. pub is the publisher (nil for a will).
+func (c *clusterNode) forward(pub *mqtt.Client, pk packets.Packet) ([]string, error) {
 	if strings.HasPrefix(pk.TopicName, "$SYS") {
 		return nil, nil
 	}
 	var refuse error
 	var missed map[string]bool
 	var held []string
+	waited := false
 	if c.routes.count.Load() > 0 { // else no peer subscribes to anything: skip the lookup
-		missed, held, refuse = c.forwardPublish(pk)
+		missed, held, waited, refuse = c.forwardPublish(pub, pk)
 	}
 	// A refused message is not retained here (mochi skips it), so not on
 	// the peers either.
 	if pk.FixedHeader.Retain && (refuse == nil || pk.FixedHeader.Qos == 0) {
 		c.forwardRetained(pk, missed)
 	}
-	c.heldFlush.wait()
+	// Once per publish: forwardPublish's wait covered the local delivery
+	// too (a release that begins after its route lookup left this
+	// message's copies marked for the held link: see exclude).
+	if !waited && c.heldFlush.needed(c.node.Name()) && c.adoptedSubscriber(pk.TopicName) {
+		c.heldFlush.wait(pub)
+	}
 	return held, refuse
 }
 
 // forwardPublish queues pk for the peers whose routes match it. It returns
 // the peers it could not be queued for, each counted once, the failed
-// peers whose held links took it, and the refusal for a QoS 1/2 publisher
-// (see forward).
-func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, []string, error) {
+// peers whose held links took it, whether it waited for a release's
+// re-sends, and the refusal for a QoS 1/2 publisher (see forward).
+func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[string]bool, []string, bool, error) {
 	subs := c.routes.subscribers(pk.TopicName)
 	if len(subs.Subscriptions) == 0 && len(subs.Shared) == 0 {
-		return nil, nil, nil // no peer wants it: nothing crosses a link
+		return nil, nil, false, nil // no peer wants it: nothing crosses a link
 	}
 	type target struct {
 		p      *peer
@@ -161,6 +177,7 @@ func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, []stri
 	targets := make([]target, 0, len(subs.Subscriptions)+len(subs.Shared))
 	var missing []string // peers with matching routes and no link
 	var held []string    // failed peers whose held link takes it
+	skipped := false     // a released peer's route matched
 	c.routes.mu.Lock()
 	c.peers.mu.Lock()
 	for name := range subs.Subscriptions {
@@ -178,6 +195,7 @@ func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, []stri
 			if c.routes.releasedLocked(name) {
 				// Its held link was released (its sessions adopted) after
 				// the lookup above: the adopters' routes took over.
+				skipped = true
 				continue
 			}
 			missing = append(missing, name)
@@ -241,8 +259,22 @@ func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, []stri
 	// queue in its order. Every target is tried, even after a failure, so
 	// a publisher that does not retry still reaches every peer it can.
 	// Behind the re-sends of a held link released meanwhile (its routes
-	// are gone from what was read above): cluster_failover.go.
-	c.heldFlush.wait()
+	// are gone from what was read above), if this message can meet them:
+	// it goes to an adopter, or to a session adopted here, this node being
+	// an adopter (cluster_failover.go). Publishers whose messages go
+	// elsewhere do not wait.
+	waited := false
+	if c.heldFlush.n.Load() > 0 {
+		names := make([]string, 0, len(targets))
+		for _, t := range targets {
+			names = append(names, t.p.name)
+		}
+		if skipped || c.heldFlush.needed(names...) ||
+			(c.heldFlush.needed(c.node.Name()) && c.adoptedSubscriber(pk.TopicName)) {
+			c.heldFlush.wait(pub)
+			waited = true
+		}
+	}
 	m := publishMsg{Origin: pk.Origin, Expiry: expiryLeft(pk.Expiry), Packet: pk, Held: held}
 	var plain [protoV2 + 1][]byte // the body for peers with no share group, by version, encoded once
 	for _, t := range targets {
@@ -277,7 +309,30 @@ func (c *clusterNode) forwardPublish(pk packets.Packet) (map[string]bool, []stri
 			c.resendHeld(t.p.name, nil, []publishMsg{rm})
 		}
 	}
-	return missed, held, refuse
+	return missed, held, waited, refuse
+}
+
+// adoptedSubscriber reports whether a session here that was adopted from a
+// failed node subscribes to topic: only a release's wait asks (a lookup of
+// the local subscribers).
+func (c *clusterNode) adoptedSubscriber(topic string) bool {
+	if c.adopted.n.Load() == 0 {
+		return false
+	}
+	subs := c.b.mq.Topics.Subscribers(topic)
+	for id := range subs.Subscriptions {
+		if c.adopted.get(id) != "" {
+			return true
+		}
+	}
+	for _, members := range subs.Shared {
+		for id := range members {
+			if c.adopted.get(id) != "" {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // memberNames returns the names of the share group's members found in pool.

@@ -945,14 +945,14 @@ func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error
 	if p != nil {
 		// Begun before the routes go: a forward that finds them gone
 		// queues after the held messages (cluster_failover.go).
-		c.heldFlush.begin()
+		c.heldFlush.begin(adopters)
 		c.routes.releaseLocked(dead)
 	}
 	c.routes.mu.Unlock()
 	if p == nil {
 		return nil
 	}
-	defer c.heldFlush.end()
+	defer c.heldFlush.end(adopters)
 	d.mu.Lock()
 	d.reforwardTo[dead] = adopters
 	d.mu.Unlock()

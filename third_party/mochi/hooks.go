@@ -60,6 +60,7 @@ const (
 	OnPublishExpired        // rtm patch 27
 	OnPublishDroppedBytes   // rtm patch 40
 	OnPublishHold           // rtm patch 54
+	OnWillPublish           // rtm patch 28
 )
 
 var (
@@ -115,6 +116,7 @@ type Hook interface {
 	OnQosDropped(cl *Client, pk packets.Packet)
 	OnPacketIDExhausted(cl *Client, pk packets.Packet)
 	OnWill(cl *Client, will Will) (Will, error)
+	OnWillPublish(cl *Client, pk packets.Packet) packets.Packet // rtm patch 28
 	OnWillSent(cl *Client, pk packets.Packet)
 	OnClientExpired(cl *Client)
 	OnRetainedExpired(filter string)
@@ -657,6 +659,22 @@ func (h *Hooks) OnWill(cl *Client, will Will) Will {
 	return will
 }
 
+// OnWillPublish is called with a will message just before it is published
+// to the subscribers here (immediately or once its delay passed); the
+// packet the hooks return, in the order they were attached, is the one
+// published, retained and reported to OnWillSent. rtm patch 28: a hook
+// can set what an OnPublish hook sets for a client's PUBLISH
+// (Packet.Exclude, rtm patch 24) before the local delivery, which
+// OnWillSent, called after it, cannot.
+func (h *Hooks) OnWillPublish(cl *Client, pk packets.Packet) packets.Packet {
+	for _, hook := range h.providing(OnWillPublish) {
+		if hook.Provides(OnWillPublish) {
+			pk = hook.OnWillPublish(cl, pk)
+		}
+	}
+	return pk
+}
+
 // OnWillSent is called when an LWT message has been issued from a disconnecting client.
 func (h *Hooks) OnWillSent(cl *Client, pk packets.Packet) {
 	for _, hook := range h.providing(OnWillSent) { // rtm patch 81
@@ -976,6 +994,9 @@ func (h *HookBase) OnPublishHold(cl *Client, pk packets.Packet) func() error { r
 func (h *HookBase) OnWill(cl *Client, will Will) (Will, error) {
 	return will, nil
 }
+
+// OnWillPublish returns the will unchanged. rtm patch 28.
+func (h *HookBase) OnWillPublish(cl *Client, pk packets.Packet) packets.Packet { return pk }
 
 // OnWillSent is called when an LWT message has been issued from a disconnecting client.
 func (h *HookBase) OnWillSent(cl *Client, pk packets.Packet) {}

@@ -2023,6 +2023,7 @@ func (s *Server) sendLWT(cl *Client) {
 		return
 	}
 
+	pk = s.hooks.OnWillPublish(cl, pk) // rtm patch 28
 	if pk.FixedHeader.Retain {
 		s.retainMessage(cl, pk)
 	}
@@ -2279,7 +2280,6 @@ func (s *Server) sendDelayedLWT(dt int64) {
 
 	for _, w := range due {
 		id, pk := w.id, w.pk
-		s.publishToSubscribers(pk) // [MQTT-3.1.2-8]
 		// rtm patch 46: a delayed will whose client is gone (its session
 		// ended before the delay passed, e.g. session expiry 0) is retained
 		// and reported to OnWillSent like any other will, with a stand-in
@@ -2290,6 +2290,8 @@ func (s *Server) sendDelayedLWT(dt int64) {
 		if !ok {
 			cl = &Client{ID: id}
 		}
+		pk = s.hooks.OnWillPublish(cl, pk) // rtm patch 28
+		s.publishToSubscribers(pk)         // [MQTT-3.1.2-8]
 		if pk.FixedHeader.Retain {
 			s.retainMessage(cl, pk)
 		}
