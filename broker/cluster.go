@@ -363,8 +363,8 @@ func (c *clusterNode) syncPeers() {
 		// after its routes go below: a forward that finds them gone
 		// waits for that, as at a release (cluster_failover.go), so its
 		// direct copy does not reach them ahead of older held copies.
-		c.heldFlush.begin()
-		defer c.heldFlush.end()
+		c.heldFlush.begin(allAdopters)
+		defer c.heldFlush.end(allAdopters)
 	}
 	for _, name := range res.dropRoutes {
 		if c.b.durable != nil && c.peers.getHeld(name) != nil {

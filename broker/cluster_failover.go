@@ -194,6 +194,9 @@ func (g *flushGate) needed(names ...string) bool {
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	if len(names) > 0 && g.to[gateAll] > 0 {
+		return true
+	}
 	for _, name := range names {
 		if g.to[name] > 0 {
 			return true
@@ -201,6 +204,15 @@ func (g *flushGate) needed(names ...string) bool {
 	}
 	return false
 }
+
+// gateAll, as an adopter given to flushGate.begin, makes every publish
+// with a target wait: for the rare re-sends whose adopters are not
+// tracked (a held link given up at cluster.failed_peer_hold, or one that
+// reached a restarted peer), bounded like a release's.
+const gateAll = "\x00all"
+
+// allAdopters is the adopters of those re-sends.
+var allAdopters = []string{gateAll}
 
 // wait returns once no release re-sends, or after flushWaitMax. pub, the
 // publisher whose read loop waits (nil for a will), first writes out the
@@ -489,12 +501,12 @@ func (c *clusterNode) resendRestarted(peer string, msgs []link.Message) {
 	p := c.peers.getHeld(peer)
 	gate := p != nil && !p.restarted.Load()
 	if gate {
-		c.heldFlush.begin()
+		c.heldFlush.begin(allAdopters)
 		p.restarted.Store(true)
 	}
 	c.routes.mu.Unlock()
 	if gate {
-		defer c.heldFlush.end()
+		defer c.heldFlush.end(allAdopters)
 	}
 	var pms []publishMsg
 	for _, m := range msgs {
