@@ -10,6 +10,7 @@ import (
 	"github.com/eclipse/paho.golang/paho"
 
 	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/store"
 	"github.com/rtm-dev/rtm/internal/store/storetest"
 	"github.com/rtm-dev/rtm/internal/testcluster"
 	"github.com/rtm-dev/rtm/internal/testutil"
@@ -51,48 +52,10 @@ func heldLinkToRestartedNode(t *testing.T, stillFailed bool) {
 	px.setTarget(n0.Stats().Cluster.Link)
 	nodes := []*broker.Broker{n0, n1, n2}
 	waitMesh(t, nodes...)
-	// svc is adopted by n1, other by n2.
-	pick := func(prefix, adopter string) string {
-		for i := 0; ; i++ {
-			if id := fmt.Sprintf("%s-%d", prefix, i); broker.Adopter(id, "n1", "n2") == adopter {
-				return id
-			}
-		}
-	}
-	svc, other := pick("svc", "n1"), pick("other", "n2")
-	expiry := ptr(uint32(600))
-	for i, id := range []string{svc, other} {
-		c, _ := dialV5(t, n0, &paho.Connect{ClientID: id, CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
-		subscribe(t, c, 0, paho.SubscribeOptions{Topic: fmt.Sprintf("t/%d", i), QoS: 1})
-		_ = c.Disconnect(&paho.Disconnect{})
-	}
-	waitConnections(t, n0, 0)
-	waitStoredOwner(t, st, svc, "n0")
-	waitStoredOwner(t, st, other, "n0")
-	waitRoutes(t, nodes, n0, 2)
-	p, _ := dialV5(t, n2, &paho.Connect{ClientID: "p", CleanStart: true})
-
-	// svc's adoption pauses after its claim, so m1 goes to the held link
-	// only; other's adoption waits until the end, so n2's held link for
-	// n0 is not released meanwhile.
-	var once sync.Once
-	blocked, release := make(chan struct{}), make(chan struct{})
-	n1.SetTestAfterClaim(func(id string) {
-		if id == svc {
-			once.Do(func() { close(blocked) })
-			<-release
-		}
-	})
-	defer n1.SetTestAfterClaim(nil)
-	hold := make(chan struct{})
-	n2.SetTestAfterClaim(func(id string) {
-		if id == other {
-			<-hold
-		}
-	})
-	defer n2.SetTestAfterClaim(nil)
+	a := pauseAdoptions(t, st, nodes)
+	svc, p, blocked, release := a.svc, a.p, a.blocked, a.release
 	var holdOnce sync.Once
-	defer holdOnce.Do(func() { close(hold) })
+	defer holdOnce.Do(func() { close(a.hold) })
 
 	gossip := n0.GossipAddr()
 	n0.KillCluster()
@@ -147,9 +110,9 @@ func heldLinkToRestartedNode(t *testing.T, stillFailed bool) {
 		return nil
 	})
 	p.Pub(t, "t/0", 1, false, "m3")
-	holdOnce.Do(func() { close(hold) })
+	holdOnce.Do(func() { close(a.hold) })
 
-	s, ca := dialV5(t, n1, &paho.Connect{ClientID: svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+	s, ca := dialV5(t, n1, &paho.Connect{ClientID: svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
 	if !ca.SessionPresent {
 		t.Fatal("session present = 0 after the adoption")
 	}
@@ -176,43 +139,9 @@ func TestExpiredHeldLinkBeforeLaterForward(t *testing.T) {
 	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), withStore)
 	nodes := []*broker.Broker{n0, n1, n2}
 	waitMesh(t, nodes...)
-	pick := func(prefix, adopter string) string {
-		for i := 0; ; i++ {
-			if id := fmt.Sprintf("%s-%d", prefix, i); broker.Adopter(id, "n1", "n2") == adopter {
-				return id
-			}
-		}
-	}
-	svc, other := pick("svc", "n1"), pick("other", "n2")
-	expiry := ptr(uint32(600))
-	for i, id := range []string{svc, other} {
-		c, _ := dialV5(t, n0, &paho.Connect{ClientID: id, CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
-		subscribe(t, c, 0, paho.SubscribeOptions{Topic: fmt.Sprintf("t/%d", i), QoS: 1})
-		_ = c.Disconnect(&paho.Disconnect{})
-	}
-	waitConnections(t, n0, 0)
-	waitStoredOwner(t, st, svc, "n0")
-	waitStoredOwner(t, st, other, "n0")
-	waitRoutes(t, nodes, n0, 2)
-	p, _ := dialV5(t, n2, &paho.Connect{ClientID: "p", CleanStart: true})
-
-	var once sync.Once
-	blocked, release := make(chan struct{}), make(chan struct{})
-	n1.SetTestAfterClaim(func(id string) {
-		if id == svc {
-			once.Do(func() { close(blocked) })
-			<-release
-		}
-	})
-	defer n1.SetTestAfterClaim(nil)
-	hold := make(chan struct{})
-	n2.SetTestAfterClaim(func(id string) {
-		if id == other {
-			<-hold
-		}
-	})
-	defer n2.SetTestAfterClaim(nil)
-	defer close(hold)
+	a := pauseAdoptions(t, st, nodes)
+	svc, p, blocked, release := a.svc, a.p, a.blocked, a.release
+	defer close(a.hold)
 	closing, closeNow := make(chan struct{}), make(chan struct{})
 	var closeOnce sync.Once
 	n2.SetTestBeforeClose(func(peer string) {
@@ -263,7 +192,7 @@ func TestExpiredHeldLinkBeforeLaterForward(t *testing.T) {
 	if err := <-acked; err != nil {
 		t.Fatalf("m2 not acknowledged: %v", err)
 	}
-	s, ca := dialV5(t, n1, &paho.Connect{ClientID: svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+	s, ca := dialV5(t, n1, &paho.Connect{ClientID: svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
 	if !ca.SessionPresent {
 		t.Fatal("session present = 0 after the adoption")
 	}
@@ -272,4 +201,56 @@ func TestExpiredHeldLinkBeforeLaterForward(t *testing.T) {
 			t.Fatalf("adopted session got %q, want %s (m1 then m2)", m.Payload, want)
 		}
 	}
+}
+
+// pausedAdoptions is what pauseAdoptions set up.
+type pausedAdoptions struct {
+	svc, other string        // persistent sessions on n0 (t/0, t/1), adopted by n1 and n2
+	p          *testutil.V5  // a publisher on n2
+	blocked    chan struct{} // closed when n1 has claimed svc and pauses
+	release    chan struct{} // close to let n1's adoption of svc go on
+	hold       chan struct{} // close to let n2's adoption of other go on (the test must)
+}
+
+// pauseAdoptions gives n0 of nodes (n0, n1, n2) two persistent sessions,
+// svc adopted by n1 and other by n2 when n0 dies, and pauses both
+// adoptions after their claims: svc's until release, other's (so n2's held
+// link for n0 is not released) until hold.
+func pauseAdoptions(t *testing.T, st *store.Store, nodes []*broker.Broker) pausedAdoptions {
+	t.Helper()
+	n0, n1, n2 := nodes[0], nodes[1], nodes[2]
+	pick := func(prefix, adopter string) string {
+		for i := 0; ; i++ {
+			if id := fmt.Sprintf("%s-%d", prefix, i); broker.Adopter(id, "n1", "n2") == adopter {
+				return id
+			}
+		}
+	}
+	a := pausedAdoptions{svc: pick("svc", "n1"), other: pick("other", "n2"),
+		blocked: make(chan struct{}), release: make(chan struct{}), hold: make(chan struct{})}
+	for i, id := range []string{a.svc, a.other} {
+		c, _ := dialV5(t, n0, &paho.Connect{ClientID: id, CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
+		subscribe(t, c, 0, paho.SubscribeOptions{Topic: fmt.Sprintf("t/%d", i), QoS: 1})
+		_ = c.Disconnect(&paho.Disconnect{})
+	}
+	waitConnections(t, n0, 0)
+	waitStoredOwner(t, st, a.svc, "n0")
+	waitStoredOwner(t, st, a.other, "n0")
+	waitRoutes(t, nodes, n0, 2)
+	a.p, _ = dialV5(t, n2, &paho.Connect{ClientID: "p", CleanStart: true})
+	var once sync.Once
+	n1.SetTestAfterClaim(func(id string) {
+		if id == a.svc {
+			once.Do(func() { close(a.blocked) })
+			<-a.release
+		}
+	})
+	t.Cleanup(func() { n1.SetTestAfterClaim(nil) })
+	n2.SetTestAfterClaim(func(id string) {
+		if id == a.other {
+			<-a.hold
+		}
+	})
+	t.Cleanup(func() { n2.SetTestAfterClaim(nil) })
+	return a
 }
