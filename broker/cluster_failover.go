@@ -464,16 +464,7 @@ func (c *clusterNode) resendExpired(peer string, msgs []link.Message) {
 	if !failed {
 		return
 	}
-	var pms []publishMsg
-	for _, m := range msgs {
-		if m.Type != msgPublish {
-			continue
-		}
-		if pm, err := decodePublish(m.Body); err == nil {
-			pms = append(pms, pm)
-		}
-	}
-	c.resendHeld(peer, nil, pms)
+	c.resendHeld(peer, nil, linkPublishes(msgs))
 }
 
 // resendRestarted hands what a link threw away because its peer restarted
@@ -508,6 +499,15 @@ func (c *clusterNode) resendRestarted(peer string, msgs []link.Message) {
 	if gate {
 		defer c.heldFlush.end(allAdopters)
 	}
+	c.resendHeld(peer, nil, linkPublishes(msgs))
+	if p != nil {
+		p.resent.Store(true) // releaseWhenAdopted may say it is done with it
+	}
+}
+
+// linkPublishes decodes the publishes among msgs (a link's discarded
+// queue), leaving out what does not decode.
+func linkPublishes(msgs []link.Message) []publishMsg {
 	var pms []publishMsg
 	for _, m := range msgs {
 		if m.Type != msgPublish {
@@ -517,8 +517,5 @@ func (c *clusterNode) resendRestarted(peer string, msgs []link.Message) {
 			pms = append(pms, pm)
 		}
 	}
-	c.resendHeld(peer, nil, pms)
-	if p != nil {
-		p.resent.Store(true) // releaseWhenAdopted may say it is done with it
-	}
+	return pms
 }
