@@ -447,13 +447,8 @@ func (c *clusterNode) sendHeldDone(dead string) {
 // Nothing is sent on for a peer that is not failed, or while this node
 // stops.
 func (c *clusterNode) resendExpired(peer string, msgs []link.Message) {
-	if c.b.durable == nil {
+	if !c.resending() {
 		return
-	}
-	select {
-	case <-c.stop:
-		return
-	default:
 	}
 	failed := false
 	for _, m := range c.members() {
@@ -480,13 +475,8 @@ func (c *clusterNode) resendExpired(peer string, msgs []link.Message) {
 // drops what it gets for the old one's sessions). The flushGate keeps
 // such forwards behind the re-sent copies, as at a release.
 func (c *clusterNode) resendRestarted(peer string, msgs []link.Message) {
-	if c.b.durable == nil {
+	if !c.resending() {
 		return
-	}
-	select {
-	case <-c.stop:
-		return
-	default:
 	}
 	c.routes.mu.Lock()
 	p := c.peers.getHeld(peer)
@@ -518,4 +508,18 @@ func linkPublishes(msgs []link.Message) []publishMsg {
 		}
 	}
 	return pms
+}
+
+// resending reports whether a discarded held queue is to be sent on: with
+// durability (sessions were adopted), and not while this node stops.
+func (c *clusterNode) resending() bool {
+	if c.b.durable == nil {
+		return false
+	}
+	select {
+	case <-c.stop:
+		return false
+	default:
+		return true
+	}
 }

@@ -53,27 +53,14 @@ func heldLinkToRestartedNode(t *testing.T, stillFailed bool) {
 	nodes := []*broker.Broker{n0, n1, n2}
 	waitMesh(t, nodes...)
 	a := pauseAdoptions(t, st, nodes)
-	svc, p, blocked, release := a.svc, a.p, a.blocked, a.release
+	svc, p := a.svc, a.p
 	var holdOnce sync.Once
 	defer holdOnce.Do(func() { close(a.hold) })
 
 	gossip := n0.GossipAddr()
 	n0.KillCluster()
 	px.cut()
-	select {
-	case <-blocked:
-	case <-time.After(waitCond):
-		t.Fatal("no adoption of the session")
-	}
-	p.Pub(t, "t/0", 1, false, "m1")
-	close(release)
-	waitStoredOwner(t, st, svc, "n1")
-	testutil.WaitFor(t, waitCond, func() error {
-		if got := n2.Stats().Cluster.RemoteRoutes["n1"]; got != 1 {
-			return fmt.Errorf("n2 holds %d routes of n1, want 1 (the adopted session's)", got)
-		}
-		return nil
-	})
+	a.publishDuringAdoption(t, st, n2, "m1")
 	// m2's direct copy is skipped by the adopted session: the held link
 	// has it.
 	p.Pub(t, "t/0", 1, false, "m2")
@@ -140,7 +127,7 @@ func TestExpiredHeldLinkBeforeLaterForward(t *testing.T) {
 	nodes := []*broker.Broker{n0, n1, n2}
 	waitMesh(t, nodes...)
 	a := pauseAdoptions(t, st, nodes)
-	svc, p, blocked, release := a.svc, a.p, a.blocked, a.release
+	svc, p := a.svc, a.p
 	defer close(a.hold)
 	closing, closeNow := make(chan struct{}), make(chan struct{})
 	var closeOnce sync.Once
@@ -155,20 +142,7 @@ func TestExpiredHeldLinkBeforeLaterForward(t *testing.T) {
 	defer n2.SetTestBeforeClose(nil)
 
 	n0.KillCluster()
-	select {
-	case <-blocked:
-	case <-time.After(waitCond):
-		t.Fatal("no adoption of the session")
-	}
-	p.Pub(t, "t/0", 1, false, "m1")
-	close(release)
-	waitStoredOwner(t, st, svc, "n1")
-	testutil.WaitFor(t, waitCond, func() error {
-		if got := n2.Stats().Cluster.RemoteRoutes["n1"]; got != 1 {
-			return fmt.Errorf("n2 holds %d routes of n1, want 1 (the adopted session's)", got)
-		}
-		return nil
-	})
+	a.publishDuringAdoption(t, st, n2, "m1")
 	select {
 	case <-closing: // n0's routes are gone on n2, its held link not closed yet
 	case <-time.After(waitCond):
@@ -253,4 +227,25 @@ func pauseAdoptions(t *testing.T, st *store.Store, nodes []*broker.Broker) pause
 	})
 	t.Cleanup(func() { n2.SetTestAfterClaim(nil) })
 	return a
+}
+
+// publishDuringAdoption publishes msg on t/0 while n1's adoption of svc is
+// paused (so only n0's held link on n2 takes it), lets the adoption go on,
+// and waits until n1 owns svc and n2 holds its route.
+func (a pausedAdoptions) publishDuringAdoption(t *testing.T, st *store.Store, n2 *broker.Broker, msg string) {
+	t.Helper()
+	select {
+	case <-a.blocked:
+	case <-time.After(waitCond):
+		t.Fatal("no adoption of the session")
+	}
+	a.p.Pub(t, "t/0", 1, false, msg)
+	close(a.release)
+	waitStoredOwner(t, st, a.svc, "n1")
+	testutil.WaitFor(t, waitCond, func() error {
+		if got := n2.Stats().Cluster.RemoteRoutes["n1"]; got != 1 {
+			return fmt.Errorf("n2 holds %d routes of n1, want 1 (the adopted session's)", got)
+		}
+		return nil
+	})
 }
