@@ -48,6 +48,7 @@ type options struct {
 	loadCPUs   string
 	keep       bool
 	conns      int
+	base       string // rtm binary of system rtm-base (an A/B against another revision)
 }
 
 // scenario is one `rtm bench` invocation, the same for every system.
@@ -90,14 +91,15 @@ func main() {
 	var systems, only string
 	flag.BoolVar(&o.quick, "quick", os.Getenv("BENCH") == "quick", "1.5-second runs and 1,000 connections (BENCH=quick)")
 	flag.IntVar(&o.rounds, "rounds", 3, "rounds; each runs every scenario once against each system, in alternating order")
-	flag.StringVar(&systems, "systems", "rtm,rtm3,mochi,mosquitto", "systems under test, comma-separated (also: mosquitto-nodelay, Mosquitto with set_tcp_nodelay true)")
+	flag.StringVar(&systems, "systems", "rtm,rtm3,mochi,mosquitto", "systems under test, comma-separated (also: mosquitto-nodelay, Mosquitto with set_tcp_nodelay true; rtm-base, with -base)")
 	flag.StringVar(&only, "scenarios", "", "scenarios to run, comma-separated (default all: fanin0, fanin1, fanout0, lat1, fanin1max (full only), conn)")
 	flag.StringVar(&o.write, "write", "", "update this Markdown file (BENCHMARKS.md) between its make-bench markers, and write charts")
 	flag.StringVar(&o.charts, "charts", "docs/bench", "directory of the SVG charts (with -write)")
-	flag.StringVar(&o.profile, "profile", "", "instead of comparing: write CPU and allocation profiles of rtm (one node) under QoS 0 fan-in, QoS 1 fan-in and QoS 0 fan-out into this directory")
+	flag.StringVar(&o.profile, "profile", "", "instead of comparing: write CPU and allocation profiles of rtm (one node) under QoS 0 fan-in, QoS 1 fan-in and QoS 0 fan-out (or -scenarios, e.g. lat1) into this directory")
 	flag.StringVar(&o.mosquitto, "mosquitto", "/usr/sbin/mosquitto", "mosquitto binary")
 	flag.IntVar(&o.conns, "conns", 0, "connections of the conn scenario (default 10,000; quick 1,000); the brokers and the generator each need as many open files (ulimit -Hn)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the temporary directory (logs)")
+	flag.StringVar(&o.base, "base", "", "rtm binary of the system rtm-base, one node configured as rtm: an A/B against another revision (build it with `go build -o /tmp/rtm-base ./cmd/rtm` in that revision's checkout)")
 	flag.Parse()
 	o.brokerCPUs, o.loadCPUs = os.Getenv("BENCH_BROKER_CPUS"), os.Getenv("BENCH_LOAD_CPUS")
 	for _, s := range strings.Split(systems, ",") {
@@ -164,6 +166,13 @@ func compare(ctx context.Context, o options) error {
 		switch key {
 		case "rtm":
 			s, err = startRTM(ctx, sdir, rtmBin, o.brokerCPUs, version)
+		case "rtm-base":
+			if o.base == "" {
+				return nil, fmt.Errorf("system rtm-base needs -base BIN")
+			}
+			if s, err = startRTM(ctx, sdir, o.base, o.brokerCPUs, "base"); err == nil {
+				s.key, s.title = "rtm-base", "rtm, one node, base binary"
+			}
 		case "rtm3":
 			s, err = startRTMCluster(ctx, sdir, rtmBin, o.brokerCPUs, version)
 		case "mochi":
@@ -171,7 +180,7 @@ func compare(ctx context.Context, o options) error {
 		case "mosquitto", "mosquitto-nodelay":
 			s, err = startMosquitto(ctx, sdir, o.mosquitto, o.brokerCPUs, key == "mosquitto-nodelay")
 		default:
-			return nil, fmt.Errorf("unknown system %q (want rtm, rtm3, mochi, mosquitto, mosquitto-nodelay)", key)
+			return nil, fmt.Errorf("unknown system %q (want rtm, rtm-base, rtm3, mochi, mosquitto, mosquitto-nodelay)", key)
 		}
 		if err != nil {
 			return nil, fmt.Errorf("start %s: %w", key, err)

@@ -43,7 +43,10 @@ func profile(ctx context.Context, o options) error {
 		dur, window = 8*time.Second, 5
 	}
 	for _, sc := range scenarios(o.quick, 0) {
-		if sc.key != "fanin0" && sc.key != "fanin1" && sc.key != "fanout0" {
+		if o.only == nil && sc.key != "fanin0" && sc.key != "fanin1" && sc.key != "fanout0" {
+			continue
+		}
+		if (o.only != nil && !o.only[sc.key]) || sc.conn {
 			continue
 		}
 		args := append([]string(nil), sc.args...)

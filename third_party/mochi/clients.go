@@ -860,6 +860,20 @@ func (cl *Client) WritePacket(pk packets.Packet) error {
 // place, and the hooks are called (with copies, as before) only when a
 // hook provides them.
 func (cl *Client) writePacket(pk *packets.Packet) error {
+	return cl.writePacketMode(pk, false)
+}
+
+// errWriteDeferred is writePacketMode's answer when, trying once, it found
+// the socket full: the packet is encoded and counted as sent, and its
+// unwritten rest is in outbuf, ahead of anything written after it; the
+// caller (the client's writer) must start a writer goroutine that writes
+// it (resumeWriter). rtm patch 101.
+var errWriteDeferred = errors.New("write deferred: the socket is full")
+
+// writePacketMode is writePacket; with once (rtm patch 101, needs
+// rawWritable) it never waits for the network: a write(2) that finds the
+// socket full leaves the rest in outbuf and returns errWriteDeferred.
+func (cl *Client) writePacketMode(pk *packets.Packet, once bool) error {
 	if cl.Closed() {
 		return ErrConnectionClosed
 	}
@@ -939,25 +953,47 @@ func (cl *Client) writePacket(pk *packets.Packet) error {
 		return packets.ErrPacketTooLarge // [MQTT-3.1.2-24] [MQTT-3.1.2-25]
 	}
 
+	deferred := false // rtm patch 101
 	n, err := func() (int64, error) {
 		cl.Lock()
 		defer cl.Unlock()
+		// rtm patch 101: with once, a write that finds the socket full
+		// leaves its rest at the head of outbuf, for resumeWriter.
+		write := func(b *bytes.Buffer) (int64, error) {
+			n, err := cl.writeConnMode(b, once) // rtm patch 97
+			if err == nil && b.Len() > 0 {
+				deferred = true
+				if b != cl.Net.outbuf { // outbuf is nil: b is the packet's buffer
+					cl.Net.outbuf = writeBufPool.Get()
+					cl.Net.outbuf.Write(b.Bytes())
+				}
+			}
+			return n, err
+		}
+		flush := func() error {
+			_, err := write(cl.Net.outbuf)
+			if err == nil && !deferred {
+				writeBufPool.Put(cl.Net.outbuf) // rtm patch 70
+				cl.Net.outbuf = nil
+			}
+			return err
+		}
 		// rtm patch: was len(chan); rtm patch 70: and the reader's held writes
 		if cl.State.outbound.len() == 0 && !cl.Net.holding.Load() {
 			if cl.Net.outbuf == nil {
-				return cl.writeConn(buf) // rtm patch 97
+				return write(buf)
 			}
 
 			// first write to buffer, then flush buffer
 			n, _ := cl.Net.outbuf.Write(buf.Bytes()) // will always be successful
-			err = cl.flushOutbuf()
+			err = flush()
 			return int64(n), err
 		}
 
 		// there are more writes in the queue
 		if cl.Net.outbuf == nil {
 			if buf.Len() >= cl.ops.options.ClientNetWriteBufferSize {
-				return cl.writeConn(buf) // rtm patch 97
+				return write(buf)
 			}
 			cl.Net.outbuf = writeBufPool.Get() // rtm patch 70: was new(bytes.Buffer) per burst
 		}
@@ -967,7 +1003,7 @@ func (cl *Client) writePacket(pk *packets.Packet) error {
 			return int64(n), nil
 		}
 
-		err = cl.flushOutbuf()
+		err = flush()
 		return int64(n), err
 	}()
 	if err != nil {
@@ -984,6 +1020,9 @@ func (cl *Client) writePacket(pk *packets.Packet) error {
 		cl.ops.hooks.onPacketSentOf(cl, pk, buf.Bytes())
 	}
 
+	if deferred {
+		return errWriteDeferred // rtm patch 101
+	}
 	return err
 }
 

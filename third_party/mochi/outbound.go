@@ -371,6 +371,70 @@ func (cl *Client) startWriter() (started bool) {
 	return true
 }
 
+// writeFirst writes the oldest queued packet on the caller's goroutine,
+// trying the write(2) once, and reports whether it did: false if the
+// writer must start as before (startWriter), because it waits for its
+// coalescing window (patch 98) or the connection is not written with raw
+// system calls (TLS, WebSocket: a write there can block). The caller got
+// start from push.
+//
+// rtm patch 101: patch 100 started a writer goroutine and yielded to it,
+// so that a low-rate subscriber's PUBLISH left before the publisher went
+// on to its PUBACK. Writing it here does the same without a goroutine
+// start, the wake-up of an idle P that the start made (a futex and an
+// inter-processor interrupt on a VM) and two context switches. A full
+// socket never blocks the caller: the write(2) is tried once, the
+// unwritten rest is kept at the head of outbuf (writePacketMode), and a
+// writer goroutine started to write it (resumeWriter), then what was
+// queued meanwhile. The caller stays the queue's only writer until it
+// hands over (release, or the goroutine): order is FIFO as before.
+func (cl *Client) writeFirst() bool {
+	q := &cl.State.outbound
+	if q.coalesceNext || !cl.rawWritable() { // coalesceNext: set by the caller's push
+		return false
+	}
+	defer func() {
+		if r := recover(); r != nil { // as writeQueued's: this client only
+			cl.Stop(cl.recoverPanic(r))
+		}
+	}()
+	pk, ok := q.pop()
+	if !ok {
+		return true // cannot be: the caller pushed; pop ended the claim
+	}
+	held := q.queuedBytes(pk)
+	err := cl.writePacketMode(pk, true)
+	if err != nil && err != errWriteDeferred {
+		cl.ops.log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
+	}
+	q.releaseBytes(held)
+	releaseQueuedPacket(pk)
+	atomic.AddInt32(&cl.State.outboundQty, -1)
+	cl.flowDrained()
+	if err == errWriteDeferred {
+		go cl.resumeWriter()
+		return true
+	}
+	cl.releaseWriter() // packets queued meanwhile go to a writer goroutine
+	return true
+}
+
+// resumeWriter is the writer writeFirst hands over to when the socket was
+// full: it writes the rest of the packet that writeFirst began (at the
+// head of outbuf, waiting for the socket as any writer does), then the
+// queue. rtm patch 101.
+func (cl *Client) resumeWriter() {
+	defer func() {
+		if r := recover(); r != nil {
+			cl.Stop(cl.recoverPanic(r))
+		}
+	}()
+	cl.Lock()
+	_ = cl.flushOutbuf() // an error is the connection's: the queue's writes fail too
+	cl.Unlock()
+	cl.drainOutbound()
+}
+
 // kickWriter starts a writer waiting for its coalescing window now (a push
 // found the window over: pushTimed's kick), unless its timer fired already.
 // rtm patch 98.

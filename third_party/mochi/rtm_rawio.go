@@ -27,12 +27,27 @@ import (
 // at a fixed, moderate rate. Other connections (TLS, WebSocket, wrappers)
 // are written with WriteTo, as before.
 func (cl *Client) writeConn(b *bytes.Buffer) (int64, error) {
+	return cl.writeConnMode(b, false)
+}
+
+// rawWritable reports whether writeConn writes with raw system calls, so
+// that a write can be tried without blocking (writeConnMode). rtm patch 101.
+func (cl *Client) rawWritable() bool {
+	r := cl.Net.bconn
+	return r != nil && r.rc != nil && r.src == io.Reader(cl.Net.Conn)
+}
+
+// writeConnMode is writeConn; with once, a full socket does not make it
+// wait: it returns, without an error, having written what the socket took,
+// and b keeps the rest (the caller must check b.Len). once needs
+// rawWritable. rtm patch 101.
+func (cl *Client) writeConnMode(b *bytes.Buffer, once bool) (int64, error) {
 	r := cl.Net.bconn
 	if r == nil || r.rc == nil || r.src != io.Reader(cl.Net.Conn) {
 		return b.WriteTo(cl.Net.Conn)
 	}
 	op := rawWritePool.Get().(*rawWrite)
-	op.p, op.n, op.err = b.Bytes(), 0, nil
+	op.p, op.n, op.err, op.once = b.Bytes(), 0, nil, once
 	err := r.rc.Write(op.fn)
 	n, werr := op.n, op.err
 	op.p, op.err = nil, nil
@@ -53,10 +68,11 @@ func (cl *Client) writeConn(b *bytes.Buffer) (int64, error) {
 // rawWrite is one write of writeConn; fn, its do method, is made once per
 // pooled rawWrite (a method value per write would allocate).
 type rawWrite struct {
-	p   []byte
-	n   int
-	err error
-	fn  func(fd uintptr) bool
+	p    []byte
+	n    int
+	err  error
+	once bool // rtm patch 101: a full socket ends the write (no wait)
+	fn   func(fd uintptr) bool
 }
 
 var rawWritePool = sync.Pool{New: func() any {
@@ -66,7 +82,8 @@ var rawWritePool = sync.Pool{New: func() any {
 }}
 
 // do is the syscall.RawConn.Write callback: it writes until p is written
-// or the socket is full (false: the poller waits until it is writable).
+// or the socket is full (false: the poller waits until it is writable;
+// with once, true: the caller takes the rest).
 func (w *rawWrite) do(fd uintptr) bool {
 	for len(w.p) > 0 {
 		n, err := sysWrite(int(fd), w.p)
@@ -74,7 +91,7 @@ func (w *rawWrite) do(fd uintptr) bool {
 			continue
 		}
 		if err == syscall.EAGAIN {
-			return false
+			return w.once // rtm patch 101: once, the caller queues the rest
 		}
 		if err != nil {
 			w.err = err

@@ -1514,7 +1514,7 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 	*qp = out
 	if ok, start, kick := cl.State.outbound.pushTimed(qp); ok { // rtm patch: was a non-blocking chan send
 		atomic.AddInt32(&cl.State.outboundQty, 1)
-		if start {
+		if start && !cl.writeFirst() { // rtm patch 101: written here if it can be
 			// rtm patch: a writer runs only while packets are queued (patch 96: no closure)
 			if cl.startWriter() {
 				// rtm patch 100: let the writer write now, before the
