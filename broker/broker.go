@@ -211,6 +211,10 @@ func New(opts Options) (*Broker, error) {
 		// A subscriber receiving at a high rate gets its packets in fewer,
 		// larger writes (mochi patch 98); docs/broker.md "Write coalescing".
 		WriteCoalesce: cfg.WriteCoalesce,
+		// A client publishing QoS 1/2 at a high rate gets its
+		// acknowledgements in fewer writes (mochi patch 102); docs/broker.md
+		// "Write coalescing".
+		AckCoalesce: cfg.AckCoalesce,
 	})
 	b.limits = &limitsHook{b: b}
 	if err := b.mq.AddHook(b.limits, nil); err != nil {

@@ -172,7 +172,12 @@ type Broker struct {
 	// rate gather for this long before they are written, so one write(2)
 	// and one TCP segment carry several (mochi patch 98; docs/broker.md,
 	// "Write coalescing").
-	WriteCoalesce   time.Duration `koanf:"write_coalesce" doc:"How long the packets for a client wait to be written together, when they arrive for it on average more often than this (a subscriber receiving thousands of messages a second): one write and one TCP segment then carry all of the window's packets, at the cost of up to this much latency for them (about 1 ms when the node is otherwise idle: Go timers sleep in whole milliseconds). Clients receiving less often are never delayed. 0 writes every packet at once. 0-10ms."`
+	WriteCoalesce time.Duration `koanf:"write_coalesce" doc:"How long the packets for a client wait to be written together, when they arrive for it on average more often than this (a subscriber receiving thousands of messages a second): one write and one TCP segment then carry all of the window's packets, at the cost of up to this much latency for them (about 1 ms when the node is otherwise idle: Go timers sleep in whole milliseconds). Clients receiving less often are never delayed. 0 writes every packet at once. 0-10ms."`
+	// AckCoalesce lets the acknowledgements to a client that publishes
+	// QoS 1/2 at a high rate gather for up to this long, so one write(2)
+	// carries several (mochi patch 102; docs/broker.md, "Write
+	// coalescing").
+	AckCoalesce     time.Duration `koanf:"ack_coalesce" doc:"How long the acknowledgements (PUBACK, PUBREC) to a client may wait to be written together, when its QoS 1/2 messages arrive on average more often than this (a device publishing hundreds of messages a second or more): one write then carries several, at the cost of up to this much latency for them (typically one gap between its messages, as with Nagle's algorithm). A client that waits for each acknowledgement before publishing again is delayed at most once a second. 0 writes every acknowledgement at once. 0-10ms."`
 	KeepaliveMin    time.Duration `koanf:"keepalive_min" doc:"Smallest keepalive a v5 client may use; lower requests are raised (Server Keep Alive). 0 disables the floor."`
 	KeepaliveMax    time.Duration `koanf:"keepalive_max" doc:"Largest keepalive a v5 client may use (0 = none requested also gets this); higher requests are lowered (Server Keep Alive)."`
 	SessionExpiry   time.Duration `koanf:"session_expiry_max" doc:"Longest time a disconnected persistent session is kept (v5 requests are capped; v3.1.1 clean_session=false sessions get this)."`
@@ -294,6 +299,7 @@ func Defaults() Config {
 			ReadTimeout:         30 * time.Second,
 			BackpressureMaxWait: time.Second,
 			WriteCoalesce:       200 * time.Microsecond,
+			AckCoalesce:         2 * time.Millisecond,
 			KeepaliveMax:        20 * time.Minute,
 			SessionExpiry:       24 * time.Hour,
 			EvacuateRate:        100,

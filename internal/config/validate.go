@@ -365,6 +365,10 @@ func (b Broker) check(v *validator) {
 	if b.WriteCoalesce > 10*time.Millisecond {
 		v.bad("broker.write_coalesce", b.WriteCoalesce.String(), "must be at most 10ms: it is added to the latency of the messages it holds")
 	}
+	v.nonNegative("broker.ack_coalesce", b.AckCoalesce)
+	if b.AckCoalesce > 10*time.Millisecond {
+		v.bad("broker.ack_coalesce", b.AckCoalesce.String(), "must be at most 10ms: it is added to the latency of the acknowledgements it holds")
+	}
 	v.nonNegative("broker.keepalive_min", b.KeepaliveMin)
 	v.nonNegative("broker.keepalive_max", b.KeepaliveMax)
 	if b.KeepaliveMax > 65535*time.Second {

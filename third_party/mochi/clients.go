@@ -141,13 +141,14 @@ type Client struct {
 
 // ClientConnection contains the connection transport and metadata for the client.
 type ClientConnection struct {
-	Conn     net.Conn      // the net.Conn used to establish the connection
-	bconn    *connReader   // a buffered net.Conn for reading packets (rtm patch 73: was *bufio.Reader)
-	outbuf   *bytes.Buffer // a buffer for writing packets
-	holding  atomic.Bool   // rtm patch 70: the reader holds writes back, more of its input is buffered
-	Remote   string        // the remote address of the client
-	Listener string        // listener id of the client
-	Inline   bool          // if true, the client is the built-in 'inline' embedded client
+	Conn     net.Conn                    // the net.Conn used to establish the connection
+	bconn    *connReader                 // a buffered net.Conn for reading packets (rtm patch 73: was *bufio.Reader)
+	outbuf   *bytes.Buffer               // a buffer for writing packets
+	holding  atomic.Bool                 // rtm patch 70: the reader holds writes back, more of its input is buffered
+	acks     atomic.Pointer[ackCoalesce] // rtm patch 102: made at the client's first QoS 1/2 PUBLISH, with AckCoalesce set
+	Remote   string                      // the remote address of the client
+	Listener string                      // listener id of the client
+	Inline   bool                        // if true, the client is the built-in 'inline' embedded client
 }
 
 // ClientProperties contains the properties which define the client behaviour.
@@ -643,7 +644,8 @@ func (cl *Client) readAndHandle(fh *packets.FixedHeader, packetHandler ReadFn) e
 	// packet's, in one write; the last packet of a burst releases them all,
 	// with its own.
 	hold := cl.nextPacketBuffered()
-	if hold {
+	delay := cl.ackDelaying(pk.FixedHeader.Type, pk.FixedHeader.Qos) // rtm patch 102: hold its ack past the burst, perhaps
+	if hold || delay {
 		cl.holdWrites(true)
 	}
 
@@ -655,7 +657,11 @@ func (cl *Client) readAndHandle(fh *packets.FixedHeader, packetHandler ReadFn) e
 
 	err = packetHandler(cl, pk) // Process inbound packet.
 	if !hold {
-		cl.holdWrites(false) // rtm patch 70
+		if delay {
+			cl.releaseAcks() // rtm patch 102
+		} else {
+			cl.holdWrites(false) // rtm patch 70
+		}
 	}
 	return err
 }
@@ -975,6 +981,7 @@ func (cl *Client) writePacketMode(pk *packets.Packet, once bool) error {
 			if err == nil && !deferred {
 				writeBufPool.Put(cl.Net.outbuf) // rtm patch 70
 				cl.Net.outbuf = nil
+				cl.acksWritten() // rtm patch 102
 			}
 			return err
 		}
@@ -1066,6 +1073,7 @@ func (cl *Client) flushOutbuf() (err error) {
 	if err == nil {
 		writeBufPool.Put(cl.Net.outbuf) // rtm patch 70
 		cl.Net.outbuf = nil
+		cl.acksWritten() // rtm patch 102
 	}
 	return
 }
@@ -1134,5 +1142,8 @@ func (cl *Client) nextPacketBuffered() bool {
 func (cl *Client) FlushHeld() {
 	if cl.Net.holding.Load() {
 		cl.holdWrites(false)
+	}
+	if a := cl.Net.acks.Load(); a != nil && a.since.Load() != 0 {
+		cl.flushAcks(false) // rtm patch 102: and the acknowledgements it delays
 	}
 }

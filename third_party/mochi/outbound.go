@@ -483,6 +483,7 @@ func (cl *Client) flushCoalesced() {
 	cl.Lock()
 	direct := cl.Net.outbuf
 	cl.Net.outbuf = nil
+	cl.acksWritten() // rtm patch 102: held acknowledgements are in direct
 	cl.Unlock()
 	cl.drainOutbound()
 	if direct != nil {

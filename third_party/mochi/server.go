@@ -154,6 +154,16 @@ type Options struct {
 	// packets; a client receiving less often is never delayed. 0 writes
 	// each packet as soon as it is queued, as v2.7.9.
 	WriteCoalesce time.Duration `yaml:"write_coalesce" json:"write_coalesce"`
+
+	// AckCoalesce is how long the acknowledgements to a client that
+	// publishes QoS 1/2 messages at a high rate (on average less than a
+	// window apart) may be held, so several go out in one write(2) (rtm patch
+	// 102, rtm_ackcoalesce.go). It adds up to this much latency to those
+	// acknowledgements; a client publishing less often, or waiting for
+	// its acknowledgements before it publishes again, is never delayed
+	// more than once a second. 0 writes each as soon as its packet is
+	// handled (and its burst read), as v2.7.9.
+	AckCoalesce time.Duration `yaml:"ack_coalesce" json:"ack_coalesce"`
 }
 
 // Server is an MQTT broker server. It should be created with server.New()

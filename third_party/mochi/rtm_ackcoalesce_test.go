@@ -1,0 +1,145 @@
+// SPDX-License-Identifier: MIT
+
+package mqtt
+
+import (
+	"bytes"
+	"encoding/binary"
+	"io"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/stretchr/testify/require"
+)
+
+// writeCounter counts the writes to a connection (it is not a
+// *net.TCPConn, so the client reads and writes it through net.Conn).
+type writeCounter struct {
+	net.Conn
+	writes atomic.Int64
+}
+
+func (c *writeCounter) Write(b []byte) (int, error) {
+	c.writes.Add(1)
+	return c.Conn.Write(b)
+}
+
+// ackPair starts a v3.1.1 client reading from a loopback TCP connection
+// (counted), acknowledging every QoS 1 PUBLISH with a PUBACK, with
+// AckCoalesce window. It returns the client's end and the counter.
+func ackPair(t *testing.T, window time.Duration) (net.Conn, *Client, *writeCounter) {
+	server, client := tcpPair(t)
+	wc := &writeCounter{Conn: server}
+	s := newServer()
+	s.Options.AckCoalesce = window
+	cl := s.NewClient(wc, "t", "pub", false)
+	cl.ID = "pub"
+	cl.Properties.ProtocolVersion = 4
+	done := make(chan error, 1)
+	go func() {
+		done <- cl.Read(func(cl *Client, pk packets.Packet) error {
+			if pk.FixedHeader.Type != packets.Publish || pk.FixedHeader.Qos != 1 {
+				return nil
+			}
+			return cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: pk.PacketID})
+		})
+	}()
+	t.Cleanup(func() {
+		cl.Stop(nil)
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			t.Error("read loop did not end")
+		}
+	})
+	return client, cl, wc
+}
+
+// qos1Publish encodes a v3.1.1 QoS 1 PUBLISH with packet id id.
+func qos1Publish(t *testing.T, id uint16) []byte {
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, ProtocolVersion: 4,
+		TopicName: "a/b", PacketID: id, Payload: []byte("hello")}
+	var b bytes.Buffer
+	require.NoError(t, pk.PublishEncode(&b))
+	return b.Bytes()
+}
+
+// readPubacks reads n PUBACKs from c and checks their ids are 1..n in order.
+func readPubacks(t *testing.T, c net.Conn, from, n int) {
+	t.Helper()
+	require.NoError(t, c.SetReadDeadline(time.Now().Add(30*time.Second)))
+	b := make([]byte, 4)
+	for i := from; i < from+n; i++ {
+		_, err := io.ReadFull(c, b)
+		require.NoError(t, err, "PUBACK %d", i)
+		require.Equal(t, []byte{packets.Puback << 4, 2}, b[:2], "PUBACK %d", i)
+		require.Equal(t, uint16(i), binary.BigEndian.Uint16(b[2:]), "PUBACKs in order")
+	}
+}
+
+// TestAckCoalesceHighRate (patch 102): a client publishing QoS 1 about a
+// millisecond apart, against a 20 ms window, gets its PUBACKs, every one
+// and in order, in a fraction of the writes: the first ~30 one by one
+// while the average gap falls below the window, the rest several per
+// write. Without the patch one write per PUBACK (200).
+func TestAckCoalesceHighRate(t *testing.T) {
+	client, _, wc := ackPair(t, 20*time.Millisecond)
+	const n = 200
+	read := make(chan struct{})
+	go func() {
+		defer close(read)
+		readPubacks(t, client, 1, n)
+	}()
+	for i := 1; i <= n; i++ {
+		_, err := client.Write(qos1Publish(t, uint16(i)))
+		require.NoError(t, err)
+		time.Sleep(time.Millisecond)
+	}
+	<-read
+	require.LessOrEqual(t, wc.writes.Load(), int64(n/2), "writes for %d PUBACKs", n)
+}
+
+// TestAckCoalesceStalledClient (patch 102): a client that waits for each
+// PUBACK before it publishes again (its rate is high: the round trip) is
+// held at most once (the hold that ends with no next PUBLISH stops the
+// delaying for a second), not once per message: at most 2 of 40
+// PUBACKs take over 150 ms against a 200 ms window. Without the stall
+// check (the a.off test in ackDelaying removed) ~27 of 40 wait.
+func TestAckCoalesceStalledClient(t *testing.T) {
+	client, _, _ := ackPair(t, 200*time.Millisecond)
+	slow := 0
+	for i := 1; i <= 40; i++ {
+		start := time.Now()
+		_, err := client.Write(qos1Publish(t, uint16(i)))
+		require.NoError(t, err)
+		readPubacks(t, client, i, 1)
+		if time.Since(start) > 150*time.Millisecond {
+			slow++
+		}
+	}
+	require.LessOrEqual(t, slow, 2, "PUBACKs that waited for the window")
+}
+
+// TestAckCoalesceFlushedOnStop (patch 102): acknowledgements held for a
+// window that has not ended (1 h) are written when the client is stopped,
+// before its connection closes; without the flush in FlushHeld they are
+// lost with it.
+func TestAckCoalesceFlushedOnStop(t *testing.T) {
+	client, cl, wc := ackPair(t, time.Hour)
+	const n = 20
+	for i := 1; i <= n; i++ {
+		_, err := client.Write(qos1Publish(t, uint16(i)))
+		require.NoError(t, err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for cl.State.Inflight.Len() > 0 || atomic.LoadInt64(&cl.ops.info.PacketsSent) < n {
+		require.True(t, time.Now().Before(deadline), "PUBACKs encoded")
+		time.Sleep(time.Millisecond)
+	}
+	require.Less(t, wc.writes.Load(), int64(n), "held, not written one by one")
+	cl.Stop(nil)
+	readPubacks(t, client, 1, n)
+}
