@@ -70,6 +70,14 @@ const coalesceGapMax = time.Second
 // wait for a timer.
 const coalesceMaxBatch = 64
 
+// maxBatch is the number of queued packets that ends a coalescing wait:
+// coalesceMaxBatch, or half the queue's limit if that is less, so a burst
+// within one window does not fill a small queue (packets beyond its limit
+// are dropped) while the writer waits. rtm patch 103.
+func (q *outboundQueue) maxBatch() int {
+	return max(min(coalesceMaxBatch, int(q.limit)/2), 1)
+}
+
 // monoStart and monoNow give a monotonic clock reading that costs one
 // vDSO call (time.Since with a monotonic start), for the rate of pushes.
 var monoStart = time.Now()
@@ -148,7 +156,7 @@ func (q *outboundQueue) pushAt(pk *packets.Packet, now time.Duration) (ok, start
 		if q.coalesceNext {
 			q.waiting, q.waitFrom = true, now
 		}
-	} else if q.waiting && (now-q.waitFrom >= q.coalesce || n+1 >= coalesceMaxBatch) {
+	} else if q.waiting && (now-q.waitFrom >= q.coalesce || n+1 >= q.maxBatch()) {
 		q.waiting, kick = false, true // rtm patch 98: the window is over, or the batch full
 	}
 	q.mu.Unlock()
@@ -452,7 +460,11 @@ func (cl *Client) kickWriter() {
 // coalescing writer was waiting to write (flushCoalesced): short, since a
 // server shutting down stops its clients one after another, and a client
 // whose socket is full does not read them anyway.
-const closeFlushTimeout = 10 * time.Millisecond
+//
+// rtm patch 103: and closeFlushTotal bounds them all together once the
+// server closes (Server.Close): one after another, 10,000 clients with full
+// sockets would have kept it 100 s. A variable for tests.
+var closeFlushTimeout, closeFlushTotal = 10 * time.Millisecond, 100 * time.Millisecond
 
 // flushCoalesced writes at once the packets a writer waiting for its
 // coalescing window would have written, if one is waiting; stop calls it
@@ -470,7 +482,13 @@ func (cl *Client) flushCoalesced() {
 	}
 	// The stopped timer's claim is ours: write as its writer would have.
 	if conn := cl.Net.Conn; conn != nil {
-		_ = conn.SetWriteDeadline(time.Now().Add(closeFlushTimeout))
+		by := time.Now().Add(closeFlushTimeout)
+		if f := cl.ops.closing; f != nil { // rtm patch 103
+			if end := f.Load(); end != 0 && end < by.UnixNano() {
+				by = time.Unix(0, end)
+			}
+		}
+		_ = conn.SetWriteDeadline(by)
 	}
 	defer func() {
 		if r := recover(); r != nil {

@@ -107,7 +107,7 @@ func TestAckCoalesceHighRate(t *testing.T) {
 // held at most once (the hold that ends with no next PUBLISH stops the
 // delaying for a second), not once per message: at most 2 of 40
 // PUBACKs take over 150 ms against a 200 ms window. Without the stall
-// check (the a.off test in ackDelaying removed) ~27 of 40 wait.
+// check (the a.off test in ackDelaying removed) most of them wait.
 func TestAckCoalesceStalledClient(t *testing.T) {
 	client, _, _ := ackPair(t, 200*time.Millisecond)
 	slow := 0

@@ -182,6 +182,7 @@ type Server struct {
 	Flow         FlowStats            // rtm patch 20: pacing counters
 	Mem          MemoryStats          // rtm patches 40-44: bytes held, see MemoryLimits
 	park         *parker              // rtm patch 86: parks idle connections (Options.IdlePark)
+	closeFlushBy atomic.Int64         // rtm patch 103: unix ns by which stopping clients' waiting packets are written (set by Close), 0 before
 }
 
 // ParkedClients returns how many idle connections are parked (rtm patch 86).
@@ -199,12 +200,13 @@ type loop struct {
 
 // ops contains server values which can be propagated to other structs.
 type ops struct {
-	options *Options     // a pointer to the server options and capabilities, for referencing in clients
-	info    *system.Info // pointers to server system info
-	hooks   *Hooks       // pointer to the server hooks
-	log     *slog.Logger // a structured logger for the client
-	mem     *MemoryStats // rtm patches 40-44: the server's byte counts (nil in some tests)
-	park    *parker      // rtm patch 86: parks idle connections (nil in some tests)
+	options *Options      // a pointer to the server options and capabilities, for referencing in clients
+	info    *system.Info  // pointers to server system info
+	hooks   *Hooks        // pointer to the server hooks
+	log     *slog.Logger  // a structured logger for the client
+	mem     *MemoryStats  // rtm patches 40-44: the server's byte counts (nil in some tests)
+	park    *parker       // rtm patch 86: parks idle connections (nil in some tests)
+	closing *atomic.Int64 // rtm patch 103: Server.closeFlushBy (nil in some tests)
 }
 
 // New returns a new instance of mochi mqtt broker. Optional parameters
@@ -290,8 +292,9 @@ func (s *Server) NewClient(c net.Conn, listener string, id string, inline bool) 
 		info:    s.Info,
 		hooks:   s.hooks,
 		log:     s.Log,
-		mem:     &s.Mem, // rtm patch 40
-		park:    s.park, // rtm patch 86
+		mem:     &s.Mem,          // rtm patch 40
+		park:    s.park,          // rtm patch 86
+		closing: &s.closeFlushBy, // rtm patch 103
 	})
 
 	cl.ID = id
@@ -1986,6 +1989,7 @@ func (s *Server) publishSysTopics() {
 func (s *Server) Close() error {
 	close(s.done)
 	s.Log.Info("gracefully stopping server")
+	s.beginCloseFlush() // rtm patch 103
 	s.Listeners.CloseAll(s.closeListenerClients)
 	s.park.close() // rtm patch 86: after the clients, whose stop woke the parked ones
 	s.hooks.OnStopped()
@@ -1993,6 +1997,14 @@ func (s *Server) Close() error {
 
 	s.Log.Info("mochi mqtt server stopped")
 	return nil
+}
+
+// beginCloseFlush starts the time within which the clients the server
+// stops write the packets their coalescing writers wait with
+// (flushCoalesced): closeFlushTotal for all, not closeFlushTimeout each.
+// rtm patch 103.
+func (s *Server) beginCloseFlush() {
+	s.closeFlushBy.CompareAndSwap(0, time.Now().Add(closeFlushTotal).UnixNano())
 }
 
 // closeListenerClients closes all clients on the specified listener.
