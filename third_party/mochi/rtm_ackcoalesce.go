@@ -31,8 +31,9 @@ import (
 // ends (a timer, flushAcks). A client that waits for its acknowledgements
 // before it publishes again (one at a time, or a full in-flight window)
 // would wait for every window: when the timer finds that no packet came
-// after the one that began the hold, delaying stops for ackStallOff, so
-// such a client waits one window a second at most.
+// after the one that began the hold, ackStalls times in a row, delaying
+// stops for ackStallOff, so such a client waits ackStalls windows a second
+// at most.
 type ackCoalesce struct {
 	// read loop only
 	gap  time.Duration // moving average of the time between the client's QoS 1/2 PUBLISHes
@@ -41,13 +42,20 @@ type ackCoalesce struct {
 
 	since    atomic.Int64  // under cl.Lock (read without): monoNow when outbuf began to hold delayed acks; 0: none
 	released time.Duration // under cl.Lock: now of the last packet releaseAcks released
+	stalls   int           // under cl.Lock: holds in a row that no packet followed (flushAcks)
 	off      atomic.Int64  // monoNow until which nothing is delayed (a stall, see flushAcks)
 	timer    *time.Timer   // under cl.Lock: runs flushAcks(true); made at the first hold
 }
 
 // ackStallOff is how long a client that waited for its held
-// acknowledgements gets them at once (rtm patch 102).
-const ackStallOff = time.Second
+// acknowledgements gets them at once (rtm patch 102), once ackStalls holds
+// in a row ended with no packet after the one that began them: one such
+// hold is also what a late packet of a steady publisher looks like (a
+// scheduling delay on either side).
+const (
+	ackStallOff = time.Second
+	ackStalls   = 3
+)
 
 // ackDelaying reports whether the acknowledgement of the packet the read
 // loop handles (of type typ and QoS qos) may be held past the packets it
@@ -94,6 +102,9 @@ func (cl *Client) releaseAcks() {
 		since = a.now
 		a.since.Store(int64(since))
 	}
+	if !begin {
+		a.stalls = 0 // a packet followed the one that began the hold
+	}
 	if a.now-since+a.gap >= w {
 		_ = cl.flushOutbuf() // an error is the connection's: the next read or write returns it
 		return
@@ -119,8 +130,8 @@ func (cl *Client) acksWritten() {
 // the writer will (packets are queued). From the timer (timer true), it
 // leaves them to the read loop if it is handling a packet, and to a later
 // timer if the hold began less than a window ago; and if no packet came
-// after the one that began the hold, the client may be waiting for them:
-// nothing is delayed for ackStallOff.
+// after the one that began the hold, ackStalls times in a row, the client
+// is waiting for them: nothing is delayed for ackStallOff.
 func (cl *Client) flushAcks(timer bool) {
 	a := cl.Net.acks.Load()
 	cl.Lock()
@@ -135,7 +146,10 @@ func (cl *Client) flushAcks(timer bool) {
 			return
 		}
 		if a.released == since {
-			a.off.Store(int64(now + ackStallOff))
+			if a.stalls++; a.stalls >= ackStalls {
+				a.stalls = 0
+				a.off.Store(int64(now + ackStallOff))
+			}
 		}
 	}
 	_ = cl.flushOutbuf()
