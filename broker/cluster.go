@@ -366,6 +366,12 @@ func (c *clusterNode) syncPeers() {
 		c.heldFlush.begin(allAdopters)
 		defer c.heldFlush.end(allAdopters)
 	}
+	if c.b.durable != nil && len(res.reached) > 0 {
+		// Ended by resendReached, below.
+		for range res.reached {
+			c.heldFlush.begin(allAdopters)
+		}
+	}
 	for _, name := range res.dropRoutes {
 		if c.b.durable != nil && c.peers.getHeld(name) != nil {
 			// With durability, a held peer's routes stay until its
@@ -385,6 +391,11 @@ func (c *clusterNode) syncPeers() {
 		}
 	}
 	c.routes.mu.Unlock()
+	for _, r := range res.reached {
+		if c.b.durable != nil {
+			c.resendReached(r.p, r.mark, true)
+		}
+	}
 	// Forget closes the peer's inbound connection: should it be alive
 	// after all, it redials and sends the routes dropped here again.
 	for _, p := range res.forget {
@@ -433,6 +444,8 @@ func (c *clusterNode) members() []cluster.Member {
 // routes, then every retained message (and every clear still remembered),
 // so a peer that joins or comes back converges.
 func (c *clusterNode) snapshot(peerName string) []link.Message {
+	// Before anything it held is written to the peer again.
+	c.linkReached(peerName)
 	rm := c.routes.localSnapshot()
 	out := append([]link.Message{{Type: msgRoutes, Body: rm.encode()}}, c.retained.snapshot()...)
 	out = append(out, c.ownersSnapshot()...)

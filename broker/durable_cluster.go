@@ -879,7 +879,7 @@ func (c *clusterNode) unreachable(name string) bool {
 func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error {
 	c := d.b.cluster
 	p := c.peers.getHeld(dead)
-	if p != nil && p.restarted.Load() {
+	if p != nil && p.reached.Load() {
 		if p.resent.Load() {
 			// Its link reached a new process of dead and what it held
 			// was sent on (resendRestarted); the link, which holds
@@ -937,7 +937,7 @@ func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error
 			}
 		}
 	}
-	if p.restarted.Load() { // since the check above
+	if p.reached.Load() { // since the check above
 		c.routes.mu.Unlock()
 		return nil
 	}
