@@ -52,6 +52,68 @@ func (w *claimWaiters) answered(r claimReplyMsg) bool {
 	return ok
 }
 
+// connectOrder keeps a CONNECT that waited in the session hooks from
+// taking over a connection of the same client that arrived later and was
+// established meanwhile: the client that sent the older one gave up on it
+// (its CONNACK was late) and connected again, so the older one completing
+// last would end the live connection (DISCONNECT 0x8E) for a socket
+// nobody reads. Each CONNECT gets a ticket when it reaches the first hook
+// that may wait (durableHook.claimOnConnect, or OnSessionEstablish here),
+// and is refused at the end of OnSessionEstablish if a CONNECT with a
+// later ticket was established first. The mutex is a leaf.
+type connectOrder struct {
+	mu      sync.Mutex
+	seq     uint64
+	tickets map[*mqtt.Client]uint64
+	ids     map[string]*connectState // client IDs with a CONNECT under way
+}
+
+type connectState struct {
+	pending     int    // CONNECTs under way
+	established uint64 // the ticket of the last one established
+}
+
+// begin gives cl's CONNECT its ticket, once.
+func (o *connectOrder) begin(cl *mqtt.Client) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if _, ok := o.tickets[cl]; ok {
+		return
+	}
+	if o.tickets == nil {
+		o.tickets, o.ids = map[*mqtt.Client]uint64{}, map[string]*connectState{}
+	}
+	o.seq++
+	o.tickets[cl] = o.seq
+	st := o.ids[cl.ID]
+	if st == nil {
+		st = &connectState{}
+		o.ids[cl.ID] = st
+	}
+	st.pending++
+}
+
+// end ends cl's CONNECT, established unless refused, and reports whether
+// it is stale: a later CONNECT of the client was established first.
+func (o *connectOrder) end(cl *mqtt.Client, establish bool) (stale bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	t, ok := o.tickets[cl]
+	if !ok {
+		return false
+	}
+	delete(o.tickets, cl)
+	st := o.ids[cl.ID]
+	stale = establish && st.established > t
+	if establish && !stale {
+		st.established = t
+	}
+	if st.pending--; st.pending == 0 {
+		delete(o.ids, cl.ID)
+	}
+	return stale
+}
+
 // claimPoll is how often a waiting claim looks whether a peer it waits for
 // is suspected or lost its link: such a peer is not waited for.
 const claimPoll = 20 * time.Millisecond
@@ -67,7 +129,19 @@ const claimPoll = 20 * time.Millisecond
 // instead of starting over with an empty session.
 func (c *clusterNode) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	refuse := false
+	c.connects.begin(cl)
 	defer func() {
+		if c.connects.end(cl, !refuse && !cl.SessionRefused()) {
+			// An older CONNECT of the client, which waited here (for
+			// peers, a move, an adoption) while a newer one was
+			// established: it would take the newer connection over. Its
+			// client gave up on it, most likely; if not, it retries.
+			refuse = true
+			c.claimsRefused.Add(1)
+			c.log.Warn("client refused: a newer connection of the client was established here while this CONNECT waited",
+				"client_id", cl.ID)
+			cl.RefuseSession(packets.ErrServerUnavailable)
+		}
 		if !refuse {
 			c.owners.set(cl.ID, time.Now().UnixNano())
 		}

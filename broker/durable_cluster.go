@@ -713,6 +713,8 @@ func (d *durableHook) claimOnConnect(cl *mqtt.Client) {
 	if d.b.cluster == nil {
 		return
 	}
+	// Its place among the client's CONNECTs is where it starts waiting.
+	d.b.cluster.connects.begin(cl)
 	ctx, cancel := context.WithTimeout(d.ctx, connectClaimWait)
 	defer cancel()
 	refuse := func(msg string, args ...any) {
