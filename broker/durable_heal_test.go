@@ -119,3 +119,57 @@ func heldLinkToSameProcess(t *testing.T, linkFirst bool) {
 		}
 	}
 }
+
+// TestHeldLinkToNodeAtNewAddressReachesAdopted: as
+// TestHeldLinkToRestartedNodeReachesAdopted, but the node comes back at
+// another link address (a new port, a new container): the held link is
+// closed when gossip reports the node alive again. What it held still
+// reaches the adopted session, in order. Before, it was thrown away and
+// counted link_closed (the node was no longer failed), and the adopted
+// session, which skipped the direct copies, lost it.
+func TestHeldLinkToNodeAtNewAddressReachesAdopted(t *testing.T) {
+	st := storetest.Open(t)
+	withStore := func(o *broker.Options) { o.Store = st }
+	n1 := testcluster.Broker(t, "n1", "", withStore)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), withStore)
+	nodes := []*broker.Broker{n0, n1, n2}
+	waitMesh(t, nodes...)
+	a := pauseAdoptions(t, st, nodes)
+	svc, p := a.svc, a.p
+	var holdOnce sync.Once
+	defer holdOnce.Do(func() { close(a.hold) })
+
+	gossip, oldLink := n0.GossipAddr(), n0.Stats().Cluster.Link
+	n0.KillCluster()
+	a.publishDuringAdoption(t, st, n2, "m1")
+	p.Pub(t, "t/0", 1, false, "m2")
+	if st, _ := linkState(n2, "n0"); st != "held" {
+		t.Fatalf("n2's link to n0 %q, want held", st)
+	}
+	// n0 restarts: same name and gossip address, another link address.
+	n0b := testcluster.Broker(t, "n0", n1.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.GossipAddr = st, gossip
+	})
+	if n0b.Stats().Cluster.Link == oldLink {
+		t.Fatalf("n0 came back at the same link address %s", oldLink)
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n2, "n0"); st != "up" {
+			return fmt.Errorf("n2's link to n0 %q, want up", st)
+		}
+		return nil
+	})
+	p.Pub(t, "t/0", 1, false, "m3")
+	holdOnce.Do(func() { close(a.hold) })
+
+	s, ca := dialV5(t, n1, &paho.Connect{ClientID: svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
+	if !ca.SessionPresent {
+		t.Fatal("session present = 0 after the adoption")
+	}
+	for _, want := range []string{"m1", "m2", "m3"} {
+		if m := s.Next(t, waitMsg); string(m.Payload) != want {
+			t.Fatalf("adopted session got %q, want %s (m1, m2, m3 in order)", m.Payload, want)
+		}
+	}
+}
