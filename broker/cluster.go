@@ -75,8 +75,12 @@ type clusterNode struct {
 	// testBeforeClose, if set, is called by syncPeers before it closes
 	// the link of a peer whose routes it dropped.
 	testBeforeClose atomic.Pointer[func(peer string)]
-	testRelayKeep   atomic.Int32 // > 0: replaces relayKeepMax
-	testRelayBytes  atomic.Int64 // > 0: replaces relayHeldBytesMax
+	// testBeforeClaims, if set, is called by OnSessionEstablish before it
+	// sends its claims: tests hold a CONNECT there, as a slow store or
+	// adoption would.
+	testBeforeClaims atomic.Pointer[func(id string)]
+	testRelayKeep    atomic.Int32 // > 0: replaces relayKeepMax
+	testRelayBytes   atomic.Int64 // > 0: replaces relayHeldBytesMax
 	// testDeliver, if set, is called before a message from a peer is
 	// handled: tests hold some back, as a slow link would, or refuse it
 	// (an error), as a node of an older release would.

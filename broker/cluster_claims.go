@@ -65,12 +65,26 @@ type connectOrder struct {
 	mu      sync.Mutex
 	seq     uint64
 	tickets map[*mqtt.Client]uint64
+	at      map[*mqtt.Client]int64   // when each ticket was given
 	ids     map[string]*connectState // client IDs with a CONNECT under way
 }
 
 type connectState struct {
 	pending     int    // CONNECTs under way
 	established uint64 // the ticket of the last one established
+}
+
+// claimSkew is how much later than a claimant's CONNECT a connection here
+// must have been established for the claim to be refused as older: room
+// for the nodes' clocks to differ. A claim refused wrongly is retried.
+const claimSkew = 100 * time.Millisecond
+
+// since returns when cl's CONNECT got its ticket (unix nanoseconds; 0 if
+// it has none).
+func (o *connectOrder) since(cl *mqtt.Client) int64 {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.at[cl]
 }
 
 // begin gives cl's CONNECT its ticket, once.
@@ -81,10 +95,11 @@ func (o *connectOrder) begin(cl *mqtt.Client) {
 		return
 	}
 	if o.tickets == nil {
-		o.tickets, o.ids = map[*mqtt.Client]uint64{}, map[string]*connectState{}
+		o.tickets, o.ids, o.at = map[*mqtt.Client]uint64{}, map[string]*connectState{}, map[*mqtt.Client]int64{}
 	}
 	o.seq++
 	o.tickets[cl] = o.seq
+	o.at[cl] = time.Now().UnixNano()
 	st := o.ids[cl.ID]
 	if st == nil {
 		st = &connectState{}
@@ -103,6 +118,7 @@ func (o *connectOrder) end(cl *mqtt.Client, establish bool) (stale bool) {
 		return false
 	}
 	delete(o.tickets, cl)
+	delete(o.at, cl)
 	st := o.ids[cl.ID]
 	stale = establish && st.established > t
 	if establish && !stale {
@@ -152,6 +168,9 @@ func (c *clusterNode) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	if im := c.moves.incoming(cl.ID); im != nil && im.claim == 0 {
 		c.waitMove(im)
 	}
+	if f := c.testBeforeClaims.Load(); f != nil {
+		(*f)(cl.ID)
+	}
 	var up []*peer
 	var skipped []string // peers not asked, or not waited for: unreachable
 	defer func() {
@@ -176,10 +195,17 @@ func (c *clusterNode) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	}
 	id, ch, done := c.claims.open(len(up))
 	defer done()
-	body := claimMsg{ID: id, ClientID: cl.ID, Clean: pk.Connect.Clean}.encode()
+	claim := claimMsg{ID: id, ClientID: cl.ID, Clean: pk.Connect.Clean}
+	body := claim.encode() // to protoV1 peers
+	claim.ConnectAt = c.connects.since(cl)
+	bodyV2 := claim.encode()
 	pending := map[string]*peer{}
 	for _, p := range up {
-		if p.link.Send(link.Message{Type: msgClaim, Body: body}, false) {
+		b := body
+		if c.peerProtocol(p.name) >= protoV2 {
+			b = bodyV2
+		}
+		if p.link.Send(link.Message{Type: msgClaim, Body: b}, false) {
 			pending[p.name] = p
 		} else {
 			// Its link went down since up() (a node that just died): it
@@ -303,6 +329,15 @@ func (c *clusterNode) answerClaimNow(from string, m claimMsg) {
 	switch {
 	case c.moves.busy(m.ClientID):
 		reply.Found, reply.Busy = true, true
+	case found && m.ConnectAt != 0 && !cl.Closed() && cl.Net.Conn != nil &&
+		c.owners.get(m.ClientID) > m.ConnectAt+int64(claimSkew):
+		// The client's connection here was established after that
+		// CONNECT began (which waited, on the claimant, past its
+		// client's patience: the client connected again, here): the
+		// older CONNECT does not take the live one over (as
+		// connectOrder on one node). Its client, if still there, retries.
+		reply.Found, reply.Busy = true, true
+		c.log.Info("claim of an older CONNECT refused: a newer connection of the client is live here", "client_id", m.ClientID, "node", from)
 	case found && !m.Clean && hasState(cl):
 		p := c.peers.get(from)
 		if p == nil {

@@ -2,6 +2,7 @@ package broker_test
 
 import (
 	"context"
+	"sync"
 	"testing"
 	"time"
 
@@ -52,6 +53,66 @@ func TestOlderConnectDoesNotTakeOverNewer(t *testing.T) {
 	}
 	// Still the live one: it publishes and receives.
 	subscribe(t, newer, 0, paho.SubscribeOptions{Topic: "t", QoS: 1})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := newer.Publish(ctx, &paho.Publish{Topic: "t", QoS: 1, Payload: []byte("x")}); err != nil {
+		t.Fatal(err)
+	}
+	if m := newer.Next(t, waitMsg); string(m.Payload) != "x" {
+		t.Fatalf("got %q", m.Payload)
+	}
+}
+
+// TestOlderConnectOnAnotherNodeDoesNotTakeOverNewer: as
+// TestOlderConnectDoesNotTakeOverNewer, with the newer connection on
+// another node: the older CONNECT, held before its claims, claims the
+// client when the newer connection is live. Its claim is answered busy
+// and it is refused; before, the live connection was ended (0x8E) and its
+// session moved to the older CONNECT, for a socket nobody reads (seen in
+// TestNodeDeathSessionsAdopted: a device left disconnected, the messages
+// published after that missing).
+func TestOlderConnectOnAnotherNodeDoesNotTakeOverNewer(t *testing.T) {
+	nodes := testcluster.Brokers(t, "n", 2, nil)
+	n0, n1 := nodes[0], nodes[1]
+	waitMesh(t, nodes...)
+	held, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	n0.SetTestBeforeClaims(func(id string) {
+		if id == "dev" {
+			once.Do(func() {
+				close(held)
+				<-release
+			})
+		}
+	})
+	defer n0.SetTestBeforeClaims(nil)
+
+	cp := func() *paho.Connect {
+		return &paho.Connect{ClientID: "dev", CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}}
+	}
+	older := make(chan error, 1)
+	go func() {
+		c, _, err := testutil.DialV5(t, n0.Addr(broker.ListenerTCP), cp())
+		if err == nil {
+			defer c.Disconnect(&paho.Disconnect{})
+		}
+		older <- err
+	}()
+	<-held
+	time.Sleep(300 * time.Millisecond) // well past claimSkew
+	newer, _ := dialV5(t, n1, cp())
+	subscribe(t, newer, 0, paho.SubscribeOptions{Topic: "t", QoS: 1})
+	close(release)
+	if err := <-older; err == nil {
+		t.Log("the older CONNECT was accepted")
+	}
+	select {
+	case d := <-newer.Disconnects:
+		t.Fatalf("the newer connection was ended (reason 0x%02X) by the older CONNECT", d.ReasonCode)
+	case <-newer.Done():
+		t.Fatal("the newer connection was ended by the older CONNECT")
+	case <-time.After(time.Second):
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if _, err := newer.Publish(ctx, &paho.Publish{Topic: "t", QoS: 1, Payload: []byte("x")}); err != nil {

@@ -33,3 +33,13 @@ func (b *Broker) DropClaims(n int) {
 }
 
 var errDropped = errors.New("dropped by the test")
+
+// SetTestBeforeClaims calls f when a CONNECT is about to send its claims
+// to the peers; nil removes it.
+func (b *Broker) SetTestBeforeClaims(f func(id string)) {
+	if f == nil {
+		b.cluster.testBeforeClaims.Store(nil)
+		return
+	}
+	b.cluster.testBeforeClaims.Store(&f)
+}
