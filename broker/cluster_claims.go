@@ -329,8 +329,7 @@ func (c *clusterNode) answerClaimNow(from string, m claimMsg) {
 	switch {
 	case c.moves.busy(m.ClientID):
 		reply.Found, reply.Busy = true, true
-	case found && m.ConnectAt != 0 && !cl.Closed() && cl.Net.Conn != nil &&
-		c.owners.get(m.ClientID) > m.ConnectAt+int64(claimSkew):
+	case found && c.newerHere(cl, m.ConnectAt):
 		// The client's connection here was established after that
 		// CONNECT began (which waited, on the claimant, past its
 		// client's patience: the client connected again, here): the
@@ -345,6 +344,7 @@ func (c *clusterNode) answerClaimNow(from string, m claimMsg) {
 			return
 		}
 		if o, ok := c.moves.startOut(m.ClientID, from); ok {
+			o.connectAt = m.ConnectAt
 			go c.moveOut(o, p, m.ID)
 			return
 		}
@@ -359,14 +359,29 @@ func (c *clusterNode) answerClaimNow(from string, m claimMsg) {
 			c.log.Debug("client connected to another node: session ended here", "client_id", m.ClientID, "node", from)
 		}
 	}
+	c.replyClaim(c.peers.get(from), reply)
+}
+
+// newerHere reports whether cl is a live connection here established
+// more than claimSkew after a claimant's CONNECT began to wait (at, unix
+// nanoseconds; 0: not said).
+func (c *clusterNode) newerHere(cl *mqtt.Client, at int64) bool {
+	return at != 0 && !cl.Closed() && cl.Net.Conn != nil && c.owners.get(cl.ID) > at+int64(claimSkew)
+}
+
+// replyClaim sends the answer to a claim to p (nil: no link to it).
+func (c *clusterNode) replyClaim(p *peer, reply claimReplyMsg) {
 	body, err := reply.encode()
 	if err != nil {
-		c.log.Error("claim answer not sent: cannot encode it", "client_id", m.ClientID, "error", err)
+		c.log.Error("claim answer not sent: cannot encode it", "client_id", reply.ClientID, "error", err)
 		return
 	}
-	p := c.peers.get(from)
 	if p == nil || !p.link.Send(link.Message{Type: msgClaimReply, Body: body}, true) {
-		c.log.Warn("claim answer not sent: no link to the node", "client_id", m.ClientID, "node", from)
+		name := ""
+		if p != nil {
+			name = p.name
+		}
+		c.log.Warn("claim answer not sent: no link to the node", "client_id", reply.ClientID, "node", name)
 	}
 }
 

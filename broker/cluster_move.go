@@ -105,6 +105,9 @@ type outMove struct {
 	to       string
 	acks     chan uint64 // chunk acknowledgements
 	done     chan uint64 // the destination's answer: moveRefused, moveInstalled or moveStale
+	// connectAt is when the claimant's CONNECT began to wait
+	// (claimMsg.ConnectAt; 0: not said, or a push).
+	connectAt int64
 }
 
 type inKey struct {
@@ -263,6 +266,13 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 		// A CONNECT here may have taken the session over meanwhile: its
 		// new client holds it now (the one found above is emptied).
 		if cl, ok = c.b.mq.Clients.Get(o.clientID); !ok {
+			return false
+		}
+		if c.newerHere(cl, o.connectAt) {
+			// That connection is newer than the claimant's CONNECT
+			// (see answerClaimNow): it stays, the claimant retries.
+			c.log.Info("claim of an older CONNECT refused: a newer connection of the client took the session here while its move waited", "client_id", o.clientID, "node", o.to)
+			c.replyClaim(p, claimReplyMsg{ID: claim, ClientID: o.clientID, Found: true, Busy: true})
 			return false
 		}
 	}
