@@ -157,10 +157,12 @@ func (s *peerSet) sync(want map[string]string, failed map[string]bool, now time.
 			s.log.Info("failed peer alive again: its link resends what was queued", "peer", name, "queued", p.link.Stats().QueueLen)
 		case alive || !failed[name] || now.After(p.heldUntil):
 			delete(s.held, name)
-			if alive && p.handOver.Swap(false) {
-				// Back at another link address (a new process): the
-				// link closes with its queue, which the sessions adopted
-				// from it get first, as above.
+			if (alive || !failed[name]) && p.handOver.Swap(false) {
+				// Back at another link address (a new process), or gone
+				// from gossip (it left, or was reaped): the link closes
+				// with its queue, which the sessions adopted from it get
+				// first, as above (an expired hold hands it over as it
+				// closes: resendExpired).
 				res.reached = append(res.reached, reachedPeer{p, p.link.Mark()})
 			}
 			res.closing = append(res.closing, p)

@@ -2,12 +2,14 @@ package broker_test
 
 import (
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 
 	"github.com/eclipse/paho.golang/paho"
 
 	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/cluster"
 	"github.com/rtm-dev/rtm/internal/store/storetest"
 	"github.com/rtm-dev/rtm/internal/testcluster"
 	"github.com/rtm-dev/rtm/internal/testutil"
@@ -157,6 +159,56 @@ func TestHeldLinkToNodeAtNewAddressReachesAdopted(t *testing.T) {
 	testutil.WaitFor(t, waitCond, func() error {
 		if st, _ := linkState(n2, "n0"); st != "up" {
 			return fmt.Errorf("n2's link to n0 %q, want up", st)
+		}
+		return nil
+	})
+	p.Pub(t, "t/0", 1, false, "m3")
+	holdOnce.Do(func() { close(a.hold) })
+
+	s, ca := dialV5(t, n1, &paho.Connect{ClientID: svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
+	if !ca.SessionPresent {
+		t.Fatal("session present = 0 after the adoption")
+	}
+	for _, want := range []string{"m1", "m2", "m3"} {
+		if m := s.Next(t, waitMsg); string(m.Payload) != want {
+			t.Fatalf("adopted session got %q, want %s (m1, m2, m3 in order)", m.Payload, want)
+		}
+	}
+}
+
+// TestHeldLinkOfReapedNodeReachesAdopted: a dead node is removed from
+// gossip (reaped, or it left) while a survivor still holds its link (one
+// of its sessions is still being adopted): the link closes, and what it
+// held still reaches the session adopted so far, in order. Before, it was
+// thrown away and counted link_closed (the node was no longer failed),
+// and the adopted session, which skipped the direct copies, lost it.
+func TestHeldLinkOfReapedNodeReachesAdopted(t *testing.T) {
+	st := storetest.Open(t)
+	withStore := func(o *broker.Options) { o.Store = st }
+	n1 := testcluster.Broker(t, "n1", "", withStore)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), withStore)
+	nodes := []*broker.Broker{n0, n1, n2}
+	waitMesh(t, nodes...)
+	a := pauseAdoptions(t, st, nodes)
+	svc, p := a.svc, a.p
+	var holdOnce sync.Once
+	defer holdOnce.Do(func() { close(a.hold) })
+
+	n0.KillCluster()
+	a.publishDuringAdoption(t, st, n2, "m1")
+	p.Pub(t, "t/0", 1, false, "m2")
+	if st, _ := linkState(n2, "n0"); st != "held" {
+		t.Fatalf("n2's link to n0 %q, want held", st)
+	}
+	// n2 no longer sees n0 at all.
+	n2.SetTestMembers(func(ms []cluster.Member) []cluster.Member {
+		return slices.DeleteFunc(ms, func(m cluster.Member) bool { return m.Name == "n0" })
+	})
+	defer n2.SetTestMembers(nil)
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n2, "n0"); st != "" {
+			return fmt.Errorf("n2's link to n0 %q, want none", st)
 		}
 		return nil
 	})
