@@ -57,6 +57,7 @@ type clusterNode struct {
 	adopted   adoptedMarks // cluster_failover.go: sessions adopted from failed nodes
 	heldFlush flushGate    // cluster_failover.go: held links' re-sends go first
 	heldDone  heldDone     // cluster_failover.go: which nodes sent on what they held for a failed one
+	connects  connectOrder // cluster_claims.go: an older CONNECT does not take over a newer one
 
 	// testMembers, if set, rewrites the member list syncPeers sees: tests
 	// make a peer look failed without stopping it.
@@ -74,8 +75,12 @@ type clusterNode struct {
 	// testBeforeClose, if set, is called by syncPeers before it closes
 	// the link of a peer whose routes it dropped.
 	testBeforeClose atomic.Pointer[func(peer string)]
-	testRelayKeep   atomic.Int32 // > 0: replaces relayKeepMax
-	testRelayBytes  atomic.Int64 // > 0: replaces relayHeldBytesMax
+	// testBeforeClaims, if set, is called by OnSessionEstablish before it
+	// sends its claims: tests hold a CONNECT there, as a slow store or
+	// adoption would.
+	testBeforeClaims atomic.Pointer[func(id string)]
+	testRelayKeep    atomic.Int32 // > 0: replaces relayKeepMax
+	testRelayBytes   atomic.Int64 // > 0: replaces relayHeldBytesMax
 	// testDeliver, if set, is called before a message from a peer is
 	// handled: tests hold some back, as a slow link would, or refuse it
 	// (an error), as a node of an older release would.
@@ -366,6 +371,12 @@ func (c *clusterNode) syncPeers() {
 		c.heldFlush.begin(allAdopters)
 		defer c.heldFlush.end(allAdopters)
 	}
+	if c.b.durable != nil && len(res.reached) > 0 {
+		// Ended by resendReached, below.
+		for range res.reached {
+			c.heldFlush.begin(allAdopters)
+		}
+	}
 	for _, name := range res.dropRoutes {
 		if c.b.durable != nil && c.peers.getHeld(name) != nil {
 			// With durability, a held peer's routes stay until its
@@ -385,6 +396,11 @@ func (c *clusterNode) syncPeers() {
 		}
 	}
 	c.routes.mu.Unlock()
+	for _, r := range res.reached {
+		if c.b.durable != nil {
+			c.resendReached(r.p, r.mark, true)
+		}
+	}
 	// Forget closes the peer's inbound connection: should it be alive
 	// after all, it redials and sends the routes dropped here again.
 	for _, p := range res.forget {
@@ -433,6 +449,8 @@ func (c *clusterNode) members() []cluster.Member {
 // routes, then every retained message (and every clear still remembered),
 // so a peer that joins or comes back converges.
 func (c *clusterNode) snapshot(peerName string) []link.Message {
+	// Before anything it held is written to the peer again.
+	c.linkReached(peerName)
 	rm := c.routes.localSnapshot()
 	out := append([]link.Message{{Type: msgRoutes, Body: rm.encode()}}, c.retained.snapshot()...)
 	out = append(out, c.ownersSnapshot()...)

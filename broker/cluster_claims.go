@@ -52,6 +52,84 @@ func (w *claimWaiters) answered(r claimReplyMsg) bool {
 	return ok
 }
 
+// connectOrder keeps a CONNECT that waited in the session hooks from
+// taking over a connection of the same client that arrived later and was
+// established meanwhile: the client that sent the older one gave up on it
+// (its CONNACK was late) and connected again, so the older one completing
+// last would end the live connection (DISCONNECT 0x8E) for a socket
+// nobody reads. Each CONNECT gets a ticket when it reaches the first hook
+// that may wait (durableHook.claimOnConnect, or OnSessionEstablish here),
+// and is refused at the end of OnSessionEstablish if a CONNECT with a
+// later ticket was established first. The mutex is a leaf.
+type connectOrder struct {
+	mu      sync.Mutex
+	seq     uint64
+	tickets map[*mqtt.Client]uint64
+	at      map[*mqtt.Client]int64   // when each ticket was given
+	ids     map[string]*connectState // client IDs with a CONNECT under way
+}
+
+type connectState struct {
+	pending     int    // CONNECTs under way
+	established uint64 // the ticket of the last one established
+}
+
+// claimSkew is how much later than a claimant's CONNECT a connection here
+// must have been established for the claim to be refused as older: room
+// for the nodes' clocks to differ. A claim refused wrongly is retried.
+const claimSkew = 100 * time.Millisecond
+
+// since returns when cl's CONNECT got its ticket (unix nanoseconds; 0 if
+// it has none).
+func (o *connectOrder) since(cl *mqtt.Client) int64 {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.at[cl]
+}
+
+// begin gives cl's CONNECT its ticket, once.
+func (o *connectOrder) begin(cl *mqtt.Client) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if _, ok := o.tickets[cl]; ok {
+		return
+	}
+	if o.tickets == nil {
+		o.tickets, o.ids, o.at = map[*mqtt.Client]uint64{}, map[string]*connectState{}, map[*mqtt.Client]int64{}
+	}
+	o.seq++
+	o.tickets[cl] = o.seq
+	o.at[cl] = time.Now().UnixNano()
+	st := o.ids[cl.ID]
+	if st == nil {
+		st = &connectState{}
+		o.ids[cl.ID] = st
+	}
+	st.pending++
+}
+
+// end ends cl's CONNECT, established unless refused, and reports whether
+// it is stale: a later CONNECT of the client was established first.
+func (o *connectOrder) end(cl *mqtt.Client, establish bool) (stale bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	t, ok := o.tickets[cl]
+	if !ok {
+		return false
+	}
+	delete(o.tickets, cl)
+	delete(o.at, cl)
+	st := o.ids[cl.ID]
+	stale = establish && st.established > t
+	if establish && !stale {
+		st.established = t
+	}
+	if st.pending--; st.pending == 0 {
+		delete(o.ids, cl.ID)
+	}
+	return stale
+}
+
 // claimPoll is how often a waiting claim looks whether a peer it waits for
 // is suspected or lost its link: such a peer is not waited for.
 const claimPoll = 20 * time.Millisecond
@@ -67,7 +145,19 @@ const claimPoll = 20 * time.Millisecond
 // instead of starting over with an empty session.
 func (c *clusterNode) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	refuse := false
+	c.connects.begin(cl)
 	defer func() {
+		if c.connects.end(cl, !refuse && !cl.SessionRefused()) {
+			// An older CONNECT of the client, which waited here (for
+			// peers, a move, an adoption) while a newer one was
+			// established: it would take the newer connection over. Its
+			// client gave up on it, most likely; if not, it retries.
+			refuse = true
+			c.claimsRefused.Add(1)
+			c.log.Warn("client refused: a newer connection of the client was established here while this CONNECT waited",
+				"client_id", cl.ID)
+			cl.RefuseSession(packets.ErrServerUnavailable)
+		}
 		if !refuse {
 			c.owners.set(cl.ID, time.Now().UnixNano())
 		}
@@ -77,6 +167,9 @@ func (c *clusterNode) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	// and the claim below moves it.
 	if im := c.moves.incoming(cl.ID); im != nil && im.claim == 0 {
 		c.waitMove(im)
+	}
+	if f := c.testBeforeClaims.Load(); f != nil {
+		(*f)(cl.ID)
 	}
 	var up []*peer
 	var skipped []string // peers not asked, or not waited for: unreachable
@@ -102,10 +195,17 @@ func (c *clusterNode) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	}
 	id, ch, done := c.claims.open(len(up))
 	defer done()
-	body := claimMsg{ID: id, ClientID: cl.ID, Clean: pk.Connect.Clean}.encode()
+	claim := claimMsg{ID: id, ClientID: cl.ID, Clean: pk.Connect.Clean}
+	body := claim.encode() // to protoV1 peers
+	claim.ConnectAt = c.connects.since(cl)
+	bodyV2 := claim.encode()
 	pending := map[string]*peer{}
 	for _, p := range up {
-		if p.link.Send(link.Message{Type: msgClaim, Body: body}, false) {
+		b := body
+		if c.peerProtocol(p.name) >= protoV2 {
+			b = bodyV2
+		}
+		if p.link.Send(link.Message{Type: msgClaim, Body: b}, false) {
 			pending[p.name] = p
 		} else {
 			// Its link went down since up() (a node that just died): it
@@ -229,6 +329,14 @@ func (c *clusterNode) answerClaimNow(from string, m claimMsg) {
 	switch {
 	case c.moves.busy(m.ClientID):
 		reply.Found, reply.Busy = true, true
+	case found && c.newerHere(cl, m.ConnectAt):
+		// The client's connection here was established after that
+		// CONNECT began (which waited, on the claimant, past its
+		// client's patience: the client connected again, here): the
+		// older CONNECT does not take the live one over (as
+		// connectOrder on one node). Its client, if still there, retries.
+		reply.Found, reply.Busy = true, true
+		c.log.Info("claim of an older CONNECT refused: a newer connection of the client is live here", "client_id", m.ClientID, "node", from)
 	case found && !m.Clean && hasState(cl):
 		p := c.peers.get(from)
 		if p == nil {
@@ -236,6 +344,7 @@ func (c *clusterNode) answerClaimNow(from string, m claimMsg) {
 			return
 		}
 		if o, ok := c.moves.startOut(m.ClientID, from); ok {
+			o.connectAt = m.ConnectAt
 			go c.moveOut(o, p, m.ID)
 			return
 		}
@@ -250,14 +359,29 @@ func (c *clusterNode) answerClaimNow(from string, m claimMsg) {
 			c.log.Debug("client connected to another node: session ended here", "client_id", m.ClientID, "node", from)
 		}
 	}
+	c.replyClaim(c.peers.get(from), reply)
+}
+
+// newerHere reports whether cl is a live connection here established
+// more than claimSkew after a claimant's CONNECT began to wait (at, unix
+// nanoseconds; 0: not said).
+func (c *clusterNode) newerHere(cl *mqtt.Client, at int64) bool {
+	return at != 0 && !cl.Closed() && cl.Net.Conn != nil && c.owners.get(cl.ID) > at+int64(claimSkew)
+}
+
+// replyClaim sends the answer to a claim to p (nil: no link to it).
+func (c *clusterNode) replyClaim(p *peer, reply claimReplyMsg) {
 	body, err := reply.encode()
 	if err != nil {
-		c.log.Error("claim answer not sent: cannot encode it", "client_id", m.ClientID, "error", err)
+		c.log.Error("claim answer not sent: cannot encode it", "client_id", reply.ClientID, "error", err)
 		return
 	}
-	p := c.peers.get(from)
 	if p == nil || !p.link.Send(link.Message{Type: msgClaimReply, Body: body}, true) {
-		c.log.Warn("claim answer not sent: no link to the node", "client_id", m.ClientID, "node", from)
+		name := ""
+		if p != nil {
+			name = p.name
+		}
+		c.log.Warn("claim answer not sent: no link to the node", "client_id", reply.ClientID, "node", name)
 	}
 }
 

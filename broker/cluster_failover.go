@@ -480,19 +480,84 @@ func (c *clusterNode) resendRestarted(peer string, msgs []link.Message) {
 	}
 	c.routes.mu.Lock()
 	p := c.peers.getHeld(peer)
-	gate := p != nil && !p.restarted.Load()
+	gate := p != nil && !p.reached.Load()
 	if gate {
 		c.heldFlush.begin(allAdopters)
-		p.restarted.Store(true)
+		p.reached.Store(true)
+		p.handOver.Store(false) // nothing left to hand over (resendReached)
 	}
 	c.routes.mu.Unlock()
 	if gate {
 		defer c.heldFlush.end(allAdopters)
 	}
+	if lp := c.peers.getLinked(peer); lp != nil {
+		// Handed over already when gossip saw the peer alive again.
+		msgs = lp.notHanded(msgs)
+	}
 	c.resendHeld(peer, nil, linkPublishes(msgs))
 	if p != nil {
 		p.resent.Store(true) // releaseWhenAdopted may say it is done with it
 	}
+}
+
+// resendReached hands a copy of what the held link of a failed peer kept
+// to the sessions adopted from the peer, as a release would, when that
+// link is about to deliver it to the same process of the peer instead (a
+// partition healed, a stopped process resumed): those sessions skipped
+// the direct copies of these messages, and the peer's own copies of the
+// sessions are stale (the heal ends them, and counts what they held as
+// stale_session). It runs at the first of:
+//
+//   - the link's next connection, to the same process, while gossip still
+//     reports the peer failed: its OnUp, before the queue is written
+//     again (what follows is not held for the adopted sessions any more,
+//     as for a restarted peer);
+//   - gossip reporting the peer alive again (syncPeers): its link then
+//     delivers the queue to the peer whenever it connects.
+//
+// What it queued up to mark goes: held messages, and what the peer never
+// acknowledged before it failed. A message marked held and queued after
+// mark is re-sent by its forward (forwardPublish). The flushGate keeps
+// the forwards that follow behind the copies. A held link whose peer
+// restarted threw its queue away, and re-sent it, instead
+// (resendRestarted).
+func (c *clusterNode) resendReached(p *peer, mark uint64, remember bool) {
+	defer c.heldFlush.end(allAdopters)
+	lms := p.link.Queued(mark)
+	if remember {
+		p.handedOver(lms)
+	}
+	msgs := linkPublishes(lms)
+	if len(msgs) > 0 {
+		c.log.Info("held link of a failed peer delivers to the same process again: what it held goes to the sessions adopted from the peer too",
+			"peer", p.name, "messages", len(msgs))
+	}
+	c.resendHeld(p.name, nil, msgs)
+	p.resent.Store(true) // releaseWhenAdopted may say it is done with it
+}
+
+// linkReached is the link's OnUp part of resendReached: the link to peer
+// connected, to the same process as before (a restart was reported
+// already, before OnUp).
+func (c *clusterNode) linkReached(peer string) {
+	p := c.peers.getLinked(peer)
+	if p == nil {
+		return
+	}
+	p.forgetHanded()
+	if !p.handOver.Load() || !c.resending() {
+		return
+	}
+	c.routes.mu.Lock()
+	if c.peers.getHeld(peer) != p || !p.handOver.Swap(false) {
+		c.routes.mu.Unlock()
+		return
+	}
+	c.heldFlush.begin(allAdopters)
+	p.reached.Store(true)
+	mark := p.link.Mark()
+	c.routes.mu.Unlock()
+	c.resendReached(p, mark, false)
 }
 
 // linkPublishes decodes the publishes among msgs (a link's discarded

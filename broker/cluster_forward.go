@@ -185,9 +185,10 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 		if p == nil {
 			// Failed, and sending its routes again: it may be alive after
 			// all. Its held link takes the message, resent if it heals.
-			// Not once its link reached a new process: nothing is
-			// held for the adopted sessions any more (resendRestarted).
-			if p = c.peers.held[name]; p != nil && !p.restarted.Load() {
+			// Not once its link reached the peer again, a new process
+			// or the same one: nothing is held for the adopted sessions
+			// any more (resendRestarted, resendReached).
+			if p = c.peers.held[name]; p != nil && !p.reached.Load() {
 				held = append(held, name)
 			}
 		}
@@ -298,12 +299,14 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 		}
 		c.forwarded.Add(1)
 		c.forwardedBytes.Add(int64(len(body)))
-		if t.p.restarted.Load() && slices.Contains(held, t.p.name) {
-			// Queued, marked held, on a held link that reached a new
-			// process since the lookup: maybe after the queue it threw
-			// away, so the new process got it and drops it. The sessions
-			// adopted from the peer, which skip the direct copy, get it
-			// as resendRestarted sends the rest (maybe twice).
+		if slices.Contains(held, t.p.name) && !t.p.handOver.Load() {
+			// Queued, marked held, on a held link that since reached
+			// the peer again (a new process, or the same one: then it
+			// gets it, for sessions that are stale), or whose peer
+			// gossip sees alive again: maybe after what the link's
+			// queue handed to the adopted sessions, which skip the
+			// direct copy. They get it here, as resendRestarted and
+			// resendReached send the rest (maybe twice).
 			rm := m
 			rm.Shared = nil
 			c.resendHeld(t.p.name, nil, []publishMsg{rm})

@@ -105,6 +105,9 @@ type outMove struct {
 	to       string
 	acks     chan uint64 // chunk acknowledgements
 	done     chan uint64 // the destination's answer: moveRefused, moveInstalled or moveStale
+	// connectAt is when the claimant's CONNECT began to wait
+	// (claimMsg.ConnectAt; 0: not said, or a push).
+	connectAt int64
 }
 
 type inKey struct {
@@ -214,6 +217,24 @@ func hasState(cl *mqtt.Client) bool {
 	return cl.State.Subscriptions.Len() > 0 || cl.State.Inflight.Len() > 0
 }
 
+// sameFilters reports whether a and b subscribe to the same filters with
+// the same QoS.
+func sameFilters(a, b []packets.Subscription) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	qos := make(map[string]byte, len(a))
+	for _, s := range a {
+		qos[s.Filter] = s.Qos
+	}
+	for _, s := range b {
+		if q, ok := qos[s.Filter]; !ok || q != s.Qos {
+			return false
+		}
+	}
+	return true
+}
+
 // moveEnd is the end of move id after chunks chunks (all of them: the
 // tail's included), for peer: with the session's packet ID counter if peer
 // reads it (protoV2).
@@ -241,6 +262,18 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 		// (cluster_failover.go).
 		if !c.awaitHeld(dead, heldWaitMax) {
 			c.log.Debug("session adopted from a failed node moves before every held copy reached it", "client_id", o.clientID, "node", dead)
+		}
+		// A CONNECT here may have taken the session over meanwhile: its
+		// new client holds it now (the one found above is emptied).
+		if cl, ok = c.b.mq.Clients.Get(o.clientID); !ok {
+			return false
+		}
+		if c.newerHere(cl, o.connectAt) {
+			// That connection is newer than the claimant's CONNECT
+			// (see answerClaimNow): it stays, the claimant retries.
+			c.log.Info("claim of an older CONNECT refused: a newer connection of the client took the session here while its move waited", "client_id", o.clientID, "node", o.to)
+			c.replyClaim(p, claimReplyMsg{ID: claim, ClientID: o.clientID, Found: true, Busy: true})
+			return false
 		}
 	}
 	if !cl.Closed() && cl.Net.Conn != nil {
@@ -299,6 +332,14 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 	}
 	if f := c.testMoveDetached.Load(); f != nil {
 		(*f)(o.clientID)
+	}
+	if found && !sameFilters(start.Subs, sess.Subscriptions) {
+		// A CONNECT here took the session over after start was built:
+		// the destination would install subscriptions that are not the
+		// session's. It stays here, and the claimant retries.
+		st.abort()
+		c.restore(o, start.Version, sess, "a connection here took it over during the transfer")
+		return false
 	}
 	tail := slices.DeleteFunc(publishesOnly(sess.Inflight), func(pk packets.Packet) bool { return sent[keyOf(pk)] })
 	if !st.send(tail) || !p.link.Send(link.Message{Type: msgMoveEnd, Body: c.moveEnd(o.id, st.seq, p.name, sess.PacketID).encode()}, true) {

@@ -21,11 +21,70 @@ type peer struct {
 	name, linkAddr string
 	link           *link.Link
 	heldUntil      time.Time // while in peerSet.held: when its queue is given up
-	// restarted: while in peerSet.held, its link reached a new process of
-	// the peer (cluster_failover.go, resendRestarted): what is forwarded
-	// to it is no longer held for the sessions adopted from it.
-	restarted atomic.Bool
-	resent    atomic.Bool // restarted, and what its link threw away was re-sent
+	// reached: while in peerSet.held, its link reached the peer again, a
+	// new process (resendRestarted) or the same one after a partition
+	// (resendReached): what is forwarded to it is no longer held for the
+	// sessions adopted from it.
+	reached atomic.Bool
+	resent  atomic.Bool // reached, and what its link held was re-sent
+	// handOver: the peer is held, and what its link queued was not yet
+	// handed to the sessions adopted from it: should the link deliver
+	// that to the same process of the peer instead, they get a copy
+	// (cluster_failover.go, resendReached).
+	handOver atomic.Bool
+	// handed holds the bodies handed over when gossip saw the peer alive
+	// again, until its link's next connection: should that reach a new
+	// process, which throws them away, they are not re-sent a second time
+	// (resendRestarted). The mutex is a leaf.
+	handMu sync.Mutex
+	handed map[*byte]bool
+}
+
+// handedOver records the bodies of msgs as handed over.
+func (p *peer) handedOver(msgs []link.Message) {
+	p.handMu.Lock()
+	defer p.handMu.Unlock()
+	for _, m := range msgs {
+		if len(m.Body) > 0 {
+			if p.handed == nil {
+				p.handed = map[*byte]bool{}
+			}
+			p.handed[&m.Body[0]] = true
+		}
+	}
+}
+
+// notHanded returns msgs without those handed over already, and forgets
+// them.
+func (p *peer) notHanded(msgs []link.Message) []link.Message {
+	p.handMu.Lock()
+	defer p.handMu.Unlock()
+	if len(p.handed) == 0 {
+		return msgs
+	}
+	out := make([]link.Message, 0, len(msgs))
+	for _, m := range msgs {
+		if len(m.Body) == 0 || !p.handed[&m.Body[0]] {
+			out = append(out, m)
+		}
+	}
+	p.handed = nil
+	return out
+}
+
+// forgetHanded forgets the bodies handed over: its link reached the same
+// process, which gets them (no restart threw them away).
+func (p *peer) forgetHanded() {
+	p.handMu.Lock()
+	p.handed = nil
+	p.handMu.Unlock()
+}
+
+// reachedPeer is a held peer gossip sees alive again, with the last seq
+// (link.Mark) its link queued while it was held.
+type reachedPeer struct {
+	p    *peer
+	mark uint64
 }
 
 // peerSet keeps one outgoing link per broker gossip says is alive, and
@@ -52,9 +111,10 @@ func newPeerSet(log *slog.Logger, hold time.Duration, dial func(name, addr strin
 // syncResult is what the caller of peerSet.sync does next, outside the
 // peer set's lock.
 type syncResult struct {
-	dropRoutes []string // peers no longer alive: their routes go
-	forget     []*peer  // their inbound connection is closed (see syncPeers)
-	closing    []*peer  // their link is closed
+	dropRoutes []string      // peers no longer alive: their routes go
+	forget     []*peer       // their inbound connection is closed (see syncPeers)
+	closing    []*peer       // their link is closed
+	reached    []reachedPeer // held peers alive again (cluster_failover.go, resendReached)
 }
 
 // sync makes the links follow membership: want holds the alive brokers
@@ -70,8 +130,9 @@ func (s *peerSet) sync(want map[string]string, failed map[string]bool, now time.
 			res.forget = append(res.forget, p)
 			if !ok && failed[name] && s.hold > 0 {
 				p.heldUntil = now.Add(s.hold)
-				p.restarted.Store(false)
+				p.reached.Store(false)
 				p.resent.Store(false)
+				p.handOver.Store(true)
 				s.held[name] = p
 				s.log.Info("peer failed: its routes are dropped; what was queued for it is kept in case it comes back",
 					"peer", name, "queued", p.link.Stats().QueueLen, "hold", s.hold)
@@ -86,9 +147,24 @@ func (s *peerSet) sync(want map[string]string, failed map[string]bool, now time.
 		case alive && addr == p.linkAddr:
 			delete(s.held, name)
 			s.alive[name] = p
+			// What its link queued while held goes to the peer: the
+			// sessions adopted from it get a copy (resendReached).
+			// What is queued from now on is not held: they get their
+			// direct copies.
+			if p.handOver.Swap(false) {
+				res.reached = append(res.reached, reachedPeer{p, p.link.Mark()})
+			}
 			s.log.Info("failed peer alive again: its link resends what was queued", "peer", name, "queued", p.link.Stats().QueueLen)
 		case alive || !failed[name] || now.After(p.heldUntil):
 			delete(s.held, name)
+			if (alive || !failed[name]) && p.handOver.Swap(false) {
+				// Back at another link address (a new process), or gone
+				// from gossip (it left, or was reaped): the link closes
+				// with its queue, which the sessions adopted from it get
+				// first, as above (an expired hold hands it over as it
+				// closes: resendExpired).
+				res.reached = append(res.reached, reachedPeer{p, p.link.Mark()})
+			}
 			res.closing = append(res.closing, p)
 		}
 	}
@@ -121,6 +197,16 @@ func (s *peerSet) get(name string) *peer {
 func (s *peerSet) getHeld(name string) *peer {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	return s.held[name]
+}
+
+// getLinked returns the peer name, alive or held, or nil.
+func (s *peerSet) getLinked(name string) *peer {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if p := s.alive[name]; p != nil {
+		return p
+	}
 	return s.held[name]
 }
 

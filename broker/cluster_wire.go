@@ -366,6 +366,10 @@ type claimMsg struct {
 	ID       uint64
 	ClientID string
 	Clean    bool
+	// ConnectAt is when the CONNECT began to wait in the claimant's
+	// session hooks (unix nanoseconds; 0: not said). protoV2 and later:
+	// encoded only when set, read only if present.
+	ConnectAt int64
 }
 
 func (m claimMsg) encode() []byte {
@@ -373,6 +377,9 @@ func (m claimMsg) encode() []byte {
 	w.uvarint(m.ID)
 	w.string(m.ClientID)
 	w.bool(m.Clean)
+	if m.ConnectAt != 0 {
+		w.varint(m.ConnectAt)
+	}
 	return w.b
 }
 
@@ -381,6 +388,9 @@ func decodeClaim(b []byte) (m claimMsg, err error) {
 	m.ID = r.uvarint()
 	m.ClientID = r.string()
 	m.Clean = r.bool()
+	if r.err == nil && len(r.b) > 0 {
+		m.ConnectAt = r.varint()
+	}
 	return m, r.done()
 }
 

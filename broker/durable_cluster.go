@@ -713,6 +713,8 @@ func (d *durableHook) claimOnConnect(cl *mqtt.Client) {
 	if d.b.cluster == nil {
 		return
 	}
+	// Its place among the client's CONNECTs is where it starts waiting.
+	d.b.cluster.connects.begin(cl)
 	ctx, cancel := context.WithTimeout(d.ctx, connectClaimWait)
 	defer cancel()
 	refuse := func(msg string, args ...any) {
@@ -879,7 +881,7 @@ func (c *clusterNode) unreachable(name string) bool {
 func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error {
 	c := d.b.cluster
 	p := c.peers.getHeld(dead)
-	if p != nil && p.restarted.Load() {
+	if p != nil && p.reached.Load() {
 		if p.resent.Load() {
 			// Its link reached a new process of dead and what it held
 			// was sent on (resendRestarted); the link, which holds
@@ -937,7 +939,7 @@ func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error
 			}
 		}
 	}
-	if p.restarted.Load() { // since the check above
+	if p.reached.Load() { // since the check above
 		c.routes.mu.Unlock()
 		return nil
 	}

@@ -219,6 +219,22 @@ func (l *Link) Mark() uint64 {
 	return l.seq
 }
 
+// Queued returns the messages queued up to mark (see Mark) that the peer
+// has not acknowledged, written or not, oldest first. The bodies are the
+// queue's own: callers must not change them.
+func (l *Link) Queued(mark uint64) []Message {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []Message
+	for _, e := range l.q {
+		if e.seq > mark {
+			break
+		}
+		out = append(out, e.m)
+	}
+	return out
+}
+
 // Delivered reports whether every message queued up to mark (see Mark) was
 // acknowledged by the peer, or is no longer queued (discarded, closed).
 func (l *Link) Delivered(mark uint64) bool {

@@ -935,3 +935,40 @@ func TestBeforeAckNotSafeSurvivesReconnect(t *testing.T) {
 		t.Fatalf("delivered %d messages, want 5 (none twice)", n)
 	}
 }
+
+// TestQueuedUpToMark: Queued returns what is queued up to a mark, oldest
+// first, acknowledged messages not included.
+func TestQueuedUpToMark(t *testing.T) {
+	rec := &recorder{}
+	s := startServer(t, testConfig(t, "b"), rec)
+	px := newProxy(t, s.Addr())
+	l := dial(t, "b", px.addr(), testConfig(t, "a"), nil)
+	waitUp(t, l)
+	l.Send(Message{Type: typeData, Body: payload(1, true, 0)}, true)
+	waitFor(t, 5*time.Second, func() error {
+		if q := l.Stats().QueueLen; q != 0 {
+			return fmt.Errorf("%d messages unacked", q)
+		}
+		return nil
+	})
+	px.freeze()
+	l.Send(Message{Type: typeData, Body: payload(2, true, 0)}, true)
+	mark := l.Mark()
+	l.Send(Message{Type: typeData, Body: payload(3, false, 0)}, false)
+	var got []int
+	for _, m := range l.Queued(mark) {
+		i, _ := decodePayload(t, m)
+		got = append(got, i)
+	}
+	if !slices.Equal(got, []int{2}) {
+		t.Fatalf("queued up to the mark %v, want [2]", got)
+	}
+	got = got[:0]
+	for _, m := range l.Queued(l.Mark()) {
+		i, _ := decodePayload(t, m)
+		got = append(got, i)
+	}
+	if !slices.Equal(got, []int{2, 3}) {
+		t.Fatalf("queued %v, want [2 3]", got)
+	}
+}

@@ -239,7 +239,11 @@ func TestNodeDeathSessionsAdopted(t *testing.T) {
 	// Before, a session that moved on from its adopter got most held
 	// messages twice, some three or four times, and a later message
 	// before an earlier one.
-	const killedAt = msgs / 4 // published from the moment n2 was killed
+	// Published once n2 was killed: message msgs/4 is published while the
+	// kill is sent, and n2 may deliver it to its connected sessions first
+	// (then it comes again from the held link, as those before the kill:
+	// 25 duplicates, one per connected session, seen in 2 of 20 runs).
+	const killedAt = msgs/4 + 1
 	dupBefore, dupAfter, inversions, most := 0, 0, 0, 1
 	var odd []string // the subscribers that got anything twice or out of order
 	for _, s := range all {
