@@ -583,6 +583,8 @@ func (d *durableHook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 
 func (d *durableHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	if persistent(cl) {
+		// With what it inherited (and, if it has a will, written before
+		// the CONNACK already: storeWill).
 		_, _ = d.writeSession(cl, true)
 		return
 	}
@@ -806,17 +808,23 @@ func (d *durableHook) writeSession(cl *mqtt.Client, connected bool) (writebehind
 // writeSessionRefused is writeSession, with refused set once its batch is
 // committed if the document was refused as another node's.
 func (d *durableHook) writeSessionRefused(cl *mqtt.Client, connected bool, refused *atomic.Bool) (writebehind.Ticket, error) {
+	return d.queueSession(cl, cl.State.Subscriptions.GetAll(), connected, refused, false)
+}
+
+// queueSession queues cl's session document with the subscriptions subs
+// (those cl holds, or, before its CONNACK, those it is about to inherit),
+// with PutNow if now: a client's answer waits for the write.
+func (d *durableHook) queueSession(cl *mqtt.Client, subs map[string]packets.Subscription, connected bool, refused *atomic.Bool, now bool) (writebehind.Ticket, error) {
 	doc := &sessionDoc{ID: cl.ID, Owner: d.node, Proto: cl.Properties.ProtocolVersion, Connected: connected, Updated: time.Now().UTC(),
 		WillOnly: !persistent(cl)}
 	if cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryIntervalFlag {
 		doc.Expiry, doc.ExpirySet = cl.Properties.Props.SessionExpiryInterval, true
 	}
-	for _, sub := range cl.State.Subscriptions.GetAll() {
-		if doc.WillOnly {
-			break
+	if !doc.WillOnly {
+		for _, sub := range subs {
+			doc.Subs = append(doc.Subs, subDoc{Filter: sub.Filter, Qos: sub.Qos, NoLocal: sub.NoLocal,
+				RetainAsPublished: sub.RetainAsPublished, RetainHandling: sub.RetainHandling, Identifier: sub.Identifier})
 		}
-		doc.Subs = append(doc.Subs, subDoc{Filter: sub.Filter, Qos: sub.Qos, NoLocal: sub.NoLocal,
-			RetainAsPublished: sub.RetainAsPublished, RetainHandling: sub.RetainHandling, Identifier: sub.Identifier})
 	}
 	if !connected {
 		doc.DisconnectedAt = cl.StopTime()
@@ -837,7 +845,11 @@ func (d *durableHook) writeSessionRefused(cl *mqtt.Client, connected bool, refus
 	doc.Epoch, doc.AdoptedFrom = max(d.epoch[cl.ID].epoch, 1), d.epoch[cl.ID].from
 	doc.PID = d.pids[cl.ID] // the document is written whole: the record stays
 	d.mu.Unlock()
-	return d.put(durOp{kind: opSession, client: cl.ID, sess: doc, refused: refused})
+	op := durOp{kind: opSession, client: cl.ID, sess: doc, refused: refused}
+	if now {
+		return d.w.PutNow(d.ctx, op)
+	}
+	return d.put(op)
 }
 
 // write stores one batch. Within it, a message acknowledged before the
