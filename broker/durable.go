@@ -202,6 +202,10 @@ type sessionDoc struct {
 	// PID is a packet ID the session's node assigned lately (recordPIDLocked):
 	// a node that restores the session goes on from pidResume(PID).
 	PID uint16 `bson:"pid,omitempty"`
+
+	// fresh: this node knew of no stored document of the client when it
+	// queued this one (see write).
+	fresh bool
 }
 
 type ownInfo struct {
@@ -840,6 +844,7 @@ func (d *durableHook) queueSession(cl *mqtt.Client, subs map[string]packets.Subs
 		doc.Will = wd
 	}
 	d.mu.Lock()
+	doc.fresh = !d.known[cl.ID]
 	d.known[cl.ID] = true
 	delete(d.unstored, cl.ID) // this one supersedes it
 	doc.Epoch, doc.AdoptedFrom = max(d.epoch[cl.ID].epoch, 1), d.epoch[cl.ID].from
@@ -1026,10 +1031,33 @@ func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 		// then inserted. Two commands per batch, where upserts cost FerretDB
 		// a lookup each. An insert that finds the session still there is
 		// refused (duplicate key): another node owns it now.
-		ids := make([]string, 0, len(sessOrder))
+		//
+		// Documents this node knew of none for when it queued them (a new
+		// client's first, the will-only record of a connect storm) are
+		// inserted first, without the lookup (owned): it costs FerretDB
+		// more than the insert (2.2 against 1.2 ms a document, measured
+		// with bench/durable -wills). Only those the insert finds there
+		// already take the lookup.
+		var ids, fresh []string
 		for _, id := range sessOrder {
-			if _, ok := sessUp[id]; ok {
-				ids = append(ids, id)
+			if doc, ok := sessUp[id]; ok {
+				if doc.fresh {
+					fresh = append(fresh, id)
+				} else {
+					ids = append(ids, id)
+				}
+			}
+		}
+		if len(fresh) > 0 {
+			docs := make([]any, 0, len(fresh))
+			for _, id := range fresh {
+				docs = append(docs, sessUp[id])
+			}
+			if _, err := sc.InsertMany(ctx, docs, options.InsertMany().SetOrdered(false)); err != nil {
+				if !onlyDuplicates(err) {
+					return fmt.Errorf("write sessions: %w", err)
+				}
+				ids = append(ids, duplicateIDs(docs, err)...)
 			}
 		}
 		mine, others, err := d.owned(ctx, sc, ids)
