@@ -100,7 +100,7 @@ type durableHook struct {
 	refusedOwnerUnreachable atomic.Int64
 	subscribeRefused        atomic.Int64 // subscriptions refused (0x80): the session was not stored (in time)
 	subscribeWait           atomic.Int64 // tests: durableSubscribeMax instead, in nanoseconds
-	willUnstored            atomic.Int64 // CONNACKs sent before the will-only record was stored
+	willUnstored            atomic.Int64 // CONNACKs sent before the client's will was stored
 	adopted                 atomic.Int64 // sessions taken from nodes that died (or left)
 	reforwarded             atomic.Int64 // publishes a dead node's link held, sent on to adopters
 	// supersededSkipped counts stored sessions of a dead node not adopted
@@ -1593,8 +1593,8 @@ type DurabilityStats struct {
 	// with 0x80 because the store did not commit the session within 5 s,
 	// or refused its write as another node's (a move not yet taken over).
 	SubscribeRefused int64 `json:"subscribe_refused"`
-	// WillUnstored counts clients without a persistent session whose
-	// CONNACK was sent before their will was stored: the store did not
+	// WillUnstored counts clients with a will whose CONNACK was sent
+	// before their will (its record, or their session document) was stored: the store did not
 	// commit it within 5 s (the write stays queued), or another node
 	// still owned the client's stored record.
 	WillUnstored int64 `json:"will_unstored"`

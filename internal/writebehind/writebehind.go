@@ -161,17 +161,15 @@ type Writer[T any] struct {
 	o   Options[T]
 	log *slog.Logger
 
-	mu       sync.Mutex
-	queue    fifo[T]             // items in memory, oldest first; written from the front
-	sizes    fifo[int32]         // with QueueBytes: Size of each item of queue
-	qbytes   int64               // with QueueBytes: sum of sizes
-	times    fifo[time.Duration] // with MinAge: when each item of queue was added (since epoch)
-	batch    []T                 // the writer's copy of the batch it writes (reused)
-	epoch    time.Time
-	flushing int // Flush calls waiting: MinAge does not apply
-	// urgent: items with a seq below it are written without waiting
-	// MinAge (PutNow). Later items still wait theirs.
-	urgent    uint64
+	mu        sync.Mutex
+	queue     fifo[T]             // items in memory, oldest first; written from the front
+	sizes     fifo[int32]         // with QueueBytes: Size of each item of queue
+	qbytes    int64               // with QueueBytes: sum of sizes
+	times     fifo[time.Duration] // with MinAge: when each item of queue was added (since epoch)
+	batch     []T                 // the writer's copy of the batch it writes (reused)
+	epoch     time.Time
+	flushing  int    // Flush calls waiting: MinAge does not apply
+	urgent    uint64 // PutNow: items with a lower seq do not wait MinAge
 	spilling  bool
 	closed    bool
 	room      chan struct{} // closed and replaced when queue space frees
@@ -311,9 +309,9 @@ func (w *Writer[T]) Put(ctx context.Context, item T) (Ticket, error) {
 }
 
 // PutNow is Put for an item someone waits for now (rtm: a CONNACK held
-// until a will is stored): it, and every item queued before it, since
-// items are written in order, is written without waiting MinAge. Items
-// queued after it wait theirs, and while a write is in flight the next
+// until a will is stored): it is written without waiting MinAge, with
+// every item queued before it (items are written in order). Items queued
+// after it wait theirs, and while a write is in flight the next
 // batch still gathers, so a stream of PutNow keeps its group commit.
 // Unlike Flush, the writer is hurried only up to the item, not for as
 // long as the caller waits.
