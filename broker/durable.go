@@ -65,6 +65,9 @@ type durableHook struct {
 	// pids: the packet ID last recorded in the stored session of a client
 	// here (see recordPIDLocked).
 	pids map[string]uint16
+	// establishing: the connection of each client ID between its
+	// OnSessionEstablish and OnSessionEstablished (see OnWillSent).
+	establishing map[string]*mqtt.Client
 	// prior: the subscriptions a persistent client's SUBSCRIBE in progress
 	// replaces (OnSubscribe to OnSubscribed, on its read loop), to put
 	// back if the SUBSCRIBE is refused.
@@ -284,7 +287,7 @@ func msgKey(client string, pid uint16) string { return client + "\x00" + strconv
 
 func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
 	d := &durableHook{b: b, st: st, node: b.cfg.NodeName, log: b.log.With("component", "durable"),
-		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, prior: map[*mqtt.Client]map[string]packets.Subscription{}, unstored: map[string]*sessionDoc{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, pids: map[string]uint16{}, reforwardTo: map[string][]string{},
+		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, prior: map[*mqtt.Client]map[string]packets.Subscription{}, unstored: map[string]*sessionDoc{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, pids: map[string]uint16{}, establishing: map[string]*mqtt.Client{}, reforwardTo: map[string][]string{},
 		fail: failover{kick: make(chan struct{}, 1)}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.seq.Store(time.Now().UnixNano())
@@ -569,6 +572,7 @@ func (d *durableHook) OnQosDropped(cl *mqtt.Client, pk packets.Packet) {
 func (d *durableHook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	d.mu.Lock()
 	delete(d.gone, cl.ID) // back here
+	d.establishing[cl.ID] = cl
 	d.mu.Unlock()
 	if !pk.Connect.Clean {
 		d.claimOnConnect(cl)
@@ -586,6 +590,11 @@ func (d *durableHook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 }
 
 func (d *durableHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
+	d.mu.Lock()
+	if d.establishing[cl.ID] == cl {
+		delete(d.establishing, cl.ID)
+	}
+	d.mu.Unlock()
 	if persistent(cl) {
 		// With what it inherited (and, if it has a will, written before
 		// the CONNACK already: storeWill).
@@ -742,6 +751,11 @@ func (d *durableHook) waitSession(t writebehind.Ticket, refused *atomic.Bool) er
 }
 
 func (d *durableHook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
+	d.mu.Lock()
+	if d.establishing[cl.ID] == cl { // its CONNACK failed
+		delete(d.establishing, cl.ID)
+	}
+	d.mu.Unlock()
 	if cl.IsTakenOver() {
 		return // the new connection (here or on another node) writes it
 	}
@@ -764,10 +778,23 @@ func (d *durableHook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 	_, _ = d.writeSession(cl, false)
 }
 
+// OnWillSent clears the will of the stored session once it is published,
+// unless the will was a connection's that another connection of the same
+// client ID took over (MQTT 5 publishes the old connection's will): the
+// stored document holds the new connection's will by then, or soon (its
+// storeWill and session writes), and clearing it after them would leave
+// a node death nothing to publish.
 func (d *durableHook) OnWillSent(cl *mqtt.Client, _ packets.Packet) {
+	if cl.IsTakenOver() {
+		return
+	}
 	d.mu.Lock()
-	known := d.known[cl.ID]
+	est, establishing := d.establishing[cl.ID]
+	known := d.known[cl.ID] && (!establishing || est == cl)
 	d.mu.Unlock()
+	if cur, ok := d.b.mq.Clients.Get(cl.ID); ok && cur != cl {
+		known = false // replaced by a newer connection
+	}
 	if known {
 		_, _ = d.put(durOp{kind: opWillCleared, client: cl.ID})
 	}

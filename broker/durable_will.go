@@ -54,7 +54,16 @@ func willOnly(cl *mqtt.Client) bool {
 // with a will while the store is slow would take a whole fleet offline for
 // a node death that may not come.
 func (d *durableHook) storeWill(cl *mqtt.Client, pk packets.Packet) {
-	if cl.SessionRefused() || cl.Net.Inline || atomic.LoadUint32(&cl.Properties.Will.Flag) != 1 { // rtm patch 34
+	if cl.SessionRefused() { // rtm patch 34
+		// No OnSessionEstablished nor OnDisconnect follows.
+		d.mu.Lock()
+		if d.establishing[cl.ID] == cl {
+			delete(d.establishing, cl.ID)
+		}
+		d.mu.Unlock()
+		return
+	}
+	if cl.Net.Inline || atomic.LoadUint32(&cl.Properties.Will.Flag) != 1 {
 		return
 	}
 	var subs map[string]packets.Subscription

@@ -140,7 +140,7 @@ func checkStoredWill(t *testing.T, st *store.Store, id, topic string, subs ...st
 	case doc.WillOnly:
 		t.Fatalf("%s: stored will-only, want its persistent session", id)
 	case doc.Will == nil || doc.Will.Topic != topic:
-		t.Fatalf("%s: stored will %+v at its CONNACK, want %s", id, doc.Will, topic)
+		t.Fatalf("%s: stored will %+v, want %s", id, doc.Will, topic)
 	}
 	var got []string
 	for _, s := range doc.Subs {
@@ -189,4 +189,30 @@ func TestPersistentWillStoredBeforeConnack(t *testing.T) {
 	if n := b.Stats().Durability.WillUnstored; n != 0 {
 		t.Fatalf("durability.will_unstored %d with the store up, want 0", n)
 	}
+}
+
+// TestTakeoverKeepsNewWillStored: a device with a persistent session and
+// a will reconnects to the same node, with another will, while its old
+// connection is still open (a network blip the node has not noticed). The
+// old connection's will is published (MQTT 5: taken over), and the stored
+// session keeps the new connection's will. Before, the old will's
+// publication cleared the will of the stored document after the new
+// connection had written it: a node death then lost the new will.
+func TestTakeoverKeepsNewWillStored(t *testing.T) {
+	o := newOutageStore(t)
+	b := testcluster.Broker(t, "durable-twill", "", func(opts *broker.Options) {
+		opts.Cluster.GossipAddr, opts.Store = "", o.st
+	})
+	expiry := ptr(uint32(600))
+	for i := range 3 {
+		dialV5(t, b, &paho.Connect{ClientID: "tw-dev", CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry},
+			WillMessage: &paho.WillMessage{Topic: fmt.Sprintf("tw/%d", i), QoS: 1, Payload: []byte("gone")}})
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if q := b.Stats().Durability.Queued; q != 0 {
+			return fmt.Errorf("%d writes queued", q)
+		}
+		return nil
+	})
+	checkStoredWill(t, o.st, "tw-dev", "tw/2")
 }
