@@ -68,6 +68,10 @@ type durableHook struct {
 	// establishing: the connection of each client ID between its
 	// OnSessionEstablish and OnSessionEstablished (see OnWillSent).
 	establishing map[string]*mqtt.Client
+	// preWritten: the subscriptions of the session document storeWill
+	// wrote for a persistent connection before its CONNACK, until its
+	// OnSessionEstablished (which writes it again only if they changed).
+	preWritten map[*mqtt.Client]map[string]packets.Subscription
 	// prior: the subscriptions a persistent client's SUBSCRIBE in progress
 	// replaces (OnSubscribe to OnSubscribed, on its read loop), to put
 	// back if the SUBSCRIBE is refused.
@@ -287,7 +291,7 @@ func msgKey(client string, pid uint16) string { return client + "\x00" + strconv
 
 func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
 	d := &durableHook{b: b, st: st, node: b.cfg.NodeName, log: b.log.With("component", "durable"),
-		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, prior: map[*mqtt.Client]map[string]packets.Subscription{}, unstored: map[string]*sessionDoc{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, pids: map[string]uint16{}, establishing: map[string]*mqtt.Client{}, reforwardTo: map[string][]string{},
+		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, prior: map[*mqtt.Client]map[string]packets.Subscription{}, unstored: map[string]*sessionDoc{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, pids: map[string]uint16{}, establishing: map[string]*mqtt.Client{}, preWritten: map[*mqtt.Client]map[string]packets.Subscription{}, reforwardTo: map[string][]string{},
 		fail: failover{kick: make(chan struct{}, 1)}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.seq.Store(time.Now().UnixNano())
@@ -594,11 +598,16 @@ func (d *durableHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	if d.establishing[cl.ID] == cl {
 		delete(d.establishing, cl.ID)
 	}
+	pre, written := d.preWritten[cl]
+	delete(d.preWritten, cl)
 	d.mu.Unlock()
 	if persistent(cl) {
-		// With what it inherited (and, if it has a will, written before
-		// the CONNACK already: storeWill).
-		_, _ = d.writeSession(cl, true)
+		// With what it inherited, unless storeWill wrote that already
+		// before the CONNACK: a second write of the same document would
+		// double the store's work in a connect storm.
+		if !written || !sameSubs(pre, cl.State.Subscriptions.GetAll()) {
+			_, _ = d.writeSession(cl, true)
+		}
 		return
 	}
 	if willOnly(cl) {
@@ -615,6 +624,22 @@ func (d *durableHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	if known {
 		_, _ = d.put(durOp{kind: opSessionDel, client: cl.ID})
 	}
+}
+
+// sameSubs reports whether a and b hold the same subscriptions, as a
+// session document stores them.
+func sameSubs(a, b map[string]packets.Subscription) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for f, x := range a {
+		y, ok := b[f]
+		if !ok || x.Qos != y.Qos || x.NoLocal != y.NoLocal || x.RetainAsPublished != y.RetainAsPublished ||
+			x.RetainHandling != y.RetainHandling || x.Identifier != y.Identifier {
+			return false
+		}
+	}
+	return true
 }
 
 // OnSubscribe notes which filters of a persistent client's SUBSCRIBE it
@@ -755,6 +780,7 @@ func (d *durableHook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 	if d.establishing[cl.ID] == cl { // its CONNACK failed
 		delete(d.establishing, cl.ID)
 	}
+	delete(d.preWritten, cl)
 	d.mu.Unlock()
 	if cl.IsTakenOver() {
 		return // the new connection (here or on another node) writes it

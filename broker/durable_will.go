@@ -67,13 +67,28 @@ func (d *durableHook) storeWill(cl *mqtt.Client, pk packets.Packet) {
 		return
 	}
 	var subs map[string]packets.Subscription
+	_, existed := d.b.mq.Clients.Get(cl.ID)
 	if persistent(cl) {
 		subs = d.inherited(cl, pk)
 	}
 	var refused atomic.Bool
 	t, err := d.queueSession(cl, subs, true, &refused, true)
-	if err == nil {
+	queued := err == nil
+	if queued {
 		err = d.waitSession(t, &refused)
+	}
+	if queued && !refused.Load() && persistent(cl) && !existed {
+		// A new session, written (or queued, to land once the store
+		// answers): OnSessionEstablished need not write the same again.
+		// A session here before is written again after the CONNACK: a
+		// connection it takes over may write its own document (without
+		// the will it just published) in between.
+		if subs == nil {
+			subs = map[string]packets.Subscription{}
+		}
+		d.mu.Lock()
+		d.preWritten[cl] = subs
+		d.mu.Unlock()
 	}
 	if err != nil {
 		d.willUnstored.Add(1)
