@@ -777,13 +777,18 @@ func (d *durableHook) waitSession(t writebehind.Ticket, refused *atomic.Bool) er
 
 func (d *durableHook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 	d.mu.Lock()
-	if d.establishing[cl.ID] == cl { // its CONNACK failed
+	est, establishing := d.establishing[cl.ID]
+	if establishing && est == cl { // its CONNACK failed
 		delete(d.establishing, cl.ID)
 	}
 	delete(d.preWritten, cl)
 	d.mu.Unlock()
-	if cl.IsTakenOver() {
-		return // the new connection (here or on another node) writes it
+	if cl.IsTakenOver() || (establishing && est != cl) {
+		// The new connection (here or on another node) writes it. One
+		// still establishing here may not have marked cl taken over yet,
+		// and has written its will before its CONNACK (storeWill): a
+		// write of cl's now would replace it (or delete it).
+		return
 	}
 	if expire || !persistent(cl) {
 		d.mu.Lock()
