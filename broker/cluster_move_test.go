@@ -414,13 +414,27 @@ func TestSessionMoveRouteWindow(t *testing.T) {
 	}
 	waitMesh(t, nodes...)
 	n0, n1, n2 := nodes[0], nodes[1], nodes[2]
+	// sync, on n0, receives what syncer publishes on n1: once it has, n0
+	// has applied every route change n1 queued for it before.
+	sync0, _ := dialV5(t, n0, &paho.Connect{ClientID: "win-sync", CleanStart: true})
+	subscribe(t, sync0, 0, paho.SubscribeOptions{Topic: "win/sync", QoS: 1})
+	syncer, _ := dialV5(t, n1, &paho.Connect{ClientID: "win-syncer", CleanStart: true})
 	expiry := ptr(uint32(600))
 	dev, _ := dialV5(t, n1, &paho.Connect{ClientID: "win-dev", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
 	subscribe(t, dev, 0, paho.SubscribeOptions{Topic: "win/t", QoS: 1})
 	waitRoutes(t, nodes, n1, 1)
+	waitRoutes(t, nodes, n0, 1)
 	pub, _ := dialV5(t, n0, &paho.Connect{ClientID: "win-pub", CleanStart: true})
 	pub.Pub(t, "win/t", 1, false, "before")
 	expectPayloads(t, dev, "before")
+	// Its PUBACK read by n1: else "before" moves with the session and is
+	// sent again (QoS 1 allows it), ahead of what the test waits for.
+	testutil.WaitFor(t, waitCond, func() error {
+		if n := n1.Stats().Inflight; n != 0 {
+			return fmt.Errorf("n1 holds %d messages, want 0 (the device's PUBACK not read yet)", n)
+		}
+		return nil
+	})
 
 	release := make(chan struct{})
 	var once sync.Once
@@ -433,10 +447,12 @@ func TestSessionMoveRouteWindow(t *testing.T) {
 	if !ca.SessionPresent {
 		t.Fatal("session not present on n2 after the move")
 	}
-	// Before the fix, n1's route removal reached n0 within milliseconds:
-	// give it time to (with the fix it stays until n2 is confirmed).
-	for deadline := time.Now().Add(1500 * time.Millisecond); time.Now().Before(deadline) && n0.Stats().Cluster.RemoteRoutes["n1"] > 0; {
-		time.Sleep(10 * time.Millisecond)
+	// n1 detached the session before the CONNACK: a removal of its route
+	// then (before the fix) reached n0 ahead of this.
+	syncer.Pub(t, "win/sync", 1, false, "sync")
+	expectPayloads(t, sync0, "sync")
+	if n := n0.Stats().Cluster.RemoteRoutes["n1"]; n != 1 {
+		t.Fatalf("n0 holds %d routes of n1 while it does not know n2's yet, want 1", n)
 	}
 	pub.Pub(t, "win/t", 1, false, "in the window")
 	open()

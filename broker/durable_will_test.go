@@ -102,3 +102,117 @@ func TestWillOnlyStoredBeforeConnack(t *testing.T) {
 		return nil
 	})
 }
+
+// sessionRecord is what a test reads of a stored session document.
+type sessionRecord struct {
+	WillOnly bool `bson:"will_only"`
+	Will     *struct {
+		Topic string `bson:"topic"`
+	} `bson:"will"`
+	Subs []struct {
+		Filter string `bson:"f"`
+	} `bson:"subs"`
+}
+
+func readStoredSession(t *testing.T, st *store.Store, id string) *sessionRecord {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var doc sessionRecord
+	err := st.DB().Collection(store.CollSessions).FindOne(ctx, bson.D{{Key: "_id", Value: id}}).Decode(&doc)
+	if errors.Is(err, mongo.ErrNoDocuments) {
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &doc
+}
+
+// checkStoredWill fails unless client id's stored session holds a will on
+// topic and exactly the subscriptions subs.
+func checkStoredWill(t *testing.T, st *store.Store, id, topic string, subs ...string) {
+	t.Helper()
+	doc := readStoredSession(t, st, id)
+	switch {
+	case doc == nil:
+		t.Fatalf("%s: no stored session at its CONNACK", id)
+	case doc.WillOnly:
+		t.Fatalf("%s: stored will-only, want its persistent session", id)
+	case doc.Will == nil || doc.Will.Topic != topic:
+		t.Fatalf("%s: stored will %+v, want %s", id, doc.Will, topic)
+	}
+	var got []string
+	for _, s := range doc.Subs {
+		got = append(got, s.Filter)
+	}
+	if fmt.Sprint(got) != fmt.Sprint(subs) {
+		t.Fatalf("%s: stored subscriptions %v at its CONNACK, want %v (a node death now would lose them)", id, got, subs)
+	}
+}
+
+// TestPersistentWillStoredBeforeConnack: the will of a client with a
+// persistent session (MQTT 5 and 3.1.1, new and resumed) is in the store,
+// in its session document, when its CONNACK arrives; a resumed session's
+// document keeps its subscriptions (mochi inherits them only after the
+// hook that writes it). Before, the document was queued after the CONNACK
+// and written 50-100 ms later: a node killed in between lost the will (and
+// the whole session of a new client).
+func TestPersistentWillStoredBeforeConnack(t *testing.T) {
+	o := newOutageStore(t)
+	b := testcluster.Broker(t, "durable-pwill", "", func(opts *broker.Options) {
+		opts.Cluster.GossipAddr, opts.Store = "", o.st
+	})
+	expiry := ptr(uint32(600))
+	dialV5(t, b, &paho.Connect{ClientID: "pw-new", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry},
+		WillMessage: &paho.WillMessage{Topic: "pw/new", QoS: 1, Payload: []byte("gone")}})
+	checkStoredWill(t, o.st, "pw-new", "pw/new")
+
+	c, _ := dialV5(t, b, &paho.Connect{ClientID: "pw-old", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+	subscribe(t, c, 0, paho.SubscribeOptions{Topic: "pw/a/#", QoS: 1})
+	_ = c.Disconnect(&paho.Disconnect{})
+	waitConnections(t, b, 1)
+	_, ca := dialV5(t, b, &paho.Connect{ClientID: "pw-old", CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry},
+		WillMessage: &paho.WillMessage{Topic: "pw/old", QoS: 1, Payload: []byte("gone")}})
+	if !ca.SessionPresent {
+		t.Fatal("pw-old: session not present")
+	}
+	checkStoredWill(t, o.st, "pw-old", "pw/old", "pw/a/#")
+
+	if _, err := testutil.DialV3(t, b.Addr(broker.ListenerTCP), "pw-v3", func(o *mqtt3.ClientOptions) {
+		o.SetCleanSession(false)
+		o.SetWill("pw/v3", "gone", 1, false)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	checkStoredWill(t, o.st, "pw-v3", "pw/v3")
+	if n := b.Stats().Durability.WillUnstored; n != 0 {
+		t.Fatalf("durability.will_unstored %d with the store up, want 0", n)
+	}
+}
+
+// TestTakeoverKeepsNewWillStored: a device with a persistent session and
+// a will reconnects to the same node, with another will, while its old
+// connection is still open (a network blip the node has not noticed). The
+// old connection's will is published (MQTT 5: taken over), and the stored
+// session keeps the new connection's will. Before, the old will's
+// publication cleared the will of the stored document after the new
+// connection had written it: a node death then lost the new will.
+func TestTakeoverKeepsNewWillStored(t *testing.T) {
+	o := newOutageStore(t)
+	b := testcluster.Broker(t, "durable-twill", "", func(opts *broker.Options) {
+		opts.Cluster.GossipAddr, opts.Store = "", o.st
+	})
+	expiry := ptr(uint32(600))
+	for i := range 3 {
+		dialV5(t, b, &paho.Connect{ClientID: "tw-dev", CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry},
+			WillMessage: &paho.WillMessage{Topic: fmt.Sprintf("tw/%d", i), QoS: 1, Payload: []byte("gone")}})
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if q := b.Stats().Durability.Queued; q != 0 {
+			return fmt.Errorf("%d writes queued", q)
+		}
+		return nil
+	})
+	checkStoredWill(t, o.st, "tw-dev", "tw/2")
+}

@@ -18,10 +18,11 @@ import (
 var (
 	wills       = flag.Int("wills", 0, "measure the CONNECT of this many clients with a will and no persistent session instead (their CONNACK waits for the will's commit with durability on)")
 	willWorkers = flag.Int("will-workers", 50, "wills: CONNECTs in flight at once")
+	willPersist = flag.Bool("will-persistent", false, "wills: the clients have a persistent session (MQTT 5 session expiry 60 s); their CONNACK waits for the session document's commit too")
 )
 
-// measureWills connects *wills clients with a will and no persistent
-// session, *willWorkers at a time, to a broker with durability on and off
+// measureWills connects *wills clients with a will (and no persistent
+// session, unless *willPersist), *willWorkers at a time, to a broker with durability on and off
 // (alternating rounds), and reports the CONNACK latency (median, p99) and
 // the CONNECT rate.
 func measureWills(bin string) error {
@@ -53,9 +54,13 @@ func measureWills(bin string) error {
 			fmt.Printf("round %d durability %-3s CONNACK p50 %6.1f ms p99 %6.1f ms, %7.0f CONNECTs/s\n", r+1, mode, p50, p99, rate)
 		}
 	}
-	fmt.Printf("median: CONNACK p50 on %.1f ms off %.1f ms, p99 on %.1f ms off %.1f ms, CONNECTs/s on %.0f off %.0f (ratio on/off %.2f); %d clients with a will, %d at a time\n",
+	kind := "no persistent session"
+	if *willPersist {
+		kind = "persistent sessions"
+	}
+	fmt.Printf("median: CONNACK p50 on %.1f ms off %.1f ms, p99 on %.1f ms off %.1f ms, CONNECTs/s on %.0f off %.0f (ratio on/off %.2f); %d clients with a will and %s, %d at a time\n",
 		median(p50s["on"]), median(p50s["off"]), median(p99s["on"]), median(p99s["off"]),
-		median(rates["on"]), median(rates["off"]), median(rates["on"])/median(rates["off"]), *wills, *willWorkers)
+		median(rates["on"]), median(rates["off"]), median(rates["on"])/median(rates["off"]), *wills, kind, *willWorkers)
 	return nil
 }
 
@@ -82,8 +87,13 @@ func willsRound(addr string, round int) ([]float64, time.Duration, error) {
 				conn, err := (&net.Dialer{}).DialContext(ctx, "tcp", addr)
 				if err == nil {
 					c := paho.NewClient(paho.ClientConfig{Conn: conn, OnClientError: func(error) {}})
-					_, err = c.Connect(ctx, &paho.Connect{ClientID: fmt.Sprintf("will-%d-%d", round, i), KeepAlive: 60, CleanStart: true,
-						WillMessage: &paho.WillMessage{Topic: fmt.Sprintf("will/%d", i), QoS: 1, Payload: []byte("gone")}})
+					cp := &paho.Connect{ClientID: fmt.Sprintf("will-%d-%d", round, i), KeepAlive: 60, CleanStart: true,
+						WillMessage: &paho.WillMessage{Topic: fmt.Sprintf("will/%d", i), QoS: 1, Payload: []byte("gone")}}
+					if *willPersist {
+						expiry := uint32(60)
+						cp.CleanStart, cp.Properties = false, &paho.ConnectProperties{SessionExpiryInterval: &expiry}
+					}
+					_, err = c.Connect(ctx, cp)
 				}
 				if err != nil {
 					mu.Lock()

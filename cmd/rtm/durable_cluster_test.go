@@ -36,8 +36,13 @@ func waitFailed(t *testing.T, dead string, nodes ...*clusterNode) {
 }
 
 // TestNodeDeathFiresWills: the wills of clients connected to a node that
-// is killed (MQTT 3.1.1 and 5, QoS 1, one with a will delay) are published
-// once, by a survivor, and reach subscribers on every other node.
+// is killed right after their CONNACKs (MQTT 3.1.1 and 5, QoS 1, with and
+// without a persistent session, a new and a resumed one, one with a will
+// delay) are published once, by a survivor, and reach subscribers on
+// every other node. Every will is stored before its CONNACK (before, the
+// records of clients without a persistent session were written 50-100 ms
+// after it, and so were the wills of persistent sessions: the kill lost
+// them).
 func TestNodeDeathFiresWills(t *testing.T) {
 	f := newClusterFixture(t)
 	n1, n2, n3 := f.start("n1"), f.start("n2"), f.start("n3")
@@ -49,33 +54,52 @@ func TestNodeDeathFiresWills(t *testing.T) {
 	waitRoutes(t, n2, "n1", 1)
 	waitRoutes(t, n2, "n3", 1)
 
-	// The persistent session's will is stored with its session, after
-	// its CONNACK: in the store before the node dies.
-	if _, _, err := testutil.DialV5(t, n2.mqtt, &paho.Connect{ClientID: "will-v5d", CleanStart: true,
-		Properties:     &paho.ConnectProperties{SessionExpiryInterval: u32(60)},
-		WillMessage:    &paho.WillMessage{Topic: "will/v5d", QoS: 1, Payload: []byte("v5 delayed")},
-		WillProperties: &paho.WillProperties{WillDelayInterval: u32(1)}}); err != nil {
-		t.Fatal(err)
-	}
+	// A persistent session stored without a will, resumed with one below.
+	r, _ := persistV5(t, n2.mqtt, "will-v5r", 60)
+	r.Sub(t, "cmd/will-v5r", 1)
+	_ = r.Disconnect(&paho.Disconnect{})
 	testutil.WaitFor(t, 15*time.Second, func() error {
 		st := brokerStats(t, n2.admin)
-		if st.Durability == nil || st.Durability.Written < 1 || st.Durability.Queued > 0 {
-			return fmt.Errorf("durability %+v", st.Durability)
+		if st.Durability == nil || st.Durability.Written < 1 || st.Durability.Queued > 0 || st.Connections != 0 {
+			return fmt.Errorf("durability %+v, %d connections", st.Durability, st.Connections)
 		}
 		return nil
 	})
-	// Clients without a persistent session: their wills are stored before
-	// their CONNACK, so the node is killed right after it (before, their
-	// records were written 50-100 ms later, and the kill lost them).
-	if _, err := testutil.DialV3(t, n2.mqtt, "will-v3", func(o *mqtt3.ClientOptions) {
-		o.SetWill("will/v3", "v3 gone", 1, false)
-	}); err != nil {
-		t.Fatal(err)
+
+	wills := map[string]bool{}
+	v5 := func(id string, expiry uint32, delay uint32) {
+		t.Helper()
+		cp := &paho.Connect{ClientID: id, CleanStart: expiry == 0,
+			WillMessage: &paho.WillMessage{Topic: "will/" + id, QoS: 1, Payload: []byte(id + " gone")}}
+		if expiry > 0 {
+			cp.Properties = &paho.ConnectProperties{SessionExpiryInterval: u32(expiry)}
+		}
+		if delay > 0 {
+			cp.WillProperties = &paho.WillProperties{WillDelayInterval: u32(delay)}
+		}
+		if _, _, err := testutil.DialV5(t, n2.mqtt, cp); err != nil {
+			t.Fatal(err)
+		}
+		wills["will/"+id] = true
 	}
-	if _, _, err := testutil.DialV5(t, n2.mqtt, &paho.Connect{ClientID: "will-v5", CleanStart: true,
-		WillMessage: &paho.WillMessage{Topic: "will/v5", QoS: 1, Payload: []byte("v5 gone")}}); err != nil {
-		t.Fatal(err)
+	v3 := func(id string, clean bool) {
+		t.Helper()
+		if _, err := testutil.DialV3(t, n2.mqtt, id, func(o *mqtt3.ClientOptions) {
+			o.SetCleanSession(clean)
+			o.SetWill("will/"+id, id+" gone", 1, false)
+		}); err != nil {
+			t.Fatal(err)
+		}
+		wills["will/"+id] = true
 	}
+	// The clients without a persistent session first: a CONNACK that
+	// waits for its will's commit also waits for every write queued
+	// before it.
+	v3("will-v3", true)
+	v5("will-v5", 0, 0)
+	v5("will-v5d", 60, 1) // persistent, new, will delay
+	v3("will-v3p", false) // persistent
+	v5("will-v5r", 60, 0) // persistent, resumed
 	if err := syscall.Kill(n2.p.cmd.Process.Pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
@@ -83,14 +107,18 @@ func TestNodeDeathFiresWills(t *testing.T) {
 
 	for _, w := range []*testutil.V5{w1, w3} {
 		got := map[string]int{}
-		for len(got) < 3 {
-			m := w.Next(t, 30*time.Second)
-			got[m.Topic]++
+		wait := time.Now().Add(30 * time.Second)
+		for len(got) < len(wills) && time.Now().Before(wait) {
+			select {
+			case m := <-w.Messages:
+				got[m.Topic]++
+			case <-time.After(time.Until(wait)):
+			}
 		}
 		w.None(t, 2*time.Second)
-		for _, topic := range []string{"will/v3", "will/v5", "will/v5d"} {
+		for topic := range wills {
 			if got[topic] != 1 {
-				t.Fatalf("%s: %s arrived %d times, want once (%v)", w.ClientID(), topic, got[topic], got)
+				t.Errorf("%s: %s arrived %d times, want once (got %v)", w.ClientID(), topic, got[topic], got)
 			}
 		}
 	}

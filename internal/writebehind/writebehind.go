@@ -168,7 +168,8 @@ type Writer[T any] struct {
 	times     fifo[time.Duration] // with MinAge: when each item of queue was added (since epoch)
 	batch     []T                 // the writer's copy of the batch it writes (reused)
 	epoch     time.Time
-	flushing  int // Flush calls waiting: MinAge does not apply
+	flushing  int    // Flush calls waiting: MinAge does not apply
+	urgent    uint64 // PutNow: items with a lower seq do not wait MinAge
 	spilling  bool
 	closed    bool
 	room      chan struct{} // closed and replaced when queue space frees
@@ -305,6 +306,25 @@ func (w *Writer[T]) Put(ctx context.Context, item T) (Ticket, error) {
 			return Ticket{}, ctx.Err()
 		}
 	}
+}
+
+// PutNow is Put for an item someone waits for now (rtm: a CONNACK held
+// until a will is stored): it is written without waiting MinAge, with
+// every item queued before it (items are written in order). Items queued
+// after it wait theirs, and while a write is in flight the next
+// batch still gathers, so a stream of PutNow keeps its group commit.
+// Unlike Flush, the writer is hurried only up to the item, not for as
+// long as the caller waits.
+func (w *Writer[T]) PutNow(ctx context.Context, item T) (Ticket, error) {
+	t, err := w.Put(ctx, item)
+	if err != nil || w.o.MinAge == 0 {
+		return t, err
+	}
+	w.mu.Lock()
+	w.urgent = max(w.urgent, t.seq+1)
+	w.mu.Unlock()
+	w.signal()
+	return t, nil
 }
 
 // Add queues item without waiting: in memory, else in the Overflow. It
@@ -529,6 +549,10 @@ func (w *Writer[T]) ripeLocked() (int, time.Duration) {
 	}
 	cut := time.Since(w.epoch) - w.o.MinAge
 	ripe := sort.Search(n, func(i int) bool { return w.times.at(i) >= cut+1 })
+	if w.urgent > w.committed {
+		// The memory queue's front item has seq committed.
+		ripe = max(ripe, min(n, int(w.urgent-w.committed)))
+	}
 	if ripe == 0 {
 		return 0, w.times.at(0) - cut
 	}

@@ -662,3 +662,61 @@ func TestQueueBytesOverflows(t *testing.T) {
 		t.Fatalf("after draining, %d of 10 small items overflowed", ov.Len())
 	}
 }
+
+// TestPutNow: an item put with PutNow is written without waiting MinAge,
+// with every item queued before it (order), but not those queued after
+// it; and PutNow calls made while a write is in flight share the next
+// batch (group commit).
+func TestPutNow(t *testing.T) {
+	s := &sink{}
+	w := newWriter(t, writebehind.Options[int]{Write: s.write, MinAge: time.Hour})
+	c := ctx(t)
+	if _, err := w.Put(c, 1); err != nil {
+		t.Fatal(err)
+	}
+	tk, err := w.PutNow(c, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Put(c, 3); err != nil {
+		t.Fatal(err)
+	}
+	if err := tk.Wait(c); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.written(); !slices.Equal(got, []int{1, 2}) {
+		t.Fatalf("after PutNow's ticket: written %v, want [1 2] (3 waits its MinAge of an hour)", got)
+	}
+
+	g := &sink{gate: make(chan struct{})}
+	w2 := newWriter(t, writebehind.Options[int]{Write: g.write, MinAge: time.Hour})
+	first, err := w2.PutNow(c, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Whatever prefix the writer took first is held at the gate: the
+	// rest gathers behind it, into one more batch.
+	var tks []writebehind.Ticket
+	for i := range 5 {
+		tk, err := w2.PutNow(c, 11+i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tks = append(tks, tk)
+	}
+	close(g.gate)
+	if err := first.Wait(c); err != nil {
+		t.Fatal(err)
+	}
+	for _, tk := range tks {
+		if err := tk.Wait(c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	g.mu.Lock()
+	batches := slices.Clone(g.batches)
+	g.mu.Unlock()
+	if len(batches) > 2 || !slices.Equal(g.written(), []int{10, 11, 12, 13, 14, 15}) {
+		t.Fatalf("6 PutNow, 5 of them while a write was held: batches %v, written %v; want at most 2 batches, in order", batches, g.written())
+	}
+}
