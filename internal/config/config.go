@@ -100,8 +100,8 @@ func splitList(s string) []string {
 type History struct {
 	Topics string `koanf:"topics" doc:"Comma-separated MQTT topic filters whose messages are stored, once, by the broker they were published to (brokers with a store). Empty disables history."`
 	// Retention is SPEC 7's default: 30 days.
-	Retention   time.Duration `koanf:"retention" doc:"How long a stored message is kept: a TTL index where the server has them (MongoDB), and a periodic purge in any case (the embedded store has none)."`
-	BatchSize   int           `koanf:"batch_size" doc:"Most messages written to the store in one insert."`
+	Retention time.Duration `koanf:"retention" doc:"How long a stored message is kept: a TTL index where the server has them (MongoDB), and a periodic purge in any case (the embedded store has none)."`
+	BatchSize int           `koanf:"batch_size" doc:"Most messages written to the store in one insert."`
 	// BatchLinger: a batch that fills is written at once, so under load
 	// batches are full whatever the rate; the linger only bounds how long
 	// a light load's messages wait (BENCHMARKS.md, History, session 8).
