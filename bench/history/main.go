@@ -9,7 +9,15 @@
 //	    embedded store, run one after the other, the first alternating;
 //	    and this process's CPU per message, history's writing included
 //	    (steadier on a shared machine). Rounds start after the history
-//	    loop's first purge.
+//	    loop's first purge, on a fresh database, and after a round of
+//	    each broker that is not counted (the process's warm-up). Each
+//	    round's on/off is reported too: the two are measured one after
+//	    the other, so a change in the machine's load between rounds
+//	    moves it less than the ratio of the medians. -round-stats logs
+//	    what each round's history writer and garbage collector did, and
+//	    -round-profiles writes a CPU profile of each round.
+//	  - insertcost (only when asked): this process's CPU a message for
+//	    InsertHistory by batch size, the writer's side of capture.
 //	  - ingest: messages per second written to the store through history's
 //	    writer (writebehind group commit, InsertHistory) against a loop of
 //	    raw InsertMany calls of 256 documents, on a fresh database each run.
