@@ -1,8 +1,11 @@
 package main
 
 import (
+	"os"
 	"runtime"
 	"runtime/metrics"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -23,6 +26,8 @@ type roundStat struct {
 	t0, tPub            time.Time
 	ms0                 runtime.MemStats
 	gc0                 float64
+	cores0              []coreTime
+	cpu0                time.Duration
 	ins0, sum0, wr0     float64
 	stop                chan struct{}
 	wg                  sync.WaitGroup
@@ -35,6 +40,7 @@ func startRoundStat(b *broker.Broker, reg *prometheus.Registry) *roundStat {
 	rs.ins0, rs.sum0, rs.wr0 = rs.writes()
 	runtime.ReadMemStats(&rs.ms0)
 	rs.gc0 = gcCPU()
+	rs.cores0, rs.cpu0 = coreTimes(), cpuTime()
 	rs.t0 = time.Now()
 	rs.wg.Add(1)
 	go func() {
@@ -107,6 +113,18 @@ func (rs *roundStat) report(name string, n int) {
 	if ins > 0 {
 		batch, lat = wr/ins, secs/ins*1e3
 	}
+	cpu := cpuTime() - rs.cpu0
+	cores := coreTimes()
+	var busy []string
+	for i := range min(len(cores), len(rs.cores0)) {
+		b := cores[i].busy - rs.cores0[i].busy
+		all := b + cores[i].idle - rs.cores0[i].idle
+		if all > 0 {
+			busy = append(busy, strconv.Itoa(int(100*b/all))+"%")
+		}
+	}
+	benchkit.Logf("  %s: this process %v of CPU in %v; each core busy (all processes) %s",
+		name, cpu.Round(time.Millisecond), time.Since(rs.t0).Round(time.Millisecond), strings.Join(busy, ", "))
 	benchkit.Logf("  %s: publish %v, drain %v; inserts %.0f, batch %.0f, insert %.2f ms mean (%.0f%% of the round); GC %d cycles, pauses %v, GC CPU %.2f µs a message, heap peak %.1f MiB, queue peak %d; allocs %.0f (%.0f B) a message",
 		name, rs.tPub.Sub(rs.t0).Round(time.Millisecond), time.Since(rs.tPub).Round(time.Millisecond),
 		ins, batch, lat, secs/time.Since(rs.t0).Seconds()*100,
@@ -121,4 +139,29 @@ func gcCPU() float64 {
 	s := []metrics.Sample{{Name: "/cpu/classes/gc/total:cpu-seconds"}}
 	metrics.Read(s)
 	return s[0].Value.Float64()
+}
+
+// coreTime is a core's time, from /proc/stat (Linux; nil elsewhere), in
+// clock ticks: busy (user, nice, system, irq, softirq, steal) and idle
+// (idle, iowait).
+type coreTime struct{ busy, idle int64 }
+
+func coreTimes() []coreTime {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return nil
+	}
+	var out []coreTime
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) < 9 || !strings.HasPrefix(f[0], "cpu") || f[0] == "cpu" {
+			continue
+		}
+		var v [8]int64
+		for i := range v {
+			v[i], _ = strconv.ParseInt(f[i+1], 10, 64)
+		}
+		out = append(out, coreTime{busy: v[0] + v[1] + v[2] + v[5] + v[6] + v[7], idle: v[3] + v[4]})
+	}
+	return out
 }
