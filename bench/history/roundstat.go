@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 
 	"github.com/rtm-dev/rtm/bench/internal/benchkit"
 	"github.com/rtm-dev/rtm/broker"
@@ -82,14 +81,12 @@ func (rs *roundStat) writes() (inserts, secs, written float64) {
 				h := m.GetHistogram()
 				inserts, secs = float64(h.GetSampleCount()), h.GetSampleSum()
 			case "rtm_history_written_total":
-				written = counter(m)
+				written = m.GetCounter().GetValue()
 			}
 		}
 	}
 	return
 }
-
-func counter(m *dto.Metric) float64 { return m.GetCounter().GetValue() }
 
 // published marks the end of the publishing (the writer may still be
 // catching up).
