@@ -9,7 +9,15 @@
 //	    embedded store, run one after the other, the first alternating;
 //	    and this process's CPU per message, history's writing included
 //	    (steadier on a shared machine). Rounds start after the history
-//	    loop's first purge.
+//	    loop's first purge, on a fresh database, and after a round of
+//	    each broker that is not counted (the process's warm-up). Each
+//	    round's on/off is reported too: the two are measured one after
+//	    the other, so a change in the machine's load between rounds
+//	    moves it less than the ratio of the medians. -round-stats logs
+//	    what each round's history writer and garbage collector did, and
+//	    -round-profiles writes a CPU profile of each round.
+//	  - insertcost (only when asked): this process's CPU a message for
+//	    InsertHistory by batch size, the writer's side of capture.
 //	  - ingest: messages per second written to the store through history's
 //	    writer (writebehind group commit, InsertHistory) against a loop of
 //	    raw InsertMany calls of 256 documents, on a fresh database each run.
@@ -38,6 +46,7 @@ import (
 
 	"github.com/eclipse/paho.golang/paho"
 	"github.com/oklog/ulid/v2"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.mongodb.org/mongo-driver/v2/bson"
 	"go.mongodb.org/mongo-driver/v2/mongo/options"
 
@@ -55,12 +64,15 @@ func main() {
 	ingest := flag.Int("ingest", 20000, "messages per ingest run")
 	pageSizes := flag.String("page-sizes", "100000,1000000", "collection sizes for the page latency (the topic holds a tenth; 1000000 is issue 14's case)")
 	pages := flag.Int("pages", 20, "pages timed per collection size")
-	only := flag.String("only", "capture,ingest,pages", "measurements to run")
+	only := flag.String("only", "capture,ingest,pages", "measurements to run (and insertcost: the writer's CPU by batch size)")
 	flag.StringVar(&ingestTopicsList, "ingest-topics", "10,1000", "topics of the ingest messages, one measurement per count (on the embedded store the history index writes each topic of a batch into a segment once every 32 batches)")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run (store included) to this file")
 	memprofile := flag.String("memprofile", "", "write the allocations of the whole run (store included) to this file (pprof allocs: alloc_space shows what fed the garbage collector)")
+	flag.StringVar(&insertSizes, "insert-sizes", "100,300,1000,4000", "insertcost: batch sizes (-ingest messages each)")
 	flag.IntVar(&historyBatch, "history-batch", 0, "capture: history.batch_size of the capturing broker (0: the default)")
 	flag.DurationVar(&historyLinger, "history-linger", -1, "capture: history.batch_linger of the capturing broker (negative: the default)")
+	flag.StringVar(&roundProfiles, "round-profiles", "", "capture: write a CPU profile of each round to this directory (round-N-on.pprof, round-N-off.pprof); not with -cpuprofile")
+	flag.BoolVar(&roundStats, "round-stats", false, "capture: log each round's history inserts (count, mean batch, latency), garbage collections, heap and queue peaks")
 	flag.StringVar(&storeURI, "store-uri", "", "a MongoDB-compatible store to use instead of an embedded one in this process (e.g. `rtm store` pinned to other cores with taskset, as a production store has its own machine); its CPU is then not counted")
 	flag.Parse()
 	if *cpuprofile != "" {
@@ -93,6 +105,9 @@ func main() {
 }
 
 var (
+	roundProfiles    string
+	roundStats       bool
+	insertSizes      string
 	historyBatch     int
 	historyLinger    time.Duration
 	storeURI         string
@@ -120,6 +135,11 @@ func run(rounds, publish, ingest int, pageSizes string, pages int, only string) 
 	fmt.Printf("## History (%s, %d rounds, medians)\n\n", where, rounds)
 	if strings.Contains(only, "capture") {
 		if err := benchCapture(ctx, uri, dir, rounds, publish); err != nil {
+			return err
+		}
+	}
+	if strings.Contains(only, "insertcost") {
+		if err := benchInsertCost(ctx, uri, insertSizes, ingest); err != nil {
 			return err
 		}
 	}
@@ -171,11 +191,18 @@ func median(v []float64) float64 {
 
 // benchCapture: publish throughput with history capture on and off.
 func benchCapture(ctx context.Context, uri, dir string, rounds, n int) error {
+	// A fresh database: a store kept across runs (one `rtm store` for
+	// several runs) would otherwise hold every earlier run's history, which
+	// the first purge reads and the writer's chain of the topic continues.
+	if err := dropDB(ctx, uri, "bench_capture"); err != nil {
+		return err
+	}
 	st, err := open(ctx, uri, "bench_capture")
 	if err != nil {
 		return err
 	}
-	defer st.Close(ctx)
+	defer func() { _ = st.DB().Drop(context.Background()); _ = st.Close(context.Background()) }()
+	regs := map[string]*prometheus.Registry{}
 	start := func(name, topics string) (*broker.Broker, error) {
 		cfg := config.Defaults().Broker
 		cfg.NodeName, cfg.MQTTAddr, cfg.WSAddr, cfg.AdminAddr = name, "127.0.0.1:0", "", "127.0.0.1:0"
@@ -188,8 +215,10 @@ func benchCapture(ctx context.Context, uri, dir string, rounds, n int) error {
 		if historyLinger >= 0 {
 			h.BatchLinger = historyLinger
 		}
+		reg := obs.NewRegistry()
+		regs[name] = reg
 		b, err := broker.New(broker.Options{Config: cfg, Auth: config.Auth{Devices: "anonymous"}, Store: st,
-			History: h, DataDir: dir + "/" + name, Logger: obs.Discard(), Version: "bench"})
+			History: h, DataDir: dir + "/" + name, Logger: obs.Discard(), Version: "bench", Registry: reg})
 		if err != nil {
 			return nil, err
 		}
@@ -216,12 +245,27 @@ func benchCapture(ctx context.Context, uri, dir string, rounds, n int) error {
 	// measure returns the publish rate and this process's CPU time per
 	// message (µs), the history writer's catching up included: on a
 	// shared machine the steadier of the two.
-	measure := func(b *broker.Broker) (float64, float64, error) {
+	measure := func(b *broker.Broker, round int) (float64, float64, error) {
+		var rs *roundStat
+		if roundStats {
+			rs = startRoundStat(b, regs[b.Name()])
+		}
+		if roundProfiles != "" {
+			f, err := os.Create(fmt.Sprintf("%s/round-%d-%s.pprof", roundProfiles, round, b.Name()))
+			if err != nil {
+				return 0, 0, err
+			}
+			if err := pprof.StartCPUProfile(f); err != nil {
+				return 0, 0, err
+			}
+			defer func() { pprof.StopCPUProfile(); _ = f.Close() }()
+		}
 		cpu0 := cpuTime()
 		r, err := publishRate(ctx, b.Addr(broker.ListenerTCP), b.Name(), n)
 		if err != nil {
 			return 0, 0, err
 		}
+		rs.published()
 		if b == on {
 			// The next run starts with history written: its store writes
 			// belong to this run.
@@ -235,7 +279,20 @@ func benchCapture(ctx context.Context, uri, dir string, rounds, n int) error {
 				}
 			}
 		}
-		return r, float64((cpuTime()-cpu0)/time.Nanosecond) / 1e3 / float64(n), nil
+		c := float64((cpuTime()-cpu0)/time.Nanosecond) / 1e3 / float64(n)
+		rs.report(fmt.Sprintf("round %d %s", round, b.Name()), n)
+		return r, c, nil
+	}
+	// A round of each first, not counted: the first round of a process
+	// pays for its heap, pools and goroutine stacks growing to their
+	// steady size (more garbage collections: the heap target starts
+	// small), and it was always a capturing round.
+	for _, b := range []*broker.Broker{on, off} {
+		r, c, err := measure(b, 0)
+		if err != nil {
+			return err
+		}
+		benchkit.Logf("capture warm-up: %s %.0f msg/s, %.1f µs of CPU a message (not counted)", b.Name(), r, c)
 	}
 	for i := range rounds {
 		order := []*broker.Broker{on, off}
@@ -243,7 +300,7 @@ func benchCapture(ctx context.Context, uri, dir string, rounds, n int) error {
 			order = []*broker.Broker{off, on}
 		}
 		for _, b := range order {
-			r, c, err := measure(b)
+			r, c, err := measure(b, i+1)
 			if err != nil {
 				return err
 			}
@@ -261,8 +318,12 @@ func benchCapture(ctx context.Context, uri, dir string, rounds, n int) error {
 	fmt.Printf("| capture | msg/s (median) | runs | CPU µs a message (median; this process, store and publishers included) | runs |\n| --- | --- | --- | --- | --- |\n")
 	fmt.Printf("| on (every message stored) | %.0f | %s | %.1f | %s |\n", median(rOn), fmtRuns(rOn), median(cOn), fmtRunsF(cOn))
 	fmt.Printf("| off | %.0f | %s | %.1f | %s |\n\n", median(rOff), fmtRuns(rOff), median(cOff), fmtRunsF(cOff))
-	fmt.Printf("Ratio on/off: **%.2f** (target ≥ 0.9); by CPU a message, off/on: %.2f. Captured %d, written %d, dropped %d; failed inserts %d (each moves what memory holds to the spool).\n\n",
-		median(rOn)/median(rOff), median(cOff)/median(cOn), h.Captured, h.Written, h.Dropped, h.Failures)
+	var pairs []float64
+	for i := range rOn {
+		pairs = append(pairs, rOn[i]/rOff[i])
+	}
+	fmt.Printf("Ratio on/off: **%.2f** (target ≥ 0.9); by CPU a message, off/on: %.2f; each round's on/off (the two measured one after the other), median %.2f: %s. Captured %d, written %d, dropped %d; failed inserts %d (each moves what memory holds to the spool). Load average: %s.\n\n",
+		median(rOn)/median(rOff), median(cOff)/median(cOn), median(pairs), fmtRuns2(pairs), h.Captured, h.Written, h.Dropped, h.Failures, benchkit.Loadavg())
 	return nil
 }
 
@@ -272,6 +333,24 @@ func fmtRunsF(v []float64) string {
 		s = append(s, fmt.Sprintf("%.1f", x))
 	}
 	return strings.Join(s, ", ")
+}
+
+func fmtRuns2(v []float64) string {
+	var s []string
+	for _, x := range v {
+		s = append(s, fmt.Sprintf("%.2f", x))
+	}
+	return strings.Join(s, ", ")
+}
+
+// dropDB drops a database of the store at uri.
+func dropDB(ctx context.Context, uri, db string) error {
+	st, err := open(ctx, uri, db)
+	if err != nil {
+		return err
+	}
+	defer st.Close(ctx)
+	return st.DB().Drop(ctx)
 }
 
 func fmtRuns(v []float64) string {
@@ -528,5 +607,54 @@ func benchPages(ctx context.Context, uri string, total, pages int) error {
 		fmt.Printf("Buckets (a sample of %d): %d messages and %.1f KiB each on average, %d bytes a message.\n\n",
 			len(sample), bMsgs/len(sample), float64(bBytes)/float64(len(sample))/1024, bBytes/bMsgs)
 	}
+	return nil
+}
+
+// benchInsertCost: the writer's side of an insert, by batch size: this
+// process's CPU a message for InsertHistory of batches of one node's
+// messages on one topic (history capture's shape), the store excluded
+// when it runs in its own process (-store-uri). It separates what an
+// insert costs whatever its size from what each message costs.
+func benchInsertCost(ctx context.Context, uri string, sizes string, total int) error {
+	fmt.Printf("### The writer's CPU a message, by batch size\n\n")
+	fmt.Printf("InsertHistory of %d messages (64-byte payloads, one topic) in batches of each size; this process's CPU (the store's too when embedded).\n\n", total)
+	fmt.Printf("| batch | CPU µs a message | CPU µs a batch | wall ms a batch |\n| --- | --- | --- | --- |\n")
+	for _, f := range strings.Split(sizes, ",") {
+		size, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || size < 1 {
+			return fmt.Errorf("-insert-sizes: %q", f)
+		}
+		db := fmt.Sprintf("bench_insert_%d", size)
+		if err := dropDB(ctx, uri, db); err != nil {
+			return err
+		}
+		st, err := open(ctx, uri, db)
+		if err != nil {
+			return err
+		}
+		msgs := histMsgs(total, func(int) string { return "bench/t" })
+		for i := range msgs {
+			msgs[i].Node, msgs[i].Publisher = "on", fmt.Sprintf("on-%d-1234567890", i%16)
+		}
+		// A first batch creates the collections; not counted.
+		if err := st.InsertHistory(ctx, histMsgs(size, func(int) string { return "bench/t" })); err != nil {
+			return err
+		}
+		batches := 0
+		cpu0, t0 := cpuTime(), time.Now()
+		for i := 0; i < total; i += size {
+			if err := st.InsertHistory(ctx, msgs[i:min(i+size, total)]); err != nil {
+				return err
+			}
+			batches++
+		}
+		cpu, wall := cpuTime()-cpu0, time.Since(t0)
+		_ = st.DB().Drop(ctx)
+		_ = st.Close(ctx)
+		fmt.Printf("| %d | %.2f | %.0f | %.1f |\n", size, float64(cpu.Nanoseconds())/1e3/float64(total),
+			float64(cpu.Nanoseconds())/1e3/float64(batches), float64(wall.Microseconds())/1e3/float64(batches))
+		benchkit.Logf("insert cost: batch %d done", size)
+	}
+	fmt.Println()
 	return nil
 }

@@ -100,9 +100,12 @@ func splitList(s string) []string {
 type History struct {
 	Topics string `koanf:"topics" doc:"Comma-separated MQTT topic filters whose messages are stored, once, by the broker they were published to (brokers with a store). Empty disables history."`
 	// Retention is SPEC 7's default: 30 days.
-	Retention   time.Duration `koanf:"retention" doc:"How long a stored message is kept: a TTL index where the server has them (MongoDB), and a periodic purge in any case (the embedded store has none)."`
-	BatchSize   int           `koanf:"batch_size" doc:"Most messages written to the store in one insert."`
-	BatchLinger time.Duration `koanf:"batch_linger" doc:"Longest a message waits for its batch to fill before it is written (0: at once; batches still grow while a write is in flight)."`
+	Retention time.Duration `koanf:"retention" doc:"How long a stored message is kept: a TTL index where the server has them (MongoDB), and a periodic purge in any case (the embedded store has none)."`
+	BatchSize int           `koanf:"batch_size" doc:"Most messages written to the store in one insert."`
+	// BatchLinger: a batch that fills is written at once, so under load
+	// batches are full whatever the rate; the linger only bounds how long
+	// a light load's messages wait (BENCHMARKS.md, History, session 8).
+	BatchLinger time.Duration `koanf:"batch_linger" doc:"Longest a message waits for its batch to fill before it is written; a batch that fills is written at once (0: at once; batches still grow while a write is in flight)."`
 	// QueueLen and QueueBytes hold a burst in memory: a burst faster than
 	// the store that went to the spool cost about 4 µs of CPU a message
 	// (encoded, written, read back, decoded; BENCHMARKS.md, History).
@@ -354,7 +357,7 @@ func Defaults() Config {
 			Topics:        "groups/#,push/#,devices/+/inbox",
 			Retention:     30 * 24 * time.Hour,
 			BatchSize:     1024,
-			BatchLinger:   10 * time.Millisecond,
+			BatchLinger:   50 * time.Millisecond,
 			QueueLen:      100000,
 			QueueBytes:    64 << 20,
 			SpoolMaxBytes: 1 << 30,

@@ -94,10 +94,11 @@ type Options[T any] struct {
 	// MaxBatch bounds the items of one Write. 0 means DefaultMaxBatch.
 	MaxBatch int
 
-	// Linger is how long the writer waits for a batch to fill once it
-	// holds fewer than MaxBatch items, when the previous write did not
-	// leave a full batch behind. 0 (the default) writes at once: group
-	// commit alone batches under load, and a lone item pays no delay.
+	// Linger is how long the writer waits at most for a batch to fill
+	// once it holds fewer than MaxBatch items; a batch that fills (or a
+	// Flush, or Close) ends the wait. 0 (the default) writes at once:
+	// group commit alone batches under load, and a lone item pays no
+	// delay.
 	Linger time.Duration
 
 	// MinAge, when set, keeps every item in memory at least this long
@@ -174,6 +175,7 @@ type Writer[T any] struct {
 	closed    bool
 	room      chan struct{} // closed and replaced when queue space frees
 	work      chan struct{} // capacity 1: something to write
+	cut       chan struct{} // capacity 1, with Linger: a batch filled, or a Flush or Close wants it now
 	nextSeq   uint64        // sequence number of the next item put in memory
 	committed uint64        // every item with seq < committed is settled
 	settled   chan struct{} // closed and replaced when committed moves
@@ -229,7 +231,7 @@ func New[T any](o Options[T]) (*Writer[T], error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	w := &Writer[T]{
 		o: o, log: log.With("writer", o.Name),
-		room: make(chan struct{}), work: make(chan struct{}, 1), settled: make(chan struct{}),
+		room: make(chan struct{}), work: make(chan struct{}, 1), cut: make(chan struct{}, 1), settled: make(chan struct{}),
 		ctx: ctx, cancel: cancel, done: make(chan struct{}), epoch: time.Now(),
 	}
 	w.up.Store(true)
@@ -294,8 +296,12 @@ func (w *Writer[T]) Put(ctx context.Context, item T) (Ticket, error) {
 			w.nextSeq++
 			w.queue.push(item)
 			w.stampLocked(size)
+			full := w.queue.len() == w.o.MaxBatch
 			w.mu.Unlock()
 			w.signal()
+			if full {
+				w.cutLinger()
+			}
 			return Ticket{w: w, seq: seq}, nil
 		}
 		room := w.room
@@ -340,8 +346,12 @@ func (w *Writer[T]) Add(item T) error {
 		w.nextSeq++
 		w.queue.push(item)
 		w.stampLocked(size)
+		full := w.queue.len() == w.o.MaxBatch
 		w.mu.Unlock()
 		w.signal()
+		if full {
+			w.cutLinger()
+		}
 		return nil
 	}
 	var err error
@@ -376,6 +386,7 @@ func (w *Writer[T]) Flush(ctx context.Context) error {
 		w.mu.Unlock()
 	}()
 	w.signal()
+	w.cutLinger()
 	return w.reached(ctx, target)
 }
 
@@ -477,6 +488,7 @@ func (w *Writer[T]) Close(ctx context.Context) error {
 	w.mu.Unlock()
 	if !already {
 		w.signal()
+		w.cutLinger()
 	}
 	var err error
 	select {
@@ -589,6 +601,14 @@ func (w *Writer[T]) signal() {
 	}
 }
 
+// cutLinger ends the writer's wait for a batch to fill, if it waits.
+func (w *Writer[T]) cutLinger() {
+	select {
+	case w.cut <- struct{}{}:
+	default:
+	}
+}
+
 func (w *Writer[T]) wait(ctx context.Context, seq uint64, enough <-chan struct{}) error {
 	for {
 		w.mu.Lock()
@@ -650,16 +670,28 @@ func (w *Writer[T]) run() {
 // Overflow, and reports whether there may be more.
 func (w *Writer[T]) writeOne() bool {
 	if w.o.Linger > 0 {
+		// A cut from before is spent: the batch it was about is written
+		// or about to be. One that comes after this (the MaxBatch-th item,
+		// a Flush, Close) stays in the channel and ends the wait below.
+		select {
+		case <-w.cut:
+		default:
+		}
 		w.mu.Lock()
-		short := w.queue.len() > 0 && w.queue.len() < w.o.MaxBatch && !w.closed
+		short := w.queue.len() > 0 && w.queue.len() < w.o.MaxBatch && !w.closed && w.flushing == 0
 		w.mu.Unlock()
 		if short {
+			// A full batch goes at once: with a fixed wait, batches were
+			// as large as what the wait gathered (10 ms at 20,000 a second:
+			// 200 items), and a publish rate slowed by anything made each
+			// item's share of a write's fixed cost larger.
 			t := time.NewTimer(w.o.Linger)
 			select {
 			case <-t.C:
+			case <-w.cut:
 			case <-w.ctx.Done():
-				t.Stop()
 			}
+			t.Stop()
 		}
 	}
 	w.mu.Lock()

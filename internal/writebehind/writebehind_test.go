@@ -720,3 +720,52 @@ func TestPutNow(t *testing.T) {
 		t.Fatalf("6 PutNow, 5 of them while a write was held: batches %v, written %v; want at most 2 batches, in order", batches, g.written())
 	}
 }
+
+// TestLingerEndsWhenTheBatchFills: a writer that lingers for a batch to
+// fill writes it as soon as it is full, and a Flush or Close does not wait
+// out the linger either. With a fixed wait, batches were only as large as
+// what the wait gathered, so a slower publish rate made every item's share
+// of a write's fixed cost larger (history capture's cost per message).
+func TestLingerEndsWhenTheBatchFills(t *testing.T) {
+	const linger = time.Minute // far beyond every deadline below
+	s := &sink{}
+	w := newWriter(t, writebehind.Options[int]{Write: s.write, MaxBatch: 10, Linger: linger})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	add := func(from, to int) {
+		for i := from; i < to; i++ {
+			if err := w.Add(i); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// A Flush does not wait out the linger.
+	add(0, 5)
+	if err := w.Flush(ctx); err != nil {
+		t.Fatalf("Flush with a %v linger: %v", linger, err)
+	}
+	// The writer is idle: the first of these wakes it to a short batch,
+	// which it writes once the tenth item fills it.
+	add(5, 15)
+	deadline := time.Now().Add(20 * time.Second)
+	for len(s.written()) < 15 {
+		if time.Now().After(deadline) {
+			t.Fatalf("a full batch not written within 20 s (linger %v): %d items written", linger, len(s.written()))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	// Nor does Close wait it out.
+	add(15, 17)
+	if err := w.Close(ctx); err != nil {
+		t.Fatalf("Close with a %v linger: %v", linger, err)
+	}
+	if got := s.written(); !slices.Equal(got, seq(17)) {
+		t.Fatalf("written %v, want 0..16 in order", got)
+	}
+	s.mu.Lock()
+	batches := slices.Clone(s.batches)
+	s.mu.Unlock()
+	if !slices.Equal(batches, []int{5, 10, 2}) {
+		t.Fatalf("batches %v, want [5 10 2]", batches)
+	}
+}
