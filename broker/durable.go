@@ -68,6 +68,17 @@ type durableHook struct {
 	// establishing: the connection of each client ID between its
 	// OnSessionEstablish and OnSessionEstablished (see OnWillSent).
 	establishing map[string]*mqtt.Client
+	// skipped: per client ID, the store writes of an older connection's
+	// end (disconnect, will published) that OnDisconnect and OnWillSent
+	// left to a newer connection establishing here, until that one is
+	// established (its writes supersede them) or not (refused, or its
+	// CONNACK failed): then they are made after all (skippedLocked).
+	skipped map[string]*skippedEnd
+	// establishSwept: when establishing, preWritten and skipped were last
+	// swept of connections whose CONNECT failed after the hooks ran
+	// (sweepEstablishingLocked); establishSweepEvery: how often (tests: 0).
+	establishSwept      time.Time
+	establishSweepEvery time.Duration
 	// preWritten: the subscriptions of the session document storeWill
 	// wrote for a persistent connection before its CONNACK, until its
 	// OnSessionEstablished (which writes it again only if they changed).
@@ -291,7 +302,7 @@ func msgKey(client string, pid uint16) string { return client + "\x00" + strconv
 
 func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
 	d := &durableHook{b: b, st: st, node: b.cfg.NodeName, log: b.log.With("component", "durable"),
-		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, prior: map[*mqtt.Client]map[string]packets.Subscription{}, unstored: map[string]*sessionDoc{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, pids: map[string]uint16{}, establishing: map[string]*mqtt.Client{}, preWritten: map[*mqtt.Client]map[string]packets.Subscription{}, reforwardTo: map[string][]string{},
+		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, prior: map[*mqtt.Client]map[string]packets.Subscription{}, unstored: map[string]*sessionDoc{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, pids: map[string]uint16{}, establishing: map[string]*mqtt.Client{}, skipped: map[string]*skippedEnd{}, establishSweepEvery: time.Second, preWritten: map[*mqtt.Client]map[string]packets.Subscription{}, reforwardTo: map[string][]string{},
 		fail: failover{kick: make(chan struct{}, 1)}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.seq.Store(time.Now().UnixNano())
@@ -577,7 +588,9 @@ func (d *durableHook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	d.mu.Lock()
 	delete(d.gone, cl.ID) // back here
 	d.establishing[cl.ID] = cl
+	replay := d.sweepEstablishingLocked()
 	d.mu.Unlock()
+	d.replaySkipped(replay...)
 	if !pk.Connect.Clean {
 		d.claimOnConnect(cl)
 		return
@@ -598,6 +611,9 @@ func (d *durableHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	if d.establishing[cl.ID] == cl {
 		delete(d.establishing, cl.ID)
 	}
+	// cl's writes below supersede an older connection's end, whichever
+	// connection it was left to (one cl took over may have been).
+	delete(d.skipped, cl.ID)
 	pre, written := d.preWritten[cl]
 	delete(d.preWritten, cl)
 	d.mu.Unlock()
@@ -776,20 +792,31 @@ func (d *durableHook) waitSession(t writebehind.Ticket, refused *atomic.Bool) er
 }
 
 func (d *durableHook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
-	d.mu.Lock()
-	est, establishing := d.establishing[cl.ID]
-	if establishing && est == cl { // its CONNACK failed
-		delete(d.establishing, cl.ID)
+	if cl.IsTakenOver() {
+		return // the new connection (here or on another node) writes it
 	}
-	delete(d.preWritten, cl)
-	d.mu.Unlock()
-	if cl.IsTakenOver() || (establishing && est != cl) {
-		// The new connection (here or on another node) writes it. One
-		// still establishing here may not have marked cl taken over yet,
-		// and has written its will before its CONNACK (storeWill): a
-		// write of cl's now would replace it (or delete it).
+	d.mu.Lock()
+	// mochi calls OnDisconnect only for a connection that was established
+	// (its OnSessionEstablished ran: cl is no longer establishing), or
+	// one restored from the store (never was): an entry is another's.
+	est, establishing := d.establishing[cl.ID]
+	if establishing && est != cl {
+		// A newer connection establishing here may not have marked cl
+		// taken over yet, and has written its will before its CONNACK
+		// (storeWill): a write of cl's now would replace it (or delete
+		// it). Should the newer one not be established after all (a
+		// hook refuses it, or its CONNACK fails), cl's session stays
+		// and this write is made then (skippedLocked).
+		d.skippedLocked(cl, est).disconnect(expire)
+		d.mu.Unlock()
 		return
 	}
+	d.mu.Unlock()
+	d.disconnected(cl, expire)
+}
+
+// disconnected makes the store writes of the end of cl's connection.
+func (d *durableHook) disconnected(cl *mqtt.Client, expire bool) {
 	if expire || !persistent(cl) {
 		d.mu.Lock()
 		known := d.known[cl.ID]
@@ -819,16 +846,130 @@ func (d *durableHook) OnWillSent(cl *mqtt.Client, _ packets.Packet) {
 	if cl.IsTakenOver() {
 		return
 	}
-	d.mu.Lock()
-	est, establishing := d.establishing[cl.ID]
-	known := d.known[cl.ID] && (!establishing || est == cl)
-	d.mu.Unlock()
 	if cur, ok := d.b.mq.Clients.Get(cl.ID); ok && cur != cl {
-		known = false // replaced by a newer connection
+		return // replaced by a newer connection
 	}
+	d.mu.Lock()
+	if est, establishing := d.establishing[cl.ID]; establishing && est != cl {
+		// Not now (see OnDisconnect): once est is refused or fails.
+		d.skippedLocked(cl, est).willSent = true
+		d.mu.Unlock()
+		return
+	}
+	known := d.known[cl.ID]
+	d.mu.Unlock()
 	if known {
 		_, _ = d.put(durOp{kind: opWillCleared, client: cl.ID})
 	}
+}
+
+// skippedEnd: the store writes of the end of connection cl that were
+// left to the newer connection by, establishing here.
+//
+// Why not skip only when by will inherit cl's session (cl in Clients,
+// persistent): by may still be refused after that check (the cluster
+// hook's claim or move, the owner unreachable, an older CONNECT refused
+// for a newer one), and then nothing would write cl's end, ever: the
+// stored document keeps connected=true and a will cl cancelled (a node
+// death publishes it), or a will-only record owned here that makes
+// another node refuse the client's persistent session. Remembering the
+// skipped writes and making them once by is known not to be established
+// is exact in both outcomes.
+type skippedEnd struct {
+	by, cl       *mqtt.Client
+	disconnected bool // OnDisconnect skipped, with expire
+	expire       bool
+	willSent     bool // OnWillSent skipped
+}
+
+func (s *skippedEnd) disconnect(expire bool) { s.disconnected, s.expire = true, expire }
+
+// skippedLocked returns the skipped writes of cl, left to by (d.mu held).
+// A client ID has one at a time: by is the newest connection
+// establishing, and an older connection's end is superseded by cl's.
+func (d *durableHook) skippedLocked(cl, by *mqtt.Client) *skippedEnd {
+	s := d.skipped[cl.ID]
+	if s == nil || s.cl != cl {
+		s = &skippedEnd{cl: cl}
+		d.skipped[cl.ID] = s
+	}
+	s.by = by
+	return s
+}
+
+// notEstablishedLocked ends the establishment of cl, which will not be
+// established (refused, or its CONNACK failed), and returns the skipped
+// writes it was left, to make now (replaySkipped, d.mu released) unless a
+// newer connection of the ID is establishing here: they are left to that
+// one then.
+func (d *durableHook) notEstablishedLocked(cl *mqtt.Client) *skippedEnd {
+	if d.establishing[cl.ID] == cl {
+		delete(d.establishing, cl.ID)
+	}
+	delete(d.preWritten, cl)
+	s := d.skipped[cl.ID]
+	if s == nil || s.by != cl {
+		return nil
+	}
+	if est, ok := d.establishing[cl.ID]; ok {
+		s.by = est
+		return nil
+	}
+	delete(d.skipped, cl.ID)
+	return s
+}
+
+// replaySkipped makes the skipped writes of ends (entries may be nil).
+func (d *durableHook) replaySkipped(ends ...*skippedEnd) {
+	for _, s := range ends {
+		if s == nil {
+			continue
+		}
+		if s.willSent {
+			d.mu.Lock()
+			known := d.known[s.cl.ID]
+			d.mu.Unlock()
+			if known {
+				_, _ = d.put(durOp{kind: opWillCleared, client: s.cl.ID})
+			}
+		}
+		if s.disconnected {
+			d.disconnected(s.cl, s.expire)
+		}
+	}
+}
+
+// sweepEstablishingLocked drops, at most once per establishSweepEvery,
+// the connections whose CONNECT failed after the hooks ran (its CONNACK
+// or resend could not be written): mochi then calls neither
+// OnSessionEstablished nor OnDisconnect, and only stops the connection.
+// A closed connection establishing is such a one (or, rarely, one taken
+// over by a newer one right after its inheritance: its
+// OnSessionEstablished then writes its session in full). Returns the
+// skipped writes to make (d.mu held).
+func (d *durableHook) sweepEstablishingLocked() []*skippedEnd {
+	now := time.Now()
+	if now.Sub(d.establishSwept) < d.establishSweepEvery {
+		return nil
+	}
+	d.establishSwept = now
+	var replay []*skippedEnd
+	for _, cl := range d.establishing {
+		if cl.Closed() {
+			replay = append(replay, d.notEstablishedLocked(cl))
+		}
+	}
+	for cl := range d.preWritten {
+		if cl.Closed() {
+			delete(d.preWritten, cl)
+		}
+	}
+	for _, s := range d.skipped {
+		if s.by.Closed() {
+			replay = append(replay, d.notEstablishedLocked(s.by))
+		}
+	}
+	return replay
 }
 
 func (d *durableHook) OnClientExpired(cl *mqtt.Client) {

@@ -57,17 +57,20 @@ func (d *durableHook) storeWill(cl *mqtt.Client, pk packets.Packet) {
 	if cl.SessionRefused() { // rtm patch 34
 		// No OnSessionEstablished nor OnDisconnect follows.
 		d.mu.Lock()
-		if d.establishing[cl.ID] == cl {
-			delete(d.establishing, cl.ID)
-		}
+		s := d.notEstablishedLocked(cl)
 		d.mu.Unlock()
+		d.replaySkipped(s)
 		return
 	}
 	if cl.Net.Inline || atomic.LoadUint32(&cl.Properties.Will.Flag) != 1 {
 		return
 	}
 	var subs map[string]packets.Subscription
+	// existed: cl resumes a session here (a clean start resumes none,
+	// even if one is still here: its document is written once, as a new
+	// session's).
 	_, existed := d.b.mq.Clients.Get(cl.ID)
+	existed = existed && !pk.Connect.Clean
 	if persistent(cl) {
 		subs = d.inherited(cl, pk)
 	}

@@ -321,6 +321,14 @@ func (w *Writer[T]) Put(ctx context.Context, item T) (Ticket, error) {
 // batch still gathers, so a stream of PutNow keeps its group commit.
 // Unlike Flush, the writer is hurried only up to the item, not for as
 // long as the caller waits.
+//
+// The items before it lose the rest of their MinAge: an item the caller's
+// batch function would skip had it waited (rtm: a message its subscriber
+// acknowledged in the meantime, never written) is written. Hurrying only
+// the item (and its own client's) would mean writing out of order, and
+// the writer's tickets rest on in-order commits (an item is committed
+// when every item before it is), so PutNow stays for writes that are rare
+// next to the queue's traffic (rtm: one per CONNECT with a will).
 func (w *Writer[T]) PutNow(ctx context.Context, item T) (Ticket, error) {
 	t, err := w.Put(ctx, item)
 	if err != nil || w.o.MinAge == 0 {
