@@ -3,6 +3,7 @@ package store
 import (
 	"bytes"
 	"reflect"
+	"slices"
 	"testing"
 	"time"
 
@@ -154,6 +155,28 @@ func TestHistoryIndexBSONMatchesMarshal(t *testing.T) {
 		}
 		if got := appendSegmentBSON(nil, &q); !bytes.Equal(got, want) {
 			t.Fatalf("segment %d unpacked:\n got %v\nwant %v", i, bson.Raw(got), bson.Raw(want))
+		}
+	}
+}
+
+// sortIDRefs keeps one of each id in order, whether its input is sorted
+// (its common case, taken without a sort), sorted with repeats, or not.
+func TestSortIDRefs(t *testing.T) {
+	r := func(ids ...string) []idRef {
+		var v []idRef
+		for _, id := range ids {
+			v = append(v, idRef{id: id, ref: "b" + id})
+		}
+		return v
+	}
+	for _, c := range []struct{ in, want []idRef }{
+		{r("a", "b", "c"), r("a", "b", "c")},
+		{r("a", "b", "b", "c"), r("a", "b", "c")},
+		{r("c", "a", "b", "a"), r("a", "b", "c")},
+		{r(), r()},
+	} {
+		if got := sortIDRefs(slices.Clone(c.in)); !slices.Equal(got, c.want) {
+			t.Errorf("sortIDRefs(%v) = %v, want %v", c.in, got, c.want)
 		}
 	}
 }

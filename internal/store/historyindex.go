@@ -234,6 +234,18 @@ type idRef struct{ id, ref string }
 
 // sortIDRefs sorts by id and keeps one of each id.
 func sortIDRefs(v []idRef) []idRef {
+	// Mostly already in order (a window, then a batch of newer ids):
+	// one pass instead of a sort.
+	if slices.IsSortedFunc(v, func(a, b idRef) int {
+		// a follows b: strictly greater, or it is out of order (an
+		// equal id too: it must be compacted).
+		if a.id <= b.id {
+			return -1
+		}
+		return 1
+	}) {
+		return v
+	}
 	slices.SortFunc(v, func(a, b idRef) int { return cmp.Compare(a.id, b.id) })
 	return slices.CompactFunc(v, func(a, b idRef) bool { return a.id == b.id })
 }
