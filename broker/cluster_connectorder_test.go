@@ -30,7 +30,8 @@ func TestOlderConnectDoesNotTakeOverNewer(t *testing.T) {
 	cp := func() *paho.Connect {
 		return &paho.Connect{ClientID: "dev", CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}}
 	}
-	older := dialAsync(t, n0, cp()) // waits for n1's answer to its claim, which n1 dropped
+	// Waits for n1's answer to its claim, which n1 dropped.
+	older := dialAsync(t, n0, cp())
 	time.Sleep(200 * time.Millisecond) // the older CONNECT is sent first
 	newer, _ := dialV5(t, n0, cp())
 	wantRefused(t, <-older)
