@@ -377,6 +377,17 @@ func (c *clusterNode) syncPeers() {
 			c.heldFlush.begin(allAdopters)
 		}
 	}
+	if c.b.durable != nil {
+		// A held link stops writing: its peer may still be connected
+		// (gossip alone cut off) and would take, and acknowledge, what
+		// is forwarded for the sessions adopted from it, which skip the
+		// direct copies (cluster_failover.go). Under the routes' lock,
+		// so nothing marked held is written. Resumed where its queue was
+		// handed over (resendReached, resendRestarted), or closed.
+		for _, p := range res.held {
+			p.link.Hold(true)
+		}
+	}
 	for _, name := range res.dropRoutes {
 		if c.b.durable != nil && c.peers.getHeld(name) != nil {
 			// With durability, a held peer's routes stay until its
@@ -400,6 +411,9 @@ func (c *clusterNode) syncPeers() {
 		if c.b.durable != nil {
 			c.resendReached(r.p, r.mark, true)
 		}
+	}
+	for _, p := range res.unheld {
+		p.link.Hold(false) // after the hand-over above: its queue goes to the peer
 	}
 	// Forget closes the peer's inbound connection: should it be alive
 	// after all, it redials and sends the routes dropped here again.

@@ -65,8 +65,8 @@ type connectOrder struct {
 	mu      sync.Mutex
 	seq     uint64
 	tickets map[*mqtt.Client]uint64
-	at      map[*mqtt.Client]int64   // when each ticket was given
-	ids     map[string]*connectState // client IDs with a CONNECT under way
+	at      map[*mqtt.Client]time.Time // when each ticket was given
+	ids     map[string]*connectState   // client IDs with a CONNECT under way
 }
 
 type connectState struct {
@@ -74,17 +74,16 @@ type connectState struct {
 	established uint64 // the ticket of the last one established
 }
 
-// claimSkew is how much later than a claimant's CONNECT a connection here
-// must have been established for the claim to be refused as older: room
-// for the nodes' clocks to differ. A claim refused wrongly is retried.
-const claimSkew = 100 * time.Millisecond
-
-// since returns when cl's CONNECT got its ticket (unix nanoseconds; 0 if
-// it has none).
-func (o *connectOrder) since(cl *mqtt.Client) int64 {
+// waited returns how long cl's CONNECT has waited since it got its ticket
+// (by the monotonic clock; 0 if it has none).
+func (o *connectOrder) waited(cl *mqtt.Client) time.Duration {
 	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.at[cl]
+	at, ok := o.at[cl]
+	o.mu.Unlock()
+	if !ok {
+		return 0
+	}
+	return max(time.Since(at), 1) // 0 would mean "not said"
 }
 
 // begin gives cl's CONNECT its ticket, once.
@@ -95,11 +94,11 @@ func (o *connectOrder) begin(cl *mqtt.Client) {
 		return
 	}
 	if o.tickets == nil {
-		o.tickets, o.ids, o.at = map[*mqtt.Client]uint64{}, map[string]*connectState{}, map[*mqtt.Client]int64{}
+		o.tickets, o.ids, o.at = map[*mqtt.Client]uint64{}, map[string]*connectState{}, map[*mqtt.Client]time.Time{}
 	}
 	o.seq++
 	o.tickets[cl] = o.seq
-	o.at[cl] = time.Now().UnixNano()
+	o.at[cl] = time.Now()
 	st := o.ids[cl.ID]
 	if st == nil {
 		st = &connectState{}
@@ -159,7 +158,7 @@ func (c *clusterNode) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 			cl.RefuseSession(packets.ErrServerUnavailable)
 		}
 		if !refuse {
-			c.owners.set(cl.ID, time.Now().UnixNano())
+			c.owners.set(cl.ID, time.Now())
 		}
 	}()
 	// A session being pushed here for this client by a node that leaves
@@ -197,7 +196,7 @@ func (c *clusterNode) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	defer done()
 	claim := claimMsg{ID: id, ClientID: cl.ID, Clean: pk.Connect.Clean}
 	body := claim.encode() // to protoV1 peers
-	claim.ConnectAt = c.connects.since(cl)
+	claim.Waited = c.connects.waited(cl)
 	bodyV2 := claim.encode()
 	pending := map[string]*peer{}
 	for _, p := range up {
@@ -292,6 +291,12 @@ func (c *clusterNode) adopt(id string, version byte, r claimReplyMsg) {
 // (moveOut, on its own goroutine: this one receives the acknowledgements);
 // one that is moving already makes the answer Busy.
 func (c *clusterNode) answerClaim(from string, m claimMsg) {
+	if m.Waited > 0 {
+		// The claimant's CONNECT began at least this long before now (the
+		// link's latency makes it look later, never earlier): on this
+		// node's monotonic clock, as no wall clock of two nodes agrees.
+		m.began = time.Now().Add(-m.Waited)
+	}
 	// A session this node is adopting from a failed node (the store may
 	// name this node its owner already, or the round has not listed it
 	// yet) is answered once installed: "not found" now would give the
@@ -329,7 +334,7 @@ func (c *clusterNode) answerClaimNow(from string, m claimMsg) {
 	switch {
 	case c.moves.busy(m.ClientID):
 		reply.Found, reply.Busy = true, true
-	case found && c.newerHere(cl, m.ConnectAt):
+	case found && c.newerHere(cl, m.began):
 		// The client's connection here was established after that
 		// CONNECT began (which waited, on the claimant, past its
 		// client's patience: the client connected again, here): the
@@ -344,7 +349,7 @@ func (c *clusterNode) answerClaimNow(from string, m claimMsg) {
 			return
 		}
 		if o, ok := c.moves.startOut(m.ClientID, from); ok {
-			o.connectAt = m.ConnectAt
+			o.connectBegan = m.began
 			go c.moveOut(o, p, m.ID)
 			return
 		}
@@ -363,10 +368,19 @@ func (c *clusterNode) answerClaimNow(from string, m claimMsg) {
 }
 
 // newerHere reports whether cl is a live connection here established
-// more than claimSkew after a claimant's CONNECT began to wait (at, unix
-// nanoseconds; 0: not said).
-func (c *clusterNode) newerHere(cl *mqtt.Client, at int64) bool {
-	return at != 0 && !cl.Closed() && cl.Net.Conn != nil && c.owners.get(cl.ID) > at+int64(claimSkew)
+// after a claimant's CONNECT began to wait (began, on this node's
+// monotonic clock: see answerClaim; zero: not said). Both are measured
+// here, so the nodes' wall clocks do not matter. The error is the link's
+// latency, which makes the claimant's CONNECT look newer than it is: a
+// connection established here within that latency after it does not
+// refuse it (the older CONNECT takes it over, as without this check); a
+// connection established before it never refuses it.
+func (c *clusterNode) newerHere(cl *mqtt.Client, began time.Time) bool {
+	if began.IsZero() || cl.Closed() || cl.Net.Conn == nil {
+		return false
+	}
+	at := c.owners.at(cl.ID)
+	return !at.IsZero() && at.After(began)
 }
 
 // replyClaim sends the answer to a claim to p (nil: no link to it).

@@ -497,6 +497,7 @@ func (c *clusterNode) resendRestarted(peer string, msgs []link.Message) {
 	c.resendHeld(peer, nil, linkPublishes(msgs))
 	if p != nil {
 		p.resent.Store(true) // releaseWhenAdopted may say it is done with it
+		p.link.Hold(false)   // it holds nothing more for the adopted sessions
 	}
 }
 
@@ -558,6 +559,7 @@ func (c *clusterNode) linkReached(peer string) {
 	mark := p.link.Mark()
 	c.routes.mu.Unlock()
 	c.resendReached(p, mark, false)
+	p.link.Hold(false) // handed over: its queue goes to the peer, as for a peer alive again
 }
 
 // linkPublishes decodes the publishes among msgs (a link's discarded

@@ -3,6 +3,7 @@ package broker
 import (
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -27,18 +28,36 @@ const ownersChunk = 4096
 // CONNECT here, or by a move here. Its mutex is a leaf.
 type owners struct {
 	mu    sync.Mutex
-	since map[string]int64 // client ID → unix nanoseconds
+	since map[string]time.Time // client ID → time.Now(): wall clock and monotonic reading
+	// testWallSkew (nanoseconds) runs this node's wall clock ahead (or
+	// behind) for tests of clock skew between nodes; as a real skew, it
+	// does not change durations measured here (monotonic).
+	testWallSkew atomic.Int64
 }
 
-func newOwners() *owners { return &owners{since: map[string]int64{}} }
+func newOwners() *owners { return &owners{since: map[string]time.Time{}} }
 
-func (o *owners) set(id string, at int64) {
+func (o *owners) set(id string, at time.Time) {
 	o.mu.Lock()
 	o.since[id] = at
 	o.mu.Unlock()
 }
 
+// get returns when id's session was established here by the wall clock
+// (unix nanoseconds; 0: not held here), to compare with other nodes'.
 func (o *owners) get(id string) int64 {
+	o.mu.Lock()
+	at, ok := o.since[id]
+	o.mu.Unlock()
+	if !ok {
+		return 0
+	}
+	return at.UnixNano() + o.testWallSkew.Load()
+}
+
+// at returns when id's session was established here, with its monotonic
+// reading (zero: not held here), for durations measured on this node.
+func (o *owners) at(id string) time.Time {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	return o.since[id]

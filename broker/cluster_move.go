@@ -105,9 +105,9 @@ type outMove struct {
 	to       string
 	acks     chan uint64 // chunk acknowledgements
 	done     chan uint64 // the destination's answer: moveRefused, moveInstalled or moveStale
-	// connectAt is when the claimant's CONNECT began to wait
-	// (claimMsg.ConnectAt; 0: not said, or a push).
-	connectAt int64
+	// connectBegan is when the claimant's CONNECT began to wait, on this
+	// node's monotonic clock (claimMsg.began; zero: not said, or a push).
+	connectBegan time.Time
 }
 
 type inKey struct {
@@ -268,7 +268,7 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 		if cl, ok = c.b.mq.Clients.Get(o.clientID); !ok {
 			return false
 		}
-		if c.newerHere(cl, o.connectAt) {
+		if c.newerHere(cl, o.connectBegan) {
 			// That connection is newer than the claimant's CONNECT
 			// (see answerClaimNow): it stays, the claimant retries.
 			c.log.Info("claim of an older CONNECT refused: a newer connection of the client took the session here while its move waited", "client_id", o.clientID, "node", o.to)
@@ -615,7 +615,7 @@ func (c *clusterNode) moveEnded(from string, m moveEndMsg) {
 		}
 	}
 	im.state = moveCommitted
-	c.owners.set(im.clientID, time.Now().UnixNano())
+	c.owners.set(im.clientID, time.Now())
 	close(im.done)
 	c.sendMoveDone(from, m.Move, true)
 	// Once every peer holds this node's routes for the session, the source

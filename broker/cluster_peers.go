@@ -115,6 +115,8 @@ type syncResult struct {
 	forget     []*peer       // their inbound connection is closed (see syncPeers)
 	closing    []*peer       // their link is closed
 	reached    []reachedPeer // held peers alive again (cluster_failover.go, resendReached)
+	held       []*peer       // peers held from now on
+	unheld     []*peer       // held peers alive again, at the same link address
 }
 
 // sync makes the links follow membership: want holds the alive brokers
@@ -134,6 +136,7 @@ func (s *peerSet) sync(want map[string]string, failed map[string]bool, now time.
 				p.resent.Store(false)
 				p.handOver.Store(true)
 				s.held[name] = p
+				res.held = append(res.held, p)
 				s.log.Info("peer failed: its routes are dropped; what was queued for it is kept in case it comes back",
 					"peer", name, "queued", p.link.Stats().QueueLen, "hold", s.hold)
 			} else {
@@ -147,6 +150,7 @@ func (s *peerSet) sync(want map[string]string, failed map[string]bool, now time.
 		case alive && addr == p.linkAddr:
 			delete(s.held, name)
 			s.alive[name] = p
+			res.unheld = append(res.unheld, p)
 			// What its link queued while held goes to the peer: the
 			// sessions adopted from it get a copy (resendReached).
 			// What is queued from now on is not held: they get their

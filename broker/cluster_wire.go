@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -366,10 +367,19 @@ type claimMsg struct {
 	ID       uint64
 	ClientID string
 	Clean    bool
-	// ConnectAt is when the CONNECT began to wait in the claimant's
-	// session hooks (unix nanoseconds; 0: not said). protoV2 and later:
-	// encoded only when set, read only if present.
+	// ConnectAt is a slot that builds between session 8's first CONNECT
+	// ordering and Waited read as the CONNECT's start by the sender's
+	// wall clock (unix nanoseconds), which a skew between the nodes'
+	// clocks made wrong. Sent as 0 (those builds then do not compare),
+	// ignored when read.
 	ConnectAt int64
+	// Waited is how long the CONNECT had waited in the claimant's session
+	// hooks when the claim was sent, by its monotonic clock (0: not
+	// said). protoV2 and later: encoded only when set, after ConnectAt;
+	// read only if present.
+	Waited time.Duration
+
+	began time.Time // set on receipt: see answerClaim
 }
 
 func (m claimMsg) encode() []byte {
@@ -377,8 +387,11 @@ func (m claimMsg) encode() []byte {
 	w.uvarint(m.ID)
 	w.string(m.ClientID)
 	w.bool(m.Clean)
-	if m.ConnectAt != 0 {
+	if m.ConnectAt != 0 || m.Waited > 0 {
 		w.varint(m.ConnectAt)
+	}
+	if m.Waited > 0 {
+		w.uvarint(uint64(m.Waited))
 	}
 	return w.b
 }
@@ -390,6 +403,9 @@ func decodeClaim(b []byte) (m claimMsg, err error) {
 	m.Clean = r.bool()
 	if r.err == nil && len(r.b) > 0 {
 		m.ConnectAt = r.varint()
+	}
+	if r.err == nil && len(r.b) > 0 {
+		m.Waited = time.Duration(min(r.uvarint(), 1<<63-1))
 	}
 	return m, r.done()
 }

@@ -3,6 +3,7 @@ package broker
 import (
 	"reflect"
 	"testing"
+	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -278,5 +279,28 @@ func TestFailoverMarksOnlyToV2(t *testing.T) {
 	}
 	if got := m.forProto(protoV2); got.HeldOf != "n2" || !reflect.DeepEqual(got.Held, []string{"n2"}) {
 		t.Fatalf("a protoV2 peer loses the marks: %+v", got)
+	}
+}
+
+// TestClaimWaited: a claim's Waited (how long its CONNECT waited, by the
+// claimant's monotonic clock) round-trips after a ConnectAt slot sent as
+// 0, which the builds that read a wall-clock time there take as "not
+// said"; a claim without it (protoV1, or such a build) decodes with
+// Waited 0, and its ConnectAt is read and not used.
+func TestClaimWaited(t *testing.T) {
+	plain := claimMsg{ID: 5, ClientID: "dev"}.encode()
+	b := claimMsg{ID: 5, ClientID: "dev", Waited: 1500 * time.Millisecond}.encode()
+	if m, err := decodeClaim(b); err != nil || m.Waited != 1500*time.Millisecond || m.ConnectAt != 0 {
+		t.Fatalf("claim with Waited: %+v, %v", m, err)
+	}
+	if len(b) <= len(plain)+1 || !reflect.DeepEqual(b[:len(plain)+1], append(plain, 0)) {
+		t.Fatalf("Waited does not follow a ConnectAt slot of 0: % x, plain % x", b, plain)
+	}
+	if m, err := decodeClaim(plain); err != nil || m.Waited != 0 || m.ConnectAt != 0 {
+		t.Fatalf("claim without Waited: %+v, %v", m, err)
+	}
+	old := append(append([]byte(nil), plain...), 0x80, 0x80, 0x01) // a ConnectAt, no Waited
+	if m, err := decodeClaim(old); err != nil || m.Waited != 0 || m.ConnectAt == 0 {
+		t.Fatalf("claim with a ConnectAt only: %+v, %v", m, err)
 	}
 }

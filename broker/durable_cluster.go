@@ -521,7 +521,7 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 			// Established here now: should the node it came from turn out
 			// alive (a partition), the heal keeps this copy, the durable
 			// one, and ends that node's stale one.
-			c.owners.set(s.ID, time.Now().UnixNano())
+			c.owners.set(s.ID, time.Now())
 		}
 		return true
 	}

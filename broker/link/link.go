@@ -37,6 +37,7 @@ type Link struct {
 	conn    net.Conn      // while dialled, so Close can interrupt it
 	q       []entry       // unacked messages in seq order
 	next    int           // q[:next] are written on the current connection
+	held    bool          // Hold: nothing more is written
 	seq     uint64        // last seq handed out
 	qBytes  int
 	peerInc uint64    // the peer's incarnation at the last handshake; 0 before the first
@@ -208,6 +209,23 @@ func (l *Link) Queue(m Message, reliable bool) error {
 	default:
 	}
 	return nil
+}
+
+// Hold stops (on) or resumes writing queued messages. While held, Send
+// still queues and the connection stays up (heartbeats go on), but nothing
+// more is written: the queue stays whole, for Queued or Close to hand out,
+// however long the peer stays connected. What was written before is
+// acknowledged as usual.
+func (l *Link) Hold(on bool) {
+	l.mu.Lock()
+	l.held = on
+	l.mu.Unlock()
+	if !on {
+		select {
+		case l.wake <- struct{}{}:
+		default:
+		}
+	}
 }
 
 // Mark returns the sequence number of the last message queued so far;
@@ -603,7 +621,7 @@ func (l *Link) write(w *frameWriter, readDone <-chan struct{}) error {
 func (l *Link) take(dst []entry) []entry {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for l.next < len(l.q) && len(dst) < cap(dst) {
+	for !l.held && l.next < len(l.q) && len(dst) < cap(dst) {
 		e := &l.q[l.next]
 		if e.written {
 			l.st.Resends++
