@@ -146,6 +146,7 @@ type ClientConnection struct {
 	outbuf   *bytes.Buffer               // a buffer for writing packets
 	holding  atomic.Bool                 // rtm patch 70: the reader holds writes back, more of its input is buffered
 	acks     atomic.Pointer[ackCoalesce] // rtm patch 102: made at the client's first QoS 1/2 PUBLISH, with AckCoalesce set
+	closeBy  atomic.Int64                // rtm patch 102: unix ns, the closing connection's write deadline (setCloseWriteDeadline); 0 before
 	Remote   string                      // the remote address of the client
 	Listener string                      // listener id of the client
 	Inline   bool                        // if true, the client is the built-in 'inline' embedded client
@@ -380,6 +381,13 @@ func (cl *Client) refreshDeadlineFrom(now time.Time, keepalive uint16) time.Time
 
 	if cl.Net.Conn != nil {
 		_ = cl.Net.Conn.SetDeadline(expiry) // [MQTT-3.1.2-22]
+		// rtm patch 102: the read loop must not put off the write
+		// deadline of a connection being closed (stop): the store there
+		// precedes its SetWriteDeadline, so either this load sees it or
+		// stop's deadline is set after this SetDeadline.
+		if by := cl.Net.closeBy.Load(); by != 0 {
+			_ = cl.Net.Conn.SetWriteDeadline(time.Unix(0, by))
+		}
 	}
 	return expiry
 }
@@ -700,8 +708,9 @@ func (cl *Client) stopAfterDrain(err error) {
 
 func (cl *Client) stop(err error, drain bool) {
 	cl.State.endOnce.Do(func() {
-		cl.FlushHeld()      // rtm patch 70: what the read loop held back (a DISCONNECT, acks) goes out first
-		cl.flushCoalesced() // rtm patch 98: and what a coalescing writer waits to write
+		cl.setCloseWriteDeadline() // rtm patch 102: a write blocked on a full socket must not hold cl.Lock (FlushHeld) forever
+		cl.FlushHeld()             // rtm patch 70: what the read loop held back (a DISCONNECT, acks) goes out first
+		cl.flushCoalesced()        // rtm patch 98: and what a coalescing writer waits to write
 
 		if conn := cl.Net.Conn; conn != nil {
 			hc, ok := conn.(interface{ CloseWrite() error })
@@ -877,8 +886,11 @@ func (cl *Client) writePacket(pk *packets.Packet) error {
 var errWriteDeferred = errors.New("write deferred: the socket is full")
 
 // writePacketMode is writePacket; with once (rtm patch 101, needs
-// rawWritable) it never waits for the network: a write(2) that finds the
-// socket full leaves the rest in outbuf and returns errWriteDeferred.
+// rawWritable, and the caller must hold the queue's writer claim) it never
+// waits, neither for the network nor for another write: a write(2) that
+// finds the socket full leaves the rest in outbuf, and a cl.Lock held by
+// another write leaves the whole packet in outbound.resume; both return
+// errWriteDeferred.
 func (cl *Client) writePacketMode(pk *packets.Packet, once bool) error {
 	if cl.Closed() {
 		return ErrConnectionClosed
@@ -959,9 +971,21 @@ func (cl *Client) writePacketMode(pk *packets.Packet, once bool) error {
 		return packets.ErrPacketTooLarge // [MQTT-3.1.2-24] [MQTT-3.1.2-25]
 	}
 
-	deferred := false // rtm patch 101
-	n, err := func() (int64, error) {
-		cl.Lock()
+	deferred, busy := false, false // rtm patch 101
+	size := int64(buf.Len())       // the write consumes buf
+	_, err = func() (int64, error) {
+		if once {
+			// rtm patch 101: another write holds the lock, perhaps
+			// waiting for a full socket (a PINGRESP, a PUBACK, held
+			// acknowledgements): the caller (a publisher) must not wait
+			// for it. The packet is handed to resumeWriter (busy).
+			if !cl.TryLock() {
+				busy = true
+				return 0, nil
+			}
+		} else {
+			cl.Lock()
+		}
 		defer cl.Unlock()
 		// rtm patch 101: with once, a write that finds the socket full
 		// leaves its rest at the head of outbuf, for resumeWriter.
@@ -1016,8 +1040,16 @@ func (cl *Client) writePacketMode(pk *packets.Packet, once bool) error {
 	if err != nil {
 		return err
 	}
+	if busy {
+		b := writeBufPool.Get()
+		b.Write(buf.Bytes())
+		cl.State.outbound.resume = b // the caller holds the queue's writer claim
+		deferred = true
+	}
 
-	atomic.AddInt64(&cl.ops.info.BytesSent, n)
+	// rtm patch 101: the whole packet, also when part of it is left to
+	// resumeWriter (which does not count it again).
+	atomic.AddInt64(&cl.ops.info.BytesSent, size)
 	atomic.AddInt64(&cl.ops.info.PacketsSent, 1)
 	if pk.FixedHeader.Type == packets.Publish {
 		atomic.AddInt64(&cl.ops.info.MessagesSent, 1)

@@ -4,6 +4,7 @@
 package mqtt
 
 import (
+	"bytes"
 	"math/bits"
 	"sync"
 	"sync/atomic"
@@ -53,6 +54,11 @@ type outboundQueue struct {
 	waiting      bool          // a writer waits for timer (started at waitFrom)
 	waitFrom     time.Duration // monoNow when the waiting writer was started
 	timer        *time.Timer   // runs a waiting writer; made at the first wait
+
+	// rtm patch 101: the packet writeFirst encoded but could not write
+	// because another write held cl.Lock; written by resumeWriter. Owned
+	// by the writer claim's holder.
+	resume *bytes.Buffer
 }
 
 func newOutboundQueue(limit int32) outboundQueue {
@@ -394,7 +400,10 @@ func (cl *Client) startWriter() (started bool) {
 // socket never blocks the caller: the write(2) is tried once, the
 // unwritten rest is kept at the head of outbuf (writePacketMode), and a
 // writer goroutine started to write it (resumeWriter), then what was
-// queued meanwhile. The caller stays the queue's only writer until it
+// queued meanwhile. Nor does another write holding cl.Lock (a PINGRESP or
+// a PUBACK from the client's read loop, held acknowledgements, any of them
+// perhaps waiting for a full socket): writePacketMode only tries the lock,
+// and if it is busy leaves the encoded packet to resumeWriter. The caller stays the queue's only writer until it
 // hands over (release, or the goroutine): order is FIFO as before.
 func (cl *Client) writeFirst() bool {
 	q := &cl.State.outbound
@@ -430,7 +439,8 @@ func (cl *Client) writeFirst() bool {
 // resumeWriter is the writer writeFirst hands over to when the socket was
 // full: it writes the rest of the packet that writeFirst began (at the
 // head of outbuf, waiting for the socket as any writer does), then the
-// queue. rtm patch 101.
+// queue; or, when writeFirst found cl.Lock held by another write, the
+// whole packet, after what that write left. rtm patch 101.
 func (cl *Client) resumeWriter() {
 	defer func() {
 		if r := recover(); r != nil {
@@ -438,6 +448,15 @@ func (cl *Client) resumeWriter() {
 		}
 	}()
 	cl.Lock()
+	if b := cl.State.outbound.resume; b != nil { // writeFirst found cl.Lock busy
+		cl.State.outbound.resume = nil
+		if cl.Net.outbuf == nil {
+			cl.Net.outbuf = b
+		} else { // written directly meanwhile, before this packet: as if it had waited for the lock
+			cl.Net.outbuf.Write(b.Bytes())
+			writeBufPool.Put(b)
+		}
+	}
 	_ = cl.flushOutbuf() // an error is the connection's: the queue's writes fail too
 	cl.Unlock()
 	cl.drainOutbound()
@@ -466,6 +485,32 @@ func (cl *Client) kickWriter() {
 // sockets would have kept it 100 s. A variable for tests.
 var closeFlushTimeout, closeFlushTotal = 10 * time.Millisecond, 100 * time.Millisecond
 
+// setCloseWriteDeadline bounds the writes of a closing connection:
+// closeFlushTimeout from now, or the server's shared deadline if that is
+// sooner (rtm patch 103).
+//
+// rtm patch 102: stop calls it first, before FlushHeld: a write blocked on
+// the client's full socket (a delivery, a PINGRESP, acknowledgements)
+// holds cl.Lock, which FlushHeld waits for; the deadline ends that write,
+// so stop reaches conn.Close (a take-over, Server.Close) instead of
+// waiting for a client that does not read. The read loop's keepalive
+// deadline (SetDeadline, read and write) would put it off: it keeps it
+// (Net.closeBy).
+func (cl *Client) setCloseWriteDeadline() {
+	conn := cl.Net.Conn
+	if conn == nil {
+		return
+	}
+	by := time.Now().Add(closeFlushTimeout)
+	if f := cl.ops.closing; f != nil { // rtm patch 103
+		if end := f.Load(); end != 0 && end < by.UnixNano() {
+			by = time.Unix(0, end)
+		}
+	}
+	cl.Net.closeBy.Store(by.UnixNano()) // before the deadline: see refreshDeadlineFrom
+	_ = conn.SetWriteDeadline(by)
+}
+
 // flushCoalesced writes at once the packets a writer waiting for its
 // coalescing window would have written, if one is waiting; stop calls it
 // before closing the connection, so a DISCONNECT (buffered behind queued
@@ -481,15 +526,7 @@ func (cl *Client) flushCoalesced() {
 		return // no writer waits: none, or it runs already
 	}
 	// The stopped timer's claim is ours: write as its writer would have.
-	if conn := cl.Net.Conn; conn != nil {
-		by := time.Now().Add(closeFlushTimeout)
-		if f := cl.ops.closing; f != nil { // rtm patch 103
-			if end := f.Load(); end != 0 && end < by.UnixNano() {
-				by = time.Unix(0, end)
-			}
-		}
-		_ = conn.SetWriteDeadline(by)
-	}
+	cl.setCloseWriteDeadline()
 	defer func() {
 		if r := recover(); r != nil {
 			_ = cl.recoverPanic(r) // logs it; the connection is being closed already

@@ -45,6 +45,18 @@ type ackCoalesce struct {
 	stalls   int           // under cl.Lock: holds in a row that no packet followed (flushAcks)
 	off      atomic.Int64  // monoNow until which nothing is delayed (a stall, see flushAcks)
 	timer    *time.Timer   // under cl.Lock: runs flushAcks(true); made at the first hold
+	armed    bool          // under cl.Lock: timer is pending (set by armAcks, cleared when it runs)
+}
+
+// armAcks (re)arms the timer that ends a hold of acknowledgements, d from
+// now. Under cl.Lock.
+func (cl *Client) armAcks(a *ackCoalesce, d time.Duration) {
+	a.armed = true
+	if a.timer == nil {
+		a.timer = time.AfterFunc(d, func() { cl.flushAcks(true) })
+	} else {
+		a.timer.Reset(d)
+	}
 }
 
 // ackStallOff is how long a client that waited for its held
@@ -85,7 +97,7 @@ func (cl *Client) ackDelaying(typ, qos byte) bool {
 // delay (in place of holdWrites(false)): it writes what outbuf holds if
 // the hold began a window ago or the next packet is not expected before
 // then; otherwise it leaves it there, with the timer armed at the end of
-// the window. Read loop only.
+// the window (armed again if it ran meanwhile). Read loop only.
 func (cl *Client) releaseAcks() {
 	a := cl.Net.acks.Load()
 	w := cl.ops.options.AckCoalesce
@@ -105,16 +117,16 @@ func (cl *Client) releaseAcks() {
 	if !begin {
 		a.stalls = 0 // a packet followed the one that began the hold
 	}
-	if a.now-since+a.gap >= w {
+	rest := since + w - monoNow()
+	if a.now-since+a.gap >= w || rest <= 0 {
 		_ = cl.flushOutbuf() // an error is the connection's: the next read or write returns it
 		return
 	}
-	if begin {
-		if a.timer == nil {
-			a.timer = time.AfterFunc(w, func() { cl.flushAcks(true) })
-		} else {
-			a.timer.Reset(w)
-		}
+	// The acknowledgements stay: a timer must end the hold. Not only when
+	// it begins: the timer may have run while this packet was handled
+	// (flushAcks leaves them to the read loop then), and none is pending.
+	if begin || !a.armed {
+		cl.armAcks(a, rest)
 	}
 }
 
@@ -128,8 +140,9 @@ func (cl *Client) acksWritten() {
 
 // flushAcks writes the acknowledgements releaseAcks left in outbuf, unless
 // the writer will (packets are queued). From the timer (timer true), it
-// leaves them to the read loop if it is handling a packet, and to a later
-// timer if the hold began less than a window ago; and if no packet came
+// leaves them to the read loop if it is handling a packet (releaseAcks
+// then flushes them or arms the timer again), and to the timer re-armed
+// for the rest of the window if the hold began less than a window ago; and if no packet came
 // after the one that began the hold, ackStalls times in a row, the client
 // is waiting for them: nothing is delayed for ackStallOff.
 func (cl *Client) flushAcks(timer bool) {
@@ -141,8 +154,13 @@ func (cl *Client) flushAcks(timer bool) {
 		return
 	}
 	if timer {
+		a.armed = false
 		now := monoNow()
-		if cl.Net.holding.Load() || now-since < cl.ops.options.AckCoalesce {
+		if cl.Net.holding.Load() {
+			return // releaseAcks, after the packet, flushes them or arms the timer again
+		}
+		if rest := since + cl.ops.options.AckCoalesce - now; rest > 0 {
+			cl.armAcks(a, rest) // the hold began after the one this timer was armed for
 			return
 		}
 		if a.released == since {

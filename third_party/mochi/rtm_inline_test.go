@@ -134,4 +134,68 @@ func TestPublishInlineFullSocket(t *testing.T) {
 		require.True(t, time.Now().Before(deadline), "queue drained")
 		time.Sleep(time.Millisecond)
 	}
+	// Every packet counted whole, also those whose rest resumeWriter wrote.
+	require.EqualValues(t, n*len(pkt), atomic.LoadInt64(&cl.ops.info.BytesSent), "BytesSent")
+}
+
+// TestPublishInlineLockBusy (patch 101): a subscriber that does not read
+// has its read loop answer PINGREQs (direct writes) until one blocks on
+// the full socket, holding cl.Lock, with no writer running. A publisher
+// delivering to it must not wait for that write (nor would a node link's
+// receive goroutine, or the take-over lock it holds): before the fix
+// writeFirst took cl.Lock and blocked. The message is written after the
+// PINGRESPs once the subscriber reads.
+func TestPublishInlineLockBusy(t *testing.T) {
+	s, cl, sub := inlineSubscriber(t)
+	require.NoError(t, cl.Net.Conn.(*net.TCPConn).SetWriteBuffer(8<<10))
+	require.NoError(t, sub.(*net.TCPConn).SetReadBuffer(4<<10))
+	var pings atomic.Int64
+	go func() { // stands in for the subscriber's read loop answering PINGREQs
+		for {
+			if err := cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pingresp}}); err != nil {
+				return
+			}
+			pings.Add(1)
+		}
+	}()
+	deadline := time.Now().Add(30 * time.Second)
+	for last := int64(-1); ; { // until the PINGRESPs stop: a write blocks, holding cl.Lock
+		time.Sleep(100 * time.Millisecond)
+		n := pings.Load()
+		if n == last && !cl.TryLock() {
+			break
+		} else if n == last {
+			cl.Unlock()
+		}
+		last = n
+		require.True(t, time.Now().Before(deadline), "a PINGRESP write blocks")
+	}
+	done := make(chan error, 1)
+	go func() {
+		pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish}, TopicName: "a/b", Payload: []byte("x")}
+		_, err := s.publishToClient(cl, packets.Subscription{Filter: "a/b"}, pk)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("the publisher waited for cl.Lock, held by a write to a subscriber's full socket")
+	}
+
+	// The subscriber reads: PINGRESPs (0xd0 0x00), then the PUBLISH.
+	require.NoError(t, sub.SetReadDeadline(time.Now().Add(30*time.Second)))
+	b := make([]byte, 2)
+	for {
+		_, err := io.ReadFull(sub, b)
+		require.NoError(t, err)
+		if b[0] != packets.Pingresp<<4 {
+			break
+		}
+		require.Zero(t, b[1])
+	}
+	rest := make([]byte, 6)
+	_, err := io.ReadFull(sub, rest)
+	require.NoError(t, err)
+	require.Equal(t, []byte{0x30, 6, 0, 3, 'a', '/', 'b', 'x'}, append(b, rest...), "the PUBLISH, whole, after the PINGRESPs")
 }
