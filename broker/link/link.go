@@ -581,24 +581,34 @@ func (l *Link) writeOnUp(w *frameWriter) error {
 var errReaderDone = errors.New("reader done")
 
 // write writes queued messages as they come, flushing whenever it has caught
-// up, and pings when idle for a heartbeat.
+// up, and pings when it has written nothing for a heartbeat.
+//
+// The ping timer restarts only after a write: a wake that finds nothing to
+// take (a Send to a held link, see Hold) must not put the ping off, or a
+// held link with steady traffic would go silent and its peer would drop
+// the connection after three heartbeats.
 func (l *Link) write(w *frameWriter, readDone <-chan struct{}) error {
 	ping := time.NewTimer(l.cfg.Heartbeat)
 	defer ping.Stop()
 	batch := make([]entry, 0, 64)
+	wrote := false // since the ping timer last started
 	for {
 		batch = l.take(batch[:0])
 		if len(batch) == 0 {
 			if err := w.flush(); err != nil {
 				return err
 			}
-			ping.Reset(l.cfg.Heartbeat)
+			if wrote {
+				ping.Reset(l.cfg.Heartbeat)
+				wrote = false
+			}
 			select {
 			case <-l.wake:
 			case <-ping.C:
 				if err := w.frame(Frame{Type: FramePing}); err != nil {
 					return err
 				}
+				wrote = true
 			case <-readDone:
 				return errReaderDone
 			case <-l.done:
@@ -611,6 +621,7 @@ func (l *Link) write(w *frameWriter, readDone <-chan struct{}) error {
 				return err
 			}
 		}
+		wrote = true
 		clear(batch) // drop the bodies
 	}
 }

@@ -998,3 +998,36 @@ func TestHoldKeepsQueueUnwritten(t *testing.T) {
 		t.Fatalf("delivered %d after the hold, want 2", i)
 	}
 }
+
+// TestHeldLinkKeepsPinging: a held link whose queue keeps receiving
+// messages still pings, so its peer keeps the connection. Each Send wakes
+// the writer, which takes nothing while held; when those wakes restarted
+// the ping timer, a Send more often than a heartbeat silenced the link and
+// the peer dropped it after three heartbeats (5 connects in a second).
+func TestHeldLinkKeepsPinging(t *testing.T) {
+	const hb = 50 * time.Millisecond
+	rec := &recorder{}
+	s := startServer(t, testConfig(t, "b"), rec)
+	cfg := testConfig(t, "a")
+	cfg.Heartbeat = hb * raceScale
+	l := dial(t, "b", s.Addr(), cfg, nil)
+	waitUp(t, l)
+	l.Hold(true)
+	const n = 100
+	tick := time.NewTicker(cfg.Heartbeat / 5)
+	defer tick.Stop()
+	for i := range n { // 20 heartbeats of Sends
+		<-tick.C
+		l.Send(Message{Type: typeData, Body: payload(i, true, 0)}, true)
+	}
+	if st := l.Stats(); st.Connects != 1 || st.State != StateUp {
+		t.Fatalf("held link under steady Sends: %d connects, state %s; want 1, up", st.Connects, st.State)
+	}
+	l.Hold(false)
+	waitFor(t, 5*time.Second, rec.count(n))
+	for j, m := range rec.messages() {
+		if i, _ := decodePayload(t, m); i != j {
+			t.Fatalf("message %d is %d, want in order", j, i)
+		}
+	}
+}
