@@ -497,8 +497,24 @@ func (c *clusterNode) resendRestarted(peer string, msgs []link.Message) {
 	c.resendHeld(peer, nil, linkPublishes(msgs))
 	if p != nil {
 		p.resent.Store(true) // releaseWhenAdopted may say it is done with it
-		p.link.Hold(false)   // it holds nothing more for the adopted sessions
+		c.unholdReached(p)   // it holds nothing more for the adopted sessions
 	}
+}
+
+// unholdReached resumes the link of p, held while its peer was failed,
+// once what it queued was handed over (resendRestarted, linkReached),
+// unless gossip marked the peer failed again since: syncPeers held the
+// link anew (Hold(true), under the routes' lock, with reached reset), and
+// a late Hold(false) of the earlier episode would let the link write what
+// is forwarded for the sessions adopted this time, which skip their
+// direct copies. Decided under the routes' lock, as syncPeers holds it.
+func (c *clusterNode) unholdReached(p *peer) {
+	c.routes.mu.Lock()
+	defer c.routes.mu.Unlock()
+	if c.peers.getHeld(p.name) == p && !p.reached.Load() {
+		return // held again: the newer hold stands
+	}
+	p.link.Hold(false)
 }
 
 // resendReached hands a copy of what the held link of a failed peer kept
@@ -559,7 +575,7 @@ func (c *clusterNode) linkReached(peer string) {
 	mark := p.link.Mark()
 	c.routes.mu.Unlock()
 	c.resendReached(p, mark, false)
-	p.link.Hold(false) // handed over: its queue goes to the peer, as for a peer alive again
+	c.unholdReached(p) // handed over: its queue goes to the peer, as for a peer alive again
 }
 
 // linkPublishes decodes the publishes among msgs (a link's discarded

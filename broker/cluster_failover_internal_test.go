@@ -1,8 +1,12 @@
 package broker
 
 import (
+	"context"
 	"testing"
 	"time"
+
+	"github.com/rtm-dev/rtm/broker/link"
+	"github.com/rtm-dev/rtm/internal/testutil"
 )
 
 // TestFlushGateWaitsOnlyForAdopters: while a held link's release re-sends
@@ -49,5 +53,58 @@ func TestFlushGateWaitsOnlyForAdopters(t *testing.T) {
 	}
 	if g.needed("n1") {
 		t.Error("needed after every release ended")
+	}
+}
+
+// TestUnholdReachedKeepsNewerHold: the release of a held link after its
+// queue was handed over (linkReached, resendRestarted) runs after the
+// routes' lock was let go; gossip may meanwhile have seen the peer alive
+// and failed again, and syncPeers held the link anew. That late release
+// must not undo the newer hold (the link would write what is forwarded
+// for the sessions adopted this time, which skip their direct copies),
+// and must release the link when no newer hold was set.
+func TestUnholdReachedKeepsNewerHold(t *testing.T) {
+	log, buf := testutil.Logger(t)
+	t.Cleanup(buf.Stop)
+	got := make(chan link.Message, 4)
+	srv, err := link.Listen("127.0.0.1:0", link.Config{NodeName: "peer", Logger: log}, link.HandlerFunc(func(_ string, m link.Message) { got <- m }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = srv.Close() })
+	l := link.Dial("peer", srv.Addr(), link.Config{NodeName: "me", Logger: log}, nil)
+	t.Cleanup(l.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := l.WaitUp(ctx); err != nil { // so a release would deliver at once
+		t.Fatal(err)
+	}
+	c := &clusterNode{routes: newRouteTable(log), peers: newPeerSet(log, time.Minute, nil)}
+	p := &peer{name: "peer", linkAddr: srv.Addr(), link: l}
+	// Failed again: held anew by syncPeers (reached reset), after the
+	// earlier episode's hand-over decided to release the link.
+	c.peers.held["peer"] = p
+	p.reached.Store(false)
+	l.Hold(true)
+	if err := l.Queue(link.Message{Type: link.MinMessageType, Body: []byte("held")}, true); err != nil {
+		t.Fatal(err)
+	}
+	c.unholdReached(p)
+	// A negative assertion: nothing may arrive; the window is bounded.
+	select {
+	case m := <-got:
+		t.Fatalf("a late release undid the newer hold: the link delivered %q", m.Body)
+	case <-time.After(time.Second):
+	}
+	// Reached in the current episode: released, and the queue goes.
+	p.reached.Store(true)
+	c.unholdReached(p)
+	select {
+	case m := <-got:
+		if string(m.Body) != "held" {
+			t.Fatalf("delivered %q", m.Body)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the release of the current episode did not resume the link")
 	}
 }

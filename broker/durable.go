@@ -320,6 +320,7 @@ func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
 		return nil, err
 	}
 	d.w = w
+	go d.sweepEstablishingLoop()
 	return d, nil
 }
 
@@ -880,6 +881,9 @@ type skippedEnd struct {
 	disconnected bool // OnDisconnect skipped, with expire
 	expire       bool
 	willSent     bool // OnWillSent skipped
+	// failed: cl's own end, its CONNECT failed after the hooks ran
+	// (sweepEstablishingLocked): its will is cleared, never published.
+	failed bool
 }
 
 func (s *skippedEnd) disconnect(expire bool) { s.disconnected, s.expire = true, expire }
@@ -936,7 +940,19 @@ func (d *durableHook) replaySkipped(ends ...*skippedEnd) {
 		if s.disconnected {
 			d.disconnected(s.cl, s.expire)
 		}
+		if s.failed && !s.expire && persistent(s.cl) {
+			// After the session write above: within its batch it clears
+			// that document's will, in a later one the stored will.
+			_, _ = d.put(durOp{kind: opWillCleared, client: s.cl.ID})
+		}
 	}
+}
+
+// expires reports whether cl's session ends with its connection, as mochi
+// decides it for OnDisconnect.
+func expires(cl *mqtt.Client) bool {
+	return (cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryInterval == 0) ||
+		(cl.Properties.ProtocolVersion < 5 && cl.Properties.Clean)
 }
 
 // sweepEstablishingLocked drops, at most once per establishSweepEvery,
@@ -957,6 +973,16 @@ func (d *durableHook) sweepEstablishingLocked() []*skippedEnd {
 	for _, cl := range d.establishing {
 		if cl.Closed() {
 			replay = append(replay, d.notEstablishedLocked(cl))
+			if !cl.IsTakenOver() {
+				// Its CONNECT failed after storeWill and mochi's takeover:
+				// cl holds the session (the connection it took over wrote
+				// nothing, IsTakenOver), and the store has it connected,
+				// with cl's will. Its end is written as OnDisconnect's
+				// would be, without the will: cl was never established,
+				// so a node death must not publish it. (A connection taken
+				// over: the newer one writes.)
+				replay = append(replay, &skippedEnd{cl: cl, disconnected: true, expire: expires(cl), failed: true})
+			}
 		}
 	}
 	for cl := range d.preWritten {
@@ -970,6 +996,31 @@ func (d *durableHook) sweepEstablishingLocked() []*skippedEnd {
 		}
 	}
 	return replay
+}
+
+// sweepEstablishingLoop sweeps (sweepEstablishingLocked) every
+// establishSweepEvery until the hook closes, while there is anything to
+// sweep: CONNECTs sweep too, but a quiet node would otherwise keep a
+// failed connection's store writes (its end, an older connection's) for
+// as long as no client connects, and a node death meanwhile publishes a
+// will that was cancelled, published already, or never established.
+func (d *durableHook) sweepEstablishingLoop() {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-t.C:
+		}
+		var replay []*skippedEnd
+		d.mu.Lock()
+		if len(d.establishing)+len(d.preWritten)+len(d.skipped) > 0 {
+			replay = d.sweepEstablishingLocked()
+		}
+		d.mu.Unlock()
+		d.replaySkipped(replay...)
+	}
 }
 
 func (d *durableHook) OnClientExpired(cl *mqtt.Client) {

@@ -223,3 +223,88 @@ func TestDurableCleanStartWillSessionWrittenOnce(t *testing.T) {
 		t.Fatalf("%d writes for a clean-start CONNECT, want 2 (the old session's delete and the new document once)", n)
 	}
 }
+
+// failConnack sends the CONNECT of a v5 client id (clean start false,
+// session expiry 600, a will on topic will) over a connection closed
+// before its CONNACK: mochi runs the CONNECT's hooks and the session
+// takeover, then cannot write the CONNACK.
+func failConnack(t *testing.T, b *broker.Broker, id, will string) {
+	t.Helper()
+	srv, cli := net.Pipe()
+	done := make(chan error, 1)
+	go func() { done <- b.ServeTCPConn(srv) }()
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 5,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: false, ClientIdentifier: id, Keepalive: 30,
+			WillFlag: true, WillTopic: will, WillPayload: []byte("x"), WillQos: 1},
+		Properties: packets.Properties{SessionExpiryInterval: 600, SessionExpiryIntervalFlag: true}}
+	var buf bytes.Buffer
+	if err := pk.ConnectEncode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Write(buf.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	_ = cli.Close() // gone before the CONNACK
+	select {
+	case err := <-done:
+		t.Logf("connection ended: %v", err)
+	case <-time.After(waitCond):
+		t.Fatal("connection did not end")
+	}
+}
+
+// A persistent client with a will is taken over by a newer CONNECT of
+// its ID whose CONNACK cannot be written: the new connection inherited
+// the session (the old one is taken over, and its OnDisconnect writes
+// nothing), and mochi calls neither OnSessionEstablished nor OnDisconnect
+// for it. Its end must still be stored once swept (here by the next
+// CONNECT): connected=false, and no will (the connection was never
+// established, its will must not fire on a node death).
+func TestDurableEndStoredWhenTakeoverConnackFails(t *testing.T) {
+	o := newOutageStore(t)
+	b := testcluster.Broker(t, "est-tkf", "", func(opts *broker.Options) {
+		opts.Cluster.GossipAddr, opts.Store = "", o.st
+	})
+	b.SweepEstablishingAlways()
+	dialV5(t, b, &paho.Connect{ClientID: "tkf-dev", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))},
+		WillMessage: &paho.WillMessage{Topic: "tkf/old", QoS: 1, Payload: []byte("gone")}})
+	waitStoredEnd(t, o.st, "tkf-dev", func(doc *storedEnd) error {
+		if doc == nil || !doc.Connected || doc.Will == nil {
+			return fmt.Errorf("session not stored yet: %+v", doc)
+		}
+		return nil
+	})
+	failConnack(t, b, "tkf-dev", "tkf/new")
+	dialV5(t, b, &paho.Connect{ClientID: "tkf-next", CleanStart: true}) // sweeps
+	waitStoredEnd(t, o.st, "tkf-dev", func(doc *storedEnd) error {
+		if doc == nil {
+			return fmt.Errorf("no stored session: the persistent session was lost")
+		}
+		if doc.Connected || doc.Will != nil {
+			return fmt.Errorf("end of the connection whose CONNACK failed not stored: connected=%v, will %+v (a node death would publish it)", doc.Connected, doc.Will)
+		}
+		return nil
+	})
+}
+
+// The same on a quiet node: no later CONNECT sweeps; the durable hook's
+// own periodic sweep stores the end within seconds.
+func TestDurableEndStoredWhenConnackFailsOnQuietNode(t *testing.T) {
+	o := newOutageStore(t)
+	b := testcluster.Broker(t, "est-quiet", "", func(opts *broker.Options) {
+		opts.Cluster.GossipAddr, opts.Store = "", o.st
+	})
+	failConnack(t, b, "quiet-dev", "quiet/w")
+	waitStoredEnd(t, o.st, "quiet-dev", func(doc *storedEnd) error {
+		if doc == nil {
+			return fmt.Errorf("no stored session")
+		}
+		if doc.Connected || doc.Will != nil {
+			return fmt.Errorf("end not stored without a later CONNECT: connected=%v, will %+v", doc.Connected, doc.Will)
+		}
+		return nil
+	})
+	if e, p, s := b.EstablishingEntries(); e != 0 || p != 0 || s != 0 {
+		t.Fatalf("establishing %d, preWritten %d, skipped %d entries after the sweep", e, p, s)
+	}
+}
