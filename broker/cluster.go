@@ -413,7 +413,9 @@ func (c *clusterNode) syncPeers() {
 		}
 	}
 	for _, p := range res.unheld {
-		p.link.Hold(false) // after the hand-over above: its queue goes to the peer
+		// After the hand-over above: its queue goes to the peer. Under the
+		// routes lock, unless a concurrent syncPeers held it again.
+		c.unholdReached(p)
 	}
 	// Forget closes the peer's inbound connection: should it be alive
 	// after all, it redials and sends the routes dropped here again.
