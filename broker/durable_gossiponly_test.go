@@ -2,11 +2,8 @@ package broker_test
 
 import (
 	"fmt"
-	"sync"
 	"testing"
 	"time"
-
-	"github.com/eclipse/paho.golang/paho"
 
 	"github.com/rtm-dev/rtm/broker"
 	"github.com/rtm-dev/rtm/internal/store/storetest"
@@ -31,8 +28,6 @@ func TestHeldLinkUpWhileFailedReachesAdopted(t *testing.T) {
 	waitMesh(t, nodes...)
 	a := pauseAdoptions(t, st, nodes)
 	svc, p := a.svc, a.p
-	var holdOnce sync.Once
-	defer holdOnce.Do(func() { close(a.hold) })
 
 	for _, b := range []*broker.Broker{n1, n2} {
 		markFailed(b, "n0")
@@ -71,7 +66,7 @@ func TestHeldLinkUpWhileFailedReachesAdopted(t *testing.T) {
 		return nil
 	})
 	p.Pub(t, "t/0", 1, false, "m2")
-	holdOnce.Do(func() { close(a.hold) }) // the other adoption, then the release
+	a.letOtherGo() // the other adoption, then the release
 	testutil.WaitFor(t, waitCond, func() error {
 		if st, _ := linkState(n2, "n0"); st == "held" {
 			return fmt.Errorf("n2's link to n0 still held")
@@ -80,15 +75,7 @@ func TestHeldLinkUpWhileFailedReachesAdopted(t *testing.T) {
 	})
 	p.Pub(t, "t/0", 1, false, "m3")
 
-	s, ca := dialV5(t, n1, &paho.Connect{ClientID: svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
-	if !ca.SessionPresent {
-		t.Fatal("session present = 0 after the adoption")
-	}
-	for _, want := range []string{"m1", "m2", "m3"} {
-		if m := s.Next(t, waitMsg); string(m.Payload) != want {
-			t.Fatalf("adopted session got %q, want %s (m1, m2, m3 in order)", m.Payload, want)
-		}
-	}
+	a.wantAdopted(t, n1, "m1", "m2", "m3")
 	// Gossip heals, so n0's stop can hand its (stale) sessions over.
 	for _, b := range []*broker.Broker{n1, n2} {
 		b.SetTestMembers(nil)

@@ -3,10 +3,7 @@ package broker_test
 import (
 	"fmt"
 	"slices"
-	"sync"
 	"testing"
-
-	"github.com/eclipse/paho.golang/paho"
 
 	"github.com/rtm-dev/rtm/broker"
 	"github.com/rtm-dev/rtm/internal/cluster"
@@ -51,9 +48,7 @@ func heldLinkToSameProcess(t *testing.T, linkFirst bool) {
 	nodes := []*broker.Broker{n0, n1, n2}
 	waitMesh(t, nodes...)
 	a := pauseAdoptions(t, st, nodes)
-	svc, p := a.svc, a.p
-	var holdOnce sync.Once
-	defer holdOnce.Do(func() { close(a.hold) })
+	p := a.p
 
 	// n0 is cut off: n1 and n2 cannot reach its link and see it failed
 	// (n0 itself runs on, with its sessions).
@@ -109,17 +104,9 @@ func heldLinkToSameProcess(t *testing.T, linkFirst bool) {
 		return nil
 	})
 	p.Pub(t, "t/0", 1, false, "m3")
-	holdOnce.Do(func() { close(a.hold) })
+	a.letOtherGo()
 
-	s, ca := dialV5(t, n1, &paho.Connect{ClientID: svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
-	if !ca.SessionPresent {
-		t.Fatal("session present = 0 after the adoption")
-	}
-	for _, want := range []string{"m1", "m2", "m3"} {
-		if m := s.Next(t, waitMsg); string(m.Payload) != want {
-			t.Fatalf("adopted session got %q, want %s (m1, m2, m3 in order)", m.Payload, want)
-		}
-	}
+	a.wantAdopted(t, n1, "m1", "m2", "m3")
 }
 
 // TestHeldLinkToNodeAtNewAddressReachesAdopted: as
@@ -138,9 +125,7 @@ func TestHeldLinkToNodeAtNewAddressReachesAdopted(t *testing.T) {
 	nodes := []*broker.Broker{n0, n1, n2}
 	waitMesh(t, nodes...)
 	a := pauseAdoptions(t, st, nodes)
-	svc, p := a.svc, a.p
-	var holdOnce sync.Once
-	defer holdOnce.Do(func() { close(a.hold) })
+	p := a.p
 
 	gossip, oldLink := n0.GossipAddr(), n0.Stats().Cluster.Link
 	n0.KillCluster()
@@ -163,17 +148,9 @@ func TestHeldLinkToNodeAtNewAddressReachesAdopted(t *testing.T) {
 		return nil
 	})
 	p.Pub(t, "t/0", 1, false, "m3")
-	holdOnce.Do(func() { close(a.hold) })
+	a.letOtherGo()
 
-	s, ca := dialV5(t, n1, &paho.Connect{ClientID: svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
-	if !ca.SessionPresent {
-		t.Fatal("session present = 0 after the adoption")
-	}
-	for _, want := range []string{"m1", "m2", "m3"} {
-		if m := s.Next(t, waitMsg); string(m.Payload) != want {
-			t.Fatalf("adopted session got %q, want %s (m1, m2, m3 in order)", m.Payload, want)
-		}
-	}
+	a.wantAdopted(t, n1, "m1", "m2", "m3")
 }
 
 // TestHeldLinkOfReapedNodeReachesAdopted: a dead node is removed from
@@ -191,9 +168,7 @@ func TestHeldLinkOfReapedNodeReachesAdopted(t *testing.T) {
 	nodes := []*broker.Broker{n0, n1, n2}
 	waitMesh(t, nodes...)
 	a := pauseAdoptions(t, st, nodes)
-	svc, p := a.svc, a.p
-	var holdOnce sync.Once
-	defer holdOnce.Do(func() { close(a.hold) })
+	p := a.p
 
 	n0.KillCluster()
 	a.publishDuringAdoption(t, st, n2, "m1")
@@ -213,15 +188,7 @@ func TestHeldLinkOfReapedNodeReachesAdopted(t *testing.T) {
 		return nil
 	})
 	p.Pub(t, "t/0", 1, false, "m3")
-	holdOnce.Do(func() { close(a.hold) })
+	a.letOtherGo()
 
-	s, ca := dialV5(t, n1, &paho.Connect{ClientID: svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
-	if !ca.SessionPresent {
-		t.Fatal("session present = 0 after the adoption")
-	}
-	for _, want := range []string{"m1", "m2", "m3"} {
-		if m := s.Next(t, waitMsg); string(m.Payload) != want {
-			t.Fatalf("adopted session got %q, want %s (m1, m2, m3 in order)", m.Payload, want)
-		}
-	}
+	a.wantAdopted(t, n1, "m1", "m2", "m3")
 }

@@ -2,7 +2,6 @@ package broker_test
 
 import (
 	"fmt"
-	"sync"
 	"testing"
 	"time"
 
@@ -95,8 +94,7 @@ func adoptedAwaitingHeld(t *testing.T) (n1, n2 *broker.Broker, a pausedAdoptions
 	nodes := []*broker.Broker{n0, n1, n2}
 	waitMesh(t, nodes...)
 	a = pauseAdoptions(t, st, nodes)
-	var holdOnce sync.Once
-	hold = func() { holdOnce.Do(func() { close(a.hold) }) }
+	hold = a.letOtherGo
 	n0.KillCluster()
 	select {
 	case <-a.blocked:

@@ -3,6 +3,7 @@ package broker_test
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -53,9 +54,7 @@ func heldLinkToRestartedNode(t *testing.T, stillFailed bool) {
 	nodes := []*broker.Broker{n0, n1, n2}
 	waitMesh(t, nodes...)
 	a := pauseAdoptions(t, st, nodes)
-	svc, p := a.svc, a.p
-	var holdOnce sync.Once
-	defer holdOnce.Do(func() { close(a.hold) })
+	p := a.p
 
 	gossip := n0.GossipAddr()
 	n0.KillCluster()
@@ -97,17 +96,9 @@ func heldLinkToRestartedNode(t *testing.T, stillFailed bool) {
 		return nil
 	})
 	p.Pub(t, "t/0", 1, false, "m3")
-	holdOnce.Do(func() { close(a.hold) })
+	a.letOtherGo()
 
-	s, ca := dialV5(t, n1, &paho.Connect{ClientID: svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
-	if !ca.SessionPresent {
-		t.Fatal("session present = 0 after the adoption")
-	}
-	for _, want := range []string{"m1", "m2", "m3"} {
-		if m := s.Next(t, waitMsg); string(m.Payload) != want {
-			t.Fatalf("adopted session got %q, want %s (m1, m2, m3 in order)", m.Payload, want)
-		}
-	}
+	a.wantAdopted(t, n1, "m1", "m2", "m3")
 }
 
 // TestExpiredHeldLinkBeforeLaterForward: a held link given up at
@@ -128,7 +119,6 @@ func TestExpiredHeldLinkBeforeLaterForward(t *testing.T) {
 	waitMesh(t, nodes...)
 	a := pauseAdoptions(t, st, nodes)
 	svc, p := a.svc, a.p
-	defer close(a.hold)
 	closing, closeNow := make(chan struct{}), make(chan struct{})
 	var closeOnce sync.Once
 	n2.SetTestBeforeClose(func(peer string) {
@@ -183,7 +173,29 @@ type pausedAdoptions struct {
 	p          *testutil.V5  // a publisher on n2
 	blocked    chan struct{} // closed when n1 has claimed svc and pauses
 	release    chan struct{} // close to let n1's adoption of svc go on
-	hold       chan struct{} // close to let n2's adoption of other go on (the test must)
+	hold       chan struct{} // closed by letOtherGo: n2's adoption of other goes on
+	holdOnce   *sync.Once
+}
+
+// letOtherGo lets n2's adoption of other go on (and so, once svc's is
+// done, the release of n2's held link for n0). It is safe to call more
+// than once; pauseAdoptions also calls it at the test's cleanup, before
+// the nodes stop, so a test that fails first does not leave n2 blocked.
+func (a pausedAdoptions) letOtherGo() { a.holdOnce.Do(func() { close(a.hold) }) }
+
+// wantAdopted connects to n (the adopter) as svc and asserts its session
+// is there and delivers msgs, in order.
+func (a pausedAdoptions) wantAdopted(t *testing.T, n *broker.Broker, msgs ...string) {
+	t.Helper()
+	s, ca := dialV5(t, n, &paho.Connect{ClientID: a.svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
+	if !ca.SessionPresent {
+		t.Fatal("session present = 0 after the adoption")
+	}
+	for _, want := range msgs {
+		if m := s.Next(t, waitMsg); string(m.Payload) != want {
+			t.Fatalf("adopted session got %q, want %s (%s in order)", m.Payload, want, strings.Join(msgs, ", "))
+		}
+	}
 }
 
 // pauseAdoptions gives n0 of nodes (n0, n1, n2) two persistent sessions,
@@ -201,7 +213,7 @@ func pauseAdoptions(t *testing.T, st *store.Store, nodes []*broker.Broker) pause
 		}
 	}
 	a := pausedAdoptions{svc: pick("svc", "n1"), other: pick("other", "n2"),
-		blocked: make(chan struct{}), release: make(chan struct{}), hold: make(chan struct{})}
+		blocked: make(chan struct{}), release: make(chan struct{}), hold: make(chan struct{}), holdOnce: new(sync.Once)}
 	for i, id := range []string{a.svc, a.other} {
 		c, _ := dialV5(t, n0, &paho.Connect{ClientID: id, CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
 		subscribe(t, c, 0, paho.SubscribeOptions{Topic: fmt.Sprintf("t/%d", i), QoS: 1})
@@ -226,6 +238,7 @@ func pauseAdoptions(t *testing.T, st *store.Store, nodes []*broker.Broker) pause
 		}
 	})
 	t.Cleanup(func() { n2.SetTestAfterClaim(nil) })
+	t.Cleanup(a.letOtherGo) // runs first
 	return a
 }
 
