@@ -1352,8 +1352,14 @@ func (s *Server) publishToSubscribersFrom(pub *Client, pk packets.Packet) {
 
 	// rtm patch 84: the result comes from a pool and goes back to it,
 	// unless a hook was given it (shared subscriptions).
-	subscribers := s.Topics.pooledSubscribers(pk.TopicName)
+	// rtm patch 104: a topic published again, while the subscriptions
+	// did not change, is not matched again (cachedSubscribers); a cached
+	// result is shared and read-only.
+	subscribers, cached := s.Topics.cachedSubscribers(pk.TopicName)
 	pooled := subscribers
+	if cached {
+		pooled = nil
+	}
 	if len(subscribers.Shared) > 0 {
 		pooled = nil
 		subscribers = s.hooks.OnSelectSubscribers(subscribers, pk)

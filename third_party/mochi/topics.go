@@ -394,6 +394,8 @@ type TopicsIndex struct {
 	// OnSubscribed/OnUnsubscribed hooks miss the inherited subscriptions of
 	// a takeover. No upstream issue (clustering is not in mochi).
 	OnRoute func(filter string, added bool)
+
+	subsCache subsCache // rtm patch 104
 }
 
 // NewTopicsIndex returns a pointer to a new instance of Index.
@@ -412,6 +414,7 @@ func NewTopicsIndex() *TopicsIndex {
 func (x *TopicsIndex) InlineSubscribe(subscription InlineSubscription) bool {
 	x.root.Lock()
 	defer x.root.Unlock()
+	defer x.subsCache.invalidate() // rtm patch 104: after the change, before the unlock
 
 	var existed bool
 	n := x.set(subscription.Filter, 0)
@@ -426,6 +429,7 @@ func (x *TopicsIndex) InlineSubscribe(subscription InlineSubscription) bool {
 func (x *TopicsIndex) InlineUnsubscribe(id int, filter string) bool {
 	x.root.Lock()
 	defer x.root.Unlock()
+	defer x.subsCache.invalidate() // rtm patch 104: after the change, before the unlock
 
 	particle := x.seek(filter, 0)
 	if particle == nil {
@@ -445,6 +449,7 @@ func (x *TopicsIndex) InlineUnsubscribe(id int, filter string) bool {
 func (x *TopicsIndex) Subscribe(client string, subscription packets.Subscription) bool {
 	x.root.Lock()
 	defer x.root.Unlock()
+	defer x.subsCache.invalidate() // rtm patch 104: after the change, before the unlock
 
 	var existed bool
 	prefix, _ := isolateParticle(subscription.Filter, 0)
@@ -474,6 +479,7 @@ func (x *TopicsIndex) Subscribe(client string, subscription packets.Subscription
 func (x *TopicsIndex) Unsubscribe(filter, client string) bool {
 	x.root.Lock()
 	defer x.root.Unlock()
+	defer x.subsCache.invalidate() // rtm patch 104: after the change, before the unlock
 
 	var d int
 	prefix, _ := isolateParticle(filter, 0)
