@@ -14,6 +14,12 @@ import (
 // of two.
 const subsCacheSlots = 1024
 
+// subsCacheMaxFanout bounds the subscribers of a remembered result: a
+// larger fan-out spends far more on its deliveries than on matching, and
+// its map would stay in the table (a stale entry too, until its slot is
+// reused). A variable for tests.
+var subsCacheMaxFanout = 256
+
 // subsCache remembers the result of matching a topic against the index
 // (scanSubscribers), for topics published more than once while the
 // subscriptions stay the same. Every change of the index's subscriptions
@@ -69,8 +75,8 @@ func (x *TopicsIndex) cachedSubscribers(topic string) (subs *Subscribers, cached
 		return x.pooledSubscribers(topic), false
 	}
 	subs = x.scanSubscribers(topic, 0, nil, &Subscribers{})
-	if len(subs.Shared) > 0 {
-		return subs, false // not pooled: releaseSubscribers would pool it, harmless
+	if len(subs.Shared) > 0 || len(subs.Subscriptions) > subsCacheMaxFanout {
+		return subs, false // not pooled: releaseSubscribers pools it, harmless
 	}
 	c.slots[i].Store(&subsCacheEntry{topic: topic, gen: gen, subs: subs})
 	return subs, true

@@ -101,6 +101,17 @@ func TestSubscribersCacheFollowsChanges(t *testing.T) {
 		require.False(t, cached)
 		require.Len(t, subs.Shared, 1)
 	}
+	// Nor a large fan-out's.
+	defer func(n int) { subsCacheMaxFanout = n }(subsCacheMaxFanout)
+	subsCacheMaxFanout = 2
+	for _, id := range []string{"f1", "f2", "f3"} {
+		x.Subscribe(id, packets.Subscription{Filter: "f/1"})
+	}
+	for i := 0; i < 3; i++ {
+		subs, cached := look("f/1")
+		require.False(t, cached)
+		require.Len(t, subs.Subscriptions, 3)
+	}
 	// '+' still does not match a $ topic [MQTT-4.7.1-2].
 	x.Subscribe("d", packets.Subscription{Filter: "+/x"})
 	require.Empty(t, ids("$SYS/x"))
