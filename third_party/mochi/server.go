@@ -646,7 +646,7 @@ func (s *Server) connectClient(cl *Client, listener string, counted *bool) error
 	err = s.SendConnack(cl, code, sessionPresent, nil) // [MQTT-3.1.4-5] [MQTT-3.2.0-1] [MQTT-3.2.0-2] &[MQTT-3.14.0-1]
 	if err != nil {
 		cl.State.takeover.Unlock()
-		cl.releaseWriter() // rtm patch 95
+		cl.releaseWriter()                 // rtm patch 95
 		s.connackFailed(cl, listener, err) // rtm patch 115
 		return fmt.Errorf("ack connection packet: %w", err)
 	}
