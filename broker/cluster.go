@@ -96,7 +96,10 @@ type clusterNode struct {
 	forwarded, forwardedBytes, received  atomic.Int64
 	claimsSent, claimsTimedOut, moved    atomic.Int64
 	claimsRefused, movedOut, movesFailed atomic.Int64
-	staleDropped                         atomic.Int64
+	// moveYields counts moves away asked to give way to a newer CONNECT
+	// here (yieldTo).
+	moveYields   atomic.Int64
+	staleDropped atomic.Int64
 
 	// leaving is set when a graceful stop begins: the node shows as
 	// draining until it leaves gossip.

@@ -190,3 +190,7 @@ func (b *Broker) SetTestBeforeClose(f func(peer string)) {
 	}
 	b.cluster.testBeforeClose.Store(&f)
 }
+
+// MoveYieldsAsked is how many moves of a session away from the node a
+// newer CONNECT of its client on the node asked to give way.
+func (b *Broker) MoveYieldsAsked() int64 { return b.cluster.moveYields.Load() }
