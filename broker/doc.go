@@ -59,7 +59,11 @@
 // (except after moveConfirmMax), so a session is never held twice by nodes
 // that both stay up. A CONNECT whose session could not be moved is refused
 // with 0x88 (mochi patch 47), so the client retries instead of starting over
-// with an empty session. The source keeps its routes for the session's
+// with an empty session. A CONNECT of the client on the source during a
+// move it answers is newer than the claimant's: until the detach the move
+// gives way to it (yieldTo: the move is aborted, the session stays, the
+// claimant is refused); after it, that CONNECT is refused and its retry
+// claims the session back. The source keeps its routes for the session's
 // filters, and relays what still reaches it for the session to the
 // destination (msgMoveLate, after the move's end), until the destination
 // reports that every peer acknowledged its own routes for the session
