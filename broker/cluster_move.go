@@ -430,7 +430,7 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 			putBack = false
 			c.relays.remove(r) // no more relayed from now
 			c.owners.forget(o.clientID)
-			c.dropStaleSession(o.clientID, o.to, sess.Inflight, 0, 0)
+			c.dropStaleSession(o.clientID, o.to, sess.Inflight)
 			return false
 		}
 		c.restore(o, start.Version, sess, "the destination did not confirm it")
@@ -455,7 +455,7 @@ func (c *clusterNode) dropStale(id, node string) {
 		return
 	}
 	c.owners.forget(id)
-	c.dropStaleSession(id, node, sess.Inflight, 0, 0)
+	c.dropStaleSession(id, node, sess.Inflight)
 }
 
 // restore puts back a session detached for a move that failed.
