@@ -547,7 +547,7 @@ func (c *clusterNode) deliver(from string, m link.Message) {
 		if me, err = decodeMoveEnd(m.Body); err == nil {
 			c.moveEnded(from, me)
 		}
-	case msgOwners, msgOwnersStale:
+	case msgOwners, msgStaleIDs:
 		var om ownersMsg
 		if om, err = decodeOwners(m.Body); err == nil {
 			if m.Type == msgOwners {

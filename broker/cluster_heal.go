@@ -31,7 +31,7 @@ import (
 // Two nodes each judging with such an error could both find the other's
 // session newer and both drop theirs (or neither), so one decides for the
 // pair: the node whose name sorts first ends its own stale sessions and
-// tells the other which of its sessions are stale (msgOwnersStale, each
+// tells the other which of its sessions are stale (msgStaleIDs, each
 // with the Since the other listed, so a session established there since
 // is not dropped). With a peer of protoV2, both decide alone by the wall
 // clocks (Since), as before.
@@ -200,7 +200,7 @@ func (c *clusterNode) ownedAge(at, now time.Time) time.Duration {
 // node has its own peer entry for to (gossip has not told it yet): the
 // answer then waits for it, at most ownersStaleWait.
 func (c *clusterNode) sendOwnersStale(to string, m ownersMsg) {
-	msg := link.Message{Type: msgOwnersStale, Body: m.encode()}
+	msg := link.Message{Type: msgStaleIDs, Body: m.encode()}
 	send := func() bool {
 		p := c.peers.get(to)
 		return p != nil && p.link.Send(msg, true)

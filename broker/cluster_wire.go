@@ -14,22 +14,22 @@ import (
 // Message types on the node link (package link carries them opaquely;
 // types below 16 are the link's own).
 const (
-	msgRoutes      byte = 16 + iota // full route snapshot of the sender
-	msgRouteDelta                   // one route added or removed
-	msgPublish                      // a publish for the receiver's subscribers
-	msgRetained                     // a retained message set or cleared
-	msgClaim                        // "a client with this ID connected to me"
-	msgClaimReply                   // the answer, with the session if one moves
-	msgMoveStart                    // a session moves to the receiver: its subscriptions; messages follow
-	msgMoveChunk                    // messages of a moving session, in order
-	msgMoveEnd                      // every message sent (or the move given up)
-	msgMoveAck                      // receiver of a move: a chunk arrived (flow control)
-	msgMoveDone                     // receiver of a move: session installed, or given up
-	msgOwners                       // client IDs the sender holds, and since when (a link's opening)
-	msgMoveLate                     // source of a move: a publish for the moved session alone (cluster_relay.go)
-	msgMoveRouted                   // receiver of a move: every peer holds its routes for the session now
-	msgHeldDone                     // the sender sent on all its held link kept for a failed node (cluster_failover.go)
-	msgOwnersStale                  // answer to msgOwners (protoV3): sessions of the receiver that are stale (cluster_heal.go)
+	msgRoutes     byte = 16 + iota // full route snapshot of the sender
+	msgRouteDelta                  // one route added or removed
+	msgPublish                     // a publish for the receiver's subscribers
+	msgRetained                    // a retained message set or cleared
+	msgClaim                       // "a client with this ID connected to me"
+	msgClaimReply                  // the answer, with the session if one moves
+	msgMoveStart                   // a session moves to the receiver: its subscriptions; messages follow
+	msgMoveChunk                   // messages of a moving session, in order
+	msgMoveEnd                     // every message sent (or the move given up)
+	msgMoveAck                     // receiver of a move: a chunk arrived (flow control)
+	msgMoveDone                    // receiver of a move: session installed, or given up
+	msgOwners                      // client IDs the sender holds, and since when (a link's opening)
+	msgMoveLate                    // source of a move: a publish for the moved session alone (cluster_relay.go)
+	msgMoveRouted                  // receiver of a move: every peer holds its routes for the session now
+	msgHeldDone                    // the sender sent on all its held link kept for a failed node (cluster_failover.go)
+	msgStaleIDs                    // answer to msgOwners (protoV3): sessions of the receiver that are stale (cluster_heal.go)
 )
 
 // Versions of the messages below (the cluster protocol). A broker advertises
@@ -55,7 +55,7 @@ const (
 	protoV2 = 2
 	// protoV3: msgOwners carries each session's age (ownersMsg.Ages), and
 	// of two nodes the one whose name sorts first decides which of their
-	// sessions of one client ID is stale, answering msgOwnersStale
+	// sessions of one client ID is stale, answering msgStaleIDs
 	// (cluster_heal.go).
 	protoV3 = 3
 
@@ -664,7 +664,7 @@ func decodeMoveAck(b []byte) (m moveAckMsg, err error) {
 // with when it was established there (unix nanoseconds by the sender's
 // wall clock; 0 unknown). protoV3: and with how long ago, by the sender's
 // monotonic clock when it encoded the message (Ages, nanoseconds; -1
-// unknown), sent only to protoV3 peers. msgOwnersStale is the same
+// unknown), sent only to protoV3 peers. msgStaleIDs is the same
 // message without Ages: sessions of its receiver, each with the Since
 // that receiver sent for it.
 type ownersMsg struct {

@@ -35,8 +35,10 @@
 //     that claims it, or, when this node stops gracefully, to the live peer
 //     rendezvous hashing of the client ID picks (handOver).
 //   - Healing (owners, cluster_heal.go): every link opens with the client
-//     IDs its sender holds and since when; of two sessions with one ID the
-//     older is ended (stale after a partition).
+//     IDs its sender holds and how old each session is; of two sessions
+//     with one ID the older is ended (stale after a partition), the node
+//     whose name sorts first deciding for the pair (monotonic ages: no
+//     wall clock is compared).
 //   - Failover order (adopted, heldFlush, heldDone, cluster_failover.go):
 //     a session adopted from a failed node gets what the survivors' held
 //     links kept for that node once, through the held copy, before what
