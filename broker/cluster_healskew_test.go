@@ -25,10 +25,15 @@ import (
 func TestHealIgnoresClockSkew(t *testing.T) {
 	for _, c := range []struct {
 		name       string
-		older, cur int // node indexes; cur's clock runs behind
+		older, cur int           // node indexes
+		skew       time.Duration // of cur's wall clock
+		v2         bool          // n1 speaks cluster protocol version 2
 	}{
-		{"deciding node holds the older session", 0, 1},
-		{"deciding node holds the newer session", 1, 0},
+		{"deciding node holds the older session", 0, 1, -30 * time.Second, false},
+		{"deciding node holds the newer session", 1, 0, -30 * time.Second, false},
+		// A version 2 peer: both judge by the wall clocks, as that
+		// release did, and still agree (clocks in step).
+		{"peer of version 2", 1, 0, 0, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			var nodes []*broker.Broker
@@ -39,9 +44,18 @@ func TestHealIgnoresClockSkew(t *testing.T) {
 				seed = nodes0(nodes, b).GossipAddr()
 				nodes = append(nodes, b)
 			}
+			if c.v2 {
+				nodes[1].SpeakProtocolV2()
+				testutil.WaitFor(t, waitCond, func() error {
+					if v := nodes[0].PeerProtocol("n1"); v != 2 {
+						return fmt.Errorf("n0 speaks version %d to n1, want 2", v)
+					}
+					return nil
+				})
+			}
 			waitMesh(t, nodes...)
 			older, cur := nodes[c.older], nodes[c.cur]
-			cur.SetTestWallClockSkew(-30 * time.Second)
+			cur.SetTestWallClockSkew(c.skew)
 			expiry := &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}
 			old, _ := dialV5(t, older, &paho.Connect{ClientID: "x", CleanStart: true, Properties: expiry})
 			subscribe(t, old, 0, paho.SubscribeOptions{Topic: "inbox/x", QoS: 1})
