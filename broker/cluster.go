@@ -96,7 +96,10 @@ type clusterNode struct {
 	forwarded, forwardedBytes, received  atomic.Int64
 	claimsSent, claimsTimedOut, moved    atomic.Int64
 	claimsRefused, movedOut, movesFailed atomic.Int64
-	staleDropped                         atomic.Int64
+	// moveYields counts moves away asked to give way to a newer CONNECT
+	// here (yieldTo).
+	moveYields   atomic.Int64
+	staleDropped atomic.Int64
 
 	// leaving is set when a graceful stop begins: the node shows as
 	// draining until it leaves gossip.
@@ -468,9 +471,11 @@ func (c *clusterNode) snapshot(peerName string) []link.Message {
 	// Before anything it held is written to the peer again.
 	c.linkReached(peerName)
 	rm := c.routes.localSnapshot()
-	out := append([]link.Message{{Type: msgRoutes, Body: rm.encode()}}, c.retained.snapshot()...)
-	out = append(out, c.ownersSnapshot()...)
-	c.log.Debug("link snapshot", "peer", peerName, "routes", len(rm.Filters), "retained", len(out)-1)
+	// The owners list right after the routes: the ages it gives (see
+	// cluster_heal.go) grow while it waits behind the retained messages.
+	out := append([]link.Message{{Type: msgRoutes, Body: rm.encode()}}, c.ownersSnapshot(peerName)...)
+	out = append(out, c.retained.snapshot()...)
+	c.log.Debug("link snapshot", "peer", peerName, "routes", len(rm.Filters), "messages", len(out))
 	return out
 }
 
@@ -542,10 +547,14 @@ func (c *clusterNode) deliver(from string, m link.Message) {
 		if me, err = decodeMoveEnd(m.Body); err == nil {
 			c.moveEnded(from, me)
 		}
-	case msgOwners:
+	case msgOwners, msgStaleIDs:
 		var om ownersMsg
 		if om, err = decodeOwners(m.Body); err == nil {
-			c.reconcile(from, om)
+			if m.Type == msgOwners {
+				c.reconcile(from, om)
+			} else {
+				c.ownersStale(from, om)
+			}
 		}
 	case msgHeldDone:
 		var hd heldDoneMsg

@@ -161,6 +161,11 @@ func (c *clusterNode) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 			c.owners.set(cl.ID, time.Now())
 		}
 	}()
+	// A session moving away for an older CONNECT elsewhere gives way to
+	// this one (yieldTo), unless it left already.
+	if o := c.moves.outgoing(cl.ID); o != nil {
+		c.yieldTo(o, cl)
+	}
 	// A session being pushed here for this client by a node that leaves
 	// comes first; if that move fails its source still has the session,
 	// and the claim below moves it.
@@ -273,6 +278,32 @@ wait:
 	}
 }
 
+// yieldTo has the move o of cl's session away from here (answering the
+// claim of a CONNECT on another node, which began before cl's: the claim
+// came before it) give way to cl, and waits until the move is settled, at
+// most cluster.claim_timeout. Before the source detached the session, the
+// move is given up: the session stays here, whole, for cl to take over,
+// and the destination refuses the older CONNECT with 0x88, as the
+// connection order of one client ID wants (connectOrder, newerHere). The
+// abort goes on the link ahead of cl's claims, so the destination no
+// longer finds the session moving when it answers them. Once detached
+// (the last chunk acknowledged: the tail and the end are in flight), the
+// move goes on, and cl's claim finds the session moving or, settled, on
+// a connection established after cl's CONNECT began: cl is refused
+// (0x88) and its retry claims the session back.
+func (c *clusterNode) yieldTo(o *outMove, cl *mqtt.Client) {
+	if o.askYield() {
+		c.moveYields.Add(1)
+		c.log.Info("a newer connection of the client asks its session's move away to give way", "client_id", cl.ID, "node", o.to)
+	}
+	t := time.NewTimer(c.cfg.ClaimTimeout)
+	defer t.Stop()
+	select {
+	case <-o.ended:
+	case <-t.C:
+	}
+}
+
 func (c *clusterNode) adopt(id string, version byte, r claimReplyMsg) {
 	if len(r.Session.Subscriptions) == 0 && len(r.Session.Inflight) == 0 {
 		return
@@ -348,7 +379,7 @@ func (c *clusterNode) answerClaimNow(from string, m claimMsg) {
 			c.log.Warn("claim not answered: no link to the node; the session stays here", "client_id", m.ClientID, "node", from)
 			return
 		}
-		if o, ok := c.moves.startOut(m.ClientID, from); ok {
+		if o, ok := c.moves.startOut(m.ClientID, from, true); ok {
 			o.connectBegan = m.began
 			go c.moveOut(o, p, m.ID)
 			return

@@ -285,7 +285,7 @@ func (c *clusterNode) resendHeld(dead string, adopters []string, msgs []publishM
 		to = append(to, adopters...)
 		slices.Sort(to)
 		to = slices.Compact(to)
-		var plain, withShared [protoV2 + 1][]byte // by version
+		var plain, withShared [clusterProtocol + 1][]byte // by version
 		for _, name := range to {
 			if name == dead || name == self {
 				continue

@@ -277,7 +277,7 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 		}
 	}
 	m := publishMsg{Origin: pk.Origin, Expiry: expiryLeft(pk.Expiry), Packet: pk, Held: held}
-	var plain [protoV2 + 1][]byte // the body for peers with no share group, by version, encoded once
+	var plain [clusterProtocol + 1][]byte // the body for peers with no share group, by version, encoded once
 	for _, t := range targets {
 		v := c.peerProtocol(t.p.name)
 		body := plain[v]

@@ -19,7 +19,22 @@ import (
 // there (ownersMsg), and the receiver ends each of its own sessions of the
 // same ID that is older: the newest session wins, the stale one is dropped
 // with its queued messages, counted (stale_session). Both ends of a healed
-// link send their list, and both decide the same way.
+// link send their list.
+//
+// Which session is newer is decided by durations, not wall clocks (nodes'
+// clocks disagree: by seconds without NTP). Each list gives every
+// session's age, by its sender's monotonic clock when it encoded the list
+// (protoV3); the receiver places that on its own monotonic clock (now
+// minus the age) and compares it with when its own session was
+// established. The link's latency (and the list's wait in the link's
+// queue) makes the sender's session look newer than it is, never older.
+// Two nodes each judging with such an error could both find the other's
+// session newer and both drop theirs (or neither), so one decides for the
+// pair: the node whose name sorts first ends its own stale sessions and
+// tells the other which of its sessions are stale (msgStaleIDs, each
+// with the Since the other listed, so a session established there since
+// is not dropped). With a peer of protoV2, both decide alone by the wall
+// clocks (Since), as before.
 
 // ownersChunk bounds the client IDs of one ownersMsg (a link frame).
 const ownersChunk = 4096
@@ -69,16 +84,26 @@ func (o *owners) forget(id string) {
 	o.mu.Unlock()
 }
 
-// ownersSnapshot lists the sessions held here, for a link's opening.
-func (c *clusterNode) ownersSnapshot() []link.Message {
+// ownersSnapshot lists the sessions held here, for a link's opening to
+// peer (with their ages if it reads them).
+func (c *clusterNode) ownersSnapshot(peer string) []link.Message {
 	var out []link.Message
 	var m ownersMsg
+	ages := c.peerProtocol(peer) >= protoV3
+	now := time.Now()
 	for _, cl := range c.b.mq.Clients.GetAll() {
 		if cl.Net.Inline || strings.HasPrefix(cl.ID, "$") {
 			continue
 		}
 		m.IDs = append(m.IDs, cl.ID)
 		m.Since = append(m.Since, c.owners.get(cl.ID))
+		if ages {
+			age := int64(-1)
+			if at := c.owners.at(cl.ID); !at.IsZero() {
+				age = int64(now.Sub(at))
+			}
+			m.Ages = append(m.Ages, age)
+		}
 		if len(m.IDs) == ownersChunk {
 			out = append(out, link.Message{Type: msgOwners, Body: m.encode()})
 			m = ownersMsg{}
@@ -94,6 +119,14 @@ func (c *clusterNode) ownersSnapshot() []link.Message {
 // there later (ties: the node whose name sorts last keeps it).
 func (c *clusterNode) reconcile(from string, m ownersMsg) {
 	self := c.b.cfg.NodeName
+	if len(m.Ages) == len(m.IDs) && len(m.IDs) > 0 && c.peerProtocol(from) >= protoV3 {
+		// from judges by ages too: the node whose name sorts first
+		// decides for both.
+		if self < from {
+			c.reconcileByAge(from, m)
+		}
+		return
+	}
 	for i, id := range m.IDs {
 		cl, ok := c.b.mq.Clients.Get(id)
 		if !ok || cl.Net.Inline || c.moves.busy(id) {
@@ -110,12 +143,116 @@ func (c *clusterNode) reconcile(from string, m ownersMsg) {
 			continue
 		}
 		c.owners.forget(id)
-		c.dropStaleSession(id, from, sess.Inflight, mine, theirs)
+		c.dropStaleSession(id, from, sess.Inflight, "here_since", time.Unix(0, mine).UTC(), "there_since", time.Unix(0, theirs).UTC())
+	}
+}
+
+// reconcileByAge decides, for each client ID that from and this node
+// both hold a session of, which one is newer, by their ages (see the top
+// of this file): it ends its own if that is the older (or as old: ties go
+// to the node whose name sorts last, from), and tells from to end its own
+// otherwise. A session of unknown age (-1, or none recorded here) counts
+// as the oldest.
+func (c *clusterNode) reconcileByAge(from string, m ownersMsg) {
+	now := time.Now()
+	var stale ownersMsg
+	for i, id := range m.IDs {
+		cl, ok := c.b.mq.Clients.Get(id)
+		if !ok || cl.Net.Inline || c.moves.busy(id) {
+			continue
+		}
+		mine := c.owners.at(id)
+		theirs := time.Time{}
+		if m.Ages[i] >= 0 {
+			theirs = now.Add(-time.Duration(m.Ages[i]))
+		}
+		if !mine.IsZero() && (theirs.IsZero() || mine.After(theirs)) {
+			stale.IDs = append(stale.IDs, id)
+			stale.Since = append(stale.Since, m.Since[i])
+			if len(stale.IDs) == ownersChunk {
+				c.sendOwnersStale(from, stale)
+				stale = ownersMsg{}
+			}
+			continue
+		}
+		sess, found := c.b.mq.DetachSession(id)
+		if !found {
+			continue
+		}
+		c.owners.forget(id)
+		c.dropStaleSession(id, from, sess.Inflight, "here_age", c.ownedAge(mine, now), "there_age", time.Duration(m.Ages[i]))
+	}
+	if len(stale.IDs) > 0 {
+		c.sendOwnersStale(from, stale)
+	}
+}
+
+// ownedAge is the age at now of a session established at (-1: unknown).
+func (c *clusterNode) ownedAge(at, now time.Time) time.Duration {
+	if at.IsZero() {
+		return -1
+	}
+	return now.Sub(at)
+}
+
+// sendOwnersStale tells to which of its sessions are stale. The list that
+// made this node judge may come on a link to's side opened before this
+// node has its own peer entry for to (gossip has not told it yet): the
+// answer then waits for it, at most ownersStaleWait.
+func (c *clusterNode) sendOwnersStale(to string, m ownersMsg) {
+	msg := link.Message{Type: msgStaleIDs, Body: m.encode()}
+	send := func() bool {
+		p := c.peers.get(to)
+		return p != nil && p.link.Send(msg, true)
+	}
+	if send() {
+		return
+	}
+	go func() {
+		tick := time.NewTicker(claimPoll)
+		defer tick.Stop()
+		deadline := time.NewTimer(ownersStaleWait)
+		defer deadline.Stop()
+		for {
+			select {
+			case <-c.stop:
+				return
+			case <-deadline.C:
+				c.log.Warn("stale sessions not reported: no link to the node; it keeps them until the link opens again", "node", to, "sessions", len(m.IDs))
+				return
+			case <-tick.C:
+				if send() {
+					return
+				}
+			}
+		}
+	}()
+}
+
+// ownersStaleWait bounds how long an answer to an owners list waits for a
+// link to its node (see sendOwnersStale).
+const ownersStaleWait = time.Minute
+
+// ownersStale ends the sessions here that from found stale (reconcileByAge
+// there), unless established again since this node listed them.
+func (c *clusterNode) ownersStale(from string, m ownersMsg) {
+	for i, id := range m.IDs {
+		cl, ok := c.b.mq.Clients.Get(id)
+		if !ok || cl.Net.Inline || c.moves.busy(id) || c.owners.get(id) != m.Since[i] {
+			continue
+		}
+		mine := c.ownedAge(c.owners.at(id), time.Now())
+		sess, found := c.b.mq.DetachSession(id)
+		if !found {
+			continue
+		}
+		c.owners.forget(id)
+		c.dropStaleSession(id, from, sess.Inflight, "here_age", mine, "judged_by", from)
 	}
 }
 
 // dropStaleSession counts the messages of a stale session ended here.
-func (c *clusterNode) dropStaleSession(id, node string, queued []packets.Packet, mine, theirs int64) {
+func (c *clusterNode) dropStaleSession(id, node string, queued []packets.Packet, detail ...any) {
 	c.staleDropped.Add(1)
 	n := 0
 	for _, pk := range queued {
@@ -126,6 +263,5 @@ func (c *clusterNode) dropStaleSession(id, node string, queued []packets.Packet,
 		}
 	}
 	c.log.Warn("client connected to another node while this one was cut off: its stale connection and session here end",
-		"client_id", id, "node", node, "dropped", n,
-		"here_since", time.Unix(0, mine).UTC(), "there_since", time.Unix(0, theirs).UTC())
+		append([]any{"client_id", id, "node", node, "dropped", n}, detail...)...)
 }

@@ -108,6 +108,49 @@ type outMove struct {
 	// connectBegan is when the claimant's CONNECT began to wait, on this
 	// node's monotonic clock (claimMsg.began; zero: not said, or a push).
 	connectBegan time.Time
+	// claimed: the move answers a claim (not a push of a node leaving).
+	claimed bool
+	// yield is closed when a newer CONNECT of the client here asks the
+	// move to give way (yieldTo); ended, when the move is settled.
+	yield, ended chan struct{}
+
+	mu        sync.Mutex
+	detached  bool // past the point of yielding: the session left Clients
+	yieldAsks bool // yield is closed
+}
+
+// askYield asks the move to give way to a newer connection of its client
+// here; false if it cannot any more (detached), or is a push.
+func (o *outMove) askYield() bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.detached || !o.claimed {
+		return false
+	}
+	if !o.yieldAsks {
+		o.yieldAsks = true
+		close(o.yield)
+	}
+	return true
+}
+
+// detach marks the move past the point of yielding; false if it was
+// asked to yield first.
+func (o *outMove) detach() bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.yieldAsks {
+		return false
+	}
+	o.detached = true
+	return true
+}
+
+// yielded reports whether the move was asked to yield.
+func (o *outMove) yielded() bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.yieldAsks
 }
 
 type inKey struct {
@@ -141,14 +184,15 @@ type inMove struct {
 
 // startOut registers a move of clientID's session to peer to; false if the
 // session is moving already (either way).
-func (m *moves) startOut(clientID, to string) (*outMove, bool) {
+func (m *moves) startOut(clientID, to string, claimed bool) (*outMove, bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.outBy[clientID] != nil || m.inBy[clientID] != nil {
 		return nil, false
 	}
 	o := &outMove{id: m.seq.Add(1), clientID: clientID, to: to,
-		acks: make(chan uint64, 2*moveWindow+2), done: make(chan uint64, 1)}
+		acks: make(chan uint64, 2*moveWindow+2), done: make(chan uint64, 1),
+		claimed: claimed, yield: make(chan struct{}), ended: make(chan struct{})}
 	m.out[o.id], m.outBy[clientID] = o, o
 	return o, true
 }
@@ -160,6 +204,15 @@ func (m *moves) endOut(o *outMove) {
 	if m.outBy[o.clientID] == o {
 		delete(m.outBy, o.clientID)
 	}
+	close(o.ended)
+}
+
+// outgoing returns the move of clientID's session away from here, if one
+// is in progress.
+func (m *moves) outgoing(clientID string) *outMove {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.outBy[clientID]
 }
 
 func (m *moves) getOut(from string, id uint64) *outMove {
@@ -260,12 +313,25 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 		// Adopted from a failed node: what the brokers held for it
 		// reaches it here first, so it is not delivered again there
 		// (cluster_failover.go).
-		if !c.awaitHeld(dead, heldWaitMax) {
-			c.log.Debug("session adopted from a failed node moves before every held copy reached it", "client_id", o.clientID, "node", dead)
+		held := make(chan bool, 1)
+		go func() { held <- c.awaitHeld(dead, heldWaitMax) }()
+		select {
+		case ok := <-held:
+			if !ok {
+				c.log.Debug("session adopted from a failed node moves before every held copy reached it", "client_id", o.clientID, "node", dead)
+			}
+		case <-o.yield: // the session stays here: so do the held copies
 		}
 		// A CONNECT here may have taken the session over meanwhile: its
 		// new client holds it now (the one found above is emptied).
 		if cl, ok = c.b.mq.Clients.Get(o.clientID); !ok {
+			return false
+		}
+		if o.yielded() {
+			// A newer CONNECT here waits for this move (yieldTo): the
+			// session stays for it, the claimant retries.
+			c.log.Info("session move given up for a newer connection of the client here", "client_id", o.clientID, "node", o.to)
+			c.replyClaim(p, claimReplyMsg{ID: claim, ClientID: o.clientID, Found: true, Busy: true})
 			return false
 		}
 		if c.newerHere(cl, o.connectBegan) {
@@ -299,8 +365,15 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 		return false
 	}
 	st := &moveStream{c: c, o: o, p: p}
-	if !st.send(snapshot) {
+	if !st.send(snapshot) || !o.detach() {
 		st.abort()
+		if o.yielded() {
+			// A newer CONNECT here (yieldTo): the session, not detached,
+			// stays here for it; the destination refuses the claimant's
+			// CONNECT (0x88), which is older.
+			c.log.Info("session move given up for a newer connection of the client here", "client_id", o.clientID, "node", o.to, "chunks", st.seq)
+			return false
+		}
 		if st.answer == moveStale {
 			c.dropStale(o.clientID, o.to)
 			return false
@@ -357,7 +430,7 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 			putBack = false
 			c.relays.remove(r) // no more relayed from now
 			c.owners.forget(o.clientID)
-			c.dropStaleSession(o.clientID, o.to, sess.Inflight, 0, 0)
+			c.dropStaleSession(o.clientID, o.to, sess.Inflight)
 			return false
 		}
 		c.restore(o, start.Version, sess, "the destination did not confirm it")
@@ -382,7 +455,7 @@ func (c *clusterNode) dropStale(id, node string) {
 		return
 	}
 	c.owners.forget(id)
-	c.dropStaleSession(id, node, sess.Inflight, 0, 0)
+	c.dropStaleSession(id, node, sess.Inflight)
 }
 
 // restore puts back a session detached for a move that failed.
@@ -424,6 +497,9 @@ func (s *moveStream) send(pks []packets.Packet) bool {
 				s.c.log.Error("session not moved: cannot encode a message", "client_id", s.o.clientID, "error", err)
 				return false
 			}
+			if s.o.yielded() {
+				return false
+			}
 			if err := s.p.link.Queue(link.Message{Type: msgMoveChunk, Body: body}, true); err != nil {
 				s.c.log.Warn("session not moved: chunk not queued", "client_id", s.o.clientID, "node", s.o.to, "error", err)
 				return false
@@ -453,11 +529,24 @@ func (s *moveStream) wait() bool {
 		s.answer = answer
 		s.c.log.Warn("session move: the destination gave it up", "client_id", s.o.clientID, "node", s.o.to)
 		return false
+	case <-s.yield():
+		return false
 	case <-t.C:
 		s.c.log.Warn("session move: the destination stopped acknowledging", "client_id", s.o.clientID, "node", s.o.to,
 			"timeout", s.c.cfg.ClaimTimeout)
 		return false
 	}
+}
+
+// yield is the move's yield channel until it detached the session: a
+// newer CONNECT then no longer stops it.
+func (s *moveStream) yield() <-chan struct{} {
+	s.o.mu.Lock()
+	defer s.o.mu.Unlock()
+	if s.o.detached {
+		return nil
+	}
+	return s.o.yield
 }
 
 // abort tells the destination the move is given up (best effort: it gives
@@ -751,7 +840,7 @@ func (c *clusterNode) handOver(ctx context.Context, offlineOnly bool) (kept []*m
 			continue
 		}
 		p := rendezvous(cl.ID, live)
-		o, ok := c.moves.startOut(cl.ID, p.name)
+		o, ok := c.moves.startOut(cl.ID, p.name, false)
 		if !ok {
 			continue // moving already, on a claim
 		}

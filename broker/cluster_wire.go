@@ -29,6 +29,7 @@ const (
 	msgMoveLate                    // source of a move: a publish for the moved session alone (cluster_relay.go)
 	msgMoveRouted                  // receiver of a move: every peer holds its routes for the session now
 	msgHeldDone                    // the sender sent on all its held link kept for a failed node (cluster_failover.go)
+	msgStaleIDs                    // answer to msgOwners (protoV3): sessions of the receiver that are stale (cluster_heal.go)
 )
 
 // Versions of the messages below (the cluster protocol). A broker advertises
@@ -52,8 +53,13 @@ const (
 	// a protoV1 peer refuses or ignores, so they go only to protoV2 peers
 	// (publishMsg.forProto, moveOut, sendHeldDone, brokersDone).
 	protoV2 = 2
+	// protoV3: msgOwners carries each session's age (ownersMsg.Ages), and
+	// of two nodes the one whose name sorts first decides which of their
+	// sessions of one client ID is stale, answering msgStaleIDs
+	// (cluster_heal.go).
+	protoV3 = 3
 
-	clusterProtocol = protoV2
+	clusterProtocol = protoV3
 )
 
 // errShort is returned for a message that ends before its fields do.
@@ -655,10 +661,16 @@ func decodeMoveAck(b []byte) (m moveAckMsg, err error) {
 }
 
 // ownersMsg is msgOwners: client IDs the sender holds a session for, each
-// with when it was established there (unix nanoseconds; 0 unknown).
+// with when it was established there (unix nanoseconds by the sender's
+// wall clock; 0 unknown). protoV3: and with how long ago, by the sender's
+// monotonic clock when it encoded the message (Ages, nanoseconds; -1
+// unknown), sent only to protoV3 peers. msgStaleIDs is the same
+// message without Ages: sessions of its receiver, each with the Since
+// that receiver sent for it.
 type ownersMsg struct {
 	IDs   []string
 	Since []int64
+	Ages  []int64
 }
 
 func (m ownersMsg) encode() []byte {
@@ -667,6 +679,12 @@ func (m ownersMsg) encode() []byte {
 	for i, id := range m.IDs {
 		w.string(id)
 		w.varint(m.Since[i])
+	}
+	if len(m.Ages) == len(m.IDs) && len(m.Ages) > 0 {
+		w.uvarint(uint64(len(m.Ages)))
+		for _, a := range m.Ages {
+			w.varint(a)
+		}
 	}
 	return w.b
 }
@@ -677,6 +695,21 @@ func decodeOwners(b []byte) (m ownersMsg, err error) {
 	for range n {
 		m.IDs = append(m.IDs, r.string())
 		m.Since = append(m.Since, r.varint())
+	}
+	if r.err == nil && len(r.b) > 0 && n > 0 {
+		// Ages (protoV3), if what follows is that: one per client ID.
+		// Anything else is a field of a newer version, ignored (and so
+		// are ages that do not decode: the receiver judges by Since).
+		t := r
+		if k := t.count(1); t.err == nil && k == n {
+			ages := make([]int64, 0, k)
+			for range k {
+				ages = append(ages, t.varint())
+			}
+			if t.err == nil {
+				m.Ages, r = ages, t
+			}
+		}
 	}
 	return m, r.done()
 }

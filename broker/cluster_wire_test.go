@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"bytes"
 	"reflect"
 	"testing"
 	"time"
@@ -302,5 +303,25 @@ func TestClaimWaited(t *testing.T) {
 	old := append(append([]byte(nil), plain...), 0x80, 0x80, 0x01) // a ConnectAt, no Waited
 	if m, err := decodeClaim(old); err != nil || m.Waited != 0 || m.ConnectAt == 0 {
 		t.Fatalf("claim with a ConnectAt only: %+v, %v", m, err)
+	}
+}
+
+// TestOwnersAges: an owners list carries each session's age to a protoV3
+// peer as a trailing field; a list without it decodes as before, and one
+// with it decodes, ages ignored, by a decoder that knows only the pairs
+// (protoV2 ignores trailing fields).
+func TestOwnersAges(t *testing.T) {
+	m := ownersMsg{IDs: []string{"dev", "x"}, Since: []int64{1, -2}, Ages: []int64{5e9, -1}}
+	got, err := decodeOwners(m.encode())
+	if err != nil || !reflect.DeepEqual(got, m) {
+		t.Fatalf("owners with ages: %+v, %v; want %+v", got, err, m)
+	}
+	plain := ownersMsg{IDs: m.IDs, Since: m.Since}
+	if got, err := decodeOwners(plain.encode()); err != nil || got.Ages != nil {
+		t.Fatalf("owners without ages: %+v, %v", got, err)
+	}
+	// A protoV2 decoder reads the pairs and stops: the ages are after them.
+	if !bytes.HasPrefix(m.encode(), plain.encode()) {
+		t.Fatal("ages are not a trailing field")
 	}
 }

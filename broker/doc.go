@@ -35,8 +35,10 @@
 //     that claims it, or, when this node stops gracefully, to the live peer
 //     rendezvous hashing of the client ID picks (handOver).
 //   - Healing (owners, cluster_heal.go): every link opens with the client
-//     IDs its sender holds and since when; of two sessions with one ID the
-//     older is ended (stale after a partition).
+//     IDs its sender holds and how old each session is; of two sessions
+//     with one ID the older is ended (stale after a partition), the node
+//     whose name sorts first deciding for the pair (monotonic ages: no
+//     wall clock is compared).
 //   - Failover order (adopted, heldFlush, heldDone, cluster_failover.go):
 //     a session adopted from a failed node gets what the survivors' held
 //     links kept for that node once, through the held copy, before what
@@ -59,7 +61,11 @@
 // (except after moveConfirmMax), so a session is never held twice by nodes
 // that both stay up. A CONNECT whose session could not be moved is refused
 // with 0x88 (mochi patch 47), so the client retries instead of starting over
-// with an empty session. The source keeps its routes for the session's
+// with an empty session. A CONNECT of the client on the source during a
+// move it answers is newer than the claimant's: until the detach the move
+// gives way to it (yieldTo: the move is aborted, the session stays, the
+// claimant is refused); after it, that CONNECT is refused and its retry
+// claims the session back. The source keeps its routes for the session's
 // filters, and relays what still reaches it for the session to the
 // destination (msgMoveLate, after the move's end), until the destination
 // reports that every peer acknowledged its own routes for the session

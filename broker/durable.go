@@ -797,11 +797,19 @@ func (d *durableHook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 		return // the new connection (here or on another node) writes it
 	}
 	d.mu.Lock()
-	// mochi calls OnDisconnect only for a connection that was established
-	// (its OnSessionEstablished ran: cl is no longer establishing), or
-	// one restored from the store (never was): an entry is another's.
 	est, establishing := d.establishing[cl.ID]
-	if establishing && est != cl {
+	if establishing && est == cl {
+		// Its CONNACK could not be written (mochi patch 115: cl ends
+		// here, without its will, which mochi cleared). The writes left
+		// to it by an older connection's end are made first, then cl's
+		// own end supersedes them.
+		s := d.notEstablishedLocked(cl)
+		d.mu.Unlock()
+		d.replaySkipped(s)
+		d.disconnected(cl, expire)
+		return
+	}
+	if establishing {
 		// A newer connection establishing here may not have marked cl
 		// taken over yet, and has written its will before its CONNACK
 		// (storeWill): a write of cl's now would replace it (or delete
@@ -956,13 +964,17 @@ func expires(cl *mqtt.Client) bool {
 }
 
 // sweepEstablishingLocked drops, at most once per establishSweepEvery,
-// the connections whose CONNECT failed after the hooks ran (its CONNACK
-// or resend could not be written): mochi then calls neither
-// OnSessionEstablished nor OnDisconnect, and only stops the connection.
-// A closed connection establishing is such a one (or, rarely, one taken
-// over by a newer one right after its inheritance: its
-// OnSessionEstablished then writes its session in full). Returns the
-// skipped writes to make (d.mu held).
+// the connections that ended after the hooks ran with no further hook
+// call. Since mochi patches 115 and 116 a failed CONNACK (OnDisconnect)
+// or resend (OnSessionEstablished, then OnDisconnect) ends its
+// establishment through the hooks; what is left to the sweep is a panic
+// recovered in the connect phase, which stops the connection and calls
+// no hook (PATCHES.md, "Known, not fixed"): without the sweep its entry
+// would hold back the end of every older connection of the ID. A closed
+// connection establishing is such a one (or, rarely, one taken over by a
+// newer one right after its inheritance: its OnSessionEstablished then
+// writes its session in full). Returns the skipped writes to make (d.mu
+// held).
 func (d *durableHook) sweepEstablishingLocked() []*skippedEnd {
 	now := time.Now()
 	if now.Sub(d.establishSwept) < d.establishSweepEvery {
@@ -974,13 +986,13 @@ func (d *durableHook) sweepEstablishingLocked() []*skippedEnd {
 		if cl.Closed() {
 			replay = append(replay, d.notEstablishedLocked(cl))
 			if !cl.IsTakenOver() {
-				// Its CONNECT failed after storeWill and mochi's takeover:
-				// cl holds the session (the connection it took over wrote
-				// nothing, IsTakenOver), and the store has it connected,
-				// with cl's will. Its end is written as OnDisconnect's
-				// would be, without the will: cl was never established,
-				// so a node death must not publish it. (A connection taken
-				// over: the newer one writes.)
+				// Its CONNECT failed after storeWill and mochi's takeover,
+				// and no hook said so: cl holds the session (the
+				// connection it took over wrote nothing, IsTakenOver), and
+				// the store has it connected, with cl's will. Its end is
+				// written as OnDisconnect's would be, without the will: cl
+				// was never established, so a node death must not publish
+				// it. (A connection taken over: the newer one writes.)
 				replay = append(replay, &skippedEnd{cl: cl, disconnected: true, expire: expires(cl), failed: true})
 			}
 		}

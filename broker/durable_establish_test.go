@@ -308,3 +308,45 @@ func TestDurableEndStoredWhenConnackFailsOnQuietNode(t *testing.T) {
 		t.Fatalf("establishing %d, preWritten %d, skipped %d entries after the sweep", e, p, s)
 	}
 }
+
+// A client whose CONNACK cannot be written is ended through the hooks
+// (mochi patch 115 calls OnDisconnect for it), not by the durable hook's
+// sweep, which is off here: its end is stored (connected=false, no will:
+// it never learned it was connected) and nothing of its establishment is
+// left behind, for a persistent session taken over from a live
+// connection and for one started anew. Before, the entries waited for
+// the sweep (and without mochi patch 115 so did the end).
+func TestDurableConnackFailureEndedByHook(t *testing.T) {
+	o := newOutageStore(t)
+	b := testcluster.Broker(t, "est-hook", "", func(opts *broker.Options) {
+		opts.Cluster.GossipAddr, opts.Store = "", o.st
+	})
+	b.NoEstablishSweep()
+	dialV5(t, b, &paho.Connect{ClientID: "hook-dev", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))},
+		WillMessage: &paho.WillMessage{Topic: "hook/old", QoS: 1, Payload: []byte("gone")}})
+	waitStoredEnd(t, o.st, "hook-dev", func(doc *storedEnd) error {
+		if doc == nil || !doc.Connected || doc.Will == nil {
+			return fmt.Errorf("session not stored yet: %+v", doc)
+		}
+		return nil
+	})
+	failConnack(t, b, "hook-dev", "hook/new")
+	failConnack(t, b, "hook-new", "hook/new")
+	for _, id := range []string{"hook-dev", "hook-new"} {
+		waitStoredEnd(t, o.st, id, func(doc *storedEnd) error {
+			if doc == nil {
+				return fmt.Errorf("no stored session: the persistent session was lost")
+			}
+			if doc.Connected || doc.Will != nil {
+				return fmt.Errorf("end of the connection whose CONNACK failed not stored: connected=%v, will %+v (a node death would publish it)", doc.Connected, doc.Will)
+			}
+			return nil
+		})
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if e, p, s := b.EstablishingEntries(); e != 0 || p != 0 || s != 0 {
+			return fmt.Errorf("establishing %d, preWritten %d, skipped %d entries for connections whose CONNACK failed", e, p, s)
+		}
+		return nil
+	})
+}

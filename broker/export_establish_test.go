@@ -2,6 +2,7 @@ package broker
 
 import (
 	"net"
+	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -42,4 +43,13 @@ func (b *Broker) BeginRefusedConnect(id string) func() {
 		cl.RefuseSession(packets.ErrServerUnavailable)
 		(&durableWillHook{d: b.durable}).OnSessionEstablish(cl, pk)
 	}
+}
+
+// NoEstablishSweep turns the durable hook's sweep of failed CONNECTs off
+// (for an hour), so a test sees what the hooks alone do.
+func (b *Broker) NoEstablishSweep() {
+	b.durable.mu.Lock()
+	b.durable.establishSweepEvery = time.Hour
+	b.durable.establishSwept = time.Now()
+	b.durable.mu.Unlock()
 }

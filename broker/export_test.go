@@ -190,3 +190,11 @@ func (b *Broker) SetTestBeforeClose(f func(peer string)) {
 	}
 	b.cluster.testBeforeClose.Store(&f)
 }
+
+// MoveYieldsAsked is how many moves of a session away from the node a
+// newer CONNECT of its client on the node asked to give way.
+func (b *Broker) MoveYieldsAsked() int64 { return b.cluster.moveYields.Load() }
+
+// SpeakProtocolV2 makes the node advertise, send and judge as a broker of
+// cluster protocol version 2 (partition heal by wall clocks).
+func (b *Broker) SpeakProtocolV2() { b.cluster.testProtocol.Store(protoV2) }

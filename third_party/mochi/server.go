@@ -646,7 +646,8 @@ func (s *Server) connectClient(cl *Client, listener string, counted *bool) error
 	err = s.SendConnack(cl, code, sessionPresent, nil) // [MQTT-3.1.4-5] [MQTT-3.2.0-1] [MQTT-3.2.0-2] &[MQTT-3.14.0-1]
 	if err != nil {
 		cl.State.takeover.Unlock()
-		cl.releaseWriter() // rtm patch 95
+		cl.releaseWriter()                 // rtm patch 95
+		s.connackFailed(cl, listener, err) // rtm patch 115
 		return fmt.Errorf("ack connection packet: %w", err)
 	}
 
@@ -663,11 +664,46 @@ func (s *Server) connectClient(cl *Client, listener string, counted *bool) error
 	}
 	cl.releaseWriter() // rtm patch 95
 	if err != nil {
-		return fmt.Errorf("resend inflight: %w", err)
+		// rtm patch 116: the client has its CONNACK, so its connection
+		// was established and ends as an established one does (its will
+		// is published, OnDisconnect, a clean session goes). v2.7.9 only
+		// stopped it: no hook heard of it again, and a clean session
+		// stayed in Clients, subscribed, for good.
+		err = fmt.Errorf("resend inflight: %w", err)
+		s.hooks.OnSessionEstablished(cl, pk)
+		cl.Stop(err)
+		s.disconnectedClient(cl, listener, err)
+		return err
 	}
 
 	s.hooks.OnSessionEstablished(cl, pk)
 	return nil
+}
+
+// connackFailed ends a connection whose CONNACK could not be written,
+// after cl was added to Clients (and took over the session of an earlier
+// connection, if there was one).
+//
+// rtm patch 115: v2.7.9 only stopped cl. It stayed in Clients (a clean
+// session for good, subscribed), and no hook heard of it again: a hook
+// keeping state from OnSessionEstablish on (rtm: the session being
+// established, its stored will, the client ID's owner) never learned that
+// the connection was gone. It now ends as a connection does, with
+// OnDisconnect, and a session that expires with its connection goes.
+// Its will is not published: the client never learned that it was
+// connected ([MQTT-3.1.2-8] stores a will once the CONNECT is accepted,
+// and the CONNACK says so); it will connect again.
+func (s *Server) connackFailed(cl *Client, listener string, err error) {
+	atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
+	cl.Stop(err)
+	s.Log.Debug("client connack failed", "error", err, "client", cl.ID, "remote", cl.Net.Remote, "listener", listener)
+	expire := (cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryInterval == 0) || (cl.Properties.ProtocolVersion < 5 && cl.Properties.Clean)
+	s.hooks.OnDisconnect(cl, err, expire)
+	if expire && !cl.IsTakenOver() {
+		cl.ClearInflights()
+		s.UnsubscribeClient(cl)
+		s.Clients.Delete(cl.ID)
+	}
 }
 
 // disconnectedClient handles the end of a connection whose packet loop
