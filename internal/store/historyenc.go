@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strconv"
 	"time"
 
 	"go.mongodb.org/mongo-driver/v2/bson"
@@ -292,6 +293,79 @@ func appendSegmentBSON(dst []byte, sg *histSegment) []byte {
 		dst = bsoncore.AppendStringElement(dst, "bk", sg.BucketStarts)
 	}
 	dst, _ = bsoncore.AppendDocumentEnd(dst, idx)
+	return dst
+}
+
+// appendPackedSegmentBSON appends sg as appendSegmentBSON(dst,
+// sg.packed()) does, packing its ids, refs and entries straight into dst:
+// the packed strings, and the list packed() flattens the entries into,
+// were most of what the writer allocated itself for each batch.
+func appendPackedSegmentBSON(dst []byte, sg *histSegment) []byte {
+	idx, dst := bsoncore.AppendDocumentStart(dst)
+	dst = bsoncore.AppendStringElement(dst, "_id", sg.ID)
+	dst = bsoncore.AppendStringElement(dst, "node", sg.Node)
+	dst = bsoncore.AppendStringElement(dst, "topic", sg.Topic)
+	dst = bsoncore.AppendInt64Element(dst, "n", sg.N)
+	if len(sg.IDs) > 0 {
+		at, d := packedStart(dst, "p")
+		dst = packedEnd(appendPacked(d, sg.IDs...), at)
+	} else if sg.Packed != "" {
+		dst = bsoncore.AppendStringElement(dst, "p", sg.Packed)
+	}
+	dst = bsoncore.AppendStringElement(dst, "min", sg.Min)
+	dst = bsoncore.AppendStringElement(dst, "max", sg.Max)
+	dst = bsoncore.AppendStringElement(dst, "cmax", sg.CMax)
+	dst = bsoncore.AppendInt64Element(dst, "clag", sg.CLag)
+	if len(sg.Entries) > 0 {
+		at, d := packedStart(dst, "l")
+		var n [20]byte
+		for _, e := range sg.Entries {
+			d = appendPacked(d, e.Topic, string(strconv.AppendInt(n[:0], int64(len(e.IDs)), 10)))
+			d = appendPacked(d, e.IDs...)
+		}
+		dst = packedEnd(d, at)
+	} else if sg.Log != "" {
+		dst = bsoncore.AppendStringElement(dst, "l", sg.Log)
+	}
+	if sg.Flushed != 0 {
+		dst = bsoncore.AppendInt64Element(dst, "f", sg.Flushed)
+	}
+	if slices.ContainsFunc(sg.Refs, func(r string) bool { return r != "" }) {
+		at, d := packedStart(dst, "r")
+		dst = packedEnd(appendPacked(d, sg.Refs...), at)
+	} else if sg.PackedRefs != "" {
+		dst = bsoncore.AppendStringElement(dst, "r", sg.PackedRefs)
+	}
+	if sg.Buckets != 0 {
+		dst = appendIntElement(dst, "bc", sg.Buckets)
+	}
+	if sg.BucketStarts != "" {
+		dst = bsoncore.AppendStringElement(dst, "bk", sg.BucketStarts)
+	}
+	dst, _ = bsoncore.AppendDocumentEnd(dst, idx)
+	return dst
+}
+
+// packedStart appends a string element's header and a placeholder for its
+// length, and returns where the length goes; packedEnd ends the string.
+func packedStart(dst []byte, key string) (int, []byte) {
+	dst = bsoncore.AppendHeader(dst, bsoncore.TypeString, key)
+	return len(dst), append(dst, 0, 0, 0, 0)
+}
+
+func packedEnd(dst []byte, at int) []byte {
+	dst = append(dst, 0)
+	binary.LittleEndian.PutUint32(dst[at:], uint32(len(dst)-at-4))
+	return dst
+}
+
+// appendPacked appends v as packStrings packs it.
+func appendPacked(dst []byte, v ...string) []byte {
+	for _, x := range v {
+		dst = strconv.AppendInt(dst, int64(len(x)), 10)
+		dst = append(dst, ':')
+		dst = append(dst, x...)
+	}
 	return dst
 }
 

@@ -137,6 +137,9 @@ func TestHistoryIndexBSONMatchesMarshal(t *testing.T) {
 		{ID: "n||7", Node: "n", N: 7, Entries: []logEntry{{Topic: "t", IDs: []string{"a"}}}, Flushed: 7, Buckets: 2, BucketStarts: "1:1", Min: "a", Max: "a"},
 		{ID: "n|x|2", Node: "n", Topic: "x", N: 2, Refs: []string{"", ""}},
 		{ID: "n|y|3", Node: "n", Topic: "y", N: 3, IDs: []string{"c"}, Buckets: 1 << 40},
+		{ID: "n||8", Node: "n", N: 8, Entries: []logEntry{{Topic: "a/b", IDs: []string{"0123456789", "x"}}, {Topic: "", IDs: []string{""}}},
+			Refs: []string{"", "12.3"}, Packed: "ignored", Log: "ignored", PackedRefs: "ignored", IDs: []string{"p", "q"}},
+		{ID: "n|z|4", Node: "n", Topic: "z", N: 4, Packed: "1:a", Log: "1:t1:11:a", PackedRefs: "1:1"},
 	}
 	for i := range segs {
 		p := segs[i].packed()
@@ -146,6 +149,10 @@ func TestHistoryIndexBSONMatchesMarshal(t *testing.T) {
 		}
 		if got := appendSegmentBSON([]byte("x"), p)[1:]; !bytes.Equal(got, want) {
 			t.Fatalf("segment %d:\n got %v\nwant %v", i, bson.Raw(got), bson.Raw(want))
+		}
+		// Packed while encoded, as the writer does.
+		if got := appendPackedSegmentBSON([]byte("x"), &segs[i])[1:]; !bytes.Equal(got, want) {
+			t.Fatalf("segment %d packed while encoded:\n got %v\nwant %v", i, bson.Raw(got), bson.Raw(want))
 		}
 		// Not packed (IDs kept): the array as bson.Marshal writes it.
 		q := segs[i]
