@@ -187,3 +187,50 @@ func TestSortIDRefs(t *testing.T) {
 		}
 	}
 }
+
+// A bucket holds its messages in the short layout (one-letter names, no
+// node: the bucket's), a good part smaller than the long one; a bucket's
+// decoding reads both layouts, each message to what was written (an old
+// bucket's messages keep their own node).
+func TestBucketMessagesShortLayout(t *testing.T) {
+	for i, m := range histSamples() {
+		long := AppendHistoryBSON(nil, &m)
+		short := appendBucketMessage(nil, &m)
+		if i == 0 && len(long)-len(short) < 40 {
+			t.Errorf("short layout %d bytes, long %d: want at least 40 fewer", len(short), len(long))
+		}
+		got, err := decodeBucket(slices.Concat(short, long), "bn", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got) != 1 {
+			t.Fatalf("sample %d: %d messages, want the id once: %v", i, len(got), got)
+		}
+		want := m
+		if want.Node == "" {
+			want.Node = "bn"
+		}
+		if g := got[m.ID]; !reflect.DeepEqual(normal(g), normal(want)) {
+			t.Fatalf("sample %d, both layouts:\n got %+v\nwant %+v", i, g, want)
+		}
+		for _, doc := range [][]byte{short, long} {
+			got, err := decodeBucket(doc, "bn", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := m
+			if bytes.Equal(doc, short) || want.Node == "" {
+				want.Node = "bn"
+			}
+			if g := got[m.ID]; !reflect.DeepEqual(normal(g), normal(want)) {
+				t.Fatalf("sample %d:\n got %+v\nwant %+v", i, g, want)
+			}
+		}
+	}
+}
+
+// normal is m as a decoding returns it (milliseconds).
+func normal(m HistoryMessage) HistoryMessage {
+	m.Time = m.Time.Truncate(time.Millisecond)
+	return m
+}
