@@ -2,8 +2,10 @@ package store
 
 import (
 	"bytes"
+	"fmt"
 	"reflect"
 	"slices"
+	"strconv"
 	"testing"
 	"time"
 
@@ -233,4 +235,35 @@ func TestBucketMessagesShortLayout(t *testing.T) {
 func normal(m HistoryMessage) HistoryMessage {
 	m.Time = m.Time.Truncate(time.Millisecond)
 	return m
+}
+
+// Encoding a batch for the store (its buckets and its log document, as
+// indexNodeBatch does with its reused buffers) allocates a few slices a
+// batch, none a message: the packed id lists were built as strings (two
+// copies of every id and a list of them) before they were copied into the
+// document.
+func TestBatchEncodingAllocations(t *testing.T) {
+	const n = 1024
+	msgs := make([]HistoryMessage, n)
+	ids := make([]string, n)
+	at := time.Now()
+	for i := range msgs {
+		ids[i] = fmt.Sprintf("01JEXAMPLE%016d", i)
+		msgs[i] = HistoryMessage{ID: ids[i], Topic: "bench/t", Payload: make([]byte, 64), QoS: 1, Publisher: "on-3-1234567890", Node: "on", Time: at}
+	}
+	logDoc := histSegment{ID: "n||1", Node: "on", N: 1, Entries: []logEntry{{Topic: "bench/t", IDs: ids}}, Min: ids[0], Max: ids[n-1], CMax: ids[n-1]}
+	var data, raw []byte
+	encode := func() {
+		var bks []packedBucket
+		bks, data = packBuckets(msgs, data)
+		raw = raw[:0]
+		for c, b := range bks {
+			raw = appendBucketBSON(raw, &histBucket{ID: "bon|1." + strconv.Itoa(c), Node: "on", Count: b.to - b.from, T0: b.t0, T1: b.t1, Data: b.data})
+		}
+		raw = appendPackedSegmentBSON(raw, &logDoc)
+	}
+	encode() // the buffers grow to the batch's size once
+	if allocs := testing.AllocsPerRun(20, encode); allocs > 4 {
+		t.Errorf("%.0f allocations to encode a batch of %d messages, want at most 4", allocs, n)
+	}
 }
