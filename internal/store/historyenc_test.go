@@ -267,3 +267,31 @@ func TestBatchEncodingAllocations(t *testing.T) {
 		t.Errorf("%.0f allocations to encode a batch of %d messages, want at most 4", allocs, n)
 	}
 }
+
+// Buckets hold their messages as the release before this one reads them
+// (bson.Unmarshal's reading, which its decoder matched): during a rolling
+// restart brokers of both releases read what the others wrote.
+func TestBucketsReadableByThePreviousRelease(t *testing.T) {
+	msgs := slices.Clone(histSamples())
+	bks, _ := packBuckets(msgs, nil)
+	var docs []bson.Raw
+	for _, b := range bks {
+		d, err := bucketDocs(b.data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		docs = append(docs, d...)
+	}
+	if len(docs) != len(msgs) {
+		t.Fatalf("%d documents in the buckets, want %d", len(docs), len(msgs))
+	}
+	for i, d := range docs {
+		var got HistoryMessage
+		if err := bson.Unmarshal(d, &got); err != nil {
+			t.Fatal(err)
+		}
+		if want := normal(msgs[i]); !reflect.DeepEqual(normal(got), want) {
+			t.Fatalf("message %d as the previous release reads it:\n got %+v\nwant %+v", i, got, want)
+		}
+	}
+}
