@@ -289,6 +289,34 @@ type stampedID struct {
 	id   [ulid.EncodedSize]byte
 }
 
+// idTime is the time of a message id made by idGen (upper-case Crockford
+// base32: 10 characters of milliseconds), without parsing the rest.
+func idTime(id string) (time.Time, bool) {
+	if len(id) != ulid.EncodedSize || id[0] > '7' {
+		return time.Time{}, false
+	}
+	var ms int64
+	for i := range 10 {
+		d := crockford[id[i]]
+		if d == 0xff {
+			return time.Time{}, false
+		}
+		ms = ms<<5 | int64(d)
+	}
+	return time.UnixMilli(ms).UTC(), true
+}
+
+// crockford maps ulid.Encoding's characters to their values, others to 0xff.
+var crockford = func() (t [256]byte) {
+	for i := range t {
+		t[i] = 0xff
+	}
+	for i := range len(ulid.Encoding) {
+		t[ulid.Encoding[i]] = byte(i)
+	}
+	return t
+}()
+
 // idGen makes message ids that increase in the order they are made.
 // ulid.Make does not: it reads the clock before taking its lock, so of two
 // goroutines the one that read the earlier millisecond may draw fresh
@@ -330,8 +358,10 @@ func (g *idGen) nextTo(b *[ulid.EncodedSize]byte) {
 	_ = id.MarshalTextTo(b[:])
 }
 
-// capture queues pk for the store.
-func (h *History) capture(cl *mqtt.Client, pk *packets.Packet) {
+// capture queues pk for the store. stamped says that the stamp hook gave
+// pk its id just before (a device's publish): its time is then the id's,
+// read once by the stamp, instead of the clock a second time.
+func (h *History) capture(cl *mqtt.Client, pk *packets.Packet, stamped bool) {
 	m := store.HistoryMessage{
 		Topic: pk.TopicName,
 		// Not copied: mochi decodes each packet into a buffer of its own
@@ -343,7 +373,6 @@ func (h *History) capture(cl *mqtt.Client, pk *packets.Packet) {
 		Retain:      pk.FixedHeader.Retain,
 		Publisher:   cl.ID,
 		Node:        h.o.Node,
-		Time:        time.Now().UTC().Truncate(time.Millisecond),
 		ContentType: pk.Properties.ContentType,
 	}
 	svc := h.service(cl)
@@ -359,6 +388,13 @@ func (h *History) capture(cl *mqtt.Client, pk *packets.Packet) {
 	}
 	if m.ID == "" {
 		m.ID = h.ids.next() // not stamped (cannot happen): stored all the same
+	}
+	var ok bool
+	if stamped && !svc {
+		m.Time, ok = idTime(m.ID)
+	}
+	if !ok {
+		m.Time = time.Now().UTC().Truncate(time.Millisecond)
 	}
 	if h.w == nil {
 		return // not started
@@ -631,14 +667,16 @@ func (c *historyCapture) Provides(b byte) bool { return b == mqtt.OnPublish || b
 // adds this hook last): mochi then always delivers it.
 func (c *historyCapture) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if !cl.Net.Inline && c.h.Matches(pk.TopicName) {
-		c.h.capture(cl, &pk)
+		c.h.capture(cl, &pk, true)
 	}
 	return pk, nil
 }
 
 func (c *historyCapture) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 	if c.h.Matches(pk.TopicName) {
-		c.h.capture(cl, &pk)
+		// The will's id was made when it was set (at CONNECT): now is
+		// when the broker publishes it.
+		c.h.capture(cl, &pk, false)
 	}
 }
 

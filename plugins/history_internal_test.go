@@ -2,6 +2,7 @@ package plugins
 
 import (
 	"context"
+	"crypto/rand"
 	"slices"
 	"strings"
 	"sync"
@@ -10,6 +11,7 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/oklog/ulid/v2"
 
 	"github.com/rtm-dev/rtm/internal/config"
 	"github.com/rtm-dev/rtm/internal/store"
@@ -243,5 +245,73 @@ func TestCaptureAllocations(t *testing.T) {
 	}
 	if q := h.Stats().Queued; q != 2*2001 {
 		t.Fatalf("queued %d, want %d", q, 2*2001)
+	}
+}
+
+// A device's message is stamped with the time of the id the broker made
+// for it (read from the clock once for both); a service's message, whose
+// id the service made, and a will, whose id was made at CONNECT, with the
+// time the broker captured it.
+func TestCaptureTimestamps(t *testing.T) {
+	cfg := config.Defaults().History
+	h, err := NewHistory(HistoryOptions{Config: cfg, Node: "n", Store: new(store.Store),
+		Service: func(cl *mqtt.Client) bool { return cl.ID == "api" }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var got []store.HistoryMessage
+	h.insert = func(_ context.Context, b []store.HistoryMessage) error {
+		mu.Lock()
+		defer mu.Unlock()
+		got = append(got, b...)
+		return nil
+	}
+	if err := h.Start(); err != nil {
+		t.Fatal(err)
+	}
+	h.stop()
+	defer h.Close(context.Background())
+	stamp, capture := h.StampHook(), h.CaptureHook()
+	pk := packets.Packet{TopicName: "push/news", Payload: []byte("x"), FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}}
+	// Ids from an hour ago: their time is not now.
+	old := ulid.MustNew(ulid.Timestamp(time.Now().Add(-time.Hour)), rand.Reader).String()
+	h.ids.ms = ulid.Timestamp(time.Now().Add(time.Hour)) // the device's id: an hour ahead (a clock stepped back)
+	apiPk := pk
+	apiPk.Properties.User = []packets.UserProperty{{Key: PropMessageID, Val: old}}
+	before := time.Now().Truncate(time.Millisecond)
+	for _, c := range []struct {
+		cl *mqtt.Client
+		pk packets.Packet
+	}{{&mqtt.Client{ID: "dev1"}, pk}, {&mqtt.Client{ID: "api"}, apiPk}} {
+		p, _ := stamp.OnPublish(c.cl, c.pk)
+		_, _ = capture.OnPublish(c.cl, p)
+	}
+	will := pk
+	will.Properties.User = []packets.UserProperty{{Key: PropMessageID, Val: old}}
+	capture.(*historyCapture).OnWillSent(&mqtt.Client{ID: "dev2"}, will)
+	if err := h.Flush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	after := time.Now()
+	mu.Lock()
+	defer mu.Unlock()
+	if len(got) != 3 {
+		t.Fatalf("captured %d messages, want 3", len(got))
+	}
+	id, err := ulid.ParseStrict(got[0].ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := ulid.Time(id.Time()).UTC(); !got[0].Time.Equal(want) {
+		t.Errorf("device's message: timestamp %v, want its id's %v", got[0].Time, want)
+	}
+	for _, m := range got[1:] {
+		if m.ID != old {
+			t.Errorf("%s: id %s, want the one it had, %s", m.Publisher, m.ID, old)
+		}
+		if m.Time.Before(before) || m.Time.After(after) {
+			t.Errorf("%s: timestamp %v, want the capture's, between %v and %v", m.Publisher, m.Time, before, after)
+		}
 	}
 }

@@ -393,3 +393,47 @@ func TestHistoryBucketsReadPastABucketLackingAnID(t *testing.T) {
 		s2.Close(ctx)
 	}
 }
+
+// Buckets written before the short layout (each message with long names
+// and its node) are still read by page and by id, and purged, beside
+// buckets of the short one.
+func TestHistoryBucketsOfTheLongLayout(t *testing.T) {
+	s := bucketStore(t)
+	ctx := context.Background()
+	now := time.Now()
+	topic := func(int) string { return "a" }
+	old := slices.Concat(nodeMsgs("n1", 3, now.Add(-2*time.Hour), topic), nodeMsgs("n1", 3, now.Add(-time.Minute), topic))
+	for i := range old {
+		old[i].User = []store.UserProperty{{Key: "k", Value: fmt.Sprint(i)}}
+		old[i].ContentType, old[i].Retain = "text/plain", i%2 == 0
+	}
+	if err := s.InsertHistory(ctx, old); err != nil { // log document 1, one bucket
+		t.Fatal(err)
+	}
+	// That bucket as an rtm before the short layout wrote it.
+	var data []byte
+	for i := range old {
+		b, err := bson.Marshal(old[i])
+		if err != nil {
+			t.Fatal(err)
+		}
+		data = append(data, b...)
+	}
+	if _, err := s.DB().Collection(store.CollHistoryIndex).ReplaceOne(ctx, bson.D{{Key: "_id", Value: store.HistoryBucketID("n1", 1, 0)}},
+		bson.D{{Key: "node", Value: "n1"}, {Key: "m", Value: len(old)}, {Key: "t0", Value: old[0].Time}, {Key: "t1", Value: old[len(old)-1].Time},
+			{Key: "d", Value: data}}); err != nil {
+		t.Fatal(err)
+	}
+	newer := nodeMsgs("n1", 3, now, topic)
+	if err := s.InsertHistory(ctx, newer); err != nil {
+		t.Fatal(err)
+	}
+	all := slices.Concat(old, newer)
+	wantIDs(t, "a", walk(t, s, store.HistoryQuery{Topic: "a", Limit: 2}), idsOf(all, "a"))
+	wantByID(t, s, all)
+	if n, err := s.PurgeHistory(ctx, now.Add(-time.Hour)); err != nil || n != 3 {
+		t.Fatalf("purged %d messages (%v), want the 3 older than an hour", n, err)
+	}
+	wantIDs(t, "a", walk(t, s, store.HistoryQuery{Topic: "a", Limit: 2}), idsOf(all[3:], "a"))
+	wantByID(t, s, all[3:])
+}

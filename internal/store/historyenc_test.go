@@ -2,8 +2,10 @@ package store
 
 import (
 	"bytes"
+	"fmt"
 	"reflect"
 	"slices"
+	"strconv"
 	"testing"
 	"time"
 
@@ -137,6 +139,9 @@ func TestHistoryIndexBSONMatchesMarshal(t *testing.T) {
 		{ID: "n||7", Node: "n", N: 7, Entries: []logEntry{{Topic: "t", IDs: []string{"a"}}}, Flushed: 7, Buckets: 2, BucketStarts: "1:1", Min: "a", Max: "a"},
 		{ID: "n|x|2", Node: "n", Topic: "x", N: 2, Refs: []string{"", ""}},
 		{ID: "n|y|3", Node: "n", Topic: "y", N: 3, IDs: []string{"c"}, Buckets: 1 << 40},
+		{ID: "n||8", Node: "n", N: 8, Entries: []logEntry{{Topic: "a/b", IDs: []string{"0123456789", "x"}}, {Topic: "", IDs: []string{""}}},
+			Refs: []string{"", "12.3"}, Packed: "ignored", Log: "ignored", PackedRefs: "ignored", IDs: []string{"p", "q"}},
+		{ID: "n|z|4", Node: "n", Topic: "z", N: 4, Packed: "1:a", Log: "1:t1:11:a", PackedRefs: "1:1"},
 	}
 	for i := range segs {
 		p := segs[i].packed()
@@ -146,6 +151,10 @@ func TestHistoryIndexBSONMatchesMarshal(t *testing.T) {
 		}
 		if got := appendSegmentBSON([]byte("x"), p)[1:]; !bytes.Equal(got, want) {
 			t.Fatalf("segment %d:\n got %v\nwant %v", i, bson.Raw(got), bson.Raw(want))
+		}
+		// Packed while encoded, as the writer does.
+		if got := appendPackedSegmentBSON([]byte("x"), &segs[i])[1:]; !bytes.Equal(got, want) {
+			t.Fatalf("segment %d packed while encoded:\n got %v\nwant %v", i, bson.Raw(got), bson.Raw(want))
 		}
 		// Not packed (IDs kept): the array as bson.Marshal writes it.
 		q := segs[i]
@@ -177,6 +186,112 @@ func TestSortIDRefs(t *testing.T) {
 	} {
 		if got := sortIDRefs(slices.Clone(c.in)); !slices.Equal(got, c.want) {
 			t.Errorf("sortIDRefs(%v) = %v, want %v", c.in, got, c.want)
+		}
+	}
+}
+
+// A bucket holds its messages in the short layout (one-letter names, no
+// node: the bucket's), a good part smaller than the long one; a bucket's
+// decoding reads both layouts, each message to what was written (an old
+// bucket's messages keep their own node).
+func TestBucketMessagesShortLayout(t *testing.T) {
+	for i, m := range histSamples() {
+		long := AppendHistoryBSON(nil, &m)
+		short := appendBucketMessage(nil, &m)
+		if i == 0 && len(long)-len(short) < 40 {
+			t.Errorf("short layout %d bytes, long %d: want at least 40 fewer", len(short), len(long))
+		}
+		got, err := decodeBucket(slices.Concat(short, long), "bn", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got) != 1 {
+			t.Fatalf("sample %d: %d messages, want the id once: %v", i, len(got), got)
+		}
+		want := m
+		if want.Node == "" {
+			want.Node = "bn"
+		}
+		if g := got[m.ID]; !reflect.DeepEqual(normal(g), normal(want)) {
+			t.Fatalf("sample %d, both layouts:\n got %+v\nwant %+v", i, g, want)
+		}
+		for _, doc := range [][]byte{short, long} {
+			got, err := decodeBucket(doc, "bn", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := m
+			if bytes.Equal(doc, short) || want.Node == "" {
+				want.Node = "bn"
+			}
+			if g := got[m.ID]; !reflect.DeepEqual(normal(g), normal(want)) {
+				t.Fatalf("sample %d:\n got %+v\nwant %+v", i, g, want)
+			}
+		}
+	}
+}
+
+// normal is m as a decoding returns it (milliseconds).
+func normal(m HistoryMessage) HistoryMessage {
+	m.Time = m.Time.Truncate(time.Millisecond)
+	return m
+}
+
+// Encoding a batch for the store (its buckets and its log document, as
+// indexNodeBatch does with its reused buffers) allocates a few slices a
+// batch, none a message: the packed id lists were built as strings (two
+// copies of every id and a list of them) before they were copied into the
+// document.
+func TestBatchEncodingAllocations(t *testing.T) {
+	const n = 1024
+	msgs := make([]HistoryMessage, n)
+	ids := make([]string, n)
+	at := time.Now()
+	for i := range msgs {
+		ids[i] = fmt.Sprintf("01JEXAMPLE%016d", i)
+		msgs[i] = HistoryMessage{ID: ids[i], Topic: "bench/t", Payload: make([]byte, 64), QoS: 1, Publisher: "on-3-1234567890", Node: "on", Time: at}
+	}
+	logDoc := histSegment{ID: "n||1", Node: "on", N: 1, Entries: []logEntry{{Topic: "bench/t", IDs: ids}}, Min: ids[0], Max: ids[n-1], CMax: ids[n-1]}
+	var data, raw []byte
+	encode := func() {
+		var bks []packedBucket
+		bks, data = packBuckets(msgs, data)
+		raw = raw[:0]
+		for c, b := range bks {
+			raw = appendBucketBSON(raw, &histBucket{ID: "bon|1." + strconv.Itoa(c), Node: "on", Count: b.to - b.from, T0: b.t0, T1: b.t1, Data: b.data})
+		}
+		raw = appendPackedSegmentBSON(raw, &logDoc)
+	}
+	encode() // the buffers grow to the batch's size once
+	if allocs := testing.AllocsPerRun(20, encode); allocs > 4 {
+		t.Errorf("%.0f allocations to encode a batch of %d messages, want at most 4", allocs, n)
+	}
+}
+
+// Buckets hold their messages as the release before this one reads them
+// (bson.Unmarshal's reading, which its decoder matched): during a rolling
+// restart brokers of both releases read what the others wrote.
+func TestBucketsReadableByThePreviousRelease(t *testing.T) {
+	msgs := slices.Clone(histSamples())
+	bks, _ := packBuckets(msgs, nil)
+	var docs []bson.Raw
+	for _, b := range bks {
+		d, err := bucketDocs(b.data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		docs = append(docs, d...)
+	}
+	if len(docs) != len(msgs) {
+		t.Fatalf("%d documents in the buckets, want %d", len(docs), len(msgs))
+	}
+	for i, d := range docs {
+		var got HistoryMessage
+		if err := bson.Unmarshal(d, &got); err != nil {
+			t.Fatal(err)
+		}
+		if want := normal(msgs[i]); !reflect.DeepEqual(normal(got), want) {
+			t.Fatalf("message %d as the previous release reads it:\n got %+v\nwant %+v", i, got, want)
 		}
 	}
 }

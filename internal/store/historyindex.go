@@ -383,7 +383,13 @@ type nodeLog struct {
 // FerretDB falls back to one insert each when a document is taken).
 func (s *Store) indexHistory(ctx context.Context, msgs []HistoryMessage) error {
 	if !slices.ContainsFunc(msgs, func(m HistoryMessage) bool { return m.Node != msgs[0].Node }) {
-		// A node's own writer: one node. A copy, sorted in place.
+		// A node's own writer: one node.
+		if inLogOrder(msgs) {
+			// One topic's, as ids are made: indexNodeBatch leaves it as it
+			// is, so no copy (a large one: a message is ~170 bytes).
+			return s.indexNodeBatch(ctx, msgs[0].Node, msgs)
+		}
+		// A copy, sorted in place.
 		sorted := historyScratch.Get().(*historyBufs)
 		defer historyScratch.Put(sorted)
 		sorted.msgs = append(sorted.msgs[:0], msgs...)
@@ -412,21 +418,50 @@ func (s *Store) indexHistory(ctx context.Context, msgs []HistoryMessage) error {
 type historyBufs struct {
 	msgs       []HistoryMessage
 	data, docs []byte
+	// A batch's refs, its ids by topic and sorted, and its entries: views
+	// of these while the batch is indexed (pending and the documents
+	// copy what they keep).
+	refs, ids, all []string
+	entries        []idRef
 }
 
 var historyScratch = sync.Pool{New: func() any { return new(historyBufs) }}
 
+// byTopicID is the log's order of a batch: by topic, then id.
+func byTopicID(a, b HistoryMessage) int {
+	return cmp.Or(cmp.Compare(a.Topic, b.Topic), cmp.Compare(a.ID, b.ID))
+}
+
+// inLogOrder reports msgs in the log's order, each once: indexNodeBatch
+// then changes nothing in them.
+func inLogOrder(msgs []HistoryMessage) bool {
+	for i := 1; i < len(msgs); i++ {
+		if byTopicID(msgs[i-1], msgs[i]) >= 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// indexNodeBatch writes one node's batch. It sorts msgs in place (not when
+// inLogOrder).
 func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryMessage) error {
 	// The batch in the log's order: by topic, then id; an id once.
-	byTopicID := func(a, b HistoryMessage) int {
-		return cmp.Or(cmp.Compare(a.Topic, b.Topic), cmp.Compare(a.ID, b.ID))
+	if !inLogOrder(msgs) {
+		if !slices.IsSortedFunc(msgs, byTopicID) {
+			slices.SortFunc(msgs, byTopicID)
+		}
+		msgs = slices.CompactFunc(msgs, func(a, b HistoryMessage) bool { return a.ID == b.ID && a.Topic == b.Topic })
 	}
-	if !slices.IsSortedFunc(msgs, byTopicID) { // one topic's: sorted already
-		slices.SortFunc(msgs, byTopicID)
-	}
-	msgs = slices.CompactFunc(msgs, func(a, b HistoryMessage) bool { return a.ID == b.ID && a.Topic == b.Topic })
 	scratch := historyScratch.Get().(*historyBufs)
-	defer historyScratch.Put(scratch)
+	defer func() {
+		// The ids may go: the GC has them.
+		clear(scratch.refs)
+		clear(scratch.ids)
+		clear(scratch.all)
+		clear(scratch.entries)
+		historyScratch.Put(scratch)
+	}()
 	var bks []packedBucket
 	bks, scratch.data = packBuckets(msgs, scratch.data)
 	// msgs are sorted by topic: each topic's messages are a range.
@@ -450,26 +485,30 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 		logDoc := histSegment{Node: node, Topic: logTopic, N: lg.n + 1, Flushed: lg.flushed, CMax: lg.cmax, CLag: lg.clag}
 		logDoc.ID = segID(node, logTopic, logDoc.N)
 		// Each message's bucket, now that the batch has its number.
-		refs := make([]string, len(msgs))
+		refs := slices.Grow(scratch.refs[:0], len(msgs))[:len(msgs)]
+		scratch.refs = refs
 		for c, b := range bks {
 			ref := bucketRef(logDoc.N, c)
 			for i := b.from; i < b.to; i++ {
 				refs[i] = ref
 			}
 		}
+		// msgs are in the log's order: each topic's ids and entries are a
+		// range of one slice each.
+		ids := slices.Grow(scratch.ids[:0], len(msgs))[:len(msgs)]
+		flat := slices.Grow(scratch.entries[:0], len(msgs))[:len(msgs)]
+		scratch.ids, scratch.entries = ids, flat
+		for i := range msgs {
+			ids[i], flat[i] = msgs[i].ID, idRef{msgs[i].ID, refs[i]}
+		}
 		entries := make(map[string][]idRef, len(topics))
-		all := make([]string, 0, len(msgs)) // the batch's ids, sorted
+		all := append(scratch.all[:0], ids...) // the batch's ids, sorted
+		scratch.all = all
 		logDoc.Entries = make([]logEntry, 0, len(topics))
 		for _, t := range topics {
 			r := batch[t]
-			e := logEntry{Topic: t, IDs: make([]string, 0, r[1]-r[0])}
-			er := make([]idRef, 0, r[1]-r[0])
-			for i := r[0]; i < r[1]; i++ {
-				e.IDs = append(e.IDs, msgs[i].ID)
-				er = append(er, idRef{msgs[i].ID, refs[i]})
-			}
-			entries[t] = er
-			all = append(all, e.IDs...)
+			e := logEntry{Topic: t, IDs: ids[r[0]:r[1]:r[1]]}
+			entries[t] = flat[r[0]:r[1]:r[1]]
 			logDoc.Entries = append(logDoc.Entries, e)
 			if logDoc.Min == "" || e.IDs[0] < logDoc.Min {
 				logDoc.Min = e.IDs[0]
@@ -550,14 +589,14 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 			ends = append(ends, len(raw))
 		}
 		for i := range segs {
-			raw = appendSegmentBSON(raw, segs[i].packed())
+			raw = appendPackedSegmentBSON(raw, &segs[i])
 			ends = append(ends, len(raw))
 		}
 		late, err := s.latePointers(ctx, node, lg.cmax, all, logDoc.N)
 		if err != nil {
 			return err
 		}
-		raw = appendSegmentBSON(raw, logDoc.packed())
+		raw = appendPackedSegmentBSON(raw, &logDoc)
 		ends = append(ends, len(raw))
 		scratch.docs = raw
 		docs := make([]any, 0, len(ends)+len(late))
