@@ -123,8 +123,11 @@ func newClusterNode(b *Broker, cfg config.Cluster, timing cluster.Timing) *clust
 		incarnation: binary.LittleEndian.Uint64(seed[:]) | 1,
 		claims:      newClaimWaiters(),
 		moves:       newMoves(),
-		owners:      newOwners(),
-		stop:        make(chan struct{}),
+		owners: newOwners(func(id string) bool {
+			_, ok := b.mq.Clients.Get(id)
+			return ok
+		}),
+		stop: make(chan struct{}),
 	}
 	c.routes = newRouteTable(c.log)
 	c.peers = newPeerSet(c.log, cfg.FailedPeerHold, func(name, addr string) *link.Link {

@@ -40,21 +40,66 @@ import (
 const ownersChunk = 4096
 
 // owners remembers when each session of this node was established: by a
-// CONNECT here, or by a move here. Its mutex is a leaf.
+// CONNECT here, or by a move here. Its mutex is a leaf: present (which
+// takes mochi's client list lock) is called without it.
 type owners struct {
 	mu    sync.Mutex
 	since map[string]time.Time // client ID → time.Now(): wall clock and monotonic reading
+	// A session that ends here (a clean client disconnects, a persistent
+	// one expires) leaves its entry: set drops the entries of clients no
+	// longer present once the map has doubled since its last sweep, so it
+	// stays within twice the sessions held (plus sweepMin).
+	present    func(id string) bool
+	sweepAt    int
+	sweepMin   int
+	sweepGrace time.Duration // an entry this young may be of a CONNECT not yet in the client list
 	// testWallSkew (nanoseconds) runs this node's wall clock ahead (or
 	// behind) for tests of clock skew between nodes; as a real skew, it
 	// does not change durations measured here (monotonic).
 	testWallSkew atomic.Int64
 }
 
-func newOwners() *owners { return &owners{since: map[string]time.Time{}} }
+func newOwners(present func(id string) bool) *owners {
+	return &owners{since: map[string]time.Time{}, present: present, sweepMin: 1024, sweepAt: 1024, sweepGrace: time.Minute}
+}
 
 func (o *owners) set(id string, at time.Time) {
 	o.mu.Lock()
 	o.since[id] = at
+	sweep := len(o.since) >= o.sweepAt
+	if sweep {
+		o.sweepAt = 1 << 62 // one sweep at a time
+	}
+	o.mu.Unlock()
+	if sweep {
+		o.sweep(at)
+	}
+}
+
+// sweep forgets the sessions established before now minus sweepGrace
+// whose clients are gone (the grace covers a CONNECT between its set, in
+// OnSessionEstablish, and mochi's adding it to the client list).
+func (o *owners) sweep(now time.Time) {
+	o.mu.Lock()
+	old := make(map[string]time.Time, len(o.since))
+	for id, at := range o.since {
+		if now.Sub(at) >= o.sweepGrace {
+			old[id] = at
+		}
+	}
+	o.mu.Unlock()
+	for id := range old {
+		if o.present(id) {
+			delete(old, id)
+		}
+	}
+	o.mu.Lock()
+	for id, at := range old {
+		if cur, ok := o.since[id]; ok && cur.Equal(at) { // not established again meanwhile
+			delete(o.since, id)
+		}
+	}
+	o.sweepAt = max(2*len(o.since), o.sweepMin)
 	o.mu.Unlock()
 }
 

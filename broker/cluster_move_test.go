@@ -484,6 +484,15 @@ func TestSessionMoveCarriesPacketIDs(t *testing.T) {
 		pub0.Pub(t, "pid/t", 1, false, fmt.Sprint(i))
 		last = dev.Next(t, waitMsg).PacketID
 	}
+	// Every PUBACK read by n0 (pub0's publishes are acknowledged, so only
+	// dev's deliveries can be in flight): else the last message moves with
+	// the session and comes again, before "after".
+	testutil.WaitFor(t, waitCond, func() error {
+		if n := nodes[0].Stats().Inflight; n != 0 {
+			return fmt.Errorf("n0 holds %d messages, want 0 (the device's PUBACK not read yet)", n)
+		}
+		return nil
+	})
 	if err := dev.Disconnect(&paho.Disconnect{}); err != nil {
 		t.Fatal(err)
 	}
