@@ -1,0 +1,100 @@
+package broker_test
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/cluster"
+	"github.com/rtm-dev/rtm/internal/store/storetest"
+	"github.com/rtm-dev/rtm/internal/testcluster"
+	"github.com/rtm-dev/rtm/internal/testutil"
+)
+
+// TestAdopterRestartKeepsAdoptedMark: a node dies, n1 adopts one of its
+// sessions, and n1 restarts (kill, same name and addresses, back before
+// gossip's verdict) before n2 released its held link for the dead node
+// (another session is still being adopted). The restored session must
+// still skip the direct copies of what n2's held link takes, and get the
+// held copies when n2 releases it, in order. Before, n1 restored the
+// session without its "adopted from n0" mark (it was in memory only): it
+// took m3's direct copy first, then skipped the held copies of m1, m2 and
+// m3: m1 and m2 were lost, not counted.
+func TestAdopterRestartKeepsAdoptedMark(t *testing.T) {
+	st := storetest.Open(t)
+	px := newLinkProxy(t)
+	withStore := func(o *broker.Options) { o.Store = st }
+	n1 := testcluster.Broker(t, "n1", "", func(o *broker.Options) {
+		o.Store, o.Cluster.LinkAdvertise = st, px.addr()
+	})
+	px.setTarget(n1.Stats().Cluster.Link)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), withStore)
+	nodes := []*broker.Broker{n0, n1, n2}
+	waitMesh(t, nodes...)
+	a := pauseAdoptions(t, st, nodes)
+	p := a.p
+
+	n0.KillCluster()
+	a.publishDuringAdoption(t, st, n2, "m1")
+	// m2's direct copy is skipped by the adopted session: the held link
+	// has it.
+	p.Pub(t, "t/0", 1, false, "m2")
+	if st, _ := linkState(n2, "n0"); st != "held" {
+		t.Fatalf("n2's link to n0 %q, want held", st)
+	}
+
+	// n1 restarts within failure detection: n2 keeps it alive (a real
+	// restart of a process is that fast; in process here, gossip might
+	// declare it failed first, and n2 would adopt its sessions).
+	n2.SetTestMembers(func(ms []cluster.Member) []cluster.Member {
+		for i := range ms {
+			if ms[i].Name == "n1" && ms[i].Status == cluster.StatusFailed {
+				ms[i].Status = cluster.StatusAlive
+			}
+		}
+		return ms
+	})
+	defer n2.SetTestMembers(nil)
+	inc := func() uint64 {
+		for _, l := range n2.Stats().Cluster.Links {
+			if l.Peer == "n1" {
+				return l.PeerIncarnation
+			}
+		}
+		return 0
+	}
+	before := inc()
+	gossip := n1.GossipAddr()
+	n1.KillCluster() // its MQTT side is not used again
+	px.cut()
+	n1b := testcluster.Broker(t, "n1", n2.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.GossipAddr, o.Cluster.LinkAdvertise = st, gossip, px.addr()
+	})
+	px.setTarget(n1b.Stats().Cluster.Link)
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n2, "n1"); st != "up" || inc() == before {
+			return fmt.Errorf("n2's link to n1 %q, want up with the new n1", st)
+		}
+		if got := n2.Stats().Cluster.RemoteRoutes["n1"]; got != 1 {
+			return fmt.Errorf("n2 holds %d routes of the new n1, want 1 (the restored session's)", got)
+		}
+		return nil
+	})
+	if st, _ := linkState(n2, "n0"); st != "held" {
+		t.Fatalf("n2's link to n0 %q, want still held", st)
+	}
+	// Marked held for n0, as m2: the restored session must skip its
+	// direct copy and take the held one, after m1 and m2.
+	p.Pub(t, "t/0", 1, false, "m3")
+	a.letOtherGo() // the other adoption, then n2's release
+	testutil.WaitFor(t, 2*waitCond, func() error {
+		if st, _ := linkState(n2, "n0"); st == "held" {
+			return fmt.Errorf("n2's link to n0 still held")
+		}
+		return nil
+	})
+
+	a.wantAdopted(t, n1b, "m1", "m2", "m3")
+}
+
