@@ -3,6 +3,7 @@ package broker_test
 import (
 	"fmt"
 	"testing"
+	"time"
 
 	"github.com/rtm-dev/rtm/broker"
 	"github.com/rtm-dev/rtm/internal/cluster"
@@ -98,3 +99,72 @@ func TestAdopterRestartKeepsAdoptedMark(t *testing.T) {
 	a.wantAdopted(t, n1b, "m1", "m2", "m3")
 }
 
+
+// TestLateGossipHandOverReachesAdopted: a dead node n0 comes back (at
+// another link address), and n1, its adopter, sees it alive at once,
+// while n2's gossip still reports it failed for 11 s more (gossip lag,
+// a partition of gossip alone) and its held link, which cannot reach the
+// new address, keeps what it held. When n2 finally sees n0 alive it hands
+// that to the adopted session, which must still carry its mark and take
+// it, in order. Before, n1 dropped the marks 10 s after its gossip saw
+// n0 alive: the session skipped n2's held copies of m1 and m2, lost and
+// not counted. The wait is the lag this test is about, not a
+// synchronisation.
+func TestLateGossipHandOverReachesAdopted(t *testing.T) {
+	st := storetest.Open(t)
+	withStore := func(o *broker.Options) { o.Store = st }
+	n1 := testcluster.Broker(t, "n1", "", withStore)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), withStore)
+	nodes := []*broker.Broker{n0, n1, n2}
+	waitMesh(t, nodes...)
+	a := pauseAdoptions(t, st, nodes)
+	p := a.p
+
+	gossip, oldLink := n0.GossipAddr(), n0.Stats().Cluster.Link
+	n0.KillCluster()
+	a.publishDuringAdoption(t, st, n2, "m1")
+	p.Pub(t, "t/0", 1, false, "m2")
+	if st, _ := linkState(n2, "n0"); st != "held" {
+		t.Fatalf("n2's link to n0 %q, want held", st)
+	}
+	markFailed(n2, "n0")
+	defer n2.SetTestMembers(nil)
+	// n0 restarts: same name and gossip address, another link address.
+	n0b := testcluster.Broker(t, "n0", n1.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.GossipAddr = st, gossip
+	})
+	if n0b.Stats().Cluster.Link == oldLink {
+		t.Fatalf("n0 came back at the same link address %s", oldLink)
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n1, "n0"); st != "up" {
+			return fmt.Errorf("n1's link to n0 %q, want up", st)
+		}
+		return nil
+	})
+	time.Sleep(11 * time.Second) // n2's gossip lags n1's by more than 10 s
+	if st, _ := linkState(n2, "n0"); st != "held" {
+		t.Fatalf("n2's link to n0 %q, want still held", st)
+	}
+	n2.SetTestMembers(nil)
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n2, "n0"); st != "up" {
+			return fmt.Errorf("n2's link to n0 %q, want up", st)
+		}
+		return nil
+	})
+	p.Pub(t, "t/0", 1, false, "m3")
+	a.letOtherGo()
+
+	a.wantAdopted(t, n1, "m1", "m2", "m3")
+	// Every live broker said it is done with n0's held link (n2 once it
+	// handed it over): the marks go, not only cluster.failed_peer_hold
+	// (2 min) later.
+	testutil.WaitFor(t, waitCond, func() error {
+		if n := n1.AdoptedMarks(); n != 0 {
+			return fmt.Errorf("n1 has %d sessions marked adopted, want 0", n)
+		}
+		return nil
+	})
+}
