@@ -593,7 +593,7 @@ func (c *clusterNode) resendRestarted(peer string, msgs []link.Message) {
 		// Handed over already when gossip saw the peer alive again.
 		msgs = lp.notHanded(msgs)
 	}
-	c.resendHeld(peer, nil, linkPublishes(msgs))
+	c.resendHeld(peer, c.handOverTo(peer), linkPublishes(msgs))
 	if p != nil {
 		p.resent.Store(true)
 		c.unholdReached(p) // it holds nothing more for the adopted sessions
@@ -649,9 +649,25 @@ func (c *clusterNode) resendReached(p *peer, mark uint64, remember bool) {
 		c.log.Info("held link of a failed peer delivers to the same process again: what it held goes to the sessions adopted from the peer too",
 			"peer", p.name, "messages", len(msgs))
 	}
-	c.resendHeld(p.name, nil, msgs)
+	c.resendHeld(p.name, c.handOverTo(p.name), msgs)
 	p.resent.Store(true)
 	c.heldHandedOver(p.name)
+}
+
+// handOverTo returns the peers a held link's hand-over sends its copies
+// to, besides those whose routes match: every live peer that tells held
+// copies apart (protoV2), as the peer came back before its sessions were
+// all adopted, maybe, and an adopter's routes may not be here yet (a
+// session installed there takes the copy by its mark: others skip it).
+// Only the sessions installed after the copy arrives miss it.
+func (c *clusterNode) handOverTo(dead string) []string {
+	var to []string
+	for _, p := range c.peers.aliveList() {
+		if p.name != dead && c.peerProtocol(p.name) >= protoV2 {
+			to = append(to, p.name)
+		}
+	}
+	return to
 }
 
 // linkReached is the link's OnUp part of resendReached: the link to peer

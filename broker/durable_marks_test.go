@@ -2,6 +2,7 @@ package broker_test
 
 import (
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -99,7 +100,6 @@ func TestAdopterRestartKeepsAdoptedMark(t *testing.T) {
 	a.wantAdopted(t, n1b, "m1", "m2", "m3")
 }
 
-
 // TestLateGossipHandOverReachesAdopted: a dead node n0 comes back (at
 // another link address), and n1, its adopter, sees it alive at once,
 // while n2's gossip still reports it failed for 11 s more (gossip lag,
@@ -167,4 +167,79 @@ func TestLateGossipHandOverReachesAdopted(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestHandOverReachesAdopterWithoutRoutes: the dead node comes back (the
+// same process, a partition healed) after its session was adopted by n1
+// but before n1's route for it reached n2, which hands what its held link
+// kept to the sessions adopted from n0. n1 must get those copies anyway
+// (only sessions marked adopted from n0 take them), so the session gets
+// m1, then m2 published after. Before, the hand-over went only to the
+// nodes whose routes matched at n2: the adopted session skipped m1, lost
+// (counted stale_session only when the heal ended n0's stale copy).
+func TestHandOverReachesAdopterWithoutRoutes(t *testing.T) {
+	st := storetest.Open(t)
+	px := newLinkProxy(t)
+	withStore := func(o *broker.Options) { o.Store = st }
+	n1 := testcluster.Broker(t, "n1", "", withStore)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.LinkAdvertise = st, px.addr()
+	})
+	n0link := n0.Stats().Cluster.Link
+	px.setTarget(n0link)
+	nodes := []*broker.Broker{n0, n1, n2}
+	waitMesh(t, nodes...)
+	a := pauseAdoptions(t, st, nodes)
+	p := a.p
+
+	px.cut()
+	defer px.setTarget(n0link) // the partition heals for n0's link too
+	for _, b := range []*broker.Broker{n1, n2} {
+		markFailed(b, "n0")
+		defer b.SetTestMembers(nil)
+	}
+	routes := make(chan struct{})
+	var once sync.Once
+	release := func() { once.Do(func() { close(routes) }) }
+	defer release()
+	n2.HoldRouteDeltas("n1", routes)
+	select {
+	case <-a.blocked:
+	case <-time.After(waitCond):
+		t.Fatal("no adoption of the session")
+	}
+	p.Pub(t, "t/0", 1, false, "m1") // only n0's held link on n2 takes it
+	close(a.release)
+	waitStoredOwner(t, st, a.svc, "n1")
+	testutil.WaitFor(t, waitCond, func() error { // installed on n1
+		if got := n1.Stats().Cluster.LocalRoutes; got != 1 {
+			return fmt.Errorf("n1 has %d local routes, want 1 (the adopted session's)", got)
+		}
+		return nil
+	})
+	if got := n2.Stats().Cluster.RemoteRoutes["n1"]; got != 0 {
+		t.Fatalf("n2 holds %d routes of n1, want 0 (held back)", got)
+	}
+	// n0 is back for gossip: n2 hands its held link's queue over.
+	for _, b := range []*broker.Broker{n1, n2} {
+		b.SetTestMembers(nil)
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n2, "n0"); st == "held" {
+			return fmt.Errorf("n2's link to n0 still held")
+		}
+		return nil
+	})
+	release()
+	testutil.WaitFor(t, waitCond, func() error {
+		if got := n2.Stats().Cluster.RemoteRoutes["n1"]; got != 1 {
+			return fmt.Errorf("n2 holds %d routes of n1, want 1 (the adopted session's)", got)
+		}
+		return nil
+	})
+	p.Pub(t, "t/0", 1, false, "m2")
+	a.letOtherGo()
+
+	a.wantAdopted(t, n1, "m1", "m2")
 }
