@@ -389,6 +389,10 @@ func (c *clusterNode) syncPeers() {
 		// handed over (resendReached, resendRestarted), or closed.
 		for _, p := range res.held {
 			p.link.Hold(true)
+			// A new failure: what brokers said they sent on for an
+			// earlier one does not count for this one. Before this
+			// node's own hand-over or release of it can add itself.
+			c.heldDone.reset(p.name)
 		}
 	}
 	for _, name := range res.dropRoutes {

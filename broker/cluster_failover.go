@@ -502,8 +502,8 @@ func (c *clusterNode) restoreMark(id, dead string, adoptedAt time.Time) {
 // message held for a failed node before the hand-over has queued its
 // copies, including the re-send of one queued on the link after the
 // hand-over (forwardPublish): they travel the same links, ahead of the
-// msgHeldDone, so the adopters' marks, which that message may clear, are
-// still there for them. Forwards after the hand-over mark nothing for
+// msgHeldDone, so the adopters' marks, which the msgHeldDone may clear,
+// are still there for them. Forwards after the hand-over mark nothing for
 // dead; the wait is bounded (a publisher stalled at the flush gate).
 func (c *clusterNode) heldHandedOver(dead string) {
 	go func() {
@@ -593,7 +593,11 @@ func (c *clusterNode) resendRestarted(peer string, msgs []link.Message) {
 		// Handed over already when gossip saw the peer alive again.
 		msgs = lp.notHanded(msgs)
 	}
-	c.resendHeld(peer, c.handOverTo(peer), linkPublishes(msgs))
+	var to []string
+	if p != nil {
+		to = c.handOverTo(peer) // not for a live peer's restart: nothing was held
+	}
+	c.resendHeld(peer, to, linkPublishes(msgs))
 	if p != nil {
 		p.resent.Store(true)
 		c.unholdReached(p) // it holds nothing more for the adopted sessions

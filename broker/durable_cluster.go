@@ -243,14 +243,7 @@ func (d *durableHook) watchFailures(stop <-chan struct{}) {
 			}
 		}
 		for name := range failed {
-			if !episode[name] {
-				// A new failure: what brokers said of an earlier one
-				// does not count for this one.
-				episode[name] = true
-				if c := d.b.cluster; c != nil {
-					c.heldDone.reset(name)
-				}
-			}
+			episode[name] = true
 			if at, ok := scanned[name]; ok && time.Since(at) < adoptRescan {
 				ctx, cancel := context.WithTimeout(d.ctx, adoptTimeout)
 				if err := d.releaseWhenAdopted(ctx, name); err != nil {
