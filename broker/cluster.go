@@ -435,6 +435,7 @@ func (c *clusterNode) syncPeers() {
 			(*f)(p.name)
 		}
 		p.link.Close() // what is still queued is counted (discarded)
+		c.peers.doneExpiring(p.name)
 	}
 }
 

@@ -898,6 +898,13 @@ func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error
 		return nil
 	}
 	if p == nil {
+		if c.peers.isExpiring(dead) {
+			// Its hold ran out and the link is closing, handing its
+			// queue to the sessions adopted so far (resendExpired): the
+			// cluster is told after that, or their adopters could drop
+			// the marks those copies need.
+			return nil
+		}
 		d.heldDone(dead) // nothing held (or sent on already)
 		return nil
 	}

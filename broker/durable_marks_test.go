@@ -1,6 +1,7 @@
 package broker_test
 
 import (
+	"errors"
 	"fmt"
 	"sync"
 	"testing"
@@ -240,6 +241,66 @@ func TestHandOverReachesAdopterWithoutRoutes(t *testing.T) {
 	})
 	p.Pub(t, "t/0", 1, false, "m2")
 	a.letOtherGo()
+
+	a.wantAdopted(t, n1, "m1", "m2")
+}
+
+// TestExpiredHoldTellsDoneAfterItsCopies: a held link given up at
+// cluster.failed_peer_hold (a session of the dead node still not adopted)
+// hands its queue to the sessions adopted so far as it closes; its node
+// must not tell the cluster it is done with the link before that, or the
+// adopter drops its marks (every broker done) and the session skips the
+// copies. Before, n2's adoption watcher said so as soon as the link left
+// the held set, while it was still closing: n1 dropped svc's mark and m1
+// was lost, not counted (only the sessions not adopted at all are
+// counted, link_closed).
+func TestExpiredHoldTellsDoneAfterItsCopies(t *testing.T) {
+	st := storetest.Open(t)
+	hold := func(o *broker.Options) { o.Store, o.Cluster.FailedPeerHold = st, 3*time.Second }
+	n1 := testcluster.Broker(t, "n1", "", hold)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), hold)
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), func(o *broker.Options) { o.Store = st })
+	nodes := []*broker.Broker{n0, n1, n2}
+	waitMesh(t, nodes...)
+	a := pauseAdoptions(t, st, nodes)
+	// n2 cannot adopt other (its store claims fail), so its held link for
+	// n0 is never released, and its adoption watcher runs on.
+	a.letOtherGo()
+	n2.SetTestAfterClaims(func() error { return errors.New("store unavailable (test)") })
+	defer n2.SetTestAfterClaims(nil)
+	closing, closeNow := make(chan struct{}), make(chan struct{})
+	var closeOnce, nowOnce sync.Once
+	n2.SetTestBeforeClose(func(peer string) {
+		if peer == "n0" {
+			closeOnce.Do(func() {
+				close(closing)
+				<-closeNow
+			})
+		}
+	})
+	defer n2.SetTestBeforeClose(nil)
+	defer nowOnce.Do(func() { close(closeNow) })
+
+	n0.KillCluster()
+	a.publishDuringAdoption(t, st, n2, "m1")
+	select {
+	case <-closing: // n2's hold for n0 ran out; its link not closed yet
+	case <-time.After(waitCond):
+		t.Fatal("n2 did not give up its held link for n0")
+	}
+	// n1's own hold runs out too, so n2 is the last broker to be done.
+	// Its mark must outlive this (before, it went within a poll).
+	for end := time.Now().Add(3 * time.Second); time.Now().Before(end) && n1.AdoptedMarks() > 0; {
+		time.Sleep(20 * time.Millisecond)
+	}
+	nowOnce.Do(func() { close(closeNow) })
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n2, "n0"); st != "" {
+			return fmt.Errorf("n2's link to n0 %q, want none", st)
+		}
+		return nil
+	})
+	a.p.Pub(t, "t/0", 1, false, "m2")
 
 	a.wantAdopted(t, n1, "m1", "m2")
 }
