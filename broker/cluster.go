@@ -57,7 +57,10 @@ type clusterNode struct {
 	adopted   adoptedMarks // cluster_failover.go: sessions adopted from failed nodes
 	heldFlush flushGate    // cluster_failover.go: held links' re-sends go first
 	heldDone  heldDone     // cluster_failover.go: which nodes sent on what they held for a failed one
-	connects  connectOrder // cluster_claims.go: an older CONNECT does not take over a newer one
+	// heldForwards counts the forwards under way that marked their
+	// message held for a failed node (cluster_failover.go, heldHandedOver).
+	heldForwards atomic.Int64
+	connects     connectOrder // cluster_claims.go: an older CONNECT does not take over a newer one
 
 	// testMembers, if set, rewrites the member list syncPeers sees: tests
 	// make a peer look failed without stopping it.
@@ -392,6 +395,10 @@ func (c *clusterNode) syncPeers() {
 		// handed over (resendReached, resendRestarted), or closed.
 		for _, p := range res.held {
 			p.link.Hold(true)
+			// A new failure: what brokers said they sent on for an
+			// earlier one does not count for this one. Before this
+			// node's own hand-over or release of it can add itself.
+			c.heldDone.reset(p.name)
 		}
 	}
 	for _, name := range res.dropRoutes {
@@ -434,6 +441,7 @@ func (c *clusterNode) syncPeers() {
 			(*f)(p.name)
 		}
 		p.link.Close() // what is still queued is counted (discarded)
+		c.peers.doneExpiring(p.name)
 	}
 }
 

@@ -46,10 +46,16 @@ import (
 // heldWaitMax: the held copies then reach it where it was adopted, once.
 // It carries its mark when it moves (moveStartMsg.AdoptedFrom), and the
 // relay of a move applies the same rule. The marks of D go once every
-// live broker is done with D's held link, or adoptedMarksGrace after
-// gossip no longer reports D failed. A held link that reaches a new
-// process of D re-sends what it threw away as a release would
-// (resendRestarted).
+// live broker (D aside, should it be back) is done with D's held link,
+// whether it released it or handed its queue over because D came back
+// (resendReached, resendRestarted): a broker whose gossip sees D alive
+// late still finds them. Should some broker never say so (it never saw
+// D failed), they go cluster.failed_peer_hold after gossip no longer
+// reports D failed (markAfterHold), when no broker holds anything for D
+// any more. A node that restarts restores the marks of the sessions it
+// adopted within cluster.failed_peer_hold from the store (restoreMark).
+// A held link that reaches a new process of D re-sends what it threw
+// away as a release would (resendRestarted).
 
 // adoptedMarks maps the client IDs of sessions adopted from a failed node
 // to that node. The mutex is a leaf.
@@ -335,6 +341,26 @@ type heldDone struct {
 	mu      sync.Mutex
 	done    map[string]map[string]bool // failed node → brokers done
 	changed chan struct{}              // closed and replaced at each change
+	gen     map[string]uint64          // failed node → its failures seen (reset)
+}
+
+// reset starts a new failure of dead: what was known of the previous one
+// goes, and the timers of that one (markAfterHold) do nothing.
+func (h *heldDone) reset(dead string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	delete(h.done, dead)
+	if h.gen == nil {
+		h.gen = map[string]uint64{}
+	}
+	h.gen[dead]++
+}
+
+// generation returns the failures of dead seen so far.
+func (h *heldDone) generation(dead string) uint64 {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.gen[dead]
 }
 
 // add records node done with dead's held link.
@@ -384,12 +410,13 @@ const heldWaitMax = 1500 * time.Millisecond
 
 // brokersDone reports whether this node and every live peer sent on what
 // they held for dead, and returns a channel closed at the next change.
+// dead itself, alive again, holds nothing for itself.
 func (c *clusterNode) brokersDone(dead string) (bool, <-chan struct{}) {
 	nodes := []string{c.node.Name()}
 	for _, p := range c.peers.aliveList() {
 		// A protoV1 peer sends no msgHeldDone: not waited for (its held
 		// copies reach everyone unmarked, see publishMsg.forProto).
-		if c.peerProtocol(p.name) >= protoV2 {
+		if p.name != dead && c.peerProtocol(p.name) >= protoV2 {
 			nodes = append(nodes, p.name)
 		}
 	}
@@ -425,13 +452,85 @@ func (c *clusterNode) heldSent(dead, node string) {
 	}
 }
 
+// markAfterHold drops the marks of dead, and what is known of the brokers
+// done with it, cluster.failed_peer_hold after gossip reported dead no
+// longer failed, unless it failed again since (a new generation) or
+// still is: by then no broker holds a link for dead (each gives it up
+// after that long), so no copy marked for it is on its way. It bounds
+// the marks should a broker never say it is done (it never saw dead
+// failed). after is the wait (cluster.failed_peer_hold less the time
+// gone already).
+func (c *clusterNode) markAfterHold(dead string, after time.Duration, stillFailed func() bool) {
+	gen := c.heldDone.generation(dead)
+	time.AfterFunc(after, func() {
+		select {
+		case <-c.stop:
+			return
+		default:
+		}
+		if c.heldDone.generation(dead) != gen || stillFailed() {
+			return
+		}
+		c.adopted.forget(dead)
+		c.heldDone.forget(dead)
+	})
+}
+
+// restoreMark marks client id's session, restored at this node's start,
+// adopted from dead at adoptedAt, if that was within
+// cluster.failed_peer_hold: the node may have restarted during the
+// failover, and the held copies of dead that survivors send on after it
+// must still reach the session (and its direct copies marked held skip
+// it). The mark goes as the adoption's would (heldSent), or at the end of
+// that hold.
+func (c *clusterNode) restoreMark(id, dead string, adoptedAt time.Time) {
+	hold := c.peers.hold
+	left := hold - time.Since(adoptedAt)
+	if dead == "" || adoptedAt.IsZero() || hold <= 0 || left <= 0 {
+		return
+	}
+	c.adopted.set(id, dead)
+	// Not tied to the failure's generation (this node's watcher begins a
+	// new one when it first sees dead failed, after this): any held link
+	// of that failure is gone by then.
+	time.AfterFunc(left, func() { c.adopted.clear(id, dead) })
+}
+
+// heldHandedOver tells the cluster this node is done with dead's held link
+// once it handed the link's queue to the sessions adopted from dead
+// (resendReached, resendRestarted): after every forward that marked a
+// message held for a failed node before the hand-over has queued its
+// copies, including the re-send of one queued on the link after the
+// hand-over (forwardPublish): they travel the same links, ahead of the
+// msgHeldDone, so the adopters' marks, which the msgHeldDone may clear,
+// are still there for them. Forwards after the hand-over mark nothing for
+// dead; the wait is bounded (a publisher stalled at the flush gate).
+func (c *clusterNode) heldHandedOver(dead string) {
+	go func() {
+		end := time.Now().Add(flushWaitMax + time.Second)
+		for c.heldForwards.Load() > 0 && time.Now().Before(end) {
+			select {
+			case <-c.stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+		select {
+		case <-c.stop:
+			return
+		default:
+		}
+		c.sendHeldDone(dead)
+	}()
+}
+
 // sendHeldDone tells every live peer, after what this node's held link for
 // dead sent on (on the same links), that it is done with it.
 func (c *clusterNode) sendHeldDone(dead string) {
 	body := heldDoneMsg{Dead: dead}.encode()
 	for _, p := range c.peers.aliveList() {
-		if c.peerProtocol(p.name) < protoV2 {
-			continue // it would ignore it
+		if p.name == dead || c.peerProtocol(p.name) < protoV2 {
+			continue // it would ignore it (dead: back, it adopted nothing of its own)
 		}
 		if !p.link.Send(link.Message{Type: msgHeldDone, Body: body}, true) {
 			c.log.Warn("held-link end not sent: link queue full; sessions adopted there move after a pause", "peer", p.name, "node", dead)
@@ -494,10 +593,15 @@ func (c *clusterNode) resendRestarted(peer string, msgs []link.Message) {
 		// Handed over already when gossip saw the peer alive again.
 		msgs = lp.notHanded(msgs)
 	}
-	c.resendHeld(peer, nil, linkPublishes(msgs))
+	var to []string
 	if p != nil {
-		p.resent.Store(true) // releaseWhenAdopted may say it is done with it
-		c.unholdReached(p)   // it holds nothing more for the adopted sessions
+		to = c.handOverTo(peer) // not for a live peer's restart: nothing was held
+	}
+	c.resendHeld(peer, to, linkPublishes(msgs))
+	if p != nil {
+		p.resent.Store(true)
+		c.unholdReached(p) // it holds nothing more for the adopted sessions
+		c.heldHandedOver(peer)
 	}
 }
 
@@ -549,8 +653,25 @@ func (c *clusterNode) resendReached(p *peer, mark uint64, remember bool) {
 		c.log.Info("held link of a failed peer delivers to the same process again: what it held goes to the sessions adopted from the peer too",
 			"peer", p.name, "messages", len(msgs))
 	}
-	c.resendHeld(p.name, nil, msgs)
-	p.resent.Store(true) // releaseWhenAdopted may say it is done with it
+	c.resendHeld(p.name, c.handOverTo(p.name), msgs)
+	p.resent.Store(true)
+	c.heldHandedOver(p.name)
+}
+
+// handOverTo returns the peers a held link's hand-over sends its copies
+// to, besides those whose routes match: every live peer that tells held
+// copies apart (protoV2), as the peer came back before its sessions were
+// all adopted, maybe, and an adopter's routes may not be here yet (a
+// session installed there takes the copy by its mark: others skip it).
+// Only the sessions installed after the copy arrives miss it.
+func (c *clusterNode) handOverTo(dead string) []string {
+	var to []string
+	for _, p := range c.peers.aliveList() {
+		if p.name != dead && c.peerProtocol(p.name) >= protoV2 {
+			to = append(to, p.name)
+		}
+	}
+	return to
 }
 
 // linkReached is the link's OnUp part of resendReached: the link to peer

@@ -233,6 +233,13 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 		}
 		targets[i].shared = append(targets[i].shared, route)
 	}
+	if len(held) > 0 {
+		// Counted under the routes' lock, as a hand-over of a held link
+		// begins: its msgHeldDone waits for this forward's copies
+		// (heldHandedOver).
+		c.heldForwards.Add(1)
+		defer c.heldForwards.Add(-1)
+	}
 	c.peers.mu.Unlock()
 	c.routes.mu.Unlock()
 

@@ -102,6 +102,10 @@ type peerSet struct {
 	mu    sync.Mutex
 	alive map[string]*peer // alive brokers with a link, by name
 	held  map[string]*peer // failed brokers whose link keeps what was queued
+	// expiring: failed brokers whose held link ran out of
+	// cluster.failed_peer_hold and is closing, handing its queue to the
+	// sessions adopted so far (resendExpired), until doneExpiring.
+	expiring map[string]bool
 }
 
 func newPeerSet(log *slog.Logger, hold time.Duration, dial func(name, addr string) *link.Link) *peerSet {
@@ -161,6 +165,12 @@ func (s *peerSet) sync(want map[string]string, failed map[string]bool, now time.
 			s.log.Info("failed peer alive again: its link resends what was queued", "peer", name, "queued", p.link.Stats().QueueLen)
 		case alive || !failed[name] || now.After(p.heldUntil):
 			delete(s.held, name)
+			if !alive && failed[name] {
+				if s.expiring == nil {
+					s.expiring = map[string]bool{}
+				}
+				s.expiring[name] = true
+			}
 			if (alive || !failed[name]) && p.handOver.Swap(false) {
 				// Back at another link address (a new process), or gone
 				// from gossip (it left, or was reaped): the link closes
@@ -180,6 +190,22 @@ func (s *peerSet) sync(want map[string]string, failed map[string]bool, now time.
 		s.log.Info("peer added", "peer", name, "link", addr)
 	}
 	return res
+}
+
+// isExpiring reports whether name's held link ran out of its hold and is
+// still closing (see expiring).
+func (s *peerSet) isExpiring(name string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.expiring[name]
+}
+
+// doneExpiring records that name's expired held link is closed, its queue
+// handed over.
+func (s *peerSet) doneExpiring(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.expiring, name)
 }
 
 // isAlive reports whether name is an alive peer with a link.

@@ -215,8 +215,11 @@ type sessionDoc struct {
 	// WillOnly marks a client without a persistent session, recorded for
 	// its will while it is connected.
 	WillOnly bool `bson:"will_only,omitempty"`
-	// AdoptedFrom is the node a survivor took the session from.
+	// AdoptedFrom is the node a survivor took the session from, AdoptedAt
+	// when (Unix milliseconds): a restart of the adopter soon after marks
+	// the session again (cluster_failover.go, restoreMark).
 	AdoptedFrom string `bson:"adopted_from,omitempty"`
+	AdoptedAt   int64  `bson:"adopted_at,omitempty"`
 	// PID is a packet ID the session's node assigned lately (recordPIDLocked):
 	// a node that restores the session goes on from pidResume(PID).
 	PID uint16 `bson:"pid,omitempty"`
@@ -229,6 +232,7 @@ type sessionDoc struct {
 type ownInfo struct {
 	epoch int64
 	from  string
+	at    int64 // sessionDoc.AdoptedAt
 }
 
 type subDoc struct {
@@ -1109,7 +1113,7 @@ func (d *durableHook) queueSession(cl *mqtt.Client, subs map[string]packets.Subs
 	doc.fresh = !d.known[cl.ID]
 	d.known[cl.ID] = true
 	delete(d.unstored, cl.ID) // this one supersedes it
-	doc.Epoch, doc.AdoptedFrom = max(d.epoch[cl.ID].epoch, 1), d.epoch[cl.ID].from
+	doc.Epoch, doc.AdoptedFrom, doc.AdoptedAt = max(d.epoch[cl.ID].epoch, 1), d.epoch[cl.ID].from, d.epoch[cl.ID].at
 	doc.PID = d.pids[cl.ID] // the document is written whole: the record stays
 	d.mu.Unlock()
 	op := durOp{kind: opSession, client: cl.ID, sess: doc, refused: refused}
@@ -1772,6 +1776,10 @@ func (d *durableHook) restore(ctx context.Context, docs []sessionDoc, now, maxEx
 			restored++
 		}
 		sess.PacketID = pidResume(s.PID)
+		if c := d.b.cluster; c != nil && !adopted && s.AdoptedAt > 0 {
+			// Before the session's routes can bring a message.
+			c.restoreMark(s.ID, s.AdoptedFrom, time.UnixMilli(s.AdoptedAt))
+		}
 		d.b.mq.AdoptSession(s.ID, s.Proto, sess)
 		if cl, ok := d.b.mq.Clients.Get(s.ID); ok {
 			cl.SetStopTime(disc)
@@ -1782,7 +1790,7 @@ func (d *durableHook) restore(ctx context.Context, docs []sessionDoc, now, maxEx
 		d.mu.Lock()
 		d.known[s.ID] = true
 		delete(d.gone, s.ID)
-		d.epoch[s.ID] = ownInfo{s.Epoch, s.AdoptedFrom}
+		d.epoch[s.ID] = ownInfo{s.Epoch, s.AdoptedFrom, s.AdoptedAt}
 		if adopted && sess.PacketID != 0 {
 			d.pids[s.ID] = uint16(sess.PacketID) // recorded by writeOwners
 		}

@@ -205,16 +205,13 @@ func (f *failover) forget(dead string) {
 	delete(f.doneAt, dead)
 }
 
-// adoptedMarksGrace is how long the marks of the sessions adopted from a
-// failed node stay once gossip reports it alive again.
-const adoptedMarksGrace = 10 * time.Second
-
 // watchFailures adopts the sessions of brokers gossip marks failed, until
 // stop closes.
 func (d *durableHook) watchFailures(stop <-chan struct{}) {
 	t := time.NewTicker(adoptPoll)
 	defer t.Stop()
 	scanned := map[string]time.Time{}
+	episode := map[string]bool{} // failed brokers, since this node saw them fail
 	for {
 		select {
 		case <-stop:
@@ -223,23 +220,21 @@ func (d *durableHook) watchFailures(stop <-chan struct{}) {
 		case <-d.fail.kick:
 		}
 		live, failed := d.brokers()
-		for name := range scanned {
+		for name := range episode {
 			if !failed[name] {
+				delete(episode, name)
 				delete(scanned, name)
 				d.fail.forget(name)
 				if c := d.b.cluster; c != nil {
-					c.heldDone.forget(name)
-					// The marks stay a while: a survivor whose held link
-					// for name reached a new process of it (a restart)
-					// re-sends what the link held to the sessions adopted
-					// from it, maybe after this (resendRestarted).
-					time.AfterFunc(adoptedMarksGrace, func() {
-						if d.ctx.Err() != nil {
-							return // stopped
-						}
-						if _, failed := d.brokers(); !failed[name] {
-							c.adopted.forget(name)
-						}
+					// The marks stay until every live broker is done
+					// with its held link for name: one whose gossip sees
+					// name alive later than this node's, or whose link
+					// reaches it again, hands what it held to the
+					// sessions adopted from it then (resendReached,
+					// resendRestarted), maybe long after this.
+					c.markAfterHold(name, c.peers.hold, func() bool {
+						_, failed := d.brokers()
+						return failed[name]
 					})
 				}
 				d.mu.Lock()
@@ -248,6 +243,7 @@ func (d *durableHook) watchFailures(stop <-chan struct{}) {
 			}
 		}
 		for name := range failed {
+			episode[name] = true
 			if at, ok := scanned[name]; ok && time.Since(at) < adoptRescan {
 				ctx, cancel := context.WithTimeout(d.ctx, adoptTimeout)
 				if err := d.releaseWhenAdopted(ctx, name); err != nil {
@@ -482,6 +478,10 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 	got := 0
 	var claimErr error
 	prev := ""
+	var adoptedAt int64 // marked adopted (restoreMark) only from a failed node
+	if fireWills {
+		adoptedAt = time.Now().UnixMilli()
+	}
 	at := make(map[string]int, len(mine))
 	for i, s := range mine {
 		at[s.ID] = i
@@ -494,7 +494,7 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 		// The owner is written for the next ownerChunk sessions in one
 		// command, just before the first of them is installed.
 		if i := at[s.ID]; i%ownerChunk == 0 && claimErr == nil {
-			t, err := d.writeOwners(ctx, mine[i:min(i+ownerChunk, len(mine))])
+			t, err := d.writeOwners(ctx, mine[i:min(i+ownerChunk, len(mine))], adoptedAt)
 			if err != nil {
 				claimErr = err
 			}
@@ -505,7 +505,7 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 		if !taken[s.ID] {
 			return false
 		}
-		s.Owner, s.Epoch, s.AdoptedFrom = d.node, s.Epoch+1, s.Owner
+		s.Owner, s.Epoch, s.AdoptedFrom, s.AdoptedAt = d.node, s.Epoch+1, s.Owner, adoptedAt
 		got++
 		if f := d.testAfterClaim.Load(); f != nil {
 			(*f)(s.ID)
@@ -535,13 +535,14 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 const ownerChunk = store.MaxStatementsPerCommand
 
 // writeOwners names this node the owner of the stored sessions docs
-// (claimed), by _id, and returns those written. After an error that leaves
-// it unknown which were, they are read again.
-func (d *durableHook) writeOwners(ctx context.Context, docs []sessionDoc) (map[string]bool, error) {
+// (claimed), by _id, adopted at (Unix milliseconds), and returns those
+// written. After an error that leaves it unknown which were, they are
+// read again.
+func (d *durableHook) writeOwners(ctx context.Context, docs []sessionDoc, at int64) (map[string]bool, error) {
 	sc := d.st.DB().Collection(store.CollSessions)
 	models := make([]mongo.WriteModel, len(docs))
 	for i, s := range docs {
-		set := bson.D{{Key: "owner", Value: d.node}, {Key: "epoch", Value: s.Epoch + 1}, {Key: "adopted_from", Value: s.Owner}}
+		set := bson.D{{Key: "owner", Value: d.node}, {Key: "epoch", Value: s.Epoch + 1}, {Key: "adopted_from", Value: s.Owner}, {Key: "adopted_at", Value: at}}
 		if s.PID != 0 {
 			// Recorded before the session is installed, where it goes on
 			// from (restore): should this node die too, the next one goes
@@ -883,14 +884,27 @@ func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error
 	p := c.peers.getHeld(dead)
 	if p != nil && p.reached.Load() {
 		if p.resent.Load() {
-			// Its link reached a new process of dead and what it held
-			// was sent on (resendRestarted); the link, which holds
-			// nothing more, stays until gossip sees dead alive.
-			d.heldDone(dead)
+			// Its link reached dead again and what it held was sent on
+			// (resendReached, resendRestarted), which told the cluster
+			// (heldHandedOver); the link, which holds nothing more,
+			// stays until gossip sees dead alive.
+			d.mu.Lock()
+			if d.heldDoneSent == nil {
+				d.heldDoneSent = map[string]bool{}
+			}
+			d.heldDoneSent[dead] = true
+			d.mu.Unlock()
 		}
 		return nil
 	}
 	if p == nil {
+		if c.peers.isExpiring(dead) {
+			// Its hold ran out and the link is closing, handing its
+			// queue to the sessions adopted so far (resendExpired): the
+			// cluster is told after that, or their adopters could drop
+			// the marks those copies need.
+			return nil
+		}
 		d.heldDone(dead) // nothing held (or sent on already)
 		return nil
 	}

@@ -30,7 +30,7 @@ import (
 //
 // Two orders: gossip reports the node alive again before the held link
 // reaches the new process (the link is no longer held then, and the
-// adopter keeps its marks a while for the re-sent copies), or after (the
+// adopter keeps its marks until n2 says it re-sent its copies), or after (the
 // publisher's node is made to see it failed until the end: it forwards
 // meanwhile on the reconnected link, unmarked).
 func TestHeldLinkToRestartedNodeReachesAdopted(t *testing.T) {

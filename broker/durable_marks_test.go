@@ -1,0 +1,306 @@
+package broker_test
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/cluster"
+	"github.com/rtm-dev/rtm/internal/store/storetest"
+	"github.com/rtm-dev/rtm/internal/testcluster"
+	"github.com/rtm-dev/rtm/internal/testutil"
+)
+
+// TestAdopterRestartKeepsAdoptedMark: a node dies, n1 adopts one of its
+// sessions, and n1 restarts (kill, same name and addresses, back before
+// gossip's verdict) before n2 released its held link for the dead node
+// (another session is still being adopted). The restored session must
+// still skip the direct copies of what n2's held link takes, and get the
+// held copies when n2 releases it, in order. Before, n1 restored the
+// session without its "adopted from n0" mark (it was in memory only): it
+// took m3's direct copy first, then skipped the held copies of m1, m2 and
+// m3: m1 and m2 were lost, not counted.
+func TestAdopterRestartKeepsAdoptedMark(t *testing.T) {
+	st := storetest.Open(t)
+	px := newLinkProxy(t)
+	withStore := func(o *broker.Options) { o.Store = st }
+	n1 := testcluster.Broker(t, "n1", "", func(o *broker.Options) {
+		o.Store, o.Cluster.LinkAdvertise = st, px.addr()
+	})
+	px.setTarget(n1.Stats().Cluster.Link)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), withStore)
+	nodes := []*broker.Broker{n0, n1, n2}
+	waitMesh(t, nodes...)
+	a := pauseAdoptions(t, st, nodes)
+	p := a.p
+
+	n0.KillCluster()
+	a.publishDuringAdoption(t, st, n2, "m1")
+	// m2's direct copy is skipped by the adopted session: the held link
+	// has it.
+	p.Pub(t, "t/0", 1, false, "m2")
+	if st, _ := linkState(n2, "n0"); st != "held" {
+		t.Fatalf("n2's link to n0 %q, want held", st)
+	}
+
+	// n1 restarts within failure detection: n2 keeps it alive (a real
+	// restart of a process is that fast; in process here, gossip might
+	// declare it failed first, and n2 would adopt its sessions).
+	n2.SetTestMembers(func(ms []cluster.Member) []cluster.Member {
+		for i := range ms {
+			if ms[i].Name == "n1" && ms[i].Status == cluster.StatusFailed {
+				ms[i].Status = cluster.StatusAlive
+			}
+		}
+		return ms
+	})
+	defer n2.SetTestMembers(nil)
+	inc := func() uint64 {
+		for _, l := range n2.Stats().Cluster.Links {
+			if l.Peer == "n1" {
+				return l.PeerIncarnation
+			}
+		}
+		return 0
+	}
+	before := inc()
+	gossip := n1.GossipAddr()
+	n1.KillCluster() // its MQTT side is not used again
+	px.cut()
+	n1b := testcluster.Broker(t, "n1", n2.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.GossipAddr, o.Cluster.LinkAdvertise = st, gossip, px.addr()
+	})
+	px.setTarget(n1b.Stats().Cluster.Link)
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n2, "n1"); st != "up" || inc() == before {
+			return fmt.Errorf("n2's link to n1 %q, want up with the new n1", st)
+		}
+		if got := n2.Stats().Cluster.RemoteRoutes["n1"]; got != 1 {
+			return fmt.Errorf("n2 holds %d routes of the new n1, want 1 (the restored session's)", got)
+		}
+		return nil
+	})
+	if st, _ := linkState(n2, "n0"); st != "held" {
+		t.Fatalf("n2's link to n0 %q, want still held", st)
+	}
+	// Marked held for n0, as m2: the restored session must skip its
+	// direct copy and take the held one, after m1 and m2.
+	p.Pub(t, "t/0", 1, false, "m3")
+	a.letOtherGo() // the other adoption, then n2's release
+	testutil.WaitFor(t, 2*waitCond, func() error {
+		if st, _ := linkState(n2, "n0"); st == "held" {
+			return fmt.Errorf("n2's link to n0 still held")
+		}
+		return nil
+	})
+
+	a.wantAdopted(t, n1b, "m1", "m2", "m3")
+}
+
+// TestLateGossipHandOverReachesAdopted: a dead node n0 comes back (at
+// another link address), and n1, its adopter, sees it alive at once,
+// while n2's gossip still reports it failed for 11 s more (gossip lag,
+// a partition of gossip alone) and its held link, which cannot reach the
+// new address, keeps what it held. When n2 finally sees n0 alive it hands
+// that to the adopted session, which must still carry its mark and take
+// it, in order. Before, n1 dropped the marks 10 s after its gossip saw
+// n0 alive: the session skipped n2's held copies of m1 and m2, lost and
+// not counted. The wait is the lag this test is about, not a
+// synchronisation.
+func TestLateGossipHandOverReachesAdopted(t *testing.T) {
+	st := storetest.Open(t)
+	withStore := func(o *broker.Options) { o.Store = st }
+	n1 := testcluster.Broker(t, "n1", "", withStore)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), withStore)
+	nodes := []*broker.Broker{n0, n1, n2}
+	waitMesh(t, nodes...)
+	a := pauseAdoptions(t, st, nodes)
+	p := a.p
+
+	gossip, oldLink := n0.GossipAddr(), n0.Stats().Cluster.Link
+	n0.KillCluster()
+	a.publishDuringAdoption(t, st, n2, "m1")
+	p.Pub(t, "t/0", 1, false, "m2")
+	if st, _ := linkState(n2, "n0"); st != "held" {
+		t.Fatalf("n2's link to n0 %q, want held", st)
+	}
+	markFailed(n2, "n0")
+	defer n2.SetTestMembers(nil)
+	// n0 restarts: same name and gossip address, another link address.
+	n0b := testcluster.Broker(t, "n0", n1.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.GossipAddr = st, gossip
+	})
+	if n0b.Stats().Cluster.Link == oldLink {
+		t.Fatalf("n0 came back at the same link address %s", oldLink)
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n1, "n0"); st != "up" {
+			return fmt.Errorf("n1's link to n0 %q, want up", st)
+		}
+		return nil
+	})
+	time.Sleep(11 * time.Second) // n2's gossip lags n1's by more than 10 s
+	if st, _ := linkState(n2, "n0"); st != "held" {
+		t.Fatalf("n2's link to n0 %q, want still held", st)
+	}
+	n2.SetTestMembers(nil)
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n2, "n0"); st != "up" {
+			return fmt.Errorf("n2's link to n0 %q, want up", st)
+		}
+		return nil
+	})
+	p.Pub(t, "t/0", 1, false, "m3")
+	a.letOtherGo()
+
+	a.wantAdopted(t, n1, "m1", "m2", "m3")
+	// Every live broker said it is done with n0's held link (n2 once it
+	// handed it over): the marks go, not only cluster.failed_peer_hold
+	// (2 min) later.
+	testutil.WaitFor(t, waitCond, func() error {
+		if n := n1.AdoptedMarks(); n != 0 {
+			return fmt.Errorf("n1 has %d sessions marked adopted, want 0", n)
+		}
+		return nil
+	})
+}
+
+// TestHandOverReachesAdopterWithoutRoutes: the dead node comes back (the
+// same process, a partition healed) after its session was adopted by n1
+// but before n1's route for it reached n2, which hands what its held link
+// kept to the sessions adopted from n0. n1 must get those copies anyway
+// (only sessions marked adopted from n0 take them), so the session gets
+// m1, then m2 published after. Before, the hand-over went only to the
+// nodes whose routes matched at n2: the adopted session skipped m1, lost
+// (counted stale_session only when the heal ended n0's stale copy).
+func TestHandOverReachesAdopterWithoutRoutes(t *testing.T) {
+	st := storetest.Open(t)
+	px := newLinkProxy(t)
+	withStore := func(o *broker.Options) { o.Store = st }
+	n1 := testcluster.Broker(t, "n1", "", withStore)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.LinkAdvertise = st, px.addr()
+	})
+	n0link := n0.Stats().Cluster.Link
+	px.setTarget(n0link)
+	nodes := []*broker.Broker{n0, n1, n2}
+	waitMesh(t, nodes...)
+	a := pauseAdoptions(t, st, nodes)
+	p := a.p
+
+	px.cut()
+	defer px.setTarget(n0link) // the partition heals for n0's link too
+	for _, b := range []*broker.Broker{n1, n2} {
+		markFailed(b, "n0")
+		defer b.SetTestMembers(nil)
+	}
+	routes := make(chan struct{})
+	var once sync.Once
+	release := func() { once.Do(func() { close(routes) }) }
+	defer release()
+	n2.HoldRouteDeltas("n1", routes)
+	select {
+	case <-a.blocked:
+	case <-time.After(waitCond):
+		t.Fatal("no adoption of the session")
+	}
+	p.Pub(t, "t/0", 1, false, "m1") // only n0's held link on n2 takes it
+	close(a.release)
+	waitStoredOwner(t, st, a.svc, "n1")
+	testutil.WaitFor(t, waitCond, func() error { // installed on n1
+		if got := n1.Stats().Cluster.LocalRoutes; got != 1 {
+			return fmt.Errorf("n1 has %d local routes, want 1 (the adopted session's)", got)
+		}
+		return nil
+	})
+	if got := n2.Stats().Cluster.RemoteRoutes["n1"]; got != 0 {
+		t.Fatalf("n2 holds %d routes of n1, want 0 (held back)", got)
+	}
+	// n0 is back for gossip: n2 hands its held link's queue over.
+	for _, b := range []*broker.Broker{n1, n2} {
+		b.SetTestMembers(nil)
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n2, "n0"); st == "held" {
+			return fmt.Errorf("n2's link to n0 still held")
+		}
+		return nil
+	})
+	release()
+	testutil.WaitFor(t, waitCond, func() error {
+		if got := n2.Stats().Cluster.RemoteRoutes["n1"]; got != 1 {
+			return fmt.Errorf("n2 holds %d routes of n1, want 1 (the adopted session's)", got)
+		}
+		return nil
+	})
+	p.Pub(t, "t/0", 1, false, "m2")
+	a.letOtherGo()
+
+	a.wantAdopted(t, n1, "m1", "m2")
+}
+
+// TestExpiredHoldTellsDoneAfterItsCopies: a held link given up at
+// cluster.failed_peer_hold (a session of the dead node still not adopted)
+// hands its queue to the sessions adopted so far as it closes; its node
+// must not tell the cluster it is done with the link before that, or the
+// adopter drops its marks (every broker done) and the session skips the
+// copies. Before, n2's adoption watcher said so as soon as the link left
+// the held set, while it was still closing: n1 dropped svc's mark and m1
+// was lost, not counted (only the sessions not adopted at all are
+// counted, link_closed).
+func TestExpiredHoldTellsDoneAfterItsCopies(t *testing.T) {
+	st := storetest.Open(t)
+	hold := func(o *broker.Options) { o.Store, o.Cluster.FailedPeerHold = st, 3*time.Second }
+	n1 := testcluster.Broker(t, "n1", "", hold)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), hold)
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), func(o *broker.Options) { o.Store = st })
+	nodes := []*broker.Broker{n0, n1, n2}
+	waitMesh(t, nodes...)
+	a := pauseAdoptions(t, st, nodes)
+	// n2 cannot adopt other (its store claims fail), so its held link for
+	// n0 is never released, and its adoption watcher runs on.
+	a.letOtherGo()
+	n2.SetTestAfterClaims(func() error { return errors.New("store unavailable (test)") })
+	defer n2.SetTestAfterClaims(nil)
+	closing, closeNow := make(chan struct{}), make(chan struct{})
+	var closeOnce, nowOnce sync.Once
+	n2.SetTestBeforeClose(func(peer string) {
+		if peer == "n0" {
+			closeOnce.Do(func() {
+				close(closing)
+				<-closeNow
+			})
+		}
+	})
+	defer n2.SetTestBeforeClose(nil)
+	defer nowOnce.Do(func() { close(closeNow) })
+
+	n0.KillCluster()
+	a.publishDuringAdoption(t, st, n2, "m1")
+	select {
+	case <-closing: // n2's hold for n0 ran out; its link not closed yet
+	case <-time.After(waitCond):
+		t.Fatal("n2 did not give up its held link for n0")
+	}
+	// n1's own hold runs out too, so n2 is the last broker to be done.
+	// Its mark must outlive this (before, it went within a poll).
+	for end := time.Now().Add(3 * time.Second); time.Now().Before(end) && n1.AdoptedMarks() > 0; {
+		time.Sleep(20 * time.Millisecond)
+	}
+	nowOnce.Do(func() { close(closeNow) })
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n2, "n0"); st != "" {
+			return fmt.Errorf("n2's link to n0 %q, want none", st)
+		}
+		return nil
+	})
+	a.p.Pub(t, "t/0", 1, false, "m2")
+
+	a.wantAdopted(t, n1, "m1", "m2")
+}
