@@ -262,6 +262,7 @@ func TestSubscribersCacheUnderChurn(t *testing.T) {
 		x.Subscribe("other", packets.Subscription{Filter: filters[n%2]})
 		releaseSubscribers(x.pooledSubscribers("t/1"))
 	})
+	t.Logf("allocations per change and publish: cached %v, pooled %v", churn, pooled)
 	require.LessOrEqual(t, churn, pooled+0.5, "allocations per change and publish: cached %v, pooled %v", churn, pooled)
 
 	look()
