@@ -32,6 +32,8 @@ func (s *Server) DeliverFromPeer(pk packets.Packet, shared func(route string) bo
 		s.Topics.RetainMessage(pk.Copy(false))
 		atomic.StoreInt64(&s.Info.Retained, int64(s.Topics.Retained.Len()))
 	}
+	// Not cachedSubscribers (rtm patch 104): the loop below deletes from
+	// the result, which a remembered one shares with every publish.
 	subscribers := s.Topics.Subscribers(pk.TopicName)
 	for filter := range subscribers.Shared {
 		if shared == nil || !shared(SharedRoute(filter)) {

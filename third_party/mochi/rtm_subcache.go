@@ -6,6 +6,7 @@ package mqtt
 
 import (
 	"hash/maphash"
+	"strings"
 	"sync/atomic"
 )
 
@@ -24,8 +25,8 @@ var subsCacheMaxFanout = 256
 // (scanSubscribers), for topics published more than once while the
 // subscriptions stay the same. Every change of the index's subscriptions
 // (Subscribe, Unsubscribe, InlineSubscribe, InlineUnsubscribe) increments
-// gen, which makes every entry stale at once. Reads take no lock and write
-// nothing shared: a publish on one core does not disturb another's.
+// gen, which makes every entry stale at once. A hit takes no lock and
+// writes nothing shared: a publish on one core does not disturb another's.
 //
 // Why: matching walks the topic's levels in the index (a map lookup and a
 // read lock for each level's literal, '+' and '#' children) and copies
@@ -33,12 +34,23 @@ var subsCacheMaxFanout = 256
 // about a sixth of the broker's time from reading the PUBLISH to writing
 // it to the subscriber, in memory the previous message left cold.
 type subsCache struct {
-	gen   atomic.Uint64
+	// gen is here, not in the table, so that a change before the table is
+	// made is still ordered before every entry the table will hold.
+	gen atomic.Uint64
+	// table is made by the first lookup: rtm makes indexes that are never
+	// published to (a session-move relay's, a cluster's routes), and the
+	// table is 16 KiB.
+	table atomic.Pointer[subsCacheTable]
+}
+
+type subsCacheTable struct {
 	slots [subsCacheSlots]atomic.Pointer[subsCacheEntry]
-	// cand[i] is the hash of the last topic that missed slot i: a topic is
-	// remembered at its second miss in a row there, so topics published
-	// once (a device's own topic among thousands) do not each allocate an
-	// entry and a result the pool would otherwise reuse.
+	// cand[i] is candKey of the last topic that missed slot i, and the
+	// generation it missed in: a topic is remembered at its second miss in
+	// a row there within one generation, so topics published once (a
+	// device's own topic among thousands) do not each allocate an entry and
+	// a result the pool would otherwise reuse, nor does a hot topic at
+	// every publish while the subscriptions keep changing.
 	cand [subsCacheSlots]atomic.Uint64
 }
 
@@ -57,6 +69,10 @@ type subsCacheEntry struct {
 // a change of its subscriptions.
 func (c *subsCache) invalidate() { c.gen.Add(1) }
 
+// candKey mixes a topic's hash with a generation; a collision only makes a
+// topic remembered at its first miss.
+func candKey(h, gen uint64) uint64 { return h ^ gen*0x9e3779b97f4a7c15 }
+
 // cachedSubscribers returns the subscribers of topic, and whether the
 // result is the cache's (shared, read-only: not to be changed nor released
 // with releaseSubscribers) or a pooled one the caller releases. A result
@@ -65,19 +81,29 @@ func (c *subsCache) invalidate() { c.gen.Add(1) }
 func (x *TopicsIndex) cachedSubscribers(topic string) (subs *Subscribers, cached bool) {
 	c := &x.subsCache
 	gen := c.gen.Load() // before the scan: a change during it makes the new entry stale
+	t := c.table.Load()
+	if t == nil {
+		t = new(subsCacheTable)
+		if !c.table.CompareAndSwap(nil, t) {
+			t = c.table.Load()
+		}
+	}
 	h := maphash.String(subsCacheSeed, topic)
 	i := h & (subsCacheSlots - 1)
-	if e := c.slots[i].Load(); e != nil && e.gen == gen && e.topic == topic {
+	if e := t.slots[i].Load(); e != nil && e.gen == gen && e.topic == topic {
 		return e.subs, true
 	}
-	if c.cand[i].Load() != h {
-		c.cand[i].Store(h)
+	if k := candKey(h, gen); t.cand[i].Load() != k {
+		t.cand[i].Store(k)
 		return x.pooledSubscribers(topic), false
 	}
 	subs = x.scanSubscribers(topic, 0, nil, &Subscribers{})
-	if len(subs.Shared) > 0 || len(subs.Subscriptions) > subsCacheMaxFanout {
-		return subs, false // not pooled: releaseSubscribers pools it, harmless
+	if len(subs.Shared) > 0 || len(subs.Subscriptions) > subsCacheMaxFanout || c.gen.Load() != gen {
+		// Not remembered: the caller's releaseSubscribers pools it.
+		return subs, false
 	}
-	c.slots[i].Store(&subsCacheEntry{topic: topic, gen: gen, subs: subs})
+	// The topic is cloned: pk.TopicName points into the buffer the whole
+	// PUBLISH was read into (patch 76), which the entry would keep alive.
+	t.slots[i].Store(&subsCacheEntry{topic: strings.Clone(topic), gen: gen, subs: subs})
 	return subs, true
 }

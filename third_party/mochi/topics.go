@@ -123,6 +123,8 @@ func NewSharedSubscriptions() *SharedSubscriptions {
 }
 
 // Add creates a new shared subscription for a group and client id pair.
+// rtm patch 104: a particle's are changed only through the TopicsIndex
+// writers, which mark its cache of results stale; a new caller must too.
 func (s *SharedSubscriptions) Add(group, id string, val packets.Subscription) {
 	s.Lock()
 	defer s.Unlock()
@@ -224,6 +226,8 @@ func NewInlineSubscriptions() *InlineSubscriptions {
 }
 
 // Add adds a new internal subscription for a client id.
+// rtm patch 104: a particle's are changed only through the TopicsIndex
+// writers, which mark its cache of results stale; a new caller must too.
 func (s *InlineSubscriptions) Add(val InlineSubscription) {
 	s.Lock()
 	defer s.Unlock()
@@ -279,6 +283,10 @@ func NewSubscriptions() *Subscriptions {
 
 // Add adds a new subscription for a client. ID can be a filter in the
 // case this map is client state, or a client id if particle state.
+//
+// rtm patch 104: a particle's subscriptions are changed only through the
+// TopicsIndex writers, which mark its cache of results stale
+// (subsCache.invalidate); a new caller changing a particle's must too.
 func (s *Subscriptions) Add(id string, val packets.Subscription) {
 	s.Lock()
 	defer s.Unlock()
@@ -395,7 +403,11 @@ type TopicsIndex struct {
 	// a takeover. No upstream issue (clustering is not in mochi).
 	OnRoute func(filter string, added bool)
 
-	subsCache subsCache // rtm patch 104
+	// rtm patch 104: Subscribe, Unsubscribe, InlineSubscribe and
+	// InlineUnsubscribe are the only writers of the particles'
+	// subscriptions and invalidate it after a change; a new writer must
+	// too, or publishes keep delivering by the remembered results.
+	subsCache subsCache
 }
 
 // NewTopicsIndex returns a pointer to a new instance of Index.
@@ -429,14 +441,17 @@ func (x *TopicsIndex) InlineSubscribe(subscription InlineSubscription) bool {
 func (x *TopicsIndex) InlineUnsubscribe(id int, filter string) bool {
 	x.root.Lock()
 	defer x.root.Unlock()
-	defer x.subsCache.invalidate() // rtm patch 104: after the change, before the unlock
 
 	particle := x.seek(filter, 0)
 	if particle == nil {
 		return false
 	}
 
+	_, had := particle.inlineSubscriptions.Get(id)
 	particle.inlineSubscriptions.Delete(id)
+	if had {
+		x.subsCache.invalidate() // rtm patch 104: after the change, before the unlock
+	}
 
 	if particle.inlineSubscriptions.Len() == 0 {
 		x.trim(particle)
@@ -479,7 +494,6 @@ func (x *TopicsIndex) Subscribe(client string, subscription packets.Subscription
 func (x *TopicsIndex) Unsubscribe(filter, client string) bool {
 	x.root.Lock()
 	defer x.root.Unlock()
-	defer x.subsCache.invalidate() // rtm patch 104: after the change, before the unlock
 
 	var d int
 	prefix, _ := isolateParticle(filter, 0)
@@ -493,15 +507,16 @@ func (x *TopicsIndex) Unsubscribe(filter, client string) bool {
 		return false
 	}
 
+	var had bool
 	if shareSub {
 		group, _ := isolateParticle(filter, 1)
-		_, had := particle.shared.Get(group, client)
+		_, had = particle.shared.Get(group, client)
 		particle.shared.Delete(group, client)
 		if x.OnRoute != nil && had && particle.shared.groupLen(group) == 0 {
 			x.OnRoute(sharedRoute(group, filter), false)
 		}
 	} else {
-		_, had := particle.subscriptions.Get(client)
+		_, had = particle.subscriptions.Get(client)
 		particle.subscriptions.Delete(client)
 		if x.OnRoute != nil && had && particle.subscriptions.Len() == 0 {
 			x.OnRoute(filter, false)
@@ -509,6 +524,12 @@ func (x *TopicsIndex) Unsubscribe(filter, client string) bool {
 	}
 
 	x.trim(particle)
+	if had {
+		// rtm patch 104: after the change, before the unlock; an absent
+		// subscription (an UNSUBSCRIBE of a filter never subscribed, a
+		// session's cleanup) leaves the remembered results valid.
+		x.subsCache.invalidate()
+	}
 	return true
 }
 
