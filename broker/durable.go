@@ -38,7 +38,7 @@ import (
 // PUBACK is kept, and a message acknowledged before its batch is taken is
 // never written at all. The acknowledgements wait in order on another
 // goroutine, without blocking the publisher's connection. A publish to
-// non-persistent subscribers only marks and unmarks the publisher in a map.
+// non-persistent subscribers only sets and clears a flag of its connection.
 //
 // Session documents carry their owner (a node name) and an epoch: a node
 // writes a session only while it owns it (a conditional update), and a node
@@ -55,8 +55,12 @@ type durableHook struct {
 	ctx    context.Context // ends when the hook closes: held acknowledgements fail
 	cancel context.CancelFunc
 
-	mu    sync.Mutex
-	holds map[string]holdSlot // publisher ID → its current PUBLISH and, once it wrote anything, what it waits for
+	mu sync.Mutex
+	// pubs: client ID → *pubSlot, the PUBLISH in progress of the client's
+	// latest connection that published. A sync.Map read, not d.mu and a
+	// map write, so the common QoS 1/2 PUBLISH (it writes nothing
+	// durable) takes no lock and allocates nothing.
+	pubs sync.Map
 	// waiting maps a message queued for writing for a persistent session
 	// (msgKey) to its state, until the session acknowledges it or its
 	// write is committed.
@@ -306,7 +310,7 @@ func msgKey(client string, pid uint16) string { return client + "\x00" + strconv
 
 func newDurableHook(b *Broker, st *store.Store) (*durableHook, error) {
 	d := &durableHook{b: b, st: st, node: b.cfg.NodeName, log: b.log.With("component", "durable"),
-		holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}, known: map[string]bool{}, prior: map[*mqtt.Client]map[string]packets.Subscription{}, unstored: map[string]*sessionDoc{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, pids: map[string]uint16{}, establishing: map[string]*mqtt.Client{}, skipped: map[string]*skippedEnd{}, establishSweepEvery: time.Second, preWritten: map[*mqtt.Client]map[string]packets.Subscription{}, reforwardTo: map[string][]string{},
+		waiting: map[string]*heldMsg{}, known: map[string]bool{}, prior: map[*mqtt.Client]map[string]packets.Subscription{}, unstored: map[string]*sessionDoc{}, gone: map[string]time.Time{}, epoch: map[string]ownInfo{}, pids: map[string]uint16{}, establishing: map[string]*mqtt.Client{}, skipped: map[string]*skippedEnd{}, establishSweepEvery: time.Second, preWritten: map[*mqtt.Client]map[string]packets.Subscription{}, reforwardTo: map[string][]string{},
 		fail: failover{kick: make(chan struct{}, 1)}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.seq.Store(time.Now().UnixNano())
@@ -362,32 +366,69 @@ func (d *durableHook) put(op durOp) (writebehind.Ticket, error) {
 // are handled one after another).
 func (d *durableHook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if pk.FixedHeader.Qos > 0 && !cl.Net.Inline {
-		d.mu.Lock()
-		d.holds[cl.ID] = holdSlot{cl: cl} // no allocation: most PUBLISHes write nothing
-		d.mu.Unlock()
+		s := d.slot(cl)
+		if s.h.Load() != nil {
+			// A hold left by a PUBLISH that ended before OnPublishHold
+			// (refused after this hook): not this one's.
+			d.mu.Lock()
+			s.h.Store(nil)
+			d.mu.Unlock()
+		}
+		s.collecting.Store(true)
 	}
 	return pk, nil
 }
 
-// holdSlot is a client's PUBLISH in progress: the connection (a take-over
-// makes another under the same ID) and its hold, made at its first write.
-type holdSlot struct {
-	cl *mqtt.Client
-	h  *ackHold
+// pubSlot is a connection's PUBLISH in progress: the connection (a
+// take-over makes another under the same ID), whether a PUBLISH of it is
+// collecting writes, and its hold, made at its first write. Made once per
+// connection that publishes at QoS 1/2.
+type pubSlot struct {
+	cl         *mqtt.Client
+	collecting atomic.Bool
+	// h is stored under d.mu (hold); OnPublishHold loads it without the
+	// lock to see whether the PUBLISH wrote anything.
+	h atomic.Pointer[ackHold]
+}
+
+// slot returns cl's pubSlot, making it at cl's first QoS 1/2 PUBLISH (or
+// the first since another connection under its ID published).
+func (d *durableHook) slot(cl *mqtt.Client) *pubSlot {
+	if v, ok := d.pubs.Load(cl.ID); ok {
+		if s := v.(*pubSlot); s.cl == cl {
+			return s
+		}
+	}
+	s := &pubSlot{cl: cl}
+	d.pubs.Store(cl.ID, s)
+	return s
+}
+
+// dropSlot forgets cl's pubSlot (its connection ended), unless the slot is
+// a newer connection's under the same ID.
+func (d *durableHook) dropSlot(cl *mqtt.Client) {
+	if v, ok := d.pubs.Load(cl.ID); ok && v.(*pubSlot).cl == cl {
+		d.pubs.CompareAndDelete(cl.ID, v)
+	}
 }
 
 // hold returns origin's hold, making it at the first write of its PUBLISH;
 // nil when no PUBLISH of origin is collecting. d.mu is held.
 func (d *durableHook) hold(origin string) *ackHold {
-	slot, ok := d.holds[origin]
+	v, ok := d.pubs.Load(origin)
 	if !ok {
 		return nil
 	}
-	if slot.h == nil {
-		slot.h = &ackHold{pending: 1}
-		d.holds[origin] = slot
+	s := v.(*pubSlot)
+	if !s.collecting.Load() {
+		return nil
 	}
-	return slot.h
+	h := s.h.Load()
+	if h == nil {
+		h = &ackHold{pending: 1}
+		s.h.Store(h)
+	}
+	return h
 }
 
 // record makes the acknowledgement of origin's current PUBLISH, if one is
@@ -454,17 +495,27 @@ func (d *durableHook) acknowledged(key string) bool {
 // OnPublishHold returns what cl's PUBLISH waits for before its PUBACK or
 // PUBREC: the commit of its writes to persistent sessions, if any.
 func (d *durableHook) OnPublishHold(cl *mqtt.Client, pk packets.Packet) func() error {
-	d.mu.Lock()
-	slot, ok := d.holds[cl.ID]
-	if ok && slot.cl != cl {
-		// A connection taken over while its PUBLISH was in progress: the
-		// hold is the new connection's (the old one's acknowledgement
-		// goes nowhere; its client publishes again).
-		d.mu.Unlock()
+	v, ok := d.pubs.Load(cl.ID)
+	if !ok {
 		return nil
 	}
-	delete(d.holds, cl.ID)
-	h := slot.h
+	s := v.(*pubSlot)
+	if s.cl != cl {
+		// A connection taken over while its PUBLISH was in progress: the
+		// slot is the new connection's (the old one's acknowledgement
+		// goes nowhere; its client publishes again).
+		return nil
+	}
+	s.collecting.Store(false)
+	if s.h.Load() == nil {
+		// Wrote nothing durable: the common case, without d.mu. (A hold
+		// made from here on, by a message relayed under the same origin
+		// on another goroutine, is not this PUBLISH's: no one waits on it
+		// and the next PUBLISH drops it.)
+		return nil
+	}
+	d.mu.Lock()
+	h := s.h.Swap(nil)
 	if h == nil || (!h.set && h.err == nil) {
 		d.mu.Unlock()
 		return nil
@@ -797,6 +848,7 @@ func (d *durableHook) waitSession(t writebehind.Ticket, refused *atomic.Bool) er
 }
 
 func (d *durableHook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
+	d.dropSlot(cl) // its PUBLISHes are over, whatever its end writes
 	if cl.IsTakenOver() {
 		return // the new connection (here or on another node) writes it
 	}
@@ -836,16 +888,12 @@ func (d *durableHook) disconnected(cl *mqtt.Client, expire bool) {
 		delete(d.known, cl.ID)
 		delete(d.epoch, cl.ID)
 		delete(d.pids, cl.ID)
-		delete(d.holds, cl.ID)
 		d.mu.Unlock()
 		if known {
 			_, _ = d.put(durOp{kind: opSessionDel, client: cl.ID})
 		}
 		return
 	}
-	d.mu.Lock()
-	delete(d.holds, cl.ID)
-	d.mu.Unlock()
 	_, _ = d.writeSession(cl, false)
 }
 

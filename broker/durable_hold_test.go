@@ -14,7 +14,7 @@ import (
 // holdHook is a durableHook whose store writes wait for gate.
 func holdHook(t *testing.T, gate chan struct{}) *durableHook {
 	t.Helper()
-	d := &durableHook{holds: map[string]holdSlot{}, waiting: map[string]*heldMsg{}}
+	d := &durableHook{waiting: map[string]*heldMsg{}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	w, err := writebehind.New(writebehind.Options[durOp]{Name: "test", Write: func(ctx context.Context, _ []durOp) error {
 		select {
@@ -56,7 +56,7 @@ func TestDurableHoldKeepsLatestTicket(t *testing.T) {
 	d.record(cl.ID, newer, nil, true)
 	d.record(cl.ID, older, nil, true)
 	d.mu.Lock()
-	got := d.holds[cl.ID].h.t
+	got := d.hold(cl.ID).t
 	d.mu.Unlock()
 	if !got.Covers(newer) {
 		t.Fatal("the hold waits for the older ticket recorded last")
@@ -93,6 +93,48 @@ func TestDurableHoldBelongsToItsConnection(t *testing.T) {
 	}
 }
 
+// A QoS 1 PUBLISH that writes nothing durable (its subscribers' sessions
+// end with their connections: the common case) neither waits for the
+// hook's lock, which a store commit or a session's end can hold, nor
+// allocates. Before, OnPublish and OnPublishHold each took d.mu.
+func TestDurableHoldNonDurablePublishLockFree(t *testing.T) {
+	d := holdHook(t, make(chan struct{}))
+	cl := &mqtt.Client{ID: "pub"}
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}}
+	publish := func() func() error {
+		_, _ = d.OnPublish(cl, pk)
+		return d.OnPublishHold(cl, pk)
+	}
+	publish() // the connection's first PUBLISH makes its slot
+	d.mu.Lock()
+	done := make(chan func() error, 1)
+	go func() { done <- publish() }()
+	select {
+	case wait := <-done:
+		d.mu.Unlock()
+		if wait != nil {
+			t.Fatal("a PUBLISH that wrote nothing waits for something")
+		}
+	case <-time.After(10 * time.Second):
+		d.mu.Unlock()
+		<-done
+		t.Fatal("a PUBLISH that wrote nothing waited for the durable hook's lock")
+	}
+	if n := testing.AllocsPerRun(100, func() { publish() }); n != 0 {
+		t.Fatalf("a PUBLISH that wrote nothing allocates %.1f times", n)
+	}
+	// A write for the next PUBLISH of the connection still holds it.
+	_, _ = d.OnPublish(cl, pk)
+	tk, err := d.put(durOp{kind: opRetain})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.record(cl.ID, tk, nil, true)
+	if d.OnPublishHold(cl, pk) == nil {
+		t.Fatal("a PUBLISH that wrote a retained message does not wait for its commit")
+	}
+}
+
 // A node link acknowledgement's barrier does not report safe a write the
 // sessions writer lost when it closed with the store down (before, a
 // barrier counted dropped writes as done, and the link let the peer forget
@@ -115,5 +157,18 @@ func TestDurableBarrierNotSafeForWritesLostAtClose(t *testing.T) {
 	}
 	if n := d.barrierDropped.Load(); n != 2 {
 		t.Fatalf("barrierDropped %d, want 2", n)
+	}
+}
+
+// BenchmarkDurableNonDurablePublish: the durable hook's share of a QoS 1
+// PUBLISH that writes nothing durable (OnPublish and OnPublishHold).
+func BenchmarkDurableNonDurablePublish(b *testing.B) {
+	d := &durableHook{waiting: map[string]*heldMsg{}}
+	cl := &mqtt.Client{ID: "pub"}
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}}
+	b.ReportAllocs()
+	for i := 0; i < b.N; i++ {
+		_, _ = d.OnPublish(cl, pk)
+		_ = d.OnPublishHold(cl, pk)
 	}
 }

@@ -855,7 +855,12 @@ func (cl *Client) ReadPacket(fh *packets.FixedHeader) (pk packets.Packet, err er
 		return pk, err
 	}
 
-	pk, err = cl.ops.hooks.OnPacketRead(cl, pk)
+	// rtm patch 105: only when a hook provides OnPacketRead (rtm has
+	// none), through a function of its own, so its packet copies in and
+	// out are not in this frame.
+	if cl.ops.hooks.provided(OnPacketRead) {
+		err = cl.ops.hooks.onPacketReadIn(cl, &pk)
+	}
 	return
 }
 

@@ -213,6 +213,32 @@ func (h *Hooks) provided(b byte) bool {
 	return len(h.providing(b)) > 0
 }
 
+// onPacketReadIn runs OnPacketRead on *pk, in place (a rejected packet
+// is left as read). A function of its own, so the packet copies it passes
+// to the hooks are on the stack only when a hook provides the event. rtm
+// patch 105.
+//
+//go:noinline
+func (h *Hooks) onPacketReadIn(cl *Client, pk *packets.Packet) error {
+	npk, err := h.OnPacketRead(cl, *pk)
+	*pk = npk
+	return err
+}
+
+// onPublishIn runs OnPublish on *pk, in place; on an error *pk is left as
+// it was (as OnPublish returns it). rtm patch 110: a function of its own,
+// so the packet copies it passes to the hooks are not in processPublish's
+// frame.
+//
+//go:noinline
+func (h *Hooks) onPublishIn(cl *Client, pk *packets.Packet) error {
+	npk, err := h.OnPublish(cl, *pk)
+	if err == nil {
+		*pk = npk
+	}
+	return err
+}
+
 // onPacketEncodeIn runs OnPacketEncode on *pk, in place. A function of its
 // own, so the packet copies it passes to the hooks are on the stack only
 // when a hook provides the event. rtm patch 83.
