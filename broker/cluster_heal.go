@@ -181,7 +181,7 @@ func (c *clusterNode) reconcile(from string, m ownersMsg) {
 		defer (*f)(from)
 	}
 	self := c.b.cfg.NodeName
-	if len(m.Ages) == len(m.IDs) && len(m.IDs) > 0 {
+	if len(m.Ages) == len(m.IDs) && len(m.IDs) > 0 && c.protocol() >= protoV3 {
 		// Ages come only from a broker of protoV3 that sees this one as
 		// such too: the node whose name sorts first decides for both.
 		// The message says so, not peerProtocol(from): this node's gossip
