@@ -290,8 +290,13 @@ wait:
 // (the last chunk acknowledged: the tail and the end are in flight), the
 // move goes on, and cl's claim finds the session moving or, settled, on
 // a connection established after cl's CONNECT began: cl is refused
-// (0x88) and its retry claims the session back.
+// (0x88) and its retry claims the session back. A push (the session of
+// a node leaving, o.claimed false) does not give way and is not waited
+// for: cl goes on to its claims, which find the session moving.
 func (c *clusterNode) yieldTo(o *outMove, cl *mqtt.Client) {
+	if !o.claimed {
+		return
+	}
 	if o.askYield() {
 		c.moveYields.Add(1)
 		c.log.Info("a newer connection of the client asks its session's move away to give way", "client_id", cl.ID, "node", o.to)

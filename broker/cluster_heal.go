@@ -33,8 +33,12 @@ import (
 // pair: the node whose name sorts first ends its own stale sessions and
 // tells the other which of its sessions are stale (msgStaleIDs, each
 // with the Since the other listed, so a session established there since
-// is not dropped). With a peer of protoV2, both decide alone by the wall
-// clocks (Since), as before.
+// is not dropped). The other node answers the decider's list with its own
+// sessions of the same IDs (answerOwners): the two links open at
+// different times, and the decider's answer may find no link back and be
+// given up (after ownersSendWait), so whichever link opens last the
+// decider gets a list to judge and a link to tell the other. With a peer
+// of protoV2, both decide alone by the wall clocks (Since), as before.
 
 // ownersChunk bounds the client IDs of one ownersMsg (a link frame).
 const ownersChunk = 4096
@@ -57,10 +61,20 @@ type owners struct {
 	// behind) for tests of clock skew between nodes; as a real skew, it
 	// does not change durations measured here (monotonic).
 	testWallSkew atomic.Int64
+	// sendWait (nanoseconds) bounds how long an answer to an owners list
+	// waits for a link to its node (see sendOwnersMsg); tests shorten it.
+	sendWait atomic.Int64
+	// notSent counts the answers given up after sendWait.
+	notSent atomic.Int64
+	// testHandled, if set, is called when an owners list from a peer has
+	// been judged (and answered) here.
+	testHandled atomic.Pointer[func(from string)]
 }
 
 func newOwners(present func(id string) bool) *owners {
-	return &owners{since: map[string]time.Time{}, present: present, sweepMin: 1024, sweepAt: 1024, sweepGrace: time.Minute}
+	o := &owners{since: map[string]time.Time{}, present: present, sweepMin: 1024, sweepAt: 1024, sweepGrace: time.Minute}
+	o.sendWait.Store(int64(ownersSendWait))
+	return o
 }
 
 func (o *owners) set(id string, at time.Time) {
@@ -163,12 +177,21 @@ func (c *clusterNode) ownersSnapshot(peer string) []link.Message {
 // reconcile ends the sessions here that node from holds too, established
 // there later (ties: the node whose name sorts last keeps it).
 func (c *clusterNode) reconcile(from string, m ownersMsg) {
+	if f := c.owners.testHandled.Load(); f != nil {
+		defer (*f)(from)
+	}
 	self := c.b.cfg.NodeName
-	if len(m.Ages) == len(m.IDs) && len(m.IDs) > 0 && c.peerProtocol(from) >= protoV3 {
-		// from judges by ages too: the node whose name sorts first
-		// decides for both.
+	if len(m.Ages) == len(m.IDs) && len(m.IDs) > 0 && c.protocol() >= protoV3 {
+		// Ages come only from a broker of protoV3 that sees this one as
+		// such too: the node whose name sorts first decides for both.
+		// The message says so, not peerProtocol(from): this node's gossip
+		// may no longer list from (reaped during a long partition) while
+		// from's link is already open, and judging alone by the wall
+		// clocks while from leaves it to this node would keep both.
 		if self < from {
 			c.reconcileByAge(from, m)
+		} else {
+			c.answerOwners(from, m)
 		}
 		return
 	}
@@ -232,6 +255,31 @@ func (c *clusterNode) reconcileByAge(from string, m ownersMsg) {
 	}
 }
 
+// answerOwners answers the owners list of from, the node that decides
+// (its name sorts first), with this node's sessions of the same client
+// IDs and their ages, for from to judge. Each node's list goes out when
+// its own link to the other opens, and the two links open at different
+// times (each when its node's gossip sees the other alive): should
+// from's answer (msgStaleIDs) to this node's list find no link back and
+// be given up, from's list, which comes on its own link, gets this answer
+// and from judges again. from never answers an answer.
+func (c *clusterNode) answerOwners(from string, m ownersMsg) {
+	var a ownersMsg
+	now := time.Now()
+	for _, id := range m.IDs {
+		cl, ok := c.b.mq.Clients.Get(id)
+		if !ok || cl.Net.Inline {
+			continue
+		}
+		a.IDs = append(a.IDs, id)
+		a.Since = append(a.Since, c.owners.get(id))
+		a.Ages = append(a.Ages, int64(c.ownedAge(c.owners.at(id), now)))
+	}
+	if len(a.IDs) > 0 {
+		c.sendOwnersMsg(from, msgOwners, a, "an answer to its list of sessions not sent: no link to the node; it judges when this node's link to it opens")
+	}
+}
+
 // ownedAge is the age at now of a session established at (-1: unknown).
 func (c *clusterNode) ownedAge(at, now time.Time) time.Duration {
 	if at.IsZero() {
@@ -243,9 +291,15 @@ func (c *clusterNode) ownedAge(at, now time.Time) time.Duration {
 // sendOwnersStale tells to which of its sessions are stale. The list that
 // made this node judge may come on a link to's side opened before this
 // node has its own peer entry for to (gossip has not told it yet): the
-// answer then waits for it, at most ownersStaleWait.
+// answer then waits for it (sendOwnersMsg).
 func (c *clusterNode) sendOwnersStale(to string, m ownersMsg) {
-	msg := link.Message{Type: msgStaleIDs, Body: m.encode()}
+	c.sendOwnersMsg(to, msgStaleIDs, m, "stale sessions not reported: no link to the node; this node judges again when its own link to it opens (the node answers its list)")
+}
+
+// sendOwnersMsg sends m to node to, waiting at most owners.sendWait for a
+// link to it; past that it logs givenUp.
+func (c *clusterNode) sendOwnersMsg(to string, typ byte, m ownersMsg, givenUp string) {
+	msg := link.Message{Type: typ, Body: m.encode()}
 	send := func() bool {
 		p := c.peers.get(to)
 		return p != nil && p.link.Send(msg, true)
@@ -256,14 +310,15 @@ func (c *clusterNode) sendOwnersStale(to string, m ownersMsg) {
 	go func() {
 		tick := time.NewTicker(claimPoll)
 		defer tick.Stop()
-		deadline := time.NewTimer(ownersStaleWait)
+		deadline := time.NewTimer(time.Duration(c.owners.sendWait.Load()))
 		defer deadline.Stop()
 		for {
 			select {
 			case <-c.stop:
 				return
 			case <-deadline.C:
-				c.log.Warn("stale sessions not reported: no link to the node; it keeps them until the link opens again", "node", to, "sessions", len(m.IDs))
+				c.owners.notSent.Add(1)
+				c.log.Warn(givenUp, "node", to, "sessions", len(m.IDs))
 				return
 			case <-tick.C:
 				if send() {
@@ -274,9 +329,9 @@ func (c *clusterNode) sendOwnersStale(to string, m ownersMsg) {
 	}()
 }
 
-// ownersStaleWait bounds how long an answer to an owners list waits for a
-// link to its node (see sendOwnersStale).
-const ownersStaleWait = time.Minute
+// ownersSendWait bounds how long an answer to an owners list waits for a
+// link to its node (see sendOwnersMsg).
+const ownersSendWait = time.Minute
 
 // ownersStale ends the sessions here that from found stale (reconcileByAge
 // there), unless established again since this node listed them.

@@ -5,9 +5,12 @@ import (
 	"fmt"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/eclipse/paho.golang/paho"
 
+	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/config"
 	"github.com/rtm-dev/rtm/internal/testutil"
 )
 
@@ -114,4 +117,81 @@ func TestNewerConnectOnSourceDuringMoveKeepsSession(t *testing.T) {
 	if n := n1.Stats().Sessions; n != 1 { // pub1's
 		t.Errorf("n1 holds %d sessions, want 1 (pub1's)", n)
 	}
+}
+
+// TestConnectOnLeavingNodeDoesNotWaitForPush: a node that drains pushes
+// its offline sessions to a live peer (paused here in its chunk
+// transfer); a CONNECT of such a session's client on that node meanwhile
+// goes on to its claims at once (a push does not give way to it, so it
+// has nothing to wait for), is refused as the session is moving, and the
+// session arrives whole on the live node, where the client's retry finds
+// it. Before, it waited for the push to end, up to
+// cluster.claim_timeout (2 min here), in the yield meant for moves that
+// answer a claim.
+func TestConnectOnLeavingNodeDoesNotWaitForPush(t *testing.T) {
+	var nodes []*broker.Broker
+	for i, seed := 0, ""; i < 2; i++ {
+		b := startClusterNode(t, fmt.Sprintf("n%d", i), seed, func(bc *config.Broker, cc *config.Cluster) {
+			bc.MaxQueuedBytes = 16 << 20
+			cc.ClaimTimeout = 2 * time.Minute
+		})
+		seed = nodes0(nodes, b).GossipAddr()
+		nodes = append(nodes, b)
+	}
+	waitMesh(t, nodes...)
+	n0 := nodes[0]
+	queueBigSession(t, nodes, n0)
+
+	paused, release := make(chan struct{}), make(chan struct{})
+	var once, released sync.Once
+	n0.SetTestMoveChunk(func(side string, seq uint64) {
+		if side == "source" && seq == 1 {
+			once.Do(func() {
+				close(paused)
+				<-release
+			})
+		}
+	})
+	unpause := func() { released.Do(func() { close(release) }) }
+	defer unpause()
+	n0.Drain(true)
+	select {
+	case <-paused:
+	case <-time.After(waitCond):
+		t.Fatal("no push of the session away from the draining n0")
+	}
+	claims := make(chan struct{})
+	var claimsOnce sync.Once
+	n0.SetTestBeforeClaims(func(id string) {
+		if id == "dev" {
+			claimsOnce.Do(func() { close(claims) })
+		}
+	})
+	defer n0.SetTestBeforeClaims(nil)
+	res := dialAsync(t, n0, &paho.Connect{ClientID: "dev", CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
+	select {
+	case <-claims:
+	case <-time.After(waitCond):
+		t.Fatal("the CONNECT on the draining node waits for the push of its session")
+	}
+	unpause()
+	select {
+	case r := <-res:
+		// Its claim found the session moving: refused, the client
+		// retries (through the router, on a live node).
+		wantRefused(t, r)
+	case <-time.After(waitCond):
+		t.Fatal("the CONNECT did not end after the push went on")
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if n := nodes[1].Stats().Inflight; n != bigQueued {
+			return fmt.Errorf("n1 holds %d messages of the pushed session, want %d", n, bigQueued)
+		}
+		return nil
+	})
+	c, ca := dialV5(t, nodes[1], &paho.Connect{ClientID: "dev", CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
+	if !ca.SessionPresent {
+		t.Fatal("retry on n1: session present = 0")
+	}
+	expectBigSession(t, c)
 }

@@ -133,6 +133,8 @@ type durableHook struct {
 	adoptions         adoptions                       // durable_cluster.go: sessions being adopted here
 	fail              failover                        // durable_cluster.go: adoptions of failed brokers' sessions
 	testAfterClaim    atomic.Pointer[func(id string)] // tests: called once a session is claimed, before it is installed
+	// testOnDisconnect (tests) is called first in OnDisconnect.
+	testOnDisconnect atomic.Pointer[func(cl *mqtt.Client)]
 }
 
 // ackHold is what one PUBLISH's acknowledgement waits for: the commit of
@@ -849,8 +851,17 @@ func (d *durableHook) waitSession(t writebehind.Ticket, refused *atomic.Bool) er
 
 func (d *durableHook) OnDisconnect(cl *mqtt.Client, _ error, expire bool) {
 	d.dropSlot(cl) // its PUBLISHes are over, whatever its end writes
+	if f := d.testOnDisconnect.Load(); f != nil {
+		(*f)(cl)
+	}
 	if cl.IsTakenOver() {
-		return // the new connection (here or on another node) writes it
+		// The new connection (here or on another node) writes it. A
+		// connection whose CONNACK failed (mochi patch 115) and that was
+		// taken over before this leaves what storeWill wrote for it.
+		d.mu.Lock()
+		delete(d.preWritten, cl)
+		d.mu.Unlock()
+		return
 	}
 	d.mu.Lock()
 	est, establishing := d.establishing[cl.ID]

@@ -5,10 +5,12 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/eclipse/paho.golang/paho"
+	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 	"go.mongodb.org/mongo-driver/v2/bson"
 
@@ -346,6 +348,47 @@ func TestDurableConnackFailureEndedByHook(t *testing.T) {
 	testutil.WaitFor(t, waitCond, func() error {
 		if e, p, s := b.EstablishingEntries(); e != 0 || p != 0 || s != 0 {
 			return fmt.Errorf("establishing %d, preWritten %d, skipped %d entries for connections whose CONNACK failed", e, p, s)
+		}
+		return nil
+	})
+}
+
+// A connection whose CONNACK cannot be written (its will stored ahead of
+// the CONNACK) is taken over by a newer CONNECT of its client ID before
+// its OnDisconnect: the durable hook leaves the writes to the newer
+// connection and must forget what it held for the failed one at once,
+// not keep it until its periodic sweep (off here). Before, its
+// pre-written subscriptions stayed in preWritten until the sweep.
+func TestDurableConnackFailureTakenOverLeavesNothing(t *testing.T) {
+	o := newOutageStore(t)
+	b := testcluster.Broker(t, "est-tko", "", func(opts *broker.Options) {
+		opts.Cluster.GossipAddr, opts.Store = "", o.st
+	})
+	b.NoEstablishSweep()
+	var once sync.Once
+	b.SetTestOnDisconnect(func(cl *mqtt.Client) {
+		if cl.ID != "tko-dev" {
+			return
+		}
+		once.Do(func() {
+			// The newer CONNECT takes the session over here.
+			c, _, err := testutil.DialV5(t, b.Addr(broker.ListenerTCP), &paho.Connect{ClientID: "tko-dev", CleanStart: false,
+				Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
+			if err != nil {
+				t.Errorf("newer CONNECT: %v", err)
+				return
+			}
+			t.Cleanup(func() { _ = c.Disconnect(&paho.Disconnect{}) })
+			if !cl.IsTakenOver() {
+				t.Error("the newer CONNECT did not take the failed connection over")
+			}
+		})
+	})
+	defer b.SetTestOnDisconnect(nil)
+	failConnack(t, b, "tko-dev", "tko/w")
+	testutil.WaitFor(t, waitCond, func() error {
+		if e, p, s := b.EstablishingEntries(); e != 0 || p != 0 || s != 0 {
+			return fmt.Errorf("establishing %d, preWritten %d, skipped %d entries once the newer connection is established", e, p, s)
 		}
 		return nil
 	})

@@ -53,3 +53,13 @@ func (b *Broker) NoEstablishSweep() {
 	b.durable.establishSwept = time.Now()
 	b.durable.mu.Unlock()
 }
+
+// SetTestOnDisconnect calls f first in the durable hook's OnDisconnect;
+// nil removes it.
+func (b *Broker) SetTestOnDisconnect(f func(cl *mqtt.Client)) {
+	if f == nil {
+		b.durable.testOnDisconnect.Store(nil)
+		return
+	}
+	b.durable.testOnDisconnect.Store(&f)
+}

@@ -198,3 +198,21 @@ func (b *Broker) MoveYieldsAsked() int64 { return b.cluster.moveYields.Load() }
 // SpeakProtocolV2 makes the node advertise, send and judge as a broker of
 // cluster protocol version 2 (partition heal by wall clocks).
 func (b *Broker) SpeakProtocolV2() { b.cluster.testProtocol.Store(protoV2) }
+
+// SetTestOwnersHandled calls f each time the node has judged (or
+// answered) an owners list from peer from; nil removes it.
+func (b *Broker) SetTestOwnersHandled(f func(from string)) {
+	if f == nil {
+		b.cluster.owners.testHandled.Store(nil)
+		return
+	}
+	b.cluster.owners.testHandled.Store(&f)
+}
+
+// SetOwnersSendWait sets how long the node's answers to owners lists
+// wait for a link to their node (a minute by default).
+func (b *Broker) SetOwnersSendWait(d time.Duration) { b.cluster.owners.sendWait.Store(int64(d)) }
+
+// OwnersNotSent is how many answers to owners lists the node gave up
+// for want of a link to their node.
+func (b *Broker) OwnersNotSent() int64 { return b.cluster.owners.notSent.Load() }

@@ -111,6 +111,19 @@ func (cl *Clients) Delete(id string) {
 	delete(cl.internal, id)
 }
 
+// Remove deletes val if it is the client of its ID, and reports whether
+// it was. rtm patch 115: Delete(id) deletes whichever client holds the ID,
+// possibly a newer connection that replaced val (see endExpiredSession).
+func (cl *Clients) Remove(val *Client) bool {
+	cl.Lock()
+	defer cl.Unlock()
+	if cur, ok := cl.internal[val.ID]; !ok || cur != val {
+		return false
+	}
+	delete(cl.internal, val.ID)
+	return true
+}
+
 // GetByListener returns clients matching a listener id.
 func (cl *Clients) GetByListener(id string) []*Client {
 	cl.RLock()

@@ -218,3 +218,89 @@ func TestResendFailureEndsEstablishedConnection(t *testing.T) {
 	require.NotEqual(t, old, cur)
 	require.Equal(t, 1, cur.State.Inflight.Len(), "the session's message is lost")
 }
+
+// TestExpiredEndKeepsNewerConnection (rtm patch 115): a connection whose
+// session expires with it ends (its CONNACK failed, or its network
+// connection closed) while a newer CONNECT of its client ID takes the
+// session over, after the end checked that it was not taken over and
+// before it removed the session: the newer connection must stay in
+// Clients with its inherited subscription in the topic tree. v2.7.9
+// deleted the client ID from Clients, and the ID's subscriptions from the
+// topic tree: the newer client, connected, got no messages.
+func TestExpiredEndKeepsNewerConnection(t *testing.T) {
+	for _, connackFails := range []bool{true, false} {
+		name := "network connection closed"
+		if connackFails {
+			name = "CONNACK failed"
+		}
+		t.Run(name, func(t *testing.T) {
+			s := newServer()
+			defer s.Close()
+			id := "end-races-takeover"
+			// A subscription the connection inherits and its successor too.
+			old, _, _ := newTestClient()
+			old.ID = id
+			old.Properties.ProtocolVersion = 5
+			old.State.Subscriptions.Add("a/b", packets.Subscription{Filter: "a/b", Qos: 1})
+			s.Topics.Subscribe(id, packets.Subscription{Filter: "a/b", Qos: 1})
+			old.Stop(nil)
+			s.Clients.Add(old)
+
+			var newer *Client
+			raced := make(chan struct{})
+			var once sync.Once
+			var newerConn net.Conn
+			defer func() {
+				if newerConn != nil {
+					_ = newerConn.Close() // before s.Close, which waits for its connection
+				}
+			}()
+			s.testBeforeEndSession = func(cl *Client) {
+				if cl.ID != id || cl == old {
+					return
+				}
+				once.Do(func() {
+					defer close(raced)
+					r, w := net.Pipe()
+					newerConn = w
+					go func() { _, _ = io.Copy(io.Discard, w) }()
+					go func() { _ = s.EstablishConnection("tcp", r) }()
+					if _, err := w.Write(connectWithWill(t, id, 5, false, 0)); err != nil {
+						t.Errorf("newer CONNECT: %v", err)
+						return
+					}
+					for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+						if cur, ok := s.Clients.Get(id); ok && cur != cl {
+							newer = cur
+							return
+						}
+					}
+					t.Error("the newer CONNECT did not take over")
+				})
+			}
+
+			r, w := net.Pipe()
+			done := make(chan error, 1)
+			go func() { done <- s.EstablishConnection("tcp", r) }()
+			_, err := w.Write(connectWithWill(t, id, 5, false, 0)) // v5, expiry 0: expires with its connection
+			require.NoError(t, err)
+			if !connackFails {
+				buf := make([]byte, 64)
+				_, err = w.Read(buf) // its CONNACK
+				require.NoError(t, err)
+			}
+			require.NoError(t, w.Close())
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				t.Fatal("EstablishConnection did not return")
+			}
+			<-raced
+			cur, ok := s.Clients.Get(id)
+			require.True(t, ok, "the newer connection was deleted from Clients by the older one's end")
+			require.Equal(t, newer, cur)
+			subs := s.Topics.Subscribers("a/b").Subscriptions
+			require.Contains(t, subs, id, "the newer connection's inherited subscription left the topic tree")
+		})
+	}
+}

@@ -183,6 +183,9 @@ type Server struct {
 	Mem          MemoryStats          // rtm patches 40-44: bytes held, see MemoryLimits
 	park         *parker              // rtm patch 86: parks idle connections (Options.IdlePark)
 	closeFlushBy atomic.Int64         // rtm patch 103: unix ns by which stopping clients' waiting packets are written (set by Close), 0 before
+	// testBeforeEndSession, if set, is called by endExpiredSession before
+	// anything else (tests: a takeover racing the end, rtm patch 115).
+	testBeforeEndSession func(cl *Client)
 }
 
 // ParkedClients returns how many idle connections are parked (rtm patch 86).
@@ -699,11 +702,38 @@ func (s *Server) connackFailed(cl *Client, listener string, err error) {
 	s.Log.Debug("client connack failed", "error", err, "client", cl.ID, "remote", cl.Net.Remote, "listener", listener)
 	expire := (cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryInterval == 0) || (cl.Properties.ProtocolVersion < 5 && cl.Properties.Clean)
 	s.hooks.OnDisconnect(cl, err, expire)
-	if expire && !cl.IsTakenOver() {
-		cl.ClearInflights()
-		s.UnsubscribeClient(cl)
-		s.Clients.Delete(cl.ID)
+	if expire {
+		s.endExpiredSession(cl)
 	}
+}
+
+// endExpiredSession removes the session of cl, whose connection ended and
+// whose session expires with it, unless a newer connection of the client
+// ID took it over (or replaced cl in Clients).
+//
+// rtm patch 115: v2.7.9 checked !cl.IsTakenOver() and then cleared,
+// unsubscribed and deleted by client ID with no lock: a newer CONNECT of
+// the ID taking over in between (inheritClientSession) was deleted from
+// Clients (connected, and unreachable by its messages), and its
+// subscriptions, keyed by the same ID, left the topic tree. The takeover
+// holds cl's takeover lock while it copies the session, marks cl taken
+// over and adds the newer client, so the check and the removal are made
+// under that lock, and the removal deletes cl only (Clients.Remove).
+func (s *Server) endExpiredSession(cl *Client) {
+	if f := s.testBeforeEndSession; f != nil {
+		f(cl)
+	}
+	cl.State.takeover.Lock()
+	defer cl.State.takeover.Unlock()
+	if cl.IsTakenOver() {
+		return
+	}
+	if cur, ok := s.Clients.Get(cl.ID); ok && cur != cl {
+		return // replaced: the subscriptions under the ID are cur's
+	}
+	cl.ClearInflights()
+	s.UnsubscribeClient(cl)
+	s.Clients.Remove(cl)
 }
 
 // disconnectedClient handles the end of a connection whose packet loop
@@ -737,10 +767,8 @@ func (s *Server) disconnectedClient(cl *Client, listener string, err error) {
 	expire := (cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryInterval == 0) || (cl.Properties.ProtocolVersion < 5 && cl.Properties.Clean)
 	s.hooks.OnDisconnect(cl, err, expire)
 
-	if expire && !cl.IsTakenOver() {
-		cl.ClearInflights()
-		s.UnsubscribeClient(cl)
-		s.Clients.Delete(cl.ID) // [MQTT-4.1.0-2] ![MQTT-3.1.2-23]
+	if expire {
+		s.endExpiredSession(cl) // rtm patch 115; [MQTT-4.1.0-2] ![MQTT-3.1.2-23]
 	}
 }
 
