@@ -1451,8 +1451,7 @@ func (d *durableHook) takeStored(ctx context.Context, sc *mongo.Collection, id, 
 	case doc.Owner != from:
 		return nil // this node's already, or a third node's (an adoption)
 	}
-	_, err = sc.UpdateOne(ctx, bson.D{{Key: "_id", Value: id}},
-		bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}}}, {Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}})
+	_, err = sc.UpdateOne(ctx, bson.D{{Key: "_id", Value: id}}, d.takeUpdate(id))
 	return err
 }
 
