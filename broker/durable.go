@@ -100,7 +100,7 @@ type durableHook struct {
 	gone map[string]time.Time
 	// goneSwept: when gone was last swept of entries older than goneKeep.
 	goneSwept time.Time
-	epoch     map[string]ownInfo // the epoch (and former owner) of sessions restored or adopted here (others: 1)
+	epoch     map[string]ownInfo // the epoch (others: 1) and mark "adopted from" of sessions restored or adopted here, or moved here marked (movedMark)
 
 	seq atomic.Int64 // orders a session's message documents
 

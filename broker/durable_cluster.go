@@ -1147,16 +1147,20 @@ func (d *durableHook) movedIn(id, from string) {
 // restored then lasts longer, up to cluster.failed_peer_hold from here,
 // which makes the session skip only copies marked held for dead.
 func (d *durableHook) movedMark(id, dead string, at int64) {
-	if dead == "" {
-		at = 0
-	} else if at <= 0 {
+	if dead != "" && at <= 0 {
 		at = time.Now().UnixMilli()
 	}
 	d.mu.Lock()
-	e := d.epoch[id]
+	defer d.mu.Unlock()
+	e, ok := d.epoch[id]
+	if dead == "" {
+		if !ok {
+			return // nothing to clear
+		}
+		at = 0
+	}
 	e.from, e.at = dead, at
 	d.epoch[id] = e
-	d.mu.Unlock()
 }
 
 // markAt returns when client id's session was adopted from dead (Unix
