@@ -168,13 +168,14 @@ const (
 
 // inMove is a move this node is the destination of.
 type inMove struct {
-	key      inKey
-	clientID string
-	version  byte
-	claim    uint64
-	adopted  string        // the failed node the session was adopted from (cluster_failover.go)
-	progress chan struct{} // a message of the move arrived (capacity 1)
-	done     chan struct{} // closed once committed or aborted
+	key       inKey
+	clientID  string
+	version   byte
+	claim     uint64
+	adopted   string        // the failed node the session was adopted from (cluster_failover.go)
+	adoptedAt int64         // when (Unix milliseconds; 0: not sent)
+	progress  chan struct{} // a message of the move arrived (capacity 1)
+	done      chan struct{} // closed once committed or aborted
 
 	mu    sync.Mutex
 	state moveState
@@ -350,6 +351,9 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 	start := moveStartMsg{Move: o.id, Claim: claim, ClientID: o.clientID, Version: cl.Properties.ProtocolVersion}
 	if c.peerProtocol(p.name) >= protoV2 { // protoV1 refuses the field
 		start.AdoptedFrom = c.adopted.get(o.clientID)
+		if start.AdoptedFrom != "" && c.b.durable != nil {
+			start.AdoptedAt = c.b.durable.markAt(o.clientID, start.AdoptedFrom)
+		}
 	}
 	if cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryIntervalFlag {
 		start.Expiry, start.ExpirySet = cl.Properties.Props.SessionExpiryInterval, true
@@ -608,7 +612,7 @@ func publishesOnly(pks []packets.Packet) []packets.Packet {
 
 func (c *clusterNode) moveStarted(from string, m moveStartMsg) {
 	c.moves.unstale(from, m.ClientID)
-	im := &inMove{key: inKey{from, m.Move}, clientID: m.ClientID, version: m.Version, claim: m.Claim, adopted: m.AdoptedFrom,
+	im := &inMove{key: inKey{from, m.Move}, clientID: m.ClientID, version: m.Version, claim: m.Claim, adopted: m.AdoptedFrom, adoptedAt: m.AdoptedAt,
 		progress: make(chan struct{}, 1), done: make(chan struct{}),
 		sess: mqtt.Session{Subscriptions: m.Subs, Expiry: m.Expiry, ExpirySet: m.ExpirySet}}
 	c.moves.startIn(im)
@@ -698,6 +702,9 @@ func (c *clusterNode) moveEnded(from string, m moveEndMsg) {
 		c.moved.Add(1)
 		c.warmGroups(im.clientID, im.sess.Subscriptions)
 		if c.b.durable != nil {
+			// The mark goes into the stored document with the take-over
+			// and every write after it (a restart here restores it).
+			c.b.durable.movedMark(im.clientID, im.adopted, im.adoptedAt)
 			// In the writer's order, ahead of the session's write by the
 			// CONNECT waiting for it, if any.
 			c.b.durable.takeOver(im.clientID, from)

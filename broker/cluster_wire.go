@@ -40,7 +40,8 @@ const (
 // adjacent versions (docs/clustering.md, "Upgrades").
 //
 // New fields go at the end of a message; a field after an optional one
-// (claimReplyMsg.Busy, publishMsg.HeldOf and Held, moveStartMsg.AdoptedFrom)
+// (claimReplyMsg.Busy, publishMsg.HeldOf and Held, moveStartMsg.AdoptedFrom
+// and AdoptedAt)
 // makes the optional one unconditional.
 const (
 	// protoV1: the releases that advertised no version. Their decoders
@@ -542,6 +543,14 @@ type moveStartMsg struct {
 	// what that node's held links kept is still on its way to it
 	// (cluster_failover.go). Optional trailing field, sent only then.
 	AdoptedFrom string
+	// AdoptedAt is when the session was adopted from AdoptedFrom (Unix
+	// milliseconds; 0: not known), which the destination stores with the
+	// mark so that a restart there restores it for as long as the
+	// adopter's would (restoreMark). Optional, after AdoptedFrom and sent
+	// only with it: a receiver that does not know it ignores it (protoV2
+	// decoders ignore trailing fields), and without it the destination
+	// counts from its move-in.
+	AdoptedAt int64
 }
 
 func (m moveStartMsg) encode() []byte {
@@ -555,6 +564,9 @@ func (m moveStartMsg) encode() []byte {
 	appendSubscriptions(&w, m.Subs)
 	if m.AdoptedFrom != "" {
 		w.string(m.AdoptedFrom)
+		if m.AdoptedAt > 0 {
+			w.varint(m.AdoptedAt)
+		}
 	}
 	return w.b
 }
@@ -570,6 +582,9 @@ func decodeMoveStart(b []byte) (m moveStartMsg, err error) {
 	m.Subs = readSubscriptions(&r)
 	if r.err == nil && len(r.b) > 0 {
 		m.AdoptedFrom = r.string()
+		if r.err == nil && len(r.b) > 0 {
+			m.AdoptedAt = max(r.varint(), 0)
+		}
 	}
 	return m, r.done()
 }

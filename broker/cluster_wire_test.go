@@ -234,6 +234,17 @@ func TestFailoverFieldsRoundTrip(t *testing.T) {
 	if m, err := decodeMoveStart(start.encode()); err != nil || m.AdoptedFrom != "n2" || m.ClientID != "dev" {
 		t.Fatalf("move start with a mark: %+v, %v", m, err)
 	}
+	// A version 2 or 3 decoder without AdoptedAt ignores it (trailing), and
+	// one with it reads it.
+	start.AdoptedAt = 1_700_000_000_123
+	b := start.encode()
+	if m, err := decodeMoveStart(b); err != nil || m.AdoptedFrom != "n2" || m.AdoptedAt != start.AdoptedAt {
+		t.Fatalf("move start with a mark and its time: %+v, %v", m, err)
+	}
+	start.AdoptedAt = 0
+	if m, err := decodeMoveStart(b[:len(start.encode())]); err != nil || m.AdoptedFrom != "n2" || m.AdoptedAt != 0 {
+		t.Fatalf("move start with a mark, its time cut off: %+v, %v", m, err)
+	}
 	if m, err := decodeHeldDone(heldDoneMsg{Dead: "n2"}.encode()); err != nil || m.Dead != "n2" {
 		t.Fatalf("held done: %+v, %v", m, err)
 	}

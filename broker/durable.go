@@ -104,7 +104,7 @@ type durableHook struct {
 	gone map[string]time.Time
 	// goneSwept: when gone was last swept of entries older than goneKeep.
 	goneSwept time.Time
-	epoch     map[string]ownInfo // the epoch (and former owner) of sessions restored or adopted here (others: 1)
+	epoch     map[string]ownInfo // the epoch (others: 1) and mark "adopted from" of sessions restored or adopted here, or moved here marked (movedMark)
 
 	seq atomic.Int64 // orders a session's message documents
 
@@ -1510,8 +1510,7 @@ func (d *durableHook) takeStored(ctx context.Context, sc *mongo.Collection, id, 
 	case doc.Owner != from:
 		return nil // this node's already, or a third node's (an adoption)
 	}
-	_, err = sc.UpdateOne(ctx, bson.D{{Key: "_id", Value: id}},
-		bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}}}, {Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}})
+	_, err = sc.UpdateOne(ctx, bson.D{{Key: "_id", Value: id}}, d.takeUpdate(id))
 	return err
 }
 

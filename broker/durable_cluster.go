@@ -1095,9 +1095,7 @@ func (d *durableHook) movedIn(id, from string) {
 					filter = append(filter, bson.E{Key: "owner", Value: doc.Owner})
 				}
 				if keep {
-					res, err = sc.UpdateOne(ctx, filter,
-						bson.D{{Key: "$set", Value: bson.D{{Key: "owner", Value: d.node}}},
-							{Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}})
+					res, err = sc.UpdateOne(ctx, filter, d.takeUpdate(id))
 				} else {
 					_, err = sc.DeleteOne(ctx, filter)
 					deleted = err == nil
@@ -1136,6 +1134,64 @@ func (d *durableHook) movedIn(id, from string) {
 			}
 		}
 	}()
+}
+
+// movedMark records the mark "adopted from dead at" (Unix milliseconds)
+// of client id's session, which just moved here ("": none), for this
+// node's writes of its stored document, so that a restart of this node
+// during the failover marks the restored session again (restore,
+// restoreMark) and it still takes what the survivors held for dead (before,
+// the mark moved in memory only, and the held copies released after such a
+// restart skipped the session: lost, not counted). Without the adopter's
+// time (a sender that does not carry it) the move-in's stands in: the mark
+// restored then lasts longer, up to cluster.failed_peer_hold from here,
+// which makes the session skip only copies marked held for dead.
+func (d *durableHook) movedMark(id, dead string, at int64) {
+	if dead != "" && at <= 0 {
+		at = time.Now().UnixMilli()
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	e, ok := d.epoch[id]
+	if dead == "" {
+		if !ok {
+			return // nothing to clear
+		}
+		at = 0
+	}
+	e.from, e.at = dead, at
+	d.epoch[id] = e
+}
+
+// markAt returns when client id's session was adopted from dead (Unix
+// milliseconds), as this node stores it, or 0.
+func (d *durableHook) markAt(id, dead string) int64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if e := d.epoch[id]; e.from == dead {
+		return e.at
+	}
+	return 0
+}
+
+// takeUpdate is the update by which this node takes client id's stored
+// session over from the node it moved from (takeStored, movedIn): owner
+// and epoch, and the session's mark as this node holds it (movedMark),
+// since the session's own write may not come (a session pushed here) and
+// the document holds the source's: without the mark, one that no longer
+// applies (the marks cleared) is removed.
+func (d *durableHook) takeUpdate(id string) bson.D {
+	d.mu.Lock()
+	e := d.epoch[id]
+	d.mu.Unlock()
+	set := bson.D{{Key: "owner", Value: d.node}}
+	u := bson.D{{Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}}
+	if e.from != "" && e.at > 0 {
+		set = append(set, bson.E{Key: "adopted_from", Value: e.from}, bson.E{Key: "adopted_at", Value: e.at})
+	} else {
+		u = append(u, bson.E{Key: "$unset", Value: bson.D{{Key: "adopted_from", Value: ""}, {Key: "adopted_at", Value: ""}}})
+	}
+	return append(bson.D{{Key: "$set", Value: set}}, u...)
 }
 
 // redoUnstored queues again the last session document of client id that

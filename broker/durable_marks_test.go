@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/eclipse/paho.golang/paho"
 	"github.com/rtm-dev/rtm/broker"
 	"github.com/rtm-dev/rtm/internal/cluster"
 	"github.com/rtm-dev/rtm/internal/store/storetest"
@@ -99,6 +100,113 @@ func TestAdopterRestartKeepsAdoptedMark(t *testing.T) {
 	})
 
 	a.wantAdopted(t, n1b, "m1", "m2", "m3")
+}
+
+// TestMovedOnRestartKeepsAdoptedMark: a node dies, n1 adopts one of its
+// sessions, and its device reconnects to n3 before n2 released its held
+// link for the dead node (another session is still being adopted): the
+// session moves on from n1 to n3 (after the 1.5 s wait for the held
+// copies) with its mark "adopted from n0", and n3 restarts (kill, same name
+// and addresses, back before gossip's verdict). The session n3 restores
+// must still skip the direct copies of what n2's held link takes, and get
+// the held copies when n2 releases it, in order. Before, the mark moved in
+// memory only (n3's writes of the stored session left it out): the
+// restored session took m3's direct copy first, then skipped the held
+// copies of m1, m2 and m3: m1 and m2 were lost, not counted.
+func TestMovedOnRestartKeepsAdoptedMark(t *testing.T) {
+	st := storetest.Open(t)
+	px := newLinkProxy(t)
+	withStore := func(o *broker.Options) { o.Store = st }
+	n1 := testcluster.Broker(t, "n1", "", withStore)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
+	n3 := testcluster.Broker(t, "n3", n1.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.LinkAdvertise = st, px.addr()
+	})
+	px.setTarget(n3.Stats().Cluster.Link)
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), withStore)
+	nodes := []*broker.Broker{n0, n1, n2, n3}
+	waitMesh(t, nodes...)
+	a := pauseAdoptions(t, st, nodes)
+	p := a.p
+
+	n0.KillCluster()
+	a.publishDuringAdoption(t, st, n2, "m1")
+	// m2's direct copy is skipped by the adopted session: the held link
+	// has it.
+	p.Pub(t, "t/0", 1, false, "m2")
+	if st, _ := linkState(n2, "n0"); st != "held" {
+		t.Fatalf("n2's link to n0 %q, want held", st)
+	}
+
+	// The device reconnects to n3: the session moves from n1 with its mark
+	// (n2 has not sent what it held for n0: n1 waits 1.5 s for it first).
+	d, ca := dialV5(t, n3, &paho.Connect{ClientID: a.svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
+	if !ca.SessionPresent {
+		t.Fatal("session present = 0 after the move to n3")
+	}
+	_ = d.Disconnect(&paho.Disconnect{})
+	waitConnections(t, n3, 0)
+	waitStoredOwner(t, st, a.svc, "n3")
+
+	// n3 restarts within failure detection: n1 and n2 keep it alive (a
+	// real restart of a process is that fast; in process here, gossip
+	// might declare it failed first, and they would adopt its session).
+	for _, n := range []*broker.Broker{n1, n2} {
+		n.SetTestMembers(func(ms []cluster.Member) []cluster.Member {
+			for i := range ms {
+				if ms[i].Name == "n3" && ms[i].Status == cluster.StatusFailed {
+					ms[i].Status = cluster.StatusAlive
+				}
+			}
+			return ms
+		})
+		defer n.SetTestMembers(nil)
+	}
+	inc := func(n *broker.Broker) uint64 {
+		for _, l := range n.Stats().Cluster.Links {
+			if l.Peer == "n3" {
+				return l.PeerIncarnation
+			}
+		}
+		return 0
+	}
+	before := inc(n2)
+	gossip := n3.GossipAddr()
+	n3.KillCluster() // its MQTT side is not used again
+	px.cut()
+	n3b := testcluster.Broker(t, "n3", n2.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.GossipAddr, o.Cluster.LinkAdvertise = st, gossip, px.addr()
+	})
+	px.setTarget(n3b.Stats().Cluster.Link)
+	testutil.WaitFor(t, waitCond, func() error {
+		// n1's too: the device's CONNECT on n3 below claims its client ID
+		// from every node (a claim on a link that breaks for the new
+		// incarnation is refused, and the device would retry).
+		for _, n := range []*broker.Broker{n1, n2} {
+			if st, _ := linkState(n, "n3"); st != "up" || inc(n) == before {
+				return fmt.Errorf("%s's link to n3 %q, want up with the new n3", n.Name(), st)
+			}
+		}
+		if got := n2.Stats().Cluster.RemoteRoutes["n3"]; got != 1 {
+			return fmt.Errorf("n2 holds %d routes of the new n3, want 1 (the restored session's)", got)
+		}
+		return nil
+	})
+	if st, _ := linkState(n2, "n0"); st != "held" {
+		t.Fatalf("n2's link to n0 %q, want still held", st)
+	}
+	// Marked held for n0, as m2: the restored session must skip its
+	// direct copy and take the held one, after m1 and m2.
+	p.Pub(t, "t/0", 1, false, "m3")
+	a.letOtherGo() // the other adoption, then n2's release
+	testutil.WaitFor(t, 2*waitCond, func() error {
+		if st, _ := linkState(n2, "n0"); st == "held" {
+			return fmt.Errorf("n2's link to n0 still held")
+		}
+		return nil
+	})
+
+	a.wantAdopted(t, n3b, "m1", "m2", "m3")
 }
 
 // TestLateGossipHandOverReachesAdopted: a dead node n0 comes back (at

@@ -198,16 +198,21 @@ func (a pausedAdoptions) wantAdopted(t *testing.T, n *broker.Broker, msgs ...str
 	}
 }
 
-// pauseAdoptions gives n0 of nodes (n0, n1, n2) two persistent sessions,
-// svc adopted by n1 and other by n2 when n0 dies, and pauses both
-// adoptions after their claims: svc's until release, other's (so n2's held
-// link for n0 is not released) until hold.
+// pauseAdoptions gives n0 of nodes (n0, n1, n2, and any further
+// survivors, which adopt nothing) two persistent sessions, svc adopted by
+// n1 and other by n2 when n0 dies, and pauses both adoptions after their
+// claims: svc's until release, other's (so n2's held link for n0 is not
+// released) until hold.
 func pauseAdoptions(t *testing.T, st *store.Store, nodes []*broker.Broker) pausedAdoptions {
 	t.Helper()
 	n0, n1, n2 := nodes[0], nodes[1], nodes[2]
+	var live []string
+	for _, n := range nodes[1:] {
+		live = append(live, n.Name())
+	}
 	pick := func(prefix, adopter string) string {
 		for i := 0; ; i++ {
-			if id := fmt.Sprintf("%s-%d", prefix, i); broker.Adopter(id, "n1", "n2") == adopter {
+			if id := fmt.Sprintf("%s-%d", prefix, i); broker.Adopter(id, live...) == adopter {
 				return id
 			}
 		}
