@@ -396,14 +396,28 @@ type pubSlot struct {
 // slot returns cl's pubSlot, making it at cl's first QoS 1/2 PUBLISH (or
 // the first since another connection under its ID published).
 func (d *durableHook) slot(cl *mqtt.Client) *pubSlot {
-	if v, ok := d.pubs.Load(cl.ID); ok {
-		if s := v.(*pubSlot); s.cl == cl {
+	s := (*pubSlot)(nil)
+	for {
+		v, ok := d.pubs.Load(cl.ID)
+		if ok && v.(*pubSlot).cl == cl {
+			return v.(*pubSlot)
+		}
+		if cl.IsTakenOver() {
+			// A late PUBLISH of a connection taken over: it must not
+			// replace the slot of the connection that took it over.
+			return &pubSlot{cl: cl}
+		}
+		if s == nil {
+			s = &pubSlot{cl: cl}
+		}
+		if !ok {
+			if _, loaded := d.pubs.LoadOrStore(cl.ID, s); !loaded {
+				return s
+			}
+		} else if d.pubs.CompareAndSwap(cl.ID, v, s) {
 			return s
 		}
 	}
-	s := &pubSlot{cl: cl}
-	d.pubs.Store(cl.ID, s)
-	return s
 }
 
 // dropSlot forgets cl's pubSlot (its connection ended), unless the slot is
