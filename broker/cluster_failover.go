@@ -115,6 +115,25 @@ func (a *adoptedMarks) clear(id, dead string) {
 	a.n.Store(int32(len(a.from)))
 }
 
+// marked returns the sessions marked adopted from one of nodes.
+func (a *adoptedMarks) marked(nodes []string) map[string]bool {
+	if a.n.Load() == 0 {
+		return nil
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var m map[string]bool
+	for id, d := range a.from {
+		if slices.Contains(nodes, d) {
+			if m == nil {
+				m = map[string]bool{}
+			}
+			m[id] = true
+		}
+	}
+	return m
+}
+
 // forget drops every mark naming dead.
 func (a *adoptedMarks) forget(dead string) {
 	a.mu.Lock()
@@ -144,6 +163,21 @@ func (c *clusterNode) exclude(held []string, heldOf string) func(string) bool {
 		return nil
 	}
 	return func(id string) bool { return heldSkip(c.adopted.get(id), held, heldOf) }
+}
+
+// excludeLocal returns the Packet.Exclude of the local delivery of a
+// message whose forward found held's links holding it. mochi delivers it
+// after the forward, once this node may have handed those links over and
+// heard every broker done (heldHandedOver waits for the forward, not for
+// this delivery), the marks gone: so the sessions marked at the forward,
+// whose held copy is on its way or delivered, stay left out, and so do
+// those marked since.
+func (c *clusterNode) excludeLocal(held []string) func(string) bool {
+	if len(held) == 0 {
+		return nil
+	}
+	marked := c.adopted.marked(held)
+	return func(id string) bool { return marked[id] || heldSkip(c.adopted.get(id), held, "") }
 }
 
 // flushGate keeps what is forwarded after a held link's release behind the
@@ -258,14 +292,44 @@ func (c *clusterNode) deliverPublish(from string, pm publishMsg) {
 		pk.Expiry = pk.Created + int64(pm.Expiry)
 	}
 	var shared func(string) bool
-	if len(pm.Shared) > 0 {
-		shared = func(route string) bool { return slices.Contains(pm.Shared, route) }
+	if routes := pm.Shared; len(routes) > 0 {
+		if pm.HeldOf != "" {
+			routes = c.adoptedShared(pk.TopicName, routes, pm.HeldOf)
+		}
+		if len(routes) > 0 {
+			shared = func(route string) bool { return slices.Contains(routes, route) }
+		}
 	}
 	pk.Exclude = c.exclude(pm.Held, pm.HeldOf)
 	c.b.mq.DeliverFromPeer(pk, shared)
 	if c.relays.n.Load() > 0 {
 		c.relayFromPeer(from, pm)
 	}
+}
+
+// adoptedShared returns the share groups of routes that have a member
+// here whose session was adopted from dead. A held copy's groups were
+// selected for dead's members: a hand-over sends them to every live peer
+// (handOverTo), and only where such a member is may the group take the
+// copy, or a group would get it once per peer with a member. The shared
+// selection is not filtered (Packet.Exclude spares the selected member,
+// mochi patch 24): should the group have another member here, that one
+// may take the copy instead, still once for the group.
+func (c *clusterNode) adoptedShared(topic string, routes []string, dead string) []string {
+	var keep []string
+	for filter, members := range c.b.mq.Topics.Subscribers(topic).Shared {
+		route := mqtt.SharedRoute(filter)
+		if !slices.Contains(routes, route) || slices.Contains(keep, route) {
+			continue
+		}
+		for id := range members {
+			if c.adopted.get(id) == dead {
+				keep = append(keep, route)
+				break
+			}
+		}
+	}
+	return keep
 }
 
 // resendHeld sends the publishes of the released held link of the failed

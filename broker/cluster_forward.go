@@ -76,7 +76,7 @@ func (c *clusterNode) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pac
 		if err != nil && pk.FixedHeader.Qos > 0 {
 			return pk, err
 		}
-		pk.Exclude = c.exclude(held, "")
+		pk.Exclude = c.excludeLocal(held)
 		if f := c.testAfterForward.Load(); f != nil {
 			(*f)(pk.TopicName)
 		}
