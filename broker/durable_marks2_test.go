@@ -202,7 +202,7 @@ func TestHandOverLocalDirectCopyAfterMarksGo(t *testing.T) {
 	defer n2.SetTestAfterForward(nil)
 	done := make(chan struct{})
 	go func() { defer close(done); p.Pub(t, "t/1", 1, false, "m2") }()
-	<-forwarded // m2 marked held for n0 and queued; its local delivery waits
+	<-forwarded            // m2 marked held for n0 and queued; its local delivery waits
 	n2.SetTestMembers(nil) // n2 sees n0 alive: hands m2 over, then says done
 	testutil.WaitFor(t, waitCond, func() error {
 		if st, _ := linkState(n2, "n0"); st == "held" {
