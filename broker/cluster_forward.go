@@ -306,6 +306,9 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 		}
 		c.forwarded.Add(1)
 		c.forwardedBytes.Add(int64(len(body)))
+		if f := c.testForwardQueued.Load(); f != nil {
+			(*f)(pk.TopicName, t.p.name)
+		}
 		if slices.Contains(held, t.p.name) && !t.p.handOver.Load() {
 			// Queued, marked held, on a held link that since reached
 			// the peer again (a new process, or the same one: then it
