@@ -340,3 +340,171 @@ func TestRestoredMarkOutlivesFailover(t *testing.T) {
 	case <-time.After(2 * time.Second):
 	}
 }
+
+// TestHandOverWaitsForMarkedForward: m is forwarded on n2 while n0's held
+// link is held: queued for n1, where svc (adopted from n0) skips it by its
+// mark, then, after n2 handed the held link over because n0 is alive
+// again, for n0: the forward re-sends it to the adopted sessions itself
+// (HeldOf n0). n2's word that it is done with n0 must wait for that
+// re-send (heldForwards): sent before, n1 drops svc's mark and the re-sent
+// copy skips svc too.
+func TestHandOverWaitsForMarkedForward(t *testing.T) {
+	st := storetest.Open(t)
+	px := newLinkProxy(t)
+	withStore := func(o *broker.Options) { o.Store = st }
+	n1 := testcluster.Broker(t, "n1", "", withStore)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.LinkAdvertise = st, px.addr()
+	})
+	n0link := n0.Stats().Cluster.Link
+	px.setTarget(n0link)
+	nodes := []*broker.Broker{n0, n1, n2}
+	waitMesh(t, nodes...)
+	pick := func(prefix, adopter string) string {
+		for i := 0; ; i++ {
+			if id := fmt.Sprintf("%s-%d", prefix, i); broker.Adopter(id, "n1", "n2") == adopter {
+				return id
+			}
+		}
+	}
+	svc, blocker := pick("svc", "n1"), pick("blocker", "n2")
+	exp := &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}
+	for i, id := range []string{svc, blocker} {
+		c, _ := dialV5(t, n0, &paho.Connect{ClientID: id, CleanStart: true, Properties: exp})
+		subscribe(t, c, 0, paho.SubscribeOptions{Topic: fmt.Sprintf("t/%d", i), QoS: 1})
+		_ = c.Disconnect(&paho.Disconnect{})
+	}
+	waitConnections(t, n0, 0)
+	waitStoredOwner(t, st, svc, "n0")
+	waitStoredOwner(t, st, blocker, "n0")
+	waitRoutes(t, nodes, n0, 2)
+	p, _ := dialV5(t, n2, &paho.Connect{ClientID: "p", CleanStart: true})
+
+	px.cut()
+	defer px.setTarget(n0link)
+	claimed := make(chan struct{})
+	var once sync.Once
+	release := func() { once.Do(func() { close(claimed) }) }
+	defer release()
+	blocked := make(chan struct{})
+	var bOnce sync.Once
+	// blocker's adoption pauses on n2: n2 does not release its held link
+	// (a session of n0 is still n0's), it hands it over.
+	n2.SetTestAfterClaim(func(id string) {
+		if id == blocker {
+			bOnce.Do(func() { close(blocked) })
+			<-claimed
+		}
+	})
+	defer n2.SetTestAfterClaim(nil)
+	for _, b := range []*broker.Broker{n1, n2} {
+		markFailed(b, "n0")
+		defer b.SetTestMembers(nil)
+	}
+	<-blocked
+	waitStoredOwner(t, st, svc, "n1")
+	testutil.WaitFor(t, waitCond, func() error {
+		if n := n1.AdoptedMarks(); n != 1 {
+			return fmt.Errorf("n1 has %d marks, want 1", n)
+		}
+		if got := n2.Stats().Cluster.RemoteRoutes["n1"]; got != 1 {
+			return fmt.Errorf("n2 holds %d routes of n1, want 1", got)
+		}
+		return nil
+	})
+	// n1 sees n0 alive first: it holds nothing for n0, and says so.
+	n1.SetTestMembers(nil)
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n1, "n0"); st == "held" {
+			return fmt.Errorf("n1's link to n0 still held")
+		}
+		return nil
+	})
+	if st, _ := linkState(n2, "n0"); st != "held" {
+		t.Fatalf("n2's link to n0 %q, want held", st)
+	}
+
+	// A forward that queues for n1 before n0 pauses there (the order of
+	// its targets is the route map's: a few publishes find it).
+	queued, resume := make(chan struct{}), make(chan struct{})
+	var qOnce sync.Once
+	var mu sync.Mutex
+	n0first := false
+	n2.SetTestForwardQueued(func(topic, peer string) {
+		if topic != "t/0" {
+			return
+		}
+		mu.Lock()
+		first := n0first
+		n0first = peer == "n0"
+		mu.Unlock()
+		if peer == "n1" && !first {
+			qOnce.Do(func() {
+				close(queued)
+				<-resume
+			})
+		}
+	})
+	defer n2.SetTestForwardQueued(nil)
+	var want []string
+	pubDone := make(chan struct{})
+	for i := 0; ; i++ {
+		if i == 40 {
+			t.Fatal("no forward queued for n1 before n0 in 40 publishes")
+		}
+		m := fmt.Sprintf("m%d", i)
+		want = append(want, m)
+		done := make(chan struct{})
+		go func() { defer close(done); p.Pub(t, "t/0", 1, false, m) }()
+		select {
+		case <-done:
+			continue
+		case <-queued:
+		}
+		go func() { <-done; close(pubDone) }()
+		break
+	}
+	n2.SetTestMembers(nil) // n2 sees n0 alive: hands its held link over
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n2, "n0"); st == "held" {
+			return fmt.Errorf("n2's link to n0 still held")
+		}
+		return nil
+	})
+	// svc's mark must stay while the forward is under way; without the
+	// wait it goes at once. Either way the forward then goes on.
+	end := time.Now().Add(3 * time.Second)
+	for n1.AdoptedMarks() != 0 && time.Now().Before(end) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	close(resume)
+	<-pubDone
+	release()
+
+	s, ca := dialV5(t, n1, &paho.Connect{ClientID: svc, CleanStart: false, Properties: exp})
+	if !ca.SessionPresent {
+		t.Fatal("no session")
+	}
+	got := map[string]int{}
+	deadline := time.After(waitMsg)
+collect:
+	for n := 0; n < len(want); n++ {
+		select {
+		case m := <-s.Messages:
+			got[string(m.Payload)]++
+		case <-deadline:
+			break collect
+		}
+	}
+	for _, m := range want {
+		if got[m] != 1 {
+			t.Errorf("svc got %s %d times, want once (got %v)", m, got[m], got)
+		}
+	}
+	select {
+	case m := <-s.Messages:
+		t.Errorf("svc got %q again", m.Payload)
+	case <-time.After(time.Second):
+	}
+}
