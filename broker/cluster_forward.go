@@ -118,7 +118,7 @@ func (c *clusterNode) OnPublishHold(cl *mqtt.Client, pk packets.Packet) func() e
 // nobody to refuse: what cannot be queued is counted.
 func (c *clusterNode) OnWillPublish(_ *mqtt.Client, pk packets.Packet) packets.Packet {
 	held, _ := c.forward(nil, pk)
-	pk.Exclude = c.exclude(held, "")
+	pk.Exclude = c.excludeLocal(held)
 	return pk
 }
 
