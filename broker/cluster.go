@@ -75,6 +75,9 @@ type clusterNode struct {
 	// testAfterForward, if set, is called after a local publish was
 	// forwarded to peers, before mochi delivers it here.
 	testAfterForward atomic.Pointer[func(topic string)]
+	// testForwardQueued, if set, is called by a forward after it queued
+	// a message for a peer, before it queues it for the next one.
+	testForwardQueued atomic.Pointer[func(topic, peer string)]
 	// testBeforeClose, if set, is called by syncPeers before it closes
 	// the link of a peer whose routes it dropped.
 	testBeforeClose atomic.Pointer[func(peer string)]
@@ -481,6 +484,7 @@ func (c *clusterNode) members() []cluster.Member {
 func (c *clusterNode) snapshot(peerName string) []link.Message {
 	// Before anything it held is written to the peer again.
 	c.linkReached(peerName)
+	c.reannounceHeldDone(peerName)
 	rm := c.routes.localSnapshot()
 	// The owners list right after the routes: the ages it gives (see
 	// cluster_heal.go) grow while it waits behind the retained messages.

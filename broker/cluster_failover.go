@@ -53,7 +53,9 @@ import (
 // D failed), they go cluster.failed_peer_hold after gossip no longer
 // reports D failed (markAfterHold), when no broker holds anything for D
 // any more. A node that restarts restores the marks of the sessions it
-// adopted within cluster.failed_peer_hold from the store (restoreMark).
+// adopted within cluster.failed_peer_hold from the store (restoreMark);
+// they go once every live broker said again, as its link to the new
+// process connects, that it is done with D (reannounceHeldDone).
 // A held link that reaches a new process of D re-sends what it threw
 // away as a release would (resendRestarted).
 
@@ -63,6 +65,8 @@ type adoptedMarks struct {
 	n    atomic.Int32 // len(from): deliveries skip the lookup at 0
 	mu   sync.Mutex
 	from map[string]string
+	tok  map[string]uint64 // client id → the mark's token (set), so a timer clears only its own
+	seq  uint64
 }
 
 // get returns the node client id's session was adopted from, or "".
@@ -75,14 +79,29 @@ func (a *adoptedMarks) get(id string) string {
 	return a.from[id]
 }
 
-// set marks client id's session adopted from node dead.
-func (a *adoptedMarks) set(id, dead string) {
+// set marks client id's session adopted from node dead. It returns the
+// mark's token (clearToken).
+func (a *adoptedMarks) set(id, dead string) uint64 {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.from == nil {
-		a.from = map[string]string{}
+		a.from, a.tok = map[string]string{}, map[string]uint64{}
 	}
-	a.from[id] = dead
+	a.seq++
+	a.from[id], a.tok[id] = dead, a.seq
+	a.n.Store(int32(len(a.from)))
+	return a.seq
+}
+
+// clearToken drops client id's mark if it is still the one set returned
+// tok for: not a newer mark of the same session (a later failure).
+func (a *adoptedMarks) clearToken(id string, tok uint64) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if _, ok := a.from[id]; ok && a.tok[id] == tok {
+		delete(a.from, id)
+		delete(a.tok, id)
+	}
 	a.n.Store(int32(len(a.from)))
 }
 
@@ -96,11 +115,13 @@ func (a *adoptedMarks) reset(id, dead string) {
 	defer a.mu.Unlock()
 	if dead == "" {
 		delete(a.from, id)
+		delete(a.tok, id)
 	} else {
 		if a.from == nil {
-			a.from = map[string]string{}
+			a.from, a.tok = map[string]string{}, map[string]uint64{}
 		}
-		a.from[id] = dead
+		a.seq++
+		a.from[id], a.tok[id] = dead, a.seq
 	}
 	a.n.Store(int32(len(a.from)))
 }
@@ -111,8 +132,28 @@ func (a *adoptedMarks) clear(id, dead string) {
 	defer a.mu.Unlock()
 	if a.from[id] == dead {
 		delete(a.from, id)
+		delete(a.tok, id)
 	}
 	a.n.Store(int32(len(a.from)))
+}
+
+// marked returns the sessions marked adopted from one of nodes.
+func (a *adoptedMarks) marked(nodes []string) map[string]bool {
+	if a.n.Load() == 0 {
+		return nil
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var m map[string]bool
+	for id, d := range a.from {
+		if slices.Contains(nodes, d) {
+			if m == nil {
+				m = map[string]bool{}
+			}
+			m[id] = true
+		}
+	}
+	return m
 }
 
 // forget drops every mark naming dead.
@@ -122,6 +163,7 @@ func (a *adoptedMarks) forget(dead string) {
 	for id, d := range a.from {
 		if d == dead {
 			delete(a.from, id)
+			delete(a.tok, id)
 		}
 	}
 	a.n.Store(int32(len(a.from)))
@@ -144,6 +186,21 @@ func (c *clusterNode) exclude(held []string, heldOf string) func(string) bool {
 		return nil
 	}
 	return func(id string) bool { return heldSkip(c.adopted.get(id), held, heldOf) }
+}
+
+// excludeLocal returns the Packet.Exclude of the local delivery of a
+// message whose forward found held's links holding it. mochi delivers it
+// after the forward, once this node may have handed those links over and
+// heard every broker done (heldHandedOver waits for the forward, not for
+// this delivery), the marks gone: so the sessions marked at the forward,
+// whose held copy is on its way or delivered, stay left out, and so do
+// those marked since.
+func (c *clusterNode) excludeLocal(held []string) func(string) bool {
+	if len(held) == 0 {
+		return nil
+	}
+	marked := c.adopted.marked(held)
+	return func(id string) bool { return marked[id] || heldSkip(c.adopted.get(id), held, "") }
 }
 
 // flushGate keeps what is forwarded after a held link's release behind the
@@ -258,14 +315,44 @@ func (c *clusterNode) deliverPublish(from string, pm publishMsg) {
 		pk.Expiry = pk.Created + int64(pm.Expiry)
 	}
 	var shared func(string) bool
-	if len(pm.Shared) > 0 {
-		shared = func(route string) bool { return slices.Contains(pm.Shared, route) }
+	if routes := pm.Shared; len(routes) > 0 {
+		if pm.HeldOf != "" {
+			routes = c.adoptedShared(pk.TopicName, routes, pm.HeldOf)
+		}
+		if len(routes) > 0 {
+			shared = func(route string) bool { return slices.Contains(routes, route) }
+		}
 	}
 	pk.Exclude = c.exclude(pm.Held, pm.HeldOf)
 	c.b.mq.DeliverFromPeer(pk, shared)
 	if c.relays.n.Load() > 0 {
 		c.relayFromPeer(from, pm)
 	}
+}
+
+// adoptedShared returns the share groups of routes that have a member
+// here whose session was adopted from dead. A held copy's groups were
+// selected for dead's members: a hand-over sends them to every live peer
+// (handOverTo), and only where such a member is may the group take the
+// copy, or a group would get it once per peer with a member. The shared
+// selection is not filtered (Packet.Exclude spares the selected member,
+// mochi patch 24): should the group have another member here, that one
+// may take the copy instead, still once for the group.
+func (c *clusterNode) adoptedShared(topic string, routes []string, dead string) []string {
+	var keep []string
+	for filter, members := range c.b.mq.Topics.Subscribers(topic).Shared {
+		route := mqtt.SharedRoute(filter)
+		if !slices.Contains(routes, route) || slices.Contains(keep, route) {
+			continue
+		}
+		for id := range members {
+			if c.adopted.get(id) == dead {
+				keep = append(keep, route)
+				break
+			}
+		}
+	}
+	return keep
 }
 
 // resendHeld sends the publishes of the released held link of the failed
@@ -342,6 +429,7 @@ type heldDone struct {
 	done    map[string]map[string]bool // failed node → brokers done
 	changed chan struct{}              // closed and replaced at each change
 	gen     map[string]uint64          // failed node → its failures seen (reset)
+	said    map[string]time.Time       // failed node → when this node said it was done (sendHeldDone)
 }
 
 // reset starts a new failure of dead: what was known of the previous one
@@ -350,10 +438,36 @@ func (h *heldDone) reset(dead string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	delete(h.done, dead)
+	delete(h.said, dead)
 	if h.gen == nil {
 		h.gen = map[string]uint64{}
 	}
 	h.gen[dead]++
+}
+
+// saidDone records that this node told its peers it is done with dead's
+// held link.
+func (h *heldDone) saidDone(dead string, at time.Time) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.said == nil {
+		h.said = map[string]time.Time{}
+	}
+	h.said[dead] = at
+}
+
+// saidSince returns the failed nodes this node said it was done with
+// since t, in this failure of each.
+func (h *heldDone) saidSince(t time.Time) []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var out []string
+	for dead, at := range h.said {
+		if at.After(t) {
+			out = append(out, dead)
+		}
+	}
+	return out
 }
 
 // generation returns the failures of dead seen so far.
@@ -489,11 +603,17 @@ func (c *clusterNode) restoreMark(id, dead string, adoptedAt time.Time) {
 	if dead == "" || adoptedAt.IsZero() || hold <= 0 || left <= 0 {
 		return
 	}
-	c.adopted.set(id, dead)
+	// adopted_at is another node's wall clock, maybe ahead of this one's.
+	left = min(left, hold)
+	tok := c.adopted.set(id, dead)
+	// This process holds nothing for dead: it is done with it, and the
+	// marks go once every live broker says so again (reannounceHeldDone).
+	c.heldDone.add(dead, c.node.Name())
 	// Not tied to the failure's generation (this node's watcher begins a
 	// new one when it first sees dead failed, after this): any held link
-	// of that failure is gone by then.
-	time.AfterFunc(left, func() { c.adopted.clear(id, dead) })
+	// of that failure is gone by then. Tied to this mark: a later failure
+	// of dead may mark the session again (adoptedMarks.reset).
+	time.AfterFunc(left, func() { c.adopted.clearToken(id, tok) })
 }
 
 // heldHandedOver tells the cluster this node is done with dead's held link
@@ -536,7 +656,33 @@ func (c *clusterNode) sendHeldDone(dead string) {
 			c.log.Warn("held-link end not sent: link queue full; sessions adopted there move after a pause", "peer", p.name, "node", dead)
 		}
 	}
+	c.heldDone.saidDone(dead, time.Now())
 	c.heldSent(dead, c.node.Name())
+}
+
+// reannounceHeldDone tells peer, whose link just (re)connected, again
+// that this node is done with the held links it said so of within
+// cluster.failed_peer_hold, in the failure of each it last saw: a peer
+// that restarted since restored the marks of the sessions it adopted
+// (restoreMark) and never got the first msgHeldDone, so its marks would
+// outlive the failover and take a later held copy the sessions had
+// directly. Queued behind whatever the link still holds (the held copies
+// go first, as with the first msgHeldDone); nothing for a node this one
+// holds a link for again.
+func (c *clusterNode) reannounceHeldDone(peer string) {
+	if c.peerProtocol(peer) < protoV2 {
+		return
+	}
+	p := c.peers.getLinked(peer)
+	if p == nil {
+		return
+	}
+	for _, dead := range c.heldDone.saidSince(time.Now().Add(-c.peers.hold)) {
+		if dead == peer || c.peers.getHeld(dead) != nil {
+			continue
+		}
+		p.link.Send(link.Message{Type: msgHeldDone, Body: heldDoneMsg{Dead: dead}.encode()}, true)
+	}
 }
 
 // resendExpired hands what the held link of a failed peer kept, given up

@@ -76,7 +76,7 @@ func (c *clusterNode) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pac
 		if err != nil && pk.FixedHeader.Qos > 0 {
 			return pk, err
 		}
-		pk.Exclude = c.exclude(held, "")
+		pk.Exclude = c.excludeLocal(held)
 		if f := c.testAfterForward.Load(); f != nil {
 			(*f)(pk.TopicName)
 		}
@@ -118,7 +118,7 @@ func (c *clusterNode) OnPublishHold(cl *mqtt.Client, pk packets.Packet) func() e
 // nobody to refuse: what cannot be queued is counted.
 func (c *clusterNode) OnWillPublish(_ *mqtt.Client, pk packets.Packet) packets.Packet {
 	held, _ := c.forward(nil, pk)
-	pk.Exclude = c.exclude(held, "")
+	pk.Exclude = c.excludeLocal(held)
 	return pk
 }
 
@@ -306,6 +306,9 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 		}
 		c.forwarded.Add(1)
 		c.forwardedBytes.Add(int64(len(body)))
+		if f := c.testForwardQueued.Load(); f != nil {
+			(*f)(pk.TopicName, t.p.name)
+		}
 		if slices.Contains(held, t.p.name) && !t.p.handOver.Load() {
 			// Queued, marked held, on a held link that since reached
 			// the peer again (a new process, or the same one: then it

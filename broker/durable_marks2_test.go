@@ -1,0 +1,510 @@
+package broker_test
+
+import (
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+
+	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/cluster"
+	"github.com/rtm-dev/rtm/internal/store/storetest"
+	"github.com/rtm-dev/rtm/internal/testcluster"
+	"github.com/rtm-dev/rtm/internal/testutil"
+)
+
+// TestHandOverSharedOnlyToAdoptedMember: m1 is selected for share group
+// g's only member, n0's persistent session sh (n1 adopts it), and queued
+// on n2's link to n0, which is down, then held. An ordinary member x of g
+// on n3 joins afterwards. n0 comes back (partition heals) before n1's
+// routes reach n2: n2 hands its held queue over to every live peer
+// (handOverTo) with the share-group selection. x must not get m1: it was
+// the group's copy for sh, which gets it at n1.
+func TestHandOverSharedOnlyToAdoptedMember(t *testing.T) {
+	st := storetest.Open(t)
+	px := newLinkProxy(t)
+	withStore := func(o *broker.Options) { o.Store = st }
+	n1 := testcluster.Broker(t, "n1", "", withStore)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
+	n3 := testcluster.Broker(t, "n3", n1.GossipAddr(), withStore)
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.LinkAdvertise = st, px.addr()
+	})
+	n0link := n0.Stats().Cluster.Link
+	px.setTarget(n0link)
+	nodes := []*broker.Broker{n0, n1, n2, n3}
+	waitMesh(t, nodes...)
+	var sh string
+	for i := 0; ; i++ {
+		if id := fmt.Sprintf("sh-%d", i); broker.Adopter(id, "n1", "n2", "n3") == "n1" {
+			sh = id
+			break
+		}
+	}
+	exp := &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}
+	c, _ := dialV5(t, n0, &paho.Connect{ClientID: sh, CleanStart: true, Properties: exp})
+	subscribe(t, c, 0, paho.SubscribeOptions{Topic: "$share/g/s", QoS: 1})
+	_ = c.Disconnect(&paho.Disconnect{})
+	waitConnections(t, n0, 0)
+	waitStoredOwner(t, st, sh, "n0")
+	waitRoutes(t, nodes, n0, 1)
+	p, _ := dialV5(t, n2, &paho.Connect{ClientID: "p", CleanStart: true})
+
+	px.cut()
+	defer px.setTarget(n0link)
+	routes := make(chan struct{})
+	var once sync.Once
+	release := func() { once.Do(func() { close(routes) }) }
+	defer release()
+	n2.HoldRouteDeltas("n1", routes)
+	p.Pub(t, "s", 1, false, "m1") // g's only member is n0's: queued on the link to n0
+	for _, b := range []*broker.Broker{n1, n2, n3} {
+		markFailed(b, "n0")
+		defer b.SetTestMembers(nil)
+	}
+	waitStoredOwner(t, st, sh, "n1")
+	testutil.WaitFor(t, waitCond, func() error {
+		if got := n1.Stats().Cluster.LocalRoutes; got != 1 {
+			return fmt.Errorf("n1 has %d local routes, want 1", got)
+		}
+		return nil
+	})
+	if st, _ := linkState(n2, "n0"); st != "held" {
+		t.Fatalf("n2's link to n0 %q, want held", st)
+	}
+	x := testutil.MustV5(t, n3.Addr(broker.ListenerTCP), "x")
+	x.Sub(t, "$share/g/s", 1)
+	testutil.WaitFor(t, waitCond, func() error {
+		if got := n2.Stats().Cluster.RemoteRoutes["n3"]; got != 1 {
+			return fmt.Errorf("n2 holds %d routes of n3, want 1", got)
+		}
+		return nil
+	})
+	for _, b := range []*broker.Broker{n1, n2, n3} {
+		b.SetTestMembers(nil)
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n2, "n0"); st == "held" {
+			return fmt.Errorf("n2's link to n0 still held")
+		}
+		return nil
+	})
+	release()
+	select {
+	case m := <-x.Messages:
+		t.Errorf("x (n3, ordinary member of g) got %q: the held copy selected for n0's member", m.Payload)
+	case <-time.After(2 * time.Second):
+	}
+	s, ca := dialV5(t, n1, &paho.Connect{ClientID: sh, CleanStart: false, Properties: exp})
+	if !ca.SessionPresent {
+		t.Fatal("no session")
+	}
+	if m := s.Next(t, waitMsg); string(m.Payload) != "m1" {
+		t.Fatalf("sh (adopted at n1) got %q, want m1", m.Payload)
+	}
+}
+
+// TestHandOverLocalDirectCopyAfterMarksGo: n2 adopted other (t/1) from
+// n0 and is the publisher's node. m2 is forwarded on n2 while n0's held
+// link is still held (marked held for n0, queued on it); before mochi's
+// local delivery of m2 (the testAfterForward hook widens that gap), n2
+// sees n0 alive, hands the queue (m2 included) to other, and, its
+// heldForwards at 0 (the forward's defer ran), tells the cluster it is
+// done: every broker is, n2 drops the marks, and the local direct copy,
+// carrying Exclude(held=[n0]), no longer skips other: m2 twice.
+func TestHandOverLocalDirectCopyAfterMarksGo(t *testing.T) {
+	st := storetest.Open(t)
+	px := newLinkProxy(t)
+	withStore := func(o *broker.Options) { o.Store = st }
+	n1 := testcluster.Broker(t, "n1", "", withStore)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.LinkAdvertise = st, px.addr()
+	})
+	n0link := n0.Stats().Cluster.Link
+	px.setTarget(n0link)
+	nodes := []*broker.Broker{n0, n1, n2}
+	waitMesh(t, nodes...)
+	pick := func(prefix, adopter string) string {
+		for i := 0; ; i++ {
+			if id := fmt.Sprintf("%s-%d", prefix, i); broker.Adopter(id, "n1", "n2") == adopter {
+				return id
+			}
+		}
+	}
+	svc, other := pick("svc", "n1"), pick("other", "n2")
+	exp := &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}
+	for i, id := range []string{svc, other} {
+		c, _ := dialV5(t, n0, &paho.Connect{ClientID: id, CleanStart: true, Properties: exp})
+		subscribe(t, c, 0, paho.SubscribeOptions{Topic: fmt.Sprintf("t/%d", i), QoS: 1})
+		_ = c.Disconnect(&paho.Disconnect{})
+	}
+	waitConnections(t, n0, 0)
+	waitStoredOwner(t, st, svc, "n0")
+	waitStoredOwner(t, st, other, "n0")
+	waitRoutes(t, nodes, n0, 2)
+	p, _ := dialV5(t, n2, &paho.Connect{ClientID: "p", CleanStart: true})
+
+	px.cut()
+	defer px.setTarget(n0link)
+	routes := make(chan struct{})
+	var once sync.Once
+	release := func() { once.Do(func() { close(routes) }) }
+	defer release()
+	blocked := make(chan struct{})
+	var bOnce sync.Once
+	// svc's adoption pauses on n1: n2 does not release its held link (a
+	// session of n0 is still n0's), it hands it over.
+	n1.SetTestAfterClaim(func(id string) {
+		if id == svc {
+			bOnce.Do(func() { close(blocked) })
+			<-routes
+		}
+	})
+	defer n1.SetTestAfterClaim(nil)
+	for _, b := range []*broker.Broker{n1, n2} {
+		markFailed(b, "n0")
+		defer b.SetTestMembers(nil)
+	}
+	<-blocked
+	waitStoredOwner(t, st, other, "n2")
+	testutil.WaitFor(t, waitCond, func() error {
+		if n := n2.AdoptedMarks(); n != 1 {
+			return fmt.Errorf("n2 has %d marks, want 1", n)
+		}
+		return nil
+	})
+	// n1 sees n0 alive first: it is done (nothing held), and says so.
+	n1.SetTestMembers(nil)
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n1, "n0"); st == "held" {
+			return fmt.Errorf("n1's link to n0 still held")
+		}
+		return nil
+	})
+	time.Sleep(500 * time.Millisecond) // n1's msgHeldDone reaches n2 (not a sync for the race itself)
+	if st, _ := linkState(n2, "n0"); st != "held" {
+		t.Fatalf("n2's link to n0 %q, want held", st)
+	}
+
+	forwarded, deliver := make(chan struct{}), make(chan struct{})
+	var fOnce sync.Once
+	n2.SetTestAfterForward(func(topic string) {
+		if topic == "t/1" {
+			fOnce.Do(func() {
+				close(forwarded)
+				<-deliver
+			})
+		}
+	})
+	defer n2.SetTestAfterForward(nil)
+	done := make(chan struct{})
+	go func() { defer close(done); p.Pub(t, "t/1", 1, false, "m2") }()
+	<-forwarded            // m2 marked held for n0 and queued; its local delivery waits
+	n2.SetTestMembers(nil) // n2 sees n0 alive: hands m2 over, then says done
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n2, "n0"); st == "held" {
+			return fmt.Errorf("n2's link to n0 still held")
+		}
+		return nil
+	})
+	t.Logf("n2 link to n0 no longer held; marks n1=%d n2=%d", n1.AdoptedMarks(), n2.AdoptedMarks())
+	testutil.WaitFor(t, 5*time.Second, func() error {
+		if n := n2.AdoptedMarks(); n != 0 {
+			return fmt.Errorf("n2 has %d marks, want 0", n)
+		}
+		return nil
+	})
+	close(deliver)
+	<-done
+	release()
+
+	s, ca := dialV5(t, n2, &paho.Connect{ClientID: other, CleanStart: false, Properties: exp})
+	if !ca.SessionPresent {
+		t.Fatal("no session")
+	}
+	if m := s.Next(t, waitMsg); string(m.Payload) != "m2" {
+		t.Fatalf("got %q, want m2", m.Payload)
+	}
+	select {
+	case m := <-s.Messages:
+		t.Fatalf("other got %q again: duplicate", m.Payload)
+	case <-time.After(2 * time.Second):
+	}
+}
+
+// TestRestoredMarkOutlivesFailover: n1 adopts svc from n0; the failover
+// ends (every broker done, marks gone). n1 restarts within
+// cluster.failed_peer_hold of the adoption: restoreMark marks svc "adopted
+// from n0" again, though nothing is held for n0 any more. n0 comes back (a
+// new process) with a subscriber of t/0; m is forwarded by n2 both to svc
+// (direct, unmarked: n0 alive) and to n0, whose link is down; n2's gossip
+// then reports n0 failed (a false positive or a second death), and its
+// held link's m goes on marked HeldOf n0: svc, stale-marked, takes it a
+// second time.
+func TestRestoredMarkOutlivesFailover(t *testing.T) {
+	st := storetest.Open(t)
+	px := newLinkProxy(t)
+	px0 := newLinkProxy(t)
+	withStore := func(o *broker.Options) { o.Store = st }
+	n1 := testcluster.Broker(t, "n1", "", func(o *broker.Options) {
+		o.Store, o.Cluster.LinkAdvertise = st, px.addr()
+	})
+	px.setTarget(n1.Stats().Cluster.Link)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), withStore)
+	nodes := []*broker.Broker{n0, n1, n2}
+	waitMesh(t, nodes...)
+	a := pauseAdoptions(t, st, nodes)
+	p := a.p
+	close(a.release)
+	a.letOtherGo()
+
+	gossip0 := n0.GossipAddr()
+	n0.KillCluster()
+	waitStoredOwner(t, st, a.svc, "n1")
+	waitStoredOwner(t, st, a.other, "n2")
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n2, "n0"); st == "held" {
+			return fmt.Errorf("n2's link to n0 still held")
+		}
+		if n := n1.AdoptedMarks(); n != 0 {
+			return fmt.Errorf("n1 has %d marks, want 0 (failover over)", n)
+		}
+		return nil
+	})
+
+	// n1 restarts (n2 keeps seeing it alive, as in TestAdopterRestartKeepsAdoptedMark).
+	n2.SetTestMembers(func(ms []cluster.Member) []cluster.Member {
+		for i := range ms {
+			if ms[i].Name == "n1" && ms[i].Status == cluster.StatusFailed {
+				ms[i].Status = cluster.StatusAlive
+			}
+		}
+		return ms
+	})
+	gossip := n1.GossipAddr()
+	n1.KillCluster()
+	px.cut()
+	n1b := testcluster.Broker(t, "n1", n2.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.GossipAddr, o.Cluster.LinkAdvertise = st, gossip, px.addr()
+	})
+	px.setTarget(n1b.Stats().Cluster.Link)
+	testutil.WaitFor(t, waitCond, func() error {
+		if got := n2.Stats().Cluster.RemoteRoutes["n1"]; got != 1 {
+			return fmt.Errorf("n2 holds %d routes of the new n1, want 1", got)
+		}
+		return nil
+	})
+	// The restored mark goes: n2 says again it is done with n0.
+	testutil.WaitFor(t, waitCond, func() error {
+		if n := n1b.AdoptedMarks(); n != 0 {
+			return fmt.Errorf("restarted n1 has %d marks, want 0 (failover of n0 over)", n)
+		}
+		return nil
+	})
+
+	// n0 comes back, a new process, with a subscriber of t/0.
+	n0b := testcluster.Broker(t, "n0", n2.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.GossipAddr, o.Cluster.LinkAdvertise = st, gossip0, px0.addr()
+	})
+	px0.setTarget(n0b.Stats().Cluster.Link)
+	n2.SetTestMembers(nil)
+	waitMesh(t, n0b, n1b, n2)
+	z := testutil.MustV5(t, n0b.Addr(broker.ListenerTCP), "z")
+	z.Sub(t, "t/0", 1)
+	testutil.WaitFor(t, waitCond, func() error {
+		if got := n2.Stats().Cluster.RemoteRoutes["n0"]; got != 1 {
+			return fmt.Errorf("n2 holds %d routes of n0, want 1", got)
+		}
+		return nil
+	})
+	px0.cut()
+	p.Pub(t, "t/0", 1, false, "m") // to svc on n1 directly; to n0 queued (link down)
+	markFailed(n2, "n0")
+	defer n2.SetTestMembers(nil)
+	time.Sleep(3 * time.Second) // n2's release or hand-over of its held link for n0
+
+	s, ca := dialV5(t, n1b, &paho.Connect{ClientID: a.svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
+	if !ca.SessionPresent {
+		t.Fatal("no session")
+	}
+	if m := s.Next(t, waitMsg); string(m.Payload) != "m" {
+		t.Fatalf("got %q, want m", m.Payload)
+	}
+	select {
+	case m := <-s.Messages:
+		t.Fatalf("svc got %q a second time (the held copy, by its restored mark)", m.Payload)
+	case <-time.After(2 * time.Second):
+	}
+}
+
+// TestHandOverWaitsForMarkedForward: m is forwarded on n2 while n0's held
+// link is held: queued for n1, where svc (adopted from n0) skips it by its
+// mark, then, after n2 handed the held link over because n0 is alive
+// again, for n0: the forward re-sends it to the adopted sessions itself
+// (HeldOf n0). n2's word that it is done with n0 must wait for that
+// re-send (heldForwards): sent before, n1 drops svc's mark and the re-sent
+// copy skips svc too.
+func TestHandOverWaitsForMarkedForward(t *testing.T) {
+	st := storetest.Open(t)
+	px := newLinkProxy(t)
+	withStore := func(o *broker.Options) { o.Store = st }
+	n1 := testcluster.Broker(t, "n1", "", withStore)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.LinkAdvertise = st, px.addr()
+	})
+	n0link := n0.Stats().Cluster.Link
+	px.setTarget(n0link)
+	nodes := []*broker.Broker{n0, n1, n2}
+	waitMesh(t, nodes...)
+	pick := func(prefix, adopter string) string {
+		for i := 0; ; i++ {
+			if id := fmt.Sprintf("%s-%d", prefix, i); broker.Adopter(id, "n1", "n2") == adopter {
+				return id
+			}
+		}
+	}
+	svc, blocker := pick("svc", "n1"), pick("blocker", "n2")
+	exp := &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}
+	for i, id := range []string{svc, blocker} {
+		c, _ := dialV5(t, n0, &paho.Connect{ClientID: id, CleanStart: true, Properties: exp})
+		subscribe(t, c, 0, paho.SubscribeOptions{Topic: fmt.Sprintf("t/%d", i), QoS: 1})
+		_ = c.Disconnect(&paho.Disconnect{})
+	}
+	waitConnections(t, n0, 0)
+	waitStoredOwner(t, st, svc, "n0")
+	waitStoredOwner(t, st, blocker, "n0")
+	waitRoutes(t, nodes, n0, 2)
+	p, _ := dialV5(t, n2, &paho.Connect{ClientID: "p", CleanStart: true})
+
+	px.cut()
+	defer px.setTarget(n0link)
+	claimed := make(chan struct{})
+	var once sync.Once
+	release := func() { once.Do(func() { close(claimed) }) }
+	defer release()
+	blocked := make(chan struct{})
+	var bOnce sync.Once
+	// blocker's adoption pauses on n2: n2 does not release its held link
+	// (a session of n0 is still n0's), it hands it over.
+	n2.SetTestAfterClaim(func(id string) {
+		if id == blocker {
+			bOnce.Do(func() { close(blocked) })
+			<-claimed
+		}
+	})
+	defer n2.SetTestAfterClaim(nil)
+	for _, b := range []*broker.Broker{n1, n2} {
+		markFailed(b, "n0")
+		defer b.SetTestMembers(nil)
+	}
+	<-blocked
+	waitStoredOwner(t, st, svc, "n1")
+	testutil.WaitFor(t, waitCond, func() error {
+		if n := n1.AdoptedMarks(); n != 1 {
+			return fmt.Errorf("n1 has %d marks, want 1", n)
+		}
+		if got := n2.Stats().Cluster.RemoteRoutes["n1"]; got != 1 {
+			return fmt.Errorf("n2 holds %d routes of n1, want 1", got)
+		}
+		return nil
+	})
+	// n1 sees n0 alive first: it holds nothing for n0, and says so.
+	n1.SetTestMembers(nil)
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n1, "n0"); st == "held" {
+			return fmt.Errorf("n1's link to n0 still held")
+		}
+		return nil
+	})
+	if st, _ := linkState(n2, "n0"); st != "held" {
+		t.Fatalf("n2's link to n0 %q, want held", st)
+	}
+
+	// A forward that queues for n1 before n0 pauses there (the order of
+	// its targets is the route map's: a few publishes find it).
+	queued, resume := make(chan struct{}), make(chan struct{})
+	var qOnce sync.Once
+	var mu sync.Mutex
+	n0first := false
+	n2.SetTestForwardQueued(func(topic, peer string) {
+		if topic != "t/0" {
+			return
+		}
+		mu.Lock()
+		first := n0first
+		n0first = peer == "n0"
+		mu.Unlock()
+		if peer == "n1" && !first {
+			qOnce.Do(func() {
+				close(queued)
+				<-resume
+			})
+		}
+	})
+	defer n2.SetTestForwardQueued(nil)
+	var want []string
+	pubDone := make(chan struct{})
+	for i := 0; ; i++ {
+		if i == 40 {
+			t.Fatal("no forward queued for n1 before n0 in 40 publishes")
+		}
+		m := fmt.Sprintf("m%d", i)
+		want = append(want, m)
+		done := make(chan struct{})
+		go func() { defer close(done); p.Pub(t, "t/0", 1, false, m) }()
+		select {
+		case <-done:
+			continue
+		case <-queued:
+		}
+		go func() { <-done; close(pubDone) }()
+		break
+	}
+	n2.SetTestMembers(nil) // n2 sees n0 alive: hands its held link over
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n2, "n0"); st == "held" {
+			return fmt.Errorf("n2's link to n0 still held")
+		}
+		return nil
+	})
+	// svc's mark must stay while the forward is under way; without the
+	// wait it goes at once. Either way the forward then goes on.
+	end := time.Now().Add(3 * time.Second)
+	for n1.AdoptedMarks() != 0 && time.Now().Before(end) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	close(resume)
+	<-pubDone
+	release()
+
+	s, ca := dialV5(t, n1, &paho.Connect{ClientID: svc, CleanStart: false, Properties: exp})
+	if !ca.SessionPresent {
+		t.Fatal("no session")
+	}
+	got := map[string]int{}
+	deadline := time.After(waitMsg)
+collect:
+	for n := 0; n < len(want); n++ {
+		select {
+		case m := <-s.Messages:
+			got[string(m.Payload)]++
+		case <-deadline:
+			break collect
+		}
+	}
+	for _, m := range want {
+		if got[m] != 1 {
+			t.Errorf("svc got %s %d times, want once (got %v)", m, got[m], got)
+		}
+	}
+	select {
+	case m := <-s.Messages:
+		t.Errorf("svc got %q again", m.Payload)
+	case <-time.After(time.Second):
+	}
+}
