@@ -10,6 +10,7 @@ import (
 
 	"github.com/rtm-dev/rtm/broker"
 	"github.com/rtm-dev/rtm/internal/cluster"
+	"github.com/rtm-dev/rtm/internal/store"
 	"github.com/rtm-dev/rtm/internal/store/storetest"
 	"github.com/rtm-dev/rtm/internal/testcluster"
 	"github.com/rtm-dev/rtm/internal/testutil"
@@ -115,40 +116,8 @@ func TestHandOverSharedOnlyToAdoptedMember(t *testing.T) {
 // done: every broker is, n2 drops the marks, and the local direct copy,
 // carrying Exclude(held=[n0]), no longer skips other: m2 twice.
 func TestHandOverLocalDirectCopyAfterMarksGo(t *testing.T) {
-	st := storetest.Open(t)
-	px := newLinkProxy(t)
-	withStore := func(o *broker.Options) { o.Store = st }
-	n1 := testcluster.Broker(t, "n1", "", withStore)
-	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
-	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), func(o *broker.Options) {
-		o.Store, o.Cluster.LinkAdvertise = st, px.addr()
-	})
-	n0link := n0.Stats().Cluster.Link
-	px.setTarget(n0link)
-	nodes := []*broker.Broker{n0, n1, n2}
-	waitMesh(t, nodes...)
-	pick := func(prefix, adopter string) string {
-		for i := 0; ; i++ {
-			if id := fmt.Sprintf("%s-%d", prefix, i); broker.Adopter(id, "n1", "n2") == adopter {
-				return id
-			}
-		}
-	}
-	svc, other := pick("svc", "n1"), pick("other", "n2")
-	exp := &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}
-	for i, id := range []string{svc, other} {
-		c, _ := dialV5(t, n0, &paho.Connect{ClientID: id, CleanStart: true, Properties: exp})
-		subscribe(t, c, 0, paho.SubscribeOptions{Topic: fmt.Sprintf("t/%d", i), QoS: 1})
-		_ = c.Disconnect(&paho.Disconnect{})
-	}
-	waitConnections(t, n0, 0)
-	waitStoredOwner(t, st, svc, "n0")
-	waitStoredOwner(t, st, other, "n0")
-	waitRoutes(t, nodes, n0, 2)
-	p, _ := dialV5(t, n2, &paho.Connect{ClientID: "p", CleanStart: true})
-
-	px.cut()
-	defer px.setTarget(n0link)
+	h := newHeldTrio(t, "svc", "other")
+	st, n1, n2, svc, other, exp, p := h.st, h.n1, h.n2, h.onN1, h.onN2, h.exp, h.p
 	routes := make(chan struct{})
 	var once sync.Once
 	release := func() { once.Do(func() { close(routes) }) }
@@ -349,40 +318,8 @@ func TestRestoredMarkOutlivesFailover(t *testing.T) {
 // re-send (heldForwards): sent before, n1 drops svc's mark and the re-sent
 // copy skips svc too.
 func TestHandOverWaitsForMarkedForward(t *testing.T) {
-	st := storetest.Open(t)
-	px := newLinkProxy(t)
-	withStore := func(o *broker.Options) { o.Store = st }
-	n1 := testcluster.Broker(t, "n1", "", withStore)
-	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
-	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), func(o *broker.Options) {
-		o.Store, o.Cluster.LinkAdvertise = st, px.addr()
-	})
-	n0link := n0.Stats().Cluster.Link
-	px.setTarget(n0link)
-	nodes := []*broker.Broker{n0, n1, n2}
-	waitMesh(t, nodes...)
-	pick := func(prefix, adopter string) string {
-		for i := 0; ; i++ {
-			if id := fmt.Sprintf("%s-%d", prefix, i); broker.Adopter(id, "n1", "n2") == adopter {
-				return id
-			}
-		}
-	}
-	svc, blocker := pick("svc", "n1"), pick("blocker", "n2")
-	exp := &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}
-	for i, id := range []string{svc, blocker} {
-		c, _ := dialV5(t, n0, &paho.Connect{ClientID: id, CleanStart: true, Properties: exp})
-		subscribe(t, c, 0, paho.SubscribeOptions{Topic: fmt.Sprintf("t/%d", i), QoS: 1})
-		_ = c.Disconnect(&paho.Disconnect{})
-	}
-	waitConnections(t, n0, 0)
-	waitStoredOwner(t, st, svc, "n0")
-	waitStoredOwner(t, st, blocker, "n0")
-	waitRoutes(t, nodes, n0, 2)
-	p, _ := dialV5(t, n2, &paho.Connect{ClientID: "p", CleanStart: true})
-
-	px.cut()
-	defer px.setTarget(n0link)
+	h := newHeldTrio(t, "svc", "blocker")
+	st, n1, n2, svc, blocker, exp, p := h.st, h.n1, h.n2, h.onN1, h.onN2, h.exp, h.p
 	claimed := make(chan struct{})
 	var once sync.Once
 	release := func() { once.Do(func() { close(claimed) }) }
@@ -421,9 +358,14 @@ func TestHandOverWaitsForMarkedForward(t *testing.T) {
 		}
 		return nil
 	})
-	if st, _ := linkState(n2, "n0"); st != "held" {
-		t.Fatalf("n2's link to n0 %q, want held", st)
-	}
+	// n2's own verdict on n0 (its link held) may come after its adoption
+	// began: wait for it.
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(n2, "n0"); st != "held" {
+			return fmt.Errorf("n2's link to n0 %q, want held", st)
+		}
+		return nil
+	})
 
 	// A forward that queues for n1 before n0 pauses there (the order of
 	// its targets is the route map's: a few publishes find it).
@@ -507,4 +449,53 @@ collect:
 		t.Errorf("svc got %q again", m.Payload)
 	case <-time.After(time.Second):
 	}
+}
+
+// heldTrio is n0, n1 and n2 sharing one store, with n0's node link
+// reached through a proxy that is cut (n0 is cut off from the others),
+// two persistent sessions of n0 subscribed to t/0 and t/1 whose adopters
+// are n1 and n2 (onN1, onN2), offline, and a publisher p on n2.
+type heldTrio struct {
+	st         *store.Store
+	n0, n1, n2 *broker.Broker
+	onN1, onN2 string
+	exp        *paho.ConnectProperties
+	p          *testutil.V5
+}
+
+func newHeldTrio(t *testing.T, prefix1, prefix2 string) *heldTrio {
+	t.Helper()
+	h := &heldTrio{st: storetest.Open(t), exp: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}}
+	px := newLinkProxy(t)
+	withStore := func(o *broker.Options) { o.Store = h.st }
+	h.n1 = testcluster.Broker(t, "n1", "", withStore)
+	h.n2 = testcluster.Broker(t, "n2", h.n1.GossipAddr(), withStore)
+	h.n0 = testcluster.Broker(t, "n0", h.n1.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.LinkAdvertise = h.st, px.addr()
+	})
+	n0link := h.n0.Stats().Cluster.Link
+	px.setTarget(n0link)
+	nodes := []*broker.Broker{h.n0, h.n1, h.n2}
+	waitMesh(t, nodes...)
+	pick := func(prefix, adopter string) string {
+		for i := 0; ; i++ {
+			if id := fmt.Sprintf("%s-%d", prefix, i); broker.Adopter(id, "n1", "n2") == adopter {
+				return id
+			}
+		}
+	}
+	h.onN1, h.onN2 = pick(prefix1, "n1"), pick(prefix2, "n2")
+	for i, id := range []string{h.onN1, h.onN2} {
+		c, _ := dialV5(t, h.n0, &paho.Connect{ClientID: id, CleanStart: true, Properties: h.exp})
+		subscribe(t, c, 0, paho.SubscribeOptions{Topic: fmt.Sprintf("t/%d", i), QoS: 1})
+		_ = c.Disconnect(&paho.Disconnect{})
+	}
+	waitConnections(t, h.n0, 0)
+	waitStoredOwner(t, h.st, h.onN1, "n0")
+	waitStoredOwner(t, h.st, h.onN2, "n0")
+	waitRoutes(t, nodes, h.n0, 2)
+	h.p, _ = dialV5(t, h.n2, &paho.Connect{ClientID: "p", CleanStart: true})
+	px.cut()
+	t.Cleanup(func() { px.setTarget(n0link) })
+	return h
 }
