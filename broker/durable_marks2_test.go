@@ -72,9 +72,7 @@ func TestHandOverSharedOnlyToAdoptedMember(t *testing.T) {
 		}
 		return nil
 	})
-	if st, _ := linkState(n2, "n0"); st != "held" {
-		t.Fatalf("n2's link to n0 %q, want held", st)
-	}
+	waitHeld(t, n2, "n0")
 	x := testutil.MustV5(t, n3.Addr(broker.ListenerTCP), "x")
 	x.Sub(t, "$share/g/s", 1)
 	testutil.WaitFor(t, waitCond, func() error {
@@ -154,9 +152,7 @@ func TestHandOverLocalDirectCopyAfterMarksGo(t *testing.T) {
 		return nil
 	})
 	time.Sleep(500 * time.Millisecond) // n1's msgHeldDone reaches n2 (not a sync for the race itself)
-	if st, _ := linkState(n2, "n0"); st != "held" {
-		t.Fatalf("n2's link to n0 %q, want held", st)
-	}
+	waitHeld(t, n2, "n0")
 
 	forwarded, deliver := make(chan struct{}), make(chan struct{})
 	var fOnce sync.Once
@@ -358,14 +354,7 @@ func TestHandOverWaitsForMarkedForward(t *testing.T) {
 		}
 		return nil
 	})
-	// n2's own verdict on n0 (its link held) may come after its adoption
-	// began: wait for it.
-	testutil.WaitFor(t, waitCond, func() error {
-		if st, _ := linkState(n2, "n0"); st != "held" {
-			return fmt.Errorf("n2's link to n0 %q, want held", st)
-		}
-		return nil
-	})
+	waitHeld(t, n2, "n0")
 
 	// A forward that queues for n1 before n0 pauses there (the order of
 	// its targets is the route map's: a few publishes find it).
@@ -498,4 +487,17 @@ func newHeldTrio(t *testing.T, prefix1, prefix2 string) *heldTrio {
 	px.cut()
 	t.Cleanup(func() { px.setTarget(n0link) })
 	return h
+}
+
+// waitHeld waits for from's link to peer to be held: from's own verdict
+// that peer failed can come after other nodes acted on theirs, or after
+// its own adoption began.
+func waitHeld(t *testing.T, from *broker.Broker, peer string) {
+	t.Helper()
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(from, peer); st != "held" {
+			return fmt.Errorf("%s's link to %s %q, want held", from.Stats().Node, peer, st)
+		}
+		return nil
+	})
 }
