@@ -484,7 +484,6 @@ func (c *clusterNode) members() []cluster.Member {
 func (c *clusterNode) snapshot(peerName string) []link.Message {
 	// Before anything it held is written to the peer again.
 	c.linkReached(peerName)
-	c.reannounceHeldDone(peerName)
 	rm := c.routes.localSnapshot()
 	// The owners list right after the routes: the ages it gives (see
 	// cluster_heal.go) grow while it waits behind the retained messages.

@@ -54,8 +54,11 @@ import (
 // reports D failed (markAfterHold), when no broker holds anything for D
 // any more. A node that restarts restores the marks of the sessions it
 // adopted within cluster.failed_peer_hold from the store (restoreMark);
-// they go once every live broker said again, as its link to the new
-// process connects, that it is done with D (reannounceHeldDone).
+// they go at the end of that hold (the brokers' word that they are done
+// went to the process before; repeating it on every reconnect could
+// count a word of an earlier failure of D for a later one, and clear the
+// marks while held copies are still to come: a loss, where a mark kept
+// too long costs at most a duplicate).
 // A held link that reaches a new process of D re-sends what it threw
 // away as a release would (resendRestarted).
 
@@ -429,7 +432,6 @@ type heldDone struct {
 	done    map[string]map[string]bool // failed node → brokers done
 	changed chan struct{}              // closed and replaced at each change
 	gen     map[string]uint64          // failed node → its failures seen (reset)
-	said    map[string]time.Time       // failed node → when this node said it was done (sendHeldDone)
 }
 
 // reset starts a new failure of dead: what was known of the previous one
@@ -438,36 +440,10 @@ func (h *heldDone) reset(dead string) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	delete(h.done, dead)
-	delete(h.said, dead)
 	if h.gen == nil {
 		h.gen = map[string]uint64{}
 	}
 	h.gen[dead]++
-}
-
-// saidDone records that this node told its peers it is done with dead's
-// held link.
-func (h *heldDone) saidDone(dead string, at time.Time) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.said == nil {
-		h.said = map[string]time.Time{}
-	}
-	h.said[dead] = at
-}
-
-// saidSince returns the failed nodes this node said it was done with
-// since t, in this failure of each.
-func (h *heldDone) saidSince(t time.Time) []string {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	var out []string
-	for dead, at := range h.said {
-		if at.After(t) {
-			out = append(out, dead)
-		}
-	}
-	return out
 }
 
 // generation returns the failures of dead seen so far.
@@ -595,8 +571,12 @@ func (c *clusterNode) markAfterHold(dead string, after time.Duration, stillFaile
 // cluster.failed_peer_hold: the node may have restarted during the
 // failover, and the held copies of dead that survivors send on after it
 // must still reach the session (and its direct copies marked held skip
-// it). The mark goes as the adoption's would (heldSent), or at the end of
-// that hold.
+// it). The mark goes at the end of that hold, or with a later failure's
+// (adoptedMarks.reset, heldSent): the word of the brokers that they were
+// done with dead's held link reached the process before this one, and a
+// mark kept after the failover costs at most a duplicate (a held copy of
+// a later failure of dead, which the session also got directly before
+// this node saw that failure).
 func (c *clusterNode) restoreMark(id, dead string, adoptedAt time.Time) {
 	hold := c.peers.hold
 	left := hold - time.Since(adoptedAt)
@@ -606,9 +586,6 @@ func (c *clusterNode) restoreMark(id, dead string, adoptedAt time.Time) {
 	// adopted_at is another node's wall clock, maybe ahead of this one's.
 	left = min(left, hold)
 	tok := c.adopted.set(id, dead)
-	// This process holds nothing for dead: it is done with it, and the
-	// marks go once every live broker says so again (reannounceHeldDone).
-	c.heldDone.add(dead, c.node.Name())
 	// Not tied to the failure's generation (this node's watcher begins a
 	// new one when it first sees dead failed, after this): any held link
 	// of that failure is gone by then. Tied to this mark: a later failure
@@ -656,33 +633,7 @@ func (c *clusterNode) sendHeldDone(dead string) {
 			c.log.Warn("held-link end not sent: link queue full; sessions adopted there move after a pause", "peer", p.name, "node", dead)
 		}
 	}
-	c.heldDone.saidDone(dead, time.Now())
 	c.heldSent(dead, c.node.Name())
-}
-
-// reannounceHeldDone tells peer, whose link just (re)connected, again
-// that this node is done with the held links it said so of within
-// cluster.failed_peer_hold, in the failure of each it last saw: a peer
-// that restarted since restored the marks of the sessions it adopted
-// (restoreMark) and never got the first msgHeldDone, so its marks would
-// outlive the failover and take a later held copy the sessions had
-// directly. Queued behind whatever the link still holds (the held copies
-// go first, as with the first msgHeldDone); nothing for a node this one
-// holds a link for again.
-func (c *clusterNode) reannounceHeldDone(peer string) {
-	if c.peerProtocol(peer) < protoV2 {
-		return
-	}
-	p := c.peers.getLinked(peer)
-	if p == nil {
-		return
-	}
-	for _, dead := range c.heldDone.saidSince(time.Now().Add(-c.peers.hold)) {
-		if dead == peer || c.peers.getHeld(dead) != nil {
-			continue
-		}
-		p.link.Send(link.Message{Type: msgHeldDone, Body: heldDoneMsg{Dead: dead}.encode()}, true)
-	}
 }
 
 // resendExpired hands what the held link of a failed peer kept, given up

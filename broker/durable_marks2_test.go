@@ -9,7 +9,6 @@ import (
 	"github.com/eclipse/paho.golang/paho"
 
 	"github.com/rtm-dev/rtm/broker"
-	"github.com/rtm-dev/rtm/internal/cluster"
 	"github.com/rtm-dev/rtm/internal/store"
 	"github.com/rtm-dev/rtm/internal/store/storetest"
 	"github.com/rtm-dev/rtm/internal/testcluster"
@@ -196,112 +195,6 @@ func TestHandOverLocalDirectCopyAfterMarksGo(t *testing.T) {
 	select {
 	case m := <-s.Messages:
 		t.Fatalf("other got %q again: duplicate", m.Payload)
-	case <-time.After(2 * time.Second):
-	}
-}
-
-// TestRestoredMarkOutlivesFailover: n1 adopts svc from n0; the failover
-// ends (every broker done, marks gone). n1 restarts within
-// cluster.failed_peer_hold of the adoption: restoreMark marks svc "adopted
-// from n0" again, though nothing is held for n0 any more. n0 comes back (a
-// new process) with a subscriber of t/0; m is forwarded by n2 both to svc
-// (direct, unmarked: n0 alive) and to n0, whose link is down; n2's gossip
-// then reports n0 failed (a false positive or a second death), and its
-// held link's m goes on marked HeldOf n0: svc, stale-marked, takes it a
-// second time.
-func TestRestoredMarkOutlivesFailover(t *testing.T) {
-	st := storetest.Open(t)
-	px := newLinkProxy(t)
-	px0 := newLinkProxy(t)
-	withStore := func(o *broker.Options) { o.Store = st }
-	n1 := testcluster.Broker(t, "n1", "", func(o *broker.Options) {
-		o.Store, o.Cluster.LinkAdvertise = st, px.addr()
-	})
-	px.setTarget(n1.Stats().Cluster.Link)
-	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
-	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), withStore)
-	nodes := []*broker.Broker{n0, n1, n2}
-	waitMesh(t, nodes...)
-	a := pauseAdoptions(t, st, nodes)
-	p := a.p
-	close(a.release)
-	a.letOtherGo()
-
-	gossip0 := n0.GossipAddr()
-	n0.KillCluster()
-	waitStoredOwner(t, st, a.svc, "n1")
-	waitStoredOwner(t, st, a.other, "n2")
-	testutil.WaitFor(t, waitCond, func() error {
-		if st, _ := linkState(n2, "n0"); st == "held" {
-			return fmt.Errorf("n2's link to n0 still held")
-		}
-		if n := n1.AdoptedMarks(); n != 0 {
-			return fmt.Errorf("n1 has %d marks, want 0 (failover over)", n)
-		}
-		return nil
-	})
-
-	// n1 restarts (n2 keeps seeing it alive, as in TestAdopterRestartKeepsAdoptedMark).
-	n2.SetTestMembers(func(ms []cluster.Member) []cluster.Member {
-		for i := range ms {
-			if ms[i].Name == "n1" && ms[i].Status == cluster.StatusFailed {
-				ms[i].Status = cluster.StatusAlive
-			}
-		}
-		return ms
-	})
-	gossip := n1.GossipAddr()
-	n1.KillCluster()
-	px.cut()
-	n1b := testcluster.Broker(t, "n1", n2.GossipAddr(), func(o *broker.Options) {
-		o.Store, o.Cluster.GossipAddr, o.Cluster.LinkAdvertise = st, gossip, px.addr()
-	})
-	px.setTarget(n1b.Stats().Cluster.Link)
-	testutil.WaitFor(t, waitCond, func() error {
-		if got := n2.Stats().Cluster.RemoteRoutes["n1"]; got != 1 {
-			return fmt.Errorf("n2 holds %d routes of the new n1, want 1", got)
-		}
-		return nil
-	})
-	// The restored mark goes: n2 says again it is done with n0.
-	testutil.WaitFor(t, waitCond, func() error {
-		if n := n1b.AdoptedMarks(); n != 0 {
-			return fmt.Errorf("restarted n1 has %d marks, want 0 (failover of n0 over)", n)
-		}
-		return nil
-	})
-
-	// n0 comes back, a new process, with a subscriber of t/0.
-	n0b := testcluster.Broker(t, "n0", n2.GossipAddr(), func(o *broker.Options) {
-		o.Store, o.Cluster.GossipAddr, o.Cluster.LinkAdvertise = st, gossip0, px0.addr()
-	})
-	px0.setTarget(n0b.Stats().Cluster.Link)
-	n2.SetTestMembers(nil)
-	waitMesh(t, n0b, n1b, n2)
-	z := testutil.MustV5(t, n0b.Addr(broker.ListenerTCP), "z")
-	z.Sub(t, "t/0", 1)
-	testutil.WaitFor(t, waitCond, func() error {
-		if got := n2.Stats().Cluster.RemoteRoutes["n0"]; got != 1 {
-			return fmt.Errorf("n2 holds %d routes of n0, want 1", got)
-		}
-		return nil
-	})
-	px0.cut()
-	p.Pub(t, "t/0", 1, false, "m") // to svc on n1 directly; to n0 queued (link down)
-	markFailed(n2, "n0")
-	defer n2.SetTestMembers(nil)
-	time.Sleep(3 * time.Second) // n2's release or hand-over of its held link for n0
-
-	s, ca := dialV5(t, n1b, &paho.Connect{ClientID: a.svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
-	if !ca.SessionPresent {
-		t.Fatal("no session")
-	}
-	if m := s.Next(t, waitMsg); string(m.Payload) != "m" {
-		t.Fatalf("got %q, want m", m.Payload)
-	}
-	select {
-	case m := <-s.Messages:
-		t.Fatalf("svc got %q a second time (the held copy, by its restored mark)", m.Payload)
 	case <-time.After(2 * time.Second):
 	}
 }
