@@ -83,12 +83,7 @@ func TestHandOverSharedOnlyToAdoptedMember(t *testing.T) {
 	for _, b := range []*broker.Broker{n1, n2, n3} {
 		b.SetTestMembers(nil)
 	}
-	testutil.WaitFor(t, waitCond, func() error {
-		if st, _ := linkState(n2, "n0"); st == "held" {
-			return fmt.Errorf("n2's link to n0 still held")
-		}
-		return nil
-	})
+	waitNotHeld(t, waitCond, n2, "n0")
 	release()
 	select {
 	case m := <-x.Messages:
@@ -144,13 +139,7 @@ func TestHandOverLocalDirectCopyAfterMarksGo(t *testing.T) {
 	})
 	// n1 sees n0 alive first: it is done (nothing held), and says so.
 	n1.SetTestMembers(nil)
-	testutil.WaitFor(t, waitCond, func() error {
-		if st, _ := linkState(n1, "n0"); st == "held" {
-			return fmt.Errorf("n1's link to n0 still held")
-		}
-		return nil
-	})
-	time.Sleep(500 * time.Millisecond) // n1's msgHeldDone reaches n2 (not a sync for the race itself)
+	waitNotHeld(t, waitCond, n1, "n0")
 	waitHeld(t, n2, "n0")
 
 	forwarded, deliver := make(chan struct{}), make(chan struct{})
@@ -168,12 +157,7 @@ func TestHandOverLocalDirectCopyAfterMarksGo(t *testing.T) {
 	go func() { defer close(done); p.Pub(t, "t/1", 1, false, "m2") }()
 	<-forwarded            // m2 marked held for n0 and queued; its local delivery waits
 	n2.SetTestMembers(nil) // n2 sees n0 alive: hands m2 over, then says done
-	testutil.WaitFor(t, waitCond, func() error {
-		if st, _ := linkState(n2, "n0"); st == "held" {
-			return fmt.Errorf("n2's link to n0 still held")
-		}
-		return nil
-	})
+	waitNotHeld(t, waitCond, n2, "n0")
 	t.Logf("n2 link to n0 no longer held; marks n1=%d n2=%d", n1.AdoptedMarks(), n2.AdoptedMarks())
 	testutil.WaitFor(t, 5*time.Second, func() error {
 		if n := n2.AdoptedMarks(); n != 0 {
@@ -241,12 +225,7 @@ func TestHandOverWaitsForMarkedForward(t *testing.T) {
 	})
 	// n1 sees n0 alive first: it holds nothing for n0, and says so.
 	n1.SetTestMembers(nil)
-	testutil.WaitFor(t, waitCond, func() error {
-		if st, _ := linkState(n1, "n0"); st == "held" {
-			return fmt.Errorf("n1's link to n0 still held")
-		}
-		return nil
-	})
+	waitNotHeld(t, waitCond, n1, "n0")
 	waitHeld(t, n2, "n0")
 
 	// A forward that queues for n1 before n0 pauses there (the order of
@@ -290,12 +269,7 @@ func TestHandOverWaitsForMarkedForward(t *testing.T) {
 		break
 	}
 	n2.SetTestMembers(nil) // n2 sees n0 alive: hands its held link over
-	testutil.WaitFor(t, waitCond, func() error {
-		if st, _ := linkState(n2, "n0"); st == "held" {
-			return fmt.Errorf("n2's link to n0 still held")
-		}
-		return nil
-	})
+	waitNotHeld(t, waitCond, n2, "n0")
 	// svc's mark must stay while the forward is under way; without the
 	// wait it goes at once. Either way the forward then goes on.
 	end := time.Now().Add(3 * time.Second)
@@ -390,6 +364,18 @@ func waitHeld(t *testing.T, from *broker.Broker, peer string) {
 	testutil.WaitFor(t, waitCond, func() error {
 		if st, _ := linkState(from, peer); st != "held" {
 			return fmt.Errorf("%s's link to %s %q, want held", from.Stats().Node, peer, st)
+		}
+		return nil
+	})
+}
+
+// waitNotHeld waits, at most d, until from's link to peer is no longer
+// held (released, handed over, or closed).
+func waitNotHeld(t *testing.T, d time.Duration, from *broker.Broker, peer string) {
+	t.Helper()
+	testutil.WaitFor(t, d, func() error {
+		if st, _ := linkState(from, peer); st == "held" {
+			return fmt.Errorf("%s's link to %s still held", from.Stats().Node, peer)
 		}
 		return nil
 	})

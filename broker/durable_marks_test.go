@@ -88,12 +88,7 @@ func TestAdopterRestartKeepsAdoptedMark(t *testing.T) {
 	// direct copy and take the held one, after m1 and m2.
 	p.Pub(t, "t/0", 1, false, "m3")
 	a.letOtherGo() // the other adoption, then n2's release
-	testutil.WaitFor(t, 2*waitCond, func() error {
-		if st, _ := linkState(n2, "n0"); st == "held" {
-			return fmt.Errorf("n2's link to n0 still held")
-		}
-		return nil
-	})
+	waitNotHeld(t, 2*waitCond, n2, "n0")
 
 	a.wantAdopted(t, n1b, "m1", "m2", "m3")
 }
@@ -191,12 +186,7 @@ func TestMovedOnRestartKeepsAdoptedMark(t *testing.T) {
 	// direct copy and take the held one, after m1 and m2.
 	p.Pub(t, "t/0", 1, false, "m3")
 	a.letOtherGo() // the other adoption, then n2's release
-	testutil.WaitFor(t, 2*waitCond, func() error {
-		if st, _ := linkState(n2, "n0"); st == "held" {
-			return fmt.Errorf("n2's link to n0 still held")
-		}
-		return nil
-	})
+	waitNotHeld(t, 2*waitCond, n2, "n0")
 
 	a.wantAdopted(t, n3b, "m1", "m2", "m3")
 }
@@ -322,12 +312,7 @@ func TestHandOverReachesAdopterWithoutRoutes(t *testing.T) {
 	for _, b := range []*broker.Broker{n1, n2} {
 		b.SetTestMembers(nil)
 	}
-	testutil.WaitFor(t, waitCond, func() error {
-		if st, _ := linkState(n2, "n0"); st == "held" {
-			return fmt.Errorf("n2's link to n0 still held")
-		}
-		return nil
-	})
+	waitNotHeld(t, waitCond, n2, "n0")
 	release()
 	testutil.WaitFor(t, waitCond, func() error {
 		if got := n2.Stats().Cluster.RemoteRoutes["n1"]; got != 1 {
