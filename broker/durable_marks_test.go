@@ -286,6 +286,10 @@ func TestHandOverReachesAdopterWithoutRoutes(t *testing.T) {
 		markFailed(b, "n0")
 		defer b.SetTestMembers(nil)
 	}
+	// m1 must find n2's link held (n2's own sync of the failure, not only
+	// n1's): published before, it is queued for n0 as for a live peer,
+	// and goes to n0's stale session (window (a), counted stale_session).
+	waitHeld(t, n2, "n0")
 	routes := make(chan struct{})
 	var once sync.Once
 	release := func() { once.Do(func() { close(routes) }) }
