@@ -67,6 +67,18 @@ func TestAdopterRestartKeepsAdoptedMark(t *testing.T) {
 		return 0
 	}
 	before := inc()
+	// m2's direct copy taken (and skipped) by n1 before the kill. In
+	// process, n1's MQTT side and durable writer outlive KillCluster: once
+	// (1 run in about 50, under load) a copy that reached n1 as its
+	// cluster part stopped was stored for the session, not skipped, and
+	// restored ahead of the held m1. Not diagnosed further; a killed
+	// process stores nothing more.
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, q := linkState(n2, "n1"); q != 0 {
+			return fmt.Errorf("n2's link to n1 %q holds %d", st, q)
+		}
+		return nil
+	})
 	gossip := n1.GossipAddr()
 	n1.KillCluster() // its MQTT side is not used again
 	px.cut()
