@@ -23,7 +23,15 @@ run: build ## start rtm dev: every role, embedded store in ./data
 	./$(BIN) dev
 
 test: ## run every test with the race detector (also compiles benchmarks, runs the mochi fork's tests)
-	$(GO) test $(TEST_FLAGS) ./...
+	# A failing test's assertions are repeated at the end: its node logs
+	# (t.Log, hundreds of lines) bury them, and CI shows only part of it.
+	out=$$(mktemp); trap 'rm -f "$$out"' EXIT; \
+	if ! $(GO) test $(TEST_FLAGS) ./... 2>&1 | tee "$$out"; then \
+		echo; echo "== failed: the tests and their own lines (node logs left out) =="; \
+		grep -E -e '--- FAIL|^FAIL|^panic:|DATA RACE|^[[:space:]]+[[:alnum:]_]+_test\.go:[0-9]+: ' "$$out" \
+			| grep -v -E 'testutil\.go:[0-9]+: time=' | tail -n 150; \
+		exit 1; \
+	fi
 	# memory per idle connection is asserted without the race detector, whose
 	# instrumentation inflates frames
 	$(GO) test -count=1 -run 'TestIdleConnectionMemory' -v ./internal/mochifix | grep -E '^(---|ok|FAIL)|per connection'
