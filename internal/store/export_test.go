@@ -19,6 +19,14 @@ func (s *Store) SetHistoryLogWindow(n int64) {
 	s.hidx.window = n
 }
 
+// SetHistoryLogWindowIDs sets how many ids pending in a node's history
+// log make a full flush (logWindowIDs unless set).
+func (s *Store) SetHistoryLogWindowIDs(n int) {
+	s.hidx.mu.Lock()
+	defer s.hidx.mu.Unlock()
+	s.hidx.windowIDs = n
+}
+
 // HistoryInBuckets reports whether this store writes history in buckets
 // (FerretDB).
 func (s *Store) HistoryInBuckets(ctx context.Context) (bool, error) {

@@ -283,6 +283,8 @@ type histIndex struct {
 	chains map[string]chainState
 	logs   map[string]*nodeLog // by node
 	window int64               // logWindow unless a test sets it
+	// windowIDs is logWindowIDs unless a test sets it.
+	windowIDs int
 	// seen is the last segment of each chain a page found, where the next
 	// page starts probing: a page then reads 2 segments to find the end,
 	// not 2·log2(n).
@@ -363,6 +365,14 @@ func (s *Store) useHistoryIndex(ctx context.Context) (bool, error) {
 // costs T segments only once every logWindow batches.
 const logWindow = 32
 
+// logWindowIDs bounds a window in ids as well: a full flush comes once
+// this many are pending, before logWindow batches if batches are large.
+// So a segment holds at most this many ids (plus one batch's) whatever
+// history.batch_size is, and a page reads a window of about this many,
+// as with logWindow batches of 1,024 (before session 10's larger
+// batches).
+const logWindowIDs = logWindow * 1024
+
 // logTopic names a node's log chain: MQTT topics are never empty.
 const logTopic = ""
 
@@ -373,6 +383,7 @@ type nodeLog struct {
 	cmax       string
 	clag       int64
 	pending    map[string][]idRef
+	npending   int // ids in pending
 }
 
 // indexHistory writes a batch on FerretDB: for each writer node, its
@@ -527,8 +538,9 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 		var segs []histSegment
 		s.hidx.mu.Lock()
 		window := cmp.Or(s.hidx.window, logWindow)
+		windowIDs := cmp.Or(s.hidx.windowIDs, logWindowIDs)
 		s.hidx.mu.Unlock()
-		full := logDoc.N-lg.flushed >= window
+		full := logDoc.N-lg.flushed >= window || lg.npending+len(msgs) >= windowIDs
 		if full {
 			merged := map[string][]idRef{}
 			var ts []string
@@ -616,17 +628,18 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 			s.hidx.chains[chainKey(node, logTopic)] = chainState{n: logDoc.N, cmax: logDoc.CMax, clag: logDoc.CLag}
 			lg.n, lg.cmax, lg.clag, lg.flushed = logDoc.N, logDoc.CMax, logDoc.CLag, logDoc.Flushed
 			if full {
-				lg.pending = map[string][]idRef{}
+				lg.pending, lg.npending = map[string][]idRef{}, 0
 			} else {
 				for _, t := range topics {
 					p := lg.pending[t]
 					if p == nil {
 						// Sized for the window at this batch's rate: it grows
 						// until the next full flush.
-						p = make([]idRef, 0, int(window-(logDoc.N-lg.flushed))*len(entries[t]))
+						p = make([]idRef, 0, min(int(window-(logDoc.N-lg.flushed))*len(entries[t]), windowIDs))
 					}
 					lg.pending[t] = append(p, entries[t]...)
 				}
+				lg.npending += len(msgs)
 			}
 			s.hidx.mu.Unlock()
 			return nil
@@ -711,6 +724,7 @@ func (s *Store) loadNodeLog(ctx context.Context, node string) (*nodeLog, error) 
 			for i, id := range e.IDs {
 				lg.pending[e.Topic] = append(lg.pending[e.Topic], idRef{id, e.Refs[i]})
 			}
+			lg.npending += len(e.IDs)
 		}
 	}
 	s.hidx.mu.Lock()

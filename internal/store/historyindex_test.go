@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -449,6 +450,78 @@ func TestHistoryIndexLogSurvivesARestartAcrossFlushes(t *testing.T) {
 	for _, st := range []*store.Store{s, s2} {
 		for _, tp := range []string{"a", "b", "c"} {
 			wantIDs(t, "final "+tp, walk(t, st, store.HistoryQuery{Topic: tp, Limit: 7}), idsOf(all, tp))
+		}
+	}
+}
+
+// Large batches make a full flush by the ids pending, not only every
+// window of batches: a segment then holds about as many ids whatever
+// history.batch_size is (a page reads whole segments). A process that
+// restarts counts the ids its log's window already holds.
+func TestHistoryIndexFullFlushByIDs(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := context.Background()
+	s.SetHistoryLogWindow(32)
+	const windowIDs = 50
+	s.SetHistoryLogWindowIDs(windowIDs)
+	topic := func(i int) string { return []string{"a", "b"}[i%2] }
+	segs := func() []string {
+		cur, err := s.DB().Collection(store.CollHistoryIndex).Find(ctx, bson.D{{Key: "cmax", Value: bson.D{{Key: "$exists", Value: true}}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var docs []struct {
+			ID string `bson:"_id"`
+		}
+		if err := cur.All(ctx, &docs); err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, d := range docs {
+			// Segments of the topics' chains ("<len>:n1|<topic>|k"), not
+			// the log's documents ("<len>:n1||k").
+			if _, rest, _ := strings.Cut(d.ID, ":"); !strings.HasPrefix(rest, "n1||") {
+				out = append(out, rest)
+			}
+		}
+		slices.Sort(out)
+		return out
+	}
+	var all []store.HistoryMessage
+	write := func(st *store.Store) {
+		b := nodeMsgs("n1", 20, time.Now(), topic)
+		if err := st.InsertHistory(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+		all = append(all, b...)
+	}
+	write(s)
+	write(s)
+	if got := segs(); len(got) != 0 {
+		t.Fatalf("segments after 40 ids of a window of %d: %v, want none", windowIDs, got)
+	}
+	write(s) // 60 ids: a full flush
+	if got, want := segs(), []string{"n1|a|1", "n1|b|1"}; !slices.Equal(got, want) {
+		t.Fatalf("segments after 60 ids of a window of %d: %v, want %v", windowIDs, got, want)
+	}
+	write(s)
+	write(s)
+	// A new process takes over the window's 40 ids: its first batch
+	// flushes.
+	s2, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close(ctx)
+	s2.SetHistoryLogWindow(32)
+	s2.SetHistoryLogWindowIDs(windowIDs)
+	write(s2)
+	if got, want := segs(), []string{"n1|a|1", "n1|a|2", "n1|b|1", "n1|b|2"}; !slices.Equal(got, want) {
+		t.Fatalf("segments after a restart with 40 ids pending and a batch of 20: %v, want %v", got, want)
+	}
+	for _, st := range []*store.Store{s, s2} {
+		for _, tp := range []string{"a", "b"} {
+			wantIDs(t, "pages "+tp, walk(t, st, store.HistoryQuery{Topic: tp, Limit: 7}), idsOf(all, tp))
 		}
 	}
 }
