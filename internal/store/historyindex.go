@@ -313,7 +313,15 @@ type histIndex struct {
 	// starts on them while it reads the list again.
 	nodeList []string
 	reads    int64 // documents of CollHistoryIndex read from the server, for tests
+	// cmaxes holds the cmax of log documents a lookup by id probed without
+	// reading them whole (segmentCMax); never changed once written, like
+	// segs. Cleared when it holds cmaxCacheLen.
+	cmaxes map[string]string
+	probes int64 // cmax probes read from the server, for tests
 }
+
+// cmaxCacheLen bounds cmaxes (~100 bytes an entry).
+const cmaxCacheLen = 1 << 14
 
 type floorEntry struct {
 	n  int64
@@ -355,6 +363,7 @@ func (s *Store) useHistoryIndex(ctx context.Context) (bool, error) {
 		s.hidx.on, s.hidx.probed = on, true
 		s.hidx.nodes, s.hidx.chains, s.hidx.seen = map[string]bool{}, map[string]chainState{}, map[string]int64{}
 		s.hidx.segs, s.hidx.floors, s.hidx.logs = map[string]*histSegment{}, map[string]floorEntry{}, map[string]*nodeLog{}
+		s.hidx.cmaxes = map[string]string{}
 	}
 	return s.hidx.on, nil
 }
@@ -829,6 +838,43 @@ func (s *Store) segment(ctx context.Context, node, topic string, n int64) (*hist
 	}
 	s.cacheSegment(sg)
 	return sg, nil
+}
+
+// segmentCMax returns the cmax of segment n of a chain, false if it is
+// missing, reading only that field: a binary search on cmax needs nothing
+// else, and a log document of a large batch holds thousands of ids the
+// reader would decode (FerretDB still reads the whole document).
+func (s *Store) segmentCMax(ctx context.Context, node, topic string, n int64) (string, bool, error) {
+	id := segID(node, topic, n)
+	s.hidx.mu.Lock()
+	if sg := s.hidx.segs[id]; sg != nil {
+		s.hidx.mu.Unlock()
+		return sg.CMax, true, nil
+	}
+	if c, ok := s.hidx.cmaxes[id]; ok {
+		s.hidx.mu.Unlock()
+		return c, true, nil
+	}
+	s.hidx.mu.Unlock()
+	var head struct {
+		CMax string `bson:"cmax"`
+	}
+	err := s.db.Collection(CollHistoryIndex).FindOne(ctx, bson.D{{Key: "_id", Value: id}},
+		options.FindOne().SetProjection(bson.D{{Key: "cmax", Value: 1}})).Decode(&head)
+	s.hidx.mu.Lock()
+	defer s.hidx.mu.Unlock()
+	s.hidx.probes++
+	if errors.Is(err, mongo.ErrNoDocuments) {
+		return "", false, nil
+	}
+	if err != nil {
+		return "", false, fmt.Errorf("store: history index: %w", err)
+	}
+	if len(s.hidx.cmaxes) >= cmaxCacheLen {
+		clear(s.hidx.cmaxes)
+	}
+	s.hidx.cmaxes[id] = head.CMax
+	return head.CMax, true, nil
 }
 
 func (s *Store) cacheSegment(sg *histSegment) {

@@ -525,3 +525,53 @@ func TestHistoryIndexFullFlushByIDs(t *testing.T) {
 		}
 	}
 }
+
+// A lookup by id finds the log document that may hold the id by a binary
+// search on cmax, reading that field of the documents it probes, not
+// their ids (a log document of a batch of 4,096 holds ~110 KB of them),
+// and the probes are cached; it reads whole only the documents that may
+// hold the id.
+func TestHistoryByIDProbesTheLogByCMax(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := context.Background()
+	s.SetHistoryLogWindow(4)
+	var all []store.HistoryMessage
+	for i := range 40 {
+		b := nodeMsgs("n1", 5, time.Now().Add(time.Duration(i-40)*5*time.Second), func(int) string { return "a" })
+		if err := s.InsertHistory(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+		all = append(all, b...)
+	}
+	s2, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close(ctx)
+	lookup := func(m store.HistoryMessage) int64 {
+		t.Helper()
+		r0 := s2.HistoryIndexReads()
+		got, err := s2.HistoryByID(ctx, m.ID)
+		if err != nil || got.ID != m.ID || string(got.Payload) != string(m.Payload) {
+			t.Fatalf("HistoryByID(%s) = %+v, %v", m.ID, got, err)
+		}
+		return s2.HistoryIndexReads() - r0
+	}
+	first := lookup(all[12])
+	if s2.HistoryIndexProbes() == 0 {
+		t.Fatal("no cmax probes: the binary search read whole log documents")
+	}
+	// The chain's ends and the document holding the id, read whole; the
+	// binary search's documents probed (then cached).
+	t.Logf("first lookup: %d documents read whole, %d probes", first, s2.HistoryIndexProbes())
+	if first > 16 {
+		t.Fatalf("first lookup read %d index documents whole", first)
+	}
+	p := s2.HistoryIndexProbes()
+	for _, m := range []store.HistoryMessage{all[13], all[11]} {
+		lookup(m)
+	}
+	if s2.HistoryIndexProbes() != p {
+		t.Fatalf("lookups in the same document probed %d times more: the probes are not cached", s2.HistoryIndexProbes()-p)
+	}
+}
