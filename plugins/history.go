@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -65,7 +66,8 @@ type History struct {
 	o       HistoryOptions
 	log     *slog.Logger
 	filters []string
-	firsts  []string // each filter's first level, "" for a wildcard: see filterOf
+	firsts  []string // each filter's first level, "" for a wildcard: see matchFilters
+	matches matchCache
 	w       *writebehind.Writer[store.HistoryMessage]
 	spool   *writebehind.Spool[store.HistoryMessage]
 	service func(*mqtt.Client) bool
@@ -112,6 +114,7 @@ func NewHistory(o HistoryOptions) (*History, error) {
 	}
 	h := &History{o: o, log: log.With("component", "history"), filters: filters, firsts: firsts, service: o.Service,
 		ids: newIDGen(), gaps: map[string]*store.HistoryGap{}, done: make(chan struct{})}
+	h.matches.seed = maphash.MakeSeed()
 	if h.service == nil {
 		h.service = func(*mqtt.Client) bool { return false }
 	}
@@ -211,11 +214,55 @@ func (h *History) write(ctx context.Context, batch []store.HistoryMessage) error
 // Matches reports whether topic is a history topic.
 func (h *History) Matches(topic string) bool { return h.filterOf(topic) != "" }
 
-// filterOf is called twice for every message published (the stamp and the
-// capture hook), and most topics are not history topics: a filter whose
-// first level is a literal other than the topic's is passed over with one
-// comparison (MatchFilter's first step), without splitting it again.
+// filterOf returns the history filter topic matches, "" if none. It is
+// called twice for every message published (the stamp and the capture
+// hook), with topics that repeat: the answer is cached per topic
+// (history.topics does not change while the broker runs).
 func (h *History) filterOf(topic string) string {
+	if len(topic) > matchMaxTopic {
+		return h.matchFilters(topic)
+	}
+	c := &h.matches
+	i := maphash.String(c.seed, topic) & (matchSlots - 1)
+	e := c.slots[i].Load()
+	if e != nil && e.topic == topic {
+		return e.filter
+	}
+	f := h.matchFilters(topic)
+	// A slot another topic holds is taken over on every matchTakeOver-th
+	// miss only: a stream of topics seen once (devices/<id>/inbox of many
+	// devices) then costs no allocation a message, and a topic published
+	// often still gets a slot soon.
+	if e == nil || c.misses[i].Add(1)%matchTakeOver == 0 {
+		// A copy: mochi's topic points into the packet's buffer, which
+		// the cache must not keep (up to max_packet_size a slot).
+		c.slots[i].Store(&matchEntry{topic: strings.Clone(topic), filter: f})
+	}
+	return f
+}
+
+// matchCache holds filterOf's answers: matchSlots slots, each an atomic
+// pointer, so a lookup takes no lock and allocates nothing. It holds at
+// most matchSlots topics of matchMaxTopic bytes (about 300 KiB).
+type matchCache struct {
+	seed   maphash.Seed
+	slots  [matchSlots]atomic.Pointer[matchEntry]
+	misses [matchSlots]atomic.Uint32
+}
+
+type matchEntry struct{ topic, filter string }
+
+const (
+	matchSlots    = 1024 // a power of 2
+	matchMaxTopic = 256
+	matchTakeOver = 8
+)
+
+// matchFilters is filterOf without the cache. Most topics are not history
+// topics: a filter whose first level is a literal other than the topic's
+// is passed over with one comparison (MatchFilter's first step), without
+// splitting it again.
+func (h *History) matchFilters(topic string) string {
 	first, _, _ := strings.Cut(topic, "/")
 	for i, f := range h.filters {
 		if lit := h.firsts[i]; lit != "" && lit != first {

@@ -3,11 +3,14 @@ package plugins
 import (
 	"context"
 	"crypto/rand"
+	"fmt"
+	"hash/maphash"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -313,5 +316,71 @@ func TestCaptureTimestamps(t *testing.T) {
 		if m.Time.Before(before) || m.Time.After(after) {
 			t.Errorf("%s: timestamp %v, want the capture's, between %v and %v", m.Publisher, m.Time, before, after)
 		}
+	}
+}
+
+// The hooks' per-topic cache of the history filter answers as the filters
+// do, for more topics than it has slots; it keeps a copy of a topic, not
+// the string the broker passed (mochi's points into the packet's buffer);
+// a cached topic costs no allocation, and neither does a stream of topics
+// seen once each (devices/<id>/inbox of many devices) on average.
+func TestHistoryMatchCache(t *testing.T) {
+	cfg := config.Defaults().History
+	cfg.Topics = "groups/#,push/#,devices/+/inbox,+/x/#"
+	h, err := NewHistory(HistoryOptions{Config: cfg, Node: "n", Store: new(store.Store)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cases := map[string]string{
+		"push/news": "push/#", "push": "push/#", "pushy/news": "", "groups/g1": "groups/#",
+		"devices/d1/inbox": "devices/+/inbox", "devices/d1/outbox": "", "devices/d1/inbox/x": "",
+		"a/x": "+/x/#", "a/x/y/z": "+/x/#", "$SYS/x": "", "a/y": "",
+	}
+	for range 2 { // the second time from the cache
+		for topic, want := range cases {
+			if got := h.filterOf(topic); got != want {
+				t.Fatalf("filterOf(%q) = %q, want %q", topic, got, want)
+			}
+		}
+	}
+	for i := range 3 * matchSlots {
+		topic := fmt.Sprintf("devices/d%d/inbox", i)
+		if i%3 == 0 {
+			topic = fmt.Sprintf("devices/d%d/other", i)
+		}
+		for range 2 {
+			if got := h.Matches(topic); got != (i%3 != 0) {
+				t.Fatalf("Matches(%q) = %v", topic, got)
+			}
+		}
+	}
+
+	// The broker's topic string points into its packet's buffer: the
+	// cache keeps a copy, not the buffer (up to max_packet_size a slot).
+	buf := []byte("push/reused")
+	topic := unsafe.String(&buf[0], len(buf))
+	for range 2 * matchTakeOver {
+		if !h.Matches(topic) {
+			t.Fatal("push/reused is a history topic")
+		}
+	}
+	e := h.matches.slots[maphash.String(h.matches.seed, topic)&(matchSlots-1)].Load()
+	if e == nil || e.topic != topic {
+		t.Fatalf("push/reused not cached after %d lookups: %+v", 2*matchTakeOver, e)
+	}
+	if unsafe.StringData(e.topic) == &buf[0] {
+		t.Fatal("the cache keeps the broker's topic string, and with it the packet's buffer")
+	}
+
+	if a := testing.AllocsPerRun(1000, func() { h.Matches("push/news") }); a != 0 {
+		t.Fatalf("a cached topic: %v allocations", a)
+	}
+	once := make([]string, 1100)
+	for i := range once {
+		once[i] = fmt.Sprintf("devices/new%d/inbox", i)
+	}
+	i := 0
+	if a := testing.AllocsPerRun(1000, func() { h.Matches(once[i]); i++ }); a >= 1 {
+		t.Fatalf("topics seen once: %v allocations each", a)
 	}
 }

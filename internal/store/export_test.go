@@ -10,6 +10,14 @@ func (s *Store) HistoryIndexReads() int64 {
 	return s.hidx.reads
 }
 
+// HistoryIndexProbes is how many cmax probes of the history index (a
+// field of a document, not the document) this store read from the server.
+func (s *Store) HistoryIndexProbes() int64 {
+	s.hidx.mu.Lock()
+	defer s.hidx.mu.Unlock()
+	return s.hidx.probes
+}
+
 // SetHistoryLogWindow sets how many batches a node's history log holds
 // before a full flush (logWindow unless set): tests cross flushes in few
 // batches.
@@ -17,6 +25,14 @@ func (s *Store) SetHistoryLogWindow(n int64) {
 	s.hidx.mu.Lock()
 	defer s.hidx.mu.Unlock()
 	s.hidx.window = n
+}
+
+// SetHistoryLogWindowIDs sets how many ids pending in a node's history
+// log make a full flush (logWindowIDs unless set).
+func (s *Store) SetHistoryLogWindowIDs(n int) {
+	s.hidx.mu.Lock()
+	defer s.hidx.mu.Unlock()
+	s.hidx.windowIDs = n
 }
 
 // HistoryInBuckets reports whether this store writes history in buckets

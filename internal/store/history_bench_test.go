@@ -21,7 +21,7 @@ func BenchmarkInsertHistory(b *testing.B) {
 	if uri == "" {
 		b.Skip("RTM_BENCH_STORE_URI not set")
 	}
-	for _, size := range []int{1024} {
+	for _, size := range []int{1024, 4096} { // 4096: history.batch_size since session 10
 		b.Run(fmt.Sprint(size), func(b *testing.B) {
 			ctx := context.Background()
 			st, err := Open(ctx, Options{URI: uri, Database: fmt.Sprintf("bench_insert_go_%d", size)})

@@ -364,11 +364,11 @@ func (s *Store) logRefsOf(ctx context.Context, node, id string, hold func(refs [
 	}
 	for hi-lo > 1 {
 		mid := lo + (hi-lo)/2
-		sg, err := s.segment(ctx, node, logTopic, mid)
+		cmax, ok, err := s.segmentCMax(ctx, node, logTopic, mid)
 		if err != nil {
 			return err
 		}
-		if sg == nil || sg.CMax < id { // purged meanwhile: older
+		if !ok || cmax < id { // purged meanwhile: older
 			lo = mid
 		} else {
 			hi = mid

@@ -283,6 +283,8 @@ type histIndex struct {
 	chains map[string]chainState
 	logs   map[string]*nodeLog // by node
 	window int64               // logWindow unless a test sets it
+	// windowIDs is logWindowIDs unless a test sets it.
+	windowIDs int
 	// seen is the last segment of each chain a page found, where the next
 	// page starts probing: a page then reads 2 segments to find the end,
 	// not 2·log2(n).
@@ -311,7 +313,15 @@ type histIndex struct {
 	// starts on them while it reads the list again.
 	nodeList []string
 	reads    int64 // documents of CollHistoryIndex read from the server, for tests
+	// cmaxes holds the cmax of log documents a lookup by id probed without
+	// reading them whole (segmentCMax); never changed once written, like
+	// segs. Cleared when it holds cmaxCacheLen.
+	cmaxes map[string]string
+	probes int64 // cmax probes read from the server, for tests
 }
+
+// cmaxCacheLen bounds cmaxes (~100 bytes an entry).
+const cmaxCacheLen = 1 << 14
 
 type floorEntry struct {
 	n  int64
@@ -353,6 +363,7 @@ func (s *Store) useHistoryIndex(ctx context.Context) (bool, error) {
 		s.hidx.on, s.hidx.probed = on, true
 		s.hidx.nodes, s.hidx.chains, s.hidx.seen = map[string]bool{}, map[string]chainState{}, map[string]int64{}
 		s.hidx.segs, s.hidx.floors, s.hidx.logs = map[string]*histSegment{}, map[string]floorEntry{}, map[string]*nodeLog{}
+		s.hidx.cmaxes = map[string]string{}
 	}
 	return s.hidx.on, nil
 }
@@ -362,6 +373,14 @@ func (s *Store) useHistoryIndex(ctx context.Context) (bool, error) {
 // this many log documents (cached once read), and a batch of T topics
 // costs T segments only once every logWindow batches.
 const logWindow = 32
+
+// logWindowIDs bounds a window in ids as well: a full flush comes once
+// this many are pending, before logWindow batches if batches are large.
+// So a segment holds at most this many ids (plus one batch's) whatever
+// history.batch_size is, and a page reads a window of about this many,
+// as with logWindow batches of 1,024 (before session 10's larger
+// batches).
+const logWindowIDs = logWindow * 1024
 
 // logTopic names a node's log chain: MQTT topics are never empty.
 const logTopic = ""
@@ -373,6 +392,7 @@ type nodeLog struct {
 	cmax       string
 	clag       int64
 	pending    map[string][]idRef
+	npending   int // ids in pending
 }
 
 // indexHistory writes a batch on FerretDB: for each writer node, its
@@ -527,8 +547,9 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 		var segs []histSegment
 		s.hidx.mu.Lock()
 		window := cmp.Or(s.hidx.window, logWindow)
+		windowIDs := cmp.Or(s.hidx.windowIDs, logWindowIDs)
 		s.hidx.mu.Unlock()
-		full := logDoc.N-lg.flushed >= window
+		full := logDoc.N-lg.flushed >= window || lg.npending+len(msgs) >= windowIDs
 		if full {
 			merged := map[string][]idRef{}
 			var ts []string
@@ -616,17 +637,18 @@ func (s *Store) indexNodeBatch(ctx context.Context, node string, msgs []HistoryM
 			s.hidx.chains[chainKey(node, logTopic)] = chainState{n: logDoc.N, cmax: logDoc.CMax, clag: logDoc.CLag}
 			lg.n, lg.cmax, lg.clag, lg.flushed = logDoc.N, logDoc.CMax, logDoc.CLag, logDoc.Flushed
 			if full {
-				lg.pending = map[string][]idRef{}
+				lg.pending, lg.npending = map[string][]idRef{}, 0
 			} else {
 				for _, t := range topics {
 					p := lg.pending[t]
 					if p == nil {
 						// Sized for the window at this batch's rate: it grows
 						// until the next full flush.
-						p = make([]idRef, 0, int(window-(logDoc.N-lg.flushed))*len(entries[t]))
+						p = make([]idRef, 0, min(int(window-(logDoc.N-lg.flushed))*len(entries[t]), windowIDs))
 					}
 					lg.pending[t] = append(p, entries[t]...)
 				}
+				lg.npending += len(msgs)
 			}
 			s.hidx.mu.Unlock()
 			return nil
@@ -711,6 +733,7 @@ func (s *Store) loadNodeLog(ctx context.Context, node string) (*nodeLog, error) 
 			for i, id := range e.IDs {
 				lg.pending[e.Topic] = append(lg.pending[e.Topic], idRef{id, e.Refs[i]})
 			}
+			lg.npending += len(e.IDs)
 		}
 	}
 	s.hidx.mu.Lock()
@@ -815,6 +838,43 @@ func (s *Store) segment(ctx context.Context, node, topic string, n int64) (*hist
 	}
 	s.cacheSegment(sg)
 	return sg, nil
+}
+
+// segmentCMax returns the cmax of segment n of a chain, false if it is
+// missing, reading only that field: a binary search on cmax needs nothing
+// else, and a log document of a large batch holds thousands of ids the
+// reader would decode (FerretDB still reads the whole document).
+func (s *Store) segmentCMax(ctx context.Context, node, topic string, n int64) (string, bool, error) {
+	id := segID(node, topic, n)
+	s.hidx.mu.Lock()
+	if sg := s.hidx.segs[id]; sg != nil {
+		s.hidx.mu.Unlock()
+		return sg.CMax, true, nil
+	}
+	if c, ok := s.hidx.cmaxes[id]; ok {
+		s.hidx.mu.Unlock()
+		return c, true, nil
+	}
+	s.hidx.mu.Unlock()
+	var head struct {
+		CMax string `bson:"cmax"`
+	}
+	err := s.db.Collection(CollHistoryIndex).FindOne(ctx, bson.D{{Key: "_id", Value: id}},
+		options.FindOne().SetProjection(bson.D{{Key: "cmax", Value: 1}})).Decode(&head)
+	s.hidx.mu.Lock()
+	defer s.hidx.mu.Unlock()
+	s.hidx.probes++
+	if errors.Is(err, mongo.ErrNoDocuments) {
+		return "", false, nil
+	}
+	if err != nil {
+		return "", false, fmt.Errorf("store: history index: %w", err)
+	}
+	if len(s.hidx.cmaxes) >= cmaxCacheLen {
+		clear(s.hidx.cmaxes)
+	}
+	s.hidx.cmaxes[id] = head.CMax
+	return head.CMax, true, nil
 }
 
 func (s *Store) cacheSegment(sg *histSegment) {

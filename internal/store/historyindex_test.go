@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -450,5 +451,127 @@ func TestHistoryIndexLogSurvivesARestartAcrossFlushes(t *testing.T) {
 		for _, tp := range []string{"a", "b", "c"} {
 			wantIDs(t, "final "+tp, walk(t, st, store.HistoryQuery{Topic: tp, Limit: 7}), idsOf(all, tp))
 		}
+	}
+}
+
+// Large batches make a full flush by the ids pending, not only every
+// window of batches: a segment then holds about as many ids whatever
+// history.batch_size is (a page reads whole segments). A process that
+// restarts counts the ids its log's window already holds.
+func TestHistoryIndexFullFlushByIDs(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := context.Background()
+	s.SetHistoryLogWindow(32)
+	const windowIDs = 50
+	s.SetHistoryLogWindowIDs(windowIDs)
+	topic := func(i int) string { return []string{"a", "b"}[i%2] }
+	segs := func() []string {
+		cur, err := s.DB().Collection(store.CollHistoryIndex).Find(ctx, bson.D{{Key: "cmax", Value: bson.D{{Key: "$exists", Value: true}}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var docs []struct {
+			ID string `bson:"_id"`
+		}
+		if err := cur.All(ctx, &docs); err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, d := range docs {
+			// Segments of the topics' chains ("<len>:n1|<topic>|k"), not
+			// the log's documents ("<len>:n1||k").
+			if _, rest, _ := strings.Cut(d.ID, ":"); !strings.HasPrefix(rest, "n1||") {
+				out = append(out, rest)
+			}
+		}
+		slices.Sort(out)
+		return out
+	}
+	var all []store.HistoryMessage
+	write := func(st *store.Store) {
+		b := nodeMsgs("n1", 20, time.Now(), topic)
+		if err := st.InsertHistory(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+		all = append(all, b...)
+	}
+	write(s)
+	write(s)
+	if got := segs(); len(got) != 0 {
+		t.Fatalf("segments after 40 ids of a window of %d: %v, want none", windowIDs, got)
+	}
+	write(s) // 60 ids: a full flush
+	if got, want := segs(), []string{"n1|a|1", "n1|b|1"}; !slices.Equal(got, want) {
+		t.Fatalf("segments after 60 ids of a window of %d: %v, want %v", windowIDs, got, want)
+	}
+	write(s)
+	write(s)
+	// A new process takes over the window's 40 ids: its first batch
+	// flushes.
+	s2, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close(ctx)
+	s2.SetHistoryLogWindow(32)
+	s2.SetHistoryLogWindowIDs(windowIDs)
+	write(s2)
+	if got, want := segs(), []string{"n1|a|1", "n1|a|2", "n1|b|1", "n1|b|2"}; !slices.Equal(got, want) {
+		t.Fatalf("segments after a restart with 40 ids pending and a batch of 20: %v, want %v", got, want)
+	}
+	for _, st := range []*store.Store{s, s2} {
+		for _, tp := range []string{"a", "b"} {
+			wantIDs(t, "pages "+tp, walk(t, st, store.HistoryQuery{Topic: tp, Limit: 7}), idsOf(all, tp))
+		}
+	}
+}
+
+// A lookup by id finds the log document that may hold the id by a binary
+// search on cmax, reading that field of the documents it probes, not
+// their ids (a log document of a batch of 4,096 holds ~110 KB of them),
+// and the probes are cached; it reads whole only the documents that may
+// hold the id.
+func TestHistoryByIDProbesTheLogByCMax(t *testing.T) {
+	s := storetest.Open(t)
+	ctx := context.Background()
+	s.SetHistoryLogWindow(4)
+	var all []store.HistoryMessage
+	for i := range 40 {
+		b := nodeMsgs("n1", 5, time.Now().Add(time.Duration(i-40)*5*time.Second), func(int) string { return "a" })
+		if err := s.InsertHistory(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+		all = append(all, b...)
+	}
+	s2, err := store.Open(ctx, store.Options{URI: storetest.URI(t), Database: s.DB().Name()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close(ctx)
+	lookup := func(m store.HistoryMessage) int64 {
+		t.Helper()
+		r0 := s2.HistoryIndexReads()
+		got, err := s2.HistoryByID(ctx, m.ID)
+		if err != nil || got.ID != m.ID || string(got.Payload) != string(m.Payload) {
+			t.Fatalf("HistoryByID(%s) = %+v, %v", m.ID, got, err)
+		}
+		return s2.HistoryIndexReads() - r0
+	}
+	first := lookup(all[12])
+	if s2.HistoryIndexProbes() == 0 {
+		t.Fatal("no cmax probes: the binary search read whole log documents")
+	}
+	// The chain's ends and the document holding the id, read whole; the
+	// binary search's documents probed (then cached).
+	t.Logf("first lookup: %d documents read whole, %d probes", first, s2.HistoryIndexProbes())
+	if first > 16 {
+		t.Fatalf("first lookup read %d index documents whole", first)
+	}
+	p := s2.HistoryIndexProbes()
+	for _, m := range []store.HistoryMessage{all[13], all[11]} {
+		lookup(m)
+	}
+	if s2.HistoryIndexProbes() != p {
+		t.Fatalf("lookups in the same document probed %d times more: the probes are not cached", s2.HistoryIndexProbes()-p)
 	}
 }

@@ -31,13 +31,12 @@ func idIndexName(table string) string { return table + "__rtm_id_path" }
 // indexIDs adds the _id path index to every collection of the data
 // directory's databases until ctx ends.
 func (e *Embedded) indexIDs(ctx context.Context, log *slog.Logger) {
-	done := map[string]bool{} // file + "\x00" + table
 	t := time.NewTicker(idIndexEvery)
 	defer t.Stop()
 	for {
 		files, _ := filepath.Glob(filepath.Join(e.dataDir, "*.sqlite"))
 		for _, f := range files {
-			if err := indexFile(ctx, f, done, log); err != nil && ctx.Err() == nil {
+			if err := indexFile(ctx, f, log); err != nil && ctx.Err() == nil {
 				log.Debug("store: _id index", "file", f, "err", err)
 			}
 		}
@@ -49,7 +48,12 @@ func (e *Embedded) indexIDs(ctx context.Context, log *slog.Logger) {
 	}
 }
 
-func indexFile(ctx context.Context, file string, done map[string]bool, log *slog.Logger) error {
+// indexFile indexes the tables of file that have no _id path index. What
+// the file holds is read each time, not remembered: a collection dropped
+// and created again under its name gets a table of the same name, without
+// the index (remembering tables done left it so until a restart: every
+// lookup by _id then read the whole table).
+func indexFile(ctx context.Context, file string, log *slog.Logger) error {
 	// mode=rw: a database FerretDB just dropped is not created again.
 	dsn := (&url.URL{Scheme: "file", Path: filepath.ToSlash(file)}).String() + "?mode=rw&_pragma=busy_timeout(5000)"
 	db, err := sql.Open("sqlite", dsn)
@@ -57,7 +61,21 @@ func indexFile(ctx context.Context, file string, done map[string]bool, log *slog
 		return err
 	}
 	defer db.Close()
-	rows, err := db.QueryContext(ctx, `SELECT table_name FROM "_ferretdb_collections"`)
+	indexed := map[string]bool{}
+	rows, err := db.QueryContext(ctx, `SELECT name FROM sqlite_master WHERE type = 'index'`)
+	if err != nil {
+		return err
+	}
+	for rows.Next() {
+		var n string
+		if err := rows.Scan(&n); err != nil {
+			rows.Close()
+			return err
+		}
+		indexed[n] = true
+	}
+	rows.Close()
+	rows, err = db.QueryContext(ctx, `SELECT table_name FROM "_ferretdb_collections"`)
 	if err != nil {
 		return err
 	}
@@ -68,7 +86,7 @@ func indexFile(ctx context.Context, file string, done map[string]bool, log *slog
 			rows.Close()
 			return err
 		}
-		if !done[file+"\x00"+t] {
+		if !indexed[idIndexName(t)] {
 			tables = append(tables, t)
 		}
 	}
@@ -82,7 +100,6 @@ func indexFile(ctx context.Context, file string, done map[string]bool, log *slog
 		if _, err := db.ExecContext(ctx, q); err != nil {
 			return err
 		}
-		done[file+"\x00"+t] = true
 		if d := time.Since(start); d > time.Second {
 			log.Info("store: indexed _id of an existing collection", "table", t, "took", d.Round(time.Millisecond))
 		}
