@@ -40,8 +40,8 @@ const (
 // adjacent versions (docs/clustering.md, "Upgrades").
 //
 // New fields go at the end of a message; a field after an optional one
-// (claimReplyMsg.Busy, publishMsg.HeldOf and Held, moveStartMsg.AdoptedFrom
-// and AdoptedAt)
+// (claimReplyMsg.Busy, publishMsg.HeldOf and Held, moveStartMsg.AdoptedFrom,
+// AdoptedAt and Earlier)
 // makes the optional one unconditional.
 const (
 	// protoV1: the releases that advertised no version. Their decoders
@@ -551,6 +551,12 @@ type moveStartMsg struct {
 	// decoders ignore trailing fields), and without it the destination
 	// counts from its move-in.
 	AdoptedAt int64
+	// Earlier are the session's older marks, oldest first: failed nodes
+	// it was adopted from before AdoptedFrom adopted it (and died while
+	// their held copies were still on their way), each with its time.
+	// Optional, after AdoptedAt (then sent even if 0): a receiver that
+	// does not know it keeps AdoptedFrom's mark alone.
+	Earlier []earlierMark
 }
 
 func (m moveStartMsg) encode() []byte {
@@ -564,8 +570,15 @@ func (m moveStartMsg) encode() []byte {
 	appendSubscriptions(&w, m.Subs)
 	if m.AdoptedFrom != "" {
 		w.string(m.AdoptedFrom)
-		if m.AdoptedAt > 0 {
+		if m.AdoptedAt > 0 || len(m.Earlier) > 0 {
 			w.varint(m.AdoptedAt)
+		}
+		if len(m.Earlier) > 0 {
+			w.uvarint(uint64(len(m.Earlier)))
+			for _, e := range m.Earlier {
+				w.string(e.From)
+				w.varint(e.At)
+			}
 		}
 	}
 	return w.b
@@ -584,6 +597,12 @@ func decodeMoveStart(b []byte) (m moveStartMsg, err error) {
 		m.AdoptedFrom = r.string()
 		if r.err == nil && len(r.b) > 0 {
 			m.AdoptedAt = max(r.varint(), 0)
+		}
+		if r.err == nil && len(r.b) > 0 {
+			n := r.count(2)
+			for range n {
+				m.Earlier = append(m.Earlier, earlierMark{From: r.string(), At: max(r.varint(), 0)})
+			}
 		}
 	}
 	return m, r.done()

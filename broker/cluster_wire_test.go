@@ -245,6 +245,17 @@ func TestFailoverFieldsRoundTrip(t *testing.T) {
 	if m, err := decodeMoveStart(b[:len(start.encode())]); err != nil || m.AdoptedFrom != "n2" || m.AdoptedAt != 0 {
 		t.Fatalf("move start with a mark, its time cut off: %+v, %v", m, err)
 	}
+	// Earlier marks follow AdoptedAt (then sent even if 0); a decoder
+	// without them ignores them.
+	start.Earlier = []earlierMark{{From: "n0", At: 1_700_000_000_000}, {From: "n5", At: 7}}
+	b = start.encode()
+	if m, err := decodeMoveStart(b); err != nil || m.AdoptedFrom != "n2" || m.AdoptedAt != 0 || !reflect.DeepEqual(m.Earlier, start.Earlier) {
+		t.Fatalf("move start with earlier marks: %+v, %v", m, err)
+	}
+	start.Earlier = nil
+	if m, err := decodeMoveStart(b[:len(start.encode())+1]); err != nil || m.AdoptedFrom != "n2" || m.AdoptedAt != 0 || m.Earlier != nil {
+		t.Fatalf("move start, its earlier marks cut off: %+v, %v", m, err)
+	}
 	if m, err := decodeHeldDone(heldDoneMsg{Dead: "n2"}.encode()); err != nil || m.Dead != "n2" {
 		t.Fatalf("held done: %+v, %v", m, err)
 	}
@@ -253,22 +264,86 @@ func TestFailoverFieldsRoundTrip(t *testing.T) {
 // TestHeldSkip: the delivery rule of a failover's copies.
 func TestHeldSkip(t *testing.T) {
 	for _, c := range []struct {
-		adopted, heldOf string
-		held            []string
-		skip            bool
+		adopted []string
+		heldOf  string
+		held    []string
+		skip    bool
 	}{
-		{"", "", nil, false},             // an ordinary message
-		{"n2", "", nil, false},           // published for no held link: the adopted session gets it
-		{"n2", "", []string{"n2"}, true}, // the direct copy of a held one: the held copy is the session's
-		{"n4", "", []string{"n2"}, false},
-		{"", "", []string{"n2"}, false},     // other sessions get the direct copy
-		{"n2", "n2", []string{"n2"}, false}, // the held copy: the adopted session's
-		{"", "n2", nil, true},               // and nobody else's
-		{"n4", "n2", nil, true},
+		{nil, "", nil, false},                         // an ordinary message
+		{[]string{"n2"}, "", nil, false},              // published for no held link: the adopted session gets it
+		{[]string{"n2"}, "", []string{"n2"}, true},    // the direct copy of a held one: the held copy is the session's
+		{[]string{"n4"}, "", []string{"n2"}, false},   //
+		{nil, "", []string{"n2"}, false},              // other sessions get the direct copy
+		{[]string{"n2"}, "n2", []string{"n2"}, false}, // the held copy: the adopted session's
+		{nil, "n2", nil, true},                        // and nobody else's
+		{[]string{"n4"}, "n2", nil, true},
+		{[]string{"n2"}, "n4", []string{"n2"}, true}, // n4's copy of what n2's held link took: n2's copy is the session's
+		// Adopted from n2, then again from its adopter n4, which died
+		// while n2's held copies were on their way: one copy of each
+		// message, through the oldest mark's held link when it took it.
+		{[]string{"n2", "n4"}, "", []string{"n2"}, true},
+		{[]string{"n2", "n4"}, "", []string{"n4"}, true},
+		{[]string{"n2", "n4"}, "", nil, false},
+		{[]string{"n2", "n4"}, "n2", []string{"n2"}, false},
+		{[]string{"n2", "n4"}, "n4", []string{"n2"}, true}, // a direct copy to n4 it never acknowledged: n2's is the session's
+		{[]string{"n2", "n4"}, "n4", nil, false},           // the same, published for no held link
+		{[]string{"n2", "n4"}, "n4", []string{"n4"}, false},
+		{[]string{"n2", "n4"}, "n2", []string{"n2", "n4"}, false}, // both held links took it: n2's copy
+		{[]string{"n2", "n4"}, "n4", []string{"n2", "n4"}, true},
+		{[]string{"n4"}, "n4", []string{"n2", "n4"}, false}, // adopted from n4 alone: n4's copy
 	} {
 		if got := heldSkip(c.adopted, c.held, c.heldOf); got != c.skip {
 			t.Errorf("heldSkip(%q, %v, %q) = %v, want %v", c.adopted, c.held, c.heldOf, got, c.skip)
 		}
+		var m adoptedMarks
+		for _, n := range c.adopted {
+			m.set("s", n)
+		}
+		if got := m.skip("s", c.held, c.heldOf); got != c.skip {
+			t.Errorf("adoptedMarks.skip(%q, %v, %q) = %v, want %v", c.adopted, c.held, c.heldOf, got, c.skip)
+		}
+	}
+}
+
+// TestAdoptedMarksPerNode: a session's marks are kept oldest first and
+// cleared one by one.
+func TestAdoptedMarksPerNode(t *testing.T) {
+	var m adoptedMarks
+	tok := m.set("s", "n0")
+	m.set("s", "n1")
+	m.set("o", "n1")
+	if got := m.get("s"); !reflect.DeepEqual(got, []string{"n0", "n1"}) {
+		t.Fatalf("marks of s = %v, want [n0 n1]", got)
+	}
+	m.set("s", "n0") // renewed in place: the old token no longer clears it
+	m.clearToken("s", tok)
+	if !m.has("s", "n0") {
+		t.Fatal("a stale token cleared a renewed mark")
+	}
+	// n0's held copies are all sent: its mark stays for n1's (a message
+	// both held links took is n0's copy's), and goes with n1's.
+	m.forget("n0")
+	if got := m.get("s"); !reflect.DeepEqual(got, []string{"n0", "n1"}) {
+		t.Fatalf("after forget(n0): %v, want [n0 n1]", got)
+	}
+	m.forget("n1")
+	if m.any("s") || m.any("o") || m.n.Load() != 0 {
+		t.Fatalf("after forget(n1): s %v, o %v, %d marked; want none", m.get("s"), m.get("o"), m.n.Load())
+	}
+	// A later mark goes on its own.
+	m.set("s", "n0")
+	m.set("s", "n1")
+	m.forget("n1")
+	if got := m.get("s"); !reflect.DeepEqual(got, []string{"n0"}) || m.n.Load() != 1 {
+		t.Fatalf("after forget(n1): %v, want [n0]", got)
+	}
+	m.reset("s", []string{"n2", "n3"})
+	if got := m.get("s"); !reflect.DeepEqual(got, []string{"n2", "n3"}) {
+		t.Fatalf("after reset: %v", got)
+	}
+	m.clear("s", []string{"n2", "n3"})
+	if m.n.Load() != 0 || m.any("s") {
+		t.Fatal("marks left after clear")
 	}
 }
 
