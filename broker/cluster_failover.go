@@ -122,13 +122,17 @@ func (a *adoptedMarks) any(id string) bool {
 }
 
 // skip is heldSkip for client id's session.
-func (a *adoptedMarks) skip(id string, held []string, heldOf string) bool {
+func (a *adoptedMarks) skip(id string, held []string, heldOf, via string) bool {
 	if a.n.Load() == 0 {
 		return heldOf != ""
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return heldSkipMarks(a.by[id], held, heldOf)
+	ms := a.by[id]
+	if via != "" && !slices.ContainsFunc(ms, func(m adoptedMark) bool { return m.from == via }) {
+		return true
+	}
+	return heldSkipMarks(ms, held, heldOf)
 }
 
 // set marks client id's session adopted from node dead, after its other
@@ -166,11 +170,18 @@ func (a *adoptedMarks) drop(id string, del func(adoptedMark) bool) {
 }
 
 // clearToken drops client id's mark if it is still the one set returned
-// tok for: not a newer mark of the same session (a later failure).
+// tok for: not a newer mark of the same session (a later failure). A
+// later mark keeps it, done (see adoptedMarks).
 func (a *adoptedMarks) clearToken(id string, tok uint64) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.drop(id, func(m adoptedMark) bool { return m.tok == tok })
+	ms := a.by[id]
+	for i := range ms {
+		if ms[i].tok == tok {
+			ms[i].done = true
+		}
+	}
+	a.drop(id, func(adoptedMark) bool { return false })
 	a.n.Store(int32(len(a.by)))
 }
 
@@ -251,8 +262,13 @@ func (a *adoptedMarks) forget(dead string) {
 // takes too (one link, in order); a direct copy, or the copy of another
 // held link, is skipped. A copy of a held link that did not take the
 // message as held (a direct copy the adopter never acknowledged before it
-// died) is taken only if no held link's copy is.
-func heldSkip(marks []string, held []string, heldOf string) bool {
+// died) is taken only if no held link's copy is. A held copy of heldOf
+// that the held link of via (an adopter that died before acknowledging
+// it) gave up is for the sessions adopted from via alone, as heldOf's.
+func heldSkip(marks []string, held []string, heldOf, via string) bool {
+	if via != "" && !slices.Contains(marks, via) {
+		return true
+	}
 	for _, m := range marks {
 		if slices.Contains(held, m) {
 			return heldOf != m
@@ -271,13 +287,13 @@ func heldSkipMarks(ms []adoptedMark, held []string, heldOf string) bool {
 	return heldOf != "" && !slices.ContainsFunc(ms, func(m adoptedMark) bool { return m.from == heldOf })
 }
 
-// exclude returns the Packet.Exclude of a message with held and heldOf
-// (nil when it carries neither, as every message but during a failover).
-func (c *clusterNode) exclude(held []string, heldOf string) func(string) bool {
-	if len(held) == 0 && heldOf == "" {
+// exclude returns the Packet.Exclude of a message with held, heldOf and
+// via (nil when it carries none, as every message but during a failover).
+func (c *clusterNode) exclude(held []string, heldOf, via string) func(string) bool {
+	if len(held) == 0 && heldOf == "" && via == "" {
 		return nil
 	}
-	return func(id string) bool { return c.adopted.skip(id, held, heldOf) }
+	return func(id string) bool { return c.adopted.skip(id, held, heldOf, via) }
 }
 
 // excludeLocal returns the Packet.Exclude of the local delivery of a
@@ -292,7 +308,7 @@ func (c *clusterNode) excludeLocal(held []string) func(string) bool {
 		return nil
 	}
 	marked := c.adopted.marked(held)
-	return func(id string) bool { return marked[id] || c.adopted.skip(id, held, "") }
+	return func(id string) bool { return marked[id] || c.adopted.skip(id, held, "", "") }
 }
 
 // flushGate keeps what is forwarded after a held link's release behind the
@@ -415,7 +431,7 @@ func (c *clusterNode) deliverPublish(from string, pm publishMsg) {
 			shared = func(route string) bool { return slices.Contains(routes, route) }
 		}
 	}
-	pk.Exclude = c.exclude(pm.Held, pm.HeldOf)
+	pk.Exclude = c.exclude(pm.Held, pm.HeldOf, pm.Via)
 	c.b.mq.DeliverFromPeer(pk, shared)
 	if c.relays.n.Load() > 0 {
 		c.relayFromPeer(from, pm)
@@ -455,7 +471,17 @@ func (c *clusterNode) adoptedShared(topic string, routes []string, dead string) 
 func (c *clusterNode) resendHeld(dead string, adopters []string, msgs []publishMsg) {
 	self := c.node.Name()
 	for _, pm := range msgs {
-		pm.HeldOf = dead
+		if pm.HeldOf != "" && pm.HeldOf != dead {
+			// A held copy of an earlier failure that dead, the adopter
+			// it was sent to, died with: for the sessions adopted again
+			// from dead that it had adopted from HeldOf (they carry
+			// both marks: carriedMarks). Given as dead's own copy, it
+			// would be skipped by them (heldSkip: HeldOf's link took the
+			// message), lost.
+			pm.Via = dead
+		} else {
+			pm.HeldOf = dead
+		}
 		shared := pm.Shared
 		subs := c.routes.subscribers(pm.Packet.TopicName)
 		var to []string
@@ -666,11 +692,11 @@ func (c *clusterNode) markAfterHold(dead string, after time.Duration, stillFaile
 // mark kept after the failover costs at most a duplicate (a held copy of
 // a later failure of dead, which the session also got directly before
 // this node saw that failure).
-func (c *clusterNode) restoreMark(id, dead string, adoptedAt time.Time) {
+func (c *clusterNode) restoreMark(id, dead string, adoptedAt time.Time) uint64 {
 	hold := c.peers.hold
 	left := hold - time.Since(adoptedAt)
 	if dead == "" || adoptedAt.IsZero() || hold <= 0 || left <= 0 {
-		return
+		return 0
 	}
 	// adopted_at is another node's wall clock, maybe ahead of this one's.
 	left = min(left, hold)
@@ -680,20 +706,37 @@ func (c *clusterNode) restoreMark(id, dead string, adoptedAt time.Time) {
 	// of that failure is gone by then. Tied to this mark: a later failure
 	// of dead may mark the session again (adoptedMarks.reset).
 	time.AfterFunc(left, func() { c.adopted.clearToken(id, tok) })
-	// Every broker done with dead's held link already (a mark carried by
-	// a session adopted again, carriedMarks): it goes now. After the set:
-	// a word that arrives meanwhile clears it in heldSent.
-	if ok, _ := c.brokersDone(dead); ok {
-		c.adopted.clearToken(id, tok)
+	return tok
+}
+
+// adoptAgain marks client id's session, adopted now from the failed node
+// dead, adopted from dead after the marks it keeps from its stored
+// document (carriedMarks), oldest first, each until the end of
+// cluster.failed_peer_hold from its time (restoreMark). A carried mark
+// whose node every live broker is done with already is kept done, for
+// dead's: a held copy of it that dead's held links kept (sent to dead,
+// which died before acknowledging it) still reaches the session (Via),
+// and a message both held links took is still taken once. Checked after
+// the set: a word that arrives meanwhile makes it done in heldSent.
+func (c *clusterNode) adoptAgain(id string, earlier []earlierMark, dead string) {
+	toks := make([]uint64, len(earlier))
+	for i, e := range earlier {
+		toks[i] = c.restoreMark(id, e.From, time.UnixMilli(e.At))
+	}
+	c.adopted.set(id, dead)
+	for i, e := range earlier {
+		if ok, _ := c.brokersDone(e.From); ok && toks[i] != 0 {
+			c.adopted.clearToken(id, toks[i])
+		}
 	}
 }
 
 // carriedMarks returns the marks that session s, adopted now from its
 // owner, a failed node that had adopted it from another failed node D
 // (and maybe D from a third), keeps, oldest first: those of failed nodes
-// whose held links may still hold copies for it (within
-// cluster.failed_peer_hold of the mark, and not every live broker done
-// with that node's held link here). The copies that reached s only
+// whose held links may still hold copies for it, or whose held copies
+// may still be in the held links of its owner (within
+// cluster.failed_peer_hold of the mark). The copies that reached s only
 // through D's held links then still reach it where it is adopted again,
 // and s skips their direct copies. Without these marks it was marked
 // adopted from its owner alone, and D's held copies skipped it: lost,
@@ -708,9 +751,6 @@ func (c *clusterNode) carriedMarks(s *sessionDoc, now time.Time) []earlierMark {
 		if e.From == "" || e.At <= 0 || e.From == s.Owner || e.From == c.node.Name() ||
 			now.Sub(time.UnixMilli(e.At)) >= hold ||
 			slices.ContainsFunc(out, func(o earlierMark) bool { return o.From == e.From }) {
-			continue
-		}
-		if ok, _ := c.brokersDone(e.From); ok {
 			continue
 		}
 		out = append(out, e)

@@ -330,7 +330,7 @@ func (c *clusterNode) relayFromPeer(from string, pm publishMsg) {
 		if r.to == from && r.installed.Load() {
 			continue
 		}
-		if (len(pm.Held) > 0 || pm.HeldOf != "") && heldSkip(r.adopted, pm.Held, pm.HeldOf) {
+		if (len(pm.Held) > 0 || pm.HeldOf != "") && heldSkip(r.adopted, pm.Held, pm.HeldOf, pm.Via) {
 			continue // not this session's copy (cluster_failover.go)
 		}
 		_ = c.relayTo(r, publishMsg{Origin: pm.Origin, Expiry: pm.Expiry, Packet: pm.Packet})

@@ -285,6 +285,14 @@ type publishMsg struct {
 	// refuses such a message (it reports the trailing bytes).
 	Held   []string
 	HeldOf string
+	// Via, on a held copy of HeldOf's that the held link of another
+	// failed node, its adopter, kept (it died before acknowledging it)
+	// and gave up, names that adopter: the copy is for the sessions
+	// adopted from HeldOf through Via alone, which skipped the direct
+	// copy on Via. Optional, after Held; a receiver that does not know it
+	// takes the copy as HeldOf's (a duplicate for sessions adopted from
+	// HeldOf elsewhere, which had it).
+	Via string
 }
 
 // forProto returns m as a peer speaking version v reads it: without the
@@ -293,7 +301,7 @@ type publishMsg struct {
 // held copies only when it adopted sessions, as the previous release did.
 func (m publishMsg) forProto(v int) publishMsg {
 	if v < protoV2 {
-		m.Held, m.HeldOf = nil, ""
+		m.Held, m.HeldOf, m.Via = nil, "", ""
 	}
 	return m
 }
@@ -309,11 +317,14 @@ func (m publishMsg) encode() ([]byte, error) {
 	if err := appendPacket(&w, m.Packet); err != nil {
 		return nil, err
 	}
-	if len(m.Held) > 0 || m.HeldOf != "" {
+	if len(m.Held) > 0 || m.HeldOf != "" || m.Via != "" {
 		w.string(m.HeldOf)
 		w.uvarint(uint64(len(m.Held)))
 		for _, s := range m.Held {
 			w.string(s)
+		}
+		if m.Via != "" {
+			w.string(m.Via)
 		}
 	}
 	return w.b, nil
@@ -333,6 +344,9 @@ func decodePublish(b []byte) (m publishMsg, err error) {
 		n := r.count(1)
 		for range n {
 			m.Held = append(m.Held, r.string())
+		}
+		if r.err == nil && len(r.b) > 0 {
+			m.Via = r.string()
 		}
 	}
 	return m, r.done()

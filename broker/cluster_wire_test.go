@@ -225,6 +225,17 @@ func TestFailoverFieldsRoundTrip(t *testing.T) {
 			t.Errorf("marked publish truncated to %d of %d bytes: no error", i, len(marked))
 		}
 	}
+	// Via follows Held; a decoder without it reads the rest as before.
+	via, err := publishMsg{Origin: "c1", Packet: samplePacket(1), Held: []string{"n2", "n4"}, HeldOf: "n2", Via: "n4"}.encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := decodePublish(via); err != nil || m.HeldOf != "n2" || m.Via != "n4" || !reflect.DeepEqual(m.Held, []string{"n2", "n4"}) {
+		t.Fatalf("held copy via an adopter: %+v, %v", m, err)
+	}
+	if !reflect.DeepEqual(via[:len(marked)], marked) {
+		t.Fatal("Via is not a trailing addition to the marked message")
+	}
 
 	start := moveStartMsg{Move: 7, ClientID: "dev", Version: 5, Subs: []packets.Subscription{{Filter: "a/#", Qos: 1}}}
 	if m, err := decodeMoveStart(start.encode()); err != nil || m.AdoptedFrom != "" {
@@ -292,15 +303,39 @@ func TestHeldSkip(t *testing.T) {
 		{[]string{"n2", "n4"}, "n4", []string{"n2", "n4"}, true},
 		{[]string{"n4"}, "n4", []string{"n2", "n4"}, false}, // adopted from n4 alone: n4's copy
 	} {
-		if got := heldSkip(c.adopted, c.held, c.heldOf); got != c.skip {
+		if got := heldSkip(c.adopted, c.held, c.heldOf, ""); got != c.skip {
 			t.Errorf("heldSkip(%q, %v, %q) = %v, want %v", c.adopted, c.held, c.heldOf, got, c.skip)
 		}
 		var m adoptedMarks
 		for _, n := range c.adopted {
 			m.set("s", n)
 		}
-		if got := m.skip("s", c.held, c.heldOf); got != c.skip {
+		if got := m.skip("s", c.held, c.heldOf, ""); got != c.skip {
 			t.Errorf("adoptedMarks.skip(%q, %v, %q) = %v, want %v", c.adopted, c.held, c.heldOf, got, c.skip)
+		}
+	}
+	// n2's held copy that n4's held link kept (n4 died before taking it):
+	// for the sessions adopted from n2 through n4 alone.
+	for _, c := range []struct {
+		adopted []string
+		held    []string
+		skip    bool
+	}{
+		{[]string{"n2", "n4"}, []string{"n2"}, false},
+		{[]string{"n2", "n4"}, nil, false},
+		{[]string{"n2"}, []string{"n2"}, true}, // adopted from n2 elsewhere: it had its copy
+		{[]string{"n4"}, []string{"n2"}, true}, // on n4 without n2's mark: it had the direct copy
+		{nil, nil, true},
+	} {
+		if got := heldSkip(c.adopted, c.held, "n2", "n4"); got != c.skip {
+			t.Errorf("heldSkip(%q, %v, n2, via n4) = %v, want %v", c.adopted, c.held, got, c.skip)
+		}
+		var m adoptedMarks
+		for _, n := range c.adopted {
+			m.set("s", n)
+		}
+		if got := m.skip("s", c.held, "n2", "n4"); got != c.skip {
+			t.Errorf("adoptedMarks.skip(%q, %v, n2, via n4) = %v, want %v", c.adopted, c.held, got, c.skip)
 		}
 	}
 }

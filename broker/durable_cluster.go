@@ -531,10 +531,7 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 				// for that node reaches it through their copy alone, in
 				// order (cluster_failover.go). The marks it keeps from
 				// the adopter that died come first: older.
-				for _, e := range s.AdoptedEarlier {
-					c.restoreMark(s.ID, e.From, time.UnixMilli(e.At))
-				}
-				c.adopted.set(s.ID, s.AdoptedFrom)
+				c.adoptAgain(s.ID, s.AdoptedEarlier, s.AdoptedFrom)
 			}
 			// Established here now: should the node it came from turn out
 			// alive (a partition), the heal keeps this copy, the durable
