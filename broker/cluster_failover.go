@@ -61,6 +61,19 @@ import (
 // too long costs at most a duplicate).
 // A held link that reaches a new process of D re-sends what it threw
 // away as a release would (resendRestarted).
+//
+// An adopter A that dies during D's failover: a survivor B adopts its
+// sessions again and keeps their marks of D (in the stored session,
+// adopted_earlier; carriedMarks, adoptAgain), before the mark of A, so
+// D's held copies still reach them and their direct copies still skip
+// them. A session with both marks takes a message through the held link
+// of its oldest mark that took it (heldSkip), so D's mark stays, done,
+// while A's does. A survivor releases its held link for D only once no
+// session adopted from D is owned by a failed node (releaseWhenAdopted):
+// the copies go to B, not into its held link for A. D's held copies that
+// were sent to A before it died and stayed in a survivor's link to A go
+// on at that link's hand-over as D's, via A (publishMsg.Via): for the
+// sessions adopted from A that carry D's mark alone.
 
 // adoptedMarks maps the client IDs of sessions adopted from failed nodes
 // to those nodes, oldest first: a session adopted from A, which had
@@ -710,14 +723,14 @@ func (c *clusterNode) restoreMark(id, dead string, adoptedAt time.Time) uint64 {
 }
 
 // adoptAgain marks client id's session, adopted now from the failed node
-// dead, adopted from dead after the marks it keeps from its stored
-// document (carriedMarks), oldest first, each until the end of
-// cluster.failed_peer_hold from its time (restoreMark). A carried mark
-// whose node every live broker is done with already is kept done, for
-// dead's: a held copy of it that dead's held links kept (sent to dead,
-// which died before acknowledging it) still reaches the session (Via),
-// and a message both held links took is still taken once. Checked after
-// the set: a word that arrives meanwhile makes it done in heldSent.
+// dead: first with the marks it keeps from its stored document
+// (carriedMarks, oldest first, each until the end of
+// cluster.failed_peer_hold from its time: restoreMark), then "adopted
+// from dead". A carried mark whose node every live broker is done with
+// already is kept done, for dead's: a held copy of that node that dead
+// never acknowledged still reaches the session (publishMsg.Via), and a
+// message both held links took is still taken once. Checked after the
+// set: a word that arrives meanwhile makes it done in heldSent.
 func (c *clusterNode) adoptAgain(id string, earlier []earlierMark, dead string) {
 	toks := make([]uint64, len(earlier))
 	for i, e := range earlier {
