@@ -8,6 +8,7 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
+	"go.mongodb.org/mongo-driver/v2/bson"
 )
 
 func samplePacket(qos byte) packets.Packet {
@@ -444,5 +445,31 @@ func TestOwnersAges(t *testing.T) {
 	// A protoV2 decoder reads the pairs and stops: the ages are after them.
 	if !bytes.HasPrefix(m.encode(), plain.encode()) {
 		t.Fatal("ages are not a trailing field")
+	}
+}
+
+// TestStoredEarlierMarksOptional: a stored session with earlier marks is
+// read by a release that does not know them (its adopted_from and
+// adopted_at as before), and one without them by this release.
+func TestStoredEarlierMarksOptional(t *testing.T) {
+	b, err := bson.Marshal(sessionDoc{ID: "s", Owner: "n3", AdoptedFrom: "n1", AdoptedAt: 5, AdoptedEarlier: []earlierMark{{From: "n0", At: 3}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var prev struct {
+		ID          string `bson:"_id"`
+		Owner       string `bson:"owner"`
+		AdoptedFrom string `bson:"adopted_from,omitempty"`
+		AdoptedAt   int64  `bson:"adopted_at,omitempty"`
+	}
+	if err := bson.Unmarshal(b, &prev); err != nil || prev.AdoptedFrom != "n1" || prev.AdoptedAt != 5 {
+		t.Fatalf("previous release reads %+v, %v", prev, err)
+	}
+	if b, err = bson.Marshal(prev); err != nil {
+		t.Fatal(err)
+	}
+	var s sessionDoc
+	if err := bson.Unmarshal(b, &s); err != nil || s.AdoptedFrom != "n1" || s.AdoptedEarlier != nil {
+		t.Fatalf("this release reads the previous one's %+v, %v", s, err)
 	}
 }
