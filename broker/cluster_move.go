@@ -370,8 +370,8 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 	}
 	start := moveStartMsg{Move: o.id, Claim: claim, ClientID: o.clientID, Version: cl.Properties.ProtocolVersion}
 	if c.peerProtocol(p.name) >= protoV2 { // protoV1 refuses the field
-		// The newest mark first, as the previous release reads it; the
-		// older ones after (moveStartMsg.Earlier).
+		// The newest mark in AdoptedFrom, which the previous release
+		// reads alone; the older ones in Earlier.
 		if marks := c.adopted.get(o.clientID); len(marks) > 0 {
 			start.AdoptedFrom = marks[len(marks)-1]
 			if c.b.durable != nil {
