@@ -165,18 +165,19 @@ func TestMoveEndPreviousRelease(t *testing.T) {
 // TestDecodersIgnoreNewerFields: a message of a newer cluster protocol
 // version, with a field this version does not know at its end, decodes as
 // the message without it (the field ignored), instead of being refused:
-// so a rolling restart can add a field. The extra bytes begin with two
+// so a rolling restart can add a field. The extra bytes begin with three
 // zeros, which is what the optional fields of this version read as when
 // absent and a newer field follows them (a claim reply's Busy; a
-// publish's HeldOf and Held; a move start's AdoptedFrom): a newer encoder
-// writes them, empty, before its own (see the note on protoV2).
+// publish's HeldOf, Held and Via; a move start's AdoptedFrom, AdoptedAt
+// and Earlier): a newer encoder writes them, empty, before its own (see
+// the note on protoV2).
 func TestDecodersIgnoreNewerFields(t *testing.T) {
 	for typ, b := range clusterSeeds(t) {
 		want, err := decodeAny(typ-msgRoutes, b)
 		if err != nil {
 			t.Fatalf("type %d: %v", typ, err)
 		}
-		longer := append(append([]byte(nil), b...), 0, 0, 3, 'n', 'e', 'w')
+		longer := append(append([]byte(nil), b...), 0, 0, 0, 3, 'n', 'e', 'w')
 		got, err := decodeAny(typ-msgRoutes, longer)
 		if err != nil {
 			t.Errorf("type %d with a newer field: %v", typ, err)
