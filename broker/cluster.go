@@ -117,6 +117,7 @@ type clusterNode struct {
 	stop      chan struct{}
 	watchOnce sync.Once
 	stopOnce  sync.Once
+	closed    atomic.Bool // close began: gossip and links are going
 	wg        sync.WaitGroup
 }
 
@@ -338,8 +339,8 @@ const (
 
 // retag gossips the node's tags now (load, draining).
 func (c *clusterNode) retag() {
-	if c.node == nil {
-		return
+	if c.node == nil || c.closed.Load() {
+		return // a gossip node shut down blocks SetTags for its broadcast timeout
 	}
 	if err := c.node.SetTags(c.tags()); err != nil {
 		c.log.Debug("gossip tags not updated", "error", err)
@@ -665,6 +666,7 @@ func (c *clusterNode) stopWatch() {
 }
 
 func (c *clusterNode) close() {
+	c.closed.Store(true)
 	c.stopWatch()
 	peers := c.peers.takeAll()
 	for _, p := range peers {

@@ -61,83 +61,172 @@ import (
 // too long costs at most a duplicate).
 // A held link that reaches a new process of D re-sends what it threw
 // away as a release would (resendRestarted).
+//
+// An adopter A that dies during D's failover: a survivor B adopts its
+// sessions again and keeps their marks of D (in the stored session,
+// adopted_earlier; carriedMarks, adoptAgain), before the mark of A, so
+// D's held copies still reach them and their direct copies still skip
+// them. A session with both marks takes a message through the held link
+// of its oldest mark that took it (heldSkip), so D's mark stays, done,
+// while A's does. A survivor releases its held link for D only once no
+// session adopted from D is owned by a failed node (releaseWhenAdopted):
+// the copies go to B, not into its held link for A. D's held copies that
+// were sent to A before it died and stayed in a survivor's link to A go
+// on at that link's hand-over as D's, via A (publishMsg.Via): for the
+// sessions adopted from A that carry D's mark alone.
 
-// adoptedMarks maps the client IDs of sessions adopted from a failed node
-// to that node. The mutex is a leaf.
+// adoptedMarks maps the client IDs of sessions adopted from failed nodes
+// to those nodes, oldest first: a session adopted from A, which had
+// adopted it from D and died before every broker was done with D's held
+// link, is marked adopted from D and from A. A message both held links
+// took reaches it through D's copy (heldSkip), so D's mark stays while A's
+// does, even once every broker is done with D's held link (done): without
+// it, A's held copy of such a message would be taken too, a duplicate. A
+// later mark goes on its own. The mutex is a leaf.
 type adoptedMarks struct {
-	n    atomic.Int32 // len(from): deliveries skip the lookup at 0
-	mu   sync.Mutex
-	from map[string]string
-	tok  map[string]uint64 // client id → the mark's token (set), so a timer clears only its own
-	seq  uint64
+	n   atomic.Int32 // len(by): deliveries skip the lookup at 0
+	mu  sync.Mutex
+	by  map[string][]adoptedMark // client id → its marks, oldest first
+	seq uint64
 }
 
-// get returns the node client id's session was adopted from, or "".
-func (a *adoptedMarks) get(id string) string {
+// adoptedMark is one mark of a session: the failed node, and its token
+// (set), so that a timer clears only its own. done: every broker is done
+// with the node's held link, and the mark stays only for a later one.
+type adoptedMark struct {
+	from string
+	tok  uint64
+	done bool
+}
+
+// get returns the nodes client id's session was adopted from, oldest
+// first, or nil.
+func (a *adoptedMarks) get(id string) []string {
 	if a.n.Load() == 0 {
-		return ""
+		return nil
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return a.from[id]
+	var from []string
+	for _, m := range a.by[id] {
+		from = append(from, m.from)
+	}
+	return from
 }
 
-// set marks client id's session adopted from node dead. It returns the
-// mark's token (clearToken).
+// has reports whether client id's session is marked adopted from dead.
+func (a *adoptedMarks) has(id, dead string) bool {
+	if a.n.Load() == 0 {
+		return false
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return slices.ContainsFunc(a.by[id], func(m adoptedMark) bool { return m.from == dead })
+}
+
+// any reports whether client id's session has a mark.
+func (a *adoptedMarks) any(id string) bool {
+	if a.n.Load() == 0 {
+		return false
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.by[id]) > 0
+}
+
+// skip is heldSkip for client id's session.
+func (a *adoptedMarks) skip(id string, held []string, heldOf, via string) bool {
+	if a.n.Load() == 0 {
+		return heldOf != ""
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	ms := a.by[id]
+	if via != "" && !slices.ContainsFunc(ms, func(m adoptedMark) bool { return m.from == via }) {
+		return true
+	}
+	return heldSkipMarks(ms, held, heldOf)
+}
+
+// set marks client id's session adopted from node dead, after its other
+// marks (a mark of dead it had keeps its place, with a new token). It
+// returns the mark's token (clearToken).
 func (a *adoptedMarks) set(id, dead string) uint64 {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.from == nil {
-		a.from, a.tok = map[string]string{}, map[string]uint64{}
+	if a.by == nil {
+		a.by = map[string][]adoptedMark{}
 	}
 	a.seq++
-	a.from[id], a.tok[id] = dead, a.seq
-	a.n.Store(int32(len(a.from)))
+	ms := a.by[id]
+	if i := slices.IndexFunc(ms, func(m adoptedMark) bool { return m.from == dead }); i >= 0 {
+		ms[i].tok, ms[i].done = a.seq, false
+	} else {
+		a.by[id] = append(ms, adoptedMark{from: dead, tok: a.seq})
+	}
+	a.n.Store(int32(len(a.by)))
 	return a.seq
 }
 
+// drop removes the marks of client id for which del is true, and the done
+// marks no later one keeps. Called with a.mu held.
+func (a *adoptedMarks) drop(id string, del func(adoptedMark) bool) {
+	ms := slices.DeleteFunc(a.by[id], del)
+	for len(ms) > 0 && ms[len(ms)-1].done {
+		ms = ms[:len(ms)-1]
+	}
+	if len(ms) == 0 {
+		delete(a.by, id)
+	} else {
+		a.by[id] = ms
+	}
+}
+
 // clearToken drops client id's mark if it is still the one set returned
-// tok for: not a newer mark of the same session (a later failure).
+// tok for: not a newer mark of the same session (a later failure). A
+// later mark keeps it, done (see adoptedMarks).
 func (a *adoptedMarks) clearToken(id string, tok uint64) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if _, ok := a.from[id]; ok && a.tok[id] == tok {
-		delete(a.from, id)
-		delete(a.tok, id)
+	ms := a.by[id]
+	for i := range ms {
+		if ms[i].tok == tok {
+			ms[i].done = true
+		}
 	}
-	a.n.Store(int32(len(a.from)))
+	a.drop(id, func(adoptedMark) bool { return false })
+	a.n.Store(int32(len(a.by)))
 }
 
-// reset marks client id's session adopted from dead, or not adopted for
-// dead "".
-func (a *adoptedMarks) reset(id, dead string) {
-	if dead == "" && a.n.Load() == 0 {
+// reset marks client id's session adopted from each of dead, oldest
+// first, and from nothing else (none: not adopted).
+func (a *adoptedMarks) reset(id string, dead []string) {
+	if len(dead) == 0 && a.n.Load() == 0 {
 		return
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if dead == "" {
-		delete(a.from, id)
-		delete(a.tok, id)
-	} else {
-		if a.from == nil {
-			a.from, a.tok = map[string]string{}, map[string]uint64{}
+	delete(a.by, id)
+	if len(dead) > 0 {
+		if a.by == nil {
+			a.by = map[string][]adoptedMark{}
 		}
-		a.seq++
-		a.from[id], a.tok[id] = dead, a.seq
+		ms := make([]adoptedMark, 0, len(dead))
+		for _, d := range dead {
+			a.seq++
+			ms = append(ms, adoptedMark{from: d, tok: a.seq})
+		}
+		a.by[id] = ms
 	}
-	a.n.Store(int32(len(a.from)))
+	a.n.Store(int32(len(a.by)))
 }
 
-// clear drops client id's mark if it names dead.
-func (a *adoptedMarks) clear(id, dead string) {
+// clear drops client id's marks naming one of dead.
+func (a *adoptedMarks) clear(id string, dead []string) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.from[id] == dead {
-		delete(a.from, id)
-		delete(a.tok, id)
-	}
-	a.n.Store(int32(len(a.from)))
+	a.drop(id, func(m adoptedMark) bool { return slices.Contains(dead, m.from) })
+	a.n.Store(int32(len(a.by)))
 }
 
 // marked returns the sessions marked adopted from one of nodes.
@@ -148,8 +237,8 @@ func (a *adoptedMarks) marked(nodes []string) map[string]bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	var m map[string]bool
-	for id, d := range a.from {
-		if slices.Contains(nodes, d) {
+	for id, ms := range a.by {
+		if slices.ContainsFunc(ms, func(mk adoptedMark) bool { return slices.Contains(nodes, mk.from) }) {
 			if m == nil {
 				m = map[string]bool{}
 			}
@@ -159,36 +248,65 @@ func (a *adoptedMarks) marked(nodes []string) map[string]bool {
 	return m
 }
 
-// forget drops every mark naming dead.
+// forget drops every mark naming dead, or marks it done where a later
+// mark keeps it (see adoptedMarks).
 func (a *adoptedMarks) forget(dead string) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	for id, d := range a.from {
-		if d == dead {
-			delete(a.from, id)
-			delete(a.tok, id)
+	for id, ms := range a.by {
+		for i := range ms {
+			if ms[i].from == dead {
+				ms[i].done = true
+			}
 		}
+		a.drop(id, func(adoptedMark) bool { return false })
 	}
-	a.n.Store(int32(len(a.from)))
+	a.n.Store(int32(len(a.by)))
 }
 
 // heldSkip reports whether a message is not for a session adopted from
-// adoptedFrom ("" for one that was not): held names the failed nodes whose
-// held links took it too, heldOf the node whose held link gave this copy.
-func heldSkip(adoptedFrom string, held []string, heldOf string) bool {
-	if heldOf != "" {
-		return adoptedFrom != heldOf
+// the failed nodes marks (oldest first; none for one that was not): held
+// names the failed nodes whose held links took it, heldOf the node whose
+// held link gave this copy.
+//
+// A session marked for several nodes (adopted again from an adopter that
+// died during the failover) takes a message once: through the held link
+// of its oldest mark among held, whose copies of the earlier messages it
+// takes too (one link, in order); a direct copy, or the copy of another
+// held link, is skipped. A copy of a held link that did not take the
+// message as held (a direct copy the adopter never acknowledged before it
+// died) is taken only if no held link's copy is. A held copy of heldOf
+// that the held link of via (an adopter that died before acknowledging
+// it) gave up is for the sessions adopted from via alone, as heldOf's.
+func heldSkip(marks []string, held []string, heldOf, via string) bool {
+	if via != "" && !slices.Contains(marks, via) {
+		return true
 	}
-	return adoptedFrom != "" && slices.Contains(held, adoptedFrom)
+	for _, m := range marks {
+		if slices.Contains(held, m) {
+			return heldOf != m
+		}
+	}
+	return heldOf != "" && !slices.Contains(marks, heldOf)
 }
 
-// exclude returns the Packet.Exclude of a message with held and heldOf
-// (nil when it carries neither, as every message but during a failover).
-func (c *clusterNode) exclude(held []string, heldOf string) func(string) bool {
-	if len(held) == 0 && heldOf == "" {
+// heldSkipMarks is heldSkip of the marks ms.
+func heldSkipMarks(ms []adoptedMark, held []string, heldOf string) bool {
+	for _, m := range ms {
+		if slices.Contains(held, m.from) {
+			return heldOf != m.from
+		}
+	}
+	return heldOf != "" && !slices.ContainsFunc(ms, func(m adoptedMark) bool { return m.from == heldOf })
+}
+
+// exclude returns the Packet.Exclude of a message with held, heldOf and
+// via (nil when it carries none, as every message but during a failover).
+func (c *clusterNode) exclude(held []string, heldOf, via string) func(string) bool {
+	if len(held) == 0 && heldOf == "" && via == "" {
 		return nil
 	}
-	return func(id string) bool { return heldSkip(c.adopted.get(id), held, heldOf) }
+	return func(id string) bool { return c.adopted.skip(id, held, heldOf, via) }
 }
 
 // excludeLocal returns the Packet.Exclude of the local delivery of a
@@ -203,7 +321,7 @@ func (c *clusterNode) excludeLocal(held []string) func(string) bool {
 		return nil
 	}
 	marked := c.adopted.marked(held)
-	return func(id string) bool { return marked[id] || heldSkip(c.adopted.get(id), held, "") }
+	return func(id string) bool { return marked[id] || c.adopted.skip(id, held, "", "") }
 }
 
 // flushGate keeps what is forwarded after a held link's release behind the
@@ -326,7 +444,7 @@ func (c *clusterNode) deliverPublish(from string, pm publishMsg) {
 			shared = func(route string) bool { return slices.Contains(routes, route) }
 		}
 	}
-	pk.Exclude = c.exclude(pm.Held, pm.HeldOf)
+	pk.Exclude = c.exclude(pm.Held, pm.HeldOf, pm.Via)
 	c.b.mq.DeliverFromPeer(pk, shared)
 	if c.relays.n.Load() > 0 {
 		c.relayFromPeer(from, pm)
@@ -349,7 +467,7 @@ func (c *clusterNode) adoptedShared(topic string, routes []string, dead string) 
 			continue
 		}
 		for id := range members {
-			if c.adopted.get(id) == dead {
+			if c.adopted.has(id, dead) {
 				keep = append(keep, route)
 				break
 			}
@@ -366,7 +484,17 @@ func (c *clusterNode) adoptedShared(topic string, routes []string, dead string) 
 func (c *clusterNode) resendHeld(dead string, adopters []string, msgs []publishMsg) {
 	self := c.node.Name()
 	for _, pm := range msgs {
-		pm.HeldOf = dead
+		if pm.HeldOf != "" && pm.HeldOf != dead {
+			// A held copy of an earlier failure that dead, the adopter
+			// it was sent to, died with: for the sessions adopted again
+			// from dead that it had adopted from HeldOf (they carry
+			// both marks: carriedMarks). Given as dead's own copy, it
+			// would be skipped by them (heldSkip: HeldOf's link took the
+			// message), lost.
+			pm.Via = dead
+		} else {
+			pm.HeldOf = dead
+		}
 		shared := pm.Shared
 		subs := c.routes.subscribers(pm.Packet.TopicName)
 		var to []string
@@ -577,11 +705,11 @@ func (c *clusterNode) markAfterHold(dead string, after time.Duration, stillFaile
 // mark kept after the failover costs at most a duplicate (a held copy of
 // a later failure of dead, which the session also got directly before
 // this node saw that failure).
-func (c *clusterNode) restoreMark(id, dead string, adoptedAt time.Time) {
+func (c *clusterNode) restoreMark(id, dead string, adoptedAt time.Time) uint64 {
 	hold := c.peers.hold
 	left := hold - time.Since(adoptedAt)
 	if dead == "" || adoptedAt.IsZero() || hold <= 0 || left <= 0 {
-		return
+		return 0
 	}
 	// adopted_at is another node's wall clock, maybe ahead of this one's.
 	left = min(left, hold)
@@ -591,6 +719,56 @@ func (c *clusterNode) restoreMark(id, dead string, adoptedAt time.Time) {
 	// of that failure is gone by then. Tied to this mark: a later failure
 	// of dead may mark the session again (adoptedMarks.reset).
 	time.AfterFunc(left, func() { c.adopted.clearToken(id, tok) })
+	return tok
+}
+
+// adoptAgain marks client id's session, adopted now from the failed node
+// dead: first with the marks it keeps from its stored document
+// (carriedMarks, oldest first, each until the end of
+// cluster.failed_peer_hold from its time: restoreMark), then "adopted
+// from dead". A carried mark whose node every live broker is done with
+// already is kept done, for dead's: a held copy of that node that dead
+// never acknowledged still reaches the session (publishMsg.Via), and a
+// message both held links took is still taken once. Checked after the
+// set: a word that arrives meanwhile makes it done in heldSent.
+func (c *clusterNode) adoptAgain(id string, earlier []earlierMark, dead string) {
+	toks := make([]uint64, len(earlier))
+	for i, e := range earlier {
+		toks[i] = c.restoreMark(id, e.From, time.UnixMilli(e.At))
+	}
+	c.adopted.set(id, dead)
+	for i, e := range earlier {
+		if ok, _ := c.brokersDone(e.From); ok && toks[i] != 0 {
+			c.adopted.clearToken(id, toks[i])
+		}
+	}
+}
+
+// carriedMarks returns the marks that session s, adopted now from its
+// owner, a failed node that had adopted it from another failed node D
+// (and maybe D from a third), keeps, oldest first: those of failed nodes
+// whose held links may still hold copies for it, or whose held copies
+// may still be in the held links of its owner (within
+// cluster.failed_peer_hold of the mark). The copies that reached s only
+// through D's held links then still reach it where it is adopted again,
+// and s skips their direct copies. Without these marks it was marked
+// adopted from its owner alone, and D's held copies skipped it: lost,
+// not counted.
+func (c *clusterNode) carriedMarks(s *sessionDoc, now time.Time) []earlierMark {
+	hold := c.peers.hold
+	if hold <= 0 || s.AdoptedFrom == "" {
+		return nil
+	}
+	var out []earlierMark
+	for _, e := range append(slices.Clip(s.AdoptedEarlier), earlierMark{From: s.AdoptedFrom, At: s.AdoptedAt}) {
+		if e.From == "" || e.At <= 0 || e.From == s.Owner || e.From == c.node.Name() ||
+			now.Sub(time.UnixMilli(e.At)) >= hold ||
+			slices.ContainsFunc(out, func(o earlierMark) bool { return o.From == e.From }) {
+			continue
+		}
+		out = append(out, e)
+	}
+	return out
 }
 
 // heldHandedOver tells the cluster this node is done with dead's held link

@@ -174,6 +174,7 @@ type inMove struct {
 	claim     uint64
 	adopted   string        // the failed node the session was adopted from (cluster_failover.go)
 	adoptedAt int64         // when (Unix milliseconds; 0: not sent)
+	earlier   []earlierMark // its older marks, oldest first (moveStartMsg.Earlier)
 	progress  chan struct{} // a message of the move arrived (capacity 1)
 	done      chan struct{} // closed once committed or aborted
 
@@ -181,6 +182,18 @@ type inMove struct {
 	state moveState
 	sess  mqtt.Session
 	next  uint64 // the chunk expected next
+}
+
+// marks returns the move's marks "adopted from", oldest first.
+func (im *inMove) marks() []string {
+	if im.adopted == "" {
+		return nil
+	}
+	var m []string
+	for _, e := range im.earlier {
+		m = append(m, e.From)
+	}
+	return append(m, im.adopted)
 }
 
 // startOut registers a move of clientID's session to peer to; false if the
@@ -310,16 +323,23 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 	if !ok {
 		return false
 	}
-	if dead := c.adopted.get(o.clientID); dead != "" && claim != 0 {
+	if dead := c.adopted.get(o.clientID); len(dead) > 0 && claim != 0 {
 		// Adopted from a failed node: what the brokers held for it
 		// reaches it here first, so it is not delivered again there
 		// (cluster_failover.go).
 		held := make(chan bool, 1)
-		go func() { held <- c.awaitHeld(dead, heldWaitMax) }()
+		go func() {
+			end := time.Now().Add(heldWaitMax)
+			ok := true
+			for _, n := range dead {
+				ok = c.awaitHeld(n, max(time.Until(end), 0)) && ok
+			}
+			held <- ok
+		}()
 		select {
 		case ok := <-held:
 			if !ok {
-				c.log.Debug("session adopted from a failed node moves before every held copy reached it", "client_id", o.clientID, "node", dead)
+				c.log.Debug("session adopted from a failed node moves before every held copy reached it", "client_id", o.clientID, "nodes", dead)
 			}
 		case <-o.yield: // the session stays here: so do the held copies
 		}
@@ -350,9 +370,20 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 	}
 	start := moveStartMsg{Move: o.id, Claim: claim, ClientID: o.clientID, Version: cl.Properties.ProtocolVersion}
 	if c.peerProtocol(p.name) >= protoV2 { // protoV1 refuses the field
-		start.AdoptedFrom = c.adopted.get(o.clientID)
-		if start.AdoptedFrom != "" && c.b.durable != nil {
-			start.AdoptedAt = c.b.durable.markAt(o.clientID, start.AdoptedFrom)
+		// The newest mark in AdoptedFrom, which the previous release
+		// reads alone; the older ones in Earlier.
+		if marks := c.adopted.get(o.clientID); len(marks) > 0 {
+			start.AdoptedFrom = marks[len(marks)-1]
+			if c.b.durable != nil {
+				start.AdoptedAt = c.b.durable.markAt(o.clientID, start.AdoptedFrom)
+			}
+			for _, n := range marks[:len(marks)-1] {
+				e := earlierMark{From: n}
+				if c.b.durable != nil {
+					e.At = c.b.durable.markAt(o.clientID, n)
+				}
+				start.Earlier = append(start.Earlier, e)
+			}
 		}
 	}
 	if cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryIntervalFlag {
@@ -612,7 +643,7 @@ func publishesOnly(pks []packets.Packet) []packets.Packet {
 
 func (c *clusterNode) moveStarted(from string, m moveStartMsg) {
 	c.moves.unstale(from, m.ClientID)
-	im := &inMove{key: inKey{from, m.Move}, clientID: m.ClientID, version: m.Version, claim: m.Claim, adopted: m.AdoptedFrom, adoptedAt: m.AdoptedAt,
+	im := &inMove{key: inKey{from, m.Move}, clientID: m.ClientID, version: m.Version, claim: m.Claim, adopted: m.AdoptedFrom, adoptedAt: m.AdoptedAt, earlier: m.Earlier,
 		progress: make(chan struct{}, 1), done: make(chan struct{}),
 		sess: mqtt.Session{Subscriptions: m.Subs, Expiry: m.Expiry, ExpirySet: m.ExpirySet}}
 	c.moves.startIn(im)
@@ -696,7 +727,7 @@ func (c *clusterNode) moveEnded(from string, m moveEndMsg) {
 	im.sess.PacketID = m.PacketID
 	// Before the session's subscriptions go live here: what a failed
 	// node's held links kept for it comes through their copy alone.
-	c.adopted.reset(im.clientID, im.adopted)
+	c.adopted.reset(im.clientID, im.marks())
 	if len(im.sess.Subscriptions) > 0 || len(im.sess.Inflight) > 0 {
 		c.b.mq.AdoptSession(im.clientID, im.version, im.sess)
 		c.moved.Add(1)
@@ -704,7 +735,7 @@ func (c *clusterNode) moveEnded(from string, m moveEndMsg) {
 		if c.b.durable != nil {
 			// The mark goes into the stored document with the take-over
 			// and every write after it (a restart here restores it).
-			c.b.durable.movedMark(im.clientID, im.adopted, im.adoptedAt)
+			c.b.durable.movedMark(im.clientID, im.adopted, im.adoptedAt, im.earlier)
 			// In the writer's order, ahead of the session's write by the
 			// CONNECT waiting for it, if any.
 			c.b.durable.takeOver(im.clientID, from)

@@ -44,7 +44,7 @@ import (
 type relay struct {
 	move    uint64 // the move's ID at the source
 	id, to  string
-	adopted string            // the failed node the session was adopted from (cluster_failover.go)
+	adopted []string          // the failed nodes the session was adopted from, oldest first (cluster_failover.go)
 	routed  chan struct{}     // closed when the destination reports its routes everywhere
 	subs    *mqtt.TopicsIndex // the session's non-shared subscriptions
 	// installed: the destination reported the session installed. What it
@@ -190,7 +190,7 @@ func (c *clusterNode) stopRelay(r *relay, subs []packets.Subscription, failed bo
 		for _, pm := range pending {
 			c.b.mq.DeliverToClient(r.id, pm.Packet)
 		}
-	} else if _, here := c.b.mq.Clients.Get(r.id); !here && r.adopted != "" {
+	} else if _, here := c.b.mq.Clients.Get(r.id); !here && len(r.adopted) > 0 {
 		c.adopted.clear(r.id, r.adopted) // the mark went with the session
 	}
 	c.unpinRoutes(plainFilters(subs))
@@ -293,7 +293,7 @@ func (c *clusterNode) relayLocal(pk packets.Packet) error {
 		if _, ok := r.direct.Load(pk.Origin); ok {
 			continue // forwarded to the destination directly (see relay.installed)
 		}
-		if r.adopted != "" && pk.Exclude != nil && pk.Exclude(r.id) {
+		if len(r.adopted) > 0 && pk.Exclude != nil && pk.Exclude(r.id) {
 			continue // the session gets the held copy (cluster_failover.go)
 		}
 		if err := c.relayTo(r, publishMsg{Origin: pk.Origin, Expiry: expiryLeft(pk.Expiry), Packet: pk}); err != nil && first == nil {
@@ -330,7 +330,7 @@ func (c *clusterNode) relayFromPeer(from string, pm publishMsg) {
 		if r.to == from && r.installed.Load() {
 			continue
 		}
-		if (len(pm.Held) > 0 || pm.HeldOf != "") && heldSkip(r.adopted, pm.Held, pm.HeldOf) {
+		if (len(pm.Held) > 0 || pm.HeldOf != "") && heldSkip(r.adopted, pm.Held, pm.HeldOf, pm.Via) {
 			continue // not this session's copy (cluster_failover.go)
 		}
 		_ = c.relayTo(r, publishMsg{Origin: pm.Origin, Expiry: pm.Expiry, Packet: pm.Packet})

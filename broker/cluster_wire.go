@@ -40,8 +40,8 @@ const (
 // adjacent versions (docs/clustering.md, "Upgrades").
 //
 // New fields go at the end of a message; a field after an optional one
-// (claimReplyMsg.Busy, publishMsg.HeldOf and Held, moveStartMsg.AdoptedFrom
-// and AdoptedAt)
+// (claimReplyMsg.Busy, publishMsg.HeldOf and Held, moveStartMsg.AdoptedFrom,
+// AdoptedAt and Earlier)
 // makes the optional one unconditional.
 const (
 	// protoV1: the releases that advertised no version. Their decoders
@@ -285,6 +285,14 @@ type publishMsg struct {
 	// refuses such a message (it reports the trailing bytes).
 	Held   []string
 	HeldOf string
+	// Via, on a held copy of HeldOf's that the held link of another
+	// failed node, its adopter, kept (it died before acknowledging it)
+	// and gave up, names that adopter: the copy is for the sessions
+	// adopted from HeldOf through Via alone, which skipped the direct
+	// copy on Via. Optional, after Held; a receiver that does not know it
+	// takes the copy as HeldOf's (a duplicate for sessions adopted from
+	// HeldOf elsewhere, which had it).
+	Via string
 }
 
 // forProto returns m as a peer speaking version v reads it: without the
@@ -293,7 +301,7 @@ type publishMsg struct {
 // held copies only when it adopted sessions, as the previous release did.
 func (m publishMsg) forProto(v int) publishMsg {
 	if v < protoV2 {
-		m.Held, m.HeldOf = nil, ""
+		m.Held, m.HeldOf, m.Via = nil, "", ""
 	}
 	return m
 }
@@ -309,11 +317,14 @@ func (m publishMsg) encode() ([]byte, error) {
 	if err := appendPacket(&w, m.Packet); err != nil {
 		return nil, err
 	}
-	if len(m.Held) > 0 || m.HeldOf != "" {
+	if len(m.Held) > 0 || m.HeldOf != "" || m.Via != "" {
 		w.string(m.HeldOf)
 		w.uvarint(uint64(len(m.Held)))
 		for _, s := range m.Held {
 			w.string(s)
+		}
+		if m.Via != "" {
+			w.string(m.Via)
 		}
 	}
 	return w.b, nil
@@ -333,6 +344,9 @@ func decodePublish(b []byte) (m publishMsg, err error) {
 		n := r.count(1)
 		for range n {
 			m.Held = append(m.Held, r.string())
+		}
+		if r.err == nil && len(r.b) > 0 {
+			m.Via = r.string()
 		}
 	}
 	return m, r.done()
@@ -551,6 +565,12 @@ type moveStartMsg struct {
 	// decoders ignore trailing fields), and without it the destination
 	// counts from its move-in.
 	AdoptedAt int64
+	// Earlier are the session's older marks, oldest first: failed nodes
+	// it was adopted from before AdoptedFrom adopted it (and died while
+	// their held copies were still on their way), each with its time.
+	// Optional, after AdoptedAt (then sent even if 0): a receiver that
+	// does not know it keeps AdoptedFrom's mark alone.
+	Earlier []earlierMark
 }
 
 func (m moveStartMsg) encode() []byte {
@@ -564,8 +584,15 @@ func (m moveStartMsg) encode() []byte {
 	appendSubscriptions(&w, m.Subs)
 	if m.AdoptedFrom != "" {
 		w.string(m.AdoptedFrom)
-		if m.AdoptedAt > 0 {
+		if m.AdoptedAt > 0 || len(m.Earlier) > 0 {
 			w.varint(m.AdoptedAt)
+		}
+		if len(m.Earlier) > 0 {
+			w.uvarint(uint64(len(m.Earlier)))
+			for _, e := range m.Earlier {
+				w.string(e.From)
+				w.varint(e.At)
+			}
 		}
 	}
 	return w.b
@@ -584,6 +611,12 @@ func decodeMoveStart(b []byte) (m moveStartMsg, err error) {
 		m.AdoptedFrom = r.string()
 		if r.err == nil && len(r.b) > 0 {
 			m.AdoptedAt = max(r.varint(), 0)
+		}
+		if r.err == nil && len(r.b) > 0 {
+			n := r.count(2)
+			for range n {
+				m.Earlier = append(m.Earlier, earlierMark{From: r.string(), At: max(r.varint(), 0)})
+			}
 		}
 	}
 	return m, r.done()

@@ -8,6 +8,7 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
+	"go.mongodb.org/mongo-driver/v2/bson"
 )
 
 func samplePacket(qos byte) packets.Packet {
@@ -164,18 +165,19 @@ func TestMoveEndPreviousRelease(t *testing.T) {
 // TestDecodersIgnoreNewerFields: a message of a newer cluster protocol
 // version, with a field this version does not know at its end, decodes as
 // the message without it (the field ignored), instead of being refused:
-// so a rolling restart can add a field. The extra bytes begin with two
+// so a rolling restart can add a field. The extra bytes begin with three
 // zeros, which is what the optional fields of this version read as when
 // absent and a newer field follows them (a claim reply's Busy; a
-// publish's HeldOf and Held; a move start's AdoptedFrom): a newer encoder
-// writes them, empty, before its own (see the note on protoV2).
+// publish's HeldOf, Held and Via; a move start's AdoptedFrom, AdoptedAt
+// and Earlier): a newer encoder writes them, empty, before its own (see
+// the note on protoV2).
 func TestDecodersIgnoreNewerFields(t *testing.T) {
 	for typ, b := range clusterSeeds(t) {
 		want, err := decodeAny(typ-msgRoutes, b)
 		if err != nil {
 			t.Fatalf("type %d: %v", typ, err)
 		}
-		longer := append(append([]byte(nil), b...), 0, 0, 3, 'n', 'e', 'w')
+		longer := append(append([]byte(nil), b...), 0, 0, 0, 3, 'n', 'e', 'w')
 		got, err := decodeAny(typ-msgRoutes, longer)
 		if err != nil {
 			t.Errorf("type %d with a newer field: %v", typ, err)
@@ -225,6 +227,17 @@ func TestFailoverFieldsRoundTrip(t *testing.T) {
 			t.Errorf("marked publish truncated to %d of %d bytes: no error", i, len(marked))
 		}
 	}
+	// Via follows Held; a decoder without it reads the rest as before.
+	via, err := publishMsg{Origin: "c1", Packet: samplePacket(1), Held: []string{"n2", "n4"}, HeldOf: "n2", Via: "n4"}.encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err := decodePublish(via); err != nil || m.HeldOf != "n2" || m.Via != "n4" || !reflect.DeepEqual(m.Held, []string{"n2", "n4"}) {
+		t.Fatalf("held copy via an adopter: %+v, %v", m, err)
+	}
+	if !reflect.DeepEqual(via[:len(marked)], marked) {
+		t.Fatal("Via is not a trailing addition to the marked message")
+	}
 
 	start := moveStartMsg{Move: 7, ClientID: "dev", Version: 5, Subs: []packets.Subscription{{Filter: "a/#", Qos: 1}}}
 	if m, err := decodeMoveStart(start.encode()); err != nil || m.AdoptedFrom != "" {
@@ -245,6 +258,17 @@ func TestFailoverFieldsRoundTrip(t *testing.T) {
 	if m, err := decodeMoveStart(b[:len(start.encode())]); err != nil || m.AdoptedFrom != "n2" || m.AdoptedAt != 0 {
 		t.Fatalf("move start with a mark, its time cut off: %+v, %v", m, err)
 	}
+	// Earlier marks follow AdoptedAt (then sent even if 0); a decoder
+	// without them ignores them.
+	start.Earlier = []earlierMark{{From: "n0", At: 1_700_000_000_000}, {From: "n5", At: 7}}
+	b = start.encode()
+	if m, err := decodeMoveStart(b); err != nil || m.AdoptedFrom != "n2" || m.AdoptedAt != 0 || !reflect.DeepEqual(m.Earlier, start.Earlier) {
+		t.Fatalf("move start with earlier marks: %+v, %v", m, err)
+	}
+	start.Earlier = nil
+	if m, err := decodeMoveStart(b[:len(start.encode())+1]); err != nil || m.AdoptedFrom != "n2" || m.AdoptedAt != 0 || m.Earlier != nil {
+		t.Fatalf("move start, its earlier marks cut off: %+v, %v", m, err)
+	}
 	if m, err := decodeHeldDone(heldDoneMsg{Dead: "n2"}.encode()); err != nil || m.Dead != "n2" {
 		t.Fatalf("held done: %+v, %v", m, err)
 	}
@@ -253,22 +277,110 @@ func TestFailoverFieldsRoundTrip(t *testing.T) {
 // TestHeldSkip: the delivery rule of a failover's copies.
 func TestHeldSkip(t *testing.T) {
 	for _, c := range []struct {
-		adopted, heldOf string
-		held            []string
-		skip            bool
+		adopted []string
+		heldOf  string
+		held    []string
+		skip    bool
 	}{
-		{"", "", nil, false},             // an ordinary message
-		{"n2", "", nil, false},           // published for no held link: the adopted session gets it
-		{"n2", "", []string{"n2"}, true}, // the direct copy of a held one: the held copy is the session's
-		{"n4", "", []string{"n2"}, false},
-		{"", "", []string{"n2"}, false},     // other sessions get the direct copy
-		{"n2", "n2", []string{"n2"}, false}, // the held copy: the adopted session's
-		{"", "n2", nil, true},               // and nobody else's
-		{"n4", "n2", nil, true},
+		{nil, "", nil, false},                         // an ordinary message
+		{[]string{"n2"}, "", nil, false},              // published for no held link: the adopted session gets it
+		{[]string{"n2"}, "", []string{"n2"}, true},    // the direct copy of a held one: the held copy is the session's
+		{[]string{"n4"}, "", []string{"n2"}, false},   //
+		{nil, "", []string{"n2"}, false},              // other sessions get the direct copy
+		{[]string{"n2"}, "n2", []string{"n2"}, false}, // the held copy: the adopted session's
+		{nil, "n2", nil, true},                        // and nobody else's
+		{[]string{"n4"}, "n2", nil, true},
+		{[]string{"n2"}, "n4", []string{"n2"}, true}, // n4's copy of what n2's held link took: n2's copy is the session's
+		// Adopted from n2, then again from its adopter n4, which died
+		// while n2's held copies were on their way: one copy of each
+		// message, through the oldest mark's held link when it took it.
+		{[]string{"n2", "n4"}, "", []string{"n2"}, true},
+		{[]string{"n2", "n4"}, "", []string{"n4"}, true},
+		{[]string{"n2", "n4"}, "", nil, false},
+		{[]string{"n2", "n4"}, "n2", []string{"n2"}, false},
+		{[]string{"n2", "n4"}, "n4", []string{"n2"}, true}, // a direct copy to n4 it never acknowledged: n2's is the session's
+		{[]string{"n2", "n4"}, "n4", nil, false},           // the same, published for no held link
+		{[]string{"n2", "n4"}, "n4", []string{"n4"}, false},
+		{[]string{"n2", "n4"}, "n2", []string{"n2", "n4"}, false}, // both held links took it: n2's copy
+		{[]string{"n2", "n4"}, "n4", []string{"n2", "n4"}, true},
+		{[]string{"n4"}, "n4", []string{"n2", "n4"}, false}, // adopted from n4 alone: n4's copy
 	} {
-		if got := heldSkip(c.adopted, c.held, c.heldOf); got != c.skip {
+		if got := heldSkip(c.adopted, c.held, c.heldOf, ""); got != c.skip {
 			t.Errorf("heldSkip(%q, %v, %q) = %v, want %v", c.adopted, c.held, c.heldOf, got, c.skip)
 		}
+		var m adoptedMarks
+		for _, n := range c.adopted {
+			m.set("s", n)
+		}
+		if got := m.skip("s", c.held, c.heldOf, ""); got != c.skip {
+			t.Errorf("adoptedMarks.skip(%q, %v, %q) = %v, want %v", c.adopted, c.held, c.heldOf, got, c.skip)
+		}
+	}
+	// n2's held copy that n4's held link kept (n4 died before taking it):
+	// for the sessions adopted from n2 through n4 alone.
+	for _, c := range []struct {
+		adopted []string
+		held    []string
+		skip    bool
+	}{
+		{[]string{"n2", "n4"}, []string{"n2"}, false},
+		{[]string{"n2", "n4"}, nil, false},
+		{[]string{"n2"}, []string{"n2"}, true}, // adopted from n2 elsewhere: it had its copy
+		{[]string{"n4"}, []string{"n2"}, true}, // on n4 without n2's mark: it had the direct copy
+		{nil, nil, true},
+	} {
+		if got := heldSkip(c.adopted, c.held, "n2", "n4"); got != c.skip {
+			t.Errorf("heldSkip(%q, %v, n2, via n4) = %v, want %v", c.adopted, c.held, got, c.skip)
+		}
+		var m adoptedMarks
+		for _, n := range c.adopted {
+			m.set("s", n)
+		}
+		if got := m.skip("s", c.held, "n2", "n4"); got != c.skip {
+			t.Errorf("adoptedMarks.skip(%q, %v, n2, via n4) = %v, want %v", c.adopted, c.held, got, c.skip)
+		}
+	}
+}
+
+// TestAdoptedMarksPerNode: a session's marks are kept oldest first and
+// cleared one by one.
+func TestAdoptedMarksPerNode(t *testing.T) {
+	var m adoptedMarks
+	tok := m.set("s", "n0")
+	m.set("s", "n1")
+	m.set("o", "n1")
+	if got := m.get("s"); !reflect.DeepEqual(got, []string{"n0", "n1"}) {
+		t.Fatalf("marks of s = %v, want [n0 n1]", got)
+	}
+	m.set("s", "n0") // renewed in place: the old token no longer clears it
+	m.clearToken("s", tok)
+	if !m.has("s", "n0") {
+		t.Fatal("a stale token cleared a renewed mark")
+	}
+	// n0's held copies are all sent: its mark stays for n1's (a message
+	// both held links took is n0's copy's), and goes with n1's.
+	m.forget("n0")
+	if got := m.get("s"); !reflect.DeepEqual(got, []string{"n0", "n1"}) {
+		t.Fatalf("after forget(n0): %v, want [n0 n1]", got)
+	}
+	m.forget("n1")
+	if m.any("s") || m.any("o") || m.n.Load() != 0 {
+		t.Fatalf("after forget(n1): s %v, o %v, %d marked; want none", m.get("s"), m.get("o"), m.n.Load())
+	}
+	// A later mark goes on its own.
+	m.set("s", "n0")
+	m.set("s", "n1")
+	m.forget("n1")
+	if got := m.get("s"); !reflect.DeepEqual(got, []string{"n0"}) || m.n.Load() != 1 {
+		t.Fatalf("after forget(n1): %v, want [n0]", got)
+	}
+	m.reset("s", []string{"n2", "n3"})
+	if got := m.get("s"); !reflect.DeepEqual(got, []string{"n2", "n3"}) {
+		t.Fatalf("after reset: %v", got)
+	}
+	m.clear("s", []string{"n2", "n3"})
+	if m.n.Load() != 0 || m.any("s") {
+		t.Fatal("marks left after clear")
 	}
 }
 
@@ -334,5 +446,31 @@ func TestOwnersAges(t *testing.T) {
 	// A protoV2 decoder reads the pairs and stops: the ages are after them.
 	if !bytes.HasPrefix(m.encode(), plain.encode()) {
 		t.Fatal("ages are not a trailing field")
+	}
+}
+
+// TestStoredEarlierMarksOptional: a stored session with earlier marks is
+// read by a release that does not know them (its adopted_from and
+// adopted_at as before), and one without them by this release.
+func TestStoredEarlierMarksOptional(t *testing.T) {
+	b, err := bson.Marshal(sessionDoc{ID: "s", Owner: "n3", AdoptedFrom: "n1", AdoptedAt: 5, AdoptedEarlier: []earlierMark{{From: "n0", At: 3}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var prev struct {
+		ID          string `bson:"_id"`
+		Owner       string `bson:"owner"`
+		AdoptedFrom string `bson:"adopted_from,omitempty"`
+		AdoptedAt   int64  `bson:"adopted_at,omitempty"`
+	}
+	if err := bson.Unmarshal(b, &prev); err != nil || prev.AdoptedFrom != "n1" || prev.AdoptedAt != 5 {
+		t.Fatalf("previous release reads %+v, %v", prev, err)
+	}
+	if b, err = bson.Marshal(prev); err != nil {
+		t.Fatal(err)
+	}
+	var s sessionDoc
+	if err := bson.Unmarshal(b, &s); err != nil || s.AdoptedFrom != "n1" || s.AdoptedEarlier != nil {
+		t.Fatalf("this release reads the previous one's %+v, %v", s, err)
 	}
 }

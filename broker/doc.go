@@ -43,7 +43,10 @@
 //     a session adopted from a failed node gets what the survivors' held
 //     links kept for that node once, through the held copy, before what
 //     was published later, and moves on only once every survivor sent
-//     its held copies on.
+//     its held copies on. A session adopted again from an adopter that
+//     died during the failover keeps the earlier failed node's mark
+//     beside the adopter's (a session may carry marks for several failed
+//     nodes, oldest first, each cleared on its own).
 //
 // # Session moves
 //

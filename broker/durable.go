@@ -226,6 +226,13 @@ type sessionDoc struct {
 	// the session again (cluster_failover.go, restoreMark).
 	AdoptedFrom string `bson:"adopted_from,omitempty"`
 	AdoptedAt   int64  `bson:"adopted_at,omitempty"`
+	// AdoptedEarlier are the session's older marks, oldest first: the
+	// failed nodes it was adopted from before AdoptedFrom adopted it, if
+	// AdoptedFrom died while their held copies were still on their way
+	// (cluster_failover.go). A field of its own, so that the previous
+	// release, which does not know it, reads AdoptedFrom as before (and
+	// drops this one when it writes the document).
+	AdoptedEarlier []earlierMark `bson:"adopted_earlier,omitempty"`
 	// PID is a packet ID the session's node assigned lately (recordPIDLocked):
 	// a node that restores the session goes on from pidResume(PID).
 	PID uint16 `bson:"pid,omitempty"`
@@ -236,9 +243,17 @@ type sessionDoc struct {
 }
 
 type ownInfo struct {
-	epoch int64
-	from  string
-	at    int64 // sessionDoc.AdoptedAt
+	epoch   int64
+	from    string
+	at      int64         // sessionDoc.AdoptedAt
+	earlier []earlierMark // sessionDoc.AdoptedEarlier
+}
+
+// earlierMark is a mark "adopted from From at At" (Unix milliseconds) of a
+// session adopted again since (sessionDoc.AdoptedEarlier).
+type earlierMark struct {
+	From string `bson:"from"`
+	At   int64  `bson:"at"`
 }
 
 type subDoc struct {
@@ -1186,7 +1201,8 @@ func (d *durableHook) queueSession(cl *mqtt.Client, subs map[string]packets.Subs
 	doc.fresh = !d.known[cl.ID]
 	d.known[cl.ID] = true
 	delete(d.unstored, cl.ID) // this one supersedes it
-	doc.Epoch, doc.AdoptedFrom, doc.AdoptedAt = max(d.epoch[cl.ID].epoch, 1), d.epoch[cl.ID].from, d.epoch[cl.ID].at
+	own := d.epoch[cl.ID]
+	doc.Epoch, doc.AdoptedFrom, doc.AdoptedAt, doc.AdoptedEarlier = max(own.epoch, 1), own.from, own.at, own.earlier
 	doc.PID = d.pids[cl.ID] // the document is written whole: the record stays
 	d.mu.Unlock()
 	op := durOp{kind: opSession, client: cl.ID, sess: doc, refused: refused}
@@ -1849,7 +1865,11 @@ func (d *durableHook) restore(ctx context.Context, docs []sessionDoc, now, maxEx
 		}
 		sess.PacketID = pidResume(s.PID)
 		if c := d.b.cluster; c != nil && !adopted && s.AdoptedAt > 0 {
-			// Before the session's routes can bring a message.
+			// Before the session's routes can bring a message; oldest
+			// first, as they were set.
+			for _, e := range s.AdoptedEarlier {
+				c.restoreMark(s.ID, e.From, time.UnixMilli(e.At))
+			}
 			c.restoreMark(s.ID, s.AdoptedFrom, time.UnixMilli(s.AdoptedAt))
 		}
 		d.b.mq.AdoptSession(s.ID, s.Proto, sess)
@@ -1862,7 +1882,7 @@ func (d *durableHook) restore(ctx context.Context, docs []sessionDoc, now, maxEx
 		d.mu.Lock()
 		d.known[s.ID] = true
 		delete(d.gone, s.ID)
-		d.epoch[s.ID] = ownInfo{s.Epoch, s.AdoptedFrom, s.AdoptedAt}
+		d.epoch[s.ID] = ownInfo{s.Epoch, s.AdoptedFrom, s.AdoptedAt, s.AdoptedEarlier}
 		if adopted && sess.PacketID != 0 {
 			d.pids[s.ID] = uint16(sess.PacketID) // recorded by writeOwners
 		}

@@ -486,6 +486,20 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 	for i, s := range mine {
 		at[s.ID] = i
 	}
+	// Adopted from an adopter that died during an earlier failover: the
+	// marks of that failover stay (cluster_failover.go, carriedMarks).
+	var carried map[string][]earlierMark
+	if c := d.b.cluster; c != nil && fireWills {
+		now := time.Now()
+		for i := range mine {
+			if m := c.carriedMarks(&mine[i], now); len(m) > 0 {
+				if carried == nil {
+					carried = map[string][]earlierMark{}
+				}
+				carried[mine[i].ID] = m
+			}
+		}
+	}
 	take := func(s *sessionDoc) bool {
 		// The previous one is installed (restore installs each session
 		// right after take): its CONNECT need not wait for the rest.
@@ -494,7 +508,7 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 		// The owner is written for the next ownerChunk sessions in one
 		// command, just before the first of them is installed.
 		if i := at[s.ID]; i%ownerChunk == 0 && claimErr == nil {
-			t, err := d.writeOwners(ctx, mine[i:min(i+ownerChunk, len(mine))], adoptedAt)
+			t, err := d.writeOwners(ctx, mine[i:min(i+ownerChunk, len(mine))], adoptedAt, carried)
 			if err != nil {
 				claimErr = err
 			}
@@ -505,7 +519,7 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 		if !taken[s.ID] {
 			return false
 		}
-		s.Owner, s.Epoch, s.AdoptedFrom, s.AdoptedAt = d.node, s.Epoch+1, s.Owner, adoptedAt
+		s.Owner, s.Epoch, s.AdoptedFrom, s.AdoptedAt, s.AdoptedEarlier = d.node, s.Epoch+1, s.Owner, adoptedAt, carried[s.ID]
 		got++
 		if f := d.testAfterClaim.Load(); f != nil {
 			(*f)(s.ID)
@@ -515,8 +529,9 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 				// Adopted from a failed node (not taken alone from one
 				// gone from gossip): what the survivors' held links kept
 				// for that node reaches it through their copy alone, in
-				// order (cluster_failover.go).
-				c.adopted.set(s.ID, s.AdoptedFrom)
+				// order (cluster_failover.go). The marks it keeps from
+				// the adopter that died come first: older.
+				c.adoptAgain(s.ID, s.AdoptedEarlier, s.AdoptedFrom)
 			}
 			// Established here now: should the node it came from turn out
 			// alive (a partition), the heal keeps this copy, the durable
@@ -535,14 +550,18 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 const ownerChunk = store.MaxStatementsPerCommand
 
 // writeOwners names this node the owner of the stored sessions docs
-// (claimed), by _id, adopted at (Unix milliseconds), and returns those
-// written. After an error that leaves it unknown which were, they are
-// read again.
-func (d *durableHook) writeOwners(ctx context.Context, docs []sessionDoc, at int64) (map[string]bool, error) {
+// (claimed), by _id, adopted at (Unix milliseconds) with the earlier marks
+// each keeps, and returns those written. After an error that leaves it
+// unknown which were, they are read again.
+func (d *durableHook) writeOwners(ctx context.Context, docs []sessionDoc, at int64, earlier map[string][]earlierMark) (map[string]bool, error) {
 	sc := d.st.DB().Collection(store.CollSessions)
 	models := make([]mongo.WriteModel, len(docs))
 	for i, s := range docs {
 		set := bson.D{{Key: "owner", Value: d.node}, {Key: "epoch", Value: s.Epoch + 1}, {Key: "adopted_from", Value: s.Owner}, {Key: "adopted_at", Value: at}}
+		update := bson.D{{Key: "$unset", Value: bson.D{{Key: "adopted_earlier", Value: ""}}}}
+		if e := earlier[s.ID]; len(e) > 0 {
+			set, update = append(set, bson.E{Key: "adopted_earlier", Value: e}), nil
+		}
 		if s.PID != 0 {
 			// Recorded before the session is installed, where it goes on
 			// from (restore): should this node die too, the next one goes
@@ -550,7 +569,7 @@ func (d *durableHook) writeOwners(ctx context.Context, docs []sessionDoc, at int
 			set = append(set, bson.E{Key: "pid", Value: uint16(pidResume(s.PID))})
 		}
 		models[i] = mongo.NewUpdateOneModel().SetFilter(bson.D{{Key: "_id", Value: s.ID}}).
-			SetUpdate(bson.D{{Key: "$set", Value: set}})
+			SetUpdate(append(bson.D{{Key: "$set", Value: set}}, update...))
 	}
 	written := make(map[string]bool, len(docs))
 	_, err := sc.BulkWrite(ctx, models, options.BulkWrite().SetOrdered(false))
@@ -913,7 +932,12 @@ func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error
 	if err != nil || left > 0 {
 		return err
 	}
-	cur, err := sc.Find(ctx, bson.D{{Key: "adopted_from", Value: dead}})
+	// A session adopted again from an adopter that died keeps dead's mark
+	// as an earlier one (carriedMarks).
+	cur, err := sc.Find(ctx, bson.D{{Key: "$or", Value: bson.A{
+		bson.D{{Key: "adopted_from", Value: dead}},
+		bson.D{{Key: "adopted_earlier.from", Value: dead}},
+	}}})
 	if err != nil {
 		return err
 	}
@@ -921,8 +945,17 @@ func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error
 	if err := cur.All(ctx, &docs); err != nil {
 		return err
 	}
+	_, failed := d.brokers()
 	var adopters []string
 	for _, s := range docs {
+		if failed[s.Owner] {
+			// Its adopter died too: the held copies go once a survivor
+			// adopted it again (from the adopter, keeping dead's mark),
+			// not into the held link of the adopter, whose own
+			// hand-over would give them as its held copies, which a
+			// session marked from dead too skips (heldSkip).
+			return nil
+		}
 		if !slices.Contains(adopters, s.Owner) {
 			adopters = append(adopters, s.Owner)
 		}
@@ -1146,7 +1179,7 @@ func (d *durableHook) movedIn(id, from string) {
 // time (a sender that does not carry it) the move-in's stands in: the mark
 // restored then lasts longer, up to cluster.failed_peer_hold from here,
 // which makes the session skip only copies marked held for dead.
-func (d *durableHook) movedMark(id, dead string, at int64) {
+func (d *durableHook) movedMark(id, dead string, at int64, earlier []earlierMark) {
 	if dead != "" && at <= 0 {
 		at = time.Now().UnixMilli()
 	}
@@ -1157,9 +1190,14 @@ func (d *durableHook) movedMark(id, dead string, at int64) {
 		if !ok {
 			return // nothing to clear
 		}
-		at = 0
+		at, earlier = 0, nil
 	}
-	e.from, e.at = dead, at
+	for i := range earlier {
+		if earlier[i].At <= 0 {
+			earlier[i].At = at
+		}
+	}
+	e.from, e.at, e.earlier = dead, at, earlier
 	d.epoch[id] = e
 }
 
@@ -1168,8 +1206,14 @@ func (d *durableHook) movedMark(id, dead string, at int64) {
 func (d *durableHook) markAt(id, dead string) int64 {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if e := d.epoch[id]; e.from == dead {
+	e := d.epoch[id]
+	if e.from == dead {
 		return e.at
+	}
+	for _, m := range e.earlier {
+		if m.From == dead {
+			return m.At
+		}
 	}
 	return 0
 }
@@ -1188,8 +1232,13 @@ func (d *durableHook) takeUpdate(id string) bson.D {
 	u := bson.D{{Key: "$inc", Value: bson.D{{Key: "epoch", Value: 1}}}}
 	if e.from != "" && e.at > 0 {
 		set = append(set, bson.E{Key: "adopted_from", Value: e.from}, bson.E{Key: "adopted_at", Value: e.at})
+		if len(e.earlier) > 0 {
+			set = append(set, bson.E{Key: "adopted_earlier", Value: e.earlier})
+		} else {
+			u = append(u, bson.E{Key: "$unset", Value: bson.D{{Key: "adopted_earlier", Value: ""}}})
+		}
 	} else {
-		u = append(u, bson.E{Key: "$unset", Value: bson.D{{Key: "adopted_from", Value: ""}, {Key: "adopted_at", Value: ""}}})
+		u = append(u, bson.E{Key: "$unset", Value: bson.D{{Key: "adopted_from", Value: ""}, {Key: "adopted_at", Value: ""}, {Key: "adopted_earlier", Value: ""}}})
 	}
 	return append(bson.D{{Key: "$set", Value: set}}, u...)
 }

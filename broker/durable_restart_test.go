@@ -205,6 +205,13 @@ func (a pausedAdoptions) wantAdopted(t *testing.T, n *broker.Broker, msgs ...str
 // released) until hold.
 func pauseAdoptions(t *testing.T, st *store.Store, nodes []*broker.Broker) pausedAdoptions {
 	t.Helper()
+	return pauseAdoptionsPick(t, st, nodes, nil)
+}
+
+// pauseAdoptionsPick is pauseAdoptions with svc also chosen by ok (nil:
+// any).
+func pauseAdoptionsPick(t *testing.T, st *store.Store, nodes []*broker.Broker, ok func(svc string) bool) pausedAdoptions {
+	t.Helper()
 	n0, n1, n2 := nodes[0], nodes[1], nodes[2]
 	var live []string
 	for _, n := range nodes[1:] {
@@ -212,7 +219,7 @@ func pauseAdoptions(t *testing.T, st *store.Store, nodes []*broker.Broker) pause
 	}
 	pick := func(prefix, adopter string) string {
 		for i := 0; ; i++ {
-			if id := fmt.Sprintf("%s-%d", prefix, i); broker.Adopter(id, live...) == adopter {
+			if id := fmt.Sprintf("%s-%d", prefix, i); broker.Adopter(id, live...) == adopter && (ok == nil || prefix != "svc" || ok(id)) {
 				return id
 			}
 		}
