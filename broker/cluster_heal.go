@@ -6,6 +6,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/rtm-dev/rtm/broker/link"
@@ -206,9 +207,9 @@ func (c *clusterNode) reconcile(from string, m ownersMsg) {
 		}
 		// Disconnects a connection still open here (0x8E) and takes the
 		// session out, with its subscriptions (and so its routes).
-		sess, found := c.b.mq.DetachSession(id)
-		if !found {
-			continue
+		sess, res := c.b.mq.DetachSession(id)
+		if res != mqtt.Detached {
+			continue // gone, or a newer connection here took it over
 		}
 		c.owners.forget(id)
 		c.dropStaleSession(id, from, sess.Inflight, "here_since", time.Unix(0, mine).UTC(), "there_since", time.Unix(0, theirs).UTC())
@@ -243,9 +244,9 @@ func (c *clusterNode) reconcileByAge(from string, m ownersMsg) {
 			}
 			continue
 		}
-		sess, found := c.b.mq.DetachSession(id)
-		if !found {
-			continue
+		sess, res := c.b.mq.DetachSession(id)
+		if res != mqtt.Detached {
+			continue // gone, or a newer connection here took it over
 		}
 		c.owners.forget(id)
 		c.dropStaleSession(id, from, sess.Inflight, "here_age", c.ownedAge(mine, now), "there_age", time.Duration(m.Ages[i]))
@@ -342,9 +343,9 @@ func (c *clusterNode) ownersStale(from string, m ownersMsg) {
 			continue
 		}
 		mine := c.ownedAge(c.owners.at(id), time.Now())
-		sess, found := c.b.mq.DetachSession(id)
-		if !found {
-			continue
+		sess, res := c.b.mq.DetachSession(id)
+		if res != mqtt.Detached {
+			continue // gone, or a newer connection here took it over
 		}
 		c.owners.forget(id)
 		c.dropStaleSession(id, from, sess.Inflight, "here_age", mine, "judged_by", from)

@@ -403,9 +403,21 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 			c.stopRelay(r, start.Subs, putBack)
 		}
 	}()
-	sess, found := c.b.mq.DetachSession(o.clientID)
-	if !found {
+	sess, res := c.b.mq.DetachSession(o.clientID)
+	found := res == mqtt.Detached
+	switch res {
+	case mqtt.DetachNotFound:
 		sess = mqtt.Session{Subscriptions: start.Subs, Inflight: snapshot, Expiry: start.Expiry, ExpirySet: start.ExpirySet}
+	case mqtt.DetachTakenOver:
+		// A CONNECT here took the session over between the move's
+		// yield check and its detach (fork patch 119): the session
+		// stays here with that connection, which is newer than the
+		// claimant's. Not "not found": the snapshot would make a second
+		// copy of the session at the destination.
+		st.abort()
+		c.movesFailed.Add(1)
+		c.log.Info("session move given up for a newer connection of the client here", "client_id", o.clientID, "node", o.to, "chunks", st.seq)
+		return false
 	}
 	if f := c.testMoveDetached.Load(); f != nil {
 		(*f)(o.clientID)
@@ -454,9 +466,9 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 // dropStale ends a session the client replaced with a newer one on node
 // while this node was cut off (see cluster_heal.go).
 func (c *clusterNode) dropStale(id, node string) {
-	sess, found := c.b.mq.DetachSession(id)
-	if !found {
-		return
+	sess, res := c.b.mq.DetachSession(id)
+	if res != mqtt.Detached {
+		return // none here, or a newer connection here took it over
 	}
 	c.owners.forget(id)
 	c.dropStaleSession(id, node, sess.Inflight)
