@@ -709,6 +709,7 @@ func (c *clusterNode) moveEnded(from string, m moveEndMsg) {
 	// Before the session's subscriptions go live here: what a failed
 	// node's held links kept for it comes through their copy alone.
 	c.adopted.reset(im.clientID, im.adopted)
+	c.adoptedGroups.add(im.adopted, im.clientID, filtersOf(im.sess.Subscriptions))
 	if len(im.sess.Subscriptions) > 0 || len(im.sess.Inflight) > 0 {
 		c.b.mq.AdoptSession(im.clientID, im.version, im.sess)
 		c.moved.Add(1)

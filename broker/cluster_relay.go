@@ -192,6 +192,7 @@ func (c *clusterNode) stopRelay(r *relay, subs []packets.Subscription, failed bo
 		}
 	} else if _, here := c.b.mq.Clients.Get(r.id); !here && r.adopted != "" {
 		c.adopted.clear(r.id, r.adopted) // the mark went with the session
+		c.adoptedGroups.drop(r.adopted, r.id)
 	}
 	c.unpinRoutes(plainFilters(subs))
 }

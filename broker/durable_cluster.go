@@ -517,6 +517,7 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 				// for that node reaches it through their copy alone, in
 				// order (cluster_failover.go).
 				c.adopted.set(s.ID, s.AdoptedFrom)
+				c.adoptedGroups.add(s.AdoptedFrom, s.ID, subFilters(s.Subs))
 			}
 			// Established here now: should the node it came from turn out
 			// alive (a partition), the heal keeps this copy, the durable
@@ -903,6 +904,14 @@ func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error
 			// queue to the sessions adopted so far (resendExpired): the
 			// cluster is told after that, or their adopters could drop
 			// the marks those copies need.
+			return nil
+		}
+		if c.peers.get(dead) != nil {
+			// Gossip's verdict has not reached the links yet (syncPeers
+			// runs on its own goroutine): the link to dead, maybe with
+			// messages queued for it, is about to be held. Telling the
+			// cluster "done" now would let the adopters drop the marks
+			// its held copies need (skipped there: lost, not counted).
 			return nil
 		}
 		d.heldDone(dead) // nothing held (or sent on already)
