@@ -207,7 +207,9 @@ func (c *clusterNode) reconcile(from string, m ownersMsg) {
 		}
 		// Disconnects a connection still open here (0x8E) and takes the
 		// session out, with its subscriptions (and so its routes).
-		sess, res := c.b.mq.DetachSession(id)
+		// The session judged, cl, only: a CONNECT here since (its time
+		// unread above) takes it over and stays (fork patch 119).
+		sess, res := c.b.mq.DetachClient(cl)
 		if res != mqtt.Detached {
 			continue // gone, or a newer connection here took it over
 		}
@@ -244,7 +246,9 @@ func (c *clusterNode) reconcileByAge(from string, m ownersMsg) {
 			}
 			continue
 		}
-		sess, res := c.b.mq.DetachSession(id)
+		// The session judged, cl, only: a CONNECT here since (its time
+		// unread above) takes it over and stays (fork patch 119).
+		sess, res := c.b.mq.DetachClient(cl)
 		if res != mqtt.Detached {
 			continue // gone, or a newer connection here took it over
 		}
@@ -343,7 +347,9 @@ func (c *clusterNode) ownersStale(from string, m ownersMsg) {
 			continue
 		}
 		mine := c.ownedAge(c.owners.at(id), time.Now())
-		sess, res := c.b.mq.DetachSession(id)
+		// The session judged, cl, only: a CONNECT here since (its time
+		// unread above) takes it over and stays (fork patch 119).
+		sess, res := c.b.mq.DetachClient(cl)
 		if res != mqtt.Detached {
 			continue // gone, or a newer connection here took it over
 		}

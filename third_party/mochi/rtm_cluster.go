@@ -165,6 +165,23 @@ func (s *Server) DetachSession(id string) (sess Session, res DetachResult) {
 	if !ok {
 		return sess, DetachNotFound
 	}
+	return s.DetachClient(existing)
+}
+
+// DetachClient is DetachSession for the session of client existing, as
+// the caller found it in Clients: if another client of its ID replaced it
+// there since (a CONNECT took the session over), it returns
+// DetachTakenOver and leaves both as they are (rtm patch 119). A caller
+// that decided to end the session from what it read of existing (rtm's
+// partition heal compares when the session was established) detaches
+// only that one, not a newer connection that came in between.
+func (s *Server) DetachClient(existing *Client) (sess Session, res DetachResult) {
+	id := existing.ID
+	if cur, ok := s.Clients.Get(id); !ok {
+		return sess, DetachNotFound
+	} else if cur != existing {
+		return sess, DetachTakenOver
+	}
 	_ = s.DisconnectClient(existing, packets.ErrSessionTakenOver) // [MQTT-3.1.4-3]
 	if f := s.testBeforeDetach; f != nil {
 		f(existing)

@@ -365,3 +365,42 @@ func TestDetachSessionKeepsNewerConnection(t *testing.T) {
 	_, ok = s.Clients.Get(id)
 	require.False(t, ok)
 }
+
+// TestDetachClientLeavesNewerConnection (rtm patch 119): a caller that
+// read a client and decided to end its session detaches only that one: a
+// CONNECT that took the session over since is left as it is.
+func TestDetachClientLeavesNewerConnection(t *testing.T) {
+	s := newServer()
+	defer s.Close()
+	id := "detach-client"
+	old, _, _ := newTestClient()
+	old.ID = id
+	old.Properties.ProtocolVersion = 5
+	old.State.Subscriptions.Add("a/b", packets.Subscription{Filter: "a/b", Qos: 1})
+	s.Topics.Subscribe(id, packets.Subscription{Filter: "a/b", Qos: 1})
+	old.Stop(nil)
+	s.Clients.Add(old)
+
+	r, w := net.Pipe()
+	defer func() { _ = w.Close() }()
+	go func() { _, _ = io.Copy(io.Discard, w) }()
+	go func() { _ = s.EstablishConnection("tcp", r) }()
+	_, err := w.Write(connectWithWill(t, id, 5, false, 300))
+	require.NoError(t, err)
+	var newer *Client
+	for deadline := time.Now().Add(10 * time.Second); newer == nil && time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		if cur, ok := s.Clients.Get(id); ok && cur != old {
+			newer = cur
+		}
+	}
+	require.NotNil(t, newer, "the newer CONNECT did not take over")
+
+	sess, res := s.DetachClient(old)
+	require.Equal(t, DetachTakenOver, res)
+	require.Empty(t, sess.Subscriptions)
+	cur, ok := s.Clients.Get(id)
+	require.True(t, ok)
+	require.Equal(t, newer, cur)
+	require.Contains(t, s.Topics.Subscribers("a/b").Subscriptions, id)
+	require.False(t, newer.Closed(), "the newer connection was disconnected")
+}
