@@ -65,6 +65,9 @@ type clusterNode struct {
 	// adoptedGroups: the share groups of the sessions adopted from failed
 	// nodes (cluster_failover.go).
 	adoptedGroups adoptedGroups
+	// movedHeld: sessions adopted from failed nodes that moved on, for
+	// their held copies (cluster_relay.go).
+	movedHeld movedHeld
 
 	// testMembers, if set, rewrites the member list syncPeers sees: tests
 	// make a peer look failed without stopping it.

@@ -337,6 +337,9 @@ func (c *clusterNode) deliverPublish(from string, pm publishMsg) {
 	if c.relays.n.Load() > 0 {
 		c.relayFromPeer(from, pm)
 	}
+	if pm.HeldOf != "" {
+		c.heldArrived(pm)
+	}
 }
 
 // adoptedShared returns the share groups of routes that this node gives a
