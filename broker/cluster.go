@@ -62,6 +62,13 @@ type clusterNode struct {
 	heldForwards atomic.Int64
 	connects     connectOrder // cluster_claims.go: an older CONNECT does not take over a newer one
 
+	// adoptedGroups: the share groups of the sessions adopted from failed
+	// nodes (cluster_failover.go).
+	adoptedGroups adoptedGroups
+	// movedHeld: sessions adopted from failed nodes that moved on, for
+	// their held copies (cluster_relay.go).
+	movedHeld movedHeld
+
 	// testMembers, if set, rewrites the member list syncPeers sees: tests
 	// make a peer look failed without stopping it.
 	testMembers atomic.Pointer[func([]cluster.Member) []cluster.Member]
@@ -91,6 +98,9 @@ type clusterNode struct {
 	// handled: tests hold some back, as a slow link would, or refuse it
 	// (an error), as a node of an older release would.
 	testDeliver atomic.Pointer[func(from string, m link.Message) error]
+	// testNoSync, if set, makes syncPeers do nothing: tests hold the links
+	// where they are while gossip's verdict is read elsewhere.
+	testNoSync atomic.Bool
 	// testProtocol > 0 replaces clusterProtocol: tests run a node that
 	// speaks an older version.
 	testProtocol atomic.Int32
@@ -354,6 +364,9 @@ func (c *clusterNode) retag() {
 // and resent if the same process comes back (the link tells a restarted
 // one by its incarnation, and discards that queue: see link.Discard).
 func (c *clusterNode) syncPeers() {
+	if c.testNoSync.Load() {
+		return
+	}
 	want := map[string]string{}
 	failed := map[string]bool{}
 	protos := map[string]int{}

@@ -391,8 +391,16 @@ func (c *clusterNode) answerClaimNow(from string, m claimMsg) {
 		}
 		reply.Found, reply.Busy = true, true
 	default:
-		_, reply.Found = c.b.mq.DetachSession(m.ClientID)
-		if reply.Found {
+		_, res := c.b.mq.DetachSession(m.ClientID)
+		reply.Found = res != mqtt.DetachNotFound
+		if res == mqtt.DetachTakenOver {
+			// A CONNECT here took the session over meanwhile (fork
+			// patch 119): that connection stays; the claimant's
+			// client retries, as for a newer connection here.
+			reply.Busy = true
+			c.log.Info("claim of an older CONNECT refused: a newer connection of the client took the session over here", "client_id", m.ClientID, "node", from)
+		}
+		if res == mqtt.Detached {
 			c.owners.forget(m.ClientID)
 			if c.b.durable != nil {
 				c.b.durable.gaveUp(m.ClientID) // the claimant takes its stored document over

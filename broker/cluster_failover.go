@@ -2,11 +2,13 @@ package broker
 
 import (
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/rtm-dev/rtm/broker/link"
 	"github.com/rtm-dev/rtm/internal/cluster"
@@ -438,7 +440,11 @@ func (c *clusterNode) deliverPublish(from string, pm publishMsg) {
 	var shared func(string) bool
 	if routes := pm.Shared; len(routes) > 0 {
 		if pm.HeldOf != "" {
-			routes = c.adoptedShared(pk.TopicName, routes, pm.HeldOf)
+			var orphans []string
+			routes, orphans = c.adoptedShared(pk.TopicName, routes, pm.HeldOf)
+			for _, route := range orphans {
+				c.sendSharedOn(pm, route)
+			}
 		}
 		if len(routes) > 0 {
 			shared = func(route string) bool { return slices.Contains(routes, route) }
@@ -449,31 +455,147 @@ func (c *clusterNode) deliverPublish(from string, pm publishMsg) {
 	if c.relays.n.Load() > 0 {
 		c.relayFromPeer(from, pm)
 	}
+	if pm.HeldOf != "" {
+		c.heldArrived(pm)
+	}
 }
 
-// adoptedShared returns the share groups of routes that have a member
-// here whose session was adopted from dead. A held copy's groups were
-// selected for dead's members: a hand-over sends them to every live peer
-// (handOverTo), and only where such a member is may the group take the
-// copy, or a group would get it once per peer with a member. The shared
-// selection is not filtered (Packet.Exclude spares the selected member,
-// mochi patch 24): should the group have another member here, that one
-// may take the copy instead, still once for the group.
-func (c *clusterNode) adoptedShared(topic string, routes []string, dead string) []string {
-	var keep []string
+// adoptedShared returns the share groups of routes that this node gives a
+// held copy of dead (one whose selection was made for dead's member of
+// each group) to: those with a member here whose session was adopted from
+// dead, and those whose member adopted here from dead left the group since
+// (it unsubscribed, or its client started a clean session) if the group
+// has another member here. A hand-over sends the selections to every live
+// peer (handOverTo): only where such a member is, or was, may the group
+// take the copy, or a group would get it once per peer with a member. The
+// shared selection is not filtered (Packet.Exclude spares the selected
+// member, mochi patch 24): should the group have another member here, that
+// one may take the copy instead, still once for the group. orphans are
+// the groups of members adopted here that left, with no member here: the
+// copy goes to a member on a live peer (sendSharedOn).
+func (c *clusterNode) adoptedShared(topic string, routes []string, dead string) (keep, orphans []string) {
+	local := map[string]bool{} // route → a member here is adopted from dead
 	for filter, members := range c.b.mq.Topics.Subscribers(topic).Shared {
 		route := mqtt.SharedRoute(filter)
-		if !slices.Contains(routes, route) || slices.Contains(keep, route) {
+		if !slices.Contains(routes, route) {
 			continue
 		}
+		marked := local[route]
 		for id := range members {
-			if c.adopted.has(id, dead) {
-				keep = append(keep, route)
+			if marked {
 				break
+			}
+			marked = c.adopted.has(id, dead)
+		}
+		local[route] = marked
+	}
+	for _, route := range routes {
+		marked, here := local[route]
+		switch {
+		case marked:
+			keep = append(keep, route)
+		case !c.adoptedGroups.has(dead, route):
+			// Not this node's: the member it was chosen for is elsewhere.
+		case here:
+			keep = append(keep, route)
+		default:
+			orphans = append(orphans, route)
+		}
+	}
+	return keep, orphans
+}
+
+// sendSharedOn gives the copy pm (held for dead) of share group route,
+// whose member adopted here from dead left the group, to one member of
+// the group on a live peer, as a forward chooses one: unmarked, so any
+// member takes it. None reachable: counted lost.
+func (c *clusterNode) sendSharedOn(pm publishMsg, route string) {
+	members := c.routes.subscribers(pm.Packet.TopicName).Shared[route]
+	self := c.node.Name()
+	c.routes.mu.Lock()
+	c.peers.mu.Lock()
+	names := slices.DeleteFunc(memberNames(members, c.peers.alive), func(n string) bool { return n == self || n == pm.HeldOf })
+	var p *peer
+	if len(names) > 0 {
+		slices.Sort(names)
+		p = c.peers.alive[names[c.routes.nextShareLocked(route)%uint64(len(names))]]
+	}
+	c.peers.mu.Unlock()
+	c.routes.mu.Unlock()
+	qos := pm.Packet.FixedHeader.Qos
+	if p != nil {
+		m := publishMsg{Origin: pm.Origin, Expiry: pm.Expiry, Packet: pm.Packet, Shared: []string{route}}
+		if body, err := m.forProto(c.peerProtocol(p.name)).encode(); err == nil {
+			if err := p.link.Queue(link.Message{Type: msgPublish, Body: body}, qos > 0); err == nil {
+				c.forwarded.Add(1)
+				return
 			}
 		}
 	}
-	return keep
+	c.b.limits.count(dropHeldSharedNoMember, qos, 1)
+	c.b.limits.logDrop(dropKey{"share_group", route}, dropHeldSharedNoMember, 1, pm.Packet.TopicName, qos)
+}
+
+// adoptedGroups records, for each failed node, the share groups (routes)
+// the sessions adopted here from it (or moved here with its mark)
+// subscribed to then, each session's apart, until they move on: the held
+// copies of that node chosen for such a member are this node's to give the
+// group (adoptedShared), even once the member left it. The mutex is a
+// leaf.
+type adoptedGroups struct {
+	mu sync.Mutex
+	m  map[string]map[string][]string // failed node → client ID → share routes
+}
+
+// add records the share groups among subs of client id's session, adopted
+// from dead.
+func (g *adoptedGroups) add(dead, id string, filters []string) {
+	var routes []string
+	for _, f := range filters {
+		if len(f) > len(mqtt.SharePrefix) && strings.EqualFold(f[:len(mqtt.SharePrefix)+1], mqtt.SharePrefix+"/") {
+			routes = append(routes, mqtt.SharedRoute(f))
+		}
+	}
+	if dead == "" || len(routes) == 0 {
+		return
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.m == nil {
+		g.m = map[string]map[string][]string{}
+	}
+	if g.m[dead] == nil {
+		g.m[dead] = map[string][]string{}
+	}
+	g.m[dead][id] = routes
+}
+
+// has reports whether a session adopted here from dead was in share group
+// route.
+func (g *adoptedGroups) has(dead, route string) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for _, routes := range g.m[dead] {
+		if slices.Contains(routes, route) {
+			return true
+		}
+	}
+	return false
+}
+
+// drop forgets client id's session, adopted from dead (it moved on, with
+// its mark).
+func (g *adoptedGroups) drop(dead, id string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	delete(g.m[dead], id)
+}
+
+// forget forgets what was adopted from dead (its marks went).
+func (g *adoptedGroups) forget(dead string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	delete(g.m, dead)
 }
 
 // resendHeld sends the publishes of the released held link of the failed
@@ -667,6 +789,7 @@ func (c *clusterNode) heldSent(dead, node string) {
 	c.heldDone.add(dead, node)
 	if ok, _ := c.brokersDone(dead); ok {
 		c.adopted.forget(dead)
+		c.adoptedGroups.forget(dead)
 	}
 }
 
@@ -690,6 +813,7 @@ func (c *clusterNode) markAfterHold(dead string, after time.Duration, stillFaile
 			return
 		}
 		c.adopted.forget(dead)
+		c.adoptedGroups.forget(dead)
 		c.heldDone.forget(dead)
 	})
 }
@@ -1001,4 +1125,22 @@ func (c *clusterNode) resending() bool {
 	default:
 		return true
 	}
+}
+
+// filtersOf returns the filters of subs.
+func filtersOf(subs []packets.Subscription) []string {
+	out := make([]string, len(subs))
+	for i, s := range subs {
+		out[i] = s.Filter
+	}
+	return out
+}
+
+// subFilters returns the filters of a stored session's subscriptions.
+func subFilters(subs []subDoc) []string {
+	out := make([]string, len(subs))
+	for i, s := range subs {
+		out[i] = s.Filter
+	}
+	return out
 }

@@ -6,6 +6,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/rtm-dev/rtm/broker/link"
@@ -206,9 +207,11 @@ func (c *clusterNode) reconcile(from string, m ownersMsg) {
 		}
 		// Disconnects a connection still open here (0x8E) and takes the
 		// session out, with its subscriptions (and so its routes).
-		sess, found := c.b.mq.DetachSession(id)
-		if !found {
-			continue
+		// The session judged, cl, only: a CONNECT here since (its time
+		// unread above) takes it over and stays (fork patch 119).
+		sess, res := c.b.mq.DetachClient(cl)
+		if res != mqtt.Detached {
+			continue // gone, or a newer connection here took it over
 		}
 		c.owners.forget(id)
 		c.dropStaleSession(id, from, sess.Inflight, "here_since", time.Unix(0, mine).UTC(), "there_since", time.Unix(0, theirs).UTC())
@@ -243,9 +246,11 @@ func (c *clusterNode) reconcileByAge(from string, m ownersMsg) {
 			}
 			continue
 		}
-		sess, found := c.b.mq.DetachSession(id)
-		if !found {
-			continue
+		// The session judged, cl, only: a CONNECT here since (its time
+		// unread above) takes it over and stays (fork patch 119).
+		sess, res := c.b.mq.DetachClient(cl)
+		if res != mqtt.Detached {
+			continue // gone, or a newer connection here took it over
 		}
 		c.owners.forget(id)
 		c.dropStaleSession(id, from, sess.Inflight, "here_age", c.ownedAge(mine, now), "there_age", time.Duration(m.Ages[i]))
@@ -264,19 +269,27 @@ func (c *clusterNode) reconcileByAge(from string, m ownersMsg) {
 // be given up, from's list, which comes on its own link, gets this answer
 // and from judges again. from never answers an answer.
 func (c *clusterNode) answerOwners(from string, m ownersMsg) {
-	var a ownersMsg
-	now := time.Now()
-	for _, id := range m.IDs {
-		cl, ok := c.b.mq.Clients.Get(id)
-		if !ok || cl.Net.Inline {
-			continue
+	// Built at each attempt to send it: the ages are measured when it
+	// goes out. The answer may wait for a link to from (this node's
+	// gossip may not see from alive yet), and ages measured before that
+	// wait would make this node's sessions look newer by it: from would
+	// end its own session, newer than this node's, as stale.
+	build := func() ownersMsg {
+		var a ownersMsg
+		now := time.Now()
+		for _, id := range m.IDs {
+			cl, ok := c.b.mq.Clients.Get(id)
+			if !ok || cl.Net.Inline {
+				continue
+			}
+			a.IDs = append(a.IDs, id)
+			a.Since = append(a.Since, c.owners.get(id))
+			a.Ages = append(a.Ages, int64(c.ownedAge(c.owners.at(id), now)))
 		}
-		a.IDs = append(a.IDs, id)
-		a.Since = append(a.Since, c.owners.get(id))
-		a.Ages = append(a.Ages, int64(c.ownedAge(c.owners.at(id), now)))
+		return a
 	}
-	if len(a.IDs) > 0 {
-		c.sendOwnersMsg(from, msgOwners, a, "an answer to its list of sessions not sent: no link to the node; it judges when this node's link to it opens")
+	if a := build(); len(a.IDs) > 0 {
+		c.sendOwnersBuilt(from, msgOwners, a, build, "an answer to its list of sessions not sent: no link to the node; it judges when this node's link to it opens")
 	}
 }
 
@@ -299,12 +312,17 @@ func (c *clusterNode) sendOwnersStale(to string, m ownersMsg) {
 // sendOwnersMsg sends m to node to, waiting at most owners.sendWait for a
 // link to it; past that it logs givenUp.
 func (c *clusterNode) sendOwnersMsg(to string, typ byte, m ownersMsg, givenUp string) {
-	msg := link.Message{Type: typ, Body: m.encode()}
-	send := func() bool {
+	c.sendOwnersBuilt(to, typ, m, nil, givenUp)
+}
+
+// sendOwnersBuilt is sendOwnersMsg for a message that, should it wait for
+// a link, is built again (rebuild, if not nil) when it goes out.
+func (c *clusterNode) sendOwnersBuilt(to string, typ byte, m ownersMsg, rebuild func() ownersMsg, givenUp string) {
+	send := func(m ownersMsg) bool {
 		p := c.peers.get(to)
-		return p != nil && p.link.Send(msg, true)
+		return p != nil && p.link.Send(link.Message{Type: typ, Body: m.encode()}, true)
 	}
-	if send() {
+	if send(m) {
 		return
 	}
 	go func() {
@@ -321,7 +339,15 @@ func (c *clusterNode) sendOwnersMsg(to string, typ byte, m ownersMsg, givenUp st
 				c.log.Warn(givenUp, "node", to, "sessions", len(m.IDs))
 				return
 			case <-tick.C:
-				if send() {
+				if c.peers.get(to) == nil {
+					continue
+				}
+				if rebuild != nil {
+					if m = rebuild(); len(m.IDs) == 0 {
+						return // none of them held here any more
+					}
+				}
+				if send(m) {
 					return
 				}
 			}
@@ -342,9 +368,11 @@ func (c *clusterNode) ownersStale(from string, m ownersMsg) {
 			continue
 		}
 		mine := c.ownedAge(c.owners.at(id), time.Now())
-		sess, found := c.b.mq.DetachSession(id)
-		if !found {
-			continue
+		// The session judged, cl, only: a CONNECT here since (its time
+		// unread above) takes it over and stays (fork patch 119).
+		sess, res := c.b.mq.DetachClient(cl)
+		if res != mqtt.Detached {
+			continue // gone, or a newer connection here took it over
 		}
 		c.owners.forget(id)
 		c.dropStaleSession(id, from, sess.Inflight, "here_age", mine, "judged_by", from)

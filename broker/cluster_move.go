@@ -434,9 +434,21 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 			c.stopRelay(r, start.Subs, putBack)
 		}
 	}()
-	sess, found := c.b.mq.DetachSession(o.clientID)
-	if !found {
+	sess, res := c.b.mq.DetachSession(o.clientID)
+	found := res == mqtt.Detached
+	switch res {
+	case mqtt.DetachNotFound:
 		sess = mqtt.Session{Subscriptions: start.Subs, Inflight: snapshot, Expiry: start.Expiry, ExpirySet: start.ExpirySet}
+	case mqtt.DetachTakenOver:
+		// A CONNECT here took the session over between the move's
+		// yield check and its detach (fork patch 119): the session
+		// stays here with that connection, which is newer than the
+		// claimant's. Not "not found": the snapshot would make a second
+		// copy of the session at the destination.
+		st.abort()
+		c.movesFailed.Add(1)
+		c.log.Info("session move given up for a newer connection of the client here", "client_id", o.clientID, "node", o.to, "chunks", st.seq)
+		return false
 	}
 	if f := c.testMoveDetached.Load(); f != nil {
 		(*f)(o.clientID)
@@ -485,9 +497,9 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 // dropStale ends a session the client replaced with a newer one on node
 // while this node was cut off (see cluster_heal.go).
 func (c *clusterNode) dropStale(id, node string) {
-	sess, found := c.b.mq.DetachSession(id)
-	if !found {
-		return
+	sess, res := c.b.mq.DetachSession(id)
+	if res != mqtt.Detached {
+		return // none here, or a newer connection here took it over
 	}
 	c.owners.forget(id)
 	c.dropStaleSession(id, node, sess.Inflight)
@@ -728,6 +740,9 @@ func (c *clusterNode) moveEnded(from string, m moveEndMsg) {
 	// Before the session's subscriptions go live here: what a failed
 	// node's held links kept for it comes through their copy alone.
 	c.adopted.reset(im.clientID, im.marks())
+	for _, dead := range im.marks() {
+		c.adoptedGroups.add(dead, im.clientID, filtersOf(im.sess.Subscriptions))
+	}
 	if len(im.sess.Subscriptions) > 0 || len(im.sess.Inflight) > 0 {
 		c.b.mq.AdoptSession(im.clientID, im.version, im.sess)
 		c.moved.Add(1)

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -192,6 +193,10 @@ func (c *clusterNode) stopRelay(r *relay, subs []packets.Subscription, failed bo
 		}
 	} else if _, here := c.b.mq.Clients.Get(r.id); !here && len(r.adopted) > 0 {
 		c.adopted.clear(r.id, r.adopted) // the mark went with the session
+		for _, dead := range r.adopted {
+			c.adoptedGroups.drop(dead, r.id)
+		}
+		c.keepForHeld(r)
 	}
 	c.unpinRoutes(plainFilters(subs))
 }
@@ -402,4 +407,66 @@ func (c *clusterNode) confirmWhenRouted(from string, move uint64) {
 		}
 		c.sendMoveMsg(from, msgMoveRouted, moveAckMsg{Move: move})
 	}()
+}
+
+// keepForHeld keeps sending on to r's destination, after the relay
+// ended, the held copies of r.adopted's held links that reach this node
+// for the session (heldArrived), until every live broker said it sent on
+// what it held for r.adopted, at most cluster.failed_peer_hold. A session
+// adopted from a failed node moves on without them after heldWaitMax
+// (moveOut), and the relay ends once every peer holds its new node's
+// routes: a held copy released to this node before the move (its
+// adopter, or its routes then) can still be on its way, behind others on
+// a busy link. Found with no session, it was lost, not counted.
+func (c *clusterNode) keepForHeld(r *relay) {
+	c.movedHeld.mu.Lock()
+	c.movedHeld.by = append(c.movedHeld.by, r)
+	c.movedHeld.n.Store(int32(len(c.movedHeld.by)))
+	c.movedHeld.mu.Unlock()
+	go func() {
+		end := time.Now().Add(c.peers.hold) // one bound for all of its marks
+		for _, dead := range r.adopted {
+			if left := time.Until(end); left > 0 {
+				c.awaitHeld(dead, left)
+			}
+		}
+		c.movedHeld.mu.Lock()
+		defer c.movedHeld.mu.Unlock()
+		if i := slices.Index(c.movedHeld.by, r); i >= 0 {
+			c.movedHeld.by = slices.Delete(c.movedHeld.by, i, i+1)
+		}
+		c.movedHeld.n.Store(int32(len(c.movedHeld.by)))
+	}()
+}
+
+// heldArrived sends pm, a held copy of pm.HeldOf's held link delivered
+// here, on to the sessions adopted from pm.HeldOf that moved on from here
+// (keepForHeld) and subscribe to its topic (not share groups).
+func (c *clusterNode) heldArrived(pm publishMsg) {
+	if c.movedHeld.n.Load() == 0 {
+		return
+	}
+	c.movedHeld.mu.Lock()
+	var to []*relay
+	for _, r := range c.movedHeld.by {
+		if !slices.Contains(r.adopted, pm.HeldOf) {
+			continue
+		}
+		if _, ok := r.subs.Subscribers(pm.Packet.TopicName).Subscriptions[r.id]; ok {
+			to = append(to, r)
+		}
+	}
+	c.movedHeld.mu.Unlock()
+	for _, r := range to {
+		r.mu.Lock()
+		_ = c.sendLate(r, publishMsg{Origin: pm.Origin, Expiry: pm.Expiry, Packet: pm.Packet})
+		r.mu.Unlock()
+	}
+}
+
+// movedHeld: the relays kept for held copies (keepForHeld).
+type movedHeld struct {
+	n  atomic.Int32
+	mu sync.Mutex
+	by []*relay
 }

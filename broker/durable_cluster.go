@@ -532,6 +532,11 @@ func (d *durableHook) claim(ctx context.Context, docs []sessionDoc, fireWills bo
 				// order (cluster_failover.go). The marks it keeps from
 				// the adopter that died come first: older.
 				c.adoptAgain(s.ID, s.AdoptedEarlier, s.AdoptedFrom)
+				filters := subFilters(s.Subs)
+				for _, e := range s.AdoptedEarlier {
+					c.adoptedGroups.add(e.From, s.ID, filters)
+				}
+				c.adoptedGroups.add(s.AdoptedFrom, s.ID, filters)
 			}
 			// Established here now: should the node it came from turn out
 			// alive (a partition), the heal keeps this copy, the durable
@@ -922,6 +927,14 @@ func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error
 			// queue to the sessions adopted so far (resendExpired): the
 			// cluster is told after that, or their adopters could drop
 			// the marks those copies need.
+			return nil
+		}
+		if c.peers.get(dead) != nil {
+			// Gossip's verdict has not reached the links yet (syncPeers
+			// runs on its own goroutine): the link to dead, maybe with
+			// messages queued for it, is about to be held. Telling the
+			// cluster "done" now would let the adopters drop the marks
+			// its held copies need (skipped there: lost, not counted).
 			return nil
 		}
 		d.heldDone(dead) // nothing held (or sent on already)

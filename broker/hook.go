@@ -104,6 +104,12 @@ const (
 	// relayKeepMax messages before the move's end was queued (the move
 	// stalled): later ones for it are not relayed to its new node.
 	dropRelayFull
+	// dropHeldSharedNoMember: a failed node's held copy of a message its
+	// share group member was chosen for reached the node that adopted that
+	// member after the member left the group (unsubscribed, or its client
+	// started a clean session), and the group had no other member this
+	// node could give it to, here or on a live peer.
+	dropHeldSharedNoMember
 	numDropReasons
 )
 
@@ -111,7 +117,8 @@ const (
 var dropReasonNames = [numDropReasons]string{"queue_full", "session_full", "packet_ids",
 	"offline", "expired", "session_expired",
 	"link_queue_full", "link_oversize", "no_link", "link_closed", "link_reset", "peer_restarted", "too_large",
-	"queue_bytes", "memory_budget", "session_not_moved", "stale_session", "move_relay_full"}
+	"queue_bytes", "memory_budget", "session_not_moved", "stale_session", "move_relay_full",
+	"held_shared_no_member"}
 
 // dropReasonText are the reasons as said in the log, in dropReason order.
 var dropReasonText = [numDropReasons]string{"client queue full", "client session full", "no free packet identifier",
@@ -120,7 +127,8 @@ var dropReasonText = [numDropReasons]string{"client queue full", "client session
 	"link closed with messages queued", "QoS 0 lost when a link connection broke", "peer restarted",
 	"larger than the client's maximum packet size", "client queue bytes full", "node queue memory budget full",
 	"session not handed over when the node stopped", "stale session ended after a partition",
-	"too many messages for a session moving away"}
+	"too many messages for a session moving away",
+	"a failed node's share group member left the group and no other member was reachable"}
 
 // dropNoQoS0 marks the reasons that apply to QoS 1/2 messages only: their
 // QoS 0 series are not exported.

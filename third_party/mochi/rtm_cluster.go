@@ -140,21 +140,72 @@ type Session struct {
 	PacketID uint32
 }
 
+// DetachResult is what DetachSession did (rtm patch 119).
+type DetachResult uint8
+
+const (
+	// Detached: the session was removed from this server and returned.
+	Detached DetachResult = iota
+	// DetachNotFound: this server has no session for the client ID.
+	DetachNotFound
+	// DetachTakenOver: a newer connection of the client ID to this server
+	// took the session over while DetachSession waited for it; the session
+	// stays here, with that connection, and nothing is returned.
+	DetachTakenOver
+)
+
 // DetachSession ends the session of client id on this server because the
 // client connected to another server: a connected client gets DISCONNECT
 // 0x8E (session taken over), and the session is removed from this server
-// (its subscriptions leave the index) and returned. found is false if this
-// server has no session for id.
-func (s *Server) DetachSession(id string) (sess Session, found bool) {
+// (its subscriptions leave the index) and returned (Detached). It returns
+// DetachNotFound if this server has no session for id, and DetachTakenOver
+// if a CONNECT here took it over meanwhile.
+func (s *Server) DetachSession(id string) (sess Session, res DetachResult) {
 	existing, ok := s.Clients.Get(id)
 	if !ok {
-		return sess, false
+		return sess, DetachNotFound
+	}
+	return s.DetachClient(existing)
+}
+
+// DetachClient is DetachSession for the session of client existing, as
+// the caller found it in Clients: if another client of its ID replaced it
+// there since (a CONNECT took the session over), it returns
+// DetachTakenOver and leaves both as they are (rtm patch 119). A caller
+// that decided to end the session from what it read of existing (rtm's
+// partition heal compares when the session was established) detaches
+// only that one, not a newer connection that came in between.
+func (s *Server) DetachClient(existing *Client) (sess Session, res DetachResult) {
+	id := existing.ID
+	if cur, ok := s.Clients.Get(id); !ok {
+		return sess, DetachNotFound
+	} else if cur != existing {
+		return sess, DetachTakenOver
 	}
 	_ = s.DisconnectClient(existing, packets.ErrSessionTakenOver) // [MQTT-3.1.4-3]
+	if f := s.testBeforeDetach; f != nil {
+		f(existing)
+	}
 	// rtm patch 92: deliveries to existing wait until it is gone (they then
 	// find no client here; the cluster relays them to its new server).
 	existing.State.takeover.Lock()
 	defer existing.State.takeover.Unlock()
+	// rtm patch 119: a CONNECT of id here (inheritClientSession) may have
+	// taken existing over between the lookup and the lock: it copied the
+	// session, marked existing taken over and replaced it in Clients, all
+	// under this lock. Checked and removed under the lock, and deleted only
+	// if still existing (Clients.Remove), as endExpiredSession does (rtm
+	// patch 115): v2.7.9's pattern (look up, lock, delete by ID) deleted
+	// the newer connection from Clients, connected and unreachable, and
+	// returned an empty session as if detached.
+	if existing.IsTakenOver() {
+		return sess, DetachTakenOver
+	}
+	if cur, ok := s.Clients.Get(id); !ok {
+		return sess, DetachNotFound // ended meanwhile (endExpiredSession)
+	} else if cur != existing {
+		return sess, DetachTakenOver
+	}
 	for _, sub := range existing.State.Subscriptions.GetAll() {
 		sess.Subscriptions = append(sess.Subscriptions, sub)
 	}
@@ -169,8 +220,8 @@ func (s *Server) DetachSession(id string) (sess Session, found bool) {
 	// hook can tell messages that move with the session from a drop.
 	existing.State.isTakenOver.Store(true)
 	existing.ClearInflights()
-	s.Clients.Delete(id)
-	return sess, true
+	s.Clients.Remove(existing)
+	return sess, Detached
 }
 
 // AdoptSession installs a session that moved here from another server, as

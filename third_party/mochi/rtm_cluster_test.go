@@ -109,8 +109,8 @@ func TestDetachAndAdoptSession(t *testing.T) {
 	var routes []string
 	a.Topics.OnRoute = func(f string, added bool) { routes = append(routes, fmt.Sprintf("%s %t", f, added)) }
 
-	sess, ok := a.DetachSession("dev")
-	require.True(t, ok)
+	sess, res := a.DetachSession("dev")
+	require.Equal(t, Detached, res)
 	require.Len(t, sess.Subscriptions, 1)
 	require.Len(t, sess.Inflight, 3)
 	require.Equal(t, uint16(1), sess.Inflight[0].PacketID)
@@ -121,8 +121,8 @@ func TestDetachAndAdoptSession(t *testing.T) {
 	require.False(t, still)
 	require.Equal(t, []string{"in/dev false"}, routes)
 	require.Empty(t, a.Topics.Subscribers("in/dev").Subscriptions)
-	_, ok = a.DetachSession("dev")
-	require.False(t, ok)
+	_, res = a.DetachSession("dev")
+	require.Equal(t, DetachNotFound, res)
 
 	b.AdoptSession("dev", 5, sess)
 	held, ok := b.Clients.Get("dev")
@@ -314,8 +314,8 @@ func TestDetachSessionMarksTakenOverBeforeDrops(t *testing.T) {
 	for i := 1; i <= 2; i++ {
 		cl.State.Inflight.Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: uint16(i), TopicName: "in/dev"})
 	}
-	_, ok := a.DetachSession("dev")
-	require.True(t, ok)
+	_, res := a.DetachSession("dev")
+	require.Equal(t, Detached, res)
 	require.Equal(t, []bool{true, true}, rec.takenOver)
 }
 
@@ -401,8 +401,8 @@ func TestSessionCarriesPacketID(t *testing.T) {
 		require.NoError(t, err)
 	}
 
-	sess, ok := a.DetachSession("dev")
-	require.True(t, ok)
+	sess, res := a.DetachSession("dev")
+	require.Equal(t, Detached, res)
 	require.Equal(t, uint32(5), sess.PacketID)
 	sess.Subscriptions = []packets.Subscription{{Filter: "in/dev", Qos: 1}} // something to adopt
 	b.AdoptSession("dev", 5, sess)

@@ -304,3 +304,103 @@ func TestExpiredEndKeepsNewerConnection(t *testing.T) {
 		})
 	}
 }
+
+// TestDetachSessionKeepsNewerConnection (rtm patch 119): a CONNECT of the
+// client ID takes the session over between DetachSession's lookup and its
+// lock. DetachSession must report the takeover and leave the newer
+// connection in Clients with its inherited subscription; v2.7.9's pattern
+// (look up, lock, delete by ID) deleted the newer connection from Clients
+// and returned an empty session as detached.
+func TestDetachSessionKeepsNewerConnection(t *testing.T) {
+	s := newServer()
+	defer s.Close()
+	id := "detach-races-takeover"
+	old, _, _ := newTestClient()
+	old.ID = id
+	old.Properties.ProtocolVersion = 5
+	old.Properties.Props.SessionExpiryInterval, old.Properties.Props.SessionExpiryIntervalFlag = 300, true
+	old.State.Subscriptions.Add("a/b", packets.Subscription{Filter: "a/b", Qos: 1})
+	s.Topics.Subscribe(id, packets.Subscription{Filter: "a/b", Qos: 1})
+	old.Stop(nil) // an offline session
+	s.Clients.Add(old)
+
+	var newer *Client
+	var newerConn net.Conn
+	defer func() {
+		if newerConn != nil {
+			_ = newerConn.Close() // before s.Close, which waits for its connection
+		}
+	}()
+	s.testBeforeDetach = func(cl *Client) {
+		r, w := net.Pipe()
+		newerConn = w
+		go func() { _, _ = io.Copy(io.Discard, w) }()
+		go func() { _ = s.EstablishConnection("tcp", r) }()
+		if _, err := w.Write(connectWithWill(t, id, 5, false, 300)); err != nil {
+			t.Errorf("newer CONNECT: %v", err)
+			return
+		}
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			if cur, ok := s.Clients.Get(id); ok && cur != cl {
+				newer = cur
+				return
+			}
+		}
+		t.Error("the newer CONNECT did not take over")
+	}
+	sess, res := s.DetachSession(id)
+	require.NotNil(t, newer)
+	require.Equal(t, DetachTakenOver, res, "a session taken over meanwhile reported as %v", res)
+	require.Empty(t, sess.Subscriptions)
+	cur, ok := s.Clients.Get(id)
+	require.True(t, ok, "the newer connection was deleted from Clients by the detach")
+	require.Equal(t, newer, cur)
+	require.Contains(t, s.Topics.Subscribers("a/b").Subscriptions, id, "the newer connection's inherited subscription left the topic tree")
+
+	// With no CONNECT in between, the newer connection is detached.
+	s.testBeforeDetach = nil
+	sess, res = s.DetachSession(id)
+	require.Equal(t, Detached, res)
+	require.Len(t, sess.Subscriptions, 1)
+	_, ok = s.Clients.Get(id)
+	require.False(t, ok)
+}
+
+// TestDetachClientLeavesNewerConnection (rtm patch 119): a caller that
+// read a client and decided to end its session detaches only that one: a
+// CONNECT that took the session over since is left as it is.
+func TestDetachClientLeavesNewerConnection(t *testing.T) {
+	s := newServer()
+	defer s.Close()
+	id := "detach-client"
+	old, _, _ := newTestClient()
+	old.ID = id
+	old.Properties.ProtocolVersion = 5
+	old.State.Subscriptions.Add("a/b", packets.Subscription{Filter: "a/b", Qos: 1})
+	s.Topics.Subscribe(id, packets.Subscription{Filter: "a/b", Qos: 1})
+	old.Stop(nil)
+	s.Clients.Add(old)
+
+	r, w := net.Pipe()
+	defer func() { _ = w.Close() }()
+	go func() { _, _ = io.Copy(io.Discard, w) }()
+	go func() { _ = s.EstablishConnection("tcp", r) }()
+	_, err := w.Write(connectWithWill(t, id, 5, false, 300))
+	require.NoError(t, err)
+	var newer *Client
+	for deadline := time.Now().Add(10 * time.Second); newer == nil && time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		if cur, ok := s.Clients.Get(id); ok && cur != old {
+			newer = cur
+		}
+	}
+	require.NotNil(t, newer, "the newer CONNECT did not take over")
+
+	sess, res := s.DetachClient(old)
+	require.Equal(t, DetachTakenOver, res)
+	require.Empty(t, sess.Subscriptions)
+	cur, ok := s.Clients.Get(id)
+	require.True(t, ok)
+	require.Equal(t, newer, cur)
+	require.Contains(t, s.Topics.Subscribers("a/b").Subscriptions, id)
+	require.False(t, newer.Closed(), "the newer connection was disconnected")
+}

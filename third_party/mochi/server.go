@@ -186,6 +186,9 @@ type Server struct {
 	// testBeforeEndSession, if set, is called by endExpiredSession before
 	// anything else (tests: a takeover racing the end, rtm patch 115).
 	testBeforeEndSession func(cl *Client)
+	// testBeforeDetach, if set, is called by DetachSession between its
+	// lookup and its lock (tests: a takeover racing it, rtm patch 119).
+	testBeforeDetach func(cl *Client)
 }
 
 // ParkedClients returns how many idle connections are parked (rtm patch 86).

@@ -1,0 +1,81 @@
+package broker_test
+
+import (
+	"fmt"
+	"sync"
+	"testing"
+
+	"github.com/eclipse/paho.golang/paho"
+
+	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/store/storetest"
+	"github.com/rtm-dev/rtm/internal/testcluster"
+	"github.com/rtm-dev/rtm/internal/testutil"
+)
+
+// TestHeldCopyAfterMovedOnReachesSession: m1 for sh (n0's persistent
+// session, adopted by n1) is held on n2's link to n0 and released to n1,
+// but n1 handles it late (its link from n2 congested). sh's client comes
+// back on n3: the move waits 1.5 s for n2's held copies, then goes on,
+// and its relay ends once every peer holds n3's routes. m1 reaching n1
+// after that must still reach sh.
+func TestHeldCopyAfterMovedOnReachesSession(t *testing.T) {
+	st := storetest.Open(t)
+	px := newLinkProxy(t)
+	withStore := func(o *broker.Options) { o.Store = st }
+	n1 := testcluster.Broker(t, "n1", "", withStore)
+	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
+	n3 := testcluster.Broker(t, "n3", n1.GossipAddr(), withStore)
+	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.LinkAdvertise = st, px.addr()
+	})
+	n0link := n0.Stats().Cluster.Link
+	px.setTarget(n0link)
+	nodes := []*broker.Broker{n0, n1, n2, n3}
+	waitMesh(t, nodes...)
+	var sh string
+	for i := 0; ; i++ {
+		if id := fmt.Sprintf("sh-%d", i); broker.Adopter(id, "n1", "n2", "n3") == "n1" {
+			sh = id
+			break
+		}
+	}
+	exp := &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}
+	c, _ := dialV5(t, n0, &paho.Connect{ClientID: sh, CleanStart: true, Properties: exp})
+	subscribe(t, c, 0, paho.SubscribeOptions{Topic: "s", QoS: 1})
+	_ = c.Disconnect(&paho.Disconnect{})
+	waitConnections(t, n0, 0)
+	waitStoredOwner(t, st, sh, "n0")
+	waitRoutes(t, nodes, n0, 1)
+	p, _ := dialV5(t, n2, &paho.Connect{ClientID: "p", CleanStart: true})
+
+	px.cut()
+	defer px.setTarget(n0link)
+	defer n0.KillCluster()
+	late := make(chan struct{})
+	var once sync.Once
+	release := func() { once.Do(func() { close(late) }) }
+	defer release()
+	n1.HoldPublishes("n2", late)
+	p.Pub(t, "s", 1, false, "m1") // for sh, on n0: queued on n2's link to n0
+	for _, b := range []*broker.Broker{n1, n2, n3} {
+		markFailed(b, "n0")
+		defer b.SetTestMembers(nil)
+	}
+	waitStoredOwner(t, st, sh, "n1")
+	waitNotHeld(t, waitCond, n2, "n0") // released: m1 on its way to n1
+	s, ca := dialV5(t, n3, &paho.Connect{ClientID: sh, CleanStart: false, Properties: exp})
+	if !ca.SessionPresent {
+		t.Fatal("no session on n3")
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if got := n2.Stats().Cluster.RemoteRoutes["n1"]; got != 0 {
+			return fmt.Errorf("n2 holds %d routes of n1: the move's relay still on", got)
+		}
+		return nil
+	})
+	release()
+	if m := s.Next(t, waitMsg); string(m.Payload) != "m1" {
+		t.Fatalf("sh (moved on to n3) got %q, want m1", m.Payload)
+	}
+}
