@@ -461,11 +461,17 @@ func (s *Spool[T]) ensureWritable() error {
 
 // Take returns up to max of the oldest records, decoded, without removing
 // them.
-func (s *Spool[T]) Take(max int) ([]T, error) {
+func (s *Spool[T]) Take(max int) ([]T, error) { return s.TakeBytes(max, 0) }
+
+// TakeBytes is Take that also keeps the records returned within maxBytes
+// encoded (0: no bound), one at least: a replay after a
+// long outage then holds about a memory queue's worth of items at a time,
+// not max items of any size (ByteTaker).
+func (s *Spool[T]) TakeBytes(max int, maxBytes int64) ([]T, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for {
-		out, err := s.takeLocked(max)
+		out, err := s.takeLocked(max, maxBytes)
 		if err != nil || len(out) > 0 || len(s.taken) == 0 {
 			return out, err
 		}
@@ -477,11 +483,14 @@ func (s *Spool[T]) Take(max int) ([]T, error) {
 	}
 }
 
-func (s *Spool[T]) takeLocked(max int) ([]T, error) {
+func (s *Spool[T]) takeLocked(max int, maxBytes int64) ([]T, error) {
 	s.taken = s.taken[:0]
 	var out []T
 	var buf []byte
-	for i := 0; i < len(s.segs) && len(out) < max; i++ {
+	var bytes int64
+	over := false // the next record would pass maxBytes
+	full := func() bool { return over || len(out) >= max }
+	for i := 0; i < len(s.segs) && !full(); i++ {
 		g := s.segs[i]
 		off := segHeader
 		if i == 0 {
@@ -495,7 +504,7 @@ func (s *Spool[T]) takeLocked(max int) ([]T, error) {
 			return nil, fmt.Errorf("spool: %w", err)
 		}
 		r := bufio.NewReaderSize(io.NewSectionReader(f, off, g.size-off), 64<<10)
-		for len(out) < max {
+		for !full() {
 			var n int
 			buf, n, err = ReadRecord(r, buf)
 			if err == io.EOF {
@@ -505,7 +514,12 @@ func (s *Spool[T]) takeLocked(max int) ([]T, error) {
 				f.Close()
 				return nil, fmt.Errorf("spool: segment %d: %w", g.seq, err)
 			}
+			if maxBytes > 0 && len(s.taken) > 0 && bytes+int64(n) > maxBytes {
+				over = true // the next Take reads it again
+				break
+			}
 			s.taken = append(s.taken, n)
+			bytes += int64(n)
 			it, derr := s.o.Decode(buf)
 			if derr != nil {
 				// Intact but unreadable (written by another version):

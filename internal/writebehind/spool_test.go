@@ -386,3 +386,33 @@ func TestOutageAfterOverflowMovesMemoryAhead(t *testing.T) {
 		t.Fatalf("after the crash the spool holds %d items (%v...), want 0..99 in order", len(got), got[:min(len(got), 12)])
 	}
 }
+
+// TakeBytes keeps a batch within its byte bound (one record at least),
+// across segments, and the next Take goes on with the record it left.
+func TestSpoolTakeBytes(t *testing.T) {
+	s := intSpool(t, t.TempDir(), 1<<20, 64) // a few records a segment
+	defer s.Close()
+	items := make([]int, 100)
+	for i := range items {
+		items[i] = 100 + i // 3 digits: 11 bytes a record with its header
+	}
+	if err := s.Put(items); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.TakeBytes(1000, 60)
+	if err != nil || !slices.Equal(got, items[:5]) {
+		t.Fatalf("TakeBytes(1000, 60) = %v, %v; want the 5 records within 60 bytes", got, err)
+	}
+	if got, _ := s.TakeBytes(1000, 5); !slices.Equal(got, items[:1]) {
+		t.Fatalf("TakeBytes(1000, 5) = %v, want one record however large", got)
+	}
+	if err := s.Ack(1); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := s.TakeBytes(3, 1<<20); !slices.Equal(got, items[1:4]) {
+		t.Fatalf("TakeBytes(3, 1 MiB) = %v, want the count bound first", got)
+	}
+	if got, _ := s.TakeBytes(1000, 0); !slices.Equal(got, items[1:]) {
+		t.Fatalf("TakeBytes(1000, 0) returned %d records, want all 99 left (no byte bound)", len(got))
+	}
+}

@@ -74,6 +74,13 @@ type Overflow[T any] interface {
 	Len() int
 }
 
+// ByteTaker is an Overflow whose Take can also stop at a total size of
+// the items (Spool.TakeBytes). With Options.QueueBytes, a Writer takes its
+// batches from it within that bound, as from its memory queue.
+type ByteTaker[T any] interface {
+	TakeBytes(max int, maxBytes int64) ([]T, error)
+}
+
 // FrontOverflow is an Overflow that can also hold items ahead of those it
 // holds. With one, a failed write moves the items in memory to it even
 // after others overflowed (they are older), so none waits in memory for
@@ -733,7 +740,11 @@ func (w *Writer[T]) writeOne() bool {
 			return false
 		}
 		var err error
-		batch, err = w.o.Overflow.Take(w.o.MaxBatch)
+		if bt, ok := w.o.Overflow.(ByteTaker[T]); ok && w.o.QueueBytes > 0 {
+			batch, err = bt.TakeBytes(w.o.MaxBatch, w.o.QueueBytes)
+		} else {
+			batch, err = w.o.Overflow.Take(w.o.MaxBatch)
+		}
 		if err != nil || len(batch) == 0 {
 			if err != nil {
 				w.log.Error("read overflow; retrying", "err", err)
