@@ -200,27 +200,60 @@ func (a *adoptedMarks) clearToken(id string, tok uint64) {
 	a.n.Store(int32(len(a.by)))
 }
 
-// reset marks client id's session adopted from each of dead, oldest
-// first, and from nothing else (none: not adopted).
-func (a *adoptedMarks) reset(id string, dead []string) {
-	if len(dead) == 0 && a.n.Load() == 0 {
-		return
+// reset marks client id's session with marks, oldest first (each done
+// as flagged), and nothing else (none: not adopted). It returns the
+// marks' tokens (clearToken), in marks' order.
+func (a *adoptedMarks) reset(id string, marks []earlierMark) []uint64 {
+	if len(marks) == 0 && a.n.Load() == 0 {
+		return nil
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	delete(a.by, id)
-	if len(dead) > 0 {
+	var toks []uint64
+	if len(marks) > 0 {
 		if a.by == nil {
 			a.by = map[string][]adoptedMark{}
 		}
-		ms := make([]adoptedMark, 0, len(dead))
-		for _, d := range dead {
+		ms := make([]adoptedMark, 0, len(marks))
+		for _, m := range marks {
 			a.seq++
-			ms = append(ms, adoptedMark{from: d, tok: a.seq})
+			ms = append(ms, adoptedMark{from: m.From, tok: a.seq, done: m.Done})
+			toks = append(toks, a.seq)
 		}
 		a.by[id] = ms
+		a.drop(id, func(adoptedMark) bool { return false })
 	}
 	a.n.Store(int32(len(a.by)))
+	return toks
+}
+
+// active returns the nodes client id's session is marked adopted from
+// whose held links some broker may still send on (not done), oldest
+// first.
+func (a *adoptedMarks) active(id string) []string {
+	if a.n.Load() == 0 {
+		return nil
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var from []string
+	for _, m := range a.by[id] {
+		if !m.done {
+			from = append(from, m.from)
+		}
+	}
+	return from
+}
+
+// list returns a copy of client id's marks, oldest first.
+func (a *adoptedMarks) list(id string) []adoptedMark {
+	if a.n.Load() == 0 {
+		return nil
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return slices.Clone(a.by[id])
 }
 
 // clear drops client id's marks naming one of dead.
@@ -865,6 +898,43 @@ func (c *clusterNode) adoptAgain(id string, earlier []earlierMark, dead string) 
 		if ok, _ := c.brokersDone(e.From); ok && toks[i] != 0 {
 			c.adopted.clearToken(id, toks[i])
 		}
+	}
+}
+
+// moveInMarks marks client id's session, which moves in, with the marks
+// it carries (oldest first; At 0: not known, now). A mark whose node
+// every live broker is done with already here, or which the source flags
+// done, is kept done: the words of the brokers reached this node before
+// the mark did, and no later word clears it. Each mark goes at the latest
+// cluster.failed_peer_hold from its time, as a restored one (restoreMark):
+// a node that joined after the failure never hears those words, and a
+// mark kept for good would make every move out of here wait heldWaitMax.
+// Checked after the marks are set: a word that arrives meanwhile clears
+// them in heldSent.
+func (c *clusterNode) moveInMarks(id string, marks []earlierMark) {
+	toks := c.adopted.reset(id, marks)
+	hold := c.peers.hold
+	now := time.Now()
+	for i, m := range marks {
+		if ok, _ := c.brokersDone(m.From); ok {
+			c.adopted.clearToken(id, toks[i])
+			continue
+		}
+		if hold <= 0 {
+			continue
+		}
+		at := now
+		if m.At > 0 {
+			at = time.UnixMilli(m.At)
+		}
+		// adopted_at is another node's wall clock, maybe ahead of this one's.
+		left := min(hold-now.Sub(at), hold)
+		if left <= 0 {
+			c.adopted.clearToken(id, toks[i])
+			continue
+		}
+		tok := toks[i]
+		time.AfterFunc(left, func() { c.adopted.clearToken(id, tok) })
 	}
 }
 

@@ -196,6 +196,14 @@ func (im *inMove) marks() []string {
 	return append(m, im.adopted)
 }
 
+// markList is marks with their times and done flags.
+func (im *inMove) markList() []earlierMark {
+	if im.adopted == "" {
+		return nil
+	}
+	return append(slices.Clone(im.earlier), earlierMark{From: im.adopted, At: im.adoptedAt})
+}
+
 // startOut registers a move of clientID's session to peer to; false if the
 // session is moving already (either way).
 func (m *moves) startOut(clientID, to string, claimed bool) (*outMove, bool) {
@@ -323,7 +331,9 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 	if !ok {
 		return false
 	}
-	if dead := c.adopted.get(o.clientID); len(dead) > 0 && claim != 0 {
+	// A done mark stays only for a later one: nothing of its node's held
+	// links is still to come.
+	if dead := c.adopted.active(o.clientID); len(dead) > 0 && claim != 0 {
 		// Adopted from a failed node: what the brokers held for it
 		// reaches it here first, so it is not delivered again there
 		// (cluster_failover.go).
@@ -372,15 +382,17 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 	if c.peerProtocol(p.name) >= protoV2 { // protoV1 refuses the field
 		// The newest mark in AdoptedFrom, which the previous release
 		// reads alone; the older ones in Earlier.
-		if marks := c.adopted.get(o.clientID); len(marks) > 0 {
-			start.AdoptedFrom = marks[len(marks)-1]
+		if marks := c.adopted.list(o.clientID); len(marks) > 0 {
+			start.AdoptedFrom = marks[len(marks)-1].from
 			if c.b.durable != nil {
 				start.AdoptedAt = c.b.durable.markAt(o.clientID, start.AdoptedFrom)
 			}
-			for _, n := range marks[:len(marks)-1] {
-				e := earlierMark{From: n}
+			for _, m := range marks[:len(marks)-1] {
+				// Done goes too: the destination may have joined after
+				// m's failover and never hear a broker done with it.
+				e := earlierMark{From: m.from, Done: m.done}
 				if c.b.durable != nil {
-					e.At = c.b.durable.markAt(o.clientID, n)
+					e.At = c.b.durable.markAt(o.clientID, m.from)
 				}
 				start.Earlier = append(start.Earlier, e)
 			}
@@ -739,7 +751,7 @@ func (c *clusterNode) moveEnded(from string, m moveEndMsg) {
 	im.sess.PacketID = m.PacketID
 	// Before the session's subscriptions go live here: what a failed
 	// node's held links kept for it comes through their copy alone.
-	c.adopted.reset(im.clientID, im.marks())
+	c.moveInMarks(im.clientID, im.markList())
 	for _, dead := range im.marks() {
 		c.adoptedGroups.add(dead, im.clientID, filtersOf(im.sess.Subscriptions))
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -570,6 +571,10 @@ type moveStartMsg struct {
 	// their held copies were still on their way), each with its time.
 	// Optional, after AdoptedAt (then sent even if 0): a receiver that
 	// does not know it keeps AdoptedFrom's mark alone.
+	// Each Earlier mark's Done flag (every broker was done with its held
+	// link at the source: the mark stays only for a later one) follows
+	// as an optional trailing list, sent only if one is set: a receiver
+	// that does not know it takes every mark as active.
 	Earlier []earlierMark
 }
 
@@ -592,6 +597,12 @@ func (m moveStartMsg) encode() []byte {
 			for _, e := range m.Earlier {
 				w.string(e.From)
 				w.varint(e.At)
+			}
+			if slices.ContainsFunc(m.Earlier, func(e earlierMark) bool { return e.Done }) {
+				w.uvarint(uint64(len(m.Earlier)))
+				for _, e := range m.Earlier {
+					w.bool(e.Done)
+				}
 			}
 		}
 	}
@@ -616,6 +627,14 @@ func decodeMoveStart(b []byte) (m moveStartMsg, err error) {
 			n := r.count(2)
 			for range n {
 				m.Earlier = append(m.Earlier, earlierMark{From: r.string(), At: max(r.varint(), 0)})
+			}
+		}
+		if r.err == nil && len(r.b) > 0 {
+			n := r.count(1)
+			for i := range n {
+				if done := r.bool(); i < len(m.Earlier) {
+					m.Earlier[i].Done = done
+				}
 			}
 		}
 	}

@@ -165,19 +165,19 @@ func TestMoveEndPreviousRelease(t *testing.T) {
 // TestDecodersIgnoreNewerFields: a message of a newer cluster protocol
 // version, with a field this version does not know at its end, decodes as
 // the message without it (the field ignored), instead of being refused:
-// so a rolling restart can add a field. The extra bytes begin with three
+// so a rolling restart can add a field. The extra bytes begin with four
 // zeros, which is what the optional fields of this version read as when
 // absent and a newer field follows them (a claim reply's Busy; a
-// publish's HeldOf, Held and Via; a move start's AdoptedFrom, AdoptedAt
-// and Earlier): a newer encoder writes them, empty, before its own (see
-// the note on protoV2).
+// publish's HeldOf, Held and Via; a move start's AdoptedFrom, AdoptedAt,
+// Earlier and its done flags): a newer encoder writes them, empty, before
+// its own (see the note on protoV2).
 func TestDecodersIgnoreNewerFields(t *testing.T) {
 	for typ, b := range clusterSeeds(t) {
 		want, err := decodeAny(typ-msgRoutes, b)
 		if err != nil {
 			t.Fatalf("type %d: %v", typ, err)
 		}
-		longer := append(append([]byte(nil), b...), 0, 0, 0, 3, 'n', 'e', 'w')
+		longer := append(append([]byte(nil), b...), 0, 0, 0, 0, 3, 'n', 'e', 'w')
 		got, err := decodeAny(typ-msgRoutes, longer)
 		if err != nil {
 			t.Errorf("type %d with a newer field: %v", typ, err)
@@ -264,6 +264,16 @@ func TestFailoverFieldsRoundTrip(t *testing.T) {
 	b = start.encode()
 	if m, err := decodeMoveStart(b); err != nil || m.AdoptedFrom != "n2" || m.AdoptedAt != 0 || !reflect.DeepEqual(m.Earlier, start.Earlier) {
 		t.Fatalf("move start with earlier marks: %+v, %v", m, err)
+	}
+	// Their done flags follow, sent only if one is set; a decoder without
+	// them takes every mark as active.
+	start.Earlier = []earlierMark{{From: "n0", At: 1_700_000_000_000, Done: true}, {From: "n5", At: 7}}
+	bd := start.encode()
+	if m, err := decodeMoveStart(bd); err != nil || !reflect.DeepEqual(m.Earlier, start.Earlier) {
+		t.Fatalf("move start with a done earlier mark: %+v, %v", m, err)
+	}
+	if m, err := decodeMoveStart(bd[:len(b)]); err != nil || m.Earlier[0].Done || len(m.Earlier) != 2 {
+		t.Fatalf("move start, its done flags cut off: %+v, %v", m, err)
 	}
 	start.Earlier = nil
 	if m, err := decodeMoveStart(b[:len(start.encode())+1]); err != nil || m.AdoptedFrom != "n2" || m.AdoptedAt != 0 || m.Earlier != nil {
@@ -374,9 +384,14 @@ func TestAdoptedMarksPerNode(t *testing.T) {
 	if got := m.get("s"); !reflect.DeepEqual(got, []string{"n0"}) || m.n.Load() != 1 {
 		t.Fatalf("after forget(n1): %v, want [n0]", got)
 	}
-	m.reset("s", []string{"n2", "n3"})
+	m.reset("s", []earlierMark{{From: "n2"}, {From: "n3"}})
 	if got := m.get("s"); !reflect.DeepEqual(got, []string{"n2", "n3"}) {
 		t.Fatalf("after reset: %v", got)
+	}
+	// A moved-in mark flagged done stays done, for the later one alone.
+	m.reset("s", []earlierMark{{From: "n2", Done: true}, {From: "n3"}})
+	if got, act := m.get("s"), m.active("s"); !reflect.DeepEqual(got, []string{"n2", "n3"}) || !reflect.DeepEqual(act, []string{"n3"}) {
+		t.Fatalf("after reset with n2 done: %v, active %v; want [n2 n3], active [n3]", got, act)
 	}
 	m.clear("s", []string{"n2", "n3"})
 	if m.n.Load() != 0 || m.any("s") {

@@ -254,6 +254,9 @@ type ownInfo struct {
 type earlierMark struct {
 	From string `bson:"from"`
 	At   int64  `bson:"at"`
+	// Done: every broker was done with From's held link where the mark
+	// was (adoptedMark.done); on the wire only (moveStartMsg.Earlier).
+	Done bool `bson:"-"`
 }
 
 type subDoc struct {

@@ -1,6 +1,10 @@
 package broker
 
-import "github.com/rtm-dev/rtm/broker/link"
+import (
+	"time"
+
+	"github.com/rtm-dev/rtm/broker/link"
+)
 
 // AdoptedMarks is the number of sessions on the node marked adopted from
 // a failed node (cluster_failover.go).
@@ -34,3 +38,25 @@ func (b *Broker) AdoptedMarkActive(id, node string) bool {
 	}
 	return false
 }
+
+// MovedMark is a mark a session carries in a move (moveStartMsg): the
+// failed node, when the session was adopted from it, and whether every
+// broker was done with its held link at the source.
+type MovedMark struct {
+	From string
+	At   time.Time
+	Done bool
+}
+
+// MoveInMarks marks client id's session as a move in carrying marks
+// (oldest first) does.
+func (b *Broker) MoveInMarks(id string, marks ...MovedMark) {
+	var ms []earlierMark
+	for _, m := range marks {
+		ms = append(ms, earlierMark{From: m.From, At: m.At.UnixMilli(), Done: m.Done})
+	}
+	b.cluster.moveInMarks(id, ms)
+}
+
+// FailedPeerHold is the node's cluster.failed_peer_hold.
+func (b *Broker) FailedPeerHold() time.Duration { return b.cluster.peers.hold }
