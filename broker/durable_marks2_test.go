@@ -369,6 +369,20 @@ func waitHeld(t *testing.T, from *broker.Broker, peer string) {
 	})
 }
 
+// waitHeldSeen waits until from's link to peer is held or, held already
+// and handed over, gone: until from's own verdict that peer failed, which
+// waitNotHeld alone does not wait for (a link only down is not held).
+// For a hold that may end before waitHeld sees it.
+func waitHeldSeen(t *testing.T, from *broker.Broker, peer string) {
+	t.Helper()
+	testutil.WaitFor(t, waitCond, func() error {
+		if st, _ := linkState(from, peer); st != "held" && st != "" {
+			return fmt.Errorf("%s's link to %s %q, want held (or handed over)", from.Stats().Node, peer, st)
+		}
+		return nil
+	})
+}
+
 // waitNotHeld waits, at most d, until from's link to peer is no longer
 // held (released, handed over, or closed).
 func waitNotHeld(t *testing.T, d time.Duration, from *broker.Broker, peer string) {

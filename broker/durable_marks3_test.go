@@ -168,6 +168,9 @@ func TestReadoptedGetsHeldCopiesInTransit(t *testing.T) {
 	tOnce.Do(func() { close(taken) }) // its connections are closed: nothing is acknowledged
 	<-killed
 	waitStoredOwner(t, st, a.svc, "n3")
+	// n2's own verdict on n1 may come after n3's adoption: until then its
+	// link to n1 is only down, not held, and m3 would overtake m1 and m2.
+	waitHeldSeen(t, n2, "n1")
 	waitNotHeld(t, 2*waitCond, n2, "n1") // n2 handed m1 and m2 over again, for n1 now
 	releaseRoutes()
 	testutil.WaitFor(t, waitCond, func() error {
