@@ -47,7 +47,10 @@ import (
 // (msgHeldDone, after its held copies on each link), or after
 // heldWaitMax: the held copies then reach it where it was adopted, once.
 // It carries its mark when it moves (moveStartMsg.AdoptedFrom), and the
-// relay of a move applies the same rule. The marks of D go once every
+// relay of a move applies the same rule. The node it moves to checks the
+// marks it brings against the brokers' words it heard, and ends each at
+// the latest cluster.failed_peer_hold from its time (moveInMarks): it may
+// have joined after the failure and never hear those words. The marks of D go once every
 // live broker (D aside, should it be back) is done with D's held link,
 // whether it released it or handed its queue over because D came back
 // (resendReached, resendRestarted): a broker whose gossip sees D alive
