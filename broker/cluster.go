@@ -62,6 +62,12 @@ type clusterNode struct {
 	heldForwards atomic.Int64
 	connects     connectOrder // cluster_claims.go: an older CONNECT does not take over a newer one
 
+	// syncs counts the calls of syncPeers begun (before each reads the
+	// member list), synced the last whose links follow what it read;
+	// syncKick asks watch for one now (syncedAfter).
+	syncs, synced atomic.Uint64
+	syncKick      chan struct{}
+
 	// testMembers, if set, rewrites the member list syncPeers sees: tests
 	// make a peer look failed without stopping it.
 	testMembers atomic.Pointer[func([]cluster.Member) []cluster.Member]
@@ -78,6 +84,9 @@ type clusterNode struct {
 	// testForwardQueued, if set, is called by a forward after it queued
 	// a message for a peer, before it queues it for the next one.
 	testForwardQueued atomic.Pointer[func(topic, peer string)]
+	// testBeforeSync, if set, is called as syncPeers begins: tests hold
+	// the links' view of membership back, as a busy watch loop would.
+	testBeforeSync atomic.Pointer[func()]
 	// testBeforeClose, if set, is called by syncPeers before it closes
 	// the link of a peer whose routes it dropped.
 	testBeforeClose atomic.Pointer[func(peer string)]
@@ -133,7 +142,8 @@ func newClusterNode(b *Broker, cfg config.Cluster, timing cluster.Timing) *clust
 			_, ok := b.mq.Clients.Get(id)
 			return ok
 		}),
-		stop: make(chan struct{}),
+		stop:     make(chan struct{}),
+		syncKick: make(chan struct{}, 1),
 	}
 	c.routes = newRouteTable(c.log)
 	c.peers = newPeerSet(c.log, cfg.FailedPeerHold, func(name, addr string) *link.Link {
@@ -317,6 +327,7 @@ func (c *clusterNode) watch(events <-chan cluster.Event) {
 		case <-c.stop:
 			return
 		case <-events:
+		case <-c.syncKick:
 		case <-tick.C:
 			// Load travels in the tags, for routers: soon after it
 			// changes, and at least every loadRefresh, so a router can
@@ -353,6 +364,10 @@ func (c *clusterNode) retag() {
 // and resent if the same process comes back (the link tells a restarted
 // one by its incarnation, and discards that queue: see link.Discard).
 func (c *clusterNode) syncPeers() {
+	if f := c.testBeforeSync.Load(); f != nil {
+		(*f)()
+	}
+	seq := c.syncs.Add(1)
 	want := map[string]string{}
 	failed := map[string]bool{}
 	protos := map[string]int{}
@@ -404,6 +419,7 @@ func (c *clusterNode) syncPeers() {
 			c.heldDone.reset(p.name)
 		}
 	}
+	c.synced.Store(seq)
 	for _, name := range res.dropRoutes {
 		if c.b.durable != nil && c.peers.getHeld(name) != nil {
 			// With durability, a held peer's routes stay until its
@@ -446,6 +462,32 @@ func (c *clusterNode) syncPeers() {
 		p.link.Close() // what is still queued is counted (discarded)
 		c.peers.doneExpiring(p.name)
 	}
+}
+
+// syncedAfter waits, at most max, until the links follow a member list
+// read after the call began (syncPeers, run by watch, which it kicks), and
+// reports whether they do. A part of the node that reads gossip apart, as
+// the adoption watcher, calls it before it acts on what the links hold: a
+// failure it saw may not be held yet. Never while this node stops (watch
+// no longer syncs).
+func (c *clusterNode) syncedAfter(max time.Duration) bool {
+	seq := c.syncs.Load()
+	select {
+	case c.syncKick <- struct{}{}:
+	default:
+	}
+	end := time.Now().Add(max)
+	for c.synced.Load() <= seq {
+		if time.Now().After(end) {
+			return false
+		}
+		select {
+		case <-c.stop:
+			return false
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	return true
 }
 
 // protocol is the cluster protocol version this node speaks.
