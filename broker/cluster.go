@@ -352,6 +352,13 @@ func (c *clusterNode) retag() {
 	if c.node == nil {
 		return
 	}
+	select {
+	case <-c.stop:
+		// Left or shut down: memberlist would block until its broadcast
+		// timeout (5 s) for tags nobody gets.
+		return
+	default:
+	}
 	if err := c.node.SetTags(c.tags()); err != nil {
 		c.log.Debug("gossip tags not updated", "error", err)
 	}
