@@ -68,6 +68,11 @@ type clusterNode struct {
 	// movedHeld: sessions adopted from failed nodes that moved on, for
 	// their held copies (cluster_relay.go).
 	movedHeld movedHeld
+	// syncs counts the calls of syncPeers begun (before each reads the
+	// member list), synced the last whose links follow what it read;
+	// syncKick asks watch for one now (syncedAfter).
+	syncs, synced atomic.Uint64
+	syncKick      chan struct{}
 
 	// testMembers, if set, rewrites the member list syncPeers sees: tests
 	// make a peer look failed without stopping it.
@@ -85,6 +90,9 @@ type clusterNode struct {
 	// testForwardQueued, if set, is called by a forward after it queued
 	// a message for a peer, before it queues it for the next one.
 	testForwardQueued atomic.Pointer[func(topic, peer string)]
+	// testBeforeSync, if set, is called as syncPeers begins: tests hold
+	// the links' view of membership back, as a busy watch loop would.
+	testBeforeSync atomic.Pointer[func()]
 	// testBeforeClose, if set, is called by syncPeers before it closes
 	// the link of a peer whose routes it dropped.
 	testBeforeClose atomic.Pointer[func(peer string)]
@@ -144,7 +152,8 @@ func newClusterNode(b *Broker, cfg config.Cluster, timing cluster.Timing) *clust
 			_, ok := b.mq.Clients.Get(id)
 			return ok
 		}),
-		stop: make(chan struct{}),
+		stop:     make(chan struct{}),
+		syncKick: make(chan struct{}, 1),
 	}
 	c.routes = newRouteTable(c.log)
 	c.peers = newPeerSet(c.log, cfg.FailedPeerHold, func(name, addr string) *link.Link {
@@ -328,6 +337,7 @@ func (c *clusterNode) watch(events <-chan cluster.Event) {
 		case <-c.stop:
 			return
 		case <-events:
+		case <-c.syncKick:
 		case <-tick.C:
 			// Load travels in the tags, for routers: soon after it
 			// changes, and at least every loadRefresh, so a router can
@@ -352,6 +362,13 @@ func (c *clusterNode) retag() {
 	if c.node == nil || c.closed.Load() {
 		return // a gossip node shut down blocks SetTags for its broadcast timeout
 	}
+	select {
+	case <-c.stop:
+		// Left or shut down: memberlist would block until its broadcast
+		// timeout (5 s) for tags nobody gets.
+		return
+	default:
+	}
 	if err := c.node.SetTags(c.tags()); err != nil {
 		c.log.Debug("gossip tags not updated", "error", err)
 	}
@@ -367,6 +384,10 @@ func (c *clusterNode) syncPeers() {
 	if c.testNoSync.Load() {
 		return
 	}
+	if f := c.testBeforeSync.Load(); f != nil {
+		(*f)()
+	}
+	seq := c.syncs.Add(1)
 	want := map[string]string{}
 	failed := map[string]bool{}
 	protos := map[string]int{}
@@ -418,6 +439,7 @@ func (c *clusterNode) syncPeers() {
 			c.heldDone.reset(p.name)
 		}
 	}
+	c.synced.Store(seq)
 	for _, name := range res.dropRoutes {
 		if c.b.durable != nil && c.peers.getHeld(name) != nil {
 			// With durability, a held peer's routes stay until its
@@ -460,6 +482,32 @@ func (c *clusterNode) syncPeers() {
 		p.link.Close() // what is still queued is counted (discarded)
 		c.peers.doneExpiring(p.name)
 	}
+}
+
+// syncedAfter waits, at most max, until the links follow a member list
+// read after the call began (syncPeers, run by watch, which it kicks), and
+// reports whether they do. A part of the node that reads gossip apart, as
+// the adoption watcher, calls it before it acts on what the links hold: a
+// failure it saw may not be held yet. Never while this node stops (watch
+// no longer syncs).
+func (c *clusterNode) syncedAfter(max time.Duration) bool {
+	seq := c.syncs.Load()
+	select {
+	case c.syncKick <- struct{}{}:
+	default:
+	}
+	end := time.Now().Add(max)
+	for c.synced.Load() <= seq {
+		if time.Now().After(end) {
+			return false
+		}
+		select {
+		case <-c.stop:
+			return false
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	return true
 }
 
 // protocol is the cluster protocol version this node speaks.

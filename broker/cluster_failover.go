@@ -796,7 +796,15 @@ func (c *clusterNode) brokersDone(dead string) (bool, <-chan struct{}) {
 			nodes = append(nodes, p.name)
 		}
 	}
-	return c.heldDone.state(dead, nodes)
+	ok, changed := c.heldDone.state(dead, nodes)
+	select {
+	case <-c.stop:
+		// Stopping (close takes the peers out of the set after stop):
+		// they are gone, not done.
+		return false, changed
+	default:
+	}
+	return ok, changed
 }
 
 // awaitHeld waits until every live broker sent on what it held for dead,

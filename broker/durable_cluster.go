@@ -929,13 +929,14 @@ func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error
 			// the marks those copies need.
 			return nil
 		}
-		if c.peers.get(dead) != nil {
-			// Gossip's verdict has not reached the links yet (syncPeers
-			// runs on its own goroutine): the link to dead, maybe with
-			// messages queued for it, is about to be held. Telling the
-			// cluster "done" now would let the adopters drop the marks
-			// its held copies need (skipped there: lost, not counted).
-			return nil
+		// Gossip's verdict may not have reached the links yet (syncPeers
+		// runs on its own goroutine): the link to dead, maybe with
+		// messages queued for it, is about to be held. Telling the
+		// cluster "done" now would let the adopters drop the marks its
+		// held copies need (skipped there: lost, not counted); so only
+		// after a sync that read gossip after this point.
+		if !d.syncedNothingHeld(dead) {
+			return nil // asked again at the next poll
 		}
 		d.heldDone(dead) // nothing held (or sent on already)
 		return nil
@@ -1026,6 +1027,29 @@ func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error
 	d.mu.Unlock()
 	d.heldDone(dead)
 	return nil
+}
+
+// syncedNothingHeld reports whether this node holds no link for dead once
+// its links follow a member list read after this watcher's: the links
+// follow gossip apart from it (syncPeers) and may not have held dead's
+// link yet. Said "done" before its hold, the node let the adopters drop
+// their marks (every broker done) before the held copies it then sends
+// on: the sessions skip them, and what reached them only through its held
+// link (published while they were being adopted) was lost, not counted.
+// Once said, nothing more is asked; nor while the node stops, when its
+// peers are gone, not done.
+func (d *durableHook) syncedNothingHeld(dead string) bool {
+	d.mu.Lock()
+	sent := d.heldDoneSent[dead]
+	d.mu.Unlock()
+	if sent {
+		return true
+	}
+	c := d.b.cluster
+	if !c.syncedAfter(time.Second) {
+		return false
+	}
+	return c.peers.getHeld(dead) == nil && !c.peers.isExpiring(dead)
 }
 
 // heldDone tells the cluster, once per failure of dead, that this node sent

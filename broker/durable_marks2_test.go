@@ -138,6 +138,11 @@ func TestHandOverLocalDirectCopyAfterMarksGo(t *testing.T) {
 		return nil
 	})
 	// n1 sees n0 alive first: it is done (nothing held), and says so.
+	// Only once its links held n0's: n1's word comes from that hand-over
+	// (its adoption watcher, which would say so too, is paused in svc's
+	// claim). Before this wait, n1's watch loop could miss the failure
+	// under load, and n2 waited for that word beyond the test's 5 s.
+	waitHeld(t, n1, "n0")
 	n1.SetTestMembers(nil)
 	waitNotHeld(t, waitCond, n1, "n0")
 	waitHeld(t, n2, "n0")
@@ -223,7 +228,9 @@ func TestHandOverWaitsForMarkedForward(t *testing.T) {
 		}
 		return nil
 	})
-	// n1 sees n0 alive first: it holds nothing for n0, and says so.
+	// n1 sees n0 alive first: it holds nothing for n0, and says so (its
+	// links' own verdict on n0 may come after its adoption).
+	waitHeld(t, n1, "n0")
 	n1.SetTestMembers(nil)
 	waitNotHeld(t, waitCond, n1, "n0")
 	waitHeld(t, n2, "n0")

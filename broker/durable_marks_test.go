@@ -67,12 +67,10 @@ func TestAdopterRestartKeepsAdoptedMark(t *testing.T) {
 		return 0
 	}
 	before := inc()
-	// m2's direct copy taken (and skipped) by n1 before the kill. In
-	// process, n1's MQTT side and durable writer outlive KillCluster: once
-	// (1 run in about 50, under load) a copy that reached n1 as its
-	// cluster part stopped was stored for the session, not skipped, and
-	// restored ahead of the held m1. Not diagnosed further; a killed
-	// process stores nothing more.
+	// m2's direct copy taken (and skipped) by n1 before the kill. A copy
+	// still on its way when the cluster part is killed in process (its
+	// MQTT side and store writer go on) is the case of
+	// TestKilledAdopterKeepsMarkForCopyInFlight.
 	testutil.WaitFor(t, waitCond, func() error {
 		if st, q := linkState(n2, "n1"); q != 0 {
 			return fmt.Errorf("n2's link to n1 %q holds %d", st, q)
