@@ -23,34 +23,8 @@ import (
 // (handOverTo) with the share-group selection. x must not get m1: it was
 // the group's copy for sh, which gets it at n1.
 func TestHandOverSharedOnlyToAdoptedMember(t *testing.T) {
-	st := storetest.Open(t)
-	px := newLinkProxy(t)
-	withStore := func(o *broker.Options) { o.Store = st }
-	n1 := testcluster.Broker(t, "n1", "", withStore)
-	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
-	n3 := testcluster.Broker(t, "n3", n1.GossipAddr(), withStore)
-	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), func(o *broker.Options) {
-		o.Store, o.Cluster.LinkAdvertise = st, px.addr()
-	})
-	n0link := n0.Stats().Cluster.Link
-	px.setTarget(n0link)
-	nodes := []*broker.Broker{n0, n1, n2, n3}
-	waitMesh(t, nodes...)
-	var sh string
-	for i := 0; ; i++ {
-		if id := fmt.Sprintf("sh-%d", i); broker.Adopter(id, "n1", "n2", "n3") == "n1" {
-			sh = id
-			break
-		}
-	}
-	exp := &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}
-	c, _ := dialV5(t, n0, &paho.Connect{ClientID: sh, CleanStart: true, Properties: exp})
-	subscribe(t, c, 0, paho.SubscribeOptions{Topic: "$share/g/s", QoS: 1})
-	_ = c.Disconnect(&paho.Disconnect{})
-	waitConnections(t, n0, 0)
-	waitStoredOwner(t, st, sh, "n0")
-	waitRoutes(t, nodes, n0, 1)
-	p, _ := dialV5(t, n2, &paho.Connect{ClientID: "p", CleanStart: true})
+	q := newHeldQuad(t, "$share/g/s")
+	st, px, n1, n2, n3, n0link, sh, exp, p := q.st, q.px, q.n1, q.n2, q.n3, q.n0link, q.sh, q.exp, q.p
 
 	px.cut()
 	defer px.setTarget(n0link)
@@ -400,4 +374,49 @@ func waitNotHeld(t *testing.T, d time.Duration, from *broker.Broker, peer string
 		}
 		return nil
 	})
+}
+
+// heldQuad is the cluster of the tests of a held link's copies with four
+// nodes: n0 (its link behind px), n1, n2, n3; sh, n0's persistent session
+// (n1 adopts it), subscribed to topics; p, a publisher on n2.
+type heldQuad struct {
+	st             *store.Store
+	px             *linkProxy
+	n0, n1, n2, n3 *broker.Broker
+	nodes          []*broker.Broker
+	n0link, sh     string
+	exp            *paho.ConnectProperties
+	p              *testutil.V5
+}
+
+func newHeldQuad(t *testing.T, topics ...string) *heldQuad {
+	t.Helper()
+	q := &heldQuad{st: storetest.Open(t), px: newLinkProxy(t), exp: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}}
+	withStore := func(o *broker.Options) { o.Store = q.st }
+	q.n1 = testcluster.Broker(t, "n1", "", withStore)
+	q.n2 = testcluster.Broker(t, "n2", q.n1.GossipAddr(), withStore)
+	q.n3 = testcluster.Broker(t, "n3", q.n1.GossipAddr(), withStore)
+	q.n0 = testcluster.Broker(t, "n0", q.n1.GossipAddr(), func(o *broker.Options) {
+		o.Store, o.Cluster.LinkAdvertise = q.st, q.px.addr()
+	})
+	q.n0link = q.n0.Stats().Cluster.Link
+	q.px.setTarget(q.n0link)
+	q.nodes = []*broker.Broker{q.n0, q.n1, q.n2, q.n3}
+	waitMesh(t, q.nodes...)
+	for i := 0; ; i++ {
+		if id := fmt.Sprintf("sh-%d", i); broker.Adopter(id, "n1", "n2", "n3") == "n1" {
+			q.sh = id
+			break
+		}
+	}
+	c, _ := dialV5(t, q.n0, &paho.Connect{ClientID: q.sh, CleanStart: true, Properties: q.exp})
+	for _, topic := range topics {
+		subscribe(t, c, 0, paho.SubscribeOptions{Topic: topic, QoS: 1})
+	}
+	_ = c.Disconnect(&paho.Disconnect{})
+	waitConnections(t, q.n0, 0)
+	waitStoredOwner(t, q.st, q.sh, "n0")
+	waitRoutes(t, q.nodes, q.n0, len(topics))
+	q.p, _ = dialV5(t, q.n2, &paho.Connect{ClientID: "p", CleanStart: true})
+	return q
 }

@@ -8,8 +8,6 @@ import (
 	"github.com/eclipse/paho.golang/paho"
 
 	"github.com/rtm-dev/rtm/broker"
-	"github.com/rtm-dev/rtm/internal/store/storetest"
-	"github.com/rtm-dev/rtm/internal/testcluster"
 	"github.com/rtm-dev/rtm/internal/testutil"
 )
 
@@ -20,34 +18,8 @@ import (
 // and its relay ends once every peer holds n3's routes. m1 reaching n1
 // after that must still reach sh.
 func TestHeldCopyAfterMovedOnReachesSession(t *testing.T) {
-	st := storetest.Open(t)
-	px := newLinkProxy(t)
-	withStore := func(o *broker.Options) { o.Store = st }
-	n1 := testcluster.Broker(t, "n1", "", withStore)
-	n2 := testcluster.Broker(t, "n2", n1.GossipAddr(), withStore)
-	n3 := testcluster.Broker(t, "n3", n1.GossipAddr(), withStore)
-	n0 := testcluster.Broker(t, "n0", n1.GossipAddr(), func(o *broker.Options) {
-		o.Store, o.Cluster.LinkAdvertise = st, px.addr()
-	})
-	n0link := n0.Stats().Cluster.Link
-	px.setTarget(n0link)
-	nodes := []*broker.Broker{n0, n1, n2, n3}
-	waitMesh(t, nodes...)
-	var sh string
-	for i := 0; ; i++ {
-		if id := fmt.Sprintf("sh-%d", i); broker.Adopter(id, "n1", "n2", "n3") == "n1" {
-			sh = id
-			break
-		}
-	}
-	exp := &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}
-	c, _ := dialV5(t, n0, &paho.Connect{ClientID: sh, CleanStart: true, Properties: exp})
-	subscribe(t, c, 0, paho.SubscribeOptions{Topic: "s", QoS: 1})
-	_ = c.Disconnect(&paho.Disconnect{})
-	waitConnections(t, n0, 0)
-	waitStoredOwner(t, st, sh, "n0")
-	waitRoutes(t, nodes, n0, 1)
-	p, _ := dialV5(t, n2, &paho.Connect{ClientID: "p", CleanStart: true})
+	q := newHeldQuad(t, "s")
+	st, px, n0, n1, n2, n3, n0link, sh, exp, p := q.st, q.px, q.n0, q.n1, q.n2, q.n3, q.n0link, q.sh, q.exp, q.p
 
 	px.cut()
 	defer px.setTarget(n0link)
