@@ -977,11 +977,20 @@ func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error
 	if len(adopters) == 0 {
 		// It owned no persistent session: its routes go, as without
 		// durability, and its link stays held (cluster.failed_peer_hold).
+		// As there (syncPeers' forget), its inbound connection is closed:
+		// should it be alive after all (gossip alone cut off), it redials
+		// and sends its routes again. Before, a snapshot it had sent on a
+		// redial after the verdict went with them, and nothing sent them
+		// again: its subscribers got nothing from here for good.
 		c.routes.mu.Lock()
-		if c.peers.getHeld(dead) != nil {
+		dropped := c.peers.getHeld(dead) != nil
+		if dropped {
 			c.routes.dropLocked(dead)
 		}
 		c.routes.mu.Unlock()
+		if dropped {
+			c.links.Forget(dead)
+		}
 		d.heldDone(dead)
 		return nil
 	}
