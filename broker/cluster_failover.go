@@ -913,24 +913,22 @@ func (c *clusterNode) adoptAgain(id string, earlier []earlierMark, dead string) 
 }
 
 // moveInMarks marks client id's session, which moves in, with the marks
-// it carries (oldest first; At 0: not known, now). A mark whose node
-// every live broker is done with already here, or which the source flags
-// done, is kept done: the words of the brokers reached this node before
-// the mark did, and no later word clears it. Each mark goes at the latest
+// it carries (oldest first; At 0: not known, now). A mark the source flags
+// done is kept done. The brokers' words heard here are not asked: they may
+// be of an earlier failure of the same node (the words carry no failure),
+// and a mark dropped too early loses the held copies of the later one,
+// where a mark kept too long costs at most a move's wait (review rv13c10:
+// TestMovedInMarkOfLaterFailureStaysActive). Each mark goes at the latest
 // cluster.failed_peer_hold from its time, as a restored one (restoreMark):
-// a node that joined after the failure never hears those words, and a
-// mark kept for good would make every move out of here wait heldWaitMax.
-// Checked after the marks are set: a word that arrives meanwhile clears
-// them in heldSent.
+// a node that heard the words before the mark arrived, or that joined
+// after the failure, hears none later, and a mark kept for good would
+// make every move out of here wait heldWaitMax. A word that arrives after
+// the marks are set clears them in heldSent.
 func (c *clusterNode) moveInMarks(id string, marks []earlierMark) {
 	toks := c.adopted.reset(id, marks)
 	hold := c.peers.hold
 	now := time.Now()
 	for i, m := range marks {
-		if ok, _ := c.brokersDone(m.From); ok {
-			c.adopted.clearToken(id, toks[i])
-			continue
-		}
 		if hold <= 0 {
 			continue
 		}

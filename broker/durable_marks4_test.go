@@ -106,9 +106,15 @@ func moveReadopted(t *testing.T) movedReadopted {
 			t.Fatalf("moved session got %q, want %s (m1 to m4 in order)", m.Payload, want)
 		}
 	}
+	// The move went after its 1.5 s wait for the held copies: a held
+	// message may come twice (docs/clustering.md; review rv13c10: the old
+	// adopter sends its held copy on as well), never m4, which nothing held.
 	select {
 	case m := <-s.Messages:
-		t.Fatalf("moved session got %q after m4: a duplicate", m.Payload)
+		if string(m.Payload) == "m4" {
+			t.Fatal("moved session got m4 twice")
+		}
+		t.Logf("moved session got held %q twice: the documented duplicate of a move after its wait", m.Payload)
 	case <-time.After(time.Second):
 	}
 	return movedReadopted{st: st, withStore: withStore, n2: n2, n3: n3, svc: a.svc, s: s}
