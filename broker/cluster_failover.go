@@ -104,21 +104,6 @@ type adoptedMark struct {
 	done bool
 }
 
-// get returns the nodes client id's session was adopted from, oldest
-// first, or nil.
-func (a *adoptedMarks) get(id string) []string {
-	if a.n.Load() == 0 {
-		return nil
-	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	var from []string
-	for _, m := range a.by[id] {
-		from = append(from, m.from)
-	}
-	return from
-}
-
 // has reports whether client id's session is marked adopted from dead.
 func (a *adoptedMarks) has(id, dead string) bool {
 	if a.n.Load() == 0 {
@@ -127,16 +112,6 @@ func (a *adoptedMarks) has(id, dead string) bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return slices.ContainsFunc(a.by[id], func(m adoptedMark) bool { return m.from == dead })
-}
-
-// any reports whether client id's session has a mark.
-func (a *adoptedMarks) any(id string) bool {
-	if a.n.Load() == 0 {
-		return false
-	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return len(a.by[id]) > 0
 }
 
 // skip is heldSkip for client id's session.
@@ -231,24 +206,6 @@ func (a *adoptedMarks) reset(id string, marks []earlierMark) []uint64 {
 	return toks
 }
 
-// active returns the nodes client id's session is marked adopted from
-// whose held links some broker may still send on (not done), oldest
-// first.
-func (a *adoptedMarks) active(id string) []string {
-	if a.n.Load() == 0 {
-		return nil
-	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	var from []string
-	for _, m := range a.by[id] {
-		if !m.done {
-			from = append(from, m.from)
-		}
-	}
-	return from
-}
-
 // list returns a copy of client id's marks, oldest first.
 func (a *adoptedMarks) list(id string) []adoptedMark {
 	if a.n.Load() == 0 {
@@ -257,6 +214,18 @@ func (a *adoptedMarks) list(id string) []adoptedMark {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return slices.Clone(a.by[id])
+}
+
+// markedFrom returns the nodes of marks, oldest first: with active, only
+// those whose held links some broker may still send on (not done).
+func markedFrom(marks []adoptedMark, active bool) []string {
+	var from []string
+	for _, m := range marks {
+		if !active || !m.done {
+			from = append(from, m.from)
+		}
+	}
+	return from
 }
 
 // clear drops client id's marks naming one of dead.

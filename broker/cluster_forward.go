@@ -334,13 +334,13 @@ func (c *clusterNode) adoptedSubscriber(topic string) bool {
 	}
 	subs := c.b.mq.Topics.Subscribers(topic)
 	for id := range subs.Subscriptions {
-		if c.adopted.any(id) {
+		if len(c.adopted.list(id)) > 0 {
 			return true
 		}
 	}
 	for _, members := range subs.Shared {
 		for id := range members {
-			if c.adopted.any(id) {
+			if len(c.adopted.list(id)) > 0 {
 				return true
 			}
 		}

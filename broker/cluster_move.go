@@ -333,7 +333,7 @@ func (c *clusterNode) moveOut(o *outMove, p *peer, claim uint64) bool {
 	}
 	// A done mark stays only for a later one: nothing of its node's held
 	// links is still to come.
-	if dead := c.adopted.active(o.clientID); len(dead) > 0 && claim != 0 {
+	if dead := markedFrom(c.adopted.list(o.clientID), true); len(dead) > 0 && claim != 0 {
 		// Adopted from a failed node: what the brokers held for it
 		// reaches it here first, so it is not delivered again there
 		// (cluster_failover.go).

@@ -155,7 +155,7 @@ func plainFilters(subs []packets.Subscription) []string {
 // arrives for it to peer to from now on (held until endRelay). Called just
 // before the session is detached.
 func (c *clusterNode) startRelay(move uint64, id, to string, subs []packets.Subscription) *relay {
-	r := &relay{move: move, id: id, to: to, adopted: c.adopted.get(id), subs: mqtt.NewTopicsIndex(), routed: make(chan struct{})}
+	r := &relay{move: move, id: id, to: to, adopted: markedFrom(c.adopted.list(id), false), subs: mqtt.NewTopicsIndex(), routed: make(chan struct{})}
 	for _, s := range subs {
 		if mqtt.SharedRoute(s.Filter) == s.Filter {
 			r.subs.Subscribe(id, s)
