@@ -143,6 +143,10 @@ func (h *History) Start() error {
 		Linger:   o.Config.BatchLinger,
 		QueueLen: o.Config.QueueLen,
 		OnDrop:   h.onDrop,
+		// A batch the store can never take (a document too large) is
+		// dropped and recorded as a "refused" gap, not retried forever
+		// while everything behind it waits.
+		Permanent: store.IsRefused,
 		// The byte bound, so a queue long enough for a burst of small
 		// messages does not hold as many large ones.
 		QueueBytes: int64(o.Config.QueueBytes),

@@ -140,7 +140,7 @@ type Broker struct {
 	AdminAddr     string `koanf:"admin_addr" doc:"Admin HTTP listen address: /healthz, /readyz and /metrics (open), /v1/... (need an admin key)."`
 	AdminKeys     string `koanf:"admin_keys" secret:"value" doc:"Comma-separated keys of at least 16 characters accepted on the admin /v1 endpoints as 'Authorization: Bearer <key>' (drain, server-side subscriptions, kicks, stats, cluster view); the push API and rtm node send the first. Required with auth.devices=token; without one the /v1 endpoints answer 403. rtm dev and rtm cluster up generate one."`
 	Capacity      int    `koanf:"capacity" doc:"Maximum concurrent client connections of this node; CONNECTs beyond it are refused (v5 0x97, v3 code 3)."`
-	MaxPacketSize int    `koanf:"max_packet_size" doc:"Largest MQTT packet accepted, in bytes; larger packets close the connection (v5 0x95)."`
+	MaxPacketSize int    `koanf:"max_packet_size" doc:"Largest MQTT packet accepted, in bytes; larger packets close the connection (v5 0x95). At most 16711680 (16 MiB less 64 KiB) with durability on or history.topics set: a message is stored as one document."`
 	MaxInflight   int    `koanf:"max_inflight" doc:"Receive Maximum: QoS 1/2 messages a client may have unacknowledged in each direction (1-65535)."`
 	MaxQueued     int    `koanf:"max_queued" doc:"Messages held per client: queued for writing, plus QoS 1/2 kept while offline or unacknowledged (1-65535). Beyond it messages are dropped and counted."`
 	// MaxQueuedBytes is max_queued in bytes (payload and topic of each

@@ -40,8 +40,19 @@ func (c Config) Validate() error {
 	c.Groups.check(v)
 	c.Watchdog.check(v)
 	c.History.check(v)
+	if (c.Broker.Durability == "on" || c.History.Topics != "") && c.Broker.MaxPacketSize > MaxStoredPacketSize {
+		// Else one such message stops the store writer: retried forever,
+		// it holds back every write (and acknowledgement) behind it.
+		v.bad("broker.max_packet_size", c.Broker.MaxPacketSize, fmt.Sprintf(
+			"must be at most %d with broker.durability on or history.topics set: a message is stored as one document, and MongoDB stores none over 16 MiB", MaxStoredPacketSize))
+	}
 	return v.err()
 }
+
+// MaxStoredPacketSize is the largest broker.max_packet_size a broker that
+// stores messages accepts: MongoDB's 16 MiB document limit, less room for
+// the fields stored beside the packet's payload, topic and properties.
+const MaxStoredPacketSize = 16<<20 - 64<<10
 
 // Validate reports every invalid value of the watchdog section.
 func (w Watchdog) Validate() error {

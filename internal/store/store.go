@@ -13,6 +13,7 @@ import (
 	"go.mongodb.org/mongo-driver/v2/mongo"
 	"go.mongodb.org/mongo-driver/v2/mongo/options"
 	"go.mongodb.org/mongo-driver/v2/mongo/readpref"
+	"go.mongodb.org/mongo-driver/v2/x/mongo/driver"
 
 	"github.com/rtm-dev/rtm/internal/config"
 )
@@ -293,3 +294,18 @@ func (s *Store) Close(ctx context.Context) error {
 
 // URI returns the server's URI with any password masked.
 func (s *Store) URI() string { return s.uri }
+
+// MaxDocumentBytes is the largest document MongoDB stores (its
+// maxBsonObjectSize). A message is stored as one document, so a packet
+// near this size cannot be (config: broker.max_packet_size).
+const MaxDocumentBytes = 16 << 20
+
+// IsRefused reports a write error that retrying cannot fix: a document too
+// large for the driver to send or for the server to store.
+func IsRefused(err error) bool {
+	if errors.Is(err, driver.ErrDocumentTooLarge) {
+		return true
+	}
+	var se mongo.ServerError
+	return errors.As(err, &se) && se.HasErrorCode(10334) // BSONObjectTooLarge
+}
