@@ -59,6 +59,7 @@ var (
 // event is one entry of the fault timeline.
 type event struct {
 	At   time.Duration `json:"at_ns"`
+	Wall string        `json:"wall"` // UTC, as in the brokers' logs
 	What string        `json:"what"`
 }
 
@@ -68,7 +69,7 @@ var (
 )
 
 func logEvent(format string, args ...any) {
-	e := event{At: since(), What: fmt.Sprintf(format, args...)}
+	e := event{At: since(), Wall: time.Now().UTC().Format("15:04:05.000"), What: fmt.Sprintf(format, args...)}
 	evMu.Lock()
 	events = append(events, e)
 	evMu.Unlock()

@@ -228,10 +228,10 @@ func (r *result) print(w io.Writer) {
 			fmt.Fprintf(w, "... %d more loss groups (all in -json)\n", len(r.Losses)-30)
 			break
 		}
-		fmt.Fprintf(w, "\nLOST %d: %s seq %d..%d acked at %.2fs..%.2fs by %s, to %s (on %s then)\n", g.Count, g.Publisher, g.FirstSeq, g.LastSeq,
-			g.AckedFrom.Seconds(), g.AckedTo.Seconds(), g.PubNode, g.Subscriber, g.SubNode)
+		fmt.Fprintf(w, "\nLOST %d: %s seq %d..%d acked at %.2fs..%.2fs (%s UTC) by %s, to %s (on %s then)\n", g.Count, g.Publisher, g.FirstSeq, g.LastSeq,
+			g.AckedFrom.Seconds(), g.AckedTo.Seconds(), epoch.Add(g.AckedFrom).UTC().Format("15:04:05.000"), g.PubNode, g.Subscriber, g.SubNode)
 		for _, e := range g.Timeline {
-			fmt.Fprintf(w, "    %7.2fs %s\n", e.At.Seconds(), e.What)
+			fmt.Fprintf(w, "    %7.2fs (%s UTC) %s\n", e.At.Seconds(), e.Wall, e.What)
 		}
 	}
 	for i, v := range r.Inversions {
