@@ -12,8 +12,8 @@ import (
 	"sync/atomic"
 	"time"
 
-	mqtt3 "github.com/eclipse/paho.mqtt.golang"
 	"github.com/eclipse/paho.golang/paho"
+	mqtt3 "github.com/eclipse/paho.mqtt.golang"
 )
 
 // The payload of every message: publisher, sequence number, and the
