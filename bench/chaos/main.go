@@ -105,6 +105,11 @@ func run() (int, error) {
 	// Ctrl-C or SIGTERM: the children go, and the run ends with exit 2.
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	root, err := os.MkdirTemp("", "rtm-chaos-")
+	if err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(root)
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
 	go func() {
@@ -112,14 +117,9 @@ func run() (int, error) {
 		fmt.Fprintf(os.Stderr, "chaos: %v: stopping\n", s)
 		cancel()
 		endChildren()
+		_ = os.RemoveAll(root) // the binary and the data directories; the logs stay
 		os.Exit(2)
 	}()
-
-	root, err := os.MkdirTemp("", "rtm-chaos-")
-	if err != nil {
-		return 0, err
-	}
-	defer os.RemoveAll(root)
 	logDir := *logDirFlag
 	if logDir == "" {
 		if logDir, err = os.MkdirTemp("", "rtm-chaos-logs-"); err != nil {
