@@ -254,14 +254,18 @@ type subscriber struct {
 	got   map[[2]uint64]int // (publisher, seq) → deliveries
 	first map[int][]uint64  // publisher → seqs in order of first delivery
 	fconn map[int][]int     // publisher → the publisher connection of each in first
-	bad   int               // payloads not of this harness
+	fat   map[int][]time.Duration
+	fnode map[int][]string // the node the subscriber was connected to then
+	node  string           // the node of the current connection
+	bad   int              // payloads not of this harness
 
 	// sub subscribes on the current connection (set by its dial).
 	sub func(context.Context) error
 }
 
 func newSubscriber(id int, v3 bool, slow time.Duration) *subscriber {
-	s := &subscriber{id: id, v3: v3, slow: slow, got: map[[2]uint64]int{}, first: map[int][]uint64{}, fconn: map[int][]int{}}
+	s := &subscriber{id: id, v3: v3, slow: slow, got: map[[2]uint64]int{}, first: map[int][]uint64{}, fconn: map[int][]int{},
+		fat: map[int][]time.Duration{}, fnode: map[int][]string{}}
 	kind := "v5"
 	if v3 {
 		kind = "v3"
@@ -286,6 +290,8 @@ func (s *subscriber) record(payload []byte) {
 	if s.got[k] == 1 {
 		s.first[pub] = append(s.first[pub], seq)
 		s.fconn[pub] = append(s.fconn[pub], conn)
+		s.fat[pub] = append(s.fat[pub], since())
+		s.fnode[pub] = append(s.fnode[pub], s.node)
 	}
 	s.mu.Unlock()
 	s.delivered.Add(1)
@@ -331,6 +337,9 @@ func (s *subscriber) run(ctx context.Context, pk picker, subscribed chan<- error
 			continue
 		}
 		s.conns.open(name, present, attempts)
+		s.mu.Lock()
+		s.node = name
+		s.mu.Unlock()
 		attempts = 0
 		if first {
 			first = false

@@ -52,12 +52,20 @@ type lossGroup struct {
 	Timeline   []event       `json:"timeline"`        // faults from 10 s before to 3 s after
 }
 
+// inversion is a run of first deliveries of one publisher's acknowledged
+// messages to one subscriber that came after a higher number (After).
 type inversion struct {
-	Publisher  string `json:"publisher"`
-	Subscriber string `json:"subscriber"`
-	Seq        uint64 `json:"seq"`
-	After      uint64 `json:"after"`
-	SameConn   bool   `json:"same_publisher_connection"`
+	Publisher  string        `json:"publisher"`
+	Subscriber string        `json:"subscriber"`
+	FirstSeq   uint64        `json:"first_seq"`
+	LastSeq    uint64        `json:"last_seq"`
+	Count      int           `json:"count"`
+	After      uint64        `json:"after"`
+	SameConn   bool          `json:"same_publisher_connection"`
+	From       time.Duration `json:"delivered_from_ns"`
+	To         time.Duration `json:"delivered_to_ns"`
+	SubNode    string        `json:"subscriber_node"` // where the subscriber was when the first came
+	Timeline   []event       `json:"timeline"`        // faults from 10 s before to 3 s after
 }
 
 type result struct {
@@ -85,7 +93,7 @@ type result struct {
 	Publishers         []pubRow                      `json:"publishers"`
 	Subscribers        []subRow                      `json:"subscribers"`
 	Losses             []lossGroup                   `json:"losses"`
-	Inversions         []inversion                   `json:"inversions"` // the first 50
+	Inversions         []inversion                   `json:"inversions"`
 	Timeline           []event                       `json:"timeline"`
 }
 
@@ -144,6 +152,7 @@ func analyse(ps []*publisher, all []*subscriber, seed uint64, logDir string, dro
 			}
 			var maxSeq uint64
 			maxConn := 0
+			var inv *inversion
 			for i, seq := range s.first[p.id] {
 				if !ackedSet[p.id][seq] {
 					continue
@@ -155,12 +164,18 @@ func analyse(ps []*publisher, all []*subscriber, seed uint64, logDir string, dro
 					if same {
 						row.OutOfOrderSameConn++
 					}
-					if len(r.Inversions) < 50 {
-						r.Inversions = append(r.Inversions, inversion{Publisher: pubName(p.id), Subscriber: s.name, Seq: seq, After: maxSeq, SameConn: same})
+					if v := inv; v != nil && v.After == maxSeq && v.SameConn == same {
+						v.LastSeq, v.To = seq, s.fat[p.id][i]
+						v.Count++
+						r.Inversions[len(r.Inversions)-1] = *v
+						continue
 					}
+					inv = &inversion{Publisher: pubName(p.id), Subscriber: s.name, FirstSeq: seq, LastSeq: seq, Count: 1, After: maxSeq,
+						SameConn: same, From: s.fat[p.id][i], To: s.fat[p.id][i], SubNode: s.fnode[p.id][i]}
+					r.Inversions = append(r.Inversions, *inv)
 					continue
 				}
-				maxSeq, maxConn = seq, conn
+				maxSeq, maxConn, inv = seq, conn, nil
 			}
 		}
 		s.mu.Unlock()
@@ -175,13 +190,20 @@ func analyse(ps []*publisher, all []*subscriber, seed uint64, logDir string, dro
 		r.Duplicates += row.Duplicates
 		r.NoSession += row.NoSession
 	}
-	for i := range r.Losses {
-		g := &r.Losses[i]
+	around := func(from, to time.Duration) []event {
+		var out []event
 		for _, e := range tl {
-			if e.At >= g.AckedFrom-10*time.Second && e.At <= g.AckedTo+3*time.Second {
-				g.Timeline = append(g.Timeline, e)
+			if e.At >= from-10*time.Second && e.At <= to+3*time.Second {
+				out = append(out, e)
 			}
 		}
+		return out
+	}
+	for i := range r.Losses {
+		r.Losses[i].Timeline = around(r.Losses[i].AckedFrom, r.Losses[i].AckedTo)
+	}
+	for i := range r.Inversions {
+		r.Inversions[i].Timeline = around(r.Inversions[i].From, r.Inversions[i].To)
 	}
 	return r
 }
@@ -235,11 +257,16 @@ func (r *result) print(w io.Writer) {
 		}
 	}
 	for i, v := range r.Inversions {
-		if i == 10 {
-			fmt.Fprintf(w, "... more inversions in -json\n")
+		if i == 20 {
+			fmt.Fprintf(w, "... %d more out-of-order groups (all in -json)\n", len(r.Inversions)-20)
 			break
 		}
-		fmt.Fprintf(w, "OUT OF ORDER: %s got %s seq %d after %d (same publisher connection: %v)\n", v.Subscriber, v.Publisher, v.Seq, v.After, v.SameConn)
+		fmt.Fprintf(w, "\nOUT OF ORDER %d: %s got %s seq %d..%d after %d, at %.2fs..%.2fs (%s UTC), on %s (same publisher connection: %v)\n",
+			v.Count, v.Subscriber, v.Publisher, v.FirstSeq, v.LastSeq, v.After, v.From.Seconds(), v.To.Seconds(),
+			epoch.Add(v.From).UTC().Format("15:04:05.000"), v.SubNode, v.SameConn)
+		for _, e := range v.Timeline {
+			fmt.Fprintf(w, "    %7.2fs (%s UTC) %s\n", e.At.Seconds(), e.Wall, e.What)
+		}
 	}
 	verdict := "PASS: every acknowledged message reached every subscriber"
 	if r.Lost > 0 {

@@ -51,6 +51,10 @@ func TestAnalyse(t *testing.T) {
 	if r.OutOfOrder != 3 || r.OutOfOrderSameConn != 1 {
 		t.Fatalf("out of order %d (same connection %d), want 3 (1): %+v", r.OutOfOrder, r.OutOfOrderSameConn, r.Inversions)
 	}
+	if len(r.Inversions) != 2 || r.Inversions[0].FirstSeq != 5 || r.Inversions[0].LastSeq != 2 || r.Inversions[0].Count != 2 ||
+		r.Inversions[0].After != 7 || r.Inversions[0].SameConn || r.Inversions[1].FirstSeq != 8 || !r.Inversions[1].SameConn {
+		t.Fatalf("inversions %+v", r.Inversions)
+	}
 	if r.Duplicates != 1 {
 		t.Fatalf("duplicates %d, want 1", r.Duplicates)
 	}
