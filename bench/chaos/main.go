@@ -12,7 +12,9 @@
 // go run ./bench/chaos [-duration 60s] [-interval 8s] [-faults kill|stop|term|stopkill|mix] [-slow-subscribers 1] [-router] [-json]
 //
 // Exit status: 0 nothing acknowledged was lost, 1 something was, 2 the
-// harness itself failed.
+// harness itself failed, 3 messages were missing when -settle ran out while
+// deliveries were still coming (a backlog, maybe no loss: slow subscribers
+// that cannot keep up, or a machine too loaded for -rate).
 package main
 
 import (
@@ -45,7 +47,7 @@ var (
 	down       = flag.Duration("down", 3*time.Second, "how long a faulted node stays down (killed, terminated) or stopped")
 	faults     = flag.String("faults", "kill", "kill (SIGKILL, restart), term (SIGTERM, restart), stop (SIGSTOP, SIGCONT), stopkill (SIGSTOP one node, SIGKILL another 1 s later while its link to the stopped one is backing up), or mix (each fault picked at random among the four); none: no faults")
 	slowSubs   = flag.Int("slow-subscribers", 0, "this many subscribers read slowly (see -slow-delay), so what is queued for them backs up")
-	slowDelay  = flag.Duration("slow-delay", 4*time.Millisecond, "pause per message received of a slow subscriber")
+	slowDelay  = flag.Duration("slow-delay", 4*time.Millisecond, "pause per message received of a slow subscriber; keep -pubs x -rate x -slow-delay below 1 (it must keep up on average, or the run ends with a backlog, exit 3)")
 	useRouter  = flag.Bool("router", false, "start `rtm router`: clients ask it for a broker at every (re)connect instead of trying the nodes in turn")
 	probe      = flag.String("probe", "200ms", "the brokers' cluster.probe_interval (failure detection: about 1.5 s at 200ms)")
 	logLevel   = flag.String("log-level", "", "the brokers' log.level (debug for the most detail)")
@@ -229,7 +231,7 @@ func run() (int, error) {
 	if err := c.formed(ctx, time.Minute, false); err != nil {
 		benchkit.Logf("cluster not whole at the end: %v", err)
 	}
-	settled := waitSettled(ctx, ps, all)
+	settled, ok := waitSettled(ctx, ps, all)
 	logEvent("settled: %s", settled)
 	stopProg()
 	<-progDone
@@ -242,7 +244,7 @@ func run() (int, error) {
 	endChildren()
 
 	r := analyse(ps, all, seed, logDir, drops)
-	r.Settled = settled
+	r.Settled, r.NotSettled = settled, !ok
 	r.Faults = nFaults
 	r.print(os.Stderr)
 	if *jsonOut {
@@ -251,7 +253,10 @@ func run() (int, error) {
 			return 0, err
 		}
 	}
-	if r.Lost > 0 {
+	switch {
+	case r.Lost > 0 && r.NotSettled:
+		return 3, nil
+	case r.Lost > 0:
 		return 1, nil
 	}
 	return 0, nil
@@ -385,7 +390,7 @@ func progress(ctx context.Context, c *cluster, ps []*publisher, all []*subscribe
 // waitSettled waits, at most -settle, until every subscriber holds every
 // acknowledged message, or until every subscriber is connected and
 // nothing was delivered for -quiet.
-func waitSettled(ctx context.Context, ps []*publisher, all []*subscriber) string {
+func waitSettled(ctx context.Context, ps []*publisher, all []*subscriber) (string, bool) {
 	t0 := time.Now()
 	deadline := t0.Add(*settle)
 	var acked int64
@@ -405,14 +410,14 @@ func waitSettled(ctx context.Context, ps []*publisher, all []*subscriber) string
 			}
 		}
 		if complete {
-			return fmt.Sprintf("every acknowledged message delivered to every subscriber %.1fs after the publishers stopped", time.Since(t0).Seconds())
+			return fmt.Sprintf("every acknowledged message delivered to every subscriber %.1fs after the publishers stopped", time.Since(t0).Seconds()), true
 		}
 		if connected && since()-lastAt > *quiet && time.Since(t0) > *quiet {
-			return fmt.Sprintf("nothing delivered for %s, every subscriber connected (%.1fs after the publishers stopped)", *quiet, time.Since(t0).Seconds())
+			return fmt.Sprintf("nothing delivered for %s, every subscriber connected (%.1fs after the publishers stopped)", *quiet, time.Since(t0).Seconds()), true
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
-	return fmt.Sprintf("not settled after %s (deliveries still coming or a subscriber not connected)", *settle)
+	return fmt.Sprintf("NOT SETTLED after %s: deliveries still coming or a subscriber not connected", *settle), false
 }
 
 // hasAll reports whether s received every message acknowledged so far.
