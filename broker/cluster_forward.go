@@ -283,6 +283,7 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 	type target struct {
 		p      *peer
 		shared []string // share groups this peer is chosen for
+		held   bool     // p failed: its held link takes it (the failover's to hand on)
 	}
 	targets := make([]target, 0, len(subs.Subscriptions)+len(subs.Shared))
 	var missing []string // peers with matching routes and no link
@@ -312,7 +313,7 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 			missing = append(missing, name)
 			continue
 		}
-		targets = append(targets, target{p: p})
+		targets = append(targets, target{p: p, held: c.peers.alive[name] == nil})
 	}
 	for route, members := range subs.Shared {
 		if c.routes.hasLocalLocked(route) {
@@ -322,7 +323,8 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 		// (as for plain routes above).
 		pool := c.peers.alive
 		names := memberNames(members, pool)
-		if len(names) == 0 {
+		heldPool := len(names) == 0
+		if heldPool {
 			pool = c.peers.held
 			names = memberNames(members, pool)
 		}
@@ -338,7 +340,7 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 		p := pool[names[n%uint64(len(names))]]
 		i := slices.IndexFunc(targets, func(t target) bool { return t.p == p })
 		if i < 0 {
-			targets = append(targets, target{p: p})
+			targets = append(targets, target{p: p, held: heldPool})
 			i = len(targets) - 1
 		}
 		targets[i].shared = append(targets[i].shared, route)
@@ -415,8 +417,12 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 			fail(t.p.name, linkDropReason(err))
 			continue
 		}
-		if qos > 0 && pub != nil && c.b.durable != nil {
-			c.mark(pub, t.p.link, seq) // its acknowledgement waits for the peer's (OnPublishHold)
+		if qos > 0 && pub != nil && c.b.durable != nil && !t.held {
+			// Its acknowledgement waits for the peer's (OnPublishHold).
+			// Not a held link's: what it holds is handed on by the
+			// failover, whether or not the link is held still when the
+			// acknowledgement would look.
+			c.mark(pub, t.p.link, seq)
 		}
 		c.forwarded.Add(1)
 		c.forwardedBytes.Add(int64(len(body)))
