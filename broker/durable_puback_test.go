@@ -2,6 +2,7 @@ package broker_test
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -83,5 +84,56 @@ func TestPubackNoWaitWithoutDurability(t *testing.T) {
 		}
 	case <-time.After(waitMsg):
 		t.Fatal("PUBACK waited for the peer with durability off")
+	}
+}
+
+// linkQueuedTotal counts the messages b ever queued on its link to peer
+// (acknowledged, discarded or still queued).
+func linkQueuedTotal(b *broker.Broker, peer string) int64 {
+	for _, l := range b.Stats().Cluster.Links {
+		if l.Peer == peer {
+			return l.Acked + l.Discarded + int64(l.QueueLen)
+		}
+	}
+	return 0
+}
+
+// pubQueued publishes a QoS 1 message from c, a client of b, without
+// waiting for its PUBACK, and returns once b queued it on its link to peer
+// (or it was acknowledged): with durability, the PUBACK of a message queued
+// for a live peer waits until that peer acknowledges it on the link, or
+// gossip declares it failed and its link is held. The channel gets the
+// PUBACK's outcome.
+func pubQueued(t *testing.T, b *broker.Broker, c *testutil.V5, peer, topic, payload string) <-chan error {
+	t.Helper()
+	before := linkQueuedTotal(b, peer)
+	acked := publishAsync(c, topic, payload)
+	out := make(chan error, 1)
+	testutil.WaitFor(t, waitCond, func() error {
+		select {
+		case err := <-acked:
+			out <- err
+			return nil
+		default:
+		}
+		if linkQueuedTotal(b, peer) > before {
+			go func() { out <- <-acked }()
+			return nil
+		}
+		return fmt.Errorf("%s not queued on %s's link to %s", payload, b.Name(), peer)
+	})
+	return out
+}
+
+// wantAcked waits for the PUBACK reported on acked.
+func wantAcked(t *testing.T, acked <-chan error, what string) {
+	t.Helper()
+	select {
+	case err := <-acked:
+		if err != nil {
+			t.Fatalf("publish %s: %v", what, err)
+		}
+	case <-time.After(waitCond):
+		t.Fatalf("publish %s: no PUBACK", what)
 	}
 }

@@ -163,4 +163,3 @@ publish:
 	}
 	t.Logf("%d received, %d duplicates", len(got), dups)
 }
-
