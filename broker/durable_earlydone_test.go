@@ -19,7 +19,7 @@ import (
 // later, skipped the unmarked session: lost, not counted.
 func TestNoDoneBeforeLinkHeld(t *testing.T) {
 	h := newHeldTrio(t, "a", "b")
-	defer h.n0.KillCluster()          // n0 stays dead: its stale sessions are not handed anywhere at the end
+	defer h.n0.KillCluster() // n0 stays dead: its stale sessions are not handed anywhere at the end
 	// For a, on n0: queued on n2's link to n0, down. Its PUBACK waits for
 	// n2's links to hold that link (n0 failed).
 	acked := pubQueued(t, h.n2, h.p, "n0", "t/0", "m1")

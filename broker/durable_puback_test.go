@@ -137,3 +137,23 @@ func wantAcked(t *testing.T, acked <-chan error, what string) {
 		t.Fatalf("publish %s: no PUBACK", what)
 	}
 }
+
+// TestPubackWaitCostsNothingLocal: with durability on, the cluster hook
+// allocates nothing for a QoS 1 PUBLISH that no peer subscribes to (a peer
+// that subscribes to something else is there), nor for a QoS 0 one, even
+// from a publisher whose earlier messages crossed a link (its marks slot
+// exists).
+func TestPubackWaitCostsNothingLocal(t *testing.T) {
+	nodes, _ := durableCluster(t, 2)
+	n0, n1 := nodes[0], nodes[1]
+	sub := testutil.MustV5(t, n1.Addr(broker.ListenerTCP), "sub")
+	sub.Sub(t, "remote/#", 1)
+	waitRoutes(t, nodes, n1, 1)
+	pub := testutil.MustV5(t, n0.Addr(broker.ListenerTCP), "pub")
+	pub.Pub(t, "remote/x", 1, false, "crossed") // makes pub's slot
+	for _, qos := range []byte{0, 1} {
+		if n := n0.ClusterPublishAllocs("pub", "local/x", qos); n != 0 {
+			t.Errorf("QoS %d publish with no remote subscriber: %v allocations in the cluster hook, want 0", qos, n)
+		}
+	}
+}
