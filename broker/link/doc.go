@@ -38,7 +38,8 @@
 // returns the message's sequence number, and Settled(seq): settled once
 // the peer acknowledged it (with Config.BeforeAck, it is safe there), or
 // it is no longer queued (discarded: Config.OnDiscard had it), or the Link
-// is held (Hold: its queue is the owner's to hand on) or closed. Until
+// is held (Hold: its queue is the owner's to hand on; what was queued up
+// to or during a hold stays settled once it is resumed) or closed. Until
 // then Settled returns a channel closed when that may have changed, so
 // waiting costs no polling: one channel serves every waiter, and is made
 // only while someone waits and closed by the next ack frame, discard,

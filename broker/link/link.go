@@ -38,6 +38,10 @@ type Link struct {
 	q       []entry       // unacked messages in seq order
 	next    int           // q[:next] are written on the current connection
 	held    bool          // Hold: nothing more is written
+	// heldThrough: the last seq queued before or during a Hold(true):
+	// those messages are settled for good (their owner took them over
+	// with the hold), even once the link is resumed.
+	heldThrough uint64
 	seq     uint64        // last seq handed out
 	qBytes  int
 	peerInc uint64    // the peer's incarnation at the last handshake; 0 before the first
@@ -214,6 +218,9 @@ func (l *Link) QueueSeq(m Message, reliable bool) (uint64, error) {
 	}
 	l.seq++
 	seq := l.seq
+	if l.held {
+		l.heldThrough = seq
+	}
 	l.q = append(l.q, entry{seq: seq, m: m, reliable: reliable})
 	l.qBytes += len(m.Body)
 	l.mu.Unlock()
@@ -228,13 +235,15 @@ func (l *Link) QueueSeq(m Message, reliable bool) (uint64, error) {
 // settled: the peer acknowledged it (with Config.BeforeAck, it is safe
 // there), or it is no longer queued (discarded), or the Link is held
 // (Hold) or closed, after which what becomes of the queue is its owner's
-// business (Queued, Config.OnDiscard). If not, the channel returned is
+// business (Queued, Config.OnDiscard). A message that was queued when a
+// hold began, or while it lasted, stays settled once the Link is resumed:
+// its owner took it over with the hold. If not, the channel returned is
 // closed when that may have changed: call Settled again then. Waiting
 // costs no polling, and one channel per ack frame however many wait.
 func (l *Link) Settled(seq uint64) (bool, <-chan struct{}) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.closed || l.held || len(l.q) == 0 || l.q[0].seq > seq {
+	if l.closed || l.held || seq <= l.heldThrough || len(l.q) == 0 || l.q[0].seq > seq {
 		return true, nil
 	}
 	if l.settledCh == nil {
@@ -276,6 +285,7 @@ func (l *Link) Hold(on bool) {
 	l.mu.Lock()
 	l.held = on
 	if on {
+		l.heldThrough = l.seq
 		l.settledLocked()
 	}
 	l.mu.Unlock()

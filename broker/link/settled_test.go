@@ -81,9 +81,13 @@ func TestSettledByHoldAndClose(t *testing.T) {
 		t.Fatal("not settled on a held link")
 	}
 	l.Hold(false)
+	if ok, _ := l.Settled(seq); !ok {
+		t.Fatal("queued before the hold, not settled once resumed")
+	}
+	seq, _ = l.QueueSeq(Message{Type: typeData, Body: payload(2, true, 0)}, true)
 	ok, ch = l.Settled(seq)
 	if ok {
-		t.Fatal("settled once resumed, with no ack")
+		t.Fatal("queued after the hold, settled with no ack")
 	}
 	go l.Close()
 	select {
