@@ -57,6 +57,10 @@ type clusterNode struct {
 	adopted   adoptedMarks // cluster_failover.go: sessions adopted from failed nodes
 	heldFlush flushGate    // cluster_failover.go: held links' re-sends go first
 	heldDone  heldDone     // cluster_failover.go: which nodes sent on what they held for a failed one
+	// pubMarks: *mqtt.Client → *pubMarks, with durability, what a local
+	// publisher's PUBLISH in progress was queued as on links, so its
+	// acknowledgement waits for the peers' (cluster_forward.go).
+	pubMarks sync.Map
 	// heldForwards counts the forwards under way that marked their
 	// message held for a failed node (cluster_failover.go, heldHandedOver).
 	heldForwards atomic.Int64
@@ -166,7 +170,8 @@ func newClusterNode(b *Broker, cfg config.Cluster, timing cluster.Timing) *clust
 func (c *clusterNode) ID() string { return "rtm-cluster" }
 
 func (c *clusterNode) Provides(b byte) bool {
-	return b == mqtt.OnPublish || b == mqtt.OnPublished || b == mqtt.OnPublishHold || b == mqtt.OnWillPublish || b == mqtt.OnWillSent || b == mqtt.OnSessionEstablish
+	return b == mqtt.OnPublish || b == mqtt.OnPublished || b == mqtt.OnPublishHold || b == mqtt.OnWillPublish || b == mqtt.OnWillSent || b == mqtt.OnSessionEstablish ||
+		(b == mqtt.OnDisconnect && c.b.durable != nil) // frees pubMarks
 }
 
 // start binds the node link and joins gossip. The broker's listeners are

@@ -71,6 +71,15 @@ func (c *clusterNode) unpinRoutes(filters []string) {
 // held copy (cluster_failover.go).
 func (c *clusterNode) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if !cl.Net.Inline {
+		if pk.FixedHeader.Qos > 0 && c.b.durable != nil {
+			// Whatever a refused PUBLISH before this one marked is not
+			// this one's (OnPublishHold was not called for it). A read
+			// of the map, no write: a publisher whose messages never
+			// crossed a link has no slot.
+			if v, ok := c.pubMarks.Load(cl); ok {
+				v.(*pubMarks).reset()
+			}
+		}
 		c.noteDirect(pk) // before the forward's routes are read
 		held, err := c.forward(cl, pk)
 		if err != nil && pk.FixedHeader.Qos > 0 {
@@ -91,7 +100,7 @@ func (c *clusterNode) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Pac
 // (see doc.go, "Session moves").
 func (c *clusterNode) OnPublished(cl *mqtt.Client, pk packets.Packet) {
 	if !cl.Net.Inline && pk.FixedHeader.Qos == 0 {
-		_ = c.relayLocal(pk)
+		_ = c.relayLocal(pk, nil)
 	}
 }
 
@@ -100,14 +109,115 @@ func (c *clusterNode) OnPublished(cl *mqtt.Client, pk packets.Packet) {
 // the local delivery, before the PUBACK/PUBREC): a relay that cannot hold
 // the message fails the acknowledgement (the connection closes without it
 // and the client publishes again) rather than following it with a drop.
+//
+// With durability, the acknowledgement also waits until every live peer
+// the message was queued for (forwardPublish, sendLate) has acknowledged
+// it on the link, which it does once the message is safe there
+// (durableBarrier): a link's queue is memory only, so a PUBACK sent while
+// the message sat in it would be lost with this node. A link held (its
+// peer failed: the failover hands its queue on) or closed (discarded:
+// handed to adopters, or counted) settles it too. See docs/clustering.md,
+// "A PUBACK means durable".
 func (c *clusterNode) OnPublishHold(cl *mqtt.Client, pk packets.Packet) func() error {
 	if cl.Net.Inline {
 		return nil
 	}
-	if err := c.relayLocal(pk); err != nil {
+	var pm *pubMarks
+	if c.b.durable != nil {
+		if c.relays.n.Load() > 0 {
+			pm = c.slot(cl) // a relay may queue it on a link
+		} else if v, ok := c.pubMarks.Load(cl); ok {
+			pm = v.(*pubMarks)
+		}
+	}
+	if err := c.relayLocal(pk, pm); err != nil {
+		pm.reset()
 		return func() error { return err }
 	}
-	return nil
+	return c.settledWait(pm)
+}
+
+// OnDisconnect frees the marks of a publisher whose connection ended and
+// releases its acknowledgements still waiting for peers (they are not
+// sent: the connection is gone).
+func (c *clusterNode) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
+	if v, ok := c.pubMarks.LoadAndDelete(cl); ok {
+		close(v.(*pubMarks).done)
+	}
+}
+
+// pubMarks are the link messages one publisher's PUBLISH in progress was
+// queued as, for OnPublishHold. A client's publishes are handled one at a
+// time on its read loop, which alone touches marks; the slot is made at
+// the first PUBLISH that crossed a link and lives as long as the
+// connection (OnDisconnect).
+type pubMarks struct {
+	marks []linkMark
+	done  chan struct{} // closed by OnDisconnect
+}
+
+// linkMark is one message queued on a link: seq on l.
+type linkMark struct {
+	l   *link.Link
+	seq uint64
+}
+
+func (pm *pubMarks) reset() {
+	if pm != nil {
+		clear(pm.marks)
+		pm.marks = pm.marks[:0]
+	}
+}
+
+// mark records that pub's PUBLISH in progress was queued as seq on l.
+func (c *clusterNode) mark(pub *mqtt.Client, l *link.Link, seq uint64) {
+	pm := c.slot(pub)
+	pm.marks = append(pm.marks, linkMark{l, seq})
+}
+
+// slot returns pub's pubMarks, made at its first use.
+func (c *clusterNode) slot(pub *mqtt.Client) *pubMarks {
+	v, ok := c.pubMarks.Load(pub)
+	if !ok {
+		v, _ = c.pubMarks.LoadOrStore(pub, &pubMarks{done: make(chan struct{})})
+	}
+	return v.(*pubMarks)
+}
+
+// Why an acknowledgement held for peers is not sent.
+var (
+	errPublisherGone = errors.New("publisher disconnected before the peers acknowledged its message")
+	errNodeStopping  = errors.New("node stopping before the peers acknowledged the message")
+)
+
+// settledWait takes pm's marks and returns a wait for all of them to be
+// settled (link.Link.Settled), or nil if there are none. It returns early,
+// with an error, if the publisher disconnects or the node stops.
+func (c *clusterNode) settledWait(pm *pubMarks) func() error {
+	if pm == nil || len(pm.marks) == 0 {
+		return nil
+	}
+	marks := slices.Clone(pm.marks)
+	pm.reset()
+	done := pm.done
+	return func() error {
+		for _, m := range marks {
+			for {
+				ok, ch := m.l.Settled(m.seq)
+				if ok {
+					break
+				}
+				select {
+				case <-ch:
+				case <-done:
+					return errPublisherGone
+				case <-c.stop:
+					return errNodeStopping
+				}
+			}
+		}
+		return nil
+	}
 }
 
 // OnWillPublish forwards a will message before mochi publishes it here
@@ -125,7 +235,7 @@ func (c *clusterNode) OnWillPublish(_ *mqtt.Client, pk packets.Packet) packets.P
 // OnWillSent relays a will once it was published here, as OnPublished
 // does a client's message.
 func (c *clusterNode) OnWillSent(_ *mqtt.Client, pk packets.Packet) {
-	_ = c.relayLocal(pk)
+	_ = c.relayLocal(pk, nil)
 }
 
 // forward queues pk for every peer whose routes match it, and its retained
@@ -173,6 +283,7 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 	type target struct {
 		p      *peer
 		shared []string // share groups this peer is chosen for
+		held   bool     // p failed: its held link takes it (the failover's to hand on)
 	}
 	targets := make([]target, 0, len(subs.Subscriptions)+len(subs.Shared))
 	var missing []string // peers with matching routes and no link
@@ -202,7 +313,7 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 			missing = append(missing, name)
 			continue
 		}
-		targets = append(targets, target{p: p})
+		targets = append(targets, target{p: p, held: c.peers.alive[name] == nil})
 	}
 	for route, members := range subs.Shared {
 		if c.routes.hasLocalLocked(route) {
@@ -212,7 +323,8 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 		// (as for plain routes above).
 		pool := c.peers.alive
 		names := memberNames(members, pool)
-		if len(names) == 0 {
+		heldPool := len(names) == 0
+		if heldPool {
 			pool = c.peers.held
 			names = memberNames(members, pool)
 		}
@@ -228,7 +340,7 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 		p := pool[names[n%uint64(len(names))]]
 		i := slices.IndexFunc(targets, func(t target) bool { return t.p == p })
 		if i < 0 {
-			targets = append(targets, target{p: p})
+			targets = append(targets, target{p: p, held: heldPool})
 			i = len(targets) - 1
 		}
 		targets[i].shared = append(targets[i].shared, route)
@@ -300,9 +412,17 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 				plain[v] = body
 			}
 		}
-		if err := t.p.link.Queue(link.Message{Type: msgPublish, Body: body}, qos > 0); err != nil {
+		seq, err := t.p.link.QueueSeq(link.Message{Type: msgPublish, Body: body}, qos > 0)
+		if err != nil {
 			fail(t.p.name, linkDropReason(err))
 			continue
+		}
+		if qos > 0 && pub != nil && c.b.durable != nil && !t.held {
+			// Its acknowledgement waits for the peer's (OnPublishHold).
+			// Not a held link's: what it holds is handed on by the
+			// failover, whether or not the link is held still when the
+			// acknowledgement would look.
+			c.mark(pub, t.p.link, seq)
 		}
 		c.forwarded.Add(1)
 		c.forwardedBytes.Add(int64(len(body)))

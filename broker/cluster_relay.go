@@ -173,7 +173,7 @@ func (c *clusterNode) endRelay(r *relay) {
 	defer r.mu.Unlock()
 	r.ended = true
 	for _, pm := range r.held {
-		c.sendLate(r, pm)
+		c.sendLate(r, pm, nil)
 	}
 	r.held, r.bytes = nil, 0
 }
@@ -243,7 +243,7 @@ func (rs *relays) routed(from string, move uint64) {
 
 // relayTo queues pm for r's destination (held until the move's end). What
 // cannot be is counted: the message was acknowledged already.
-func (c *clusterNode) relayTo(r *relay, pm publishMsg) error {
+func (c *clusterNode) relayTo(r *relay, pm publishMsg, marks *pubMarks) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if !r.ended {
@@ -256,12 +256,13 @@ func (c *clusterNode) relayTo(r *relay, pm publishMsg) error {
 		r.bytes += size
 		return nil
 	}
-	return c.sendLate(r, pm)
+	return c.sendLate(r, pm, marks)
 }
 
-// sendLate queues one relayed message on the link to r's destination.
+// sendLate queues one relayed message on the link to r's destination,
+// recording it in marks (if not nil) for the publisher's acknowledgement.
 // r.mu is held.
-func (c *clusterNode) sendLate(r *relay, pm publishMsg) error {
+func (c *clusterNode) sendLate(r *relay, pm publishMsg, marks *pubMarks) error {
 	body, err := moveLateMsg{ClientID: r.id, Pub: pm.forProto(c.peerProtocol(r.to))}.encode()
 	if err != nil {
 		return err
@@ -274,9 +275,13 @@ func (c *clusterNode) sendLate(r *relay, pm publishMsg) error {
 		c.b.limits.linkDropped(r.to, dropNoLink, pm.Packet.FixedHeader.Qos, 1, pm.Packet.TopicName)
 		return link.ErrClosed
 	}
-	if err := p.link.Queue(link.Message{Type: msgMoveLate, Body: body}, pm.Packet.FixedHeader.Qos > 0); err != nil {
+	seq, err := p.link.QueueSeq(link.Message{Type: msgMoveLate, Body: body}, pm.Packet.FixedHeader.Qos > 0)
+	if err != nil {
 		c.b.limits.linkDropped(r.to, linkDropReason(err), pm.Packet.FixedHeader.Qos, 1, pm.Packet.TopicName)
 		return err
+	}
+	if marks != nil && pm.Packet.FixedHeader.Qos > 0 {
+		marks.marks = append(marks.marks, linkMark{p.link, seq})
 	}
 	if len(r.sent) < relayKeepMax {
 		r.sent = append(r.sent, pm)
@@ -289,7 +294,10 @@ func (c *clusterNode) sendLate(r *relay, pm publishMsg) error {
 // even when the destination routes the topic itself: the copy forwarded
 // to it directly may precede the move's end there, and so the session
 // (QoS 1 allows the duplicate a later one makes).
-func (c *clusterNode) relayLocal(pk packets.Packet) error {
+//
+// marks, if not nil, is the publisher's (OnPublishHold): what is queued on
+// a link for it is recorded there.
+func (c *clusterNode) relayLocal(pk packets.Packet, marks *pubMarks) error {
 	if c.relays.n.Load() == 0 || pk.Ignore || strings.HasPrefix(pk.TopicName, "$SYS") {
 		return nil
 	}
@@ -301,7 +309,7 @@ func (c *clusterNode) relayLocal(pk packets.Packet) error {
 		if len(r.adopted) > 0 && pk.Exclude != nil && pk.Exclude(r.id) {
 			continue // the session gets the held copy (cluster_failover.go)
 		}
-		if err := c.relayTo(r, publishMsg{Origin: pk.Origin, Expiry: expiryLeft(pk.Expiry), Packet: pk}); err != nil && first == nil {
+		if err := c.relayTo(r, publishMsg{Origin: pk.Origin, Expiry: expiryLeft(pk.Expiry), Packet: pk}, marks); err != nil && first == nil {
 			first = err
 		}
 	}
@@ -338,7 +346,7 @@ func (c *clusterNode) relayFromPeer(from string, pm publishMsg) {
 		if (len(pm.Held) > 0 || pm.HeldOf != "") && heldSkip(r.adopted, pm.Held, pm.HeldOf, pm.Via) {
 			continue // not this session's copy (cluster_failover.go)
 		}
-		_ = c.relayTo(r, publishMsg{Origin: pm.Origin, Expiry: pm.Expiry, Packet: pm.Packet})
+		_ = c.relayTo(r, publishMsg{Origin: pm.Origin, Expiry: pm.Expiry, Packet: pm.Packet}, nil)
 	}
 }
 
@@ -366,7 +374,7 @@ func (c *clusterNode) lateArrived(from string, m moveLateMsg) {
 		return
 	}
 	if r := c.relays.get(m.ClientID); r != nil {
-		_ = c.relayTo(r, m.Pub)
+		_ = c.relayTo(r, m.Pub, nil)
 		return
 	}
 	// The session is gone from here (ended with a clean start, or expired):
@@ -459,7 +467,7 @@ func (c *clusterNode) heldArrived(pm publishMsg) {
 	c.movedHeld.mu.Unlock()
 	for _, r := range to {
 		r.mu.Lock()
-		_ = c.sendLate(r, publishMsg{Origin: pm.Origin, Expiry: pm.Expiry, Packet: pm.Packet})
+		_ = c.sendLate(r, publishMsg{Origin: pm.Origin, Expiry: pm.Expiry, Packet: pm.Packet}, nil)
 		r.mu.Unlock()
 	}
 }

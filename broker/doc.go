@@ -110,7 +110,11 @@
 // A QoS 1/2 PUBLISH acknowledged by this node is queued on every link whose
 // peer has a matching route, or refused (0x97 when a link queue is full,
 // 0x80 otherwise); the link then delivers it exactly once while both
-// processes stay up (see package link). A message a link discards is counted
+// processes stay up (see package link). With durability, its
+// acknowledgement also waits until every live peer it was queued for has
+// acknowledged it on the link (safe there), or that peer's link is held
+// or closed (cluster_forward.go, OnPublishHold): a link's queue dies with
+// this process. A message a link discards is counted
 // in rtm_broker_messages_dropped_total with the reason. Routes converge: a
 // link's opening snapshot replaces what the peer held, deltas carry a version
 // and an older one is ignored. Retained state converges whatever the order

@@ -19,8 +19,10 @@ import (
 // later, skipped the unmarked session: lost, not counted.
 func TestNoDoneBeforeLinkHeld(t *testing.T) {
 	h := newHeldTrio(t, "a", "b")
-	defer h.n0.KillCluster()          // n0 stays dead: its stale sessions are not handed anywhere at the end
-	h.p.Pub(t, "t/0", 1, false, "m1") // for a, on n0: queued on n2's link to n0, down
+	defer h.n0.KillCluster() // n0 stays dead: its stale sessions are not handed anywhere at the end
+	// For a, on n0: queued on n2's link to n0, down. Its PUBACK waits for
+	// n2's links to hold that link (n0 failed).
+	acked := pubQueued(t, h.n2, h.p, "n0", "t/0", "m1")
 	h.n2.SetTestNoSync(true)
 	defer h.n2.SetTestNoSync(false)
 	for _, b := range []*broker.Broker{h.n1, h.n2} {
@@ -45,4 +47,5 @@ func TestNoDoneBeforeLinkHeld(t *testing.T) {
 	if m := a.Next(t, waitMsg); string(m.Payload) != "m1" {
 		t.Fatalf("a got %q, want m1", m.Payload)
 	}
+	wantAcked(t, acked, "m1")
 }

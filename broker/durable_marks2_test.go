@@ -33,7 +33,9 @@ func TestHandOverSharedOnlyToAdoptedMember(t *testing.T) {
 	release := func() { once.Do(func() { close(routes) }) }
 	defer release()
 	n2.HoldRouteDeltas("n1", routes)
-	p.Pub(t, "s", 1, false, "m1") // g's only member is n0's: queued on the link to n0
+	// g's only member is n0's: queued on the link to n0, down. Its
+	// PUBACK waits for n2's verdict that n0 failed (the link held).
+	acked := pubQueued(t, n2, p, "n0", "s", "m1")
 	for _, b := range []*broker.Broker{n1, n2, n3} {
 		markFailed(b, "n0")
 		defer b.SetTestMembers(nil)
@@ -46,6 +48,7 @@ func TestHandOverSharedOnlyToAdoptedMember(t *testing.T) {
 		return nil
 	})
 	waitHeld(t, n2, "n0")
+	wantAcked(t, acked, "m1")
 	x := testutil.MustV5(t, n3.Addr(broker.ListenerTCP), "x")
 	x.Sub(t, "$share/g/s", 1)
 	testutil.WaitFor(t, waitCond, func() error {

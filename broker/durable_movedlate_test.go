@@ -29,13 +29,16 @@ func TestHeldCopyAfterMovedOnReachesSession(t *testing.T) {
 	release := func() { once.Do(func() { close(late) }) }
 	defer release()
 	n1.HoldPublishes("n2", late)
-	p.Pub(t, "s", 1, false, "m1") // for sh, on n0: queued on n2's link to n0
+	// For sh, on n0: queued on n2's link to n0. Its PUBACK waits for
+	// n2's verdict that n0 failed.
+	acked := pubQueued(t, n2, p, "n0", "s", "m1")
 	for _, b := range []*broker.Broker{n1, n2, n3} {
 		markFailed(b, "n0")
 		defer b.SetTestMembers(nil)
 	}
 	waitStoredOwner(t, st, sh, "n1")
 	waitNotHeld(t, waitCond, n2, "n0") // released: m1 on its way to n1
+	wantAcked(t, acked, "m1")
 	s, ca := dialV5(t, n3, &paho.Connect{ClientID: sh, CleanStart: false, Properties: exp})
 	if !ca.SessionPresent {
 		t.Fatal("no session on n3")

@@ -264,7 +264,9 @@ func (a pausedAdoptions) publishDuringAdoption(t *testing.T, st *store.Store, n2
 	case <-time.After(waitCond):
 		t.Fatal("no adoption of the session")
 	}
-	a.p.Pub(t, "t/0", 1, false, msg)
+	// Its PUBACK may wait for n2's links to hold the one to n0 (the
+	// verdict may not have reached them yet): not waited for here.
+	pubQueued(t, n2, a.p, "n0", "t/0", msg)
 	close(a.release)
 	waitStoredOwner(t, st, a.svc, "n1")
 	testutil.WaitFor(t, waitCond, func() error {

@@ -28,7 +28,9 @@ func TestHeldSharedCopyAfterAdoptedMemberLeftGroup(t *testing.T) {
 	defer px.setTarget(n0link)
 	// n0 stays dead: its stale copy of sh is not handed anywhere at the end.
 	defer n0.KillCluster()
-	p.Pub(t, "s", 1, false, "m1") // g's and h's only member is n0's: queued on the link to n0
+	// g's and h's only member is n0's: queued on the link to n0. Its
+	// PUBACK waits for n2's verdict that n0 failed.
+	acked := pubQueued(t, n2, p, "n0", "s", "m1")
 	// n2's gossip declares n0 failed last, after the adoption: its link
 	// to n0 keeps m1 queued (not acknowledged) until then.
 	for _, b := range []*broker.Broker{n1, n3} {
@@ -63,6 +65,7 @@ func TestHeldSharedCopyAfterAdoptedMemberLeftGroup(t *testing.T) {
 	defer n2.SetTestMembers(nil)
 	waitHeld(t, n2, "n0")
 	waitNotHeld(t, waitCond, n2, "n0")
+	wantAcked(t, acked, "m1")
 	if m := y.Next(t, waitMsg); string(m.Payload) != "m1" {
 		t.Fatalf("y (g's member on n3) got %q, want m1", m.Payload)
 	}

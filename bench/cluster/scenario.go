@@ -103,6 +103,8 @@ var scenarios = []scenario{
 			{"p50", "p50 publish→receive (ms)", false, added},
 			{"p99", "p99 publish→receive (ms)", false, added},
 			{"max", "max publish→receive (ms)", false, added},
+			{"ack50", "p50 publish→PUBACK (ms)", false, added},
+			{"ack99", "p99 publish→PUBACK (ms)", false, added},
 		},
 		run: runLatency,
 	},
@@ -330,6 +332,7 @@ func runLatency(ctx context.Context, pl placement, p params, tag string) (res re
 	var perr, maxLag atomic.Int64
 	var firstErr atomic.Value
 	var wg sync.WaitGroup
+	acks := make([]int64, n) // publish→PUBACK of each seq (each written by one sender)
 	jobs := make(chan int64)
 	sent := make(chan struct{})
 	start := benchkit.Mono()
@@ -346,6 +349,8 @@ func runLatency(ctx context.Context, pl placement, p params, tag string) (res re
 				if _, err := pub.Publish(ctx, &paho.Publish{Topic: topic, QoS: 1, Payload: buf}); err != nil {
 					firstErr.CompareAndSwap(nil, err.Error())
 					perr.Add(1)
+				} else {
+					acks[seq] = benchkit.Mono() - int64(binary.BigEndian.Uint64(buf[8:]))
 				}
 			}
 		}()
@@ -382,6 +387,17 @@ func runLatency(ctx context.Context, pl placement, p params, tag string) (res re
 			"p50": ms(got[len(got)*50/100]),
 			"p99": ms(got[min(len(got)*99/100, len(got)-1)]),
 			"max": ms(got[len(got)-1]),
+		}
+		var acked []int64
+		for _, d := range acks {
+			if d > 0 {
+				acked = append(acked, d)
+			}
+		}
+		if len(acked) > 0 {
+			slices.Sort(acked)
+			res.values["ack50"] = ms(acked[len(acked)*50/100])
+			res.values["ack99"] = ms(acked[min(len(acked)*99/100, len(acked)-1)])
 		}
 	}
 	if lag := time.Duration(maxLag.Load()); lag > 10*time.Millisecond {

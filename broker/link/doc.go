@@ -31,6 +31,23 @@
 // restart the guarantee weakens to at least once for messages that were
 // delivered but not yet acknowledged (at most about 256 messages or 10 ms).
 //
+// # Settled: when the sender may answer for a message
+//
+// A caller that promises something about a message once the peer has it
+// (the broker's PUBACK with durability) learns it from QueueSeq, which
+// returns the message's sequence number, and Settled(seq): settled once
+// the peer acknowledged it (with Config.BeforeAck, it is safe there), or
+// it is no longer queued (discarded: Config.OnDiscard had it), or the Link
+// is held (Hold: its queue is the owner's to hand on; what was queued up
+// to or during a hold stays settled once it is resumed) or closed. Until
+// then Settled returns a channel closed when that may have changed, so
+// waiting costs no polling: one channel serves every waiter, and is made
+// only while someone waits and closed by the next ack frame, discard,
+// Hold(true) or Close. A Link nobody waits on pays nothing per ack.
+// Settled never waits for the network itself: a peer that is down and not
+// given up keeps its messages unsettled until it reconnects and
+// acknowledges them, or its owner holds or closes the Link.
+//
 // Unreliable messages (QoS 0, route deltas) are sent at most once: after a
 // reconnect, those already written are dropped rather than re-sent, because
 // a late QoS 0 publish is worse than a lost one and route state is resent
@@ -79,8 +96,9 @@
 //
 // # Concurrency and locks
 //
-// Send, Stats, Up and Close of a Link, and Stats, Forget and Close of a
-// Server, are safe for concurrent use. Send never blocks on the network: it
+// Send, Queue, QueueSeq, Settled, WaitSettled, Stats, Up and Close of a
+// Link, and Stats, Forget and Close of a Server, are safe for concurrent
+// use. Send never blocks on the network: it
 // appends to the queue under the Link's mutex and wakes the writer. Link.mu
 // and Server.mu are leaf locks: no other lock is taken while one is held, and
 // neither OnUp nor Handler.Deliver is ever called with one held. OnUp must not

@@ -38,10 +38,19 @@ type Link struct {
 	q       []entry       // unacked messages in seq order
 	next    int           // q[:next] are written on the current connection
 	held    bool          // Hold: nothing more is written
-	seq     uint64        // last seq handed out
-	qBytes  int
-	peerInc uint64    // the peer's incarnation at the last handshake; 0 before the first
-	st      LinkStats // counters; the other fields are filled by Stats
+	// heldThrough: the last seq queued before or during a Hold(true):
+	// those messages are settled for good (their owner took them over
+	// with the hold), even once the link is resumed.
+	heldThrough uint64
+	seq         uint64 // last seq handed out
+	qBytes      int
+	peerInc     uint64    // the peer's incarnation at the last handshake; 0 before the first
+	st          LinkStats // counters; the other fields are filled by Stats
+	// settledCh is made by Settled for its waiters and closed (and
+	// cleared) when what they wait for may have changed: an ack that
+	// freed messages, a discard, Hold(true), Close. Made only while
+	// someone waits, so a Link nobody waits on pays nothing per ack.
+	settledCh chan struct{}
 }
 
 // entry is one queued message.
@@ -179,6 +188,13 @@ func (l *Link) Send(m Message, reliable bool) bool {
 // Queue is Send that says why m was not queued: ErrClosed, ErrQueueFull or
 // ErrOversize.
 func (l *Link) Queue(m Message, reliable bool) error {
+	_, err := l.QueueSeq(m, reliable)
+	return err
+}
+
+// QueueSeq is Queue that also returns the sequence number m got, for
+// Settled.
+func (l *Link) QueueSeq(m Message, reliable bool) (uint64, error) {
 	if m.Type < MinMessageType {
 		panic(fmt.Sprintf("link: Send with reserved message type %d", m.Type))
 	}
@@ -186,11 +202,11 @@ func (l *Link) Queue(m Message, reliable bool) error {
 	switch {
 	case l.closed:
 		l.mu.Unlock()
-		return ErrClosed
+		return 0, ErrClosed
 	case len(m.Body) > l.maxBody:
 		l.st.Oversize++
 		l.mu.Unlock()
-		return ErrOversize
+		return 0, ErrOversize
 	case l.qBytes+len(m.Body) > l.cfg.QueueBytes:
 		if reliable {
 			l.st.DroppedReliable++
@@ -198,17 +214,66 @@ func (l *Link) Queue(m Message, reliable bool) error {
 			l.st.DroppedUnreliable++
 		}
 		l.mu.Unlock()
-		return ErrQueueFull
+		return 0, ErrQueueFull
 	}
 	l.seq++
-	l.q = append(l.q, entry{seq: l.seq, m: m, reliable: reliable})
+	seq := l.seq
+	if l.held {
+		l.heldThrough = seq
+	}
+	l.q = append(l.q, entry{seq: seq, m: m, reliable: reliable})
 	l.qBytes += len(m.Body)
 	l.mu.Unlock()
 	select {
 	case l.wake <- struct{}{}:
 	default:
 	}
-	return nil
+	return seq, nil
+}
+
+// Settled reports whether the message queued as seq (see QueueSeq) is
+// settled: the peer acknowledged it (with Config.BeforeAck, it is safe
+// there), or it is no longer queued (discarded), or the Link is held
+// (Hold) or closed, after which what becomes of the queue is its owner's
+// business (Queued, Config.OnDiscard). A message that was queued when a
+// hold began, or while it lasted, stays settled once the Link is resumed:
+// its owner took it over with the hold. If not, the channel returned is
+// closed when that may have changed: call Settled again then. Waiting
+// costs no polling, and one channel per ack frame however many wait.
+func (l *Link) Settled(seq uint64) (bool, <-chan struct{}) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed || l.held || seq <= l.heldThrough || len(l.q) == 0 || l.q[0].seq > seq {
+		return true, nil
+	}
+	if l.settledCh == nil {
+		l.settledCh = make(chan struct{})
+	}
+	return false, l.settledCh
+}
+
+// WaitSettled waits until seq is settled (see Settled) and reports true,
+// or until stop is closed and reports false.
+func (l *Link) WaitSettled(seq uint64, stop <-chan struct{}) bool {
+	for {
+		ok, ch := l.Settled(seq)
+		if ok {
+			return true
+		}
+		select {
+		case <-ch:
+		case <-stop:
+			return false
+		}
+	}
+}
+
+// settledLocked wakes the waiters of Settled. l.mu is held.
+func (l *Link) settledLocked() {
+	if l.settledCh != nil {
+		close(l.settledCh)
+		l.settledCh = nil
+	}
 }
 
 // Hold stops (on) or resumes writing queued messages. While held, Send
@@ -219,6 +284,10 @@ func (l *Link) Queue(m Message, reliable bool) error {
 func (l *Link) Hold(on bool) {
 	l.mu.Lock()
 	l.held = on
+	if on {
+		l.heldThrough = l.seq
+		l.settledLocked()
+	}
 	l.mu.Unlock()
 	if !on {
 		select {
@@ -277,6 +346,7 @@ func (l *Link) Close() {
 		lost = l.discardLocked(l.q)
 		l.q, l.next, l.qBytes = nil, 0, 0
 		l.setStateLocked(StateClosed)
+		l.settledLocked()
 	}
 	l.mu.Unlock()
 	l.wg.Wait()
@@ -296,6 +366,7 @@ func (l *Link) discardLocked(es []entry) []Message {
 	}
 	l.st.Discarded += int64(len(es))
 	clear(es)
+	l.settledLocked()
 	return out
 }
 
@@ -677,4 +748,5 @@ func (l *Link) popLocked(seq uint64) {
 	l.q = l.q[n:]
 	l.next = max(l.next-n, 0)
 	l.st.Acked += int64(n)
+	l.settledLocked()
 }

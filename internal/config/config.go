@@ -194,7 +194,7 @@ type Broker struct {
 	ShutdownTimeout time.Duration `koanf:"shutdown_timeout" doc:"Bound on a graceful shutdown; past it the process exits anyway."`
 	// Durability writes persistent sessions, their queued QoS 1/2 messages
 	// and retained messages to the store (docs/broker.md, "Persistence").
-	Durability string `koanf:"durability" doc:"on: retained messages, persistent sessions (subscriptions, will, queued QoS 1/2 messages) are written to the store in batches and restored after a restart or adopted by a survivor when a node dies; the PUBACK/PUBREC of a message for a persistent session waits for its write. off: kept in memory only, lost with the process."`
+	Durability string `koanf:"durability" doc:"on: retained messages, persistent sessions (subscriptions, will, queued QoS 1/2 messages) are written to the store in batches and restored after a restart or adopted by a survivor when a node dies; the PUBACK/PUBREC of a QoS 1/2 message waits for its write for a persistent session, and for every other live node it was forwarded to to acknowledge it safe there. off: kept in memory only, lost with the process."`
 }
 
 // AdminKeyList returns the keys of broker.admin_keys, the one to send first.
