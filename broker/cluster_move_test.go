@@ -628,3 +628,88 @@ func TestSessionMovesWithPreviousRelease(t *testing.T) {
 	done()
 	expect(dev, 2)
 }
+
+// TestSessionMoveQueueBeforeDestinationPublishes: a session with 300
+// queued messages moves to the node its client reconnects to, which is the
+// node their publisher is connected to, while that publisher goes on
+// publishing. The client gets the whole queue, in order, before anything
+// published during the move; then every message. Before (mochi patch
+// 121), the destination subscribed the session before it set the queue:
+// its publisher's messages took their place among the queued ones, and
+// the client got them before older ones (bench/chaos, finding D of
+// session 11, suspected this; there it was a node cut off, see
+// docs/clustering.md). What the destination publishes in the move's
+// last link round trip can still come before what it published just
+// before, which went to the source and is relayed back (logged here, not
+// asserted: docs/clustering.md, "A session moved between live nodes").
+func TestSessionMoveQueueBeforeDestinationPublishes(t *testing.T) {
+	const queued, after = 300, 300
+	nodes := bigSessionCluster(t, 2)
+	n0, n1 := nodes[0], nodes[1]
+	expiry := ptr(uint32(600))
+	dev, _ := dialV5(t, n0, &paho.Connect{ClientID: "dev", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+	subscribe(t, dev, 0, paho.SubscribeOptions{Topic: "inbox/dev", QoS: 1})
+	waitRoutes(t, nodes, n0, 1)
+	_ = dev.Disconnect(&paho.Disconnect{})
+	waitConnections(t, n0, 0)
+
+	pub, _ := dialV5(t, n1, &paho.Connect{ClientID: "pub", CleanStart: true})
+	publish := func(i int) error {
+		payload := make([]byte, 4)
+		binary.BigEndian.PutUint32(payload, uint32(i))
+		_, err := pub.Publish(testutil.Context(t, waitMsg), &paho.Publish{Topic: "inbox/dev", QoS: 1, Payload: payload})
+		return err
+	}
+	for i := range queued {
+		if err := publish(i); err != nil {
+			t.Fatalf("publish %d: %v", i, err)
+		}
+	}
+	testutil.WaitFor(t, waitCond, func() error {
+		if n := n0.Stats().Inflight; n != queued {
+			return fmt.Errorf("n0 holds %d messages for the offline session, want %d", n, queued)
+		}
+		return nil
+	})
+
+	// The publisher goes on while the client reconnects to n1 (its
+	// session moves from n0) and reads.
+	pubErr := make(chan error, 1)
+	go func() {
+		for i := queued; i < queued+after; i++ {
+			if err := publish(i); err != nil {
+				pubErr <- fmt.Errorf("publish %d: %w", i, err)
+				return
+			}
+		}
+		pubErr <- nil
+	}()
+	dev2, ca := dialV5(t, n1, &paho.Connect{ClientID: "dev", CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: expiry}})
+	if !ca.SessionPresent {
+		t.Fatal("session not present after moving from n0 to n1")
+	}
+	seen := make(map[uint32]bool, queued+after)
+	var last uint32
+	late := 0
+	for len(seen) < queued+after {
+		m := dev2.Next(t, waitMsg)
+		n := binary.BigEndian.Uint32(m.Payload)
+		if seen[n] {
+			continue // a QoS 1 duplicate (the move's route window)
+		}
+		switch {
+		case len(seen) < queued && n != uint32(len(seen)):
+			t.Fatalf("first delivery %d: message %d, want %d (the moved queue, in order, first)", len(seen), n, len(seen))
+		case len(seen) > 0 && n < last:
+			late++
+		}
+		seen[n], last = true, max(last, n)
+	}
+	if err := <-pubErr; err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("messages published during the move that came after a later one: %d", late)
+	if st := n1.Stats().Cluster; st.SessionsMoved != 1 {
+		t.Errorf("n1: sessions_moved_here %d, want 1", st.SessionsMoved)
+	}
+}

@@ -65,7 +65,12 @@ type inversion struct {
 	From       time.Duration `json:"delivered_from_ns"`
 	To         time.Duration `json:"delivered_to_ns"`
 	SubNode    string        `json:"subscriber_node"` // where the subscriber was when the first came
-	Timeline   []event       `json:"timeline"`        // faults from 10 s before to 3 s after
+	// AfterAt and AfterNode: when After came, and where the subscriber
+	// was then (a node cut off that still serves a stale connection
+	// delivers there what its adopted session gets later).
+	AfterAt   time.Duration `json:"after_delivered_ns"`
+	AfterNode string        `json:"after_node"`
+	Timeline  []event       `json:"timeline"` // faults from 10 s before to 3 s after
 }
 
 type result struct {
@@ -152,7 +157,7 @@ func analyse(ps []*publisher, all []*subscriber, seed uint64, logDir string, dro
 				r.Losses = append(r.Losses, *g)
 			}
 			var maxSeq uint64
-			maxConn := 0
+			maxConn, maxIdx := 0, 0
 			var inv *inversion
 			for i, seq := range s.first[p.id] {
 				if !ackedSet[p.id][seq] {
@@ -172,11 +177,12 @@ func analyse(ps []*publisher, all []*subscriber, seed uint64, logDir string, dro
 						continue
 					}
 					inv = &inversion{Publisher: pubName(p.id), Subscriber: s.name, FirstSeq: seq, LastSeq: seq, Count: 1, After: maxSeq,
-						SameConn: same, From: s.fat[p.id][i], To: s.fat[p.id][i], SubNode: s.fnode[p.id][i]}
+						SameConn: same, From: s.fat[p.id][i], To: s.fat[p.id][i], SubNode: s.fnode[p.id][i],
+						AfterAt: s.fat[p.id][maxIdx], AfterNode: s.fnode[p.id][maxIdx]}
 					r.Inversions = append(r.Inversions, *inv)
 					continue
 				}
-				maxSeq, maxConn, inv = seq, conn, nil
+				maxSeq, maxConn, maxIdx, inv = seq, conn, i, nil
 			}
 		}
 		s.mu.Unlock()
@@ -262,9 +268,10 @@ func (r *result) print(w io.Writer) {
 			fmt.Fprintf(w, "... %d more out-of-order groups (all in -json)\n", len(r.Inversions)-20)
 			break
 		}
-		fmt.Fprintf(w, "\nOUT OF ORDER %d: %s got %s seq %d..%d after %d, at %.2fs..%.2fs (%s UTC), on %s (same publisher connection: %v)\n",
+		fmt.Fprintf(w, "\nOUT OF ORDER %d: %s got %s seq %d..%d after %d, at %.2fs..%.2fs (%s UTC), on %s (same publisher connection: %v); %d came at %.2fs (%s UTC) on %s\n",
 			v.Count, v.Subscriber, v.Publisher, v.FirstSeq, v.LastSeq, v.After, v.From.Seconds(), v.To.Seconds(),
-			epoch.Add(v.From).UTC().Format("15:04:05.000"), v.SubNode, v.SameConn)
+			epoch.Add(v.From).UTC().Format("15:04:05.000"), v.SubNode, v.SameConn,
+			v.After, v.AfterAt.Seconds(), epoch.Add(v.AfterAt).UTC().Format("15:04:05.000"), v.AfterNode)
 		for _, e := range v.Timeline {
 			fmt.Fprintf(w, "    %7.2fs (%s UTC) %s\n", e.At.Seconds(), e.Wall, e.What)
 		}

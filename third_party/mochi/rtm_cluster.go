@@ -240,12 +240,13 @@ func (s *Server) AdoptSession(id string, protocolVersion byte, sess Session) {
 		cl.Stop(packets.ErrSessionTakenOver) // offline: publishToClient only queues
 		s.Clients.Add(cl)
 	}
-	for _, sub := range sess.Subscriptions {
-		if s.Topics.Subscribe(id, sub) {
-			atomic.AddInt64(&s.Info.Subscriptions, 1)
-		}
-		cl.State.Subscriptions.Add(sub.Filter, sub)
-	}
+	// rtm patch 121: the packet id counter and the queue first, the
+	// subscriptions last. A message delivered to id meanwhile (a publisher
+	// here) reaches it only through them, so it queues after the moved
+	// messages, with a packet id past theirs. Subscribed first, it took
+	// its place among the queued messages still being set (delivered
+	// before older ones), and maybe the id of one, which was then skipped
+	// as present.
 	if sess.PacketID != 0 { // rtm patch 38
 		cl.State.packetIDMu.Lock()
 		atomic.StoreUint32(&cl.State.packetID, sess.PacketID)
@@ -258,6 +259,12 @@ func (s *Server) AdoptSession(id string, protocolVersion byte, sess Session) {
 		if cl.State.Inflight.Set(pk) {
 			atomic.AddInt64(&s.Info.Inflight, 1)
 		}
+	}
+	for _, sub := range sess.Subscriptions {
+		if s.Topics.Subscribe(id, sub) {
+			atomic.AddInt64(&s.Info.Subscriptions, 1)
+		}
+		cl.State.Subscriptions.Add(sub.Filter, sub)
 	}
 }
 

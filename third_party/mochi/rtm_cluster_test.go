@@ -474,3 +474,54 @@ func TestPacketExcludeSkipsPlainSubscribers(t *testing.T) {
 	s.publishToSubscribers(pk)
 	require.Equal(t, "after", string((<-skippedGot).Payload), "the excluded client got an excluded message first")
 }
+
+// TestAdoptSessionQueueBeforeNewDeliveries (rtm patch 121): messages
+// delivered while AdoptSession installs a moved session come after its
+// queue, and none of the queue is skipped. Before, the subscriptions went
+// live first: a message delivered meanwhile took its place (and maybe a
+// packet id of the queue, which was then skipped as present) among the
+// queued messages still being set, and its client got it before older
+// ones (rtm's session move, publisher on the destination).
+func TestAdoptSessionQueueBeforeNewDeliveries(t *testing.T) {
+	const queued = 1000
+	s := newServer()
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			for i := 0; i < 20; i++ {
+				s.DeliverFromPeer(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+					TopicName: fmt.Sprintf("in/dev%d", i), Payload: []byte("new")}, nil)
+			}
+		}
+	}()
+	for i := 0; i < 20; i++ {
+		id := fmt.Sprintf("dev%d", i)
+		sess := Session{Subscriptions: []packets.Subscription{{Filter: "in/" + id, Qos: 1}}, PacketID: queued}
+		for n := 1; n <= queued; n++ {
+			sess.Inflight = append(sess.Inflight, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+				PacketID: uint16(n), TopicName: "in/" + id, Payload: []byte(fmt.Sprint(n))})
+		}
+		s.AdoptSession(id, 5, sess)
+	}
+	close(stop)
+	<-done
+	for i := 0; i < 20; i++ {
+		cl, ok := s.Clients.Get(fmt.Sprintf("dev%d", i))
+		require.True(t, ok)
+		all := cl.State.Inflight.GetAll(false)
+		require.GreaterOrEqual(t, len(all), queued)
+		for n := 1; n <= queued; n++ {
+			require.Equal(t, fmt.Sprint(n), string(all[n-1].Payload), "client %s: message %d of the queue", cl.ID, n)
+		}
+		for _, pk := range all[queued:] {
+			require.Equal(t, "new", string(pk.Payload))
+		}
+	}
+}
