@@ -1072,7 +1072,12 @@ func (d *durableHook) heldDone(dead string) {
 	d.heldDoneSent[dead] = true
 	d.mu.Unlock()
 	if !sent {
-		d.b.cluster.sendHeldDone(dead)
+		// Through heldHandedOver, after in-flight forwards that marked a
+		// message held for dead: dead may be back alive and its held link
+		// handed over by a sync after this watcher's round began; a word
+		// sent at once went ahead of that hand-over's re-sends, and the
+		// adopters dropped the marks those copies need (review rv13l11 F-B).
+		d.b.cluster.heldHandedOver(dead)
 	}
 }
 
