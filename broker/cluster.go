@@ -413,6 +413,18 @@ func (c *clusterNode) syncPeers() {
 	// forward sees a peer gone with its routes still there (lock order:
 	// routes, then peers).
 	c.routes.mu.Lock()
+	// A peer whose held link was released (its sessions adopted) and that
+	// gossip sees alive again: the release dropped its routes, including
+	// a snapshot it sent on a redial after the verdict, and it sends none
+	// again by itself. Its inbound connection is closed below so it
+	// redials and sends them (review rv13l11 F-D). Not at the release:
+	// the routes would be back while it is failed and has no link.
+	var back []string
+	for name := range want {
+		if c.routes.releasedLocked(name) && !c.peers.isAlive(name) {
+			back = append(back, name)
+		}
+	}
 	res := c.peers.sync(want, failed, time.Now())
 	if c.b.durable != nil && len(res.closing) > 0 {
 		// A held link given up (cluster.failed_peer_hold) hands its
@@ -478,6 +490,9 @@ func (c *clusterNode) syncPeers() {
 	// after all, it redials and sends the routes dropped here again.
 	for _, p := range res.forget {
 		c.links.Forget(p.name)
+	}
+	for _, name := range back {
+		c.links.Forget(name)
 	}
 	for _, p := range res.closing {
 		c.log.Info("peer removed: its routes are dropped", "peer", p.name)

@@ -912,7 +912,18 @@ func (c *clusterNode) moveInMarks(id string, marks []earlierMark) {
 			continue
 		}
 		tok := toks[i]
-		time.AfterFunc(left, func() { c.adopted.clearToken(id, tok) })
+		// Tied to the failure generation seen here, as markAfterHold: a
+		// later failure of the same node seen before the timer leaves the
+		// mark to that failure's words or to markAfterHold; ended by the
+		// timer in its middle, the session skipped the direct copy and
+		// then the held copy of a message (review rv13l11 F-C).
+		from, gen := m.From, c.heldDone.generation(m.From)
+		time.AfterFunc(left, func() {
+			if c.heldDone.generation(from) != gen {
+				return
+			}
+			c.adopted.clearToken(id, tok)
+		})
 	}
 }
 

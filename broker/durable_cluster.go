@@ -982,8 +982,15 @@ func (d *durableHook) releaseWhenAdopted(ctx context.Context, dead string) error
 		// and sends its routes again. Before, a snapshot it had sent on a
 		// redial after the verdict went with them, and nothing sent them
 		// again: its subscribers got nothing from here for good.
+		// Once per failure (heldDone, below, marks it): this runs at every
+		// adoption poll while dead stays failed, and a link closed at
+		// each made it redial with a full snapshot every 250 ms (review
+		// rv13l11 F-A).
+		d.mu.Lock()
+		once := !d.heldDoneSent[dead]
+		d.mu.Unlock()
 		c.routes.mu.Lock()
-		dropped := c.peers.getHeld(dead) != nil
+		dropped := once && c.peers.getHeld(dead) != nil
 		if dropped {
 			c.routes.dropLocked(dead)
 		}
@@ -1072,7 +1079,12 @@ func (d *durableHook) heldDone(dead string) {
 	d.heldDoneSent[dead] = true
 	d.mu.Unlock()
 	if !sent {
-		d.b.cluster.sendHeldDone(dead)
+		// Through heldHandedOver, after in-flight forwards that marked a
+		// message held for dead: dead may be back alive and its held link
+		// handed over by a sync after this watcher's round began; a word
+		// sent at once went ahead of that hand-over's re-sends, and the
+		// adopters dropped the marks those copies need (review rv13l11 F-B).
+		d.b.cluster.heldHandedOver(dead)
 	}
 }
 
