@@ -61,6 +61,9 @@ type clusterNode struct {
 	// publisher's PUBLISH in progress was queued as on links, so its
 	// acknowledgement waits for the peers' (cluster_forward.go).
 	pubMarks sync.Map
+	// peerAckWait bounds that wait for a peer alive in gossip that neither
+	// acknowledges nor loses its link (peerAckWaitDefault; tests shorten it).
+	peerAckWait atomic.Int64 // a time.Duration
 	// heldForwards counts the forwards under way that marked their
 	// message held for a failed node (cluster_failover.go, heldHandedOver).
 	heldForwards atomic.Int64
@@ -164,6 +167,7 @@ func newClusterNode(b *Broker, cfg config.Cluster, timing cluster.Timing) *clust
 		return link.Dial(name, addr, c.linkConfig(), func() []link.Message { return c.snapshot(name) })
 	})
 	c.retained = newRetainedSync(b.cfg.NodeName, func() map[string]packets.Packet { return b.mq.Topics.Retained.GetAll() }, b.mq.RetainFromPeer)
+	c.peerAckWait.Store(int64(peerAckWaitDefault))
 	return c
 }
 

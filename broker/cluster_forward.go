@@ -4,6 +4,7 @@ import (
 	"errors"
 	"slices"
 	"strings"
+	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -188,7 +189,17 @@ func (c *clusterNode) slot(pub *mqtt.Client) *pubMarks {
 var (
 	errPublisherGone = errors.New("publisher disconnected before the peers acknowledged its message")
 	errNodeStopping  = errors.New("node stopping before the peers acknowledged the message")
+	errForwardLost   = errors.New("a peer's link threw the message away (the peer restarted or left) before acknowledging it")
+	errPeerAckSlow   = errors.New("a peer did not acknowledge the message on its link in time")
 )
+
+// peerAckWaitDefault is how long a publisher's acknowledgement waits for
+// a peer that stays alive in gossip and connected but does not acknowledge
+// (its store is down, its link stalls): longer than failure detection
+// (about 6 s by default), which ends the wait for a peer that died; past
+// it the publisher's connection is closed without the acknowledgement and
+// the client publishes again.
+const peerAckWaitDefault = 10 * time.Second
 
 // settledWait takes pm's marks and returns a wait for all of them to be
 // settled (link.Link.Settled), or nil if there are none. It returns early,
@@ -201,11 +212,25 @@ func (c *clusterNode) settledWait(pm *pubMarks) func() error {
 	pm.reset()
 	done := pm.done
 	return func() error {
+		var timeout <-chan time.Time
 		for _, m := range marks {
 			for {
 				ok, ch := m.l.Settled(m.seq)
 				if ok {
+					if m.l.Lost(m.seq) {
+						// Counted as dropped by the link's discard; the
+						// publisher, told nothing, publishes it again.
+						return errForwardLost
+					}
 					break
+				}
+				if timeout == nil {
+					// A peer alive in gossip whose link neither
+					// acknowledges nor fails would hold this client's
+					// acknowledgements (in order) for good.
+					t := time.NewTimer(time.Duration(c.peerAckWait.Load()))
+					defer t.Stop()
+					timeout = t.C
 				}
 				select {
 				case <-ch:
@@ -213,6 +238,8 @@ func (c *clusterNode) settledWait(pm *pubMarks) func() error {
 					return errPublisherGone
 				case <-c.stop:
 					return errNodeStopping
+				case <-timeout:
+					return errPeerAckSlow
 				}
 			}
 		}

@@ -2,6 +2,7 @@ package broker
 
 import (
 	"testing"
+	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
 )
@@ -24,3 +25,7 @@ func (b *Broker) ClusterPublishAllocs(id, topic string, qos byte) float64 {
 		}
 	})
 }
+
+// SetPeerAckWait shortens how long a publisher's acknowledgement waits
+// for a peer that neither acknowledges nor fails (peerAckWaitDefault).
+func (b *Broker) SetPeerAckWait(d time.Duration) { b.cluster.peerAckWait.Store(int64(d)) }

@@ -43,7 +43,10 @@
 // then Settled returns a channel closed when that may have changed, so
 // waiting costs no polling: one channel serves every waiter, and is made
 // only while someone waits and closed by the next ack frame, discard,
-// Hold(true) or Close. A Link nobody waits on pays nothing per ack.
+// Hold(true) or Close. A Link nobody waits on pays nothing per ack. Once
+// settled, Lost(seq) tells a message the Link threw away (Close, a peer
+// that restarted) without an acknowledgement and outside a hold from one
+// the peer acknowledged: the caller must not answer for a lost one.
 // Settled never waits for the network itself: a peer that is down and not
 // given up keeps its messages unsettled until it reconnects and
 // acknowledges them, or its owner holds or closes the Link.
@@ -96,7 +99,7 @@
 //
 // # Concurrency and locks
 //
-// Send, Queue, QueueSeq, Settled, WaitSettled, Stats, Up and Close of a
+// Send, Queue, QueueSeq, Settled, Lost, WaitSettled, Stats, Up and Close of a
 // Link, and Stats, Forget and Close of a Server, are safe for concurrent
 // use. Send never blocks on the network: it
 // appends to the queue under the Link's mutex and wakes the writer. Link.mu

@@ -42,6 +42,9 @@ type Link struct {
 	// those messages are settled for good (their owner took them over
 	// with the hold), even once the link is resumed.
 	heldThrough uint64
+	// ackedThrough: the last seq the peer acknowledged, so Lost can tell
+	// an acknowledged message from a discarded one once both left q.
+	ackedThrough uint64
 	seq         uint64 // last seq handed out
 	qBytes      int
 	peerInc     uint64    // the peer's incarnation at the last handshake; 0 before the first
@@ -250,6 +253,17 @@ func (l *Link) Settled(seq uint64) (bool, <-chan struct{}) {
 		l.settledCh = make(chan struct{})
 	}
 	return false, l.settledCh
+}
+
+// Lost reports whether the settled message queued as seq was thrown
+// away (Close, or a peer that restarted) without the peer acknowledging
+// it and without a hold handing it to the Link's owner: whoever waited
+// for it must not take it as delivered. Meaningful once Settled(seq)
+// reports true; a discarded message never becomes acknowledged.
+func (l *Link) Lost(seq uint64) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return seq > l.ackedThrough && seq > l.heldThrough
 }
 
 // WaitSettled waits until seq is settled (see Settled) and reports true,
@@ -744,6 +758,7 @@ func (l *Link) popLocked(seq uint64) {
 	if n == 0 {
 		return
 	}
+	l.ackedThrough = max(l.ackedThrough, l.q[n-1].seq)
 	clear(l.q[:n])
 	l.q = l.q[n:]
 	l.next = max(l.next-n, 0)

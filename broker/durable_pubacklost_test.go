@@ -13,7 +13,7 @@ import (
 	"github.com/rtm-dev/rtm/internal/testutil"
 )
 
-// TestRvp11PubackAfterPeerRestartDiscard (review rvp11 of h13p11): with
+// TestPubackNotForMessageLostToPeerRestart (review rvp11 of h13p11): with
 // durability, m1 is published on n0 for a persistent session on n1 while
 // n0's link to n1 is down, so its PUBACK waits for n1. n1 then restarts
 // (same name, addresses and store) faster than n0's failure detection:
@@ -23,7 +23,7 @@ import (
 // for a message n0 knows it dropped, and the session never gets it. Either
 // the PUBACK must not be a success (the publisher publishes again), or the
 // session must get m1.
-func TestRvp11PubackAfterPeerRestartDiscard(t *testing.T) {
+func TestPubackNotForMessageLostToPeerRestart(t *testing.T) {
 	st := storetest.Open(t)
 	px := newLinkProxy(t)
 	n0 := testcluster.Broker(t, "n0", "", func(o *broker.Options) { o.Store = st })
