@@ -45,10 +45,10 @@ type Link struct {
 	// ackedThrough: the last seq the peer acknowledged, so Lost can tell
 	// an acknowledged message from a discarded one once both left q.
 	ackedThrough uint64
-	seq         uint64 // last seq handed out
-	qBytes      int
-	peerInc     uint64    // the peer's incarnation at the last handshake; 0 before the first
-	st          LinkStats // counters; the other fields are filled by Stats
+	seq          uint64 // last seq handed out
+	qBytes       int
+	peerInc      uint64    // the peer's incarnation at the last handshake; 0 before the first
+	st           LinkStats // counters; the other fields are filled by Stats
 	// settledCh is made by Settled for its waiters and closed (and
 	// cleared) when what they wait for may have changed: an ack that
 	// freed messages, a discard, Hold(true), Close. Made only while
