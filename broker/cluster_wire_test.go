@@ -489,3 +489,21 @@ func TestStoredEarlierMarksOptional(t *testing.T) {
 		t.Fatalf("this release reads the previous one's %+v, %v", s, err)
 	}
 }
+
+// A session adopted from n1 earlier (that failover over: its mark done),
+// then from n2, takes n2's held copies when n1 fails again: n1's new held
+// link holds nothing for it. bench/chaos stopkill lost these (h13b11).
+func TestHeldSkipDoneMarkOfRefailedNode(t *testing.T) {
+	ms := []adoptedMark{{from: "n1", done: true}, {from: "n2"}}
+	for _, held := range [][]string{{"n1", "n2"}, {"n2", "n1"}} {
+		if heldSkipMarks(ms, held, "n2") {
+			t.Errorf("held %v: n2's held copy skipped by a session adopted from n2 (n1's mark done)", held)
+		}
+		if !heldSkipMarks(ms, held, "n1") {
+			t.Errorf("held %v: n1's new held copy taken by a session adopted from n2", held)
+		}
+		if !heldSkipMarks(ms, held, "") {
+			t.Errorf("held %v: direct copy taken by a session adopted from n2", held)
+		}
+	}
+}
