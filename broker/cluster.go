@@ -163,6 +163,7 @@ func newClusterNode(b *Broker, cfg config.Cluster, timing cluster.Timing) *clust
 		syncKick: make(chan struct{}, 1),
 	}
 	c.routes = newRouteTable(c.log)
+	c.adopted.gen = c.heldDone.generation
 	c.peers = newPeerSet(c.log, cfg.FailedPeerHold, func(name, addr string) *link.Link {
 		return link.Dial(name, addr, c.linkConfig(), func() []link.Message { return c.snapshot(name) })
 	})

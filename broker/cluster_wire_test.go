@@ -489,3 +489,28 @@ func TestStoredEarlierMarksOptional(t *testing.T) {
 		t.Fatalf("this release reads the previous one's %+v, %v", s, err)
 	}
 }
+
+// A session adopted from n1 earlier (that failover over: its mark done),
+// then from n2, takes n2's held copies when n1 fails again (a new
+// generation): n1's new held link holds nothing for it. bench/chaos
+// stopkill lost these (h13b11). Of the same failure, n1's done mark
+// still picks n1's link (a message both took comes once).
+func TestHeldSkipDoneMarkOfRefailedNode(t *testing.T) {
+	ms := []adoptedMark{{from: "n1", done: true, gen: 1}, {from: "n2", gen: 1}}
+	again := func(string) uint64 { return 2 }
+	same := func(string) uint64 { return 1 }
+	for _, held := range [][]string{{"n1", "n2"}, {"n2", "n1"}} {
+		if heldSkipMarks(ms, held, "n2", again) {
+			t.Errorf("held %v: n2's held copy skipped by a session adopted from n2 (n1 failed again)", held)
+		}
+		if !heldSkipMarks(ms, held, "n1", again) {
+			t.Errorf("held %v: n1's new held copy taken by a session adopted from n2", held)
+		}
+		if !heldSkipMarks(ms, held, "", again) {
+			t.Errorf("held %v: direct copy taken by a session adopted from n2", held)
+		}
+		if !heldSkipMarks(ms, held, "n2", same) {
+			t.Errorf("held %v: n2's copy of a message n1's link (same failure) took too, taken twice", held)
+		}
+	}
+}
