@@ -415,10 +415,18 @@ func TestClusterLinkDropLosesNothing(t *testing.T) {
 			before1, before2, cutBefore := n1.stats(t), n2.stats(t), px.CutConns()
 			// Every total/(cuts+1) messages the link is cut, once it is
 			// connected again: at once, or after the proxy held back for
-			// the next stall messages either what n1 writes (n2 never gets
+			// stall either what n1 writes (n2 never gets
 			// those: n1 must send them again) or n2's acks (n2 delivered
 			// those: n1 must not send them again, or n2 must skip them).
-			const stall = 50
+			// With durability (the default) a PUBACK waits for n2's
+			// acknowledgement on the link, so while the proxy holds either
+			// direction the publisher waits too: the cut comes after a
+			// time, not after a number of messages.
+			const stall = 200 * time.Millisecond
+			cutAfter := func(d time.Duration) {
+				tm := time.AfterFunc(d, px.Cut)
+				t.Cleanup(func() { tm.Stop() })
+			}
 			every, cutAt := total/(cuts+1), -1
 			for i := range total {
 				if k := i / every; i%every == 0 && k >= 1 && k <= cuts {
@@ -428,13 +436,15 @@ func TestClusterLinkDropLosesNothing(t *testing.T) {
 						}
 						return nil
 					})
-					switch cutAt = i + stall; k % 3 {
+					switch k % 3 {
 					case 1:
 						cutAt = i
 					case 2:
 						px.Hold(testutil.ToTarget)
+						cutAfter(stall)
 					case 0:
 						px.Hold(testutil.FromTarget)
+						cutAfter(stall)
 					}
 				}
 				if i == cutAt {
