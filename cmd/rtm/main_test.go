@@ -358,11 +358,16 @@ func TestDevQuickStart(t *testing.T) {
 		port = m[1]
 		return nil
 	})
-	for _, want := range []string{"ANONYMOUS DEVICES ALLOWED", "ws://127.0.0.1:", "/metrics", "mongodb://127.0.0.1:", "mosquitto_sub -h 127.0.0.1 -p " + port} {
-		if !strings.Contains(p.stdout.String(), want) {
-			t.Errorf("banner lacks %q:\n%s", want, p.stdout.String())
+	// The banner is written line by line: the MQTT line can be read before
+	// the rest is out (seen in CI), so wait for each line, not only the first.
+	testutil.WaitFor(t, 30*time.Second, func() error {
+		for _, want := range []string{"ANONYMOUS DEVICES ALLOWED", "ws://127.0.0.1:", "/metrics", "mongodb://127.0.0.1:", "mosquitto_sub -h 127.0.0.1 -p " + port, "Dashboard"} {
+			if !strings.Contains(p.stdout.String(), want) {
+				return fmt.Errorf("banner lacks %q:\n%s", want, p.stdout.String())
+			}
 		}
-	}
+		return nil
+	})
 	// The dashboard's URL is in the banner, and the watchdog there watches
 	// the dev broker.
 	dm := regexp.MustCompile(`Dashboard\s+(http://127\.0\.0\.1:\d+)/`).FindStringSubmatch(p.stdout.String())
