@@ -457,11 +457,7 @@ func (c *clusterNode) heldArrived(pm publishMsg) {
 	c.movedHeld.mu.Lock()
 	var to []*relay
 	for _, r := range c.movedHeld.by {
-		// As the session would take it where it was (heldSkip): with
-		// several marks, only the held copy of its oldest that took the
-		// message; a copy given up by via's link, only if marked from via
-		// (review rv13l11 L1).
-		if heldSkip(r.adopted, pm.Held, pm.HeldOf, pm.Via) {
+		if !slices.Contains(r.adopted, pm.HeldOf) {
 			continue
 		}
 		if _, ok := r.subs.Subscribers(pm.Packet.TopicName).Subscriptions[r.id]; ok {
