@@ -113,15 +113,19 @@ func (s *Server) releaseAcks(cl *Client) {
 				cl.Stop(err)
 			}
 		}
-		if !failed {
-			_ = cl.WritePacket(a.ack)
-		}
+		// rtm patch 54: the QoS 1 completion goes before the PUBACK is
+		// written: a client that reads it may send its next PUBLISH at
+		// once, and that one must find the receive quota released, or it
+		// is refused "receive maximum exceeded" (0x93).
 		if a.qos == 1 {
 			if ok := cl.inboundQos().Delete(a.ack.PacketID); ok { // rtm patch 94
 				atomic.AddInt64(&s.Info.Inflight, -1)
 			}
 			cl.State.Inflight.IncreaseReceiveQuota()
-			if !failed {
+		}
+		if !failed {
+			_ = cl.WritePacket(a.ack)
+			if a.qos == 1 {
 				s.hooks.OnQosComplete(cl, a.ack)
 			}
 		}

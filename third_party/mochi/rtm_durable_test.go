@@ -180,3 +180,21 @@ func TestPubrecReportsPubrelToOnQosPublish(t *testing.T) {
 	require.Equal(t, packets.Pubrel, h.got[0].FixedHeader.Type)
 	require.Equal(t, uint16(7), h.got[0].PacketID)
 }
+
+// TestQos0PublishAllowedAtReceiveMaximum (rtm patch 122): a client whose
+// every QoS 1/2 slot waits for its acknowledgement may still send QoS 0:
+// Receive Maximum counts QoS 1 and 2 PUBLISHes only [MQTT-3.3.4-9]. v2.7.9
+// disconnected it with 0x93, which rtm's held acknowledgements (patch 54)
+// made frequent: the push API's QoS 0 publishes behind QoS 1 ones.
+func TestQos0PublishAllowedAtReceiveMaximum(t *testing.T) {
+	s := newServer()
+	_ = s.Serve()
+	defer s.Close()
+	cl, _, _ := newTestClient()
+	cl.Properties.ProtocolVersion = 5
+	cl.State.Inflight.ResetReceiveQuota(0)
+	s.Clients.Add(cl)
+	pk := *packets.TPacketData[packets.Publish].Get(packets.TPublishBasic).Packet
+	require.Equal(t, byte(0), pk.FixedHeader.Qos)
+	require.NoError(t, s.processPacket(cl, pk))
+}

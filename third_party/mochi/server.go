@@ -1185,7 +1185,9 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		return s.refuseInvalidTopic(cl, &pk) // rtm patch 110: out of this frame
 	}
 
-	if atomic.LoadInt32(&cl.State.Inflight.receiveQuota) == 0 {
+	// rtm patch 122: Receive Maximum counts QoS 1/2 PUBLISHes only: a QoS 0
+	// one while every QoS 1/2 slot waits for its acknowledgement is allowed.
+	if pk.FixedHeader.Qos > 0 && atomic.LoadInt32(&cl.State.Inflight.receiveQuota) == 0 {
 		return s.DisconnectClient(cl, packets.ErrReceiveMaximum) // ~[MQTT-3.3.4-7] ~[MQTT-3.3.4-8]
 	}
 
