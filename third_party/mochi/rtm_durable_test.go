@@ -190,7 +190,8 @@ func TestQos0PublishAllowedAtReceiveMaximum(t *testing.T) {
 	s := newServer()
 	_ = s.Serve()
 	defer s.Close()
-	cl, _, _ := newTestClient()
+	cl, r, _ := newTestClient()
+	go func() { _, _ = io.Copy(io.Discard, r) }() // a refusal writes a DISCONNECT: never block on it
 	cl.Properties.ProtocolVersion = 5
 	cl.State.Inflight.ResetReceiveQuota(0)
 	s.Clients.Add(cl)
