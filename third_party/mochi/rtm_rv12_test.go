@@ -1,0 +1,50 @@
+package mqtt
+
+import (
+	"errors"
+	"io"
+	"testing"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/stretchr/testify/require"
+)
+
+// TestRv12FailedHeldPubrecForgotten (review rv12, patch 54): a QoS 2
+// PUBLISH whose held PUBREC fails (rtm: not made durable, a peer's link
+// lost the message, the peer's wait timed out) closes the connection
+// without the PUBREC, so that the client publishes again. But the
+// inbound QoS 2 state (the PUBREC) is kept: the session's next connection
+// is sent that PUBREC (resendInflight) and the client's DUP resend of the
+// PUBLISH is answered from it (inboundIDInUse) without being published
+// again. The client completes the flow with PUBREL/PUBCOMP and drops a
+// message that was never made safe. A QoS 1 one does not have the problem:
+// releaseAcks forgets its PUBACK.
+func TestRv12FailedHeldPubrecForgotten(t *testing.T) {
+	s := newServer()
+	h := &holdHook{release: make(chan struct{}), err: errors.New("a peer's link lost it")}
+	close(h.release)
+	require.NoError(t, s.AddHook(h, nil))
+	cl, r, _ := newTestClient()
+	cl.ID = "pub"
+	cl.Properties.ProtocolVersion = 4
+	cl.Properties.Clean = false // a persistent session
+	s.Clients.Add(cl)
+	go func() { _, _ = io.Copy(io.Discard, r) }()
+	pk := holdPublish(1, "hold")
+	pk.FixedHeader.Qos = 2
+	require.NoError(t, s.processPublish(cl, pk))
+	require.Eventually(t, cl.Closed, 5*time.Second, time.Millisecond)
+
+	// The client reconnects, session present.
+	cl2, r2, _ := newTestClient()
+	cl2.ID = "pub"
+	cl2.Properties.ProtocolVersion = 4
+	go func() { _, _ = io.Copy(io.Discard, r2) }()
+	require.True(t, s.inheritClientSession(packets.Packet{Connect: packets.ConnectParams{ClientIdentifier: "pub"}}, cl2))
+	for _, p := range cl2.inboundPending() {
+		require.NotEqual(t, packets.Pubrec, p.FixedHeader.Type,
+			"the new connection is sent the PUBREC of PUBLISH %d, whose acknowledgement failed: the client completes the flow and drops it", p.PacketID)
+	}
+	require.False(t, cl2.inboundHas(1), "a resent PUBLISH 1 (DUP) would be answered PUBREC without being published again")
+}
