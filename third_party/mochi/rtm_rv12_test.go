@@ -48,3 +48,42 @@ func TestRv12FailedHeldPubrecForgotten(t *testing.T) {
 	}
 	require.False(t, cl2.inboundHas(1), "a resent PUBLISH 1 (DUP) would be answered PUBREC without being published again")
 }
+
+// TestRv12TakeoverDoesNotSendHeldPuback (review rv12, patches 54 and 94):
+// a QoS 1 PUBLISH's PUBACK waits for its hold (rtm: the store write, the
+// peers' link acknowledgements). Its inbound entry (the PUBACK) is set
+// before the hold, and a session takeover meanwhile (the client
+// reconnected, clean session false) clones it into the new connection,
+// which resendInflight sends it at once: the client is told the message is
+// safe before the hold said so, and the old connection's wait then fails
+// (publisher gone) without anyone noticing. The same goes for a QoS 2
+// PUBREC.
+func TestRv12TakeoverDoesNotSendHeldPuback(t *testing.T) {
+	s := newServer()
+	h := &holdHook{release: make(chan struct{}), err: errors.New("publisher gone")}
+	defer close(h.release)
+	require.NoError(t, s.AddHook(h, nil))
+	cl, r, _ := newTestClient()
+	cl.ID = "pub"
+	cl.Properties.ProtocolVersion = 4
+	cl.Properties.Clean = false
+	s.Clients.Add(cl)
+	go func() { _, _ = io.Copy(io.Discard, r) }()
+	require.NoError(t, s.processPublish(cl, holdPublish(1, "hold")))
+
+	cl2, r2, w2 := newTestClient()
+	defer func() { _ = w2.Close(); _ = r2.Close() }()
+	cl2.ID = "pub"
+	cl2.Properties.ProtocolVersion = 4
+	require.True(t, s.inheritClientSession(packets.Packet{Connect: packets.ConnectParams{ClientIdentifier: "pub"}}, cl2))
+	acks := make(chan uint16, 1)
+	go readAcks(t, r2, 1, acks)
+	go func() { _ = cl2.ResendInflightMessages(true) }()
+	select {
+	case id, ok := <-acks:
+		if ok {
+			t.Fatalf("the new connection got PUBACK %d while its PUBLISH's acknowledgement is still held", id)
+		}
+	case <-time.After(300 * time.Millisecond):
+	}
+}
