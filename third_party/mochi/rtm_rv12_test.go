@@ -87,3 +87,28 @@ func TestRv12TakeoverDoesNotSendHeldPuback(t *testing.T) {
 	case <-time.After(300 * time.Millisecond):
 	}
 }
+
+// TestRv12OutboundQos2DoesNotTakeReceiveQuota (review rv12, patch 122):
+// Receive Maximum limits the QoS 1/2 PUBLISHes the client sent and the
+// server has not acknowledged [MQTT-3.3.4-9]. v2.7.9's processPubrec takes
+// a unit of the same receive quota for each of the server's own QoS 2
+// messages the client acknowledged with PUBREC (given back at PUBCOMP):
+// a client that has that many outbound QoS 2 messages at their PUBREL
+// step is disconnected 0x93 at its first QoS 1 PUBLISH, which it was
+// entitled to send.
+func TestRv12OutboundQos2DoesNotTakeReceiveQuota(t *testing.T) {
+	s := newServer()
+	_ = s.Serve()
+	defer s.Close()
+	cl, r, _ := newTestClient()
+	go func() { _, _ = io.Copy(io.Discard, r) }()
+	cl.Properties.ProtocolVersion = 5
+	cl.State.Inflight.ResetReceiveQuota(2)
+	s.Clients.Add(cl)
+	for id := uint16(1); id <= 2; id++ { // two outbound QoS 2 messages, PUBREC'd
+		cl.State.Inflight.Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 2}, PacketID: id, TopicName: "a/b"})
+		require.NoError(t, s.processPubrec(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrec}, PacketID: id}))
+	}
+	pk := holdPublish(1, "free") // the client's first PUBLISH
+	require.NoError(t, s.processPacket(cl, pk), "a QoS 1 PUBLISH with no other inbound QoS 1/2 PUBLISH unacknowledged refused")
+}
