@@ -112,3 +112,25 @@ func TestRv12OutboundQos2DoesNotTakeReceiveQuota(t *testing.T) {
 	pk := holdPublish(1, "free") // the client's first PUBLISH
 	require.NoError(t, s.processPacket(cl, pk), "a QoS 1 PUBLISH with no other inbound QoS 1/2 PUBLISH unacknowledged refused")
 }
+
+// TestRv12RefusedPubrecReturnsSendQuota (review rv12, flow control): MQTT
+// 5 section 4.9: the send quota is incremented "each time a PUBREC packet
+// is received with a Return Code of 0x80 or greater". processPubrec's
+// refusal branch ends the flow without it: each QoS 2 message a client
+// refuses takes one unit of its Receive Maximum for the rest of the
+// connection, and once they are all gone nothing more is sent to it (the
+// messages wait, Expiry -1, until it reconnects).
+func TestRv12RefusedPubrecReturnsSendQuota(t *testing.T) {
+	s := newServer()
+	cl, r, w := newTestClient()
+	defer func() { _ = w.Close(); _ = r.Close() }()
+	go func() { _, _ = io.Copy(io.Discard, r) }()
+	cl.Properties.ProtocolVersion = 5
+	cl.State.Inflight.ResetSendQuota(1)
+	cl.State.Inflight.Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 2}, PacketID: 7, TopicName: "a/b"})
+	require.True(t, cl.State.Inflight.TakeSendQuota()) // sent
+	require.NoError(t, s.processPubrec(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrec}, PacketID: 7, ReasonCode: packets.ErrUnspecifiedError.Code}))
+	_, ok := cl.State.Inflight.Get(7)
+	require.False(t, ok, "the refused message's flow ended")
+	require.True(t, cl.State.Inflight.TakeSendQuota(), "the refused QoS 2 message's send quota was not given back")
+}
