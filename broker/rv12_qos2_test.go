@@ -104,7 +104,8 @@ func TestRv12Qos2PubrecNotForLostMessage(t *testing.T) {
 			break
 		}
 	}
-	// The publisher is done with m1: the session must get it.
+	// The publisher is done with m1: the session must get it (Next fails
+	// "no message" when m1 is lost).
 	c, ca := dialV5(t, n1b, &paho.Connect{ClientID: "qdev", CleanStart: false, Properties: exp})
 	if !ca.SessionPresent {
 		t.Fatal("no session on the restarted n1")
