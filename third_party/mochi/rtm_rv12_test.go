@@ -165,3 +165,25 @@ func TestRv12AdoptSessionMergeKeepsMovedMessages(t *testing.T) {
 	}
 	require.Contains(t, got, "moved", "the moved message with the packet id of one the session held is dropped")
 }
+
+// TestRv12InboundPubrelKeepsSendQuota (review rv12, flow control): the
+// send quota counts the server's own unacknowledged QoS 1/2 PUBLISHes,
+// up to the client's Receive Maximum [MQTT-4.9.0-1]. v2.7.9's
+// processPubrel, which completes a QoS 2 PUBLISH the client sent, also
+// increments it: a client that publishes at QoS 2 while its Receive
+// Maximum of messages from the server are unacknowledged gets one more
+// than it allowed, which it may treat as a protocol error (DISCONNECT
+// 0x93).
+func TestRv12InboundPubrelKeepsSendQuota(t *testing.T) {
+	s := newServer()
+	cl, r, w := newTestClient()
+	defer func() { _ = w.Close(); _ = r.Close() }()
+	go func() { _, _ = io.Copy(io.Discard, r) }()
+	cl.Properties.ProtocolVersion = 5
+	cl.State.Inflight.ResetSendQuota(1)
+	cl.State.Inflight.Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: 3, TopicName: "a/b"})
+	require.True(t, cl.State.Inflight.TakeSendQuota()) // the server's message 3 is out, unacknowledged
+	cl.inboundQos().Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrec}, PacketID: 9}) // the client's QoS 2 PUBLISH 9
+	require.NoError(t, s.processPubrel(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrel, Qos: 1}, PacketID: 9}))
+	require.False(t, cl.State.Inflight.TakeSendQuota(), "the client's PUBREL gave the server a send quota its Receive Maximum does not allow")
+}
