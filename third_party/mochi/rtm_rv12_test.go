@@ -182,7 +182,7 @@ func TestRv12InboundPubrelKeepsSendQuota(t *testing.T) {
 	cl.Properties.ProtocolVersion = 5
 	cl.State.Inflight.ResetSendQuota(1)
 	cl.State.Inflight.Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: 3, TopicName: "a/b"})
-	require.True(t, cl.State.Inflight.TakeSendQuota()) // the server's message 3 is out, unacknowledged
+	require.True(t, cl.State.Inflight.TakeSendQuota())                                                       // the server's message 3 is out, unacknowledged
 	cl.inboundQos().Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrec}, PacketID: 9}) // the client's QoS 2 PUBLISH 9
 	require.NoError(t, s.processPubrel(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrel, Qos: 1}, PacketID: 9}))
 	require.False(t, cl.State.Inflight.TakeSendQuota(), "the client's PUBREL gave the server a send quota its Receive Maximum does not allow")
