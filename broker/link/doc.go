@@ -46,7 +46,9 @@
 // Hold(true) or Close. A Link nobody waits on pays nothing per ack. Once
 // settled, Lost(seq) tells a message the Link threw away (Close, a peer
 // that restarted) without an acknowledgement and outside a hold from one
-// the peer acknowledged: the caller must not answer for a lost one.
+// the peer acknowledged, however many later messages were acknowledged
+// since (the Link keeps the last 64 discarded ranges): the caller must not
+// answer for a lost one.
 // Settled never waits for the network itself: a peer that is down and not
 // given up keeps its messages unsettled until it reconnects and
 // acknowledges them, or its owner holds or closes the Link.

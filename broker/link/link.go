@@ -42,19 +42,29 @@ type Link struct {
 	// those messages are settled for good (their owner took them over
 	// with the hold), even once the link is resumed.
 	heldThrough uint64
-	// ackedThrough: the last seq the peer acknowledged, so Lost can tell
-	// an acknowledged message from a discarded one once both left q.
-	ackedThrough uint64
-	seq          uint64 // last seq handed out
-	qBytes       int
-	peerInc      uint64    // the peer's incarnation at the last handshake; 0 before the first
-	st           LinkStats // counters; the other fields are filled by Stats
+	// lost: the seqs of reliable messages thrown away unacknowledged and
+	// not held (Close, a peer that restarted), newest last, so Lost can
+	// tell them from acknowledged ones once both left q. A range per
+	// discard of the queue; at most maxLostRanges, oldest dropped first
+	// (their waiters gave up long before: a PUBACK wait is bounded).
+	lost    []seqRange
+	seq     uint64 // last seq handed out
+	qBytes  int
+	peerInc uint64    // the peer's incarnation at the last handshake; 0 before the first
+	st      LinkStats // counters; the other fields are filled by Stats
 	// settledCh is made by Settled for its waiters and closed (and
 	// cleared) when what they wait for may have changed: an ack that
 	// freed messages, a discard, Hold(true), Close. Made only while
 	// someone waits, so a Link nobody waits on pays nothing per ack.
 	settledCh chan struct{}
 }
+
+// seqRange is the seqs lo..hi, both included.
+type seqRange struct{ lo, hi uint64 }
+
+// maxLostRanges bounds Link.lost: one range per restart of the peer or
+// Close, so it fills only on a peer that restarts again and again.
+const maxLostRanges = 64
 
 // entry is one queued message.
 type entry struct {
@@ -263,7 +273,12 @@ func (l *Link) Settled(seq uint64) (bool, <-chan struct{}) {
 func (l *Link) Lost(seq uint64) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return seq > l.ackedThrough && seq > l.heldThrough
+	for _, r := range l.lost {
+		if seq >= r.lo && seq <= r.hi {
+			return true
+		}
+	}
+	return false
 }
 
 // WaitSettled waits until seq is settled (see Settled) and reports true,
@@ -357,6 +372,7 @@ func (l *Link) Close() {
 		if l.conn != nil {
 			_ = l.conn.Close()
 		}
+		l.recordLostLocked(l.q)
 		lost = l.discardLocked(l.q)
 		l.q, l.next, l.qBytes = nil, 0, 0
 		l.setStateLocked(StateClosed)
@@ -382,6 +398,22 @@ func (l *Link) discardLocked(es []entry) []Message {
 	clear(es)
 	l.settledLocked()
 	return out
+}
+
+// recordLostLocked records, for Lost, that the whole queue es (in seq
+// order) is thrown away: what a hold handed to the owner (up to
+// heldThrough) is not lost. The seqs between es's that are missing were
+// skipped unreliable messages, thrown away before, so one range is exact
+// for every message a waiter can ask about. l.mu is held.
+func (l *Link) recordLostLocked(es []entry) {
+	if len(es) == 0 || es[len(es)-1].seq <= l.heldThrough {
+		return
+	}
+	r := seqRange{lo: max(es[0].seq, l.heldThrough+1), hi: es[len(es)-1].seq}
+	if len(l.lost) == maxLostRanges {
+		l.lost = append(l.lost[:0], l.lost[1:]...)
+	}
+	l.lost = append(l.lost, r)
 }
 
 // report tells Config.OnDiscard about lost messages; no lock is held.
@@ -607,6 +639,7 @@ func (l *Link) resume(ready Frame) (restarted bool, lost []Message) {
 		l.peerInc = ready.Incarnation
 	}
 	if restarted {
+		l.recordLostLocked(l.q)
 		lost = l.discardLocked(l.q)
 		l.q = nil
 	} else {
@@ -758,7 +791,6 @@ func (l *Link) popLocked(seq uint64) {
 	if n == 0 {
 		return
 	}
-	l.ackedThrough = max(l.ackedThrough, l.q[n-1].seq)
 	clear(l.q[:n])
 	l.q = l.q[n:]
 	l.next = max(l.next-n, 0)
