@@ -140,7 +140,7 @@ func (s *Server) releaseAcks(cl *Client) {
 					atomic.AddInt64(&s.Info.Inflight, -1)
 				}
 			}
-			cl.qos2Settle(a.ack.PacketID, a.out, !failed)
+			qos2Settle(a.ack.PacketID, a.out, !failed)
 		}
 		if !failed {
 			_ = cl.WritePacket(a.ack)

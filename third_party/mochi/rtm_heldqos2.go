@@ -20,22 +20,39 @@ import (
 var errHeldAckFailed = errors.New("the held acknowledgement of the first PUBLISH with this packet ID failed")
 
 // ackOutcome is what became of the acknowledgement of a client's QoS 2
-// PUBLISH (its PUBREC): known once done is closed; ok says the PUBREC was
-// released to be written (its hold, if any, succeeded). rtm patch 123.
+// PUBLISH (its PUBREC): known once settled; ok says the PUBREC was
+// released to be written (its hold, if any, succeeded). Its fields are
+// guarded by its session's qos2Acks.mu (q). rtm patch 123.
 type ackOutcome struct {
-	done chan struct{}
-	ok   bool // written before done is closed
+	q       *qos2Acks
+	done    chan struct{} // made by a waiter (wait), closed when settled
+	settled bool
+	ok      bool
 }
 
-// settled reports whether the outcome is known, and whether it was a
-// success.
-func (o *ackOutcome) settled() (known, ok bool) {
-	select {
-	case <-o.done:
-		return true, o.ok
-	default:
-		return false, false
+// state reports whether the outcome is known, and whether it was a
+// success. q.mu is held.
+func (o *ackOutcome) state() (known, ok bool) { return o.settled, o.ok }
+
+// wait returns a channel closed once the outcome is known (made here: most
+// outcomes settle with nobody waiting, and cost no channel).
+func (o *ackOutcome) wait() <-chan struct{} {
+	o.q.mu.Lock()
+	defer o.q.mu.Unlock()
+	if o.done == nil {
+		o.done = make(chan struct{})
+		if o.settled {
+			close(o.done)
+		}
 	}
+	return o.done
+}
+
+// succeeded reports whether the outcome, known, was a success.
+func (o *ackOutcome) succeeded() bool {
+	o.q.mu.Lock()
+	defer o.q.mu.Unlock()
+	return o.ok
 }
 
 // qos2Acks are the PUBRECs of a session's QoS 2 PUBLISHes that are not
@@ -66,8 +83,8 @@ func (cl *Client) qos2() *qos2Acks {
 // yet. Called before the inbound flow is set, so a connection that takes
 // the session over and inherits the flow finds its outcome too.
 func (cl *Client) qos2Begin(id uint16) *ackOutcome {
-	o := &ackOutcome{done: make(chan struct{})}
 	q := cl.qos2()
+	o := &ackOutcome{q: q}
 	q.mu.Lock()
 	if q.m == nil {
 		q.m = make(map[uint16]*ackOutcome)
@@ -80,14 +97,16 @@ func (cl *Client) qos2Begin(id uint16) *ackOutcome {
 // qos2Settle records o's outcome. A success forgets it (the PUBREC is
 // owed from now on); a failure stays until the flow is found by a later
 // PUBLISH or resend of the session (qos2Pending), which drops it.
-func (cl *Client) qos2Settle(id uint16, o *ackOutcome, ok bool) {
+func qos2Settle(id uint16, o *ackOutcome, ok bool) {
 	if o == nil {
 		return
 	}
-	q := cl.qos2()
+	q := o.q
 	q.mu.Lock()
-	o.ok = ok
-	close(o.done)
+	o.settled, o.ok = true, ok
+	if o.done != nil {
+		close(o.done)
+	}
 	if ok && q.m[id] == o {
 		delete(q.m, id)
 	}
@@ -109,7 +128,7 @@ func (cl *Client) qos2Pending(in *Inflight, id uint16) (o *ackOutcome, failed bo
 		q.mu.Unlock()
 		return nil, false
 	}
-	known, ok := o.settled()
+	known, ok := o.state()
 	if known {
 		delete(q.m, id)
 	}
@@ -163,9 +182,10 @@ func (cl *Client) inboundResend() []packets.Packet {
 // the client's next resend is published as a new message).
 func (s *Server) answerWhenSettled(cl *Client, pk *packets.Packet, o *ackOutcome) {
 	ack := s.buildAck(pk.PacketID, packets.Pubrec, 0, pk.Properties, packets.CodeSuccess)
+	done := o.wait()
 	s.holdAck(cl, ack, 2, func() error {
-		<-o.done
-		if !o.ok {
+		<-done
+		if !o.succeeded() {
 			return errHeldAckFailed
 		}
 		return nil

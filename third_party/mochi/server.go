@@ -1284,7 +1284,7 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		s.hooks.OnPublished(cl, pk)
 		return nil
 	}
-	cl.qos2Settle(ack.PacketID, out, true) // rtm patch 123: owed from here on
+	qos2Settle(ack.PacketID, out, true) // rtm patch 123: owed from here on
 
 	if err := cl.WritePacket(ack); err != nil {
 		return err
