@@ -135,7 +135,7 @@ func (c *clusterNode) OnPublishHold(cl *mqtt.Client, pk packets.Packet) func() e
 		pm.reset()
 		return func() error { return err }
 	}
-	return c.settledWait(pm)
+	return c.settledWait(pm, pk.FixedHeader.Qos == 2)
 }
 
 // OnDisconnect frees the marks of a publisher whose connection ended and
@@ -203,14 +203,26 @@ const peerAckWaitDefault = 10 * time.Second
 
 // settledWait takes pm's marks and returns a wait for all of them to be
 // settled (link.Link.Settled), or nil if there are none. It returns early,
-// with an error, if the publisher disconnects or the node stops.
-func (c *clusterNode) settledWait(pm *pubMarks) func() error {
+// with an error, if the publisher disconnects (not for a QoS 2 PUBLISH,
+// qos2) or the node stops.
+//
+// A QoS 2 PUBLISH's wait goes on after its connection ended: its outcome
+// decides whether the session owes the PUBREC (mochi patch 123). The
+// client, reconnected, sends the PUBLISH again (DUP), and that one is
+// answered once this wait is known: a success sends the PUBREC and
+// publishes nothing twice; a failure closes the connection and the next
+// resend is published anew. Failing it when the connection ended made
+// every such resend a second copy for the subscribers.
+func (c *clusterNode) settledWait(pm *pubMarks, qos2 bool) func() error {
 	if pm == nil || len(pm.marks) == 0 {
 		return nil
 	}
 	marks := slices.Clone(pm.marks)
 	pm.reset()
 	done := pm.done
+	if qos2 {
+		done = nil // never ready: the wait ends settled, lost, timed out, or at the node's stop
+	}
 	return func() error {
 		var timeout <-chan time.Time
 		for _, m := range marks {

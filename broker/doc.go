@@ -114,7 +114,11 @@
 // acknowledgement also waits until every live peer it was queued for has
 // acknowledged it on the link (safe there), or that peer's link is held
 // or closed (cluster_forward.go, OnPublishHold): a link's queue dies with
-// this process. A message a link discards is counted
+// this process. A QoS 2 PUBREC whose wait failed is not owed by the
+// publisher's session (mochi patch 123): the PUBLISH sent again is
+// published again; one sent again while the wait is in progress (a QoS 2
+// wait outlives its connection) is answered by its outcome. A message a
+// link discards is counted
 // in rtm_broker_messages_dropped_total with the reason. Routes converge: a
 // link's opening snapshot replaces what the peer held, deltas carry a version
 // and an older one is ignored. Retained state converges whatever the order

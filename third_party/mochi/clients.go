@@ -458,7 +458,7 @@ func (cl *Client) resendInflight(list []packets.Packet) error {
 	if err := cl.resendFrom(cl.State.Inflight, list); err != nil {
 		return err
 	}
-	return cl.resendFrom(cl.State.inbound.Load(), cl.inboundPending()) // rtm patch 94
+	return cl.resendFrom(cl.State.inbound.Load(), cl.inboundResend()) // rtm patch 94; 123: only what is owed
 }
 
 // resendFrom resends list, taken from m. rtm patch 95: the loop of

@@ -57,26 +57,29 @@ type heldAcks struct {
 	mu      sync.Mutex
 	q       []heldAck
 	running bool
+	qos2    atomic.Pointer[qos2Acks] // rtm patch 123: the session's QoS 2 PUBRECs not known to be owed
 }
 
 type heldAck struct {
 	ack  packets.Packet
 	qos  byte
 	wait func() error
+	out  *ackOutcome // rtm patch 123: a QoS 2 PUBREC's outcome (qos2Begin)
 }
 
 // holdAck answers a QoS 1/2 PUBLISH whose acknowledgement ack must wait for
 // wait (nil: only for those before it). It reports false when nothing is
 // held and wait is nil: the caller acknowledges at once as before.
+// out (QoS 2) is settled when the acknowledgement is released or fails.
 // rtm patch 54.
-func (s *Server) holdAck(cl *Client, ack packets.Packet, qos byte, wait func() error) bool {
+func (s *Server) holdAck(cl *Client, ack packets.Packet, qos byte, wait func() error, out *ackOutcome) bool {
 	h := &cl.State.acks
 	h.mu.Lock()
 	if wait == nil && len(h.q) == 0 && !h.running {
 		h.mu.Unlock()
 		return false
 	}
-	h.q = append(h.q, heldAck{ack: ack, qos: qos, wait: wait})
+	h.q = append(h.q, heldAck{ack: ack, qos: qos, wait: wait, out: out})
 	start := !h.running
 	h.running = true
 	h.mu.Unlock()
@@ -122,6 +125,22 @@ func (s *Server) releaseAcks(cl *Client) {
 				atomic.AddInt64(&s.Info.Inflight, -1)
 			}
 			cl.State.Inflight.IncreaseReceiveQuota()
+		}
+		// rtm patch 123: a QoS 2 PUBREC not sent leaves no flow behind:
+		// the client's PUBLISH was never acknowledged, so when it is sent
+		// again (DUP, after a reconnect) it is published and held anew,
+		// not answered from the session as if it had been. Before, the
+		// flow stayed, and the reconnect resent the PUBREC, or the resent
+		// PUBLISH got one at once, for a message a peer may never get.
+		// A success is settled before the PUBREC is written, so the
+		// session answers a resend from then on.
+		if a.qos == 2 {
+			if failed {
+				if ok := cl.inboundQos().Delete(a.ack.PacketID); ok {
+					atomic.AddInt64(&s.Info.Inflight, -1)
+				}
+			}
+			qos2Settle(a.ack.PacketID, a.out, !failed)
 		}
 		if !failed {
 			_ = cl.WritePacket(a.ack)

@@ -869,6 +869,12 @@ func (s *Server) inheritClientSession(pk packets.Packet, cl *Client) bool {
 		if in := existing.State.inbound.Load(); in != nil && in.Len() > 0 { // rtm patch 94
 			cl.State.inbound.Store(in.Clone())
 		}
+		// rtm patch 123: after the flows (a flow set after this clone was
+		// recorded before it, see qos2Begin): the session's QoS 2 PUBRECs
+		// that existing still holds settle after this take-over.
+		if q := existing.State.acks.qos2.Load(); q != nil {
+			cl.State.acks.qos2.Store(q)
+		}
 		if existing.State.Inflight.Len() > 0 {
 			cl.State.Inflight = existing.State.Inflight.Clone() // [MQTT-3.1.2-5]
 			if cl.State.Inflight.maximumReceiveQuota == 0 && cl.ops.options.Capabilities.ReceiveMaximum != 0 {
@@ -1248,6 +1254,14 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	}
 	ack := s.buildAck(pk.PacketID, ackType, 0, pk.Properties, code) // rtm patch 110: one ack packet in the frame, not two
 
+	// rtm patch 123: a QoS 2 PUBREC is not owed until it is released (a
+	// hook may hold it); recorded before the flow is set, so a connection
+	// taking the session over meanwhile knows it too.
+	var out *ackOutcome
+	if pk.FixedHeader.Qos == 2 {
+		out = cl.qos2Begin(pk.PacketID)
+	}
+
 	if ok := cl.inboundQos().Set(ack); ok { // rtm patch 94: was State.Inflight
 		atomic.AddInt64(&s.Info.Inflight, 1)
 		s.hooks.OnQosPublish(cl, ack, ack.Created, 0)
@@ -1266,10 +1280,11 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	// wait (e.g. for the message's write to a store); it is then sent, in
 	// order with this client's other acknowledgements, by another
 	// goroutine, and this client's next packets are read meanwhile.
-	if s.holdAck(cl, ack, pk.FixedHeader.Qos, s.hooks.OnPublishHold(cl, pk)) {
+	if s.holdAck(cl, ack, pk.FixedHeader.Qos, s.hooks.OnPublishHold(cl, pk), out) {
 		s.hooks.OnPublished(cl, pk)
 		return nil
 	}
+	qos2Settle(ack.PacketID, out, true) // rtm patch 123: owed from here on
 
 	if err := cl.WritePacket(ack); err != nil {
 		return err
@@ -1352,7 +1367,25 @@ func (s *Server) refuseUnauthorized(cl *Client, pk *packets.Packet) error {
 func (s *Server) inboundIDInUse(cl *Client, in *Inflight, pk *packets.Packet) (bool, error) {
 	if pki, ok := in.Get(pk.PacketID); ok {
 		if pki.FixedHeader.Type == packets.Pubrec { // [MQTT-4.3.3-10]
-			ack := s.buildAck(pk.PacketID, packets.Pubrec, 0, pk.Properties, packets.ErrPacketIdentifierInUse)
+			// rtm patch 123: a PUBREC held by a hook is answered only
+			// once that hold succeeded; one whose hold failed was never
+			// owed, and the PUBLISH is handled as a new one.
+			o, failed := cl.qos2Pending(in, pk.PacketID)
+			if failed {
+				return false, nil
+			}
+			if o != nil {
+				s.answerWhenSettled(cl, pk, o)
+				return true, nil
+			}
+			// rtm patch 123: a resend (DUP) of a message the session
+			// received is answered with success: it is owned
+			// [MQTT-4.3.3-9]; 0x91 told an MQTT 5 client it had failed.
+			code := packets.ErrPacketIdentifierInUse
+			if pk.FixedHeader.Dup {
+				code = packets.CodeSuccess
+			}
+			ack := s.buildAck(pk.PacketID, packets.Pubrec, 0, pk.Properties, code)
 			return true, cl.WritePacket(ack)
 		}
 		if ok := in.Delete(pk.PacketID); ok { // [MQTT-4.3.2-5]
