@@ -168,7 +168,7 @@ func newClusterNode(b *Broker, cfg config.Cluster, timing cluster.Timing) *clust
 		return link.Dial(name, addr, c.linkConfig(), func() []link.Message { return c.snapshot(name) })
 	})
 	c.retained = newRetainedSync(b.cfg.NodeName, func() map[string]packets.Packet { return b.mq.Topics.Retained.GetAll() }, b.mq.RetainFromPeer)
-	c.peerAckWait.Store(int64(peerAckWaitDefault))
+	c.peerAckWait.Store(int64(peerAckWaitFor(cfg.ProbeInterval)))
 	return c
 }
 

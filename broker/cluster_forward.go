@@ -201,6 +201,15 @@ var (
 // the client publishes again.
 const peerAckWaitDefault = 10 * time.Second
 
+// peerAckWaitFor is peerAckWaitDefault, or longer with a probe interval
+// slower than the default 1 s: failure detection takes about six probe
+// intervals, and a wait that ended before it would close the connection of
+// every publisher whose message waits for a dead peer, where the verdict
+// would have settled it.
+func peerAckWaitFor(probe time.Duration) time.Duration {
+	return max(peerAckWaitDefault, 10*probe)
+}
+
 // settledWait takes pm's marks and returns a wait for all of them to be
 // settled (link.Link.Settled), or nil if there are none. It returns early,
 // with an error, if the publisher disconnects (not for a QoS 2 PUBLISH,
