@@ -867,7 +867,7 @@ func (s *Server) inheritClientSession(pk packets.Packet, cl *Client) bool {
 		// after the last one the session used, not from 1 again.
 		atomic.StoreUint32(&cl.State.packetID, atomic.LoadUint32(&existing.State.packetID))
 		if in := existing.State.inbound.Load(); in != nil && in.Len() > 0 { // rtm patch 94
-			cl.State.inbound.Store(in.Clone())
+			cl.inheritInbound(in) // rtm patch 125: no PUBACK not yet written
 		}
 		if existing.State.Inflight.Len() > 0 {
 			cl.State.Inflight = existing.State.Inflight.Clone() // [MQTT-3.1.2-5]
@@ -875,6 +875,9 @@ func (s *Server) inheritClientSession(pk packets.Packet, cl *Client) bool {
 				cl.State.Inflight.ResetReceiveQuota(int32(cl.ops.options.Capabilities.ReceiveMaximum)) // server receive max per client
 				cl.State.Inflight.ResetSendQuota(int32(cl.Properties.Props.ReceiveMaximum))            // client receive max
 			}
+			// rtm patch 125: the messages stay in flight in cl; existing's
+			// ClearInflights below takes them off the gauge.
+			atomic.AddInt64(&s.Info.Inflight, int64(cl.State.Inflight.Len()))
 		}
 
 		for _, sub := range existing.State.Subscriptions.GetAll() {
