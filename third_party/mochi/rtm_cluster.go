@@ -6,6 +6,7 @@
 package mqtt
 
 import (
+	"bytes"
 	"errors"
 	"strings"
 	"sync/atomic"
@@ -252,14 +253,7 @@ func (s *Server) AdoptSession(id string, protocolVersion byte, sess Session) {
 		atomic.StoreUint32(&cl.State.packetID, sess.PacketID)
 		cl.State.packetIDMu.Unlock()
 	}
-	for _, pk := range sess.Inflight {
-		if _, ok := cl.State.Inflight.Get(pk.PacketID); ok {
-			continue
-		}
-		if cl.State.Inflight.Set(pk) {
-			atomic.AddInt64(&s.Info.Inflight, 1)
-		}
-	}
+	s.adoptInflight(cl, sess.Inflight)
 	for _, sub := range sess.Subscriptions {
 		if s.Topics.Subscribe(id, sub) {
 			atomic.AddInt64(&s.Info.Subscriptions, 1)
@@ -318,4 +312,76 @@ func (cl *Client) RefuseSession(code packets.Code) {
 // patch 34.
 func (cl *Client) SessionRefused() bool {
 	return cl.State.rtm.refused != nil
+}
+
+// adoptInflight sets the messages of a session adopted by AdoptSession
+// into cl's, in their order. rtm patch 126: a message whose packet ID a
+// message of cl's session holds already (a merge: the two sessions
+// numbered their messages each with its own counter) is not skipped as
+// present unless it is that message: a PUBLISH is given a packet ID free
+// in both and reported to OnQosPublish under it (a storage hook stores it
+// under its new ID; its old ID belongs to the other message). Patch 17
+// skipped it: lost, no hook told, not counted. A PUBREL cannot change its
+// ID (the client holds the message under it); one whose ID the session
+// uses for another message stays out and is logged.
+func (s *Server) adoptInflight(cl *Client, list []packets.Packet) {
+	var moved map[uint16]struct{} // the adopted IDs, none of which a new ID may take
+	for _, pk := range list {
+		cur, ok := cl.State.Inflight.Get(pk.PacketID)
+		if !ok {
+			if cl.State.Inflight.Set(pk) {
+				atomic.AddInt64(&s.Info.Inflight, 1)
+			}
+			continue
+		}
+		if sameInflight(&cur, &pk) {
+			continue // adopted already
+		}
+		if pk.FixedHeader.Type != packets.Publish {
+			s.Log.Warn("adopted session's PUBREL not kept: its packet ID is in use by another message of the session",
+				"client", cl.ID, "packet_id", pk.PacketID)
+			continue
+		}
+		if moved == nil {
+			moved = make(map[uint16]struct{}, len(list))
+			for _, m := range list {
+				moved[m.PacketID] = struct{}{}
+			}
+		}
+		id, err := s.freePacketID(cl, moved)
+		if err != nil {
+			// Every ID in use: as a delivery to a full session, dropped
+			// and reported.
+			s.hooks.OnPacketIDExhausted(cl, pk)
+			continue
+		}
+		pk.PacketID = id
+		if cl.State.Inflight.Set(pk) {
+			atomic.AddInt64(&s.Info.Inflight, 1)
+		}
+		pk.FixedHeader.Dup = false // a new message under id for a storage hook
+		s.hooks.OnQosPublish(cl, pk, pk.Created, 0)
+	}
+}
+
+// freePacketID returns the next packet ID of cl's session not in use and
+// not in reserved. rtm patch 126.
+func (s *Server) freePacketID(cl *Client, reserved map[uint16]struct{}) (uint16, error) {
+	for n := 0; n < 65536; n++ {
+		i, err := cl.NextPacketID()
+		if err != nil {
+			return 0, err
+		}
+		if _, ok := reserved[uint16(i)]; !ok {
+			return uint16(i), nil
+		}
+	}
+	return 0, packets.ErrQuotaExceeded
+}
+
+// sameInflight reports whether a and b are the same message of a session
+// (adopted twice), not two messages under one packet ID. rtm patch 126.
+func sameInflight(a, b *packets.Packet) bool {
+	return a.FixedHeader.Type == b.FixedHeader.Type && a.Origin == b.Origin && a.Created == b.Created &&
+		a.TopicName == b.TopicName && bytes.Equal(a.Payload, b.Payload)
 }

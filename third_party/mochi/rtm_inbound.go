@@ -76,3 +76,27 @@ func (cl *Client) inboundHas(id uint16) bool {
 	}
 	return false
 }
+
+// inheritInbound gives cl, which takes a session over, the session's
+// inbound QoS flows in (its previous connection's) but no PUBACK: a QoS 1
+// PUBACK still in the flows was not written yet, maybe held by an
+// OnPublishHold hook (patch 54) until the message is safe (rtm: stored,
+// acknowledged by the peers), and cl's resend would send it at once, the
+// client told its message is safe before the hold said so. Without its
+// flow, the client sends the PUBLISH again (it was never acknowledged on
+// this connection [MQTT-4.4.0-1]) and it is handled, and held, as a new
+// one: a duplicate, which QoS 1 allows. The flows kept count in
+// Info.Inflight for cl (the previous connection's ClearInflights takes
+// them off). rtm patch 125.
+func (cl *Client) inheritInbound(in *Inflight) {
+	c := in.Clone()
+	for _, pk := range c.GetAll(false) {
+		if pk.FixedHeader.Type == packets.Puback {
+			c.Delete(pk.PacketID)
+		}
+	}
+	if n := c.Len(); n > 0 {
+		cl.State.inbound.Store(c)
+		atomic.AddInt64(&cl.ops.info.Inflight, int64(n))
+	}
+}

@@ -867,7 +867,7 @@ func (s *Server) inheritClientSession(pk packets.Packet, cl *Client) bool {
 		// after the last one the session used, not from 1 again.
 		atomic.StoreUint32(&cl.State.packetID, atomic.LoadUint32(&existing.State.packetID))
 		if in := existing.State.inbound.Load(); in != nil && in.Len() > 0 { // rtm patch 94
-			cl.State.inbound.Store(in.Clone())
+			cl.inheritInbound(in) // rtm patch 125: no PUBACK not yet written
 		}
 		// rtm patch 123: after the flows (a flow set after this clone was
 		// recorded before it, see qos2Begin): the session's QoS 2 PUBRECs
@@ -881,6 +881,9 @@ func (s *Server) inheritClientSession(pk packets.Packet, cl *Client) bool {
 				cl.State.Inflight.ResetReceiveQuota(int32(cl.ops.options.Capabilities.ReceiveMaximum)) // server receive max per client
 				cl.State.Inflight.ResetSendQuota(int32(cl.Properties.Props.ReceiveMaximum))            // client receive max
 			}
+			// rtm patch 125: the messages stay in flight in cl; existing's
+			// ClearInflights below takes them off the gauge.
+			atomic.AddInt64(&s.Info.Inflight, int64(cl.State.Inflight.Len()))
 		}
 
 		for _, sub := range existing.State.Subscriptions.GetAll() {
@@ -1771,6 +1774,10 @@ func (s *Server) processPubrec(cl *Client, pk packets.Packet) error {
 
 	if pk.ReasonCode >= packets.ErrUnspecifiedError.Code || !pk.ReasonCodeValid() { // [MQTT-4.3.3-4]
 		if ok := cl.State.Inflight.Delete(pk.PacketID); ok {
+			// rtm patch 128: a PUBREC of 0x80 or greater ends the flow
+			// and gives its send quota back (MQTT 5 section 4.9); v2.7.9
+			// kept the unit taken for good.
+			cl.State.Inflight.IncreaseSendQuota()
 			atomic.AddInt64(&s.Info.Inflight, -1)
 			cl.flowDrained() // rtm patch 20
 		}
@@ -1778,8 +1785,10 @@ func (s *Server) processPubrec(cl *Client, pk packets.Packet) error {
 		return nil // as per MQTT5 Section 4.13.2 paragraph 2
 	}
 
+	// rtm patch 127: no receive quota is taken here: the receive quota
+	// counts the client's PUBLISHes, and this is the server's own message
+	// (v2.7.9 took one unit until the PUBCOMP, see processPubcomp).
 	ack := s.buildAck(pk.PacketID, packets.Pubrel, 1, pk.Properties, packets.CodeSuccess) // [MQTT-4.3.3-4] ![MQTT-4.3.3-6]
-	cl.State.Inflight.DecreaseReceiveQuota()                                              // -1 RECV QUOTA
 	cl.State.Inflight.Set(ack)                                                            // [MQTT-4.3.3-5]
 	// rtm patch 39: the message's state is now the PUBREL; a storage hook
 	// records it before the PUBREL is sent, so a restored session resends
@@ -1798,6 +1807,9 @@ func (s *Server) processPubrel(cl *Client, pk packets.Packet) error {
 	if pk.ReasonCode >= packets.ErrUnspecifiedError.Code || !pk.ReasonCodeValid() { // [MQTT-4.3.3-9]
 		if ok := in.Delete(pk.PacketID); ok {
 			atomic.AddInt64(&s.Info.Inflight, -1)
+			// rtm patch 130: the flow ends here, and with it the client's
+			// PUBLISH's unit of receive quota; v2.7.9 kept it taken.
+			cl.State.Inflight.IncreaseReceiveQuota()
 		}
 		// rtm patch 94: no OnQosDropped: no message of the session is
 		// dropped (the client's was delivered on its PUBLISH), and hooks
@@ -1814,8 +1826,11 @@ func (s *Server) processPubrel(cl *Client, pk packets.Packet) error {
 		return err
 	}
 
+	// rtm patch 129: the client's flow gives back its receive quota only;
+	// v2.7.9 also incremented the send quota, which counts the server's
+	// messages to the client, so the server could exceed the client's
+	// Receive Maximum [MQTT-4.9.0-1].
 	cl.State.Inflight.IncreaseReceiveQuota() // +1 RECV QUOTA
-	cl.State.Inflight.IncreaseSendQuota()    // +1 SENT QUOTA
 	if ok := in.Delete(pk.PacketID); ok {    // [MQTT-4.3.3-12]
 		atomic.AddInt64(&s.Info.Inflight, -1)
 		s.hooks.OnQosComplete(cl, pk)
@@ -1827,8 +1842,9 @@ func (s *Server) processPubrel(cl *Client, pk packets.Packet) error {
 // processPubcomp processes a Pubcomp packet, denoting completion of a QOS 2 packet sent from the server.
 func (s *Server) processPubcomp(cl *Client, pk packets.Packet) error {
 	// regardless of whether the pubcomp is a success or failure, we end the qos flow, delete inflight, and restore the quotas.
-	cl.State.Inflight.IncreaseReceiveQuota() // +1 RECV QUOTA
-	cl.State.Inflight.IncreaseSendQuota()    // +1 SENT QUOTA
+	// rtm patch 127: the send quota only: processPubrec no longer takes a
+	// unit of the client's receive quota for the server's message.
+	cl.State.Inflight.IncreaseSendQuota() // +1 SENT QUOTA
 	if ok := cl.State.Inflight.Delete(pk.PacketID); ok {
 		atomic.AddInt64(&s.Info.Inflight, -1)
 		cl.flowDrained() // rtm patch 20

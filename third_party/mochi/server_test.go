@@ -2485,7 +2485,9 @@ func TestServerProcessPacketPubrec(t *testing.T) {
 
 	require.Equal(t, packets.TPacketData[packets.Pubrel].Get(packets.TPubrel).RawBytes, <-recv)
 
-	require.Equal(t, int32(2), atomic.LoadInt32(&cl.State.Inflight.receiveQuota))
+	// rtm patch 127: the PUBREC of the server's message takes none of the
+	// client's receive quota (v2.7.9: 2).
+	require.Equal(t, int32(3), atomic.LoadInt32(&cl.State.Inflight.receiveQuota))
 	require.Equal(t, int32(3), atomic.LoadInt32(&cl.State.Inflight.sendQuota))
 	require.Equal(t, int64(1), atomic.LoadInt64(&s.Info.Inflight))
 	_, ok := cl.State.Inflight.Get(pID)
@@ -2562,7 +2564,8 @@ func TestServerProcessPacketPubrel(t *testing.T) {
 	_ = w.Close()
 
 	require.Equal(t, int32(4), atomic.LoadInt32(&cl.State.Inflight.receiveQuota))
-	require.Equal(t, int32(4), atomic.LoadInt32(&cl.State.Inflight.sendQuota))
+	// rtm patch 129: the client's PUBREL leaves the send quota (v2.7.9: 4).
+	require.Equal(t, int32(3), atomic.LoadInt32(&cl.State.Inflight.sendQuota))
 
 	require.Equal(t, packets.TPacketData[packets.Pubcomp].Get(packets.TPubcomp).RawBytes, <-recv)
 
@@ -2647,7 +2650,10 @@ func TestServerProcessPacketPubcomp(t *testing.T) {
 			require.NoError(t, err)
 			require.Equal(t, int64(0), atomic.LoadInt64(&s.Info.Inflight))
 
-			require.Equal(t, int32(4), atomic.LoadInt32(&cl.State.Inflight.receiveQuota))
+			// rtm patch 127: the PUBCOMP of the server's message gives
+			// back the send quota only (v2.7.9: the receive quota too,
+			// which its PUBREC had taken).
+			require.Equal(t, int32(3), atomic.LoadInt32(&cl.State.Inflight.receiveQuota))
 			require.Equal(t, int32(4), atomic.LoadInt32(&cl.State.Inflight.sendQuota))
 
 			_, ok := cl.State.Inflight.Get(pID)
@@ -2673,7 +2679,7 @@ func TestServerProcessInboundQos2Flow(t *testing.T) {
 			in:              packets.TPacketData[packets.Pubrel].Get(packets.TPubrel),
 			out:             packets.TPacketData[packets.Pubcomp].Get(packets.TPubcomp),
 			data: map[string]any{
-				"sendquota": int32(4),
+				"sendquota": int32(3), // rtm patch 129: the client's PUBREL leaves it (v2.7.9: 4)
 				"recvquota": int32(3),
 				"inflight":  int64(0),
 			},
@@ -2736,7 +2742,7 @@ func TestServerProcessOutboundQos2Flow(t *testing.T) {
 			out:             packets.TPacketData[packets.Pubrel].Get(packets.TPubrel),
 			data: map[string]any{
 				"sendquota": int32(2),
-				"recvquota": int32(2),
+				"recvquota": int32(3), // rtm patch 127: the client's PUBREC takes none (v2.7.9: 2)
 				"inflight":  int64(1),
 			},
 		},
