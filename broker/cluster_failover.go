@@ -63,7 +63,8 @@ import (
 // went to the process before; repeating it on every reconnect could
 // count a word of an earlier failure of D for a later one, and clear the
 // marks while held copies are still to come: a loss, where a mark kept
-// too long costs at most a duplicate).
+// too long costs at most a duplicate), or, if the node saw D fail since,
+// with that failure's marks.
 // A held link that reaches a new process of D re-sends what it threw
 // away as a release would (resendRestarted).
 //
@@ -861,12 +862,13 @@ func (c *clusterNode) markAfterHold(dead string, after time.Duration, stillFaile
 // cluster.failed_peer_hold: the node may have restarted during the
 // failover, and the held copies of dead that survivors send on after it
 // must still reach the session (and its direct copies marked held skip
-// it). The mark goes at the end of that hold, or with a later failure's
-// (adoptedMarks.reset, heldSent): the word of the brokers that they were
-// done with dead's held link reached the process before this one, and a
-// mark kept after the failover costs at most a duplicate (a held copy of
-// a later failure of dead, which the session also got directly before
-// this node saw that failure).
+// it). The mark goes at the end of that hold, unless this node saw dead
+// fail since (then with that failure's marks: heldSent, markAfterHold;
+// adoptedMarks.reset): the word of the brokers that they were done with
+// dead's held link reached the process before this one, and a mark kept
+// after the failover costs at most a duplicate (a held copy of a later
+// failure of dead, which the session also got directly before this node
+// saw that failure).
 func (c *clusterNode) restoreMark(id, dead string, adoptedAt time.Time) uint64 {
 	hold := c.peers.hold
 	left := hold - time.Since(adoptedAt)
@@ -876,11 +878,21 @@ func (c *clusterNode) restoreMark(id, dead string, adoptedAt time.Time) uint64 {
 	// adopted_at is another node's wall clock, maybe ahead of this one's.
 	left = min(left, hold)
 	tok := c.adopted.set(id, dead)
-	// Not tied to the failure's generation (this node's watcher begins a
-	// new one when it first sees dead failed, after this): any held link
-	// of that failure is gone by then. Tied to this mark: a later failure
-	// of dead may mark the session again (adoptedMarks.reset).
-	time.AfterFunc(left, func() { c.adopted.clearToken(id, tok) })
+	// Tied to this mark (a later failure of dead may mark the session
+	// again: adoptedMarks.reset) and to the failure generation seen here,
+	// as moveInMarks: a failure of dead this node sees before the timer
+	// (a later one, or the same one first seen by a process that restarted
+	// during it) leaves the mark to that failure's words or to
+	// markAfterHold. Ended by the timer in its middle, the session skipped
+	// the direct copy and then the held copy of a message, lost (review
+	// rv12 finding 4); kept, it costs at most a duplicate.
+	gen := c.heldDone.generation(dead)
+	time.AfterFunc(left, func() {
+		if c.heldDone.generation(dead) != gen {
+			return
+		}
+		c.adopted.clearToken(id, tok)
+	})
 	return tok
 }
 
