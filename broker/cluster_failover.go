@@ -877,6 +877,7 @@ func (c *clusterNode) restoreMark(id, dead string, adoptedAt time.Time) uint64 {
 	}
 	// adopted_at is another node's wall clock, maybe ahead of this one's.
 	left = min(left, hold)
+	gen := c.heldDone.generation(dead) // before the mark: a failure seen meanwhile keeps it
 	tok := c.adopted.set(id, dead)
 	// Tied to this mark (a later failure of dead may mark the session
 	// again: adoptedMarks.reset) and to the failure generation seen here,
@@ -886,7 +887,6 @@ func (c *clusterNode) restoreMark(id, dead string, adoptedAt time.Time) uint64 {
 	// markAfterHold. Ended by the timer in its middle, the session skipped
 	// the direct copy and then the held copy of a message, lost (review
 	// rv12 finding 4); kept, it costs at most a duplicate.
-	gen := c.heldDone.generation(dead)
 	time.AfterFunc(left, func() {
 		if c.heldDone.generation(dead) != gen {
 			return
