@@ -65,8 +65,9 @@ type clusterNode struct {
 	// acknowledges nor loses its link (peerAckWaitDefault; tests shorten it).
 	peerAckWait atomic.Int64 // a time.Duration
 	// heldForwards counts the forwards under way that marked their
-	// message held for a failed node (cluster_failover.go, heldHandedOver).
-	heldForwards atomic.Int64
+	// message held for a failed node, by hand-over epoch
+	// (cluster_failover.go, heldHandedOver).
+	heldForwards heldForwardCount
 	connects     connectOrder // cluster_claims.go: an older CONNECT does not take over a newer one
 
 	// adoptedGroups: the share groups of the sessions adopted from failed

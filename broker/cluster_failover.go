@@ -63,7 +63,8 @@ import (
 // went to the process before; repeating it on every reconnect could
 // count a word of an earlier failure of D for a later one, and clear the
 // marks while held copies are still to come: a loss, where a mark kept
-// too long costs at most a duplicate).
+// too long costs at most a duplicate), or, if the node saw D fail since,
+// with that failure's marks.
 // A held link that reaches a new process of D re-sends what it threw
 // away as a release would (resendRestarted).
 //
@@ -861,12 +862,13 @@ func (c *clusterNode) markAfterHold(dead string, after time.Duration, stillFaile
 // cluster.failed_peer_hold: the node may have restarted during the
 // failover, and the held copies of dead that survivors send on after it
 // must still reach the session (and its direct copies marked held skip
-// it). The mark goes at the end of that hold, or with a later failure's
-// (adoptedMarks.reset, heldSent): the word of the brokers that they were
-// done with dead's held link reached the process before this one, and a
-// mark kept after the failover costs at most a duplicate (a held copy of
-// a later failure of dead, which the session also got directly before
-// this node saw that failure).
+// it). The mark goes at the end of that hold, unless this node saw dead
+// fail since (then with that failure's marks: heldSent, markAfterHold;
+// adoptedMarks.reset): the word of the brokers that they were done with
+// dead's held link reached the process before this one, and a mark kept
+// after the failover costs at most a duplicate (a held copy of a later
+// failure of dead, which the session also got directly before this node
+// saw that failure).
 func (c *clusterNode) restoreMark(id, dead string, adoptedAt time.Time) uint64 {
 	hold := c.peers.hold
 	left := hold - time.Since(adoptedAt)
@@ -875,12 +877,22 @@ func (c *clusterNode) restoreMark(id, dead string, adoptedAt time.Time) uint64 {
 	}
 	// adopted_at is another node's wall clock, maybe ahead of this one's.
 	left = min(left, hold)
+	gen := c.heldDone.generation(dead) // before the mark: a failure seen meanwhile keeps it
 	tok := c.adopted.set(id, dead)
-	// Not tied to the failure's generation (this node's watcher begins a
-	// new one when it first sees dead failed, after this): any held link
-	// of that failure is gone by then. Tied to this mark: a later failure
-	// of dead may mark the session again (adoptedMarks.reset).
-	time.AfterFunc(left, func() { c.adopted.clearToken(id, tok) })
+	// Tied to this mark (a later failure of dead may mark the session
+	// again: adoptedMarks.reset) and to the failure generation seen here,
+	// as moveInMarks: a failure of dead this node sees before the timer
+	// (a later one, or the same one first seen by a process that restarted
+	// during it) leaves the mark to that failure's words or to
+	// markAfterHold. Ended by the timer in its middle, the session skipped
+	// the direct copy and then the held copy of a message, lost (review
+	// rv12 finding 4); kept, it costs at most a duplicate.
+	time.AfterFunc(left, func() {
+		if c.heldDone.generation(dead) != gen {
+			return
+		}
+		c.adopted.clearToken(id, tok)
+	})
 	return tok
 }
 
@@ -988,14 +1000,30 @@ func (c *clusterNode) carriedMarks(s *sessionDoc, now time.Time) []earlierMark {
 // msgHeldDone, so the adopters' marks, which the msgHeldDone may clear,
 // are still there for them. Forwards after the hand-over mark nothing for
 // dead; the wait is bounded (a publisher stalled at the flush gate).
+//
+// Only the forwards begun before this call are waited for (heldForwards'
+// epochs): under sustained load during a failover some forward marked
+// held is always under way (for dead's held link until the hand-over, or
+// for another failed node's), and a wait for none at all lasted until the
+// bound, where the word could go ahead of one begun before the hand-over
+// (review rv12, note F-B).
 func (c *clusterNode) heldHandedOver(dead string) {
+	epoch := c.heldForwards.cut()
 	go func() {
-		end := time.Now().Add(flushWaitMax + time.Second)
-		for c.heldForwards.Load() > 0 && time.Now().Before(end) {
+		t := time.NewTimer(flushWaitMax + time.Second)
+		defer t.Stop()
+	wait:
+		for {
+			busy, changed := c.heldForwards.busy(epoch)
+			if !busy {
+				break
+			}
 			select {
 			case <-c.stop:
 				return
-			case <-time.After(5 * time.Millisecond):
+			case <-changed:
+			case <-t.C:
+				break wait
 			}
 		}
 		select {
@@ -1005,6 +1033,68 @@ func (c *clusterNode) heldHandedOver(dead string) {
 		}
 		c.sendHeldDone(dead)
 	}()
+}
+
+// heldForwardCount counts the forwards under way that marked their message
+// held for a failed node, by the epoch they began in: each hand-over of a
+// held link (heldHandedOver) ends one, and waits for the forwards of the
+// epochs up to it alone. The mutex is a leaf.
+type heldForwardCount struct {
+	mu      sync.Mutex
+	epoch   uint64         // the current epoch: hand-overs so far
+	n       map[uint64]int // epoch → forwards under way begun in it
+	changed chan struct{}  // closed and replaced when an epoch has none left
+}
+
+// begin counts a forward that marked its message held; end(the epoch it
+// returns) when it queued its copies.
+func (h *heldForwardCount) begin() uint64 {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.n == nil {
+		h.n = map[uint64]int{}
+	}
+	h.n[h.epoch]++
+	return h.epoch
+}
+
+// end is the end of a forward begun in epoch.
+func (h *heldForwardCount) end(epoch uint64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.n[epoch]--; h.n[epoch] > 0 {
+		return
+	}
+	delete(h.n, epoch)
+	if h.changed != nil {
+		close(h.changed)
+		h.changed = nil
+	}
+}
+
+// cut ends the current epoch and returns it: the forwards begun so far are
+// those of the epochs up to it.
+func (h *heldForwardCount) cut() uint64 {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.epoch++
+	return h.epoch - 1
+}
+
+// busy reports whether a forward begun in an epoch up to epoch is under
+// way, and returns a channel closed at the next end of an epoch's last.
+func (h *heldForwardCount) busy(epoch uint64) (bool, <-chan struct{}) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.changed == nil {
+		h.changed = make(chan struct{})
+	}
+	for e := range h.n {
+		if e <= epoch {
+			return true, h.changed
+		}
+	}
+	return false, h.changed
 }
 
 // sendHeldDone tells every live peer, after what this node's held link for

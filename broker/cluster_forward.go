@@ -397,8 +397,8 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 		// Counted under the routes' lock, as a hand-over of a held link
 		// begins: its msgHeldDone waits for this forward's copies
 		// (heldHandedOver).
-		c.heldForwards.Add(1)
-		defer c.heldForwards.Add(-1)
+		epoch := c.heldForwards.begin()
+		defer c.heldForwards.end(epoch)
 	}
 	c.peers.mu.Unlock()
 	c.routes.mu.Unlock()

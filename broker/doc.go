@@ -143,9 +143,11 @@
 //     the lock of routeTable's own index of remote routes (a leaf too).
 //
 // retainedSync.mu, claimWaiters.mu, moves.mu, owners.mu, relays.mu,
-// adoptedMarks.mu, flushGate.mu and heldDone.mu are leaves: nothing else is
-// locked while one is held (a held link's release begins its flushGate with
-// routeTable.mu held; a forward waits for the gate with no lock held). A relay's own mutex
+// adoptedMarks.mu, flushGate.mu, heldDone.mu and heldForwardCount.mu are
+// leaves: nothing else is locked while one is held (a held link's release
+// begins its flushGate with routeTable.mu held; a forward waits for the gate
+// with no lock held; a forward that marks its message held counts itself
+// with routeTable.mu and peerSet.mu held). A relay's own mutex
 // (cluster_relay.go) comes before peerSet.mu and the link locks: it is held
 // while a relayed message is queued, so relayed messages keep their order. An inMove's mutex comes before
 // mochi's locks: the destination installs the session (AdoptSession, which
