@@ -599,7 +599,7 @@ func (c *clusterNode) deliver(from string, m link.Message) {
 	case msgRoutes:
 		var rm routesMsg
 		if rm, err = decodeRoutes(m.Body); err == nil {
-			c.routes.set(from, rm)
+			c.routes.set(from, rm, c.links.Incarnation(from))
 		}
 	case msgRouteDelta:
 		var d routeDeltaMsg

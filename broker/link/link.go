@@ -413,6 +413,14 @@ func (l *Link) Up() bool {
 	return l.state == StateUp
 }
 
+// PeerIncarnation returns the peer's incarnation as of the last
+// handshake (0 before the first): the process the Link writes to.
+func (l *Link) PeerIncarnation() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.peerInc
+}
+
 // WaitUp waits until the Link is up, ctx ends (returning its error) or the
 // Link is closed (returning ErrClosed).
 func (l *Link) WaitUp(ctx context.Context) error {
