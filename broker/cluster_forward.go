@@ -277,6 +277,7 @@ func (c *clusterNode) forward(pub *mqtt.Client, pk packets.Packet) ([]string, er
 	if strings.HasPrefix(pk.TopicName, "$SYS") {
 		return nil, nil
 	}
+	c.awaitFreshRoutes(pub) // cluster_resume.go: after a stall
 	var refuse error
 	var missed map[string]bool
 	var held []string

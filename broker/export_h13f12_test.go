@@ -19,3 +19,14 @@ func (b *Broker) HoldRoutesFrom(from []string, release <-chan struct{}) {
 	}
 	b.cluster.testDeliver.Store(&f)
 }
+
+// SimulateStall makes the node find, at its next look, that it did not
+// run for a while, as after SIGSTOP and SIGCONT.
+func (b *Broker) SimulateStall() {
+	g := b.cluster.resume
+	g.last.Store(g.now() - int64(10*g.stall))
+}
+
+// RoutesStale reports whether the node waits for its peers' routes after
+// a stall.
+func (b *Broker) RoutesStale() bool { return b.cluster.resume.active.Load() }
