@@ -48,7 +48,6 @@ type resumeGuard struct {
 	since    time.Time            // when the wait began
 	fresh    chan struct{}        // closed when it ends
 	snapshot map[string]time.Time // peer → when its last route table came
-	waits    atomic.Int64         // waits begun
 }
 
 // newResumeGuard sets the stall bound from the gossip probe interval.
@@ -113,7 +112,6 @@ func (c *clusterNode) beginResume(seen int64, gap time.Duration) {
 	g.since = time.Now()
 	g.fresh = make(chan struct{})
 	g.active.Store(true)
-	g.waits.Add(1)
 	g.mu.Unlock()
 	c.log.Warn("node did not run for a while (stopped, or starved): its peers may have declared it failed; publishes wait until every live peer has sent its routes again",
 		"gap", gap.Round(time.Millisecond), "at_most", g.freshMax)

@@ -26,17 +26,12 @@ type routeTable struct {
 	// remote has its own lock: Subscribers is read without mu.
 	remote *mqtt.TopicsIndex
 
-	mu       sync.Mutex
-	local    map[string]struct{}            // filters local clients subscribe to (and share groups)
-	localVer uint64                         // bumped by every local route change
-	sets     map[string]map[string]struct{} // peer → its routes, as held in remote
-	ver      map[string]uint64              // peer → version of its routes held
-	// inc: peer → the incarnation of the process its routes held are of
-	// (its link's, when the snapshot came; 0: not known). A link that
-	// reaches another process of the peer must not take them for its
-	// (cluster_forward.go, forwardPublish).
-	inc       map[string]uint64
-	shareNext map[string]uint64 // share route → round-robin counter
+	mu        sync.Mutex
+	local     map[string]struct{}            // filters local clients subscribe to (and share groups)
+	localVer  uint64                         // bumped by every local route change
+	sets      map[string]map[string]struct{} // peer → its routes, as held in remote
+	ver       map[string]uint64              // peer → version of its routes held
+	shareNext map[string]uint64              // share route → round-robin counter
 	// pins keeps local filters while a session holding them moves away
 	// (cluster_relay.go): their removal waits, in dropDue, until unpinned.
 	pins    map[string]int
@@ -46,6 +41,11 @@ type routeTable struct {
 	// again. A forward that read such a peer's routes just before they
 	// went does not count it missed.
 	released map[string]bool
+	// inc: peer → the incarnation of the process its routes held are of
+	// (its inbound link's when the snapshot came; 0: not known). A link
+	// that reaches another process of the peer must not take them for its
+	// (cluster_forward.go, routesOfGoneLocked).
+	inc map[string]uint64
 
 	count atomic.Int64 // routes held in remote, all peers
 }
