@@ -230,3 +230,33 @@ func TestResumedNodeWaitsForFreshRoutes(t *testing.T) {
 		t.Fatal("m1, acknowledged, never reached the adopted session: lost")
 	}
 }
+
+// TestResumeWaitBounded: after a stall, a peer that does not send its
+// routes again (its link's messages held back) keeps the node's publishes
+// waiting at most the bound (three probe intervals plus the links'
+// longest redial delay); then they go by the routes there are, and reach
+// that peer's subscriber.
+func TestResumeWaitBounded(t *testing.T) {
+	nodes, _ := durableCluster(t, 2)
+	n0, n1 := nodes[0], nodes[1]
+	sub := testutil.MustV5(t, n0.Addr(broker.ListenerTCP), "sub")
+	sub.Sub(t, "rb/#", 1)
+	waitRoutes(t, nodes, n0, 1)
+	p := testutil.MustV5(t, n1.Addr(broker.ListenerTCP), "pub")
+
+	release := make(chan struct{})
+	defer close(release)
+	n1.HoldRoutesFrom([]string{"n0"}, release)
+	n1.SimulateStall()
+	began := time.Now()
+	if ok, why := publishOutcome(p, "rb/1", "m1"); !ok {
+		t.Fatalf("m1: %s", why)
+	}
+	if n1.RoutesStale() {
+		t.Fatal("n1 still waits for routes after the bound")
+	}
+	t.Logf("m1 acknowledged %v after the stall", time.Since(began).Round(time.Millisecond))
+	if m := sub.Next(t, waitMsg); string(m.Payload) != "m1" {
+		t.Fatalf("sub got %q, want m1", m.Payload)
+	}
+}
