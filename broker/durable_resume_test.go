@@ -233,9 +233,9 @@ func TestResumedNodeWaitsForFreshRoutes(t *testing.T) {
 
 // TestResumeWaitBounded: after a stall, a peer that does not send its
 // routes again (its link's messages held back) keeps the node's publishes
-// waiting at most the bound (three probe intervals plus the links'
-// longest redial delay); then they go by the routes there are, and reach
-// that peer's subscriber.
+// waiting at most the bound (the stall bound plus the links' longest
+// redial delay); then they go by the routes there are, and reach that
+// peer's subscriber.
 func TestResumeWaitBounded(t *testing.T) {
 	nodes, _ := durableCluster(t, 2)
 	n0, n1 := nodes[0], nodes[1]
