@@ -57,6 +57,7 @@ type clusterNode struct {
 	adopted   adoptedMarks // cluster_failover.go: sessions adopted from failed nodes
 	heldFlush flushGate    // cluster_failover.go: held links' re-sends go first
 	heldDone  heldDone     // cluster_failover.go: which nodes sent on what they held for a failed one
+	resume    *resumeGuard // cluster_resume.go: after a stall, publishes wait for fresh routes
 	// pubMarks: *mqtt.Client → *pubMarks, with durability, what a local
 	// publisher's PUBLISH in progress was queued as on links, so its
 	// acknowledgement waits for the peers' (cluster_forward.go).
@@ -170,6 +171,11 @@ func newClusterNode(b *Broker, cfg config.Cluster, timing cluster.Timing) *clust
 	})
 	c.retained = newRetainedSync(b.cfg.NodeName, func() map[string]packets.Packet { return b.mq.Topics.Retained.GetAll() }, b.mq.RetainFromPeer)
 	c.peerAckWait.Store(int64(peerAckWaitFor(cfg.ProbeInterval)))
+	redialMax := link.DefaultRedialMax
+	if timing == cluster.TimingFast {
+		redialMax = 200 * time.Millisecond // linkConfig
+	}
+	c.resume = newResumeGuard(cfg.ProbeInterval, timing, redialMax)
 	return c
 }
 
@@ -240,6 +246,9 @@ func (c *clusterNode) start(ctx context.Context) error {
 	}
 	c.wg.Add(1)
 	go c.watch(events)
+	c.resume.last.Store(c.resume.now())
+	c.wg.Add(1)
+	go c.resumeWatch()
 	c.log.Info("cluster started", "gossip", node.Addr(), "link", srv.Addr(), "seeds", c.cfg.Seeds())
 	return nil
 }
@@ -600,7 +609,8 @@ func (c *clusterNode) deliver(from string, m link.Message) {
 	case msgRoutes:
 		var rm routesMsg
 		if rm, err = decodeRoutes(m.Body); err == nil {
-			c.routes.set(from, rm)
+			c.routes.set(from, rm, c.links.Incarnation(from))
+			c.resumeSnapshot(from)
 		}
 	case msgRouteDelta:
 		var d routeDeltaMsg

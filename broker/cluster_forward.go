@@ -298,6 +298,7 @@ func (c *clusterNode) forward(pub *mqtt.Client, pk packets.Packet) ([]string, er
 	if strings.HasPrefix(pk.TopicName, "$SYS") {
 		return nil, nil
 	}
+	c.awaitFreshRoutes(pub) // cluster_resume.go: after a stall
 	var refuse error
 	var missed map[string]bool
 	var held []string
@@ -336,11 +337,16 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 	targets := make([]target, 0, len(subs.Subscriptions)+len(subs.Shared))
 	var missing []string // peers with matching routes and no link
 	var held []string    // failed peers whose held link takes it
+	var gone []string    // routes of a process its link no longer reaches
 	skipped := false     // a released peer's route matched
 	c.routes.mu.Lock()
 	c.peers.mu.Lock()
 	for name := range subs.Subscriptions {
 		p := c.peers.alive[name]
+		if c.routesOfGoneLocked(p) {
+			gone = append(gone, name)
+			continue
+		}
 		if p == nil {
 			// Failed, and sending its routes again: it may be alive after
 			// all. Its held link takes the message, resent if it heals.
@@ -386,6 +392,10 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 		slices.Sort(names)
 		n := c.routes.nextShareLocked(route)
 		p := pool[names[n%uint64(len(names))]]
+		if !heldPool && c.routesOfGoneLocked(p) {
+			gone = append(gone, p.name)
+			continue
+		}
 		i := slices.IndexFunc(targets, func(t target) bool { return t.p == p })
 		if i < 0 {
 			targets = append(targets, target{p: p, held: heldPool})
@@ -421,6 +431,10 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 	}
 	for _, name := range missing {
 		fail(name, dropNoLink)
+	}
+	slices.Sort(gone)
+	for _, name := range slices.Compact(gone) {
+		fail(name, dropPeerRestarted)
 	}
 	// Encoding and queueing happen outside the lock, so publishers on
 	// different connections forward in parallel; each one's messages still
@@ -491,6 +505,20 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 		}
 	}
 	return missed, held, waited, refuse
+}
+
+// routesOfGoneLocked reports whether the alive peer p (nil: none) is
+// reached by its link as another process than the one whose routes this
+// node holds: the peer restarted and its link reached the new process
+// before the new process's routes came (or before this node's links
+// followed gossip: a node stopped while the peer died and restarted). The
+// new process has no session for those routes (with durability, the old
+// one's were adopted elsewhere), so what is forwarded on them would be
+// acknowledged on the link and reach nobody. With durability the
+// publish is refused instead (counted peer_restarted), and the client's
+// retry goes by the new routes. routeTable.mu and peerSet.mu are held.
+func (c *clusterNode) routesOfGoneLocked(p *peer) bool {
+	return p != nil && c.b.durable != nil && c.routes.ofOtherProcessLocked(p.name, p.link.PeerIncarnation())
 }
 
 // adoptedSubscriber reports whether a session here that was adopted from a

@@ -41,6 +41,11 @@ type routeTable struct {
 	// again. A forward that read such a peer's routes just before they
 	// went does not count it missed.
 	released map[string]bool
+	// inc: peer → the incarnation of the process its routes held are of
+	// (its inbound link's when the snapshot came; 0: not known). A link
+	// that reaches another process of the peer must not take them for its
+	// (cluster_forward.go, routesOfGoneLocked).
+	inc map[string]uint64
 
 	count atomic.Int64 // routes held in remote, all peers
 }
@@ -52,6 +57,7 @@ func newRouteTable(log *slog.Logger) *routeTable {
 		local:     map[string]struct{}{},
 		sets:      map[string]map[string]struct{}{},
 		ver:       map[string]uint64{},
+		inc:       map[string]uint64{},
 		shareNext: map[string]uint64{},
 		pins:      map[string]int{},
 		dropDue:   map[string]bool{},
@@ -136,8 +142,9 @@ func (r *routeTable) subscribers(topic string) *mqtt.Subscribers {
 	return r.remote.Subscribers(topic)
 }
 
-// set replaces every route of peer from with a snapshot.
-func (r *routeTable) set(from string, rm routesMsg) {
+// set replaces every route of peer from with a snapshot sent by its
+// process inc (0: not known).
+func (r *routeTable) set(from string, rm routesMsg, inc uint64) {
 	// Routes are kept even from a node this one has not seen join yet:
 	// the link is authenticated, and gossip may simply be behind. They are
 	// used once it is a peer, and dropped if gossip says it is gone.
@@ -164,6 +171,15 @@ func (r *routeTable) set(from string, rm routesMsg) {
 	r.count.Add(int64(len(set) - len(old)))
 	r.sets[from] = set
 	r.ver[from] = rm.Version
+	r.inc[from] = inc
+}
+
+// ofOtherProcessLocked reports whether the routes held of peer are of
+// another process than peerInc, the one its link reaches now (a restart:
+// the new process's snapshot has not arrived yet). mu is held.
+func (r *routeTable) ofOtherProcessLocked(peer string, peerInc uint64) bool {
+	inc := r.inc[peer]
+	return inc != 0 && peerInc != 0 && inc != peerInc
 }
 
 // apply applies one route delta of peer from, unless the snapshot held
@@ -200,6 +216,7 @@ func (r *routeTable) dropLocked(name string) {
 	r.count.Add(-int64(len(r.sets[name])))
 	delete(r.sets, name)
 	delete(r.ver, name)
+	delete(r.inc, name)
 }
 
 // releaseLocked drops the routes of the failed peer name, whose held link

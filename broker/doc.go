@@ -47,6 +47,12 @@
 //     died during the failover keeps the earlier failed node's mark
 //     beside the adopter's (a session may carry marks for several failed
 //     nodes, oldest first, each cleared on its own).
+//   - Resume (resumeGuard, cluster_resume.go): a node that finds it did
+//     not run for three probe intervals (stopped: its peers may have
+//     declared it failed and moved sessions away from the routes it
+//     holds) closes its inbound links so its peers send their routes
+//     again, and its clients' publishes wait for them (bounded) before
+//     their routes are read.
 //
 // # Session moves
 //
@@ -109,7 +115,11 @@
 //
 // A QoS 1/2 PUBLISH acknowledged by this node is queued on every link whose
 // peer has a matching route, or refused (0x97 when a link queue is full,
-// 0x80 otherwise); the link then delivers it exactly once while both
+// 0x80 otherwise; with durability 0x80 too when the link reaches another
+// process of the peer than the one whose routes matched: a restart whose
+// new routes have not arrived). After a stall (resumeGuard) the routes are
+// read only once every live peer sent them again, or the bounded wait
+// ended; the link then delivers it exactly once while both
 // processes stay up (see package link). With durability, its
 // acknowledgement also waits until every live peer it was queued for has
 // acknowledged it on the link (safe there), or that peer's link is held
@@ -143,11 +153,12 @@
 //     the lock of routeTable's own index of remote routes (a leaf too).
 //
 // retainedSync.mu, claimWaiters.mu, moves.mu, owners.mu, relays.mu,
-// adoptedMarks.mu, flushGate.mu, heldDone.mu and heldForwardCount.mu are
-// leaves: nothing else is locked while one is held (a held link's release
-// begins its flushGate with routeTable.mu held; a forward waits for the gate
-// with no lock held; a forward that marks its message held counts itself
-// with routeTable.mu and peerSet.mu held). A relay's own mutex
+// adoptedMarks.mu, flushGate.mu, heldDone.mu, heldForwardCount.mu and
+// resumeGuard.mu are leaves: nothing else is locked while one is held (a
+// held link's release begins its flushGate with routeTable.mu held; a
+// forward waits for the gate with no lock held; a forward that marks its
+// message held counts itself with routeTable.mu and peerSet.mu held). A
+// relay's own mutex
 // (cluster_relay.go) comes before peerSet.mu and the link locks: it is held
 // while a relayed message is queued, so relayed messages keep their order. An inMove's mutex comes before
 // mochi's locks: the destination installs the session (AdoptSession, which

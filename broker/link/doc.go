@@ -101,9 +101,9 @@
 //
 // # Concurrency and locks
 //
-// Send, Queue, QueueSeq, Settled, Lost, WaitSettled, Stats, Up and Close of a
-// Link, and Stats, Forget and Close of a Server, are safe for concurrent
-// use. Send never blocks on the network: it
+// Send, Queue, QueueSeq, Settled, Lost, WaitSettled, Stats, PeerIncarnation,
+// Up and Close of a Link, and Stats, Incarnation, Forget and Close of a
+// Server, are safe for concurrent use. Send never blocks on the network: it
 // appends to the queue under the Link's mutex and wakes the writer. Link.mu
 // and Server.mu are leaf locks: no other lock is taken while one is held, and
 // neither OnUp nor Handler.Deliver is ever called with one held. OnUp must not

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v5"
@@ -47,11 +48,12 @@ type Link struct {
 	// tell them from acknowledged ones once both left q. A range per
 	// discard of the queue; at most maxLostRanges, oldest dropped first
 	// (their waiters gave up long before: a PUBACK wait is bounded).
-	lost    []seqRange
-	seq     uint64 // last seq handed out
-	qBytes  int
-	peerInc uint64    // the peer's incarnation at the last handshake; 0 before the first
-	st      LinkStats // counters; the other fields are filled by Stats
+	lost       []seqRange
+	seq        uint64 // last seq handed out
+	qBytes     int
+	peerInc    uint64        // the peer's incarnation at the last handshake; 0 before the first
+	peerIncNow atomic.Uint64 // peerInc, read without the lock (PeerIncarnation)
+	st         LinkStats     // counters; the other fields are filled by Stats
 	// settledCh is made by Settled for its waiters and closed (and
 	// cleared) when what they wait for may have changed: an ack that
 	// freed messages, a discard, Hold(true), Close. Made only while
@@ -445,6 +447,10 @@ func (l *Link) Up() bool {
 	return l.state == StateUp
 }
 
+// PeerIncarnation returns the peer's incarnation as of the last
+// handshake (0 before the first): the process the Link writes to.
+func (l *Link) PeerIncarnation() uint64 { return l.peerIncNow.Load() }
+
 // WaitUp waits until the Link is up, ctx ends (returning its error) or the
 // Link is closed (returning ErrClosed).
 func (l *Link) WaitUp(ctx context.Context) error {
@@ -637,6 +643,7 @@ func (l *Link) resume(ready Frame) (restarted bool, lost []Message) {
 	if ready.Incarnation != 0 {
 		restarted = l.peerInc != 0 && ready.Incarnation != l.peerInc
 		l.peerInc = ready.Incarnation
+		l.peerIncNow.Store(ready.Incarnation)
 	}
 	if restarted {
 		l.recordLostLocked(l.q)

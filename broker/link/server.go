@@ -145,6 +145,18 @@ func (s *Server) Stats() ServerStats {
 	return st
 }
 
+// Incarnation returns the incarnation of peer's latest inbound connection
+// (0 if it never connected): the process whose messages are delivered, or
+// were last.
+func (s *Server) Incarnation(peer string) uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if p := s.peers[peer]; p != nil {
+		return p.incarnation
+	}
+	return 0
+}
+
 // Forget closes peer's inbound connection, if any, for when gossip says it
 // failed or left: should the peer be alive after all (a false suspicion, a
 // healed partition), it redials and opens with a fresh OnUp snapshot, which
