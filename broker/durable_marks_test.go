@@ -115,6 +115,10 @@ func TestAdopterRestartKeepsAdoptedMark(t *testing.T) {
 // memory only (n3's writes of the stored session left it out): the
 // restored session took m3's direct copy first, then skipped the held
 // copies of m1, m2 and m3: m1 and m2 were lost, not counted.
+//
+// Open: once in 305 runs under load (session 12, 30038c7 reverted), the
+// restored session got m1 twice ("adopted session got m1, want m2"); not
+// explained yet.
 func TestMovedOnRestartKeepsAdoptedMark(t *testing.T) {
 	st := storetest.Open(t)
 	px := newLinkProxy(t)
