@@ -87,6 +87,26 @@ func dialV5(t testing.TB, b *broker.Broker, cp *paho.Connect) (*testutil.V5, *pa
 	return c, ca
 }
 
+// dialV5Retry is dialV5 for a CONNECT the broker may refuse for a moment
+// (0x88, Server Busy: the client's node was unreachable for its claim, a
+// link that the test's fast timers dropped on a busy machine, or its
+// session is moving): it is sent again every 100 ms, as a device does,
+// for waitCond.
+func dialV5Retry(t testing.TB, b *broker.Broker, cp *paho.Connect) (*testutil.V5, *paho.Connack) {
+	t.Helper()
+	start := time.Now()
+	for {
+		c, ca, err := testutil.DialV5(t, b.Addr(broker.ListenerTCP), cp)
+		if err == nil {
+			return c, ca
+		}
+		if time.Since(start) > waitCond {
+			t.Fatalf("connect %s to %s: %v (retried for %v)", cp.ClientID, b.Name(), err, waitCond)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 func subscribe(t testing.TB, c *testutil.V5, id int, opts ...paho.SubscribeOptions) {
 	t.Helper()
 	s := &paho.Subscribe{Subscriptions: opts}

@@ -1,6 +1,7 @@
 package broker_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"sync"
@@ -114,6 +115,10 @@ func TestAdopterRestartKeepsAdoptedMark(t *testing.T) {
 // memory only (n3's writes of the stored session left it out): the
 // restored session took m3's direct copy first, then skipped the held
 // copies of m1, m2 and m3: m1 and m2 were lost, not counted.
+//
+// Open: once in 305 runs under load (session 12, 30038c7 reverted), the
+// restored session got m1 twice ("adopted session got m1, want m2"); not
+// explained yet.
 func TestMovedOnRestartKeepsAdoptedMark(t *testing.T) {
 	st := storetest.Open(t)
 	px := newLinkProxy(t)
@@ -129,6 +134,14 @@ func TestMovedOnRestartKeepsAdoptedMark(t *testing.T) {
 	waitMesh(t, nodes...)
 	a := pauseAdoptions(t, st, nodes)
 	p := a.p
+	// Only n0 fails here. On a busy machine the test's fast gossip timers
+	// can declare a live node failed for a moment, and n3 then adopted
+	// other from n2 (paused in the middle of its own adoption): n2 held
+	// two routes of the new n3 (1 of 150 runs under load).
+	for _, n := range []*broker.Broker{n1, n2, n3} {
+		keepAliveBut(n, "n0")
+		defer n.SetTestMembers(nil)
+	}
 
 	n0.KillCluster()
 	a.publishDuringAdoption(t, st, n2, "m1")
@@ -139,28 +152,31 @@ func TestMovedOnRestartKeepsAdoptedMark(t *testing.T) {
 
 	// The device reconnects to n3: the session moves from n1 with its mark
 	// (n2 has not sent what it held for n0: n1 waits 1.5 s for it first).
-	d, ca := dialV5(t, n3, &paho.Connect{ClientID: a.svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
+	d, ca := dialV5Retry(t, n3, &paho.Connect{ClientID: a.svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
 	if !ca.SessionPresent {
 		t.Fatal("session present = 0 after the move to n3")
 	}
 	_ = d.Disconnect(&paho.Disconnect{})
 	waitConnections(t, n3, 0)
 	waitStoredOwner(t, st, a.svc, "n3")
+	// n3's own writes of the session (at the CONNECT and the DISCONNECT)
+	// are in the store before it restarts. The owner above is n3's already
+	// once n3 took n1's document over, ahead of them. In process, n3's
+	// store writer outlives KillCluster (a killed process writes nothing
+	// more) and wrote them while n3b read the store: a session document is
+	// rewritten as a delete, then an insert, and n3b restored 0 sessions
+	// between the two (n2 never held a route of the new n3: 5 of 150 runs
+	// under load failed so).
+	ctx, cancel := context.WithTimeout(context.Background(), waitCond)
+	defer cancel()
+	if err := n3.FlushStore(ctx); err != nil {
+		t.Fatalf("n3's store writes: %v", err)
+	}
 
 	// n3 restarts within failure detection: n1 and n2 keep it alive (a
 	// real restart of a process is that fast; in process here, gossip
-	// might declare it failed first, and they would adopt its session).
-	for _, n := range []*broker.Broker{n1, n2} {
-		n.SetTestMembers(func(ms []cluster.Member) []cluster.Member {
-			for i := range ms {
-				if ms[i].Name == "n3" && ms[i].Status == cluster.StatusFailed {
-					ms[i].Status = cluster.StatusAlive
-				}
-			}
-			return ms
-		})
-		defer n.SetTestMembers(nil)
-	}
+	// might declare it failed first, and they would adopt its session);
+	// keepAliveBut above does.
 	inc := func(n *broker.Broker) uint64 {
 		for _, l := range n.Stats().Cluster.Links {
 			if l.Peer == "n3" {
@@ -176,6 +192,8 @@ func TestMovedOnRestartKeepsAdoptedMark(t *testing.T) {
 	n3b := testcluster.Broker(t, "n3", n2.GossipAddr(), func(o *broker.Options) {
 		o.Store, o.Cluster.GossipAddr, o.Cluster.LinkAdvertise = st, gossip, px.addr()
 	})
+	keepAliveBut(n3b, "n0")
+	defer n3b.SetTestMembers(nil)
 	px.setTarget(n3b.Stats().Cluster.Link)
 	testutil.WaitFor(t, waitCond, func() error {
 		// n1's too: the device's CONNECT on n3 below claims its client ID

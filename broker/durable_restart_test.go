@@ -187,7 +187,7 @@ func (a pausedAdoptions) letOtherGo() { a.holdOnce.Do(func() { close(a.hold) }) 
 // is there and delivers msgs, in order.
 func (a pausedAdoptions) wantAdopted(t *testing.T, n *broker.Broker, msgs ...string) {
 	t.Helper()
-	s, ca := dialV5(t, n, &paho.Connect{ClientID: a.svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
+	s, ca := dialV5Retry(t, n, &paho.Connect{ClientID: a.svc, CleanStart: false, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
 	if !ca.SessionPresent {
 		t.Fatal("session present = 0 after the adoption")
 	}

@@ -24,6 +24,13 @@ func (b *Broker) SetTestMembers(f func([]cluster.Member) []cluster.Member) {
 	b.cluster.testMembers.Store(&f)
 }
 
+// FlushStore waits until the node's store writer has written everything
+// queued so far (its MinAge not waited for), or ctx ends. KillCluster
+// leaves the writer running: a test that restarts a node in process calls
+// this first, so what the killed node queued before is not written while
+// the new one reads the store.
+func (b *Broker) FlushStore(ctx context.Context) error { return b.durable.w.Flush(ctx) }
+
 // SetTestMoveChunk calls f before each chunk of a session move is sent
 // (side "source") or taken in ("destination"); nil removes it.
 func (b *Broker) SetTestMoveChunk(f func(side string, seq uint64)) {
