@@ -15,6 +15,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -183,6 +184,11 @@ type Server struct {
 	Mem          MemoryStats          // rtm patches 40-44: bytes held, see MemoryLimits
 	park         *parker              // rtm patch 86: parks idle connections (Options.IdlePark)
 	closeFlushBy atomic.Int64         // rtm patch 103: unix ns by which stopping clients' waiting packets are written (set by Close), 0 before
+	// attachMu orders a connection's ClientsWg.Add against Close's Wait
+	// (rtm patch 124): Close sets closed under it, attachClient checks it
+	// and adds under it, so no Add runs once Close may be waiting.
+	attachMu sync.RWMutex
+	closed   bool
 	// testBeforeEndSession, if set, is called by endExpiredSession before
 	// anything else (tests: a takeover racing the end, rtm patch 115).
 	testBeforeEndSession func(cl *Client)
@@ -460,7 +466,18 @@ func (s *Server) EstablishConnection(listener string, c net.Conn) error {
 // attachClient validates an incoming client connection and if viable, attaches the client
 // to the server, performs session housekeeping, and reads incoming packets.
 func (s *Server) attachClient(cl *Client, listener string) (err error) {
+	// rtm patch 124: a connection a listener hands over while the server
+	// closes (a WebSocket upgraded as its HTTP server shuts down, a TCP
+	// accept racing the listener's close) is refused, not served by a
+	// server that has stopped, and its Add cannot race Close's Wait.
+	s.attachMu.RLock()
+	if s.closed {
+		s.attachMu.RUnlock()
+		cl.Stop(packets.ErrServerShuttingDown)
+		return packets.ErrServerShuttingDown
+	}
 	s.Listeners.ClientsWg.Add(1)
+	s.attachMu.RUnlock()
 
 	// rtm patch 86: once connected, serveClient owns the end of the
 	// connection (it may park it and a later goroutine end it); until then
@@ -2144,6 +2161,9 @@ func (s *Server) publishSysTopics() {
 // Close attempts to gracefully shut down the server, all listeners, clients, and stores.
 func (s *Server) Close() error {
 	close(s.done)
+	s.attachMu.Lock() // rtm patch 124
+	s.closed = true
+	s.attachMu.Unlock()
 	s.Log.Info("gracefully stopping server")
 	s.beginCloseFlush() // rtm patch 103
 	s.Listeners.CloseAll(s.closeListenerClients)
