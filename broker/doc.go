@@ -111,10 +111,15 @@
 // peer has a matching route, or refused (0x97 when a link queue is full,
 // 0x80 otherwise); the link then delivers it exactly once while both
 // processes stay up (see package link). With durability, its
-// acknowledgement also waits until every live peer it was queued for has
-// acknowledged it on the link (safe there), or that peer's link is held
-// or closed (cluster_forward.go, OnPublishHold): a link's queue dies with
-// this process. A message a link discards is counted
+// acknowledgement also waits until every peer it was queued for has
+// acknowledged it on the link (safe there; cluster_forward.go,
+// OnPublishHold): a link's queue dies with this process. A message held on
+// the link of a failed peer is followed to where the failover hands it on
+// (the adopters' links, each acknowledged, or sessions adopted here, their
+// writes committed: cluster_handover.go); a hand-over that drops it, this
+// node stopping first, or the bound (twice cluster_forward.go's
+// peerAckWaitDefault) ends the wait without the acknowledgement (the
+// connection closes). A message a link discards is counted
 // in rtm_broker_messages_dropped_total with the reason. Routes converge: a
 // link's opening snapshot replaces what the peer held, deltas carry a version
 // and an older one is ignored. Retained state converges whatever the order
@@ -139,7 +144,7 @@
 //     the lock of routeTable's own index of remote routes (a leaf too).
 //
 // retainedSync.mu, claimWaiters.mu, moves.mu, owners.mu, relays.mu,
-// adoptedMarks.mu, flushGate.mu and heldDone.mu are leaves: nothing else is
+// adoptedMarks.mu, flushGate.mu, heldDone.mu and handOvers.mu are leaves: nothing else is
 // locked while one is held (a held link's release begins its flushGate with
 // routeTable.mu held; a forward waits for the gate with no lock held). A relay's own mutex
 // (cluster_relay.go) comes before peerSet.mu and the link locks: it is held

@@ -45,10 +45,13 @@ type Link struct {
 	// ackedThrough: the last seq the peer acknowledged, so Lost can tell
 	// an acknowledged message from a discarded one once both left q.
 	ackedThrough uint64
-	seq          uint64 // last seq handed out
-	qBytes       int
-	peerInc      uint64    // the peer's incarnation at the last handshake; 0 before the first
-	st           LinkStats // counters; the other fields are filled by Stats
+	// restartLost: the seq ranges a restarted peer's discard threw away
+	// (the last few), which later acks pass over: not acknowledged.
+	restartLost [][2]uint64
+	seq         uint64 // last seq handed out
+	qBytes      int
+	peerInc     uint64    // the peer's incarnation at the last handshake; 0 before the first
+	st          LinkStats // counters; the other fields are filled by Stats
 	// settledCh is made by Settled for its waiters and closed (and
 	// cleared) when what they wait for may have changed: an ack that
 	// freed messages, a discard, Hold(true), Close. Made only while
@@ -263,7 +266,72 @@ func (l *Link) Settled(seq uint64) (bool, <-chan struct{}) {
 func (l *Link) Lost(seq uint64) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return seq > l.ackedThrough && seq > l.heldThrough
+	return (seq > l.ackedThrough || l.restartLostLocked(seq)) && seq > l.heldThrough
+}
+
+// restartLostKeep bounds Link.restartLost: a waiter asks about its message
+// within seconds, and a peer restarts at most once per handshake.
+const restartLostKeep = 8
+
+// restartLostLocked reports whether seq was thrown away because the peer
+// restarted (not acknowledged, whatever the acks after say). l.mu is held.
+func (l *Link) restartLostLocked(seq uint64) bool {
+	for _, r := range l.restartLost {
+		if seq >= r[0] && seq <= r[1] {
+			return true
+		}
+	}
+	return false
+}
+
+// Fate is what became of a queued message (Link.Fate).
+type Fate int
+
+const (
+	// FatePending: queued, neither acknowledged nor thrown away, and the
+	// Link not held since.
+	FatePending Fate = iota
+	// FateAcked: the peer acknowledged it (with Config.BeforeAck, it is
+	// safe there).
+	FateAcked
+	// FateHeld: queued before or during a hold (Hold) and not
+	// acknowledged: what becomes of it is its owner's business, who takes
+	// it from Queued or Config.OnDiscard (by its Message.Seq). It can
+	// still be acknowledged, should the Link write it after a hold.
+	FateHeld
+	// FateLost: thrown away (Close, a peer that restarted) without an
+	// acknowledgement, outside a hold.
+	FateLost
+)
+
+// Fate reports what became of the message queued as seq (see QueueSeq),
+// whether it was queued before or during a hold (a FateAcked one too:
+// acknowledged after the hold began, maybe by a peer its owner had given
+// up on), and, while that can still change, a channel closed when it may
+// have (an ack frame that freed messages, a discard, Hold(true), Close):
+// call Fate again then. Like Settled, it costs one channel per change
+// however many wait, made only while someone waits.
+func (l *Link) Fate(seq uint64) (f Fate, held bool, changed <-chan struct{}) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	held = seq <= l.heldThrough
+	queued := !l.closed && len(l.q) > 0 && l.q[0].seq <= seq
+	switch {
+	case queued && held:
+		f = FateHeld
+	case queued:
+		f = FatePending
+	case seq <= l.ackedThrough && !l.restartLostLocked(seq):
+		return FateAcked, held, nil
+	case held:
+		return FateHeld, true, nil // handed to its owner: it stays so
+	default:
+		return FateLost, false, nil
+	}
+	if l.settledCh == nil {
+		l.settledCh = make(chan struct{})
+	}
+	return f, held, l.settledCh
 }
 
 // WaitSettled waits until seq is settled (see Settled) and reports true,
@@ -331,7 +399,9 @@ func (l *Link) Queued(mark uint64) []Message {
 		if e.seq > mark {
 			break
 		}
-		out = append(out, e.m)
+		m := e.m
+		m.Seq = e.seq
+		out = append(out, m)
 	}
 	return out
 }
@@ -376,6 +446,7 @@ func (l *Link) discardLocked(es []entry) []Message {
 	out := make([]Message, len(es))
 	for i, e := range es {
 		out[i] = e.m
+		out[i].Seq = e.seq
 		l.qBytes -= len(e.m.Body)
 	}
 	l.st.Discarded += int64(len(es))
@@ -391,7 +462,7 @@ func (l *Link) report(why Discard, lost []Message) {
 	}
 	l.log.Warn("link discarded queued messages", "reason", why.String(), "count", len(lost))
 	if l.cfg.OnDiscard != nil {
-		l.cfg.OnDiscard(l.peer, why, lost)
+		l.cfg.OnDiscard(l, why, lost)
 	}
 }
 
@@ -607,6 +678,12 @@ func (l *Link) resume(ready Frame) (restarted bool, lost []Message) {
 		l.peerInc = ready.Incarnation
 	}
 	if restarted {
+		if n := len(l.q); n > 0 {
+			if len(l.restartLost) == restartLostKeep {
+				l.restartLost = l.restartLost[1:]
+			}
+			l.restartLost = append(l.restartLost, [2]uint64{l.q[0].seq, l.q[n-1].seq})
+		}
 		lost = l.discardLocked(l.q)
 		l.q = nil
 	} else {
