@@ -44,7 +44,7 @@ type handOvers struct {
 type handedTo struct {
 	copies []linkMark  // queued on these links (each followed)
 	local  func() bool // delivered here: the store barrier of its writes (nil: no adopted session here)
-	lost   bool        // a copy could not be queued (counted as dropped)
+	lost   bool        // a copy could not be queued, or the hold expired (counted as dropped)
 	// always: the copies stand for the message whatever its fate on the
 	// held link (re-sent by its own forward: the link may deliver it to
 	// the peer as well, no longer held); else they count only for a
