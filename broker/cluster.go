@@ -65,6 +65,9 @@ type clusterNode struct {
 	// peerAckWait bounds that wait for a peer alive in gossip that neither
 	// acknowledges nor loses its link (peerAckWaitDefault; tests shorten it).
 	peerAckWait atomic.Int64 // a time.Duration
+	// handOvers: where held links' hand-overs sent each held message,
+	// for the acknowledgements that wait on it (cluster_handover.go).
+	handOvers handOvers
 	// heldForwards counts the forwards under way that marked their
 	// message held for a failed node, by hand-over epoch
 	// (cluster_failover.go, heldHandedOver).

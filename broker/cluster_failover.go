@@ -634,9 +634,25 @@ func (g *adoptedGroups) forget(dead string) {
 // the sessions here, marked HeldOf dead. Its share groups' selections go
 // with it to the adopters only (as before the marks: the sessions there
 // took the dead node's members). Called with the flushGate begun.
+//
+// For a QoS 1/2 message that carries its mark on the held link (src), it
+// records where it sent it (handOvers): the acknowledgement of its
+// publisher waits for those copies.
 func (c *clusterNode) resendHeld(dead string, adopters []string, msgs []publishMsg) {
 	self := c.node.Name()
+	var recs []handOverRecord
+	var local []int // the records that wait for the local delivery's writes
 	for _, pm := range msgs {
+		var rec *handOverRecord
+		if pm.src.l != nil && pm.Packet.FixedHeader.Qos > 0 {
+			recs = append(recs, handOverRecord{src: linkMark{l: pm.src.l, seq: pm.src.seq}, to: handedTo{always: pm.src.follow}})
+			rec = &recs[len(recs)-1]
+		}
+		dropped := func() {
+			if rec != nil {
+				rec.to.lost = true
+			}
+		}
 		if pm.HeldOf != "" && pm.HeldOf != dead {
 			// A held copy of an earlier failure that dead, the adopter
 			// it was sent to, died with: for the sessions adopted again
@@ -683,18 +699,24 @@ func (c *clusterNode) resendHeld(dead string, adopters []string, msgs []publishM
 				b, err := pm.forProto(v).encode()
 				if err != nil {
 					c.b.limits.linkDropped(name, dropNoLink, pm.Packet.FixedHeader.Qos, 1, pm.Packet.TopicName)
+					dropped()
 					continue
 				}
 				*body = b
 			}
 			if p := c.peers.get(name); p != nil {
-				if err := p.link.Queue(link.Message{Type: msgPublish, Body: *body}, true); err == nil {
+				if seq, err := p.link.QueueSeq(link.Message{Type: msgPublish, Body: *body}, true); err == nil {
 					c.b.durable.reforwarded.Add(1)
+					if rec != nil {
+						rec.to.copies = append(rec.to.copies, linkMark{l: p.link, seq: seq, follow: true})
+					}
 					continue
 				}
+				dropped() // its queue is full: the publisher publishes again
 			}
 			if slices.Contains(adopters, name) {
 				c.b.limits.linkDropped(name, dropNoLink, pm.Packet.FixedHeader.Qos, 1, pm.Packet.TopicName)
+				dropped()
 			}
 		}
 		pm.Shared = nil
@@ -703,7 +725,18 @@ func (c *clusterNode) resendHeld(dead string, adopters []string, msgs []publishM
 		}
 		c.deliverPublish(self, pm)
 		c.b.durable.reforwarded.Add(1)
+		if rec != nil && c.adopted.n.Load() > 0 {
+			// Sessions adopted here may have taken it: their writes.
+			local = append(local, len(recs)-1)
+		}
 	}
+	if len(local) > 0 {
+		check := c.b.durableBarrier() // after every local delivery above
+		for _, i := range local {
+			recs[i].to.local = check
+		}
+	}
+	c.handOvers.add(recs, c.handOverKeep())
 }
 
 // heldDone records, for each failed node, the brokers (this one included)
@@ -1115,13 +1148,15 @@ func (c *clusterNode) sendHeldDone(dead string) {
 // resendExpired hands what the held link of a failed peer kept, given up
 // before all of its sessions were adopted (cluster.failed_peer_hold), to
 // the sessions adopted from it so far: they skipped the direct copies of
-// these (see above). For the others it is lost, and counted by the caller.
+// these (see above). For the others it is lost, and counted by the caller:
+// the acknowledgements that wait for these messages fail (handOvers).
 // Nothing is sent on for a peer that is not failed, or while this node
 // stops.
-func (c *clusterNode) resendExpired(peer string, msgs []link.Message) {
+func (c *clusterNode) resendExpired(l *link.Link, msgs []link.Message) {
 	if !c.resending() {
 		return
 	}
+	peer := l.Peer()
 	failed := false
 	for _, m := range c.members() {
 		if m.Name == peer {
@@ -1131,7 +1166,12 @@ func (c *clusterNode) resendExpired(peer string, msgs []link.Message) {
 	if !failed {
 		return
 	}
-	c.resendHeld(peer, nil, linkPublishes(msgs))
+	c.resendHeld(peer, nil, linkPublishes(nil, msgs))
+	lost := make([]handOverRecord, 0, len(msgs))
+	for _, m := range msgs {
+		lost = append(lost, handOverRecord{src: linkMark{l: l, seq: m.Seq}, to: handedTo{lost: true}})
+	}
+	c.handOvers.add(lost, c.handOverKeep())
 }
 
 // resendRestarted hands what a link threw away because its peer restarted
@@ -1146,10 +1186,11 @@ func (c *clusterNode) resendExpired(peer string, msgs []link.Message) {
 // forwarded from now on is not marked held for the peer (a new process
 // drops what it gets for the old one's sessions). The flushGate keeps
 // such forwards behind the re-sent copies, as at a release.
-func (c *clusterNode) resendRestarted(peer string, msgs []link.Message) {
+func (c *clusterNode) resendRestarted(l *link.Link, msgs []link.Message) {
 	if !c.resending() {
 		return
 	}
+	peer := l.Peer()
 	c.routes.mu.Lock()
 	p := c.peers.getHeld(peer)
 	gate := p != nil && !p.reached.Load()
@@ -1170,7 +1211,7 @@ func (c *clusterNode) resendRestarted(peer string, msgs []link.Message) {
 	if p != nil {
 		to = c.handOverTo(peer) // not for a live peer's restart: nothing was held
 	}
-	c.resendHeld(peer, to, linkPublishes(msgs))
+	c.resendHeld(peer, to, linkPublishes(l, msgs))
 	if p != nil {
 		p.resent.Store(true)
 		c.unholdReached(p) // it holds nothing more for the adopted sessions
@@ -1221,7 +1262,7 @@ func (c *clusterNode) resendReached(p *peer, mark uint64, remember bool) {
 	if remember {
 		p.handedOver(lms)
 	}
-	msgs := linkPublishes(lms)
+	msgs := linkPublishes(p.link, lms)
 	if len(msgs) > 0 {
 		c.log.Info("held link of a failed peer delivers to the same process again: what it held goes to the sessions adopted from the peer too",
 			"peer", p.name, "messages", len(msgs))
@@ -1273,14 +1314,19 @@ func (c *clusterNode) linkReached(peer string) {
 }
 
 // linkPublishes decodes the publishes among msgs (a link's discarded
-// queue), leaving out what does not decode.
-func linkPublishes(msgs []link.Message) []publishMsg {
+// queue), leaving out what does not decode. With from, the held link they
+// were queued on, each carries its mark there (publishMsg.src): the
+// acknowledgement of its publisher follows where resendHeld sends it.
+func linkPublishes(from *link.Link, msgs []link.Message) []publishMsg {
 	var pms []publishMsg
 	for _, m := range msgs {
 		if m.Type != msgPublish {
 			continue
 		}
 		if pm, err := decodePublish(m.Body); err == nil {
+			if from != nil {
+				pm.src = linkMark{l: from, seq: m.Seq}
+			}
 			pms = append(pms, pm)
 		}
 	}

@@ -111,13 +111,13 @@ func (c *clusterNode) OnPublished(cl *mqtt.Client, pk packets.Packet) {
 // the message fails the acknowledgement (the connection closes without it
 // and the client publishes again) rather than following it with a drop.
 //
-// With durability, the acknowledgement also waits until every live peer
-// the message was queued for (forwardPublish, sendLate) has acknowledged
-// it on the link, which it does once the message is safe there
+// With durability, the acknowledgement also waits until every peer the
+// message was queued for (forwardPublish, sendLate) has acknowledged it on
+// the link, which it does once the message is safe there
 // (durableBarrier): a link's queue is memory only, so a PUBACK sent while
-// the message sat in it would be lost with this node. A link held (its
-// peer failed: the failover hands its queue on) or closed (discarded:
-// handed to adopters, or counted) settles it too. See docs/clustering.md,
+// the message sat in it would be lost with this node. A message held on
+// the link of a failed peer is followed to where the failover hands it
+// on, and waited for there (cluster_handover.go). See docs/clustering.md,
 // "A PUBACK means durable".
 func (c *clusterNode) OnPublishHold(cl *mqtt.Client, pk packets.Packet) func() error {
 	if cl.Net.Inline {
@@ -157,10 +157,13 @@ type pubMarks struct {
 	done  chan struct{} // closed by OnDisconnect
 }
 
-// linkMark is one message queued on a link: seq on l.
+// linkMark is one message queued on a link: seq on l. follow: a publish,
+// which the failover hands on should the link be held (its peer failed):
+// the acknowledgement waits for it where it was handed (ackWait).
 type linkMark struct {
-	l   *link.Link
-	seq uint64
+	l      *link.Link
+	seq    uint64
+	follow bool
 }
 
 func (pm *pubMarks) reset() {
@@ -173,7 +176,7 @@ func (pm *pubMarks) reset() {
 // mark records that pub's PUBLISH in progress was queued as seq on l.
 func (c *clusterNode) mark(pub *mqtt.Client, l *link.Link, seq uint64) {
 	pm := c.slot(pub)
-	pm.marks = append(pm.marks, linkMark{l, seq})
+	pm.marks = append(pm.marks, linkMark{l: l, seq: seq, follow: true})
 }
 
 // slot returns pub's pubMarks, made at its first use.
@@ -196,9 +199,10 @@ var (
 // peerAckWaitDefault is how long a publisher's acknowledgement waits for
 // a peer that stays alive in gossip and connected but does not acknowledge
 // (its store is down, its link stalls): longer than failure detection
-// (about 6 s by default), which ends the wait for a peer that died; past
+// (about 6 s by default), which holds the link of a peer that died; past
 // it the publisher's connection is closed without the acknowledgement and
-// the client publishes again.
+// the client publishes again. A held message gets as much again for its
+// hand-over (ackWait).
 const peerAckWaitDefault = 10 * time.Second
 
 // peerAckWaitFor is peerAckWaitDefault, or longer with a probe interval
@@ -211,9 +215,9 @@ func peerAckWaitFor(probe time.Duration) time.Duration {
 }
 
 // settledWait takes pm's marks and returns a wait for all of them to be
-// settled (link.Link.Settled), or nil if there are none. It returns early,
-// with an error, if the publisher disconnects (not for a QoS 2 PUBLISH,
-// qos2) or the node stops.
+// safe (ackWait.await), or nil if there are none. It returns early, with
+// an error, if the publisher disconnects (not for a QoS 2 PUBLISH, qos2),
+// the node stops or the bound passes.
 //
 // A QoS 2 PUBLISH's wait goes on after its connection ended: its outcome
 // decides whether the session owes the PUBREC (mochi patch 123). The
@@ -233,35 +237,11 @@ func (c *clusterNode) settledWait(pm *pubMarks, qos2 bool) func() error {
 		done = nil // never ready: the wait ends settled, lost, timed out, or at the node's stop
 	}
 	return func() error {
-		var timeout <-chan time.Time
+		w := ackWait{c: c, done: done}
+		defer w.stop()
 		for _, m := range marks {
-			for {
-				ok, ch := m.l.Settled(m.seq)
-				if ok {
-					if m.l.Lost(m.seq) {
-						// Counted as dropped by the link's discard; the
-						// publisher, told nothing, publishes it again.
-						return errForwardLost
-					}
-					break
-				}
-				if timeout == nil {
-					// A peer alive in gossip whose link neither
-					// acknowledges nor fails would hold this client's
-					// acknowledgements (in order) for good.
-					t := time.NewTimer(time.Duration(c.peerAckWait.Load()))
-					defer t.Stop()
-					timeout = t.C
-				}
-				select {
-				case <-ch:
-				case <-done:
-					return errPublisherGone
-				case <-c.stop:
-					return errNodeStopping
-				case <-timeout:
-					return errPeerAckSlow
-				}
+			if err := w.await(m); err != nil {
+				return err
 			}
 		}
 		return nil
@@ -479,11 +459,9 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 			fail(t.p.name, linkDropReason(err))
 			continue
 		}
-		if qos > 0 && pub != nil && c.b.durable != nil && !t.held {
-			// Its acknowledgement waits for the peer's (OnPublishHold).
-			// Not a held link's: what it holds is handed on by the
-			// failover, whether or not the link is held still when the
-			// acknowledgement would look.
+		if qos > 0 && pub != nil && c.b.durable != nil {
+			// Its acknowledgement waits for the peer's (OnPublishHold),
+			// or, a held link's, for the copies the failover hands on.
 			c.mark(pub, t.p.link, seq)
 		}
 		c.forwarded.Add(1)
@@ -501,6 +479,9 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 			// resendReached send the rest (maybe twice).
 			rm := m
 			rm.Shared = nil
+			// Its acknowledgement follows these copies, whatever the
+			// link does with the message (follow: always).
+			rm.src = linkMark{l: t.p.link, seq: seq, follow: true}
 			c.resendHeld(t.p.name, nil, []publishMsg{rm})
 		}
 	}
@@ -570,15 +551,16 @@ func linkDropReason(err error) dropReason {
 // discarded is link.Config.OnDiscard: publishes a link threw away are
 // counted by reason and QoS. Retained updates are not: a peer that comes
 // back gets every retained message in its link's opening snapshot.
-func (c *clusterNode) discarded(peer string, why link.Discard, msgs []link.Message) {
-	if c.reforward(peer, msgs) {
+func (c *clusterNode) discarded(l *link.Link, why link.Discard, msgs []link.Message) {
+	peer := l.Peer()
+	if c.reforward(l, msgs) {
 		return // durable_cluster.go: sent on to the nodes that adopted the peer's sessions
 	}
 	switch why {
 	case link.DiscardClosed:
-		c.resendExpired(peer, msgs)
+		c.resendExpired(l, msgs)
 	case link.DiscardRestarted:
-		c.resendRestarted(peer, msgs)
+		c.resendRestarted(l, msgs)
 	}
 	reason := dropLinkClosed
 	switch why {

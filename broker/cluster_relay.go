@@ -281,7 +281,7 @@ func (c *clusterNode) sendLate(r *relay, pm publishMsg, marks *pubMarks) error {
 		return err
 	}
 	if marks != nil && pm.Packet.FixedHeader.Qos > 0 {
-		marks.marks = append(marks.marks, linkMark{p.link, seq})
+		marks.marks = append(marks.marks, linkMark{l: p.link, seq: seq}) // not followed: the failover hands on publishes only
 	}
 	if len(r.sent) < relayKeepMax {
 		r.sent = append(r.sent, pm)

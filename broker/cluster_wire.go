@@ -294,6 +294,12 @@ type publishMsg struct {
 	// takes the copy as HeldOf's (a duplicate for sessions adopted from
 	// HeldOf elsewhere, which had it).
 	Via string
+
+	// src, on a message decoded from a held link's queue to be handed
+	// on (linkPublishes), is its mark there: resendHeld records where it
+	// sent it (handOvers), for the message as held there, or, with
+	// follow, whatever its fate there (handedTo.always). Not sent.
+	src linkMark
 }
 
 // forProto returns m as a peer speaking version v reads it: without the

@@ -121,10 +121,15 @@
 // read only once every live peer sent them again, or the bounded wait
 // ended; the link then delivers it exactly once while both
 // processes stay up (see package link). With durability, its
-// acknowledgement also waits until every live peer it was queued for has
-// acknowledged it on the link (safe there), or that peer's link is held
-// or closed (cluster_forward.go, OnPublishHold): a link's queue dies with
-// this process. A QoS 2 PUBREC whose wait failed is not owed by the
+// acknowledgement also waits until every peer it was queued for has
+// acknowledged it on the link (safe there; cluster_forward.go,
+// OnPublishHold): a link's queue dies with this process. A message held on
+// the link of a failed peer is followed to where the failover hands it on
+// (the adopters' links, each acknowledged, or sessions adopted here, their
+// writes committed: cluster_handover.go); a hand-over that drops it, this
+// node stopping first, or the bound (twice cluster_forward.go's
+// peerAckWaitFor) ends the wait without the acknowledgement (the
+// connection closes). A QoS 2 PUBREC whose wait failed is not owed by the
 // publisher's session (mochi patch 123): the PUBLISH sent again is
 // published again; one sent again while the wait is in progress (a QoS 2
 // wait outlives its connection) is answered by its outcome. A message a
@@ -153,12 +158,12 @@
 //     the lock of routeTable's own index of remote routes (a leaf too).
 //
 // retainedSync.mu, claimWaiters.mu, moves.mu, owners.mu, relays.mu,
-// adoptedMarks.mu, flushGate.mu, heldDone.mu, heldForwardCount.mu and
-// resumeGuard.mu are leaves: nothing else is locked while one is held (a
-// held link's release begins its flushGate with routeTable.mu held; a
-// forward waits for the gate with no lock held; a forward that marks its
-// message held counts itself with routeTable.mu and peerSet.mu held). A
-// relay's own mutex
+// adoptedMarks.mu, flushGate.mu, heldDone.mu, heldForwardCount.mu,
+// resumeGuard.mu and handOvers.mu are leaves: nothing else is locked while
+// one is held (a held link's release begins its flushGate with
+// routeTable.mu held; a forward waits for the gate with no lock held; a
+// forward that marks its message held counts itself with routeTable.mu and
+// peerSet.mu held). A relay's own mutex
 // (cluster_relay.go) comes before peerSet.mu and the link locks: it is held
 // while a relayed message is queued, so relayed messages keep their order. An inMove's mutex comes before
 // mochi's locks: the destination installs the session (AdoptSession, which

@@ -76,6 +76,7 @@ func TestNoWatcherDoneBeforeHandOverForwards(t *testing.T) {
 	var mu sync.Mutex
 	calls := 0
 	paused := make(chan struct{}, 1)
+	forwarded := make(chan struct{}, 1) // both copies of a message queued
 	resume := make(chan struct{})
 	var resumeOnce sync.Once
 	letGo := func() { resumeOnce.Do(func() { close(resume) }) }
@@ -92,6 +93,12 @@ func TestNoWatcherDoneBeforeHandOverForwards(t *testing.T) {
 			paused <- struct{}{}
 			<-resume
 		}
+		if !first {
+			select {
+			case forwarded <- struct{}{}:
+			default:
+			}
+		}
 	})
 	t.Cleanup(func() { n2.SetTestForwardQueued(nil) })
 	var m string
@@ -105,13 +112,15 @@ func TestNoWatcherDoneBeforeHandOverForwards(t *testing.T) {
 			_, err := a.p.Publish(ctx, &paho.Publish{Topic: "t/0", QoS: 1, Payload: []byte(payload)})
 			done <- err
 		}()
+		// Not paused: its PUBACK waits for n2's hand-over of its held
+		// link for n0 (the copy there), later; the next one is published
+		// once it was forwarded.
 		select {
 		case <-paused:
 			m, acked = payload, done
+		case <-forwarded:
 		case err := <-done:
-			if err != nil {
-				t.Fatalf("%s not acknowledged: %v", payload, err)
-			}
+			t.Fatalf("%s: PUBACK (err %v) before the hand-over of its held copy", payload, err)
 		}
 	}
 	if m == "" {

@@ -1092,11 +1092,12 @@ func (d *durableHook) heldDone(dead string) {
 // sessions adopted from it wherever they are now (resendHeld), in the
 // order they were queued. It reports false for a link not released that
 // way (its queue is counted lost by the caller).
-func (c *clusterNode) reforward(peer string, msgs []link.Message) bool {
+func (c *clusterNode) reforward(l *link.Link, msgs []link.Message) bool {
 	d := c.b.durable
 	if d == nil {
 		return false
 	}
+	peer := l.Peer()
 	d.mu.Lock()
 	adopters, ok := d.reforwardTo[peer]
 	delete(d.reforwardTo, peer)
@@ -1114,6 +1115,7 @@ func (c *clusterNode) reforward(peer string, msgs []link.Message) bool {
 			c.log.Error("held message not sent on: cannot decode it", "peer", peer, "error", err)
 			continue
 		}
+		pm.src = linkMark{l: l, seq: m.Seq}
 		pms = append(pms, pm)
 	}
 	c.resendHeld(peer, adopters, pms)

@@ -21,7 +21,7 @@ func TestNoDoneBeforeLinkHeld(t *testing.T) {
 	h := newHeldTrio(t, "a", "b")
 	defer h.n0.KillCluster() // n0 stays dead: its stale sessions are not handed anywhere at the end
 	// For a, on n0: queued on n2's link to n0, down. Its PUBACK waits for
-	// n2's links to hold that link (n0 failed).
+	// n2's hand-over of that link, once held (n0 failed).
 	acked := pubQueued(t, h.n2, h.p, "n0", "t/0", "m1")
 	h.n2.SetTestNoSync(true)
 	defer h.n2.SetTestNoSync(false)

@@ -51,7 +51,8 @@ func TestHeldLinkUpWhileFailedReachesAdopted(t *testing.T) {
 	case <-time.After(waitCond):
 		t.Fatal("no adoption of the session")
 	}
-	p.Pub(t, "t/0", 1, false, "m1")
+	// Its PUBACK waits for the hand-over (n1 acknowledges the copy).
+	acked1 := pubQueued(t, n2, p, "n0", "t/0", "m1")
 	for end := time.Now().Add(2 * time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
 		if _, queued := linkState(n2, "n0"); queued == 0 {
 			break
@@ -65,7 +66,8 @@ func TestHeldLinkUpWhileFailedReachesAdopted(t *testing.T) {
 		}
 		return nil
 	})
-	p.Pub(t, "t/0", 1, false, "m2")
+	// Held too, n1 has it directly.
+	acked2 := pubQueued(t, n2, p, "n0", "t/0", "m2")
 	a.letOtherGo() // the other adoption, then the release
 	testutil.WaitFor(t, waitCond, func() error {
 		if st, _ := linkState(n2, "n0"); st == "held" {
@@ -73,6 +75,8 @@ func TestHeldLinkUpWhileFailedReachesAdopted(t *testing.T) {
 		}
 		return nil
 	})
+	wantAcked(t, acked1, "m1")
+	wantAcked(t, acked2, "m2")
 	p.Pub(t, "t/0", 1, false, "m3")
 
 	a.wantAdopted(t, n1, "m1", "m2", "m3")

@@ -67,8 +67,8 @@ func heldLinkToSameProcess(t *testing.T, linkFirst bool) {
 	})
 	a.publishDuringAdoption(t, st, n2, "m1")
 	// m2's direct copy is skipped by the adopted session: the held link
-	// has it.
-	p.Pub(t, "t/0", 1, false, "m2")
+	// has it. Its PUBACK waits for the hand-over.
+	pubQueued(t, n2, p, "n0", "t/0", "m2")
 	if st, _ := linkState(n2, "n0"); st != "held" {
 		t.Fatalf("n2's link to n0 %q, want held", st)
 	}
@@ -130,7 +130,8 @@ func TestHeldLinkToNodeAtNewAddressReachesAdopted(t *testing.T) {
 	gossip, oldLink := n0.GossipAddr(), n0.Stats().Cluster.Link
 	n0.KillCluster()
 	a.publishDuringAdoption(t, st, n2, "m1")
-	p.Pub(t, "t/0", 1, false, "m2")
+	// Its PUBACK waits for the hand-over.
+	pubQueued(t, n2, p, "n0", "t/0", "m2")
 	if st, _ := linkState(n2, "n0"); st != "held" {
 		t.Fatalf("n2's link to n0 %q, want held", st)
 	}
@@ -172,7 +173,8 @@ func TestHeldLinkOfReapedNodeReachesAdopted(t *testing.T) {
 
 	n0.KillCluster()
 	a.publishDuringAdoption(t, st, n2, "m1")
-	p.Pub(t, "t/0", 1, false, "m2")
+	// Its PUBACK waits for the hand-over.
+	pubQueued(t, n2, p, "n0", "t/0", "m2")
 	if st, _ := linkState(n2, "n0"); st != "held" {
 		t.Fatalf("n2's link to n0 %q, want held", st)
 	}

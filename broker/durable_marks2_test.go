@@ -34,7 +34,7 @@ func TestHandOverSharedOnlyToAdoptedMember(t *testing.T) {
 	defer release()
 	n2.HoldRouteDeltas("n1", routes)
 	// g's only member is n0's: queued on the link to n0, down. Its
-	// PUBACK waits for n2's verdict that n0 failed (the link held).
+	// PUBACK waits for n2's hand-over of the held link.
 	acked := pubQueued(t, n2, p, "n0", "s", "m1")
 	for _, b := range []*broker.Broker{n1, n2, n3} {
 		markFailed(b, "n0")
@@ -48,7 +48,6 @@ func TestHandOverSharedOnlyToAdoptedMember(t *testing.T) {
 		return nil
 	})
 	waitHeld(t, n2, "n0")
-	wantAcked(t, acked, "m1")
 	x := testutil.MustV5(t, n3.Addr(broker.ListenerTCP), "x")
 	x.Sub(t, "$share/g/s", 1)
 	testutil.WaitFor(t, waitCond, func() error {
@@ -74,6 +73,7 @@ func TestHandOverSharedOnlyToAdoptedMember(t *testing.T) {
 	if m := s.Next(t, waitMsg); string(m.Payload) != "m1" {
 		t.Fatalf("sh (adopted at n1) got %q, want m1", m.Payload)
 	}
+	wantAcked(t, acked, "m1") // once the hand-over's copies are acknowledged
 }
 
 // TestHandOverLocalDirectCopyAfterMarksGo: n2 adopted other (t/1) from
@@ -215,6 +215,7 @@ func TestHandOverWaitsForMarkedForward(t *testing.T) {
 	// A forward that queues for n1 before n0 pauses there (the order of
 	// its targets is the route map's: a few publishes find it).
 	queued, resume := make(chan struct{}), make(chan struct{})
+	forwarded := make(chan struct{}, 1) // a message queued for n0, then n1
 	var qOnce sync.Once
 	var mu sync.Mutex
 	n0first := false
@@ -232,6 +233,12 @@ func TestHandOverWaitsForMarkedForward(t *testing.T) {
 				<-resume
 			})
 		}
+		if peer == "n1" && first {
+			select {
+			case forwarded <- struct{}{}:
+			default:
+			}
+		}
 	})
 	defer n2.SetTestForwardQueued(nil)
 	var want []string
@@ -242,14 +249,22 @@ func TestHandOverWaitsForMarkedForward(t *testing.T) {
 		}
 		m := fmt.Sprintf("m%d", i)
 		want = append(want, m)
-		done := make(chan struct{})
-		go func() { defer close(done); p.Pub(t, "t/0", 1, false, m) }()
+		// Its PUBACK waits for n2's hand-over of the held link (later):
+		// the next one is published once it was forwarded.
+		acked := publishAsync(p, "t/0", m)
 		select {
-		case <-done:
+		case <-forwarded:
 			continue
+		case err := <-acked:
+			t.Fatalf("%s: PUBACK (err %v) before the hand-over of its held copy", m, err)
 		case <-queued:
 		}
-		go func() { <-done; close(pubDone) }()
+		go func() {
+			if err := <-acked; err != nil {
+				t.Errorf("%s not acknowledged: %v", m, err)
+			}
+			close(pubDone)
+		}()
 		break
 	}
 	n2.SetTestMembers(nil) // n2 sees n0 alive: hands its held link over

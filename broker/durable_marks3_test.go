@@ -43,7 +43,8 @@ func TestReadoptedKeepsEarlierMark(t *testing.T) {
 	n0.KillCluster()
 	a.publishDuringAdoption(t, st, n2, "m1")
 	waitHeld(t, n2, "n0") // n2's own verdict on n0 may come after n1's adoption: m2 must be marked held
-	p.Pub(t, "t/0", 1, false, "m2")
+	// Its PUBACK waits for the hand-over.
+	pubQueued(t, n2, p, "n0", "t/0", "m2")
 	// own: a session of n1, adopted by n2 when n1 dies.
 	var own string
 	for i := 0; ; i++ {
@@ -78,7 +79,8 @@ func TestReadoptedKeepsEarlierMark(t *testing.T) {
 	})
 	waitHeld(t, n2, "n0")
 	waitHeld(t, n2, "n1") // m3 is marked held for both
-	p.Pub(t, "t/0", 1, false, "m3")
+	// Its PUBACK waits for the hand-overs.
+	pubQueued(t, n2, p, "n0", "t/0", "m3")
 	a.letOtherGo() // n2 adopts other, then hands what it held for n0 over
 	waitNotHeld(t, 2*waitCond, n2, "n0")
 	testutil.WaitFor(t, waitCond, func() error {
@@ -140,7 +142,8 @@ func TestReadoptedGetsHeldCopiesInTransit(t *testing.T) {
 	n0.KillCluster()
 	a.publishDuringAdoption(t, st, n2, "m1")
 	waitHeld(t, n2, "n0")
-	p.Pub(t, "t/0", 1, false, "m2")
+	// Its PUBACK waits for the hand-over.
+	pubQueued(t, n2, p, "n0", "t/0", "m2")
 
 	// n3 does not learn the route of other (adopted by n2) yet: it cannot
 	// release its own held link for n0, so it is not done with it.

@@ -46,7 +46,8 @@ func moveReadopted(t *testing.T) movedReadopted {
 	n0.KillCluster()
 	a.publishDuringAdoption(t, st, n2, "m1")
 	waitHeld(t, n2, "n0")
-	p.Pub(t, "t/0", 1, false, "m2")
+	// Its PUBACK waits for the hand-over.
+	pubQueued(t, n2, p, "n0", "t/0", "m2")
 	var own string
 	for i := 0; ; i++ {
 		if own = fmt.Sprintf("own-%d", i); broker.Adopter(own, "n2", "n3") == "n2" {
@@ -80,7 +81,8 @@ func moveReadopted(t *testing.T) movedReadopted {
 	})
 	waitHeld(t, n2, "n0")
 	waitHeld(t, n2, "n1")
-	p.Pub(t, "t/0", 1, false, "m3")
+	// Its PUBACK waits for the hand-overs.
+	pubQueued(t, n2, p, "n0", "t/0", "m3")
 	a.letOtherGo()
 	waitNotHeld(t, 2*waitCond, n2, "n0")
 	testutil.WaitFor(t, waitCond, func() error {

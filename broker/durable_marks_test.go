@@ -45,7 +45,8 @@ func TestAdopterRestartKeepsAdoptedMark(t *testing.T) {
 	// m2's direct copy is skipped by the adopted session: the held link
 	// has it.
 	waitHeld(t, n2, "n0") // n2's own verdict on n0 may come after n1's adoption: m2 must be marked held
-	p.Pub(t, "t/0", 1, false, "m2")
+	// Its PUBACK waits for the hand-over.
+	pubQueued(t, n2, p, "n0", "t/0", "m2")
 
 	// n1 restarts within failure detection: n2 keeps it alive (a real
 	// restart of a process is that fast; in process here, gossip might
@@ -96,8 +97,9 @@ func TestAdopterRestartKeepsAdoptedMark(t *testing.T) {
 	})
 	waitHeld(t, n2, "n0")
 	// Marked held for n0, as m2: the restored session must skip its
-	// direct copy and take the held one, after m1 and m2.
-	p.Pub(t, "t/0", 1, false, "m3")
+	// direct copy and take the held one, after m1 and m2. Its PUBACK
+	// waits for the hand-over.
+	pubQueued(t, n2, p, "n0", "t/0", "m3")
 	a.letOtherGo() // the other adoption, then n2's release
 	waitNotHeld(t, 2*waitCond, n2, "n0")
 
@@ -148,7 +150,8 @@ func TestMovedOnRestartKeepsAdoptedMark(t *testing.T) {
 	// m2's direct copy is skipped by the adopted session: the held link
 	// has it.
 	waitHeld(t, n2, "n0") // n2's own verdict on n0 may come after n1's adoption: m2 must be marked held
-	p.Pub(t, "t/0", 1, false, "m2")
+	// Its PUBACK waits for the hand-over.
+	pubQueued(t, n2, p, "n0", "t/0", "m2")
 
 	// The device reconnects to n3: the session moves from n1 with its mark
 	// (n2 has not sent what it held for n0: n1 waits 1.5 s for it first).
@@ -211,8 +214,9 @@ func TestMovedOnRestartKeepsAdoptedMark(t *testing.T) {
 	})
 	waitHeld(t, n2, "n0")
 	// Marked held for n0, as m2: the restored session must skip its
-	// direct copy and take the held one, after m1 and m2.
-	p.Pub(t, "t/0", 1, false, "m3")
+	// direct copy and take the held one, after m1 and m2. Its PUBACK
+	// waits for the hand-over.
+	pubQueued(t, n2, p, "n0", "t/0", "m3")
 	a.letOtherGo() // the other adoption, then n2's release
 	waitNotHeld(t, 2*waitCond, n2, "n0")
 
@@ -244,7 +248,8 @@ func TestLateGossipHandOverReachesAdopted(t *testing.T) {
 	n0.KillCluster()
 	a.publishDuringAdoption(t, st, n2, "m1")
 	waitHeld(t, n2, "n0") // n2's own verdict on n0 may come after n1's adoption: m2 must be marked held
-	p.Pub(t, "t/0", 1, false, "m2")
+	// Its PUBACK waits for the hand-over.
+	pubQueued(t, n2, p, "n0", "t/0", "m2")
 	markFailed(n2, "n0")
 	defer n2.SetTestMembers(nil)
 	// n0 restarts: same name and gossip address, another link address.
@@ -269,7 +274,11 @@ func TestLateGossipHandOverReachesAdopted(t *testing.T) {
 		}
 		return nil
 	})
-	p.Pub(t, "t/0", 1, false, "m3")
+	// Another publisher: p's acknowledgements of m1 and m2, held longer
+	// than their bound (n2's verdict lagged 11 s), failed and closed its
+	// connection (it would publish them again).
+	p2, _ := dialV5(t, n2, &paho.Connect{ClientID: "p2", CleanStart: true})
+	p2.Pub(t, "t/0", 1, false, "m3")
 	a.letOtherGo()
 
 	a.wantAdopted(t, n1, "m1", "m2", "m3")
@@ -328,7 +337,8 @@ func TestHandOverReachesAdopterWithoutRoutes(t *testing.T) {
 	case <-time.After(waitCond):
 		t.Fatal("no adoption of the session")
 	}
-	p.Pub(t, "t/0", 1, false, "m1") // only n0's held link on n2 takes it
+	// Only n0's held link on n2 takes it; its PUBACK waits for the hand-over.
+	pubQueued(t, n2, p, "n0", "t/0", "m1")
 	close(a.release)
 	waitStoredOwner(t, st, a.svc, "n1")
 	testutil.WaitFor(t, waitCond, func() error { // installed on n1
@@ -416,7 +426,10 @@ func TestExpiredHoldTellsDoneAfterItsCopies(t *testing.T) {
 		}
 		return nil
 	})
-	a.p.Pub(t, "t/0", 1, false, "m2")
+	// Another publisher: a.p's acknowledgement of m1, handed over by the
+	// expired link (counted link_closed), failed, and closed its connection.
+	p2, _ := dialV5(t, n2, &paho.Connect{ClientID: "p2", CleanStart: true})
+	p2.Pub(t, "t/0", 1, false, "m2")
 
 	a.wantAdopted(t, n1, "m1", "m2")
 }

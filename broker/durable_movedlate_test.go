@@ -30,7 +30,7 @@ func TestHeldCopyAfterMovedOnReachesSession(t *testing.T) {
 	defer release()
 	n1.HoldPublishes("n2", late)
 	// For sh, on n0: queued on n2's link to n0. Its PUBACK waits for
-	// n2's verdict that n0 failed.
+	// n2's hand-over of the held link, and n1's acknowledgement of it.
 	acked := pubQueued(t, n2, p, "n0", "s", "m1")
 	for _, b := range []*broker.Broker{n1, n2, n3} {
 		markFailed(b, "n0")
@@ -38,7 +38,6 @@ func TestHeldCopyAfterMovedOnReachesSession(t *testing.T) {
 	}
 	waitStoredOwner(t, st, sh, "n1")
 	waitNotHeld(t, waitCond, n2, "n0") // released: m1 on its way to n1
-	wantAcked(t, acked, "m1")
 	s, ca := dialV5(t, n3, &paho.Connect{ClientID: sh, CleanStart: false, Properties: exp})
 	if !ca.SessionPresent {
 		t.Fatal("no session on n3")
@@ -53,4 +52,5 @@ func TestHeldCopyAfterMovedOnReachesSession(t *testing.T) {
 	if m := s.Next(t, waitMsg); string(m.Payload) != "m1" {
 		t.Fatalf("sh (moved on to n3) got %q, want m1", m.Payload)
 	}
+	wantAcked(t, acked, "m1") // once n1 acknowledged the hand-over's copy
 }

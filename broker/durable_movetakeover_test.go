@@ -72,8 +72,9 @@ func TestAdoptedSessionMoveAfterLocalTakeover(t *testing.T) {
 		t.Fatal("session present = 0 on n2: the move carried an empty session")
 	}
 	defer c.Disconnect(&paho.Disconnect{})
-	// Held for n0's sessions until n2 releases its held link.
-	a.p.Pub(t, "t/0", 1, false, "after")
+	// Held for n0's sessions until n2 releases its held link (its
+	// PUBACK waits for that hand-over).
+	pubQueued(t, n2, a.p, "n0", "t/0", "after")
 	hold()
 	if m := c.Next(t, waitMsg); string(m.Payload) != "after" {
 		t.Fatalf("got %q, want after", m.Payload)
@@ -148,8 +149,9 @@ func TestOlderClaimDuringHeldWaitDoesNotTakeOverNewer(t *testing.T) {
 		t.Fatal("the newer connection was ended by the older CONNECT's claim")
 	case <-time.After(time.Second):
 	}
-	// Held for n0's sessions until n2 releases its held link.
-	a.p.Pub(t, "t/0", 1, false, "after")
+	// Held for n0's sessions until n2 releases its held link (its
+	// PUBACK waits for that hand-over).
+	pubQueued(t, n2, a.p, "n0", "t/0", "after")
 	hold()
 	if m := newer.Next(t, waitMsg); string(m.Payload) != "after" {
 		t.Fatalf("got %q, want after", m.Payload)

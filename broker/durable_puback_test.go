@@ -101,9 +101,9 @@ func linkQueuedTotal(b *broker.Broker, peer string) int64 {
 // pubQueued publishes a QoS 1 message from c, a client of b, without
 // waiting for its PUBACK, and returns once b queued it on its link to peer
 // (or it was acknowledged): with durability, the PUBACK of a message queued
-// for a live peer waits until that peer acknowledges it on the link, or
-// gossip declares it failed and its link is held. The channel gets the
-// PUBACK's outcome.
+// for a peer waits until that peer acknowledges it on the link or, its link
+// held (the peer failed), until the copies the failover hands on are
+// acknowledged where they went. The channel gets the PUBACK's outcome.
 func pubQueued(t *testing.T, b *broker.Broker, c *testutil.V5, peer, topic, payload string) <-chan error {
 	t.Helper()
 	before := linkQueuedTotal(b, peer)

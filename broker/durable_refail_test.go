@@ -130,7 +130,8 @@ func TestRefailedNodeDoneMarkKeepsHeldCopies(t *testing.T) {
 	if ms := nc.AdoptedMarksOf(svc); !slices.Equal(ms, []string{"n0 done", "n2"}) {
 		t.Fatalf("svc's marks on c: %q, want [n0 done, n2]", ms)
 	}
-	p.Pub(t, "t/0", 1, false, "m")
+	// Its PUBACK waits for the hand-overs.
+	pubQueued(t, nc, p, "n0", "t/0", "m")
 
 	// a is back, the same process: c hands its held link over, and is
 	// done with a: svc's marks go. Then c adopts stuck and releases its

@@ -61,8 +61,9 @@ func heldLinkToRestartedNode(t *testing.T, stillFailed bool) {
 	px.cut()
 	a.publishDuringAdoption(t, st, n2, "m1")
 	// m2's direct copy is skipped by the adopted session: the held link
-	// has it.
-	p.Pub(t, "t/0", 1, false, "m2")
+	// has it. Its PUBACK waits for the hand-over.
+	// Its PUBACK waits for the hand-over.
+	pubQueued(t, n2, p, "n0", "t/0", "m2")
 	if st, _ := linkState(n2, "n0"); st != "held" {
 		t.Fatalf("n2's link to n0 %q, want held", st)
 	}
@@ -118,7 +119,11 @@ func TestExpiredHeldLinkBeforeLaterForward(t *testing.T) {
 	nodes := []*broker.Broker{n0, n1, n2}
 	waitMesh(t, nodes...)
 	a := pauseAdoptions(t, st, nodes)
-	svc, p := a.svc, a.p
+	svc := a.svc
+	// m2's publisher: a.p's acknowledgement of m1 fails when the expired
+	// link hands it over (counted link_closed for the sessions not yet
+	// adopted), which closes a.p's connection.
+	p, _ := dialV5(t, n2, &paho.Connect{ClientID: "p2", CleanStart: true})
 	closing, closeNow := make(chan struct{}), make(chan struct{})
 	var closeOnce sync.Once
 	n2.SetTestBeforeClose(func(peer string) {

@@ -29,7 +29,7 @@ func TestHeldSharedCopyAfterAdoptedMemberLeftGroup(t *testing.T) {
 	// n0 stays dead: its stale copy of sh is not handed anywhere at the end.
 	defer n0.KillCluster()
 	// g's and h's only member is n0's: queued on the link to n0. Its
-	// PUBACK waits for n2's verdict that n0 failed.
+	// PUBACK waits for n2's hand-over of its held link.
 	acked := pubQueued(t, n2, p, "n0", "s", "m1")
 	// n2's gossip declares n0 failed last, after the adoption: its link
 	// to n0 keeps m1 queued (not acknowledged) until then.

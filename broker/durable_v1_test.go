@@ -64,7 +64,8 @@ func TestHeldCopyNotToV1PeerThatAdoptedNothing(t *testing.T) {
 	case <-time.After(waitCond):
 		t.Fatal("no adoption of the session")
 	}
-	p.Pub(t, "t/x", 1, false, "m1")
+	// Its PUBACK waits for the hand-over.
+	pubQueued(t, n1, p, "n0", "t/x", "m1")
 	close(release)
 	waitStoredOwner(t, st, svc, "n1")
 	// The adopted session gets the held copy: the release re-sent it (to

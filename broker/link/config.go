@@ -91,11 +91,12 @@ type Config struct {
 	HandshakeTimeout time.Duration
 	// Logger receives the link's logs; nil discards them.
 	Logger *slog.Logger
-	// OnDiscard, if not nil, is told about queued messages a Link throws
-	// away (see Discard), with no link lock held, from Close's caller or
-	// the Link's goroutine; it must not call Close on that Link. Messages
-	// Send refuses are not reported: Send's caller knows.
-	OnDiscard func(peer string, why Discard, msgs []Message)
+	// OnDiscard, if not nil, is told about queued messages the Link l
+	// throws away (see Discard), each with its Seq, with no link lock
+	// held, from Close's caller or the Link's goroutine; it must not call
+	// Close on that Link. Messages Send refuses are not reported: Send's
+	// caller knows.
+	OnDiscard func(l *Link, why Discard, msgs []Message)
 
 	// BeforeAck, if set, is called by a Server before it acknowledges
 	// what it delivered: an acknowledgement tells the sender it may forget
@@ -172,6 +173,10 @@ type Message struct {
 	// sender must not modify it after Send either; the receiver's handler
 	// owns the Body it is given and may keep it.
 	Body []byte
+	// Seq is the sequence number the message got on its Link (QueueSeq),
+	// in what Queued and Config.OnDiscard return; ignored by Send and
+	// Queue, 0 elsewhere.
+	Seq uint64
 }
 
 // Handler receives inbound messages. Deliver is called for each message of

@@ -51,7 +51,13 @@
 // answer for a lost one.
 // Settled never waits for the network itself: a peer that is down and not
 // given up keeps its messages unsettled until it reconnects and
-// acknowledges them, or its owner holds or closes the Link.
+// acknowledges them, or its owner holds or closes the Link. A caller that
+// hands a held queue on and answers for a message only once its copy is
+// safe elsewhere asks Fate(seq) instead: pending, acknowledged, held
+// (queued before or during a hold and not acknowledged: the owner finds it
+// by its Message.Seq in what Queued and Config.OnDiscard give, and follows
+// it), or lost. A message a restarted peer's discard threw away stays lost
+// once the new process acknowledges later ones.
 //
 // Unreliable messages (QoS 0, route deltas) are sent at most once: after a
 // reconnect, those already written are dropped rather than re-sent, because
@@ -101,9 +107,10 @@
 //
 // # Concurrency and locks
 //
-// Send, Queue, QueueSeq, Settled, Lost, WaitSettled, Stats, PeerIncarnation,
-// Up and Close of a Link, and Stats, Incarnation, Forget and Close of a
-// Server, are safe for concurrent use. Send never blocks on the network: it
+// Send, Queue, QueueSeq, Settled, Fate, Lost, WaitSettled, Stats,
+// PeerIncarnation, Up and Close of a Link, and Stats, Incarnation, Forget
+// and Close of a Server, are safe for concurrent use. Send never blocks on
+// the network: it
 // appends to the queue under the Link's mutex and wakes the writer. Link.mu
 // and Server.mu are leaf locks: no other lock is taken while one is held, and
 // neither OnUp nor Handler.Deliver is ever called with one held. OnUp must not

@@ -48,12 +48,14 @@ type Link struct {
 	// tell them from acknowledged ones once both left q. A range per
 	// discard of the queue; at most maxLostRanges, oldest dropped first
 	// (their waiters gave up long before: a PUBACK wait is bounded).
-	lost       []seqRange
-	seq        uint64 // last seq handed out
-	qBytes     int
-	peerInc    uint64        // the peer's incarnation at the last handshake; 0 before the first
-	peerIncNow atomic.Uint64 // peerInc, read without the lock (PeerIncarnation)
-	st         LinkStats     // counters; the other fields are filled by Stats
+	lost []seqRange
+	// ackedThrough: the last seq the peer acknowledged (Fate).
+	ackedThrough uint64
+	seq          uint64 // last seq handed out
+	qBytes       int
+	peerInc      uint64        // the peer's incarnation at the last handshake; 0 before the first
+	peerIncNow   atomic.Uint64 // peerInc, read without the lock (PeerIncarnation)
+	st           LinkStats     // counters; the other fields are filled by Stats
 	// settledCh is made by Settled for its waiters and closed (and
 	// cleared) when what they wait for may have changed: an ack that
 	// freed messages, a discard, Hold(true), Close. Made only while
@@ -275,12 +277,70 @@ func (l *Link) Settled(seq uint64) (bool, <-chan struct{}) {
 func (l *Link) Lost(seq uint64) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	return l.lostLocked(seq)
+}
+
+// lostLocked reports whether seq is in a range a discard threw away
+// (recordLostLocked). l.mu is held.
+func (l *Link) lostLocked(seq uint64) bool {
 	for _, r := range l.lost {
 		if seq >= r.lo && seq <= r.hi {
 			return true
 		}
 	}
 	return false
+}
+
+// Fate is what became of a queued message (Link.Fate).
+type Fate int
+
+const (
+	// FatePending: queued, neither acknowledged nor thrown away, and the
+	// Link not held since.
+	FatePending Fate = iota
+	// FateAcked: the peer acknowledged it (with Config.BeforeAck, it is
+	// safe there).
+	FateAcked
+	// FateHeld: queued before or during a hold (Hold) and not
+	// acknowledged: what becomes of it is its owner's business, who takes
+	// it from Queued or Config.OnDiscard (by its Message.Seq). It can
+	// still be acknowledged, should the Link write it after a hold.
+	FateHeld
+	// FateLost: thrown away (Close, a peer that restarted) without an
+	// acknowledgement, outside a hold.
+	FateLost
+)
+
+// Fate reports what became of the message queued as seq (see QueueSeq),
+// whether it was queued before or during a hold (a FateAcked one too:
+// acknowledged after the hold began, maybe by a peer its owner had given
+// up on), and, while that can still change, a channel closed when it may
+// have (an ack frame that freed messages, a discard, Hold(true), Close):
+// call Fate again then. Like Settled, it costs one channel per change
+// however many wait, made only while someone waits.
+func (l *Link) Fate(seq uint64) (f Fate, held bool, changed <-chan struct{}) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	held = seq <= l.heldThrough
+	queued := !l.closed && len(l.q) > 0 && l.q[0].seq <= seq
+	switch {
+	case queued && held:
+		f = FateHeld
+	case queued:
+		f = FatePending
+	case l.lostLocked(seq):
+		return FateLost, held, nil
+	case seq <= l.ackedThrough:
+		return FateAcked, held, nil
+	case held:
+		return FateHeld, true, nil // handed to its owner: it stays so
+	default:
+		return FateLost, false, nil
+	}
+	if l.settledCh == nil {
+		l.settledCh = make(chan struct{})
+	}
+	return f, held, l.settledCh
 }
 
 // WaitSettled waits until seq is settled (see Settled) and reports true,
@@ -348,7 +408,9 @@ func (l *Link) Queued(mark uint64) []Message {
 		if e.seq > mark {
 			break
 		}
-		out = append(out, e.m)
+		m := e.m
+		m.Seq = e.seq
+		out = append(out, m)
 	}
 	return out
 }
@@ -394,6 +456,7 @@ func (l *Link) discardLocked(es []entry) []Message {
 	out := make([]Message, len(es))
 	for i, e := range es {
 		out[i] = e.m
+		out[i].Seq = e.seq
 		l.qBytes -= len(e.m.Body)
 	}
 	l.st.Discarded += int64(len(es))
@@ -425,7 +488,7 @@ func (l *Link) report(why Discard, lost []Message) {
 	}
 	l.log.Warn("link discarded queued messages", "reason", why.String(), "count", len(lost))
 	if l.cfg.OnDiscard != nil {
-		l.cfg.OnDiscard(l.peer, why, lost)
+		l.cfg.OnDiscard(l, why, lost)
 	}
 }
 
@@ -798,6 +861,7 @@ func (l *Link) popLocked(seq uint64) {
 	if n == 0 {
 		return
 	}
+	l.ackedThrough = max(l.ackedThrough, l.q[n-1].seq)
 	clear(l.q[:n])
 	l.q = l.q[n:]
 	l.next = max(l.next-n, 0)

@@ -315,10 +315,10 @@ func TestRestarts(t *testing.T) {
 			dcfg := testConfig(t, "a")
 			var mu sync.Mutex
 			discarded := map[Discard]int{}
-			dcfg.OnDiscard = func(peer string, why Discard, msgs []Message) {
+			dcfg.OnDiscard = func(l *Link, why Discard, msgs []Message) {
 				mu.Lock()
 				defer mu.Unlock()
-				if peer == "b" {
+				if l.Peer() == "b" {
 					discarded[why] += len(msgs)
 				}
 			}
@@ -401,7 +401,7 @@ func TestDiscardReported(t *testing.T) {
 	var mu sync.Mutex
 	discarded := map[Discard][]int{}
 	cfg := testConfig(t, "a")
-	cfg.OnDiscard = func(_ string, why Discard, msgs []Message) {
+	cfg.OnDiscard = func(_ *Link, why Discard, msgs []Message) {
 		mu.Lock()
 		defer mu.Unlock()
 		for _, m := range msgs {

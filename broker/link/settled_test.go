@@ -1,6 +1,7 @@
 package link
 
 import (
+	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -97,5 +98,93 @@ func TestSettledByHoldAndClose(t *testing.T) {
 	}
 	if ok, _ := l.Settled(seq); !ok {
 		t.Fatal("not settled on a closed link")
+	}
+}
+
+// TestFate: what Fate says of a message through a hold and a close, with
+// the Seq that Queued and OnDiscard give: pending until the hold, held
+// from then on (also once discarded: its owner took it over), and a
+// message queued after the hold was resumed lost at the close.
+func TestFate(t *testing.T) {
+	s := startServer(t, testConfig(t, "b"), &recorder{})
+	px := newProxy(t, s.Addr())
+	cfg := testConfig(t, "a")
+	discarded := make(chan []Message, 1)
+	cfg.OnDiscard = func(_ *Link, _ Discard, msgs []Message) { discarded <- msgs }
+	l := dial(t, "b", px.addr(), cfg, nil)
+	waitUp(t, l)
+	px.freeze() // written, never acknowledged
+	seq1, _ := l.QueueSeq(Message{Type: typeData, Body: payload(1, true, 0)}, true)
+	f, held, ch := l.Fate(seq1)
+	if f != FatePending || held || ch == nil {
+		t.Fatalf("before the hold: %v, held %v, channel %v; want pending, false, a channel", f, held, ch)
+	}
+	go l.Hold(true)
+	select {
+	case <-ch:
+	case <-time.After(5 * time.Second * raceScale):
+		t.Fatal("Hold did not wake the waiter")
+	}
+	if f, held, ch := l.Fate(seq1); f != FateHeld || !held || ch == nil {
+		t.Fatalf("held: %v, held %v, channel %v; want held, true, a channel (it can still be acknowledged)", f, held, ch)
+	}
+	if q := l.Queued(l.Mark()); len(q) != 1 || q[0].Seq != seq1 {
+		t.Fatalf("Queued %+v, want one message with seq %d", q, seq1)
+	}
+	l.Hold(false)
+	seq2, _ := l.QueueSeq(Message{Type: typeData, Body: payload(2, true, 0)}, true)
+	if f, held, _ := l.Fate(seq2); f != FatePending || held {
+		t.Fatalf("queued after the hold: %v, held %v; want pending, false", f, held)
+	}
+	l.Close()
+	msgs := <-discarded
+	if len(msgs) != 2 || msgs[0].Seq != seq1 || msgs[1].Seq != seq2 {
+		t.Fatalf("discarded %+v, want seqs %d and %d", msgs, seq1, seq2)
+	}
+	if f, held, ch := l.Fate(seq1); f != FateHeld || !held || ch != nil {
+		t.Fatalf("held, then closed: %v, held %v, channel %v; want held, true, none", f, held, ch)
+	}
+	if f, _, ch := l.Fate(seq2); f != FateLost || ch != nil {
+		t.Fatalf("closed outside a hold: %v, channel %v; want lost, none", f, ch)
+	}
+}
+
+// TestFateLostToRestartStaysLost: a message a restarted peer's discard
+// threw away stays lost once the new process acknowledges later ones
+// (acks are cumulative: before, Lost took it for acknowledged then).
+func TestFateLostToRestartStaysLost(t *testing.T) {
+	cfg := testConfig(t, "b")
+	cfg.Incarnation = 7
+	s := startServer(t, cfg, &recorder{})
+	l := dial(t, "b", s.Addr(), testConfig(t, "a"), nil)
+	waitUp(t, l)
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, func() error {
+		if st := l.Stats(); st.State != StateConnecting {
+			return fmt.Errorf("link state %q, want %q", st.State, StateConnecting)
+		}
+		return nil
+	})
+	seq1, _ := l.QueueSeq(Message{Type: typeData, Body: payload(1, true, 0)}, true)
+	cfg.Incarnation = 8
+	rec2 := &recorder{}
+	startServerAt(t, s.Addr(), cfg, rec2)
+	waitFor(t, 5*time.Second, func() error {
+		if st := l.Stats(); st.Connects != 2 {
+			return fmt.Errorf("%d connects, want 2", st.Connects)
+		}
+		return nil
+	})
+	seq2, _ := l.QueueSeq(Message{Type: typeData, Body: payload(2, true, 0)}, true)
+	if !settledWithin(l, seq2, 5*time.Second*raceScale) {
+		t.Fatal("not acknowledged by the new process")
+	}
+	if f, _, _ := l.Fate(seq1); f != FateLost || !l.Lost(seq1) {
+		t.Fatalf("thrown away at the restart: %v (Lost %v); want lost", f, l.Lost(seq1))
+	}
+	if f, _, _ := l.Fate(seq2); f != FateAcked || l.Lost(seq2) {
+		t.Fatalf("acknowledged: %v (Lost %v); want acked", f, l.Lost(seq2))
 	}
 }
