@@ -79,7 +79,8 @@ func TestRestoredMarkOutlivesItsTimeInFailureSeenAfter(t *testing.T) {
 	waitHeld(t, n1, "n0")
 	waitHeld(t, n2, "n0")
 	p, _ := dialV5(t, n1, &paho.Connect{ClientID: "p", CleanStart: true})
-	p.Pub(t, "t/x", 1, false, "m")
+	// Its PUBACK waits for the hand-over of n1's held link (below).
+	acked := pubQueued(t, n1, p, "n0", "t/x", "m")
 	// The mark's time runs out while n1 still holds m for n0: the mark
 	// stays.
 	time.Sleep(time.Until(expires.Add(500 * time.Millisecond)))
@@ -88,6 +89,7 @@ func TestRestoredMarkOutlivesItsTimeInFailureSeenAfter(t *testing.T) {
 	}
 	letAdopt()
 	waitNotHeld(t, waitCond, n1, "n0")
+	wantAcked(t, acked, "m")
 	select {
 	case got := <-own.Messages:
 		if string(got.Payload) != "m" {

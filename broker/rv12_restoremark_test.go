@@ -95,7 +95,8 @@ func TestRv12RestoredMarkEndsBeforeLaterHeldCopy(t *testing.T) {
 	waitHeld(t, n1, "n0")
 	waitHeld(t, n2, "n0")
 	p, _ := dialV5(t, n1, &paho.Connect{ClientID: "p", CleanStart: true})
-	p.Pub(t, "t/x", 1, false, "m")
+	// Its PUBACK waits for the hand-over of n1's held link (below).
+	acked := pubQueued(t, n1, p, "n0", "t/x", "m")
 	// The mark's timer runs out while n1 still holds m for n0 (a fixed
 	// node may keep the mark for the later failure: then past its time).
 	testutil.WaitFor(t, waitCond, func() error {
@@ -106,6 +107,7 @@ func TestRv12RestoredMarkEndsBeforeLaterHeldCopy(t *testing.T) {
 	})
 	letAdopt()
 	waitNotHeld(t, waitCond, n1, "n0")
+	wantAcked(t, acked, "m")
 	select {
 	case got := <-own.Messages:
 		if string(got.Payload) != "m" {
