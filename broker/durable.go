@@ -1223,7 +1223,7 @@ func (d *durableHook) queueSession(cl *mqtt.Client, subs map[string]packets.Subs
 // batch was written is not written at all, only the last state of a
 // session document is, and a session deleted drops the batch's earlier
 // writes for it. Deletes go first (a session wiped, or a packet ID freed
-// for reuse, precedes the writes after it), then inserts and upserts.
+// for reuse, precedes the writes after it), then replaces, inserts and upserts.
 // Every step is idempotent, so a failed batch is written again whole.
 func (d *durableHook) write(ctx context.Context, batch []durOp) error {
 	var (

@@ -6,8 +6,10 @@ import (
 
 	"github.com/eclipse/paho.golang/packets"
 	"github.com/eclipse/paho.golang/paho"
+	"go.mongodb.org/mongo-driver/v2/bson"
 
 	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/store"
 	"github.com/rtm-dev/rtm/internal/store/storetest"
 	"github.com/rtm-dev/rtm/internal/testcluster"
 	"github.com/rtm-dev/rtm/internal/testutil"
@@ -76,5 +78,37 @@ func TestSessionRewriteKilledKeepsSession(t *testing.T) {
 	pub2.Pub(t, "rw/t", 1, false, "m3")
 	if m := back.Next(t, waitMsg); string(m.Payload) != "m3" {
 		t.Fatalf("s got %q after the restart, want m3 (its subscription)", m.Payload)
+	}
+}
+
+// TestSessionRewriteKeepsStoredEpoch: a session moved to another node is
+// taken over there (owner and epoch raised in the store), and that node's
+// rewrites of the document keep the raised epoch. Before, each rewrite set
+// it back to 1 (the node's own record, which knows no take-over): an
+// adopter checks a session is unchanged since it read it by its owner and
+// epoch.
+func TestSessionRewriteKeepsStoredEpoch(t *testing.T) {
+	nodes, st := durableCluster(t, 2)
+	expiry := uint32(600)
+	c, _ := dialV5(t, nodes[0], &paho.Connect{ClientID: "ep", CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: &expiry}})
+	subscribe(t, c, 0, paho.SubscribeOptions{Topic: "ep/a", QoS: 1}) // stored at the SUBACK
+	_ = c.Disconnect(&paho.Disconnect{})
+	c, ca := dialV5Retry(t, nodes[1], &paho.Connect{ClientID: "ep", Properties: &paho.ConnectProperties{SessionExpiryInterval: &expiry}})
+	if !ca.SessionPresent {
+		t.Fatal("ep: session not present on n1")
+	}
+	subscribe(t, c, 0, paho.SubscribeOptions{Topic: "ep/b", QoS: 1}) // a rewrite on n1, stored at the SUBACK
+	var doc struct {
+		Owner string `bson:"owner"`
+		Epoch int64  `bson:"epoch"`
+		Subs  []struct {
+			Filter string `bson:"f"`
+		} `bson:"subs"`
+	}
+	if err := st.DB().Collection(store.CollSessions).FindOne(testutil.Context(t, waitCond), bson.D{{Key: "_id", Value: "ep"}}).Decode(&doc); err != nil {
+		t.Fatal(err)
+	}
+	if doc.Owner != "n1" || len(doc.Subs) != 2 || doc.Epoch < 2 {
+		t.Fatalf("ep stored with owner %q, %d subscriptions, epoch %d; want n1, 2, at least 2 (taken over)", doc.Owner, len(doc.Subs), doc.Epoch)
 	}
 }
