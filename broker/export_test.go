@@ -56,6 +56,18 @@ func (b *Broker) SetTestAfterClaim(f func(id string)) {
 	b.durable.testAfterClaim.Store(&f)
 }
 
+// SetTestSessionRewrite calls f on the node's store writer once the first
+// command that rewrites stored session documents (ids) is done, before the
+// batch's next command; nil removes it. A test that blocks in f and starts
+// another node on the store sees what a kill -9 there leaves.
+func (b *Broker) SetTestSessionRewrite(f func(ids []string)) {
+	if f == nil {
+		b.durable.testSessionRewrite.Store(nil)
+		return
+	}
+	b.durable.testSessionRewrite.Store(&f)
+}
+
 // AdoptionWaiters is the number of CONNECTs waiting for an adoption of
 // their session under way on the node.
 func (b *Broker) AdoptionWaiters() int64 { return b.durable.adoptions.waiting.Load() }
