@@ -228,6 +228,7 @@ var (
 	descBPSeconds = prometheus.NewDesc("rtm_broker_backpressure_wait_seconds_total", "Time publishes spent waiting for congested subscribers.", nil, nil)
 	descBPStalls  = prometheus.NewDesc("rtm_broker_backpressure_stalls_total", "Subscribers marked stalled: still congested after broker.backpressure_max_wait; messages to them are no longer waited for until they drain.", nil, nil)
 	descBPSkips   = prometheus.NewDesc("rtm_broker_backpressure_stalled_skips_total", "Messages to a stalled subscriber not waited for (queued while it had room, else dropped and counted in rtm_broker_messages_dropped_total).", nil, nil)
+	descBPQuota   = prometheus.NewDesc("rtm_broker_backpressure_receive_quota_waits_total", "MQTT 3.1.1 publishers at broker.max_inflight unacknowledged messages not read until a held acknowledgement was released (MQTT 5 clients are disconnected 0x93 instead).", nil, nil)
 
 	descMembers      = prometheus.NewDesc("rtm_cluster_members", "Gossip members this node knows, by status and role.", []string{"status", "role"}, nil)
 	descLinkUp       = prometheus.NewDesc("rtm_cluster_link_up", "1 while the node link to the peer is connected and authenticated.", []string{"peer"}, nil)
@@ -252,7 +253,7 @@ var (
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descConnections, descParked, descCapacity, descRejected, descSessions, descSubs, descRetained,
 		descInflight, descMsgIn, descMsgOut, descDropped, descBytesIn, descBytesOut, descPktIn, descPktOut, descUp,
-		descBPWaits, descBPSeconds, descBPStalls, descBPSkips, descQueuedB, descReadingB, descReadClose,
+		descBPWaits, descBPSeconds, descBPStalls, descBPSkips, descBPQuota, descQueuedB, descReadingB, descReadClose,
 		descMembers, descLinkUp, descLinkMsgs, descLinkBytes, descLinkResends, descLinkQueue, descLinkQueueB, descLinkDropped,
 		descLinkRecv, descLinkRecvB, descLinkDup, descLinkAuthFail, descRoutesLocal, descRoutesRemote, descForwarded,
 		descFromPeers, descClaimTimeout, descMoved} {
@@ -287,6 +288,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descBPSeconds, prometheus.CounterValue, s.Backpressure.WaitSeconds)
 	counter(descBPStalls, s.Backpressure.Stalls)
 	counter(descBPSkips, s.Backpressure.StalledSkips)
+	counter(descBPQuota, s.Backpressure.ReceiveQuotaWaits)
 	gauge(descQueuedB, float64(s.Memory.QueuedBytes))
 	gauge(descReadingB, float64(s.Memory.ReadingBytes))
 	counter(descReadClose, s.Memory.ReadRefused, "read_budget")

@@ -717,6 +717,11 @@ type BackpressureStats struct {
 	// waited for (queued while it had room, else dropped and counted in
 	// messages_dropped_by_reason).
 	StalledSkips int64 `json:"stalled_skips"`
+	// ReceiveQuotaWaits counts MQTT 3.1.1 publishers that reached
+	// broker.max_inflight unacknowledged messages while acknowledgements
+	// were held and were not read until one was released (mochi patch
+	// 131; an MQTT 5 client is disconnected 0x93 instead).
+	ReceiveQuotaWaits int64 `json:"receive_quota_waits"`
 }
 
 // topicAliasMaximum is the Topic Alias Maximum rtm accepts from an MQTT 5
@@ -775,6 +780,8 @@ func (b *Broker) Stats() Stats {
 			WaitSeconds:  time.Duration(b.mq.Flow.WaitNanos.Load()).Seconds(),
 			Stalls:       b.mq.Flow.Stalls.Load(),
 			StalledSkips: b.mq.Flow.StalledSkips.Load(),
+
+			ReceiveQuotaWaits: b.mq.Flow.QuotaWaits.Load(),
 		},
 		Memory: MemoryStats{
 			QueuedBytes:         b.mq.Mem.Queued.Load(),

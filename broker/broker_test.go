@@ -104,7 +104,7 @@ func TestAdminEndpoints(t *testing.T) {
 	for _, want := range []string{"rtm_broker_connections 1", "rtm_broker_subscriptions 1", "rtm_broker_capacity 100000",
 		`rtm_broker_messages_dropped_total{qos="1",reason="queue_full"} 0`, `rtm_broker_messages_dropped_total{qos="1",reason="session_full"} 0`, "go_goroutines", "process_resident_memory_bytes",
 		"rtm_broker_backpressure_waits_total 0", "rtm_broker_backpressure_wait_seconds_total 0", "rtm_broker_backpressure_stalls_total 0",
-		"rtm_broker_backpressure_stalled_skips_total 0"} {
+		"rtm_broker_backpressure_stalled_skips_total 0", "rtm_broker_backpressure_receive_quota_waits_total 0"} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("/metrics lacks %q", want)
 		}

@@ -58,6 +58,12 @@ type heldAcks struct {
 	q       []heldAck
 	running bool
 	qos2    atomic.Pointer[qos2Acks] // rtm patch 123: the session's QoS 2 PUBRECs not known to be owed
+
+	// rtm patch 131: held QoS 1 acknowledgements whose unit of receive
+	// quota is not given back yet, and the channel that wakes the read
+	// loop waiting for one (awaitReceiveQuota; under mu).
+	qos1      atomic.Int32
+	quotaWake chan struct{}
 }
 
 type heldAck struct {
@@ -78,6 +84,9 @@ func (s *Server) holdAck(cl *Client, ack packets.Packet, qos byte, wait func() e
 	if wait == nil && len(h.q) == 0 && !h.running {
 		h.mu.Unlock()
 		return false
+	}
+	if qos == 1 {
+		h.qos1.Add(1) // rtm patch 131
 	}
 	h.q = append(h.q, heldAck{ack: ack, qos: qos, wait: wait, out: out})
 	start := !h.running
@@ -125,6 +134,7 @@ func (s *Server) releaseAcks(cl *Client) {
 				atomic.AddInt64(&s.Info.Inflight, -1)
 			}
 			cl.State.Inflight.IncreaseReceiveQuota()
+			h.quotaReturned() // rtm patch 131: after the unit is back
 		}
 		// rtm patch 123: a QoS 2 PUBREC not sent leaves no flow behind:
 		// the client's PUBLISH was never acknowledged, so when it is sent

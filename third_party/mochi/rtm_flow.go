@@ -65,6 +65,9 @@ type FlowStats struct {
 	// StalledSkips counts messages to a stalled subscriber that were not
 	// waited for.
 	StalledSkips atomic.Int64
+	// QuotaWaits counts the waits of MQTT 3.1.1 publishers at receive
+	// quota 0 for a held acknowledgement (rtm patch 131).
+	QuotaWaits atomic.Int64
 }
 
 // flowGate is a client's side of flow control: the publishers waiting for

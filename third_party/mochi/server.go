@@ -1213,7 +1213,9 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 
 	// rtm patch 122: Receive Maximum counts QoS 1/2 PUBLISHes only: a QoS 0
 	// one while every QoS 1/2 slot waits for its acknowledgement is allowed.
-	if pk.FixedHeader.Qos > 0 && atomic.LoadInt32(&cl.State.Inflight.receiveQuota) == 0 {
+	// rtm patch 131: an MQTT 3.1.1 client, which has no Receive Maximum,
+	// waits (bounded) for a held acknowledgement to give a unit back.
+	if pk.FixedHeader.Qos > 0 && atomic.LoadInt32(&cl.State.Inflight.receiveQuota) == 0 && !s.awaitReceiveQuota(cl) {
 		return s.DisconnectClient(cl, packets.ErrReceiveMaximum) // ~[MQTT-3.3.4-7] ~[MQTT-3.3.4-8]
 	}
 
