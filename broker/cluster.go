@@ -612,7 +612,14 @@ func (c *clusterNode) deliver(from string, m link.Message) {
 	case msgRoutes:
 		var rm routesMsg
 		if rm, err = decodeRoutes(m.Body); err == nil {
-			c.routes.set(from, rm, c.links.Incarnation(from))
+			inc := c.links.Incarnation(from)
+			// First the outbound link learns of a restart (its queue was
+			// for the old process; it may still be redialling), then the
+			// routes: a forward between the two refuses the old routes
+			// (routesOfGoneLocked), never takes the new ones for the old
+			// process.
+			c.expectIncarnation(from, inc)
+			c.routes.set(from, rm, inc)
 			c.resumeSnapshot(from)
 		}
 	case msgRouteDelta:

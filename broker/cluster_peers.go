@@ -310,3 +310,18 @@ func (s *peerSet) linkStats() []link.LinkStats {
 	}
 	return out
 }
+
+// expectIncarnation tells the outbound link of the live peer name that
+// the peer now runs as process inc (deliver: the routes of a restarted
+// peer, on its own connection here), so the link does not keep the old
+// process's queue and identity while it waits out its redial backoff
+// (link.Link.ExpectIncarnation). A peer whose earlier link is still held
+// is left to the failover's hand-over (resendRestarted).
+func (c *clusterNode) expectIncarnation(name string, inc uint64) {
+	c.peers.mu.Lock()
+	p, held := c.peers.alive[name], c.peers.held[name] != nil
+	c.peers.mu.Unlock()
+	if p != nil && !held {
+		p.link.ExpectIncarnation(inc)
+	}
+}

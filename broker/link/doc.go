@@ -108,7 +108,7 @@
 // # Concurrency and locks
 //
 // Send, Queue, QueueSeq, Settled, Fate, Lost, WaitSettled, Stats,
-// PeerIncarnation, Up and Close of a Link, and Stats, Incarnation, Forget
+// PeerIncarnation, ExpectIncarnation, Up and Close of a Link, and Stats, Incarnation, Forget
 // and Close of a Server, are safe for concurrent use. Send never blocks on
 // the network: it
 // appends to the queue under the Link's mutex and wakes the writer. Link.mu

@@ -29,6 +29,7 @@ type Link struct {
 	cancel     context.CancelFunc
 	done       chan struct{} // closed by Close
 	wake       chan struct{} // Send → writer, capacity 1
+	redial     chan struct{} // ExpectIncarnation → run: dial now, capacity 1
 	wg         sync.WaitGroup
 
 	mu      sync.Mutex
@@ -181,6 +182,7 @@ func Dial(peer, addr string, cfg Config, onUp func() []Message) *Link {
 		cancel:  cancel,
 		done:    make(chan struct{}),
 		wake:    make(chan struct{}, 1),
+		redial:  make(chan struct{}, 1),
 		state:   StateConnecting,
 		stateCh: make(chan struct{}),
 	}
@@ -514,6 +516,40 @@ func (l *Link) Up() bool {
 // handshake (0 before the first): the process the Link writes to.
 func (l *Link) PeerIncarnation() uint64 { return l.peerIncNow.Load() }
 
+// ExpectIncarnation tells the Link that its peer now runs as process inc,
+// learnt from the peer's own connection to this node, which a restarted
+// peer opens at once while this Link may still be waiting out its redial
+// backoff. If inc differs from the process of the last handshake, the
+// queue, meant for the process that is gone, is thrown away now
+// (DiscardRestarted, as the handshake would) and PeerIncarnation reports
+// inc, so what is queued from here on is for the new process and its next
+// handshake resumes it; a connection still up to the old process is
+// closed and the redial does not wait for its backoff. Nothing changes
+// while the Link is held (its owner hands the queue on) or before its
+// first handshake.
+func (l *Link) ExpectIncarnation(inc uint64) {
+	l.mu.Lock()
+	if inc == 0 || l.closed || l.held || l.peerInc == 0 || l.peerInc == inc {
+		l.mu.Unlock()
+		return
+	}
+	l.peerInc = inc
+	l.peerIncNow.Store(inc)
+	l.recordLostLocked(l.q)
+	lost := l.discardLocked(l.q)
+	l.q, l.next = nil, 0
+	if l.state == StateUp && l.conn != nil {
+		_ = l.conn.Close()
+	}
+	l.mu.Unlock()
+	select {
+	case l.redial <- struct{}{}:
+	default:
+	}
+	l.log.Info("link peer restarted (learnt from its inbound link)", "peer_incarnation", inc)
+	l.report(DiscardRestarted, lost)
+}
+
 // WaitUp waits until the Link is up, ctx ends (returning its error) or the
 // Link is closed (returning ErrClosed).
 func (l *Link) WaitUp(ctx context.Context) error {
@@ -587,6 +623,8 @@ func (l *Link) run() {
 		t := time.NewTimer(min(bo.NextBackOff(), l.cfg.RedialMax))
 		select {
 		case <-t.C:
+		case <-l.redial:
+			t.Stop()
 		case <-l.done:
 			t.Stop()
 			return
