@@ -45,7 +45,7 @@ func TestRv12aLateWaitSeesHandOverFailure(t *testing.T) {
 	}
 	c := &clusterNode{stop: make(chan struct{})}
 	c.peerAckWait.Store(int64(100 * time.Millisecond)) // keep: 1.2 s
-	l.Hold(true) // the peer failed
+	l.Hold(true)                                       // the peer failed
 	seq, err := l.QueueSeq(link.Message{Type: msgPublish, Body: []byte("m")}, true)
 	if err != nil {
 		t.Fatal(err)
