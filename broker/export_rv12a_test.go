@@ -1,5 +1,7 @@
 package broker
 
+import "github.com/rtm-dev/rtm/broker/link"
+
 // LockRoutesForTest takes the cluster's route table lock and returns its
 // release: whatever needs it on this node waits meanwhile (review rv12a).
 func (b *Broker) LockRoutesForTest() (unlock func()) {
@@ -16,3 +18,23 @@ func (b *Broker) HeldLinkIncarnation(peer string) uint64 {
 	}
 	return p.link.PeerIncarnation()
 }
+
+// DropRoutesFrom makes this node ignore the route messages from peer
+// until stop is closed (review rv12a).
+func (b *Broker) DropRoutesFrom(peer string, stop <-chan struct{}) {
+	f := func(from string, m link.Message) error {
+		select {
+		case <-stop:
+			return nil
+		default:
+		}
+		if from == peer && (m.Type == msgRoutes || m.Type == msgRouteDelta) {
+			return errDropped
+		}
+		return nil
+	}
+	b.cluster.testDeliver.Store(&f)
+}
+
+// HandOverRecords returns how many hand-over records this node keeps.
+func (b *Broker) HandOverRecords() int { return int(b.cluster.handOvers.n.Load()) }
