@@ -1194,22 +1194,38 @@ func (c *clusterNode) resendRestarted(l *link.Link, msgs []link.Message) {
 	c.routes.mu.Lock()
 	p := c.peers.getHeld(peer)
 	gate := p != nil && !p.reached.Load()
+	var mark uint64
 	if gate {
 		c.heldFlush.begin(allAdopters)
 		p.reached.Store(true)
 		p.handOver.Store(false) // nothing left to hand over (resendReached)
+		// A forward that read the routes before this (held, not yet
+		// reached) may have queued its message on the held link after
+		// the discard: in neither the discarded queue nor a re-send of
+		// its own (it saw handOver still set). Handed over below, up to
+		// here (review rv12a).
+		mark = l.Mark()
 	}
 	c.routes.mu.Unlock()
 	if gate {
 		defer c.heldFlush.end(allAdopters)
 	}
-	if lp := c.peers.getLinked(peer); lp != nil {
+	lp := c.peers.getLinked(peer)
+	if lp != nil {
 		// Handed over already when gossip saw the peer alive again.
 		msgs = lp.notHanded(msgs)
 	}
 	var to []string
 	if p != nil {
 		to = c.handOverTo(peer) // not for a live peer's restart: nothing was held
+	}
+	if gate {
+		if late := l.Queued(mark); len(late) > 0 {
+			if lp != nil {
+				late = lp.notHanded(late)
+			}
+			msgs = append(slices.Clip(msgs), late...)
+		}
 	}
 	c.resendHeld(peer, to, linkPublishes(l, msgs))
 	if p != nil {

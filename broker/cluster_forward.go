@@ -236,8 +236,9 @@ func (c *clusterNode) settledWait(pm *pubMarks, qos2 bool) func() error {
 	if qos2 {
 		done = nil // never ready: the wait ends settled, lost, timed out, or at the node's stop
 	}
+	start := time.Now() // the bound counts from the PUBLISH (ackWait)
 	return func() error {
-		w := ackWait{c: c, done: done}
+		w := ackWait{c: c, done: done, start: start}
 		defer w.stop()
 		for _, m := range marks {
 			if err := w.await(m); err != nil {
@@ -482,7 +483,9 @@ func (c *clusterNode) forwardPublish(pub *mqtt.Client, pk packets.Packet) (map[s
 			// Its acknowledgement follows these copies, whatever the
 			// link does with the message (follow: always).
 			rm.src = linkMark{l: t.p.link, seq: seq, follow: true}
-			c.resendHeld(t.p.name, nil, []publishMsg{rm})
+			// To the adopters too, whose routes may not be here yet,
+			// as resendReached and resendRestarted send (review rv12a).
+			c.resendHeld(t.p.name, c.handOverTo(t.p.name), []publishMsg{rm})
 		}
 	}
 	return missed, held, waited, refuse

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -54,6 +55,23 @@ type handedTo struct {
 	batch  uint64 // the add that recorded it
 }
 
+// merge returns the record of a message handed over as t and then as u:
+// every copy of both, each local delivery's writes, lost if either lost
+// one, always if either stands for the message whatever its fate. The
+// batch is u's.
+func (t handedTo) merge(u handedTo) handedTo {
+	u.copies = append(slices.Clip(t.copies), u.copies...)
+	switch tl, ul := t.local, u.local; {
+	case tl != nil && ul != nil:
+		u.local = func() bool { return tl() && ul() }
+	case tl != nil:
+		u.local = tl
+	}
+	u.lost = u.lost || t.lost
+	u.always = u.always || t.always
+	return u
+}
+
 // handOverRecord is one message's hand-over, for add.
 type handOverRecord struct {
 	src linkMark // the held link and the message's seq on it
@@ -74,6 +92,13 @@ func (h *handOvers) add(recs []handOverRecord, keep time.Duration) {
 	batch := h.batch
 	for _, r := range recs {
 		r.to.batch = batch
+		if old, ok := h.by[r.src]; ok {
+			// Handed over twice (a hand-over, then the message's own
+			// forward re-sending it): the wait follows every copy, or
+			// one hand-over's copy for the adopter would be left out
+			// (review rv12a).
+			r.to = old.merge(r.to)
+		}
 		h.by[r.src] = r.to
 	}
 	h.n.Store(int32(len(h.by)))
@@ -123,11 +148,29 @@ func (c *clusterNode) handOverKeep() time.Duration {
 // second the adoption of the failed node's sessions, the hand-over and the
 // adopters' acknowledgements of the copies. Past it the publisher gets no
 // acknowledgement (its connection is closed) and publishes again.
+//
+// The bound counts from the PUBLISH (start), not from when the wait runs:
+// a client's waits run one at a time, in order (mochi patch 54), so one
+// may start late, behind slow earlier ones; counted from the PUBLISH, no
+// wait outlives the hand-over records it may need (handOverKeep, counted
+// from a hand-over, which comes after the PUBLISH), where a late wait
+// found none and took a peer's acknowledgement after the hold for the
+// message's safety (review rv12a). A zero start counts from the wait.
 type ackWait struct {
 	c        *clusterNode
 	done     <-chan struct{} // the publisher's connection ended
+	start    time.Time       // the PUBLISH
 	timer    *time.Timer
 	extended bool
+}
+
+// boundTimer returns a timer for n bounds from start.
+func (w *ackWait) boundTimer(n int) *time.Timer {
+	d := time.Duration(n) * time.Duration(w.c.peerAckWait.Load())
+	if !w.start.IsZero() {
+		d -= time.Since(w.start)
+	}
+	return time.NewTimer(max(d, 0))
 }
 
 func (w *ackWait) stop() {
@@ -139,7 +182,7 @@ func (w *ackWait) stop() {
 // arm starts the bound, if not yet.
 func (w *ackWait) arm() {
 	if w.timer == nil {
-		w.timer = time.NewTimer(time.Duration(w.c.peerAckWait.Load()))
+		w.timer = w.boundTimer(1)
 	}
 }
 
@@ -152,7 +195,11 @@ func (w *ackWait) extend() {
 	if w.timer != nil {
 		w.timer.Stop()
 	}
-	w.timer = time.NewTimer(time.Duration(w.c.peerAckWait.Load()))
+	n := 1
+	if !w.start.IsZero() {
+		n = 2 // the first bound counts from the PUBLISH too
+	}
+	w.timer = w.boundTimer(n)
 }
 
 // block waits for ch (nil: never ready) or ends the wait with an error: the
@@ -186,6 +233,14 @@ func (w *ackWait) await(m linkMark) error {
 		f, held, ch := m.l.Fate(m.seq)
 		switch f {
 		case link.FateAcked:
+			if held && m.follow && !w.start.IsZero() &&
+				time.Since(w.start) >= 2*time.Duration(c.peerAckWait.Load()) {
+				// Past its bound, and a hand-over's record of it may be
+				// gone (they last handOverKeep from the hand-over, which
+				// came after the PUBLISH): the acknowledgement after the
+				// hold cannot be told safe (review rv12a).
+				return errPeerAckSlow
+			}
 			if held && m.follow && c.handOvers.n.Load() > 0 {
 				// Acknowledged after the hold began (written to the
 				// same process once the hand-over gave the adopters
