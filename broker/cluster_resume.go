@@ -11,7 +11,7 @@ import (
 	"github.com/rtm-dev/rtm/internal/cluster"
 )
 
-// A node that did not run for a while (SIGSTOP, a paused VM) may have been
+// A node that did not run for a while (SIGSTOP, a frozen cgroup; a paused VM only if the monotonic clock counts it, not verified) may have been
 // declared failed by its peers meanwhile: they adopted its sessions, and
 // those of a node that died in that time, and their route changes wait in
 // links they hold, or closed, for it. When it runs again it still holds
