@@ -38,35 +38,7 @@ func TestRestoredMarkOutlivesItsTimeInFailureSeenAfter(t *testing.T) {
 		waitMesh(t, nodes...)
 	})
 
-	own, _ := dialV5(t, n2, &paho.Connect{ClientID: "own", CleanStart: true})
-	subscribe(t, own, 0, paho.SubscribeOptions{Topic: "t/x", QoS: 1})
-	dsess := ""
-	for i := 0; dsess == ""; i++ {
-		if id := fmt.Sprintf("dsess-%d", i); broker.Adopter(id, "n1", "n2") == "n1" {
-			dsess = id
-		}
-	}
-	d, _ := dialV5(t, n0, &paho.Connect{ClientID: dsess, CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
-	subscribe(t, d, 0, paho.SubscribeOptions{Topic: "t/x", QoS: 1})
-	_ = d.Disconnect(&paho.Disconnect{})
-	waitStoredOwner(t, st, dsess, "n0")
-	waitRoutes(t, nodes, n0, 1)
-	waitRoutes(t, nodes, n2, 1)
-	adopt := make(chan struct{})
-	n1.SetTestAfterClaim(func(id string) {
-		if id == dsess {
-			<-adopt
-		}
-	})
-	t.Cleanup(func() { n1.SetTestAfterClaim(nil) })
-	letAdopt := func() {
-		select {
-		case <-adopt:
-		default:
-			close(adopt)
-		}
-	}
-	t.Cleanup(letAdopt)
+	own, letAdopt := ownAndPausedAdoption(t, st, nodes)
 
 	// own's mark as n2's start restores it, a few seconds left.
 	hold := n2.FailedPeerHold()

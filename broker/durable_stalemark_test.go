@@ -8,6 +8,7 @@ import (
 	"github.com/eclipse/paho.golang/paho"
 
 	"github.com/rtm-dev/rtm/broker"
+	"github.com/rtm-dev/rtm/internal/store"
 	"github.com/rtm-dev/rtm/internal/store/storetest"
 	"github.com/rtm-dev/rtm/internal/testcluster"
 	"github.com/rtm-dev/rtm/internal/testutil"
@@ -58,35 +59,7 @@ func TestMovedInStaleMarkEndsBeforeLaterHeldCopy(t *testing.T) {
 
 	// own on n2, and n0's persistent session dsess (n1 adopts it), both
 	// on t/x.
-	own, _ := dialV5(t, n2, &paho.Connect{ClientID: "own", CleanStart: true})
-	subscribe(t, own, 0, paho.SubscribeOptions{Topic: "t/x", QoS: 1})
-	dsess := ""
-	for i := 0; dsess == ""; i++ {
-		if id := fmt.Sprintf("dsess-%d", i); broker.Adopter(id, "n1", "n2") == "n1" {
-			dsess = id
-		}
-	}
-	d, _ := dialV5(t, n0, &paho.Connect{ClientID: dsess, CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
-	subscribe(t, d, 0, paho.SubscribeOptions{Topic: "t/x", QoS: 1})
-	_ = d.Disconnect(&paho.Disconnect{})
-	waitStoredOwner(t, st, dsess, "n0")
-	waitRoutes(t, nodes, n0, 1)
-	waitRoutes(t, nodes, n2, 1)
-	adopt := make(chan struct{})
-	n1.SetTestAfterClaim(func(id string) {
-		if id == dsess {
-			<-adopt
-		}
-	})
-	t.Cleanup(func() { n1.SetTestAfterClaim(nil) })
-	letAdopt := func() {
-		select {
-		case <-adopt:
-		default:
-			close(adopt)
-		}
-	}
-	t.Cleanup(letAdopt)
+	own, letAdopt := ownAndPausedAdoption(t, st, nodes)
 
 	// own moves in with failure 1's mark, still active at its source; its
 	// timer has a few seconds left.
@@ -121,4 +94,43 @@ func TestMovedInStaleMarkEndsBeforeLaterHeldCopy(t *testing.T) {
 	case <-time.After(waitMsg):
 		t.Fatal("own never got m (acknowledged): its direct copy was skipped for a stale mark, its held copy once the mark's timer ended it: lost, not counted")
 	}
+}
+
+// ownAndPausedAdoption connects own to nodes[2] (n2) and n0's persistent
+// session dsess, which n1 adopts, both subscribed to t/x, and pauses n1's
+// adoption of dsess after its claim until letAdopt (also called at the
+// test's end).
+func ownAndPausedAdoption(t *testing.T, st *store.Store, nodes []*broker.Broker) (own *testutil.V5, letAdopt func()) {
+	t.Helper()
+	n0, n1, n2 := nodes[0], nodes[1], nodes[2]
+	own, _ = dialV5(t, n2, &paho.Connect{ClientID: "own", CleanStart: true})
+	subscribe(t, own, 0, paho.SubscribeOptions{Topic: "t/x", QoS: 1})
+	dsess := ""
+	for i := 0; dsess == ""; i++ {
+		if id := fmt.Sprintf("dsess-%d", i); broker.Adopter(id, "n1", "n2") == "n1" {
+			dsess = id
+		}
+	}
+	d, _ := dialV5(t, n0, &paho.Connect{ClientID: dsess, CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
+	subscribe(t, d, 0, paho.SubscribeOptions{Topic: "t/x", QoS: 1})
+	_ = d.Disconnect(&paho.Disconnect{})
+	waitStoredOwner(t, st, dsess, "n0")
+	waitRoutes(t, nodes, n0, 1)
+	waitRoutes(t, nodes, n2, 1)
+	adopt := make(chan struct{})
+	n1.SetTestAfterClaim(func(id string) {
+		if id == dsess {
+			<-adopt
+		}
+	})
+	t.Cleanup(func() { n1.SetTestAfterClaim(nil) })
+	letAdopt = func() {
+		select {
+		case <-adopt:
+		default:
+			close(adopt)
+		}
+	}
+	t.Cleanup(letAdopt)
+	return own, letAdopt
 }

@@ -52,35 +52,7 @@ func TestRv12RestoredMarkEndsBeforeLaterHeldCopy(t *testing.T) {
 
 	// own on n2, and n0's persistent session dsess (n1 adopts it), both
 	// on t/x.
-	own, _ := dialV5(t, n2, &paho.Connect{ClientID: "own", CleanStart: true})
-	subscribe(t, own, 0, paho.SubscribeOptions{Topic: "t/x", QoS: 1})
-	dsess := ""
-	for i := 0; dsess == ""; i++ {
-		if id := fmt.Sprintf("dsess-%d", i); broker.Adopter(id, "n1", "n2") == "n1" {
-			dsess = id
-		}
-	}
-	d, _ := dialV5(t, n0, &paho.Connect{ClientID: dsess, CleanStart: true, Properties: &paho.ConnectProperties{SessionExpiryInterval: ptr(uint32(600))}})
-	subscribe(t, d, 0, paho.SubscribeOptions{Topic: "t/x", QoS: 1})
-	_ = d.Disconnect(&paho.Disconnect{})
-	waitStoredOwner(t, st, dsess, "n0")
-	waitRoutes(t, nodes, n0, 1)
-	waitRoutes(t, nodes, n2, 1)
-	adopt := make(chan struct{})
-	n1.SetTestAfterClaim(func(id string) {
-		if id == dsess {
-			<-adopt
-		}
-	})
-	t.Cleanup(func() { n1.SetTestAfterClaim(nil) })
-	letAdopt := func() {
-		select {
-		case <-adopt:
-		default:
-			close(adopt)
-		}
-	}
-	t.Cleanup(letAdopt)
+	own, letAdopt := ownAndPausedAdoption(t, st, nodes)
 
 	// own's mark of failure 1 as n2's start restores it (n2 adopted own
 	// from n0 and restarted within cluster.failed_peer_hold): its timer
